@@ -1,0 +1,293 @@
+"""SemanticIDs: items <-> unique code tuples.
+
+A quantizer gives each item L base codes; items whose L codes collide are told apart by one extra level
+(0, 1, 2, ... within each collision group, in item order, as in TIGER). Every item then has a unique tuple of
+L + 1 codes. Codebook sizes are explicit, never guessed from the data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from semid.io import atomic_path
+from semid.layout import TokenLayout
+
+log = logging.getLogger(__name__)
+
+FORMAT = "semid.semantic_ids"
+FORMAT_VERSION = 1
+
+
+class CollisionStats(NamedTuple):
+    """How often base code tuples collide (before the extra level)."""
+
+    num_items: int
+    items_colliding: int  # items that share their base tuple with at least one other item
+    fraction_colliding: float
+    num_groups: int  # distinct base tuples
+    largest_group: int
+    extra_level_used: int  # distinct values the extra level takes (= largest_group)
+
+
+class SemanticIDs:
+    """Unique semantic IDs for a catalogue.
+
+    Build with :meth:`from_codes`; load with :meth:`load`.
+
+    Attributes:
+        codes: LongArray (N, L + 1); codes[:, l] in [0, codebook_sizes[l]); the last column is the extra level.
+        item_ids: LongArray (N,), unique, ascending; row i of ``codes`` belongs to item ``item_ids[i]``.
+        codebook_sizes: K_l for the L base levels, then the extra level's size.
+    """
+
+    def __init__(self, codes: np.ndarray, item_ids: np.ndarray, codebook_sizes: Sequence[int]) -> None:
+        codes = np.asarray(codes)
+        item_ids = np.asarray(item_ids)
+        sizes = tuple(int(k) for k in codebook_sizes)
+        if codes.ndim != 2 or codes.shape[1] != len(sizes) or codes.shape[1] < 2:
+            raise ValueError(f"`codes` must be (N, {len(sizes)}) with at least 2 levels, got shape {codes.shape}")
+        if item_ids.shape != (codes.shape[0],):
+            raise ValueError(f"`item_ids` must have shape ({codes.shape[0]},), got {item_ids.shape}")
+        _check_int_array("codes", codes)
+        _check_int_array("item_ids", item_ids)
+        if item_ids.size and (np.diff(item_ids) <= 0).any():
+            raise ValueError("`item_ids` must be strictly ascending (unique)")
+        _check_codes_in_range(codes, sizes)
+        self.codes = codes.astype(np.int64)
+        self.item_ids = item_ids.astype(np.int64)
+        self.codebook_sizes = sizes
+        self._keys = _tuple_keys(self.codes, sizes)
+        order = np.argsort(self._keys, kind="stable")
+        if (np.diff(self._keys[order]) == 0).any():
+            dup = order[np.flatnonzero(np.diff(self._keys[order]) == 0)[0] + 1]
+            raise ValueError(f"code tuples are not unique: item {int(self.item_ids[dup])} shares its tuple {self.codes[dup].tolist()}")
+        self._key_order = order
+
+    # ---- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_codes(
+        cls,
+        codes: np.ndarray,
+        codebook_sizes: Sequence[int],
+        *,
+        extra_level_size: int,
+        item_ids: np.ndarray | None = None,
+    ) -> SemanticIDs:
+        """Add the extra level that separates colliding base tuples.
+
+        Args:
+            codes: int array (N, L) with codes[:, l] in [0, codebook_sizes[l]).
+            codebook_sizes: K_l for each of the L base levels.
+            extra_level_size: how many values the extra level has room for (the largest collision group must fit,
+                and so must groups that grow when items are added later).
+            item_ids: int array (N,), ascending and unique; default 1..N (the dataset's numbering).
+        """
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
+            raise ValueError(f"`codes` must be a non-empty (N, L) integer array, got shape {codes.shape}")
+        _check_int_array("codes", codes)
+        sizes = tuple(int(k) for k in codebook_sizes)
+        if len(sizes) != codes.shape[1]:
+            raise ValueError(f"`codebook_sizes` must have {codes.shape[1]} entries (one per level), got {list(sizes)}")
+        if any(k < 1 for k in sizes):
+            raise ValueError(f"`codebook_sizes` must be positive, got {list(sizes)}")
+        if not isinstance(extra_level_size, (int, np.integer)) or extra_level_size < 1:
+            raise ValueError(f"`extra_level_size` must be a positive int, got {extra_level_size!r}")
+        _check_codes_in_range(codes, sizes)
+        if item_ids is None:
+            item_ids = np.arange(1, codes.shape[0] + 1, dtype=np.int64)
+        extra = _rank_within_groups(_tuple_keys(codes.astype(np.int64), sizes))
+        _check_extra_fits(extra, extra_level_size)
+        full = np.concatenate([codes.astype(np.int64), extra[:, None]], axis=1)
+        return cls(full, np.asarray(item_ids), sizes + (int(extra_level_size),))
+
+    def add_items(self, codes: np.ndarray, item_ids: np.ndarray) -> SemanticIDs:
+        """A new SemanticIDs with items added (cold start); existing items keep their tuples.
+
+        Args:
+            codes: int array (M, L) of base codes for the new items.
+            item_ids: int array (M,) of new ids, all greater than the current largest id.
+        """
+        codes = np.asarray(codes)
+        item_ids = np.asarray(item_ids)
+        L = self.num_base_levels
+        if codes.ndim != 2 or codes.shape[1] != L:
+            raise ValueError(f"`codes` must be (M, {L}), got shape {codes.shape}")
+        if item_ids.shape != (codes.shape[0],):
+            raise ValueError(f"`item_ids` must have shape ({codes.shape[0]},), got {item_ids.shape}")
+        _check_int_array("codes", codes)
+        _check_int_array("item_ids", item_ids)
+        if item_ids.size == 0:
+            return self
+        if self.item_ids.size and item_ids.min() <= self.item_ids.max():
+            raise ValueError(f"new `item_ids` must all be > {int(self.item_ids.max())} (the largest existing id), got {int(item_ids.min())}")
+        base_sizes = self.codebook_sizes[:L]
+        _check_codes_in_range(codes, base_sizes)
+        old_keys = _tuple_keys(self.codes[:, :L], base_sizes)
+        new_keys = _tuple_keys(codes.astype(np.int64), base_sizes)
+        # next free extra value per group = 1 + the largest used there (0 for a new group)
+        uniq, inv = np.unique(old_keys, return_inverse=True)
+        next_free = np.zeros(uniq.size, dtype=np.int64)
+        np.maximum.at(next_free, inv, self.codes[:, L] + 1)
+        pos = np.clip(np.searchsorted(uniq, new_keys), 0, max(uniq.size - 1, 0))
+        start = np.where(uniq.size > 0, np.where(uniq[pos] == new_keys, next_free[pos], 0), 0)
+        extra = start + _rank_within_groups(new_keys)
+        _check_extra_fits(extra, self.codebook_sizes[-1])
+        new_full = np.concatenate([codes.astype(np.int64), extra[:, None]], axis=1)
+        return SemanticIDs(
+            np.concatenate([self.codes, new_full]), np.concatenate([self.item_ids, item_ids]), self.codebook_sizes
+        )
+
+    # ---- properties --------------------------------------------------------------------------------------------
+    @property
+    def num_items(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def num_levels(self) -> int:
+        """L + 1: base levels plus the extra level."""
+        return int(self.codes.shape[1])
+
+    @property
+    def num_base_levels(self) -> int:
+        return self.num_levels - 1
+
+    def layout(self, num_user_tokens: int = 2000) -> TokenLayout:
+        """The token layout for these IDs (one block per level, the extra level last)."""
+        return TokenLayout(codebook_sizes=self.codebook_sizes, num_user_tokens=num_user_tokens)
+
+    # ---- lookups (vectorised) ----------------------------------------------------------------------------------
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Row index of each item id; raises on an unknown id."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.item_ids, item_ids), 0, self.num_items - 1)
+        missing = self.item_ids[pos] != item_ids
+        if missing.any():
+            raise ValueError(f"unknown item id {int(item_ids[missing][0])}: not among the {self.num_items} items of these semantic IDs")
+        return pos
+
+    def codes_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Code tuples (..., L + 1) of item ids (...)."""
+        return self.codes[self.rows_of(item_ids)]
+
+    def items_of(self, codes: np.ndarray) -> np.ndarray:
+        """Item id of each full code tuple (..., L + 1); -1 where no item has that tuple."""
+        codes = np.asarray(codes, dtype=np.int64)
+        flat = codes.reshape(-1, self.num_levels)
+        in_range = np.all((flat >= 0) & (flat < np.asarray(self.codebook_sizes)), axis=1)
+        keys = _tuple_keys(np.where(in_range[:, None], flat, 0), self.codebook_sizes)
+        sorted_keys = self._keys[self._key_order]
+        pos = np.clip(np.searchsorted(sorted_keys, keys), 0, self.num_items - 1)
+        found = in_range & (sorted_keys[pos] == keys)
+        out = np.where(found, self.item_ids[self._key_order[pos]], -1)
+        return out.reshape(codes.shape[:-1])
+
+    def collision_stats(self) -> CollisionStats:
+        L = self.num_base_levels
+        keys = _tuple_keys(self.codes[:, :L], self.codebook_sizes[:L])
+        _, counts = np.unique(keys, return_counts=True)
+        colliding = int(counts[counts > 1].sum())
+        return CollisionStats(
+            num_items=self.num_items,
+            items_colliding=colliding,
+            fraction_colliding=colliding / max(self.num_items, 1),
+            num_groups=int(counts.size),
+            largest_group=int(counts.max()) if counts.size else 0,
+            extra_level_used=int(self.codes[:, L].max()) + 1 if self.num_items else 0,
+        )
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], **metadata: object) -> None:
+        """Write one versioned ``.npz`` file, atomically. ``metadata`` (JSON-serialisable) is kept alongside."""
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "codebook_sizes": list(self.codebook_sizes), **metadata}
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, codes=self.codes, item_ids=self.item_ids, meta=np.array(json.dumps(meta)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SemanticIDs:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no semantic IDs file here (write one with `semid fit-codebooks`)")
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"codes", "item_ids", "meta"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: not a semantic IDs file (missing arrays {sorted(missing)})")
+            meta = json.loads(str(z["meta"]))
+            codes, item_ids = z["codes"], z["item_ids"]
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a semantic IDs file (format {meta.get('format')!r})")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: semantic IDs format version {meta.get('version')!r}; this semid reads version {FORMAT_VERSION}")
+        return cls(codes, item_ids, meta["codebook_sizes"])
+
+    @staticmethod
+    def load_metadata(path: str | os.PathLike[str]) -> dict:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["meta"]))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SemanticIDs):
+            return NotImplemented
+        return (
+            self.codebook_sizes == other.codebook_sizes
+            and np.array_equal(self.codes, other.codes)
+            and np.array_equal(self.item_ids, other.item_ids)
+        )
+
+    def __repr__(self) -> str:
+        return f"SemanticIDs(num_items={self.num_items}, codebook_sizes={list(self.codebook_sizes)})"
+
+
+# ---- private helpers (inputs already validated) --------------------------------------------------------------------
+def _check_int_array(name: str, a: np.ndarray) -> None:
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"`{name}` must be an integer array, got dtype {a.dtype}")
+
+
+def _check_codes_in_range(codes: np.ndarray, sizes: Sequence[int]) -> None:
+    bad = (codes < 0) | (codes >= np.asarray(sizes))
+    if bad.any():
+        row, level = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"`codes[{row}, {level}]` is {int(codes[row, level])}; level {level} takes codes in [0, {sizes[level]})")
+
+
+def _check_extra_fits(extra: np.ndarray, extra_level_size: int) -> None:
+    if extra.size and extra.max() >= extra_level_size:
+        raise ValueError(
+            f"a collision group needs extra-level value {int(extra.max())}, but `extra_level_size` is {extra_level_size}: "
+            "raise `extra_level_size` or fit codebooks with fewer collisions"
+        )
+
+
+def _tuple_keys(codes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Mixed-radix int64 key of each code tuple (N, L) -> (N,)."""
+    total = 1
+    for k in sizes:
+        total *= int(k)
+    if total >= 2**62:
+        raise ValueError(f"the code space {list(sizes)} has {total} tuples, more than an int64 key can hold")
+    keys = np.zeros(codes.shape[0], dtype=np.int64)
+    for level, k in enumerate(sizes):
+        keys = keys * int(k) + codes[:, level]
+    return keys
+
+
+def _rank_within_groups(keys: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... for rows sharing a key, in row order. (N,) -> (N,)"""
+    n = keys.size
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - group_start
+    return rank
