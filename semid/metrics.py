@@ -1,0 +1,65 @@
+"""Ranking metrics for leave-one-out evaluation over the full catalogue.
+
+Each user has exactly one held-out target; a model returns a ranked list of item ids. With one relevant item,
+Recall@K is the hit rate and NDCG@K = 1 / log2(rank + 2) when the target is at 0-based rank < K, else 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+
+def _target_ranks(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> np.ndarray:
+    """0-based rank of each target in its ranked list, or -1. ranked: (B, K) item ids; targets: (B,)."""
+    ranked = np.asarray(ranked.cpu() if isinstance(ranked, torch.Tensor) else ranked)
+    targets = np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets)
+    if ranked.ndim != 2 or targets.shape != (ranked.shape[0],):
+        raise ValueError(f"`ranked` must be (B, K) and `targets` (B,), got {ranked.shape} and {targets.shape}")
+    hit = ranked == targets[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+
+
+def recall_at_k(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
+    """Per-user Recall@k (0 or 1). ranked: (B, K>=k) item ids, best first; targets: (B,). Returns float (B,)."""
+    ranks = _target_ranks(ranked, targets)
+    return ((ranks >= 0) & (ranks < k)).astype(np.float64)
+
+
+def ndcg_at_k(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
+    """Per-user NDCG@k with one relevant item. Returns float (B,)."""
+    ranks = _target_ranks(ranked, targets)
+    hit = (ranks >= 0) & (ranks < k)
+    return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+
+
+class RankingMetrics:
+    """Accumulates Recall@K and NDCG@K over batches; ``compute()`` gives the means keyed ``recall@K``, ``ndcg@K``."""
+
+    def __init__(self, ks: Iterable[int] = (5, 10)) -> None:
+        self.ks = tuple(int(k) for k in ks)
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"`ks` must be positive ints, got {ks!r}")
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg")}
+        self.count = 0
+
+    def update(self, ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> None:
+        """ranked: (B, K) item ids, best first, K >= max(ks); targets: (B,)."""
+        if ranked.shape[1] < max(self.ks):
+            raise ValueError(f"`ranked` has {ranked.shape[1]} columns, fewer than k={max(self.ks)}")
+        ranks = _target_ranks(ranked, targets)
+        for k in self.ks:
+            hit = (ranks >= 0) & (ranks < k)
+            self._sums[f"recall@{k}"] += float(hit.sum())
+            self._sums[f"ndcg@{k}"] += float(np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0).sum())
+        self.count += int(ranks.shape[0])
+
+    def compute(self) -> dict[str, float]:
+        if self.count == 0:
+            raise ValueError("no users were evaluated: call `update` first")
+        return {name: s / self.count for name, s in self._sums.items()}
