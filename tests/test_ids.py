@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from semid.ids import SemanticIDs
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    k=st.integers(1, 4),
+    levels=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_extra_level_makes_tuples_unique(n, k, levels, seed):
+    codes = np.random.default_rng(seed).integers(0, k, size=(n, levels))
+    ids = SemanticIDs.from_codes(codes, [k] * levels, extra_level_size=n)
+    assert ids.codes.shape == (n, levels + 1)
+    assert len({tuple(r) for r in ids.codes.tolist()}) == n
+    assert np.array_equal(ids.codes[:, :levels], codes)
+    # extra level numbers each collision group 0, 1, 2, ... in item order
+    for tup in {tuple(r) for r in codes.tolist()}:
+        rows = np.flatnonzero((codes == tup).all(axis=1))
+        assert ids.codes[rows, levels].tolist() == list(range(rows.size))
+    stats = ids.collision_stats()
+    counts = np.unique(codes, axis=0, return_counts=True)[1]
+    assert stats.largest_group == counts.max()
+    assert stats.items_colliding == counts[counts > 1].sum()
+    assert stats.extra_level_used == counts.max()
+    # lookups are inverse of each other
+    assert np.array_equal(ids.items_of(ids.codes_of(ids.item_ids)), ids.item_ids)
+
+
+def test_save_load_round_trip(tmp_path):
+    codes = np.random.default_rng(0).integers(0, 5, size=(40, 2))
+    ids = SemanticIDs.from_codes(codes, [5, 5], extra_level_size=8)
+    ids.save(tmp_path / "ids.npz", method="test")
+    loaded = SemanticIDs.load(tmp_path / "ids.npz")
+    assert loaded == ids
+    assert SemanticIDs.load_metadata(tmp_path / "ids.npz")["method"] == "test"
+    assert not [p for p in tmp_path.iterdir() if p.name != "ids.npz"]  # no temp files left behind
+
+
+def test_add_items_keeps_old_tuples():
+    codes = np.array([[0, 1], [0, 1], [2, 2]])
+    ids = SemanticIDs.from_codes(codes, [3, 3], extra_level_size=4)
+    more = ids.add_items(np.array([[0, 1], [1, 1], [1, 1]]), np.array([4, 5, 6]))
+    assert np.array_equal(more.codes[:3], ids.codes)
+    assert more.codes[3:].tolist() == [[0, 1, 2], [1, 1, 0], [1, 1, 1]]
+    assert len({tuple(r) for r in more.codes.tolist()}) == 6
+
+
+def test_add_items_errors():
+    ids = SemanticIDs.from_codes(np.array([[0, 1], [0, 1]]), [3, 3], extra_level_size=2)
+    with pytest.raises(ValueError, match="must all be > 2"):
+        ids.add_items(np.array([[2, 2]]), np.array([2]))
+    with pytest.raises(ValueError, match="extra_level_size"):
+        ids.add_items(np.array([[0, 1]]), np.array([3]))
+
+
+@pytest.mark.parametrize(
+    "codes, sizes, match",
+    [
+        (np.array([[0, 5]]), [3, 3], r"codes\[0, 1\]` is 5"),
+        (np.array([[0.5, 1]]), [3, 3], "integer array"),
+        (np.array([0, 1]), [3, 3], r"\(N, L\)"),
+        (np.array([[0, 1]]), [3], "2 entries"),
+    ],
+)
+def test_from_codes_errors(codes, sizes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SemanticIDs.from_codes(codes, sizes, extra_level_size=2)
+
+
+def test_too_many_collisions_for_extra_level():
+    with pytest.raises(ValueError, match="extra-level value 2"):
+        SemanticIDs.from_codes(np.zeros((3, 2), dtype=int), [2, 2], extra_level_size=2)
+
+
+def test_unknown_item_and_bad_file(tmp_path):
+    ids = SemanticIDs.from_codes(np.array([[0], [1]]), [2], extra_level_size=1)
+    with pytest.raises(ValueError, match="unknown item id 7"):
+        ids.codes_of(np.array([1, 7]))
+    assert ids.items_of(np.array([[1, 0], [0, 0], [1, 1]])).tolist() == [2, 1, -1]  # [1, 1]: extra level out of range
+    assert ids.items_of(np.array([5, 0])).tolist() == -1
+    np.savez(tmp_path / "x.npz", a=np.zeros(2))
+    with pytest.raises(ValueError, match="not a semantic IDs file"):
+        SemanticIDs.load(tmp_path / "x.npz")
+    with pytest.raises(FileNotFoundError, match="fit-codebooks"):
+        SemanticIDs.load(tmp_path / "missing.npz")

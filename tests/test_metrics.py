@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+from semid.metrics import RankingMetrics, ndcg_at_k, recall_at_k
+
+
+def test_metrics_against_hand_computed_values():
+    ranked = np.array([[5, 3, 9], [1, 2, 3], [7, 8, 4]])
+    targets = np.array([3, 4, 4])
+    assert recall_at_k(ranked, targets, 2).tolist() == [1.0, 0.0, 0.0]
+    assert recall_at_k(ranked, targets, 3).tolist() == [1.0, 0.0, 1.0]
+    np.testing.assert_allclose(ndcg_at_k(ranked, targets, 3), [1 / np.log2(3), 0.0, 1 / np.log2(4)])
+    m = RankingMetrics(ks=(1, 3))
+    m.update(ranked[:2], targets[:2])
+    m.update(ranked[2:], targets[2:])
+    out = m.compute()
+    assert out["recall@1"] == 0.0 and out["recall@3"] == pytest.approx(2 / 3)
+    assert out["ndcg@3"] == pytest.approx((1 / np.log2(3) + 1 / np.log2(4)) / 3)
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match="ks"):
+        RankingMetrics(ks=(0,))
+    with pytest.raises(ValueError, match="no users"):
+        RankingMetrics().compute()
+    with pytest.raises(ValueError, match="fewer than k=10"):
+        RankingMetrics(ks=(10,)).update(np.zeros((2, 5), dtype=int), np.zeros(2, dtype=int))
