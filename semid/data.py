@@ -1,0 +1,418 @@
+"""The canonical dataset folder, its loader, and the leave-one-out split.
+
+A dataset folder (the layout of ``../shared/data/beauty``; ``semid prepare`` writes one from raw data)::
+
+    items.jsonl          one item a line; line i holds item_id i+1:
+                         {"item_id": 1, "asin": "B004756YJA", "title": "...", "attributes": ["OPI", "Makeup"]}
+                         (``asin`` is the original item id whatever the source; ``attributes`` may be omitted)
+    sequences.txt        one user a line: ``USER ITEM ITEM ...``, items oldest first, all ids ints from 1
+    users.tsv            optional, written by ``semid prepare``: ``USER<TAB>original user id``
+    item_emb_<name>.npy  optional float32 (N, D); row i is item_id i+1
+
+Item ids are exactly 1..N (N items); row ``i`` of every per-item array belongs to item ``i + 1``.
+Errors name the file, the line number and the problem, and are raised as ``ValueError`` / ``FileNotFoundError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ITEMS_FILE = "items.jsonl"
+SEQUENCES_FILE = "sequences.txt"
+USERS_FILE = "users.tsv"
+EMBEDDING_PREFIX = "item_emb_"
+UNKNOWN_ATTRIBUTE = "Unknown"  # placeholder brand in the Beauty release; left out of item text
+
+
+@dataclass(frozen=True, eq=False)
+class Catalogue:
+    """The items of a dataset, in item-id order.
+
+    Attributes:
+        item_ids: LongArray (N,) == arange(1, N + 1).
+        original_ids: N original ids (the ``asin`` field).
+        titles: N titles ("" where unknown).
+        attributes: N lists of attribute strings (brand, category names, ...).
+    """
+
+    item_ids: np.ndarray
+    original_ids: list[str]
+    titles: list[str]
+    attributes: list[list[str]]
+
+    def __post_init__(self) -> None:
+        n = len(self.titles)
+        if len(self.original_ids) != n or len(self.attributes) != n:
+            raise ValueError(
+                f"`original_ids`, `titles` and `attributes` must have one entry per item, got lengths "
+                f"{len(self.original_ids)}, {n}, {len(self.attributes)}"
+            )
+        ids = np.asarray(self.item_ids)
+        if ids.shape != (n,) or not np.array_equal(ids, np.arange(1, n + 1)):
+            raise ValueError(f"`item_ids` must be arange(1, {n + 1}), got an array of shape {ids.shape}")
+        object.__setattr__(self, "item_ids", ids.astype(np.int64))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Catalogue):
+            return NotImplemented
+        return np.array_equal(self.item_ids, other.item_ids) and (
+            self.original_ids,
+            self.titles,
+            self.attributes,
+        ) == (other.original_ids, other.titles, other.attributes)
+
+    @property
+    def num_items(self) -> int:
+        """N, the number of items."""
+        return len(self.titles)
+
+    def _row(self, item_id: int) -> int:
+        if (
+            not isinstance(item_id, (int, np.integer))
+            or isinstance(item_id, bool)
+            or not 1 <= item_id <= self.num_items
+        ):
+            raise ValueError(f"`item_id` must be an int in [1, {self.num_items}], got {item_id!r}")
+        return int(item_id) - 1
+
+    def title_of(self, item_id: int) -> str:
+        """The title of ``item_id`` (in [1, N]); "" when unknown."""
+        return self.titles[self._row(item_id)]
+
+    def text(self, item_id: int, fields: Sequence[str] = ("title", "attributes")) -> str:
+        """The text of ``item_id`` (in [1, N]) that item embeddings are made from.
+
+        With the default fields this is ``title + ". " + ", ".join(attributes)`` with "Unknown" left out: the recipe
+        of the Beauty embeddings (see ../shared/data/README.md). Empty parts are skipped rather than leaving a
+        dangling ". " (the README does not say what it did for its 7 untitled items).
+        """
+        row = self._row(item_id)
+        parts = []
+        for field in fields:
+            if field == "title":
+                parts.append(self.titles[row])
+            elif field == "attributes":
+                parts.append(", ".join(a for a in self.attributes[row] if a != UNKNOWN_ATTRIBUTE))
+            else:
+                raise ValueError(f"`fields` entries must be 'title' or 'attributes', got {field!r}")
+        return ". ".join(p for p in parts if p)
+
+    def texts(self, fields: Sequence[str] = ("title", "attributes")) -> list[str]:
+        """:meth:`text` of every item, in item-id order (entry i is item i + 1)."""
+        return [self.text(i, fields) for i in range(1, self.num_items + 1)]
+
+
+@dataclass(frozen=True, eq=False)  # holds arrays: compare contents, not with ==
+class Dataset:
+    """A loaded dataset folder.
+
+    Attributes:
+        path: the folder.
+        catalogue: the N items.
+        user_ids: LongArray (U,), unique, in file order.
+        sequences: U LongArrays of item ids in [1, N], oldest first; ``sequences[u]`` belongs to ``user_ids[u]``.
+    """
+
+    path: Path
+    catalogue: Catalogue
+    user_ids: np.ndarray
+    sequences: list[np.ndarray]
+
+    @property
+    def num_users(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_items(self) -> int:
+        return self.catalogue.num_items
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+    def embeddings(self, name: str) -> np.ndarray:
+        """float32 (N, D) item embeddings from ``item_emb_<name>.npy``; row i is item i + 1."""
+        return load_embeddings(self.path / f"{EMBEDDING_PREFIX}{name}.npy", self.num_items)
+
+    def embedding_names(self) -> list[str]:
+        """Names of the ``item_emb_<name>.npy`` files in the folder, sorted."""
+        return sorted(
+            p.name[len(EMBEDDING_PREFIX) : -len(".npy")] for p in self.path.glob(f"{EMBEDDING_PREFIX}*.npy")
+        )
+
+
+# ---- loading -----------------------------------------------------------------------------------------------------
+def load_dataset(path: str | os.PathLike[str]) -> Dataset:
+    """Load and validate a dataset folder (see the module docstring). Raises ValueError / FileNotFoundError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no dataset folder here (make one with `semid prepare`)")
+    catalogue = _read_items(path / ITEMS_FILE)
+    user_ids, sequences = _read_sequences(path / SEQUENCES_FILE, catalogue.num_items)
+    log.info("loaded %s: %d users, %d items", path, len(sequences), catalogue.num_items)
+    return Dataset(path=path, catalogue=catalogue, user_ids=user_ids, sequences=sequences)
+
+
+def _require_file(file: Path) -> None:
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")
+
+
+def _read_items(file: Path) -> Catalogue:
+    _require_file(file)
+    original_ids: list[str] = []
+    titles: list[str] = []
+    attributes: list[list[str]] = []
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                raise ValueError(f"{file}:{lineno}: empty line (one JSON object per item expected)")
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{file}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            item_id = rec.get("item_id")
+            if not isinstance(item_id, int) or isinstance(item_id, bool):
+                raise ValueError(f"{file}:{lineno}: `item_id` must be an int, got {item_id!r}")
+            if item_id != lineno:
+                if 1 <= item_id < lineno:
+                    raise ValueError(
+                        f"{file}:{lineno}: duplicate item id {item_id} (first on line {item_id})"
+                    )
+                raise ValueError(
+                    f"{file}:{lineno}: item ids must be 1..N in order (line i holds item i), expected {lineno}, got {item_id}"
+                )
+            titles.append(_field(rec, "title", str, "", file, lineno, required=True))
+            original_ids.append(_field(rec, "asin", str, str(item_id), file, lineno))
+            attrs = _field(rec, "attributes", list, [], file, lineno)
+            if not all(isinstance(a, str) for a in attrs):
+                raise ValueError(f"{file}:{lineno}: `attributes` must be a list of strings, got {attrs!r}")
+            attributes.append(attrs)
+    if not titles:
+        raise ValueError(f"{file}: no items")
+    return Catalogue(np.arange(1, len(titles) + 1, dtype=np.int64), original_ids, titles, attributes)
+
+
+def _field(
+    rec: dict[str, Any], key: str, kind: type, default: Any, file: Path, lineno: int, required: bool = False
+) -> Any:
+    if key not in rec:
+        if required:
+            raise ValueError(f"{file}:{lineno}: missing field `{key}`")
+        return default
+    value = rec[key]
+    if not isinstance(value, kind):
+        raise ValueError(f"{file}:{lineno}: `{key}` must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    _require_file(file)
+    users: list[int] = []
+    sequences: list[np.ndarray] = []
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            tokens = line.split()
+            if not tokens:
+                raise ValueError(f"{file}:{lineno}: empty line (expected `USER ITEM ITEM ...`)")
+            try:
+                ints = [int(t) for t in tokens]
+            except ValueError:
+                bad = next(t for t in tokens if not _is_int(t))
+                raise ValueError(f"{file}:{lineno}: {bad!r} is not an integer id") from None
+            if len(ints) == 1:
+                raise ValueError(
+                    f"{file}:{lineno}: user {ints[0]} has no items (expected `USER ITEM ITEM ...`)"
+                )
+            users.append(ints[0])
+            sequences.append(np.array(ints[1:], dtype=np.int64))
+    if not users:
+        raise ValueError(f"{file}: no users")
+    user_ids = np.array(users, dtype=np.int64)
+    # validation, vectorised; the slow path only runs to word the first error
+    if user_ids.min() < 1:
+        row = int(np.argmax(user_ids < 1))
+        raise ValueError(f"{file}:{row + 1}: user id must be >= 1, got {users[row]}")
+    uniq, first, counts = np.unique(user_ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        repeats = np.ones(user_ids.size, dtype=bool)
+        repeats[first] = False
+        row = int(np.argmax(repeats))  # the first line whose user appeared before
+        first_row = int(first[np.searchsorted(uniq, user_ids[row])])
+        raise ValueError(f"{file}:{row + 1}: duplicate user {users[row]} (first on line {first_row + 1})")
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    flat = np.concatenate(sequences)
+    bad = (flat < 1) | (flat > num_items)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        row = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
+        raise ValueError(
+            f"{file}:{row + 1}: user {users[row]} has unknown item id {int(flat[pos])} "
+            f"(items.jsonl holds items 1..{num_items})"
+        )
+    return user_ids, sequences
+
+
+def _is_int(token: str) -> bool:
+    try:
+        int(token)
+    except ValueError:
+        return False
+    return True
+
+
+def load_embeddings(path: str | os.PathLike[str], num_items: int) -> np.ndarray:
+    """Load item embeddings and check them against the catalogue.
+
+    Args:
+        path: an ``.npy`` file holding a numeric (N, D) array; row i is item i + 1.
+        num_items: N, the number of items it must have rows for.
+    Returns:
+        float32 (N, D), every value finite (other numeric dtypes are converted).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embeddings file here (write one with `semid embed`)")
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if not isinstance(emb, np.ndarray):
+        raise ValueError(f"{path}: expected one array in .npy format, got {type(emb).__name__}")
+    if emb.ndim != 2:
+        raise ValueError(f"{path}: embeddings must be 2-D (N, D), got shape {emb.shape}")
+    if emb.shape[0] != num_items:
+        raise ValueError(
+            f"{path}: {emb.shape[0]} rows but the dataset has {num_items} items (row i is item i + 1)"
+        )
+    if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
+        raise ValueError(f"{path}: embeddings must be numeric, got dtype {emb.dtype}")
+    if emb.dtype != np.float32:
+        log.info("%s: converting embeddings from %s to float32", path, emb.dtype)
+        emb = emb.astype(np.float32)
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        raise ValueError(
+            f"{path}: row {row} (item {row + 1}) has NaN or inf values ({int((~finite).sum())} bad rows)"
+        )
+    return emb
+
+
+# ---- leave-one-out split -----------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)  # holds arrays: compare contents, not with ==
+class Split:
+    """Leave-one-out split: the last item of each user is the test target, the one before the validation target.
+
+    Users with fewer than 3 items are left out (listed in ``skipped_users``). U' below is the number kept.
+
+    Attributes:
+        user_ids: LongArray (U',) of the users kept, in dataset order.
+        sequences: U' full sequences (LongArrays of item ids), kept so histories are views, not copies.
+        train: U' training prefixes, ``sequences[i][:-2]`` (length >= 1).
+        valid_targets: LongArray (U',), ``sequences[i][-2]``.
+        test_targets: LongArray (U',), ``sequences[i][-1]``.
+        skipped_users: LongArray of the ids of users with fewer than 3 items.
+    """
+
+    user_ids: np.ndarray
+    sequences: list[np.ndarray]
+    train: list[np.ndarray]
+    valid_targets: np.ndarray
+    test_targets: np.ndarray
+    skipped_users: np.ndarray
+
+    @property
+    def num_users(self) -> int:
+        """U', the number of users in the split."""
+        return len(self.sequences)
+
+    @property
+    def num_skipped(self) -> int:
+        return int(self.skipped_users.size)
+
+    def valid_history(self, i: int) -> np.ndarray:
+        """Items user ``i`` (a row in [0, U')) saw before its validation target: ``sequences[i][:-2]``."""
+        return self.sequences[i][:-2]
+
+    def test_history(self, i: int) -> np.ndarray:
+        """Items user ``i`` (a row in [0, U')) saw before its test target: ``sequences[i][:-1]``."""
+        return self.sequences[i][:-1]
+
+
+def leave_one_out(dataset: Dataset) -> Split:
+    """Split every user's sequence into train prefix / validation target / test target (one pass over users).
+
+    Users with fewer than 3 items cannot give all three parts; they are left out, counted in
+    ``Split.skipped_users`` and reported with a logged warning.
+    """
+    lengths = np.fromiter((len(s) for s in dataset.sequences), dtype=np.int64, count=dataset.num_users)
+    keep = lengths >= 3
+    skipped = dataset.user_ids[~keep]
+    if skipped.size:
+        log.warning(
+            "leave-one-out: %d of %d users have fewer than 3 items and are left out (first: %s)",
+            skipped.size,
+            dataset.num_users,
+            skipped[:5].tolist(),
+        )
+    sequences = [s for s, k in zip(dataset.sequences, keep, strict=True) if k]
+    return Split(
+        user_ids=dataset.user_ids[keep],
+        sequences=sequences,
+        train=[s[:-2] for s in sequences],
+        valid_targets=np.array([s[-2] for s in sequences], dtype=np.int64),
+        test_targets=np.array([s[-1] for s in sequences], dtype=np.int64),
+        skipped_users=skipped,
+    )
+
+
+# ---- summary -----------------------------------------------------------------------------------------------------
+def summary(dataset: Dataset) -> dict[str, Any]:
+    """Counts that describe a dataset (JSON-serialisable)."""
+    lengths = np.fromiter((len(s) for s in dataset.sequences), dtype=np.int64, count=dataset.num_users)
+    seen = np.zeros(dataset.num_items + 1, dtype=bool)
+    seen[np.concatenate(dataset.sequences)] = True
+    return {
+        "path": str(dataset.path),
+        "users": dataset.num_users,
+        "items": dataset.num_items,
+        "interactions": int(lengths.sum()),
+        "sequence_length_min": int(lengths.min()),
+        "sequence_length_mean": float(lengths.mean()),
+        "sequence_length_max": int(lengths.max()),
+        "items_never_interacted": int((~seen[1:]).sum()),
+        "items_empty_title": sum(1 for t in dataset.catalogue.titles if not t.strip()),
+        "embeddings": dataset.embedding_names(),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A few aligned lines for people, from :func:`summary`'s dict."""
+    rows = [
+        ("dataset", s["path"]),
+        ("users", f"{s['users']:,}"),
+        ("items", f"{s['items']:,}"),
+        ("interactions", f"{s['interactions']:,}"),
+        (
+            "sequence length",
+            f"min {s['sequence_length_min']}, mean {s['sequence_length_mean']:.1f}, max {s['sequence_length_max']}",
+        ),
+        ("items never interacted", f"{s['items_never_interacted']:,}"),
+        ("items with empty title", f"{s['items_empty_title']:,}"),
+        ("embeddings", ", ".join(s["embeddings"]) or "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,494 @@
+"""`semid prepare`: raw interaction data -> the canonical dataset folder (see :mod:`semid.data`).
+
+Formats:
+
+- ``amazon2014``: ``reviews_<Category>_5.json.gz`` (JSON lines: reviewerID, asin, unixReviewTime) and
+  ``meta_<Category>.json.gz`` (one Python-literal dict a line: asin, title, brand, categories). Attributes are the
+  brand (when present) then the category names of every category path, without each path's root (the category of
+  the whole file, e.g. "Beauty"), deduplicated in order -- as in ../shared/data/beauty. Titles are kept verbatim.
+- ``recbole``: ``<name>.inter`` (tab-separated, typed header ``user_id:token  item_id:token  timestamp:float ...``)
+  and optionally ``<name>.item``: its title-like ``:token``/``:token_seq`` column (name contains "title") is the
+  title, the other ``:token``/``:token_seq`` columns are attributes (a token_seq gives one attribute per
+  space-separated token); float columns are ignored.
+- ``csv``: an interactions CSV with user, item and timestamp columns, optionally an items CSV with the item column,
+  a title column and other text columns (one attribute per non-empty cell, in column order).
+
+Any input file may be gzip-compressed (name ending in ``.gz``). Timestamps must be numbers.
+
+Numbering (deterministic): the interactions kept are sorted by (timestamp, position in the input file) -- a stable
+sort, so ties keep file order. Item ids 1..N follow the order in which items first appear in that sorted stream;
+user ids 1..U likewise. Each user's sequence is their interactions in that order. Original ids are kept: the
+``asin`` field of items.jsonl (whatever the source) and ``users.tsv`` (``user_id<TAB>original_user_id``).
+
+Nothing is dropped silently; :class:`PrepareReport` counts: rows repeating an earlier (user, item, timestamp) row
+(dropped), interactions/users/items removed by ``kcore`` (iterative k-core; 0 = off), items without metadata
+(kept, with an empty title), metadata rows for items without interactions and repeated metadata rows (first kept).
+Bad input raises ValueError naming the file, the line number and the problem.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from semid.data import EMBEDDING_PREFIX, ITEMS_FILE, SEQUENCES_FILE, USERS_FILE, Catalogue
+from semid.io import atomic_open
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("amazon2014", "recbole", "csv")
+_RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What ``prepare_*`` read, kept and dropped; nothing else is dropped. Invariant:
+    ``rows_read - duplicates_dropped - kcore_interactions_dropped == interactions``."""
+
+    format: str  # one of FORMATS
+    out: Path  # the dataset folder written
+    rows_read: int  # interaction rows in the input
+    duplicates_dropped: int  # rows repeating an earlier (user, item, timestamp)
+    kcore: int  # the k of k-core filtering; 0 = off
+    kcore_interactions_dropped: int
+    kcore_users_dropped: int
+    kcore_items_dropped: int
+    users: int  # U written
+    items: int  # N written
+    interactions: int  # written
+    metadata_rows: int  # item metadata rows in the input
+    items_without_metadata: int  # kept, with an empty title and no attributes
+    metadata_unused: int  # metadata of items without (remaining) interactions: not in the catalogue
+    metadata_duplicates: int  # metadata rows repeating an item; the first is kept
+    stale_files_removed: tuple[str, ...] = ()  # item_emb_*.npy of the dataset that --overwrite replaced
+
+
+@dataclass
+class _Interactions:
+    """Raw interactions in file order."""
+
+    source: Path
+    users: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Metadata:
+    """Item original id -> (title, attributes), first row kept."""
+
+    rows: int = 0
+    duplicates: int = 0
+    by_item: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+
+    def add(self, item: str, title: str, attributes: Iterable[str]) -> None:
+        self.rows += 1
+        if item in self.by_item:
+            self.duplicates += 1
+            return
+        self.by_item[item] = (title.strip(), _dedupe(attributes))
+
+
+# ---- public entry points ---------------------------------------------------------------------------------------
+def prepare_amazon2014(
+    reviews: PathLike, meta: PathLike, out: PathLike, kcore: int = 0, overwrite: bool = False
+) -> PrepareReport:
+    """Amazon review data (2014): ``reviews_<Category>_5.json.gz`` + ``meta_<Category>.json.gz`` -> ``out``."""
+    _check_args(out, kcore, overwrite)
+    inter = _Interactions(Path(reviews))
+    for where, rec in _json_lines(inter.source):
+        user, item, ts = (_get(rec, key, where) for key in ("reviewerID", "asin", "unixReviewTime"))
+        _append(inter, user, item, ts, where)
+    return _finish("amazon2014", inter, _read_amazon_meta(Path(meta)), out, kcore, overwrite)
+
+
+def prepare_recbole(
+    inter: PathLike,
+    item: PathLike | None,
+    out: PathLike,
+    *,
+    kcore: int = 0,
+    overwrite: bool = False,
+    user_field: str = "user_id",
+    item_field: str = "item_id",
+    time_field: str = "timestamp",
+) -> PrepareReport:
+    """RecBole atomic files: ``<name>.inter`` and optionally ``<name>.item`` -> ``out``."""
+    _check_args(out, kcore, overwrite)
+    raw = _Interactions(Path(inter))
+    rows = _tsv_rows(raw.source)
+    names = _recbole_header(raw.source, next(rows, None))
+    u, i, t = _columns(raw.source, names, {"user": user_field, "item": item_field, "time": time_field})
+    for where, row in rows:
+        _append(raw, row[u], row[i], row[t], where)
+    meta = _Metadata()
+    if item is not None:
+        path = Path(item)
+        rows = _tsv_rows(path)
+        names, types = zip(*_recbole_header(path, next(rows, None), typed=True), strict=True)
+        (key,) = _columns(path, list(names), {"item": item_field})
+        text = [c for c, ty in enumerate(types) if c != key and ty in ("token", "token_seq")]
+        title = next((c for c in text if "title" in names[c].lower()), None)
+        attrs = [(c, types[c] == "token_seq") for c in text if c != title]
+        for _, row in rows:
+            values = (row[c].split(" ") if seq else [row[c]] for c, seq in attrs)
+            meta.add(row[key], row[title] if title is not None else "", (a for vs in values for a in vs))
+    return _finish("recbole", raw, meta, out, kcore, overwrite)
+
+
+def prepare_csv(
+    interactions: PathLike,
+    items: PathLike | None,
+    out: PathLike,
+    *,
+    kcore: int = 0,
+    overwrite: bool = False,
+    user_column: str = "user",
+    item_column: str = "item",
+    time_column: str = "timestamp",
+    title_column: str = "title",
+) -> PrepareReport:
+    """CSV files: interactions (user, item, timestamp columns) and optionally items (item, title, text columns)."""
+    _check_args(out, kcore, overwrite)
+    raw = _Interactions(Path(interactions))
+    rows = _csv_rows(raw.source)
+    header = next(rows, (None, None))[1]
+    u, i, t = _columns(raw.source, header, {"user": user_column, "item": item_column, "time": time_column})
+    for where, row in rows:
+        _append(raw, row[u], row[i], row[t], where)
+    meta = _Metadata()
+    if items is not None:
+        path = Path(items)
+        rows = _csv_rows(path)
+        header = next(rows, (None, None))[1]
+        key, title = _columns(path, header, {"item": item_column, "title": title_column})
+        others = [c for c in range(len(header)) if c not in (key, title)]
+        for _, row in rows:
+            meta.add(row[key], row[title], (row[c] for c in others))
+    return _finish("csv", raw, meta, out, kcore, overwrite)
+
+
+def write_dataset(
+    out: PathLike,
+    catalogue: Catalogue,
+    sequences: Sequence[np.ndarray],
+    *,
+    original_user_ids: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write a canonical dataset folder, each file atomically; users are numbered 1..U in ``sequences`` order.
+
+    Args:
+        catalogue: the N items (item ids 1..N).
+        sequences: U int arrays of item ids in [1, N], oldest first, each non-empty.
+        original_user_ids: U original user ids for ``users.tsv`` (default: the new ids).
+        overwrite: replace an existing dataset in ``out``; its ``item_emb_*.npy`` files (made from the old items)
+            are removed.
+    Returns:
+        the names of stale files removed.
+    """
+    out = Path(out)
+    _check_out(out, overwrite)
+    n, num_users = catalogue.num_items, len(sequences)
+    if num_users == 0:
+        raise ValueError("`sequences` must hold at least one user, got 0")
+    originals = (
+        [str(u) for u in range(1, num_users + 1)] if original_user_ids is None else list(original_user_ids)
+    )
+    if len(originals) != num_users:
+        raise ValueError(
+            f"`original_user_ids` must have {num_users} entries (one per sequence), got {len(originals)}"
+        )
+    for u, seq in enumerate(sequences):
+        seq = np.asarray(seq)
+        if seq.ndim != 1 or seq.size == 0 or not np.issubdtype(seq.dtype, np.integer):
+            raise ValueError(
+                f"`sequences[{u}]` must be a non-empty 1-D int array, got {seq.dtype} {seq.shape}"
+            )
+        if seq.min() < 1 or seq.max() > n:
+            raise ValueError(f"`sequences[{u}]` has item ids outside [1, {n}]: {seq.tolist()[:10]}")
+    bad = next((o for o in originals if any(c in o for c in "\t\r\n")), None)
+    if bad is not None:
+        raise ValueError(f"original user id {bad!r} contains a tab or newline; users.tsv cannot hold it")
+    removed = []
+    if overwrite:
+        for stale in sorted(out.glob(f"{EMBEDDING_PREFIX}*.npy")):
+            log.warning("%s: removing %s, made from the items being replaced", out, stale.name)
+            stale.unlink()
+            removed.append(stale.name)
+    with atomic_open(out / SEQUENCES_FILE, "w", encoding="utf-8") as f:
+        for u, seq in enumerate(sequences, start=1):
+            f.write(f"{u} {' '.join(map(str, np.asarray(seq).tolist()))}\n")
+    with atomic_open(out / USERS_FILE, "w", encoding="utf-8") as f:
+        f.write("user_id\toriginal_user_id\n")
+        f.writelines(f"{u}\t{o}\n" for u, o in enumerate(originals, start=1))
+    with atomic_open(out / ITEMS_FILE, "w", encoding="utf-8") as f:  # last: its presence marks a dataset
+        for i in range(n):
+            rec = {"item_id": i + 1, "asin": catalogue.original_ids[i], "title": catalogue.titles[i]}
+            f.write(json.dumps({**rec, "attributes": catalogue.attributes[i]}) + "\n")
+    log.info("wrote %s: %d users, %d items", out, num_users, n)
+    return removed
+
+
+# ---- building: dedupe, k-core, order, number --------------------------------------------------------------------
+def _finish(
+    fmt: str, raw: _Interactions, meta: _Metadata, out: PathLike, kcore: int, overwrite: bool
+) -> PrepareReport:
+    n = len(raw.users)
+    if n == 0:
+        raise ValueError(f"{raw.source}: no interactions")
+    users, user_names = _encode(raw.users)
+    items, item_names = _encode(raw.items)
+    times = np.asarray(raw.times, dtype=np.float64)
+    # 1. a row repeating an earlier (user, item, timestamp) is dropped; the first in file order stays
+    order = np.lexsort((np.arange(n), times, items, users))
+    same = (np.diff(users[order]) == 0) & (np.diff(items[order]) == 0) & (np.diff(times[order]) == 0)
+    keep = np.ones(n, dtype=bool)
+    keep[order[1:][same]] = False
+    duplicates = n - int(keep.sum())
+    # 2. iterative k-core: drop users and items with fewer than k interactions until none is left
+    users_before, items_before = np.unique(users[keep]).size, np.unique(items[keep]).size
+    kept_before_kcore = int(keep.sum())
+    while kcore > 0:
+        user_count = np.bincount(users[keep], minlength=len(user_names))
+        item_count = np.bincount(items[keep], minlength=len(item_names))
+        drop = keep & ((user_count[users] < kcore) | (item_count[items] < kcore))
+        if not drop.any():
+            break
+        keep &= ~drop
+    if not keep.any():
+        raise ValueError(f"{raw.source}: no interactions left after {kcore}-core filtering")
+    # 3. sort by (timestamp, file order); number items and users by first appearance
+    rows = np.flatnonzero(keep)
+    rows = rows[np.argsort(times[rows], kind="stable")]
+    new_items, item_codes = _number_by_first_appearance(items[rows])
+    new_users, user_codes = _number_by_first_appearance(users[rows])
+    by_user = np.argsort(new_users, kind="stable")  # stable: each user's items stay in time order
+    sequences = np.split(new_items[by_user], np.cumsum(np.bincount(new_users)[1:])[:-1])
+    # 4. catalogue from metadata; items without metadata keep an empty title
+    originals = [item_names[c] for c in item_codes.tolist()]
+    found = [meta.by_item.get(o) for o in originals]
+    catalogue = Catalogue(
+        item_ids=np.arange(1, len(originals) + 1, dtype=np.int64),
+        original_ids=originals,
+        titles=[m[0] if m else "" for m in found],
+        attributes=[list(m[1]) if m else [] for m in found],
+    )
+    missing = sum(m is None for m in found)
+    if missing:
+        log.warning("%d of %d items have no metadata; they are kept with an empty title", missing, len(found))
+    out = Path(out)
+    removed = write_dataset(
+        out,
+        catalogue,
+        sequences,
+        original_user_ids=[user_names[c] for c in user_codes.tolist()],
+        overwrite=overwrite,
+    )
+    report = PrepareReport(
+        format=fmt,
+        out=out,
+        rows_read=n,
+        duplicates_dropped=duplicates,
+        kcore=kcore,
+        kcore_interactions_dropped=kept_before_kcore - rows.size,
+        kcore_users_dropped=users_before - len(sequences),
+        kcore_items_dropped=items_before - catalogue.num_items,
+        users=len(sequences),
+        items=catalogue.num_items,
+        interactions=int(rows.size),
+        metadata_rows=meta.rows,
+        items_without_metadata=missing,
+        metadata_unused=len(meta.by_item) - (len(found) - missing),
+        metadata_duplicates=meta.duplicates,
+        stale_files_removed=tuple(removed),
+    )
+    assert (
+        report.rows_read - report.duplicates_dropped - report.kcore_interactions_dropped
+        == report.interactions
+    ), f"prepare lost rows without counting them: {report}"
+    return report
+
+
+def _encode(names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Strings -> int codes in first-seen order. Returns codes (n,) and the names of codes 0, 1, ..."""
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(s, len(index)) for s in names), dtype=np.int64, count=len(names))
+    return codes, list(index)
+
+
+def _number_by_first_appearance(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber codes (n,) to 1..K in order of first appearance. Returns new ids (n,) and old code of ids 1..K."""
+    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    by_first = np.argsort(first)
+    rank = np.empty(uniq.size, dtype=np.int64)
+    rank[by_first] = np.arange(uniq.size)
+    return rank[inverse] + 1, uniq[by_first]
+
+
+def _dedupe(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------
+def _check_args(out: PathLike, kcore: int, overwrite: bool) -> None:
+    """Checks made before reading any input, so a bad argument fails fast."""
+    if not isinstance(kcore, int) or isinstance(kcore, bool) or kcore < 0:
+        raise ValueError(f"`kcore` must be a non-negative int (0 = no filtering), got {kcore!r}")
+    _check_out(Path(out), overwrite)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if (out / ITEMS_FILE).exists() and not overwrite:
+        raise FileExistsError(
+            f"{out}: already holds a dataset ({ITEMS_FILE}); pass --overwrite to replace it"
+        )
+
+
+# ---- readers -----------------------------------------------------------------------------------------------------
+@contextmanager
+def _open_text(path: Path, newline: str | None = None) -> Iterator[IO[str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8", newline=newline) as f:
+            yield f
+    else:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            yield f
+
+
+def _lines(path: Path) -> Iterator[tuple[str, str]]:
+    """(``"path:lineno"``, line) for each line; an empty line is an error."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                raise ValueError(f"{where}: empty line")
+            yield where, line
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for where, line in _lines(path):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        yield where, rec
+
+
+def _read_amazon_meta(path: Path) -> _Metadata:
+    meta = _Metadata()
+    for where, line in _lines(path):
+        try:
+            rec = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+            raise ValueError(f"{where}: not a Python literal ({type(e).__name__}: {e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where}: expected a dict literal, got {type(rec).__name__}")
+        asin, title, brand = _get(rec, "asin", where), rec.get("title", ""), rec.get("brand", "")
+        categories = rec.get("categories", [])
+        if not isinstance(title, str) or not isinstance(brand, str):
+            raise ValueError(f"{where}: `title` and `brand` must be strings, got {title!r} and {brand!r}")
+        if not isinstance(categories, list) or not all(
+            isinstance(p, list) and all(isinstance(c, str) for c in p) for p in categories
+        ):
+            raise ValueError(f"{where}: `categories` must be a list of lists of strings, got {categories!r}")
+        meta.add(str(asin), title, [brand, *(c for p in categories for c in p[1:])])
+    return meta
+
+
+def _tsv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
+    """Tab-separated rows; every row must have as many fields as the first (the header)."""
+    width = None
+    for where, line in _lines(path):
+        row = line.rstrip("\r\n").split("\t")
+        width = width or len(row)
+        if len(row) != width:
+            raise ValueError(
+                f"{where}: expected {width} tab-separated columns (as in the header), got {len(row)}"
+            )
+        yield where, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
+    """CSV rows; every row must have as many fields as the first (the header)."""
+    with _open_text(path, newline="") as f:
+        reader, width = csv.reader(f), None
+        try:
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                width = width or len(row)
+                if not row:
+                    raise ValueError(f"{where}: empty line")
+                if len(row) != width:
+                    raise ValueError(f"{where}: expected {width} columns (as in the header), got {len(row)}")
+                yield where, row
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+
+
+def _recbole_header(path: Path, first: tuple[str, list[str]] | None, typed: bool = False) -> list[Any]:
+    """Names of a RecBole header's ``name:type`` columns (``(name, type)`` pairs when ``typed``)."""
+    if first is None:
+        raise ValueError(f"{path}: empty file (expected a header like `user_id:token`)")
+    columns = []
+    for c, col in enumerate(first[1], start=1):
+        name, _, kind = col.strip().rpartition(":")
+        if not name or kind not in _RECBOLE_TYPES:
+            raise ValueError(
+                f"{first[0]}: header column {c} is {col!r}, expected `name:type` with type in {_RECBOLE_TYPES}"
+            )
+        columns.append((name, kind) if typed else name)
+    return columns
+
+
+def _columns(path: Path, header: list[str] | None, wanted: dict[str, str]) -> list[int]:
+    """Positions of the ``wanted`` columns (role -> name) in ``header``; errors list the columns there are."""
+    if header is None:
+        raise ValueError(f"{path}: empty file (expected a header)")
+    positions = []
+    for role, name in wanted.items():
+        if name not in header:
+            raise ValueError(f"{path}:1: no {role} column {name!r} in the header; columns are {header}")
+        positions.append(header.index(name))
+    return positions
+
+
+def _get(rec: dict[str, Any], key: str, where: str) -> Any:
+    if key not in rec:
+        raise ValueError(f"{where}: missing field `{key}`")
+    return rec[key]
+
+
+def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> None:
+    try:
+        if isinstance(time, bool):
+            raise ValueError
+        ts = float(time)
+        if not math.isfinite(ts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: timestamp {time!r} is not a finite number") from None
+    if not isinstance(user, str) or not isinstance(item, str) or not user.strip() or not item.strip():
+        raise ValueError(f"{where}: user and item ids must be non-empty strings, got {user!r} and {item!r}")
+    raw.users.append(user)
+    raw.items.append(item)
+    raw.times.append(ts)
