@@ -333,6 +333,73 @@ def log_popularity(target_rows: torch.Tensor, num_items: int, smoothing: float =
     return (counts / counts.sum()).log().float()
 
 
+# ---- with the T5 encoder --------------------------------------------------------------------------------------------
+OBJECTIVES = ("generative", "joint", "dense")
+STATE_PREFIX = "dense_head."  # where a LightningModule that holds the head as `self.dense_head` keeps its weights
+META_KEY = "dense"  # the head's config in a checkpoint's ``semid`` entry
+
+
+class JointLoss(NamedTuple):
+    """total = generative + weight * dense; a part the objective leaves out is a 0-d zero."""
+
+    total: torch.Tensor
+    generative: torch.Tensor
+    dense: torch.Tensor
+
+
+def encode_queries(model: nn.Module, head: DenseHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Query vectors (B, d) of encoder inputs (B, S) through ``model``'s T5 encoder and the head."""
+    hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, D)
+    return head(hidden, attention_mask)
+
+
+def joint_loss(
+    model: nn.Module,
+    head: DenseHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    target_rows: torch.Tensor,
+    *,
+    objective: str = "joint",
+    label_smoothing: float = 0.0,
+    log_q: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> JointLoss:
+    """The generative and/or dense loss of one batch, the encoder run once for both.
+
+    Args:
+        model: a ``T5ForConditionalGeneration``; head: the dense head on its encoder.
+        input_ids, attention_mask: (B, S); labels: (B, L + 1) target codes then eos (-100 ignored).
+        target_rows: LongTensor (B,), the targets' rows in the head (``head.rows_of(target_ids)``).
+        objective: ``"joint"`` (both), ``"dense"`` (the head and encoder only) or ``"generative"`` (decoder only).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+    zero = input_ids.new_zeros((), dtype=torch.float32)
+    enc = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+    gen = dense = zero
+    if objective != "dense":
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, L + 1)
+        logits = model(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        gen = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing)
+    if objective != "generative":
+        query = head(enc.last_hidden_state, attention_mask)  # (B, d)
+        dense = head.loss(query, target_rows, log_q=log_q, generator=generator)
+    return JointLoss(gen + head.config.weight * dense, gen, dense)
+
+
+def load_dense_head(checkpoint: dict[str, Any]) -> DenseHead | None:
+    """The dense head saved in a loaded checkpoint dict (None if it has none), in eval mode on the CPU."""
+    meta = checkpoint.get("semid", {}).get(META_KEY)
+    if meta is None:
+        return None
+    state = {k[len(STATE_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    head = DenseHead(DenseHeadConfig(**meta), state["item_ids"].cpu(), state.get("content_embeddings"))
+    head.load_state_dict(state)
+    return head.eval()
+
+
 # ---- checks --------------------------------------------------------------------------------------------------------
 def _check_item_ids(item_ids: torch.Tensor) -> torch.Tensor:
     item_ids = torch.as_tensor(item_ids)
