@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from generator.coldstart import (
+    add_cold_items,
     cold_start_split,
     item_recency,
     newest_items,
@@ -16,7 +18,9 @@ from generator.coldstart import (
     remove_items,
     write_warm_dataset,
 )
+from generator.dense import DenseHead, DenseHeadConfig
 from semid.data import leave_one_out, load_dataset
+from semid.ids import SemanticIDs
 from tests.conftest import TINY_EMBEDDINGS, TINY_SEQUENCES
 
 SEQS = [np.array(s) for s in TINY_SEQUENCES.values()]
@@ -76,3 +80,21 @@ def test_write_warm_dataset_round_trip(tiny_dataset_dir: Path, tmp_path: Path) -
     # the warm world's own validation/test targets are warm items, never cold ones
     loo = leave_one_out(warm)
     assert loo.test_targets.max() <= split.num_warm
+
+
+def test_add_cold_items_to_ids_tree_and_head() -> None:
+    ids = SemanticIDs.from_codes(np.array([[0, 1], [0, 1], [2, 3]]), (4, 4), extra_level_size=4)
+    layout = ids.layout(num_user_tokens=0)
+    head = DenseHead(DenseHeadConfig(input_dim=4, dim=3, mode="content"), torch.arange(1, 4), torch.randn(3, 5))
+
+    def encode(x: np.ndarray) -> np.ndarray:  # a stand-in quantizer: codes from the sign of two coordinates
+        return np.stack([(x[:, 0] > 0) * 2, (x[:, 1] > 0) * 3], axis=1).astype(np.int64)
+
+    content = np.array([[-1.0, 1.0, 0, 0, 0], [1.0, 1.0, 0, 0, 0]], dtype=np.float32)
+    cat = add_cold_items(ids, layout, content, np.array([4, 5]), encode=encode, head=head)
+    assert cat.ids.codes_of(np.array([4, 5])).tolist() == [[0, 3, 0], [2, 3, 1]]  # item 5 collides with item 3
+    tokens = torch.from_numpy(np.asarray(layout.codes_to_tokens(cat.ids.codes_of(np.array([4, 5])))))
+    assert cat.tree.lookup(tokens).tolist() == [4, 5]
+    assert cat.head is head and head.num_items == 5
+    with pytest.raises(ValueError, match=r"`encode` must return codes of shape \(2, 2\)"):
+        add_cold_items(ids, layout, content, np.array([4, 5]), encode=lambda x: np.zeros((2, 3), np.int64))
