@@ -8,7 +8,8 @@ drawn from level l's block of K_l tokens, and every hypothesis ends at a leaf of
 1. the encoder runs once per history and each decoder layer's cross-attention keys/values are computed once per
    history, (B, H, S, d_kv); the M beams of a history attend to them together as M query positions, so nothing
    is expanded or copied per beam;
-2. only the decoder self-attention cache is per beam, (n_layers, 2, B*M, H, L, d_kv), and only it is reordered;
+2. only the decoder self-attention cache is per beam, (L, n_layers, 2, B*M, H, d_kv), and only its filled
+   positions are reordered; attention over <= L positions is a multiply-add, not a batch of tiny matmuls;
 3. level l's logits are computed against level l's rows of the output embedding only, (B*M, K_l);
 4. the tree masks them with one gather (``PrefixTree.allowed_mask``), the log-softmax is renormalised over the
    allowed tokens, and one ``topk`` over M x K_l candidates per history picks the next beams;
@@ -35,7 +36,7 @@ from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
 
-CPU_MEMORY_BUDGET = 512 << 20  # bytes of working memory per chunk on CPU
+CPU_MEMORY_BUDGET = 64 << 20  # bytes per chunk on CPU: chunks that stay cache-friendly are faster than big ones
 GPU_MEMORY_FRACTION = 0.25  # of the free device memory per chunk on an accelerator
 MAX_BATCH_SIZE = 4096
 
@@ -135,17 +136,21 @@ def _decode_chunk(
     cross = []
     for block in dec.block:
         att = block.layer[1].EncDecAttention
-        cross.append((att.k(enc).view(B, S, H, dk).transpose(1, 2), att.v(enc).view(B, S, H, dk).transpose(1, 2)))
+        keys_t = att.k(enc).view(B, S, H, dk).permute(0, 2, 3, 1).contiguous()  # (B, H, dk, S)
+        values = att.v(enc).view(B, S, H, dk).transpose(1, 2).contiguous()  # (B, H, S, dk)
+        cross.append((keys_t, values))
     enc_bias = torch.zeros(B, 1, 1, S, dtype=enc.dtype, device=device)  # (B, 1, 1, S), additive, as T5's eager mask
     enc_bias.masked_fill_(attention_mask[:, None, None, :] == 0, torch.finfo(enc.dtype).min)
     pos_bias = dec.block[0].layer[0].SelfAttention.compute_bias(L, L, device=device)  # (1, H, L, L)
+    pos_bias = pos_bias[0].permute(1, 2, 0)[:, :, None, :].contiguous()  # (L query, L key, 1, H)
 
     # 2. output embedding and its T5 rescale (tied embeddings: d_model ** -0.5 on the decoder output)
     head = model.get_output_embeddings()
     scale = c.d_model**-0.5 if getattr(c, "scale_decoder_outputs", c.tie_word_embeddings) else 1.0
 
     # 3. level by level; rows are history-major: row b * m + j is beam j of history b (m = 1 before level 0)
-    cache = torch.empty(len(dec.block), 2, B, H, L, dk, dtype=enc.dtype, device=device)  # self-attention K/V
+    n_layers = len(dec.block)
+    cache = torch.empty(L, n_layers, 2, B, H, dk, dtype=enc.dtype, device=device)  # self-attention K/V by position
     tokens = torch.full((B,), layout.bos_token_id, dtype=torch.long, device=device)  # (B*m,) decoder input
     nodes = torch.zeros(B, dtype=torch.long, device=device)  # (B*m,) tree node of each beam, -1 = dead beam
     scores = torch.zeros(B, 1, dtype=torch.float32, device=device)  # (B, m)
@@ -170,8 +175,10 @@ def _decode_chunk(
         tokens = code + lo
         nodes = torch.where(scores.view(-1) > neg_inf, tree.next_nodes(nodes[rows], tokens), -1)
         codes = torch.cat([codes[rows], code[:, None]], dim=1)  # (B*M, level + 1)
-        if level + 1 < L:
-            cache = cache[:, :, rows]  # reorder the per-beam self-attention cache only
+        if level + 1 < L:  # reorder the per-beam self-attention cache (its filled positions) only
+            reordered = cache.new_empty(L, n_layers, 2, B * M, H, dk)
+            torch.index_select(cache[: level + 1], 3, rows, out=reordered[: level + 1])
+            cache = reordered
         m = M
 
     # 4. the best k beams (topk is sorted); every one is a leaf of the tree
@@ -197,9 +204,9 @@ def _decoder_step(
     Args:
         dec: the model's decoder ``T5Stack``.
         tokens: LongTensor (R,) decoder input at position t, R = B*m rows, history-major.
-        cache: (n_layers, 2, R, H, L, dk) self-attention keys/values; position t is written here.
-        pos_bias: (1, H, L, L) decoder relative position bias (shared by all layers, as in T5).
-        cross: per layer (keys, values), each (B, H, S, dk), shared by the m beams of a history.
+        cache: (L, n_layers, 2, R, H, dk) self-attention keys/values by position; position t is written here.
+        pos_bias: (L, L, 1, H) decoder relative position bias [query, key] (shared by all layers, as in T5).
+        cross: per layer (keys transposed (B, H, dk, S), values (B, H, S, dk)), shared by a history's m beams.
         enc_bias: (B, 1, 1, S) additive encoder padding mask.
     Returns:
         (R, D) the final-layer-normed decoder output at position t.
@@ -207,27 +214,26 @@ def _decoder_step(
     R = tokens.shape[0]
     B = R // m
     x = dec.embed_tokens(tokens)  # (R, D)
-    bias_t = pos_bias[:, :, t : t + 1, : t + 1]  # (1, H, 1, t+1)
+    bias_t = pos_bias[t, : t + 1]  # (t+1, 1, H)
     for i, block in enumerate(dec.block):
-        # self-attention over positions 0..t of the beam's own cache
+        # self-attention over positions 0..t of the beam's own cache; T5 does not scale q.k
         sa = block.layer[0]
         att = sa.SelfAttention
         H, dk = att.n_heads, att.key_value_proj_dim
         h = sa.layer_norm(x)
-        q = att.q(h).view(R, H, 1, dk)
-        cache[i, 0, :, :, t] = att.k(h).view(R, H, dk)
-        cache[i, 1, :, :, t] = att.v(h).view(R, H, dk)
-        keys, values = cache[i, 0, :, :, : t + 1], cache[i, 1, :, :, : t + 1]  # (R, H, t+1, dk)
-        w = (q @ keys.transpose(-1, -2) + bias_t).softmax(-1)  # (R, H, 1, t+1); T5 does not scale q.k
-        x = x + att.o((w @ values).view(R, H * dk))
-        # cross-attention: the m beams of a history are m query positions against its (B, H, S, dk) keys/values
+        q = att.q(h).view(R, H, dk)
+        cache[t, i, 0] = att.k(h).view(R, H, dk)
+        cache[t, i, 1] = att.v(h).view(R, H, dk)
+        w = ((cache[: t + 1, i, 0] * q).sum(-1) + bias_t).softmax(0)  # (t+1, R, H)
+        x = x + att.o((w[..., None] * cache[: t + 1, i, 1]).sum(0).view(R, H * dk))
+        # cross-attention: the m beams of a history are m query positions against its keys/values
         ca = block.layer[1]
         att = ca.EncDecAttention
         h = ca.layer_norm(x)
         q = att.q(h).view(B, m, H, dk).transpose(1, 2)  # (B, H, m, dk)
-        ck, cv = cross[i]
-        w = (q @ ck.transpose(-1, -2) + enc_bias).softmax(-1)  # (B, H, m, S)
-        x = x + att.o((w @ cv).transpose(1, 2).reshape(R, H * dk))
+        keys_t, values = cross[i]
+        w = (q @ keys_t + enc_bias).softmax(-1)  # (B, H, m, S)
+        x = x + att.o((w @ values).transpose(1, 2).reshape(R, H * dk))
         x = block.layer[-1](x)  # T5LayerFF: layer norm, feed-forward, residual
     return dec.final_layer_norm(x)
 
