@@ -7,6 +7,9 @@ search in ``generator.beam`` computes exactly. The eos step then contributes log
 
 from __future__ import annotations
 
+import importlib
+import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -15,6 +18,8 @@ from transformers import LogitsProcessorList, PreTrainedModel
 from semid.layout import TokenLayout
 from semid.processor import PrefixTreeLogitsProcessor
 from semid.tree import PrefixTree
+
+log = logging.getLogger(__name__)
 
 
 class BeamResult(NamedTuple):
@@ -91,3 +96,35 @@ def generate_topk(
         raise AssertionError("constrained generate returned a sequence outside the prefix tree")
     codes = layout.tokens_to_codes(sequences)
     return BeamResult(items.view(B, k), out.sequences_scores.view(B, k).float(), codes.view(B, k, L))
+
+
+# ---- choosing a decoder ------------------------------------------------------------------------------------------
+DECODERS = ("auto", "beam", "generate")
+
+
+def get_decoder(name: str) -> Callable[..., BeamResult]:
+    """The top-k function for ``name``; every one has the signature and return of :func:`generate_topk`.
+
+    ``"generate"`` is :func:`generate_topk` (stock ``model.generate``); ``"beam"`` is ``generator.beam.fast_topk``
+    (the fast constrained beam search), an error where that module is not installed; ``"auto"`` is ``"beam"`` where
+    available, else ``"generate"`` (the choice is logged).
+    """
+    if name not in DECODERS:
+        raise ValueError(f"`decoder` must be one of {list(DECODERS)}, got {name!r}")
+    if name == "generate":
+        return generate_topk
+    try:
+        beam = importlib.import_module("generator.beam")
+        fast_topk = beam.fast_topk
+    except (ModuleNotFoundError, AttributeError) as e:
+        if isinstance(e, ModuleNotFoundError) and e.name != "generator.beam":
+            raise  # generator.beam exists but one of its own imports is missing: show that
+        if name == "beam":
+            raise ValueError(
+                "`decoder='beam'` needs generator.beam.fast_topk, which this installation does not have; "
+                "use decoder='generate'"
+            ) from None
+        log.info("decoder 'auto': generator.beam.fast_topk is not available, using model.generate")
+        return generate_topk
+    log.debug("decoder %r: generator.beam.fast_topk", name)
+    return fast_topk

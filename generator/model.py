@@ -1,0 +1,182 @@
+"""The generator: a T5 encoder-decoder over semantic-ID tokens (TIGER, Rajput et al. 2023).
+
+Encoder input: ``[user token] + code tokens of the last <= 20 items`` (B, S). Decoder: ``bos, c_1 .. c_L`` predicts
+``c_1 .. c_L, eos``. The model is stock ``transformers.T5ForConditionalGeneration`` built from a ``T5Config``
+(no pretrained weights), with its vocabulary, pad, eos and decoder-start ids taken from the :class:`TokenLayout`.
+
+A checkpoint stores the :class:`GeneratorConfig` and the layout next to the weights, so a model is rebuilt from
+its file alone (:func:`load_checkpoint`). This file does not import lightning; ``generator.system`` wraps it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import T5Config, T5ForConditionalGeneration
+
+from semid.ids import SemanticIDs
+from semid.layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 6
+    d_kv: int = 64  # per head; num_heads * d_kv need not equal d_model in T5
+    d_ff: int = 1024
+    dropout: float = 0.1
+    feed_forward_proj: str = "relu"  # T5 v1.0; "gated-gelu" is T5 v1.1
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"`{f.name}` must be a positive int, got {value!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown generator config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, GeneratorConfig] = {
+    # TIGER's published architecture: 4+4 layers, d_model 128, 6 heads of 64, MLP 1024, dropout 0.1
+    "tiger": GeneratorConfig(),
+    # about 6x fewer FLOPs, for quick runs and the demo on a 2-core CPU
+    "cpu": GeneratorConfig(num_encoder_layers=2, num_decoder_layers=2, d_model=64, num_heads=4, d_kv=32, d_ff=256),
+}
+
+
+def preset(name: str) -> GeneratorConfig:
+    """One of :data:`PRESETS` by name."""
+    if name not in PRESETS:
+        raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def build_model(config: GeneratorConfig, layout: TokenLayout) -> T5ForConditionalGeneration:
+    """A randomly initialised T5 whose vocabulary is the layout's (V tokens)."""
+    t5 = T5Config(
+        vocab_size=layout.vocab_size,
+        d_model=config.d_model,
+        d_kv=config.d_kv,
+        d_ff=config.d_ff,
+        num_layers=config.num_encoder_layers,
+        num_decoder_layers=config.num_decoder_layers,
+        num_heads=config.num_heads,
+        relative_attention_num_buckets=config.relative_attention_num_buckets,
+        relative_attention_max_distance=config.relative_attention_max_distance,
+        dropout_rate=config.dropout,
+        feed_forward_proj=config.feed_forward_proj,
+        pad_token_id=layout.pad_token_id,
+        eos_token_id=layout.eos_token_id,
+        decoder_start_token_id=layout.bos_token_id,
+        bos_token_id=layout.bos_token_id,
+        use_cache=True,
+    )
+    return T5ForConditionalGeneration(t5)
+
+
+def seq2seq_loss(
+    model: T5ForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean token cross-entropy of the target codes and eos (teacher forcing).
+
+    Args:
+        input_ids: LongTensor (B, S); attention_mask: LongTensor (B, S), 1 for real tokens.
+        labels: LongTensor (B, L + 1): target code tokens then eos; -100 is ignored.
+    Returns:
+        scalar FloatTensor.
+    """
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, L + 1): bos, c_1 .. c_L
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    # logits: (B, L + 1, V)
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(B * T, V).float(), labels.reshape(B * T), ignore_index=-100, label_smoothing=label_smoothing)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+CHECKPOINT_KEY = "semid"  # where a checkpoint keeps {config, layout, ids_digest}
+STATE_PREFIX = "model."  # the LightningModule keeps the T5 as `self.model`
+
+
+def ids_digest(ids: SemanticIDs) -> str:
+    """A fingerprint of which item has which code tuple (sha256 of the arrays)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(ids.codebook_sizes, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(ids.item_ids).tobytes())
+    h.update(np.ascontiguousarray(ids.codes).tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_meta(config: GeneratorConfig, layout: TokenLayout, digest: str) -> dict[str, Any]:
+    return {"config": config.to_dict(), "layout": layout.to_dict(), "ids_digest": digest}
+
+
+class LoadedModel(NamedTuple):
+    model: T5ForConditionalGeneration
+    config: GeneratorConfig
+    layout: TokenLayout
+    ids_digest: str
+
+
+def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None) -> LoadedModel:
+    """Rebuild the model from a checkpoint file alone; with ``ids``, refuse one whose vocabulary does not match.
+
+    Returns the model in eval mode on the CPU.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold callback states
+    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if meta is None:
+        raise ValueError(f"{path}: not a semid generator checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    config = GeneratorConfig.from_dict(meta["config"])
+    layout = TokenLayout.from_dict(meta["layout"])
+    if ids is not None:
+        check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
+    model = build_model(config, layout)
+    state = {k[len(STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(model, config, layout, meta["ids_digest"])
+
+
+def check_vocabulary(layout: TokenLayout, digest: str, ids: SemanticIDs, *, source: str) -> None:
+    """Raise ValueError unless a model with ``layout`` (trained on IDs with ``digest``) can decode ``ids``."""
+    if tuple(layout.codebook_sizes) != tuple(ids.codebook_sizes):
+        raise ValueError(
+            f"{source}: the checkpoint's vocabulary has codebook sizes {list(layout.codebook_sizes)} "
+            f"(V = {layout.vocab_size}), but the semantic IDs have {list(ids.codebook_sizes)} "
+            f"(V = {ids.layout(layout.num_user_tokens).vocab_size}): it was trained with other semantic IDs"
+        )
+    if digest != ids_digest(ids):
+        raise ValueError(
+            f"{source}: the checkpoint was trained with other semantic IDs (same codebook sizes "
+            f"{list(ids.codebook_sizes)}, but items map to different code tuples); use the run's own semantic_ids.npz"
+        )
