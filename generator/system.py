@@ -134,12 +134,13 @@ class GeneratorSystem(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         assert self._val_sums is not None, "on_validation_epoch_start did not run"
         sums = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")  # exact totals across processes
+        # every process now holds the same totals; sync_dist=True below averages equal values (a no-op)
         users = sums[-2].clamp_min(1)
         for i, k in enumerate(self.ks):
-            self.log(f"val/recall@{k}", (sums[i] / users).float(), sync_dist=False)
-            self.log(f"val/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=False, prog_bar=k == 10)
-        self.log("val/loss", (sums[-1] / users).float(), sync_dist=False)
-        self.log("val/users", sums[-2].float(), sync_dist=False)
+            self.log(f"val/recall@{k}", (sums[i] / users).float(), sync_dist=True)
+            self.log(f"val/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True, prog_bar=k == 10)
+        self.log("val/loss", (sums[-1] / users).float(), sync_dist=True)
+        self.log("val/users", sums[-2].float(), sync_dist=True)
         self._val_sums = None
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------

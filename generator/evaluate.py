@@ -1,0 +1,148 @@
+"""Leave-one-out evaluation of a run: constrained beam search for each user, Recall@K / NDCG@K over the catalogue.
+
+Every user's held-out item (validation or test) is ranked among *all* items; no candidate sampling, no filtering
+of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from generator.datamodule import eval_batches, sample_users, split_examples
+from generator.decode import check_beam_args, get_decoder
+from generator.examples import collate
+from generator.run import Run, load_run, metrics_file
+from semid.data import Split, leave_one_out, load_dataset
+from semid.io import write_json
+from semid.metrics import RankingMetrics
+
+log = logging.getLogger(__name__)
+
+
+class EvalResult(NamedTuple):
+    """Metrics of one evaluation. ``metrics`` holds ``recall@K`` and ``ndcg@K`` for each K."""
+
+    split: str
+    decoder: str  # the function that decoded, e.g. "generator.beam.fast_topk"
+    metrics: dict[str, float]
+    users: int
+    invalid_items: int  # items returned that are not in the catalogue (must be 0)
+    duplicate_items: int  # items returned twice for one user (must be 0)
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "decoder": self.decoder, **self.metrics, "users_evaluated": self.users,
+                "invalid_items": self.invalid_items, "duplicate_items": self.duplicate_items,
+                "seconds": round(self.seconds, 2)}
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """``"5,10"`` -> (5, 10)."""
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise ValueError(f"`k` must be comma-separated positive ints, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise ValueError(f"`k` must be comma-separated positive ints, got {text!r}")
+    return ks
+
+
+def evaluate(
+    run: Run,
+    split: Split,
+    which: str = "test",
+    *,
+    ks: Sequence[int] = (5, 10),
+    num_beams: int = 20,
+    max_users: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    decoder: str = "auto",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Rank every (or a seeded sample of ``max_users``) user's held-out item with constrained beam search.
+
+    Args:
+        which: "valid" (history = all but the last two items) or "test" (all but the last).
+        ks: cut-offs; the decoder returns max(ks) items per user, so ``num_beams >= max(ks)``.
+    """
+    ks = tuple(sorted(ks))
+    check_beam_args(ks[-1], num_beams, run.ids.num_items)
+    decode = get_decoder(decoder)
+    device = torch.device(device) if device is not None else next(run.model.parameters()).device
+    model, tree = run.model.to(device).eval(), run.tree.to(device)
+    rows = sample_users(split.num_users, max_users, seed)
+    examples = split_examples(
+        split, run.ids, run.layout, which, rows=rows, max_history=run.max_history, use_user_tokens=run.use_user_tokens
+    )
+    metrics = RankingMetrics(ks)
+    known = torch.from_numpy(run.ids.item_ids)
+    invalid = duplicates = 0
+    start = time.perf_counter()
+    batches = eval_batches(examples.input_lengths, batch_size)
+    for index in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):
+        b = collate(examples, index, run.layout.pad_token_id)
+        res = decode(model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, k=ks[-1], num_beams=num_beams)
+        items = res.items.cpu()  # (B, k)
+        invalid += int((~torch.isin(items, known)).sum())
+        duplicates += int((items.sort(1).values.diff(dim=1) == 0).sum())
+        metrics.update(items, b.target)
+    seconds = time.perf_counter() - start
+    result = EvalResult(which, f"{decode.__module__}.{decode.__name__}", metrics.compute(), metrics.count, invalid, duplicates, seconds)
+    if invalid or duplicates:
+        log.error("%d invalid and %d duplicate items returned: the decoder is broken", invalid, duplicates)
+    log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
+    return result
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    which: str = "test",
+    *,
+    ks: Sequence[int] = (5, 10),
+    num_beams: int = 20,
+    max_users: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    decoder: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically); returns what was written.
+
+    Args:
+        data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
+    """
+    if which not in ("valid", "test"):
+        raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
+    run = load_run(run_dir, checkpoint)
+    data = Path(data_dir) if data_dir is not None else run.data_dir
+    split = leave_one_out(load_dataset(data))
+    if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
+        raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
+    result = evaluate(
+        run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
+        decoder=decoder, device=device, progress=progress,
+    )
+    out = {
+        **result.to_dict(),
+        "num_beams": num_beams,
+        "max_users": max_users,
+        "seed": seed,
+        "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
+        "data": str(data),
+    }
+    write_json(metrics_file(run.path, which), out)
+    return out

@@ -1,0 +1,50 @@
+"""`semid evaluate --run RUN [--split valid|test]`: Recall/NDCG@K by constrained beam search; writes RUN/metrics_<split>.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from generator.evaluate import evaluate_run, parse_ks
+from generator.run import metrics_file
+
+
+def _users(text: str) -> int | None:
+    return None if text == "all" else int(text)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="rank each user's held-out item with constrained beam search; Recall/NDCG@K",
+        description="Leave-one-out evaluation of a run's best checkpoint over the whole catalogue. Prints the "
+        "metrics and writes RUN/metrics_<split>.json.",
+    )
+    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--k", default="5,10", help="cut-offs, comma-separated (default 5,10)")
+    p.add_argument("--num-beams", type=int, default=20, help="beams (>= the largest k; default 20)")
+    p.add_argument("--max-users", type=_users, default=None, help="a seeded sample of this many users (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
+    p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
+    p.add_argument("--decoder", default="auto", choices=("auto", "beam", "generate"))
+    p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ks = parse_ks(args.k)
+    m = evaluate_run(
+        args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
+        batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
+        device=args.device, progress=args.progress,
+    )
+    print(f"{args.split}: {m['users_evaluated']} users, checkpoint {m['checkpoint']}, {m['num_beams']} beams, decoder {m['decoder']}")
+    for k in ks:
+        print(f"  Recall@{k:<3} {m[f'recall@{k}']:.4f}   NDCG@{k:<3} {m[f'ndcg@{k}']:.4f}")
+    print(f"  invalid items {m['invalid_items']}, duplicate items {m['duplicate_items']}, {m['seconds']:.1f} s")
+    print(f"wrote {metrics_file(args.run, args.split)}")
+    return 0

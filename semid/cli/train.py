@@ -1,0 +1,99 @@
+"""`semid train --data DATA --ids IDS --out RUN`: train the T5 generator into a run folder.
+
+The work is done by :func:`generator.train.train_run`; this module parses arguments and prints where things went.
+With ``--resume`` the options stored in RUN/config.yaml are the defaults, and flags given override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+from generator.model import PRESETS
+from generator.run import IDS_FILE, read_config
+from generator.train import TrainOptions, train_run
+
+
+def _users(text: str) -> int | None:
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative int or 'all', got {text!r}")
+    return value
+
+
+def _every(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = TrainOptions()
+    p = subparsers.add_parser(
+        "train",
+        help="train the generator (a T5 over semantic-ID tokens) into a run folder",
+        description="Train the generator on a dataset folder with semantic IDs; writes RUN/checkpoints/, "
+        "RUN/config.yaml, RUN/logs/, a copy of the semantic IDs, and RUN/metrics_valid.json (the best checkpoint, "
+        "chosen on validation, evaluated on all validation users).",
+    )
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (items.jsonl, sequences.txt)")
+    p.add_argument("--ids", required=True, type=Path, help=f"semantic IDs: a folder holding {IDS_FILE}, or the file")
+    p.add_argument("--out", required=True, type=Path, help="run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"model size (default {d.preset})")
+    g = p.add_argument_group("budget")
+    g.add_argument("--max-epochs", type=int, help=f"default {d.max_epochs}")
+    g.add_argument("--max-steps", type=int, help="optimiser steps (default: no limit)")
+    g.add_argument("--max-time", help="wall-clock limit HH:MM:SS (or DD:HH:MM:SS)")
+    g.add_argument("--patience", type=int, help=f"validations without improvement before stopping, 0 = never (default {d.patience})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, help=f"per device (default {d.batch_size})")
+    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--warmup-steps", type=int, help=f"linear warmup, then inverse-sqrt decay (default {d.warmup_steps})")
+    g.add_argument("--weight-decay", type=float, help=f"AdamW (default {d.weight_decay})")
+    g.add_argument("--label-smoothing", type=float, help=f"(default {d.label_smoothing})")
+    g.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g = p.add_argument_group("examples")
+    g.add_argument("--max-history", type=int, help=f"items of history per example (default {d.max_history})")
+    g.add_argument("--user-tokens", type=int, help=f"hashed user-id tokens, 0 = none (default {d.user_tokens})")
+    g = p.add_argument_group("validation")
+    g.add_argument("--val-users", type=_users, help=f"validation users sampled during training, or 'all' (default {d.val_users})")
+    g.add_argument("--val-every", type=_every, help="validate every N epochs (int) or fraction of an epoch (default 1)")
+    g.add_argument("--final-val-users", type=_users, help="validation users for the final evaluation, 'all' (default) or 0 to skip")
+    g.add_argument("--num-beams", type=int, help=f"(default {d.num_beams})")
+    g.add_argument("--decoder", choices=("auto", "beam", "generate"), help=f"(default {d.decoder})")
+    g.add_argument("--eval-batch-size", type=int, help=f"(default {d.eval_batch_size})")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--devices", type=int, help="processes/devices; > 1 trains with DDP (default 1)")
+    g.add_argument("--accelerator", help="cpu | gpu | auto (default auto)")
+    g.add_argument("--strategy", help="Lightning strategy: auto | ddp | ddp_spawn | fsdp ... (default auto)")
+    g.add_argument("--precision", help="32-true | bf16-mixed | 16-mixed (default 32-true)")
+    g.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def ids_file(path: Path) -> Path:
+    """`--ids` may name the folder `semid fit-codebooks` wrote or the file itself."""
+    return path / IDS_FILE if path.is_dir() else path
+
+
+def run(args: argparse.Namespace) -> int:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
+    base = read_config(args.out).get("train", {}) if args.resume else {}
+    options = TrainOptions.from_dict({**base, **given})
+    result = train_run(args.data, ids_file(args.ids), args.out, options, resume=args.resume)
+    if result.metrics_valid is None and result.best_score is None:
+        return 0
+    print(f"run folder      {result.run_dir}")
+    print(f"best checkpoint {result.best_checkpoint}  (val/ndcg@10 on the validation sample: {result.best_score})")
+    print(f"trained         {result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s; padded share {result.padded_share:.1%}")
+    if result.metrics_valid:
+        m = result.metrics_valid
+        print(
+            f"valid ({m['users_evaluated']} users): R@5 {m['recall@5']:.4f}  N@5 {m['ndcg@5']:.4f}  "
+            f"R@10 {m['recall@10']:.4f}  N@10 {m['ndcg@10']:.4f}  -> {result.run_dir / 'metrics_valid.json'}"
+        )
+    return 0

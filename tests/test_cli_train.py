@@ -1,0 +1,149 @@
+"""`semid train` -> `semid evaluate` -> `semid recommend` on a tiny dataset, resume, and the errors users meet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from generator.recommend import recommend
+from generator.run import load_run
+from semid.cli import main
+from semid.ids import SemanticIDs
+from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
+
+TRAIN_FLAGS = [
+    "--preset", "cpu", "--max-epochs", "2", "--batch-size", "16", "--user-tokens", "32", "--val-users", "all",
+    "--num-beams", "10", "--warmup-steps", "4", "--lr", "3e-3", "--no-progress", "--seed", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    data = write_random_dataset(root / "data")
+    ids_dir = root / "ids"
+    ids_dir.mkdir()
+    write_ids(ids_dir / "semantic_ids.npz")
+    run = root / "run"
+    assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(run), *TRAIN_FLAGS]) == 0
+    return {"data": data, "ids": ids_dir, "run": run}
+
+
+def test_train_writes_the_run_folder(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run = trained["run"]
+    for rel in ("config.yaml", "semantic_ids.npz", "checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics_valid.json"):
+        assert (run / rel).is_file(), rel
+    assert list((run / "logs").rglob("metrics.csv"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["best_checkpoint"] == "checkpoints/best.ckpt" and config["epochs"] == 2
+    assert SemanticIDs.load(run / "semantic_ids.npz") == SemanticIDs.load(trained["ids"] / "semantic_ids.npz")
+    valid = json.loads((run / "metrics_valid.json").read_text())
+    assert valid["users_evaluated"] == 24 and valid["invalid_items"] == 0
+    # the best checkpoint's score on the validation sample (here: all users) is what the final evaluation finds
+    assert valid["ndcg@10"] == pytest.approx(config["best_score"]["val/ndcg@10"], abs=1e-6)
+
+
+def test_evaluate_prints_and_writes_metrics(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run = trained["run"]
+    assert main(["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Recall@10" in out and "invalid items 0" in out
+    m = json.loads((run / "metrics_test.json").read_text())
+    assert set(m) >= {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "users_evaluated", "invalid_items", "seconds"}
+    assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
+    assert 0 <= m["ndcg@10"] <= m["recall@10"] <= 1
+    # the reference decoder finds the same ranking as the fast one
+    assert main(["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--decoder", "generate", "--max-users", "10", "--no-progress"]) == 0
+    assert json.loads((run / "metrics_test.json").read_text())["users_evaluated"] == 10
+
+
+def test_recommend_prints_titles_and_json(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    run = trained["run"]
+    assert main(["recommend", "--run", str(run), "--history", "3,4,5", "-k", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6 and "item" in lines[1]
+    assert main(["recommend", "--run", str(run), "--history", "3,4,5", "-k", "10", "--json", "--user", "7"]) == 0
+    rows = json.loads(capsys.readouterr().out)["items"]
+    items = [r["item_id"] for r in rows]
+    scores = [r["score"] for r in rows]
+    assert len(set(items)) == 10 and all(1 <= i <= NUM_ITEMS for i in items)
+    assert scores == sorted(scores, reverse=True) and all(r["title"] == f"item {r['item_id']}" for r in rows)
+
+
+def test_recommend_library_agrees_across_decoders(trained: dict[str, Path]) -> None:
+    r = load_run(trained["run"])
+    histories = [[1, 2, 3], [40], list(range(1, 31))]
+    fast = recommend(r, histories, k=8, num_beams=12, decoder="beam")
+    ref = recommend(r, histories, k=8, num_beams=12, decoder="generate")
+    for a, b in zip(fast, ref, strict=True):
+        assert a.items.tolist() == b.items.tolist()
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+        assert (np.diff(a.scores) <= 1e-6).all() and (a.scores <= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--history", "3,4,999"], "unknown item id 999"),
+        (["--history", ""], "is empty"),
+        (["--history", "3", "-k", str(NUM_ITEMS + 1)], "`k` must be at most the catalogue size"),
+        (["--history", "3", "-k", "5", "--num-beams", "4"], "`num_beams` must be >= k"),
+        (["--history", "3", "-k", "0"], "`k` must be a positive int"),
+    ],
+)
+def test_recommend_errors(trained: dict[str, Path], capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["recommend", "--run", str(trained["run"]), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_recommend_library_errors(trained: dict[str, Path]) -> None:
+    r = load_run(trained["run"])
+    with pytest.raises(ValueError, match="`histories` must be a non-empty list"):
+        recommend(r, [])
+    with pytest.raises(ValueError, match=r"`histories\[1\]` is empty"):
+        recommend(r, [[1], []])
+    with pytest.raises(ValueError, match="`user_ids` must hold one id per history"):
+        recommend(r, [[1], [2]], user_ids=[1])
+
+
+def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["train", "--data", str(trained["data"]), "--ids", str(trained["ids"])]
+    assert main([*base, "--out", str(trained["run"]), *TRAIN_FLAGS]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*base, "--out", str(trained["run"].parent / "x"), "--max-time", "90min"]) == 2
+    assert "`max_time` must be HH:MM:SS" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(trained["run"].parent / "nope")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_resume_continues_the_same_run(trained: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    step_before = torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"]
+    argv = ["train", "--data", str(trained["data"]), "--ids", str(run), "--out", str(run), "--resume", "--max-epochs", "3", "--final-val-users", "0"]
+    assert main(argv) == 0
+    last = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] > step_before
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16  # kept from the first run
+    assert main([*argv[:-4], "--batch-size", "8"]) == 2  # what is trained cannot change on resume
+
+
+def test_a_run_with_swapped_semantic_ids_is_refused(trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    write_ids(run / "semantic_ids.npz", seed=1)  # same sizes, other codes
+    with pytest.raises(ValueError, match="trained with other semantic IDs"):
+        load_run(run)
+    ids = SemanticIDs.load(run / "semantic_ids.npz")
+    SemanticIDs.from_codes(ids.codes[:, :3], (4, 4, 8), extra_level_size=8).save(run / "semantic_ids.npz")
+    assert main(["recommend", "--run", str(run), "--history", "1"]) == 2
+    assert "vocabulary" in capsys.readouterr().err
