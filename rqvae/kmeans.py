@@ -1,0 +1,224 @@
+"""Residual k-means: the strong simple baseline for semantic IDs.
+
+Level 1 clusters the (standardised) embeddings with k-means; level l clusters what the levels before it left over
+(the residuals). An item's code tuple is its cluster at each level; its reconstruction is the sum of its clusters'
+centres. scikit-learn's ``KMeans`` (Lloyd, k-means++ seeding) does the clustering.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.exceptions import NotFittedError
+
+from rqvae._checkpoint import read_checkpoint, save_checkpoint
+from rqvae._checks import (
+    check_codebook_size,
+    check_codes,
+    check_embeddings,
+    check_levels,
+    check_positive,
+    standardization,
+    warn_unused_codes,
+)
+from rqvae.balance import balanced_last_level, nearest_codes
+
+log = logging.getLogger(__name__)
+
+METHOD = "rqkmeans"
+
+
+@dataclass(frozen=True)
+class RQKMeansConfig:
+    """The options of :class:`ResidualKMeans` as a config for :func:`rqvae.fit_codebooks` (same names)."""
+
+    levels: int = 3
+    codebook_size: int = 256
+    balanced: bool = False
+    standardize: bool = True
+    max_iter: int = 100
+    n_init: int = 1
+    tol: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ResidualKMeans(**asdict(self))._check_params()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ResidualKMeans:
+    """Residual k-means quantizer with the scikit-learn estimator contract.
+
+    Args:
+        levels: L, code levels (>= 1).
+        codebook_size: K, codes per level (>= 2).
+        balanced: give the fitted items last-level codes that never collide within a prefix (see
+            :mod:`rqvae.balance`); :meth:`encode` of new items still takes the nearest code.
+        standardize: scale each input dimension to zero mean and unit variance first.
+        max_iter: Lloyd iterations per level at most.
+        n_init: k-means++ restarts per level (the best inertia is kept).
+        tol: relative tolerance of the Lloyd iterations.
+        seed: seeds every level's k-means (level l uses ``seed + l``).
+
+    Fitted attributes:
+        mean_, scale_: FloatArray (D,), the standardisation (identity when ``standardize`` is False).
+        cluster_centers_: FloatArray (L, K, D), the codebooks, in standardised space.
+        codes_: LongArray (N, L) in [0, K), the fitted items' codes (balanced last level if asked).
+        inertia_: list of L floats, each level's sum of squared distances to the nearest centre.
+        n_features_in_: D.
+    """
+
+    def __init__(
+        self,
+        levels: int = 3,
+        codebook_size: int = 256,
+        *,
+        balanced: bool = False,
+        standardize: bool = True,
+        max_iter: int = 100,
+        n_init: int = 1,
+        tol: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        self.levels = levels
+        self.codebook_size = codebook_size
+        self.balanced = balanced
+        self.standardize = standardize
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.tol = tol
+        self.seed = seed
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor's arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(RQKMeansConfig)}
+
+    def _check_params(self) -> None:
+        self.levels = check_levels(self.levels)
+        self.codebook_size = check_codebook_size(self.codebook_size)
+        check_positive("max_iter", self.max_iter, integer=True)
+        check_positive("n_init", self.n_init, integer=True)
+        check_positive("tol", self.tol, allow_zero=True)
+        check_positive("seed", self.seed, integer=True, allow_zero=True)
+
+    # ---- fit ---------------------------------------------------------------------------------------------------
+    def fit(self, embeddings: np.ndarray) -> ResidualKMeans:
+        """Fit L codebooks, level after level, on the residuals.
+
+        Args:
+            embeddings: FloatArray (N, D), finite, N >= K.
+
+        Returns:
+            self, fitted.
+        """
+        self._check_params()
+        x = check_embeddings(embeddings, min_rows=self.codebook_size)
+        L, K = self.levels, self.codebook_size
+        if self.standardize:
+            self.mean_, self.scale_ = standardization(x)
+        else:
+            self.mean_, self.scale_ = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
+        residual = (x - self.mean_) / self.scale_  # (N, D)
+        centers = np.empty((L, K, x.shape[1]), dtype=np.float32)
+        codes = np.empty((x.shape[0], L), dtype=np.int64)
+        self.inertia_ = []
+        for level in range(L):
+            km = KMeans(n_clusters=K, n_init=self.n_init, max_iter=self.max_iter, tol=self.tol, random_state=self.seed + level)
+            with warnings.catch_warnings():  # a duplicate-point warning is re-raised below as codes used < K
+                warnings.filterwarnings("ignore", message="Number of distinct clusters")
+                km.fit(residual)
+            centers[level] = km.cluster_centers_
+            codes[:, level] = km.labels_
+            self.inertia_.append(float(km.inertia_))
+            if level == L - 1 and self.balanced:
+                codes[:, level] = balanced_last_level(codes[:, :level], residual, centers[level])
+            residual = residual - centers[level][codes[:, level]]
+            log.info("rqkmeans level %d: inertia %.4g, %d codes used", level, km.inertia_, np.unique(codes[:, level]).size)
+        self.cluster_centers_ = centers
+        self.codes_ = codes
+        self.n_features_in_ = x.shape[1]
+        warn_unused_codes(codes, K)
+        return self
+
+    # ---- use ---------------------------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "cluster_centers_"):
+            raise NotFittedError("this ResidualKMeans is not fitted yet: call `fit` (or `fit_codebooks`) first")
+
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        """Nearest-code tuples of (new) items.
+
+        Args:
+            embeddings: FloatArray (N, D), finite.
+
+        Returns:
+            codes: LongArray (N, L) in [0, K). Plain nearest-code assignment at every level, also the last when
+            ``balanced`` (so a fitted item may get a tuple that differs from ``codes_`` in its last code).
+        """
+        self._check_fitted()
+        x = check_embeddings(embeddings, dim=self.n_features_in_)
+        residual = (x - self.mean_) / self.scale_
+        codes = np.empty((x.shape[0], self.cluster_centers_.shape[0]), dtype=np.int64)
+        for level, centers in enumerate(self.cluster_centers_):
+            codes[:, level] = nearest_codes(residual, centers)
+            residual = residual - centers[codes[:, level]]
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Reconstruct embeddings from codes.
+
+        Args:
+            codes: LongArray (N, L) in [0, K).
+
+        Returns:
+            FloatArray (N, D), the sum of the codes' centres, mapped back to input space.
+        """
+        self._check_fitted()
+        codes = check_codes(codes, *self.cluster_centers_.shape[:2])
+        z = sum(self.cluster_centers_[level][codes[:, level]] for level in range(codes.shape[1]))
+        return z * self.scale_ + self.mean_
+
+    # ---- persistence -------------------------------------------------------------------------------------------
+    def to_checkpoint(self) -> dict[str, Any]:
+        """Plain dict (parameters + fitted tensors) for ``torch.save``; loadable with ``weights_only=True``."""
+        self._check_fitted()
+        return {
+            "method": METHOD,
+            "params": self.get_params(),
+            "mean": torch.from_numpy(self.mean_),
+            "scale": torch.from_numpy(self.scale_),
+            "cluster_centers": torch.from_numpy(self.cluster_centers_),
+            "inertia": list(self.inertia_),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> ResidualKMeans:
+        """Rebuild a fitted quantizer from :meth:`to_checkpoint`'s dict (``codes_`` is not kept)."""
+        est = cls(**ckpt["params"])
+        est.mean_ = ckpt["mean"].numpy()
+        est.scale_ = ckpt["scale"].numpy()
+        est.cluster_centers_ = ckpt["cluster_centers"].numpy()
+        est.inertia_ = list(ckpt["inertia"])
+        est.n_features_in_ = int(est.mean_.shape[0])
+        return est
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the quantizer file (atomically)."""
+        save_checkpoint(self.to_checkpoint(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ResidualKMeans:
+        return cls.from_checkpoint(read_checkpoint(path, METHOD))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"ResidualKMeans({args})"
