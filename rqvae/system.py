@@ -86,6 +86,10 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
     val = DataLoader(TensorDataset(x), batch_size=max(config.batch_size, 8192), shuffle=False)
     early = EarlyStopping(monitor="val/recon", mode="min", patience=config.patience, min_delta=config.min_delta)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
+    # Lightning's start-up notes (GPU/TPU available, a logging-service tip) say nothing about this fit
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    was_level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
     try:
         trainer = L.Trainer(
             accelerator=config.accelerator,
@@ -105,6 +109,7 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
             trainer.fit(RQVAESystem(model, x), train_dataloaders=train, val_dataloaders=val)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        lightning_log.setLevel(was_level)
     log.info(
         "rqvae: %d epochs, val/recon %.4f%s",
         trainer.current_epoch,

@@ -1,0 +1,86 @@
+"""`semid fit-codebooks`: the four files, for both methods, and the errors a user can make. Tiny data only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rqvae import load_quantizer
+from semid import SemanticIDs
+from semid.cli import main
+
+FAST = {"rqvae": ["--max-epochs", "2"], "rqkmeans": []}
+
+
+@pytest.fixture
+def embeddings(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 12))[rng.integers(0, 6, 120)] * 3 + rng.standard_normal((120, 12))).astype(np.float32)
+    x[100:] = x[:20]  # exact duplicates: collide unless balanced
+    path = tmp_path / "item_emb_test.npy"
+    np.save(path, x)
+    return path
+
+
+# two one-step epochs on 120 items leave some RQ-VAE codes unused, which fit_codebooks rightly warns about
+@pytest.mark.filterwarnings("ignore:level 0 uses:UserWarning")
+@pytest.mark.parametrize("method", ["rqvae", "rqkmeans"])
+@pytest.mark.parametrize("balanced", ["--balanced", "--no-balanced"])
+def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ids"
+    argv = ["fit-codebooks", "--embeddings", str(embeddings), "--out", str(out), "--method", method, balanced]
+    argv += ["--levels", "2", "--codebook-size", "8", "--extra-level-size", "64", "--no-progress", *FAST[method]]
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["code_usage.png", "quantizer.pt", "semantic_ids.npz", "stats.json"]
+    ids = SemanticIDs.load(out / "semantic_ids.npz")
+    assert ids.num_items == 120 and ids.codebook_sizes == (8, 8, 64)
+    meta = SemanticIDs.load_metadata(out / "semantic_ids.npz")
+    assert meta["method"] == method and meta["embeddings"] == str(embeddings)
+    stats = json.loads((out / "stats.json").read_text())
+    assert [lvl["codebook_size"] for lvl in stats["per_level"]] == [8, 8]
+    assert stats["items_colliding"] == ids.collision_stats().items_colliding
+    if balanced == "--no-balanced":
+        assert stats["items_colliding"] >= 40  # the 20 duplicated rows and their originals
+    elif np.unique(ids.codes[:, 0], return_counts=True)[1].max() <= 8:  # every prefix has room for its items
+        assert stats["items_colliding"] == 0
+    assert stats["seconds"] > 0 and 0 < stats["reconstruction_rel"] < 1
+    quantizer = load_quantizer(out / "quantizer.pt")  # with weights_only=True
+    x = np.load(embeddings)
+    np.testing.assert_array_equal(quantizer.encode(x)[:, 0], ids.codes[:, 0])
+    assert torch.load(out / "quantizer.pt", weights_only=True)["method"] == method
+    assert (out / "code_usage.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "codes used per level" in printed and "items colliding" in printed
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--codebook-size", "1"], "`codebook_size` must be an int >= 2, got 1"),
+        (["--levels", "0"], "`levels` must be an int >= 1, got 0"),
+        (["--codebook-size", "500"], "fewer than `codebook_size` = 500"),
+        (["--method", "rqkmeans", "--max-epochs", "3"], "--max-epochs applies to --method rqvae only"),
+        (["--no-balanced", "--extra-level-size", "1"], "raise `extra_level_size`"),
+    ],
+)
+def test_errors_are_one_line_and_status_2(extra: list[str], message: str, embeddings: Path, tmp_path: Path, capsys) -> None:
+    argv = ["fit-codebooks", "--embeddings", str(embeddings), "--out", str(tmp_path / "ids"), "--method", "rqkmeans"]
+    argv += ["--levels", "2", "--codebook-size", "8", "--no-progress", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_or_bad_embeddings_file(tmp_path: Path, capsys) -> None:
+    assert main(["fit-codebooks", "--embeddings", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert "no embeddings file here" in capsys.readouterr().err
+    bad = tmp_path / "bad.npy"
+    x = np.ones((20, 4), np.float32)
+    x[3, 1] = np.nan
+    np.save(bad, x)
+    assert main(["fit-codebooks", "--embeddings", str(bad), "--out", str(tmp_path / "o"), "--codebook-size", "4"]) == 2
+    assert "`embeddings` row 3 is not finite" in capsys.readouterr().err
