@@ -1,0 +1,156 @@
+"""Item text -> item embeddings with a local transformers model folder (the data-preparation step before codebooks).
+
+Sentence embeddings as sentence-transformers makes them for all-MiniLM-L6-v2 and its kind: the token states of
+the model's last layer, mean-pooled over the real (unpadded) tokens, then L2-normalised. The model is read from a
+local folder only (``local_files_only=True``): nothing is fetched from a hub. Texts are batched in order of
+length, so a batch holds little padding; the rows come back in item order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from semid.data import EMBEDDING_PREFIX, load_dataset
+from semid.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("title", "attributes")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Encoder(NamedTuple):
+    """A tokenizer and model loaded from one folder."""
+
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    path: Path
+
+
+class EmbedResult(NamedTuple):
+    """What :func:`embed_dataset` wrote."""
+
+    path: Path  # DATA/item_emb_<name>.npy
+    num_items: int
+    dim: int
+    seconds: float
+
+
+def load_encoder(model_dir: str | os.PathLike[str], device: str | torch.device | None = None) -> Encoder:
+    """Load a tokenizer and model from a local folder (no hub calls), in eval mode.
+
+    Args:
+        model_dir: a folder holding ``config.json``, the weights and the tokenizer files (``save_pretrained``).
+        device: where the model runs; default CUDA when present, else CPU.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no model folder here (give a local folder written by `save_pretrained`; nothing is downloaded)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: not a transformers model folder (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot load a tokenizer and model from this folder ({e})") from e
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Encoder(tokenizer, model.to(device).eval(), path)
+
+
+def embed_texts(
+    texts: Sequence[str],
+    encoder: Encoder,
+    *,
+    batch_size: int = 64,
+    max_length: int = 256,
+    progress: bool = True,
+) -> np.ndarray:
+    """Mean-pooled, L2-normalised embeddings of texts.
+
+    Args:
+        texts: N strings (an empty string is embedded from the special tokens alone).
+        encoder: from :func:`load_encoder`.
+        batch_size: texts per forward pass.
+        max_length: tokens per text at most (longer texts are truncated).
+
+    Returns:
+        FloatArray (N, D), float32, rows of unit L2 norm; row i embeds texts[i].
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"`max_length` must be an int >= 2, got {max_length!r}")
+    tokenizer, model, _ = encoder
+    device = next(model.parameters()).device
+    order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: similar lengths share a batch
+    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode(), tqdm(total=len(texts), unit="item", disable=not progress, desc="embed") as bar:
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
+            hidden = model(**batch).last_hidden_state  # (B, T, D)
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D)
+            out[rows] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+            bar.update(len(rows))
+    return out
+
+
+def default_name(model_dir: str | os.PathLike[str]) -> str:
+    """The embeddings' name from the model folder's name: "all-MiniLM-L6-v2" -> "all_minilm_l6_v2"."""
+    return re.sub(r"[^a-z0-9]+", "_", Path(model_dir).resolve().name.lower()).strip("_") or "model"
+
+
+def embed_dataset(
+    data_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    *,
+    fields: Sequence[str] = FIELDS,
+    name: str | None = None,
+    batch_size: int = 64,
+    max_length: int = 256,
+    device: str | None = None,
+    progress: bool = True,
+) -> EmbedResult:
+    """Embed every item of a dataset folder and write ``DATA/item_emb_<name>.npy`` (atomically).
+
+    Args:
+        data_dir: a dataset folder (``items.jsonl``, ``sequences.txt``).
+        model_dir: a local transformers model folder.
+        fields: which item fields make the text, in order ("title", "attributes"); joined as
+            :meth:`semid.data.Catalogue.text` does (the recipe of the Beauty MiniLM embeddings).
+        name: the file's ``<name>``; default from the model folder's name.
+
+    Returns:
+        EmbedResult(path, num_items, dim, seconds); the array is float32 (N, D), row i is item i + 1.
+    """
+    fields = tuple(fields)
+    if not fields or any(f not in FIELDS for f in fields):
+        raise ValueError(f"`fields` must be a non-empty list of {list(FIELDS)}, got {list(fields)!r}")
+    name = default_name(model_dir) if name is None else name
+    if not _NAME.match(name):
+        raise ValueError(f"`name` must be letters, digits, '_', '.' or '-' (starting with a letter or digit), got {name!r}")
+    encoder = load_encoder(model_dir, device)
+    dataset = load_dataset(data_dir)
+    texts = dataset.catalogue.texts(fields)
+    start = time.perf_counter()
+    emb = embed_texts(texts, encoder, batch_size=batch_size, max_length=max_length, progress=progress)
+    seconds = time.perf_counter() - start
+    path = Path(data_dir) / f"{EMBEDDING_PREFIX}{name}.npy"
+    with atomic_path(path) as tmp:
+        np.save(tmp, emb)
+    log.info("embedded %d items with %s in %.1f s -> %s", len(texts), encoder.path, seconds, path)
+    return EmbedResult(path, emb.shape[0], emb.shape[1], seconds)
