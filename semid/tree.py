@@ -7,13 +7,21 @@ first, so a node's children are one contiguous run of edges, sorted by token:
     child_token LongTensor (E,)              the token on each edge, ascending within a node
     child_node  LongTensor (E,)              the node each edge leads to
     edge_key    LongTensor (E,)              parent * V + token, ascending: one searchsorted finds any edge
-    dense_next  LongTensor (n_dense, V)      for the shallow nodes (ids < n_dense), next node per token or -1
+    dense_next  Int/LongTensor (entries,)    dense next-node tables (node, token) -> child or -1, for some depths
+    dense_spec  LongTensor (depths, 4)       per depth: its children's token window (first token, width), and
+                                             whether it is dense with its table's offset: (offset, lo, width, dense)
+    dense_allowed BoolTensor (entries,)      dense_next >= 0
     node_value  LongTensor (num_nodes,)      the value (item id) of the sequence that ends here, else -1
     node_depth  LongTensor (num_nodes,)
 
 One decoding step for a batch of beams is a gather: node ids -> allowed-token mask, (node, token) -> next node.
 No Python loop over beams or items; the only loops are over depth (the sequence length). Node id -1 means
 "not in the tree": it allows nothing and leads nowhere.
+
+A step does a fixed amount of work per beam whatever the tree's size: depths whose nodes have many children get
+a dense table over that depth's token window (the block of one code level for semantic IDs: nodes x K entries,
+int32, plus a bool copy for masks), chosen by average degree within ``dense_budget``; the other depths have few
+children per node and are read through a fixed-width window of their CSR row, not a search over all edges.
 
 Generic over variable-length sequences, so it holds semantic IDs (fixed length) and tokenised titles
 (GENRE-style) alike. With ``end_token`` every sequence is closed by that token (so one sequence may be a prefix of
@@ -23,7 +31,9 @@ another); with ``pad_token`` a finished sequence may be followed by padding (wha
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -33,7 +43,8 @@ from semid.layout import TokenLayout
 
 log = logging.getLogger(__name__)
 
-DENSE_BUDGET = 1 << 22  # entries of the dense next-node table (32 MiB of int64) before shallow levels go sparse
+DENSE_BUDGET = 1 << 25  # entries of the dense next-node tables (128 MiB of int32) before high-degree depths go sparse
+ROW_SCAN_WIDTH = 32  # sparse depths whose nodes have at most this many children scan their row; wider ones search
 
 
 class PrefixTree:
@@ -48,6 +59,7 @@ class PrefixTree:
         node_value: torch.Tensor,
         node_depth: torch.Tensor,
         dense_next: torch.Tensor,
+        dense_spec: torch.Tensor,
         vocab_size: int,
     ) -> None:
         self.row_ptr = row_ptr
@@ -56,9 +68,20 @@ class PrefixTree:
         self.node_value = node_value
         self.node_depth = node_depth
         self.dense_next = dense_next
+        self.dense_spec = dense_spec
         self.vocab_size = int(vocab_size)
         parent = torch.repeat_interleave(torch.arange(self.num_nodes, device=row_ptr.device), row_ptr.diff())
         self.edge_key = parent * self.vocab_size + child_token
+        self.dense_allowed = dense_next >= 0  # the dense tables as masks: a step gathers bytes, not int32s
+        # per-depth layout as Python ints (read on every step; no device sync): nodes of depth d are
+        # first[d] : first[d + 1] (breadth-first numbering); max_degree[d] children at most
+        counts = torch.bincount(node_depth.cpu(), minlength=dense_spec.shape[0])
+        self._first = [0, *torch.cumsum(counts, 0).tolist()]
+        self._depth_start = torch.tensor(self._first[1:-1], dtype=torch.long, device=row_ptr.device)  # (depths - 1,)
+        self._scan = torch.arange(ROW_SCAN_WIDTH, device=row_ptr.device)
+        degree = row_ptr.diff().cpu()
+        self._max_degree = [int(degree[a:b].max()) if b > a else 0 for a, b in pairwise(self._first)]
+        self._spec = [tuple(int(v) for v in row) for row in dense_spec.cpu()]  # (offset, lo, width, dense)
 
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -164,13 +187,8 @@ class PrefixTree:
             parent, token, child = parent[edge_order], token[edge_order], child[edge_order]
         row_ptr = np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=num_nodes))])
 
-        # 4. dense next-node table for the shallowest levels that fit the budget (nodes are in depth order)
-        nodes_upto = np.cumsum(np.bincount(depth))  # nodes with depth <= d
-        fits = np.flatnonzero(nodes_upto * vocab_size <= dense_budget)
-        n_dense = int(nodes_upto[fits[-1]]) if fits.size else 0
-        dense = np.full((n_dense, vocab_size), -1, dtype=np.int64)
-        in_dense = parent < n_dense
-        dense[parent[in_dense], token[in_dense]] = child[in_dense]
+        # 4. dense next-node tables over each depth's token window, highest average degree first, within budget
+        dense_spec, dense = _dense_tables(parent, token, child, depth, row_ptr, num_nodes, dense_budget)
 
         t = torch.from_numpy
         tree = cls(
@@ -180,6 +198,7 @@ class PrefixTree:
             node_value=t(value),
             node_depth=t(depth),
             dense_next=t(dense),
+            dense_spec=t(dense_spec),
             vocab_size=int(vocab_size),
         )
         log.debug("built %r", tree)
@@ -202,7 +221,8 @@ class PrefixTree:
 
     @property
     def num_dense(self) -> int:
-        return int(self.dense_next.shape[0])
+        """Nodes with a dense next-node row."""
+        return sum(b - a for (*_, dense), (a, b) in zip(self._spec, pairwise(self._first), strict=True) if dense)
 
     @property
     def max_depth(self) -> int:
@@ -214,7 +234,7 @@ class PrefixTree:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.row_ptr, self.child_token, self.child_node, self.edge_key, self.node_value, self.node_depth, self.dense_next)
+        tensors = (self.row_ptr, self.child_token, self.child_node, self.edge_key, self.node_value, self.node_depth, self.dense_next, self.dense_spec, self.dense_allowed)
         return sum(x.numel() * x.element_size() for x in tensors)
 
     def to(self, device: torch.device | str) -> PrefixTree:
@@ -237,12 +257,44 @@ class PrefixTree:
         Returns:
             LongTensor (B,): the child reached, or -1 where that token is not allowed (or the node is -1).
         """
-        V = self.vocab_size
-        ok = (nodes >= 0) & (tokens >= 0) & (tokens < V)
-        keys = torch.where(ok, nodes * V + tokens, -1)
-        pos = torch.searchsorted(self.edge_key, keys).clamp_max(self.edge_key.numel() - 1)
-        hit = ok & (self.edge_key[pos] == keys)
-        return torch.where(hit, self.child_node[pos], -1)
+        out = None
+        for d, rows in self._by_depth(nodes):  # loop over the depths present (one in a decoding step)
+            if rows is None:
+                return self._next_at_depth(d, nodes, tokens)
+            out = torch.full_like(nodes, -1) if out is None else out
+            out[rows] = self._next_at_depth(d, nodes[rows], tokens[rows])
+        return torch.full_like(nodes, -1) if out is None else out
+
+    def _next_at_depth(self, d: int, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """next_nodes for rows whose nodes all have depth d (>= 0)."""
+        offset, lo, width, dense = self._spec[d]
+        if dense:  # one gather from the depth's table
+            col = tokens - lo
+            ok = (col >= 0) & (col < width)
+            idx = offset + (nodes - self._first[d]) * width + col.clamp(0, width - 1)
+            return torch.where(ok, self.dense_next[idx].long(), -1)
+        W, V = self._max_degree[d], self.vocab_size
+        if W == 0:
+            return torch.full_like(nodes, -1)
+        keys = torch.where((tokens >= 0) & (tokens < V), nodes * V + tokens, -1)  # edge_key of the wanted edge
+        if W <= ROW_SCAN_WIDTH:  # compare with the keys of a fixed-width window from the node's first edge
+            edge = (self.row_ptr[nodes][:, None] + self._scan[:W]).clamp_max_(self.edge_key.numel() - 1)  # (B, W)
+            hit = self.edge_key[edge] == keys[:, None]  # at most one hit per row: keys are unique
+            return torch.where(hit.any(dim=1), self.child_node[(edge * hit).sum(dim=1)], -1)
+        pos = torch.searchsorted(self.edge_key, keys).clamp_max(self.edge_key.numel() - 1)  # wide rows: search
+        return torch.where(self.edge_key[pos] == keys, self.child_node[pos], -1)
+
+    def _by_depth(self, nodes: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+        """(depth, rows) for each depth among the live nodes; rows None when every row is live at that depth."""
+        if nodes.numel() == 0:
+            return []
+        lo, hi = nodes.aminmax()
+        lo, hi = int(lo), int(hi)  # one device sync
+        if lo >= 0 and bisect_right(self._first, lo) == bisect_right(self._first, hi):  # one depth: the usual step
+            return [(bisect_right(self._first, lo) - 1, None)]
+        # depth from the node id alone (nodes are numbered depth by depth): no gather from the node arrays
+        depth = torch.where(nodes >= 0, torch.searchsorted(self._depth_start, nodes, right=True), -1)
+        return [(d, (depth == d).nonzero().squeeze(1)) for d in torch.unique(depth).tolist() if d >= 0]
 
     def walk(self, prefixes: torch.Tensor) -> torch.Tensor:
         """Node reached by each prefix from the root. prefixes: LongTensor (B, T) -> LongTensor (B,), -1 if not in the tree."""
@@ -271,25 +323,84 @@ class PrefixTree:
         lo, hi = token_range if token_range is not None else (0, self.vocab_size)
         if not 0 <= lo < hi <= self.vocab_size:
             raise ValueError(f"`token_range` must satisfy 0 <= lo < hi <= {self.vocab_size}, got {token_range!r}")
-        B = nodes.shape[0]
-        mask = torch.zeros(B, hi - lo, dtype=torch.bool, device=nodes.device)
-        dense = (nodes >= 0) & (nodes < self.num_dense)
-        if dense.any():
-            rows = dense.nonzero().squeeze(1)
-            mask[rows] = self.dense_next[nodes[rows], lo:hi] >= 0
-        sparse = nodes >= self.num_dense
-        if sparse.any():
-            rows = sparse.nonzero().squeeze(1)
-            start = self.row_ptr[nodes[rows]]
-            degree = self.row_ptr[nodes[rows] + 1] - start
-            # one entry per (row, child) pair: row index, and the edge it reads
-            pair_row = torch.repeat_interleave(rows, degree)
-            first = torch.repeat_interleave(start - (torch.cumsum(degree, 0) - degree), degree)
-            edge = first + torch.arange(pair_row.numel(), device=nodes.device)
-            tok = self.child_token[edge] - lo
-            keep = (tok >= 0) & (tok < hi - lo)
-            mask[pair_row[keep], tok[keep]] = True
-        return mask
+        mask = None
+        for d, rows in self._by_depth(nodes):  # loop over the depths present (one in a decoding step)
+            if rows is None:
+                return self._mask_at_depth(d, nodes, lo, hi)
+            mask = torch.zeros(nodes.shape[0], hi - lo, dtype=torch.bool, device=nodes.device) if mask is None else mask
+            mask[rows] = self._mask_at_depth(d, nodes[rows], lo, hi)
+        return torch.zeros(nodes.shape[0], hi - lo, dtype=torch.bool, device=nodes.device) if mask is None else mask
+
+    def _mask_at_depth(self, d: int, nodes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """allowed_mask (B, hi - lo) of rows whose nodes all have depth d (>= 0)."""
+        offset, first_tok, width, dense = self._spec[d]
+        B, K = nodes.shape[0], hi - lo
+        if dense:  # gather the rows of the depth's table, keep the columns of its window that fall in [lo, hi)
+            n_d = self._first[d + 1] - self._first[d]
+            table = self.dense_allowed[offset : offset + n_d * width].view(n_d, width)
+            rows = torch.index_select(table, 0, nodes - self._first[d])  # (B, width)
+            if (first_tok, width) == (lo, K):
+                return rows
+            out = torch.zeros(B, K, dtype=torch.bool, device=nodes.device)
+            a, b = max(lo, first_tok), min(hi, first_tok + width)
+            if a < b:
+                out[:, a - lo : b - lo] = rows[:, a - first_tok : b - first_tok]
+            return out
+        W = self._max_degree[d]
+        if W <= ROW_SCAN_WIDTH:  # scatter a fixed-width window of each row's tokens; misses go to a spare column
+            start, end = self.row_ptr[nodes], self.row_ptr[nodes + 1]
+            edge = start[:, None] + self._scan[:W]  # (B, W)
+            tok = self.child_token[edge.clamp_max(self.child_token.numel() - 1)] - lo
+            drop = edge >= end[:, None]
+            if not lo <= first_tok <= first_tok + width <= hi:  # some children fall outside [lo, hi)
+                drop |= (tok < 0) | (tok >= K)
+            out = torch.zeros(B, K + 1, dtype=torch.bool, device=nodes.device)
+            return out.scatter_(1, tok.masked_fill_(drop, K), True)[:, :K]
+        out = torch.zeros(B, K, dtype=torch.bool, device=nodes.device)
+        start = self.row_ptr[nodes]
+        degree = self.row_ptr[nodes + 1] - start
+        # wide rows: one entry per (row, child) pair: row index, and the edge it reads
+        pair_row = torch.repeat_interleave(torch.arange(B, device=nodes.device), degree)
+        first = torch.repeat_interleave(start - (torch.cumsum(degree, 0) - degree), degree)
+        edge = first + torch.arange(pair_row.numel(), device=nodes.device)
+        tok = self.child_token[edge] - lo
+        keep = (tok >= 0) & (tok < K)
+        out[pair_row[keep], tok[keep]] = True
+        return out
+
+
+def _dense_tables(
+    parent: np.ndarray, token: np.ndarray, child: np.ndarray, depth: np.ndarray, row_ptr: np.ndarray, num_nodes: int, budget: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Dense next-node tables for the depths with the highest average degree that fit ``budget`` entries.
+
+    Edges are sorted by parent and nodes numbered by depth, so depth d's nodes and their edges are contiguous.
+    Returns dense_spec (depths, 4) = (offset, first token, width, dense) and the concatenated tables.
+    """
+    counts = np.bincount(depth)
+    first = np.concatenate([[0], np.cumsum(counts)])
+    D = counts.size
+    windows = []  # (depth, first edge, last edge, lo, width, average degree)
+    for d in range(D):
+        e0, e1 = int(row_ptr[first[d]]), int(row_ptr[first[d + 1]])
+        if e1 > e0:
+            lo = int(token[e0:e1].min())
+            windows.append((d, e0, e1, lo, int(token[e0:e1].max()) - lo + 1, (e1 - e0) / counts[d]))
+    spec = np.zeros((D, 4), dtype=np.int64)
+    for d, _, _, lo, width, _ in windows:
+        spec[d, 1:3] = (lo, width)
+    tables, used = [], 0
+    dtype = np.int32 if num_nodes < 2**31 else np.int64
+    for d, e0, e1, lo, width, _ in sorted(windows, key=lambda w: -w[5]):
+        entries = int(counts[d]) * width
+        if used + entries > budget:
+            continue
+        table = np.full(entries, -1, dtype=dtype)
+        table[(parent[e0:e1] - first[d]) * width + token[e0:e1] - lo] = child[e0:e1]
+        spec[d] = (used, lo, width, 1)
+        tables.append(table)
+        used += entries
+    return spec, (np.concatenate(tables) if tables else np.zeros(0, dtype=dtype))
 
 
 # ---- input checks (public boundary only) ---------------------------------------------------------------------------
