@@ -18,21 +18,42 @@ Dimensions: B histories, S encoder tokens, M candidates, N items, d vector dim, 
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from generator.beam import fast_topk
-from generator.decode import BeamResult, check_beam_args
-from generator.dense import DenseHead, encode_queries
+from generator.datamodule import eval_batches, sample_users, split_examples
+from generator.decode import DECODERS, BeamResult, check_beam_args, get_decoder
+from generator.dense import (
+    OBJECTIVES,
+    DenseHead,
+    DenseHeadConfig,
+    encode_queries,
+    load_dense_head,
+    log_popularity,
+)
+from generator.examples import collate
 from generator.mips import MIPSIndex
+from semid.data import Dataset, Split
 from semid.ids import SemanticIDs
+from semid.io import write_json
 from semid.layout import TokenLayout
 from semid.metrics import ndcg_at_k, recall_at_k
 from semid.tree import PrefixTree
+
+if TYPE_CHECKING:
+    from generator.run import Run
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -165,6 +186,7 @@ class DenseDecoder:
         self.head, self.ids, self.kind, self.index_options = head, ids, kind, index_options
         self._codes = torch.from_numpy(ids.codes)  # (N, L), row i is item head.item_ids[i]
         self.index: MIPSIndex | None = None
+        self.__name__ = f"DenseDecoder(kind={kind!r})"  # how evaluation reports the decoder
 
     @torch.no_grad()
     def refresh(self) -> MIPSIndex:
@@ -222,6 +244,7 @@ class HybridDecoder:
         check_beam_args(1, num_candidates, ids.num_items)
         _check_alpha(alpha)
         self.head, self.ids, self.alpha, self.num_candidates, self.beam = head, ids, float(alpha), num_candidates, beam
+        self.__name__ = f"HybridDecoder(alpha={self.alpha}, num_candidates={num_candidates}, beam={beam.__name__})"
 
     @torch.no_grad()
     def candidates(
@@ -257,3 +280,161 @@ def _check_aligned(head: DenseHead, ids: SemanticIDs) -> None:
             f"the dense head's {head.num_items} items are not the semantic IDs' {ids.num_items} items, row for row: "
             "add cold items to both (DenseHead.add_items, SemanticIDs.add_items)"
         )
+
+
+# ---- runs: the head for training, decoders by name for evaluation and recommendation ----------------------------
+ALL_DECODERS = (*DECODERS, "dense", "hybrid")
+ALPHA_FILE = "hybrid.json"  # RUN/hybrid.json: the blend weight chosen on validation for the run's checkpoint
+
+
+class DenseSetup(NamedTuple):
+    """What the Lightning system needs for the dense head: the head (None for none), the objective, log q (N,) of
+    the training targets (sampled loss only) and the validation decoder (the dense one when only it is trained)."""
+
+    head: DenseHead | None
+    objective: str
+    log_q: torch.Tensor | None
+    val_decoder: DenseDecoder | None
+
+
+def dense_setup(
+    mode: str | None,
+    objective: str,
+    dataset: Dataset,
+    split: Split,
+    ids: SemanticIDs,
+    input_dim: int,
+    *,
+    embeddings: str = "minilm",
+    options: dict[str, Any] | None = None,
+) -> DenseSetup:
+    """Build the dense head of a training run.
+
+    Args:
+        mode: ``"id"``, ``"content"``, ``"both"``, or None for no head (then ``objective`` must be "generative").
+        objective: ``"joint"`` (generative + dense), ``"dense"`` (encoder and head only) or ``"generative"``.
+        embeddings: name of the dataset's ``item_emb_<name>.npy`` (content modes); row i is item i + 1.
+        options: further :class:`DenseHeadConfig` fields (``dim``, ``pooling``, ``loss``, ``temperature``, ...).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+    if mode is None:
+        if objective != "generative":
+            raise ValueError(f"`objective` {objective!r} needs a dense head: pass `dense` (id, content or both)")
+        return DenseSetup(None, objective, None, None)
+    config = DenseHeadConfig(input_dim=input_dim, mode=mode, **(options or {}))
+    if int(ids.item_ids.max()) > dataset.num_items:
+        raise ValueError(f"the semantic IDs have items above {dataset.num_items}, the dataset's last: no content for them")
+    content = None if mode == "id" else torch.from_numpy(dataset.embeddings(embeddings)[ids.item_ids - 1])
+    head = DenseHead(config, torch.from_numpy(ids.item_ids), content)
+    log_q = None
+    if config.loss == "sampled":
+        targets = np.concatenate([s[1:] for s in split.train])  # every training example's target
+        log_q = log_popularity(head.rows_of(torch.from_numpy(targets)), head.num_items)
+    val_decoder = DenseDecoder(head, ids) if objective == "dense" else None
+    return DenseSetup(head, objective, log_q, val_decoder)
+
+
+def load_run_head(run: Run) -> DenseHead:
+    """The dense head of a run's checkpoint, on the model's device, in eval mode."""
+    head = load_dense_head(torch.load(run.checkpoint, map_location="cpu", weights_only=False))
+    if head is None:
+        raise ValueError(f"{run.checkpoint}: this run has no dense head (train it with `semid train --dense both ...`)")
+    return head.to(next(run.model.parameters()).device)
+
+
+def build_decoder(
+    run: Run,
+    name: str,
+    *,
+    split: Split | None = None,
+    alpha: float | None = None,
+    num_beams: int = 20,
+    num_candidates: int = 50,
+    alpha_users: int | None = 2000,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> Callable[..., BeamResult]:
+    """A decoder by name for a loaded run: ``auto``/``beam``/``generate`` (generative), ``dense`` or ``hybrid``.
+
+    For ``hybrid`` the blend weight is ``alpha`` if given, else the one stored in ``RUN/hybrid.json`` for this
+    checkpoint, else it is chosen on ``alpha_users`` validation users of ``split`` (never test users) and stored.
+    """
+    if name not in ALL_DECODERS:
+        raise ValueError(f"`decoder` must be one of {list(ALL_DECODERS)}, got {name!r}")
+    if name in DECODERS:
+        return get_decoder(name)
+    head = load_run_head(run)
+    num_candidates = min(num_candidates, run.ids.num_items)
+    if name == "dense":
+        return DenseDecoder(head, run.ids)
+    if alpha is None:
+        alpha = _stored_alpha(run, num_candidates)
+    if alpha is None:
+        if split is None:
+            raise ValueError(
+                f"{run.path}: no blend weight chosen yet: pass `alpha`, or run `semid evaluate --run {run.path} "
+                "--split valid --decoder hybrid` once to choose it on validation users"
+            )
+        decoder = HybridDecoder(head, run.ids, alpha=0.5, num_candidates=num_candidates, beam=get_decoder("auto"))
+        choice = choose_run_alpha(run, decoder, split, num_beams=num_beams, max_users=alpha_users, batch_size=batch_size, seed=seed)
+        alpha = choice.alpha
+    return HybridDecoder(head, run.ids, alpha=alpha, num_candidates=num_candidates, beam=get_decoder("auto"))
+
+
+def validation_candidates(
+    run: Run, decoder: HybridDecoder, split: Split, *, num_beams: int, max_users: int | None, batch_size: int, seed: int
+) -> tuple[HybridCandidates, np.ndarray]:
+    """Hybrid candidates (U, M) of a seeded sample of validation users, and their targets (U,)."""
+    rows = sample_users(split.num_users, max_users, seed)
+    ex = split_examples(split, run.ids, run.layout, "valid", rows=rows, max_history=run.max_history, use_user_tokens=run.use_user_tokens)
+    device = next(run.model.parameters()).device
+    tree = run.tree.to(device)
+    parts, targets = [], []
+    for index in eval_batches(ex.input_lengths, batch_size):  # loop over batches of users
+        b = collate(ex, index, run.layout.pad_token_id)
+        parts.append(decoder.candidates(run.model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, num_beams=num_beams))
+        targets.append(b.target.numpy())
+    cands = HybridCandidates(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in HybridCandidates._fields))
+    return cands, np.concatenate(targets)
+
+
+def choose_run_alpha(
+    run: Run, decoder: HybridDecoder, split: Split, *, num_beams: int = 20, max_users: int | None = 2000,
+    batch_size: int = 64, seed: int = 0, grid: Sequence[float] = DEFAULT_GRID, metric: str = "ndcg@10",
+) -> AlphaChoice:
+    """Choose the blend weight on validation users and store it in ``RUN/hybrid.json``."""
+    cands, targets = validation_candidates(run, decoder, split, num_beams=num_beams, max_users=max_users, batch_size=batch_size, seed=seed)
+    choice = choose_alpha(cands, torch.from_numpy(targets), grid, metric)
+    write_json(
+        Path(run.path) / ALPHA_FILE,
+        {"alpha": choice.alpha, "metric": metric, "table": {str(a): v for a, v in choice.table.items()},
+         "validation_users": int(targets.size), "num_candidates": decoder.num_candidates, "checkpoint": run.checkpoint.name},
+    )
+    log.info("hybrid: alpha %.2f chosen on %d validation users (%s by alpha: %s)", choice.alpha, targets.size, metric, choice.table)
+    return choice
+
+
+def _stored_alpha(run: Run, num_candidates: int) -> float | None:
+    path = Path(run.path) / ALPHA_FILE
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    if stored.get("checkpoint") != run.checkpoint.name or stored.get("num_candidates") != num_candidates:
+        log.info("%s was chosen for another checkpoint or candidate count; choosing again", path)
+        return None
+    return float(stored["alpha"])
+
+
+class DenseOptionsAction(argparse.Action):
+    """``--dense-option KEY=VALUE`` (repeatable) -> a dict of :class:`DenseHeadConfig` fields, values YAML-typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: Any = None) -> None:
+        key, sep, text = str(value).partition("=")
+        known = set(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"}
+        if not sep or key not in known:
+            parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
+        options = dict(getattr(namespace, self.dest) or {})
+        options[key] = yaml.safe_load(text)
+        setattr(namespace, self.dest, options)
