@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.datamodule import eval_batches, sample_users, split_examples
-from generator.decode import check_beam_args, get_decoder
+from generator.decode import check_beam_args
 from generator.examples import collate
+from generator.hybrid import build_decoder
 from generator.run import Run, load_run, metrics_file
 from semid.data import Split, leave_one_out, load_dataset
 from semid.io import write_json
@@ -69,18 +70,21 @@ def evaluate(
     decoder: str = "auto",
     device: str | torch.device | None = None,
     progress: bool = False,
+    alpha: float | None = None,
 ) -> EvalResult:
     """Rank every (or a seeded sample of ``max_users``) user's held-out item with constrained beam search.
 
     Args:
         which: "valid" (history = all but the last two items) or "test" (all but the last).
         ks: cut-offs; the decoder returns max(ks) items per user, so ``num_beams >= max(ks)``.
+        decoder: "auto" | "beam" | "generate" | "dense" | "hybrid" (``generator.hybrid.build_decoder``); hybrid's
+            blend weight is ``alpha``, or the one chosen on validation users (RUN/hybrid.json), never on test users.
     """
     ks = tuple(sorted(ks))
     check_beam_args(ks[-1], num_beams, run.ids.num_items)
-    decode = get_decoder(decoder)
     device = torch.device(device) if device is not None else next(run.model.parameters()).device
     model, tree = run.model.to(device).eval(), run.tree.to(device)
+    decode = build_decoder(run, decoder, split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed)
     rows = sample_users(split.num_users, max_users, seed)
     examples = split_examples(
         split, run.ids, run.layout, which, rows=rows, max_history=run.max_history, use_user_tokens=run.use_user_tokens
@@ -119,6 +123,7 @@ def evaluate_run(
     checkpoint: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    alpha: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically); returns what was written.
 
@@ -134,7 +139,7 @@ def evaluate_run(
         raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
     result = evaluate(
         run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
-        decoder=decoder, device=device, progress=progress,
+        decoder=decoder, device=device, progress=progress, alpha=alpha,
     )
     out = {
         **result.to_dict(),

@@ -18,8 +18,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from generator.decode import check_beam_args, get_decoder
+from generator.decode import check_beam_args
 from generator.examples import collate, history_examples
+from generator.hybrid import build_decoder
 from generator.run import Run
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def recommend(
     user_ids: Sequence[int] | None = None,
     decoder: str = "auto",
     batch_size: int = 64,
+    alpha: float | None = None,
 ) -> list[Recommendation]:
     """Top-k items for each history (item ids, oldest first).
 
@@ -74,14 +76,16 @@ def recommend(
         num_beams: M >= k beams (default max(k, 20), capped at the catalogue size).
         user_ids: B user ids to hash into user tokens where the run was trained with them; None leaves the user
             token out (an anonymous history).
-        decoder: "auto" | "beam" | "generate" (see ``generator.decode.get_decoder``).
+        decoder: "auto" | "beam" | "generate" (see ``generator.decode.get_decoder``), or "dense" (MIPS over the
+            dense head's item vectors; scores are inner products) or "hybrid" (beam candidates re-ranked with the
+            blend weight ``alpha``, default the one chosen on validation, RUN/hybrid.json).
     Returns:
         B :class:`Recommendation`, in the order of ``histories``.
     """
     if num_beams is None:
         num_beams = max(k, min(DEFAULT_BEAMS, run.ids.num_items)) if isinstance(k, int) else DEFAULT_BEAMS
     check_beam_args(k, num_beams, run.ids.num_items)
-    decode = get_decoder(decoder)
+    decode = build_decoder(run, decoder, alpha=alpha, num_beams=num_beams)
     hist = _check_histories(histories, run)
     if user_ids is not None:
         user_ids = np.asarray(user_ids, dtype=np.int64)

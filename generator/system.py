@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from generator.decode import check_beam_args, get_decoder
+from generator.dense import META_KEY, DenseHead, joint_loss
 from generator.examples import Batch
 from generator.model import CHECKPOINT_KEY, GeneratorConfig, build_model, checkpoint_meta, seq2seq_loss
 from semid.layout import TokenLayout
@@ -65,6 +66,9 @@ class GeneratorSystem(L.LightningModule):
         optim: optimiser and schedule.
         num_beams: beams for validation decoding; ks: cut-offs to report (the largest is the list length).
         decoder: "auto" | "beam" | "generate" (see ``generator.decode.get_decoder``).
+        dense_head: the dense head on the encoder (``generator.dense``), trained by ``objective`` ("generative":
+            not at all, "joint": with the generative loss, "dense": alone); ``log_q`` (N,) for its sampled loss.
+        val_decoder: a decoder to validate with instead of ``decoder`` (the dense one when only it is trained).
     """
 
     def __init__(
@@ -78,6 +82,10 @@ class GeneratorSystem(L.LightningModule):
         num_beams: int = 20,
         ks: Sequence[int] = (5, 10),
         decoder: str = "auto",
+        dense_head: DenseHead | None = None,
+        objective: str = "generative",
+        log_q: torch.Tensor | None = None,
+        val_decoder: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__()
         self.config, self.layout, self.ids_digest, self.optim = config, layout, ids_digest, optim
@@ -87,21 +95,34 @@ class GeneratorSystem(L.LightningModule):
         num_items = int(((tree.node_value >= 0) & (tree.node_depth == tree.max_depth)).sum())  # one eos leaf per item
         check_beam_args(self.ks[-1], num_beams, num_items)
         self.model = build_model(config, layout)
+        self.dense_head, self.objective, self.val_decoder = dense_head, objective, val_decoder
+        self.register_buffer("log_q", log_q, persistent=False)
         self.save_hyperparameters(
             {"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim), "num_beams": num_beams,
-             "ks": list(self.ks), "decoder": decoder, "ids_digest": ids_digest}
+             "ks": list(self.ks), "decoder": decoder, "ids_digest": ids_digest, "objective": objective,
+             "dense": dense_head.config.to_dict() if dense_head is not None else None}
         )
         self._val_sums: torch.Tensor | None = None
 
     # ---- training ------------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self.dense_head is not None and self.objective != "generative":
+            parts = joint_loss(
+                self.model, self.dense_head, batch.input_ids, batch.attention_mask, batch.labels,
+                self.dense_head.rows_of(batch.target), objective=self.objective,
+                label_smoothing=self.optim.label_smoothing, log_q=self.log_q,
+            )
+            B = batch.input_ids.shape[0]
+            self.log_dict({"train/gen_loss": parts.generative, "train/dense_loss": parts.dense}, batch_size=B)
+            self.log("train/loss", parts.total, prog_bar=True, batch_size=B)
+            return parts.total
         loss = seq2seq_loss(self.model, batch.input_ids, batch.attention_mask, batch.labels, label_smoothing=self.optim.label_smoothing)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.input_ids.shape[0])
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]  # matrices; layer-norm scales are not decayed
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        decay = [p for p in self.parameters() if p.ndim >= 2]  # matrices; layer-norm scales are not decayed
+        no_decay = [p for p in self.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas)
         warmup = self.optim.warmup_steps
@@ -119,7 +140,7 @@ class GeneratorSystem(L.LightningModule):
         assert self._val_sums is not None, "on_validation_epoch_start did not run"
         B = batch.input_ids.shape[0]
         loss = seq2seq_loss(self.model, batch.input_ids, batch.attention_mask, batch.labels)
-        decode = get_decoder(self.decoder_name)
+        decode = self.val_decoder if self.val_decoder is not None else get_decoder(self.decoder_name)
         k = self.ks[-1]
         res = decode(self.model, batch.input_ids, batch.attention_mask, self.tree, self.layout, k=k, num_beams=self.num_beams)
         hit = res.items == batch.target[:, None]  # (B, k)
@@ -146,3 +167,5 @@ class GeneratorSystem(L.LightningModule):
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = checkpoint_meta(self.config, self.layout, self.ids_digest)
+        if self.dense_head is not None:
+            checkpoint[CHECKPOINT_KEY][META_KEY] = self.dense_head.config.to_dict()

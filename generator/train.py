@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from generator.datamodule import GeneratorDataModule
 from generator.evaluate import evaluate_run
+from generator.hybrid import dense_setup
 from generator.model import ids_digest, preset
 from generator.run import BEST, CHECKPOINT_DIR, IDS_FILE, LAST, LOG_DIR, read_config, write_config
 from generator.system import GeneratorSystem, OptimConfig
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 MONITOR = "val/ndcg@10"
 # options that change what is trained: a resumed run must keep them
-_FIXED_ON_RESUME = ("preset", "user_tokens", "max_history", "batch_size", "seed")
+_FIXED_ON_RESUME = ("preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class TrainOptions:
     eval_batch_size: int = 128
     num_workers: int = 0
     progress: bool = True
+    # the dense head (generator.dense): None for none, else its item vectors' mode "id" | "content" | "both"
+    dense: str | None = None
+    objective: str = "joint"  # with a head: "joint" (generative + dense) or "dense" (encoder and head only)
+    dense_embeddings: str = "minilm"  # the dataset's item_emb_<name>.npy for content vectors
+    dense_options: dict[str, Any] | None = None  # more DenseHeadConfig fields: dim, pooling, loss, temperature, ...
 
     def __post_init__(self) -> None:
         preset(self.preset)  # validates the name
@@ -187,7 +193,14 @@ def train_run(
         split, ids, layout, batch_size=options.batch_size, eval_batch_size=options.eval_batch_size,
         max_history=options.max_history, val_users=options.val_users, seed=options.seed, num_workers=options.num_workers,
     )
-    system = GeneratorSystem(config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams, decoder=options.decoder)
+    dense = dense_setup(
+        options.dense, options.objective if options.dense else "generative", dataset, split, ids, config.d_model,
+        embeddings=options.dense_embeddings, options=options.dense_options,
+    )
+    system = GeneratorSystem(
+        config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams, decoder=options.decoder,
+        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, val_decoder=dense.val_decoder,
+    )
     run_config = {
         "data": str(Path(data_dir).resolve()),
         "ids_source": str(Path(ids_path).resolve()),
@@ -258,7 +271,8 @@ def train_run(
     if options.final_val_users != 0:
         metrics_valid = evaluate_run(
             out, "valid", num_beams=options.num_beams, max_users=options.final_val_users, seed=options.seed,
-            batch_size=options.eval_batch_size, decoder=options.decoder, progress=options.progress,
+            batch_size=options.eval_batch_size, decoder="dense" if dense.objective == "dense" else options.decoder,
+            progress=options.progress,
         )
     seconds = time.perf_counter() - start
     log.info("trained %s in %.0f s: best %s = %s", out, seconds, MONITOR, score)

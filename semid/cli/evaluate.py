@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from generator.evaluate import evaluate_run, parse_ks
+from generator.hybrid import ALL_DECODERS
 from generator.run import metrics_file
 
 
@@ -27,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-users", type=_users, default=None, help="a seeded sample of this many users (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
-    p.add_argument("--decoder", default="auto", choices=("auto", "beam", "generate"))
+    p.add_argument("--decoder", default="auto", choices=ALL_DECODERS,
+                   help="beam search (auto | beam | generate), dense MIPS, or hybrid re-ranking (default auto)")
+    p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
@@ -40,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     m = evaluate_run(
         args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
         batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
-        device=args.device, progress=args.progress,
+        device=args.device, progress=args.progress, alpha=args.alpha,
     )
     print(f"{args.split}: {m['users_evaluated']} users, checkpoint {m['checkpoint']}, {m['num_beams']} beams, decoder {m['decoder']}")
     for k in ks:

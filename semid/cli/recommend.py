@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from generator.hybrid import ALL_DECODERS
 from generator.recommend import recommend
 from generator.run import load_run
 from semid.data import load_dataset
@@ -32,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k; default max(k, 20))")
     p.add_argument("--user", type=int, help="user id, hashed into the run's user tokens (default: none)")
-    p.add_argument("--decoder", default="auto", choices=("auto", "beam", "generate"))
+    p.add_argument("--decoder", default="auto", choices=ALL_DECODERS,
+                   help="beam search (auto | beam | generate), dense MIPS, or hybrid re-ranking (default auto)")
+    p.add_argument("--alpha", type=float, help="hybrid blend weight (default: the one chosen on validation, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder for titles (default: the one the run was trained on)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.set_defaults(func=run)
@@ -41,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     r = load_run(args.run)
     user_ids = [args.user] if args.user is not None else None
-    rec = recommend(r, [args.history], k=args.k, num_beams=args.num_beams, user_ids=user_ids, decoder=args.decoder)[0]
+    rec = recommend(r, [args.history], k=args.k, num_beams=args.num_beams, user_ids=user_ids, decoder=args.decoder, alpha=args.alpha)[0]
     data = args.data if args.data is not None else r.data_dir
     try:
         titles = load_dataset(data).catalogue.title_of

@@ -10,6 +10,8 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
+from generator.dense import MODES
+from generator.hybrid import DenseOptionsAction
 from generator.model import PRESETS
 from generator.run import IDS_FILE, read_config
 from generator.train import TrainOptions, train_run
@@ -65,6 +67,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--num-beams", type=int, help=f"(default {d.num_beams})")
     g.add_argument("--decoder", choices=("auto", "beam", "generate"), help=f"(default {d.decoder})")
     g.add_argument("--eval-batch-size", type=int, help=f"(default {d.eval_batch_size})")
+    g = p.add_argument_group("dense head (MIPS decoding; see generator/dense.py)")
+    g.add_argument("--dense", choices=MODES, help="add a dense head whose item vectors come from a learned table, content embeddings, or both (default: none)")
+    g.add_argument("--objective", choices=("joint", "dense"), help=f"train the head with the generative loss or alone (default {d.objective})")
+    g.add_argument("--dense-embeddings", help=f"content embeddings DATA/item_emb_<NAME>.npy (default {d.dense_embeddings})")
+    g.add_argument("--dense-option", dest="dense_options", action=DenseOptionsAction, metavar="KEY=VALUE",
+                   help="a DenseHeadConfig field, repeatable: dim=128, pooling=last, loss=sampled, temperature=0.05, id_dropout=0.2, ...")
     g = p.add_argument_group("hardware")
     g.add_argument("--devices", type=int, help="processes/devices; > 1 trains with DDP (default 1)")
     g.add_argument("--accelerator", help="cpu | gpu | auto (default auto)")

@@ -1,0 +1,90 @@
+"""`semid train --dense ...` then `semid evaluate/recommend --decoder dense|hybrid` on a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from generator.hybrid import ALPHA_FILE, load_run_head
+from generator.recommend import recommend
+from generator.run import load_run
+from semid.cli import main
+from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
+
+TRAIN_FLAGS = [
+    "--preset", "cpu", "--max-epochs", "1", "--batch-size", "16", "--user-tokens", "32", "--val-users", "all",
+    "--num-beams", "10", "--warmup-steps", "4", "--lr", "3e-3", "--no-progress", "--seed", "0",
+    "--dense-embeddings", "rand",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dense_cli")
+    data = write_random_dataset(root / "data")
+    emb = np.random.default_rng(0).standard_normal((NUM_ITEMS, 6)).astype(np.float32)
+    np.save(data / "item_emb_rand.npy", emb)
+    write_ids(root / "semantic_ids.npz")
+    return {"root": root, "data": data, "ids": root / "semantic_ids.npz"}
+
+
+@pytest.fixture(scope="module")
+def joint_run(folders: dict[str, Path]) -> Path:
+    run = folders["root"] / "joint"
+    flags = ["--dense", "both", "--objective", "joint", "--dense-option", "dim=16", "--dense-option", "pooling=last"]
+    assert main(["train", "--data", str(folders["data"]), "--ids", str(folders["ids"]), "--out", str(run), *TRAIN_FLAGS, *flags]) == 0
+    return run
+
+
+def test_joint_training_stores_the_head(joint_run: Path) -> None:
+    config = yaml.safe_load((joint_run / "config.yaml").read_text())
+    assert config["train"]["dense"] == "both" and config["train"]["dense_options"] == {"dim": 16, "pooling": "last"}
+    ckpt = torch.load(joint_run / "checkpoints" / "best.ckpt", weights_only=False)
+    assert ckpt["semid"]["dense"]["dim"] == 16
+    head = load_run_head(load_run(joint_run))
+    assert head.num_items == NUM_ITEMS and head.config.pooling == "last"
+    losses = (joint_run / "logs").rglob("metrics.csv")
+    assert "train/dense_loss" in next(losses).read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("decoder", ["dense", "hybrid"])
+def test_evaluate_with_dense_and_hybrid_decoders(joint_run: Path, decoder: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (joint_run / ALPHA_FILE).unlink(missing_ok=True)
+    assert main(["evaluate", "--run", str(joint_run), "--split", "test", "--decoder", decoder, "--num-beams", "12", "--no-progress"]) == 0
+    m = json.loads((joint_run / "metrics_test.json").read_text())
+    assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
+    assert decoder.capitalize() in m["decoder"]
+    if decoder == "hybrid":  # the blend weight was chosen on validation users and stored for the checkpoint
+        stored = json.loads((joint_run / ALPHA_FILE).read_text())
+        assert stored["validation_users"] == 24 and f"alpha={stored['alpha']}" in m["decoder"]
+
+
+def test_recommend_with_every_decoder(joint_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = load_run(joint_run)
+    for decoder in ("auto", "dense"):
+        rec = recommend(r, [[3, 4, 5], [7]], k=5, decoder=decoder)
+        assert all(len(set(x.items.tolist())) == 5 and np.isin(x.items, r.ids.item_ids).all() for x in rec)
+        assert all((np.diff(x.scores) <= 1e-6).all() for x in rec)
+    rec = recommend(r, [[3, 4, 5]], k=5, decoder="hybrid", alpha=0.5, num_beams=20)
+    assert len(set(rec[0].items.tolist())) == 5
+    assert main(["recommend", "--run", str(joint_run), "--history", "3,4,5", "-k", "5", "--decoder", "dense", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["items"]) == 5
+
+
+def test_dense_only_training_with_sampled_softmax(folders: dict[str, Path]) -> None:
+    run = folders["root"] / "dense_only"
+    flags = ["--dense", "content", "--objective", "dense", "--dense-option", "loss=sampled", "--dense-option", "num_random_negatives=8"]
+    assert main(["train", "--data", str(folders["data"]), "--ids", str(folders["ids"]), "--out", str(run), *TRAIN_FLAGS, *flags]) == 0
+    valid = json.loads((run / "metrics_valid.json").read_text())
+    assert "DenseDecoder" in valid["decoder"]  # validated (and the best checkpoint chosen) by the dense decoder
+
+
+def test_dense_flag_errors(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(folders["data"]), "--ids", str(folders["ids"]), "--out", "x", "--dense-option", "colour=red"])
+    assert "KEY one of" in capsys.readouterr().err
