@@ -279,7 +279,7 @@ class PrefixTree:
         keys = torch.where((tokens >= 0) & (tokens < V), nodes * V + tokens, -1)  # edge_key of the wanted edge
         if W <= ROW_SCAN_WIDTH:  # compare with the keys of a fixed-width window from the node's first edge
             edge = (self.row_ptr[nodes][:, None] + self._scan[:W]).clamp_max_(self.edge_key.numel() - 1)  # (B, W)
-            hit = self.edge_key[edge] == keys[:, None]  # at most one hit per row: keys are unique
+            hit = _take(self.edge_key, edge) == keys[:, None]  # at most one hit per row: keys are unique
             return torch.where(hit.any(dim=1), self.child_node[(edge * hit).sum(dim=1)], -1)
         pos = torch.searchsorted(self.edge_key, keys).clamp_max(self.edge_key.numel() - 1)  # wide rows: search
         return torch.where(self.edge_key[pos] == keys, self.child_node[pos], -1)
@@ -350,7 +350,7 @@ class PrefixTree:
         if W <= ROW_SCAN_WIDTH:  # scatter a fixed-width window of each row's tokens; misses go to a spare column
             start, end = self.row_ptr[nodes], self.row_ptr[nodes + 1]
             edge = start[:, None] + self._scan[:W]  # (B, W)
-            tok = self.child_token[edge.clamp_max(self.child_token.numel() - 1)] - lo
+            tok = _take(self.child_token, edge.clamp_max(self.child_token.numel() - 1)) - lo
             drop = edge >= end[:, None]
             if not lo <= first_tok <= first_tok + width <= hi:  # some children fall outside [lo, hi)
                 drop |= (tok < 0) | (tok >= K)
@@ -367,6 +367,11 @@ class PrefixTree:
         keep = (tok >= 0) & (tok < K)
         out[pair_row[keep], tok[keep]] = True
         return out
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] for a 1-D x and an index of any shape; index_select is ~2x faster than advanced indexing here."""
+    return torch.index_select(x, 0, index.reshape(-1)).view(index.shape)
 
 
 def _dense_tables(
