@@ -147,3 +147,13 @@ def test_a_run_with_swapped_semantic_ids_is_refused(trained: dict[str, Path], tm
     SemanticIDs.from_codes(ids.codes[:, :3], (4, 4, 8), extra_level_size=8).save(run / "semantic_ids.npz")
     assert main(["recommend", "--run", str(run), "--history", "1"]) == 2
     assert "vocabulary" in capsys.readouterr().err
+
+
+def test_demo_pipeline_trains_evaluates_and_shows(tmp_path: Path) -> None:
+    from generator.pipeline import train_evaluate_show
+
+    data = write_random_dataset(tmp_path / "data")
+    report = train_evaluate_show(data, write_ids(tmp_path / "ids.npz"), tmp_path / "run", max_time=None, max_epochs=1, eval_users=10, progress=False)
+    assert report.test["users_evaluated"] == 10 and report.test["invalid_items"] == 0
+    assert len(report.shown) == 3 and all(len(u.recommendations) == 10 for u in report.shown)
+    assert "top-10" in report.text and (tmp_path / "run" / "metrics_test.json").is_file()
