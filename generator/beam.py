@@ -131,7 +131,7 @@ def _decode_chunk(
     L, H, dk, device = layout.num_levels, c.num_heads, c.d_kv, input_ids.device
     neg_inf = float("-inf")
 
-    # 1. encoder once per history; cross-attention keys/values once per history and layer: (B, H, S, dk)
+    # 1. encoder once per history; cross-attention keys/values once per history and layer, shared by its beams
     enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, D)
     cross = []
     for block in dec.block:
