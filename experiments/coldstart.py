@@ -1,0 +1,155 @@
+"""Cold start on Beauty: hold out the newest items, train without them, add them after training, recommend them.
+
+    python -m experiments.coldstart --work runs/coldstart [--fraction 0.05] [--max-users N] [semid train flags ...]
+
+1. ``generator.coldstart.cold_start_split``: the newest ``--fraction`` of items (proxy: mean relative position in
+   users' sequences, see that module) are held out; warm items are renumbered 1..N_w, cold ones N_w+1..N.
+   ``WORK/warm`` is the warm world as a dataset folder: cold items and all their interactions removed.
+2. ``semid fit-codebooks`` on the warm items' embeddings only -> ``WORK/ids`` (the quantizer never sees cold items).
+3. ``semid train --dense both --objective joint`` on ``WORK/warm`` -> ``WORK/run``; extra flags go to ``semid train``
+   (e.g. ``--preset cpu --max-time 01:00:00``). Steps 1-3 are skipped when their folder exists.
+4. Cold items join without retraining (``add_cold_items``): codes from the fitted quantizer's ``encode``, the
+   SemanticIDs (``add_items``) and a rebuilt prefix tree, content-only dense vectors. The hybrid's alpha is chosen on
+   warm validation users. Test users are those whose last item (the test target) is cold; their histories keep
+   the cold items they contain. Recall/NDCG@K per decoder, the share of cold items among the top 10, users/second;
+   plus beam search over the *warm* tree, which cannot return a cold item (the 0 that unconstrained or un-updated
+   generation gets).
+
+Writes the table and the command to ``experiments/results/coldstart[_TAG].{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.dense_hybrid import budget, score
+from generator.coldstart import add_cold_items, cold_start_split, write_warm_dataset
+from generator.datamodule import sample_users
+from generator.decode import get_decoder
+from generator.examples import history_examples
+from generator.hybrid import ALPHA_FILE, DenseDecoder, HybridDecoder, build_decoder, load_run_head
+from generator.run import load_run
+from rqvae import load_quantizer
+from semid.cli import main as semid
+from semid.data import leave_one_out, load_dataset
+from semid.io import atomic_open, write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def prepare(args: argparse.Namespace, train_flags: list[str]) -> tuple[Any, Any]:
+    """Steps 1-3 (each skipped when its folder exists); returns the full dataset and the cold-start split."""
+    dataset = load_dataset(args.data)
+    split = cold_start_split(dataset, args.fraction)
+    warm, ids, run = args.work / "warm", args.work / "ids", args.work / "run"
+    if not (warm / "items.jsonl").is_file():
+        write_warm_dataset(dataset, split, warm)
+    if not (ids / "semantic_ids.npz").is_file():
+        emb = warm / f"item_emb_{args.embeddings}.npy"
+        code = semid(["fit-codebooks", "--embeddings", str(emb), "--out", str(ids), "--method", args.method, "--no-progress"])
+        assert code == 0, "semid fit-codebooks failed"
+    if not (run / "config.yaml").is_file():
+        flags = ["--dense", "both", "--objective", "joint", "--dense-embeddings", args.embeddings, *train_flags]
+        code = semid(["train", "--data", str(warm), "--ids", str(ids), "--out", str(run), *flags])
+        assert code == 0, "semid train failed"
+    return dataset, split
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path("../shared/data/beauty"))
+    p.add_argument("--work", type=Path, required=True, help="folder for the warm dataset, codebooks and run")
+    p.add_argument("--fraction", type=float, default=0.05, help="share of items held out as cold (default 0.05)")
+    p.add_argument("--embeddings", default="minilm", help="item_emb_<NAME>.npy for codebooks and content vectors")
+    p.add_argument("--method", default="rqkmeans", choices=("rqkmeans", "rqvae"), help="codebook method (default rqkmeans)")
+    p.add_argument("--max-users", type=int, help="a seeded sample of the cold test users (default: all)")
+    p.add_argument("--alpha-users", type=int, default=2000, help="warm validation users for choosing alpha")
+    p.add_argument("--num-beams", type=int, default=20)
+    p.add_argument("--num-candidates", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tag", default="")
+    args, train_flags = p.parse_known_args(argv)
+    dataset, split = prepare(args, train_flags)
+
+    # 4a. the trained warm run and the blend weight, chosen on warm validation users
+    run = load_run(args.work / "run")
+    run.model.to(args.device)
+    warm_split = leave_one_out(load_dataset(args.work / "warm"))
+    alpha = build_decoder(
+        run, "hybrid", split=warm_split, num_beams=args.num_beams, num_candidates=args.num_candidates,
+        alpha_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed,
+    ).alpha
+    alpha_info = json.loads((args.work / "run" / ALPHA_FILE).read_text())
+
+    # 4b. cold items join: quantizer codes -> SemanticIDs + tree, content -> dense vectors
+    new_ids = split.new_cold_ids
+    content = dataset.embeddings(args.embeddings)[split.relabel.new_to_old[new_ids] - 1]
+    quantizer = load_quantizer(args.work / "ids" / "quantizer.pt")
+    head = load_run_head(run)
+    cat = add_cold_items(run.ids, run.layout, content, new_ids, encode=quantizer.encode, head=head)
+    stats = cat.ids.collision_stats()
+    cold_run = dataclasses.replace(run, ids=cat.ids, tree=cat.tree)
+
+    # 4c. cold test users: their histories (new ids, cold items included) -> examples
+    rows = sample_users(len(split.test_targets), args.max_users, args.seed)
+    warm_user = {int(u): i + 1 for i, u in enumerate(split.user_ids)}  # write_dataset numbered warm users 1..U'
+    users = np.array([warm_user.get(int(u), len(warm_user) + 1 + i) for i, u in enumerate(split.test_user_ids[rows])])
+    examples = history_examples(
+        [split.test_histories[i] for i in rows], split.test_targets[rows], users if run.use_user_tokens else None,
+        cat.ids, run.layout, max_history=run.max_history,
+    )
+    beam = get_decoder("auto")
+    decoders = {
+        "beam, warm tree (no cold items)": (dataclasses.replace(cold_run, tree=run.tree), beam),
+        "beam": (cold_run, beam),
+        "dense": (cold_run, DenseDecoder(head, cat.ids)),
+        "hybrid": (cold_run, HybridDecoder(head, cat.ids, alpha=alpha, num_candidates=args.num_candidates, beam=beam)),
+    }
+    table: dict[str, Any] = {}
+    cold_lo = split.num_warm + 1
+    for name, (r, decode) in decoders.items():
+        m = score(r, examples, decode, num_beams=args.num_beams, batch_size=args.batch_size, device=args.device, cold_from=cold_lo)
+        table[name] = m
+        print(f"{name}: {m}", file=sys.stderr, flush=True)
+
+    lines: list[str] = []
+    say = lines.append
+    n = table["beam"]["users"]
+    say(f"# Cold start: newest {args.fraction:.0%} of Beauty items held out, added after training")
+    say("")
+    say(f"{split.cold_items.size} cold items of {dataset.num_items}; {len(split.test_targets)} users have a cold test target, "
+        f"{n} evaluated" + (" (sample)" if args.max_users else " (all)") + "; ranked over all items (warm + cold)")
+    say("")
+    say("| decoder | R@5 | N@5 | R@10 | N@10 | cold share of top 10 | users/s |")
+    say("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, m in table.items():
+        say(f"| {name} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
+            f"{m['cold_share']:.3f} | {m['users_per_s']:.1f} |")
+    say("")
+    say(f"hybrid alpha {alpha} (chosen on {alpha_info['validation_users']} warm validation users by {alpha_info['metric']})")
+    say(f"semantic IDs after adding: {stats.num_items} items, {stats.items_colliding} sharing base codes, extra level "
+        f"uses {stats.extra_level_used} values; 'newest' proxy: mean relative position in users' sequences")
+    say(f"training: {budget(args.work / 'run')}")
+    say("")
+    say(f"command: `python -m experiments.coldstart {shlex.join(sys.argv[1:] if argv is None else argv)}`")
+    print("\n".join(lines))
+    stem = "coldstart" + (f"_{args.tag}" if args.tag else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with atomic_open(RESULTS / f"{stem}.md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json(RESULTS / f"{stem}.json", {"rows": table, "alpha": alpha_info, "cold_items": int(split.cold_items.size),
+                                          "cold_test_users": int(len(split.test_targets)), "argv": sys.argv[1:] if argv is None else argv})
+
+
+if __name__ == "__main__":
+    main()

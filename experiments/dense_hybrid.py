@@ -1,0 +1,168 @@
+"""Beam vs dense vs hybrid decoding on Beauty's test split: one table of quality and speed.
+
+    python -m experiments.dense_hybrid --run RUN [--dense-run RUN2] [--max-users N] [--tag NAME]
+
+``RUN`` is a run folder trained with a dense head (``semid train ... --dense both --objective joint``): its beam
+search (``auto``: the fast constrained beam search), its dense head (MIPS over all items) and the hybrid of the two
+(beam's top ``--num-candidates`` re-ranked by alpha * generative + (1 - alpha) * dense log-probability, alpha chosen
+on ``--alpha-users`` *validation* users). ``--dense-run`` takes the dense row from another run (e.g. one trained
+with ``--objective dense``). Rows: R@5, N@5, R@10, N@10 over all test users (or a seeded sample), users/second
+(decoding only, one process, ``torch.get_num_threads()`` threads; the one-off alpha search is not timed).
+
+Writes the printed table, the runs' training budgets and the command to
+``experiments/results/dense_hybrid[_TAG].{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from generator.datamodule import eval_batches, sample_users, split_examples
+from generator.decode import get_decoder
+from generator.examples import Examples, collate
+from generator.hybrid import ALPHA_FILE, build_decoder
+from generator.run import Run, load_run
+from semid.data import leave_one_out, load_dataset
+from semid.io import atomic_open, write_json
+from semid.metrics import RankingMetrics
+
+RESULTS = Path(__file__).parent / "results"
+PUBLISHED = {  # ../shared/data/README.md: R@5, N@5, R@10, N@10
+    "TIGER (published)": (0.0454, 0.0321, 0.0648, 0.0384),
+    "SASRec tuned (Cornac)": (0.0508, 0.0348, 0.0740, 0.0423),
+    "RPG (KDD 2025)": (0.0550, 0.0381, 0.0809, 0.0464),
+}
+
+
+def budget(run_dir: Path) -> dict[str, Any]:
+    """How a run was trained, from its config.yaml."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    train = config.get("train", {})
+    return {
+        "run": str(run_dir),
+        "preset": train.get("preset"),
+        "dense": train.get("dense"),
+        "objective": train.get("objective") if train.get("dense") else "generative",
+        "dense_options": train.get("dense_options"),
+        "epochs": config.get("epochs"),
+        "steps": config.get("steps"),
+        "train_seconds": config.get("train_seconds"),
+        "max_time": train.get("max_time"),
+        "accelerator": train.get("accelerator"),
+    }
+
+
+def score(
+    run: Run, examples: Examples, decode: Callable[..., Any], *, num_beams: int, batch_size: int, device: str, ks=(5, 10),
+    cold_from: int | None = None,
+) -> dict[str, Any]:
+    """Decode every example's history; Recall/NDCG@ks of its target, and decoding users/second.
+
+    With ``cold_from``, also the share of returned items with ids >= cold_from (``cold_share``).
+    """
+    model, tree = run.model.to(device).eval(), run.tree.to(device)
+    metrics = RankingMetrics(ks)
+    known = torch.from_numpy(run.ids.item_ids)
+    bad = cold = 0
+    batches = eval_batches(examples.input_lengths, batch_size)
+    warm = collate(examples, batches[0][:8], run.layout.pad_token_id)  # one untimed call: allocations, lazy set-up
+    decode(model, warm.input_ids.to(device), warm.attention_mask.to(device), tree, run.layout, k=max(ks), num_beams=num_beams)
+    start = time.perf_counter()
+    for index in batches:  # loop over batches of users
+        b = collate(examples, index, run.layout.pad_token_id)
+        res = decode(model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, k=max(ks), num_beams=num_beams)
+        items = res.items.cpu()
+        bad += int((~torch.isin(items, known)).sum()) + int((items.sort(1).values.diff(dim=1) == 0).sum())
+        metrics.update(items, b.target)
+        cold += int((items >= cold_from).sum()) if cold_from is not None else 0
+    seconds = time.perf_counter() - start
+    assert bad == 0, f"{bad} invalid or duplicate items returned"
+    return {**metrics.compute(), "users": metrics.count, "seconds": round(seconds, 2), "users_per_s": metrics.count / seconds,
+            "decoder": getattr(decode, "__name__", str(decode)),
+            **({"cold_share": cold / (metrics.count * max(ks))} if cold_from is not None else {})}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, type=Path, help="run folder with a dense head (beam and hybrid rows)")
+    p.add_argument("--dense-run", type=Path, help="run folder for the dense row (default --run)")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the run's)")
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--max-users", type=int, help="a seeded sample of test users (default: all)")
+    p.add_argument("--num-beams", type=int, default=20)
+    p.add_argument("--num-candidates", type=int, default=50, help="beam candidates the hybrid re-ranks")
+    p.add_argument("--alpha-users", type=int, default=2000, help="validation users for choosing alpha")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tag", default="", help="suffix of the result files")
+    args = p.parse_args(argv)
+
+    dense_dir = args.dense_run or args.run
+    run = load_run(args.run)
+    dense_run = load_run(dense_dir) if dense_dir != args.run else run
+    data = args.data or run.data_dir
+    split = leave_one_out(load_dataset(data))
+    for r in (run, dense_run):
+        r.model.to(args.device)
+
+    # alpha on validation users only (cached in RUN/hybrid.json), before anything is timed
+    hybrid = build_decoder(
+        run, "hybrid", split=split, num_beams=args.num_beams, num_candidates=args.num_candidates,
+        alpha_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed,
+    )
+    alpha_info = json.loads((args.run / ALPHA_FILE).read_text())
+
+    user_rows = sample_users(split.num_users, args.max_users, args.seed)
+    rows: dict[str, Any] = {}
+    for name, r, decode in (("beam", run, get_decoder("auto")), ("dense", dense_run, build_decoder(dense_run, "dense")), ("hybrid", run, hybrid)):
+        ex = split_examples(split, r.ids, r.layout, args.split, rows=user_rows, max_history=r.max_history, use_user_tokens=r.use_user_tokens)
+        rows[name] = score(r, ex, decode, num_beams=args.num_beams, batch_size=args.batch_size, device=args.device)
+        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+
+    lines: list[str] = []
+    say = lines.append
+    users = rows["beam"]["users"]
+    say(f"# Beam vs dense vs hybrid: Beauty {args.split} split, {users} users" + (" (sample)" if args.max_users else " (all)"))
+    say("")
+    say("| decoder | R@5 | N@5 | R@10 | N@10 | users/s |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    for name, m in rows.items():
+        say(f"| {name} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | {m['users_per_s']:.1f} |")
+    for name, (r5, n5, r10, n10) in PUBLISHED.items():
+        say(f"| {name} | {r5:.4f} | {n5:.4f} | {r10:.4f} | {n10:.4f} | |")
+    say("")
+    say(f"hybrid: alpha = {alpha_info['alpha']} chosen on {alpha_info['validation_users']} validation users by "
+        f"{alpha_info['metric']}; {args.num_candidates} beam candidates re-ranked; table by alpha: {alpha_info['table']}")
+    say(f"beam: {args.num_beams} beams; dense: exact MIPS (torch matmul + topk) over all {run.ids.num_items} items")
+    budgets = {"beam/hybrid": budget(args.run), **({"dense": budget(dense_dir)} if dense_dir != args.run else {})}
+    for name, b in budgets.items():
+        say(f"training ({name}): {b}")
+    say(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, device {args.device}")
+    say("")
+    say(f"command: `python -m experiments.dense_hybrid {shlex.join(sys.argv[1:] if argv is None else argv)}`")
+    print("\n".join(lines))
+
+    stem = "dense_hybrid" + (f"_{args.tag}" if args.tag else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with atomic_open(RESULTS / f"{stem}.md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json(RESULTS / f"{stem}.json", {"rows": rows, "alpha": alpha_info, "budgets": budgets, "split": args.split,
+                                          "argv": sys.argv[1:] if argv is None else argv})
+
+
+if __name__ == "__main__":
+    main()
