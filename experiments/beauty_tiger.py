@@ -69,17 +69,19 @@ def semantic_ids(args: argparse.Namespace) -> tuple[Path, dict]:
     if args.ids is not None:
         path = args.ids / "semantic_ids.npz" if args.ids.is_dir() else args.ids
         return path, {"method": f"given: {path}"}
-    out = RUNS / "beauty_ids"
+    have_fit = importlib.util.find_spec("semid.cli.codebooks") is not None
+    out = RUNS / ("beauty_ids" if have_fit else "beauty_ids_stopgap")
     path = out / "semantic_ids.npz"
     info_file = out / "how.json"
     if path.is_file() and info_file.is_file():
         return path, json.loads(info_file.read_text())
     emb = args.data / "item_emb_minilm.npy"
-    if importlib.util.find_spec("semid.cli.codebooks") is not None:
-        cmd = [sys.executable, "-m", "semid.cli", "fit-codebooks", "--embeddings", str(emb), "--out", str(out)]
-        log.info("fitting codebooks: %s", shlex.join(cmd))
+    if have_fit:
+        cli = "import sys; from semid.cli import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", cli, "fit-codebooks", "--embeddings", str(emb), "--out", str(out)]
+        log.info("fitting codebooks: semid %s", shlex.join(cmd[3:]))
         subprocess.run(cmd, check=True)
-        info = {"method": f"semid fit-codebooks --embeddings {emb} --out {out}"}
+        info = {"method": f"semid fit-codebooks --embeddings {emb} --out {out} (defaults)"}
     else:
         log.warning("`semid fit-codebooks` is not available yet: fitting a stopgap residual k-means here")
         ids, info = stopgap_residual_kmeans(np.load(emb))
@@ -107,21 +109,27 @@ def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOption
     opt = system.configure_optimizers()["optimizer"]
     system.train()
     loader = iter(dm.train_dataloader())
-    times = []
+    times, cpu_times = [], []
     for _ in range(steps + 2):
         batch = next(loader)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = _loss(system, batch)  # training_step without its self.log, which needs a Trainer
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
     per_step = float(np.mean(times[2:]))  # mean, not median: long batches cost more and count in an epoch
+    cpu_per_step = float(np.mean(cpu_times[2:]))
     steps_per_epoch = len(dm.train_sampler())
     return {
         "seconds_per_step": round(per_step, 3),
         "steps_per_epoch": steps_per_epoch,
         "minutes_per_epoch": round(per_step * steps_per_epoch / 60, 1),
+        # CPU seconds (all threads): with the cores to itself, wall time is about this / threads
+        "cpu_seconds_per_step": round(cpu_per_step, 3),
+        "minutes_per_epoch_alone": round(cpu_per_step / torch.get_num_threads() * steps_per_epoch / 60, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "train_examples": len(dm.train_examples),
         "padded_share": round(dm.padding_stats().padded_share, 4),
         "steps_timed": steps,

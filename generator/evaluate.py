@@ -82,7 +82,9 @@ def evaluate(
     """
     ks = tuple(sorted(ks))
     check_beam_args(ks[-1], num_beams, run.ids.num_items)
-    device = torch.device(device) if device is not None else next(run.model.parameters()).device
+    if device is None:  # the accelerator where there is one, as training does
+        device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device
+    device = torch.device(device)
     model, tree = run.model.to(device).eval(), run.tree.to(device)
     decode = build_decoder(run, decoder, split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed)
     rows = sample_users(split.num_users, max_users, seed)

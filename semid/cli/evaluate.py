@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")
-    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--device", help="cpu, cuda, ... (default cuda where available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
