@@ -71,7 +71,7 @@ def fast_topk(
     """
     _check_inputs(model, input_ids, attention_mask, tree, layout, batch_size)
     # one item per eos node (the last code's node holds the same value)
-    num_items = int(((tree.node_value >= 0) & (tree.node_depth == tree.max_depth)).sum())
+    num_items = tree.num_sequences
     check_beam_args(k, num_beams, num_items)
     device = model.device
     if tree.device != device:

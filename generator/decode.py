@@ -68,8 +68,7 @@ def generate_topk(
         tree: the tree of every item's code tokens + eos (``PrefixTree.from_semantic_ids``).
         k: items to return per input; num_beams: M >= k.
     """
-    num_items = int((tree.node_value >= 0).sum().item()) if tree.num_nodes else 0
-    check_beam_args(k, num_beams, num_items)
+    check_beam_args(k, num_beams, tree.num_sequences)
     L = layout.num_levels
     B = input_ids.shape[0]
     out = model.generate(
@@ -92,10 +91,15 @@ def generate_topk(
     )
     sequences = out.sequences[:, 1 : L + 1]  # (B*k, L) code tokens, decoder start dropped
     items = tree.lookup(out.sequences[:, 1:])
-    if (items < 0).any():
-        raise AssertionError("constrained generate returned a sequence outside the prefix tree")
+    assert (items >= 0).all(), "constrained generate returned a sequence outside the prefix tree"
     codes = layout.tokens_to_codes(sequences)
-    return BeamResult(items.view(B, k), out.sequences_scores.view(B, k).float(), codes.view(B, k, L))
+    if num_beams == 1:  # generate takes its greedy path: no sequences_scores, sum the chosen tokens' scores
+        steps = torch.stack(out.scores, dim=1)  # (B, T, V), renormalised and masked
+        chosen = steps.gather(2, out.sequences[:, 1 : 1 + steps.shape[1], None]).squeeze(2)  # (B, T)
+        scores = torch.where(torch.isfinite(chosen), chosen, 0.0).sum(1)  # pads after eos are -inf: not part of the item
+    else:
+        scores = out.sequences_scores
+    return BeamResult(items.view(B, k), scores.view(B, k).float(), codes.view(B, k, L))
 
 
 # ---- choosing a decoder ------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class PrefixTree:
         dense_next: torch.Tensor,
         dense_spec: torch.Tensor,
         vocab_size: int,
+        num_sequences: int,
     ) -> None:
         self.row_ptr = row_ptr
         self.child_token = child_token
@@ -70,6 +71,7 @@ class PrefixTree:
         self.dense_next = dense_next
         self.dense_spec = dense_spec
         self.vocab_size = int(vocab_size)
+        self.num_sequences = int(num_sequences)  # N, the sequences (items) the tree was built from
         parent = torch.repeat_interleave(torch.arange(self.num_nodes, device=row_ptr.device), row_ptr.diff())
         self.edge_key = parent * self.vocab_size + child_token
         self.dense_allowed = dense_next >= 0  # the dense tables as masks: a step gathers bytes, not int32s
@@ -200,6 +202,7 @@ class PrefixTree:
             dense_next=t(dense),
             dense_spec=t(dense_spec),
             vocab_size=int(vocab_size),
+            num_sequences=N,
         )
         log.debug("built %r", tree)
         return tree

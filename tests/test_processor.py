@@ -88,3 +88,17 @@ def test_processor_argument_errors(setup):
         PrefixTreeLogitsProcessor(tree, prefix_start=-1)
     with pytest.raises(ValueError, match="fewer than the tree's vocabulary"):
         PrefixTreeLogitsProcessor(tree)(torch.tensor([[2]]), torch.zeros(1, 3))
+
+
+def test_generate_topk_greedy_and_catalogue_size(setup):
+    ids, layout, tree, model, inputs, mask = setup
+    greedy = generate_topk(model, inputs, mask, tree, layout, k=1, num_beams=1)
+    beam = generate_topk(model, inputs, mask, tree, layout, k=1, num_beams=2)
+    assert greedy.items.shape == (5, 1) and (greedy.items > 0).all()
+    assert (greedy.scores <= beam.scores + 1e-5).all()  # beam search finds at least as good an item
+    # 3 items: each has a code node and an eos node carrying its id, but the catalogue is 3, not 6
+    three = SemanticIDs.from_codes(np.array([[0], [1], [2]]), [6], extra_level_size=1)
+    small = PrefixTree.from_semantic_ids(three, three.layout(num_user_tokens=0))
+    assert small.num_sequences == 3
+    with pytest.raises(ValueError, match=r"at most the catalogue size \(3 items\)"):
+        generate_topk(model, inputs, mask, small, three.layout(num_user_tokens=0), k=4, num_beams=4)
