@@ -137,7 +137,7 @@ class ResidualKMeans:
                 warnings.filterwarnings("ignore", message="Number of distinct clusters")
                 km.fit(residual)
             centers[level] = km.cluster_centers_
-            codes[:, level] = km.labels_
+            codes[:, level] = nearest_codes(residual, centers[level])  # exactly what `encode` computes
             self.inertia_.append(float(km.inertia_))
             if level == L - 1 and self.balanced:
                 codes[:, level] = balanced_last_level(codes[:, :level], residual, centers[level])

@@ -49,8 +49,8 @@ class RQVAEConfig:
     Fitting:
         lr, weight_decay: AdamW.
         batch_size: items per step.
-        max_epochs, patience, min_delta: stop when the reconstruction loss on the item set has not improved by
-            ``min_delta`` for ``patience`` epochs, or after ``max_epochs``.
+        max_epochs, patience, min_delta: stop when the reconstruction loss (the training epoch's mean) has not
+            improved by ``min_delta`` for ``patience`` epochs, or after ``max_epochs``.
         seed: seeds everything (weights, k-means, batches, dead-code samples).
         accelerator: Lightning accelerator; "cpu" (deterministic) by default.
     """

@@ -1,5 +1,9 @@
 """Fitting an RQ-VAE with Lightning: a thin system around the plain model (loss, optimizer, logging), seeded and
-deterministic on CPU, with early stopping on the reconstruction loss of the whole item set."""
+deterministic on CPU, with early stopping on the reconstruction loss.
+
+The codes are for the items fitted on (items that come later are encoded with the fitted model), so there is no
+held-out set: early stopping watches the training reconstruction loss averaged over each epoch, which costs no
+extra pass over the items."""
 
 from __future__ import annotations
 
@@ -45,14 +49,10 @@ class RQVAESystem(L.LightningModule):
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model(batch[0])
         B = batch[0].shape[0]
-        self.log("train/loss", out.loss, batch_size=B)
-        self.log("train/recon", out.recon_loss, batch_size=B, prog_bar=True)
-        self.log("train/commit", out.commit_loss, batch_size=B)
+        self.log("train/loss", out.loss, batch_size=B, on_step=False, on_epoch=True)
+        self.log("train/recon", out.recon_loss, batch_size=B, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/commit", out.commit_loss, batch_size=B, on_step=False, on_epoch=True)
         return out.loss
-
-    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
-        out = self.model(batch[0])
-        self.log("val/recon", out.recon_loss, batch_size=batch[0].shape[0], prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         c = self.model.config
@@ -83,8 +83,13 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
         shuffle=True,
         generator=torch.Generator().manual_seed(config.seed),
     )
-    val = DataLoader(TensorDataset(x), batch_size=max(config.batch_size, 8192), shuffle=False)
-    early = EarlyStopping(monitor="val/recon", mode="min", patience=config.patience, min_delta=config.min_delta)
+    early = EarlyStopping(
+        monitor="train/recon",
+        mode="min",
+        patience=config.patience,
+        min_delta=config.min_delta,
+        check_on_train_epoch_end=True,
+    )
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     # Lightning's start-up notes (GPU/TPU available, a logging-service tip) say nothing about this fit
     lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
@@ -101,19 +106,18 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=progress,
-            num_sanity_val_steps=0,
         )
         with warnings.catch_warnings():
             for pattern in _QUIET:
                 warnings.filterwarnings("ignore", message=pattern)
-            trainer.fit(RQVAESystem(model, x), train_dataloaders=train, val_dataloaders=val)
+            trainer.fit(RQVAESystem(model, x), train_dataloaders=train)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         lightning_log.setLevel(was_level)
     log.info(
-        "rqvae: %d epochs, val/recon %.4f%s",
+        "rqvae: %d epochs, train/recon %.4f%s",
         trainer.current_epoch,
-        float(trainer.callback_metrics.get("val/recon", float("nan"))),
+        float(trainer.callback_metrics.get("train/recon", float("nan"))),
         " (early stop)" if early.stopped_epoch else "",
     )
     return model.cpu().eval()

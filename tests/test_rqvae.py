@@ -202,3 +202,10 @@ def test_rqvae_imports_neither_semid_nor_generator_and_model_not_lightning() -> 
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rqvae_stops_early_on_reconstruction(data: np.ndarray, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config("rqvae", max_epochs=50, patience=1, min_delta=1e3)  # no epoch can improve by 1000
+    with caplog.at_level("INFO", logger="rqvae.system"):
+        fit_codebooks(data, cfg, progress=False)
+    assert "rqvae: 2 epochs" in caplog.text
