@@ -90,7 +90,7 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
         min_delta=config.min_delta,
         check_on_train_epoch_end=True,
     )
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     # Lightning's start-up notes (GPU/TPU available, a logging-service tip) say nothing about this fit
     lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     was_level = lightning_log.level
@@ -112,7 +112,7 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
                 warnings.filterwarnings("ignore", message=pattern)
             trainer.fit(RQVAESystem(model, x), train_dataloaders=train)
     finally:
-        torch.use_deterministic_algorithms(was_deterministic)
+        torch.use_deterministic_algorithms(was_deterministic[0], warn_only=was_deterministic[1])
         lightning_log.setLevel(was_level)
     log.info(
         "rqvae: %d epochs, train/recon %.4f%s",

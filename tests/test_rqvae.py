@@ -70,6 +70,7 @@ def test_fit_codes_make_semantic_ids(fitted: FitResult, data: np.ndarray) -> Non
     assert fitted.stats.items_colliding == collisions.items_colliding
     assert fitted.stats.largest_group == collisions.largest_group
     assert fitted.seconds > 0
+    assert not torch.are_deterministic_algorithms_enabled()  # the fit's deterministic mode does not leak out
     assert [lvl.codebook_size for lvl in fitted.stats.levels] == [K] * L
 
 
