@@ -7,7 +7,8 @@
    ``WORK/warm`` is the warm world as a dataset folder: cold items and all their interactions removed.
 2. ``semid fit-codebooks`` on the warm items' embeddings only -> ``WORK/ids`` (the quantizer never sees cold items).
 3. ``semid train --dense both --objective joint`` on ``WORK/warm`` -> ``WORK/run``; extra flags go to ``semid train``
-   (e.g. ``--preset cpu --max-time 01:00:00``). Steps 1-3 are skipped when their folder exists.
+   (e.g. ``--preset cpu --max-time 01:00:00 --dense-option id_dropout=0.25``; they override the defaults above).
+   Steps 1-3 are skipped when their folder exists.
 4. Cold items join without retraining (``add_cold_items``): codes from the fitted quantizer's ``encode``, the
    SemanticIDs (``add_items``) and a rebuilt prefix tree, content-only dense vectors. The hybrid's alpha is chosen on
    warm validation users. Test users are those whose last item (the test target) is cold; their histories keep
@@ -64,7 +65,7 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> tuple[Any, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--data", type=Path, default=Path("../shared/data/beauty"))
     p.add_argument("--work", type=Path, required=True, help="folder for the warm dataset, codebooks and run")
     p.add_argument("--fraction", type=float, default=0.05, help="share of items held out as cold (default 0.05)")
@@ -72,10 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--method", default="rqkmeans", choices=("rqkmeans", "rqvae"), help="codebook method (default rqkmeans)")
     p.add_argument("--max-users", type=int, help="a seeded sample of the cold test users (default: all)")
     p.add_argument("--alpha-users", type=int, default=2000, help="warm validation users for choosing alpha")
-    p.add_argument("--num-beams", type=int, default=20)
-    p.add_argument("--num-candidates", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    # named apart from `semid train`'s --num-beams / --batch-size / --seed, which pass through to training
+    p.add_argument("--decode-beams", dest="num_beams", type=int, default=20, help="beams of the beam decoder (default 20)")
+    p.add_argument("--num-candidates", type=int, default=50, help="beam candidates the hybrid re-ranks (default 50)")
+    p.add_argument("--decode-batch-size", dest="batch_size", type=int, default=64, help="users decoded together")
+    p.add_argument("--sample-seed", dest="seed", type=int, default=0, help="seed of the user samples")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="")
     args, train_flags = p.parse_known_args(argv)
