@@ -109,9 +109,10 @@ def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOption
     opt = system.configure_optimizers()["optimizer"]
     system.train()
     loader = iter(dm.train_dataloader())
-    times, cpu_times = [], []
+    times, cpu_times, tokens = [], [], []
     for _ in range(steps + 2):
         batch = next(loader)
+        tokens.append(batch.input_ids.numel())
         t, c = time.perf_counter(), time.process_time()
         loss = _loss(system, batch)  # training_step without its self.log, which needs a Trainer
         loss.backward()
@@ -121,6 +122,10 @@ def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOption
         cpu_times.append(time.process_time() - c)
     per_step = float(np.mean(times[2:]))  # mean, not median: long batches cost more and count in an epoch
     cpu_per_step = float(np.mean(cpu_times[2:]))
+    # the least-contended step's time per encoder token, times the epoch's mean tokens per step: an estimate of
+    # the step time with the CPU to ourselves (the mean above includes whatever else the machine was doing)
+    mean_tokens = float(np.mean(dm.train_examples.input_lengths)) * options.batch_size / (1 - dm.padding_stats().padded_share)
+    best_per_step = float(min(t / n for t, n in zip(times[2:], tokens[2:], strict=True))) * mean_tokens
     steps_per_epoch = len(dm.train_sampler())
     return {
         "seconds_per_step": round(per_step, 3),
@@ -128,7 +133,8 @@ def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOption
         "minutes_per_epoch": round(per_step * steps_per_epoch / 60, 1),
         # CPU seconds (all threads): with the cores to itself, wall time is about this / threads
         "cpu_seconds_per_step": round(cpu_per_step, 3),
-        "minutes_per_epoch_alone": round(cpu_per_step / torch.get_num_threads() * steps_per_epoch / 60, 1),
+        "seconds_per_step_uncontended": round(best_per_step, 3),
+        "minutes_per_epoch_uncontended": round(best_per_step * steps_per_epoch / 60, 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "train_examples": len(dm.train_examples),
         "padded_share": round(dm.padding_stats().padded_share, 4),
@@ -185,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ids", type=Path, help="semantic IDs (folder or file); default: fit them (see above)")
     p.add_argument("--out", type=Path, help="run folder (default experiments/runs/beauty_tiger[_TAG])")
     p.add_argument("--tag", default="", help="suffix of the run folder and result files")
+    p.add_argument("--resume", action="store_true", help="continue the run folder (--max-time is the new total)")
     p.add_argument("--measure-steps", type=int, default=0, help="only time this many training steps and estimate an epoch")
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--max-time", default="06:00:00", help="training wall-clock limit HH:MM:SS")
@@ -215,12 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "experiments.beauty_tiger", *(sys.argv[1:] if argv is None else argv)])
     ids_path, ids_info = semantic_ids(args)
     if args.measure_steps:
-        est = measure_steps(args, ids_path, options, args.measure_steps)
-        print(json.dumps({"command": command, "preset": args.preset, "batch_size": args.batch_size, **est}, indent=2))
+        est = {"command": command, "preset": args.preset, "batch_size": args.batch_size,
+               **measure_steps(args, ids_path, options, args.measure_steps)}
+        write_json(RESULTS / f"{name}_steptime.json", est)
+        print(json.dumps(est, indent=2))
         return 0
     out = args.out or RUNS / name
     start = time.perf_counter()
-    result = train_run(args.data, ids_path, out, options)
+    result = train_run(args.data, ids_path, out, options, resume=args.resume)
     test = evaluate_run(out, "test", num_beams=args.num_beams, max_users=args.eval_users, seed=args.seed, progress=options.progress)
     config = read_config(out)
     record = {
