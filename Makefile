@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m semid.demo --data $(DATA) --out $(DEMO_OUT)
+	$(VENV)/bin/semid demo --data $(DATA) --out $(DEMO_OUT)
 
 lint: install
 	$(VENV)/bin/ruff check semid rqvae generator experiments tests

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "semid.cli.train",
     "semid.cli.evaluate",
     "semid.cli.recommend",
+    "semid.cli.demo",
 )
 
 

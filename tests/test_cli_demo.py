@@ -1,0 +1,15 @@
+from semid.cli import main
+
+
+def test_demo_without_a_dataset_says_what_to_do(tmp_path, capsys):
+    assert main(["demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: no dataset here" in err and "semid prepare" in err
+    assert not (tmp_path / "out").exists()  # nothing written before the input was checked
+
+
+def test_demo_without_embeddings_names_the_file_and_the_fix(tiny_dataset_dir, tmp_path, capsys):
+    rc = main(["demo", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "out"), "--embeddings", "absent"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "item_emb_absent.npy: no item embeddings here" in err and "semid embed" in err
