@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rqvae._checkpoint import read_checkpoint
-from rqvae._checks import check_embeddings, warn_unused_codes
+from rqvae._checks import check_embeddings, limit_threads, warn_unused_codes
 from rqvae.balance import balanced_last_level
 from rqvae.kmeans import ResidualKMeans, RQKMeansConfig
 from rqvae.model import RQVAE, RQVAEConfig
@@ -60,20 +60,22 @@ def fit_codebooks(
     if not isinstance(config, RQVAEConfig | RQKMeansConfig):
         raise TypeError(f"`config` must be an RQVAEConfig or an RQKMeansConfig, got {type(config).__name__}")
     x = check_embeddings(embeddings, min_rows=config.codebook_size)
-    start = time.perf_counter()
-    if isinstance(config, RQKMeansConfig):
-        quantizer: Quantizer = ResidualKMeans(**config.to_dict()).fit(x)
-        codes = quantizer.codes_
-    else:
-        from rqvae.system import train_rqvae  # lightning is imported only when an RQ-VAE is fitted
+    with limit_threads(config.num_threads):
+        start = time.perf_counter()
+        if isinstance(config, RQKMeansConfig):
+            quantizer: Quantizer = ResidualKMeans(**config.to_dict()).fit(x)  # warns itself about unused codes
+            codes = quantizer.codes_
+        else:
+            from rqvae.system import train_rqvae  # lightning is imported only when an RQ-VAE is fitted
 
-        quantizer = train_rqvae(x, config, progress=progress)
-        codes = quantizer.encode(x)
-        if config.balanced:
-            codes[:, -1] = balanced_last_level(codes[:, :-1], _last_residuals(quantizer, x, codes), quantizer.codebooks[-1].numpy())
-        warn_unused_codes(codes, config.codebook_size)
-    seconds = time.perf_counter() - start
-    stats = code_stats(codes, config.codebook_size, x, quantizer.decode(codes))
+            quantizer = train_rqvae(x, config, progress=progress)
+            codes = quantizer.encode(x)
+            if config.balanced:
+                residuals = _last_residuals(quantizer, x, codes)
+                codes[:, -1] = balanced_last_level(codes[:, :-1], residuals, quantizer.codebooks[-1].numpy())
+            warn_unused_codes(codes, config.codebook_size)
+        seconds = time.perf_counter() - start
+        stats = code_stats(codes, config.codebook_size, x, quantizer.decode(codes))
     log.info(
         "%s: %.1f s, codes used per level %s, %.2f%% of items colliding, largest group %d",
         method_name(config),

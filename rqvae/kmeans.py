@@ -24,7 +24,9 @@ from rqvae._checks import (
     check_codes,
     check_embeddings,
     check_levels,
+    check_num_threads,
     check_positive,
+    limit_threads,
     standardization,
     warn_unused_codes,
 )
@@ -47,6 +49,7 @@ class RQKMeansConfig:
     n_init: int = 1
     tol: float = 1e-4
     seed: int = 0
+    num_threads: int | None = 1
 
     def __post_init__(self) -> None:
         ResidualKMeans(**asdict(self))._check_params()
@@ -68,6 +71,8 @@ class ResidualKMeans:
         n_init: k-means++ restarts per level (the best inertia is kept).
         tol: relative tolerance of the Lloyd iterations.
         seed: seeds every level's k-means (level l uses ``seed + l``).
+        num_threads: CPU threads while fitting (restored after); 1 by default, which is fastest on a shared CPU
+            (see :func:`rqvae._checks.limit_threads`); None leaves scikit-learn's choice.
 
     Fitted attributes:
         mean_, scale_: FloatArray (D,), the standardisation (identity when ``standardize`` is False).
@@ -88,6 +93,7 @@ class ResidualKMeans:
         n_init: int = 1,
         tol: float = 1e-4,
         seed: int = 0,
+        num_threads: int | None = 1,
     ) -> None:
         self.levels = levels
         self.codebook_size = codebook_size
@@ -97,6 +103,7 @@ class ResidualKMeans:
         self.n_init = n_init
         self.tol = tol
         self.seed = seed
+        self.num_threads = num_threads
 
     def get_params(self) -> dict[str, Any]:
         """The constructor's arguments."""
@@ -109,6 +116,7 @@ class ResidualKMeans:
         check_positive("n_init", self.n_init, integer=True)
         check_positive("tol", self.tol, allow_zero=True)
         check_positive("seed", self.seed, integer=True, allow_zero=True)
+        check_num_threads(self.num_threads)
 
     # ---- fit ---------------------------------------------------------------------------------------------------
     def fit(self, embeddings: np.ndarray) -> ResidualKMeans:
@@ -122,6 +130,11 @@ class ResidualKMeans:
         """
         self._check_params()
         x = check_embeddings(embeddings, min_rows=self.codebook_size)
+        with limit_threads(self.num_threads):
+            self._fit(x)
+        return self
+
+    def _fit(self, x: np.ndarray) -> None:
         L, K = self.levels, self.codebook_size
         if self.standardize:
             self.mean_, self.scale_ = standardization(x)
@@ -146,8 +159,7 @@ class ResidualKMeans:
         self.cluster_centers_ = centers
         self.codes_ = codes
         self.n_features_in_ = x.shape[1]
-        warn_unused_codes(codes, K)
-        return self
+        warn_unused_codes(codes, K, stacklevel=4)  # points at the caller of `fit`
 
     # ---- use ---------------------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:

@@ -20,7 +20,14 @@ from torch import nn
 from vector_quantize_pytorch import ResidualVQ
 
 from rqvae._checkpoint import read_checkpoint, save_checkpoint
-from rqvae._checks import check_codebook_size, check_codes, check_embeddings, check_levels, check_positive
+from rqvae._checks import (
+    check_codebook_size,
+    check_codes,
+    check_embeddings,
+    check_levels,
+    check_num_threads,
+    check_positive,
+)
 
 METHOD = "rqvae"
 
@@ -53,6 +60,8 @@ class RQVAEConfig:
             improved by ``min_delta`` for ``patience`` epochs, or after ``max_epochs``.
         seed: seeds everything (weights, k-means, batches, dead-code samples).
         accelerator: Lightning accelerator; "cpu" (deterministic) by default.
+        num_threads: CPU threads while fitting (restored after); 1 by default, which is fastest on a shared CPU
+            for a model this small (see :func:`rqvae._checks.limit_threads`); None leaves torch's setting.
     """
 
     levels: int = 3
@@ -75,6 +84,7 @@ class RQVAEConfig:
     min_delta: float = 1e-4
     seed: int = 0
     accelerator: str = "cpu"
+    num_threads: int | None = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", check_levels(self.levels))
@@ -92,6 +102,7 @@ class RQVAEConfig:
             check_positive(name, getattr(self, name), allow_zero=True)
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"`decay` must be in [0, 1), got {self.decay!r}")
+        check_num_threads(self.num_threads)
         if not self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
 

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from torch.utils.data import DataLoader, TensorDataset
 
-from rqvae._checks import standardization
+from rqvae._checks import limit_threads, standardization
 from rqvae.model import RQVAE, RQVAEConfig
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
             enable_model_summary=False,
             enable_progress_bar=progress,
         )
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), limit_threads(config.num_threads):
             for pattern in _QUIET:
                 warnings.filterwarnings("ignore", message=pattern)
             trainer.fit(RQVAESystem(model, x), train_dataloaders=train)

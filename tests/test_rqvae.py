@@ -126,6 +126,25 @@ def test_balanced_last_level_removes_collisions(fitted: FitResult, data: np.ndar
     assert balanced.quantizer.encode(data[:3]).shape == (3, L)
 
 
+def test_fit_limits_threads_and_restores_them(data: np.ndarray) -> None:
+    before = torch.get_num_threads()
+    seen = []
+    original = ResidualKMeans._fit
+
+    def spy(self: ResidualKMeans, x: np.ndarray) -> None:
+        seen.append(torch.get_num_threads())
+        original(self, x)
+
+    ResidualKMeans._fit = spy  # type: ignore[method-assign]
+    try:
+        fit_codebooks(data, config("rqkmeans", num_threads=1))
+    finally:
+        ResidualKMeans._fit = original  # type: ignore[method-assign]
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"`num_threads` must be an int > 0, got 0"):
+        config("rqvae", num_threads=0)
+
+
 def test_stats_match_a_direct_count() -> None:
     codes = np.array([[0, 1], [0, 1], [0, 1], [1, 0], [2, 2]])
     s = code_stats(codes, 4)

@@ -104,7 +104,7 @@ def write_codebooks(
         "levels": L,
         "codebook_size": K,
         "extra_level_size": extra_level_size,
-        "seconds": round(result.seconds, 2),
+        "seconds": result.seconds,
         "per_level": [lvl._asdict() for lvl in result.stats.levels],
         "items_colliding": collisions.items_colliding,
         "fraction_colliding": collisions.fraction_colliding,
