@@ -79,7 +79,7 @@ class RQVAEConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 1024
-    max_epochs: int = 40
+    max_epochs: int = 50
     patience: int = 10
     min_delta: float = 1e-4
     seed: int = 0
