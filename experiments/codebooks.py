@@ -37,7 +37,11 @@ def uniform_random_row(n: int, levels: int, k: int, seed: int) -> dict:
     """Collisions of codes drawn uniformly at random (the reference the issue quotes)."""
     codes = np.random.default_rng(seed).integers(0, k, (n, levels))
     s = code_stats(codes, k)
-    return {"variant": "uniform random codes", "fraction_colliding": s.fraction_colliding, "largest_group": s.largest_group}
+    return {
+        "variant": "uniform random codes",
+        "fraction_colliding": s.fraction_colliding,
+        "largest_group": s.largest_group,
+    }
 
 
 def run_variant(x: np.ndarray, config: RQVAEConfig | RQKMeansConfig) -> dict:
@@ -69,7 +73,9 @@ def table(rows: list[dict], k: int) -> list[str]:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "method" not in r:
-            lines.append(f"| {r['variant']} | | | | | | {r['fraction_colliding']:.2%} | {r['largest_group']} | |")
+            lines.append(
+                f"| {r['variant']} | | | | | | {r['fraction_colliding']:.2%} | {r['largest_group']} | |"
+            )
             continue
         used = ", ".join(f"{u}/{k}" for u in r["codes_used"])
         ppl = ", ".join(f"{p:.0f}" for p in r["perplexity"])
@@ -88,16 +94,22 @@ def verdicts(rows: list[dict], k: int) -> list[str]:
         checks = {
             f"fit <= {TARGETS['seconds']:.0f} s": r["seconds"] <= TARGETS["seconds"],
             "100% codes used": all(u == k for u in r["codes_used"]),
-            f"colliding <= {TARGETS['fraction_colliding']:.0%}": r["fraction_colliding"] <= TARGETS["fraction_colliding"],
-            f"extra level <= {TARGETS['largest_group']} values": r["largest_group"] <= TARGETS["largest_group"],
+            f"colliding <= {TARGETS['fraction_colliding']:.0%}": r["fraction_colliding"]
+            <= TARGETS["fraction_colliding"],
+            f"extra level <= {TARGETS['largest_group']} values": r["largest_group"]
+            <= TARGETS["largest_group"],
         }
-        out.append(f"{r['variant']}: " + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in checks.items()))
+        out.append(
+            f"{r['variant']}: " + ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in checks.items())
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m experiments.codebooks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, default=Path("../shared/data/beauty"), help="folder with item_emb_minilm.npy")
+    p.add_argument(
+        "--data", type=Path, default=Path("../shared/data/beauty"), help="folder with item_emb_minilm.npy"
+    )
     p.add_argument("--embeddings", default="item_emb_minilm.npy", help="file name inside --data")
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
@@ -146,7 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with atomic_open(args.out / f"{stem}.md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    write_json(args.out / f"{stem}.json", {"command": command, "machine": env, "num_items": n, "dim": int(x.shape[1]), "rows": json.loads(json.dumps(rows))})
+    write_json(
+        args.out / f"{stem}.json",
+        {
+            "command": command,
+            "machine": env,
+            "num_items": n,
+            "dim": int(x.shape[1]),
+            "rows": json.loads(json.dumps(rows)),
+        },
+    )
     print(f"\nwrote {args.out / (stem + '.md')} and {args.out / (stem + '.json')}")
 
 

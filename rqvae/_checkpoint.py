@@ -38,9 +38,13 @@ def read_checkpoint(path: str | os.PathLike[str], method: str | None = None) -> 
         raise FileNotFoundError(f"{path}: no quantizer file here (write one with `semid fit-codebooks`)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a quantizer file (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r})")
+        raise ValueError(
+            f"{path}: not a quantizer file (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r})"
+        )
     if ckpt.get("version") != VERSION:
-        raise ValueError(f"{path}: quantizer format version {ckpt.get('version')!r}; this rqvae reads version {VERSION}")
+        raise ValueError(
+            f"{path}: quantizer format version {ckpt.get('version')!r}; this rqvae reads version {VERSION}"
+        )
     if method is not None and ckpt.get("method") != method:
         raise ValueError(f"{path}: holds a {ckpt.get('method')!r} quantizer, not {method!r}")
     return ckpt

@@ -21,7 +21,11 @@ def check_levels(levels: object) -> int:
 
 def check_codebook_size(codebook_size: object) -> int:
     """`codebook_size` as an int >= 2, or a ValueError naming it."""
-    if isinstance(codebook_size, bool) or not isinstance(codebook_size, numbers.Integral) or codebook_size < 2:
+    if (
+        isinstance(codebook_size, bool)
+        or not isinstance(codebook_size, numbers.Integral)
+        or codebook_size < 2
+    ):
         raise ValueError(f"`codebook_size` must be an int >= 2, got {codebook_size!r}")
     return int(codebook_size)
 
@@ -66,7 +70,9 @@ def check_embeddings(
     if x.shape[1] == 0:
         raise ValueError(f"`{name}` must have at least one column, got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"`{name}` must have D = {dim} columns (the dimension the quantizer was fitted on), got {x.shape[1]}")
+        raise ValueError(
+            f"`{name}` must have D = {dim} columns (the dimension the quantizer was fitted on), got {x.shape[1]}"
+        )
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
@@ -102,9 +108,13 @@ def check_codes(codes: object, levels: int, codebook_size: int) -> np.ndarray:
         codes = codes.detach().cpu().numpy()
     codes = np.asarray(codes)
     if codes.ndim != 2 or codes.shape[1] != levels or not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"`codes` must be an integer array (N, {levels}), got shape {codes.shape} dtype {codes.dtype}")
+        raise ValueError(
+            f"`codes` must be an integer array (N, {levels}), got shape {codes.shape} dtype {codes.dtype}"
+        )
     if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
-        raise ValueError(f"`codes` must lie in [0, {codebook_size}), got values in [{codes.min()}, {codes.max()}]")
+        raise ValueError(
+            f"`codes` must lie in [0, {codebook_size}), got values in [{codes.min()}, {codes.max()}]"
+        )
     return codes.astype(np.int64)
 
 

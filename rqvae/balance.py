@@ -66,13 +66,20 @@ def balanced_last_level(prefix: np.ndarray, residuals: np.ndarray, codebook: np.
         return codes
     order = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[order], np.stack([to_fix, to_fix + 1]))
+    book = codebook.astype(np.float64)  # (K, d)
+    book_sq = (book**2).sum(axis=1)  # (K,)
     overfull = 0
     for start, stop in bounds.T:
-        members = order[start:stop]
-        r = residuals[members].astype(np.float64)
-        cost = (r**2).sum(1)[:, None] - 2.0 * r @ codebook.T.astype(np.float64) + (codebook.astype(np.float64) ** 2).sum(1)[None, :]
+        members = order[start:stop]  # the items of one prefix group, (g,)
+        r = residuals[members].astype(np.float64)  # (g, d)
+        cost = (r**2).sum(axis=1)[:, None] - 2.0 * r @ book.T + book_sq[None, :]  # squared distances (g, K)
         rows, cols = linear_sum_assignment(cost)
         codes[members[rows]] = cols
         overfull += max(members.size - k, 0)
-    log.info("balanced last level: reassigned %d prefix groups; %d items in groups larger than K=%d", to_fix.size, overfull, k)
+    log.info(
+        "balanced last level: reassigned %d prefix groups; %d items in groups larger than K=%d",
+        to_fix.size,
+        overfull,
+        k,
+    )
     return codes

@@ -39,7 +39,7 @@ class FitResult(NamedTuple):
 
 
 def method_name(config: RQVAEConfig | RQKMeansConfig) -> str:
-    """"rqvae" or "rqkmeans"."""
+    """ "rqvae" or "rqkmeans"."""
     return "rqvae" if isinstance(config, RQVAEConfig) else "rqkmeans"
 
 
@@ -63,7 +63,9 @@ def fit_codebooks(
     with limit_threads(config.num_threads):
         start = time.perf_counter()
         if isinstance(config, RQKMeansConfig):
-            quantizer: Quantizer = ResidualKMeans(**config.to_dict()).fit(x)  # warns itself about unused codes
+            quantizer: Quantizer = ResidualKMeans(**config.to_dict()).fit(
+                x
+            )  # warns itself about unused codes
             codes = quantizer.codes_
         else:
             from rqvae.system import train_rqvae  # lightning is imported only when an RQ-VAE is fitted

@@ -145,7 +145,13 @@ class ResidualKMeans:
         codes = np.empty((x.shape[0], L), dtype=np.int64)
         self.inertia_ = []
         for level in range(L):
-            km = KMeans(n_clusters=K, n_init=self.n_init, max_iter=self.max_iter, tol=self.tol, random_state=self.seed + level)
+            km = KMeans(
+                n_clusters=K,
+                n_init=self.n_init,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                random_state=self.seed + level,
+            )
             with warnings.catch_warnings():  # a duplicate-point warning is re-raised below as codes used < K
                 warnings.filterwarnings("ignore", message="Number of distinct clusters")
                 km.fit(residual)
@@ -155,7 +161,12 @@ class ResidualKMeans:
             if level == L - 1 and self.balanced:
                 codes[:, level] = balanced_last_level(codes[:, :level], residual, centers[level])
             residual = residual - centers[level][codes[:, level]]
-            log.info("rqkmeans level %d: inertia %.4g, %d codes used", level, km.inertia_, np.unique(codes[:, level]).size)
+            log.info(
+                "rqkmeans level %d: inertia %.4g, %d codes used",
+                level,
+                km.inertia_,
+                np.unique(codes[:, level]).size,
+            )
         self.cluster_centers_ = centers
         self.codes_ = codes
         self.n_features_in_ = x.shape[1]
@@ -164,7 +175,9 @@ class ResidualKMeans:
     # ---- use ---------------------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not hasattr(self, "cluster_centers_"):
-            raise NotFittedError("this ResidualKMeans is not fitted yet: call `fit` (or `fit_codebooks`) first")
+            raise NotFittedError(
+                "this ResidualKMeans is not fitted yet: call `fit` (or `fit_codebooks`) first"
+            )
 
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
         """Nearest-code tuples of (new) items.

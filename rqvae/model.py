@@ -204,7 +204,9 @@ class RQVAE(nn.Module):
         x_hat_std = self.decoder(z_q)  # (B, D)
         recon_loss = F.mse_loss(x_hat_std, x_std)
         commit_loss = commit.sum()
-        return RQVAEOutput(x_hat_std * self.scale + self.mean, codes, recon_loss, commit_loss, recon_loss + commit_loss)
+        return RQVAEOutput(
+            x_hat_std * self.scale + self.mean, codes, recon_loss, commit_loss, recon_loss + commit_loss
+        )
 
     @torch.no_grad()
     def init_codebooks(self, x: torch.Tensor) -> None:
@@ -247,7 +249,10 @@ class RQVAE(nn.Module):
         was_training = self.training
         self.eval()
         device = self.mean.device
-        out = [self.quantizer(self.latents(torch.from_numpy(x[i : i + batch_size]).to(device)))[1].cpu() for i in range(0, x.shape[0], batch_size)]
+        out = [
+            self.quantizer(self.latents(torch.from_numpy(x[i : i + batch_size]).to(device)))[1].cpu()
+            for i in range(0, x.shape[0], batch_size)
+        ]
         self.train(was_training)
         return torch.cat(out).numpy().astype(np.int64)
 
@@ -258,7 +263,9 @@ class RQVAE(nn.Module):
         codes = check_codes(codes, self.config.levels, self.config.codebook_size)
         was_training = self.training
         self.eval()
-        z_q = self.quantizer.get_output_from_indices(torch.from_numpy(codes).to(self.mean.device))  # (N, latent)
+        z_q = self.quantizer.get_output_from_indices(
+            torch.from_numpy(codes).to(self.mean.device)
+        )  # (N, latent)
         x_hat = self.decoder(z_q) * self.scale + self.mean
         self.train(was_training)
         return x_hat.cpu().numpy()
@@ -267,7 +274,12 @@ class RQVAE(nn.Module):
     def to_checkpoint(self) -> dict[str, Any]:
         """Plain dict (config, input dim, weights) for ``torch.save``; loadable with ``weights_only=True``."""
         state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
-        return {"method": METHOD, "config": self.config.to_dict(), "input_dim": self.input_dim, "state_dict": state}
+        return {
+            "method": METHOD,
+            "config": self.config.to_dict(),
+            "input_dim": self.input_dim,
+            "state_dict": state,
+        }
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any]) -> RQVAE:

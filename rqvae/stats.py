@@ -26,7 +26,9 @@ class CodeStats(NamedTuple):
     fraction_colliding: float
     largest_group: int  # most items sharing one tuple (the extra level needs this many values)
     reconstruction_mse: float  # mean over items of ||x - x_hat||^2 (NaN when not measured)
-    reconstruction_rel: float  # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2: 0 is exact, 1 is "predict the mean"
+    reconstruction_rel: (
+        float  # sum ||x - x_hat||^2 / sum ||x - mean(x)||^2: 0 is exact, 1 is "predict the mean"
+    )
 
     def to_dict(self) -> dict:
         """JSON-ready form (levels as a list of dicts)."""
@@ -50,13 +52,19 @@ def code_stats(
         reconstruction: FloatArray (N, D), what the quantizer decodes ``codes`` to; optional.
     """
     codes = np.asarray(codes)
-    assert codes.ndim == 2 and codes.shape[0] > 0, f"codes must be a non-empty (N, L) array, got {codes.shape}"
+    assert codes.ndim == 2 and codes.shape[0] > 0, (
+        f"codes must be a non-empty (N, L) array, got {codes.shape}"
+    )
     n = codes.shape[0]
     levels = []
     for level in range(codes.shape[1]):
         counts = np.bincount(codes[:, level], minlength=codebook_size)
         p = counts[counts > 0] / n
-        levels.append(LevelStats(level, int((counts > 0).sum()), int(codebook_size), float(np.exp(-(p * np.log(p)).sum()))))
+        levels.append(
+            LevelStats(
+                level, int((counts > 0).sum()), int(codebook_size), float(np.exp(-(p * np.log(p)).sum()))
+            )
+        )
     _, inverse, group_sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     per_item = group_sizes[inverse.reshape(-1)]
     colliding = int((per_item > 1).sum())

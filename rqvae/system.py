@@ -90,7 +90,10 @@ def train_rqvae(embeddings: np.ndarray, config: RQVAEConfig, *, progress: bool =
         min_delta=config.min_delta,
         check_on_train_epoch_end=True,
     )
-    was_deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    was_deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     # Lightning's start-up notes (GPU/TPU available, a logging-service tip) say nothing about this fit
     lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     was_level = lightning_log.level

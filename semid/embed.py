@@ -56,7 +56,9 @@ def load_encoder(model_dir: str | os.PathLike[str], device: str | torch.device |
     """
     path = Path(model_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no model folder here (give a local folder written by `save_pretrained`; nothing is downloaded)")
+        raise FileNotFoundError(
+            f"{path}: no model folder here (give a local folder written by `save_pretrained`; nothing is downloaded)"
+        )
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a transformers model folder (no config.json)")
     try:
@@ -64,7 +66,11 @@ def load_encoder(model_dir: str | os.PathLike[str], device: str | torch.device |
         model = AutoModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot load a tokenizer and model from this folder ({e})") from e
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     return Encoder(tokenizer, model.to(device).eval(), path)
 
 
@@ -93,13 +99,22 @@ def embed_texts(
         raise ValueError(f"`max_length` must be an int >= 2, got {max_length!r}")
     tokenizer, model, _ = encoder
     device = next(model.parameters()).device
-    order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: similar lengths share a batch
+    order = np.argsort(
+        [-len(t) for t in texts], kind="stable"
+    )  # longest first: similar lengths share a batch
     out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode(), tqdm(total=len(texts), unit="item", disable=not progress, desc="embed") as bar:
+    with (
+        torch.inference_mode(),
+        tqdm(total=len(texts), unit="item", disable=not progress, desc="embed") as bar,
+    ):
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
             batch = tokenizer(
-                [texts[i] for i in rows], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
             ).to(device)
             hidden = model(**batch).last_hidden_state  # (B, T, D)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
@@ -142,7 +157,9 @@ def embed_dataset(
         raise ValueError(f"`fields` must be a non-empty list of {list(FIELDS)}, got {list(fields)!r}")
     name = default_name(model_dir) if name is None else name
     if not _NAME.match(name):
-        raise ValueError(f"`name` must be letters, digits, '_', '.' or '-' (starting with a letter or digit), got {name!r}")
+        raise ValueError(
+            f"`name` must be letters, digits, '_', '.' or '-' (starting with a letter or digit), got {name!r}"
+        )
     encoder = load_encoder(model_dir, device)
     dataset = load_dataset(data_dir)
     texts = dataset.catalogue.texts(fields)

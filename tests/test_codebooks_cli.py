@@ -19,7 +19,9 @@ FAST = {"rqvae": ["--max-epochs", "2"], "rqkmeans": []}
 @pytest.fixture
 def embeddings(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((6, 12))[rng.integers(0, 6, 120)] * 3 + rng.standard_normal((120, 12))).astype(np.float32)
+    x = (rng.standard_normal((6, 12))[rng.integers(0, 6, 120)] * 3 + rng.standard_normal((120, 12))).astype(
+        np.float32
+    )
     x[100:] = x[:20]  # exact duplicates: collide unless balanced
     path = tmp_path / "item_emb_test.npy"
     np.save(path, x)
@@ -33,9 +35,23 @@ def embeddings(tmp_path: Path) -> Path:
 def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ids"
     argv = ["fit-codebooks", "--embeddings", str(embeddings), "--out", str(out), "--method", method, balanced]
-    argv += ["--levels", "2", "--codebook-size", "8", "--extra-level-size", "64", "--no-progress", *FAST[method]]
+    argv += [
+        "--levels",
+        "2",
+        "--codebook-size",
+        "8",
+        "--extra-level-size",
+        "64",
+        "--no-progress",
+        *FAST[method],
+    ]
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["code_usage.png", "quantizer.pt", "semantic_ids.npz", "stats.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "code_usage.png",
+        "quantizer.pt",
+        "semantic_ids.npz",
+        "stats.json",
+    ]
     ids = SemanticIDs.load(out / "semantic_ids.npz")
     assert ids.num_items == 120 and ids.codebook_sizes == (8, 8, 64)
     meta = SemanticIDs.load_metadata(out / "semantic_ids.npz")
@@ -68,19 +84,36 @@ def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp
         (["--no-balanced", "--extra-level-size", "1"], "raise `extra_level_size`"),
     ],
 )
-def test_errors_are_one_line_and_status_2(extra: list[str], message: str, embeddings: Path, tmp_path: Path, capsys) -> None:
-    argv = ["fit-codebooks", "--embeddings", str(embeddings), "--out", str(tmp_path / "ids"), "--method", "rqkmeans"]
+def test_errors_are_one_line_and_status_2(
+    extra: list[str], message: str, embeddings: Path, tmp_path: Path, capsys
+) -> None:
+    argv = [
+        "fit-codebooks",
+        "--embeddings",
+        str(embeddings),
+        "--out",
+        str(tmp_path / "ids"),
+        "--method",
+        "rqkmeans",
+    ]
     argv += ["--levels", "2", "--codebook-size", "8", "--no-progress", *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_missing_or_bad_embeddings_file(tmp_path: Path, capsys) -> None:
-    assert main(["fit-codebooks", "--embeddings", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["fit-codebooks", "--embeddings", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "no embeddings file here" in capsys.readouterr().err
     bad = tmp_path / "bad.npy"
     x = np.ones((20, 4), np.float32)
     x[3, 1] = np.nan
     np.save(bad, x)
-    assert main(["fit-codebooks", "--embeddings", str(bad), "--out", str(tmp_path / "o"), "--codebook-size", "4"]) == 2
+    assert (
+        main(
+            ["fit-codebooks", "--embeddings", str(bad), "--out", str(tmp_path / "o"), "--codebook-size", "4"]
+        )
+        == 2
+    )
     assert "`embeddings` row 3 is not finite" in capsys.readouterr().err

@@ -69,7 +69,9 @@ def test_mean_pooling_over_real_tokens_only(model_dir: Path) -> None:
 def test_fields_and_name(tiny_dataset_dir: Path, model_dir: Path) -> None:
     titles = embed_dataset(tiny_dataset_dir, model_dir, fields=["title"], name="titles", progress=False)
     assert titles.path.name == "item_emb_titles.npy"
-    with pytest.raises(ValueError, match=r"`fields` must be a non-empty list of \['title', 'attributes'\], got \['price'\]"):
+    with pytest.raises(
+        ValueError, match=r"`fields` must be a non-empty list of \['title', 'attributes'\], got \['price'\]"
+    ):
         embed_dataset(tiny_dataset_dir, model_dir, fields=["price"], progress=False)
     with pytest.raises(ValueError, match=r"`name` must be letters"):
         embed_dataset(tiny_dataset_dir, model_dir, name="../x", progress=False)
@@ -89,7 +91,16 @@ def test_missing_or_invalid_model_folder(tmp_path: Path) -> None:
 
 
 def test_cli(tiny_dataset_dir: Path, model_dir: Path, capsys) -> None:
-    argv = ["embed", "--data", str(tiny_dataset_dir), "--model", str(model_dir), "--name", "cli", "--no-progress"]
+    argv = [
+        "embed",
+        "--data",
+        str(tiny_dataset_dir),
+        "--model",
+        str(model_dir),
+        "--name",
+        "cli",
+        "--no-progress",
+    ]
     assert main([*argv, "--batch-size", "2"]) == 0
     assert "item_emb_cli.npy" in capsys.readouterr().out
     assert np.load(tiny_dataset_dir / "item_emb_cli.npy").shape == (len(TINY_ITEMS), HIDDEN)

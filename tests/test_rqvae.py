@@ -75,7 +75,9 @@ def test_fit_codes_make_semantic_ids(fitted: FitResult, data: np.ndarray) -> Non
 
 
 def test_encode_matches_fit_codes_and_codes_new_items(fitted: FitResult, data: np.ndarray) -> None:
-    np.testing.assert_array_equal(fitted.quantizer.encode(data), fitted.codes)  # plain assignment: the same codes
+    np.testing.assert_array_equal(
+        fitted.quantizer.encode(data), fitted.codes
+    )  # plain assignment: the same codes
     new = clustered(seed=1)[:7]
     codes = fitted.quantizer.encode(new)
     assert codes.shape == (7, L) and codes.dtype == np.int64 and codes.max() < K
@@ -89,7 +91,9 @@ def test_decode_reconstructs_in_input_space(fitted: FitResult, data: np.ndarray)
     assert 0 < fitted.stats.reconstruction_rel < 1
 
 
-def test_save_load_with_weights_only_gives_identical_encode(fitted: FitResult, data: np.ndarray, tmp_path) -> None:
+def test_save_load_with_weights_only_gives_identical_encode(
+    fitted: FitResult, data: np.ndarray, tmp_path
+) -> None:
     path = tmp_path / "quantizer.pt"
     fitted.quantizer.save(path)
     raw = torch.load(path, weights_only=True)
@@ -109,7 +113,9 @@ def test_same_seed_same_codes(fitted: FitResult, data: np.ndarray) -> None:
     again = fit_codebooks(data, config(method), progress=False)
     np.testing.assert_array_equal(again.codes, fitted.codes)
     if method == "rqvae":
-        for (name, a), b in zip(fitted.quantizer.state_dict().items(), again.quantizer.state_dict().values(), strict=True):
+        for (name, a), b in zip(
+            fitted.quantizer.state_dict().items(), again.quantizer.state_dict().values(), strict=True
+        ):
             assert torch.equal(a, b), name
 
 
@@ -121,7 +127,9 @@ def test_balanced_last_level_removes_collisions(fitted: FitResult, data: np.ndar
     if prefix_groups.max() <= K:
         assert balanced.stats.items_colliding == 0
     assert balanced.stats.items_colliding < fitted.stats.items_colliding
-    np.testing.assert_array_equal(balanced.codes[:, :-1], balanced.quantizer.encode(data)[:, :-1])  # prefixes kept
+    np.testing.assert_array_equal(
+        balanced.codes[:, :-1], balanced.quantizer.encode(data)[:, :-1]
+    )  # prefixes kept
     # cold start: new items still get (nearest) codes
     assert balanced.quantizer.encode(data[:3]).shape == (3, L)
 

@@ -41,9 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"a unique semantic ID, and write DIR/{IDS_FILE}, DIR/{QUANTIZER_FILE}, DIR/{STATS_FILE} and "
         f"DIR/{PLOT_FILE}.",
     )
-    p.add_argument("--embeddings", required=True, type=Path, help="float (N, D) .npy file; row i is item i + 1")
+    p.add_argument(
+        "--embeddings", required=True, type=Path, help="float (N, D) .npy file; row i is item i + 1"
+    )
     p.add_argument("--out", required=True, type=Path, help="folder to write")
-    p.add_argument("--method", choices=("rqvae", "rqkmeans"), default=DEFAULT_METHOD, help=f"(default {DEFAULT_METHOD})")
+    p.add_argument(
+        "--method", choices=("rqvae", "rqkmeans"), default=DEFAULT_METHOD, help=f"(default {DEFAULT_METHOD})"
+    )
     p.add_argument("--levels", type=int, default=3, help="L, code levels before the extra level (default 3)")
     p.add_argument("--codebook-size", type=int, default=256, help="K, codes per level (default 256)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
@@ -55,15 +59,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"take their nearest code (default {'on' if DEFAULT_BALANCED else 'off'})",
     )
     p.add_argument(
-        "--extra-level-size", type=int, default=256, help="values of the extra level that separates collisions (default 256)"
+        "--extra-level-size",
+        type=int,
+        default=256,
+        help="values of the extra level that separates collisions (default 256)",
     )
-    p.add_argument("--max-epochs", type=int, help=f"rqvae only: training epochs at most (default {RQVAEConfig.max_epochs})")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        help=f"rqvae only: training epochs at most (default {RQVAEConfig.max_epochs})",
+    )
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar"
+    )
     p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> RQVAEConfig | RQKMeansConfig:
-    common = {"levels": args.levels, "codebook_size": args.codebook_size, "seed": args.seed, "balanced": args.balanced}
+    common = {
+        "levels": args.levels,
+        "codebook_size": args.codebook_size,
+        "seed": args.seed,
+        "balanced": args.balanced,
+    }
     if args.method == "rqvae":
         extra = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
         return RQVAEConfig(**common, **extra)
@@ -76,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     embeddings = _load_array(args.embeddings)
     result = fit_codebooks(embeddings, config, progress=args.progress)
-    stats = write_codebooks(args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size)
+    stats = write_codebooks(
+        args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size
+    )
     print(format_summary(stats, args.out))
     return 0
 
@@ -92,9 +112,17 @@ def write_codebooks(
     """Write the four files of a codebooks folder; returns what went into stats.json."""
     method = method_name(config)
     L, K = config.levels, config.codebook_size
-    ids = SemanticIDs.from_codes(result.codes, [K] * L, extra_level_size=extra_level_size)  # raises if a group won't fit
+    ids = SemanticIDs.from_codes(
+        result.codes, [K] * L, extra_level_size=extra_level_size
+    )  # raises if a group won't fit
     collisions = ids.collision_stats()
-    ids.save(out / IDS_FILE, method=method, embeddings=str(embeddings_path), balanced=config.balanced, seed=config.seed)
+    ids.save(
+        out / IDS_FILE,
+        method=method,
+        embeddings=str(embeddings_path),
+        balanced=config.balanced,
+        seed=config.seed,
+    )
     result.quantizer.save(out / QUANTIZER_FILE)  # atomic (rqvae writes through a temporary file too)
     stats = {
         "method": method,
@@ -168,4 +196,3 @@ def _load_array(path: Path) -> np.ndarray:
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable .npy array ({e})") from None
     return x
-

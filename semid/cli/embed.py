@@ -19,15 +19,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "folder; nothing is downloaded) and write DATA/item_emb_<name>.npy, row i for item i + 1.",
     )
     p.add_argument("--data", required=True, type=Path, help="dataset folder (items.jsonl, sequences.txt)")
-    p.add_argument("--model", required=True, type=Path, help="local model folder (config.json, weights, tokenizer)")
     p.add_argument(
-        "--fields", default=",".join(FIELDS), help=f"item fields that make the text, in order (default {','.join(FIELDS)})"
+        "--model", required=True, type=Path, help="local model folder (config.json, weights, tokenizer)"
+    )
+    p.add_argument(
+        "--fields",
+        default=",".join(FIELDS),
+        help=f"item fields that make the text, in order (default {','.join(FIELDS)})",
     )
     p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (default 256)")
     p.add_argument("--name", help="the file's <name> (default: from the model folder's name)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar"
+    )
     p.set_defaults(func=run)
 
 
