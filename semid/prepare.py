@@ -28,29 +28,33 @@ Bad input raises ValueError naming the file, the line number and the problem.
 
 from __future__ import annotations
 
-import ast
-import csv
-import gzip
 import json
 import logging
-import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 
+from semid._readers import (
+    _append,
+    _columns,
+    _csv_rows,
+    _get,
+    _Interactions,
+    _json_lines,
+    _Metadata,
+    _read_amazon_meta,
+    _recbole_header,
+    _tsv_rows,
+)
 from semid.data import EMBEDDING_PREFIX, ITEMS_FILE, SEQUENCES_FILE, USERS_FILE, Catalogue
 from semid.io import atomic_open
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("amazon2014", "recbole", "csv")
-_RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
-PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -76,30 +80,7 @@ class PrepareReport:
     stale_files_removed: tuple[str, ...] = ()  # item_emb_*.npy of the dataset that --overwrite replaced
 
 
-@dataclass
-class _Interactions:
-    """Raw interactions in file order."""
-
-    source: Path
-    users: list[str] = field(default_factory=list)
-    items: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-
-
-@dataclass
-class _Metadata:
-    """Item original id -> (title, attributes), first row kept."""
-
-    rows: int = 0
-    duplicates: int = 0
-    by_item: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
-
-    def add(self, item: str, title: str, attributes: Iterable[str]) -> None:
-        self.rows += 1
-        if item in self.by_item:
-            self.duplicates += 1
-            return
-        self.by_item[item] = (title.strip(), _dedupe(attributes))
+PathLike = str | os.PathLike[str]
 
 
 # ---- public entry points ---------------------------------------------------------------------------------------
@@ -339,10 +320,6 @@ def _number_by_first_appearance(codes: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return rank[inverse] + 1, uniq[by_first]
 
 
-def _dedupe(values: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
-
-
 # ---- checks ----------------------------------------------------------------------------------------------------
 def _check_args(out: PathLike, kcore: int, overwrite: bool) -> None:
     """Checks made before reading any input, so a bad argument fails fast."""
@@ -358,137 +335,3 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{out}: already holds a dataset ({ITEMS_FILE}); pass --overwrite to replace it"
         )
-
-
-# ---- readers -----------------------------------------------------------------------------------------------------
-@contextmanager
-def _open_text(path: Path, newline: str | None = None) -> Iterator[IO[str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8", newline=newline) as f:
-            yield f
-    else:
-        with open(path, encoding="utf-8", newline=newline) as f:
-            yield f
-
-
-def _lines(path: Path) -> Iterator[tuple[str, str]]:
-    """(``"path:lineno"``, line) for each line; an empty line is an error."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            if not line.strip():
-                raise ValueError(f"{where}: empty line")
-            yield where, line
-
-
-def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    for where, line in _lines(path):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        yield where, rec
-
-
-def _read_amazon_meta(path: Path) -> _Metadata:
-    meta = _Metadata()
-    for where, line in _lines(path):
-        try:
-            rec = ast.literal_eval(line.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-            raise ValueError(f"{where}: not a Python literal ({type(e).__name__}: {e})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a dict literal, got {type(rec).__name__}")
-        asin, title, brand = _get(rec, "asin", where), rec.get("title", ""), rec.get("brand", "")
-        categories = rec.get("categories", [])
-        if not isinstance(title, str) or not isinstance(brand, str):
-            raise ValueError(f"{where}: `title` and `brand` must be strings, got {title!r} and {brand!r}")
-        if not isinstance(categories, list) or not all(
-            isinstance(p, list) and all(isinstance(c, str) for c in p) for p in categories
-        ):
-            raise ValueError(f"{where}: `categories` must be a list of lists of strings, got {categories!r}")
-        meta.add(str(asin), title, [brand, *(c for p in categories for c in p[1:])])
-    return meta
-
-
-def _tsv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
-    """Tab-separated rows; every row must have as many fields as the first (the header)."""
-    width = None
-    for where, line in _lines(path):
-        row = line.rstrip("\r\n").split("\t")
-        width = width or len(row)
-        if len(row) != width:
-            raise ValueError(
-                f"{where}: expected {width} tab-separated columns (as in the header), got {len(row)}"
-            )
-        yield where, row
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
-    """CSV rows; every row must have as many fields as the first (the header)."""
-    with _open_text(path, newline="") as f:
-        reader, width = csv.reader(f), None
-        try:
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                width = width or len(row)
-                if not row:
-                    raise ValueError(f"{where}: empty line")
-                if len(row) != width:
-                    raise ValueError(f"{where}: expected {width} columns (as in the header), got {len(row)}")
-                yield where, row
-        except csv.Error as e:
-            raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
-
-
-def _recbole_header(path: Path, first: tuple[str, list[str]] | None, typed: bool = False) -> list[Any]:
-    """Names of a RecBole header's ``name:type`` columns (``(name, type)`` pairs when ``typed``)."""
-    if first is None:
-        raise ValueError(f"{path}: empty file (expected a header like `user_id:token`)")
-    columns = []
-    for c, col in enumerate(first[1], start=1):
-        name, _, kind = col.strip().rpartition(":")
-        if not name or kind not in _RECBOLE_TYPES:
-            raise ValueError(
-                f"{first[0]}: header column {c} is {col!r}, expected `name:type` with type in {_RECBOLE_TYPES}"
-            )
-        columns.append((name, kind) if typed else name)
-    return columns
-
-
-def _columns(path: Path, header: list[str] | None, wanted: dict[str, str]) -> list[int]:
-    """Positions of the ``wanted`` columns (role -> name) in ``header``; errors list the columns there are."""
-    if header is None:
-        raise ValueError(f"{path}: empty file (expected a header)")
-    positions = []
-    for role, name in wanted.items():
-        if name not in header:
-            raise ValueError(f"{path}:1: no {role} column {name!r} in the header; columns are {header}")
-        positions.append(header.index(name))
-    return positions
-
-
-def _get(rec: dict[str, Any], key: str, where: str) -> Any:
-    if key not in rec:
-        raise ValueError(f"{where}: missing field `{key}`")
-    return rec[key]
-
-
-def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> None:
-    try:
-        if isinstance(time, bool):
-            raise ValueError
-        ts = float(time)
-        if not math.isfinite(ts):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: timestamp {time!r} is not a finite number") from None
-    if not isinstance(user, str) or not isinstance(item, str) or not user.strip() or not item.strip():
-        raise ValueError(f"{where}: user and item ids must be non-empty strings, got {user!r} and {item!r}")
-    raw.users.append(user)
-    raw.items.append(item)
-    raw.times.append(ts)
