@@ -38,13 +38,18 @@ from itertools import pairwise
 import numpy as np
 import torch
 
+from semid._tree_build import as_padded, check_tokens, dense_tables
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 
 log = logging.getLogger(__name__)
 
-DENSE_BUDGET = 1 << 25  # entries of the dense next-node tables (128 MiB of int32) before high-degree depths go sparse
-ROW_SCAN_WIDTH = 32  # sparse depths whose nodes have at most this many children scan their row; wider ones search
+DENSE_BUDGET = (
+    1 << 25
+)  # entries of the dense next-node tables (128 MiB of int32) before high-degree depths go sparse
+ROW_SCAN_WIDTH = (
+    32  # sparse depths whose nodes have at most this many children scan their row; wider ones search
+)
 
 
 class PrefixTree:
@@ -79,7 +84,9 @@ class PrefixTree:
         # first[d] : first[d + 1] (breadth-first numbering); max_degree[d] children at most
         counts = torch.bincount(node_depth.cpu(), minlength=dense_spec.shape[0])
         self._first = [0, *torch.cumsum(counts, 0).tolist()]
-        self._depth_start = torch.tensor(self._first[1:-1], dtype=torch.long, device=row_ptr.device)  # (depths - 1,)
+        self._depth_start = torch.tensor(
+            self._first[1:-1], dtype=torch.long, device=row_ptr.device
+        )  # (depths - 1,)
         self._scan = torch.arange(ROW_SCAN_WIDTH, device=row_ptr.device)
         degree = row_ptr.diff().cpu()
         self._max_degree = [int(degree[a:b].max()) if b > a else 0 for a, b in pairwise(self._first)]
@@ -111,20 +118,24 @@ class PrefixTree:
         """
         if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
             raise ValueError(f"`vocab_size` must be a positive int, got {vocab_size!r}")
-        seqs = _as_padded(sequences)
+        seqs = as_padded(sequences)
         values = np.asarray(values)
         N, T = seqs.shape
         if values.shape != (N,) or not np.issubdtype(values.dtype, np.integer):
-            raise ValueError(f"`values` must be an integer array of shape ({N},), got {values.dtype} {values.shape}")
+            raise ValueError(
+                f"`values` must be an integer array of shape ({N},), got {values.dtype} {values.shape}"
+            )
         if (values < 0).any():
             raise ValueError(f"`values` must be >= 0, got {int(values.min())}")
-        lengths = _check_tokens(seqs, vocab_size)
+        lengths = check_tokens(seqs, vocab_size)
         for name, tok in (("end_token", end_token), ("pad_token", pad_token)):
             if tok is not None and not 0 <= tok < vocab_size:
                 raise ValueError(f"`{name}` must be in [0, {vocab_size}), got {tok!r}")
             if tok is not None and (seqs == tok).any():
                 row = int(np.argwhere(seqs == tok)[0, 0])
-                raise ValueError(f"sequence {row} (value {int(values[row])}) contains `{name}` {tok}; it may only be added by the tree")
+                raise ValueError(
+                    f"sequence {row} (value {int(values[row])}) contains `{name}` {tok}; it may only be added by the tree"
+                )
         if end_token is not None:
             seqs = np.concatenate([seqs, np.full((N, 1), -1, dtype=np.int64)], axis=1)
             seqs[np.arange(N), lengths] = end_token
@@ -139,13 +150,17 @@ class PrefixTree:
         dup = np.flatnonzero(first_diff == T)
         if dup.size:
             i = int(dup[0])
-            raise ValueError(f"duplicate sequence: values {int(values[i])} and {int(values[i + 1])} have the same tokens {seqs[i][: lengths[i]].tolist()}")
+            raise ValueError(
+                f"duplicate sequence: values {int(values[i])} and {int(values[i + 1])} have the same tokens {seqs[i][: lengths[i]].tolist()}"
+            )
         if end_token is None:
             # a sequence that is a prefix of the next one would end at an internal node: ambiguous without end_token
             is_prefix = first_diff >= lengths[:-1]
             if is_prefix.any():
                 i = int(np.flatnonzero(is_prefix)[0])
-                raise ValueError(f"sequence of value {int(values[i])} is a prefix of that of value {int(values[i + 1])}: pass `end_token`")
+                raise ValueError(
+                    f"sequence of value {int(values[i])} is a prefix of that of value {int(values[i + 1])}: pass `end_token`"
+                )
 
         # 2. nodes depth by depth: row i opens a new node at depth d+1 iff it differs from row i-1 in columns <= d
         node_of_row = np.zeros(N, dtype=np.int64)  # node each row is at, at the current depth (root = 0)
@@ -159,7 +174,9 @@ class PrefixTree:
                 break
             starts_any[1:] = first_diff <= d
             opens = valid & starts_any
-            new_ids = next_id + np.cumsum(opens) - 1  # for valid rows: id of the node they are at after column d
+            new_ids = (
+                next_id + np.cumsum(opens) - 1
+            )  # for valid rows: id of the node they are at after column d
             first_rows = np.flatnonzero(opens)
             parents.append(node_of_row[first_rows])
             tokens.append(seqs[first_rows, d])
@@ -176,7 +193,9 @@ class PrefixTree:
         depth = np.concatenate(depths)
         value = np.concatenate(node_value)
         num_nodes = next_id
-        child = np.arange(1, num_nodes, dtype=np.int64)  # edges are created in node order: edge e leads to e + 1
+        child = np.arange(
+            1, num_nodes, dtype=np.int64
+        )  # edges are created in node order: edge e leads to e + 1
 
         # 3. padding after a finished sequence: leaves loop to themselves on pad
         if pad_token is not None:
@@ -190,7 +209,7 @@ class PrefixTree:
         row_ptr = np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=num_nodes))])
 
         # 4. dense next-node tables over each depth's token window, highest average degree first, within budget
-        dense_spec, dense = _dense_tables(parent, token, child, depth, row_ptr, num_nodes, dense_budget)
+        dense_spec, dense = dense_tables(parent, token, child, depth, row_ptr, num_nodes, dense_budget)
 
         t = torch.from_numpy
         tree = cls(
@@ -211,10 +230,17 @@ class PrefixTree:
     def from_semantic_ids(cls, ids: SemanticIDs, layout: TokenLayout, **kwargs: int) -> PrefixTree:
         """The tree of every item's code tokens followed by eos; finished beams may be padded."""
         if layout.codebook_sizes != ids.codebook_sizes:
-            raise ValueError(f"`layout` has codebook sizes {list(layout.codebook_sizes)}, the IDs {list(ids.codebook_sizes)}")
+            raise ValueError(
+                f"`layout` has codebook sizes {list(layout.codebook_sizes)}, the IDs {list(ids.codebook_sizes)}"
+            )
         tokens = np.asarray(layout.codes_to_tokens(ids.codes))
         return cls.from_sequences(
-            tokens, ids.item_ids, layout.vocab_size, end_token=layout.eos_token_id, pad_token=layout.pad_token_id, **kwargs
+            tokens,
+            ids.item_ids,
+            layout.vocab_size,
+            end_token=layout.eos_token_id,
+            pad_token=layout.pad_token_id,
+            **kwargs,
         )
 
     # ---- size ----------------------------------------------------------------------------------------------------
@@ -225,7 +251,9 @@ class PrefixTree:
     @property
     def num_dense(self) -> int:
         """Nodes with a dense next-node row."""
-        return sum(b - a for (*_, dense), (a, b) in zip(self._spec, pairwise(self._first), strict=True) if dense)
+        return sum(
+            b - a for (*_, dense), (a, b) in zip(self._spec, pairwise(self._first), strict=True) if dense
+        )
 
     @property
     def max_depth(self) -> int:
@@ -237,7 +265,17 @@ class PrefixTree:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.row_ptr, self.child_token, self.child_node, self.edge_key, self.node_value, self.node_depth, self.dense_next, self.dense_spec, self.dense_allowed)
+        tensors = (
+            self.row_ptr,
+            self.child_token,
+            self.child_node,
+            self.edge_key,
+            self.node_value,
+            self.node_depth,
+            self.dense_next,
+            self.dense_spec,
+            self.dense_allowed,
+        )
         return sum(x.numel() * x.element_size() for x in tensors)
 
     def to(self, device: torch.device | str) -> PrefixTree:
@@ -279,12 +317,18 @@ class PrefixTree:
         W, V = self._max_degree[d], self.vocab_size
         if W == 0:
             return torch.full_like(nodes, -1)
-        keys = torch.where((tokens >= 0) & (tokens < V), nodes * V + tokens, -1)  # edge_key of the wanted edge
+        keys = torch.where(
+            (tokens >= 0) & (tokens < V), nodes * V + tokens, -1
+        )  # edge_key of the wanted edge
         if W <= ROW_SCAN_WIDTH:  # compare with the keys of a fixed-width window from the node's first edge
-            edge = (self.row_ptr[nodes][:, None] + self._scan[:W]).clamp_max_(self.edge_key.numel() - 1)  # (B, W)
+            edge = (self.row_ptr[nodes][:, None] + self._scan[:W]).clamp_max_(
+                self.edge_key.numel() - 1
+            )  # (B, W)
             hit = _take(self.edge_key, edge) == keys[:, None]  # at most one hit per row: keys are unique
             return torch.where(hit.any(dim=1), self.child_node[(edge * hit).sum(dim=1)], -1)
-        pos = torch.searchsorted(self.edge_key, keys).clamp_max(self.edge_key.numel() - 1)  # wide rows: search
+        pos = torch.searchsorted(self.edge_key, keys).clamp_max(
+            self.edge_key.numel() - 1
+        )  # wide rows: search
         return torch.where(self.edge_key[pos] == keys, self.child_node[pos], -1)
 
     def _by_depth(self, nodes: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
@@ -293,7 +337,9 @@ class PrefixTree:
             return []
         lo, hi = nodes.aminmax()
         lo, hi = int(lo), int(hi)  # one device sync
-        if lo >= 0 and bisect_right(self._first, lo) == bisect_right(self._first, hi):  # one depth: the usual step
+        if lo >= 0 and bisect_right(self._first, lo) == bisect_right(
+            self._first, hi
+        ):  # one depth: the usual step
             return [(bisect_right(self._first, lo) - 1, None)]
         # depth from the node id alone (nodes are numbered depth by depth): no gather from the node arrays
         depth = torch.where(nodes >= 0, torch.searchsorted(self._depth_start, nodes, right=True), -1)
@@ -325,20 +371,32 @@ class PrefixTree:
         """
         lo, hi = token_range if token_range is not None else (0, self.vocab_size)
         if not 0 <= lo < hi <= self.vocab_size:
-            raise ValueError(f"`token_range` must satisfy 0 <= lo < hi <= {self.vocab_size}, got {token_range!r}")
+            raise ValueError(
+                f"`token_range` must satisfy 0 <= lo < hi <= {self.vocab_size}, got {token_range!r}"
+            )
         mask = None
         for d, rows in self._by_depth(nodes):  # loop over the depths present (one in a decoding step)
             if rows is None:
                 return self._mask_at_depth(d, nodes, lo, hi)
-            mask = torch.zeros(nodes.shape[0], hi - lo, dtype=torch.bool, device=nodes.device) if mask is None else mask
+            mask = (
+                torch.zeros(nodes.shape[0], hi - lo, dtype=torch.bool, device=nodes.device)
+                if mask is None
+                else mask
+            )
             mask[rows] = self._mask_at_depth(d, nodes[rows], lo, hi)
-        return torch.zeros(nodes.shape[0], hi - lo, dtype=torch.bool, device=nodes.device) if mask is None else mask
+        return (
+            torch.zeros(nodes.shape[0], hi - lo, dtype=torch.bool, device=nodes.device)
+            if mask is None
+            else mask
+        )
 
     def _mask_at_depth(self, d: int, nodes: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """allowed_mask (B, hi - lo) of rows whose nodes all have depth d (>= 0)."""
         offset, first_tok, width, dense = self._spec[d]
         B, K = nodes.shape[0], hi - lo
-        if dense:  # gather the rows of the depth's table, keep the columns of its window that fall in [lo, hi)
+        if (
+            dense
+        ):  # gather the rows of the depth's table, keep the columns of its window that fall in [lo, hi)
             n_d = self._first[d + 1] - self._first[d]
             table = self.dense_allowed[offset : offset + n_d * width].view(n_d, width)
             rows = torch.index_select(table, 0, nodes - self._first[d])  # (B, width)
@@ -350,7 +408,9 @@ class PrefixTree:
                 out[:, a - lo : b - lo] = rows[:, a - first_tok : b - first_tok]
             return out
         W = self._max_degree[d]
-        if W <= ROW_SCAN_WIDTH:  # scatter a fixed-width window of each row's tokens; misses go to a spare column
+        if (
+            W <= ROW_SCAN_WIDTH
+        ):  # scatter a fixed-width window of each row's tokens; misses go to a spare column
             start, end = self.row_ptr[nodes], self.row_ptr[nodes + 1]
             edge = start[:, None] + self._scan[:W]  # (B, W)
             tok = _take(self.child_token, edge.clamp_max(self.child_token.numel() - 1)) - lo
@@ -375,74 +435,3 @@ class PrefixTree:
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for a 1-D x and an index of any shape; index_select is ~2x faster than advanced indexing here."""
     return torch.index_select(x, 0, index.reshape(-1)).view(index.shape)
-
-
-def _dense_tables(
-    parent: np.ndarray, token: np.ndarray, child: np.ndarray, depth: np.ndarray, row_ptr: np.ndarray, num_nodes: int, budget: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Dense next-node tables for the depths with the highest average degree that fit ``budget`` entries.
-
-    Edges are sorted by parent and nodes numbered by depth, so depth d's nodes and their edges are contiguous.
-    Returns dense_spec (depths, 4) = (offset, first token, width, dense) and the concatenated tables.
-    """
-    counts = np.bincount(depth)
-    first = np.concatenate([[0], np.cumsum(counts)])
-    D = counts.size
-    windows = []  # (depth, first edge, last edge, lo, width, average degree)
-    for d in range(D):
-        e0, e1 = int(row_ptr[first[d]]), int(row_ptr[first[d + 1]])
-        if e1 > e0:
-            lo = int(token[e0:e1].min())
-            windows.append((d, e0, e1, lo, int(token[e0:e1].max()) - lo + 1, (e1 - e0) / counts[d]))
-    spec = np.zeros((D, 4), dtype=np.int64)
-    for d, _, _, lo, width, _ in windows:
-        spec[d, 1:3] = (lo, width)
-    tables, used = [], 0
-    dtype = np.int32 if num_nodes < 2**31 else np.int64
-    for d, e0, e1, lo, width, _ in sorted(windows, key=lambda w: -w[5]):
-        entries = int(counts[d]) * width
-        if used + entries > budget:
-            continue
-        table = np.full(entries, -1, dtype=dtype)
-        table[(parent[e0:e1] - first[d]) * width + token[e0:e1] - lo] = child[e0:e1]
-        spec[d] = (used, lo, width, 1)
-        tables.append(table)
-        used += entries
-    return spec, (np.concatenate(tables) if tables else np.zeros(0, dtype=dtype))
-
-
-# ---- input checks (public boundary only) ---------------------------------------------------------------------------
-def _as_padded(sequences: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-    if isinstance(sequences, (np.ndarray, torch.Tensor)):
-        seqs = np.asarray(sequences)
-        if seqs.ndim != 2 or seqs.shape[0] == 0 or seqs.shape[1] == 0:
-            raise ValueError(f"`sequences` must be a non-empty (N, T) array, got shape {seqs.shape}")
-        if not np.issubdtype(seqs.dtype, np.integer):
-            raise TypeError(f"`sequences` must hold integers, got dtype {seqs.dtype}")
-        return seqs.astype(np.int64)
-    rows = [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
-    if not rows:
-        raise ValueError("`sequences` must hold at least one sequence, got none")
-    T = max(r.size for r in rows)
-    out = np.full((len(rows), max(T, 1)), -1, dtype=np.int64)
-    for i, r in enumerate(rows):  # construction only, not a decoding path
-        out[i, : r.size] = r
-    return out
-
-
-def _check_tokens(seqs: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Validate tokens and -1 padding; return each row's length."""
-    is_pad = seqs == -1
-    lengths = np.where(is_pad.any(axis=1), is_pad.argmax(axis=1), seqs.shape[1])
-    pad_inside = is_pad & (np.arange(seqs.shape[1]) < lengths[:, None])
-    after = ~is_pad & (np.arange(seqs.shape[1]) >= lengths[:, None])
-    if after.any() or pad_inside.any():
-        row = int(np.argwhere(after)[0, 0])
-        raise ValueError(f"sequence {row} has tokens after its -1 padding: padding may only come at the end")
-    if (lengths == 0).any():
-        raise ValueError(f"sequence {int(np.flatnonzero(lengths == 0)[0])} is empty; every sequence needs at least one token")
-    bad = ~is_pad & ((seqs < 0) | (seqs >= vocab_size))
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"sequence {row} has token {int(seqs[row, col])} at position {col}, outside [0, {vocab_size})")
-    return lengths
