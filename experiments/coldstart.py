@@ -55,12 +55,14 @@ def prepare(args: argparse.Namespace, train_flags: list[str]) -> tuple[Any, Any]
         write_warm_dataset(dataset, split, warm)
     if not (ids / "semantic_ids.npz").is_file():
         emb = warm / f"item_emb_{args.embeddings}.npy"
-        code = semid(["fit-codebooks", "--embeddings", str(emb), "--out", str(ids), "--method", args.method, "--no-progress"])
-        assert code == 0, "semid fit-codebooks failed"
+        argv = ["fit-codebooks", "--embeddings", str(emb), "--out", str(ids), "--method", args.method, "--no-progress"]
+        if (code := semid(argv)) != 0:
+            raise RuntimeError(f"`semid {' '.join(argv)}` failed with exit status {code}")
     if not (run / "config.yaml").is_file():
         flags = ["--dense", "both", "--objective", "joint", "--dense-embeddings", args.embeddings, *train_flags]
-        code = semid(["train", "--data", str(warm), "--ids", str(ids), "--out", str(run), *flags])
-        assert code == 0, "semid train failed"
+        argv = ["train", "--data", str(warm), "--ids", str(ids), "--out", str(run), *flags]
+        if (code := semid(argv)) != 0:
+            raise RuntimeError(f"`semid {' '.join(argv)}` failed with exit status {code}")
     return dataset, split
 
 

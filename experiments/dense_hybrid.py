@@ -88,7 +88,8 @@ def score(
         metrics.update(items, b.target)
         cold += int((items >= cold_from).sum()) if cold_from is not None else 0
     seconds = time.perf_counter() - start
-    assert bad == 0, f"{bad} invalid or duplicate items returned"
+    if bad:  # a real check, not an assert (which `python -O` strips)
+        raise RuntimeError(f"{bad} invalid or duplicate items returned by {getattr(decode, '__name__', decode)}")
     return {**metrics.compute(), "users": metrics.count, "seconds": round(seconds, 2), "users_per_s": metrics.count / seconds,
             "decoder": getattr(decode, "__name__", str(decode)),
             **({"cold_share": cold / (metrics.count * max(ks))} if cold_from is not None else {})}

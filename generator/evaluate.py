@@ -29,6 +29,10 @@ from semid.metrics import RankingMetrics
 log = logging.getLogger(__name__)
 
 
+class DecoderError(RuntimeError):
+    """A decoder returned items outside the catalogue or the same item twice for one user: its metrics mean nothing."""
+
+
 class EvalResult(NamedTuple):
     """Metrics of one evaluation. ``metrics`` holds ``recall@K`` and ``ndcg@K`` for each K."""
 
@@ -105,8 +109,11 @@ def evaluate(
         metrics.update(items, b.target)
     seconds = time.perf_counter() - start
     result = EvalResult(which, f"{decode.__module__}.{decode.__name__}", metrics.compute(), metrics.count, invalid, duplicates, seconds)
-    if invalid or duplicates:
-        log.error("%d invalid and %d duplicate items returned: the decoder is broken", invalid, duplicates)
+    if invalid or duplicates:  # metrics of a broken decoder must not be reported (or written) as if valid
+        raise DecoderError(
+            f"decoder {result.decoder} returned {invalid} invalid and {duplicates} duplicate items "
+            f"on {result.users} {which} users: the decoder is broken"
+        )
     log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
     return result
 

@@ -157,3 +157,22 @@ def test_demo_pipeline_trains_evaluates_and_shows(tmp_path: Path) -> None:
     assert report.test["users_evaluated"] == 10 and report.test["invalid_items"] == 0
     assert len(report.shown) == 3 and all(len(u.recommendations) == 10 for u in report.shown)
     assert "top-10" in report.text and (tmp_path / "run" / "metrics_test.json").is_file()
+
+
+def test_evaluate_fails_on_a_broken_decoder(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import generator.evaluate as ev
+    from generator.decode import BeamResult
+
+    def duplicating(model, input_ids, attention_mask, tree, layout, *, k, num_beams):  # noqa: ANN001, ANN202
+        items = torch.full((input_ids.shape[0], k), int(NUM_ITEMS) + 10**6)
+        return BeamResult(items, torch.zeros(items.shape), torch.zeros(*items.shape, 1, dtype=torch.long))
+
+    monkeypatch.setattr(ev, "build_decoder", lambda *a, **kw: duplicating)
+    out_file = trained["run"] / "metrics_broken.json"
+    monkeypatch.setattr(ev, "metrics_file", lambda run, which: out_file)
+    assert main(["evaluate", "--run", str(trained["run"]), "--split", "test", "--num-beams", "12", "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "invalid" in err and "duplicate" in err and "broken" in err
+    assert not out_file.exists()

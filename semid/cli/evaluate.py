@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from generator.evaluate import evaluate_run, parse_ks
+from generator.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.hybrid import ALL_DECODERS
 from generator.run import metrics_file
 
@@ -40,11 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ks = parse_ks(args.k)
-    m = evaluate_run(
-        args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
-        batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
-        device=args.device, progress=args.progress, alpha=args.alpha,
-    )
+    try:
+        m = evaluate_run(
+            args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
+            batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
+            device=args.device, progress=args.progress, alpha=args.alpha,
+        )
+    except DecoderError as e:  # a RuntimeError, which semid.cli.main does not catch
+        if args.debug:
+            raise
+        print(f"semid evaluate: error: {e}", file=sys.stderr)
+        return 1
     print(f"{args.split}: {m['users_evaluated']} users, checkpoint {m['checkpoint']}, {m['num_beams']} beams, decoder {m['decoder']}")
     for k in ks:
         print(f"  Recall@{k:<3} {m[f'recall@{k}']:.4f}   NDCG@{k:<3} {m[f'ndcg@{k}']:.4f}")

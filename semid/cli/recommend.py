@@ -44,7 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     r = load_run(args.run)
     user_ids = [args.user] if args.user is not None else None
-    rec = recommend(r, [args.history], k=args.k, num_beams=args.num_beams, user_ids=user_ids, decoder=args.decoder, alpha=args.alpha)[0]
+    try:
+        rec = recommend(r, [args.history], k=args.k, num_beams=args.num_beams, user_ids=user_ids, decoder=args.decoder, alpha=args.alpha)[0]
+    except RuntimeError as e:  # a decoder returned items outside the catalogue; semid.cli.main does not catch these
+        if args.debug:
+            raise
+        print(f"semid recommend: error: {e}", file=sys.stderr)
+        return 1
     data = args.data if args.data is not None else r.data_dir
     try:
         titles = load_dataset(data).catalogue.title_of
