@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -58,7 +59,8 @@ class SemanticIDs:
         _check_int_array("codes", codes)
         _check_int_array("item_ids", item_ids)
         if item_ids.size and (np.diff(item_ids) <= 0).any():
-            raise ValueError("`item_ids` must be strictly ascending (unique)")
+            i = int(np.flatnonzero(np.diff(item_ids) <= 0)[0])
+            raise ValueError(f"`item_ids` must be strictly ascending (unique), got {int(item_ids[i])} then {int(item_ids[i + 1])} at rows {i}, {i + 1}")
         _check_codes_in_range(codes, sizes)
         self.codes = codes.astype(np.int64)
         self.item_ids = item_ids.astype(np.int64)
@@ -216,12 +218,19 @@ class SemanticIDs:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no semantic IDs file here (write one with `semid fit-codebooks`)")
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"codes", "item_ids", "meta"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: not a semantic IDs file (missing arrays {sorted(missing)})")
-            meta = json.loads(str(z["meta"]))
-            codes, item_ids = z["codes"], z["item_ids"]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = {"codes", "item_ids", "meta"} - set(z.files)
+                if missing:
+                    raise ValueError(f"{path}: not a semantic IDs file (missing arrays {sorted(missing)})")
+                meta = json.loads(str(z["meta"]))
+                codes, item_ids = z["codes"], z["item_ids"]
+        except (OSError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable semantic IDs file ({e}); write it again with `semid fit-codebooks`") from e
+        except ValueError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}: not a readable semantic IDs file ({e}); write it again with `semid fit-codebooks`") from e
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a semantic IDs file (format {meta.get('format')!r})")
         if meta.get("version") != FORMAT_VERSION:

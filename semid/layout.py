@@ -125,7 +125,7 @@ class TokenLayout:
         if self.num_user_tokens == 0:
             raise ValueError("this layout has no user tokens (`num_user_tokens=0`)")
         if (user_ids < 0).any():
-            raise ValueError("`user_ids` must be non-negative")
+            raise ValueError(f"`user_ids` must be non-negative, got {int(user_ids[user_ids < 0].reshape(-1)[0])}")
         bucket = (user_ids * _HASH_MULT) % (2**32) % self.num_user_tokens
         return bucket + self.user_offset
 

@@ -89,3 +89,13 @@ def test_unknown_item_and_bad_file(tmp_path):
         SemanticIDs.load(tmp_path / "x.npz")
     with pytest.raises(FileNotFoundError, match="fit-codebooks"):
         SemanticIDs.load(tmp_path / "missing.npz")
+
+
+def test_corrupt_file_error_names_the_path(tmp_path):
+    bad = tmp_path / "semantic_ids.npz"
+    bad.write_bytes(b"not a zip archive at all")
+    with pytest.raises(ValueError, match=r"semantic_ids.npz: not a readable semantic IDs file"):
+        SemanticIDs.load(bad)
+    np.savez(bad, codes=np.zeros((2, 2), dtype=object), item_ids=np.arange(2), meta=np.array("{}"))
+    with pytest.raises(ValueError, match=r"semantic_ids.npz: not a readable semantic IDs file"):
+        SemanticIDs.load(bad)

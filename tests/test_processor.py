@@ -77,7 +77,13 @@ def test_generate_topk_returns_valid_distinct_items(setup):
     assert result.items.shape == (5, 10) and result.codes.shape == (5, 10, layout.num_levels)
     assert np.array_equal(ids.items_of(result.codes.numpy()), result.items.numpy())
     assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()  # best first
-    assert (result.scores.exp().sum(1) <= 1 + 1e-5).all()  # renormalised: a distribution over items
+    # renormalised over allowed tokens: with as many beams as items every item comes back, and the item
+    # probabilities sum to 1 (raw log-probabilities would sum to P(some valid item) < 1)
+    four = SemanticIDs.from_codes(np.array([[0, 1, 2], [0, 1, 3], [5, 0, 0], [2, 2, 2]]), [6, 6, 6], extra_level_size=6)
+    assert four.layout(num_user_tokens=4) == layout  # the model's vocabulary
+    everything = generate_topk(model, inputs, mask, PrefixTree.from_semantic_ids(four, layout), layout, k=4, num_beams=4)
+    assert sorted(everything.items[0].tolist()) == [1, 2, 3, 4]
+    torch.testing.assert_close(everything.scores.exp().sum(1), torch.ones(5), atol=1e-5, rtol=0)
 
 
 def test_processor_argument_errors(setup):

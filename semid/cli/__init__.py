@@ -1,7 +1,7 @@
 """The `semid` command line. Each command lives in its own module with a `register(subparsers)` function.
 
 This package is the only place that imports both `rqvae` and `generator` (see docs/architecture.md).
-Library code raises ValueError / FileNotFoundError with a message that names the file, line or argument;
+Library code raises ValueError / TypeError / FileNotFoundError with a message that names the file, line or argument;
 the command line prints that message and exits with status 2 (`--debug` shows the traceback).
 """
 
@@ -31,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # command not written yet
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -47,10 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         if args.debug:
             raise
-        print(f"semid {args.command}: error: {e}", file=sys.stderr)
+        print(f"semid {args.command}: error: {e}  (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

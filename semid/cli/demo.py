@@ -21,6 +21,7 @@ from semid.data import format_summary, leave_one_out, load_dataset, summary
 from semid.io import write_json
 
 EMBEDDINGS = "minilm"
+CODEBOOK_FILES = ("semantic_ids.npz", "quantizer.pt", "stats.json", "code_usage.png")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     # 2. codebooks, through the same command a user runs
     ids_dir = args.out / "ids"
     _step("2/4 semantic IDs")
-    if (ids_dir / "semantic_ids.npz").is_file():
+    if all((ids_dir / f).is_file() for f in CODEBOOK_FILES):  # fit-codebooks writes its four files one by one
         print(f"reusing the codebooks in {ids_dir} (delete that folder to fit them again)")
     else:
         emb = args.data / f"item_emb_{args.embeddings}.npy"
