@@ -19,6 +19,7 @@ Dimensions: B histories, S encoder tokens, M candidates, N items, d vector dim, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from generator.dense import (
 )
 from generator.examples import collate
 from generator.mips import MIPSIndex
+from generator.model import ids_digest
 from semid.data import Dataset, Split
 from semid.ids import SemanticIDs
 from semid.io import write_json
@@ -409,22 +411,44 @@ def choose_run_alpha(
     write_json(
         Path(run.path) / ALPHA_FILE,
         {"alpha": choice.alpha, "metric": metric, "table": {str(a): v for a, v in choice.table.items()},
-         "validation_users": int(targets.size), "num_candidates": decoder.num_candidates, "checkpoint": run.checkpoint.name},
+         "validation_users": int(targets.size), "num_candidates": decoder.num_candidates, **_alpha_key(run)},
     )
     log.info("hybrid: alpha %.2f chosen on %d validation users (%s by alpha: %s)", choice.alpha, targets.size, metric, choice.table)
     return choice
 
 
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _alpha_key(run: Run) -> dict[str, str]:
+    """What a stored alpha depends on besides the candidate count: the exact checkpoint (path and content) and IDs."""
+    return {"checkpoint": str(Path(run.checkpoint).resolve()), "checkpoint_sha256": _file_digest(Path(run.checkpoint)),
+            "ids_sha256": ids_digest(run.ids)}
+
+
 def _stored_alpha(run: Run, num_candidates: int) -> float | None:
+    """The alpha in RUN/hybrid.json if it was chosen for this checkpoint file (path and content), IDs and candidate count."""
     path = Path(run.path) / ALPHA_FILE
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
-    if stored.get("checkpoint") != run.checkpoint.name or stored.get("num_candidates") != num_candidates:
-        log.info("%s was chosen for another checkpoint or candidate count; choosing again", path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        alpha = float(stored["alpha"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"{path}: corrupt hybrid blend-weight file ({type(e).__name__}: {e}); delete it to choose alpha again, or pass `alpha`"
+        ) from e
+    key = _alpha_key(run)
+    stale = [name for name, value in key.items() if stored.get(name) != value]
+    if stored.get("num_candidates") != num_candidates:
+        stale.append("num_candidates")
+    if stale:
+        log.info("%s was chosen for another %s; choosing alpha again", path, ", ".join(stale))
         return None
-    return float(stored["alpha"])
+    return alpha
 
 
 class DenseOptionsAction(argparse.Action):

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from generator.datamodule import GeneratorDataModule
 from generator.evaluate import evaluate_run
-from generator.hybrid import dense_setup
+from generator.hybrid import ALPHA_FILE, dense_setup
 from generator.model import ids_digest, preset
 from generator.run import BEST, CHECKPOINT_DIR, IDS_FILE, LAST, LOG_DIR, read_config, write_config
 from generator.system import GeneratorSystem, OptimConfig
@@ -156,6 +156,12 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
         raise ValueError(f"{out}: a resumed run must keep {list(_FIXED_ON_RESUME)}; changed {diffs}")
     if not last.is_file():
         raise FileNotFoundError(f"{last}: nothing to resume from")
+    # they describe the checkpoint being continued, not the one this resumed training will select
+    stale = sorted([*out.glob("metrics_*.json"), *([out / ALPHA_FILE] if (out / ALPHA_FILE).exists() else [])])
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("resume: removed %s (they describe the previous checkpoint)", ", ".join(p.name for p in stale))
     return last
 
 

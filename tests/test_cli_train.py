@@ -127,8 +127,12 @@ def test_resume_continues_the_same_run(trained: dict[str, Path], tmp_path: Path)
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     step_before = torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"]
+    (run / "hybrid.json").write_text('{"alpha": 0.5}')
+    assert (run / "metrics_valid.json").is_file()
     argv = ["train", "--data", str(trained["data"]), "--ids", str(run), "--out", str(run), "--resume", "--max-epochs", "3", "--final-val-users", "0"]
     assert main(argv) == 0
+    # what described the old checkpoint is gone (no final validation ran to write a new one)
+    assert not list(run.glob("metrics_*.json")) and not (run / "hybrid.json").exists()
     last = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
     assert last["epoch"] == 2 and last["global_step"] > step_before
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16  # kept from the first run

@@ -88,3 +88,34 @@ def test_dense_flag_errors(folders: dict[str, Path], capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["train", "--data", str(folders["data"]), "--ids", str(folders["ids"]), "--out", "x", "--dense-option", "colour=red"])
     assert "KEY one of" in capsys.readouterr().err
+
+
+def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import shutil
+
+    from generator.hybrid import build_decoder
+    from semid.data import leave_one_out, load_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(joint_run, run)
+    (run / ALPHA_FILE).unlink(missing_ok=True)
+    r = load_run(run)
+    split = leave_one_out(load_dataset(r.data_dir))
+    build_decoder(r, "hybrid", split=split, num_beams=12)
+    stored = json.loads((run / ALPHA_FILE).read_text())
+    assert stored["checkpoint"] == str(r.checkpoint.resolve()) and stored["ids_sha256"] and stored["checkpoint_sha256"]
+    stored["alpha"] = 0.123  # reused as is while nothing changed
+    (run / ALPHA_FILE).write_text(json.dumps(stored))
+    assert "alpha=0.123" in build_decoder(r, "hybrid", num_beams=12).__name__
+    # the same file name with other content (e.g. a resumed training's new best.ckpt): chosen again
+    ckpt = torch.load(r.checkpoint, weights_only=False)
+    ckpt["global_step"] += 1
+    torch.save(ckpt, r.checkpoint)
+    with caplog.at_level(logging.INFO, logger="generator.hybrid"):
+        build_decoder(r, "hybrid", split=split, num_beams=12)
+    assert "checkpoint_sha256" in caplog.text
+    assert json.loads((run / ALPHA_FILE).read_text())["checkpoint_sha256"] != stored["checkpoint_sha256"]
+    (run / ALPHA_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=r"hybrid\.json: corrupt"):
+        build_decoder(r, "hybrid", split=split, num_beams=12)
