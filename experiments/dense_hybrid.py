@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="", help="suffix of the result files")
     args = p.parse_args(argv)
+    if args.split == "valid":  # alpha is chosen on validation users: scoring the hybrid on them would be biased
+        p.error("--split valid would score the hybrid on the validation users its alpha was chosen on; use --split test")
 
     dense_dir = args.dense_run or args.run
     run = load_run(args.run)

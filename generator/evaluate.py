@@ -84,6 +84,12 @@ def evaluate(
         decoder: "auto" | "beam" | "generate" | "dense" | "hybrid" (``generator.hybrid.build_decoder``); hybrid's
             blend weight is ``alpha``, or the one chosen on validation users (RUN/hybrid.json), never on test users.
     """
+    if which == "valid" and decoder == "hybrid" and alpha is None:
+        raise ValueError(
+            "the hybrid decoder's blend weight is chosen on validation users, so scoring it on the validation split "
+            "would grade it on the users it was tuned on; evaluate `split='test'` (--split test), or pass an explicit "
+            "`alpha` (--alpha A) to score a fixed blend weight on the validation split"
+        )
     ks = tuple(sorted(ks))
     check_beam_args(ks[-1], num_beams, run.ids.num_items)
     if device is None:  # the accelerator where there is one, as training does

@@ -376,7 +376,7 @@ def build_decoder(
         if split is None:
             raise ValueError(
                 f"{run.path}: no blend weight chosen yet: pass `alpha`, or run `semid evaluate --run {run.path} "
-                "--split valid --decoder hybrid` once to choose it on validation users"
+                "--split test --decoder hybrid` once to choose it on validation users"
             )
         decoder = HybridDecoder(head, run.ids, alpha=0.5, num_candidates=num_candidates, beam=get_decoder("auto"))
         choice = choose_run_alpha(run, decoder, split, num_beams=num_beams, max_users=alpha_users, batch_size=batch_size, seed=seed)

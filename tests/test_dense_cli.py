@@ -119,3 +119,11 @@ def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tm
     (run / ALPHA_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=r"hybrid\.json: corrupt"):
         build_decoder(r, "hybrid", split=split, num_beams=12)
+
+
+def test_hybrid_on_the_validation_split_needs_an_explicit_alpha(joint_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["evaluate", "--run", str(joint_run), "--split", "valid", "--decoder", "hybrid", "--num-beams", "12", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tuned on" in err and "--split test" in err and "--alpha" in err
+    assert main([*argv, "--alpha", "0.5"]) == 0
