@@ -156,8 +156,16 @@ def evaluate_run(
         run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
         decoder=decoder, device=device, progress=progress, alpha=alpha,
     )
+    # the run's best checkpoint was chosen on validation unless training ran none (then it is last.ckpt)
+    selected = bool(run.config.get("selected_on_validation", True)) and (
+        checkpoint is None or run.checkpoint.resolve() == (run.path / str(run.config.get("best_checkpoint"))).resolve()
+    )
+    if not selected:
+        log.warning("%s: checkpoint %s was not selected on validation (no validation ran, or another checkpoint was "
+                    "given)", run.path, run.checkpoint.name)
     out = {
         **result.to_dict(),
+        "selected_on_validation": selected,
         "num_beams": num_beams,
         "max_users": max_users,
         "seed": seed,

@@ -88,14 +88,19 @@ class Run:
 
 
 def best_checkpoint(run_dir: str | os.PathLike[str], config: dict[str, Any] | None = None) -> Path:
-    """The checkpoint to use: the one config.yaml names as best, else checkpoints/best.ckpt, else last.ckpt."""
+    """The checkpoint config.yaml names as best; FileNotFoundError naming it if it is missing (no silent fallback)."""
     run_dir = Path(run_dir)
     config = read_config(run_dir) if config is None else config
-    candidates = [config.get("best_checkpoint"), f"{CHECKPOINT_DIR}/{BEST}", f"{CHECKPOINT_DIR}/{LAST}"]
-    for rel in candidates:
-        if rel and (run_dir / rel).is_file():
-            return run_dir / rel
-    raise FileNotFoundError(f"{run_dir / CHECKPOINT_DIR}: no checkpoint (train first, or the run stopped before its first one)")
+    rel = config.get("best_checkpoint")
+    if not rel:
+        raise FileNotFoundError(
+            f"{run_dir / 'config.yaml'}: names no best checkpoint (training has not finished); "
+            f"pass a checkpoint file explicitly, e.g. {run_dir / CHECKPOINT_DIR / LAST}"
+        )
+    path = run_dir / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run's best checkpoint (named in config.yaml) is missing")
+    return path
 
 
 def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Run:

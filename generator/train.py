@@ -257,15 +257,17 @@ def train_run(
 
     # 3. the best checkpoint (chosen on validation), named in config.yaml
     best = ckpt_dir / BEST
-    if not best.is_file():
+    selected_on_validation = best.is_file()
+    if not selected_on_validation:
         best = ckpt_dir / LAST
-        log.warning("no validation ran, so there is no best checkpoint; using %s", best.name)
+        log.warning("no validation ran, so there is no best checkpoint; using %s (not selected on validation)", best.name)
     if trainer.global_rank != 0:  # DDP workers stop here; rank 0 writes the files
         return TrainResult(out, best, None, float(trainer.current_epoch), trainer.global_step, time.perf_counter() - start, padded, None)
     # read from the last checkpoint: with ddp_spawn this process's trainer never ran the loop
     score, steps = _final_state(ckpt_dir / LAST)
     epochs = round(steps / max(1, -(-dm.train_sampler().num_batches() // options.devices)), 2)  # steps per process
     run_config["best_checkpoint"] = str(best.relative_to(out))
+    run_config["selected_on_validation"] = selected_on_validation
     run_config["best_score"] = {MONITOR: score}
     run_config["epochs"], run_config["steps"] = epochs, steps
     run_config["train_seconds"] = round(time.perf_counter() - start, 1)

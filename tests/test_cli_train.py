@@ -180,3 +180,31 @@ def test_evaluate_fails_on_a_broken_decoder(
     err = capsys.readouterr().err
     assert "invalid" in err and "duplicate" in err and "broken" in err
     assert not out_file.exists()
+
+
+def test_a_missing_best_checkpoint_is_an_error_not_a_fallback(trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    (run / "checkpoints/best.ckpt").unlink()  # last.ckpt is still there, and must not be used instead
+    assert main(["evaluate", "--run", str(run), "--num-beams", "12", "--no-progress"]) == 2
+    assert "best.ckpt" in capsys.readouterr().err
+
+
+def test_a_run_without_validation_says_its_checkpoint_was_not_selected(
+    trained: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    assert json.loads((trained["run"] / "metrics_valid.json").read_text())["selected_on_validation"] is True
+    run = tmp_path / "run"
+    flags = [f for f in TRAIN_FLAGS if f not in ("--max-epochs", "2")] + ["--max-epochs", "1", "--val-every", "5"]
+    argv = ["train", "--data", str(trained["data"]), "--ids", str(trained["ids"]), "--out", str(run), *flags]
+    assert main(argv) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["best_checkpoint"] == "checkpoints/last.ckpt" and config["selected_on_validation"] is False
+    with caplog.at_level(logging.WARNING, logger="generator.evaluate"):
+        assert main(["evaluate", "--run", str(run), "--num-beams", "12", "--no-progress"]) == 0
+    assert json.loads((run / "metrics_test.json").read_text())["selected_on_validation"] is False
+    assert "not selected on validation" in caplog.text
