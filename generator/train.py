@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 
 MONITOR = "val/ndcg@10"
 # options that change what is trained: a resumed run must keep them
-_FIXED_ON_RESUME = ("preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options")
+# (val_users, num_beams and decoder define the validation score that selects best.ckpt: changing them mid-run
+# would compare checkpoints scored differently)
+_FIXED_ON_RESUME = (
+    "preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options", "val_users", "num_beams", "decoder",
+)
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,10 @@ class TrainOptions:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOptions:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:  # a typo or an option of another version would otherwise be dropped silently
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        return cls(**d)
 
 
 def parse_max_time(text: str | None) -> timedelta | None:

@@ -137,6 +137,8 @@ def test_resume_continues_the_same_run(trained: dict[str, Path], tmp_path: Path)
     assert last["epoch"] == 2 and last["global_step"] > step_before
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16  # kept from the first run
     assert main([*argv[:-4], "--batch-size", "8"]) == 2  # what is trained cannot change on resume
+    assert main([*argv[:-4], "--num-beams", "12"]) == 2  # nor how checkpoints are scored on validation
+    assert main([*argv[:-4], "--val-users", "5"]) == 2
 
 
 def test_a_run_with_swapped_semantic_ids_is_refused(trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,3 +210,11 @@ def test_a_run_without_validation_says_its_checkpoint_was_not_selected(
         assert main(["evaluate", "--run", str(run), "--num-beams", "12", "--no-progress"]) == 0
     assert json.loads((run / "metrics_test.json").read_text())["selected_on_validation"] is False
     assert "not selected on validation" in caplog.text
+
+
+def test_train_options_from_dict_rejects_unknown_keys() -> None:
+    from generator.train import TrainOptions
+
+    assert TrainOptions.from_dict({"batch_size": 8}).batch_size == 8
+    with pytest.raises(ValueError, match="batchsize"):
+        TrainOptions.from_dict({"batchsize": 8})
