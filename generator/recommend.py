@@ -94,6 +94,12 @@ def recommend(
         if not run.use_user_tokens:
             log.info("this run has no user tokens; `user_ids` are ignored")
             user_ids = None
+    elif run.use_user_tokens:
+        log.warning(
+            "this run was trained with user tokens (%d buckets) but no `user_ids` were given: the inputs differ from "
+            "training (no user token), which can lower quality; pass the users' ids (`semid recommend --user ID`)",
+            run.layout.num_user_tokens,
+        )
     examples = history_examples(
         hist, np.full(len(hist), -1), user_ids, run.ids, run.layout, max_history=run.max_history
     )

@@ -218,3 +218,19 @@ def test_train_options_from_dict_rejects_unknown_keys() -> None:
     assert TrainOptions.from_dict({"batch_size": 8}).batch_size == 8
     with pytest.raises(ValueError, match="batchsize"):
         TrainOptions.from_dict({"batchsize": 8})
+
+
+def test_recommend_checks_all_histories_and_warns_without_a_user(trained: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    r = load_run(trained["run"])
+    with pytest.raises(ValueError, match=r"`histories\[2\]` holds unknown item id 999"):
+        recommend(r, [[3, 4], [5], [6, 999, 7]], k=5)
+    with caplog.at_level(logging.WARNING, logger="generator.recommend"):
+        recommend(r, [[3, 4], [5]], k=5)
+    warnings = [rec for rec in caplog.records if "user tokens" in rec.getMessage()]
+    assert len(warnings) == 1 and "--user" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="generator.recommend"):
+        recommend(r, [[3, 4], [5]], k=5, user_ids=[1, 2])
+    assert not caplog.records
