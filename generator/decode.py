@@ -119,16 +119,16 @@ def get_decoder(name: str) -> Callable[..., BeamResult]:
         return generate_topk
     try:
         beam = importlib.import_module("generator.beam")
-        fast_topk = beam.fast_topk
-    except (ModuleNotFoundError, AttributeError) as e:
-        if isinstance(e, ModuleNotFoundError) and e.name != "generator.beam":
+    except ModuleNotFoundError as e:
+        if e.name != "generator.beam":
             raise  # generator.beam exists but one of its own imports is missing: show that
         if name == "beam":
             raise ValueError(
                 "`decoder='beam'` needs generator.beam.fast_topk, which this installation does not have; "
                 "use decoder='generate'"
             ) from None
-        log.info("decoder 'auto': generator.beam.fast_topk is not available, using model.generate")
+        log.warning("decoder 'auto': generator.beam is not installed, falling back to model.generate (much slower)")
         return generate_topk
+    fast_topk = beam.fast_topk  # an AttributeError here is a broken generator.beam: show it, do not fall back
     log.debug("decoder %r: generator.beam.fast_topk", name)
     return fast_topk

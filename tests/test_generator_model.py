@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -117,8 +118,18 @@ def test_decoder_switch() -> None:
         get_decoder("greedy")
 
 
-def test_beam_decoder_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_beam_decoder_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "generator.beam", None)  # as if generator/beam.py were not installed
     with pytest.raises(ValueError, match="needs generator.beam.fast_topk.*use decoder='generate'"):
         get_decoder("beam")
-    assert get_decoder("auto").__name__ == "generate_topk"
+    with caplog.at_level(logging.WARNING, logger="generator.decode"):
+        assert get_decoder("auto").__name__ == "generate_topk"
+    assert "falling back to model.generate" in caplog.text
+
+
+def test_a_broken_beam_module_is_not_a_silent_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    monkeypatch.setitem(sys.modules, "generator.beam", types.ModuleType("generator.beam"))  # no fast_topk
+    with pytest.raises(AttributeError, match="fast_topk"):
+        get_decoder("auto")
