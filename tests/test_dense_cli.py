@@ -53,7 +53,20 @@ def test_joint_training_stores_the_head(joint_run: Path) -> None:
 
 
 @pytest.mark.parametrize("decoder", ["dense", "hybrid"])
-def test_evaluate_with_dense_and_hybrid_decoders(joint_run: Path, decoder: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_with_dense_and_hybrid_decoders(
+    joint_run: Path, folders: dict[str, Path], decoder: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import generator.hybrid as hybrid
+    from semid.data import leave_one_out, load_dataset
+
+    seen = []  # the targets alpha was chosen on
+
+    def spy(cands, targets, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(targets.numpy().copy())
+        return choose_alpha(cands, targets, *args, **kwargs)
+
+    choose_alpha = hybrid.choose_alpha
+    monkeypatch.setattr(hybrid, "choose_alpha", spy)
     (joint_run / ALPHA_FILE).unlink(missing_ok=True)
     assert main(["evaluate", "--run", str(joint_run), "--split", "test", "--decoder", decoder, "--num-beams", "12", "--no-progress"]) == 0
     m = json.loads((joint_run / "metrics_test.json").read_text())
@@ -62,6 +75,14 @@ def test_evaluate_with_dense_and_hybrid_decoders(joint_run: Path, decoder: str, 
     if decoder == "hybrid":  # the blend weight was chosen on validation users and stored for the checkpoint
         stored = json.loads((joint_run / ALPHA_FILE).read_text())
         assert stored["validation_users"] == 24 and f"alpha={stored['alpha']}" in m["decoder"]
+        # ... and on those users' *validation* targets (in decoding order: by history length), never test targets
+        split = leave_one_out(load_dataset(folders["data"]))
+        max_history = yaml.safe_load((joint_run / "config.yaml").read_text())["train"]["max_history"]
+        lengths = np.array([min(len(split.valid_history(u)), max_history) for u in range(split.num_users)])
+        order = np.argsort(lengths, kind="stable")  # one batch: the CLI's 64 users > 24
+        assert len(seen) == 1
+        np.testing.assert_array_equal(seen[0], split.valid_targets[order])
+        assert not np.array_equal(np.sort(seen[0]), np.sort(split.test_targets))
 
 
 def test_recommend_with_every_decoder(joint_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
