@@ -88,6 +88,35 @@ def test_batches_are_right_padded_and_mix_rows_with_and_without_user_token() -> 
     assert b.input_ids[1, :L].tolist() == np.asarray(LAYOUT.codes_to_tokens(IDS.codes_of(np.array([4]))))[0].tolist()
 
 
+def test_the_datamodule_and_dense_setup_train_on_the_training_prefixes_only(tmp_path: Path) -> None:
+    # as above: items 31..40 appear only as validation targets, 41..50 only as test targets
+    from generator.datamodule import GeneratorDataModule
+    from generator.hybrid import dense_setup
+
+    ids = random_ids(num_items=50)
+    layout = ids.layout(16)
+    sequences = {u: [1 + (u + j) % 30 for j in range(2 + u % 5)] + [30 + u, 40 + u] for u in range(1, 11)}
+    folder = write_canonical(tmp_path / "d", [(f"i{i}", []) for i in range(1, 51)], sequences)
+    dataset = load_dataset(folder)
+    split = leave_one_out(dataset)
+    held_out = np.arange(31, 51)
+    dm = GeneratorDataModule(split, ids, layout, batch_size=4, val_users=None)
+    dm.setup("fit")
+    ex = dm.train_examples
+    assert ex is not None and len(ex) == sum(len(t) - 1 for t in split.train)  # one per training-prefix position
+    assert not set(ex.target.tolist()) & set(held_out.tolist())
+    assert sorted(ex.target.tolist()) == sorted(np.concatenate([t[1:] for t in split.train]).tolist())
+    assert dm.val_examples is not None and sorted(dm.val_examples.target.tolist()) == list(range(31, 41))
+    # the sampled-softmax popularity correction counts training targets only: held-out items get the floor
+    dense = dense_setup("id", "joint", dataset, split, ids, 8, options={"loss": "sampled"})
+    assert dense.log_q is not None and dense.head is not None
+    floor = float(dense.log_q.min())
+    held = dense.log_q[dense.head.rows_of(torch.from_numpy(held_out))]
+    assert torch.all(held == floor)
+    trained_rows = dense.head.rows_of(torch.from_numpy(np.concatenate([t[1:] for t in split.train])))
+    assert torch.all(dense.log_q[trained_rows] > floor)
+
+
 def test_no_validation_or_test_target_leaks_into_training(tmp_path: Path) -> None:
     # items 31..40 appear only as validation targets, 41..50 only as test targets
     ids = random_ids(num_items=50)
