@@ -171,14 +171,32 @@ def choose_alpha(
 
 
 # ---- decoders --------------------------------------------------------------------------------------------------------
+def _head_state(head: DenseHead) -> tuple:
+    """Changes whenever the head's item vectors can: its item count, or any parameter or buffer being replaced,
+    moved or updated in place (an optimiser step or ``load_state_dict`` bumps a tensor's version counter)."""
+    tensors = [*head.parameters(), *head.buffers()]
+    return (head.num_items, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+
+
+@torch.no_grad()
+def _eval_item_vectors(head: DenseHead) -> torch.Tensor:
+    was_training = head.training
+    head.eval()
+    try:
+        return head.item_vectors()
+    finally:
+        head.train(was_training)
+
+
 class DenseDecoder:
     """Top-k items by inner product of the dense head's query with every item vector.
 
     Args:
         head: the dense head (its items must be ``ids``'s, row for row).
         ids: the semantic IDs, for the returned items' codes.
-        kind: the :class:`MIPSIndex` kind. ``"exact"`` recomputes the item vectors at every call (cheap, and always
-            current while training); a faiss index is built on first use: call :meth:`refresh` after the head changes.
+        kind: the :class:`MIPSIndex` kind. ``"exact"`` computes the item vectors once and again only when the head
+            changes (its item count, or its weights: always current while training); a faiss index is built on first
+            use: call :meth:`refresh` after the head changes.
         index_options: passed to :meth:`MIPSIndex.build` (``nlist``, ``nprobe``, ``hnsw_m``, ``ef_search``).
     Scores are raw inner products q . v (with ``normalize``, cosine over the temperature).
     """
@@ -188,15 +206,14 @@ class DenseDecoder:
         self.head, self.ids, self.kind, self.index_options = head, ids, kind, index_options
         self._codes = torch.from_numpy(ids.codes)  # (N, L), row i is item head.item_ids[i]
         self.index: MIPSIndex | None = None
+        self._state: tuple | None = None  # _head_state(head) when the index was built
         self.__name__ = f"DenseDecoder(kind={kind!r})"  # how evaluation reports the decoder
 
     @torch.no_grad()
     def refresh(self) -> MIPSIndex:
         """(Re)build the index from the head's current item vectors."""
-        was_training = self.head.training
-        self.head.eval()
-        vecs = self.head.item_vectors()
-        self.head.train(was_training)
+        self._state = _head_state(self.head)
+        vecs = _eval_item_vectors(self.head)
         self.index = MIPSIndex.build(vecs, self.head.item_ids, self.kind, **self.index_options)
         return self.index
 
@@ -213,8 +230,8 @@ class DenseDecoder:
         num_beams: int | None = None,
     ) -> BeamResult:
         """Top-k (B, k) for encoder inputs (B, S); ``tree``, ``layout`` and ``num_beams`` are not used."""
-        if self.index is None or self.kind == "exact":
-            self.refresh()
+        if self.index is None or (self.kind == "exact" and self._state != _head_state(self.head)):
+            self.refresh()  # not at every batch: all N item vectors are the costly part
         assert self.index is not None, "refresh() builds the index"
         query = encode_queries(model, self.head, input_ids, attention_mask)  # (B, d)
         res = self.index.search(query, k)
@@ -246,6 +263,8 @@ class HybridDecoder:
         check_beam_args(1, num_candidates, ids.num_items)
         _check_alpha(alpha)
         self.head, self.ids, self.alpha, self.num_candidates, self.beam = head, ids, float(alpha), num_candidates, beam
+        self._vecs: torch.Tensor | None = None  # all N item vectors, computed again only when the head changes
+        self._state: tuple | None = None
         self.__name__ = f"HybridDecoder(alpha={self.alpha}, num_candidates={num_candidates}, beam={beam.__name__})"
 
     @torch.no_grad()
@@ -259,9 +278,16 @@ class HybridDecoder:
         was_training = self.head.training
         self.head.eval()
         query = encode_queries(model, self.head, input_ids.to(res.items.device), attention_mask.to(res.items.device))
-        dense = dense_candidate_scores(query, self.head.item_vectors(), self.head.rows_of(res.items))
         self.head.train(was_training)
+        dense = dense_candidate_scores(query, self.item_vectors(), self.head.rows_of(res.items))
         return hybrid_candidates(res, dense)
+
+    def item_vectors(self) -> torch.Tensor:
+        """All N item vectors (eval mode), cached until the head changes."""
+        state = _head_state(self.head)
+        if self._vecs is None or self._state != state:
+            self._vecs, self._state = _eval_item_vectors(self.head), state
+        return self._vecs
 
     def __call__(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: PrefixTree,

@@ -45,14 +45,19 @@ def _check_histories(histories: Sequence[Sequence[int]], run: Run) -> list[np.nd
             raise ValueError(f"`histories[{i}]` must be a list of int item ids, got {h!r}")
         if arr.size == 0:
             raise ValueError(f"`histories[{i}]` is empty: a history needs at least one item")
-        known = np.isin(arr, run.ids.item_ids)
-        if not known.all():
-            bad = int(arr[~known][0])
-            raise ValueError(
-                f"`histories[{i}]` holds unknown item id {bad!r}: the catalogue has ids "
-                f"{int(run.ids.item_ids.min())}..{int(run.ids.item_ids.max())}"
-            )
         out.append(arr.astype(np.int64))
+    flat = np.concatenate(out)
+    try:  # one binary search over all histories (not a full-catalogue np.isin per history)
+        run.ids.rows_of(flat)
+    except ValueError:
+        known = run.ids.item_ids
+        pos = np.clip(np.searchsorted(known, flat), 0, len(known) - 1)
+        first = int(np.flatnonzero(known[pos] != flat)[0])
+        i = int(np.searchsorted(np.cumsum([len(a) for a in out]), first, side="right"))
+        raise ValueError(
+            f"`histories[{i}]` holds unknown item id {int(flat[first])!r}: the catalogue has ids "
+            f"{int(known.min())}..{int(known.max())}"
+        ) from None
     return out
 
 

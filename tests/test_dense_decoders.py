@@ -131,3 +131,27 @@ def test_cold_items_are_recommended_by_every_decoder_after_adding(world) -> None
     assert hybrid.items[0, 0] == N + 1
     with pytest.raises(ValueError, match="not the semantic IDs' 12 items"):
         DenseDecoder(head, ids)
+
+
+def test_exact_decoders_compute_item_vectors_once_until_the_head_changes(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, ids, layout, head, x, mask = world
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    calls = []
+    item_vectors = head.item_vectors
+    monkeypatch.setattr(head, "item_vectors", lambda rows=None: calls.append(rows) or item_vectors(rows))
+    dense = DenseDecoder(head, ids)
+    hybrid = HybridDecoder(head, ids, alpha=0.5, num_candidates=6, beam=fast_topk)
+    first = dense(model, x, mask, k=5)
+    hyb = hybrid(model, x, mask, tree, layout, k=5, num_beams=6)
+    for _ in range(3):  # more batches: no recomputation
+        dense(model, x, mask, k=5)
+        assert torch.equal(hybrid(model, x, mask, tree, layout, k=5, num_beams=6).items, hyb.items)
+    assert len(calls) == 2
+    with torch.no_grad():  # an optimiser step updates the weights in place: both decoders see it
+        head.item_table.mul_(-1)
+    after = dense(model, x, mask, k=5)
+    hybrid(model, x, mask, tree, layout, k=5, num_beams=6)
+    assert len(calls) == 4 and not torch.equal(after.scores, first.scores)
+    with torch.no_grad():
+        want = (encode_queries(model, head, x, mask) @ item_vectors().T).topk(5, dim=1).values
+    torch.testing.assert_close(after.scores, want)
