@@ -1,0 +1,118 @@
+"""ColdStartBeam on hand-built IDs: cold items join the beam's top-k through shared prefixes, capped at ceil(eps*k)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from generator.cold_beam import ColdStartBeam, prefix_keys
+from generator.decode import BeamResult
+from semid.ids import SemanticIDs
+
+# base codes (3 levels of 4); prefix = the first two
+WARM = {1: (0, 0, 0), 2: (0, 1, 0), 3: (1, 0, 0), 4: (1, 1, 0), 5: (2, 0, 0), 6: (3, 3, 0)}
+COLD = {7: (0, 0, 3), 8: (1, 1, 2), 9: (2, 2, 1), 10: (0, 0, 2)}  # 7, 10 share item 1's prefix; 8 item 4's; 9 none
+
+
+@pytest.fixture
+def ids() -> SemanticIDs:
+    warm = SemanticIDs.from_codes(np.array(list(WARM.values())), (4, 4, 4), extra_level_size=2)
+    return warm.add_items(np.array(list(COLD.values())), np.array(list(COLD)))
+
+
+def beam_result(ids: SemanticIDs, items: list[list[int]], scores: list[list[float]]) -> BeamResult:
+    it = np.array(items)
+    return BeamResult(torch.from_numpy(it), torch.tensor(scores), torch.from_numpy(ids.codes_of(it.ravel()).reshape(*it.shape, -1)))
+
+
+def test_prefix_keys_mixed_radix() -> None:
+    codes = torch.tensor([[1, 2, 3, 0], [3, 3, 0, 1], [-1, 0, 0, 0]])
+    assert prefix_keys(codes, (4, 4, 4, 2), 2).tolist() == [1 * 4 + 2, 3 * 4 + 3, -1]
+
+
+def test_cold_item_takes_its_candidates_score(ids: SemanticIDs) -> None:
+    res = beam_result(ids, [[4, 1, 2, 3, 5]], [[-1.0, -2.0, -3.0, -4.0, -5.0]])
+    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=0.25).merge(res, 4)  # ceil(0.25 * 4) = 1 cold slot
+    assert out.items.tolist() == [[4, 8, 1, 2]]  # 8 shares 4's prefix: right after it, with its score
+    assert out.scores.tolist() == [[-1.0, -1.0, -2.0, -3.0]]
+    assert out.codes[0, 1].tolist() == ids.codes_of(np.array([8]))[0].tolist()
+
+
+@pytest.mark.parametrize(("epsilon", "k", "want"), [
+    (0.1, 5, [4, 8, 1, 2, 3]),      # ceil(0.5) = 1
+    (0.5, 4, [4, 8, 1, 7]),         # 2: the best-scored matches; 7 before 10 (same candidate, smaller id)
+    (1.0, 5, [4, 8, 1, 7, 10]),
+    (0.0, 4, [4, 1, 2, 3]),         # no cold slot: the beam's own top-k
+])
+def test_cold_items_capped_at_ceil_epsilon_k(ids: SemanticIDs, epsilon: float, k: int, want: list[int]) -> None:
+    res = beam_result(ids, [[4, 1, 2, 3, 5]], [[-1.0, -2.0, -3.0, -4.0, -5.0]])
+    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=epsilon).merge(res, k)
+    assert out.items.tolist() == [want]
+    assert int(np.isin(out.items.numpy(), list(COLD)).sum()) <= math.ceil(epsilon * k)
+
+
+def test_max_per_prefix(ids: SemanticIDs) -> None:
+    res = beam_result(ids, [[1, 2, 3, 4, 5]], [[-1.0, -2.0, -3.0, -4.0, -5.0]])
+    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=1.0, max_per_prefix=1).merge(res, 4)
+    assert out.items.tolist() == [[1, 7, 2, 3]]  # only the first cold item of prefix (0, 0)
+
+
+def test_no_duplicates_when_the_beam_returns_a_cold_item(ids: SemanticIDs) -> None:
+    # the beam itself returns cold item 7 (at -2), which also matches candidate 1's prefix (at -1): kept once, at -1
+    res = beam_result(ids, [[1, 7, 2, 3], [3, 7, 1, 4]], [[-1.0, -2.0, -3.0, -4.0], [-1.0, -2.0, -3.0, -4.0]])
+    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=0.5).merge(res, 4)
+    assert out.items.tolist() == [[1, 7, 10, 2], [3, 7, 10, 1]]
+    assert out.scores.tolist() == [[-1.0, -1.0, -1.0, -3.0], [-1.0, -2.0, -2.0, -3.0]]
+    for row in out.items.tolist():
+        assert len(set(row)) == len(row)
+
+
+def test_without_matches_equals_the_beam(ids: SemanticIDs) -> None:
+    res = beam_result(ids, [[3, 2, 5], [5, 6, 2]], [[-0.5, -0.7, -2.0], [-1.0, -1.5, -3.0]])
+    calls = []
+
+    def beam(model, input_ids, attention_mask, tree, layout, *, k, num_beams):  # noqa: ANN001, ANN202
+        calls.append((k, num_beams))
+        return res
+
+    dec = ColdStartBeam(ids, np.array(list(COLD)), epsilon=0.5, beam=beam)
+    out = dec(None, torch.zeros(2, 1), torch.ones(2, 1), None, None, k=2, num_beams=3)
+    assert calls == [(3, 3)]  # C = max(k, num_beams) candidates
+    for got, want in zip(out, res, strict=True):
+        assert torch.equal(got, want[:, :2])
+
+
+def test_empty_beam_slots_never_match(ids: SemanticIDs) -> None:
+    res = beam_result(ids, [[2, 3, 5]], [[-1.0, -2.0, -3.0]])
+    res = BeamResult(torch.tensor([[2, 3, -1]]), torch.tensor([[-1.0, -2.0, float("-inf")]]),
+                     torch.where(torch.tensor([[False, False, True]]).unsqueeze(-1), -1, res.codes))
+    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=1.0).merge(res, 2)
+    assert out.items.tolist() == [[2, 3]]
+
+
+def test_random_beams_keep_the_invariants(ids: SemanticIDs) -> None:
+    g = np.random.default_rng(0)
+    items = np.stack([g.permutation(np.arange(1, 11))[:6] for _ in range(50)])
+    scores = np.sort(g.normal(size=items.shape).astype(np.float32), axis=1)[:, ::-1].copy()
+    res = beam_result(ids, items.tolist(), scores.tolist())
+    for epsilon, k in [(0.1, 5), (0.3, 6), (0.5, 3)]:
+        out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=epsilon).merge(res, k)
+        warm_in = (~np.isin(items, list(COLD))).sum(1)
+        capped = warm_in >= k - math.ceil(epsilon * k)  # rows with enough warm candidates to fill the rest
+        n_cold = np.isin(out.items.numpy(), list(COLD)).sum(1)
+        assert (n_cold[capped] <= math.ceil(epsilon * k)).all()
+        assert (out.items.sort(1).values.diff(dim=1) != 0).all()  # no duplicates
+        assert (out.scores.diff(dim=1)[torch.from_numpy(capped)] <= 0).all()  # best first
+        assert (out.items >= 1).all()
+
+
+def test_bad_arguments(ids: SemanticIDs) -> None:
+    with pytest.raises(ValueError, match="epsilon"):
+        ColdStartBeam(ids, np.array([7]), epsilon=1.5)
+    with pytest.raises(ValueError, match="prefix_levels"):
+        ColdStartBeam(ids, np.array([7]), prefix_levels=0)
+    with pytest.raises(ValueError, match="cold_item_ids"):
+        ColdStartBeam(ids, np.array([99]))
