@@ -14,7 +14,9 @@
    warm validation users. Test users are those whose last item (the test target) is cold; their histories keep
    the cold items they contain. Recall/NDCG@K per decoder, the share of cold items among the top 10, users/second;
    plus beam search over the *warm* tree, which cannot return a cold item (the 0 that unconstrained or un-updated
-   generation gets).
+   generation gets); and ``beam + cold prefix``: the beam's candidates plus the cold items whose semantic-ID
+   prefix (all base codes but the last) matches one of theirs, at most ceil(``--cold-epsilon`` * k) of the top-k
+   (TIGER's cold-start retrieval, ``generator.cold_beam.ColdStartBeam``).
 
 Writes the table and the command to ``experiments/results/coldstart[_TAG].{md,json}``.
 """
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from experiments.dense_hybrid import budget, score
+from generator.cold_beam import ColdStartBeam
 from generator.coldstart import add_cold_items, cold_start_split, write_warm_dataset
 from generator.datamodule import sample_users
 from generator.decode import get_decoder
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-candidates", type=int, default=50, help="beam candidates the hybrid re-ranks (default 50)")
     p.add_argument("--decode-batch-size", dest="batch_size", type=int, default=64, help="users decoded together")
     p.add_argument("--sample-seed", dest="seed", type=int, default=0, help="seed of the user samples")
+    p.add_argument("--cold-epsilon", type=float, default=0.1, help="largest share of the top-k that prefix-matched cold "
+                   "items may take in the 'beam + cold prefix' row (TIGER's epsilon; default 0.1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="")
     args, train_flags = p.parse_known_args(argv)
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         "beam": (cold_run, beam),
         "dense": (cold_run, DenseDecoder(head, cat.ids)),
         "hybrid": (cold_run, HybridDecoder(head, cat.ids, alpha=alpha, num_candidates=args.num_candidates, beam=beam)),
+        # TIGER's cold-start retrieval: cold items sharing a beam candidate's prefix, at most ceil(eps * k) of the top-k
+        f"beam + cold prefix (ε={args.cold_epsilon:g})": (cold_run, ColdStartBeam(cat.ids, new_ids, epsilon=args.cold_epsilon, beam=beam)),
     }
     table: dict[str, Any] = {}
     cold_lo = split.num_warm + 1
