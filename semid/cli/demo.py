@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=Path("../shared/data/beauty"), help="dataset folder (default ../shared/data/beauty)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes (default runs/demo)")
     p.add_argument("--embeddings", default=EMBEDDINGS, help=f"use DATA/item_emb_<NAME>.npy (default {EMBEDDINGS})")
-    p.add_argument("--max-time", default="00:05:00", help="training wall-clock budget HH:MM:SS (default 00:05:00)")
+    p.add_argument("--max-time", default="00:08:00", help="training wall-clock budget HH:MM:SS (default 00:08:00)")
     p.add_argument("--eval-users", type=int, default=1000, help="test users evaluated (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
