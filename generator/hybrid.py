@@ -1,13 +1,16 @@
 """The dense and hybrid decoders: MIPS over the dense head's item vectors, and beam candidates re-ranked by a blend.
 
-Beam search proposes M candidates per history with their generative log-probability (sum of renormalised code
-log-probabilities, a proper distribution over items). The dense head scores the same items; as a log-softmax over
-the whole catalogue that is a proper distribution too, so the blend
+The candidate pool of a history is the union of the beam's top C and the dense head's top C items (C =
+``num_candidates``; at most 2C, padded to 2C). Every candidate gets its generative log-probability by teacher forcing
+(:func:`teacher_forced_logprob`: the sum over levels of the code log-probability renormalised over the tokens the
+prefix tree allows after the candidate's prefix, which is exactly the beam's score for the beam's items, a proper
+distribution over items) and its dense log-softmax over the whole catalogue (a proper distribution too), so the blend
 
     score = alpha * gen_logprob + (1 - alpha) * dense_logprob
 
 is a weighted product of the two experts. ``alpha`` is chosen on validation users only (:func:`choose_alpha`).
-alpha = 1 gives the beam order back; alpha = 0 the dense order among the beam's candidates.
+alpha = 1 gives the generative order (the beam's order on its items); alpha = 0 the dense top-k exactly, since the
+pool holds the dense top C: on validation the chosen alpha is never worse than dense.
 
 :class:`DenseDecoder` and :class:`HybridDecoder` are callables with the signature and return of
 ``generator.decode.generate_topk`` (``(model, input_ids, attention_mask, tree, layout, *, k, num_beams) ->
@@ -31,7 +34,7 @@ import torch
 import yaml
 from torch import nn
 
-from generator.beam import fast_topk
+from generator.beam import _decoder_step, auto_batch_size, fast_topk
 from generator.datamodule import eval_batches, sample_users, split_examples
 from generator.decode import DECODERS, BeamResult, check_beam_args, get_decoder
 from generator.dense import (
@@ -61,12 +64,12 @@ DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 class HybridCandidates(NamedTuple):
-    """Beam candidates with both scores.
+    """Candidates with both scores.
 
-    items:         LongTensor (B, M) item ids.
-    gen_logprob:   FloatTensor (B, M), the beam's scores; -inf for a slot beam search could not fill.
+    items:         LongTensor (B, M) item ids; -1 in a padded slot.
+    gen_logprob:   FloatTensor (B, M), the generative log-probability (the beam's score); -inf in a padded slot.
     dense_logprob: FloatTensor (B, M), the dense head's log-softmax (or raw score) of each candidate.
-    codes:         LongTensor (B, M, L), the candidates' code tuples.
+    codes:         LongTensor (B, M, L), the candidates' code tuples (-1 in a padded slot).
     """
 
     items: torch.Tensor
@@ -109,6 +112,119 @@ def dense_candidate_scores(
     for i0 in range(0, item_vecs.shape[0], item_chunk):  # loop over item blocks, not items
         lse = torch.logaddexp(lse, torch.logsumexp(query @ item_vecs[i0 : i0 + item_chunk].T, dim=1))
     return scores - lse.unsqueeze(1)
+
+
+def union_rows(first: torch.Tensor, second: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the union of two candidate lists, duplicates dropped, valid entries first, padded to a fixed width.
+
+    Args:
+        first, second: LongTensor (B, M1), (B, M2) catalogue rows; entries equal to ``pad`` are empty slots.
+        pad: the empty-slot value (e.g. N, above every row).
+    Returns:
+        rows (B, M1 + M2): ``first``'s rows in its order, then ``second``'s rows that are not in ``first`` in
+        ``second``'s order, then ``pad``; valid (B, M1 + M2) bool, False in the padded slots.
+    """
+    both = torch.cat([first, second], dim=1)  # (B, W)
+    srt, perm = torch.sort(both, dim=1, stable=True)  # equal rows keep their position order: the first is kept
+    dup_sorted = torch.zeros_like(srt, dtype=torch.bool)
+    dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    dup = torch.zeros_like(dup_sorted).scatter_(1, perm, dup_sorted)  # back to position order
+    valid = ~dup & (both != pad)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid slots first, in their order
+    rows, valid = both.gather(1, order), valid.gather(1, order)
+    return torch.where(valid, rows, pad), valid
+
+
+@torch.inference_mode()
+def teacher_forced_logprob(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tree: PrefixTree,
+    layout: TokenLayout,
+    codes: torch.Tensor,
+    *,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Generative log-probability of given candidates, the score ``fast_topk`` gives the items it finds.
+
+    For each history and candidate the decoder reads [bos, c_1 .. c_{L-1}] (teacher forcing); at level l the
+    log-softmax is taken over level l's token block restricted to the tokens the tree allows after the candidate's
+    prefix, and the candidate's token is gathered; the score is the sum over levels. The encoder runs once per
+    history and its cross-attention keys/values are computed once per history and shared by its M candidates (the
+    candidates are M query positions of one attention call, as the beam's M beams: nothing is expanded per candidate).
+
+    Args:
+        model: T5ForConditionalGeneration in eval mode (as for ``fast_topk``).
+        input_ids, attention_mask: (B, S) encoder inputs.
+        codes: LongTensor (B, M, L) candidate code tuples; every one must be an item of ``tree``.
+        batch_size: histories per chunk; None picks it from the memory budget of ``fast_topk``.
+    Returns:
+        FloatTensor (B, M); -inf where a candidate's code tuple is not in the tree.
+    """
+    device = model.device
+    if tree.device != device:
+        tree = tree.to(device)
+    input_ids, attention_mask, codes = input_ids.to(device), attention_mask.to(device), codes.to(device)
+    B, S = input_ids.shape
+    M, L = codes.shape[1], codes.shape[2]
+    if codes.ndim != 3 or codes.shape[0] != B or L != layout.num_levels:
+        raise ValueError(f"`codes` must be (B={B}, M, L={layout.num_levels}), got shape {tuple(codes.shape)}")
+    if B == 0 or M == 0:
+        return torch.zeros(B, M, dtype=torch.float32, device=device)
+    chunk = batch_size or auto_batch_size(model, S, M, layout)
+    parts = [
+        _teacher_forced_chunk(model, input_ids[i : i + chunk], attention_mask[i : i + chunk], tree, layout, codes[i : i + chunk])
+        for i in range(0, B, chunk)  # loop over chunks of histories, as fast_topk
+    ]
+    return torch.cat(parts, dim=0)
+
+
+def _teacher_forced_chunk(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: PrefixTree, layout: TokenLayout,
+    codes: torch.Tensor,
+) -> torch.Tensor:
+    """teacher_forced_logprob for one chunk of B histories with M candidates each: (B, M)."""
+    c, dec = model.config, model.decoder
+    B, S = input_ids.shape
+    M, L = codes.shape[1], codes.shape[2]
+    H, dk, device = c.num_heads, c.d_kv, input_ids.device
+    enc = model.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, S, D)
+    cross = []
+    for block in dec.block:  # loop over layers: keys/values once per history
+        att = block.layer[1].EncDecAttention
+        keys_t = att.k(enc).view(B, S, H, dk).permute(0, 2, 3, 1).contiguous()  # (B, H, dk, S)
+        values = att.v(enc).view(B, S, H, dk).transpose(1, 2).contiguous()  # (B, H, S, dk)
+        cross.append((keys_t, values))
+    enc_bias = torch.zeros(B, 1, 1, S, dtype=enc.dtype, device=device)
+    enc_bias.masked_fill_(attention_mask[:, None, None, :] == 0, torch.finfo(enc.dtype).min)
+    pos_bias = dec.block[0].layer[0].SelfAttention.compute_bias(L, L, device=device)  # (1, H, L, L)
+    pos_bias = pos_bias[0].permute(1, 2, 0)[:, :, None, :].contiguous()  # (L query, L key, 1, H)
+    head = model.get_output_embeddings()
+    scale = c.d_model**-0.5 if getattr(c, "scale_decoder_outputs", c.tie_word_embeddings) else 1.0
+
+    flat = codes.reshape(B * M, L)  # row b * M + j is candidate j of history b
+    cache = torch.empty(L, len(dec.block), 2, B * M, H, dk, dtype=enc.dtype, device=device)
+    tokens = torch.full((B * M,), layout.bos_token_id, dtype=torch.long, device=device)
+    nodes = torch.zeros(B * M, dtype=torch.long, device=device)  # -1 once a candidate leaves the tree
+    total = torch.zeros(B * M, dtype=torch.float32, device=device)
+    for level in range(L):  # the only loop: over levels
+        lo, hi = layout.level_range(level)
+        hidden = _decoder_step(dec, tokens, cache, level, pos_bias, cross, enc_bias, M)  # (B*M, D)
+        logits = (hidden * scale) @ head.weight[lo:hi].T  # (B*M, K)
+        if head.bias is not None:
+            logits = logits + head.bias[lo:hi]
+        allowed = tree.allowed_mask(nodes, token_range=(lo, hi))  # (B*M, K)
+        logp = logits.float().masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        code = flat[:, level]
+        ok = (code >= 0) & (code < hi - lo)
+        got = logp.gather(1, code.clamp(0, hi - lo - 1)[:, None]).squeeze(1)
+        got = torch.where(ok & allowed.gather(1, code.clamp(0, hi - lo - 1)[:, None]).squeeze(1), got, float("-inf"))
+        total = total + got  # NaN-free: a row with nothing allowed gives -inf (or NaN, replaced below)
+        tokens = code.clamp(0, hi - lo - 1) + lo
+        nodes = torch.where(ok, tree.next_nodes(nodes, tokens), -1)
+    total = torch.where(torch.isnan(total), float("-inf"), total)
+    return total.view(B, M)
 
 
 def hybrid_candidates(beam: BeamResult, dense_logprob: torch.Tensor) -> HybridCandidates:
@@ -241,12 +357,13 @@ class DenseDecoder:
 
 
 class HybridDecoder:
-    """Beam search proposes ``num_candidates`` items; :func:`rerank` orders them by the blend with weight ``alpha``.
+    """The beam's and the dense head's top ``num_candidates`` items, pooled; :func:`rerank` orders them by the blend.
 
     Args:
         head, ids: as for :class:`DenseDecoder`.
         alpha: the blend weight in [0, 1], chosen on validation (:func:`choose_alpha`).
-        num_candidates: M, beam candidates per history (beams used: max(num_beams, M)).
+        num_candidates: C, candidates per history from each of beam and dense (beams used: max(num_beams, C)); the
+            pool holds C to 2C items.
         beam: the beam-search function (``generator.beam.fast_topk`` or ``generator.decode.generate_topk``).
     """
 
@@ -263,6 +380,7 @@ class HybridDecoder:
         check_beam_args(1, num_candidates, ids.num_items)
         _check_alpha(alpha)
         self.head, self.ids, self.alpha, self.num_candidates, self.beam = head, ids, float(alpha), num_candidates, beam
+        self._codes = torch.from_numpy(ids.codes)  # (N, L), row i is item head.item_ids[i]
         self._vecs: torch.Tensor | None = None  # all N item vectors, computed again only when the head changes
         self._state: tuple | None = None
         self.__name__ = f"HybridDecoder(alpha={self.alpha}, num_candidates={num_candidates}, beam={beam.__name__})"
@@ -272,15 +390,35 @@ class HybridDecoder:
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: PrefixTree,
         layout: TokenLayout, *, num_beams: int,
     ) -> HybridCandidates:
-        """The beam's M candidates (B, M) with their generative and dense log-probabilities."""
-        M = self.num_candidates
-        res = self.beam(model, input_ids, attention_mask, tree, layout, k=M, num_beams=max(num_beams, M))
+        """The union of the beam's and the dense head's top C (B, 2C, padded) with both log-probabilities.
+
+        The generative score of every candidate comes from teacher forcing (:func:`teacher_forced_logprob`), equal
+        to the beam's score on the beam's items; padded slots have item -1, codes -1 and both scores -inf.
+        """
+        C = self.num_candidates
+        res = self.beam(model, input_ids, attention_mask, tree, layout, k=C, num_beams=max(num_beams, C))
+        device = res.items.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         was_training = self.head.training
         self.head.eval()
-        query = encode_queries(model, self.head, input_ids.to(res.items.device), attention_mask.to(res.items.device))
+        query = encode_queries(model, self.head, input_ids, attention_mask)  # (B, d)
         self.head.train(was_training)
-        dense = dense_candidate_scores(query, self.item_vectors(), self.head.rows_of(res.items))
-        return hybrid_candidates(res, dense)
+        vecs = self.item_vectors()
+        N = vecs.shape[0]
+        logits = query @ vecs.T  # (B, N)
+        log_z = torch.logsumexp(logits, dim=1, keepdim=True)  # (B, 1)
+        beam_rows = torch.where(res.items >= 0, self.head.rows_of(res.items.clamp_min(self.head.item_ids[0])), N)
+        rows, valid = union_rows(beam_rows, logits.topk(C, dim=1).indices, N)  # (B, 2C)
+        safe = rows.clamp_max(N - 1)
+        codes = self._codes.to(device)[safe]  # (B, 2C, L)
+        gen = teacher_forced_logprob(model, input_ids, attention_mask, tree, layout, codes).to(logits.dtype)
+        neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=device)
+        return HybridCandidates(
+            torch.where(valid, self.head.item_ids.to(device)[safe], -1),
+            torch.where(valid, gen, neg_inf),
+            torch.where(valid, logits.gather(1, safe) - log_z, neg_inf),
+            torch.where(valid[..., None], codes, -1),
+        )
 
     def item_vectors(self) -> torch.Tensor:
         """All N item vectors (eval mode), cached until the head changes."""
@@ -294,6 +432,8 @@ class HybridDecoder:
         layout: TokenLayout, *, k: int, num_beams: int,
     ) -> BeamResult:
         """Top-k (B, k) of the re-ranked candidates; k <= num_candidates."""
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_candidates:
+            raise ValueError(f"`k` must be an int in [1, {self.num_candidates}] (num_candidates), got {k!r}")
         return rerank(self.candidates(model, input_ids, attention_mask, tree, layout, num_beams=num_beams), self.alpha, k)
 
 
@@ -312,6 +452,7 @@ def _check_aligned(head: DenseHead, ids: SemanticIDs) -> None:
 
 # ---- runs: the head for training, decoders by name for evaluation and recommendation ----------------------------
 ALL_DECODERS = (*DECODERS, "dense", "hybrid")
+POOL = "union"  # the candidate pool an alpha was chosen for: beam top-C plus dense top-C, teacher-forced scores
 ALPHA_FILE = "hybrid.json"  # RUN/hybrid.json: the blend weight chosen on validation for the run's checkpoint
 
 
@@ -449,9 +590,10 @@ def _file_digest(path: Path) -> str:
 
 
 def _alpha_key(run: Run) -> dict[str, str]:
-    """What a stored alpha depends on besides the candidate count: the exact checkpoint (path and content) and IDs."""
+    """What a stored alpha depends on besides the candidate count: the exact checkpoint (path and content), IDs and
+    candidate pool (an alpha chosen for the beam-only pool of older versions, which has no "pool", is not reused)."""
     return {"checkpoint": str(Path(run.checkpoint).resolve()), "checkpoint_sha256": _file_digest(Path(run.checkpoint)),
-            "ids_sha256": ids_digest(run.ids)}
+            "ids_sha256": ids_digest(run.ids), "pool": POOL}
 
 
 def _stored_alpha(run: Run, num_candidates: int) -> float | None:

@@ -17,7 +17,7 @@ from generator.dense import (
     joint_loss,
     load_dense_head,
 )
-from generator.hybrid import DenseDecoder, HybridDecoder
+from generator.hybrid import DenseDecoder, HybridDecoder, teacher_forced_logprob
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
@@ -70,15 +70,71 @@ def test_dense_decoder_faiss_flat_matches_exact(world) -> None:
 def test_hybrid_decoder_ends_are_beam_and_dense_orders(world) -> None:
     model, ids, layout, head, x, mask = world
     tree = PrefixTree.from_semantic_ids(ids, layout)
-    beam = fast_topk(model, x, mask, tree, layout, k=6, num_beams=6)
-    assert torch.equal(HybridDecoder(head, ids, alpha=1.0, num_candidates=6)(model, x, mask, tree, layout, k=6, num_beams=6).items, beam.items)
-    res = HybridDecoder(head, ids, alpha=0.0, num_candidates=6)(model, x, mask, tree, layout, k=3, num_beams=6)
+    # every item a candidate: alpha 1 is the exhaustive beam's order
+    beam = fast_topk(model, x, mask, tree, layout, k=N, num_beams=N)
+    assert torch.equal(HybridDecoder(head, ids, alpha=1.0, num_candidates=N)(model, x, mask, tree, layout, k=6, num_beams=N).items, beam.items[:, :6])
+    # alpha 0 is the dense top-k exactly: the pool holds the dense top C, whatever the beam found
+    for C in (3, 6):
+        res = HybridDecoder(head, ids, alpha=0.0, num_candidates=C)(model, x, mask, tree, layout, k=3, num_beams=2)
+        want = DenseDecoder(head, ids)(model, x, mask, k=3)
+        assert torch.equal(res.items, want.items)
+        assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
+
+
+def test_hybrid_pool_is_union_of_beam_and_dense_with_teacher_forced_scores(world) -> None:
+    model, ids, layout, head, x, mask = world
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    C = 4
+    cands = HybridDecoder(head, ids, alpha=0.5, num_candidates=C).candidates(model, x, mask, tree, layout, num_beams=C)
+    beam = fast_topk(model, x, mask, tree, layout, k=C, num_beams=C)
+    dense = DenseDecoder(head, ids)(model, x, mask, k=C)
+    exhaustive = fast_topk(model, x, mask, tree, layout, k=N, num_beams=N)  # every item's generative score
     with torch.no_grad():
-        dense = encode_queries(model, head, x, mask) @ head.item_vectors().T
-    cand_scores = dense.gather(1, head.rows_of(beam.items))
-    want = beam.items.gather(1, cand_scores.argsort(dim=1, descending=True, stable=True)[:, :3])
-    assert torch.equal(res.items, want)
-    assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
+        dense_all = torch.log_softmax(encode_queries(model, head, x, mask) @ head.item_vectors().T, dim=1)
+    assert cands.items.shape == (3, 2 * C)
+    for b in range(3):  # the test may loop; the decoder does not
+        valid = cands.items[b] >= 0
+        got = cands.items[b][valid].tolist()
+        want = beam.items[b].tolist() + [i for i in dense.items[b].tolist() if i not in beam.items[b].tolist()]
+        assert got == want  # beam's items in its order, then the dense head's new ones; no duplicates
+        assert torch.isinf(cands.gen_logprob[b][~valid]).all() and torch.isinf(cands.dense_logprob[b][~valid]).all()
+        assert (cands.codes[b][~valid] == -1).all()
+        gen_of = dict(zip(exhaustive.items[b].tolist(), exhaustive.scores[b].tolist(), strict=True))
+        torch.testing.assert_close(cands.gen_logprob[b][valid], torch.tensor([gen_of[i] for i in got]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cands.dense_logprob[b][valid], dense_all[b, head.rows_of(torch.tensor(got))])
+        assert np.array_equal(cands.codes[b][valid].numpy(), ids.codes_of(np.array(got)))
+
+
+def test_teacher_forced_scores_equal_the_beam_scores(world) -> None:
+    model, ids, layout, head, x, mask = world
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    for M in (1, 5, N):
+        beam = fast_topk(model, x, mask, tree, layout, k=M, num_beams=M)
+        tf = teacher_forced_logprob(model, x, mask, tree, layout, beam.codes)
+        torch.testing.assert_close(tf, beam.scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(teacher_forced_logprob(model, x, mask, tree, layout, beam.codes, batch_size=1), tf, atol=1e-6, rtol=0)
+    # against the stock T5 call on B*M rows: log-softmax of each level's block restricted to the allowed tokens
+    codes = beam.codes  # (B, N, L)
+    B, M, L = codes.shape
+    tokens = torch.as_tensor(layout.codes_to_tokens(codes)).reshape(B * M, L)
+    dec_in = torch.cat([torch.full((B * M, 1), layout.bos_token_id), tokens[:, :-1]], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=x.repeat_interleave(M, 0), attention_mask=mask.repeat_interleave(M, 0), decoder_input_ids=dec_in).logits
+    nodes, want = torch.zeros(B * M, dtype=torch.long), torch.zeros(B * M)
+    for level in range(L):
+        lo, hi = layout.level_range(level)
+        allowed = tree.allowed_mask(nodes, token_range=(lo, hi))
+        logp = logits[:, level, lo:hi].masked_fill(~allowed, float("-inf")).log_softmax(-1)
+        want += logp.gather(1, (tokens[:, level] - lo)[:, None]).squeeze(1)
+        nodes = tree.next_nodes(nodes, tokens[:, level])
+    torch.testing.assert_close(teacher_forced_logprob(model, x, mask, tree, layout, codes), want.view(B, M), atol=1e-5, rtol=0)
+    # a code tuple outside the tree scores -inf
+    bad = codes[:, :1].clone()
+    bad[..., 0] = (bad[..., 0] + 1) % 4
+    bad[..., -1] = layout.codebook_sizes[-1] - 1
+    out = teacher_forced_logprob(model, x, mask, tree, layout, bad)
+    in_tree = tree.lookup(torch.as_tensor(layout.codes_to_tokens(bad)).reshape(B, L)) >= 0
+    assert torch.isinf(out[~in_tree]).all() and not torch.isnan(out).any()
 
 
 def test_joint_loss_parts(world) -> None:

@@ -15,6 +15,7 @@ from generator.hybrid import (
     dense_candidate_scores,
     hybrid_candidates,
     rerank,
+    union_rows,
 )
 
 
@@ -88,3 +89,26 @@ def test_hybrid_candidates_from_beam_and_errors() -> None:
         rerank(c, 0.5, 3)
     with pytest.raises(ValueError, match="`metric` must be"):
         choose_alpha(c, torch.tensor([1]), metric="mrr@2")
+
+
+def test_union_rows_keeps_first_occurrence_and_pads() -> None:
+    beam = torch.tensor([[3, 1, 9], [2, 9, 9]])  # 9 = pad (empty beam slots)
+    dense = torch.tensor([[1, 4, 3], [5, 2, 0]])
+    rows, valid = union_rows(beam, dense, 9)
+    assert rows.tolist() == [[3, 1, 4, 9, 9, 9], [2, 5, 0, 9, 9, 9]]
+    assert valid.tolist() == [[True, True, True, False, False, False], [True, True, True, False, False, False]]
+
+
+def test_alpha_stored_for_the_old_beam_only_pool_is_not_reused(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from generator import hybrid
+
+    monkeypatch.setattr(hybrid, "_alpha_key", lambda run: {"checkpoint": "c", "pool": hybrid.POOL})
+    run = SimpleNamespace(path=tmp_path)
+    old = {"alpha": 0.3, "num_candidates": 50, "checkpoint": "c"}  # written before the union pool: no "pool"
+    (tmp_path / hybrid.ALPHA_FILE).write_text(json.dumps(old))
+    assert hybrid._stored_alpha(run, 50) is None
+    (tmp_path / hybrid.ALPHA_FILE).write_text(json.dumps({**old, "pool": "union"}))
+    assert hybrid._stored_alpha(run, 50) == 0.3
