@@ -4,7 +4,8 @@
 
 ``RUN`` is a run folder trained with a dense head (``semid train ... --dense both --objective joint``): its beam
 search (``auto``: the fast constrained beam search), its dense head (MIPS over all items) and the hybrid of the two
-(beam's top ``--num-candidates`` re-ranked by alpha * generative + (1 - alpha) * dense log-probability, alpha chosen
+(the union of the beam's and the dense head's top ``--num-candidates``, each scored by teacher forcing, re-ranked by
+alpha * generative + (1 - alpha) * dense log-probability, alpha chosen
 on ``--alpha-users`` *validation* users). ``--dense-run`` takes the dense row from another run (e.g. one trained
 with ``--objective dense``). Rows: R@5, N@5, R@10, N@10 over all test users (or a seeded sample), users/second
 (decoding only, one process, ``torch.get_num_threads()`` threads; the one-off alpha search is not timed).
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--max-users", type=int, help="a seeded sample of test users (default: all)")
     p.add_argument("--num-beams", type=int, default=20)
-    p.add_argument("--num-candidates", type=int, default=50, help="beam candidates the hybrid re-ranks")
+    p.add_argument("--num-candidates", type=int, default=50, help="candidates per history from each of beam and dense; the hybrid re-ranks their union")
     p.add_argument("--alpha-users", type=int, default=2000, help="validation users for choosing alpha")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         say(f"| {name} | {r5:.4f} | {n5:.4f} | {r10:.4f} | {n10:.4f} | |")
     say("")
     say(f"hybrid: alpha = {alpha_info['alpha']} chosen on {alpha_info['validation_users']} validation users by "
-        f"{alpha_info['metric']}; {args.num_candidates} beam candidates re-ranked; table by alpha: {alpha_info['table']}")
+        f"{alpha_info['metric']}; union of beam top-{args.num_candidates} and dense top-{args.num_candidates} (teacher-forced generative scores) re-ranked; table by alpha: {alpha_info['table']}")
     say(f"beam: {args.num_beams} beams; dense: exact MIPS (torch matmul + topk) over all {run.ids.num_items} items")
     budgets = {"beam/hybrid": budget(args.run), **({"dense": budget(dense_dir)} if dense_dir != args.run else {})}
     for name, b in budgets.items():
