@@ -95,6 +95,17 @@ def evaluate(
     if device is None:  # the accelerator where there is one, as training does
         device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device
     device = torch.device(device)
+    if run.design == "causal":  # one position per item: its own batches and decoders
+        from generator.causal.runs import evaluate_causal
+
+        name, values, users, invalid, duplicates, seconds = evaluate_causal(
+            run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
+            decoder=decoder, device=device, alpha=alpha,
+        )
+        result = EvalResult(which, name, values, users, invalid, duplicates, seconds)
+        _check_result(result)
+        log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
+        return result
     model, tree = run.model.to(device).eval(), run.tree.to(device)
     decode = build_decoder(run, decoder, split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed)
     rows = sample_users(split.num_users, max_users, seed)
@@ -115,13 +126,17 @@ def evaluate(
         metrics.update(items, b.target)
     seconds = time.perf_counter() - start
     result = EvalResult(which, f"{decode.__module__}.{decode.__name__}", metrics.compute(), metrics.count, invalid, duplicates, seconds)
-    if invalid or duplicates:  # metrics of a broken decoder must not be reported (or written) as if valid
-        raise DecoderError(
-            f"decoder {result.decoder} returned {invalid} invalid and {duplicates} duplicate items "
-            f"on {result.users} {which} users: the decoder is broken"
-        )
+    _check_result(result)
     log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
     return result
+
+
+def _check_result(result: EvalResult) -> None:
+    if result.invalid_items or result.duplicate_items:  # metrics of a broken decoder must not be reported as if valid
+        raise DecoderError(
+            f"decoder {result.decoder} returned {result.invalid_items} invalid and {result.duplicate_items} duplicate "
+            f"items on {result.users} {result.split} users: the decoder is broken"
+        )
 
 
 def evaluate_run(

@@ -451,7 +451,7 @@ def _check_aligned(head: DenseHead, ids: SemanticIDs) -> None:
 
 
 # ---- runs: the head for training, decoders by name for evaluation and recommendation ----------------------------
-ALL_DECODERS = (*DECODERS, "dense", "hybrid")
+ALL_DECODERS = (*DECODERS, "exact", "dense", "hybrid")  # "exact": causal runs only (generator.causal)
 POOL = "union"  # the candidate pool an alpha was chosen for: beam top-C plus dense top-C, teacher-forced scores
 ALPHA_FILE = "hybrid.json"  # RUN/hybrid.json: the blend weight chosen on validation for the run's checkpoint
 
@@ -533,6 +533,11 @@ def build_decoder(
         raise ValueError(f"`decoder` must be one of {list(ALL_DECODERS)}, got {name!r}")
     if name in DECODERS:
         return get_decoder(name)
+    if name == "exact":
+        raise ValueError(
+            f"{run.path}: decoder 'exact' ranks every item by its log-likelihood and needs a causal run (the default "
+            "preset); this is a T5 run: use 'beam', 'generate', 'dense' or 'hybrid'"
+        )
     head = load_run_head(run)
     num_candidates = min(num_candidates, run.ids.num_items)
     if name == "dense":

@@ -138,8 +138,8 @@ def checkpoint_meta(config: GeneratorConfig, layout: TokenLayout, digest: str) -
 
 
 class LoadedModel(NamedTuple):
-    model: T5ForConditionalGeneration
-    config: GeneratorConfig
+    model: torch.nn.Module  # a T5ForConditionalGeneration, or a generator.causal CausalGenerator
+    config: Any  # GeneratorConfig or CausalConfig
     layout: TokenLayout
     ids_digest: str
 
@@ -156,12 +156,19 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
     meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     if meta is None:
         raise ValueError(f"{path}: not a semid generator checkpoint (no {CHECKPOINT_KEY!r} entry)")
-    config = GeneratorConfig.from_dict(meta["config"])
     layout = TokenLayout.from_dict(meta["layout"])
     if ids is not None:
         check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
-    model = build_model(config, layout)
     state = {k[len(STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    if meta["config"].get("design") == "causal":  # one position per item (generator.causal)
+        from generator.causal.model import CausalConfig, CausalGenerator
+
+        config = CausalConfig.from_dict(meta["config"])
+        content = state["content"][1:] if "content" in state else None
+        model = CausalGenerator(config, layout, state["item_tokens"][1:], content)
+    else:
+        config = GeneratorConfig.from_dict(meta["config"])
+        model = build_model(config, layout)
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model, config, layout, meta["ids_digest"])

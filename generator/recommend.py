@@ -90,6 +90,15 @@ def recommend(
     if num_beams is None:
         num_beams = max(k, min(DEFAULT_BEAMS, run.ids.num_items)) if isinstance(k, int) else DEFAULT_BEAMS
     check_beam_args(k, num_beams, run.ids.num_items)
+    if run.design == "causal":
+        from generator.causal.runs import recommend_causal
+
+        hist = _check_histories(histories, run)
+        if user_ids is not None:
+            log.info("the causal design has no user tokens; `user_ids` are ignored")
+        items, scores = recommend_causal(run, hist, k=k, num_beams=num_beams, decoder=decoder, batch_size=batch_size, alpha=alpha)
+        _check_outside(items, run, decoder)
+        return [Recommendation(i, s) for i, s in zip(items, scores, strict=True)]
     decode = build_decoder(run, decoder, alpha=alpha, num_beams=num_beams)
     hist = _check_histories(histories, run)
     if user_ids is not None:
@@ -119,7 +128,11 @@ def recommend(
         res = decode(run.model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, k=k, num_beams=num_beams)
         items[lo : lo + len(index)] = res.items.cpu().numpy()
         scores[lo : lo + len(index)] = res.scores.cpu().numpy()
+    _check_outside(items, run, decoder)
+    return [Recommendation(i, s) for i, s in zip(items, scores, strict=True)]
+
+
+def _check_outside(items: np.ndarray, run: Run, decoder: str) -> None:
     outside = int((~np.isin(items, run.ids.item_ids)).sum())
     if outside:  # a real check, not an assert (which `python -O` strips)
         raise RuntimeError(f"the {decoder!r} decoder returned {outside} items outside the catalogue")
-    return [Recommendation(i, s) for i, s in zip(items, scores, strict=True)]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from generator.model import GeneratorConfig, load_checkpoint
+from generator.model import load_checkpoint
 from semid.ids import SemanticIDs
 from semid.io import atomic_open
 from semid.layout import TokenLayout
@@ -68,11 +68,15 @@ class Run:
     path: Path
     config: dict[str, Any]
     checkpoint: Path
-    model: torch.nn.Module
-    model_config: GeneratorConfig
+    model: torch.nn.Module  # T5ForConditionalGeneration, or CausalGenerator for the causal design
+    model_config: Any  # GeneratorConfig or CausalConfig
     layout: TokenLayout
     ids: SemanticIDs
     tree: PrefixTree
+
+    @property
+    def design(self) -> str:
+        return "causal" if getattr(self.model_config, "to_dict", dict)().get("design") == "causal" else "t5"
 
     @property
     def max_history(self) -> int:

@@ -1,8 +1,13 @@
 """Train a generator into a run folder (see ``generator.run``): data -> examples -> Lightning fit -> best checkpoint.
 
-    result = train_run("../shared/data/beauty", "ids/semantic_ids.npz", "runs/tiger", TrainOptions(preset="cpu"))
+    result = train_run("../shared/data/beauty", "ids/semantic_ids.npz", "runs/default", TrainOptions())
 
-The best checkpoint is chosen on ``val/ndcg@10`` over a fixed sample of validation users; after training, the best
+Two designs, chosen by the preset: ``causal`` (the default: one position per history item, every next-item target
+trained in one pass, ``generator.causal``) and the T5 encoder-decoder over code tokens (``tiger``, the published
+TIGER architecture, and ``cpu``, a smaller T5). Options left at None take the design's default (:data:`DESIGN_DEFAULTS`).
+
+The best checkpoint is chosen on validation over a fixed sample of validation users, for the decoder the run
+serves with (``val/<decoder>/ndcg@10`` for the causal design, ``val/ndcg@10`` for T5); after training, the best
 checkpoint is evaluated on all validation users (``RUN/metrics_valid.json``). Test users are never looked at here.
 """
 
@@ -10,46 +15,88 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from generator.causal.data import CausalDataModule
+from generator.causal.model import CausalConfig
+from generator.causal.system import CausalSystem, monitor_name
 from generator.datamodule import GeneratorDataModule
 from generator.evaluate import evaluate_run
 from generator.hybrid import ALPHA_FILE, dense_setup
-from generator.model import ids_digest, preset
+from generator.model import PRESETS as T5_PRESETS
+from generator.model import ids_digest
 from generator.run import BEST, CHECKPOINT_DIR, IDS_FILE, LAST, LOG_DIR, read_config, write_config
 from generator.system import GeneratorSystem, OptimConfig
 from semid.data import leave_one_out, load_dataset
 from semid.ids import SemanticIDs
-from semid.io import atomic_path
+from semid.io import atomic_path, write_json
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
 
-MONITOR = "val/ndcg@10"
+MONITOR = "val/ndcg@10"  # the T5 design's selection metric (the causal design's: val/<decoder>/ndcg@10)
+
+CAUSAL_PRESETS: dict[str, CausalConfig] = {
+    # the default: 2 causal layers of width 64 (the best measured on this CPU; width 128 was worse at equal time)
+    "causal": CausalConfig(),
+    "causal-wide": CausalConfig(d_model=128, num_heads=4, d_ff=512, dense_dim=128),
+}
+PRESETS = (*CAUSAL_PRESETS, *T5_PRESETS)
+
+
+def preset(name: str) -> Any:
+    """The model config of preset ``name``: a :class:`CausalConfig` or a T5 :class:`GeneratorConfig`."""
+    if name in CAUSAL_PRESETS:
+        return CAUSAL_PRESETS[name]
+    if name in T5_PRESETS:
+        return T5_PRESETS[name]
+    raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {name!r}")
+
+
+def is_causal(name: str) -> bool:
+    return name in CAUSAL_PRESETS
+
+
+# what an option left at None means, per design
+DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal": {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing": 0.0, "max_history": 50,
+               "user_tokens": 0, "dense": "id", "decoder": "auto"},
+    "t5": {"batch_size": 256, "lr": 2e-3, "warmup_steps": 500, "label_smoothing": 0.1, "max_history": 20,
+           "user_tokens": 2000, "dense": None, "decoder": "auto"},
+}
 # options that change what is trained: a resumed run must keep them
 # (val_users, num_beams and decoder define the validation score that selects best.ckpt: changing them mid-run
 # would compare checkpoints scored differently)
 _FIXED_ON_RESUME = (
     "preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options", "val_users", "num_beams", "decoder",
+    "objective",
 )
+_NO_DENSE = "none"  # `dense="none"`: no dense head (None means the design's default)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Everything ``semid train`` takes. ``max_time`` is "HH:MM:SS" (or "DD:HH:MM:SS")."""
+    """Everything ``semid train`` takes. ``max_time`` is "HH:MM:SS" (or "DD:HH:MM:SS").
 
-    preset: str = "tiger"
+    Options left at None are filled with the design's defaults (:data:`DESIGN_DEFAULTS`) when the options are made,
+    so a run's config.yaml records concrete values.
+    """
+
+    preset: str = "causal"
     max_epochs: int | None = 50
     max_steps: int = -1
     max_time: str | None = None
@@ -58,30 +105,41 @@ class TrainOptions:
     accelerator: str = "auto"
     strategy: str = "auto"
     precision: str = "32-true"
-    batch_size: int = 256
-    lr: float = 2e-3
-    warmup_steps: int = 500
+    batch_size: int | None = None  # examples (T5) or user windows (causal) per batch
+    lr: float | None = None
+    warmup_steps: int | None = None
     weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    max_history: int = 20
-    user_tokens: int = 2000  # hashed user-id buckets (TIGER); 0 for none
+    label_smoothing: float | None = None
+    max_history: int | None = None
+    user_tokens: int | None = None  # hashed user-id buckets (TIGER); 0 for none
     val_users: int | None = 1000  # validation users sampled for validation during training; None for all
     val_every: int | float = 1.0  # validate every N epochs (int) or fraction of an epoch (float < 1)
     final_val_users: int | None = None  # validation users for the final evaluation of the best checkpoint; 0 skips it
     num_beams: int = 20
-    decoder: str = "auto"
+    decoder: str | None = None  # the decoder the run serves with (its validation score selects the checkpoint)
     patience: int = 5  # validations without improvement before early stopping; 0 disables it
     eval_batch_size: int = 128
     num_workers: int = 0
     progress: bool = True
-    # the dense head (generator.dense): None for none, else its item vectors' mode "id" | "content" | "both"
+    # the dense head: "none", or its item vectors' mode "id" | "content" | "both" (causal: "id" | "both", where
+    # "both" also adds the content embeddings to the item inputs); None for the design's default
     dense: str | None = None
     objective: str = "joint"  # with a head: "joint" (generative + dense) or "dense" (encoder and head only)
     dense_embeddings: str = "minilm"  # the dataset's item_emb_<name>.npy for content vectors
     dense_options: dict[str, Any] | None = None  # more DenseHeadConfig fields: dim, pooling, loss, temperature, ...
+    threads: int = 1  # torch CPU threads while training (2 threads collapse on a busy 2-core machine; README)
 
     def __post_init__(self) -> None:
         preset(self.preset)  # validates the name
+        for name, value in DESIGN_DEFAULTS[self.design].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.dense == _NO_DENSE:
+            object.__setattr__(self, "dense", None)
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            raise ValueError(f"`threads` must be a positive int, got {self.threads!r}")
+        if self.design == "causal":
+            self._check_causal()
         for name in ("batch_size", "num_beams", "devices", "eval_batch_size", "max_history"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -95,6 +153,27 @@ class TrainOptions:
         if isinstance(self.val_every, float) and not 0 < self.val_every <= 1:
             raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
         parse_max_time(self.max_time)
+
+    @property
+    def design(self) -> str:
+        return "causal" if is_causal(self.preset) else "t5"
+
+    def _check_causal(self) -> None:
+        if self.user_tokens:
+            raise ValueError(f"`user_tokens` must be 0 with the causal preset {self.preset!r} (it has no user token), got {self.user_tokens}")
+        if self.dense not in (None, "id", "both"):
+            raise ValueError(f"`dense` must be 'none', 'id' or 'both' with the causal preset {self.preset!r}, got {self.dense!r}")
+        if self.dense is None and self.objective == "dense":
+            raise ValueError("`objective` 'dense' needs a dense head: pass `dense` 'id' or 'both'")
+        if self.dense is None:
+            object.__setattr__(self, "objective", "generative")  # what "joint" means without a head
+        allowed = ("dense",) if self.objective == "dense" and self.dense else ("beam", "exact", "dense") if self.dense else ("beam", "exact")
+        if self.decoder == "auto":
+            object.__setattr__(self, "decoder", allowed[0])
+        if self.decoder not in allowed:
+            raise ValueError(f"`decoder` must be one of {list(allowed)} for this causal run (objective {self.objective!r}), got {self.decoder!r}")
+        if self.dense_options:
+            raise ValueError(f"`dense_options` are for the T5 design's dense head; the causal design takes none, got {self.dense_options!r}")
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing)
@@ -131,6 +210,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class BudgetSnapshots(L.Callback):
+    """Copies the best checkpoint so far to ``best_<M>min.ckpt`` once training has run M wall-clock minutes (and at
+    the end for budgets not reached), with the best validation score and step in ``snapshots.json``."""
+
+    def __init__(self, minutes: Sequence[float], ckpt_dir: Path) -> None:
+        self.minutes = sorted(float(m) for m in minutes)
+        if not self.minutes or self.minutes[0] <= 0:
+            raise ValueError(f"`snapshots` must be positive minutes, got {list(minutes)!r}")
+        self.ckpt_dir, self.start, self.done = ckpt_dir, 0.0, {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def _take(self, trainer: L.Trainer, minutes: float, reached: bool) -> None:
+        best = self.ckpt_dir / BEST
+        if trainer.global_rank != 0 or not best.is_file():
+            return
+        name = f"best_{minutes:g}min.ckpt"
+        with atomic_path(self.ckpt_dir / name) as tmp:
+            shutil.copyfile(best, tmp)
+        cb = trainer.checkpoint_callback
+        score = None if cb is None or cb.best_model_score is None else float(cb.best_model_score)
+        self.done[f"{minutes:g}"] = {"checkpoint": name, "best_score": score, "reached": reached,
+                                     "elapsed_s": round(time.perf_counter() - self.start, 1), "step": trainer.global_step}
+        write_json(self.ckpt_dir / "snapshots.json", self.done)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        elapsed = (time.perf_counter() - self.start) / 60
+        while self.minutes and elapsed >= self.minutes[0]:
+            self._take(trainer, self.minutes.pop(0), True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        while self.minutes:  # budgets longer than the run: its final best
+            self._take(trainer, self.minutes.pop(0), False)
 
 
 class TrainResult(NamedTuple):
@@ -179,12 +294,24 @@ def train_run(
     options: TrainOptions = TrainOptions(),
     *,
     resume: bool = False,
+    snapshots: Sequence[float] = (),
 ) -> TrainResult:
     """Train a generator on a dataset folder with the given semantic IDs; write the run folder ``out_dir``.
 
     Args:
         resume: continue the run in ``out_dir`` from its last checkpoint (same IDs and fixed options).
+        snapshots: wall-clock budgets in minutes: when training has run that long, the best checkpoint so far (chosen
+            on validation) is copied to ``RUN/checkpoints/best_<M>min.ckpt`` (learning curves from one run).
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return _train_run(data_dir, ids_path, out_dir, options, resume, snapshots)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions, resume: bool, snapshots: Sequence[float]) -> TrainResult:
     start = time.perf_counter()
     out = Path(out_dir)
     dataset = load_dataset(data_dir)
@@ -200,44 +327,42 @@ def train_run(
     layout = ids.layout(options.user_tokens)
     split = leave_one_out(dataset)
     digest = ids_digest(ids)
-    config = preset(options.preset)
     tree = PrefixTree.from_semantic_ids(ids, layout)
-    dm = GeneratorDataModule(
-        split, ids, layout, batch_size=options.batch_size, eval_batch_size=options.eval_batch_size,
-        max_history=options.max_history, val_users=options.val_users, seed=options.seed, num_workers=options.num_workers,
-    )
-    dense = dense_setup(
-        options.dense, options.objective if options.dense else "generative", dataset, split, ids, config.d_model,
-        embeddings=options.dense_embeddings, options=options.dense_options,
-    )
-    system = GeneratorSystem(
-        config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams, decoder=options.decoder,
-        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, val_decoder=dense.val_decoder,
-    )
+    if options.design == "causal":
+        config, dm, system = _causal_setup(options, dataset, split, ids, layout, digest, tree)
+        monitor = monitor_name(options.decoder)
+    else:
+        config, dm, system = _t5_setup(options, dataset, split, ids, layout, digest, tree)
+        monitor = MONITOR
     run_config = {
         "data": str(Path(data_dir).resolve()),
         "ids_source": str(Path(ids_path).resolve()),
         "ids_digest": digest,
+        "design": options.design,
         "model": config.to_dict(),
         "layout": layout.to_dict(),
         "train": asdict(options),
+        "monitor": monitor,
         "best_checkpoint": None,
     }
     if not is_worker:
         write_config(out, run_config)
     dm.setup("fit")
-    padded = dm.padding_stats().padded_share
+    padded = dm.padding_share() if options.design == "causal" else dm.padding_stats().padded_share
+    targets_per_epoch = dm.num_targets if options.design == "causal" else len(dm.train_examples)
 
     # 2. trainer
     ckpt_dir = out / CHECKPOINT_DIR
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename=BEST[: -len(".ckpt")], monitor=MONITOR, mode="max", save_top_k=1, save_last=True,
+        dirpath=ckpt_dir, filename=BEST[: -len(".ckpt")], monitor=monitor, mode="max", save_top_k=1, save_last=True,
         auto_insert_metric_name=False, enable_version_counter=False,  # always best.ckpt / last.ckpt, also on resume
     )
     callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    if snapshots:
+        callbacks.append(BudgetSnapshots(snapshots, ckpt_dir))
     if options.patience:
         # checked after each validation (not at epoch end, which a step limit can reach without one)
-        callbacks.append(EarlyStopping(monitor=MONITOR, mode="max", patience=options.patience, check_on_train_epoch_end=False))
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=options.patience, check_on_train_epoch_end=False))
     every = options.val_every
     trainer = L.Trainer(
         default_root_dir=out,
@@ -275,10 +400,12 @@ def train_run(
     epochs = round(steps / max(1, -(-dm.train_sampler().num_batches() // options.devices)), 2)  # steps per process
     run_config["best_checkpoint"] = str(best.relative_to(out))
     run_config["selected_on_validation"] = selected_on_validation
-    run_config["best_score"] = {MONITOR: score}
+    run_config["best_score"] = {monitor: score}
     run_config["epochs"], run_config["steps"] = epochs, steps
     run_config["train_seconds"] = round(time.perf_counter() - start, 1)
     run_config["padded_share"] = round(padded, 4)
+    run_config["targets_per_epoch"] = int(targets_per_epoch)
+    run_config["threads"] = options.threads
     write_config(out, run_config)
 
     # 4. all validation users, on the best checkpoint
@@ -286,12 +413,46 @@ def train_run(
     if options.final_val_users != 0:
         metrics_valid = evaluate_run(
             out, "valid", num_beams=options.num_beams, max_users=options.final_val_users, seed=options.seed,
-            batch_size=options.eval_batch_size, decoder="dense" if dense.objective == "dense" else options.decoder,
+            batch_size=options.eval_batch_size, decoder="dense" if options.objective == "dense" and options.dense else options.decoder,
             progress=options.progress,
         )
     seconds = time.perf_counter() - start
-    log.info("trained %s in %.0f s: best %s = %s", out, seconds, MONITOR, score)
+    log.info("trained %s in %.0f s: best %s = %s", out, seconds, monitor, score)
     return TrainResult(out, best, score, epochs, steps, seconds, padded, metrics_valid)
+
+
+def _t5_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs, layout: Any, digest: str, tree: PrefixTree) -> tuple[Any, Any, Any]:
+    config = preset(options.preset)
+    dm = GeneratorDataModule(
+        split, ids, layout, batch_size=options.batch_size, eval_batch_size=options.eval_batch_size,
+        max_history=options.max_history, val_users=options.val_users, seed=options.seed, num_workers=options.num_workers,
+    )
+    dense = dense_setup(
+        options.dense, options.objective if options.dense else "generative", dataset, split, ids, config.d_model,
+        embeddings=options.dense_embeddings, options=options.dense_options,
+    )
+    system = GeneratorSystem(
+        config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams, decoder=options.decoder,
+        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, val_decoder=dense.val_decoder,
+    )
+    return config, dm, system
+
+
+def _causal_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs, layout: Any, digest: str, tree: PrefixTree) -> tuple[Any, Any, Any]:
+    content = None
+    if options.dense == "both":
+        if int(ids.item_ids.max()) > dataset.num_items:
+            raise ValueError(f"the semantic IDs have items above {dataset.num_items}, the dataset's last: no content for them")
+        content = torch.from_numpy(dataset.embeddings(options.dense_embeddings)[ids.item_ids - 1]).float()
+    base = preset(options.preset)
+    config = replace(base, max_history=options.max_history, dense_dim=base.dense_dim if options.dense else 0,
+                     content_dim=0 if content is None else int(content.shape[1]))
+    dm = CausalDataModule(split, ids, max_history=options.max_history, batch_size=options.batch_size,
+                          eval_batch_size=options.eval_batch_size, val_users=options.val_users, seed=options.seed)
+    item_tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)), dtype=torch.long)
+    system = CausalSystem(config, layout, item_tokens, torch.from_numpy(ids.item_ids), digest, tree, content=content,
+                          optim=options.optim(), objective=options.objective, serve=options.decoder, num_beams=options.num_beams)
+    return config, dm, system
 
 
 def _final_state(last: Path) -> tuple[float | None, int]:

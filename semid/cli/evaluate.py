@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
     p.add_argument("--decoder", default="auto", choices=ALL_DECODERS,
-                   help="beam search (auto | beam | generate), dense MIPS, or hybrid re-ranking (default auto)")
+                   help="constrained beam search (auto | beam; generate: stock model.generate, T5 runs), exact (every item by its log-likelihood, causal runs), dense MIPS, or hybrid (default auto = beam)")
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")

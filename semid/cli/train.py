@@ -1,4 +1,4 @@
-"""`semid train --data DATA --ids IDS --out RUN`: train the T5 generator into a run folder.
+"""`semid train --data DATA --ids IDS --out RUN`: train the generator into a run folder.
 
 The work is done by :func:`generator.train.train_run`; this module parses arguments and prints where things went.
 With ``--resume`` the options stored in RUN/config.yaml are the defaults, and flags given override them.
@@ -12,9 +12,8 @@ from pathlib import Path
 
 from generator.dense import MODES
 from generator.hybrid import DenseOptionsAction
-from generator.model import PRESETS
 from generator.run import IDS_FILE, read_config
-from generator.train import TrainOptions, train_run
+from generator.train import DESIGN_DEFAULTS, PRESETS, TrainOptions, train_run
 
 
 def _users(text: str) -> int | None:
@@ -35,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainOptions()
     p = subparsers.add_parser(
         "train",
-        help="train the generator (a T5 over semantic-ID tokens) into a run folder",
+        help="train the generator (default: the causal item-level design; --preset tiger: TIGER's T5) into a run folder",
         description="Train the generator on a dataset folder with semantic IDs; writes RUN/checkpoints/, "
         "RUN/config.yaml, RUN/logs/, a copy of the semantic IDs, and RUN/metrics_valid.json (the best checkpoint, "
         "chosen on validation, evaluated on all validation users).",
@@ -44,31 +43,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ids", required=True, type=Path, help=f"semantic IDs: a folder holding {IDS_FILE}, or the file")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--preset", choices=sorted(PRESETS), help=f"model size (default {d.preset})")
+    p.add_argument("--preset", choices=PRESETS, help="design and size: causal (default: one position per item, every "
+                   "target in one pass), causal-wide, tiger (TIGER's published T5), cpu (a small T5)")
     g = p.add_argument_group("budget")
     g.add_argument("--max-epochs", type=int, help=f"default {d.max_epochs}")
     g.add_argument("--max-steps", type=int, help="optimiser steps (default: no limit)")
     g.add_argument("--max-time", help="wall-clock limit HH:MM:SS (or DD:HH:MM:SS)")
     g.add_argument("--patience", type=int, help=f"validations without improvement before stopping, 0 = never (default {d.patience})")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, help=f"per device (default {d.batch_size})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
-    g.add_argument("--warmup-steps", type=int, help=f"linear warmup, then inverse-sqrt decay (default {d.warmup_steps})")
+    g.add_argument("--batch-size", type=int, help=f"user windows (causal) or examples (T5) per device {_d('batch_size')}")
+    g.add_argument("--lr", type=float, help=f"peak learning rate {_d('lr')}")
+    g.add_argument("--warmup-steps", type=int, help=f"linear warmup, then inverse-sqrt decay {_d('warmup_steps')}")
     g.add_argument("--weight-decay", type=float, help=f"AdamW (default {d.weight_decay})")
-    g.add_argument("--label-smoothing", type=float, help=f"(default {d.label_smoothing})")
+    g.add_argument("--label-smoothing", type=float, help=f"{_d('label_smoothing')}")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g = p.add_argument_group("examples")
-    g.add_argument("--max-history", type=int, help=f"items of history per example (default {d.max_history})")
-    g.add_argument("--user-tokens", type=int, help=f"hashed user-id tokens, 0 = none (default {d.user_tokens})")
+    g.add_argument("--max-history", type=int, help=f"items of history per position {_d('max_history')}")
+    g.add_argument("--user-tokens", type=int, help=f"hashed user-id tokens, 0 = none (T5 only) {_d('user_tokens')}")
     g = p.add_argument_group("validation")
     g.add_argument("--val-users", type=_users, help=f"validation users sampled during training, or 'all' (default {d.val_users})")
     g.add_argument("--val-every", type=_every, help="validate every N epochs (int) or fraction of an epoch (default 1)")
     g.add_argument("--final-val-users", type=_users, help="validation users for the final evaluation, 'all' (default) or 0 to skip")
     g.add_argument("--num-beams", type=int, help=f"(default {d.num_beams})")
-    g.add_argument("--decoder", choices=("auto", "beam", "generate"), help=f"(default {d.decoder})")
+    g.add_argument("--decoder", choices=("auto", "beam", "generate", "exact", "dense"),
+                   help="the decoder the run serves with; its validation score selects the checkpoint "
+                   f"(causal: beam | exact | dense; T5: auto | beam | generate) {_d('decoder')}")
     g.add_argument("--eval-batch-size", type=int, help=f"(default {d.eval_batch_size})")
     g = p.add_argument_group("dense head (MIPS decoding; see generator/dense.py)")
-    g.add_argument("--dense", choices=MODES, help="add a dense head whose item vectors come from a learned table, content embeddings, or both (default: none)")
+    g.add_argument("--dense", choices=("none", *MODES), help="the dense head's item vectors: a learned table, content "
+                   "embeddings, or both (causal: id | both, where both also feeds content to the item inputs; none: no "
+                   f"head) {_d('dense')}")
     g.add_argument("--objective", choices=("joint", "dense"), help=f"train the head with the generative loss or alone (default {d.objective})")
     g.add_argument("--dense-embeddings", help=f"content embeddings DATA/item_emb_<NAME>.npy (default {d.dense_embeddings})")
     g.add_argument("--dense-option", dest="dense_options", action=DenseOptionsAction, metavar="KEY=VALUE",
@@ -79,8 +83,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--strategy", help="Lightning strategy: auto | ddp | ddp_spawn | fsdp ... (default auto)")
     g.add_argument("--precision", help="32-true | bf16-mixed | 16-mixed (default 32-true)")
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
+    g.add_argument("--threads", type=int, help=f"torch CPU threads while training (default {d.threads}: two threads "
+                   "collapse on a busy 2-core machine; raise it on a machine with cores to spare)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     p.set_defaults(func=run)
+
+
+def _d(name: str) -> str:
+    causal, t5 = DESIGN_DEFAULTS["causal"][name], DESIGN_DEFAULTS["t5"][name]
+    return f"(default {causal} causal, {t5} T5)" if causal != t5 else f"(default {causal})"
 
 
 def ids_file(path: Path) -> Path:
@@ -96,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if result.metrics_valid is None and result.best_score is None:
         return 0
     print(f"run folder      {result.run_dir}")
-    print(f"best checkpoint {result.best_checkpoint}  (val/ndcg@10 on the validation sample: {result.best_score})")
+    monitor = read_config(result.run_dir).get("monitor", "val/ndcg@10")
+    print(f"best checkpoint {result.best_checkpoint}  ({monitor} on the validation sample: {result.best_score})")
     print(f"trained         {result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s; padded share {result.padded_share:.1%}")
     if result.metrics_valid:
         m = result.metrics_valid

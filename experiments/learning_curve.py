@@ -1,0 +1,170 @@
+"""Learning curves on Beauty: quality against training minutes, per design and decoder, on this CPU.
+
+    python -m experiments.learning_curve train --design causal --budgets 5,15,30,60      # one design, one process
+    python -m experiments.learning_curve report                                          # table + plot of all
+
+``train`` trains one design for the largest budget (wall clock, ``--threads`` torch threads) and keeps the best
+checkpoint *as of* each budget (chosen on ``--val-users`` validation users for the decoder the design serves with;
+``generator.train.BudgetSnapshots``); then every snapshot is evaluated on **all** test users with each decoder the
+run has (beam with 20 beams, exact, dense, hybrid with alpha chosen on 2,000 validation users). It records training
+throughput (next-item targets per second: targets per epoch x epochs / training seconds) and decoding users/s.
+
+Designs:
+- ``flat-t5``: today's flat T5 encoder-decoder (``cpu`` preset) with a jointly trained dense head (``--dense both``);
+- ``causal``: the default design (one position per item, every target in one pass, code head + dense head, joint);
+- ``dense-only``: the same causal backbone trained with the dense loss alone (the SASRec-like yardstick).
+
+Two designs can run side by side with one thread each (2 cores). ``report`` writes
+``experiments/results/learning_curve.{md,json}`` and ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from generator.evaluate import evaluate_run
+from generator.train import TrainOptions, train_run
+from semid.io import atomic_open, write_json
+
+RESULTS = Path(__file__).parent / "results"
+DESIGNS: dict[str, dict[str, Any]] = {
+    "flat-t5": {"options": {"preset": "cpu", "dense": "both", "objective": "joint", "val_every": 0.5},
+                "decoders": ["beam", "dense", "hybrid"]},
+    "causal": {"options": {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam"},
+               "decoders": ["beam", "exact", "dense", "hybrid"]},
+    "dense-only": {"options": {"preset": "causal", "dense": "id", "objective": "dense", "decoder": "dense"},
+                   "decoders": ["dense"]},
+}
+PEERS = {  # ../shared/data/README.md, test R@10 / N@10
+    "TIGER (published)": (0.0648, 0.0384),
+    "SASRec, 12 min on this CPU": (0.0700, 0.0369),
+    "RPG (KDD 2025)": (0.0809, 0.0464),
+}
+
+
+def train(args: argparse.Namespace) -> None:
+    spec = DESIGNS[args.design]
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    run_dir = Path(args.work) / args.design
+    top = max(budgets)
+    options = TrainOptions(**{
+        **spec["options"], "max_time": f"{int(top // 60):02d}:{int(top % 60):02d}:00", "max_epochs": None,
+        "val_users": args.val_users, "final_val_users": 0, "patience": 0, "progress": False, "threads": args.threads,
+        "seed": args.seed,
+    })
+    t0 = time.perf_counter()
+    result = train_run(args.data, Path(args.ids) / "semantic_ids.npz", run_dir, options, snapshots=budgets)
+    train_s = time.perf_counter() - t0
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    snaps = json.loads((run_dir / "checkpoints" / "snapshots.json").read_text())
+    torch.set_num_threads(args.threads)
+    rows = []
+    for minutes in budgets:
+        snap = snaps.get(f"{minutes:g}")
+        if snap is None:
+            continue
+        ckpt = run_dir / "checkpoints" / snap["checkpoint"]
+        for decoder in spec["decoders"]:
+            m = evaluate_run(run_dir, "test", checkpoint=ckpt, decoder=decoder, num_beams=20, batch_size=args.eval_batch_size,
+                             max_users=args.max_users)
+            rows.append({"design": args.design, "minutes": minutes, "decoder": decoder, "step": snap["step"],
+                         "val_score": snap["best_score"], **{k: m[k] for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")},
+                         "users": m["users_evaluated"], "users_per_s": round(m["users_evaluated"] / max(m["seconds"], 1e-9), 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    targets_per_s = config["targets_per_epoch"] * config["epochs"] / config["train_seconds"]
+    out = {"design": args.design, "options": config["train"], "monitor": config.get("monitor"), "epochs": config["epochs"],
+           "steps": config["steps"], "train_seconds": config["train_seconds"], "targets_per_epoch": config["targets_per_epoch"],
+           "targets_per_s": round(targets_per_s, 1), "wall_s": round(train_s, 1), "rows": rows,
+           "threads": args.threads, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+           "command": "python -m experiments.learning_curve " + shlex.join(sys.argv[1:]), "best_score": result.best_score}
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / f"learning_curve_{args.design}{args.tag}.json", out)
+
+
+def report(args: argparse.Namespace) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"learning_curve_*{args.tag}.json"))
+            if p.stem.removeprefix("learning_curve_").removesuffix(args.tag) in DESIGNS]
+    lines = ["# Learning curves on Amazon Beauty (test split, all 22,363 users, full catalogue)", "",
+             "Each design trained once on this 2-core CPU for the largest budget, one torch thread; at each budget the",
+             "best checkpoint so far (chosen on 1,000 validation users, for the decoder the design serves with) is",
+             "evaluated on the test split. Beam: 20 beams. Hybrid: alpha chosen on 2,000 validation users.", "",
+             "| design | minutes | decoder | R@5 | N@5 | R@10 | N@10 | decode users/s |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        for r in run["rows"]:
+            lines.append(f"| {r['design']} | {r['minutes']:g} | {r['decoder']} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | "
+                         f"{r['recall@10']:.4f} | {r['ndcg@10']:.4f} | {r['users_per_s']:.0f} |")
+    lines += ["", "| peer (published or measured elsewhere) | R@10 | N@10 |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {r:.4f} | {n:.4f} |" for name, (r, n) in PEERS.items()]
+    lines += ["", "| design | epochs | steps | training s | next-item targets per epoch | targets/s | threads |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        lines.append(f"| {run['design']} | {run['epochs']} | {run['steps']} | {run['train_seconds']} | {run['targets_per_epoch']:,} | "
+                     f"{run['targets_per_s']:.0f} | {run['threads']} |")
+    lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in runs] + [
+        f"    python -m experiments.learning_curve {shlex.join(sys.argv[1:])}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with atomic_open(RESULTS / f"learning_curve{args.tag}.md", "w", encoding="utf-8") as f:
+        f.write(text)
+    write_json(RESULTS / f"learning_curve{args.tag}.json", {"runs": runs})
+    _plot(runs, RESULTS / f"learning_curve{args.tag}.png")
+
+
+def _plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        for decoder in dict.fromkeys(r["decoder"] for r in run["rows"]):
+            pts = [(r["minutes"], r["recall@10"]) for r in run["rows"] if r["decoder"] == decoder]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{run['design']} / {decoder}")
+    for name, (r, _) in PEERS.items():
+        ax.axhline(r, ls=":", lw=1, color="grey")
+        ax.text(0.5, r, name, fontsize=7, va="bottom", color="grey")
+    ax.set_xlabel("training minutes (wall clock, 1 thread, 2-core CPU)")
+    ax.set_ylabel("test Recall@10 (all users)")
+    ax.set_title("Amazon Beauty: Recall@10 against training time")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--design", choices=sorted(DESIGNS), required=True)
+    t.add_argument("--data", default="../shared/data/beauty")
+    t.add_argument("--ids", default="experiments/runs/beauty_ids", help="a `semid fit-codebooks` folder")
+    t.add_argument("--work", default="experiments/runs/learning_curve")
+    t.add_argument("--budgets", default="5,15,30,60", help="minutes")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--val-users", type=int, default=1000)
+    t.add_argument("--max-users", type=int, default=None, help="test users (default all)")
+    t.add_argument("--eval-batch-size", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--tag", default="")
+    r = sub.add_parser("report")
+    r.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    train(args) if args.cmd == "train" else report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""The causal generator: one position per history item, every next-item target trained in one forward pass.
+
+A user's history ``x_1 .. x_T`` (item rows) becomes T input vectors, each the sum of the item's code embeddings
+(plus, optionally, a projection of its content embedding). A causal GPT-2 stack (``transformers.GPT2Model`` from a
+``GPT2Config``, no pretrained weights) reads them left to right, as SASRec does: its hidden state ``h_t`` at
+position t has seen ``x_1 .. x_t`` only, and emits the *next* item's semantic ID level by level, each level
+conditioned on the codes chosen so far, and (the dense head) a query for MIPS over item vectors.
+
+The code head (per level l, on ``h``; ``p`` is the prefix of codes chosen before level l)::
+
+    q_l(h, p) = W_l LN(h) * s_l(p) + u_l(p)            s_l, u_l: a small MLP of the prefix's code embeddings
+    logit_l(c | h, p) = q_l(h, p) . O_c + b_c           O: the code embeddings (tied with the input side)
+
+``s`` and ``u`` depend on the prefix only, so the logit of tree edge (p -> c) is ``W_l LN(h) . (s_l(p) * O_c)
++ u_l(p) . O_c + b_c``: one inner product per edge. That is what makes ranking *every* item by its exact
+log-likelihood a matrix product (``generator.causal.decode.exact_scores``), and the beam a handful of gathers.
+Log-probabilities are normalised over the codes the prefix tree allows after ``p`` (training and decoding alike),
+so an item's score is a proper log-probability over the catalogue.
+
+Items added after training (cold start) get input vectors and code-head scores from their codes alone
+(:meth:`CausalGenerator.add_items`).
+
+Shapes: B histories, T positions, D d_model, L levels, K_l level l's codebook, N items, V layout vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from semid.layout import TokenLayout
+
+DESIGN = "causal"
+
+
+@dataclass(frozen=True)
+class CausalConfig:
+    """The causal design's size. ``dense_dim`` 0 means no dense head; ``content_dim`` 0 no content input."""
+
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    d_ff: int = 256
+    dropout: float = 0.2
+    max_history: int = 50
+    dense_dim: int = 64  # the dense head's query and item vectors (item table); 0 for no dense head
+    content_dim: int = 0  # width of the item content embeddings added to the input (0: codes only)
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        for name in ("dense_dim", "content_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CausalConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"design"}
+        if unknown:
+            raise ValueError(f"unknown causal config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"design": DESIGN, **asdict(self)}
+
+
+class CausalGenerator(nn.Module):
+    """Histories of item rows -> next-item code logits (per level) and dense queries, at every position.
+
+    Args:
+        config: sizes.
+        layout: the token layout (code blocks; the only token arithmetic).
+        item_tokens: LongTensor (N, L), every item's code tokens (``layout.codes_to_tokens(ids.codes)``); row r is
+            the item ``ids.item_ids[r]``. Histories are given as rows + 1 (0 is padding).
+        content: FloatTensor (N, content_dim), frozen item content embeddings; required iff ``content_dim > 0``.
+    """
+
+    def __init__(
+        self, config: CausalConfig, layout: TokenLayout, item_tokens: torch.Tensor, content: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.config, self.layout = config, layout
+        L, D = layout.num_levels, config.d_model
+        item_tokens = torch.as_tensor(item_tokens, dtype=torch.long)
+        if item_tokens.ndim != 2 or item_tokens.shape[1] != L:
+            raise ValueError(f"`item_tokens` must be (N, {L}), got shape {tuple(item_tokens.shape)}")
+        # row 0 is the padding item (all pad tokens, whose embedding is zero)
+        pad = torch.full((1, L), layout.pad_token_id, dtype=torch.long)
+        self.register_buffer("item_tokens", torch.cat([pad, item_tokens]), persistent=True)  # (N + 1, L)
+        self.code_emb = nn.Embedding(layout.vocab_size, D, padding_idx=layout.pad_token_id)  # input and output side
+        nn.init.normal_(self.code_emb.weight, std=D**-0.5)
+        with torch.no_grad():
+            self.code_emb.weight[layout.pad_token_id].zero_()
+        if config.content_dim:
+            if content is None or content.shape != (item_tokens.shape[0], config.content_dim):
+                raise ValueError(
+                    f"`content` must be ({item_tokens.shape[0]}, {config.content_dim}) with content_dim > 0, "
+                    f"got {None if content is None else tuple(content.shape)}"
+                )
+            self.register_buffer("content", torch.cat([content.new_zeros(1, config.content_dim), content.float()]), persistent=True)
+            self.content_proj = nn.Linear(config.content_dim, D)
+        elif content is not None:
+            raise ValueError("`content` must be None with content_dim = 0")
+        gpt = GPT2Config(
+            vocab_size=1, n_positions=config.max_history, n_embd=D, n_layer=config.num_layers, n_head=config.num_heads,
+            n_inner=config.d_ff, resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+            activation_function="gelu_new", use_cache=False, bos_token_id=None, eos_token_id=None,
+        )
+        self.backbone = GPT2Model(gpt)
+        # code head: per level a projection of the state, and a prefix MLP giving (scale, shift)
+        self.level_proj = nn.ModuleList(nn.Linear(D, D) for _ in range(L))
+        self.head_norm = nn.LayerNorm(D)
+        self.prefix_mlp = nn.ModuleList(nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, 2 * D)) for _ in range(L))
+        for mlp in self.prefix_mlp:  # start as "no conditioning": scale 1, shift 0
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
+        self.code_bias = nn.Parameter(torch.zeros(layout.vocab_size))
+        if config.dense_dim:
+            self.dense_query = nn.Linear(D, config.dense_dim)
+            self.item_table = nn.Parameter(torch.randn(item_tokens.shape[0], config.dense_dim) * config.dense_dim**-0.5)
+            self.dense_codes = nn.Linear(D, config.dense_dim, bias=False)  # the item's code embeddings, projected
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_tokens.shape[0] - 1)
+
+    @property
+    def has_dense(self) -> bool:
+        return self.config.dense_dim > 0
+
+    # ---- the backbone --------------------------------------------------------------------------------------------
+    def item_inputs(self, rows1: torch.Tensor) -> torch.Tensor:
+        """Input vectors of items given as rows + 1 (0 = padding): sum of code embeddings (+ content). (..., D)."""
+        x = self.code_emb(self.item_tokens[rows1]).sum(-2)
+        if self.config.content_dim:
+            x = x + self.content_proj(self.content[rows1]) * (rows1 > 0).unsqueeze(-1)
+        return x
+
+    def hidden(self, histories: torch.Tensor) -> torch.Tensor:
+        """States at every position. histories: LongTensor (B, T) item rows + 1, right-padded with 0 -> (B, T, D).
+
+        Causal: position t sees positions <= t only, so right padding never reaches a real position.
+        """
+        T = histories.shape[1]
+        if T > self.config.max_history:
+            raise ValueError(f"histories of {T} positions exceed the model's max_history {self.config.max_history}")
+        return self.backbone(inputs_embeds=self.item_inputs(histories)).last_hidden_state
+
+    def last_hidden(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The state after each history's last item: (B, D)."""
+        h = self.hidden(histories)
+        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+
+    # ---- the code head -------------------------------------------------------------------------------------------
+    def level_queries(self, h: torch.Tensor) -> torch.Tensor:
+        """W_l LN(h) for every level: (..., D) -> (..., L, D)."""
+        z = self.head_norm(h)
+        return torch.stack([proj(z) for proj in self.level_proj], dim=-2)
+
+    def prefix_film(self, level: int, prefix_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of level ``level`` for prefixes (..., level) of code tokens -> two (..., D)."""
+        e = self.code_emb(prefix_tokens).sum(-2)  # (..., D); zero for the empty prefix
+        s, u = self.prefix_mlp[level](e).chunk(2, dim=-1)
+        return 1.0 + s, u
+
+    def code_logits(self, level: int, hq: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
+        """Raw logits over level ``level``'s block. hq: (..., D) that level's query; prefix_tokens: (..., level)."""
+        lo, hi = self.layout.level_range(level)
+        s, u = self.prefix_film(level, prefix_tokens)
+        return (hq * s + u) @ self.code_emb.weight[lo:hi].T + self.code_bias[lo:hi]
+
+    # ---- the dense head ------------------------------------------------------------------------------------------
+    def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dense_query(h)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N, dense_dim): the item table plus the items' code embeddings projected (so cold items score too)."""
+        codes = self.code_emb(self.item_tokens[1:]).sum(-2)  # (N, D)
+        return self.item_table + self.dense_codes(codes)
+
+    # ---- cold start ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_items(self, item_tokens: torch.Tensor, content: torch.Tensor | None = None) -> None:
+        """Append M items known by their code tokens (M, L) (and content (M, content_dim) where the model uses it).
+
+        Their input vectors and code-head scores come from their codes alone; their dense table rows start at zero
+        (a dense score of 0 until trained).
+        """
+        item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=self.item_tokens.device)
+        if item_tokens.ndim != 2 or item_tokens.shape[1] != self.layout.num_levels:
+            raise ValueError(f"`item_tokens` must be (M, {self.layout.num_levels}), got shape {tuple(item_tokens.shape)}")
+        self.item_tokens = torch.cat([self.item_tokens, item_tokens])
+        M = item_tokens.shape[0]
+        if self.config.content_dim:
+            if content is None or content.shape != (M, self.config.content_dim):
+                raise ValueError(f"`content` must be ({M}, {self.config.content_dim}) for this model")
+            self.content = torch.cat([self.content, content.to(self.content)])
+        if self.has_dense:
+            self.item_table = nn.Parameter(torch.cat([self.item_table.data, self.item_table.new_zeros(M, self.config.dense_dim)]))
+
+
+def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the allowed entries only; -inf elsewhere. logits, allowed: (..., K)."""
+    neg_inf = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~allowed, neg_inf).log_softmax(-1).masked_fill(~allowed, float("-inf"))
+
+
+def code_loss(
+    model: CausalGenerator,
+    hq: torch.Tensor,
+    target_tokens: torch.Tensor,
+    allowed: list[torch.Tensor],
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean over targets of the item's negative log-likelihood (sum over levels), normalised over the tree.
+
+    Args:
+        hq: FloatTensor (P, L, D), the level queries of P positions.
+        target_tokens: LongTensor (P, L), the next items' code tokens (teacher forcing).
+        allowed: per level a BoolTensor (P, K_l): the codes the tree allows after each target's prefix.
+        label_smoothing: mass spread uniformly over the allowed codes of each level.
+    """
+    total = hq.new_zeros(())
+    for level in range(model.layout.num_levels):  # loop over levels (L <= 4), not positions
+        lo, _ = model.layout.level_range(level)
+        logp = masked_log_softmax(model.code_logits(level, hq[:, level], target_tokens[:, :level]), allowed[level])
+        nll = -logp.gather(1, (target_tokens[:, level] - lo)[:, None]).squeeze(1)
+        if label_smoothing:
+            mask = allowed[level]
+            smooth = -(logp.masked_fill(~mask, 0.0).sum(1) / mask.sum(1).clamp_min(1))
+            nll = (1 - label_smoothing) * nll + label_smoothing * smooth
+        total = total + nll.mean()
+    return total
+
+
+def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
+    """Full-softmax cross-entropy over the catalogue (SASRec's loss). h: (P, D); target_rows: (P,) in [0, N)."""
+    logits = model.dense_queries(h) @ model.item_vectors().T  # (P, N)
+    return F.cross_entropy(logits, target_rows)

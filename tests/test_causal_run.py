@@ -1,0 +1,113 @@
+"""The default design end to end: `semid train` (no model flags) -> evaluate with every decoder -> recommend,
+model selection on the served decoder, and the options the causal design refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from generator.causal.model import CausalGenerator
+from generator.evaluate import evaluate_run
+from generator.recommend import recommend
+from generator.run import load_run
+from generator.train import TrainOptions
+from semid.cli import main
+from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
+
+FLAGS = ["--max-epochs", "3", "--batch-size", "8", "--val-users", "all", "--num-beams", "10", "--no-progress", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def causal_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("causal")
+    data = write_random_dataset(root / "data")
+    ids_dir = root / "ids"
+    ids_dir.mkdir()
+    write_ids(ids_dir / "semantic_ids.npz")
+    run = root / "run"
+    assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(run), *FLAGS]) == 0
+    dense_run = root / "dense_run"
+    assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(dense_run), "--objective", "dense", *FLAGS]) == 0
+    return {"data": data, "ids": ids_dir, "run": run, "dense_run": dense_run}
+
+
+def test_the_default_design_is_causal_and_selects_on_the_decoder_it_serves_with(causal_run: dict[str, Path]) -> None:
+    config = yaml.safe_load((causal_run["run"] / "config.yaml").read_text())
+    assert config["design"] == "causal" and config["train"]["preset"] == "causal"
+    assert config["monitor"] == "val/beam/ndcg@10" and set(config["best_score"]) == {"val/beam/ndcg@10"}
+    assert config["targets_per_epoch"] > 0 and config["threads"] == 1
+    run = load_run(causal_run["run"])
+    assert isinstance(run.model, CausalGenerator) and run.design == "causal"
+    # the checkpoint kept is the one with the best beam score among the logged validations
+    metrics = list((causal_run["run"] / "logs").rglob("metrics.csv"))[0].read_text().splitlines()
+    header = metrics[0].split(",")
+    col = header.index("val/beam/ndcg@10")
+    logged = [float(line.split(",")[col]) for line in metrics[1:] if line.split(",")[col]]
+    assert len(logged) == 3 and config["best_score"]["val/beam/ndcg@10"] == pytest.approx(max(logged))
+    for name in ("exact", "dense"):
+        assert f"val/{name}/ndcg@10" in header  # every decoder's validation metric is logged
+    valid = json.loads((causal_run["run"] / "metrics_valid.json").read_text())
+    assert valid["decoder"] == "causal.beam" and valid["ndcg@10"] == pytest.approx(max(logged), abs=1e-6)
+    dense = yaml.safe_load((causal_run["dense_run"] / "config.yaml").read_text())
+    assert dense["monitor"] == "val/dense/ndcg@10" and dense["train"]["decoder"] == "dense"
+
+
+@pytest.mark.parametrize("decoder", ["beam", "exact", "dense", "hybrid"])
+def test_evaluate_every_decoder_returns_real_distinct_items(causal_run: dict[str, Path], decoder: str) -> None:
+    m = evaluate_run(causal_run["run"], "test", decoder=decoder, num_beams=10)
+    assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
+    assert m["decoder"] == f"causal.{decoder}"
+    if decoder == "hybrid":
+        stored = json.loads((causal_run["run"] / "hybrid.json").read_text())
+        assert stored["validation_users"] == 24 and 0 <= stored["alpha"] <= 1  # chosen on validation users
+
+
+def test_evaluating_a_dense_only_run_with_the_beam_says_what_to_do(causal_run: dict[str, Path]) -> None:
+    m = evaluate_run(causal_run["dense_run"], "test", decoder="dense", num_beams=10)
+    assert m["users_evaluated"] == 24
+
+
+def test_recommend_agrees_with_exact_when_beams_cover_the_catalogue(causal_run: dict[str, Path]) -> None:
+    run = load_run(causal_run["run"])
+    histories = [[1, 2, 3], [10, 12, 14, 16], [5]]
+    beam = recommend(run, histories, k=5, num_beams=NUM_ITEMS, decoder="beam")
+    exact = recommend(run, histories, k=5, num_beams=NUM_ITEMS, decoder="exact")
+    for b, e in zip(beam, exact, strict=True):
+        assert np.array_equal(b.items, e.items) and np.allclose(b.scores, e.scores, atol=1e-5)
+        assert np.all(np.diff(b.scores) <= 1e-6) and len(set(b.items)) == 5
+    with pytest.raises(ValueError, match=r"histories\[1\]` holds unknown item id 999"):
+        recommend(run, [[1], [999]], k=5)
+
+
+def test_cli_recommend_prints_items(causal_run: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recommend", "--run", str(causal_run["run"]), "--history", "1,2,3", "-k", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    run = load_run(causal_run["run"])
+    want = recommend(run, [[1, 2, 3]], k=3)[0]
+    assert [r["item_id"] for r in out["items"]] == want.items.tolist()
+    assert [r["title"] for r in out["items"]] == [f"item {i}" for i in want.items]
+
+
+def test_causal_options_that_do_not_apply_are_errors() -> None:
+    with pytest.raises(ValueError, match="`user_tokens` must be 0 with the causal preset"):
+        TrainOptions(user_tokens=100)
+    with pytest.raises(ValueError, match="`dense` must be 'none', 'id' or 'both'"):
+        TrainOptions(dense="content")
+    with pytest.raises(ValueError, match="`decoder` must be one of"):
+        TrainOptions(dense="none", decoder="dense")
+    o = TrainOptions(dense="none")
+    assert o.dense is None and o.objective == "generative" and o.decoder == "beam"
+    t5 = TrainOptions(preset="tiger")
+    assert (t5.batch_size, t5.max_history, t5.user_tokens, t5.warmup_steps) == (256, 20, 2000, 500)
+
+
+def test_threads_are_restored_after_training(causal_run: dict[str, Path], tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    assert main(["train", "--data", str(causal_run["data"]), "--ids", str(causal_run["ids"]), "--out", str(tmp_path / "r"),
+                 "--max-steps", "2", "--threads", "1", "--final-val-users", "0", *FLAGS]) == 0
+    assert torch.get_num_threads() == before
