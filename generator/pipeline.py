@@ -45,7 +45,7 @@ def train_evaluate_show(
     ids_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    preset: str = "cpu",
+    preset: str = "causal",
     max_time: str | None = "00:05:00",
     max_epochs: int | None = 50,
     eval_users: int | None = 1000,
@@ -56,11 +56,12 @@ def train_evaluate_show(
 ) -> DemoReport:
     """Train a generator for ``max_time``, evaluate on ``eval_users`` test users, recommend for ``show_users`` users.
 
-    Sized for the 2-core demo: validation on 500 sampled users per epoch and on ``eval_users`` at the end.
+    The training options are ``semid train``'s defaults (the default design); only the budget is the demo's:
+    validation on 1,000 sampled users per epoch, on ``eval_users`` at the end.
     """
     options = TrainOptions(
-        preset=preset, max_time=max_time, max_epochs=max_epochs, seed=seed, lr=3e-3, warmup_steps=200,
-        val_users=500, final_val_users=eval_users, patience=0, progress=progress,
+        preset=preset, max_time=max_time, max_epochs=max_epochs, seed=seed, val_users=1000, final_val_users=eval_users,
+        patience=0, progress=progress,
     )
     trained = train_run(data_dir, ids_path, out_dir, options)
     test = evaluate_run(out_dir, "test", max_users=eval_users, seed=seed, progress=progress)

@@ -30,6 +30,8 @@ def make(num_items: int = 30, seed: int = 0, sizes: tuple[int, ...] = (3, 4)) ->
             mlp[2].weight.normal_(0, 0.5)
             mlp[2].bias.normal_(0, 0.5)
         model.code_bias.normal_(0, 0.5)
+        for level in range(layout.num_levels):  # and per-node vectors (they start at zero)
+            getattr(model, f"node_vec_{level}").normal_(0, 0.5)
     return model.eval(), ids, PrefixTree.from_semantic_ids(ids, layout)
 
 
@@ -135,3 +137,32 @@ def test_cold_items_get_input_vectors_from_their_codes_and_are_decoded() -> None
     exact_top = dec.decode("exact", h, k=1).items[:, 0]
     cold = (exact_top == 21) | (exact_top == 22)
     assert cold.any() and torch.equal(dec.decode("beam", h, k=1).items[cold, 0], exact_top[cold])
+
+
+def test_node_vectors_reach_exactly_the_logit_of_their_own_tree_node() -> None:
+    model, ids, _ = make(num_items=30, seed=11)
+    layout = model.layout
+    tokens = np.asarray(layout.codes_to_tokens(ids.codes))
+    h = torch.randn(1, CFG.d_model, generator=torch.Generator().manual_seed(4))
+    for level in range(layout.num_levels):
+        nodes = sorted({tuple(c) for c in ids.codes[:, : level + 1].tolist()})  # row r of node_vec_l is the r-th node
+        table = getattr(model, f"node_vec_{level}")
+        assert table.shape[0] == len(nodes)
+        for seq in tokens[:5].tolist():
+            prefix = torch.tensor([seq[:level]], dtype=torch.long)
+            q = model.level_queries(h)[:, level]
+            with torch.no_grad():
+                before = model.code_logits(level, q, prefix)
+                delta = torch.randn_like(table)
+                table += delta
+                after = model.code_logits(level, q, prefix)
+                table -= delta
+            s, u = model.prefix_film(level, prefix)
+            qq = (q * s + u)[0]
+            lo, hi = layout.level_range(level)
+            want = torch.zeros(hi - lo)
+            codes_prefix = tuple(ids.codes[[list(map(tuple, tokens.tolist())).index(tuple(seq))], :level][0].tolist())
+            for c in range(hi - lo):  # brute force: which codes after this prefix are tree nodes, and their rows
+                if codes_prefix + (c,) in nodes:
+                    want[c] = qq @ delta[nodes.index(codes_prefix + (c,))]
+            torch.testing.assert_close((after - before)[0], want, atol=1e-4, rtol=1e-4)

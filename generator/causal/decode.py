@@ -95,8 +95,12 @@ def edge_tables(model: CausalGenerator, paths: ItemPaths) -> EdgeTables:
     vectors, biases = [], []
     for level in range(model.layout.num_levels):  # loop over levels
         s, u = model.prefix_film(level, paths.parent_tokens[level])  # (P_l, D) each
-        out = model.code_emb.weight[paths.edge_token[level]]  # (E_l, D)
         p = paths.edge_parent[level]
+        out = model.code_emb.weight[paths.edge_token[level]]  # (E_l, D)
+        if model.config.node_vectors:
+            lo, _ = model.layout.level_range(level)
+            code = (paths.edge_token[level] - lo)[:, None]  # (E_l, 1)
+            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], code[:, 0])
         vectors.append(s[p] * out)
         biases.append((u[p] * out).sum(-1) + model.code_bias[paths.edge_token[level]])
     return EdgeTables(vectors, biases)

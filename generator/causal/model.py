@@ -9,10 +9,13 @@ conditioned on the codes chosen so far, and (the dense head) a query for MIPS ov
 The code head (per level l, on ``h``; ``p`` is the prefix of codes chosen before level l)::
 
     q_l(h, p) = W_l LN(h) * s_l(p) + u_l(p)            s_l, u_l: a small MLP of the prefix's code embeddings
-    logit_l(c | h, p) = q_l(h, p) . O_c + b_c           O: the code embeddings (tied with the input side)
+    logit_l(c | h, p) = q_l(h, p) . (O_c + N_pc) + b_c  O: the code embeddings (tied with the input side)
 
-``s`` and ``u`` depend on the prefix only, so the logit of tree edge (p -> c) is ``W_l LN(h) . (s_l(p) * O_c)
-+ u_l(p) . O_c + b_c``: one inner product per edge. That is what makes ranking *every* item by its exact
+``N_pc`` is a learned vector of the tree node ``p + (c,)`` (``node_vectors``; zero for a prefix not seen at
+training time, so cold items fall back to their codes): it gives the head item-level capacity at the deep levels,
+as the dense head's item table does, while the code embeddings share what items with a code have in common.
+``s`` and ``u`` depend on the prefix only, so the logit of tree edge (p -> c) is ``W_l LN(h) . (s_l(p) * (O_c +
+N_pc)) + u_l(p) . (O_c + N_pc) + b_c``: one inner product per edge. That is what makes ranking *every* item by its exact
 log-likelihood a matrix product (``generator.causal.decode.exact_scores``), and the beam a handful of gathers.
 Log-probabilities are normalised over the codes the prefix tree allows after ``p`` (training and decoding alike),
 so an item's score is a proper log-probability over the catalogue.
@@ -50,8 +53,11 @@ class CausalConfig:
     max_history: int = 50
     dense_dim: int = 64  # the dense head's query and item vectors (item table); 0 for no dense head
     content_dim: int = 0  # width of the item content embeddings added to the input (0: codes only)
+    node_vectors: bool = True  # a learned output vector per ID prefix (tree node), added to its code's embedding
 
     def __post_init__(self) -> None:
+        if not isinstance(self.node_vectors, bool):
+            raise ValueError(f"`node_vectors` must be a bool, got {self.node_vectors!r}")
         for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -71,6 +77,7 @@ class CausalConfig:
         unknown = set(d) - known - {"design"}
         if unknown:
             raise ValueError(f"unknown causal config keys {sorted(unknown)}; known: {sorted(known)}")
+        d = {"node_vectors": False, **d}  # checkpoints written before node vectors existed had none
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +135,10 @@ class CausalGenerator(nn.Module):
             nn.init.zeros_(mlp[2].weight)
             nn.init.zeros_(mlp[2].bias)
         self.code_bias = nn.Parameter(torch.zeros(layout.vocab_size))
+        if config.node_vectors:  # per level: the ID prefixes of length l (parents), their children and the vectors
+            codes = item_tokens - torch.tensor(layout.level_offsets)
+            for level in range(L):
+                self._register_children(level, codes)
         if config.dense_dim:
             self.dense_query = nn.Linear(D, config.dense_dim)
             self.item_table = nn.Parameter(torch.randn(item_tokens.shape[0], config.dense_dim) * config.dense_dim**-0.5)
@@ -180,7 +191,70 @@ class CausalGenerator(nn.Module):
         """Raw logits over level ``level``'s block. hq: (..., D) that level's query; prefix_tokens: (..., level)."""
         lo, hi = self.layout.level_range(level)
         s, u = self.prefix_film(level, prefix_tokens)
-        return (hq * s + u) @ self.code_emb.weight[lo:hi].T + self.code_bias[lo:hi]
+        q = hq * s + u
+        logits = q @ self.code_emb.weight[lo:hi].T + self.code_bias[lo:hi]
+        if self.config.node_vectors:
+            logits = logits + self.node_logits(level, q, prefix_tokens)
+        return logits
+
+    # ---- node vectors: children of each parent prefix, padded to the level's largest degree ------------------------
+    def _register_children(self, level: int, codes: torch.Tensor) -> None:
+        """Buffers parent_keys_l (P,), child_codes_l (P, W) (-1 pads) and child_index_l (P, W) into node_vec_l (E, D)."""
+        child_keys = torch.unique(self._key(codes[:, : level + 1]))  # (E,) sorted
+        parent_of = child_keys // self.layout.codebook_sizes[level]
+        code = child_keys % self.layout.codebook_sizes[level]
+        parents, inv, counts = torch.unique_consecutive(parent_of, return_inverse=True, return_counts=True)
+        slot = torch.arange(child_keys.numel()) - (torch.cumsum(counts, 0) - counts)[inv]
+        W = int(counts.max())
+        child_codes = torch.full((parents.numel(), W), -1, dtype=torch.long)
+        child_index = torch.full((parents.numel(), W), -1, dtype=torch.long)
+        child_codes[inv, slot] = code
+        child_index[inv, slot] = torch.arange(child_keys.numel())
+        self.register_buffer(f"parent_keys_{level}", parents, persistent=True)
+        self.register_buffer(f"child_codes_{level}", child_codes, persistent=True)
+        self.register_buffer(f"child_index_{level}", child_index, persistent=True)
+        if not hasattr(self, f"node_vec_{level}"):
+            self.register_parameter(f"node_vec_{level}", nn.Parameter(torch.zeros(child_keys.numel(), self.config.d_model)))
+
+    def _key(self, codes: torch.Tensor) -> torch.Tensor:
+        """Mixed-radix int64 key of code prefixes (..., l) (codes, not tokens)."""
+        key = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for j in range(codes.shape[-1]):
+            key = key * self.layout.codebook_sizes[j] + codes[..., j]
+        return key
+
+    def _children(self, level: int, prefix_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(child codes, node-vector rows) (..., W) of each prefix (..., level); -1 where none (or unknown prefix)."""
+        offsets = torch.tensor(self.layout.level_offsets[:level], device=prefix_tokens.device)
+        key = self._key(prefix_tokens - offsets)
+        keys = getattr(self, f"parent_keys_{level}")
+        pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
+        found = (keys[pos] == key).unsqueeze(-1)
+        codes, index = getattr(self, f"child_codes_{level}")[pos], getattr(self, f"child_index_{level}")[pos]
+        return torch.where(found, codes, -1), torch.where(found, index, -1)
+
+    def node_logits(self, level: int, q: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
+        """q . N over level ``level``'s block (..., K): each known child's node vector, 0 for codes without one."""
+        K = self.layout.codebook_sizes[level]
+        table = getattr(self, f"node_vec_{level}")
+        if getattr(self, f"parent_keys_{level}").numel() == 1:  # one parent (the root): a dense (K, D) table
+            codes, index = getattr(self, f"child_codes_{level}")[0], getattr(self, f"child_index_{level}")[0]
+            keep = codes >= 0
+            dense = table.new_zeros(K, table.shape[1]).index_add(0, codes[keep], table[index[keep]])
+            return q @ dense.T
+        codes, index = self._children(level, prefix_tokens)  # (..., W)
+        vecs = table[index.clamp_min(0)]  # (..., W, D)
+        node = (vecs @ q.unsqueeze(-1)).squeeze(-1) * (index >= 0)  # (..., W)
+        out = q.new_zeros(*q.shape[:-1], K + 1)  # column K collects the padding
+        return out.scatter_add(-1, torch.where(codes >= 0, codes, K), node)[..., :K]
+
+    def edge_node_vectors(self, level: int, parent_tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """N of the nodes parent + (c,) for parents (E, level) and codes (E,) -> (E, D); zero where unknown."""
+        child_codes, index = self._children(level, parent_tokens)  # (E, W)
+        match = child_codes == codes.unsqueeze(-1)
+        row = torch.where(match.any(-1), index.gather(-1, match.float().argmax(-1, keepdim=True)).squeeze(-1), -1)
+        table = getattr(self, f"node_vec_{level}")
+        return table[row.clamp_min(0)] * (row >= 0).unsqueeze(-1)
 
     # ---- the dense head ------------------------------------------------------------------------------------------
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:

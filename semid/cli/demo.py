@@ -2,7 +2,8 @@
 
 1. load the dataset folder and print its summary and the leave-one-out split;
 2. fit codebooks (``semid fit-codebooks``: balanced residual k-means, 3 x 256 codes + the extra level);
-3. train the ``cpu`` preset generator for a few minutes, choosing the checkpoint on validation users;
+3. train the default generator (``semid train``'s defaults: the causal design) for 8 minutes, choosing the
+   checkpoint on validation users;
 4. evaluate on a sample of test users by constrained beam search (invalid items returned must be 0);
 5. show the top-10 with titles for three users, and where every file went.
 
@@ -83,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
     if run_dir.exists():
         print(f"replacing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
-    _step(f"3/4 training the cpu preset for {args.max_time}, then 4/4 evaluating {args.eval_users:,} test users")
+    _step(f"3/4 training the default design for {args.max_time}, then 4/4 evaluating {args.eval_users:,} test users")
     report = train_evaluate_show(
-        args.data, ids_dir / "semantic_ids.npz", run_dir, preset="cpu", max_time=args.max_time, eval_users=args.eval_users,
+        args.data, ids_dir / "semantic_ids.npz", run_dir, max_time=args.max_time, eval_users=args.eval_users,
         seed=args.seed, progress=args.progress,
     )
     print()
