@@ -47,7 +47,7 @@ from generator.dense import (
 )
 from generator.examples import collate
 from generator.mips import MIPSIndex
-from generator.model import ids_digest
+from generator.model import ids_digest, safe_load
 from semid.data import Dataset, Split
 from semid.ids import SemanticIDs
 from semid.io import write_json
@@ -506,7 +506,7 @@ def dense_setup(
 
 def load_run_head(run: Run) -> DenseHead:
     """The dense head of a run's checkpoint, on the model's device, in eval mode."""
-    head = load_dense_head(torch.load(run.checkpoint, map_location="cpu", weights_only=False))
+    head = load_dense_head(safe_load(run.checkpoint))
     if head is None:
         raise ValueError(f"{run.checkpoint}: this run has no dense head (train it with `semid train --dense both ...`)")
     return head.to(next(run.model.parameters()).device)

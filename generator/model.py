@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -144,6 +145,22 @@ class LoadedModel(NamedTuple):
     ids_digest: str
 
 
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load`` that runs no code: tensors, containers and primitives only (``weights_only=True``).
+
+    A file that needs anything else (a crafted pickle, an object with ``__reduce__``) is refused with a ValueError
+    naming the file, before any of it is executed.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path}: refused: this file holds objects other than tensors and plain containers, which loading would "
+            f"execute ({first}); semid checkpoints never do, so it was not written by semid or has been tampered with"
+        ) from None
+
+
 def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None) -> LoadedModel:
     """Rebuild the model from a checkpoint file alone; with ``ids``, refuse one whose vocabulary does not match.
 
@@ -152,7 +169,7 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoints hold callback states
+    ckpt = safe_load(path)
     meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     if meta is None:
         raise ValueError(f"{path}: not a semid generator checkpoint (no {CHECKPOINT_KEY!r} entry)")

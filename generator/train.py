@@ -38,7 +38,7 @@ from generator.datamodule import GeneratorDataModule
 from generator.evaluate import evaluate_run
 from generator.hybrid import ALPHA_FILE, dense_setup
 from generator.model import PRESETS as T5_PRESETS
-from generator.model import ids_digest
+from generator.model import ids_digest, safe_load
 from generator.run import BEST, CHECKPOINT_DIR, IDS_FILE, LAST, LOG_DIR, read_config, write_config
 from generator.system import GeneratorSystem, OptimConfig
 from semid.data import leave_one_out, load_dataset
@@ -459,7 +459,7 @@ def _final_state(last: Path) -> tuple[float | None, int]:
     """(best val/ndcg@10, optimiser steps) recorded in the last checkpoint."""
     if not last.is_file():
         return None, 0
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = safe_load(last)
     score = None
     for key, state in ckpt.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
