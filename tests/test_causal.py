@@ -19,18 +19,18 @@ from tests.reference import DictTrie
 CFG = CausalConfig(d_model=16, num_layers=2, num_heads=2, d_ff=32, dropout=0.0, max_history=12, dense_dim=8)
 
 
-def make(num_items: int = 30, seed: int = 0, sizes: tuple[int, ...] = (3, 4)) -> tuple[CausalGenerator, SemanticIDs, PrefixTree]:
+def make(num_items: int = 30, seed: int = 0, sizes: tuple[int, ...] = (3, 4), cfg: CausalConfig = CFG) -> tuple[CausalGenerator, SemanticIDs, PrefixTree]:
     rng = np.random.default_rng(seed)
     ids = SemanticIDs.from_codes(rng.integers(0, sizes, size=(num_items, len(sizes))), sizes, extra_level_size=num_items)
     layout = ids.layout(0)
     torch.manual_seed(seed)
-    model = CausalGenerator(CFG, layout, torch.as_tensor(layout.codes_to_tokens(ids.codes)))
+    model = CausalGenerator(cfg, layout, torch.as_tensor(layout.codes_to_tokens(ids.codes)))
     with torch.no_grad():  # a head that conditions on the prefix for real (it starts as "no conditioning")
         for mlp in model.prefix_mlp:
             mlp[2].weight.normal_(0, 0.5)
             mlp[2].bias.normal_(0, 0.5)
         model.code_bias.normal_(0, 0.5)
-        for level in range(layout.num_levels):  # and per-node vectors (they start at zero)
+        for level in range(layout.num_levels if cfg.node_vectors else 0):  # and per-node vectors (they start at zero)
             getattr(model, f"node_vec_{level}").normal_(0, 0.5)
     return model.eval(), ids, PrefixTree.from_semantic_ids(ids, layout)
 
@@ -105,8 +105,11 @@ def test_beam_with_as_many_beams_as_items_is_the_exact_top_k() -> None:
     torch.testing.assert_close(beam.scores, exact.scores, atol=1e-5, rtol=0)
 
 
-def test_training_loss_is_the_negative_log_likelihood_the_decoders_rank_by() -> None:
-    model, ids, tree = make(num_items=20, seed=5)
+@pytest.mark.parametrize("node_vectors", [True, False])
+def test_training_loss_is_the_negative_log_likelihood_the_decoders_rank_by(node_vectors: bool) -> None:
+    from dataclasses import replace
+
+    model, ids, tree = make(num_items=20, seed=5, cfg=replace(CFG, node_vectors=node_vectors))
     h = torch.randn(6, CFG.d_model, generator=torch.Generator().manual_seed(2))
     rows = torch.tensor([0, 3, 7, 7, 12, 19])
     nodes = item_paths(model, tree).nodes[rows]

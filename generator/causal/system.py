@@ -79,8 +79,10 @@ class CausalSystem(L.LightningModule):
         P = rows.numel()
         total = h.new_zeros(())
         if self.objective != "dense":
-            nodes = self._item_nodes()[rows]  # (P, L + 1)
-            allowed = [self.tree.allowed_mask(nodes[:, lv], token_range=self.layout.level_range(lv)) for lv in range(self.layout.num_levels)]
+            allowed = None
+            if not self.config.node_vectors:  # the block-wide path masks with the tree
+                nodes = self._item_nodes()[rows]  # (P, L + 1)
+                allowed = [self.tree.allowed_mask(nodes[:, lv], token_range=self.layout.level_range(lv)) for lv in range(self.layout.num_levels)]
             gen = code_loss(self.model, self.model.level_queries(hs), self.model.item_tokens[rows + 1], allowed,
                             label_smoothing=self.optim.label_smoothing)
             self.log("train/gen_loss", gen, batch_size=P)
