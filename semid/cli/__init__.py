@@ -13,30 +13,44 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# command modules, in the order they appear in `semid --help`
-COMMAND_MODULES = (
-    "semid.cli.prepare",
-    "semid.cli.embed",
-    "semid.cli.codebooks",
-    "semid.cli.train",
-    "semid.cli.evaluate",
-    "semid.cli.recommend",
-    "semid.cli.demo",
-)
+# command -> (module, one-line help), in the order they appear in `semid --help`. Only the module of the command
+# being run is imported, so `semid prepare` loads neither torch nor lightning nor transformers.
+COMMANDS = {
+    "prepare": ("semid.cli.prepare", "convert raw interaction data into a dataset folder"),
+    "embed": ("semid.cli.embed", "embed item text with a local transformers model folder"),
+    "fit-codebooks": ("semid.cli.codebooks", "fit codebooks (residual k-means or RQ-VAE) and write semantic IDs"),
+    "train": ("semid.cli.train", "train the generator into a run folder"),
+    "evaluate": ("semid.cli.evaluate", "evaluate a run on the validation or test users"),
+    "recommend": ("semid.cli.recommend", "top-k items for a history"),
+    "demo": ("semid.cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
+}
+COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only that command's module is imported (the others get a stub)."""
     parser = argparse.ArgumentParser(prog="semid", description="Generative retrieval with semantic IDs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for name, (module, help_text) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The command named in argv (the first word that is not an option), if it is one of ours."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    parser = build_parser(command) if command is not None else build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

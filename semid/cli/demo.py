@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         if not emb.is_file():
             raise FileNotFoundError(f"{emb}: no item embeddings here; make them with `semid embed --data {args.data} --model MODEL_DIR`")
         argv = ["fit-codebooks", "--embeddings", str(emb), "--out", str(ids_dir), "--seed", str(args.seed)]
-        fit = build_parser().parse_args(argv + ([] if args.progress else ["--no-progress"]))
+        fit = build_parser("fit-codebooks").parse_args(argv + ([] if args.progress else ["--no-progress"]))
         fit.func(fit)
 
     # 3-4. train, evaluate on test users, show recommendations
