@@ -56,6 +56,18 @@ def lr_factor(step: int, warmup_steps: int) -> float:
     return step / warmup_steps if step < warmup_steps else math.sqrt(warmup_steps / step)
 
 
+def adamw_schedule(module: torch.nn.Module, optim: OptimConfig) -> dict[str, Any]:
+    """Lightning's optimiser config: AdamW (matrices decayed, vectors and layer-norm scales not) with
+    :func:`lr_factor`'s warmup and inverse-sqrt decay, stepped every optimiser step."""
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
+    warmup = optim.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class GeneratorSystem(L.LightningModule):
     """Trains :func:`generator.model.build_model`'s T5; validates by constrained beam search.
 
@@ -121,13 +133,7 @@ class GeneratorSystem(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay = [p for p in self.parameters() if p.ndim >= 2]  # matrices; layer-norm scales are not decayed
-        no_decay = [p for p in self.parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas)
-        warmup = self.optim.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_schedule(self, self.optim)
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -22,7 +22,7 @@ from generator.causal.data import SeqBatch
 from generator.causal.decode import CausalDecoders, item_paths
 from generator.causal.model import CausalConfig, CausalGenerator, code_loss, dense_loss
 from generator.model import CHECKPOINT_KEY
-from generator.system import OptimConfig, lr_factor
+from generator.system import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 
@@ -96,13 +96,7 @@ class CausalSystem(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay = [p for n, p in self.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas)
-        warmup = self.optim.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_schedule(self, self.optim)
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
