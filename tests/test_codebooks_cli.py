@@ -117,3 +117,39 @@ def test_missing_or_bad_embeddings_file(tmp_path: Path, capsys) -> None:
         == 2
     )
     assert "`embeddings` row 3 is not finite" in capsys.readouterr().err
+
+
+def test_out_that_is_not_a_codebooks_folder_is_refused_unless_overwrite(
+    embeddings: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"  # a run folder: its IDs copy has the same name as ours
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("format: semid.run\n")
+    (run / "semantic_ids.npz").write_bytes(b"the run's own IDs")
+    argv = ["fit-codebooks", "--embeddings", str(embeddings), "--method", "rqkmeans", "--levels", "2"]
+    argv += ["--codebook-size", "8", "--extra-level-size", "64", "--no-progress"]
+    assert main([*argv, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: not empty and not a codebooks folder (it holds checkpoints/, config.yaml, which" in err
+    assert "--overwrite" in err
+    assert (run / "semantic_ids.npz").read_bytes() == b"the run's own IDs"  # untouched
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "semantic_ids.npz"]
+
+    # a codebooks folder, complete or interrupted, is re-fitted in place without the flag
+    ids = tmp_path / "ids"
+    assert main([*argv, "--out", str(ids)]) == 0
+    assert main([*argv, "--out", str(ids), "--seed", "1"]) == 0
+    (ids / "stats.json").unlink()
+    (ids / ".quantizer.pt.x1y2.pt").write_bytes(b"")  # left by a killed atomic write
+    assert main([*argv, "--out", str(ids)]) == 0
+    (ids / "notes.txt").write_text("mine")
+    assert main([*argv, "--out", str(ids)]) == 2
+    assert "(it holds notes.txt, which" in capsys.readouterr().err
+
+    # --overwrite writes our four files and leaves the others alone
+    assert main([*argv, "--out", str(run), "--overwrite"]) == 0
+    assert SemanticIDs.load(run / "semantic_ids.npz").num_items == 120
+    assert (run / "config.yaml").read_text() == "format: semid.run\n"
+    (tmp_path / "file").write_text("x")
+    assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err

@@ -7,6 +7,9 @@ and writes the folder (every file atomically)::
     DIR/quantizer.pt       the fitted quantizer (weights + config; torch.load(..., weights_only=True))
     DIR/stats.json         per-level codes used and perplexity, collisions, reconstruction error, seconds
     DIR/code_usage.png     items per code at every level, most used first
+
+DIR must be new, empty, or a folder this command wrote before; any other non-empty folder (a run, a dataset) is
+refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ IDS_FILE = "semantic_ids.npz"
 QUANTIZER_FILE = "quantizer.pt"
 STATS_FILE = "stats.json"
 PLOT_FILE = "code_usage.png"
+CODEBOOK_FILES = (IDS_FILE, QUANTIZER_FILE, STATS_FILE, PLOT_FILE)
 
 # chosen from experiments/results/codebooks.md: both methods meet the targets with the balanced last level;
 # residual k-means fits in a fraction of the time and reconstructs the embeddings better
@@ -44,7 +48,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--embeddings", required=True, type=Path, help="float (N, D) .npy file; row i is item i + 1"
     )
-    p.add_argument("--out", required=True, type=Path, help="folder to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="folder to write: new, empty, or one fit-codebooks wrote before (its files are replaced)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into --out even when it holds other files (they are left as they are; ours are replaced)",
+    )
     p.add_argument(
         "--method", choices=("rqvae", "rqkmeans"), default=DEFAULT_METHOD, help=f"(default {DEFAULT_METHOD})"
     )
@@ -92,6 +106,7 @@ def build_config(args: argparse.Namespace) -> RQVAEConfig | RQKMeansConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
     embeddings = _load_array(args.embeddings)
     result = fit_codebooks(embeddings, config, progress=args.progress)
     stats = write_codebooks(
@@ -147,6 +162,34 @@ def write_codebooks(
     with atomic_path(out / PLOT_FILE) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return stats
+
+
+def check_out(out: Path, *, overwrite: bool) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder that is not a codebooks folder (unless ``overwrite``).
+
+    A codebooks folder holds nothing but the files this command writes (all four, or some of them when a fit was
+    interrupted, and the temporary files of an interrupted atomic write): re-fitting into it replaces them. Anything
+    else -- a run folder, a dataset folder -- is someone's work that writing here would corrupt.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder; pass a folder to --out")
+    if overwrite or not out.is_dir():
+        return
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not _ours(p))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{out}: not empty and not a codebooks folder (it holds {shown}, which fit-codebooks does not write); choose a new or empty folder, or pass "
+            f"--overwrite to write {', '.join(CODEBOOK_FILES)} there anyway"
+        )
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is one of the files this command writes, or an interrupted atomic write of one."""
+    if not path.is_file():
+        return False
+    name = path.name
+    return name in CODEBOOK_FILES or any(name.startswith(f".{f}.") and name.endswith(Path(f).suffix) for f in CODEBOOK_FILES)
 
 
 def code_usage_figure(codes: np.ndarray, codebook_size: int, title: str = "") -> Figure:
