@@ -82,7 +82,8 @@ DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
 # (val_users, num_beams and decoder define the validation score that selects best.ckpt: changing them mid-run
 # would compare checkpoints scored differently)
 _FIXED_ON_RESUME = (
-    "preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options", "val_users", "num_beams", "decoder",
+    "preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options", "model_options", "val_users",
+    "num_beams", "decoder",
     "objective",
 )
 _NO_DENSE = "none"  # `dense="none"`: no dense head (None means the design's default)
@@ -127,6 +128,7 @@ class TrainOptions:
     objective: str = "joint"  # with a head: "joint" (generative + dense) or "dense" (encoder and head only)
     dense_embeddings: str = "minilm"  # the dataset's item_emb_<name>.npy for content vectors
     dense_options: dict[str, Any] | None = None  # more DenseHeadConfig fields: dim, pooling, loss, temperature, ...
+    model_options: dict[str, Any] | None = None  # causal design: CausalConfig fields over the preset's (dropout=0.3, ...)
     threads: int = 1  # torch CPU threads while training (2 threads collapse on a busy 2-core machine; README)
 
     def __post_init__(self) -> None:
@@ -140,6 +142,8 @@ class TrainOptions:
             raise ValueError(f"`threads` must be a positive int, got {self.threads!r}")
         if self.design == "causal":
             self._check_causal()
+        elif self.model_options:
+            raise ValueError(f"`model_options` are for the causal design; preset {self.preset!r} takes none, got {self.model_options!r}")
         for name in ("batch_size", "num_beams", "devices", "eval_batch_size", "max_history"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -174,6 +178,11 @@ class TrainOptions:
             raise ValueError(f"`decoder` must be one of {list(allowed)} for this causal run (objective {self.objective!r}), got {self.decoder!r}")
         if self.dense_options:
             raise ValueError(f"`dense_options` are for the T5 design's dense head; the causal design takes none, got {self.dense_options!r}")
+        known = set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}
+        unknown = sorted(set(self.model_options or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown `model_options` {unknown}; known: {sorted(known)}")
+        replace(preset(self.preset), **(self.model_options or {}))  # validates the values
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing)
@@ -259,12 +268,34 @@ class TrainResult(NamedTuple):
     metrics_valid: dict[str, Any] | None  # the final evaluation on all validation users (None if skipped)
 
 
+def _unfinished_first_run(out: Path) -> bool:
+    """Whether ``out`` holds a first run that stopped before its first checkpoint (it failed in setup, e.g. "no
+    training examples", or early in training): config.yaml names no best checkpoint and checkpoints/ holds no file.
+    Training into it again loses nothing; a folder with any checkpoint, or a finished run, is never reused."""
+    import yaml  # read_config's parser: a config.yaml it cannot parse is not known to be unfinished
+
+    try:
+        config = read_config(out)
+    except (FileNotFoundError, ValueError, yaml.YAMLError):
+        return False
+    ckpt_dir = out / CHECKPOINT_DIR
+    checkpoints = ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(p.is_file() for p in ckpt_dir.rglob("*")))
+    return config.get("best_checkpoint") is None and not checkpoints
+
+
 def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume: bool) -> Path | None:
-    """Create or check the run folder; return the checkpoint to resume from (or None)."""
+    """Create or check the run folder; return the checkpoint to resume from (or None).
+
+    A folder left by a first run that stopped before its first checkpoint is reused (its config.yaml and IDs copy
+    are overwritten): otherwise a failed setup would block its folder for good, refused as a run and with nothing to
+    resume.
+    """
     last = out / CHECKPOINT_DIR / LAST
     if not resume:
         if (out / "config.yaml").exists() or (out / CHECKPOINT_DIR).exists():
-            raise FileExistsError(f"{out}: already holds a run; pass `resume` to continue it, or choose another folder")
+            if not _unfinished_first_run(out):
+                raise FileExistsError(f"{out}: already holds a run; pass `resume` to continue it, or choose another folder")
+            log.warning("%s: reusing the folder of a run that stopped before its first checkpoint", out)
         out.mkdir(parents=True, exist_ok=True)
         ids.save(out / IDS_FILE)
         return None
@@ -277,7 +308,8 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(options, k)!r}" for k in changed)
         raise ValueError(f"{out}: a resumed run must keep {list(_FIXED_ON_RESUME)}; changed {diffs}")
     if not last.is_file():
-        raise FileNotFoundError(f"{last}: nothing to resume from")
+        unfinished = "; the run stopped before its first checkpoint: train again without `resume`"
+        raise FileNotFoundError(f"{last}: nothing to resume from{unfinished if _unfinished_first_run(out) else ''}")
     # they describe the checkpoint being continued, not the one this resumed training will select
     stale = sorted([*out.glob("metrics_*.json"), *([out / ALPHA_FILE] if (out / ALPHA_FILE).exists() else [])])
     for path in stale:
@@ -316,8 +348,13 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
     out = Path(out_dir)
     dataset = load_dataset(data_dir)
     ids = SemanticIDs.load(ids_path)
-    if ids.num_items < dataset.num_items or int(ids.item_ids.max()) < dataset.num_items:
-        raise ValueError(f"{ids_path}: semantic IDs for {ids.num_items} items, but {data_dir} has {dataset.num_items}")
+    n = dataset.num_items  # the IDs must be for exactly its items 1..N (ascending, unique): no more, no fewer
+    if ids.num_items != n or int(ids.item_ids[0]) != 1 or int(ids.item_ids[-1]) != n:
+        raise ValueError(
+            f"{ids_path}: semantic IDs for {ids.num_items:,} items (ids {int(ids.item_ids[0])}..{int(ids.item_ids[-1])}), "
+            f"but the dataset {data_dir} has {n:,} items (ids 1..{n}); the IDs must be for exactly its items: fit "
+            f"codebooks on this dataset's embeddings (`semid fit-codebooks --embeddings {Path(data_dir) / 'item_emb_<name>.npy'}`)"
+        )
     # DDP worker processes (re-launched scripts) find the folder made by rank 0 and write nothing
     is_worker = rank_zero_only.rank != 0
     ckpt_path = _prepare_run_dir(out, ids, options, resume) if not is_worker else (out / CHECKPOINT_DIR / LAST if resume else None)
@@ -444,7 +481,7 @@ def _causal_setup(options: TrainOptions, dataset: Any, split: Any, ids: Semantic
         if int(ids.item_ids.max()) > dataset.num_items:
             raise ValueError(f"the semantic IDs have items above {dataset.num_items}, the dataset's last: no content for them")
         content = torch.from_numpy(dataset.embeddings(options.dense_embeddings)[ids.item_ids - 1]).float()
-    base = preset(options.preset)
+    base = replace(preset(options.preset), **(options.model_options or {}))
     config = replace(base, max_history=options.max_history, dense_dim=base.dense_dim if options.dense else 0,
                      content_dim=0 if content is None else int(content.shape[1]))
     dm = CausalDataModule(split, ids, max_history=options.max_history, batch_size=options.batch_size,

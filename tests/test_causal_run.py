@@ -100,6 +100,12 @@ def test_causal_options_that_do_not_apply_are_errors() -> None:
         TrainOptions(dense="content")
     with pytest.raises(ValueError, match="`decoder` must be one of"):
         TrainOptions(dense="none", decoder="dense")
+    with pytest.raises(ValueError, match=r"unknown `model_options` \['width'\]"):
+        TrainOptions(model_options={"width": 3})
+    with pytest.raises(ValueError, match="`head_dropout` must be in"):
+        TrainOptions(model_options={"head_dropout": 1.5})
+    with pytest.raises(ValueError, match="`model_options` are for the causal design"):
+        TrainOptions(preset="cpu", model_options={"dropout": 0.1})
     o = TrainOptions(dense="none")
     assert o.dense is None and o.objective == "generative" and o.decoder == "beam"
     t5 = TrainOptions(preset="tiger")

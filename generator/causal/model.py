@@ -54,6 +54,8 @@ class CausalConfig:
     dense_dim: int = 64  # the dense head's query and item vectors (item table); 0 for no dense head
     content_dim: int = 0  # width of the item content embeddings added to the input (0: codes only)
     node_vectors: bool = True  # a learned output vector per ID prefix (tree node), added to its code's embedding
+    head_dropout: float = 0.0  # dropout on the code head's query while training
+    node_dropout: float = 0.0  # while training, each (position, child) pair's node vector is dropped with this probability
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_vectors, bool):
@@ -68,8 +70,10 @@ class CausalConfig:
                 raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "head_dropout", "node_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {v!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CausalConfig:
@@ -135,6 +139,7 @@ class CausalGenerator(nn.Module):
             nn.init.zeros_(mlp[2].weight)
             nn.init.zeros_(mlp[2].bias)
         self.code_bias = nn.Parameter(torch.zeros(layout.vocab_size))
+        self.head_drop = nn.Dropout(config.head_dropout)
         if config.node_vectors:  # per level: the ID prefixes of length l (parents), their children and the vectors
             codes = item_tokens - torch.tensor(layout.level_offsets)
             for level in range(L):
@@ -191,7 +196,7 @@ class CausalGenerator(nn.Module):
         """Raw logits over level ``level``'s block. hq: (..., D) that level's query; prefix_tokens: (..., level)."""
         lo, hi = self.layout.level_range(level)
         s, u = self.prefix_film(level, prefix_tokens)
-        q = hq * s + u
+        q = self.head_drop(hq * s + u)
         logits = q @ self.code_emb.weight[lo:hi].T + self.code_bias[lo:hi]
         if self.config.node_vectors:
             logits = logits + self.node_logits(level, q, prefix_tokens)
@@ -347,7 +352,7 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
     """(-log p(target), -mean log p over the children) per position, over (position, child) pairs."""
     lo, hi = model.layout.level_range(level)
     s, u = model.prefix_film(level, prefix)
-    q = hq * s + u  # (P, D)
+    q = model.head_drop(hq * s + u)  # (P, D)
     block = q @ model.code_emb.weight[lo:hi].T + model.code_bias[lo:hi]  # (P, K): the shared part, one matmul
     codes, index = model._children(level, prefix)  # (P, W)
     deg = (codes >= 0).sum(1)
@@ -355,7 +360,10 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
     slot = torch.arange(pos.numel(), device=q.device) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
     code, row = codes[pos, slot], index[pos, slot]
     table = getattr(model, f"node_vec_{level}")
-    logit = block[pos, code] + (q[pos] * table[row]).sum(-1)  # (R,)
+    node = (q[pos] * table[row]).sum(-1)  # (R,)
+    if model.training and model.config.node_dropout:  # the codes must score an item without its node vector too
+        node = node * (torch.rand_like(node) >= model.config.node_dropout)
+    logit = block[pos, code] + node
     P = q.shape[0]
     peak = logit.new_full((P,), float("-inf")).scatter_reduce(0, pos, logit.detach(), reduce="amax")
     lse = peak + logit.new_zeros(P).scatter_add(0, pos, (logit - peak[pos]).exp()).log()

@@ -69,6 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the decoder the run serves with; its validation score selects the checkpoint "
                    f"(causal: beam | exact | dense; T5: auto | beam | generate) {_d('decoder')}")
     g.add_argument("--eval-batch-size", type=int, help=f"(default {d.eval_batch_size})")
+    g.add_argument("--model-option", dest="model_options", action=ModelOptionsAction, metavar="KEY=VALUE",
+                   help="causal design: a CausalConfig field over the preset's, repeatable: dropout=0.3, "
+                   "head_dropout=0.2, node_dropout=0.2, node_vectors=false, num_layers=3, ...")
     g = p.add_argument_group("dense head (MIPS decoding; see generator/dense.py)")
     g.add_argument("--dense", choices=("none", *MODES), help="the dense head's item vectors: a learned table, content "
                    "embeddings, or both (causal: id | both, where both also feeds content to the item inputs; none: no "
@@ -87,6 +90,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "collapse on a busy 2-core machine; raise it on a machine with cores to spare)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     p.set_defaults(func=run)
+
+
+class ModelOptionsAction(argparse.Action):
+    """``--model-option KEY=VALUE`` (repeatable) -> a dict of CausalConfig fields, values YAML-typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
+        import yaml
+
+        from generator.causal.model import CausalConfig
+
+        key, sep, text = str(value).partition("=")
+        known = set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}
+        if not sep or key not in known:
+            parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
+        options = dict(getattr(namespace, self.dest) or {})
+        options[key] = yaml.safe_load(text)
+        setattr(namespace, self.dest, options)
 
 
 def _d(name: str) -> str:
