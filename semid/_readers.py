@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from semid.io import not_utf8
+
 _RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
 
 
@@ -52,12 +54,12 @@ def _dedupe(values: Iterable[str]) -> list[str]:
 def _open_text(path: Path, newline: str | None = None) -> Iterator[IO[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8", newline=newline) as f:
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", newline=newline) as f:
+        try:
             yield f
-    else:
-        with open(path, encoding="utf-8", newline=newline) as f:
-            yield f
+        except UnicodeDecodeError:  # raised while the caller reads f: name the file and line
+            raise not_utf8(path, newline) from None
 
 
 def _lines(path: Path) -> Iterator[tuple[str, str]]:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from semid.io import not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,7 @@ def _read_items(file: Path) -> Catalogue:
     titles: list[str] = []
     attributes: list[list[str]] = []
     with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in _numbered_lines(file, f):
             if not line.strip():
                 raise ValueError(f"{file}:{lineno}: empty line (one JSON object per item expected)")
             try:
@@ -223,15 +225,14 @@ def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.nda
     users: list[int] = []
     sequences: list[np.ndarray] = []
     with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in _numbered_lines(file, f):
             tokens = line.split()
             if not tokens:
                 raise ValueError(f"{file}:{lineno}: empty line (expected `USER ITEM ITEM ...`)")
-            try:
-                ints = [int(t) for t in tokens]
-            except ValueError:
-                bad = next(t for t in tokens if not _is_int(t))
-                raise ValueError(f"{file}:{lineno}: {bad!r} is not an integer id") from None
+            if not all(map(_is_id, tokens)):  # int() alone would read "1_0" as 10, "+3" and " ٣" as 3
+                bad = next(t for t in tokens if not _is_id(t))
+                raise ValueError(f"{file}:{lineno}: {bad!r} is not an integer id (write ids as plain digits 0-9)")
+            ints = [int(t) for t in tokens]
             if len(ints) == 1:
                 raise ValueError(
                     f"{file}:{lineno}: user {ints[0]} has no items (expected `USER ITEM ITEM ...`)"
@@ -265,12 +266,19 @@ def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.nda
     return user_ids, sequences
 
 
-def _is_int(token: str) -> bool:
+def _is_id(token: str) -> bool:
+    """Whether ``token`` is ASCII digits, optionally after a minus sign (a negative id gets its own error)."""
+    digits = token[1:] if token.startswith("-") else token
+    return digits.isascii() and digits.isdigit()
+
+
+def _numbered_lines(file: Path, f: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """(line number from 1, line) of ``f``, the text file ``file`` opened as UTF-8; other bytes are an error naming
+    the file and line."""
     try:
-        int(token)
-    except ValueError:
-        return False
-    return True
+        yield from enumerate(f, start=1)
+    except UnicodeDecodeError:
+        raise not_utf8(file) from None
 
 
 def load_embeddings(path: str | os.PathLike[str], num_items: int) -> np.ndarray:

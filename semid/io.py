@@ -1,9 +1,14 @@
-"""Atomic writes: every artifact is written to a temporary file beside its target, then renamed into place."""
+"""Atomic writes: every artifact is written to a temporary file beside its target, then renamed into place.
+
+Also :func:`not_utf8`, which turns a text file's UnicodeDecodeError into an error naming the file and line.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,3 +54,26 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" decodes a non-UTF-8 byte to
+
+
+def not_utf8(path: str | os.PathLike[str], newline: str | None = None) -> ValueError:
+    """The error to raise when reading ``path`` as UTF-8 text failed: it names the file, the first line holding bytes
+    that are not UTF-8 (numbered as a reader opened with the same ``newline`` numbers them) and the byte.
+
+    A ``UnicodeDecodeError`` names neither file nor line (text files are decoded in blocks), so the file is read again
+    here, on the error path only, with undecodable bytes escaped. ``.gz`` files are read through gzip.
+    """
+    path = Path(path)
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline=newline) as f:
+        for lineno, line in enumerate(f, start=1):
+            if (bad := _ESCAPED_BYTE.search(line)) is not None:
+                byte = ord(bad.group()) - 0xDC00
+                return ValueError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {byte:#04x} at column {bad.start() + 1}); save the file "
+                    "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                )
+    return ValueError(f"{path}: not UTF-8 text; save the file as UTF-8")

@@ -140,6 +140,26 @@ def test_sequence_errors_name_file_line_and_problem(tmp_path: Path, text: str, m
         load_dataset(folder)
 
 
+@pytest.mark.parametrize("token", ["1_0", "+3", "\u0663", "1.0", "-"])
+def test_sequence_ids_are_plain_digits(tmp_path: Path, token: str) -> None:
+    folder = write_canonical(tmp_path / "d", [(f"t{i}", []) for i in range(1, 11)], {1: [1]})
+    (folder / "sequences.txt").write_text(f"1 1 2\n2 3 {token} 4\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"sequences.txt:2: {token!r} is not an integer id (write ids as")):
+        load_dataset(folder)
+
+
+@pytest.mark.parametrize(("name", "text", "line"), [
+    ("items.jsonl", '{"item_id": 1, "title": "Caf\u00e9"}\n{"item_id": 2, "title": "Caf\udce9"}\n', 2),
+    ("sequences.txt", "1 1 2\n2 2 1\n3 1 \udce92\n", 3),
+])  # fmt: skip
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path, name: str, text: str, line: int) -> None:
+    folder = write_canonical(tmp_path / "d", [("a", []), ("b", [])], {1: [1, 2]})
+    # "\udce9" is written as the lone byte 0xe9 (latin-1 "é"); line 1 of items.jsonl holds a real UTF-8 "é"
+    (folder / name).write_bytes(text.encode("utf-8", errors="surrogateescape"))
+    with pytest.raises(ValueError, match=re.escape(f"{folder / name}:{line}: not UTF-8 text (byte 0xe9 at column")):
+        load_dataset(folder)
+
+
 def test_missing_files_say_which_and_how_to_make_one(tmp_path: Path, tiny_dataset_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no dataset folder here .*semid prepare"):
         load_dataset(tmp_path / "nowhere")

@@ -7,6 +7,7 @@ import json
 import re
 import tempfile
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,45 @@ def test_tabular_errors_name_file_and_line(
     prepare = prepare_recbole if fmt == "recbole" else prepare_csv
     with pytest.raises(ValueError, match=message):
         prepare(inter_path, items_path, tmp_path / "data")
+
+
+NOT_UTF8 = b"\xe9"  # latin-1 "e acute": not UTF-8 on its own
+
+
+@pytest.mark.parametrize("where", ["interactions", "items", "recbole", "reviews.gz"])
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path, where: str) -> None:
+    rows = [f"u{r % 7},i{r % 11},{r}".encode() for r in range(3000)]  # far past the first decoded block
+    rows[2500] = b"u1,caf" + NOT_UTF8 + b",2500"
+    inter, items = tmp_path / "x.csv", None
+    inter.write_bytes(b"user,item,timestamp\n" + b"\n".join(rows if where == "interactions" else rows[:10]) + b"\n")
+    if where == "items":
+        items = tmp_path / "items.csv"
+        items.write_bytes(b'item,title\ni1,"a\r\ntwo-line title"\ni2,Caf\xc3\xa9\ni3,Caf' + NOT_UTF8 + b"\n")
+        bad, line = items, 5  # the quoted title spans lines 2-3; line 4's UTF-8 "\u00e9" is fine
+        prepare = partial(prepare_csv, inter, items)
+    elif where == "recbole":
+        bad, line = tmp_path / "x.inter", 3
+        bad.write_bytes(INTER_HEADER.encode() + b"u\ti\t1\nu\t" + NOT_UTF8 + b"\t2\n")
+        prepare = partial(prepare_recbole, bad, None)
+    elif where == "reviews.gz":
+        bad, line = tmp_path / "reviews.json.gz", 2
+        with gzip.open(bad, "wb") as f:
+            f.write("\n".join(_reviews(REVIEWS[:2])).encode().replace(b'"Y"', b'"' + NOT_UTF8 + b'"') + b"\n")
+        prepare = partial(prepare_amazon2014, bad, _write_gz(tmp_path / "meta.json.gz", META))
+    else:
+        bad, line = inter, 2502  # the header, then rows 0..2500
+        prepare = partial(prepare_csv, inter, None)
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:{line}: not UTF-8 text (byte 0xe9 at column")):
+        prepare(tmp_path / "data")
+    assert not (tmp_path / "data" / "items.jsonl").exists()
+
+
+def test_cli_prepare_names_the_line_that_is_not_utf8(tmp_path: Path, capsys) -> None:
+    inter = tmp_path / "x.csv"
+    inter.write_bytes(b"user,item,timestamp\na,b,1\na,c" + NOT_UTF8 + b",2\n")
+    assert main(["prepare", "--format", "csv", "--interactions", str(inter), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert f"{inter}:3: not UTF-8 text (byte 0xe9 at column 4); save the file as UTF-8" in err
 
 
 def test_missing_input_file(tmp_path: Path) -> None:
