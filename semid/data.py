@@ -281,6 +281,31 @@ def _numbered_lines(file: Path, f: Iterable[str]) -> Iterator[tuple[int, str]]:
         raise not_utf8(file) from None
 
 
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
+
+def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """The array in an ``.npy`` file of item embeddings (never pickled objects), unchecked otherwise.
+
+    A missing, empty, truncated or foreign file is a FileNotFoundError / ValueError naming it and saying what to do
+    (numpy's own errors are an ``EOFError`` for an empty file, and advice to unpickle a foreign one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embeddings file here (write one with `semid embed`)")
+    again = "write it again (`semid embed`, or numpy.save)"
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if not head:
+        raise ValueError(f"{path}: not a readable .npy array: the file is empty (0 bytes); {again}")
+    if head != NPY_MAGIC:
+        raise ValueError(f"{path}: not a readable .npy array: it starts with {head!r}, not {NPY_MAGIC!r}; {again}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({e}); {again}") from None
+
+
 def load_embeddings(path: str | os.PathLike[str], num_items: int) -> np.ndarray:
     """Load item embeddings and check them against the catalogue.
 
@@ -291,14 +316,7 @@ def load_embeddings(path: str | os.PathLike[str], num_items: int) -> np.ndarray:
         float32 (N, D), every value finite (other numeric dtypes are converted).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no embeddings file here (write one with `semid embed`)")
-    try:
-        emb = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-    if not isinstance(emb, np.ndarray):
-        raise ValueError(f"{path}: expected one array in .npy format, got {type(emb).__name__}")
+    emb = read_npy(path)
     if emb.ndim != 2:
         raise ValueError(f"{path}: embeddings must be 2-D (N, D), got shape {emb.shape}")
     if emb.shape[0] != num_items:

@@ -153,3 +153,13 @@ def test_out_that_is_not_a_codebooks_folder_is_refused_unless_overwrite(
     (tmp_path / "file").write_text("x")
     assert main([*argv, "--out", str(tmp_path / "file")]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_empty_or_truncated_embeddings_file(embeddings: Path, tmp_path: Path, capsys) -> None:
+    whole = embeddings.read_bytes()
+    for content, message in [(b"", "the file is empty (0 bytes)"), (whole[: len(whole) // 2], "truncated or damaged")]:
+        embeddings.write_bytes(content)
+        assert main(["fit-codebooks", "--embeddings", str(embeddings), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert f"{embeddings}: not a readable .npy array: {message}" in err and "write it again" in err
+    assert not (tmp_path / "o").exists()

@@ -193,6 +193,26 @@ def test_embeddings_errors(tmp_path: Path) -> None:
         load_embeddings(tmp_path / "absent.npy", 4)
 
 
+def test_empty_truncated_or_foreign_embeddings_files_are_value_errors(tiny_dataset_dir: Path, tmp_path: Path) -> None:
+    path = tiny_dataset_dir / "item_emb_tiny.npy"
+    whole = path.read_bytes()
+    cases = [
+        (b"", "the file is empty (0 bytes)"),
+        (whole[:40], "truncated or damaged (EOF: reading array header"),
+        (whole[:-10], "truncated or damaged (Failed to read all data"),
+        (b"not an array at all", "it starts with b'not an', not b'\\x93NUMPY'"),
+    ]
+    for content, message in cases:
+        path.write_bytes(content)
+        expected = re.escape(f"{path}: not a readable .npy array: {message}") + ".*write it again"
+        with pytest.raises(ValueError, match=expected):
+            load_dataset(tiny_dataset_dir).embeddings("tiny")
+    np.savez(tmp_path / "two.npz", a=TINY_EMBEDDINGS, b=TINY_EMBEDDINGS)  # an .npz, renamed
+    (tmp_path / "two.npz").rename(path)
+    with pytest.raises(ValueError, match=r"it starts with b'PK"):
+        load_embeddings(path, 6)
+
+
 def test_embeddings_other_dtypes_are_converted_to_float32(tmp_path: Path) -> None:
     np.save(tmp_path / "f64.npy", np.arange(8, dtype=np.float64).reshape(4, 2))
     emb = load_embeddings(tmp_path / "f64.npy", 4)

@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rqvae import FitResult, RQKMeansConfig, RQVAEConfig, fit_codebooks, method_name
+from semid.data import read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
 
@@ -107,7 +108,7 @@ def build_config(args: argparse.Namespace) -> RQVAEConfig | RQKMeansConfig:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
-    embeddings = _load_array(args.embeddings)
+    embeddings = read_npy(args.embeddings)
     result = fit_codebooks(embeddings, config, progress=args.progress)
     stats = write_codebooks(
         args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size
@@ -229,13 +230,3 @@ def format_summary(stats: dict[str, Any], out: Path) -> str:
             f"wrote                  {out / IDS_FILE}, {QUANTIZER_FILE}, {STATS_FILE}, {PLOT_FILE}",
         ]
     )
-
-
-def _load_array(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no embeddings file here (write one with `semid embed`)")
-    try:
-        x = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-    return x
