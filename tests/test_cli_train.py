@@ -234,3 +234,25 @@ def test_recommend_checks_all_histories_and_warns_without_a_user(trained: dict[s
     with caplog.at_level(logging.WARNING, logger="generator.recommend"):
         recommend(r, [[3, 4], [5]], k=5, user_ids=[1, 2])
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("flags", "cuda", "message"),
+    [
+        (["--batch-size", "0"], 0, "`--batch-size` must be a positive int (users decoded together), got 0"),
+        (["--batch-size", "-4"], 0, "`--batch-size` must be a positive int (users decoded together), got -4"),
+        (["--device", "cuda"], 0, "`--device` is 'cuda', but CUDA is not available on this machine"),
+        (["--device", "cuda:0"], 0, "pass --device cpu, or leave --device out"),
+        (["--device", "cuda:2"], 2, "`--device` is 'cuda:2', but this machine has 2 CUDA device(s): cuda:0..cuda:1"),
+        (["--device", "gpu"], 0, "`--device` must be a torch device such as cpu, cuda or cuda:1, got 'gpu'"),
+    ],
+)
+def test_evaluate_checks_batch_size_and_device_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, flags: list[str], cuda: int, message: str
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    # checked before the run is read: the folder need not exist for the argument error to be the one reported
+    assert main(["evaluate", "--run", str(tmp_path / "no-run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "not a run folder" not in err

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from generator.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.hybrid import ALL_DECODERS
 from generator.run import metrics_file
@@ -39,7 +41,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this machine cannot use, before any work (torch says it with a bare AssertionError
+    from deep inside, after the run is loaded)."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"`--device` must be a torch device such as cpu, cuda or cuda:1, got {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"`--device` is {device!r}, but CUDA is not available on this machine (torch.cuda.is_available() is "
+                "False); pass --device cpu, or leave --device out (cuda where available, else cpu)"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"`--device` is {device!r}, but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`--device` is {device!r}, but MPS is not available on this machine; pass --device cpu")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"`--batch-size` must be a positive int (users decoded together), got {args.batch_size!r}")
+    check_device(args.device)
     ks = parse_ks(args.k)
     try:
         m = evaluate_run(
