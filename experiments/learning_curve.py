@@ -12,7 +12,8 @@ throughput (next-item targets per second: targets per epoch x epochs / training 
 Designs:
 - ``flat-t5``: today's flat T5 encoder-decoder (``cpu`` preset) with a jointly trained dense head (``--dense both``);
 - ``causal``: the default design (one position per item, every target in one pass, code head + dense head, joint);
-- ``dense-only``: the same causal backbone trained with the dense loss alone (the SASRec-like yardstick).
+- ``dense-only``: the same causal backbone trained with the dense loss alone (the SASRec-like yardstick);
+- ``causal-gen``: an ablation, the causal design with the code head alone (no dense head or loss).
 
 Two designs can run side by side with one thread each (2 cores). ``report`` writes
 ``experiments/results/learning_curve.{md,json}`` and ``learning_curve.png``.
@@ -44,6 +45,8 @@ DESIGNS: dict[str, dict[str, Any]] = {
                "decoders": ["beam", "exact", "dense", "hybrid"]},
     "dense-only": {"options": {"preset": "causal", "dense": "id", "objective": "dense", "decoder": "dense"},
                    "decoders": ["dense"]},
+    "causal-gen": {"options": {"preset": "causal", "dense": "none", "decoder": "beam"},  # ablation: no dense loss
+                   "decoders": ["beam", "exact"]},
 }
 PEERS = {  # ../shared/data/README.md, test R@10 / N@10
     "TIGER (published)": (0.0648, 0.0384),
