@@ -31,6 +31,7 @@ movielens: install
 
 # Beauty learning curves (about 4 CPU-hours in all; two designs at a time with one thread each)
 learning-curve: install
+	test -f experiments/runs/beauty_ids/semantic_ids.npz || OMP_NUM_THREADS=1 $(VENV)/bin/semid fit-codebooks --embeddings $(DATA)/item_emb_minilm.npy --out experiments/runs/beauty_ids
 	for d in flat-t5 causal dense-only; do OMP_NUM_THREADS=1 $(PY) -m experiments.learning_curve train --design $$d; done
 	$(PY) -m experiments.learning_curve report
 
