@@ -25,8 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "recommend",
         help="top-k items for a history of item ids",
-        description="Top-k items for a history (item ids, oldest first) by constrained beam search; every item "
-        "returned is in the catalogue. Scores are sums of code log-probabilities (higher is better).",
+        description="Top-k items for a history (item ids, oldest first), by default by constrained beam search; every "
+        "item returned is in the catalogue, best first. Scores (higher is better) depend on the decoder: beam and exact "
+        "give the item's log-likelihood (the sum of its codes' log-probabilities), dense the inner product of query and "
+        "item vector, hybrid the blend of log-likelihood and dense log-softmax.",
     )
     p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
     p.add_argument("--history", required=True, type=_history, help="item ids, oldest first: 12,45,99")
