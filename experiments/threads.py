@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--data", default="../shared/data/beauty")
     p.add_argument("--ids", default="experiments/runs/beauty_ids/semantic_ids.npz")
+    p.add_argument("--note", default="", help="what else ran on the machine meanwhile (written into the table)")
     args = p.parse_args(argv)
     rows = []
     for busy in (False, True):
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((threads, busy, rate))
             print(f"threads {threads}, competing process {'yes' if busy else 'no'}: {rate:.2f} steps/s", flush=True)
     lines = ["# Training throughput against torch threads (default design, Beauty batches of 128 windows)", "",
-             f"{args.steps} steps per cell after 5 warm-up steps; the competing process is one thread of matmuls.", "",
+             f"{args.steps} steps per cell after 5 warm-up steps; the competing process is one thread of matmuls.",
+             *([f"Also running meanwhile: {args.note}."] if args.note else []), "",
              "| torch threads | competing process | steps/s | vs 1 thread, same load |", "| ---: | --- | ---: | ---: |"]
     for threads, busy, rate in rows:
         base = next(r for t, b, r in rows if t == 1 and b == busy)
