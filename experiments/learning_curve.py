@@ -111,7 +111,14 @@ def report(args: argparse.Namespace) -> None:
     lines += ["", "| design | epochs | steps | training s | next-item targets per epoch | targets/s | threads |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
-        lines.append(f"| {run['design']} | {run['epochs']} | {run['steps']} | {run['train_seconds']} | {run['targets_per_epoch']:,} | "
+        # the step count at the last budget (snapshots.json) is the truth: config.yaml of runs made before the
+        # end-of-training last.ckpt fix recorded the stale last.ckpt's count
+        steps = max([run["steps"], *(r["step"] for r in run["rows"])])
+        per_epoch = run["steps"] / run["epochs"] if run["epochs"] else float("nan")
+        epochs = steps / per_epoch
+        run["true_steps"], run["true_epochs"] = steps, round(epochs, 2)
+        run["targets_per_s"] = round(run["targets_per_epoch"] * epochs / run["train_seconds"], 1)
+        lines.append(f"| {run['design']} | {epochs:.1f} | {steps} | {run['train_seconds']} | {run['targets_per_epoch']:,} | "
                      f"{run['targets_per_s']:.0f} | {run['threads']} |")
     lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in runs] + [
         f"    python -m experiments.learning_curve {shlex.join(sys.argv[1:])}"]

@@ -117,3 +117,16 @@ def test_threads_are_restored_after_training(causal_run: dict[str, Path], tmp_pa
     assert main(["train", "--data", str(causal_run["data"]), "--ids", str(causal_run["ids"]), "--out", str(tmp_path / "r"),
                  "--max-steps", "2", "--threads", "1", "--final-val-users", "0", *FLAGS]) == 0
     assert torch.get_num_threads() == before
+
+
+def test_config_counts_every_step_even_when_the_best_came_early(causal_run: dict[str, Path], tmp_path: Path) -> None:
+    # a learning rate too small to change the validation score: only the first validation saves a checkpoint
+    run = tmp_path / "flat"
+    flags = [f for f in FLAGS]
+    flags[flags.index("--max-epochs") + 1] = "4"
+    assert main(["train", "--data", str(causal_run["data"]), "--ids", str(causal_run["ids"]), "--out", str(run),
+                 "--lr", "1e-12", "--warmup-steps", "0", "--final-val-users", "0", *flags]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["epochs"] == 4 and config["steps"] == 4 * 3  # 24 users, windows of 8 per batch: 3 steps an epoch
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 12  # resume continues from the end, not from the best

@@ -134,7 +134,7 @@ def test_resume_continues_the_same_run(trained: dict[str, Path], tmp_path: Path)
     # what described the old checkpoint is gone (no final validation ran to write a new one)
     assert not list(run.glob("metrics_*.json")) and not (run / "hybrid.json").exists()
     last = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
-    assert last["epoch"] == 2 and last["global_step"] > step_before
+    assert last["epoch"] == 3 and last["global_step"] > step_before  # saved at the end: 3 epochs done
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16  # kept from the first run
     assert main([*argv[:-4], "--batch-size", "8"]) == 2  # what is trained cannot change on resume
     assert main([*argv[:-4], "--num-beams", "12"]) == 2  # nor how checkpoints are scored on validation
