@@ -11,6 +11,7 @@ throughput (next-item targets per second: targets per epoch x epochs / training 
 
 Designs:
 - ``flat-t5``: today's flat T5 encoder-decoder (``cpu`` preset) with a jointly trained dense head (``--dense both``);
+- ``item-t5``: the same T5 reading one encoder position per history item (``item-t5`` preset, no user token);
 - ``causal``: the default design (one position per item, every target in one pass, code head + dense head, joint);
 - ``dense-only``: the same causal backbone trained with the dense loss alone (the SASRec-like yardstick);
 - ``causal-gen``: an ablation, the causal design with the code head alone (no dense head or loss).
@@ -40,6 +41,8 @@ from semid.io import atomic_open, write_json
 RESULTS = Path(__file__).parent / "results"
 DESIGNS: dict[str, dict[str, Any]] = {
     "flat-t5": {"options": {"preset": "cpu", "dense": "both", "objective": "joint", "val_every": 0.5},
+                "decoders": ["beam", "dense", "hybrid"]},
+    "item-t5": {"options": {"preset": "item-t5", "dense": "both", "objective": "joint", "val_every": 0.5},
                 "decoders": ["beam", "dense", "hybrid"]},
     "causal": {"options": {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam"},
                "decoders": ["beam", "exact", "dense", "hybrid"]},

@@ -38,6 +38,7 @@ class GeneratorConfig:
     feed_forward_proj: str = "relu"  # T5 v1.0; "gated-gelu" is T5 v1.1
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    item_level: bool = False  # one encoder position per history item (the sum of its code embeddings)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -64,6 +65,9 @@ PRESETS: dict[str, GeneratorConfig] = {
     "tiger": GeneratorConfig(),
     # about 6x fewer FLOPs, for quick runs and the demo on a 2-core CPU
     "cpu": GeneratorConfig(num_encoder_layers=2, num_decoder_layers=2, d_model=64, num_heads=4, d_kv=32, d_ff=256),
+    # the cpu preset reading one position per history item (needs no user tokens)
+    "item-t5": GeneratorConfig(num_encoder_layers=2, num_decoder_layers=2, d_model=64, num_heads=4, d_kv=32, d_ff=256,
+                               item_level=True),
 }
 
 
@@ -94,7 +98,47 @@ def build_model(config: GeneratorConfig, layout: TokenLayout) -> T5ForConditiona
         bos_token_id=layout.bos_token_id,
         use_cache=True,
     )
-    return T5ForConditionalGeneration(t5)
+    model = T5ForConditionalGeneration(t5)
+    if config.item_level:
+        if layout.num_user_tokens:
+            raise ValueError(f"an item-level T5 has no user token: the layout must have 0 user tokens, got {layout.num_user_tokens}")
+        model.encoder = ItemLevelEncoder(model.encoder, layout.num_levels)
+    return model
+
+
+class ItemLevelEncoder(torch.nn.Module):
+    """The T5 encoder over one position per history item: the input vector of an item is the sum of its L code
+    tokens' embeddings, so the encoder runs over S / L positions instead of S.
+
+    Callers keep passing the code tokens ``input_ids`` (B, S) and their mask; the output has S positions again, each
+    item's state repeated over its L tokens. Attention over L identical copies of a key and value is attention over
+    one (the softmax weights of the copies add up), and T5's cross-attention has no position bias, so the decoder,
+    the fast beam search and the dense head's mean pooling see exactly the item-level encoder.
+    """
+
+    main_input_name = "input_ids"  # what generate() asks an encoder
+
+    def __init__(self, stack: torch.nn.Module, num_levels: int) -> None:
+        super().__init__()
+        self.stack, self.num_levels = stack, num_levels
+
+    @property
+    def embed_tokens(self) -> torch.nn.Module:
+        return self.stack.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if input_ids is None:
+            raise ValueError("an item-level T5 encoder takes code tokens `input_ids` (B, S), S a multiple of L")
+        B, S = input_ids.shape
+        L = self.num_levels
+        if S % L:
+            raise ValueError(f"`input_ids` must hold {L} code tokens per item (no user token), got S = {S}")
+        items = self.stack.embed_tokens(input_ids).view(B, S // L, L, -1).sum(2)  # (B, S/L, D)
+        mask = None if attention_mask is None else attention_mask.view(B, S // L, L)[..., 0]
+        out = self.stack(inputs_embeds=items, attention_mask=mask, return_dict=True)
+        return BaseModelOutput(last_hidden_state=out.last_hidden_state.repeat_interleave(L, dim=1))
 
 
 def seq2seq_loss(

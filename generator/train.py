@@ -133,6 +133,8 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         preset(self.preset)  # validates the name
+        if self.preset == "item-t5" and self.user_tokens is None:
+            object.__setattr__(self, "user_tokens", 0)  # one position per item: no user token
         for name, value in DESIGN_DEFAULTS[self.design].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
