@@ -48,7 +48,7 @@ def train_evaluate_show(
     preset: str = "causal",
     max_time: str | None = "00:05:00",
     max_epochs: int | None = 50,
-    eval_users: int | None = 1000,
+    eval_users: int | None = None,
     show_users: int = 3,
     k: int = 10,
     seed: int = 0,

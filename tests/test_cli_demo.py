@@ -13,3 +13,15 @@ def test_demo_without_embeddings_names_the_file_and_the_fix(tiny_dataset_dir, tm
     assert rc == 2
     err = capsys.readouterr().err
     assert "item_emb_absent.npy: no item embeddings here" in err and "semid embed" in err
+
+
+def test_demo_eval_users_takes_a_count_or_all(tiny_dataset_dir, tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "out"), "--eval-users", "0"])
+    assert "expected a positive int or 'all', got '0'" in capsys.readouterr().err
+    from semid.cli import build_parser
+
+    assert build_parser("demo").parse_args(["demo"]).eval_users is None  # all test users by default
+    assert build_parser("demo").parse_args(["demo", "--eval-users", "500"]).eval_users == 500

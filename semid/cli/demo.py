@@ -25,6 +25,18 @@ EMBEDDINGS = "minilm"
 CODEBOOK_FILES = ("semantic_ids.npz", "quantizer.pt", "stats.json", "code_usage.png")
 
 
+def _users(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)",
@@ -34,7 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes (default runs/demo)")
     p.add_argument("--embeddings", default=EMBEDDINGS, help=f"use DATA/item_emb_<NAME>.npy (default {EMBEDDINGS})")
     p.add_argument("--max-time", default="00:08:00", help="training wall-clock budget HH:MM:SS (default 00:08:00)")
-    p.add_argument("--eval-users", type=int, default=1000, help="test users evaluated (default 1000)")
+    p.add_argument("--eval-users", type=_users, default=None,
+                   help="test (and final validation) users evaluated: a number for a seeded sample, or all (default all, about 20 s)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
     p.set_defaults(func=run)
@@ -50,8 +63,6 @@ def run(args: argparse.Namespace) -> int:
             f"{args.data}: no dataset here (expected items.jsonl and sequences.txt). Point --data at "
             "../shared/data/beauty, or make a dataset folder with `semid prepare`."
         )
-    if args.eval_users < 1:
-        raise ValueError(f"`--eval-users` must be a positive int, got {args.eval_users!r}")
 
     # 1. the data
     _step("1/4 data")
@@ -84,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if run_dir.exists():
         print(f"replacing the previous demo run in {run_dir}")
         shutil.rmtree(run_dir)
-    _step(f"3/4 training the default design for {args.max_time}, then 4/4 evaluating {args.eval_users:,} test users")
+    who = "all" if args.eval_users is None else f"{args.eval_users:,} sampled"
+    _step(f"3/4 training the default design for {args.max_time}, then 4/4 evaluating {who} test users")
     report = train_evaluate_show(
         args.data, ids_dir / "semantic_ids.npz", run_dir, max_time=args.max_time, eval_users=args.eval_users,
         seed=args.seed, progress=args.progress,
