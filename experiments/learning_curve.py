@@ -140,10 +140,13 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
+    styles = ["-", "--", ":", "-."]
+    colours = {"beam": "tab:blue", "exact": "tab:orange", "dense": "tab:green", "hybrid": "tab:red"}
+    for i, run in enumerate(runs):
         for decoder in dict.fromkeys(r["decoder"] for r in run["rows"]):
             pts = [(r["minutes"], r["recall@10"]) for r in run["rows"] if r["decoder"] == decoder]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{run['design']} / {decoder}")
+            ax.plot(*zip(*pts, strict=True), marker="o", ls=styles[i % len(styles)], color=colours.get(decoder),
+                    label=f"{run['design']} / {decoder}")
     for name, (r, _) in PEERS.items():
         ax.axhline(r, ls=":", lw=1, color="grey")
         ax.text(0.5, r, name, fontsize=7, va="bottom", color="grey")
