@@ -169,3 +169,16 @@ def test_node_vectors_reach_exactly_the_logit_of_their_own_tree_node() -> None:
                 if codes_prefix + (c,) in nodes:
                     want[c] = qq @ delta[nodes.index(codes_prefix + (c,))]
             torch.testing.assert_close((after - before)[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_history_batches_keep_the_last_items_right_padded() -> None:
+    from generator.causal.data import history_batch
+
+    _, ids, _ = make()
+    hists = [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([9]), np.array([5, 4])]
+    b = history_batch(hists, np.array([3, 4, 5]), ids, max_history=4)
+    want = np.zeros((3, 4), dtype=np.int64)
+    for i, h in enumerate(hists):  # the obvious reference
+        cut = h[-4:]
+        want[i, : len(cut)] = ids.rows_of(cut) + 1
+    assert np.array_equal(b.histories.numpy(), want) and b.lengths.tolist() == [4, 1, 2]

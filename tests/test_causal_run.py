@@ -67,9 +67,9 @@ def test_evaluate_every_decoder_returns_real_distinct_items(causal_run: dict[str
         assert stored["validation_users"] == 24 and 0 <= stored["alpha"] <= 1  # chosen on validation users
 
 
-def test_evaluating_a_dense_only_run_with_the_beam_says_what_to_do(causal_run: dict[str, Path]) -> None:
+def test_a_dense_only_run_serves_the_dense_decoder(causal_run: dict[str, Path]) -> None:
     m = evaluate_run(causal_run["dense_run"], "test", decoder="dense", num_beams=10)
-    assert m["users_evaluated"] == 24
+    assert m["users_evaluated"] == 24 and m["decoder"] == "causal.dense" and m["invalid_items"] == 0
 
 
 def test_recommend_agrees_with_exact_when_beams_cover_the_catalogue(causal_run: dict[str, Path]) -> None:

@@ -94,12 +94,12 @@ def history_batch(histories: Sequence[np.ndarray], targets: np.ndarray, ids: Sem
     if (lengths == 0).any():
         raise ValueError(f"history {int(torch.nonzero(lengths == 0)[0])} is empty: a history needs at least one item")
     T = int(lengths.max())
-    hist = np.zeros((len(cut), T), dtype=np.int64)
-    flat_rows = ids.rows_of(np.concatenate(cut)) + 1
-    offsets = np.concatenate([[0], np.cumsum(lengths.numpy())])
-    for i in range(len(cut)):  # loop over histories to lay out a batch (input preparation, not decoding)
-        hist[i, : lengths[i]] = flat_rows[offsets[i] : offsets[i + 1]]
-    return SeqBatch(torch.from_numpy(hist), lengths, torch.as_tensor(np.asarray(targets, dtype=np.int64)))
+    flat_rows = torch.from_numpy(ids.rows_of(np.concatenate(cut)) + 1)
+    start = torch.cumsum(lengths, 0) - lengths  # (B,) offset of each history in flat_rows
+    pos = start[:, None] + torch.arange(T)[None, :]  # (B, T), laid out in one gather
+    real = torch.arange(T)[None, :] < lengths[:, None]
+    hist = torch.where(real, flat_rows[torch.where(real, pos, 0)], 0)
+    return SeqBatch(hist, lengths, torch.as_tensor(np.asarray(targets, dtype=np.int64)))
 
 
 def split_histories(split: Split, which: str, rows: np.ndarray | None = None) -> tuple[list[np.ndarray], np.ndarray]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from generator.causal.model import CausalGenerator, masked_log_softmax
@@ -237,6 +236,3 @@ class CausalDecoders:
             raise ValueError("the hybrid decoder needs a blend weight `alpha` (chosen on validation users)")
         return rerank(self.hybrid_candidates(h), self.alpha, k)
 
-
-def rows_to_items(item_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    return np.asarray(item_ids)[rows]
