@@ -23,6 +23,7 @@ from generator.examples import (
     padding_stats,
     training_examples,
 )
+from generator.resume import ResumableLoader
 from semid.data import Split
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
@@ -149,7 +150,8 @@ class GeneratorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_examples is not None, "call setup() first"
-        return DataLoader(
+        # resumable mid-epoch (generator.resume): Lightning saves and restores how many batches it served
+        return ResumableLoader(
             ExampleDataset(self.train_examples), batch_sampler=self.train_sampler(),
             collate_fn=Collator(self.train_examples, self.layout.pad_token_id), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

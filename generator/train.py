@@ -13,9 +13,11 @@ checkpoint is evaluated on all validation users (``RUN/metrics_valid.json``). Te
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
@@ -30,6 +32,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from generator.causal.data import CausalDataModule
 from generator.causal.model import CausalConfig
@@ -38,12 +41,13 @@ from generator.datamodule import GeneratorDataModule
 from generator.evaluate import evaluate_run
 from generator.hybrid import ALPHA_FILE, dense_setup
 from generator.model import PRESETS as T5_PRESETS
-from generator.model import ids_digest, safe_load
+from generator.model import ids_digest, safe_load, with_integrity
+from generator.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
 from generator.run import BEST, CHECKPOINT_DIR, IDS_FILE, LAST, LOG_DIR, read_config, write_config
 from generator.system import GeneratorSystem, OptimConfig
 from semid.data import leave_one_out, load_dataset
 from semid.ids import SemanticIDs
-from semid.io import atomic_path, write_json
+from semid.io import atomic_path, folder_lock, write_json
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
 _FIXED_ON_RESUME = (
     "preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options", "model_options", "val_users",
     "num_beams", "decoder",
-    "objective",
+    "objective", "target", "tokenizer",
 )
 _NO_DENSE = "none"  # `dense="none"`: no dense head (None means the design's default)
 
@@ -130,6 +134,13 @@ class TrainOptions:
     dense_options: dict[str, Any] | None = None  # more DenseHeadConfig fields: dim, pooling, loss, temperature, ...
     model_options: dict[str, Any] | None = None  # causal design: CausalConfig fields over the preset's (dropout=0.3, ...)
     threads: int = 1  # torch CPU threads while training (2 threads collapse on a busy 2-core machine; README)
+    target: str = "ids"  # what the generator emits: "ids" (semantic IDs) or "title" (title tokens, generator.titles)
+    tokenizer: str | None = None  # target "title": a local tokenizer folder (default: BPE trained on the titles)
+    encoder: str | None = None  # target "title": the sentence-encoder folder that grounds free titles (title-grounded)
+    # a point to resume from exactly (checkpoints/resume.ckpt) every N optimiser steps and every T seconds (0: not
+    # on that trigger); one is also written after every validation and when SIGINT or SIGTERM stops the training
+    resume_every_steps: int = 0
+    resume_every_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         preset(self.preset)  # validates the name
@@ -142,7 +153,13 @@ class TrainOptions:
             object.__setattr__(self, "dense", None)
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
             raise ValueError(f"`threads` must be a positive int, got {self.threads!r}")
-        if self.design == "causal":
+        if self.target != "ids":  # generator.titles checks and completes a title run's options
+            from generator.titles.runs import check_title_options
+
+            check_title_options(self)
+        elif self.tokenizer is not None or self.encoder is not None:
+            raise ValueError("`tokenizer` and `encoder` are for `target` 'title'")
+        elif self.design == "causal":
             self._check_causal()
         elif self.model_options:
             raise ValueError(f"`model_options` are for the causal design; preset {self.preset!r} takes none, got {self.model_options!r}")
@@ -159,6 +176,10 @@ class TrainOptions:
         if isinstance(self.val_every, float) and not 0 < self.val_every <= 1:
             raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
         parse_max_time(self.max_time)
+        if not isinstance(self.resume_every_steps, int) or isinstance(self.resume_every_steps, bool) or self.resume_every_steps < 0:
+            raise ValueError(f"`resume_every_steps` must be a non-negative int, got {self.resume_every_steps!r}")
+        if isinstance(self.resume_every_seconds, bool) or not isinstance(self.resume_every_seconds, (int, float)) or not self.resume_every_seconds >= 0:
+            raise ValueError(f"`resume_every_seconds` must be a non-negative number, got {self.resume_every_seconds!r}")
 
     @property
     def design(self) -> str:
@@ -216,11 +237,16 @@ def parse_max_time(text: str | None) -> timedelta | None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed into place, so a crash never leaves half a file."""
+    """Checkpoints written to a temporary file and renamed into place, so a crash never leaves half a file; each
+    carries its format, version and content digest (``generator.model.with_integrity``), and is read back with
+    ``safe_load`` (no code runs; a damaged file is an error naming it), also when Lightning resumes from it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
         with atomic_path(path) as tmp:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            super().save_checkpoint(with_integrity(checkpoint), tmp, storage_options)
+
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return safe_load(path)
 
 
 class BudgetSnapshots(L.Callback):
@@ -309,16 +335,34 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(options, k)!r}" for k in changed)
         raise ValueError(f"{out}: a resumed run must keep {list(_FIXED_ON_RESUME)}; changed {diffs}")
-    if not last.is_file():
+    point = resume_point(out / CHECKPOINT_DIR)
+    if point is None:
         unfinished = "; the run stopped before its first checkpoint: train again without `resume`"
         raise FileNotFoundError(f"{last}: nothing to resume from{unfinished if _unfinished_first_run(out) else ''}")
-    # they describe the checkpoint being continued, not the one this resumed training will select
-    stale = sorted([*out.glob("metrics_*.json"), *([out / ALPHA_FILE] if (out / ALPHA_FILE).exists() else [])])
-    for path in stale:
-        path.unlink()
-    if stale:
-        log.info("resume: removed %s (they describe the previous checkpoint)", ", ".join(p.name for p in stale))
-    return last
+    return point
+
+
+def resume_point(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a resume continues from: the newest (most optimiser steps, then the later written) of
+    ``resume.ckpt`` (written during training) and ``last.ckpt`` (written at validations and at the end)."""
+    found = []
+    for name in (RESUME, LAST):
+        path = ckpt_dir / name
+        if path.is_file():
+            ckpt = safe_load(path)  # an error naming the file if it is damaged
+            step = ckpt.get("global_step", 0) if isinstance(ckpt, dict) else 0
+            found.append((int(step), path.stat().st_mtime_ns, path))
+    return max(found)[2] if found else None
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def train_run(
@@ -329,6 +373,7 @@ def train_run(
     *,
     resume: bool = False,
     snapshots: Sequence[float] = (),
+    callbacks: Sequence[L.Callback] = (),
 ) -> TrainResult:
     """Train a generator on a dataset folder with the given semantic IDs; write the run folder ``out_dir``.
 
@@ -336,16 +381,25 @@ def train_run(
         resume: continue the run in ``out_dir`` from its last checkpoint (same IDs and fixed options).
         snapshots: wall-clock budgets in minutes: when training has run that long, the best checkpoint so far (chosen
             on validation) is copied to ``RUN/checkpoints/best_<M>min.ckpt`` (learning curves from one run).
+        callbacks: more Lightning callbacks (logging, fault injection in tests).
+
+    Raises:
+        generator.resume.TrainingInterrupted: a SIGINT or SIGTERM stopped the training; ``resume`` continues it
+            exactly. A resume changes nothing the finished run serves with until its replacement is written:
+            config.yaml is rewritten at the end, best.ckpt only by a better checkpoint, metrics_valid.json by the
+            final evaluation (the other metrics_*.json are removed at the end if the best checkpoint changed).
+        FileExistsError: another training holds the folder's lock (``RUN/train.lock``).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
     try:
-        return _train_run(data_dir, ids_path, out_dir, options, resume, snapshots)
+        return _train_run(data_dir, ids_path, out_dir, options, resume, snapshots, callbacks)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions, resume: bool, snapshots: Sequence[float]) -> TrainResult:
+def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions, resume: bool, snapshots: Sequence[float],
+               extra_callbacks: Sequence[L.Callback]) -> TrainResult:
     start = time.perf_counter()
     out = Path(out_dir)
     dataset = load_dataset(data_dir)
@@ -359,7 +413,23 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         )
     # DDP worker processes (re-launched scripts) find the folder made by rank 0 and write nothing
     is_worker = rank_zero_only.rank != 0
-    ckpt_path = _prepare_run_dir(out, ids, options, resume) if not is_worker else (out / CHECKPOINT_DIR / LAST if resume else None)
+    if is_worker:
+        ckpt_path = resume_point(out / CHECKPOINT_DIR) if resume else None
+        return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, None)
+    with folder_lock(out, "train.lock", what="a training"), SignalGuard(out) as guard:
+        ckpt_path = _prepare_run_dir(out, ids, options, resume)
+        try:
+            return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard)
+        except SIGTERMException:  # Lightning's own SIGTERM stop (at an epoch end) would exit 0: an interruption
+            guard.received = guard.received or signal.SIGTERM
+            raise guard.interrupted() from None
+
+
+def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticIDs, options: TrainOptions, resume: bool,
+           snapshots: Sequence[float], extra_callbacks: Sequence[L.Callback], ckpt_path: Path | None, start: float,
+           guard: SignalGuard | None) -> TrainResult:
+    is_worker = guard is None
+    best_before = _file_sha256(out / CHECKPOINT_DIR / BEST) if resume else None
     L.seed_everything(options.seed, workers=True, verbose=False)
 
     # 1. data, model, system
@@ -367,7 +437,12 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
     split = leave_one_out(dataset)
     digest = ids_digest(ids)
     tree = PrefixTree.from_semantic_ids(ids, layout)
-    if options.design == "causal":
+    if options.target == "title":
+        from generator.titles.runs import title_monitor, title_setup
+
+        config, dm, system = title_setup(options, dataset, split, ids, layout, digest, out)
+        monitor = title_monitor()
+    elif options.design == "causal":
         config, dm, system = _causal_setup(options, dataset, split, ids, layout, digest, tree)
         monitor = monitor_name(options.decoder)
     else:
@@ -384,7 +459,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         "monitor": monitor,
         "best_checkpoint": None,
     }
-    if not is_worker:
+    if not is_worker and not resume:  # a resumed run keeps the config.yaml it serves with until the end
         write_config(out, run_config)
     dm.setup("fit")
     padded = dm.padding_share() if options.design == "causal" else dm.padding_stats().padded_share
@@ -396,7 +471,9 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         dirpath=ckpt_dir, filename=BEST[: -len(".ckpt")], monitor=monitor, mode="max", save_top_k=1, save_last=True,
         auto_insert_metric_name=False, enable_version_counter=False,  # always best.ckpt / last.ckpt, also on resume
     )
-    callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step"), StepSeeds(options.seed), *extra_callbacks]
+    if guard is not None:  # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in order)
+        callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
     if snapshots:
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir))
     if options.patience:
@@ -425,6 +502,8 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         deterministic=False,
     )
     trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path)
+    if guard is not None:
+        guard.check()  # a signal after the last step
 
     # 3. the best checkpoint (chosen on validation), named in config.yaml
     best = ckpt_dir / BEST
@@ -437,6 +516,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
     if trainer.global_step > 0:  # this process ran the loop: its counters are the truth
         # Lightning rewrites last.ckpt only when a checkpoint is saved (the best score improved): make it the end
         trainer.save_checkpoint(ckpt_dir / LAST)
+        (ckpt_dir / RESUME).unlink(missing_ok=True)  # last.ckpt is the newer point now
     # read from the last checkpoint: with ddp_spawn this process's trainer never ran the loop
     score, steps = _final_state(ckpt_dir / LAST)
     epochs = round(steps / max(1, -(-dm.train_sampler().num_batches() // options.devices)), 2)  # steps per process
@@ -449,6 +529,14 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
     run_config["targets_per_epoch"] = int(targets_per_epoch)
     run_config["threads"] = options.threads
     write_config(out, run_config)
+    if resume and _file_sha256(best) != best_before:
+        # they describe the checkpoint served before; metrics_valid.json is replaced by the evaluation below
+        stale = [p for p in out.glob("metrics_*.json") if options.final_val_users == 0 or p.name != "metrics_valid.json"]
+        stale += [out / ALPHA_FILE] if (out / ALPHA_FILE).exists() else []
+        for path in sorted(stale):
+            path.unlink()
+        if stale:
+            log.info("resume: removed %s (they describe the previous best checkpoint)", ", ".join(p.name for p in stale))
 
     # 4. all validation users, on the best checkpoint
     metrics_valid = None

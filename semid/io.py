@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 import tempfile
@@ -77,3 +78,46 @@ def not_utf8(path: str | os.PathLike[str], newline: str | None = None) -> ValueE
                     "as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
                 )
     return ValueError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: str = "another process") -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the block: ``folder/name`` holds the holder's
+    pid, locked with ``flock`` so that the kernel releases it when the holder ends, ``kill -9`` included. A second
+    holder gets a FileExistsError naming the folder and the pid holding it; a lock file left by a process that no
+    longer runs is stale and taken over. The file is removed when the block ends.
+    """
+    import fcntl  # POSIX only, like the rest of semid's tooling
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(
+                f"{folder}: {what} (pid {holder}) is writing this folder now ({path} is locked); wait for it to end "
+                "or stop it, then try again"
+            ) from None
+        # the file may have been removed (and made again) by the holder we waited for: lock the file at `path`
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    stale = os.read(fd, 64).decode("ascii", "replace").strip()
+    if stale:
+        logging.getLogger(__name__).warning("%s: took over a stale lock of pid %s, which no longer runs", path, stale)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

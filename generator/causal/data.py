@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from generator.datamodule import sample_users
 from generator.examples import BucketBatchSampler
+from generator.resume import ResumableLoader
 from semid.data import Split
 from semid.ids import SemanticIDs
 
@@ -187,7 +188,8 @@ class CausalDataModule(L.LightningDataModule):
         return 1.0 - float(lengths.sum()) / max(padded, 1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Indices(int(self.windows.start.numel())), batch_sampler=self.train_sampler(), collate_fn=_Collate(self.windows))
+        # resumable mid-epoch (generator.resume): Lightning saves and restores how many batches it served
+        return ResumableLoader(_Indices(int(self.windows.start.numel())), batch_sampler=self.train_sampler(), collate_fn=_Collate(self.windows))
 
     def val_dataloader(self) -> DataLoader:
         assert self.val is not None, "call setup() first"

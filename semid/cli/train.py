@@ -7,11 +7,13 @@ With ``--resume`` the options stored in RUN/config.yaml are the defaults, and fl
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from pathlib import Path
 
 from generator.dense import MODES
 from generator.hybrid import DenseOptionsAction
+from generator.resume import TrainingInterrupted
 from generator.run import IDS_FILE, read_config
 from generator.train import DESIGN_DEFAULTS, PRESETS, TrainOptions, train_run
 
@@ -42,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="dataset folder (items.jsonl, sequences.txt)")
     p.add_argument("--ids", required=True, type=Path, help=f"semantic IDs: a folder holding {IDS_FILE}, or the file")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped (its newest "
+                   "resume point); SIGINT and SIGTERM stop a training with exit status 130 / 143, resumable")
     p.add_argument("--preset", choices=PRESETS, help="design and size: causal (default: one position per item, every "
                    "target in one pass), causal-wide, tiger (TIGER's published T5), cpu (a small T5)")
     g = p.add_argument_group("budget")
@@ -80,6 +83,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dense-embeddings", help=f"content embeddings DATA/item_emb_<NAME>.npy (default {d.dense_embeddings})")
     g.add_argument("--dense-option", dest="dense_options", action=DenseOptionsAction, metavar="KEY=VALUE",
                    help="a DenseHeadConfig field, repeatable: dim=128, pooling=last, loss=sampled, temperature=0.05, id_dropout=0.2, ...")
+    g = p.add_argument_group("title targets (GENRE / BIGRec; see generator/titles/)")
+    g.add_argument("--target", choices=("ids", "title"), help="what the generator emits for the next item: its semantic "
+                   "ID (default) or its title's tokens, on the same causal backbone (item-level history)")
+    g.add_argument("--tokenizer", help="--target title: a local tokenizer folder (read with local_files_only; default: "
+                   "a byte-level BPE trained on the catalogue's titles, saved in RUN/tokenizer)")
+    g.add_argument("--encoder", help="--target title: a local sentence-encoder folder (as for `semid embed`) that the "
+                   "title-grounded decoder embeds generated titles with")
     g = p.add_argument_group("hardware")
     g.add_argument("--devices", type=int, help="processes/devices; > 1 trains with DDP (default 1)")
     g.add_argument("--accelerator", help="cpu | gpu | auto (default auto)")
@@ -89,6 +99,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, help=f"torch CPU threads while training (default {d.threads}: two threads "
                    "collapse on a busy 2-core machine; raise it on a machine with cores to spare)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    g = p.add_argument_group("resume points (checkpoints/resume.ckpt: `--resume` continues exactly from there)")
+    g.add_argument("--resume-every-steps", type=int, help="write one every N optimiser steps, 0 = not by steps (default 0)")
+    g.add_argument("--resume-every-seconds", type=float, help=f"write one every T seconds, 0 = not by time "
+                   f"(default {d.resume_every_seconds:g}); one is also written after every validation and on SIGINT/SIGTERM")
     p.set_defaults(func=run)
 
 
@@ -101,7 +115,9 @@ class ModelOptionsAction(argparse.Action):
         from generator.causal.model import CausalConfig
 
         key, sep, text = str(value).partition("=")
-        known = set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}
+        from generator.titles.runs import TITLE_OPTION_KEYS
+
+        known = (set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}) | set(TITLE_OPTION_KEYS)
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
         options = dict(getattr(namespace, self.dest) or {})
@@ -123,7 +139,11 @@ def run(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
     base = read_config(args.out).get("train", {}) if args.resume else {}
     options = TrainOptions.from_dict({**base, **given})
-    result = train_run(args.data, ids_file(args.ids), args.out, options, resume=args.resume)
+    try:
+        result = train_run(args.data, ids_file(args.ids), args.out, options, resume=args.resume)
+    except TrainingInterrupted as e:  # the folder holds a resume point: say how to continue, exit 128 + signal
+        print(f"semid train: {e}", file=sys.stderr)
+        return e.exit_code
     if result.metrics_valid is None and result.best_score is None:
         return 0
     print(f"run folder      {result.run_dir}")
