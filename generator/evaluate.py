@@ -21,7 +21,7 @@ from generator.datamodule import eval_batches, sample_users, split_examples
 from generator.decode import check_beam_args
 from generator.examples import collate
 from generator.hybrid import build_decoder
-from generator.run import Run, load_run, metrics_file
+from generator.run import Run, metrics_file
 from semid.data import Split, leave_one_out, load_dataset
 from semid.io import write_json
 from semid.metrics import RankingMetrics
@@ -95,6 +95,16 @@ def evaluate(
     if device is None:  # the accelerator where there is one, as training does
         device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device
     device = torch.device(device)
+    from generator.titles.runs import evaluate_generated, handles
+
+    if handles(run, decoder):  # title runs, and free codes + grounding (generator.titles)
+        name, values, users, invalid, duplicates, seconds, _ = evaluate_generated(
+            run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
+            decoder=decoder, device=device,
+        )
+        result = EvalResult(which, name, values, users, invalid, duplicates, seconds)
+        _check_result(result)
+        return result
     if run.design == "causal":  # one position per item: its own batches and decoders
         from generator.causal.runs import evaluate_causal
 
@@ -162,7 +172,9 @@ def evaluate_run(
     """
     if which not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
-    run = load_run(run_dir, checkpoint)
+    from generator.titles.runs import load_any_run
+
+    run = load_any_run(run_dir, checkpoint)  # load_run, or a title run's loader
     data = Path(data_dir) if data_dir is not None else run.data_dir
     split = leave_one_out(load_dataset(data))
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):

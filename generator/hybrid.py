@@ -452,6 +452,8 @@ def _check_aligned(head: DenseHead, ids: SemanticIDs) -> None:
 
 # ---- runs: the head for training, decoders by name for evaluation and recommendation ----------------------------
 ALL_DECODERS = (*DECODERS, "exact", "dense", "hybrid")  # "exact": causal runs only (generator.causal)
+# generator.titles: constrained title beam and free title + grounding (title runs), free codes + grounding (causal)
+ALL_DECODERS += ("title-beam", "title-grounded", "codes-grounded")
 POOL = "union"  # the candidate pool an alpha was chosen for: beam top-C plus dense top-C, teacher-forced scores
 ALPHA_FILE = "hybrid.json"  # RUN/hybrid.json: the blend weight chosen on validation for the run's checkpoint
 
@@ -533,6 +535,9 @@ def build_decoder(
         raise ValueError(f"`decoder` must be one of {list(ALL_DECODERS)}, got {name!r}")
     if name in DECODERS:
         return get_decoder(name)
+    if name in ("title-beam", "title-grounded", "codes-grounded"):
+        raise ValueError(f"{run.path}: decoder {name!r} needs a title run (`semid train --target title`) or, for "
+                         "codes-grounded, a causal run; this is a T5 run")
     if name == "exact":
         raise ValueError(
             f"{run.path}: decoder 'exact' ranks every item by its log-likelihood and needs a causal run (the default "

@@ -90,6 +90,13 @@ def recommend(
     if num_beams is None:
         num_beams = max(k, min(DEFAULT_BEAMS, run.ids.num_items)) if isinstance(k, int) else DEFAULT_BEAMS
     check_beam_args(k, num_beams, run.ids.num_items)
+    from generator.titles.runs import handles, recommend_generated
+
+    if handles(run, decoder):  # title runs, and free codes + grounding (generator.titles)
+        items, scores = recommend_generated(run, _check_histories(histories, run), k=k, num_beams=num_beams, decoder=decoder,
+                                            batch_size=batch_size)
+        _check_outside(items, run, decoder)
+        return [Recommendation(i, s) for i, s in zip(items, scores, strict=True)]
     if run.design == "causal":
         from generator.causal.runs import recommend_causal
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from generator.hybrid import ALL_DECODERS
 from generator.recommend import recommend
-from generator.run import load_run
+from generator.titles.runs import load_any_run
 from semid.data import load_dataset
 
 
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = load_run(args.run)
+    r = load_any_run(args.run)  # load_run, or a title run's loader
     user_ids = [args.user] if args.user is not None else None
     try:
         rec = recommend(r, [args.history], k=args.k, num_beams=args.num_beams, user_ids=user_ids, decoder=args.decoder, alpha=args.alpha)[0]
