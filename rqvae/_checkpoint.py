@@ -6,7 +6,9 @@ Writes are atomic (temporary file beside the target, then rename), as every arti
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,20 @@ VERSION = 1
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write ``checkpoint`` (plain types and tensors only) to ``path`` atomically."""
+    """Write ``checkpoint`` (plain types and tensors only) to ``path`` atomically, with the permissions ``open``
+    would give (the umask's), and the same bytes for the same content (serialised in memory first: ``torch.save``
+    to a file names the archive inside after the file, here a random temporary name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **checkpoint}, buffer)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save({"format": FORMAT, "version": VERSION, **checkpoint}, tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getbuffer())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -36,7 +45,15 @@ def read_checkpoint(path: str | os.PathLike[str], method: str | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no quantizer file here (write one with `semid fit-codebooks`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a quantizer; re-run `semid fit-codebooks`")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        kind = "holds objects other than tensors (refused, nothing ran)" if "GLOBAL" in str(e) else "truncated or corrupted"
+        raise ValueError(f"{path}: not a readable quantizer file ({kind}); re-run `semid fit-codebooks`") from None
+    except (RuntimeError, EOFError, UnicodeDecodeError, IndexError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable quantizer file (truncated or corrupted: {type(e).__name__}); re-run `semid fit-codebooks`") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(
             f"{path}: not a quantizer file (format {ckpt.get('format') if isinstance(ckpt, dict) else None!r})"

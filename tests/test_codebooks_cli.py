@@ -48,6 +48,7 @@ def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "code_usage.png",
+        "manifest.json",
         "quantizer.pt",
         "semantic_ids.npz",
         "stats.json",

@@ -131,8 +131,13 @@ def _d(name: str) -> str:
 
 
 def ids_file(path: Path) -> Path:
-    """`--ids` may name the folder `semid fit-codebooks` wrote or the file itself."""
-    return path / IDS_FILE if path.is_dir() else path
+    """`--ids` may name the folder `semid fit-codebooks` wrote (checked against its manifest) or the file itself."""
+    if path.is_dir():
+        from semid.cli.codebooks import check_codebooks
+
+        check_codebooks(path)
+        return path / IDS_FILE
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
