@@ -86,8 +86,8 @@ def title_setup(options: Any, dataset: Any, split: Split, ids: SemanticIDs, layo
     from generator.train import preset
 
     base = preset(options.preset)
-    config = TitleConfig(**{k: getattr(base, k) for k in BACKBONE_KEYS if k != "max_history"},
-                         **(options.model_options or {}), max_history=options.max_history)
+    backbone = {k: getattr(base, k) for k in BACKBONE_KEYS if k != "max_history"}  # the preset's, under the options
+    config = TitleConfig(**{**backbone, **(options.model_options or {})}, max_history=options.max_history)
     titles = [dataset.catalogue.title_of(int(i)) for i in ids.item_ids]
     if options.tokenizer is not None:
         tokenizer = TitleTokenizer.from_pretrained(options.tokenizer)

@@ -1,0 +1,114 @@
+"""`semid train --target title [--tokenizer DIR] [--encoder DIR]` end to end, and the title / grounded decoders of
+`semid evaluate` and `semid recommend` (same output format as every other decoder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from generator.evaluate import evaluate_run
+from generator.recommend import recommend
+from generator.titles.model import TitleGenerator
+from generator.titles.runs import TitleRun, load_any_run
+from generator.train import TrainOptions
+from semid.cli import main
+from semid.titles import TitleTokenizer
+from tests.test_embed import model_dir  # noqa: F401 (a tiny local BERT folder: the grounding encoder)
+from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
+
+FLAGS = ["--max-epochs", "2", "--batch-size", "8", "--val-users", "all", "--num-beams", "10", "--no-progress",
+         "--model-option", "title_dim=16", "--model-option", "d_model=16", "--model-option", "num_heads=2"]
+
+
+def tiny_local_tokenizer(folder: Path) -> Path:
+    """A word-level tokenizer over the random dataset's titles ("item <id>"), saved as a transformers folder."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator([f"item {i}" for i in range(1, NUM_ITEMS + 1)],
+                            trainers.WordLevelTrainer(special_tokens=["[PAD]", "[EOS]", "[UNK]"], show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def title_runs(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> dict[str, Path]:  # noqa: F811
+    root = tmp_path_factory.mktemp("titles")
+    data = write_random_dataset(root / "data")
+    ids = root / "ids"
+    ids.mkdir()
+    write_ids(ids / "semantic_ids.npz")
+    bpe = root / "bpe"
+    base = ["train", "--data", str(data), "--ids", str(ids), "--target", "title", *FLAGS]
+    assert main([*base, "--out", str(bpe), "--model-option", "tokenizer_vocab=300", "--encoder", str(model_dir)]) == 0
+    local = root / "local"
+    tok_dir = tiny_local_tokenizer(root / "tiny-tokenizer")
+    assert main([*base, "--out", str(local), "--tokenizer", str(tok_dir)]) == 0
+    causal = root / "causal"
+    assert main(["train", "--data", str(data), "--ids", str(ids), "--out", str(causal), *FLAGS[:8]]) == 0
+    return {"data": data, "ids": ids, "bpe": bpe, "local": local, "tokenizer": tok_dir, "causal": causal}
+
+
+def test_a_title_run_trains_selects_on_the_title_beam_and_keeps_its_tokenizer(title_runs: dict[str, Path]) -> None:
+    config = yaml.safe_load((title_runs["bpe"] / "config.yaml").read_text())
+    assert config["train"]["target"] == "title" and config["monitor"] == "val/title-beam/ndcg@10"
+    assert config["design"] == "causal"  # the backbone is the causal design's
+    valid = json.loads((title_runs["bpe"] / "metrics_valid.json").read_text())
+    assert valid["decoder"] == "title.title-beam" and valid["invalid_items"] == 0
+    run = load_any_run(title_runs["bpe"])
+    assert isinstance(run, TitleRun) and isinstance(run.model, TitleGenerator) and run.design == "title"
+    assert run.tokenizer.kind == "bpe" and (title_runs["bpe"] / "tokenizer" / "tokenizer.json").is_file()
+    titles = [f"item {i}" for i in range(1, NUM_ITEMS + 1)]
+    assert run.tokenizer.decode(run.tokenizer.encode(titles)) == titles
+
+
+def test_the_local_tokenizer_path_is_used_and_copied_into_the_run(title_runs: dict[str, Path]) -> None:
+    run = load_any_run(title_runs["local"])
+    assert run.tokenizer.kind == "transformers"
+    assert run.tokenizer.encode(["item 7"]) == TitleTokenizer.from_pretrained(title_runs["tokenizer"]).encode(["item 7"])
+    assert run.model.config.vocab_size == run.tokenizer.vocab_size  # unique titles: no disambiguation token
+
+
+@pytest.mark.parametrize("run_name,decoder", [("bpe", "title-beam"), ("bpe", "title-grounded"), ("local", "auto"),
+                                              ("causal", "codes-grounded")])
+def test_evaluate_the_title_and_grounded_decoders(title_runs: dict[str, Path], run_name: str, decoder: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--run", str(title_runs[run_name]), "--decoder", decoder, "--num-beams", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "Recall@10" in out and "invalid items 0, duplicate items 0" in out
+    m = json.loads((title_runs[run_name] / "metrics_test.json").read_text())
+    assert m["users_evaluated"] == 24 and m["decoder"].endswith(decoder if decoder != "auto" else "title-beam")
+
+
+def test_recommend_with_the_title_decoders(title_runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recommend", "--run", str(title_runs["bpe"]), "--history", "1,2,3", "-k", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["items"]
+    assert len(rows) == 5 and len({r["item_id"] for r in rows}) == 5 and all(r["title"].startswith("item ") for r in rows)
+    run = load_any_run(title_runs["causal"])
+    rec = recommend(run, [[1, 2, 3], [4]], k=5, num_beams=10, decoder="codes-grounded")
+    assert all(len(set(r.items.tolist())) == 5 for r in rec)
+
+
+def test_title_options_that_do_not_apply_are_errors(title_runs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="causal backbone"):
+        TrainOptions(target="title", preset="tiger")
+    with pytest.raises(ValueError, match="are for `target` 'title'"):
+        TrainOptions(tokenizer=str(tmp_path))
+    with pytest.raises(ValueError, match="target"):
+        TrainOptions(target="words")
+    with pytest.raises(ValueError, match="not a folder"):
+        TrainOptions(target="title", tokenizer=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="unknown `model_options`"):
+        TrainOptions(target="title", model_options={"node_vectors": False})
+    with pytest.raises(ValueError, match="decoder"):
+        evaluate_run(title_runs["bpe"], "test", decoder="exact", num_beams=10)
+    with pytest.raises(ValueError, match="names none"):
+        evaluate_run(title_runs["local"], "test", decoder="title-grounded", num_beams=10)
+    with pytest.raises(ValueError, match="decoder"):
+        evaluate_run(title_runs["causal"], "test", decoder="title-beam", num_beams=10)
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "d", "--ids", "i", "--out", "o", "--target", "words"])
