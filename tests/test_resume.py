@@ -1,0 +1,239 @@
+"""Resume is exact (issue 11): a training stopped at any point (a kill, SIGINT, SIGTERM; mid-epoch, in a validation,
+at the end) and resumed ends with the same weights and metrics as one that ran through; signals exit non-zero; a
+resume never damages the finished run it starts from; a run folder has one writer at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from generator.model import safe_load
+from generator.recommend import recommend
+from generator.resume import ResumableLoader, TrainingInterrupted, step_seed
+from generator.run import load_run
+from generator.train import TrainOptions, train_run
+from semid.cli import main
+from semid.io import folder_lock
+from tests.test_generator_helpers import write_ids, write_random_dataset
+
+ROOT = Path(__file__).parents[1]
+# 3 epochs of 7 steps, validation after steps 3 and 6 of each epoch (global steps 3, 6, 10, 13, 17, 20), a resume
+# point every 4 steps and after each validation, dropout on (the default): every piece of state matters
+OPTIONS = {"max_epochs": 3, "batch_size": 8, "val_users": None, "val_every": 0.5, "num_beams": 10, "progress": False,
+           "resume_every_steps": 4, "patience": 2}
+
+
+class Kill(BaseException):
+    """Stands for ``kill -9``: nothing of the training runs after it (no resume point, no cleanup of its own)."""
+
+
+class Fault(L.Callback):
+    """At optimiser step ``step``: "kill" dies at the end of the step, "term" / "int" signal the process,
+    "kill-in-validation" dies in the middle of the validation that follows the step; "kill-at-end" dies when the
+    training loop has ended (before last.ckpt, config.yaml and the final evaluation are written)."""
+
+    def __init__(self, how: str, step: int) -> None:
+        self.how, self.step = how, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            if self.how == "kill":
+                raise Kill
+            if self.how in ("term", "int"):
+                signal.raise_signal(signal.SIGTERM if self.how == "term" else signal.SIGINT)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.how == "kill-in-validation" and trainer.global_step == self.step:
+            raise Kill
+
+    def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.how == "kill-at-end":
+            raise Kill
+
+
+def _outcome(run: Path) -> dict[str, Any]:
+    """What a finished run serves with and reports (times left out)."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    metrics = json.loads((run / "metrics_valid.json").read_text())
+    return {
+        "best": safe_load(run / "checkpoints" / "best.ckpt")["state_dict"],
+        "last": safe_load(run / "checkpoints" / "last.ckpt")["state_dict"],
+        "score": config["best_score"], "steps": config["steps"], "epochs": config["epochs"],
+        "metrics": {k: v for k, v in metrics.items() if k not in ("seconds", "users_per_s")},
+    }
+
+
+def _validations(run: Path) -> dict[int, float]:
+    """step -> the monitored validation score, from every CSV log of the run (a resumed run's later log wins): the
+    validations the run went through, interrupted or not."""
+    import csv
+
+    monitor = yaml.safe_load((run / "config.yaml").read_text())["monitor"]
+    out: dict[int, float] = {}
+    for log in sorted((run / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with open(log, newline="") as f:
+            out.update({int(r["step"]): float(r[monitor]) for r in csv.DictReader(f) if r.get(monitor)})
+    return out
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    weights = all(a[w].keys() == b[w].keys() and all(torch.equal(a[w][k], b[w][k]) for k in a[w]) for w in ("best", "last"))
+    return weights and all(a[k] == b[k] for k in ("score", "steps", "epochs", "metrics"))
+
+
+def _interrupt_and_resume(data: Path, ids: Path, run: Path, options: TrainOptions, how: str, step: int) -> None:
+    with pytest.raises((Kill, TrainingInterrupted)) as stopped:
+        train_run(data, ids, run, options, callbacks=[Fault(how, step)])
+    if how in ("term", "int"):
+        assert stopped.value.exit_code == 128 + (signal.SIGTERM if how == "term" else signal.SIGINT)
+        assert "--resume" in str(stopped.value)
+    train_run(data, ids, run, options, resume=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("resume")
+    data = write_random_dataset(root / "data", num_users=60)
+    ids = write_ids(root / "ids.npz")
+    out = {"root": root, "data": data, "ids": ids}
+    for design, extra in (("causal", {}), ("cpu", {"user_tokens": 0})):
+        options = TrainOptions(preset=design, **OPTIONS, **extra)
+        ref = train_run(data, ids, root / f"ref_{design}", options)
+        out[design] = {"options": options, "outcome": _outcome(root / f"ref_{design}"), "steps": ref.steps,
+                       "validations": _validations(root / f"ref_{design}")}
+    assert out["causal"]["steps"] == 21  # 7 steps per epoch: the fault points below are where they claim to be
+    return out
+
+
+@pytest.mark.parametrize(
+    ("how", "step"),
+    [
+        ("kill", 5),  # mid-epoch, between resume points (resumes from step 3 and trains 4 and 5 again)
+        ("term", 7),  # the last step of an epoch
+        ("int", 10),  # a step after which a validation runs
+        ("kill-in-validation", 13),  # in a validation
+        ("kill", 19),  # the last epoch
+        ("term", 21),  # the last step
+    ],
+)
+def test_an_interrupted_causal_run_resumes_to_the_same_weights_and_metrics(setup: dict[str, Any], how: str, step: int) -> None:
+    run = setup["root"] / f"causal_{how}_{step}"
+    _interrupt_and_resume(setup["data"], setup["ids"], run, setup["causal"]["options"], how, step)
+    assert _same(_outcome(run), setup["causal"]["outcome"])
+    assert _validations(run) == setup["causal"]["validations"]  # every validation ran, none twice with other scores
+    assert not (run / "checkpoints" / "resume.ckpt").exists()  # last.ckpt is the newer point at the end
+
+
+@pytest.mark.parametrize(("how", "step"), [("kill", 13), ("term", 20)])
+def test_an_interrupted_t5_run_resumes_to_the_same_weights_and_metrics(setup: dict[str, Any], how: str, step: int) -> None:
+    run = setup["root"] / f"t5_{how}_{step}"
+    _interrupt_and_resume(setup["data"], setup["ids"], run, setup["cpu"]["options"], how, step)
+    assert _same(_outcome(run), setup["cpu"]["outcome"])
+    assert _validations(run) == setup["cpu"]["validations"]
+
+
+def test_a_kill_before_the_first_resume_point_leaves_a_folder_trained_again_from_scratch(setup: dict[str, Any]) -> None:
+    run = setup["root"] / "causal_kill_1"
+    with pytest.raises(Kill):
+        train_run(setup["data"], setup["ids"], run, setup["causal"]["options"], callbacks=[Fault("kill", 1)])
+    with pytest.raises(FileNotFoundError, match="train again without `resume`"):
+        train_run(setup["data"], setup["ids"], run, setup["causal"]["options"], resume=True)
+    train_run(setup["data"], setup["ids"], run, setup["causal"]["options"])
+    assert _same(_outcome(run), setup["causal"]["outcome"])
+
+
+def test_a_killed_resume_leaves_the_finished_run_servable(setup: dict[str, Any]) -> None:
+    import shutil
+
+    run = setup["root"] / "finished"
+    shutil.copytree(setup["root"] / "ref_causal", run)
+    before = {p: (run / p).read_bytes() for p in ("config.yaml", "metrics_valid.json")}
+    longer = TrainOptions(preset="causal", **{**OPTIONS, "max_epochs": 6})
+    with pytest.raises(Kill):  # killed well into the resumed training, after new validations
+        train_run(setup["data"], setup["ids"], run, longer, resume=True, callbacks=[Fault("kill", 40)])
+    assert {p: (run / p).read_bytes() for p in before} == before  # config.yaml and the metrics are untouched
+    served = load_run(run)  # best.ckpt is the old one or a better one written whole
+    assert len(recommend(served, [[1, 2, 3]], k=5)[0].items) == 5
+    assert main(["evaluate", "--run", str(run), "--split", "valid", "--no-progress", "--max-users", "5"]) == 0
+
+
+def test_a_resumed_run_that_had_early_stopped_stops_where_it_did(setup: dict[str, Any]) -> None:
+    options = TrainOptions(preset="causal", **{**OPTIONS, "max_epochs": 30, "patience": 1})
+    ref = train_run(setup["data"], setup["ids"], setup["root"] / "early_ref", options)
+    assert ref.steps < 30 * 7  # it did stop early
+    run = setup["root"] / "early"  # killed after early stopping decided: the resumed run must not train on
+    _interrupt_and_resume(setup["data"], setup["ids"], run, options, "kill-at-end", 0)
+    assert _same(_outcome(run), _outcome(setup["root"] / "early_ref"))
+
+
+def test_the_loader_skips_the_batches_it_had_served_and_only_in_that_epoch() -> None:
+    from generator.examples import BucketBatchSampler
+
+    sampler = BucketBatchSampler(torch.arange(40).numpy() % 7 + 1, 4, seed=3, bucket_batches=2)
+    loader = ResumableLoader(list(range(40)), batch_sampler=sampler)
+    sampler.sampler.set_epoch(2)
+    full = [b.tolist() for b in loader]
+    assert loader.state_dict() == {"epoch": 2, "served": 10}
+    loader.load_state_dict({"epoch": 2, "served": 6})
+    assert [b.tolist() for b in loader] == full[6:] and loader.state_dict()["served"] == 10
+    loader.load_state_dict({"epoch": 1, "served": 6})  # a state of another epoch skips nothing
+    assert [b.tolist() for b in loader] == full
+    with pytest.raises(ValueError, match="`served` >= 0"):
+        loader.load_state_dict({"epoch": 2, "served": -1})
+    assert len({step_seed(0, s) for s in range(1000)} | {step_seed(1, s) for s in range(1000)}) == 2000
+
+
+def test_a_second_training_into_the_same_folder_is_refused_while_one_runs(setup: dict[str, Any], tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(setup["data"]), "--ids", str(setup["ids"]), "--out", str(run), "--max-steps", "2",
+            "--final-val-users", "0", "--no-progress", "--num-beams", "10"]
+    with folder_lock(run, "train.lock", what="a training"):  # stands for a training running in another process
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: a training (pid {os.getpid()}) is writing this folder now" in err
+    assert not (run / "config.yaml").exists()
+    # a lock left by a process that was killed (its pid written, no flock held) is stale and taken over
+    (run / "train.lock").write_text("999999999\n")
+    assert main(argv) == 0
+    assert not (run / "train.lock").exists()  # released on exit
+
+
+def _cli_train(data: Path, ids: Path, run: Path, *extra: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "semid.cli", "train", "--data", str(data), "--ids", str(ids), "--out", str(run),
+            "--preset", "causal", "--max-epochs", "400", "--batch-size", "8", "--num-beams", "10", "--val-users", "5",
+            "--final-val-users", "5", "--no-progress", "--resume-every-steps", "1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])  # SIGINT: in-process above
+def test_a_signalled_cli_training_exits_non_zero_and_resumes(setup: dict[str, Any], tmp_path: Path, sig: int) -> None:
+    run = tmp_path / "run"
+    proc = _cli_train(setup["data"], setup["ids"], run)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "resume.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + sig), err
+    if sig != signal.SIGKILL:
+        assert f"training stopped by {signal.Signals(sig).name}" in err and "--resume" in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["best_checkpoint"] is None  # not finished, and says so
+    assert not (run / "train.lock").exists() or sig == signal.SIGKILL
+    # resumable (a lock left by the kill is stale): continue to a short end
+    assert main(["train", "--data", str(setup["data"]), "--ids", str(setup["ids"]), "--out", str(run), "--resume",
+                 "--max-epochs", "1", "--no-progress"]) == 0
+    assert load_run(run).checkpoint.name in ("best.ckpt", "last.ckpt")
