@@ -206,12 +206,23 @@ class SemanticIDs:
         )
 
     # ---- persistence -------------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], **metadata: object) -> None:
-        """Write one versioned ``.npz`` file, atomically. ``metadata`` (JSON-serialisable) is kept alongside."""
+    def head(self, num_items: int) -> SemanticIDs:
+        """The IDs of the first ``num_items`` items (those an extended version started from, see ``add_items``)."""
+        if not isinstance(num_items, (int, np.integer)) or isinstance(num_items, bool) or not 1 <= num_items <= self.num_items:
+            raise ValueError(f"`num_items` must be an int in [1, {self.num_items}], got {num_items!r}")
+        return SemanticIDs(self.codes[:num_items], self.item_ids[:num_items], self.codebook_sizes)
+
+    def save(self, path: str | os.PathLike[str], *, arrays: dict[str, np.ndarray] | None = None, **metadata: object) -> None:
+        """Write one versioned ``.npz`` file, atomically. ``metadata`` (JSON-serialisable) is kept alongside, and
+        ``arrays`` (numeric, no objects) beside the codes (read them back with :func:`load_arrays`)."""
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "codebook_sizes": list(self.codebook_sizes), **metadata}
+        extra = dict(arrays or {})
+        clash = set(extra) & {"codes", "item_ids", "meta"}
+        if clash or any(np.asarray(a).dtype == object for a in extra.values()):
+            raise ValueError(f"`arrays` must be numeric arrays named other than codes/item_ids/meta, got {sorted(extra)}")
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, codes=self.codes, item_ids=self.item_ids, meta=np.array(json.dumps(meta)))
+                np.savez(f, codes=self.codes, item_ids=self.item_ids, meta=np.array(json.dumps(meta)), **extra)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SemanticIDs:
@@ -241,6 +252,12 @@ class SemanticIDs:
     def load_metadata(path: str | os.PathLike[str]) -> dict:
         with np.load(path, allow_pickle=False) as z:
             return json.loads(str(z["meta"]))
+
+    @staticmethod
+    def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+        """The extra arrays saved beside the codes (``save(arrays=...)``); never unpickles."""
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in z.files if name not in ("codes", "item_ids", "meta")}
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SemanticIDs):

@@ -63,3 +63,25 @@ class RankingMetrics:
         if self.count == 0:
             raise ValueError("no users were evaluated: call `update` first")
         return {name: s / self.count for name, s in self._sums.items()}
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over users with a percentile bootstrap interval (users resampled with replacement, the
+    same users for both: a paired comparison). a, b: per-user metric values (U,). Returns (mean, low, high)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"`a` and `b` must be non-empty per-user arrays of one shape, got {a.shape} and {b.shape}")
+    if not isinstance(resamples, int) or isinstance(resamples, bool) or resamples < 1:
+        raise ValueError(f"`resamples` must be a positive int, got {resamples!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"`level` must be in (0, 1), got {level!r}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for lo in range(0, resamples, 100):  # loop over blocks of 100 resamples (memory 100 x U)
+        n = min(100, resamples - lo)
+        means[lo : lo + n] = diff[rng.integers(0, diff.size, size=(n, diff.size))].mean(1)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(diff.mean()), float(low), float(high)

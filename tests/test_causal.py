@@ -35,20 +35,26 @@ def make(num_items: int = 30, seed: int = 0, sizes: tuple[int, ...] = (3, 4), cf
     return model.eval(), ids, PrefixTree.from_semantic_ids(ids, layout)
 
 
-def reference_logprob(model: CausalGenerator, ids: SemanticIDs, h: torch.Tensor) -> torch.Tensor:
-    """Every item's log-likelihood by a plain loop over items and levels, the allowed codes from a dict trie."""
+def reference_logprob(model: CausalGenerator, ids: SemanticIDs, h: torch.Tensor, trained: int | None = None) -> torch.Tensor:
+    """Every item's log-likelihood by a plain loop over items and levels, the allowed codes from a dict trie.
+
+    With ``trained`` (items added after training follow the first ``trained`` rows), each node's distribution is
+    normalised over the children the trained items reach, where it has any."""
     layout = model.layout
     tokens = np.asarray(layout.codes_to_tokens(ids.codes))
     trie = DictTrie(tokens.tolist(), ids.item_ids.tolist())
+    old = DictTrie(tokens[:trained].tolist(), ids.item_ids[:trained].tolist()) if trained else None
     hq = model.level_queries(h)  # (B, L, D)
     out = torch.zeros(h.shape[0], ids.num_items, dtype=torch.float64)
     for i, seq in enumerate(tokens.tolist()):
         for level in range(layout.num_levels):
             lo, hi = layout.level_range(level)
             allowed = sorted(trie.allowed(seq[:level]))
+            norm = sorted(old.allowed(seq[:level])) if old is not None else []
+            norm = norm or allowed
             logits = model.code_logits(level, hq[:, level], torch.tensor(seq[:level], dtype=torch.long).expand(h.shape[0], -1))  # (B, K)
-            sub = logits[:, [a - lo for a in allowed]].double()
-            out[:, i] += sub.log_softmax(1)[:, allowed.index(seq[level])]
+            lse = logits[:, [a - lo for a in norm]].double().logsumexp(1)
+            out[:, i] += logits[:, seq[level] - lo].double() - lse
     return out
 
 
@@ -130,10 +136,18 @@ def test_cold_items_get_input_vectors_from_their_codes_and_are_decoded() -> None
     torch.testing.assert_close(x, want)
     assert (x.abs().sum(1) > 0).all()
     tree = PrefixTree.from_semantic_ids(grown, layout)
-    dec = CausalDecoders(model, tree, torch.from_numpy(grown.item_ids), num_beams=8).refresh()
+    with pytest.raises(ValueError, match="`trained_tree`"):
+        CausalDecoders(model, tree, torch.from_numpy(grown.item_ids), num_beams=8)
+    dec = CausalDecoders(model, tree, torch.from_numpy(grown.item_ids), num_beams=8,
+                         trained_tree=PrefixTree.from_semantic_ids(ids, layout)).refresh()
     h = torch.randn(200, CFG.d_model, generator=torch.Generator().manual_seed(0))
     scores = exact_scores(model, h, dec.paths, dec.tables)
-    torch.testing.assert_close(scores.double(), reference_logprob(model, grown, h), atol=1e-5, rtol=0)
+    # normalised over the trained children: the old items' scores are what they were before the items came
+    torch.testing.assert_close(scores.double(), reference_logprob(model, grown, h, trained=20), atol=1e-5, rtol=0)
+    before = CausalDecoders(make(num_items=20, seed=7)[0], PrefixTree.from_semantic_ids(ids, layout), torch.from_numpy(ids.item_ids)).refresh()
+    torch.testing.assert_close(scores[:, :20], exact_scores(before.model, h, before.paths, before.tables), atol=1e-5, rtol=0)
+    beam_items, beam_scores, _ = beam_search(model, h, tree, k=22, num_beams=22, trained_tree=dec.trained_tree)
+    torch.testing.assert_close(beam_scores, scores.gather(1, beam_items - 1), atol=1e-5, rtol=0)  # beam = exact
     for name in ("beam", "exact", "dense"):
         top = dec.decode(name, h, k=3).items  # (200, 3): three of 22 items
         assert ((top == 21) | (top == 22)).any(), f"{name} never ranks a cold item in its top 3 of 200 users"

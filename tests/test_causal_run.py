@@ -64,7 +64,9 @@ def test_evaluate_every_decoder_returns_real_distinct_items(causal_run: dict[str
     assert m["decoder"] == f"causal.{decoder}"
     if decoder == "hybrid":
         stored = json.loads((causal_run["run"] / "hybrid.json").read_text())
-        assert stored["validation_users"] == 24 and 0 <= stored["alpha"] <= 1  # chosen on validation users
+        # fitted on half the validation users, chosen on the other half; every fusion was tried
+        assert stored["validation_users"] == {"fit": 12, "select": 12}
+        assert set(stored["table"]) == {"blend", "full", "liger", "rrf", "learned"} and stored["fusion"] in stored["table"]
 
 
 def test_a_dense_only_run_serves_the_dense_decoder(causal_run: dict[str, Path]) -> None:

@@ -13,8 +13,8 @@ Every decoder takes the model's states after each history, ``h`` (B, D), and ret
   normalised per parent with a scatter log-sum-exp, and an item's score is the sum of its L edges' log-probs.
   It equals the beam's score on the beam's items and is the beam's upper bound (beam = exact when M = N).
 - ``dense``: top-k inner products of the dense query with the item vectors (softmax over all items = MIPS).
-- ``hybrid``: the union of beam top-C and dense top-C, each candidate scored by
-  ``alpha * exact log-likelihood + (1 - alpha) * dense log-softmax`` (alpha chosen on validation users).
+- ``hybrid``: a fusion of the two heads (:mod:`generator.causal.fusion`: pool blend, full-catalogue blend, LIGER,
+  reciprocal-rank fusion or a learned per-candidate blend), chosen with its parameters on validation users.
 
 Shapes: B histories, M beams, L levels, K_l level l's block, D d_model, N items, E_l edges (items' prefixes of
 length l + 1), P_l parents (prefixes of length l).
@@ -26,9 +26,9 @@ from typing import NamedTuple
 
 import torch
 
+from generator.causal.fusion import Parts, fuse
 from generator.causal.model import CausalGenerator, masked_log_softmax
 from generator.decode import BeamResult, check_beam_args
-from generator.hybrid import HybridCandidates, rerank, union_rows
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
@@ -42,6 +42,8 @@ class ItemPaths(NamedTuple):
     edge:   per level l a LongTensor (N,) the item's edge among level l's edges (``EdgeTables``'s column).
     parent_tokens: per level l a LongTensor (P_l, l), the tokens of each parent prefix.
     edge_parent:   per level l a LongTensor (E_l,) the edge's parent in [0, P_l); edge_token: (E_l,) its token.
+    norm_edge:     per level l a BoolTensor (E_l,): the edge is in its parent's normaliser: it leads to an item the
+                   model was trained with, or its parent has no such edge (a node that only added items reach).
     """
 
     tokens: torch.Tensor
@@ -50,6 +52,7 @@ class ItemPaths(NamedTuple):
     parent_tokens: list[torch.Tensor]
     edge_parent: list[torch.Tensor]
     edge_token: list[torch.Tensor]
+    norm_edge: list[torch.Tensor]
 
 
 def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
@@ -63,7 +66,7 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
     if (nodes_t < 0).any():
         bad = int(torch.nonzero((nodes_t < 0).any(1))[0])
         raise ValueError(f"item row {bad} (codes {tokens[bad].tolist()}) is not in the prefix tree: tree and model disagree")
-    edge, parent_tokens, edge_parent, edge_token = [], [], [], []
+    edge, parent_tokens, edge_parent, edge_token, norm_edge = [], [], [], [], []
     for level in range(L):
         child, first, inv = _unique_first(nodes_t[:, level + 1])
         parents, pfirst, pinv = _unique_first(nodes_t[first, level])
@@ -71,7 +74,11 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
         edge_parent.append(pinv)
         edge_token.append(tokens[first, level])
         parent_tokens.append(tokens[first[pfirst], :level])
-    return ItemPaths(tokens, nodes_t, edge, parent_tokens, edge_parent, edge_token)
+        trained = first < model.trained_items  # rows of added items come after the trained ones
+        parent_trained = torch.zeros(parents.numel(), dtype=torch.long, device=tree.device).scatter_reduce(
+            0, pinv, trained.long(), reduce="amax").bool()
+        norm_edge.append(trained | ~parent_trained[pinv])
+    return ItemPaths(tokens, nodes_t, edge, parent_tokens, edge_parent, edge_token, norm_edge)
 
 
 def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,25 +118,34 @@ def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tabl
     B = h.shape[0]
     total = h.new_zeros(B, paths.tokens.shape[0])
     for level in range(model.layout.num_levels):  # loop over levels
+        if paths.parent_tokens[level].shape[0] == paths.edge_token[level].shape[0] and bool(paths.norm_edge[level].all()):
+            continue  # every parent has one child here (e.g. an extra level without collisions): log-prob 0
         logits = hq[:, level] @ tables.vectors[level].T + tables.biases[level]  # (B, E_l)
         parent = paths.edge_parent[level].expand(B, -1)
         P = int(paths.parent_tokens[level].shape[0])
-        peak = logits.new_full((B, P), float("-inf")).scatter_reduce(1, parent, logits, reduce="amax")
-        sums = logits.new_zeros(B, P).scatter_add(1, parent, (logits - peak.gather(1, parent)).exp())
+        norm = logits if bool(paths.norm_edge[level].all()) else logits.masked_fill(~paths.norm_edge[level], float("-inf"))
+        peak = logits.new_full((B, P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
+        sums = logits.new_zeros(B, P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
         logp = logits - (peak + sums.log()).gather(1, parent)  # (B, E_l)
         total = total + logp[:, paths.edge[level]]
     return total
 
 
 def beam_search(
-    model: CausalGenerator, h: torch.Tensor, tree: PrefixTree, *, k: int, num_beams: int
+    model: CausalGenerator, h: torch.Tensor, tree: PrefixTree, *, k: int, num_beams: int,
+    trained_tree: PrefixTree | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Constrained beam search from states (B, D): (items (B, k), scores (B, k), code tokens (B, k, L))."""
+    """Constrained beam search from states (B, D): (items (B, k), scores (B, k), code tokens (B, k, L)).
+
+    With ``trained_tree`` (the tree of the items the model was trained with, when items were added since), each
+    node's log-probabilities are normalised over its trained children where it has any, as :func:`exact_scores` does.
+    """
     layout = model.layout
     B, M, L = h.shape[0], num_beams, layout.num_levels
     device = h.device
     hq = model.level_queries(h)  # (B, L, D)
     nodes = torch.zeros(B, dtype=torch.long, device=device)  # (B*m,) tree node of each beam, -1 = dead
+    old_nodes = nodes.clone()  # the same prefixes in trained_tree (-1 where only added items lead)
     scores = torch.zeros(B, 1, dtype=h.dtype, device=device)  # (B, m)
     prefix = torch.empty(B, 0, dtype=torch.long, device=device)  # (B*m, level) chosen code tokens
     m = 1
@@ -138,7 +154,13 @@ def beam_search(
         K = hi - lo
         q = hq[:, level, None, :].expand(B, m, -1).reshape(B * m, -1)  # (B*m, D)
         logits = model.code_logits(level, q, prefix)  # (B*m, K)
-        logp = masked_log_softmax(logits, tree.allowed_mask(nodes, token_range=(lo, hi)))
+        allowed = tree.allowed_mask(nodes, token_range=(lo, hi))
+        if trained_tree is None:
+            logp = masked_log_softmax(logits, allowed)
+        else:
+            norm = trained_tree.allowed_mask(old_nodes, token_range=(lo, hi))
+            norm = torch.where(norm.any(1, keepdim=True), norm, allowed)
+            logp = (logits - logits.masked_fill(~norm, float("-inf")).logsumexp(1, keepdim=True)).masked_fill(~allowed, float("-inf"))
         cand = (scores[:, :, None] + logp.view(B, m, K)).view(B, m * K)
         if m * K < M:  # fewer candidates than beams: pad with dead ones
             cand = torch.nn.functional.pad(cand, (0, M - m * K), value=float("-inf"))
@@ -148,6 +170,8 @@ def beam_search(
         tokens = (idx % K).view(-1) + lo
         alive = torch.isfinite(scores.view(-1))
         nodes = torch.where(alive, tree.next_nodes(nodes[rows], tokens), -1)
+        if trained_tree is not None:
+            old_nodes = trained_tree.next_nodes(old_nodes[rows], tokens)
         prefix = torch.cat([prefix[rows], tokens[:, None]], dim=1)
         m = M
     leaves = tree.next_nodes(nodes, torch.full_like(nodes, layout.eos_token_id))  # the eos step adds log 1 = 0
@@ -165,12 +189,18 @@ class CausalDecoders:
     """
 
     def __init__(self, model: CausalGenerator, tree: PrefixTree, item_ids: torch.Tensor, *, num_beams: int = 20,
-                 alpha: float | None = None, num_candidates: int = 50) -> None:
+                 alpha: float | None = None, num_candidates: int = 50, trained_tree: PrefixTree | None = None) -> None:
         self.model, self.tree, self.num_beams = model, tree, num_beams
+        if (trained_tree is None) != (model.trained_items == model.num_items):
+            raise ValueError("`trained_tree` (the tree of the items the model was trained with) must be given exactly "
+                             f"when items were added after training ({model.num_items - model.trained_items} were)")
+        self.trained_tree = trained_tree
         self.item_ids = torch.as_tensor(item_ids, dtype=torch.long)
         if self.item_ids.numel() != model.num_items:
             raise ValueError(f"`item_ids` must hold the model's {model.num_items} items, got {self.item_ids.numel()}")
-        self.alpha, self.num_candidates = alpha, min(num_candidates, model.num_items)
+        self.num_candidates = min(num_candidates, model.num_items)
+        # the hybrid's fusion (kind, params); a given `alpha` means the pool blend with that weight
+        self.fusion: tuple[str, dict] | None = None if alpha is None else ("blend", {"alpha": float(alpha)})
         self.paths: ItemPaths | None = None
         self.tables: EdgeTables | None = None
         self._vectors: torch.Tensor | None = None
@@ -178,6 +208,7 @@ class CausalDecoders:
     def refresh(self) -> CausalDecoders:
         device = next(self.model.parameters()).device
         self.tree = self.tree.to(device)
+        self.trained_tree = None if self.trained_tree is None else self.trained_tree.to(device)
         self.item_ids = self.item_ids.to(device)
         self.paths = item_paths(self.model, self.tree)
         self.tables = edge_tables(self.model, self.paths)
@@ -202,7 +233,7 @@ class CausalDecoders:
         N = self.model.num_items
         if name == "beam":
             check_beam_args(k, self.num_beams, N)
-            items, scores, tokens = beam_search(self.model, h, self.tree, k=k, num_beams=self.num_beams)
+            items, scores, tokens = beam_search(self.model, h, self.tree, k=k, num_beams=self.num_beams, trained_tree=self.trained_tree)
             return BeamResult(items, scores, self.model.layout.tokens_to_codes(tokens))
         if name in ("dense", "hybrid") and self._vectors is None:
             raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
@@ -215,24 +246,29 @@ class CausalDecoders:
             return self._hybrid(h, k)
         return BeamResult(self.item_ids[rows], scores, self.codes_of_rows(rows))
 
-    def hybrid_candidates(self, h: torch.Tensor) -> HybridCandidates:
-        """The union of beam top-C and dense top-C (C = ``num_candidates``), each with both scores (B, 2C)."""
+    @torch.inference_mode()
+    def parts(self, h: torch.Tensor) -> Parts:
+        """Both heads' distributions over every item, the generative list (the exact top C, C = ``num_candidates``)
+        and the cold rows: everything a fusion reads (:mod:`generator.causal.fusion`). One encoder pass (``h``),
+        one matrix product per code level and one for the dense head; no beam, no per-candidate teacher forcing."""
         self._ready()
-        C = self.num_candidates
-        check_beam_args(C, max(self.num_beams, C), self.model.num_items)
-        beam_items, _, _ = beam_search(self.model, h, self.tree, k=C, num_beams=max(self.num_beams, C))
-        beam_rows = torch.searchsorted(self.item_ids, beam_items)
-        dense_logits = self.model.dense_queries(h) @ self._vectors.T  # (B, N)
-        dense_rows = dense_logits.topk(C, dim=1).indices
-        rows, valid = union_rows(beam_rows, dense_rows, pad=-1)  # (B, 2C)
-        gen = exact_scores(self.model, h, self.paths, self.tables).gather(1, rows.clamp_min(0))
-        dense = (dense_logits - dense_logits.logsumexp(1, keepdim=True)).gather(1, rows.clamp_min(0))
-        neg = torch.tensor(float("-inf"), device=h.device)
-        items = torch.where(valid, self.item_ids[rows.clamp_min(0)], -1)
-        return HybridCandidates(items, torch.where(valid, gen, neg), torch.where(valid, dense, neg), self.codes_of_rows(torch.where(valid, rows, -1)))
+        if self._vectors is None:
+            raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
+        exact = exact_scores(self.model, h, self.paths, self.tables)
+        dense = (self.model.dense_queries(h) @ self._vectors.T).log_softmax(1)
+        return Parts(exact, dense, exact.topk(self.num_candidates, dim=1).indices, self.cold_rows.to(h.device))
+
+    @property
+    def cold_rows(self) -> torch.Tensor:
+        """Rows of the items added after training (the model's ``trained_items`` onwards)."""
+        return torch.arange(self.model.trained_items, self.model.num_items, device=self.item_ids.device)
 
     def _hybrid(self, h: torch.Tensor, k: int) -> BeamResult:
-        if self.alpha is None:
-            raise ValueError("the hybrid decoder needs a blend weight `alpha` (chosen on validation users)")
-        return rerank(self.hybrid_candidates(h), self.alpha, k)
-
+        if self.fusion is None:
+            raise ValueError("the hybrid decoder needs a fusion (chosen on validation users) or a blend weight `alpha`")
+        kind, params = self.fusion
+        if kind != "full" and k > self.num_candidates:
+            raise ValueError(f"`k` ({k}) must be at most the hybrid's candidates per list ({self.num_candidates}) for "
+                             f"fusion {kind!r}: ask for fewer items, or pass a larger `num_candidates`")
+        rows, scores = fuse(kind, params, self.parts(h), k)
+        return BeamResult(torch.where(rows >= 0, self.item_ids[rows.clamp_min(0)], -1), scores, self.codes_of_rows(rows))

@@ -56,10 +56,14 @@ class CausalConfig:
     node_vectors: bool = True  # a learned output vector per ID prefix (tree node), added to its code's embedding
     head_dropout: float = 0.0  # dropout on the code head's query while training
     node_dropout: float = 0.0  # while training, each (position, child) pair's node vector is dropped with this probability
+    content_vectors: bool = True  # with content_dim and dense_dim: item vectors also get a projection of the content
+    item_dropout: float = 0.0  # while training, each item's table row is dropped from its dense vector with this
+    # probability, so the code and content parts alone score items well (the vectors items added later get)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.node_vectors, bool):
-            raise ValueError(f"`node_vectors` must be a bool, got {self.node_vectors!r}")
+        for name in ("node_vectors", "content_vectors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -70,7 +74,7 @@ class CausalConfig:
                 raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
-        for name in ("dropout", "head_dropout", "node_dropout"):
+        for name in ("dropout", "head_dropout", "node_dropout", "item_dropout"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {v!r}")
@@ -81,7 +85,8 @@ class CausalConfig:
         unknown = set(d) - known - {"design"}
         if unknown:
             raise ValueError(f"unknown causal config keys {sorted(unknown)}; known: {sorted(known)}")
-        d = {"node_vectors": False, **d}  # checkpoints written before node vectors existed had none
+        # checkpoints written before node vectors / content item vectors existed had none
+        d = {"node_vectors": False, "content_vectors": False, **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +116,7 @@ class CausalGenerator(nn.Module):
         # row 0 is the padding item (all pad tokens, whose embedding is zero)
         pad = torch.full((1, L), layout.pad_token_id, dtype=torch.long)
         self.register_buffer("item_tokens", torch.cat([pad, item_tokens]), persistent=True)  # (N + 1, L)
+        self.trained_items = int(item_tokens.shape[0])  # rows from here on were added after training (add_items)
         self.code_emb = nn.Embedding(layout.vocab_size, D, padding_idx=layout.pad_token_id)  # input and output side
         nn.init.normal_(self.code_emb.weight, std=D**-0.5)
         with torch.no_grad():
@@ -148,6 +154,8 @@ class CausalGenerator(nn.Module):
             self.dense_query = nn.Linear(D, config.dense_dim)
             self.item_table = nn.Parameter(torch.randn(item_tokens.shape[0], config.dense_dim) * config.dense_dim**-0.5)
             self.dense_codes = nn.Linear(D, config.dense_dim, bias=False)  # the item's code embeddings, projected
+            if self.uses_content_vectors:
+                self.dense_content = nn.Linear(config.content_dim, config.dense_dim, bias=False)
 
     @property
     def num_items(self) -> int:
@@ -156,6 +164,10 @@ class CausalGenerator(nn.Module):
     @property
     def has_dense(self) -> bool:
         return self.config.dense_dim > 0
+
+    @property
+    def uses_content_vectors(self) -> bool:
+        return bool(self.config.dense_dim and self.config.content_dim and self.config.content_vectors)
 
     # ---- the backbone --------------------------------------------------------------------------------------------
     def item_inputs(self, rows1: torch.Tensor) -> torch.Tensor:
@@ -266,9 +278,17 @@ class CausalGenerator(nn.Module):
         return self.dense_query(h)
 
     def item_vectors(self) -> torch.Tensor:
-        """(N, dense_dim): the item table plus the items' code embeddings projected (so cold items score too)."""
+        """(N, dense_dim): the item table plus the items' code embeddings (and content) projected, so items added
+        after training (table row 0) score too. While training, ``item_dropout`` drops table rows at random."""
         codes = self.code_emb(self.item_tokens[1:]).sum(-2)  # (N, D)
-        return self.item_table + self.dense_codes(codes)
+        table = self.item_table
+        if self.training and self.config.item_dropout:
+            keep = torch.rand(table.shape[0], 1, device=table.device) >= self.config.item_dropout
+            table = table * keep
+        vectors = table + self.dense_codes(codes)
+        if self.uses_content_vectors:
+            vectors = vectors + self.dense_content(self.content[1:])
+        return vectors
 
     # ---- cold start ----------------------------------------------------------------------------------------------
     @torch.no_grad()

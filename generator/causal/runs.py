@@ -1,12 +1,13 @@
 """Evaluation and recommendation for runs of the causal design (``generator.evaluate`` and
 ``generator.recommend`` hand causal runs to these functions).
 
-Decoders: ``beam`` (default), ``exact``, ``dense`` and ``hybrid``; the hybrid's blend weight is chosen on
-validation users (never test users) and stored in ``RUN/hybrid.json`` keyed on the checkpoint, IDs and pool.
+Decoders: ``beam`` (default), ``exact``, ``dense`` and ``hybrid``; the hybrid's fusion is chosen on validation users
+(never test users) and stored in ``RUN/hybrid.json`` keyed on the checkpoint, IDs and candidate count.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -18,18 +19,13 @@ import torch
 
 from generator.causal.data import SeqBatch, eval_batches, history_batch, split_histories
 from generator.causal.decode import DECODERS, CausalDecoders
+from generator.causal.fusion import FusionChoice, Parts, check_fusion, choose_fusion
 from generator.datamodule import sample_users
-from generator.hybrid import (
-    ALPHA_FILE,
-    DEFAULT_GRID,
-    HybridCandidates,
-    _alpha_key,
-    _stored_alpha,
-    choose_alpha,
-)
+from generator.hybrid import ALPHA_FILE, _alpha_key
 from semid.data import Split
 from semid.io import write_json
 from semid.metrics import RankingMetrics
+from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +41,29 @@ def resolve_decoder(name: str) -> str:
 
 def decoders_for(run: Any, name: str, *, split: Split | None = None, alpha: float | None = None, num_beams: int = 20,
                  num_candidates: int = 50, alpha_users: int | None = 2000, batch_size: int = 256, seed: int = 0) -> CausalDecoders:
-    """The run's decoders, with the hybrid's alpha (given, stored for this checkpoint, or chosen on validation)."""
+    """The run's decoders, with the hybrid's fusion: the pool blend with a given ``alpha``, else the fusion stored for
+    this checkpoint, else one chosen on validation users (``alpha_users`` to fit, as many others to choose)."""
     dec = CausalDecoders(run.model, run.tree, torch.from_numpy(run.ids.item_ids), num_beams=num_beams,
-                         num_candidates=num_candidates).refresh()
-    if name == "hybrid":
-        if alpha is None:
-            alpha = _stored_alpha(run, dec.num_candidates)
-        if alpha is None:
+                         num_candidates=num_candidates, alpha=alpha, trained_tree=trained_tree(run)).refresh()
+    if name == "hybrid" and dec.fusion is None:
+        dec.fusion = stored_fusion(run, dec.num_candidates)
+        if dec.fusion is None:
             if split is None:
                 raise ValueError(
-                    f"{run.path}: no blend weight chosen yet: pass `alpha`, or run `semid evaluate --run {run.path} "
+                    f"{run.path}: no fusion chosen yet: pass `alpha`, or run `semid evaluate --run {run.path} "
                     "--split test --decoder hybrid` once to choose it on validation users"
                 )
-            alpha = choose_causal_alpha(run, dec, split, max_users=alpha_users, batch_size=batch_size, seed=seed)
-        dec.alpha = float(alpha)
+            choice = choose_causal_fusion(run, dec, split, max_users=alpha_users, batch_size=batch_size, seed=seed)
+            dec.fusion = (choice.kind, choice.params)
     return dec
+
+
+def trained_tree(run: Any) -> PrefixTree | None:
+    """The prefix tree of the items the run's model was trained with, when items were added since (else None)."""
+    n0 = run.model.trained_items
+    if n0 == run.ids.num_items:
+        return None
+    return PrefixTree.from_semantic_ids(run.ids.head(n0), run.layout).to(run.tree.device)
 
 
 def _states(run: Any, batch: SeqBatch, device: torch.device) -> torch.Tensor:
@@ -67,24 +71,60 @@ def _states(run: Any, batch: SeqBatch, device: torch.device) -> torch.Tensor:
         return run.model.last_hidden(batch.histories.to(device), batch.lengths.to(device))
 
 
-def choose_causal_alpha(run: Any, dec: CausalDecoders, split: Split, *, max_users: int | None, batch_size: int, seed: int,
-                        metric: str = "ndcg@10") -> float:
-    """Choose the blend weight on a seeded sample of validation users; store it in RUN/hybrid.json."""
+def validation_parts(run: Any, dec: CausalDecoders, split: Split, rows: np.ndarray, *, batch_size: int) -> tuple[Parts, torch.Tensor]:
+    """(parts, target rows) of the given validation users (CPU tensors)."""
     device = next(run.model.parameters()).device
-    rows = sample_users(split.num_users, max_users, seed)
     hist, targets = split_histories(split, "valid", rows)
-    parts, tgts = [], []
+    out: Parts | None = None
+    tgts = []
     for b in eval_batches(hist, targets, run.ids, run.max_history, batch_size):  # loop over batches of users
         with torch.inference_mode():
-            parts.append(dec.hybrid_candidates(_states(run, b, device)))
-        tgts.append(b.targets.numpy())
-    cands = HybridCandidates(*(torch.cat([getattr(p, f) for p in parts]).cpu() for f in HybridCandidates._fields))
-    choice = choose_alpha(cands, torch.from_numpy(np.concatenate(tgts)), DEFAULT_GRID, metric)
+            p = dec.parts(_states(run, b, device))
+        p = Parts(*(t.cpu() for t in p))
+        out = p if out is None else out.cat(p)
+        tgts.append(b.targets)
+    target_rows = torch.searchsorted(torch.from_numpy(run.ids.item_ids), torch.cat(tgts))
+    return out, target_rows
+
+
+def choose_causal_fusion(run: Any, dec: CausalDecoders, split: Split, *, max_users: int | None, batch_size: int,
+                         seed: int) -> FusionChoice:
+    """Fit every fusion on a seeded sample of validation users and choose one on as many other validation users;
+    store the choice in RUN/hybrid.json (keyed on the checkpoint, IDs and candidate count)."""
+    n = split.num_users if max_users is None else min(2 * max_users, split.num_users)
+    rows = np.random.default_rng(seed).permutation(sample_users(split.num_users, n, seed))  # user order is not random
+    fit_rows, select_rows = np.sort(rows[: n // 2]), np.sort(rows[n // 2 :])
+    fit, fit_t = validation_parts(run, dec, split, fit_rows, batch_size=batch_size)
+    sel, sel_t = validation_parts(run, dec, split, select_rows, batch_size=batch_size)
+    choice = choose_fusion(fit, fit_t, sel, sel_t)
     write_json(Path(run.path) / ALPHA_FILE, {
-        "alpha": choice.alpha, "metric": metric, "table": {str(a): v for a, v in choice.table.items()},
-        "validation_users": int(rows.size), "num_candidates": dec.num_candidates, **_alpha_key(run)})
-    log.info("hybrid: alpha %.2f chosen on %d validation users (%s by alpha: %s)", choice.alpha, rows.size, metric, choice.table)
-    return choice.alpha
+        "fusion": choice.kind, "params": choice.params, "metric": "ndcg@10", "table": choice.table,
+        "validation_users": {"fit": int(fit_rows.size), "select": int(select_rows.size)},
+        "num_candidates": dec.num_candidates, **_alpha_key(run)})
+    log.info("hybrid: fusion %s %s chosen on %d + %d validation users (%s)", choice.kind, choice.params,
+             fit_rows.size, select_rows.size, {k: round(v["select_ndcg@10"], 4) for k, v in choice.table.items()})
+    return choice
+
+
+def stored_fusion(run: Any, num_candidates: int) -> tuple[str, dict] | None:
+    """The fusion in RUN/hybrid.json if it was chosen for this checkpoint (path and content), IDs and candidate count."""
+    path = Path(run.path) / ALPHA_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        kind, params = stored["fusion"], stored["params"]
+        check_fusion(kind, params)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt hybrid fusion file ({type(e).__name__}: {e}); delete it to choose the fusion "
+                         "again, or pass `alpha`") from e
+    stale = [name for name, value in _alpha_key(run).items() if stored.get(name) != value]
+    if stored.get("num_candidates") != num_candidates:
+        stale.append("num_candidates")
+    if stale:
+        log.info("%s was chosen for another %s; choosing the fusion again", path, ", ".join(stale))
+        return None
+    return kind, params
 
 
 def evaluate_causal(run: Any, split: Split, which: str, *, ks: Sequence[int], num_beams: int, max_users: int | None, seed: int,

@@ -22,6 +22,7 @@ COMMANDS = {
     "train": ("semid.cli.train", "train the generator into a run folder"),
     "evaluate": ("semid.cli.evaluate", "evaluate a run on the validation or test users"),
     "recommend": ("semid.cli.recommend", "top-k items for a history"),
+    "add-items": ("semid.cli.add_items", "add items that came after training to a run, for good"),
     "demo": ("semid.cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))

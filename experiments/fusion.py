@@ -1,0 +1,151 @@
+"""The hybrid decoder's fusions on Beauty: chosen on validation, measured on every test user with paired intervals.
+
+    python -m experiments.fusion --run RUN [--checkpoint F] [--val-users 2000] [--max-users N] [--tag NAME]
+
+1. Every fusion of ``generator.causal.fusion`` (pool blend, full-catalogue blend, LIGER, reciprocal-rank fusion,
+   learned per-candidate blend) is fitted on ``--val-users`` validation users and the hybrid's fusion is chosen on
+   as many other validation users (exactly what ``semid evaluate --decoder hybrid`` does; the choice is stored in
+   RUN/hybrid.json).
+2. On the test split (all users unless ``--max-users``): beam, exact, dense and each fusion, one timed pass each
+   (the encoder pass included, in this process, one thread unless OMP_NUM_THREADS says otherwise), Recall/NDCG@5/10.
+3. Paired differences, hybrid minus each part, with a 95% bootstrap interval over users (2,000 resamples).
+
+Writes ``experiments/results/fusion[_TAG].{md,json}`` with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from generator.causal.data import eval_batches, split_histories
+from generator.causal.decode import CausalDecoders
+from generator.causal.fusion import FUSIONS
+from generator.causal.runs import choose_causal_fusion, trained_tree
+from generator.datamodule import sample_users
+from generator.run import load_run
+from semid.data import leave_one_out, load_dataset
+from semid.io import atomic_open, write_json
+from semid.metrics import ndcg_at_k, paired_bootstrap, recall_at_k
+
+RESULTS = Path(__file__).parent / "results"
+KS = (5, 10)
+
+
+def timed_pass(run: Any, dec: CausalDecoders, name: str, batches: list, k: int) -> tuple[np.ndarray, float]:
+    """(items (U, k), seconds) of decoder ``name`` over the prepared batches: encoder pass + decoding, timed."""
+    out = []
+    start = time.perf_counter()
+    for b in batches:  # loop over batches of users
+        with torch.inference_mode():
+            h = run.model.last_hidden(b.histories, b.lengths)
+            out.append(dec.decode(name, h, k=k).items)
+    return torch.cat(out).numpy(), time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--run", type=Path, required=True, help="a causal run folder with a dense head")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint of the run instead of its best one")
+    p.add_argument("--val-users", type=int, default=2000, help="validation users to fit on (as many again choose)")
+    p.add_argument("--max-users", type=int, help="a seeded sample of test users (default: all)")
+    p.add_argument("--num-beams", type=int, default=20, help="beams of the beam decoder (default 20)")
+    p.add_argument("--num-candidates", type=int, default=50, help="C: each list's candidates in a pool (default 50)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    run = load_run(args.run, args.checkpoint)
+    split = leave_one_out(load_dataset(run.data_dir))
+    dec = CausalDecoders(run.model, run.tree, torch.from_numpy(run.ids.item_ids), num_beams=args.num_beams,
+                         num_candidates=args.num_candidates, trained_tree=trained_tree(run)).refresh()
+    t0 = time.perf_counter()
+    choice = choose_causal_fusion(run, dec, split, max_users=args.val_users, batch_size=args.batch_size, seed=args.seed)
+    choose_s = time.perf_counter() - t0
+    print(f"chosen on validation: {choice.kind} {choice.params} ({choose_s:.0f} s)", file=sys.stderr, flush=True)
+
+    rows = sample_users(split.num_users, args.max_users, args.seed)
+    hist, targets = split_histories(split, "test", rows)
+    batches = list(eval_batches(hist, targets, run.ids, run.max_history, args.batch_size))
+    tgt = np.concatenate([b.targets.numpy() for b in batches])
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    table: dict[str, dict[str, float]] = {}
+    names = ["beam", "exact", "dense", *(f"hybrid:{kind}" for kind in FUSIONS)]
+    for name in names:  # loop over decoders
+        if name.startswith("hybrid:"):
+            kind = name.split(":")[1]
+            dec.fusion = (kind, choice.table[kind]["params"])
+            items, secs = timed_pass(run, dec, "hybrid", batches, max(KS))
+        else:
+            items, secs = timed_pass(run, dec, name, batches, max(KS))
+        per_user[name] = {f"{m}@{k}": fn(items, tgt, k) for k in KS for m, fn in (("recall", recall_at_k), ("ndcg", ndcg_at_k))}
+        table[name] = {m: float(v.mean()) for m, v in per_user[name].items()} | {"users_per_s": len(tgt) / secs}
+        print(f"{name}: {table[name]}", file=sys.stderr, flush=True)
+
+    hybrid = f"hybrid:{choice.kind}"
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for other in names:
+        if other == hybrid:
+            continue
+        diffs[other] = {}
+        for m in ("recall@10", "ndcg@10"):
+            mean, lo, hi = paired_bootstrap(per_user[hybrid][m], per_user[other][m], seed=args.seed)
+            base = table[other][m]
+            diffs[other][m] = [mean, lo, hi, mean / base if base else float("nan")]
+
+    lines: list[str] = []
+    say = lines.append
+    n = len(tgt)
+    say("# The hybrid's fusions on Beauty (causal design)")
+    say("")
+    say(f"run `{args.run}`, checkpoint `{run.checkpoint.name}`; test: {n} users" + (" (sample)" if args.max_users else " (all)")
+        + f"; full-catalogue ranking; one thread; C = {dec.num_candidates} per list, {args.num_beams} beams")
+    say("")
+    say(f"Chosen on validation: **{choice.kind}** {choice.params} (fitted on {args.val_users} validation users, "
+        "chosen by NDCG@10 on as many others)")
+    say("")
+    say("| fusion | params | val NDCG@10 (fit users) | val NDCG@10 (choice users) |")
+    say("| --- | --- | --- | --- |")
+    for kind, row in choice.table.items():
+        params = {k: ([round(x, 3) for x in v] if isinstance(v, list) else v) for k, v in row["params"].items()}
+        say(f"| {kind} | {params} | {row['fit_ndcg@10']:.4f} | {row['select_ndcg@10']:.4f} |")
+    say("")
+    say("## Test")
+    say("")
+    say("| decoder | R@5 | N@5 | R@10 | N@10 | users/s |")
+    say("| --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        m = table[name]
+        mark = " (chosen)" if name == hybrid else ""
+        say(f"| {name}{mark} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | {m['users_per_s']:.0f} |")
+    say("")
+    say(f"## Paired differences on test: {hybrid} minus each (mean, 95% bootstrap interval over users, relative)")
+    say("")
+    say("| vs | ΔR@10 | 95% CI | rel. | ΔN@10 | 95% CI | rel. |")
+    say("| --- | --- | --- | --- | --- | --- | --- |")
+    for other, d in diffs.items():
+        r, g = d["recall@10"], d["ndcg@10"]
+        say(f"| {other} | {r[0]:+.4f} | [{r[1]:+.4f}, {r[2]:+.4f}] | {r[3]:+.1%} | {g[0]:+.4f} | [{g[1]:+.4f}, {g[2]:+.4f}] | {g[3]:+.1%} |")
+    say("")
+    say(f"command: `python -m experiments.fusion {shlex.join(sys.argv[1:] if argv is None else argv)}`")
+    print("\n".join(lines))
+    stem = "fusion" + (f"_{args.tag}" if args.tag else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with atomic_open(RESULTS / f"{stem}.md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    write_json(RESULTS / f"{stem}.json", {"choice": choice._asdict(), "test": table, "differences": diffs,
+                                          "test_users": n, "argv": sys.argv[1:] if argv is None else argv})
+
+
+if __name__ == "__main__":
+    main()

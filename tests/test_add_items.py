@@ -1,0 +1,164 @@
+"""`semid add-items`: items that came after training join a causal run for good, through a chained IDs version.
+
+A tiny causal run (content inputs, dense head) is trained on a catalogue of 34 items; 6 more arrive later in a new
+data folder whose first 34 items are the same (same embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from generator.catalogue import ADDED_CONTENT, lineage
+from generator.causal.runs import decoders_for
+from generator.model import ids_digest
+from generator.recommend import recommend
+from generator.run import load_run
+from rqvae import load_quantizer
+from semid.cli import main
+from semid.ids import SemanticIDs
+from tests.test_generator_helpers import write_random_dataset
+
+OLD, NEW = 34, 40
+FLAGS = ["--max-epochs", "2", "--batch-size", "8", "--val-users", "all", "--num-beams", "10", "--no-progress", "--seed", "0",
+         "--dense", "both"]
+
+
+def _embeddings(n: int) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return rng.normal(size=(NEW, 16)).astype(np.float32)[:n]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("add_items")
+    old = write_random_dataset(root / "old", num_items=OLD)
+    np.save(old / "item_emb_minilm.npy", _embeddings(OLD))
+    new = write_random_dataset(root / "new", num_items=NEW, seed=1)
+    np.save(new / "item_emb_minilm.npy", _embeddings(NEW))
+    mid = write_random_dataset(root / "mid", num_items=37, seed=2)
+    np.save(mid / "item_emb_minilm.npy", _embeddings(37))
+    ids = root / "ids"
+    assert main(["fit-codebooks", "--embeddings", str(old / "item_emb_minilm.npy"), "--out", str(ids), "--levels", "2",
+                 "--codebook-size", "4", "--no-progress"]) == 0
+    run = root / "run"
+    assert main(["train", "--data", str(old), "--ids", str(ids), "--out", str(run), *FLAGS]) == 0
+    pristine = root / "pristine"
+    shutil.copytree(run, pristine)  # the run before any items were added
+    return {"root": root, "old": old, "new": new, "mid": mid, "ids": ids, "run": run, "pristine": pristine}
+
+
+def _fresh(world: dict[str, Path], name: str) -> Path:
+    out = world["root"] / name
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(world["pristine"], out)
+    return out
+
+
+HISTORIES = [[1, 2, 3], [10, 12, 14, 16], [5], [30, 31]]
+
+
+def _scores(run, name: str) -> torch.Tensor:
+    """Each decoder's score of every item for HISTORIES: (B, N) from the exact or dense head."""
+    from generator.causal.data import history_batch
+
+    dec = decoders_for(run, name)
+    b = history_batch([np.array(h) for h in HISTORIES], np.full(len(HISTORIES), -1), run.ids, run.max_history)
+    with torch.inference_mode():
+        h = run.model.last_hidden(b.histories, b.lengths)
+        p = dec.parts(h)
+        return p.exact if name == "exact" else run.model.dense_queries(h) @ dec._vectors.T
+
+
+def test_add_items_writes_a_chained_version_with_quantizer_codes(world: dict[str, Path], capsys) -> None:
+    run = _fresh(world, "run_codes")
+    trained = SemanticIDs.load(run / "semantic_ids.npz")
+    assert main(["add-items", "--run", str(run), "--data", str(world["new"])]) == 0
+    assert "added 6 items (ids 35..40): 34 -> 40 items" in capsys.readouterr().out
+    ids = SemanticIDs.load(run / "semantic_ids.npz")
+    assert ids.num_items == NEW and ids.head(OLD) == trained  # old items keep their rows and tuples
+    quantizer = load_quantizer(world["ids"] / "quantizer.pt")
+    np.testing.assert_array_equal(ids.codes[OLD:, :-1], quantizer.encode(_embeddings(NEW)[OLD:]))
+    assert lineage(run / "semantic_ids.npz") == [{"digest": ids_digest(trained), "num_items": OLD}]
+    np.testing.assert_array_equal(SemanticIDs.load_arrays(run / "semantic_ids.npz")[ADDED_CONTENT], _embeddings(NEW)[OLD:])
+    # nothing more to add: a clear error, the file unchanged
+    before = (run / "semantic_ids.npz").read_bytes()
+    assert main(["add-items", "--run", str(run), "--data", str(world["new"])]) == 2
+    assert "none above the run's 40: nothing to add" in capsys.readouterr().err
+    assert (run / "semantic_ids.npz").read_bytes() == before
+
+
+def test_added_items_are_served_by_every_decoder_and_old_scores_do_not_change(world: dict[str, Path]) -> None:
+    run_dir = _fresh(world, "run_serve")
+    before = load_run(run_dir)
+    exact0, dense0 = _scores(before, "exact"), _scores(before, "dense")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 0
+    run = load_run(run_dir)
+    assert run.model.num_items == NEW and run.model.trained_items == OLD and run.data_dir == world["new"].resolve()
+    exact1, dense1 = _scores(run, "exact"), _scores(run, "dense")
+    # old items' scores, and so their order among themselves, are what they were before the items were added
+    torch.testing.assert_close(exact1[:, :OLD], exact0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(dense1[:, :OLD], dense0, rtol=0, atol=1e-5)
+    assert torch.isfinite(exact1[:, OLD:]).all() and torch.isfinite(dense1[:, OLD:]).all()
+    for decoder, options in {"beam": {"num_beams": NEW}, "exact": {}, "dense": {}, "hybrid": {"alpha": 0.5}}.items():
+        got = recommend(run, HISTORIES, k=NEW, decoder=decoder, **options)
+        for row in got:  # every item, new ones included, exactly once
+            assert sorted(row.items.tolist()) == list(range(1, NEW + 1)), decoder
+    # the beam's scores are the exact scores (the same normalisation over the trained children)
+    beam = recommend(run, HISTORIES, k=NEW, decoder="beam", num_beams=NEW)
+    for b, row in enumerate(beam):
+        np.testing.assert_allclose(row.scores, exact1[b, row.items - 1].numpy(), atol=1e-4)
+    # histories holding new items are read (their input vectors come from their codes and content)
+    assert recommend(run, [[35, 36, 2]], k=5, decoder="dense")[0].items.shape == (5,)
+
+
+def test_versions_chain_and_a_checkpoint_refuses_ids_that_do_not_extend_its_own(world: dict[str, Path], capsys) -> None:
+    run_dir = _fresh(world, "run_chain")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["mid"])]) == 0  # 34 -> 37
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 0  # 37 -> 40
+    entries = lineage(run_dir / "semantic_ids.npz")
+    assert [e["num_items"] for e in entries] == [OLD, 37]
+    assert SemanticIDs.load_arrays(run_dir / "semantic_ids.npz")[ADDED_CONTENT].shape == (NEW - OLD, 16)
+    assert load_run(run_dir).model.num_items == NEW
+    # tampered: two old items swap tuples, lineage kept -> refused, naming the checkpoint
+    ids = SemanticIDs.load(run_dir / "semantic_ids.npz")
+    codes = ids.codes.copy()
+    codes[[0, 1]] = codes[[1, 0]]
+    meta = SemanticIDs.load_metadata(run_dir / "semantic_ids.npz")
+    extra = SemanticIDs.load_arrays(run_dir / "semantic_ids.npz")
+    SemanticIDs(codes, ids.item_ids, ids.codebook_sizes).save(
+        run_dir / "semantic_ids.npz", arrays=extra, **{k: v for k, v in meta.items() if k not in ("format", "version", "codebook_sizes")})
+    with pytest.raises(ValueError, match="trained with other semantic IDs"):
+        load_run(run_dir)
+    # a lineage that does not hold the checkpoint's version -> refused
+    ids.save(run_dir / "semantic_ids.npz", arrays=extra, lineage=[{"digest": "0" * 64, "num_items": OLD}], data=meta["data"])
+    with pytest.raises(ValueError, match="does not extend"):
+        load_run(run_dir)
+    assert main(["evaluate", "--run", str(run_dir), "--max-users", "3"]) == 2
+    assert "does not extend" in capsys.readouterr().err
+
+
+def test_evaluate_on_the_new_data_scores_every_decoder(world: dict[str, Path]) -> None:
+    from generator.evaluate import evaluate_run
+
+    run_dir = _fresh(world, "run_eval")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 0
+    for decoder in ("beam", "exact", "dense", "hybrid"):
+        m = evaluate_run(run_dir, "test", decoder=decoder, num_beams=10)
+        assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
+    stored = json.loads((run_dir / "hybrid.json").read_text())
+    assert stored["ids_sha256"] == ids_digest(SemanticIDs.load(run_dir / "semantic_ids.npz"))  # chosen for the new IDs
+
+
+def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path, capsys) -> None:
+    run_dir = _fresh(world, "run_errors")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"]), "--quantizer", str(tmp_path / "q.pt")]) == 2
+    assert "q.pt" in capsys.readouterr().err
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["old"])]) == 2
+    assert "nothing to add" in capsys.readouterr().err
