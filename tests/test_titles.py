@@ -191,8 +191,14 @@ def test_free_title_beam_can_leave_the_tree_and_is_looked_up() -> None:
     model, index, _ = tiny_title_model()
     h = torch.randn(8, 16)
     with torch.no_grad():
+        model.out_bias[1] += 2.0  # eos likely: beams finish at different steps
         free = title_beam_search(model, h, num_beams=5, tree=None, max_steps=6)
+    assert free.finished.any() and (~free.finished).any()
     named = lookup_generated(free, index.tree)
+    for b, m in torch.nonzero(free.finished).tolist():  # a finished beam stops at its first eos: pad after, no more length
+        toks = free.tokens[b, m].tolist()
+        first = toks.index(1)
+        assert int(free.lengths[b, m]) == first + 1 and all(t == 0 for t in toks[first + 1 :])
     seqs = {tuple(list(r[r >= 0]) + [1]): int(i) for r, i in zip(index.sequences, index.item_ids, strict=True)}
     for b in range(8):
         for m in range(5):
