@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import yaml
 
 from generator.run import best_checkpoint, read_config, write_config
