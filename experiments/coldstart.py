@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from experiments.dense_hybrid import budget, score
 from generator.cold_beam import ColdStartBeam
@@ -87,8 +88,15 @@ def main(argv: list[str] | None = None) -> None:
                    "items may take in the 'beam + cold prefix' row (TIGER's epsilon; default 0.1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while decoding (default 1)")
     args, train_flags = p.parse_known_args(argv)
     dataset, split = prepare(args, train_flags)
+    if yaml.safe_load((args.work / "run" / "config.yaml").read_text()).get("design") == "causal":
+        from experiments import coldstart_causal
+
+        table, notes = coldstart_causal.evaluate(args, dataset, split)
+        write(args, argv, dataset, split, table, notes, {})
+        return
 
     # 4a. the trained warm run and the blend weight, chosen on warm validation users
     run = load_run(args.work / "run")
@@ -133,6 +141,15 @@ def main(argv: list[str] | None = None) -> None:
         table[name] = m
         print(f"{name}: {m}", file=sys.stderr, flush=True)
 
+    notes = [f"hybrid alpha {alpha} (chosen on {alpha_info['validation_users']} warm validation users by {alpha_info['metric']})",
+             f"semantic IDs after adding: {stats.num_items} items, {stats.items_colliding} sharing base codes, extra level "
+             f"uses {stats.extra_level_used} values"]
+    write(args, argv, dataset, split, table, notes, alpha_info)
+
+
+def write(args: argparse.Namespace, argv: list[str] | None, dataset: Any, split: Any, table: dict[str, Any],
+          notes: list[str], alpha_info: dict[str, Any]) -> None:
+    """Print the table and write it to experiments/results/coldstart[_TAG].{md,json}."""
     lines: list[str] = []
     say = lines.append
     n = table["beam"]["users"]
@@ -147,9 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         say(f"| {name} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | "
             f"{m['cold_share']:.3f} | {m['users_per_s']:.1f} |")
     say("")
-    say(f"hybrid alpha {alpha} (chosen on {alpha_info['validation_users']} warm validation users by {alpha_info['metric']})")
-    say(f"semantic IDs after adding: {stats.num_items} items, {stats.items_colliding} sharing base codes, extra level "
-        f"uses {stats.extra_level_used} values; 'newest' proxy: mean relative position in users' sequences")
+    for note in notes:
+        say(note)
+    say("'newest' proxy: mean relative position in users' sequences")
     say(f"training: {budget(args.work / 'run')}")
     say("")
     say(f"command: `python -m experiments.coldstart {shlex.join(sys.argv[1:] if argv is None else argv)}`")

@@ -211,6 +211,23 @@ def write_warm_dataset(
     return out
 
 
+def write_full_dataset(dataset: Dataset, split: ColdStartSplit, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write the whole world in *new* ids (warm items 1..N_w, cold N_w+1..N) as a dataset folder: the catalogue a
+    warm run grows into with ``semid add-items``. Every user's full sequence, relabelled; every embedding file."""
+    out = Path(out)
+    order = split.relabel.new_to_old[1:]  # old id of new ids 1..N
+    cat = dataset.catalogue
+    rows = (order - 1).tolist()
+    full = Catalogue(np.arange(1, order.size + 1), [cat.original_ids[r] for r in rows], [cat.titles[r] for r in rows],
+                     [cat.attributes[r] for r in rows])
+    sequences = [split.relabel.old_to_new[s] for s in dataset.sequences]
+    write_dataset(out, full, sequences, original_user_ids=[str(u) for u in dataset.user_ids], overwrite=overwrite)
+    for name in dataset.embedding_names():
+        with atomic_path(out / f"{EMBEDDING_PREFIX}{name}.npy") as tmp:
+            np.save(tmp, dataset.embeddings(name)[order - 1])
+    return out
+
+
 def read_cold_manifest(folder: str | os.PathLike[str]) -> dict:
     """``coldstart.json`` of a folder written by :func:`write_warm_dataset`."""
     path = Path(folder) / COLD_FILE
