@@ -44,6 +44,9 @@ class ItemPaths(NamedTuple):
     edge_parent:   per level l a LongTensor (E_l,) the edge's parent in [0, P_l); edge_token: (E_l,) its token.
     norm_edge:     per level l a BoolTensor (E_l,): the edge is in its parent's normaliser: it leads to an item the
                    model was trained with, or its parent has no such edge (a node that only added items reach).
+    active:        per level l a LongTensor (A_l,): the edges whose parent has two or more (an only child has
+                   log-probability 0, so exact scoring skips it); active_parent: (A_l,) their parents renumbered
+                   0..; item_slot: (N,) the item's edge among the active ones, A_l for an only child.
     """
 
     tokens: torch.Tensor
@@ -53,6 +56,9 @@ class ItemPaths(NamedTuple):
     edge_parent: list[torch.Tensor]
     edge_token: list[torch.Tensor]
     norm_edge: list[torch.Tensor]
+    active: list[torch.Tensor]
+    active_parent: list[torch.Tensor]
+    item_slot: list[torch.Tensor]
 
 
 def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
@@ -67,6 +73,7 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
         bad = int(torch.nonzero((nodes_t < 0).any(1))[0])
         raise ValueError(f"item row {bad} (codes {tokens[bad].tolist()}) is not in the prefix tree: tree and model disagree")
     edge, parent_tokens, edge_parent, edge_token, norm_edge = [], [], [], [], []
+    active, active_parent, item_slot = [], [], []
     for level in range(L):
         child, first, inv = _unique_first(nodes_t[:, level + 1])
         parents, pfirst, pinv = _unique_first(nodes_t[first, level])
@@ -78,7 +85,15 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
         parent_trained = torch.zeros(parents.numel(), dtype=torch.long, device=tree.device).scatter_reduce(
             0, pinv, trained.long(), reduce="amax").bool()
         norm_edge.append(trained | ~parent_trained[pinv])
-    return ItemPaths(tokens, nodes_t, edge, parent_tokens, edge_parent, edge_token, norm_edge)
+        degree = torch.bincount(pinv, minlength=parents.numel())
+        act = torch.nonzero(degree[pinv] > 1).squeeze(1)
+        _, act_parent = torch.unique(pinv[act], return_inverse=True)
+        slot = torch.full((child.numel(),), act.numel(), dtype=torch.long, device=tree.device)
+        slot[act] = torch.arange(act.numel(), device=tree.device)
+        active.append(act)
+        active_parent.append(act_parent)
+        item_slot.append(slot[inv])
+    return ItemPaths(tokens, nodes_t, edge, parent_tokens, edge_parent, edge_token, norm_edge, active, active_parent, item_slot)
 
 
 def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,7 +105,8 @@ def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 class EdgeTables(NamedTuple):
-    """Per level l: vectors (E_l, D) and biases (E_l,) such that edge logits = level query @ vectors.T + biases."""
+    """Per level l, for the active edges (``ItemPaths.active``): vectors (A_l, D) and biases (A_l,) such that
+    edge logits = level query @ vectors.T + biases."""
 
     vectors: list[torch.Tensor]
     biases: list[torch.Tensor]
@@ -100,15 +116,16 @@ class EdgeTables(NamedTuple):
 def edge_tables(model: CausalGenerator, paths: ItemPaths) -> EdgeTables:
     vectors, biases = [], []
     for level in range(model.layout.num_levels):  # loop over levels
-        s, u = model.prefix_film(level, paths.parent_tokens[level])  # (P_l, D) each
-        p = paths.edge_parent[level]
-        out = model.code_emb.weight[paths.edge_token[level]]  # (E_l, D)
+        act = paths.active[level]
+        p = paths.edge_parent[level][act]
+        s, u = model.prefix_film(level, paths.parent_tokens[level][p])  # (A_l, D) each
+        token = paths.edge_token[level][act]
+        out = model.code_emb.weight[token]  # (A_l, D)
         if model.config.node_vectors:
             lo, _ = model.layout.level_range(level)
-            code = (paths.edge_token[level] - lo)[:, None]  # (E_l, 1)
-            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], code[:, 0])
-        vectors.append(s[p] * out)
-        biases.append((u[p] * out).sum(-1) + model.code_bias[paths.edge_token[level]])
+            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], token - lo)
+        vectors.append(s * out)
+        biases.append((u * out).sum(-1) + model.code_bias[token])
     return EdgeTables(vectors, biases)
 
 
@@ -118,16 +135,18 @@ def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tabl
     B = h.shape[0]
     total = h.new_zeros(B, paths.tokens.shape[0])
     for level in range(model.layout.num_levels):  # loop over levels
-        if paths.parent_tokens[level].shape[0] == paths.edge_token[level].shape[0] and bool(paths.norm_edge[level].all()):
+        A = int(paths.active[level].numel())
+        if A == 0:
             continue  # every parent has one child here (e.g. an extra level without collisions): log-prob 0
-        logits = hq[:, level] @ tables.vectors[level].T + tables.biases[level]  # (B, E_l)
-        parent = paths.edge_parent[level].expand(B, -1)
-        P = int(paths.parent_tokens[level].shape[0])
-        norm = logits if bool(paths.norm_edge[level].all()) else logits.masked_fill(~paths.norm_edge[level], float("-inf"))
+        logits = hq[:, level] @ tables.vectors[level].T + tables.biases[level]  # (B, A_l)
+        parent = paths.active_parent[level].expand(B, -1)
+        P = int(paths.active_parent[level].max()) + 1
+        in_norm = paths.norm_edge[level][paths.active[level]]
+        norm = logits if bool(in_norm.all()) else logits.masked_fill(~in_norm, float("-inf"))
         peak = logits.new_full((B, P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
         sums = logits.new_zeros(B, P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
-        logp = logits - (peak + sums.log()).gather(1, parent)  # (B, E_l)
-        total = total + logp[:, paths.edge[level]]
+        logp = logits - (peak + sums.log()).gather(1, parent)  # (B, A_l)
+        total = total + torch.nn.functional.pad(logp, (0, 1))[:, paths.item_slot[level]]  # an only child: 0
     return total
 
 
