@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--run", type=Path, required=True, help="a causal run folder with a dense head")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint of the run instead of its best one")
-    p.add_argument("--val-users", type=int, default=2000, help="validation users to fit on (as many again choose)")
+    p.add_argument("--val-users", type=int, default=5000, help="validation users to fit on (as many again choose)")
     p.add_argument("--max-users", type=int, help="a seeded sample of test users (default: all)")
     p.add_argument("--num-beams", type=int, default=20, help="beams of the beam decoder (default 20)")
     p.add_argument("--num-candidates", type=int, default=50, help="C: each list's candidates in a pool (default 50)")

@@ -40,7 +40,7 @@ def resolve_decoder(name: str) -> str:
 
 
 def decoders_for(run: Any, name: str, *, split: Split | None = None, alpha: float | None = None, num_beams: int = 20,
-                 num_candidates: int = 50, alpha_users: int | None = 2000, batch_size: int = 256, seed: int = 0) -> CausalDecoders:
+                 num_candidates: int = 50, alpha_users: int | None = 5000, batch_size: int = 256, seed: int = 0) -> CausalDecoders:
     """The run's decoders, with the hybrid's fusion: the pool blend with a given ``alpha``, else the fusion stored for
     this checkpoint, else one chosen on validation users (``alpha_users`` to fit, as many others to choose)."""
     dec = CausalDecoders(run.model, run.tree, torch.from_numpy(run.ids.item_ids), num_beams=num_beams,
