@@ -93,15 +93,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}: {table[name]}", file=sys.stderr, flush=True)
 
     hybrid = f"hybrid:{choice.kind}"
-    diffs: dict[str, dict[str, list[float]]] = {}
-    for other in names:
-        if other == hybrid:
-            continue
-        diffs[other] = {}
+
+    def paired(a: str, b: str) -> dict[str, list[float]]:
+        out = {}
         for m in ("recall@10", "ndcg@10"):
-            mean, lo, hi = paired_bootstrap(per_user[hybrid][m], per_user[other][m], seed=args.seed)
-            base = table[other][m]
-            diffs[other][m] = [mean, lo, hi, mean / base if base else float("nan")]
+            mean, lo, hi = paired_bootstrap(per_user[a][m], per_user[b][m], seed=args.seed)
+            base = table[b][m]
+            out[m] = [mean, lo, hi, mean / base if base else float("nan")]
+        return out
+
+    diffs = {other: paired(hybrid, other) for other in names if other != hybrid}
+    parts = ("exact", "dense")
+    per_fusion = {f"{name} vs {part}": paired(name, part) for name in names if name.startswith("hybrid:") for part in parts}
 
     lines: list[str] = []
     say = lines.append
@@ -137,13 +140,21 @@ def main(argv: list[str] | None = None) -> None:
         r, g = d["recall@10"], d["ndcg@10"]
         say(f"| {other} | {r[0]:+.4f} | [{r[1]:+.4f}, {r[2]:+.4f}] | {r[3]:+.1%} | {g[0]:+.4f} | [{g[1]:+.4f}, {g[2]:+.4f}] | {g[3]:+.1%} |")
     say("")
+    say("## Every fusion against each part (paired, 95% bootstrap interval)")
+    say("")
+    say("| fusion vs part | ΔR@10 | 95% CI | rel. | ΔN@10 | 95% CI | rel. |")
+    say("| --- | --- | --- | --- | --- | --- | --- |")
+    for label, d in per_fusion.items():
+        r, g = d["recall@10"], d["ndcg@10"]
+        say(f"| {label} | {r[0]:+.4f} | [{r[1]:+.4f}, {r[2]:+.4f}] | {r[3]:+.1%} | {g[0]:+.4f} | [{g[1]:+.4f}, {g[2]:+.4f}] | {g[3]:+.1%} |")
+    say("")
     say(f"command: `python -m experiments.fusion {shlex.join(sys.argv[1:] if argv is None else argv)}`")
     print("\n".join(lines))
     stem = "fusion" + (f"_{args.tag}" if args.tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     with atomic_open(RESULTS / f"{stem}.md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    write_json(RESULTS / f"{stem}.json", {"choice": choice._asdict(), "test": table, "differences": diffs,
+    write_json(RESULTS / f"{stem}.json", {"choice": choice._asdict(), "test": table, "differences": diffs, "per_fusion": per_fusion,
                                           "test_users": n, "argv": sys.argv[1:] if argv is None else argv})
 
 

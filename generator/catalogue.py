@@ -71,6 +71,9 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     config = read_config(run_dir)
+    if config.get("design") != "causal":
+        raise ValueError(f"{run_dir}: a run of the {config.get('design')!r} design; items can be added to runs of the "
+                         "causal design (the default of `semid train`) only")
     ids_path = run_dir / IDS_FILE
     ids = SemanticIDs.load(ids_path)
     before = lineage(ids_path)
