@@ -42,8 +42,11 @@ log = logging.getLogger(__name__)
 RESUME = "resume.ckpt"
 
 
-class TrainingInterrupted(Exception):
-    """Training stopped on a signal; the run folder holds a point to resume from (``semid train --resume``)."""
+class TrainingInterrupted(BaseException):
+    """Training stopped on a signal; the run folder holds a point to resume from (``semid train --resume``).
+
+    A BaseException, as KeyboardInterrupt is: raised wherever the program was, it must not be taken for an error of
+    the code it interrupted (``except Exception`` clauses, e.g. the damaged-file checks, let it through)."""
 
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
@@ -246,9 +249,12 @@ class ResumePoints(Checkpoint):
         due = (self.every_steps and trainer.global_step - self._last_step >= self.every_steps) or (
             self.every_seconds and time.monotonic() - self._last_time >= self.every_seconds
         )
+        if trainer.world_size > 1:  # every process must take the same decision: saving is collective
+            stopping, due = trainer.strategy.broadcast((stopping, bool(due)), src=0)
         if (stopping or due) and trainer.global_step != self._last_step and not _validation_follows(trainer):
             self._save(trainer)
         if stopping:
+            self.guard.received = self.guard.received or signal.SIGTERM
             raise self.guard.interrupted()
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:

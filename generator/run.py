@@ -4,12 +4,14 @@
 
     RUN/config.yaml          what was trained: data folder, options, model config, layout, best checkpoint
     RUN/semantic_ids.npz     a copy of the semantic IDs the model was trained with
-    RUN/checkpoints/         best.ckpt (highest val/ndcg@10), last.ckpt (to resume)
+    RUN/checkpoints/         best.ckpt (highest val/ndcg@10), last.ckpt (the end), resume.ckpt (while training)
+    RUN/train.lock           while a training writes the folder (generator.train)
     RUN/logs/                CSV logs (metrics.csv per version)
     RUN/metrics_<split>.json written by evaluation
 
 Loading a run (:func:`load_run`) rebuilds the model from its checkpoint alone and refuses a checkpoint whose
-vocabulary does not match the run's semantic IDs.
+vocabulary does not match the run's semantic IDs, a config.yaml whose checksum, schema or layout is wrong (errors
+name the file and the key), and a best checkpoint outside the run folder.
 """
 
 from __future__ import annotations

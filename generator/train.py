@@ -413,13 +413,14 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         )
     # DDP worker processes (re-launched scripts) find the folder made by rank 0 and write nothing
     is_worker = rank_zero_only.rank != 0
-    if is_worker:
+    if is_worker:  # no lock (rank 0 holds it); its signals are noted, and rank 0's decide when all stop
         ckpt_path = resume_point(out / CHECKPOINT_DIR) if resume else None
-        return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, None)
+        with SignalGuard(out) as guard:
+            return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, True)
     with folder_lock(out, "train.lock", what="a training"), SignalGuard(out) as guard:
         ckpt_path = _prepare_run_dir(out, ids, options, resume)
         try:
-            return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard)
+            return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, False)
         except SIGTERMException:  # Lightning's own SIGTERM stop (at an epoch end) would exit 0: an interruption
             guard.received = guard.received or signal.SIGTERM
             raise guard.interrupted() from None
@@ -427,8 +428,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
 
 def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticIDs, options: TrainOptions, resume: bool,
            snapshots: Sequence[float], extra_callbacks: Sequence[L.Callback], ckpt_path: Path | None, start: float,
-           guard: SignalGuard | None) -> TrainResult:
-    is_worker = guard is None
+           guard: SignalGuard, is_worker: bool) -> TrainResult:
     best_before = _file_sha256(out / CHECKPOINT_DIR / BEST) if resume else None
     L.seed_everything(options.seed, workers=True, verbose=False)
 
@@ -472,8 +472,8 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         auto_insert_metric_name=False, enable_version_counter=False,  # always best.ckpt / last.ckpt, also on resume
     )
     callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step"), StepSeeds(options.seed), *extra_callbacks]
-    if guard is not None:  # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in order)
-        callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
+    # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in their order)
+    callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
     if snapshots:
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir))
     if options.patience:
@@ -502,8 +502,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         deterministic=False,
     )
     trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path)
-    if guard is not None:
-        guard.check()  # a signal after the last step
+    guard.check()  # a signal after the last step
 
     # 3. the best checkpoint (chosen on validation), named in config.yaml
     best = ckpt_dir / BEST
