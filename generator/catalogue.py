@@ -82,6 +82,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     if dataset.num_items <= n:
         raise ValueError(f"{data_dir}: {dataset.num_items:,} items, none above the run's {n:,}: nothing to add (the "
                          f"new items must be ids {n + 1}.. of the data folder, after the run's own)")
+    _check_same_items(run_dir, config, ids_path, dataset, n)
     name = embeddings or (config.get("train") or {}).get("dense_embeddings") or "minilm"
     content = np.asarray(dataset.embeddings(name), dtype=np.float32)
     new_ids = np.arange(n + 1, dataset.num_items + 1, dtype=np.int64)
@@ -98,6 +99,20 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     stats = extended.collision_stats()
     log.info("added %d items to %s (%d -> %d); %s", new_ids.size, run_dir, n, extended.num_items, stats)
     return AddedItems(new_ids, n, extended.num_items, ids_path, stats.items_colliding)
+
+
+def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dataset: Any, n: int) -> None:
+    """DATA's first n items must be the run's items (same original ids, in order): the new ones come after."""
+    source = Path(SemanticIDs.load_metadata(ids_path).get("data") or config.get("data", ""))
+    if not (source / "items.jsonl").is_file():
+        log.warning("%s: the run's data folder %s is not here; DATA's first %d items are taken to be the run's", run_dir, source, n)
+        return
+    theirs = load_dataset(source).catalogue.original_ids[:n]
+    ours = dataset.catalogue.original_ids[:n]
+    bad = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b), None)
+    if bad is not None:
+        raise ValueError(f"{dataset.path}: item {bad + 1} is {ours[bad]!r}, but the run's item {bad + 1} is {theirs[bad]!r} "
+                         f"({source}): DATA must hold the run's {n:,} items first, unchanged, then the new ones")
 
 
 def _default_quantizer(run_dir: Path, config: dict[str, Any]) -> Path:

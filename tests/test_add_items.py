@@ -162,3 +162,13 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     assert "q.pt" in capsys.readouterr().err
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["old"])]) == 2
     assert "nothing to add" in capsys.readouterr().err
+    # a data folder whose first items are not the run's (item 3 is another product): refused, the IDs untouched
+    moved = tmp_path / "moved"
+    shutil.copytree(world["new"], moved)
+    lines = (moved / "items.jsonl").read_text().splitlines()
+    lines[2] = lines[2].replace('"A0003"', '"B0003"')
+    (moved / "items.jsonl").write_text("\n".join(lines) + "\n")
+    before = (run_dir / "semantic_ids.npz").read_bytes()
+    assert main(["add-items", "--run", str(run_dir), "--data", str(moved)]) == 2
+    assert "item 3 is 'B0003', but the run's item 3 is 'A0003'" in capsys.readouterr().err
+    assert (run_dir / "semantic_ids.npz").read_bytes() == before
