@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from experiments.fusion import timed_pass
-from generator.causal.data import eval_batches
+from generator.causal.data import eval_batches, split_histories
 from generator.causal.decode import CausalDecoders, beam_search
 from generator.causal.fusion import FUSIONS
 from generator.causal.runs import choose_causal_fusion, decoders_for
@@ -80,6 +80,12 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) 
     for kind in FUSIONS:
         decoders[f"hybrid:{kind}"] = (dec, kind)
     decoders[f"beam + cold prefix (ε={args.cold_epsilon:g})"] = (prefix, "beam")
+    # what adding the cold items costs the users whose test target is warm (same world, same histories)
+    world = leave_one_out(load_dataset(full))
+    warm_rows = np.flatnonzero(world.test_targets < cold_from)
+    warm_rows = warm_rows[sample_users(warm_rows.size, args.warm_users, args.seed)]
+    warm_batches = list(eval_batches(*split_histories(world, "test", warm_rows), run.ids, run.max_history, args.batch_size))
+    warm_tgt = np.concatenate([b.targets.numpy() for b in warm_batches])
     table: dict[str, Any] = {}
     for name, (d, what) in decoders.items():  # loop over decoders
         if name.startswith("hybrid:"):
@@ -88,6 +94,10 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) 
         items, secs = timed_pass(run, d, what, batches, max(KS))
         table[name] = {f"{m}@{k}": float(fn(items, tgt, k).mean()) for k in KS for m, fn in (("recall", recall_at_k), ("ndcg", ndcg_at_k))}
         table[name] |= {"cold_share": float((items >= cold_from).mean()), "users_per_s": len(tgt) / secs, "users": len(tgt)}
+        items, _ = timed_pass(run, d, what, warm_batches, max(KS))
+        table[name] |= {"warm_recall@10": float(recall_at_k(items, warm_tgt, 10).mean()),
+                        "warm_ndcg@10": float(ndcg_at_k(items, warm_tgt, 10).mean()),
+                        "warm_cold_share": float((items >= cold_from).mean()), "warm_users": len(warm_tgt)}
         print(f"{name}: {table[name]}", file=sys.stderr, flush=True)
     stats = run.ids.collision_stats()
     notes = [
@@ -95,5 +105,8 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) 
         f"others; select NDCG@10 per fusion: { {k: round(v['select_ndcg@10'], 4) for k, v in choice.table.items()} })",
         f"cold items added with `semid add-items` (a new version of the run's IDs): {stats.num_items} items, "
         f"{stats.items_colliding} sharing base codes; beam over the warm tree cannot return a cold item (0 by construction)",
+        f"warm-target columns: {len(warm_tgt)} users whose test target is warm (a seeded sample"
+        f"{'' if len(warm_tgt) < args.warm_users else f' of {args.warm_users}'}), ranked over warm + cold items: what "
+        "adding the cold items costs the others",
     ]
     return table, notes
