@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from generator.hybrid import ALPHA_FILE, load_run_head
+from generator.model import with_integrity
 from generator.recommend import recommend
 from generator.run import load_run
 from semid.cli import main
@@ -132,7 +133,7 @@ def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tm
     # the same file name with other content (e.g. a resumed training's new best.ckpt): chosen again
     ckpt = torch.load(r.checkpoint, weights_only=False)
     ckpt["global_step"] += 1
-    torch.save(ckpt, r.checkpoint)
+    torch.save(with_integrity(ckpt), r.checkpoint)  # written as semid writes checkpoints (a digest of the new content)
     with caplog.at_level(logging.INFO, logger="generator.hybrid"):
         build_decoder(r, "hybrid", split=split, num_beams=12)
     assert "checkpoint_sha256" in caplog.text
