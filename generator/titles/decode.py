@@ -79,7 +79,10 @@ def title_beam_search(model: TitleGenerator, h: torch.Tensor, *, num_beams: int,
         if bool(finished.all()):
             break
         done = finished.view(-1)  # (B*m,)
-        logits, new_state = model.step(prev, state, cond)  # (B*m, V)
+        live = torch.nonzero(~done).squeeze(1)  # only unfinished beams take a step (most are finished late on)
+        step_logits, step_state = model.step(None if prev is None else prev[live], state[live], cond[live])
+        logits = step_logits.new_zeros(done.shape[0], V).index_copy(0, live, step_logits)  # (B*m, V)
+        new_state = state.index_copy(0, live, step_state)
         if tree is not None:
             allowed = tree.allowed_mask(torch.where(done, -1, nodes))  # finished beams' nodes are leaves: skip them
             logp = masked_log_softmax(logits, allowed)

@@ -20,7 +20,7 @@ import torch
 
 from generator.decode import BeamResult, check_beam_args
 from generator.titles.decode import beam_items, lookup_generated, title_beam_search
-from generator.titles.grounding import GroundingStats
+from generator.titles.grounding import GROUND_MAX_LENGTH, GroundingStats
 from generator.titles.model import TitleGenerator
 from semid.tree import PrefixTree
 
@@ -82,7 +82,7 @@ class TitleDecoders:
         t1 = time.perf_counter()
         best = beams.tokens[:, 0]  # (B, J): BIGRec grounds the best generation
         texts = self.tokenizer.decode(best.cpu().tolist())
-        q = torch.from_numpy(embed_texts(texts, self.encoder, batch_size=64, progress=False)).to(self.item_emb)
+        q = torch.from_numpy(embed_texts(texts, self.encoder, batch_size=64, max_length=GROUND_MAX_LENGTH, progress=False)).to(self.item_emb)
         scores, rows = (q @ self.item_emb.T).topk(k, dim=1)  # MIPS over unit vectors = nearest by cosine
         self._count(h.shape[0], named < 0, time.perf_counter() - t1, time.perf_counter() - t0)
         return self._result(self.item_ids[rows], scores)

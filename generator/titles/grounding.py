@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CODES_GROUNDED = "codes-grounded"
 TITLE_EMB_FILE = "title_grounding_emb.npy"  # RUN/: the catalogue's titles embedded by the grounding encoder
+GROUND_MAX_LENGTH = 64  # encoder tokens per title, both sides (generated titles are <= 33 BPE tokens; 1% of Beauty's are longer)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class GroundingStats:
     generations: int = 0  # beams generated (users x M)
     non_items_top1: int = 0  # best beams that were not an item before grounding
     non_items: int = 0  # beams (all M) that were not an item
+    left_at_level: list[int] | None = None  # codes-grounded: beams whose codes left the tree at level l (0-based)
     ground_seconds: float = 0.0
     decode_seconds: float = 0.0  # the whole decode (generation + grounding), states excluded
 
@@ -56,7 +58,8 @@ class GroundingStats:
         return {"users": self.users, "non_item_share_top1": self.non_items_top1 / max(self.users, 1),
                 "non_item_share_beams": self.non_items / max(self.generations, 1),
                 "ground_seconds": round(self.ground_seconds, 3), "decode_seconds": round(self.decode_seconds, 3),
-                "ground_share": self.ground_seconds / max(self.decode_seconds, 1e-9)}
+                "ground_share": self.ground_seconds / max(self.decode_seconds, 1e-9),
+                **({"left_at_level": list(self.left_at_level)} if self.left_at_level is not None else {})}
 
 
 def first_occurrences(rows: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +134,9 @@ class CodeGrounder:
         return depth, item
 
     def ground(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L)."""
+        """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L); ``last_depth`` keeps the matched depths."""
         depth, item = self.matched_depth(tokens)
+        self.last_depth = depth
         is_item = item >= 0
         rows = torch.full_like(depth, -1)
         rows[is_item] = torch.searchsorted(self.item_ids, item[is_item])
@@ -200,6 +204,8 @@ class GroundedCodeDecoders(CausalDecoders):
         s.generations += B * M
         s.non_items_top1 += int((~is_item[:, 0]).sum())
         s.non_items += int((~is_item).sum())
+        left = torch.bincount(self._grounder.last_depth[~is_item.view(-1)], minlength=L)[:L].tolist()
+        s.left_at_level = left if s.left_at_level is None else [a + b for a, b in zip(s.left_at_level, left, strict=True)]
         s.ground_seconds += t2 - t1
         s.decode_seconds += t2 - t0
         return BeamResult(self.item_ids[rows], out_scores, self.codes_of_rows(rows))
@@ -223,7 +229,7 @@ def catalogue_title_embeddings(run_dir: Path, titles: list[str], encoder: object
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("digest") == digest:
         return np.load(path)
     t0 = time.perf_counter()
-    emb = embed_texts(titles, encoder, batch_size=batch_size, progress=False)
+    emb = embed_texts(titles, encoder, batch_size=batch_size, max_length=GROUND_MAX_LENGTH, progress=False)
     with atomic_path(path) as tmp:
         np.save(tmp, emb)
     write_json(meta, {"digest": digest, "encoder": str(Path(encoder_dir).resolve()), "items": len(titles),

