@@ -104,7 +104,8 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) 
         f"hybrid fusion chosen on warm validation users: **{choice.kind}** (fitted on {args.alpha_users}, chosen on as many "
         f"others; select NDCG@10 per fusion: { {k: round(v['select_ndcg@10'], 4) for k, v in choice.table.items()} })",
         f"cold items added with `semid add-items` (a new version of the run's IDs): {stats.num_items} items, "
-        f"{stats.items_colliding} sharing base codes; beam over the warm tree cannot return a cold item (0 by construction)",
+        f"{stats.items_colliding} sharing base codes; every decoder ranks warm and cold items together, exact and beam "
+        "scoring a cold item against its trained siblings' normaliser (old items keep their scores)",
         f"warm-target columns: {len(warm_tgt)} users whose test target is warm (a seeded sample"
         f"{'' if len(warm_tgt) < args.warm_users else f' of {args.warm_users}'}), ranked over warm + cold items: what "
         "adding the cold items costs the others",

@@ -60,53 +60,84 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     """Add the items of ``data_dir`` that the run does not know yet (ids above its last) to the run, for good.
 
     Args:
-        run_dir: a run folder (``semid train``).
-        data_dir: a dataset folder holding the run's items (ids 1..n, unchanged) and the new ones (n+1..),
-            with their content embeddings ``item_emb_<embeddings>.npy``.
-        embeddings: the embeddings' name (default: the one the run was trained with, else ``minilm``).
+        run_dir: a run folder (``semid train``) of the causal design.
+        data_dir: a dataset folder holding the run's items (ids 1..n, unchanged, checked by original id) and the new
+            ones (n+1..), with their embeddings.
+        embeddings: the name of the quantizer's input embeddings ``item_emb_<name>.npy`` (default: the file the
+            codebooks were fitted on, from the quantizer folder's stats.json). The model's content (``--dense both``)
+            always comes from the embeddings it was trained with (``train.dense_embeddings``).
         quantizer: the fitted quantizer (default: ``quantizer.pt`` beside the semantic IDs the run was trained with).
+
+    The new version is checked to load with the run's best checkpoint before it replaces ``RUN/semantic_ids.npz``;
+    the version it replaces is kept as ``RUN/semantic_ids.v<k>.npz`` (k = 1 for the IDs as trained). The run's
+    training lock is held throughout, so two add-items (or a training) cannot interleave.
     """
-    from generator.run import IDS_FILE, read_config
+    from generator.run import IDS_FILE, best_checkpoint, read_config
     from rqvae import load_quantizer
+    from semid.io import atomic_path, folder_lock
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     config = read_config(run_dir)
     if config.get("design") != "causal":
         raise ValueError(f"{run_dir}: a run of the {config.get('design')!r} design; items can be added to runs of the "
                          "causal design (the default of `semid train`) only")
-    ids_path = run_dir / IDS_FILE
-    ids = SemanticIDs.load(ids_path)
-    before = lineage(ids_path)
-    dataset = load_dataset(data_dir)
-    n = ids.num_items
-    if dataset.num_items <= n:
-        raise ValueError(f"{data_dir}: {dataset.num_items:,} items, none above the run's {n:,}: nothing to add (the "
-                         f"new items must be ids {n + 1}.. of the data folder, after the run's own)")
-    _check_same_items(run_dir, config, ids_path, dataset, n)
-    name = embeddings or (config.get("train") or {}).get("dense_embeddings") or "minilm"
-    content = np.asarray(dataset.embeddings(name), dtype=np.float32)
-    new_ids = np.arange(n + 1, dataset.num_items + 1, dtype=np.int64)
-    qpath = Path(quantizer) if quantizer is not None else _default_quantizer(run_dir, config)
-    codes = np.asarray(load_quantizer(qpath).encode(content[n:]))
-    extended = ids.add_items(codes, new_ids)
-    old_added = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
-    added = content[n:] if old_added is None else np.concatenate([old_added.astype(np.float32), content[n:]])
-    if old_added is not None and old_added.shape[1] != content.shape[1]:
-        raise ValueError(f"{data_dir}: item_emb_{name}.npy has width {content.shape[1]}, but the items added before had "
-                         f"{old_added.shape[1]}: use the embeddings the run was trained with")
-    extended.save(ids_path, arrays={ADDED_CONTENT: added}, lineage=[*before, {"digest": ids_digest(ids), "num_items": n}],
-                  data=str(data_dir.resolve()), embeddings=name)
+    with folder_lock(run_dir, "train.lock", what="a training or add-items"):
+        ids_path = run_dir / IDS_FILE
+        ids = SemanticIDs.load(ids_path)
+        before = lineage(ids_path)
+        dataset = load_dataset(data_dir)
+        n = ids.num_items
+        if dataset.num_items <= n:
+            raise ValueError(f"{data_dir}: {dataset.num_items:,} items, none above the run's {n:,}: nothing to add (the "
+                             f"new items must be ids {n + 1}.. of the data folder, after the run's own)")
+        _check_same_items(run_dir, config, ids_path, dataset, n)
+        qpath = Path(quantizer) if quantizer is not None else _default_quantizer(run_dir, config)
+        if not qpath.is_file():
+            raise FileNotFoundError(f"{qpath}: no fitted quantizer here (`semid fit-codebooks` writes quantizer.pt)")
+        codes_name = embeddings or _fitted_on(qpath)
+        codes = np.asarray(load_quantizer(qpath).encode(np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)))
+        extended = ids.add_items(codes, np.arange(n + 1, dataset.num_items + 1, dtype=np.int64))
+        arrays = {}
+        content_dim = int((config.get("model") or {}).get("content_dim") or 0)
+        content_name = (config.get("train") or {}).get("dense_embeddings") or "minilm"
+        if content_dim:  # the model reads content: the new items' rows of the embeddings it was trained with
+            content = np.asarray(dataset.embeddings(content_name)[n:], dtype=np.float32)
+            if content.shape[1] != content_dim:
+                raise ValueError(f"{data_dir}: item_emb_{content_name}.npy has width {content.shape[1]}, but the run was "
+                                 f"trained with content of width {content_dim}: use the embeddings it was trained with")
+            old = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
+            arrays[ADDED_CONTENT] = content if old is None else np.concatenate([old.astype(np.float32), content])
+        meta = {"lineage": [*before, {"digest": ids_digest(ids), "num_items": n}], "data": str(data_dir.resolve()),
+                "embeddings": codes_name}
+        with atomic_path(ids_path) as tmp:  # write, prove it loads with the run's checkpoint, then replace
+            extended.save(tmp, arrays=arrays, **meta)
+            load_model(best_checkpoint(run_dir, config), extended, tmp)
+            with atomic_path(run_dir / f"semantic_ids.v{len(before) + 1}.npz") as keep:
+                keep.write_bytes(ids_path.read_bytes())  # the version being replaced, kept
     stats = extended.collision_stats()
-    log.info("added %d items to %s (%d -> %d); %s", new_ids.size, run_dir, n, extended.num_items, stats)
-    return AddedItems(new_ids, n, extended.num_items, ids_path, stats.items_colliding)
+    log.info("added %d items to %s (%d -> %d); %s", extended.num_items - n, run_dir, n, extended.num_items, stats)
+    return AddedItems(extended.item_ids[n:], n, extended.num_items, ids_path, stats.items_colliding)
+
+
+def _fitted_on(quantizer: Path) -> str:
+    """The name of the embeddings the quantizer was fitted on (``item_emb_<name>.npy`` in its folder's stats.json)."""
+    import json
+
+    stats = quantizer.parent / "stats.json"
+    source = json.loads(stats.read_text(encoding="utf-8")).get("embeddings", "") if stats.is_file() else ""
+    stem = Path(source).name
+    if stem.startswith("item_emb_") and stem.endswith(".npy"):
+        return stem[len("item_emb_") : -len(".npy")]
+    raise ValueError(f"{stats}: does not name the item_emb_<name>.npy the quantizer was fitted on (got {source!r}); "
+                     "pass its name with --embeddings")
 
 
 def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dataset: Any, n: int) -> None:
     """DATA's first n items must be the run's items (same original ids, in order): the new ones come after."""
     source = Path(SemanticIDs.load_metadata(ids_path).get("data") or config.get("data", ""))
     if not (source / "items.jsonl").is_file():
-        log.warning("%s: the run's data folder %s is not here; DATA's first %d items are taken to be the run's", run_dir, source, n)
-        return
+        raise FileNotFoundError(f"{source}: the run's data folder (named in {run_dir / 'config.yaml'}) is not here, so "
+                                f"{dataset.path} cannot be checked to hold the run's {n:,} items first; put it back")
     theirs = load_dataset(source).catalogue.original_ids[:n]
     ours = dataset.catalogue.original_ids[:n]
     bad = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b), None)
@@ -146,7 +177,10 @@ def load_model(checkpoint: str | os.PathLike[str], ids: SemanticIDs, ids_path: s
     if not any(e["num_items"] == n0 and e["digest"] == loaded.ids_digest for e in entries) or ids.num_items < n0:
         raise ValueError(f"{checkpoint}: trained with semantic IDs that {ids_path} does not extend (its lineage: "
                          f"{[(e['num_items'], e['digest'][:12]) for e in entries]}); use the run's own checkpoint or IDs")
-    check_vocabulary(loaded.layout, loaded.ids_digest, ids.head(n0), source=str(checkpoint))
+    try:
+        check_vocabulary(loaded.layout, loaded.ids_digest, ids.head(n0), source=str(checkpoint))
+    except ValueError as e:
+        raise ValueError(f"{e} (the first {n0:,} items of {ids_path})") from None
     if ids.num_items > n0:
         tokens = loaded.layout.codes_to_tokens(ids.codes[n0:])
         content = None

@@ -86,6 +86,7 @@ def test_add_items_writes_a_chained_version_with_quantizer_codes(world: dict[str
     quantizer = load_quantizer(world["ids"] / "quantizer.pt")
     np.testing.assert_array_equal(ids.codes[OLD:, :-1], quantizer.encode(_embeddings(NEW)[OLD:]))
     assert lineage(run / "semantic_ids.npz") == [{"digest": ids_digest(trained), "num_items": OLD}]
+    assert SemanticIDs.load(run / "semantic_ids.v1.npz") == trained  # the version replaced is kept
     np.testing.assert_array_equal(SemanticIDs.load_arrays(run / "semantic_ids.npz")[ADDED_CONTENT], _embeddings(NEW)[OLD:])
     # nothing more to add: a clear error, the file unchanged
     before = (run / "semantic_ids.npz").read_bytes()
@@ -162,6 +163,16 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     assert "q.pt" in capsys.readouterr().err
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["old"])]) == 2
     assert "nothing to add" in capsys.readouterr().err
+    # the quantizer's input and the model's content are separate embeddings: content of the wrong width is refused
+    # (codes from `--embeddings other`, content from the run's own `minilm`), and nothing is written
+    wide = tmp_path / "wide"
+    shutil.copytree(world["new"], wide)
+    np.save(wide / "item_emb_other.npy", _embeddings(NEW))
+    np.save(wide / "item_emb_minilm.npy", np.zeros((NEW, 8), dtype=np.float32))
+    before = (run_dir / "semantic_ids.npz").read_bytes()
+    assert main(["add-items", "--run", str(run_dir), "--data", str(wide), "--embeddings", "other"]) == 2
+    assert "item_emb_minilm.npy has width 8, but the run was trained with content of width 16" in capsys.readouterr().err
+    assert (run_dir / "semantic_ids.npz").read_bytes() == before and not (run_dir / "semantic_ids.v1.npz").exists()
     # a data folder whose first items are not the run's (item 3 is another product): refused, the IDs untouched
     moved = tmp_path / "moved"
     shutil.copytree(world["new"], moved)

@@ -130,7 +130,9 @@ def edge_tables(model: CausalGenerator, paths: ItemPaths) -> EdgeTables:
 
 
 def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables) -> torch.Tensor:
-    """Log-likelihood of every item for each state: (B, D) -> (B, N); each row is a distribution (logsumexp 0)."""
+    """Log-likelihood of every item for each state: (B, D) -> (B, N). Each row is a distribution (logsumexp 0) over
+    the items the model was trained with; items added after training are scored against their trained siblings'
+    normaliser (``ItemPaths.norm_edge``), so old items keep their scores and a row's total mass can exceed 1."""
     hq = model.level_queries(h)  # (B, L, D)
     B = h.shape[0]
     total = h.new_zeros(B, paths.tokens.shape[0])
@@ -213,6 +215,10 @@ class CausalDecoders:
         if (trained_tree is None) != (model.trained_items == model.num_items):
             raise ValueError("`trained_tree` (the tree of the items the model was trained with) must be given exactly "
                              f"when items were added after training ({model.num_items - model.trained_items} were)")
+        held = 0 if trained_tree is None else int(torch.unique(trained_tree.node_value[trained_tree.node_value >= 0]).numel())
+        if trained_tree is not None and held != model.trained_items:
+            raise ValueError(f"`trained_tree` holds {held} items, but the model was trained with {model.trained_items}: "
+                             "build it from the IDs the model was trained with")
         self.trained_tree = trained_tree
         self.item_ids = torch.as_tensor(item_ids, dtype=torch.long)
         if self.item_ids.numel() != model.num_items:

@@ -1,8 +1,9 @@
 """Fusions of the causal model's generative and dense heads (the ``hybrid`` decoder), chosen on validation users.
 
-Both heads give a proper distribution over the whole catalogue for a history: ``exact`` (B, N), every item's
-log-likelihood under the code head (one matrix product per level, ``generator.causal.decode.exact_scores``), and
-``dense`` (B, N), the dense head's log-softmax. The *generative list* is the exact top-C: what beam search returns
+Both heads score the whole catalogue for a history: ``exact`` (B, N), every item's log-likelihood under the code
+head (one matrix product per level, ``generator.causal.decode.exact_scores``), and ``dense`` (B, N), the dense
+head's log-softmax. Both are distributions over the items the model was trained with; items added after training
+are scored on the trained items' scale (their exact scores are not renormalised, so a row's mass can exceed 1). The *generative list* is the exact top-C: what beam search returns
 when it finds the best C items (beam = exact at M = N; on Beauty their Recall@10 agree to 0.0001), computed without a
 beam, so no candidate is ever teacher-forced one by one and the encoder pass is shared. A fusion ranks items by:
 
@@ -87,17 +88,20 @@ def check_fusion(kind: str, params: dict[str, Any]) -> None:
     """ValueError unless ``params`` are valid for fusion ``kind`` (the boundary check for stored and given fusions)."""
     if kind not in FUSIONS:
         raise ValueError(f"`fusion` must be one of {list(FUSIONS)}, got {kind!r}")
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
     if kind in ("blend", "full"):
         a = params.get("alpha")
-        if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0.0 <= float(a) <= 1.0:
+        if not number(a) or not 0.0 <= float(a) <= 1.0:
             raise ValueError(f"fusion {kind!r} needs `alpha` in [0, 1], got {a!r}")
     elif kind == "rrf":
         k0 = params.get("k0")
-        if not isinstance(k0, (int, float)) or isinstance(k0, bool) or not float(k0) > 0:
-            raise ValueError(f"fusion 'rrf' needs `k0` > 0, got {k0!r}")
+        if not number(k0) or not float(k0) > 0:
+            raise ValueError(f"fusion 'rrf' needs a finite `k0` > 0, got {k0!r}")
     elif kind == "learned":
         w = params.get("weights")
-        if not isinstance(w, list) or len(w) != len(FEATURES) or not all(isinstance(x, (int, float)) and np.isfinite(x) for x in w):
+        if not isinstance(w, list) or len(w) != len(FEATURES) or not all(number(x) for x in w):
             raise ValueError(f"fusion 'learned' needs `weights`: {len(FEATURES)} finite numbers ({', '.join(FEATURES)}), got {w!r}")
 
 
@@ -157,7 +161,10 @@ def _top(rows: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor
         pad = k - rows.shape[1]
         rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
         scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
-    top, order = scores.topk(k, dim=1)
+    # a stable sort: tied scores (reciprocal ranks tie often) keep the pool's order (generative list first), the same
+    # on every device
+    top, order = scores.sort(dim=1, descending=True, stable=True)
+    top, order = top[:, :k], order[:, :k]
     return torch.where(torch.isfinite(top), rows.gather(1, order), -1), top
 
 
@@ -172,10 +179,10 @@ def fit_learned(parts: Parts, target_rows: torch.Tensor, *, l2: float = 1e-2, in
     """Weights of the ``learned`` fusion: maximise the log-softmax of the target over each history's pool (histories
     whose target is not in the pool carry no signal and are left out), L2-regularised, with L-BFGS."""
     p = pool(parts)
-    hit = (p.rows == target_rows[:, None]) & p.valid  # (B, W)
+    hit = (p.rows == target_rows[:, None].to(p.rows.device)) & p.valid  # (B, W)
     keep = hit.any(1)
-    feats, valid, target = p.features[keep], p.valid[keep], hit[keep].float().argmax(1)
-    w = torch.zeros(len(FEATURES), dtype=feats.dtype)
+    feats, valid, target = p.features[keep].clone(), p.valid[keep].clone(), hit[keep].float().argmax(1)
+    w = torch.zeros(len(FEATURES), dtype=feats.dtype, device=feats.device)
     w[0], w[1] = init_alpha, 1.0 - init_alpha  # start at the plain blend
     w.requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
@@ -188,7 +195,8 @@ def fit_learned(parts: Parts, target_rows: torch.Tensor, *, l2: float = 1e-2, in
         return loss
 
     if keep.any():
-        opt.step(closure)
+        with torch.inference_mode(False), torch.enable_grad():  # callers may decode under inference mode
+            opt.step(closure)
     return [float(x) for x in w.detach()]
 
 

@@ -75,16 +75,13 @@ def validation_parts(run: Any, dec: CausalDecoders, split: Split, rows: np.ndarr
     """(parts, target rows) of the given validation users (CPU tensors)."""
     device = next(run.model.parameters()).device
     hist, targets = split_histories(split, "valid", rows)
-    out: Parts | None = None
-    tgts = []
+    parts, tgts = [], []
     for b in eval_batches(hist, targets, run.ids, run.max_history, batch_size):  # loop over batches of users
         with torch.inference_mode():
-            p = dec.parts(_states(run, b, device))
-        p = Parts(*(t.cpu() for t in p))
-        out = p if out is None else out.cat(p)
+            parts.append(Parts(*(t.cpu() for t in dec.parts(_states(run, b, device)))))
         tgts.append(b.targets)
-    target_rows = torch.searchsorted(torch.from_numpy(run.ids.item_ids), torch.cat(tgts))
-    return out, target_rows
+    out = Parts(*(torch.cat([getattr(p, f) for p in parts]) for f in ("exact", "dense", "gen_rows")), parts[0].cold_rows)
+    return out, torch.from_numpy(run.ids.rows_of(torch.cat(tgts).numpy()))
 
 
 def choose_causal_fusion(run: Any, dec: CausalDecoders, split: Split, *, max_users: int | None, batch_size: int,
@@ -92,6 +89,9 @@ def choose_causal_fusion(run: Any, dec: CausalDecoders, split: Split, *, max_use
     """Fit every fusion on a seeded sample of validation users and choose one on as many other validation users;
     store the choice in RUN/hybrid.json (keyed on the checkpoint, IDs and candidate count)."""
     n = split.num_users if max_users is None else min(2 * max_users, split.num_users)
+    if n < 2:
+        raise ValueError(f"the hybrid's fusion is fitted on validation users and chosen on others, but the split has "
+                         f"{split.num_users} validation user(s) (max_users {max_users}): pass `alpha` instead")
     rows = np.random.default_rng(seed).permutation(sample_users(split.num_users, n, seed))  # user order is not random
     fit_rows, select_rows = np.sort(rows[: n // 2]), np.sort(rows[n // 2 :])
     fit, fit_t = validation_parts(run, dec, split, fit_rows, batch_size=batch_size)
@@ -113,17 +113,25 @@ def stored_fusion(run: Any, num_candidates: int) -> tuple[str, dict] | None:
         return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-        kind, params = stored["fusion"], stored["params"]
-        check_fusion(kind, params)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        if not isinstance(stored, dict):
+            raise TypeError(f"a JSON object expected, got {type(stored).__name__}")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise ValueError(f"{path}: corrupt hybrid fusion file ({type(e).__name__}: {e}); delete it to choose the fusion "
                          "again, or pass `alpha`") from e
     stale = [name for name, value in _alpha_key(run).items() if stored.get(name) != value]
     if stored.get("num_candidates") != num_candidates:
         stale.append("num_candidates")
+    if "fusion" not in stored:
+        stale.append("fusion (a blend weight stored by an earlier semid)")
     if stale:
         log.info("%s was chosen for another %s; choosing the fusion again", path, ", ".join(stale))
         return None
+    try:
+        kind, params = stored["fusion"], stored["params"]
+        check_fusion(kind, params)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupt hybrid fusion file ({type(e).__name__}: {e}); delete it to choose the fusion "
+                         "again, or pass `alpha`") from e
     return kind, params
 
 
