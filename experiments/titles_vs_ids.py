@@ -94,7 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="")
+    p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json of a finished run")
     args = p.parse_args(argv)
+    if args.render:
+        data = json.loads((RESULTS / f"titles_vs_ids{args.tag}.json").read_text())
+        if "tokenizer_vocab" not in data:  # written before the .json carried these: read them from the runs
+            run = load_any_run(data["title_run"])
+            data.update(tokenizer_vocab=run.tokenizer.vocab_size, num_dup=run.model.config.vocab_size - run.tokenizer.vocab_size,
+                        max_users=args.max_users, length_users=args.length_users, num_beams=args.num_beams)
+        write_table(data, args.tag)
+        return
     work = Path(args.work)
     encoder = encoder_folder(work)
     title_dir = work / args.title_run
@@ -133,14 +142,31 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. the table
     cfg = title_run.config
-    sample = "all test users" if args.max_users is None else f"a SAMPLE of {args.max_users} test users (seeded), not all"
-    lines = [f"# Titles vs semantic IDs on Amazon Beauty ({sample}, full catalogue)", "",
+    data = {
+        "rows": rows, "length_normalisation": length, "chosen_length_penalty": best, "title_run": str(title_dir),
+        "title_epochs": cfg.get("epochs"), "title_steps": cfg.get("steps"), "ids_run": args.ids_run,
+        "ids_checkpoint": args.ids_checkpoint, "users": rows[0]["users"], "machine": f"{platform.machine()}, 1 torch thread",
+        "tokenizer_vocab": title_run.tokenizer.vocab_size, "num_dup": title_run.model.config.vocab_size - title_run.tokenizer.vocab_size,
+        "max_users": args.max_users, "length_users": args.length_users, "num_beams": args.num_beams,
+        "wall_s": round(time.perf_counter() - START, 1), "command": "python -m experiments.titles_vs_ids " + shlex.join(sys.argv[1:])}
+    RESULTS.mkdir(exist_ok=True)
+    write_json(RESULTS / f"titles_vs_ids{args.tag}.json", data)
+    write_table(data, args.tag)
+
+
+def write_table(data: dict[str, Any], tag: str) -> None:
+    """``titles_vs_ids<tag>.md`` from the measured rows (``--render`` redoes it from the .json alone)."""
+    rows, length, best = data["rows"], data["length_normalisation"], data["chosen_length_penalty"]
+    by = {r["row"]: r for r in rows}
+    n = data.get("max_users")
+    sample = "all test users" if n is None else f"a SAMPLE of {n} test users (seeded), not all"
+    lines = [f"# Titles vs semantic IDs on Amazon Beauty ({sample}: {data['users']:,}; full catalogue)", "",
              "Same training budget for both models: **15 minutes of wall-clock training on one torch thread** on this",
-             f"2-core CPU. Semantic IDs: `{args.ids_run}` at its 15-minute snapshot (`{args.ids_checkpoint}`). Titles:",
-             f"`{title_dir}` (causal backbone + title head, `--target title --max-time 00:15:00`, {cfg.get('epochs')} epochs,",
-             f"{cfg.get('steps')} steps; BPE of {title_run.tokenizer.vocab_size} tokens trained on the titles, "
-             f"{title_run.model.config.vocab_size - title_run.tokenizer.vocab_size} disambiguation tokens).",
-             f"{args.num_beams} beams, top 10; decoding on one thread; users/s counts the whole decode (backbone included).",
+             f"2-core CPU (shared). Semantic IDs: `{data['ids_run']}` at its 15-minute snapshot (`{data['ids_checkpoint']}`).",
+             f"Titles: `{data['title_run']}` (causal backbone + title head, `--target title --max-time 00:15:00`:",
+             f"{data['title_epochs']} epochs, {data['title_steps']} steps; BPE of {data.get('tokenizer_vocab')} tokens trained on "
+             f"the titles, {data.get('num_dup')} disambiguation tokens). {data.get('num_beams', 20)} beams, top 10; decoding on",
+             "one thread; users/s counts the whole decode (backbone states included).",
              "", "| row | R@5 | N@5 | R@10 | N@10 | not items before grounding (best / all beams) | users/s | grounding share of time |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -148,30 +174,31 @@ def main(argv: list[str] | None = None) -> None:
         gs = f"{r['ground_share']:.1%}" if "ground_share" in r else "—"
         lines.append(f"| {r['row']} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | {r['recall@10']:.4f} | {r['ndcg@10']:.4f} | "
                      f"{ni} | {r['users_per_s']:.0f} | {gs} |")
-    left = codes_row.get("left_at_level")
+    left = by.get("codes free + grounding", {}).get("left_at_level")
     if left:
         total = max(sum(left), 1)
         lines += ["", "Free code beams that were not items left the tree at code level " + ", ".join(
-            f"{lv + 1}: {n / total:.1%}" for lv, n in enumerate(left)) + f" (level {len(left)} is the disambiguation level "
-            "`SemanticIDs` adds; the code head is trained normalised over the tree's children, so codes outside the tree "
-            "are untrained there, and under a balanced last level every parent has one child, whose level the training skips)."]
-    lines += ["", f"Length normalisation of the title beam (score / length^a), {args.length_users} validation users:", "",
-              "| a | R@10 | N@10 | users/s |", "| ---: | ---: | ---: | ---: |"]
-    lines += [f"| {x['length_penalty']:g} | {x['recall@10']:.4f} | {x['ndcg@10']:.4f} | {x['users'] / max(x['seconds'], 1e-9):.0f} |" for x in length]
-    lines += ["", f"Chosen on validation: a = {best:g} (the decoder's default, `generator.titles.decoders.LENGTH_PENALTY`, is "
-              f"{LENGTH_PENALTY:g}{'' if best == LENGTH_PENALTY else ': they differ, update the default'}).", "",
-              "Command:", "", f"    python -m experiments.titles_vs_ids {shlex.join(sys.argv[1:] if argv is None else argv)}"]
+            f"{lv + 1}: {k / total:.1%}" for lv, k in enumerate(left)) + " (the code head is trained normalised over each "
+            "prefix's children in the tree, so the logits of codes outside the tree are never trained: free generation of this "
+            "model leaves the tree wherever a prefix has few children)."]
+    lines += [""]
+    for a, b in (("semantic-ID constrained beam", "codes free + grounding"), ("title constrained beam (GENRE)", "title free + grounding (BIGRec)")):
+        if a in by and b in by:
+            better, faster = by[a]["ndcg@10"] > by[b]["ndcg@10"], by[a]["users_per_s"] > by[b]["users_per_s"]
+            lines.append(f"- {a} vs {b}: N@10 {by[a]['ndcg@10']:.4f} vs {by[b]['ndcg@10']:.4f}, users/s {by[a]['users_per_s']:.0f} vs "
+                         f"{by[b]['users_per_s']:.0f}: constrained {'beats' if better else 'does not beat'} free-then-ground, "
+                         f"{'at lower cost' if faster else 'not at lower cost'}.")
+    lines += ["", f"Length normalisation of the title beam (score / length^a), {data.get('length_users')} validation users:", "",
+              "| a | R@5 | N@5 | R@10 | N@10 | users/s |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {x['length_penalty']:g} | {x['recall@5']:.4f} | {x['ndcg@5']:.4f} | {x['recall@10']:.4f} | {x['ndcg@10']:.4f} | "
+              f"{x['users'] / max(x['seconds'], 1e-9):.0f} |" for x in length]
+    lines += ["", f"Chosen on validation (best N@10): a = {best:g}, used for both title rows above; the decoders' default "
+              f"(`generator.titles.decoders.LENGTH_PENALTY`) is {LENGTH_PENALTY:g}.", "",
+              "Command:", "", f"    {data['command']}"]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    with atomic_open(RESULTS / f"titles_vs_ids{args.tag}.md", "w", encoding="utf-8") as f:
+    with atomic_open(RESULTS / f"titles_vs_ids{tag}.md", "w", encoding="utf-8") as f:
         f.write(text)
-    write_json(RESULTS / f"titles_vs_ids{args.tag}.json", {
-        "rows": rows, "length_normalisation": length, "chosen_length_penalty": best, "title_run": str(title_dir),
-        "title_epochs": cfg.get("epochs"), "title_steps": cfg.get("steps"), "ids_run": args.ids_run,
-        "ids_checkpoint": args.ids_checkpoint, "users": rows[0]["users"], "machine": f"{platform.machine()}, 1 torch thread",
-        "wall_s": round(time.perf_counter() - START, 1), "command": "python -m experiments.titles_vs_ids " + shlex.join(sys.argv[1:])})
-
 
 START = time.perf_counter()
 

@@ -170,7 +170,8 @@ def test_constrained_title_beam_returns_real_distinct_items_and_matches_brute_fo
     assert torch.all(scores[:, :-1] >= scores[:, 1:])
     if num_beams == len(TITLES):  # beams cover the catalogue: the beam's top k is the exact top k
         assert torch.equal(rows, ref.topk(3, dim=1).indices)
-    dec = TitleDecoders(model, index.tree, torch.from_numpy(index.item_ids), torch.from_numpy(codes), num_beams=num_beams)
+    dec = TitleDecoders(model, index.tree, torch.from_numpy(index.item_ids), torch.from_numpy(codes), num_beams=num_beams,
+                        length_penalty=0.0)
     res = dec.decode("title-beam", h, k=3)
     assert torch.equal(res.items, items) and dec.stats.non_items == 0
 
