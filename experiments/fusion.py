@@ -132,22 +132,17 @@ def main(argv: list[str] | None = None) -> None:
         mark = " (chosen)" if name == hybrid else ""
         say(f"| {name}{mark} | {m['recall@5']:.4f} | {m['ndcg@5']:.4f} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} | {m['users_per_s']:.0f} |")
     say("")
-    say(f"## Paired differences on test: {hybrid} minus each (mean, 95% bootstrap interval over users, relative)")
-    say("")
-    say("| vs | ΔR@10 | 95% CI | rel. | ΔN@10 | 95% CI | rel. |")
-    say("| --- | --- | --- | --- | --- | --- | --- |")
-    for other, d in diffs.items():
-        r, g = d["recall@10"], d["ndcg@10"]
-        say(f"| {other} | {r[0]:+.4f} | [{r[1]:+.4f}, {r[2]:+.4f}] | {r[3]:+.1%} | {g[0]:+.4f} | [{g[1]:+.4f}, {g[2]:+.4f}] | {g[3]:+.1%} |")
-    say("")
-    say("## Every fusion against each part (paired, 95% bootstrap interval)")
-    say("")
-    say("| fusion vs part | ΔR@10 | 95% CI | rel. | ΔN@10 | 95% CI | rel. |")
-    say("| --- | --- | --- | --- | --- | --- | --- |")
-    for label, d in per_fusion.items():
-        r, g = d["recall@10"], d["ndcg@10"]
-        say(f"| {label} | {r[0]:+.4f} | [{r[1]:+.4f}, {r[2]:+.4f}] | {r[3]:+.1%} | {g[0]:+.4f} | [{g[1]:+.4f}, {g[2]:+.4f}] | {g[3]:+.1%} |")
-    say("")
+    sections = {f"Paired differences on test: {hybrid} minus each (mean, 95% bootstrap interval over users, relative)": ("vs", diffs),
+                "Every fusion against each part (paired, 95% bootstrap interval)": ("fusion vs part", per_fusion)}
+    for title, (first, rows_) in sections.items():  # two tables of paired differences
+        say(f"## {title}")
+        say("")
+        say(f"| {first} | ΔR@10 | 95% CI | rel. | ΔN@10 | 95% CI | rel. |")
+        say("| --- | --- | --- | --- | --- | --- | --- |")
+        for label, d in rows_.items():
+            r, g = d["recall@10"], d["ndcg@10"]
+            say(f"| {label} | {r[0]:+.4f} | [{r[1]:+.4f}, {r[2]:+.4f}] | {r[3]:+.1%} | {g[0]:+.4f} | [{g[1]:+.4f}, {g[2]:+.4f}] | {g[3]:+.1%} |")
+        say("")
     say(f"command: `python -m experiments.fusion {shlex.join(sys.argv[1:] if argv is None else argv)}`")
     print("\n".join(lines))
     stem = "fusion" + (f"_{args.tag}" if args.tag else "")
