@@ -1,5 +1,5 @@
-"""Fault injection (issue 11): kill `semid train` and `semid fit-codebooks` at random points, recover as a user
-would, and count what survived.
+"""Fault injection (issue 11): kill `semid train`, `semid fit-codebooks` and `semid add-items` at random points,
+recover as a user would, and count what survived.
 
     OMP_NUM_THREADS=1 python -m experiments.faults --trials 4 [--users 300] [--seed 0]
 
@@ -18,6 +18,9 @@ included), and recover:
 - ``fit-codebooks`` over an older set (another seed): right after the kill the folder must hold the old set or the
   new one, whole (checked against its manifest and against both sets); run again, it must equal an uninterrupted
   fit (same IDs, byte-identical quantizer.pt and code_usage.png).
+
+- ``add-items`` (the items of 50 more users, into a finished run): right after the kill the run must hold the old IDs
+  version or the new one, whole, and serve; run again, it must equal an uninterrupted add (IDs, lineage, content).
 
 A folder is *unusable* when recovery fails or the checks above fail. After every trial, crafted files are planted
 in a copy of the folder (a checkpoint, a resume point or a quantizer holding an object whose unpickling runs
@@ -270,12 +273,40 @@ def trial_codebooks(sig: int, work: Path, emb: Path, old: Path, ref: dict[str, A
     return {"rc": rc, "mid": mid, "usable": usable, "identical": identical, "folder": out}
 
 
+def added_outcome(path: Path) -> dict[str, Any]:
+    from semid.ids import SemanticIDs
+
+    ids_path = path / "semantic_ids.npz"
+    ids = SemanticIDs.load(ids_path)
+    meta = SemanticIDs.load_metadata(ids_path)
+    return {"codes": ids.codes.tobytes(), "items": ids.item_ids.tobytes(), "lineage": meta.get("lineage"),
+            "arrays": {k: v.tobytes() for k, v in SemanticIDs.load_arrays(ids_path).items()}}
+
+
+def trial_add_items(sig: int, work: Path, more: Path, finished: Path, ref: dict[str, Any], seconds: tuple[float, float],
+                    rng: random.Random) -> dict[str, Any]:
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(finished, out)
+    before = added_outcome(out)
+    cmd = semid("add-items", "--run", str(out), "--data", str(more))
+    rc, mid = interrupted(cmd, sig, seconds, lambda: (out / "train.lock").exists(), rng)
+    now = added_outcome(out)
+    usable = (now == before or now == ref) and servable(out)  # the old version or the new one, whole, and it serves
+    if usable and now != ref:
+        usable = run(cmd).returncode == 0
+    identical = usable and added_outcome(out) == ref and servable(out)
+    return {"rc": rc, "mid": mid, "usable": usable, "identical": identical, "folder": out}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=4, help="trials per kind and signal (default 4)")
     p.add_argument("--users", type=int, default=300, help="Beauty users in the tiny dataset (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default 0)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where faults.md goes")
+    p.add_argument("--kinds", nargs="+", choices=("train", "fit-codebooks", "add-items"),
+                   help="only these commands (default all; 'train' includes the resume of a finished run)")
     args = p.parse_args(argv)
     if args.trials < 1:
         p.error(f"--trials must be >= 1, got {args.trials}")
@@ -296,16 +327,24 @@ def main(argv: list[str] | None = None) -> None:
         shutil.copytree(tmp / "ref", tmp / "ref6")
         t_resume = timed(semid("train", "--data", str(data), "--ids", str(ids), "--out", str(tmp / "ref6"), "--resume",
                                "--max-epochs", "4", "--no-progress"), lambda: (tmp / "ref6" / "train.lock").exists())
-        refs = {"train": run_outcome(tmp / "ref"), "resume": run_outcome(tmp / "ref6"), "fit": codebooks_outcome(tmp / "ids_ref")}
+        more = tiny_beauty(tmp / "more", args.users + 50)  # the same first items, then those of 50 more users
+        shutil.copytree(tmp / "ref", tmp / "ref_added")
+        t_add = timed(semid("add-items", "--run", str(tmp / "ref_added"), "--data", str(more)),
+                      lambda: (tmp / "ref_added" / "train.lock").exists())
+        refs = {"train": run_outcome(tmp / "ref"), "resume": run_outcome(tmp / "ref6"), "fit": codebooks_outcome(tmp / "ids_ref"),
+                "add": added_outcome(tmp / "ref_added")}
         n_items = sum(1 for _ in open(data / "items.jsonl"))
         notes.append(f"tiny Beauty: {args.users} users, {n_items} items; uninterrupted (start-up of which in brackets): "
                      f"fit-codebooks {t_fit[0]:.1f} s ({t_fit[1]:.1f} s), train {t_train[0]:.1f} s ({t_train[1]:.1f} s), "
-                     f"resume of the finished run to 4 epochs {t_resume[0]:.1f} s ({t_resume[1]:.1f} s)")
+                     f"resume of the finished run to 4 epochs {t_resume[0]:.1f} s ({t_resume[1]:.1f} s), add-items "
+                     f"(the items of 50 more users) {t_add[0]:.1f} s ({t_add[1]:.1f} s)")
         kinds = [
             ("train", lambda sig, w: trial_train(sig, w, data, ids, refs["train"], t_train, rng)),
             ("train --resume of a finished run", lambda sig, w: trial_resume(sig, w, data, ids, tmp / "ref", refs["resume"], t_resume, rng)),
             ("fit-codebooks", lambda sig, w: trial_codebooks(sig, w, emb, tmp / "ids_old", refs["fit"], t_fit, rng)),
+            ("add-items", lambda sig, w: trial_add_items(sig, w, more, tmp / "ref", refs["add"], t_add, rng)),
         ]
+        kinds = [(k, t) for k, t in kinds if args.kinds is None or k.split(" ")[0] in args.kinds]
         for kind, trial in kinds:
             for name, sig in SIGNALS.items():
                 counts = {"trials": 0, "mid": 0, "nonzero": 0, "identical": 0, "unusable": 0, "ran": 0}
