@@ -67,6 +67,17 @@ def train_titles(args: argparse.Namespace, run_dir: Path, encoder: Path) -> None
     train_run(args.data, Path(args.ids) / "semantic_ids.npz", run_dir, options)
 
 
+def cached(work: Path, key: str) -> dict[str, Any] | None:
+    """A row measured by an earlier run of this script with the same settings (WORK/rows/<key>.json), or None."""
+    path = work / "rows" / f"{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def keep(work: Path, key: str, value: dict[str, Any]) -> dict[str, Any]:
+    write_json(work / "rows" / f"{key}.json", value)
+    return value
+
+
 def row(name: str, metrics: dict[str, float], users: int, seconds: float, stats: dict[str, Any] | None) -> dict[str, Any]:
     out = {"row": name, **{k: round(metrics[k], 4) for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")},
            "users": users, "seconds": round(seconds, 1), "users_per_s": round(users / max(seconds, 1e-9), 1)}
@@ -129,15 +140,23 @@ def main(argv: list[str] | None = None) -> None:
     title_run = load_any_run(title_dir)
     length = []
     for alpha in LENGTH_GRID:
-        *_, m, users, _, _, secs, _ = evaluate_generated(title_run, split, "valid", decoder="title-beam", length_penalty=alpha,
-                                                         **{**common, "max_users": args.length_users})
-        length.append({"length_penalty": alpha, **{k: round(m[k], 4) for k in m}, "users": users, "seconds": round(secs, 1)})
-        print(json.dumps(length[-1]), flush=True)
+        key = f"length_valid_{args.length_users}_{args.seed}_{args.num_beams}_a{alpha:g}"
+        done = cached(work, key)
+        if done is None:
+            *_, m, users, _, _, secs, _ = evaluate_generated(title_run, split, "valid", decoder="title-beam", length_penalty=alpha,
+                                                             **{**common, "max_users": args.length_users})
+            done = keep(work, key, {"length_penalty": alpha, **{k: round(m[k], 4) for k in m}, "users": users, "seconds": round(secs, 1)})
+            print(json.dumps(done), flush=True)
+        length.append(done)
     best = max(length, key=lambda x: x["ndcg@10"])["length_penalty"]
     for decoder, name in (("title-beam", "title constrained beam (GENRE)"), ("title-grounded", "title free + grounding (BIGRec)")):
-        *_, m, users, invalid, dups, secs, stats = evaluate_generated(title_run, split, "test", decoder=decoder, length_penalty=best, **common)
-        assert invalid == dups == 0, f"{decoder} returned invalid or duplicate items"
-        rows.append(row(name, m, users, secs, stats.as_dict() if decoder == "title-grounded" else None))
+        key = f"{decoder}_test_{args.max_users}_{args.seed}_{args.num_beams}_a{best:g}"
+        done = cached(work, key)  # an earlier run's row with these settings (the slow rows: resumable)
+        if done is None:
+            *_, m, users, invalid, dups, secs, stats = evaluate_generated(title_run, split, "test", decoder=decoder, length_penalty=best, **common)
+            assert invalid == dups == 0, f"{decoder} returned invalid or duplicate items"
+            done = keep(work, key, row(name, m, users, secs, stats.as_dict() if decoder == "title-grounded" else None))
+        rows.append(done)
     rows.append(codes_row)
 
     # 3. the table

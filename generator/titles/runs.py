@@ -160,7 +160,8 @@ def title_decoders_for(run: TitleRun, name: str, *, num_beams: int = 20, length_
             raise ValueError(f"{run.path}: decoder {name!r} embeds generated titles with a sentence encoder, and this run "
                              "names none: train it with `--encoder DIR` (a local model folder, as for `semid embed`)")
         encoder = load_encoder(enc_dir, device)
-        titles = [load_dataset(run.data_dir).catalogue.title_of(int(i)) for i in run.ids.item_ids]
+        catalogue = load_dataset(run.data_dir).catalogue  # once: it parses the dataset's files
+        titles = [catalogue.title_of(int(i)) for i in run.ids.item_ids]
         item_emb = torch.from_numpy(catalogue_title_embeddings(run.path, titles, encoder, enc_dir))
     return TitleDecoders(run.model, run.tree, torch.from_numpy(run.ids.item_ids), torch.from_numpy(run.ids.codes),
                          num_beams=num_beams, length_penalty=LENGTH_PENALTY if length_penalty is None else length_penalty,
