@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,14 @@ def evaluate_causal(run: Any, split: Split, which: str, *, ks: Sequence[int], nu
     run.model.to(device).eval()
     run.tree = run.tree.to(device)
     dec = decoders_for(run, name, split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed)
+    return (f"causal.{name}", *rank_split(run, split, which, lambda h: dec.decode(name, h, k=ks[-1]).items, ks=ks,
+                                          max_users=max_users, seed=seed, batch_size=batch_size, device=device))
+
+
+def rank_split(run: Any, split: Split, which: str, decode: Callable[[torch.Tensor], torch.Tensor], *, ks: Sequence[int],
+               max_users: int | None, seed: int, batch_size: int, device: torch.device) -> tuple[dict[str, float], int, int, int, float]:
+    """Rank for every (sampled) user of the split with ``decode``: states (B, D) -> item ids (B, max k), over the
+    run's backbone states. Returns (metrics, users, invalid items, duplicate items, seconds)."""
     rows = sample_users(split.num_users, max_users, seed)
     hist, targets = split_histories(split, which, rows)
     metrics = RankingMetrics(ks)
@@ -149,12 +157,11 @@ def evaluate_causal(run: Any, split: Split, which: str, *, ks: Sequence[int], nu
     invalid = duplicates = 0
     start = time.perf_counter()
     for b in eval_batches(hist, targets, run.ids, run.max_history, batch_size):  # loop over batches of users
-        res = dec.decode(name, _states(run, b, device), k=ks[-1])
-        items = res.items.cpu()
+        items = decode(_states(run, b, device)).cpu()
         invalid += int((~torch.isin(items, known)).sum())
         duplicates += int((items.sort(1).values.diff(dim=1) == 0).sum())
         metrics.update(items, b.targets)
-    return f"causal.{name}", metrics.compute(), metrics.count, invalid, duplicates, time.perf_counter() - start
+    return metrics.compute(), metrics.count, invalid, duplicates, time.perf_counter() - start
 
 
 def recommend_causal(run: Any, histories: list[np.ndarray], *, k: int, num_beams: int, decoder: str, batch_size: int,

@@ -3,18 +3,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from generator.causal.data import eval_batches, history_batch, split_histories
-from generator.datamodule import sample_users
+from generator.causal.data import history_batch
+from generator.causal.runs import rank_split
 from generator.titles.grounding import CODES_GROUNDED, GroundedCodeDecoders, GroundingStats
 from semid.data import Split
-from semid.metrics import RankingMetrics
 
 
 def grounded_code_decoders(run: Any, *, num_beams: int) -> GroundedCodeDecoders:
@@ -33,18 +31,9 @@ def evaluate_grounded_codes(run: Any, split: Split, which: str, *, ks: Sequence[
     run.model.to(device).eval()
     run.tree = run.tree.to(device)
     dec = grounded_code_decoders(run, num_beams=num_beams)
-    rows = sample_users(split.num_users, max_users, seed)
-    hist, targets = split_histories(split, which, rows)
-    metrics = RankingMetrics(ks)
-    known = torch.from_numpy(run.ids.item_ids)
-    invalid = duplicates = 0
-    start = time.perf_counter()
-    for b in eval_batches(hist, targets, run.ids, run.max_history, batch_size):  # loop over batches of users
-        items = dec.decode(CODES_GROUNDED, _states(run, b.histories, b.lengths, device), k=ks[-1]).items.cpu()
-        invalid += int((~torch.isin(items, known)).sum())
-        duplicates += int((items.sort(1).values.diff(dim=1) == 0).sum())
-        metrics.update(items, b.targets)
-    return f"causal.{CODES_GROUNDED}", metrics.compute(), metrics.count, invalid, duplicates, time.perf_counter() - start, dec.stats
+    ranked = rank_split(run, split, which, lambda h: dec.decode(CODES_GROUNDED, h, k=ks[-1]).items, ks=ks,
+                        max_users=max_users, seed=seed, batch_size=batch_size, device=device)
+    return f"causal.{CODES_GROUNDED}", *ranked, dec.stats
 
 
 def recommend_grounded_codes(run: Any, histories: list[np.ndarray], *, k: int, num_beams: int, batch_size: int

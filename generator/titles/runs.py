@@ -10,7 +10,6 @@ recommend with ``title-beam``; ``title-grounded`` reads the catalogue's titles (
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.causal.data import CausalDataModule, eval_batches, history_batch, split_histories
-from generator.datamodule import sample_users
+from generator.causal.data import CausalDataModule, history_batch
+from generator.causal.runs import rank_split
 from generator.model import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
 from generator.run import IDS_FILE, Run, best_checkpoint
 from generator.titles.decoders import TITLE_BEAM, TITLE_DECODERS, TitleDecoders, tree_from_targets
@@ -30,7 +29,6 @@ from generator.titles.system import TARGET, TitleSystem, title_monitor  # noqa: 
 from semid.data import Split, load_dataset
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
-from semid.metrics import RankingMetrics
 from semid.titles import TitleIndex, TitleTokenizer
 
 log = logging.getLogger(__name__)
@@ -176,20 +174,9 @@ def evaluate_title(run: TitleRun, split: Split, which: str, *, ks: Sequence[int]
     name = resolve_title_decoder(decoder)
     run.model.to(device).eval()
     dec = title_decoders_for(run, name, num_beams=num_beams, length_penalty=length_penalty, device=device)
-    rows = sample_users(split.num_users, max_users, seed)
-    hist, targets = split_histories(split, which, rows)
-    metrics = RankingMetrics(ks)
-    known = torch.from_numpy(run.ids.item_ids)
-    invalid = duplicates = 0
-    start = time.perf_counter()
-    for b in eval_batches(hist, targets, run.ids, run.max_history, batch_size):  # loop over batches of users
-        with torch.inference_mode():
-            h = run.model.last_hidden(b.histories.to(device), b.lengths.to(device))
-        items = dec.decode(name, h, k=ks[-1]).items.cpu()
-        invalid += int((~torch.isin(items, known)).sum())
-        duplicates += int((items.sort(1).values.diff(dim=1) == 0).sum())
-        metrics.update(items, b.targets)
-    return f"title.{name}", metrics.compute(), metrics.count, invalid, duplicates, time.perf_counter() - start, dec.stats
+    ranked = rank_split(run, split, which, lambda h: dec.decode(name, h, k=ks[-1]).items, ks=ks, max_users=max_users,
+                        seed=seed, batch_size=batch_size, device=device)
+    return f"title.{name}", *ranked, dec.stats
 
 
 def recommend_title(run: TitleRun, histories: list[np.ndarray], *, k: int, num_beams: int, decoder: str,
