@@ -56,10 +56,6 @@ class Parts(NamedTuple):
     def num_candidates(self) -> int:
         return int(self.gen_rows.shape[1])
 
-    def cat(self, other: Parts) -> Parts:
-        return Parts(torch.cat([self.exact, other.exact]), torch.cat([self.dense, other.dense]),
-                     torch.cat([self.gen_rows, other.gen_rows]), self.cold_rows)
-
 
 class Pool(NamedTuple):
     """Per history the union of the generative top-C and the dense top-C (W = 2C), with each candidate's features.
@@ -200,14 +196,15 @@ def fit_learned(parts: Parts, target_rows: torch.Tensor, *, l2: float = 1e-2, in
     return [float(x) for x in w.detach()]
 
 
-def fit_params(kind: str, parts: Parts, target_rows: torch.Tensor) -> dict[str, Any]:
-    """The parameters of fusion ``kind`` that maximise NDCG@10 on these (validation) histories."""
+def fit_params(kind: str, parts: Parts, target_rows: torch.Tensor, *, blend_alpha: float | None = None) -> dict[str, Any]:
+    """The parameters of fusion ``kind`` that maximise NDCG@10 on these (validation) histories (``learned`` starts
+    from the pool blend's fitted weight, ``blend_alpha`` when it is known already)."""
     if kind in ("blend", "full"):
         return {"alpha": max(ALPHA_GRID, key=lambda a: _ndcg(kind, {"alpha": a}, parts, target_rows))}
     if kind == "rrf":
         return {"k0": max(RRF_GRID, key=lambda k0: _ndcg(kind, {"k0": k0}, parts, target_rows))}
     if kind == "learned":
-        a = fit_params("blend", parts, target_rows)["alpha"]
+        a = fit_params("blend", parts, target_rows)["alpha"] if blend_alpha is None else blend_alpha
         return {"weights": fit_learned(parts, target_rows, init_alpha=a)}
     return {}
 
@@ -222,7 +219,7 @@ def choose_fusion(fit: Parts, fit_targets: torch.Tensor, select: Parts, select_t
         raise ValueError("`kinds` must name at least one fusion")
     table: dict[str, dict[str, Any]] = {}
     for kind in kinds:  # loop over the fusions (five)
-        params = fit_params(kind, fit, fit_targets)
+        params = fit_params(kind, fit, fit_targets, blend_alpha=table.get("blend", {}).get("params", {}).get("alpha"))
         table[kind] = {"params": params, "fit_ndcg@10": _ndcg(kind, params, fit, fit_targets),
                        "select_ndcg@10": _ndcg(kind, params, select, select_targets)}
     best = max(table, key=lambda name: (table[name]["select_ndcg@10"], -list(table).index(name)))

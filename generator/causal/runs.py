@@ -169,13 +169,20 @@ def recommend_causal(run: Any, histories: list[np.ndarray], *, k: int, num_beams
     """(items (B, k), scores (B, k)) for histories of known item ids."""
     name = resolve_decoder(decoder)
     dec = decoders_for(run, name, alpha=alpha, num_beams=num_beams)
+    return recommend_batches(run, histories, lambda h: dec.decode(name, h, k=k), k=k, batch_size=batch_size)
+
+
+def recommend_batches(run: Any, histories: list[np.ndarray], decode: Callable[[torch.Tensor], Any], *, k: int,
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(items (B, k), scores (B, k)) of ``decode``: backbone states (b, D) -> a result with items and scores (b, k),
+    over the run's states of each batch of histories (known item ids)."""
     device = next(run.model.parameters()).device
     run.model.eval()
     items = np.empty((len(histories), k), dtype=np.int64)
     scores = np.empty((len(histories), k), dtype=np.float32)
     for lo in range(0, len(histories), batch_size):  # loop over batches of histories
         b = history_batch(histories[lo : lo + batch_size], np.full(min(batch_size, len(histories) - lo), -1), run.ids, run.max_history)
-        res = dec.decode(name, _states(run, b, device), k=k)
+        res = decode(_states(run, b, device))
         items[lo : lo + len(b.lengths)] = res.items.cpu().numpy()
         scores[lo : lo + len(b.lengths)] = res.scores.float().cpu().numpy()
     return items, scores

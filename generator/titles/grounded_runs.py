@@ -9,19 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.causal.data import history_batch
-from generator.causal.runs import rank_split
+from generator.causal.runs import rank_split, recommend_batches
 from generator.titles.grounding import CODES_GROUNDED, GroundedCodeDecoders, GroundingStats
 from semid.data import Split
 
 
 def grounded_code_decoders(run: Any, *, num_beams: int) -> GroundedCodeDecoders:
     return GroundedCodeDecoders(run.model, run.tree, torch.from_numpy(run.ids.item_ids), num_beams=num_beams).refresh()
-
-
-def _states(run: Any, histories: torch.Tensor, lengths: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.inference_mode():
-        return run.model.last_hidden(histories.to(device), lengths.to(device))
 
 
 def evaluate_grounded_codes(run: Any, split: Split, which: str, *, ks: Sequence[int], num_beams: int, max_users: int | None,
@@ -39,13 +33,4 @@ def evaluate_grounded_codes(run: Any, split: Split, which: str, *, ks: Sequence[
 def recommend_grounded_codes(run: Any, histories: list[np.ndarray], *, k: int, num_beams: int, batch_size: int
                              ) -> tuple[np.ndarray, np.ndarray]:
     dec = grounded_code_decoders(run, num_beams=num_beams)
-    device = next(run.model.parameters()).device
-    run.model.eval()
-    items = np.empty((len(histories), k), dtype=np.int64)
-    scores = np.empty((len(histories), k), dtype=np.float32)
-    for lo in range(0, len(histories), batch_size):  # loop over batches of histories
-        b = history_batch(histories[lo : lo + batch_size], np.full(min(batch_size, len(histories) - lo), -1), run.ids, run.max_history)
-        res = dec.decode(CODES_GROUNDED, _states(run, b.histories, b.lengths, device), k=k)
-        items[lo : lo + len(b.lengths)] = res.items.cpu().numpy()
-        scores[lo : lo + len(b.lengths)] = res.scores.float().cpu().numpy()
-    return items, scores
+    return recommend_batches(run, histories, lambda h: dec.decode(CODES_GROUNDED, h, k=k), k=k, batch_size=batch_size)

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.causal.data import CausalDataModule, history_batch
-from generator.causal.runs import rank_split
+from generator.causal.data import CausalDataModule
+from generator.causal.runs import rank_split, recommend_batches
 from generator.model import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
 from generator.run import IDS_FILE, Run, best_checkpoint
 from generator.titles.decoders import TITLE_BEAM, TITLE_DECODERS, TitleDecoders, tree_from_targets
@@ -184,17 +184,7 @@ def recommend_title(run: TitleRun, histories: list[np.ndarray], *, k: int, num_b
     """(items (B, k), scores (B, k)) for histories of known item ids."""
     name = resolve_title_decoder(decoder)
     dec = title_decoders_for(run, name, num_beams=num_beams)
-    device = next(run.model.parameters()).device
-    items = np.empty((len(histories), k), dtype=np.int64)
-    scores = np.empty((len(histories), k), dtype=np.float32)
-    for lo in range(0, len(histories), batch_size):  # loop over batches of histories
-        b = history_batch(histories[lo : lo + batch_size], np.full(min(batch_size, len(histories) - lo), -1), run.ids, run.max_history)
-        with torch.inference_mode():
-            h = run.model.last_hidden(b.histories.to(device), b.lengths.to(device))
-        res = dec.decode(name, h, k=k)
-        items[lo : lo + len(b.lengths)] = res.items.cpu().numpy()
-        scores[lo : lo + len(b.lengths)] = res.scores.float().cpu().numpy()
-    return items, scores
+    return recommend_batches(run, histories, lambda h: dec.decode(name, h, k=k), k=k, batch_size=batch_size)
 
 
 # ---- the entry points generator.evaluate / generator.recommend / the CLI call ------------------------------------------
