@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from generator.evaluate import evaluate_run
-from generator.run import read_config
-from generator.train import TrainOptions, train_run
+from generator.runs.evaluate import evaluate_run
+from generator.runs.folder import read_config
+from generator.runs.train import TrainOptions, train_run
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, write_json
 
@@ -93,9 +93,9 @@ def semantic_ids(args: argparse.Namespace) -> tuple[Path, dict]:
 # ---- step time ---------------------------------------------------------------------------------------------------
 def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOptions, steps: int) -> dict:
     """Seconds per training step of the real pipeline (bucketed batches, the preset, AdamW), no Lightning loop."""
-    from generator.datamodule import GeneratorDataModule
-    from generator.model import ids_digest, preset
-    from generator.system import GeneratorSystem
+    from generator.training.t5_data import GeneratorDataModule
+    from generator.models.t5 import ids_digest, preset
+    from generator.training.t5_system import GeneratorSystem
     from semid.data import leave_one_out, load_dataset
     from semid.tree import PrefixTree
 
@@ -144,7 +144,7 @@ def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOption
 
 
 def _loss(system, batch) -> torch.Tensor:
-    from generator.model import seq2seq_loss
+    from generator.models.t5 import seq2seq_loss
 
     return seq2seq_loss(system.model, batch.input_ids, batch.attention_mask, batch.labels, label_smoothing=system.optim.label_smoothing)
 

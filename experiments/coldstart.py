@@ -16,7 +16,7 @@
    plus beam search over the *warm* tree, which cannot return a cold item (the 0 that unconstrained or un-updated
    generation gets); and ``beam + cold prefix``: the beam's candidates plus the cold items whose semantic-ID
    prefix (all base codes but the last) matches one of theirs, at most ceil(``--cold-epsilon`` * k) of the top-k
-   (TIGER's cold-start retrieval, ``generator.cold_beam.ColdStartBeam``).
+   (TIGER's cold-start retrieval, ``generator.decoding.cold.ColdStartBeam``).
 
 Writes the table and the command to ``experiments/results/coldstart[_TAG].{md,json}``.
 """
@@ -35,13 +35,13 @@ import numpy as np
 import yaml
 
 from experiments.dense_hybrid import budget, score
-from generator.cold_beam import ColdStartBeam
+from generator.decoding.cold import ColdStartBeam
 from generator.coldstart import add_cold_items, cold_start_split, write_warm_dataset
-from generator.datamodule import sample_users
-from generator.decode import get_decoder
-from generator.examples import history_examples
-from generator.hybrid import ALPHA_FILE, DenseDecoder, HybridDecoder, build_decoder, load_run_head
-from generator.run import load_run
+from generator.training.t5_data import sample_users
+from generator.decoding.t5_generate import get_decoder
+from generator.training.examples import history_examples
+from generator.decoding.t5_hybrid import ALPHA_FILE, DenseDecoder, HybridDecoder, build_decoder, load_run_head
+from generator.runs.folder import load_run
 from rqvae import load_quantizer
 from semid.cli import main as semid
 from semid.data import leave_one_out, load_dataset

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 
 from experiments.fusion import timed_pass
-from generator.causal.data import eval_batches, split_histories
-from generator.causal.decode import CausalDecoders, beam_search
-from generator.causal.fusion import FUSIONS
-from generator.causal.runs import choose_causal_fusion, decoders_for
-from generator.cold_beam import ColdStartBeam
+from generator.training.causal_data import eval_batches, split_histories
+from generator.decoding.causal import CausalDecoders, beam_search
+from generator.decoding.fusion import FUSIONS
+from generator.runs.causal import choose_causal_fusion, decoders_for
+from generator.decoding.cold import ColdStartBeam
 from generator.coldstart import ColdStartSplit, write_full_dataset
-from generator.datamodule import sample_users
-from generator.decode import BeamResult
-from generator.run import load_run
+from generator.training.t5_data import sample_users
+from generator.decoding.t5_generate import BeamResult
+from generator.runs.folder import load_run
 from semid.cli import main as semid
 from semid.data import Dataset, leave_one_out, load_dataset
 from semid.metrics import ndcg_at_k, recall_at_k

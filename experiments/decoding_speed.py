@@ -6,8 +6,8 @@ Part 1 (Beauty): users/second of three constrained top-k decoders on the same hi
 interleaved (so a load change on a shared machine hits all three alike), their ratios, the share of (b)'s time
 spent inside the processor, and whether the three return identical items.
   (a) ``model.generate`` + ``prefix_allowed_tokens_fn`` over a Python dict trie (the common practice: GENRE, LETTER)
-  (b) ``generator.decode.generate_topk`` (``model.generate`` + ``PrefixTreeLogitsProcessor``)
-  (c) ``generator.beam.fast_topk``
+  (b) ``generator.decoding.t5_generate.generate_topk`` (``model.generate`` + ``PrefixTreeLogitsProcessor``)
+  (c) ``generator.decoding.t5_beam.fast_topk``
 Part 2 (scale): ``PrefixTree`` build time, bytes and per-step masking time (``allowed_mask`` + ``next_nodes`` for
 2,560 beams) on 10k .. 10M random 4-level tuples of 256 codes.
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from transformers import T5ForConditionalGeneration
 
-import generator.decode as decode
-from generator.beam import fast_topk
+import generator.decoding.t5_generate as decode
+from generator.decoding.t5_beam import fast_topk
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, write_json
 from semid.layout import TokenLayout
@@ -94,7 +94,7 @@ def test_histories(data: Path, ids: SemanticIDs, layout: TokenLayout, num_users:
 
 def tiger_model(layout: TokenLayout, seed: int = 0) -> T5ForConditionalGeneration:
     """The ``tiger`` preset with random weights (decoding cost does not depend on the weights)."""
-    from generator.model import build_model, preset
+    from generator.models.t5 import build_model, preset
 
     torch.manual_seed(seed)
     return build_model(preset("tiger"), layout).eval()
@@ -102,7 +102,7 @@ def tiger_model(layout: TokenLayout, seed: int = 0) -> T5ForConditionalGeneratio
 
 def trained_model(run: Path, ids: SemanticIDs) -> tuple[T5ForConditionalGeneration, TokenLayout]:
     """The newest checkpoint of a training run folder (checked against ``ids``) and its token layout."""
-    from generator.model import load_checkpoint
+    from generator.models.t5 import load_checkpoint
 
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not ckpts:

@@ -2,7 +2,7 @@
 
     python -m experiments.fusion --run RUN [--checkpoint F] [--val-users 2000] [--max-users N] [--tag NAME]
 
-1. Every fusion of ``generator.causal.fusion`` (pool blend, full-catalogue blend, LIGER, reciprocal-rank fusion,
+1. Every fusion of ``generator.decoding.fusion`` (pool blend, full-catalogue blend, LIGER, reciprocal-rank fusion,
    learned per-candidate blend) is fitted on ``--val-users`` validation users and the hybrid's fusion is chosen on
    as many other validation users (exactly what ``semid evaluate --decoder hybrid`` does; the choice is stored in
    RUN/hybrid.json).
@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.causal.data import eval_batches, split_histories
-from generator.causal.decode import CausalDecoders
-from generator.causal.fusion import FUSIONS
-from generator.causal.runs import choose_causal_fusion, trained_tree
-from generator.datamodule import sample_users
-from generator.run import load_run
+from generator.training.causal_data import eval_batches, split_histories
+from generator.decoding.causal import CausalDecoders
+from generator.decoding.fusion import FUSIONS
+from generator.runs.causal import choose_causal_fusion, trained_tree
+from generator.training.t5_data import sample_users
+from generator.runs.folder import load_run
 from semid.data import leave_one_out, load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import ndcg_at_k, paired_bootstrap, recall_at_k

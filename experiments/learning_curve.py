@@ -5,7 +5,7 @@
 
 ``train`` trains one design for the largest budget (wall clock, ``--threads`` torch threads) and keeps the best
 checkpoint *as of* each budget (chosen on ``--val-users`` validation users for the decoder the design serves with;
-``generator.train.BudgetSnapshots``); then every snapshot is evaluated on **all** test users with each decoder the
+``generator.runs.train.BudgetSnapshots``); then every snapshot is evaluated on **all** test users with each decoder the
 run has (beam with 20 beams, exact, dense, hybrid with alpha chosen on 2,000 validation users). It records training
 throughput (next-item targets per second: targets per epoch x epochs / training seconds) and decoding users/s.
 
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import yaml
 
-from generator.evaluate import evaluate_run
-from generator.train import TrainOptions, train_run
+from generator.runs.evaluate import evaluate_run
+from generator.runs.train import TrainOptions, train_run
 from semid.io import atomic_open, write_json
 
 RESULTS = Path(__file__).parent / "results"

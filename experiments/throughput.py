@@ -34,12 +34,12 @@ def _time(step, batches, steps: int) -> tuple[float, int]:  # noqa: ANN001
 
 
 def main(argv: list[str] | None = None) -> None:
-    from generator.causal.data import CausalDataModule, collate_windows
-    from generator.causal.system import CausalSystem
-    from generator.datamodule import GeneratorDataModule
-    from generator.hybrid import dense_setup
-    from generator.system import GeneratorSystem
-    from generator.train import preset
+    from generator.training.causal_data import CausalDataModule, collate_windows
+    from generator.training.causal_system import CausalSystem
+    from generator.training.t5_data import GeneratorDataModule
+    from generator.decoding.t5_hybrid import dense_setup
+    from generator.training.t5_system import GeneratorSystem
+    from generator.runs.train import preset
     from semid.data import leave_one_out, load_dataset
     from semid.ids import SemanticIDs
     from semid.tree import PrefixTree
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         t5 = GeneratorSystem(cfg, layout, "-", tree, dense_head=ds.head, objective=ds.objective)
         t5.log = t5.log_dict = lambda *a, **k: None
         opt = torch.optim.AdamW(t5.parameters(), lr=1e-3)
-        from generator.examples import collate
+        from generator.training.examples import collate
 
         def t5_step(index, t5=t5, opt=opt, dm=dm, layout=layout) -> int:  # noqa: ANN001
             b = collate(dm.train_examples, index, layout.pad_token_id)

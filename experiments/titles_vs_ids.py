@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from generator.evaluate import evaluate
-from generator.run import load_run
-from generator.titles.decoders import LENGTH_PENALTY
-from generator.titles.runs import evaluate_generated, load_any_run
-from generator.train import TrainOptions, train_run
+from generator.runs.evaluate import evaluate
+from generator.runs.folder import load_run
+from generator.decoding.titles import LENGTH_PENALTY
+from generator.runs.titles import evaluate_generated, load_any_run
+from generator.runs.train import TrainOptions, train_run
 from semid.data import leave_one_out, load_dataset
 from semid.io import atomic_open, write_json
 
@@ -212,7 +212,7 @@ def write_table(data: dict[str, Any], tag: str) -> None:
     lines += [f"| {x['length_penalty']:g} | {x['recall@5']:.4f} | {x['ndcg@5']:.4f} | {x['recall@10']:.4f} | {x['ndcg@10']:.4f} | "
               f"{x['users'] / max(x['seconds'], 1e-9):.0f} |" for x in length]
     lines += ["", f"Chosen on validation (best N@10): a = {best:g}, used for both title rows above; the decoders' default "
-              f"(`generator.titles.decoders.LENGTH_PENALTY`) is {LENGTH_PENALTY:g}.", "",
+              f"(`generator.decoding.titles.LENGTH_PENALTY`) is {LENGTH_PENALTY:g}.", "",
               "Command:", "", f"    {data['command']}"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from generator.dense import DenseHead
+from generator.models.dense import DenseHead
 from semid.data import EMBEDDING_PREFIX, Catalogue, Dataset
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json

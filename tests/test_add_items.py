@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from generator.catalogue import ADDED_CONTENT, lineage
-from generator.causal.runs import decoders_for
-from generator.model import ids_digest
-from generator.recommend import recommend
-from generator.run import load_run
+from generator.runs.catalogue import ADDED_CONTENT, lineage
+from generator.runs.causal import decoders_for
+from generator.models.t5 import ids_digest
+from generator.runs.recommend import recommend
+from generator.runs.folder import load_run
 from rqvae import load_quantizer
 from semid.cli import main
 from semid.ids import SemanticIDs
@@ -66,7 +66,7 @@ HISTORIES = [[1, 2, 3], [10, 12, 14, 16], [5], [30, 31]]
 
 def _scores(run, name: str) -> torch.Tensor:
     """Each decoder's score of every item for HISTORIES: (B, N) from the exact or dense head."""
-    from generator.causal.data import history_batch
+    from generator.training.causal_data import history_batch
 
     dec = decoders_for(run, name)
     b = history_batch([np.array(h) for h in HISTORIES], np.full(len(HISTORIES), -1), run.ids, run.max_history)
@@ -146,7 +146,7 @@ def test_versions_chain_and_a_checkpoint_refuses_ids_that_do_not_extend_its_own(
 
 
 def test_evaluate_on_the_new_data_scores_every_decoder(world: dict[str, Path]) -> None:
-    from generator.evaluate import evaluate_run
+    from generator.runs.evaluate import evaluate_run
 
     run_dir = _fresh(world, "run_eval")
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 0

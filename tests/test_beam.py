@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LogitsProcessorList, T5Config, T5ForConditionalGeneration
 
-from generator.beam import auto_batch_size, fast_topk
-from generator.decode import generate_topk
+from generator.decoding.t5_beam import auto_batch_size, fast_topk
+from generator.decoding.t5_generate import generate_topk
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.processor import PrefixTreeLogitsProcessor

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generator.causal.data import collate_windows, training_windows
-from generator.causal.decode import CausalDecoders, beam_search, edge_tables, exact_scores, item_paths
-from generator.causal.model import CausalConfig, CausalGenerator, code_loss
+from generator.training.causal_data import collate_windows, training_windows
+from generator.decoding.causal import CausalDecoders, beam_search, edge_tables, exact_scores, item_paths
+from generator.models.causal import CausalConfig, CausalGenerator, code_loss
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
 from tests.reference import DictTrie
@@ -186,7 +186,7 @@ def test_node_vectors_reach_exactly_the_logit_of_their_own_tree_node() -> None:
 
 
 def test_history_batches_keep_the_last_items_right_padded() -> None:
-    from generator.causal.data import history_batch
+    from generator.training.causal_data import history_batch
 
     _, ids, _ = make()
     hists = [np.array([1, 2, 3, 4, 5, 6, 7]), np.array([9]), np.array([5, 4])]

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from generator.recommend import recommend
-from generator.run import load_run
+from generator.runs.recommend import recommend
+from generator.runs.folder import load_run
 from semid.cli import main
 from semid.ids import SemanticIDs
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
@@ -156,7 +156,7 @@ def test_a_run_with_swapped_semantic_ids_is_refused(trained: dict[str, Path], tm
 
 
 def test_demo_pipeline_trains_evaluates_and_shows(tmp_path: Path) -> None:
-    from generator.pipeline import train_evaluate_show
+    from generator.runs.demo import train_evaluate_show
 
     data = write_random_dataset(tmp_path / "data")
     report = train_evaluate_show(data, write_ids(tmp_path / "ids.npz"), tmp_path / "run", max_time=None, max_epochs=1, eval_users=10, progress=False)
@@ -168,8 +168,8 @@ def test_demo_pipeline_trains_evaluates_and_shows(tmp_path: Path) -> None:
 def test_evaluate_fails_on_a_broken_decoder(
     trained: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import generator.evaluate as ev
-    from generator.decode import BeamResult
+    import generator.runs.evaluate as ev
+    from generator.decoding.t5_generate import BeamResult
 
     def duplicating(model, input_ids, attention_mask, tree, layout, *, k, num_beams):  # noqa: ANN001, ANN202
         items = torch.full((input_ids.shape[0], k), int(NUM_ITEMS) + 10**6)
@@ -206,14 +206,14 @@ def test_a_run_without_validation_says_its_checkpoint_was_not_selected(
     assert main(argv) == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["best_checkpoint"] == "checkpoints/last.ckpt" and config["selected_on_validation"] is False
-    with caplog.at_level(logging.WARNING, logger="generator.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="generator.runs.evaluate"):
         assert main(["evaluate", "--run", str(run), "--num-beams", "12", "--no-progress"]) == 0
     assert json.loads((run / "metrics_test.json").read_text())["selected_on_validation"] is False
     assert "not selected on validation" in caplog.text
 
 
 def test_train_options_from_dict_rejects_unknown_keys() -> None:
-    from generator.train import TrainOptions
+    from generator.runs.train import TrainOptions
 
     assert TrainOptions.from_dict({"batch_size": 8}).batch_size == 8
     with pytest.raises(ValueError, match="batchsize"):
@@ -226,12 +226,12 @@ def test_recommend_checks_all_histories_and_warns_without_a_user(trained: dict[s
     r = load_run(trained["run"])
     with pytest.raises(ValueError, match=r"`histories\[2\]` holds unknown item id 999"):
         recommend(r, [[3, 4], [5], [6, 999, 7]], k=5)
-    with caplog.at_level(logging.WARNING, logger="generator.recommend"):
+    with caplog.at_level(logging.WARNING, logger="generator.runs.recommend"):
         recommend(r, [[3, 4], [5]], k=5)
     warnings = [rec for rec in caplog.records if "user tokens" in rec.getMessage()]
     assert len(warnings) == 1 and "--user" in warnings[0].getMessage()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="generator.recommend"):
+    with caplog.at_level(logging.WARNING, logger="generator.runs.recommend"):
         recommend(r, [[3, 4], [5]], k=5, user_ids=[1, 2])
     assert not caplog.records
 

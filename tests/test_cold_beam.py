@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from generator.cold_beam import ColdStartBeam, prefix_keys
-from generator.decode import BeamResult
+from generator.decoding.cold import ColdStartBeam, prefix_keys
+from generator.decoding.t5_generate import BeamResult
 from semid.ids import SemanticIDs
 
 # base codes (3 levels of 4); prefix = the first two

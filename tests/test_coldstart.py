@@ -18,7 +18,7 @@ from generator.coldstart import (
     remove_items,
     write_warm_dataset,
 )
-from generator.dense import DenseHead, DenseHeadConfig
+from generator.models.dense import DenseHead, DenseHeadConfig
 from semid.data import leave_one_out, load_dataset
 from semid.ids import SemanticIDs
 from tests.conftest import TINY_EMBEDDINGS, TINY_SEQUENCES

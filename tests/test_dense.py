@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generator.dense import (
+from generator.models.dense import (
     DenseHead,
     DenseHeadConfig,
     candidate_softmax_loss,

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from generator.hybrid import ALPHA_FILE, load_run_head
-from generator.model import with_integrity
-from generator.recommend import recommend
-from generator.run import load_run
+from generator.decoding.t5_hybrid import ALPHA_FILE, load_run_head
+from generator.models.t5 import with_integrity
+from generator.runs.recommend import recommend
+from generator.runs.folder import load_run
 from semid.cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
@@ -57,7 +57,7 @@ def test_joint_training_stores_the_head(joint_run: Path) -> None:
 def test_evaluate_with_dense_and_hybrid_decoders(
     joint_run: Path, folders: dict[str, Path], decoder: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import generator.hybrid as hybrid
+    import generator.decoding.t5_hybrid as hybrid
     from semid.data import leave_one_out, load_dataset
 
     seen = []  # the targets alpha was chosen on
@@ -116,7 +116,7 @@ def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tm
     import logging
     import shutil
 
-    from generator.hybrid import build_decoder
+    from generator.decoding.t5_hybrid import build_decoder
     from semid.data import leave_one_out, load_dataset
 
     run = tmp_path / "run"
@@ -134,7 +134,7 @@ def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tm
     ckpt = torch.load(r.checkpoint, weights_only=False)
     ckpt["global_step"] += 1
     torch.save(with_integrity(ckpt), r.checkpoint)  # written as semid writes checkpoints (a digest of the new content)
-    with caplog.at_level(logging.INFO, logger="generator.hybrid"):
+    with caplog.at_level(logging.INFO, logger="generator.decoding.t5_hybrid"):
         build_decoder(r, "hybrid", split=split, num_beams=12)
     assert "checkpoint_sha256" in caplog.text
     assert json.loads((run / ALPHA_FILE).read_text())["checkpoint_sha256"] != stored["checkpoint_sha256"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
-from generator.beam import fast_topk
-from generator.dense import (
+from generator.decoding.t5_beam import fast_topk
+from generator.models.dense import (
     STATE_PREFIX,
     DenseHead,
     DenseHeadConfig,
@@ -17,7 +17,7 @@ from generator.dense import (
     joint_loss,
     load_dense_head,
 )
-from generator.hybrid import DenseDecoder, HybridDecoder, teacher_forced_logprob
+from generator.decoding.t5_hybrid import DenseDecoder, HybridDecoder, teacher_forced_logprob
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree

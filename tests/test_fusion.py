@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import generator.causal.runs as causal_runs
-from generator.causal.decode import CausalDecoders
-from generator.causal.fusion import FEATURES, FUSIONS, Parts, check_fusion, choose_fusion, fit_params, fuse
+import generator.runs.causal as causal_runs
+from generator.decoding.causal import CausalDecoders
+from generator.decoding.fusion import FEATURES, FUSIONS, Parts, check_fusion, choose_fusion, fit_params, fuse
 from semid.metrics import paired_bootstrap
 from tests.test_causal import make, reference_logprob
 

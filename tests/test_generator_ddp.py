@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from generator.run import load_run
-from generator.train import TrainOptions, train_run
+from generator.runs.folder import load_run
+from generator.runs.train import TrainOptions, train_run
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
 

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generator.datamodule import eval_batches, sample_users, split_examples
-from generator.examples import (
+from generator.training.t5_data import eval_batches, sample_users, split_examples
+from generator.training.examples import (
     BucketBatchSampler,
     collate,
     history_examples,
@@ -90,8 +90,8 @@ def test_batches_are_right_padded_and_mix_rows_with_and_without_user_token() -> 
 
 def test_the_datamodule_and_dense_setup_train_on_the_training_prefixes_only(tmp_path: Path) -> None:
     # as above: items 31..40 appear only as validation targets, 41..50 only as test targets
-    from generator.datamodule import GeneratorDataModule
-    from generator.hybrid import dense_setup
+    from generator.training.t5_data import GeneratorDataModule
+    from generator.decoding.t5_hybrid import dense_setup
 
     ids = random_ids(num_items=50)
     layout = ids.layout(16)

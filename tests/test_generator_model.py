@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from generator.decode import get_decoder
-from generator.model import (
+from generator.decoding.t5_generate import get_decoder
+from generator.models.t5 import (
     CHECKPOINT_KEY,
     GeneratorConfig,
     build_model,
@@ -22,7 +22,7 @@ from generator.model import (
     preset,
     seq2seq_loss,
 )
-from generator.system import GeneratorSystem, OptimConfig, lr_factor
+from generator.training.t5_system import GeneratorSystem, OptimConfig, lr_factor
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
 from tests.test_generator_helpers import random_ids
@@ -119,10 +119,10 @@ def test_decoder_switch() -> None:
 
 
 def test_beam_decoder_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setitem(sys.modules, "generator.beam", None)  # as if generator/beam.py were not installed
-    with pytest.raises(ValueError, match="needs generator.beam.fast_topk.*use decoder='generate'"):
+    monkeypatch.setitem(sys.modules, "generator.decoding.t5_beam", None)  # as if generator/beam.py were not installed
+    with pytest.raises(ValueError, match="needs generator.decoding.t5_beam.fast_topk.*use decoder='generate'"):
         get_decoder("beam")
-    with caplog.at_level(logging.WARNING, logger="generator.decode"):
+    with caplog.at_level(logging.WARNING, logger="generator.decoding.t5_generate"):
         assert get_decoder("auto").__name__ == "generate_topk"
     assert "falling back to model.generate" in caplog.text
 
@@ -130,6 +130,6 @@ def test_beam_decoder_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, 
 def test_a_broken_beam_module_is_not_a_silent_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     import types
 
-    monkeypatch.setitem(sys.modules, "generator.beam", types.ModuleType("generator.beam"))  # no fast_topk
+    monkeypatch.setitem(sys.modules, "generator.decoding.t5_beam", types.ModuleType("generator.decoding.t5_beam"))  # no fast_topk
     with pytest.raises(AttributeError, match="fast_topk"):
         get_decoder("auto")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from generator.decode import BeamResult
-from generator.hybrid import (
+from generator.decoding.t5_generate import BeamResult
+from generator.decoding.t5_hybrid import (
     HybridCandidates,
     blend,
     choose_alpha,
@@ -103,7 +103,7 @@ def test_alpha_stored_for_the_old_beam_only_pool_is_not_reused(tmp_path, monkeyp
     import json
     from types import SimpleNamespace
 
-    from generator import hybrid
+    from generator.decoding import t5_hybrid as hybrid
 
     monkeypatch.setattr(hybrid, "_alpha_key", lambda run: {"checkpoint": "c", "pool": hybrid.POOL})
     run = SimpleNamespace(path=tmp_path)

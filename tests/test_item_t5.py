@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from generator.beam import fast_topk
-from generator.decode import generate_topk
-from generator.model import ItemLevelEncoder, build_model, preset
+from generator.decoding.t5_beam import fast_topk
+from generator.decoding.t5_generate import generate_topk
+from generator.models.t5 import ItemLevelEncoder, build_model, preset
 from semid.cli import main
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree

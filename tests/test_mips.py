@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from generator.mips import KINDS, MIPSIndex, exact_topk, import_faiss
+from generator.decoding.mips import KINDS, MIPSIndex, exact_topk, import_faiss
 
 
 def _data(B: int = 9, N: int = 300, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

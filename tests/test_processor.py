@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, T5Config, T5ForConditionalGeneration
 
-from generator.decode import generate_topk
+from generator.decoding.t5_generate import generate_topk
 from semid.ids import SemanticIDs
 from semid.processor import PrefixTreeLogitsProcessor
 from semid.tree import PrefixTree

@@ -18,11 +18,11 @@ import pytest
 import torch
 import yaml
 
-from generator.model import safe_load
-from generator.recommend import recommend
-from generator.resume import ResumableLoader, TrainingInterrupted, step_seed
-from generator.run import load_run
-from generator.train import TrainOptions, train_run
+from generator.models.t5 import safe_load
+from generator.runs.recommend import recommend
+from generator.training.resume import ResumableLoader, TrainingInterrupted, step_seed
+from generator.runs.folder import load_run
+from generator.runs.train import TrainOptions, train_run
 from semid.cli import main
 from semid.io import folder_lock
 from tests.test_generator_helpers import write_ids, write_random_dataset
@@ -178,7 +178,7 @@ def test_a_resumed_run_that_had_early_stopped_stops_where_it_did(setup: dict[str
 
 
 def test_the_loader_skips_the_batches_it_had_served_and_only_in_that_epoch() -> None:
-    from generator.examples import BucketBatchSampler
+    from generator.training.examples import BucketBatchSampler
 
     sampler = BucketBatchSampler(torch.arange(40).numpy() % 7 + 1, 4, seed=3, bucket_batches=2)
     loader = ResumableLoader(list(range(40)), batch_sampler=sampler)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from generator.run import best_checkpoint, read_config, write_config
+from generator.runs.folder import best_checkpoint, read_config, write_config
 from semid.cli import main
 from semid.ids import SemanticIDs
 from tests.conftest import write_canonical

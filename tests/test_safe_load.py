@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.model import INTEGRITY_KEY, safe_load, with_integrity
-from generator.run import load_run
+from generator.models.t5 import INTEGRITY_KEY, safe_load, with_integrity
+from generator.runs.folder import load_run
 from semid.cli import main
 from tests.test_causal_run import FLAGS
 from tests.test_generator_helpers import write_ids, write_random_dataset

@@ -11,11 +11,11 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from generator.evaluate import evaluate_run
-from generator.recommend import recommend
-from generator.titles.model import TitleGenerator
-from generator.titles.runs import TitleRun, load_any_run
-from generator.train import TrainOptions
+from generator.runs.evaluate import evaluate_run
+from generator.runs.recommend import recommend
+from generator.models.titles import TitleGenerator
+from generator.runs.titles import TitleRun, load_any_run
+from generator.runs.train import TrainOptions
 from semid.cli import main
 from semid.titles import TitleTokenizer
 from tests.test_embed import model_dir  # noqa: F401 (a tiny local BERT folder: the grounding encoder)

@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"semid {args.command}: error: {e}  (--debug shows the traceback)", file=sys.stderr)
         return 2
-    except BaseException as e:  # generator.resume.TrainingInterrupted (SIGINT/SIGTERM), not imported here: exit 130/143
+    except BaseException as e:  # generator.training.resume.TrainingInterrupted (SIGINT/SIGTERM), not imported here: exit 130/143
         if args.debug or not isinstance(getattr(e, "exit_code", None), int):
             raise
         print(f"semid {args.command}: {e}", file=sys.stderr)

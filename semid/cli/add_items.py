@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from generator.catalogue import add_items
+    from generator.runs.catalogue import add_items
 
     added = add_items(args.run, args.data, embeddings=args.embeddings, quantizer=args.quantizer)
     print(f"added {added.item_ids.size:,} items (ids {int(added.item_ids[0])}..{int(added.item_ids[-1])}): "

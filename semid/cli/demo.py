@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from generator.pipeline import train_evaluate_show  # heavy imports only when the command runs
+    from generator.runs.demo import train_evaluate_show  # heavy imports only when the command runs
     from semid.cli import build_parser
 
     start = time.perf_counter()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from generator.evaluate import DecoderError, evaluate_run, parse_ks
-from generator.hybrid import ALL_DECODERS
-from generator.run import metrics_file
+from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
+from generator.decoding.t5_hybrid import ALL_DECODERS
+from generator.runs.folder import metrics_file
 
 
 def _users(text: str) -> int | None:

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from generator.hybrid import ALL_DECODERS
-from generator.recommend import recommend
-from generator.titles.runs import load_any_run
+from generator.decoding.t5_hybrid import ALL_DECODERS
+from generator.runs.recommend import recommend
+from generator.runs.titles import load_any_run
 from semid.data import load_dataset
 
 

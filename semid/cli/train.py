@@ -1,6 +1,6 @@
 """`semid train --data DATA --ids IDS --out RUN`: train the generator into a run folder.
 
-The work is done by :func:`generator.train.train_run`; this module parses arguments and prints where things went.
+The work is done by :func:`generator.runs.train.train_run`; this module parses arguments and prints where things went.
 With ``--resume`` the options stored in RUN/config.yaml are the defaults, and flags given override them.
 """
 
@@ -11,11 +11,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from generator.dense import MODES
-from generator.hybrid import DenseOptionsAction
-from generator.resume import TrainingInterrupted
-from generator.run import IDS_FILE, read_config
-from generator.train import DESIGN_DEFAULTS, PRESETS, TrainOptions, train_run
+from generator.models.dense import MODES
+from generator.decoding.t5_hybrid import DenseOptionsAction
+from generator.training.resume import TrainingInterrupted
+from generator.runs.folder import IDS_FILE, read_config
+from generator.runs.train import DESIGN_DEFAULTS, PRESETS, TrainOptions, train_run
 
 
 def _users(text: str) -> int | None:
@@ -75,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--model-option", dest="model_options", action=ModelOptionsAction, metavar="KEY=VALUE",
                    help="causal design: a CausalConfig field over the preset's, repeatable: dropout=0.3, "
                    "head_dropout=0.2, node_dropout=0.2, node_vectors=false, num_layers=3, ...")
-    g = p.add_argument_group("dense head (MIPS decoding; see generator/dense.py)")
+    g = p.add_argument_group("dense head (MIPS decoding; see generator/models/dense.py)")
     g.add_argument("--dense", choices=("none", *MODES), help="the dense head's item vectors: a learned table, content "
                    "embeddings, or both (causal: id | both, where both also feeds content to the item inputs; none: no "
                    f"head) {_d('dense')}")
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--dense-embeddings", help=f"content embeddings DATA/item_emb_<NAME>.npy (default {d.dense_embeddings})")
     g.add_argument("--dense-option", dest="dense_options", action=DenseOptionsAction, metavar="KEY=VALUE",
                    help="a DenseHeadConfig field, repeatable: dim=128, pooling=last, loss=sampled, temperature=0.05, id_dropout=0.2, ...")
-    g = p.add_argument_group("title targets (GENRE / BIGRec; see generator/titles/)")
+    g = p.add_argument_group("title targets (GENRE / BIGRec; see generator/models/titles.py)")
     g.add_argument("--target", choices=("ids", "title"), help="what the generator emits for the next item: its semantic "
                    "ID (default) or its title's tokens, on the same causal backbone (item-level history)")
     g.add_argument("--tokenizer", help="--target title: a local tokenizer folder (read with local_files_only; default: "
@@ -112,10 +112,10 @@ class ModelOptionsAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
         import yaml
 
-        from generator.causal.model import CausalConfig
+        from generator.models.causal import CausalConfig
 
         key, sep, text = str(value).partition("=")
-        from generator.titles.runs import TITLE_OPTION_KEYS
+        from generator.runs.titles import TITLE_OPTION_KEYS
 
         known = (set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}) | set(TITLE_OPTION_KEYS)
         if not sep or key not in known:

@@ -1,0 +1,155 @@
+"""Cold items into beam results by semantic-ID prefix (TIGER, Rajput et al. 2023, cold-start section).
+
+The generator never saw a cold item's code path, so beam search does not reach it even once it is in the prefix
+tree. TIGER's remedy: generate candidates as usual, then retrieve the *new* items whose semantic-ID prefix (the
+first ``prefix_levels`` codes) matches a candidate's, and let them take at most a share ``epsilon`` of the top-k.
+
+:class:`ColdStartBeam` does that around any beam decoder, vectorised over users and candidates (loops only over
+code levels): candidates -> mixed-radix prefix keys -> ``searchsorted`` into the cold items sorted by key once at
+construction -> each matched cold item gets the score of the best-ranked candidate it matched -> merge, drop
+duplicates, cap the cold items at ceil(epsilon * k), take the top-k.
+
+Dimensions: B histories, C beam candidates, P cold matches kept per candidate, N items, L code levels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from generator.decoding.t5_beam import fast_topk
+from generator.decoding.t5_generate import BeamResult, check_beam_args
+from semid.ids import SemanticIDs
+from semid.layout import TokenLayout
+from semid.tree import PrefixTree
+
+
+def prefix_keys(codes: torch.Tensor, sizes: tuple[int, ...], levels: int) -> torch.Tensor:
+    """Mixed-radix int64 key of the first ``levels`` codes, (..., L) -> (...); -1 where any of them is negative."""
+    keys = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=codes.device)
+    for level in range(levels):  # loop over code levels
+        keys = keys * int(sizes[level]) + codes[..., level]
+    return torch.where((codes[..., :levels] < 0).any(-1), -1, keys)
+
+
+class ColdStartBeam:
+    """A beam decoder whose top-k may hold cold items that share a prefix with its candidates.
+
+    Args:
+        ids: the semantic IDs *after* ``add_items`` (warm and cold items).
+        cold_item_ids: int (M,), the cold items (each in ``ids``).
+        epsilon: the largest share of the top-k that cold items may take: at most ceil(epsilon * k) slots.
+        prefix_levels: codes compared (default: all base levels but the last, ``ids.num_base_levels - 1``).
+        num_candidates: C, beam candidates whose prefixes are looked up (default: max(k, num_beams) at each call).
+        max_per_prefix: P, cold items retrieved per candidate (those sharing its prefix, by ascending item id).
+        beam: the beam-search function (``generator.decoding.t5_beam.fast_topk`` or ``generator.decoding.t5_generate.generate_topk``).
+
+    The call has the signature and return of ``generator.decoding.t5_generate.generate_topk``. A matched cold item scores what
+    its best-ranked matching candidate scored and ranks right after it; the rest of the top-k are the beam's own
+    items, best first, no duplicates. Cold items the beam returns by itself count as cold too (capped alike). The
+    cap holds whenever the beam's C candidates hold at least k - ceil(epsilon * k) warm items; should they not,
+    over-cap cold items fill the remaining slots (a ranking always has k items). With no match the result is the
+    beam's own top-k.
+    """
+
+    def __init__(
+        self,
+        ids: SemanticIDs,
+        cold_item_ids: np.ndarray,
+        *,
+        epsilon: float = 0.1,
+        prefix_levels: int | None = None,
+        num_candidates: int | None = None,
+        max_per_prefix: int = 3,
+        beam: Callable[..., BeamResult] = fast_topk,
+    ) -> None:
+        if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"`epsilon` must be a number in [0, 1], got {epsilon!r}")
+        base = ids.num_base_levels
+        prefix_levels = base - 1 if prefix_levels is None else prefix_levels
+        if not isinstance(prefix_levels, int) or isinstance(prefix_levels, bool) or not 1 <= prefix_levels <= ids.num_levels:
+            raise ValueError(f"`prefix_levels` must be an int in [1, {ids.num_levels}], got {prefix_levels!r}")
+        if not isinstance(max_per_prefix, int) or isinstance(max_per_prefix, bool) or max_per_prefix < 1:
+            raise ValueError(f"`max_per_prefix` must be a positive int, got {max_per_prefix!r}")
+        if num_candidates is not None:
+            check_beam_args(1, num_candidates, ids.num_items)
+        if math.prod(ids.codebook_sizes[:prefix_levels]) >= 2**62:
+            raise ValueError(f"the prefix space {list(ids.codebook_sizes[:prefix_levels])} is too large for an int64 key")
+        cold = np.unique(np.asarray(cold_item_ids, dtype=np.int64))
+        if cold.size == 0:
+            raise ValueError("`cold_item_ids` must hold at least one item")
+        if not np.isin(cold, ids.item_ids).all():
+            raise ValueError(f"`cold_item_ids` must be items of `ids`; {int(cold[~np.isin(cold, ids.item_ids)][0])} is not")
+        self.ids, self.epsilon, self.prefix_levels = ids, float(epsilon), prefix_levels
+        self.num_candidates, self.max_per_prefix, self.beam = num_candidates, max_per_prefix, beam
+        self.sizes = tuple(int(s) for s in ids.codebook_sizes)
+        codes = torch.from_numpy(ids.codes_of(cold))  # (M, L)
+        keys = prefix_keys(codes, self.sizes, prefix_levels)  # (M,)
+        order = torch.argsort(keys, stable=True)  # by key, then by item id (cold is ascending)
+        self.cold_keys, self.cold_items, self.cold_codes = keys[order], torch.from_numpy(cold)[order], codes[order]
+        self.__name__ = (f"ColdStartBeam(epsilon={self.epsilon}, prefix_levels={prefix_levels}, "
+                         f"max_per_prefix={max_per_prefix}, beam={getattr(beam, '__name__', beam)})")
+
+    def max_cold(self, k: int) -> int:
+        """Cold slots allowed in a top-k: ceil(epsilon * k) (with a guard against float noise such as 0.1 * 30)."""
+        return min(k, math.ceil(round(self.epsilon * k, 9)))
+
+    @torch.no_grad()
+    def __call__(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: PrefixTree,
+        layout: TokenLayout, *, k: int, num_beams: int,
+    ) -> BeamResult:
+        """Top-k (B, k) of the beam's candidates and the cold items matching their prefixes."""
+        C = max(k, num_beams) if self.num_candidates is None else max(k, self.num_candidates)
+        res = self.beam(model, input_ids, attention_mask, tree, layout, k=C, num_beams=max(num_beams, C))
+        return self.merge(res, k)
+
+    def merge(self, res: BeamResult, k: int) -> BeamResult:
+        """The top-k (B, k) of beam candidates ``res`` (B, C) and the cold items sharing their prefixes."""
+        B, C = res.items.shape
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= C:
+            raise ValueError(f"`k` must be an int in [1, {C}] (the number of beam candidates), got {k!r}")
+        device, P = res.items.device, self.max_per_prefix
+        cold_keys, cold_items, cold_codes = (t.to(device) for t in (self.cold_keys, self.cold_items, self.cold_codes))
+        M = cold_keys.numel()
+        valid_cand = torch.isfinite(res.scores) & (res.items >= 0)
+
+        # candidates -> up to P cold items with the same prefix key: (B, C, P)
+        keys = prefix_keys(res.codes, self.sizes, self.prefix_levels)  # (B, C)
+        lo = torch.searchsorted(cold_keys, keys.contiguous())  # first cold item with key >= the candidate's
+        hi = torch.searchsorted(cold_keys, keys.contiguous(), right=True)
+        idx = lo.unsqueeze(-1) + torch.arange(P, device=device)  # (B, C, P)
+        hit = (idx < hi.unsqueeze(-1)) & (valid_cand & (keys >= 0)).unsqueeze(-1)
+        idx = idx.clamp_max(M - 1)
+        m_items = torch.where(hit, cold_items[idx], -1).reshape(B, C * P)
+        m_scores = torch.where(hit, res.scores.unsqueeze(-1), float("-inf")).reshape(B, C * P).to(res.scores.dtype)
+        m_codes = cold_codes[idx].reshape(B, C * P, -1)
+
+        # the pool: candidates first, then matches in candidate-rank order; sorted by score (stable: a match ranks
+        # right after the best candidate it matched), so a duplicate's first occurrence is its best placement
+        items = torch.cat([torch.where(valid_cand, res.items, -1), m_items], 1)  # (B, C + C*P)
+        scores = torch.cat([torch.where(valid_cand, res.scores, float("-inf")), m_scores], 1)
+        codes = torch.cat([res.codes, m_codes.to(res.codes.dtype)], 1)
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        items, scores = items.gather(1, order), scores.gather(1, order)
+        valid = items >= 0
+        by_item = torch.argsort(items, dim=1, stable=True)  # among equal items, the best placement first
+        sorted_items = items.gather(1, by_item)
+        dup_sorted = torch.zeros_like(valid)
+        dup_sorted[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
+        dup = torch.zeros_like(valid).scatter(1, by_item, dup_sorted)
+
+        # at most max_cold(k) cold items, the best-scored; warm items fill the rest
+        fresh = valid & ~dup
+        is_cold = fresh & torch.isin(items, cold_items)
+        over = is_cold & (torch.cumsum(is_cold.long(), 1) > self.max_cold(k))
+        tier = torch.where(fresh & ~over, 0, torch.where(fresh, 1, 2))  # kept, over-cap fill, nothing
+        pos = torch.arange(items.shape[1], device=device)
+        pick = torch.argsort(tier * items.shape[1] + pos, dim=1)[:, :k]  # (B, k) positions in score order
+        take = order.gather(1, pick)  # positions in the pool
+        L = codes.shape[2]
+        return BeamResult(items.gather(1, pick), scores.gather(1, pick), codes.gather(1, take.unsqueeze(2).expand(-1, -1, L)))

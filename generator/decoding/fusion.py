@@ -1,0 +1,226 @@
+"""Fusions of the causal model's generative and dense heads (the ``hybrid`` decoder), chosen on validation users.
+
+Both heads score the whole catalogue for a history: ``exact`` (B, N), every item's log-likelihood under the code
+head (one matrix product per level, ``generator.decoding.causal.exact_scores``), and ``dense`` (B, N), the dense
+head's log-softmax. Both are distributions over the items the model was trained with; items added after training
+are scored on the trained items' scale (their exact scores are not renormalised, so a row's mass can exceed 1). The *generative list* is the exact top-C: what beam search returns
+when it finds the best C items (beam = exact at M = N; on Beauty their Recall@10 agree to 0.0001), computed without a
+beam, so no candidate is ever teacher-forced one by one and the encoder pass is shared. A fusion ranks items by:
+
+- ``blend``   the pool of the generative top-C and the dense top-C, ranked by ``alpha * exact + (1 - alpha) * dense``.
+- ``full``    the same blend over *every* item (a weighted product of the two experts); no pool.
+- ``liger``   LIGER's scheme: the generative top-C plus every cold item (items added after training), ranked densely.
+- ``rrf``     reciprocal-rank fusion of the two top-C lists: ``1/(k0 + 1 + rank_gen) + 1/(k0 + 1 + rank_dense)``.
+- ``learned`` a linear score over what is known per pool candidate: both log-probabilities, whether it is in both
+  lists or one, and its rank in each (a listwise softmax fitted on validation users, L2-regularised).
+
+:func:`choose_fusion` fits each fusion's parameters on one sample of validation users and picks the fusion with the
+best NDCG@10 on a second, disjoint sample, so the choice is made on validation only and not on the users it was
+fitted to. Test users are never seen.
+
+Shapes: B histories, N items, C candidates per list, W pool width, F features, Nc cold items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from generator.decoding.t5_hybrid import union_rows
+from semid.metrics import ndcg_at_k
+
+FUSIONS = ("blend", "full", "liger", "rrf", "learned")
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+RRF_GRID = (1.0, 5.0, 10.0, 20.0, 60.0)
+FEATURES = ("exact", "dense", "in_both", "gen_only", "log_gen_rank", "log_dense_rank", "exact_if_gen_only",
+            "dense_if_dense_only")
+
+
+class Parts(NamedTuple):
+    """What every fusion reads, for B histories.
+
+    exact: (B, N) each item's log-likelihood under the code head; dense: (B, N) the dense head's log-softmax.
+    gen_rows: (B, C) catalogue rows of the generative list (the exact top C), best first.
+    cold_rows: (Nc,) rows of the cold items (added after training); empty when there are none.
+    """
+
+    exact: torch.Tensor
+    dense: torch.Tensor
+    gen_rows: torch.Tensor
+    cold_rows: torch.Tensor
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.gen_rows.shape[1])
+
+
+class Pool(NamedTuple):
+    """Per history the union of the generative top-C and the dense top-C (W = 2C), with each candidate's features.
+
+    rows: (B, W) catalogue rows, -1 in a padded slot; valid: (B, W) bool; features: (B, W, F) in :data:`FEATURES`
+    order (0 in padded slots); gen_rank / dense_rank: (B, W) 0-based rank in that list, C where it is absent.
+    """
+
+    rows: torch.Tensor
+    valid: torch.Tensor
+    features: torch.Tensor
+    gen_rank: torch.Tensor
+    dense_rank: torch.Tensor
+
+
+class FusionChoice(NamedTuple):
+    """The fusion chosen on validation: its ``kind``, its ``params``, and per kind the fitted params and NDCG@10 on
+    the fitting and on the selection users (``table``)."""
+
+    kind: str
+    params: dict[str, Any]
+    table: dict[str, dict[str, Any]]
+
+
+def check_fusion(kind: str, params: dict[str, Any]) -> None:
+    """ValueError unless ``params`` are valid for fusion ``kind`` (the boundary check for stored and given fusions)."""
+    if kind not in FUSIONS:
+        raise ValueError(f"`fusion` must be one of {list(FUSIONS)}, got {kind!r}")
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+    if kind in ("blend", "full"):
+        a = params.get("alpha")
+        if not number(a) or not 0.0 <= float(a) <= 1.0:
+            raise ValueError(f"fusion {kind!r} needs `alpha` in [0, 1], got {a!r}")
+    elif kind == "rrf":
+        k0 = params.get("k0")
+        if not number(k0) or not float(k0) > 0:
+            raise ValueError(f"fusion 'rrf' needs a finite `k0` > 0, got {k0!r}")
+    elif kind == "learned":
+        w = params.get("weights")
+        if not isinstance(w, list) or len(w) != len(FEATURES) or not all(number(x) for x in w):
+            raise ValueError(f"fusion 'learned' needs `weights`: {len(FEATURES)} finite numbers ({', '.join(FEATURES)}), got {w!r}")
+
+
+# ---- the pool and its features ---------------------------------------------------------------------------------------
+def _ranks_in(rows: torch.Tensor, lists: torch.Tensor, absent: int) -> torch.Tensor:
+    """(B, W) 0-based position of each of ``rows`` (B, W) in ``lists`` (B, C), ``absent`` where it is not there."""
+    eq = (rows[:, :, None] == lists[:, None, :]) & (rows[:, :, None] >= 0)  # (B, W, C)
+    return torch.where(eq.any(-1), eq.float().argmax(-1), absent)
+
+
+def pool(parts: Parts) -> Pool:
+    """The union of the generative top C and the dense top C, with every candidate's features (vectorised over B)."""
+    C = parts.num_candidates
+    dense_rows = parts.dense.topk(C, dim=1).indices  # (B, C)
+    rows, valid = union_rows(parts.gen_rows, dense_rows, pad=-1)  # (B, 2C)
+    safe = rows.clamp_min(0)
+    exact, dense = parts.exact.gather(1, safe), parts.dense.gather(1, safe)
+    gen_rank, dense_rank = _ranks_in(rows, parts.gen_rows, C), _ranks_in(rows, dense_rows, C)
+    in_gen, in_dense = (gen_rank < C) & valid, (dense_rank < C) & valid
+    f = torch.stack([
+        exact, dense, (in_gen & in_dense).float(), (in_gen & ~in_dense).float(),
+        torch.where(in_gen, torch.log1p(gen_rank.float()), 0.0), torch.where(in_dense, torch.log1p(dense_rank.float()), 0.0),
+        torch.where(in_gen & ~in_dense, exact, 0.0), torch.where(in_dense & ~in_gen, dense, 0.0),
+    ], dim=-1)
+    f = torch.where(valid[..., None], torch.nan_to_num(f, neginf=0.0), 0.0)  # log-probs of real items are finite
+    return Pool(rows, valid, f, gen_rank, dense_rank)
+
+
+# ---- scoring -----------------------------------------------------------------------------------------------------------
+def fuse(kind: str, params: dict[str, Any], parts: Parts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (rows (B, k), scores (B, k)) of fusion ``kind`` with ``params``; rows -1 where a pool ran short."""
+    check_fusion(kind, params)
+    if kind == "full":
+        a = float(params["alpha"])
+        scores, rows = (a * parts.exact + (1.0 - a) * parts.dense).topk(k, dim=1)
+        return rows, scores
+    if kind == "liger":
+        cold = parts.cold_rows.to(parts.gen_rows.device)
+        rows, valid = union_rows(parts.gen_rows, cold.expand(parts.gen_rows.shape[0], -1), pad=-1)
+        scores = torch.where(valid, parts.dense.gather(1, rows.clamp_min(0)), float("-inf"))
+        return _top(rows, scores, k)
+    p = pool(parts)
+    if kind == "blend":
+        a = float(params["alpha"])
+        scores = a * p.features[..., 0] + (1.0 - a) * p.features[..., 1]
+    elif kind == "rrf":
+        k0, C = float(params["k0"]), parts.num_candidates
+        scores = (torch.where(p.gen_rank < C, 1.0 / (k0 + 1.0 + p.gen_rank), 0.0)
+                  + torch.where(p.dense_rank < C, 1.0 / (k0 + 1.0 + p.dense_rank), 0.0))
+    else:  # learned
+        scores = p.features @ torch.tensor(params["weights"], dtype=p.features.dtype, device=p.features.device)
+    return _top(p.rows, torch.where(p.valid, scores, float("-inf")), k)
+
+
+def _top(rows: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if rows.shape[1] < k:  # a pool narrower than k: pad with empty slots
+        pad = k - rows.shape[1]
+        rows = torch.nn.functional.pad(rows, (0, pad), value=-1)
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    # a stable sort: tied scores (reciprocal ranks tie often) keep the pool's order (generative list first), the same
+    # on every device
+    top, order = scores.sort(dim=1, descending=True, stable=True)
+    top, order = top[:, :k], order[:, :k]
+    return torch.where(torch.isfinite(top), rows.gather(1, order), -1), top
+
+
+# ---- choosing on validation ------------------------------------------------------------------------------------------
+def _ndcg(kind: str, params: dict[str, Any], parts: Parts, target_rows: torch.Tensor, k: int = 10) -> float:
+    rows, _ = fuse(kind, params, parts, k)
+    return float(ndcg_at_k(rows, target_rows, k).mean())
+
+
+def fit_learned(parts: Parts, target_rows: torch.Tensor, *, l2: float = 1e-2, init_alpha: float = 0.5,
+                steps: int = 200) -> list[float]:
+    """Weights of the ``learned`` fusion: maximise the log-softmax of the target over each history's pool (histories
+    whose target is not in the pool carry no signal and are left out), L2-regularised, with L-BFGS."""
+    p = pool(parts)
+    hit = (p.rows == target_rows[:, None].to(p.rows.device)) & p.valid  # (B, W)
+    keep = hit.any(1)
+    feats, valid, target = p.features[keep].clone(), p.valid[keep].clone(), hit[keep].float().argmax(1)
+    w = torch.zeros(len(FEATURES), dtype=feats.dtype, device=feats.device)
+    w[0], w[1] = init_alpha, 1.0 - init_alpha  # start at the plain blend
+    w.requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = torch.where(valid, feats @ w, float("-inf"))
+        loss = torch.nn.functional.cross_entropy(logits, target) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    if keep.any():
+        with torch.inference_mode(False), torch.enable_grad():  # callers may decode under inference mode
+            opt.step(closure)
+    return [float(x) for x in w.detach()]
+
+
+def fit_params(kind: str, parts: Parts, target_rows: torch.Tensor, *, blend_alpha: float | None = None) -> dict[str, Any]:
+    """The parameters of fusion ``kind`` that maximise NDCG@10 on these (validation) histories (``learned`` starts
+    from the pool blend's fitted weight, ``blend_alpha`` when it is known already)."""
+    if kind in ("blend", "full"):
+        return {"alpha": max(ALPHA_GRID, key=lambda a: _ndcg(kind, {"alpha": a}, parts, target_rows))}
+    if kind == "rrf":
+        return {"k0": max(RRF_GRID, key=lambda k0: _ndcg(kind, {"k0": k0}, parts, target_rows))}
+    if kind == "learned":
+        a = fit_params("blend", parts, target_rows)["alpha"] if blend_alpha is None else blend_alpha
+        return {"weights": fit_learned(parts, target_rows, init_alpha=a)}
+    return {}
+
+
+def choose_fusion(fit: Parts, fit_targets: torch.Tensor, select: Parts, select_targets: torch.Tensor,
+                  kinds: Sequence[str] = FUSIONS) -> FusionChoice:
+    """Fit every fusion on ``fit`` histories, choose the best by NDCG@10 on the disjoint ``select`` histories.
+
+    Targets are catalogue rows (B,). Both samples must be validation users. On a tie the earlier kind wins.
+    """
+    if not kinds:
+        raise ValueError("`kinds` must name at least one fusion")
+    table: dict[str, dict[str, Any]] = {}
+    for kind in kinds:  # loop over the fusions (five)
+        params = fit_params(kind, fit, fit_targets, blend_alpha=table.get("blend", {}).get("params", {}).get("alpha"))
+        table[kind] = {"params": params, "fit_ndcg@10": _ndcg(kind, params, fit, fit_targets),
+                       "select_ndcg@10": _ndcg(kind, params, select, select_targets)}
+    best = max(table, key=lambda name: (table[name]["select_ndcg@10"], -list(table).index(name)))
+    return FusionChoice(best, table[best]["params"], table)

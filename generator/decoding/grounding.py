@@ -1,0 +1,238 @@
+"""Generate, then ground (BIGRec, Bao et al. 2023): free generation, mapped to real items afterwards.
+
+- **Titles** (``title-grounded``): the best free title beam (no tree) is embedded with the same sentence encoder as
+  the catalogue's titles (``semid.embed``: a local model folder, mean pooling, L2-normalised), and every item is
+  ranked by the inner product of its title embedding with it (MIPS; cosine, so the same order as BIGRec's L2
+  distance). A generated title equal to a catalogue title embeds to that item's vector and ranks it first.
+- **Semantic IDs** (``codes-grounded``, on a causal semantic-ID run): beam search over code tokens with no tree
+  mask (each level's log-softmax over its whole block), then each generated tuple is grounded by the rule: a tuple
+  that is an item is that item; otherwise take the **longest prefix it shares with a real ID** (the deepest tree
+  node its codes reach), and among the items under that node the **nearest** to the tuple by the model's own
+  vector of a code tuple (the sum of its code embeddings, which is how the model reads an item): smallest L2
+  distance. The user's list is the grounded items in beam order with repeats dropped, filled up to k with the
+  items nearest the best beam's tuple (scores of the fill: below every beam's, in that order).
+
+Both keep :class:`GroundingStats`: generations that were not items before grounding (of the best beam, and of all
+beams) and the seconds spent grounding, against the seconds of the whole decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from generator.decoding.causal import CausalDecoders
+from generator.models.causal import CausalGenerator
+from generator.decoding.t5_generate import BeamResult, check_beam_args
+from semid.io import atomic_path, write_json
+from semid.tree import PrefixTree
+
+log = logging.getLogger(__name__)
+
+CODES_GROUNDED = "codes-grounded"
+TITLE_EMB_FILE = "title_grounding_emb.npy"  # RUN/: the catalogue's titles embedded by the grounding encoder
+GROUND_MAX_LENGTH = 64  # encoder tokens per title, both sides (generated titles are <= 33 BPE tokens; 1% of Beauty's are longer)
+
+
+@dataclass
+class GroundingStats:
+    """Counters over every decode call of one decoder."""
+
+    users: int = 0
+    generations: int = 0  # beams generated (users x M)
+    non_items_top1: int = 0  # best beams that were not an item before grounding
+    non_items: int = 0  # beams (all M) that were not an item
+    left_at_level: list[int] | None = None  # codes-grounded: beams whose codes left the tree at level l (0-based)
+    ground_seconds: float = 0.0
+    decode_seconds: float = 0.0  # the whole decode (generation + grounding), states excluded
+
+    def as_dict(self) -> dict[str, float]:
+        return {"users": self.users, "non_item_share_top1": self.non_items_top1 / max(self.users, 1),
+                "non_item_share_beams": self.non_items / max(self.generations, 1),
+                "ground_seconds": round(self.ground_seconds, 3), "decode_seconds": round(self.decode_seconds, 3),
+                "ground_share": self.ground_seconds / max(self.decode_seconds, 1e-9),
+                **({"left_at_level": list(self.left_at_level)} if self.left_at_level is not None else {})}
+
+
+def first_occurrences(rows: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first k distinct entries of ``rows`` (B, W) in their order, with their scores (B, W)."""
+    srt, perm = torch.sort(rows, dim=1, stable=True)
+    dup_sorted = torch.zeros_like(srt, dtype=torch.bool)
+    dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    keep = ~torch.zeros_like(dup_sorted).scatter_(1, perm, dup_sorted)
+    if bool((keep.sum(1) < k).any()):
+        raise RuntimeError(f"fewer than {k} distinct items to return for some history: grounding is broken")
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+    return rows.gather(1, order), scores.gather(1, order)
+
+
+# ---- semantic IDs: free beam over codes, then the longest matching prefix and the nearest item under it --------
+def free_code_beam(model: CausalGenerator, h: torch.Tensor, *, num_beams: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over code tokens with no tree: (tokens (B, M, L), scores (B, M)), best first."""
+    layout = model.layout
+    B, M, L = h.shape[0], num_beams, layout.num_levels
+    hq = model.level_queries(h)  # (B, L, D)
+    scores = torch.zeros(B, 1, dtype=h.dtype, device=h.device)
+    prefix = torch.empty(B, 0, dtype=torch.long, device=h.device)
+    m = 1
+    for level in range(L):  # the only loop: over levels
+        lo, hi = layout.level_range(level)
+        K = hi - lo
+        q = hq[:, level, None, :].expand(B, m, -1).reshape(B * m, -1)
+        logp = model.code_logits(level, q, prefix).log_softmax(-1)  # (B*m, K): no mask
+        cand = (scores[:, :, None] + logp.view(B, m, K)).view(B, m * K)
+        if m * K < M:
+            cand = torch.nn.functional.pad(cand, (0, M - m * K), value=float("-inf"))
+        scores, idx = cand.topk(M, dim=1)
+        parent = (idx // K).clamp_max(m - 1)
+        rows = (torch.arange(B, device=h.device)[:, None] * m + parent).view(-1)
+        prefix = torch.cat([prefix[rows], (idx % K).view(-1, 1) + lo], dim=1)
+        m = M
+    return prefix.view(B, M, L), scores
+
+
+class CodeGrounder:
+    """Grounds code-token tuples to items: exact match, else longest matching prefix, then nearest under it."""
+
+    def __init__(self, model: CausalGenerator, tree: PrefixTree, item_ids: torch.Tensor, chunk: int = 1024) -> None:
+        self.model, self.tree, self.item_ids, self.chunk = model, tree, item_ids, chunk
+        tokens = model.item_tokens[1:]  # (N, L)
+        codes = model.layout.tokens_to_codes(tokens)
+        self.order = torch.from_numpy(np.lexsort(codes.cpu().numpy().T[::-1]).copy()).to(tokens.device)  # rows in tree order
+        self.sorted_tokens = tokens[self.order]
+        self.sorted_keys = [self._key(model.layout.tokens_to_codes(self.sorted_tokens)[:, :d]) for d in range(tokens.shape[1] + 1)]
+        with torch.no_grad():
+            self.sorted_vec = self.vectors(self.sorted_tokens)  # (N, D)
+
+    def _key(self, codes: torch.Tensor) -> torch.Tensor:
+        key = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
+        for j in range(codes.shape[1]):  # loop over levels
+            key = key * self.model.layout.codebook_sizes[j] + codes[:, j]
+        return key
+
+    def vectors(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's vector of code tuples (G, L) -> (G, D): the sum of their code embeddings."""
+        return self.model.code_emb(tokens).sum(-2)
+
+    def matched_depth(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels of the longest prefix in the tree (G,), item id where the whole tuple is an item else -1)."""
+        nodes = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        depth = torch.zeros_like(nodes)
+        for level in range(tokens.shape[1]):  # loop over levels
+            nodes = self.tree.next_nodes(nodes, tokens[:, level])
+            depth += nodes >= 0
+        leaf = self.tree.next_nodes(nodes, torch.full_like(nodes, self.model.layout.eos_token_id))
+        item = torch.where(leaf >= 0, self.tree.node_value[leaf.clamp_min(0)], -1)
+        return depth, item
+
+    def ground(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L); ``last_depth`` keeps the matched depths."""
+        depth, item = self.matched_depth(tokens)
+        self.last_depth = depth
+        is_item = item >= 0
+        rows = torch.full_like(depth, -1)
+        rows[is_item] = torch.searchsorted(self.item_ids, item[is_item])
+        miss = torch.nonzero(~is_item).squeeze(1)
+        codes = self.model.layout.tokens_to_codes(tokens)
+        N = self.sorted_tokens.shape[0]
+        pos = torch.arange(N, device=tokens.device)
+        for lo in range(0, miss.numel(), self.chunk):  # loop over chunks of the tuples that are not items
+            g = miss[lo : lo + self.chunk]
+            d = depth[g]
+            keys = torch.stack([self._key(codes[g, :dd]) if dd else torch.zeros_like(g) for dd in range(codes.shape[1] + 1)], 1)
+            key = keys.gather(1, d[:, None]).squeeze(1)
+            start = torch.zeros_like(g)
+            stop = torch.full_like(g, N)
+            for dd in torch.unique(d).tolist():  # loop over the (<= L) depths present
+                sel = d == dd
+                start[sel] = torch.searchsorted(self.sorted_keys[dd], key[sel])
+                stop[sel] = torch.searchsorted(self.sorted_keys[dd], key[sel], right=True)
+            x = self.vectors(tokens[g])  # (G', D)
+            dist = torch.cdist(x, self.sorted_vec)  # (G', N) in tree order
+            inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < stop[:, None])
+            best = dist.masked_fill(~inside, float("inf")).argmin(1)
+            rows[g] = self.order[best]
+        return rows, is_item
+
+    def nearest(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
+        """Rows of the k items nearest each tuple (B, L) over the whole catalogue: (B, k)."""
+        dist = torch.cdist(self.vectors(tokens), self.sorted_vec)
+        return self.order[dist.topk(k, dim=1, largest=False).indices]
+
+
+class GroundedCodeDecoders(CausalDecoders):
+    """The causal run's decoders plus ``codes-grounded`` (free code beam, then grounding); keeps ``stats``."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.stats = GroundingStats()
+        self._grounder: CodeGrounder | None = None
+
+    def refresh(self) -> GroundedCodeDecoders:
+        super().refresh()
+        self._grounder = CodeGrounder(self.model, self.tree, self.item_ids)
+        return self
+
+    @torch.inference_mode()
+    def decode(self, name: str, h: torch.Tensor, *, k: int) -> BeamResult:
+        if name != CODES_GROUNDED:
+            return super().decode(name, h, k=k)
+        self._ready()
+        if self._grounder is None:
+            self.refresh()
+        check_beam_args(k, self.num_beams, self.model.num_items)
+        t0 = time.perf_counter()
+        tokens, scores = free_code_beam(self.model, h, num_beams=self.num_beams)  # (B, M, L), (B, M)
+        t1 = time.perf_counter()
+        B, M, L = tokens.shape
+        rows, is_item = self._grounder.ground(tokens.reshape(B * M, L))
+        rows, is_item = rows.view(B, M), is_item.view(B, M)
+        fill = self._grounder.nearest(tokens[:, 0], k)  # (B, k) the items nearest the best beam's tuple
+        fill_scores = scores.min(1, keepdim=True).values - torch.arange(1, k + 1, device=h.device, dtype=scores.dtype)
+        rows, out_scores = first_occurrences(torch.cat([rows, fill], 1), torch.cat([scores, fill_scores], 1), k)
+        t2 = time.perf_counter()
+        s = self.stats
+        s.users += B
+        s.generations += B * M
+        s.non_items_top1 += int((~is_item[:, 0]).sum())
+        s.non_items += int((~is_item).sum())
+        left = torch.bincount(self._grounder.last_depth[~is_item.view(-1)], minlength=L)[:L].tolist()
+        s.left_at_level = left if s.left_at_level is None else [a + b for a, b in zip(s.left_at_level, left, strict=True)]
+        s.ground_seconds += t2 - t1
+        s.decode_seconds += t2 - t0
+        return BeamResult(self.item_ids[rows], out_scores, self.codes_of_rows(rows))
+
+
+# ---- titles: the catalogue's title embeddings for MIPS ---------------------------------------------------------
+def titles_digest(titles: list[str], encoder_dir: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256(str(Path(encoder_dir).resolve().name).encode())
+    for t in titles:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def catalogue_title_embeddings(run_dir: Path, titles: list[str], encoder: object, encoder_dir: str | os.PathLike[str],
+                               batch_size: int = 128) -> np.ndarray:
+    """(N, D_e) float32 embeddings of the catalogue's titles, cached in ``RUN/title_grounding_emb.npy``."""
+    from semid.embed import embed_texts
+
+    digest = titles_digest(titles, encoder_dir)
+    path, meta = run_dir / TITLE_EMB_FILE, run_dir / (TITLE_EMB_FILE + ".json")
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("digest") == digest:
+        return np.load(path)
+    t0 = time.perf_counter()
+    emb = embed_texts(titles, encoder, batch_size=batch_size, max_length=GROUND_MAX_LENGTH, progress=False)
+    with atomic_path(path) as tmp:
+        np.save(tmp, emb)
+    write_json(meta, {"digest": digest, "encoder": str(Path(encoder_dir).resolve()), "items": len(titles),
+                      "seconds": round(time.perf_counter() - t0, 1)})
+    log.info("embedded %d catalogue titles for grounding in %.0f s -> %s", len(titles), time.perf_counter() - t0, path)
+    return emb

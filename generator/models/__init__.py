@@ -1,0 +1,1 @@
+"""The networks, no Lightning: the T5 generator, the causal generator, the title head, the dense head, checkpoints."""

@@ -1,0 +1,403 @@
+"""The causal generator: one position per history item, every next-item target trained in one forward pass.
+
+A user's history ``x_1 .. x_T`` (item rows) becomes T input vectors, each the sum of the item's code embeddings
+(plus, optionally, a projection of its content embedding). A causal GPT-2 stack (``transformers.GPT2Model`` from a
+``GPT2Config``, no pretrained weights) reads them left to right, as SASRec does: its hidden state ``h_t`` at
+position t has seen ``x_1 .. x_t`` only, and emits the *next* item's semantic ID level by level, each level
+conditioned on the codes chosen so far, and (the dense head) a query for MIPS over item vectors.
+
+The code head (per level l, on ``h``; ``p`` is the prefix of codes chosen before level l)::
+
+    q_l(h, p) = W_l LN(h) * s_l(p) + u_l(p)            s_l, u_l: a small MLP of the prefix's code embeddings
+    logit_l(c | h, p) = q_l(h, p) . (O_c + N_pc) + b_c  O: the code embeddings (tied with the input side)
+
+``N_pc`` is a learned vector of the tree node ``p + (c,)`` (``node_vectors``; zero for a prefix not seen at
+training time, so cold items fall back to their codes): it gives the head item-level capacity at the deep levels,
+as the dense head's item table does, while the code embeddings share what items with a code have in common.
+``s`` and ``u`` depend on the prefix only, so the logit of tree edge (p -> c) is ``W_l LN(h) . (s_l(p) * (O_c +
+N_pc)) + u_l(p) . (O_c + N_pc) + b_c``: one inner product per edge. That is what makes ranking *every* item by its exact
+log-likelihood a matrix product (``generator.decoding.causal.exact_scores``), and the beam a handful of gathers.
+Log-probabilities are normalised over the codes the prefix tree allows after ``p`` (training and decoding alike),
+so an item's score is a proper log-probability over the catalogue.
+
+Items added after training (cold start) get input vectors and code-head scores from their codes alone
+(:meth:`CausalGenerator.add_items`).
+
+Shapes: B histories, T positions, D d_model, L levels, K_l level l's codebook, N items, V layout vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+
+from semid.layout import TokenLayout
+
+DESIGN = "causal"
+
+
+@dataclass(frozen=True)
+class CausalConfig:
+    """The causal design's size. ``dense_dim`` 0 means no dense head; ``content_dim`` 0 no content input."""
+
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    d_ff: int = 256
+    dropout: float = 0.2
+    max_history: int = 50
+    dense_dim: int = 64  # the dense head's query and item vectors (item table); 0 for no dense head
+    content_dim: int = 0  # width of the item content embeddings added to the input (0: codes only)
+    node_vectors: bool = True  # a learned output vector per ID prefix (tree node), added to its code's embedding
+    head_dropout: float = 0.0  # dropout on the code head's query while training
+    node_dropout: float = 0.0  # while training, each (position, child) pair's node vector is dropped with this probability
+    content_vectors: bool = True  # with content_dim and dense_dim: item vectors also get a projection of the content
+    item_dropout: float = 0.0  # while training, each item's table row is dropped from its dense vector with this
+    # probability, so the code and content parts alone score items well (the vectors items added later get)
+
+    def __post_init__(self) -> None:
+        for name in ("node_vectors", "content_vectors"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
+        for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        for name in ("dense_dim", "content_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
+        for name in ("dropout", "head_dropout", "node_dropout", "item_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {v!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CausalConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"design"}
+        if unknown:
+            raise ValueError(f"unknown causal config keys {sorted(unknown)}; known: {sorted(known)}")
+        # checkpoints written before node vectors / content item vectors existed had none
+        d = {"node_vectors": False, "content_vectors": False, **d}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"design": DESIGN, **asdict(self)}
+
+
+class CausalGenerator(nn.Module):
+    """Histories of item rows -> next-item code logits (per level) and dense queries, at every position.
+
+    Args:
+        config: sizes.
+        layout: the token layout (code blocks; the only token arithmetic).
+        item_tokens: LongTensor (N, L), every item's code tokens (``layout.codes_to_tokens(ids.codes)``); row r is
+            the item ``ids.item_ids[r]``. Histories are given as rows + 1 (0 is padding).
+        content: FloatTensor (N, content_dim), frozen item content embeddings; required iff ``content_dim > 0``.
+    """
+
+    def __init__(
+        self, config: CausalConfig, layout: TokenLayout, item_tokens: torch.Tensor, content: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.config, self.layout = config, layout
+        L, D = layout.num_levels, config.d_model
+        item_tokens = torch.as_tensor(item_tokens, dtype=torch.long)
+        if item_tokens.ndim != 2 or item_tokens.shape[1] != L:
+            raise ValueError(f"`item_tokens` must be (N, {L}), got shape {tuple(item_tokens.shape)}")
+        # row 0 is the padding item (all pad tokens, whose embedding is zero)
+        pad = torch.full((1, L), layout.pad_token_id, dtype=torch.long)
+        self.register_buffer("item_tokens", torch.cat([pad, item_tokens]), persistent=True)  # (N + 1, L)
+        self.trained_items = int(item_tokens.shape[0])  # rows from here on were added after training (add_items)
+        self.code_emb = nn.Embedding(layout.vocab_size, D, padding_idx=layout.pad_token_id)  # input and output side
+        nn.init.normal_(self.code_emb.weight, std=D**-0.5)
+        with torch.no_grad():
+            self.code_emb.weight[layout.pad_token_id].zero_()
+        if config.content_dim:
+            if content is None or content.shape != (item_tokens.shape[0], config.content_dim):
+                raise ValueError(
+                    f"`content` must be ({item_tokens.shape[0]}, {config.content_dim}) with content_dim > 0, "
+                    f"got {None if content is None else tuple(content.shape)}"
+                )
+            self.register_buffer("content", torch.cat([content.new_zeros(1, config.content_dim), content.float()]), persistent=True)
+            self.content_proj = nn.Linear(config.content_dim, D)
+        elif content is not None:
+            raise ValueError("`content` must be None with content_dim = 0")
+        gpt = GPT2Config(
+            vocab_size=1, n_positions=config.max_history, n_embd=D, n_layer=config.num_layers, n_head=config.num_heads,
+            n_inner=config.d_ff, resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+            activation_function="gelu_new", use_cache=False, bos_token_id=None, eos_token_id=None,
+        )
+        self.backbone = GPT2Model(gpt)
+        # code head: per level a projection of the state, and a prefix MLP giving (scale, shift)
+        self.level_proj = nn.ModuleList(nn.Linear(D, D) for _ in range(L))
+        self.head_norm = nn.LayerNorm(D)
+        self.prefix_mlp = nn.ModuleList(nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, 2 * D)) for _ in range(L))
+        for mlp in self.prefix_mlp:  # start as "no conditioning": scale 1, shift 0
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
+        self.code_bias = nn.Parameter(torch.zeros(layout.vocab_size))
+        self.head_drop = nn.Dropout(config.head_dropout)
+        if config.node_vectors:  # per level: the ID prefixes of length l (parents), their children and the vectors
+            codes = item_tokens - torch.tensor(layout.level_offsets)
+            for level in range(L):
+                self._register_children(level, codes)
+        if config.dense_dim:
+            self.dense_query = nn.Linear(D, config.dense_dim)
+            self.item_table = nn.Parameter(torch.randn(item_tokens.shape[0], config.dense_dim) * config.dense_dim**-0.5)
+            self.dense_codes = nn.Linear(D, config.dense_dim, bias=False)  # the item's code embeddings, projected
+            if self.uses_content_vectors:
+                self.dense_content = nn.Linear(config.content_dim, config.dense_dim, bias=False)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.item_tokens.shape[0] - 1)
+
+    @property
+    def has_dense(self) -> bool:
+        return self.config.dense_dim > 0
+
+    @property
+    def uses_content_vectors(self) -> bool:
+        return bool(self.config.dense_dim and self.config.content_dim and self.config.content_vectors)
+
+    # ---- the backbone --------------------------------------------------------------------------------------------
+    def item_inputs(self, rows1: torch.Tensor) -> torch.Tensor:
+        """Input vectors of items given as rows + 1 (0 = padding): sum of code embeddings (+ content). (..., D)."""
+        x = self.code_emb(self.item_tokens[rows1]).sum(-2)
+        if self.config.content_dim:
+            x = x + self.content_proj(self.content[rows1]) * (rows1 > 0).unsqueeze(-1)
+        return x
+
+    def hidden(self, histories: torch.Tensor) -> torch.Tensor:
+        """States at every position. histories: LongTensor (B, T) item rows + 1, right-padded with 0 -> (B, T, D).
+
+        Causal: position t sees positions <= t only, so right padding never reaches a real position.
+        """
+        T = histories.shape[1]
+        if T > self.config.max_history:
+            raise ValueError(f"histories of {T} positions exceed the model's max_history {self.config.max_history}")
+        return self.backbone(inputs_embeds=self.item_inputs(histories)).last_hidden_state
+
+    def last_hidden(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The state after each history's last item: (B, D)."""
+        h = self.hidden(histories)
+        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+
+    # ---- the code head -------------------------------------------------------------------------------------------
+    def level_queries(self, h: torch.Tensor) -> torch.Tensor:
+        """W_l LN(h) for every level: (..., D) -> (..., L, D)."""
+        z = self.head_norm(h)
+        return torch.stack([proj(z) for proj in self.level_proj], dim=-2)
+
+    def prefix_film(self, level: int, prefix_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of level ``level`` for prefixes (..., level) of code tokens -> two (..., D)."""
+        e = self.code_emb(prefix_tokens).sum(-2)  # (..., D); zero for the empty prefix
+        s, u = self.prefix_mlp[level](e).chunk(2, dim=-1)
+        return 1.0 + s, u
+
+    def code_logits(self, level: int, hq: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
+        """Raw logits over level ``level``'s block. hq: (..., D) that level's query; prefix_tokens: (..., level)."""
+        lo, hi = self.layout.level_range(level)
+        s, u = self.prefix_film(level, prefix_tokens)
+        q = self.head_drop(hq * s + u)
+        logits = q @ self.code_emb.weight[lo:hi].T + self.code_bias[lo:hi]
+        if self.config.node_vectors:
+            logits = logits + self.node_logits(level, q, prefix_tokens)
+        return logits
+
+    # ---- node vectors: children of each parent prefix, padded to the level's largest degree ------------------------
+    def _register_children(self, level: int, codes: torch.Tensor) -> None:
+        """Buffers parent_keys_l (P,), child_codes_l (P, W) (-1 pads) and child_index_l (P, W) into node_vec_l (E, D)."""
+        child_keys = torch.unique(self._key(codes[:, : level + 1]))  # (E,) sorted
+        parent_of = child_keys // self.layout.codebook_sizes[level]
+        code = child_keys % self.layout.codebook_sizes[level]
+        parents, inv, counts = torch.unique_consecutive(parent_of, return_inverse=True, return_counts=True)
+        slot = torch.arange(child_keys.numel()) - (torch.cumsum(counts, 0) - counts)[inv]
+        W = int(counts.max())
+        child_codes = torch.full((parents.numel(), W), -1, dtype=torch.long)
+        child_index = torch.full((parents.numel(), W), -1, dtype=torch.long)
+        child_codes[inv, slot] = code
+        child_index[inv, slot] = torch.arange(child_keys.numel())
+        self.register_buffer(f"parent_keys_{level}", parents, persistent=True)
+        self.register_buffer(f"child_codes_{level}", child_codes, persistent=True)
+        self.register_buffer(f"child_index_{level}", child_index, persistent=True)
+        if not hasattr(self, f"node_vec_{level}"):
+            self.register_parameter(f"node_vec_{level}", nn.Parameter(torch.zeros(child_keys.numel(), self.config.d_model)))
+
+    def _key(self, codes: torch.Tensor) -> torch.Tensor:
+        """Mixed-radix int64 key of code prefixes (..., l) (codes, not tokens)."""
+        key = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+        for j in range(codes.shape[-1]):
+            key = key * self.layout.codebook_sizes[j] + codes[..., j]
+        return key
+
+    def _children(self, level: int, prefix_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(child codes, node-vector rows) (..., W) of each prefix (..., level); -1 where none (or unknown prefix)."""
+        offsets = torch.tensor(self.layout.level_offsets[:level], device=prefix_tokens.device)
+        key = self._key(prefix_tokens - offsets)
+        keys = getattr(self, f"parent_keys_{level}")
+        pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
+        found = (keys[pos] == key).unsqueeze(-1)
+        codes, index = getattr(self, f"child_codes_{level}")[pos], getattr(self, f"child_index_{level}")[pos]
+        return torch.where(found, codes, -1), torch.where(found, index, -1)
+
+    def node_logits(self, level: int, q: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
+        """q . N over level ``level``'s block (..., K): each known child's node vector, 0 for codes without one."""
+        K = self.layout.codebook_sizes[level]
+        table = getattr(self, f"node_vec_{level}")
+        if getattr(self, f"parent_keys_{level}").numel() == 1:  # one parent (the root): a dense (K, D) table
+            codes, index = getattr(self, f"child_codes_{level}")[0], getattr(self, f"child_index_{level}")[0]
+            keep = codes >= 0
+            dense = table.new_zeros(K, table.shape[1]).index_add(0, codes[keep], table[index[keep]])
+            return q @ dense.T
+        codes, index = self._children(level, prefix_tokens)  # (..., W)
+        vecs = table[index.clamp_min(0)]  # (..., W, D)
+        node = (vecs @ q.unsqueeze(-1)).squeeze(-1) * (index >= 0)  # (..., W)
+        out = q.new_zeros(*q.shape[:-1], K + 1)  # column K collects the padding
+        return out.scatter_add(-1, torch.where(codes >= 0, codes, K), node)[..., :K]
+
+    def edge_node_vectors(self, level: int, parent_tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """N of the nodes parent + (c,) for parents (E, level) and codes (E,) -> (E, D); zero where unknown."""
+        child_codes, index = self._children(level, parent_tokens)  # (E, W)
+        match = child_codes == codes.unsqueeze(-1)
+        row = torch.where(match.any(-1), index.gather(-1, match.float().argmax(-1, keepdim=True)).squeeze(-1), -1)
+        table = getattr(self, f"node_vec_{level}")
+        return table[row.clamp_min(0)] * (row >= 0).unsqueeze(-1)
+
+    # ---- the dense head ------------------------------------------------------------------------------------------
+    def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dense_query(h)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N, dense_dim): the item table plus the items' code embeddings (and content) projected, so items added
+        after training (table row 0) score too. While training, ``item_dropout`` drops table rows at random."""
+        codes = self.code_emb(self.item_tokens[1:]).sum(-2)  # (N, D)
+        table = self.item_table
+        if self.training and self.config.item_dropout:
+            keep = torch.rand(table.shape[0], 1, device=table.device) >= self.config.item_dropout
+            table = table * keep
+        vectors = table + self.dense_codes(codes)
+        if self.uses_content_vectors:
+            vectors = vectors + self.dense_content(self.content[1:])
+        return vectors
+
+    # ---- cold start ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add_items(self, item_tokens: torch.Tensor, content: torch.Tensor | None = None) -> None:
+        """Append M items known by their code tokens (M, L) (and content (M, content_dim) where the model uses it).
+
+        Their input vectors and code-head scores come from their codes alone; their dense table rows start at zero
+        (a dense score of 0 until trained).
+        """
+        item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=self.item_tokens.device)
+        if item_tokens.ndim != 2 or item_tokens.shape[1] != self.layout.num_levels:
+            raise ValueError(f"`item_tokens` must be (M, {self.layout.num_levels}), got shape {tuple(item_tokens.shape)}")
+        self.item_tokens = torch.cat([self.item_tokens, item_tokens])
+        M = item_tokens.shape[0]
+        if self.config.content_dim:
+            if content is None or content.shape != (M, self.config.content_dim):
+                raise ValueError(f"`content` must be ({M}, {self.config.content_dim}) for this model")
+            self.content = torch.cat([self.content, content.to(self.content)])
+        if self.has_dense:
+            self.item_table = nn.Parameter(torch.cat([self.item_table.data, self.item_table.new_zeros(M, self.config.dense_dim)]))
+
+
+def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the allowed entries only; -inf elsewhere. logits, allowed: (..., K)."""
+    neg_inf = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~allowed, neg_inf).log_softmax(-1).masked_fill(~allowed, float("-inf"))
+
+
+def code_loss(
+    model: CausalGenerator,
+    hq: torch.Tensor,
+    target_tokens: torch.Tensor,
+    allowed: list[torch.Tensor] | None = None,
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean over targets of the item's negative log-likelihood (sum over levels), normalised over the tree.
+
+    With node vectors, each level is computed over the children each target's parent has (the model's own tables,
+    which are the tree's for the items it was built with): one logit per (position, child) pair, a log-sum-exp per
+    position, no block-wide mask. A level where every parent has a single child adds log 1 = 0 and is skipped.
+
+    Args:
+        hq: FloatTensor (P, L, D), the level queries of P positions.
+        target_tokens: LongTensor (P, L), the next items' code tokens (teacher forcing).
+        allowed: per level a BoolTensor (P, K_l): the codes the tree allows after each target's prefix (needed
+            without node vectors only).
+        label_smoothing: mass spread uniformly over the allowed codes of each level.
+    """
+    total = hq.new_zeros(())
+    for level in range(model.layout.num_levels):  # loop over levels (L <= 4), not positions
+        lo, hi = model.layout.level_range(level)
+        prefix, target = target_tokens[:, :level], target_tokens[:, level] - lo
+        if model.config.node_vectors and getattr(model, f"parent_keys_{level}").numel() > 1:
+            if getattr(model, f"child_codes_{level}").shape[1] == 1:
+                continue  # one child under every parent: log-probability 0
+            nll, smooth = _pair_nll(model, level, hq[:, level], prefix, target)
+        else:
+            mask = allowed[level] if allowed is not None else _root_mask(model, level, hq.shape[0])
+            logp = masked_log_softmax(model.code_logits(level, hq[:, level], prefix), mask)
+            nll = -logp.gather(1, target[:, None]).squeeze(1)
+            smooth = -(logp.masked_fill(~mask, 0.0).sum(1) / mask.sum(1).clamp_min(1))
+        if label_smoothing:
+            nll = (1 - label_smoothing) * nll + label_smoothing * smooth
+        total = total + nll.mean()
+    return total
+
+
+def _root_mask(model: CausalGenerator, level: int, P: int) -> torch.Tensor:
+    """The codes the model's tables allow at a level with a single parent (the root), for P rows."""
+    if not model.config.node_vectors or getattr(model, f"parent_keys_{level}").numel() != 1:
+        raise ValueError("`allowed` masks are required without node vectors")
+    codes = getattr(model, f"child_codes_{level}")[0]
+    mask = torch.zeros(model.layout.codebook_sizes[level], dtype=torch.bool, device=codes.device)
+    mask[codes[codes >= 0]] = True
+    return mask.expand(P, -1)
+
+
+def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-log p(target), -mean log p over the children) per position, over (position, child) pairs."""
+    lo, hi = model.layout.level_range(level)
+    s, u = model.prefix_film(level, prefix)
+    q = model.head_drop(hq * s + u)  # (P, D)
+    block = q @ model.code_emb.weight[lo:hi].T + model.code_bias[lo:hi]  # (P, K): the shared part, one matmul
+    codes, index = model._children(level, prefix)  # (P, W)
+    deg = (codes >= 0).sum(1)
+    pos = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), deg)  # (R,) pairs
+    slot = torch.arange(pos.numel(), device=q.device) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
+    code, row = codes[pos, slot], index[pos, slot]
+    table = getattr(model, f"node_vec_{level}")
+    node = (q[pos] * table[row]).sum(-1)  # (R,)
+    if model.training and model.config.node_dropout:  # the codes must score an item without its node vector too
+        node = node * (torch.rand_like(node) >= model.config.node_dropout)
+    logit = block[pos, code] + node
+    P = q.shape[0]
+    peak = logit.new_full((P,), float("-inf")).scatter_reduce(0, pos, logit.detach(), reduce="amax")
+    lse = peak + logit.new_zeros(P).scatter_add(0, pos, (logit - peak[pos]).exp()).log()
+    logp = logit - lse[pos]
+    hit = code == target[pos]
+    nll = -logp.new_zeros(P).scatter_add(0, pos, torch.where(hit, logp, 0.0))
+    if not bool((logp.new_zeros(P).scatter_add(0, pos, hit.to(logp.dtype)) == 1).all()):
+        raise ValueError(f"a target's level-{level} code is not among its parent's children: the model's tables and the "
+                         "training items disagree")
+    smooth = -logp.new_zeros(P).scatter_add(0, pos, logp) / deg.clamp_min(1)
+    return nll, smooth
+
+
+def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
+    """Full-softmax cross-entropy over the catalogue (SASRec's loss). h: (P, D); target_rows: (P,) in [0, N)."""
+    logits = model.dense_queries(h) @ model.item_vectors().T  # (P, N)
+    return F.cross_entropy(logits, target_rows)

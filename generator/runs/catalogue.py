@@ -1,0 +1,196 @@
+"""Items added to a trained run for good (``semid add-items``): chained versions of the run's semantic IDs.
+
+A run's ``RUN/semantic_ids.npz`` starts as the IDs the checkpoint was trained with. :func:`add_items` writes a new
+version in its place, atomically (one file is the whole set), that *extends* the one before: the old items keep
+their rows and tuples, the new ones follow. The file records its lineage and the new items' content::
+
+    meta "lineage":  [{"digest": sha256 of the IDs, "num_items": n}, ...] every earlier version, oldest first
+                     (the first is the version the run was trained with)
+    meta "data":     the dataset folder the newest items came from (titles, evaluation)
+    "added_content": float32 (M, D), the content embeddings of every item after the first version, in row order
+
+:func:`load_model` accepts a checkpoint only for IDs whose first rows are exactly the IDs it was trained with (the
+digest and item count of one lineage entry), and grows the model by the added items: their input vectors, code-head
+scores and dense vectors come from their codes (and content, for models that read it), with no retraining.
+Decoders normalise each tree node's distribution over the children it had in training
+(``generator.decoding.causal``), so old items' scores, and their order among themselves, do not change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from generator.models.t5 import LoadedModel, check_vocabulary, ids_digest, load_checkpoint
+from semid.data import load_dataset
+from semid.ids import SemanticIDs
+
+log = logging.getLogger(__name__)
+
+LINEAGE = "lineage"
+ADDED_CONTENT = "added_content"
+
+
+class AddedItems(NamedTuple):
+    """What :func:`add_items` did: the new item ids, the IDs before and after, and the file written."""
+
+    item_ids: np.ndarray
+    before: int
+    after: int
+    path: Path
+    colliding: int
+
+
+def lineage(ids_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The earlier versions a semantic IDs file extends, oldest first (empty for IDs as trained)."""
+    entries = SemanticIDs.load_metadata(ids_path).get(LINEAGE) or []
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("num_items"), int) for e in entries
+    ):
+        raise ValueError(f"{ids_path}: corrupt `lineage` metadata {entries!r}; restore the file from the run's training")
+    return entries
+
+
+def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str], *, embeddings: str | None = None,
+              quantizer: str | os.PathLike[str] | None = None) -> AddedItems:
+    """Add the items of ``data_dir`` that the run does not know yet (ids above its last) to the run, for good.
+
+    Args:
+        run_dir: a run folder (``semid train``) of the causal design.
+        data_dir: a dataset folder holding the run's items (ids 1..n, unchanged, checked by original id) and the new
+            ones (n+1..), with their embeddings.
+        embeddings: the name of the quantizer's input embeddings ``item_emb_<name>.npy`` (default: the file the
+            codebooks were fitted on, from the quantizer folder's stats.json). The model's content (``--dense both``)
+            always comes from the embeddings it was trained with (``train.dense_embeddings``).
+        quantizer: the fitted quantizer (default: ``quantizer.pt`` beside the semantic IDs the run was trained with).
+
+    The new version is checked to load with the run's best checkpoint before it replaces ``RUN/semantic_ids.npz``;
+    the version it replaces is kept as ``RUN/semantic_ids.v<k>.npz`` (k = 1 for the IDs as trained). The run's
+    training lock is held throughout, so two add-items (or a training) cannot interleave.
+    """
+    from generator.runs.folder import IDS_FILE, best_checkpoint, read_config
+    from rqvae import load_quantizer
+    from semid.io import atomic_path, folder_lock
+
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    config = read_config(run_dir)
+    if config.get("design") != "causal":
+        raise ValueError(f"{run_dir}: a run of the {config.get('design')!r} design; items can be added to runs of the "
+                         "causal design (the default of `semid train`) only")
+    with folder_lock(run_dir, "train.lock", what="a training or add-items"):
+        ids_path = run_dir / IDS_FILE
+        ids = SemanticIDs.load(ids_path)
+        before = lineage(ids_path)
+        dataset = load_dataset(data_dir)
+        n = ids.num_items
+        if dataset.num_items <= n:
+            raise ValueError(f"{data_dir}: {dataset.num_items:,} items, none above the run's {n:,}: nothing to add (the "
+                             f"new items must be ids {n + 1}.. of the data folder, after the run's own)")
+        _check_same_items(run_dir, config, ids_path, dataset, n)
+        qpath = Path(quantizer) if quantizer is not None else _default_quantizer(run_dir, config)
+        if not qpath.is_file():
+            raise FileNotFoundError(f"{qpath}: no fitted quantizer here (`semid fit-codebooks` writes quantizer.pt)")
+        codes_name = embeddings or _fitted_on(qpath)
+        codes = np.asarray(load_quantizer(qpath).encode(np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)))
+        extended = ids.add_items(codes, np.arange(n + 1, dataset.num_items + 1, dtype=np.int64))
+        arrays = {}
+        content_dim = int((config.get("model") or {}).get("content_dim") or 0)
+        content_name = (config.get("train") or {}).get("dense_embeddings") or "minilm"
+        if content_dim:  # the model reads content: the new items' rows of the embeddings it was trained with
+            content = np.asarray(dataset.embeddings(content_name)[n:], dtype=np.float32)
+            if content.shape[1] != content_dim:
+                raise ValueError(f"{data_dir}: item_emb_{content_name}.npy has width {content.shape[1]}, but the run was "
+                                 f"trained with content of width {content_dim}: use the embeddings it was trained with")
+            old = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
+            arrays[ADDED_CONTENT] = content if old is None else np.concatenate([old.astype(np.float32), content])
+        meta = {"lineage": [*before, {"digest": ids_digest(ids), "num_items": n}], "data": str(data_dir.resolve()),
+                "embeddings": codes_name}
+        with atomic_path(ids_path) as tmp:  # write, prove it loads with the run's checkpoint, then replace
+            extended.save(tmp, arrays=arrays, **meta)
+            load_model(best_checkpoint(run_dir, config), extended, tmp)
+            with atomic_path(run_dir / f"semantic_ids.v{len(before) + 1}.npz") as keep:
+                keep.write_bytes(ids_path.read_bytes())  # the version being replaced, kept
+    stats = extended.collision_stats()
+    log.info("added %d items to %s (%d -> %d); %s", extended.num_items - n, run_dir, n, extended.num_items, stats)
+    return AddedItems(extended.item_ids[n:], n, extended.num_items, ids_path, stats.items_colliding)
+
+
+def _fitted_on(quantizer: Path) -> str:
+    """The name of the embeddings the quantizer was fitted on (``item_emb_<name>.npy`` in its folder's stats.json)."""
+    import json
+
+    stats = quantizer.parent / "stats.json"
+    source = json.loads(stats.read_text(encoding="utf-8")).get("embeddings", "") if stats.is_file() else ""
+    stem = Path(source).name
+    if stem.startswith("item_emb_") and stem.endswith(".npy"):
+        return stem[len("item_emb_") : -len(".npy")]
+    raise ValueError(f"{stats}: does not name the item_emb_<name>.npy the quantizer was fitted on (got {source!r}); "
+                     "pass its name with --embeddings")
+
+
+def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dataset: Any, n: int) -> None:
+    """DATA's first n items must be the run's items (same original ids, in order): the new ones come after."""
+    source = Path(SemanticIDs.load_metadata(ids_path).get("data") or config.get("data", ""))
+    if not (source / "items.jsonl").is_file():
+        raise FileNotFoundError(f"{source}: the run's data folder (named in {run_dir / 'config.yaml'}) is not here, so "
+                                f"{dataset.path} cannot be checked to hold the run's {n:,} items first; put it back")
+    theirs = load_dataset(source).catalogue.original_ids[:n]
+    ours = dataset.catalogue.original_ids[:n]
+    bad = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b), None)
+    if bad is not None:
+        raise ValueError(f"{dataset.path}: item {bad + 1} is {ours[bad]!r}, but the run's item {bad + 1} is {theirs[bad]!r} "
+                         f"({source}): DATA must hold the run's {n:,} items first, unchanged, then the new ones")
+
+
+def _default_quantizer(run_dir: Path, config: dict[str, Any]) -> Path:
+    source = config.get("ids_source")
+    if not source:
+        raise ValueError(f"{run_dir / 'config.yaml'}: names no `ids_source`; pass the fitted quantizer with --quantizer")
+    folder = Path(source).parent
+    path = folder / "quantizer.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no fitted quantizer beside the run's semantic IDs ({source}); pass it with --quantizer")
+    ids_file = Path(source)
+    if ids_file.is_file() and config.get("ids_digest") and ids_digest(SemanticIDs.load(ids_file)) != config["ids_digest"]:
+        raise ValueError(f"{ids_file}: no longer the semantic IDs the run was trained with (refitted?), so {path} is not "
+                         "their quantizer; pass the right one with --quantizer")
+    return path
+
+
+def load_model(checkpoint: str | os.PathLike[str], ids: SemanticIDs, ids_path: str | os.PathLike[str]) -> LoadedModel:
+    """The checkpoint's model for ``ids``: the IDs it was trained with, or a version that extends them (the model
+    grown by the added items). Any other IDs are refused, naming both files."""
+    entries = lineage(ids_path)
+    if not entries:
+        return load_checkpoint(checkpoint, ids)
+    loaded = load_checkpoint(checkpoint)
+    model = loaded.model
+    if not hasattr(model, "add_items"):
+        raise ValueError(f"{ids_path}: holds items added after training, which only runs of the causal design serve; "
+                         f"{checkpoint} is a T5 checkpoint: use the IDs it was trained with")
+    n0 = model.num_items
+    root = entries[0]["num_items"]
+    if not any(e["num_items"] == n0 and e["digest"] == loaded.ids_digest for e in entries) or ids.num_items < n0:
+        raise ValueError(f"{checkpoint}: trained with semantic IDs that {ids_path} does not extend (its lineage: "
+                         f"{[(e['num_items'], e['digest'][:12]) for e in entries]}); use the run's own checkpoint or IDs")
+    try:
+        check_vocabulary(loaded.layout, loaded.ids_digest, ids.head(n0), source=str(checkpoint))
+    except ValueError as e:
+        raise ValueError(f"{e} (the first {n0:,} items of {ids_path})") from None
+    if ids.num_items > n0:
+        tokens = loaded.layout.codes_to_tokens(ids.codes[n0:])
+        content = None
+        if model.config.content_dim:
+            added = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
+            if added is None or added.shape != (ids.num_items - root, model.config.content_dim):
+                raise ValueError(f"{ids_path}: `added_content` must be ({ids.num_items - root}, {model.config.content_dim}) "
+                                 f"for this model, got {None if added is None else added.shape}; add the items again")
+            import torch
+
+            content = torch.from_numpy(np.ascontiguousarray(added[n0 - root :], dtype=np.float32))
+        model.add_items(tokens, content)
+    return loaded

@@ -1,0 +1,203 @@
+"""Leave-one-out evaluation of a run: constrained beam search for each user, Recall@K / NDCG@K over the catalogue.
+
+Every user's held-out item (validation or test) is ranked among *all* items; no candidate sampling, no filtering
+of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from generator.training.t5_data import eval_batches, sample_users, split_examples
+from generator.decoding.t5_generate import check_beam_args
+from generator.training.examples import collate
+from generator.decoding.t5_hybrid import build_decoder
+from generator.runs.folder import Run, metrics_file
+from semid.data import Split, leave_one_out, load_dataset
+from semid.io import write_json
+from semid.metrics import RankingMetrics
+
+log = logging.getLogger(__name__)
+
+
+class DecoderError(RuntimeError):
+    """A decoder returned items outside the catalogue or the same item twice for one user: its metrics mean nothing."""
+
+
+class EvalResult(NamedTuple):
+    """Metrics of one evaluation. ``metrics`` holds ``recall@K`` and ``ndcg@K`` for each K."""
+
+    split: str
+    decoder: str  # the function that decoded, e.g. "generator.decoding.t5_beam.fast_topk"
+    metrics: dict[str, float]
+    users: int
+    invalid_items: int  # items returned that are not in the catalogue (must be 0)
+    duplicate_items: int  # items returned twice for one user (must be 0)
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "decoder": self.decoder, **self.metrics, "users_evaluated": self.users,
+                "invalid_items": self.invalid_items, "duplicate_items": self.duplicate_items,
+                "seconds": round(self.seconds, 2)}
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """``"5,10"`` -> (5, 10)."""
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        raise ValueError(f"`k` must be comma-separated positive ints, got {text!r}") from None
+    if not ks or ks[0] < 1:
+        raise ValueError(f"`k` must be comma-separated positive ints, got {text!r}")
+    return ks
+
+
+def evaluate(
+    run: Run,
+    split: Split,
+    which: str = "test",
+    *,
+    ks: Sequence[int] = (5, 10),
+    num_beams: int = 20,
+    max_users: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    decoder: str = "auto",
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    alpha: float | None = None,
+) -> EvalResult:
+    """Rank every (or a seeded sample of ``max_users``) user's held-out item with constrained beam search.
+
+    Args:
+        which: "valid" (history = all but the last two items) or "test" (all but the last).
+        ks: cut-offs; the decoder returns max(ks) items per user, so ``num_beams >= max(ks)``.
+        decoder: "auto" | "beam" | "generate" | "dense" | "hybrid" (``generator.decoding.t5_hybrid.build_decoder``); hybrid's
+            blend weight is ``alpha``, or the one chosen on validation users (RUN/hybrid.json), never on test users.
+    """
+    if which == "valid" and decoder == "hybrid" and alpha is None:
+        raise ValueError(
+            "the hybrid decoder's blend weight is chosen on validation users, so scoring it on the validation split "
+            "would grade it on the users it was tuned on; evaluate `split='test'` (--split test), or pass an explicit "
+            "`alpha` (--alpha A) to score a fixed blend weight on the validation split"
+        )
+    ks = tuple(sorted(ks))
+    check_beam_args(ks[-1], num_beams, run.ids.num_items)
+    if device is None:  # the accelerator where there is one, as training does
+        device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device
+    device = torch.device(device)
+    from generator.runs.titles import evaluate_generated, handles
+
+    if handles(run, decoder):  # title runs, and free codes + grounding (generator.titles)
+        name, values, users, invalid, duplicates, seconds, _ = evaluate_generated(
+            run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
+            decoder=decoder, device=device,
+        )
+        result = EvalResult(which, name, values, users, invalid, duplicates, seconds)
+        _check_result(result)
+        return result
+    if run.design == "causal":  # one position per item: its own batches and decoders
+        from generator.runs.causal import evaluate_causal
+
+        name, values, users, invalid, duplicates, seconds = evaluate_causal(
+            run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
+            decoder=decoder, device=device, alpha=alpha,
+        )
+        result = EvalResult(which, name, values, users, invalid, duplicates, seconds)
+        _check_result(result)
+        log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
+        return result
+    model, tree = run.model.to(device).eval(), run.tree.to(device)
+    decode = build_decoder(run, decoder, split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed)
+    rows = sample_users(split.num_users, max_users, seed)
+    examples = split_examples(
+        split, run.ids, run.layout, which, rows=rows, max_history=run.max_history, use_user_tokens=run.use_user_tokens
+    )
+    metrics = RankingMetrics(ks)
+    known = torch.from_numpy(run.ids.item_ids)
+    invalid = duplicates = 0
+    start = time.perf_counter()
+    batches = eval_batches(examples.input_lengths, batch_size)
+    for index in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):
+        b = collate(examples, index, run.layout.pad_token_id)
+        res = decode(model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, k=ks[-1], num_beams=num_beams)
+        items = res.items.cpu()  # (B, k)
+        invalid += int((~torch.isin(items, known)).sum())
+        duplicates += int((items.sort(1).values.diff(dim=1) == 0).sum())
+        metrics.update(items, b.target)
+    seconds = time.perf_counter() - start
+    result = EvalResult(which, f"{decode.__module__}.{decode.__name__}", metrics.compute(), metrics.count, invalid, duplicates, seconds)
+    _check_result(result)
+    log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
+    return result
+
+
+def _check_result(result: EvalResult) -> None:
+    if result.invalid_items or result.duplicate_items:  # metrics of a broken decoder must not be reported as if valid
+        raise DecoderError(
+            f"decoder {result.decoder} returned {result.invalid_items} invalid and {result.duplicate_items} duplicate "
+            f"items on {result.users} {result.split} users: the decoder is broken"
+        )
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    which: str = "test",
+    *,
+    ks: Sequence[int] = (5, 10),
+    num_beams: int = 20,
+    max_users: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    decoder: str = "auto",
+    data_dir: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically); returns what was written.
+
+    Args:
+        data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
+    """
+    if which not in ("valid", "test"):
+        raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
+    from generator.runs.titles import load_any_run
+
+    run = load_any_run(run_dir, checkpoint)  # load_run, or a title run's loader
+    data = Path(data_dir) if data_dir is not None else run.data_dir
+    split = leave_one_out(load_dataset(data))
+    if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
+        raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
+    result = evaluate(
+        run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
+        decoder=decoder, device=device, progress=progress, alpha=alpha,
+    )
+    # the run's best checkpoint was chosen on validation unless training ran none (then it is last.ckpt)
+    selected = bool(run.config.get("selected_on_validation", True)) and (
+        checkpoint is None or run.checkpoint.resolve() == (run.path / str(run.config.get("best_checkpoint"))).resolve()
+    )
+    if not selected:
+        log.warning("%s: checkpoint %s was not selected on validation (no validation ran, or another checkpoint was "
+                    "given)", run.path, run.checkpoint.name)
+    out = {
+        **result.to_dict(),
+        "selected_on_validation": selected,
+        "num_beams": num_beams,
+        "max_users": max_users,
+        "seed": seed,
+        "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
+        "data": str(data),
+    }
+    write_json(metrics_file(run.path, which), out)
+    return out

@@ -1,0 +1,247 @@
+"""The run folder: everything needed to evaluate and recommend, written atomically.
+
+::
+
+    RUN/config.yaml          what was trained: data folder, options, model config, layout, best checkpoint
+    RUN/semantic_ids.npz     a copy of the semantic IDs the model was trained with
+    RUN/checkpoints/         best.ckpt (highest val/ndcg@10), last.ckpt (the end), resume.ckpt (while training)
+    RUN/train.lock           while a training writes the folder (generator.runs.train)
+    RUN/logs/                CSV logs (metrics.csv per version)
+    RUN/metrics_<split>.json written by evaluation
+
+Loading a run (:func:`load_run`) rebuilds the model from its checkpoint alone and refuses a checkpoint whose
+vocabulary does not match the run's semantic IDs, a config.yaml whose checksum, schema or layout is wrong (errors
+name the file and the key), and a best checkpoint outside the run folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from generator.runs import catalogue
+from semid.ids import SemanticIDs
+from semid.io import atomic_open, not_utf8
+from semid.layout import TokenLayout
+from semid.tree import PrefixTree
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+IDS_FILE = "semantic_ids.npz"
+CHECKPOINT_DIR = "checkpoints"
+LOG_DIR = "logs"
+BEST = "best.ckpt"
+LAST = "last.ckpt"
+RUN_FORMAT = "semid.run"
+
+
+def metrics_file(run_dir: str | os.PathLike[str], split: str) -> Path:
+    return Path(run_dir) / f"metrics_{split}.json"
+
+
+CONFIG_VERSION = 1
+
+
+def _content_sha256(config: dict[str, Any]) -> str:
+    """sha256 of a config's content as YAML parses it (key order and formatting aside), ``sha256`` left out."""
+    body = {k: v for k, v in config.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def write_config(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
+    """Write ``RUN/config.yaml`` atomically, with its format, version and the sha256 of its content."""
+    body = {k: v for k, v in config.items() if k not in ("format", "version", "sha256")}
+    doc = {"format": RUN_FORMAT, "version": CONFIG_VERSION, **body}
+    parsed = yaml.safe_load(yaml.safe_dump(doc, sort_keys=False))  # the checksum is of what a reader will see
+    with atomic_open(Path(run_dir) / CONFIG_FILE, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"format": RUN_FORMAT, "version": CONFIG_VERSION, "sha256": _content_sha256(parsed), **body}, f, sort_keys=False)
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``RUN/config.yaml``: YAML (safe: no tags that build objects), format, version, checksum and the
+    keys semid reads, each error naming the file and the key. A config without ``sha256`` (written before semid
+    recorded one, or whose line was removed to accept a hand edit) is checked by its schema only."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a run folder (no {CONFIG_FILE}; make one with `semid train`)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem}); restore the config.yaml semid wrote (or fix that line)") from None
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        raise ValueError(f"{path}: not a semid run config (format {config.get('format') if isinstance(config, dict) else None!r})")
+    version = config.get("version", 0)
+    if version not in (0, CONFIG_VERSION):
+        raise ValueError(f"{path}: run config version {version!r}; this semid reads versions 0 and {CONFIG_VERSION}: use the semid that wrote it")
+    if "sha256" in config and config["sha256"] != _content_sha256(config):
+        raise ValueError(
+            f"{path}: checksum mismatch: the content differs from what semid wrote (the file was corrupted or edited "
+            "by hand); restore it, or, to accept an edit made on purpose, delete its `sha256:` line"
+        )
+    check_config_schema(config, path)
+    return config
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_KINDS: dict[str, tuple[str, Any]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str?": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "dict": ("a mapping", lambda v: isinstance(v, dict)),
+    "int>0": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "int>0?": ("a positive int or null", lambda v: v is None or (_is_int(v) and v > 0)),
+    "int>=0": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
+    "int>=0?": ("a non-negative int or null", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "int": ("an int", _is_int),
+    "num": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "num?": ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
+    "dict?": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
+}
+# key -> (kind, required); what evaluate, recommend and resume read
+_SCHEMA: dict[str, tuple[str, bool]] = {
+    "data": ("str", True), "ids_digest": ("str", True), "design": ("str", True), "model": ("dict", True),
+    "layout": ("dict", True), "train": ("dict", True), "monitor": ("str", False), "best_checkpoint": ("str?", True),
+    "steps": ("int>=0", False), "epochs": ("num", False), "ids_source": ("str", False),
+    "selected_on_validation": ("bool", False), "best_score": ("dict", False), "sha256": ("str", False),
+}
+_LAYOUT_SCHEMA = {"codebook_sizes": ("list[int>0]", True), "num_user_tokens": ("int>=0", True)}
+_TRAIN_SCHEMA = {
+    "preset": ("str", True), "max_history": ("int>0", True), "user_tokens": ("int>=0", False), "seed": ("int", False),
+    "batch_size": ("int>0", False), "eval_batch_size": ("int>0", False), "num_beams": ("int>0", False),
+    "max_epochs": ("int>0?", False), "max_steps": ("int", False), "lr": ("num", False), "warmup_steps": ("int>=0", False),
+    "val_users": ("int>0?", False), "final_val_users": ("int>=0?", False), "decoder": ("str?", False),
+    "dense": ("str?", False), "objective": ("str", False), "patience": ("int>=0", False), "threads": ("int>0", False),
+    "devices": ("int>0", False), "max_time": ("str?", False), "val_every": ("num", False),
+    "dense_options": ("dict?", False), "model_options": ("dict?", False),
+}
+
+
+def _check_keys(section: dict[str, Any], schema: dict[str, tuple[str, bool]], path: Path, prefix: str) -> None:
+    for key, (kind, required) in schema.items():
+        if key not in section:
+            if required:
+                raise ValueError(f"{path}: no `{prefix}{key}` key; restore the config.yaml semid wrote")
+            continue
+        what, ok = _KINDS[kind]
+        if not ok(section[key]):
+            raise ValueError(f"{path}: key `{prefix}{key}` must be {what}, got {section[key]!r}; fix it or restore the config.yaml semid wrote")
+
+
+def check_config_schema(config: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Raise ValueError naming ``path`` and the key for a config.yaml that lacks a key semid reads or has a value
+    of the wrong kind."""
+    path = Path(path)
+    _check_keys(config, _SCHEMA, path, "")
+    if config["design"] not in ("causal", "t5"):
+        raise ValueError(f"{path}: key `design` must be 'causal' or 't5', got {config['design']!r}")
+    _check_keys(config["layout"], _LAYOUT_SCHEMA, path, "layout.")
+    _check_keys(config["train"], _TRAIN_SCHEMA, path, "train.")
+
+
+@dataclass
+class Run:
+    """A loaded run: the model (eval mode), its semantic IDs, layout and prefix tree, and its config."""
+
+    path: Path
+    config: dict[str, Any]
+    checkpoint: Path
+    model: torch.nn.Module  # T5ForConditionalGeneration, or CausalGenerator for the causal design
+    model_config: Any  # GeneratorConfig or CausalConfig
+    layout: TokenLayout
+    ids: SemanticIDs
+    tree: PrefixTree
+
+    @property
+    def design(self) -> str:
+        return "causal" if getattr(self.model_config, "to_dict", dict)().get("design") == "causal" else "t5"
+
+    @property
+    def max_history(self) -> int:
+        return int(self.config["train"]["max_history"])
+
+    @property
+    def use_user_tokens(self) -> bool:
+        return self.layout.num_user_tokens > 0
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.config["data"])
+
+
+def best_checkpoint(run_dir: str | os.PathLike[str], config: dict[str, Any] | None = None) -> Path:
+    """The checkpoint config.yaml names as best; FileNotFoundError naming it if it is missing (no silent fallback)."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir) if config is None else config
+    rel = config.get("best_checkpoint")
+    if not rel:
+        raise FileNotFoundError(
+            f"{run_dir / 'config.yaml'}: names no best checkpoint (training has not finished); "
+            f"pass a checkpoint file explicitly, e.g. {run_dir / CHECKPOINT_DIR / LAST}"
+        )
+    path = run_dir / rel
+    inside = not Path(rel).is_absolute() and path.resolve().is_relative_to(run_dir.resolve())
+    if not inside:
+        raise ValueError(
+            f"{run_dir / CONFIG_FILE}: key `best_checkpoint` is {rel!r}, which points outside the run folder {run_dir}; "
+            f"a run serves only its own checkpoints: name one under {CHECKPOINT_DIR}/ (e.g. {CHECKPOINT_DIR}/{BEST})"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the run's best checkpoint (named in config.yaml) is missing")
+    return path
+
+
+def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Run:
+    """Load a run folder for evaluation or recommendation (CPU; move ``run.model`` yourself for a GPU).
+
+    Args:
+        checkpoint: a checkpoint file to use instead of the run's best one (it must match the run's semantic IDs).
+    """
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    ids = SemanticIDs.load(run_dir / IDS_FILE)
+    ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, config)
+    # refuses IDs that are neither the checkpoint's own nor a version extending them (generator.runs.catalogue)
+    loaded = catalogue.load_model(ckpt, ids, run_dir / IDS_FILE)
+    layout = loaded.layout
+    added = SemanticIDs.load_metadata(run_dir / IDS_FILE).get("data")
+    if added:  # items were added from this dataset folder: its titles and users are the run's now
+        config = {**config, "data": added}
+    check_config_matches(config, run_dir / CONFIG_FILE, loaded.layout, loaded.config, ckpt)
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    log.info("loaded run %s (checkpoint %s, %d items)", run_dir, ckpt.name, ids.num_items)
+    return Run(run_dir, config, ckpt, loaded.model, loaded.config, layout, ids, tree)
+
+
+def check_config_matches(config: dict[str, Any], path: Path, layout: TokenLayout, model_config: Any, checkpoint: Path) -> None:
+    """Raise ValueError naming config.yaml and the key where it disagrees with the checkpoint it serves with (the
+    checkpoint holds the truth the model was trained with; an edited config.yaml would mislead evaluation)."""
+    pairs = [(f"layout.{k}", config["layout"].get(k), v) for k, v in layout.to_dict().items()]
+    theirs = model_config.to_dict()
+    pairs += [(f"model.{k}", config["model"][k], theirs[k]) for k in config["model"] if k in theirs]
+    if "user_tokens" in config["train"]:
+        pairs.append(("train.user_tokens", config["train"]["user_tokens"], layout.num_user_tokens))
+    for key, ours, truth in pairs:
+        if (list(ours) if isinstance(ours, tuple) else ours) != (list(truth) if isinstance(truth, tuple) else truth):
+            raise ValueError(
+                f"{path}: key `{key}` is {ours!r}, but the checkpoint {checkpoint} was trained with {truth!r}; "
+                "config.yaml must describe the run's checkpoint: restore the config.yaml semid wrote"
+            )

@@ -1,0 +1,597 @@
+"""Train a generator into a run folder (see ``generator.runs.folder``): data -> examples -> Lightning fit -> best checkpoint.
+
+    result = train_run("../shared/data/beauty", "ids/semantic_ids.npz", "runs/default", TrainOptions())
+
+Two designs, chosen by the preset: ``causal`` (the default: one position per history item, every next-item target
+trained in one pass, ``generator.causal``) and the T5 encoder-decoder over code tokens (``tiger``, the published
+TIGER architecture, and ``cpu``, a smaller T5). Options left at None take the design's default (:data:`DESIGN_DEFAULTS`).
+
+The best checkpoint is chosen on validation over a fixed sample of validation users, for the decoder the run
+serves with (``val/<decoder>/ndcg@10`` for the causal design, ``val/ndcg@10`` for T5); after training, the best
+checkpoint is evaluated on all validation users (``RUN/metrics_valid.json``). Test users are never looked at here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from generator.training.causal_data import CausalDataModule
+from generator.models.causal import CausalConfig
+from generator.training.causal_system import CausalSystem, monitor_name
+from generator.training.t5_data import GeneratorDataModule
+from generator.runs.evaluate import evaluate_run
+from generator.decoding.t5_hybrid import ALPHA_FILE, dense_setup
+from generator.models.t5 import PRESETS as T5_PRESETS
+from generator.models.t5 import ids_digest, safe_load, with_integrity
+from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
+from generator.runs.folder import BEST, CHECKPOINT_DIR, IDS_FILE, LAST, LOG_DIR, read_config, write_config
+from generator.training.t5_system import GeneratorSystem, OptimConfig
+from semid.data import leave_one_out, load_dataset
+from semid.ids import SemanticIDs
+from semid.io import atomic_path, folder_lock, write_json
+from semid.tree import PrefixTree
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val/ndcg@10"  # the T5 design's selection metric (the causal design's: val/<decoder>/ndcg@10)
+
+CAUSAL_PRESETS: dict[str, CausalConfig] = {
+    # the default: 2 causal layers of width 64 (the best measured on this CPU; width 128 was worse at equal time)
+    "causal": CausalConfig(),
+    "causal-wide": CausalConfig(d_model=128, num_heads=4, d_ff=512, dense_dim=128),
+}
+PRESETS = (*CAUSAL_PRESETS, *T5_PRESETS)
+
+
+def preset(name: str) -> Any:
+    """The model config of preset ``name``: a :class:`CausalConfig` or a T5 :class:`GeneratorConfig`."""
+    if name in CAUSAL_PRESETS:
+        return CAUSAL_PRESETS[name]
+    if name in T5_PRESETS:
+        return T5_PRESETS[name]
+    raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {name!r}")
+
+
+def is_causal(name: str) -> bool:
+    return name in CAUSAL_PRESETS
+
+
+# what an option left at None means, per design
+DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal": {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing": 0.0, "max_history": 50,
+               "user_tokens": 0, "dense": "id", "decoder": "auto"},
+    "t5": {"batch_size": 256, "lr": 2e-3, "warmup_steps": 500, "label_smoothing": 0.1, "max_history": 20,
+           "user_tokens": 2000, "dense": None, "decoder": "auto"},
+}
+# options that change what is trained: a resumed run must keep them
+# (val_users, num_beams and decoder define the validation score that selects best.ckpt: changing them mid-run
+# would compare checkpoints scored differently)
+_FIXED_ON_RESUME = (
+    "preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options", "model_options", "val_users",
+    "num_beams", "decoder",
+    "objective", "target", "tokenizer",
+)
+_NO_DENSE = "none"  # `dense="none"`: no dense head (None means the design's default)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything ``semid train`` takes. ``max_time`` is "HH:MM:SS" (or "DD:HH:MM:SS").
+
+    Options left at None are filled with the design's defaults (:data:`DESIGN_DEFAULTS`) when the options are made,
+    so a run's config.yaml records concrete values.
+    """
+
+    preset: str = "causal"
+    max_epochs: int | None = 50
+    max_steps: int = -1
+    max_time: str | None = None
+    seed: int = 0
+    devices: int = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    precision: str = "32-true"
+    batch_size: int | None = None  # examples (T5) or user windows (causal) per batch
+    lr: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float = 0.05
+    label_smoothing: float | None = None
+    max_history: int | None = None
+    user_tokens: int | None = None  # hashed user-id buckets (TIGER); 0 for none
+    val_users: int | None = 1000  # validation users sampled for validation during training; None for all
+    val_every: int | float = 1.0  # validate every N epochs (int) or fraction of an epoch (float < 1)
+    final_val_users: int | None = None  # validation users for the final evaluation of the best checkpoint; 0 skips it
+    num_beams: int = 20
+    decoder: str | None = None  # the decoder the run serves with (its validation score selects the checkpoint)
+    patience: int = 5  # validations without improvement before early stopping; 0 disables it
+    eval_batch_size: int = 128
+    num_workers: int = 0
+    progress: bool = True
+    # the dense head: "none", or its item vectors' mode "id" | "content" | "both" (causal: "id" | "both", where
+    # "both" also adds the content embeddings to the item inputs); None for the design's default
+    dense: str | None = None
+    objective: str = "joint"  # with a head: "joint" (generative + dense) or "dense" (encoder and head only)
+    dense_embeddings: str = "minilm"  # the dataset's item_emb_<name>.npy for content vectors
+    dense_options: dict[str, Any] | None = None  # more DenseHeadConfig fields: dim, pooling, loss, temperature, ...
+    model_options: dict[str, Any] | None = None  # causal design: CausalConfig fields over the preset's (dropout=0.3, ...)
+    threads: int = 1  # torch CPU threads while training (2 threads collapse on a busy 2-core machine; README)
+    target: str = "ids"  # what the generator emits: "ids" (semantic IDs) or "title" (title tokens, generator.titles)
+    tokenizer: str | None = None  # target "title": a local tokenizer folder (default: BPE trained on the titles)
+    encoder: str | None = None  # target "title": the sentence-encoder folder that grounds free titles (title-grounded)
+    # a point to resume from exactly (checkpoints/resume.ckpt) every N optimiser steps and every T seconds (0: not
+    # on that trigger); one is also written after every validation and when SIGINT or SIGTERM stops the training
+    resume_every_steps: int = 0
+    resume_every_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        preset(self.preset)  # validates the name
+        if self.preset == "item-t5" and self.user_tokens is None:
+            object.__setattr__(self, "user_tokens", 0)  # one position per item: no user token
+        for name, value in DESIGN_DEFAULTS[self.design].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.dense == _NO_DENSE:
+            object.__setattr__(self, "dense", None)
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            raise ValueError(f"`threads` must be a positive int, got {self.threads!r}")
+        if self.target != "ids":  # generator.titles checks and completes a title run's options
+            from generator.runs.titles import check_title_options
+
+            check_title_options(self)
+        elif self.tokenizer is not None or self.encoder is not None:
+            raise ValueError("`tokenizer` and `encoder` are for `target` 'title'")
+        elif self.design == "causal":
+            self._check_causal()
+        elif self.model_options:
+            raise ValueError(f"`model_options` are for the causal design; preset {self.preset!r} takes none, got {self.model_options!r}")
+        for name in ("batch_size", "num_beams", "devices", "eval_batch_size", "max_history"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
+            raise ValueError(f"`max_epochs` must be a positive int or None, got {self.max_epochs!r}")
+        if not isinstance(self.user_tokens, int) or self.user_tokens < 0:
+            raise ValueError(f"`user_tokens` must be a non-negative int, got {self.user_tokens!r}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"`patience` must be a non-negative int, got {self.patience!r}")
+        if isinstance(self.val_every, float) and not 0 < self.val_every <= 1:
+            raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
+        parse_max_time(self.max_time)
+        if not isinstance(self.resume_every_steps, int) or isinstance(self.resume_every_steps, bool) or self.resume_every_steps < 0:
+            raise ValueError(f"`resume_every_steps` must be a non-negative int, got {self.resume_every_steps!r}")
+        if isinstance(self.resume_every_seconds, bool) or not isinstance(self.resume_every_seconds, (int, float)) or not self.resume_every_seconds >= 0:
+            raise ValueError(f"`resume_every_seconds` must be a non-negative number, got {self.resume_every_seconds!r}")
+
+    @property
+    def design(self) -> str:
+        return "causal" if is_causal(self.preset) else "t5"
+
+    def _check_causal(self) -> None:
+        if self.user_tokens:
+            raise ValueError(f"`user_tokens` must be 0 with the causal preset {self.preset!r} (it has no user token), got {self.user_tokens}")
+        if self.dense not in (None, "id", "both"):
+            raise ValueError(f"`dense` must be 'none', 'id' or 'both' with the causal preset {self.preset!r}, got {self.dense!r}")
+        if self.dense is None and self.objective == "dense":
+            raise ValueError("`objective` 'dense' needs a dense head: pass `dense` 'id' or 'both'")
+        if self.dense is None:
+            object.__setattr__(self, "objective", "generative")  # what "joint" means without a head
+        allowed = ("dense",) if self.objective == "dense" and self.dense else ("beam", "exact", "dense") if self.dense else ("beam", "exact")
+        if self.decoder == "auto":
+            object.__setattr__(self, "decoder", allowed[0])
+        if self.decoder not in allowed:
+            raise ValueError(f"`decoder` must be one of {list(allowed)} for this causal run (objective {self.objective!r}), got {self.decoder!r}")
+        if self.dense_options:
+            raise ValueError(f"`dense_options` are for the T5 design's dense head; the causal design takes none, got {self.dense_options!r}")
+        known = set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}
+        unknown = sorted(set(self.model_options or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown `model_options` {unknown}; known: {sorted(known)}")
+        replace(preset(self.preset), **(self.model_options or {}))  # validates the values
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:  # a typo or an option of another version would otherwise be dropped silently
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def parse_max_time(text: str | None) -> timedelta | None:
+    """"HH:MM:SS" or "DD:HH:MM:SS" -> timedelta."""
+    if text is None:
+        return None
+    parts = str(text).split(":")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (3, 4) or any(n < 0 for n in nums):
+        raise ValueError(f"`max_time` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+    d, h, m, s = ([0] * (4 - len(nums))) + nums
+    if m >= 60 or s >= 60:
+        raise ValueError(f"`max_time` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+    return timedelta(days=d, hours=h, minutes=m, seconds=s)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place, so a crash never leaves half a file; each
+    carries its format, version and content digest (``generator.models.t5.with_integrity``), and is read back with
+    ``safe_load`` (no code runs; a damaged file is an error naming it), also when Lightning resumes from it."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(with_integrity(checkpoint), tmp, storage_options)
+
+    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return safe_load(path)
+
+
+class BudgetSnapshots(L.Callback):
+    """Copies the best checkpoint so far to ``best_<M>min.ckpt`` once training has run M wall-clock minutes (and at
+    the end for budgets not reached), with the best validation score and step in ``snapshots.json``."""
+
+    def __init__(self, minutes: Sequence[float], ckpt_dir: Path) -> None:
+        self.minutes = sorted(float(m) for m in minutes)
+        if not self.minutes or self.minutes[0] <= 0:
+            raise ValueError(f"`snapshots` must be positive minutes, got {list(minutes)!r}")
+        self.ckpt_dir, self.start, self.done = ckpt_dir, 0.0, {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter()
+
+    def _take(self, trainer: L.Trainer, minutes: float, reached: bool) -> None:
+        best = self.ckpt_dir / BEST
+        if trainer.global_rank != 0 or not best.is_file():
+            return
+        name = f"best_{minutes:g}min.ckpt"
+        with atomic_path(self.ckpt_dir / name) as tmp:
+            shutil.copyfile(best, tmp)
+        cb = trainer.checkpoint_callback
+        score = None if cb is None or cb.best_model_score is None else float(cb.best_model_score)
+        self.done[f"{minutes:g}"] = {"checkpoint": name, "best_score": score, "reached": reached,
+                                     "elapsed_s": round(time.perf_counter() - self.start, 1), "step": trainer.global_step}
+        write_json(self.ckpt_dir / "snapshots.json", self.done)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        elapsed = (time.perf_counter() - self.start) / 60
+        while self.minutes and elapsed >= self.minutes[0]:
+            self._take(trainer, self.minutes.pop(0), True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        while self.minutes:  # budgets longer than the run: its final best
+            self._take(trainer, self.minutes.pop(0), False)
+
+
+class TrainResult(NamedTuple):
+    run_dir: Path
+    best_checkpoint: Path
+    best_score: float | None  # val/ndcg@10 of the best checkpoint on the validation sample
+    epochs: float  # optimiser steps / steps per epoch (per process)
+    steps: int
+    seconds: float
+    padded_share: float
+    metrics_valid: dict[str, Any] | None  # the final evaluation on all validation users (None if skipped)
+
+
+def _unfinished_first_run(out: Path) -> bool:
+    """Whether ``out`` holds a first run that stopped before its first checkpoint (it failed in setup, e.g. "no
+    training examples", or early in training): config.yaml names no best checkpoint and checkpoints/ holds no file.
+    Training into it again loses nothing; a folder with any checkpoint, or a finished run, is never reused."""
+    import yaml  # read_config's parser: a config.yaml it cannot parse is not known to be unfinished
+
+    try:
+        config = read_config(out)
+    except (FileNotFoundError, ValueError, yaml.YAMLError):
+        return False
+    ckpt_dir = out / CHECKPOINT_DIR
+    checkpoints = ckpt_dir.exists() and (not ckpt_dir.is_dir() or any(p.is_file() for p in ckpt_dir.rglob("*")))
+    return config.get("best_checkpoint") is None and not checkpoints
+
+
+def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume: bool) -> Path | None:
+    """Create or check the run folder; return the checkpoint to resume from (or None).
+
+    A folder left by a first run that stopped before its first checkpoint is reused (its config.yaml and IDs copy
+    are overwritten): otherwise a failed setup would block its folder for good, refused as a run and with nothing to
+    resume.
+    """
+    last = out / CHECKPOINT_DIR / LAST
+    if not resume:
+        if (out / "config.yaml").exists() or (out / CHECKPOINT_DIR).exists():
+            if not _unfinished_first_run(out):
+                raise FileExistsError(f"{out}: already holds a run; pass `resume` to continue it, or choose another folder")
+            log.warning("%s: reusing the folder of a run that stopped before its first checkpoint", out)
+        out.mkdir(parents=True, exist_ok=True)
+        ids.save(out / IDS_FILE)
+        return None
+    stored = read_config(out)
+    if stored.get("ids_digest") != ids_digest(ids):
+        raise ValueError(f"{out}: this run was trained with other semantic IDs than the ones given; resume with its own {IDS_FILE}")
+    old = stored.get("train", {})
+    changed = [k for k in _FIXED_ON_RESUME if k in old and old[k] != getattr(options, k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(options, k)!r}" for k in changed)
+        raise ValueError(f"{out}: a resumed run must keep {list(_FIXED_ON_RESUME)}; changed {diffs}")
+    point = resume_point(out / CHECKPOINT_DIR)
+    if point is None:
+        unfinished = "; the run stopped before its first checkpoint: train again without `resume`"
+        raise FileNotFoundError(f"{last}: nothing to resume from{unfinished if _unfinished_first_run(out) else ''}")
+    return point
+
+
+def resume_point(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a resume continues from: the newest (most optimiser steps, then the later written) of
+    ``resume.ckpt`` (written during training) and ``last.ckpt`` (written at validations and at the end)."""
+    found = []
+    for name in (RESUME, LAST):
+        path = ckpt_dir / name
+        if path.is_file():
+            ckpt = safe_load(path)  # an error naming the file if it is damaged
+            step = ckpt.get("global_step", 0) if isinstance(ckpt, dict) else 0
+            found.append((int(step), path.stat().st_mtime_ns, path))
+    return max(found)[2] if found else None
+
+
+def _file_sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def train_run(
+    data_dir: str | os.PathLike[str],
+    ids_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: TrainOptions = TrainOptions(),
+    *,
+    resume: bool = False,
+    snapshots: Sequence[float] = (),
+    callbacks: Sequence[L.Callback] = (),
+) -> TrainResult:
+    """Train a generator on a dataset folder with the given semantic IDs; write the run folder ``out_dir``.
+
+    Args:
+        resume: continue the run in ``out_dir`` from its last checkpoint (same IDs and fixed options).
+        snapshots: wall-clock budgets in minutes: when training has run that long, the best checkpoint so far (chosen
+            on validation) is copied to ``RUN/checkpoints/best_<M>min.ckpt`` (learning curves from one run).
+        callbacks: more Lightning callbacks (logging, fault injection in tests).
+
+    Raises:
+        generator.training.resume.TrainingInterrupted: a SIGINT or SIGTERM stopped the training; ``resume`` continues it
+            exactly. A resume changes nothing the finished run serves with until its replacement is written:
+            config.yaml is rewritten at the end, best.ckpt only by a better checkpoint, metrics_valid.json by the
+            final evaluation (the other metrics_*.json are removed at the end if the best checkpoint changed).
+        FileExistsError: another training holds the folder's lock (``RUN/train.lock``).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
+    try:
+        return _train_run(data_dir, ids_path, out_dir, options, resume, snapshots, callbacks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions, resume: bool, snapshots: Sequence[float],
+               extra_callbacks: Sequence[L.Callback]) -> TrainResult:
+    start = time.perf_counter()
+    out = Path(out_dir)
+    dataset = load_dataset(data_dir)
+    ids = SemanticIDs.load(ids_path)
+    n = dataset.num_items  # the IDs must be for exactly its items 1..N (ascending, unique): no more, no fewer
+    if ids.num_items != n or int(ids.item_ids[0]) != 1 or int(ids.item_ids[-1]) != n:
+        raise ValueError(
+            f"{ids_path}: semantic IDs for {ids.num_items:,} items (ids {int(ids.item_ids[0])}..{int(ids.item_ids[-1])}), "
+            f"but the dataset {data_dir} has {n:,} items (ids 1..{n}); the IDs must be for exactly its items: fit "
+            f"codebooks on this dataset's embeddings (`semid fit-codebooks --embeddings {Path(data_dir) / 'item_emb_<name>.npy'}`)"
+        )
+    # DDP worker processes (re-launched scripts) find the folder made by rank 0 and write nothing
+    is_worker = rank_zero_only.rank != 0
+    if is_worker:  # no lock (rank 0 holds it); its signals are noted, and rank 0's decide when all stop
+        ckpt_path = resume_point(out / CHECKPOINT_DIR) if resume else None
+        with SignalGuard(out) as guard:
+            return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, True)
+    with folder_lock(out, "train.lock", what="a training"), SignalGuard(out) as guard:
+        ckpt_path = _prepare_run_dir(out, ids, options, resume)
+        try:
+            return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, False)
+        except SIGTERMException:  # Lightning's own SIGTERM stop (at an epoch end) would exit 0: an interruption
+            guard.received = guard.received or signal.SIGTERM
+            raise guard.interrupted() from None
+
+
+def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticIDs, options: TrainOptions, resume: bool,
+           snapshots: Sequence[float], extra_callbacks: Sequence[L.Callback], ckpt_path: Path | None, start: float,
+           guard: SignalGuard, is_worker: bool) -> TrainResult:
+    best_before = _file_sha256(out / CHECKPOINT_DIR / BEST) if resume else None
+    L.seed_everything(options.seed, workers=True, verbose=False)
+
+    # 1. data, model, system
+    layout = ids.layout(options.user_tokens)
+    split = leave_one_out(dataset)
+    digest = ids_digest(ids)
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    if options.target == "title":
+        from generator.runs.titles import title_monitor, title_setup
+
+        config, dm, system = title_setup(options, dataset, split, ids, layout, digest, out)
+        monitor = title_monitor()
+    elif options.design == "causal":
+        config, dm, system = _causal_setup(options, dataset, split, ids, layout, digest, tree)
+        monitor = monitor_name(options.decoder)
+    else:
+        config, dm, system = _t5_setup(options, dataset, split, ids, layout, digest, tree)
+        monitor = MONITOR
+    run_config = {
+        "data": str(Path(data_dir).resolve()),
+        "ids_source": str(Path(ids_path).resolve()),
+        "ids_digest": digest,
+        "design": options.design,
+        "model": config.to_dict(),
+        "layout": layout.to_dict(),
+        "train": asdict(options),
+        "monitor": monitor,
+        "best_checkpoint": None,
+    }
+    if not is_worker and not resume:  # a resumed run keeps the config.yaml it serves with until the end
+        write_config(out, run_config)
+    dm.setup("fit")
+    padded = dm.padding_share() if options.design == "causal" else dm.padding_stats().padded_share
+    targets_per_epoch = dm.num_targets if options.design == "causal" else len(dm.train_examples)
+
+    # 2. trainer
+    ckpt_dir = out / CHECKPOINT_DIR
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename=BEST[: -len(".ckpt")], monitor=monitor, mode="max", save_top_k=1, save_last=True,
+        auto_insert_metric_name=False, enable_version_counter=False,  # always best.ckpt / last.ckpt, also on resume
+    )
+    callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step"), StepSeeds(options.seed), *extra_callbacks]
+    # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in their order)
+    callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
+    if snapshots:
+        callbacks.append(BudgetSnapshots(snapshots, ckpt_dir))
+    if options.patience:
+        # checked after each validation (not at epoch end, which a step limit can reach without one)
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=options.patience, check_on_train_epoch_end=False))
+    every = options.val_every
+    trainer = L.Trainer(
+        default_root_dir=out,
+        max_epochs=options.max_epochs if options.max_epochs is not None else -1,
+        max_steps=options.max_steps,
+        max_time=parse_max_time(options.max_time),
+        accelerator=options.accelerator,
+        devices=options.devices,
+        strategy=options.strategy,
+        precision=options.precision,
+        logger=CSVLogger(out, name=LOG_DIR, version=None),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # BucketBatchSampler shards itself
+        check_val_every_n_epoch=every if isinstance(every, int) else 1,
+        val_check_interval=every if isinstance(every, float) else 1.0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(dm.train_sampler()) // options.devices)),
+        enable_progress_bar=options.progress,
+        enable_model_summary=False,
+        deterministic=False,
+    )
+    trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path)
+    guard.check()  # a signal after the last step
+
+    # 3. the best checkpoint (chosen on validation), named in config.yaml
+    best = ckpt_dir / BEST
+    selected_on_validation = best.is_file()
+    if not selected_on_validation:
+        best = ckpt_dir / LAST
+        log.warning("no validation ran, so there is no best checkpoint; using %s (not selected on validation)", best.name)
+    if trainer.global_rank != 0:  # DDP workers stop here; rank 0 writes the files
+        return TrainResult(out, best, None, float(trainer.current_epoch), trainer.global_step, time.perf_counter() - start, padded, None)
+    if trainer.global_step > 0:  # this process ran the loop: its counters are the truth
+        # Lightning rewrites last.ckpt only when a checkpoint is saved (the best score improved): make it the end
+        trainer.save_checkpoint(ckpt_dir / LAST)
+        (ckpt_dir / RESUME).unlink(missing_ok=True)  # last.ckpt is the newer point now
+    # read from the last checkpoint: with ddp_spawn this process's trainer never ran the loop
+    score, steps = _final_state(ckpt_dir / LAST)
+    epochs = round(steps / max(1, -(-dm.train_sampler().num_batches() // options.devices)), 2)  # steps per process
+    run_config["best_checkpoint"] = str(best.relative_to(out))
+    run_config["selected_on_validation"] = selected_on_validation
+    run_config["best_score"] = {monitor: score}
+    run_config["epochs"], run_config["steps"] = epochs, steps
+    run_config["train_seconds"] = round(time.perf_counter() - start, 1)
+    run_config["padded_share"] = round(padded, 4)
+    run_config["targets_per_epoch"] = int(targets_per_epoch)
+    run_config["threads"] = options.threads
+    write_config(out, run_config)
+    if resume and _file_sha256(best) != best_before:
+        # they describe the checkpoint served before; metrics_valid.json is replaced by the evaluation below
+        stale = [p for p in out.glob("metrics_*.json") if options.final_val_users == 0 or p.name != "metrics_valid.json"]
+        stale += [out / ALPHA_FILE] if (out / ALPHA_FILE).exists() else []
+        for path in sorted(stale):
+            path.unlink()
+        if stale:
+            log.info("resume: removed %s (they describe the previous best checkpoint)", ", ".join(p.name for p in stale))
+
+    # 4. all validation users, on the best checkpoint
+    metrics_valid = None
+    if options.final_val_users != 0:
+        metrics_valid = evaluate_run(
+            out, "valid", num_beams=options.num_beams, max_users=options.final_val_users, seed=options.seed,
+            batch_size=options.eval_batch_size, decoder="dense" if options.objective == "dense" and options.dense else options.decoder,
+            progress=options.progress,
+        )
+    seconds = time.perf_counter() - start
+    log.info("trained %s in %.0f s: best %s = %s", out, seconds, monitor, score)
+    return TrainResult(out, best, score, epochs, steps, seconds, padded, metrics_valid)
+
+
+def _t5_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs, layout: Any, digest: str, tree: PrefixTree) -> tuple[Any, Any, Any]:
+    config = preset(options.preset)
+    dm = GeneratorDataModule(
+        split, ids, layout, batch_size=options.batch_size, eval_batch_size=options.eval_batch_size,
+        max_history=options.max_history, val_users=options.val_users, seed=options.seed, num_workers=options.num_workers,
+    )
+    dense = dense_setup(
+        options.dense, options.objective if options.dense else "generative", dataset, split, ids, config.d_model,
+        embeddings=options.dense_embeddings, options=options.dense_options,
+    )
+    system = GeneratorSystem(
+        config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams, decoder=options.decoder,
+        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, val_decoder=dense.val_decoder,
+    )
+    return config, dm, system
+
+
+def _causal_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs, layout: Any, digest: str, tree: PrefixTree) -> tuple[Any, Any, Any]:
+    content = None
+    if options.dense == "both":
+        if int(ids.item_ids.max()) > dataset.num_items:
+            raise ValueError(f"the semantic IDs have items above {dataset.num_items}, the dataset's last: no content for them")
+        content = torch.from_numpy(dataset.embeddings(options.dense_embeddings)[ids.item_ids - 1]).float()
+    base = replace(preset(options.preset), **(options.model_options or {}))
+    config = replace(base, max_history=options.max_history, dense_dim=base.dense_dim if options.dense else 0,
+                     content_dim=0 if content is None else int(content.shape[1]))
+    dm = CausalDataModule(split, ids, max_history=options.max_history, batch_size=options.batch_size,
+                          eval_batch_size=options.eval_batch_size, val_users=options.val_users, seed=options.seed)
+    item_tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)), dtype=torch.long)
+    system = CausalSystem(config, layout, item_tokens, torch.from_numpy(ids.item_ids), digest, tree, content=content,
+                          optim=options.optim(), objective=options.objective, serve=options.decoder, num_beams=options.num_beams)
+    return config, dm, system
+
+
+def _final_state(last: Path) -> tuple[float | None, int]:
+    """(best val/ndcg@10, optimiser steps) recorded in the last checkpoint."""
+    if not last.is_file():
+        return None, 0
+    ckpt = safe_load(last)
+    score = None
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
+            score = float(state["best_model_score"])
+    return score, int(ckpt.get("global_step", 0))
+

@@ -1,0 +1,1 @@
+"""Training: examples and data modules, the Lightning systems around the models, resume points."""

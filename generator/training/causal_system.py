@@ -1,0 +1,134 @@
+"""CausalSystem: the LightningModule of the causal generator (joint loss, schedule, per-decoder validation).
+
+One training step runs the backbone once over a batch of user windows and trains every real position: the code
+head's tree-normalised log-likelihood of the next item (``objective`` "generative" or "joint") and the dense head's
+full softmax over the catalogue ("joint" or "dense").
+
+Validation decodes a seeded sample of validation users with each decoder that the run can serve with and logs
+``val/<decoder>/recall@K`` and ``val/<decoder>/ndcg@K``; the run keeps the checkpoint that is best for the decoder it
+serves with (``serve``). Under DDP the hit sums are added across processes before logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+
+from generator.training.causal_data import SeqBatch
+from generator.decoding.causal import CausalDecoders, item_paths
+from generator.models.causal import CausalConfig, CausalGenerator, code_loss, dense_loss
+from generator.models.t5 import CHECKPOINT_KEY
+from generator.training.t5_system import OptimConfig, adamw_schedule
+from semid.layout import TokenLayout
+from semid.tree import PrefixTree
+
+OBJECTIVES = ("joint", "generative", "dense")
+
+
+def monitor_name(decoder: str) -> str:
+    return f"val/{decoder}/ndcg@10"
+
+
+class CausalSystem(L.LightningModule):
+    """Args:
+        config, layout, item_tokens, content: the model (``generator.models.causal``).
+        item_ids: LongTensor (N,) the item id of each row; ids_digest: fingerprint stored in checkpoints.
+        tree: the prefix tree of every item's code tokens + eos (validation decoding; not stored).
+        objective: "joint" | "generative" | "dense"; serve: the decoder whose validation score selects checkpoints.
+        dense_weight: weight of the dense loss in "joint".
+    """
+
+    def __init__(
+        self, config: CausalConfig, layout: TokenLayout, item_tokens: torch.Tensor, item_ids: torch.Tensor, ids_digest: str,
+        tree: PrefixTree, *, content: torch.Tensor | None = None, optim: OptimConfig = OptimConfig(), objective: str = "joint",  # noqa: B008 (frozen)
+        serve: str = "beam", num_beams: int = 20, ks: Sequence[int] = (5, 10), dense_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+        if objective != "generative" and not config.dense_dim:
+            raise ValueError(f"`objective` {objective!r} needs a dense head (dense_dim > 0)")
+        self.config, self.layout, self.ids_digest, self.optim = config, layout, ids_digest, optim
+        self.objective, self.serve, self.ks, self.dense_weight = objective, serve, tuple(sorted(ks)), dense_weight
+        self.model = CausalGenerator(config, layout, item_tokens, content)
+        self.tree, self.item_ids, self.num_beams = tree, torch.as_tensor(item_ids), num_beams
+        self.val_decoders = (["dense"] if objective == "dense" else ["beam", "exact"] + (["dense"] if config.dense_dim else []))
+        if serve not in self.val_decoders:
+            raise ValueError(f"`serve` decoder {serve!r} is not validated by a {objective!r} run; choose one of {self.val_decoders}")
+        self.save_hyperparameters({"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim),
+                                   "objective": objective, "serve": serve, "num_beams": num_beams, "ids_digest": ids_digest})
+        self._nodes: torch.Tensor | None = None
+        self._decoders: CausalDecoders | None = None
+        self._sums: dict[str, torch.Tensor] = {}
+
+    # ---- training ------------------------------------------------------------------------------------------------
+    def _item_nodes(self) -> torch.Tensor:
+        if self._nodes is None or self._nodes.device != self.device:
+            self.tree = self.tree.to(self.device)
+            self._nodes = item_paths(self.model, self.tree).nodes  # (N, L + 1)
+        return self._nodes
+
+    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
+        h = self.model.hidden(batch.histories)  # (B, T, D): one pass, every position
+        real = batch.targets >= 0
+        hs, rows = h[real], batch.targets[real]  # (P, D), (P,)
+        P = rows.numel()
+        total = h.new_zeros(())
+        if self.objective != "dense":
+            allowed = None
+            if not self.config.node_vectors:  # the block-wide path masks with the tree
+                nodes = self._item_nodes()[rows]  # (P, L + 1)
+                allowed = [self.tree.allowed_mask(nodes[:, lv], token_range=self.layout.level_range(lv)) for lv in range(self.layout.num_levels)]
+            gen = code_loss(self.model, self.model.level_queries(hs), self.model.item_tokens[rows + 1], allowed,
+                            label_smoothing=self.optim.label_smoothing)
+            self.log("train/gen_loss", gen, batch_size=P)
+            total = total + gen
+        if self.objective != "generative":
+            dense = dense_loss(self.model, hs, rows)
+            self.log("train/dense_loss", dense, batch_size=P)
+            total = total + self.dense_weight * dense
+        self.log("train/loss", total, prog_bar=True, batch_size=P)
+        self.log("train/targets", float(P), reduce_fx="sum", batch_size=1)
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_schedule(self, self.optim)
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.tree = self.tree.to(self.device)
+        self._decoders = CausalDecoders(self.model, self.tree, self.item_ids.to(self.device), num_beams=self.num_beams).refresh()
+        self._sums = {name: torch.zeros(2 * len(self.ks) + 1, dtype=torch.float64, device=self.device) for name in self.val_decoders}
+
+    def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
+        h = self.model.last_hidden(batch.histories, batch.lengths)
+        k = self.ks[-1]
+        for name in self.val_decoders:  # loop over decoders (<= 3)
+            res = self._decoders.decode(name, h, k=k)
+            hit = res.items == batch.targets[:, None]
+            rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(batch.targets, k))
+            gain = 1.0 / torch.log2(rank.double() + 2.0)
+            sums = self._sums[name]
+            for i, kk in enumerate(self.ks):
+                sums[i] += (rank < kk).sum()
+                sums[len(self.ks) + i] += torch.where(rank < kk, gain, 0.0).sum()
+            sums[-1] += batch.targets.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        for name, local in self._sums.items():
+            sums = self.trainer.strategy.reduce(local, reduce_op="sum")
+            users = sums[-1].clamp_min(1)
+            for i, k in enumerate(self.ks):
+                self.log(f"val/{name}/recall@{k}", (sums[i] / users).float(), sync_dist=True)
+                self.log(f"val/{name}/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True,
+                         prog_bar=k == 10 and name == self.serve)
+        self._sums, self._decoders = {}, None
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict(), "layout": self.layout.to_dict(),
+                                      "ids_digest": self.ids_digest, "objective": self.objective, "serve": self.serve}

@@ -1,0 +1,92 @@
+"""TitleSystem: the LightningModule of a title run (title negative log-likelihood, schedule, validation by title beam).
+
+One training step runs the backbone once over a batch of user windows and trains the title head on every real
+position's next item (``TitleGenerator.title_nll``, averaged over positions). Validation decodes a seeded sample of
+validation users with the constrained title beam and logs ``val/title-beam/recall@K`` and ``val/title-beam/ndcg@K``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+
+from generator.training.causal_data import SeqBatch
+from generator.models.t5 import CHECKPOINT_KEY
+from generator.training.t5_system import OptimConfig, adamw_schedule
+from generator.decoding.titles import LENGTH_PENALTY, TITLE_BEAM, TitleDecoders
+from generator.models.titles import TitleConfig, TitleGenerator
+from semid.layout import TokenLayout
+from semid.tree import PrefixTree
+
+TARGET = "title"
+
+
+def title_monitor() -> str:
+    return f"val/{TITLE_BEAM}/ndcg@10"
+
+
+class TitleSystem(L.LightningModule):
+    """Args:
+        config, layout, item_tokens, title_targets: the model (``generator.models.titles``).
+        item_ids: LongTensor (N,) the item id of each row; codes: LongTensor (N, L) their codes; ids_digest: stored.
+        tree: the title tree (validation decoding; not stored).
+    """
+
+    def __init__(self, config: TitleConfig, layout: TokenLayout, item_tokens: torch.Tensor, title_targets: torch.Tensor,
+                 item_ids: torch.Tensor, codes: torch.Tensor, ids_digest: str, tree: PrefixTree, *,
+                 optim: OptimConfig = OptimConfig(), num_beams: int = 20, ks: Sequence[int] = (5, 10),  # noqa: B008 (frozen)
+                 length_penalty: float = LENGTH_PENALTY) -> None:
+        super().__init__()
+        self.config, self.layout, self.ids_digest, self.optim = config, layout, ids_digest, optim
+        self.model = TitleGenerator(config, layout, item_tokens, title_targets)
+        self.tree, self.item_ids, self.codes = tree, torch.as_tensor(item_ids), torch.as_tensor(codes)
+        self.num_beams, self.ks, self.length_penalty = num_beams, tuple(sorted(ks)), length_penalty
+        self.save_hyperparameters({"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim),
+                                   "num_beams": num_beams, "ids_digest": ids_digest, "target": TARGET})
+        self._decoders: TitleDecoders | None = None
+        self._sums: torch.Tensor | None = None
+
+    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
+        h = self.model.hidden(batch.histories)  # (B, T, D): one pass, every position
+        real = batch.targets >= 0
+        loss = self.model.title_nll(h[real], batch.targets[real]).mean()
+        P = int(real.sum())
+        self.log("train/loss", loss, prog_bar=True, batch_size=P)
+        self.log("train/targets", float(P), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return adamw_schedule(self, self.optim)
+
+    def on_validation_epoch_start(self) -> None:
+        self._decoders = TitleDecoders(self.model, self.tree, self.item_ids, self.codes, num_beams=self.num_beams,
+                                       length_penalty=self.length_penalty).to(self.device)
+        self._sums = torch.zeros(2 * len(self.ks) + 1, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
+        h = self.model.last_hidden(batch.histories, batch.lengths)
+        k = self.ks[-1]
+        res = self._decoders.decode(TITLE_BEAM, h, k=k)
+        hit = res.items == batch.targets[:, None]
+        rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(batch.targets, k))
+        gain = 1.0 / torch.log2(rank.double() + 2.0)
+        for i, kk in enumerate(self.ks):
+            self._sums[i] += (rank < kk).sum()
+            self._sums[len(self.ks) + i] += torch.where(rank < kk, gain, 0.0).sum()
+        self._sums[-1] += batch.targets.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self._sums, reduce_op="sum")
+        users = sums[-1].clamp_min(1)
+        for i, k in enumerate(self.ks):
+            self.log(f"val/{TITLE_BEAM}/recall@{k}", (sums[i] / users).float(), sync_dist=True)
+            self.log(f"val/{TITLE_BEAM}/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True, prog_bar=k == 10)
+        self._decoders, self._sums = None, None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict(), "layout": self.layout.to_dict(),
+                                      "ids_digest": self.ids_digest, "target": TARGET}
