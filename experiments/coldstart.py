@@ -35,13 +35,13 @@ import numpy as np
 import yaml
 
 from experiments.dense_hybrid import budget, score
-from generator.decoding.cold import ColdStartBeam
 from generator.coldstart import add_cold_items, cold_start_split, write_warm_dataset
-from generator.training.t5_data import sample_users
+from generator.decoding.cold import ColdStartBeam
 from generator.decoding.t5_generate import get_decoder
-from generator.training.examples import history_examples
 from generator.decoding.t5_hybrid import ALPHA_FILE, DenseDecoder, HybridDecoder, build_decoder, load_run_head
 from generator.runs.folder import load_run
+from generator.training.examples import history_examples
+from generator.training.t5_data import sample_users
 from rqvae import load_quantizer
 from semid.cli import main as semid
 from semid.data import leave_one_out, load_dataset

@@ -18,15 +18,15 @@ import numpy as np
 import torch
 
 from experiments.fusion import timed_pass
-from generator.training.causal_data import eval_batches, split_histories
-from generator.decoding.causal import CausalDecoders, beam_search
-from generator.decoding.fusion import FUSIONS
-from generator.runs.causal import choose_causal_fusion, decoders_for
-from generator.decoding.cold import ColdStartBeam
 from generator.coldstart import ColdStartSplit, write_full_dataset
-from generator.training.t5_data import sample_users
+from generator.decoding.causal import CausalDecoders, beam_search
+from generator.decoding.cold import ColdStartBeam
+from generator.decoding.fusion import FUSIONS
 from generator.decoding.t5_generate import BeamResult
+from generator.runs.causal import choose_causal_fusion, decoders_for
 from generator.runs.folder import load_run
+from generator.training.causal_data import eval_batches, split_histories
+from generator.training.t5_data import sample_users
 from semid.cli import main as semid
 from semid.data import Dataset, leave_one_out, load_dataset
 from semid.metrics import ndcg_at_k, recall_at_k

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 import yaml
 
-from generator.training.t5_data import eval_batches, sample_users, split_examples
 from generator.decoding.t5_generate import get_decoder
-from generator.training.examples import Examples, collate
 from generator.decoding.t5_hybrid import ALPHA_FILE, build_decoder
 from generator.runs.folder import Run, load_run
+from generator.training.examples import Examples, collate
+from generator.training.t5_data import eval_batches, sample_users, split_examples
 from semid.data import leave_one_out, load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import RankingMetrics

@@ -159,8 +159,8 @@ def codebooks_outcome(path: Path) -> dict[str, Any]:
 
 
 def servable(path: Path) -> bool:
-    from generator.runs.recommend import recommend
     from generator.runs.folder import load_run
+    from generator.runs.recommend import recommend
 
     try:
         recs = recommend(load_run(path), [[1, 2, 3]], k=5)

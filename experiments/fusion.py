@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.training.causal_data import eval_batches, split_histories
 from generator.decoding.causal import CausalDecoders
 from generator.decoding.fusion import FUSIONS
 from generator.runs.causal import choose_causal_fusion, trained_tree
-from generator.training.t5_data import sample_users
 from generator.runs.folder import load_run
+from generator.training.causal_data import eval_batches, split_histories
+from generator.training.t5_data import sample_users
 from semid.data import leave_one_out, load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import ndcg_at_k, paired_bootstrap, recall_at_k

@@ -32,8 +32,8 @@ def _burn(stop: mp.Event) -> None:  # the competing job: one thread of matmuls u
 
 
 def _steps_per_s(threads: int, steps: int, data: str, ids_path: str) -> float:
-    from generator.training.causal_data import CausalDataModule, collate_windows
     from generator.models.causal import CausalConfig
+    from generator.training.causal_data import CausalDataModule, collate_windows
     from generator.training.causal_system import CausalSystem
     from semid.data import leave_one_out, load_dataset
     from semid.ids import SemanticIDs

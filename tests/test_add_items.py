@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from generator.models.t5 import ids_digest
 from generator.runs.catalogue import ADDED_CONTENT, lineage
 from generator.runs.causal import decoders_for
-from generator.models.t5 import ids_digest
-from generator.runs.recommend import recommend
 from generator.runs.folder import load_run
+from generator.runs.recommend import recommend
 from rqvae import load_quantizer
 from semid.cli import main
 from semid.ids import SemanticIDs

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generator.training.causal_data import collate_windows, training_windows
 from generator.decoding.causal import CausalDecoders, beam_search, edge_tables, exact_scores, item_paths
 from generator.models.causal import CausalConfig, CausalGenerator, code_loss
+from generator.training.causal_data import collate_windows, training_windows
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
 from tests.reference import DictTrie

@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from generator.runs.recommend import recommend
 from generator.runs.folder import load_run
+from generator.runs.recommend import recommend
 from semid.cli import main
 from semid.ids import SemanticIDs
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset

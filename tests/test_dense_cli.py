@@ -12,8 +12,8 @@ import yaml
 
 from generator.decoding.t5_hybrid import ALPHA_FILE, load_run_head
 from generator.models.t5 import with_integrity
-from generator.runs.recommend import recommend
 from generator.runs.folder import load_run
+from generator.runs.recommend import recommend
 from semid.cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 

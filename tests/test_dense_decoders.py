@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
 from generator.decoding.t5_beam import fast_topk
+from generator.decoding.t5_hybrid import DenseDecoder, HybridDecoder, teacher_forced_logprob
 from generator.models.dense import (
     STATE_PREFIX,
     DenseHead,
@@ -17,7 +18,6 @@ from generator.models.dense import (
     joint_loss,
     load_dense_head,
 )
-from generator.decoding.t5_hybrid import DenseDecoder, HybridDecoder, teacher_forced_logprob
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree

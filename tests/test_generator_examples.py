@@ -12,7 +12,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generator.training.t5_data import eval_batches, sample_users, split_examples
 from generator.training.examples import (
     BucketBatchSampler,
     collate,
@@ -20,6 +19,7 @@ from generator.training.examples import (
     padding_stats,
     training_examples,
 )
+from generator.training.t5_data import eval_batches, sample_users, split_examples
 from semid.data import leave_one_out, load_dataset
 from semid.layout import TokenLayout
 from tests.conftest import write_canonical
@@ -90,8 +90,8 @@ def test_batches_are_right_padded_and_mix_rows_with_and_without_user_token() -> 
 
 def test_the_datamodule_and_dense_setup_train_on_the_training_prefixes_only(tmp_path: Path) -> None:
     # as above: items 31..40 appear only as validation targets, 41..50 only as test targets
-    from generator.training.t5_data import GeneratorDataModule
     from generator.decoding.t5_hybrid import dense_setup
+    from generator.training.t5_data import GeneratorDataModule
 
     ids = random_ids(num_items=50)
     layout = ids.layout(16)

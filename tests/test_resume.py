@@ -19,10 +19,10 @@ import torch
 import yaml
 
 from generator.models.t5 import safe_load
-from generator.runs.recommend import recommend
-from generator.training.resume import ResumableLoader, TrainingInterrupted, step_seed
 from generator.runs.folder import load_run
+from generator.runs.recommend import recommend
 from generator.runs.train import TrainOptions, train_run
+from generator.training.resume import ResumableLoader, TrainingInterrupted, step_seed
 from semid.cli import main
 from semid.io import folder_lock
 from tests.test_generator_helpers import write_ids, write_random_dataset

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generator.models.causal import CausalConfig, CausalGenerator
+from generator.decoding.grounding import CODES_GROUNDED, CodeGrounder, GroundedCodeDecoders
 from generator.decoding.title_beam import beam_items, lookup_generated, title_beam_search
 from generator.decoding.titles import TitleDecoders
-from generator.decoding.grounding import CODES_GROUNDED, CodeGrounder, GroundedCodeDecoders
+from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.titles import TitleConfig, TitleGenerator
 from semid.embed import embed_texts, load_encoder
 from semid.titles import TitleIndex, TitleTokenizer

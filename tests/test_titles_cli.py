@@ -11,9 +11,9 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from generator.models.titles import TitleGenerator
 from generator.runs.evaluate import evaluate_run
 from generator.runs.recommend import recommend
-from generator.models.titles import TitleGenerator
 from generator.runs.titles import TitleRun, load_any_run
 from generator.runs.train import TrainOptions
 from semid.cli import main

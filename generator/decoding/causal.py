@@ -27,8 +27,8 @@ from typing import NamedTuple
 import torch
 
 from generator.decoding.fusion import Parts, fuse
-from generator.models.causal import CausalGenerator, masked_log_softmax
 from generator.decoding.t5_generate import BeamResult, check_beam_args
+from generator.models.causal import CausalGenerator, masked_log_softmax
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")

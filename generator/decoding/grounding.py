@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from generator.decoding.causal import CausalDecoders
-from generator.models.causal import CausalGenerator
 from generator.decoding.t5_generate import BeamResult, check_beam_args
+from generator.models.causal import CausalGenerator
 from semid.io import atomic_path, write_json
 from semid.tree import PrefixTree
 

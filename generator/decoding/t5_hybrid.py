@@ -34,8 +34,8 @@ import torch
 import yaml
 from torch import nn
 
+from generator.decoding.mips import MIPSIndex
 from generator.decoding.t5_beam import _decoder_step, auto_batch_size, fast_topk
-from generator.training.t5_data import eval_batches, sample_users, split_examples
 from generator.decoding.t5_generate import DECODERS, BeamResult, check_beam_args, get_decoder
 from generator.models.dense import (
     OBJECTIVES,
@@ -45,9 +45,9 @@ from generator.models.dense import (
     load_dense_head,
     log_popularity,
 )
-from generator.training.examples import collate
-from generator.decoding.mips import MIPSIndex
 from generator.models.t5 import ids_digest, safe_load
+from generator.training.examples import collate
+from generator.training.t5_data import eval_batches, sample_users, split_examples
 from semid.data import Dataset, Split
 from semid.ids import SemanticIDs
 from semid.io import write_json

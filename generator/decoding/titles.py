@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from generator.decoding.grounding import GROUND_MAX_LENGTH, GroundingStats
 from generator.decoding.t5_generate import BeamResult, check_beam_args
 from generator.decoding.title_beam import beam_items, lookup_generated, title_beam_search
-from generator.decoding.grounding import GROUND_MAX_LENGTH, GroundingStats
 from generator.models.titles import TitleGenerator
 from semid.tree import PrefixTree
 

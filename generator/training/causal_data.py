@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from generator.training.t5_data import sample_users
 from generator.training.examples import BucketBatchSampler
 from generator.training.resume import ResumableLoader
+from generator.training.t5_data import sample_users
 from semid.data import Split
 from semid.ids import SemanticIDs
 

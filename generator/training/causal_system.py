@@ -18,10 +18,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from generator.training.causal_data import SeqBatch
 from generator.decoding.causal import CausalDecoders, item_paths
 from generator.models.causal import CausalConfig, CausalGenerator, code_loss, dense_loss
 from generator.models.t5 import CHECKPOINT_KEY
+from generator.training.causal_data import SeqBatch
 from generator.training.t5_system import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree

@@ -19,8 +19,8 @@ import torch
 
 from generator.decoding.t5_generate import check_beam_args, get_decoder
 from generator.models.dense import META_KEY, DenseHead, joint_loss
-from generator.training.examples import Batch
 from generator.models.t5 import CHECKPOINT_KEY, GeneratorConfig, build_model, checkpoint_meta, seq2seq_loss
+from generator.training.examples import Batch
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 

@@ -14,11 +14,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from generator.training.causal_data import SeqBatch
-from generator.models.t5 import CHECKPOINT_KEY
-from generator.training.t5_system import OptimConfig, adamw_schedule
 from generator.decoding.titles import LENGTH_PENALTY, TITLE_BEAM, TitleDecoders
+from generator.models.t5 import CHECKPOINT_KEY
 from generator.models.titles import TitleConfig, TitleGenerator
+from generator.training.causal_data import SeqBatch
+from generator.training.t5_system import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 

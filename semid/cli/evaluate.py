@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.decoding.t5_hybrid import ALL_DECODERS
+from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
 
 

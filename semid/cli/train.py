@@ -11,11 +11,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from generator.models.dense import MODES
 from generator.decoding.t5_hybrid import DenseOptionsAction
-from generator.training.resume import TrainingInterrupted
+from generator.models.dense import MODES
 from generator.runs.folder import IDS_FILE, read_config
 from generator.runs.train import DESIGN_DEFAULTS, PRESETS, TrainOptions, train_run
+from generator.training.resume import TrainingInterrupted
 
 
 def _users(text: str) -> int | None:
