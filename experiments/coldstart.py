@@ -2,7 +2,7 @@
 
     python -m experiments.coldstart --work runs/coldstart [--fraction 0.05] [--max-users N] [semid train flags ...]
 
-1. ``generator.coldstart.cold_start_split``: the newest ``--fraction`` of items (proxy: mean relative position in
+1. ``semid.coldstart.cold_start_split``: the newest ``--fraction`` of items (proxy: mean relative position in
    users' sequences, see that module) are held out; warm items are renumbered 1..N_w, cold ones N_w+1..N.
    ``WORK/warm`` is the warm world as a dataset folder: cold items and all their interactions removed.
 2. ``semid fit-codebooks`` on the warm items' embeddings only -> ``WORK/ids`` (the quantizer never sees cold items).
@@ -35,15 +35,16 @@ import numpy as np
 import yaml
 
 from experiments.dense_hybrid import budget, score
-from generator.coldstart import add_cold_items, cold_start_split, write_warm_dataset
 from generator.decoding.cold import ColdStartBeam
 from generator.decoding.t5_generate import get_decoder
 from generator.decoding.t5_hybrid import ALPHA_FILE, DenseDecoder, HybridDecoder, build_decoder, load_run_head
+from generator.runs.cold_items import add_cold_items
 from generator.runs.folder import load_run
 from generator.training.examples import history_examples
 from generator.training.t5_data import sample_users
 from rqvae import load_quantizer
 from semid.cli import main as semid
+from semid.coldstart import cold_start_split, write_warm_dataset
 from semid.data import leave_one_out, load_dataset
 from semid.io import atomic_open, write_json
 

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from experiments.fusion import timed_pass
-from generator.coldstart import ColdStartSplit, write_full_dataset
 from generator.decoding.causal import CausalDecoders, beam_search
 from generator.decoding.cold import ColdStartBeam
 from generator.decoding.fusion import FUSIONS
@@ -28,6 +27,7 @@ from generator.runs.folder import load_run
 from generator.training.causal_data import eval_batches, split_histories
 from generator.training.t5_data import sample_users
 from semid.cli import main as semid
+from semid.coldstart import ColdStartSplit, write_full_dataset
 from semid.data import Dataset, leave_one_out, load_dataset
 from semid.metrics import ndcg_at_k, recall_at_k
 

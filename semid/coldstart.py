@@ -13,6 +13,9 @@ Cold items are relabelled after the warm ones (warm items 1..N_w in their old or
 after training they can be added with ``SemanticIDs.add_items``, ``DenseHead.add_items`` and ``MIPSIndex.add``,
 which all append ids above the current largest: the same way a real catalogue grows.
 
+This module only splits datasets (numpy and ``semid`` only): adding the cold items to a trained generator's
+semantic IDs, prefix tree and dense head is ``generator.runs.cold_items``.
+
 Dimensions: N items, C cold items, U users, T cold test users.
 """
 
@@ -21,21 +24,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from generator.models.dense import DenseHead
 from semid.data import EMBEDDING_PREFIX, Catalogue, Dataset
-from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
-from semid.layout import TokenLayout
 from semid.prepare import write_dataset
-from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
 
@@ -238,45 +236,3 @@ def read_cold_manifest(folder: str | os.PathLike[str]) -> dict:
     if len(manifest["new_to_old"]) != manifest["num_items"]:
         raise ValueError(f"{path}: `new_to_old` has {len(manifest['new_to_old'])} entries for {manifest['num_items']} items")
     return manifest
-
-
-# ---- adding cold items after training ------------------------------------------------------------------------------
-class ColdCatalogue(NamedTuple):
-    """The catalogue after cold items joined it: new IDs, their prefix tree, and the (grown, same) dense head."""
-
-    ids: SemanticIDs
-    tree: PrefixTree
-    head: DenseHead | None
-
-
-def add_cold_items(
-    ids: SemanticIDs,
-    layout: TokenLayout,
-    content_embeddings: np.ndarray,
-    item_ids: np.ndarray,
-    *,
-    encode: Callable[[np.ndarray], np.ndarray],
-    head: DenseHead | None = None,
-) -> ColdCatalogue:
-    """Give items that came after training codes, a place in the tree and dense vectors, without retraining.
-
-    Args:
-        ids: the semantic IDs the model was trained with; layout: its token layout (unchanged: same vocabulary).
-        content_embeddings: float (M, D), the new items' content embeddings (the quantizer's and head's input).
-        item_ids: int (M,), ascending, above every current id.
-        encode: the fitted quantizer's ``encode``: float (M, D) -> int (M, L) base codes (``rqvae`` quantizers).
-        head: the dense head, grown in place with content-only vectors (``DenseHead.add_items``), if any.
-    """
-    content = np.asarray(content_embeddings, dtype=np.float32)
-    item_ids = np.asarray(item_ids, dtype=np.int64)
-    if content.ndim != 2 or content.shape[0] != item_ids.shape[0]:
-        raise ValueError(f"`content_embeddings` must be (M={item_ids.shape[0]}, D), got shape {content.shape}")
-    codes = np.asarray(encode(content))
-    if codes.shape != (content.shape[0], ids.num_base_levels):
-        raise ValueError(f"`encode` must return codes of shape ({content.shape[0]}, {ids.num_base_levels}), got {codes.shape}")
-    new_ids = ids.add_items(codes, item_ids)
-    tree = PrefixTree.from_semantic_ids(new_ids, layout)
-    if head is not None:
-        head.add_items(torch.from_numpy(content), torch.from_numpy(item_ids))
-    log.info("cold start: %d items added (%d in all); %s", item_ids.size, new_ids.num_items, new_ids.collision_stats())
-    return ColdCatalogue(new_ids, tree, head)
