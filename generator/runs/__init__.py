@@ -1,0 +1,1 @@
+"""Run folders: their files, training into one, loading, evaluation, recommendation, adding items, the demo."""
