@@ -32,7 +32,8 @@ import torch
 
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import read_config
-from generator.runs.train import TrainOptions, train_run
+from generator.runs.options import TrainOptions
+from generator.runs.train import train_run
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, write_json
 

@@ -35,7 +35,8 @@ import torch
 import yaml
 
 from generator.runs.evaluate import evaluate_run
-from generator.runs.train import TrainOptions, train_run
+from generator.runs.options import TrainOptions
+from generator.runs.train import train_run
 from semid.io import atomic_open, write_json
 
 RESULTS = Path(__file__).parent / "results"

@@ -35,7 +35,7 @@ def _time(step, batches, steps: int) -> tuple[float, int]:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> None:
     from generator.decoding.t5_hybrid import dense_setup
-    from generator.runs.train import preset
+    from generator.runs.options import preset
     from generator.training.causal_data import CausalDataModule, collate_windows
     from generator.training.causal_system import CausalSystem
     from generator.training.t5_data import GeneratorDataModule

@@ -14,8 +14,8 @@ import yaml
 from generator.models.causal import CausalGenerator
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import load_run
+from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
-from generator.runs.train import TrainOptions
 from semid.cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 

@@ -213,7 +213,7 @@ def test_a_run_without_validation_says_its_checkpoint_was_not_selected(
 
 
 def test_train_options_from_dict_rejects_unknown_keys() -> None:
-    from generator.runs.train import TrainOptions
+    from generator.runs.options import TrainOptions
 
     assert TrainOptions.from_dict({"batch_size": 8}).batch_size == 8
     with pytest.raises(ValueError, match="batchsize"):

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from generator.runs.folder import load_run
-from generator.runs.train import TrainOptions, train_run
+from generator.runs.options import TrainOptions
+from generator.runs.train import train_run
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
 

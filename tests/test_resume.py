@@ -20,8 +20,9 @@ import yaml
 
 from generator.models.t5 import safe_load
 from generator.runs.folder import load_run
+from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
-from generator.runs.train import TrainOptions, train_run
+from generator.runs.train import train_run
 from generator.training.resume import ResumableLoader, TrainingInterrupted, step_seed
 from semid.cli import main
 from semid.io import folder_lock

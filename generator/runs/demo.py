@@ -17,9 +17,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from generator.runs.evaluate import evaluate_run
-from generator.runs.recommend import recommend
 from generator.runs.folder import load_run
-from generator.runs.train import TrainOptions, TrainResult, train_run
+from generator.runs.options import TrainOptions
+from generator.runs.recommend import recommend
+from generator.runs.train import TrainResult, train_run
 from semid.data import leave_one_out, load_dataset
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.training.causal_data import CausalDataModule
-from generator.runs.causal import rank_split, recommend_batches
-from generator.models.t5 import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
-from generator.runs.folder import IDS_FILE, Run, best_checkpoint
-from generator.decoding.titles import TITLE_BEAM, TITLE_DECODERS, TitleDecoders, tree_from_targets
 from generator.decoding.grounding import GroundingStats, catalogue_title_embeddings
+from generator.decoding.titles import TITLE_BEAM, TITLE_DECODERS, TitleDecoders, tree_from_targets
+from generator.models.t5 import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
 from generator.models.titles import BACKBONE_KEYS, TitleConfig, TitleGenerator
+from generator.runs.causal import rank_split, recommend_batches
+from generator.runs.folder import IDS_FILE, Run, best_checkpoint
+from generator.training.causal_data import CausalDataModule
 from generator.training.title_system import TARGET, TitleSystem, title_monitor  # noqa: F401 (generator.runs.train imports it from here)
 from semid.data import Split, load_dataset
 from semid.ids import SemanticIDs
@@ -49,7 +49,7 @@ def resolve_title_decoder(name: str) -> str:
 # ---- training ------------------------------------------------------------------------------------------------------
 def check_title_options(options: Any) -> None:
     """Validate and complete a ``TrainOptions`` with ``target='title'`` (called from its ``__post_init__``)."""
-    from generator.runs.train import CAUSAL_PRESETS
+    from generator.runs.options import CAUSAL_PRESETS
 
     set_ = lambda name, value: object.__setattr__(options, name, value)  # noqa: E731 (a frozen dataclass)
     if options.target not in TARGETS:
@@ -81,7 +81,7 @@ def check_title_options(options: Any) -> None:
 def title_setup(options: Any, dataset: Any, split: Split, ids: SemanticIDs, layout: TokenLayout, digest: str,
                 out: Path) -> tuple[TitleConfig, CausalDataModule, TitleSystem]:
     """The config, data module and Lightning system of a title run; writes ``RUN/tokenizer/``."""
-    from generator.runs.train import preset
+    from generator.runs.options import preset
 
     base = preset(options.preset)
     backbone = {k: getattr(base, k) for k in BACKBONE_KEYS if k != "max_history"}  # the preset's, under the options

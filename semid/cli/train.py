@@ -14,7 +14,8 @@ from pathlib import Path
 from generator.decoding.t5_hybrid import DenseOptionsAction
 from generator.models.dense import MODES
 from generator.runs.folder import IDS_FILE, read_config
-from generator.runs.train import DESIGN_DEFAULTS, PRESETS, TrainOptions, train_run
+from generator.runs.options import DESIGN_DEFAULTS, PRESETS, TrainOptions
+from generator.runs.train import train_run
 from generator.training.resume import TrainingInterrupted
 
 
