@@ -132,7 +132,7 @@ def interrupted(cmd: list[str], sig: int, seconds: tuple[float, float], ready: A
 def run_outcome(path: Path) -> dict[str, Any]:
     import yaml
 
-    from generator.models.t5 import safe_load
+    from generator.models.checkpoint import safe_load
 
     config = yaml.safe_load((path / "config.yaml").read_text())
     metrics = json.loads((path / "metrics_valid.json").read_text())
@@ -205,7 +205,7 @@ def crafted_runs_code(kind: str, folder: Path, work: Path, data: Path, ids: Path
         except ValueError:
             pass
     else:
-        from generator.models.t5 import safe_load
+        from generator.models.checkpoint import safe_load
 
         ckpt = safe_load(copy / "checkpoints" / "best.ckpt")
         ckpt["extra"] = _Exploit(marker)

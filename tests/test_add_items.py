@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from generator.models.t5 import ids_digest
-from generator.runs.catalogue import ADDED_CONTENT, lineage
+from generator.models.checkpoint import ids_digest
+from generator.runs.lineage import ADDED_CONTENT, lineage
 from generator.runs.causal import decoders_for
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from generator.decoding.t5_hybrid import ALPHA_FILE, load_run_head
-from generator.models.t5 import with_integrity
+from generator.models.checkpoint import with_integrity
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend
 from semid.cli import main

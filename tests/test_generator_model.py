@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from generator.decoding.t5_generate import get_decoder
-from generator.models.t5 import (
-    CHECKPOINT_KEY,
-    GeneratorConfig,
-    build_model,
-    checkpoint_meta,
-    ids_digest,
-    load_checkpoint,
-    preset,
-    seq2seq_loss,
-)
+from generator.models.t5 import GeneratorConfig, build_model, preset, seq2seq_loss
+from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta, ids_digest, load_checkpoint
 from generator.training.t5_system import GeneratorSystem, OptimConfig, lr_factor
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree

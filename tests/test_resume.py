@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from generator.models.t5 import safe_load
+from generator.models.checkpoint import safe_load
 from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generator.models.t5 import INTEGRITY_KEY, safe_load, with_integrity
+from generator.models.checkpoint import INTEGRITY_KEY, safe_load, with_integrity
 from generator.runs.folder import load_run
 from semid.cli import main
 from tests.test_causal_run import FLAGS

@@ -1,7 +1,8 @@
 """Decoders of the causal generator: constrained beam search, exact ranking, dense MIPS, and their hybrid.
 
-Every decoder takes the model's states after each history, ``h`` (B, D), and returns a :class:`BeamResult`
-(items (B, k) best first, scores (B, k), codes (B, k, L)):
+:class:`CausalDecoders` holds what the decoders of one model share (item paths, edge tables, item vectors) and
+ranks from the model's states after each history, ``h`` (B, D); :class:`CausalDecoder` is one of them by name as a
+:class:`~generator.decoding.protocol.Decoder` (histories in, :class:`Ranking` out):
 
 - ``beam``: beam search over the prefix tree, level by level; at level l the M beams' logits over level l's block
   come from one batched product, are masked by ``PrefixTree.allowed_mask`` (a gather, no loop over beams),
@@ -27,7 +28,16 @@ from typing import NamedTuple
 import torch
 
 from generator.decoding.fusion import Parts, fuse
-from generator.decoding.t5_generate import BeamResult, check_beam_args
+from generator.decoding.protocol import (
+    BLEND,
+    FUSED,
+    INNER_PRODUCT,
+    LOG_LIKELIHOOD,
+    Histories,
+    Ranking,
+    check_beams,
+    check_k,
+)
 from generator.models.causal import CausalGenerator, masked_log_softmax
 from semid.tree import PrefixTree
 
@@ -250,26 +260,28 @@ class CausalDecoders:
 
     # ---- decoders ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, name: str, h: torch.Tensor, *, k: int) -> BeamResult:
-        """Top-k for states h (B, D) with decoder ``name`` (one of :data:`DECODERS`)."""
+    def decode(self, name: str, h: torch.Tensor, *, k: int, num_beams: int | None = None) -> Ranking:
+        """Top-k for states h (B, D) with decoder ``name`` (one of :data:`DECODERS`); ``num_beams`` overrides the
+        beam's for one call."""
         if name not in DECODERS:
             raise ValueError(f"`decoder` must be one of {list(DECODERS)} for this run, got {name!r}")
         self._ready()
         N = self.model.num_items
+        check_k(k, N, "the catalogue size")
         if name == "beam":
-            check_beam_args(k, self.num_beams, N)
-            items, scores, tokens = beam_search(self.model, h, self.tree, k=k, num_beams=self.num_beams, trained_tree=self.trained_tree)
-            return BeamResult(items, scores, self.model.layout.tokens_to_codes(tokens))
+            M = self.num_beams if num_beams is None else num_beams
+            check_beams(M, k, N)
+            items, scores, tokens = beam_search(self.model, h, self.tree, k=k, num_beams=M, trained_tree=self.trained_tree)
+            return Ranking(items, scores, self.model.layout.tokens_to_codes(tokens), LOG_LIKELIHOOD, True)
         if name in ("dense", "hybrid") and self._vectors is None:
             raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
-        check_beam_args(k, k, N)
         if name == "exact":
             scores, rows = exact_scores(self.model, h, self.paths, self.tables).topk(k, dim=1)
-        elif name == "dense":
+            return Ranking(self.item_ids[rows], scores, self.codes_of_rows(rows), LOG_LIKELIHOOD, True)
+        if name == "dense":
             scores, rows = (self.model.dense_queries(h) @ self._vectors.T).topk(k, dim=1)
-        else:
-            return self._hybrid(h, k)
-        return BeamResult(self.item_ids[rows], scores, self.codes_of_rows(rows))
+            return Ranking(self.item_ids[rows], scores, self.codes_of_rows(rows), INNER_PRODUCT, False)
+        return self._hybrid(h, k)
 
     @torch.inference_mode()
     def parts(self, h: torch.Tensor) -> Parts:
@@ -288,12 +300,38 @@ class CausalDecoders:
         """Rows of the items added after training (the model's ``trained_items`` onwards)."""
         return torch.arange(self.model.trained_items, self.model.num_items, device=self.item_ids.device)
 
-    def _hybrid(self, h: torch.Tensor, k: int) -> BeamResult:
+    def _hybrid(self, h: torch.Tensor, k: int) -> Ranking:
         if self.fusion is None:
             raise ValueError("the hybrid decoder needs a fusion (chosen on validation users) or a blend weight `alpha`")
         kind, params = self.fusion
-        if kind != "full" and k > self.num_candidates:
-            raise ValueError(f"`k` ({k}) must be at most the hybrid's candidates per list ({self.num_candidates}) for "
-                             f"fusion {kind!r}: ask for fewer items, or pass a larger `num_candidates`")
+        if kind != "full":
+            check_k(k, self.num_candidates, f"the hybrid's candidates per list for fusion {kind!r}: ask for fewer items, "
+                    "or pass a larger `num_candidates`")
         rows, scores = fuse(kind, params, self.parts(h), k)
-        return BeamResult(torch.where(rows >= 0, self.item_ids[rows.clamp_min(0)], -1), scores, self.codes_of_rows(rows))
+        return Ranking(torch.where(rows >= 0, self.item_ids[rows.clamp_min(0)], -1), scores, self.codes_of_rows(rows),
+                       BLEND if kind == "blend" else FUSED, False)
+
+
+class StateDecoder:
+    """One decoder by name, ranking from backbone states, as a :class:`~generator.decoding.protocol.Decoder`.
+
+    ``shared`` is what the decoders of one item-level model share (:class:`CausalDecoders`, or the title decoders):
+    it has ``model.last_hidden(histories, lengths)`` and ``decode(name, h, k=, num_beams=)``. :meth:`rank_states`
+    ranks from states, so decoders of one model can share them (training validation runs the backbone once for all
+    of its decoders).
+    """
+
+    def __init__(self, shared: object, name: str, *, score: str, leaves: bool) -> None:
+        self.shared, self.name, self.score, self.leaves = shared, name, score, leaves
+        self.num_beams = shared.num_beams
+
+    def states(self, histories: Histories) -> torch.Tensor:
+        """Backbone states (B, D) after each history."""
+        with torch.inference_mode():
+            return self.shared.model.last_hidden(histories.tokens, histories.lengths)
+
+    def rank_states(self, h: torch.Tensor, k: int) -> Ranking:
+        return self.shared.decode(self.name, h, k=k, num_beams=self.num_beams)
+
+    def __call__(self, histories: Histories, k: int) -> Ranking:
+        return self.rank_states(self.states(histories), k)

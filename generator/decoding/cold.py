@@ -4,8 +4,8 @@ The generator never saw a cold item's code path, so beam search does not reach i
 tree. TIGER's remedy: generate candidates as usual, then retrieve the *new* items whose semantic-ID prefix (the
 first ``prefix_levels`` codes) matches a candidate's, and let them take at most a share ``epsilon`` of the top-k.
 
-:class:`ColdStartBeam` does that around any beam decoder, vectorised over users and candidates (loops only over
-code levels): candidates -> mixed-radix prefix keys -> ``searchsorted`` into the cold items sorted by key once at
+:class:`ColdStartBeam` (``cold-beam``) does that around a backbone's beam decoder (T5 or causal), vectorised over users
+and candidates (loops only over code levels): candidates -> mixed-radix prefix keys -> ``searchsorted`` into the cold items sorted by key once at
 construction -> each matched cold item gets the score of the best-ranked candidate it matched -> merge, drop
 duplicates, cap the cold items at ceil(epsilon * k), take the top-k.
 
@@ -14,18 +14,14 @@ Dimensions: B histories, C beam candidates, P cold matches kept per candidate, N
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from generator.decoding.t5_beam import fast_topk
-from generator.decoding.t5_generate import BeamResult, check_beam_args
+from generator.decoding.protocol import PREFIX_MATCHED, Decoder, Histories, Ranking, check_k
 from semid.ids import SemanticIDs
-from semid.layout import TokenLayout
-from semid.tree import PrefixTree
 
 
 def prefix_keys(codes: torch.Tensor, sizes: tuple[int, ...], levels: int) -> torch.Tensor:
@@ -40,15 +36,16 @@ class ColdStartBeam:
     """A beam decoder whose top-k may hold cold items that share a prefix with its candidates.
 
     Args:
+        beam: the backbone's beam decoder (``T5Beam``, or the causal ``beam``); it is called with
+            max(its num_beams, C) beams.
         ids: the semantic IDs *after* ``add_items`` (warm and cold items).
         cold_item_ids: int (M,), the cold items (each in ``ids``).
         epsilon: the largest share of the top-k that cold items may take: at most ceil(epsilon * k) slots.
         prefix_levels: codes compared (default: all base levels but the last, ``ids.num_base_levels - 1``).
         num_candidates: C, beam candidates whose prefixes are looked up (default: max(k, num_beams) at each call).
         max_per_prefix: P, cold items retrieved per candidate (those sharing its prefix, by ascending item id).
-        beam: the beam-search function (``generator.decoding.t5_beam.fast_topk`` or ``generator.decoding.t5_generate.generate_topk``).
 
-    The call has the signature and return of ``generator.decoding.t5_generate.generate_topk``. A matched cold item scores what
+    A matched cold item scores what
     its best-ranked matching candidate scored and ranks right after it; the rest of the top-k are the beam's own
     items, best first, no duplicates. Cold items the beam returns by itself count as cold too (capped alike). The
     cap holds whenever the beam's C candidates hold at least k - ceil(epsilon * k) warm items; should they not,
@@ -56,8 +53,11 @@ class ColdStartBeam:
     beam's own top-k.
     """
 
+    name, score, leaves = "cold-beam", PREFIX_MATCHED, False
+
     def __init__(
         self,
+        beam: Decoder,
         ids: SemanticIDs,
         cold_item_ids: np.ndarray,
         *,
@@ -65,7 +65,6 @@ class ColdStartBeam:
         prefix_levels: int | None = None,
         num_candidates: int | None = None,
         max_per_prefix: int = 3,
-        beam: Callable[..., BeamResult] = fast_topk,
     ) -> None:
         if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool) or not 0.0 <= epsilon <= 1.0:
             raise ValueError(f"`epsilon` must be a number in [0, 1], got {epsilon!r}")
@@ -76,7 +75,7 @@ class ColdStartBeam:
         if not isinstance(max_per_prefix, int) or isinstance(max_per_prefix, bool) or max_per_prefix < 1:
             raise ValueError(f"`max_per_prefix` must be a positive int, got {max_per_prefix!r}")
         if num_candidates is not None:
-            check_beam_args(1, num_candidates, ids.num_items)
+            check_k(num_candidates, ids.num_items, "the catalogue size")
         if math.prod(ids.codebook_sizes[:prefix_levels]) >= 2**62:
             raise ValueError(f"the prefix space {list(ids.codebook_sizes[:prefix_levels])} is too large for an int64 key")
         cold = np.unique(np.asarray(cold_item_ids, dtype=np.int64))
@@ -85,34 +84,30 @@ class ColdStartBeam:
         if not np.isin(cold, ids.item_ids).all():
             raise ValueError(f"`cold_item_ids` must be items of `ids`; {int(cold[~np.isin(cold, ids.item_ids)][0])} is not")
         self.ids, self.epsilon, self.prefix_levels = ids, float(epsilon), prefix_levels
-        self.num_candidates, self.max_per_prefix, self.beam = num_candidates, max_per_prefix, beam
+        self.beam, self.num_candidates, self.max_per_prefix = beam, num_candidates, max_per_prefix
         self.sizes = tuple(int(s) for s in ids.codebook_sizes)
         codes = torch.from_numpy(ids.codes_of(cold))  # (M, L)
         keys = prefix_keys(codes, self.sizes, prefix_levels)  # (M,)
         order = torch.argsort(keys, stable=True)  # by key, then by item id (cold is ascending)
         self.cold_keys, self.cold_items, self.cold_codes = keys[order], torch.from_numpy(cold)[order], codes[order]
-        self.__name__ = (f"ColdStartBeam(epsilon={self.epsilon}, prefix_levels={prefix_levels}, "
-                         f"max_per_prefix={max_per_prefix}, beam={getattr(beam, '__name__', beam)})")
 
     def max_cold(self, k: int) -> int:
         """Cold slots allowed in a top-k: ceil(epsilon * k) (with a guard against float noise such as 0.1 * 30)."""
         return min(k, math.ceil(round(self.epsilon * k, 9)))
 
     @torch.no_grad()
-    def __call__(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: PrefixTree,
-        layout: TokenLayout, *, k: int, num_beams: int,
-    ) -> BeamResult:
+    def __call__(self, histories: Histories, k: int) -> Ranking:
         """Top-k (B, k) of the beam's candidates and the cold items matching their prefixes."""
-        C = max(k, num_beams) if self.num_candidates is None else max(k, self.num_candidates)
-        res = self.beam(model, input_ids, attention_mask, tree, layout, k=C, num_beams=max(num_beams, C))
-        return self.merge(res, k)
+        check_k(k, self.ids.num_items, "the catalogue size")
+        C = max(k, self.beam.num_beams if self.num_candidates is None else self.num_candidates)
+        beam = copy.copy(self.beam)  # the same decoder with enough beams for C candidates
+        beam.num_beams = max(self.beam.num_beams, C)
+        return self.merge(beam(histories, C), k)
 
-    def merge(self, res: BeamResult, k: int) -> BeamResult:
+    def merge(self, res: Ranking, k: int) -> Ranking:
         """The top-k (B, k) of beam candidates ``res`` (B, C) and the cold items sharing their prefixes."""
         B, C = res.items.shape
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= C:
-            raise ValueError(f"`k` must be an int in [1, {C}] (the number of beam candidates), got {k!r}")
+        check_k(k, C, "the beam's candidates per history")
         device, P = res.items.device, self.max_per_prefix
         cold_keys, cold_items, cold_codes = (t.to(device) for t in (self.cold_keys, self.cold_items, self.cold_codes))
         M = cold_keys.numel()
@@ -152,4 +147,5 @@ class ColdStartBeam:
         pick = torch.argsort(tier * items.shape[1] + pos, dim=1)[:, :k]  # (B, k) positions in score order
         take = order.gather(1, pick)  # positions in the pool
         L = codes.shape[2]
-        return BeamResult(items.gather(1, pick), scores.gather(1, pick), codes.gather(1, take.unsqueeze(2).expand(-1, -1, L)))
+        return Ranking(items.gather(1, pick), scores.gather(1, pick), codes.gather(1, take.unsqueeze(2).expand(-1, -1, L)),
+                       PREFIX_MATCHED, False)

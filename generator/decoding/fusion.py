@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from generator.decoding.t5_hybrid import union_rows
 from semid.metrics import ndcg_at_k
 
 FUSIONS = ("blend", "full", "liger", "rrf", "learned")
@@ -102,6 +101,27 @@ def check_fusion(kind: str, params: dict[str, Any]) -> None:
 
 
 # ---- the pool and its features ---------------------------------------------------------------------------------------
+def union_rows(first: torch.Tensor, second: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the union of two candidate lists, duplicates dropped, valid entries first, padded to a fixed width.
+
+    Args:
+        first, second: LongTensor (B, M1), (B, M2) catalogue rows; entries equal to ``pad`` are empty slots.
+        pad: the empty-slot value (e.g. N, above every row).
+    Returns:
+        rows (B, M1 + M2): ``first``'s rows in its order, then ``second``'s rows that are not in ``first`` in
+        ``second``'s order, then ``pad``; valid (B, M1 + M2) bool, False in the padded slots.
+    """
+    both = torch.cat([first, second], dim=1)  # (B, W)
+    srt, perm = torch.sort(both, dim=1, stable=True)  # equal rows keep their position order: the first is kept
+    dup_sorted = torch.zeros_like(srt, dtype=torch.bool)
+    dup_sorted[:, 1:] = srt[:, 1:] == srt[:, :-1]
+    dup = torch.zeros_like(dup_sorted).scatter_(1, perm, dup_sorted)  # back to position order
+    valid = ~dup & (both != pad)
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid slots first, in their order
+    rows, valid = both.gather(1, order), valid.gather(1, order)
+    return torch.where(valid, rows, pad), valid
+
+
 def _ranks_in(rows: torch.Tensor, lists: torch.Tensor, absent: int) -> torch.Tensor:
     """(B, W) 0-based position of each of ``rows`` (B, W) in ``lists`` (B, C), ``absent`` where it is not there."""
     eq = (rows[:, :, None] == lists[:, None, :]) & (rows[:, :, None] >= 0)  # (B, W, C)

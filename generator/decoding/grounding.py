@@ -18,27 +18,21 @@ beams) and the seconds spent grounding, against the seconds of the whole decode.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from generator.decoding.causal import CausalDecoders
-from generator.decoding.t5_generate import BeamResult, check_beam_args
+from generator.decoding.protocol import GENERATION_LOG_PROB, Ranking, check_beams, check_k
 from generator.models.causal import CausalGenerator
-from semid.io import atomic_path, write_json
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
 
 CODES_GROUNDED = "codes-grounded"
-TITLE_EMB_FILE = "title_grounding_emb.npy"  # RUN/: the catalogue's titles embedded by the grounding encoder
 GROUND_MAX_LENGTH = 64  # encoder tokens per title, both sides (generated titles are <= 33 BPE tokens; 1% of Beauty's are longer)
 
 
@@ -182,13 +176,14 @@ class GroundedCodeDecoders(CausalDecoders):
         return self
 
     @torch.inference_mode()
-    def decode(self, name: str, h: torch.Tensor, *, k: int) -> BeamResult:
+    def decode(self, name: str, h: torch.Tensor, *, k: int, num_beams: int | None = None) -> Ranking:
         if name != CODES_GROUNDED:
-            return super().decode(name, h, k=k)
+            return super().decode(name, h, k=k, num_beams=num_beams)
         self._ready()
         if self._grounder is None:
             self.refresh()
-        check_beam_args(k, self.num_beams, self.model.num_items)
+        check_k(k, self.model.num_items, "the catalogue size")
+        check_beams(self.num_beams, k, self.model.num_items)
         t0 = time.perf_counter()
         tokens, scores = free_code_beam(self.model, h, num_beams=self.num_beams)  # (B, M, L), (B, M)
         t1 = time.perf_counter()
@@ -208,31 +203,4 @@ class GroundedCodeDecoders(CausalDecoders):
         s.left_at_level = left if s.left_at_level is None else [a + b for a, b in zip(s.left_at_level, left, strict=True)]
         s.ground_seconds += t2 - t1
         s.decode_seconds += t2 - t0
-        return BeamResult(self.item_ids[rows], out_scores, self.codes_of_rows(rows))
-
-
-# ---- titles: the catalogue's title embeddings for MIPS ---------------------------------------------------------
-def titles_digest(titles: list[str], encoder_dir: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256(str(Path(encoder_dir).resolve().name).encode())
-    for t in titles:
-        h.update(t.encode("utf-8") + b"\0")
-    return h.hexdigest()[:16]
-
-
-def catalogue_title_embeddings(run_dir: Path, titles: list[str], encoder: object, encoder_dir: str | os.PathLike[str],
-                               batch_size: int = 128) -> np.ndarray:
-    """(N, D_e) float32 embeddings of the catalogue's titles, cached in ``RUN/title_grounding_emb.npy``."""
-    from semid.embed import embed_texts
-
-    digest = titles_digest(titles, encoder_dir)
-    path, meta = run_dir / TITLE_EMB_FILE, run_dir / (TITLE_EMB_FILE + ".json")
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("digest") == digest:
-        return np.load(path)
-    t0 = time.perf_counter()
-    emb = embed_texts(titles, encoder, batch_size=batch_size, max_length=GROUND_MAX_LENGTH, progress=False)
-    with atomic_path(path) as tmp:
-        np.save(tmp, emb)
-    write_json(meta, {"digest": digest, "encoder": str(Path(encoder_dir).resolve()), "items": len(titles),
-                      "seconds": round(time.perf_counter() - t0, 1)})
-    log.info("embedded %d catalogue titles for grounding in %.0f s -> %s", len(titles), time.perf_counter() - t0, path)
-    return emb
+        return Ranking(self.item_ids[rows], out_scores, self.codes_of_rows(rows), GENERATION_LOG_PROB, False)

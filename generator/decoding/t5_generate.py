@@ -1,4 +1,4 @@
-"""Top-k items by constrained beam search with stock ``model.generate`` (the reference decoder).
+"""``generate``: top-k items by constrained beam search with stock ``model.generate`` (the reference decoder).
 
 Scores are the sum over code levels of the code's log-probability *renormalised over the tokens the prefix tree
 allows* (``renormalize_logits=True``): a proper distribution over valid items, and the quantity the fast beam
@@ -7,50 +7,17 @@ search in ``generator.decoding.t5_beam`` computes exactly. The eos step then con
 
 from __future__ import annotations
 
-import importlib
-import logging
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
+from generator.decoding.protocol import LOG_LIKELIHOOD, Histories, Ranking, check_decode_args
 from semid.layout import TokenLayout
 from semid.processor import PrefixTreeLogitsProcessor
 from semid.tree import PrefixTree
 
-log = logging.getLogger(__name__)
-
-
-class BeamResult(NamedTuple):
-    """Top-k items per input, best first.
-
-    items:  LongTensor (B, k), item ids (never invalid: every one is a leaf of the prefix tree).
-    scores: FloatTensor (B, k), sum of renormalised code log-probabilities.
-    codes:  LongTensor (B, k, L), the generated code tuples.
-    """
-
-    items: torch.Tensor
-    scores: torch.Tensor
-    codes: torch.Tensor
-
-
-def check_beam_args(k: int, num_beams: int, num_items: int) -> None:
-    """Validate decoding arguments (shared by every decoder)."""
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be a positive int, got {k!r}")
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"`num_beams` must be a positive int, got {num_beams!r}")
-    if k > num_items:
-        raise ValueError(f"`k` must be at most the catalogue size ({num_items} items), got {k}")
-    if num_beams < k:
-        raise ValueError(f"`num_beams` must be >= k to return k items, got num_beams={num_beams}, k={k}")
-    if num_beams > num_items:
-        raise ValueError(f"`num_beams` must be at most the catalogue size ({num_items} items), got {num_beams}")
-
 
 @torch.inference_mode()
-def generate_topk(
+def generate_beam_search(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -59,7 +26,7 @@ def generate_topk(
     *,
     k: int,
     num_beams: int,
-) -> BeamResult:
+) -> Ranking:
     """Constrained beam search through ``model.generate`` and :class:`PrefixTreeLogitsProcessor`.
 
     Args:
@@ -68,7 +35,7 @@ def generate_topk(
         tree: the tree of every item's code tokens + eos (``PrefixTree.from_semantic_ids``).
         k: items to return per input; num_beams: M >= k.
     """
-    check_beam_args(k, num_beams, tree.num_sequences)
+    check_decode_args(k, num_beams, tree.num_sequences)
     L = layout.num_levels
     B = input_ids.shape[0]
     out = model.generate(
@@ -99,36 +66,17 @@ def generate_topk(
         scores = torch.where(torch.isfinite(chosen), chosen, 0.0).sum(1)  # pads after eos are -inf: not part of the item
     else:
         scores = out.sequences_scores
-    return BeamResult(items.view(B, k), scores.view(B, k).float(), codes.view(B, k, L))
+    return Ranking(items.view(B, k), scores.view(B, k).float(), codes.view(B, k, L), LOG_LIKELIHOOD, True)
 
 
-# ---- choosing a decoder ------------------------------------------------------------------------------------------
-DECODERS = ("auto", "beam", "generate")
+class T5Generate:
+    """``generate``: :func:`generate_beam_search` as a :class:`~generator.decoding.protocol.Decoder` of one T5 model."""
 
+    name, score, leaves = "generate", LOG_LIKELIHOOD, True
 
-def get_decoder(name: str) -> Callable[..., BeamResult]:
-    """The top-k function for ``name``; every one has the signature and return of :func:`generate_topk`.
+    def __init__(self, model: PreTrainedModel, tree: PrefixTree, layout: TokenLayout, *, num_beams: int) -> None:
+        self.model, self.tree, self.layout, self.num_beams = model, tree, layout, num_beams
 
-    ``"generate"`` is :func:`generate_topk` (stock ``model.generate``); ``"beam"`` is ``generator.decoding.t5_beam.fast_topk``
-    (the fast constrained beam search), an error where that module is not installed; ``"auto"`` is ``"beam"`` where
-    available, else ``"generate"`` (the choice is logged).
-    """
-    if name not in DECODERS:
-        raise ValueError(f"`decoder` must be one of {list(DECODERS)}, got {name!r}")
-    if name == "generate":
-        return generate_topk
-    try:
-        beam = importlib.import_module("generator.decoding.t5_beam")
-    except ModuleNotFoundError as e:
-        if e.name != "generator.decoding.t5_beam":
-            raise  # generator.decoding.t5_beam exists but one of its own imports is missing: show that
-        if name == "beam":
-            raise ValueError(
-                "`decoder='beam'` needs generator.decoding.t5_beam.fast_topk, which this installation does not have; "
-                "use decoder='generate'"
-            ) from None
-        log.warning("decoder 'auto': generator.decoding.t5_beam is not installed, falling back to model.generate (much slower)")
-        return generate_topk
-    fast_topk = beam.fast_topk  # an AttributeError here is a broken generator.decoding.t5_beam: show it, do not fall back
-    log.debug("decoder %r: generator.decoding.t5_beam.fast_topk", name)
-    return fast_topk
+    def __call__(self, histories: Histories, k: int) -> Ranking:
+        return generate_beam_search(self.model, histories.tokens, histories.mask.long(), self.tree, self.layout, k=k,
+                                    num_beams=self.num_beams)

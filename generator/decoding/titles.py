@@ -1,8 +1,8 @@
 """The decoders of a title run: ``title-beam`` (GENRE: beam search constrained by the title tree) and
 ``title-grounded`` (BIGRec: free title beam, embedded, nearest items by MIPS).
 
-Both take backbone states ``h`` (B, D) and return a :class:`generator.decoding.t5_generate.BeamResult` as every decoder does
-(items (B, k) best first, scores (B, k), the items' semantic-ID codes (B, k, L)); ``stats`` counts generations that
+Both rank from backbone states ``h`` (B, D) and return a :class:`~generator.decoding.protocol.Ranking` (items (B, k)
+best first, scores (B, k), the items' semantic-ID codes (B, k, L)); ``stats`` counts generations that
 were not items and the grounding time (``generator.decoding.grounding.GroundingStats``).
 
 Scores: ``title-beam``: the title's log-probability among the catalogue's titles (tokens renormalised over what
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from generator.decoding.grounding import GROUND_MAX_LENGTH, GroundingStats
-from generator.decoding.t5_generate import BeamResult, check_beam_args
+from generator.decoding.protocol import COSINE, TITLE_LOG_PROB, Ranking, check_beams, check_k
 from generator.decoding.title_beam import beam_items, lookup_generated, title_beam_search
 from generator.models.titles import TitleGenerator
 from semid.tree import PrefixTree
@@ -58,21 +58,22 @@ class TitleDecoders:
             self.item_emb = self.item_emb.to(device)
         return self
 
-    def _result(self, items: torch.Tensor, scores: torch.Tensor) -> BeamResult:
+    def _result(self, items: torch.Tensor, scores: torch.Tensor, score: str, leaves: bool) -> Ranking:
         rows = torch.searchsorted(self.item_ids, items)
-        return BeamResult(items, scores, self.codes[rows])
+        return Ranking(items, scores, self.codes[rows], score, leaves)
 
     @torch.inference_mode()
-    def decode(self, name: str, h: torch.Tensor, *, k: int) -> BeamResult:
+    def decode(self, name: str, h: torch.Tensor, *, k: int, num_beams: int | None = None) -> Ranking:
         if name not in TITLE_DECODERS:
             raise ValueError(f"`decoder` must be one of {list(TITLE_DECODERS)} for a title run, got {name!r}")
-        check_beam_args(k, self.num_beams, self.model.num_items)
+        check_k(k, self.model.num_items, "the catalogue size")
+        check_beams(self.num_beams, k, self.model.num_items)
         t0 = time.perf_counter()
         if name == TITLE_BEAM:
             beams = title_beam_search(self.model, h, num_beams=self.num_beams, tree=self.tree, length_penalty=self.length_penalty)
             items, scores = beam_items(beams, self.tree, k)
             self._count(h.shape[0], torch.zeros(h.shape[0], self.num_beams, dtype=torch.bool), 0.0, time.perf_counter() - t0)
-            return self._result(items, scores)
+            return self._result(items, scores, TITLE_LOG_PROB, True)
         if self.encoder is None or self.item_emb is None or self.tokenizer is None:
             raise ValueError("decoder 'title-grounded' needs a sentence encoder: train the title run with `--encoder DIR` "
                              "(a local model folder, as for `semid embed`)")
@@ -86,7 +87,7 @@ class TitleDecoders:
         q = torch.from_numpy(embed_texts(texts, self.encoder, batch_size=64, max_length=GROUND_MAX_LENGTH, progress=False)).to(self.item_emb)
         scores, rows = (q @ self.item_emb.T).topk(k, dim=1)  # MIPS over unit vectors = nearest by cosine
         self._count(h.shape[0], named < 0, time.perf_counter() - t1, time.perf_counter() - t0)
-        return self._result(self.item_ids[rows], scores)
+        return self._result(self.item_ids[rows], scores, COSINE, False)
 
     def _count(self, B: int, not_item: torch.Tensor, ground: float, total: float) -> None:
         s = self.stats

@@ -9,7 +9,7 @@ their rows and tuples, the new ones follow. The file records its lineage and the
     meta "data":     the dataset folder the newest items came from (titles, evaluation)
     "added_content": float32 (M, D), the content embeddings of every item after the first version, in row order
 
-:func:`load_model` accepts a checkpoint only for IDs whose first rows are exactly the IDs it was trained with (the
+``generator.runs.lineage.load_model`` accepts a checkpoint only for IDs whose first rows are exactly the IDs it was trained with (the
 digest and item count of one lineage entry), and grows the model by the added items: their input vectors, code-head
 scores and dense vectors come from their codes (and content, for models that read it), with no retraining.
 Decoders normalise each tree node's distribution over the children it had in training
@@ -25,14 +25,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from generator.models.t5 import LoadedModel, check_vocabulary, ids_digest, load_checkpoint
+from generator.models.checkpoint import ids_digest
+from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, read_config
+from generator.runs.lineage import ADDED_CONTENT, lineage, load_model
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
 
 log = logging.getLogger(__name__)
 
-LINEAGE = "lineage"
-ADDED_CONTENT = "added_content"
 
 
 class AddedItems(NamedTuple):
@@ -43,16 +43,6 @@ class AddedItems(NamedTuple):
     after: int
     path: Path
     colliding: int
-
-
-def lineage(ids_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The earlier versions a semantic IDs file extends, oldest first (empty for IDs as trained)."""
-    entries = SemanticIDs.load_metadata(ids_path).get(LINEAGE) or []
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("num_items"), int) for e in entries
-    ):
-        raise ValueError(f"{ids_path}: corrupt `lineage` metadata {entries!r}; restore the file from the run's training")
-    return entries
 
 
 def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str], *, embeddings: str | None = None,
@@ -72,7 +62,6 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     the version it replaces is kept as ``RUN/semantic_ids.v<k>.npz`` (k = 1 for the IDs as trained). The run's
     training lock is held throughout, so two add-items (or a training) cannot interleave.
     """
-    from generator.runs.folder import IDS_FILE, best_checkpoint, read_config
     from rqvae import load_quantizer
     from semid.io import atomic_path, folder_lock
 
@@ -81,7 +70,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     if config.get("design") != "causal":
         raise ValueError(f"{run_dir}: a run of the {config.get('design')!r} design; items can be added to runs of the "
                          "causal design (the default of `semid train`) only")
-    with folder_lock(run_dir, "train.lock", what="a training or add-items"):
+    with folder_lock(run_dir, LOCK_FILE, what="a training or add-items"):
         ids_path = run_dir / IDS_FILE
         ids = SemanticIDs.load(ids_path)
         before = lineage(ids_path)
@@ -159,38 +148,3 @@ def _default_quantizer(run_dir: Path, config: dict[str, Any]) -> Path:
         raise ValueError(f"{ids_file}: no longer the semantic IDs the run was trained with (refitted?), so {path} is not "
                          "their quantizer; pass the right one with --quantizer")
     return path
-
-
-def load_model(checkpoint: str | os.PathLike[str], ids: SemanticIDs, ids_path: str | os.PathLike[str]) -> LoadedModel:
-    """The checkpoint's model for ``ids``: the IDs it was trained with, or a version that extends them (the model
-    grown by the added items). Any other IDs are refused, naming both files."""
-    entries = lineage(ids_path)
-    if not entries:
-        return load_checkpoint(checkpoint, ids)
-    loaded = load_checkpoint(checkpoint)
-    model = loaded.model
-    if not hasattr(model, "add_items"):
-        raise ValueError(f"{ids_path}: holds items added after training, which only runs of the causal design serve; "
-                         f"{checkpoint} is a T5 checkpoint: use the IDs it was trained with")
-    n0 = model.num_items
-    root = entries[0]["num_items"]
-    if not any(e["num_items"] == n0 and e["digest"] == loaded.ids_digest for e in entries) or ids.num_items < n0:
-        raise ValueError(f"{checkpoint}: trained with semantic IDs that {ids_path} does not extend (its lineage: "
-                         f"{[(e['num_items'], e['digest'][:12]) for e in entries]}); use the run's own checkpoint or IDs")
-    try:
-        check_vocabulary(loaded.layout, loaded.ids_digest, ids.head(n0), source=str(checkpoint))
-    except ValueError as e:
-        raise ValueError(f"{e} (the first {n0:,} items of {ids_path})") from None
-    if ids.num_items > n0:
-        tokens = loaded.layout.codes_to_tokens(ids.codes[n0:])
-        content = None
-        if model.config.content_dim:
-            added = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
-            if added is None or added.shape != (ids.num_items - root, model.config.content_dim):
-                raise ValueError(f"{ids_path}: `added_content` must be ({ids.num_items - root}, {model.config.content_dim}) "
-                                 f"for this model, got {None if added is None else added.shape}; add the items again")
-            import torch
-
-            content = torch.from_numpy(np.ascontiguousarray(added[n0 - root :], dtype=np.float32))
-        model.add_items(tokens, content)
-    return loaded

@@ -1,4 +1,4 @@
-"""Leave-one-out evaluation of a run: constrained beam search for each user, Recall@K / NDCG@K over the catalogue.
+"""Leave-one-out evaluation of a run with any decoder of the registry: Recall@K / NDCG@K over the catalogue.
 
 Every user's held-out item (validation or test) is ranked among *all* items; no candidate sampling, no filtering
 of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from generator.training.t5_data import eval_batches, sample_users, split_examples
-from generator.decoding.t5_generate import check_beam_args
-from generator.training.examples import collate
-from generator.decoding.t5_hybrid import build_decoder
+from generator.decoding import registry
+from generator.decoding.protocol import check_decode_args
+from generator.runs.batches import split_batches
+from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, metrics_file
+from generator.training.t5_data import sample_users
 from semid.data import Split, leave_one_out, load_dataset
 from semid.io import write_json
 from semid.metrics import RankingMetrics
@@ -37,17 +38,18 @@ class EvalResult(NamedTuple):
     """Metrics of one evaluation. ``metrics`` holds ``recall@K`` and ``ndcg@K`` for each K."""
 
     split: str
-    decoder: str  # the function that decoded, e.g. "generator.decoding.t5_beam.fast_topk"
+    decoder: str  # "<backbone>.<registry name>", e.g. "causal.beam", "t5.hybrid"
     metrics: dict[str, float]
     users: int
     invalid_items: int  # items returned that are not in the catalogue (must be 0)
     duplicate_items: int  # items returned twice for one user (must be 0)
     seconds: float
+    grounding: dict[str, Any] | None = None  # grounded decoders: generations that were not items, grounding time
 
     def to_dict(self) -> dict[str, Any]:
         return {"split": self.split, "decoder": self.decoder, **self.metrics, "users_evaluated": self.users,
                 "invalid_items": self.invalid_items, "duplicate_items": self.duplicate_items,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), **({"grounding": self.grounding} if self.grounding is not None else {})}
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -75,67 +77,47 @@ def evaluate(
     device: str | torch.device | None = None,
     progress: bool = False,
     alpha: float | None = None,
+    length_penalty: float | None = None,
 ) -> EvalResult:
-    """Rank every (or a seeded sample of ``max_users``) user's held-out item with constrained beam search.
+    """Rank every (or a seeded sample of ``max_users``) user's held-out item over the whole catalogue.
 
     Args:
         which: "valid" (history = all but the last two items) or "test" (all but the last).
         ks: cut-offs; the decoder returns max(ks) items per user, so ``num_beams >= max(ks)``.
-        decoder: "auto" | "beam" | "generate" | "dense" | "hybrid" (``generator.decoding.t5_hybrid.build_decoder``); hybrid's
-            blend weight is ``alpha``, or the one chosen on validation users (RUN/hybrid.json), never on test users.
+        decoder: a name of ``generator.decoding.registry`` for this run's backbone ("auto": its beam search); the
+            hybrid's fusion is ``alpha``, or the one chosen on validation users (RUN/hybrid.json), never test users.
+        length_penalty: title runs' length normalisation (default ``generator.decoding.titles.LENGTH_PENALTY``).
     """
-    if which == "valid" and decoder == "hybrid" and alpha is None:
+    name = registry.resolve(run.design, decoder)
+    if which == "valid" and name == "hybrid" and alpha is None:
         raise ValueError(
-            "the hybrid decoder's blend weight is chosen on validation users, so scoring it on the validation split "
+            "the hybrid decoder's fusion is chosen on validation users, so scoring it on the validation split "
             "would grade it on the users it was tuned on; evaluate `split='test'` (--split test), or pass an explicit "
             "`alpha` (--alpha A) to score a fixed blend weight on the validation split"
         )
     ks = tuple(sorted(ks))
-    check_beam_args(ks[-1], num_beams, run.ids.num_items)
+    check_decode_args(ks[-1], num_beams, run.ids.num_items)
     if device is None:  # the accelerator where there is one, as training does
         device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device
     device = torch.device(device)
-    from generator.runs.titles import evaluate_generated, handles
-
-    if handles(run, decoder):  # title runs, and free codes + grounding (generator.titles)
-        name, values, users, invalid, duplicates, seconds, _ = evaluate_generated(
-            run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
-            decoder=decoder, device=device,
-        )
-        result = EvalResult(which, name, values, users, invalid, duplicates, seconds)
-        _check_result(result)
-        return result
-    if run.design == "causal":  # one position per item: its own batches and decoders
-        from generator.runs.causal import evaluate_causal
-
-        name, values, users, invalid, duplicates, seconds = evaluate_causal(
-            run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
-            decoder=decoder, device=device, alpha=alpha,
-        )
-        result = EvalResult(which, name, values, users, invalid, duplicates, seconds)
-        _check_result(result)
-        log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
-        return result
-    model, tree = run.model.to(device).eval(), run.tree.to(device)
-    decode = build_decoder(run, decoder, split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed)
+    run.model.to(device).eval()
+    dec = decoders_for(run, [name], split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed,
+                       length_penalty=length_penalty)[name]
     rows = sample_users(split.num_users, max_users, seed)
-    examples = split_examples(
-        split, run.ids, run.layout, which, rows=rows, max_history=run.max_history, use_user_tokens=run.use_user_tokens
-    )
     metrics = RankingMetrics(ks)
     known = torch.from_numpy(run.ids.item_ids)
     invalid = duplicates = 0
     start = time.perf_counter()
-    batches = eval_batches(examples.input_lengths, batch_size)
-    for index in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):
-        b = collate(examples, index, run.layout.pad_token_id)
-        res = decode(model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, k=ks[-1], num_beams=num_beams)
-        items = res.items.cpu()  # (B, k)
+    batches = split_batches(run, split, which, rows, batch_size)
+    for b in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):  # loop over batches of users
+        items = dec(b.histories.to(device), ks[-1]).items.cpu()  # (B, k)
         invalid += int((~torch.isin(items, known)).sum())
         duplicates += int((items.sort(1).values.diff(dim=1) == 0).sum())
-        metrics.update(items, b.target)
+        metrics.update(items, b.targets)
     seconds = time.perf_counter() - start
-    result = EvalResult(which, f"{decode.__module__}.{decode.__name__}", metrics.compute(), metrics.count, invalid, duplicates, seconds)
+    stats = getattr(getattr(dec, "shared", None), "stats", None)  # the grounded decoders count their generations
+    result = EvalResult(which, f"{run.design}.{name}", metrics.compute(), metrics.count, invalid, duplicates, seconds,
+                        None if stats is None else stats.as_dict())
     _check_result(result)
     log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
     return result

@@ -5,9 +5,15 @@
     RUN/config.yaml          what was trained: data folder, options, model config, layout, best checkpoint
     RUN/semantic_ids.npz     a copy of the semantic IDs the model was trained with
     RUN/checkpoints/         best.ckpt (highest val/ndcg@10), last.ckpt (the end), resume.ckpt (while training)
-    RUN/train.lock           while a training writes the folder (generator.runs.train)
+    RUN/train.lock           while a training or add-items writes the folder (generator.runs.train, .catalogue)
     RUN/logs/                CSV logs (metrics.csv per version)
     RUN/metrics_<split>.json written by evaluation
+    RUN/hybrid.json          the hybrid's fusion, chosen on validation users (generator.runs.fusion_store)
+    RUN/semantic_ids.v<k>.npz  earlier versions of the IDs after `semid add-items` (generator.runs.catalogue)
+    RUN/tokenizer/           title runs: the title tokenizer (generator.runs.titles)
+    RUN/title_grounding_emb.npy(.json)  title runs: the catalogue's titles embedded for title-grounded
+
+Every file name is defined here, once.
 
 Loading a run (:func:`load_run`) rebuilds the model from its checkpoint alone and refuses a checkpoint whose
 vocabulary does not match the run's semantic IDs, a config.yaml whose checksum, schema or layout is wrong (errors
@@ -27,7 +33,8 @@ from typing import Any
 import torch
 import yaml
 
-from generator.runs import catalogue
+from generator.runs.lineage import load_model
+from generator.training.resume import RESUME
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, not_utf8
 from semid.layout import TokenLayout
@@ -41,6 +48,11 @@ CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
 BEST = "best.ckpt"
 LAST = "last.ckpt"
+RESUME = RESUME  # checkpoints/resume.ckpt, written while training (generator.training.resume)
+LOCK_FILE = "train.lock"  # held while a training or add-items writes the folder
+HYBRID_FILE = "hybrid.json"  # the hybrid's fusion chosen on validation users (generator.runs.fusion_store)
+TOKENIZER_DIR = "tokenizer"  # a title run's tokenizer (generator.runs.titles)
+TITLE_EMB_FILE = "title_grounding_emb.npy"  # a title run's catalogue titles embedded for title-grounded (+ .json)
 RUN_FORMAT = "semid.run"
 
 
@@ -219,8 +231,8 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     config = read_config(run_dir)
     ids = SemanticIDs.load(run_dir / IDS_FILE)
     ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, config)
-    # refuses IDs that are neither the checkpoint's own nor a version extending them (generator.runs.catalogue)
-    loaded = catalogue.load_model(ckpt, ids, run_dir / IDS_FILE)
+    # refuses IDs that are neither the checkpoint's own nor a version extending them (generator.runs.lineage)
+    loaded = load_model(ckpt, ids, run_dir / IDS_FILE)
     layout = loaded.layout
     added = SemanticIDs.load_metadata(run_dir / IDS_FILE).get("data")
     if added:  # items were added from this dataset folder: its titles and users are the run's now

@@ -1,11 +1,10 @@
-"""Recommend: histories of item ids -> top-k items with scores, by constrained beam search over a trained run.
+"""Recommend: histories of item ids -> top-k items with scores, with any decoder of the registry over a trained run.
 
-    run = load_run("runs/tiger")
-    recs = recommend(run, [[12, 45, 99]], k=10)
-    recs[0].items, recs[0].scores    # best first; scores are sums of code log-probabilities (<= 0)
+    run = load_any_run("runs/demo")
+    recs = recommend(run, [[12, 45, 99]], k=10)             # default: beam search over the prefix tree
+    recs[0].items, recs[0].scores    # best first; beam scores are item log-likelihoods (<= 0)
 
-Every returned item is a leaf of the prefix tree, so an item of the catalogue; the k items of a history are
-distinct. Arguments are checked at this boundary: an empty history, an unknown item id, ``k`` larger than the
+Every returned item is an item of the catalogue (checked); the k items of a history are distinct. Arguments are checked at this boundary: an empty history, an unknown item id, ``k`` larger than the
 catalogue or ``num_beams < k`` each raise ``ValueError`` naming the problem.
 """
 
@@ -16,11 +15,11 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from generator.decoding.t5_generate import check_beam_args
-from generator.training.examples import collate, history_examples
-from generator.decoding.t5_hybrid import build_decoder
+from generator.decoding import registry
+from generator.decoding.protocol import check_decode_args
+from generator.runs.batches import history_batches
+from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run
 
 log = logging.getLogger(__name__)
@@ -75,38 +74,22 @@ def recommend(
     """Top-k items for each history (item ids, oldest first).
 
     Args:
-        run: a loaded run (``generator.runs.folder.load_run``).
+        run: a loaded run (``generator.runs.titles.load_any_run``, or ``generator.runs.folder.load_run``).
         histories: B non-empty sequences of known item ids; only the last ``max_history`` items are used.
         k: items per history, at most the catalogue size.
         num_beams: M >= k beams (default max(k, 20), capped at the catalogue size).
-        user_ids: B user ids to hash into user tokens where the run was trained with them; None leaves the user
-            token out (an anonymous history).
-        decoder: "auto" | "beam" | "generate" (see ``generator.decoding.t5_generate.get_decoder``), or "dense" (MIPS over the
-            dense head's item vectors; scores are inner products) or "hybrid" (beam candidates re-ranked with the
-            blend weight ``alpha``, default the one chosen on validation, RUN/hybrid.json).
+        user_ids: B user ids to hash into user tokens where the run was trained with them (T5 runs); None leaves the
+            user token out (an anonymous history).
+        decoder: a name of ``generator.decoding.registry`` for this run ("auto": its beam search). Scores are what
+            the decoder's ``score`` says: log-likelihoods for beam, generate and exact, inner products for dense, the
+            fused score for hybrid (its fusion: ``alpha``, default the one chosen on validation, RUN/hybrid.json).
     Returns:
         B :class:`Recommendation`, in the order of ``histories``.
     """
+    name = registry.resolve(run.design, decoder)
     if num_beams is None:
         num_beams = max(k, min(DEFAULT_BEAMS, run.ids.num_items)) if isinstance(k, int) else DEFAULT_BEAMS
-    check_beam_args(k, num_beams, run.ids.num_items)
-    from generator.runs.titles import handles, recommend_generated
-
-    if handles(run, decoder):  # title runs, and free codes + grounding (generator.titles)
-        items, scores = recommend_generated(run, _check_histories(histories, run), k=k, num_beams=num_beams, decoder=decoder,
-                                            batch_size=batch_size)
-        _check_outside(items, run, decoder)
-        return [Recommendation(i, s) for i, s in zip(items, scores, strict=True)]
-    if run.design == "causal":
-        from generator.runs.causal import recommend_causal
-
-        hist = _check_histories(histories, run)
-        if user_ids is not None:
-            log.info("the causal design has no user tokens; `user_ids` are ignored")
-        items, scores = recommend_causal(run, hist, k=k, num_beams=num_beams, decoder=decoder, batch_size=batch_size, alpha=alpha)
-        _check_outside(items, run, decoder)
-        return [Recommendation(i, s) for i, s in zip(items, scores, strict=True)]
-    decode = build_decoder(run, decoder, alpha=alpha, num_beams=num_beams)
+    check_decode_args(k, num_beams, run.ids.num_items)
     hist = _check_histories(histories, run)
     if user_ids is not None:
         user_ids = np.asarray(user_ids, dtype=np.int64)
@@ -121,21 +104,19 @@ def recommend(
             "training (no user token), which can lower quality; pass the users' ids (`semid recommend --user ID`)",
             run.layout.num_user_tokens,
         )
-    examples = history_examples(
-        hist, np.full(len(hist), -1), user_ids, run.ids, run.layout, max_history=run.max_history
-    )
+    dec = decoders_for(run, [name], alpha=alpha, num_beams=num_beams)[name]
     device = next(run.model.parameters()).device
-    tree = run.tree.to(device)
     run.model.eval()
     items = np.empty((len(hist), k), dtype=np.int64)
     scores = np.empty((len(hist), k), dtype=np.float32)
-    for lo in range(0, len(hist), batch_size):
-        index = torch.arange(lo, min(lo + batch_size, len(hist)))
-        b = collate(examples, index, run.layout.pad_token_id)
-        res = decode(run.model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, k=k, num_beams=num_beams)
-        items[lo : lo + len(index)] = res.items.cpu().numpy()
-        scores[lo : lo + len(index)] = res.scores.cpu().numpy()
-    _check_outside(items, run, decoder)
+    lo = 0
+    for b in history_batches(run, hist, user_ids, batch_size):  # loop over batches of histories
+        res = dec(b.to(device), k)
+        n = res.items.shape[0]
+        items[lo : lo + n] = res.items.cpu().numpy()
+        scores[lo : lo + n] = res.scores.float().cpu().numpy()
+        lo += n
+    _check_outside(items, run, name)
     return [Recommendation(i, s) for i, s in zip(items, scores, strict=True)]
 
 

@@ -9,8 +9,11 @@ recommend with ``title-beam``; ``title-grounded`` reads the catalogue's titles (
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+import os
+import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,32 +21,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.decoding.grounding import GroundingStats, catalogue_title_embeddings
-from generator.decoding.titles import TITLE_BEAM, TITLE_DECODERS, TitleDecoders, tree_from_targets
-from generator.models.t5 import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
+from generator.decoding.grounding import GROUND_MAX_LENGTH
+from generator.decoding.registry import TITLE, resolve
+from generator.decoding.titles import TITLE_BEAM, tree_from_targets
+from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
 from generator.models.titles import BACKBONE_KEYS, TitleConfig, TitleGenerator
-from generator.runs.causal import rank_split, recommend_batches
-from generator.runs.folder import IDS_FILE, Run, best_checkpoint
+from generator.runs.folder import IDS_FILE, TITLE_EMB_FILE, TOKENIZER_DIR, Run, best_checkpoint
 from generator.training.causal_data import CausalDataModule
 from generator.training.title_system import TARGET, TitleSystem, title_monitor  # noqa: F401 (generator.runs.train imports it from here)
-from semid.data import Split, load_dataset
+from semid.data import Split
 from semid.ids import SemanticIDs
+from semid.io import atomic_path, write_json
 from semid.layout import TokenLayout
 from semid.titles import TitleIndex, TitleTokenizer
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("ids", TARGET)
-TOKENIZER_DIR = "tokenizer"
 # what --model-option may set for a title run (the rest come from the preset, the tokenizer and the catalogue)
 TITLE_OPTION_KEYS = tuple(sorted({f.name for f in fields(TitleConfig)} - {"vocab_size", "pad_id", "eos_id", "max_history"}))
 
 
 def resolve_title_decoder(name: str) -> str:
-    name = TITLE_BEAM if name in ("auto", "beam") else name
-    if name not in TITLE_DECODERS:
-        raise ValueError(f"`decoder` must be one of {['auto', *TITLE_DECODERS]} for a title run, got {name!r}")
-    return name
+    """A title run's decoder ("auto" and "beam" mean title-beam)."""
+    return resolve(TITLE, TITLE_BEAM if name == "beam" else name)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -143,59 +144,6 @@ def load_title_run(run_dir: Path, config: dict[str, Any], checkpoint: Any = None
     return TitleRun(run_dir, config, ckpt, model, mcfg, layout, ids, tree, tokenizer)
 
 
-def title_decoders_for(run: TitleRun, name: str, *, num_beams: int = 20, length_penalty: float | None = None,
-                       device: torch.device | None = None) -> TitleDecoders:
-    """The run's title decoders; ``title-grounded`` loads the run's encoder and the catalogue's title embeddings."""
-    from generator.decoding.titles import LENGTH_PENALTY
-
-    device = device if device is not None else next(run.model.parameters()).device
-    encoder = item_emb = None
-    if name != TITLE_BEAM:
-        from semid.embed import load_encoder
-
-        enc_dir = run.config["train"].get("encoder")
-        if enc_dir is None:
-            raise ValueError(f"{run.path}: decoder {name!r} embeds generated titles with a sentence encoder, and this run "
-                             "names none: train it with `--encoder DIR` (a local model folder, as for `semid embed`)")
-        encoder = load_encoder(enc_dir, device)
-        catalogue = load_dataset(run.data_dir).catalogue  # once: it parses the dataset's files
-        titles = [catalogue.title_of(int(i)) for i in run.ids.item_ids]
-        item_emb = torch.from_numpy(catalogue_title_embeddings(run.path, titles, encoder, enc_dir))
-    return TitleDecoders(run.model, run.tree, torch.from_numpy(run.ids.item_ids), torch.from_numpy(run.ids.codes),
-                         num_beams=num_beams, length_penalty=LENGTH_PENALTY if length_penalty is None else length_penalty,
-                         tokenizer=run.tokenizer, encoder=encoder, item_emb=item_emb).to(device)
-
-
-# ---- evaluation and recommendation ---------------------------------------------------------------------------------
-def evaluate_title(run: TitleRun, split: Split, which: str, *, ks: Sequence[int], num_beams: int, max_users: int | None,
-                   seed: int, batch_size: int, decoder: str, device: torch.device, length_penalty: float | None = None,
-                   ) -> tuple[str, dict[str, float], int, int, int, float, GroundingStats]:
-    """(decoder name, metrics, users, invalid items, duplicate items, seconds, grounding stats) over the split's users."""
-    name = resolve_title_decoder(decoder)
-    run.model.to(device).eval()
-    dec = title_decoders_for(run, name, num_beams=num_beams, length_penalty=length_penalty, device=device)
-    ranked = rank_split(run, split, which, lambda h: dec.decode(name, h, k=ks[-1]).items, ks=ks, max_users=max_users,
-                        seed=seed, batch_size=batch_size, device=device)
-    return f"title.{name}", *ranked, dec.stats
-
-
-def recommend_title(run: TitleRun, histories: list[np.ndarray], *, k: int, num_beams: int, decoder: str,
-                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(items (B, k), scores (B, k)) for histories of known item ids."""
-    name = resolve_title_decoder(decoder)
-    dec = title_decoders_for(run, name, num_beams=num_beams)
-    return recommend_batches(run, histories, lambda h: dec.decode(name, h, k=k), k=k, batch_size=batch_size)
-
-
-# ---- the entry points generator.runs.evaluate / generator.runs.recommend / the CLI call ------------------------------------------
-GENERATED = (*TITLE_DECODERS, "codes-grounded")
-
-
-def handles(run: Run, decoder: str) -> bool:
-    """Whether this module decodes for ``run`` with ``decoder``: every title run, and codes-grounded anywhere."""
-    return run.design == TARGET or decoder == "codes-grounded"
-
-
 def load_any_run(run_dir: Any, checkpoint: Any = None) -> Run:
     """``generator.runs.folder.load_run``, or :func:`load_title_run` for a title run's folder."""
     from generator.runs.folder import load_run, read_config
@@ -206,29 +154,28 @@ def load_any_run(run_dir: Any, checkpoint: Any = None) -> Run:
     return load_run(run_dir, checkpoint)
 
 
-def _check_codes_run(run: Run) -> None:
-    if run.design != "causal":
-        raise ValueError(f"{run.path}: decoder 'codes-grounded' needs a causal semantic-ID run (the default preset); this "
-                         f"is a {run.design} run")
+# ---- the catalogue's title embeddings for title-grounded (cached in the run folder) ------------------------------
+def titles_digest(titles: list[str], encoder_dir: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256(str(Path(encoder_dir).resolve().name).encode())
+    for t in titles:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
 
 
-def evaluate_generated(run: Run, split: Split, which: str, **kwargs: Any) -> tuple[str, dict[str, float], int, int, int, float, GroundingStats]:
-    """Title decoders of a title run, or codes-grounded of a causal run (keyword arguments as :func:`evaluate_title`)."""
-    if run.design == TARGET:
-        return evaluate_title(run, split, which, **kwargs)
-    _check_codes_run(run)
-    from generator.runs.grounded import evaluate_grounded_codes
+def catalogue_title_embeddings(run_dir: Path, titles: list[str], encoder: object, encoder_dir: str | os.PathLike[str],
+                               batch_size: int = 128) -> np.ndarray:
+    """(N, D_e) float32 embeddings of the catalogue's titles, cached in ``RUN/title_grounding_emb.npy``."""
+    from semid.embed import embed_texts
 
-    kwargs.pop("decoder")
-    kwargs.pop("length_penalty", None)
-    return evaluate_grounded_codes(run, split, which, **kwargs)
-
-
-def recommend_generated(run: Run, histories: list[np.ndarray], *, k: int, num_beams: int, decoder: str, batch_size: int
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    if run.design == TARGET:
-        return recommend_title(run, histories, k=k, num_beams=num_beams, decoder=decoder, batch_size=batch_size)
-    _check_codes_run(run)
-    from generator.runs.grounded import recommend_grounded_codes
-
-    return recommend_grounded_codes(run, histories, k=k, num_beams=num_beams, batch_size=batch_size)
+    digest = titles_digest(titles, encoder_dir)
+    path, meta = run_dir / TITLE_EMB_FILE, run_dir / (TITLE_EMB_FILE + ".json")
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("digest") == digest:
+        return np.load(path)
+    t0 = time.perf_counter()
+    emb = embed_texts(titles, encoder, batch_size=batch_size, max_length=GROUND_MAX_LENGTH, progress=False)
+    with atomic_path(path) as tmp:
+        np.save(tmp, emb)
+    write_json(meta, {"digest": digest, "encoder": str(Path(encoder_dir).resolve()), "items": len(titles),
+                      "seconds": round(time.perf_counter() - t0, 1)})
+    log.info("embedded %d catalogue titles for grounding in %.0f s -> %s", len(titles), time.perf_counter() - t0, path)
+    return emb

@@ -33,16 +33,25 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from generator.decoding.t5_hybrid import ALPHA_FILE, dense_setup
-from generator.models.t5 import ids_digest, safe_load, with_integrity
+from generator.models.checkpoint import ids_digest, safe_load, with_integrity
 from generator.runs.evaluate import evaluate_run
-from generator.runs.folder import BEST, CHECKPOINT_DIR, IDS_FILE, LAST, LOG_DIR, read_config, write_config
+from generator.runs.folder import (
+    BEST,
+    CHECKPOINT_DIR,
+    HYBRID_FILE,
+    IDS_FILE,
+    LAST,
+    LOCK_FILE,
+    LOG_DIR,
+    read_config,
+    write_config,
+)
 from generator.runs.options import _FIXED_ON_RESUME, MONITOR, TrainOptions, parse_max_time, preset
 from generator.training.causal_data import CausalDataModule
 from generator.training.causal_system import CausalSystem, monitor_name
 from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
 from generator.training.t5_data import GeneratorDataModule
-from generator.training.t5_system import GeneratorSystem
+from generator.training.t5_system import GeneratorSystem, dense_setup
 from semid.data import leave_one_out, load_dataset
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, folder_lock, write_json
@@ -232,7 +241,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         ckpt_path = resume_point(out / CHECKPOINT_DIR) if resume else None
         with SignalGuard(out) as guard:
             return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, True)
-    with folder_lock(out, "train.lock", what="a training"), SignalGuard(out) as guard:
+    with folder_lock(out, LOCK_FILE, what="a training"), SignalGuard(out) as guard:
         ckpt_path = _prepare_run_dir(out, ids, options, resume)
         try:
             return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, False)
@@ -346,7 +355,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     if resume and _file_sha256(best) != best_before:
         # they describe the checkpoint served before; metrics_valid.json is replaced by the evaluation below
         stale = [p for p in out.glob("metrics_*.json") if options.final_val_users == 0 or p.name != "metrics_valid.json"]
-        stale += [out / ALPHA_FILE] if (out / ALPHA_FILE).exists() else []
+        stale += [out / HYBRID_FILE] if (out / HYBRID_FILE).exists() else []
         for path in sorted(stale):
             path.unlink()
         if stale:
@@ -376,8 +385,9 @@ def _t5_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs,
         embeddings=options.dense_embeddings, options=options.dense_options,
     )
     system = GeneratorSystem(
-        config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams, decoder=options.decoder,
-        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, val_decoder=dense.val_decoder,
+        config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams,
+        decoder="dense" if dense.objective == "dense" else options.decoder,
+        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, ids=ids,
     )
     return config, dm, system
 

@@ -18,9 +18,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from generator.decoding.causal import CausalDecoders, item_paths
+from generator.decoding.causal import item_paths
+from generator.decoding.registry import CAUSAL, Ingredients, build_many
 from generator.models.causal import CausalConfig, CausalGenerator, code_loss, dense_loss
-from generator.models.t5 import CHECKPOINT_KEY
+from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.training.causal_data import SeqBatch
 from generator.training.t5_system import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
@@ -62,7 +63,7 @@ class CausalSystem(L.LightningModule):
         self.save_hyperparameters({"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim),
                                    "objective": objective, "serve": serve, "num_beams": num_beams, "ids_digest": ids_digest})
         self._nodes: torch.Tensor | None = None
-        self._decoders: CausalDecoders | None = None
+        self._decoders: dict[str, Any] = {}
         self._sums: dict[str, torch.Tensor] = {}
 
     # ---- training ------------------------------------------------------------------------------------------------
@@ -101,14 +102,16 @@ class CausalSystem(L.LightningModule):
     # ---- validation ----------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.tree = self.tree.to(self.device)
-        self._decoders = CausalDecoders(self.model, self.tree, self.item_ids.to(self.device), num_beams=self.num_beams).refresh()
+        ing = Ingredients(CAUSAL, self.model, self.tree, self.layout, None, num_beams=self.num_beams,
+                          item_ids=self.item_ids.to(self.device))
+        self._decoders = build_many(ing, self.val_decoders)  # through the registry, sharing item paths and tables
         self._sums = {name: torch.zeros(2 * len(self.ks) + 1, dtype=torch.float64, device=self.device) for name in self.val_decoders}
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         h = self.model.last_hidden(batch.histories, batch.lengths)
         k = self.ks[-1]
-        for name in self.val_decoders:  # loop over decoders (<= 3)
-            res = self._decoders.decode(name, h, k=k)
+        for name in self.val_decoders:  # loop over decoders (<= 3), one backbone pass for all
+            res = self._decoders[name].rank_states(h, k)
             hit = res.items == batch.targets[:, None]
             rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(batch.targets, k))
             gain = 1.0 / torch.log2(rank.double() + 2.0)
@@ -126,7 +129,7 @@ class CausalSystem(L.LightningModule):
                 self.log(f"val/{name}/recall@{k}", (sums[i] / users).float(), sync_dist=True)
                 self.log(f"val/{name}/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True,
                          prog_bar=k == 10 and name == self.serve)
-        self._sums, self._decoders = {}, None
+        self._sums, self._decoders = {}, {}
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

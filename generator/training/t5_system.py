@@ -10,17 +10,29 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 
-from generator.decoding.t5_generate import check_beam_args, get_decoder
-from generator.models.dense import META_KEY, DenseHead, joint_loss
-from generator.models.t5 import CHECKPOINT_KEY, GeneratorConfig, build_model, checkpoint_meta, seq2seq_loss
+from generator.decoding.protocol import Histories, check_decode_args
+from generator.decoding.registry import T5, Ingredients, build, resolve
+from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta
+from generator.models.dense import (
+    META_KEY,
+    OBJECTIVES,
+    DenseHead,
+    DenseHeadConfig,
+    joint_loss,
+    log_popularity,
+)
+from generator.models.t5 import GeneratorConfig, build_model, seq2seq_loss
 from generator.training.examples import Batch
+from semid.data import Dataset, Split
+from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 
@@ -77,10 +89,11 @@ class GeneratorSystem(L.LightningModule):
         tree: prefix tree of every item's code tokens + eos (validation decoding); not stored in checkpoints.
         optim: optimiser and schedule.
         num_beams: beams for validation decoding; ks: cut-offs to report (the largest is the list length).
-        decoder: "auto" | "beam" | "generate" (see ``generator.decoding.t5_generate.get_decoder``).
+        decoder: the T5 decoder validation ranks with, a name of ``generator.decoding.registry`` ("auto", "beam",
+            "generate", "dense"; "dense" needs ``dense_head`` and ``ids``).
         dense_head: the dense head on the encoder (``generator.models.dense``), trained by ``objective`` ("generative":
             not at all, "joint": with the generative loss, "dense": alone); ``log_q`` (N,) for its sampled loss.
-        val_decoder: a decoder to validate with instead of ``decoder`` (the dense one when only it is trained).
+        ids: the semantic IDs (the dense decoder's item codes).
     """
 
     def __init__(
@@ -97,17 +110,19 @@ class GeneratorSystem(L.LightningModule):
         dense_head: DenseHead | None = None,
         objective: str = "generative",
         log_q: torch.Tensor | None = None,
-        val_decoder: Callable[..., Any] | None = None,
+        ids: SemanticIDs | None = None,
     ) -> None:
         super().__init__()
         self.config, self.layout, self.ids_digest, self.optim = config, layout, ids_digest, optim
         self.tree, self.num_beams, self.ks = tree, num_beams, tuple(sorted(ks))
-        self.decoder_name = decoder
-        get_decoder(decoder)  # fail now, not after the first epoch
+        self.decoder_name = resolve(T5, decoder)  # fail now, not after the first epoch
+        if self.decoder_name == "dense" and (dense_head is None or ids is None):
+            raise ValueError("validation with decoder 'dense' needs `dense_head` and `ids`")
         num_items = int(((tree.node_value >= 0) & (tree.node_depth == tree.max_depth)).sum())  # one eos leaf per item
-        check_beam_args(self.ks[-1], num_beams, num_items)
+        check_decode_args(self.ks[-1], num_beams, num_items)
         self.model = build_model(config, layout)
-        self.dense_head, self.objective, self.val_decoder = dense_head, objective, val_decoder
+        self.dense_head, self.objective, self.ids = dense_head, objective, ids
+        self._decoder = None
         self.register_buffer("log_q", log_q, persistent=False)
         self.save_hyperparameters(
             {"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim), "num_beams": num_beams,
@@ -141,14 +156,16 @@ class GeneratorSystem(L.LightningModule):
         self._val_sums = torch.zeros(2 * len(self.ks) + 2, dtype=torch.float64, device=self.device)
         if self.tree.device != self.device:
             self.tree = self.tree.to(self.device)
+        # built for every validation pass (the weights, so the dense item vectors, changed since the last one)
+        self._decoder = build(Ingredients(T5, self.model, self.tree, self.layout, self.ids, num_beams=self.num_beams,
+                                          dense_head=self.dense_head), self.decoder_name)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         assert self._val_sums is not None, "on_validation_epoch_start did not run"
         B = batch.input_ids.shape[0]
         loss = seq2seq_loss(self.model, batch.input_ids, batch.attention_mask, batch.labels)
-        decode = self.val_decoder if self.val_decoder is not None else get_decoder(self.decoder_name)
         k = self.ks[-1]
-        res = decode(self.model, batch.input_ids, batch.attention_mask, self.tree, self.layout, k=k, num_beams=self.num_beams)
+        res = self._decoder(Histories(batch.input_ids, batch.attention_mask.bool()), k)
         hit = res.items == batch.target[:, None]  # (B, k)
         rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full((B,), k, device=hit.device))  # (B,), k = miss
         gain = 1.0 / torch.log2(rank.double() + 2.0)
@@ -168,10 +185,57 @@ class GeneratorSystem(L.LightningModule):
             self.log(f"val/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True, prog_bar=k == 10)
         self.log("val/loss", (sums[-1] / users).float(), sync_dist=True)
         self.log("val/users", sums[-2].float(), sync_dist=True)
-        self._val_sums = None
+        self._val_sums, self._decoder = None, None
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = checkpoint_meta(self.config, self.layout, self.ids_digest)
         if self.dense_head is not None:
             checkpoint[CHECKPOINT_KEY][META_KEY] = self.dense_head.config.to_dict()
+
+
+# ---- the dense head of a training run ---------------------------------------------------------------------------
+class DenseSetup(NamedTuple):
+    """What the Lightning system needs for the dense head: the head (None for none), the objective and log q (N,)
+    of the training targets (sampled loss only)."""
+
+    head: DenseHead | None
+    objective: str
+    log_q: torch.Tensor | None
+
+
+def dense_setup(
+    mode: str | None,
+    objective: str,
+    dataset: Dataset,
+    split: Split,
+    ids: SemanticIDs,
+    input_dim: int,
+    *,
+    embeddings: str = "minilm",
+    options: dict[str, Any] | None = None,
+) -> DenseSetup:
+    """Build the dense head of a training run.
+
+    Args:
+        mode: ``"id"``, ``"content"``, ``"both"``, or None for no head (then ``objective`` must be "generative").
+        objective: ``"joint"`` (generative + dense), ``"dense"`` (encoder and head only) or ``"generative"``.
+        embeddings: name of the dataset's ``item_emb_<name>.npy`` (content modes); row i is item i + 1.
+        options: further :class:`DenseHeadConfig` fields (``dim``, ``pooling``, ``loss``, ``temperature``, ...).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+    if mode is None:
+        if objective != "generative":
+            raise ValueError(f"`objective` {objective!r} needs a dense head: pass `dense` (id, content or both)")
+        return DenseSetup(None, objective, None)
+    config = DenseHeadConfig(input_dim=input_dim, mode=mode, **(options or {}))
+    if int(ids.item_ids.max()) > dataset.num_items:
+        raise ValueError(f"the semantic IDs have items above {dataset.num_items}, the dataset's last: no content for them")
+    content = None if mode == "id" else torch.from_numpy(dataset.embeddings(embeddings)[ids.item_ids - 1])
+    head = DenseHead(config, torch.from_numpy(ids.item_ids), content)
+    log_q = None
+    if config.loss == "sampled":
+        targets = np.concatenate([s[1:] for s in split.train])  # every training example's target
+        log_q = log_popularity(head.rows_of(torch.from_numpy(targets)), head.num_items)
+    return DenseSetup(head, objective, log_q)

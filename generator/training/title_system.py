@@ -14,8 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from generator.decoding.titles import LENGTH_PENALTY, TITLE_BEAM, TitleDecoders
-from generator.models.t5 import CHECKPOINT_KEY
+from generator.decoding.causal import StateDecoder
+from generator.decoding.registry import TITLE, Ingredients, build
+from generator.decoding.titles import LENGTH_PENALTY, TITLE_BEAM
+from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.titles import TitleConfig, TitleGenerator
 from generator.training.causal_data import SeqBatch
 from generator.training.t5_system import OptimConfig, adamw_schedule
@@ -47,7 +49,7 @@ class TitleSystem(L.LightningModule):
         self.num_beams, self.ks, self.length_penalty = num_beams, tuple(sorted(ks)), length_penalty
         self.save_hyperparameters({"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim),
                                    "num_beams": num_beams, "ids_digest": ids_digest, "target": TARGET})
-        self._decoders: TitleDecoders | None = None
+        self._decoder: StateDecoder | None = None
         self._sums: torch.Tensor | None = None
 
     def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
@@ -63,14 +65,16 @@ class TitleSystem(L.LightningModule):
         return adamw_schedule(self, self.optim)
 
     def on_validation_epoch_start(self) -> None:
-        self._decoders = TitleDecoders(self.model, self.tree, self.item_ids, self.codes, num_beams=self.num_beams,
-                                       length_penalty=self.length_penalty).to(self.device)
+        self.tree = self.tree.to(self.device)
+        ing = Ingredients(TITLE, self.model, self.tree, None, None, num_beams=self.num_beams,
+                          title={"length_penalty": self.length_penalty}, item_ids=self.item_ids, codes=self.codes)
+        self._decoder = build(ing, TITLE_BEAM)
         self._sums = torch.zeros(2 * len(self.ks) + 1, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         h = self.model.last_hidden(batch.histories, batch.lengths)
         k = self.ks[-1]
-        res = self._decoders.decode(TITLE_BEAM, h, k=k)
+        res = self._decoder.rank_states(h, k)
         hit = res.items == batch.targets[:, None]
         rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(batch.targets, k))
         gain = 1.0 / torch.log2(rank.double() + 2.0)
@@ -85,7 +89,7 @@ class TitleSystem(L.LightningModule):
         for i, k in enumerate(self.ks):
             self.log(f"val/{TITLE_BEAM}/recall@{k}", (sums[i] / users).float(), sync_dist=True)
             self.log(f"val/{TITLE_BEAM}/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True, prog_bar=k == 10)
-        self._decoders, self._sums = None, None
+        self._decoder, self._sums = None, None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {"config": self.config.to_dict(), "layout": self.layout.to_dict(),

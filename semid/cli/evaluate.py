@@ -1,4 +1,4 @@
-"""`semid evaluate --run RUN [--split valid|test]`: Recall/NDCG@K by constrained beam search; writes RUN/metrics_<split>.json."""
+"""`semid evaluate --run RUN [--split valid|test] [--decoder NAME]`: Recall/NDCG@K; writes RUN/metrics_<split>.json."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from generator.decoding.t5_hybrid import ALL_DECODERS
+from generator.decoding import registry
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
 
@@ -20,7 +20,7 @@ def _users(text: str) -> int | None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="rank each user's held-out item with constrained beam search; Recall/NDCG@K",
+        help="rank each user's held-out item over the whole catalogue with a decoder; Recall/NDCG@K",
         description="Leave-one-out evaluation of a run's best checkpoint over the whole catalogue. Prints the "
         "metrics and writes RUN/metrics_<split>.json.",
     )
@@ -31,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-users", type=_users, default=None, help="a seeded sample of this many users (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
-    p.add_argument("--decoder", default="auto", choices=ALL_DECODERS,
-                   help="constrained beam search (auto | beam; generate: stock model.generate, T5 runs), exact (every item by its log-likelihood, causal runs), dense MIPS, or hybrid (default auto = beam)")
+    p.add_argument("--decoder", default="auto", choices=registry.NAMES, help=registry.help_text())
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from generator.decoding.t5_hybrid import ALL_DECODERS
+from generator.decoding import registry
 from generator.runs.recommend import recommend
 from generator.runs.titles import load_any_run
 from semid.data import load_dataset
@@ -35,8 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k; default max(k, 20))")
     p.add_argument("--user", type=int, help="user id, hashed into the run's user tokens (default: none)")
-    p.add_argument("--decoder", default="auto", choices=ALL_DECODERS,
-                   help="constrained beam search (auto | beam; generate: stock model.generate, T5 runs), exact (every item by its log-likelihood, causal runs), dense MIPS, or hybrid (default auto = beam)")
+    p.add_argument("--decoder", default="auto", choices=registry.NAMES, help=registry.help_text())
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: the one chosen on validation, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder for titles (default: the one the run was trained on)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")

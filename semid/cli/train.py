@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from generator.decoding.t5_hybrid import DenseOptionsAction
+from generator.decoding import registry
 from generator.models.dense import MODES
 from generator.runs.folder import IDS_FILE, read_config
 from generator.runs.options import DESIGN_DEFAULTS, PRESETS, TrainOptions
@@ -69,9 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--val-every", type=_every, help="validate every N epochs (int) or fraction of an epoch (default 1)")
     g.add_argument("--final-val-users", type=_users, help="validation users for the final evaluation, 'all' (default) or 0 to skip")
     g.add_argument("--num-beams", type=int, help=f"(default {d.num_beams})")
-    g.add_argument("--decoder", choices=("auto", "beam", "generate", "exact", "dense"),
+    selects = ("auto", *(n for n, s in registry.SPECS.items() if s.selects))
+    g.add_argument("--decoder", choices=selects,
                    help="the decoder the run serves with; its validation score selects the checkpoint "
-                   f"(causal: beam | exact | dense; T5: auto | beam | generate) {_d('decoder')}")
+                   f"(causal: beam | exact | dense; T5: auto | beam | generate | dense; title: title-beam) {_d('decoder')}")
     g.add_argument("--eval-batch-size", type=int, help=f"(default {d.eval_batch_size})")
     g.add_argument("--model-option", dest="model_options", action=ModelOptionsAction, metavar="KEY=VALUE",
                    help="causal design: a CausalConfig field over the preset's, repeatable: dropout=0.3, "
@@ -163,3 +164,20 @@ def run(args: argparse.Namespace) -> int:
             f"R@10 {m['recall@10']:.4f}  N@10 {m['ndcg@10']:.4f}  -> {result.run_dir / 'metrics_valid.json'}"
         )
     return 0
+
+
+class DenseOptionsAction(argparse.Action):
+    """``--dense-option KEY=VALUE`` (repeatable) -> a dict of :class:`DenseHeadConfig` fields, values YAML-typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
+        key, sep, text = str(value).partition("=")
+        from generator.models.dense import DenseHeadConfig
+
+        known = set(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"}
+        if not sep or key not in known:
+            parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
+        options = dict(getattr(namespace, self.dest) or {})
+        import yaml
+
+        options[key] = yaml.safe_load(text)
+        setattr(namespace, self.dest, options)

@@ -1,0 +1,115 @@
+"""The one decoder contract: a batch of histories in, a ranking out.
+
+Every decoder semid has (beam search, stock ``generate``, exact ranking, dense MIPS, the hybrids, the cold-start
+beam, the title beam and the generate-then-ground baselines) implements :class:`Decoder`, is named in
+``generator.decoding.registry`` and is built there; evaluation, recommendation, training validation, the command
+line and the experiments all reach decoders through that registry.
+
+- Input, :class:`Histories`: B histories as the backbone reads them (the run layer makes them from item ids).
+- Output, :class:`Ranking`: the top-k items per history, best first, with their scores and semantic-ID codes, and
+  two facts a caller needs to read the scores: what they are (``score``, one of :data:`SCORES`) and whether every
+  item is a leaf of the prefix tree, i.e. reached by constrained generation (``leaves``).
+
+Arguments are checked once, at the decoder's call (:func:`check_k`, :func:`check_beams`); the functions a decoder
+calls assume valid input.
+
+Shapes: B histories, S input positions, k items returned, L code levels, N items.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+# what a ranking's scores are
+LOG_LIKELIHOOD = "log-likelihood"  # sum over levels of code log-probabilities renormalised over the tree (<= 0)
+INNER_PRODUCT = "inner product"  # dense query . item vector (cosine / temperature for a normalised head)
+BLEND = "blend"  # alpha * log-likelihood + (1 - alpha) * dense log-softmax
+FUSED = "fused"  # a hybrid fusion's score (blend, reciprocal rank, learned): comparable within one ranking only
+TITLE_LOG_PROB = "title log-probability / length^a"  # a title's log-probability among the catalogue's titles
+COSINE = "cosine"  # of the item's title embedding with the generated title's
+GENERATION_LOG_PROB = "free generation's log-probability"  # codes-grounded: the beam's score of the tuple it grounds
+PREFIX_MATCHED = "log-likelihood (a cold item: its matched candidate's)"  # cold-beam
+SCORES = (LOG_LIKELIHOOD, INNER_PRODUCT, BLEND, FUSED, TITLE_LOG_PROB, COSINE, GENERATION_LOG_PROB, PREFIX_MATCHED)
+
+
+class Histories(NamedTuple):
+    """B histories, as the backbone reads them.
+
+    tokens: LongTensor (B, S). T5 runs: encoder tokens (user token, code tokens; padding is the layout's pad).
+            Causal and title runs: item rows + 1, right-padded with 0, oldest first.
+    mask:   BoolTensor (B, S), True at real positions.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """LongTensor (B,), real positions per history."""
+        return self.mask.sum(1)
+
+    def to(self, device: torch.device | str) -> Histories:
+        return Histories(self.tokens.to(device), self.mask.to(device))
+
+
+class Ranking(NamedTuple):
+    """Top-k items per history, best first.
+
+    items:  LongTensor (B, k) item ids, distinct per row, all in the catalogue.
+    scores: FloatTensor (B, k), non-increasing along a row; what they are is ``score``.
+    codes:  LongTensor (B, k, L), the items' semantic-ID codes.
+    score:  one of :data:`SCORES`.
+    leaves: True when every item was reached along the prefix tree (constrained generation); False for decoders
+            that rank items another way (dense, hybrid, grounded).
+    """
+
+    items: torch.Tensor
+    scores: torch.Tensor
+    codes: torch.Tensor
+    score: str
+    leaves: bool
+
+    def cat(self, others: list[Ranking]) -> Ranking:
+        """This ranking and ``others`` (same k and kind) stacked along the batch."""
+        every = [self, *others]
+        return Ranking(*(torch.cat([getattr(r, f) for r in every]) for f in ("items", "scores", "codes")), self.score, self.leaves)
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """A decoder bound to one trained model (and its tree, item vectors, fusion, ...).
+
+    ``name`` is its registry name, ``score`` what its scores are (:data:`SCORES`), ``leaves`` whether every item it
+    returns is a leaf of the prefix tree. ``decoder(histories, k)`` returns the top-k of each history.
+    """
+
+    name: str
+    score: str
+    leaves: bool
+
+    def __call__(self, histories: Histories, k: int) -> Ranking: ...
+
+
+# ---- the one set of argument rules -----------------------------------------------------------------------------
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_k(k: object, limit: int, what: str) -> None:
+    """``k`` must be an int in [1, limit]; ``what`` names the limit (e.g. "the catalogue size")."""
+    if not _is_int(k) or not 1 <= k <= limit:
+        raise ValueError(f"`k` must be an int in [1, {limit}] ({what}), got {k!r}")
+
+
+def check_beams(num_beams: object, k: int, num_items: int) -> None:
+    """``num_beams`` must be an int in [k, num_items] (a beam search returns at most its beams)."""
+    if not _is_int(num_beams) or not k <= num_beams <= num_items:
+        raise ValueError(f"`num_beams` must be an int in [k={k}, {num_items}] (k to the catalogue size), got {num_beams!r}")
+
+
+def check_decode_args(k: object, num_beams: object, num_items: int) -> None:
+    """The arguments every decoding entry point takes: ``k`` in [1, N], ``num_beams`` in [k, N]."""
+    check_k(k, num_items, "the catalogue size")
+    check_beams(num_beams, k, num_items)  # type: ignore[arg-type]

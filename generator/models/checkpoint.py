@@ -1,0 +1,208 @@
+"""Checkpoints of the generators: what a checkpoint holds, a safe loader (no unpickling), integrity and the check
+that a checkpoint matches the semantic IDs it is used with. :func:`load_checkpoint` rebuilds a T5 or causal model from
+its file alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from generator.models.t5 import GeneratorConfig, build_model
+from semid.ids import SemanticIDs
+from semid.layout import TokenLayout
+
+# ---- checkpoints -------------------------------------------------------------------------------------------------
+CHECKPOINT_KEY = "semid"  # where a checkpoint keeps {config, layout, ids_digest}
+STATE_PREFIX = "model."  # the LightningModule keeps the T5 as `self.model`
+
+
+def ids_digest(ids: SemanticIDs) -> str:
+    """A fingerprint of which item has which code tuple (sha256 of the arrays)."""
+    h = hashlib.sha256()
+    h.update(np.asarray(ids.codebook_sizes, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(ids.item_ids).tobytes())
+    h.update(np.ascontiguousarray(ids.codes).tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_meta(config: GeneratorConfig, layout: TokenLayout, digest: str) -> dict[str, Any]:
+    return {"config": config.to_dict(), "layout": layout.to_dict(), "ids_digest": digest}
+
+
+class LoadedModel(NamedTuple):
+    model: torch.nn.Module  # a T5ForConditionalGeneration, or a generator.causal CausalGenerator
+    config: Any  # GeneratorConfig or CausalConfig
+    layout: TokenLayout
+    ids_digest: str
+
+
+INTEGRITY_KEY = "semid_integrity"  # {format, version, sha256}: what a checkpoint written by semid carries
+CHECKPOINT_FORMAT = "semid.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value, in the order
+    the containers hold them (a checkpoint loaded back gives the same digest; one changed byte of any tensor does
+    not). The entry :data:`INTEGRITY_KEY` of the top-level dict is left out."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            items = [(k, v) for k, v in x.items() if not (x is obj and k == INTEGRITY_KEY)]
+            h.update(f"D{len(items)}".encode())
+            for k, v in items:
+                feed(k)
+                feed(v)
+        elif isinstance(x, (list, tuple)):  # subclasses (namedtuples, torch.Size) load back as their base
+            h.update(f"{'L' if isinstance(x, list) else 'T'}{len(x)}".encode())
+            for v in x:
+                feed(v)
+        elif isinstance(x, bool) or x is None:
+            h.update(f"{x};".encode())
+        elif isinstance(x, int):  # IntEnum members too
+            h.update(f"i{int(x)};".encode())
+        elif isinstance(x, float):
+            h.update(f"f{float(x)!r};".encode())
+        elif isinstance(x, str):
+            h.update(f"s{len(x)}:{x}".encode())
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def with_integrity(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` plus its format, version and :func:`content_digest` (checked by :func:`safe_load`)."""
+    body = {k: v for k, v in checkpoint.items() if k != INTEGRITY_KEY}
+    return {**body, INTEGRITY_KEY: {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "sha256": content_digest(body)}}
+
+
+def safe_load(path: str | os.PathLike[str]) -> Any:
+    """``torch.load`` that runs no code: tensors, containers and primitives only (``weights_only=True``).
+
+    A file that needs anything else (a crafted pickle, an object with ``__reduce__``) is refused with a ValueError
+    naming the file, before any of it is executed. An empty, truncated or garbled file, and a checkpoint whose
+    content no longer matches the digest semid wrote into it (:func:`with_integrity`), is a ValueError naming the
+    file too. Checkpoints written before semid recorded digests (no :data:`INTEGRITY_KEY`) load unchecked.
+    """
+    path = Path(path)
+    damaged = "restore it from a copy, or train again (a file semid writes is renamed into place complete, so this one was damaged afterwards)"
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint; {damaged}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "GLOBAL" not in text and "Unsupported class" not in text:  # garbage, not a forbidden object
+            raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupted: {_first_reason(text)}); {damaged}") from None
+        raise ValueError(
+            f"{path}: refused: this file holds objects other than tensors and plain containers, which loading would "
+            f"execute ({_first_reason(text)}); semid checkpoints never do, so it was not written by semid or has been "
+            "tampered with"
+        ) from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 (zip, EOF, decode and unpickler errors of a damaged file: all re-raised)
+        raise ValueError(f"{path}: not a readable checkpoint (truncated or corrupted: {type(e).__name__}: {_first_reason(str(e))}); {damaged}") from None
+    if isinstance(ckpt, dict) and INTEGRITY_KEY in ckpt:
+        check_integrity(ckpt, path)
+    return ckpt
+
+
+def _first_reason(text: str) -> str:
+    """The informative line of a torch.load error (its "Weights only load failed" preamble dropped)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if "GLOBAL" in ln or "Unsupported" in ln or "error" in ln.lower() and "Weights only" not in ln:
+            return ln[:300]
+    return (lines[-1] if lines else "no detail")[:300]
+
+
+def check_integrity(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Raise ValueError naming ``path`` unless ``ckpt``'s format, version and content digest are what semid wrote."""
+    meta = ckpt[INTEGRITY_KEY]
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: `{INTEGRITY_KEY}` is not a semid checkpoint record ({meta!r}); the file was not written by semid")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {meta.get('version')!r}; this semid reads version {CHECKPOINT_VERSION}: use the semid that wrote it")
+    if meta.get("sha256") != content_digest(ckpt):
+        raise ValueError(
+            f"{path}: corrupted: its content no longer matches the sha256 semid recorded when writing it (a changed "
+            "byte in the weights or the training state); restore it from a copy, or train again"
+        )
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Raise ValueError naming ``path`` and the first tensor of ``state`` holding NaN or inf values."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{path}: tensor `{name}` holds {bad} NaN or inf value(s) of {t.numel()}: the weights are unusable "
+                "(training diverged, or the file was damaged); use another checkpoint or train again"
+            )
+
+
+def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None) -> LoadedModel:
+    """Rebuild the model from a checkpoint file alone; with ``ids``, refuse one whose vocabulary does not match.
+
+    Returns the model in eval mode on the CPU.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here")
+    ckpt = safe_load(path)
+    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if meta is None:
+        raise ValueError(f"{path}: not a semid generator checkpoint (no {CHECKPOINT_KEY!r} entry)")
+    missing = [k for k in ("layout", "config", "ids_digest") if not isinstance(meta, dict) or k not in meta]
+    if missing or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{path}: a damaged semid checkpoint (no {missing or ['state_dict']} in it); use another checkpoint or train again")
+    layout = TokenLayout.from_dict(meta["layout"])
+    if ids is not None:
+        check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
+    state = {k[len(STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    check_finite(state, path)
+    if meta["config"].get("design") == "causal":  # one position per item (generator.causal)
+        from generator.models.causal import CausalConfig, CausalGenerator
+
+        config = CausalConfig.from_dict(meta["config"])
+        content = state["content"][1:] if "content" in state else None
+        model = CausalGenerator(config, layout, state["item_tokens"][1:], content)
+    else:
+        config = GeneratorConfig.from_dict(meta["config"])
+        model = build_model(config, layout)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the model its own config describes ({str(e).splitlines()[0]}); the file is damaged") from None
+    model.eval()
+    return LoadedModel(model, config, layout, meta["ids_digest"])
+
+
+def check_vocabulary(layout: TokenLayout, digest: str, ids: SemanticIDs, *, source: str) -> None:
+    """Raise ValueError unless a model with ``layout`` (trained on IDs with ``digest``) can decode ``ids``."""
+    if tuple(layout.codebook_sizes) != tuple(ids.codebook_sizes):
+        raise ValueError(
+            f"{source}: the checkpoint's vocabulary has codebook sizes {list(layout.codebook_sizes)} "
+            f"(V = {layout.vocab_size}), but the semantic IDs have {list(ids.codebook_sizes)} "
+            f"(V = {ids.layout(layout.num_user_tokens).vocab_size}): it was trained with other semantic IDs"
+        )
+    if digest != ids_digest(ids):
+        raise ValueError(
+            f"{source}: the checkpoint was trained with other semantic IDs (same codebook sizes "
+            f"{list(ids.codebook_sizes)}, but items map to different code tuples); use the run's own semantic_ids.npz"
+        )

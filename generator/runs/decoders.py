@@ -1,0 +1,122 @@
+"""Decoders for a loaded run, built through the one registry (``generator.decoding.registry``).
+
+:func:`decoders_for` makes the registry's :class:`~generator.decoding.registry.Ingredients` from a run: its model,
+tree, layout and IDs on the device, the dense head of a T5 run, the tree a causal model was trained with when items
+were added since, the title run's tokenizer and (for ``title-grounded``) its encoder and catalogue title embeddings,
+and the hybrid's fusion: a given ``alpha``, else the one stored for this checkpoint in ``RUN/hybrid.json``, else one
+chosen on validation users of ``split`` (never test users) and stored (``generator.runs.fusion_store``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from generator.decoding import registry
+from generator.decoding.protocol import Decoder
+from generator.decoding.registry import CAUSAL, T5, TITLE, Ingredients
+from generator.decoding.t5_hybrid import T5Hybrid
+from generator.decoding.titles import LENGTH_PENALTY, TITLE_GROUNDED
+from generator.models.checkpoint import safe_load
+from generator.models.dense import DenseHead, load_dense_head
+from generator.runs import fusion_store
+from semid.data import Split, load_dataset
+from semid.tree import PrefixTree
+
+
+def load_run_head(run: Any) -> DenseHead:
+    """The dense head of a T5 run's checkpoint, on the model's device, in eval mode."""
+    head = load_dense_head(safe_load(run.checkpoint))
+    if head is None:
+        raise ValueError(f"{run.checkpoint}: this run has no dense head (train it with `semid train --dense both ...`)")
+    return head.to(next(run.model.parameters()).device)
+
+
+def trained_tree(run: Any) -> PrefixTree | None:
+    """The prefix tree of the items a causal run's model was trained with, when items were added since (else None)."""
+    n0 = run.model.trained_items
+    if n0 == run.ids.num_items:
+        return None
+    return PrefixTree.from_semantic_ids(run.ids.head(n0), run.layout).to(run.tree.device)
+
+
+def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, split: Split | None = None, alpha: float | None = None,
+                 num_beams: int = 20, num_candidates: int = 50, alpha_users: int | None = None, batch_size: int = 64,
+                 seed: int = 0, cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None,
+                 length_penalty: float | None = None) -> dict[str, Decoder]:
+    """The run's decoders by (resolved) name, on the model's device.
+
+    Args:
+        names: registry names ("auto" resolves per backbone).
+        split: the dataset's split, to choose the hybrid's fusion on its validation users when none is stored.
+        alpha: the hybrid's blend weight (for a causal run: the pool blend with this weight); None: stored or chosen.
+        alpha_users: validation users the fusion is chosen on (default: 2,000 for T5 runs; 5,000 to fit and 5,000
+            to choose for causal runs).
+        cold_items, cold_options: ``cold-beam``'s cold item ids and ``ColdStartBeam`` options.
+        length_penalty: title runs' length normalisation (default ``LENGTH_PENALTY``).
+    """
+    backbone = run.design
+    wanted = [registry.resolve(backbone, n) for n in names]
+    device = next(run.model.parameters()).device
+    run.tree = run.tree.to(device)
+    ing = Ingredients(backbone, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,
+                      cold_items=cold_items, cold_options=dict(cold_options or {}))
+    if backbone == T5:
+        if {"dense", "hybrid"} & set(wanted):
+            ing.dense_head = load_run_head(run)
+        if "hybrid" in wanted:
+            ing.alpha = alpha if alpha is not None else _t5_alpha(run, ing, split, alpha_users or 2000, batch_size, seed)
+    elif backbone == CAUSAL:
+        ing.trained_tree = trained_tree(run)
+        if "hybrid" in wanted:
+            ing.fusion = ("blend", {"alpha": float(alpha)}) if alpha is not None else _causal_fusion(
+                run, ing, split, alpha_users or 5000, batch_size, seed)
+    elif backbone == TITLE:
+        ing.title = {"length_penalty": LENGTH_PENALTY if length_penalty is None else length_penalty, "tokenizer": run.tokenizer}
+        if TITLE_GROUNDED in wanted:
+            ing.title.update(_grounding_encoder(run, device))
+    return registry.build_many(ing, wanted)
+
+
+def _no_choice(run: Any) -> ValueError:
+    return ValueError(f"{run.path}: no fusion chosen yet: pass `alpha`, or run `semid evaluate --run {run.path} --split test "
+                      "--decoder hybrid` once to choose it on validation users")
+
+
+def _t5_alpha(run: Any, ing: Ingredients, split: Split | None, users: int, batch_size: int, seed: int) -> float:
+    C = min(ing.num_candidates, run.ids.num_items)
+    stored = fusion_store.stored_alpha(run, C)
+    if stored is not None:
+        return stored
+    if split is None:
+        raise _no_choice(run)
+    probe = T5Hybrid(run.model, run.tree, run.layout, ing.dense_head, run.ids, alpha=0.5, num_candidates=C, num_beams=ing.num_beams)
+    return fusion_store.choose_t5_alpha(run, probe, split, max_users=users, batch_size=batch_size, seed=seed).alpha
+
+
+def _causal_fusion(run: Any, ing: Ingredients, split: Split | None, users: int, batch_size: int, seed: int) -> tuple[str, dict]:
+    shared = registry.build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
+    stored = fusion_store.stored_fusion(run, shared.num_candidates)
+    if stored is not None:
+        return stored
+    if split is None:
+        raise _no_choice(run)
+    choice = fusion_store.choose_causal_fusion(run, shared, split, max_users=users, batch_size=batch_size, seed=seed)
+    return choice.kind, choice.params
+
+
+def _grounding_encoder(run: Any, device: torch.device) -> dict[str, Any]:
+    """``title-grounded``'s sentence encoder (named at training time) and the catalogue's title embeddings."""
+    from generator.runs.titles import catalogue_title_embeddings
+    from semid.embed import load_encoder
+
+    enc_dir = run.config["train"].get("encoder")
+    if enc_dir is None:
+        raise ValueError(f"{run.path}: decoder {TITLE_GROUNDED!r} embeds generated titles with a sentence encoder, and this run "
+                         "names none: train it with `--encoder DIR` (a local model folder, as for `semid embed`)")
+    encoder = load_encoder(enc_dir, device)
+    catalogue = load_dataset(run.data_dir).catalogue  # once: it parses the dataset's files
+    titles = [catalogue.title_of(int(i)) for i in run.ids.item_ids]
+    return {"encoder": encoder, "item_emb": torch.from_numpy(catalogue_title_embeddings(run.path, titles, encoder, enc_dir))}
