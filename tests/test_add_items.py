@@ -16,7 +16,7 @@ import torch
 
 from generator.models.checkpoint import ids_digest
 from generator.runs.lineage import ADDED_CONTENT, lineage
-from generator.runs.causal import decoders_for
+from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend
 from rqvae import load_quantizer
@@ -68,7 +68,7 @@ def _scores(run, name: str) -> torch.Tensor:
     """Each decoder's score of every item for HISTORIES: (B, N) from the exact or dense head."""
     from generator.training.causal_data import history_batch
 
-    dec = decoders_for(run, name)
+    dec = decoders_for(run, [name])[name].shared  # the run's CausalDecoders (paths, tables, item vectors)
     b = history_batch([np.array(h) for h in HISTORIES], np.full(len(HISTORIES), -1), run.ids, run.max_history)
     with torch.inference_mode():
         h = run.model.last_hidden(b.histories, b.lengths)

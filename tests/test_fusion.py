@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import generator.runs.causal as causal_runs
+import generator.runs.fusion_store as fusion_store
 from generator.decoding.causal import CausalDecoders
 from generator.decoding.fusion import FEATURES, FUSIONS, Parts, check_fusion, choose_fusion, fit_params, fuse
 from semid.metrics import paired_bootstrap
@@ -103,7 +103,7 @@ def test_liger_reaches_cold_items_the_generative_list_does_not_hold(world) -> No
         want = set(parts.gen_rows[b].tolist()) | {0, 1, 2}
         assert set(rows[b].tolist()) - {-1} == want and (rows[b] == -1).sum() == C + 3 - len(want)
     dec.fusion = ("liger", {})
-    with pytest.raises(ValueError, match=r"`k` \(7\) must be at most the hybrid's candidates per list \(6\)"):
+    with pytest.raises(ValueError, match=r"`k` must be an int in \[1, 6\] \(the hybrid's candidates per list for fusion 'liger'.*got 7"):
         dec.decode("hybrid", h, k=C + 1)
 
 
@@ -152,19 +152,19 @@ def test_choose_causal_fusion_reads_validation_users_only(world, tmp_path, monke
             raise AssertionError("the fusion was chosen with test targets")
 
     class Run:
-        path, max_history = tmp_path, 12
+        path, max_history, design = tmp_path, 12, "causal"
 
     Run.model, Run.ids = model, ids
-    monkeypatch.setattr(causal_runs, "_alpha_key", lambda run: {"checkpoint": "c"})
-    choice = causal_runs.choose_causal_fusion(Run(), dec, ValidationOnlySplit(), max_users=10, batch_size=8, seed=0)
+    monkeypatch.setattr(fusion_store, "choice_key", lambda run: {"checkpoint": "c"})
+    choice = fusion_store.choose_causal_fusion(Run(), dec, ValidationOnlySplit(), max_users=10, batch_size=8, seed=0)
     stored = json.loads((tmp_path / "hybrid.json").read_text())
     assert stored["fusion"] == choice.kind and stored["validation_users"] == {"fit": 10, "select": 10}
-    assert causal_runs.stored_fusion(Run(), dec.num_candidates) == (choice.kind, choice.params)
+    assert fusion_store.stored_fusion(Run(), dec.num_candidates) == (choice.kind, choice.params)
     # a blend weight stored by an earlier semid (no "fusion") is not an error: the fusion is chosen again
     (tmp_path / "hybrid.json").write_text(json.dumps({"alpha": 0.3, "checkpoint": "c", "num_candidates": dec.num_candidates}))
-    assert causal_runs.stored_fusion(Run(), dec.num_candidates) is None
+    assert fusion_store.stored_fusion(Run(), dec.num_candidates) is None
     with pytest.raises(ValueError, match="has 1 validation user"):
-        causal_runs.choose_causal_fusion(Run(), dec, type("One", (), {"num_users": 1})(), max_users=10, batch_size=8, seed=0)
+        fusion_store.choose_causal_fusion(Run(), dec, type("One", (), {"num_users": 1})(), max_users=10, batch_size=8, seed=0)
 
 
 def test_check_fusion_names_what_is_wrong() -> None:
