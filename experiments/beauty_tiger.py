@@ -94,11 +94,12 @@ def semantic_ids(args: argparse.Namespace) -> tuple[Path, dict]:
 # ---- step time ---------------------------------------------------------------------------------------------------
 def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOptions, steps: int) -> dict:
     """Seconds per training step of the real pipeline (bucketed batches, the preset, AdamW), no Lightning loop."""
-    from generator.models.t5 import preset
     from generator.models.checkpoint import ids_digest
+    from generator.models.t5 import preset
     from generator.training.t5_data import GeneratorDataModule
     from generator.training.t5_system import GeneratorSystem
-    from semid.data import leave_one_out, load_dataset
+    from semid.data import load_dataset
+    from semid.split import leave_one_out
     from semid.tree import PrefixTree
 
     ids = SemanticIDs.load(ids_path)

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from semid.cli import main as semid
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import RankingMetrics
+from semid.split import leave_one_out
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -35,8 +35,9 @@ def _steps_per_s(threads: int, steps: int, data: str, ids_path: str) -> float:
     from generator.models.causal import CausalConfig
     from generator.training.causal_data import CausalDataModule, collate_windows
     from generator.training.causal_system import CausalSystem
-    from semid.data import leave_one_out, load_dataset
+    from semid.data import load_dataset
     from semid.ids import SemanticIDs
+    from semid.split import leave_one_out
     from semid.tree import PrefixTree
 
     torch.set_num_threads(threads)

@@ -38,7 +38,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from semid._tree_build import as_padded, check_tokens, dense_tables
+from semid._tree_build import check_inputs, dense_tables, open_nodes
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 
@@ -116,26 +116,8 @@ class PrefixTree:
             dense_budget: the shallow levels get a dense (nodes x V) next-node table while it has at most this
                 many entries; deeper levels use the sparse edges.
         """
-        if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-            raise ValueError(f"`vocab_size` must be a positive int, got {vocab_size!r}")
-        seqs = as_padded(sequences)
-        values = np.asarray(values)
+        seqs, values, lengths = check_inputs(sequences, values, vocab_size, end_token, pad_token)
         N, T = seqs.shape
-        if values.shape != (N,) or not np.issubdtype(values.dtype, np.integer):
-            raise ValueError(
-                f"`values` must be an integer array of shape ({N},), got {values.dtype} {values.shape}"
-            )
-        if (values < 0).any():
-            raise ValueError(f"`values` must be >= 0, got {int(values.min())}")
-        lengths = check_tokens(seqs, vocab_size)
-        for name, tok in (("end_token", end_token), ("pad_token", pad_token)):
-            if tok is not None and not 0 <= tok < vocab_size:
-                raise ValueError(f"`{name}` must be in [0, {vocab_size}), got {tok!r}")
-            if tok is not None and (seqs == tok).any():
-                row = int(np.argwhere(seqs == tok)[0, 0])
-                raise ValueError(
-                    f"sequence {row} (value {int(values[row])}) contains `{name}` {tok}; it may only be added by the tree"
-                )
         if end_token is not None:
             seqs = np.concatenate([seqs, np.full((N, 1), -1, dtype=np.int64)], axis=1)
             seqs[np.arange(N), lengths] = end_token
@@ -162,40 +144,9 @@ class PrefixTree:
                     f"sequence of value {int(values[i])} is a prefix of that of value {int(values[i + 1])}: pass `end_token`"
                 )
 
-        # 2. nodes depth by depth: row i opens a new node at depth d+1 iff it differs from row i-1 in columns <= d
-        node_of_row = np.zeros(N, dtype=np.int64)  # node each row is at, at the current depth (root = 0)
-        parents, tokens, depths = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(1, np.int64)]
-        node_value = [np.full(1, -1, np.int64)]
-        next_id = 1
-        starts_any = np.ones(N, dtype=bool)
-        for d in range(T):
-            valid = lengths > d
-            if not valid.any():
-                break
-            starts_any[1:] = first_diff <= d
-            opens = valid & starts_any
-            new_ids = (
-                next_id + np.cumsum(opens) - 1
-            )  # for valid rows: id of the node they are at after column d
-            first_rows = np.flatnonzero(opens)
-            parents.append(node_of_row[first_rows])
-            tokens.append(seqs[first_rows, d])
-            depths.append(np.full(first_rows.size, d + 1, np.int64))
-            vals = np.full(first_rows.size, -1, np.int64)
-            node_of_row = np.where(valid, new_ids, node_of_row)
-            # a row whose content ends here (last real token, or its end token) gives the node its value
-            ends = valid & ((lengths == d + 1) | ((end_token is not None) & (lengths == d + 2)))
-            vals[node_of_row[ends] - next_id] = values[ends]
-            node_value.append(vals)
-            next_id += first_rows.size
-        parent = np.concatenate(parents)
-        token = np.concatenate(tokens)
-        depth = np.concatenate(depths)
-        value = np.concatenate(node_value)
-        num_nodes = next_id
-        child = np.arange(
-            1, num_nodes, dtype=np.int64
-        )  # edges are created in node order: edge e leads to e + 1
+        # 2. nodes depth by depth (breadth-first numbering: _tree_build.open_nodes)
+        parent, token, depth, value, num_nodes = open_nodes(seqs, lengths, first_diff, values, end_token)
+        child = np.arange(1, num_nodes, dtype=np.int64)  # edges are created in node order: edge e leads to e + 1
 
         # 3. padding after a finished sequence: leaves loop to themselves on pad
         if pad_token is not None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semid.data import Catalogue, format_summary, leave_one_out, load_dataset, load_embeddings, summary
+from semid.data import Catalogue, format_summary, load_dataset, load_embeddings, summary
+from semid.split import leave_one_out
 from tests.conftest import TINY_EMBEDDINGS, TINY_ITEMS, TINY_SEQUENCES, write_canonical
 
 

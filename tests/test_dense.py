@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generator.models.dense import (
-    DenseHead,
-    DenseHeadConfig,
+from generator.models.dense import DenseHead, DenseHeadConfig
+from generator.models.dense_loss import (
     candidate_softmax_loss,
     full_softmax_loss,
     log_popularity,

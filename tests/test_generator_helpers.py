@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.ids import SemanticIDs
+from semid.split import leave_one_out
 from tests.conftest import write_canonical
 
 NUM_ITEMS = 40

@@ -16,7 +16,8 @@ from semid.coldstart import (
     remove_items,
     write_warm_dataset,
 )
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
+from semid.split import leave_one_out
 from tests.conftest import TINY_EMBEDDINGS, TINY_SEQUENCES
 
 SEQS = [np.array(s) for s in TINY_SEQUENCES.values()]

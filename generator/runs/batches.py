@@ -17,7 +17,7 @@ from generator.decoding.protocol import Histories
 from generator.training import causal_data
 from generator.training.examples import collate, history_examples
 from generator.training.t5_data import eval_batches, split_examples
-from semid.data import Split
+from semid.split import Split
 
 
 class Labelled(NamedTuple):

@@ -22,7 +22,8 @@ from generator.decoding.titles import LENGTH_PENALTY, TITLE_GROUNDED
 from generator.models.checkpoint import safe_load
 from generator.models.dense import DenseHead, load_dense_head
 from generator.runs import fusion_store
-from semid.data import Split, load_dataset
+from semid.data import load_dataset
+from semid.split import Split
 from semid.tree import PrefixTree
 
 

@@ -21,7 +21,8 @@ from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
 from generator.runs.train import TrainResult, train_run
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
+from semid.split import leave_one_out
 
 log = logging.getLogger(__name__)
 

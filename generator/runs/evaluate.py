@@ -23,9 +23,10 @@ from generator.runs.batches import split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, metrics_file
 from generator.training.t5_data import sample_users
-from semid.data import Split, leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.io import write_json
 from semid.metrics import RankingMetrics
+from semid.split import Split, leave_one_out
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from generator.models.checkpoint import ids_digest
 from generator.runs.batches import split_batches
 from generator.runs.folder import HYBRID_FILE
 from generator.training.t5_data import sample_users
-from semid.data import Split
 from semid.io import write_json
+from semid.split import Split
 
 log = logging.getLogger(__name__)
 

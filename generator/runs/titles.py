@@ -29,10 +29,10 @@ from generator.models.titles import BACKBONE_KEYS, TitleConfig, TitleGenerator
 from generator.runs.folder import IDS_FILE, TITLE_EMB_FILE, TOKENIZER_DIR, Run, best_checkpoint
 from generator.training.causal_data import CausalDataModule
 from generator.training.title_system import TARGET, TitleSystem, title_monitor  # noqa: F401 (generator.runs.train imports it from here)
-from semid.data import Split
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
 from semid.layout import TokenLayout
+from semid.split import Split
 from semid.titles import TitleIndex, TitleTokenizer
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -29,11 +28,10 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from generator.models.checkpoint import ids_digest, safe_load, with_integrity
+from generator.models.checkpoint import ids_digest, safe_load
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import (
     BEST,
@@ -47,66 +45,19 @@ from generator.runs.folder import (
     write_config,
 )
 from generator.runs.options import _FIXED_ON_RESUME, MONITOR, TrainOptions, parse_max_time, preset
+from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots
 from generator.training.causal_data import CausalDataModule
 from generator.training.causal_system import CausalSystem, monitor_name
 from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
 from generator.training.t5_data import GeneratorDataModule
 from generator.training.t5_system import GeneratorSystem, dense_setup
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.ids import SemanticIDs
-from semid.io import atomic_path, folder_lock, write_json
+from semid.io import folder_lock
+from semid.split import leave_one_out
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed into place, so a crash never leaves half a file; each
-    carries its format, version and content digest (``generator.models.t5.with_integrity``), and is read back with
-    ``safe_load`` (no code runs; a damaged file is an error naming it), also when Lightning resumes from it."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(with_integrity(checkpoint), tmp, storage_options)
-
-    def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return safe_load(path)
-
-
-class BudgetSnapshots(L.Callback):
-    """Copies the best checkpoint so far to ``best_<M>min.ckpt`` once training has run M wall-clock minutes (and at
-    the end for budgets not reached), with the best validation score and step in ``snapshots.json``."""
-
-    def __init__(self, minutes: Sequence[float], ckpt_dir: Path) -> None:
-        self.minutes = sorted(float(m) for m in minutes)
-        if not self.minutes or self.minutes[0] <= 0:
-            raise ValueError(f"`snapshots` must be positive minutes, got {list(minutes)!r}")
-        self.ckpt_dir, self.start, self.done = ckpt_dir, 0.0, {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = time.perf_counter()
-
-    def _take(self, trainer: L.Trainer, minutes: float, reached: bool) -> None:
-        best = self.ckpt_dir / BEST
-        if trainer.global_rank != 0 or not best.is_file():
-            return
-        name = f"best_{minutes:g}min.ckpt"
-        with atomic_path(self.ckpt_dir / name) as tmp:
-            shutil.copyfile(best, tmp)
-        cb = trainer.checkpoint_callback
-        score = None if cb is None or cb.best_model_score is None else float(cb.best_model_score)
-        self.done[f"{minutes:g}"] = {"checkpoint": name, "best_score": score, "reached": reached,
-                                     "elapsed_s": round(time.perf_counter() - self.start, 1), "step": trainer.global_step}
-        write_json(self.ckpt_dir / "snapshots.json", self.done)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        elapsed = (time.perf_counter() - self.start) / 60
-        while self.minutes and elapsed >= self.minutes[0]:
-            self._take(trainer, self.minutes.pop(0), True)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        while self.minutes:  # budgets longer than the run: its final best
-            self._take(trainer, self.minutes.pop(0), False)
 
 
 class TrainResult(NamedTuple):

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from generator.training.examples import BucketBatchSampler
 from generator.training.resume import ResumableLoader
 from generator.training.t5_data import sample_users
-from semid.data import Split
 from semid.ids import SemanticIDs
+from semid.split import Split
 
 
 class Windows(NamedTuple):

@@ -24,9 +24,9 @@ from generator.training.examples import (
     training_examples,
 )
 from generator.training.resume import ResumableLoader
-from semid.data import Split
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
+from semid.split import Split
 
 log = logging.getLogger(__name__)
 

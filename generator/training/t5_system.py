@@ -21,19 +21,14 @@ import torch
 from generator.decoding.protocol import Histories, check_decode_args
 from generator.decoding.registry import T5, Ingredients, build, resolve
 from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta
-from generator.models.dense import (
-    META_KEY,
-    OBJECTIVES,
-    DenseHead,
-    DenseHeadConfig,
-    joint_loss,
-    log_popularity,
-)
+from generator.models.dense import META_KEY, DenseHead, DenseHeadConfig
+from generator.models.dense_loss import OBJECTIVES, joint_loss, log_popularity
 from generator.models.t5 import GeneratorConfig, build_model, seq2seq_loss
 from generator.training.examples import Batch
-from semid.data import Dataset, Split
+from semid.data import Dataset
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
+from semid.split import Split
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,9 @@ import shutil
 import time
 from pathlib import Path
 
-from semid.data import format_summary, leave_one_out, load_dataset, summary
+from semid.data import format_summary, load_dataset, summary
 from semid.io import write_json
+from semid.split import leave_one_out
 
 EMBEDDINGS = "minilm"
 CODEBOOK_FILES = ("semantic_ids.npz", "quantizer.pt", "stats.json", "code_usage.png")

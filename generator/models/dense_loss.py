@@ -1,0 +1,183 @@
+"""Losses of the dense head: full softmax over the catalogue, sampled softmax with log-popularity correction, and the joint
+generative + dense loss of the T5 generator."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OBJECTIVES = ("generative", "joint", "dense")
+
+if TYPE_CHECKING:
+    from generator.models.dense import DenseHead
+
+
+class Candidates(NamedTuple):
+    """Candidate columns of a sampled softmax.
+
+    rows:        LongTensor (C,) item rows: the B in-batch targets, then the R random negatives.
+    log_correct: FloatTensor (C,), log of each column's expected count under the sampling proposal (subtracted
+                 from its logit), or zeros without a correction.
+    """
+
+    rows: torch.Tensor
+    log_correct: torch.Tensor
+
+
+def full_softmax_loss(query: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of softmax(query . item_vecs) over all items.
+
+    Args:
+        query: FloatTensor (B, d); item_vecs: FloatTensor (N, d); targets: LongTensor (B,) rows in [0, N).
+    """
+    _check_loss_args(query, item_vecs, targets)
+    return F.cross_entropy(query @ item_vecs.T, targets)  # logits (B, N)
+
+
+def sample_candidates(
+    targets: torch.Tensor,
+    num_random: int,
+    num_items: int,
+    *,
+    log_q: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    negatives: torch.Tensor | None = None,
+) -> Candidates:
+    """In-batch targets plus ``num_random`` uniform random rows, with the mixed-proposal log-Q correction.
+
+    In-batch columns are B draws from the target distribution q (``exp(log_q)``), random columns R draws from the
+    uniform 1/N, so item j's expected count among the C = B + R columns is B q_j + R / N; its log is subtracted
+    from j's logit (the logQ correction of sampled softmax). Without ``log_q`` no correction is applied.
+
+    Args:
+        targets: LongTensor (B,) rows in [0, N).
+        num_random: R >= 0 uniform draws, with replacement, from ``generator``.
+        num_items: N.
+        log_q: FloatTensor (N,), log-probability that a training target is item j (log popularity; sums to 1).
+        negatives: LongTensor (R,) rows to use instead of sampling (tests, or a caller's own sampler).
+    """
+    if not isinstance(num_random, int) or num_random < 0:
+        raise ValueError(f"`num_random` must be a non-negative int, got {num_random!r}")
+    device = targets.device
+    if negatives is None:
+        negatives = torch.randint(num_items, (num_random,), generator=generator, device=generator.device if generator else "cpu")
+    elif negatives.ndim != 1 or (negatives < 0).any() or (negatives >= num_items).any():
+        raise ValueError(f"`negatives` must be a 1-d LongTensor of rows in [0, {num_items}), got shape {tuple(negatives.shape)}")
+    rows = torch.cat([targets, negatives.to(device)])  # (C,)
+    if log_q is None:
+        return Candidates(rows, torch.zeros(rows.shape[0], device=device))
+    if log_q.shape != (num_items,):
+        raise ValueError(f"`log_q` must have shape ({num_items},), got {tuple(log_q.shape)}")
+    total = torch.logsumexp(log_q.double(), 0).item()
+    if not math.isclose(total, 0.0, abs_tol=1e-4):
+        raise ValueError(f"`log_q` must be log-probabilities (logsumexp 0), got logsumexp {total:.6g}")
+    B, R = targets.shape[0], rows.shape[0] - targets.shape[0]
+    expected = B * log_q.to(device)[rows].exp() + R / num_items  # (C,)
+    return Candidates(rows, expected.log())
+
+
+def candidate_softmax_loss(
+    query: torch.Tensor, cand_vecs: torch.Tensor, candidates: Candidates, targets: torch.Tensor
+) -> torch.Tensor:
+    """Sampled-softmax cross-entropy: row b's positive is column b; other columns holding its target are masked.
+
+    Args:
+        query: FloatTensor (B, d); cand_vecs: FloatTensor (C, d), the vectors of ``candidates.rows``.
+        candidates: from :func:`sample_candidates`, whose first B rows are ``targets``.
+        targets: LongTensor (B,).
+    """
+    B = query.shape[0]
+    logits = query @ cand_vecs.T - candidates.log_correct  # (B, C)
+    hit = candidates.rows.unsqueeze(0) == targets.unsqueeze(1)  # (B, C) the target again, as a "negative"
+    hit[:, :B].fill_diagonal_(False)
+    logits = logits.masked_fill(hit, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(B, device=query.device))
+
+
+def sampled_softmax_loss(
+    query: torch.Tensor,
+    item_vecs: torch.Tensor,
+    targets: torch.Tensor,
+    num_random: int,
+    log_q: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sampled softmax with in-batch and random negatives, log-Q correction and accidental-hit masking.
+
+    Args:
+        query: FloatTensor (B, d); item_vecs: FloatTensor (N, d); targets: LongTensor (B,) rows in [0, N).
+        num_random, log_q, generator, negatives: see :func:`sample_candidates`.
+    Returns:
+        the mean loss, a scalar. With every item among the columns exactly once (B = N distinct targets, R = 0)
+        and a uniform ``log_q`` it equals :func:`full_softmax_loss`, gradient included.
+    """
+    _check_loss_args(query, item_vecs, targets)
+    cand = sample_candidates(
+        targets, num_random, item_vecs.shape[0], log_q=log_q, generator=generator, negatives=negatives
+    )
+    return candidate_softmax_loss(query, item_vecs[cand.rows], cand, targets)
+
+
+def log_popularity(target_rows: torch.Tensor, num_items: int, smoothing: float = 1.0) -> torch.Tensor:
+    """log q (N,): the training targets' item frequencies, add-``smoothing`` smoothed, normalised to sum 1."""
+    counts = torch.bincount(target_rows.reshape(-1), minlength=num_items).double() + smoothing
+    return (counts / counts.sum()).log().float()
+
+
+class JointLoss(NamedTuple):
+    """total = generative + weight * dense; a part the objective leaves out is a 0-d zero."""
+
+    total: torch.Tensor
+    generative: torch.Tensor
+    dense: torch.Tensor
+
+
+def joint_loss(
+    model: nn.Module,
+    head: DenseHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    target_rows: torch.Tensor,
+    *,
+    objective: str = "joint",
+    label_smoothing: float = 0.0,
+    log_q: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> JointLoss:
+    """The generative and/or dense loss of one batch, the encoder run once for both.
+
+    Args:
+        model: a ``T5ForConditionalGeneration``; head: the dense head on its encoder.
+        input_ids, attention_mask: (B, S); labels: (B, L + 1) target codes then eos (-100 ignored).
+        target_rows: LongTensor (B,), the targets' rows in the head (``head.rows_of(target_ids)``).
+        objective: ``"joint"`` (both), ``"dense"`` (the head and encoder only) or ``"generative"`` (decoder only).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+    zero = input_ids.new_zeros((), dtype=torch.float32)
+    enc = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+    gen = dense = zero
+    if objective != "dense":
+        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)  # (B, L + 1)
+        logits = model(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        gen = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=label_smoothing)
+    if objective != "generative":
+        query = head(enc.last_hidden_state, attention_mask)  # (B, d)
+        dense = head.loss(query, target_rows, log_q=log_q, generator=generator)
+    return JointLoss(gen + head.config.weight * dense, gen, dense)
+
+
+def _check_loss_args(query: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor) -> None:
+    if query.ndim != 2 or item_vecs.ndim != 2 or query.shape[1] != item_vecs.shape[1]:
+        raise ValueError(f"`query` (B, d) and `item_vecs` (N, d) must share d, got {tuple(query.shape)} and {tuple(item_vecs.shape)}")
+    if targets.shape != (query.shape[0],):
+        raise ValueError(f"`targets` must have shape ({query.shape[0]},), got {tuple(targets.shape)}")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= item_vecs.shape[0]):
+        raise ValueError(f"`targets` must be rows in [0, {item_vecs.shape[0]}), got range [{int(targets.min())}, {int(targets.max())}]")
