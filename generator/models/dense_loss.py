@@ -4,16 +4,13 @@ generative + dense loss of the T5 generator."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 OBJECTIVES = ("generative", "joint", "dense")
-
-if TYPE_CHECKING:
-    from generator.models.dense import DenseHead
 
 
 class Candidates(NamedTuple):
@@ -140,7 +137,7 @@ class JointLoss(NamedTuple):
 
 def joint_loss(
     model: nn.Module,
-    head: DenseHead,
+    head: nn.Module,  # a generator.models.dense.DenseHead
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+from generator.decoding.registry import TITLE, resolve
+from generator.decoding.titles import TITLE_BEAM
 from generator.models.causal import CausalConfig
 from generator.models.t5 import PRESETS as T5_PRESETS
+from generator.models.titles import TitleConfig
 from generator.training.t5_system import OptimConfig
+from generator.training.title_system import TARGET
 
 MONITOR = "val/ndcg@10"  # the T5 design's selection metric (the causal design's: val/<decoder>/ndcg@10)
 
@@ -114,9 +119,7 @@ class TrainOptions:
             object.__setattr__(self, "dense", None)
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
             raise ValueError(f"`threads` must be a positive int, got {self.threads!r}")
-        if self.target != "ids":  # generator.titles checks and completes a title run's options
-            from generator.runs.titles import check_title_options
-
+        if self.target != "ids":  # a title run's options are checked and completed here
             check_title_options(self)
         elif self.tokenizer is not None or self.encoder is not None:
             raise ValueError("`tokenizer` and `encoder` are for `target` 'title'")
@@ -195,3 +198,43 @@ def parse_max_time(text: str | None) -> timedelta | None:
     if m >= 60 or s >= 60:
         raise ValueError(f"`max_time` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
     return timedelta(days=d, hours=h, minutes=m, seconds=s)
+
+
+# ---- title runs (generator.runs.titles) ----------------------------------------------------------------------
+TARGETS = ("ids", TARGET)
+# what --model-option may set for a title run (the rest come from the preset, the tokenizer and the catalogue)
+TITLE_OPTION_KEYS = tuple(sorted({f.name for f in fields(TitleConfig)} - {"vocab_size", "pad_id", "eos_id", "max_history"}))
+
+
+def resolve_title_decoder(name: str) -> str:
+    """A title run's decoder ("auto" and "beam" mean title-beam)."""
+    return resolve(TITLE, TITLE_BEAM if name == "beam" else name)
+
+
+def check_title_options(options: Any) -> None:
+    """Validate and complete a ``TrainOptions`` with ``target='title'`` (called from its ``__post_init__``)."""
+    set_ = lambda name, value: object.__setattr__(options, name, value)  # noqa: E731 (a frozen dataclass)
+    if options.target not in TARGETS:
+        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {options.target!r}")
+    if options.preset not in CAUSAL_PRESETS:
+        raise ValueError(f"`target` 'title' runs on the causal backbone: `preset` must be one of {sorted(CAUSAL_PRESETS)}, "
+                         f"got {options.preset!r}")
+    if options.user_tokens:
+        raise ValueError(f"`user_tokens` must be 0 with `target` 'title', got {options.user_tokens}")
+    if options.dense not in (None, "id"):  # "id" is the causal default; a title run has no dense head
+        raise ValueError(f"`dense` must be 'none' with `target` 'title' (no dense head), got {options.dense!r}")
+    set_("dense", None)
+    if options.objective not in ("joint", "generative"):
+        raise ValueError(f"`objective` must be 'generative' with `target` 'title', got {options.objective!r}")
+    set_("objective", "generative")
+    set_("decoder", resolve_title_decoder(options.decoder))
+    if options.decoder != TITLE_BEAM:
+        raise ValueError(f"a title run selects checkpoints with decoder {TITLE_BEAM!r}, got {options.decoder!r}")
+    unknown = sorted(set(options.model_options or {}) - set(TITLE_OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown `model_options` {unknown} for `target` 'title'; known: {list(TITLE_OPTION_KEYS)}")
+    for name in ("tokenizer", "encoder"):
+        path = getattr(options, name)
+        if path is not None and not Path(path).is_dir():
+            raise ValueError(f"`{name}` must be a local model folder, got {path!r} (not a folder)")
+    TitleConfig(**(options.model_options or {}))  # validates the values

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from generator.decoding.grounding import GROUND_MAX_LENGTH
-from generator.decoding.registry import TITLE, resolve
-from generator.decoding.titles import TITLE_BEAM, tree_from_targets
+from generator.decoding.titles import tree_from_targets
 from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
 from generator.models.titles import BACKBONE_KEYS, TitleConfig, TitleGenerator
 from generator.runs.folder import IDS_FILE, TITLE_EMB_FILE, TOKENIZER_DIR, Run, best_checkpoint
@@ -36,48 +35,6 @@ from semid.split import Split
 from semid.titles import TitleIndex, TitleTokenizer
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("ids", TARGET)
-# what --model-option may set for a title run (the rest come from the preset, the tokenizer and the catalogue)
-TITLE_OPTION_KEYS = tuple(sorted({f.name for f in fields(TitleConfig)} - {"vocab_size", "pad_id", "eos_id", "max_history"}))
-
-
-def resolve_title_decoder(name: str) -> str:
-    """A title run's decoder ("auto" and "beam" mean title-beam)."""
-    return resolve(TITLE, TITLE_BEAM if name == "beam" else name)
-
-
-# ---- training ------------------------------------------------------------------------------------------------------
-def check_title_options(options: Any) -> None:
-    """Validate and complete a ``TrainOptions`` with ``target='title'`` (called from its ``__post_init__``)."""
-    from generator.runs.options import CAUSAL_PRESETS
-
-    set_ = lambda name, value: object.__setattr__(options, name, value)  # noqa: E731 (a frozen dataclass)
-    if options.target not in TARGETS:
-        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {options.target!r}")
-    if options.preset not in CAUSAL_PRESETS:
-        raise ValueError(f"`target` 'title' runs on the causal backbone: `preset` must be one of {sorted(CAUSAL_PRESETS)}, "
-                         f"got {options.preset!r}")
-    if options.user_tokens:
-        raise ValueError(f"`user_tokens` must be 0 with `target` 'title', got {options.user_tokens}")
-    if options.dense not in (None, "id"):  # "id" is the causal default; a title run has no dense head
-        raise ValueError(f"`dense` must be 'none' with `target` 'title' (no dense head), got {options.dense!r}")
-    set_("dense", None)
-    if options.objective not in ("joint", "generative"):
-        raise ValueError(f"`objective` must be 'generative' with `target` 'title', got {options.objective!r}")
-    set_("objective", "generative")
-    set_("decoder", resolve_title_decoder(options.decoder))
-    if options.decoder != TITLE_BEAM:
-        raise ValueError(f"a title run selects checkpoints with decoder {TITLE_BEAM!r}, got {options.decoder!r}")
-    unknown = sorted(set(options.model_options or {}) - set(TITLE_OPTION_KEYS))
-    if unknown:
-        raise ValueError(f"unknown `model_options` {unknown} for `target` 'title'; known: {list(TITLE_OPTION_KEYS)}")
-    for name in ("tokenizer", "encoder"):
-        path = getattr(options, name)
-        if path is not None and not Path(path).is_dir():
-            raise ValueError(f"`{name}` must be a local model folder, got {path!r} (not a folder)")
-    TitleConfig(**(options.model_options or {}))  # validates the values
-
 
 def title_setup(options: Any, dataset: Any, split: Split, ids: SemanticIDs, layout: TokenLayout, digest: str,
                 out: Path) -> tuple[TitleConfig, CausalDataModule, TitleSystem]:

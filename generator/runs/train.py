@@ -250,7 +250,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in their order)
     callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
     if snapshots:
-        callbacks.append(BudgetSnapshots(snapshots, ckpt_dir))
+        callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST))
     if options.patience:
         # checked after each validation (not at epoch end, which a step limit can reach without one)
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=options.patience, check_on_train_epoch_end=False))

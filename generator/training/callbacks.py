@@ -14,9 +14,6 @@ import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from generator.models.checkpoint import safe_load, with_integrity
-from generator.runs.folder import (
-    BEST,
-)
 from semid.io import atomic_path, write_json
 
 
@@ -34,20 +31,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class BudgetSnapshots(L.Callback):
-    """Copies the best checkpoint so far to ``best_<M>min.ckpt`` once training has run M wall-clock minutes (and at
+    """Copies the best checkpoint so far (``best``) to ``best_<M>min.ckpt`` beside it once training has run M wall-clock minutes (and at
     the end for budgets not reached), with the best validation score and step in ``snapshots.json``."""
 
-    def __init__(self, minutes: Sequence[float], ckpt_dir: Path) -> None:
+    def __init__(self, minutes: Sequence[float], best: Path) -> None:
         self.minutes = sorted(float(m) for m in minutes)
         if not self.minutes or self.minutes[0] <= 0:
             raise ValueError(f"`snapshots` must be positive minutes, got {list(minutes)!r}")
-        self.ckpt_dir, self.start, self.done = ckpt_dir, 0.0, {}
+        self.best, self.ckpt_dir, self.start, self.done = Path(best), Path(best).parent, 0.0, {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.perf_counter()
 
     def _take(self, trainer: L.Trainer, minutes: float, reached: bool) -> None:
-        best = self.ckpt_dir / BEST
+        best = self.best
         if trainer.global_rank != 0 or not best.is_file():
             return
         name = f"best_{minutes:g}min.ckpt"

@@ -117,7 +117,7 @@ class ModelOptionsAction(argparse.Action):
         from generator.models.causal import CausalConfig
 
         key, sep, text = str(value).partition("=")
-        from generator.runs.titles import TITLE_OPTION_KEYS
+        from generator.runs.options import TITLE_OPTION_KEYS
 
         known = (set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}) | set(TITLE_OPTION_KEYS)
         if not sep or key not in known:

@@ -1,0 +1,104 @@
+"""The package layout of docs/architecture.md holds: imports go one way, no cycle, no file over ~400 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("semid", "rqvae", "generator")
+# generator's layers, lowest first: a module imports from its own layer or lower ones only
+LAYERS = ("generator.models", "generator.decoding", "generator.training", "generator.runs")
+MAX_LINES = 410
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def imports_of(path: Path) -> set[str]:
+    """Project modules ``path`` imports anywhere in it (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # `from pkg import module`
+        found |= {n for n in names if n in MODULES}
+    return found
+
+
+GRAPH = {name: imports_of(path) - {name} for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> int | None:
+    return next((i for i, p in enumerate(LAYERS) if module == p or module.startswith(p + ".")), None)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (package ``__init__`` modules that only hold a docstring never close one)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_there_is_no_import_cycle() -> None:
+    assert find_cycle(GRAPH) is None, f"import cycle: {' -> '.join(find_cycle(GRAPH))}"
+
+
+def test_the_cycle_finder_finds_one() -> None:  # the test above is not vacuous
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def test_generator_layers_import_downwards_only() -> None:
+    wrong = [(m, n) for m, deps in GRAPH.items() for n in deps
+             if _layer(m) is not None and _layer(n) is not None and _layer(n) > _layer(m)]
+    assert not wrong, f"imports against the layer order {LAYERS}: {wrong}"
+
+
+def test_decoders_do_not_import_the_registry_and_the_protocol_imports_no_decoder() -> None:
+    registry, protocol = "generator.decoding.registry", "generator.decoding.protocol"
+    users = [m for m, deps in GRAPH.items() if registry in deps and m.startswith("generator.decoding.")]
+    assert not users, f"decoder modules import the registry (protocol <- decoders <- registry): {users}"
+    assert not [n for n in GRAPH[protocol] if n.startswith("generator.")]
+
+
+def test_semid_and_rqvae_do_not_import_generator() -> None:
+    for m, deps in GRAPH.items():
+        if m.split(".")[0] in ("semid", "rqvae") and not m.startswith("semid.cli"):
+            assert not [n for n in deps if n.startswith("generator")], m
+        if m.startswith("rqvae"):
+            assert not [n for n in deps if n.startswith("semid")], m
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_file_over_about_400_lines(name: str) -> None:
+    lines = len(MODULES[name].read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_LINES, f"{MODULES[name].relative_to(ROOT)} has {lines} lines: split it by concept"
