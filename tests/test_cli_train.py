@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from generator.decoding.protocol import Histories, Ranking
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend
 from semid.cli import main
@@ -48,7 +49,24 @@ def test_train_writes_the_run_folder(trained: dict[str, Path], capsys: pytest.Ca
     assert valid["ndcg@10"] == pytest.approx(config["best_score"]["val/ndcg@10"], abs=1e-6)
 
 
-def test_evaluate_prints_and_writes_metrics(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+class Recording:
+    """A decoder that passes every call through and keeps the rankings it returned."""
+
+    def __init__(self, decoder, rankings: list[Ranking]) -> None:  # noqa: ANN001
+        self.decoder, self.rankings = decoder, rankings
+        self.name, self.score, self.leaves = decoder.name, decoder.score, decoder.leaves
+
+    def __call__(self, histories: Histories, k: int) -> Ranking:
+        res = self.decoder(histories, k)
+        self.rankings.append(res)
+        return res
+
+
+def test_evaluate_prints_and_writes_metrics(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import generator.runs.evaluate as ev
+
     run = trained["run"]
     assert main(["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -57,9 +75,24 @@ def test_evaluate_prints_and_writes_metrics(trained: dict[str, Path], capsys: py
     assert set(m) >= {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "users_evaluated", "invalid_items", "seconds"}
     assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
     assert 0 <= m["ndcg@10"] <= m["recall@10"] <= 1
-    # the reference decoder finds the same ranking as the fast one
-    assert main(["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--decoder", "generate", "--max-users", "10", "--no-progress"]) == 0
-    assert json.loads((run / "metrics_test.json").read_text())["users_evaluated"] == 10
+    # the reference decoder finds the same ranking as the fast one: the same items, in the same order, same scores
+    rankings: dict[str, list[Ranking]] = {}
+    decoders_for = ev.decoders_for
+    monkeypatch.setattr(ev, "decoders_for", lambda *a, **kw: {
+        n: Recording(d, rankings.setdefault(n, [])) for n, d in decoders_for(*a, **kw).items()})
+    metrics = {}
+    for decoder in ("beam", "generate"):
+        argv = ["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--decoder", decoder, "--max-users", "10"]
+        assert main([*argv, "--no-progress"]) == 0
+        metrics[decoder] = json.loads((run / "metrics_test.json").read_text())
+        assert metrics[decoder]["users_evaluated"] == 10
+    fast, ref = (Ranking.cat(r[0], r[1:]) for r in (rankings["beam"], rankings["generate"]))
+    assert fast.items.shape == ref.items.shape == (10, 10)
+    assert fast.items.tolist() == ref.items.tolist()
+    torch.testing.assert_close(fast.scores, ref.scores, atol=1e-4, rtol=0)
+    assert torch.equal(fast.codes, ref.codes)
+    for key in ("recall@5", "ndcg@5", "recall@10", "ndcg@10"):
+        assert metrics["beam"][key] == pytest.approx(metrics["generate"][key], abs=1e-9)
 
 
 def test_recommend_prints_titles_and_json(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,9 +124,11 @@ def test_recommend_library_agrees_across_decoders(trained: dict[str, Path]) -> N
     [
         (["--history", "3,4,999"], "unknown item id 999"),
         (["--history", ""], "is empty"),
-        (["--history", "3", "-k", str(NUM_ITEMS + 1)], "`k` must be at most the catalogue size"),
-        (["--history", "3", "-k", "5", "--num-beams", "4"], "`num_beams` must be >= k"),
-        (["--history", "3", "-k", "0"], "`k` must be a positive int"),
+        (["--history", "3", "-k", str(NUM_ITEMS + 1)],
+         f"`k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got {NUM_ITEMS + 1}"),
+        (["--history", "3", "-k", "5", "--num-beams", "4"],
+         f"`num_beams` must be an int in [k=5, {NUM_ITEMS}] (k to the catalogue size), got 4"),
+        (["--history", "3", "-k", "0"], f"`k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got 0"),
     ],
 )
 def test_recommend_errors(trained: dict[str, Path], capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -169,13 +204,16 @@ def test_evaluate_fails_on_a_broken_decoder(
     trained: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import generator.runs.evaluate as ev
-    from generator.decoding.t5_generate import BeamResult
+    from generator.decoding.protocol import LOG_LIKELIHOOD
 
-    def duplicating(model, input_ids, attention_mask, tree, layout, *, k, num_beams):  # noqa: ANN001, ANN202
-        items = torch.full((input_ids.shape[0], k), int(NUM_ITEMS) + 10**6)
-        return BeamResult(items, torch.zeros(items.shape), torch.zeros(*items.shape, 1, dtype=torch.long))
+    class Duplicating:  # every slot the same item, and not one of the catalogue
+        name, score, leaves, num_beams = "beam", LOG_LIKELIHOOD, True, 12
 
-    monkeypatch.setattr(ev, "build_decoder", lambda *a, **kw: duplicating)
+        def __call__(self, histories: Histories, k: int) -> Ranking:
+            items = torch.full((histories.tokens.shape[0], k), int(NUM_ITEMS) + 10**6)
+            return Ranking(items, torch.zeros(items.shape), torch.zeros(*items.shape, 1, dtype=torch.long), LOG_LIKELIHOOD, True)
+
+    monkeypatch.setattr(ev, "decoders_for", lambda run, names, **kw: {n: Duplicating() for n in names})
     out_file = trained["run"] / "metrics_broken.json"
     monkeypatch.setattr(ev, "metrics_file", lambda run, which: out_file)
     assert main(["evaluate", "--run", str(trained["run"]), "--split", "test", "--num-beams", "12", "--no-progress"]) != 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from generator.decoding.cold import ColdStartBeam, prefix_keys
-from generator.decoding.t5_generate import BeamResult
+from generator.decoding.protocol import LOG_LIKELIHOOD, PREFIX_MATCHED, Decoder, Histories, Ranking
 from semid.ids import SemanticIDs
 
 # base codes (3 levels of 4); prefix = the first two
@@ -23,9 +23,28 @@ def ids() -> SemanticIDs:
     return warm.add_items(np.array(list(COLD.values())), np.array(list(COLD)))
 
 
-def beam_result(ids: SemanticIDs, items: list[list[int]], scores: list[list[float]]) -> BeamResult:
+def beam_result(ids: SemanticIDs, items: list[list[int]], scores: list[list[float]]) -> Ranking:
     it = np.array(items)
-    return BeamResult(torch.from_numpy(it), torch.tensor(scores), torch.from_numpy(ids.codes_of(it.ravel()).reshape(*it.shape, -1)))
+    codes = torch.from_numpy(ids.codes_of(it.ravel()).reshape(*it.shape, -1))
+    return Ranking(torch.from_numpy(it), torch.tensor(scores), codes, LOG_LIKELIHOOD, True)
+
+
+class FixedBeam:
+    """A beam decoder that returns a fixed ranking (its first k columns) and records how it was called."""
+
+    name, score, leaves = "beam", LOG_LIKELIHOOD, True
+
+    def __init__(self, res: Ranking | None = None, num_beams: int = 5) -> None:
+        self.res, self.num_beams, self.calls = res, num_beams, []
+
+    def __call__(self, histories: Histories, k: int) -> Ranking:
+        self.calls.append((k, self.num_beams))
+        assert self.res is not None
+        return Ranking(self.res.items[:, :k], self.res.scores[:, :k], self.res.codes[:, :k], self.res.score, self.res.leaves)
+
+
+def cold_beam(ids: SemanticIDs, cold: list[int] | np.ndarray, beam: Decoder | None = None, **options: object) -> ColdStartBeam:
+    return ColdStartBeam(beam if beam is not None else FixedBeam(), ids, np.asarray(cold), **options)
 
 
 def test_prefix_keys_mixed_radix() -> None:
@@ -35,7 +54,7 @@ def test_prefix_keys_mixed_radix() -> None:
 
 def test_cold_item_takes_its_candidates_score(ids: SemanticIDs) -> None:
     res = beam_result(ids, [[4, 1, 2, 3, 5]], [[-1.0, -2.0, -3.0, -4.0, -5.0]])
-    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=0.25).merge(res, 4)  # ceil(0.25 * 4) = 1 cold slot
+    out = cold_beam(ids, list(COLD), epsilon=0.25).merge(res, 4)  # ceil(0.25 * 4) = 1 cold slot
     assert out.items.tolist() == [[4, 8, 1, 2]]  # 8 shares 4's prefix: right after it, with its score
     assert out.scores.tolist() == [[-1.0, -1.0, -2.0, -3.0]]
     assert out.codes[0, 1].tolist() == ids.codes_of(np.array([8]))[0].tolist()
@@ -49,21 +68,21 @@ def test_cold_item_takes_its_candidates_score(ids: SemanticIDs) -> None:
 ])
 def test_cold_items_capped_at_ceil_epsilon_k(ids: SemanticIDs, epsilon: float, k: int, want: list[int]) -> None:
     res = beam_result(ids, [[4, 1, 2, 3, 5]], [[-1.0, -2.0, -3.0, -4.0, -5.0]])
-    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=epsilon).merge(res, k)
+    out = cold_beam(ids, list(COLD), epsilon=epsilon).merge(res, k)
     assert out.items.tolist() == [want]
     assert int(np.isin(out.items.numpy(), list(COLD)).sum()) <= math.ceil(epsilon * k)
 
 
 def test_max_per_prefix(ids: SemanticIDs) -> None:
     res = beam_result(ids, [[1, 2, 3, 4, 5]], [[-1.0, -2.0, -3.0, -4.0, -5.0]])
-    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=1.0, max_per_prefix=1).merge(res, 4)
+    out = cold_beam(ids, list(COLD), epsilon=1.0, max_per_prefix=1).merge(res, 4)
     assert out.items.tolist() == [[1, 7, 2, 3]]  # only the first cold item of prefix (0, 0)
 
 
 def test_no_duplicates_when_the_beam_returns_a_cold_item(ids: SemanticIDs) -> None:
     # the beam itself returns cold item 7 (at -2), which also matches candidate 1's prefix (at -1): kept once, at -1
     res = beam_result(ids, [[1, 7, 2, 3], [3, 7, 1, 4]], [[-1.0, -2.0, -3.0, -4.0], [-1.0, -2.0, -3.0, -4.0]])
-    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=0.5).merge(res, 4)
+    out = cold_beam(ids, list(COLD), epsilon=0.5).merge(res, 4)
     assert out.items.tolist() == [[1, 7, 10, 2], [3, 7, 10, 1]]
     assert out.scores.tolist() == [[-1.0, -1.0, -1.0, -3.0], [-1.0, -2.0, -2.0, -3.0]]
     for row in out.items.tolist():
@@ -72,24 +91,21 @@ def test_no_duplicates_when_the_beam_returns_a_cold_item(ids: SemanticIDs) -> No
 
 def test_without_matches_equals_the_beam(ids: SemanticIDs) -> None:
     res = beam_result(ids, [[3, 2, 5], [5, 6, 2]], [[-0.5, -0.7, -2.0], [-1.0, -1.5, -3.0]])
-    calls = []
-
-    def beam(model, input_ids, attention_mask, tree, layout, *, k, num_beams):  # noqa: ANN001, ANN202
-        calls.append((k, num_beams))
-        return res
-
-    dec = ColdStartBeam(ids, np.array(list(COLD)), epsilon=0.5, beam=beam)
-    out = dec(None, torch.zeros(2, 1), torch.ones(2, 1), None, None, k=2, num_beams=3)
-    assert calls == [(3, 3)]  # C = max(k, num_beams) candidates
-    for got, want in zip(out, res, strict=True):
-        assert torch.equal(got, want[:, :2])
+    beam = FixedBeam(res, num_beams=3)
+    dec = cold_beam(ids, list(COLD), beam, epsilon=0.5)
+    out = dec(Histories(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.bool)), 2)
+    assert beam.calls == [(3, 3)]  # C = max(k, num_beams) candidates, searched with as many beams
+    assert beam.num_beams == 3  # the caller's decoder is left as it was
+    for field in ("items", "scores", "codes"):
+        assert torch.equal(getattr(out, field), getattr(res, field)[:, :2])
+    assert (out.score, out.leaves) == (PREFIX_MATCHED, False)
 
 
 def test_empty_beam_slots_never_match(ids: SemanticIDs) -> None:
     res = beam_result(ids, [[2, 3, 5]], [[-1.0, -2.0, -3.0]])
-    res = BeamResult(torch.tensor([[2, 3, -1]]), torch.tensor([[-1.0, -2.0, float("-inf")]]),
-                     torch.where(torch.tensor([[False, False, True]]).unsqueeze(-1), -1, res.codes))
-    out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=1.0).merge(res, 2)
+    res = Ranking(torch.tensor([[2, 3, -1]]), torch.tensor([[-1.0, -2.0, float("-inf")]]),
+                  torch.where(torch.tensor([[False, False, True]]).unsqueeze(-1), -1, res.codes), LOG_LIKELIHOOD, True)
+    out = cold_beam(ids, list(COLD), epsilon=1.0).merge(res, 2)
     assert out.items.tolist() == [[2, 3]]
 
 
@@ -99,7 +115,7 @@ def test_random_beams_keep_the_invariants(ids: SemanticIDs) -> None:
     scores = np.sort(g.normal(size=items.shape).astype(np.float32), axis=1)[:, ::-1].copy()
     res = beam_result(ids, items.tolist(), scores.tolist())
     for epsilon, k in [(0.1, 5), (0.3, 6), (0.5, 3)]:
-        out = ColdStartBeam(ids, np.array(list(COLD)), epsilon=epsilon).merge(res, k)
+        out = cold_beam(ids, list(COLD), epsilon=epsilon).merge(res, k)
         warm_in = (~np.isin(items, list(COLD))).sum(1)
         capped = warm_in >= k - math.ceil(epsilon * k)  # rows with enough warm candidates to fill the rest
         n_cold = np.isin(out.items.numpy(), list(COLD)).sum(1)
@@ -111,8 +127,8 @@ def test_random_beams_keep_the_invariants(ids: SemanticIDs) -> None:
 
 def test_bad_arguments(ids: SemanticIDs) -> None:
     with pytest.raises(ValueError, match="epsilon"):
-        ColdStartBeam(ids, np.array([7]), epsilon=1.5)
+        cold_beam(ids, [7], epsilon=1.5)
     with pytest.raises(ValueError, match="prefix_levels"):
-        ColdStartBeam(ids, np.array([7]), prefix_levels=0)
+        cold_beam(ids, [7], prefix_levels=0)
     with pytest.raises(ValueError, match="cold_item_ids"):
-        ColdStartBeam(ids, np.array([99]))
+        cold_beam(ids, [99])

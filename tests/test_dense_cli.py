@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from generator.decoding.t5_hybrid import ALPHA_FILE, load_run_head
 from generator.models.checkpoint import with_integrity
-from generator.runs.folder import load_run
+from generator.runs.decoders import decoders_for, load_run_head
+from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommend import recommend
 from semid.cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
@@ -57,25 +57,30 @@ def test_joint_training_stores_the_head(joint_run: Path) -> None:
 def test_evaluate_with_dense_and_hybrid_decoders(
     joint_run: Path, folders: dict[str, Path], decoder: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import generator.decoding.t5_hybrid as hybrid
-    from semid.data import leave_one_out, load_dataset
+    import generator.runs.fusion_store as fusion_store
+    from semid.data import load_dataset
+    from semid.split import leave_one_out
 
-    seen = []  # the targets alpha was chosen on
+    seen, chosen = [], []  # the targets alpha was chosen on, and the alpha chosen
 
     def spy(cands, targets, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen.append(targets.numpy().copy())
-        return choose_alpha(cands, targets, *args, **kwargs)
+        choice = choose_alpha(cands, targets, *args, **kwargs)
+        chosen.append(choice.alpha)
+        return choice
 
-    choose_alpha = hybrid.choose_alpha
-    monkeypatch.setattr(hybrid, "choose_alpha", spy)
-    (joint_run / ALPHA_FILE).unlink(missing_ok=True)
+    choose_alpha = fusion_store.choose_alpha
+    monkeypatch.setattr(fusion_store, "choose_alpha", spy)
+    (joint_run / HYBRID_FILE).unlink(missing_ok=True)
     assert main(["evaluate", "--run", str(joint_run), "--split", "test", "--decoder", decoder, "--num-beams", "12", "--no-progress"]) == 0
     m = json.loads((joint_run / "metrics_test.json").read_text())
     assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
-    assert decoder.capitalize() in m["decoder"]
+    assert m["decoder"] == f"t5.{decoder}"
     if decoder == "hybrid":  # the blend weight was chosen on validation users and stored for the checkpoint
-        stored = json.loads((joint_run / ALPHA_FILE).read_text())
-        assert stored["validation_users"] == 24 and f"alpha={stored['alpha']}" in m["decoder"]
+        stored = json.loads((joint_run / HYBRID_FILE).read_text())
+        assert stored["validation_users"] == 24 and chosen == [stored["alpha"]]
+        # without a split to choose on, the run's hybrid is built with the stored weight
+        assert decoders_for(load_run(joint_run), ["hybrid"], num_beams=12)["hybrid"].alpha == stored["alpha"]
         # ... and on those users' *validation* targets (in decoding order: by history length), never test targets
         split = leave_one_out(load_dataset(folders["data"]))
         max_history = yaml.safe_load((joint_run / "config.yaml").read_text())["train"]["max_history"]
@@ -103,7 +108,8 @@ def test_dense_only_training_with_sampled_softmax(folders: dict[str, Path]) -> N
     flags = ["--dense", "content", "--objective", "dense", "--dense-option", "loss=sampled", "--dense-option", "num_random_negatives=8"]
     assert main(["train", "--data", str(folders["data"]), "--ids", str(folders["ids"]), "--out", str(run), *TRAIN_FLAGS, *flags]) == 0
     valid = json.loads((run / "metrics_valid.json").read_text())
-    assert "DenseDecoder" in valid["decoder"]  # validated (and the best checkpoint chosen) by the dense decoder
+    assert valid["decoder"] == "t5.dense"  # validated (and the best checkpoint chosen) by the dense decoder
+    assert torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)["hyper_parameters"]["decoder"] == "dense"
 
 
 def test_dense_flag_errors(folders: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,31 +122,31 @@ def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tm
     import logging
     import shutil
 
-    from generator.decoding.t5_hybrid import build_decoder
-    from semid.data import leave_one_out, load_dataset
+    from semid.data import load_dataset
+    from semid.split import leave_one_out
 
     run = tmp_path / "run"
     shutil.copytree(joint_run, run)
-    (run / ALPHA_FILE).unlink(missing_ok=True)
+    (run / HYBRID_FILE).unlink(missing_ok=True)
     r = load_run(run)
     split = leave_one_out(load_dataset(r.data_dir))
-    build_decoder(r, "hybrid", split=split, num_beams=12)
-    stored = json.loads((run / ALPHA_FILE).read_text())
+    decoders_for(r, ["hybrid"], split=split, num_beams=12)
+    stored = json.loads((run / HYBRID_FILE).read_text())
     assert stored["checkpoint"] == str(r.checkpoint.resolve()) and stored["ids_sha256"] and stored["checkpoint_sha256"]
     stored["alpha"] = 0.123  # reused as is while nothing changed
-    (run / ALPHA_FILE).write_text(json.dumps(stored))
-    assert "alpha=0.123" in build_decoder(r, "hybrid", num_beams=12).__name__
+    (run / HYBRID_FILE).write_text(json.dumps(stored))
+    assert decoders_for(r, ["hybrid"], num_beams=12)["hybrid"].alpha == 0.123
     # the same file name with other content (e.g. a resumed training's new best.ckpt): chosen again
     ckpt = torch.load(r.checkpoint, weights_only=False)
     ckpt["global_step"] += 1
     torch.save(with_integrity(ckpt), r.checkpoint)  # written as semid writes checkpoints (a digest of the new content)
-    with caplog.at_level(logging.INFO, logger="generator.decoding.t5_hybrid"):
-        build_decoder(r, "hybrid", split=split, num_beams=12)
+    with caplog.at_level(logging.INFO, logger="generator.runs.fusion_store"):
+        decoders_for(r, ["hybrid"], split=split, num_beams=12)
     assert "checkpoint_sha256" in caplog.text
-    assert json.loads((run / ALPHA_FILE).read_text())["checkpoint_sha256"] != stored["checkpoint_sha256"]
-    (run / ALPHA_FILE).write_text("{not json")
+    assert json.loads((run / HYBRID_FILE).read_text())["checkpoint_sha256"] != stored["checkpoint_sha256"]
+    (run / HYBRID_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=r"hybrid\.json: corrupt"):
-        build_decoder(r, "hybrid", split=split, num_beams=12)
+        decoders_for(r, ["hybrid"], split=split, num_beams=12)
 
 
 def test_hybrid_on_the_validation_split_needs_an_explicit_alpha(joint_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

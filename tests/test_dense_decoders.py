@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
-from generator.decoding.t5_beam import fast_topk
-from generator.decoding.t5_hybrid import DenseDecoder, HybridDecoder, teacher_forced_logprob
-from generator.models.dense import (
-    STATE_PREFIX,
-    DenseHead,
-    DenseHeadConfig,
-    encode_queries,
-    joint_loss,
-    load_dense_head,
-)
+from generator.decoding.protocol import BLEND, INNER_PRODUCT, Histories
+from generator.decoding.t5_beam import beam_search
+from generator.decoding.t5_dense import T5Dense
+from generator.decoding.t5_hybrid import T5Hybrid
+from generator.decoding.t5_step import score_codes
+from generator.models.checkpoint import ids_digest
+from generator.models.dense import STATE_PREFIX, DenseHead, DenseHeadConfig, encode_queries, load_dense_head
+from generator.models.dense_loss import joint_loss
+from generator.models.t5 import GeneratorConfig
+from generator.training.t5_system import GeneratorSystem
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
@@ -49,20 +49,22 @@ def world() -> tuple[T5ForConditionalGeneration, SemanticIDs, TokenLayout, Dense
 
 def test_dense_decoder_is_brute_force_mips(world) -> None:
     model, ids, layout, head, x, mask = world
-    res = DenseDecoder(head, ids)(model, x, mask, k=5)
+    res = T5Dense(model, head, ids)(Histories(x, mask.bool()), 5)
     with torch.no_grad():
         scores = encode_queries(model, head, x, mask) @ head.item_vectors().T  # (B, N)
     want = torch.from_numpy(ids.item_ids)[scores.topk(5, dim=1).indices]
     assert torch.equal(res.items, want)
     torch.testing.assert_close(res.scores, scores.topk(5, dim=1).values)
     assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
+    assert (res.score, res.leaves) == (INNER_PRODUCT, False)
 
 
 def test_dense_decoder_faiss_flat_matches_exact(world) -> None:
     pytest.importorskip("faiss")
     model, ids, _, head, x, mask = world
-    exact = DenseDecoder(head, ids)(model, x, mask, k=4)
-    flat = DenseDecoder(head, ids, kind="faiss-flat")(model, x, mask, k=4)
+    h = Histories(x, mask.bool())
+    exact = T5Dense(model, head, ids)(h, 4)
+    flat = T5Dense(model, head, ids, kind="faiss-flat")(h, 4)
     assert torch.equal(flat.items, exact.items)
     torch.testing.assert_close(flat.scores, exact.scores, atol=1e-5, rtol=0)
 
@@ -70,13 +72,16 @@ def test_dense_decoder_faiss_flat_matches_exact(world) -> None:
 def test_hybrid_decoder_ends_are_beam_and_dense_orders(world) -> None:
     model, ids, layout, head, x, mask = world
     tree = PrefixTree.from_semantic_ids(ids, layout)
+    h = Histories(x, mask.bool())
     # every item a candidate: alpha 1 is the exhaustive beam's order
-    beam = fast_topk(model, x, mask, tree, layout, k=N, num_beams=N)
-    assert torch.equal(HybridDecoder(head, ids, alpha=1.0, num_candidates=N)(model, x, mask, tree, layout, k=6, num_beams=N).items, beam.items[:, :6])
+    beam = beam_search(model, x, mask, tree, layout, k=N, num_beams=N)
+    res = T5Hybrid(model, tree, layout, head, ids, alpha=1.0, num_candidates=N, num_beams=N)(h, 6)
+    assert torch.equal(res.items, beam.items[:, :6])
+    assert (res.score, res.leaves) == (BLEND, False)
     # alpha 0 is the dense top-k exactly: the pool holds the dense top C, whatever the beam found
     for C in (3, 6):
-        res = HybridDecoder(head, ids, alpha=0.0, num_candidates=C)(model, x, mask, tree, layout, k=3, num_beams=2)
-        want = DenseDecoder(head, ids)(model, x, mask, k=3)
+        res = T5Hybrid(model, tree, layout, head, ids, alpha=0.0, num_candidates=C, num_beams=2)(h, 3)
+        want = T5Dense(model, head, ids)(h, 3)
         assert torch.equal(res.items, want.items)
         assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
 
@@ -84,11 +89,12 @@ def test_hybrid_decoder_ends_are_beam_and_dense_orders(world) -> None:
 def test_hybrid_pool_is_union_of_beam_and_dense_with_teacher_forced_scores(world) -> None:
     model, ids, layout, head, x, mask = world
     tree = PrefixTree.from_semantic_ids(ids, layout)
+    h = Histories(x, mask.bool())
     C = 4
-    cands = HybridDecoder(head, ids, alpha=0.5, num_candidates=C).candidates(model, x, mask, tree, layout, num_beams=C)
-    beam = fast_topk(model, x, mask, tree, layout, k=C, num_beams=C)
-    dense = DenseDecoder(head, ids)(model, x, mask, k=C)
-    exhaustive = fast_topk(model, x, mask, tree, layout, k=N, num_beams=N)  # every item's generative score
+    cands = T5Hybrid(model, tree, layout, head, ids, alpha=0.5, num_candidates=C, num_beams=C).candidates(h)
+    beam = beam_search(model, x, mask, tree, layout, k=C, num_beams=C)
+    dense = T5Dense(model, head, ids)(h, C)
+    exhaustive = beam_search(model, x, mask, tree, layout, k=N, num_beams=N)  # every item's generative score
     with torch.no_grad():
         dense_all = torch.log_softmax(encode_queries(model, head, x, mask) @ head.item_vectors().T, dim=1)
     assert cands.items.shape == (3, 2 * C)
@@ -109,10 +115,10 @@ def test_teacher_forced_scores_equal_the_beam_scores(world) -> None:
     model, ids, layout, head, x, mask = world
     tree = PrefixTree.from_semantic_ids(ids, layout)
     for M in (1, 5, N):
-        beam = fast_topk(model, x, mask, tree, layout, k=M, num_beams=M)
-        tf = teacher_forced_logprob(model, x, mask, tree, layout, beam.codes)
+        beam = beam_search(model, x, mask, tree, layout, k=M, num_beams=M)
+        tf = score_codes(model, x, mask, tree, layout, beam.codes)
         torch.testing.assert_close(tf, beam.scores, atol=1e-5, rtol=0)
-        torch.testing.assert_close(teacher_forced_logprob(model, x, mask, tree, layout, beam.codes, batch_size=1), tf, atol=1e-6, rtol=0)
+        torch.testing.assert_close(score_codes(model, x, mask, tree, layout, beam.codes, batch_size=1), tf, atol=1e-6, rtol=0)
     # against the stock T5 call on B*M rows: log-softmax of each level's block restricted to the allowed tokens
     codes = beam.codes  # (B, N, L)
     B, M, L = codes.shape
@@ -127,12 +133,12 @@ def test_teacher_forced_scores_equal_the_beam_scores(world) -> None:
         logp = logits[:, level, lo:hi].masked_fill(~allowed, float("-inf")).log_softmax(-1)
         want += logp.gather(1, (tokens[:, level] - lo)[:, None]).squeeze(1)
         nodes = tree.next_nodes(nodes, tokens[:, level])
-    torch.testing.assert_close(teacher_forced_logprob(model, x, mask, tree, layout, codes), want.view(B, M), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score_codes(model, x, mask, tree, layout, codes), want.view(B, M), atol=1e-5, rtol=0)
     # a code tuple outside the tree scores -inf
     bad = codes[:, :1].clone()
     bad[..., 0] = (bad[..., 0] + 1) % 4
     bad[..., -1] = layout.codebook_sizes[-1] - 1
-    out = teacher_forced_logprob(model, x, mask, tree, layout, bad)
+    out = score_codes(model, x, mask, tree, layout, bad)
     in_tree = tree.lookup(torch.as_tensor(layout.codes_to_tokens(bad)).reshape(B, L)) >= 0
     assert torch.isinf(out[~in_tree]).all() and not torch.isnan(out).any()
 
@@ -169,45 +175,96 @@ def test_load_dense_head_round_trip(world) -> None:
 
 def test_cold_items_are_recommended_by_every_decoder_after_adding(world) -> None:
     model, ids, layout, head, x, mask = world
+    h = Histories(x, mask.bool())
     # two new items: base codes from "the quantizer", content made so the first is the dense favourite of history 0
     with torch.no_grad():
         q0 = encode_queries(model, head, x[:1], mask[:1])[0]
         W, b = head.content_proj.weight, head.content_proj.bias
         favourite = torch.linalg.lstsq(W, (100 * q0 - b).unsqueeze(1)).solution.squeeze(1)
     new_content = torch.stack([favourite, torch.randn(D_CONTENT)])
-    ids2 = ids.add_items(np.array([[1, 2], [3, 3]]), np.array([N + 1, N + 2]))
+    cold_codes = np.array([[1, 2], [3, 3]])
+    ids2 = ids.add_items(cold_codes, np.array([N + 1, N + 2]))
     head.add_items(new_content)
     tree2 = PrefixTree.from_semantic_ids(ids2, layout)  # same layout: the vocabulary does not change
+    with torch.no_grad():
+        scores = encode_queries(model, head, x, mask) @ head.item_vectors().T  # (B, N + 2), brute force q . v
+    k = 3  # far fewer than the N + 2 items: the cold item must be *ranked*, not merely present
+    top = scores.topk(k, dim=1)
 
-    dense = DenseDecoder(head, ids2)(model, x, mask, k=3)
-    assert dense.items[0, 0] == N + 1
-    beam = fast_topk(model, x, mask, tree2, layout, k=N + 2, num_beams=N + 2)
-    assert set(beam.items[0].tolist()) == set(range(1, N + 3))  # the new items are reachable in the tree
-    hybrid = HybridDecoder(head, ids2, alpha=0.0, num_candidates=N + 2)(model, x, mask, tree2, layout, k=1, num_beams=N + 2)
+    dense = T5Dense(model, head, ids2)(h, k)
+    assert dense.items[0, 0] == N + 1  # the cold favourite at rank 1
+    assert torch.equal(dense.items, torch.from_numpy(ids2.item_ids)[top.indices])  # every row's top-k, in order
+    torch.testing.assert_close(dense.scores, top.values)
+    assert np.array_equal(dense.codes.numpy(), ids2.codes_of(dense.items.numpy()))  # the cold item's codes too
+    assert dense.codes[0, 0].tolist() == ids2.codes_of(np.array([N + 1]))[0].tolist()
+
+    # the new items are leaves of the new tree (teacher forcing scores them), not of the old one
+    L = layout.num_levels
+    tuples = torch.from_numpy(ids2.codes_of(np.array([N + 1, N + 2]))).expand(3, 2, L)
+    assert torch.isfinite(score_codes(model, x, mask, tree2, layout, tuples)).all()
+    assert torch.isinf(score_codes(model, x, mask, PrefixTree.from_semantic_ids(ids, layout), layout, tuples)).all()
+    beam = beam_search(model, x, mask, tree2, layout, k=N + 2, num_beams=N + 2)
+    assert set(beam.items[0].tolist()) == set(range(1, N + 3))  # reachable by the beam
+
+    # a small candidate pool (C = k = 3 of 14): alpha 0 is the dense top-k exactly, the cold favourite first
+    hybrid = T5Hybrid(model, tree2, layout, head, ids2, alpha=0.0, num_candidates=k, num_beams=k)(h, k)
     assert hybrid.items[0, 0] == N + 1
+    assert torch.equal(hybrid.items, dense.items)
+    assert np.array_equal(hybrid.codes.numpy(), dense.codes.numpy())
     with pytest.raises(ValueError, match="not the semantic IDs' 12 items"):
-        DenseDecoder(head, ids)
+        T5Dense(model, head, ids)
 
 
-def test_exact_decoders_compute_item_vectors_once_until_the_head_changes(world, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dense_decoders_compute_item_vectors_once_and_refresh_on_demand(world, monkeypatch: pytest.MonkeyPatch) -> None:
     model, ids, layout, head, x, mask = world
     tree = PrefixTree.from_semantic_ids(ids, layout)
+    h = Histories(x, mask.bool())
     calls = []
     item_vectors = head.item_vectors
     monkeypatch.setattr(head, "item_vectors", lambda rows=None: calls.append(rows) or item_vectors(rows))
-    dense = DenseDecoder(head, ids)
-    hybrid = HybridDecoder(head, ids, alpha=0.5, num_candidates=6, beam=fast_topk)
-    first = dense(model, x, mask, k=5)
-    hyb = hybrid(model, x, mask, tree, layout, k=5, num_beams=6)
+    dense = T5Dense(model, head, ids)
+    hybrid = T5Hybrid(model, tree, layout, head, ids, alpha=0.5, num_candidates=6, num_beams=6, search=beam_search)
+    assert calls == []  # computed on first call, not when built
+    first = dense(h, 5)
+    hyb = hybrid(h, 5)
     for _ in range(3):  # more batches: no recomputation
-        dense(model, x, mask, k=5)
-        assert torch.equal(hybrid(model, x, mask, tree, layout, k=5, num_beams=6).items, hyb.items)
+        assert torch.equal(dense(h, 5).scores, first.scores)
+        assert torch.equal(hybrid(h, 5).items, hyb.items)
     assert len(calls) == 2
-    with torch.no_grad():  # an optimiser step updates the weights in place: both decoders see it
+    with torch.no_grad():  # an optimiser step updates the weights in place
         head.item_table.mul_(-1)
-    after = dense(model, x, mask, k=5)
-    hybrid(model, x, mask, tree, layout, k=5, num_beams=6)
-    assert len(calls) == 4 and not torch.equal(after.scores, first.scores)
+    assert torch.equal(dense(h, 5).scores, first.scores) and len(calls) == 2  # no change detection: until refresh()
+    dense.refresh()
+    after = dense(h, 5)
+    assert len(calls) == 3 and not torch.equal(after.scores, first.scores)
     with torch.no_grad():
-        want = (encode_queries(model, head, x, mask) @ item_vectors().T).topk(5, dim=1).values
-    torch.testing.assert_close(after.scores, want)
+        want = (encode_queries(model, head, x, mask) @ item_vectors().T).topk(5, dim=1)
+    assert torch.equal(after.items, torch.from_numpy(ids.item_ids)[want.indices])
+    torch.testing.assert_close(after.scores, want.values)
+
+
+def test_validation_builds_a_new_dense_decoder_every_pass(world) -> None:
+    _, ids, layout, head, x, mask = world
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    config = GeneratorConfig(num_encoder_layers=1, num_decoder_layers=1, d_model=D_MODEL, num_heads=2, d_kv=8, d_ff=32, dropout=0.0)
+    system = GeneratorSystem(config, layout, ids_digest(ids), tree, num_beams=N, decoder="dense", dense_head=head,
+                             objective="joint", ids=ids).eval()
+    h = Histories(x, mask.bool())
+
+    def brute_force() -> torch.return_types.topk:
+        with torch.no_grad():
+            return (encode_queries(system.model, head, x, mask) @ head.item_vectors().T).topk(5, dim=1)
+
+    system.on_validation_epoch_start()
+    first_decoder = system._decoder
+    assert isinstance(first_decoder, T5Dense)
+    first, want = first_decoder(h, 5), brute_force()
+    torch.testing.assert_close(first.scores, want.values)
+    with torch.no_grad():  # training between two validation passes changes the head in place
+        head.item_table.mul_(-1)
+    system.on_validation_epoch_start()  # the next pass
+    assert isinstance(system._decoder, T5Dense) and system._decoder is not first_decoder
+    second, want = system._decoder(h, 5), brute_force()
+    assert not torch.equal(second.scores, first.scores)
+    assert torch.equal(second.items, torch.from_numpy(ids.item_ids)[want.indices])
+    torch.testing.assert_close(second.scores, want.values)

@@ -20,8 +20,9 @@ from generator.training.examples import (
     training_examples,
 )
 from generator.training.t5_data import eval_batches, sample_users, split_examples
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.layout import TokenLayout
+from semid.split import leave_one_out
 from tests.conftest import write_canonical
 from tests.test_generator_helpers import random_ids, write_random_dataset
 
@@ -90,8 +91,8 @@ def test_batches_are_right_padded_and_mix_rows_with_and_without_user_token() -> 
 
 def test_the_datamodule_and_dense_setup_train_on_the_training_prefixes_only(tmp_path: Path) -> None:
     # as above: items 31..40 appear only as validation targets, 41..50 only as test targets
-    from generator.decoding.t5_hybrid import dense_setup
     from generator.training.t5_data import GeneratorDataModule
+    from generator.training.t5_system import dense_setup
 
     ids = random_ids(num_items=50)
     layout = ids.layout(16)
