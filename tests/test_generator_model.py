@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from generator.decoding.t5_generate import get_decoder
-from generator.models.t5 import GeneratorConfig, build_model, preset, seq2seq_loss
+from generator.decoding.registry import T5, Ingredients, build, build_many, resolve
+from generator.decoding.t5_beam import T5Beam
+from generator.decoding.t5_generate import T5Generate
 from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta, ids_digest, load_checkpoint
+from generator.models.t5 import GeneratorConfig, build_model, preset, seq2seq_loss
 from generator.training.t5_system import GeneratorSystem, OptimConfig, lr_factor
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
@@ -103,25 +103,23 @@ def test_a_checkpoint_with_another_vocabulary_is_refused(tmp_path: Path) -> None
         load_checkpoint(tmp_path / "missing.ckpt")
 
 
-def test_decoder_switch() -> None:
-    assert get_decoder("generate").__name__ == "generate_topk"
-    assert get_decoder("beam").__name__ == "fast_topk"
-    with pytest.raises(ValueError, match="`decoder` must be one of"):
-        get_decoder("greedy")
-
-
-def test_beam_decoder_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setitem(sys.modules, "generator.decoding.t5_beam", None)  # as if generator/beam.py were not installed
-    with pytest.raises(ValueError, match="needs generator.decoding.t5_beam.fast_topk.*use decoder='generate'"):
-        get_decoder("beam")
-    with caplog.at_level(logging.WARNING, logger="generator.decoding.t5_generate"):
-        assert get_decoder("auto").__name__ == "generate_topk"
-    assert "falling back to model.generate" in caplog.text
-
-
-def test_a_broken_beam_module_is_not_a_silent_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    import types
-
-    monkeypatch.setitem(sys.modules, "generator.decoding.t5_beam", types.ModuleType("generator.decoding.t5_beam"))  # no fast_topk
-    with pytest.raises(AttributeError, match="fast_topk"):
-        get_decoder("auto")
+def test_the_registry_builds_t5_decoders_and_refuses_others_with_a_clear_message() -> None:
+    tree = PrefixTree.from_semantic_ids(IDS, LAYOUT)
+    ing = Ingredients(T5, build_model(TINY, LAYOUT).eval(), tree, LAYOUT, IDS, num_beams=10)
+    assert resolve(T5, "auto") == "beam" and resolve(T5, "generate") == "generate"
+    assert isinstance(build(ing, "auto"), T5Beam) and isinstance(build(ing, "generate"), T5Generate)
+    assert set(build_many(ing, ["beam", "generate"])) == {"beam", "generate"}
+    with pytest.raises(ValueError, match=r"`decoder` must be one of \['auto', 'beam', .*got 'greedy'"):
+        resolve(T5, "greedy")
+    with pytest.raises(ValueError, match=r"decoder 'exact' is for causal runs; this t5 run has \['auto', 'beam', 'generate'"):
+        build(ing, "exact")
+    with pytest.raises(ValueError, match="decoder 'title-beam' is for title runs; this t5 run has"):
+        resolve(T5, "title-beam")
+    with pytest.raises(ValueError, match="`backbone` must be one of"):
+        resolve("lstm", "beam")
+    with pytest.raises(ValueError, match="decoder 'dense' needs a dense head, and this run has none"):
+        build(ing, "dense")
+    with pytest.raises(ValueError, match="`decoder` must be one of"):  # training refuses it before the first epoch
+        GeneratorSystem(TINY, LAYOUT, ids_digest(IDS), tree, num_beams=10, decoder="greedy")
+    with pytest.raises(ValueError, match="decoder 'exact' is for causal runs"):
+        GeneratorSystem(TINY, LAYOUT, ids_digest(IDS), tree, num_beams=10, decoder="exact")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from generator.decoding.t5_beam import fast_topk
-from generator.decoding.t5_generate import generate_topk
+from generator.decoding.t5_beam import beam_search
+from generator.decoding.t5_generate import generate_beam_search
 from generator.models.t5 import ItemLevelEncoder, build_model, preset
 from semid.cli import main
 from semid.ids import SemanticIDs
@@ -51,14 +51,14 @@ def test_the_decoder_sees_exactly_the_item_level_states() -> None:
     torch.testing.assert_close(full, once, atol=1e-5, rtol=0)  # attention over 4 copies = attention over one
 
 
-def test_fast_beam_equals_generate_and_user_tokens_are_refused() -> None:
+def test_beam_search_equals_generate_and_user_tokens_are_refused() -> None:
     model, ids, tokens = _model()
     layout = ids.layout(0)
     tree = PrefixTree.from_semantic_ids(ids, layout)
     mask = torch.ones_like(tokens)
-    a = generate_topk(model, tokens, mask, tree, layout, k=5, num_beams=5)
-    b = fast_topk(model, tokens, mask, tree, layout, k=5, num_beams=5)
-    assert torch.equal(a.items, b.items) and torch.allclose(a.scores, b.scores, atol=1e-4)
+    a = generate_beam_search(model, tokens, mask, tree, layout, k=5, num_beams=5)
+    b = beam_search(model, tokens, mask, tree, layout, k=5, num_beams=5)
+    assert torch.equal(a.items, b.items) and torch.equal(a.codes, b.codes) and torch.allclose(a.scores, b.scores, atol=1e-4)
     with pytest.raises(ValueError, match="no user token"):
         build_model(preset("item-t5"), ids.layout(16))
 

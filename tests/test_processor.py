@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, T5Config, T5ForConditionalGeneration
 
-from generator.decoding.t5_generate import generate_topk
+from generator.decoding.protocol import LOG_LIKELIHOOD
+from generator.decoding.t5_generate import generate_beam_search
 from semid.ids import SemanticIDs
 from semid.processor import PrefixTreeLogitsProcessor
 from semid.tree import PrefixTree
@@ -71,17 +72,18 @@ def test_generate_with_processor_equals_prefix_allowed_tokens_fn(setup):
     assert torch.equal(items.flatten(), torch.tensor([trie.value(s[1:].tolist()) for s in ours.sequences]))
 
 
-def test_generate_topk_returns_valid_distinct_items(setup):
+def test_generate_beam_search_returns_valid_distinct_items(setup):
     ids, layout, tree, model, inputs, mask = setup
-    result = generate_topk(model, inputs, mask, tree, layout, k=10, num_beams=20)
+    result = generate_beam_search(model, inputs, mask, tree, layout, k=10, num_beams=20)
     assert result.items.shape == (5, 10) and result.codes.shape == (5, 10, layout.num_levels)
+    assert result.score == LOG_LIKELIHOOD and result.leaves
     assert np.array_equal(ids.items_of(result.codes.numpy()), result.items.numpy())
     assert (result.scores[:, :-1] >= result.scores[:, 1:]).all()  # best first
     # renormalised over allowed tokens: with as many beams as items every item comes back, and the item
     # probabilities sum to 1 (raw log-probabilities would sum to P(some valid item) < 1)
     four = SemanticIDs.from_codes(np.array([[0, 1, 2], [0, 1, 3], [5, 0, 0], [2, 2, 2]]), [6, 6, 6], extra_level_size=6)
     assert four.layout(num_user_tokens=4) == layout  # the model's vocabulary
-    everything = generate_topk(model, inputs, mask, PrefixTree.from_semantic_ids(four, layout), layout, k=4, num_beams=4)
+    everything = generate_beam_search(model, inputs, mask, PrefixTree.from_semantic_ids(four, layout), layout, k=4, num_beams=4)
     assert sorted(everything.items[0].tolist()) == [1, 2, 3, 4]
     torch.testing.assert_close(everything.scores.exp().sum(1), torch.ones(5), atol=1e-5, rtol=0)
 
@@ -96,15 +98,17 @@ def test_processor_argument_errors(setup):
         PrefixTreeLogitsProcessor(tree)(torch.tensor([[2]]), torch.zeros(1, 3))
 
 
-def test_generate_topk_greedy_and_catalogue_size(setup):
+def test_generate_beam_search_greedy_and_catalogue_size(setup):
     ids, layout, tree, model, inputs, mask = setup
-    greedy = generate_topk(model, inputs, mask, tree, layout, k=1, num_beams=1)
-    beam = generate_topk(model, inputs, mask, tree, layout, k=1, num_beams=2)
+    greedy = generate_beam_search(model, inputs, mask, tree, layout, k=1, num_beams=1)
+    beam = generate_beam_search(model, inputs, mask, tree, layout, k=1, num_beams=2)
     assert greedy.items.shape == (5, 1) and (greedy.items > 0).all()
     assert (greedy.scores <= beam.scores + 1e-5).all()  # beam search finds at least as good an item
     # 3 items: each has a code node and an eos node carrying its id, but the catalogue is 3, not 6
     three = SemanticIDs.from_codes(np.array([[0], [1], [2]]), [6], extra_level_size=1)
     small = PrefixTree.from_semantic_ids(three, three.layout(num_user_tokens=0))
     assert small.num_sequences == 3
-    with pytest.raises(ValueError, match=r"at most the catalogue size \(3 items\)"):
-        generate_topk(model, inputs, mask, small, three.layout(num_user_tokens=0), k=4, num_beams=4)
+    with pytest.raises(ValueError, match=r"`k` must be an int in \[1, 3\] \(the catalogue size\), got 4"):
+        generate_beam_search(model, inputs, mask, small, three.layout(num_user_tokens=0), k=4, num_beams=4)
+    with pytest.raises(ValueError, match=r"`num_beams` must be an int in \[k=2, 3\] \(k to the catalogue size\), got 4"):
+        generate_beam_search(model, inputs, mask, small, three.layout(num_user_tokens=0), k=2, num_beams=4)
