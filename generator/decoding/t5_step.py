@@ -94,7 +94,7 @@ class T5Step:
             logits = logits + self.head.bias[lo:hi]
         allowed = tree.allowed_mask(nodes, token_range=(lo, hi))  # (R, K)
         neg_inf = float("-inf")
-        return logits.float().log_softmax(-1).masked_fill(~allowed, neg_inf)
+        return logits.float().masked_fill(~allowed, neg_inf).log_softmax(-1).masked_fill(~allowed, neg_inf)
 
 
 def _decoder_step(dec: torch.nn.Module, tokens: torch.Tensor, cache: torch.Tensor, t: int, pos_bias: torch.Tensor,
