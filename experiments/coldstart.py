@@ -35,18 +35,21 @@ import numpy as np
 import yaml
 
 from experiments.dense_hybrid import budget, score
-from generator.decoding.cold import ColdStartBeam
-from generator.decoding.t5_generate import get_decoder
-from generator.decoding.t5_hybrid import ALPHA_FILE, DenseDecoder, HybridDecoder, build_decoder, load_run_head
+from generator.decoding import registry
+from generator.decoding.protocol import Histories
+from generator.decoding.registry import T5, Ingredients
+from generator.runs.batches import Labelled
 from generator.runs.cold_items import add_cold_items
-from generator.runs.folder import load_run
-from generator.training.examples import history_examples
-from generator.training.t5_data import sample_users
+from generator.runs.decoders import decoders_for, load_run_head
+from generator.runs.folder import HYBRID_FILE, load_run
+from generator.training.examples import collate, history_examples
+from generator.training.t5_data import eval_batches, sample_users
 from rqvae import load_quantizer
 from semid.cli import main as semid
 from semid.coldstart import cold_start_split, write_warm_dataset
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.io import atomic_open, write_json
+from semid.split import leave_one_out
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,13 +106,13 @@ def main(argv: list[str] | None = None) -> None:
 
     # 4a. the trained warm run and the blend weight, chosen on warm validation users
     run = load_run(args.work / "run")
-    run.model.to(args.device)
+    run.model.to(args.device).eval()
     warm_split = leave_one_out(load_dataset(args.work / "warm"))
-    alpha = build_decoder(
-        run, "hybrid", split=warm_split, num_beams=args.num_beams, num_candidates=args.num_candidates,
+    alpha = decoders_for(
+        run, ["hybrid"], split=warm_split, num_beams=args.num_beams, num_candidates=args.num_candidates,
         alpha_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed,
-    ).alpha
-    alpha_info = json.loads((args.work / "run" / ALPHA_FILE).read_text())
+    )["hybrid"].alpha
+    alpha_info = json.loads((args.work / "run" / HYBRID_FILE).read_text())
 
     # 4b. cold items join: quantizer codes -> SemanticIDs + tree, content -> dense vectors
     new_ids = split.new_cold_ids
@@ -118,9 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     head = load_run_head(run)
     cat = add_cold_items(run.ids, run.layout, content, new_ids, encode=quantizer.encode, head=head)
     stats = cat.ids.collision_stats()
-    cold_run = dataclasses.replace(run, ids=cat.ids, tree=cat.tree)
 
-    # 4c. cold test users: their histories (new ids, cold items included) -> examples
+    # 4c. cold test users: their histories (new ids, cold items included) -> examples -> batches
     rows = sample_users(len(split.test_targets), args.max_users, args.seed)
     warm_user = {int(u): i + 1 for i, u in enumerate(split.user_ids)}  # write_dataset numbered warm users 1..U'
     users = np.array([warm_user.get(int(u), len(warm_user) + 1 + i) for i, u in enumerate(split.test_user_ids[rows])])
@@ -128,19 +130,30 @@ def main(argv: list[str] | None = None) -> None:
         [split.test_histories[i] for i in rows], split.test_targets[rows], users if run.use_user_tokens else None,
         cat.ids, run.layout, max_history=run.max_history,
     )
-    beam = get_decoder("auto")
+    batches = []
+    for index in eval_batches(examples.input_lengths, args.batch_size):  # loop over batches of users
+        b = collate(examples, index, run.layout.pad_token_id)
+        batches.append(Labelled(Histories(b.input_ids, b.attention_mask.bool()), b.target))
+
+    # 4d. the decoders of the extended run (IDs, tree and head with the cold items), through the registry
+    ing = Ingredients(
+        T5, run.model, cat.tree.to(args.device), run.layout, cat.ids, num_beams=args.num_beams,
+        num_candidates=args.num_candidates, dense_head=head, alpha=alpha, cold_items=new_ids,
+        cold_options={"epsilon": args.cold_epsilon},
+    )
+    built = registry.build_many(ing, ["beam", "dense", "hybrid", "cold-beam"])
     decoders = {
-        "beam, warm tree (no cold items)": (dataclasses.replace(cold_run, tree=run.tree), beam),
-        "beam": (cold_run, beam),
-        "dense": (cold_run, DenseDecoder(head, cat.ids)),
-        "hybrid": (cold_run, HybridDecoder(head, cat.ids, alpha=alpha, num_candidates=args.num_candidates, beam=beam)),
+        "beam, warm tree (no cold items)": registry.build(dataclasses.replace(ing, tree=run.tree.to(args.device)), "beam"),
+        "beam": built["beam"],
+        "dense": built["dense"],
+        "hybrid": built["hybrid"],
         # TIGER's cold-start retrieval: cold items sharing a beam candidate's prefix, at most ceil(eps * k) of the top-k
-        f"beam + cold prefix (ε={args.cold_epsilon:g})": (cold_run, ColdStartBeam(cat.ids, new_ids, epsilon=args.cold_epsilon, beam=beam)),
+        f"beam + cold prefix (ε={args.cold_epsilon:g})": built["cold-beam"],
     }
     table: dict[str, Any] = {}
     cold_lo = split.num_warm + 1
-    for name, (r, decode) in decoders.items():
-        m = score(r, examples, decode, num_beams=args.num_beams, batch_size=args.batch_size, device=args.device, cold_from=cold_lo)
+    for name, decoder in decoders.items():
+        m = score(decoder, batches, cat.ids, device=args.device, cold_from=cold_lo)
         table[name] = m
         print(f"{name}: {m}", file=sys.stderr, flush=True)
 

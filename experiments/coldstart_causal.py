@@ -17,42 +17,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.fusion import timed_pass
-from generator.decoding.causal import CausalDecoders, beam_search
-from generator.decoding.cold import ColdStartBeam
-from generator.decoding.fusion import FUSIONS
-from generator.decoding.t5_generate import BeamResult
-from generator.runs.causal import choose_causal_fusion, decoders_for
+from experiments.fusion import fusion_decoders, timed_pass
+from generator.decoding.protocol import Histories
+from generator.runs.batches import Labelled, split_batches
+from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
-from generator.training.causal_data import eval_batches, split_histories
+from generator.runs.fusion_store import choose_causal_fusion
+from generator.training.causal_data import SeqBatch, eval_batches
 from generator.training.t5_data import sample_users
 from semid.cli import main as semid
 from semid.coldstart import ColdStartSplit, write_full_dataset
-from semid.data import Dataset, leave_one_out, load_dataset
+from semid.data import Dataset, load_dataset
 from semid.metrics import ndcg_at_k, recall_at_k
+from semid.split import leave_one_out
 
 KS = (5, 10)
 
 
-class _PrefixMerge:
-    """'beam + cold prefix': the causal beam's top C, then TIGER's prefix matching of cold items (ColdStartBeam)."""
-
-    def __init__(self, dec: CausalDecoders, cold: ColdStartBeam, num_candidates: int) -> None:
-        self.dec, self.cold, self.C = dec, cold, num_candidates
-
-    def decode(self, name: str, h: torch.Tensor, *, k: int) -> BeamResult:
-        d = self.dec
-        items, scores, tokens = beam_search(d.model, h, d.tree, k=self.C, num_beams=max(d.num_beams, self.C),
-                                            trained_tree=d.trained_tree)
-        return self.cold.merge(BeamResult(items, scores, d.model.layout.tokens_to_codes(tokens)), k)
+def _labelled(batches: list[SeqBatch]) -> list[Labelled]:
+    """Evaluation batches of item rows + 1 (``causal_data.eval_batches``) as the decoders read them."""
+    return [Labelled(Histories(b.histories, torch.arange(b.histories.shape[1])[None, :] < b.lengths[:, None]), b.targets)
+            for b in batches]
 
 
 def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) -> tuple[dict[str, Any], list[str]]:
     """(table, notes): per decoder Recall/NDCG@5/10, cold share of the top 10 and users/s on the cold test users."""
     warm_run = load_run(args.work / "run")
     warm_split = leave_one_out(load_dataset(args.work / "warm"))
-    warm_dec = CausalDecoders(warm_run.model, warm_run.tree, torch.from_numpy(warm_run.ids.item_ids),
-                              num_beams=args.num_beams, num_candidates=args.num_candidates).refresh()
+    warm_dec = decoders_for(warm_run, ["beam"], num_beams=args.num_beams, num_candidates=args.num_candidates)["beam"].shared
     choice = choose_causal_fusion(warm_run, warm_dec, warm_split, max_users=args.alpha_users, batch_size=args.batch_size,
                                   seed=args.seed)
     print(f"fusion chosen on warm validation users: {choice.kind} {choice.params}", file=sys.stderr, flush=True)
@@ -68,33 +60,32 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) 
         raise RuntimeError(f"`semid {' '.join(argv)}` failed with exit status {code}")
     run = load_run(cold_run)
     torch.set_num_threads(args.threads)
-    dec = decoders_for(run, "beam", num_beams=args.num_beams, num_candidates=args.num_candidates)
+    C = min(args.num_candidates, run.ids.num_items)  # the causal decoders' candidates per list
+    # 'beam + cold prefix': the causal beam's top C, then TIGER's prefix matching of cold items (ColdStartBeam)
+    decoders = decoders_for(run, ["beam", "exact", "dense", "cold-beam"], num_beams=args.num_beams,
+                            num_candidates=args.num_candidates, cold_items=split.new_cold_ids,
+                            cold_options={"epsilon": args.cold_epsilon, "num_candidates": C})
+    decoders |= fusion_decoders(run, choice, num_beams=args.num_beams, num_candidates=args.num_candidates)
+    prefix = decoders.pop("cold-beam")
+    decoders[f"beam + cold prefix (ε={args.cold_epsilon:g})"] = prefix  # the last row
 
     rows = sample_users(len(split.test_targets), args.max_users, args.seed)
-    batches = list(eval_batches([split.test_histories[i] for i in rows], split.test_targets[rows], run.ids,
-                                run.max_history, args.batch_size))
+    batches = _labelled(eval_batches([split.test_histories[i] for i in rows], split.test_targets[rows], run.ids,
+                                     run.max_history, args.batch_size))
     tgt = np.concatenate([b.targets.numpy() for b in batches])
     cold_from = split.num_warm + 1
-    prefix = _PrefixMerge(dec, ColdStartBeam(run.ids, split.new_cold_ids, epsilon=args.cold_epsilon), dec.num_candidates)
-    decoders: dict[str, tuple[Any, str]] = {"beam": (dec, "beam"), "exact": (dec, "exact"), "dense": (dec, "dense")}
-    for kind in FUSIONS:
-        decoders[f"hybrid:{kind}"] = (dec, kind)
-    decoders[f"beam + cold prefix (ε={args.cold_epsilon:g})"] = (prefix, "beam")
     # what adding the cold items costs the users whose test target is warm (same world, same histories)
     world = leave_one_out(load_dataset(full))
     warm_rows = np.flatnonzero(world.test_targets < cold_from)
     warm_rows = warm_rows[sample_users(warm_rows.size, args.warm_users, args.seed)]
-    warm_batches = list(eval_batches(*split_histories(world, "test", warm_rows), run.ids, run.max_history, args.batch_size))
+    warm_batches = split_batches(run, world, "test", warm_rows, args.batch_size)
     warm_tgt = np.concatenate([b.targets.numpy() for b in warm_batches])
     table: dict[str, Any] = {}
-    for name, (d, what) in decoders.items():  # loop over decoders
-        if name.startswith("hybrid:"):
-            dec.fusion = (what, choice.table[what]["params"])
-            what = "hybrid"
-        items, secs = timed_pass(run, d, what, batches, max(KS))
+    for name, decoder in decoders.items():  # loop over decoders
+        items, secs = timed_pass(decoder, batches, max(KS))
         table[name] = {f"{m}@{k}": float(fn(items, tgt, k).mean()) for k in KS for m, fn in (("recall", recall_at_k), ("ndcg", ndcg_at_k))}
         table[name] |= {"cold_share": float((items >= cold_from).mean()), "users_per_s": len(tgt) / secs, "users": len(tgt)}
-        items, _ = timed_pass(run, d, what, warm_batches, max(KS))
+        items, _ = timed_pass(decoder, warm_batches, max(KS))
         table[name] |= {"warm_recall@10": float(recall_at_k(items, warm_tgt, 10).mean()),
                         "warm_ndcg@10": float(ndcg_at_k(items, warm_tgt, 10).mean()),
                         "warm_cold_share": float((items >= cold_from).mean()), "warm_users": len(warm_tgt)}

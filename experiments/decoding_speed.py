@@ -1,4 +1,4 @@
-"""Decoding speed: generate + dict trie vs generate + PrefixTreeLogitsProcessor vs fast_topk; prefix-tree scale.
+"""Decoding speed: generate + dict trie vs generate + PrefixTreeLogitsProcessor vs beam_search; prefix-tree scale.
 
     python -m experiments.decoding_speed [--ids IDS/semantic_ids.npz] [--run RUN] [--data ../shared/data/beauty]
 
@@ -6,8 +6,8 @@ Part 1 (Beauty): users/second of three constrained top-k decoders on the same hi
 interleaved (so a load change on a shared machine hits all three alike), their ratios, the share of (b)'s time
 spent inside the processor, and whether the three return identical items.
   (a) ``model.generate`` + ``prefix_allowed_tokens_fn`` over a Python dict trie (the common practice: GENRE, LETTER)
-  (b) ``generator.decoding.t5_generate.generate_topk`` (``model.generate`` + ``PrefixTreeLogitsProcessor``)
-  (c) ``generator.decoding.t5_beam.fast_topk``
+  (b) ``generator.decoding.t5_generate.generate_beam_search`` (``model.generate`` + ``PrefixTreeLogitsProcessor``)
+  (c) ``generator.decoding.t5_beam.beam_search``
 Part 2 (scale): ``PrefixTree`` build time, bytes and per-step masking time (``allowed_mask`` + ``next_nodes`` for
 2,560 beams) on 10k .. 10M random 4-level tuples of 256 codes.
 
@@ -31,7 +31,7 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 import generator.decoding.t5_generate as decode
-from generator.decoding.t5_beam import fast_topk
+from generator.decoding.t5_beam import beam_search
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, write_json
 from semid.layout import TokenLayout
@@ -135,7 +135,7 @@ class DictTrie:
 
 
 def dict_trie_topk(model, input_ids, attention_mask, trie: DictTrie, layout: TokenLayout, *, k: int, num_beams: int):
-    """(a): stock generate + prefix_allowed_tokens_fn, same search settings as generate_topk."""
+    """(a): stock generate + prefix_allowed_tokens_fn, same search settings as generate_beam_search."""
     L, B = layout.num_levels, input_ids.shape[0]
     out = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, num_beams=num_beams, num_return_sequences=k,
@@ -182,8 +182,8 @@ def decoding_benchmark(model, ids: SemanticIDs, layout: TokenLayout, input_ids, 
     B, chunk, k, M = input_ids.shape[0], args.gen_batch, args.k, args.beams
     decoders = {
         "a": lambda x, am: dict_trie_topk(model, x, am, trie, layout, k=k, num_beams=M),
-        "b": lambda x, am: decode.generate_topk(model, x, am, tree, layout, k=k, num_beams=M)[:2],
-        "c": lambda x, am: fast_topk(model, x, am, tree, layout, k=k, num_beams=M, batch_size=args.beam_batch)[:2],
+        "b": lambda x, am: decode.generate_beam_search(model, x, am, tree, layout, k=k, num_beams=M)[:2],
+        "c": lambda x, am: beam_search(model, x, am, tree, layout, k=k, num_beams=M, batch_size=args.beam_batch)[:2],
     }
     seconds = dict.fromkeys(decoders, 0.0)
     results: dict[str, list] = {name: [] for name in decoders}
@@ -207,7 +207,7 @@ def decoding_benchmark(model, ids: SemanticIDs, layout: TokenLayout, input_ids, 
     names = {
         "a": "(a) generate + prefix_allowed_tokens_fn (dict trie)",
         "b": "(b) generate + PrefixTreeLogitsProcessor",
-        "c": "(c) fast_topk",
+        "c": "(c) beam_search",
     }
     report(f"{B} users, k = {k}, beams = {M}; (a), (b) in generate calls of {chunk} users; (c) batch_size={args.beam_batch}")
     report()
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--beams", type=int, default=20)
     p.add_argument("--gen-batch", type=int, default=128, help="users per generate call for (a), (b) and the timing chunks")
-    p.add_argument("--beam-batch", type=int, default=None, help="fast_topk batch_size (default: automatic)")
+    p.add_argument("--beam-batch", type=int, default=None, help="beam_search batch_size (default: automatic)")
     p.add_argument("--scale", default=",".join(SCALE_SIZES), help="comma-separated sizes of the scale part, '' to skip")
     p.add_argument("--scale-beams", type=int, default=2560)
     p.add_argument("--repeats", type=int, default=20)

@@ -23,21 +23,22 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from generator.decoding.t5_generate import get_decoder
-from generator.decoding.t5_hybrid import ALPHA_FILE, build_decoder
-from generator.runs.folder import Run, load_run
-from generator.training.examples import Examples, collate
-from generator.training.t5_data import eval_batches, sample_users, split_examples
-from semid.data import leave_one_out, load_dataset
+from generator.decoding.protocol import Decoder, Histories
+from generator.runs.batches import Labelled, split_batches
+from generator.runs.decoders import decoders_for
+from generator.runs.folder import HYBRID_FILE, load_run
+from generator.training.t5_data import sample_users
+from semid.data import load_dataset
+from semid.ids import SemanticIDs
 from semid.io import atomic_open, write_json
 from semid.metrics import RankingMetrics
+from semid.split import leave_one_out
 
 RESULTS = Path(__file__).parent / "results"
 PUBLISHED = {  # ../shared/data/README.md: R@5, N@5, R@10, N@10
@@ -65,34 +66,38 @@ def budget(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def score(
-    run: Run, examples: Examples, decode: Callable[..., Any], *, num_beams: int, batch_size: int, device: str, ks=(5, 10),
-    cold_from: int | None = None,
-) -> dict[str, Any]:
-    """Decode every example's history; Recall/NDCG@ks of its target, and decoding users/second.
+def describe(decoder: Decoder) -> str:
+    """The decoder's registry name and settings, e.g. ``hybrid(alpha=0.3, num_candidates=50, num_beams=20)``."""
+    keys = ("alpha", "num_candidates", "num_beams", "kind", "epsilon", "prefix_levels", "max_per_prefix")
+    settings = ", ".join(f"{key}={getattr(decoder, key)!r}" for key in keys if getattr(decoder, key, None) is not None)
+    return f"{decoder.name}({settings})"
 
-    With ``cold_from``, also the share of returned items with ids >= cold_from (``cold_share``).
+
+def score(
+    decoder: Decoder, batches: list[Labelled], ids: SemanticIDs, *, device: str, ks=(5, 10), cold_from: int | None = None,
+) -> dict[str, Any]:
+    """Decode every batch's histories; Recall/NDCG@ks of its targets, and decoding users/second.
+
+    ``decoder`` is bound to its model, tree and item vectors (on ``device``); ``ids`` are the items it ranks (returned
+    items outside them are errors). With ``cold_from``, also the share of returned items with ids >= cold_from
+    (``cold_share``).
     """
-    model, tree = run.model.to(device).eval(), run.tree.to(device)
     metrics = RankingMetrics(ks)
-    known = torch.from_numpy(run.ids.item_ids)
+    known = torch.from_numpy(ids.item_ids)
     bad = cold = 0
-    batches = eval_batches(examples.input_lengths, batch_size)
-    warm = collate(examples, batches[0][:8], run.layout.pad_token_id)  # one untimed call: allocations, lazy set-up
-    decode(model, warm.input_ids.to(device), warm.attention_mask.to(device), tree, run.layout, k=max(ks), num_beams=num_beams)
+    first = batches[0].histories  # one untimed call: allocations, lazy set-up (item vectors)
+    decoder(Histories(first.tokens[:8], first.mask[:8]).to(device), max(ks))
     start = time.perf_counter()
-    for index in batches:  # loop over batches of users
-        b = collate(examples, index, run.layout.pad_token_id)
-        res = decode(model, b.input_ids.to(device), b.attention_mask.to(device), tree, run.layout, k=max(ks), num_beams=num_beams)
-        items = res.items.cpu()
+    for b in batches:  # loop over batches of users
+        items = decoder(b.histories.to(device), max(ks)).items.cpu()
         bad += int((~torch.isin(items, known)).sum()) + int((items.sort(1).values.diff(dim=1) == 0).sum())
-        metrics.update(items, b.target)
+        metrics.update(items, b.targets)
         cold += int((items >= cold_from).sum()) if cold_from is not None else 0
     seconds = time.perf_counter() - start
     if bad:  # a real check, not an assert (which `python -O` strips)
-        raise RuntimeError(f"{bad} invalid or duplicate items returned by {getattr(decode, '__name__', decode)}")
+        raise RuntimeError(f"{bad} invalid or duplicate items returned by {describe(decoder)}")
     return {**metrics.compute(), "users": metrics.count, "seconds": round(seconds, 2), "users_per_s": metrics.count / seconds,
-            "decoder": getattr(decode, "__name__", str(decode)),
+            "decoder": describe(decoder),
             **({"cold_share": cold / (metrics.count * max(ks))} if cold_from is not None else {})}
 
 
@@ -120,20 +125,21 @@ def main(argv: list[str] | None = None) -> None:
     data = args.data or run.data_dir
     split = leave_one_out(load_dataset(data))
     for r in (run, dense_run):
-        r.model.to(args.device)
+        r.model.to(args.device).eval()
 
     # alpha on validation users only (cached in RUN/hybrid.json), before anything is timed
-    hybrid = build_decoder(
-        run, "hybrid", split=split, num_beams=args.num_beams, num_candidates=args.num_candidates,
+    decoders = decoders_for(
+        run, ["beam", "hybrid"], split=split, num_beams=args.num_beams, num_candidates=args.num_candidates,
         alpha_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed,
     )
-    alpha_info = json.loads((args.run / ALPHA_FILE).read_text())
+    decoders["dense"] = decoders_for(dense_run, ["dense"])["dense"]
+    alpha_info = json.loads((args.run / HYBRID_FILE).read_text())
 
     user_rows = sample_users(split.num_users, args.max_users, args.seed)
     rows: dict[str, Any] = {}
-    for name, r, decode in (("beam", run, get_decoder("auto")), ("dense", dense_run, build_decoder(dense_run, "dense")), ("hybrid", run, hybrid)):
-        ex = split_examples(split, r.ids, r.layout, args.split, rows=user_rows, max_history=r.max_history, use_user_tokens=r.use_user_tokens)
-        rows[name] = score(r, ex, decode, num_beams=args.num_beams, batch_size=args.batch_size, device=args.device)
+    for name, r in (("beam", run), ("dense", dense_run), ("hybrid", run)):
+        batches = split_batches(r, split, args.split, user_rows, args.batch_size)
+        rows[name] = score(decoders[name], batches, r.ids, device=args.device)
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
 
     lines: list[str] = []

@@ -16,6 +16,7 @@ Writes ``experiments/results/fusion[_TAG].{md,json}`` with the command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -25,29 +26,40 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.decoding.causal import CausalDecoders
-from generator.decoding.fusion import FUSIONS
-from generator.runs.causal import choose_causal_fusion, trained_tree
+from generator.decoding import registry
+from generator.decoding.fusion import FUSIONS, FusionChoice
+from generator.decoding.protocol import Decoder
+from generator.decoding.registry import CAUSAL, Ingredients
+from generator.runs.batches import Labelled, split_batches
+from generator.runs.decoders import decoders_for, trained_tree
 from generator.runs.folder import load_run
-from generator.training.causal_data import eval_batches, split_histories
+from generator.runs.fusion_store import choose_causal_fusion
 from generator.training.t5_data import sample_users
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import ndcg_at_k, paired_bootstrap, recall_at_k
+from semid.split import leave_one_out
 
 RESULTS = Path(__file__).parent / "results"
 KS = (5, 10)
 
 
-def timed_pass(run: Any, dec: CausalDecoders, name: str, batches: list, k: int) -> tuple[np.ndarray, float]:
-    """(items (U, k), seconds) of decoder ``name`` over the prepared batches: encoder pass + decoding, timed."""
+def timed_pass(decoder: Decoder, batches: list[Labelled], k: int) -> tuple[np.ndarray, float]:
+    """(items (U, k), seconds) of ``decoder`` over the prepared batches: encoder pass + decoding, timed."""
     out = []
     start = time.perf_counter()
     for b in batches:  # loop over batches of users
-        with torch.inference_mode():
-            h = run.model.last_hidden(b.histories, b.lengths)
-            out.append(dec.decode(name, h, k=k).items)
+        out.append(decoder(b.histories, k).items.cpu())
     return torch.cat(out).numpy(), time.perf_counter() - start
+
+
+def fusion_decoders(run: Any, choice: FusionChoice, *, num_beams: int, num_candidates: int) -> dict[str, Decoder]:
+    """``hybrid:<kind>`` for every fusion of ``generator.decoding.fusion``: the run's hybrid decoder with that fusion and
+    the parameters fitted for it on validation users (``choice.table``), built through the registry."""
+    ing = Ingredients(CAUSAL, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,
+                      trained_tree=trained_tree(run))
+    return {f"hybrid:{kind}": registry.build(dataclasses.replace(ing, fusion=(kind, choice.table[kind]["params"])), "hybrid")
+            for kind in FUSIONS}  # loop over fusions
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,27 +79,22 @@ def main(argv: list[str] | None = None) -> None:
 
     run = load_run(args.run, args.checkpoint)
     split = leave_one_out(load_dataset(run.data_dir))
-    dec = CausalDecoders(run.model, run.tree, torch.from_numpy(run.ids.item_ids), num_beams=args.num_beams,
-                         num_candidates=args.num_candidates, trained_tree=trained_tree(run)).refresh()
+    decoders = decoders_for(run, ["beam", "exact", "dense"], num_beams=args.num_beams, num_candidates=args.num_candidates)
+    dec = decoders["beam"].shared  # the CausalDecoders the three share (item paths, edge tables, item vectors)
     t0 = time.perf_counter()
     choice = choose_causal_fusion(run, dec, split, max_users=args.val_users, batch_size=args.batch_size, seed=args.seed)
     choose_s = time.perf_counter() - t0
     print(f"chosen on validation: {choice.kind} {choice.params} ({choose_s:.0f} s)", file=sys.stderr, flush=True)
+    decoders |= fusion_decoders(run, choice, num_beams=args.num_beams, num_candidates=args.num_candidates)
 
     rows = sample_users(split.num_users, args.max_users, args.seed)
-    hist, targets = split_histories(split, "test", rows)
-    batches = list(eval_batches(hist, targets, run.ids, run.max_history, args.batch_size))
+    batches = split_batches(run, split, "test", rows, args.batch_size)
     tgt = np.concatenate([b.targets.numpy() for b in batches])
     per_user: dict[str, dict[str, np.ndarray]] = {}
     table: dict[str, dict[str, float]] = {}
     names = ["beam", "exact", "dense", *(f"hybrid:{kind}" for kind in FUSIONS)]
     for name in names:  # loop over decoders
-        if name.startswith("hybrid:"):
-            kind = name.split(":")[1]
-            dec.fusion = (kind, choice.table[kind]["params"])
-            items, secs = timed_pass(run, dec, "hybrid", batches, max(KS))
-        else:
-            items, secs = timed_pass(run, dec, name, batches, max(KS))
+        items, secs = timed_pass(decoders[name], batches, max(KS))
         per_user[name] = {f"{m}@{k}": fn(items, tgt, k) for k in KS for m, fn in (("recall", recall_at_k), ("ndcg", ndcg_at_k))}
         table[name] = {m: float(v.mean()) for m, v in per_user[name].items()} | {"users_per_s": len(tgt) / secs}
         print(f"{name}: {table[name]}", file=sys.stderr, flush=True)

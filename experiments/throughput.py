@@ -34,14 +34,14 @@ def _time(step, batches, steps: int) -> tuple[float, int]:  # noqa: ANN001
 
 
 def main(argv: list[str] | None = None) -> None:
-    from generator.decoding.t5_hybrid import dense_setup
     from generator.runs.options import preset
     from generator.training.causal_data import CausalDataModule, collate_windows
     from generator.training.causal_system import CausalSystem
     from generator.training.t5_data import GeneratorDataModule
-    from generator.training.t5_system import GeneratorSystem
-    from semid.data import leave_one_out, load_dataset
+    from generator.training.t5_system import GeneratorSystem, dense_setup
+    from semid.data import load_dataset
     from semid.ids import SemanticIDs
+    from semid.split import leave_one_out
     from semid.tree import PrefixTree
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -40,10 +40,11 @@ from generator.decoding.titles import LENGTH_PENALTY
 from generator.runs.evaluate import evaluate
 from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
-from generator.runs.titles import evaluate_generated, load_any_run
+from generator.runs.titles import load_any_run
 from generator.runs.train import train_run
-from semid.data import leave_one_out, load_dataset
+from semid.data import load_dataset
 from semid.io import atomic_open, write_json
+from semid.split import leave_one_out
 
 RESULTS = Path(__file__).parent / "results"
 KS = (5, 10)
@@ -133,9 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     for decoder, name in (("beam", "semantic-ID constrained beam"), ("exact", "exact semantic-ID ranking")):
         r = evaluate(ids_run, split, "test", decoder=decoder, **common)
         rows.append(row(name, r.metrics, r.users, r.seconds, None))
-    *_, metrics, users, invalid, dups, seconds, stats = evaluate_generated(ids_run, split, "test", decoder="codes-grounded", **common)
-    assert invalid == dups == 0, "grounded codes returned invalid or duplicate items"
-    codes_row = row("codes free + grounding", metrics, users, seconds, stats.as_dict())
+    r = evaluate(ids_run, split, "test", decoder="codes-grounded", **common)
+    assert r.invalid_items == r.duplicate_items == 0, "grounded codes returned invalid or duplicate items"
+    codes_row = row("codes free + grounding", r.metrics, r.users, r.seconds, r.grounding)
 
     # 2. the title run: length normalisation measured on validation users, then the test rows
     title_run = load_any_run(title_dir)
@@ -144,9 +145,11 @@ def main(argv: list[str] | None = None) -> None:
         key = f"length_valid_{args.length_users}_{args.seed}_{args.num_beams}_a{alpha:g}"
         done = cached(work, key)
         if done is None:
-            *_, m, users, _, _, secs, _ = evaluate_generated(title_run, split, "valid", decoder="title-beam", length_penalty=alpha,
-                                                             **{**common, "max_users": args.length_users})
-            done = keep(work, key, {"length_penalty": alpha, **{k: round(m[k], 4) for k in m}, "users": users, "seconds": round(secs, 1)})
+            r = evaluate(title_run, split, "valid", decoder="title-beam", length_penalty=alpha,
+                         **{**common, "max_users": args.length_users})
+            m = r.metrics
+            done = keep(work, key, {"length_penalty": alpha, **{k: round(m[k], 4) for k in m}, "users": r.users,
+                                    "seconds": round(r.seconds, 1)})
             print(json.dumps(done), flush=True)
         length.append(done)
     best = max(length, key=lambda x: x["ndcg@10"])["length_penalty"]
@@ -154,9 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         key = f"{decoder}_test_{args.max_users}_{args.seed}_{args.num_beams}_a{best:g}"
         done = cached(work, key)  # an earlier run's row with these settings (the slow rows: resumable)
         if done is None:
-            *_, m, users, invalid, dups, secs, stats = evaluate_generated(title_run, split, "test", decoder=decoder, length_penalty=best, **common)
-            assert invalid == dups == 0, f"{decoder} returned invalid or duplicate items"
-            done = keep(work, key, row(name, m, users, secs, stats.as_dict() if decoder == "title-grounded" else None))
+            r = evaluate(title_run, split, "test", decoder=decoder, length_penalty=best, **common)
+            assert r.invalid_items == r.duplicate_items == 0, f"{decoder} returned invalid or duplicate items"
+            done = keep(work, key, row(name, r.metrics, r.users, r.seconds, r.grounding if decoder == "title-grounded" else None))
         rows.append(done)
     rows.append(codes_row)
 
