@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from generator.models.checkpoint import ids_digest
-from generator.runs.lineage import ADDED_CONTENT, lineage
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
+from generator.runs.lineage import ADDED_CONTENT, lineage
 from generator.runs.recommend import recommend
 from rqvae import load_quantizer
 from semid.cli import main
