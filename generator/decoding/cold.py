@@ -9,7 +9,7 @@ and candidates (loops only over code levels): candidates -> mixed-radix prefix k
 construction -> each matched cold item gets the score of the best-ranked candidate it matched -> merge, drop
 duplicates, cap the cold items at ceil(epsilon * k), take the top-k.
 
-Dimensions: B histories, C beam candidates, P cold matches kept per candidate, N items, L code levels.
+Dimensions: B histories, C beam candidates, P cold matches kept per candidate, Q cold items, N items, L code levels.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ColdStartBeam:
         beam: the backbone's beam decoder (``T5Beam``, or the causal ``beam``); it is called with
             max(its num_beams, C) beams.
         ids: the semantic IDs *after* ``add_items`` (warm and cold items).
-        cold_item_ids: int (M,), the cold items (each in ``ids``).
+        cold_item_ids: int (Q,), the cold items (each in ``ids``).
         epsilon: the largest share of the top-k that cold items may take: at most ceil(epsilon * k) slots.
         prefix_levels: codes compared (default: all base levels but the last, ``ids.num_base_levels - 1``).
         num_candidates: C, beam candidates whose prefixes are looked up (default: max(k, num_beams) at each call).
@@ -86,8 +86,8 @@ class ColdStartBeam:
         self.ids, self.epsilon, self.prefix_levels = ids, float(epsilon), prefix_levels
         self.beam, self.num_candidates, self.max_per_prefix = beam, num_candidates, max_per_prefix
         self.sizes = tuple(int(s) for s in ids.codebook_sizes)
-        codes = torch.from_numpy(ids.codes_of(cold))  # (M, L)
-        keys = prefix_keys(codes, self.sizes, prefix_levels)  # (M,)
+        codes = torch.from_numpy(ids.codes_of(cold))  # (Q, L)
+        keys = prefix_keys(codes, self.sizes, prefix_levels)  # (Q,)
         order = torch.argsort(keys, stable=True)  # by key, then by item id (cold is ascending)
         self.cold_keys, self.cold_items, self.cold_codes = keys[order], torch.from_numpy(cold)[order], codes[order]
 
@@ -110,7 +110,7 @@ class ColdStartBeam:
         check_k(k, C, "the beam's candidates per history")
         device, P = res.items.device, self.max_per_prefix
         cold_keys, cold_items, cold_codes = (t.to(device) for t in (self.cold_keys, self.cold_items, self.cold_codes))
-        M = cold_keys.numel()
+        Q = cold_keys.numel()
         valid_cand = torch.isfinite(res.scores) & (res.items >= 0)
 
         # candidates -> up to P cold items with the same prefix key: (B, C, P)
@@ -119,7 +119,7 @@ class ColdStartBeam:
         hi = torch.searchsorted(cold_keys, keys.contiguous(), right=True)
         idx = lo.unsqueeze(-1) + torch.arange(P, device=device)  # (B, C, P)
         hit = (idx < hi.unsqueeze(-1)) & (valid_cand & (keys >= 0)).unsqueeze(-1)
-        idx = idx.clamp_max(M - 1)
+        idx = idx.clamp_max(Q - 1)
         m_items = torch.where(hit, cold_items[idx], -1).reshape(B, C * P)
         m_scores = torch.where(hit, res.scores.unsqueeze(-1), float("-inf")).reshape(B, C * P).to(res.scores.dtype)
         m_codes = cold_codes[idx].reshape(B, C * P, -1)

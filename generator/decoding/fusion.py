@@ -142,7 +142,8 @@ def pool(parts: Parts) -> Pool:
         torch.where(in_gen, torch.log1p(gen_rank.float()), 0.0), torch.where(in_dense, torch.log1p(dense_rank.float()), 0.0),
         torch.where(in_gen & ~in_dense, exact, 0.0), torch.where(in_dense & ~in_gen, dense, 0.0),
     ], dim=-1)
-    f = torch.where(valid[..., None], torch.nan_to_num(f, neginf=0.0), 0.0)  # log-probs of real items are finite
+    # padded slots, and -inf log-probs (an item one head cannot reach), become 0; a NaN from the model stays NaN
+    f = torch.where(valid[..., None] & ~torch.isneginf(f), f, 0.0)
     return Pool(rows, valid, f, gen_rank, dense_rank)
 
 

@@ -13,7 +13,7 @@ by the run layer, ``generator.runs.fusion_store``). alpha = 1 gives the generati
 items); alpha = 0 the dense top-k exactly, since the pool holds the dense top C: on validation the chosen alpha is
 never worse than dense.
 
-Shapes: B histories, S encoder tokens, M candidates, N items, L code levels.
+Shapes: B histories, S encoder tokens, C candidates per list, W pool width (<= 2C), N items, L code levels.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 class HybridCandidates(NamedTuple):
     """Candidates with both scores.
 
-    items:         LongTensor (B, M) item ids; -1 in a padded slot.
-    gen_logprob:   FloatTensor (B, M), the generative log-likelihood (the beam's score); -inf in a padded slot.
-    dense_logprob: FloatTensor (B, M), the dense head's log-softmax of each candidate; -inf in a padded slot.
-    codes:         LongTensor (B, M, L), the candidates' code tuples (-1 in a padded slot).
+    items:         LongTensor (B, W) item ids; -1 in a padded slot.
+    gen_logprob:   FloatTensor (B, W), the generative log-likelihood (the beam's score); -inf in a padded slot.
+    dense_logprob: FloatTensor (B, W), the dense head's log-softmax of each candidate; -inf in a padded slot.
+    codes:         LongTensor (B, W, L), the candidates' code tuples (-1 in a padded slot).
     """
 
     items: torch.Tensor
@@ -63,7 +63,7 @@ class AlphaChoice(NamedTuple):
 
 
 def blend(cands: HybridCandidates, alpha: float) -> torch.Tensor:
-    """alpha * gen + (1 - alpha) * dense, (B, M); -inf wherever the beam left a slot empty."""
+    """alpha * gen + (1 - alpha) * dense, (B, W); -inf wherever the beam left a slot empty."""
     _check_alpha(alpha)
     mixed = alpha * cands.gen_logprob + (1.0 - alpha) * cands.dense_logprob
     return torch.where(torch.isfinite(cands.gen_logprob), mixed, float("-inf"))  # 0 * -inf would be NaN
@@ -92,10 +92,10 @@ def choose_alpha(
     """Pick the blend weight that maximises ``metric`` on *validation* candidates and targets.
 
     Args:
-        cands: candidates of validation histories (B, M).
+        cands: candidates of validation histories (B, W).
         targets: (B,) the validation target item ids.
         grid: alphas to try, each in [0, 1]; on a tie the first in the grid wins.
-        metric: ``"recall@K"`` or ``"ndcg@K"`` with K <= M.
+        metric: ``"recall@K"`` or ``"ndcg@K"`` with K <= W.
     """
     name, _, k_str = metric.partition("@")
     if name not in ("recall", "ndcg") or not k_str.isdigit() or not 1 <= int(k_str) <= cands.items.shape[1]:

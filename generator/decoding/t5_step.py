@@ -168,44 +168,44 @@ def score_codes(model: T5ForConditionalGeneration, input_ids: torch.Tensor, atte
 
     For each history and candidate the decoder reads [bos, c_1 .. c_{L-1}]; at level l the candidate's code is
     gathered from :meth:`T5Step.level_logp` (renormalised over what the tree allows after its prefix) and the
-    levels are summed. The encoder runs once per history; its M candidates are M rows of one step.
+    levels are summed. The encoder runs once per history; its C candidates are C rows of one step.
 
     Args:
         model: ``T5ForConditionalGeneration`` in eval mode; input_ids, attention_mask: (B, S).
-        tree: the items' prefix tree on any device; codes: LongTensor (B, M, L) code tuples (-1 in an empty slot).
+        tree: the items' prefix tree on any device; codes: LongTensor (B, C, L) code tuples (-1 in an empty slot).
         batch_size: histories per chunk; None picks it from the memory budget.
     Returns:
-        FloatTensor (B, M); -inf where a tuple is not in the tree.
+        FloatTensor (B, C); -inf where a tuple is not in the tree.
     """
     device = model.device
     tree = tree.to(device)
     input_ids, attention_mask, codes = input_ids.to(device), attention_mask.to(device), codes.to(device)
     B, S = input_ids.shape
     if codes.ndim != 3 or codes.shape[0] != B or codes.shape[2] != layout.num_levels:
-        raise ValueError(f"`codes` must be a LongTensor (B={B}, M, L={layout.num_levels}), got shape {tuple(codes.shape)}")
-    M = codes.shape[1]
-    if B == 0 or M == 0:
-        return torch.zeros(B, M, dtype=torch.float32, device=device)
-    chunk = batch_size or auto_batch_size(model, S, M, layout)
+        raise ValueError(f"`codes` must be a LongTensor (B={B}, C, L={layout.num_levels}), got shape {tuple(codes.shape)}")
+    C = codes.shape[1]
+    if B == 0 or C == 0:
+        return torch.zeros(B, C, dtype=torch.float32, device=device)
+    chunk = batch_size or auto_batch_size(model, S, C, layout)
     return torch.cat([_score_chunk(T5Step(model, layout, input_ids[i : i + chunk], attention_mask[i : i + chunk]), tree, codes[i : i + chunk])
                       for i in range(0, B, chunk)])  # loop over chunks of histories
 
 
 def _score_chunk(step: T5Step, tree: PrefixTree, codes: torch.Tensor) -> torch.Tensor:
-    """score_codes for one chunk of B histories with M candidates each: (B, M)."""
-    B, M, L = codes.shape
-    flat = codes.reshape(B * M, L)  # row b * M + j is candidate j of history b
-    cache = step.new_cache(B * M)
-    tokens = torch.full((B * M,), step.layout.bos_token_id, dtype=torch.long, device=step.device)
-    nodes = torch.zeros(B * M, dtype=torch.long, device=step.device)  # -1 once a candidate leaves the tree
-    total = torch.zeros(B * M, dtype=torch.float32, device=step.device)
+    """score_codes for one chunk of B histories with C candidates each: (B, C)."""
+    B, C, L = codes.shape
+    flat = codes.reshape(B * C, L)  # row b * C + j is candidate j of history b
+    cache = step.new_cache(B * C)
+    tokens = torch.full((B * C,), step.layout.bos_token_id, dtype=torch.long, device=step.device)
+    nodes = torch.zeros(B * C, dtype=torch.long, device=step.device)  # -1 once a candidate leaves the tree
+    total = torch.zeros(B * C, dtype=torch.float32, device=step.device)
     for level in range(L):  # the only loop: over levels
         lo, hi = step.layout.level_range(level)
-        logp = step.level_logp(level, tokens, cache, M, tree, nodes)  # (B*M, K)
+        logp = step.level_logp(level, tokens, cache, C, tree, nodes)  # (B*C, K)
         code = flat[:, level]
         ok = (code >= 0) & (code < hi - lo)
         safe = code.clamp(0, hi - lo - 1)
         total = total + torch.where(ok, logp.gather(1, safe[:, None]).squeeze(1), float("-inf"))
         tokens = safe + lo
         nodes = torch.where(ok, tree.next_nodes(nodes, tokens), -1)
-    return total.view(B, M)
+    return total.view(B, C)

@@ -89,7 +89,7 @@ def stored_alpha(run: Any, num_candidates: int) -> float | None:
 
 def validation_candidates(run: Any, decoder: T5Hybrid, split: Split, *, max_users: int | None, batch_size: int,
                           seed: int) -> tuple[HybridCandidates, np.ndarray]:
-    """Hybrid candidates (U, M) of a seeded sample of validation users, and their targets (U,)."""
+    """Hybrid candidates (U, W) of a seeded sample of validation users, and their targets (U,)."""
     device = next(run.model.parameters()).device
     parts, targets = [], []
     for b in split_batches(run, split, "valid", sample_users(split.num_users, max_users, seed), batch_size):  # loop over batches
