@@ -39,8 +39,8 @@ import torch
 from generator.decoding.titles import LENGTH_PENALTY
 from generator.runs.evaluate import evaluate
 from generator.runs.folder import load_run
+from generator.runs.load import load_any_run
 from generator.runs.options import TrainOptions
-from generator.runs.titles import load_any_run
 from generator.runs.train import train_run
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json

@@ -13,9 +13,10 @@ from transformers import PreTrainedTokenizerFast
 
 from generator.models.titles import TitleGenerator
 from generator.runs.evaluate import evaluate_run
+from generator.runs.load import load_any_run
 from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
-from generator.runs.titles import TitleRun, load_any_run
+from generator.runs.titles import TitleRun
 from semid.cli import main
 from semid.titles import TitleTokenizer
 from tests.test_embed import model_dir  # noqa: F401 (a tiny local BERT folder: the grounding encoder)

@@ -22,6 +22,7 @@ from generator.decoding.protocol import check_decode_args
 from generator.runs.batches import split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, metrics_file
+from generator.runs.load import load_any_run
 from generator.training.t5_data import sample_users
 from semid.data import load_dataset
 from semid.io import write_json
@@ -155,8 +156,6 @@ def evaluate_run(
     """
     if which not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
-    from generator.runs.titles import load_any_run
-
     run = load_any_run(run_dir, checkpoint)  # load_run, or a title run's loader
     data = Path(data_dir) if data_dir is not None else run.data_dir
     split = leave_one_out(load_dataset(data))

@@ -74,7 +74,7 @@ def recommend(
     """Top-k items for each history (item ids, oldest first).
 
     Args:
-        run: a loaded run (``generator.runs.titles.load_any_run``, or ``generator.runs.folder.load_run``).
+        run: a loaded run (``generator.runs.load.load_any_run``, or ``generator.runs.folder.load_run``).
         histories: B non-empty sequences of known item ids; only the last ``max_history`` items are used.
         k: items per history, at most the catalogue size.
         num_beams: M >= k beams (default max(k, 20), capped at the catalogue size).

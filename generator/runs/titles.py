@@ -101,16 +101,6 @@ def load_title_run(run_dir: Path, config: dict[str, Any], checkpoint: Any = None
     return TitleRun(run_dir, config, ckpt, model, mcfg, layout, ids, tree, tokenizer)
 
 
-def load_any_run(run_dir: Any, checkpoint: Any = None) -> Run:
-    """``generator.runs.folder.load_run``, or :func:`load_title_run` for a title run's folder."""
-    from generator.runs.folder import load_run, read_config
-
-    config = read_config(run_dir)
-    if is_title_config(config):
-        return load_title_run(Path(run_dir), config, checkpoint)
-    return load_run(run_dir, checkpoint)
-
-
 # ---- the catalogue's title embeddings for title-grounded (cached in the run folder) ------------------------------
 def titles_digest(titles: list[str], encoder_dir: str | os.PathLike[str]) -> str:
     h = hashlib.sha256(str(Path(encoder_dir).resolve().name).encode())

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from generator.decoding import registry
+from generator.runs.load import load_any_run
 from generator.runs.recommend import recommend
-from generator.runs.titles import load_any_run
 from semid.data import load_dataset
 
 
