@@ -48,8 +48,10 @@ class ColdStartBeam:
     A matched cold item scores what
     its best-ranked matching candidate scored and ranks right after it; the rest of the top-k are the beam's own
     items, best first, no duplicates. Cold items the beam returns by itself count as cold too (capped alike). The
-    cap holds whenever the beam's C candidates hold at least k - ceil(epsilon * k) warm items; should they not,
-    over-cap cold items fill the remaining slots (a ranking always has k items). With no match the result is the
+    cap needs the beam's C candidates to hold at least k - ceil(epsilon * k) warm items: a call asks the beam for
+    twice as many candidates until every history's do (a beam over a tree that holds the cold items, as the causal
+    one after ``semid add-items``, returns some of them itself). Only when the whole catalogue holds too few warm
+    items do over-cap cold items fill the remaining slots (a ranking always has k items). With no match the result is the
     beam's own top-k.
     """
 
@@ -98,11 +100,18 @@ class ColdStartBeam:
     @torch.no_grad()
     def __call__(self, histories: Histories, k: int) -> Ranking:
         """Top-k (B, k) of the beam's candidates and the cold items matching their prefixes."""
-        check_k(k, self.ids.num_items, "the catalogue size")
+        N = self.ids.num_items
+        check_k(k, N, "the catalogue size")
         C = max(k, self.beam.num_beams if self.num_candidates is None else self.num_candidates)
-        beam = copy.copy(self.beam)  # the same decoder with enough beams for C candidates
-        beam.num_beams = max(self.beam.num_beams, C)
-        return self.merge(beam(histories, C), k)
+        need = k - self.max_cold(k)  # warm items the candidates must hold for the cap to hold
+        while True:  # at most log2(N / C) rounds: more candidates only where some history has too few warm ones
+            beam = copy.copy(self.beam)  # the same decoder with enough beams for C candidates
+            beam.num_beams = max(self.beam.num_beams, C)
+            res = beam(histories, C)
+            warm = (res.items >= 0) & torch.isfinite(res.scores) & ~torch.isin(res.items, self.cold_items.to(res.items.device))
+            if C >= N or bool((warm.sum(1) >= need).all()):
+                return self.merge(res, k)
+            C = min(N, 2 * C)
 
     def merge(self, res: Ranking, k: int) -> Ranking:
         """The top-k (B, k) of beam candidates ``res`` (B, C) and the cold items sharing their prefixes."""
