@@ -162,6 +162,68 @@ def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tabl
     return total
 
 
+class TreeMask:
+    """The beam's tree state: each beam's node (and its node in the trained tree when items were added since)."""
+
+    def __init__(self, tree: PrefixTree, trained_tree: PrefixTree | None, B: int, device: torch.device) -> None:
+        self.tree, self.trained_tree = tree, trained_tree
+        self.nodes = torch.zeros(B, dtype=torch.long, device=device)  # (B*m,) tree node of each beam, -1 = dead
+        self.old_nodes = self.nodes.clone()  # the same prefixes in trained_tree (-1 where only added items lead)
+
+    def logp(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        allowed = self.tree.allowed_mask(self.nodes, token_range=(lo, hi))
+        if self.trained_tree is None:
+            return masked_log_softmax(logits, allowed)
+        norm = self.trained_tree.allowed_mask(self.old_nodes, token_range=(lo, hi))
+        norm = torch.where(norm.any(1, keepdim=True), norm, allowed)
+        return (logits - logits.masked_fill(~norm, float("-inf")).logsumexp(1, keepdim=True)).masked_fill(~allowed, float("-inf"))
+
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
+        self.nodes = torch.where(alive, self.tree.next_nodes(self.nodes[rows], tokens), -1)
+        if self.trained_tree is not None:
+            self.old_nodes = self.trained_tree.next_nodes(self.old_nodes[rows], tokens)
+
+
+class NoMask:
+    """No tree: each level's log-softmax over its whole block (free generation)."""
+
+    def logp(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return logits.log_softmax(-1)
+
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
+        pass
+
+
+def beam_levels(model: CausalGenerator, h: torch.Tensor, *, num_beams: int, mask: TreeMask | NoMask
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal beam search's loop over levels, from states (B, D): (code tokens (B*M, L), scores (B, M)), best
+    first. ``mask`` gives each level's log-probabilities (over what the tree allows, or the whole block) and follows
+    the beams; one batched product per level (``code_logits``), one ``topk`` over M x K_l; no loop over beams."""
+    layout = model.layout
+    B, M, L = h.shape[0], num_beams, layout.num_levels
+    device = h.device
+    hq = model.level_queries(h)  # (B, L, D)
+    scores = torch.zeros(B, 1, dtype=h.dtype, device=device)  # (B, m)
+    prefix = torch.empty(B, 0, dtype=torch.long, device=device)  # (B*m, level) chosen code tokens
+    m = 1
+    for level in range(L):  # the only loop: over levels
+        lo, hi = layout.level_range(level)
+        K = hi - lo
+        q = hq[:, level, None, :].expand(B, m, -1).reshape(B * m, -1)  # (B*m, D)
+        logp = mask.logp(model.code_logits(level, q, prefix), lo, hi)  # (B*m, K)
+        cand = (scores[:, :, None] + logp.view(B, m, K)).view(B, m * K)
+        if m * K < M:  # fewer candidates than beams: pad with dead ones
+            cand = torch.nn.functional.pad(cand, (0, M - m * K), value=float("-inf"))
+        scores, idx = cand.topk(M, dim=1)  # (B, M), best first
+        parent = (idx // K).clamp_max(m - 1)
+        rows = (torch.arange(B, device=device)[:, None] * m + parent).view(-1)  # (B*M,)
+        tokens = (idx % K).view(-1) + lo
+        mask.advance(rows, tokens, torch.isfinite(scores.view(-1)))
+        prefix = torch.cat([prefix[rows], tokens[:, None]], dim=1)
+        m = M
+    return prefix, scores
+
+
 def beam_search(
     model: CausalGenerator, h: torch.Tensor, tree: PrefixTree, *, k: int, num_beams: int,
     trained_tree: PrefixTree | None = None,
@@ -171,41 +233,10 @@ def beam_search(
     With ``trained_tree`` (the tree of the items the model was trained with, when items were added since), each
     node's log-probabilities are normalised over its trained children where it has any, as :func:`exact_scores` does.
     """
-    layout = model.layout
-    B, M, L = h.shape[0], num_beams, layout.num_levels
-    device = h.device
-    hq = model.level_queries(h)  # (B, L, D)
-    nodes = torch.zeros(B, dtype=torch.long, device=device)  # (B*m,) tree node of each beam, -1 = dead
-    old_nodes = nodes.clone()  # the same prefixes in trained_tree (-1 where only added items lead)
-    scores = torch.zeros(B, 1, dtype=h.dtype, device=device)  # (B, m)
-    prefix = torch.empty(B, 0, dtype=torch.long, device=device)  # (B*m, level) chosen code tokens
-    m = 1
-    for level in range(L):  # the only loop: over levels
-        lo, hi = layout.level_range(level)
-        K = hi - lo
-        q = hq[:, level, None, :].expand(B, m, -1).reshape(B * m, -1)  # (B*m, D)
-        logits = model.code_logits(level, q, prefix)  # (B*m, K)
-        allowed = tree.allowed_mask(nodes, token_range=(lo, hi))
-        if trained_tree is None:
-            logp = masked_log_softmax(logits, allowed)
-        else:
-            norm = trained_tree.allowed_mask(old_nodes, token_range=(lo, hi))
-            norm = torch.where(norm.any(1, keepdim=True), norm, allowed)
-            logp = (logits - logits.masked_fill(~norm, float("-inf")).logsumexp(1, keepdim=True)).masked_fill(~allowed, float("-inf"))
-        cand = (scores[:, :, None] + logp.view(B, m, K)).view(B, m * K)
-        if m * K < M:  # fewer candidates than beams: pad with dead ones
-            cand = torch.nn.functional.pad(cand, (0, M - m * K), value=float("-inf"))
-        scores, idx = cand.topk(M, dim=1)  # (B, M), best first
-        parent = (idx // K).clamp_max(m - 1)
-        rows = (torch.arange(B, device=device)[:, None] * m + parent).view(-1)  # (B*M,)
-        tokens = (idx % K).view(-1) + lo
-        alive = torch.isfinite(scores.view(-1))
-        nodes = torch.where(alive, tree.next_nodes(nodes[rows], tokens), -1)
-        if trained_tree is not None:
-            old_nodes = trained_tree.next_nodes(old_nodes[rows], tokens)
-        prefix = torch.cat([prefix[rows], tokens[:, None]], dim=1)
-        m = M
-    leaves = tree.next_nodes(nodes, torch.full_like(nodes, layout.eos_token_id))  # the eos step adds log 1 = 0
+    B, M, L = h.shape[0], num_beams, model.layout.num_levels
+    mask = TreeMask(tree, trained_tree, B, h.device)
+    prefix, scores = beam_levels(model, h, num_beams=num_beams, mask=mask)
+    leaves = tree.next_nodes(mask.nodes, torch.full_like(mask.nodes, model.layout.eos_token_id))  # the eos step adds log 1 = 0
     top = leaves.view(B, M)[:, :k]
     items = torch.where(top >= 0, tree.node_value[top.clamp_min(0)], -1)
     if (items < 0).any():

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-from generator.decoding.protocol import PREFIX_MATCHED, Decoder, Histories, Ranking, check_k
+from generator.decoding.protocol import PREFIX_MATCHED, Decoder, Histories, Ranking, check_int_in, check_k
 from semid.ids import SemanticIDs
 
 
@@ -77,7 +77,7 @@ class ColdStartBeam:
         if not isinstance(max_per_prefix, int) or isinstance(max_per_prefix, bool) or max_per_prefix < 1:
             raise ValueError(f"`max_per_prefix` must be a positive int, got {max_per_prefix!r}")
         if num_candidates is not None:
-            check_k(num_candidates, ids.num_items, "the catalogue size")
+            check_int_in("num_candidates", num_candidates, 1, ids.num_items, "the catalogue size")
         if math.prod(ids.codebook_sizes[:prefix_levels]) >= 2**62:
             raise ValueError(f"the prefix space {list(ids.codebook_sizes[:prefix_levels])} is too large for an int64 key")
         cold = np.unique(np.asarray(cold_item_ids, dtype=np.int64))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from generator.decoding.causal import CausalDecoders
+from generator.decoding.causal import CausalDecoders, NoMask, beam_levels
 from generator.decoding.protocol import GENERATION_LOG_PROB, Ranking, check_beams, check_k
 from generator.models.causal import CausalGenerator
 from semid.tree import PrefixTree
@@ -70,27 +70,10 @@ def first_occurrences(rows: torch.Tensor, scores: torch.Tensor, k: int) -> tuple
 
 # ---- semantic IDs: free beam over codes, then the longest matching prefix and the nearest item under it --------
 def free_code_beam(model: CausalGenerator, h: torch.Tensor, *, num_beams: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Beam search over code tokens with no tree: (tokens (B, M, L), scores (B, M)), best first."""
-    layout = model.layout
-    B, M, L = h.shape[0], num_beams, layout.num_levels
-    hq = model.level_queries(h)  # (B, L, D)
-    scores = torch.zeros(B, 1, dtype=h.dtype, device=h.device)
-    prefix = torch.empty(B, 0, dtype=torch.long, device=h.device)
-    m = 1
-    for level in range(L):  # the only loop: over levels
-        lo, hi = layout.level_range(level)
-        K = hi - lo
-        q = hq[:, level, None, :].expand(B, m, -1).reshape(B * m, -1)
-        logp = model.code_logits(level, q, prefix).log_softmax(-1)  # (B*m, K): no mask
-        cand = (scores[:, :, None] + logp.view(B, m, K)).view(B, m * K)
-        if m * K < M:
-            cand = torch.nn.functional.pad(cand, (0, M - m * K), value=float("-inf"))
-        scores, idx = cand.topk(M, dim=1)
-        parent = (idx // K).clamp_max(m - 1)
-        rows = (torch.arange(B, device=h.device)[:, None] * m + parent).view(-1)
-        prefix = torch.cat([prefix[rows], (idx % K).view(-1, 1) + lo], dim=1)
-        m = M
-    return prefix.view(B, M, L), scores
+    """Beam search over code tokens with no tree (the causal beam's loop, unmasked): (tokens (B, M, L), scores (B, M)),
+    best first."""
+    prefix, scores = beam_levels(model, h, num_beams=num_beams, mask=NoMask())
+    return prefix.view(h.shape[0], num_beams, model.layout.num_levels), scores
 
 
 class CodeGrounder:

@@ -97,16 +97,27 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def check_int_in(name: str, value: object, lo: int, hi: int, what: str) -> None:
+    """``value`` (the argument ``name``) must be an int in [lo, hi]; ``what`` says where the bounds come from."""
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ValueError(f"`{name}` must be an int in [{lo}, {hi}] ({what}), got {value!r}")
+
+
 def check_k(k: object, limit: int, what: str) -> None:
     """``k`` must be an int in [1, limit]; ``what`` names the limit (e.g. "the catalogue size")."""
-    if not _is_int(k) or not 1 <= k <= limit:
-        raise ValueError(f"`k` must be an int in [1, {limit}] ({what}), got {k!r}")
+    check_int_in("k", k, 1, limit, what)
 
 
 def check_beams(num_beams: object, k: int, num_items: int) -> None:
     """``num_beams`` must be an int in [k, num_items] (a beam search returns at most its beams)."""
     if not _is_int(num_beams) or not k <= num_beams <= num_items:
         raise ValueError(f"`num_beams` must be an int in [k={k}, {num_items}] (k to the catalogue size), got {num_beams!r}")
+
+
+def check_alpha(alpha: object) -> None:
+    """A blend weight: a finite number in [0, 1]."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}")
 
 
 def check_decode_args(k: object, num_beams: object, num_items: int) -> None:

@@ -69,6 +69,7 @@ SPECS: dict[str, DecoderSpec] = {s.name: s for s in (
                 "free code beam, grounded to the nearest real ID (BIGRec baseline on semantic IDs)"),
 )}
 AUTO = {T5: "beam", CAUSAL: "beam", TITLE: TITLE_BEAM}  # what "auto" means per backbone
+ALIASES = {TITLE: {"beam": TITLE_BEAM}}  # a title run's beam search is its title beam
 NAMES = ("auto", *SPECS)
 
 
@@ -81,7 +82,7 @@ def resolve(backbone: str, name: str) -> str:
     """``name`` for ``backbone`` ("auto" becomes its default), or a ValueError naming the decoders it has."""
     if backbone not in BACKBONES:
         raise ValueError(f"`backbone` must be one of {list(BACKBONES)}, got {backbone!r}")
-    name = AUTO[backbone] if name == "auto" else name
+    name = AUTO[backbone] if name == "auto" else ALIASES.get(backbone, {}).get(name, name)
     if name not in SPECS:
         raise ValueError(f"`decoder` must be one of {list(NAMES)}, got {name!r}")
     if backbone not in SPECS[name].backbones:
@@ -93,7 +94,7 @@ def resolve(backbone: str, name: str) -> str:
 def help_text(names: tuple[str, ...] = NAMES) -> str:
     """One line per decoder for ``--decoder`` help."""
     lines = [f"{n}: {SPECS[n].summary} [{'/'.join(SPECS[n].backbones)}; scores: {SPECS[n].score}]" for n in names if n in SPECS]
-    return "auto: beam (title-beam for a title run); " + "; ".join(lines)
+    return "auto: beam (title-beam for a title run, where beam means title-beam too); " + "; ".join(lines)
 
 
 @dataclass
@@ -180,7 +181,8 @@ def _t5(ing: Ingredients, name: str) -> Decoder:
         return T5Generate(ing.model, ing.tree, ing.layout, num_beams=ing.num_beams)
     if name == "cold-beam":
         if ing.cold_items is None or len(ing.cold_items) == 0:
-            raise ValueError("decoder 'cold-beam' on a T5 run needs `cold_items` (the items added after training)")
+            raise ValueError("decoder 'cold-beam' on a T5 run needs `cold_items` (the items added after training: "
+                         "`Ingredients(cold_items=...)`); from the command line it serves causal runs with added items")
         return ColdStartBeam(T5Beam(ing.model, ing.tree, ing.layout, num_beams=ing.num_beams), ing.ids, ing.cold_items,
                              **ing.cold_options)
     if ing.dense_head is None:

@@ -26,7 +26,15 @@ import torch
 from torch import nn
 
 from generator.decoding.fusion import union_rows
-from generator.decoding.protocol import BLEND, Histories, Ranking, check_beams, check_k
+from generator.decoding.protocol import (
+    BLEND,
+    Histories,
+    Ranking,
+    check_alpha,
+    check_beams,
+    check_int_in,
+    check_k,
+)
 from generator.decoding.t5_beam import beam_search
 from generator.decoding.t5_dense import check_aligned, eval_item_vectors
 from generator.decoding.t5_step import score_codes
@@ -64,7 +72,7 @@ class AlphaChoice(NamedTuple):
 
 def blend(cands: HybridCandidates, alpha: float) -> torch.Tensor:
     """alpha * gen + (1 - alpha) * dense, (B, W); -inf wherever the beam left a slot empty."""
-    _check_alpha(alpha)
+    check_alpha(alpha)
     mixed = alpha * cands.gen_logprob + (1.0 - alpha) * cands.dense_logprob
     return torch.where(torch.isfinite(cands.gen_logprob), mixed, float("-inf"))  # 0 * -inf would be NaN
 
@@ -126,8 +134,8 @@ class T5Hybrid:
     def __init__(self, model: nn.Module, tree: PrefixTree, layout: TokenLayout, head: DenseHead, ids: SemanticIDs, *,
                  alpha: float, num_candidates: int = 50, num_beams: int = 20, search: Callable[..., Ranking] = beam_search) -> None:
         check_aligned(head, ids)
-        check_k(num_candidates, ids.num_items, "the catalogue size")
-        _check_alpha(alpha)
+        check_int_in("num_candidates", num_candidates, 1, ids.num_items, "the catalogue size")
+        check_alpha(alpha)
         self.model, self.tree, self.layout, self.head, self.ids = model, tree, layout, head, ids
         self.alpha, self.num_candidates, self.num_beams, self.search = float(alpha), num_candidates, num_beams, search
         self._codes = torch.from_numpy(ids.codes)  # (N, L), row i is item head.item_ids[i]
@@ -172,8 +180,3 @@ class T5Hybrid:
         check_k(k, self.num_candidates, "the hybrid's candidates per list, `num_candidates`")
         check_beams(max(self.num_beams, self.num_candidates), 1, self.ids.num_items)
         return rerank(self.candidates(histories), self.alpha, k)
-
-
-def _check_alpha(alpha: float) -> None:
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}")

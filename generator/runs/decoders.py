@@ -9,15 +9,15 @@ chosen on validation users of ``split`` (never test users) and stored (``generat
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from generator.decoding import registry
-from generator.decoding.protocol import Decoder
+from generator.decoding.protocol import Decoder, check_alpha
 from generator.decoding.registry import CAUSAL, T5, TITLE, Ingredients
-from generator.decoding.t5_hybrid import T5Hybrid
 from generator.decoding.titles import LENGTH_PENALTY, TITLE_GROUNDED
 from generator.models.checkpoint import safe_load
 from generator.models.dense import DenseHead, load_dense_head
@@ -60,6 +60,8 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, split: Split |
     """
     backbone = run.design
     wanted = [registry.resolve(backbone, n) for n in names]
+    if alpha is not None:
+        check_alpha(alpha)
     device = next(run.model.parameters()).device
     run.tree = run.tree.to(device)
     ing = Ingredients(backbone, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,
@@ -93,7 +95,7 @@ def _t5_alpha(run: Any, ing: Ingredients, split: Split | None, users: int, batch
         return stored
     if split is None:
         raise _no_choice(run)
-    probe = T5Hybrid(run.model, run.tree, run.layout, ing.dense_head, run.ids, alpha=0.5, num_candidates=C, num_beams=ing.num_beams)
+    probe = registry.build(replace(ing, alpha=0.5), "hybrid")  # its candidates do not depend on alpha
     return fusion_store.choose_t5_alpha(run, probe, split, max_users=users, batch_size=batch_size, seed=seed).alpha
 
 

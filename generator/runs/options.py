@@ -208,7 +208,7 @@ TITLE_OPTION_KEYS = tuple(sorted({f.name for f in fields(TitleConfig)} - {"vocab
 
 def resolve_title_decoder(name: str) -> str:
     """A title run's decoder ("auto" and "beam" mean title-beam)."""
-    return resolve(TITLE, TITLE_BEAM if name == "beam" else name)
+    return resolve(TITLE, name)
 
 
 def check_title_options(options: Any) -> None:
