@@ -10,8 +10,9 @@ line and the experiments all reach decoders through that registry.
   two facts a caller needs to read the scores: what they are (``score``, one of :data:`SCORES`) and whether every
   item is a leaf of the prefix tree, i.e. reached by constrained generation (``leaves``).
 
-Arguments are checked once, at the decoder's call (:func:`check_k`, :func:`check_beams`); the functions a decoder
-calls assume valid input.
+Arguments are checked at the public entry points (``recommend``, ``evaluate``, the Lightning systems, a decoder's call)
+by the one set of rules here (:func:`check_k`, :func:`check_beams`, :func:`check_int_in`, :func:`check_alpha`); the
+functions a decoder calls assume valid input.
 
 Shapes: B histories, S input positions, k items returned, L code levels, N items.
 """

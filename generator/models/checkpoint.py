@@ -37,7 +37,7 @@ def checkpoint_meta(config: GeneratorConfig, layout: TokenLayout, digest: str) -
 
 
 class LoadedModel(NamedTuple):
-    model: torch.nn.Module  # a T5ForConditionalGeneration, or a generator.causal CausalGenerator
+    model: torch.nn.Module  # a T5ForConditionalGeneration, or a generator.models.causal CausalGenerator
     config: Any  # GeneratorConfig or CausalConfig
     layout: TokenLayout
     ids_digest: str
@@ -176,7 +176,7 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
         check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
     state = {k[len(STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
     check_finite(state, path)
-    if meta["config"].get("design") == "causal":  # one position per item (generator.causal)
+    if meta["config"].get("design") == "causal":  # one position per item (generator.models.causal)
         from generator.models.causal import CausalConfig, CausalGenerator
 
         config = CausalConfig.from_dict(meta["config"])

@@ -100,7 +100,7 @@ class TrainOptions:
     dense_options: dict[str, Any] | None = None  # more DenseHeadConfig fields: dim, pooling, loss, temperature, ...
     model_options: dict[str, Any] | None = None  # causal design: CausalConfig fields over the preset's (dropout=0.3, ...)
     threads: int = 1  # torch CPU threads while training (2 threads collapse on a busy 2-core machine; README)
-    target: str = "ids"  # what the generator emits: "ids" (semantic IDs) or "title" (title tokens, generator.titles)
+    target: str = "ids"  # what the generator emits: "ids" (semantic IDs) or "title" (title tokens, generator.models.titles)
     tokenizer: str | None = None  # target "title": a local tokenizer folder (default: BPE trained on the titles)
     encoder: str | None = None  # target "title": the sentence-encoder folder that grounds free titles (title-grounded)
     # a point to resume from exactly (checkpoints/resume.ckpt) every N optimiser steps and every T seconds (0: not

@@ -1,6 +1,6 @@
 """Recommend: histories of item ids -> top-k items with scores, with any decoder of the registry over a trained run.
 
-    run = load_any_run("runs/demo")
+    run = load_any_run("runs/demo/run")
     recs = recommend(run, [[12, 45, 99]], k=10)             # default: beam search over the prefix tree
     recs[0].items, recs[0].scores    # best first; beam scores are item log-likelihoods (<= 0)
 

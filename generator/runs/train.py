@@ -3,7 +3,7 @@
     result = train_run("../shared/data/beauty", "ids/semantic_ids.npz", "runs/default", TrainOptions())
 
 Two designs, chosen by the preset: ``causal`` (the default: one position per history item, every next-item target
-trained in one pass, ``generator.causal``) and the T5 encoder-decoder over code tokens (``tiger``, the published
+trained in one pass, ``generator.models.causal``) and the T5 encoder-decoder over code tokens (``tiger``, the published
 TIGER architecture, and ``cpu``, a smaller T5). Options left at None take the design's default (``generator.runs.options.DESIGN_DEFAULTS``).
 
 The best checkpoint is chosen on validation over a fixed sample of validation users, for the decoder the run

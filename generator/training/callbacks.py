@@ -19,7 +19,7 @@ from semid.io import atomic_path, write_json
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temporary file and renamed into place, so a crash never leaves half a file; each
-    carries its format, version and content digest (``generator.models.t5.with_integrity``), and is read back with
+    carries its format, version and content digest (``generator.models.checkpoint.with_integrity``), and is read back with
     ``safe_load`` (no code runs; a damaged file is an error naming it), also when Lightning resumes from it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:

@@ -26,9 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "recommend",
         help="top-k items for a history of item ids",
         description="Top-k items for a history (item ids, oldest first), by default by constrained beam search; every "
-        "item returned is in the catalogue, best first. Scores (higher is better) depend on the decoder: beam and exact "
-        "give the item's log-likelihood (the sum of its codes' log-probabilities), dense the inner product of query and "
-        "item vector, hybrid the blend of log-likelihood and dense log-softmax.",
+        "item returned is in the catalogue, best first. Scores (higher is better) are what the decoder's are (see "
+        "--decoder): for beam, generate and exact the item's log-likelihood, the sum over levels of its codes' "
+        "log-probabilities renormalised over what the prefix tree allows.",
     )
     p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
     p.add_argument("--history", required=True, type=_history, help="item ids, oldest first: 12,45,99")
