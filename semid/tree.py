@@ -230,7 +230,10 @@ class PrefixTree:
         return sum(x.numel() * x.element_size() for x in tensors)
 
     def to(self, device: torch.device | str) -> PrefixTree:
-        """A copy of the tree on ``device``."""
+        """The tree on ``device``: itself if it is there already (a tree is never changed in place), else a copy."""
+        want, here = torch.device(device), self.device
+        if want.type == here.type and want.index in (None, here.index):
+            return self
         out = object.__new__(PrefixTree)
         for name, value in vars(self).items():
             setattr(out, name, value.to(device) if isinstance(value, torch.Tensor) else value)

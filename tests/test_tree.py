@@ -114,3 +114,10 @@ def test_precondition_errors(seqs, values, kwargs, match):
 def test_prefix_is_fine_with_end_token_and_to_device():
     tree = PrefixTree.from_sequences([[2], [2, 3]], [7, 8], 5, end_token=0).to("cpu")
     assert tree.lookup(torch.tensor([[2, 0], [2, 3]])).tolist() == [7, 8]
+
+
+def test_to_its_own_device_is_the_tree_itself_and_another_device_a_copy():
+    tree = PrefixTree.from_sequences([[2], [2, 3]], [7, 8], 5, end_token=0)
+    assert tree.to("cpu") is tree and tree.to(torch.device("cpu")) is tree  # no copy per decoding call
+    moved = tree.to("meta")  # another device: a copy, every tensor moved, the original untouched
+    assert moved is not tree and moved.row_ptr.device.type == "meta" and tree.row_ptr.device.type == "cpu"

@@ -1,7 +1,7 @@
 """Decoders of the causal generator: constrained beam search, exact ranking, dense MIPS, and their hybrid.
 
 :class:`CausalDecoders` holds what the decoders of one model share (item paths, edge tables, item vectors) and
-ranks from the model's states after each history, ``h`` (B, D); :class:`CausalDecoder` is one of them by name as a
+ranks from the model's states after each history, ``h`` (B, D); :class:`StateDecoder` is one of them by name as a
 :class:`~generator.decoding.protocol.Decoder` (histories in, :class:`Ranking` out):
 
 - ``beam``: beam search over the prefix tree, level by level; at level l the M beams' logits over level l's block
@@ -42,7 +42,6 @@ from generator.models.causal import CausalGenerator, masked_log_softmax
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
-GENERATIVE = ("beam", "exact")
 
 
 class ItemPaths(NamedTuple):

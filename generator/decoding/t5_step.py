@@ -178,7 +178,7 @@ def score_codes(model: T5ForConditionalGeneration, input_ids: torch.Tensor, atte
         FloatTensor (B, C); -inf where a tuple is not in the tree.
     """
     device = model.device
-    tree = tree.to(device)
+    tree = tree.to(device)  # itself where it is already there
     input_ids, attention_mask, codes = input_ids.to(device), attention_mask.to(device), codes.to(device)
     B, S = input_ids.shape
     if codes.ndim != 3 or codes.shape[0] != B or codes.shape[2] != layout.num_levels:

@@ -63,7 +63,7 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, split: Split |
     if alpha is not None:
         check_alpha(alpha)
     device = next(run.model.parameters()).device
-    run.tree = run.tree.to(device)
+    run.tree = run.tree.to(device)  # itself where it is already there
     ing = Ingredients(backbone, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,
                       cold_items=cold_items, cold_options=dict(cold_options or {}))
     if backbone == T5:
@@ -100,12 +100,12 @@ def _t5_alpha(run: Any, ing: Ingredients, split: Split | None, users: int, batch
 
 
 def _causal_fusion(run: Any, ing: Ingredients, split: Split | None, users: int, batch_size: int, seed: int) -> tuple[str, dict]:
-    shared = registry.build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
-    stored = fusion_store.stored_fusion(run, shared.num_candidates)
+    stored = fusion_store.stored_fusion(run, min(ing.num_candidates, run.model.num_items))  # C as CausalDecoders caps it
     if stored is not None:
         return stored
     if split is None:
         raise _no_choice(run)
+    shared = registry.build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
     choice = fusion_store.choose_causal_fusion(run, shared, split, max_users=users, batch_size=batch_size, seed=seed)
     return choice.kind, choice.params
 
