@@ -60,9 +60,15 @@ PEERS = {  # ../shared/data/README.md, test R@10 / N@10
 
 
 def train(args: argparse.Namespace) -> None:
-    spec = DESIGNS[args.design]
+    train_design(args.design, DESIGNS[args.design], args, RESULTS / f"learning_curve_{args.design}{args.tag}.json",
+                 "python -m experiments.learning_curve " + shlex.join(sys.argv[1:]))
+
+
+def train_design(name: str, spec: dict[str, Any], args: argparse.Namespace, out_file: Path, command: str) -> None:
+    """Train ``spec["options"]`` for the largest of ``args.budgets`` minutes into ``args.work/name``; evaluate the best
+    checkpoint as of each budget on the test split with each of ``spec["decoders"]``; write ``out_file``."""
     budgets = sorted(float(b) for b in args.budgets.split(","))
-    run_dir = Path(args.work) / args.design
+    run_dir = Path(args.work) / name
     top = max(budgets)
     options = TrainOptions(**{
         **spec["options"], "max_time": f"{int(top // 60):02d}:{int(top % 60):02d}:00", "max_epochs": None,
@@ -84,18 +90,18 @@ def train(args: argparse.Namespace) -> None:
         for decoder in spec["decoders"]:
             m = evaluate_run(run_dir, "test", checkpoint=ckpt, decoder=decoder, num_beams=20, batch_size=args.eval_batch_size,
                              max_users=args.max_users)
-            rows.append({"design": args.design, "minutes": minutes, "decoder": decoder, "step": snap["step"],
+            rows.append({"design": name, "minutes": minutes, "decoder": decoder, "step": snap["step"],
                          "val_score": snap["best_score"], **{k: m[k] for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")},
                          "users": m["users_evaluated"], "users_per_s": round(m["users_evaluated"] / max(m["seconds"], 1e-9), 1)})
             print(json.dumps(rows[-1]), flush=True)
     targets_per_s = config["targets_per_epoch"] * config["epochs"] / config["train_seconds"]
-    out = {"design": args.design, "options": config["train"], "monitor": config.get("monitor"), "epochs": config["epochs"],
+    out = {"design": name, "options": config["train"], "monitor": config.get("monitor"), "epochs": config["epochs"],
            "steps": config["steps"], "train_seconds": config["train_seconds"], "targets_per_epoch": config["targets_per_epoch"],
            "targets_per_s": round(targets_per_s, 1), "wall_s": round(train_s, 1), "rows": rows,
            "threads": args.threads, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-           "command": "python -m experiments.learning_curve " + shlex.join(sys.argv[1:]), "best_score": result.best_score}
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / f"learning_curve_{args.design}{args.tag}.json", out)
+           "command": command, "best_score": result.best_score}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out_file, out)
 
 
 def report(args: argparse.Namespace) -> None:

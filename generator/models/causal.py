@@ -59,9 +59,11 @@ class CausalConfig:
     content_vectors: bool = True  # with content_dim and dense_dim: item vectors also get a projection of the content
     item_dropout: float = 0.0  # while training, each item's table row is dropped from its dense vector with this
     # probability, so the code and content parts alone score items well (the vectors items added later get)
+    id_input: bool = False  # add the item's dense-table row (its ID embedding, tied as in SASRec) to its input vector;
+    # needs dense_dim == d_model. ``item_dropout`` drops it per input position too, so codes alone must carry an item
 
     def __post_init__(self) -> None:
-        for name in ("node_vectors", "content_vectors"):
+        for name in ("node_vectors", "content_vectors", "id_input"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
@@ -72,6 +74,9 @@ class CausalConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
+        if self.id_input and self.dense_dim != self.d_model:
+            raise ValueError(f"`id_input` ties the input ID embedding to the dense item table: `dense_dim` must equal "
+                             f"`d_model` ({self.d_model}), got {self.dense_dim}")
         if self.d_model % self.num_heads:
             raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
         for name in ("dropout", "head_dropout", "node_dropout", "item_dropout"):
@@ -86,7 +91,7 @@ class CausalConfig:
         if unknown:
             raise ValueError(f"unknown causal config keys {sorted(unknown)}; known: {sorted(known)}")
         # checkpoints written before node vectors / content item vectors existed had none
-        d = {"node_vectors": False, "content_vectors": False, **d}
+        d = {"node_vectors": False, "content_vectors": False, "id_input": False, **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +178,11 @@ class CausalGenerator(nn.Module):
     def item_inputs(self, rows1: torch.Tensor) -> torch.Tensor:
         """Input vectors of items given as rows + 1 (0 = padding): sum of code embeddings (+ content). (..., D)."""
         x = self.code_emb(self.item_tokens[rows1]).sum(-2)
+        if self.config.id_input:  # the tied ID embedding; row 0 (padding) adds nothing
+            ids = self.item_table[(rows1 - 1).clamp_min(0)] * (rows1 > 0).unsqueeze(-1)
+            if self.training and self.config.item_dropout:  # per position: the codes alone must carry the item
+                ids = ids * (torch.rand(rows1.shape + (1,), device=ids.device) >= self.config.item_dropout)
+            x = x + ids
         if self.config.content_dim:
             x = x + self.content_proj(self.content[rows1]) * (rows1 > 0).unsqueeze(-1)
         return x

@@ -80,6 +80,7 @@ class TrainOptions:
     lr: float | None = None
     warmup_steps: int | None = None
     weight_decay: float = 0.05
+    schedule: str = "inverse-sqrt"  # after the warmup: "inverse-sqrt" decay or "constant"
     label_smoothing: float | None = None
     max_history: int | None = None
     user_tokens: int | None = None  # hashed user-id buckets (TIGER); 0 for none
@@ -172,7 +173,8 @@ class TrainOptions:
         replace(preset(self.preset), **(self.model_options or {}))  # validates the values
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing)
+        return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
+                           schedule=self.schedule)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOptions:

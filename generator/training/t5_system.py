@@ -36,15 +36,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup to ``lr`` over ``warmup_steps``, then inverse-square-root decay (TIGER, T5)."""
+    """AdamW with linear warmup to ``lr`` over ``warmup_steps``, then ``schedule``: "inverse-sqrt" decay (TIGER, T5)
+    or "constant" (SASRec's Adam at a fixed rate)."""
 
     lr: float = 2e-3
     warmup_steps: int = 500
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     label_smoothing: float = 0.1
+    schedule: str = "inverse-sqrt"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
@@ -55,10 +59,14 @@ class OptimConfig:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}")
 
 
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warmup, then sqrt(warmup / step)."""
+SCHEDULES = ("inverse-sqrt", "constant")
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str = "inverse-sqrt") -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warmup, then sqrt(warmup / step)
+    ("inverse-sqrt") or 1 ("constant")."""
     step = step + 1
-    if warmup_steps == 0:
+    if warmup_steps == 0 or (schedule == "constant" and step >= warmup_steps):
         return 1.0
     return step / warmup_steps if step < warmup_steps else math.sqrt(warmup_steps / step)
 
@@ -71,7 +79,7 @@ def adamw_schedule(module: torch.nn.Module, optim: OptimConfig) -> dict[str, Any
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
     warmup = optim.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, optim.schedule))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, help=f"peak learning rate {_d('lr')}")
     g.add_argument("--warmup-steps", type=int, help=f"linear warmup, then inverse-sqrt decay {_d('warmup_steps')}")
     g.add_argument("--weight-decay", type=float, help=f"AdamW (default {d.weight_decay})")
+    g.add_argument("--schedule", choices=("inverse-sqrt", "constant"), help=f"the learning rate after the warmup (default {d.schedule})")
     g.add_argument("--label-smoothing", type=float, help=f"{_d('label_smoothing')}")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g = p.add_argument_group("examples")

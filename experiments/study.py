@@ -1,0 +1,109 @@
+"""The quality study (issue 19): one lever at a time on Amazon Beauty, the same split and budget, in one table.
+
+    python -m experiments.study train --lever id-input --budgets 15          # a 15-minute screen, one thread
+    python -m experiments.study train --lever best --budgets 15,60 --decoders beam,exact,dense,hybrid
+    python -m experiments.sasrec --max-time 00:15:00 --out experiments/runs/study/sasrec-15   # the reference
+    python -m experiments.study report                                       # experiments/results/study.md
+
+Each lever is a set of ``TrainOptions`` over the default design's (``LEVERS``). ``train`` trains it once for the
+largest budget (wall clock, ``--threads`` torch threads) and keeps the best checkpoint *as of* each budget, chosen
+on 1,000 seeded validation users for the decoder the run serves with (beam); every snapshot is then evaluated on
+**all** test users with each decoder asked for (``experiments.learning_curve.train_design``). The plain SASRec
+reference (``experiments.sasrec``) is trained in the same harness (split, windows, validation users, test users);
+its results are read from ``experiments/runs/study/sasrec*/result.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from experiments.learning_curve import RESULTS, train_design
+from semid.io import atomic_open, write_json
+
+STUDY = RESULTS / "study"
+WORK = Path("experiments/runs/study")
+BASE = {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam"}
+SASREC_RECIPE = {"id_input": True, "dropout": 0.3}  # the item ID joins the codes at the input; SASRec's dropout
+LEVERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "dropout-0.3": {"model_options": {"dropout": 0.3}},
+    "constant-lr": {"schedule": "constant", "lr": 1e-3},
+    "no-weight-decay": {"weight_decay": 0.0},
+    "id-input": {"model_options": {"id_input": True}},
+    "id-input+dropout-0.3": {"model_options": SASREC_RECIPE},
+    "id-input+dropout-0.3+constant-lr": {"model_options": SASREC_RECIPE, "schedule": "constant", "lr": 1e-3},
+    "id-input+dropout-0.3+item-dropout-0.1": {"model_options": {**SASREC_RECIPE, "item_dropout": 0.1}},
+    "dense-only": {"objective": "dense", "decoder": "dense"},
+    "dense-only+id-input+dropout-0.3": {"objective": "dense", "decoder": "dense", "model_options": SASREC_RECIPE},
+}
+WHY: dict[str, str] = {}  # lever -> the short answer, filled in by hand once measured (report prints it)
+
+
+def train(args: argparse.Namespace) -> None:
+    spec = {"options": {**BASE, **LEVERS[args.lever]}, "decoders": args.decoders.split(",")}
+    if spec["options"]["objective"] == "dense":
+        spec["decoders"] = ["dense"]
+    train_design(args.lever, spec, args, STUDY / f"{args.lever}{args.tag}.json",
+                 "python -m experiments.study " + shlex.join(sys.argv[1:]))
+
+
+def _sasrec_rows() -> list[dict[str, Any]]:
+    rows = []
+    for f in sorted(WORK.glob("sasrec*/result.json")):
+        r = json.loads(f.read_text())
+        rows.append({"lever": f"reference SASRec ({f.parent.name}: input {r['input']}, dropout {r['dropout']}, lr {r['lr']})",
+                     "minutes": r["budget_s"] / 60, "decoder": "dense", "epochs": r["epochs"], **r["test"]})
+    return rows
+
+
+def report(args: argparse.Namespace) -> None:
+    rows = _sasrec_rows()
+    runs = [json.loads(p.read_text()) for p in sorted(STUDY.glob("*.json"))]
+    for run in runs:
+        for r in run["rows"]:
+            rows.append({"lever": run["design"], "minutes": r["minutes"], "decoder": r["decoder"], "epochs": None, **r})
+    lines = ["# Quality study on Amazon Beauty (test split, all 22,363 users, full catalogue)", "",
+             "One torch thread per run, two runs side by side on the 2-core CPU (plus other work: see each run's note).",
+             "Best checkpoint as of each budget chosen on 1,000 seeded validation users; beam: 20 beams.", "",
+             "| lever | minutes | decoder | R@5 | N@5 | R@10 | N@10 |", "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (r["minutes"], r["lever"], r["decoder"])):
+        lines.append(f"| {r['lever']} | {r['minutes']:g} | {r['decoder']} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | "
+                     f"{r['recall@10']:.4f} | {r['ndcg@10']:.4f} |")
+    if WHY:
+        lines += ["", "| lever | kept? | why |", "| --- | --- | --- |"] + [f"| {k} | {v} |" for k, v in WHY.items()]
+    lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in runs]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with atomic_open(RESULTS / "study.md", "w", encoding="utf-8") as f:
+        f.write(text)
+    write_json(RESULTS / "study.json", {"rows": rows})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--lever", choices=sorted(LEVERS), required=True)
+    t.add_argument("--decoders", default="beam,dense", help="comma-separated decoders to evaluate on test")
+    t.add_argument("--data", default="../shared/data/beauty")
+    t.add_argument("--ids", default="experiments/runs/beauty_ids", help="a `semid fit-codebooks` folder")
+    t.add_argument("--work", default=str(WORK))
+    t.add_argument("--budgets", default="15", help="minutes")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--val-users", type=int, default=1000)
+    t.add_argument("--max-users", type=int, default=None, help="test users (default all)")
+    t.add_argument("--eval-batch-size", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--tag", default="")
+    sub.add_parser("report")
+    args = p.parse_args(argv)
+    train(args) if args.cmd == "train" else report(args)
+
+
+if __name__ == "__main__":
+    main()

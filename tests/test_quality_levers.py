@@ -1,0 +1,89 @@
+"""The quality study's mechanisms: the tied item-ID input, its per-position dropout, the constant schedule, and the
+plain SASRec reference (experiments.sasrec) that the study measures against."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.sasrec import SASRec, _IdRows
+from generator.models.causal import CausalConfig, CausalGenerator
+from generator.training.t5_system import OptimConfig, lr_factor
+from semid.ids import SemanticIDs
+
+CFG = CausalConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, dropout=0.0, max_history=8, dense_dim=16, id_input=True)
+
+
+def _model(cfg: CausalConfig = CFG, n: int = 12) -> CausalGenerator:
+    rng = np.random.default_rng(0)
+    ids = SemanticIDs.from_codes(rng.integers(0, (3, 4), size=(n, 2)), (3, 4), extra_level_size=n)
+    layout = ids.layout(0)
+    torch.manual_seed(0)
+    return CausalGenerator(cfg, layout, torch.as_tensor(layout.codes_to_tokens(ids.codes)))
+
+
+def test_id_input_adds_the_tied_dense_table_row_and_nothing_at_padding() -> None:
+    model = _model().eval()
+    rows1 = torch.tensor([[3, 1, 0]])
+    codes_only = model.code_emb(model.item_tokens[rows1]).sum(-2)
+    x = model.item_inputs(rows1)
+    torch.testing.assert_close(x[0, :2], codes_only[0, :2] + model.item_table[[2, 0]])
+    assert torch.equal(x[0, 2], torch.zeros(16))  # padding: no code and no ID vector
+    with torch.no_grad():  # tied: the input moves with the dense head's item vector
+        model.item_table[2] += 1.0
+    torch.testing.assert_close(model.item_inputs(rows1)[0, 0], x[0, 0] + 1.0)
+    torch.testing.assert_close(model.item_inputs(rows1)[0, 1], x[0, 1])
+
+
+def test_without_id_input_the_input_is_the_codes_alone() -> None:
+    model = _model(CausalConfig.from_dict({**CFG.to_dict(), "id_input": False})).eval()
+    rows1 = torch.tensor([[3, 1]])
+    torch.testing.assert_close(model.item_inputs(rows1), model.code_emb(model.item_tokens[rows1]).sum(-2))
+
+
+def test_item_dropout_drops_the_id_vector_per_position_while_training_only() -> None:
+    model = _model(CausalConfig.from_dict({**CFG.to_dict(), "item_dropout": 0.5}))
+    rows1 = torch.full((1, 400), 5)
+    codes_only = model.code_emb(model.item_tokens[rows1]).sum(-2)
+    torch.manual_seed(1)
+    x = model.train().item_inputs(rows1)
+    dropped = torch.isclose(x, codes_only).all(-1)[0]  # positions that got the codes alone
+    kept = torch.isclose(x, codes_only + model.item_table[4]).all(-1)[0]
+    assert bool((dropped ^ kept).all()), "each position gets either the codes alone or codes + ID vector"
+    assert 150 < int(dropped.sum()) < 250, "about half the positions drop the ID vector"
+    assert torch.isclose(model.eval().item_inputs(rows1), codes_only + model.item_table[4]).all()
+
+
+def test_id_input_needs_a_dense_table_as_wide_as_the_model_and_old_configs_load_without_it() -> None:
+    with pytest.raises(ValueError, match="`dense_dim` must equal `d_model`"):
+        CausalConfig(d_model=16, num_heads=2, dense_dim=8, id_input=True)
+    with pytest.raises(ValueError, match="`id_input` must be a bool"):
+        CausalConfig(d_model=16, num_heads=2, dense_dim=16, id_input=1)
+    old = {k: v for k, v in CFG.to_dict().items() if k != "id_input"}  # a checkpoint written before the option
+    assert CausalConfig.from_dict(old).id_input is False
+
+
+def test_constant_schedule_warms_up_then_holds_the_peak() -> None:
+    f = [lr_factor(s, 10, "constant") for s in range(40)]
+    assert f[:10] == [lr_factor(s, 10) for s in range(10)]  # the same warmup
+    assert f[10:] == [1.0] * 30
+    assert lr_factor(39, 10) < 1.0  # the default still decays
+    with pytest.raises(ValueError, match="`schedule` must be one of"):
+        OptimConfig(schedule="cosine")
+
+
+def test_sasrec_reference_is_causal_and_scores_every_item() -> None:
+    torch.manual_seed(0)
+    model = SASRec(20, d=16, layers=1, heads=2, max_len=6, dropout=0.0).eval()
+    x = torch.tensor([[4, 7, 9, 2, 0, 0]])
+    h = model(x)
+    changed = x.clone()
+    changed[0, 3] = 11  # a later item must not change earlier states
+    h2 = model(changed)
+    torch.testing.assert_close(h[0, :3], h2[0, :3])
+    assert not torch.allclose(h[0, 3], h2[0, 3])
+    assert model.scores(h[0, 2]).shape == (20,)
+    torch.testing.assert_close(model.scores(h[0, 2])[8], h[0, 2] @ model.item.weight[9])  # item id 9 is row 8
+    with pytest.raises(ValueError, match="item ids must be in"):
+        _IdRows(20).rows_of(np.array([0, 3]))
