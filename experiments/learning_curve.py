@@ -59,6 +59,12 @@ PEERS = {  # ../shared/data/README.md, test R@10 / N@10
 }
 
 
+def _budget(minutes: float, clock: str) -> dict[str, str]:
+    """The training option that stops at ``minutes`` on ``clock`` ("wall": max_time, "cpu": max_cpu_time)."""
+    hms = f"{int(minutes // 60):02d}:{int(minutes % 60):02d}:{round(minutes % 1 * 60):02d}"
+    return {"max_cpu_time": hms} if clock == "cpu" else {"max_time": hms}
+
+
 def train(args: argparse.Namespace) -> None:
     train_design(args.design, DESIGNS[args.design], args, RESULTS / f"learning_curve_{args.design}{args.tag}.json",
                  "python -m experiments.learning_curve " + shlex.join(sys.argv[1:]))
@@ -71,7 +77,7 @@ def train_design(name: str, spec: dict[str, Any], args: argparse.Namespace, out_
     run_dir = Path(args.work) / name
     top = max(budgets)
     options = TrainOptions(**{
-        **spec["options"], "max_time": f"{int(top // 60):02d}:{int(top % 60):02d}:00", "max_epochs": None,
+        **spec["options"], **_budget(top, getattr(args, "clock", "wall")), "max_epochs": None,
         "val_users": args.val_users, "final_val_users": 0, "patience": 0, "progress": False, "threads": args.threads,
         "seed": args.seed,
     })

@@ -6,7 +6,8 @@
     python -m experiments.study report                                       # experiments/results/study.md
 
 Each lever is a set of ``TrainOptions`` over the default design's (``LEVERS``). ``train`` trains it once for the
-largest budget (wall clock, ``--threads`` torch threads) and keeps the best checkpoint *as of* each budget, chosen
+largest budget (CPU minutes of the training process, ``max_cpu_time``, so a busy machine buys the same work;
+``--threads`` torch threads) and keeps the best checkpoint *as of* each budget, chosen
 on 1,000 seeded validation users for the decoder the run serves with (beam); every snapshot is then evaluated on
 **all** test users with each decoder asked for (``experiments.learning_curve.train_design``). The plain SASRec
 reference (``experiments.sasrec``) is trained in the same harness (split, windows, validation users, test users);
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--work", default=str(WORK))
     t.add_argument("--budgets", default="15", help="minutes")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="budgets in CPU minutes (default) or wall clock")
     t.add_argument("--val-users", type=int, default=1000)
     t.add_argument("--max-users", type=int, default=None, help="test users (default all)")
     t.add_argument("--eval-batch-size", type=int, default=256)

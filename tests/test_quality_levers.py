@@ -87,3 +87,23 @@ def test_sasrec_reference_is_causal_and_scores_every_item() -> None:
     torch.testing.assert_close(model.scores(h[0, 2])[8], h[0, 2] @ model.item.weight[9])  # item id 9 is row 8
     with pytest.raises(ValueError, match="item ids must be in"):
         _IdRows(20).rows_of(np.array([0, 3]))
+
+
+def test_cpu_time_limit_counts_this_process_cpu_time_not_the_wall_clock() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from generator.training.callbacks import CpuTimeLimit
+
+    limit, trainer = CpuTimeLimit(0.05), SimpleNamespace(should_stop=False)
+    limit.on_train_start(trainer, None)
+    time.sleep(0.2)  # waiting (as on a busy machine) uses no CPU time
+    limit.on_train_batch_end(trainer, None)
+    assert trainer.should_stop is False
+    t = time.process_time()
+    while time.process_time() - t < 0.06:  # work
+        sum(range(1000))
+    limit.on_train_batch_end(trainer, None)
+    assert trainer.should_stop is True
+    with pytest.raises(ValueError, match="`max_cpu_time` must be positive"):
+        CpuTimeLimit(0)

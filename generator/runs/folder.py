@@ -142,7 +142,7 @@ _TRAIN_SCHEMA = {
     "max_epochs": ("int>0?", False), "max_steps": ("int", False), "lr": ("num", False), "warmup_steps": ("int>=0", False),
     "val_users": ("int>0?", False), "final_val_users": ("int>=0?", False), "decoder": ("str?", False),
     "dense": ("str?", False), "objective": ("str", False), "patience": ("int>=0", False), "threads": ("int>0", False),
-    "devices": ("int>0", False), "max_time": ("str?", False), "val_every": ("num", False),
+    "devices": ("int>0", False), "max_time": ("str?", False), "max_cpu_time": ("str?", False), "val_every": ("num", False),
     "dense_options": ("dict?", False), "model_options": ("dict?", False),
 }
 

@@ -71,6 +71,7 @@ class TrainOptions:
     max_epochs: int | None = 50
     max_steps: int = -1
     max_time: str | None = None
+    max_cpu_time: str | None = None  # "HH:MM:SS" of this process's CPU time (the same work on a busy machine)
     seed: int = 0
     devices: int = 1
     accelerator: str = "auto"
@@ -141,6 +142,7 @@ class TrainOptions:
         if isinstance(self.val_every, float) and not 0 < self.val_every <= 1:
             raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
         parse_max_time(self.max_time)
+        parse_max_time(self.max_cpu_time, "max_cpu_time")
         if not isinstance(self.resume_every_steps, int) or isinstance(self.resume_every_steps, bool) or self.resume_every_steps < 0:
             raise ValueError(f"`resume_every_steps` must be a non-negative int, got {self.resume_every_steps!r}")
         if isinstance(self.resume_every_seconds, bool) or not isinstance(self.resume_every_seconds, (int, float)) or not self.resume_every_seconds >= 0:
@@ -185,8 +187,8 @@ class TrainOptions:
         return cls(**d)
 
 
-def parse_max_time(text: str | None) -> timedelta | None:
-    """"HH:MM:SS" or "DD:HH:MM:SS" -> timedelta."""
+def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None:
+    """"HH:MM:SS" or "DD:HH:MM:SS" -> timedelta (``name``: the option, for the error)."""
     if text is None:
         return None
     parts = str(text).split(":")
@@ -195,10 +197,10 @@ def parse_max_time(text: str | None) -> timedelta | None:
     except ValueError:
         nums = []
     if len(nums) not in (3, 4) or any(n < 0 for n in nums):
-        raise ValueError(f"`max_time` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+        raise ValueError(f"`{name}` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
     d, h, m, s = ([0] * (4 - len(nums))) + nums
     if m >= 60 or s >= 60:
-        raise ValueError(f"`max_time` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+        raise ValueError(f"`{name}` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
     return timedelta(days=d, hours=h, minutes=m, seconds=s)
 
 

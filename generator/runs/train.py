@@ -45,7 +45,7 @@ from generator.runs.folder import (
     write_config,
 )
 from generator.runs.options import _FIXED_ON_RESUME, MONITOR, TrainOptions, parse_max_time, preset
-from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots
+from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots, CpuTimeLimit
 from generator.training.causal_data import CausalDataModule
 from generator.training.causal_system import CausalSystem, monitor_name
 from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
@@ -249,8 +249,11 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step"), StepSeeds(options.seed), *extra_callbacks]
     # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in their order)
     callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
-    if snapshots:
-        callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST))
+    cpu_budget = parse_max_time(options.max_cpu_time, "max_cpu_time")
+    if cpu_budget is not None:
+        callbacks.append(CpuTimeLimit(cpu_budget.total_seconds()))
+    if snapshots:  # on the clock of the budget
+        callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST, time.process_time if cpu_budget else time.perf_counter))
     if options.patience:
         # checked after each validation (not at epoch end, which a step limit can reach without one)
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=options.patience, check_on_train_epoch_end=False))

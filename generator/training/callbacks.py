@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,38 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path)
 
 
-class BudgetSnapshots(L.Callback):
-    """Copies the best checkpoint so far (``best``) to ``best_<M>min.ckpt`` beside it once training has run M wall-clock minutes (and at
-    the end for budgets not reached), with the best validation score and step in ``snapshots.json``."""
+class CpuTimeLimit(L.Callback):
+    """Stops training once this process has used ``seconds`` of CPU time since training started (``max_cpu_time``).
 
-    def __init__(self, minutes: Sequence[float], best: Path) -> None:
+    A budget in CPU time, unlike wall-clock ``max_time``, buys the same work whatever else runs on the machine (one
+    torch thread: CPU seconds are the seconds it would take alone). A resumed run counts from its resume."""
+
+    def __init__(self, seconds: float) -> None:
+        if not seconds > 0:
+            raise ValueError(f"`max_cpu_time` must be positive, got {seconds!r} s")
+        self.seconds, self.start = float(seconds), 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.process_time()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if time.process_time() - self.start >= self.seconds:
+            trainer.should_stop = True
+
+
+class BudgetSnapshots(L.Callback):
+    """Copies the best checkpoint so far (``best``) to ``best_<M>min.ckpt`` beside it once training has run M minutes on
+    ``clock`` (wall clock by default; ``time.process_time`` for CPU-time budgets), and at the end for budgets not
+    reached, with the best validation score and step in ``snapshots.json``."""
+
+    def __init__(self, minutes: Sequence[float], best: Path, clock: Callable[[], float] = time.perf_counter) -> None:
         self.minutes = sorted(float(m) for m in minutes)
         if not self.minutes or self.minutes[0] <= 0:
             raise ValueError(f"`snapshots` must be positive minutes, got {list(minutes)!r}")
-        self.best, self.ckpt_dir, self.start, self.done = Path(best), Path(best).parent, 0.0, {}
+        self.best, self.ckpt_dir, self.start, self.done, self.clock = Path(best), Path(best).parent, 0.0, {}, clock
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.start = time.perf_counter()
+        self.start = self.clock()
 
     def _take(self, trainer: L.Trainer, minutes: float, reached: bool) -> None:
         best = self.best
@@ -53,11 +73,11 @@ class BudgetSnapshots(L.Callback):
         cb = trainer.checkpoint_callback
         score = None if cb is None or cb.best_model_score is None else float(cb.best_model_score)
         self.done[f"{minutes:g}"] = {"checkpoint": name, "best_score": score, "reached": reached,
-                                     "elapsed_s": round(time.perf_counter() - self.start, 1), "step": trainer.global_step}
+                                     "elapsed_s": round(self.clock() - self.start, 1), "step": trainer.global_step}
         write_json(self.ckpt_dir / "snapshots.json", self.done)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        elapsed = (time.perf_counter() - self.start) / 60
+        elapsed = (self.clock() - self.start) / 60
         while self.minutes and elapsed >= self.minutes[0]:
             self._take(trainer, self.minutes.pop(0), True)
 

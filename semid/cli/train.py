@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-epochs", type=int, help=f"default {d.max_epochs}")
     g.add_argument("--max-steps", type=int, help="optimiser steps (default: no limit)")
     g.add_argument("--max-time", help="wall-clock limit HH:MM:SS (or DD:HH:MM:SS)")
+    g.add_argument("--max-cpu-time", help="limit on this process's CPU time, HH:MM:SS: the same work however busy the machine is")
     g.add_argument("--patience", type=int, help=f"validations without improvement before stopping, 0 = never (default {d.patience})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, help=f"user windows (causal) or examples (T5) per device {_d('batch_size')}")
