@@ -90,6 +90,7 @@ class SASRec(nn.Module):
             self.code = nn.Embedding(int(sizes.sum()) + 1, d)
             nn.init.normal_(self.code.weight, std=d**-0.5)
         self.pos = nn.Embedding(max_len, d)
+        nn.init.normal_(self.pos.weight, std=d**-0.5)  # the default N(0, 1) would drown the items' vectors
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
