@@ -38,6 +38,7 @@ from generator.training.resume import RESUME
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, not_utf8
 from semid.layout import TokenLayout
+from semid.safe_read import load_yaml
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,15 @@ def write_config(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> Non
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``RUN/config.yaml``: YAML (safe: no tags that build objects), format, version, checksum and the
+    """Read and check ``RUN/config.yaml``: YAML (safe: no tags that build objects, no anchors or aliases, a size
+    cap), format, version, checksum and the
     keys semid reads, each error naming the file and the key. A config without ``sha256`` (written before semid
     recorded one, or whose line was removed to accept a hand edit) is checked by its schema only."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a run folder (no {CONFIG_FILE}; make one with `semid train`)")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+        config = load_yaml(path)  # safe tags only, no anchors or aliases, at most MAX_YAML_BYTES
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except yaml.YAMLError as e:
@@ -229,12 +230,13 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    ids = SemanticIDs.load(run_dir / IDS_FILE)
+    stored = SemanticIDs.read(run_dir / IDS_FILE)  # once: IDs, metadata and added items come from one read
+    ids = stored.ids
     ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, config)
     # refuses IDs that are neither the checkpoint's own nor a version extending them (generator.runs.lineage)
-    loaded = load_model(ckpt, ids, run_dir / IDS_FILE)
+    loaded = load_model(ckpt, ids, run_dir / IDS_FILE, stored)
     layout = loaded.layout
-    added = SemanticIDs.load_metadata(run_dir / IDS_FILE).get("data")
+    added = stored.meta.get("data")
     if added:  # items were added from this dataset folder: its titles and users are the run's now
         config = {**config, "data": added}
     check_config_matches(config, run_dir / CONFIG_FILE, loaded.layout, loaded.config, ckpt)

@@ -17,6 +17,7 @@ from generator.runs.folder import IDS_FILE, read_config
 from generator.runs.options import DESIGN_DEFAULTS, PRESETS, TrainOptions
 from generator.runs.train import train_run
 from generator.training.resume import TrainingInterrupted
+from semid.safe_read import yaml_value
 
 
 def _users(text: str) -> int | None:
@@ -112,8 +113,6 @@ class ModelOptionsAction(argparse.Action):
     """``--model-option KEY=VALUE`` (repeatable) -> a dict of CausalConfig fields, values YAML-typed."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
-        import yaml
-
         from generator.models.causal import CausalConfig
 
         key, sep, text = str(value).partition("=")
@@ -123,7 +122,10 @@ class ModelOptionsAction(argparse.Action):
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
         options = dict(getattr(namespace, self.dest) or {})
-        options[key] = yaml.safe_load(text)
+        try:
+            options[key] = yaml_value(text, f"{option} {key}")
+        except ValueError as e:
+            parser.error(str(e))
         setattr(namespace, self.dest, options)
 
 
@@ -177,7 +179,8 @@ class DenseOptionsAction(argparse.Action):
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
         options = dict(getattr(namespace, self.dest) or {})
-        import yaml
-
-        options[key] = yaml.safe_load(text)
+        try:
+            options[key] = yaml_value(text, f"{option} {key}")
+        except ValueError as e:
+            parser.error(str(e))
         setattr(namespace, self.dest, options)
