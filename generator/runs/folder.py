@@ -57,8 +57,48 @@ TITLE_EMB_FILE = "title_grounding_emb.npy"  # a title run's catalogue titles emb
 RUN_FORMAT = "semid.run"
 
 
-def metrics_file(run_dir: str | os.PathLike[str], split: str) -> Path:
-    return Path(run_dir) / f"metrics_{split}.json"
+def metrics_file(run_dir: str | os.PathLike[str], split: str, sample: int | None = None) -> Path:
+    """``RUN/metrics_<split>.json`` (all users), or ``RUN/metrics_<split>_sample<N>.json`` for a sample of N users,
+    which never replaces the all-users file."""
+    return Path(run_dir) / (f"metrics_{split}.json" if sample is None else f"metrics_{split}_sample{sample}.json")
+
+
+def check_writable(target: str | os.PathLike[str], what: str) -> None:
+    """Raise ValueError naming ``target`` unless a file can be written there now (a file made and removed in its
+    folder), so that work whose result goes there is not done first and lost."""
+    import tempfile
+
+    target = Path(target)
+    if target.is_dir():
+        raise ValueError(f"{target}: is a folder, so {what} cannot be written there; move it away and try again")
+    folder = next(p for p in target.parents if p.exists())  # a folder not made yet is made in its nearest ancestor
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.probe-")
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot write {what} into this folder ({e.strerror or e}); make it writable "
+                         "(or copy the run to a writable folder) and try again") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_same_data(config: dict[str, Any], run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> None:
+    """Refuse a dataset folder other than the one the run was trained on (the fingerprint in config.yaml, or in the
+    IDs after `semid add-items`), naming both fingerprints and folders; a run trained before semid recorded one gets
+    a warning only."""
+    from semid.data import data_fingerprint
+
+    expected = config.get("data_fingerprint")
+    if expected is None:
+        log.warning("%s: the run records no fingerprint of its data (trained before semid kept one): %s cannot be checked "
+                    "to be the data it was trained on", run_dir, data_dir)
+        return
+    seen = data_fingerprint(data_dir)
+    if seen != expected:
+        diff = ", ".join(f"{k} {seen.get(k, '-')[:12]} (trained: {str(v)[:12]})" for k, v in expected.items() if seen.get(k) != v)
+        raise ValueError(
+            f"{data_dir}: not the data the run {run_dir} was trained on ({config.get('data')}): sha256 of {diff}; "
+            "metrics on other items or users mean nothing: evaluate on the run's own data (leave out --data)"
+        )
 
 
 CONFIG_VERSION = 1
@@ -135,6 +175,7 @@ _SCHEMA: dict[str, tuple[str, bool]] = {
     "layout": ("dict", True), "train": ("dict", True), "monitor": ("str", False), "best_checkpoint": ("str?", True),
     "steps": ("int>=0", False), "epochs": ("num", False), "ids_source": ("str", False),
     "selected_on_validation": ("bool", False), "best_score": ("dict", False), "sha256": ("str", False),
+    "data_fingerprint": ("dict", False),
 }
 _LAYOUT_SCHEMA = {"codebook_sizes": ("list[int>0]", True), "num_user_tokens": ("int>=0", True)}
 _TRAIN_SCHEMA = {
@@ -238,7 +279,7 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     layout = loaded.layout
     added = stored.meta.get("data")
     if added:  # items were added from this dataset folder: its titles and users are the run's now
-        config = {**config, "data": added}
+        config = {**config, "data": added, "data_fingerprint": stored.meta.get("data_fingerprint")}
     check_config_matches(config, run_dir / CONFIG_FILE, loaded.layout, loaded.config, ckpt)
     tree = PrefixTree.from_semantic_ids(ids, layout)
     log.info("loaded run %s (checkpoint %s, %d items)", run_dir, ckpt.name, ids.num_items)

@@ -21,16 +21,20 @@ from semid.safe_read import yaml_value
 
 
 def _users(text: str) -> int | None:
+    """A user count: a non-negative int or "all" (argparse would say "invalid _users value" for anything else)."""
     if text == "all":
         return None
-    value = int(text)
-    if value < 0:
+    if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative int or 'all', got {text!r}")
-    return value
+    return int(text)
 
 
 def _every(text: str) -> int | float:
-    value = float(text)
+    """``--val-every``: N epochs (int) or a fraction of an epoch."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs (2) or a fraction of one (0.5), got {text!r}") from None
     return int(value) if value >= 1 and value.is_integer() else value
 
 
@@ -163,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         m = result.metrics_valid
         print(
             f"valid ({m['users_evaluated']} users): R@5 {m['recall@5']:.4f}  N@5 {m['ndcg@5']:.4f}  "
-            f"R@10 {m['recall@10']:.4f}  N@10 {m['ndcg@10']:.4f}  -> {result.run_dir / 'metrics_valid.json'}"
+            f"R@10 {m['recall@10']:.4f}  N@10 {m['ndcg@10']:.4f}  -> {m['file']}"
         )
     return 0
 
