@@ -166,21 +166,6 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
     return Dataset(path=path, catalogue=catalogue, user_ids=user_ids, sequences=sequences)
 
 
-def data_fingerprint(path: str | os.PathLike[str]) -> dict[str, str]:
-    """sha256 of a dataset folder's items.jsonl and sequences.txt (what a run's model and metrics depend on), so a
-    run can tell the data it was trained on from other data: another catalogue, or the same item count with other
-    items or users."""
-    import hashlib
-
-    out = {}
-    for name in (ITEMS_FILE, SEQUENCES_FILE):
-        file = Path(path) / name
-        _require_file(file)
-        with open(file, "rb") as f:
-            out[name] = hashlib.file_digest(f, "sha256").hexdigest()
-    return out
-
-
 def _require_file(file: Path) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")

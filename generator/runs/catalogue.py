@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from generator.models.checkpoint import ids_digest
-from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, read_config
+from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, data_fingerprint, read_config
 from generator.runs.lineage import ADDED_CONTENT, lineage, load_model
-from semid.data import data_fingerprint, load_dataset
+from semid.data import load_dataset
 from semid.ids import SemanticIDs
 
 log = logging.getLogger(__name__)

@@ -81,12 +81,26 @@ def check_writable(target: str | os.PathLike[str], what: str) -> None:
     os.unlink(probe)
 
 
+def data_fingerprint(path: str | os.PathLike[str]) -> dict[str, str]:
+    """sha256 of a dataset folder's items.jsonl and sequences.txt (what a run's model and metrics depend on), so a
+    run can tell the data it was trained on from other data: another catalogue, or the same item count with other
+    items or users."""
+    from semid.data import ITEMS_FILE, SEQUENCES_FILE
+
+    out = {}
+    for name in (ITEMS_FILE, SEQUENCES_FILE):
+        file = Path(path) / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")
+        with open(file, "rb") as f:
+            out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
 def check_same_data(config: dict[str, Any], run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> None:
     """Refuse a dataset folder other than the one the run was trained on (the fingerprint in config.yaml, or in the
     IDs after `semid add-items`), naming both fingerprints and folders; a run trained before semid recorded one gets
     a warning only."""
-    from semid.data import data_fingerprint
-
     expected = config.get("data_fingerprint")
     if expected is None:
         log.warning("%s: the run records no fingerprint of its data (trained before semid kept one): %s cannot be checked "

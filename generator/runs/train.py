@@ -43,6 +43,7 @@ from generator.runs.folder import (
     LOCK_FILE,
     LOG_DIR,
     check_writable,
+    data_fingerprint,
     read_config,
     write_config,
 )
@@ -53,7 +54,7 @@ from generator.training.causal_system import CausalSystem, monitor_name
 from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
 from generator.training.t5_data import GeneratorDataModule
 from generator.training.t5_system import GeneratorSystem, dense_setup
-from semid.data import data_fingerprint, load_dataset
+from semid.data import load_dataset
 from semid.ids import SemanticIDs
 from semid.io import folder_lock
 from semid.split import leave_one_out
