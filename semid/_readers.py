@@ -8,6 +8,7 @@ import csv
 import gzip
 import json
 import math
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -60,6 +61,9 @@ def _open_text(path: Path, newline: str | None = None) -> Iterator[IO[str]]:
             yield f
         except UnicodeDecodeError:  # raised while the caller reads f: name the file and line
             raise not_utf8(path, newline) from None
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz that is not gzip, truncated or damaged
+            raise ValueError(f"{path}: not a readable gzip file ({type(e).__name__}: {e}); download it again, or give "
+                             "the uncompressed file (a name not ending in .gz)") from None
 
 
 def _lines(path: Path) -> Iterator[tuple[str, str]]:

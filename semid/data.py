@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from semid.io import not_utf8
+from semid.safe_read import check_npy
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,9 @@ def _field(
     return value
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.ndarray]]:
     _require_file(file)
     users: list[int] = []
@@ -233,6 +237,9 @@ def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.nda
                 bad = next(t for t in tokens if not _is_id(t))
                 raise ValueError(f"{file}:{lineno}: {bad!r} is not an integer id (write ids as plain digits 0-9)")
             ints = [int(t) for t in tokens]
+            if max(ints) > _INT64_MAX:  # numpy would raise OverflowError, naming neither file nor line
+                raise ValueError(f"{file}:{lineno}: id {max(ints)} is larger than the largest id semid holds ({_INT64_MAX}); "
+                                 "number users and items from 1")
             if len(ints) == 1:
                 raise ValueError(
                     f"{file}:{lineno}: user {ints[0]} has no items (expected `USER ITEM ITEM ...`)"
@@ -301,6 +308,12 @@ def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
     if head != NPY_MAGIC:
         raise ValueError(f"{path}: not a readable .npy array: it starts with {head!r}, not {NPY_MAGIC!r}; {again}")
     try:
+        check_npy(path)  # the header's shape against the file's size, before numpy allocates it
+    except ValueError as e:
+        detail = str(e).removeprefix(f"{path}: ").removeprefix("not a readable .npy array header ").strip("()")
+        raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({detail.removesuffix('; write it again')}); "
+                         f"{again}") from None
+    try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({e}); {again}") from None
@@ -323,16 +336,22 @@ def load_embeddings(path: str | os.PathLike[str], num_items: int) -> np.ndarray:
         raise ValueError(
             f"{path}: {emb.shape[0]} rows but the dataset has {num_items} items (row i is item i + 1)"
         )
+    if emb.dtype != np.float32 and np.issubdtype(emb.dtype, np.number):
+        log.info("%s: converting embeddings from %s to float32", path, emb.dtype)
+    return check_embedding_values(emb, path)
+
+
+def check_embedding_values(emb: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
+    """``emb`` (N, D) as float32, refused naming ``path`` unless it is numeric and every value finite."""
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
         raise ValueError(f"{path}: embeddings must be numeric, got dtype {emb.dtype}")
-    if emb.dtype != np.float32:
-        log.info("%s: converting embeddings from %s to float32", path, emb.dtype)
-        emb = emb.astype(np.float32)
-    finite = np.isfinite(emb).all(axis=1)
+    emb = emb.astype(np.float32, copy=False)
+    finite = np.isfinite(emb).all(axis=1) if emb.ndim == 2 else np.isfinite(emb).all(keepdims=True)
     if not finite.all():
         row = int(np.argmin(finite))
         raise ValueError(
-            f"{path}: row {row} (item {row + 1}) has NaN or inf values ({int((~finite).sum())} bad rows)"
+            f"{path}: row {row} (item {row + 1}) has NaN or inf values ({int((~finite).sum())} bad rows); embed the "
+            "items again, or fix those rows"
         )
     return emb
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from semid.io import atomic_path
 from semid.layout import TokenLayout
+from semid.safe_read import check_npz
 
 log = logging.getLogger(__name__)
 
@@ -226,38 +227,60 @@ class SemanticIDs:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SemanticIDs:
+        return cls.read(path).ids
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> IDsFile:
+        """Read a semantic IDs file once: the IDs, its metadata and the extra arrays saved beside them.
+
+        Every check is made before the data is read (sizes and shapes from the headers, ``semid.safe_read``); a
+        damaged or crafted file is a ValueError naming it: not a zip, a zip bomb, arrays of the wrong kind, ``meta``
+        that is not a JSON object with this format's keys, codes out of their level's range.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no semantic IDs file here (write one with `semid fit-codebooks`)")
+        again = "write it again with `semid fit-codebooks`"
         try:
+            headers = check_npz(path)
+            missing = {"codes", "item_ids", "meta"} - set(headers)
+            if missing:
+                raise ValueError(f"{path}: not a semantic IDs file (missing arrays {sorted(missing)})")
+            _check_headers(path, headers)
             with np.load(path, allow_pickle=False) as z:
-                missing = {"codes", "item_ids", "meta"} - set(z.files)
-                if missing:
-                    raise ValueError(f"{path}: not a semantic IDs file (missing arrays {sorted(missing)})")
                 meta = json.loads(str(z["meta"]))
                 codes, item_ids = z["codes"], z["item_ids"]
+                arrays = {name: z[name] for name in z.files if name not in ("codes", "item_ids", "meta")}
         except (OSError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: not a readable semantic IDs file ({e}); write it again with `semid fit-codebooks`") from e
+            raise ValueError(f"{path}: not a readable semantic IDs file ({e}); {again}") from e
         except ValueError as e:
-            if str(e).startswith(str(path)):
+            text = str(e).removeprefix(f"{path}: ")
+            if text.startswith("not a"):
                 raise
-            raise ValueError(f"{path}: not a readable semantic IDs file ({e}); write it again with `semid fit-codebooks`") from e
+            raise ValueError(f"{path}: not a readable semantic IDs file ({text}); {again}") from e
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: array `meta` must hold a JSON object, got {type(meta).__name__}; {again}")
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a semantic IDs file (format {meta.get('format')!r})")
         if meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: semantic IDs format version {meta.get('version')!r}; this semid reads version {FORMAT_VERSION}")
-        return cls(codes, item_ids, meta["codebook_sizes"])
+        sizes = meta.get("codebook_sizes")
+        if not isinstance(sizes, list) or not sizes or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sizes):
+            raise ValueError(f"{path}: `meta.codebook_sizes` must be a list of positive ints, got {sizes!r}; {again}")
+        try:
+            ids = cls(codes, item_ids, sizes)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{path}: {e}; {again}") from None
+        return IDsFile(ids, meta, arrays)
 
     @staticmethod
     def load_metadata(path: str | os.PathLike[str]) -> dict:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["meta"]))
+        return SemanticIDs.read(path).meta
 
     @staticmethod
     def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         """The extra arrays saved beside the codes (``save(arrays=...)``); never unpickles."""
-        with np.load(path, allow_pickle=False) as z:
-            return {name: z[name] for name in z.files if name not in ("codes", "item_ids", "meta")}
+        return SemanticIDs.read(path).arrays
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SemanticIDs):
@@ -270,6 +293,25 @@ class SemanticIDs:
 
     def __repr__(self) -> str:
         return f"SemanticIDs(num_items={self.num_items}, codebook_sizes={list(self.codebook_sizes)})"
+
+
+class IDsFile(NamedTuple):
+    """A semantic IDs file as read once (:meth:`SemanticIDs.read`)."""
+
+    ids: SemanticIDs
+    meta: dict  # the file's metadata (format, version, codebook_sizes, and what the writer added)
+    arrays: dict[str, np.ndarray]  # the extra arrays saved beside the codes
+
+
+def _check_headers(path: Path, headers: dict) -> None:
+    """Shapes and dtypes of a semantic IDs file's arrays, from their headers (before any data is read)."""
+    codes, item_ids, meta = headers["codes"], headers["item_ids"], headers["meta"]
+    if len(codes.shape) != 2 or codes.dtype.kind not in "iu":
+        raise ValueError(f"{path}: array `codes` must be a 2-D integer array (N, L), got shape {codes.shape} {codes.dtype}")
+    if item_ids.shape != codes.shape[:1] or item_ids.dtype.kind not in "iu":
+        raise ValueError(f"{path}: array `item_ids` must be integers of shape ({codes.shape[0]},), got {item_ids.shape} {item_ids.dtype}")
+    if meta.shape != () or meta.dtype.kind != "U":
+        raise ValueError(f"{path}: array `meta` must be one JSON string, got shape {meta.shape} {meta.dtype}")
 
 
 # ---- private helpers (inputs already validated) --------------------------------------------------------------------

@@ -110,11 +110,24 @@ class TitleTokenizer:
         meta_path = path / META_FILE
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path}: not a title tokenizer folder (written by `semid train --target title`)")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        again = "restore the run's tokenizer folder, or train again"
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise TypeError(f"a JSON object expected, got {type(meta).__name__}")
+            missing = [k for k in ("kind", "pad_id", "eos_id", "vocab_size") if k not in meta]
+            if missing:
+                raise KeyError(f"no {missing}")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path}: a damaged title tokenizer record ({type(e).__name__}: {e}); {again}") from None
         if meta.get("kind") == "bpe":
             from tokenizers import Tokenizer
 
-            out = cls(Tokenizer.from_file(str(path / "tokenizer.json")), "bpe", meta["pad_id"], meta["eos_id"], meta["vocab_size"])
+            try:
+                backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # noqa: BLE001 (the tokenizers library raises a bare Exception for any bad file)
+                raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({str(e)[:200]}); {again}") from None
+            out = cls(backend, "bpe", meta["pad_id"], meta["eos_id"], meta["vocab_size"])
         elif meta.get("kind") == "transformers":
             out = cls.from_pretrained(path)
         else:

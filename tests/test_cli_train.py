@@ -84,7 +84,7 @@ def test_evaluate_prints_and_writes_metrics(
     for decoder in ("beam", "generate"):
         argv = ["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--decoder", decoder, "--max-users", "10"]
         assert main([*argv, "--no-progress"]) == 0
-        metrics[decoder] = json.loads((run / "metrics_test.json").read_text())
+        metrics[decoder] = json.loads((run / "metrics_test_sample10.json").read_text())  # a sample: not metrics_test.json
         assert metrics[decoder]["users_evaluated"] == 10
     fast, ref = (Ranking.cat(r[0], r[1:]) for r in (rankings["beam"], rankings["generate"]))
     assert fast.items.shape == ref.items.shape == (10, 10)
@@ -197,7 +197,7 @@ def test_demo_pipeline_trains_evaluates_and_shows(tmp_path: Path) -> None:
     report = train_evaluate_show(data, write_ids(tmp_path / "ids.npz"), tmp_path / "run", max_time=None, max_epochs=1, eval_users=10, progress=False)
     assert report.test["users_evaluated"] == 10 and report.test["invalid_items"] == 0
     assert len(report.shown) == 3 and all(len(u.recommendations) == 10 for u in report.shown)
-    assert "top-10" in report.text and (tmp_path / "run" / "metrics_test.json").is_file()
+    assert "top-10" in report.text and (tmp_path / "run" / "metrics_test_sample10.json").is_file()
 
 
 def test_evaluate_fails_on_a_broken_decoder(
@@ -215,7 +215,7 @@ def test_evaluate_fails_on_a_broken_decoder(
 
     monkeypatch.setattr(ev, "decoders_for", lambda run, names, **kw: {n: Duplicating() for n in names})
     out_file = trained["run"] / "metrics_broken.json"
-    monkeypatch.setattr(ev, "metrics_file", lambda run, which: out_file)
+    monkeypatch.setattr(ev, "metrics_file", lambda run, which, sample=None: out_file)
     assert main(["evaluate", "--run", str(trained["run"]), "--split", "test", "--num-beams", "12", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "invalid" in err and "duplicate" in err and "broken" in err

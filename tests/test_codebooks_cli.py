@@ -117,7 +117,7 @@ def test_missing_or_bad_embeddings_file(tmp_path: Path, capsys) -> None:
         )
         == 2
     )
-    assert "`embeddings` row 3 is not finite" in capsys.readouterr().err
+    assert "bad.npy: row 3 (item 4) has NaN or inf values" in capsys.readouterr().err  # the file named (issue 22)
 
 
 def test_out_that_is_not_a_codebooks_folder_is_refused_unless_overwrite(

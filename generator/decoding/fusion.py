@@ -79,6 +79,9 @@ class FusionChoice(NamedTuple):
     table: dict[str, dict[str, Any]]
 
 
+MAX_WEIGHT = 1e6  # learned weights are O(1..100); beyond this a score overflows float32 and the ranking means nothing
+
+
 def check_fusion(kind: str, params: dict[str, Any]) -> None:
     """ValueError unless ``params`` are valid for fusion ``kind`` (the boundary check for stored and given fusions)."""
     if kind not in FUSIONS:
@@ -92,12 +95,13 @@ def check_fusion(kind: str, params: dict[str, Any]) -> None:
             raise ValueError(f"fusion {kind!r} needs `alpha` in [0, 1], got {a!r}")
     elif kind == "rrf":
         k0 = params.get("k0")
-        if not number(k0) or not float(k0) > 0:
-            raise ValueError(f"fusion 'rrf' needs a finite `k0` > 0, got {k0!r}")
+        if not number(k0) or not 0 < float(k0) <= MAX_WEIGHT:
+            raise ValueError(f"fusion 'rrf' needs a finite `k0` > 0 and <= {MAX_WEIGHT:g}, got {k0!r}")
     elif kind == "learned":
         w = params.get("weights")
-        if not isinstance(w, list) or len(w) != len(FEATURES) or not all(number(x) for x in w):
-            raise ValueError(f"fusion 'learned' needs `weights`: {len(FEATURES)} finite numbers ({', '.join(FEATURES)}), got {w!r}")
+        if not isinstance(w, list) or len(w) != len(FEATURES) or not all(number(x) and abs(x) <= MAX_WEIGHT for x in w):
+            raise ValueError(f"fusion 'learned' needs `weights`: {len(FEATURES)} finite numbers ({', '.join(FEATURES)}) of "
+                             f"magnitude <= {MAX_WEIGHT:g} (larger ones overflow the scores), got {w!r}")
 
 
 # ---- the pool and its features ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from generator.models import checkpoint_checks as checks
 from generator.models.t5 import GeneratorConfig, build_model
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
@@ -171,19 +172,32 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
     missing = [k for k in ("layout", "config", "ids_digest") if not isinstance(meta, dict) or k not in meta]
     if missing or not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{path}: a damaged semid checkpoint (no {missing or ['state_dict']} in it); use another checkpoint or train again")
-    layout = TokenLayout.from_dict(meta["layout"])
+    try:
+        layout = TokenLayout.from_dict(meta["layout"])
+        design = meta["config"].get("design")
+        if design == "causal":  # one position per item (generator.models.causal)
+            from generator.models.causal import CausalConfig
+
+            config = CausalConfig.from_dict(meta["config"])
+        else:
+            config = GeneratorConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: the checkpoint's `{CHECKPOINT_KEY}` record is damaged ({type(e).__name__}: {e}); use another "
+                         "checkpoint or train again") from None
     if ids is not None:
         check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
     state = {k[len(STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
     check_finite(state, path)
-    if meta["config"].get("design") == "causal":  # one position per item (generator.models.causal)
-        from generator.models.causal import CausalConfig, CausalGenerator
+    # every size in the config is a tensor's in the file, every index table in range: checked before anything is built
+    if design == "causal":
+        from generator.models.causal import CausalGenerator
 
-        config = CausalConfig.from_dict(meta["config"])
-        content = state["content"][1:] if "content" in state else None
+        checks.check_causal(config, layout, state, path, ids)
+        content = state["content"][1:] if config.content_dim else None
         model = CausalGenerator(config, layout, state["item_tokens"][1:], content)
+        checks.check_tree_tables(model, state, path)
     else:
-        config = GeneratorConfig.from_dict(meta["config"])
+        checks.check_t5(config, layout, state, path)
         model = build_model(config, layout)
     try:
         model.load_state_dict(state)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from generator.models.checkpoint import ids_digest
-from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, read_config
+from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, data_fingerprint, read_config
 from generator.runs.lineage import ADDED_CONTENT, lineage, load_model
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
@@ -97,7 +97,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
             old = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
             arrays[ADDED_CONTENT] = content if old is None else np.concatenate([old.astype(np.float32), content])
         meta = {"lineage": [*before, {"digest": ids_digest(ids), "num_items": n}], "data": str(data_dir.resolve()),
-                "embeddings": codes_name}
+                "data_fingerprint": data_fingerprint(data_dir), "embeddings": codes_name}
         with atomic_path(ids_path) as tmp:  # write, prove it loads with the run's checkpoint, then replace
             extended.save(tmp, arrays=arrays, **meta)
             load_model(best_checkpoint(run_dir, config), extended, tmp)

@@ -62,6 +62,9 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, split: Split |
     wanted = [registry.resolve(backbone, n) for n in names]
     if alpha is not None:
         check_alpha(alpha)
+        if "hybrid" not in wanted:  # no decoder but the hybrid reads it: ignoring it would mislead
+            raise ValueError(f"`alpha` is the hybrid decoder's blend weight, and decoder {', '.join(wanted)} does not use "
+                             f"it (got alpha = {alpha!r}); leave out --alpha, or pass --decoder hybrid")
     device = next(run.model.parameters()).device
     run.tree = run.tree.to(device)  # itself where it is already there
     ing = Ingredients(backbone, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,

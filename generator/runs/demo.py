@@ -37,7 +37,7 @@ class ShownUser(NamedTuple):
 class DemoReport(NamedTuple):
     run_dir: Path
     train: TrainResult
-    test: dict[str, Any]  # what RUN/metrics_test.json holds
+    test: dict[str, Any]  # what RUN/metrics_test.json (metrics_test_sample<N>.json for a sample) holds
     shown: list[ShownUser]
     text: str
 
@@ -101,5 +101,6 @@ def _text(run_dir: Path, trained: TrainResult, test: dict[str, Any], shown: list
         for rank, (item, score, t) in enumerate(u.recommendations, start=1):
             mark = "  <- held-out item" if item == u.target[0] else ""
             lines.append(f"  {rank:>3}. {item:>6}  {score:7.2f}  {t[:70] or '(no title)'}{mark}")
-    lines += ["", f"files: {run_dir}/config.yaml, checkpoints/, logs/, metrics_valid.json, metrics_test.json"]
+    valid = Path(trained.metrics_valid["file"]).name if trained.metrics_valid else "metrics_valid.json"
+    lines += ["", f"files: {run_dir}/config.yaml, checkpoints/, logs/, {valid}, {Path(test['file']).name}"]
     return "\n".join(lines)

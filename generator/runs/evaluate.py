@@ -21,7 +21,7 @@ from generator.decoding import registry
 from generator.decoding.protocol import check_decode_args
 from generator.runs.batches import split_batches
 from generator.runs.decoders import decoders_for
-from generator.runs.folder import Run, metrics_file
+from generator.runs.folder import Run, check_same_data, check_writable, metrics_file
 from generator.runs.load import load_any_run
 from generator.training.t5_data import sample_users
 from semid.data import load_dataset
@@ -149,7 +149,11 @@ def evaluate_run(
     progress: bool = False,
     alpha: float | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically); returns what was written.
+    """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically; a sample of ``max_users`` users
+    writes ``RUN/metrics_<which>_sample<N>.json`` instead); returns what was written, with ``file`` its path.
+
+    Before anything is computed, the folder must take the file, and a ``data_dir`` must be the data the run was
+    trained on (its fingerprint in config.yaml; runs trained before semid recorded one get a warning).
 
     Args:
         data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
@@ -158,7 +162,12 @@ def evaluate_run(
         raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
     run = load_any_run(run_dir, checkpoint)  # load_run, or a title run's loader
     data = Path(data_dir) if data_dir is not None else run.data_dir
-    split = leave_one_out(load_dataset(data))
+    dataset = load_dataset(data)
+    check_same_data(run.config, run.path, data)
+    split = leave_one_out(dataset)
+    sample = max_users if max_users is not None and max_users < split.num_users else None
+    target = metrics_file(run.path, which, sample)
+    check_writable(target, f"the metrics ({target.name})")  # before the work, not after it
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
         raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
     result = evaluate(
@@ -181,5 +190,5 @@ def evaluate_run(
         "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
         "data": str(data),
     }
-    write_json(metrics_file(run.path, which), out)
-    return out
+    write_json(target, out)
+    return {**out, "file": str(target)}

@@ -38,6 +38,7 @@ from generator.training.resume import RESUME
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, not_utf8
 from semid.layout import TokenLayout
+from semid.safe_read import load_yaml
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,62 @@ TITLE_EMB_FILE = "title_grounding_emb.npy"  # a title run's catalogue titles emb
 RUN_FORMAT = "semid.run"
 
 
-def metrics_file(run_dir: str | os.PathLike[str], split: str) -> Path:
-    return Path(run_dir) / f"metrics_{split}.json"
+def metrics_file(run_dir: str | os.PathLike[str], split: str, sample: int | None = None) -> Path:
+    """``RUN/metrics_<split>.json`` (all users), or ``RUN/metrics_<split>_sample<N>.json`` for a sample of N users,
+    which never replaces the all-users file."""
+    return Path(run_dir) / (f"metrics_{split}.json" if sample is None else f"metrics_{split}_sample{sample}.json")
+
+
+def check_writable(target: str | os.PathLike[str], what: str) -> None:
+    """Raise ValueError naming ``target`` unless a file can be written there now (a file made and removed in its
+    folder), so that work whose result goes there is not done first and lost."""
+    import tempfile
+
+    target = Path(target)
+    if target.is_dir():
+        raise ValueError(f"{target}: is a folder, so {what} cannot be written there; move it away and try again")
+    folder = next(p for p in target.parents if p.exists())  # a folder not made yet is made in its nearest ancestor
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.probe-")
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot write {what} into this folder ({e.strerror or e}); make it writable "
+                         "(or copy the run to a writable folder) and try again") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def data_fingerprint(path: str | os.PathLike[str]) -> dict[str, str]:
+    """sha256 of a dataset folder's items.jsonl and sequences.txt (what a run's model and metrics depend on), so a
+    run can tell the data it was trained on from other data: another catalogue, or the same item count with other
+    items or users."""
+    from semid.data import ITEMS_FILE, SEQUENCES_FILE
+
+    out = {}
+    for name in (ITEMS_FILE, SEQUENCES_FILE):
+        file = Path(path) / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")
+        with open(file, "rb") as f:
+            out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def check_same_data(config: dict[str, Any], run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> None:
+    """Refuse a dataset folder other than the one the run was trained on (the fingerprint in config.yaml, or in the
+    IDs after `semid add-items`), naming both fingerprints and folders; a run trained before semid recorded one gets
+    a warning only."""
+    expected = config.get("data_fingerprint")
+    if expected is None:
+        log.warning("%s: the run records no fingerprint of its data (trained before semid kept one): %s cannot be checked "
+                    "to be the data it was trained on", run_dir, data_dir)
+        return
+    seen = data_fingerprint(data_dir)
+    if seen != expected:
+        diff = ", ".join(f"{k} {seen.get(k, '-')[:12]} (trained: {str(v)[:12]})" for k, v in expected.items() if seen.get(k) != v)
+        raise ValueError(
+            f"{data_dir}: not the data the run {run_dir} was trained on ({config.get('data')}): sha256 of {diff}; "
+            "metrics on other items or users mean nothing: evaluate on the run's own data (leave out --data)"
+        )
 
 
 CONFIG_VERSION = 1
@@ -79,15 +134,15 @@ def write_config(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> Non
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``RUN/config.yaml``: YAML (safe: no tags that build objects), format, version, checksum and the
+    """Read and check ``RUN/config.yaml``: YAML (safe: no tags that build objects, no anchors or aliases, a size
+    cap), format, version, checksum and the
     keys semid reads, each error naming the file and the key. A config without ``sha256`` (written before semid
     recorded one, or whose line was removed to accept a hand edit) is checked by its schema only."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a run folder (no {CONFIG_FILE}; make one with `semid train`)")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
+        config = load_yaml(path)  # safe tags only, no anchors or aliases, at most MAX_YAML_BYTES
     except UnicodeDecodeError:
         raise not_utf8(path) from None
     except yaml.YAMLError as e:
@@ -134,6 +189,7 @@ _SCHEMA: dict[str, tuple[str, bool]] = {
     "layout": ("dict", True), "train": ("dict", True), "monitor": ("str", False), "best_checkpoint": ("str?", True),
     "steps": ("int>=0", False), "epochs": ("num", False), "ids_source": ("str", False),
     "selected_on_validation": ("bool", False), "best_score": ("dict", False), "sha256": ("str", False),
+    "data_fingerprint": ("dict", False),
 }
 _LAYOUT_SCHEMA = {"codebook_sizes": ("list[int>0]", True), "num_user_tokens": ("int>=0", True)}
 _TRAIN_SCHEMA = {
@@ -229,14 +285,15 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    ids = SemanticIDs.load(run_dir / IDS_FILE)
+    stored = SemanticIDs.read(run_dir / IDS_FILE)  # once: IDs, metadata and added items come from one read
+    ids = stored.ids
     ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, config)
     # refuses IDs that are neither the checkpoint's own nor a version extending them (generator.runs.lineage)
-    loaded = load_model(ckpt, ids, run_dir / IDS_FILE)
+    loaded = load_model(ckpt, ids, run_dir / IDS_FILE, stored)
     layout = loaded.layout
-    added = SemanticIDs.load_metadata(run_dir / IDS_FILE).get("data")
+    added = stored.meta.get("data")
     if added:  # items were added from this dataset folder: its titles and users are the run's now
-        config = {**config, "data": added}
+        config = {**config, "data": added, "data_fingerprint": stored.meta.get("data_fingerprint")}
     check_config_matches(config, run_dir / CONFIG_FILE, loaded.layout, loaded.config, ckpt)
     tree = PrefixTree.from_semantic_ids(ids, layout)
     log.info("loaded run %s (checkpoint %s, %d items)", run_dir, ckpt.name, ids.num_items)

@@ -13,15 +13,16 @@ from typing import Any
 import numpy as np
 
 from generator.models.checkpoint import LoadedModel, check_vocabulary, load_checkpoint
-from semid.ids import SemanticIDs
+from semid.ids import IDsFile, SemanticIDs
 
 LINEAGE = "lineage"
 ADDED_CONTENT = "added_content"
 
 
-def lineage(ids_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The earlier versions a semantic IDs file extends, oldest first (empty for IDs as trained)."""
-    entries = SemanticIDs.load_metadata(ids_path).get(LINEAGE) or []
+def lineage(ids_path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The earlier versions a semantic IDs file extends, oldest first (empty for IDs as trained); ``meta``: the
+    file's metadata when it was read already."""
+    entries = (SemanticIDs.load_metadata(ids_path) if meta is None else meta).get(LINEAGE) or []
     if not isinstance(entries, list) or not all(
         isinstance(e, dict) and isinstance(e.get("digest"), str) and isinstance(e.get("num_items"), int) for e in entries
     ):
@@ -29,10 +30,16 @@ def lineage(ids_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return entries
 
 
-def load_model(checkpoint: str | os.PathLike[str], ids: SemanticIDs, ids_path: str | os.PathLike[str]) -> LoadedModel:
+def load_model(checkpoint: str | os.PathLike[str], ids: SemanticIDs, ids_path: str | os.PathLike[str],
+               stored: IDsFile | None = None) -> LoadedModel:
     """The checkpoint's model for ``ids``: the IDs it was trained with, or a version that extends them (the model
-    grown by the added items). Any other IDs are refused, naming both files."""
-    entries = lineage(ids_path)
+    grown by the added items). Any other IDs are refused, naming both files.
+
+    Args:
+        stored: ``ids_path`` as read already (``SemanticIDs.read``), so that the file is read once; default: read it.
+    """
+    stored = SemanticIDs.read(ids_path) if stored is None else stored
+    entries = lineage(ids_path, stored.meta)
     if not entries:
         return load_checkpoint(checkpoint, ids)
     loaded = load_checkpoint(checkpoint)
@@ -53,7 +60,7 @@ def load_model(checkpoint: str | os.PathLike[str], ids: SemanticIDs, ids_path: s
         tokens = loaded.layout.codes_to_tokens(ids.codes[n0:])
         content = None
         if model.config.content_dim:
-            added = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
+            added = stored.arrays.get(ADDED_CONTENT)
             if added is None or added.shape != (ids.num_items - root, model.config.content_dim):
                 raise ValueError(f"{ids_path}: `added_content` must be ({ids.num_items - root}, {model.config.content_dim}) "
                                  f"for this model, got {None if added is None else added.shape}; add the items again")

@@ -23,11 +23,18 @@ import torch
 
 from generator.decoding.grounding import GROUND_MAX_LENGTH
 from generator.decoding.titles import tree_from_targets
-from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, check_vocabulary, safe_load
+from generator.models.checkpoint import (
+    CHECKPOINT_KEY,
+    STATE_PREFIX,
+    check_finite,
+    check_vocabulary,
+    safe_load,
+)
 from generator.models.titles import BACKBONE_KEYS, TitleConfig, TitleGenerator
 from generator.runs.folder import IDS_FILE, TITLE_EMB_FILE, TOKENIZER_DIR, Run, best_checkpoint
 from generator.training.causal_data import CausalDataModule
 from generator.training.title_system import TARGET, TitleSystem, title_monitor  # noqa: F401 (generator.runs.train imports it from here)
+from semid.data import read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
 from semid.layout import TokenLayout
@@ -88,6 +95,7 @@ def load_title_run(run_dir: Path, config: dict[str, Any], checkpoint: Any = None
     layout = TokenLayout.from_dict(meta["layout"])
     check_vocabulary(layout, meta["ids_digest"], ids, source=str(ckpt))
     state = {k[len(STATE_PREFIX):]: v for k, v in raw["state_dict"].items() if k.startswith(STATE_PREFIX)}
+    check_finite(state, ckpt)  # as a causal run's: NaN weights are named, not met later as a beam failure
     mcfg = TitleConfig.from_dict(meta["config"])
     model = TitleGenerator(mcfg, layout, state["backbone.item_tokens"][1:], state["title_targets"])
     model.load_state_dict(state)
@@ -117,7 +125,7 @@ def catalogue_title_embeddings(run_dir: Path, titles: list[str], encoder: object
     digest = titles_digest(titles, encoder_dir)
     path, meta = run_dir / TITLE_EMB_FILE, run_dir / (TITLE_EMB_FILE + ".json")
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("digest") == digest:
-        return np.load(path)
+        return read_npy(path)  # header checked against the file size first
     t0 = time.perf_counter()
     emb = embed_texts(titles, encoder, batch_size=batch_size, max_length=GROUND_MAX_LENGTH, progress=False)
     with atomic_path(path) as tmp:

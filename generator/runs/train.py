@@ -36,11 +36,14 @@ from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import (
     BEST,
     CHECKPOINT_DIR,
+    CONFIG_FILE,
     HYBRID_FILE,
     IDS_FILE,
     LAST,
     LOCK_FILE,
     LOG_DIR,
+    check_writable,
+    data_fingerprint,
     read_config,
     write_config,
 )
@@ -192,6 +195,9 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         ckpt_path = resume_point(out / CHECKPOINT_DIR) if resume else None
         with SignalGuard(out) as guard:
             return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, True)
+    if resume:  # a folder it cannot write would fail at the first checkpoint, after the work: check it first
+        check_writable(out / CONFIG_FILE, "the run's config")
+        check_writable(out / CHECKPOINT_DIR / LAST, "checkpoints")
     with folder_lock(out, LOCK_FILE, what="a training"), SignalGuard(out) as guard:
         ckpt_path = _prepare_run_dir(out, ids, options, resume)
         try:
@@ -225,6 +231,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         monitor = MONITOR
     run_config = {
         "data": str(Path(data_dir).resolve()),
+        "data_fingerprint": data_fingerprint(data_dir),  # evaluate refuses other data (folder.check_same_data)
         "ids_source": str(Path(ids_path).resolve()),
         "ids_digest": digest,
         "design": options.design,

@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": ("semid.cli.evaluate", "evaluate a run on the validation or test users"),
     "recommend": ("semid.cli.recommend", "top-k items for a history"),
     "add-items": ("semid.cli.add_items", "add items that came after training to a run, for good"),
+    "digest": ("semid.cli.digest", "print the digests that pin a run, to check with --expect-sha256"),
     "demo": ("semid.cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))

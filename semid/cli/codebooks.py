@@ -36,7 +36,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rqvae import FitResult, RQKMeansConfig, RQVAEConfig, fit_codebooks, method_name
-from semid.data import read_npy
+from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
 
@@ -124,7 +124,7 @@ def build_config(args: argparse.Namespace) -> RQVAEConfig | RQKMeansConfig:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
-    embeddings = read_npy(args.embeddings)
+    embeddings = check_embedding_values(read_npy(args.embeddings), args.embeddings)  # errors name the file
     result = fit_codebooks(embeddings, config, progress=args.progress)
     stats = write_codebooks(
         args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size

@@ -14,7 +14,12 @@ from generator.runs.folder import metrics_file
 
 
 def _users(text: str) -> int | None:
-    return None if text == "all" else int(text)
+    """``--max-users``: a positive int, or "all" (argparse would say "invalid _users value" for anything else)."""
+    if text == "all":
+        return None
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int (users sampled) or 'all', got {text!r}")
+    return int(text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")
+    p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
+                   "checkpoint have these digests (a file from `semid digest --run RUN`, or its --combined hex)")
     p.add_argument("--device", help="cpu, cuda, ... (default cuda where available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
@@ -67,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"`--batch-size` must be a positive int (users decoded together), got {args.batch_size!r}")
     check_device(args.device)
     ks = parse_ks(args.k)
+    if args.expect_sha256 is not None:  # before anything of the run is loaded
+        from generator.runs.pinning import check_pinned
+
+        check_pinned(args.run, args.expect_sha256, args.checkpoint)
     try:
         m = evaluate_run(
             args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
@@ -82,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
     for k in ks:
         print(f"  Recall@{k:<3} {m[f'recall@{k}']:.4f}   NDCG@{k:<3} {m[f'ndcg@{k}']:.4f}")
     print(f"  invalid items {m['invalid_items']}, duplicate items {m['duplicate_items']}, {m['seconds']:.1f} s")
-    print(f"wrote {metrics_file(args.run, args.split)}")
+    print(f"wrote {m['file']}" + ("  (a sample: the all-users file is left as it was)" if args.max_users is not None
+                                  and Path(m["file"]).name != metrics_file(args.run, args.split).name else ""))
     return 0

@@ -39,10 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: the one chosen on validation, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder for titles (default: the one the run was trained on)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
+                   "checkpoint have these digests (a file from `semid digest --run RUN`, or its --combined hex)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.expect_sha256 is not None:  # before anything of the run is loaded
+        from generator.runs.pinning import check_pinned
+
+        check_pinned(args.run, args.expect_sha256)
     r = load_any_run(args.run)  # load_run, or a title run's loader
     user_ids = [args.user] if args.user is not None else None
     try:

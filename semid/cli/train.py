@@ -17,19 +17,24 @@ from generator.runs.folder import IDS_FILE, read_config
 from generator.runs.options import DESIGN_DEFAULTS, PRESETS, TrainOptions
 from generator.runs.train import train_run
 from generator.training.resume import TrainingInterrupted
+from semid.safe_read import yaml_value
 
 
 def _users(text: str) -> int | None:
+    """A user count: a non-negative int or "all" (argparse would say "invalid _users value" for anything else)."""
     if text == "all":
         return None
-    value = int(text)
-    if value < 0:
+    if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a non-negative int or 'all', got {text!r}")
-    return value
+    return int(text)
 
 
 def _every(text: str) -> int | float:
-    value = float(text)
+    """``--val-every``: N epochs (int) or a fraction of an epoch."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs (2) or a fraction of one (0.5), got {text!r}") from None
     return int(value) if value >= 1 and value.is_integer() else value
 
 
@@ -114,8 +119,6 @@ class ModelOptionsAction(argparse.Action):
     """``--model-option KEY=VALUE`` (repeatable) -> a dict of CausalConfig fields, values YAML-typed."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
-        import yaml
-
         from generator.models.causal import CausalConfig
 
         key, sep, text = str(value).partition("=")
@@ -125,7 +128,10 @@ class ModelOptionsAction(argparse.Action):
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
         options = dict(getattr(namespace, self.dest) or {})
-        options[key] = yaml.safe_load(text)
+        try:
+            options[key] = yaml_value(text, f"{option} {key}")
+        except ValueError as e:
+            parser.error(str(e))
         setattr(namespace, self.dest, options)
 
 
@@ -163,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         m = result.metrics_valid
         print(
             f"valid ({m['users_evaluated']} users): R@5 {m['recall@5']:.4f}  N@5 {m['ndcg@5']:.4f}  "
-            f"R@10 {m['recall@10']:.4f}  N@10 {m['ndcg@10']:.4f}  -> {result.run_dir / 'metrics_valid.json'}"
+            f"R@10 {m['recall@10']:.4f}  N@10 {m['ndcg@10']:.4f}  -> {m['file']}"
         )
     return 0
 
@@ -179,7 +185,8 @@ class DenseOptionsAction(argparse.Action):
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
         options = dict(getattr(namespace, self.dest) or {})
-        import yaml
-
-        options[key] = yaml.safe_load(text)
+        try:
+            options[key] = yaml_value(text, f"{option} {key}")
+        except ValueError as e:
+            parser.error(str(e))
         setattr(namespace, self.dest, options)

@@ -1,0 +1,99 @@
+"""Pinning a run's files by digests kept outside the run folder.
+
+The digests semid writes into a run (config.yaml's ``sha256``, a checkpoint's ``semid_integrity``) live inside the
+files they protect: they find damage (a flipped byte, a truncated or half-written file), not an edit, since whoever
+edits a file can recompute them. To serve exactly the run that was evaluated, keep its digests elsewhere
+(:func:`run_digests`, ``semid digest --run RUN``) and check them before loading (:func:`check_pinned`,
+``semid evaluate|recommend --expect-sha256 FILE_OR_HEX``; a server calls :func:`check_pinned` the same way).
+
+What is pinned: config.yaml (which names the best checkpoint and holds the model's config), semantic_ids.npz and the
+checkpoint served (the best one, or the one given). The digests are of the files' bytes, as ``sha256sum`` prints
+them, so ``cd RUN && sha256sum -c FILE`` checks a pin file too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from generator.runs.folder import CONFIG_FILE, IDS_FILE, best_checkpoint, read_config
+
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def pinned_files(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> list[str]:
+    """The files a pin covers, relative to the run folder: config.yaml, semantic_ids.npz and the checkpoint served."""
+    run_dir = Path(run_dir)
+    ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, read_config(run_dir))
+    if not ckpt.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"{ckpt}: a checkpoint outside the run folder {run_dir} cannot be pinned with the run")
+    return [CONFIG_FILE, IDS_FILE, str(ckpt.resolve().relative_to(run_dir.resolve()))]
+
+
+def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """sha256 of each pinned file (relative path -> hex digest)."""
+    run_dir = Path(run_dir)
+    return {name: _sha256(run_dir / name) for name in pinned_files(run_dir, checkpoint)}
+
+
+def format_digests(digests: dict[str, str]) -> str:
+    """``sha256sum``'s format: one ``<hex>  <path>`` line per file."""
+    return "".join(f"{hexdigest}  {name}\n" for name, hexdigest in digests.items())
+
+
+def combined_digest(digests: dict[str, str]) -> str:
+    """One sha256 for the whole run: of :func:`format_digests`'s text, files in path order."""
+    return hashlib.sha256(format_digests(dict(sorted(digests.items()))).encode()).hexdigest()
+
+
+def parse_pins(text: str, source: str) -> dict[str, str]:
+    """A pin file's ``<hex>  <path>`` lines (``sha256sum``'s format; blank lines and ``#`` comments skipped)."""
+    pins = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        hexdigest, _, name = line.strip().partition(" ")
+        name = name.strip().removeprefix("*")
+        if not _HEX.fullmatch(hexdigest.lower()) or not name:
+            raise ValueError(f"{source}:{lineno}: expected `<64 hex digits>  <file>` (as `semid digest` prints), got {line!r}")
+        pins[name] = hexdigest.lower()
+    if not pins:
+        raise ValueError(f"{source}: no digests in it (write one with `semid digest --run RUN > {source}`)")
+    return pins
+
+
+def check_pinned(run_dir: str | os.PathLike[str], expected: str, checkpoint: str | os.PathLike[str] | None = None) -> None:
+    """Raise ValueError unless the run's pinned files have the digests the caller keeps.
+
+    Args:
+        expected: the combined digest (64 hex digits, ``semid digest --run RUN --combined``), or a file of
+            ``<hex>  <path>`` lines (``semid digest --run RUN``) that covers every pinned file.
+    """
+    run_dir = Path(run_dir)
+    digests = run_digests(run_dir, checkpoint)
+    if _HEX.fullmatch(expected.strip().lower()):
+        seen = combined_digest(digests)
+        if seen != expected.strip().lower():
+            raise ValueError(
+                f"{run_dir}: its files do not have the digest you pinned (expected {expected.strip()[:16]}..., the run's "
+                f"{', '.join(digests)} give {seen[:16]}...): one of them was changed since; do not serve this run"
+            )
+        return
+    path = Path(expected)
+    if not path.is_file():
+        raise FileNotFoundError(f"{expected}: `--expect-sha256` is neither 64 hex digits nor a file of digests")
+    pins = parse_pins(path.read_text(encoding="utf-8"), str(path))
+    for name, hexdigest in digests.items():
+        if name not in pins:
+            raise ValueError(f"{path}: pins no digest for {name} (the run serves it); write the file again with "
+                             f"`semid digest --run {run_dir}`")
+        if pins[name] != hexdigest:
+            raise ValueError(f"{run_dir / name}: sha256 {hexdigest[:16]}..., but {path} pins {pins[name][:16]}...: the file was "
+                             "changed since it was pinned; do not serve this run")

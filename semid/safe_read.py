@@ -1,0 +1,137 @@
+"""Reading small files that may have been crafted, with the work bounded before it starts.
+
+- YAML (:func:`load_yaml`, :func:`yaml_value`): safe tags only, no anchors or aliases (a 2 KB "billion laughs" file
+  expands to gigabytes through them; semid never writes one), and a size cap on the file.
+- ``.npy`` (:func:`check_npy`) and ``.npz`` (:func:`check_npz`): the array header's shape and dtype, and for a zip
+  member its sizes in the zip directory, are read and checked against the bytes really there before any array is
+  read: a header claiming a huge shape, or a member that inflates a thousandfold (a zip bomb), is refused naming the
+  file, instead of numpy allocating first.
+
+Every error is a ValueError naming the file (and the array or line) and what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+import numpy as np
+import yaml
+
+MAX_YAML_BYTES = 1 << 20  # a run's config.yaml is a few KB
+MAX_ZIP_RATIO = 100  # semid writes .npz members stored (ratio 1); deflate reaches ~1000:1 on a bomb's zeros
+_ZIP_SLACK = 1 << 16  # small members (headers, a JSON string) may compress better than MAX_ZIP_RATIO
+
+
+# ---- YAML --------------------------------------------------------------------------------------------------------
+class NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors (``&a``) and aliases (``*a``, ``<<: *a``) where it meets them, so a
+    document that would expand exponentially fails at its first anchor."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed here (semid never writes them)", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(path: str | os.PathLike[str], *, max_bytes: int = MAX_YAML_BYTES) -> Any:
+    """The YAML document in ``path``, read with :class:`NoAliasLoader` once its size is checked.
+
+    Raises ValueError naming the file when it is larger than ``max_bytes``; YAML errors (``yaml.YAMLError``) and
+    ``UnicodeDecodeError`` are left to the caller, which knows what the file is.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size:,} bytes, more than the {max_bytes:,} a semid YAML file may have; restore the file semid wrote")
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=NoAliasLoader)  # noqa: S506 (NoAliasLoader is a SafeLoader)
+
+
+def yaml_value(text: str, where: str) -> Any:
+    """One YAML-typed value given on the command line (``KEY=VALUE``): plain scalars, lists and mappings only.
+
+    Args:
+        where: what to name in the error, e.g. "`--model-option d_model`".
+    """
+    if len(text) > 10_000:
+        raise ValueError(f"{where}: a value of {len(text):,} characters; give a plain number, string, list or mapping")
+    try:
+        return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}: {text!r} is not a plain YAML value ({problem}); give a number, string, true/false or a list") from None
+
+
+# ---- .npy and .npz: headers before data --------------------------------------------------------------------------
+class NpyHeader(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int  # what the data needs: prod(shape) * itemsize
+    offset: int  # bytes before the data
+
+
+def read_npy_header(f: IO[bytes], where: str) -> NpyHeader:
+    """The header of the ``.npy`` stream ``f`` (positioned at its start), checked to describe plain data."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"format version {version} (this semid reads 1.0 and 2.0)")
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise ValueError(f"{where}: not a readable .npy array header ({e})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{where}: holds Python objects (dtype {dtype}), which semid never reads (they would be unpickled)")
+    nbytes = math.prod(int(n) for n in shape) * dtype.itemsize
+    return NpyHeader(tuple(int(n) for n in shape), dtype, nbytes, f.tell())
+
+
+def _claims(where: str, h: NpyHeader, available: int) -> ValueError:
+    return ValueError(
+        f"{where}: its header claims an array of shape {h.shape} {h.dtype} ({h.nbytes:,} bytes), but the file holds "
+        f"{available:,} bytes of data: the file is truncated, damaged or crafted; write it again"
+    )
+
+
+def check_npy(path: str | os.PathLike[str]) -> NpyHeader:
+    """The header of the ``.npy`` file ``path``, refused unless the data it describes is exactly what the file holds
+    (so ``np.load`` allocates no more than the file's size)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        h = read_npy_header(f, str(path))
+    available = path.stat().st_size - h.offset
+    if h.nbytes != available:
+        raise _claims(str(path), h, available)
+    return h
+
+
+def check_npz(path: str | os.PathLike[str]) -> dict[str, NpyHeader]:
+    """The header of every array in the ``.npz`` file ``path`` (by name), read from the zip without inflating the
+    data. Refused, naming the file and the array: a member that inflates more than :data:`MAX_ZIP_RATIO` times (a
+    zip bomb), a header whose data is not the member's size, and arrays of Python objects."""
+    path = Path(path)
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            where = f"{path}: array `{name}`"
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_ZIP_RATIO * info.compress_size + _ZIP_SLACK:
+                raise ValueError(
+                    f"{where} inflates from {info.compress_size:,} to {info.file_size:,} bytes (more than {MAX_ZIP_RATIO}:1): "
+                    "refused as a zip bomb; semid writes these files uncompressed: write it again"
+                )
+            with z.open(info) as f:
+                h = read_npy_header(f, where)
+            if h.offset + h.nbytes != info.file_size:
+                raise _claims(where, h, info.file_size - h.offset)
+            out[name] = h
+    return out
