@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from generator.decoding.causal import CausalDecoders, beam_search, edge_tables, exact_scores, item_paths
-from generator.models.causal import CausalConfig, CausalGenerator, code_loss
+from generator.models.causal import CausalConfig, CausalGenerator
+from generator.models.causal_loss import code_loss
 from generator.training.causal_data import collate_windows, training_windows
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree

@@ -107,3 +107,65 @@ def test_cpu_time_limit_counts_this_process_cpu_time_not_the_wall_clock() -> Non
     assert trainer.should_stop is True
     with pytest.raises(ValueError, match="`max_cpu_time` must be positive"):
         CpuTimeLimit(0)
+
+
+def _tiny(seed: int = 3, n: int = 40):
+    from generator.models.causal import CausalGenerator
+
+    rng = np.random.default_rng(seed)
+    ids = SemanticIDs.from_codes(rng.integers(0, (3, 4, 2), size=(n, 3)), (3, 4, 2), extra_level_size=n)
+    layout = ids.layout(0)
+    torch.manual_seed(seed)
+    model = CausalGenerator(CausalConfig(d_model=16, num_heads=2, d_ff=32, dropout=0.0, max_history=8, dense_dim=16),
+                            layout, torch.as_tensor(layout.codes_to_tokens(ids.codes))).eval()
+    with torch.no_grad():
+        for level in range(layout.num_levels):
+            getattr(model, f"node_vec_{level}").normal_(0, 0.5)
+        for mlp in model.prefix_mlp:
+            mlp[2].weight.normal_(0, 0.5)
+    return model, ids
+
+
+def _reference_soft_loss(model, ids, hq, targets, teacher):
+    """Per level: cross-entropy of the children of the target's parent against the teacher's renormalised mass on
+    them, by loops over positions, levels and items (codes from the IDs, not the model's tables)."""
+    tokens = np.asarray(model.layout.codes_to_tokens(ids.codes))
+    total = 0.0
+    for p, row in enumerate(targets.tolist()):
+        for level in range(model.layout.num_levels):
+            lo, _ = model.layout.level_range(level)
+            prefix = tokens[row, :level]
+            under = [i for i in range(len(tokens)) if (tokens[i, :level] == prefix).all()]
+            children = sorted({int(tokens[i, level]) for i in under})
+            if len(children) < 2:
+                continue
+            logits = model.code_logits(level, hq[p: p + 1, level], torch.as_tensor(prefix[None]))[0]
+            logp = logits[[c - lo for c in children]].double().log_softmax(0)
+            mass = torch.tensor([sum(float(teacher[p, i]) for i in under if tokens[i, level] == c) for c in children],
+                                dtype=torch.float64)
+            total += float(-(mass / mass.sum() * logp).sum())
+    return total / len(targets)
+
+
+def test_distilled_code_loss_is_the_cross_entropy_against_the_teachers_mass_on_each_child() -> None:
+    from generator.models.causal_loss import code_loss
+
+    model, ids = _tiny()
+    g = torch.Generator().manual_seed(0)
+    hq = torch.randn(6, model.layout.num_levels, 16, generator=g)
+    targets = torch.tensor([0, 5, 9, 17, 33, 39])
+    target_tokens = model.item_tokens[targets + 1]
+    teacher = torch.randn(6, 40, generator=g).mul(2).softmax(-1)
+    got = code_loss(model, hq, target_tokens, teacher=teacher, distill=1.0)
+    assert float(got) == pytest.approx(_reference_soft_loss(model, ids, hq, targets, teacher), rel=1e-5)
+    # a teacher sure of the target is the plain likelihood; distill 0 ignores the teacher
+    onehot = torch.nn.functional.one_hot(targets, 40).float()
+    hard = code_loss(model, hq, target_tokens)
+    torch.testing.assert_close(code_loss(model, hq, target_tokens, teacher=onehot, distill=1.0), hard)
+    torch.testing.assert_close(code_loss(model, hq, target_tokens, teacher=teacher, distill=0.0), hard)
+    mixed = code_loss(model, hq, target_tokens, teacher=teacher, distill=0.25)
+    torch.testing.assert_close(mixed, 0.75 * hard + 0.25 * got)
+    with pytest.raises(ValueError, match="needs a `teacher`"):
+        code_loss(model, hq, target_tokens, distill=0.5)
+    with pytest.raises(ValueError, match="`distill`"):
+        CausalConfig(d_model=16, num_heads=2, dense_dim=0, distill=0.5)

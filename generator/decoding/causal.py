@@ -38,7 +38,8 @@ from generator.decoding.protocol import (
     check_beams,
     check_k,
 )
-from generator.models.causal import CausalGenerator, masked_log_softmax
+from generator.models.causal import CausalGenerator
+from generator.models.causal_loss import masked_log_softmax
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")

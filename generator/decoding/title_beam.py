@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from generator.models.causal import masked_log_softmax
+from generator.models.causal_loss import masked_log_softmax
 from generator.models.titles import TitleGenerator
 from semid.tree import PrefixTree
 

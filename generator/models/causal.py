@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
@@ -57,6 +56,7 @@ class CausalConfig:
     head_dropout: float = 0.0  # dropout on the code head's query while training
     node_dropout: float = 0.0  # while training, each (position, child) pair's node vector is dropped with this probability
     content_vectors: bool = True  # with content_dim and dense_dim: item vectors also get a projection of the content
+    distill: float = 0.0  # weight of the dense head's softmax as the code head's soft target, level by level
     item_dropout: float = 0.0  # while training, each item's table row is dropped from its dense vector with this
     # probability, so the code and content parts alone score items well (the vectors items added later get)
     id_input: bool = False  # add the item's dense-table row (its ID embedding, tied as in SASRec) to its input vector;
@@ -79,7 +79,9 @@ class CausalConfig:
                              f"`d_model` ({self.d_model}), got {self.dense_dim}")
         if self.d_model % self.num_heads:
             raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
-        for name in ("dropout", "head_dropout", "node_dropout", "item_dropout"):
+        if self.distill and not (self.dense_dim and self.node_vectors):
+            raise ValueError(f"`distill` ({self.distill}) needs a dense head (dense_dim > 0) and node vectors")
+        for name in ("dropout", "head_dropout", "node_dropout", "item_dropout", "distill"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1), got {v!r}")
@@ -227,7 +229,7 @@ class CausalGenerator(nn.Module):
     # ---- node vectors: children of each parent prefix, padded to the level's largest degree ------------------------
     def _register_children(self, level: int, codes: torch.Tensor) -> None:
         """Buffers parent_keys_l (P,), child_codes_l (P, W) (-1 pads) and child_index_l (P, W) into node_vec_l (E, D)."""
-        child_keys = torch.unique(self._key(codes[:, : level + 1]))  # (E,) sorted
+        child_keys, item_node = torch.unique(self._key(codes[:, : level + 1]), return_inverse=True)  # (E,) sorted, (N,)
         parent_of = child_keys // self.layout.codebook_sizes[level]
         code = child_keys % self.layout.codebook_sizes[level]
         parents, inv, counts = torch.unique_consecutive(parent_of, return_inverse=True, return_counts=True)
@@ -240,6 +242,7 @@ class CausalGenerator(nn.Module):
         self.register_buffer(f"parent_keys_{level}", parents, persistent=True)
         self.register_buffer(f"child_codes_{level}", child_codes, persistent=True)
         self.register_buffer(f"child_index_{level}", child_index, persistent=True)
+        self.register_buffer(f"item_node_{level}", item_node, persistent=False)  # each trained item's node row (distill)
         if not hasattr(self, f"node_vec_{level}"):
             self.register_parameter(f"node_vec_{level}", nn.Parameter(torch.zeros(child_keys.numel(), self.config.d_model)))
 
@@ -319,95 +322,3 @@ class CausalGenerator(nn.Module):
             self.content = torch.cat([self.content, content.to(self.content)])
         if self.has_dense:
             self.item_table = nn.Parameter(torch.cat([self.item_table.data, self.item_table.new_zeros(M, self.config.dense_dim)]))
-
-
-def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the allowed entries only; -inf elsewhere. logits, allowed: (..., K)."""
-    neg_inf = torch.finfo(logits.dtype).min
-    return logits.masked_fill(~allowed, neg_inf).log_softmax(-1).masked_fill(~allowed, float("-inf"))
-
-
-def code_loss(
-    model: CausalGenerator,
-    hq: torch.Tensor,
-    target_tokens: torch.Tensor,
-    allowed: list[torch.Tensor] | None = None,
-    *,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Mean over targets of the item's negative log-likelihood (sum over levels), normalised over the tree.
-
-    With node vectors, each level is computed over the children each target's parent has (the model's own tables,
-    which are the tree's for the items it was built with): one logit per (position, child) pair, a log-sum-exp per
-    position, no block-wide mask. A level where every parent has a single child adds log 1 = 0 and is skipped.
-
-    Args:
-        hq: FloatTensor (P, L, D), the level queries of P positions.
-        target_tokens: LongTensor (P, L), the next items' code tokens (teacher forcing).
-        allowed: per level a BoolTensor (P, K_l): the codes the tree allows after each target's prefix (needed
-            without node vectors only).
-        label_smoothing: mass spread uniformly over the allowed codes of each level.
-    """
-    total = hq.new_zeros(())
-    for level in range(model.layout.num_levels):  # loop over levels (L <= 4), not positions
-        lo, hi = model.layout.level_range(level)
-        prefix, target = target_tokens[:, :level], target_tokens[:, level] - lo
-        if model.config.node_vectors and getattr(model, f"parent_keys_{level}").numel() > 1:
-            if getattr(model, f"child_codes_{level}").shape[1] == 1:
-                continue  # one child under every parent: log-probability 0
-            nll, smooth = _pair_nll(model, level, hq[:, level], prefix, target)
-        else:
-            mask = allowed[level] if allowed is not None else _root_mask(model, level, hq.shape[0])
-            logp = masked_log_softmax(model.code_logits(level, hq[:, level], prefix), mask)
-            nll = -logp.gather(1, target[:, None]).squeeze(1)
-            smooth = -(logp.masked_fill(~mask, 0.0).sum(1) / mask.sum(1).clamp_min(1))
-        if label_smoothing:
-            nll = (1 - label_smoothing) * nll + label_smoothing * smooth
-        total = total + nll.mean()
-    return total
-
-
-def _root_mask(model: CausalGenerator, level: int, P: int) -> torch.Tensor:
-    """The codes the model's tables allow at a level with a single parent (the root), for P rows."""
-    if not model.config.node_vectors or getattr(model, f"parent_keys_{level}").numel() != 1:
-        raise ValueError("`allowed` masks are required without node vectors")
-    codes = getattr(model, f"child_codes_{level}")[0]
-    mask = torch.zeros(model.layout.codebook_sizes[level], dtype=torch.bool, device=codes.device)
-    mask[codes[codes >= 0]] = True
-    return mask.expand(P, -1)
-
-
-def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(-log p(target), -mean log p over the children) per position, over (position, child) pairs."""
-    lo, hi = model.layout.level_range(level)
-    s, u = model.prefix_film(level, prefix)
-    q = model.head_drop(hq * s + u)  # (P, D)
-    block = q @ model.code_emb.weight[lo:hi].T + model.code_bias[lo:hi]  # (P, K): the shared part, one matmul
-    codes, index = model._children(level, prefix)  # (P, W)
-    deg = (codes >= 0).sum(1)
-    pos = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), deg)  # (R,) pairs
-    slot = torch.arange(pos.numel(), device=q.device) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
-    code, row = codes[pos, slot], index[pos, slot]
-    table = getattr(model, f"node_vec_{level}")
-    node = (q[pos] * table[row]).sum(-1)  # (R,)
-    if model.training and model.config.node_dropout:  # the codes must score an item without its node vector too
-        node = node * (torch.rand_like(node) >= model.config.node_dropout)
-    logit = block[pos, code] + node
-    P = q.shape[0]
-    peak = logit.new_full((P,), float("-inf")).scatter_reduce(0, pos, logit.detach(), reduce="amax")
-    lse = peak + logit.new_zeros(P).scatter_add(0, pos, (logit - peak[pos]).exp()).log()
-    logp = logit - lse[pos]
-    hit = code == target[pos]
-    nll = -logp.new_zeros(P).scatter_add(0, pos, torch.where(hit, logp, 0.0))
-    if not bool((logp.new_zeros(P).scatter_add(0, pos, hit.to(logp.dtype)) == 1).all()):
-        raise ValueError(f"a target's level-{level} code is not among its parent's children: the model's tables and the "
-                         "training items disagree")
-    smooth = -logp.new_zeros(P).scatter_add(0, pos, logp) / deg.clamp_min(1)
-    return nll, smooth
-
-
-def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
-    """Full-softmax cross-entropy over the catalogue (SASRec's loss). h: (P, D); target_rows: (P,) in [0, N)."""
-    logits = model.dense_queries(h) @ model.item_vectors().T  # (P, N)
-    return F.cross_entropy(logits, target_rows)

@@ -20,7 +20,8 @@ import torch
 
 from generator.decoding.causal import item_paths
 from generator.decoding.registry import CAUSAL, Ingredients, build_many
-from generator.models.causal import CausalConfig, CausalGenerator, code_loss, dense_loss
+from generator.models.causal import CausalConfig, CausalGenerator
+from generator.models.causal_loss import code_loss, dense_logits
 from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.training.causal_data import SeqBatch
 from generator.training.t5_system import OptimConfig, adamw_schedule
@@ -51,6 +52,8 @@ class CausalSystem(L.LightningModule):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
+        if config.distill and objective != "joint":
+            raise ValueError(f"`distill` trains the code head on the dense head's softmax: `objective` must be 'joint', got {objective!r}")
         if objective != "generative" and not config.dense_dim:
             raise ValueError(f"`objective` {objective!r} needs a dense head (dense_dim > 0)")
         self.config, self.layout, self.ids_digest, self.optim = config, layout, ids_digest, optim
@@ -79,17 +82,20 @@ class CausalSystem(L.LightningModule):
         hs, rows = h[real], batch.targets[real]  # (P, D), (P,)
         P = rows.numel()
         total = h.new_zeros(())
+        logits = dense_logits(self.model, hs) if self.objective != "generative" else None  # (P, N)
         if self.objective != "dense":
             allowed = None
             if not self.config.node_vectors:  # the block-wide path masks with the tree
                 nodes = self._item_nodes()[rows]  # (P, L + 1)
                 allowed = [self.tree.allowed_mask(nodes[:, lv], token_range=self.layout.level_range(lv)) for lv in range(self.layout.num_levels)]
+            distill = self.config.distill
+            teacher = logits.detach().softmax(-1) if distill and logits is not None else None
             gen = code_loss(self.model, self.model.level_queries(hs), self.model.item_tokens[rows + 1], allowed,
-                            label_smoothing=self.optim.label_smoothing)
+                            label_smoothing=self.optim.label_smoothing, teacher=teacher, distill=distill if teacher is not None else 0.0)
             self.log("train/gen_loss", gen, batch_size=P)
             total = total + gen
         if self.objective != "generative":
-            dense = dense_loss(self.model, hs, rows)
+            dense = torch.nn.functional.cross_entropy(logits, rows)
             self.log("train/dense_loss", dense, batch_size=P)
             total = total + self.dense_weight * dense
         self.log("train/loss", total, prog_bar=True, batch_size=P)

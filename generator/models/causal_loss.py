@@ -1,0 +1,130 @@
+"""The causal generator's losses: the code head's tree-normalised log-likelihood (optionally distilled from the
+dense head's softmax) and the dense head's full softmax.
+
+Shapes: P trained positions, L levels, K_l level l's block, D d_model, N items, W a parent's largest degree.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from generator.models.causal import CausalGenerator
+
+
+def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the allowed entries only; -inf elsewhere. logits, allowed: (..., K)."""
+    neg_inf = torch.finfo(logits.dtype).min
+    return logits.masked_fill(~allowed, neg_inf).log_softmax(-1).masked_fill(~allowed, float("-inf"))
+
+
+def code_loss(
+    model: CausalGenerator,
+    hq: torch.Tensor,
+    target_tokens: torch.Tensor,
+    allowed: list[torch.Tensor] | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    teacher: torch.Tensor | None = None,
+    distill: float = 0.0,
+) -> torch.Tensor:
+    """Mean over targets of the item's negative log-likelihood (sum over levels), normalised over the tree.
+
+    With node vectors, each level is computed over the children each target's parent has (the model's own tables,
+    which are the tree's for the items it was built with): one logit per (position, child) pair, a log-sum-exp per
+    position, no block-wide mask. A level where every parent has a single child adds log 1 = 0 and is skipped.
+
+    Args:
+        hq: FloatTensor (P, L, D), the level queries of P positions.
+        target_tokens: LongTensor (P, L), the next items' code tokens (teacher forcing).
+        allowed: per level a BoolTensor (P, K_l): the codes the tree allows after each target's prefix (needed
+            without node vectors only).
+        label_smoothing: mass spread uniformly over the allowed codes of each level.
+        teacher: FloatTensor (P, N) a distribution over the trained items per position (the dense head's softmax,
+            detached); with ``distill`` > 0 each level's target becomes ``(1 - distill)`` x the true code +
+            ``distill`` x the teacher's mass on each child of the true parent, renormalised over those children.
+            Needs node vectors.
+    """
+    if distill and teacher is None:
+        raise ValueError(f"`distill` {distill} needs a `teacher` distribution")
+    total = hq.new_zeros(())
+    for level in range(model.layout.num_levels):  # loop over levels (L <= 4), not positions
+        lo, hi = model.layout.level_range(level)
+        prefix, target = target_tokens[:, :level], target_tokens[:, level] - lo
+        if model.config.node_vectors and getattr(model, f"parent_keys_{level}").numel() > 1:
+            if getattr(model, f"child_codes_{level}").shape[1] == 1:
+                continue  # one child under every parent: log-probability 0
+            nll, smooth, soft = _pair_nll(model, level, hq[:, level], prefix, target, teacher if distill else None)
+        else:
+            mask = allowed[level] if allowed is not None else _root_mask(model, level, hq.shape[0])
+            logp = masked_log_softmax(model.code_logits(level, hq[:, level], prefix), mask)
+            nll = -logp.gather(1, target[:, None]).squeeze(1)
+            smooth = -(logp.masked_fill(~mask, 0.0).sum(1) / mask.sum(1).clamp_min(1))
+            soft = None
+            if distill:  # the root: the teacher's mass on each code of this level
+                code = model.item_tokens[1: teacher.shape[1] + 1, level] - lo
+                mass = teacher.new_zeros(teacher.shape[0], hi - lo).index_add_(1, code, teacher)
+                soft = -(mass / mass.sum(1, keepdim=True).clamp_min(1e-30) * logp.masked_fill(~mask, 0.0)).sum(1)
+        if soft is not None:
+            nll = (1 - distill) * nll + distill * soft
+        if label_smoothing:
+            nll = (1 - label_smoothing) * nll + label_smoothing * smooth
+        total = total + nll.mean()
+    return total
+
+
+def _root_mask(model: CausalGenerator, level: int, P: int) -> torch.Tensor:
+    """The codes the model's tables allow at a level with a single parent (the root), for P rows."""
+    if not model.config.node_vectors or getattr(model, f"parent_keys_{level}").numel() != 1:
+        raise ValueError("`allowed` masks are required without node vectors")
+    codes = getattr(model, f"child_codes_{level}")[0]
+    mask = torch.zeros(model.layout.codebook_sizes[level], dtype=torch.bool, device=codes.device)
+    mask[codes[codes >= 0]] = True
+    return mask.expand(P, -1)
+
+
+def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
+              teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(-log p(target), -mean log p over the children, and with a ``teacher`` (P, N) the cross-entropy against its
+    mass on each child renormalised over the children) per position, over (position, child) pairs."""
+    lo, hi = model.layout.level_range(level)
+    s, u = model.prefix_film(level, prefix)
+    q = model.head_drop(hq * s + u)  # (P, D)
+    block = q @ model.code_emb.weight[lo:hi].T + model.code_bias[lo:hi]  # (P, K): the shared part, one matmul
+    codes, index = model._children(level, prefix)  # (P, W)
+    deg = (codes >= 0).sum(1)
+    pos = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), deg)  # (R,) pairs
+    slot = torch.arange(pos.numel(), device=q.device) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
+    code, row = codes[pos, slot], index[pos, slot]
+    table = getattr(model, f"node_vec_{level}")
+    node = (q[pos] * table[row]).sum(-1)  # (R,)
+    if model.training and model.config.node_dropout:  # the codes must score an item without its node vector too
+        node = node * (torch.rand_like(node) >= model.config.node_dropout)
+    logit = block[pos, code] + node
+    P = q.shape[0]
+    peak = logit.new_full((P,), float("-inf")).scatter_reduce(0, pos, logit.detach(), reduce="amax")
+    lse = peak + logit.new_zeros(P).scatter_add(0, pos, (logit - peak[pos]).exp()).log()
+    logp = logit - lse[pos]
+    hit = code == target[pos]
+    nll = -logp.new_zeros(P).scatter_add(0, pos, torch.where(hit, logp, 0.0))
+    if not bool((logp.new_zeros(P).scatter_add(0, pos, hit.to(logp.dtype)) == 1).all()):
+        raise ValueError(f"a target's level-{level} code is not among its parent's children: the model's tables and the "
+                         "training items disagree")
+    smooth = -logp.new_zeros(P).scatter_add(0, pos, logp) / deg.clamp_min(1)
+    soft = None
+    if teacher is not None:  # the teacher's mass under each tree node of this level, then on each pair's child
+        node = getattr(model, f"item_node_{level}")  # (N,) each trained item's node row
+        mass = teacher.new_zeros(P, table.shape[0]).index_add_(1, node, teacher)[pos, row]  # (R,)
+        mass = mass / mass.new_zeros(P).scatter_add(0, pos, mass).clamp_min(1e-30)[pos]
+        soft = -logp.new_zeros(P).scatter_add(0, pos, mass * logp)
+    return nll, smooth, soft
+
+
+def dense_logits(model: CausalGenerator, h: torch.Tensor) -> torch.Tensor:
+    """The dense head's scores of every item: h (P, D) -> (P, N)."""
+    return model.dense_queries(h) @ model.item_vectors().T
+
+
+def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
+    """Full-softmax cross-entropy over the catalogue (SASRec's loss). h: (P, D); target_rows: (P,) in [0, N)."""
+    return F.cross_entropy(dense_logits(model, h), target_rows)
