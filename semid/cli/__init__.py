@@ -22,6 +22,7 @@ COMMANDS = {
     "train": ("semid.cli.train", "train the generator into a run folder"),
     "evaluate": ("semid.cli.evaluate", "evaluate a run on the validation or test users"),
     "recommend": ("semid.cli.recommend", "top-k items for a history"),
+    "choose-fusion": ("semid.cli.choose_fusion", "choose the hybrid decoder's fusion on validation users"),
     "add-items": ("semid.cli.add_items", "add items that came after training to a run, for good"),
     "demo": ("semid.cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }

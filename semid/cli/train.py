@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     monitor = read_config(result.run_dir).get("monitor", "val/ndcg@10")
     print(f"best checkpoint {result.best_checkpoint}  ({monitor} on the validation sample: {result.best_score})")
     print(f"trained         {result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s; padded share {result.padded_share:.1%}")
+    if result.fusion is not None:
+        print(f"hybrid fusion   {result.fusion} (chosen on validation users) -> {result.run_dir / 'hybrid.json'}")
     if result.metrics_valid:
         m = result.metrics_valid
         print(
