@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -140,6 +141,9 @@ class Recommender:
             if isinstance(dec, T5Hybrid) and dec._vecs is None:
                 dec._vecs = eval_item_vectors(dec.head)
         self._item_ids = run.ids.item_ids  # sorted int64 (N,)
+        # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)
+        self._batching = SimpleNamespace(design=run.design, ids=run.ids, layout=run.layout, max_history=run.max_history,
+                                         use_user_tokens=run.use_user_tokens)
         self._by_asin: dict[str, int] = {}
         self.catalogue = self._catalogue(data) if maps else None
         log.info("serving %s (%s): decoders %s", run.path, self.version, sorted(self._decoders))
@@ -177,7 +181,7 @@ class Recommender:
             B :class:`Recommendation`, in the order of ``histories``; items distinct and in the catalogue.
         """
         name = self._decoder(decoder)
-        run, N = self.run, self.run.ids.num_items
+        N = self.run.ids.num_items
         check_k(k, N, "the catalogue size")
         if not isinstance(exclude_history, bool):
             raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
@@ -196,7 +200,7 @@ class Recommender:
         check_beams(M, want, N)
         dec = _with_beams(self._decoders[name], M)
         items, scores = [], []
-        for b in history_batches(run, hist, user_ids, batch_size):  # loop over batches of histories
+        for b in history_batches(self._batching, hist, user_ids, batch_size):  # loop over batches of histories
             res = dec(b.to(self.device), want)
             items.append(res.items.cpu().numpy())
             scores.append(res.scores.float().cpu().numpy())
@@ -255,7 +259,7 @@ class Recommender:
         return fusion
 
     def _decoder(self, decoder: str | None) -> str:
-        name = self.default if decoder is None else registry.resolve(self.run.design, decoder)
+        name = self.default if decoder is None else registry.resolve(self._batching.design, decoder)
         if name in self.unavailable:
             raise ValueError(self.unavailable[name])
         if name not in self._decoders:
