@@ -45,11 +45,11 @@ from generator.runs.folder import HYBRID_FILE, load_run
 from generator.training.examples import collate, history_examples
 from generator.training.t5_data import eval_batches, sample_users
 from rqvae import load_quantizer
-from semid.cli import main as semid
 from semid.coldstart import cold_start_split, write_warm_dataset
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json
 from semid.split import leave_one_out
+from semid_cli import main as semid
 
 RESULTS = Path(__file__).parent / "results"
 

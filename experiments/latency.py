@@ -5,8 +5,8 @@
 RUN is a causal run folder with a dense head and a stored fusion (``semid train`` chooses one; ``semid choose-fusion``
 for an older run). A Beauty run for it, quality aside (about 4 minutes on one thread):
 
-    python -m semid.cli fit-codebooks --embeddings ../shared/data/beauty/item_emb_minilm.npy --out /tmp/rec_ids
-    python -m semid.cli train --data ../shared/data/beauty --ids /tmp/rec_ids --out /tmp/rec_run --max-time 00:03:00 --threads 1
+    python -m semid_cli fit-codebooks --embeddings ../shared/data/beauty/item_emb_minilm.npy --out /tmp/rec_ids
+    python -m semid_cli train --data ../shared/data/beauty --ids /tmp/rec_ids --out /tmp/rec_run --max-time 00:03:00 --threads 1
 
 One call = one test user's history (a seeded sample of the run's dataset's test users), top-k. Columns, in ms per call
 (median and 90th percentile):

@@ -20,8 +20,8 @@ from generator.runs.folder import load_run
 from generator.runs.lineage import ADDED_CONTENT, lineage
 from generator.runs.recommend import recommend
 from rqvae import load_quantizer
-from semid.cli import main
 from semid.ids import SemanticIDs
+from semid_cli import main
 from tests.test_generator_helpers import write_random_dataset
 
 OLD, NEW = 34, 40

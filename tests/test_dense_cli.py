@@ -14,7 +14,7 @@ from generator.models.checkpoint import with_integrity
 from generator.runs.decoders import choose_run_fusion, decoders_for, load_run_head
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommend import recommend
-from semid.cli import main
+from semid_cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
 TRAIN_FLAGS = [

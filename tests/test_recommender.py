@@ -23,9 +23,9 @@ from generator.runs.evaluate import evaluate
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommend import recommend
 from generator.runs.recommender import Recommender
-from semid.cli import main
 from semid.data import load_dataset
 from semid.split import leave_one_out
+from semid_cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
 FLAGS = ["--max-epochs", "1", "--batch-size", "8", "--val-users", "all", "--num-beams", "10", "--no-progress", "--seed", "0"]

@@ -135,7 +135,7 @@ def _d(name: str) -> str:
 def ids_file(path: Path) -> Path:
     """`--ids` may name the folder `semid fit-codebooks` wrote (checked against its manifest) or the file itself."""
     if path.is_dir():
-        from semid.cli.codebooks import check_codebooks
+        from semid.codebooks import check_codebooks
 
         check_codebooks(path)
         return path / IDS_FILE

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     user_ids = [args.user] if args.user is not None else None
     try:
         out = rec.recommend([args.history], k=args.k, user_ids=user_ids, num_beams=args.num_beams)[0]
-    except RuntimeError as e:  # a decoder returned items outside the catalogue; semid.cli.main does not catch these
+    except RuntimeError as e:  # a decoder returned items outside the catalogue; semid_cli.main does not catch these
         if args.debug:
             raise
         print(f"semid recommend: error: {e}", file=sys.stderr)
