@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     dense_run = load_run(dense_dir) if dense_dir != args.run else run
     data = args.data or run.data_dir
     split = leave_one_out(load_dataset(data))
-    run, dense_run = on_device(run, args.device), on_device(dense_run, args.device)
+    run, dense_run = on_device(run, args.device), (on_device(dense_run, args.device) if dense_run is not run else None)
+    dense_run = dense_run or run  # one copy on the device when both are one run
 
     # alpha on validation users only (chosen once, then read from RUN/hybrid.json), before anything is timed
     if stored_fusion(run, args.num_candidates, required=False) is None:
