@@ -16,9 +16,10 @@ nothing is hashed or rebuilt.
 
 Thread safety: :meth:`Recommender.recommend` may be called from several threads at once. A call reads the loaded
 state and writes none of it (decoding runs under ``torch.inference_mode``; each call's beams, masks and outputs are
-its own tensors). The exceptions are the grounded baselines (``codes-grounded``, ``title-grounded``), which keep
-running counts and per-call grounding state on their shared decoder: serve those from one thread. Torch's intra-op
-threads are shared by concurrent calls (``torch.set_num_threads``).
+its own tensors). Two caveats: the title decoders and ``codes-grounded`` add to running counts (``stats``), which
+concurrent calls may under-count (their rankings are unaffected); ``codes-grounded`` also keeps per-call grounding
+state on its shared decoder, so serve it from one thread. Torch's intra-op threads are shared by concurrent calls
+(``torch.set_num_threads``).
 """
 
 from __future__ import annotations
