@@ -36,7 +36,7 @@ learning-curve: install
 	$(PY) -m experiments.learning_curve report
 
 lint: install
-	$(VENV)/bin/ruff check semid rqvae generator experiments tests
+	$(VENV)/bin/ruff check semid rqvae generator semid_cli experiments tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

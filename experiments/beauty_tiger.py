@@ -70,7 +70,7 @@ def semantic_ids(args: argparse.Namespace) -> tuple[Path, dict]:
     if args.ids is not None:
         path = args.ids / "semantic_ids.npz" if args.ids.is_dir() else args.ids
         return path, {"method": f"given: {path}"}
-    have_fit = importlib.util.find_spec("semid.cli.codebooks") is not None
+    have_fit = importlib.util.find_spec("semid_cli.codebooks") is not None
     out = RUNS / ("beauty_ids" if have_fit else "beauty_ids_stopgap")
     path = out / "semantic_ids.npz"
     info_file = out / "how.json"
@@ -78,7 +78,7 @@ def semantic_ids(args: argparse.Namespace) -> tuple[Path, dict]:
         return path, json.loads(info_file.read_text())
     emb = args.data / "item_emb_minilm.npy"
     if have_fit:
-        cli = "import sys; from semid.cli import main; sys.exit(main(sys.argv[1:]))"
+        cli = "import sys; from semid_cli import main; sys.exit(main(sys.argv[1:]))"
         cmd = [sys.executable, "-c", cli, "fit-codebooks", "--embeddings", str(emb), "--out", str(out)]
         log.info("fitting codebooks: semid %s", shlex.join(cmd[3:]))
         subprocess.run(cmd, check=True)

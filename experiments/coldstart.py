@@ -40,16 +40,17 @@ from generator.decoding.protocol import Histories
 from generator.decoding.registry import T5, Ingredients
 from generator.runs.batches import Labelled
 from generator.runs.cold_items import add_cold_items
-from generator.runs.decoders import decoders_for, load_run_head
+from generator.runs.decoders import choose_run_fusion, decoders_for, load_run_head, stored_fusion
 from generator.runs.folder import HYBRID_FILE, load_run
+from generator.runs.recommender import on_device
 from generator.training.examples import collate, history_examples
 from generator.training.t5_data import eval_batches, sample_users
 from rqvae import load_quantizer
-from semid.cli import main as semid
 from semid.coldstart import cold_start_split, write_warm_dataset
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json
 from semid.split import leave_one_out
+from semid_cli import main as semid
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -105,13 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # 4a. the trained warm run and the blend weight, chosen on warm validation users
-    run = load_run(args.work / "run")
-    run.model.to(args.device).eval()
+    run = on_device(load_run(args.work / "run"), args.device)
     warm_split = leave_one_out(load_dataset(args.work / "warm"))
-    alpha = decoders_for(
-        run, ["hybrid"], split=warm_split, num_beams=args.num_beams, num_candidates=args.num_candidates,
-        alpha_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed,
-    )["hybrid"].alpha
+    if stored_fusion(run, args.num_candidates, required=False) is None:  # chosen once, then read from RUN/hybrid.json
+        choose_run_fusion(run, warm_split, num_candidates=args.num_candidates, num_beams=args.num_beams,
+                          users=args.alpha_users, batch_size=args.batch_size, seed=args.seed)
+    alpha = decoders_for(run, ["hybrid"], num_beams=args.num_beams, num_candidates=args.num_candidates)["hybrid"].alpha
     alpha_info = json.loads((args.work / "run" / HYBRID_FILE).read_text())
 
     # 4b. cold items join: quantizer codes -> SemanticIDs + tree, content -> dense vectors

@@ -25,11 +25,11 @@ from generator.runs.folder import load_run
 from generator.runs.fusion_store import choose_causal_fusion
 from generator.training.causal_data import SeqBatch, eval_batches
 from generator.training.t5_data import sample_users
-from semid.cli import main as semid
 from semid.coldstart import ColdStartSplit, write_full_dataset
 from semid.data import Dataset, load_dataset
 from semid.metrics import ndcg_at_k, recall_at_k
 from semid.split import leave_one_out
+from semid_cli import main as semid
 
 KS = (5, 10)
 

@@ -8,7 +8,7 @@ import io, json, shutil, sys, contextlib, gzip
 from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, ".")
-from semid.cli import main
+from semid_cli import main
 from tests.test_generator_helpers import write_ids, write_random_dataset
 from tests.test_causal_run import FLAGS
 from generator.models.checkpoint import INTEGRITY_KEY, with_integrity

@@ -31,8 +31,9 @@ import yaml
 
 from generator.decoding.protocol import Decoder, Histories
 from generator.runs.batches import Labelled, split_batches
-from generator.runs.decoders import decoders_for
+from generator.runs.decoders import choose_run_fusion, decoders_for, stored_fusion
 from generator.runs.folder import HYBRID_FILE, load_run
+from generator.runs.recommender import on_device
 from generator.training.t5_data import sample_users
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
@@ -124,14 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     dense_run = load_run(dense_dir) if dense_dir != args.run else run
     data = args.data or run.data_dir
     split = leave_one_out(load_dataset(data))
-    for r in (run, dense_run):
-        r.model.to(args.device).eval()
+    run, dense_run = on_device(run, args.device), (on_device(dense_run, args.device) if dense_run is not run else None)
+    dense_run = dense_run or run  # one copy on the device when both are one run
 
-    # alpha on validation users only (cached in RUN/hybrid.json), before anything is timed
-    decoders = decoders_for(
-        run, ["beam", "hybrid"], split=split, num_beams=args.num_beams, num_candidates=args.num_candidates,
-        alpha_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed,
-    )
+    # alpha on validation users only (chosen once, then read from RUN/hybrid.json), before anything is timed
+    if stored_fusion(run, args.num_candidates, required=False) is None:
+        choose_run_fusion(run, split, num_candidates=args.num_candidates, num_beams=args.num_beams,
+                          users=args.alpha_users, batch_size=args.batch_size, seed=args.seed)
+    decoders = decoders_for(run, ["beam", "hybrid"], num_beams=args.num_beams, num_candidates=args.num_candidates)
     decoders["dense"] = decoders_for(dense_run, ["dense"])["dense"]
     alpha_info = json.loads((args.run / HYBRID_FILE).read_text())
 

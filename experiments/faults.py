@@ -80,7 +80,7 @@ def tiny_beauty(out: Path, users: int) -> Path:
 
 
 def semid(*args: str) -> list[str]:
-    return [sys.executable, "-m", "semid.cli", *args]
+    return [sys.executable, "-m", "semid_cli", *args]
 
 
 def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -174,7 +174,7 @@ def cli(*args: str) -> int:
     import contextlib
     import io
 
-    from semid.cli import main as semid_main
+    from semid_cli import main as semid_main
 
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         return semid_main(list(args))
@@ -254,7 +254,7 @@ def trial_resume(sig: int, work: Path, data: Path, ids: Path, finished: Path, re
 
 def trial_codebooks(sig: int, work: Path, emb: Path, old: Path, ref: dict[str, Any], seconds: tuple[float, float],
                     rng: random.Random) -> dict[str, Any]:
-    from semid.cli.codebooks import check_codebooks
+    from semid.codebooks import check_codebooks
 
     out = work / "ids"
     shutil.rmtree(out, ignore_errors=True)

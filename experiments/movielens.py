@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semid.cli import main as semid
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import RankingMetrics
 from semid.split import leave_one_out
+from semid_cli import main as semid
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -166,6 +166,14 @@ def load_dataset(path: str | os.PathLike[str]) -> Dataset:
     return Dataset(path=path, catalogue=catalogue, user_ids=user_ids, sequences=sequences)
 
 
+def load_catalogue(path: str | os.PathLike[str]) -> Catalogue:
+    """The items of a dataset folder alone (``items.jsonl``; the sequences are not read). Raises as :func:`load_dataset`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no dataset folder here (make one with `semid prepare`)")
+    return _read_items(path / ITEMS_FILE)
+
+
 def _require_file(file: Path) -> None:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")

@@ -20,8 +20,8 @@ from generator.runs.folder import load_run
 from generator.runs.lineage import ADDED_CONTENT, lineage
 from generator.runs.recommend import recommend
 from rqvae import load_quantizer
-from semid.cli import main
 from semid.ids import SemanticIDs
+from semid_cli import main
 from tests.test_generator_helpers import write_random_dataset
 
 OLD, NEW = 34, 40
@@ -150,6 +150,9 @@ def test_evaluate_on_the_new_data_scores_every_decoder(world: dict[str, Path]) -
 
     run_dir = _fresh(world, "run_eval")
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 0
+    with pytest.raises(ValueError, match="semid choose-fusion"):  # the fusion stored was chosen for the IDs before
+        evaluate_run(run_dir, "test", decoder="hybrid", num_beams=10)
+    assert main(["choose-fusion", "--run", str(run_dir)]) == 0
     for decoder in ("beam", "exact", "dense", "hybrid"):
         m = evaluate_run(run_dir, "test", decoder=decoder, num_beams=10)
         assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0

@@ -16,7 +16,7 @@ from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
-from semid.cli import main
+from semid_cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
 FLAGS = ["--max-epochs", "3", "--batch-size", "8", "--val-users", "all", "--num-beams", "10", "--no-progress", "--seed", "0"]

@@ -1,4 +1,4 @@
-from semid.cli import main
+from semid_cli import main
 
 
 def test_demo_without_a_dataset_says_what_to_do(tmp_path, capsys):
@@ -21,7 +21,7 @@ def test_demo_eval_users_takes_a_count_or_all(tiny_dataset_dir, tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["demo", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "out"), "--eval-users", "0"])
     assert "expected a positive int or 'all', got '0'" in capsys.readouterr().err
-    from semid.cli import build_parser
+    from semid_cli import build_parser
 
     assert build_parser("demo").parse_args(["demo"]).eval_users is None  # all test users by default
     assert build_parser("demo").parse_args(["demo", "--eval-users", "500"]).eval_users == 500

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from semid.cli import COMMANDS, build_parser
+from semid_cli import COMMANDS, build_parser
 
 HEAVY = ("torch", "lightning", "transformers")
 PROBE = """
 import sys
-from semid.cli import main
+from semid_cli import main
 try:
     main({argv!r})
 except SystemExit:

@@ -13,8 +13,8 @@ import yaml
 from generator.decoding.protocol import Histories, Ranking
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend
-from semid.cli import main
 from semid.ids import SemanticIDs
+from semid_cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
 TRAIN_FLAGS = [

@@ -11,7 +11,7 @@ import torch
 
 from rqvae import load_quantizer
 from semid import SemanticIDs
-from semid.cli import main
+from semid_cli import main
 
 FAST = {"rqvae": ["--max-epochs", "2"], "rqkmeans": []}
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from generator.runs.folder import read_config, write_config
-from semid.cli import main
+from semid_cli import main
 from semid.data import load_dataset, load_embeddings
 from semid.ids import SemanticIDs
 from tests.conftest import write_canonical

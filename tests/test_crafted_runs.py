@@ -18,7 +18,7 @@ import generator.runs.evaluate as ev
 from generator.models.checkpoint import INTEGRITY_KEY, with_integrity
 from generator.runs import fusion_store
 from generator.runs.folder import load_run, read_config, write_config
-from semid.cli import main
+from semid_cli import main
 from tests.test_causal_run import FLAGS
 from tests.test_generator_helpers import write_ids, write_random_dataset
 

@@ -12,7 +12,7 @@ import torch
 
 from generator.models.checkpoint import INTEGRITY_KEY, with_integrity
 from generator.runs.load import load_any_run
-from semid.cli import main
+from semid_cli import main
 from tests.test_generator_helpers import write_ids, write_random_dataset
 from tests.test_titles_cli import FLAGS
 

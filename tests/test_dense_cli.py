@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from generator.models.checkpoint import with_integrity
-from generator.runs.decoders import decoders_for, load_run_head
+from generator.runs.decoders import choose_run_fusion, decoders_for, load_run_head
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommend import recommend
-from semid.cli import main
+from semid_cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
 TRAIN_FLAGS = [
@@ -53,6 +53,15 @@ def test_joint_training_stores_the_head(joint_run: Path) -> None:
     assert "train/dense_loss" in next(losses).read_text().splitlines()[0]
 
 
+def test_hybrid_serves_straight_after_training(joint_run: Path) -> None:
+    stored = json.loads((joint_run / HYBRID_FILE).read_text())  # chosen at the end of `semid train`
+    assert stored["validation_users"] == 24 and stored["checkpoint_sha256"]
+    r = load_run(joint_run)
+    assert decoders_for(r, ["hybrid"], num_beams=12)["hybrid"].alpha == stored["alpha"]
+    rec = recommend(r, [[3, 4, 5]], k=5, decoder="hybrid")
+    assert len(set(rec[0].items.tolist())) == 5
+
+
 @pytest.mark.parametrize("decoder", ["dense", "hybrid"])
 def test_evaluate_with_dense_and_hybrid_decoders(
     joint_run: Path, folders: dict[str, Path], decoder: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -71,15 +80,22 @@ def test_evaluate_with_dense_and_hybrid_decoders(
 
     choose_alpha = fusion_store.choose_alpha
     monkeypatch.setattr(fusion_store, "choose_alpha", spy)
-    (joint_run / HYBRID_FILE).unlink(missing_ok=True)
-    assert main(["evaluate", "--run", str(joint_run), "--split", "test", "--decoder", decoder, "--num-beams", "12", "--no-progress"]) == 0
+    evaluate = ["evaluate", "--run", str(joint_run), "--split", "test", "--decoder", decoder, "--num-beams", "12", "--no-progress"]
+    if decoder == "hybrid":  # evaluate never chooses a fusion: without one it says how to choose it
+        (joint_run / HYBRID_FILE).unlink(missing_ok=True)
+        assert main(evaluate) == 2
+        assert f"semid choose-fusion --run {joint_run}" in capsys.readouterr().err
+        assert not (joint_run / HYBRID_FILE).exists() and not chosen
+        assert main(["choose-fusion", "--run", str(joint_run)]) == 0
+        before = (joint_run / HYBRID_FILE).read_bytes()
+    assert main(evaluate) == 0
     m = json.loads((joint_run / "metrics_test.json").read_text())
     assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
     assert m["decoder"] == f"t5.{decoder}"
     if decoder == "hybrid":  # the blend weight was chosen on validation users and stored for the checkpoint
-        stored = json.loads((joint_run / HYBRID_FILE).read_text())
+        assert (joint_run / HYBRID_FILE).read_bytes() == before  # evaluate read it and wrote nothing
+        stored = json.loads(before)
         assert stored["validation_users"] == 24 and chosen == [stored["alpha"]]
-        # without a split to choose on, the run's hybrid is built with the stored weight
         assert decoders_for(load_run(joint_run), ["hybrid"], num_beams=12)["hybrid"].alpha == stored["alpha"]
         # ... and on those users' *validation* targets (in decoding order: by history length), never test targets
         split = leave_one_out(load_dataset(folders["data"]))
@@ -130,23 +146,26 @@ def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tm
     (run / HYBRID_FILE).unlink(missing_ok=True)
     r = load_run(run)
     split = leave_one_out(load_dataset(r.data_dir))
-    decoders_for(r, ["hybrid"], split=split, num_beams=12)
+    choose_run_fusion(r, split)
     stored = json.loads((run / HYBRID_FILE).read_text())
     assert stored["checkpoint"] == str(r.checkpoint.resolve()) and stored["ids_sha256"] and stored["checkpoint_sha256"]
     stored["alpha"] = 0.123  # reused as is while nothing changed
     (run / HYBRID_FILE).write_text(json.dumps(stored))
     assert decoders_for(r, ["hybrid"], num_beams=12)["hybrid"].alpha == 0.123
-    # the same file name with other content (e.g. a resumed training's new best.ckpt): chosen again
+    # the same file name with other content (e.g. a resumed training's new best.ckpt): stale, and never re-chosen
+    # by building decoders (a read path): an error says to choose it
     ckpt = torch.load(r.checkpoint, weights_only=False)
     ckpt["global_step"] += 1
     torch.save(with_integrity(ckpt), r.checkpoint)  # written as semid writes checkpoints (a digest of the new content)
-    with caplog.at_level(logging.INFO, logger="generator.runs.fusion_store"):
-        decoders_for(r, ["hybrid"], split=split, num_beams=12)
+    with caplog.at_level(logging.INFO, logger="generator.runs.fusion_store"), pytest.raises(ValueError, match="semid choose-fusion"):
+        decoders_for(r, ["hybrid"], num_beams=12)
     assert "checkpoint_sha256" in caplog.text
+    assert json.loads((run / HYBRID_FILE).read_text()) == stored  # left as it was
+    choose_run_fusion(r, split)
     assert json.loads((run / HYBRID_FILE).read_text())["checkpoint_sha256"] != stored["checkpoint_sha256"]
     (run / HYBRID_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=r"hybrid\.json: corrupt"):
-        decoders_for(r, ["hybrid"], split=split, num_beams=12)
+        decoders_for(r, ["hybrid"], num_beams=12)
 
 
 def test_hybrid_on_the_validation_split_needs_an_explicit_alpha(joint_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from semid.cli import main
 from semid.data import load_dataset
 from semid.embed import default_name, embed_dataset, embed_texts, load_encoder
+from semid_cli import main
 from tests.conftest import TINY_ITEMS
 
 HIDDEN = 16

@@ -12,9 +12,9 @@ import torch
 from generator.decoding.t5_beam import beam_search
 from generator.decoding.t5_generate import generate_beam_search
 from generator.models.t5 import ItemLevelEncoder, build_model, preset
-from semid.cli import main
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
+from semid_cli import main
 from tests.test_generator_helpers import write_ids, write_random_dataset
 
 

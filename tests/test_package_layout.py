@@ -1,4 +1,5 @@
-"""The package layout of docs/architecture.md holds: imports go one way, no cycle, no file over ~400 lines."""
+"""The package layout of docs/architecture.md holds: imports go one way (the command line, semid_cli, on top; no
+exemption), no cycle, no file over ~400 lines."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("semid", "rqvae", "generator")
+PACKAGES = ("semid", "rqvae", "generator", "semid_cli")
+LIBRARY = ("semid", "rqvae", "generator")  # below the command line (semid_cli), which may import all three
 # generator's layers, lowest first: a module imports from its own layer or lower ones only
 LAYERS = ("generator.models", "generator.decoding", "generator.training", "generator.runs")
 MAX_LINES = 410
@@ -90,12 +92,27 @@ def test_decoders_do_not_import_the_registry_and_the_protocol_imports_no_decoder
     assert not [n for n in GRAPH[protocol] if n.startswith("generator.")]
 
 
+def _package(module: str) -> str:
+    return module.split(".")[0]
+
+
 def test_semid_and_rqvae_do_not_import_generator() -> None:
     for m, deps in GRAPH.items():
-        if m.split(".")[0] in ("semid", "rqvae") and not m.startswith("semid.cli"):
-            assert not [n for n in deps if n.startswith("generator")], m
-        if m.startswith("rqvae"):
-            assert not [n for n in deps if n.startswith("semid")], m
+        if _package(m) in ("semid", "rqvae"):
+            assert not [n for n in deps if _package(n) == "generator"], m
+        if _package(m) == "rqvae":
+            assert not [n for n in deps if _package(n) in ("semid", "semid_cli")], m
+
+
+def test_nothing_in_the_library_imports_the_command_line() -> None:
+    wrong = [(m, n) for m, deps in GRAPH.items() for n in deps if _package(m) in LIBRARY and _package(n) == "semid_cli"]
+    assert not wrong, f"library modules import the command line (semid_cli sits above them): {wrong}"
+
+
+def test_the_command_line_reaches_every_library_package() -> None:  # it may import them all, and does
+    reached = {_package(n) for m, deps in GRAPH.items() if _package(m) == "semid_cli" for n in deps}
+    assert set(LIBRARY) <= reached, f"semid_cli imports {sorted(reached)}"
+    assert "semid_cli.codebooks" in MODULES and "semid.codebooks" in MODULES  # the folder's format in the library
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semid.cli import main
 from semid.data import Catalogue, load_dataset
 from semid.prepare import prepare_amazon2014, prepare_csv, prepare_recbole, write_dataset
+from semid_cli import main
 
 # reviewer, asin, time, in file order. Sorted by (time, file order): C-W, B-Y, B-Z (tie: file order), A-Y, A-X,
 # A-Z, C-X; so items W=1 Y=2 Z=3 X=4, users C=1 B=2 A=3. Line 6 repeats line 2 and is dropped.

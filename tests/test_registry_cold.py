@@ -21,8 +21,8 @@ from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend
 from generator.training.causal_data import history_batch
-from semid.cli import main
 from semid.tree import PrefixTree
+from semid_cli import main
 from tests.test_add_items import HISTORIES, NEW, OLD, _fresh, world  # noqa: F401 (world: the module's run fixture)
 
 # the add-items histories, plus histories that hold added items (their inputs come from codes and content)

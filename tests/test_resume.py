@@ -24,8 +24,8 @@ from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
 from generator.runs.train import train_run
 from generator.training.resume import ResumableLoader, TrainingInterrupted, step_seed
-from semid.cli import main
 from semid.io import folder_lock
+from semid_cli import main
 from tests.test_generator_helpers import write_ids, write_random_dataset
 
 ROOT = Path(__file__).parents[1]
@@ -212,7 +212,7 @@ def test_a_second_training_into_the_same_folder_is_refused_while_one_runs(setup:
 
 
 def _cli_train(data: Path, ids: Path, run: Path, *extra: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "semid.cli", "train", "--data", str(data), "--ids", str(ids), "--out", str(run),
+    argv = [sys.executable, "-m", "semid_cli", "train", "--data", str(data), "--ids", str(ids), "--out", str(run),
             "--preset", "causal", "--max-epochs", "400", "--batch-size", "8", "--num-beams", "10", "--val-users", "5",
             "--final-val-users", "5", "--no-progress", "--resume-every-steps", "1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

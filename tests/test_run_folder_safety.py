@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from generator.runs.folder import best_checkpoint, read_config, write_config
-from semid.cli import main
 from semid.ids import SemanticIDs
+from semid_cli import main
 from tests.conftest import write_canonical
 from tests.test_generator_helpers import NUM_ITEMS, random_ids, write_ids, write_random_dataset
 
@@ -215,7 +215,8 @@ class _Killed(BaseException):
 
 def test_a_fit_killed_between_files_leaves_the_old_set_whole(embeddings: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from semid.cli import codebooks
+    from semid.codebooks import check_codebooks
+    from semid_cli import codebooks
 
     out = tmp_path / "ids"
     assert _fit(embeddings, out, "--seed", "0") == 0
@@ -228,7 +229,7 @@ def test_a_fit_killed_between_files_leaves_the_old_set_whole(embeddings: Path, t
     with pytest.raises(_Killed):
         _fit(embeddings, out, "--seed", "1")
     assert _files(out) == old  # no new semantic_ids.npz next to an old code_usage.png
-    codebooks.check_codebooks(out)
+    check_codebooks(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ids.")]  # no half-written folder beside it
 
 

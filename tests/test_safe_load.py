@@ -12,7 +12,7 @@ import torch
 
 from generator.models.checkpoint import INTEGRITY_KEY, safe_load, with_integrity
 from generator.runs.folder import load_run
-from semid.cli import main
+from semid_cli import main
 from tests.test_causal_run import FLAGS
 from tests.test_generator_helpers import write_ids, write_random_dataset
 

@@ -17,8 +17,8 @@ from generator.runs.load import load_any_run
 from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
 from generator.runs.titles import TitleRun
-from semid.cli import main
 from semid.titles import TitleTokenizer
+from semid_cli import main
 from tests.test_embed import model_dir  # noqa: F401 (a tiny local BERT folder: the grounding encoder)
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 

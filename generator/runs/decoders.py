@@ -3,8 +3,9 @@
 :func:`decoders_for` makes the registry's :class:`~generator.decoding.registry.Ingredients` from a run: its model,
 tree, layout and IDs on the device, the dense head of a T5 run, the tree a causal model was trained with when items
 were added since, the title run's tokenizer and (for ``title-grounded``) its encoder and catalogue title embeddings,
-and the hybrid's fusion: a given ``alpha``, else the one stored for this checkpoint in ``RUN/hybrid.json``, else one
-chosen on validation users of ``split`` (never test users) and stored (``generator.runs.fusion_store``).
+and the hybrid's fusion: a given ``alpha``, else the one stored for this checkpoint in ``RUN/hybrid.json``. Building
+decoders reads the run and writes nothing: the fusion is chosen by an explicit step, :func:`choose_run_fusion`
+(``semid choose-fusion``, and ``semid train`` at its end for a run with a dense head).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from generator.models.checkpoint import safe_load
 from generator.models.dense import DenseHead, load_dense_head
 from generator.runs import fusion_store
 from semid.data import load_dataset
-from semid.split import Split
+from semid.split import Split, leave_one_out
 from semid.tree import PrefixTree
 
 
@@ -43,18 +44,18 @@ def trained_tree(run: Any) -> PrefixTree | None:
     return PrefixTree.from_semantic_ids(run.ids.head(n0), run.layout).to(run.tree.device)
 
 
-def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, split: Split | None = None, alpha: float | None = None,
-                 num_beams: int = 20, num_candidates: int = 50, alpha_users: int | None = None, batch_size: int = 64,
-                 seed: int = 0, cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None,
-                 length_penalty: float | None = None) -> dict[str, Decoder]:
-    """The run's decoders by (resolved) name, on the model's device.
+def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float | None = None, num_beams: int = 20,
+                 num_candidates: int = 50, cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None,
+                 length_penalty: float | None = None, fusion: tuple[str, dict] | float | None = None,
+                 key: dict[str, str] | None = None) -> dict[str, Decoder]:
+    """The run's decoders by (resolved) name, on the model's device (the run's tree must be there too).
 
     Args:
         names: registry names ("auto" resolves per backbone).
-        split: the dataset's split, to choose the hybrid's fusion on its validation users when none is stored.
-        alpha: the hybrid's blend weight (for a causal run: the pool blend with this weight); None: stored or chosen.
-        alpha_users: validation users the fusion is chosen on (default: 2,000 for T5 runs; 5,000 to fit and 5,000
-            to choose for causal runs).
+        alpha: the hybrid's blend weight (for a causal run: the pool blend with this weight); None: the fusion stored
+            for this checkpoint in RUN/hybrid.json (a ValueError saying to run `semid choose-fusion` if there is none).
+        fusion: the stored fusion when the caller has read it already (a T5 alpha or a causal (kind, params)).
+        key: ``fusion_store.choice_key(run)`` when the caller has it (it hashes the checkpoint file).
         cold_items, cold_options: ``cold-beam``'s cold item ids and ``ColdStartBeam`` options.
         length_penalty: title runs' length normalisation (default ``LENGTH_PENALTY``).
     """
@@ -66,19 +67,21 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, split: Split |
             raise ValueError(f"`alpha` is the hybrid decoder's blend weight, and decoder {', '.join(wanted)} does not use "
                              f"it (got alpha = {alpha!r}); leave out --alpha, or pass --decoder hybrid")
     device = next(run.model.parameters()).device
-    run.tree = run.tree.to(device)  # itself where it is already there
+    if run.tree.device != device:
+        raise ValueError(f"the run's tree is on {run.tree.device} and its model on {device}: move both "
+                         "(`generator.runs.recommender.on_device`)")
     ing = Ingredients(backbone, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,
                       cold_items=cold_items, cold_options=dict(cold_options or {}))
     if backbone == T5:
         if {"dense", "hybrid"} & set(wanted):
             ing.dense_head = load_run_head(run)
         if "hybrid" in wanted:
-            ing.alpha = alpha if alpha is not None else _t5_alpha(run, ing, split, alpha_users or 2000, batch_size, seed)
+            ing.alpha = alpha if alpha is not None else fusion if fusion is not None else stored_fusion(run, num_candidates, key)
     elif backbone == CAUSAL:
         ing.trained_tree = trained_tree(run)
         if "hybrid" in wanted:
-            ing.fusion = ("blend", {"alpha": float(alpha)}) if alpha is not None else _causal_fusion(
-                run, ing, split, alpha_users or 5000, batch_size, seed)
+            ing.fusion = (("blend", {"alpha": float(alpha)}) if alpha is not None else fusion if fusion is not None
+                          else stored_fusion(run, num_candidates, key))
     elif backbone == TITLE:
         ing.title = {"length_penalty": LENGTH_PENALTY if length_penalty is None else length_penalty, "tokenizer": run.tokenizer}
         if TITLE_GROUNDED in wanted:
@@ -86,31 +89,50 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, split: Split |
     return registry.build_many(ing, wanted)
 
 
-def _no_choice(run: Any) -> ValueError:
-    return ValueError(f"{run.path}: no fusion chosen yet: pass `alpha`, or run `semid evaluate --run {run.path} --split test "
-                      "--decoder hybrid` once to choose it on validation users")
+def no_fusion_error(run: Any) -> ValueError:
+    return ValueError(f"{run.path}: no hybrid fusion is stored for this checkpoint ({fusion_store.HYBRID_FILE} is missing or "
+                      f"was chosen for another checkpoint or IDs): run `semid choose-fusion --run {run.path}` once to "
+                      "choose it on validation users, or pass `alpha`")
 
 
-def _t5_alpha(run: Any, ing: Ingredients, split: Split | None, users: int, batch_size: int, seed: int) -> float:
-    C = min(ing.num_candidates, run.ids.num_items)
-    stored = fusion_store.stored_alpha(run, C)
-    if stored is not None:
-        return stored
+def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = None, *, required: bool = True
+                  ) -> float | tuple[str, dict] | None:
+    """The hybrid's fusion stored for this checkpoint: a T5 run's alpha, a causal run's (kind, params); None (or,
+    with ``required``, the ValueError of :func:`no_fusion_error`) when none is."""
+    if run.design == T5:
+        found = fusion_store.stored_alpha(run, min(num_candidates, run.ids.num_items), key)
+    else:
+        found = fusion_store.stored_fusion(run, min(num_candidates, run.model.num_items), key)  # C as CausalDecoders caps it
+    if found is None and required:
+        raise no_fusion_error(run)
+    return found
+
+
+def choose_run_fusion(run: Any, split: Split | None = None, *, num_candidates: int = 50, num_beams: int = 20,
+                      users: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Choose the hybrid's fusion on validation users of ``split`` (default: the run's dataset) and store it in
+    ``RUN/hybrid.json`` (never test users); returns what was chosen: ``{"alpha": a}`` (T5) or ``{"fusion": kind,
+    "params": ...}`` (causal). The one step that writes the fusion.
+
+    Args:
+        users: validation users to choose on (default: 2,000 for T5 runs; 5,000 to fit and 5,000 to choose for causal).
+    """
+    if run.design not in (T5, CAUSAL):
+        raise ValueError(f"{run.path}: a {run.design} run has no hybrid decoder (it is for t5 and causal runs)")
     if split is None:
-        raise _no_choice(run)
-    probe = registry.build(replace(ing, alpha=0.5), "hybrid")  # its candidates do not depend on alpha
-    return fusion_store.choose_t5_alpha(run, probe, split, max_users=users, batch_size=batch_size, seed=seed).alpha
-
-
-def _causal_fusion(run: Any, ing: Ingredients, split: Split | None, users: int, batch_size: int, seed: int) -> tuple[str, dict]:
-    stored = fusion_store.stored_fusion(run, min(ing.num_candidates, run.model.num_items))  # C as CausalDecoders caps it
-    if stored is not None:
-        return stored
-    if split is None:
-        raise _no_choice(run)
+        split = leave_one_out(load_dataset(run.data_dir))
+    ing = Ingredients(run.design, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates)
+    if run.design == T5:
+        ing.dense_head = load_run_head(run)
+        probe = registry.build(replace(ing, alpha=0.5), "hybrid")  # its candidates do not depend on alpha
+        choice = fusion_store.choose_t5_alpha(run, probe, split, max_users=users or 2000, batch_size=batch_size, seed=seed)
+        return {"alpha": choice.alpha}
+    if not run.model.has_dense:
+        raise ValueError(f"{run.path}: this run has no dense head (it was trained with dense_dim 0), so no hybrid to choose for")
+    ing.trained_tree = trained_tree(run)
     shared = registry.build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
-    choice = fusion_store.choose_causal_fusion(run, shared, split, max_users=users, batch_size=batch_size, seed=seed)
-    return choice.kind, choice.params
+    chosen = fusion_store.choose_causal_fusion(run, shared, split, max_users=users or 5000, batch_size=batch_size, seed=seed)
+    return {"fusion": chosen.kind, "params": chosen.params}
 
 
 def _grounding_encoder(run: Any, device: torch.device) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
 Every user's held-out item (validation or test) is ranked among *all* items; no candidate sampling, no filtering
 of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
+
+:func:`evaluate` is a read path: it writes no file and leaves the loaded run as it was (a model to be moved to
+another device is copied); the hybrid reads the fusion stored by ``semid choose-fusion`` / ``semid train``.
+:func:`evaluate_run` writes the metrics file only.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from generator.runs.batches import split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, check_same_data, check_writable, metrics_file
 from generator.runs.load import load_any_run
+from generator.runs.recommender import on_device
 from generator.training.t5_data import sample_users
 from semid.data import load_dataset
 from semid.io import write_json
@@ -87,7 +92,8 @@ def evaluate(
         which: "valid" (history = all but the last two items) or "test" (all but the last).
         ks: cut-offs; the decoder returns max(ks) items per user, so ``num_beams >= max(ks)``.
         decoder: a name of ``generator.decoding.registry`` for this run's backbone ("auto": its beam search); the
-            hybrid's fusion is ``alpha``, or the one chosen on validation users (RUN/hybrid.json), never test users.
+            hybrid's fusion is ``alpha``, or the one stored in RUN/hybrid.json (chosen on validation users, never
+            test users, by ``semid choose-fusion``); without either, a ValueError says to choose it.
         length_penalty: title runs' length normalisation (default ``generator.decoding.titles.LENGTH_PENALTY``).
     """
     name = registry.resolve(run.design, decoder)
@@ -101,10 +107,9 @@ def evaluate(
     check_decode_args(ks[-1], num_beams, run.ids.num_items)
     if device is None:  # the accelerator where there is one, as training does
         device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device
-    device = torch.device(device)
-    run.model.to(device).eval()
-    dec = decoders_for(run, [name], split=split, alpha=alpha, num_beams=num_beams, batch_size=batch_size, seed=seed,
-                       length_penalty=length_penalty)[name]
+    run = on_device(run, device)  # a copy where the model must move: the run given is left as it was
+    device = next(run.model.parameters()).device
+    dec = decoders_for(run, [name], alpha=alpha, num_beams=num_beams, length_penalty=length_penalty)[name]
     rows = sample_users(split.num_users, max_users, seed)
     metrics = RankingMetrics(ks)
     known = torch.from_numpy(run.ids.item_ids)

@@ -61,16 +61,18 @@ def _read(path: Path, what: str) -> dict[str, Any] | None:
     return stored
 
 
-def _stale(run: Any, stored: dict[str, Any], num_candidates: int) -> list[str]:
-    stale = [name for name, value in choice_key(run).items() if stored.get(name) != value]
+def _stale(run: Any, stored: dict[str, Any], num_candidates: int, key: dict[str, str] | None) -> list[str]:
+    key = choice_key(run) if key is None else key
+    stale = [name for name, value in key.items() if stored.get(name) != value]
     if stored.get("num_candidates") != num_candidates:
         stale.append("num_candidates")
     return stale
 
 
 # ---- T5 runs: the blend weight -----------------------------------------------------------------------------------
-def stored_alpha(run: Any, num_candidates: int) -> float | None:
-    """The alpha in RUN/hybrid.json if it was chosen for this checkpoint (path and content), IDs and candidate count."""
+def stored_alpha(run: Any, num_candidates: int, key: dict[str, str] | None = None) -> float | None:
+    """The alpha in RUN/hybrid.json if it was chosen for this checkpoint (path and content), IDs and candidate count
+    (``key``: :func:`choice_key` of the run, when the caller has it)."""
     path = Path(run.path) / HYBRID_FILE
     stored = _read(path, "blend-weight")
     if stored is None:
@@ -80,9 +82,9 @@ def stored_alpha(run: Any, num_candidates: int) -> float | None:
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: corrupt hybrid blend-weight file ({type(e).__name__}: {e}); delete it to choose alpha "
                          "again, or pass `alpha`") from e
-    stale = _stale(run, stored, num_candidates)
+    stale = _stale(run, stored, num_candidates, key)
     if stale:
-        log.info("%s was chosen for another %s; choosing alpha again", path, ", ".join(stale))
+        log.info("%s was chosen for another %s", path, ", ".join(stale))
         return None
     return alpha
 
@@ -114,17 +116,18 @@ def choose_t5_alpha(run: Any, decoder: T5Hybrid, split: Split, *, max_users: int
 
 
 # ---- causal runs: the fusion ---------------------------------------------------------------------------------------
-def stored_fusion(run: Any, num_candidates: int) -> tuple[str, dict] | None:
-    """The fusion in RUN/hybrid.json if it was chosen for this checkpoint (path and content), IDs and candidate count."""
+def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = None) -> tuple[str, dict] | None:
+    """The fusion in RUN/hybrid.json if it was chosen for this checkpoint (path and content), IDs and candidate count
+    (``key``: :func:`choice_key` of the run, when the caller has it)."""
     path = Path(run.path) / HYBRID_FILE
     stored = _read(path, "fusion")
     if stored is None:
         return None
-    stale = _stale(run, stored, num_candidates)
+    stale = _stale(run, stored, num_candidates, key)
     if "fusion" not in stored:
         stale.append("fusion (a blend weight stored by an earlier semid)")
     if stale:
-        log.info("%s was chosen for another %s; choosing the fusion again", path, ", ".join(stale))
+        log.info("%s was chosen for another %s", path, ", ".join(stale))
         return None
     try:
         kind, params = stored["fusion"], stored["params"]

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from generator.models.checkpoint import ids_digest, safe_load
+from generator.runs.decoders import choose_run_fusion
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import (
     BEST,
@@ -44,10 +45,12 @@ from generator.runs.folder import (
     LOG_DIR,
     check_writable,
     data_fingerprint,
+    load_run,
     read_config,
     write_config,
 )
 from generator.runs.options import _FIXED_ON_RESUME, MONITOR, TrainOptions, parse_max_time, preset
+from generator.runs.recommender import on_device
 from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots, CpuTimeLimit
 from generator.training.causal_data import CausalDataModule
 from generator.training.causal_system import CausalSystem, monitor_name
@@ -72,6 +75,7 @@ class TrainResult(NamedTuple):
     seconds: float
     padded_share: float
     metrics_valid: dict[str, Any] | None  # the final evaluation on all validation users (None if skipped)
+    fusion: dict[str, Any] | None = None  # the hybrid's fusion chosen at the end (RUN/hybrid.json; None: no dense head)
 
 
 def _unfinished_first_run(out: Path) -> bool:
@@ -330,9 +334,15 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
             batch_size=options.eval_batch_size, decoder="dense" if options.objective == "dense" and options.dense else options.decoder,
             progress=options.progress,
         )
+    # 5. the hybrid's fusion, chosen on validation users (an explicit step of training, never of evaluation), so
+    # `--decoder hybrid` serves straight after training
+    fusion = None
+    if options.dense and options.target == "ids":
+        run = on_device(load_run(out), "cuda" if torch.cuda.is_available() else None)
+        fusion = choose_run_fusion(run, split, num_beams=options.num_beams, batch_size=options.eval_batch_size, seed=options.seed)
     seconds = time.perf_counter() - start
     log.info("trained %s in %.0f s: best %s = %s", out, seconds, monitor, score)
-    return TrainResult(out, best, score, epochs, steps, seconds, padded, metrics_valid)
+    return TrainResult(out, best, score, epochs, steps, seconds, padded, metrics_valid, fusion)
 
 
 def _t5_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs, layout: Any, digest: str, tree: PrefixTree) -> tuple[Any, Any, Any]:

@@ -18,12 +18,12 @@ import shutil
 import time
 from pathlib import Path
 
+from semid.codebooks import CODEBOOK_FILES
 from semid.data import format_summary, load_dataset, summary
 from semid.io import write_json
 from semid.split import leave_one_out
 
 EMBEDDINGS = "minilm"
-CODEBOOK_FILES = ("semantic_ids.npz", "quantizer.pt", "stats.json", "code_usage.png")
 
 
 def _users(text: str) -> int | None:
@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from generator.runs.demo import train_evaluate_show  # heavy imports only when the command runs
-    from semid.cli import build_parser
+    from semid_cli import build_parser
 
     start = time.perf_counter()
     if not (args.data / "items.jsonl").is_file():
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     # 2. codebooks, through the same command a user runs
     ids_dir = args.out / "ids"
     _step("2/4 semantic IDs")
-    if all((ids_dir / f).is_file() for f in CODEBOOK_FILES):  # fit-codebooks writes its four files one by one
+    if all((ids_dir / f).is_file() for f in CODEBOOK_FILES):  # fit-codebooks writes its four files as a set
         print(f"reusing the codebooks in {ids_dir} (delete that folder to fit them again)")
     else:
         emb = args.data / f"item_emb_{args.embeddings}.npy"

@@ -143,7 +143,7 @@ def _d(name: str) -> str:
 def ids_file(path: Path) -> Path:
     """`--ids` may name the folder `semid fit-codebooks` wrote (checked against its manifest) or the file itself."""
     if path.is_dir():
-        from semid.cli.codebooks import check_codebooks
+        from semid.codebooks import check_codebooks
 
         check_codebooks(path)
         return path / IDS_FILE
@@ -165,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     monitor = read_config(result.run_dir).get("monitor", "val/ndcg@10")
     print(f"best checkpoint {result.best_checkpoint}  ({monitor} on the validation sample: {result.best_score})")
     print(f"trained         {result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s; padded share {result.padded_share:.1%}")
+    if result.fusion is not None:
+        print(f"hybrid fusion   {result.fusion} (chosen on validation users) -> {result.run_dir / 'hybrid.json'}")
     if result.metrics_valid:
         m = result.metrics_valid
         print(

@@ -8,9 +8,6 @@ import sys
 from pathlib import Path
 
 from generator.decoding import registry
-from generator.runs.load import load_any_run
-from generator.runs.recommend import recommend
-from semid.data import load_dataset
 
 
 def _history(text: str) -> list[int]:
@@ -49,29 +46,28 @@ def run(args: argparse.Namespace) -> int:
         from generator.runs.pinning import check_pinned
 
         check_pinned(args.run, args.expect_sha256)
-    r = load_any_run(args.run)  # load_run, or a title run's loader
+    from generator.runs.recommender import DEFAULT_BEAMS, Recommender
+
+    rec = Recommender.from_run(args.run, decoder=args.decoder, decoders=[args.decoder], alpha=args.alpha,
+                               num_beams=DEFAULT_BEAMS, data=args.data)
     user_ids = [args.user] if args.user is not None else None
     try:
-        rec = recommend(r, [args.history], k=args.k, num_beams=args.num_beams, user_ids=user_ids, decoder=args.decoder, alpha=args.alpha)[0]
-    except RuntimeError as e:  # a decoder returned items outside the catalogue; semid.cli.main does not catch these
+        out = rec.recommend([args.history], k=args.k, user_ids=user_ids, num_beams=args.num_beams)[0]
+    except RuntimeError as e:  # a decoder returned items outside the catalogue; semid_cli.main does not catch these
         if args.debug:
             raise
         print(f"semid recommend: error: {e}", file=sys.stderr)
         return 1
-    data = args.data if args.data is not None else r.data_dir
-    try:
-        titles = load_dataset(data).catalogue.title_of
-    except FileNotFoundError as e:
-        print(f"semid recommend: no titles ({e}); pass --data", file=sys.stderr)
-        titles = lambda item: ""  # noqa: E731
-    rows = [
-        {"rank": i + 1, "item_id": int(item), "score": float(score), "title": titles(int(item))}
-        for i, (item, score) in enumerate(zip(rec.items, rec.scores, strict=True))
-    ]
+    if rec.catalogue is None:
+        print(f"semid recommend: no titles ({rec.run.data_dir} is missing); pass --data", file=sys.stderr)
+    titles = rec.titles if rec.catalogue is not None else (lambda items: [""] * len(list(items)))
+    names = titles(out.items)
+    rows = [{"rank": i + 1, "item_id": int(item), "score": float(score), "title": name}
+            for i, (item, score, name) in enumerate(zip(out.items, out.scores, names, strict=True))]
     if args.json:
-        print(json.dumps({"history": args.history, "k": args.k, "items": rows}, indent=2))
+        print(json.dumps({"history": args.history, "k": args.k, "version": rec.version, "items": rows}, indent=2))
         return 0
-    print(f"history: {', '.join(f'{i} ({titles(i)[:40]})' for i in args.history)}")
+    print(f"history: {', '.join(f'{i} ({t[:40]})' for i, t in zip(args.history, titles(args.history), strict=True))}")
     for row in rows:
         print(f"{row['rank']:>3}. {row['item_id']:>7}  {row['score']:>8.3f}  {row['title'] or '(no title)'}")
     return 0

@@ -30,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"added {added.item_ids.size:,} items (ids {int(added.item_ids[0])}..{int(added.item_ids[-1])}): "
           f"{added.before:,} -> {added.after:,} items, {added.colliding:,} sharing base codes")
     print(f"wrote {added.path} (a new version, extending the one before; the one it replaced is kept beside it)")
-    print(f"the hybrid decoder chooses its fusion again for these IDs: run `semid evaluate --run {args.run} --decoder "
-          "hybrid` once before `semid recommend --decoder hybrid`")
+    print(f"the hybrid decoder's fusion was chosen for the IDs before: run `semid choose-fusion --run {args.run}` once "
+          "before `--decoder hybrid`")
     return 0

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
             device=args.device, progress=args.progress, alpha=args.alpha,
         )
-    except DecoderError as e:  # a RuntimeError, which semid.cli.main does not catch
+    except DecoderError as e:  # a RuntimeError, which semid_cli.main does not catch
         if args.debug:
             raise
         print(f"semid evaluate: error: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The `semid` command line. Each command lives in its own module with a `register(subparsers)` function.
 
-This package is the only place that imports both `rqvae` and `generator` (see docs/architecture.md).
+This package sits above the library: it may import `semid`, `rqvae` and `generator`, and none of them imports it
+(tests/test_package_layout.py checks both; see docs/architecture.md).
 Library code raises ValueError / TypeError / FileNotFoundError with a message that names the file, line or argument;
 the command line prints that message and exits with status 2 (`--debug` shows the traceback).
 """
@@ -16,15 +17,16 @@ from collections.abc import Sequence
 # command -> (module, one-line help), in the order they appear in `semid --help`. Only the module of the command
 # being run is imported, so `semid prepare` loads neither torch nor lightning nor transformers.
 COMMANDS = {
-    "prepare": ("semid.cli.prepare", "convert raw interaction data into a dataset folder"),
-    "embed": ("semid.cli.embed", "embed item text with a local transformers model folder"),
-    "fit-codebooks": ("semid.cli.codebooks", "fit codebooks (residual k-means or RQ-VAE) and write semantic IDs"),
-    "train": ("semid.cli.train", "train the generator into a run folder"),
-    "evaluate": ("semid.cli.evaluate", "evaluate a run on the validation or test users"),
-    "recommend": ("semid.cli.recommend", "top-k items for a history"),
-    "add-items": ("semid.cli.add_items", "add items that came after training to a run, for good"),
-    "digest": ("semid.cli.digest", "print the digests that pin a run, to check with --expect-sha256"),
-    "demo": ("semid.cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
+    "prepare": ("semid_cli.prepare", "convert raw interaction data into a dataset folder"),
+    "embed": ("semid_cli.embed", "embed item text with a local transformers model folder"),
+    "fit-codebooks": ("semid_cli.codebooks", "fit codebooks (residual k-means or RQ-VAE) and write semantic IDs"),
+    "train": ("semid_cli.train", "train the generator into a run folder"),
+    "evaluate": ("semid_cli.evaluate", "evaluate a run on the validation or test users"),
+    "recommend": ("semid_cli.recommend", "top-k items for a history"),
+    "choose-fusion": ("semid_cli.choose_fusion", "choose the hybrid decoder's fusion on validation users"),
+    "add-items": ("semid_cli.add_items", "add items that came after training to a run, for good"),
+    "digest": ("semid_cli.digest", "print the digests that pin a run, to check with --expect-sha256"),
+    "demo": ("semid_cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }
 COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 

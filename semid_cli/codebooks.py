@@ -1,7 +1,7 @@
 """`semid fit-codebooks --embeddings E.npy --out DIR`: item embeddings -> semantic IDs.
 
 The fitting is done by :func:`rqvae.fit_codebooks`; this module turns its codes into :class:`semid.SemanticIDs`
-and writes the folder (every file atomically)::
+and writes the folder through ``semid.codebooks`` (the folder's format: every file atomically, the set at once)::
 
     DIR/semantic_ids.npz   the semantic IDs (base codes + the extra level that separates collisions)
     DIR/quantizer.pt       the fitted quantizer (weights + config; torch.load(..., weights_only=True))
@@ -9,12 +9,8 @@ and writes the folder (every file atomically)::
     DIR/code_usage.png     items per code at every level, most used first
     DIR/manifest.json      format, version, and the size and sha256 of each file above (written last)
 
-The files are written as a set: into a temporary folder beside DIR, which then takes DIR's place in one atomic
-exchange (``renameat2(RENAME_EXCHANGE)``; two renames where the system lacks it), so a ``kill -9`` at any point
-leaves the old set or the new one, never a mixture. With ``--overwrite`` into a folder holding other files, the
-files are moved in one by one after the manifest is marked incomplete, and the complete manifest comes last.
-:func:`check_codebooks` (run by ``semid train --ids DIR``) checks the manifest: a changed, missing or half-written
-file is an error naming it.
+The files are written as a set (``semid.codebooks.write_codebooks_folder``); ``semid train --ids DIR`` checks the
+manifest (``semid.codebooks.check_codebooks``).
 
 DIR must be new, empty, or a folder this command wrote before; any other non-empty folder (a run, a dataset) is
 refused unless ``--overwrite`` is given.
@@ -23,12 +19,6 @@ refused unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +26,18 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rqvae import FitResult, RQKMeansConfig, RQVAEConfig, fit_codebooks, method_name
+from semid.codebooks import (
+    IDS_FILE,
+    MANIFEST_FILE,
+    PLOT_FILE,
+    QUANTIZER_FILE,
+    STATS_FILE,
+    check_out,
+    write_codebooks_folder,
+)
 from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
-
-IDS_FILE = "semantic_ids.npz"
-QUANTIZER_FILE = "quantizer.pt"
-STATS_FILE = "stats.json"
-PLOT_FILE = "code_usage.png"
-MANIFEST_FILE = "manifest.json"
-CODEBOOK_FILES = (IDS_FILE, QUANTIZER_FILE, STATS_FILE, PLOT_FILE)
-MANIFEST_FORMAT, MANIFEST_VERSION = "semid.codebooks", 1
 
 # chosen from experiments/results/codebooks.md: both methods meet the targets with the balanced last level;
 # residual k-means fits in a fraction of the time and reconstructs the embeddings better
@@ -141,21 +132,10 @@ def write_codebooks(
     embeddings_path: Path,
     extra_level_size: int,
 ) -> dict[str, Any]:
-    """Write the four files of a codebooks folder and its manifest, as a set (see the module docstring); returns
-    what went into stats.json."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-{os.getpid()}-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets what mkdir would give
-    try:
-        stats = _write_files(tmp, result, config, embeddings_path=embeddings_path, extra_level_size=extra_level_size)
-        write_json(tmp / MANIFEST_FILE, _manifest(tmp))
-        _publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return stats
+    """Write the four files of a codebooks folder and its manifest, as a set (``semid.codebooks``); returns what went
+    into stats.json."""
+    return write_codebooks_folder(out, lambda folder: _write_files(
+        folder, result, config, embeddings_path=embeddings_path, extra_level_size=extra_level_size))
 
 
 def _write_files(
@@ -198,134 +178,6 @@ def _write_files(
     with atomic_path(out / PLOT_FILE) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})  # no version string: same fit, same bytes
     return stats
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _manifest(folder: Path, complete: bool = True) -> dict[str, Any]:
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in CODEBOOK_FILES} if complete else {}
-    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": complete, "files": files}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux ``renameat2``); False where the system cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    AT_FDCWD = -100
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    return False
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Put the complete set in ``tmp`` at ``out``."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if all(_ours(p) for p in out.iterdir()):  # a codebooks folder (or an empty one): replace it whole
-        if _exchange(tmp, out):
-            return  # `tmp` now holds the old set; the caller removes it
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
-        os.rename(out, old / out.name)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-        return
-    # --overwrite into a folder with other files: they stay; ours move in under an incomplete manifest
-    write_json(out / MANIFEST_FILE, _manifest(out, complete=False))
-    for name in CODEBOOK_FILES:
-        os.replace(tmp / name, out / name)
-    os.replace(tmp / MANIFEST_FILE, out / MANIFEST_FILE)
-
-
-def _remove_abandoned(out: Path) -> None:
-    """Remove temporary folders of earlier writes to ``out`` whose process no longer runs (a ``kill -9``)."""
-    for prefix in (f".{out.name}.writing-", f".{out.name}.old-"):
-        for path in out.parent.glob(prefix + "*"):
-            pid = path.name[len(prefix) :].split("-", 1)[0]
-            if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def check_codebooks(folder: Path) -> None:
-    """Raise ValueError naming the file unless ``folder``'s files match its manifest (a folder written before
-    semid kept one has none, and is taken as it is)."""
-    manifest_path = Path(folder) / MANIFEST_FILE
-    if not manifest_path.is_file():
-        return
-    redo = f"re-run `semid fit-codebooks --out {folder}`"
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{manifest_path}: not a readable manifest ({e}); {redo}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{manifest_path}: not a codebooks manifest (format {manifest.get('format') if isinstance(manifest, dict) else None!r}); {redo}")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{manifest_path}: manifest version {manifest.get('version')!r}; this semid reads version {MANIFEST_VERSION}")
-    if manifest.get("complete") is not True or not isinstance(manifest.get("files"), dict):
-        raise ValueError(f"{folder}: a fit-codebooks write into this folder was interrupted (its manifest is incomplete); {redo}")
-    for name, entry in manifest["files"].items():
-        path = Path(folder) / name
-        if not path.is_file():
-            raise ValueError(f"{path}: missing from the codebooks folder its manifest describes; {redo}")
-        if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
-            raise ValueError(f"{path}: does not match {MANIFEST_FILE} (changed or damaged after fit-codebooks wrote it); {redo}")
-
-
-def check_out(out: Path, *, overwrite: bool) -> None:
-    """Refuse an ``out`` that is a file, or a non-empty folder that is not a codebooks folder (unless ``overwrite``).
-
-    A codebooks folder holds nothing but the files this command writes (all four, or some of them when a fit was
-    interrupted, and the temporary files of an interrupted atomic write): re-fitting into it replaces them. Anything
-    else -- a run folder, a dataset folder -- is someone's work that writing here would corrupt.
-    """
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder; pass a folder to --out")
-    if overwrite or not out.is_dir():
-        return
-    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not _ours(p))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(
-            f"{out}: not empty and not a codebooks folder (it holds {shown}, which fit-codebooks does not write); choose a new or empty folder, or pass "
-            f"--overwrite to write {', '.join(CODEBOOK_FILES)} there anyway"
-        )
-
-
-def _ours(path: Path) -> bool:
-    """Whether ``path`` is one of the files this command writes, or an interrupted atomic write of one."""
-    if not path.is_file():
-        return False
-    name = path.name
-    ours = (*CODEBOOK_FILES, MANIFEST_FILE)
-    return name in ours or any(name.startswith(f".{f}.") and name.endswith(Path(f).suffix) for f in ours)
 
 
 def code_usage_figure(codes: np.ndarray, codebook_size: int, title: str = "") -> Figure:

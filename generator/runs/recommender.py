@@ -1,0 +1,333 @@
+"""A loaded run that serves many calls: :class:`Recommender`.
+
+    rec = Recommender.from_run("runs/demo/run")                      # loads and builds once
+    recs = rec.recommend([[12, 45, 99]], k=10)                        # only decodes (default: beam search)
+    recs = rec.recommend([[12, 45, 99]], k=10, decoder="hybrid", exclude_history=True)
+    recs[0].items, recs[0].scores, rec.titles(recs[0].items)          # best first
+    rec.version                                                       # "ckpt-<sha256>.ids-<sha256>" (16 hex each)
+
+Everything derived from the weights and the catalogue is built when the run is loaded: the decoders of its backbone
+(causal: beam, exact, dense and hybrid sharing one set of item paths, edge tables and item vectors; T5: beam,
+generate, dense with its MIPS index, hybrid with its item vectors; title: title-beam), the hybrid's fusion read
+from ``RUN/hybrid.json`` (chosen by ``semid choose-fusion`` or at the end of ``semid train``; never chosen here), the
+checkpoint's and IDs' hashes (:attr:`Recommender.version`, computed once), and the catalogue's id <-> asin and title
+maps. A call checks its arguments, batches the histories, decodes and checks the items: no file is read or written,
+nothing is hashed or rebuilt.
+
+Thread safety: :meth:`Recommender.recommend` may be called from several threads at once. A call reads the loaded
+state and writes none of it (decoding runs under ``torch.inference_mode``; each call's beams, masks and outputs are
+its own tensors). Two caveats: the title decoders and ``codes-grounded`` add to running counts (``stats``), which
+concurrent calls may under-count (their rankings are unaffected); ``codes-grounded`` also keeps per-call grounding
+state on its shared decoder, so serve it from one thread. Torch's intra-op threads are shared by concurrent calls
+(``torch.set_num_threads``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from generator.decoding import registry
+from generator.decoding.protocol import Decoder, check_beams, check_k
+from generator.decoding.registry import CAUSAL, T5, TITLE
+from generator.decoding.t5_dense import T5Dense, eval_item_vectors
+from generator.decoding.t5_hybrid import T5Hybrid
+from generator.runs import fusion_store
+from generator.runs.batches import history_batches
+from generator.runs.decoders import decoders_for, load_run_head, no_fusion_error, stored_fusion
+from generator.runs.folder import Run
+from generator.runs.load import load_any_run
+from semid.data import Catalogue, load_catalogue
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BEAMS = 20
+SERVED = {T5: ("beam", "generate", "dense", "hybrid"), CAUSAL: ("beam", "exact", "dense", "hybrid", "cold-beam"),
+          TITLE: ("title-beam",)}  # what a Recommender builds unless told which decoders
+
+
+class Recommendation(NamedTuple):
+    """Top-k for one history, best first. items: int64 (k,) item ids; scores: float32 (k,), descending."""
+
+    items: np.ndarray
+    scores: np.ndarray
+
+
+def on_device(run: Run, device: str | torch.device | None) -> Run:
+    """``run`` with its model (eval mode) and tree on ``device``: ``run`` itself where they are there already, else a
+    copy whose model is a deep copy; the run given is never changed (read paths leave a loaded run as it was)."""
+    here = next(run.model.parameters()).device
+    device = here if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device == here and run.tree.device == device and not run.model.training:
+        return run
+    model = copy.deepcopy(run.model).to(device).eval()
+    return dataclasses.replace(run, model=model, tree=run.tree.to(device))
+
+
+def check_histories(histories: Sequence[Sequence[int]], item_ids: np.ndarray) -> list[np.ndarray]:
+    """B non-empty histories of known item ids (``item_ids``: sorted int64 (N,)) as int64 arrays; a ValueError naming
+    the first bad history otherwise."""
+    if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence) or len(histories) == 0:
+        raise ValueError(f"`histories` must be a non-empty list of item-id lists, got {histories!r}")
+    out = [np.asarray(h) for h in histories]  # the input is a list of lists: one conversion each
+    for i, arr in enumerate(out):
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"`histories[{i}]` must be a list of int item ids, got {histories[i]!r}")
+        if arr.size == 0:
+            raise ValueError(f"`histories[{i}]` is empty: a history needs at least one item")
+    out = [a.astype(np.int64, copy=False) for a in out]
+    flat = np.concatenate(out)
+    pos = np.clip(np.searchsorted(item_ids, flat), 0, len(item_ids) - 1)  # one binary search over all histories
+    unknown = np.flatnonzero(item_ids[pos] != flat)
+    if unknown.size:
+        first = int(unknown[0])
+        i = int(np.searchsorted(np.cumsum([len(a) for a in out]), first, side="right"))
+        raise ValueError(f"`histories[{i}]` holds unknown item id {int(flat[first])!r}: the catalogue has ids "
+                         f"{int(item_ids.min())}..{int(item_ids.max())}")
+    return out
+
+
+class Recommender:
+    """A run loaded for serving: decoders, tables, item vectors, fusion and catalogue maps built once (module doc).
+
+    Args:
+        run: a loaded run (``generator.runs.load.load_any_run``); it is served on ``device`` (a copy where it must
+            move: the run given is left as it was).
+        decoder: the default decoder of :meth:`recommend` ("auto": the run's beam search).
+        decoders: the registry names to build (default: what :data:`SERVED` lists for the backbone, less what the run
+            cannot serve: dense and hybrid without a dense head, hybrid without a stored fusion, cold-beam without
+            added items). ``decoder`` and every name given here must be servable, else a ValueError says why.
+        num_beams: beams of the beam searches (capped at the catalogue size; a call asking for more items gets more).
+        num_candidates: C per list for the hybrids (the stored fusion was chosen for one C).
+        alpha: serve the hybrid as the pool blend with this weight instead of the stored fusion.
+        data: the dataset folder for the id <-> asin and title maps (default: the run's; none where it is missing).
+        maps: build those maps (False: none; a one-off call has no use for them).
+    """
+
+    def __init__(self, run: Run, *, decoder: str = "auto", decoders: Iterable[str] | None = None,
+                 num_beams: int = DEFAULT_BEAMS, num_candidates: int = 50, alpha: float | None = None,
+                 device: str | torch.device | None = None, data: str | os.PathLike[str] | None = None,
+                 cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None, maps: bool = True) -> None:
+        run = on_device(run, device)
+        self.run, self.device = run, next(run.model.parameters()).device
+        N = run.ids.num_items
+        self.default = registry.resolve(run.design, decoder)
+        asked = {self.default, *(registry.resolve(run.design, n) for n in (decoders or ()))}
+        check_beams(min(num_beams, N) if isinstance(num_beams, int) and not isinstance(num_beams, bool) else num_beams, 1, N)
+        self.num_beams = min(num_beams, N)
+        key = fusion_store.choice_key(run)  # hashes the checkpoint file: once, here
+        self.version = f"ckpt-{key['checkpoint_sha256'][:16]}.ids-{key['ids_sha256'][:16]}"
+        # which decoders: what was asked for, plus the backbone's usual ones where the run can serve them
+        self.unavailable: dict[str, str] = {}  # name -> why it is not served
+        wanted = list(asked) if decoders is not None else list(dict.fromkeys([*SERVED[run.design], *asked]))
+        fusion = self._servable(wanted, asked, alpha, num_candidates, key, cold_items)
+        names = [n for n in wanted if n not in self.unavailable]
+        self._decoders: dict[str, Decoder] = decoders_for(
+            run, names, alpha=alpha, num_beams=self.num_beams, num_candidates=num_candidates, fusion=fusion, key=key,
+            cold_items=cold_items, cold_options=cold_options)
+        for dec in self._decoders.values():  # what the T5 decoders would build on their first call
+            if isinstance(dec, T5Dense) and dec.index is None:
+                dec.refresh()
+            if isinstance(dec, T5Hybrid) and dec._vecs is None:
+                dec._vecs = eval_item_vectors(dec.head)
+        self._item_ids = run.ids.item_ids  # sorted int64 (N,)
+        # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)
+        self._batching = SimpleNamespace(design=run.design, ids=run.ids, layout=run.layout, max_history=run.max_history,
+                                         use_user_tokens=run.use_user_tokens)
+        self._by_asin: dict[str, int] = {}
+        self.catalogue = self._catalogue(data) if maps else None
+        log.info("serving %s (%s): decoders %s", run.path, self.version, sorted(self._decoders))
+
+    @classmethod
+    def from_run(cls, path: str | os.PathLike[str], *, checkpoint: str | os.PathLike[str] | None = None,
+                 device: str | torch.device | None = None, **options: Any) -> Recommender:
+        """Load the run folder ``path`` (its best checkpoint, or ``checkpoint``) onto ``device`` (default CPU) and
+        build everything a call needs; ``options`` as for the constructor (``decoder``, ``decoders``, ...)."""
+        run = load_any_run(path, checkpoint)
+        if device is not None:  # the run was loaded for this Recommender alone: move it in place
+            run.model.to(device)
+            run.tree = run.tree.to(device)
+        return cls(run, **options)
+
+    @property
+    def decoders(self) -> tuple[str, ...]:
+        """The names this Recommender serves."""
+        return tuple(self._decoders)
+
+    # ---- serving -------------------------------------------------------------------------------------------------
+    def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, decoder: str | None = None, *,
+                  exclude_history: bool = False, user_ids: Sequence[int] | None = None, num_beams: int | None = None,
+                  batch_size: int = 64) -> list[Recommendation]:
+        """Top-k items for each history (item ids, oldest first), decoded in batches of ``batch_size``.
+
+        Args:
+            histories: B non-empty sequences of known item ids; only the last ``max_history`` items are read.
+            decoder: a served name (default: the one given at load); scores are what its ``score`` says.
+            exclude_history: leave out items of the history (the decoder is asked for k more per distinct item
+                in it, so k plus those must not exceed the catalogue).
+            user_ids: B user ids to hash into user tokens where the run was trained with them (T5 runs).
+            num_beams: beams for this call, at least the items asked for (default: the loaded count, raised to them).
+        Returns:
+            B :class:`Recommendation`, in the order of ``histories``; items distinct and in the catalogue.
+        """
+        name = self._decoder(decoder)
+        N = self.run.ids.num_items
+        check_k(k, N, "the catalogue size")
+        if not isinstance(exclude_history, bool):
+            raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
+        hist = check_histories(histories, self._item_ids)
+        user_ids = self._user_ids(user_ids, len(hist))
+        want, seen = k, None
+        if exclude_history:
+            seen = _padded(hist)  # (B, H) item ids, -1 padded
+            srt = np.sort(seen, axis=1)
+            distinct = ((srt[:, 1:] != srt[:, :-1]) & (srt[:, 1:] >= 0)).sum(1) + (srt[:, 0] >= 0)
+            want = k + int(distinct.max())
+            if want > N:
+                raise ValueError(f"`k` ({k}) plus the {int(distinct.max())} distinct items of a history to exclude is "
+                                 f"{want}, more than the catalogue's {N} items: ask for fewer")
+        M = max(self.num_beams, want) if num_beams is None else num_beams
+        check_beams(M, want, N)
+        dec = _with_beams(self._decoders[name], M)
+        items, scores = [], []
+        for b in history_batches(self._batching, hist, user_ids, batch_size):  # loop over batches of histories
+            res = dec(b.to(self.device), want)
+            items.append(res.items.cpu().numpy())
+            scores.append(res.scores.float().cpu().numpy())
+        items_a, scores_a = np.concatenate(items), np.concatenate(scores)
+        if seen is not None:  # drop history items, keep the order of the rest: the first k of each row
+            keep = ~(items_a[:, :, None] == seen[:, None, :]).any(-1)  # (B, want)
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+            items_a, scores_a = np.take_along_axis(items_a, order, 1), np.take_along_axis(scores_a, order, 1)
+        self._check_items(items_a, name)
+        return [Recommendation(i, s) for i, s in zip(items_a, scores_a, strict=True)]
+
+    __call__ = recommend
+
+    # ---- the catalogue's maps ------------------------------------------------------------------------------------
+    def titles(self, items: Iterable[int]) -> list[str]:
+        """The titles of item ids ("" where the dataset has none)."""
+        cat = self._need_catalogue()
+        return [cat.titles[i - 1] for i in self._rows(items)]
+
+    def asins(self, items: Iterable[int]) -> list[str]:
+        """The original ids (``asin``) of item ids."""
+        cat = self._need_catalogue()
+        return [cat.original_ids[i - 1] for i in self._rows(items)]
+
+    def item_ids(self, asins: Iterable[str]) -> np.ndarray:
+        """The item ids of original ids (``asin``); a ValueError names the first unknown one."""
+        self._need_catalogue()
+        asins = list(asins)
+        out = [self._by_asin.get(a, -1) for a in asins]
+        if -1 in out:
+            raise ValueError(f"unknown asin {asins[out.index(-1)]!r}: not in the catalogue of {self.run.path}")
+        return np.asarray(out, dtype=np.int64)
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+    def _servable(self, wanted: list[str], asked: set[str], alpha: float | None, num_candidates: int,
+                  key: dict[str, str], cold_items: np.ndarray | None) -> Any:
+        """Mark what the run cannot serve in ``self.unavailable`` (a ValueError if it was asked for); the stored fusion."""
+        run, why, fusion = self.run, {}, None
+        if {"dense", "hybrid"} & set(wanted):
+            if run.design == CAUSAL and not run.model.has_dense:
+                why["dense"] = why["hybrid"] = f"{run.path}: this run has no dense head (it was trained with dense_dim 0)"
+            elif run.design == T5:
+                try:
+                    load_run_head(run)
+                except ValueError as e:
+                    why["dense"] = why["hybrid"] = str(e)
+        if "hybrid" in wanted and "hybrid" not in why and alpha is None:
+            fusion = stored_fusion(run, num_candidates, key, required=False)
+            if fusion is None:
+                why["hybrid"] = str(no_fusion_error(run))
+        if "cold-beam" in wanted and run.design == CAUSAL and cold_items is None and run.model.trained_items == run.ids.num_items:
+            why["cold-beam"] = "decoder 'cold-beam' needs cold items: add items to the run (`semid add-items`)"
+        for name in asked & set(why):
+            raise ValueError(why[name])
+        self.unavailable = {n: w for n, w in why.items() if n in wanted}
+        return fusion
+
+    def _decoder(self, decoder: str | None) -> str:
+        name = self.default if decoder is None else registry.resolve(self._batching.design, decoder)
+        if name in self.unavailable:
+            raise ValueError(self.unavailable[name])
+        if name not in self._decoders:
+            raise ValueError(f"decoder {name!r} was not loaded; this Recommender serves {list(self._decoders)}: load it with "
+                             f"`Recommender.from_run(..., decoders=[..., {name!r}])`")
+        return name
+
+    def _user_ids(self, user_ids: Sequence[int] | None, B: int) -> np.ndarray | None:
+        if user_ids is not None:
+            user_ids = np.asarray(user_ids, dtype=np.int64)
+            if user_ids.shape != (B,):
+                raise ValueError(f"`user_ids` must hold one id per history ({B}), got shape {user_ids.shape}")
+            return user_ids if self.run.use_user_tokens else None
+        if self.run.use_user_tokens:
+            log.warning("this run was trained with user tokens (%d buckets) but no `user_ids` were given: the inputs differ "
+                        "from training (no user token), which can lower quality; pass the users' ids (`semid recommend --user ID`)",
+                        self.run.layout.num_user_tokens)
+        return None
+
+    def _check_items(self, items: np.ndarray, decoder: str) -> None:
+        pos = np.clip(np.searchsorted(self._item_ids, items), 0, len(self._item_ids) - 1)
+        outside = int((self._item_ids[pos] != items).sum())
+        if outside:  # a real check, not an assert (which `python -O` strips)
+            raise RuntimeError(f"the {decoder!r} decoder returned {outside} items outside the catalogue")
+
+    def _catalogue(self, data: str | os.PathLike[str] | None) -> Catalogue | None:
+        folder = Path(data) if data is not None else self.run.data_dir
+        try:
+            cat = load_catalogue(folder)
+        except FileNotFoundError as e:
+            if data is not None:
+                raise
+            log.warning("no catalogue maps (titles, asins): %s; pass `data`", e)
+            return None
+        self._by_asin = {a: i + 1 for i, a in enumerate(cat.original_ids)}
+        return cat
+
+    def _need_catalogue(self) -> Catalogue:
+        if self.catalogue is None:
+            raise ValueError(f"{self.run.data_dir}: the run's dataset folder is missing, so there are no titles or asins: "
+                             "load with `data=` a dataset folder holding the run's items")
+        return self.catalogue
+
+    def _rows(self, items: Iterable[int]) -> list[int]:
+        arr = np.asarray(list(items), dtype=np.int64)
+        bad = arr[(arr < 1) | (arr > self.catalogue.num_items)]
+        if bad.size:
+            raise ValueError(f"unknown item id {int(bad[0])}: the dataset's items are 1..{self.catalogue.num_items}")
+        return arr.tolist()
+
+
+def _padded(hist: list[np.ndarray]) -> np.ndarray:
+    """(B, H) item ids of B histories, right-padded with -1 (one scatter)."""
+    lengths = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
+    out = np.full((len(hist), int(lengths.max())), -1, dtype=np.int64)
+    owner = np.repeat(np.arange(len(hist)), lengths)
+    pos = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[owner, pos] = np.concatenate(hist)
+    return out
+
+
+def _with_beams(dec: Decoder, num_beams: int) -> Decoder:
+    """``dec`` with ``num_beams`` beams: itself where it has them, else a shallow copy (the built tables are shared)."""
+    if getattr(dec, "num_beams", num_beams) == num_beams:
+        return dec
+    out = copy.copy(dec)
+    out.num_beams = num_beams
+    if hasattr(out, "beam"):  # ColdStartBeam around a beam decoder
+        out.beam = _with_beams(out.beam, num_beams)
+    return out

@@ -1,0 +1,44 @@
+"""`semid choose-fusion --run RUN`: choose the hybrid decoder's fusion on validation users; writes RUN/hybrid.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "choose-fusion",
+        help="choose the hybrid decoder's fusion on validation users (RUN/hybrid.json)",
+        description="Choose how the hybrid decoder fuses the generative and dense heads (T5 runs: the blend weight "
+        "alpha; causal runs: one of the fusions, fitted on validation users and chosen on others) and store it in "
+        "RUN/hybrid.json for the run's checkpoint and IDs. `semid train` does this at its end for a run with a dense "
+        "head; run it for a run trained before, after `semid add-items`, or with other settings. Never reads test users.",
+    )
+    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+    p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
+    p.add_argument("--users", type=int, help="validation users (default: 2,000 for T5 runs; 5,000 to fit and 5,000 to choose for causal runs)")
+    p.add_argument("--num-candidates", type=int, default=50, help="candidates per list, C (default 50)")
+    p.add_argument("--num-beams", type=int, default=20, help="beams of the T5 hybrid's beam search (default 20)")
+    p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
+    p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from generator.runs.decoders import choose_run_fusion
+    from generator.runs.folder import HYBRID_FILE, LOCK_FILE
+    from generator.runs.load import load_any_run
+    from semid.data import load_dataset
+    from semid.io import folder_lock
+    from semid.split import leave_one_out
+
+    if args.users is not None and args.users < 1:
+        raise ValueError(f"`--users` must be a positive int, got {args.users!r}")
+    with folder_lock(args.run, LOCK_FILE, what="a training, add-items or choose-fusion"):
+        r = load_any_run(args.run)
+        split = leave_one_out(load_dataset(args.data if args.data is not None else r.data_dir))
+        chosen = choose_run_fusion(r, split, num_candidates=args.num_candidates, num_beams=args.num_beams,
+                                   users=args.users, batch_size=args.batch_size, seed=args.seed)
+    print(f"hybrid fusion {chosen} chosen on validation users -> {args.run / HYBRID_FILE}")
+    return 0

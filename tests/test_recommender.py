@@ -1,0 +1,207 @@
+"""A loaded run that serves many calls (generator.runs.recommender.Recommender): hybrid straight after training, the
+same rankings as decoders built per call, nothing rebuilt, hashed or read per call, read paths that write nothing,
+history exclusion, the version, the catalogue maps and concurrent calls."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import generator.decoding.causal as causal_decoding
+import generator.runs.fusion_store as fusion_store
+import semid.data
+from generator.decoding.protocol import Histories
+from generator.models.checkpoint import with_integrity
+from generator.runs.batches import history_batches
+from generator.runs.decoders import decoders_for
+from generator.runs.evaluate import evaluate
+from generator.runs.folder import HYBRID_FILE, load_run
+from generator.runs.recommend import recommend
+from generator.runs.recommender import Recommender
+from semid.data import load_dataset
+from semid.split import leave_one_out
+from semid_cli import main
+from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
+
+FLAGS = ["--max-epochs", "1", "--batch-size", "8", "--val-users", "all", "--num-beams", "10", "--no-progress", "--seed", "0"]
+HISTORIES = [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [30, 31, 30]]
+SERVED = ("beam", "exact", "dense", "hybrid")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("recommender")
+    data = write_random_dataset(root / "data")
+    ids_dir = root / "ids"
+    ids_dir.mkdir()
+    write_ids(ids_dir / "semantic_ids.npz")
+    run = root / "run"
+    assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(run), *FLAGS]) == 0
+    return {"root": root, "data": data, "run": run}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_hybrid_serves_straight_after_train(world: dict[str, Path]) -> None:
+    assert (world["run"] / HYBRID_FILE).is_file()  # chosen at the end of `semid train`
+    rec = Recommender.from_run(world["run"], decoder="hybrid")
+    out = rec.recommend(HISTORIES, k=5)
+    assert all(len(set(r.items.tolist())) == 5 and (np.diff(r.scores) <= 1e-6).all() for r in out)
+    assert set(rec.decoders) == set(SERVED) and set(rec.unavailable) == {"cold-beam"}  # no items were added
+
+
+@pytest.mark.parametrize("decoder", SERVED)
+def test_the_same_rankings_as_decoders_built_per_call(world: dict[str, Path], decoder: str) -> None:
+    rec = Recommender.from_run(world["run"])
+    run = load_run(world["run"])
+    dec = decoders_for(run, [decoder], num_beams=20)[decoder]
+    hist = [np.asarray(h) for h in HISTORIES]
+    want = [dec(b, 5) for b in history_batches(run, hist, None, 2)]
+    got = rec.recommend(HISTORIES, k=5, decoder=decoder, batch_size=3)
+    items = torch.cat([w.items for w in want]).numpy()
+    scores = torch.cat([w.scores for w in want]).numpy()
+    np.testing.assert_array_equal(np.stack([g.items for g in got]), items)
+    np.testing.assert_allclose(np.stack([g.scores for g in got]), scores, rtol=1e-5, atol=1e-5)
+    # the one-off function gives the same
+    once = recommend(run, HISTORIES, k=5, decoder=decoder, num_beams=20)
+    np.testing.assert_array_equal(np.stack([o.items for o in once]), items)
+
+
+def test_a_call_builds_hashes_and_reads_nothing(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recommender.from_run(world["run"])
+    before = {d: rec.recommend(HISTORIES, k=4, decoder=d) for d in SERVED}
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("rebuilt, hashed or read during a call")
+
+    for module, name in [(causal_decoding, "item_paths"), (causal_decoding, "edge_tables"), (fusion_store, "choice_key"),
+                         (fusion_store, "_file_digest"), (semid.data, "_read_items"), (fusion_store, "_read")]:
+        monkeypatch.setattr(module, name, forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    for d in SERVED:
+        after = rec.recommend(HISTORIES, k=4, decoder=d)
+        assert all(np.array_equal(a.items, b.items) for a, b in zip(after, before[d], strict=True))
+    more = rec.recommend(HISTORIES, k=25, decoder="beam")  # more items than the loaded beams: more beams, no rebuild
+    assert all(len(set(r.items.tolist())) == 25 for r in more)
+
+
+def test_exclude_history_equals_the_longer_ranking_without_history_items(world: dict[str, Path]) -> None:
+    rec = Recommender.from_run(world["run"])
+    for decoder in ("beam", "exact", "dense"):
+        k = 6
+        full = rec.recommend(HISTORIES, k=k + 12, decoder=decoder)  # 12: the most distinct items of a history
+        got = rec.recommend(HISTORIES, k=k, decoder=decoder, exclude_history=True)
+        for h, f, g in zip(HISTORIES, full, got, strict=True):
+            keep = [i for i, item in enumerate(f.items.tolist()) if item not in set(h)][:k]  # the obvious reference
+            np.testing.assert_array_equal(g.items, f.items[keep])
+            np.testing.assert_allclose(g.scores, f.scores[keep], rtol=1e-5, atol=1e-5)
+            assert not set(g.items.tolist()) & set(h)
+    with pytest.raises(ValueError, match="distinct items of a history to exclude"):
+        rec.recommend([list(range(1, 13))], k=NUM_ITEMS - 5, decoder="exact", exclude_history=True)
+
+
+def test_read_paths_write_nothing_and_leave_the_run_as_it_was(world: dict[str, Path]) -> None:
+    files = _files(world["run"])
+    run = load_run(world["run"])
+    run.model.train()  # a caller's run in training mode: evaluation must decode a copy in eval mode
+    tree = run.tree
+    split = leave_one_out(load_dataset(world["data"]))
+    for decoder in SERVED:
+        r = evaluate(run, split, "test", decoder=decoder, device="cpu")
+        assert r.invalid_items == 0 and r.duplicate_items == 0
+    assert run.model.training and run.tree is tree
+    Recommender(run).recommend(HISTORIES, k=3, decoder="hybrid")
+    recommend(run, HISTORIES, k=3, decoder="hybrid")
+    assert run.model.training and run.tree is tree
+    assert _files(world["run"]) == files  # nothing written: no metrics, no hybrid.json
+
+
+def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(world["run"], old)
+    (old / HYBRID_FILE).unlink()  # as a run trained before training chose the fusion
+    with pytest.raises(ValueError, match=f"semid choose-fusion --run {old}"):
+        Recommender.from_run(old, decoder="hybrid")
+    rec = Recommender.from_run(old)  # the other decoders serve; hybrid says what to do
+    assert "hybrid" in rec.unavailable and "beam" in rec.decoders
+    with pytest.raises(ValueError, match="semid choose-fusion"):
+        rec.recommend(HISTORIES, k=3, decoder="hybrid")
+    assert main(["recommend", "--run", str(old), "--history", "3,4,5", "--decoder", "hybrid"]) == 2
+    assert "semid choose-fusion" in capsys.readouterr().err
+    assert main(["choose-fusion", "--run", str(old)]) == 0
+    assert (old / HYBRID_FILE).is_file()
+    assert len(Recommender.from_run(old, decoder="hybrid").recommend(HISTORIES, k=3)) == len(HISTORIES)
+
+
+def test_version_names_the_checkpoint_and_the_ids(world: dict[str, Path], tmp_path: Path) -> None:
+    v = Recommender.from_run(world["run"]).version
+    assert v == Recommender.from_run(world["run"]).version and v.startswith("ckpt-") and ".ids-" in v
+    other = tmp_path / "other"
+    shutil.copytree(world["run"], other)
+    assert Recommender.from_run(other).version == v  # the same checkpoint and IDs
+    ckpt_path = load_run(other).checkpoint
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["global_step"] += 1
+    torch.save(with_integrity(ckpt), ckpt_path)
+    v2 = Recommender.from_run(other, decoders=["beam"]).version
+    assert v2.split(".ids-")[1] == v.split(".ids-")[1] and v2.split(".ids-")[0] != v.split(".ids-")[0]
+
+
+def test_catalogue_maps(world: dict[str, Path]) -> None:
+    rec = Recommender.from_run(world["run"], decoders=["beam"])
+    assert rec.titles([3, 1]) == ["item 3", "item 1"]
+    asins = rec.asins([3, 1])
+    np.testing.assert_array_equal(rec.item_ids(asins), [3, 1])
+    with pytest.raises(ValueError, match="unknown asin 'nope'"):
+        rec.item_ids(["nope"])
+    with pytest.raises(ValueError, match="unknown item id 0"):
+        rec.titles([0])
+
+
+def test_argument_errors_name_the_argument(world: dict[str, Path]) -> None:
+    rec = Recommender.from_run(world["run"], decoders=["beam"])
+    with pytest.raises(ValueError, match=r"`histories\[1\]` holds unknown item id 999"):
+        rec.recommend([[1], [2, 999]], k=3)
+    with pytest.raises(ValueError, match=r"`histories\[0\]` is empty"):
+        rec.recommend([[]], k=3)
+    with pytest.raises(ValueError, match="`k`"):
+        rec.recommend([[1]], k=NUM_ITEMS + 1)
+    with pytest.raises(ValueError, match="was not loaded"):
+        rec.recommend([[1]], k=3, decoder="exact")
+
+
+def test_concurrent_calls_give_the_sequential_rankings(world: dict[str, Path]) -> None:
+    rec = Recommender.from_run(world["run"])
+    jobs = [(d, [h]) for d in SERVED for h in HISTORIES] * 3
+    want = [rec.recommend(h, k=5, decoder=d)[0].items for d, h in jobs]
+    got: list[np.ndarray | None] = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def work(part: range) -> None:
+        try:
+            for i in part:  # each thread serves its share of the calls
+                d, h = jobs[i]
+                got[i] = rec.recommend(h, k=5, decoder=d)[0].items
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(range(t, len(jobs), 4),)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_histories_as_the_backbone_reads_them_are_unchanged(world: dict[str, Path]) -> None:
+    run = load_run(world["run"])
+    (b,) = history_batches(run, [np.asarray([3, 4, 5])], None, 8)
+    assert isinstance(b, Histories) and b.tokens.tolist() == [(run.ids.rows_of(np.array([3, 4, 5])) + 1).tolist()]
