@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from generator.runs.folder import read_config, write_config
-from semid_cli import main
 from semid.data import load_dataset, load_embeddings
 from semid.ids import SemanticIDs
+from semid_cli import main
 from tests.conftest import write_canonical
 from tests.test_generator_helpers import random_ids
 from tests.test_run_folder_safety import _config
