@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
+from generator.models.dense_loss import LOSSES, NEGATIVES, softmax_loss
 from semid.layout import TokenLayout
 
 DESIGN = "causal"
@@ -59,8 +59,20 @@ class CausalConfig:
     content_vectors: bool = True  # with content_dim and dense_dim: item vectors also get a projection of the content
     item_dropout: float = 0.0  # while training, each item's table row is dropped from its dense vector with this
     # probability, so the code and content parts alone score items well (the vectors items added later get)
+    dense_loss: str = "full"  # the dense head's loss: "full" softmax over the catalogue, or "sampled" (dense_loss.py)
+    dense_negatives: str = "uniform"  # sampled: extra negatives "uniform", by "popularity", or none ("in-batch")
+    num_negatives: int = 1024  # sampled: random negatives per step beyond the batch's targets (not with "in-batch")
+    logq_correction: bool = True  # sampled: subtract log expected count of each column (Yi et al., RecSys 2019)
 
     def __post_init__(self) -> None:
+        if self.dense_loss not in LOSSES:
+            raise ValueError(f"`dense_loss` must be one of {LOSSES}, got {self.dense_loss!r}")
+        if self.dense_negatives not in NEGATIVES:
+            raise ValueError(f"`dense_negatives` must be one of {NEGATIVES}, got {self.dense_negatives!r}")
+        if not isinstance(self.num_negatives, int) or isinstance(self.num_negatives, bool) or self.num_negatives < 0:
+            raise ValueError(f"`num_negatives` must be a non-negative int, got {self.num_negatives!r}")
+        if not isinstance(self.logq_correction, bool):
+            raise ValueError(f"`logq_correction` must be a bool, got {self.logq_correction!r}")
         for name in ("node_vectors", "content_vectors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
@@ -277,17 +289,19 @@ class CausalGenerator(nn.Module):
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
         return self.dense_query(h)
 
-    def item_vectors(self) -> torch.Tensor:
-        """(N, dense_dim): the item table plus the items' code embeddings (and content) projected, so items added
-        after training (table row 0) score too. While training, ``item_dropout`` drops table rows at random."""
-        codes = self.code_emb(self.item_tokens[1:]).sum(-2)  # (N, D)
-        table = self.item_table
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, dense_dim), or (C, dense_dim) for item rows (C,) in [0, N): the item table plus the items' code
+        embeddings (and content) projected, so items added after training (table row 0) score too. While training,
+        ``item_dropout`` drops table rows at random."""
+        rows1 = slice(1, None) if rows is None else rows + 1
+        codes = self.code_emb(self.item_tokens[rows1]).sum(-2)  # (N, D)
+        table = self.item_table if rows is None else self.item_table[rows]
         if self.training and self.config.item_dropout:
             keep = torch.rand(table.shape[0], 1, device=table.device) >= self.config.item_dropout
             table = table * keep
         vectors = table + self.dense_codes(codes)
         if self.uses_content_vectors:
-            vectors = vectors + self.dense_content(self.content[1:])
+            vectors = vectors + self.dense_content(self.content[rows1])
         return vectors
 
     # ---- cold start ----------------------------------------------------------------------------------------------
@@ -397,7 +411,12 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
     return nll, smooth
 
 
-def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
-    """Full-softmax cross-entropy over the catalogue (SASRec's loss). h: (P, D); target_rows: (P,) in [0, N)."""
-    logits = model.dense_queries(h) @ model.item_vectors().T  # (P, N)
-    return F.cross_entropy(logits, target_rows)
+def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor, *, log_q: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """The dense head's loss (config ``dense_loss``): full-softmax cross-entropy over the catalogue (SASRec's loss),
+    or the sampled softmax of :func:`generator.models.dense_loss.softmax_loss`. h: (P, D); target_rows: (P,) in
+    [0, N); log_q: (N,) the training targets' log popularity (sampled: correction and popularity negatives)."""
+    c = model.config
+    return softmax_loss(model.dense_queries(h), model.item_vectors, target_rows, model.num_items, loss=c.dense_loss,
+                        negatives=c.dense_negatives, num_negatives=c.num_negatives, log_q=log_q,
+                        correct=c.logq_correction, generator=generator)
