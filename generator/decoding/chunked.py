@@ -15,15 +15,12 @@ l, P_l their parents.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from generator.decoding.mips import exact_topk as mips_topk
 from generator.models.causal import CausalGenerator
-
-if TYPE_CHECKING:
-    from generator.decoding.causal import EdgeTables, ItemPaths
 
 DEFAULT_MAX_SCORE_BYTES = 256 * 2**20  # 256 MiB of scores at a time
 DEFAULT_ITEM_CHUNK = 65536
@@ -85,13 +82,14 @@ def level_normalisers(hq: torch.Tensor, vectors: torch.Tensor, biases: torch.Ten
 
 
 @torch.no_grad()
-def exact_topk(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables, k: int, *,
+def exact_topk(model: CausalGenerator, h: torch.Tensor, paths: Any, tables: Any, k: int, *,
                max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES, item_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k items of highest log-likelihood for each state, as :func:`~generator.decoding.causal.exact_scores`
     followed by ``topk`` would give them, holding at most ``max_score_bytes`` of scores (see the module docstring).
 
     Args:
-        h: FloatTensor (B, D) states; paths, tables: the model's ``ItemPaths`` and ``EdgeTables``.
+        h: FloatTensor (B, D) states; paths, tables: the model's ``ItemPaths`` and ``EdgeTables``
+            (``generator.decoding.causal``, which imports this module).
         k: 1 <= k <= N (checked by the caller).
         item_chunk: items (and edges) per chunk; default the largest the budget allows, at most 65536.
     Returns:
