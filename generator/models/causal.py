@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
-from generator.models.dense_loss import LOSSES, NEGATIVES, softmax_loss
+from generator.models.dense_loss import check_sampled_options, softmax_loss
 from semid.layout import TokenLayout
 
 DESIGN = "causal"
@@ -65,14 +65,7 @@ class CausalConfig:
     logq_correction: bool = True  # sampled: subtract log expected count of each column (Yi et al., RecSys 2019)
 
     def __post_init__(self) -> None:
-        if self.dense_loss not in LOSSES:
-            raise ValueError(f"`dense_loss` must be one of {LOSSES}, got {self.dense_loss!r}")
-        if self.dense_negatives not in NEGATIVES:
-            raise ValueError(f"`dense_negatives` must be one of {NEGATIVES}, got {self.dense_negatives!r}")
-        if not isinstance(self.num_negatives, int) or isinstance(self.num_negatives, bool) or self.num_negatives < 0:
-            raise ValueError(f"`num_negatives` must be a non-negative int, got {self.num_negatives!r}")
-        if not isinstance(self.logq_correction, bool):
-            raise ValueError(f"`logq_correction` must be a bool, got {self.logq_correction!r}")
+        check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)
         for name in ("node_vectors", "content_vectors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
@@ -290,9 +283,7 @@ class CausalGenerator(nn.Module):
         return self.dense_query(h)
 
     def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, dense_dim), or (C, dense_dim) for item rows (C,) in [0, N): the item table plus the items' code
-        embeddings (and content) projected, so items added after training (table row 0) score too. While training,
-        ``item_dropout`` drops table rows at random."""
+        """(N or C rows, dense_dim): table + projected code embeddings (+ content); added items (table row 0) score too."""
         rows1 = slice(1, None) if rows is None else rows + 1
         codes = self.code_emb(self.item_tokens[rows1]).sum(-2)  # (N, D)
         table = self.item_table if rows is None else self.item_table[rows]
@@ -413,10 +404,7 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
 
 def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor, *, log_q: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """The dense head's loss (config ``dense_loss``): full-softmax cross-entropy over the catalogue (SASRec's loss),
-    or the sampled softmax of :func:`generator.models.dense_loss.softmax_loss`. h: (P, D); target_rows: (P,) in
-    [0, N); log_q: (N,) the training targets' log popularity (sampled: correction and popularity negatives)."""
+    """Full softmax (SASRec's) or sampled (``dense_loss.softmax_loss``). h: (P, D); target_rows: (P,); log_q: (N,)."""
     c = model.config
-    return softmax_loss(model.dense_queries(h), model.item_vectors, target_rows, model.num_items, loss=c.dense_loss,
-                        negatives=c.dense_negatives, num_negatives=c.num_negatives, log_q=log_q,
-                        correct=c.logq_correction, generator=generator)
+    return softmax_loss(model.dense_queries(h), model.item_vectors, target_rows, model.num_items, loss=c.dense_loss, negatives=c.dense_negatives,
+                        num_negatives=c.num_negatives, log_q=log_q, correct=c.logq_correction, generator=generator)

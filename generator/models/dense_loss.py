@@ -187,6 +187,18 @@ def softmax_loss(
     return candidate_softmax_loss(query, vectors_of(cand.rows), cand, targets)
 
 
+def check_sampled_options(loss: str, negatives: str, num_negatives: int, correct: bool) -> None:
+    """The sampled-softmax options of a config, checked once (the causal design's ``CausalConfig``)."""
+    if loss not in LOSSES:
+        raise ValueError(f"`dense_loss` must be one of {LOSSES}, got {loss!r}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"`dense_negatives` must be one of {NEGATIVES}, got {negatives!r}")
+    if not isinstance(num_negatives, int) or isinstance(num_negatives, bool) or num_negatives < 0:
+        raise ValueError(f"`num_negatives` must be a non-negative int, got {num_negatives!r}")
+    if not isinstance(correct, bool):
+        raise ValueError(f"`logq_correction` must be a bool, got {correct!r}")
+
+
 def log_popularity(target_rows: torch.Tensor, num_items: int, smoothing: float = 1.0) -> torch.Tensor:
     """log q (N,): the training targets' item frequencies, add-``smoothing`` smoothed, normalised to sum 1."""
     counts = torch.bincount(target_rows.reshape(-1), minlength=num_items).double() + smoothing
