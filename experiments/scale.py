@@ -128,7 +128,8 @@ def phase_train(size: str, work: Path, dense_loss: str, steps: int) -> dict:
     N = len(ids.item_ids)
     rng = np.random.default_rng(SEED)
     batches = [rng.choice(len(windows.start), 128, replace=False) for _ in range(steps + 2)]
-    positions = max(int((collate_windows(windows, b).targets >= 0).sum()) for b in batches)
+    counts = [int((collate_windows(windows, b).targets >= 0).sum()) for b in batches]
+    positions = max(counts)
     if dense_loss == "full" and 3 * positions * N * 4 > FULL_SOFTMAX_MAX_BYTES:
         return {"skipped": f"full softmax logits, their softmax and gradient would take {3 * positions * N * 4 / 2**30:.0f} GiB "
                 f"({positions} positions x {N} items)", "peak_mb": peak_mb()}
@@ -146,7 +147,7 @@ def phase_train(size: str, work: Path, dense_loss: str, steps: int) -> dict:
         if i >= 2:
             fwd_bwd, opt_s = fwd_bwd + t1 - t0, opt_s + t2 - t1
     params = sum(p.numel() for p in system.parameters())
-    return {"ms_step": 1000 * (fwd_bwd + opt_s) / steps, "ms_fwd_bwd": 1000 * fwd_bwd / steps, "ms_opt": 1000 * opt_s / steps,
+    return {"positions": float(np.mean(counts[2:])), "ms_step": 1000 * (fwd_bwd + opt_s) / steps, "ms_fwd_bwd": 1000 * fwd_bwd / steps, "ms_opt": 1000 * opt_s / steps,
             "params_m": params / 1e6, "peak_mb": peak_mb()}
 
 

@@ -40,16 +40,18 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
                  f"{100 * c['colliding']:.2f}% | {c['largest_group']} | {'/'.join(map(str, c['codes_used']))} | "
                  f"{c['rel_error']:.3f} | {c['tree_bytes'] / 2**20:.1f} | {c['tree_bytes_per_item']:.0f} | {c['peak_mb']:.0f} |")
     L += ["", "## Training step (causal preset, 128 windows of <= 50 positions, joint loss, AdamW)", "",
-          "| items | dense head | ms/step | of which forward + backward | of which optimiser step | parameters (M) | peak MB |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+          "| items | dense head | positions/step | ms/step | ms per 1k positions | of which forward + backward | of which optimiser step | parameters (M) | peak MB |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
         for head in ("full", "sampled"):
             t = r[f"train-{head}"]
             name = "full softmax" if head == "full" else "sampled (1,024 uniform + in-batch, log-Q)"
             if "skipped" in t or "error" in t:
-                L.append(f"| {_label(size)} | {name} | skipped: {t.get('skipped') or t.get('error')} | | | | {_f(t.get('peak_mb'))} |")
+                L.append(f"| {_label(size)} | {name} | | skipped: {t.get('skipped') or t.get('error')} | | | | | {_f(t.get('peak_mb'))} |")
                 continue
-            L.append(f"| {_label(size)} | {name} | {t['ms_step']:.0f} | {t['ms_fwd_bwd']:.0f} | {t['ms_opt']:.0f} | "
+            pos = t.get("positions")
+            per_k = None if pos is None else 1000 * t["ms_step"] / pos
+            L.append(f"| {_label(size)} | {name} | {_f(pos)} | {t['ms_step']:.0f} | {_f(per_k)} | {t['ms_fwd_bwd']:.0f} | {t['ms_opt']:.0f} | "
                      f"{t['params_m']:.1f} | {t['peak_mb']:.0f} |")
     L += ["", f"## Decoding ({args.users} users, k = 10, one thread)", "",
           "| items | build s (paths, tables) | beam users/s (20 beams) | exact users/s (chunked, 256 MiB) | dense exact users/s (torch) "
