@@ -3,6 +3,10 @@
 Level 1 clusters the (standardised) embeddings with k-means; level l clusters what the levels before it left over
 (the residuals). An item's code tuple is its cluster at each level; its reconstruction is the sum of its clusters'
 centres. scikit-learn's ``KMeans`` (Lloyd, k-means++ seeding) does the clustering.
+
+For large catalogues (millions of items) the centres can be fitted on a seeded sample (``fit_sample``) and/or with
+``MiniBatchKMeans`` (``minibatch``); every item is then assigned to its nearest centre in chunks (the residuals of all
+items, never an items x items or items x K float64 matrix larger than a chunk's).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.exceptions import NotFittedError
 
 from rqvae._checkpoint import read_checkpoint, save_checkpoint
@@ -50,6 +54,8 @@ class RQKMeansConfig:
     tol: float = 1e-4
     seed: int = 0
     num_threads: int | None = 1
+    fit_sample: int | None = None
+    minibatch: bool = False
 
     def __post_init__(self) -> None:
         ResidualKMeans(**asdict(self))._check_params()
@@ -73,6 +79,9 @@ class ResidualKMeans:
         seed: seeds every level's k-means (level l uses ``seed + l``).
         num_threads: CPU threads while fitting (restored after); 1 by default, which is fastest on a shared CPU
             (see :func:`rqvae._checks.limit_threads`); None leaves scikit-learn's choice.
+        fit_sample: fit each level's centres on a seeded random sample of at most this many items (>= K); every item
+            is still assigned its nearest centre. None (the default) fits on all items.
+        minibatch: fit with ``MiniBatchKMeans`` (batches of 4096, ``max_iter`` passes at most) instead of Lloyd.
 
     Fitted attributes:
         mean_, scale_: FloatArray (D,), the standardisation (identity when ``standardize`` is False).
@@ -94,6 +103,8 @@ class ResidualKMeans:
         tol: float = 1e-4,
         seed: int = 0,
         num_threads: int | None = 1,
+        fit_sample: int | None = None,
+        minibatch: bool = False,
     ) -> None:
         self.levels = levels
         self.codebook_size = codebook_size
@@ -104,6 +115,8 @@ class ResidualKMeans:
         self.tol = tol
         self.seed = seed
         self.num_threads = num_threads
+        self.fit_sample = fit_sample
+        self.minibatch = minibatch
 
     def get_params(self) -> dict[str, Any]:
         """The constructor's arguments."""
@@ -117,6 +130,12 @@ class ResidualKMeans:
         check_positive("tol", self.tol, allow_zero=True)
         check_positive("seed", self.seed, integer=True, allow_zero=True)
         check_num_threads(self.num_threads)
+        if self.fit_sample is not None:
+            v = self.fit_sample
+            if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < self.codebook_size:
+                raise ValueError(f"`fit_sample` must be None or an int >= codebook_size ({self.codebook_size}), got {v!r}")
+        if not isinstance(self.minibatch, bool):
+            raise ValueError(f"`minibatch` must be a bool, got {self.minibatch!r}")
 
     # ---- fit ---------------------------------------------------------------------------------------------------
     def fit(self, embeddings: np.ndarray) -> ResidualKMeans:
@@ -144,33 +163,34 @@ class ResidualKMeans:
         centers = np.empty((L, K, x.shape[1]), dtype=np.float32)
         codes = np.empty((x.shape[0], L), dtype=np.int64)
         self.inertia_ = []
+        sample = None
+        if self.fit_sample is not None and x.shape[0] > self.fit_sample:
+            rng = np.random.default_rng(self.seed)
+            sample = np.sort(rng.choice(x.shape[0], self.fit_sample, replace=False))
         for level in range(L):
-            km = KMeans(
-                n_clusters=K,
-                n_init=self.n_init,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                random_state=self.seed + level,
-            )
+            km = self._estimator(level)
             with warnings.catch_warnings():  # a duplicate-point warning is re-raised below as codes used < K
                 warnings.filterwarnings("ignore", message="Number of distinct clusters")
-                km.fit(residual)
+                km.fit(residual if sample is None else residual[sample])
             centers[level] = km.cluster_centers_
-            codes[:, level] = nearest_codes(residual, centers[level])  # exactly what `encode` computes
-            self.inertia_.append(float(km.inertia_))
+            codes[:, level] = nearest_codes(residual, centers[level])  # exactly what `encode` computes, in chunks
             if level == L - 1 and self.balanced:
                 codes[:, level] = balanced_last_level(codes[:, :level], residual, centers[level])
             residual = residual - centers[level][codes[:, level]]
-            log.info(
-                "rqkmeans level %d: inertia %.4g, %d codes used",
-                level,
-                km.inertia_,
-                np.unique(codes[:, level]).size,
-            )
+            inertia = float(km.inertia_) if sample is None and not self.minibatch else float((residual**2).sum())
+            self.inertia_.append(inertia)
+            log.info("rqkmeans level %d: inertia %.4g, %d codes used", level, inertia, np.unique(codes[:, level]).size)
         self.cluster_centers_ = centers
         self.codes_ = codes
         self.n_features_in_ = x.shape[1]
         warn_unused_codes(codes, K, stacklevel=4)  # points at the caller of `fit`
+
+    def _estimator(self, level: int) -> KMeans | MiniBatchKMeans:
+        if self.minibatch:
+            return MiniBatchKMeans(n_clusters=self.codebook_size, batch_size=4096, n_init=self.n_init,
+                                   max_iter=self.max_iter, tol=self.tol, random_state=self.seed + level)
+        return KMeans(n_clusters=self.codebook_size, n_init=self.n_init, max_iter=self.max_iter, tol=self.tol,
+                      random_state=self.seed + level)
 
     # ---- use ---------------------------------------------------------------------------------------------------
     def _check_fitted(self) -> None:

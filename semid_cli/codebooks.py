@@ -92,6 +92,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"rqvae only: training epochs at most (default {RQVAEConfig.max_epochs})",
     )
     p.add_argument(
+        "--fit-sample",
+        type=int,
+        help="rqkmeans only: fit the centres on a seeded sample of this many items (then assign every item); "
+        "for catalogues of millions (default: all items)",
+    )
+    p.add_argument(
+        "--minibatch",
+        action="store_true",
+        help="rqkmeans only: mini-batch k-means instead of Lloyd's (large catalogues)",
+    )
+    p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar"
     )
     p.set_defaults(func=run)
@@ -105,11 +116,13 @@ def build_config(args: argparse.Namespace) -> RQVAEConfig | RQKMeansConfig:
         "balanced": args.balanced,
     }
     if args.method == "rqvae":
+        if args.fit_sample is not None or args.minibatch:
+            raise ValueError("--fit-sample and --minibatch apply to --method rqkmeans only")
         extra = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
         return RQVAEConfig(**common, **extra)
     if args.max_epochs is not None:
         raise ValueError("--max-epochs applies to --method rqvae only")
-    return RQKMeansConfig(**common)
+    return RQKMeansConfig(**common, fit_sample=args.fit_sample, minibatch=args.minibatch)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,7 +27,9 @@ from typing import NamedTuple
 
 import torch
 
+from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
 from generator.decoding.fusion import Parts, fuse
+from generator.decoding.mips import DEFAULT_NPROBE, DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
 from generator.decoding.protocol import (
     BLEND,
     FUSED,
@@ -248,11 +250,21 @@ class CausalDecoders:
     """Every decoder of one causal model over one tree, sharing the item paths and (per weights) edge tables.
 
     Call :meth:`refresh` after the weights change (each validation epoch does); decoding is under inference mode.
+    ``exact`` and ``dense`` hold at most ``max_score_bytes`` of (users x items) scores (:mod:`generator.decoding.chunked`).
+    ``dense`` searches with ``dense_index`` (:func:`generator.decoding.mips.dense_index`: exact up to ``exact_max_items``
+    items, an approximate faiss IVF visiting ``nprobe`` lists beyond).
     """
 
     def __init__(self, model: CausalGenerator, tree: PrefixTree, item_ids: torch.Tensor, *, num_beams: int = 20,
-                 alpha: float | None = None, num_candidates: int = 50, trained_tree: PrefixTree | None = None) -> None:
+                 alpha: float | None = None, num_candidates: int = 50, trained_tree: PrefixTree | None = None,
+                 max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES, dense_index: str = "auto",
+                 exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int = DEFAULT_NPROBE) -> None:
         self.model, self.tree, self.num_beams = model, tree, num_beams
+        self.max_score_bytes = check_budget(max_score_bytes)
+        if dense_index not in DENSE_INDEXES:
+            raise ValueError(f"`dense_index` must be one of {DENSE_INDEXES}, got {dense_index!r}")
+        self.index_options = {"kind": dense_index, "exact_max_items": exact_max_items, "nprobe": nprobe}
+        self.index = None  # the dense decoder's faiss index, when it uses one
         if (trained_tree is None) != (model.trained_items == model.num_items):
             raise ValueError("`trained_tree` (the tree of the items the model was trained with) must be given exactly "
                              f"when items were added after training ({model.num_items - model.trained_items} were)")
@@ -279,6 +291,7 @@ class CausalDecoders:
         self.paths = item_paths(self.model, self.tree)
         self.tables = edge_tables(self.model, self.paths)
         self._vectors = self.model.item_vectors().detach() if self.model.has_dense else None
+        self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         return self
 
     def _ready(self) -> None:
@@ -306,11 +319,24 @@ class CausalDecoders:
             return Ranking(items, scores, self.model.layout.tokens_to_codes(tokens), LOG_LIKELIHOOD, True)
         if name in ("dense", "hybrid") and self._vectors is None:
             raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
+        small = fits(h.shape[0], N, self.max_score_bytes)  # the whole (B, N) matrix at once, or in chunks
         if name == "exact":
-            scores, rows = exact_scores(self.model, h, self.paths, self.tables).topk(k, dim=1)
+            if small:
+                scores, rows = exact_scores(self.model, h, self.paths, self.tables).topk(k, dim=1)
+            else:
+                scores, rows = exact_topk(self.model, h, self.paths, self.tables, k, max_score_bytes=self.max_score_bytes)
             return Ranking(self.item_ids[rows], scores, self.codes_of_rows(rows), LOG_LIKELIHOOD, True)
         if name == "dense":
-            scores, rows = (self.model.dense_queries(h) @ self._vectors.T).topk(k, dim=1)
+            q = self.model.dense_queries(h)
+            if self.index is not None:
+                res = self.index.search(q, k)
+                scores, rows = res.scores.to(h.device), res.item_ids.to(h.device)  # rows; -1 where the index ran short
+                items = torch.where(rows >= 0, self.item_ids[rows.clamp_min(0)], -1)
+                return Ranking(items, scores, self.codes_of_rows(rows), INNER_PRODUCT, False)
+            if small:
+                scores, rows = (q @ self._vectors.T).topk(k, dim=1)
+            else:
+                scores, rows = dense_topk(q, self._vectors, k, max_score_bytes=self.max_score_bytes)
             return Ranking(self.item_ids[rows], scores, self.codes_of_rows(rows), INNER_PRODUCT, False)
         return self._hybrid(h, k)
 

@@ -5,7 +5,9 @@ Two backends behind one interface, :class:`MIPSIndex`:
 - ``"exact"``: torch ``matmul`` + ``topk``, chunked over queries and items so memory stays at
   (query_chunk x item_chunk) scores whatever N is. Runs on whatever device the vectors are on.
 - ``"faiss-flat"`` (``IndexFlatIP``, exact), ``"faiss-ivf"`` (``IndexIVFFlat``, inverted lists, for millions of items)
-  and ``"faiss-hnsw"`` (``IndexHNSWFlat``, a graph): faiss is an optional dependency (``pip install semid[faiss]``).
+  and ``"faiss-hnsw"`` (``IndexHNSWFlat``, a graph), all with the inner-product metric.
+
+:func:`dense_index` picks one for a dense decoder: exact up to a catalogue size, IVF beyond.
 
 Ties: within the returned k, items with equal scores come in ascending item-id order; which of several tied items
 makes it into the top k at the boundary is up to the backend. Dimensions: B queries, N items, d vector dim, E items
@@ -23,6 +25,9 @@ import torch
 log = logging.getLogger(__name__)
 
 KINDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
+DENSE_INDEXES = ("auto", *KINDS)  # what a dense decoder searches with; "auto": exact up to EXACT_MAX_ITEMS, then IVF
+EXACT_MAX_ITEMS = 1_000_000  # auto: exact (torch, chunked) up to this many items, an approximate faiss IVF beyond
+DEFAULT_NPROBE = 32
 
 
 class SearchResult(NamedTuple):
@@ -42,7 +47,7 @@ def import_faiss() -> Any:
         import faiss
     except ImportError as e:
         raise ImportError(
-            "faiss is not installed: `pip install semid[faiss]` (or faiss-cpu / faiss-gpu), or use kind='exact'"
+            "faiss is not installed (semid depends on faiss-cpu): `pip install faiss-cpu` (or faiss-gpu), or use kind='exact'"
         ) from e
     return faiss
 
@@ -223,6 +228,28 @@ class MIPSIndex:
 
     def __repr__(self) -> str:
         return f"MIPSIndex(kind={self.kind!r}, num_items={self.num_items}, dim={self.dim})"
+
+
+def dense_index(item_vecs: torch.Tensor, kind: str = "auto", *, exact_max_items: int = EXACT_MAX_ITEMS,
+                nprobe: int = DEFAULT_NPROBE, seed: int = 0) -> MIPSIndex | None:
+    """The index a dense decoder searches over item vectors (N, d), their rows as ids; None for ``"exact"``.
+
+    ``"exact"`` is the torch ``matmul`` + ``topk`` (chunked under a memory budget by the caller), the same ranking as
+    faiss's ``IndexFlatIP`` (``tests/test_mips.py``); ``"auto"`` is exact up to ``exact_max_items`` items and an
+    IVF index beyond (``nlist`` = sqrt(N) lists, ``nprobe`` of them visited per query; its recall@10 against exact
+    is measured in ``experiments/results/scale.md``).
+    """
+    if kind not in DENSE_INDEXES:
+        raise ValueError(f"`dense_index` must be one of {DENSE_INDEXES}, got {kind!r}")
+    if not isinstance(exact_max_items, int) or isinstance(exact_max_items, bool) or exact_max_items < 1:
+        raise ValueError(f"`exact_max_items` must be a positive int, got {exact_max_items!r}")
+    N = int(item_vecs.shape[0])
+    if kind == "auto":
+        kind = "exact" if N <= exact_max_items else "faiss-ivf"
+    if kind == "exact":
+        return None
+    nlist = max(1, min(N, int(N**0.5))) if kind == "faiss-ivf" else None
+    return MIPSIndex.build(item_vecs.detach().cpu(), kind=kind, nlist=nlist, nprobe=nprobe, seed=seed)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------

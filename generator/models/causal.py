@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
+from generator.models.dense_loss import check_sampled_options
 from semid.layout import TokenLayout
 
 DESIGN = "causal"
@@ -61,8 +62,13 @@ class CausalConfig:
     # probability, so the code and content parts alone score items well (the vectors items added later get)
     id_input: bool = False  # add the item's dense-table row (its ID embedding, tied as in SASRec) to its input vector;
     # needs dense_dim == d_model. ``item_dropout`` drops it per input position too, so codes alone must carry an item
+    dense_loss: str = "full"  # the dense head's loss: "full" softmax over the catalogue, or "sampled" (dense_loss.py)
+    dense_negatives: str = "uniform"  # sampled: extra negatives "uniform", by "popularity", or none ("in-batch")
+    num_negatives: int = 1024  # sampled: random negatives per step beyond the batch's targets (not with "in-batch")
+    logq_correction: bool = True  # sampled: subtract log expected count of each column (Yi et al., RecSys 2019)
 
     def __post_init__(self) -> None:
+        check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)
         for name in ("node_vectors", "content_vectors", "id_input"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
@@ -79,8 +85,8 @@ class CausalConfig:
                              f"`d_model` ({self.d_model}), got {self.dense_dim}")
         if self.d_model % self.num_heads:
             raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
-        if self.distill and not (self.dense_dim and self.node_vectors):
-            raise ValueError(f"`distill` ({self.distill}) needs a dense head (dense_dim > 0) and node vectors")
+        if self.distill and not (self.dense_dim and self.node_vectors and self.dense_loss == "full"):
+            raise ValueError(f"`distill` ({self.distill}) needs a dense head (dense_dim > 0) with the full softmax and node vectors")
         for name in ("dropout", "head_dropout", "node_dropout", "item_dropout", "distill"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
@@ -290,17 +296,17 @@ class CausalGenerator(nn.Module):
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
         return self.dense_query(h)
 
-    def item_vectors(self) -> torch.Tensor:
-        """(N, dense_dim): the item table plus the items' code embeddings (and content) projected, so items added
-        after training (table row 0) score too. While training, ``item_dropout`` drops table rows at random."""
-        codes = self.code_emb(self.item_tokens[1:]).sum(-2)  # (N, D)
-        table = self.item_table
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N or C rows, dense_dim): table + projected code embeddings (+ content); added items (table row 0) score too."""
+        rows1 = slice(1, None) if rows is None else rows + 1
+        codes = self.code_emb(self.item_tokens[rows1]).sum(-2)  # (N, D)
+        table = self.item_table if rows is None else self.item_table[rows]
         if self.training and self.config.item_dropout:
             keep = torch.rand(table.shape[0], 1, device=table.device) >= self.config.item_dropout
             table = table * keep
         vectors = table + self.dense_codes(codes)
         if self.uses_content_vectors:
-            vectors = vectors + self.dense_content(self.content[1:])
+            vectors = vectors + self.dense_content(self.content[rows1])
         return vectors
 
     # ---- cold start ----------------------------------------------------------------------------------------------

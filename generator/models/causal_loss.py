@@ -7,9 +7,9 @@ Shapes: P trained positions, L levels, K_l level l's block, D d_model, N items, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from generator.models.causal import CausalGenerator
+from generator.models.dense_loss import softmax_loss
 
 
 def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -125,6 +125,10 @@ def dense_logits(model: CausalGenerator, h: torch.Tensor) -> torch.Tensor:
     return model.dense_queries(h) @ model.item_vectors().T
 
 
-def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor) -> torch.Tensor:
-    """Full-softmax cross-entropy over the catalogue (SASRec's loss). h: (P, D); target_rows: (P,) in [0, N)."""
-    return F.cross_entropy(dense_logits(model, h), target_rows)
+def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor, *, log_q: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Full softmax (SASRec's) or sampled (``dense_loss.softmax_loss``). h: (P, D); target_rows: (P,); log_q: (N,)."""
+    c = model.config
+    return softmax_loss(model.dense_queries(h), model.item_vectors, target_rows, model.num_items, loss=c.dense_loss,
+                        negatives=c.dense_negatives, num_negatives=c.num_negatives, log_q=log_q, correct=c.logq_correction,
+                        generator=generator)

@@ -25,13 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generator.models.dense_loss import candidate_softmax_loss, full_softmax_loss, sample_candidates
+from generator.models.dense_loss import LOSSES, NEGATIVES, softmax_loss
 
 log = logging.getLogger(__name__)
 
 MODES = ("id", "content", "both")
 POOLINGS = ("mean", "last")
-LOSSES = ("full", "sampled")
 
 
 @dataclass
@@ -49,7 +48,9 @@ class DenseHeadConfig:
         id_dropout: probability, while training, of zeroing an item's table row in ``"both"`` mode so the content
             part must score items alone (DropoutNet, Volkovs et al., NeurIPS 2017); helps cold items. 0 disables.
         loss: ``"full"`` softmax over the catalogue or ``"sampled"`` softmax.
-        num_random_negatives: uniform random negatives per batch for the sampled loss (in-batch ones come free).
+        num_random_negatives: random negatives per batch for the sampled loss (in-batch ones come free).
+        negatives: how the sampled loss draws them: ``"uniform"``, ``"popularity"`` (from the targets' frequencies)
+            or ``"in-batch"`` (none: the batch's targets only).
         weight: the dense loss's weight when trained jointly with the generative loss (0 < weight).
     """
 
@@ -63,13 +64,14 @@ class DenseHeadConfig:
     loss: Literal["full", "sampled"] = "full"
     num_random_negatives: int = 1024
     weight: float = 1.0
+    negatives: Literal["in-batch", "uniform", "popularity"] = "uniform"
 
     def __post_init__(self) -> None:
         for name in ("input_dim", "dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        for name, allowed in (("mode", MODES), ("pooling", POOLINGS), ("loss", LOSSES)):
+        for name, allowed in (("mode", MODES), ("pooling", POOLINGS), ("loss", LOSSES), ("negatives", NEGATIVES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.temperature > 0:
@@ -211,15 +213,9 @@ class DenseHead(nn.Module):
 
         The sampled loss only computes the vectors of its candidates (C = B + num_random_negatives rows).
         """
-        if self.config.loss == "full":
-            return full_softmax_loss(query, self.item_vectors(), target_rows)
-        cand = sample_candidates(
-            target_rows, self.config.num_random_negatives, self.num_items, log_q=log_q, generator=generator
-        )
-        return candidate_softmax_loss(query, self.item_vectors(cand.rows), cand, target_rows)
-
-
-# ---- losses --------------------------------------------------------------------------------------------------------
+        c = self.config
+        return softmax_loss(query, self.item_vectors, target_rows, self.num_items, loss=c.loss, negatives=c.negatives,
+                            num_negatives=c.num_random_negatives, log_q=log_q, generator=generator)
 
 
 # ---- with the T5 encoder --------------------------------------------------------------------------------------------

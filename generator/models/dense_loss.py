@@ -4,6 +4,7 @@ generative + dense loss of the T5 generator."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 OBJECTIVES = ("generative", "joint", "dense")
+LOSSES = ("full", "sampled")
+NEGATIVES = ("in-batch", "uniform", "popularity")  # the sampled softmax's negatives beyond the batch's own targets
 
 
 class Candidates(NamedTuple):
@@ -43,38 +46,60 @@ def sample_candidates(
     log_q: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     negatives: torch.Tensor | None = None,
+    proposal: str = "uniform",
+    correct: bool = True,
 ) -> Candidates:
-    """In-batch targets plus ``num_random`` uniform random rows, with the mixed-proposal log-Q correction.
+    """In-batch targets plus ``num_random`` random rows, with the mixed-proposal log-Q correction.
 
     In-batch columns are B draws from the target distribution q (``exp(log_q)``), random columns R draws from the
-    uniform 1/N, so item j's expected count among the C = B + R columns is B q_j + R / N; its log is subtracted
-    from j's logit (the logQ correction of sampled softmax). Without ``log_q`` no correction is applied.
+    proposal p (uniform 1/N, or q itself with ``proposal="popularity"``), so item j's expected count among the
+    C = B + R columns is B q_j + R p_j; its log is subtracted from j's logit (the logQ correction of sampled softmax,
+    Yi et al. RecSys 2019). Without ``log_q``, or with ``correct=False``, no correction is applied.
 
     Args:
         targets: LongTensor (B,) rows in [0, N).
-        num_random: R >= 0 uniform draws, with replacement, from ``generator``.
+        num_random: R >= 0 draws, with replacement, from ``generator``.
         num_items: N.
         log_q: FloatTensor (N,), log-probability that a training target is item j (log popularity; sums to 1).
+            Checked by :func:`check_log_q` at the public entry points, not here (this runs every training step).
         negatives: LongTensor (R,) rows to use instead of sampling (tests, or a caller's own sampler).
+        proposal: ``"uniform"`` or ``"popularity"`` (needs ``log_q``): the distribution of the random rows.
+        correct: subtract the log expected counts (with ``log_q``).
     """
-    if not isinstance(num_random, int) or num_random < 0:
+    if not isinstance(num_random, int) or isinstance(num_random, bool) or num_random < 0:
         raise ValueError(f"`num_random` must be a non-negative int, got {num_random!r}")
+    if proposal not in ("uniform", "popularity"):
+        raise ValueError(f"`proposal` must be 'uniform' or 'popularity', got {proposal!r}")
+    if proposal == "popularity" and log_q is None:
+        raise ValueError("`proposal` 'popularity' draws from the target distribution: pass `log_q`")
     device = targets.device
     if negatives is None:
-        negatives = torch.randint(num_items, (num_random,), generator=generator, device=generator.device if generator else "cpu")
+        gen_device = generator.device if generator is not None else "cpu"
+        if proposal == "uniform":
+            negatives = torch.randint(num_items, (num_random,), generator=generator, device=gen_device)
+        elif num_random:
+            negatives = torch.multinomial(log_q.exp().to(gen_device), num_random, replacement=True, generator=generator)
+        else:
+            negatives = torch.zeros(0, dtype=torch.long, device=gen_device)
     elif negatives.ndim != 1 or (negatives < 0).any() or (negatives >= num_items).any():
         raise ValueError(f"`negatives` must be a 1-d LongTensor of rows in [0, {num_items}), got shape {tuple(negatives.shape)}")
     rows = torch.cat([targets, negatives.to(device)])  # (C,)
-    if log_q is None:
+    if log_q is None or not correct:
         return Candidates(rows, torch.zeros(rows.shape[0], device=device))
+    B, R = targets.shape[0], rows.shape[0] - targets.shape[0]
+    q = log_q.to(device)[rows].exp()  # (C,)
+    expected = B * q + (R * q if proposal == "popularity" else R / num_items)  # (C,)
+    return Candidates(rows, expected.log())
+
+
+def check_log_q(log_q: torch.Tensor, num_items: int) -> torch.Tensor:
+    """``log_q`` itself if it is N log-probabilities (logsumexp 0); a ValueError naming what is wrong otherwise."""
     if log_q.shape != (num_items,):
         raise ValueError(f"`log_q` must have shape ({num_items},), got {tuple(log_q.shape)}")
     total = torch.logsumexp(log_q.double(), 0).item()
     if not math.isclose(total, 0.0, abs_tol=1e-4):
         raise ValueError(f"`log_q` must be log-probabilities (logsumexp 0), got logsumexp {total:.6g}")
-    B, R = targets.shape[0], rows.shape[0] - targets.shape[0]
-    expected = B * log_q.to(device)[rows].exp() + R / num_items  # (C,)
-    return Candidates(rows, expected.log())
+    return log_q
 
 
 def candidate_softmax_loss(
@@ -115,10 +140,63 @@ def sampled_softmax_loss(
         and a uniform ``log_q`` it equals :func:`full_softmax_loss`, gradient included.
     """
     _check_loss_args(query, item_vecs, targets)
+    if log_q is not None:
+        check_log_q(log_q, item_vecs.shape[0])
     cand = sample_candidates(
         targets, num_random, item_vecs.shape[0], log_q=log_q, generator=generator, negatives=negatives
     )
     return candidate_softmax_loss(query, item_vecs[cand.rows], cand, targets)
+
+
+def softmax_loss(
+    query: torch.Tensor,
+    vectors_of: Callable[[torch.Tensor | None], torch.Tensor],
+    targets: torch.Tensor,
+    num_items: int,
+    *,
+    loss: str = "full",
+    negatives: str = "uniform",
+    num_negatives: int = 0,
+    log_q: torch.Tensor | None = None,
+    correct: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The dense loss of either head (the T5 :class:`~generator.models.dense.DenseHead` and the causal design).
+
+    ``"full"``: :func:`full_softmax_loss` over all N items. ``"sampled"``: the batch's targets are the columns (each
+    row's positive, and the other rows' negatives), plus ``num_negatives`` rows drawn uniformly (``"uniform"``) or by
+    popularity (``"popularity"``, from ``log_q``); ``"in-batch"`` draws none. Item vectors are computed for the
+    C = B + R candidate rows only, so a step's cost does not grow with N. Negatives are drawn per process (not
+    gathered across DDP processes).
+
+    Args:
+        query: FloatTensor (B, d); targets: LongTensor (B,) rows in [0, N).
+        vectors_of: rows (C,) -> their item vectors (C, d); ``None`` -> all N (N, d).
+        log_q, correct, generator: see :func:`sample_candidates` (``log_q`` checked once by the caller).
+    """
+    if loss == "full":
+        return full_softmax_loss(query, vectors_of(None), targets)
+    if loss != "sampled":
+        raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {negatives!r}")
+    cand = sample_candidates(
+        targets, 0 if negatives == "in-batch" else num_negatives, num_items, log_q=log_q, generator=generator,
+        proposal="popularity" if negatives == "popularity" else "uniform", correct=correct,
+    )
+    return candidate_softmax_loss(query, vectors_of(cand.rows), cand, targets)
+
+
+def check_sampled_options(loss: str, negatives: str, num_negatives: int, correct: bool) -> None:
+    """The sampled-softmax options of a config, checked once (the causal design's ``CausalConfig``)."""
+    if loss not in LOSSES:
+        raise ValueError(f"`dense_loss` must be one of {LOSSES}, got {loss!r}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"`dense_negatives` must be one of {NEGATIVES}, got {negatives!r}")
+    if not isinstance(num_negatives, int) or isinstance(num_negatives, bool) or num_negatives < 0:
+        raise ValueError(f"`num_negatives` must be a non-negative int, got {num_negatives!r}")
+    if not isinstance(correct, bool):
+        raise ValueError(f"`logq_correction` must be a bool, got {correct!r}")
 
 
 def log_popularity(target_rows: torch.Tensor, num_items: int, smoothing: float = 1.0) -> torch.Tensor:

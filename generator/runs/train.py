@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from generator.models.checkpoint import ids_digest, safe_load
+from generator.models.dense_loss import log_popularity
 from generator.runs.decoders import choose_run_fusion
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import (
@@ -375,8 +376,13 @@ def _causal_setup(options: TrainOptions, dataset: Any, split: Any, ids: Semantic
     dm = CausalDataModule(split, ids, max_history=options.max_history, batch_size=options.batch_size,
                           eval_batch_size=options.eval_batch_size, val_users=options.val_users, seed=options.seed)
     item_tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)), dtype=torch.long)
+    log_q = None
+    if config.dense_dim and config.dense_loss == "sampled":
+        targets = np.concatenate([np.asarray(s[1:], dtype=np.int64) for s in split.train])  # every training target
+        log_q = log_popularity(torch.from_numpy(ids.rows_of(targets)), len(ids.item_ids))
     system = CausalSystem(config, layout, item_tokens, torch.from_numpy(ids.item_ids), digest, tree, content=content,
-                          optim=options.optim(), objective=options.objective, serve=options.decoder, num_beams=options.num_beams)
+                          optim=options.optim(), objective=options.objective, serve=options.decoder, num_beams=options.num_beams,
+                          log_q=log_q)
     return config, dm, system
 
 

@@ -2,7 +2,7 @@
 
 One training step runs the backbone once over a batch of user windows and trains every real position: the code
 head's tree-normalised log-likelihood of the next item (``objective`` "generative" or "joint") and the dense head's
-full softmax over the catalogue ("joint" or "dense").
+full or sampled softmax over the catalogue ("joint" or "dense"; ``CausalConfig.dense_loss``).
 
 Validation decodes a seeded sample of validation users with each decoder that the run can serve with and logs
 ``val/<decoder>/recall@K`` and ``val/<decoder>/ndcg@K``; the run keeps the checkpoint that is best for the decoder it
@@ -21,8 +21,9 @@ import torch
 from generator.decoding.causal import item_paths
 from generator.decoding.registry import CAUSAL, Ingredients, build_many
 from generator.models.causal import CausalConfig, CausalGenerator
-from generator.models.causal_loss import code_loss, dense_logits
+from generator.models.causal_loss import code_loss, dense_logits, dense_loss
 from generator.models.checkpoint import CHECKPOINT_KEY
+from generator.models.dense_loss import check_log_q
 from generator.training.causal_data import SeqBatch
 from generator.training.t5_system import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
@@ -42,12 +43,15 @@ class CausalSystem(L.LightningModule):
         tree: the prefix tree of every item's code tokens + eos (validation decoding; not stored).
         objective: "joint" | "generative" | "dense"; serve: the decoder whose validation score selects checkpoints.
         dense_weight: weight of the dense loss in "joint".
+        log_q: FloatTensor (N,), the training targets' log popularity: the sampled dense loss's log-Q correction and
+            popularity negatives (needed with ``config.dense_loss`` "sampled" unless neither is used).
     """
 
     def __init__(
         self, config: CausalConfig, layout: TokenLayout, item_tokens: torch.Tensor, item_ids: torch.Tensor, ids_digest: str,
         tree: PrefixTree, *, content: torch.Tensor | None = None, optim: OptimConfig = OptimConfig(), objective: str = "joint",  # noqa: B008 (frozen)
         serve: str = "beam", num_beams: int = 20, ks: Sequence[int] = (5, 10), dense_weight: float = 1.0,
+        log_q: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
@@ -65,6 +69,12 @@ class CausalSystem(L.LightningModule):
             raise ValueError(f"`serve` decoder {serve!r} is not validated by a {objective!r} run; choose one of {self.val_decoders}")
         self.save_hyperparameters({"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim),
                                    "objective": objective, "serve": serve, "num_beams": num_beams, "ids_digest": ids_digest})
+        if log_q is not None:
+            check_log_q(log_q, int(item_tokens.shape[0]))
+        elif config.dense_loss == "sampled" and (config.logq_correction or config.dense_negatives == "popularity"):
+            raise ValueError("the sampled dense loss needs `log_q` (the training targets' log popularity) for its "
+                             "log-Q correction or popularity negatives")
+        self.register_buffer("log_q", log_q, persistent=False)
         self._nodes: torch.Tensor | None = None
         self._decoders: dict[str, Any] = {}
         self._sums: dict[str, torch.Tensor] = {}
@@ -82,7 +92,8 @@ class CausalSystem(L.LightningModule):
         hs, rows = h[real], batch.targets[real]  # (P, D), (P,)
         P = rows.numel()
         total = h.new_zeros(())
-        logits = dense_logits(self.model, hs) if self.objective != "generative" else None  # (P, N)
+        full = self.objective != "generative" and self.config.dense_loss == "full"
+        logits = dense_logits(self.model, hs) if full else None  # (P, N): the full softmax's, and distill's teacher
         if self.objective != "dense":
             allowed = None
             if not self.config.node_vectors:  # the block-wide path masks with the tree
@@ -95,7 +106,8 @@ class CausalSystem(L.LightningModule):
             self.log("train/gen_loss", gen, batch_size=P)
             total = total + gen
         if self.objective != "generative":
-            dense = torch.nn.functional.cross_entropy(logits, rows)
+            dense = (torch.nn.functional.cross_entropy(logits, rows) if logits is not None
+                     else dense_loss(self.model, hs, rows, log_q=self.log_q))
             self.log("train/dense_loss", dense, batch_size=P)
             total = total + self.dense_weight * dense
         self.log("train/loss", total, prog_bar=True, batch_size=P)

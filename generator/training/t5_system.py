@@ -22,7 +22,7 @@ from generator.decoding.protocol import Histories, check_decode_args
 from generator.decoding.registry import T5, Ingredients, build, resolve
 from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta
 from generator.models.dense import META_KEY, DenseHead, DenseHeadConfig
-from generator.models.dense_loss import OBJECTIVES, joint_loss, log_popularity
+from generator.models.dense_loss import OBJECTIVES, check_log_q, joint_loss, log_popularity
 from generator.models.t5 import GeneratorConfig, build_model, seq2seq_loss
 from generator.training.examples import Batch
 from semid.data import Dataset
@@ -126,6 +126,8 @@ class GeneratorSystem(L.LightningModule):
         self.model = build_model(config, layout)
         self.dense_head, self.objective, self.ids = dense_head, objective, ids
         self._decoder = None
+        if log_q is not None and dense_head is not None:
+            check_log_q(log_q, dense_head.num_items)  # once here, not in every step
         self.register_buffer("log_q", log_q, persistent=False)
         self.save_hyperparameters(
             {"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim), "num_beams": num_beams,

@@ -1,0 +1,245 @@
+"""Scale: what semid costs from Beauty's 12k items to synthetic catalogues of 100k and 1M items, on one CPU thread.
+
+    OMP_NUM_THREADS=1 python -m experiments.scale [--sizes beauty,100000,1000000] [--steps 6] [--users 128]
+
+Catalogues. ``beauty``: Amazon Beauty, real (MiniLM embeddings, the users' real sequences). Every other size is
+SYNTHETIC: 64-d item embeddings drawn around N/50 Gaussian cluster centres; power-law (Zipf) item popularity within
+a cluster; 20k users, each following one cluster (sequences of 5 to 50 items, 90% from the user's cluster by
+popularity, 10% uniform). Synthetic catalogues measure cost, never quality.
+
+Each (size, phase) runs in its own process, so its peak memory (``ru_maxrss``) is that phase's alone:
+
+- ``codebooks``: ``fit_codebooks`` (residual k-means, 3 x 256, balanced last level; from 100k items on, centres on
+  a 65,536-item sample, ``--fit-sample``), seconds, collisions, codes used; semantic IDs and the prefix tree (bytes
+  per item).
+- ``train-full`` / ``train-sampled``: the causal preset's joint training step (batches of 128 windows of <= 50
+  positions, AdamW), dense head with the full softmax or the sampled one (1,024 uniform negatives + in-batch,
+  log-Q correction): ms per step, split into forward + backward and the optimiser step, and peak memory.
+- ``decode``: decoders built once (item paths, edge tables; the IVF index), then users/s for ``beam`` (20 beams),
+  ``exact`` (chunked under a 256 MiB budget), ``dense`` exact (torch, chunked) and faiss ``IndexFlatIP``, and the
+  approximate IVF (sqrt(N) lists, 32 probed, the default, and 128), whose recall@10 against exact is reported.
+
+Writes ``experiments/results/scale.md`` and ``scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+BEAUTY = Path("/work/shared/data/beauty")
+DIM, USERS, SEED = 64, 20_000, 0
+PHASES = ("codebooks", "train-full", "train-sampled", "decode")
+FULL_SOFTMAX_MAX_BYTES = 4 * 2**30  # the full softmax's (positions x items) logits, its gradient and softmax: skip above
+
+
+# ---- catalogues ------------------------------------------------------------------------------------------------------
+def catalogue(size: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(embeddings (N, D) float32, user sequences of item ids in [1, N])."""
+    if size == "beauty":
+        from semid.data import load_dataset
+        from semid.split import leave_one_out
+
+        dataset = load_dataset(BEAUTY)
+        return np.load(BEAUTY / "item_emb_minilm.npy").astype(np.float32), leave_one_out(dataset).train
+    N = int(size)
+    rng = np.random.default_rng(SEED)
+    C = max(1, N // 50)
+    cluster = np.arange(N) % C  # item i is the (i // C)-th most popular of cluster i % C
+    centres = rng.standard_normal((C, DIM)).astype(np.float32) * 2
+    emb = centres[cluster] + rng.standard_normal((N, DIM)).astype(np.float32)
+    lengths = rng.integers(5, 51, USERS)
+    user_cluster = np.repeat(rng.integers(0, C, USERS), lengths)
+    size_of = np.bincount(cluster, minlength=C)
+    rank = np.minimum(rng.zipf(1.3, lengths.sum()) - 1, size_of[user_cluster] - 1)
+    items = user_cluster + C * rank
+    stray = rng.random(lengths.sum()) < 0.1
+    items[stray] = rng.integers(0, N, int(stray.sum()))
+    return emb, np.split(items + 1, np.cumsum(lengths)[:-1])
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- phases (each in its own process) --------------------------------------------------------------------------------
+def phase_codebooks(size: str, work: Path) -> dict:
+    from rqvae import RQKMeansConfig, fit_codebooks
+    from semid.ids import SemanticIDs
+    from semid.tree import PrefixTree
+
+    emb, _ = catalogue(size)
+    N = emb.shape[0]
+    sample = 65_536 if N > 65_536 else None
+    fit = fit_codebooks(emb, RQKMeansConfig(levels=3, codebook_size=256, balanced=True, fit_sample=sample), progress=False)
+    extra = max(256, fit.stats.largest_group)
+    ids = SemanticIDs.from_codes(fit.codes, [256] * 3, extra_level_size=extra)
+    ids.save(work / f"ids_{size}.npz")
+    start = time.perf_counter()
+    tree = PrefixTree.from_semantic_ids(ids, ids.layout(0))
+    tree_s = time.perf_counter() - start
+    return {"items": N, "dim": int(emb.shape[1]), "fit_sample": sample, "fit_s": fit.seconds,
+            "colliding": fit.stats.fraction_colliding, "largest_group": fit.stats.largest_group,
+            "codes_used": [lv.codes_used for lv in fit.stats.levels], "rel_error": fit.stats.reconstruction_rel,
+            "tree_s": tree_s, "tree_bytes": tree.nbytes, "tree_bytes_per_item": tree.nbytes / N, "peak_mb": peak_mb()}
+
+
+def _model(size: str, work: Path, dense_loss: str):  # noqa: ANN202
+    from generator.models.dense_loss import log_popularity
+    from generator.runs.options import preset
+    from generator.training.causal_data import training_windows
+    from generator.training.causal_system import CausalSystem
+    from semid.ids import SemanticIDs
+    from semid.tree import PrefixTree
+
+    ids = SemanticIDs.load(work / f"ids_{size}.npz")
+    layout = ids.layout(0)
+    _, seqs = catalogue(size)
+    config = replace(preset("causal"), dense_loss=dense_loss)
+    windows = training_windows(seqs, ids, config.max_history)
+    log_q = None
+    if dense_loss == "sampled":
+        log_q = log_popularity(windows.targets[windows.targets >= 0], len(ids.item_ids))
+    tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)))
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    torch.manual_seed(SEED)
+    system = CausalSystem(config, layout, tokens, torch.from_numpy(ids.item_ids), "-", tree, log_q=log_q)
+    system.log = lambda *a, **k: None
+    return system, windows, ids, tree
+
+
+def phase_train(size: str, work: Path, dense_loss: str, steps: int) -> dict:
+    from generator.training.causal_data import collate_windows
+
+    system, windows, ids, _ = _model(size, work, dense_loss)
+    N = len(ids.item_ids)
+    rng = np.random.default_rng(SEED)
+    batches = [rng.choice(len(windows.start), 128, replace=False) for _ in range(steps + 2)]
+    counts = [int((collate_windows(windows, b).targets >= 0).sum()) for b in batches]
+    positions = max(counts)
+    if dense_loss == "full" and 3 * positions * N * 4 > FULL_SOFTMAX_MAX_BYTES:
+        return {"skipped": f"full softmax logits, their softmax and gradient would take {3 * positions * N * 4 / 2**30:.0f} GiB "
+                f"({positions} positions x {N} items)", "peak_mb": peak_mb()}
+    opt = torch.optim.AdamW(system.parameters(), lr=1e-3)
+    fwd_bwd = opt_s = 0.0
+    for i, index in enumerate(batches):  # 2 warm-up steps, then `steps` timed ones
+        b = collate_windows(windows, index)
+        t0 = time.perf_counter()
+        loss = system.training_step(b, 0)
+        opt.zero_grad()
+        loss.backward()
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        if i >= 2:
+            fwd_bwd, opt_s = fwd_bwd + t1 - t0, opt_s + t2 - t1
+    params = sum(p.numel() for p in system.parameters())
+    return {"positions": float(np.mean(counts[2:])), "ms_step": 1000 * (fwd_bwd + opt_s) / steps, "ms_fwd_bwd": 1000 * fwd_bwd / steps, "ms_opt": 1000 * opt_s / steps,
+            "params_m": params / 1e6, "peak_mb": peak_mb()}
+
+
+def phase_decode(size: str, work: Path, users: int) -> dict:
+    from generator.decoding.causal import CausalDecoders
+    from generator.decoding.mips import dense_index
+
+    system, windows, ids, tree = _model(size, work, "full")
+    model = system.model.eval()
+    N = len(ids.item_ids)
+    g = torch.Generator().manual_seed(SEED)
+    h = torch.randn(users, model.config.d_model, generator=g)
+    out: dict = {"users": users}
+    start = time.perf_counter()
+    dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=20, dense_index="exact").refresh()
+    out["build_s"] = time.perf_counter() - start
+    out["build_peak_mb"] = peak_mb()
+
+    def rate(name: str) -> tuple[float, torch.Tensor]:
+        dec.decode(name, h[:4], k=10)  # warm-up
+        t0 = time.perf_counter()
+        r = dec.decode(name, h, k=10)
+        return users / (time.perf_counter() - t0), r.items
+
+    out["beam_users_s"], _ = rate("beam")
+    out["exact_users_s"], _ = rate("exact")
+    out["dense_exact_users_s"], exact_items = rate("dense")
+    q = model.dense_queries(h).detach()
+    for key, kind, nprobe in (("flat", "faiss-flat", None), ("ivf", "faiss-ivf", 32), ("ivf128", "faiss-ivf", 128)):
+        t0 = time.perf_counter()  # the dense decoder's faiss path: the index's search, rows -> items
+        if nprobe != 128:
+            index = dense_index(dec._vectors, kind)
+            out[f"{key}_build_s"] = time.perf_counter() - t0
+        else:  # the same IVF index, 128 of its lists visited
+            index._backend.nprobe = min(128, index._backend.nlist)
+        index.search(q[:4], 10)
+        t0 = time.perf_counter()
+        rows = index.search(q, 10).item_ids
+        out[f"dense_{key}_users_s"] = users / (time.perf_counter() - t0)
+        items = torch.where(rows >= 0, dec.item_ids[rows.clamp_min(0)], -1)
+        hits = (items.unsqueeze(2) == exact_items.unsqueeze(1)).any(2).float().sum(1)  # (B,) of the exact top 10
+        out[f"{key}_recall@10"] = float((hits / 10).mean())
+    out["serve_peak_mb"] = peak_mb()
+    out["items"] = N
+    return out
+
+
+# ---- the driver ------------------------------------------------------------------------------------------------------
+def run_phase(size: str, phase: str, work: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, "-m", "experiments.scale", "--phase", phase, "--size", size, "--work", str(work),
+           "--steps", str(args.steps), "--users", str(args.users)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_s"] = time.perf_counter() - t0
+    print(f"{size} {phase}: {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="beauty,100000,1000000")
+    p.add_argument("--steps", type=int, default=6, help="timed training steps per row (after 2 warm-up steps)")
+    p.add_argument("--users", type=int, default=128, help="users decoded per decoder")
+    p.add_argument("--others", default="two one-thread training jobs of the lead", help="what else ran on the machine")
+    p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.phase:
+        if args.phase == "codebooks":
+            out = phase_codebooks(args.size, args.work)
+        elif args.phase == "decode":
+            out = phase_decode(args.size, args.work, args.users)
+        else:
+            out = phase_train(args.size, args.work, args.phase.split("-")[1], args.steps)
+        print(json.dumps(out))
+        return
+    results: dict = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            results[size] = {ph: run_phase(size, ph, Path(tmp), args) for ph in PHASES}
+    total = time.perf_counter() - start
+    from experiments.scale_report import write_report
+
+    write_report(results, args, total, RESULTS, shlex.join(["python", "-m", "experiments.scale", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The table of ``experiments/scale.py``: experiments/results/scale.md and scale.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+from semid.io import atomic_open
+
+
+def _f(value: object, fmt: str = ".0f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _label(size: str) -> str:
+    return "Beauty (real)" if size == "beauty" else f"{int(size):,} (synthetic)"
+
+
+def write_report(results: dict, args: argparse.Namespace, total_s: float, out_dir: Path, command: str) -> None:
+    L = ["# Scale: from Beauty's 12k items to synthetic catalogues of millions, one CPU thread", "",
+         f"Run: `{command}` (OMP_NUM_THREADS=1, `torch.set_num_threads(1)`; every size and phase in its own process; "
+         f"{total_s / 60:.1f} minutes in all). Machine: {platform.processor() or platform.machine()}, 2 shared cores, "
+         f"24 GiB. **Also running on the machine: {args.others}.** Times are wall clock on a shared machine: read "
+         "ratios within a row, and expect ±20% between runs.", "",
+         "Catalogues other than Beauty are **synthetic** (clustered Gaussian 64-d item embeddings, Zipf popularity, "
+         "20k users following the clusters; see the docstring of `experiments/scale.py`): they measure cost, never "
+         "quality. Peak memory is the phase's process peak RSS (it includes Python, torch and the catalogue).", ""]
+    L += ["## Codebooks and the prefix tree", "",
+          "| items | fit-codebooks s | centres fitted on | colliding items | largest group | codes used per level | rel. error | tree MB | tree bytes/item | peak MB |",
+          "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for size, r in results.items():
+        c = r["codebooks"]
+        if "error" in c:
+            L.append(f"| {_label(size)} | error: {c['error']} |")
+            continue
+        fitted_on = "all" if c["fit_sample"] is None else f"{c['fit_sample']:,} sampled"
+        L.append(f"| {_label(size)} | {c['fit_s']:.1f} | {fitted_on} | "
+                 f"{100 * c['colliding']:.2f}% | {c['largest_group']} | {'/'.join(map(str, c['codes_used']))} | "
+                 f"{c['rel_error']:.3f} | {c['tree_bytes'] / 2**20:.1f} | {c['tree_bytes_per_item']:.0f} | {c['peak_mb']:.0f} |")
+    L += ["", "## Training step (causal preset, 128 windows of <= 50 positions, joint loss, AdamW)", "",
+          "| items | dense head | positions/step | ms/step | ms per 1k positions | of which forward + backward | of which optimiser step | parameters (M) | peak MB |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for size, r in results.items():
+        for head in ("full", "sampled"):
+            t = r[f"train-{head}"]
+            name = "full softmax" if head == "full" else "sampled (1,024 uniform + in-batch, log-Q)"
+            if "skipped" in t or "error" in t:
+                L.append(f"| {_label(size)} | {name} | | skipped: {t.get('skipped') or t.get('error')} | | | | | {_f(t.get('peak_mb'))} |")
+                continue
+            pos = t.get("positions")
+            per_k = None if pos is None else 1000 * t["ms_step"] / pos
+            L.append(f"| {_label(size)} | {name} | {_f(pos)} | {t['ms_step']:.0f} | {_f(per_k)} | {t['ms_fwd_bwd']:.0f} | {t['ms_opt']:.0f} | "
+                     f"{t['params_m']:.1f} | {t['peak_mb']:.0f} |")
+    L += ["", f"## Decoding ({args.users} users, k = 10, one thread)", "",
+          "| items | build s (paths, tables) | beam users/s (20 beams) | exact users/s (chunked, 256 MiB) | dense exact users/s (torch) "
+          "| dense IndexFlatIP users/s | IVF build s | dense IVF users/s (32 / 128 lists probed) | IVF recall@10 vs exact (32 / 128) | serving peak MB |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for size, r in results.items():
+        d = r["decode"]
+        if "error" in d:
+            L.append(f"| {_label(size)} | error: {d['error']} |")
+            continue
+        L.append(f"| {_label(size)} | {d['build_s']:.1f} | {d['beam_users_s']:.0f} | {d['exact_users_s']:.1f} | "
+                 f"{d['dense_exact_users_s']:.0f} | {d['dense_flat_users_s']:.0f} | {d['ivf_build_s']:.1f} | "
+                 f"{d['dense_ivf_users_s']:.0f} / {d['dense_ivf128_users_s']:.0f} | "
+                 f"{d['ivf_recall@10']:.3f} / {d['ivf128_recall@10']:.3f} | {d['serve_peak_mb']:.0f} |")
+    text = "\n".join(L) + "\n"
+    print(text)
+    out_dir.mkdir(exist_ok=True)
+    with atomic_open(out_dir / "scale.md", "w", encoding="utf-8") as f:
+        f.write(text)
+    with atomic_open(out_dir / "scale.json", "w", encoding="utf-8") as f:
+        json.dump({"command": command, "others": args.others, "total_s": total_s, "results": results}, f, indent=1)

@@ -1,0 +1,139 @@
+"""The sampled dense softmax of both heads: the causal design's option against its full softmax, the negatives'
+proposals and their log-Q correction by hand, accidental hits."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from generator.models.causal import CausalConfig
+from generator.models.causal_loss import dense_loss
+from generator.models.dense_loss import candidate_softmax_loss, sample_candidates, softmax_loss
+from generator.training.causal_system import CausalSystem
+from tests.test_causal import CFG, make
+
+
+def _grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("correction", [True, False])
+def test_causal_sampled_gradient_equals_full_when_every_item_is_sampled(correction: bool) -> None:
+    """P = N positions whose targets are every item once, in-batch negatives only: every item is a column exactly
+    once, so the sampled softmax is the full softmax (a uniform log Q shifts every logit alike)."""
+    N = 12
+    model, _, _ = make(N, cfg=replace(CFG, dense_loss="sampled", dense_negatives="in-batch", logq_correction=correction))
+    full_model, _, _ = make(N)  # the same seed: the same weights, full softmax
+    torch.testing.assert_close(dict(model.named_parameters())["item_table"], dict(full_model.named_parameters())["item_table"])
+    torch.manual_seed(1)
+    h = torch.randn(N, CFG.d_model)
+    targets = torch.randperm(N)
+    log_q = torch.full((N,), -math.log(N))
+    sampled = dense_loss(model, h, targets, log_q=log_q)
+    full = dense_loss(full_model, h, targets)
+    torch.testing.assert_close(sampled, full)
+    g_sampled, g_full = _grads(model, sampled), _grads(full_model, full)
+    assert set(g_sampled) == set(g_full) and {"item_table", "dense_query.weight"} <= set(g_full)
+    for name in g_full:
+        torch.testing.assert_close(g_sampled[name], g_full[name], msg=name)
+
+
+def test_causal_sampled_loss_reaches_only_the_sampled_items() -> None:
+    """The item table's gradient is non-zero on the sampled rows (the targets and the seeded draws) only."""
+    N = 30
+    model, _, _ = make(N, cfg=replace(CFG, dense_loss="sampled", num_negatives=3))
+    targets = torch.tensor([4, 7])
+    gen = torch.Generator().manual_seed(0)
+    loss = dense_loss(model, torch.randn(2, CFG.d_model), targets, log_q=torch.full((N,), -math.log(N)), generator=gen)
+    negatives = torch.randint(N, (3,), generator=torch.Generator().manual_seed(0))
+    touched = torch.zeros(N, dtype=torch.bool)
+    touched[torch.cat([targets, negatives])] = True
+    grad = _grads(model, loss)["item_table"]
+    assert (grad[~touched] == 0).all() and (grad[touched].abs().sum(1) > 0).all()
+
+
+def test_popularity_negatives_log_q_by_hand() -> None:
+    """B = 2 in-batch draws and R = 2 popularity draws, both from q: item j's expected count is (B + R) q_j."""
+    targets = torch.tensor([0, 2])
+    log_q = torch.tensor([0.5, 0.25, 0.25]).log()
+    cand = sample_candidates(targets, 2, 3, log_q=log_q, negatives=torch.tensor([1, 2]), proposal="popularity")
+    want = torch.tensor([4 * 0.5, 4 * 0.25, 4 * 0.25, 4 * 0.25]).log()  # rows 0, 2, 1, 2
+    torch.testing.assert_close(cand.log_correct, want)
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    vecs = torch.tensor([[1.0, 1.0], [0.0, 3.0], [2.0, 0.0], [0.0, 3.0]])
+    logits = q @ vecs.T - want
+    logits[1, 3] = -math.inf  # row 1's target (item 2) again among the negatives: an accidental hit, masked
+    torch.testing.assert_close(candidate_softmax_loss(q, vecs, cand, targets), F.cross_entropy(logits, torch.arange(2)))
+    # the same columns without the correction
+    plain = sample_candidates(targets, 2, 3, log_q=log_q, negatives=torch.tensor([1, 2]), proposal="popularity", correct=False)
+    assert torch.equal(plain.log_correct, torch.zeros(4))
+
+
+def test_in_batch_duplicate_targets_are_masked_by_hand() -> None:
+    """Two rows with the same target: each row's other copy is an accidental hit; log Q is log(B q_j)."""
+    targets = torch.tensor([1, 1, 0])
+    log_q = torch.tensor([0.25, 0.75]).log()
+    vecs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    query = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]])
+    loss = softmax_loss(query, lambda rows: vecs if rows is None else vecs[rows], targets, 2, loss="sampled",
+                        negatives="in-batch", num_negatives=99, log_q=log_q)
+    cols = vecs[targets]  # columns: items 1, 1, 0
+    logits = query @ cols.T - torch.tensor([3 * 0.75, 3 * 0.75, 3 * 0.25]).log()
+    logits[0, 1] = logits[1, 0] = -math.inf
+    torch.testing.assert_close(loss, F.cross_entropy(logits, torch.arange(3)))
+
+
+def test_popularity_negatives_follow_q_and_are_seeded() -> None:
+    log_q = torch.tensor([1e-6, 1.0 - 2e-6, 1e-6]).log()
+    a = sample_candidates(torch.tensor([0]), 200, 3, log_q=log_q, proposal="popularity", generator=torch.Generator().manual_seed(5))
+    b = sample_candidates(torch.tensor([0]), 200, 3, log_q=log_q, proposal="popularity", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a.rows, b.rows)
+    assert (a.rows[1:] == 1).float().mean() > 0.99
+    u = sample_candidates(torch.tensor([0]), 300, 3, log_q=log_q, generator=torch.Generator().manual_seed(5))
+    assert set(u.rows[1:].tolist()) == {0, 1, 2}  # uniform ignores q
+
+
+def test_sampled_option_errors() -> None:
+    with pytest.raises(ValueError, match="`dense_loss` must be one of"):
+        CausalConfig(dense_loss="sample")
+    with pytest.raises(ValueError, match="`dense_negatives` must be one of"):
+        CausalConfig(dense_negatives="batch")
+    with pytest.raises(ValueError, match="`num_negatives` must be a non-negative int"):
+        CausalConfig(num_negatives=-1)
+    with pytest.raises(ValueError, match="'popularity' draws from the target distribution"):
+        sample_candidates(torch.tensor([0]), 2, 3, proposal="popularity")
+    model, ids, tree = make(10, cfg=replace(CFG, dense_loss="sampled"))
+    with pytest.raises(ValueError, match="needs `log_q`"):
+        CausalSystem(model.config, model.layout, model.item_tokens[1:], torch.from_numpy(ids.item_ids), "d", tree)
+    with pytest.raises(ValueError, match="`log_q` must be log-probabilities"):
+        CausalSystem(model.config, model.layout, model.item_tokens[1:], torch.from_numpy(ids.item_ids), "d", tree,
+                     log_q=torch.zeros(10))
+
+
+def test_semid_train_with_the_sampled_dense_head(tmp_path) -> None:
+    """`--model-option dense_loss=sampled` trains end to end (log Q from the training targets), is stored in the
+    checkpoint's config, and the run serves the dense decoder over the whole catalogue."""
+    from semid.cli import main
+
+    from generator.runs.evaluate import evaluate_run
+    from generator.runs.folder import load_run
+    from tests.test_causal_run import FLAGS
+    from tests.test_generator_helpers import write_ids, write_random_dataset
+
+    data = write_random_dataset(tmp_path / "data")
+    (tmp_path / "ids").mkdir()
+    write_ids(tmp_path / "ids" / "semantic_ids.npz")
+    run = tmp_path / "run"
+    flags = [*FLAGS, "--model-option", "dense_loss=sampled", "--model-option", "dense_negatives=popularity",
+             "--model-option", "num_negatives=5", "--final-val-users", "0"]
+    assert main(["train", "--data", str(data), "--ids", str(tmp_path / "ids"), "--out", str(run), *flags]) == 0
+    loaded = load_run(run)
+    assert loaded.model_config.dense_loss == "sampled" and loaded.model_config.num_negatives == 5
+    metrics = evaluate_run(run, "test", decoder="dense")
+    assert 0.0 <= metrics["recall@10"] <= 1.0
