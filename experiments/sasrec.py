@@ -90,10 +90,19 @@ class SASRec(nn.Module):
             self.code = nn.Embedding(int(sizes.sum()) + 1, d)
             nn.init.normal_(self.code.weight, std=d**-0.5)
         self.pos = nn.Embedding(max_len, d)
-        nn.init.normal_(self.pos.weight, std=d**-0.5)  # the default N(0, 1) would drown the items' vectors
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d, heads, dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
+        # GPT-2's initialisation, as semid's backbone (transformers.GPT2Model): N(0, 0.02) matrices and positions,
+        # the residual projections scaled by 1/sqrt(2 layers); PyTorch's defaults let the blocks' first outputs
+        # drown the item vectors, and the model learned several times slower
+        for name, p in self.named_parameters():
+            if name.startswith("blocks") and p.ndim == 2:
+                std = 0.02 / (2 * layers) ** 0.5 if name.endswith(("out.weight", "ff.3.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+            elif name.startswith("blocks") and name.endswith("bias") and "ln" not in name:
+                nn.init.zeros_(p)
+        nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, rows1: torch.Tensor) -> torch.Tensor:
         B, T = rows1.shape
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     c0 = clock()
     while clock() - c0 < budget:
         order = torch.randperm(len(windows.start), generator=gen)
+        loss_sum = 0.0
         for lo in range(0, len(order), args.batch_size):
             b = collate_windows(windows, order[lo: lo + args.batch_size])
             h = model(b.histories.to(dev))  # (B, T, D)
@@ -191,12 +201,14 @@ def main(argv: list[str] | None = None) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            loss_sum += float(loss.detach())
             steps += 1
             if clock() - c0 >= budget:
                 break
         epoch += 1
         m = evaluate(model, val_hist, split.valid_targets[val_idx])
-        log.append({"epoch": epoch, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+        log.append({"epoch": epoch, "steps": steps, "train_loss": round(loss_sum / max(1, -(-len(order) // args.batch_size)), 4),
+                    "seconds": round(time.perf_counter() - t0, 1),
                     "budget_clock_s": round(clock() - c0, 1), **m})
         print(json.dumps(log[-1]), flush=True)
         if m["ndcg@10"] > best:

@@ -40,6 +40,10 @@ LEVERS: dict[str, dict[str, Any]] = {
     "id-input+dropout-0.3+constant-lr": {"model_options": SASREC_RECIPE, "schedule": "constant", "lr": 1e-3},
     "id-input+dropout-0.3+item-dropout-0.1": {"model_options": {**SASREC_RECIPE, "item_dropout": 0.1}},
     "dense-only": {"objective": "dense", "decoder": "dense"},
+    # a plain SASRec inside the same harness: ID input only, the dense head alone (GPT-2 blocks, full softmax)
+    "sasrec-in-harness": {"objective": "dense", "decoder": "dense",
+                          "model_options": {"id_input": True, "code_input": False, "dropout": 0.3}},
+    "id-input+dropout-0.3+distill-0.5": {"model_options": {**SASREC_RECIPE, "distill": 0.5}},
     "dense-only+id-input+dropout-0.3": {"objective": "dense", "decoder": "dense", "model_options": SASREC_RECIPE},
 }
 WHY: dict[str, str] = {}  # lever -> the short answer, filled in by hand once measured (report prints it)

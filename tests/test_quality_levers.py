@@ -169,3 +169,13 @@ def test_distilled_code_loss_is_the_cross_entropy_against_the_teachers_mass_on_e
         code_loss(model, hq, target_tokens, distill=0.5)
     with pytest.raises(ValueError, match="`distill`"):
         CausalConfig(d_model=16, num_heads=2, dense_dim=0, distill=0.5)
+
+
+def test_without_code_input_the_input_is_the_id_vector_alone() -> None:
+    model = _model(CausalConfig.from_dict({**CFG.to_dict(), "code_input": False})).eval()
+    rows1 = torch.tensor([[3, 1, 0]])
+    torch.testing.assert_close(model.item_inputs(rows1)[0, :2], model.item_table[[2, 0]])
+    assert torch.equal(model.item_inputs(rows1)[0, 2], torch.zeros(16))
+    with pytest.raises(ValueError, match="`code_input` False needs `id_input`"):
+        CausalConfig(d_model=16, num_heads=2, dense_dim=16, code_input=False)
+    assert CausalConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "code_input"}).code_input is True

@@ -60,6 +60,8 @@ class CausalConfig:
     distill: float = 0.0  # weight of the dense head's softmax as the code head's soft target, level by level
     item_dropout: float = 0.0  # while training, each item's table row is dropped from its dense vector with this
     # probability, so the code and content parts alone score items well (the vectors items added later get)
+    code_input: bool = True  # the item's input vector includes the sum of its code embeddings (False: a plain
+    # SASRec's input, the study's reference inside the same harness; needs id_input)
     id_input: bool = False  # add the item's dense-table row (its ID embedding, tied as in SASRec) to its input vector;
     # needs dense_dim == d_model. ``item_dropout`` drops it per input position too, so codes alone must carry an item
     dense_loss: str = "full"  # the dense head's loss: "full" softmax over the catalogue, or "sampled" (dense_loss.py)
@@ -69,7 +71,7 @@ class CausalConfig:
 
     def __post_init__(self) -> None:
         check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)
-        for name in ("node_vectors", "content_vectors", "id_input"):
+        for name in ("node_vectors", "content_vectors", "id_input", "code_input"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
@@ -80,6 +82,8 @@ class CausalConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
+        if not (self.code_input or self.id_input):
+            raise ValueError("`code_input` False needs `id_input` True: an item's input must come from somewhere")
         if self.id_input and self.dense_dim != self.d_model:
             raise ValueError(f"`id_input` ties the input ID embedding to the dense item table: `dense_dim` must equal "
                              f"`d_model` ({self.d_model}), got {self.dense_dim}")
@@ -99,7 +103,7 @@ class CausalConfig:
         if unknown:
             raise ValueError(f"unknown causal config keys {sorted(unknown)}; known: {sorted(known)}")
         # checkpoints written before node vectors / content item vectors existed had none
-        d = {"node_vectors": False, "content_vectors": False, "id_input": False, **d}
+        d = {"node_vectors": False, "content_vectors": False, "id_input": False, "code_input": True, **d}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +189,8 @@ class CausalGenerator(nn.Module):
     # ---- the backbone --------------------------------------------------------------------------------------------
     def item_inputs(self, rows1: torch.Tensor) -> torch.Tensor:
         """Input vectors of items given as rows + 1 (0 = padding): sum of code embeddings (+ content). (..., D)."""
-        x = self.code_emb(self.item_tokens[rows1]).sum(-2)
+        x = (self.code_emb(self.item_tokens[rows1]).sum(-2) if self.config.code_input
+             else self.code_emb.weight.new_zeros(*rows1.shape, self.config.d_model))
         if self.config.id_input:  # the tied ID embedding; row 0 (padding) adds nothing
             ids = self.item_table[(rows1 - 1).clamp_min(0)] * (rows1 > 0).unsqueeze(-1)
             if self.training and self.config.item_dropout:  # per position: the codes alone must carry the item
