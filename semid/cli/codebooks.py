@@ -17,7 +17,8 @@ files are moved in one by one after the manifest is marked incomplete, and the c
 file is an error naming it.
 
 DIR must be new, empty, or a folder this command wrote before; any other non-empty folder (a run, a dataset) is
-refused unless ``--overwrite`` is given.
+refused unless ``--overwrite`` is given. A DIR that is a symbolic link to a folder is written through: the set goes
+into the folder it points at (the link stays a link).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from rqvae import FitResult, RQKMeansConfig, RQVAEConfig, fit_codebooks, method_name
 from semid.data import read_npy
 from semid.ids import SemanticIDs
-from semid.io import atomic_path, write_json
+from semid.io import atomic_path, make_temp_dir, write_json
 
 IDS_FILE = "semantic_ids.npz"
 QUANTIZER_FILE = "quantizer.pt"
@@ -143,19 +143,38 @@ def write_codebooks(
 ) -> dict[str, Any]:
     """Write the four files of a codebooks folder and its manifest, as a set (see the module docstring); returns
     what went into stats.json."""
-    out = Path(out)
+    given = Path(out)
+    out = real_out(given)  # a link to a folder: the set is exchanged with that folder, the link stays
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-{os.getpid()}-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets what mkdir would give
+    if given != out:
+        _remove_abandoned(given)  # left by semids that replaced the link
+    tmp = make_temp_dir(out.parent, f".{out.name}.writing-{os.getpid()}-")
     try:
         stats = _write_files(tmp, result, config, embeddings_path=embeddings_path, extra_level_size=extra_level_size)
         write_json(tmp / MANIFEST_FILE, _manifest(tmp))
         _publish(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        _remove(tmp)
     return stats
+
+
+def real_out(out: Path) -> Path:
+    """``out``, or the folder it points at when it is a symbolic link (FileExistsError for a link to anything else)."""
+    if not out.is_symlink():
+        return out
+    target = Path(os.path.realpath(out))
+    if not target.is_dir():
+        raise FileExistsError(f"{out}: a symbolic link to {target}, which is not a folder; give a folder to --out")
+    return target
+
+
+def _remove(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a temporary folder of ours; a symbolic link at its name (left by an older semid) goes as a link."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def _write_files(
@@ -213,12 +232,6 @@ def _manifest(folder: Path, complete: bool = True) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": complete, "files": files}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 _RENAME_EXCHANGE = 2
 
 
@@ -243,7 +256,7 @@ def _publish(tmp: Path, out: Path) -> None:
     if all(_ours(p) for p in out.iterdir()):  # a codebooks folder (or an empty one): replace it whole
         if _exchange(tmp, out):
             return  # `tmp` now holds the old set; the caller removes it
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
+        old = make_temp_dir(out.parent, f".{out.name}.old-{os.getpid()}-")
         os.rename(out, old / out.name)
         os.rename(tmp, out)
         shutil.rmtree(old)
@@ -260,8 +273,8 @@ def _remove_abandoned(out: Path) -> None:
     for prefix in (f".{out.name}.writing-", f".{out.name}.old-"):
         for path in out.parent.glob(prefix + "*"):
             pid = path.name[len(prefix) :].split("-", 1)[0]
-            if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -291,8 +304,18 @@ def check_codebooks(folder: Path) -> None:
         raise ValueError(f"{manifest_path}: manifest version {manifest.get('version')!r}; this semid reads version {MANIFEST_VERSION}")
     if manifest.get("complete") is not True or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{folder}: a fit-codebooks write into this folder was interrupted (its manifest is incomplete); {redo}")
-    for name, entry in manifest["files"].items():
+    files = manifest["files"]
+    for name in files:
+        if name not in CODEBOOK_FILES:  # `../data/items.jsonl`, `/etc/passwd`: nothing outside the folder is read
+            raise ValueError(f"{manifest_path}: lists {name!r}, which is not a file of a codebooks folder (those are "
+                             f"{', '.join(CODEBOOK_FILES)}); refused; {redo}")
+    missing = [name for name in CODEBOOK_FILES if name not in files]
+    if missing:
+        raise ValueError(f"{manifest_path}: does not list {', '.join(missing)}; {redo}")
+    for name, entry in files.items():
         path = Path(folder) / name
+        if path.is_symlink():
+            raise ValueError(f"{path}: a symbolic link; a codebooks folder holds its own files; {redo}")
         if not path.is_file():
             raise ValueError(f"{path}: missing from the codebooks folder its manifest describes; {redo}")
         if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
@@ -306,6 +329,7 @@ def check_out(out: Path, *, overwrite: bool) -> None:
     interrupted, and the temporary files of an interrupted atomic write): re-fitting into it replaces them. Anything
     else -- a run folder, a dataset folder -- is someone's work that writing here would corrupt.
     """
+    out = real_out(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder; pass a folder to --out")
     if overwrite or not out.is_dir():
