@@ -151,8 +151,8 @@ _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBL
 def _open_lock_file(path: Path) -> int:
     """Open (or create) the lock file ``path``: a regular file with no other link, never a symbolic link (not
     followed), a folder, a pipe or a device; anything else is refused by name, and nothing of it is read or written."""
-    refuse = (f"{path}: semid's lock file must be a regular file that semid made; remove it (`rm {path}`, which "
-              "changes nothing it may point at) and try again")
+    refuse = (f"semid's lock file must be a regular file that semid made; remove it (`rm {path}`, which changes "
+              "nothing it may point at) and try again")
     try:
         fd = os.open(path, _LOCK_FLAGS, 0o666)
     except OSError as e:
