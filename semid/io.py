@@ -29,6 +29,12 @@ _TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile's alphabet: le
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]+)?$")
 
 
+def atomic_target_name(name: str) -> str | None:
+    """The name of the file whose atomic write a temporary file named ``name`` is, or None when it is no such name."""
+    m = _TEMP_NAME.match(name)
+    return m.group("name") if m is not None and m.group("name").endswith(m.group("suffix") or "") else None
+
+
 def _random_tag() -> str:
     return "".join(secrets.choice(_TEMP_CHARS) for _ in range(8))
 
@@ -102,8 +108,7 @@ def remove_atomic_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
         return []
     removed = []
     for path in sorted(folder.iterdir()):
-        m = _TEMP_NAME.match(path.name)
-        if m is None or not m.group("name").endswith(m.group("suffix") or "") or not stat.S_ISREG(os.lstat(path).st_mode):
+        if atomic_target_name(path.name) is None or not stat.S_ISREG(os.lstat(path).st_mode):
             continue
         path.unlink()
         removed.append(path)

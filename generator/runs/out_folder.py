@@ -26,17 +26,16 @@ from generator.runs.folder import (
     TOKENIZER_DIR,
     read_config,
 )
+from semid.io import atomic_target_name
 
 # what a training writes before config.yaml (the lock, the IDs copy, a title run's tokenizer)
 EARLY_ENTRIES = (LOCK_FILE, IDS_FILE, TOKENIZER_DIR)
 RUN_ENTRIES = (*EARLY_ENTRIES, CONFIG_FILE, CHECKPOINT_DIR, LOG_DIR, HYBRID_FILE, TITLE_EMB_FILE, f"{TITLE_EMB_FILE}.json")
 _RUN_PATTERNS = (re.compile(r"^metrics_[A-Za-z0-9_.-]+\.json$"), re.compile(r"^semantic_ids\.v[0-9]+\.npz$"))
-_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(\.[^.]+)?$")  # an atomic write's temporary file (semid.io)
 
 
 def _is_ours(name: str, names: tuple[str, ...], patterns: tuple[re.Pattern[str], ...]) -> bool:
-    m = _TEMP.match(name)
-    name = m.group("name") if m else name
+    name = atomic_target_name(name) or name  # an atomic write's temporary file is its target's
     return name in names or any(p.match(name) for p in patterns)
 
 

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 from semid.data import format_summary, load_dataset, summary
-from semid.io import folder_lock, write_json
+from semid.io import atomic_target_name, folder_lock, write_json
 from semid.split import leave_one_out
 
 EMBEDDINGS = "minilm"
 CODEBOOK_FILES = ("semantic_ids.npz", "quantizer.pt", "stats.json", "code_usage.png")
 DEMO_ENTRIES = ("data_summary.json", "ids", "run")  # all the demo writes into --out
-_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(\.[^.]+)?$")  # an atomic write's temporary file (semid.io)
 
 
 def _users(text: str) -> int | None:
@@ -162,8 +160,7 @@ def _demo_entry(name: str) -> bool:
         return True
     if name.startswith((".ids.writing-", ".ids.old-")):  # fit-codebooks' temporary folders
         return True
-    m = _TEMP.match(name)
-    return m is not None and m.group("name") in DEMO_ENTRIES
+    return atomic_target_name(name) in DEMO_ENTRIES
 
 
 def _step(title: str) -> None:
