@@ -26,12 +26,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from semid.io import write_json
+from semid.io import make_temp_dir, write_json
 
 T = TypeVar("T")
 
@@ -47,12 +46,14 @@ MANIFEST_FORMAT, MANIFEST_VERSION = "semid.codebooks", 1
 def write_codebooks_folder(out: str | os.PathLike[str], write_files: Callable[[Path], T]) -> T:
     """Write a codebooks folder as a set (module docstring): ``write_files(folder)`` writes the four files of
     :data:`CODEBOOK_FILES` into a temporary folder, the manifest follows, and the set takes ``out``'s place; returns
-    what ``write_files`` returns."""
-    out = Path(out)
+    what ``write_files`` returns. ``out`` a symbolic link to a folder: the set replaces that folder; the link stays."""
+    given = Path(out)
+    out = real_out(given)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-{os.getpid()}-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets what mkdir would give
+    if given != out:
+        _remove_abandoned(given)  # left by semids that replaced the link
+    tmp = make_temp_dir(out.parent, f".{out.name}.writing-{os.getpid()}-")
     try:
         result = write_files(tmp)
         missing = [name for name in CODEBOOK_FILES if not (tmp / name).is_file()]
@@ -61,9 +62,26 @@ def write_codebooks_folder(out: str | os.PathLike[str], write_files: Callable[[P
         write_json(tmp / MANIFEST_FILE, _manifest(tmp))
         _publish(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        _remove(tmp)
     return result
+
+
+def real_out(out: Path) -> Path:
+    """``out``, or the folder it points at when it is a symbolic link (FileExistsError for a link to anything else)."""
+    if not out.is_symlink():
+        return out
+    target = Path(os.path.realpath(out))
+    if not target.is_dir():
+        raise FileExistsError(f"{out}: a symbolic link to {target}, which is not a folder; give a folder to --out")
+    return target
+
+
+def _remove(path: Path, ignore_errors: bool = False) -> None:
+    """Remove a temporary folder of ours; a symbolic link at its name (left by an older semid) goes as a link."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def _sha256(path: Path) -> str:
@@ -77,12 +95,6 @@ def _sha256(path: Path) -> str:
 def _manifest(folder: Path, complete: bool = True) -> dict[str, Any]:
     files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in CODEBOOK_FILES} if complete else {}
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": complete, "files": files}
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 _RENAME_EXCHANGE = 2
@@ -109,7 +121,7 @@ def _publish(tmp: Path, out: Path) -> None:
     if all(_ours(p) for p in out.iterdir()):  # a codebooks folder (or an empty one): replace it whole
         if _exchange(tmp, out):
             return  # `tmp` now holds the old set; the caller removes it
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
+        old = make_temp_dir(out.parent, f".{out.name}.old-{os.getpid()}-")
         os.rename(out, old / out.name)
         os.rename(tmp, out)
         shutil.rmtree(old)
@@ -126,8 +138,8 @@ def _remove_abandoned(out: Path) -> None:
     for prefix in (f".{out.name}.writing-", f".{out.name}.old-"):
         for path in out.parent.glob(prefix + "*"):
             pid = path.name[len(prefix) :].split("-", 1)[0]
-            if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -157,8 +169,18 @@ def check_codebooks(folder: str | os.PathLike[str]) -> None:
         raise ValueError(f"{manifest_path}: manifest version {manifest.get('version')!r}; this semid reads version {MANIFEST_VERSION}")
     if manifest.get("complete") is not True or not isinstance(manifest.get("files"), dict):
         raise ValueError(f"{folder}: a fit-codebooks write into this folder was interrupted (its manifest is incomplete); {redo}")
-    for name, entry in manifest["files"].items():
+    files = manifest["files"]
+    for name in files:
+        if name not in CODEBOOK_FILES:  # `../data/items.jsonl`, `/etc/passwd`: nothing outside the folder is read
+            raise ValueError(f"{manifest_path}: lists {name!r}, which is not a file of a codebooks folder (those are "
+                             f"{', '.join(CODEBOOK_FILES)}); refused; {redo}")
+    missing = [name for name in CODEBOOK_FILES if name not in files]
+    if missing:
+        raise ValueError(f"{manifest_path}: does not list {', '.join(missing)}; {redo}")
+    for name, entry in files.items():
         path = Path(folder) / name
+        if path.is_symlink():
+            raise ValueError(f"{path}: a symbolic link; a codebooks folder holds its own files; {redo}")
         if not path.is_file():
             raise ValueError(f"{path}: missing from the codebooks folder its manifest describes; {redo}")
         if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
@@ -172,7 +194,7 @@ def check_out(out: str | os.PathLike[str], *, overwrite: bool) -> None:
     interrupted, and the temporary files of an interrupted atomic write): re-fitting into it replaces them. Anything
     else -- a run folder, a dataset folder -- is someone's work that writing here would corrupt.
     """
-    out = Path(out)
+    out = real_out(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder; pass a folder to --out")
     if overwrite or not out.is_dir():

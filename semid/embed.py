@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from semid.data import EMBEDDING_PREFIX, load_dataset
 from semid.io import atomic_path
+from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,10 @@ def load_encoder(model_dir: str | os.PathLike[str], device: str | torch.device |
         )
     if not (path / "config.json").is_file():
         raise ValueError(f"{path}: not a transformers model folder (no config.json)")
+    refuse_remote_code(path, "this model folder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
+        model = AutoModel.from_pretrained(path, **NO_REMOTE_CODE)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot load a tokenizer and model from this folder ({e})") from e
     device = (

@@ -1,39 +1,95 @@
-"""Atomic writes: every artifact is written to a temporary file beside its target, then renamed into place.
+"""Atomic writes: every artifact is written to a temporary file beside its target, flushed to disk, then renamed into
+place; a lock that only ever touches its own regular file.
 
 Also :func:`not_utf8`, which turns a text file's UnicodeDecodeError into an error naming the file and line.
+
+Nothing here reads or changes the process umask: files and folders are created with the widest mode they may have
+(0666 / 0777) and the kernel applies the umask (and any default ACL), as ``open`` and ``mkdir`` do.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import logging
 import os
 import re
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+log = logging.getLogger(__name__)
+
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile's alphabet: leftovers of older semids match too
+# `.<name>.<8 random>[<suffix>]`: an atomic write's temporary file (the name keeps the target's suffix)
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.[^.]+)?$")
+
+
+def atomic_target_name(name: str) -> str | None:
+    """The name of the file whose atomic write a temporary file named ``name`` is, or None when it is no such name."""
+    m = _TEMP_NAME.match(name)
+    return m.group("name") if m is not None and m.group("name").endswith(m.group("suffix") or "") else None
+
+
+def _random_tag() -> str:
+    return "".join(secrets.choice(_TEMP_CHARS) for _ in range(8))
+
+
+def _create_temp(parent: Path, prefix: str, suffix: str, folder: bool = False) -> Path:
+    """A new file (mode 0666) or folder (0777), less the umask, named ``prefix + 8 random chars + suffix``."""
+    for _ in range(100):
+        path = parent / f"{prefix}{_random_tag()}{suffix}"
+        try:
+            if folder:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{parent}: could not find a free temporary name {prefix}*{suffix}")
+
+
+def make_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new folder in ``parent`` named ``prefix`` + 8 random characters, with the permissions ``mkdir`` gives."""
+    return _create_temp(Path(parent), prefix, "", folder=True)
+
+
+def fsync_path(path: str | os.PathLike[str], folder: bool = False) -> None:
+    """Flush a file's (or a folder's entries') data to disk. A file system that cannot sync a folder (EINVAL) is
+    passed over: there is nothing more to do there."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not folder or e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it is renamed to ``path``, on error removed.
+    """Yield a temporary path in the target's folder; on success it is flushed to disk, renamed to ``path`` and the
+    rename flushed too (so a power loss leaves the old file or the whole new one), on error removed.
 
-    The temporary name keeps the target's suffix, so writers that add a suffix (``np.savez``) leave it alone.
+    The temporary name keeps the target's suffix, so writers that add a suffix (``np.savez``) leave it alone. It gets
+    the permissions ``open`` would give.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; an artifact gets the permissions open() would give
+    tmp_path = _create_temp(path.parent, f".{path.name}.", path.suffix)
     try:
         yield tmp_path
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        fsync_path(path.parent, folder=True)
     finally:
-        if tmp_path.exists():
+        if os.path.lexists(tmp_path):
             tmp_path.unlink()
 
 
@@ -44,10 +100,22 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
         yield f
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def remove_atomic_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files of atomic writes into ``folder`` that never finished (a ``kill -9`` mid-write);
+    returns them. Call it only while no one else writes the folder (under its lock)."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if atomic_target_name(path.name) is None or not stat.S_ISREG(os.lstat(path).st_mode):
+            continue
+        path.unlink()
+        removed.append(path)
+    if removed:
+        log.info("%s: removed %d unfinished write(s) left by a stopped process: %s", folder, len(removed),
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -80,24 +148,62 @@ def not_utf8(path: str | os.PathLike[str], newline: str | None = None) -> ValueE
     return ValueError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
 
+
+
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _open_lock_file(path: Path) -> int:
+    """Open (or create) the lock file ``path``: a regular file with no other link, never a symbolic link (not
+    followed), a folder, a pipe or a device; anything else is refused by name, and nothing of it is read or written."""
+    refuse = (f"semid's lock file must be a regular file that semid made; remove it (`rm {path}`, which changes "
+              "nothing it may point at) and try again")
+    try:
+        fd = os.open(path, _LOCK_FLAGS, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise FileExistsError(f"{path}: is a symbolic link (to {os.readlink(path)!r}), not followed. {refuse}") from None
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
+            raise FileExistsError(f"{path}: cannot be opened as a lock file ({e.strerror}). {refuse}") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+        raise FileExistsError(f"{path}: {what}. {refuse}")
+    return fd
+
+
+def _pid_text(fd: int) -> str | None:
+    """The pid a lock file holds, or None when it holds anything else (which is never shown)."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return text if text.isdigit() else None
+
+
 @contextmanager
 def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: str = "another process") -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the block: ``folder/name`` holds the holder's
     pid, locked with ``flock`` so that the kernel releases it when the holder ends, ``kill -9`` included. A second
     holder gets a FileExistsError naming the folder and the pid holding it; a lock file left by a process that no
     longer runs is stale and taken over. The file is removed when the block ends.
+
+    The lock file is opened with ``O_NOFOLLOW``: a symbolic link, a folder, a pipe, a device or a file with other
+    hard links at ``folder/name`` is refused (FileExistsError naming it) and left as it is, so the lock never writes
+    a file outside the folder. ``folder`` must be a folder (or not exist).
     """
     import fcntl  # POSIX only, like the rest of semid's tooling
 
     folder = Path(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise FileExistsError(f"{folder}: exists and is not a folder; give a folder (new or semid's own)")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            holder = _pid_text(fd) or "unknown"
             os.close(fd)
             raise FileExistsError(
                 f"{folder}: {what} (pid {holder}) is writing this folder now ({path} is locked); wait for it to end "
@@ -105,15 +211,16 @@ def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: st
             ) from None
         # the file may have been removed (and made again) by the holder we waited for: lock the file at `path`
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(path).st_ino
         except FileNotFoundError:
             same = False
         if same:
             break
         os.close(fd)
-    stale = os.read(fd, 64).decode("ascii", "replace").strip()
-    if stale:
-        logging.getLogger(__name__).warning("%s: took over a stale lock of pid %s, which no longer runs", path, stale)
+    if os.fstat(fd).st_size:
+        stale = _pid_text(fd)
+        log.warning("%s: took over a stale lock%s, which no longer runs", path,
+                    f" of pid {stale}" if stale else " (its content is not a pid)")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
@@ -121,3 +228,4 @@ def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: st
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
+

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from semid.io import atomic_open
+from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,16 @@ class TitleTokenizer:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> TitleTokenizer:
-        """The tokenizer of a local transformers folder (``local_files_only=True``); it must have pad and eos (or sep)."""
+        """The tokenizer of a local transformers folder (``local_files_only=True``, no code of the folder's own run:
+        ``semid.local_models``); it must have pad and eos (or sep)."""
         from transformers import AutoTokenizer
 
         path = Path(folder)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no tokenizer folder here (`--tokenizer` takes a local folder; nothing is downloaded)")
+        refuse_remote_code(path, "this tokenizer folder")
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: cannot load a tokenizer from this folder ({e})") from e
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id

@@ -13,7 +13,8 @@ The files are written as a set (``semid.codebooks.write_codebooks_folder``); ``s
 manifest (``semid.codebooks.check_codebooks``).
 
 DIR must be new, empty, or a folder this command wrote before; any other non-empty folder (a run, a dataset) is
-refused unless ``--overwrite`` is given.
+refused unless ``--overwrite`` is given. A DIR that is a symbolic link to a folder is written through: the set goes
+into the folder it points at (the link stays a link).
 """
 
 from __future__ import annotations

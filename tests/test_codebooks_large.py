@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from semid.cli import main
 
 from rqvae import ResidualKMeans, RQKMeansConfig, fit_codebooks
+from semid_cli import main
 
 
 def catalogue(n: int = 6000, d: int = 16, clusters: int = 40, seed: int = 0) -> np.ndarray:

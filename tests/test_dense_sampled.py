@@ -119,10 +119,9 @@ def test_sampled_option_errors() -> None:
 def test_semid_train_with_the_sampled_dense_head(tmp_path) -> None:
     """`--model-option dense_loss=sampled` trains end to end (log Q from the training targets), is stored in the
     checkpoint's config, and the run serves the dense decoder over the whole catalogue."""
-    from semid.cli import main
-
     from generator.runs.evaluate import evaluate_run
     from generator.runs.folder import load_run
+    from semid_cli import main
     from tests.test_causal_run import FLAGS
     from tests.test_generator_helpers import write_ids, write_random_dataset
 

@@ -42,6 +42,15 @@ class DemoReport(NamedTuple):
     text: str
 
 
+def demo_options(*, preset: str = "causal", max_time: str | None = "00:05:00", max_epochs: int | None = 50,
+                 eval_users: int | None = None, seed: int = 0, progress: bool = True) -> TrainOptions:
+    """The demo's training options (checked: a bad value is a ValueError naming it, before anything is written)."""
+    return TrainOptions(
+        preset=preset, max_time=max_time, max_epochs=max_epochs, seed=seed, val_users=1000, final_val_users=eval_users,
+        patience=0, progress=progress,
+    )
+
+
 def train_evaluate_show(
     data_dir: str | os.PathLike[str],
     ids_path: str | os.PathLike[str],
@@ -61,10 +70,8 @@ def train_evaluate_show(
     The training options are ``semid train``'s defaults (the default design); only the budget is the demo's:
     validation on 1,000 sampled users per epoch, on ``eval_users`` at the end.
     """
-    options = TrainOptions(
-        preset=preset, max_time=max_time, max_epochs=max_epochs, seed=seed, val_users=1000, final_val_users=eval_users,
-        patience=0, progress=progress,
-    )
+    options = demo_options(preset=preset, max_time=max_time, max_epochs=max_epochs, eval_users=eval_users, seed=seed,
+                           progress=progress)
     trained = train_run(data_dir, ids_path, out_dir, options)
     test = evaluate_run(out_dir, "test", max_users=eval_users, seed=seed, progress=progress)
 

@@ -51,6 +51,7 @@ from generator.runs.folder import (
     write_config,
 )
 from generator.runs.options import _FIXED_ON_RESUME, MONITOR, TrainOptions, parse_max_time, preset
+from generator.runs.out_folder import check_train_out
 from generator.runs.recommender import on_device
 from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots, CpuTimeLimit
 from generator.training.causal_data import CausalDataModule
@@ -60,7 +61,7 @@ from generator.training.t5_data import GeneratorDataModule
 from generator.training.t5_system import GeneratorSystem, dense_setup
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
-from semid.io import folder_lock
+from semid.io import folder_lock, remove_atomic_leftovers
 from semid.split import leave_one_out
 from semid.tree import PrefixTree
 
@@ -102,6 +103,7 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
     resume.
     """
     last = out / CHECKPOINT_DIR / LAST
+    remove_atomic_leftovers(out / CHECKPOINT_DIR)  # a checkpoint write a kill -9 cut short (we hold the lock)
     if not resume:
         if (out / "config.yaml").exists() or (out / CHECKPOINT_DIR).exists():
             if not _unfinished_first_run(out):
@@ -171,7 +173,9 @@ def train_run(
             exactly. A resume changes nothing the finished run serves with until its replacement is written:
             config.yaml is rewritten at the end, best.ckpt only by a better checkpoint, metrics_valid.json by the
             final evaluation (the other metrics_*.json are removed at the end if the best checkpoint changed).
-        FileExistsError: another training holds the folder's lock (``RUN/train.lock``).
+        FileExistsError: another training holds the folder's lock (``RUN/train.lock``, which must be a regular file:
+            a symbolic link there is refused, never followed); ``out_dir`` is a file, or a non-empty folder that is
+            not a run folder (``generator.runs.out_folder``).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
@@ -203,6 +207,8 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
     if resume:  # a folder it cannot write would fail at the first checkpoint, after the work: check it first
         check_writable(out / CONFIG_FILE, "the run's config")
         check_writable(out / CHECKPOINT_DIR / LAST, "checkpoints")
+    else:
+        check_train_out(out)  # not a file, not someone's folder: before anything is written into it
     with folder_lock(out, LOCK_FILE, what="a training"), SignalGuard(out) as guard:
         ckpt_path = _prepare_run_dir(out, ids, options, resume)
         try:

@@ -1,0 +1,87 @@
+"""Which folders a run may be written into or replaced, so that a wrong ``--out`` never loses anyone's files.
+
+    check_train_out(out)          # before `semid train` writes anything into `out`
+    refusal = replace_refusal(run_dir)   # None when `semid demo` may delete `run_dir`, else why not
+
+A run folder holds only the names in :data:`RUN_ENTRIES` (``generator.runs.folder``), the temporary files of their
+atomic writes, and nothing else. A training writes, before its ``config.yaml``, only :data:`EARLY_ENTRIES`; a folder
+holding nothing else (or nothing) is one a new training may write into. Anything else -- a codebooks folder, a
+dataset folder, someone's files -- is refused by name, as ``semid fit-codebooks`` refuses a foreign ``--out``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from generator.runs.folder import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    HYBRID_FILE,
+    IDS_FILE,
+    LOCK_FILE,
+    LOG_DIR,
+    TITLE_EMB_FILE,
+    TOKENIZER_DIR,
+    read_config,
+)
+from semid.io import atomic_target_name
+
+# what a training writes before config.yaml (the lock, the IDs copy, a title run's tokenizer)
+EARLY_ENTRIES = (LOCK_FILE, IDS_FILE, TOKENIZER_DIR)
+RUN_ENTRIES = (*EARLY_ENTRIES, CONFIG_FILE, CHECKPOINT_DIR, LOG_DIR, HYBRID_FILE, TITLE_EMB_FILE, f"{TITLE_EMB_FILE}.json")
+_RUN_PATTERNS = (re.compile(r"^metrics_[A-Za-z0-9_.-]+\.json$"), re.compile(r"^semantic_ids\.v[0-9]+\.npz$"))
+
+
+def _is_ours(name: str, names: tuple[str, ...], patterns: tuple[re.Pattern[str], ...]) -> bool:
+    name = atomic_target_name(name) or name  # an atomic write's temporary file is its target's
+    return name in names or any(p.match(name) for p in patterns)
+
+
+def foreign_entries(folder: Path, names: tuple[str, ...] = RUN_ENTRIES) -> list[str]:
+    """The entries of ``folder`` that a run does not write (sorted; folders end in "/"); ``names``: what counts as ours
+    (:data:`RUN_ENTRIES`, or :data:`EARLY_ENTRIES` for a folder without config.yaml). Symbolic links are never ours."""
+    patterns = _RUN_PATTERNS if names == RUN_ENTRIES else ()
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                  if p.is_symlink() or not _is_ours(p.name, names, patterns))
+
+
+def _shown(entries: list[str]) -> str:
+    return ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+
+
+def check_train_out(out: Path) -> None:
+    """Raise FileExistsError unless ``out`` is missing, a folder, and holds a run (``semid train`` decides what may
+    happen to it), or nothing but what a training writes before its config.yaml."""
+    if os.path.lexists(out) and not out.is_dir():
+        kind = "a symbolic link to something that is not a folder" if out.is_symlink() else "a file"
+        raise FileExistsError(f"{out}: exists and is {kind}; give --out a new folder (or a run folder to --resume)")
+    if not out.is_dir() or (out / CONFIG_FILE).exists() or (out / CHECKPOINT_DIR).exists():
+        return
+    foreign = foreign_entries(out, EARLY_ENTRIES)
+    if foreign:
+        raise FileExistsError(
+            f"{out}: not empty and not a run folder (it holds {_shown(foreign)}, which `semid train` does not write); "
+            "choose a new or empty folder for --out"
+        )
+
+
+def replace_refusal(run_dir: Path) -> str | None:
+    """Why ``run_dir`` may not be deleted to train a new run there, or None when it may: it is missing, or a run
+    folder semid wrote (config.yaml of a semid run, or a training stopped before writing it) holding nothing else.
+    Whether a training holds its lock is checked by taking the lock (``semid.io.folder_lock``)."""
+    if not os.path.lexists(run_dir):
+        return None
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        return "is not a folder (a file or a symbolic link)"
+    has_config = (run_dir / CONFIG_FILE).exists()
+    foreign = foreign_entries(run_dir, RUN_ENTRIES if has_config else EARLY_ENTRIES)
+    if foreign:
+        return f"holds {_shown(foreign)}, which semid does not write in a run folder"
+    if has_config:
+        try:
+            read_config(run_dir)
+        except (ValueError, FileNotFoundError) as e:
+            return f"its config.yaml is not one semid wrote ({e})"
+    return None
