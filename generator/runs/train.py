@@ -344,7 +344,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     # 5. the hybrid's fusion, chosen on validation users (an explicit step of training, never of evaluation), so
     # `--decoder hybrid` serves straight after training
     fusion = None
-    if options.dense and options.target == "ids":
+    if options.dense and options.target == "ids" and options.objective == "joint":  # a dense-only run has no hybrid
         run = on_device(load_run(out), "cuda" if torch.cuda.is_available() else None)
         fusion = choose_run_fusion(run, split, num_beams=options.num_beams, batch_size=options.eval_batch_size, seed=options.seed)
     seconds = time.perf_counter() - start
