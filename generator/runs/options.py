@@ -172,7 +172,7 @@ class TrainOptions:
         unknown = sorted(set(self.model_options or {}) - known)
         if unknown:
             raise ValueError(f"unknown `model_options` {unknown}; known: {sorted(known)}")
-        replace(preset(self.preset), **(self.model_options or {}))  # validates the values
+        causal_config(self)  # validates the values
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
@@ -185,6 +185,23 @@ class TrainOptions:
         if unknown:  # a typo or an option of another version would otherwise be dropped silently
             raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+def causal_config(options: TrainOptions, content_dim: int = 0) -> CausalConfig:
+    """The causal model config a run trains: the preset under ``model_options``, ``max_history`` from the options.
+
+    The ID input is tied to the dense head's table, so the table follows ``d_model`` when the input uses it; without
+    a dense head (``dense`` "none") the preset's ID input and distillation are off, and asking for them is an error.
+    """
+    given = options.model_options or {}
+    base = replace(preset(options.preset), **given)
+    if not options.dense:
+        asked = [k for k in ("id_input", "distill") if given.get(k)]
+        if asked:
+            raise ValueError(f"`model_options` {asked} need the dense head; drop them or pass `dense` 'id' or 'both'")
+        return replace(base, max_history=options.max_history, dense_dim=0, id_input=False, distill=0.0, content_dim=content_dim)
+    dense_dim = base.d_model if base.id_input else base.dense_dim
+    return replace(base, max_history=options.max_history, dense_dim=dense_dim, content_dim=content_dim)
 
 
 def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None:

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,7 +50,14 @@ from generator.runs.folder import (
     read_config,
     write_config,
 )
-from generator.runs.options import _FIXED_ON_RESUME, MONITOR, TrainOptions, parse_max_time, preset
+from generator.runs.options import (
+    _FIXED_ON_RESUME,
+    MONITOR,
+    TrainOptions,
+    causal_config,
+    parse_max_time,
+    preset,
+)
 from generator.runs.out_folder import check_train_out
 from generator.runs.recommender import on_device
 from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots, CpuTimeLimit
@@ -376,9 +383,7 @@ def _causal_setup(options: TrainOptions, dataset: Any, split: Any, ids: Semantic
         if int(ids.item_ids.max()) > dataset.num_items:
             raise ValueError(f"the semantic IDs have items above {dataset.num_items}, the dataset's last: no content for them")
         content = torch.from_numpy(dataset.embeddings(options.dense_embeddings)[ids.item_ids - 1]).float()
-    base = replace(preset(options.preset), **(options.model_options or {}))
-    config = replace(base, max_history=options.max_history, dense_dim=base.dense_dim if options.dense else 0,
-                     content_dim=0 if content is None else int(content.shape[1]))
+    config = causal_config(options, 0 if content is None else int(content.shape[1]))
     dm = CausalDataModule(split, ids, max_history=options.max_history, batch_size=options.batch_size,
                           eval_batch_size=options.eval_batch_size, val_users=options.val_users, seed=options.seed)
     item_tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)), dtype=torch.long)
