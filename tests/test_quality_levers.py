@@ -179,3 +179,13 @@ def test_without_code_input_the_input_is_the_id_vector_alone() -> None:
     with pytest.raises(ValueError, match="`code_input` False needs `id_input`"):
         CausalConfig(d_model=16, num_heads=2, dense_dim=16, code_input=False)
     assert CausalConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "code_input"}).code_input is True
+
+
+def test_a_checkpoint_of_a_distilled_model_passes_the_structural_checks() -> None:
+    """The load-time checks rebuild the config's model without node vectors; distillation (training only) must not
+    make that skeleton invalid."""
+    from generator.models.checkpoint_checks import check_causal
+
+    cfg = CausalConfig.from_dict({**CFG.to_dict(), "distill": 0.5})
+    model = _model(cfg)
+    check_causal(cfg, model.layout, model.state_dict(), "best.ckpt", None)  # raises on a mismatch

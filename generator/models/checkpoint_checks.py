@@ -90,7 +90,7 @@ def check_causal(meta_config: Any, layout: TokenLayout, state: dict[str, Any], p
         raise ValueError(f"{path}: tensor `content` must be ({rows.shape[0] + 1}, {meta_config.content_dim}), got "
                          f"{_shape(content)}; {_DAMAGED}")
     with torch.device("meta"):  # the config's model, without memory; the tree tables depend on data: checked after
-        skeleton = CausalGenerator(replace(meta_config, node_vectors=False), layout, rows.to("meta"),
+        skeleton = CausalGenerator(replace(meta_config, node_vectors=False, distill=0.0), layout, rows.to("meta"),
                                    content[1:].to("meta") if meta_config.content_dim else None)
     check_shapes(skeleton.state_dict(), state, path, _TREE_TABLE if meta_config.node_vectors else None)
 
