@@ -57,6 +57,54 @@ def train(args: argparse.Namespace) -> None:
                  "python -m experiments.study " + shlex.join(sys.argv[1:]))
 
 
+def snapshot(args: argparse.Namespace) -> None:
+    """Evaluate a study run's ``best_<M>min.ckpt`` on all test users and write the lever's table rows: for a run
+    stopped after a budget snapshot (the 60-minute run of a lever that lost its 15-minute screen)."""
+    import torch
+
+    from generator.runs.evaluate import evaluate_run
+
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.work) / args.lever
+    snaps = json.loads((run_dir / "checkpoints" / "snapshots.json").read_text())
+    rows = []
+    for minutes, snap in sorted(snaps.items(), key=lambda kv: float(kv[0])):
+        for decoder in args.decoders.split(","):
+            m = evaluate_run(run_dir, "test", checkpoint=run_dir / "checkpoints" / snap["checkpoint"], decoder=decoder,
+                             num_beams=20, batch_size=args.eval_batch_size)
+            rows.append({"design": args.lever, "minutes": float(minutes), "decoder": decoder, "step": snap["step"],
+                         "val_score": snap["best_score"], **{k: m[k] for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")},
+                         "users": m["users_evaluated"]})
+            print(json.dumps(rows[-1]), flush=True)
+    write_json(STUDY / f"{args.lever}{args.tag}.json", {"design": args.lever, "rows": rows, "threads": args.threads,
+                                                         "command": "python -m experiments.study " + shlex.join(sys.argv[1:])})
+
+
+def _baseline_rows() -> list[dict[str, Any]]:
+    """The default design before the study (``experiments/results/learning_curve_causal.json``: wall-clock minutes on
+    an otherwise idle machine, one thread, which is CPU time there)."""
+    f = RESULTS / "learning_curve_causal.json"
+    if not f.is_file():
+        return []
+    return [{"lever": "default before the study (learning curve)", "minutes": r["minutes"], "decoder": r["decoder"], **r}
+            for r in json.loads(f.read_text())["rows"] if r["minutes"] in (15, 60) and r["decoder"] in ("beam", "dense", "hybrid")]
+
+
+def _peer_rows() -> list[dict[str, Any]]:
+    """The installed peers run here (``experiments/peers.py`` -> ``experiments/results/peers.json``)."""
+    f = RESULTS / "peers.json"
+    if not f.is_file():
+        return []
+    out = []
+    for r in json.loads(f.read_text()).get("rows", []):
+        test = r.get("test", r)
+        if "recall@10" not in test:
+            continue
+        out.append({"lever": f"peer: {r.get('peer', r.get('model'))}", "minutes": r.get("cpu_minutes", r.get("minutes", 15)),
+                    "decoder": r.get("decoder", "its own"), **{k: test[k] for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")}})
+    return out
+
+
 def _sasrec_rows() -> list[dict[str, Any]]:
     rows = []
     for f in sorted(WORK.glob("sasrec*/result.json")):
@@ -67,7 +115,7 @@ def _sasrec_rows() -> list[dict[str, Any]]:
 
 
 def report(args: argparse.Namespace) -> None:
-    rows = _sasrec_rows()
+    rows = _sasrec_rows() + _baseline_rows() + _peer_rows()
     runs = [json.loads(p.read_text()) for p in sorted(STUDY.glob("*.json"))]
     for run in runs:
         for r in run["rows"]:
@@ -106,9 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--eval-batch-size", type=int, default=256)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--tag", default="")
+    s = sub.add_parser("snapshot")
+    s.add_argument("--lever", choices=sorted(LEVERS), required=True)
+    s.add_argument("--decoders", default="beam,dense")
+    s.add_argument("--work", default=str(WORK))
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--eval-batch-size", type=int, default=256)
+    s.add_argument("--tag", default="")
     sub.add_parser("report")
     args = p.parse_args(argv)
-    train(args) if args.cmd == "train" else report(args)
+    {"train": train, "snapshot": snapshot, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":
