@@ -62,14 +62,21 @@ def snapshot(args: argparse.Namespace) -> None:
     stopped after a budget snapshot (the 60-minute run of a lever that lost its 15-minute screen)."""
     import torch
 
+    from generator.runs.decoders import choose_run_fusion
     from generator.runs.evaluate import evaluate_run
+    from generator.runs.load import load_any_run
 
     torch.set_num_threads(args.threads)
     run_dir = Path(args.work) / args.lever
     snaps = json.loads((run_dir / "checkpoints" / "snapshots.json").read_text())
     rows = []
     for minutes, snap in sorted(snaps.items(), key=lambda kv: float(kv[0])):
+        if args.minutes and float(minutes) not in args.minutes:
+            continue
         for decoder in args.decoders.split(","):
+            if decoder == "hybrid":  # the fusion for this snapshot's checkpoint, chosen on validation users
+                choose_run_fusion(load_any_run(run_dir, run_dir / "checkpoints" / snap["checkpoint"]),
+                                  batch_size=args.eval_batch_size)
             m = evaluate_run(run_dir, "test", checkpoint=run_dir / "checkpoints" / snap["checkpoint"], decoder=decoder,
                              num_beams=20, batch_size=args.eval_batch_size)
             rows.append({"design": args.lever, "minutes": float(minutes), "decoder": decoder, "step": snap["step"],
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("snapshot")
     s.add_argument("--lever", choices=sorted(LEVERS), required=True)
     s.add_argument("--decoders", default="beam,dense")
+    s.add_argument("--minutes", type=lambda t: [float(m) for m in t.split(",")], default=None,
+                   help="the budgets to evaluate (default: every snapshot)")
     s.add_argument("--work", default=str(WORK))
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--eval-batch-size", type=int, default=256)
