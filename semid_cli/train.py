@@ -127,12 +127,7 @@ class ModelOptionsAction(argparse.Action):
         known = (set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}) | set(TITLE_OPTION_KEYS)
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
-        options = dict(getattr(namespace, self.dest) or {})
-        try:
-            options[key] = yaml_value(text, f"{option} {key}")
-        except ValueError as e:
-            parser.error(str(e))
-        setattr(namespace, self.dest, options)
+        _set_option(parser, namespace, self.dest, option, key, text)
 
 
 def _d(name: str) -> str:
@@ -186,9 +181,15 @@ class DenseOptionsAction(argparse.Action):
         known = set(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"}
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
-        options = dict(getattr(namespace, self.dest) or {})
-        try:
-            options[key] = yaml_value(text, f"{option} {key}")
-        except ValueError as e:
-            parser.error(str(e))
-        setattr(namespace, self.dest, options)
+        _set_option(parser, namespace, self.dest, option, key, text)
+
+
+def _set_option(parser: argparse.ArgumentParser, namespace: argparse.Namespace, dest: str, option: object, key: str,
+                text: str) -> None:
+    """Add ``key`` = the YAML-typed ``text`` to the dict option ``dest`` (a usage error names a bad value)."""
+    options = dict(getattr(namespace, dest) or {})
+    try:
+        options[key] = yaml_value(text, f"{option} {key}")
+    except ValueError as e:
+        parser.error(str(e))
+    setattr(namespace, dest, options)
