@@ -5,8 +5,7 @@
 #   bash experiments/gpu_check.sh [DATA] [BUDGET]      # defaults: /work/shared/data/beauty 00:04:00
 #
 # Needs a CUDA machine, one call, under 8 minutes (codebooks ~1 min on the CPU, 4 min of training, evaluation).
-# Depends on experiments/sasrec.py (the lead's plain SASRec reference) taking --data --max-time --device --out and
-# writing OUT/metrics.json with steps, epochs, seconds and test recall@10 / ndcg@10.
+# The plain SASRec is experiments/sasrec.py (wall-clock budget here: --clock wall), which writes OUT/result.json.
 # NOT RUN YET: no GPU was lent to the session that wrote it.
 set -euo pipefail
 DATA=${1:-/work/shared/data/beauty}
@@ -14,25 +13,25 @@ BUDGET=${2:-00:04:00}
 OUT=${OUT:-$(mktemp -d)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-[ -f "$OUT/ids/semantic_ids.npz" ] || python -m semid.cli fit-codebooks --embeddings "$DATA/item_emb_minilm.npy" \
+[ -f "$OUT/ids/semantic_ids.npz" ] || python -m semid_cli fit-codebooks --embeddings "$DATA/item_emb_minilm.npy" \
     --out "$OUT/ids" --no-progress > "$OUT/codebooks.log"
-python -m semid.cli train --data "$DATA" --ids "$OUT/ids" --out "$OUT/semid" --max-time "$BUDGET" --accelerator gpu \
+python -m semid_cli train --data "$DATA" --ids "$OUT/ids" --out "$OUT/semid" --max-time "$BUDGET" --accelerator gpu \
     --no-progress --final-val-users 0 > "$OUT/semid.log" 2>&1 &
 SEMID=$!
-python -m experiments.sasrec --data "$DATA" --max-time "$BUDGET" --device cuda --out "$OUT/sasrec" > "$OUT/sasrec.log" 2>&1 &
+python -m experiments.sasrec --data "$DATA" --max-time "$BUDGET" --clock wall --device cuda --out "$OUT/sasrec" > "$OUT/sasrec.log" 2>&1 &
 SASREC=$!
 wait $SEMID || { tail -20 "$OUT/semid.log"; exit 1; }
 wait $SASREC || { tail -20 "$OUT/sasrec.log"; exit 1; }
-python -m semid.cli evaluate --run "$OUT/semid" --split test --device cuda --no-progress > "$OUT/semid_test.log"
+python -m semid_cli evaluate --run "$OUT/semid" --split test --device cuda --no-progress > "$OUT/semid_test.log"
 python - "$OUT" <<'PY'
 import json, sys, pathlib, yaml
 out = pathlib.Path(sys.argv[1])
 cfg = yaml.safe_load((out / "semid" / "config.yaml").read_text())
 test = json.loads((out / "semid" / "metrics_test.json").read_text())
 m = test.get("metrics", test)
-s = json.loads((out / "sasrec" / "metrics.json").read_text())
+s = json.loads((out / "sasrec" / "result.json").read_text())
 rows = [("semid (default)", cfg["steps"] / cfg["train_seconds"], cfg["epochs"], m["recall@10"], m["ndcg@10"]),
-        ("SASRec", s["steps"] / s["seconds"], s["epochs"], s["recall@10"], s["ndcg@10"])]
+        ("SASRec", s["steps"] / s["train_s"], s["epochs"], s["test"]["recall@10"], s["test"]["ndcg@10"])]
 print(f"{'model':<16} {'steps/s':>8} {'epochs':>7} {'R@10':>7} {'N@10':>7}")
 for name, rate, ep, r, n in rows:
     print(f"{name:<16} {rate:8.1f} {ep:7.1f} {r:7.4f} {n:7.4f}")

@@ -106,7 +106,7 @@ class SASRec(nn.Module):
 
     def forward(self, rows1: torch.Tensor) -> torch.Tensor:
         B, T = rows1.shape
-        x = torch.zeros(B, T, self.item.embedding_dim) if self.input == "codes" else self.item(rows1)
+        x = self.item.weight.new_zeros(B, T, self.item.embedding_dim) if self.input == "codes" else self.item(rows1)
         if self.input != "id":
             c = self.code_rows[rows1]  # (B, T, L); -1 for padding
             x = x + self.code(c.clamp_min(0)).masked_fill((c < 0).unsqueeze(-1), 0.0).sum(-2)
@@ -135,8 +135,9 @@ def evaluate(model: SASRec, histories: list[np.ndarray], targets: np.ndarray, ba
     metrics = RankingMetrics((5, 10))
     for lo in range(0, len(histories), batch):
         x, lengths = _histories(histories[lo: lo + batch], model.max_len)
-        h = model(x)[torch.arange(x.shape[0]), lengths - 1]  # (B, D)
-        top = model.scores(h).topk(10).indices + 1  # item ids
+        dev = model.item.weight.device
+        h = model(x.to(dev))[torch.arange(x.shape[0], device=dev), lengths.to(dev) - 1]  # (B, D)
+        top = (model.scores(h).topk(10).indices + 1).cpu()  # item ids
         metrics.update(top, torch.as_tensor(targets[lo: lo + batch]))
     model.train()
     return metrics.compute()
