@@ -152,6 +152,15 @@ def report(args: argparse.Namespace) -> None:
     for r in sorted(rows, key=lambda r: (r["minutes"], r["lever"], r["decoder"])):
         lines.append(f"| {r['lever']} | {r['minutes']:g} | {r['decoder']} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | "
                      f"{r['recall@10']:.4f} | {r['ndcg@10']:.4f} |")
+    lines += ["", "Notes:", "",
+              "- The from-scratch SASRec (`experiments/sasrec.py`, its own blocks, Adam 1e-3) was started twice and stopped: its",
+              "  first three epochs learned several times slower than semid's backbone (validation R@10 0.011-0.013 after 3",
+              "  epochs, semid's 0.048), so the in-harness SASRec (`sasrec-in-harness`) is the reference. The issue's 0.0721",
+              "  for a plain SASRec at 15 CPU-minutes was not reproduced here: the in-harness one reached 0.0557 at 15 and",
+              "  0.0633 at 60 CPU-minutes.",
+              "- RecBole's SASRec ran its own recipe (batch 2048, dropout 0.5, one target per prefix): 3 epochs in 15 CPU-minutes,",
+              "  not converged. cornac's RPG and TIGER ran only as smoke runs (`experiments/results/peers.md`): a 15-minute",
+              "  RPG ends inside its first epoch on one thread, TIGER's per-user beam needs ~46 CPU-minutes to rank all users."]
     if WHY:
         lines += ["", "| lever | kept? | why |", "| --- | --- | --- |"] + [f"| {k} | {v} |" for k, v in WHY.items()]
     lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in runs]
