@@ -25,6 +25,7 @@ COMMANDS = {
     "recommend": ("semid_cli.recommend", "top-k items for a history"),
     "choose-fusion": ("semid_cli.choose_fusion", "choose the hybrid decoder's fusion on validation users"),
     "add-items": ("semid_cli.add_items", "add items that came after training to a run, for good"),
+    "serve": ("semid_cli.serve", "serve a run over HTTP: recommend, items, health, metrics, reload"),
     "digest": ("semid_cli.digest", "print the digests that pin a run, to check with --expect-sha256"),
     "demo": ("semid_cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }
