@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
+
+from semid_cli import console
 
 # command -> (module, one-line help), in the order they appear in `semid --help`. Only the module of the command
 # being run is imported, so `semid prepare` loads neither torch nor lightning nor transformers.
@@ -25,6 +26,7 @@ COMMANDS = {
     "recommend": ("semid_cli.recommend", "top-k items for a history"),
     "choose-fusion": ("semid_cli.choose_fusion", "choose the hybrid decoder's fusion on validation users"),
     "add-items": ("semid_cli.add_items", "add items that came after training to a run, for good"),
+    "serve": ("semid_cli.serve", "serve a run over HTTP: recommend, items, health, metrics, reload"),
     "digest": ("semid_cli.digest", "print the digests that pin a run, to check with --expect-sha256"),
     "demo": ("semid_cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }
@@ -35,7 +37,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with ``command``, only that command's module is imported (the others get a stub)."""
     parser = argparse.ArgumentParser(prog="semid", description="Generative retrieval with semantic IDs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, with Lightning's detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         if command is None or name == command:
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _command(argv)
     parser = build_parser(command) if command is not None else build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    console.setup(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:

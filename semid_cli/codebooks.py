@@ -39,6 +39,7 @@ from semid.codebooks import (
 from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
+from semid_cli.console import progress_default
 
 # chosen from experiments/results/codebooks.md: both methods meet the targets with the balanced last level;
 # residual k-means fits in a fraction of the time and reconstructs the embeddings better
@@ -104,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rqkmeans only: mini-batch k-means instead of Lloyd's (large catalogues)",
     )
     p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar"
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)"
     )
     p.set_defaults(func=run)
 
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
     embeddings = check_embedding_values(read_npy(args.embeddings), args.embeddings)  # errors name the file
-    result = fit_codebooks(embeddings, config, progress=args.progress)
+    result = fit_codebooks(embeddings, config, progress=progress_default(args.progress))
     stats = write_codebooks(
         args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size
     )

@@ -25,6 +25,7 @@ from semid.codebooks import CODEBOOK_FILES
 from semid.data import format_summary, load_dataset, summary
 from semid.io import atomic_target_name, folder_lock, write_json
 from semid.split import leave_one_out
+from semid_cli.console import epoch_lines, progress_default
 
 EMBEDDINGS = "minilm"
 DEMO_ENTRIES = ("data_summary.json", "ids", "run")  # all the demo writes into --out
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-users", type=_users, default=None,
                    help="test (and final validation) users evaluated: a number for a seeded sample, or all (default all, about 20 s)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show progress bars (default: on a terminal, else one line per epoch)")
     p.set_defaults(func=run)
 
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from semid_cli import build_parser
 
     start = time.perf_counter()
+    args.progress = progress_default(args.progress)  # bars on a terminal, else one line per epoch
     # 0. every argument, then the folder, before anything is written or deleted
     demo_options(max_time=args.max_time, eval_users=args.eval_users, seed=args.seed, progress=args.progress)
     if not (args.data / "items.jsonl").is_file():
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     _step(f"3/4 training the default design for {args.max_time}, then 4/4 evaluating {who} test users")
     report = train_evaluate_show(
         args.data, ids_dir / "semantic_ids.npz", run_dir, max_time=args.max_time, eval_users=args.eval_users,
-        seed=args.seed, progress=args.progress,
+        seed=args.seed, progress=args.progress, callbacks=[] if args.progress else [epoch_lines()],
     )
     print()
     print(report.text)

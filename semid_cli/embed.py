@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from semid.embed import FIELDS, embed_dataset
+from semid_cli.console import progress_default
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="the file's <name> (default: from the model folder's name)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar"
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)"
     )
     p.set_defaults(func=run)
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         device=args.device,
-        progress=args.progress,
+        progress=progress_default(args.progress),
     )
     print(f"wrote {result.path}  ({result.num_items} items x {result.dim} dims, {result.seconds:.1f} s)")
     return 0

@@ -11,6 +11,7 @@ import torch
 from generator.decoding import registry
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
+from semid_cli.console import progress_default
 
 
 def _users(text: str) -> int | None:
@@ -43,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
                    "checkpoint have these digests (a file from `semid digest --run RUN`, or its --combined hex)")
     p.add_argument("--device", help="cpu, cuda, ... (default cuda where available, else cpu)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar (default: one on a terminal)")
     p.set_defaults(func=run)
 
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         m = evaluate_run(
             args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
             batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
-            device=args.device, progress=args.progress, alpha=args.alpha,
+            device=args.device, progress=progress_default(args.progress), alpha=args.alpha,
         )
     except DecoderError as e:  # a RuntimeError, which semid_cli.main does not catch
         if args.debug:

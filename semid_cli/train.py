@@ -18,6 +18,7 @@ from generator.runs.options import DESIGN_DEFAULTS, PRESETS, TrainOptions
 from generator.runs.train import train_run
 from generator.training.resume import TrainingInterrupted
 from semid.safe_read import yaml_value
+from semid_cli.console import epoch_lines, progress_default
 
 
 def _users(text: str) -> int | None:
@@ -107,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--num-workers", type=int, help="DataLoader worker processes (default 0)")
     g.add_argument("--threads", type=int, help=f"torch CPU threads while training (default {d.threads}: two threads "
                    "collapse on a busy 2-core machine; raise it on a machine with cores to spare)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars (default: bars on a terminal, else one line per epoch)")
     g = p.add_argument_group("resume points (checkpoints/resume.ckpt: `--resume` continues exactly from there)")
     g.add_argument("--resume-every-steps", type=int, help="write one every N optimiser steps, 0 = not by steps (default 0)")
     g.add_argument("--resume-every-seconds", type=float, help=f"write one every T seconds, 0 = not by time "
@@ -147,10 +148,12 @@ def ids_file(path: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
+    given["progress"] = progress_default(args.progress)  # a bar on a terminal, else one line per epoch
     base = read_config(args.out).get("train", {}) if args.resume else {}
     options = TrainOptions.from_dict({**base, **given})
     try:
-        result = train_run(args.data, ids_file(args.ids), args.out, options, resume=args.resume)
+        result = train_run(args.data, ids_file(args.ids), args.out, options, resume=args.resume,
+                           callbacks=[] if options.progress else [epoch_lines()])
     except TrainingInterrupted as e:  # the folder holds a resume point: say how to continue, exit 128 + signal
         print(f"semid train: {e}", file=sys.stderr)
         return e.exit_code

@@ -71,3 +71,11 @@ def tiny_dataset_dir(tmp_path: Path) -> Path:
     folder = write_canonical(tmp_path / "tiny", TINY_ITEMS, TINY_SEQUENCES)
     np.save(folder / "item_emb_tiny.npy", TINY_EMBEDDINGS)
     return folder
+
+
+@pytest.fixture(scope="session")
+def serve_world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny trained run and a second version of it, for the service's tests (tests/serve_helpers.py)."""
+    from tests.serve_helpers import build_world
+
+    return build_world(tmp_path_factory.mktemp("serve"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -64,6 +65,7 @@ def train_evaluate_show(
     k: int = 10,
     seed: int = 0,
     progress: bool = True,
+    callbacks: Sequence[Any] = (),
 ) -> DemoReport:
     """Train a generator for ``max_time``, evaluate on ``eval_users`` test users, recommend for ``show_users`` users.
 
@@ -72,7 +74,7 @@ def train_evaluate_show(
     """
     options = demo_options(preset=preset, max_time=max_time, max_epochs=max_epochs, eval_users=eval_users, seed=seed,
                            progress=progress)
-    trained = train_run(data_dir, ids_path, out_dir, options)
+    trained = train_run(data_dir, ids_path, out_dir, options, callbacks=callbacks)
     test = evaluate_run(out_dir, "test", max_users=eval_users, seed=seed, progress=progress)
 
     run = load_run(out_dir)

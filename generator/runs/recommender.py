@@ -165,6 +165,15 @@ class Recommender:
         """The names this Recommender serves."""
         return tuple(self._decoders)
 
+    def resolve(self, decoder: str | None = None) -> str:
+        """The served name ``decoder`` stands for ("auto", an alias, None: the default); a ValueError says why a name
+        is not served (unknown, another backbone's, not loaded, or what the run lacks for it)."""
+        return self._decoder(decoder)
+
+    def score_kind(self, decoder: str | None = None) -> str:
+        """What the scores of ``decoder`` are (one of ``generator.decoding.protocol.SCORES``)."""
+        return self._decoders[self._decoder(decoder)].score
+
     # ---- serving -------------------------------------------------------------------------------------------------
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, decoder: str | None = None, *,
                   exclude_history: bool = False, user_ids: Sequence[int] | None = None, num_beams: int | None = None,

@@ -317,7 +317,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         return TrainResult(out, best, None, float(trainer.current_epoch), trainer.global_step, time.perf_counter() - start, padded, None)
     if trainer.global_step > 0:  # this process ran the loop: its counters are the truth
         # Lightning rewrites last.ckpt only when a checkpoint is saved (the best score improved): make it the end
-        trainer.save_checkpoint(ckpt_dir / LAST)
+        trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)
         (ckpt_dir / RESUME).unlink(missing_ok=True)  # last.ckpt is the newer point now
     # read from the last checkpoint: with ddp_spawn this process's trainer never ran the loop
     score, steps = _final_state(ckpt_dir / LAST)

@@ -1,0 +1,287 @@
+"""The FastAPI app of ``semid serve`` (routes in the module doc of docs/architecture.md, "The serving path").
+
+Handlers read the body themselves (a byte limit, then ``json.loads``) and check it with ``generator.serving.requests``,
+so every refusal is a 4xx JSON that names the field, the value and what is allowed; the pydantic models below only
+document the API (the OpenAPI page at ``/docs``). The event loop checks and answers; the decoding worker
+(``generator.serving.batcher``) runs torch; a reload loads on a thread of its own (``generator.serving.holder``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from generator.runs.recommender import Recommendation
+from generator.serving.batcher import MicroBatcher
+from generator.serving.holder import Holder, Served, watch_signature
+from generator.serving.metrics import ROUTES, Metrics, MetricsMiddleware
+from generator.serving.requests import ApiError, Limits, parse_body, parse_query
+
+log = logging.getLogger(__name__)
+
+
+# ---- the API's documentation (OpenAPI) ---------------------------------------------------------------------------
+class RecommendRequest(BaseModel):
+    history: list[int] = Field(description="item ids, oldest first", examples=[[12, 45, 99]])
+    k: int = Field(10, description="items to return: 1 to min(100, catalogue size)")
+    decoder: str = Field("auto", description="a decoder the service loaded (see /readyz); auto: the service's default")
+    exclude_history: bool = Field(True, description="leave the history's items out of the ranking")
+
+
+class BatchRequest(BaseModel):
+    histories: list[list[int]] = Field(description="one history per user (item ids, oldest first), at most 1024")
+    k: int = 10
+    decoder: str = "auto"
+    exclude_history: bool = True
+
+
+class RankedItem(BaseModel):
+    rank: int
+    item_id: int
+    asin: str | None = Field(description="the dataset's original id (null where the catalogue has none)")
+    title: str | None
+    score: float | None = Field(description="what `score_kind` says; higher is better")
+
+
+class RecommendResponse(BaseModel):
+    version: str = Field(description="the model version: ckpt-<sha256[:16]>.ids-<sha256[:16]>")
+    decoder: str
+    score_kind: str = Field(description="what the scores are (log-likelihood, inner product, fused, ...)")
+    k: int
+    items: list[RankedItem]
+
+
+class BatchResponse(BaseModel):
+    version: str
+    decoder: str
+    score_kind: str
+    k: int
+    results: list[list[RankedItem]]
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, str | None] = Field(description="field, value, allowed, message")
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (400, 404, 413, 422, 503)}
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), status, media_type="application/json")
+
+
+def _error(status: int, field: str | None, value: str | None, allowed: str | None, message: str) -> Response:
+    return _json({"error": {"field": field, "value": value, "allowed": allowed, "message": message}}, status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body", f"{declared} bytes", f"at most {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # a body without a length is counted as it comes
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body", f"more than {limit} bytes", f"at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _ranked(served: Served, out: Recommendation) -> list[dict[str, Any]]:
+    rows = served.rows(out.items).tolist()
+    return [{"rank": r, "item_id": i, "asin": served.asins[row], "title": served.titles[row],
+             "score": s if math.isfinite(s) else None}
+            for r, (i, row, s) in enumerate(zip(out.items.tolist(), rows, out.scores.tolist(), strict=True), start=1)]
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address ("testclient")
+        return host == "localhost"
+
+
+def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0, threads: int = 1,
+               limits: Limits | None = None, admin_token: str | None = None, watch_seconds: float = 0.0) -> FastAPI:
+    """The service's app over ``holder`` (its current version, and how to load a new one).
+
+    Args:
+        max_batch, max_wait_ms, threads: the micro-batcher's (``MicroBatcher``).
+        admin_token: /admin routes also answer non-loopback clients that send ``Authorization: Bearer TOKEN``.
+        watch_seconds: poll the run's files this often and reload when they changed and held still for one poll
+            (0: no watch; reload with POST /admin/reload).
+    """
+    limits = limits if limits is not None else Limits()
+    metrics = Metrics()
+    batcher = MicroBatcher(max_batch=max_batch, max_wait_ms=max_wait_ms, threads=threads, on_batch=metrics.on_batch)
+    if holder.current is not None:
+        metrics.model.info({"version": holder.current.version})
+
+    async def watch() -> None:
+        last = pending = await asyncio.to_thread(watch_signature, holder.run_dir)
+        while True:
+            await asyncio.sleep(watch_seconds)
+            sig = await asyncio.to_thread(watch_signature, holder.run_dir)
+            if sig == last:
+                continue
+            if sig != pending:  # changed since the last poll: wait until the writer is done
+                pending = sig
+                continue
+            last = sig
+            try:
+                await reload_now(None)
+            except ApiError as e:
+                log.warning("file watch: %s", e.message)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        batcher.start()
+        task = asyncio.create_task(watch()) if watch_seconds > 0 else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            await asyncio.to_thread(batcher.stop)
+
+    app = FastAPI(title="semid", version="1", lifespan=lifespan, description="Next-item recommendations from a semid run "
+                  "(generative retrieval with semantic IDs). Errors are JSON: {error: {field, value, allowed, message}}.")
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.state.holder, app.state.batcher, app.state.metrics = holder, batcher, metrics
+
+    def ready() -> Served:
+        served = holder.current
+        if served is None or not batcher.alive:
+            raise ApiError(503, None, None, None, "no model is loaded yet (see /readyz)")
+        return served
+
+    async def decode(served: Served, doc: dict[str, Any], batch: bool) -> tuple[Any, list[Recommendation]]:
+        q = parse_query(doc, served.rec, limits, batch=batch)
+        try:
+            return q, await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history)
+        except (ValueError, TypeError) as e:
+            raise ApiError(422, "request", None, None, str(e)) from None
+
+    async def reload_now(expect: str | None) -> Served:
+        old = holder.current
+        try:
+            new = await holder.reload(expect)
+        except ApiError:
+            metrics.reloads.labels("refused").inc()
+            raise
+        metrics.reloads.labels("done").inc()
+        metrics.model.info({"version": new.version})
+        log.info("reloaded: %s -> %s", old.version if old else None, new.version)
+        return new
+
+    # ---- routes --------------------------------------------------------------------------------------------------
+    @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS, openapi_extra=_body_doc(RecommendRequest))
+    async def recommend(request: Request) -> Response:
+        """Top-k items for one history."""
+        served = ready()
+        q, out = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=False)
+        return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
+                      "k": q.k, "items": _ranked(served, out[0])})
+
+    @app.post("/recommend/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=_body_doc(BatchRequest))
+    async def recommend_batch(request: Request) -> Response:
+        """Top-k items for each of many histories (results in the order of `histories`)."""
+        served = ready()
+        q, out = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=True)
+        return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
+                      "k": q.k, "results": [_ranked(served, o) for o in out]})
+
+    @app.get("/items/{item_id}", responses=ERRORS)
+    async def item(item_id: str) -> Response:
+        """An item: its asin, title and semantic ID (codes, one per level)."""
+        served = ready()
+        ids = served.rec.run.ids.item_ids
+        allowed = f"an item id of the catalogue ({int(ids[0])}..{int(ids[-1])}, {len(ids)} items)"
+        if not (item_id.isascii() and item_id.isdigit()) or len(item_id) > 18:
+            raise ApiError(422, "item_id", item_id, allowed)
+        row = int(served.rows(int(item_id)))
+        if row >= len(ids) or ids[row] != int(item_id):
+            raise ApiError(404, "item_id", item_id, allowed, f"no item {item_id}: `item_id` must be {allowed}")
+        return _json({"item_id": int(item_id), "asin": served.asins[row], "title": served.titles[row],
+                      "semantic_id": served.rec.run.ids.codes[row].tolist(), "version": served.version})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """The process is up."""
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """A model is loaded and the decoding worker runs (503 otherwise)."""
+        served = holder.current
+        if served is None or not batcher.alive:
+            return _json({"status": "not ready", "model_loaded": served is not None, "worker": batcher.alive}, 503)
+        rec = served.rec
+        return _json({"status": "ready", "version": served.version, "decoders": list(rec.decoders),
+                      "default_decoder": rec.resolve(None), "items": int(rec.run.ids.num_items),
+                      "reloading": holder.reloading})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        """Prometheus text: request counts, latency, batch sizes, reloads, the version."""
+        body, kind = metrics.text()
+        return Response(body, media_type=kind)
+
+    @app.post("/admin/reload", responses=ERRORS | {403: {"model": ErrorBody}, 409: {"model": ErrorBody}})
+    async def reload(request: Request) -> Response:
+        """Load the run folder again (a new IDs version, a new best checkpoint) beside the served version and swap;
+        a version that fails is refused and the running one keeps serving. Loopback clients, or the admin token.
+        Body (optional): {"expect_sha256": "<combined digest>"}, required when the service was started pinned."""
+        host = request.client.host if request.client else None
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not _is_loopback(host) and not (admin_token and hmac.compare_digest(given.encode(), admin_token.encode())):
+            raise ApiError(403, "client", host, "a loopback client, or `Authorization: Bearer TOKEN` with the token "
+                           "given at start (--admin-token)", f"/admin routes answer loopback clients or the admin "
+                           f"token only; {host} sent {'a wrong token' if given else 'no token'}")
+        body = await _read_body(request, limits.max_body_bytes)
+        doc = parse_body(body) if body.strip() else {}
+        extra = [name for name in doc if name != "expect_sha256"]
+        if extra:
+            raise ApiError(422, extra[0], doc[extra[0]], "only `expect_sha256`")
+        old = holder.current
+        new = await reload_now(doc.get("expect_sha256"))
+        return _json({"version": new.version, "previous": old.version if old else None})
+
+    # ---- errors: JSON, never a traceback -----------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return _json(e.body(), e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        allowed = f"one of {[r for r in ROUTES]} or /items/{{id}}" if e.status_code == 404 else None
+        return _error(e.status_code, "path", request.url.path, allowed, f"{e.detail}: {request.method} {request.url.path}")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {}
+        return _error(422, ".".join(map(str, first.get("loc", ()))), repr(first.get("input"))[:80], None, str(first.get("msg")))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> Response:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, None, None, None, "internal error: the service logged it and goes on serving")
+
+    return app

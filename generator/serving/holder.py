@@ -1,0 +1,130 @@
+"""The served version and its swap without downtime.
+
+:class:`Served` is one loaded version: a ``Recommender`` plus the item id -> asin and title lists a response reads,
+built once. :class:`Holder` keeps the current one. A reload loads the new version on a thread beside the old one
+(the event loop and the decoding worker go on), checks it, and swaps one reference: a request takes the current
+version when it is checked and is decoded and answered by that version to the end, so requests in flight finish on
+the old one, which is freed when the last of them is answered. A version that fails to load, fails its pin or
+serves fewer decoders than the running one is refused with the reason, and the old one keeps serving.
+
+:func:`watch_signature` is what a file watch compares: the size and mtime of the files a version is made of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
+from generator.runs.pinning import check_pinned
+from generator.runs.recommender import Recommender
+from generator.serving.requests import ApiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    """One loaded version. asins, titles: aligned with ``rec.run.ids.item_ids`` (None where the dataset has none)."""
+
+    rec: Recommender
+    asins: list[str | None]
+    titles: list[str | None]
+    loaded_at: float
+
+    @classmethod
+    def build(cls, rec: Recommender) -> Served:
+        ids = rec.run.ids.item_ids.tolist()
+        cat = rec.catalogue
+        n = cat.num_items if cat is not None else 0
+        asins = [cat.original_ids[i - 1] if 1 <= i <= n else None for i in ids]  # once per load
+        titles = [cat.titles[i - 1] if 1 <= i <= n else None for i in ids]
+        return cls(rec, asins, titles, time.time())
+
+    @property
+    def version(self) -> str:
+        return self.rec.version
+
+    def rows(self, items: np.ndarray) -> np.ndarray:
+        """Rows of ``items`` (int64, all served item ids) in ``rec.run.ids.item_ids``."""
+        return np.searchsorted(self.rec.run.ids.item_ids, items)
+
+
+def watch_signature(run_dir: Path) -> tuple:
+    """(name, size, mtime_ns) of config.yaml, semantic_ids.npz, hybrid.json and the best checkpoint (absent: None)."""
+    names = [CONFIG_FILE, IDS_FILE, HYBRID_FILE]
+    try:
+        names.append(str(best_checkpoint(run_dir, read_config(run_dir))))
+    except (ValueError, FileNotFoundError, OSError):  # mid-write or broken: the reload will say why
+        pass
+    out = []
+    for name in names:
+        try:
+            st = os.stat(run_dir / name)
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None))
+    return tuple(out)
+
+
+class Holder:
+    """The current :class:`Served` and the one way to replace it (:meth:`reload`).
+
+    Args:
+        load: builds a new Recommender (from the run folder, with the service's options); runs on a worker thread.
+        run_dir: the run folder, for pins and the file watch.
+        pinned: the service was started with ``--expect-sha256``: a reload must name the new version's digest.
+    """
+
+    def __init__(self, load: Callable[[], Recommender], run_dir: Path, *, served: Served | None = None,
+                 pinned: bool = False) -> None:
+        self._load, self.run_dir, self.pinned = load, Path(run_dir), pinned
+        self.current: Served | None = served
+        self.reloading = False
+        self._lock = asyncio.Lock()
+
+    async def reload(self, expect_sha256: str | None = None) -> Served:
+        """Load a new version beside the current one and swap (module doc); an ApiError says why one is refused."""
+        if self.pinned and expect_sha256 is None:
+            raise ApiError(409, "expect_sha256", None, "the new version's combined digest (`semid digest --run RUN "
+                           "--combined`)", "this service serves a pinned run: a reload must pin the new version too")
+        if expect_sha256 is not None and (not isinstance(expect_sha256, str) or len(expect_sha256.strip()) != 64):
+            raise ApiError(422, "expect_sha256", expect_sha256, "64 hex digits (`semid digest --run RUN --combined`)")
+        if self._lock.locked():
+            raise ApiError(409, "reload", "in progress", "one reload at a time", "a reload is already in progress")
+        async with self._lock:
+            self.reloading = True
+            try:
+                new = await asyncio.to_thread(self._build, expect_sha256)
+            finally:
+                self.reloading = False
+            old = self.current
+            if old is not None:
+                lost = [n for n in old.rec.decoders if n not in new.rec.decoders]
+                if lost:
+                    why = "; ".join(f"{n}: {new.rec.unavailable.get(n, 'not loaded')}" for n in lost)
+                    raise ApiError(409, "reload", new.version, f"a version that serves {list(old.rec.decoders)}",
+                                   f"the new version {new.version} cannot serve {lost}, which the running one serves "
+                                   f"({why}); the running version {old.version} keeps serving")
+            self.current = new  # the swap: one reference
+            log.warning("serving %s (was %s)", new.version, old.version if old else None)
+            return new
+
+    def _build(self, expect_sha256: str | None) -> Served:
+        try:
+            if expect_sha256 is not None:
+                check_pinned(self.run_dir, expect_sha256)
+            return Served.build(self._load())
+        except Exception as e:  # noqa: BLE001 - any failure refuses the version; the running one stays
+            if not isinstance(e, (ValueError, TypeError, OSError)):
+                log.exception("loading the new version failed")
+            running = self.current.version if self.current else "none"
+            raise ApiError(422, "reload", str(self.run_dir), "a run folder that loads", f"the new version was refused: "
+                           f"{type(e).__name__}: {e}; the running version ({running}) keeps serving") from None

@@ -1,0 +1,176 @@
+"""What the service accepts, checked at the boundary: every bad input is an :class:`ApiError` (a 4xx JSON body that
+names the field, the value and what is allowed), never a traceback.
+
+Limits (:class:`Limits`): the body's bytes, a history's items, a batch's histories and k; ``k`` is also capped by the
+catalogue. Item ids must be integers (JSON numbers without a fraction, not booleans) of the served catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from generator.runs.recommender import Recommender
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_body_bytes: int = 1 << 20
+    max_history: int = 1000
+    max_batch_histories: int = 1024
+    max_k: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_history", "max_batch_histories", "max_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP ``status`` and a JSON body naming ``field``, ``value`` and ``allowed``."""
+
+    def __init__(self, status: int, field: str, value: Any, allowed: str, message: str | None = None) -> None:
+        self.status, self.field, self.value, self.allowed = status, field, _short(value), allowed
+        self.message = message or f"`{field}` must be {allowed}, got {self.value}"
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"field": self.field, "value": self.value, "allowed": self.allowed, "message": self.message}}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a refused body is never echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request body; a 400 for malformed JSON or anything else than an object."""
+    try:
+        doc = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, "body", body[:60], "a JSON object", f"malformed JSON at line {e.lineno} column {e.colno}: "
+                       f"{e.msg}") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "body", body[:60], "a JSON object in UTF-8 text", "malformed JSON: not UTF-8 text, or nested "
+                       "too deep") from None
+    if not isinstance(doc, dict):
+        raise ApiError(400, "body", doc, "a JSON object such as {\"history\": [12, 45], \"k\": 10}")
+    return doc
+
+
+def check_fields(doc: dict[str, Any], allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
+    for name in doc:
+        if name not in allowed:
+            raise ApiError(422, name, doc[name], f"one of the fields {list(allowed)}", f"unknown field `{name}`: the "
+                           f"fields are {list(allowed)}")
+    for name in required:
+        if name not in doc:
+            raise ApiError(422, name, None, "present", f"missing field `{name}`")
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_k(doc: dict[str, Any], rec: Recommender, limits: Limits) -> int:
+    k = doc.get("k", 10)
+    hi = min(limits.max_k, rec.run.ids.num_items)
+    if not is_int(k) or not 1 <= k <= hi:
+        raise ApiError(422, "k", k, f"an integer in [1, {hi}]")
+    return k
+
+
+def check_decoder(doc: dict[str, Any], rec: Recommender) -> str:
+    name = doc.get("decoder", "auto")
+    allowed = f"one of {['auto', *rec.decoders]}"
+    if not isinstance(name, str):
+        raise ApiError(422, "decoder", name, allowed)
+    try:
+        return rec.resolve(name)
+    except ValueError as e:
+        raise ApiError(422, "decoder", name, allowed, f"`decoder` {name!r} is not served: {e}") from None
+
+
+def check_exclude(doc: dict[str, Any]) -> bool:
+    value = doc.get("exclude_history", True)
+    if not isinstance(value, bool):
+        raise ApiError(422, "exclude_history", value, "true or false")
+    return value
+
+
+def check_history(value: Any, field: str, rec: Recommender, limits: Limits) -> np.ndarray:
+    """A non-empty list of at most ``max_history`` known item ids, as int64 (H,)."""
+    lo, hi = int(rec.run.ids.item_ids[0]), int(rec.run.ids.item_ids[-1])
+    if not isinstance(value, list):
+        raise ApiError(422, field, value, f"a list of item ids ({lo}..{hi})")
+    if not value:
+        raise ApiError(422, field, value, "a non-empty list of item ids", f"`{field}` is empty: a history needs at least one item")
+    if len(value) > limits.max_history:
+        raise ApiError(422, field, f"a list of {len(value)} items", f"at most {limits.max_history} item ids",
+                       f"`{field}` has {len(value)} items, more than the limit of {limits.max_history}: send the latest ones")
+    if not all(map(is_int, value)):
+        i = next(i for i, x in enumerate(value) if not is_int(x))
+        raise ApiError(422, f"{field}[{i}]", value[i], f"an integer item id ({lo}..{hi})")
+    if max(value) > hi or min(value) < lo:  # also keeps np.asarray from overflowing int64
+        arr = np.asarray([x if lo <= x <= hi else lo - 1 for x in value], dtype=np.int64)
+    else:
+        arr = np.asarray(value, dtype=np.int64)
+    ids = rec.run.ids.item_ids
+    pos = np.clip(np.searchsorted(ids, arr), 0, len(ids) - 1)
+    unknown = np.flatnonzero(ids[pos] != arr)
+    if unknown.size:
+        i = int(unknown[0])
+        raise ApiError(422, f"{field}[{i}]", value[i], f"an item id of the catalogue ({lo}..{hi}, {len(ids)} items)",
+                       f"`{field}[{i}]` is {value[i]}, not an item of the catalogue ({lo}..{hi}, {len(ids)} items)")
+    return arr
+
+
+def check_exclusion_fits(histories: list[np.ndarray], fields: list[str], k: int, rec: Recommender) -> None:
+    """k plus the distinct items of a history to exclude must not exceed the catalogue."""
+    N = rec.run.ids.num_items
+    for h, field in zip(histories, fields, strict=True):
+        distinct = len(np.unique(h))
+        if k + distinct > N:
+            raise ApiError(422, "k", k, f"at most {N - distinct} for this history", f"`k` ({k}) plus the {distinct} "
+                           f"distinct items of `{field}` to exclude is more than the catalogue's {N} items: ask for fewer")
+
+
+@dataclass(frozen=True)
+class Query:
+    """A checked request: histories (int64 arrays), k, the resolved decoder and the exclusion."""
+
+    histories: list[np.ndarray]
+    k: int
+    decoder: str
+    exclude_history: bool
+
+
+ONE_FIELDS = ("history", "k", "decoder", "exclude_history")
+BATCH_FIELDS = ("histories", "k", "decoder", "exclude_history")
+
+
+def parse_query(doc: dict[str, Any], rec: Recommender, limits: Limits, *, batch: bool) -> Query:
+    """Check a /recommend (``batch=False``) or /recommend/batch body against the served ``rec``."""
+    check_fields(doc, BATCH_FIELDS if batch else ONE_FIELDS, ("histories",) if batch else ("history",))
+    k, decoder, exclude = check_k(doc, rec, limits), check_decoder(doc, rec), check_exclude(doc)
+    if batch:
+        many = doc["histories"]
+        if not isinstance(many, list) or not many:
+            raise ApiError(422, "histories", many, "a non-empty list of histories (lists of item ids)")
+        if len(many) > limits.max_batch_histories:
+            raise ApiError(422, "histories", f"a list of {len(many)} histories", f"at most {limits.max_batch_histories} histories")
+        fields = [f"histories[{i}]" for i in range(len(many))]
+        histories = [check_history(h, f, rec, limits) for h, f in zip(many, fields, strict=True)]
+    else:
+        fields = ["history"]
+        histories = [check_history(doc["history"], "history", rec, limits)]
+    if exclude:
+        check_exclusion_fits(histories, fields, k, rec)
+    return Query(histories, k, decoder, exclude)

@@ -1,0 +1,102 @@
+"""`semid serve --run RUN [--host 127.0.0.1] [--port 8000]`: the HTTP JSON service (generator.serving)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from generator.decoding import registry
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
+
+
+def _ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds (a number >= 0), got {text!r}") from None
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"expected milliseconds in [0, 10000], got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a run over HTTP (JSON): recommend, items, health, metrics, reload",
+        description="Serve a run as an HTTP JSON service: POST /recommend, POST /recommend/batch, GET /items/{id}, "
+        "GET /healthz, GET /readyz, GET /metrics (Prometheus), POST /admin/reload, the OpenAPI page at /docs. "
+        "Concurrent requests are decoded as one batch by one worker thread; a reload loads the run folder again "
+        "beside the served version and swaps without dropping a request.",
+    )
+    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    p.add_argument("--decoder", default="auto", choices=registry.NAMES, help="the default decoder of a request that "
+                   "names none (default auto: the run's beam search); the run's other decoders are served too")
+    p.add_argument("--max-batch", type=_positive_int, default=256, help="most histories decoded as one batch (default 256)")
+    p.add_argument("--max-wait-ms", type=_ms, default=5.0, help="longest a request waits for others to join its batch "
+                   "(default 5; a lone client does not wait)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads of the decoding worker (default 1)")
+    p.add_argument("--data", type=Path, help="dataset folder for titles and asins (default: the one the run was trained on)")
+    p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
+                   "checkpoint have these digests (`semid digest --run RUN`); a reload must then send the new digest")
+    p.add_argument("--admin-token", default=os.environ.get("SEMID_ADMIN_TOKEN"), help="let non-loopback clients that send "
+                   "`Authorization: Bearer TOKEN` use /admin routes (default: $SEMID_ADMIN_TOKEN; none: loopback only)")
+    p.add_argument("--watch-seconds", type=float, default=0.0, help="poll the run's files this often and reload when "
+                   "they change (a new IDs version from add-items, a new best checkpoint); default 0: off")
+    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.watch_seconds <= 86_400:
+        raise ValueError(f"`--watch-seconds` must be in [0, 86400], got {args.watch_seconds}")
+    if args.watch_seconds and args.expect_sha256:
+        raise ValueError("`--watch-seconds` cannot reload a pinned run (--expect-sha256): reload it with POST "
+                         "/admin/reload and the new digest")
+    if args.expect_sha256 is not None:  # before anything of the run is loaded
+        from generator.runs.pinning import check_pinned
+
+        check_pinned(args.run, args.expect_sha256)
+    import torch
+    import uvicorn
+
+    from generator.runs.recommender import Recommender
+    from generator.serving.app import create_app
+    from generator.serving.holder import Holder, Served
+    from generator.serving.requests import Limits
+
+    torch.set_num_threads(args.threads)
+
+    def load() -> Recommender:
+        return Recommender.from_run(args.run, decoder=args.decoder, data=args.data)
+
+    holder = Holder(load, args.run, served=Served.build(load()), pinned=args.expect_sha256 is not None)
+    app = create_app(holder, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
+                     limits=Limits(max_body_bytes=args.max_body_bytes), admin_token=args.admin_token,
+                     watch_seconds=args.watch_seconds)
+    rec = holder.current.rec
+    print(f"semid serve: {args.run} ({rec.version}), decoders {list(rec.decoders)}, default {rec.resolve(None)}")
+    print(f"semid serve: http://{args.host}:{args.port}  (API docs: /docs; Ctrl-C stops)", flush=True)
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning", access_log=verbose,
+                timeout_graceful_shutdown=10)
+    return 0

@@ -1,0 +1,39 @@
+"""A clean console (semid_cli/console.py): off a terminal, `semid train` prints one line per epoch and its summary, no
+progress bar, no Lightning chatter, no false `weights_only` note; `--verbose` brings Lightning's detail back, once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.serve_helpers import FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(serve_world: dict[str, Path], out: Path, *extra: str) -> str:
+    flags = [f for f in FLAGS if f != "--no-progress"]  # the default: decided by whether stderr is a terminal
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "semid_cli", *extra, "train", "--data", str(serve_world["data"]), "--ids",
+           str(serve_world["root"] / "ids"), "--out", str(out), *flags, "--max-epochs", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)  # pipes: not a terminal
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_train_off_a_terminal_prints_one_line_per_epoch(serve_world: dict[str, Path], tmp_path: Path) -> None:
+    text = _train(serve_world, tmp_path / "quiet")
+    lines = text.splitlines()
+    assert [line.split()[:2] for line in lines if line.startswith("epoch ")] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    assert "train/loss" in next(line for line in lines if line.startswith("epoch 1/2"))
+    for noise in ("weights_only", "litlogger", "GPU available", "LeafSpec", "\r", "it/s", "━"):
+        assert noise not in text, (noise, text)
+    assert len(lines) == 7, text  # 2 epoch lines + the 5-line summary
+
+
+def test_verbose_brings_lightnings_detail_back_once(serve_world: dict[str, Path], tmp_path: Path) -> None:
+    text = _train(serve_world, tmp_path / "verbose", "--verbose")
+    assert text.count("GPU available: False") == 1, text
+    assert "weights_only" not in text  # false here: semid reads checkpoints with its own safe loader

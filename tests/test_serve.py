@@ -1,0 +1,230 @@
+"""The service (generator.serving, `semid serve`), in process: every endpoint, micro-batching gives what one-by-one
+calls give, the bad-input table (4xx JSON naming field, value and what is allowed), an internal error answered as
+JSON with the worker going on, and /admin refused to non-loopback clients without the token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from generator.serving.requests import Limits
+from tests.serve_helpers import HISTORIES, app_for, holder_for, serving
+from tests.test_generator_helpers import NUM_ITEMS
+
+
+def _items(response_items: list[dict]) -> list[int]:
+    return [r["item_id"] for r in response_items]
+
+
+def test_every_endpoint(serve_world: dict[str, Path]) -> None:
+    app = app_for(serve_world["v1"])
+    rec = app.state.holder.current.rec
+    with TestClient(app) as c:  # runs the lifespan: the worker starts and stops with the app
+        r = c.post("/recommend", json={"history": [3, 4, 5], "k": 4, "decoder": "dense", "exclude_history": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        want = rec.recommend([[3, 4, 5]], 4, "dense", exclude_history=True)[0]
+        assert _items(body["items"]) == want.items.tolist() and not {3, 4, 5} & set(_items(body["items"]))
+        np.testing.assert_allclose([i["score"] for i in body["items"]], want.scores, rtol=1e-5)
+        assert body["version"] == rec.version and body["score_kind"] == "inner product" and body["decoder"] == "dense"
+        first = body["items"][0]
+        assert first["rank"] == 1 and first["title"] == f"item {first['item_id']}" and first["asin"] == f"A{first['item_id']:04d}"
+        assert c.post("/recommend", json={"history": [7]}).json()["score_kind"] == "log-likelihood"  # auto: beam
+
+        r = c.post("/recommend/batch", json={"histories": HISTORIES[:3], "k": 3, "decoder": "hybrid", "exclude_history": False})
+        assert r.status_code == 200 and r.json()["score_kind"] == "fused"
+        want = rec.recommend(HISTORIES[:3], 3, "hybrid")
+        assert [_items(x) for x in r.json()["results"]] == [w.items.tolist() for w in want]
+
+        item = c.get("/items/7").json()
+        assert item["title"] == "item 7" and item["asin"] == "A0007" and item["version"] == rec.version
+        assert item["semantic_id"] == rec.run.ids.codes[int(np.searchsorted(rec.run.ids.item_ids, 7))].tolist()
+        assert c.get("/healthz").json() == {"status": "ok"}
+        ready = c.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["version"] == rec.version and set(ready["decoders"]) == {"beam", "exact", "dense", "hybrid"}
+        metrics = c.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain")
+        text = metrics.text
+        assert 'semid_requests_total{endpoint="/recommend",status="200"} 2.0' in text
+        assert 'semid_requests_total{endpoint="/items/{id}",status="200"} 1.0' in text
+        assert "semid_request_seconds_bucket" in text and "semid_batch_histories_count" in text
+        assert f'semid_model_info{{version="{rec.version}"}} 1.0' in text
+        spec = c.get("/openapi.json").json()
+        assert {"/recommend", "/recommend/batch", "/items/{item_id}", "/admin/reload"} <= set(spec["paths"])
+        assert "history" in json.dumps(spec["paths"]["/recommend"]["post"]["requestBody"])
+        assert c.get("/docs").status_code == 200
+    assert not app.state.batcher.alive  # stopped with the app
+
+
+def test_readyz_is_503_until_a_model_is_loaded(serve_world: dict[str, Path]) -> None:
+    holder = holder_for(serve_world["v1"])
+    served, holder.current = holder.current, None
+    from generator.serving.app import create_app
+
+    with TestClient(create_app(holder)) as c:
+        assert c.get("/readyz").status_code == 503 and c.get("/healthz").status_code == 200
+        r = c.post("/recommend", json={"history": [1]})
+        assert r.status_code == 503 and "no model" in r.json()["error"]["message"]
+        holder.current = served
+        assert c.get("/readyz").status_code == 200
+
+
+def test_concurrent_requests_are_batched_and_get_what_one_by_one_calls_get(serve_world: dict[str, Path]) -> None:
+    app = app_for(serve_world["v1"], max_wait_ms=50, max_batch=64)
+    rec = app.state.holder.current.rec
+    rng = random.Random(0)
+    calls = []  # (history, k, decoder, exclude): mixed so that one batch holds several groups
+    for _ in range(48):
+        h = rng.sample(range(1, NUM_ITEMS + 1), rng.randint(1, 12))
+        calls.append((h, rng.choice([1, 5, 10]), rng.choice(["beam", "exact", "dense", "hybrid"]), rng.random() < 0.5))
+
+    async def drive() -> tuple[list, list]:
+        async with serving(app) as c:
+            one = [c.post("/recommend", json={"history": h, "k": k, "decoder": d, "exclude_history": e}) for h, k, d, e in calls]
+            many = [c.post("/recommend/batch", json={"histories": [h for h, *_ in calls[i:i + 6]], "k": 5, "decoder": "beam",
+                                                     "exclude_history": True}) for i in range(0, 48, 6)]
+            return await asyncio.gather(*one), await asyncio.gather(*many)
+
+    singles, batches = asyncio.run(drive())
+    for (h, k, d, e), r in zip(calls, singles, strict=True):
+        assert r.status_code == 200, r.text
+        want = rec.recommend([h], k, d, exclude_history=e)[0]  # one by one, no service
+        assert _items(r.json()["items"]) == want.items.tolist(), (h, k, d, e)
+        np.testing.assert_allclose([i["score"] for i in r.json()["items"]], want.scores, rtol=1e-4, atol=1e-5)
+    for i, r in enumerate(batches):
+        got = [_items(x) for x in r.json()["results"]]
+        assert got == [rec.recommend([h], 5, "beam", exclude_history=True)[0].items.tolist() for h, *_ in calls[i * 6:i * 6 + 6]]
+    reg = app.state.metrics.registry
+    requests, batches_run = reg.get_sample_value("semid_batch_requests_sum"), reg.get_sample_value("semid_batch_requests_count")
+    assert requests == 56 and batches_run < requests / 2, f"{requests} requests in {batches_run} batches: not batched"
+    assert reg.get_sample_value("semid_batch_histories_sum") == 48 + 48
+
+
+def _bad_inputs() -> list[tuple[object, int, str, str]]:
+    """(body, status, field, a phrase of what is allowed)."""
+    big = "x" * 5000
+    return [
+        (b"{\"history\": [1, 2", 400, "body", "malformed JSON"),
+        (b'{"history": [1], "x": "\xc3\x28"}', 400, "body", "UTF-8"),
+        (b"[1, 2]", 400, "body", "a JSON object"),
+        (b"", 400, "body", "malformed JSON"),
+        ({"k": 3}, 422, "history", "missing field"),
+        ({"history": [1], "user": 3}, 422, "user", "the fields are"),
+        ({"history": []}, 422, "history", "at least one item"),
+        ({"history": "1,2"}, 422, "history", "a list of item ids"),
+        ({"history": [1, "2"]}, 422, "history[1]", "an integer item id"),
+        ({"history": [1, 2.5]}, 422, "history[1]", "an integer item id"),
+        ({"history": [True]}, 422, "history[0]", "an integer item id"),
+        ({"history": [1, 0]}, 422, "history[1]", "not an item of the catalogue"),
+        ({"history": [NUM_ITEMS + 1]}, 422, "history[0]", "not an item of the catalogue"),
+        ({"history": [10**30]}, 422, "history[0]", "not an item of the catalogue"),
+        ({"history": [1] * 31}, 422, "history", "more than the limit of 30"),
+        ({"history": [1], "k": 0}, 422, "k", f"[1, {NUM_ITEMS}]"),
+        ({"history": [1], "k": NUM_ITEMS + 1}, 422, "k", f"[1, {NUM_ITEMS}]"),
+        ({"history": [1], "k": "10"}, 422, "k", "an integer"),
+        ({"history": list(range(1, 11)), "k": NUM_ITEMS - 5}, 422, "k", "distinct items of `history` to exclude"),
+        ({"history": [1], "decoder": "nope"}, 422, "decoder", "'auto', 'beam'"),
+        ({"history": [1], "decoder": "title-beam"}, 422, "decoder", "not served"),
+        ({"history": [1], "exclude_history": "yes"}, 422, "exclude_history", "true or false"),
+        ({"history": [1], "pad": big}, 413, "body", "at most 4096 bytes"),
+    ]
+
+
+@pytest.mark.parametrize(("body", "status", "field", "phrase"), _bad_inputs(), ids=lambda x: str(x)[:30])
+def test_bad_input_is_a_4xx_json_naming_the_field(serve_world: dict[str, Path], body: object, status: int, field: str,
+                                                  phrase: str) -> None:
+    app = app_for(serve_world["v1"], limits=Limits(max_body_bytes=4096, max_history=30))
+    with TestClient(app) as c:
+        r = c.post("/recommend", content=body) if isinstance(body, bytes) else c.post("/recommend", json=body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["field"] == field and phrase in err["message"] + err["allowed"], err
+        assert err["value"] is not None and "Traceback" not in r.text
+        assert c.post("/recommend", json={"history": [1, 2]}).status_code == 200  # still serving
+
+
+def test_bad_batches_items_and_paths(serve_world: dict[str, Path]) -> None:
+    app = app_for(serve_world["v1"], limits=Limits(max_body_bytes=4096, max_batch_histories=4))
+    with TestClient(app) as c:
+        cases = [
+            (c.post("/recommend/batch", json={"histories": []}), 422, "histories"),
+            (c.post("/recommend/batch", json={"histories": [[1]] * 5}), 422, "histories"),
+            (c.post("/recommend/batch", json={"histories": [[1], [2, "x"]]}), 422, "histories[1][1]"),
+            (c.post("/recommend/batch", json={"history": [1]}), 422, "history"),
+            (c.post("/recommend/batch", content=(b"[%b]" % b",".join([b"1"] * 3000))), 413, "body"),
+            (c.get("/items/0"), 404, "item_id"),
+            (c.get("/items/99999999999999999999999"), 422, "item_id"),
+            (c.get("/items/abc"), 422, "item_id"),
+            (c.get("/nowhere"), 404, "path"),
+            (c.get("/recommend"), 405, "path"),
+        ]
+        for r, status, field in cases:
+            assert r.status_code == status and r.json()["error"]["field"] == field, (r.request.url, r.text)
+
+        def chunks():  # a body without a length, over the limit as it streams in
+            for _ in range(10):
+                yield b" " * 1000
+
+        r = c.post("/recommend", content=chunks())
+        assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+
+
+def test_an_internal_error_is_a_500_json_and_the_worker_goes_on(serve_world: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    app = app_for(serve_world["v1"])
+    rec = app.state.holder.current.rec
+    real = rec.recommend
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("decoder blew up")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        monkeypatch.setattr(rec, "recommend", broken)
+        r = c.post("/recommend", json={"history": [1, 2]})
+        assert r.status_code == 500 and "internal error" in r.json()["error"]["message"]
+        assert "Traceback" not in r.text and "blew up" not in r.text
+        monkeypatch.setattr(rec, "recommend", real)
+        assert c.post("/recommend", json={"history": [1, 2]}).status_code == 200
+
+
+@pytest.mark.parametrize(("client", "token", "status"), [
+    (("10.1.2.3", 4000), None, 403),
+    (("10.1.2.3", 4000), "wrong", 403),
+    (("10.1.2.3", 4000), "s3cret", 200),
+    (("127.0.0.1", 4000), None, 200),
+    (("::1", 4000), None, 200),
+])
+def test_admin_answers_loopback_or_the_token_only(serve_world: dict[str, Path], client: tuple[str, int], token: str | None,
+                                                  status: int) -> None:
+    app = app_for(serve_world["v1"], admin_token="s3cret")
+    version = app.state.holder.current.version
+
+    async def drive() -> tuple[int, dict, int]:
+        async with serving(app, client=client) as c:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            r = await c.post("/admin/reload", headers=headers)
+            return r.status_code, r.json(), (await c.post("/recommend", json={"history": [1]})).status_code
+
+    code, body, after = asyncio.run(drive())
+    assert code == status and after == 200, body
+    if status == 403:
+        assert body["error"]["field"] == "client" and body["error"]["value"] == repr(client[0])
+        assert app.state.holder.current.version == version
+    else:
+        assert body["version"] == version and body["previous"] == version  # reloaded the same run
+
+
+def test_admin_without_a_token_answers_loopback_only(serve_world: dict[str, Path]) -> None:
+    app = app_for(serve_world["v1"])  # no --admin-token: an empty bearer must not pass
+
+    async def drive() -> int:
+        async with serving(app, client=("192.168.0.9", 1)) as c:
+            return (await c.post("/admin/reload", headers={"Authorization": "Bearer "})).status_code
+
+    assert asyncio.run(drive()) == 403

@@ -1,0 +1,158 @@
+"""Reloads without downtime (generator.serving.holder): a reload under traffic drops no request and each answer comes
+whole from one version; a version that fails to load, loses a decoder or fails its pin is refused and the old one
+keeps serving; the file watch swaps in a new version; `semid serve` itself starts, answers and stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE
+from generator.runs.pinning import combined_digest, run_digests
+from generator.runs.recommender import Recommender
+from tests.serve_helpers import HISTORIES, app_for, serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_reload_under_traffic_drops_no_request(serve_world: dict[str, Path]) -> None:
+    target = {"path": serve_world["v1"]}
+    app = app_for(serve_world["v1"], target, max_wait_ms=2)
+    want = {}
+    for name in ("v1", "v2"):
+        rec = Recommender.from_run(serve_world[name])
+        want[rec.version] = [r.items.tolist() for r in rec.recommend(HISTORIES, 5, "hybrid", exclude_history=True)]
+    v1, v2 = list(want)
+    assert v1 != v2 and want[v1] != want[v2]  # the two versions rank differently: the check below can tell them apart
+
+    async def drive() -> tuple[list, dict, float]:
+        answers, stop = [], asyncio.Event()
+        async with serving(app) as c:
+            async def client(i: int) -> None:
+                h = HISTORIES[i % len(HISTORIES)]
+                while not stop.is_set() and len(answers) < 20_000:  # bounded, also when answers come at once
+                    sent = time.monotonic()
+                    r = await c.post("/recommend", json={"history": h, "k": 5, "decoder": "hybrid"})
+                    answers.append((sent, i % len(HISTORIES), r.status_code, r.json()))
+                    await asyncio.sleep(0)  # an answer that never waited must not starve the other tasks
+
+            tasks = [asyncio.create_task(client(i)) for i in range(8)]
+            await asyncio.sleep(0.5)
+            target["path"] = serve_world["v2"]
+            reload = await c.post("/admin/reload")
+            swapped = time.monotonic()
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*tasks)
+        return answers, reload.json(), swapped
+
+    answers, reload, swapped = asyncio.run(drive())
+    assert reload == {"version": v2, "previous": v1}
+    assert [a for a in answers if a[2] != 200] == []
+    seen = [a[3]["version"] for a in answers]
+    assert seen.count(v1) > 0 and seen.count(v2) > 0
+    for _, i, _, body in answers:  # each answer whole from the version it names
+        assert [r["item_id"] for r in body["items"]] == want[body["version"]][i]
+    assert all(body["version"] == v2 for sent, _, _, body in answers if sent > swapped)  # asked after the swap
+    assert app.state.metrics.registry.get_sample_value("semid_reloads_total", {"outcome": "done"}) == 1
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    (dst / IDS_FILE).write_bytes(b"not an npz file")
+    return dst
+
+
+def test_a_version_that_fails_is_refused_and_the_old_one_serves(serve_world: dict[str, Path], tmp_path: Path) -> None:
+    target = {"path": serve_world["v1"]}
+    app = app_for(serve_world["v1"], target)
+    v1 = app.state.holder.current.version
+    with TestClient(app, base_url="http://127.0.0.1") as c, pytest.MonkeyPatch.context() as mp:
+        mp.setattr("generator.serving.app._is_loopback", lambda host: True)  # TestClient's client is "testclient"
+        target["path"] = _broken_copy(serve_world["v1"], tmp_path / "broken")
+        r = c.post("/admin/reload")
+        assert r.status_code == 422 and "refused" in r.json()["error"]["message"] and IDS_FILE in r.json()["error"]["message"]
+        assert v1 in r.json()["error"]["message"]
+        target["path"] = serve_world["v2_no_fusion"]  # loads, but cannot serve the hybrid the running one serves
+        r = c.post("/admin/reload")
+        assert r.status_code == 409 and "['hybrid']" in r.json()["error"]["message"], r.text
+        assert c.get("/readyz").json()["version"] == v1
+        assert c.post("/recommend", json={"history": [1, 2], "decoder": "hybrid"}).json()["version"] == v1
+        assert c.post("/admin/reload", content=b'{"force": true}').status_code == 422
+        assert 'semid_reloads_total{outcome="refused"} 2.0' in c.get("/metrics").text
+
+
+def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str, Path]) -> None:
+    target = {"path": serve_world["v1"]}
+    app = app_for(serve_world["v1"], target)
+    app.state.holder.pinned = True
+    with TestClient(app) as c, pytest.MonkeyPatch.context() as mp:
+        mp.setattr("generator.serving.app._is_loopback", lambda host: True)
+        assert c.post("/admin/reload").status_code == 409  # a pinned service needs the new digest
+        target["path"] = app.state.holder.run_dir = serve_world["v2"]
+        r = c.post("/admin/reload", json={"expect_sha256": "0" * 64})
+        assert r.status_code == 422 and "do not serve this run" in r.json()["error"]["message"]
+        good = combined_digest(run_digests(serve_world["v2"]))
+        r = c.post("/admin/reload", json={"expect_sha256": good})
+        assert r.status_code == 200 and r.json()["version"] != r.json()["previous"]
+
+
+def test_the_file_watch_swaps_in_a_new_version(serve_world: dict[str, Path], tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(serve_world["v1"], live)
+    app = app_for(live, watch_seconds=0.05)
+    v1 = app.state.holder.current.version
+    with TestClient(app) as c:
+        time.sleep(0.3)
+        assert c.get("/readyz").json()["version"] == v1  # nothing changed: no reload
+        for name in (CONFIG_FILE, IDS_FILE, HYBRID_FILE, "checkpoints/best.ckpt"):
+            shutil.copy2(serve_world["v2"] / name, live / name)
+            os.utime(live / name)
+        deadline = time.monotonic() + 60
+        while c.get("/readyz").json()["version"] == v1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get("/readyz").json()["version"] == Recommender.from_run(serve_world["v2"]).version
+        assert c.post("/recommend", json={"history": [3, 4]}).status_code == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_semid_serve_starts_answers_and_stops_cleanly(serve_world: dict[str, Path]) -> None:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "semid_cli", "serve", "--run", str(serve_world["v1"]), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        deadline, ready = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert ready is not None and ready.status_code == 200, proc.poll()
+        r = httpx.post(f"http://127.0.0.1:{port}/recommend", json={"history": [3, 4, 5], "k": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+        bad = httpx.post(f"http://127.0.0.1:{port}/recommend", content=b"{oops", timeout=30)
+        assert bad.status_code == 400
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[0].startswith("semid serve: ") and f"http://127.0.0.1:{port}" in out
+    assert "Traceback" not in err and "weights_only" not in err, err
