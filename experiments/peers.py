@@ -174,7 +174,7 @@ def run_sasrec_recbole(data: str, split: Split, budget: CpuBudget, args: argpars
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     model = SASRec(config, train_data.dataset)
-    epochs, log_rows = [0], []
+    epochs, log_rows, best = [0], [], {"score": float("-inf"), "state": None}
 
     class BudgetTrainer(Trainer):
         def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
@@ -183,6 +183,8 @@ def run_sasrec_recbole(data: str, split: Split, budget: CpuBudget, args: argpars
 
     def after_validation(epoch_idx: int, valid_score: float) -> None:
         log_rows.append({"epoch": epoch_idx + 1, "val_ndcg@10": float(valid_score), "cpu_s": round(budget.cpu_s, 1)})
+        if float(valid_score) > best["score"]:  # the best epoch's weights kept in memory: no checkpoint file is read back
+            best["score"], best["state"] = float(valid_score), {k: v.detach().clone() for k, v in model.state_dict().items()}
         print(json.dumps(log_rows[-1]), flush=True)
         if budget.spent():
             raise BudgetSpent
@@ -192,14 +194,15 @@ def run_sasrec_recbole(data: str, split: Split, budget: CpuBudget, args: argpars
     try:
         trainer = BudgetTrainer(config, model)
         budget.start()
-        trainer.fit(train_data, valid_data, verbose=False, saved=True, callback_fn=after_validation)
+        trainer.fit(train_data, valid_data, verbose=False, saved=False, callback_fn=after_validation)
     except BudgetSpent:
         pass
     finally:
         os.chdir(cwd)
     cpu_s, wall_s = budget.cpu_s, budget.wall_s
-    best = torch.load(trainer.saved_model_file, map_location="cpu", weights_only=False)
-    model.load_state_dict(best["state_dict"])
+    if best["state"] is None:
+        raise RuntimeError("RecBole ran no validation within the budget: raise --max-cpu-time")
+    model.load_state_dict(best["state"])
     model.eval()
     tokens = dataset.field2id_token[dataset.iid_field]  # internal id -> token (0 is padding)
     to_internal = np.zeros(args.num_items + 1, dtype=np.int64)
