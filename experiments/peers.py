@@ -174,7 +174,7 @@ def run_sasrec_recbole(data: str, split: Split, budget: CpuBudget, args: argpars
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     model = SASRec(config, train_data.dataset)
-    epochs, log_rows, best = [0], [], {"score": float("-inf"), "state": None}
+    epochs, log_rows, best = [0], [], {"score": float("-inf"), "state": None, "epoch": -1}
 
     class BudgetTrainer(Trainer):
         def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
@@ -184,7 +184,8 @@ def run_sasrec_recbole(data: str, split: Split, budget: CpuBudget, args: argpars
     def after_validation(epoch_idx: int, valid_score: float) -> None:
         log_rows.append({"epoch": epoch_idx + 1, "val_ndcg@10": float(valid_score), "cpu_s": round(budget.cpu_s, 1)})
         if float(valid_score) > best["score"]:  # the best epoch's weights kept in memory: no checkpoint file is read back
-            best["score"], best["state"] = float(valid_score), {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best.update(score=float(valid_score), epoch=epoch_idx,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
         print(json.dumps(log_rows[-1]), flush=True)
         if budget.spent():
             raise BudgetSpent
