@@ -45,6 +45,13 @@ LEVERS: dict[str, dict[str, Any]] = {
                           "model_options": {"id_input": True, "code_input": False, "dropout": 0.3}},
     "id-input+dropout-0.3+distill-0.5": {"model_options": {**SASREC_RECIPE, "distill": 0.5}},
     "dense-only+id-input+dropout-0.3": {"objective": "dense", "decoder": "dense", "model_options": SASREC_RECIPE},
+    # the code head's target spread over the true parent's children (sibling label smoothing)
+    "id-input+dropout-0.3+sibling-ls-0.1": {"model_options": SASREC_RECIPE, "label_smoothing": 0.1},
+    "id-input+dropout-0.5": {"model_options": {**SASREC_RECIPE, "dropout": 0.5}},
+    # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
+    # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
+    "cf-codes": {"model_options": SASREC_RECIPE},
+    "cf-codes+sibling-ls-0.1": {"model_options": SASREC_RECIPE, "label_smoothing": 0.1},
 }
 # lever -> kept or dropped, and why (by hand, from the measured rows; report prints it)
 WHY: dict[str, str] = {
