@@ -36,6 +36,7 @@ from semid.codebooks import (
     check_out,
     write_codebooks_folder,
 )
+from semid.collaborative import with_collaborative
 from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
@@ -105,6 +106,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rqkmeans only: mini-batch k-means instead of Lloyd's (large catalogues)",
     )
     p.add_argument(
+        "--collaborative",
+        type=Path,
+        metavar="RUN",
+        help="also fit on what users consume together: the dense item vectors of RUN's best checkpoint (a causal run "
+        "with a dense head, trained on the same items) beside the embeddings, each half unit norm; the IDs of the "
+        "study's best recipe (items added later get zeros there and their codes from the embeddings alone)",
+    )
+    p.add_argument(
+        "--collaborative-weight", type=float, default=1.0, help="weight of the collaborative half (default 1)"
+    )
+    p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)"
     )
     p.set_defaults(func=run)
@@ -131,12 +143,37 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
     embeddings = check_embedding_values(read_npy(args.embeddings), args.embeddings)  # errors name the file
+    collaborative = None
+    if args.collaborative is not None:
+        embeddings, collaborative = _with_run_vectors(embeddings, args.collaborative, args.collaborative_weight)
     result = fit_codebooks(embeddings, config, progress=progress_default(args.progress))
     stats = write_codebooks(
-        args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size
+        args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size,
+        collaborative=collaborative,
     )
     print(format_summary(stats, args.out))
     return 0
+
+
+def _with_run_vectors(embeddings: np.ndarray, run_dir: Path, weight: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The embeddings with RUN's dense item vectors beside them (``semid.collaborative``), and what stats.json records."""
+    import torch
+
+    from generator.runs.load import load_any_run  # the command line is above generator
+
+    run = load_any_run(run_dir)
+    if run.design != "causal" or not getattr(run.model_config, "dense_dim", 0):
+        raise ValueError(f"--collaborative {run_dir}: a {run.design} run without the causal design's dense head; give a "
+                         "run of `semid train`'s default design")
+    with torch.no_grad():
+        vectors = run.model.item_vectors()[: run.model.trained_items].float().numpy()
+    try:
+        combined = with_collaborative(embeddings, vectors, np.asarray(run.ids.item_ids, dtype=np.int64), weight)
+    except ValueError as e:
+        raise ValueError(f"--collaborative {run_dir}: {e}") from None
+    record = {"run": str(run_dir), "checkpoint": run.checkpoint.name, "width": int(vectors.shape[1]), "weight": weight,
+              "items": int(vectors.shape[0])}
+    return combined, record
 
 
 def write_codebooks(
@@ -146,15 +183,18 @@ def write_codebooks(
     *,
     embeddings_path: Path,
     extra_level_size: int,
+    collaborative: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the four files of a codebooks folder and its manifest, as a set (``semid.codebooks``); returns what went
-    into stats.json."""
+    into stats.json. ``collaborative``: the run whose item vectors were fitted on beside the embeddings."""
     return write_codebooks_folder(out, lambda folder: _write_files(
-        folder, result, config, embeddings_path=embeddings_path, extra_level_size=extra_level_size))
+        folder, result, config, embeddings_path=embeddings_path, extra_level_size=extra_level_size,
+        collaborative=collaborative))
 
 
 def _write_files(
-    out: Path, result: FitResult, config: RQVAEConfig | RQKMeansConfig, *, embeddings_path: Path, extra_level_size: int
+    out: Path, result: FitResult, config: RQVAEConfig | RQKMeansConfig, *, embeddings_path: Path, extra_level_size: int,
+    collaborative: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     method = method_name(config)
     L, K = config.levels, config.codebook_size
@@ -187,6 +227,7 @@ def _write_files(
         "reconstruction_mse": result.stats.reconstruction_mse,
         "reconstruction_rel": result.stats.reconstruction_rel,
         "config": config.to_dict(),
+        **({"collaborative": collaborative} if collaborative else {}),
     }
     write_json(out / STATS_FILE, stats)
     fig = code_usage_figure(result.codes, K, title=f"{method}{' (balanced)' if config.balanced else ''}")

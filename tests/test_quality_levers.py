@@ -190,18 +190,3 @@ def test_a_checkpoint_of_a_distilled_model_passes_the_structural_checks() -> Non
     model = _model(cfg)
     check_causal(cfg, model.layout, model.state_dict(), "best.ckpt", None)  # raises on a mismatch
 
-
-def test_cf_embeddings_put_each_items_vector_on_its_own_row_beside_its_text() -> None:
-    from experiments.cf_codes import cf_embeddings
-
-    text = np.arange(1, 13, dtype=np.float32).reshape(4, 3)  # items 1..4
-    vectors = np.array([[3.0, 4.0], [0.0, 2.0]], dtype=np.float32)  # model rows 0, 1 -> items 3, 1
-    out = cf_embeddings(vectors, np.array([3, 1]), text, weight=0.5)
-    assert out.shape == (4, 5)
-    np.testing.assert_allclose(np.linalg.norm(out[:, :3], axis=1), 1.0, rtol=1e-6)  # text normalised per row
-    np.testing.assert_allclose(out[:, :3] * np.linalg.norm(text, axis=1, keepdims=True), text, rtol=1e-5)
-    np.testing.assert_allclose(out[2, 3:], [0.3, 0.4])  # item 3: its vector, normalised, x 0.5
-    np.testing.assert_allclose(out[0, 3:], [0.0, 0.5])  # item 1
-    assert not out[[1, 3], 3:].any()  # items 2 and 4 have no vector
-    with pytest.raises(ValueError, match="item ids span"):
-        cf_embeddings(vectors, np.array([3, 5]), text, weight=1.0)

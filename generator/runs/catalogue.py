@@ -84,7 +84,13 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         if not qpath.is_file():
             raise FileNotFoundError(f"{qpath}: no fitted quantizer here (`semid fit-codebooks` writes quantizer.pt)")
         codes_name = embeddings or _fitted_on(qpath)
-        codes = np.asarray(load_quantizer(qpath).encode(np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)))
+        new = np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)
+        width = _collaborative_width(qpath)  # codebooks fitted beside a run's item vectors: new items have none
+        if width:  # the same transform as the fitted items', with no vectors: normalised text, then zeros
+            from semid.collaborative import with_collaborative
+
+            new = with_collaborative(new, np.zeros((0, width), np.float32), np.zeros(0, np.int64))
+        codes = np.asarray(load_quantizer(qpath).encode(new))
         extended = ids.add_items(codes, np.arange(n + 1, dataset.num_items + 1, dtype=np.int64))
         arrays = {}
         content_dim = int((config.get("model") or {}).get("content_dim") or 0)
@@ -106,6 +112,16 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     stats = extended.collision_stats()
     log.info("added %d items to %s (%d -> %d); %s", extended.num_items - n, run_dir, n, extended.num_items, stats)
     return AddedItems(extended.item_ids[n:], n, extended.num_items, ids_path, stats.items_colliding)
+
+
+def _collaborative_width(quantizer: Path) -> int:
+    """The width of the item vectors the quantizer was fitted on beside the embeddings (``fit-codebooks
+    --collaborative``; 0 for none): new items get zeros there, so their codes come from their embeddings alone."""
+    import json
+
+    stats = quantizer.parent / "stats.json"
+    record = json.loads(stats.read_text(encoding="utf-8")).get("collaborative") if stats.is_file() else None
+    return int(record["width"]) if isinstance(record, dict) else 0
 
 
 def _fitted_on(quantizer: Path) -> str:
