@@ -49,6 +49,10 @@ DESIGNS: dict[str, dict[str, Any]] = {
                 "decoders": ["beam", "dense", "hybrid"]},
     "causal": {"options": {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam"},
                "decoders": ["beam", "exact", "dense", "hybrid"]},
+    # the default design before the quality study (no ID input, dropout 0.2, no sibling smoothing): its curve is kept
+    "causal-before-study": {"options": {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam",
+                                        "model_options": {"id_input": False, "dropout": 0.2}, "label_smoothing": 0.0},
+                            "decoders": ["beam", "exact", "dense", "hybrid"]},
     "dense-only": {"options": {"preset": "causal", "dense": "id", "objective": "dense", "decoder": "dense"},
                    "decoders": ["dense"]},
     "causal-gen": {"options": {"preset": "causal", "dense": "none", "decoder": "beam"},  # ablation: no dense loss
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--work", default="experiments/runs/learning_curve")
     t.add_argument("--budgets", default="5,15,30,60", help="minutes")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--clock", choices=("cpu", "wall"), default="wall",
+                   help="budgets in wall-clock minutes (an idle machine) or CPU minutes of the process (a shared one)")
     t.add_argument("--val-users", type=int, default=1000)
     t.add_argument("--max-users", type=int, default=None, help="test users (default all)")
     t.add_argument("--eval-batch-size", type=int, default=256)

@@ -28,7 +28,7 @@ from semid.io import atomic_open, write_json
 
 STUDY = RESULTS / "study"
 WORK = Path("experiments/runs/study")
-BASE = {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam"}
+BASE = {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam", "label_smoothing": 0.0}  # the recipe before
 SASREC_RECIPE = {"id_input": True, "dropout": 0.3}  # the item ID joins the codes at the input; SASRec's dropout
 LEVERS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -47,6 +47,7 @@ LEVERS: dict[str, dict[str, Any]] = {
     "dense-only+id-input+dropout-0.3": {"objective": "dense", "decoder": "dense", "model_options": SASREC_RECIPE},
     # the code head's target spread over the true parent's children (sibling label smoothing)
     "id-input+dropout-0.3+sibling-ls-0.1": {"model_options": SASREC_RECIPE, "label_smoothing": 0.1},
+    "id-input+dropout-0.3+sibling-ls-0.2": {"model_options": SASREC_RECIPE, "label_smoothing": 0.2},
     "id-input+dropout-0.5": {"model_options": {**SASREC_RECIPE, "dropout": 0.5}},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
@@ -111,7 +112,7 @@ def snapshot(args: argparse.Namespace) -> None:
 def _baseline_rows() -> list[dict[str, Any]]:
     """The default design before the study (``experiments/results/learning_curve_causal.json``: wall-clock minutes on
     an otherwise idle machine, one thread, which is CPU time there)."""
-    f = RESULTS / "learning_curve_causal.json"
+    f = RESULTS / "learning_curve_causal-before-study.json"
     if not f.is_file():
         return []
     return [{"lever": "default before the study (learning curve)", "minutes": r["minutes"], "decoder": r["decoder"], **r}

@@ -45,7 +45,7 @@ def is_causal(name: str) -> bool:
 
 # what an option left at None means, per design
 DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "causal": {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing": 0.0, "max_history": 50,
+    "causal": {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing": 0.1, "max_history": 50,
                "user_tokens": 0, "dense": "id", "decoder": "auto"},
     "t5": {"batch_size": 256, "lr": 2e-3, "warmup_steps": 500, "label_smoothing": 0.1, "max_history": 20,
            "user_tokens": 2000, "dense": None, "decoder": "auto"},
