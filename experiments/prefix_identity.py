@@ -134,11 +134,13 @@ def dump(path: str) -> None:
 
 
 def compare(a: str, b: str) -> int:
+    """Exit 1 when a tensor both dumps hold differs (dtype, shape or any value); tensors one of them lacks (an output
+    that was removed or added) are listed apart."""
     x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    bad = sorted(set(x) ^ set(y))
-    bad += [k for k in sorted(set(x) & set(y)) if x[k].dtype != y[k].dtype or x[k].shape != y[k].shape
-            or not torch.equal(x[k], y[k])]
-    print(f"{len(set(x) & set(y))} tensors compared; {'ALL IDENTICAL' if not bad else f'{len(bad)} differ: {bad[:20]}'}")
+    common = sorted(set(x) & set(y))
+    bad = [k for k in common if x[k].dtype != y[k].dtype or x[k].shape != y[k].shape or not torch.equal(x[k], y[k])]
+    print(f"{len(common)} tensors compared; {'ALL IDENTICAL' if not bad else f'{len(bad)} differ: {bad[:20]}'}; "
+          f"only in {a}: {sorted(set(x) - set(y))}; only in {b}: {sorted(set(y) - set(x))}")
     return 1 if bad else 0
 
 

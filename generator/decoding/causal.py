@@ -42,16 +42,17 @@ from generator.decoding.protocol import (
 )
 from generator.models.causal import CausalGenerator
 from generator.models.causal_loss import masked_log_softmax
+from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
 
 
 class ItemPaths(NamedTuple):
-    """Each item's path through the prefix tree (rows follow the semantic IDs' rows).
+    """Each item's path through the prefix tree (rows follow the semantic IDs' rows), from the items' prefix index
+    (:class:`semid.prefix_index.PrefixIndex`; edges of level l are its depth-(l + 1) nodes).
 
-    tokens: LongTensor (N, L) code tokens; nodes: LongTensor (N, L + 1), node after l code tokens (0 = root).
-    edge:   per level l a LongTensor (N,) the item's edge among level l's edges (``EdgeTables``'s column).
+    tokens: LongTensor (N, L) code tokens; nodes: LongTensor (N, L + 1), the tree node after l code tokens (0 = root).
     parent_tokens: per level l a LongTensor (P_l, l), the tokens of each parent prefix.
     edge_parent:   per level l a LongTensor (E_l,) the edge's parent in [0, P_l); edge_token: (E_l,) its token.
     norm_edge:     per level l a BoolTensor (E_l,): the edge is in its parent's normaliser: it leads to an item the
@@ -63,7 +64,6 @@ class ItemPaths(NamedTuple):
 
     tokens: torch.Tensor
     nodes: torch.Tensor
-    edge: list[torch.Tensor]
     parent_tokens: list[torch.Tensor]
     edge_parent: list[torch.Tensor]
     edge_token: list[torch.Tensor]
@@ -74,46 +74,32 @@ class ItemPaths(NamedTuple):
 
 
 def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
-    """Walk every item's code tokens down the tree (one ``next_nodes`` per level, vectorised over items)."""
+    """The model's items' paths from their prefix index; ``tree`` is their prefix tree (its node numbers are ``nodes``)."""
     tokens = model.item_tokens[1:].to(tree.device)
     N, L = tokens.shape
-    nodes = [torch.zeros(N, dtype=torch.long, device=tree.device)]
-    for level in range(L):
-        nodes.append(tree.next_nodes(nodes[-1], tokens[:, level]))
-    nodes_t = torch.stack(nodes, 1)
-    if (nodes_t < 0).any():
-        bad = int(torch.nonzero((nodes_t < 0).any(1))[0])
-        raise ValueError(f"item row {bad} (codes {tokens[bad].tolist()}) is not in the prefix tree: tree and model disagree")
-    edge, parent_tokens, edge_parent, edge_token, norm_edge = [], [], [], [], []
-    active, active_parent, item_slot = [], [], []
-    for level in range(L):
-        child, first, inv = _unique_first(nodes_t[:, level + 1])
-        parents, pfirst, pinv = _unique_first(nodes_t[first, level])
-        edge.append(inv)
-        edge_parent.append(pinv)
-        edge_token.append(tokens[first, level])
-        parent_tokens.append(tokens[first[pfirst], :level])
-        trained = first < model.trained_items  # rows of added items come after the trained ones
-        parent_trained = torch.zeros(parents.numel(), dtype=torch.long, device=tree.device).scatter_reduce(
-            0, pinv, trained.long(), reduce="amax").bool()
-        norm_edge.append(trained | ~parent_trained[pinv])
-        degree = torch.bincount(pinv, minlength=parents.numel())
-        act = torch.nonzero(degree[pinv] > 1).squeeze(1)
-        _, act_parent = torch.unique(pinv[act], return_inverse=True)
-        slot = torch.full((child.numel(),), act.numel(), dtype=torch.long, device=tree.device)
+    index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tree.device)
+    want, held = torch.cat([index.offsets.diff(), torch.tensor([N], device=tree.device)]), torch.bincount(tree.node_depth)
+    if not torch.equal(held, want):
+        raise ValueError(f"the prefix tree has {held.tolist()} nodes per depth, the model's items make {want.tolist()}: "
+                         "tree and model disagree")
+    parent_tokens, edge_token, norm_edge, active, active_parent, item_slot = [], [], [], [], [], []
+    for level in range(L):  # loop over levels
+        parent, P, E = index.parent[level], index.keys[level].numel(), index.keys[level + 1].numel()
+        edge_token.append(index.code[level] + model.layout.level_range(level)[0])
+        parent_tokens.append(tokens[index.first_item[level], :level])
+        trained = index.first_item[level + 1] < model.trained_items  # rows of added items come after the trained ones
+        parent_trained = torch.zeros(P, dtype=torch.long, device=tree.device).scatter_reduce(
+            0, parent, trained.long(), reduce="amax").bool()
+        norm_edge.append(trained | ~parent_trained[parent])
+        act = torch.nonzero(torch.bincount(parent, minlength=P)[parent] > 1).squeeze(1)
+        _, act_parent = torch.unique(parent[act], return_inverse=True)
+        slot = torch.full((E,), act.numel(), dtype=torch.long, device=tree.device)
         slot[act] = torch.arange(act.numel(), device=tree.device)
         active.append(act)
         active_parent.append(act_parent)
-        item_slot.append(slot[inv])
-    return ItemPaths(tokens, nodes_t, edge, parent_tokens, edge_parent, edge_token, norm_edge, active, active_parent, item_slot)
-
-
-def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(unique values, index of a first occurrence of each, inverse) of a 1-D tensor."""
-    values, inv = torch.unique(x, return_inverse=True)
-    first = torch.full((values.numel(),), x.numel(), dtype=torch.long, device=x.device)
-    first.scatter_reduce_(0, inv, torch.arange(x.numel(), device=x.device), reduce="amin")
-    return values, first, inv
+        item_slot.append(slot[index.node[:, level + 1]])
+    return ItemPaths(tokens, index.tree_nodes(), parent_tokens, index.parent, edge_token, norm_edge, active, active_parent,
+                     item_slot)
 
 
 class EdgeTables(NamedTuple):
