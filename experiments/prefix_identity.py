@@ -27,6 +27,7 @@ from generator.decoding.registry import CAUSAL, T5, Ingredients
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.causal_loss import code_loss
 from semid.ids import SemanticIDs
+from semid.titles import dup_ranks
 from semid.tree import PrefixTree
 
 CAUSAL_NAMES = ("beam", "exact", "dense", "hybrid", "codes-grounded", "cold-beam")
@@ -77,7 +78,12 @@ def causal_world(out: dict, tag: str, *, n: int, sizes: tuple[int, ...], seed: i
     for name in ("row_ptr", "child_token", "child_node", "edge_key", "node_value", "node_depth", "dense_next", "dense_spec"):
         out[f"{tag}.tree.{name}"] = getattr(tree, name).clone()
     paths = item_paths(model, tree)
-    for field, value in paths._asdict().items():
+    fields = paths._asdict()
+    if "index" in fields:  # since the prefix index: the edges' parents and tokens are the index's
+        index = fields.pop("index")
+        fields["edge_parent"] = index.parent
+        fields["edge_token"] = [c + layout.level_range(lv)[0] for lv, c in enumerate(index.code)]
+    for field, value in fields.items():
         for i, t in enumerate(value if isinstance(value, list) else [value]):
             out[f"{tag}.paths.{field}.{i}"] = t.clone()
     tables = edge_tables(model, paths)
@@ -122,6 +128,20 @@ def t5_world(out: dict) -> None:
         _ranking(out, f"t5.{name}", registry.build(ing, name)(Histories(tokens, torch.ones_like(tokens, dtype=torch.bool)), 8))
 
 
+def ragged_world(out: dict) -> None:
+    """Trees of variable-length sequences (titles: with an end token and padding; and without), and title ranks."""
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(3, 12, rng.integers(0, 6)).tolist() for _ in range(300)]
+    rank, size = dup_ranks(seqs)
+    out["ragged.dup_ranks"] = torch.from_numpy(np.stack([rank, size]))
+    keep = [i for i in range(300) if rank[i] == 0 and seqs[i]]  # distinct, non-empty
+    for tag, kwargs in (("eos", {"end_token": 1, "pad_token": 0}), ("plain", {"dense_budget": 40})):
+        rows = [seqs[i] for i in keep] if tag == "eos" else [seqs[i] + [2] for i in keep]  # 2 closes: no prefixes
+        tree = PrefixTree.from_sequences(rows, np.arange(len(rows)) * 3, 12, **kwargs)
+        for name in ("row_ptr", "child_token", "child_node", "node_value", "node_depth", "dense_next", "dense_spec"):
+            out[f"ragged.{tag}.{name}"] = getattr(tree, name).clone()
+
+
 def dump(path: str) -> None:
     torch.set_num_threads(1)
     out: dict[str, torch.Tensor] = {}
@@ -129,6 +149,7 @@ def dump(path: str) -> None:
     causal_world(out, "plain", n=300, sizes=(7, 3), seed=2, node_vectors=False, added=0)
     causal_world(out, "added", n=350, sizes=(5, 4, 3), seed=4, node_vectors=True, added=60)
     t5_world(out)
+    ragged_world(out)
     torch.save(out, path)
     print(f"{len(out)} tensors written to {path}")
 

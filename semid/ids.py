@@ -19,7 +19,7 @@ import numpy as np
 
 from semid.io import atomic_path
 from semid.layout import TokenLayout
-from semid.prefix_index import find, prefix_key
+from semid.prefix_index import find, prefix_key, rank_within_groups
 from semid.safe_read import check_npz
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class SemanticIDs:
         _check_codes_in_range(codes, sizes)
         if item_ids is None:
             item_ids = np.arange(1, codes.shape[0] + 1, dtype=np.int64)
-        extra = _rank_within_groups(prefix_key(codes.astype(np.int64), sizes))
+        extra = rank_within_groups(prefix_key(codes, sizes)[:, None])[0]
         _check_extra_fits(extra, extra_level_size)
         full = np.concatenate([codes.astype(np.int64), extra[:, None]], axis=1)
         return cls(full, np.asarray(item_ids), sizes + (int(extra_level_size),))
@@ -138,11 +138,9 @@ class SemanticIDs:
         new_keys = prefix_key(codes.astype(np.int64), base_sizes)
         # next free extra value per group = 1 + the largest used there (0 for a new group)
         uniq, inv = np.unique(old_keys, return_inverse=True)
-        next_free = np.zeros(uniq.size, dtype=np.int64)
+        next_free = np.zeros(uniq.size + 1, dtype=np.int64)  # the last entry, 0, is a new group's (find: -1)
         np.maximum.at(next_free, inv, self.codes[:, L] + 1)
-        pos = np.clip(np.searchsorted(uniq, new_keys), 0, max(uniq.size - 1, 0))
-        start = np.where(uniq.size > 0, np.where(uniq[pos] == new_keys, next_free[pos], 0), 0)
-        extra = start + _rank_within_groups(new_keys)
+        extra = next_free[find(uniq, new_keys)] + rank_within_groups(new_keys[:, None])[0]
         _check_extra_fits(extra, self.codebook_sizes[-1])
         new_full = np.concatenate([codes.astype(np.int64), extra[:, None]], axis=1)
         return SemanticIDs(
@@ -171,10 +169,9 @@ class SemanticIDs:
     def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Row index of each item id; raises on an unknown id."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.item_ids, item_ids), 0, self.num_items - 1)
-        missing = self.item_ids[pos] != item_ids
-        if missing.any():
-            raise ValueError(f"unknown item id {int(item_ids[missing][0])}: not among the {self.num_items} items of these semantic IDs")
+        pos = find(self.item_ids, item_ids)
+        if (pos < 0).any():
+            raise ValueError(f"unknown item id {int(item_ids[pos < 0][0])}: not among the {self.num_items} items of these semantic IDs")
         return pos
 
     def codes_of(self, item_ids: np.ndarray) -> np.ndarray:
@@ -330,16 +327,3 @@ def _check_extra_fits(extra: np.ndarray, extra_level_size: int) -> None:
             f"a collision group needs extra-level value {int(extra.max())}, but `extra_level_size` is {extra_level_size}: "
             "raise `extra_level_size` or fit codebooks with fewer collisions"
         )
-
-
-def _rank_within_groups(keys: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... for rows sharing a key, in row order. (N,) -> (N,)"""
-    n = keys.size
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.ones(n, dtype=bool)
-    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - group_start
-    return rank

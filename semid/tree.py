@@ -41,6 +41,7 @@ import torch
 from semid._tree_build import check_inputs, dense_tables, open_nodes
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
+from semid.prefix_index import number_rows
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,10 @@ class PrefixTree:
             lengths = lengths + 1
             T += 1
 
-        # 1. lexicographic order (-1 padding sorts first, so a prefix comes before its extensions)
-        order = np.lexsort(seqs.T[::-1])
+        # 1. lexicographic order (-1 padding sorts first, so a prefix comes before its extensions), nodes numbered
+        order, new, at = number_rows(seqs, lengths)
         seqs, lengths, values = seqs[order], lengths[order], values[order]
-        neq = seqs[1:] != seqs[:-1]  # (N-1, T)
-        first_diff = np.where(neq.any(axis=1), neq.argmax(axis=1), T)
-        dup = np.flatnonzero(first_diff == T)
+        dup = np.flatnonzero(~new[1:, -1])  # a row equal to the one before it
         if dup.size:
             i = int(dup[0])
             raise ValueError(
@@ -137,7 +136,7 @@ class PrefixTree:
             )
         if end_token is None:
             # a sequence that is a prefix of the next one would end at an internal node: ambiguous without end_token
-            is_prefix = first_diff >= lengths[:-1]
+            is_prefix = ~new[1:][np.arange(N - 1), lengths[:-1] - 1]
             if is_prefix.any():
                 i = int(np.flatnonzero(is_prefix)[0])
                 raise ValueError(
@@ -145,7 +144,7 @@ class PrefixTree:
                 )
 
         # 2. nodes depth by depth (breadth-first numbering: _tree_build.open_nodes)
-        parent, token, depth, value, num_nodes = open_nodes(seqs, lengths, first_diff, values, end_token)
+        parent, token, depth, value, num_nodes = open_nodes(seqs, lengths, new, at, values, end_token)
         child = np.arange(1, num_nodes, dtype=np.int64)  # edges are created in node order: edge e leads to e + 1
 
         # 3. padding after a finished sequence: leaves loop to themselves on pad

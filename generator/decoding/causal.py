@@ -53,8 +53,9 @@ class ItemPaths(NamedTuple):
     (:class:`semid.prefix_index.PrefixIndex`; edges of level l are its depth-(l + 1) nodes).
 
     tokens: LongTensor (N, L) code tokens; nodes: LongTensor (N, L + 1), the tree node after l code tokens (0 = root).
+    index:         the items' ``PrefixIndex``: level l's edges are its nodes of depth l + 1 (``index.parent[l]`` (E_l,)
+                   their parents in [0, P_l), ``index.code[l]`` their codes).
     parent_tokens: per level l a LongTensor (P_l, l), the tokens of each parent prefix.
-    edge_parent:   per level l a LongTensor (E_l,) the edge's parent in [0, P_l); edge_token: (E_l,) its token.
     norm_edge:     per level l a BoolTensor (E_l,): the edge is in its parent's normaliser: it leads to an item the
                    model was trained with, or its parent has no such edge (a node that only added items reach).
     active:        per level l a LongTensor (A_l,): the edges whose parent has two or more (an only child has
@@ -64,9 +65,8 @@ class ItemPaths(NamedTuple):
 
     tokens: torch.Tensor
     nodes: torch.Tensor
+    index: PrefixIndex
     parent_tokens: list[torch.Tensor]
-    edge_parent: list[torch.Tensor]
-    edge_token: list[torch.Tensor]
     norm_edge: list[torch.Tensor]
     active: list[torch.Tensor]
     active_parent: list[torch.Tensor]
@@ -82,10 +82,9 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
     if not torch.equal(held, want):
         raise ValueError(f"the prefix tree has {held.tolist()} nodes per depth, the model's items make {want.tolist()}: "
                          "tree and model disagree")
-    parent_tokens, edge_token, norm_edge, active, active_parent, item_slot = [], [], [], [], [], []
+    parent_tokens, norm_edge, active, active_parent, item_slot = [], [], [], [], []
     for level in range(L):  # loop over levels
         parent, P, E = index.parent[level], index.keys[level].numel(), index.keys[level + 1].numel()
-        edge_token.append(index.code[level] + model.layout.level_range(level)[0])
         parent_tokens.append(tokens[index.first_item[level], :level])
         trained = index.first_item[level + 1] < model.trained_items  # rows of added items come after the trained ones
         parent_trained = torch.zeros(P, dtype=torch.long, device=tree.device).scatter_reduce(
@@ -98,8 +97,7 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
         active.append(act)
         active_parent.append(act_parent)
         item_slot.append(slot[index.node[:, level + 1]])
-    return ItemPaths(tokens, index.tree_nodes(), parent_tokens, index.parent, edge_token, norm_edge, active, active_parent,
-                     item_slot)
+    return ItemPaths(tokens, index.tree_nodes(), index, parent_tokens, norm_edge, active, active_parent, item_slot)
 
 
 class EdgeTables(NamedTuple):
@@ -115,13 +113,12 @@ def edge_tables(model: CausalGenerator, paths: ItemPaths) -> EdgeTables:
     vectors, biases = [], []
     for level in range(model.layout.num_levels):  # loop over levels
         act = paths.active[level]
-        p = paths.edge_parent[level][act]
+        p, code = paths.index.parent[level][act], paths.index.code[level][act]
         s, u = model.prefix_film(level, paths.parent_tokens[level][p])  # (A_l, D) each
-        token = paths.edge_token[level][act]
+        token = code + model.layout.level_range(level)[0]
         out = model.code_emb.weight[token]  # (A_l, D)
         if model.config.node_vectors:
-            lo, _ = model.layout.level_range(level)
-            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], token - lo)
+            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], code)
         vectors.append(s * out)
         biases.append((u * out).sum(-1) + model.code_bias[token])
     return EdgeTables(vectors, biases)

@@ -78,10 +78,11 @@ def free_code_beam(model: CausalGenerator, h: torch.Tensor, *, num_beams: int) -
 class CodeGrounder:
     """Grounds code-token tuples to items: exact match, else longest matching prefix, then nearest under it."""
 
-    def __init__(self, model: CausalGenerator, chunk: int = 1024) -> None:
+    def __init__(self, model: CausalGenerator, index: PrefixIndex | None = None, chunk: int = 1024) -> None:
+        """``index``: the prefix index of the model's items where the caller has it (``ItemPaths.index``)."""
         self.model, self.chunk = model, chunk
         tokens = model.item_tokens[1:]  # (N, L)
-        self.index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tokens.device)
+        self.index = index or PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tokens.device)
         self.order = self.index.order  # rows in tree order: the items under a node are a run of it (``index.span``)
         with torch.no_grad():
             self.sorted_vec = self.vectors(tokens[self.order])  # (N, D)
@@ -90,18 +91,13 @@ class CodeGrounder:
         """The model's vector of code tuples (G, L) -> (G, D): the sum of their code embeddings."""
         return self.model.code_emb(tokens).sum(-2)
 
-    def matched_depth(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(levels of the longest prefix of code tokens (G, L) that is an ID's (G,), its node at that depth (G,))."""
-        codes = self.model.layout.tokens_to_codes(tokens)
-        rows = torch.stack([self.index.find(codes[:, :d]) for d in range(codes.shape[1] + 1)], 1)  # (G, L + 1)
-        depth = (rows[:, 1:] >= 0).sum(1)  # prefixes of an ID's prefix are ID prefixes too
-        return depth, rows.gather(1, depth[:, None]).squeeze(1)
-
     def ground(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L); ``last_depth`` keeps the matched depths."""
-        depth, node = self.matched_depth(tokens)
-        self.last_depth = depth
-        start, stop = self.index.span(depth, node)  # the items under the deepest matched node, in `order`
+        """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L); ``last_depth`` keeps the matched depths
+        (the levels of each tuple's longest prefix that is an ID's)."""
+        codes = self.model.layout.tokens_to_codes(tokens)
+        nodes = torch.stack([self.index.find(codes[:, :d]) for d in range(codes.shape[1] + 1)], 1)  # (G, L + 1)
+        depth = self.last_depth = (nodes[:, 1:] >= 0).sum(1)  # a prefix of an ID's prefix is one too
+        start, stop = self.index.span(depth, nodes.gather(1, depth[:, None]).squeeze(1))  # the items under it, in `order`
         is_item = depth == tokens.shape[1]  # a whole tuple is one item: the node's only one
         rows = torch.where(is_item, self.order[start], -1)
         miss = torch.nonzero(~is_item).squeeze(1)
@@ -129,7 +125,7 @@ class GroundedCodeDecoders(CausalDecoders):
 
     def refresh(self) -> GroundedCodeDecoders:
         super().refresh()
-        self._grounder = CodeGrounder(self.model)
+        self._grounder = CodeGrounder(self.model, self.paths.index)  # the item paths' index: built once
         return self
 
     @torch.inference_mode()
