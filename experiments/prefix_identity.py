@@ -52,6 +52,8 @@ def causal_world(out: dict, tag: str, *, n: int, sizes: tuple[int, ...], seed: i
     rng = np.random.default_rng(seed)
     codes = rng.integers(0, sizes, size=(n, len(sizes)))
     codes[n // 2 :: 7] = codes[0]  # some large collision groups
+    if added:  # the trained items never use the last level-0 code: some added items open prefixes of their own
+        codes[: n - added, 0] %= sizes[0] - 1
     trained = n - added
     base = SemanticIDs.from_codes(codes[:trained], sizes, extra_level_size=n)
     ids = base.add_items(codes[trained:], np.arange(trained + 1, n + 1)) if added else base

@@ -116,21 +116,3 @@ def check_inputs(sequences: np.ndarray | Sequence[Sequence[int]], values: np.nda
                 f"sequence {row} (value {int(values[row])}) contains `{name}` {tok}; it may only be added by the tree"
             )
     return seqs, values, lengths
-
-
-def open_nodes(seqs: np.ndarray, lengths: np.ndarray, new: np.ndarray, at: np.ndarray, values: np.ndarray,
-               end_token: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Nodes depth by depth over lexicographically sorted rows numbered by ``semid.prefix_index.number_rows`` (row i
-    opens a node at depth d + 1 iff it is that long and ``new[i, d]``), breadth first. Returns (parent, token) per
-    edge, (depth, value (-1: none)) per node (root first) and the node count."""
-    N, T = seqs.shape
-    opens = new & (np.arange(T) < lengths[:, None])
-    first = np.concatenate([[1], 1 + np.cumsum(opens.sum(0))])  # number of each depth's first node (the root is 0)
-    ids = at + first[:-1]  # (N, T) each row's node at depth d + 1
-    d, r = np.nonzero(opens.T)  # the new nodes depth by depth, in row order
-    value = np.full(int(first[-1]), -1, dtype=np.int64)
-    value[ids[np.arange(N), lengths - 1]] = values  # a row's content ends at its last token, or just before its end token
-    if end_token is not None:
-        value[ids[np.arange(N), lengths - 2]] = values
-    parent = np.where(d > 0, ids[r, d - 1], 0)
-    return parent, seqs[r, d], np.concatenate([[0], d + 1]), value, int(first[-1])

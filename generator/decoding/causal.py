@@ -84,16 +84,14 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
                          "tree and model disagree")
     parent_tokens, norm_edge, active, active_parent, item_slot = [], [], [], [], []
     for level in range(L):  # loop over levels
-        parent, P, E = index.parent[level], index.keys[level].numel(), index.keys[level + 1].numel()
+        parent = index.parent[level]
         parent_tokens.append(tokens[index.first_item[level], :level])
         trained = index.first_item[level + 1] < model.trained_items  # rows of added items come after the trained ones
-        parent_trained = torch.zeros(P, dtype=torch.long, device=tree.device).scatter_reduce(
-            0, parent, trained.long(), reduce="amax").bool()
-        norm_edge.append(trained | ~parent_trained[parent])
-        act = torch.nonzero(torch.bincount(parent, minlength=P)[parent] > 1).squeeze(1)
+        norm_edge.append(trained | (index.first_item[level] >= model.trained_items)[parent])  # or a parent no trained item has
+        multi = torch.bincount(parent, minlength=index.keys[level].numel())[parent] > 1  # (E_l,) the edge has siblings
+        act = torch.nonzero(multi).squeeze(1)
         _, act_parent = torch.unique(parent[act], return_inverse=True)
-        slot = torch.full((E,), act.numel(), dtype=torch.long, device=tree.device)
-        slot[act] = torch.arange(act.numel(), device=tree.device)
+        slot = torch.where(multi, torch.cumsum(multi, 0) - 1, act.numel())  # an edge's rank among the active ones
         active.append(act)
         active_parent.append(act_parent)
         item_slot.append(slot[index.node[:, level + 1]])
