@@ -82,7 +82,9 @@ class CodeGrounder:
         """``index``: the prefix index of the model's items where the caller has it (``ItemPaths.index``)."""
         self.model, self.chunk = model, chunk
         tokens = model.item_tokens[1:]  # (N, L)
-        self.index = index or PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tokens.device)
+        if index is None:
+            index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tokens.device)
+        self.index = index
         self.order = self.index.order  # rows in tree order: the items under a node are a run of it (``index.span``)
         with torch.no_grad():
             self.sorted_vec = self.vectors(tokens[self.order])  # (N, D)
