@@ -116,36 +116,3 @@ def check_inputs(sequences: np.ndarray | Sequence[Sequence[int]], values: np.nda
                 f"sequence {row} (value {int(values[row])}) contains `{name}` {tok}; it may only be added by the tree"
             )
     return seqs, values, lengths
-
-
-def open_nodes(seqs: np.ndarray, lengths: np.ndarray, first_diff: np.ndarray, values: np.ndarray, end_token: int | None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """Nodes depth by depth over lexicographically sorted rows: row i opens a new node at depth d+1 iff it differs
-    from row i-1 in columns <= d (``first_diff`` (N-1,), the first column where row i+1 differs from row i), so each
-    depth's nodes are numbered with one cumsum, breadth first. Returns (parent, token, depth) per edge/node, the
-    value of each node (-1: none) and the node count."""
-    N, T = seqs.shape
-    node_of_row = np.zeros(N, dtype=np.int64)  # node each row is at, at the current depth (root = 0)
-    parents, tokens, depths = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(1, np.int64)]
-    node_value = [np.full(1, -1, np.int64)]
-    next_id = 1
-    starts_any = np.ones(N, dtype=bool)
-    for d in range(T):
-        valid = lengths > d
-        if not valid.any():
-            break
-        starts_any[1:] = first_diff <= d
-        opens = valid & starts_any
-        new_ids = next_id + np.cumsum(opens) - 1  # for valid rows: id of the node they are at after column d
-        first_rows = np.flatnonzero(opens)
-        parents.append(node_of_row[first_rows])
-        tokens.append(seqs[first_rows, d])
-        depths.append(np.full(first_rows.size, d + 1, np.int64))
-        vals = np.full(first_rows.size, -1, np.int64)
-        node_of_row = np.where(valid, new_ids, node_of_row)
-        # a row whose content ends here (last real token, or its end token) gives the node its value
-        ends = valid & ((lengths == d + 1) | ((end_token is not None) & (lengths == d + 2)))
-        vals[node_of_row[ends] - next_id] = values[ends]
-        node_value.append(vals)
-        next_id += first_rows.size
-    return np.concatenate(parents), np.concatenate(tokens), np.concatenate(depths), np.concatenate(node_value), next_id

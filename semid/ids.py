@@ -19,6 +19,7 @@ import numpy as np
 
 from semid.io import atomic_path
 from semid.layout import TokenLayout
+from semid.prefix_index import find, prefix_key, rank_within_groups
 from semid.safe_read import check_npz
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class SemanticIDs:
         self.codes = codes.astype(np.int64)
         self.item_ids = item_ids.astype(np.int64)
         self.codebook_sizes = sizes
-        self._keys = _tuple_keys(self.codes, sizes)
+        self._keys = prefix_key(self.codes, sizes)
         order = np.argsort(self._keys, kind="stable")
         if (np.diff(self._keys[order]) == 0).any():
             dup = order[np.flatnonzero(np.diff(self._keys[order]) == 0)[0] + 1]
@@ -106,7 +107,7 @@ class SemanticIDs:
         _check_codes_in_range(codes, sizes)
         if item_ids is None:
             item_ids = np.arange(1, codes.shape[0] + 1, dtype=np.int64)
-        extra = _rank_within_groups(_tuple_keys(codes.astype(np.int64), sizes))
+        extra = rank_within_groups(prefix_key(codes, sizes)[:, None])[0]
         _check_extra_fits(extra, extra_level_size)
         full = np.concatenate([codes.astype(np.int64), extra[:, None]], axis=1)
         return cls(full, np.asarray(item_ids), sizes + (int(extra_level_size),))
@@ -133,15 +134,13 @@ class SemanticIDs:
             raise ValueError(f"new `item_ids` must all be > {int(self.item_ids.max())} (the largest existing id), got {int(item_ids.min())}")
         base_sizes = self.codebook_sizes[:L]
         _check_codes_in_range(codes, base_sizes)
-        old_keys = _tuple_keys(self.codes[:, :L], base_sizes)
-        new_keys = _tuple_keys(codes.astype(np.int64), base_sizes)
+        old_keys = prefix_key(self.codes[:, :L], base_sizes)
+        new_keys = prefix_key(codes.astype(np.int64), base_sizes)
         # next free extra value per group = 1 + the largest used there (0 for a new group)
         uniq, inv = np.unique(old_keys, return_inverse=True)
-        next_free = np.zeros(uniq.size, dtype=np.int64)
+        next_free = np.zeros(uniq.size + 1, dtype=np.int64)  # the last entry, 0, is a new group's (find: -1)
         np.maximum.at(next_free, inv, self.codes[:, L] + 1)
-        pos = np.clip(np.searchsorted(uniq, new_keys), 0, max(uniq.size - 1, 0))
-        start = np.where(uniq.size > 0, np.where(uniq[pos] == new_keys, next_free[pos], 0), 0)
-        extra = start + _rank_within_groups(new_keys)
+        extra = next_free[find(uniq, new_keys)] + rank_within_groups(new_keys[:, None])[0]
         _check_extra_fits(extra, self.codebook_sizes[-1])
         new_full = np.concatenate([codes.astype(np.int64), extra[:, None]], axis=1)
         return SemanticIDs(
@@ -170,10 +169,9 @@ class SemanticIDs:
     def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Row index of each item id; raises on an unknown id."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.item_ids, item_ids), 0, self.num_items - 1)
-        missing = self.item_ids[pos] != item_ids
-        if missing.any():
-            raise ValueError(f"unknown item id {int(item_ids[missing][0])}: not among the {self.num_items} items of these semantic IDs")
+        pos = find(self.item_ids, item_ids)
+        if (pos < 0).any():
+            raise ValueError(f"unknown item id {int(item_ids[pos < 0][0])}: not among the {self.num_items} items of these semantic IDs")
         return pos
 
     def codes_of(self, item_ids: np.ndarray) -> np.ndarray:
@@ -184,17 +182,13 @@ class SemanticIDs:
         """Item id of each full code tuple (..., L + 1); -1 where no item has that tuple."""
         codes = np.asarray(codes, dtype=np.int64)
         flat = codes.reshape(-1, self.num_levels)
-        in_range = np.all((flat >= 0) & (flat < np.asarray(self.codebook_sizes)), axis=1)
-        keys = _tuple_keys(np.where(in_range[:, None], flat, 0), self.codebook_sizes)
-        sorted_keys = self._keys[self._key_order]
-        pos = np.clip(np.searchsorted(sorted_keys, keys), 0, self.num_items - 1)
-        found = in_range & (sorted_keys[pos] == keys)
-        out = np.where(found, self.item_ids[self._key_order[pos]], -1)
+        row = find(self._keys[self._key_order], prefix_key(flat, self.codebook_sizes))  # -1: out of range or no item
+        out = np.where(row >= 0, self.item_ids[self._key_order[row]], -1)
         return out.reshape(codes.shape[:-1])
 
     def collision_stats(self) -> CollisionStats:
         L = self.num_base_levels
-        keys = _tuple_keys(self.codes[:, :L], self.codebook_sizes[:L])
+        keys = prefix_key(self.codes[:, :L], self.codebook_sizes[:L])
         _, counts = np.unique(keys, return_counts=True)
         colliding = int(counts[counts > 1].sum())
         return CollisionStats(
@@ -333,29 +327,3 @@ def _check_extra_fits(extra: np.ndarray, extra_level_size: int) -> None:
             f"a collision group needs extra-level value {int(extra.max())}, but `extra_level_size` is {extra_level_size}: "
             "raise `extra_level_size` or fit codebooks with fewer collisions"
         )
-
-
-def _tuple_keys(codes: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Mixed-radix int64 key of each code tuple (N, L) -> (N,)."""
-    total = 1
-    for k in sizes:
-        total *= int(k)
-    if total >= 2**62:
-        raise ValueError(f"the code space {list(sizes)} has {total} tuples, more than an int64 key can hold")
-    keys = np.zeros(codes.shape[0], dtype=np.int64)
-    for level, k in enumerate(sizes):
-        keys = keys * int(k) + codes[:, level]
-    return keys
-
-
-def _rank_within_groups(keys: np.ndarray) -> np.ndarray:
-    """0, 1, 2, ... for rows sharing a key, in row order. (N,) -> (N,)"""
-    n = keys.size
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.ones(n, dtype=bool)
-    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - group_start
-    return rank

@@ -29,8 +29,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from semid._tree_build import as_padded
 from semid.io import atomic_open
 from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
+from semid.prefix_index import rank_within_groups
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
@@ -225,13 +227,4 @@ class TitleIndex(NamedTuple):
 
 def dup_ranks(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(rank of each sequence among identical ones, in input order; size of its group), both int64 (N,)."""
-    seen: dict[tuple[int, ...], int] = {}
-    rank = np.zeros(len(sequences), dtype=np.int64)
-    group = np.zeros(len(sequences), dtype=np.int64)
-    for i, s in enumerate(sequences):  # loop over items at build time (hashing token tuples)
-        key = tuple(s)
-        rank[i] = seen.get(key, 0)
-        seen[key] = rank[i] + 1
-    for i, s in enumerate(sequences):
-        group[i] = seen[tuple(s)]
-    return rank, group
+    return rank_within_groups(as_padded(sequences))

@@ -38,9 +38,10 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from semid._tree_build import check_inputs, dense_tables, open_nodes
+from semid._tree_build import check_inputs, dense_tables
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
+from semid.prefix_index import number_rows
 
 log = logging.getLogger(__name__)
 
@@ -117,19 +118,16 @@ class PrefixTree:
                 many entries; deeper levels use the sparse edges.
         """
         seqs, values, lengths = check_inputs(sequences, values, vocab_size, end_token, pad_token)
-        N, T = seqs.shape
+        N = seqs.shape[0]
         if end_token is not None:
             seqs = np.concatenate([seqs, np.full((N, 1), -1, dtype=np.int64)], axis=1)
             seqs[np.arange(N), lengths] = end_token
             lengths = lengths + 1
-            T += 1
 
-        # 1. lexicographic order (-1 padding sorts first, so a prefix comes before its extensions)
-        order = np.lexsort(seqs.T[::-1])
+        # 1. lexicographic order (-1 padding sorts first, so a prefix comes before its extensions), nodes numbered
+        order, new, at = number_rows(seqs, lengths)
         seqs, lengths, values = seqs[order], lengths[order], values[order]
-        neq = seqs[1:] != seqs[:-1]  # (N-1, T)
-        first_diff = np.where(neq.any(axis=1), neq.argmax(axis=1), T)
-        dup = np.flatnonzero(first_diff == T)
+        dup = np.flatnonzero(~new[1:, -1])  # a row equal to the one before it
         if dup.size:
             i = int(dup[0])
             raise ValueError(
@@ -137,15 +135,23 @@ class PrefixTree:
             )
         if end_token is None:
             # a sequence that is a prefix of the next one would end at an internal node: ambiguous without end_token
-            is_prefix = first_diff >= lengths[:-1]
+            is_prefix = ~new[1:][np.arange(N - 1), lengths[:-1] - 1]
             if is_prefix.any():
                 i = int(np.flatnonzero(is_prefix)[0])
                 raise ValueError(
                     f"sequence of value {int(values[i])} is a prefix of that of value {int(values[i + 1])}: pass `end_token`"
                 )
 
-        # 2. nodes depth by depth (breadth-first numbering: _tree_build.open_nodes)
-        parent, token, depth, value, num_nodes = open_nodes(seqs, lengths, first_diff, values, end_token)
+        # 2. nodes depth by depth, breadth first: sorted row i opens one at depth d + 1 iff it is that long and new[i, d]
+        opens = new & (np.arange(seqs.shape[1]) < lengths[:, None])
+        first = np.concatenate([[1], 1 + np.cumsum(opens.sum(0))])  # number of each depth's first node (the root is 0)
+        ids, num_nodes = at + first[:-1], int(first[-1])  # (N, T) each row's node at depth d + 1
+        d, r = np.nonzero(opens.T)  # the new nodes depth by depth, in row order
+        parent, token, depth = np.where(d > 0, ids[r, d - 1], 0), seqs[r, d], np.concatenate([[0], d + 1])
+        value = np.full(num_nodes, -1, dtype=np.int64)  # a sequence's value at its last token (and at its end token)
+        value[ids[np.arange(N), lengths - 1]] = values
+        if end_token is not None:
+            value[ids[np.arange(N), lengths - 2]] = values
         child = np.arange(1, num_nodes, dtype=np.int64)  # edges are created in node order: edge e leads to e + 1
 
         # 3. padding after a finished sequence: leaves loop to themselves on pad

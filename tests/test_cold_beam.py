@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from generator.decoding.cold import ColdStartBeam, prefix_keys
+from generator.decoding.cold import ColdStartBeam
 from generator.decoding.protocol import LOG_LIKELIHOOD, PREFIX_MATCHED, Decoder, Histories, Ranking
 from semid.ids import SemanticIDs
+from semid.prefix_index import prefix_key
 
 # base codes (3 levels of 4); prefix = the first two
 WARM = {1: (0, 0, 0), 2: (0, 1, 0), 3: (1, 0, 0), 4: (1, 1, 0), 5: (2, 0, 0), 6: (3, 3, 0)}
@@ -49,7 +50,7 @@ def cold_beam(ids: SemanticIDs, cold: list[int] | np.ndarray, beam: Decoder | No
 
 def test_prefix_keys_mixed_radix() -> None:
     codes = torch.tensor([[1, 2, 3, 0], [3, 3, 0, 1], [-1, 0, 0, 0]])
-    assert prefix_keys(codes, (4, 4, 4, 2), 2).tolist() == [1 * 4 + 2, 3 * 4 + 3, -1]
+    assert prefix_key(codes[:, :2], (4, 4, 4, 2)).tolist() == [1 * 4 + 2, 3 * 4 + 3, -1]
 
 
 def test_cold_item_takes_its_candidates_score(ids: SemanticIDs) -> None:

@@ -242,8 +242,8 @@ def tiny_causal(seed: int = 0) -> tuple[CausalGenerator, PrefixTree, np.ndarray]
 
 
 def test_code_grounding_takes_the_longest_matching_prefix_then_the_nearest_item() -> None:
-    model, tree, item_ids = tiny_causal()
-    g = CodeGrounder(model, tree, torch.from_numpy(item_ids))
+    model, _, _ = tiny_causal()
+    g = CodeGrounder(model)
     item_tokens = model.item_tokens[1:]
     rng = np.random.default_rng(1)
     L = item_tokens.shape[1]

@@ -42,18 +42,20 @@ from generator.decoding.protocol import (
 )
 from generator.models.causal import CausalGenerator
 from generator.models.causal_loss import masked_log_softmax
+from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
 
 
 class ItemPaths(NamedTuple):
-    """Each item's path through the prefix tree (rows follow the semantic IDs' rows).
+    """Each item's path through the prefix tree (rows follow the semantic IDs' rows), from the items' prefix index
+    (:class:`semid.prefix_index.PrefixIndex`; edges of level l are its depth-(l + 1) nodes).
 
-    tokens: LongTensor (N, L) code tokens; nodes: LongTensor (N, L + 1), node after l code tokens (0 = root).
-    edge:   per level l a LongTensor (N,) the item's edge among level l's edges (``EdgeTables``'s column).
+    tokens: LongTensor (N, L) code tokens; nodes: LongTensor (N, L + 1), the tree node after l code tokens (0 = root).
+    index:         the items' ``PrefixIndex``: level l's edges are its nodes of depth l + 1 (``index.parent[l]`` (E_l,)
+                   their parents in [0, P_l), ``index.code[l]`` their codes).
     parent_tokens: per level l a LongTensor (P_l, l), the tokens of each parent prefix.
-    edge_parent:   per level l a LongTensor (E_l,) the edge's parent in [0, P_l); edge_token: (E_l,) its token.
     norm_edge:     per level l a BoolTensor (E_l,): the edge is in its parent's normaliser: it leads to an item the
                    model was trained with, or its parent has no such edge (a node that only added items reach).
     active:        per level l a LongTensor (A_l,): the edges whose parent has two or more (an only child has
@@ -63,10 +65,8 @@ class ItemPaths(NamedTuple):
 
     tokens: torch.Tensor
     nodes: torch.Tensor
-    edge: list[torch.Tensor]
+    index: PrefixIndex
     parent_tokens: list[torch.Tensor]
-    edge_parent: list[torch.Tensor]
-    edge_token: list[torch.Tensor]
     norm_edge: list[torch.Tensor]
     active: list[torch.Tensor]
     active_parent: list[torch.Tensor]
@@ -74,46 +74,28 @@ class ItemPaths(NamedTuple):
 
 
 def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
-    """Walk every item's code tokens down the tree (one ``next_nodes`` per level, vectorised over items)."""
+    """The model's items' paths from their prefix index; ``tree`` is their prefix tree (its node numbers are ``nodes``)."""
     tokens = model.item_tokens[1:].to(tree.device)
     N, L = tokens.shape
-    nodes = [torch.zeros(N, dtype=torch.long, device=tree.device)]
-    for level in range(L):
-        nodes.append(tree.next_nodes(nodes[-1], tokens[:, level]))
-    nodes_t = torch.stack(nodes, 1)
-    if (nodes_t < 0).any():
-        bad = int(torch.nonzero((nodes_t < 0).any(1))[0])
-        raise ValueError(f"item row {bad} (codes {tokens[bad].tolist()}) is not in the prefix tree: tree and model disagree")
-    edge, parent_tokens, edge_parent, edge_token, norm_edge = [], [], [], [], []
-    active, active_parent, item_slot = [], [], []
-    for level in range(L):
-        child, first, inv = _unique_first(nodes_t[:, level + 1])
-        parents, pfirst, pinv = _unique_first(nodes_t[first, level])
-        edge.append(inv)
-        edge_parent.append(pinv)
-        edge_token.append(tokens[first, level])
-        parent_tokens.append(tokens[first[pfirst], :level])
-        trained = first < model.trained_items  # rows of added items come after the trained ones
-        parent_trained = torch.zeros(parents.numel(), dtype=torch.long, device=tree.device).scatter_reduce(
-            0, pinv, trained.long(), reduce="amax").bool()
-        norm_edge.append(trained | ~parent_trained[pinv])
-        degree = torch.bincount(pinv, minlength=parents.numel())
-        act = torch.nonzero(degree[pinv] > 1).squeeze(1)
-        _, act_parent = torch.unique(pinv[act], return_inverse=True)
-        slot = torch.full((child.numel(),), act.numel(), dtype=torch.long, device=tree.device)
-        slot[act] = torch.arange(act.numel(), device=tree.device)
+    index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tree.device)
+    want, held = torch.cat([index.offsets.diff(), torch.tensor([N], device=tree.device)]), torch.bincount(tree.node_depth)
+    if not torch.equal(held, want):
+        raise ValueError(f"the prefix tree has {held.tolist()} nodes per depth, the model's items make {want.tolist()}: "
+                         "tree and model disagree")
+    parent_tokens, norm_edge, active, active_parent, item_slot = [], [], [], [], []
+    for level in range(L):  # loop over levels
+        parent = index.parent[level]
+        parent_tokens.append(tokens[index.first_item[level], :level])
+        trained = index.first_item[level + 1] < model.trained_items  # rows of added items come after the trained ones
+        norm_edge.append(trained | (index.first_item[level] >= model.trained_items)[parent])  # or a parent no trained item has
+        multi = torch.bincount(parent, minlength=index.keys[level].numel())[parent] > 1  # (E_l,) the edge has siblings
+        act = torch.nonzero(multi).squeeze(1)
+        _, act_parent = torch.unique(parent[act], return_inverse=True)
+        slot = torch.where(multi, torch.cumsum(multi, 0) - 1, act.numel())  # an edge's rank among the active ones
         active.append(act)
         active_parent.append(act_parent)
-        item_slot.append(slot[inv])
-    return ItemPaths(tokens, nodes_t, edge, parent_tokens, edge_parent, edge_token, norm_edge, active, active_parent, item_slot)
-
-
-def _unique_first(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(unique values, index of a first occurrence of each, inverse) of a 1-D tensor."""
-    values, inv = torch.unique(x, return_inverse=True)
-    first = torch.full((values.numel(),), x.numel(), dtype=torch.long, device=x.device)
-    first.scatter_reduce_(0, inv, torch.arange(x.numel(), device=x.device), reduce="amin")
-    return values, first, inv
+        item_slot.append(slot[index.node[:, level + 1]])
+    return ItemPaths(tokens, index.tree_nodes(), index, parent_tokens, norm_edge, active, active_parent, item_slot)
 
 
 class EdgeTables(NamedTuple):
@@ -129,13 +111,12 @@ def edge_tables(model: CausalGenerator, paths: ItemPaths) -> EdgeTables:
     vectors, biases = [], []
     for level in range(model.layout.num_levels):  # loop over levels
         act = paths.active[level]
-        p = paths.edge_parent[level][act]
+        p, code = paths.index.parent[level][act], paths.index.code[level][act]
         s, u = model.prefix_film(level, paths.parent_tokens[level][p])  # (A_l, D) each
-        token = paths.edge_token[level][act]
+        token = code + model.layout.level_range(level)[0]
         out = model.code_emb.weight[token]  # (A_l, D)
         if model.config.node_vectors:
-            lo, _ = model.layout.level_range(level)
-            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], token - lo)
+            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], code)
         vectors.append(s * out)
         biases.append((u * out).sum(-1) + model.code_bias[token])
     return EdgeTables(vectors, biases)

@@ -5,9 +5,9 @@ tree. TIGER's remedy: generate candidates as usual, then retrieve the *new* item
 first ``prefix_levels`` codes) matches a candidate's, and let them take at most a share ``epsilon`` of the top-k.
 
 :class:`ColdStartBeam` (``cold-beam``) does that around a backbone's beam decoder (T5 or causal), vectorised over users
-and candidates (loops only over code levels): candidates -> mixed-radix prefix keys -> ``searchsorted`` into the cold items sorted by key once at
-construction -> each matched cold item gets the score of the best-ranked candidate it matched -> merge, drop
-duplicates, cap the cold items at ceil(epsilon * k), take the top-k.
+and candidates (loops only over code levels): candidates -> their prefix's node in a ``semid.prefix_index.PrefixIndex``
+of the cold items, built once at construction (one ``searchsorted``) -> each matched cold item gets the score of the
+best-ranked candidate it matched -> merge, drop duplicates, cap the cold items at ceil(epsilon * k), take the top-k.
 
 Dimensions: B histories, C beam candidates, P cold matches kept per candidate, Q cold items, N items, L code levels.
 """
@@ -22,14 +22,7 @@ import torch
 
 from generator.decoding.protocol import PREFIX_MATCHED, Decoder, Histories, Ranking, check_int_in, check_k
 from semid.ids import SemanticIDs
-
-
-def prefix_keys(codes: torch.Tensor, sizes: tuple[int, ...], levels: int) -> torch.Tensor:
-    """Mixed-radix int64 key of the first ``levels`` codes, (..., L) -> (...); -1 where any of them is negative."""
-    keys = torch.zeros(codes.shape[:-1], dtype=torch.int64, device=codes.device)
-    for level in range(levels):  # loop over code levels
-        keys = keys * int(sizes[level]) + codes[..., level]
-    return torch.where((codes[..., :levels] < 0).any(-1), -1, keys)
+from semid.prefix_index import PrefixIndex
 
 
 class ColdStartBeam:
@@ -78,8 +71,6 @@ class ColdStartBeam:
             raise ValueError(f"`max_per_prefix` must be a positive int, got {max_per_prefix!r}")
         if num_candidates is not None:
             check_int_in("num_candidates", num_candidates, 1, ids.num_items, "the catalogue size")
-        if math.prod(ids.codebook_sizes[:prefix_levels]) >= 2**62:
-            raise ValueError(f"the prefix space {list(ids.codebook_sizes[:prefix_levels])} is too large for an int64 key")
         cold = np.unique(np.asarray(cold_item_ids, dtype=np.int64))
         if cold.size == 0:
             raise ValueError("`cold_item_ids` must hold at least one item")
@@ -87,11 +78,9 @@ class ColdStartBeam:
             raise ValueError(f"`cold_item_ids` must be items of `ids`; {int(cold[~np.isin(cold, ids.item_ids)][0])} is not")
         self.ids, self.epsilon, self.prefix_levels = ids, float(epsilon), prefix_levels
         self.beam, self.num_candidates, self.max_per_prefix = beam, num_candidates, max_per_prefix
-        self.sizes = tuple(int(s) for s in ids.codebook_sizes)
         codes = torch.from_numpy(ids.codes_of(cold))  # (Q, L)
-        keys = prefix_keys(codes, self.sizes, prefix_levels)  # (Q,)
-        order = torch.argsort(keys, stable=True)  # by key, then by item id (cold is ascending)
-        self.cold_keys, self.cold_items, self.cold_codes = keys[order], torch.from_numpy(cold)[order], codes[order]
+        self.index = PrefixIndex(codes[:, :prefix_levels], ids.codebook_sizes)  # order: by prefix, then by item id
+        self.cold_items, self.cold_codes = torch.from_numpy(cold)[self.index.order], codes[self.index.order]
 
     def max_cold(self, k: int) -> int:
         """Cold slots allowed in a top-k: ceil(epsilon * k) (with a guard against float noise such as 0.1 * 30)."""
@@ -118,16 +107,15 @@ class ColdStartBeam:
         B, C = res.items.shape
         check_k(k, C, "the beam's candidates per history")
         device, P = res.items.device, self.max_per_prefix
-        cold_keys, cold_items, cold_codes = (t.to(device) for t in (self.cold_keys, self.cold_items, self.cold_codes))
-        Q = cold_keys.numel()
+        index, cold_items, cold_codes = self.index.to(device), self.cold_items.to(device), self.cold_codes.to(device)
+        Q = cold_items.numel()
         valid_cand = torch.isfinite(res.scores) & (res.items >= 0)
 
-        # candidates -> up to P cold items with the same prefix key: (B, C, P)
-        keys = prefix_keys(res.codes, self.sizes, self.prefix_levels)  # (B, C)
-        lo = torch.searchsorted(cold_keys, keys.contiguous())  # first cold item with key >= the candidate's
-        hi = torch.searchsorted(cold_keys, keys.contiguous(), right=True)
+        # candidates -> up to P cold items with the same prefix (node of the cold items' index): (B, C, P)
+        node = index.find(res.codes[..., : self.prefix_levels])  # (B, C), -1 where no cold item has the prefix
+        lo, hi = index.span(self.prefix_levels, node.clamp_min(0))  # the cold items under it, in `index.order`
         idx = lo.unsqueeze(-1) + torch.arange(P, device=device)  # (B, C, P)
-        hit = (idx < hi.unsqueeze(-1)) & (valid_cand & (keys >= 0)).unsqueeze(-1)
+        hit = (idx < hi.unsqueeze(-1)) & (valid_cand & (node >= 0)).unsqueeze(-1)
         idx = idx.clamp_max(Q - 1)
         m_items = torch.where(hit, cold_items[idx], -1).reshape(B, C * P)
         m_scores = torch.where(hit, res.scores.unsqueeze(-1), float("-inf")).reshape(B, C * P).to(res.scores.dtype)

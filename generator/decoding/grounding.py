@@ -22,13 +22,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from generator.decoding.causal import CausalDecoders, NoMask, beam_levels
 from generator.decoding.protocol import GENERATION_LOG_PROB, Ranking, check_beams, check_k
 from generator.models.causal import CausalGenerator
-from semid.tree import PrefixTree
+from semid.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -79,64 +78,37 @@ def free_code_beam(model: CausalGenerator, h: torch.Tensor, *, num_beams: int) -
 class CodeGrounder:
     """Grounds code-token tuples to items: exact match, else longest matching prefix, then nearest under it."""
 
-    def __init__(self, model: CausalGenerator, tree: PrefixTree, item_ids: torch.Tensor, chunk: int = 1024) -> None:
-        self.model, self.tree, self.item_ids, self.chunk = model, tree, item_ids, chunk
+    def __init__(self, model: CausalGenerator, index: PrefixIndex | None = None, chunk: int = 1024) -> None:
+        """``index``: the prefix index of the model's items where the caller has it (``ItemPaths.index``)."""
+        self.model, self.chunk = model, chunk
         tokens = model.item_tokens[1:]  # (N, L)
-        codes = model.layout.tokens_to_codes(tokens)
-        self.order = torch.from_numpy(np.lexsort(codes.cpu().numpy().T[::-1]).copy()).to(tokens.device)  # rows in tree order
-        self.sorted_tokens = tokens[self.order]
-        self.sorted_keys = [self._key(model.layout.tokens_to_codes(self.sorted_tokens)[:, :d]) for d in range(tokens.shape[1] + 1)]
+        if index is None:
+            index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tokens.device)
+        self.index = index
+        self.order = self.index.order  # rows in tree order: the items under a node are a run of it (``index.span``)
         with torch.no_grad():
-            self.sorted_vec = self.vectors(self.sorted_tokens)  # (N, D)
-
-    def _key(self, codes: torch.Tensor) -> torch.Tensor:
-        key = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)
-        for j in range(codes.shape[1]):  # loop over levels
-            key = key * self.model.layout.codebook_sizes[j] + codes[:, j]
-        return key
+            self.sorted_vec = self.vectors(tokens[self.order])  # (N, D)
 
     def vectors(self, tokens: torch.Tensor) -> torch.Tensor:
         """The model's vector of code tuples (G, L) -> (G, D): the sum of their code embeddings."""
         return self.model.code_emb(tokens).sum(-2)
 
-    def matched_depth(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(levels of the longest prefix in the tree (G,), item id where the whole tuple is an item else -1)."""
-        nodes = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        depth = torch.zeros_like(nodes)
-        for level in range(tokens.shape[1]):  # loop over levels
-            nodes = self.tree.next_nodes(nodes, tokens[:, level])
-            depth += nodes >= 0
-        leaf = self.tree.next_nodes(nodes, torch.full_like(nodes, self.model.layout.eos_token_id))
-        item = torch.where(leaf >= 0, self.tree.node_value[leaf.clamp_min(0)], -1)
-        return depth, item
-
     def ground(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L); ``last_depth`` keeps the matched depths."""
-        depth, item = self.matched_depth(tokens)
-        self.last_depth = depth
-        is_item = item >= 0
-        rows = torch.full_like(depth, -1)
-        rows[is_item] = torch.searchsorted(self.item_ids, item[is_item])
-        miss = torch.nonzero(~is_item).squeeze(1)
+        """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L); ``last_depth`` keeps the matched depths
+        (the levels of each tuple's longest prefix that is an ID's)."""
         codes = self.model.layout.tokens_to_codes(tokens)
-        N = self.sorted_tokens.shape[0]
-        pos = torch.arange(N, device=tokens.device)
+        nodes = torch.stack([self.index.find(codes[:, :d]) for d in range(codes.shape[1] + 1)], 1)  # (G, L + 1)
+        depth = self.last_depth = (nodes[:, 1:] >= 0).sum(1)  # a prefix of an ID's prefix is one too
+        start, stop = self.index.span(depth, nodes.gather(1, depth[:, None]).squeeze(1))  # the items under it, in `order`
+        is_item = depth == tokens.shape[1]  # a whole tuple is one item: the node's only one
+        rows = torch.where(is_item, self.order[start], -1)
+        miss = torch.nonzero(~is_item).squeeze(1)
+        pos = torch.arange(self.order.numel(), device=tokens.device)
         for lo in range(0, miss.numel(), self.chunk):  # loop over chunks of the tuples that are not items
             g = miss[lo : lo + self.chunk]
-            d = depth[g]
-            keys = torch.stack([self._key(codes[g, :dd]) if dd else torch.zeros_like(g) for dd in range(codes.shape[1] + 1)], 1)
-            key = keys.gather(1, d[:, None]).squeeze(1)
-            start = torch.zeros_like(g)
-            stop = torch.full_like(g, N)
-            for dd in torch.unique(d).tolist():  # loop over the (<= L) depths present
-                sel = d == dd
-                start[sel] = torch.searchsorted(self.sorted_keys[dd], key[sel])
-                stop[sel] = torch.searchsorted(self.sorted_keys[dd], key[sel], right=True)
-            x = self.vectors(tokens[g])  # (G', D)
-            dist = torch.cdist(x, self.sorted_vec)  # (G', N) in tree order
-            inside = (pos[None, :] >= start[:, None]) & (pos[None, :] < stop[:, None])
-            best = dist.masked_fill(~inside, float("inf")).argmin(1)
-            rows[g] = self.order[best]
+            dist = torch.cdist(self.vectors(tokens[g]), self.sorted_vec)  # (G', N) in tree order
+            inside = (pos[None, :] >= start[g, None]) & (pos[None, :] < stop[g, None])
+            rows[g] = self.order[dist.masked_fill(~inside, float("inf")).argmin(1)]
         return rows, is_item
 
     def nearest(self, tokens: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,7 +127,7 @@ class GroundedCodeDecoders(CausalDecoders):
 
     def refresh(self) -> GroundedCodeDecoders:
         super().refresh()
-        self._grounder = CodeGrounder(self.model, self.tree, self.item_ids)
+        self._grounder = CodeGrounder(self.model, self.paths.index)  # the item paths' index: built once
         return self
 
     @torch.inference_mode()

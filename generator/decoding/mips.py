@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from semid.prefix_index import find
+
 log = logging.getLogger(__name__)
 
 KINDS = ("exact", "faiss-flat", "faiss-ivf", "faiss-hnsw")
@@ -220,11 +222,9 @@ class MIPSIndex:
     def _rows_of(self, item_ids: torch.Tensor) -> torch.Tensor:
         """Rows (B, E) of item ids; -1 for padding and ids not in the index."""
         order = torch.argsort(self.item_ids)
-        sorted_ids = self.item_ids[order]
         ids = item_ids.cpu().long()
-        pos = torch.searchsorted(sorted_ids, ids).clamp_max(self.num_items - 1)
-        found = (sorted_ids[pos] == ids) & (ids >= 0)
-        return torch.where(found, order[pos], -1)
+        pos = find(self.item_ids[order], ids)
+        return torch.where((pos >= 0) & (ids >= 0), order[pos.clamp_min(0)], -1)
 
     def __repr__(self) -> str:
         return f"MIPSIndex(kind={self.kind!r}, num_items={self.num_items}, dim={self.dim})"

@@ -37,6 +37,7 @@ from transformers import GPT2Config, GPT2Model
 
 from generator.models.dense_loss import check_sampled_options
 from semid.layout import TokenLayout
+from semid.prefix_index import PrefixIndex, find, prefix_key
 
 DESIGN = "causal"
 
@@ -164,9 +165,13 @@ class CausalGenerator(nn.Module):
         self.code_bias = nn.Parameter(torch.zeros(layout.vocab_size))
         self.head_drop = nn.Dropout(config.head_dropout)
         if config.node_vectors:  # per level: the ID prefixes of length l (parents), their children and the vectors
-            codes = item_tokens - torch.tensor(layout.level_offsets)
-            for level in range(L):
-                self._register_children(level, codes)
+            index = PrefixIndex(item_tokens - torch.tensor(layout.level_offsets), layout.codebook_sizes)
+            for level in range(L):  # parent_keys_l (P,), child_codes_l (P, W) (-1 pads), child_index_l (P, W) into node_vec_l
+                self.register_buffer(f"parent_keys_{level}", index.keys[level], persistent=True)
+                self.register_buffer(f"child_codes_{level}", index.child_codes[level], persistent=True)
+                self.register_buffer(f"child_index_{level}", index.child_index[level], persistent=True)
+                self.register_buffer(f"item_node_{level}", index.node[:, level + 1].contiguous(), persistent=False)  # distill
+                self.register_parameter(f"node_vec_{level}", nn.Parameter(torch.zeros(index.keys[level + 1].numel(), D)))
         if config.dense_dim:
             self.dense_query = nn.Linear(D, config.dense_dim)
             self.item_table = nn.Parameter(torch.randn(item_tokens.shape[0], config.dense_dim) * config.dense_dim**-0.5)
@@ -238,39 +243,11 @@ class CausalGenerator(nn.Module):
         return logits
 
     # ---- node vectors: children of each parent prefix, padded to the level's largest degree ------------------------
-    def _register_children(self, level: int, codes: torch.Tensor) -> None:
-        """Buffers parent_keys_l (P,), child_codes_l (P, W) (-1 pads) and child_index_l (P, W) into node_vec_l (E, D)."""
-        child_keys, item_node = torch.unique(self._key(codes[:, : level + 1]), return_inverse=True)  # (E,) sorted, (N,)
-        parent_of = child_keys // self.layout.codebook_sizes[level]
-        code = child_keys % self.layout.codebook_sizes[level]
-        parents, inv, counts = torch.unique_consecutive(parent_of, return_inverse=True, return_counts=True)
-        slot = torch.arange(child_keys.numel()) - (torch.cumsum(counts, 0) - counts)[inv]
-        W = int(counts.max())
-        child_codes = torch.full((parents.numel(), W), -1, dtype=torch.long)
-        child_index = torch.full((parents.numel(), W), -1, dtype=torch.long)
-        child_codes[inv, slot] = code
-        child_index[inv, slot] = torch.arange(child_keys.numel())
-        self.register_buffer(f"parent_keys_{level}", parents, persistent=True)
-        self.register_buffer(f"child_codes_{level}", child_codes, persistent=True)
-        self.register_buffer(f"child_index_{level}", child_index, persistent=True)
-        self.register_buffer(f"item_node_{level}", item_node, persistent=False)  # each trained item's node row (distill)
-        if not hasattr(self, f"node_vec_{level}"):
-            self.register_parameter(f"node_vec_{level}", nn.Parameter(torch.zeros(child_keys.numel(), self.config.d_model)))
-
-    def _key(self, codes: torch.Tensor) -> torch.Tensor:
-        """Mixed-radix int64 key of code prefixes (..., l) (codes, not tokens)."""
-        key = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for j in range(codes.shape[-1]):
-            key = key * self.layout.codebook_sizes[j] + codes[..., j]
-        return key
-
     def _children(self, level: int, prefix_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(child codes, node-vector rows) (..., W) of each prefix (..., level); -1 where none (or unknown prefix)."""
         offsets = torch.tensor(self.layout.level_offsets[:level], device=prefix_tokens.device)
-        key = self._key(prefix_tokens - offsets)
-        keys = getattr(self, f"parent_keys_{level}")
-        pos = torch.searchsorted(keys, key).clamp_max(keys.numel() - 1)
-        found = (keys[pos] == key).unsqueeze(-1)
+        row = find(getattr(self, f"parent_keys_{level}"), prefix_key(prefix_tokens - offsets, self.layout.codebook_sizes))
+        found, pos = (row >= 0).unsqueeze(-1), row.clamp_min(0)
         codes, index = getattr(self, f"child_codes_{level}")[pos], getattr(self, f"child_index_{level}")[pos]
         return torch.where(found, codes, -1), torch.where(found, index, -1)
 
