@@ -1,6 +1,7 @@
 """Beam search over titles: constrained by the title tree (GENRE) or free (the first step of BIGRec).
 
-One loop over title positions; everything inside is batched over users x beams (no loop over beams):
+The one beam loop (``generator.decoding.beam.search``, with eos) over title positions, on the title head
+(:class:`TitleSteps`); everything inside is batched over users x beams (no loop over beams):
 
 - every live beam's next-token logits come from one GRU step of the title head (``TitleGenerator.step``);
 - constrained: masked by ``PrefixTree.allowed_mask`` of each beam's node and log-softmaxed over the allowed tokens
@@ -24,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from generator.models.causal_loss import masked_log_softmax
+from generator.decoding.beam import Free, TreeConstraint, search
 from generator.models.titles import TitleGenerator
 from semid.tree import PrefixTree
 
@@ -46,6 +47,28 @@ class TitleBeams(NamedTuple):
     nodes: torch.Tensor
 
 
+class TitleSteps:
+    """The title head as a :class:`~generator.decoding.beam.Backbone`: one GRU step (``TitleGenerator.step``) of the
+    unfinished beams per title position, over the whole vocabulary; a finished beam's row is zeros (never read)."""
+
+    def __init__(self, model: TitleGenerator, h: torch.Tensor) -> None:
+        self.model, self.B, self.device, self.V = model, h.shape[0], h.device, model.config.vocab_size
+        self.state, self.cond = model.title_start(h)  # (B*m, E) each
+        self.new_state = self.state
+
+    def window(self, step: int) -> tuple[int, int]:
+        return 0, self.V
+
+    def logits(self, step: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
+        live = torch.nonzero(~done).squeeze(1)  # only unfinished beams take a step (most are finished late on)
+        out, state = self.model.step(None if step == 0 else prefix[live, -1], self.state[live], self.cond[live])
+        self.new_state = self.state.index_copy(0, live, state)
+        return out.new_zeros(done.shape[0], self.V).index_copy(0, live, out)  # (B*m, V)
+
+    def reorder(self, step: int, rows: torch.Tensor) -> None:
+        self.state, self.cond = self.new_state[rows], self.cond[rows]
+
+
 def title_beam_search(model: TitleGenerator, h: torch.Tensor, *, num_beams: int, tree: PrefixTree | None = None,
                       length_penalty: float = 0.0, max_steps: int | None = None) -> TitleBeams:
     """Beam search from backbone states h (B, D); constrained by ``tree`` (None: free generation).
@@ -64,65 +87,20 @@ def title_beam_search(model: TitleGenerator, h: torch.Tensor, *, num_beams: int,
         raise ValueError(f"the title tree has vocabulary {tree.vocab_size}, the model {V}: built for another tokenizer")
     if max_steps is None:
         max_steps = tree.max_depth if tree is not None else int(model.title_lengths.max())
-    B, M, device = h.shape[0], num_beams, h.device
-    state, cond = model.title_start(h)  # (B, E) each
-    nodes = torch.zeros(B, dtype=torch.long, device=device) if tree is not None else torch.full((B,), -1, device=device)
-    logp_sum = torch.zeros(B, 1, dtype=h.dtype, device=device)  # (B, m)
-    length = torch.zeros(B, 1, dtype=torch.long, device=device)
-    finished = torch.zeros(B, 1, dtype=torch.bool, device=device)
-    tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (B*m, t)
-    prev: torch.Tensor | None = None
-    pad_only = torch.full((V,), float("-inf"), dtype=h.dtype, device=device)
-    pad_only[pad] = 0.0
-    m = 1
-    for _ in range(max_steps):  # the only loop: over title positions
-        if bool(finished.all()):
-            break
-        done = finished.view(-1)  # (B*m,)
-        live = torch.nonzero(~done).squeeze(1)  # only unfinished beams take a step (most are finished late on)
-        step_logits, step_state = model.step(None if prev is None else prev[live], state[live], cond[live])
-        logits = step_logits.new_zeros(done.shape[0], V).index_copy(0, live, step_logits)  # (B*m, V)
-        new_state = state.index_copy(0, live, step_state)
-        if tree is not None:
-            allowed = tree.allowed_mask(torch.where(done, -1, nodes))  # finished beams' nodes are leaves: skip them
-            logp = masked_log_softmax(logits, allowed)
-        else:
-            logp = logits.index_fill(1, torch.tensor([pad], device=device), float("-inf")).log_softmax(-1)
-        logp = torch.where(done[:, None], pad_only, logp)  # a finished beam's only continuation: pad, log 1 = 0
-        cand = logp_sum[:, :, None] + logp.view(B, m, V)  # (B, m, V)
-        new_len = (length + (~finished).long())[:, :, None].expand(B, m, V)
-        key = cand / new_len.to(cand.dtype).pow(length_penalty) if length_penalty else cand
-        key = key.reshape(B, m * V)
-        if m * V < M:
-            key = torch.nn.functional.pad(key, (0, M - m * V), value=float("-inf"))
-        top, idx = key.topk(M, dim=1)  # (B, M)
-        idx = idx.clamp_max(m * V - 1)
-        parent, tok = idx // V, idx % V
-        logp_sum = cand.reshape(B, m * V).gather(1, idx)
-        length = length.gather(1, parent) + (~finished).gather(1, parent).long()
-        rows = (torch.arange(B, device=device)[:, None] * m + parent).view(-1)  # (B*M,)
-        alive = torch.isfinite(top).view(-1)
-        tok = tok.view(-1)
-        finished = (finished.view(-1)[rows] | (tok == eos) | ~alive).view(B, M)
-        logp_sum = torch.where(alive.view(B, M), logp_sum, float("-inf"))
-        if tree is not None:
-            nodes = torch.where(alive, tree.next_nodes(nodes[rows], tok), -1)
-        tokens = torch.cat([tokens[rows], tok[:, None]], dim=1)
-        state, cond, prev = new_state[rows], cond[rows], tok
-        m = M
-    if m == 1:  # no step ran (max_steps 0): one empty beam per history, padded to M
+    if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
-    if tree is None:
-        nodes = torch.full((B * M,), -1, dtype=torch.long, device=device)
-    ended = tokens == eos
-    finished_eos = ended.any(1).view(B, M)
+    B, M = h.shape[0], num_beams
+    on_tree = Free(pad) if tree is None else TreeConstraint(tree, B, h.device)
+    beams = search(TitleSteps(model, h), on_tree, num_beams=M, steps=max_steps, eos=eos, pad=pad, length_penalty=length_penalty)
+    nodes = on_tree.nodes if tree is not None else torch.full((B * M,), -1, dtype=torch.long, device=h.device)
+    logp_sum, length = beams.logp, beams.lengths
     alive = torch.isfinite(logp_sum)
     scores = logp_sum / length.clamp_min(1).to(logp_sum.dtype).pow(length_penalty) if length_penalty else logp_sum.clone()
     scores = torch.where(alive, scores, float("-inf"))
     order = scores.argsort(dim=1, descending=True, stable=True)  # the pool was picked by key; rank it by score
     take = lambda x: x.gather(1, order)  # noqa: E731
-    toks = tokens.view(B, M, -1).gather(1, order[:, :, None].expand(-1, -1, tokens.shape[1]))
-    return TitleBeams(toks, take(length), take(scores), take(logp_sum), take(finished_eos & alive),
+    toks = beams.tokens.gather(1, order[:, :, None].expand(-1, -1, beams.tokens.shape[2]))
+    return TitleBeams(toks, take(length), take(scores), take(logp_sum), take((beams.tokens == eos).any(2) & alive),
                       take(nodes.view(B, M)))
 
 
