@@ -27,8 +27,7 @@ from generator.decoding.protocol import Histories
 from generator.decoding.registry import CAUSAL, T5, Ingredients
 from generator.decoding.t5_beam import beam_search as t5_beam_search
 from generator.decoding.t5_step import score_codes
-from generator.decoding.title_beam import title_beam_search
-from generator.decoding.titles import TitleDecoders
+from generator.decoding.titles import TitleDecoders, title_beam_search
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.causal_loss import code_loss
 from generator.models.dense import DenseHead, DenseHeadConfig

@@ -4,10 +4,9 @@
 ranks from the model's states after each history, ``h`` (B, D); :class:`StateDecoder` is one of them by name as a
 :class:`~generator.decoding.protocol.Decoder` (histories in, :class:`Ranking` out):
 
-- ``beam``: beam search over the prefix tree, level by level; at level l the M beams' logits over level l's block
-  come from one batched product, are masked by ``PrefixTree.allowed_mask`` (a gather, no loop over beams),
-  log-softmaxed over the allowed codes, and one ``topk`` over M x K_l picks the next beams. Scores: the item's
-  log-likelihood (sum over levels of log-probabilities renormalised over the allowed codes).
+- ``beam``: the one beam search (:mod:`generator.decoding.beam`) over the prefix tree on :class:`CausalLevels`:
+  one batched product per level, masked by the tree. Scores: the item's log-likelihood (sum over levels of
+  log-probabilities renormalised over the allowed codes).
 - ``exact``: the same log-likelihood for *every* item. Because the prefix conditions the head through a (scale,
   shift) that does not depend on the user, each tree edge (p -> c) at level l has a fixed vector ``s_l(p) * O_c``
   and bias ``u_l(p) . O_c + b_c`` (:class:`EdgeTables`): the logits of all edges are one (B, D) x (D, E_l) product,
@@ -27,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from generator.decoding.beam import TreeConstraint, search
+from generator.decoding.beam import leaf_search
 from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
 from generator.decoding.fusion import Parts, fuse
 from generator.decoding.mips import DEFAULT_NPROBE, DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
@@ -192,9 +191,8 @@ def beam_search(
     With ``trained_tree`` (the tree of the items the model was trained with, when items were added since), each
     node's log-probabilities are normalised over its trained children where it has any, as :func:`exact_scores` does.
     """
-    tree_mask = TreeConstraint(tree, h.shape[0], h.device, trained_tree)
-    beams = search(CausalLevels(model, h), tree_mask, num_beams=num_beams, steps=model.layout.num_levels)
-    return tree_mask.items(h.shape[0], k), beams.logp[:, :k].contiguous(), beams.tokens[:, :k].contiguous()
+    return leaf_search(CausalLevels(model, h), tree, levels=model.layout.num_levels, k=k, num_beams=num_beams,
+                       trained_tree=trained_tree)
 
 
 class CausalDecoders:

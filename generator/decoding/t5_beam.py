@@ -5,8 +5,8 @@ encoder output to B*M rows, computes and stores the cross-attention keys/values 
 cache at every step and projects onto the full vocabulary. Here the step (``generator.decoding.t5_step``) computes
 the encoder and cross-attention once per history, level l's logits over level l's block only, masked by the tree;
 the one beam loop (``generator.decoding.beam.search``) picks the next beams with one ``topk`` over M x K_l
-candidates per history, and only the filled positions of the per-beam self-attention cache are reordered. The eos
-step is skipped: after the last level the tree allows only eos, which adds log 1 = 0. Equal to ``generate`` with the same M (items identical, scores to float rounding).
+candidates per history, and only the filled positions of the per-beam self-attention cache are reordered. Equal to
+``generate`` with the same M (items identical, scores to float rounding).
 
 Shapes: B histories, S encoder tokens, M beams, L levels, K_l level l's block.
 """
@@ -18,7 +18,7 @@ import logging
 import torch
 from transformers import T5ForConditionalGeneration
 
-from generator.decoding.beam import TreeConstraint, search
+from generator.decoding.beam import leaf_search
 from generator.decoding.protocol import LOG_LIKELIHOOD, Histories, Ranking, check_decode_args
 from generator.decoding.t5_step import T5Step, auto_batch_size
 from semid.layout import TokenLayout
@@ -69,18 +69,10 @@ def beam_search(
         return Ranking(empty, empty.float(), torch.empty(0, k, layout.num_levels, dtype=torch.long, device=device), LOG_LIKELIHOOD, True)
     chunk = batch_size or auto_batch_size(model, S, num_beams, layout)
     log.debug("beam_search: %d histories in chunks of %d, %d beams", B, chunk, num_beams)
-    parts = [
-        _search_chunk(T5Step(model, layout, input_ids[i : i + chunk], attention_mask[i : i + chunk]), tree, k, num_beams)
-        for i in range(0, B, chunk)  # loop over chunks of histories
-    ]
-    return Ranking(*(torch.cat(p, dim=0) for p in zip(*parts, strict=True)), LOG_LIKELIHOOD, True)
-
-
-def _search_chunk(step: T5Step, tree: PrefixTree, k: int, M: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Beam search for one chunk of B histories; returns items (B, k), scores (B, k), codes (B, k, L)."""
-    on_tree = TreeConstraint(tree, step.B, step.device)
-    beams = search(step, on_tree, num_beams=M, steps=step.layout.num_levels)
-    return on_tree.items(step.B, k), beams.logp[:, :k].contiguous(), step.layout.tokens_to_codes(beams.tokens[:, :k])
+    parts = [leaf_search(T5Step(model, layout, input_ids[i : i + chunk], attention_mask[i : i + chunk]), tree,
+                         levels=layout.num_levels, k=k, num_beams=num_beams) for i in range(0, B, chunk)]  # chunks of histories
+    items, scores, tokens = (torch.cat(p, dim=0) for p in zip(*parts, strict=True))
+    return Ranking(items, scores, layout.tokens_to_codes(tokens), LOG_LIKELIHOOD, True)
 
 
 # ---- input checks (public boundary only) --------------------------------------------------------------------------
