@@ -166,8 +166,8 @@ def score_codes(model: T5ForConditionalGeneration, input_ids: torch.Tensor, atte
     """Log-likelihood of given code tuples by teacher forcing: the score beam search gives the items it finds.
 
     For each history and candidate the decoder reads [bos, c_1 .. c_{L-1}]; at level l the candidate's code is
-    gathered from the step's log-softmax renormalised over what the tree allows after its prefix, as the beam's, and the
-    levels are summed. The encoder runs once per history; its C candidates are C rows of one step.
+    gathered from the step's log-softmax renormalised over what the tree allows after its prefix (as in the beam), and
+    the levels are summed. The encoder runs once per history; its C candidates are C rows of one step.
 
     Args:
         model: ``T5ForConditionalGeneration`` in eval mode; input_ids, attention_mask: (B, S).
@@ -194,7 +194,7 @@ def _score_chunk(step: T5Step, tree: PrefixTree, codes: torch.Tensor) -> torch.T
     """score_codes for one chunk of B histories with C candidates each: (B, C)."""
     B, C, L = codes.shape
     flat = codes.reshape(B * C, L)  # row b * C + j is candidate j of history b
-    prefix = torch.empty_like(flat)  # (B*C, L) their tokens (a code out of range reads its level's first token)
+    prefix = torch.empty_like(flat)  # (B*C, L) their tokens (a code out of range clamped into its level's block)
     on_tree = TreeConstraint(tree, B * C, step.device)  # node -1 once a candidate leaves the tree
     rows = torch.arange(B * C, device=step.device)
     total = torch.zeros(B * C, dtype=torch.float32, device=step.device)

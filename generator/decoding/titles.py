@@ -1,19 +1,13 @@
 """The decoders of a title run: ``title-beam`` (GENRE: beam search constrained by the title tree) and
-``title-grounded`` (BIGRec: free title beam, embedded, nearest items by MIPS).
-
-Both rank from backbone states ``h`` (B, D) and return a :class:`~generator.decoding.protocol.Ranking` (items (B, k)
-best first, scores (B, k), the items' semantic-ID codes (B, k, L)); ``stats`` counts generations that
-were not items and the grounding time (``generator.decoding.grounding.GroundingStats``).
+``title-grounded`` (BIGRec: free title beam, embedded, nearest items by MIPS); both rank from backbone states ``h``
+(B, D) into a :class:`~generator.decoding.protocol.Ranking`, and ``stats`` counts generations that were not items and
+the grounding time (``generator.decoding.grounding.GroundingStats``).
 
 The title beam is the one beam loop (``generator.decoding.beam.search``, with eos) on the title head
-(:class:`TitleSteps`: one GRU step of the unfinished beams per title position). Constrained, each token is
-renormalised over what the title tree allows, so a title's score is its log-probability among the catalogue's titles,
-every finished beam is a leaf (one item) and beams are distinct paths, so distinct items; free, over the whole
-vocabulary (pad excluded), and a finished beam is any token sequence, looked up in the tree afterwards. Beams are
-ranked by ``logp / length ** length_penalty`` (length in tokens, eos included; 0: the plain sum, D3's choice).
+(:class:`TitleSteps`). Constrained, each token is renormalised over what the title tree allows: a title's score is its
+log-probability among the catalogue's titles, divided by ``length ** length_penalty``, and the beams are distinct
+items. Free, over the whole vocabulary (pad excluded): a finished beam is any token sequence, looked up afterwards.
 ``title-grounded`` scores by the cosine of the item's title embedding with the generated title's.
-
-Shapes: B histories, M beams, V title vocabulary, J title positions.
 """
 
 from __future__ import annotations
