@@ -176,6 +176,17 @@ def test_constrained_title_beam_returns_real_distinct_items_and_matches_brute_fo
     assert torch.equal(res.items, items) and dec.stats.non_items == 0
 
 
+def test_one_beam_is_a_greedy_walk_to_a_real_title() -> None:  # refused before the one beam loop ("max_steps")
+    model, index, _ = tiny_title_model()
+    h = torch.randn(5, 16)
+    with torch.no_grad():
+        beams = title_beam_search(model, h, num_beams=1, tree=index.tree)
+        ref = brute_force_scores(model, h, index)
+    items = leaf_items(beams, index.tree, 1)
+    rows = torch.searchsorted(torch.from_numpy(index.item_ids), items)
+    assert torch.allclose(beams.scores, ref.gather(1, rows), atol=1e-5)
+
+
 def test_length_penalty_divides_by_the_length_and_never_leaves_the_tree() -> None:
     model, index, _ = tiny_title_model()
     h = torch.randn(4, 16)
