@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from generator.decoding.beam import leaf_items
 from generator.decoding.grounding import CODES_GROUNDED, CodeGrounder, GroundedCodeDecoders
-from generator.decoding.title_beam import beam_items, lookup_generated, title_beam_search
-from generator.decoding.titles import TitleDecoders
+from generator.decoding.titles import TitleDecoders, lookup_generated, title_beam_search
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.titles import TitleConfig, TitleGenerator
 from semid.embed import embed_texts, load_encoder
@@ -161,7 +161,7 @@ def test_constrained_title_beam_returns_real_distinct_items_and_matches_brute_fo
     h = torch.randn(6, 16)
     with torch.no_grad():
         beams = title_beam_search(model, h, num_beams=num_beams, tree=index.tree)
-        items, scores = beam_items(beams, index.tree, k=3)
+        items, scores = leaf_items(beams, index.tree, 3), beams.scores[:, :3]
         ref = brute_force_scores(model, h, index)
     assert torch.isin(items, torch.from_numpy(index.item_ids)).all()
     assert all(len(set(r)) == 3 for r in items.tolist())  # distinct per user
@@ -176,13 +176,24 @@ def test_constrained_title_beam_returns_real_distinct_items_and_matches_brute_fo
     assert torch.equal(res.items, items) and dec.stats.non_items == 0
 
 
+def test_one_beam_is_a_greedy_walk_to_a_real_title() -> None:  # refused before the one beam loop ("max_steps")
+    model, index, _ = tiny_title_model()
+    h = torch.randn(5, 16)
+    with torch.no_grad():
+        beams = title_beam_search(model, h, num_beams=1, tree=index.tree)
+        ref = brute_force_scores(model, h, index)
+    items = leaf_items(beams, index.tree, 1)
+    rows = torch.searchsorted(torch.from_numpy(index.item_ids), items)
+    assert torch.allclose(beams.scores, ref.gather(1, rows), atol=1e-5)
+
+
 def test_length_penalty_divides_by_the_length_and_never_leaves_the_tree() -> None:
     model, index, _ = tiny_title_model()
     h = torch.randn(4, 16)
     with torch.no_grad():
         plain = title_beam_search(model, h, num_beams=10, tree=index.tree)
         normed = title_beam_search(model, h, num_beams=10, tree=index.tree, length_penalty=1.0)
-    items, _ = beam_items(normed, index.tree, k=5)
+    items = leaf_items(normed, index.tree, 5)
     assert torch.isin(items, torch.from_numpy(index.item_ids)).all()
     assert torch.allclose(normed.scores, normed.logp / normed.lengths.float())
     assert torch.equal(plain.scores, plain.logp)

@@ -4,10 +4,9 @@
 ranks from the model's states after each history, ``h`` (B, D); :class:`StateDecoder` is one of them by name as a
 :class:`~generator.decoding.protocol.Decoder` (histories in, :class:`Ranking` out):
 
-- ``beam``: beam search over the prefix tree, level by level; at level l the M beams' logits over level l's block
-  come from one batched product, are masked by ``PrefixTree.allowed_mask`` (a gather, no loop over beams),
-  log-softmaxed over the allowed codes, and one ``topk`` over M x K_l picks the next beams. Scores: the item's
-  log-likelihood (sum over levels of log-probabilities renormalised over the allowed codes).
+- ``beam``: the one beam search (:mod:`generator.decoding.beam`) over the prefix tree on :class:`CausalLevels`:
+  one batched product per level, masked by the tree. Scores: the item's log-likelihood (sum over levels of
+  log-probabilities renormalised over the allowed codes).
 - ``exact``: the same log-likelihood for *every* item. Because the prefix conditions the head through a (scale,
   shift) that does not depend on the user, each tree edge (p -> c) at level l has a fixed vector ``s_l(p) * O_c``
   and bias ``u_l(p) . O_c + b_c`` (:class:`EdgeTables`): the logits of all edges are one (B, D) x (D, E_l) product,
@@ -27,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from generator.decoding.beam import leaf_search
 from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
 from generator.decoding.fusion import Parts, fuse
 from generator.decoding.mips import DEFAULT_NPROBE, DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
@@ -41,7 +41,6 @@ from generator.decoding.protocol import (
     check_k,
 )
 from generator.models.causal import CausalGenerator
-from generator.models.causal_loss import masked_log_softmax
 from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
@@ -145,66 +144,23 @@ def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tabl
     return total
 
 
-class TreeMask:
-    """The beam's tree state: each beam's node (and its node in the trained tree when items were added since)."""
+class CausalLevels:
+    """The causal model as a :class:`~generator.decoding.beam.Backbone`: level l's logits of every beam from its
+    history's level query and the beam's prefix, one batched product per level (``code_logits``)."""
 
-    def __init__(self, tree: PrefixTree, trained_tree: PrefixTree | None, B: int, device: torch.device) -> None:
-        self.tree, self.trained_tree = tree, trained_tree
-        self.nodes = torch.zeros(B, dtype=torch.long, device=device)  # (B*m,) tree node of each beam, -1 = dead
-        self.old_nodes = self.nodes.clone()  # the same prefixes in trained_tree (-1 where only added items lead)
+    def __init__(self, model: CausalGenerator, h: torch.Tensor) -> None:
+        self.model, self.B, self.device = model, h.shape[0], h.device
+        self.hq = model.level_queries(h)  # (B, L, D)
 
-    def logp(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        allowed = self.tree.allowed_mask(self.nodes, token_range=(lo, hi))
-        if self.trained_tree is None:
-            return masked_log_softmax(logits, allowed)
-        norm = self.trained_tree.allowed_mask(self.old_nodes, token_range=(lo, hi))
-        norm = torch.where(norm.any(1, keepdim=True), norm, allowed)
-        return (logits - logits.masked_fill(~norm, float("-inf")).logsumexp(1, keepdim=True)).masked_fill(~allowed, float("-inf"))
+    def window(self, level: int) -> tuple[int, int]:
+        return self.model.layout.level_range(level)
 
-    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
-        self.nodes = torch.where(alive, self.tree.next_nodes(self.nodes[rows], tokens), -1)
-        if self.trained_tree is not None:
-            self.old_nodes = self.trained_tree.next_nodes(self.old_nodes[rows], tokens)
+    def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
+        q = self.hq[:, level, None, :].expand(self.B, m, -1).reshape(self.B * m, -1)  # (B*m, D)
+        return self.model.code_logits(level, q, prefix)  # (B*m, K_l)
 
-
-class NoMask:
-    """No tree: each level's log-softmax over its whole block (free generation)."""
-
-    def logp(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return logits.log_softmax(-1)
-
-    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
-        pass
-
-
-def beam_levels(model: CausalGenerator, h: torch.Tensor, *, num_beams: int, mask: TreeMask | NoMask
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The causal beam search's loop over levels, from states (B, D): (code tokens (B*M, L), scores (B, M)), best
-    first. ``mask`` gives each level's log-probabilities (over what the tree allows, or the whole block) and follows
-    the beams; one batched product per level (``code_logits``), one ``topk`` over M x K_l; no loop over beams."""
-    layout = model.layout
-    B, M, L = h.shape[0], num_beams, layout.num_levels
-    device = h.device
-    hq = model.level_queries(h)  # (B, L, D)
-    scores = torch.zeros(B, 1, dtype=h.dtype, device=device)  # (B, m)
-    prefix = torch.empty(B, 0, dtype=torch.long, device=device)  # (B*m, level) chosen code tokens
-    m = 1
-    for level in range(L):  # the only loop: over levels
-        lo, hi = layout.level_range(level)
-        K = hi - lo
-        q = hq[:, level, None, :].expand(B, m, -1).reshape(B * m, -1)  # (B*m, D)
-        logp = mask.logp(model.code_logits(level, q, prefix), lo, hi)  # (B*m, K)
-        cand = (scores[:, :, None] + logp.view(B, m, K)).view(B, m * K)
-        if m * K < M:  # fewer candidates than beams: pad with dead ones
-            cand = torch.nn.functional.pad(cand, (0, M - m * K), value=float("-inf"))
-        scores, idx = cand.topk(M, dim=1)  # (B, M), best first
-        parent = (idx // K).clamp_max(m - 1)
-        rows = (torch.arange(B, device=device)[:, None] * m + parent).view(-1)  # (B*M,)
-        tokens = (idx % K).view(-1) + lo
-        mask.advance(rows, tokens, torch.isfinite(scores.view(-1)))
-        prefix = torch.cat([prefix[rows], tokens[:, None]], dim=1)
-        m = M
-    return prefix, scores
+    def reorder(self, level: int, rows: torch.Tensor) -> None:
+        pass  # the prefix is the whole per-beam state
 
 
 def beam_search(
@@ -216,15 +172,8 @@ def beam_search(
     With ``trained_tree`` (the tree of the items the model was trained with, when items were added since), each
     node's log-probabilities are normalised over its trained children where it has any, as :func:`exact_scores` does.
     """
-    B, M, L = h.shape[0], num_beams, model.layout.num_levels
-    mask = TreeMask(tree, trained_tree, B, h.device)
-    prefix, scores = beam_levels(model, h, num_beams=num_beams, mask=mask)
-    leaves = tree.next_nodes(mask.nodes, torch.full_like(mask.nodes, model.layout.eos_token_id))  # the eos step adds log 1 = 0
-    top = leaves.view(B, M)[:, :k]
-    items = torch.where(top >= 0, tree.node_value[top.clamp_min(0)], -1)
-    if (items < 0).any():
-        raise RuntimeError("beam search kept a path outside the prefix tree among the top k: the tree is not fixed-length")
-    return items, scores[:, :k].contiguous(), prefix.view(B, M, L)[:, :k].contiguous()
+    return leaf_search(CausalLevels(model, h), tree, levels=model.layout.num_levels, k=k, num_beams=num_beams,
+                       trained_tree=trained_tree)
 
 
 class CausalDecoders:

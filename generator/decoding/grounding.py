@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from generator.decoding.causal import CausalDecoders, NoMask, beam_levels
+from generator.decoding.beam import Free, search
+from generator.decoding.causal import CausalDecoders, CausalLevels
 from generator.decoding.protocol import GENERATION_LOG_PROB, Ranking, check_beams, check_k
 from generator.models.causal import CausalGenerator
 from semid.prefix_index import PrefixIndex
@@ -71,8 +72,8 @@ def first_occurrences(rows: torch.Tensor, scores: torch.Tensor, k: int) -> tuple
 def free_code_beam(model: CausalGenerator, h: torch.Tensor, *, num_beams: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over code tokens with no tree (the causal beam's loop, unmasked): (tokens (B, M, L), scores (B, M)),
     best first."""
-    prefix, scores = beam_levels(model, h, num_beams=num_beams, mask=NoMask())
-    return prefix.view(h.shape[0], num_beams, model.layout.num_levels), scores
+    beams = search(CausalLevels(model, h), Free(), num_beams=num_beams, steps=model.layout.num_levels)
+    return beams.tokens, beams.logp
 
 
 class CodeGrounder:

@@ -4,9 +4,9 @@ Stock ``model.generate`` (``generator.decoding.t5_generate``) treats every beam 
 encoder output to B*M rows, computes and stores the cross-attention keys/values for every beam, reorders that whole
 cache at every step and projects onto the full vocabulary. Here the step (``generator.decoding.t5_step``) computes
 the encoder and cross-attention once per history, level l's logits over level l's block only, masked by the tree;
-one ``topk`` over M x K_l candidates per history picks the next beams, and only the filled positions of the
-per-beam self-attention cache are reordered. The eos step is skipped: after the last level the tree allows only
-eos, which adds log 1 = 0. Equal to ``generate`` with the same M (items identical, scores to float rounding).
+the one beam loop (``generator.decoding.beam.search``) picks the next beams with one ``topk`` over M x K_l
+candidates per history, and only the filled positions of the per-beam self-attention cache are reordered. Equal to
+``generate`` with the same M (items identical, scores to float rounding).
 
 Shapes: B histories, S encoder tokens, M beams, L levels, K_l level l's block.
 """
@@ -18,6 +18,7 @@ import logging
 import torch
 from transformers import T5ForConditionalGeneration
 
+from generator.decoding.beam import leaf_search
 from generator.decoding.protocol import LOG_LIKELIHOOD, Histories, Ranking, check_decode_args
 from generator.decoding.t5_step import T5Step, auto_batch_size
 from semid.layout import TokenLayout
@@ -68,47 +69,10 @@ def beam_search(
         return Ranking(empty, empty.float(), torch.empty(0, k, layout.num_levels, dtype=torch.long, device=device), LOG_LIKELIHOOD, True)
     chunk = batch_size or auto_batch_size(model, S, num_beams, layout)
     log.debug("beam_search: %d histories in chunks of %d, %d beams", B, chunk, num_beams)
-    parts = [
-        _search_chunk(T5Step(model, layout, input_ids[i : i + chunk], attention_mask[i : i + chunk]), tree, k, num_beams)
-        for i in range(0, B, chunk)  # loop over chunks of histories
-    ]
-    return Ranking(*(torch.cat(p, dim=0) for p in zip(*parts, strict=True)), LOG_LIKELIHOOD, True)
-
-
-def _search_chunk(step: T5Step, tree: PrefixTree, k: int, M: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Beam search for one chunk of B histories; returns items (B, k), scores (B, k), codes (B, k, L)."""
-    layout, B, device = step.layout, step.B, step.device
-    L, neg_inf = layout.num_levels, float("-inf")
-    # level by level; rows are history-major: row b * m + j is beam j of history b (m = 1 before level 0)
-    cache = step.new_cache(B)
-    tokens = torch.full((B,), layout.bos_token_id, dtype=torch.long, device=device)  # (B*m,) decoder input
-    nodes = torch.zeros(B, dtype=torch.long, device=device)  # (B*m,) tree node of each beam, -1 = dead beam
-    scores = torch.zeros(B, 1, dtype=torch.float32, device=device)  # (B, m)
-    codes = torch.empty(B, 0, dtype=torch.long, device=device)  # (B*m, l)
-    m = 1
-    for level in range(L):  # the only loop: over levels
-        lo, hi = layout.level_range(level)
-        K = hi - lo
-        logp = step.level_logp(level, tokens, cache, m, tree, nodes)  # (B*m, K)
-        cand = (scores[:, :, None] + logp.view(B, m, K)).view(B, m * K)  # (B, m*K)
-        if m * K < M:  # fewer candidates than beams (first levels of a small codebook): pad with dead ones
-            cand = torch.nn.functional.pad(cand, (0, M - m * K), value=neg_inf)
-        scores, idx = cand.topk(M, dim=1)  # (B, M), best first
-        parent = (idx // K).clamp_max(m - 1)  # (B, M) in [0, m): padded slots point at a real parent
-        code = (idx % K).view(-1)  # (B*M,)
-        rows = (torch.arange(B, device=device)[:, None] * m + parent).view(-1)  # (B*M,) parent row
-        tokens = code + lo
-        nodes = torch.where(scores.view(-1) > neg_inf, tree.next_nodes(nodes[rows], tokens), -1)
-        codes = torch.cat([codes[rows], code[:, None]], dim=1)  # (B*M, level + 1)
-        if level + 1 < L:  # reorder the per-beam self-attention cache (its filled positions) only
-            cache = step.reorder(cache, level + 1, rows)
-        m = M
-    # the best k beams (topk is sorted); every one is a leaf of the tree
-    top = nodes.view(B, M)[:, :k]
-    items = torch.where(top >= 0, tree.node_value[top.clamp_min(0)], -1)
-    if (items < 0).any():
-        raise AssertionError("beam_search kept a beam outside the prefix tree among the top k: is the tree fixed-length?")
-    return items, scores[:, :k].contiguous(), codes.view(B, M, L)[:, :k].contiguous()
+    parts = [leaf_search(T5Step(model, layout, input_ids[i : i + chunk], attention_mask[i : i + chunk]), tree,
+                         levels=layout.num_levels, k=k, num_beams=num_beams) for i in range(0, B, chunk)]  # chunks of histories
+    items, scores, tokens = (torch.cat(p, dim=0) for p in zip(*parts, strict=True))
+    return Ranking(items, scores, layout.tokens_to_codes(tokens), LOG_LIKELIHOOD, True)
 
 
 # ---- input checks (public boundary only) --------------------------------------------------------------------------

@@ -7,9 +7,9 @@ of K_l tokens, every hypothesis a path of the prefix tree. So a :class:`T5Step`
    history, (B, H, S, d_kv); the m rows of a history (its beams, or its candidates) attend to them together as m
    query positions, so nothing is expanded or copied per row;
 2. keeps only the decoder self-attention cache per row, (L, n_layers, 2, R, H, d_kv), R = B * m rows;
-3. computes level l's logits against level l's rows of the output embedding only, (R, K_l);
-4. masks them with one gather from the tree (``PrefixTree.allowed_mask``) and renormalises the log-softmax over the
-   allowed tokens (:meth:`T5Step.level_logp`): what the beam ranks by and what teacher forcing sums.
+3. computes level l's logits against level l's rows of the output embedding only, (R, K_l): it is the
+   :class:`~generator.decoding.beam.Backbone` of the one beam search (``window``, ``logits``, ``reorder``);
+   ``beam.TreeConstraint`` masks them and renormalises over what the tree allows, for the beam and teacher forcing.
 
 The step is written from the T5 modules' weights (``q``/``k``/``v``/``o``, layer norms, relative position bias,
 feed-forward blocks called as they are) because ``T5Stack`` takes one batch dimension for self- and cross-attention
@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from transformers import T5ForConditionalGeneration
 
+from generator.decoding.beam import TreeConstraint
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 
@@ -36,7 +37,7 @@ MAX_BATCH_SIZE = 4096
 
 
 class T5Step:
-    """One T5 decoder position at a time for R = B * m rows; row b * m + j is row j of history b.
+    """One T5 decoder position at a time for R = B * m rows; row b * m + j is row j of history b; holds their cache.
 
     Args:
         model: a ``T5ForConditionalGeneration`` in eval mode; layout: its token layout.
@@ -66,35 +67,33 @@ class T5Step:
         self.scale = c.d_model**-0.5 if getattr(c, "scale_decoder_outputs", c.tie_word_embeddings) else 1.0
         self.dtype, self.device, self.n_layers = enc.dtype, device, len(dec.block)
 
-    def new_cache(self, rows: int) -> torch.Tensor:
-        """An empty self-attention cache (L, n_layers, 2, rows, H, dk)."""
-        return torch.empty(self.layout.num_levels, self.n_layers, 2, rows, self.H, self.dk, dtype=self.dtype, device=self.device)
+    # ---- the Backbone of generator.decoding.beam: rows are a history's beams, or its candidates -----------------
+    def window(self, level: int) -> tuple[int, int]:
+        return self.layout.level_range(level)
 
-    def reorder(self, cache: torch.Tensor, filled: int, rows: torch.Tensor) -> torch.Tensor:
-        """The cache for new rows taken from ``rows`` (R',) of the old ones; only the ``filled`` positions move."""
-        out = cache.new_empty(*cache.shape[:3], rows.numel(), *cache.shape[4:])
-        torch.index_select(cache[:filled], 3, rows, out=out[:filled])
-        return out
-
-    def level_logp(self, level: int, tokens: torch.Tensor, cache: torch.Tensor, m: int, tree: PrefixTree,
-                   nodes: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of level ``level``'s codes for every row, renormalised over what the tree allows.
-
-        Args:
-            tokens: LongTensor (R,) decoder input at this position (bos at level 0, the previous code's token after).
-            cache: the rows' self-attention cache; this position is written into it.
-            m: rows per history; nodes: LongTensor (R,) each row's tree node (-1: not in the tree).
-        Returns:
-            FloatTensor (R, K_l); -inf where the tree allows nothing (a row with nothing allowed is all -inf).
-        """
+    def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None = None) -> torch.Tensor:
+        """Level ``level``'s logits (R, K_l) float32 of every row after ``prefix`` LongTensor (R, level), its code
+        tokens so far: one decoder position, whose input is the previous code's token (bos at level 0); the
+        position's keys/values are written into the rows' self-attention cache (a new one at level 0)."""
+        R = prefix.shape[0]
+        if level == 0:
+            self.cache = torch.empty(self.layout.num_levels, self.n_layers, 2, R, self.H, self.dk, dtype=self.dtype, device=self.device)
+            tokens = torch.full((R,), self.layout.bos_token_id, dtype=torch.long, device=self.device)
+        else:
+            tokens = prefix[:, -1]
         lo, hi = self.layout.level_range(level)
-        hidden = _decoder_step(self.model.decoder, tokens, cache, level, self.pos_bias, self.cross, self.enc_bias, m)  # (R, D)
+        hidden = _decoder_step(self.model.decoder, tokens, self.cache, level, self.pos_bias, self.cross, self.enc_bias, m)  # (R, D)
         logits = (hidden * self.scale) @ self.head.weight[lo:hi].T  # (R, K)
         if self.head.bias is not None:
             logits = logits + self.head.bias[lo:hi]
-        allowed = tree.allowed_mask(nodes, token_range=(lo, hi))  # (R, K)
-        neg_inf = float("-inf")
-        return logits.float().masked_fill(~allowed, neg_inf).log_softmax(-1).masked_fill(~allowed, neg_inf)
+        return logits.float()
+
+    def reorder(self, level: int, rows: torch.Tensor) -> None:
+        """The cache of new rows taken from ``rows`` (R',) of the old ones; only the filled positions move."""
+        if level + 1 < self.layout.num_levels:  # nothing reads the cache after the last level
+            out = self.cache.new_empty(*self.cache.shape[:3], rows.numel(), *self.cache.shape[4:])
+            torch.index_select(self.cache[: level + 1], 3, rows, out=out[: level + 1])
+            self.cache = out
 
 
 def _decoder_step(dec: torch.nn.Module, tokens: torch.Tensor, cache: torch.Tensor, t: int, pos_bias: torch.Tensor,
@@ -167,8 +166,8 @@ def score_codes(model: T5ForConditionalGeneration, input_ids: torch.Tensor, atte
     """Log-likelihood of given code tuples by teacher forcing: the score beam search gives the items it finds.
 
     For each history and candidate the decoder reads [bos, c_1 .. c_{L-1}]; at level l the candidate's code is
-    gathered from :meth:`T5Step.level_logp` (renormalised over what the tree allows after its prefix) and the
-    levels are summed. The encoder runs once per history; its C candidates are C rows of one step.
+    gathered from the step's log-softmax renormalised over what the tree allows after its prefix (as in the beam), and
+    the levels are summed. The encoder runs once per history; its C candidates are C rows of one step.
 
     Args:
         model: ``T5ForConditionalGeneration`` in eval mode; input_ids, attention_mask: (B, S).
@@ -195,17 +194,17 @@ def _score_chunk(step: T5Step, tree: PrefixTree, codes: torch.Tensor) -> torch.T
     """score_codes for one chunk of B histories with C candidates each: (B, C)."""
     B, C, L = codes.shape
     flat = codes.reshape(B * C, L)  # row b * C + j is candidate j of history b
-    cache = step.new_cache(B * C)
-    tokens = torch.full((B * C,), step.layout.bos_token_id, dtype=torch.long, device=step.device)
-    nodes = torch.zeros(B * C, dtype=torch.long, device=step.device)  # -1 once a candidate leaves the tree
+    prefix = torch.empty_like(flat)  # (B*C, L) their tokens (a code out of range clamped into its level's block)
+    on_tree = TreeConstraint(tree, B * C, step.device)  # node -1 once a candidate leaves the tree
+    rows = torch.arange(B * C, device=step.device)
     total = torch.zeros(B * C, dtype=torch.float32, device=step.device)
     for level in range(L):  # the only loop: over levels
-        lo, hi = step.layout.level_range(level)
-        logp = step.level_logp(level, tokens, cache, C, tree, nodes)  # (B*C, K)
+        lo, hi = step.window(level)
+        logp = on_tree.logp(step.logits(level, prefix[:, :level], C), lo, hi)  # (B*C, K)
         code = flat[:, level]
         ok = (code >= 0) & (code < hi - lo)
         safe = code.clamp(0, hi - lo - 1)
         total = total + torch.where(ok, logp.gather(1, safe[:, None]).squeeze(1), float("-inf"))
-        tokens = safe + lo
-        nodes = torch.where(ok, tree.next_nodes(nodes, tokens), -1)
+        prefix[:, level] = safe + lo
+        on_tree.advance(rows, prefix[:, level], ok)
     return total.view(B, C)

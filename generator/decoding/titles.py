@@ -1,13 +1,13 @@
 """The decoders of a title run: ``title-beam`` (GENRE: beam search constrained by the title tree) and
-``title-grounded`` (BIGRec: free title beam, embedded, nearest items by MIPS).
+``title-grounded`` (BIGRec: free title beam, embedded, nearest items by MIPS); both rank from backbone states ``h``
+(B, D) into a :class:`~generator.decoding.protocol.Ranking`, and ``stats`` counts generations that were not items and
+the grounding time (``generator.decoding.grounding.GroundingStats``).
 
-Both rank from backbone states ``h`` (B, D) and return a :class:`~generator.decoding.protocol.Ranking` (items (B, k)
-best first, scores (B, k), the items' semantic-ID codes (B, k, L)); ``stats`` counts generations that
-were not items and the grounding time (``generator.decoding.grounding.GroundingStats``).
-
-Scores: ``title-beam``: the title's log-probability among the catalogue's titles (tokens renormalised over what
-the tree allows), divided by ``length ** length_penalty``; ``title-grounded``: the cosine of the item's title
-embedding with the generated title's.
+The title beam is the one beam loop (``generator.decoding.beam.search``, with eos) on the title head
+(:class:`TitleSteps`). Constrained, each token is renormalised over what the title tree allows: a title's score is its
+log-probability among the catalogue's titles, divided by ``length ** length_penalty``, and the beams are distinct
+items. Free, over the whole vocabulary (pad excluded): a finished beam is any token sequence, looked up afterwards.
+``title-grounded`` scores by the cosine of the item's title embedding with the generated title's.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from generator.decoding.beam import Beams, Free, TreeConstraint, leaf_items, search
 from generator.decoding.grounding import GROUND_MAX_LENGTH, GroundingStats
 from generator.decoding.protocol import COSINE, TITLE_LOG_PROB, Ranking, check_beams, check_k
-from generator.decoding.title_beam import beam_items, lookup_generated, title_beam_search
 from generator.models.titles import TitleGenerator
 from semid.tree import PrefixTree
 
@@ -30,6 +30,60 @@ TITLE_DECODERS = (TITLE_BEAM, TITLE_GROUNDED)
 # validation users of the 15-minute title run (experiments/results/titles_vs_ids.md), 0.5 was best by N@10 (0: 0.0037,
 # 0.5: 0.0042, 1: 0.0041, differences within noise at that quality): see docs/architecture.md
 LENGTH_PENALTY = 0.5
+
+
+class TitleSteps:
+    """The title head as a :class:`~generator.decoding.beam.Backbone`: one GRU step (``TitleGenerator.step``) of the
+    unfinished beams per title position, over the whole vocabulary; a finished beam's row is zeros (never read)."""
+
+    def __init__(self, model: TitleGenerator, h: torch.Tensor) -> None:
+        self.model, self.B, self.device, self.V = model, h.shape[0], h.device, model.config.vocab_size
+        self.state, self.cond = model.title_start(h)  # (B*m, E) each
+
+    def window(self, step: int) -> tuple[int, int]:
+        return 0, self.V
+
+    def logits(self, step: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
+        live = torch.nonzero(~done).squeeze(1)  # only unfinished beams take a step (most are finished late on)
+        out, state = self.model.step(None if step == 0 else prefix[live, -1], self.state[live], self.cond[live])
+        self.new_state = self.state.index_copy(0, live, state)
+        return out.new_zeros(done.shape[0], self.V).index_copy(0, live, out)  # (B*m, V)
+
+    def reorder(self, step: int, rows: torch.Tensor) -> None:
+        self.state, self.cond = self.new_state[rows], self.cond[rows]
+
+
+def title_beam_search(model: TitleGenerator, h: torch.Tensor, *, num_beams: int, tree: PrefixTree | None = None,
+                      length_penalty: float = 0.0, max_steps: int | None = None) -> Beams:
+    """Beam search from backbone states h (B, D); constrained by ``tree`` (None: free generation).
+
+    Args:
+        max_steps: title positions at most (eos included); default the tree's depth, or the longest training
+            title + 1 when free. A free beam cut by it is returned unfinished.
+    """
+    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
+        raise ValueError(f"`num_beams` must be a positive int, got {num_beams!r}")
+    if length_penalty < 0:
+        raise ValueError(f"`length_penalty` must be >= 0, got {length_penalty!r}")
+    cfg = model.config
+    V, pad, eos = cfg.vocab_size, cfg.pad_id, cfg.eos_id
+    if tree is not None and tree.vocab_size != V:
+        raise ValueError(f"the title tree has vocabulary {tree.vocab_size}, the model {V}: built for another tokenizer")
+    if max_steps is None:
+        max_steps = tree.max_depth if tree is not None else int(model.title_lengths.max())
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
+    on_tree = Free(pad) if tree is None else TreeConstraint(tree, h.shape[0], h.device)
+    return search(TitleSteps(model, h), on_tree, num_beams=num_beams, steps=max_steps, eos=eos, pad=pad,
+                  length_penalty=length_penalty)
+
+
+def lookup_generated(beams: Beams, tree: PrefixTree) -> torch.Tensor:
+    """The item each beam's tokens name (a complete path of the title tree, eos included), else -1: (B, M)."""
+    B, M, J = beams.tokens.shape
+    nodes = tree.walk(beams.tokens.view(B * M, J)).view(B, M)  # pads after eos loop on the leaf
+    items = torch.where(nodes >= 0, tree.node_value[nodes.clamp_min(0)], -1)
+    return torch.where(beams.finished, items, -1)
 
 
 class TitleDecoders:
@@ -71,7 +125,7 @@ class TitleDecoders:
         t0 = time.perf_counter()
         if name == TITLE_BEAM:
             beams = title_beam_search(self.model, h, num_beams=self.num_beams, tree=self.tree, length_penalty=self.length_penalty)
-            items, scores = beam_items(beams, self.tree, k)
+            items, scores = leaf_items(beams, self.tree, k), beams.scores[:, :k]
             self._count(h.shape[0], torch.zeros(h.shape[0], self.num_beams, dtype=torch.bool), 0.0, time.perf_counter() - t0)
             return self._result(items, scores, TITLE_LOG_PROB, True)
         if self.encoder is None or self.item_emb is None or self.tokenizer is None:

@@ -10,12 +10,7 @@ import torch
 
 from generator.models.causal import CausalGenerator
 from generator.models.dense_loss import softmax_loss
-
-
-def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the allowed entries only; -inf elsewhere. logits, allowed: (..., K)."""
-    neg_inf = torch.finfo(logits.dtype).min
-    return logits.masked_fill(~allowed, neg_inf).log_softmax(-1).masked_fill(~allowed, float("-inf"))
+from semid.tree import masked_log_softmax
 
 
 def code_loss(

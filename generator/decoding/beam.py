@@ -1,0 +1,162 @@
+"""One beam search for every backbone (causal, T5, title) and every constraint (prefix tree, none).
+
+A :class:`Backbone` is bound to the states of B histories (the causal and title models' state after each history, T5's
+encoder output through ``T5Step``); step by step it gives every beam's logits over the step's token window (level l's
+block, or the title vocabulary) after the beam's tokens so far, and keeps its own per-beam state (T5's cache, the
+title head's GRU state) for the beams that survive. A constraint turns logits into log-probabilities and follows the
+beams: :class:`TreeConstraint` (``semid.tree.masked_log_softmax`` over what the prefix tree allows) or :class:`Free`.
+:func:`search` is the one loop, over steps only: candidates = beam scores + log-probabilities, one ``topk`` over
+M x K per history, parents gathered; no loop over beams. With ``eos`` (titles) a beam that emitted eos is finished:
+it stays in the pool, its only continuation ``pad`` (log 1 = 0: the tree's pad self-loop on leaves), finished and live
+beams compete for the M slots by ``score / length ** length_penalty`` (length in tokens, eos included), and the loop
+ends when all have finished; without (semantic IDs) every beam takes ``steps`` tokens.
+
+Rows are history-major: row b * m + j is beam j of history b (m = 1 before the first step, M after).
+Shapes: B histories, M beams, K a step's token window, T steps taken.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+
+from semid.tree import PrefixTree, masked_log_softmax
+
+
+class Backbone(Protocol):
+    """A model bound to the states of B histories (see the module docstring)."""
+
+    B: int
+    device: torch.device
+
+    def window(self, step: int) -> tuple[int, int]:
+        """The token window (lo, hi) of step ``step``."""
+
+    def logits(self, step: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
+        """FloatTensor (B*m, hi - lo): every beam's logits after ``prefix`` LongTensor (B*m, step), its tokens so far;
+        the rows of finished beams (``done`` (B*m,), with eos) are not read."""
+
+    def reorder(self, step: int, rows: torch.Tensor) -> None:
+        """Keep the per-beam state of rows LongTensor (B*M,) (each surviving beam's parent) after step ``step``."""
+
+
+class TreeConstraint:
+    """Beams on a prefix tree: each beam's node (-1: dead, allows nothing). With ``trained_tree`` (the tree of the
+    items the model was trained with, when items were added since) each node's log-probabilities are normalised over
+    its trained children where it has any, as exact scoring does."""
+
+    def __init__(self, tree: PrefixTree, rows: int, device: torch.device, trained_tree: PrefixTree | None = None) -> None:
+        self.tree, self.trained_tree = tree, trained_tree
+        self.nodes = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) tree node of each beam
+        self.old_nodes = self.nodes.clone()  # the same prefixes in trained_tree (-1 where only added items lead)
+
+    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
+        allowed = self.tree.allowed_mask(self.nodes if done is None else torch.where(done, -1, self.nodes), token_range=(lo, hi))
+        if self.trained_tree is None:
+            return masked_log_softmax(logits, allowed)
+        norm = self.trained_tree.allowed_mask(self.old_nodes, token_range=(lo, hi))
+        return masked_log_softmax(logits, allowed, torch.where(norm.any(1, keepdim=True), norm, allowed))
+
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
+        self.nodes = torch.where(alive, self.tree.next_nodes(self.nodes[rows], tokens), -1)
+        if self.trained_tree is not None:
+            self.old_nodes = self.trained_tree.next_nodes(self.old_nodes[rows], tokens)
+
+
+class Free:
+    """No tree: each step's log-softmax over its whole window, ``pad`` excluded when given (free generation)."""
+
+    def __init__(self, pad: int | None = None) -> None:
+        self.pad = pad
+
+    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pad is not None:
+            logits = logits.index_fill(1, torch.tensor([self.pad - lo], device=logits.device), float("-inf"))
+        return logits.log_softmax(-1)
+
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
+        pass
+
+
+class Beams(NamedTuple):
+    """All M beams of each history, best first by ``scores``.
+
+    tokens: LongTensor (B, M, T) chosen tokens (with eos: eos included, pad after); lengths: (B, M) tokens up to and
+    including eos (T without eos); scores: (B, M) ``logp / length ** length_penalty`` (-inf for a dead beam); logp:
+    (B, M) the sum of log-probabilities; finished: (B, M) bool, alive (and with eos, eos emitted); nodes: (B, M) the
+    tree node reached (-1: not in the tree, or no tree).
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    scores: torch.Tensor
+    logp: torch.Tensor
+    finished: torch.Tensor
+    nodes: torch.Tensor
+
+
+def search(backbone: Backbone, constraint: TreeConstraint | Free, *, num_beams: int, steps: int, eos: int | None = None,
+           pad: int | None = None, length_penalty: float = 0.0) -> Beams:
+    """Beam search of ``num_beams`` beams per history over at most ``steps`` steps (see the module docstring)."""
+    assert steps >= 1 and (eos is None) == (pad is None), f"steps {steps}, eos {eos}, pad {pad}"
+    B, M, device = backbone.B, num_beams, backbone.device
+    tokens = torch.empty(B, 0, dtype=torch.long, device=device)  # (B*m, t) the tokens chosen so far
+    length = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, m)
+    finished = torch.zeros(B, 1, dtype=torch.bool, device=device)  # (B, m) dead, or (with eos) eos emitted
+    m = 1
+    for step in range(steps):  # the only loop: over steps
+        if eos is not None and bool(finished.all()):
+            break
+        lo, hi = backbone.window(step)
+        K = hi - lo
+        done = None if eos is None else finished.view(-1)  # (B*m,)
+        logp = constraint.logp(backbone.logits(step, tokens, m, done), lo, hi, done)  # (B*m, K)
+        if step == 0:
+            scores = logp.new_zeros(B, 1)  # (B, m) the beams' sums of log-probabilities
+            if pad is not None:
+                pad_only = logp.new_full((K,), float("-inf"))
+                pad_only[pad - lo] = 0.0
+        if done is not None:
+            logp = torch.where(done[:, None], pad_only, logp)  # a finished beam's only continuation: pad, log 1 = 0
+        cand = scores[:, :, None] + logp.view(B, m, K)  # (B, m, K)
+        key = cand / (length + (~finished).long())[:, :, None].to(cand.dtype).pow(length_penalty) if length_penalty else cand
+        key = key.reshape(B, m * K)
+        if m * K < M:  # fewer candidates than beams: pad with dead ones
+            key = torch.nn.functional.pad(key, (0, M - m * K), value=float("-inf"))
+        top, idx = key.topk(M, dim=1)  # (B, M), best first
+        idx = idx.clamp_max(m * K - 1)  # a padded slot points at a real parent
+        parent, tok = idx // K, (idx % K).view(-1) + lo
+        alive = torch.isfinite(top)
+        scores = torch.where(alive, cand.reshape(B, m * K).gather(1, idx), float("-inf"))
+        rows = (torch.arange(B, device=idx.device)[:, None] * m + parent).view(-1)  # (B*M,) each beam's parent row
+        length = length.gather(1, parent) + (~finished).gather(1, parent).long()
+        finished = (finished.view(-1)[rows] | ~alive.view(-1) | (tok == eos if eos is not None else False)).view(B, M)
+        constraint.advance(rows, tok, alive.view(-1))
+        backbone.reorder(step, rows)
+        tokens = torch.cat([tokens[rows], tok[:, None]], dim=1)
+        m = M
+    # the last step's key is each beam's final score (its length then is its final length), so ``top`` is sorted
+    alive = torch.isfinite(scores)
+    finished = alive if eos is None else alive & (tokens == eos).any(1).view(B, M)
+    nodes = constraint.nodes.view(B, M) if isinstance(constraint, TreeConstraint) else torch.full_like(length, -1)
+    return Beams(tokens.view(B, M, -1), length, torch.where(alive, top, float("-inf")), scores, finished, nodes)
+
+
+def leaf_items(beams: Beams, tree: PrefixTree, k: int) -> torch.Tensor:
+    """The items (B, k) of the best k beams of a tree constraint: an error if one of them is not a finished leaf."""
+    top = beams.nodes[:, :k]
+    items = torch.where((top >= 0) & beams.finished[:, :k], tree.node_value[top.clamp_min(0)], -1)
+    if (items < 0).any():
+        raise RuntimeError(f"beam search ended {int((items < 0).sum())} of its top {k} beams outside the tree's leaves "
+                           "(fewer live beams than k, or a tree whose items are not all of one length?)")
+    return items
+
+
+def leaf_search(backbone: Backbone, tree: PrefixTree, *, levels: int, k: int, num_beams: int,
+                trained_tree: PrefixTree | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The beam over a tree of L = ``levels`` tokens + eos per item (semantic IDs): (items (B, k), scores (B, k),
+    tokens (B, k, L)) of the best k beams. The eos step is skipped: after level L the tree allows only eos (log 1)."""
+    on_tree = TreeConstraint(tree, backbone.B, backbone.device, trained_tree)
+    beams = search(backbone, on_tree, num_beams=num_beams, steps=levels)
+    return leaf_items(beams, tree, k), beams.logp[:, :k].contiguous(), beams.tokens[:, :k].contiguous()
