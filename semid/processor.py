@@ -4,6 +4,8 @@ For stock ``model.generate(num_beams=..., logits_processor=[PrefixTreeLogitsProc
 every row's generated prefix down the tree (a gather per generated token, vectorised over all beams) and sets
 every token the tree does not allow next to -inf. There is no Python loop over beams and no user callback, unlike
 transformers' ``PrefixConstrainedLogitsProcessor``.
+
+:func:`masked_log_softmax` is the one masked log-softmax of the code loss and of semid's own beam searches.
 """
 
 from __future__ import annotations
@@ -51,3 +53,17 @@ class PrefixTreeLogitsProcessor(LogitsProcessor):
         if scores.shape[-1] > allowed.shape[-1]:  # tokens beyond the tree's vocabulary are never allowed
             allowed = torch.nn.functional.pad(allowed, (0, scores.shape[-1] - allowed.shape[-1]), value=False)
         return scores.masked_fill(~allowed, float("-inf"))
+
+
+def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-softmax over the last dimension normalised over ``norm`` (default: ``allowed``), -inf where not allowed.
+
+    The one masked log-softmax of the code loss, the beam searches and teacher forcing. logits: (..., K) float;
+    allowed, norm: BoolTensor (..., K). A row that allows nothing is all -inf. With ``norm`` (a node's trained
+    children, where items were added since) an allowed entry outside it may score above 1 in total, as intended.
+    """
+    if norm is None:
+        out = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).log_softmax(-1)
+    else:
+        out = logits - logits.masked_fill(~norm, float("-inf")).logsumexp(-1, keepdim=True)
+    return out.masked_fill(~allowed, float("-inf"))

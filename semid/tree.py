@@ -396,16 +396,3 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for a 1-D x and an index of any shape; index_select is ~2x faster than advanced indexing here."""
     return torch.index_select(x, 0, index.reshape(-1)).view(index.shape)
 
-
-def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-softmax over the last dimension normalised over ``norm`` (default: ``allowed``), -inf where not allowed.
-
-    The one masked log-softmax of the code loss, the beam searches and teacher forcing. logits: (..., K) float;
-    allowed, norm: BoolTensor (..., K). A row that allows nothing is all -inf. With ``norm`` (a node's trained
-    children, where items were added since) an allowed entry outside it may score above 1 in total, as intended.
-    """
-    if norm is None:
-        out = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).log_softmax(-1)
-    else:
-        out = logits - logits.masked_fill(~norm, float("-inf")).logsumexp(-1, keepdim=True)
-    return out.masked_fill(~allowed, float("-inf"))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from generator.decoding.beam import Free, TreeConstraint, leaf_items, search
-from semid.tree import PrefixTree, masked_log_softmax
+from semid.processor import masked_log_softmax
+from semid.tree import PrefixTree
 from tests.reference import DictTrie
 
 PAD, EOS, P = 0, 1, 101  # P buckets of prefixes, each with its own logits

@@ -4,7 +4,7 @@ A :class:`Backbone` is bound to the states of B histories (the causal and title 
 encoder output through ``T5Step``); step by step it gives every beam's logits over the step's token window (level l's
 block, or the title vocabulary) after the beam's tokens so far, and keeps its own per-beam state (T5's cache, the
 title head's GRU state) for the beams that survive. A constraint turns logits into log-probabilities and follows the
-beams: :class:`TreeConstraint` (``semid.tree.masked_log_softmax`` over what the prefix tree allows) or :class:`Free`.
+beams: :class:`TreeConstraint` (``semid.processor.masked_log_softmax`` over what the prefix tree allows) or :class:`Free`.
 :func:`search` is the one loop, over steps only: candidates = beam scores + log-probabilities, one ``topk`` over
 M x K per history, parents gathered; no loop over beams. With ``eos`` (titles) a beam that emitted eos is finished:
 it stays in the pool, its only continuation ``pad`` (log 1 = 0: the tree's pad self-loop on leaves), finished and live
@@ -21,7 +21,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from semid.tree import PrefixTree, masked_log_softmax
+from semid.processor import masked_log_softmax
+from semid.tree import PrefixTree
 
 
 class Backbone(Protocol):

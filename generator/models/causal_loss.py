@@ -10,7 +10,7 @@ import torch
 
 from generator.models.causal import CausalGenerator
 from generator.models.dense_loss import softmax_loss
-from semid.tree import masked_log_softmax
+from semid.processor import masked_log_softmax
 
 
 def code_loss(
