@@ -44,8 +44,7 @@ from generator.decoding.t5_hybrid import T5Hybrid
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for, load_run_head, no_fusion_error, stored_fusion
-from generator.runs.folder import Run
-from generator.runs.load import load_any_run
+from generator.runs.folder import Run, load_run
 from semid.data import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ class Recommender:
     """A run loaded for serving: decoders, tables, item vectors, fusion and catalogue maps built once (module doc).
 
     Args:
-        run: a loaded run (``generator.runs.load.load_any_run``); it is served on ``device`` (a copy where it must
+        run: a loaded run (``generator.runs.folder.load_run``); it is served on ``device`` (a copy where it must
             move: the run given is left as it was).
         decoder: the default decoder of :meth:`recommend` ("auto": the run's beam search).
         decoders: the registry names to build (default: what :data:`SERVED` lists for the backbone, less what the run
@@ -154,7 +153,7 @@ class Recommender:
                  device: str | torch.device | None = None, **options: Any) -> Recommender:
         """Load the run folder ``path`` (its best checkpoint, or ``checkpoint``) onto ``device`` (default CPU) and
         build everything a call needs; ``options`` as for the constructor (``decoder``, ``decoders``, ...)."""
-        run = load_any_run(path, checkpoint)
+        run = load_run(path, checkpoint)
         if device is not None:  # the run was loaded for this Recommender alone: move it in place
             run.model.to(device)
             run.tree = run.tree.to(device)
