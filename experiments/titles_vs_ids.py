@@ -39,7 +39,6 @@ import torch
 from generator.decoding.titles import LENGTH_PENALTY
 from generator.runs.evaluate import evaluate
 from generator.runs.folder import load_run
-from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
 from generator.runs.train import train_run
 from semid.data import load_dataset
