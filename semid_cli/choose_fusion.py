@@ -27,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from generator.runs.decoders import choose_run_fusion
-    from generator.runs.folder import HYBRID_FILE, LOCK_FILE
-    from generator.runs.folder import load_run
+    from generator.runs.folder import HYBRID_FILE, LOCK_FILE, load_run
     from semid.data import load_dataset
     from semid.io import folder_lock
     from semid.split import leave_one_out

@@ -46,8 +46,8 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
         g = groups.get(m["group"], p)
         flag = m["flag"] or "--" + f.name.replace("_", "-")
         text = m["help"].replace("{default}", default_text(f.name))
-        if f.name in _MAPPINGS:  # KEY=VALUE, repeatable
-            g.add_argument(flag, dest=f.name, action=_MAPPINGS[f.name], metavar="KEY=VALUE", help=text)
+        if m["keys"]:  # KEY=VALUE, repeatable
+            g.add_argument(flag, dest=f.name, action=MappingAction, metavar="KEY=VALUE", help=text)
         elif bool in value_types(f.name):  # --no-progress
             g.add_argument(flag, dest=f.name, action="store_false", default=None, help=text)
         else:
@@ -59,17 +59,21 @@ def _parser(name: str) -> type | None:
     return None if str in kinds else kinds[0]
 
 
-class ModelOptionsAction(argparse.Action):
-    """``--model-option KEY=VALUE`` (repeatable) -> a dict of CausalConfig fields, values YAML-typed."""
+class MappingAction(argparse.Action):
+    """``--model-option`` / ``--dense-option KEY=VALUE`` (repeatable) -> a dict of config fields, values YAML-typed;
+    KEY one of the option's ``keys`` (its metadata)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
-        from generator.designs.registry import DESIGNS
-
         key, sep, text = str(value).partition("=")
-        known = {k for d in DESIGNS.values() for k in d.option_keys}
+        known = TrainOptions.__dataclass_fields__[self.dest].metadata["keys"]
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
-        _set_option(parser, namespace, self.dest, option, key, text)
+        mapping = dict(getattr(namespace, self.dest) or {})
+        try:
+            mapping[key] = yaml_value(text, f"{option} {key}")
+        except ValueError as e:
+            parser.error(str(e))
+        setattr(namespace, self.dest, mapping)
 
 
 def ids_file(path: Path) -> Path:
@@ -108,30 +112,3 @@ def run(args: argparse.Namespace) -> int:
             f"R@10 {m['recall@10']:.4f}  N@10 {m['ndcg@10']:.4f}  -> {m['file']}"
         )
     return 0
-
-
-class DenseOptionsAction(argparse.Action):
-    """``--dense-option KEY=VALUE`` (repeatable) -> a dict of :class:`DenseHeadConfig` fields, values YAML-typed."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
-        key, sep, text = str(value).partition("=")
-        from generator.models.dense import DenseHeadConfig
-
-        known = set(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"}
-        if not sep or key not in known:
-            parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
-        _set_option(parser, namespace, self.dest, option, key, text)
-
-
-def _set_option(parser: argparse.ArgumentParser, namespace: argparse.Namespace, dest: str, option: object, key: str,
-                text: str) -> None:
-    """Add ``key`` = the YAML-typed ``text`` to the dict option ``dest`` (a usage error names a bad value)."""
-    options = dict(getattr(namespace, dest) or {})
-    try:
-        options[key] = yaml_value(text, f"{option} {key}")
-    except ValueError as e:
-        parser.error(str(e))
-    setattr(namespace, dest, options)
-
-
-_MAPPINGS = {"model_options": ModelOptionsAction, "dense_options": DenseOptionsAction}

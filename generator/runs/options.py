@@ -19,7 +19,7 @@ from typing import Any
 from generator.decoding.registry import SPECS
 from generator.designs import registry as designs
 from generator.designs.base import Design
-from generator.models.dense import MODES
+from generator.models.dense import MODES, DenseHeadConfig
 
 PRESETS = designs.PRESETS
 
@@ -48,12 +48,13 @@ def parse_every(text: str) -> int | float:
 
 
 def option(default: Any, help: str, group: str, *, kind: str | None = None, parse: Any = None, choices: Any = None,
-           fixed: bool = False, flag: str | None = None) -> Any:
+           fixed: bool = False, flag: str | None = None, keys: frozenset[str] = frozenset()) -> Any:
     """A :class:`TrainOptions` field. help: its ``--flag`` help, where ``{default}`` becomes the default (the designs'
     where the field's is None); group: its flag group; kind: the config.yaml schema kind (``generator.runs.folder``;
     default: from the field's type); parse: the flag's parser (default: from the type); fixed: a resume must keep
-    it; flag: the flag, where not ``--field-name``."""
-    meta = {"help": help, "group": group, "kind": kind, "parse": parse, "choices": choices, "fixed": fixed, "flag": flag}
+    it; flag: the flag, where not ``--field-name``; keys: a mapping option's keys (``--flag KEY=VALUE``, repeatable)."""
+    meta = {"help": help, "group": group, "kind": kind, "parse": parse, "choices": choices, "fixed": fixed, "flag": flag,
+            "keys": keys}
     return field(default=default, metadata=meta)
 
 
@@ -111,10 +112,12 @@ class TrainOptions:
     objective: str = option("joint", "train the head with the generative loss or alone {default}", DENSE, choices=("joint", "dense"), fixed=True)
     dense_embeddings: str = option("minilm", "content embeddings DATA/item_emb_<NAME>.npy {default}", DENSE)
     dense_options: dict[str, Any] | None = option(None, "a DenseHeadConfig field, repeatable: dim=128, pooling=last, loss=sampled, "
-                                                  "temperature=0.05, id_dropout=0.2, ...", DENSE, fixed=True, flag="--dense-option")
+                                                  "temperature=0.05, id_dropout=0.2, ...", DENSE, fixed=True, flag="--dense-option",
+                                                  keys=frozenset(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"})
     model_options: dict[str, Any] | None = option(None, "causal design: a CausalConfig field over the preset's, repeatable: dropout=0.3, "
                                                   "head_dropout=0.2, node_dropout=0.2, node_vectors=false, num_layers=3, ...", VALID,
-                                                  fixed=True, flag="--model-option")
+                                                  fixed=True, flag="--model-option",
+                                                  keys=frozenset(k for d in designs.DESIGNS.values() for k in d.option_keys))
     threads: int = option(1, "torch CPU threads while training {default}: two threads collapse on a busy 2-core machine; raise it "
                           "on a machine with cores to spare", HARDWARE, kind="int>0")
     target: str = option("ids", "what the generator emits for the next item: its semantic ID (default) or its title's tokens, on "

@@ -8,6 +8,7 @@ The featurisation itself (examples, windows, evaluation batches) is Lightning-fr
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -39,7 +40,35 @@ from semid.split import Split
 log = logging.getLogger(__name__)
 
 
-class GeneratorDataModule(L.LightningDataModule):
+class _Sharded(L.LightningDataModule):
+    """What both data modules share: checked batch sizes, a seeded sample of validation users, and length-bucketed
+    training batches sharded across the trainer's processes (``bucket_batches``: batches' worth of examples sorted
+    by length together, see BucketBatchSampler)."""
+
+    def __init__(self, split: Split, ids: SemanticIDs, *, batch_size: int, eval_batch_size: int, max_history: int,
+                 val_users: int | None, seed: int, bucket_batches: int) -> None:
+        super().__init__()
+        for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        self.split, self.ids, self.max_history = split, ids, max_history
+        self.batch_size, self.eval_batch_size, self.val_users = batch_size, eval_batch_size, val_users
+        self.seed, self.bucket_batches = seed, bucket_batches
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _sampler(self, lengths: Any, bucket_batches: int | None = None) -> BucketBatchSampler:
+        world, rank = self._world()
+        return BucketBatchSampler(lengths, self.batch_size, seed=self.seed, num_replicas=world, rank=rank,
+                                  bucket_batches=self.bucket_batches if bucket_batches is None else bucket_batches)
+
+    def _val_rows(self) -> Any:
+        return sample_users(self.split.num_users, self.val_users, self.seed)
+
+
+class GeneratorDataModule(_Sharded):
     """Training and validation data for :class:`generator.training.t5_system.GeneratorSystem`.
 
     Args:
@@ -47,7 +76,6 @@ class GeneratorDataModule(L.LightningDataModule):
         ids, layout: the semantic IDs and the token layout (user tokens on iff ``layout.num_user_tokens > 0``).
         batch_size: training examples per batch (per process); eval_batch_size: users per decoding batch.
         val_users: validation users sampled (seeded) for validation during training; None for all of them.
-        bucket_batches: batches' worth of examples sorted by length together (see BucketBatchSampler).
     """
 
     def __init__(
@@ -64,14 +92,9 @@ class GeneratorDataModule(L.LightningDataModule):
         bucket_batches: int = 50,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-        if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
-            raise ValueError(f"`eval_batch_size` must be a positive int, got {eval_batch_size!r}")
-        self.split, self.ids, self.layout = split, ids, layout
-        self.batch_size, self.eval_batch_size, self.max_history = batch_size, eval_batch_size, max_history
-        self.val_users, self.seed, self.bucket_batches, self.num_workers = val_users, seed, bucket_batches, num_workers
+        super().__init__(split, ids, batch_size=batch_size, eval_batch_size=eval_batch_size, max_history=max_history,
+                         val_users=val_users, seed=seed, bucket_batches=bucket_batches)
+        self.layout, self.num_workers = layout, num_workers
         self.use_user_tokens = layout.num_user_tokens > 0
         self.train_examples: Examples | None = None
         self.val_examples: Examples | None = None
@@ -84,9 +107,8 @@ class GeneratorDataModule(L.LightningDataModule):
             )
             if len(self.train_examples) == 0:
                 raise ValueError("no training examples: every user's training prefix has a single item")
-            rows = sample_users(self.split.num_users, self.val_users, self.seed)
             self.val_examples = split_examples(
-                self.split, self.ids, self.layout, "valid", rows=rows,
+                self.split, self.ids, self.layout, "valid", rows=self._val_rows(),
                 max_history=self.max_history, use_user_tokens=self.use_user_tokens,
             )
             stats = self.padding_stats()
@@ -96,18 +118,9 @@ class GeneratorDataModule(L.LightningDataModule):
                 100 * self.padding_stats(bucket_batches=1).padded_share,
             )
 
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def train_sampler(self, bucket_batches: int | None = None) -> BucketBatchSampler:
         assert self.train_examples is not None, "call setup() first"
-        world, rank = self._world()
-        return BucketBatchSampler(
-            self.train_examples.input_lengths, self.batch_size, seed=self.seed,
-            bucket_batches=self.bucket_batches if bucket_batches is None else bucket_batches,
-            num_replicas=world, rank=rank,
-        )
+        return self._sampler(self.train_examples.input_lengths, bucket_batches)
 
     def padding_share(self) -> float:
         """Padded share of the encoder tokens of one epoch's training batches."""
@@ -161,20 +174,15 @@ class _Collate:
         return collate_windows(self.windows, index)
 
 
-class CausalDataModule(L.LightningDataModule):
+class CausalDataModule(_Sharded):
     """Training windows (length-bucketed batches of ``batch_size`` windows) and a seeded validation sample."""
 
     def __init__(
         self, split: Split, ids: SemanticIDs, *, max_history: int, batch_size: int = 128, eval_batch_size: int = 256,
         val_users: int | None = 1000, seed: int = 0, bucket_batches: int = 50,
     ) -> None:
-        super().__init__()
-        for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        self.split, self.ids, self.max_history = split, ids, max_history
-        self.batch_size, self.eval_batch_size, self.val_users = batch_size, eval_batch_size, val_users
-        self.seed, self.bucket_batches = seed, bucket_batches
+        super().__init__(split, ids, batch_size=batch_size, eval_batch_size=eval_batch_size, max_history=max_history,
+                         val_users=val_users, seed=seed, bucket_batches=bucket_batches)
         self.windows: Windows | None = None
         self.val: list[SeqBatch] | None = None
 
@@ -183,8 +191,7 @@ class CausalDataModule(L.LightningDataModule):
             self.windows = training_windows(self.split.train, self.ids, self.max_history)
             if self.windows.start.numel() == 0:
                 raise ValueError("no training examples: every user's training prefix has a single item")
-            rows = sample_users(self.split.num_users, self.val_users, self.seed)
-            hist, tgt = split_histories(self.split, "valid", rows)
+            hist, tgt = split_histories(self.split, "valid", self._val_rows())
             self.val = eval_batches(hist, tgt, self.ids, self.max_history, self.eval_batch_size)
 
     @property
@@ -194,10 +201,7 @@ class CausalDataModule(L.LightningDataModule):
 
     def train_sampler(self) -> BucketBatchSampler:
         assert self.windows is not None, "call setup() first"
-        trainer = getattr(self, "trainer", None)
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return BucketBatchSampler(self.windows.lengths, self.batch_size, seed=self.seed, bucket_batches=self.bucket_batches,
-                                  num_replicas=world, rank=rank)
+        return self._sampler(self.windows.lengths)
 
     def padding_share(self) -> float:
         lengths = self.windows.lengths
@@ -211,7 +215,6 @@ class CausalDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         assert self.val is not None, "call setup() first"
-        trainer = getattr(self, "trainer", None)
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        world, rank = self._world()
         mine = self.val[rank::world]
         return DataLoader(mine, batch_size=None, shuffle=False)
