@@ -37,7 +37,7 @@ from generator.designs import registry as designs
 from generator.designs.title import TOKENIZER_DIR
 from generator.models.checkpoint import RESUME
 from generator.runs.lineage import load_model
-from generator.runs.options import train_schema
+from generator.runs.options import KINDS, train_schema
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, not_utf8
 from semid.layout import TokenLayout
@@ -166,25 +166,6 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_KINDS: dict[str, tuple[str, Any]] = {
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "str?": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "dict": ("a mapping", lambda v: isinstance(v, dict)),
-    "int>0": ("a positive int", lambda v: _is_int(v) and v > 0),
-    "int>0?": ("a positive int or null", lambda v: v is None or (_is_int(v) and v > 0)),
-    "int>=0": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
-    "int>=0?": ("a non-negative int or null", lambda v: v is None or (_is_int(v) and v >= 0)),
-    "int": ("an int", _is_int),
-    "num": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "num?": ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
-    "dict?": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
-}
 # key -> (kind, required); what evaluate, recommend and resume read
 _SCHEMA: dict[str, tuple[str, bool]] = {
     "data": ("str", True), "ids_digest": ("str", True), "design": ("str", True), "model": ("dict", True),
@@ -203,7 +184,7 @@ def _check_keys(section: dict[str, Any], schema: dict[str, tuple[str, bool]], pa
             if required:
                 raise ValueError(f"{path}: no `{prefix}{key}` key; restore the config.yaml semid wrote")
             continue
-        what, ok = _KINDS[kind]
+        what, ok = KINDS[kind]
         if not ok(section[key]):
             raise ValueError(f"{path}: key `{prefix}{key}` must be {what}, got {section[key]!r}; fix it or restore the config.yaml semid wrote")
 

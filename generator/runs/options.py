@@ -24,6 +24,29 @@ from generator.models.dense import MODES, DenseHeadConfig
 PRESETS = designs.PRESETS
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# what a value of each kind must be (config.yaml's schema, TrainOptions' checks): kind -> (what, test)
+KINDS: dict[str, tuple[str, Any]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str?": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "dict": ("a mapping", lambda v: isinstance(v, dict)),
+    "int>0": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "int>0?": ("a positive int or null", lambda v: v is None or (_is_int(v) and v > 0)),
+    "int>=0": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
+    "int>=0?": ("a non-negative int or null", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "int": ("an int", _is_int),
+    "num": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "num>=0": ("a non-negative number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "num?": ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
+    "dict?": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
+}
+
+
 def preset(name: str) -> Any:
     """The model config of preset ``name`` (its design's config class)."""
     return designs.for_options(name, "ids").presets[name]
@@ -48,13 +71,14 @@ def parse_every(text: str) -> int | float:
 
 
 def option(default: Any, help: str, group: str, *, kind: str | None = None, parse: Any = None, choices: Any = None,
-           fixed: bool = False, flag: str | None = None, keys: frozenset[str] = frozenset()) -> Any:
+           fixed: bool = False, flag: str | None = None, keys: frozenset[str] = frozenset(), check: bool = False) -> Any:
     """A :class:`TrainOptions` field. help: its ``--flag`` help, where ``{default}`` becomes the default (the designs'
     where the field's is None); group: its flag group; kind: the config.yaml schema kind (``generator.runs.folder``;
     default: from the field's type); parse: the flag's parser (default: from the type); fixed: a resume must keep
-    it; flag: the flag, where not ``--field-name``; keys: a mapping option's keys (``--flag KEY=VALUE``, repeatable)."""
+    it; flag: the flag, where not ``--field-name``; keys: a mapping option's keys (``--flag KEY=VALUE``, repeatable);
+    check: ``TrainOptions`` checks the value against ``kind`` when made (after the design's defaults)."""
     meta = {"help": help, "group": group, "kind": kind, "parse": parse, "choices": choices, "fixed": fixed, "flag": flag,
-            "keys": keys}
+            "keys": keys, "check": check}
     return field(default=default, metadata=meta)
 
 
@@ -76,34 +100,34 @@ class TrainOptions:
 
     preset: str = option("causal", "design and size: causal (default: one position per item, every target in one pass), "
                          "causal-wide, tiger (TIGER's published T5), cpu (a small T5)", "", choices=PRESETS, fixed=True)
-    max_epochs: int | None = option(50, "{default}", BUDGET, kind="int>0?")
+    max_epochs: int | None = option(50, "{default}", BUDGET, check=True, kind="int>0?")
     max_steps: int = option(-1, "optimiser steps (default: no limit)", BUDGET)
     max_time: str | None = option(None, "wall-clock limit HH:MM:SS (or DD:HH:MM:SS)", BUDGET)
     max_cpu_time: str | None = option(None, "limit on this process's CPU time, HH:MM:SS: the same work however busy the machine is", BUDGET)
     seed: int = option(0, "{default}", OPTIM, fixed=True)
-    devices: int = option(1, "processes/devices; > 1 trains with DDP {default}", HARDWARE, kind="int>0")
+    devices: int = option(1, "processes/devices; > 1 trains with DDP {default}", HARDWARE, check=True, kind="int>0")
     accelerator: str = option("auto", "cpu | gpu | auto {default}", HARDWARE)
     strategy: str = option("auto", "Lightning strategy: auto | ddp | ddp_spawn | fsdp ... {default}", HARDWARE)
     precision: str = option("32-true", "32-true | bf16-mixed | 16-mixed {default}", HARDWARE)
-    batch_size: int | None = option(None, "user windows (causal) or examples (T5) per device {default}", OPTIM, kind="int>0", fixed=True)
+    batch_size: int | None = option(None, "user windows (causal) or examples (T5) per device {default}", OPTIM, check=True, kind="int>0", fixed=True)
     lr: float | None = option(None, "peak learning rate {default}", OPTIM, kind="num")
     warmup_steps: int | None = option(None, "linear warmup, then inverse-sqrt decay {default}", OPTIM, kind="int>=0")
     weight_decay: float = option(0.05, "AdamW {default}", OPTIM)
     schedule: str = option("inverse-sqrt", "the learning rate after the warmup {default}", OPTIM, choices=("inverse-sqrt", "constant"))
     label_smoothing: float | None = option(None, "{default}", OPTIM, kind="num")
-    max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, kind="int>0", fixed=True)
-    user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, kind="int>=0", fixed=True)
+    max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, check=True, kind="int>0", fixed=True)
+    user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, check=True, kind="int>=0", fixed=True)
     val_users: int | None = option(1000, "validation users sampled during training, or 'all' {default}", VALID, kind="int>0?",
                                    parse=parse_users, fixed=True)
     val_every: int | float = option(1.0, "validate every N epochs (int) or fraction of an epoch (default 1)", VALID, parse=parse_every)
     final_val_users: int | None = option(None, "validation users for the final evaluation, 'all' (default) or 0 to skip", VALID,
                                          kind="int>=0?", parse=parse_users)
-    num_beams: int = option(20, "{default}", VALID, kind="int>0", fixed=True)
+    num_beams: int = option(20, "{default}", VALID, check=True, kind="int>0", fixed=True)
     decoder: str | None = option(None, "the decoder the run serves with; its validation score selects the checkpoint (causal: "
                                  "beam | exact | dense; T5: auto | beam | generate | dense; title: title-beam) {default}", VALID,
                                  choices=_DECODERS, fixed=True)
-    patience: int = option(5, "validations without improvement before stopping, 0 = never {default}", BUDGET, kind="int>=0")
-    eval_batch_size: int = option(128, "{default}", VALID, kind="int>0")
+    patience: int = option(5, "validations without improvement before stopping, 0 = never {default}", BUDGET, check=True, kind="int>=0")
+    eval_batch_size: int = option(128, "{default}", VALID, check=True, kind="int>0")
     num_workers: int = option(0, "DataLoader worker processes {default}", HARDWARE)
     progress: bool = option(True, "no progress bars (default: bars on a terminal, else one line per epoch)", HARDWARE, flag="--no-progress")
     dense: str | None = option(None, "the dense head's item vectors: a learned table, content embeddings, or both (causal: id | "
@@ -119,16 +143,17 @@ class TrainOptions:
                                                   fixed=True, flag="--model-option",
                                                   keys=frozenset(k for d in designs.DESIGNS.values() for k in d.option_keys))
     threads: int = option(1, "torch CPU threads while training {default}: two threads collapse on a busy 2-core machine; raise it "
-                          "on a machine with cores to spare", HARDWARE, kind="int>0")
+                          "on a machine with cores to spare", HARDWARE, check=True, kind="int>0")
     target: str = option("ids", "what the generator emits for the next item: its semantic ID (default) or its title's tokens, on "
                          "the same causal backbone (item-level history)", TITLE, choices=designs.TARGETS, fixed=True)
     tokenizer: str | None = option(None, "--target title: a local tokenizer folder (read with local_files_only; default: a "
                                    "byte-level BPE trained on the catalogue's titles, saved in RUN/tokenizer)", TITLE, fixed=True)
     encoder: str | None = option(None, "--target title: a local sentence-encoder folder (as for `semid embed`) that the "
                                  "title-grounded decoder embeds generated titles with", TITLE)
-    resume_every_steps: int = option(0, "write one every N optimiser steps, 0 = not by steps {default}", RESUME)
+    resume_every_steps: int = option(0, "write one every N optimiser steps, 0 = not by steps {default}", RESUME, kind="int>=0",
+                                     check=True)
     resume_every_seconds: float = option(60.0, "write one every T seconds, 0 = not by time {default}; one is also written after "
-                                         "every validation and on SIGINT/SIGTERM", RESUME)
+                                         "every validation and on SIGINT/SIGTERM", RESUME, kind="num>=0", check=True)
 
     def __post_init__(self) -> None:
         design = self.plugin  # validates `preset` and `target`
@@ -137,27 +162,15 @@ class TrainOptions:
                 object.__setattr__(self, name, value)
         if self.dense == "none":  # no dense head (None means the design's default)
             object.__setattr__(self, "dense", None)
-        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
-            raise ValueError(f"`threads` must be a positive int, got {self.threads!r}")
         design.check_options(self)
-        for name in ("batch_size", "num_beams", "devices", "eval_batch_size", "max_history"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
-            raise ValueError(f"`max_epochs` must be a positive int or None, got {self.max_epochs!r}")
-        if not isinstance(self.user_tokens, int) or self.user_tokens < 0:
-            raise ValueError(f"`user_tokens` must be a non-negative int, got {self.user_tokens!r}")
-        if not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"`patience` must be a non-negative int, got {self.patience!r}")
+        for f in fields(self):
+            what, ok = KINDS[f.metadata["kind"] or "int"]
+            if f.metadata["check"] and not ok(getattr(self, f.name)):
+                raise ValueError(f"`{f.name}` must be {what.replace('null', 'None')}, got {getattr(self, f.name)!r}")
         if isinstance(self.val_every, float) and not 0 < self.val_every <= 1:
             raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
         parse_max_time(self.max_time)
         parse_max_time(self.max_cpu_time, "max_cpu_time")
-        if not isinstance(self.resume_every_steps, int) or isinstance(self.resume_every_steps, bool) or self.resume_every_steps < 0:
-            raise ValueError(f"`resume_every_steps` must be a non-negative int, got {self.resume_every_steps!r}")
-        if isinstance(self.resume_every_seconds, bool) or not isinstance(self.resume_every_seconds, (int, float)) or not self.resume_every_seconds >= 0:
-            raise ValueError(f"`resume_every_seconds` must be a non-negative number, got {self.resume_every_seconds!r}")
 
     @property
     def plugin(self) -> Design:
