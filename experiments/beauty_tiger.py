@@ -96,7 +96,7 @@ def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOption
     """Seconds per training step of the real pipeline (bucketed batches, the preset, AdamW), no Lightning loop."""
     from generator.models.checkpoint import ids_digest
     from generator.models.t5 import preset
-    from generator.training.t5_data import GeneratorDataModule
+    from generator.training.datamodules import GeneratorDataModule
     from generator.training.t5_system import GeneratorSystem
     from semid.data import load_dataset
     from semid.split import leave_one_out

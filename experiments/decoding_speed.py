@@ -102,7 +102,7 @@ def tiger_model(layout: TokenLayout, seed: int = 0) -> T5ForConditionalGeneratio
 
 def trained_model(run: Path, ids: SemanticIDs) -> tuple[T5ForConditionalGeneration, TokenLayout]:
     """The newest checkpoint of a training run folder (checked against ``ids``) and its token layout."""
-    from generator.models.checkpoint import load_checkpoint
+    from generator.designs.registry import load_checkpoint
 
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not ckpts:

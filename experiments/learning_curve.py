@@ -36,7 +36,7 @@ import yaml
 
 from generator.runs.decoders import choose_run_fusion
 from generator.runs.evaluate import evaluate_run
-from generator.runs.load import load_any_run
+from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
 from generator.runs.train import train_run
 from semid.io import atomic_open, write_json
@@ -101,7 +101,7 @@ def train_design(name: str, spec: dict[str, Any], args: argparse.Namespace, out_
         ckpt = run_dir / "checkpoints" / snap["checkpoint"]
         for decoder in spec["decoders"]:
             if decoder == "hybrid":  # the fusion for this snapshot's checkpoint, chosen on validation users
-                choose_run_fusion(load_any_run(run_dir, ckpt), batch_size=args.eval_batch_size)
+                choose_run_fusion(load_run(run_dir, ckpt), batch_size=args.eval_batch_size)
             m = evaluate_run(run_dir, "test", checkpoint=ckpt, decoder=decoder, num_beams=20, batch_size=args.eval_batch_size,
                              max_users=args.max_users)
             rows.append({"design": name, "minutes": minutes, "decoder": decoder, "step": snap["step"],

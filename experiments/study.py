@@ -96,7 +96,7 @@ def snapshot(args: argparse.Namespace) -> None:
 
     from generator.runs.decoders import choose_run_fusion
     from generator.runs.evaluate import evaluate_run
-    from generator.runs.load import load_any_run
+    from generator.runs.folder import load_run
 
     torch.set_num_threads(args.threads)
     run_dir = Path(args.work) / args.lever
@@ -107,7 +107,7 @@ def snapshot(args: argparse.Namespace) -> None:
             continue
         for decoder in args.decoders.split(","):
             if decoder == "hybrid":  # the fusion for this snapshot's checkpoint, chosen on validation users
-                choose_run_fusion(load_any_run(run_dir, run_dir / "checkpoints" / snap["checkpoint"]),
+                choose_run_fusion(load_run(run_dir, run_dir / "checkpoints" / snap["checkpoint"]),
                                   batch_size=args.eval_batch_size)
             m = evaluate_run(run_dir, "test", checkpoint=run_dir / "checkpoints" / snap["checkpoint"], decoder=decoder,
                              num_beams=20, batch_size=args.eval_batch_size)

@@ -33,8 +33,9 @@ def _burn(stop: mp.Event) -> None:  # the competing job: one thread of matmuls u
 
 def _steps_per_s(threads: int, steps: int, data: str, ids_path: str) -> float:
     from generator.models.causal import CausalConfig
-    from generator.training.causal_data import CausalDataModule, collate_windows
+    from generator.training.causal_data import collate_windows
     from generator.training.causal_system import CausalSystem
+    from generator.training.datamodules import CausalDataModule
     from semid.data import load_dataset
     from semid.ids import SemanticIDs
     from semid.split import leave_one_out

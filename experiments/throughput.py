@@ -35,9 +35,9 @@ def _time(step, batches, steps: int) -> tuple[float, int]:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> None:
     from generator.runs.options import preset
-    from generator.training.causal_data import CausalDataModule, collate_windows
+    from generator.training.causal_data import collate_windows
     from generator.training.causal_system import CausalSystem
-    from generator.training.t5_data import GeneratorDataModule
+    from generator.training.datamodules import CausalDataModule, GeneratorDataModule
     from generator.training.t5_system import GeneratorSystem, dense_setup
     from semid.data import load_dataset
     from semid.ids import SemanticIDs

@@ -39,7 +39,6 @@ import torch
 from generator.decoding.titles import LENGTH_PENALTY
 from generator.runs.evaluate import evaluate
 from generator.runs.folder import load_run
-from generator.runs.load import load_any_run
 from generator.runs.options import TrainOptions
 from generator.runs.train import train_run
 from semid.data import load_dataset
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.render:
         data = json.loads((RESULTS / f"titles_vs_ids{args.tag}.json").read_text())
         if "tokenizer_vocab" not in data:  # written before the .json carried these: read them from the runs
-            run = load_any_run(data["title_run"])
+            run = load_run(data["title_run"])
             data.update(tokenizer_vocab=run.tokenizer.vocab_size, num_dup=run.model.config.vocab_size - run.tokenizer.vocab_size,
                         max_users=args.max_users, length_users=args.length_users, num_beams=args.num_beams)
         write_table(data, args.tag)
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     codes_row = row("codes free + grounding", r.metrics, r.users, r.seconds, r.grounding)
 
     # 2. the title run: length normalisation measured on validation users, then the test rows
-    title_run = load_any_run(title_dir)
+    title_run = load_run(title_dir)
     length = []
     for alpha in LENGTH_GRID:
         key = f"length_valid_{args.length_users}_{args.seed}_{args.num_beams}_a{alpha:g}"

@@ -27,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from generator.runs.decoders import choose_run_fusion
-    from generator.runs.folder import HYBRID_FILE, LOCK_FILE
-    from generator.runs.load import load_any_run
+    from generator.runs.folder import HYBRID_FILE, LOCK_FILE, load_run
     from semid.data import load_dataset
     from semid.io import folder_lock
     from semid.split import leave_one_out
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if args.users is not None and args.users < 1:
         raise ValueError(f"`--users` must be a positive int, got {args.users!r}")
     with folder_lock(args.run, LOCK_FILE, what="a training, add-items or choose-fusion"):
-        r = load_any_run(args.run)
+        r = load_run(args.run)
         split = leave_one_out(load_dataset(args.data if args.data is not None else r.data_dir))
         chosen = choose_run_fusion(r, split, num_candidates=args.num_candidates, num_beams=args.num_beams,
                                    users=args.users, batch_size=args.batch_size, seed=args.seed)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from generator.models.checkpoint import INTEGRITY_KEY, with_integrity
-from generator.runs.load import load_any_run
+from generator.runs.folder import load_run
 from semid_cli import main
 from tests.test_generator_helpers import write_ids, write_random_dataset
 from tests.test_titles_cli import FLAGS
@@ -42,14 +42,14 @@ def test_nan_weights_of_a_title_run_are_named(title_run: Path, tmp_path: Path) -
     ckpt["state_dict"][name].fill_(float("nan"))
     torch.save(with_integrity(ckpt), path)
     with pytest.raises(ValueError, match=rf"best\.ckpt: tensor `{name.removeprefix('model.')}` holds \d+ NaN or inf"):
-        load_any_run(run)
+        load_run(run)
 
 
 def test_a_damaged_tokenizer_json_is_named(title_run: Path, tmp_path: Path) -> None:
     run = _copy(title_run, tmp_path)
     (run / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(ValueError, match=r"tokenizer/tokenizer\.json: not a readable tokenizer .*restore the run's tokenizer"):
-        load_any_run(run)
+        load_run(run)
 
 
 @pytest.mark.parametrize("meta", ['{"kind": "bpe", "pad_id": 0, "vocab_size": 300}', "[1, 2]", "{not json"])
@@ -57,5 +57,5 @@ def test_a_title_tokenizer_record_missing_a_key_is_named(title_run: Path, tmp_pa
     run = _copy(title_run, tmp_path)
     (run / "tokenizer" / "title_tokenizer.json").write_text(meta)
     with pytest.raises(ValueError, match=r"title_tokenizer\.json: a damaged title tokenizer record"):
-        load_any_run(run)
+        load_run(run)
     assert json.loads((title_run / "tokenizer" / "title_tokenizer.json").read_text())["kind"] == "bpe"

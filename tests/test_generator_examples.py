@@ -91,7 +91,7 @@ def test_batches_are_right_padded_and_mix_rows_with_and_without_user_token() -> 
 
 def test_the_datamodule_and_dense_setup_train_on_the_training_prefixes_only(tmp_path: Path) -> None:
     # as above: items 31..40 appear only as validation targets, 41..50 only as test targets
-    from generator.training.t5_data import GeneratorDataModule
+    from generator.training.datamodules import GeneratorDataModule
     from generator.training.t5_system import dense_setup
 
     ids = random_ids(num_items=50)

@@ -12,7 +12,8 @@ import torch
 from generator.decoding.registry import T5, Ingredients, build, build_many, resolve
 from generator.decoding.t5_beam import T5Beam
 from generator.decoding.t5_generate import T5Generate
-from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta, ids_digest, load_checkpoint
+from generator.designs.registry import load_checkpoint
+from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta, ids_digest
 from generator.models.t5 import GeneratorConfig, build_model, preset, seq2seq_loss
 from generator.training.t5_system import GeneratorSystem, OptimConfig, lr_factor
 from semid.ids import SemanticIDs

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("semid", "rqvae", "generator", "semid_cli")
 LIBRARY = ("semid", "rqvae", "generator")  # below the command line (semid_cli), which may import all three
 # generator's layers, lowest first: a module imports from its own layer or lower ones only
-LAYERS = ("generator.models", "generator.decoding", "generator.training", "generator.runs", "generator.serving")
+LAYERS = ("generator.models", "generator.decoding", "generator.training", "generator.designs", "generator.runs", "generator.serving")
 MAX_LINES = 410
 
 

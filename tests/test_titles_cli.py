@@ -13,10 +13,9 @@ from transformers import PreTrainedTokenizerFast
 
 from generator.models.titles import TitleGenerator
 from generator.runs.evaluate import evaluate_run
-from generator.runs.load import load_any_run
+from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
-from generator.runs.titles import TitleRun
 from semid.titles import TitleTokenizer
 from semid_cli import main
 from tests.test_embed import model_dir  # noqa: F401 (a tiny local BERT folder: the grounding encoder)
@@ -60,15 +59,15 @@ def test_a_title_run_trains_selects_on_the_title_beam_and_keeps_its_tokenizer(ti
     assert config["design"] == "causal"  # the backbone is the causal design's
     valid = json.loads((title_runs["bpe"] / "metrics_valid.json").read_text())
     assert valid["decoder"] == "title.title-beam" and valid["invalid_items"] == 0
-    run = load_any_run(title_runs["bpe"])
-    assert isinstance(run, TitleRun) and isinstance(run.model, TitleGenerator) and run.design == "title"
+    run = load_run(title_runs["bpe"])
+    assert isinstance(run.model, TitleGenerator) and run.design == "title"
     assert run.tokenizer.kind == "bpe" and (title_runs["bpe"] / "tokenizer" / "tokenizer.json").is_file()
     titles = [f"item {i}" for i in range(1, NUM_ITEMS + 1)]
     assert run.tokenizer.decode(run.tokenizer.encode(titles)) == titles
 
 
 def test_the_local_tokenizer_path_is_used_and_copied_into_the_run(title_runs: dict[str, Path]) -> None:
-    run = load_any_run(title_runs["local"])
+    run = load_run(title_runs["local"])
     assert run.tokenizer.kind == "transformers"
     assert run.tokenizer.encode(["item 7"]) == TitleTokenizer.from_pretrained(title_runs["tokenizer"]).encode(["item 7"])
     assert run.model.config.vocab_size == run.tokenizer.vocab_size  # unique titles: no disambiguation token
@@ -89,7 +88,7 @@ def test_recommend_with_the_title_decoders(title_runs: dict[str, Path], capsys: 
     assert main(["recommend", "--run", str(title_runs["bpe"]), "--history", "1,2,3", "-k", "5", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["items"]
     assert len(rows) == 5 and len({r["item_id"] for r in rows}) == 5 and all(r["title"].startswith("item ") for r in rows)
-    run = load_any_run(title_runs["causal"])
+    run = load_run(title_runs["causal"])
     rec = recommend(run, [[1, 2, 3], [4]], k=5, num_beams=10, decoder="codes-grounded")
     assert all(len(set(r.items.tolist())) == 5 for r in rec)
 

@@ -1,6 +1,6 @@
 """Checkpoints of the generators: what a checkpoint holds, a safe loader (no unpickling), integrity and the check
-that a checkpoint matches the semantic IDs it is used with. :func:`load_checkpoint` rebuilds a T5 or causal model from
-its file alone.
+that a checkpoint matches the semantic IDs it is used with. :func:`read_checkpoint` reads one for its design to build
+the model (``generator.designs.registry.load_checkpoint``, the one loader).
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from generator.models import checkpoint_checks as checks
-from generator.models.t5 import GeneratorConfig, build_model
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 CHECKPOINT_KEY = "semid"  # where a checkpoint keeps {config, layout, ids_digest}
 STATE_PREFIX = "model."  # the LightningModule keeps the T5 as `self.model`
+RESUME = "resume.ckpt"  # the resume point a training writes (generator.training.resume), read without Lightning
 
 
 def ids_digest(ids: SemanticIDs) -> str:
@@ -33,13 +32,13 @@ def ids_digest(ids: SemanticIDs) -> str:
     return h.hexdigest()
 
 
-def checkpoint_meta(config: GeneratorConfig, layout: TokenLayout, digest: str) -> dict[str, Any]:
+def checkpoint_meta(config: Any, layout: TokenLayout, digest: str) -> dict[str, Any]:
     return {"config": config.to_dict(), "layout": layout.to_dict(), "ids_digest": digest}
 
 
 class LoadedModel(NamedTuple):
-    model: torch.nn.Module  # a T5ForConditionalGeneration, or a generator.models.causal CausalGenerator
-    config: Any  # GeneratorConfig or CausalConfig
+    model: torch.nn.Module  # the design's model (T5ForConditionalGeneration, CausalGenerator, TitleGenerator)
+    config: Any  # its config (GeneratorConfig, CausalConfig, TitleConfig)
     layout: TokenLayout
     ids_digest: str
 
@@ -157,11 +156,9 @@ def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -
             )
 
 
-def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None) -> LoadedModel:
-    """Rebuild the model from a checkpoint file alone; with ``ids``, refuse one whose vocabulary does not match.
-
-    Returns the model in eval mode on the CPU.
-    """
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], TokenLayout, dict[str, torch.Tensor]]:
+    """(meta, layout, model state) of a semid generator checkpoint, read safely (:func:`safe_load`) and checked to
+    hold them; the model is built by its design (``generator.designs.registry.load_checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here")
@@ -174,37 +171,13 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
         raise ValueError(f"{path}: a damaged semid checkpoint (no {missing or ['state_dict']} in it); use another checkpoint or train again")
     try:
         layout = TokenLayout.from_dict(meta["layout"])
-        design = meta["config"].get("design")
-        if design == "causal":  # one position per item (generator.models.causal)
-            from generator.models.causal import CausalConfig
-
-            config = CausalConfig.from_dict(meta["config"])
-        else:
-            config = GeneratorConfig.from_dict(meta["config"])
+        if not isinstance(meta["config"], dict):
+            raise TypeError(f"`config` is {type(meta['config']).__name__}, not a mapping")
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: the checkpoint's `{CHECKPOINT_KEY}` record is damaged ({type(e).__name__}: {e}); use another "
                          "checkpoint or train again") from None
-    if ids is not None:
-        check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
     state = {k[len(STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(STATE_PREFIX)}
-    check_finite(state, path)
-    # every size in the config is a tensor's in the file, every index table in range: checked before anything is built
-    if design == "causal":
-        from generator.models.causal import CausalGenerator
-
-        checks.check_causal(config, layout, state, path, ids)
-        content = state["content"][1:] if config.content_dim else None
-        model = CausalGenerator(config, layout, state["item_tokens"][1:], content)
-        checks.check_tree_tables(model, state, path)
-    else:
-        checks.check_t5(config, layout, state, path)
-        model = build_model(config, layout)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit the model its own config describes ({str(e).splitlines()[0]}); the file is damaged") from None
-    model.eval()
-    return LoadedModel(model, config, layout, meta["ids_digest"])
+    return meta, layout, state
 
 
 def check_vocabulary(layout: TokenLayout, digest: str, ids: SemanticIDs, *, source: str) -> None:

@@ -25,8 +25,7 @@ from generator.decoding import registry
 from generator.decoding.protocol import check_decode_args
 from generator.runs.batches import split_batches
 from generator.runs.decoders import decoders_for
-from generator.runs.folder import Run, check_same_data, check_writable, metrics_file
-from generator.runs.load import load_any_run
+from generator.runs.folder import Run, check_same_data, check_writable, load_run, metrics_file
 from generator.runs.recommender import on_device
 from generator.training.t5_data import sample_users
 from semid.data import load_dataset
@@ -165,7 +164,7 @@ def evaluate_run(
     """
     if which not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
-    run = load_any_run(run_dir, checkpoint)  # load_run, or a title run's loader
+    run = load_run(run_dir, checkpoint)  # any design
     data = Path(data_dir) if data_dir is not None else run.data_dir
     dataset = load_dataset(data)
     check_same_data(run.config, run.path, data)

@@ -33,13 +33,15 @@ from typing import Any
 import torch
 import yaml
 
+from generator.designs import registry as designs
+from generator.designs.title import TOKENIZER_DIR
+from generator.models.checkpoint import RESUME
 from generator.runs.lineage import load_model
-from generator.training.resume import RESUME
+from generator.runs.options import KINDS, train_schema
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, not_utf8
 from semid.layout import TokenLayout
 from semid.safe_read import load_yaml
-from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ LAST = "last.ckpt"
 RESUME = RESUME  # checkpoints/resume.ckpt, written while training (generator.training.resume)
 LOCK_FILE = "train.lock"  # held while a training or add-items writes the folder
 HYBRID_FILE = "hybrid.json"  # the hybrid's fusion chosen on validation users (generator.runs.fusion_store)
-TOKENIZER_DIR = "tokenizer"  # a title run's tokenizer (generator.runs.titles)
+TOKENIZER_DIR = TOKENIZER_DIR  # a title run's tokenizer (generator.designs.title)
 TITLE_EMB_FILE = "title_grounding_emb.npy"  # a title run's catalogue titles embedded for title-grounded (+ .json)
 RUN_FORMAT = "semid.run"
 
@@ -164,25 +166,6 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_KINDS: dict[str, tuple[str, Any]] = {
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "str?": ("a string or null", lambda v: v is None or isinstance(v, str)),
-    "dict": ("a mapping", lambda v: isinstance(v, dict)),
-    "int>0": ("a positive int", lambda v: _is_int(v) and v > 0),
-    "int>0?": ("a positive int or null", lambda v: v is None or (_is_int(v) and v > 0)),
-    "int>=0": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
-    "int>=0?": ("a non-negative int or null", lambda v: v is None or (_is_int(v) and v >= 0)),
-    "int": ("an int", _is_int),
-    "num": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
-    "num?": ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
-    "dict?": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
-}
 # key -> (kind, required); what evaluate, recommend and resume read
 _SCHEMA: dict[str, tuple[str, bool]] = {
     "data": ("str", True), "ids_digest": ("str", True), "design": ("str", True), "model": ("dict", True),
@@ -192,15 +175,7 @@ _SCHEMA: dict[str, tuple[str, bool]] = {
     "data_fingerprint": ("dict", False),
 }
 _LAYOUT_SCHEMA = {"codebook_sizes": ("list[int>0]", True), "num_user_tokens": ("int>=0", True)}
-_TRAIN_SCHEMA = {
-    "preset": ("str", True), "max_history": ("int>0", True), "user_tokens": ("int>=0", False), "seed": ("int", False),
-    "batch_size": ("int>0", False), "eval_batch_size": ("int>0", False), "num_beams": ("int>0", False),
-    "max_epochs": ("int>0?", False), "max_steps": ("int", False), "lr": ("num", False), "warmup_steps": ("int>=0", False),
-    "val_users": ("int>0?", False), "final_val_users": ("int>=0?", False), "decoder": ("str?", False),
-    "dense": ("str?", False), "objective": ("str", False), "patience": ("int>=0", False), "threads": ("int>0", False),
-    "devices": ("int>0", False), "max_time": ("str?", False), "max_cpu_time": ("str?", False), "val_every": ("num", False),
-    "dense_options": ("dict?", False), "model_options": ("dict?", False),
-}
+_TRAIN_SCHEMA = train_schema()  # derived from TrainOptions' fields (generator.runs.options)
 
 
 def _check_keys(section: dict[str, Any], schema: dict[str, tuple[str, bool]], path: Path, prefix: str) -> None:
@@ -209,7 +184,7 @@ def _check_keys(section: dict[str, Any], schema: dict[str, tuple[str, bool]], pa
             if required:
                 raise ValueError(f"{path}: no `{prefix}{key}` key; restore the config.yaml semid wrote")
             continue
-        what, ok = _KINDS[kind]
+        what, ok = KINDS[kind]
         if not ok(section[key]):
             raise ValueError(f"{path}: key `{prefix}{key}` must be {what}, got {section[key]!r}; fix it or restore the config.yaml semid wrote")
 
@@ -219,28 +194,31 @@ def check_config_schema(config: dict[str, Any], path: str | os.PathLike[str]) ->
     of the wrong kind."""
     path = Path(path)
     _check_keys(config, _SCHEMA, path, "")
-    if config["design"] not in ("causal", "t5"):
-        raise ValueError(f"{path}: key `design` must be 'causal' or 't5', got {config['design']!r}")
+    known = designs.names(recordable=True)
+    if config["design"] not in known:
+        raise ValueError(f"{path}: key `design` must be {' or '.join(map(repr, known))}, got {config['design']!r}")
     _check_keys(config["layout"], _LAYOUT_SCHEMA, path, "layout.")
     _check_keys(config["train"], _TRAIN_SCHEMA, path, "train.")
 
 
 @dataclass
 class Run:
-    """A loaded run: the model (eval mode), its semantic IDs, layout and prefix tree, and its config."""
+    """A loaded run of any design: the model (eval mode), its semantic IDs, layout and tree (the title tree for a
+    title run), its config, and a title run's tokenizer."""
 
     path: Path
     config: dict[str, Any]
     checkpoint: Path
-    model: torch.nn.Module  # T5ForConditionalGeneration, or CausalGenerator for the causal design
-    model_config: Any  # GeneratorConfig or CausalConfig
+    model: torch.nn.Module  # the design's model (generator.designs.registry)
+    model_config: Any  # its config (CausalConfig, GeneratorConfig, TitleConfig)
     layout: TokenLayout
     ids: SemanticIDs
-    tree: PrefixTree
+    tree: Any  # PrefixTree, or a title run's title tree
+    tokenizer: Any = None  # a title run's TitleTokenizer
 
     @property
     def design(self) -> str:
-        return "causal" if getattr(self.model_config, "to_dict", dict)().get("design") == "causal" else "t5"
+        return designs.of_model_config(self.model_config).name
 
     @property
     def max_history(self) -> int:
@@ -278,7 +256,7 @@ def best_checkpoint(run_dir: str | os.PathLike[str], config: dict[str, Any] | No
 
 
 def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Run:
-    """Load a run folder for evaluation or recommendation (CPU; move ``run.model`` yourself for a GPU).
+    """Load a run folder of any design for evaluation or recommendation (CPU; move ``run.model`` yourself for a GPU).
 
     Args:
         checkpoint: a checkpoint file to use instead of the run's best one (it must match the run's semantic IDs).
@@ -290,14 +268,17 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, config)
     # refuses IDs that are neither the checkpoint's own nor a version extending them (generator.runs.lineage)
     loaded = load_model(ckpt, ids, run_dir / IDS_FILE, stored)
-    layout = loaded.layout
+    design, expected = designs.of_model_config(loaded.config), designs.for_config(config)
+    if design is not expected:
+        raise ValueError(f"{ckpt}: a checkpoint of the {design.name} design, but {run_dir / CONFIG_FILE} describes a run of the "
+                         f"{expected.name} design; use the run's own checkpoint")
     added = stored.meta.get("data")
     if added:  # items were added from this dataset folder: its titles and users are the run's now
         config = {**config, "data": added, "data_fingerprint": stored.meta.get("data_fingerprint")}
     check_config_matches(config, run_dir / CONFIG_FILE, loaded.layout, loaded.config, ckpt)
-    tree = PrefixTree.from_semantic_ids(ids, layout)
-    log.info("loaded run %s (checkpoint %s, %d items)", run_dir, ckpt.name, ids.num_items)
-    return Run(run_dir, config, ckpt, loaded.model, loaded.config, layout, ids, tree)
+    extras = design.extras(run_dir, loaded.model, loaded.config, ids, loaded.layout, ckpt)
+    log.info("loaded %s run %s (checkpoint %s, %d items)", design.name, run_dir, ckpt.name, ids.num_items)
+    return Run(run_dir, config, ckpt, loaded.model, loaded.config, loaded.layout, ids, extras.tree, extras.tokenizer)
 
 
 def check_config_matches(config: dict[str, Any], path: Path, layout: TokenLayout, model_config: Any, checkpoint: Path) -> None:

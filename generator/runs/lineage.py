@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from generator.models.checkpoint import LoadedModel, check_vocabulary, load_checkpoint
+from generator.designs.registry import load_checkpoint
+from generator.models.checkpoint import LoadedModel, check_vocabulary
 from semid.ids import IDsFile, SemanticIDs
 
 LINEAGE = "lineage"

@@ -1,182 +1,192 @@
-"""What a run trains: the presets, the per-design defaults and :class:`TrainOptions` (validated when made).
+"""What a run trains: :class:`TrainOptions`, the one typed config of ``semid train`` (validated when made).
 
-``generator.runs.train`` trains a run folder from these options.
+Each field carries its own metadata (:func:`option`): help text, command-line parser, choices, group, the kind
+config.yaml's ``train:`` section is checked against, and whether a resume must keep it. ``semid train``'s flags
+(``semid_cli/train.py``) and the run folder's schema (``generator.runs.folder``) are derived from these fields, and
+config.yaml stores the options once (``train:``). What an option left at None means is the design's
+(``generator.designs``). ``generator.runs.train`` trains a run folder from these options.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import argparse
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-from generator.decoding.registry import TITLE, resolve
-from generator.decoding.titles import TITLE_BEAM
-from generator.models.causal import CausalConfig
-from generator.models.t5 import PRESETS as T5_PRESETS
-from generator.models.titles import TitleConfig
-from generator.training.t5_system import OptimConfig
-from generator.training.title_system import TARGET
+from generator.decoding.registry import SPECS
+from generator.designs import registry as designs
+from generator.designs.base import Design
+from generator.models.dense import MODES, DenseHeadConfig
 
-MONITOR = "val/ndcg@10"  # the T5 design's selection metric (the causal design's: val/<decoder>/ndcg@10)
+PRESETS = designs.PRESETS
 
-CAUSAL_PRESETS: dict[str, CausalConfig] = {
-    # the default: 2 causal layers of width 64 (the best measured on this CPU; width 128 was worse at equal time),
-    # the item's ID embedding (tied to the dense table) beside its codes at the input, and dropout 0.3: the quality
-    # study's winners (experiments/results/study.md: +14% beam and +17% dense test R@10 at 15 CPU-minutes)
-    "causal": CausalConfig(id_input=True, dropout=0.3),
-    "causal-wide": CausalConfig(d_model=128, num_heads=4, d_ff=512, dense_dim=128),
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# what a value of each kind must be (config.yaml's schema, TrainOptions' checks): kind -> (what, test)
+KINDS: dict[str, tuple[str, Any]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str?": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "dict": ("a mapping", lambda v: isinstance(v, dict)),
+    "int>0": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "int>0?": ("a positive int or null", lambda v: v is None or (_is_int(v) and v > 0)),
+    "int>=0": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
+    "int>=0?": ("a non-negative int or null", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "int": ("an int", _is_int),
+    "num": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "num>=0": ("a non-negative number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "num?": ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
+    "dict?": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
 }
-PRESETS = (*CAUSAL_PRESETS, *T5_PRESETS)
 
 
 def preset(name: str) -> Any:
-    """The model config of preset ``name``: a :class:`CausalConfig` or a T5 :class:`GeneratorConfig`."""
-    if name in CAUSAL_PRESETS:
-        return CAUSAL_PRESETS[name]
-    if name in T5_PRESETS:
-        return T5_PRESETS[name]
-    raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {name!r}")
+    """The model config of preset ``name`` (its design's config class)."""
+    return designs.for_options(name, "ids").presets[name]
 
 
-def is_causal(name: str) -> bool:
-    return name in CAUSAL_PRESETS
+def parse_users(text: str) -> int | None:
+    """A user count: a non-negative int or "all" (argparse would say "invalid _users value" for anything else)."""
+    if text == "all":
+        return None
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative int or 'all', got {text!r}")
+    return int(text)
 
 
-# what an option left at None means, per design
-DESIGN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "causal": {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing": 0.1, "max_history": 50,
-               "user_tokens": 0, "dense": "id", "decoder": "auto"},
-    "t5": {"batch_size": 256, "lr": 2e-3, "warmup_steps": 500, "label_smoothing": 0.1, "max_history": 20,
-           "user_tokens": 2000, "dense": None, "decoder": "auto"},
-}
-# options that change what is trained: a resumed run must keep them
-# (val_users, num_beams and decoder define the validation score that selects best.ckpt: changing them mid-run
-# would compare checkpoints scored differently)
-_FIXED_ON_RESUME = (
-    "preset", "user_tokens", "max_history", "batch_size", "seed", "dense", "dense_options", "model_options", "val_users",
-    "num_beams", "decoder",
-    "objective", "target", "tokenizer",
-)
-_NO_DENSE = "none"  # `dense="none"`: no dense head (None means the design's default)
+def parse_every(text: str) -> int | float:
+    """``--val-every``: N epochs (int) or a fraction of an epoch."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of epochs (2) or a fraction of one (0.5), got {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def option(default: Any, help: str, group: str, *, kind: str | None = None, parse: Any = None, choices: Any = None,
+           fixed: bool = False, flag: str | None = None, keys: frozenset[str] = frozenset(), check: bool = False) -> Any:
+    """A :class:`TrainOptions` field. help: its ``--flag`` help, where ``{default}`` becomes the default (the designs'
+    where the field's is None); group: its flag group; kind: the config.yaml schema kind (``generator.runs.folder``;
+    default: from the field's type); parse: the flag's parser (default: from the type); fixed: a resume must keep
+    it; flag: the flag, where not ``--field-name``; keys: a mapping option's keys (``--flag KEY=VALUE``, repeatable);
+    check: ``TrainOptions`` checks the value against ``kind`` when made (after the design's defaults)."""
+    meta = {"help": help, "group": group, "kind": kind, "parse": parse, "choices": choices, "fixed": fixed, "flag": flag,
+            "keys": keys, "check": check}
+    return field(default=default, metadata=meta)
+
+
+_DECODERS = ("auto", *(n for n, s in SPECS.items() if s.selects))
+BUDGET, OPTIM, EXAMPLES, VALID, DENSE, TITLE, HARDWARE, RESUME = (  # the flag groups, in the order of `semid train -h`
+    "budget", "optimisation", "examples", "validation", "dense head (MIPS decoding; see generator/models/dense.py)",
+    "title targets (GENRE / BIGRec; see generator/models/titles.py)", "hardware",
+    "resume points (checkpoints/resume.ckpt: `--resume` continues exactly from there)")
+GROUPS = (BUDGET, OPTIM, EXAMPLES, VALID, DENSE, TITLE, HARDWARE, RESUME)
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     """Everything ``semid train`` takes. ``max_time`` is "HH:MM:SS" (or "DD:HH:MM:SS").
 
-    Options left at None are filled with the design's defaults (:data:`DESIGN_DEFAULTS`) when the options are made,
+    Options left at None are filled with the design's defaults (``Design.defaults``) when the options are made,
     so a run's config.yaml records concrete values.
     """
 
-    preset: str = "causal"
-    max_epochs: int | None = 50
-    max_steps: int = -1
-    max_time: str | None = None
-    max_cpu_time: str | None = None  # "HH:MM:SS" of this process's CPU time (the same work on a busy machine)
-    seed: int = 0
-    devices: int = 1
-    accelerator: str = "auto"
-    strategy: str = "auto"
-    precision: str = "32-true"
-    batch_size: int | None = None  # examples (T5) or user windows (causal) per batch
-    lr: float | None = None
-    warmup_steps: int | None = None
-    weight_decay: float = 0.05
-    schedule: str = "inverse-sqrt"  # after the warmup: "inverse-sqrt" decay or "constant"
-    label_smoothing: float | None = None
-    max_history: int | None = None
-    user_tokens: int | None = None  # hashed user-id buckets (TIGER); 0 for none
-    val_users: int | None = 1000  # validation users sampled for validation during training; None for all
-    val_every: int | float = 1.0  # validate every N epochs (int) or fraction of an epoch (float < 1)
-    final_val_users: int | None = None  # validation users for the final evaluation of the best checkpoint; 0 skips it
-    num_beams: int = 20
-    decoder: str | None = None  # the decoder the run serves with (its validation score selects the checkpoint)
-    patience: int = 5  # validations without improvement before early stopping; 0 disables it
-    eval_batch_size: int = 128
-    num_workers: int = 0
-    progress: bool = True
-    # the dense head: "none", or its item vectors' mode "id" | "content" | "both" (causal: "id" | "both", where
-    # "both" also adds the content embeddings to the item inputs); None for the design's default
-    dense: str | None = None
-    objective: str = "joint"  # with a head: "joint" (generative + dense) or "dense" (encoder and head only)
-    dense_embeddings: str = "minilm"  # the dataset's item_emb_<name>.npy for content vectors
-    dense_options: dict[str, Any] | None = None  # more DenseHeadConfig fields: dim, pooling, loss, temperature, ...
-    model_options: dict[str, Any] | None = None  # causal design: CausalConfig fields over the preset's (dropout=0.3, ...)
-    threads: int = 1  # torch CPU threads while training (2 threads collapse on a busy 2-core machine; README)
-    target: str = "ids"  # what the generator emits: "ids" (semantic IDs) or "title" (title tokens, generator.models.titles)
-    tokenizer: str | None = None  # target "title": a local tokenizer folder (default: BPE trained on the titles)
-    encoder: str | None = None  # target "title": the sentence-encoder folder that grounds free titles (title-grounded)
-    # a point to resume from exactly (checkpoints/resume.ckpt) every N optimiser steps and every T seconds (0: not
-    # on that trigger); one is also written after every validation and when SIGINT or SIGTERM stops the training
-    resume_every_steps: int = 0
-    resume_every_seconds: float = 60.0
+    preset: str = option("causal", "design and size: causal (default: one position per item, every target in one pass), "
+                         "causal-wide, tiger (TIGER's published T5), cpu (a small T5)", "", choices=PRESETS, fixed=True)
+    max_epochs: int | None = option(50, "{default}", BUDGET, check=True, kind="int>0?")
+    max_steps: int = option(-1, "optimiser steps (default: no limit)", BUDGET)
+    max_time: str | None = option(None, "wall-clock limit HH:MM:SS (or DD:HH:MM:SS)", BUDGET)
+    max_cpu_time: str | None = option(None, "limit on this process's CPU time, HH:MM:SS: the same work however busy the machine is", BUDGET)
+    seed: int = option(0, "{default}", OPTIM, fixed=True)
+    devices: int = option(1, "processes/devices; > 1 trains with DDP {default}", HARDWARE, check=True, kind="int>0")
+    accelerator: str = option("auto", "cpu | gpu | auto {default}", HARDWARE)
+    strategy: str = option("auto", "Lightning strategy: auto | ddp | ddp_spawn | fsdp ... {default}", HARDWARE)
+    precision: str = option("32-true", "32-true | bf16-mixed | 16-mixed {default}", HARDWARE)
+    batch_size: int | None = option(None, "user windows (causal) or examples (T5) per device {default}", OPTIM, check=True, kind="int>0", fixed=True)
+    lr: float | None = option(None, "peak learning rate {default}", OPTIM, kind="num")
+    warmup_steps: int | None = option(None, "linear warmup, then inverse-sqrt decay {default}", OPTIM, kind="int>=0")
+    weight_decay: float = option(0.05, "AdamW {default}", OPTIM)
+    schedule: str = option("inverse-sqrt", "the learning rate after the warmup {default}", OPTIM, choices=("inverse-sqrt", "constant"))
+    label_smoothing: float | None = option(None, "{default}", OPTIM, kind="num")
+    max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, check=True, kind="int>0", fixed=True)
+    user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, check=True, kind="int>=0", fixed=True)
+    val_users: int | None = option(1000, "validation users sampled during training, or 'all' {default}", VALID, kind="int>0?",
+                                   parse=parse_users, fixed=True)
+    val_every: int | float = option(1.0, "validate every N epochs (int) or fraction of an epoch (default 1)", VALID, parse=parse_every)
+    final_val_users: int | None = option(None, "validation users for the final evaluation, 'all' (default) or 0 to skip", VALID,
+                                         kind="int>=0?", parse=parse_users)
+    num_beams: int = option(20, "{default}", VALID, check=True, kind="int>0", fixed=True)
+    decoder: str | None = option(None, "the decoder the run serves with; its validation score selects the checkpoint (causal: "
+                                 "beam | exact | dense; T5: auto | beam | generate | dense; title: title-beam) {default}", VALID,
+                                 choices=_DECODERS, fixed=True)
+    patience: int = option(5, "validations without improvement before stopping, 0 = never {default}", BUDGET, check=True, kind="int>=0")
+    eval_batch_size: int = option(128, "{default}", VALID, check=True, kind="int>0")
+    num_workers: int = option(0, "DataLoader worker processes {default}", HARDWARE)
+    progress: bool = option(True, "no progress bars (default: bars on a terminal, else one line per epoch)", HARDWARE, flag="--no-progress")
+    dense: str | None = option(None, "the dense head's item vectors: a learned table, content embeddings, or both (causal: id | "
+                               "both, where both also feeds content to the item inputs; none: no head) {default}", DENSE,
+                               choices=("none", *MODES), fixed=True)
+    objective: str = option("joint", "train the head with the generative loss or alone {default}", DENSE, choices=("joint", "dense"), fixed=True)
+    dense_embeddings: str = option("minilm", "content embeddings DATA/item_emb_<NAME>.npy {default}", DENSE)
+    dense_options: dict[str, Any] | None = option(None, "a DenseHeadConfig field, repeatable: dim=128, pooling=last, loss=sampled, "
+                                                  "temperature=0.05, id_dropout=0.2, ...", DENSE, fixed=True, flag="--dense-option",
+                                                  keys=frozenset(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"})
+    model_options: dict[str, Any] | None = option(None, "causal design: a CausalConfig field over the preset's, repeatable: dropout=0.3, "
+                                                  "head_dropout=0.2, node_dropout=0.2, node_vectors=false, num_layers=3, ...", VALID,
+                                                  fixed=True, flag="--model-option",
+                                                  keys=frozenset(k for d in designs.DESIGNS.values() for k in d.option_keys))
+    threads: int = option(1, "torch CPU threads while training {default}: two threads collapse on a busy 2-core machine; raise it "
+                          "on a machine with cores to spare", HARDWARE, check=True, kind="int>0")
+    target: str = option("ids", "what the generator emits for the next item: its semantic ID (default) or its title's tokens, on "
+                         "the same causal backbone (item-level history)", TITLE, choices=designs.TARGETS, fixed=True)
+    tokenizer: str | None = option(None, "--target title: a local tokenizer folder (read with local_files_only; default: a "
+                                   "byte-level BPE trained on the catalogue's titles, saved in RUN/tokenizer)", TITLE, fixed=True)
+    encoder: str | None = option(None, "--target title: a local sentence-encoder folder (as for `semid embed`) that the "
+                                 "title-grounded decoder embeds generated titles with", TITLE)
+    resume_every_steps: int = option(0, "write one every N optimiser steps, 0 = not by steps {default}", RESUME, kind="int>=0",
+                                     check=True)
+    resume_every_seconds: float = option(60.0, "write one every T seconds, 0 = not by time {default}; one is also written after "
+                                         "every validation and on SIGINT/SIGTERM", RESUME, kind="num>=0", check=True)
 
     def __post_init__(self) -> None:
-        preset(self.preset)  # validates the name
-        if self.preset == "item-t5" and self.user_tokens is None:
-            object.__setattr__(self, "user_tokens", 0)  # one position per item: no user token
-        for name, value in DESIGN_DEFAULTS[self.design].items():
+        design = self.plugin  # validates `preset` and `target`
+        for name, value in design.defaults_for(self.preset).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        if self.dense == _NO_DENSE:
+        if self.dense == "none":  # no dense head (None means the design's default)
             object.__setattr__(self, "dense", None)
-        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
-            raise ValueError(f"`threads` must be a positive int, got {self.threads!r}")
-        if self.target != "ids":  # a title run's options are checked and completed here
-            check_title_options(self)
-        elif self.tokenizer is not None or self.encoder is not None:
-            raise ValueError("`tokenizer` and `encoder` are for `target` 'title'")
-        elif self.design == "causal":
-            self._check_causal()
-        elif self.model_options:
-            raise ValueError(f"`model_options` are for the causal design; preset {self.preset!r} takes none, got {self.model_options!r}")
-        for name in ("batch_size", "num_beams", "devices", "eval_batch_size", "max_history"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        if self.max_epochs is not None and (not isinstance(self.max_epochs, int) or self.max_epochs < 1):
-            raise ValueError(f"`max_epochs` must be a positive int or None, got {self.max_epochs!r}")
-        if not isinstance(self.user_tokens, int) or self.user_tokens < 0:
-            raise ValueError(f"`user_tokens` must be a non-negative int, got {self.user_tokens!r}")
-        if not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"`patience` must be a non-negative int, got {self.patience!r}")
+        design.check_options(self)
+        for f in fields(self):
+            what, ok = KINDS[f.metadata["kind"] or "int"]
+            if f.metadata["check"] and not ok(getattr(self, f.name)):
+                raise ValueError(f"`{f.name}` must be {what.replace('null', 'None')}, got {getattr(self, f.name)!r}")
         if isinstance(self.val_every, float) and not 0 < self.val_every <= 1:
             raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
         parse_max_time(self.max_time)
         parse_max_time(self.max_cpu_time, "max_cpu_time")
-        if not isinstance(self.resume_every_steps, int) or isinstance(self.resume_every_steps, bool) or self.resume_every_steps < 0:
-            raise ValueError(f"`resume_every_steps` must be a non-negative int, got {self.resume_every_steps!r}")
-        if isinstance(self.resume_every_seconds, bool) or not isinstance(self.resume_every_seconds, (int, float)) or not self.resume_every_seconds >= 0:
-            raise ValueError(f"`resume_every_seconds` must be a non-negative number, got {self.resume_every_seconds!r}")
+
+    @property
+    def plugin(self) -> Design:
+        """The design these options train (``generator.designs``)."""
+        return designs.for_options(self.preset, self.target)
 
     @property
     def design(self) -> str:
-        return "causal" if is_causal(self.preset) else "t5"
+        """What config.yaml records as the run's ``design`` (a title run: its backbone's)."""
+        return designs.recorded(self.plugin)
 
-    def _check_causal(self) -> None:
-        if self.user_tokens:
-            raise ValueError(f"`user_tokens` must be 0 with the causal preset {self.preset!r} (it has no user token), got {self.user_tokens}")
-        if self.dense not in (None, "id", "both"):
-            raise ValueError(f"`dense` must be 'none', 'id' or 'both' with the causal preset {self.preset!r}, got {self.dense!r}")
-        if self.dense is None and self.objective == "dense":
-            raise ValueError("`objective` 'dense' needs a dense head: pass `dense` 'id' or 'both'")
-        if self.dense is None:
-            object.__setattr__(self, "objective", "generative")  # what "joint" means without a head
-        allowed = ("dense",) if self.objective == "dense" and self.dense else ("beam", "exact", "dense") if self.dense else ("beam", "exact")
-        if self.decoder == "auto":
-            object.__setattr__(self, "decoder", allowed[0])
-        if self.decoder not in allowed:
-            raise ValueError(f"`decoder` must be one of {list(allowed)} for this causal run (objective {self.objective!r}), got {self.decoder!r}")
-        if self.dense_options:
-            raise ValueError(f"`dense_options` are for the T5 design's dense head; the causal design takes none, got {self.dense_options!r}")
-        known = set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}
-        unknown = sorted(set(self.model_options or {}) - known)
-        if unknown:
-            raise ValueError(f"unknown `model_options` {unknown}; known: {sorted(known)}")
-        causal_config(self)  # validates the values
+    def optim(self) -> Any:
+        """The optimiser's config (``generator.training.t5_system.OptimConfig``; imported here, so that reading options
+        never imports Lightning)."""
+        from generator.training.t5_system import OptimConfig
 
-    def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
                            schedule=self.schedule)
 
@@ -189,21 +199,48 @@ class TrainOptions:
         return cls(**d)
 
 
-def causal_config(options: TrainOptions, content_dim: int = 0) -> CausalConfig:
-    """The causal model config a run trains: the preset under ``model_options``, ``max_history`` from the options.
+# options that change what is trained: a resumed run must keep them (val_users, num_beams and decoder define the
+# validation score that selects best.ckpt: changing them mid-run would compare checkpoints scored differently)
+FIXED_ON_RESUME = tuple(f.name for f in fields(TrainOptions) if f.metadata["fixed"])
+_HINTS = typing.get_type_hints(TrainOptions)
+_KIND_OF_TYPE = {str: "str", int: "int", float: "num", bool: "bool", dict: "dict"}
 
-    The ID input is tied to the dense head's table, so the table follows ``d_model`` when the input uses it; without
-    a dense head (``dense`` "none") the preset's ID input and distillation are off, and asking for them is an error.
-    """
-    given = options.model_options or {}
-    base = replace(preset(options.preset), **given)
-    if not options.dense:
-        asked = [k for k in ("id_input", "distill") if given.get(k)]
-        if asked:
-            raise ValueError(f"`model_options` {asked} need the dense head; drop them or pass `dense` 'id' or 'both'")
-        return replace(base, max_history=options.max_history, dense_dim=0, id_input=False, distill=0.0, content_dim=content_dim)
-    dense_dim = base.d_model if base.id_input else base.dense_dim
-    return replace(base, max_history=options.max_history, dense_dim=dense_dim, content_dim=content_dim)
+
+def value_types(name: str) -> tuple[type, ...]:
+    """The types a field's annotation names, None aside (``int | None`` -> (int,))."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+
+
+def schema_kind(name: str) -> str:
+    """The config.yaml kind of option ``name``: its metadata's, else its type's (``?`` where it may be null)."""
+    f = TrainOptions.__dataclass_fields__[name]
+    if f.metadata["kind"]:
+        return f.metadata["kind"]
+    nullable = type(None) in typing.get_args(_HINTS[name])
+    kinds = {_KIND_OF_TYPE[t] for t in value_types(name)}
+    kind = "num" if kinds == {"int", "num"} else kinds.pop()
+    return kind + ("?" if nullable else "")
+
+
+def train_schema() -> dict[str, tuple[str, bool]]:
+    """config.yaml's ``train:`` schema, derived from the fields: key -> (kind, required). ``preset`` and
+    ``max_history`` are required (every run since the first recorded them); the rest may be missing in folders
+    written by an older semid (their defaults apply)."""
+    return {f.name: (schema_kind(f.name), f.name in ("preset", "max_history")) for f in fields(TrainOptions)}
+
+
+def default_text(name: str) -> str:
+    """"(default X)", or the designs' defaults where the field's own is None: "(default 128 causal, 256 T5)"."""
+    own = TrainOptions.__dataclass_fields__[name].default
+    per = {d.name: d.defaults[name] for d in designs.DESIGNS.values() if d.target == "ids" and name in d.defaults}
+    if own is not None or not per:
+        return f"(default {own:g})" if isinstance(own, float) else f"(default {own})"
+    values = list(per.values())
+    if all(v == values[0] for v in values):
+        return f"(default {values[0]})"
+    return "(default " + ", ".join(f"{v} {'T5' if n == 't5' else n}" for n, v in per.items()) + ")"
 
 
 def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None:
@@ -221,43 +258,3 @@ def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None
     if m >= 60 or s >= 60:
         raise ValueError(f"`{name}` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
     return timedelta(days=d, hours=h, minutes=m, seconds=s)
-
-
-# ---- title runs (generator.runs.titles) ----------------------------------------------------------------------
-TARGETS = ("ids", TARGET)
-# what --model-option may set for a title run (the rest come from the preset, the tokenizer and the catalogue)
-TITLE_OPTION_KEYS = tuple(sorted({f.name for f in fields(TitleConfig)} - {"vocab_size", "pad_id", "eos_id", "max_history"}))
-
-
-def resolve_title_decoder(name: str) -> str:
-    """A title run's decoder ("auto" and "beam" mean title-beam)."""
-    return resolve(TITLE, name)
-
-
-def check_title_options(options: Any) -> None:
-    """Validate and complete a ``TrainOptions`` with ``target='title'`` (called from its ``__post_init__``)."""
-    set_ = lambda name, value: object.__setattr__(options, name, value)  # noqa: E731 (a frozen dataclass)
-    if options.target not in TARGETS:
-        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {options.target!r}")
-    if options.preset not in CAUSAL_PRESETS:
-        raise ValueError(f"`target` 'title' runs on the causal backbone: `preset` must be one of {sorted(CAUSAL_PRESETS)}, "
-                         f"got {options.preset!r}")
-    if options.user_tokens:
-        raise ValueError(f"`user_tokens` must be 0 with `target` 'title', got {options.user_tokens}")
-    if options.dense not in (None, "id"):  # "id" is the causal default; a title run has no dense head
-        raise ValueError(f"`dense` must be 'none' with `target` 'title' (no dense head), got {options.dense!r}")
-    set_("dense", None)
-    if options.objective not in ("joint", "generative"):
-        raise ValueError(f"`objective` must be 'generative' with `target` 'title', got {options.objective!r}")
-    set_("objective", "generative")
-    set_("decoder", resolve_title_decoder(options.decoder))
-    if options.decoder != TITLE_BEAM:
-        raise ValueError(f"a title run selects checkpoints with decoder {TITLE_BEAM!r}, got {options.decoder!r}")
-    unknown = sorted(set(options.model_options or {}) - set(TITLE_OPTION_KEYS))
-    if unknown:
-        raise ValueError(f"unknown `model_options` {unknown} for `target` 'title'; known: {list(TITLE_OPTION_KEYS)}")
-    for name in ("tokenizer", "encoder"):
-        path = getattr(options, name)
-        if path is not None and not Path(path).is_dir():
-            raise ValueError(f"`{name}` must be a local model folder, got {path!r} (not a folder)")
-    TitleConfig(**(options.model_options or {}))  # validates the values

@@ -1,6 +1,6 @@
 """Recommend: histories of item ids -> top-k items with scores, with any decoder of the registry over a trained run.
 
-    run = load_any_run("runs/demo/run")
+    run = load_run("runs/demo/run")
     recs = recommend(run, [[12, 45, 99]], k=10)             # default: beam search over the prefix tree
     recs[0].items, recs[0].scores    # best first; beam scores are item log-likelihoods (<= 0)
 
@@ -41,7 +41,7 @@ def recommend(
     """Top-k items for each history (item ids, oldest first).
 
     Args:
-        run: a loaded run (``generator.runs.load.load_any_run``, or ``generator.runs.folder.load_run``); left as it was.
+        run: a loaded run (``generator.runs.folder.load_run``); left as it was.
         histories: B non-empty sequences of known item ids; only the last ``max_history`` items are used.
         k: items per history, at most the catalogue size.
         num_beams: M >= k beams (default max(k, 20), capped at the catalogue size).

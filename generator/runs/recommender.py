@@ -38,21 +38,19 @@ import torch
 
 from generator.decoding import registry
 from generator.decoding.protocol import Decoder, check_beams, check_k
-from generator.decoding.registry import CAUSAL, T5, TITLE
+from generator.decoding.registry import CAUSAL, T5
 from generator.decoding.t5_dense import T5Dense, eval_item_vectors
 from generator.decoding.t5_hybrid import T5Hybrid
+from generator.designs.registry import DESIGNS
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for, load_run_head, no_fusion_error, stored_fusion
-from generator.runs.folder import Run
-from generator.runs.load import load_any_run
+from generator.runs.folder import Run, load_run
 from semid.data import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BEAMS = 20
-SERVED = {T5: ("beam", "generate", "dense", "hybrid"), CAUSAL: ("beam", "exact", "dense", "hybrid", "cold-beam"),
-          TITLE: ("title-beam",)}  # what a Recommender builds unless told which decoders
 
 
 class Recommendation(NamedTuple):
@@ -102,10 +100,10 @@ class Recommender:
     """A run loaded for serving: decoders, tables, item vectors, fusion and catalogue maps built once (module doc).
 
     Args:
-        run: a loaded run (``generator.runs.load.load_any_run``); it is served on ``device`` (a copy where it must
+        run: a loaded run (``generator.runs.folder.load_run``); it is served on ``device`` (a copy where it must
             move: the run given is left as it was).
         decoder: the default decoder of :meth:`recommend` ("auto": the run's beam search).
-        decoders: the registry names to build (default: what :data:`SERVED` lists for the backbone, less what the run
+        decoders: the registry names to build (default: what the run's design serves (``Design.served``), less what the run
             cannot serve: dense and hybrid without a dense head, hybrid without a stored fusion, cold-beam without
             added items). ``decoder`` and every name given here must be servable, else a ValueError says why.
         num_beams: beams of the beam searches (capped at the catalogue size; a call asking for more items gets more).
@@ -130,7 +128,7 @@ class Recommender:
         self.version = f"ckpt-{key['checkpoint_sha256'][:16]}.ids-{key['ids_sha256'][:16]}"
         # which decoders: what was asked for, plus the backbone's usual ones where the run can serve them
         self.unavailable: dict[str, str] = {}  # name -> why it is not served
-        wanted = list(asked) if decoders is not None else list(dict.fromkeys([*SERVED[run.design], *asked]))
+        wanted = list(asked) if decoders is not None else list(dict.fromkeys([*DESIGNS[run.design].served, *asked]))
         fusion = self._servable(wanted, asked, alpha, num_candidates, key, cold_items)
         names = [n for n in wanted if n not in self.unavailable]
         self._decoders: dict[str, Decoder] = decoders_for(
@@ -154,7 +152,7 @@ class Recommender:
                  device: str | torch.device | None = None, **options: Any) -> Recommender:
         """Load the run folder ``path`` (its best checkpoint, or ``checkpoint``) onto ``device`` (default CPU) and
         build everything a call needs; ``options`` as for the constructor (``decoder``, ``decoders``, ...)."""
-        run = load_any_run(path, checkpoint)
+        run = load_run(path, checkpoint)
         if device is not None:  # the run was loaded for this Recommender alone: move it in place
             run.model.to(device)
             run.tree = run.tree.to(device)

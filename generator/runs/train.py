@@ -2,9 +2,10 @@
 
     result = train_run("../shared/data/beauty", "ids/semantic_ids.npz", "runs/default", TrainOptions())
 
-Two designs, chosen by the preset: ``causal`` (the default: one position per history item, every next-item target
-trained in one pass, ``generator.models.causal``) and the T5 encoder-decoder over code tokens (``tiger``, the published
-TIGER architecture, and ``cpu``, a smaller T5). Options left at None take the design's default (``generator.runs.options.DESIGN_DEFAULTS``).
+The design (``generator.designs``), chosen by the preset and the target, sets up the model, the data and the
+Lightning system: ``causal`` (the default: one position per history item, every next-item target trained in one
+pass), T5 (``tiger``, the published TIGER architecture, ``cpu``, ``item-t5``) and title (``--target title``).
+Options left at None take the design's defaults.
 
 The best checkpoint is chosen on validation over a fixed sample of validation users, for the decoder the run
 serves with (``val/<decoder>/ndcg@10`` for the causal design, ``val/ndcg@10`` for T5); after training, the best
@@ -24,15 +25,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from generator.designs.base import TrainInputs
 from generator.models.checkpoint import ids_digest, safe_load
-from generator.models.dense_loss import log_popularity
 from generator.runs.decoders import choose_run_fusion
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import (
@@ -50,22 +50,11 @@ from generator.runs.folder import (
     read_config,
     write_config,
 )
-from generator.runs.options import (
-    _FIXED_ON_RESUME,
-    MONITOR,
-    TrainOptions,
-    causal_config,
-    parse_max_time,
-    preset,
-)
+from generator.runs.options import FIXED_ON_RESUME, TrainOptions, parse_max_time
 from generator.runs.out_folder import check_train_out
 from generator.runs.recommender import on_device
 from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots, CpuTimeLimit
-from generator.training.causal_data import CausalDataModule
-from generator.training.causal_system import CausalSystem, monitor_name
 from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
-from generator.training.t5_data import GeneratorDataModule
-from generator.training.t5_system import GeneratorSystem, dense_setup
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
 from semid.io import folder_lock, remove_atomic_leftovers
@@ -123,10 +112,10 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
     if stored.get("ids_digest") != ids_digest(ids):
         raise ValueError(f"{out}: this run was trained with other semantic IDs than the ones given; resume with its own {IDS_FILE}")
     old = stored.get("train", {})
-    changed = [k for k in _FIXED_ON_RESUME if k in old and old[k] != getattr(options, k)]
+    changed = [k for k in FIXED_ON_RESUME if k in old and old[k] != getattr(options, k)]
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(options, k)!r}" for k in changed)
-        raise ValueError(f"{out}: a resumed run must keep {list(_FIXED_ON_RESUME)}; changed {diffs}")
+        raise ValueError(f"{out}: a resumed run must keep {list(FIXED_ON_RESUME)}; changed {diffs}")
     point = resume_point(out / CHECKPOINT_DIR)
     if point is None:
         unfinished = "; the run stopped before its first checkpoint: train again without `resume`"
@@ -236,17 +225,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     split = leave_one_out(dataset)
     digest = ids_digest(ids)
     tree = PrefixTree.from_semantic_ids(ids, layout)
-    if options.target == "title":
-        from generator.runs.titles import title_monitor, title_setup
-
-        config, dm, system = title_setup(options, dataset, split, ids, layout, digest, out)
-        monitor = title_monitor()
-    elif options.design == "causal":
-        config, dm, system = _causal_setup(options, dataset, split, ids, layout, digest, tree)
-        monitor = monitor_name(options.decoder)
-    else:
-        config, dm, system = _t5_setup(options, dataset, split, ids, layout, digest, tree)
-        monitor = MONITOR
+    config, dm, system, monitor = options.plugin.setup(TrainInputs(options, dataset, split, ids, layout, digest, tree, out))
     run_config = {
         "data": str(Path(data_dir).resolve()),
         "data_fingerprint": data_fingerprint(data_dir),  # evaluate refuses other data (folder.check_same_data)
@@ -262,8 +241,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     if not is_worker and not resume:  # a resumed run keeps the config.yaml it serves with until the end
         write_config(out, run_config)
     dm.setup("fit")
-    padded = dm.padding_share() if options.design == "causal" else dm.padding_stats().padded_share
-    targets_per_epoch = dm.num_targets if options.design == "causal" else len(dm.train_examples)
+    padded, targets_per_epoch = dm.padding_share(), dm.num_targets
 
     # 2. trainer
     ckpt_dir = out / CHECKPOINT_DIR
@@ -357,44 +335,6 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     seconds = time.perf_counter() - start
     log.info("trained %s in %.0f s: best %s = %s", out, seconds, monitor, score)
     return TrainResult(out, best, score, epochs, steps, seconds, padded, metrics_valid, fusion)
-
-
-def _t5_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs, layout: Any, digest: str, tree: PrefixTree) -> tuple[Any, Any, Any]:
-    config = preset(options.preset)
-    dm = GeneratorDataModule(
-        split, ids, layout, batch_size=options.batch_size, eval_batch_size=options.eval_batch_size,
-        max_history=options.max_history, val_users=options.val_users, seed=options.seed, num_workers=options.num_workers,
-    )
-    dense = dense_setup(
-        options.dense, options.objective if options.dense else "generative", dataset, split, ids, config.d_model,
-        embeddings=options.dense_embeddings, options=options.dense_options,
-    )
-    system = GeneratorSystem(
-        config, layout, digest, tree, optim=options.optim(), num_beams=options.num_beams,
-        decoder="dense" if dense.objective == "dense" else options.decoder,
-        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, ids=ids,
-    )
-    return config, dm, system
-
-
-def _causal_setup(options: TrainOptions, dataset: Any, split: Any, ids: SemanticIDs, layout: Any, digest: str, tree: PrefixTree) -> tuple[Any, Any, Any]:
-    content = None
-    if options.dense == "both":
-        if int(ids.item_ids.max()) > dataset.num_items:
-            raise ValueError(f"the semantic IDs have items above {dataset.num_items}, the dataset's last: no content for them")
-        content = torch.from_numpy(dataset.embeddings(options.dense_embeddings)[ids.item_ids - 1]).float()
-    config = causal_config(options, 0 if content is None else int(content.shape[1]))
-    dm = CausalDataModule(split, ids, max_history=options.max_history, batch_size=options.batch_size,
-                          eval_batch_size=options.eval_batch_size, val_users=options.val_users, seed=options.seed)
-    item_tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)), dtype=torch.long)
-    log_q = None
-    if config.dense_dim and config.dense_loss == "sampled":
-        targets = np.concatenate([np.asarray(s[1:], dtype=np.int64) for s in split.train])  # every training target
-        log_q = log_popularity(torch.from_numpy(ids.rows_of(targets)), len(ids.item_ids))
-    system = CausalSystem(config, layout, item_tokens, torch.from_numpy(ids.item_ids), digest, tree, content=content,
-                          optim=options.optim(), objective=options.objective, serve=options.decoder, num_beams=options.num_beams,
-                          log_q=log_q)
-    return config, dm, system
 
 
 def _final_state(last: Path) -> tuple[float | None, int]:

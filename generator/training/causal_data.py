@@ -14,14 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from generator.training.examples import BucketBatchSampler
-from generator.training.resume import ResumableLoader
-from generator.training.t5_data import sample_users
 from semid.ids import SemanticIDs
 from semid.split import Split
 
@@ -122,78 +117,3 @@ def eval_batches(histories: Sequence[np.ndarray], targets: np.ndarray, ids: Sema
         history_batch([histories[i] for i in order[lo : lo + batch_size]], np.asarray(targets)[order[lo : lo + batch_size]], ids, max_history)
         for lo in range(0, len(order), batch_size)
     ]
-
-
-class _Indices(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-class _Collate:
-    def __init__(self, windows: Windows) -> None:
-        self.windows = windows
-
-    def __call__(self, index: list[int]) -> SeqBatch:
-        return collate_windows(self.windows, index)
-
-
-class CausalDataModule(L.LightningDataModule):
-    """Training windows (length-bucketed batches of ``batch_size`` windows) and a seeded validation sample."""
-
-    def __init__(
-        self, split: Split, ids: SemanticIDs, *, max_history: int, batch_size: int = 128, eval_batch_size: int = 256,
-        val_users: int | None = 1000, seed: int = 0, bucket_batches: int = 50,
-    ) -> None:
-        super().__init__()
-        for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        self.split, self.ids, self.max_history = split, ids, max_history
-        self.batch_size, self.eval_batch_size, self.val_users = batch_size, eval_batch_size, val_users
-        self.seed, self.bucket_batches = seed, bucket_batches
-        self.windows: Windows | None = None
-        self.val: list[SeqBatch] | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.windows is None:
-            self.windows = training_windows(self.split.train, self.ids, self.max_history)
-            if self.windows.start.numel() == 0:
-                raise ValueError("no training examples: every user's training prefix has a single item")
-            rows = sample_users(self.split.num_users, self.val_users, self.seed)
-            hist, tgt = split_histories(self.split, "valid", rows)
-            self.val = eval_batches(hist, tgt, self.ids, self.max_history, self.eval_batch_size)
-
-    @property
-    def num_targets(self) -> int:
-        assert self.windows is not None, "call setup() first"
-        return int((self.windows.targets >= 0).sum())
-
-    def train_sampler(self) -> BucketBatchSampler:
-        assert self.windows is not None, "call setup() first"
-        trainer = getattr(self, "trainer", None)
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return BucketBatchSampler(self.windows.lengths, self.batch_size, seed=self.seed, bucket_batches=self.bucket_batches,
-                                  num_replicas=world, rank=rank)
-
-    def padding_share(self) -> float:
-        lengths = self.windows.lengths
-        batches = self.train_sampler().batches()
-        padded = sum(int(lengths[b].max()) * len(b) for b in batches)
-        return 1.0 - float(lengths.sum()) / max(padded, 1)
-
-    def train_dataloader(self) -> DataLoader:
-        # resumable mid-epoch (generator.training.resume): Lightning saves and restores how many batches it served
-        return ResumableLoader(_Indices(int(self.windows.start.numel())), batch_sampler=self.train_sampler(), collate_fn=_Collate(self.windows))
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.val is not None, "call setup() first"
-        trainer = getattr(self, "trainer", None)
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        mine = self.val[rank::world]
-        return DataLoader(mine, batch_size=None, shuffle=False)

@@ -36,6 +36,36 @@ def monitor_name(decoder: str) -> str:
     return f"val/{decoder}/ndcg@10"
 
 
+class RankSums:
+    """Validation Recall@k and NDCG@k of item-level rankings, per decoder: sums kept on the device, reduced across
+    processes and logged as ``val/<decoder>/recall@k`` and ``val/<decoder>/ndcg@k`` at the end (``serve``'s NDCG@10
+    on the progress bar). Shared by the item-level systems (causal, title)."""
+
+    def __init__(self, names: Sequence[str], ks: tuple[int, ...], device: torch.device) -> None:
+        self.ks = ks
+        self.sums = {name: torch.zeros(2 * len(ks) + 1, dtype=torch.float64, device=device) for name in names}
+
+    def add(self, name: str, items: torch.Tensor, targets: torch.Tensor) -> None:
+        """items: LongTensor (B, k) best first; targets: LongTensor (B,) the held-out items."""
+        k, sums = self.ks[-1], self.sums[name]
+        hit = items == targets[:, None]
+        rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(targets, k))
+        gain = 1.0 / torch.log2(rank.double() + 2.0)
+        for i, kk in enumerate(self.ks):
+            sums[i] += (rank < kk).sum()
+            sums[len(self.ks) + i] += torch.where(rank < kk, gain, 0.0).sum()
+        sums[-1] += targets.numel()
+
+    def log(self, module: L.LightningModule, serve: str) -> None:
+        for name, local in self.sums.items():
+            sums = module.trainer.strategy.reduce(local, reduce_op="sum")
+            users = sums[-1].clamp_min(1)
+            for i, k in enumerate(self.ks):
+                module.log(f"val/{name}/recall@{k}", (sums[i] / users).float(), sync_dist=True)
+                module.log(f"val/{name}/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True,
+                           prog_bar=k == 10 and name == serve)
+
+
 class CausalSystem(L.LightningModule):
     """Args:
         config, layout, item_tokens, content: the model (``generator.models.causal``).
@@ -77,7 +107,7 @@ class CausalSystem(L.LightningModule):
         self.register_buffer("log_q", log_q, persistent=False)
         self._nodes: torch.Tensor | None = None
         self._decoders: dict[str, Any] = {}
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: RankSums | None = None
 
     # ---- training ------------------------------------------------------------------------------------------------
     def _item_nodes(self) -> torch.Tensor:
@@ -123,31 +153,17 @@ class CausalSystem(L.LightningModule):
         ing = Ingredients(CAUSAL, self.model, self.tree, self.layout, None, num_beams=self.num_beams,
                           item_ids=self.item_ids.to(self.device))
         self._decoders = build_many(ing, self.val_decoders)  # through the registry, sharing item paths and tables
-        self._sums = {name: torch.zeros(2 * len(self.ks) + 1, dtype=torch.float64, device=self.device) for name in self.val_decoders}
+        self._sums = RankSums(self.val_decoders, self.ks, self.device)
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         h = self.model.last_hidden(batch.histories, batch.lengths)
         k = self.ks[-1]
         for name in self.val_decoders:  # loop over decoders (<= 3), one backbone pass for all
-            res = self._decoders[name].rank_states(h, k)
-            hit = res.items == batch.targets[:, None]
-            rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(batch.targets, k))
-            gain = 1.0 / torch.log2(rank.double() + 2.0)
-            sums = self._sums[name]
-            for i, kk in enumerate(self.ks):
-                sums[i] += (rank < kk).sum()
-                sums[len(self.ks) + i] += torch.where(rank < kk, gain, 0.0).sum()
-            sums[-1] += batch.targets.numel()
+            self._sums.add(name, self._decoders[name].rank_states(h, k).items, batch.targets)
 
     def on_validation_epoch_end(self) -> None:
-        for name, local in self._sums.items():
-            sums = self.trainer.strategy.reduce(local, reduce_op="sum")
-            users = sums[-1].clamp_min(1)
-            for i, k in enumerate(self.ks):
-                self.log(f"val/{name}/recall@{k}", (sums[i] / users).float(), sync_dist=True)
-                self.log(f"val/{name}/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True,
-                         prog_bar=k == 10 and name == self.serve)
-        self._sums, self._decoders = {}, {}
+        self._sums.log(self, self.serve)
+        self._sums, self._decoders = None, {}
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

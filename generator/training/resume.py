@@ -37,9 +37,10 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from torch.utils.data import DataLoader, Sampler
 
+from generator.models.checkpoint import RESUME
+
 log = logging.getLogger(__name__)
 
-RESUME = "resume.ckpt"
 
 
 class TrainingInterrupted(BaseException):

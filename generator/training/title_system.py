@@ -20,6 +20,7 @@ from generator.decoding.titles import LENGTH_PENALTY, TITLE_BEAM
 from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.titles import TitleConfig, TitleGenerator
 from generator.training.causal_data import SeqBatch
+from generator.training.causal_system import RankSums
 from generator.training.t5_system import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
@@ -50,7 +51,7 @@ class TitleSystem(L.LightningModule):
         self.save_hyperparameters({"model": config.to_dict(), "layout": layout.to_dict(), "optim": asdict(optim),
                                    "num_beams": num_beams, "ids_digest": ids_digest, "target": TARGET})
         self._decoder: StateDecoder | None = None
-        self._sums: torch.Tensor | None = None
+        self._sums: RankSums | None = None
 
     def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
         h = self.model.hidden(batch.histories)  # (B, T, D): one pass, every position
@@ -69,26 +70,14 @@ class TitleSystem(L.LightningModule):
         ing = Ingredients(TITLE, self.model, self.tree, None, None, num_beams=self.num_beams,
                           title={"length_penalty": self.length_penalty}, item_ids=self.item_ids, codes=self.codes)
         self._decoder = build(ing, TITLE_BEAM)
-        self._sums = torch.zeros(2 * len(self.ks) + 1, dtype=torch.float64, device=self.device)
+        self._sums = RankSums([TITLE_BEAM], self.ks, self.device)
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         h = self.model.last_hidden(batch.histories, batch.lengths)
-        k = self.ks[-1]
-        res = self._decoder.rank_states(h, k)
-        hit = res.items == batch.targets[:, None]
-        rank = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(batch.targets, k))
-        gain = 1.0 / torch.log2(rank.double() + 2.0)
-        for i, kk in enumerate(self.ks):
-            self._sums[i] += (rank < kk).sum()
-            self._sums[len(self.ks) + i] += torch.where(rank < kk, gain, 0.0).sum()
-        self._sums[-1] += batch.targets.numel()
+        self._sums.add(TITLE_BEAM, self._decoder.rank_states(h, self.ks[-1]).items, batch.targets)
 
     def on_validation_epoch_end(self) -> None:
-        sums = self.trainer.strategy.reduce(self._sums, reduce_op="sum")
-        users = sums[-1].clamp_min(1)
-        for i, k in enumerate(self.ks):
-            self.log(f"val/{TITLE_BEAM}/recall@{k}", (sums[i] / users).float(), sync_dist=True)
-            self.log(f"val/{TITLE_BEAM}/ndcg@{k}", (sums[len(self.ks) + i] / users).float(), sync_dist=True, prog_bar=k == 10)
+        self._sums.log(self, TITLE_BEAM)
         self._decoder, self._sums = None, None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

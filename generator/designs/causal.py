@@ -1,0 +1,128 @@
+"""The causal design (the default): one position per history item, every next-item target in one pass
+(``generator.models.causal``), trained by ``generator.training.causal_system``. Its item-level featurisation (item
+rows + 1, right-padded) is the title design's too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from generator.decoding.protocol import Histories
+from generator.designs.base import Design, Labelled, Setup, TrainInputs, positions, refuse_title_fields
+from generator.models import checkpoint_checks as checks
+from generator.models.causal import DESIGN, CausalConfig, CausalGenerator
+from generator.training import causal_data
+from semid.split import Split
+
+PRESETS: dict[str, CausalConfig] = {
+    # the default: 2 causal layers of width 64 (the best measured on this CPU; width 128 was worse at equal time),
+    # the item's ID embedding (tied to the dense table) beside its codes at the input, and dropout 0.3: the quality
+    # study's winners (experiments/results/study.md: +14% beam and +17% dense test R@10 at 15 CPU-minutes)
+    "causal": CausalConfig(id_input=True, dropout=0.3),
+    "causal-wide": CausalConfig(d_model=128, num_heads=4, d_ff=512, dense_dim=128),
+}
+# label_smoothing 0.1: sibling smoothing on the code head (each level's target spreads 10% over the true parent's
+# children), the study's winner at 15 CPU-minutes (+4% beam R@10)
+DEFAULTS = {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing": 0.1, "max_history": 50,
+            "user_tokens": 0, "dense": "id", "decoder": "auto"}
+# what --model-option may set (the rest come from the options and the data)
+OPTION_KEYS = tuple(sorted(set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}))
+
+
+def check_options(options: Any) -> None:
+    refuse_title_fields(options)
+    set_ = lambda name, value: object.__setattr__(options, name, value)  # noqa: E731 (a frozen dataclass)
+    if options.user_tokens:
+        raise ValueError(f"`user_tokens` must be 0 with the causal preset {options.preset!r} (it has no user token), got {options.user_tokens}")
+    if options.dense not in (None, "id", "both"):
+        raise ValueError(f"`dense` must be 'none', 'id' or 'both' with the causal preset {options.preset!r}, got {options.dense!r}")
+    if options.dense is None and options.objective == "dense":
+        raise ValueError("`objective` 'dense' needs a dense head: pass `dense` 'id' or 'both'")
+    if options.dense is None:
+        set_("objective", "generative")  # what "joint" means without a head
+    allowed = ("dense",) if options.objective == "dense" and options.dense else ("beam", "exact", "dense") if options.dense else ("beam", "exact")
+    if options.decoder == "auto":
+        set_("decoder", allowed[0])
+    if options.decoder not in allowed:
+        raise ValueError(f"`decoder` must be one of {list(allowed)} for this causal run (objective {options.objective!r}), got {options.decoder!r}")
+    if options.dense_options:
+        raise ValueError(f"`dense_options` are for the T5 design's dense head; the causal design takes none, got {options.dense_options!r}")
+    unknown = sorted(set(options.model_options or {}) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown `model_options` {unknown}; known: {sorted(OPTION_KEYS)}")
+    causal_config(options)  # validates the values
+
+
+def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
+    """The causal model config a run trains: the preset under ``model_options``, ``max_history`` from the options.
+
+    The ID input is tied to the dense head's table, so the table follows ``d_model`` when the input uses it; without
+    a dense head (``dense`` "none") the preset's ID input and distillation are off, and asking for them is an error.
+    """
+    given = options.model_options or {}
+    base = replace(PRESETS[options.preset], **given)
+    if not options.dense:
+        asked = [k for k in ("id_input", "distill") if given.get(k)]
+        if asked:
+            raise ValueError(f"`model_options` {asked} need the dense head; drop them or pass `dense` 'id' or 'both'")
+        return replace(base, max_history=options.max_history, dense_dim=0, id_input=False, distill=0.0, content_dim=content_dim)
+    dense_dim = base.d_model if base.id_input else base.dense_dim
+    return replace(base, max_history=options.max_history, dense_dim=dense_dim, content_dim=content_dim)
+
+
+def build(config: CausalConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> CausalGenerator:
+    checks.check_causal(config, layout, state, path, ids)
+    content = state["content"][1:] if config.content_dim else None
+    model = CausalGenerator(config, layout, state["item_tokens"][1:], content)
+    checks.check_tree_tables(model, state, path)
+    return model
+
+
+# ---- featurisation: one position per history item (item rows + 1) ----------------------------------------------
+def split_batches(run: Any, split: Split, which: str, rows: np.ndarray, batch_size: int) -> list[Labelled]:
+    hist, targets = causal_data.split_histories(split, which, rows)
+    return [Labelled(Histories(b.histories, positions(b.lengths, b.histories.shape[1])), b.targets)
+            for b in causal_data.eval_batches(hist, targets, run.ids, run.max_history, batch_size)]
+
+
+def history_batches(run: Any, histories: list[np.ndarray], user_ids: np.ndarray | None, batch_size: int) -> list[Histories]:
+    out = []
+    for lo in range(0, len(histories), batch_size):  # loop over batches of histories
+        part: Sequence[np.ndarray] = histories[lo : lo + batch_size]
+        b = causal_data.history_batch(part, np.full(len(part), -1), run.ids, run.max_history)
+        out.append(Histories(b.histories, positions(b.lengths, b.histories.shape[1])))
+    return out
+
+
+def setup(t: TrainInputs) -> Setup:
+    from generator.models.dense_loss import log_popularity
+    from generator.training.causal_system import CausalSystem, monitor_name
+    from generator.training.datamodules import CausalDataModule
+
+    options, ids = t.options, t.ids
+    content = None
+    if options.dense == "both":
+        if int(ids.item_ids.max()) > t.dataset.num_items:
+            raise ValueError(f"the semantic IDs have items above {t.dataset.num_items}, the dataset's last: no content for them")
+        content = torch.from_numpy(t.dataset.embeddings(options.dense_embeddings)[ids.item_ids - 1]).float()
+    config = causal_config(options, 0 if content is None else int(content.shape[1]))
+    dm = CausalDataModule(t.split, ids, max_history=options.max_history, batch_size=options.batch_size,
+                          eval_batch_size=options.eval_batch_size, val_users=options.val_users, seed=options.seed)
+    item_tokens = torch.as_tensor(np.asarray(t.layout.codes_to_tokens(ids.codes)), dtype=torch.long)
+    log_q = None
+    if config.dense_dim and config.dense_loss == "sampled":
+        targets = np.concatenate([np.asarray(s[1:], dtype=np.int64) for s in t.split.train])  # every training target
+        log_q = log_popularity(torch.from_numpy(ids.rows_of(targets)), len(ids.item_ids))
+    system = CausalSystem(config, t.layout, item_tokens, torch.from_numpy(ids.item_ids), t.digest, t.tree, content=content,
+                          optim=options.optim(), objective=options.objective, serve=options.decoder, num_beams=options.num_beams,
+                          log_q=log_q)
+    return Setup(config, dm, system, monitor_name(options.decoder))
+
+
+CAUSAL = Design(DESIGN, CausalConfig, "ids", PRESETS, DEFAULTS, check_options, build, split_batches, history_batches, setup,
+                served=("beam", "exact", "dense", "hybrid", "cold-beam"), option_keys=OPTION_KEYS)

@@ -1,0 +1,87 @@
+"""The one registry of designs, and the one checkpoint loader (every design's checkpoint loads through it).
+
+    design = for_options(options.preset, options.target)   # training
+    design = for_config(read_config(run_dir))               # a run folder
+    loaded = load_checkpoint(path, ids)                      # any design's checkpoint, from its file alone
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from generator.designs.base import Design
+from generator.designs.causal import CAUSAL
+from generator.designs.t5 import T5
+from generator.designs.title import TITLE_DESIGN
+from generator.models.checkpoint import (
+    CHECKPOINT_KEY,
+    LoadedModel,
+    check_finite,
+    check_vocabulary,
+    read_checkpoint,
+)
+from semid.ids import SemanticIDs
+
+DESIGNS: dict[str, Design] = {d.name: d for d in (CAUSAL, T5, TITLE_DESIGN)}
+PRESETS: tuple[str, ...] = tuple(dict.fromkeys(p for d in DESIGNS.values() if d.target == "ids" for p in d.presets))
+TARGETS: tuple[str, ...] = tuple(dict.fromkeys(d.target for d in DESIGNS.values()))
+_BY_CONFIG = {d.config: d for d in DESIGNS.values()}
+
+
+def for_options(preset: str, target: str) -> Design:
+    """The design a training with ``preset`` and ``target`` trains (errors name the option)."""
+    if preset not in PRESETS:
+        raise ValueError(f"`preset` must be one of {sorted(PRESETS)}, got {preset!r}")
+    if target not in TARGETS:
+        raise ValueError(f"`target` must be one of {list(TARGETS)}, got {target!r}")
+    found = [d for d in DESIGNS.values() if d.target == target]
+    return next((d for d in found if preset in d.presets), found[0])  # found[0] refuses the preset in check_options
+
+
+def recorded(design: Design) -> str:
+    """What a run's config.yaml records as its ``design`` (a title run records its backbone's: causal)."""
+    return design.backbone or design.name
+
+
+def for_config(config: dict[str, Any]) -> Design:
+    """The design of a run from its config.yaml: ``train.target`` where it is not "ids", else ``design``."""
+    target = (config.get("train") or {}).get("target", "ids")
+    if target != "ids":
+        return next(d for d in DESIGNS.values() if d.target == target)
+    return DESIGNS[config["design"]]
+
+
+def of_model_config(config: Any) -> Design:
+    """The design of a model config (a ``CausalConfig``, T5 ``GeneratorConfig`` or ``TitleConfig``)."""
+    return _BY_CONFIG[type(config)]
+
+
+def names(recordable: bool = False) -> tuple[str, ...]:
+    """The designs' names (``recordable``: those config.yaml's ``design`` may hold)."""
+    return tuple(dict.fromkeys(recorded(d) if recordable else d.name for d in DESIGNS.values()))
+
+
+def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None) -> LoadedModel:
+    """Rebuild the model of any design from a checkpoint file alone; with ``ids``, refuse one whose vocabulary does
+    not match. Returns the model in eval mode on the CPU (errors name the file: a damaged record, NaN weights,
+    sizes the weights do not have, other semantic IDs)."""
+    path = Path(path)
+    meta, layout, state = read_checkpoint(path)
+    try:
+        design = DESIGNS[meta["config"].get("design", T5.name)]  # T5 configs record no design
+        config = design.config.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: the checkpoint's `{CHECKPOINT_KEY}` record is damaged ({type(e).__name__}: {e}); use another "
+                         "checkpoint or train again") from None
+    if ids is not None:
+        check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
+    check_finite(state, path)
+    model = design.build(config, layout, state, path, ids)  # every size checked against the file's tensors first
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the model its own config describes ({str(e).splitlines()[0]}); the file is damaged") from None
+    model.eval()
+    return LoadedModel(model, config, layout, meta["ids_digest"])

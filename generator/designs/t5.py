@@ -1,0 +1,83 @@
+"""The T5 design: TIGER's encoder-decoder over code tokens (``generator.models.t5``; presets tiger, cpu, item-t5),
+its encoder-token featurisation (``generator.training.examples``, ``t5_data``) and its Lightning system
+(``generator.training.t5_system``). Every T5 module is named here only, so moving them into a subpackage of their
+own changes this file's import lines and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from generator.decoding.protocol import Histories
+from generator.designs.base import Design, Labelled, Setup, TrainInputs, refuse_title_fields
+from generator.models import checkpoint_checks as checks
+from generator.models.t5 import PRESETS, GeneratorConfig, build_model
+from generator.training.examples import collate, history_examples
+from generator.training.t5_data import eval_batches, split_examples
+from semid.split import Split
+
+NAME = "t5"
+MONITOR = "val/ndcg@10"  # the T5 design's selection metric
+DEFAULTS = {"batch_size": 256, "lr": 2e-3, "warmup_steps": 500, "label_smoothing": 0.1, "max_history": 20,
+            "user_tokens": 2000, "dense": None, "decoder": "auto"}
+
+
+def check_options(options: Any) -> None:
+    refuse_title_fields(options)
+    if options.model_options:
+        raise ValueError(f"`model_options` are for the causal design; preset {options.preset!r} takes none, got {options.model_options!r}")
+
+
+def build(config: GeneratorConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> torch.nn.Module:
+    checks.check_t5(config, layout, state, path)
+    return build_model(config, layout)
+
+
+# ---- featurisation: encoder tokens (user token, code tokens of each history item) ---------------------------------
+def split_batches(run: Any, split: Split, which: str, rows: np.ndarray, batch_size: int) -> list[Labelled]:
+    ex = split_examples(split, run.ids, run.layout, which, rows=rows, max_history=run.max_history,
+                        use_user_tokens=run.use_user_tokens)
+    out = []
+    for index in eval_batches(ex.input_lengths, batch_size):  # loop over batches of users
+        b = collate(ex, index, run.layout.pad_token_id)
+        out.append(Labelled(Histories(b.input_ids, b.attention_mask.bool()), b.target))
+    return out
+
+
+def history_batches(run: Any, histories: list[np.ndarray], user_ids: np.ndarray | None, batch_size: int) -> list[Histories]:
+    ex = history_examples(histories, np.full(len(histories), -1), user_ids, run.ids, run.layout, max_history=run.max_history)
+    out = []
+    for lo in range(0, len(histories), batch_size):  # loop over batches of histories
+        b = collate(ex, torch.arange(lo, min(lo + batch_size, len(histories))), run.layout.pad_token_id)
+        out.append(Histories(b.input_ids, b.attention_mask.bool()))
+    return out
+
+
+def setup(t: TrainInputs) -> Setup:
+    from generator.training.datamodules import GeneratorDataModule
+    from generator.training.t5_system import GeneratorSystem, dense_setup
+
+    options = t.options
+    config = PRESETS[options.preset]
+    dm = GeneratorDataModule(
+        t.split, t.ids, t.layout, batch_size=options.batch_size, eval_batch_size=options.eval_batch_size,
+        max_history=options.max_history, val_users=options.val_users, seed=options.seed, num_workers=options.num_workers,
+    )
+    dense = dense_setup(
+        options.dense, options.objective if options.dense else "generative", t.dataset, t.split, t.ids, config.d_model,
+        embeddings=options.dense_embeddings, options=options.dense_options,
+    )
+    system = GeneratorSystem(
+        config, t.layout, t.digest, t.tree, optim=options.optim(), num_beams=options.num_beams,
+        decoder="dense" if dense.objective == "dense" else options.decoder,
+        dense_head=dense.head, objective=dense.objective, log_q=dense.log_q, ids=t.ids,
+    )
+    return Setup(config, dm, system, MONITOR)
+
+
+T5 = Design(NAME, GeneratorConfig, "ids", PRESETS, DEFAULTS, check_options, build, split_batches, history_batches, setup,
+            served=("beam", "generate", "dense", "hybrid"),
+            preset_defaults={"item-t5": {"user_tokens": 0}})  # one position per item: no user token
