@@ -159,9 +159,9 @@ def _with_run_vectors(embeddings: np.ndarray, run_dir: Path, weight: float) -> t
     """The embeddings with RUN's dense item vectors beside them (``semid.collaborative``), and what stats.json records."""
     import torch
 
-    from generator.runs.load import load_any_run  # the command line is above generator
+    from generator.runs.folder import load_run  # the command line is above generator
 
-    run = load_any_run(run_dir)
+    run = load_run(run_dir)
     if run.design != "causal" or not getattr(run.model_config, "dense_dim", 0):
         raise ValueError(f"--collaborative {run_dir}: a {run.design} run without the causal design's dense head; give a "
                          "run of `semid train`'s default design")
