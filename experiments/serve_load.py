@@ -14,6 +14,14 @@ sending its next request when the last is answered) over 127.0.0.1 only, every p
    oversized bodies): each must be a 4xx; then the service must still answer.
 
 Writes ``experiments/results/serve_load.md`` with the command, the machine's load and what else ran.
+
+    python -m experiments.serve_load --run RUN --grouping [--batches 15]
+
+measures, without HTTP, what the batcher's grouping costs: the same batches of 8 and 64 histories (k = 10, exclusion
+on) decoded as the batcher groups them now and as it grouped them before (one call per exact beam count
+``max(loaded beams, k + distinct items)``, for every decoder); CPU seconds of the decoding thread
+(``time.thread_time``, one torch thread), so the ratio holds on a shared machine. Writes
+``experiments/results/serve_grouping.md``.
 """
 
 from __future__ import annotations
@@ -143,7 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak-seconds", type=float, default=60.0)
     p.add_argument("--out", type=Path, default=RESULTS / "serve_load.md")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds the service may take to load the run")
+    p.add_argument("--grouping", action="store_true", help="measure the batcher's grouping only (no HTTP)")
+    p.add_argument("--batches", type=int, default=15, help="--grouping: batches per (decoder, size)")
     args = p.parse_args(argv)
+    if args.grouping:
+        _grouping(args)
+        return
     url = f"http://127.0.0.1:{args.port}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(tempfile.mktemp(suffix=".serve.log"), "w+")  # noqa: SIM115 - read back at the end
@@ -200,6 +213,61 @@ def main(argv: list[str] | None = None) -> None:
     load_after, others_after = os.getloadavg(), _others()
     _write(args, ready, rows, soak, reload_result, (good, bad, alive, ready_after), tracebacks,
            (load_before, load_after), (others_before, others_after))
+
+
+def _grouping(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from generator.runs.recommender import Recommender
+    from generator.serving.batcher import Job, MicroBatcher, plan
+
+    torch.set_num_threads(1)
+    rec = Recommender.from_run(args.run)
+    hist = [np.asarray(h, dtype=np.int64) for h in _histories(_data_dir(args.run), 1000, seed=0)]
+    batcher, rows = MicroBatcher(max_batch=256), []
+    for decoder in DECODERS:
+        for size in (8, 64):
+            batches = [hist[(i * size) % 1000:][:size] for i in range(args.batches)]
+            t0, calls_new = time.thread_time(), 0
+            for batch in batches:  # now: the batcher's own grouping
+                jobs = []
+                for h in batch:
+                    job = Job(rec, [h], 10, decoder, True, future=None, loop=None)
+                    job.wants, job.beams, job.keys = plan(rec, [h], 10, decoder, True)
+                    jobs.append(job)
+                calls_new += batcher._decode(jobs)[1]
+            new = time.thread_time() - t0
+            t0, calls_old = time.thread_time(), 0
+            for batch in batches:  # before: one call per exact beam count
+                groups: dict[int, list] = {}
+                for h in batch:
+                    groups.setdefault(max(rec.num_beams, 10 + len(np.unique(h))), []).append(h)
+                for beams, hs in groups.items():
+                    rec.recommend(hs, 10, decoder, exclude_history=True, num_beams=beams, batch_size=256)
+                calls_old += len(groups)
+            old = time.thread_time() - t0
+            n = args.batches
+            rows.append((decoder, size, calls_old / n, calls_new / n, 1e3 * old / n, 1e3 * new / n))
+            print(f"{decoder:>6} batch {size:>2}: calls {calls_old / n:.1f} -> {calls_new / n:.1f}, CPU ms per batch "
+                  f"{1e3 * old / n:.1f} -> {1e3 * new / n:.1f} ({old / new:.2f}x)", flush=True)
+    lines = ["# The batcher's grouping: decoder calls and CPU per batch (issue 20)", "",
+             f"Command: `python -m experiments.serve_load {shlex.join(sys.argv[1:])}`", "",
+             f"Run `{args.run}` ({rec.version}, {rec.run.ids.num_items:,} items, {rec.num_beams} beams loaded, hybrid "
+             f"C = {rec.num_candidates}). {args.batches} batches per row, of 8 or 64 of 1,000 sampled users' histories "
+             "(last 50 items), k = 10, exclude_history on; the same batches both ways, decoded on one thread with one "
+             "torch thread, no HTTP. CPU ms: `time.thread_time` of the decoding thread per batch (CPU time, so the "
+             "ratio holds beside other jobs). Before: one `recommend` call per exact beam count max(20, k + distinct "
+             "history items); now: the batcher's groups (beam buckets 20/40/80/..., exact and dense one group, the "
+             "hybrid one group up to C, k and exclusion cut from one ranking).", "",
+             "| decoder | histories / batch | calls before | calls now | CPU ms before | CPU ms now | histories / CPU s now | "
+             "speed-up |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for decoder, size, co, cn, mo, mn in rows:
+        lines.append(f"| {decoder} | {size} | {co:.1f} | {cn:.1f} | {mo:.1f} | {mn:.1f} | {1e3 * size / mn:.0f} | {mo / mn:.2f}x |")
+    lines += ["", f"Beside this run (ps, busiest first, %CPU NI command): {_others()}", ""]
+    out = RESULTS / "serve_grouping.md"
+    out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {out}")
 
 
 def _data_dir(run: Path) -> Path:

@@ -88,3 +88,19 @@ def test_a_prefix_decoder_ranks_its_top_k_as_the_first_k_of_a_longer_ranking(ser
     if decoder in ("exact", "dense"):
         assert [r.items.tolist() for r in rec.recommend(hs, 10, decoder, num_beams=10)] == \
             [r.items.tolist() for r in rec.recommend(hs, 10, decoder, num_beams=40)]
+
+
+def test_a_request_the_decoder_refuses_names_the_decoder(serve_world: dict[str, Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(holder_for(serve_world["v1"]))
+    rec = app.state.holder.current.rec
+
+    def refuses(*args: object, **kwargs: object) -> object:
+        raise ValueError("`k` must be an int in [1, 10] (the hybrid's candidates per list), got 13")
+
+    with TestClient(app) as c:
+        monkeypatch.setattr(rec, "recommend", refuses)
+        r = c.post("/recommend", json={"history": [1, 2], "decoder": "hybrid"})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["field"] == "decoder" and err["value"] == "'hybrid'" and "got 13" in err["message"], err

@@ -184,8 +184,9 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
         q = parse_query(doc, served.rec, limits, batch=batch)
         try:
             return q, *await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history)
-        except (ValueError, TypeError) as e:
-            raise ApiError(422, "request", None, None, str(e)) from None
+        except (ValueError, TypeError) as e:  # the decoder refused what the checks let through: name it
+            raise ApiError(422, "decoder", q.decoder, f"a request that decoder {q.decoder!r} can serve",
+                           f"decoder {q.decoder!r} refused this request: {e}") from None
 
     async def reload_now(expect: str | None) -> Served:
         old = holder.current
