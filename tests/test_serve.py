@@ -33,9 +33,11 @@ def test_every_endpoint(serve_world: dict[str, Path]) -> None:
         assert _items(body["items"]) == want.items.tolist() and not {3, 4, 5} & set(_items(body["items"]))
         np.testing.assert_allclose([i["score"] for i in body["items"]], want.scores, rtol=1e-5)
         assert body["version"] == rec.version and body["score_kind"] == "inner product" and body["decoder"] == "dense"
+        assert body["k"] == 4 and body["num_beams"] is None  # dense has no beams
         first = body["items"][0]
         assert first["rank"] == 1 and first["title"] == f"item {first['item_id']}" and first["asin"] == f"A{first['item_id']:04d}"
-        assert c.post("/recommend", json={"history": [7]}).json()["score_kind"] == "log-likelihood"  # auto: beam
+        auto = c.post("/recommend", json={"history": [7]}).json()  # auto: beam, k 10 + 1 excluded: the loaded 20 beams
+        assert auto["score_kind"] == "log-likelihood" and auto["decoder"] == "beam" and auto["num_beams"] == 20
 
         r = c.post("/recommend/batch", json={"histories": HISTORIES[:3], "k": 3, "decoder": "hybrid", "exclude_history": False})
         assert r.status_code == 200 and r.json()["score_kind"] == "fused"
@@ -81,7 +83,7 @@ def test_concurrent_requests_are_batched_and_get_what_one_by_one_calls_get(serve
     rng = random.Random(0)
     calls = []  # (history, k, decoder, exclude): mixed so that one batch holds several groups
     for _ in range(48):
-        h = rng.sample(range(1, NUM_ITEMS + 1), rng.randint(1, 12))
+        h = rng.sample(range(1, NUM_ITEMS + 1), rng.randint(1, 20))  # k + 20 excluded needs the 40-beam bucket
         calls.append((h, rng.choice([1, 5, 10]), rng.choice(["beam", "exact", "dense", "hybrid"]), rng.random() < 0.5))
 
     async def drive() -> tuple[list, list]:
@@ -94,12 +96,15 @@ def test_concurrent_requests_are_batched_and_get_what_one_by_one_calls_get(serve
     singles, batches = asyncio.run(drive())
     for (h, k, d, e), r in zip(calls, singles, strict=True):
         assert r.status_code == 200, r.text
-        want = rec.recommend([h], k, d, exclude_history=e)[0]  # one by one, no service
+        beams = r.json()["num_beams"]  # the bucket it was decoded with (none for exact and dense)
+        assert beams is None if d in ("exact", "dense") else beams == (20 if k + e * len(h) <= 20 else 40), (beams, h, k, d, e)
+        want = rec.recommend([h], k, d, exclude_history=e, num_beams=beams)[0]  # one by one, no service
         assert _items(r.json()["items"]) == want.items.tolist(), (h, k, d, e)
         np.testing.assert_allclose([i["score"] for i in r.json()["items"]], want.scores, rtol=1e-4, atol=1e-5)
     for i, r in enumerate(batches):
-        got = [_items(x) for x in r.json()["results"]]
-        assert got == [rec.recommend([h], 5, "beam", exclude_history=True)[0].items.tolist() for h, *_ in calls[i * 6:i * 6 + 6]]
+        got, beams = [_items(x) for x in r.json()["results"]], r.json()["num_beams"]
+        assert got == [rec.recommend([h], 5, "beam", exclude_history=True, num_beams=b)[0].items.tolist()
+                       for (h, *_), b in zip(calls[i * 6:i * 6 + 6], beams, strict=True)]
     reg = app.state.metrics.registry
     requests, batches_run = reg.get_sample_value("semid_batch_requests_sum"), reg.get_sample_value("semid_batch_requests_count")
     assert requests == 56 and batches_run < requests / 2, f"{requests} requests in {batches_run} batches: not batched"

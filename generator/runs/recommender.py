@@ -124,6 +124,7 @@ class Recommender:
         asked = {self.default, *(registry.resolve(run.design, n) for n in (decoders or ()))}
         check_beams(min(num_beams, N) if isinstance(num_beams, int) and not isinstance(num_beams, bool) else num_beams, 1, N)
         self.num_beams = min(num_beams, N)
+        self.num_candidates = min(num_candidates, N)  # the hybrids' C per list; a call with more beams ranks more
         key = fusion_store.choice_key(run)  # hashes the checkpoint file: once, here
         self.version = f"ckpt-{key['checkpoint_sha256'][:16]}.ids-{key['ids_sha256'][:16]}"
         # which decoders: what was asked for, plus the backbone's usual ones where the run can serve them
@@ -184,7 +185,9 @@ class Recommender:
             exclude_history: leave out items of the history (the decoder is asked for k more per distinct item
                 in it, so k plus those must not exceed the catalogue).
             user_ids: B user ids to hash into user tokens where the run was trained with them (T5 runs).
-            num_beams: beams for this call, at least the items asked for (default: the loaded count, raised to them).
+            num_beams: beams for this call, at least the items asked for (default: the loaded count, raised to them);
+                the hybrids rank max(``num_candidates``, beams) candidates per list, so a call asking for more items
+                than C (k plus the history's distinct items, with ``exclude_history``) is served too.
         Returns:
             B :class:`Recommendation`, in the order of ``histories``; items distinct and in the catalogue.
         """
@@ -206,7 +209,7 @@ class Recommender:
                                  f"{want}, more than the catalogue's {N} items: ask for fewer")
         M = max(self.num_beams, want) if num_beams is None else num_beams
         check_beams(M, want, N)
-        dec = _with_beams(self._decoders[name], M)
+        dec = _with_beams(self._decoders[name], M, candidates=name == "hybrid")
         items, scores = [], []
         for b in history_batches(self._batching, hist, user_ids, batch_size):  # loop over batches of histories
             res = dec(b.to(self.device), want)
@@ -329,12 +332,21 @@ def _padded(hist: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _with_beams(dec: Decoder, num_beams: int) -> Decoder:
-    """``dec`` with ``num_beams`` beams: itself where it has them, else a shallow copy (the built tables are shared)."""
-    if getattr(dec, "num_beams", num_beams) == num_beams:
-        return dec
-    out = copy.copy(dec)
-    out.num_beams = num_beams
-    if hasattr(out, "beam"):  # ColdStartBeam around a beam decoder
-        out.beam = _with_beams(out.beam, num_beams)
+def _with_beams(dec: Decoder, num_beams: int, *, candidates: bool = False) -> Decoder:
+    """``dec`` with ``num_beams`` beams and, with ``candidates`` (the hybrids), at least ``num_beams`` candidates per
+    list: itself where it has them, else a shallow copy (the built tables are shared)."""
+    out = dec
+    if getattr(dec, "num_beams", num_beams) != num_beams:
+        out = copy.copy(dec)
+        out.num_beams = num_beams
+        if hasattr(out, "beam"):  # ColdStartBeam around a beam decoder
+            out.beam = _with_beams(out.beam, num_beams)
+    owner = getattr(out, "shared", out)  # a causal decoder keeps C in the CausalDecoders it shares
+    if candidates and owner.num_candidates < num_beams:
+        out = copy.copy(out) if out is dec else out
+        if hasattr(out, "shared"):
+            out.shared = copy.copy(out.shared)
+            out.shared.num_candidates = num_beams
+        else:
+            out.num_candidates = num_beams
     return out

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 
 # ---- the API's documentation (OpenAPI) ---------------------------------------------------------------------------
+BEAMS = ("the beams this history was decoded with (null: the decoder has none): the smallest of the loaded beams times "
+         "1, 2, 4, ... that holds k plus the history's distinct items when they are excluded. The items are what "
+         "`Recommender.recommend([history], k, decoder, exclude_history=..., num_beams=num_beams)` returns for this "
+         "history alone, whatever else was decoded in the same batch")
+
+
 class RecommendRequest(BaseModel):
     history: list[int] = Field(description="item ids, oldest first", examples=[[12, 45, 99]])
     k: int = Field(10, description="items to return: 1 to min(100, catalogue size)")
@@ -60,6 +66,7 @@ class RecommendResponse(BaseModel):
     decoder: str
     score_kind: str = Field(description="what the scores are (log-likelihood, inner product, fused, ...)")
     k: int
+    num_beams: int | None = Field(description=BEAMS)
     items: list[RankedItem]
 
 
@@ -68,6 +75,7 @@ class BatchResponse(BaseModel):
     decoder: str
     score_kind: str
     k: int
+    num_beams: list[int | None] = Field(description="per history, as `num_beams` of /recommend")
     results: list[list[RankedItem]]
 
 
@@ -172,12 +180,13 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
             raise ApiError(503, None, None, None, "no model is loaded yet (see /readyz)")
         return served
 
-    async def decode(served: Served, doc: dict[str, Any], batch: bool) -> tuple[Any, list[Recommendation]]:
+    async def decode(served: Served, doc: dict[str, Any], batch: bool) -> tuple[Any, list[Recommendation], list[int | None]]:
         q = parse_query(doc, served.rec, limits, batch=batch)
         try:
-            return q, await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history)
-        except (ValueError, TypeError) as e:
-            raise ApiError(422, "request", None, None, str(e)) from None
+            return q, *await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history)
+        except (ValueError, TypeError) as e:  # the decoder refused what the checks let through: name it
+            raise ApiError(422, "decoder", q.decoder, f"a request that decoder {q.decoder!r} can serve",
+                           f"decoder {q.decoder!r} refused this request: {e}") from None
 
     async def reload_now(expect: str | None) -> Served:
         old = holder.current
@@ -196,17 +205,17 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
     async def recommend(request: Request) -> Response:
         """Top-k items for one history."""
         served = ready()
-        q, out = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=False)
+        q, out, beams = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=False)
         return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
-                      "k": q.k, "items": _ranked(served, out[0])})
+                      "k": q.k, "num_beams": beams[0], "items": _ranked(served, out[0])})
 
     @app.post("/recommend/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=_body_doc(BatchRequest))
     async def recommend_batch(request: Request) -> Response:
         """Top-k items for each of many histories (results in the order of `histories`)."""
         served = ready()
-        q, out = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=True)
+        q, out, beams = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=True)
         return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
-                      "k": q.k, "results": [_ranked(served, o) for o in out]})
+                      "k": q.k, "num_beams": beams, "results": [_ranked(served, o) for o in out]})
 
     @app.get("/items/{item_id}", responses=ERRORS)
     async def item(item_id: str) -> Response:

@@ -5,10 +5,19 @@ future; the worker thread takes the first waiting request, then gathers more for
 ``max_batch`` histories), groups the histories by what decides their ranking and decodes each group with one
 ``Recommender.recommend`` call.
 
-Same results as one-by-one calls: a group holds the histories with the same Recommender (version), decoder, k,
-``exclude_history`` and beam count, the beam count a one-by-one call would use (``max(loaded beams, k + the distinct
-items to exclude)``). A call asking for more items than another of its group (``exclude_history``) then only reads
-further down the same beams' ranking, whose first items are the same.
+What decides a ranking (:func:`plan`), so that a batched answer is what the request would get alone:
+
+- **Beams, in buckets.** A history that asks for ``want`` items (k, plus its distinct items with ``exclude_history``)
+  is decoded with ``bucket(want)`` beams: the smallest of the loaded beams times 1, 2, 4, ... that holds ``want``
+  (capped at the catalogue). Its answer is what ``rec.recommend([history], k, decoder, exclude_history=...,
+  num_beams=bucket)`` returns alone; the service reports that count (``num_beams``). A few buckets instead of one
+  count per ``want`` let concurrent requests share a batch.
+- **Decoders without beams** (:data:`BEAMLESS`: exact, dense) rank the same whatever the beams: one group. The
+  hybrid ranks max(beams, C) candidates per list (C its candidates per list): beams up to C are one group.
+- **k and the exclusion do not split a group** for the decoders whose top-k is the first k of their top-n
+  (:data:`PREFIX`): the group is decoded for the largest ``want`` in it, and each history keeps the first k of that
+  ranking that are not in its history (when it excludes them), which is what its own call keeps. Other decoders
+  (cold-beam's cold quota depends on k, ...) are grouped by k, exclusion and ``want`` as well.
 
 A lone client pays no wait: the worker waits for more requests only when requests queued up while it was decoding
 the previous batch, or more than one was already waiting (signs of concurrent clients); otherwise it decodes at once.
@@ -33,31 +42,54 @@ from generator.runs.recommender import Recommendation, Recommender
 log = logging.getLogger(__name__)
 
 _STOP = object()
+BEAMLESS = frozenset({"exact", "dense"})  # rankings that do not depend on the beam count
+WIDENING = frozenset({"hybrid"})  # ranks max(beams, C) candidates per list: any beams up to C rank the same
+PREFIX = frozenset({"beam", "exact", "dense", "hybrid", "title-beam"})  # top-k = the first k of top-n (n > k)
 
 
 @dataclass
 class Job:
     """One request: B checked histories for one Recommender, decoded with the same k, decoder and exclusion.
 
-    beams: int (B,), the beam count a one-by-one call would use for each history (see the module doc).
+    wants, beams, keys: per history (:func:`plan`).
     """
 
     rec: Recommender
     histories: list[np.ndarray]
-    beams: list[int]
     k: int
     decoder: str
     exclude_history: bool
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    wants: list[int] = field(default_factory=list)
+    beams: list[int | None] = field(default_factory=list)
+    keys: list[tuple] = field(default_factory=list)
     results: list[Recommendation | None] = field(default_factory=list)
     error: BaseException | None = None
 
 
-def beams_for(rec: Recommender, histories: list[np.ndarray], k: int, exclude_history: bool) -> list[int]:
-    """The beam count ``rec.recommend([h], k, exclude_history=...)`` would use for each history alone."""
-    extra = [len(np.unique(h)) for h in histories] if exclude_history else [0] * len(histories)
-    return [max(rec.num_beams, k + e) for e in extra]
+def bucket(want: int, loaded: int, num_items: int) -> int:
+    """The beams a history asking for ``want`` items is decoded with: the smallest ``loaded * 2**i`` >= ``want``,
+    capped at ``num_items`` (``want`` <= ``num_items``)."""
+    beams = loaded
+    while beams < want:  # a handful of doublings
+        beams *= 2
+    return min(beams, num_items)
+
+
+def plan(rec: Recommender, histories: list[np.ndarray], k: int, decoder: str, exclude_history: bool
+         ) -> tuple[list[int], list[int | None], list[tuple]]:
+    """Per history: the items its decoder is asked for (``want``), the beams it is decoded with (None: the decoder
+    has none) and its group key (module doc)."""
+    wants = [k + len(np.unique(h)) for h in histories] if exclude_history else [k] * len(histories)
+    N = rec.run.ids.num_items
+    beams = [None if decoder in BEAMLESS else bucket(w, rec.num_beams, N) for w in wants]
+    params = [max(b, rec.num_candidates) for b in beams] if decoder in WIDENING else beams
+    if decoder in PREFIX:
+        keys = [(id(rec), decoder, p) for p in params]
+    else:
+        keys = [(id(rec), decoder, p, k, exclude_history, w) for p, w in zip(params, wants, strict=True)]
+    return wants, beams, keys
 
 
 def _resolve(job: Job) -> None:
@@ -77,11 +109,11 @@ class MicroBatcher:
         max_batch: the most histories decoded as one batch (a request with more is decoded alone, in chunks).
         max_wait_ms: the longest a request waits for others to join its batch.
         threads: torch threads of the worker (``torch.set_num_threads``).
-        on_batch: called on the worker after each batch with (histories, requests, seconds decoding).
+        on_batch: called on the worker after each batch with (histories, requests, groups decoded, seconds decoding).
     """
 
     def __init__(self, *, max_batch: int = 256, max_wait_ms: float = 5.0, threads: int = 1,
-                 on_batch: Callable[[int, int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, int, int, float], None] | None = None) -> None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"`max_batch` must be a positive int, got {max_batch!r}")
         if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or not 0 <= max_wait_ms <= 10_000:
@@ -112,15 +144,17 @@ class MicroBatcher:
         return self._thread is not None and self._thread.is_alive()
 
     async def submit(self, rec: Recommender, histories: list[np.ndarray], k: int, decoder: str,
-                     exclude_history: bool) -> list[Recommendation]:
-        """Top-k of each history (checked already), decoded on the worker with whatever else is queued."""
+                     exclude_history: bool) -> tuple[list[Recommendation], list[int | None]]:
+        """Top-k of each history (checked already), decoded on the worker with whatever else is queued; and the beams
+        each was decoded with (None: the decoder has none). Each answer is what ``rec.recommend([history], k, decoder,
+        exclude_history=exclude_history, num_beams=beams)`` returns alone (module doc)."""
         if not self.alive:
             raise RuntimeError("the decoding worker is not running")
         loop = asyncio.get_running_loop()
-        job = Job(rec, histories, beams_for(rec, histories, k, exclude_history), k, decoder, exclude_history,
-                  loop.create_future(), loop)
+        job = Job(rec, histories, k, decoder, exclude_history, loop.create_future(), loop)
+        job.wants, job.beams, job.keys = plan(rec, histories, k, decoder, exclude_history)
         self._queue.put(job)
-        return await job.future
+        return await job.future, job.beams
 
     # ---- the worker ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -132,13 +166,13 @@ class MicroBatcher:
                 return
             jobs, stopping = self._gather(first)
             t0 = time.perf_counter()
-            n = self._decode(jobs)
+            n, groups = self._decode(jobs)
             seconds = time.perf_counter() - t0
             self._contended = not self._queue.empty()
             for job in jobs:
                 job.loop.call_soon_threadsafe(_resolve, job)
             if self.on_batch is not None:
-                self.on_batch(n, len(jobs), seconds)
+                self.on_batch(n, len(jobs), groups, seconds)
 
     def _gather(self, first: Job) -> tuple[list[Job], bool]:
         """``first`` and the requests that join it (module doc); True as second value when a stop was queued."""
@@ -161,19 +195,26 @@ class MicroBatcher:
                 break
         return jobs, False
 
-    def _decode(self, jobs: list[Job]) -> int:
-        """Decode every job's histories, grouped so that each gets what a call of its own would (module doc)."""
+    def _decode(self, jobs: list[Job]) -> tuple[int, int]:
+        """Decode every job's histories, grouped so that each gets what a call of its own would (module doc); returns
+        (histories, groups)."""
         groups: dict[tuple, list[tuple[Job, int]]] = {}
         for job in jobs:  # loop over requests (and a batch request's histories)
             job.results = [None] * len(job.histories)
-            for i, beams in enumerate(job.beams):
-                key = (id(job.rec), job.decoder, job.k, job.exclude_history, beams)
+            for i, key in enumerate(job.keys):
                 groups.setdefault(key, []).append((job, i))
-        for (_, decoder, k, exclude, beams), members in groups.items():
-            rec = members[0][0].rec
+        for key, members in groups.items():
+            first = members[0][0]
+            rec, decoder, beams = first.rec, first.decoder, key[2]
+            histories = [job.histories[i] for job, i in members]
             try:
-                out = rec.recommend([job.histories[i] for job, i in members], k, decoder, exclude_history=exclude,
-                                    num_beams=beams, batch_size=self.max_batch)
+                if decoder in PREFIX:  # one ranking as long as the longest ask, cut per history
+                    out = rec.recommend(histories, max(job.wants[i] for job, i in members), decoder, num_beams=beams,
+                                        batch_size=self.max_batch)
+                    out = _cut(out, members)
+                else:
+                    out = rec.recommend(histories, first.k, decoder, exclude_history=first.exclude_history,
+                                        num_beams=beams, batch_size=self.max_batch)
             except Exception as e:  # noqa: BLE001 - handed to each request of the group, the worker lives on
                 if not isinstance(e, (ValueError, TypeError)):
                     log.exception("decoding a batch of %d histories failed", len(members))
@@ -182,4 +223,20 @@ class MicroBatcher:
                 continue
             for (job, i), rec_out in zip(members, out, strict=True):
                 job.results[i] = rec_out
-        return sum(len(job.histories) for job in jobs)
+        return sum(len(job.histories) for job in jobs), len(groups)
+
+
+def _cut(out: list[Recommendation], members: list[tuple[Job, int]]) -> list[Recommendation]:
+    """Per member, the first k items of its ranking ``out[j]`` (best first) that are not in its history when its job
+    excludes the history: what ``Recommender.recommend`` keeps for a call of its own. One membership test over all
+    members' (row, item) pairs, one stable sort."""
+    items = np.stack([o.items for o in out])  # (G, n)
+    scores = np.stack([o.scores for o in out])
+    excluded = [job.histories[i] if job.exclude_history else np.empty(0, np.int64) for job, i in members]
+    flat, lengths = np.concatenate(excluded), np.fromiter(map(len, excluded), np.int64, len(excluded))
+    span = int(max(items.max(), flat.max(initial=0))) + 1  # (row, item) -> row * span + item, one key per pair
+    row = np.arange(len(members), dtype=np.int64)
+    in_history = np.isin(row[:, None] * span + items, np.repeat(row, lengths) * span + flat)  # (G, n)
+    order = np.argsort(in_history, axis=1, kind="stable")  # the rest first, in their order
+    items, scores = np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
+    return [Recommendation(items[j, :job.k], scores[j, :job.k]) for j, (job, _) in enumerate(members)]

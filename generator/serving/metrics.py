@@ -3,6 +3,7 @@
 - ``semid_requests_total{endpoint, status}``: requests answered, by route template and HTTP status;
 - ``semid_request_seconds{endpoint}``: latency histogram, from the first byte read to the last byte sent;
 - ``semid_batch_histories``: histories per decoded batch; ``semid_batch_requests``: requests per batch;
+  ``semid_batch_groups``: ``Recommender.recommend`` calls per batch (histories that rank alike share one);
   ``semid_decode_seconds``: a batch's decoding time;
 - ``semid_reloads_total{outcome}``: reloads done or refused; ``semid_model_info{version}``: the version served.
 """
@@ -42,13 +43,16 @@ class Metrics:
         self.latency = Histogram("semid_request_seconds", "Request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_histories = Histogram("semid_batch_histories", "Histories per decoded batch", buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("semid_batch_requests", "Requests per decoded batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_groups = Histogram("semid_batch_groups", "Decoder calls (groups) per decoded batch", buckets=BATCH_BUCKETS,
+                                      registry=r)
         self.decode = Histogram("semid_decode_seconds", "Decoding time of a batch", buckets=LATENCY_BUCKETS, registry=r)
         self.reloads = Counter("semid_reloads", "Reloads by outcome", ["outcome"], registry=r)
         self.model = Info("semid_model", "The version served", registry=r)
 
-    def on_batch(self, histories: int, requests: int, seconds: float) -> None:
+    def on_batch(self, histories: int, requests: int, groups: int, seconds: float) -> None:
         self.batch_histories.observe(histories)
         self.batch_requests.observe(requests)
+        self.batch_groups.observe(groups)
         self.decode.observe(seconds)
 
     def text(self) -> tuple[bytes, str]:
