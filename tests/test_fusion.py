@@ -55,7 +55,7 @@ def slow_hybrid(kind: str, params: dict, exact: np.ndarray, dense: np.ndarray, c
 def world():
     model, ids, tree = make(num_items=30, seed=3)
     with torch.no_grad():
-        model.item_table.normal_(0, 1.0)
+        model.dense_head.item_table.normal_(0, 1.0)
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_candidates=C).refresh()
     h = torch.randn(40, model.config.d_model, generator=torch.Generator().manual_seed(1))
     return model, ids, dec, h

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from generator.models.checkpoint import ids_digest
+from generator.runs.cold_items import extend_ids
 from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, data_fingerprint, read_config
 from generator.runs.lineage import ADDED_CONTENT, lineage, load_model
 from semid.data import load_dataset
@@ -84,8 +85,8 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         if not qpath.is_file():
             raise FileNotFoundError(f"{qpath}: no fitted quantizer here (`semid fit-codebooks` writes quantizer.pt)")
         codes_name = embeddings or _fitted_on(qpath)
-        codes = np.asarray(load_quantizer(qpath).encode(np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)))
-        extended = ids.add_items(codes, np.arange(n + 1, dataset.num_items + 1, dtype=np.int64))
+        extended = extend_ids(ids, dataset.embeddings(codes_name)[n:], np.arange(n + 1, dataset.num_items + 1),
+                              encode=load_quantizer(qpath).encode)
         arrays = {}
         content_dim = int((config.get("model") or {}).get("content_dim") or 0)
         content_name = (config.get("train") or {}).get("dense_embeddings") or "minilm"
