@@ -174,3 +174,26 @@ def test_hybrid_on_the_validation_split_needs_an_explicit_alpha(joint_run: Path,
     err = capsys.readouterr().err
     assert "tuned on" in err and "--split test" in err and "--alpha" in err
     assert main([*argv, "--alpha", "0.5"]) == 0
+
+
+def test_a_hybrid_json_of_the_earlier_t5_schema_ranks_as_the_blend_it_stored(joint_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from generator.runs.fusion_store import choice_key
+
+    run = tmp_path / "run"
+    shutil.copytree(joint_run, run)
+    r = load_run(run)
+    key = {**choice_key(r), "num_candidates": min(50, r.ids.num_items)}
+    histories = [[3, 4, 5], [7], [10, 11, 12, 13]]
+    ranked = {}
+    for name, stored in (("earlier", {"alpha": 0.3, "metric": "ndcg@10", "validation_users": 24}),  # before the one schema
+                         ("one schema", {"fusion": "blend", "params": {"alpha": 0.3}, "metric": "ndcg@10"})):
+        (run / HYBRID_FILE).write_text(json.dumps({**stored, **key}))
+        ranked[name] = recommend(r, histories, k=5, decoder="hybrid", num_beams=12)
+    ranked["given"] = recommend(r, histories, k=5, decoder="hybrid", num_beams=12, alpha=0.3)
+    ranked["other"] = recommend(r, histories, k=5, decoder="hybrid", num_beams=12, alpha=0.9)
+    for name in ("one schema", "given"):
+        for a, b in zip(ranked["earlier"], ranked[name], strict=True):
+            assert np.array_equal(a.items, b.items) and np.array_equal(a.scores, b.scores)
+    assert not all(np.array_equal(a.scores, b.scores) for a, b in zip(ranked["earlier"], ranked["other"], strict=True))

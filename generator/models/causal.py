@@ -170,7 +170,7 @@ class CausalGenerator(nn.Module):
                 self._register_children(level, codes)
         if config.dense_dim:  # item vectors: a table + the item's code embeddings, projected (+ its content, projected)
             self.dense_head = DenseHead(dense_config(config), num_items=item_tokens.shape[0])
-            self._register_load_state_dict_pre_hook(_renamed_dense_weights)
+            self._register_load_state_dict_pre_hook(rename_dense_weights)
 
     @property
     def num_items(self) -> int:
@@ -342,17 +342,10 @@ OLD_DENSE_NAMES = {"dense_query.weight": "dense_head.query_proj.weight", "dense_
                    "dense_content.weight": "dense_head.content_proj.weight"}
 
 
-def renamed_dense_weights(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A causal state dict with the dense head's weights under their names (those of checkpoints written before the
-    shared head renamed); a state dict without old names is returned as it is."""
-    if not any(prefix + old in state for old in OLD_DENSE_NAMES):
-        return state
-    return {(prefix + OLD_DENSE_NAMES[k[len(prefix):]] if k.startswith(prefix) and k[len(prefix):] in OLD_DENSE_NAMES
-             else k): v for k, v in state.items()}
-
-
-def _renamed_dense_weights(state: dict[str, Any], prefix: str, *args: Any) -> None:  # a load_state_dict pre-hook
-    renamed = renamed_dense_weights(state, prefix)
-    if renamed is not state:
-        state.clear()
-        state.update(renamed)
+def rename_dense_weights(state: dict[str, Any], prefix: str = "", *hook_args: Any) -> dict[str, Any]:
+    """``state`` (a causal state dict, changed in place and returned; also the model's load_state_dict pre-hook) with
+    the dense head's weights under their names: checkpoints written before the head was shared hold the old ones."""
+    for old, new in OLD_DENSE_NAMES.items():
+        if prefix + old in state:
+            state[prefix + new] = state.pop(prefix + old)
+    return state

@@ -126,5 +126,6 @@ def dense_logits(model: CausalGenerator, h: torch.Tensor) -> torch.Tensor:
 
 def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor, *, log_q: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """The dense head's loss (``DenseHead.loss_with``: full or sampled softmax). h: (P, D); target_rows: (P,); log_q: (N,)."""
-    return model.dense_head.loss_with(model.dense_queries(h), model.item_vectors, target_rows, log_q=log_q, generator=generator)
+    """The dense head's loss (``DenseHead.loss``: full or sampled softmax). h: (P, D); target_rows: (P,); log_q: (N,)."""
+    return model.dense_head.loss(model.dense_queries(h), target_rows, vectors_of=model.item_vectors, log_q=log_q,
+                                 generator=generator)

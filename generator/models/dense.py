@@ -233,28 +233,18 @@ class DenseHead(nn.Module):
         log.info("dense head: added %d items (now %d)", count, self.num_items)
 
     # ---- loss ----------------------------------------------------------------------------------------------------
-    def loss(
-        self,
-        query: torch.Tensor,
-        target_rows: torch.Tensor,
-        *,
-        log_q: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The configured loss for queries (B, d) and target rows (B,) in [0, N); scalar.
+    def loss(self, query: torch.Tensor, target_rows: torch.Tensor, *,
+             vectors_of: Callable[[torch.Tensor | None], torch.Tensor] | None = None, log_q: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The configured loss for queries (B, d) and target rows (B,) in [0, N); scalar. ``vectors_of`` (rows or
+        None -> item vectors): a host model's (default :meth:`item_vectors`).
 
         The sampled loss only computes the vectors of its candidates (C = B + num_random_negatives rows).
         """
-        return self.loss_with(query, self.item_vectors, target_rows, log_q=log_q, generator=generator)
-
-    def loss_with(self, query: torch.Tensor, vectors_of: Callable[[torch.Tensor | None], torch.Tensor],
-                  target_rows: torch.Tensor, *, log_q: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """:meth:`loss` with the item vectors of a host model (``vectors_of``: rows or None -> vectors)."""
         c = self.config
-        return softmax_loss(query, vectors_of, target_rows, self.num_items, loss=c.loss, negatives=c.negatives,
-                            num_negatives=c.num_random_negatives, log_q=log_q, correct=c.logq_correction,
-                            generator=generator)
+        return softmax_loss(query, self.item_vectors if vectors_of is None else vectors_of, target_rows, self.num_items,
+                            loss=c.loss, negatives=c.negatives, num_negatives=c.num_random_negatives, log_q=log_q,
+                            correct=c.logq_correction, generator=generator)
 
 
 # ---- with the T5 encoder --------------------------------------------------------------------------------------------
