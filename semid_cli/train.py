@@ -179,9 +179,9 @@ class DenseOptionsAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object, option: object = None) -> None:
         key, sep, text = str(value).partition("=")
-        from generator.models.dense import DenseHeadConfig
+        from generator.models.dense import HOST_FIELDS, DenseHeadConfig
 
-        known = set(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"}
+        known = set(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode", *HOST_FIELDS}
         if not sep or key not in known:
             parser.error(f"{option} must be KEY=VALUE with KEY one of {sorted(known)}, got {value!r}")
         _set_option(parser, namespace, self.dest, option, key, text)

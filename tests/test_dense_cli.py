@@ -132,6 +132,9 @@ def test_dense_flag_errors(folders: dict[str, Path], capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main(["train", "--data", str(folders["data"]), "--ids", str(folders["ids"]), "--out", "x", "--dense-option", "colour=red"])
     assert "KEY one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the causal model's head's fields: a T5 head has no code vectors handed in
+        main(["train", "--data", str(folders["data"]), "--ids", str(folders["ids"]), "--out", "x", "--dense-option", "code_dim=4"])
+    assert "KEY one of" in capsys.readouterr().err
 
 
 def test_stored_alpha_is_reused_only_for_the_same_checkpoint(joint_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

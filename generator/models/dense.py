@@ -34,6 +34,7 @@ from generator.models.dense_loss import LOSSES, NEGATIVES, softmax_loss
 log = logging.getLogger(__name__)
 
 MODES = ("id", "content", "both")
+HOST_FIELDS = ("code_dim", "content_dim")  # for a head whose host model holds its items (the causal design's)
 POOLINGS = ("mean", "last")
 
 
@@ -117,6 +118,9 @@ class DenseHead(nn.Module):
         super().__init__()
         if item_ids is not None:
             item_ids = _check_item_ids(item_ids)
+            if config.code_dim or config.content_dim:
+                raise ValueError(f"`code_dim` and `content_dim` are for a head whose model holds its items and hands it their "
+                                 f"vectors (pass `num_items`, not `item_ids`), got {config.code_dim}, {config.content_dim}")
         N = item_ids.numel() if item_ids is not None else num_items
         if not N:
             raise ValueError("`item_ids` must hold at least one item, got none")
