@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
-from generator.decoding.fusion import pool
-from generator.decoding.protocol import BLEND, INNER_PRODUCT, Histories
+from generator.decoding.fusion import fuse, pool
+from generator.decoding.protocol import BLEND, FUSED, INNER_PRODUCT, Histories
 from generator.decoding.t5_beam import beam_search
 from generator.decoding.t5_dense import T5Dense
 from generator.decoding.t5_hybrid import T5Hybrid
@@ -270,3 +270,20 @@ def test_validation_builds_a_new_dense_decoder_every_pass(world) -> None:
     assert not torch.equal(second.scores, first.scores)
     assert torch.equal(second.items, torch.from_numpy(ids.item_ids)[want.indices])
     torch.testing.assert_close(second.scores, want.values)
+
+
+def test_t5_hybrid_serves_the_pool_fusions_and_refuses_the_full_catalogue_blend(world) -> None:
+    model, ids, layout, head, x, mask = world
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    h = Histories(x, mask.bool())
+    learned = [0.5, 0.5, 0.1, -0.1, -0.2, -0.1, 0.0, 0.3]
+    for fusion in (("rrf", {"k0": 5.0}), ("liger", {}), ("learned", {"weights": learned})):
+        dec = T5Hybrid(model, tree, layout, head, ids, fusion=fusion, num_candidates=4, num_beams=4)
+        res = dec(h, 3)
+        rows, scores = fuse(*fusion, dec.parts(h), 3)  # the fusion every design shares, on the T5 pool
+        assert torch.equal(res.items, torch.where(rows >= 0, torch.from_numpy(ids.item_ids)[rows.clamp_min(0)], -1))
+        torch.testing.assert_close(res.scores, scores)
+        assert (res.score, res.leaves) == (FUSED, False)
+        assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
+    with pytest.raises(ValueError, match="fusion 'full' needs every item's generative score"):
+        T5Hybrid(model, tree, layout, head, ids, fusion=("full", {"alpha": 0.5}), num_candidates=4, num_beams=4)
