@@ -22,7 +22,7 @@ from generator.decoding.protocol import Histories
 from generator.runs.batches import Labelled, split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
-from generator.runs.fusion_store import choose_causal_fusion
+from generator.runs.fusion_store import choose_fusion
 from generator.training.causal_data import SeqBatch, eval_batches
 from generator.training.t5_data import sample_users
 from semid.coldstart import ColdStartSplit, write_full_dataset
@@ -45,8 +45,8 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) 
     warm_run = load_run(args.work / "run")
     warm_split = leave_one_out(load_dataset(args.work / "warm"))
     warm_dec = decoders_for(warm_run, ["beam"], num_beams=args.num_beams, num_candidates=args.num_candidates)["beam"].shared
-    choice = choose_causal_fusion(warm_run, warm_dec, warm_split, max_users=args.alpha_users, batch_size=args.batch_size,
-                                  seed=args.seed)
+    choice = choose_fusion(warm_run, warm_dec.history_parts, warm_split, num_candidates=warm_dec.num_candidates,
+                           max_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed)
     print(f"fusion chosen on warm validation users: {choice.kind} {choice.params}", file=sys.stderr, flush=True)
 
     full, cold_run = args.work / "full", args.work / "run_cold"

@@ -33,7 +33,7 @@ from generator.decoding.registry import CAUSAL, Ingredients
 from generator.runs.batches import Labelled, split_batches
 from generator.runs.decoders import decoders_for, trained_tree
 from generator.runs.folder import load_run
-from generator.runs.fusion_store import choose_causal_fusion
+from generator.runs.fusion_store import choose_fusion
 from generator.training.t5_data import sample_users
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     decoders = decoders_for(run, ["beam", "exact", "dense"], num_beams=args.num_beams, num_candidates=args.num_candidates)
     dec = decoders["beam"].shared  # the CausalDecoders the three share (item paths, edge tables, item vectors)
     t0 = time.perf_counter()
-    choice = choose_causal_fusion(run, dec, split, max_users=args.val_users, batch_size=args.batch_size, seed=args.seed)
+    choice = choose_fusion(run, dec.history_parts, split, num_candidates=dec.num_candidates, max_users=args.val_users, batch_size=args.batch_size, seed=args.seed)
     choose_s = time.perf_counter() - t0
     print(f"chosen on validation: {choice.kind} {choice.params} ({choose_s:.0f} s)", file=sys.stderr, flush=True)
     decoders |= fusion_decoders(run, choice, num_beams=args.num_beams, num_candidates=args.num_candidates)

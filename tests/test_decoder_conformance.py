@@ -51,7 +51,7 @@ def _t5_world() -> tuple[Ingredients, Histories]:
     mask[2, 3:] = False  # one right-padded history
     tokens[2, 3:] = layout.pad_token_id
     ing = Ingredients(T5, model, PrefixTree.from_semantic_ids(ids, layout), layout, ids, num_beams=8, num_candidates=6,
-                      dense_head=head, alpha=0.5, cold_items=ids.item_ids[-3:])
+                      dense_head=head, fusion=("blend", {"alpha": 0.5}), cold_items=ids.item_ids[-3:])
     return ing, Histories(tokens, mask)
 
 

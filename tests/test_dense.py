@@ -166,3 +166,5 @@ def test_config_errors() -> None:
         DenseHeadConfig(input_dim=4, dim=0)
     with pytest.raises(ValueError, match="`content_embeddings` is required"):
         DenseHead(DenseHeadConfig(input_dim=4, mode="content"), torch.arange(1, 3))
+    with pytest.raises(ValueError, match="`code_dim` and `content_dim` are for a head whose model holds its items"):
+        DenseHead(DenseHeadConfig(input_dim=4, code_dim=4), torch.arange(1, 3))  # a T5 head has no codes handed in

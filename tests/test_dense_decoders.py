@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
-from generator.decoding.protocol import BLEND, INNER_PRODUCT, Histories
+from generator.decoding.fusion import fuse, pool
+from generator.decoding.protocol import BLEND, FUSED, INNER_PRODUCT, Histories
 from generator.decoding.t5_beam import beam_search
 from generator.decoding.t5_dense import T5Dense
 from generator.decoding.t5_hybrid import T5Hybrid
@@ -75,12 +76,12 @@ def test_hybrid_decoder_ends_are_beam_and_dense_orders(world) -> None:
     h = Histories(x, mask.bool())
     # every item a candidate: alpha 1 is the exhaustive beam's order
     beam = beam_search(model, x, mask, tree, layout, k=N, num_beams=N)
-    res = T5Hybrid(model, tree, layout, head, ids, alpha=1.0, num_candidates=N, num_beams=N)(h, 6)
+    res = T5Hybrid(model, tree, layout, head, ids, fusion=("blend", {"alpha": 1.0}), num_candidates=N, num_beams=N)(h, 6)
     assert torch.equal(res.items, beam.items[:, :6])
     assert (res.score, res.leaves) == (BLEND, False)
     # alpha 0 is the dense top-k exactly: the pool holds the dense top C, whatever the beam found
     for C in (3, 6):
-        res = T5Hybrid(model, tree, layout, head, ids, alpha=0.0, num_candidates=C, num_beams=2)(h, 3)
+        res = T5Hybrid(model, tree, layout, head, ids, fusion=("blend", {"alpha": 0.0}), num_candidates=C, num_beams=2)(h, 3)
         want = T5Dense(model, head, ids)(h, 3)
         assert torch.equal(res.items, want.items)
         assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
@@ -91,24 +92,25 @@ def test_hybrid_pool_is_union_of_beam_and_dense_with_teacher_forced_scores(world
     tree = PrefixTree.from_semantic_ids(ids, layout)
     h = Histories(x, mask.bool())
     C = 4
-    cands = T5Hybrid(model, tree, layout, head, ids, alpha=0.5, num_candidates=C, num_beams=C).candidates(h)
+    parts = T5Hybrid(model, tree, layout, head, ids, fusion=("blend", {"alpha": 0.5}), num_candidates=C, num_beams=C).parts(h)
+    p = pool(parts)
     beam = beam_search(model, x, mask, tree, layout, k=C, num_beams=C)
     dense = T5Dense(model, head, ids)(h, C)
     exhaustive = beam_search(model, x, mask, tree, layout, k=N, num_beams=N)  # every item's generative score
     with torch.no_grad():
         dense_all = torch.log_softmax(encode_queries(model, head, x, mask) @ head.item_vectors().T, dim=1)
-    assert cands.items.shape == (3, 2 * C)
+    assert p.rows.shape == (3, 2 * C) and parts.exact.shape == parts.dense.shape == (3, N)
     for b in range(3):  # the test may loop; the decoder does not
-        valid = cands.items[b] >= 0
-        got = cands.items[b][valid].tolist()
+        rows = p.rows[b][p.valid[b]]
+        got = torch.from_numpy(ids.item_ids)[rows].tolist()
         want = beam.items[b].tolist() + [i for i in dense.items[b].tolist() if i not in beam.items[b].tolist()]
         assert got == want  # beam's items in its order, then the dense head's new ones; no duplicates
-        assert torch.isinf(cands.gen_logprob[b][~valid]).all() and torch.isinf(cands.dense_logprob[b][~valid]).all()
-        assert (cands.codes[b][~valid] == -1).all()
+        outside = torch.ones(N, dtype=torch.bool)
+        outside[rows] = False
+        assert torch.isneginf(parts.exact[b][outside]).all()  # the generative score is known for the pool only
         gen_of = dict(zip(exhaustive.items[b].tolist(), exhaustive.scores[b].tolist(), strict=True))
-        torch.testing.assert_close(cands.gen_logprob[b][valid], torch.tensor([gen_of[i] for i in got]), atol=1e-5, rtol=0)
-        torch.testing.assert_close(cands.dense_logprob[b][valid], dense_all[b, head.rows_of(torch.tensor(got))])
-        assert np.array_equal(cands.codes[b][valid].numpy(), ids.codes_of(np.array(got)))
+        torch.testing.assert_close(parts.exact[b, rows], torch.tensor([gen_of[i] for i in got]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(parts.dense[b], dense_all[b])
 
 
 def test_teacher_forced_scores_equal_the_beam_scores(world) -> None:
@@ -207,7 +209,7 @@ def test_cold_items_are_recommended_by_every_decoder_after_adding(world) -> None
     assert set(beam.items[0].tolist()) == set(range(1, N + 3))  # reachable by the beam
 
     # a small candidate pool (C = k = 3 of 14): alpha 0 is the dense top-k exactly, the cold favourite first
-    hybrid = T5Hybrid(model, tree2, layout, head, ids2, alpha=0.0, num_candidates=k, num_beams=k)(h, k)
+    hybrid = T5Hybrid(model, tree2, layout, head, ids2, fusion=("blend", {"alpha": 0.0}), num_candidates=k, num_beams=k)(h, k)
     assert hybrid.items[0, 0] == N + 1
     assert torch.equal(hybrid.items, dense.items)
     assert np.array_equal(hybrid.codes.numpy(), dense.codes.numpy())
@@ -223,7 +225,7 @@ def test_dense_decoders_compute_item_vectors_once_and_refresh_on_demand(world, m
     item_vectors = head.item_vectors
     monkeypatch.setattr(head, "item_vectors", lambda rows=None: calls.append(rows) or item_vectors(rows))
     dense = T5Dense(model, head, ids)
-    hybrid = T5Hybrid(model, tree, layout, head, ids, alpha=0.5, num_candidates=6, num_beams=6, search=beam_search)
+    hybrid = T5Hybrid(model, tree, layout, head, ids, fusion=("blend", {"alpha": 0.5}), num_candidates=6, num_beams=6, search=beam_search)
     assert calls == []  # computed on first call, not when built
     first = dense(h, 5)
     hyb = hybrid(h, 5)
@@ -268,3 +270,20 @@ def test_validation_builds_a_new_dense_decoder_every_pass(world) -> None:
     assert not torch.equal(second.scores, first.scores)
     assert torch.equal(second.items, torch.from_numpy(ids.item_ids)[want.indices])
     torch.testing.assert_close(second.scores, want.values)
+
+
+def test_t5_hybrid_serves_the_pool_fusions_and_refuses_the_full_catalogue_blend(world) -> None:
+    model, ids, layout, head, x, mask = world
+    tree = PrefixTree.from_semantic_ids(ids, layout)
+    h = Histories(x, mask.bool())
+    learned = [0.5, 0.5, 0.1, -0.1, -0.2, -0.1, 0.0, 0.3]
+    for fusion in (("rrf", {"k0": 5.0}), ("liger", {}), ("learned", {"weights": learned})):
+        dec = T5Hybrid(model, tree, layout, head, ids, fusion=fusion, num_candidates=4, num_beams=4)
+        res = dec(h, 3)
+        rows, scores = fuse(*fusion, dec.parts(h), 3)  # the fusion every design shares, on the T5 pool
+        assert torch.equal(res.items, torch.where(rows >= 0, torch.from_numpy(ids.item_ids)[rows.clamp_min(0)], -1))
+        torch.testing.assert_close(res.scores, scores)
+        assert (res.score, res.leaves) == (FUSED, False)
+        assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
+    with pytest.raises(ValueError, match="fusion 'full' needs every item's generative score"):
+        T5Hybrid(model, tree, layout, head, ids, fusion=("full", {"alpha": 0.5}), num_candidates=4, num_beams=4)

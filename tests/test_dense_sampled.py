@@ -30,7 +30,7 @@ def test_causal_sampled_gradient_equals_full_when_every_item_is_sampled(correcti
     N = 12
     model, _, _ = make(N, cfg=replace(CFG, dense_loss="sampled", dense_negatives="in-batch", logq_correction=correction))
     full_model, _, _ = make(N)  # the same seed: the same weights, full softmax
-    torch.testing.assert_close(dict(model.named_parameters())["item_table"], dict(full_model.named_parameters())["item_table"])
+    torch.testing.assert_close(dict(model.named_parameters())["dense_head.item_table"], dict(full_model.named_parameters())["dense_head.item_table"])
     torch.manual_seed(1)
     h = torch.randn(N, CFG.d_model)
     targets = torch.randperm(N)
@@ -39,7 +39,7 @@ def test_causal_sampled_gradient_equals_full_when_every_item_is_sampled(correcti
     full = dense_loss(full_model, h, targets)
     torch.testing.assert_close(sampled, full)
     g_sampled, g_full = _grads(model, sampled), _grads(full_model, full)
-    assert set(g_sampled) == set(g_full) and {"item_table", "dense_query.weight"} <= set(g_full)
+    assert set(g_sampled) == set(g_full) and {"dense_head.item_table", "dense_head.query_proj.weight"} <= set(g_full)
     for name in g_full:
         torch.testing.assert_close(g_sampled[name], g_full[name], msg=name)
 
@@ -54,7 +54,7 @@ def test_causal_sampled_loss_reaches_only_the_sampled_items() -> None:
     negatives = torch.randint(N, (3,), generator=torch.Generator().manual_seed(0))
     touched = torch.zeros(N, dtype=torch.bool)
     touched[torch.cat([targets, negatives])] = True
-    grad = _grads(model, loss)["item_table"]
+    grad = _grads(model, loss)["dense_head.item_table"]
     assert (grad[~touched] == 0).all() and (grad[touched].abs().sum(1) > 0).all()
 
 

@@ -55,7 +55,7 @@ def slow_hybrid(kind: str, params: dict, exact: np.ndarray, dense: np.ndarray, c
 def world():
     model, ids, tree = make(num_items=30, seed=3)
     with torch.no_grad():
-        model.item_table.normal_(0, 1.0)
+        model.dense_head.item_table.normal_(0, 1.0)
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_candidates=C).refresh()
     h = torch.randn(40, model.config.d_model, generator=torch.Generator().manual_seed(1))
     return model, ids, dec, h
@@ -156,7 +156,8 @@ def test_choose_causal_fusion_reads_validation_users_only(world, tmp_path, monke
 
     Run.model, Run.ids = model, ids
     monkeypatch.setattr(fusion_store, "choice_key", lambda run: {"checkpoint": "c"})
-    choice = fusion_store.choose_causal_fusion(Run(), dec, ValidationOnlySplit(), max_users=10, batch_size=8, seed=0)
+    choice = fusion_store.choose_fusion(Run(), dec.history_parts, ValidationOnlySplit(), num_candidates=dec.num_candidates,
+                                        max_users=10, batch_size=8, seed=0)
     stored = json.loads((tmp_path / "hybrid.json").read_text())
     assert stored["fusion"] == choice.kind and stored["validation_users"] == {"fit": 10, "select": 10}
     assert fusion_store.stored_fusion(Run(), dec.num_candidates) == (choice.kind, choice.params)
@@ -164,7 +165,8 @@ def test_choose_causal_fusion_reads_validation_users_only(world, tmp_path, monke
     (tmp_path / "hybrid.json").write_text(json.dumps({"alpha": 0.3, "checkpoint": "c", "num_candidates": dec.num_candidates}))
     assert fusion_store.stored_fusion(Run(), dec.num_candidates) is None
     with pytest.raises(ValueError, match="has 1 validation user"):
-        fusion_store.choose_causal_fusion(Run(), dec, type("One", (), {"num_users": 1})(), max_users=10, batch_size=8, seed=0)
+        fusion_store.choose_fusion(Run(), dec.history_parts, type("One", (), {"num_users": 1})(), num_candidates=C,
+                                   max_users=10, batch_size=8, seed=0)
 
 
 def test_check_fusion_names_what_is_wrong() -> None:

@@ -28,10 +28,10 @@ def test_id_input_adds_the_tied_dense_table_row_and_nothing_at_padding() -> None
     rows1 = torch.tensor([[3, 1, 0]])
     codes_only = model.code_emb(model.item_tokens[rows1]).sum(-2)
     x = model.item_inputs(rows1)
-    torch.testing.assert_close(x[0, :2], codes_only[0, :2] + model.item_table[[2, 0]])
+    torch.testing.assert_close(x[0, :2], codes_only[0, :2] + model.dense_head.item_table[[2, 0]])
     assert torch.equal(x[0, 2], torch.zeros(16))  # padding: no code and no ID vector
     with torch.no_grad():  # tied: the input moves with the dense head's item vector
-        model.item_table[2] += 1.0
+        model.dense_head.item_table[2] += 1.0
     torch.testing.assert_close(model.item_inputs(rows1)[0, 0], x[0, 0] + 1.0)
     torch.testing.assert_close(model.item_inputs(rows1)[0, 1], x[0, 1])
 
@@ -49,10 +49,10 @@ def test_item_dropout_drops_the_id_vector_per_position_while_training_only() -> 
     torch.manual_seed(1)
     x = model.train().item_inputs(rows1)
     dropped = torch.isclose(x, codes_only).all(-1)[0]  # positions that got the codes alone
-    kept = torch.isclose(x, codes_only + model.item_table[4]).all(-1)[0]
+    kept = torch.isclose(x, codes_only + model.dense_head.item_table[4]).all(-1)[0]
     assert bool((dropped ^ kept).all()), "each position gets either the codes alone or codes + ID vector"
     assert 150 < int(dropped.sum()) < 250, "about half the positions drop the ID vector"
-    assert torch.isclose(model.eval().item_inputs(rows1), codes_only + model.item_table[4]).all()
+    assert torch.isclose(model.eval().item_inputs(rows1), codes_only + model.dense_head.item_table[4]).all()
 
 
 def test_id_input_needs_a_dense_table_as_wide_as_the_model_and_old_configs_load_without_it() -> None:
@@ -174,7 +174,7 @@ def test_distilled_code_loss_is_the_cross_entropy_against_the_teachers_mass_on_e
 def test_without_code_input_the_input_is_the_id_vector_alone() -> None:
     model = _model(CausalConfig.from_dict({**CFG.to_dict(), "code_input": False})).eval()
     rows1 = torch.tensor([[3, 1, 0]])
-    torch.testing.assert_close(model.item_inputs(rows1)[0, :2], model.item_table[[2, 0]])
+    torch.testing.assert_close(model.item_inputs(rows1)[0, :2], model.dense_head.item_table[[2, 0]])
     assert torch.equal(model.item_inputs(rows1)[0, 2], torch.zeros(16))
     with pytest.raises(ValueError, match="`code_input` False needs `id_input`"):
         CausalConfig(d_model=16, num_heads=2, dense_dim=16, code_input=False)

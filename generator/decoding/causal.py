@@ -28,11 +28,9 @@ import torch
 
 from generator.decoding.beam import leaf_search
 from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
-from generator.decoding.fusion import Parts, fuse
+from generator.decoding.fusion import Parts, fused_ranking
 from generator.decoding.mips import DEFAULT_NPROBE, DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
 from generator.decoding.protocol import (
-    BLEND,
-    FUSED,
     INNER_PRODUCT,
     LOG_LIKELIHOOD,
     Histories,
@@ -282,21 +280,18 @@ class CausalDecoders:
         dense = (self.model.dense_queries(h) @ self._vectors.T).log_softmax(1)
         return Parts(exact, dense, exact.topk(self.num_candidates, dim=1).indices, self.cold_rows.to(h.device))
 
+    def history_parts(self, histories: Histories) -> Parts:
+        """:meth:`parts` of a batch of histories (what a fusion is chosen on)."""
+        with torch.inference_mode():
+            return self.parts(self.model.last_hidden(histories.tokens, histories.lengths))
+
     @property
     def cold_rows(self) -> torch.Tensor:
         """Rows of the items added after training (the model's ``trained_items`` onwards)."""
         return torch.arange(self.model.trained_items, self.model.num_items, device=self.item_ids.device)
 
     def _hybrid(self, h: torch.Tensor, k: int) -> Ranking:
-        if self.fusion is None:
-            raise ValueError("the hybrid decoder needs a fusion (chosen on validation users) or a blend weight `alpha`")
-        kind, params = self.fusion
-        if kind != "full":
-            check_k(k, self.num_candidates, f"the hybrid's candidates per list for fusion {kind!r}: ask for fewer items, "
-                    "or pass a larger `num_candidates`")
-        rows, scores = fuse(kind, params, self.parts(h), k)
-        return Ranking(torch.where(rows >= 0, self.item_ids[rows.clamp_min(0)], -1), scores, self.codes_of_rows(rows),
-                       BLEND if kind == "blend" else FUSED, False)
+        return fused_ranking(self.fusion, self.parts(h), k, self.item_ids, self.codes_of_rows)
 
 
 class StateDecoder:

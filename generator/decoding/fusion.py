@@ -1,37 +1,43 @@
-"""Fusions of the causal model's generative and dense heads (the ``hybrid`` decoder), chosen on validation users.
+"""The hybrid decoder's fusions of a generative and a dense head, chosen on validation users: one for every design.
 
-Both heads score the whole catalogue for a history: ``exact`` (B, N), every item's log-likelihood under the code
-head (one matrix product per level, ``generator.decoding.causal.exact_scores``), and ``dense`` (B, N), the dense
-head's log-softmax. Both are distributions over the items the model was trained with; items added after training
-are scored on the trained items' scale (their exact scores are not renormalised, so a row's mass can exceed 1). The *generative list* is the exact top-C: what beam search returns
-when it finds the best C items (beam = exact at M = N; on Beauty their Recall@10 agree to 0.0001), computed without a
-beam, so no candidate is ever teacher-forced one by one and the encoder pass is shared. A fusion ranks items by:
+A design's hybrid hands the fusion :class:`Parts`: ``exact`` (B, N), each item's generative log-likelihood, and
+``dense`` (B, N), the dense head's log-softmax, plus the *generative list* (the generative top C) and the dense top C.
+The causal model scores the whole catalogue (``generator.decoding.causal.CausalDecoders.parts``: exact = every
+item's log-likelihood, one matrix product per level; the generative list is the exact top C, what beam search
+returns when it finds the best C); the T5 hybrid (``generator.decoding.t5_hybrid``) scores the pool only, by
+teacher forcing its candidates (its ``exact`` is -inf outside the pool, and the generative list is the beam's top C).
+Items added after training are scored on the trained items' scale. A fusion ranks items by:
 
 - ``blend``   the pool of the generative top-C and the dense top-C, ranked by ``alpha * exact + (1 - alpha) * dense``.
-- ``full``    the same blend over *every* item (a weighted product of the two experts); no pool.
+- ``full``    the same blend over *every* item (a weighted product of the two experts); no pool. Needs ``exact``
+  for every item (not the T5 hybrid's: :data:`POOL_FUSIONS` are the others).
 - ``liger``   LIGER's scheme: the generative top-C plus every cold item (items added after training), ranked densely.
 - ``rrf``     reciprocal-rank fusion of the two top-C lists: ``1/(k0 + 1 + rank_gen) + 1/(k0 + 1 + rank_dense)``.
 - ``learned`` a linear score over what is known per pool candidate: both log-probabilities, whether it is in both
   lists or one, and its rank in each (a listwise softmax fitted on validation users, L2-regularised).
 
-:func:`choose_fusion` fits each fusion's parameters on one sample of validation users and picks the fusion with the
-best NDCG@10 on a second, disjoint sample, so the choice is made on validation only and not on the users it was
-fitted to. Test users are never seen.
+alpha = 0 in ``blend`` is the dense top-k exactly (the pool holds the dense top C), so the chosen fusion is never
+worse than dense on the selection users. :func:`choose_fusion` fits each fusion's parameters on one sample of
+validation users and picks the fusion with the best NDCG@10 on a second, disjoint sample, so the choice is made on
+validation only and not on the users it was fitted to. Test users are never seen. :func:`fused_ranking` is what
+both hybrids return.
 
 Shapes: B histories, N items, C candidates per list, W pool width, F features, Nc cold items.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from generator.decoding.protocol import BLEND, FUSED, Ranking, check_k
 from semid.metrics import ndcg_at_k
 
 FUSIONS = ("blend", "full", "liger", "rrf", "learned")
+POOL_FUSIONS = ("blend", "liger", "rrf", "learned")  # what a hybrid whose generative scores cover its pool only can use
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 RRF_GRID = (1.0, 5.0, 10.0, 20.0, 60.0)
 FEATURES = ("exact", "dense", "in_both", "gen_only", "log_gen_rank", "log_dense_rank", "exact_if_gen_only",
@@ -42,14 +48,16 @@ class Parts(NamedTuple):
     """What every fusion reads, for B histories.
 
     exact: (B, N) each item's log-likelihood under the code head; dense: (B, N) the dense head's log-softmax.
-    gen_rows: (B, C) catalogue rows of the generative list (the exact top C), best first.
+    gen_rows: (B, C) catalogue rows of the generative list (the generative top C), best first; -1 where it ran short.
     cold_rows: (Nc,) rows of the cold items (added after training); empty when there are none.
+    dense_rows: (B, C) the dense top C, best first, where the design has it already (None: ``dense``'s top C).
     """
 
     exact: torch.Tensor
     dense: torch.Tensor
     gen_rows: torch.Tensor
     cold_rows: torch.Tensor
+    dense_rows: torch.Tensor | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -135,7 +143,7 @@ def _ranks_in(rows: torch.Tensor, lists: torch.Tensor, absent: int) -> torch.Ten
 def pool(parts: Parts) -> Pool:
     """The union of the generative top C and the dense top C, with every candidate's features (vectorised over B)."""
     C = parts.num_candidates
-    dense_rows = parts.dense.topk(C, dim=1).indices  # (B, C)
+    dense_rows = parts.dense.topk(C, dim=1).indices if parts.dense_rows is None else parts.dense_rows  # (B, C)
     rows, valid = union_rows(parts.gen_rows, dense_rows, pad=-1)  # (B, 2C)
     safe = rows.clamp_min(0)
     exact, dense = parts.exact.gather(1, safe), parts.dense.gather(1, safe)
@@ -189,6 +197,28 @@ def _top(rows: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor
     return torch.where(torch.isfinite(top), rows.gather(1, order), -1), top
 
 
+def fused_ranking(fusion: tuple[str, dict[str, Any]] | None, parts: Parts, k: int, item_ids: torch.Tensor,
+                  codes_of_rows: Callable[[torch.Tensor], torch.Tensor]) -> Ranking:
+    """The hybrid's :class:`Ranking` (B, k): ``fusion`` (kind, params) of ``parts``, rows mapped to ``item_ids`` (N,)
+    and to codes by ``codes_of_rows`` (rows (B, k), -1 where a pool ran short -> (B, k, L), -1 there)."""
+    if fusion is None:
+        raise ValueError("the hybrid decoder needs a fusion (chosen on validation users) or a blend weight `alpha`")
+    kind, params = fusion
+    if kind != "full":
+        check_k(k, parts.num_candidates, f"the hybrid's candidates per list for fusion {kind!r}: ask for fewer items, "
+                "or pass a larger `num_candidates`")
+    rows, scores = fuse(kind, params, parts, k)
+    return Ranking(torch.where(rows >= 0, item_ids[rows.clamp_min(0)], -1), scores, codes_of_rows(rows),
+                   BLEND if kind == "blend" else FUSED, False)
+
+
+def cat_parts(parts: Sequence[Parts]) -> Parts:
+    """Parts of several batches of histories as one (their cold rows are the same)."""
+    dense_rows = None if parts[0].dense_rows is None else torch.cat([p.dense_rows for p in parts])
+    return Parts(*(torch.cat([getattr(p, f) for p in parts]) for f in ("exact", "dense", "gen_rows")), parts[0].cold_rows,
+                 dense_rows)
+
+
 # ---- choosing on validation ------------------------------------------------------------------------------------------
 def _ndcg(kind: str, params: dict[str, Any], parts: Parts, target_rows: torch.Tensor, k: int = 10) -> float:
     rows, _ = fuse(kind, params, parts, k)
@@ -240,8 +270,8 @@ def choose_fusion(fit: Parts, fit_targets: torch.Tensor, select: Parts, select_t
 
     Targets are catalogue rows (B,). Both samples must be validation users. On a tie the earlier kind wins.
     """
-    if not kinds:
-        raise ValueError("`kinds` must name at least one fusion")
+    if not kinds or any(kind not in FUSIONS for kind in kinds):
+        raise ValueError(f"`kinds` must name fusions among {list(FUSIONS)}, got {list(kinds)!r}")
     table: dict[str, dict[str, Any]] = {}
     for kind in kinds:  # loop over the fusions (five)
         params = fit_params(kind, fit, fit_targets, blend_alpha=table.get("blend", {}).get("params", {}).get("alpha"))

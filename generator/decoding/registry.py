@@ -105,8 +105,8 @@ class Ingredients:
     TitleGenerator) in eval mode; tree: the items' prefix tree (the title tree for a title run); layout and ids: the
     token layout and semantic IDs the model was trained with (after ``add-items``, the extended IDs).
     num_beams: beams of beam searches; num_candidates: C per list for the hybrids.
-    dense_head: a T5 run's dense head (None: none). alpha: the T5 hybrid's blend weight; fusion: the causal
-    hybrid's (kind, params); both chosen on validation users by the run layer.
+    dense_head: a T5 run's dense head (None: none). fusion: the hybrid's (kind, params), chosen on validation users
+    by the run layer.
     trained_tree: a causal model's tree of the items it was trained with, when items were added since.
     cold_items: int (M,) item ids for ``cold-beam`` (default for a causal run: the items added after training);
     cold_options: ``ColdStartBeam`` keyword arguments (``epsilon``, ``prefix_levels``, ``max_per_prefix``, ...).
@@ -124,7 +124,6 @@ class Ingredients:
     num_beams: int = 20
     num_candidates: int = 50
     dense_head: Any = None
-    alpha: float | None = None
     fusion: tuple[str, dict] | None = None
     trained_tree: Any = None
     cold_items: np.ndarray | None = None
@@ -189,9 +188,9 @@ def _t5(ing: Ingredients, name: str) -> Decoder:
         raise ValueError(f"decoder {name!r} needs a dense head, and this run has none (train it with `semid train --dense both ...`)")
     if name == "dense":
         return T5Dense(ing.model, ing.dense_head, ing.ids)
-    if ing.alpha is None:
-        raise ValueError("the hybrid decoder needs its blend weight `alpha` (chosen on validation users by the run layer)")
-    return T5Hybrid(ing.model, ing.tree, ing.layout, ing.dense_head, ing.ids, alpha=ing.alpha,
+    if ing.fusion is None:
+        raise ValueError("the hybrid decoder needs its fusion (chosen on validation users by the run layer)")
+    return T5Hybrid(ing.model, ing.tree, ing.layout, ing.dense_head, ing.ids, fusion=ing.fusion,
                     num_candidates=min(ing.num_candidates, ing.ids.num_items), num_beams=ing.num_beams)
 
 

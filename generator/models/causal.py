@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
+from generator.models.dense import DenseHead, DenseHeadConfig
 from generator.models.dense_loss import check_sampled_options
 from semid.layout import TokenLayout
 from semid.prefix_index import PrefixIndex, find, prefix_key
@@ -172,12 +173,9 @@ class CausalGenerator(nn.Module):
                 self.register_buffer(f"child_index_{level}", index.child_index[level], persistent=True)
                 self.register_buffer(f"item_node_{level}", index.node[:, level + 1].contiguous(), persistent=False)  # distill
                 self.register_parameter(f"node_vec_{level}", nn.Parameter(torch.zeros(index.keys[level + 1].numel(), D)))
-        if config.dense_dim:
-            self.dense_query = nn.Linear(D, config.dense_dim)
-            self.item_table = nn.Parameter(torch.randn(item_tokens.shape[0], config.dense_dim) * config.dense_dim**-0.5)
-            self.dense_codes = nn.Linear(D, config.dense_dim, bias=False)  # the item's code embeddings, projected
-            if self.uses_content_vectors:
-                self.dense_content = nn.Linear(config.content_dim, config.dense_dim, bias=False)
+        if config.dense_dim:  # item vectors: a table + the item's code embeddings, projected (+ its content, projected)
+            self.dense_head = DenseHead(dense_config(config), num_items=item_tokens.shape[0])
+            self._register_load_state_dict_pre_hook(rename_dense_weights)
 
     @property
     def num_items(self) -> int:
@@ -197,7 +195,7 @@ class CausalGenerator(nn.Module):
         x = (self.code_emb(self.item_tokens[rows1]).sum(-2) if self.config.code_input
              else self.code_emb.weight.new_zeros(*rows1.shape, self.config.d_model))
         if self.config.id_input:  # the tied ID embedding; row 0 (padding) adds nothing
-            ids = self.item_table[(rows1 - 1).clamp_min(0)] * (rows1 > 0).unsqueeze(-1)
+            ids = self.dense_head.item_table[(rows1 - 1).clamp_min(0)] * (rows1 > 0).unsqueeze(-1)
             if self.training and self.config.item_dropout:  # per position: the codes alone must carry the item
                 ids = ids * (torch.rand(rows1.shape + (1,), device=ids.device) >= self.config.item_dropout)
             x = x + ids
@@ -274,22 +272,15 @@ class CausalGenerator(nn.Module):
         table = getattr(self, f"node_vec_{level}")
         return table[row.clamp_min(0)] * (row >= 0).unsqueeze(-1)
 
-    # ---- the dense head ------------------------------------------------------------------------------------------
+    # ---- the dense head (generator.models.dense) ------------------------------------------------------------------
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
-        return self.dense_query(h)
+        return self.dense_head.query(h)
 
     def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(N or C rows, dense_dim): table + projected code embeddings (+ content); added items (table row 0) score too."""
         rows1 = slice(1, None) if rows is None else rows + 1
         codes = self.code_emb(self.item_tokens[rows1]).sum(-2)  # (N, D)
-        table = self.item_table if rows is None else self.item_table[rows]
-        if self.training and self.config.item_dropout:
-            keep = torch.rand(table.shape[0], 1, device=table.device) >= self.config.item_dropout
-            table = table * keep
-        vectors = table + self.dense_codes(codes)
-        if self.uses_content_vectors:
-            vectors = vectors + self.dense_content(self.content[rows1])
-        return vectors
+        return self.dense_head.item_vectors(rows, codes=codes, content=self.content[rows1] if self.uses_content_vectors else None)
 
     # ---- cold start ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -309,4 +300,29 @@ class CausalGenerator(nn.Module):
                 raise ValueError(f"`content` must be ({M}, {self.config.content_dim}) for this model")
             self.content = torch.cat([self.content, content.to(self.content)])
         if self.has_dense:
-            self.item_table = nn.Parameter(torch.cat([self.item_table.data, self.item_table.new_zeros(M, self.config.dense_dim)]))
+            self.dense_head.add_items(count=M)
+
+
+def dense_config(config: CausalConfig) -> DenseHeadConfig:
+    """The causal design's dense head: queries straight from the state, item vectors from a table and the item's
+    code embeddings (and content, with ``content_vectors``), no normalisation."""
+    content = config.content_dim if config.content_dim and config.content_vectors else 0
+    return DenseHeadConfig(input_dim=config.d_model, dim=config.dense_dim, mode="both" if content else "id",
+                           normalize=False, id_dropout=config.item_dropout, loss=config.dense_loss,
+                           negatives=config.dense_negatives, num_random_negatives=config.num_negatives,
+                           logq_correction=config.logq_correction, code_dim=config.d_model, content_dim=content)
+
+
+# the dense head's weights were the model's own before it was the shared module: old name -> new name
+OLD_DENSE_NAMES = {"dense_query.weight": "dense_head.query_proj.weight", "dense_query.bias": "dense_head.query_proj.bias",
+                   "item_table": "dense_head.item_table", "dense_codes.weight": "dense_head.code_proj.weight",
+                   "dense_content.weight": "dense_head.content_proj.weight"}
+
+
+def rename_dense_weights(state: dict[str, Any], prefix: str = "", *hook_args: Any) -> dict[str, Any]:
+    """``state`` (a causal state dict, changed in place and returned; also the model's load_state_dict pre-hook) with
+    the dense head's weights under their names: checkpoints written before the head was shared hold the old ones."""
+    for old, new in OLD_DENSE_NAMES.items():
+        if prefix + old in state:
+            state[prefix + new] = state.pop(prefix + old)
+    return state

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from generator.models.causal import CausalGenerator
-from generator.models.dense_loss import softmax_loss
 from semid.processor import masked_log_softmax
 
 
@@ -122,8 +121,6 @@ def dense_logits(model: CausalGenerator, h: torch.Tensor) -> torch.Tensor:
 
 def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor, *, log_q: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Full softmax (SASRec's) or sampled (``dense_loss.softmax_loss``). h: (P, D); target_rows: (P,); log_q: (N,)."""
-    c = model.config
-    return softmax_loss(model.dense_queries(h), model.item_vectors, target_rows, model.num_items, loss=c.dense_loss,
-                        negatives=c.dense_negatives, num_negatives=c.num_negatives, log_q=log_q, correct=c.logq_correction,
-                        generator=generator)
+    """The dense head's loss (``DenseHead.loss``: full or sampled softmax). h: (P, D); target_rows: (P,); log_q: (N,)."""
+    return model.dense_head.loss(model.dense_queries(h), target_rows, vectors_of=model.item_vectors, log_q=log_q,
+                                 generator=generator)

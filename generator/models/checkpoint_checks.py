@@ -82,7 +82,7 @@ def check_item_tokens(item_tokens: Any, layout: TokenLayout, path: str | os.Path
 def check_causal(meta_config: Any, layout: TokenLayout, state: dict[str, Any], path: str | os.PathLike[str],
                  ids: SemanticIDs | None) -> None:
     """Before a causal model is built: ``item_tokens``, ``content`` and every size of the config against the file."""
-    from generator.models.causal import CausalGenerator
+    from generator.models.causal import CausalGenerator, rename_dense_weights
 
     rows = check_item_tokens(state.get("item_tokens"), layout, path, ids)
     content = state.get("content")
@@ -92,7 +92,7 @@ def check_causal(meta_config: Any, layout: TokenLayout, state: dict[str, Any], p
     with torch.device("meta"):  # the config's model, without memory; the tree tables depend on data: checked after
         skeleton = CausalGenerator(replace(meta_config, node_vectors=False, distill=0.0), layout, rows.to("meta"),
                                    content[1:].to("meta") if meta_config.content_dim else None)
-    check_shapes(skeleton.state_dict(), state, path, _TREE_TABLE if meta_config.node_vectors else None)
+    check_shapes(skeleton.state_dict(), rename_dense_weights(dict(state)), path, _TREE_TABLE if meta_config.node_vectors else None)
 
 
 def check_tree_tables(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike[str]) -> None:

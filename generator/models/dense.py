@@ -1,9 +1,12 @@
-"""The dense head: softmax over all items, so decoding is maximum inner-product search.
+"""The dense head of every design: softmax over all items, so decoding is maximum inner-product search.
 
-The same T5 encoder that feeds the generator is pooled into a query vector q (d); every item has a vector v_i (d);
-p(item i | history) = softmax_i(q . v_i). Item vectors come from a learned table, a projection of the item's
-frozen content embedding, or their sum (``mode``). Content makes items never seen in training rankable: a cold item
-added with :meth:`DenseHead.add_items` gets its vector from its content alone (its table row starts at zero).
+A backbone state is projected to a query vector q (d) (the T5 encoder's output is pooled first; the causal model's
+state after a history is one vector already); every item has a vector v_i (d); p(item i | history) =
+softmax_i(q . v_i). Item vectors are the sum of a learned table, a projection of the item's frozen content
+embedding (``mode``) and, for the causal design, a projection of the sum of its code embeddings (``code_dim``).
+Content and codes make items never seen in training rankable: an item added with :meth:`DenseHead.add_items` gets
+its vector from them alone (its table row starts at zero). A T5 run's head holds its items' ids and content; the
+causal model holds them itself and hands the head their code and content vectors.
 
 Plain ``nn.Module``s and functions; the Lightning system wraps them. Dimensions: B batch, S encoder length,
 N items, C candidates, D content dim, d vector dim.
@@ -18,6 +21,7 @@ Losses:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -30,6 +34,7 @@ from generator.models.dense_loss import LOSSES, NEGATIVES, softmax_loss
 log = logging.getLogger(__name__)
 
 MODES = ("id", "content", "both")
+HOST_FIELDS = ("code_dim", "content_dim")  # for a head whose host model holds its items (the causal design's)
 POOLINGS = ("mean", "last")
 
 
@@ -52,6 +57,11 @@ class DenseHeadConfig:
         negatives: how the sampled loss draws them: ``"uniform"``, ``"popularity"`` (from the targets' frequencies)
             or ``"in-batch"`` (none: the batch's targets only).
         weight: the dense loss's weight when trained jointly with the generative loss (0 < weight).
+        logq_correction: the sampled loss subtracts each column's log expected count (Yi et al., RecSys 2019).
+        code_dim: the width of the code vectors the host model hands :meth:`DenseHead.item_vectors` (projected
+            without bias and added; the causal design's), 0 for none.
+        content_dim: with ``mode`` content or both, the width of content the host model hands the head (the causal
+            design's, projected without bias); 0: the head holds its items' content (T5's, projected with bias).
     """
 
     input_dim: int
@@ -65,12 +75,15 @@ class DenseHeadConfig:
     num_random_negatives: int = 1024
     weight: float = 1.0
     negatives: Literal["in-batch", "uniform", "popularity"] = "uniform"
+    logq_correction: bool = True
+    code_dim: int = 0
+    content_dim: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("input_dim", "dim"):
+        for name, low in (("input_dim", 1), ("dim", 1), ("code_dim", 0), ("content_dim", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"`{name}` must be a {'positive' if low else 'non-negative'} int, got {value!r}")
         for name, allowed in (("mode", MODES), ("pooling", POOLINGS), ("loss", LOSSES), ("negatives", NEGATIVES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}")
@@ -78,8 +91,9 @@ class DenseHeadConfig:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"`id_dropout` must be in [0, 1), got {self.id_dropout!r}")
-        if self.id_dropout > 0 and self.mode != "both":
-            raise ValueError(f"`id_dropout` needs mode='both' (it drops the table part only), got mode={self.mode!r}")
+        if self.id_dropout > 0 and self.mode != "both" and not (self.mode == "id" and self.code_dim):
+            raise ValueError(f"`id_dropout` needs mode='both' or code vectors (it drops the table part only), got "
+                             f"mode={self.mode!r}")
         if not isinstance(self.num_random_negatives, int) or self.num_random_negatives < 0:
             raise ValueError(f"`num_random_negatives` must be a non-negative int, got {self.num_random_negatives!r}")
         if not self.weight > 0:
@@ -90,28 +104,37 @@ class DenseHeadConfig:
 
 
 class DenseHead(nn.Module):
-    """Query vectors from encoder states, item vectors from a table and/or content.
+    """Query vectors from backbone states, item vectors from a table, content and/or codes.
 
     Args:
         config: a :class:`DenseHeadConfig`.
-        item_ids: LongTensor (N,), ascending and unique; row i of every item array belongs to ``item_ids[i]``.
-        content_embeddings: FloatTensor (N, D), frozen (a buffer); required unless ``mode == "id"``.
+        item_ids: LongTensor (N,), ascending and unique; row i of every item array belongs to ``item_ids[i]``. None
+            when the host model holds its items (the causal design's): then ``num_items`` rows.
+        content_embeddings: FloatTensor (N, D), frozen (a buffer); required with ``item_ids`` unless ``mode == "id"``.
     """
 
-    def __init__(
-        self, config: DenseHeadConfig, item_ids: torch.Tensor, content_embeddings: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, config: DenseHeadConfig, item_ids: torch.Tensor | None = None,
+                 content_embeddings: torch.Tensor | None = None, *, num_items: int | None = None) -> None:
         super().__init__()
-        item_ids = _check_item_ids(item_ids)
-        N = item_ids.numel()
-        if N == 0:
+        if item_ids is not None:
+            item_ids = _check_item_ids(item_ids)
+            if config.code_dim or config.content_dim:
+                raise ValueError(f"`code_dim` and `content_dim` are for a head whose model holds its items and hands it their "
+                                 f"vectors (pass `num_items`, not `item_ids`), got {config.code_dim}, {config.content_dim}")
+        N = item_ids.numel() if item_ids is not None else num_items
+        if not N:
             raise ValueError("`item_ids` must hold at least one item, got none")
         self.config = config
         self.query_proj = nn.Linear(config.input_dim, config.dim)
-        self.register_buffer("item_ids", item_ids, persistent=True)
+        if item_ids is not None:
+            self.register_buffer("item_ids", item_ids, persistent=True)
         if config.mode in ("id", "both"):
             self.item_table = nn.Parameter(torch.randn(N, config.dim) * config.dim**-0.5)
-        if config.mode in ("content", "both"):
+        if config.code_dim:
+            self.code_proj = nn.Linear(config.code_dim, config.dim, bias=False)
+        if config.mode in ("content", "both") and config.content_dim:  # content handed in by the host model
+            self.content_proj = nn.Linear(config.content_dim, config.dim, bias=False)
+        elif config.mode in ("content", "both"):
             if content_embeddings is None:
                 raise ValueError(f"`content_embeddings` is required with mode={config.mode!r}")
             content = _check_content(content_embeddings, N)
@@ -123,7 +146,7 @@ class DenseHead(nn.Module):
     @property
     def num_items(self) -> int:
         """N, the number of items with a vector."""
-        return int(self.item_ids.numel())
+        return int(self.item_ids.numel() if hasattr(self, "item_ids") else self.item_table.shape[0])
 
     # ---- queries -------------------------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -142,26 +165,38 @@ class DenseHead(nn.Module):
             S = hidden.shape[1]
             last = (mask * torch.arange(1, S + 1, device=hidden.device)).argmax(dim=1)  # (B,) last real position
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        query = self.query_proj(pooled)  # (B, d)
+        return self.query(pooled)
+
+    def query(self, state: torch.Tensor) -> torch.Tensor:
+        """Query vectors of backbone states (..., input_dim) -> (..., d); unit norm / temperature with ``normalize``."""
+        query = self.query_proj(state)
         if self.config.normalize:
             query = F.normalize(query, dim=-1) / self.config.temperature
         return query
 
     # ---- items ---------------------------------------------------------------------------------------------------
-    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Item vectors: all N (``rows=None``) or those of ``rows`` (LongTensor (C,) in [0, N)) -> (C, d)."""
-        mode = self.config.mode
+    def item_vectors(self, rows: torch.Tensor | None = None, *, codes: torch.Tensor | None = None,
+                     content: torch.Tensor | None = None) -> torch.Tensor:
+        """Item vectors: all N (``rows=None``) or those of ``rows`` (LongTensor (C,) in [0, N)) -> (C, d).
+
+        codes, content: (C, code_dim), (C, content_dim) those items' code and content vectors, from a host model
+        that holds them (``code_dim``, ``content_dim``); a head that holds its content reads its own.
+        """
+        c = self.config
         out = None
-        if mode in ("content", "both"):
-            content = self.content_embeddings if rows is None else self.content_embeddings[rows]
-            out = self.content_proj(content)
-        if mode in ("id", "both"):
-            table = self.item_table if rows is None else self.item_table[rows]
-            if self.training and self.config.id_dropout > 0:
-                keep = torch.rand(table.shape[0], 1, device=table.device) >= self.config.id_dropout
-                table = table * keep
-            out = table if out is None else out + table
-        if self.config.normalize:
+        if c.mode in ("id", "both"):
+            out = self.item_table if rows is None else self.item_table[rows]
+            if self.training and c.id_dropout > 0:
+                keep = torch.rand(out.shape[0], 1, device=out.device) >= c.id_dropout
+                out = out * keep
+        if c.code_dim:
+            out = out + self.code_proj(codes)
+        if c.mode in ("content", "both"):
+            if not c.content_dim:
+                content = self.content_embeddings if rows is None else self.content_embeddings[rows]
+            part = self.content_proj(content)
+            out = part if out is None else out + part
+        if c.normalize:
             out = F.normalize(out, dim=-1)
         return out
 
@@ -175,47 +210,45 @@ class DenseHead(nn.Module):
         return pos
 
     @torch.no_grad()
-    def add_items(self, content_embeddings: torch.Tensor, item_ids: torch.Tensor | None = None) -> None:
-        """Add cold items in place: vectors from content alone, their table rows zero.
+    def add_items(self, content_embeddings: torch.Tensor | None = None, item_ids: torch.Tensor | None = None, *,
+                  count: int | None = None) -> None:
+        """Add items in place: their table rows zero, so their vectors come from content (and codes) alone.
 
         Args:
-            content_embeddings: FloatTensor (M, D).
+            content_embeddings: FloatTensor (M, D), for a head that holds its items' content (T5's).
             item_ids: LongTensor (M,), ascending, all above the largest current id; default the next M ids.
+            count: M, for a head whose host model holds its items (the causal design's).
         """
-        if self.config.mode == "id":
-            raise ValueError("mode='id' has no content projection: new items would get no vector (use 'content' or 'both')")
-        content = _check_content(content_embeddings, None, dim=self.content_embeddings.shape[1])
-        M = content.shape[0]
-        last = int(self.item_ids[-1])
-        new_ids = torch.arange(last + 1, last + 1 + M) if item_ids is None else _check_item_ids(item_ids)
-        if new_ids.shape != (M,):
-            raise ValueError(f"`item_ids` must have shape ({M},), got {tuple(new_ids.shape)}")
-        if M and int(new_ids[0]) <= last:
-            raise ValueError(f"new `item_ids` must all be > {last} (the largest existing id), got {int(new_ids[0])}")
-        device = self.item_ids.device
-        self.item_ids = torch.cat([self.item_ids, new_ids.to(device)])
-        self.content_embeddings = torch.cat([self.content_embeddings, content.to(self.content_embeddings)])
-        if self.config.mode == "both":
-            zeros = torch.zeros(M, self.config.dim, dtype=self.item_table.dtype, device=device)
-            self.item_table = nn.Parameter(torch.cat([self.item_table.data, zeros]))
-        log.info("dense head: added %d items (now %d)", M, self.num_items)
+        if hasattr(self, "item_ids"):
+            if self.config.mode == "id":
+                raise ValueError("mode='id' has no content projection: new items would get no vector (use 'content' or 'both')")
+            content = _check_content(content_embeddings, None, dim=self.content_embeddings.shape[1])
+            count = content.shape[0]
+            last = int(self.item_ids[-1])
+            new_ids = torch.arange(last + 1, last + 1 + count) if item_ids is None else _check_item_ids(item_ids)
+            if new_ids.shape != (count,):
+                raise ValueError(f"`item_ids` must have shape ({count},), got {tuple(new_ids.shape)}")
+            if count and int(new_ids[0]) <= last:
+                raise ValueError(f"new `item_ids` must all be > {last} (the largest existing id), got {int(new_ids[0])}")
+            self.item_ids = torch.cat([self.item_ids, new_ids.to(self.item_ids.device)])
+            self.content_embeddings = torch.cat([self.content_embeddings, content.to(self.content_embeddings)])
+        if hasattr(self, "item_table"):
+            self.item_table = nn.Parameter(torch.cat([self.item_table.data, self.item_table.new_zeros(count, self.config.dim)]))
+        log.info("dense head: added %d items (now %d)", count, self.num_items)
 
     # ---- loss ----------------------------------------------------------------------------------------------------
-    def loss(
-        self,
-        query: torch.Tensor,
-        target_rows: torch.Tensor,
-        *,
-        log_q: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """The configured loss for queries (B, d) and target rows (B,) in [0, N); scalar.
+    def loss(self, query: torch.Tensor, target_rows: torch.Tensor, *,
+             vectors_of: Callable[[torch.Tensor | None], torch.Tensor] | None = None, log_q: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The configured loss for queries (B, d) and target rows (B,) in [0, N); scalar. ``vectors_of`` (rows or
+        None -> item vectors): a host model's (default :meth:`item_vectors`).
 
         The sampled loss only computes the vectors of its candidates (C = B + num_random_negatives rows).
         """
         c = self.config
-        return softmax_loss(query, self.item_vectors, target_rows, self.num_items, loss=c.loss, negatives=c.negatives,
-                            num_negatives=c.num_random_negatives, log_q=log_q, generator=generator)
+        return softmax_loss(query, self.item_vectors if vectors_of is None else vectors_of, target_rows, self.num_items,
+                            loss=c.loss, negatives=c.negatives, num_negatives=c.num_random_negatives, log_q=log_q,
+                            correct=c.logq_correction, generator=generator)
 
 
 # ---- with the T5 encoder --------------------------------------------------------------------------------------------

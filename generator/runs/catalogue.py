@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from generator.models.checkpoint import ids_digest
+from generator.runs.cold_items import extend_ids
 from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, data_fingerprint, read_config
 from generator.runs.lineage import ADDED_CONTENT, lineage, load_model
 from semid.data import load_dataset
@@ -90,8 +91,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
             from semid.collaborative import with_collaborative
 
             new = with_collaborative(new, np.zeros((0, width), np.float32), np.zeros(0, np.int64))
-        codes = np.asarray(load_quantizer(qpath).encode(new))
-        extended = ids.add_items(codes, np.arange(n + 1, dataset.num_items + 1, dtype=np.int64))
+        extended = extend_ids(ids, new, np.arange(n + 1, dataset.num_items + 1), encode=load_quantizer(qpath).encode)
         arrays = {}
         content_dim = int((config.get("model") or {}).get("content_dim") or 0)
         content_name = (config.get("train") or {}).get("dense_embeddings") or "minilm"

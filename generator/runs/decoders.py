@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from generator.decoding import registry
+from generator.decoding.fusion import FUSIONS, POOL_FUSIONS
 from generator.decoding.protocol import Decoder, check_alpha
 from generator.decoding.registry import CAUSAL, T5, TITLE, Ingredients
 from generator.decoding.titles import LENGTH_PENALTY, TITLE_GROUNDED
@@ -72,16 +73,13 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
                          "(`generator.runs.recommender.on_device`)")
     ing = Ingredients(backbone, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,
                       cold_items=cold_items, cold_options=dict(cold_options or {}))
-    if backbone == T5:
-        if {"dense", "hybrid"} & set(wanted):
-            ing.dense_head = load_run_head(run)
-        if "hybrid" in wanted:
-            ing.alpha = alpha if alpha is not None else fusion if fusion is not None else stored_fusion(run, num_candidates, key)
+    if "hybrid" in wanted:
+        ing.fusion = (("blend", {"alpha": float(alpha)}) if alpha is not None else fusion if fusion is not None
+                      else stored_fusion(run, num_candidates, key))
+    if backbone == T5 and {"dense", "hybrid"} & set(wanted):
+        ing.dense_head = load_run_head(run)
     elif backbone == CAUSAL:
         ing.trained_tree = trained_tree(run)
-        if "hybrid" in wanted:
-            ing.fusion = (("blend", {"alpha": float(alpha)}) if alpha is not None else fusion if fusion is not None
-                          else stored_fusion(run, num_candidates, key))
     elif backbone == TITLE:
         ing.title = {"length_penalty": LENGTH_PENALTY if length_penalty is None else length_penalty, "tokenizer": run.tokenizer}
         if TITLE_GROUNDED in wanted:
@@ -96,13 +94,10 @@ def no_fusion_error(run: Any) -> ValueError:
 
 
 def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = None, *, required: bool = True
-                  ) -> float | tuple[str, dict] | None:
-    """The hybrid's fusion stored for this checkpoint: a T5 run's alpha, a causal run's (kind, params); None (or,
-    with ``required``, the ValueError of :func:`no_fusion_error`) when none is."""
-    if run.design == T5:
-        found = fusion_store.stored_alpha(run, min(num_candidates, run.ids.num_items), key)
-    else:
-        found = fusion_store.stored_fusion(run, min(num_candidates, run.model.num_items), key)  # C as CausalDecoders caps it
+                  ) -> tuple[str, dict] | None:
+    """The hybrid's fusion (kind, params) stored for this checkpoint; None (or, with ``required``, the ValueError of
+    :func:`no_fusion_error`) when none is."""
+    found = fusion_store.stored_fusion(run, min(num_candidates, run.ids.num_items), key)  # C as the hybrids cap it
     if found is None and required:
         raise no_fusion_error(run)
     return found
@@ -111,27 +106,31 @@ def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = No
 def choose_run_fusion(run: Any, split: Split | None = None, *, num_candidates: int = 50, num_beams: int = 20,
                       users: int | None = None, batch_size: int = 64, seed: int = 0) -> dict[str, Any]:
     """Choose the hybrid's fusion on validation users of ``split`` (default: the run's dataset) and store it in
-    ``RUN/hybrid.json`` (never test users); returns what was chosen: ``{"alpha": a}`` (T5) or ``{"fusion": kind,
-    "params": ...}`` (causal). The one step that writes the fusion.
+    ``RUN/hybrid.json`` (never test users); returns what was chosen: ``{"fusion": kind, "params": ...}``. The one
+    step that writes the fusion.
 
     Args:
-        users: validation users to choose on (default: 2,000 for T5 runs; 5,000 to fit and 5,000 to choose for causal).
+        users: validation users to fit on, and as many to choose on (default: 2,000 for T5 runs, whose hybrid
+            teacher-forces its candidates; 5,000 for causal runs).
     """
     if run.design not in (T5, CAUSAL):
         raise ValueError(f"{run.path}: a {run.design} run has no hybrid decoder (it is for t5 and causal runs)")
     if split is None:
         split = leave_one_out(load_dataset(run.data_dir))
-    ing = Ingredients(run.design, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates)
+    C = min(num_candidates, run.ids.num_items)
+    ing = Ingredients(run.design, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=C)
     if run.design == T5:
         ing.dense_head = load_run_head(run)
-        probe = registry.build(replace(ing, alpha=0.5), "hybrid")  # its candidates do not depend on alpha
-        choice = fusion_store.choose_t5_alpha(run, probe, split, max_users=users or 2000, batch_size=batch_size, seed=seed)
-        return {"alpha": choice.alpha}
-    if not run.model.has_dense:
-        raise ValueError(f"{run.path}: this run has no dense head (it was trained with dense_dim 0), so no hybrid to choose for")
-    ing.trained_tree = trained_tree(run)
-    shared = registry.build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
-    chosen = fusion_store.choose_causal_fusion(run, shared, split, max_users=users or 5000, batch_size=batch_size, seed=seed)
+        hybrid = registry.build(replace(ing, fusion=("blend", {"alpha": 0.5})), "hybrid")  # its parts do not depend on it
+        parts_of, kinds, users = hybrid.parts, POOL_FUSIONS, users or 2000
+    else:
+        if not run.model.has_dense:
+            raise ValueError(f"{run.path}: this run has no dense head (it was trained with dense_dim 0), so no hybrid to choose for")
+        ing.trained_tree = trained_tree(run)
+        shared = registry.build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
+        parts_of, kinds, users = shared.history_parts, FUSIONS, users or 5000
+    chosen = fusion_store.choose_fusion(run, parts_of, split, num_candidates=C, kinds=kinds, max_users=users,
+                                        batch_size=batch_size, seed=seed)
     return {"fusion": chosen.kind, "params": chosen.params}
 
 

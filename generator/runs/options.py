@@ -19,7 +19,7 @@ from typing import Any
 from generator.decoding.registry import SPECS
 from generator.designs import registry as designs
 from generator.designs.base import Design
-from generator.models.dense import MODES, DenseHeadConfig
+from generator.models.dense import HOST_FIELDS, MODES, DenseHeadConfig
 
 PRESETS = designs.PRESETS
 
@@ -137,7 +137,7 @@ class TrainOptions:
     dense_embeddings: str = option("minilm", "content embeddings DATA/item_emb_<NAME>.npy {default}", DENSE)
     dense_options: dict[str, Any] | None = option(None, "a DenseHeadConfig field, repeatable: dim=128, pooling=last, loss=sampled, "
                                                   "temperature=0.05, id_dropout=0.2, ...", DENSE, fixed=True, flag="--dense-option",
-                                                  keys=frozenset(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode"})
+                                                  keys=frozenset(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode", *HOST_FIELDS})
     model_options: dict[str, Any] | None = option(None, "causal design: a CausalConfig field over the preset's, repeatable: dropout=0.3, "
                                                   "head_dropout=0.2, node_dropout=0.2, node_vectors=false, num_layers=3, ...", VALID,
                                                   fixed=True, flag="--model-option",
