@@ -241,3 +241,15 @@ def test_a_signalled_cli_training_exits_non_zero_and_resumes(setup: dict[str, An
     assert main(["train", "--data", str(setup["data"]), "--ids", str(setup["ids"]), "--out", str(run), "--resume",
                  "--max-epochs", "1", "--no-progress"]) == 0
     assert load_run(run).checkpoint.name in ("best.ckpt", "last.ckpt")
+
+
+def test_a_resume_point_from_before_the_shared_dense_head_is_refused_by_name(tmp_path: Path) -> None:
+    from generator.runs.train import resume_point
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    torch.save({"global_step": 7, "state_dict": {"model.item_table": torch.zeros(3, 2)}}, ckpt_dir / "resume.ckpt")
+    with pytest.raises(ValueError, match=r"resume\.ckpt: a resume point written by an earlier semid .* cannot be resumed"):
+        resume_point(ckpt_dir)
+    torch.save({"global_step": 7, "state_dict": {"model.dense_head.item_table": torch.zeros(3, 2)}}, ckpt_dir / "resume.ckpt")
+    assert resume_point(ckpt_dir) == ckpt_dir / "resume.ckpt"  # this version's names resume

@@ -131,9 +131,22 @@ def resume_point(ckpt_dir: Path) -> Path | None:
         path = ckpt_dir / name
         if path.is_file():
             ckpt = safe_load(path)  # an error naming the file if it is damaged
+            _check_parameter_order(ckpt, path)
             step = ckpt.get("global_step", 0) if isinstance(ckpt, dict) else 0
             found.append((int(step), path.stat().st_mtime_ns, path))
     return max(found)[2] if found else None
+
+
+def _check_parameter_order(ckpt: Any, path: Path) -> None:
+    """Refuse a resume point of a causal model written before its dense head was shared: its optimiser state lists
+    the parameters in the order of then, so restoring it would give each parameter another's moments."""
+    from generator.models.causal import OLD_DENSE_NAMES
+
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if isinstance(state, dict) and any(f"model.{name}" in state for name in OLD_DENSE_NAMES):
+        raise ValueError(f"{path}: a resume point written by an earlier semid (before the dense head was shared): its "
+                         "optimiser state does not map onto this version's parameters, so it cannot be resumed exactly; "
+                         "start a new run (the run's best checkpoint still loads for evaluate, recommend and serve)")
 
 
 def _file_sha256(path: Path) -> str | None:
