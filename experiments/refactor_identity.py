@@ -1,8 +1,9 @@
 """Same metrics and the same recommendations before and after a refactor, for every decoder of every design.
 
-Three small Beauty runs (causal, T5, title) are trained once with the code *before* the change; then each decoder
-is evaluated on a seeded sample of test users and asked for one recommendation, once with the code before and once
-with the code after, each on its own copy of the run folders. ``compare`` prints the table
+Three small Beauty runs (causal, T5, title) are trained once with the code *before* the change, and the hybrid's
+fusion is chosen by that code (the run folders as users have them); then each decoder is evaluated on the test users
+(all, or a seeded sample) and asked for one recommendation, once with the code before and once with the code after,
+each on its own copy of those folders. ``compare`` prints the table
 (``experiments/results/refactor_identity.md``) and exits non-zero on any difference.
 
     git archive BEFORE | tar -x -C /tmp/before          # the code before, as a folder
@@ -35,7 +36,7 @@ RUNS = {
 # run -> (decoder, test users); users 0 = all
 DECODERS = {
     "causal": [("beam", 0), ("exact", 0), ("dense", 0), ("hybrid", 0), ("cold-beam", 2000), ("codes-grounded", 1000)],
-    "t5": [("beam", 3000), ("dense", 3000), ("hybrid", 3000), ("generate", 200)],
+    "t5": [("beam", 2000), ("dense", 2000), ("hybrid", 2000), ("generate", 100)],
     "title": [("title-beam", 1000), ("title-grounded", 1000)],
 }
 HISTORY = "12,45,99,1024"
@@ -44,7 +45,8 @@ HISTORY = "12,45,99,1024"
 def _semid(code: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(code.resolve()), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "semid_cli", *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # run from the code's folder: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code.resolve())
     if r.returncode:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
     return r
@@ -67,11 +69,11 @@ def evaluate(args: argparse.Namespace) -> None:
     results = {}
     for name, decoders in DECODERS.items():
         run = side / name
-        if not run.exists():
-            shutil.copytree(work / "runs" / name, run)
-            (run / "hybrid.json").unlink(missing_ok=True)  # each side chooses its own fusion
-        if any(d == "hybrid" for d, _ in decoders):
-            _semid(code, "choose-fusion", "--run", str(run), "--users", "1000")
+        if not run.exists():  # before: the trained run, its fusion chosen by the code before; after: that very folder
+            source = work / "runs" / name if args.side == "before" else work / "before" / name
+            shutil.copytree(source, run, ignore=shutil.ignore_patterns("metrics_*.json"))
+            if args.side == "before" and any(d == "hybrid" for d, _ in decoders):
+                _semid(code, "choose-fusion", "--run", str(run), "--users", "1000")
         for decoder, users in decoders:
             sample = ["--max-users", str(users)] if users else []
             r = _semid(code, "evaluate", "--run", str(run), "--split", "test", "--decoder", decoder, "--no-progress", *sample)
