@@ -190,3 +190,32 @@ def test_a_checkpoint_of_a_distilled_model_passes_the_structural_checks() -> Non
     model = _model(cfg)
     check_causal(cfg, model.layout, model.state_dict(), "best.ckpt", None)  # raises on a mismatch
 
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_sibling_smoothing_spreads_each_levels_target_over_the_true_parents_children(eps: float) -> None:
+    """The default's code loss: per level, (1 - eps) x -log p(true code) + eps x the mean of -log p over the children
+    the tree allows after the true prefix, log p normalised over those children (checked by brute force)."""
+    from generator.models.causal_loss import code_loss
+
+    model = _model(CausalConfig.from_dict({**CFG.to_dict(), "id_input": False}), n=30).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for level in range(model.layout.num_levels):  # node vectors away from their zero init
+            getattr(model, f"node_vec_{level}").normal_()
+        hq = torch.randn(7, model.layout.num_levels, 16)
+        rows = torch.tensor([0, 3, 5, 9, 14, 22, 29])
+        target = model.item_tokens[rows + 1]
+        got = code_loss(model, hq, target, label_smoothing=eps)
+        want = torch.zeros(())
+        for level in range(model.layout.num_levels):
+            lo, _ = model.layout.level_range(level)
+            prefix = target[:, :level]
+            logits = model.code_logits(level, hq[:, level], prefix)
+            for p in range(7):  # brute force: the children of this position's true prefix, from the item table
+                same = (model.item_tokens[1:, :level] == prefix[p]).all(1)
+                children = torch.unique(model.item_tokens[1:][same, level]) - lo
+                logp = logits[p, children].log_softmax(0)
+                nll = -logp[(children == target[p, level] - lo).nonzero()[0, 0]]
+                want = want + ((1 - eps) * nll + eps * -logp.mean()) / 7
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
