@@ -41,12 +41,7 @@ def setup(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Quiet(verbose))
-    names = [n for n in logging.root.manager.loggerDict if n.startswith(CHATTY)]  # those made so far
-    for name in names:  # Lightning's own handler (lightning.pytorch's) prints each line a second time: one handler
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        logger.propagate = True
+    quiet_lightning()
     if not verbose:
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     progress = logging.getLogger("semid.progress")
@@ -56,6 +51,18 @@ def setup(verbose: bool) -> None:
         progress.addHandler(handler)
         progress.setLevel(logging.INFO)
         progress.propagate = False
+
+
+def quiet_lightning() -> None:
+    """Remove the handlers Lightning's packages add to their loggers when imported (``lightning`` prints "INFO: ..."
+    lines of its own, past the root handler's filter): their records go to the root handler alone. Called by
+    :func:`setup`, and again once the training code (and with it Lightning) is imported, where that comes later."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(CHATTY)]  # those made so far
+    for name in names:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def progress_default(given: bool | None) -> bool:

@@ -25,7 +25,7 @@ from semid.codebooks import CODEBOOK_FILES
 from semid.data import format_summary, load_dataset, summary
 from semid.io import atomic_target_name, folder_lock, write_json
 from semid.split import leave_one_out
-from semid_cli.console import epoch_lines, progress_default
+from semid_cli.console import epoch_lines, progress_default, quiet_lightning
 
 EMBEDDINGS = "minilm"
 DEMO_ENTRIES = ("data_summary.json", "ids", "run")  # all the demo writes into --out
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         replace_demo_run(run_dir, delete=True)
     who = "all" if args.eval_users is None else f"{args.eval_users:,} sampled"
     _step(f"3/4 training the default design for {args.max_time}, then 4/4 evaluating {who} test users")
+    quiet_lightning()  # Lightning is imported with the training code, after logging was set up: one handler
     report = train_evaluate_show(
         args.data, ids_dir / "semantic_ids.npz", run_dir, max_time=args.max_time, eval_users=args.eval_users,
         seed=args.seed, progress=args.progress, callbacks=[] if args.progress else [epoch_lines()],

@@ -16,7 +16,7 @@ from generator.runs.options import GROUPS, TrainOptions, default_text, value_typ
 from generator.runs.train import train_run
 from generator.training.resume import TrainingInterrupted
 from semid.safe_read import yaml_value
-from semid_cli.console import epoch_lines, progress_default
+from semid_cli.console import epoch_lines, progress_default, quiet_lightning
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     given["progress"] = progress_default(args.progress)  # a bar on a terminal, else one line per epoch
     base = read_config(args.out).get("train", {}) if args.resume else {}
     options = TrainOptions.from_dict({**base, **given})
+    quiet_lightning()  # Lightning is imported with the training code, after logging was set up: one handler
     try:
         result = train_run(args.data, ids_file(args.ids), args.out, options, resume=args.resume,
                            callbacks=[] if options.progress else [epoch_lines()])

@@ -37,3 +37,17 @@ def test_verbose_brings_lightnings_detail_back_once(serve_world: dict[str, Path]
     text = _train(serve_world, tmp_path / "verbose", "--verbose")
     assert text.count("GPU available: False") == 1, text
     assert "weights_only" not in text  # false here: semid reads checkpoints with its own safe loader
+
+
+def test_lightning_imported_after_logging_setup_loses_its_own_handler() -> None:
+    """`semid demo` imports Lightning after logging is set up: its "INFO: ..." handler must go before training."""
+    import subprocess
+    import sys
+
+    code = ("from semid_cli import console\nconsole.setup(False)\nimport lightning, logging\nconsole.quiet_lightning()\n"
+            "log = logging.getLogger('lightning.pytorch.trainer.connectors.checkpoint_connector')\n"
+            "log.info(console.WEIGHTS_ONLY_NOTE)\nlogging.getLogger('lightning.pytorch').warning('a real warning')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "weights_only" not in r.stderr and "INFO:" not in r.stderr
+    assert r.stderr.count("a real warning") == 1  # warnings still show, once
