@@ -41,7 +41,7 @@ def test_a_stored_fusion_is_reused_only_for_the_same_checkpoint_ids_pool_and_can
     ids = SemanticIDs.from_codes(rng.integers(0, 4, size=(12, 2)), (4, 4), extra_level_size=4)
     run = _run(tmp_path / "run", ids)
     key = choice_key(run)  # computed for real from the file and the IDs
-    assert key == {"checkpoint": str(run.checkpoint.resolve()),
+    assert key == {"checkpoint": "model.ckpt",  # its place inside the run folder: a copied folder keeps its choice
                    "checkpoint_sha256": hashlib.sha256(run.checkpoint.read_bytes()).hexdigest(),
                    "ids_sha256": ids_digest(ids), "pool": POOL}
     path = run.path / HYBRID_FILE
@@ -64,6 +64,17 @@ def test_a_stored_fusion_is_reused_only_for_the_same_checkpoint_ids_pool_and_can
     other_ids = SemanticIDs(ids.codes[::-1].copy(), ids.item_ids, ids.codebook_sizes)  # same items, codes swapped
     assert ids_digest(other_ids) != key["ids_sha256"]
     assert stored_fusion(SimpleNamespace(path=run.path, checkpoint=run.checkpoint, ids=other_ids, design="t5"), 50) is None
+
+    copy = tmp_path / "copy"  # the run folder copied (or moved): the choice goes with it
+    shutil.copytree(run.path, copy)
+    assert stored_fusion(SimpleNamespace(path=copy, checkpoint=copy / "model.ckpt", ids=ids, design="t5"), 50) == ("blend", {"alpha": 0.3})
+    path.write_text(json.dumps({**stored, "checkpoint": str(run.checkpoint.resolve())}))  # earlier versions: absolute
+    assert stored_fusion(run, 50) == ("blend", {"alpha": 0.3})
+    shutil.copy(path, copy / HYBRID_FILE)
+    assert stored_fusion(SimpleNamespace(path=copy, checkpoint=copy / "model.ckpt", ids=ids, design="t5"), 50) == ("blend", {"alpha": 0.3})
+    path.write_text(json.dumps({**stored, "checkpoint": str(tmp_path / "other" / "x.ckpt")}))  # another file
+    assert stored_fusion(run, 50) is None
+    path.write_text(json.dumps(stored))
 
     moved = tmp_path / "elsewhere.ckpt"  # the same bytes at another path
     shutil.copy(run.checkpoint, moved)

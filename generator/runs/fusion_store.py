@@ -47,10 +47,22 @@ def _file_digest(path: Path) -> str:
 
 
 def choice_key(run: Any) -> dict[str, str]:
-    """What a stored choice depends on besides the candidate count: the exact checkpoint (path and content), the IDs
-    and the candidate pool (an alpha chosen for the beam-only pool of older versions, which has no "pool", is stale)."""
-    return {"checkpoint": str(Path(run.checkpoint).resolve()), "checkpoint_sha256": _file_digest(Path(run.checkpoint)),
+    """What a stored choice depends on besides the candidate count: the exact checkpoint (its path inside the run
+    folder, so a copied or moved folder keeps its choice, and its content), the IDs and the candidate pool (an alpha
+    chosen for the beam-only pool of older versions, which has no "pool", is stale)."""
+    ckpt, folder = Path(run.checkpoint).resolve(), Path(run.path).resolve()
+    where = ckpt.relative_to(folder).as_posix() if ckpt.is_relative_to(folder) else str(ckpt)
+    return {"checkpoint": where, "checkpoint_sha256": _file_digest(Path(run.checkpoint)),
             "ids_sha256": ids_digest(run.ids), "pool": POOL}
+
+
+def _same(name: str, stored: Any, value: str) -> bool:
+    """A stored key value matches; an absolute checkpoint path stored by earlier versions matches its place inside
+    the folder (the content is checked by its sha256 beside it)."""
+    if stored == value:
+        return True
+    return name == "checkpoint" and isinstance(stored, str) and not Path(value).is_absolute() and \
+        Path(stored).is_absolute() and Path(stored).as_posix().endswith("/" + value)
 
 
 def _corrupt(path: Path, e: Exception) -> ValueError:
@@ -71,7 +83,7 @@ def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = No
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise _corrupt(path, e) from e
     key = choice_key(run) if key is None else key
-    stale = [name for name, value in key.items() if stored.get(name) != value]
+    stale = [name for name, value in key.items() if not _same(name, stored.get(name), value)]
     if stored.get("num_candidates") != num_candidates:
         stale.append("num_candidates")
     earlier_t5 = "fusion" not in stored and "alpha" in stored and run.design == "t5"  # the blend weight alone
