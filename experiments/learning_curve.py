@@ -171,7 +171,7 @@ def _plot(runs: list[dict[str, Any]], path: Path) -> None:
     for name, (r, _) in PEERS.items():
         ax.axhline(r, ls=":", lw=1, color="grey")
         ax.text(0.5, r, name, fontsize=7, va="bottom", color="grey")
-    ax.set_xlabel("training minutes (wall clock, 1 thread, 2-core CPU)")
+    ax.set_xlabel("training minutes (one thread: CPU time; wall clock on an idle machine before the study)")
     ax.set_ylabel("test Recall@10 (all users)")
     ax.set_title("Amazon Beauty: Recall@10 against training time")
     ax.legend(fontsize=7)
