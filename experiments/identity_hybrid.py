@@ -132,7 +132,7 @@ def _same(a: object, b: object, where: str, bad: list[str]) -> None:
 
 
 def compare(root: Path, a: str, b: str) -> int:
-    x, y = torch.load(root / f"{a}.pt", weights_only=False), torch.load(root / f"{b}.pt", weights_only=False)
+    x, y = torch.load(root / f"{a}.pt", weights_only=True), torch.load(root / f"{b}.pt", weights_only=True)  # no unpickling
     bad: list[str] = []
     _same(x, y, "", bad)
     rows = sorted(k for k in x if not k.endswith(".json"))
