@@ -114,27 +114,29 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     return AddedItems(extended.item_ids[n:], n, extended.num_items, ids_path, stats.items_colliding)
 
 
-def _collaborative_width(quantizer: Path) -> int:
-    """The width of the item vectors the quantizer was fitted on beside the embeddings (``fit-codebooks
-    --collaborative``; 0 for none): new items get zeros there, so their codes come from their embeddings alone."""
+def _fit_stats(quantizer: Path) -> dict[str, Any]:
+    """The stats.json beside the quantizer (``semid fit-codebooks`` writes it); {} where there is none."""
     import json
 
     stats = quantizer.parent / "stats.json"
-    record = json.loads(stats.read_text(encoding="utf-8")).get("collaborative") if stats.is_file() else None
+    return json.loads(stats.read_text(encoding="utf-8")) if stats.is_file() else {}
+
+
+def _collaborative_width(quantizer: Path) -> int:
+    """The width of the item vectors the quantizer was fitted on beside the embeddings (``fit-codebooks
+    --collaborative``; 0 for none): new items get zeros there, so their codes come from their embeddings alone."""
+    record = _fit_stats(quantizer).get("collaborative")
     return int(record["width"]) if isinstance(record, dict) else 0
 
 
 def _fitted_on(quantizer: Path) -> str:
     """The name of the embeddings the quantizer was fitted on (``item_emb_<name>.npy`` in its folder's stats.json)."""
-    import json
-
-    stats = quantizer.parent / "stats.json"
-    source = json.loads(stats.read_text(encoding="utf-8")).get("embeddings", "") if stats.is_file() else ""
+    source = _fit_stats(quantizer).get("embeddings", "")
     stem = Path(source).name
     if stem.startswith("item_emb_") and stem.endswith(".npy"):
         return stem[len("item_emb_") : -len(".npy")]
-    raise ValueError(f"{stats}: does not name the item_emb_<name>.npy the quantizer was fitted on (got {source!r}); "
-                     "pass its name with --embeddings")
+    raise ValueError(f"{quantizer.parent / 'stats.json'}: does not name the item_emb_<name>.npy the quantizer was fitted "
+                     f"on (got {source!r}); pass its name with --embeddings")
 
 
 def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dataset: Any, n: int) -> None:
