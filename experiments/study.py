@@ -51,6 +51,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     # issue 21: the dense head's sampled softmax (1,024 uniform negatives + in-batch, log-Q corrected) against the full
     # softmax of the default at the same budget (the default's learning curve)
     "default+sampled-dense": {"model_options": {**SASREC_RECIPE, "dense_loss": "sampled"}, "label_smoothing": 0.1},
+    # the same at width 128 (causal-wide's sizes): the sampled head frees the step time a wider backbone costs
+    "default+sampled-dense+width-128": {"model_options": {**SASREC_RECIPE, "dense_loss": "sampled", "d_model": 128,
+                                                          "num_heads": 4, "d_ff": 512}, "label_smoothing": 0.1},
     "id-input+dropout-0.5": {"model_options": {**SASREC_RECIPE, "dropout": 0.5}},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget

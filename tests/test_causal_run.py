@@ -114,6 +114,15 @@ def test_causal_options_that_do_not_apply_are_errors() -> None:
     assert (t5.batch_size, t5.max_history, t5.user_tokens, t5.warmup_steps) == (256, 20, 2000, 500)
 
 
+def test_a_width_alone_resizes_the_tied_dense_table() -> None:
+    # the default preset ties the ID input to the dense table: a new width must carry the table with it
+    from generator.designs.causal import causal_config
+
+    c = causal_config(TrainOptions(model_options={"d_model": 128, "num_heads": 4}))
+    assert (c.d_model, c.dense_dim, c.id_input) == (128, 128, True)
+    assert causal_config(TrainOptions(dense="none", model_options={"d_model": 96})).dense_dim == 0
+
+
 def test_threads_are_restored_after_training(causal_run: dict[str, Path], tmp_path: Path) -> None:
     before = torch.get_num_threads()
     assert main(["train", "--data", str(causal_run["data"]), "--ids", str(causal_run["ids"]), "--out", str(tmp_path / "r"),

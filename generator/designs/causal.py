@@ -65,14 +65,17 @@ def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
     a dense head (``dense`` "none") the preset's ID input and distillation are off, and asking for them is an error.
     """
     given = options.model_options or {}
-    base = replace(PRESETS[options.preset], **given)
+    preset = PRESETS[options.preset]
     if not options.dense:
         asked = [k for k in ("id_input", "distill") if given.get(k)]
         if asked:
             raise ValueError(f"`model_options` {asked} need the dense head; drop them or pass `dense` 'id' or 'both'")
-        return replace(base, max_history=options.max_history, dense_dim=0, id_input=False, distill=0.0, content_dim=content_dim)
-    dense_dim = base.d_model if base.id_input else base.dense_dim
-    return replace(base, max_history=options.max_history, dense_dim=dense_dim, content_dim=content_dim)
+        return replace(preset, **{**given, "max_history": options.max_history, "dense_dim": 0, "id_input": False,
+                                  "distill": 0.0, "content_dim": content_dim})
+    # the tied table follows the width in the same step (a width alone in `model_options` must not trip the tie check)
+    id_input, d_model = given.get("id_input", preset.id_input), given.get("d_model", preset.d_model)
+    dense_dim = d_model if id_input else preset.dense_dim
+    return replace(preset, **{**given, "max_history": options.max_history, "dense_dim": dense_dim, "content_dim": content_dim})
 
 
 def build(config: CausalConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> CausalGenerator:
