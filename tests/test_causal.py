@@ -102,6 +102,32 @@ def test_beam_scores_equal_the_reference_and_exact_is_the_reference(seed: int, n
     assert all(len(set(r)) == k for r in items.tolist())  # distinct, real items
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 60), beams=st.integers(1, 9), node_vectors=st.booleans(),
+       added=st.integers(0, 3))
+def test_the_decoders_beam_on_edge_tables_is_the_beam_on_the_code_head(seed: int, n: int, beams: int,
+                                                                        node_vectors: bool, added: int) -> None:
+    # the served beam reads each node's children from the edge tables; the reference runs the code head per beam
+    from dataclasses import replace
+
+    model, ids, tree = make(num_items=n, seed=seed, cfg=replace(CFG, node_vectors=node_vectors))
+    trained_tree = None
+    if added:  # items added after training: normalised over the trained children, as exact scoring does
+        rng = np.random.default_rng(seed)
+        grown = ids.add_items(rng.integers(0, (3, 4), size=(added, 2)), np.arange(1000, 1000 + added))
+        model.add_items(torch.as_tensor(model.layout.codes_to_tokens(grown.codes[-added:])))
+        trained_tree, ids, tree = tree, grown, PrefixTree.from_semantic_ids(grown, model.layout)
+    dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=min(beams, ids.num_items),
+                         trained_tree=trained_tree).refresh()
+    h = torch.randn(5, CFG.d_model, generator=torch.Generator().manual_seed(seed))
+    k = min(beams, ids.num_items)
+    got = dec.decode("beam", h, k=k)
+    with torch.no_grad():
+        items, scores, tokens = beam_search(model, h, tree, k=k, num_beams=k, trained_tree=trained_tree)
+    torch.testing.assert_close(got.scores, scores, atol=1e-5, rtol=0)
+    assert torch.equal(got.items, items) and torch.equal(got.codes, model.layout.tokens_to_codes(tokens))
+
+
 def test_beam_with_as_many_beams_as_items_is_the_exact_top_k() -> None:
     model, ids, tree = make(num_items=25, seed=3)
     h = torch.randn(4, CFG.d_model, generator=torch.Generator().manual_seed(1))

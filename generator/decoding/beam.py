@@ -155,9 +155,11 @@ def leaf_items(beams: Beams, tree: PrefixTree, k: int) -> torch.Tensor:
 
 
 def leaf_search(backbone: Backbone, tree: PrefixTree, *, levels: int, k: int, num_beams: int,
-                trained_tree: PrefixTree | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                trained_tree: PrefixTree | None = None, constraint: TreeConstraint | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The beam over a tree of L = ``levels`` tokens + eos per item (semantic IDs): (items (B, k), scores (B, k),
-    tokens (B, k, L)) of the best k beams. The eos step is skipped: after level L the tree allows only eos (log 1)."""
-    on_tree = TreeConstraint(tree, backbone.B, backbone.device, trained_tree)
+    tokens (B, k, L)) of the best k beams. The eos step is skipped: after level L the tree allows only eos (log 1).
+    ``constraint``: the beams' :class:`TreeConstraint` on ``tree``, when the backbone reads its nodes."""
+    on_tree = constraint or TreeConstraint(tree, backbone.B, backbone.device, trained_tree)
     beams = search(backbone, on_tree, num_beams=num_beams, steps=levels)
     return leaf_items(beams, tree, k), beams.logp[:, :k].contiguous(), beams.tokens[:, :k].contiguous()

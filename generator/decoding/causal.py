@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from generator.decoding.beam import leaf_search
+from generator.decoding.beam import TreeConstraint, leaf_search
 from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
 from generator.decoding.fusion import Parts, fused_ranking
 from generator.decoding.mips import DEFAULT_NPROBE, DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
@@ -161,6 +161,51 @@ class CausalLevels:
         pass  # the prefix is the whole per-beam state
 
 
+class EdgeLevels:
+    """The causal model as a :class:`~generator.decoding.beam.Backbone` read from the decoders' edge tables: a
+    beam's level-l logits are its level query times the vectors of its tree node's children plus their biases
+    (:class:`EdgeTables`), the numbers ``code_logits`` gives up to float rounding, without running the prefix FiLM and
+    the node-vector lookups for every beam. The beam's node is its ``constraint``'s (depth-l node r of the tree is
+    the items' prefix-index row r); an only child (no table row) has logit 0, its log-probability 0 either way."""
+
+    def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint) -> None:
+        self.model, self.B, self.device = shared.model, h.shape[0], h.device
+        self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
+        self.hq = self.model.level_queries(h)  # (B, L, D)
+
+    def window(self, level: int) -> tuple[int, int]:
+        return self.model.layout.level_range(level)
+
+    def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
+        lo, hi = self.window(level)
+        node = (self.constraint.nodes - self.index.offsets[level]).clamp_min(0)  # (R,) a dead beam reads row 0: masked
+        child, codes = self.index.child_index[level][node], self.index.child_codes[level][node]  # (R, W), -1 padded
+        vectors, A = self.tables.vectors[level], self.tables.vectors[level].shape[0]
+        slot = torch.where(child >= 0, self.slots[level][child.clamp_min(0)], A)  # (R, W) table row, A: none
+        if A:
+            row = slot.clamp_max(A - 1)
+            q = self.hq[:, level].repeat_interleave(m, 0)  # (R, D)
+            edge = (vectors[row] @ q[:, :, None]).squeeze(-1) + self.tables.biases[level][row]
+            edge = torch.where(slot < A, edge, 0.0)
+        else:
+            edge = self.hq.new_zeros(child.shape)
+        out = self.hq.new_full((child.shape[0], hi - lo + 1), float("-inf"))  # the last column takes the padding
+        return out.scatter_(1, torch.where(codes >= 0, codes, hi - lo), edge)[:, : hi - lo]
+
+    def reorder(self, level: int, rows: torch.Tensor) -> None:
+        pass  # the node is the constraint's
+
+
+def edge_slots(paths: ItemPaths) -> list[torch.Tensor]:
+    """Per level l (E_l,): each edge's row in the edge tables (its rank among the active edges), A_l for an only child."""
+    out = []
+    for level, act in enumerate(paths.active):  # loop over levels
+        slot = torch.full_like(paths.index.parent[level], act.numel())
+        slot[act] = torch.arange(act.numel(), device=act.device)
+        out.append(slot)
+    return out
+
+
 def beam_search(
     model: CausalGenerator, h: torch.Tensor, tree: PrefixTree, *, k: int, num_beams: int,
     trained_tree: PrefixTree | None = None,
@@ -209,6 +254,7 @@ class CausalDecoders:
         self.fusion: tuple[str, dict] | None = None if alpha is None else ("blend", {"alpha": float(alpha)})
         self.paths: ItemPaths | None = None
         self.tables: EdgeTables | None = None
+        self.edge_slots: list[torch.Tensor] | None = None
         self._vectors: torch.Tensor | None = None
 
     def refresh(self) -> CausalDecoders:
@@ -218,6 +264,7 @@ class CausalDecoders:
         self.item_ids = self.item_ids.to(device)
         self.paths = item_paths(self.model, self.tree)
         self.tables = edge_tables(self.model, self.paths)
+        self.edge_slots = edge_slots(self.paths)
         self._vectors = self.model.item_vectors().detach() if self.model.has_dense else None
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         return self
@@ -243,7 +290,9 @@ class CausalDecoders:
         if name == "beam":
             M = self.num_beams if num_beams is None else num_beams
             check_beams(M, k, N)
-            items, scores, tokens = beam_search(self.model, h, self.tree, k=k, num_beams=M, trained_tree=self.trained_tree)
+            on_tree = TreeConstraint(self.tree, h.shape[0], h.device, self.trained_tree)
+            items, scores, tokens = leaf_search(EdgeLevels(self, h, on_tree), self.tree, levels=self.model.layout.num_levels,
+                                                k=k, num_beams=M, constraint=on_tree)
             return Ranking(items, scores, self.model.layout.tokens_to_codes(tokens), LOG_LIKELIHOOD, True)
         if name in ("dense", "hybrid") and self._vectors is None:
             raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
