@@ -55,7 +55,10 @@ def check_options(options: Any) -> None:
     unknown = sorted(set(options.model_options or {}) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(f"unknown `model_options` {unknown}; known: {sorted(OPTION_KEYS)}")
-    causal_config(options)  # validates the values
+    if causal_config(options).sparse_tables and (options.devices > 1 or options.strategy != "auto"):  # also validates
+        raise ValueError(f"`sparse_tables` trains on one process: DDP's reducer expects dense gradients for the item and "
+                         f"node tables; drop it, or train with devices 1 and strategy auto (got devices {options.devices}, "
+                         f"strategy {options.strategy!r})")
 
 
 def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:

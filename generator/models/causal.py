@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
@@ -70,10 +71,13 @@ class CausalConfig:
     dense_negatives: str = "uniform"  # sampled: extra negatives "uniform", by "popularity", or none ("in-batch")
     num_negatives: int = 1024  # sampled: random negatives per step beyond the batch's targets (not with "in-batch")
     logq_correction: bool = True  # sampled: subtract log expected count of each column (Yi et al., RecSys 2019)
+    sparse_tables: bool = False  # the N-row tables (dense item table, node vectors) get sparse gradients, and the
+    # optimiser updates only the rows a step touches (generator.training.lazy_adamw): a step's cost then does not grow
+    # with the catalogue. Not with DDP (its reducer expects dense gradients for these tables)
 
     def __post_init__(self) -> None:
         check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)
-        for name in ("node_vectors", "content_vectors", "id_input", "code_input"):
+        for name in ("node_vectors", "content_vectors", "id_input", "code_input", "sparse_tables"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
@@ -195,7 +199,7 @@ class CausalGenerator(nn.Module):
         x = (self.code_emb(self.item_tokens[rows1]).sum(-2) if self.config.code_input
              else self.code_emb.weight.new_zeros(*rows1.shape, self.config.d_model))
         if self.config.id_input:  # the tied ID embedding; row 0 (padding) adds nothing
-            ids = self.dense_head.item_table[(rows1 - 1).clamp_min(0)] * (rows1 > 0).unsqueeze(-1)
+            ids = self.table_rows(self.dense_head.item_table, (rows1 - 1).clamp_min(0)) * (rows1 > 0).unsqueeze(-1)
             if self.training and self.config.item_dropout:  # per position: the codes alone must carry the item
                 ids = ids * (torch.rand(rows1.shape + (1,), device=ids.device) >= self.config.item_dropout)
             x = x + ids
@@ -240,6 +244,10 @@ class CausalGenerator(nn.Module):
             logits = logits + self.node_logits(level, q, prefix_tokens)
         return logits
 
+    def table_rows(self, table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of an N-row table; with ``sparse_tables`` their gradient is sparse (only these rows)."""
+        return F.embedding(rows, table, sparse=True) if self.config.sparse_tables and self.training else table[rows]
+
     # ---- node vectors: children of each parent prefix, padded to the level's largest degree ------------------------
     def _children(self, level: int, prefix_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(child codes, node-vector rows) (..., W) of each prefix (..., level); -1 where none (or unknown prefix)."""
@@ -259,7 +267,7 @@ class CausalGenerator(nn.Module):
             dense = table.new_zeros(K, table.shape[1]).index_add(0, codes[keep], table[index[keep]])
             return q @ dense.T
         codes, index = self._children(level, prefix_tokens)  # (..., W)
-        vecs = table[index.clamp_min(0)]  # (..., W, D)
+        vecs = self.table_rows(table, index.clamp_min(0))  # (..., W, D)
         node = (vecs @ q.unsqueeze(-1)).squeeze(-1) * (index >= 0)  # (..., W)
         out = q.new_zeros(*q.shape[:-1], K + 1)  # column K collects the padding
         return out.scatter_add(-1, torch.where(codes >= 0, codes, K), node)[..., :K]
@@ -280,7 +288,8 @@ class CausalGenerator(nn.Module):
         """(N or C rows, dense_dim): table + projected code embeddings (+ content); added items (table row 0) score too."""
         rows1 = slice(1, None) if rows is None else rows + 1
         codes = self.code_emb(self.item_tokens[rows1]).sum(-2)  # (N, D)
-        return self.dense_head.item_vectors(rows, codes=codes, content=self.content[rows1] if self.uses_content_vectors else None)
+        return self.dense_head.item_vectors(rows, codes=codes, content=self.content[rows1] if self.uses_content_vectors else None,
+                                            sparse=self.config.sparse_tables and self.training)
 
     # ---- cold start ----------------------------------------------------------------------------------------------
     @torch.no_grad()

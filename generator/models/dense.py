@@ -176,16 +176,17 @@ class DenseHead(nn.Module):
 
     # ---- items ---------------------------------------------------------------------------------------------------
     def item_vectors(self, rows: torch.Tensor | None = None, *, codes: torch.Tensor | None = None,
-                     content: torch.Tensor | None = None) -> torch.Tensor:
+                     content: torch.Tensor | None = None, sparse: bool = False) -> torch.Tensor:
         """Item vectors: all N (``rows=None``) or those of ``rows`` (LongTensor (C,) in [0, N)) -> (C, d).
 
         codes, content: (C, code_dim), (C, content_dim) those items' code and content vectors, from a host model
-        that holds them (``code_dim``, ``content_dim``); a head that holds its content reads its own.
+        that holds them (``code_dim``, ``content_dim``); a head that holds its content reads its own. ``sparse``: the
+        table's gradient from ``rows`` is sparse (those rows only; for a lazy optimiser).
         """
         c = self.config
         out = None
         if c.mode in ("id", "both"):
-            out = self.item_table if rows is None else self.item_table[rows]
+            out = self.item_table if rows is None else F.embedding(rows, self.item_table, sparse=True) if sparse else self.item_table[rows]
             if self.training and c.id_dropout > 0:
                 keep = torch.rand(out.shape[0], 1, device=out.device) >= c.id_dropout
                 out = out * keep

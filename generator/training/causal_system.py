@@ -145,7 +145,7 @@ class CausalSystem(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_schedule(self, self.optim)
+        return adamw_schedule(self, self.optim, lazy=self.config.sparse_tables)
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

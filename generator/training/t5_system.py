@@ -25,6 +25,7 @@ from generator.models.dense import META_KEY, DenseHead, DenseHeadConfig
 from generator.models.dense_loss import OBJECTIVES, check_log_q, joint_loss, log_popularity
 from generator.models.t5 import GeneratorConfig, build_model, seq2seq_loss
 from generator.training.examples import Batch
+from generator.training.lazy_adamw import LazyAdamW
 from semid.data import Dataset
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
@@ -71,13 +72,14 @@ def lr_factor(step: int, warmup_steps: int, schedule: str = "inverse-sqrt") -> f
     return step / warmup_steps if step < warmup_steps else math.sqrt(warmup_steps / step)
 
 
-def adamw_schedule(module: torch.nn.Module, optim: OptimConfig) -> dict[str, Any]:
+def adamw_schedule(module: torch.nn.Module, optim: OptimConfig, *, lazy: bool = False) -> dict[str, Any]:
     """Lightning's optimiser config: AdamW (matrices decayed, vectors and layer-norm scales not) with
-    :func:`lr_factor`'s warmup and inverse-sqrt decay, stepped every optimiser step."""
+    :func:`lr_factor`'s warmup and inverse-sqrt decay, stepped every optimiser step. ``lazy``: the tables with sparse
+    gradients update only the rows a step touches (:class:`generator.training.lazy_adamw.LazyAdamW`)."""
     decay = [p for p in module.parameters() if p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
+    opt = (LazyAdamW if lazy else torch.optim.AdamW)(groups, lr=optim.lr, betas=optim.betas)
     warmup = optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, optim.schedule))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,66 @@
+"""AdamW that updates only the rows a sparse gradient touches: a step over N-row tables costs O(rows touched), not O(N).
+
+With ``CausalConfig.sparse_tables`` the item table and the node-vector tables get sparse gradients (``F.embedding(...,
+sparse=True)``): the rows of the step's inputs, targets and sampled negatives. A dense optimiser would still read and
+write all N rows of each table and of its two moment buffers every step (at 1M items, most of a training step).
+:class:`LazyAdamW` keeps AdamW's update for dense gradients (decoupled weight decay, bias-corrected moments; the
+same arithmetic as ``torch.optim.AdamW``) and for a sparse gradient applies it to the touched rows alone ("lazy"
+Adam, as TensorFlow's LazyAdam and ``torch.optim.SparseAdam``): an untouched row keeps its value and moments (no
+decay while it is not seen), and the bias correction follows the parameter's step count.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+
+class LazyAdamW(torch.optim.Optimizer):
+    """AdamW for dense gradients, lazy AdamW for sparse ones (module doc). Arguments as ``torch.optim.AdamW``'s."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if not lr > 0 or not eps > 0 or not weight_decay >= 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"LazyAdamW needs lr > 0, eps > 0, weight_decay >= 0 and betas in [0, 1), got lr {lr!r}, "
+                             f"eps {eps!r}, weight_decay {weight_decay!r}, betas {betas!r}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:  # loop over groups and parameters (tens), not rows
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float64)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = float(state["step"])
+                step_size, bc2_sqrt = lr / (1 - b1**t), math.sqrt(1 - b2**t)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if p.grad.is_sparse:
+                    g = p.grad.coalesce()
+                    rows, values = g.indices()[0], g.values()
+                    w, m_rows, v_rows = p[rows], m[rows], v[rows]
+                    w.mul_(1 - lr * wd)
+                    m_rows.lerp_(values, 1 - b1)
+                    v_rows.mul_(b2).addcmul_(values, values, value=1 - b2)
+                    w.addcdiv_(m_rows, (v_rows.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+                    p[rows], m[rows], v[rows] = w, m_rows, v_rows
+                else:
+                    g = p.grad
+                    p.mul_(1 - lr * wd)
+                    m.lerp_(g, 1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+        return loss
