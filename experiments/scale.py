@@ -1,6 +1,7 @@
 """Scale: what semid costs from Beauty's 12k items to synthetic catalogues of 100k and 1M items, on one CPU thread.
 
     OMP_NUM_THREADS=1 python -m experiments.scale [--sizes beauty,100000,1000000] [--steps 6] [--users 128]
+    python -m experiments.scale --phases codebooks,train-sampled,train-sparse --out scale_sparse   # training only
 
 Catalogues. ``beauty``: Amazon Beauty, real (MiniLM embeddings, the users' real sequences). Every other size is
 SYNTHETIC: 64-d item embeddings drawn around N/50 Gaussian cluster centres; power-law (Zipf) item popularity within
@@ -12,9 +13,11 @@ Each (size, phase) runs in its own process, so its peak memory (``ru_maxrss``) i
 - ``codebooks``: ``fit_codebooks`` (residual k-means, 3 x 256, balanced last level; from 100k items on, centres on
   a 65,536-item sample, ``--fit-sample``), seconds, collisions, codes used; semantic IDs and the prefix tree (bytes
   per item).
-- ``train-full`` / ``train-sampled``: the causal preset's joint training step (batches of 128 windows of <= 50
-  positions, AdamW), dense head with the full softmax or the sampled one (1,024 uniform negatives + in-batch,
-  log-Q correction): ms per step, split into forward + backward and the optimiser step, and peak memory.
+- ``train-full`` / ``train-sampled`` / ``train-sparse``: the causal preset's joint training step (batches of 128
+  windows of <= 50 positions, AdamW), dense head with the full softmax or the sampled one (1,024 uniform negatives +
+  in-batch, log-Q correction), and the sampled one with sparse tables (``sparse_tables``: sparse gradients for the item
+  table and node vectors, the run's own lazy AdamW): ms per step, split into forward + backward and the optimiser
+  step, and peak memory.
 - ``decode``: decoders built once (item paths, edge tables; the IVF index), then users/s for ``beam`` (20 beams),
   ``exact`` (chunked under a 256 MiB budget), ``dense`` exact (torch, chunked) and faiss ``IndexFlatIP``, and the
   approximate IVF (sqrt(N) lists, 32 probed, the default, and 128), whose recall@10 against exact is reported.
@@ -42,7 +45,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 BEAUTY = Path("/work/shared/data/beauty")
 DIM, USERS, SEED = 64, 20_000, 0
-PHASES = ("codebooks", "train-full", "train-sampled", "decode")
+PHASES = ("codebooks", "train-full", "train-sampled", "train-sparse", "decode")
 FULL_SOFTMAX_MAX_BYTES = 4 * 2**30  # the full softmax's (positions x items) logits, its gradient and softmax: skip above
 
 
@@ -97,7 +100,7 @@ def phase_codebooks(size: str, work: Path) -> dict:
             "tree_s": tree_s, "tree_bytes": tree.nbytes, "tree_bytes_per_item": tree.nbytes / N, "peak_mb": peak_mb()}
 
 
-def _model(size: str, work: Path, dense_loss: str):  # noqa: ANN202
+def _model(size: str, work: Path, dense_loss: str, sparse: bool = False):  # noqa: ANN202
     from generator.models.dense_loss import log_popularity
     from generator.runs.options import preset
     from generator.training.causal_data import training_windows
@@ -108,7 +111,7 @@ def _model(size: str, work: Path, dense_loss: str):  # noqa: ANN202
     ids = SemanticIDs.load(work / f"ids_{size}.npz")
     layout = ids.layout(0)
     _, seqs = catalogue(size)
-    config = replace(preset("causal"), dense_loss=dense_loss)
+    config = replace(preset("causal"), dense_loss=dense_loss, sparse_tables=sparse)
     windows = training_windows(seqs, ids, config.max_history)
     log_q = None
     if dense_loss == "sampled":
@@ -121,10 +124,11 @@ def _model(size: str, work: Path, dense_loss: str):  # noqa: ANN202
     return system, windows, ids, tree
 
 
-def phase_train(size: str, work: Path, dense_loss: str, steps: int) -> dict:
+def phase_train(size: str, work: Path, head: str, steps: int) -> dict:
     from generator.training.causal_data import collate_windows
 
-    system, windows, ids, _ = _model(size, work, dense_loss)
+    dense_loss = "full" if head == "full" else "sampled"
+    system, windows, ids, _ = _model(size, work, dense_loss, sparse=head == "sparse")
     N = len(ids.item_ids)
     rng = np.random.default_rng(SEED)
     batches = [rng.choice(len(windows.start), 128, replace=False) for _ in range(steps + 2)]
@@ -133,7 +137,8 @@ def phase_train(size: str, work: Path, dense_loss: str, steps: int) -> dict:
     if dense_loss == "full" and 3 * positions * N * 4 > FULL_SOFTMAX_MAX_BYTES:
         return {"skipped": f"full softmax logits, their softmax and gradient would take {3 * positions * N * 4 / 2**30:.0f} GiB "
                 f"({positions} positions x {N} items)", "peak_mb": peak_mb()}
-    opt = torch.optim.AdamW(system.parameters(), lr=1e-3)
+    # the run's own optimiser with sparse tables (lazy AdamW over its parameter groups), torch's AdamW otherwise
+    opt = system.configure_optimizers()["optimizer"] if head == "sparse" else torch.optim.AdamW(system.parameters(), lr=1e-3)
     fwd_bwd = opt_s = 0.0
     for i, index in enumerate(batches):  # 2 warm-up steps, then `steps` timed ones
         b = collate_windows(windows, index)
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=6, help="timed training steps per row (after 2 warm-up steps)")
     p.add_argument("--users", type=int, default=128, help="users decoded per decoder")
     p.add_argument("--others", default="two one-thread training jobs of the lead", help="what else ran on the machine")
+    p.add_argument("--phases", default=",".join(PHASES), help="phases to run per size (the train phases need codebooks)")
+    p.add_argument("--out", default="scale", help="report name under experiments/results/ (.md and .json)")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -234,11 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            results[size] = {ph: run_phase(size, ph, Path(tmp), args) for ph in PHASES}
+            results[size] = {ph: run_phase(size, ph, Path(tmp), args) for ph in args.phases.split(",")}
     total = time.perf_counter() - start
     from experiments.scale_report import write_report
 
-    write_report(results, args, total, RESULTS, shlex.join(["python", "-m", "experiments.scale", *sys.argv[1:]]))
+    write_report(results, args, total, RESULTS, shlex.join(["python", "-m", "experiments.scale", *sys.argv[1:]]), args.out)
 
 
 if __name__ == "__main__":

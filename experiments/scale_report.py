@@ -18,7 +18,8 @@ def _label(size: str) -> str:
     return "Beauty (real)" if size == "beauty" else f"{int(size):,} (synthetic)"
 
 
-def write_report(results: dict, args: argparse.Namespace, total_s: float, out_dir: Path, command: str) -> None:
+def write_report(results: dict, args: argparse.Namespace, total_s: float, out_dir: Path, command: str,
+                 name: str = "scale") -> None:
     L = ["# Scale: from Beauty's 12k items to synthetic catalogues of millions, one CPU thread", "",
          f"Run: `{command}` (OMP_NUM_THREADS=1, `torch.set_num_threads(1)`; every size and phase in its own process; "
          f"{total_s / 60:.1f} minutes in all). Machine: {platform.processor() or platform.machine()}, 2 shared cores, "
@@ -31,7 +32,7 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
           "| items | fit-codebooks s | centres fitted on | colliding items | largest group | codes used per level | rel. error | tree MB | tree bytes/item | peak MB |",
           "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
-        c = r["codebooks"]
+        c = r.get("codebooks", {"error": "not run"})
         if "error" in c:
             L.append(f"| {_label(size)} | error: {c['error']} |")
             continue
@@ -43,9 +44,12 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
           "| items | dense head | positions/step | ms/step | ms per 1k positions | of which forward + backward | of which optimiser step | parameters (M) | peak MB |",
           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
-        for head in ("full", "sampled"):
+        for head in ("full", "sampled", "sparse"):
+            if f"train-{head}" not in r:
+                continue
             t = r[f"train-{head}"]
-            name = "full softmax" if head == "full" else "sampled (1,024 uniform + in-batch, log-Q)"
+            name = {"full": "full softmax", "sampled": "sampled (1,024 uniform + in-batch, log-Q)",
+                    "sparse": "sampled + sparse tables (lazy AdamW)"}[head]
             if "skipped" in t or "error" in t:
                 L.append(f"| {_label(size)} | {name} | | skipped: {t.get('skipped') or t.get('error')} | | | | | {_f(t.get('peak_mb'))} |")
                 continue
@@ -58,7 +62,7 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
           "| dense IndexFlatIP users/s | IVF build s | dense IVF users/s (32 / 128 lists probed) | IVF recall@10 vs exact (32 / 128) | serving peak MB |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
-        d = r["decode"]
+        d = r.get("decode", {"error": "not run"})
         if "error" in d:
             L.append(f"| {_label(size)} | error: {d['error']} |")
             continue
@@ -69,7 +73,7 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
     text = "\n".join(L) + "\n"
     print(text)
     out_dir.mkdir(exist_ok=True)
-    with atomic_open(out_dir / "scale.md", "w", encoding="utf-8") as f:
+    with atomic_open(out_dir / f"{name}.md", "w", encoding="utf-8") as f:
         f.write(text)
-    with atomic_open(out_dir / "scale.json", "w", encoding="utf-8") as f:
+    with atomic_open(out_dir / f"{name}.json", "w", encoding="utf-8") as f:
         json.dump({"command": command, "others": args.others, "total_s": total_s, "results": results}, f, indent=1)

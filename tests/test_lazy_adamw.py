@@ -13,7 +13,7 @@ import torch
 
 from generator.models.causal_loss import dense_loss
 from generator.runs.options import TrainOptions
-from generator.training.lazy_adamw import LazyAdamW
+from generator.training.optim import LazyAdamW
 from tests.test_causal import CFG, make
 from tests.test_resume import OPTIONS, PINNED, _interrupt_and_resume, _outcome, _same
 

@@ -9,7 +9,7 @@ import torch
 
 from experiments.sasrec import SASRec, _IdRows
 from generator.models.causal import CausalConfig, CausalGenerator
-from generator.training.t5_system import OptimConfig, lr_factor
+from generator.training.optim import OptimConfig, lr_factor
 from semid.ids import SemanticIDs
 
 CFG = CausalConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, dropout=0.0, max_history=8, dense_dim=16, id_input=True)

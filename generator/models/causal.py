@@ -72,7 +72,7 @@ class CausalConfig:
     num_negatives: int = 1024  # sampled: random negatives per step beyond the batch's targets (not with "in-batch")
     logq_correction: bool = True  # sampled: subtract log expected count of each column (Yi et al., RecSys 2019)
     sparse_tables: bool = False  # the N-row tables (dense item table, node vectors) get sparse gradients, and the
-    # optimiser updates only the rows a step touches (generator.training.lazy_adamw): a step's cost then does not grow
+    # optimiser updates only the rows a step touches (generator.training.optim): a step's cost then does not grow
     # with the catalogue. Not with DDP (its reducer expects dense gradients for these tables)
 
     def __post_init__(self) -> None:

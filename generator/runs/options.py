@@ -183,9 +183,9 @@ class TrainOptions:
         return designs.recorded(self.plugin)
 
     def optim(self) -> Any:
-        """The optimiser's config (``generator.training.t5_system.OptimConfig``; imported here, so that reading options
+        """The optimiser's config (``generator.training.optim.OptimConfig``; imported here, so that reading options
         never imports Lightning)."""
-        from generator.training.t5_system import OptimConfig
+        from generator.training.optim import OptimConfig
 
         return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
                            schedule=self.schedule)

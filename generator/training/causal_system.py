@@ -25,7 +25,7 @@ from generator.models.causal_loss import code_loss, dense_logits, dense_loss
 from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.dense_loss import check_log_q
 from generator.training.causal_data import SeqBatch
-from generator.training.t5_system import OptimConfig, adamw_schedule
+from generator.training.optim import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 

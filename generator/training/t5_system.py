@@ -9,9 +9,8 @@ exact, not a mean of per-process means.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -25,7 +24,7 @@ from generator.models.dense import META_KEY, DenseHead, DenseHeadConfig
 from generator.models.dense_loss import OBJECTIVES, check_log_q, joint_loss, log_popularity
 from generator.models.t5 import GeneratorConfig, build_model, seq2seq_loss
 from generator.training.examples import Batch
-from generator.training.lazy_adamw import LazyAdamW
+from generator.training.optim import OptimConfig, adamw_schedule
 from semid.data import Dataset
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
@@ -33,56 +32,6 @@ from semid.split import Split
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warmup to ``lr`` over ``warmup_steps``, then ``schedule``: "inverse-sqrt" decay (TIGER, T5)
-    or "constant" (SASRec's Adam at a fixed rate)."""
-
-    lr: float = 2e-3
-    warmup_steps: int = 500
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    label_smoothing: float = 0.1
-    schedule: str = "inverse-sqrt"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if not self.lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {self.lr!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be a non-negative int, got {self.warmup_steps!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}")
-
-
-SCHEDULES = ("inverse-sqrt", "constant")
-
-
-def lr_factor(step: int, warmup_steps: int, schedule: str = "inverse-sqrt") -> float:
-    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warmup, then sqrt(warmup / step)
-    ("inverse-sqrt") or 1 ("constant")."""
-    step = step + 1
-    if warmup_steps == 0 or (schedule == "constant" and step >= warmup_steps):
-        return 1.0
-    return step / warmup_steps if step < warmup_steps else math.sqrt(warmup_steps / step)
-
-
-def adamw_schedule(module: torch.nn.Module, optim: OptimConfig, *, lazy: bool = False) -> dict[str, Any]:
-    """Lightning's optimiser config: AdamW (matrices decayed, vectors and layer-norm scales not) with
-    :func:`lr_factor`'s warmup and inverse-sqrt decay, stepped every optimiser step. ``lazy``: the tables with sparse
-    gradients update only the rows a step touches (:class:`generator.training.lazy_adamw.LazyAdamW`)."""
-    decay = [p for p in module.parameters() if p.ndim >= 2]
-    no_decay = [p for p in module.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = (LazyAdamW if lazy else torch.optim.AdamW)(groups, lr=optim.lr, betas=optim.betas)
-    warmup = optim.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, optim.schedule))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class GeneratorSystem(L.LightningModule):
@@ -108,7 +57,7 @@ class GeneratorSystem(L.LightningModule):
         ids_digest: str,
         tree: PrefixTree,
         *,
-        optim: OptimConfig = OptimConfig(),
+        optim: OptimConfig = OptimConfig(),  # noqa: B008 (frozen)
         num_beams: int = 20,
         ks: Sequence[int] = (5, 10),
         decoder: str = "auto",

@@ -21,7 +21,7 @@ from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.titles import TitleConfig, TitleGenerator
 from generator.training.causal_data import SeqBatch
 from generator.training.causal_system import RankSums
-from generator.training.t5_system import OptimConfig, adamw_schedule
+from generator.training.optim import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 

@@ -1,6 +1,7 @@
-"""AdamW that updates only the rows a sparse gradient touches: a step over N-row tables costs O(rows touched), not O(N).
+"""The optimiser every design trains with: AdamW with warmup and a schedule (:class:`OptimConfig`,
+:func:`adamw_schedule`), and its lazy form for tables with sparse gradients (:class:`LazyAdamW`).
 
-With ``CausalConfig.sparse_tables`` the item table and the node-vector tables get sparse gradients (``F.embedding(...,
+Lazy AdamW: with ``CausalConfig.sparse_tables`` the item table and the node-vector tables get sparse gradients (``F.embedding(...,
 sparse=True)``): the rows of the step's inputs, targets and sampled negatives. A dense optimiser would still read and
 write all N rows of each table and of its two moment buffers every step (at 1M items, most of a training step).
 :class:`LazyAdamW` keeps AdamW's update for dense gradients (decoupled weight decay, bias-corrected moments; the
@@ -13,9 +14,60 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup to ``lr`` over ``warmup_steps``, then ``schedule``: "inverse-sqrt" decay (TIGER, T5)
+    or "constant" (SASRec's Adam at a fixed rate)."""
+
+    lr: float = 2e-3
+    warmup_steps: int = 500
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    label_smoothing: float = 0.1
+    schedule: str = "inverse-sqrt"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if not self.lr > 0:
+            raise ValueError(f"`lr` must be > 0, got {self.lr!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps` must be a non-negative int, got {self.warmup_steps!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}")
+
+
+SCHEDULES = ("inverse-sqrt", "constant")
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str = "inverse-sqrt") -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warmup, then sqrt(warmup / step)
+    ("inverse-sqrt") or 1 ("constant")."""
+    step = step + 1
+    if warmup_steps == 0 or (schedule == "constant" and step >= warmup_steps):
+        return 1.0
+    return step / warmup_steps if step < warmup_steps else math.sqrt(warmup_steps / step)
+
+
+def adamw_schedule(module: torch.nn.Module, optim: OptimConfig, *, lazy: bool = False) -> dict[str, Any]:
+    """Lightning's optimiser config: AdamW (matrices decayed, vectors and layer-norm scales not) with
+    :func:`lr_factor`'s warmup and inverse-sqrt decay, stepped every optimiser step. ``lazy``: the tables with sparse
+    gradients update only the rows a step touches (:class:`LazyAdamW`)."""
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    no_decay = [p for p in module.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = (LazyAdamW if lazy else torch.optim.AdamW)(groups, lr=optim.lr, betas=optim.betas)
+    warmup = optim.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, optim.schedule))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 class LazyAdamW(torch.optim.Optimizer):
