@@ -48,14 +48,14 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
             if f"train-{head}" not in r:
                 continue
             t = r[f"train-{head}"]
-            name = {"full": "full softmax", "sampled": "sampled (1,024 uniform + in-batch, log-Q)",
-                    "sparse": "sampled + sparse tables (lazy AdamW)"}[head]
+            label = {"full": "full softmax", "sampled": "sampled (1,024 uniform + in-batch, log-Q)",
+                     "sparse": "sampled + sparse tables (lazy AdamW)"}[head]
             if "skipped" in t or "error" in t:
-                L.append(f"| {_label(size)} | {name} | | skipped: {t.get('skipped') or t.get('error')} | | | | | {_f(t.get('peak_mb'))} |")
+                L.append(f"| {_label(size)} | {label} | | skipped: {t.get('skipped') or t.get('error')} | | | | | {_f(t.get('peak_mb'))} |")
                 continue
             pos = t.get("positions")
             per_k = None if pos is None else 1000 * t["ms_step"] / pos
-            L.append(f"| {_label(size)} | {name} | {_f(pos)} | {t['ms_step']:.0f} | {_f(per_k)} | {t['ms_fwd_bwd']:.0f} | {t['ms_opt']:.0f} | "
+            L.append(f"| {_label(size)} | {label} | {_f(pos)} | {t['ms_step']:.0f} | {_f(per_k)} | {t['ms_fwd_bwd']:.0f} | {t['ms_opt']:.0f} | "
                      f"{t['params_m']:.1f} | {t['peak_mb']:.0f} |")
     L += ["", f"## Decoding ({args.users} users, k = 10, one thread)", "",
           "| items | build s (paths, tables) | beam users/s (20 beams) | exact users/s (chunked, 256 MiB) | dense exact users/s (torch) "
