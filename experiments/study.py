@@ -28,7 +28,9 @@ from semid.io import atomic_open, write_json
 
 STUDY = RESULTS / "study"
 WORK = Path("experiments/runs/study")
-BASE = {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam", "label_smoothing": 0.0}  # the recipe before
+# the recipe before the study; every lever is over the width-64 preset the study started from (``causal-64``, the
+# default until width 128 with the sampled head won: "default+sampled-dense+width-128")
+BASE = {"preset": "causal-64", "dense": "id", "objective": "joint", "decoder": "beam", "label_smoothing": 0.0}
 SASREC_RECIPE = {"id_input": True, "dropout": 0.3}  # the item ID joins the codes at the input; SASRec's dropout
 LEVERS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -76,7 +78,7 @@ WHY: dict[str, str] = {
     "0.0690) over the same recipe without it. Each level's target keeps 90% on the true code and spreads 10% over the "
     "true parent's children (the codes the tree allows there), so the head stops pushing siblings to -inf: the items "
     "of a prefix share what the data says about the prefix. Smoothing is on the code head only (the dense loss is "
-    "unchanged). Confirmed at 60 CPU-minutes by the default's learning curve (rows 'default now'): beam 0.0694 / 0.0413 "
+    "unchanged). Confirmed at 60 CPU-minutes by the default's learning curve (rows 'width-64 default'): beam 0.0694 / 0.0413 "
     "against 0.0660 / 0.0402 without it (+5% / +3%). The same recipe's 15-minute snapshot gave beam 0.0626 in the "
     "learning-curve run and 0.0659 in the screening run: a 15-minute figure moves ~5% with which checkpoint 1,000 "
     "validation users pick, so a 15-minute screen separates only larger effects.",
@@ -89,11 +91,21 @@ WHY: dict[str, str] = {
     "on them: beam R@10 0.0673 / N@10 0.0392, dense 0.0693 / 0.0400, 30 CPU-minutes in all; the default trained 30 "
     "CPU-minutes on text IDs reaches beam 0.0682 / 0.0401 (its learning curve). Validation liked it (beam NDCG@10 0.0516 vs "
     "0.0475 on the 1,000 validation users), the test split does not confirm it at equal budget.",
-    "default+sampled-dense": "measured for issue 21 (the dense head's sampled softmax: 1,024 uniform negatives plus the "
-    "batch's targets, log-Q corrected): at 15 CPU-minutes dense R@10 0.0706 / N@10 0.0423 and beam 0.0676 / 0.0399, "
-    "against the full softmax's dense 0.0665 / 0.0375 and beam 0.0626 / 0.0358 in the default's learning curve (0.0690 "
-    "and 0.0659 in the screening run of the same recipe): within 2% and above, because a step costs less (7,580 steps in "
-    "15 CPU-minutes against ~4,300). A candidate default; not confirmed at 60 CPU-minutes in this session.",
+    "default+sampled-dense": "kept only with width 128 (next row). The dense head's sampled softmax (1,024 uniform "
+    "negatives plus the batch's targets, log-Q corrected) at width 64: at 15 CPU-minutes dense R@10 0.0706 / N@10 0.0423 "
+    "and beam 0.0676 / 0.0399 (0.0699 / 0.0686 in its 60-minute run's 15-minute snapshot), against the full softmax's "
+    "dense 0.0665 and beam 0.0626 in the width-64 default's learning curve: above it, because a step costs less (8,196 "
+    "steps in 15 CPU-minutes against ~4,000). At 60 CPU-minutes (30,115 steps) it is level with the full softmax, not "
+    "above: beam 0.0680 / 0.0415, dense 0.0710 / 0.0432, hybrid 0.0724 against 0.0694 / 0.0413, 0.0718 / 0.0438, 0.0727: "
+    "the width-64 model plateaus by 30 minutes (validation beam NDCG@10 0.0507 at 30, 0.0530 at 60), so the extra steps "
+    "buy little. What the cheaper step buys is width.",
+    "default+sampled-dense+width-128": "kept: the new default (`causal` preset: width 128, 4 heads, d_ff 512, sampled "
+    "dense head; the old default is preset `causal-64`). At 60 CPU-minutes beam R@10 0.0720 / N@10 0.0441 (+3.7% / +6.8% "
+    "over the width-64 default's 0.0694 / 0.0413), exact 0.0721, dense 0.0724 / 0.0434, hybrid 0.0758 / 0.0458 (+4.3% "
+    "/ +2.9%); at 15 CPU-minutes beam 0.0710 / 0.0419 (+13% over 0.0626). Width 128 costs ~1.75x per step at full "
+    "softmax, so it lost at equal time before; with the sampled head it takes 17,704 steps in 60 CPU-minutes (the "
+    "width-64 full-softmax default took 16,055). Validation beam NDCG@10 peaked at 0.0581 after ~31 minutes (width 64: "
+    "0.0521 at 60): the wider head does not plateau as early, but it does plateau; the beam's R@10 0.075 is not reached.",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
@@ -174,21 +186,26 @@ def _sasrec_rows() -> list[dict[str, Any]]:
 
 
 def _default_rows() -> list[dict[str, Any]]:
-    """The default design now (id-input+dropout-0.3+sibling-ls-0.1): its learning curve in CPU minutes
-    (``python -m experiments.learning_curve train --design causal --budgets 5,15,30,60 --clock cpu``)."""
-    f = RESULTS / "learning_curve_causal.json"
+    """The width-64 default (id-input+dropout-0.3+sibling-ls-0.1, full softmax; preset ``causal-64``): its learning
+    curve in CPU minutes (``python -m experiments.learning_curve train --design causal --budgets 5,15,30,60 --clock
+    cpu``, run while it was the default). The default now is the lever ``default+sampled-dense+width-128``."""
+    f = RESULTS / "learning_curve_causal-64.json"
     if not f.is_file():
         return []
-    return [{**r, "lever": "default now (id-input+dropout-0.3+sibling-ls-0.1; learning curve)", "epochs": None}
+    return [{**r, "lever": "width-64 default (id-input+dropout-0.3+sibling-ls-0.1; learning curve)", "epochs": None}
             for r in json.loads(f.read_text())["rows"]]
 
 
 def report(args: argparse.Namespace) -> None:
     rows = _sasrec_rows() + _baseline_rows() + _peer_rows() + _default_rows()
-    runs = [json.loads(p.read_text()) for p in sorted(STUDY.glob("*.json"))]
-    for run in runs:
+    runs = []
+    for p in sorted(STUDY.glob("*.json")):
+        run = json.loads(p.read_text())
+        runs.append(run)
+        tag = p.stem.removeprefix(run["design"]).lstrip("_")  # a lever run twice: its longer run is tagged (_60)
+        lever = run["design"] + (f" ({tag}-minute run)" if tag else "")
         for r in run["rows"]:
-            rows.append({"lever": run["design"], "minutes": r["minutes"], "decoder": r["decoder"], "epochs": None, **r})
+            rows.append({"lever": lever, "minutes": r["minutes"], "decoder": r["decoder"], "epochs": None, **r})
     lines = ["# Quality study on Amazon Beauty (test split, all 22,363 users, full catalogue)", "",
              "Budgets are CPU minutes of the training process (`--max-cpu-time`, one torch thread), so a run does the",
              "same work whatever else runs: two study runs ran side by side on the 2-core CPU, beside other engineers'",

@@ -98,7 +98,8 @@ class TrainOptions:
     so a run's config.yaml records concrete values.
     """
 
-    preset: str = option("causal", "design and size: causal (default: one position per item, every target in one pass), "
+    preset: str = option("causal", "design and size: causal (default: one position per item, every target in one pass; "
+                         "width 128, sampled dense softmax), causal-64 (the default before: width 64, full softmax), "
                          "causal-wide, tiger (TIGER's published T5), cpu (a small T5)", "", choices=PRESETS, fixed=True)
     max_epochs: int | None = option(50, "{default}", BUDGET, check=True, kind="int>0?")
     max_steps: int = option(-1, "optimiser steps (default: no limit)", BUDGET)
