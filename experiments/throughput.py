@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         cdm.setup()
         from dataclasses import replace
 
-        ccfg = replace(preset("causal"), dense_dim=preset("causal").dense_dim if dense else 0)
+        ccfg = replace(preset("causal-64"), dense_dim=preset("causal-64").dense_dim if dense else 0)  # the width-64 full-softmax design measured here
         tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)))
         causal = CausalSystem(ccfg, layout, tokens, torch.from_numpy(ids.item_ids), "-", tree,
                               objective="joint" if dense else "generative")

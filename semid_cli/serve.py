@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from generator.runs.recommender import Recommender
     from generator.serving.app import create_app
-    from generator.serving.holder import Holder, Served
+    from generator.serving.holder import Holder, Served, settle_heap
     from generator.serving.requests import Limits
 
     torch.set_num_threads(args.threads)
@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"semid serve: {args.run} ({rec.version}), decoders {list(rec.decoders)}, default {rec.resolve(None)}")
     print(f"semid serve: http://{args.host}:{args.port}  (API docs: /docs; Ctrl-C stops)", flush=True)
     verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    settle_heap()  # everything loaded so far out of the collector's full passes (generator.serving.holder)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning", access_log=verbose,
                 timeout_graceful_shutdown=10)
     return 0

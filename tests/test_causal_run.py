@@ -31,8 +31,9 @@ def causal_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_ids(ids_dir / "semantic_ids.npz")
     run = root / "run"
     assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(run), *FLAGS]) == 0
-    dense_run = root / "dense_run"
-    assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(dense_run), "--objective", "dense", *FLAGS]) == 0
+    dense_run = root / "dense_run"  # the width-64 preset: the full softmax end to end (the default samples)
+    assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(dense_run), "--objective", "dense",
+                 "--preset", "causal-64", *FLAGS]) == 0
     return {"data": data, "ids": ids_dir, "run": run, "dense_run": dense_run}
 
 
@@ -118,9 +119,11 @@ def test_a_width_alone_resizes_the_tied_dense_table() -> None:
     # the default preset ties the ID input to the dense table: a new width must carry the table with it
     from generator.designs.causal import causal_config
 
-    c = causal_config(TrainOptions(model_options={"d_model": 128, "num_heads": 4}))
-    assert (c.d_model, c.dense_dim, c.id_input) == (128, 128, True)
-    assert causal_config(TrainOptions(dense="none", model_options={"d_model": 96})).dense_dim == 0
+    for preset, width in (("causal", 256), ("causal-64", 128)):  # a width other than the preset's
+        c = causal_config(TrainOptions(preset=preset, model_options={"d_model": width, "num_heads": 4}))
+        assert (c.d_model, c.dense_dim, c.id_input) == (width, width, True)
+    no_head = causal_config(TrainOptions(dense="none", model_options={"d_model": 96}))
+    assert no_head.dense_dim == 0 and no_head.dense_loss == "full"  # no head, no dense loss to feed
 
 
 def test_threads_are_restored_after_training(causal_run: dict[str, Path], tmp_path: Path) -> None:

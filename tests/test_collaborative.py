@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -70,7 +72,7 @@ def test_codebooks_are_fitted_on_the_text_beside_the_runs_item_vectors(world: di
 
     stats = json.loads((world["cf"] / "stats.json").read_text())
     run = load_run(world["run"])
-    assert stats["collaborative"] == {"run": str(world["run"]), "checkpoint": run.checkpoint.name, "width": 64,
+    assert stats["collaborative"] == {"run": str(world["run"]), "checkpoint": run.checkpoint.name, "width": run.model.config.dense_dim,
                                       "weight": 2.0, "items": 34}
     with torch.no_grad():
         vectors = run.model.item_vectors()[:34].numpy()
@@ -94,7 +96,8 @@ def test_items_added_later_get_codes_from_their_text_with_zeros_for_the_vectors_
     assert main(["add-items", "--run", str(run), "--data", str(world["new"])]) == 0
     assert "added 6 items" in capsys.readouterr().out
     text = world["emb"][34:] / np.linalg.norm(world["emb"][34:], axis=1, keepdims=True)
-    padded = np.concatenate([text, np.zeros((6, 64), np.float32)], axis=1)
+    width = json.loads((world["cf"] / "stats.json").read_text())["collaborative"]["width"]  # the run's vector width
+    padded = np.concatenate([text, np.zeros((6, width), np.float32)], axis=1)
     codes = SemanticIDs.load(run / "semantic_ids.npz").codes[34:, :-1]
     np.testing.assert_array_equal(codes, load_quantizer(world["cf"] / "quantizer.pt").encode(padded))
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from generator.models.causal_loss import dense_loss
+from generator.models.causal_loss import code_loss, dense_loss
 from generator.runs.options import TrainOptions
 from generator.training.optim import LazyAdamW
 from tests.test_causal import CFG, make
@@ -72,11 +72,9 @@ def test_sparse_tables_give_sparse_gradients_equal_to_the_dense_ones() -> None:
         hist = torch.tensor([[3, 7, 1, 9], [4, 2, 0, 0]])
         h = model.hidden(hist)[:, -1]
         targets = torch.tensor([5, 11])
-        hq = model.level_queries(h)
-        tokens = model.item_tokens[targets + 1]
-        node = sum(model.node_logits(lv, hq[:, lv], tokens[:, :lv]).sum() for lv in range(1, model.layout.num_levels))
+        gen = code_loss(model, model.level_queries(h), model.item_tokens[targets + 1], None)  # the training loss
         loss = dense_loss(model, h, targets, log_q=torch.full((30,), -math.log(30)),
-                          generator=torch.Generator().manual_seed(0)) + node
+                          generator=torch.Generator().manual_seed(0)) + gen
         model.zero_grad()
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -253,3 +253,20 @@ def test_a_resume_point_from_before_the_shared_dense_head_is_refused_by_name(tmp
         resume_point(ckpt_dir)
     torch.save({"global_step": 7, "state_dict": {"model.dense_head.item_table": torch.zeros(3, 2)}}, ckpt_dir / "resume.ckpt")
     assert resume_point(ckpt_dir) == ckpt_dir / "resume.ckpt"  # this version's names resume
+
+
+def test_a_resume_that_would_build_another_model_than_the_runs_is_refused(tmp_path: Path) -> None:
+    # a run trained when the preset `causal` was width 64 records `preset: causal`; today's `causal` is width 128:
+    # resuming it must say so, not load other weights (or the same shapes with another loss)
+    from generator.runs.train import train_run
+
+    data = write_random_dataset(tmp_path / "data", num_users=30)
+    ids = write_ids(tmp_path / "ids.npz")
+    train_run(data, ids, tmp_path / "run", TrainOptions(preset="causal-64", **{**OPTIONS, "max_epochs": 1}))
+    path = tmp_path / "run" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["train"]["preset"] = "causal"  # what such a run's config.yaml says
+    del config["sha256"]  # a hand edit, accepted
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"trained as another model than preset 'causal' .*d_model: 64 -> 128.*causal-64"):
+        train_run(data, ids, tmp_path / "run", TrainOptions(preset="causal", **{**OPTIONS, "max_epochs": 2}), resume=True)

@@ -156,3 +156,32 @@ def test_semid_serve_starts_answers_and_stops_cleanly(serve_world: dict[str, Pat
     assert proc.returncode == 0, err
     assert out.splitlines()[0].startswith("semid serve: ") and f"http://127.0.0.1:{port}" in out
     assert "Traceback" not in err and "weights_only" not in err, err
+
+
+def test_the_loaded_version_is_kept_out_of_full_collections(serve_world: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # a full gc pass over a loaded run's ~400k objects holds the GIL ~200 ms: the service's p99 under load. `semid
+    # serve` freezes them before it listens, and a reload freezes the new version (after collecting the old garbage)
+    import gc
+
+    import uvicorn
+
+    from semid_cli import main
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("frozen", gc.get_freeze_count()))
+    gc.unfreeze()
+    try:
+        assert main(["serve", "--run", str(serve_world["v1"]), "--port", "8765"]) == 0
+        assert seen["frozen"] > 10_000  # the model, its tables and the catalogue's lists, frozen before listening
+        gc.unfreeze()
+        target = {"path": serve_world["v1"]}
+        app = app_for(serve_world["v1"], target)
+        with TestClient(app, base_url="http://127.0.0.1") as c, pytest.MonkeyPatch.context() as mp:
+            mp.setattr("generator.serving.app._is_loopback", lambda host: True)
+            target["path"] = serve_world["v2"]
+            assert gc.get_freeze_count() == 0
+            assert c.post("/admin/reload").status_code == 200
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()

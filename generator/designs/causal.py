@@ -77,8 +77,9 @@ def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
         asked = [k for k in ("id_input", "distill") if given.get(k)]
         if asked:
             raise ValueError(f"`model_options` {asked} need the dense head; drop them or pass `dense` 'id' or 'both'")
+        # no dense head: no dense loss either (the preset's sampled one would ask for the targets' log Q)
         return replace(preset, **{**given, "max_history": options.max_history, "dense_dim": 0, "id_input": False,
-                                  "distill": 0.0, "content_dim": content_dim})
+                                  "distill": 0.0, "content_dim": content_dim, "dense_loss": "full"})
     # the tied table follows the width in the same step (a width alone in `model_options` must not trip the tie check)
     id_input, d_model = given.get("id_input", preset.id_input), given.get("d_model", preset.d_model)
     dense_dim = d_model if id_input else preset.dense_dim

@@ -76,7 +76,9 @@ def setup(t: TrainInputs) -> Setup:
     from generator.training.title_system import TitleSystem, title_monitor
 
     options, ids = t.options, t.ids
-    base = causal.PRESETS[options.preset]
+    # the default preset's backbone is width 128 because its sampled dense head pays for it; a title run has no dense
+    # head, so it keeps the width-64 backbone it was measured with (experiments/results/titles_vs_ids.md)
+    base = causal.PRESETS["causal-64" if options.preset == "causal" else options.preset]
     backbone = {k: getattr(base, k) for k in BACKBONE_KEYS if k != "max_history"}  # the preset's, under the options
     config = TitleConfig(**{**backbone, **(options.model_options or {})}, max_history=options.max_history)
     titles = [t.dataset.catalogue.title_of(int(i)) for i in ids.item_ids]

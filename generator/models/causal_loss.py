@@ -91,7 +91,7 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
     slot = torch.arange(pos.numel(), device=q.device) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
     code, row = codes[pos, slot], index[pos, slot]
     table = getattr(model, f"node_vec_{level}")
-    node = (q[pos] * table[row]).sum(-1)  # (R,)
+    node = (q[pos] * model.table_rows(table, row)).sum(-1)  # (R,); sparse gradient with sparse_tables
     if model.training and model.config.node_dropout:  # the codes must score an item without its node vector too
         node = node * (torch.rand_like(node) >= model.config.node_dropout)
     logit = block[pos, code] + node

@@ -15,6 +15,7 @@ checkpoint is evaluated on all validation users (``RUN/metrics_valid.json``). Te
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -121,6 +122,23 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
         unfinished = "; the run stopped before its first checkpoint: train again without `resume`"
         raise FileNotFoundError(f"{last}: nothing to resume from{unfinished if _unfinished_first_run(out) else ''}")
     return point
+
+
+def _check_same_model(out: Path, options: TrainOptions, config: Any) -> None:
+    """A resume rebuilds the model from the options (its preset and ``model_options``); it must be the model the run
+    was trained as (config.yaml's ``model``): a preset whose sizes changed since would otherwise load other weights, or
+    the same shapes with another loss."""
+    stored = read_config(out).get("model")
+    if stored is None:
+        return
+    plain = lambda d: json.loads(json.dumps(d))  # noqa: E731 (tuples and lists alike)
+    was, now = plain(type(config).from_dict(stored).to_dict()), plain(config.to_dict())
+    diffs = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(f"{out}: this run was trained as another model than preset {options.preset!r} with its "
+                         f"model options builds today ({', '.join(diffs)}); the preset's sizes may have changed since "
+                         "(the default `causal` became width 128 with the sampled dense head; the width-64 default is "
+                         "`causal-64`): resume with the preset and `--model-option`s that build the run's model")
 
 
 def resume_point(ckpt_dir: Path) -> Path | None:
@@ -239,6 +257,8 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     digest = ids_digest(ids)
     tree = PrefixTree.from_semantic_ids(ids, layout)
     config, dm, system, monitor = options.plugin.setup(TrainInputs(options, dataset, split, ids, layout, digest, tree, out))
+    if resume:
+        _check_same_model(out, options, config)
     run_config = {
         "data": str(Path(data_dir).resolve()),
         "data_fingerprint": data_fingerprint(data_dir),  # evaluate refuses other data (folder.check_same_data)
