@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from generator.decoding.causal import CausalDecoders, beam_search, edge_tables, exact_scores, item_paths
@@ -114,7 +114,10 @@ def test_the_decoders_beam_on_edge_tables_is_the_beam_on_the_code_head(seed: int
     trained_tree = None
     if added:  # items added after training: normalised over the trained children, as exact scoring does
         rng = np.random.default_rng(seed)
-        grown = ids.add_items(rng.integers(0, (3, 4), size=(added, 2)), np.arange(1000, 1000 + added))
+        try:
+            grown = ids.add_items(rng.integers(0, (3, 4), size=(added, 2)), np.arange(1000, 1000 + added))
+        except ValueError:  # a collision group past the extra level's size: not a case of this test
+            assume(False)
         model.add_items(torch.as_tensor(model.layout.codes_to_tokens(grown.codes[-added:])))
         trained_tree, ids, tree = tree, grown, PrefixTree.from_semantic_ids(grown, model.layout)
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=min(beams, ids.num_items),
