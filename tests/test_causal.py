@@ -226,3 +226,12 @@ def test_history_batches_keep_the_last_items_right_padded() -> None:
         cut = h[-4:]
         want[i, : len(cut)] = ids.rows_of(cut) + 1
     assert np.array_equal(b.histories.numpy(), want) and b.lengths.tolist() == [4, 1, 2]
+
+
+def test_a_given_constraint_carries_the_trained_tree_and_one_beside_it_is_refused() -> None:
+    from generator.decoding.beam import TreeConstraint, leaf_search
+
+    _, _, tree = make(num_items=10)
+    on_tree = TreeConstraint(tree, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="pass `trained_tree` to the `constraint`"):
+        leaf_search(None, tree, levels=2, k=1, num_beams=1, trained_tree=tree, constraint=on_tree)

@@ -159,7 +159,10 @@ def leaf_search(backbone: Backbone, tree: PrefixTree, *, levels: int, k: int, nu
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The beam over a tree of L = ``levels`` tokens + eos per item (semantic IDs): (items (B, k), scores (B, k),
     tokens (B, k, L)) of the best k beams. The eos step is skipped: after level L the tree allows only eos (log 1).
-    ``constraint``: the beams' :class:`TreeConstraint` on ``tree``, when the backbone reads its nodes."""
+    ``constraint``: the beams' :class:`TreeConstraint` on ``tree``, when the backbone reads its nodes (it carries
+    ``trained_tree`` then)."""
+    if constraint is not None and trained_tree is not None:
+        raise ValueError("pass `trained_tree` to the `constraint` it normalises, not beside it")
     on_tree = constraint or TreeConstraint(tree, backbone.B, backbone.device, trained_tree)
     beams = search(backbone, on_tree, num_beams=num_beams, steps=levels)
     return leaf_items(beams, tree, k), beams.logp[:, :k].contiguous(), beams.tokens[:, :k].contiguous()
