@@ -32,6 +32,8 @@ WORK = Path("experiments/runs/study")
 # default until width 128 with the sampled head won: "default+sampled-dense+width-128")
 BASE = {"preset": "causal-64", "dense": "id", "objective": "joint", "decoder": "beam", "label_smoothing": 0.0}
 SASREC_RECIPE = {"id_input": True, "dropout": 0.3}  # the item ID joins the codes at the input; SASRec's dropout
+# the default's model (the lever "default+sampled-dense+width-128" that won)
+DEFAULT_128 = {**SASREC_RECIPE, "dense_loss": "sampled", "d_model": 128, "num_heads": 4, "d_ff": 512}
 LEVERS: dict[str, dict[str, Any]] = {
     "default": {},
     "dropout-0.3": {"model_options": {"dropout": 0.3}},
@@ -63,6 +65,10 @@ LEVERS: dict[str, dict[str, Any]] = {
     "default+width-256": {"model_options": {**SASREC_RECIPE, "dense_loss": "sampled", "d_model": 256, "num_heads": 4,
                                             "d_ff": 1024}, "label_smoothing": 0.1},
     "id-input+dropout-0.5": {"model_options": {**SASREC_RECIPE, "dropout": 0.5}},
+    # the default with a schedule that ends with its budget: half a cosine from the peak to 0 over the budget, or the
+    # default's inverse-sqrt decay with a linear cooldown to 0 over the budget's last 20%
+    "default+cosine": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "schedule": "cosine"},
+    "default+cooldown-0.2": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "cooldown": 0.2},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},

@@ -114,7 +114,11 @@ class TrainOptions:
     lr: float | None = option(None, "peak learning rate {default}", OPTIM, kind="num")
     warmup_steps: int | None = option(None, "linear warmup, then inverse-sqrt decay {default}", OPTIM, kind="int>=0")
     weight_decay: float = option(0.05, "AdamW {default}", OPTIM)
-    schedule: str = option("inverse-sqrt", "the learning rate after the warmup {default}", OPTIM, choices=("inverse-sqrt", "constant"))
+    schedule: str = option("inverse-sqrt", "the learning rate after the warmup; cosine falls to 0 over the budget (the first of "
+                           "max-steps, max-epochs, max-time, max-cpu-time to end) {default}", OPTIM,
+                           choices=("inverse-sqrt", "constant", "cosine"))
+    cooldown: float = option(0.0, "the budget's last share (0..1) over which the learning rate falls linearly to 0, "
+                             "after any schedule {default}", OPTIM, kind="num>=0", check=True)
     label_smoothing: float | None = option(None, "{default}", OPTIM, kind="num")
     max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, check=True, kind="int>0", fixed=True)
     user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, check=True, kind="int>=0", fixed=True)
@@ -172,6 +176,11 @@ class TrainOptions:
             raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
         parse_max_time(self.max_time)
         parse_max_time(self.max_cpu_time, "max_cpu_time")
+        optim = self.optim()  # validates the schedule's fields
+        budgets = (self.max_epochs, self.max_steps > 0 or None, self.max_time, self.max_cpu_time)
+        if optim.needs_budget and all(b is None for b in budgets):
+            raise ValueError(f"schedule {self.schedule!r} with cooldown {self.cooldown!r} follows the budget's progress, and "
+                             "this run has none: give --max-epochs, --max-steps, --max-time or --max-cpu-time")
 
     @property
     def plugin(self) -> Design:
@@ -189,7 +198,7 @@ class TrainOptions:
         from generator.training.optim import OptimConfig
 
         return OptimConfig(lr=self.lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay, label_smoothing=self.label_smoothing,
-                           schedule=self.schedule)
+                           schedule=self.schedule, cooldown=self.cooldown)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOptions:

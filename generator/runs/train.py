@@ -54,7 +54,7 @@ from generator.runs.folder import (
 from generator.runs.options import FIXED_ON_RESUME, TrainOptions, parse_max_time
 from generator.runs.out_folder import check_train_out
 from generator.runs.recommender import on_device
-from generator.training.callbacks import AtomicCheckpointIO, BudgetSnapshots, CpuTimeLimit
+from generator.training.callbacks import AtomicCheckpointIO, BudgetProgress, BudgetSnapshots, CpuTimeLimit
 from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
@@ -286,8 +286,12 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in their order)
     callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
     cpu_budget = parse_max_time(options.max_cpu_time, "max_cpu_time")
-    if cpu_budget is not None:
-        callbacks.append(CpuTimeLimit(cpu_budget.total_seconds()))
+    cpu_limit = None if cpu_budget is None else CpuTimeLimit(cpu_budget.total_seconds())
+    if cpu_limit is not None:
+        callbacks.append(cpu_limit)
+    if options.optim().needs_budget:  # the schedule follows the share of the budget spent
+        wall = parse_max_time(options.max_time)
+        callbacks.append(BudgetProgress(None if wall is None else wall.total_seconds(), cpu_limit))
     if snapshots:  # on the clock of the budget
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST, time.process_time if cpu_budget else time.perf_counter))
     if options.patience:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from generator.models.checkpoint import safe_load, with_integrity
@@ -31,22 +32,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class CpuTimeLimit(L.Callback):
-    """Stops training once this process has used ``seconds`` of CPU time since training started (``max_cpu_time``).
+    """Stops training once this process has used ``seconds`` of CPU time in training (``max_cpu_time``).
 
     A budget in CPU time, unlike wall-clock ``max_time``, buys the same work whatever else runs on the machine (one
-    torch thread: CPU seconds are the seconds it would take alone). A resumed run counts from its resume."""
+    torch thread: CPU seconds are the seconds it would take alone). As Lightning's ``Timer`` for ``max_time``, the
+    seconds used are kept in the checkpoint: a resumed run spends what is left of its budget."""
 
     def __init__(self, seconds: float) -> None:
         if not seconds > 0:
             raise ValueError(f"`max_cpu_time` must be positive, got {seconds!r} s")
-        self.seconds, self.start = float(seconds), 0.0
+        self.seconds, self.start, self.before = float(seconds), 0.0, 0.0
+
+    def used(self) -> float:
+        """CPU seconds this run has trained, before a resume included."""
+        return self.before + time.process_time() - self.start
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.process_time()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if time.process_time() - self.start >= self.seconds:
+        if self.used() >= self.seconds:
             trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"used_s": self.used()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("used_s", 0.0))
+
+
+class BudgetProgress(L.Callback):
+    """Sets ``pl_module.budget_progress``, the share of the run's budget spent (0..1), at every optimiser step, for
+    a schedule that follows it (``OptimConfig.needs_budget``: "cosine", a cooldown). The budget that ends first
+    counts: ``max_steps``, ``max_epochs`` (in steps), ``max_time`` (Lightning's ``Timer``, which keeps its time across
+    a resume) or ``max_cpu_time`` (:class:`CpuTimeLimit`, likewise)."""
+
+    def __init__(self, max_seconds: float | None = None, cpu_limit: CpuTimeLimit | None = None) -> None:
+        self.max_seconds, self.cpu_limit = max_seconds, cpu_limit
+
+    def progress(self, trainer: L.Trainer, steps: int) -> float:
+        """The share of the budget spent after ``steps`` optimiser steps and the time used so far."""
+        shares = [0.0]
+        if trainer.max_steps and trainer.max_steps > 0:
+            shares.append(steps / trainer.max_steps)
+        batches = trainer.num_training_batches
+        if trainer.max_epochs and trainer.max_epochs > 0 and 0 < batches < float("inf"):
+            shares.append(steps / (trainer.max_epochs * batches))
+        if self.max_seconds:
+            timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+            if timer is not None:
+                shares.append(timer.time_elapsed("train") / self.max_seconds)
+        if self.cpu_limit is not None:
+            shares.append(self.cpu_limit.used() / self.cpu_limit.seconds)
+        return min(max(shares), 1.0)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # the schedule sets the next step's rate right after this step: the share spent once this step is done
+        pl_module.budget_progress = self.progress(trainer, trainer.global_step + 1)
 
 
 class BudgetSnapshots(L.Callback):

@@ -22,8 +22,10 @@ import torch
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup to ``lr`` over ``warmup_steps``, then ``schedule``: "inverse-sqrt" decay (TIGER, T5)
-    or "constant" (SASRec's Adam at a fixed rate)."""
+    """AdamW with linear warmup to ``lr`` over ``warmup_steps``, then ``schedule``: "inverse-sqrt" decay (TIGER, T5),
+    "constant" (SASRec's Adam at a fixed rate) or "cosine" (half a cosine from the peak to 0 over the run's budget).
+    ``cooldown``: over the last fraction of the budget the rate also falls linearly to 0, whatever the schedule.
+    "cosine" and a cooldown follow the budget's progress (``needs_budget``; :func:`lr_factor`)."""
 
     lr: float = 2e-3
     warmup_steps: int = 500
@@ -31,6 +33,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     label_smoothing: float = 0.1
     schedule: str = "inverse-sqrt"
+    cooldown: float = 0.0
+
+    @property
+    def needs_budget(self) -> bool:
+        """Whether the rate follows the share of the budget spent (then a run needs a budget to spend)."""
+        return self.schedule == "cosine" or self.cooldown > 0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -43,30 +51,45 @@ class OptimConfig:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}")
+        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, (int, float)) or not 0.0 <= self.cooldown <= 1.0:
+            raise ValueError(f"`cooldown` must be a fraction of the budget in [0, 1], got {self.cooldown!r}")
 
 
-SCHEDULES = ("inverse-sqrt", "constant")
+SCHEDULES = ("inverse-sqrt", "constant", "cosine")
 
 
-def lr_factor(step: int, warmup_steps: int, schedule: str = "inverse-sqrt") -> float:
-    """Multiplier of the peak lr at optimiser step ``step`` (0-based): linear warmup, then sqrt(warmup / step)
-    ("inverse-sqrt") or 1 ("constant")."""
-    step = step + 1
-    if warmup_steps == 0 or (schedule == "constant" and step >= warmup_steps):
-        return 1.0
-    return step / warmup_steps if step < warmup_steps else math.sqrt(warmup_steps / step)
+def lr_factor(step: int, warmup_steps: int, schedule: str = "inverse-sqrt", progress: float = 0.0,
+              cooldown: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based), with ``progress`` the share of the run's budget
+    spent (0..1, :class:`generator.training.callbacks.BudgetProgress`): linear warmup, then sqrt(warmup / step)
+    ("inverse-sqrt"), 1 ("constant") or (1 + cos(pi * progress)) / 2 ("cosine"); times (1 - progress) / cooldown
+    over the budget's last ``cooldown`` share."""
+    step, progress = step + 1, min(max(float(progress), 0.0), 1.0)
+    if warmup_steps and step < warmup_steps:
+        factor = step / warmup_steps
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "constant" or warmup_steps == 0:
+        factor = 1.0
+    else:
+        factor = math.sqrt(warmup_steps / step)
+    if cooldown > 0 and progress > 1.0 - cooldown:
+        factor *= (1.0 - progress) / cooldown
+    return factor
 
 
 def adamw_schedule(module: torch.nn.Module, optim: OptimConfig, *, lazy: bool = False) -> dict[str, Any]:
     """Lightning's optimiser config: AdamW (matrices decayed, vectors and layer-norm scales not) with
-    :func:`lr_factor`'s warmup and inverse-sqrt decay, stepped every optimiser step. ``lazy``: the tables with sparse
-    gradients update only the rows a step touches (:class:`LazyAdamW`)."""
+    :func:`lr_factor`'s warmup and schedule, stepped every optimiser step; the budget's progress is read from
+    ``module.budget_progress`` (set by :class:`generator.training.callbacks.BudgetProgress`; 0 without one).
+    ``lazy``: the tables with sparse gradients update only the rows a step touches (:class:`LazyAdamW`)."""
     decay = [p for p in module.parameters() if p.ndim >= 2]
     no_decay = [p for p in module.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = (LazyAdamW if lazy else torch.optim.AdamW)(groups, lr=optim.lr, betas=optim.betas)
     warmup = optim.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, optim.schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(
+        step, warmup, optim.schedule, getattr(module, "budget_progress", 0.0), optim.cooldown))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
