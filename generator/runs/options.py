@@ -180,7 +180,7 @@ class TrainOptions:
         budgets = (self.max_epochs, self.max_steps > 0 or None, self.max_time, self.max_cpu_time)
         if optim.needs_budget and all(b is None for b in budgets):
             raise ValueError(f"schedule {self.schedule!r} with cooldown {self.cooldown!r} follows the budget's progress, and "
-                             "this run has none: give --max-epochs, --max-steps, --max-time or --max-cpu-time")
+                             "this run has none: give --max-epochs, --max-steps, --max-time or --max-cpu-time, or --schedule inverse-sqrt")
 
     @property
     def plugin(self) -> Design:
