@@ -104,7 +104,7 @@ def decode(root: Path, name: str) -> None:
             q = load_quantizer(root / "ids" / "quantizer.pt")
             head = load_run_head(run)
             cat = add_cold_items(run.ids, run.layout, emb[34:], np.arange(35, 41), encode=q.encode, head=head)
-            from generator.decoding.t5_dense import T5Dense
+            from generator.t5.dense import T5Dense
 
             run.ids, run.tree = cat.ids, cat.tree
             batch_hist = [np.array(h) for h in SEQ]

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from generator.decoding.registry import T5, Ingredients, build, build_many, resolve
-from generator.decoding.t5_beam import T5Beam
-from generator.decoding.t5_generate import T5Generate
 from generator.designs.registry import load_checkpoint
 from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta, ids_digest
-from generator.models.t5 import GeneratorConfig, build_model, preset, seq2seq_loss
+from generator.t5.beam import T5Beam
+from generator.t5.generate import T5Generate
+from generator.t5.model import GeneratorConfig, build_model, preset, seq2seq_loss
+from generator.t5.system import GeneratorSystem
 from generator.training.optim import OptimConfig, lr_factor
-from generator.training.t5_system import GeneratorSystem
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
 from tests.test_generator_helpers import random_ids

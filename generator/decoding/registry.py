@@ -30,11 +30,11 @@ from generator.decoding.protocol import (
     TITLE_LOG_PROB,
     Decoder,
 )
-from generator.decoding.t5_beam import T5Beam
-from generator.decoding.t5_dense import T5Dense
-from generator.decoding.t5_generate import T5Generate
-from generator.decoding.t5_hybrid import T5Hybrid
 from generator.decoding.titles import TITLE_BEAM, TITLE_GROUNDED, TitleDecoders
+from generator.t5.beam import T5Beam
+from generator.t5.dense import T5Dense
+from generator.t5.generate import T5Generate
+from generator.t5.hybrid import T5Hybrid
 
 T5, CAUSAL, TITLE = "t5", "causal", "title"
 BACKBONES = (T5, CAUSAL, TITLE)

@@ -13,7 +13,6 @@ from typing import Any
 
 from generator.designs.base import Design
 from generator.designs.causal import CAUSAL
-from generator.designs.t5 import T5
 from generator.designs.title import TITLE_DESIGN
 from generator.models.checkpoint import (
     CHECKPOINT_KEY,
@@ -22,6 +21,7 @@ from generator.models.checkpoint import (
     check_vocabulary,
     read_checkpoint,
 )
+from generator.t5.design import T5
 from semid.ids import SemanticIDs
 
 DESIGNS: dict[str, Design] = {d.name: d for d in (CAUSAL, T5, TITLE_DESIGN)}

@@ -32,7 +32,7 @@ from generator.decoding.protocol import Histories
 from generator.models.checkpoint import ids_digest
 from generator.runs.batches import split_batches
 from generator.runs.folder import HYBRID_FILE
-from generator.training.t5_data import sample_users
+from generator.training.sampling import sample_users
 from semid.io import write_json
 from semid.split import Split
 

@@ -39,13 +39,13 @@ import torch
 from generator.decoding import registry
 from generator.decoding.protocol import Decoder, check_beams, check_k
 from generator.decoding.registry import CAUSAL, T5
-from generator.decoding.t5_dense import T5Dense, eval_item_vectors
-from generator.decoding.t5_hybrid import T5Hybrid
 from generator.designs.registry import DESIGNS
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for, load_run_head, no_fusion_error, stored_fusion
 from generator.runs.folder import Run, load_run
+from generator.t5.dense import T5Dense, eval_item_vectors
+from generator.t5.hybrid import T5Hybrid
 from semid.data import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)

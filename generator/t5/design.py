@@ -1,6 +1,6 @@
-"""The T5 design: TIGER's encoder-decoder over code tokens (``generator.models.t5``; presets tiger, cpu, item-t5),
+"""The T5 design: TIGER's encoder-decoder over code tokens (``generator.t5.model``; presets tiger, cpu, item-t5),
 its encoder-token featurisation (``generator.training.examples``, ``t5_data``) and its Lightning system
-(``generator.training.t5_system``). Every T5 module is named here only, so moving them into a subpackage of their
+(``generator.t5.system``). Every T5 module is named here only, so moving them into a subpackage of their
 own changes this file's import lines and nothing else.
 """
 
@@ -14,9 +14,8 @@ import torch
 from generator.decoding.protocol import Histories
 from generator.designs.base import Design, Labelled, Setup, TrainInputs, refuse_title_fields
 from generator.models import checkpoint_checks as checks
-from generator.models.t5 import PRESETS, GeneratorConfig, build_model
-from generator.training.examples import collate, history_examples
-from generator.training.t5_data import eval_batches, split_examples
+from generator.t5.data import collate, eval_batches, history_examples, split_examples
+from generator.t5.model import PRESETS, GeneratorConfig, build_model
 from semid.split import Split
 
 NAME = "t5"
@@ -32,7 +31,9 @@ def check_options(options: Any) -> None:
 
 
 def build(config: GeneratorConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> torch.nn.Module:
-    checks.check_t5(config, layout, state, path)
+    with torch.device("meta"):  # every size of the config against the file's tensors, before the model is built
+        skeleton = build_model(config, layout)
+    checks.check_shapes(skeleton.state_dict(), state, path)
     return build_model(config, layout)
 
 
@@ -57,8 +58,8 @@ def history_batches(run: Any, histories: list[np.ndarray], user_ids: np.ndarray 
 
 
 def setup(t: TrainInputs) -> Setup:
-    from generator.training.datamodules import GeneratorDataModule
-    from generator.training.t5_system import GeneratorSystem, dense_setup
+    from generator.t5.datamodule import GeneratorDataModule
+    from generator.t5.system import GeneratorSystem, dense_setup
 
     options = t.options
     config = PRESETS[options.preset]

@@ -1,7 +1,7 @@
 """``hybrid`` for the T5 generator: the beam's and the dense head's top C items pooled, ranked by the run's fusion.
 
 The pool of a history is the union of the beam's top C and the dense head's top C items (C = ``num_candidates``).
-Every candidate gets its generative log-likelihood by teacher forcing (``generator.decoding.t5_step.score_codes``:
+Every candidate gets its generative log-likelihood by teacher forcing (``generator.t5.step.score_codes``:
 the sum over levels of the code log-probability renormalised over the tokens the prefix tree allows after the
 candidate's prefix, exactly the beam's score for the beam's items, a proper distribution over items) and its dense
 log-softmax over the whole catalogue (a proper distribution too). :meth:`T5Hybrid.parts` hands both to the fusions
@@ -23,10 +23,10 @@ from torch import nn
 
 from generator.decoding.fusion import POOL_FUSIONS, Parts, check_fusion, fused_ranking, union_rows
 from generator.decoding.protocol import BLEND, FUSED, Histories, Ranking, check_beams, check_int_in, check_k
-from generator.decoding.t5_beam import beam_search
-from generator.decoding.t5_dense import check_aligned, eval_item_vectors
-from generator.decoding.t5_step import score_codes
 from generator.models.dense import DenseHead, encode_queries
+from generator.t5.beam import beam_search
+from generator.t5.dense import check_aligned, eval_item_vectors
+from generator.t5.step import score_codes
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
@@ -41,7 +41,7 @@ class T5Hybrid:
         fusion: (kind, params), one of :data:`~generator.decoding.fusion.POOL_FUSIONS`, chosen on validation.
         num_candidates: C, candidates per history from each of beam and dense; the pool holds C to 2C items.
         num_beams: beams of the beam search (it runs with max(num_beams, C)).
-        search: the beam search, ``generator.decoding.t5_beam.beam_search`` or one with its signature and result.
+        search: the beam search, ``generator.t5.beam.beam_search`` or one with its signature and result.
     """
 
     name, leaves = "hybrid", False
