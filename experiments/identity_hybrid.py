@@ -95,7 +95,7 @@ def decode(root: Path, name: str) -> None:
                 stored.write_bytes(keep)
         if folder == "t5":  # cold items added in process (semid.coldstart's path): T5 dense over the grown head
             from generator.runs.cold_items import add_cold_items
-            from generator.runs.decoders import load_run_head
+            from generator.t5.design import dense_head as load_run_head
             from rqvae import load_quantizer
             from semid.data import load_dataset
 

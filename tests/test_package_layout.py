@@ -99,6 +99,32 @@ def test_generator_layers_import_downwards_only() -> None:
     assert not wrong, f"imports against the layer order {LAYERS}: {wrong}"
 
 
+PLUGINS = ("generator.t5",)  # design plug-ins: each registers itself, imported by one module
+REGISTRANT = "generator.designs.registry"
+
+
+def _plugin(module: str) -> str | None:
+    return next((p for p in PLUGINS if module == p or module.startswith(p + ".")), None)
+
+
+def imports_of_plugins(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, plug-in module) imports of modules outside that plug-in, but for the one that registers plug-ins."""
+    return [(m, n) for m, deps in graph.items() for n in deps
+            if _plugin(n) is not None and _plugin(m) != _plugin(n) and m != REGISTRANT]
+
+
+def test_only_the_design_registry_imports_a_plugin() -> None:
+    wrong = imports_of_plugins(GRAPH)
+    assert not wrong, f"general modules import a design plug-in (only {REGISTRANT} may, to register it): {wrong}"
+    assert {n for n in GRAPH[REGISTRANT] if _plugin(n)} == {f"{p}.design" for p in PLUGINS}
+
+
+def test_the_plugin_check_finds_a_general_import() -> None:  # the test above is not vacuous
+    graph = {"generator.runs.recommender": {"generator.t5.dense"}, REGISTRANT: {"generator.t5.design"},
+             "generator.t5.design": {"generator.t5.model", "generator.designs.base"}}
+    assert imports_of_plugins(graph) == [("generator.runs.recommender", "generator.t5.dense")]
+
+
 def test_decoders_do_not_import_the_registry_and_the_protocol_imports_no_decoder() -> None:
     registry, protocol = "generator.decoding.registry", "generator.decoding.protocol"
     users = [m for m, deps in GRAPH.items() if registry in deps and m.startswith("generator.decoding.")]

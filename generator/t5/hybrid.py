@@ -59,7 +59,12 @@ class T5Hybrid:
         self.fusion, self.num_candidates, self.num_beams, self.search = fusion, num_candidates, num_beams, search
         self.score = BLEND if fusion[0] == "blend" else FUSED
         self._codes = torch.from_numpy(ids.codes)  # (N, L), row i is item head.item_ids[i]
-        self._vecs: torch.Tensor | None = None  # all N item vectors, computed on first use (see T5Dense)
+        self._vecs: torch.Tensor | None = None  # all N item vectors, computed on first use or by refresh (see T5Dense)
+
+    def refresh(self) -> torch.Tensor:
+        """(Re)compute every item vector (N, d) from the head's current weights."""
+        self._vecs = eval_item_vectors(self.head)
+        return self._vecs
 
     @torch.no_grad()
     def parts(self, histories: Histories) -> Parts:
@@ -74,10 +79,9 @@ class T5Hybrid:
         self.head.eval()
         query = encode_queries(self.model, self.head, input_ids, attention_mask)  # (B, d)
         self.head.train(was_training)
-        if self._vecs is None:
-            self._vecs = eval_item_vectors(self.head)
-        N = self._vecs.shape[0]
-        logits = query @ self._vecs.T  # (B, N)
+        vecs = self._vecs if self._vecs is not None else self.refresh()
+        N = vecs.shape[0]
+        logits = query @ vecs.T  # (B, N)
         log_z = torch.logsumexp(logits, dim=1, keepdim=True)  # (B, 1)
         gen_rows = torch.where(res.items >= 0, self.head.rows_of(res.items.clamp_min(self.head.item_ids[0])), -1)
         dense_rows = logits.topk(C, dim=1).indices

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from generator.decoding.protocol import Histories, check_decode_args
-from generator.decoding.registry import T5, Ingredients, build, resolve
+from generator.decoding.registry import Ingredients, build, resolve
 from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta
 from generator.models.dense import META_KEY, DenseHead, DenseHeadConfig
 from generator.models.dense_loss import OBJECTIVES, check_log_q, joint_loss, log_popularity
 from generator.t5.data import Batch
+from generator.t5.decoders import T5
 from generator.t5.model import GeneratorConfig, build_model, seq2seq_loss
 from generator.training.optim import OptimConfig, adamw_schedule
 from semid.data import Dataset
