@@ -24,14 +24,15 @@ from generator.decoding import registry
 from generator.decoding.causal import CausalDecoders
 from generator.decoding.grounding import CODES_GROUNDED, GroundedCodeDecoders, free_code_beam
 from generator.decoding.protocol import Histories
-from generator.decoding.registry import CAUSAL, T5, Ingredients
-from generator.decoding.t5_beam import beam_search as t5_beam_search
-from generator.decoding.t5_step import score_codes
+from generator.decoding.registry import CAUSAL, Ingredients
 from generator.decoding.titles import TitleDecoders, title_beam_search
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.causal_loss import code_loss
 from generator.models.dense import DenseHead, DenseHeadConfig
 from generator.models.titles import TitleConfig, TitleGenerator
+from generator.t5.beam import beam_search as t5_beam_search
+from generator.t5.decoders import T5
+from generator.t5.step import score_codes
 from semid.ids import SemanticIDs
 from semid.titles import TitleIndex
 from semid.tree import PrefixTree

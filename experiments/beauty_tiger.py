@@ -95,9 +95,9 @@ def semantic_ids(args: argparse.Namespace) -> tuple[Path, dict]:
 def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOptions, steps: int) -> dict:
     """Seconds per training step of the real pipeline (bucketed batches, the preset, AdamW), no Lightning loop."""
     from generator.models.checkpoint import ids_digest
-    from generator.models.t5 import preset
-    from generator.training.datamodules import GeneratorDataModule
-    from generator.training.t5_system import GeneratorSystem
+    from generator.t5.datamodule import GeneratorDataModule
+    from generator.t5.model import preset
+    from generator.t5.system import GeneratorSystem
     from semid.data import load_dataset
     from semid.split import leave_one_out
     from semid.tree import PrefixTree
@@ -147,7 +147,7 @@ def measure_steps(args: argparse.Namespace, ids_path: Path, options: TrainOption
 
 
 def _loss(system, batch) -> torch.Tensor:
-    from generator.models.t5 import seq2seq_loss
+    from generator.t5.model import seq2seq_loss
 
     return seq2seq_loss(system.model, batch.input_ids, batch.attention_mask, batch.labels, label_smoothing=system.optim.label_smoothing)
 

@@ -37,14 +37,16 @@ import yaml
 from experiments.dense_hybrid import budget, score
 from generator.decoding import registry
 from generator.decoding.protocol import Histories
-from generator.decoding.registry import T5, Ingredients
+from generator.decoding.registry import Ingredients
 from generator.runs.batches import Labelled
 from generator.runs.cold_items import add_cold_items
-from generator.runs.decoders import choose_run_fusion, decoders_for, load_run_head, stored_fusion
+from generator.runs.decoders import choose_run_fusion, decoders_for, stored_fusion
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommender import on_device
-from generator.training.examples import collate, history_examples
-from generator.training.t5_data import eval_batches, sample_users
+from generator.t5.data import collate, eval_batches, history_examples
+from generator.t5.decoders import T5
+from generator.t5.design import dense_head as load_run_head
+from generator.training.sampling import sample_users
 from rqvae import load_quantizer
 from semid.coldstart import cold_start_split, write_warm_dataset
 from semid.data import load_dataset

@@ -24,7 +24,7 @@ from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
 from generator.runs.fusion_store import choose_fusion
 from generator.training.causal_data import SeqBatch, eval_batches
-from generator.training.t5_data import sample_users
+from generator.training.sampling import sample_users
 from semid.coldstart import ColdStartSplit, write_full_dataset
 from semid.data import Dataset, load_dataset
 from semid.metrics import ndcg_at_k, recall_at_k

@@ -6,8 +6,8 @@ Part 1 (Beauty): users/second of three constrained top-k decoders on the same hi
 interleaved (so a load change on a shared machine hits all three alike), their ratios, the share of (b)'s time
 spent inside the processor, and whether the three return identical items.
   (a) ``model.generate`` + ``prefix_allowed_tokens_fn`` over a Python dict trie (the common practice: GENRE, LETTER)
-  (b) ``generator.decoding.t5_generate.generate_beam_search`` (``model.generate`` + ``PrefixTreeLogitsProcessor``)
-  (c) ``generator.decoding.t5_beam.beam_search``
+  (b) ``generator.t5.generate.generate_beam_search`` (``model.generate`` + ``PrefixTreeLogitsProcessor``)
+  (c) ``generator.t5.beam.beam_search``
 Part 2 (scale): ``PrefixTree`` build time, bytes and per-step masking time (``allowed_mask`` + ``next_nodes`` for
 2,560 beams) on 10k .. 10M random 4-level tuples of 256 codes.
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from transformers import T5ForConditionalGeneration
 
-import generator.decoding.t5_generate as decode
-from generator.decoding.t5_beam import beam_search
+import generator.t5.generate as decode
+from generator.t5.beam import beam_search
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, write_json
 from semid.layout import TokenLayout
@@ -94,7 +94,7 @@ def test_histories(data: Path, ids: SemanticIDs, layout: TokenLayout, num_users:
 
 def tiger_model(layout: TokenLayout, seed: int = 0) -> T5ForConditionalGeneration:
     """The ``tiger`` preset with random weights (decoding cost does not depend on the weights)."""
-    from generator.models.t5 import build_model, preset
+    from generator.t5.model import build_model, preset
 
     torch.manual_seed(seed)
     return build_model(preset("tiger"), layout).eval()

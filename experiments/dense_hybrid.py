@@ -34,7 +34,7 @@ from generator.runs.batches import Labelled, split_batches
 from generator.runs.decoders import choose_run_fusion, decoders_for, stored_fusion
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommender import on_device
-from generator.training.t5_data import sample_users
+from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
 from semid.io import atomic_open, write_json

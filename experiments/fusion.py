@@ -34,7 +34,7 @@ from generator.runs.batches import Labelled, split_batches
 from generator.runs.decoders import decoders_for, trained_tree
 from generator.runs.folder import load_run
 from generator.runs.fusion_store import choose_fusion
-from generator.training.t5_data import sample_users
+from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import ndcg_at_k, paired_bootstrap, recall_at_k

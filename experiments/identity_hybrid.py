@@ -95,7 +95,7 @@ def decode(root: Path, name: str) -> None:
                 stored.write_bytes(keep)
         if folder == "t5":  # cold items added in process (semid.coldstart's path): T5 dense over the grown head
             from generator.runs.cold_items import add_cold_items
-            from generator.runs.decoders import load_run_head
+            from generator.t5.design import dense_head as load_run_head
             from rqvae import load_quantizer
             from semid.data import load_dataset
 
@@ -104,7 +104,7 @@ def decode(root: Path, name: str) -> None:
             q = load_quantizer(root / "ids" / "quantizer.pt")
             head = load_run_head(run)
             cat = add_cold_items(run.ids, run.layout, emb[34:], np.arange(35, 41), encode=q.encode, head=head)
-            from generator.decoding.t5_dense import T5Dense
+            from generator.t5.dense import T5Dense
 
             run.ids, run.tree = cat.ids, cat.tree
             batch_hist = [np.array(h) for h in SEQ]

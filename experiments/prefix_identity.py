@@ -23,9 +23,10 @@ from generator.decoding import registry
 from generator.decoding.causal import edge_tables, item_paths
 from generator.decoding.chunked import exact_topk
 from generator.decoding.protocol import Histories
-from generator.decoding.registry import CAUSAL, T5, Ingredients
+from generator.decoding.registry import CAUSAL, Ingredients
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.causal_loss import code_loss
+from generator.t5.decoders import T5
 from semid.ids import SemanticIDs
 from semid.titles import dup_ranks
 from semid.tree import PrefixTree

@@ -31,7 +31,7 @@ from torch import nn
 
 from generator.runs.options import parse_max_time
 from generator.training.causal_data import collate_windows, training_windows
-from generator.training.t5_data import sample_users
+from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.io import write_json
 from semid.metrics import RankingMetrics

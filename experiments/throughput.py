@@ -35,10 +35,11 @@ def _time(step, batches, steps: int) -> tuple[float, int]:  # noqa: ANN001
 
 def main(argv: list[str] | None = None) -> None:
     from generator.runs.options import preset
+    from generator.t5.datamodule import GeneratorDataModule
+    from generator.t5.system import GeneratorSystem, dense_setup
     from generator.training.causal_data import collate_windows
     from generator.training.causal_system import CausalSystem
-    from generator.training.datamodules import CausalDataModule, GeneratorDataModule
-    from generator.training.t5_system import GeneratorSystem, dense_setup
+    from generator.training.datamodules import CausalDataModule
     from semid.data import load_dataset
     from semid.ids import SemanticIDs
     from semid.split import leave_one_out
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         t5 = GeneratorSystem(cfg, layout, "-", tree, dense_head=ds.head, objective=ds.objective)
         t5.log = t5.log_dict = lambda *a, **k: None
         opt = torch.optim.AdamW(t5.parameters(), lr=1e-3)
-        from generator.training.examples import collate
+        from generator.t5.data import collate
 
         def t5_step(index, t5=t5, opt=opt, dm=dm, layout=layout) -> int:  # noqa: ANN001
             b = collate(dm.train_examples, index, layout.pad_token_id)

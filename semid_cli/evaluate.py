@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from generator.decoding import registry
+from generator.designs import registry as designs
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
 from semid_cli.console import progress_default
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-users", type=_users, default=None, help="a seeded sample of this many users (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
-    p.add_argument("--decoder", default="auto", choices=registry.NAMES, help=registry.help_text())
+    p.add_argument("--decoder", default="auto", choices=designs.decoder_names(), help=designs.decoder_help())
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from generator.decoding import registry
+from generator.designs import registry as designs
 
 
 def _history(text: str) -> list[int]:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k; default max(k, 20))")
     p.add_argument("--user", type=int, help="user id, hashed into the run's user tokens (default: none)")
-    p.add_argument("--decoder", default="auto", choices=registry.NAMES, help=registry.help_text())
+    p.add_argument("--decoder", default="auto", choices=designs.decoder_names(), help=designs.decoder_help())
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: the one chosen on validation, RUN/hybrid.json)")
     p.add_argument("--data", type=Path, help="dataset folder for titles (default: the one the run was trained on)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from generator.decoding import registry
+from generator.designs import registry as designs
 
 
 def _positive_int(text: str) -> int:
@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
-    p.add_argument("--decoder", default="auto", choices=registry.NAMES, help="the default decoder of a request that "
+    p.add_argument("--decoder", default="auto", choices=designs.decoder_names(), help="the default decoder of a request that "
                    "names none (default auto: the run's beam search); the run's other decoders are served too")
     p.add_argument("--max-batch", type=_positive_int, default=256, help="most histories decoded as one batch (default 256)")
     p.add_argument("--max-wait-ms", type=_ms, default=5.0, help="longest a request waits for others to join its batch "

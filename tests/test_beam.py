@@ -13,11 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LogitsProcessorList, T5Config, T5ForConditionalGeneration
 
-from generator.decoding import t5_beam, t5_step
 from generator.decoding.protocol import LOG_LIKELIHOOD, Decoder, Histories
-from generator.decoding.t5_beam import T5Beam, beam_search
-from generator.decoding.t5_generate import T5Generate, generate_beam_search
-from generator.decoding.t5_step import T5Step
+from generator.t5 import beam as t5_beam
+from generator.t5 import step as t5_step
+from generator.t5.beam import T5Beam, beam_search
+from generator.t5.generate import T5Generate, generate_beam_search
+from generator.t5.step import T5Step
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.processor import PrefixTreeLogitsProcessor

@@ -14,9 +14,10 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from generator.decoding import registry
 from generator.decoding.protocol import BLEND, FUSED, SCORES, Histories, Ranking
-from generator.decoding.registry import CAUSAL, SPECS, T5, TITLE, Ingredients
+from generator.decoding.registry import CAUSAL, SPECS, TITLE, Ingredients
 from generator.models.dense import DenseHead, DenseHeadConfig
 from generator.models.titles import TitleConfig, TitleGenerator
+from generator.t5.decoders import T5
 from semid.embed import embed_texts, load_encoder
 from semid.ids import SemanticIDs
 from semid.titles import TitleIndex, TitleTokenizer

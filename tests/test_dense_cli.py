@@ -12,9 +12,10 @@ import yaml
 
 from generator.decoding.fusion import POOL_FUSIONS
 from generator.models.checkpoint import with_integrity
-from generator.runs.decoders import choose_run_fusion, decoders_for, load_run_head
+from generator.runs.decoders import choose_run_fusion, decoders_for
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommend import recommend
+from generator.t5.design import dense_head as load_run_head
 from semid_cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 

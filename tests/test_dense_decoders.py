@@ -10,15 +10,15 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from generator.decoding.fusion import fuse, pool
 from generator.decoding.protocol import BLEND, FUSED, INNER_PRODUCT, Histories
-from generator.decoding.t5_beam import beam_search
-from generator.decoding.t5_dense import T5Dense
-from generator.decoding.t5_hybrid import T5Hybrid
-from generator.decoding.t5_step import score_codes
 from generator.models.checkpoint import ids_digest
 from generator.models.dense import STATE_PREFIX, DenseHead, DenseHeadConfig, encode_queries, load_dense_head
 from generator.models.dense_loss import joint_loss
-from generator.models.t5 import GeneratorConfig
-from generator.training.t5_system import GeneratorSystem
+from generator.t5.beam import beam_search
+from generator.t5.dense import T5Dense
+from generator.t5.hybrid import T5Hybrid
+from generator.t5.model import GeneratorConfig
+from generator.t5.step import score_codes
+from generator.t5.system import GeneratorSystem
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree

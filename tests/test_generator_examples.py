@@ -12,14 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from generator.training.examples import (
-    BucketBatchSampler,
-    collate,
-    history_examples,
-    padding_stats,
-    training_examples,
-)
-from generator.training.t5_data import eval_batches, sample_users, split_examples
+from generator.t5.data import collate, eval_batches, history_examples, split_examples, training_examples
+from generator.training.sampling import BucketBatchSampler, padding_stats, sample_users
 from semid.data import load_dataset
 from semid.layout import TokenLayout
 from semid.split import leave_one_out
@@ -91,8 +85,8 @@ def test_batches_are_right_padded_and_mix_rows_with_and_without_user_token() -> 
 
 def test_the_datamodule_and_dense_setup_train_on_the_training_prefixes_only(tmp_path: Path) -> None:
     # as above: items 31..40 appear only as validation targets, 41..50 only as test targets
-    from generator.training.datamodules import GeneratorDataModule
-    from generator.training.t5_system import dense_setup
+    from generator.t5.datamodule import GeneratorDataModule
+    from generator.t5.system import dense_setup
 
     ids = random_ids(num_items=50)
     layout = ids.layout(16)

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from generator.decoding.registry import T5, Ingredients, build, build_many, resolve
-from generator.decoding.t5_beam import T5Beam
-from generator.decoding.t5_generate import T5Generate
+from generator.decoding.registry import Ingredients, build, build_many, resolve
 from generator.designs.registry import load_checkpoint
 from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta, ids_digest
-from generator.models.t5 import GeneratorConfig, build_model, preset, seq2seq_loss
+from generator.t5.beam import T5Beam
+from generator.t5.decoders import T5
+from generator.t5.generate import T5Generate
+from generator.t5.model import GeneratorConfig, build_model, preset, seq2seq_loss
+from generator.t5.system import GeneratorSystem
 from generator.training.optim import OptimConfig, lr_factor
-from generator.training.t5_system import GeneratorSystem
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
 from tests.test_generator_helpers import random_ids
@@ -113,7 +114,7 @@ def test_the_registry_builds_t5_decoders_and_refuses_others_with_a_clear_message
     assert set(build_many(ing, ["beam", "generate"])) == {"beam", "generate"}
     with pytest.raises(ValueError, match=r"`decoder` must be one of \['auto', 'beam', .*got 'greedy'"):
         resolve(T5, "greedy")
-    with pytest.raises(ValueError, match=r"decoder 'exact' is for causal runs; this t5 run has \['auto', 'beam', 'generate'"):
+    with pytest.raises(ValueError, match=r"decoder 'exact' is for causal runs; this t5 run has \['auto', 'beam', 'dense', 'hybrid', 'cold-beam', 'generate'"):
         build(ing, "exact")
     with pytest.raises(ValueError, match="decoder 'title-beam' is for title runs; this t5 run has"):
         resolve(T5, "title-beam")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from generator.decoding.t5_beam import beam_search
-from generator.decoding.t5_generate import generate_beam_search
-from generator.models.t5 import ItemLevelEncoder, build_model, preset
+from generator.t5.beam import beam_search
+from generator.t5.generate import generate_beam_search
+from generator.t5.model import ItemLevelEncoder, build_model, preset
 from semid.ids import SemanticIDs
 from semid.tree import PrefixTree
 from semid_cli import main

@@ -11,8 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("semid", "rqvae", "generator", "semid_cli")
 LIBRARY = ("semid", "rqvae", "generator")  # below the command line (semid_cli), which may import all three
-# generator's layers, lowest first: a module imports from its own layer or lower ones only
-LAYERS = ("generator.models", "generator.decoding", "generator.training", "generator.designs", "generator.runs", "generator.serving")
+# generator's layers, lowest first: a module imports from its own layer or lower ones only. A design plug-in
+# (generator.t5) spreads over the layers: each of its modules sits on the layer it belongs to, by the same rule.
+LAYERS = (
+    ("generator.models", "generator.t5.model"),
+    ("generator.decoding", "generator.t5.step", "generator.t5.beam", "generator.t5.generate", "generator.t5.dense",
+     "generator.t5.hybrid", "generator.t5.decoders"),
+    ("generator.training", "generator.t5.data", "generator.t5.datamodule", "generator.t5.system"),
+    ("generator.designs", "generator.t5.design"),
+    ("generator.runs",),
+    ("generator.serving",),
+)
 MAX_LINES = 410
 
 
@@ -45,7 +54,12 @@ GRAPH = {name: imports_of(path) - {name} for name, path in MODULES.items()}
 
 
 def _layer(module: str) -> int | None:
-    return next((i for i, p in enumerate(LAYERS) if module == p or module.startswith(p + ".")), None)
+    return next((i for i, layer in enumerate(LAYERS) for p in layer if module == p or module.startswith(p + ".")), None)
+
+
+def test_every_generator_module_sits_on_a_layer() -> None:  # a new plug-in module must be placed, not skipped
+    loose = [m for m in MODULES if m.startswith("generator.") and m.count(".") > 1 and _layer(m) is None]
+    assert not loose, f"modules on no layer of LAYERS: {loose}"
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -83,6 +97,32 @@ def test_generator_layers_import_downwards_only() -> None:
     wrong = [(m, n) for m, deps in GRAPH.items() for n in deps
              if _layer(m) is not None and _layer(n) is not None and _layer(n) > _layer(m)]
     assert not wrong, f"imports against the layer order {LAYERS}: {wrong}"
+
+
+PLUGINS = ("generator.t5",)  # design plug-ins: each registers itself, imported by one module
+REGISTRANT = "generator.designs.registry"
+
+
+def _plugin(module: str) -> str | None:
+    return next((p for p in PLUGINS if module == p or module.startswith(p + ".")), None)
+
+
+def imports_of_plugins(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(module, plug-in module) imports of modules outside that plug-in, but for the one that registers plug-ins."""
+    return [(m, n) for m, deps in graph.items() for n in deps
+            if _plugin(n) is not None and _plugin(m) != _plugin(n) and m != REGISTRANT]
+
+
+def test_only_the_design_registry_imports_a_plugin() -> None:
+    wrong = imports_of_plugins(GRAPH)
+    assert not wrong, f"general modules import a design plug-in (only {REGISTRANT} may, to register it): {wrong}"
+    assert {n for n in GRAPH[REGISTRANT] if _plugin(n)} == {f"{p}.design" for p in PLUGINS}
+
+
+def test_the_plugin_check_finds_a_general_import() -> None:  # the test above is not vacuous
+    graph = {"generator.runs.recommender": {"generator.t5.dense"}, REGISTRANT: {"generator.t5.design"},
+             "generator.t5.design": {"generator.t5.model", "generator.designs.base"}}
+    assert imports_of_plugins(graph) == [("generator.runs.recommender", "generator.t5.dense")]
 
 
 def test_decoders_do_not_import_the_registry_and_the_protocol_imports_no_decoder() -> None:

@@ -6,7 +6,7 @@ import torch
 from transformers import LogitsProcessorList, T5Config, T5ForConditionalGeneration
 
 from generator.decoding.protocol import LOG_LIKELIHOOD
-from generator.decoding.t5_generate import generate_beam_search
+from generator.t5.generate import generate_beam_search
 from semid.ids import SemanticIDs
 from semid.processor import PrefixTreeLogitsProcessor
 from semid.tree import PrefixTree

@@ -184,7 +184,7 @@ def test_a_resumed_run_that_had_early_stopped_stops_where_it_did(setup: dict[str
 
 
 def test_the_loader_skips_the_batches_it_had_served_and_only_in_that_epoch() -> None:
-    from generator.training.examples import BucketBatchSampler
+    from generator.training.sampling import BucketBatchSampler
 
     sampler = BucketBatchSampler(torch.arange(40).numpy() % 7 + 1, 4, seed=3, bucket_batches=2)
     loader = ResumableLoader(list(range(40)), batch_sampler=sampler)

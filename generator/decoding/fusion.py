@@ -4,7 +4,7 @@ A design's hybrid hands the fusion :class:`Parts`: ``exact`` (B, N), each item's
 ``dense`` (B, N), the dense head's log-softmax, plus the *generative list* (the generative top C) and the dense top C.
 The causal model scores the whole catalogue (``generator.decoding.causal.CausalDecoders.parts``: exact = every
 item's log-likelihood, one matrix product per level; the generative list is the exact top C, what beam search
-returns when it finds the best C); the T5 hybrid (``generator.decoding.t5_hybrid``) scores the pool only, by
+returns when it finds the best C); the T5 hybrid (``generator.t5.hybrid``) scores the pool only, by
 teacher forcing its candidates (its ``exact`` is -inf outside the pool, and the generative list is the beam's top C).
 Items added after training are scored on the trained items' scale. A fusion ranks items by:
 

@@ -5,11 +5,16 @@ experiments all read this table and build decoders with :func:`build`. A decoder
 :class:`Ingredients` (the model and what its decoders need); the run layer (``generator.runs.decoders``) makes the
 ingredients from a run folder, including the hybrid's fusion chosen on validation users.
 
-Imports go one way: ``protocol`` <- the decoder modules <- ``registry`` <- ``generator.runs``.
+The causal and title backbones are built in; a design plug-in registers its backbone with :func:`register` when it
+is imported (``generator.t5.decoders``: T5's decoders and its ``generate``). ``generator.designs.registry`` imports
+every plug-in, so the table is whole once that module is loaded (``generator.designs.registry.decoder_names``).
+
+Imports go one way: ``protocol`` <- the decoder modules <- ``registry`` <- a plug-in's registration, ``generator.runs``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -18,6 +23,7 @@ import torch
 
 from generator.decoding.causal import CausalDecoders, StateDecoder
 from generator.decoding.cold import ColdStartBeam
+from generator.decoding.fusion import FUSIONS, Parts
 from generator.decoding.grounding import CODES_GROUNDED, GroundedCodeDecoders
 from generator.decoding.protocol import (
     BLEND,
@@ -29,15 +35,11 @@ from generator.decoding.protocol import (
     PREFIX_MATCHED,
     TITLE_LOG_PROB,
     Decoder,
+    Histories,
 )
-from generator.decoding.t5_beam import T5Beam
-from generator.decoding.t5_dense import T5Dense
-from generator.decoding.t5_generate import T5Generate
-from generator.decoding.t5_hybrid import T5Hybrid
 from generator.decoding.titles import TITLE_BEAM, TITLE_GROUNDED, TitleDecoders
 
-T5, CAUSAL, TITLE = "t5", "causal", "title"
-BACKBONES = (T5, CAUSAL, TITLE)
+CAUSAL, TITLE = "causal", "title"
 
 
 class DecoderSpec(NamedTuple):
@@ -52,15 +54,13 @@ class DecoderSpec(NamedTuple):
     summary: str
 
 
-SPECS: dict[str, DecoderSpec] = {s.name: s for s in (
-    DecoderSpec("beam", (T5, CAUSAL), LOG_LIKELIHOOD, True, True, "constrained beam search over the prefix tree"),
-    DecoderSpec("generate", (T5,), LOG_LIKELIHOOD, True, True,
-                "stock transformers generate + PrefixTreeLogitsProcessor (the reference; slow)"),
+SPECS: dict[str, DecoderSpec] = {s.name: s for s in (  # the built-in backbones'; a plug-in adds itself (register)
+    DecoderSpec("beam", (CAUSAL,), LOG_LIKELIHOOD, True, True, "constrained beam search over the prefix tree"),
     DecoderSpec("exact", (CAUSAL,), LOG_LIKELIHOOD, True, True, "every item ranked by its log-likelihood"),
-    DecoderSpec("dense", (T5, CAUSAL), INNER_PRODUCT, False, True, "inner-product search over the dense head's item vectors"),
-    DecoderSpec("hybrid", (T5, CAUSAL), f"{BLEND} | {FUSED}", False, False,
+    DecoderSpec("dense", (CAUSAL,), INNER_PRODUCT, False, True, "inner-product search over the dense head's item vectors"),
+    DecoderSpec("hybrid", (CAUSAL,), f"{BLEND} | {FUSED}", False, False,
                 "both heads fused, the fusion chosen on validation users (RUN/hybrid.json)"),
-    DecoderSpec("cold-beam", (T5, CAUSAL), PREFIX_MATCHED, False, False,
+    DecoderSpec("cold-beam", (CAUSAL,), PREFIX_MATCHED, False, False,
                 "beam search, plus cold items sharing a candidate's semantic-ID prefix (TIGER's cold start)"),
     DecoderSpec(TITLE_BEAM, (TITLE,), TITLE_LOG_PROB, True, True, "beam search over the title tree (GENRE)"),
     DecoderSpec(TITLE_GROUNDED, (TITLE,), COSINE, False, False,
@@ -68,9 +68,11 @@ SPECS: dict[str, DecoderSpec] = {s.name: s for s in (
     DecoderSpec(CODES_GROUNDED, (CAUSAL,), GENERATION_LOG_PROB, False, False,
                 "free code beam, grounded to the nearest real ID (BIGRec baseline on semantic IDs)"),
 )}
-AUTO = {T5: "beam", CAUSAL: "beam", TITLE: TITLE_BEAM}  # what "auto" means per backbone
-ALIASES = {TITLE: {"beam": TITLE_BEAM}}  # a title run's beam search is its title beam
-NAMES = ("auto", *SPECS)
+
+
+def names() -> tuple[str, ...]:
+    """Every decoder name, "auto" first, in registry order (with those of the plug-ins registered so far)."""
+    return ("auto", *SPECS)
 
 
 def names_for(backbone: str) -> tuple[str, ...]:
@@ -82,18 +84,20 @@ def resolve(backbone: str, name: str) -> str:
     """``name`` for ``backbone`` ("auto" becomes its default), or a ValueError naming the decoders it has."""
     if backbone not in BACKBONES:
         raise ValueError(f"`backbone` must be one of {list(BACKBONES)}, got {backbone!r}")
-    name = AUTO[backbone] if name == "auto" else ALIASES.get(backbone, {}).get(name, name)
+    entry = BACKBONES[backbone]
+    name = entry.auto if name == "auto" else entry.aliases.get(name, name)
     if name not in SPECS:
-        raise ValueError(f"`decoder` must be one of {list(NAMES)}, got {name!r}")
+        raise ValueError(f"`decoder` must be one of {list(names())}, got {name!r}")
     if backbone not in SPECS[name].backbones:
         runs = " or ".join(f"{b} runs" for b in SPECS[name].backbones)
         raise ValueError(f"decoder {name!r} is for {runs}; this {backbone} run has {['auto', *names_for(backbone)]}")
     return name
 
 
-def help_text(names: tuple[str, ...] = NAMES) -> str:
-    """One line per decoder for ``--decoder`` help."""
-    lines = [f"{n}: {SPECS[n].summary} [{'/'.join(SPECS[n].backbones)}; scores: {SPECS[n].score}]" for n in names if n in SPECS]
+def help_text(wanted: tuple[str, ...] | None = None) -> str:
+    """One line per decoder (default: every one) for ``--decoder`` help."""
+    lines = [f"{n}: {SPECS[n].summary} [{'/'.join(SPECS[n].backbones)}; scores: {SPECS[n].score}]"
+             for n in (names() if wanted is None else wanted) if n in SPECS]
     return "auto: beam (title-beam for a title run, where beam means title-beam too); " + "; ".join(lines)
 
 
@@ -101,11 +105,11 @@ def help_text(names: tuple[str, ...] = NAMES) -> str:
 class Ingredients:
     """What the decoders of one trained model are built from (all on the model's device).
 
-    backbone: one of :data:`BACKBONES`; model: the network (T5ForConditionalGeneration, CausalGenerator or
-    TitleGenerator) in eval mode; tree: the items' prefix tree (the title tree for a title run); layout and ids: the
+    backbone: one of :data:`BACKBONES`; model: the network (CausalGenerator, TitleGenerator or a plug-in's, such as
+    T5's T5ForConditionalGeneration) in eval mode; tree: the items' prefix tree (the title tree for a title run); layout and ids: the
     token layout and semantic IDs the model was trained with (after ``add-items``, the extended IDs).
     num_beams: beams of beam searches; num_candidates: C per list for the hybrids.
-    dense_head: a T5 run's dense head (None: none). fusion: the hybrid's (kind, params), chosen on validation users
+    dense_head: a dense head kept beside the model (a T5 run's; None: none). fusion: the hybrid's (kind, params), chosen on validation users
     by the run layer.
     trained_tree: a causal model's tree of the items it was trained with, when items were added since.
     cold_items: int (M,) item ids for ``cold-beam`` (default for a causal run: the items added after training);
@@ -144,15 +148,34 @@ def build(ing: Ingredients, name: str) -> Decoder:
 
 
 def build_many(ing: Ingredients, names: tuple[str, ...] | list[str]) -> dict[str, Decoder]:
-    """Decoders by (resolved) name for one model; decoders of an item-level model share item paths, edge tables and
-    item vectors (one ``CausalDecoders``)."""
+    """Decoders by (resolved) name for one model, built by its backbone's entry (decoders of an item-level model
+    share item paths, edge tables and item vectors: one ``CausalDecoders``)."""
     wanted = [resolve(ing.backbone, n) for n in names]
-    if ing.backbone == T5:
-        return {n: _t5(ing, n) for n in wanted}
-    if ing.backbone == TITLE:
-        item_ids, codes = ing.item_tensors()
-        shared = TitleDecoders(ing.model, ing.tree, item_ids, codes, num_beams=ing.num_beams, **ing.title).to(_device(ing.model))
-        return {n: StateDecoder(shared, n, score=SPECS[n].score, leaves=SPECS[n].leaves) for n in wanted}
+    return BACKBONES[ing.backbone].build(ing, wanted)
+
+
+def hybrid_parts(ing: Ingredients) -> tuple[Callable[[Histories], Parts], tuple[str, ...], int]:
+    """What choosing the hybrid's fusion reads for the model in ``ing``: the hybrid's parts of a batch of histories,
+    the fusions it may take and the validation users to fit on by default (a ValueError where the backbone has no
+    hybrid)."""
+    entry = BACKBONES[ing.backbone]
+    if entry.hybrid_parts is None:
+        raise ValueError(f"a {ing.backbone} run has no hybrid decoder (it is for {' and '.join(with_hybrid())} runs)")
+    return entry.hybrid_parts(ing), entry.fusions, entry.fusion_users
+
+
+def with_hybrid() -> tuple[str, ...]:
+    """The backbones with a hybrid decoder (a fusion to choose)."""
+    return tuple(b for b, e in BACKBONES.items() if e.hybrid_parts is not None)
+
+
+def _title(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
+    item_ids, codes = ing.item_tensors()
+    shared = TitleDecoders(ing.model, ing.tree, item_ids, codes, num_beams=ing.num_beams, **ing.title).to(_device(ing.model))
+    return {n: StateDecoder(shared, n, score=SPECS[n].score, leaves=SPECS[n].leaves) for n in wanted}
+
+
+def _causal(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
     kind = GroundedCodeDecoders if CODES_GROUNDED in wanted else CausalDecoders
     shared = kind(ing.model, ing.tree, ing.item_tensors()[0], num_beams=ing.num_beams, num_candidates=ing.num_candidates,
                   trained_tree=ing.trained_tree).refresh()
@@ -173,26 +196,46 @@ def build_many(ing: Ingredients, names: tuple[str, ...] | list[str]) -> dict[str
     return out
 
 
-def _t5(ing: Ingredients, name: str) -> Decoder:
-    if name == "beam":
-        return T5Beam(ing.model, ing.tree, ing.layout, num_beams=ing.num_beams)
-    if name == "generate":
-        return T5Generate(ing.model, ing.tree, ing.layout, num_beams=ing.num_beams)
-    if name == "cold-beam":
-        if ing.cold_items is None or len(ing.cold_items) == 0:
-            raise ValueError("decoder 'cold-beam' on a T5 run needs `cold_items` (the items added after training: "
-                         "`Ingredients(cold_items=...)`); from the command line it serves causal runs with added items")
-        return ColdStartBeam(T5Beam(ing.model, ing.tree, ing.layout, num_beams=ing.num_beams), ing.ids, ing.cold_items,
-                             **ing.cold_options)
-    if ing.dense_head is None:
-        raise ValueError(f"decoder {name!r} needs a dense head, and this run has none (train it with `semid train --dense both ...`)")
-    if name == "dense":
-        return T5Dense(ing.model, ing.dense_head, ing.ids)
-    if ing.fusion is None:
-        raise ValueError("the hybrid decoder needs its fusion (chosen on validation users by the run layer)")
-    return T5Hybrid(ing.model, ing.tree, ing.layout, ing.dense_head, ing.ids, fusion=ing.fusion,
-                    num_candidates=min(ing.num_candidates, ing.ids.num_items), num_beams=ing.num_beams)
+def _causal_hybrid(ing: Ingredients) -> Callable[[Histories], Parts]:
+    return build_many(ing, ["exact"])["exact"].shared.history_parts  # the run's CausalDecoders (paths, tables, vectors)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """What a backbone registers: ``build(ing, names) -> {name: Decoder}`` (names resolved), what "auto" means, its
+    aliases, and for a hybrid: ``hybrid_parts(ing)`` (the hybrid's parts of a batch of histories), the ``fusions``
+    it may take and the validation users its fusion is fitted on by default (``fusion_users``)."""
+
+    build: Callable[[Ingredients, list[str]], dict[str, Decoder]]
+    auto: str
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    hybrid_parts: Callable[[Ingredients], Callable[[Histories], Parts]] | None = None
+    fusions: tuple[str, ...] = ()
+    fusion_users: int = 0
+
+
+BACKBONES: dict[str, Backbone] = {
+    CAUSAL: Backbone(_causal, "beam", hybrid_parts=_causal_hybrid, fusions=FUSIONS, fusion_users=5000),
+    TITLE: Backbone(_title, TITLE_BEAM, aliases={"beam": TITLE_BEAM}),  # a title run's beam search is its title beam
+}
+
+
+def register(name: str, backbone: Backbone, serves: tuple[str, ...], specs: tuple[DecoderSpec, ...] = ()) -> None:
+    """Register a design plug-in's backbone ``name`` (once, when the plug-in is imported): it ``serves`` these
+    registered decoders and adds ``specs``, decoders of its own (naming it among their backbones)."""
+    if name in BACKBONES:
+        raise ValueError(f"backbone {name!r} is registered already")
+    for spec in specs:
+        if spec.name in SPECS or name not in spec.backbones:
+            raise ValueError(f"decoder {spec.name!r} is registered already, or is not for backbone {name!r}")
+    unknown = [n for n in serves if n not in SPECS]
+    if unknown:
+        raise ValueError(f"backbone {name!r} serves unregistered decoders {unknown}: register them in `specs`")
+    for n in serves:
+        SPECS[n] = SPECS[n]._replace(backbones=(*SPECS[n].backbones, name))
+    SPECS.update((spec.name, spec) for spec in specs)
+    BACKBONES[name] = backbone

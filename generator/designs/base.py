@@ -77,7 +77,9 @@ class Design:
     rest of a loaded run. split_batches(run, split, which, rows, batch_size) -> [Labelled] and
     history_batches(run, histories, user_ids, batch_size) -> [Histories]: the featurisation. setup(TrainInputs) ->
     Setup: training (imports Lightning). served: the decoders a ``Recommender`` builds by default. backbone: the
-    design config.yaml records for it, where not ``name``.
+    design config.yaml records for it, where not ``name``. dense_head(run): for a design that keeps its dense head
+    beside the model (T5: in the checkpoint), the loaded run's head on the model's device, or a ValueError naming the
+    run where it has none; None where the model holds its own head or has none.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Design:
     preset_defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     option_keys: tuple[str, ...] = ()  # what `--model-option KEY=VALUE` may set
     backbone: str | None = None  # what config.yaml's `design` records, where not ``name`` (a title run: causal)
+    dense_head: Callable[[Any], Any] | None = None  # the dense head kept beside the model, loaded from a run
 
     def defaults_for(self, preset: str) -> dict[str, Any]:
         return {**self.defaults, **self.preset_defaults.get(preset, {})}

@@ -3,6 +3,9 @@
     design = for_options(options.preset, options.target)   # training
     design = for_config(read_config(run_dir))               # a run folder
     loaded = load_checkpoint(path, ids)                      # any design's checkpoint, from its file alone
+
+The one module that imports the design plug-ins (``generator.t5``): importing its design entry registers the
+plug-in's decoders too, so once this module is loaded the decoder registry is whole (:func:`decoder_names`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from generator.decoding import registry as decoding
 from generator.designs.base import Design
 from generator.designs.causal import CAUSAL
-from generator.designs.t5 import T5
 from generator.designs.title import TITLE_DESIGN
 from generator.models.checkpoint import (
     CHECKPOINT_KEY,
@@ -22,12 +25,14 @@ from generator.models.checkpoint import (
     check_vocabulary,
     read_checkpoint,
 )
+from generator.t5.design import T5
 from semid.ids import SemanticIDs
 
 DESIGNS: dict[str, Design] = {d.name: d for d in (CAUSAL, T5, TITLE_DESIGN)}
 PRESETS: tuple[str, ...] = tuple(dict.fromkeys(p for d in DESIGNS.values() if d.target == "ids" for p in d.presets))
 TARGETS: tuple[str, ...] = tuple(dict.fromkeys(d.target for d in DESIGNS.values()))
 _BY_CONFIG = {d.config: d for d in DESIGNS.values()}
+UNNAMED = T5.name  # the design of a checkpoint whose config records none (T5's configs, from before designs were named)
 
 
 def for_options(preset: str, target: str) -> Design:
@@ -63,6 +68,16 @@ def names(recordable: bool = False) -> tuple[str, ...]:
     return tuple(dict.fromkeys(recorded(d) if recordable else d.name for d in DESIGNS.values()))
 
 
+def decoder_names() -> tuple[str, ...]:
+    """Every decoder name, "auto" first: the built-in backbones' and every plug-in's (for ``--decoder`` choices)."""
+    return decoding.names()
+
+
+def decoder_help() -> str:
+    """``--decoder`` help: one line per decoder, the plug-ins' included."""
+    return decoding.help_text()
+
+
 def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None) -> LoadedModel:
     """Rebuild the model of any design from a checkpoint file alone; with ``ids``, refuse one whose vocabulary does
     not match. Returns the model in eval mode on the CPU (errors name the file: a damaged record, NaN weights,
@@ -70,7 +85,7 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
     path = Path(path)
     meta, layout, state = read_checkpoint(path)
     try:
-        design = DESIGNS[meta["config"].get("design", T5.name)]  # T5 configs record no design
+        design = DESIGNS[meta["config"].get("design", UNNAMED)]
         config = design.config.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: the checkpoint's `{CHECKPOINT_KEY}` record is damaged ({type(e).__name__}: {e}); use another "

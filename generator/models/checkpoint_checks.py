@@ -109,12 +109,3 @@ def check_tree_tables(model: torch.nn.Module, state: dict[str, Any], path: str |
                     f"{path}: tensor `{key}` is not the prefix-tree table the checkpoint's own `item_tokens` give (an "
                     f"index out of range, a negative index other than the -1 padding, or an edge no item has); {_DAMAGED}"
                 )
-
-
-def check_t5(meta_config: Any, layout: TokenLayout, state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Before a T5 model is built: every size of the config against the file's tensors."""
-    from generator.models.t5 import build_model
-
-    with torch.device("meta"):
-        skeleton = build_model(meta_config, layout)
-    check_shapes(skeleton.state_dict(), state, path)

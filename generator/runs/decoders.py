@@ -1,7 +1,7 @@
 """Decoders for a loaded run, built through the one registry (``generator.decoding.registry``).
 
 :func:`decoders_for` makes the registry's :class:`~generator.decoding.registry.Ingredients` from a run: its model,
-tree, layout and IDs on the device, the dense head of a T5 run, the tree a causal model was trained with when items
+tree, layout and IDs on the device, a dense head its design keeps beside the model (a T5 run's), the tree a causal model was trained with when items
 were added since, the title run's tokenizer and (for ``title-grounded``) its encoder and catalogue title embeddings,
 and the hybrid's fusion: a given ``alpha``, else the one stored for this checkpoint in ``RUN/hybrid.json``. Building
 decoders reads the run and writes nothing: the fusion is chosen by an explicit step, :func:`choose_run_fusion`
@@ -10,31 +10,20 @@ decoders reads the run and writes nothing: the fusion is chosen by an explicit s
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from generator.decoding import registry
-from generator.decoding.fusion import FUSIONS, POOL_FUSIONS
 from generator.decoding.protocol import Decoder, check_alpha
-from generator.decoding.registry import CAUSAL, T5, TITLE, Ingredients
+from generator.decoding.registry import CAUSAL, TITLE, Ingredients
 from generator.decoding.titles import LENGTH_PENALTY, TITLE_GROUNDED
-from generator.models.checkpoint import safe_load
-from generator.models.dense import DenseHead, load_dense_head
+from generator.designs.registry import DESIGNS
 from generator.runs import fusion_store
 from semid.data import load_dataset
 from semid.split import Split, leave_one_out
 from semid.tree import PrefixTree
-
-
-def load_run_head(run: Any) -> DenseHead:
-    """The dense head of a T5 run's checkpoint, on the model's device, in eval mode."""
-    head = load_dense_head(safe_load(run.checkpoint))
-    if head is None:
-        raise ValueError(f"{run.checkpoint}: this run has no dense head (train it with `semid train --dense both ...`)")
-    return head.to(next(run.model.parameters()).device)
 
 
 def trained_tree(run: Any) -> PrefixTree | None:
@@ -76,8 +65,9 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
     if "hybrid" in wanted:
         ing.fusion = (("blend", {"alpha": float(alpha)}) if alpha is not None else fusion if fusion is not None
                       else stored_fusion(run, num_candidates, key))
-    if backbone == T5 and {"dense", "hybrid"} & set(wanted):
-        ing.dense_head = load_run_head(run)
+    load_head = DESIGNS[backbone].dense_head
+    if load_head is not None and {"dense", "hybrid"} & set(wanted):
+        ing.dense_head = load_head(run)
     elif backbone == CAUSAL:
         ing.trained_tree = trained_tree(run)
     elif backbone == TITLE:
@@ -113,22 +103,21 @@ def choose_run_fusion(run: Any, split: Split | None = None, *, num_candidates: i
         users: validation users to fit on, and as many to choose on (default: 2,000 for T5 runs, whose hybrid
             teacher-forces its candidates; 5,000 for causal runs).
     """
-    if run.design not in (T5, CAUSAL):
-        raise ValueError(f"{run.path}: a {run.design} run has no hybrid decoder (it is for t5 and causal runs)")
+    if run.design not in registry.with_hybrid():
+        raise ValueError(f"{run.path}: a {run.design} run has no hybrid decoder (it is for {' and '.join(registry.with_hybrid())} runs)")
     if split is None:
         split = leave_one_out(load_dataset(run.data_dir))
     C = min(num_candidates, run.ids.num_items)
     ing = Ingredients(run.design, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=C)
-    if run.design == T5:
-        ing.dense_head = load_run_head(run)
-        hybrid = registry.build(replace(ing, fusion=("blend", {"alpha": 0.5})), "hybrid")  # its parts do not depend on it
-        parts_of, kinds, users = hybrid.parts, POOL_FUSIONS, users or 2000
+    load_head = DESIGNS[run.design].dense_head
+    if load_head is not None:
+        ing.dense_head = load_head(run)
+    elif not run.model.has_dense:  # the causal model holds its own head
+        raise ValueError(f"{run.path}: this run has no dense head (it was trained with dense_dim 0), so no hybrid to choose for")
     else:
-        if not run.model.has_dense:
-            raise ValueError(f"{run.path}: this run has no dense head (it was trained with dense_dim 0), so no hybrid to choose for")
         ing.trained_tree = trained_tree(run)
-        shared = registry.build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
-        parts_of, kinds, users = shared.history_parts, FUSIONS, users or 5000
+    parts_of, kinds, default_users = registry.hybrid_parts(ing)
+    users = users or default_users
     chosen = fusion_store.choose_fusion(run, parts_of, split, num_candidates=C, kinds=kinds, max_users=users,
                                         batch_size=batch_size, seed=seed)
     return {"fusion": chosen.kind, "params": chosen.params}

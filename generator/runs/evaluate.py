@@ -27,7 +27,7 @@ from generator.runs.batches import split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, check_same_data, check_writable, load_run, metrics_file
 from generator.runs.recommender import on_device
-from generator.training.t5_data import sample_users
+from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.io import write_json
 from semid.metrics import RankingMetrics

@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.decoding.fusion import FUSIONS, FusionChoice, Parts, cat_parts, check_fusion
+from generator.decoding import registry
+from generator.decoding.fusion import FUSIONS, POOL_FUSIONS, FusionChoice, Parts, cat_parts, check_fusion
 from generator.decoding.fusion import choose_fusion as fit_and_choose
 from generator.decoding.protocol import Histories
 from generator.models.checkpoint import ids_digest
 from generator.runs.batches import split_batches
 from generator.runs.folder import HYBRID_FILE
-from generator.training.t5_data import sample_users
+from generator.training.sampling import sample_users
 from semid.io import write_json
 from semid.split import Split
 
@@ -86,7 +87,8 @@ def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = No
     stale = [name for name, value in key.items() if not _same(name, stored.get(name), value)]
     if stored.get("num_candidates") != num_candidates:
         stale.append("num_candidates")
-    earlier_t5 = "fusion" not in stored and "alpha" in stored and run.design == "t5"  # the blend weight alone
+    # the blend weight alone, as a pool hybrid's (T5's) was stored by an earlier semid
+    earlier_t5 = "fusion" not in stored and "alpha" in stored and registry.BACKBONES[run.design].fusions == POOL_FUSIONS
     if "fusion" not in stored and not earlier_t5:
         stale.append("fusion (a blend weight stored by an earlier semid)")
     if stale:

@@ -38,13 +38,11 @@ import torch
 
 from generator.decoding import registry
 from generator.decoding.protocol import Decoder, check_beams, check_k
-from generator.decoding.registry import CAUSAL, T5
-from generator.decoding.t5_dense import T5Dense, eval_item_vectors
-from generator.decoding.t5_hybrid import T5Hybrid
+from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches
-from generator.runs.decoders import decoders_for, load_run_head, no_fusion_error, stored_fusion
+from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
 from generator.runs.folder import Run, load_run
 from semid.data import Catalogue, load_catalogue
 
@@ -135,11 +133,6 @@ class Recommender:
         self._decoders: dict[str, Decoder] = decoders_for(
             run, names, alpha=alpha, num_beams=self.num_beams, num_candidates=num_candidates, fusion=fusion, key=key,
             cold_items=cold_items, cold_options=cold_options)
-        for dec in self._decoders.values():  # what the T5 decoders would build on their first call
-            if isinstance(dec, T5Dense) and dec.index is None:
-                dec.refresh()
-            if isinstance(dec, T5Hybrid) and dec._vecs is None:
-                dec._vecs = eval_item_vectors(dec.head)
         self._item_ids = run.ids.item_ids  # sorted int64 (N,)
         # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)
         self._batching = SimpleNamespace(design=run.design, ids=run.ids, layout=run.layout, max_history=run.max_history,
@@ -250,12 +243,13 @@ class Recommender:
                   key: dict[str, str], cold_items: np.ndarray | None) -> Any:
         """Mark what the run cannot serve in ``self.unavailable`` (a ValueError if it was asked for); the stored fusion."""
         run, why, fusion = self.run, {}, None
+        load_head = DESIGNS[run.design].dense_head
         if {"dense", "hybrid"} & set(wanted):
             if run.design == CAUSAL and not run.model.has_dense:
                 why["dense"] = why["hybrid"] = f"{run.path}: this run has no dense head (it was trained with dense_dim 0)"
-            elif run.design == T5:
+            elif load_head is not None:
                 try:
-                    load_run_head(run)
+                    load_head(run)
                 except ValueError as e:
                     why["dense"] = why["hybrid"] = str(e)
         if "hybrid" in wanted and "hybrid" not in why and alpha is None:

@@ -7,7 +7,7 @@ What an interrupted run needs to continue exactly, and where each piece lives:
 - where in the epoch it was: :class:`ResumableLoader`, a DataLoader whose ``state_dict`` is the number of batches it
   served this epoch (Lightning stores it with the loops) and which skips that many batch *indices* (nothing is
   collated) on the first epoch after a resume. The batch order itself is a function of (seed, epoch): the samplers
-  draw from a generator seeded with both (``generator.training.examples.EpochPermutation``);
+  draw from a generator seeded with both (``generator.training.sampling.EpochPermutation``);
 - random numbers (dropout, sampled negatives): :class:`StepSeeds` seeds torch, numpy and ``random`` from
   (seed, global step) before every training step, so the stream of step t is the same whatever ran before it
   (validation, a DataLoader iterator, a resume): there is no RNG state to carry at all;

@@ -2,7 +2,7 @@
 
 Scores are the sum over code levels of the code's log-probability *renormalised over the tokens the prefix tree
 allows* (``renormalize_logits=True``): a proper distribution over valid items, and the quantity the fast beam
-search in ``generator.decoding.t5_beam`` computes exactly. The eos step then contributes log 1 = 0.
+search in ``generator.t5.beam`` computes exactly. The eos step then contributes log 1 = 0.
 """
 
 from __future__ import annotations

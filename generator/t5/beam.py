@@ -1,8 +1,8 @@
 """Constrained beam search for the T5 generator (``beam``, the default T5 decoder), on :class:`T5Step`.
 
-Stock ``model.generate`` (``generator.decoding.t5_generate``) treats every beam as its own sequence: it expands the
+Stock ``model.generate`` (``generator.t5.generate``) treats every beam as its own sequence: it expands the
 encoder output to B*M rows, computes and stores the cross-attention keys/values for every beam, reorders that whole
-cache at every step and projects onto the full vocabulary. Here the step (``generator.decoding.t5_step``) computes
+cache at every step and projects onto the full vocabulary. Here the step (``generator.t5.step``) computes
 the encoder and cross-attention once per history, level l's logits over level l's block only, masked by the tree;
 the one beam loop (``generator.decoding.beam.search``) picks the next beams with one ``topk`` over M x K_l
 candidates per history, and only the filled positions of the per-beam self-attention cache are reordered. Equal to
@@ -20,7 +20,7 @@ from transformers import T5ForConditionalGeneration
 
 from generator.decoding.beam import leaf_search
 from generator.decoding.protocol import LOG_LIKELIHOOD, Histories, Ranking, check_decode_args
-from generator.decoding.t5_step import T5Step, auto_batch_size
+from generator.t5.step import T5Step, auto_batch_size
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 

@@ -5,7 +5,7 @@ Encoder input: ``[user token] + code tokens of the last <= 20 items`` (B, S). De
 (no pretrained weights), with its vocabulary, pad, eos and decoder-start ids taken from the :class:`TokenLayout`.
 
 A checkpoint stores the :class:`GeneratorConfig` and the layout next to the weights, so a model is rebuilt from
-its file alone (:func:`load_checkpoint`). This file does not import lightning; ``generator.training.t5_system`` wraps it.
+its file alone (:func:`load_checkpoint`). This file does not import lightning; ``generator.t5.system`` wraps it.
 """
 
 from __future__ import annotations

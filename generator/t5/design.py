@@ -1,7 +1,7 @@
-"""The T5 design: TIGER's encoder-decoder over code tokens (``generator.models.t5``; presets tiger, cpu, item-t5),
-its encoder-token featurisation (``generator.training.examples``, ``t5_data``) and its Lightning system
-(``generator.training.t5_system``). Every T5 module is named here only, so moving them into a subpackage of their
-own changes this file's import lines and nothing else.
+"""The T5 design's entry (the plug-in's one registration of its design, which ``generator.designs.registry`` imports):
+TIGER's encoder-decoder over code tokens (``generator.t5.model``; presets tiger, cpu, item-t5), its encoder-token
+featurisation (``generator.t5.data``), its decoders (``generator.t5.decoders``, registered by importing it), its
+dense head kept in the checkpoint beside the model, and its Lightning system (``generator.t5.system``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import torch
 from generator.decoding.protocol import Histories
 from generator.designs.base import Design, Labelled, Setup, TrainInputs, refuse_title_fields
 from generator.models import checkpoint_checks as checks
-from generator.models.t5 import PRESETS, GeneratorConfig, build_model
-from generator.training.examples import collate, history_examples
-from generator.training.t5_data import eval_batches, split_examples
+from generator.models.checkpoint import safe_load
+from generator.models.dense import DenseHead, load_dense_head
+from generator.t5.data import collate, eval_batches, history_examples, split_examples
+from generator.t5.decoders import T5 as NAME
+from generator.t5.model import PRESETS, GeneratorConfig, build_model
 from semid.split import Split
 
-NAME = "t5"
 MONITOR = "val/ndcg@10"  # the T5 design's selection metric
 DEFAULTS = {"batch_size": 256, "lr": 2e-3, "warmup_steps": 500, "label_smoothing": 0.1, "max_history": 20,
             "user_tokens": 2000, "dense": None, "decoder": "auto"}
@@ -32,8 +33,18 @@ def check_options(options: Any) -> None:
 
 
 def build(config: GeneratorConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> torch.nn.Module:
-    checks.check_t5(config, layout, state, path)
+    with torch.device("meta"):  # every size of the config against the file's tensors, before the model is built
+        skeleton = build_model(config, layout)
+    checks.check_shapes(skeleton.state_dict(), state, path)
     return build_model(config, layout)
+
+
+def dense_head(run: Any) -> DenseHead:
+    """The dense head of a T5 run's checkpoint, on the model's device, in eval mode."""
+    head = load_dense_head(safe_load(run.checkpoint))
+    if head is None:
+        raise ValueError(f"{run.checkpoint}: this run has no dense head (train it with `semid train --dense both ...`)")
+    return head.to(next(run.model.parameters()).device)
 
 
 # ---- featurisation: encoder tokens (user token, code tokens of each history item) ---------------------------------
@@ -57,8 +68,8 @@ def history_batches(run: Any, histories: list[np.ndarray], user_ids: np.ndarray 
 
 
 def setup(t: TrainInputs) -> Setup:
-    from generator.training.datamodules import GeneratorDataModule
-    from generator.training.t5_system import GeneratorSystem, dense_setup
+    from generator.t5.datamodule import GeneratorDataModule
+    from generator.t5.system import GeneratorSystem, dense_setup
 
     options = t.options
     config = PRESETS[options.preset]
@@ -79,5 +90,5 @@ def setup(t: TrainInputs) -> Setup:
 
 
 T5 = Design(NAME, GeneratorConfig, "ids", PRESETS, DEFAULTS, check_options, build, split_batches, history_batches, setup,
-            served=("beam", "generate", "dense", "hybrid"),
+            served=("beam", "generate", "dense", "hybrid"), dense_head=dense_head,
             preset_defaults={"item-t5": {"user_tokens": 0}})  # one position per item: no user token

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from generator.decoding.protocol import Histories, check_decode_args
-from generator.decoding.registry import T5, Ingredients, build, resolve
+from generator.decoding.registry import Ingredients, build, resolve
 from generator.models.checkpoint import CHECKPOINT_KEY, checkpoint_meta
 from generator.models.dense import META_KEY, DenseHead, DenseHeadConfig
 from generator.models.dense_loss import OBJECTIVES, check_log_q, joint_loss, log_popularity
-from generator.models.t5 import GeneratorConfig, build_model, seq2seq_loss
-from generator.training.examples import Batch
+from generator.t5.data import Batch
+from generator.t5.decoders import T5
+from generator.t5.model import GeneratorConfig, build_model, seq2seq_loss
 from generator.training.optim import OptimConfig, adamw_schedule
 from semid.data import Dataset
 from semid.ids import SemanticIDs
@@ -35,10 +36,10 @@ log = logging.getLogger(__name__)
 
 
 class GeneratorSystem(L.LightningModule):
-    """Trains :func:`generator.models.t5.build_model`'s T5; validates by constrained beam search.
+    """Trains :func:`generator.t5.model.build_model`'s T5; validates by constrained beam search.
 
     Args:
-        config, layout: the model (see ``generator.models.t5``).
+        config, layout: the model (see ``generator.t5.model``).
         ids_digest: fingerprint of the semantic IDs; stored in every checkpoint next to the config and layout.
         tree: prefix tree of every item's code tokens + eos (validation decoding); not stored in checkpoints.
         optim: optimiser and schedule.

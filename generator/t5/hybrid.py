@@ -1,7 +1,7 @@
 """``hybrid`` for the T5 generator: the beam's and the dense head's top C items pooled, ranked by the run's fusion.
 
 The pool of a history is the union of the beam's top C and the dense head's top C items (C = ``num_candidates``).
-Every candidate gets its generative log-likelihood by teacher forcing (``generator.decoding.t5_step.score_codes``:
+Every candidate gets its generative log-likelihood by teacher forcing (``generator.t5.step.score_codes``:
 the sum over levels of the code log-probability renormalised over the tokens the prefix tree allows after the
 candidate's prefix, exactly the beam's score for the beam's items, a proper distribution over items) and its dense
 log-softmax over the whole catalogue (a proper distribution too). :meth:`T5Hybrid.parts` hands both to the fusions
@@ -23,10 +23,10 @@ from torch import nn
 
 from generator.decoding.fusion import POOL_FUSIONS, Parts, check_fusion, fused_ranking, union_rows
 from generator.decoding.protocol import BLEND, FUSED, Histories, Ranking, check_beams, check_int_in, check_k
-from generator.decoding.t5_beam import beam_search
-from generator.decoding.t5_dense import check_aligned, eval_item_vectors
-from generator.decoding.t5_step import score_codes
 from generator.models.dense import DenseHead, encode_queries
+from generator.t5.beam import beam_search
+from generator.t5.dense import check_aligned, eval_item_vectors
+from generator.t5.step import score_codes
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.tree import PrefixTree
@@ -41,7 +41,7 @@ class T5Hybrid:
         fusion: (kind, params), one of :data:`~generator.decoding.fusion.POOL_FUSIONS`, chosen on validation.
         num_candidates: C, candidates per history from each of beam and dense; the pool holds C to 2C items.
         num_beams: beams of the beam search (it runs with max(num_beams, C)).
-        search: the beam search, ``generator.decoding.t5_beam.beam_search`` or one with its signature and result.
+        search: the beam search, ``generator.t5.beam.beam_search`` or one with its signature and result.
     """
 
     name, leaves = "hybrid", False
@@ -59,7 +59,12 @@ class T5Hybrid:
         self.fusion, self.num_candidates, self.num_beams, self.search = fusion, num_candidates, num_beams, search
         self.score = BLEND if fusion[0] == "blend" else FUSED
         self._codes = torch.from_numpy(ids.codes)  # (N, L), row i is item head.item_ids[i]
-        self._vecs: torch.Tensor | None = None  # all N item vectors, computed on first use (see T5Dense)
+        self._vecs: torch.Tensor | None = None  # all N item vectors, computed on first use or by refresh (see T5Dense)
+
+    def refresh(self) -> torch.Tensor:
+        """(Re)compute every item vector (N, d) from the head's current weights."""
+        self._vecs = eval_item_vectors(self.head)
+        return self._vecs
 
     @torch.no_grad()
     def parts(self, histories: Histories) -> Parts:
@@ -74,10 +79,9 @@ class T5Hybrid:
         self.head.eval()
         query = encode_queries(self.model, self.head, input_ids, attention_mask)  # (B, d)
         self.head.train(was_training)
-        if self._vecs is None:
-            self._vecs = eval_item_vectors(self.head)
-        N = self._vecs.shape[0]
-        logits = query @ self._vecs.T  # (B, N)
+        vecs = self._vecs if self._vecs is not None else self.refresh()
+        N = vecs.shape[0]
+        logits = query @ vecs.T  # (B, N)
         log_z = torch.logsumexp(logits, dim=1, keepdim=True)  # (B, 1)
         gen_rows = torch.where(res.items >= 0, self.head.rows_of(res.items.clamp_min(self.head.item_ids[0])), -1)
         dense_rows = logits.topk(C, dim=1).indices
