@@ -130,6 +130,20 @@ WHY: dict[str, str] = {
     "default+width-256": "dropped at 15 CPU-minutes: beam R@10 0.0660 / N@10 0.0348, dense 0.0679 / 0.0364, below width "
     "128's 0.0710 / 0.0419 at the same budget: a step costs twice as much (2,289 steps), and at 15 minutes the wider "
     "model has not caught up. Its 60-minute figure is not measured.",
+    "default+cosine": "dropped: half a cosine from the peak (2e-3) to 0 over 60 CPU-minutes instead of inverse-sqrt "
+    "decay. Validation (1,000 users, beam N@10) rose to 0.0644 against the default's 0.0581, but test fell: beam R@10 "
+    "0.0647 / N@10 0.0382 at 60 against 0.0720 / 0.0441 (exact 0.0644, dense 0.0639, hybrid 0.0680), and below the "
+    "default at the 15- and 30-minute snapshots too (0.0677, 0.0647; these rows are snapshots of the 60-minute "
+    "cosine, not 15- or 30-minute cosines). Mid-run the cosine's rate is about 5x inverse-sqrt's (step 9,000: 0.50 "
+    "against 0.105 of the peak); one reading is that it fits the training prefixes, and the validation targets right "
+    "after them, more closely than the later test targets (not verified). The "
+    "schedule stays an option (`--schedule cosine`); the lesson stands for the study: 1,000 validation users pick "
+    "checkpoints, they do not rank recipes.",
+    "default+cooldown-0.2": "dropped: the default's inverse-sqrt with a linear fall to 0 over the last 20% of 60 "
+    "CPU-minutes (`--cooldown 0.2`). No validation in the cooldown beat the best before it, so the run served the "
+    "same checkpoint as the default (test beam R@10 0.0720 / N@10 0.0441, hybrid 0.0758 / 0.0458): when the cooldown "
+    "starts (48 minutes, step ~14,200) inverse-sqrt's rate is already 8% of the peak, so there is little left to cool. "
+    "Kept as an option.",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
