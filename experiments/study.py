@@ -144,6 +144,13 @@ WHY: dict[str, str] = {
     "same checkpoint as the default (test beam R@10 0.0720 / N@10 0.0441, hybrid 0.0758 / 0.0458): when the cooldown "
     "starts (48 minutes, step ~14,200) inverse-sqrt's rate is already 8% of the peak, so there is little left to cool. "
     "Kept as an option.",
+    "default+lr-1e-3": "dropped: the default at half its peak rate (1e-3; the cosine's higher rate had lost): it "
+    "learns slower and does not catch up. Test beam R@10 / N@10 0.0680 / 0.0401 at 15, 0.0689 / 0.0417 at 30, "
+    "0.0696 / 0.0429 at 60 CPU-minutes (default 0.0720 / 0.0441); dense 0.0721, hybrid 0.0737 / 0.0452 at 60.",
+    "default+dropout-0.4": "dropped: within noise of the default's 0.3 at every budget, and below it at 60: test beam "
+    "R@10 / N@10 0.0707 / 0.0413 at 15, 0.0704 / 0.0430 at 30, 0.0712 / 0.0440 at 60 (default 0.0720 / 0.0441); "
+    "dense 0.0719, hybrid 0.0753 / 0.0463 at 60. More dropout does not lift the test plateau the default reaches by "
+    "about 15 CPU-minutes.",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
