@@ -44,3 +44,16 @@ def test_dense_index_errors() -> None:
         CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), dense_index="hnsw")
     with pytest.raises(ValueError, match="`exact_max_items` must be a positive int"):
         CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), exact_max_items=0).refresh()
+
+
+def test_the_default_lists_probed_grow_with_the_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    import generator.decoding.mips as mips
+
+    assert [mips.default_nprobe(n) for n in (1, 110, 800, 801, 3162)] == [32, 32, 32, 33, 127]
+    monkeypatch.setattr(mips, "DEFAULT_NPROBE", 1)  # the floor out of the way: the share decides
+    model, ids, tree = make(2000, seed=2, sizes=(16, 16, 8))
+    dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=8, exact_max_items=50).refresh()
+    nlist = dec.index._backend.nlist
+    assert nlist == 44 and dec.index._backend.nprobe == -(-nlist // mips.PROBE_SHARE) == 2
+    given = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=8, exact_max_items=50, nprobe=5).refresh()
+    assert given.index._backend.nprobe == 5

@@ -29,7 +29,7 @@ import torch
 from generator.decoding.beam import TreeConstraint, leaf_search
 from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
 from generator.decoding.fusion import Parts, fused_ranking
-from generator.decoding.mips import DEFAULT_NPROBE, DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
+from generator.decoding.mips import DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
 from generator.decoding.protocol import (
     INNER_PRODUCT,
     LOG_LIKELIHOOD,
@@ -225,13 +225,13 @@ class CausalDecoders:
     Call :meth:`refresh` after the weights change (each validation epoch does); decoding is under inference mode.
     ``exact`` and ``dense`` hold at most ``max_score_bytes`` of (users x items) scores (:mod:`generator.decoding.chunked`).
     ``dense`` searches with ``dense_index`` (:func:`generator.decoding.mips.dense_index`: exact up to ``exact_max_items``
-    items, an approximate faiss IVF visiting ``nprobe`` lists beyond).
+    items, an approximate faiss IVF visiting ``nprobe`` lists beyond, by default ``mips.default_nprobe``).
     """
 
     def __init__(self, model: CausalGenerator, tree: PrefixTree, item_ids: torch.Tensor, *, num_beams: int = 20,
                  alpha: float | None = None, num_candidates: int = 50, trained_tree: PrefixTree | None = None,
                  max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES, dense_index: str = "auto",
-                 exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int = DEFAULT_NPROBE) -> None:
+                 exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int | None = None) -> None:
         self.model, self.tree, self.num_beams = model, tree, num_beams
         self.max_score_bytes = check_budget(max_score_bytes)
         if dense_index not in DENSE_INDEXES:
