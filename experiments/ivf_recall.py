@@ -51,6 +51,7 @@ def synthetic(n: int, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def trained(run: Path, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A run's item vectors and the dense queries of ``queries`` seeded test users."""
+    from generator.designs.registry import for_config
     from generator.runs.folder import load_run
     from semid.data import load_dataset
     from semid.split import leave_one_out
@@ -59,14 +60,10 @@ def trained(run: Path, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
     model = loaded.model.eval()
     split = leave_one_out(load_dataset(loaded.data_dir))
     rows = np.random.default_rng(SEED).choice(split.num_users, size=min(queries, split.num_users), replace=False)
-    hist = [split.test_history(int(i))[-model.config.max_history:] for i in rows]
-    width = max(len(h) for h in hist)
-    tokens = torch.zeros(len(hist), width, dtype=torch.long)
-    for b, h in enumerate(hist):  # loop over the sampled users, once, outside any timing
-        tokens[b, : len(h)] = torch.from_numpy(loaded.ids.rows_of(np.asarray(h)) + 1)
-    lengths = torch.tensor([len(h) for h in hist])
+    design = for_config(loaded.config)
+    (batch,) = design.history_batches(loaded, [split.test_history(int(i)) for i in rows], None, len(rows))
     with torch.inference_mode():
-        q = model.dense_queries(model.last_hidden(tokens, lengths))
+        q = model.dense_queries(model.last_hidden(batch.tokens, batch.lengths))
         return model.item_vectors().detach(), q
 
 
