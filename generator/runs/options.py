@@ -40,6 +40,7 @@ KINDS: dict[str, tuple[str, Any]] = {
     "int": ("an int", _is_int),
     "num": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     "num>=0": ("a non-negative number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "frac<1": ("a number in [0, 1)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1),
     "num?": ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
@@ -119,6 +120,9 @@ class TrainOptions:
                            choices=("inverse-sqrt", "constant", "cosine"))
     cooldown: float = option(0.0, "the budget's last share (0..1) over which the learning rate falls linearly to 0, "
                              "after any schedule {default}", OPTIM, kind="num>=0", check=True)
+    ema: float = option(0.0, "validate, select and serve an exponential moving average of the weights with this decay per "
+                        "optimiser step, e.g. 0.999 (the trained weights stay in the checkpoint for a resume); 0 = off {default}",
+                        OPTIM, kind="frac<1", check=True, fixed=True)
     label_smoothing: float | None = option(None, "{default}", OPTIM, kind="num")
     max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, check=True, kind="int>0", fixed=True)
     user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, check=True, kind="int>=0", fixed=True)

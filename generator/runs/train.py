@@ -54,7 +54,13 @@ from generator.runs.folder import (
 from generator.runs.options import FIXED_ON_RESUME, TrainOptions, parse_max_time
 from generator.runs.out_folder import check_train_out
 from generator.runs.recommender import on_device
-from generator.training.callbacks import AtomicCheckpointIO, BudgetProgress, BudgetSnapshots, CpuTimeLimit
+from generator.training.callbacks import (
+    AtomicCheckpointIO,
+    BudgetProgress,
+    BudgetSnapshots,
+    CpuTimeLimit,
+    WeightEMA,
+)
 from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
@@ -292,6 +298,8 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     if options.optim().needs_budget:  # the schedule follows the share of the budget spent
         wall = parse_max_time(options.max_time)
         callbacks.append(BudgetProgress(None if wall is None else wall.total_seconds(), cpu_limit))
+    if options.ema:  # before the snapshots, which copy the checkpoint it writes the average into
+        callbacks.append(WeightEMA(options.ema))
     if snapshots:  # on the clock of the budget
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST, time.process_time if cpu_budget else time.perf_counter))
     if options.patience:

@@ -1,0 +1,78 @@
+"""An exponential moving average of the weights (``--ema``, issue 19): the update's arithmetic, validation scoring
+the average that the best checkpoint then serves, and a run with it resuming to the same weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from generator.models.checkpoint import safe_load
+from generator.runs.options import TrainOptions
+from generator.training.callbacks import ema_update
+
+
+def test_the_average_moves_towards_the_weights_by_one_minus_the_warmed_up_decay() -> None:
+    update = ema_update(0.9)
+    avg, w = [torch.zeros(3), torch.zeros(2, dtype=torch.float64)], [torch.ones(3), torch.full((2,), 2.0, dtype=torch.float64)]
+    expected = 0.0
+    for n in range(100):
+        d = min(0.9, (1 + n) / (10 + n))  # 0.1 at the first update: the initial weights leave the average fast
+        expected = d * expected + (1 - d) * 1.0
+        update(avg, w, torch.tensor(n))
+        assert avg[0] == pytest.approx(torch.full((3,), expected), abs=1e-6)
+        assert avg[1] == pytest.approx(torch.full((2,), 2 * expected, dtype=torch.float64), abs=1e-12)
+    assert d == 0.9  # past the warm-up the decay is the one asked for
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(ValueError, match="EMA decay must be in"):
+            ema_update(bad)
+
+
+def test_the_option_is_a_decay_below_one() -> None:
+    assert TrainOptions(ema=0.999).ema == 0.999 and TrainOptions().ema == 0.0
+    for bad in (1.0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match=r"`ema` must be a number in \[0, 1\)"):
+            TrainOptions(ema=bad)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from generator.runs.train import train_run
+    from tests.test_generator_helpers import write_ids, write_random_dataset
+    from tests.test_resume import CAUSAL, OPTIONS, PINNED, _interrupt_and_resume
+
+    tmp = tmp_path_factory.mktemp("ema")
+    data = write_random_dataset(tmp / "data", num_users=60)
+    ids = write_ids(tmp / "ids.npz")
+    options = TrainOptions(preset=CAUSAL, **{**OPTIONS, "max_epochs": 2}, ema=0.8, **PINNED)
+    train_run(data, ids, tmp / "ref", options)
+    _interrupt_and_resume(data, ids, tmp / "cut", options, "kill", 5)
+    return {"ref": tmp / "ref", "cut": tmp / "cut"}
+
+
+def test_a_run_serves_the_average_its_validation_scored(runs: dict[str, Path]) -> None:
+    ref = runs["ref"]
+    best, last = (safe_load(ref / "checkpoints" / f) for f in ("best.ckpt", "last.ckpt"))
+    for ckpt in (best, last):  # the served weights are the average; the trained ones ride along for a resume
+        assert ckpt["state_dict"].keys() >= {k for k in ckpt["current_model_state"] if "weight" in k}
+        moved = [k for k, v in ckpt["current_model_state"].items() if v.is_floating_point() and not torch.equal(v, ckpt["state_dict"][k])]
+        assert moved, "the average equals the trained weights"
+        assert int(ckpt["averaging_state"]["n_averaged"]) > 0
+    # the score that chose best.ckpt is the score of the weights it holds: the final evaluation on the same (all)
+    # validation users reads best.ckpt's state_dict and must find it again
+    config = yaml.safe_load((ref / "config.yaml").read_text())
+    metrics = json.loads((ref / "metrics_valid.json").read_text())
+    assert metrics["ndcg@10"] == pytest.approx(config["best_score"][config["monitor"]], abs=1e-6)
+
+
+def test_a_run_with_an_average_resumes_to_the_same_weights(runs: dict[str, Path]) -> None:
+    from tests.test_resume import _outcome, _same
+
+    assert _same(_outcome(runs["cut"]), _outcome(runs["ref"]))
+    for name in ("best.ckpt", "last.ckpt"):
+        a, b = (safe_load(runs[r] / "checkpoints" / name) for r in ("cut", "ref"))
+        for key in ("current_model_state", "averaging_state"):
+            assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
