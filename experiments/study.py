@@ -78,6 +78,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     # the weights along the path (EMA) instead of the last point on it
     "default+item-dropout-0.2": {"model_options": {**DEFAULT_128, "item_dropout": 0.2}, "label_smoothing": 0.1},
     "default+ema-0.999": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999},
+    # the average's horizon doubled (about 2,000 steps against 1,000)
+    "default+ema-0.9995": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.9995},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},
