@@ -4,7 +4,9 @@ the average that the best checkpoint then serves, and a run with it resuming to 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
+from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -31,15 +33,21 @@ def test_the_average_moves_towards_the_weights_by_one_minus_the_warmed_up_decay(
             ema_update(bad)
 
 
+def test_the_default_preset_serves_an_average_and_the_others_do_not() -> None:
+    assert TrainOptions().ema == 0.999 and TrainOptions(preset="causal", ema=0).ema == 0
+    for other in ({"preset": "causal-64"}, {"preset": "causal-wide"}, {"preset": "cpu"}, {"target": "title"}):
+        assert TrainOptions(**other).ema == 0.0
+
+
 def test_the_option_is_a_decay_below_one() -> None:
-    assert TrainOptions(ema=0.999).ema == 0.999 and TrainOptions().ema == 0.0
+    assert TrainOptions(ema=0.5).ema == 0.5
     for bad in (1.0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match=r"`ema` must be a number in \[0, 1\)"):
             TrainOptions(ema=bad)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from generator.runs.train import train_run
     from tests.test_generator_helpers import write_ids, write_random_dataset
     from tests.test_resume import CAUSAL, OPTIONS, PINNED, _interrupt_and_resume
@@ -50,10 +58,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     options = TrainOptions(preset=CAUSAL, **{**OPTIONS, "max_epochs": 2}, ema=0.8, **PINNED)
     train_run(data, ids, tmp / "ref", options)
     _interrupt_and_resume(data, ids, tmp / "cut", options, "kill", 5)
-    return {"ref": tmp / "ref", "cut": tmp / "cut"}
+    return {"ref": tmp / "ref", "cut": tmp / "cut", "data": data, "ids": ids, "options": options}
 
 
-def test_a_run_serves_the_average_its_validation_scored(runs: dict[str, Path]) -> None:
+def test_a_run_serves_the_average_its_validation_scored(runs: dict[str, Any]) -> None:
     ref = runs["ref"]
     best, last = (safe_load(ref / "checkpoints" / f) for f in ("best.ckpt", "last.ckpt"))
     for ckpt in (best, last):  # the served weights are the average; the trained ones ride along for a resume
@@ -68,7 +76,7 @@ def test_a_run_serves_the_average_its_validation_scored(runs: dict[str, Path]) -
     assert metrics["ndcg@10"] == pytest.approx(config["best_score"][config["monitor"]], abs=1e-6)
 
 
-def test_a_run_with_an_average_resumes_to_the_same_weights(runs: dict[str, Path]) -> None:
+def test_a_run_with_an_average_resumes_to_the_same_weights(runs: dict[str, Any]) -> None:
     from tests.test_resume import _outcome, _same
 
     assert _same(_outcome(runs["cut"]), _outcome(runs["ref"]))
@@ -76,3 +84,20 @@ def test_a_run_with_an_average_resumes_to_the_same_weights(runs: dict[str, Path]
         a, b = (safe_load(runs[r] / "checkpoints" / name) for r in ("cut", "ref"))
         for key in ("current_model_state", "averaging_state"):
             assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+
+
+def test_a_run_from_before_the_option_resumes_only_without_an_average(runs: dict[str, Any], tmp_path: Any) -> None:
+    """A config.yaml without ``ema`` was trained without one: the default's 0.999 must not switch it on mid-run."""
+    from generator.runs.folder import read_config, write_config
+    from generator.runs.train import train_run
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["ref"], old)
+    config = read_config(old)
+    del config["train"]["ema"]
+    write_config(old, config)
+    with pytest.raises(ValueError, match=r"must keep .*changed ema: 0.0 -> 0.8"):
+        train_run(runs["data"], runs["ids"], old, runs["options"], resume=True)
+    more = replace(runs["options"], max_epochs=3)
+    with pytest.raises(ValueError, match=r"changed ema: 0.8 -> 0.0"):  # and a run with one keeps it
+        train_run(runs["data"], runs["ids"], runs["ref"], replace(more, ema=0.0), resume=True)

@@ -120,9 +120,9 @@ class TrainOptions:
                            choices=("inverse-sqrt", "constant", "cosine"))
     cooldown: float = option(0.0, "the budget's last share (0..1) over which the learning rate falls linearly to 0, "
                              "after any schedule {default}", OPTIM, kind="num>=0", check=True)
-    ema: float = option(0.0, "validate, select and serve an exponential moving average of the weights with this decay per "
-                        "optimiser step, e.g. 0.999 (the trained weights stay in the checkpoint for a resume); 0 = off {default}",
-                        OPTIM, kind="frac<1", check=True, fixed=True)
+    ema: float | None = option(None, "validate, select and serve an exponential moving average of the weights with this decay "
+                               "per optimiser step (the trained weights stay in the checkpoint for a resume); 0 = off {default}",
+                               OPTIM, kind="frac<1", check=True, fixed=True)
     label_smoothing: float | None = option(None, "{default}", OPTIM, kind="num")
     max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, check=True, kind="int>0", fixed=True)
     user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, check=True, kind="int>=0", fixed=True)
@@ -216,6 +216,8 @@ class TrainOptions:
 # options that change what is trained: a resumed run must keep them (val_users, num_beams and decoder define the
 # validation score that selects best.ckpt: changing them mid-run would compare checkpoints scored differently)
 FIXED_ON_RESUME = tuple(f.name for f in fields(TrainOptions) if f.metadata["fixed"])
+# what a run trained before one of them existed had (its config.yaml lacks the key): a resume compares with this
+BEFORE_OPTION = {"ema": 0.0}
 _HINTS = typing.get_type_hints(TrainOptions)
 _KIND_OF_TYPE = {str: "str", int: "int", float: "num", bool: "bool", dict: "dict"}
 
@@ -248,13 +250,14 @@ def train_schema() -> dict[str, tuple[str, bool]]:
 def default_text(name: str) -> str:
     """"(default X)", or the designs' defaults where the field's own is None: "(default 128 causal, 256 T5)"."""
     own = TrainOptions.__dataclass_fields__[name].default
-    per = {d.name: d.defaults[name] for d in designs.DESIGNS.values() if d.target == "ids" and name in d.defaults}
+    ids_designs = [d for d in designs.DESIGNS.values() if d.target == "ids"]
+    per = {d.name: d.defaults[name] for d in ids_designs if name in d.defaults}
     if own is not None or not per:
         return f"(default {own:g})" if isinstance(own, float) else f"(default {own})"
     values = list(per.values())
-    if all(v == values[0] for v in values):
-        return f"(default {values[0]})"
-    return "(default " + ", ".join(f"{v} {'T5' if n == 't5' else n}" for n, v in per.items()) + ")"
+    text = str(values[0]) if all(v == values[0] for v in values) else ", ".join(f"{v} {'T5' if n == 't5' else n}" for n, v in per.items())
+    presets = [f"{v[name]} with the preset {p}" for d in ids_designs for p, v in d.preset_defaults.items() if name in v]
+    return f"(default {text}{'; ' if presets else ''}{'; '.join(presets)})"
 
 
 def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None:

@@ -23,7 +23,7 @@ from semid.split import Split
 
 MONITOR = "val/ndcg@10"  # the T5 design's selection metric
 DEFAULTS = {"batch_size": 256, "lr": 2e-3, "warmup_steps": 500, "label_smoothing": 0.1, "max_history": 20,
-            "user_tokens": 2000, "dense": None, "decoder": "auto"}
+            "user_tokens": 2000, "dense": None, "decoder": "auto", "ema": 0.0}
 
 
 def check_options(options: Any) -> None:
