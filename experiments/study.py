@@ -122,7 +122,7 @@ WHY: dict[str, str] = {
     "above: beam 0.0680 / 0.0415, dense 0.0710 / 0.0432, hybrid 0.0724 against 0.0694 / 0.0413, 0.0718 / 0.0438, 0.0727: "
     "the width-64 model plateaus by 30 minutes (validation beam NDCG@10 0.0507 at 30, 0.0530 at 60), so the extra steps "
     "buy little. What the cheaper step buys is width.",
-    "default+sampled-dense+width-128": "kept: the new default (`causal` preset: width 128, 4 heads, d_ff 512, sampled "
+    "default+sampled-dense+width-128": "kept: the default's model, which now also serves its weights' moving average (row default+ema-0.999) (`causal` preset: width 128, 4 heads, d_ff 512, sampled "
     "dense head; the old default is preset `causal-64`). At 60 CPU-minutes beam R@10 0.0720 / N@10 0.0441 (+3.7% / +6.8% "
     "over the width-64 default's 0.0694 / 0.0413), exact 0.0721, dense 0.0724 / 0.0434, hybrid 0.0758 / 0.0458 (+4.3% "
     "/ +2.9%); at 15 CPU-minutes beam 0.0710 / 0.0419 (+13% over 0.0626). Width 128 costs ~1.75x per step at full "
@@ -158,6 +158,20 @@ WHY: dict[str, str] = {
     "R@10 / N@10 0.0707 / 0.0413 at 15, 0.0704 / 0.0430 at 30, 0.0712 / 0.0440 at 60 (default 0.0720 / 0.0441); "
     "dense 0.0719, hybrid 0.0753 / 0.0463 at 60. More dropout does not lift the test plateau the default reaches by "
     "about 15 CPU-minutes.",
+    "default+item-dropout-0.2": "dropped: the default with the item's ID vector dropped (input and dense row) for 20% of "
+    "positions, so its codes must carry the item: test beam R@10 / N@10 0.0719 / 0.0426 at 15, 0.0717 / 0.0431 at 30 "
+    "and 60 (the 30-minute checkpoint stayed the best; default 0.0710 / 0.0419, 0.0709 / 0.0438, 0.0720 / 0.0441); "
+    "dense 0.0722, hybrid 0.0769 / 0.0462 at 60. Validation (1,000 users) rose above the default's late in the run "
+    "(beam N@10 0.0590 against 0.0581); the test did not follow. Kept as an option (`--model-option item_dropout=F`).",
+    "default+ema-0.999": "kept: the new default (`--ema 0.999` for the `causal` preset). Validation scores, and every "
+    "checkpoint serves, an exponential moving average of the weights (about the last 1,000 steps; Lightning's "
+    "WeightAveraging). Test beam R@10 / N@10 0.0725 / 0.0432 at 15, 0.0723 / 0.0442 at 30, 0.0733 / 0.0451 at 60 "
+    "CPU-minutes against the default's 0.0710 / 0.0419, 0.0709 / 0.0438, 0.0720 / 0.0441 (+1.8% / +2.3% at 60); dense "
+    "0.0742 (0.0724), hybrid 0.0774 / 0.0469 (0.0758 / 0.0458) at 60. Ahead at every budget and for every decoder, "
+    "but by little: one run each, so a second seed could move either by as much (not measured). The average sits "
+    "in the middle of the noisy late-training weights instead of at one point among them; it does not lift the "
+    "plateau: the beam's R@10 0.075 is still not reached. An update costs one fused lerp over the weights per step "
+    "(17,459 steps in 60 CPU-minutes against 17,704).",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
