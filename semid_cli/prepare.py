@@ -11,6 +11,7 @@ from pathlib import Path
 
 from semid.data import format_summary, load_dataset, summary
 from semid.prepare import FORMATS, PrepareReport, prepare_amazon2014, prepare_csv, prepare_recbole
+from semid_cli.args import command
 
 # flags that belong to one format: dest -> formats that take it
 _FORMAT_FLAGS = {
@@ -38,8 +39,8 @@ _DEFAULT_COLUMNS = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "prepare",
+    p = command(
+        subparsers, "prepare", run,
         help="convert raw interaction data into a dataset folder",
         description="Convert raw interaction data into a dataset folder (items.jsonl, sequences.txt, users.tsv). "
         "Item and user ids are numbered 1.. in order of first appearance once all interactions are sorted by "
@@ -65,7 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--item-column", help="default: item_id (recbole), item (csv)")
     g.add_argument("--time-column", help="default: timestamp")
     g.add_argument("--title-column", help="csv items file only; default: title")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
