@@ -1,33 +1,14 @@
-"""What the commands' parsers share, so that each command module states only its own flags.
-
-:func:`command` makes a command's sub-parser and binds the function it runs; the ``add_*`` functions add a flag that
-several commands take with the same meaning, type and help. Nothing here imports torch or generator at import time:
-``semid prepare --help`` loads neither (tests/test_cli_lazy.py).
+"""The flags several commands take with the same meaning, type and help, so that each command module states only its
+own (``semid_cli.build_parser`` makes every command's parser and binds its ``run``). Nothing here imports torch or
+generator at import time: ``semid prepare --help`` loads neither (tests/test_cli_lazy.py).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 EXPECT_SHA256_SOURCE = "(a file from `semid digest --run RUN`, or its --combined hex)"
-
-
-def command(
-    subparsers: argparse._SubParsersAction,
-    name: str,
-    func: Callable[[argparse.Namespace], int],
-    *,
-    help: str,
-    description: str,
-    **options: Any,
-) -> argparse.ArgumentParser:
-    """The sub-parser of command ``name``, which runs ``func(args)``; ``options`` go to ``add_parser`` as they are."""
-    p = subparsers.add_parser(name, help=help, description=description, **options)
-    p.set_defaults(func=func)
-    return p
 
 
 def add_run(p: argparse.ArgumentParser) -> None:

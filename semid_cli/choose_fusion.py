@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from semid_cli.args import add_run, add_run_data, command
+from semid_cli.args import add_run, add_run_data
+
+DESCRIPTION = (
+    "Choose how the hybrid decoder fuses the generative and dense heads (one of the fusions, fitted on "
+    "validation users and chosen on others; T5 runs, whose generative scores cover the candidate pool only, "
+    "leave out `full`) and store it in "
+    "RUN/hybrid.json for the run's checkpoint and IDs. `semid train` does this at its end for a run with a dense "
+    "head; run it for a run trained before, after `semid add-items`, or with other settings. Never reads test users."
+)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "choose-fusion", run,
-        help="choose the hybrid decoder's fusion on validation users (RUN/hybrid.json)",
-        description="Choose how the hybrid decoder fuses the generative and dense heads (one of the fusions, fitted on "
-        "validation users and chosen on others; T5 runs, whose generative scores cover the candidate pool only, "
-        "leave out `full`) and store it in "
-        "RUN/hybrid.json for the run's checkpoint and IDs. `semid train` does this at its end for a run with a dense "
-        "head; run it for a run trained before, after `semid add-items`, or with other settings. Never reads test users.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     add_run_data(p)
     p.add_argument("--users", type=int, help="validation users (default: 2,000 to fit and 2,000 to choose for T5 runs; 5,000 and 5,000 for causal runs)")

@@ -40,7 +40,7 @@ from semid.collaborative import with_collaborative
 from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
-from semid_cli.args import add_progress, command
+from semid_cli.args import add_progress
 from semid_cli.console import progress_default
 
 # chosen from experiments/results/codebooks.md: both methods meet the targets with the balanced last level;
@@ -49,14 +49,14 @@ DEFAULT_METHOD = "rqkmeans"
 DEFAULT_BALANCED = True
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "fit-codebooks", run,
-        help="fit codebooks on item embeddings and write semantic IDs",
-        description="Fit L codebooks of K codes on item embeddings (RQ-VAE or residual k-means), give every item "
-        f"a unique semantic ID, and write DIR/{IDS_FILE}, DIR/{QUANTIZER_FILE}, DIR/{STATS_FILE} and "
-        f"DIR/{PLOT_FILE}.",
-    )
+DESCRIPTION = (
+    "Fit L codebooks of K codes on item embeddings (RQ-VAE or residual k-means), give every item "
+    f"a unique semantic ID, and write DIR/{IDS_FILE}, DIR/{QUANTIZER_FILE}, DIR/{STATS_FILE} and "
+    f"DIR/{PLOT_FILE}."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--embeddings", required=True, type=Path, help="float (N, D) .npy file; row i is item i + 1"
     )

@@ -25,7 +25,7 @@ from semid.codebooks import CODEBOOK_FILES
 from semid.data import format_summary, load_dataset, summary
 from semid.io import atomic_target_name, folder_lock, write_json
 from semid.split import leave_one_out
-from semid_cli.args import add_progress, command
+from semid_cli.args import add_progress
 from semid_cli.console import epoch_lines, progress_default, quiet_lightning
 
 EMBEDDINGS = "minilm"
@@ -44,11 +44,11 @@ def _users(text: str) -> int | None:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "demo", run, help="fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+DESCRIPTION = __doc__
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the docstring's numbered steps keep their lines
     p.add_argument("--data", type=Path, default=Path("../shared/data/beauty"), help="dataset folder (default ../shared/data/beauty)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes (default runs/demo)")
     p.add_argument("--embeddings", default=EMBEDDINGS, help=f"use DATA/item_emb_<NAME>.npy (default {EMBEDDINGS})")

@@ -9,17 +9,16 @@ import argparse
 from pathlib import Path
 
 from semid.embed import FIELDS, embed_dataset
-from semid_cli.args import add_dataset, add_progress, command
+from semid_cli.args import add_dataset, add_progress
 from semid_cli.console import progress_default
 
+DESCRIPTION = (
+    "Embed every item's text (mean-pooled, L2-normalised token states of a local transformers model "
+    "folder; nothing is downloaded) and write DATA/item_emb_<name>.npy, row i for item i + 1."
+)
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "embed", run,
-        help="embed item text with a local transformers model",
-        description="Embed every item's text (mean-pooled, L2-normalised token states of a local transformers model "
-        "folder; nothing is downloaded) and write DATA/item_emb_<name>.npy, row i for item i + 1.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataset(p)
     p.add_argument(
         "--model", required=True, type=Path, help="local model folder (config.json, weights, tokenizer)"

@@ -10,7 +10,7 @@ import torch
 
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, command
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
 from semid_cli.console import progress_default
 
 
@@ -23,13 +23,13 @@ def _users(text: str) -> int | None:
     return int(text)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "evaluate", run,
-        help="rank each user's held-out item over the whole catalogue with a decoder; Recall/NDCG@K",
-        description="Leave-one-out evaluation of a run's best checkpoint over the whole catalogue. Prints the "
-        "metrics and writes RUN/metrics_<split>.json.",
-    )
+DESCRIPTION = (
+    "Leave-one-out evaluation of a run's best checkpoint over the whole catalogue. Prints the "
+    "metrics and writes RUN/metrics_<split>.json."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--k", default="5,10", help="cut-offs, comma-separated (default 5,10)")

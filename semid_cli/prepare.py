@@ -11,7 +11,6 @@ from pathlib import Path
 
 from semid.data import format_summary, load_dataset, summary
 from semid.prepare import FORMATS, PrepareReport, prepare_amazon2014, prepare_csv, prepare_recbole
-from semid_cli.args import command
 
 # flags that belong to one format: dest -> formats that take it
 _FORMAT_FLAGS = {
@@ -38,14 +37,14 @@ _DEFAULT_COLUMNS = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "prepare", run,
-        help="convert raw interaction data into a dataset folder",
-        description="Convert raw interaction data into a dataset folder (items.jsonl, sequences.txt, users.tsv). "
-        "Item and user ids are numbered 1.. in order of first appearance once all interactions are sorted by "
-        "(timestamp, file order).",
-    )
+DESCRIPTION = (
+    "Convert raw interaction data into a dataset folder (items.jsonl, sequences.txt, users.tsv). "
+    "Item and user ids are numbered 1.. in order of first appearance once all interactions are sorted by "
+    "(timestamp, file order)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="the raw data's format")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
     p.add_argument(

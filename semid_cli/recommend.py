@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, command
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
 
 
 def _history(text: str) -> list[int]:
@@ -17,15 +17,15 @@ def _history(text: str) -> list[int]:
     return items
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "recommend", run,
-        help="top-k items for a history of item ids",
-        description="Top-k items for a history (item ids, oldest first), by default by constrained beam search; every "
-        "item returned is in the catalogue, best first. Scores (higher is better) are what the decoder's are (see "
-        "--decoder): for beam, generate and exact the item's log-likelihood, the sum over levels of its codes' "
-        "log-probabilities renormalised over what the prefix tree allows.",
-    )
+DESCRIPTION = (
+    "Top-k items for a history (item ids, oldest first), by default by constrained beam search; every "
+    "item returned is in the catalogue, best first. Scores (higher is better) are what the decoder's are (see "
+    "--decoder): for beam, generate and exact the item's log-likelihood, the sum over levels of its codes' "
+    "log-probabilities renormalised over what the prefix tree allows."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     p.add_argument("--history", required=True, type=_history, help="item ids, oldest first: 12,45,99")
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")

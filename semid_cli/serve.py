@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, command
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
 
 
 def _positive_int(text: str) -> int:
@@ -36,15 +36,15 @@ def _ms(text: str) -> float:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = command(
-        subparsers, "serve", run,
-        help="serve a run over HTTP (JSON): recommend, items, health, metrics, reload",
-        description="Serve a run as an HTTP JSON service: POST /recommend, POST /recommend/batch, GET /items/{id}, "
-        "GET /healthz, GET /readyz, GET /metrics (Prometheus), POST /admin/reload, the OpenAPI page at /docs. "
-        "Concurrent requests are decoded as one batch by one worker thread; a reload loads the run folder again "
-        "beside the served version and swaps without dropping a request.",
-    )
+DESCRIPTION = (
+    "Serve a run as an HTTP JSON service: POST /recommend, POST /recommend/batch, GET /items/{id}, "
+    "GET /healthz, GET /readyz, GET /metrics (Prometheus), POST /admin/reload, the OpenAPI page at /docs. "
+    "Concurrent requests are decoded as one batch by one worker thread; a reload loads the run folder again "
+    "beside the served version and swaps without dropping a request."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
