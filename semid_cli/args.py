@@ -1,6 +1,6 @@
 """The flags several commands take with the same meaning, type and help, so that each command module states only its
 own (``semid_cli.build_parser`` makes every command's parser and binds its ``run``). Nothing here imports torch or
-generator at import time: ``semid prepare --help`` loads neither (tests/test_cli_lazy.py).
+generator at import time: ``semid digest --help`` loads neither (tests/test_cli_lazy.py).
 """
 
 from __future__ import annotations
