@@ -73,11 +73,7 @@ def yaml_value(text: str, where: str) -> Any:
 
 # ---- JSON lines --------------------------------------------------------------------------------------------------
 def json_object(line: str, where: str) -> dict[str, Any]:
-    """The JSON object on one line of a JSON-lines file.
-
-    Args:
-        where: the file and line to name in the error, ``"path:lineno"``.
-    """
+    """The JSON object on one line of a JSON-lines file; ``where`` (``"path:lineno"``) is named in the error."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as e:

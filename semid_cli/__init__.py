@@ -35,7 +35,6 @@ COMMANDS = {
     "digest": ("semid_cli.digest", "print the digests that pin a run (config, semantic IDs, best checkpoint)"),
     "demo": ("semid_cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }
-COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
