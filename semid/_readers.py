@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
-import json
 import math
 import zlib
 from collections.abc import Iterable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from semid.io import not_utf8
+from semid.safe_read import json_object
 
 _RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
 
@@ -78,13 +78,7 @@ def _lines(path: Path) -> Iterator[tuple[str, str]]:
 
 def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     for where, line in _lines(path):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        yield where, rec
+        yield where, json_object(line, where)
 
 
 def _read_amazon_meta(path: Path) -> _Metadata:

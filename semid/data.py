@@ -15,7 +15,6 @@ Errors name the file, the line number and the problem, and are raised as ``Value
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from semid.io import not_utf8
-from semid.safe_read import check_npy
+from semid.safe_read import check_npy, json_object
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +187,7 @@ def _read_items(file: Path) -> Catalogue:
         for lineno, line in _numbered_lines(file, f):
             if not line.strip():
                 raise ValueError(f"{file}:{lineno}: empty line (one JSON object per item expected)")
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{file}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            rec = json_object(line, f"{file}:{lineno}")
             item_id = rec.get("item_id")
             if not isinstance(item_id, int) or isinstance(item_id, bool):
                 raise ValueError(f"{file}:{lineno}: `item_id` must be an int, got {item_id!r}")

@@ -2,6 +2,7 @@
 
 - YAML (:func:`load_yaml`, :func:`yaml_value`): safe tags only, no anchors or aliases (a 2 KB "billion laughs" file
   expands to gigabytes through them; semid never writes one), and a size cap on the file.
+- JSON lines (:func:`json_object`): one line, one JSON object; anything else is an error naming the file and line.
 - ``.npy`` (:func:`check_npy`) and ``.npz`` (:func:`check_npz`): the array header's shape and dtype, and for a zip
   member its sizes in the zip directory, are read and checked against the bytes really there before any array is
   read: a header claiming a huge shape, or a member that inflates a thousandfold (a zip bomb), is refused naming the
@@ -12,6 +13,7 @@ Every error is a ValueError naming the file (and the array or line) and what to 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import zipfile
@@ -67,6 +69,18 @@ def yaml_value(text: str, where: str) -> Any:
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"{where}: {text!r} is not a plain YAML value ({problem}); give a number, string, true/false or a list") from None
+
+
+# ---- JSON lines --------------------------------------------------------------------------------------------------
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """The JSON object on one line of a JSON-lines file; ``where`` (``"path:lineno"``) is named in the error."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 # ---- .npy and .npz: headers before data --------------------------------------------------------------------------

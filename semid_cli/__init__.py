@@ -1,4 +1,6 @@
-"""The `semid` command line. Each command lives in its own module with a `register(subparsers)` function.
+"""The `semid` command line. Each command lives in its own module, which states only what is its own: `DESCRIPTION`
+(its --help text), `add_arguments(parser)` (its flags; those several commands share come from `semid_cli.args`) and
+`run(args) -> exit status`. Its name, module and one-line help are in `COMMANDS` below.
 
 This package sits above the library: it may import `semid`, `rqvae` and `generator`, and none of them imports it
 (tests/test_package_layout.py checks both; see docs/architecture.md).
@@ -19,18 +21,20 @@ from semid_cli import console
 # being run is imported, so `semid prepare` loads neither torch nor lightning nor transformers.
 COMMANDS = {
     "prepare": ("semid_cli.prepare", "convert raw interaction data into a dataset folder"),
-    "embed": ("semid_cli.embed", "embed item text with a local transformers model folder"),
-    "fit-codebooks": ("semid_cli.codebooks", "fit codebooks (residual k-means or RQ-VAE) and write semantic IDs"),
-    "train": ("semid_cli.train", "train the generator into a run folder"),
-    "evaluate": ("semid_cli.evaluate", "evaluate a run on the validation or test users"),
-    "recommend": ("semid_cli.recommend", "top-k items for a history"),
-    "choose-fusion": ("semid_cli.choose_fusion", "choose the hybrid decoder's fusion on validation users"),
-    "add-items": ("semid_cli.add_items", "add items that came after training to a run, for good"),
-    "serve": ("semid_cli.serve", "serve a run over HTTP: recommend, items, health, metrics, reload"),
-    "digest": ("semid_cli.digest", "print the digests that pin a run, to check with --expect-sha256"),
+    "embed": ("semid_cli.embed", "embed item text with a local transformers model"),
+    "fit-codebooks": ("semid_cli.codebooks", "fit codebooks on item embeddings and write semantic IDs"),
+    "train": ("semid_cli.train", "train the generator (default: the causal item-level design; --preset tiger: "
+              "TIGER's T5) into a run folder"),
+    "evaluate": ("semid_cli.evaluate", "rank each user's held-out item over the whole catalogue with a decoder; "
+                 "Recall/NDCG@K"),
+    "recommend": ("semid_cli.recommend", "top-k items for a history of item ids"),
+    "choose-fusion": ("semid_cli.choose_fusion", "choose the hybrid decoder's fusion on validation users (RUN/hybrid.json)"),
+    "add-items": ("semid_cli.add_items", "add items that came after training to a run (codes from its quantizer, a "
+                  "new version of its IDs)"),
+    "serve": ("semid_cli.serve", "serve a run over HTTP (JSON): recommend, items, health, metrics, reload"),
+    "digest": ("semid_cli.digest", "print the digests that pin a run (config, semantic IDs, best checkpoint)"),
     "demo": ("semid_cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),
 }
-COMMAND_MODULES = tuple(dict.fromkeys(module for module, _ in COMMANDS.values()))
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -41,7 +45,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         if command is None or name == command:
-            importlib.import_module(module).register(sub)
+            cmd = importlib.import_module(module)
+            p = sub.add_parser(name, help=help_text, description=cmd.DESCRIPTION)
+            cmd.add_arguments(p)
+            p.set_defaults(func=cmd.run)
         else:
             sub.add_parser(name, help=help_text)
     return parser

@@ -5,22 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from semid_cli.args import add_run
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "add-items",
-        help="add items that came after training to a run (codes from its quantizer, a new version of its IDs)",
-        description="Give the items of DATA above the run's last id semantic IDs from the run's fitted quantizer, and "
-        "write a new version of RUN/semantic_ids.npz (atomically) that extends the one the checkpoint was trained "
-        "with. Every decoder, `semid recommend` and `semid evaluate` then serve the new items; old items keep their "
-        "IDs and their order among themselves. Runs of the causal design only.",
-    )
-    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+DESCRIPTION = (
+    "Give the items of DATA above the run's last id semantic IDs from the run's fitted quantizer, and "
+    "write a new version of RUN/semantic_ids.npz (atomically) that extends the one the checkpoint was trained "
+    "with. Every decoder, `semid recommend` and `semid evaluate` then serve the new items; old items keep their "
+    "IDs and their order among themselves. Runs of the causal design only."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run(p)
     p.add_argument("--data", required=True, type=Path,
                    help="dataset folder with the run's items (ids 1..n, unchanged) and the new ones (n+1..), with embeddings")
     p.add_argument("--embeddings", help="item_emb_<NAME>.npy of DATA (default: the run's, else minilm)")
     p.add_argument("--quantizer", type=Path, help="fitted quantizer.pt (default: beside the IDs the run was trained with)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from semid_cli.args import add_run, add_run_data
+
+DESCRIPTION = (
+    "Choose how the hybrid decoder fuses the generative and dense heads (one of the fusions, fitted on "
+    "validation users and chosen on others; T5 runs, whose generative scores cover the candidate pool only, "
+    "leave out `full`) and store it in "
+    "RUN/hybrid.json for the run's checkpoint and IDs. `semid train` does this at its end for a run with a dense "
+    "head; run it for a run trained before, after `semid add-items`, or with other settings. Never reads test users."
+)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "choose-fusion",
-        help="choose the hybrid decoder's fusion on validation users (RUN/hybrid.json)",
-        description="Choose how the hybrid decoder fuses the generative and dense heads (one of the fusions, fitted on "
-        "validation users and chosen on others; T5 runs, whose generative scores cover the candidate pool only, "
-        "leave out `full`) and store it in "
-        "RUN/hybrid.json for the run's checkpoint and IDs. `semid train` does this at its end for a run with a dense "
-        "head; run it for a run trained before, after `semid add-items`, or with other settings. Never reads test users.",
-    )
-    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
-    p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run(p)
+    add_run_data(p)
     p.add_argument("--users", type=int, help="validation users (default: 2,000 to fit and 2,000 to choose for T5 runs; 5,000 and 5,000 for causal runs)")
     p.add_argument("--num-candidates", type=int, default=50, help="candidates per list, C (default 50)")
     p.add_argument("--num-beams", type=int, default=20, help="beams of the T5 hybrid's beam search (default 20)")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

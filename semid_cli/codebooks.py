@@ -40,6 +40,7 @@ from semid.collaborative import with_collaborative
 from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, write_json
+from semid_cli.args import add_progress
 from semid_cli.console import progress_default
 
 # chosen from experiments/results/codebooks.md: both methods meet the targets with the balanced last level;
@@ -48,14 +49,14 @@ DEFAULT_METHOD = "rqkmeans"
 DEFAULT_BALANCED = True
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "fit-codebooks",
-        help="fit codebooks on item embeddings and write semantic IDs",
-        description="Fit L codebooks of K codes on item embeddings (RQ-VAE or residual k-means), give every item "
-        f"a unique semantic ID, and write DIR/{IDS_FILE}, DIR/{QUANTIZER_FILE}, DIR/{STATS_FILE} and "
-        f"DIR/{PLOT_FILE}.",
-    )
+DESCRIPTION = (
+    "Fit L codebooks of K codes on item embeddings (RQ-VAE or residual k-means), give every item "
+    f"a unique semantic ID, and write DIR/{IDS_FILE}, DIR/{QUANTIZER_FILE}, DIR/{STATS_FILE} and "
+    f"DIR/{PLOT_FILE}."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--embeddings", required=True, type=Path, help="float (N, D) .npy file; row i is item i + 1"
     )
@@ -116,10 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--collaborative-weight", type=float, default=1.0, help="weight of the collaborative half (default 1)"
     )
-    p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)"
-    )
-    p.set_defaults(func=run)
+    add_progress(p)
 
 
 def build_config(args: argparse.Namespace) -> RQVAEConfig | RQKMeansConfig:

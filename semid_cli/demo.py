@@ -25,6 +25,7 @@ from semid.codebooks import CODEBOOK_FILES
 from semid.data import format_summary, load_dataset, summary
 from semid.io import atomic_target_name, folder_lock, write_json
 from semid.split import leave_one_out
+from semid_cli.args import add_progress
 from semid_cli.console import epoch_lines, progress_default, quiet_lightning
 
 EMBEDDINGS = "minilm"
@@ -43,11 +44,11 @@ def _users(text: str) -> int | None:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "demo", help="fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+DESCRIPTION = __doc__
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter  # the docstring's numbered steps keep their lines
     p.add_argument("--data", type=Path, default=Path("../shared/data/beauty"), help="dataset folder (default ../shared/data/beauty)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes (default runs/demo)")
     p.add_argument("--embeddings", default=EMBEDDINGS, help=f"use DATA/item_emb_<NAME>.npy (default {EMBEDDINGS})")
@@ -55,8 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-users", type=_users, default=None,
                    help="test (and final validation) users evaluated: a number for a seeded sample, or all (default all, about 20 s)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show progress bars (default: on a terminal, else one line per epoch)")
-    p.set_defaults(func=run)
+    add_progress(p, "show progress bars (default: on a terminal, else one line per epoch)")
 
 
 def run(args: argparse.Namespace) -> int:

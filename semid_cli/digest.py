@@ -6,19 +6,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from semid_cli.args import add_run
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "digest",
-        help="print the digests that pin a run (config, semantic IDs, best checkpoint)",
-        description="Print the sha256 of the files a run serves with (config.yaml, semantic_ids.npz, the best "
-        "checkpoint), in sha256sum's format. Keep them outside the run folder and pass them to "
-        "`semid evaluate|recommend --expect-sha256`: the digests semid writes inside the files find damage, not edits.",
-    )
-    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+DESCRIPTION = (
+    "Print the sha256 of the files a run serves with (config.yaml, semantic_ids.npz, the best "
+    "checkpoint), in sha256sum's format. Keep them outside the run folder and pass them to "
+    "`semid evaluate|recommend --expect-sha256`: the digests semid writes inside the files find damage, not edits."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run(p)
     p.add_argument("--checkpoint", type=Path, help="pin this checkpoint of the run instead of the best one")
     p.add_argument("--combined", action="store_true", help="print one digest for the whole run instead of one per file")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,17 +9,17 @@ import argparse
 from pathlib import Path
 
 from semid.embed import FIELDS, embed_dataset
+from semid_cli.args import add_dataset, add_progress
 from semid_cli.console import progress_default
 
+DESCRIPTION = (
+    "Embed every item's text (mean-pooled, L2-normalised token states of a local transformers model "
+    "folder; nothing is downloaded) and write DATA/item_emb_<name>.npy, row i for item i + 1."
+)
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "embed",
-        help="embed item text with a local transformers model",
-        description="Embed every item's text (mean-pooled, L2-normalised token states of a local transformers model "
-        "folder; nothing is downloaded) and write DATA/item_emb_<name>.npy, row i for item i + 1.",
-    )
-    p.add_argument("--data", required=True, type=Path, help="dataset folder (items.jsonl, sequences.txt)")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataset(p)
     p.add_argument(
         "--model", required=True, type=Path, help="local model folder (config.json, weights, tokenizer)"
     )
@@ -32,10 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (default 256)")
     p.add_argument("--name", help="the file's <name> (default: from the model folder's name)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
-    p.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: on a terminal)"
-    )
-    p.set_defaults(func=run)
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from generator.designs import registry as designs
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
 from semid_cli.console import progress_default
 
 
@@ -23,29 +23,27 @@ def _users(text: str) -> int | None:
     return int(text)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "evaluate",
-        help="rank each user's held-out item over the whole catalogue with a decoder; Recall/NDCG@K",
-        description="Leave-one-out evaluation of a run's best checkpoint over the whole catalogue. Prints the "
-        "metrics and writes RUN/metrics_<split>.json.",
-    )
-    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+DESCRIPTION = (
+    "Leave-one-out evaluation of a run's best checkpoint over the whole catalogue. Prints the "
+    "metrics and writes RUN/metrics_<split>.json."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run(p)
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--k", default="5,10", help="cut-offs, comma-separated (default 5,10)")
     p.add_argument("--num-beams", type=int, default=20, help="beams (>= the largest k; default 20)")
     p.add_argument("--max-users", type=_users, default=None, help="a seeded sample of this many users (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
-    p.add_argument("--decoder", default="auto", choices=designs.decoder_names(), help=designs.decoder_help())
+    add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
-    p.add_argument("--data", type=Path, help="dataset folder (default: the one the run was trained on)")
+    add_run_data(p)
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")
-    p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
-                   "checkpoint have these digests (a file from `semid digest --run RUN`, or its --combined hex)")
+    add_expect_sha256(p)
     p.add_argument("--device", help="cpu, cuda, ... (default cuda where available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar (default: one on a terminal)")
-    p.set_defaults(func=run)
 
 
 def check_device(device: str | None) -> None:

@@ -37,14 +37,14 @@ _DEFAULT_COLUMNS = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "prepare",
-        help="convert raw interaction data into a dataset folder",
-        description="Convert raw interaction data into a dataset folder (items.jsonl, sequences.txt, users.tsv). "
-        "Item and user ids are numbered 1.. in order of first appearance once all interactions are sorted by "
-        "(timestamp, file order).",
-    )
+DESCRIPTION = (
+    "Convert raw interaction data into a dataset folder (items.jsonl, sequences.txt, users.tsv). "
+    "Item and user ids are numbered 1.. in order of first appearance once all interactions are sorted by "
+    "(timestamp, file order)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="the raw data's format")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write")
     p.add_argument(
@@ -65,7 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--item-column", help="default: item_id (recbole), item (csv)")
     g.add_argument("--time-column", help="default: timestamp")
     g.add_argument("--title-column", help="csv items file only; default: title")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from generator.designs import registry as designs
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
 
 
 def _history(text: str) -> list[int]:
@@ -18,27 +17,25 @@ def _history(text: str) -> list[int]:
     return items
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "recommend",
-        help="top-k items for a history of item ids",
-        description="Top-k items for a history (item ids, oldest first), by default by constrained beam search; every "
-        "item returned is in the catalogue, best first. Scores (higher is better) are what the decoder's are (see "
-        "--decoder): for beam, generate and exact the item's log-likelihood, the sum over levels of its codes' "
-        "log-probabilities renormalised over what the prefix tree allows.",
-    )
-    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+DESCRIPTION = (
+    "Top-k items for a history (item ids, oldest first), by default by constrained beam search; every "
+    "item returned is in the catalogue, best first. Scores (higher is better) are what the decoder's are (see "
+    "--decoder): for beam, generate and exact the item's log-likelihood, the sum over levels of its codes' "
+    "log-probabilities renormalised over what the prefix tree allows."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run(p)
     p.add_argument("--history", required=True, type=_history, help="item ids, oldest first: 12,45,99")
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k; default max(k, 20))")
     p.add_argument("--user", type=int, help="user id, hashed into the run's user tokens (default: none)")
-    p.add_argument("--decoder", default="auto", choices=designs.decoder_names(), help=designs.decoder_help())
+    add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: the one chosen on validation, RUN/hybrid.json)")
-    p.add_argument("--data", type=Path, help="dataset folder for titles (default: the one the run was trained on)")
+    add_run_data(p, " for titles")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
-    p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
-                   "checkpoint have these digests (a file from `semid digest --run RUN`, or its --combined hex)")
-    p.set_defaults(func=run)
+    add_expect_sha256(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
-from generator.designs import registry as designs
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
 
 
 def _positive_int(text: str) -> int:
@@ -37,33 +36,31 @@ def _ms(text: str) -> float:
     return value
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "serve",
-        help="serve a run over HTTP (JSON): recommend, items, health, metrics, reload",
-        description="Serve a run as an HTTP JSON service: POST /recommend, POST /recommend/batch, GET /items/{id}, "
-        "GET /healthz, GET /readyz, GET /metrics (Prometheus), POST /admin/reload, the OpenAPI page at /docs. "
-        "Concurrent requests are decoded as one batch by one worker thread; a reload loads the run folder again "
-        "beside the served version and swaps without dropping a request.",
-    )
-    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+DESCRIPTION = (
+    "Serve a run as an HTTP JSON service: POST /recommend, POST /recommend/batch, GET /items/{id}, "
+    "GET /healthz, GET /readyz, GET /metrics (Prometheus), POST /admin/reload, the OpenAPI page at /docs. "
+    "Concurrent requests are decoded as one batch by one worker thread; a reload loads the run folder again "
+    "beside the served version and swaps without dropping a request."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
-    p.add_argument("--decoder", default="auto", choices=designs.decoder_names(), help="the default decoder of a request that "
-                   "names none (default auto: the run's beam search); the run's other decoders are served too")
+    add_decoder(p, "the default decoder of a request that names none (default auto: the run's beam search); the "
+                "run's other decoders are served too")
     p.add_argument("--max-batch", type=_positive_int, default=256, help="most histories decoded as one batch (default 256)")
     p.add_argument("--max-wait-ms", type=_ms, default=5.0, help="longest a request waits for others to join its batch "
                    "(default 5; a lone client does not wait)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads of the decoding worker (default 1)")
-    p.add_argument("--data", type=Path, help="dataset folder for titles and asins (default: the one the run was trained on)")
-    p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
-                   "checkpoint have these digests (`semid digest --run RUN`); a reload must then send the new digest")
+    add_run_data(p, " for titles and asins")
+    add_expect_sha256(p, "(`semid digest --run RUN`); a reload must then send the new digest")
     p.add_argument("--admin-token", default=os.environ.get("SEMID_ADMIN_TOKEN"), help="let non-loopback clients that send "
                    "`Authorization: Bearer TOKEN` use /admin routes (default: $SEMID_ADMIN_TOKEN; none: loopback only)")
     p.add_argument("--watch-seconds", type=float, default=0.0, help="poll the run's files this often and reload when "
                    "they change (a new IDs version from add-items, a new best checkpoint); default 0: off")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

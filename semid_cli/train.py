@@ -16,24 +16,23 @@ from generator.runs.options import GROUPS, TrainOptions, default_text, value_typ
 from generator.runs.train import train_run
 from generator.training.resume import TrainingInterrupted
 from semid.safe_read import yaml_value
+from semid_cli.args import add_dataset
 from semid_cli.console import epoch_lines, progress_default, quiet_lightning
 
+DESCRIPTION = (
+    "Train the generator on a dataset folder with semantic IDs; writes RUN/checkpoints/, "
+    "RUN/config.yaml, RUN/logs/, a copy of the semantic IDs, and RUN/metrics_valid.json (the best checkpoint, "
+    "chosen on validation, evaluated on all validation users)."
+)
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train the generator (default: the causal item-level design; --preset tiger: TIGER's T5) into a run folder",
-        description="Train the generator on a dataset folder with semantic IDs; writes RUN/checkpoints/, "
-        "RUN/config.yaml, RUN/logs/, a copy of the semantic IDs, and RUN/metrics_valid.json (the best checkpoint, "
-        "chosen on validation, evaluated on all validation users).",
-    )
-    p.add_argument("--data", required=True, type=Path, help="dataset folder (items.jsonl, sequences.txt)")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataset(p)
     p.add_argument("--ids", required=True, type=Path, help=f"semantic IDs: a folder holding {IDS_FILE}, or the file")
     p.add_argument("--out", required=True, type=Path, help="run folder to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped (its newest "
                    "resume point); SIGINT and SIGTERM stop a training with exit status 130 / 143, resumable")
     add_option_flags(p)
-    p.set_defaults(func=run)
 
 
 def add_option_flags(p: argparse.ArgumentParser) -> None:

@@ -31,6 +31,12 @@ def test_prepare_help_imports_no_torch_lightning_or_transformers() -> None:
     assert _loaded(["--debug", "prepare", "--help"]) == "LOADED []"
 
 
+def test_help_of_commands_that_load_the_run_later_imports_none_of_them() -> None:
+    # their shared flags (semid_cli.args) must not import generator (and with it torch) to add --decoder & co.
+    assert _loaded(["digest", "--help"]) == "LOADED []"
+    assert _loaded(["choose-fusion", "--help"]) == "LOADED []"
+
+
 def test_train_help_does_import_what_it_needs() -> None:
     assert "lightning" in _loaded(["train", "--help"])  # the probe sees imports: the test above is not vacuous
 

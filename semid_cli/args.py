@@ -1,0 +1,46 @@
+"""The flags several commands take with the same meaning, type and help, so that each command module states only its
+own (``semid_cli.build_parser`` makes every command's parser and binds its ``run``). Nothing here imports torch or
+generator at import time: ``semid digest --help`` loads neither (tests/test_cli_lazy.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXPECT_SHA256_SOURCE = "(a file from `semid digest --run RUN`, or its --combined hex)"
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    """``--run RUN``, required: the run folder the command reads."""
+    p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")
+
+
+def add_dataset(p: argparse.ArgumentParser) -> None:
+    """``--data DATA``, required: the dataset folder the command reads."""
+    p.add_argument("--data", required=True, type=Path, help="dataset folder (items.jsonl, sequences.txt)")
+
+
+def add_run_data(p: argparse.ArgumentParser, use: str = "") -> None:
+    """``--data DATA``, optional: another dataset folder than the run's own; ``use`` says what for (" for titles")."""
+    p.add_argument("--data", type=Path, help=f"dataset folder{use} (default: the one the run was trained on)")
+
+
+def add_expect_sha256(p: argparse.ArgumentParser, source: str = EXPECT_SHA256_SOURCE) -> None:
+    """``--expect-sha256 FILE_OR_HEX``: the digests the run must have (checked by ``generator.runs.pinning``)."""
+    p.add_argument("--expect-sha256", metavar="FILE_OR_HEX", help="refuse the run unless its config, semantic IDs and "
+                   f"checkpoint have these digests {source}")
+
+
+def add_decoder(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--decoder NAME`` (default auto), one of the registered decoders; ``help``: the registry's when None."""
+    # imported here, not at the top: only the commands that decode import generator, when they register
+    from generator.designs import registry as designs
+
+    p.add_argument("--decoder", default="auto", choices=designs.decoder_names(),
+                   help=designs.decoder_help() if help is None else help)
+
+
+def add_progress(p: argparse.ArgumentParser, help: str = "show a progress bar (default: on a terminal)") -> None:
+    """``--progress / --no-progress``; None when neither is given (``console.progress_default`` decides)."""
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help=help)
