@@ -43,6 +43,7 @@ from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
+EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build
 
 
 class ItemPaths(NamedTuple):
@@ -104,18 +105,35 @@ class EdgeTables(NamedTuple):
 
 
 @torch.no_grad()
-def edge_tables(model: CausalGenerator, paths: ItemPaths) -> EdgeTables:
+def edge_tables(model: CausalGenerator, paths: ItemPaths, *, chunk: int = EDGE_CHUNK) -> EdgeTables:
+    """The edge tables, ``chunk`` edges at a time: besides the tables, the build holds (chunk, D) temporaries and
+    one int64 per edge (its node-vector row), never an (edges x children) table. The last chunk ends at the level's
+    last edge (it overlaps the one before), so every product of the prefix MLP has ``chunk`` rows (or the level's
+    all): the tables are bit-identical to one pass over the level (``tests/test_edge_tables.py``; BLAS takes
+    another path for products of a few rows)."""
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
     vectors, biases = [], []
+    weight, D = model.code_emb.weight, model.config.d_model
     for level in range(model.layout.num_levels):  # loop over levels
         act = paths.active[level]
-        p, code = paths.index.parent[level][act], paths.index.code[level][act]
-        s, u = model.prefix_film(level, paths.parent_tokens[level][p])  # (A_l, D) each
-        token = code + model.layout.level_range(level)[0]
-        out = model.code_emb.weight[token]  # (A_l, D)
-        if model.config.node_vectors:
-            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], code)
-        vectors.append(s * out)
-        biases.append((u * out).sum(-1) + model.code_bias[token])
+        A, lo = int(act.numel()), model.layout.level_range(level)[0]
+        parent, code = paths.index.parent[level][act], paths.index.code[level][act]  # (A_l,) each
+        rows = model.edge_node_rows(level, paths.parent_tokens[level][parent], code) if model.config.node_vectors else None
+        vec, bias = weight.new_empty(A, D), weight.new_empty(A)
+        for a in range(0, A, chunk):  # loop over chunks of edges
+            b = min(A, a + chunk)
+            a = max(0, b - chunk)  # the last chunk: `chunk` edges ending at the level's last
+            s, u = model.prefix_film(level, paths.parent_tokens[level][parent[a:b]])  # (chunk, D) each
+            token = code[a:b] + lo
+            out = weight[token]  # (chunk, D)
+            if rows is not None:
+                table = getattr(model, f"node_vec_{level}")
+                out = out + table[rows[a:b].clamp_min(0)] * (rows[a:b] >= 0).unsqueeze(-1)
+            vec[a:b] = s * out
+            bias[a:b] = (u * out).sum(-1) + model.code_bias[token]
+        vectors.append(vec)
+        biases.append(bias)
     return EdgeTables(vectors, biases)
 
 
@@ -166,7 +184,10 @@ class EdgeLevels:
     beam's level-l logits are its level query times the vectors of its tree node's children plus their biases
     (:class:`EdgeTables`), the numbers ``code_logits`` gives up to float rounding, without running the prefix FiLM and
     the node-vector lookups for every beam. The beam's node is its ``constraint``'s (depth-l node r of the tree is
-    the items' prefix-index row r); an only child (no table row) has logit 0, its log-probability 0 either way."""
+    the items' prefix-index row r); its children are one CSR run of the index (``child_start``), so a step reads one
+    (beam, child) pair per child the beams' nodes really have: its work is beams x their children, whatever the
+    catalogue's size and the level's largest degree. An only child (no table row) has logit 0, its log-probability
+    0 either way."""
 
     def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
@@ -178,19 +199,25 @@ class EdgeLevels:
 
     def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
         lo, hi = self.window(level)
-        node = (self.constraint.nodes - self.index.offsets[level]).clamp_min(0)  # (R,) a dead beam reads row 0: masked
-        child, codes = self.index.child_index[level][node], self.index.child_codes[level][node]  # (R, W), -1 padded
+        nodes = self.constraint.nodes  # (R,) depth-l tree nodes, -1: a dead beam (no children, masked)
+        node = (nodes - self.index.offsets[level]).clamp_min(0)
+        start = self.index.child_start[level][node]
+        degree = torch.where(nodes >= 0, self.index.child_start[level][node + 1] - start, 0)  # (R,)
+        pair_row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,) one per child
+        first = torch.cumsum(degree, 0) - degree  # each row's first pair
+        child = start[pair_row] + torch.arange(pair_row.numel(), device=node.device) - first[pair_row]  # (C,) depth-(l + 1) nodes
         vectors, A = self.tables.vectors[level], self.tables.vectors[level].shape[0]
-        slot = torch.where(child >= 0, self.slots[level][child.clamp_min(0)], A)  # (R, W) table row, A: none
+        slot = self.slots[level][child]  # (C,) table row, A: an only child
+        edge = self.hq.new_zeros(child.shape)
         if A:
+            has = slot < A
             row = slot.clamp_max(A - 1)
-            q = self.hq[:, level].repeat_interleave(m, 0)  # (R, D)
-            edge = (vectors[row] @ q[:, :, None]).squeeze(-1) + self.tables.biases[level][row]
-            edge = torch.where(slot < A, edge, 0.0)
-        else:
-            edge = self.hq.new_zeros(child.shape)
-        out = self.hq.new_full((child.shape[0], hi - lo + 1), float("-inf"))  # the last column takes the padding
-        return out.scatter_(1, torch.where(codes >= 0, codes, hi - lo), edge)[:, : hi - lo]
+            q = self.hq[pair_row // m, level]  # (C, D) each pair's history's level query
+            dot = torch.bmm(vectors[row].unsqueeze(1), q.unsqueeze(2)).view(-1)  # (C,) as the padded form's products
+            edge = torch.where(has, dot + self.tables.biases[level][row], 0.0)
+        out = self.hq.new_full((node.numel(), hi - lo), float("-inf"))
+        out[pair_row, self.index.code[level][child]] = edge
+        return out
 
     def reorder(self, level: int, rows: torch.Tensor) -> None:
         pass  # the node is the constraint's
