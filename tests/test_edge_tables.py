@@ -66,8 +66,10 @@ def test_each_edges_node_vector_row_is_the_padded_tables_match() -> None:
         assert (got < 0).any() and (got >= 0).any()
 
 
-def test_the_csr_beam_step_gives_the_padded_steps_logits() -> None:
-    # the padded form (each node's children padded to the level's largest degree) written out here as the reference
+@pytest.mark.parametrize("dense_factor", [0, 10**9])
+def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int) -> None:
+    # the padded form (each node's children padded to the level's largest degree) written out here as the reference;
+    # dense_factor 0: every level gathers its pairs' vectors; 10**9: every level is one product over its edges
     model, ids, tree, trained_tree = grown(num_items=60, added=4, seed=7)
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), trained_tree=trained_tree).refresh()
     h = torch.randn(3, model.config.d_model, generator=torch.Generator().manual_seed(1))
@@ -78,21 +80,26 @@ def test_the_csr_beam_step_gives_the_padded_steps_logits() -> None:
         nodes[1] = -1  # a dead beam
         constraint = TreeConstraint(tree, 3 * m, h.device)
         constraint.nodes = nodes
-        got = EdgeLevels(dec, h, constraint).logits(level, None, m, None)
+        got = EdgeLevels(dec, h, constraint, dense_factor=dense_factor).logits(level, None, m, None)
         lo, hi = model.layout.level_range(level)
         want = torch.full((3 * m, hi - lo), float("-inf"))
         node = (nodes - index.offsets[level]).clamp_min(0)
         child, codes = index.child_index[level][node], index.child_codes[level][node]  # (R, W) padded
         vectors, A = dec.tables.vectors[level], dec.tables.vectors[level].shape[0]
         slot = torch.where(child >= 0, dec.edge_slots[level][child.clamp_min(0)], A)
-        q = model.level_queries(h)[:, level].repeat_interleave(m, 0)
+        hq = model.level_queries(h)[:, level]
+        edge = torch.zeros(child.shape)
         if A:
             row = slot.clamp_max(A - 1)
-            edge = torch.where(slot < A, (vectors[row] @ q[:, :, None]).squeeze(-1) + dec.tables.biases[level][row], 0.0)
-        else:
-            edge = torch.zeros(child.shape)
+            if dense_factor:  # exact scoring's product, read per (beam, child)
+                logit = (hq @ vectors.T + dec.tables.biases[level])[torch.arange(3 * m)[:, None] // m, row]
+            else:
+                logit = (vectors[row] @ hq.repeat_interleave(m, 0)[:, :, None]).squeeze(-1) + dec.tables.biases[level][row]
+            edge = torch.where(slot < A, logit, 0.0)
         for r in range(3 * m):
             for j in range(child.shape[1]):
                 if nodes[r] >= 0 and codes[r, j] >= 0:
                     want[r, codes[r, j]] = edge[r, j]
         assert torch.equal(got, want), level
+        other = EdgeLevels(dec, h, constraint, dense_factor=10**9 - dense_factor).logits(level, None, m, None)
+        torch.testing.assert_close(other, got, atol=1e-5, rtol=0)  # the two forms agree up to float rounding

@@ -44,6 +44,8 @@ from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
 EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build
+DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is at most this many times its pairs
+DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
 
 
 class ItemPaths(NamedTuple):
@@ -186,13 +188,18 @@ class EdgeLevels:
     the node-vector lookups for every beam. The beam's node is its ``constraint``'s (depth-l node r of the tree is
     the items' prefix-index row r); its children are one CSR run of the index (``child_start``), so a step reads one
     (beam, child) pair per child the beams' nodes really have: its work is beams x their children, whatever the
-    catalogue's size and the level's largest degree. An only child (no table row) has logit 0, its log-probability
-    0 either way."""
+    catalogue's size and the level's largest degree. Each pair's logit is its edge vector (gathered) times its
+    history's level query, or, where the level has few edges for its pairs (B x A_l <= ``dense_factor`` x pairs, a
+    shallow level whose nodes all have many children), one (B, D) x (D, A_l) product read per pair (exact scoring's
+    numbers; equal to the gathered ones up to float rounding). An only child (no table row) has logit 0, its
+    log-probability 0 either way."""
 
-    def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint) -> None:
+    def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint,
+                 dense_factor: int = DENSE_STEP_FACTOR) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
         self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
         self.hq = self.model.level_queries(h)  # (B, L, D)
+        self.dense_factor = dense_factor
 
     def window(self, level: int) -> tuple[int, int]:
         return self.model.layout.level_range(level)
@@ -206,15 +213,18 @@ class EdgeLevels:
         pair_row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,) one per child
         first = torch.cumsum(degree, 0) - degree  # each row's first pair
         child = start[pair_row] + torch.arange(pair_row.numel(), device=node.device) - first[pair_row]  # (C,) depth-(l + 1) nodes
-        vectors, A = self.tables.vectors[level], self.tables.vectors[level].shape[0]
+        vectors, A, C = self.tables.vectors[level], self.tables.vectors[level].shape[0], pair_row.numel()
         slot = self.slots[level][child]  # (C,) table row, A: an only child
         edge = self.hq.new_zeros(child.shape)
         if A:
-            has = slot < A
-            row = slot.clamp_max(A - 1)
-            q = self.hq[pair_row // m, level]  # (C, D) each pair's history's level query
-            dot = torch.bmm(vectors[row].unsqueeze(1), q.unsqueeze(2)).view(-1)  # (C,) as the padded form's products
-            edge = torch.where(has, dot + self.tables.biases[level][row], 0.0)
+            has, row = slot < A, slot.clamp_max(A - 1)
+            if self.B * A <= min(self.dense_factor * C, DENSE_STEP_MAX):  # few edges, many pairs: one product
+                dense = self.hq[:, level] @ vectors.T + self.tables.biases[level]  # (B, A_l), as exact scoring's
+                edge = torch.where(has, dense[pair_row // m, row], 0.0)
+            else:  # a (C, D) gather: each pair's vector and its history's level query
+                q = self.hq[pair_row // m, level]
+                dot = torch.bmm(vectors[row].unsqueeze(1), q.unsqueeze(2)).view(-1)  # as the padded form's products
+                edge = torch.where(has, dot + self.tables.biases[level][row], 0.0)
         out = self.hq.new_full((node.numel(), hi - lo), float("-inf"))
         out[pair_row, self.index.code[level][child]] = edge
         return out
