@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="scale", help="report name under experiments/results/ (.md and .json)")
     p.add_argument("--decoders", default=",".join(DECODE_PARTS),
                    help="what the decode phase measures: beam, exact, dense (exact torch), faiss (flat and IVF indexes)")
+    p.add_argument("--jobs", type=int, default=1, help="sizes measured side by side (each phase is still one "
+                   "process on one thread; the decode phase's rates are per CPU second)")
     p.add_argument("--ids", type=Path, help="keep the codebooks phase's semantic IDs in this folder and read them from "
                    "there (a later run may then leave the codebooks phase out); default: a temporary folder")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
@@ -274,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     decoders = args.decoders.split(",")
     if not decoders or not set(decoders) <= set(DECODE_PARTS):
         p.error(f"--decoders must name some of {','.join(DECODE_PARTS)}, got {args.decoders!r}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be a positive int, got {args.jobs}")
     torch.set_num_threads(1)
     if args.phase:
         if args.phase == "codebooks":
@@ -289,8 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) if args.ids is None else args.ids
         work.mkdir(parents=True, exist_ok=True)
-        for size in args.sizes.split(","):
-            results[size] = {ph: run_phase(size, ph, work, args) for ph in args.phases.split(",")}
+        sizes = args.sizes.split(",")
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # sizes side by side; a size's phases in order
+            rows = pool.map(lambda size: {ph: run_phase(size, ph, work, args) for ph in args.phases.split(",")}, sizes)
+            results = dict(zip(sizes, rows, strict=True))
     total = time.perf_counter() - start
     from experiments.scale_report import write_report
 

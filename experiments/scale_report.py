@@ -21,7 +21,8 @@ def _label(size: str) -> str:
 def write_report(results: dict, args: argparse.Namespace, total_s: float, out_dir: Path, command: str,
                  name: str = "scale") -> None:
     L = ["# Scale: from Beauty's 12k items to synthetic catalogues of millions, one CPU thread", "",
-         f"Run: `{command}` (OMP_NUM_THREADS=1, `torch.set_num_threads(1)`; every size and phase in its own process; "
+         f"Run: `{command}` (OMP_NUM_THREADS=1, `torch.set_num_threads(1)`; every size and phase in its own process, "
+         f"{getattr(args, 'jobs', 1)} size(s) at a time; "
          f"{total_s / 60:.1f} minutes in all). Machine: {platform.processor() or platform.machine()}, 2 shared cores, "
          f"24 GiB. **Also running on the machine: {args.others}.** Codebook and training times are wall clock on a "
          "shared machine: read ratios within a row, and expect ±20% between runs. Decoding rates and build times are "
