@@ -10,6 +10,7 @@ import torch
 
 from generator.decoding.beam import TreeConstraint
 from generator.decoding.causal import CausalDecoders, EdgeLevels, edge_tables, item_paths
+from generator.decoding.chunked import item_vectors
 from generator.models.causal import CausalGenerator
 from semid.ids import SemanticIDs
 from semid.prefix_index import prefix_key
@@ -36,6 +37,14 @@ def test_edge_tables_built_in_chunks_are_bit_identical_to_one_pass(chunk: int) -
     for level in range(model.layout.num_levels):
         assert torch.equal(parts.vectors[level], whole.vectors[level]), level
         assert torch.equal(parts.biases[level], whole.biases[level]), level
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 64])
+def test_item_vectors_built_in_chunks_are_bit_identical_to_one_pass(chunk: int) -> None:
+    model, _, _ = make(num_items=150, seed=2, sizes=(4, 6))
+    with torch.no_grad():
+        whole = model.item_vectors()
+    assert torch.equal(item_vectors(model, chunk=chunk), whole)
 
 
 def test_edge_tables_refuse_a_bad_chunk() -> None:

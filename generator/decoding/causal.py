@@ -27,7 +27,14 @@ from typing import NamedTuple
 import torch
 
 from generator.decoding.beam import TreeConstraint, leaf_search
-from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
+from generator.decoding.chunked import (
+    DEFAULT_MAX_SCORE_BYTES,
+    check_budget,
+    dense_topk,
+    exact_topk,
+    fits,
+    item_vectors,
+)
 from generator.decoding.fusion import Parts, fused_ranking
 from generator.decoding.mips import DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
 from generator.decoding.protocol import (
@@ -302,7 +309,7 @@ class CausalDecoders:
         self.paths = item_paths(self.model, self.tree)
         self.tables = edge_tables(self.model, self.paths)
         self.edge_slots = edge_slots(self.paths)
-        self._vectors = self.model.item_vectors().detach() if self.model.has_dense else None
+        self._vectors = item_vectors(self.model) if self.model.has_dense else None
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         return self
 
