@@ -193,13 +193,11 @@ class EdgeLevels:
     beam's level-l logits are its level query times the vectors of its tree node's children plus their biases
     (:class:`EdgeTables`), the numbers ``code_logits`` gives up to float rounding, without running the prefix FiLM and
     the node-vector lookups for every beam. The beam's node is its ``constraint``'s (depth-l node r of the tree is
-    the items' prefix-index row r); its children are one CSR run of the index (``child_start``), so a step reads one
-    (beam, child) pair per child the beams' nodes really have: its work is beams x their children, whatever the
-    catalogue's size and the level's largest degree. Each pair's logit is its edge vector (gathered) times its
-    history's level query, or, where the level has few edges for its pairs (B x A_l <= ``dense_factor`` x pairs, a
-    shallow level whose nodes all have many children), one (B, D) x (D, A_l) product read per pair (exact scoring's
-    numbers; equal to the gathered ones up to float rounding). An only child (no table row) has logit 0, its
-    log-probability 0 either way."""
+    the items' prefix-index row r); a step reads one (beam, child) pair per child in the nodes' CSR runs
+    (``child_start``): beams x their children, not x the level's largest degree. A pair's logit is its gathered edge
+    vector times its history's query, or where the level's edges are few for its pairs (B x A_l <= ``dense_factor`` x
+    pairs) a read of one (B, D) x (D, A_l) product (exact scoring's numbers, the same up to float rounding). An only
+    child (no table row) has logit 0, its log-probability 0 either way."""
 
     def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint,
                  dense_factor: int = DENSE_STEP_FACTOR) -> None:
