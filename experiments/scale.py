@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python -m experiments.scale [--sizes beauty,100000,1000000] [--steps 6] [--users 128]
     python -m experiments.scale --phases codebooks,train-sampled,train-sparse --out scale_sparse   # training only
+    python -m experiments.scale --sizes beauty,1000000 --phases decode --ids /tmp/ids --decoders beam,exact,dense \
+        --out scale_decode   # decoding only, on the IDs an earlier run with --ids /tmp/ids --phases codebooks kept
 
 Catalogues. ``beauty``: Amazon Beauty, real (MiniLM embeddings, the users' real sequences). Every other size is
 SYNTHETIC: 64-d item embeddings drawn around N/50 Gaussian cluster centres; power-law (Zipf) item popularity within
@@ -18,9 +20,12 @@ Each (size, phase) runs in its own process, so its peak memory (``ru_maxrss``) i
   in-batch, log-Q correction), and the sampled one with sparse tables (``sparse_tables``: sparse gradients for the item
   table and node vectors, the run's own lazy AdamW): ms per step, split into forward + backward and the optimiser
   step, and peak memory.
-- ``decode``: decoders built once (item paths, edge tables; the IVF index), then users/s for ``beam`` (20 beams),
-  ``exact`` (chunked under a 256 MiB budget), ``dense`` exact (torch, chunked) and faiss ``IndexFlatIP``, and the
-  approximate IVF (sqrt(N) lists, 32 probed, the default, and 128), whose recall@10 against exact is reported.
+- ``decode``: decoders built once (item paths, edge tables, item vectors), then users per CPU second (one thread;
+  per wall-clock second too, in the JSON) for ``beam`` (20 beams), ``exact`` (chunked under a 256 MiB budget),
+  ``dense`` exact (torch, chunked), and with ``faiss`` in ``--decoders`` faiss ``IndexFlatIP`` and the approximate
+  IVF (sqrt(N) lists, 32 probed and 128), whose recall@10 against exact is reported. Memory: the model's tensors,
+  the decoders' (paths, edge tables, item vectors), and the process's peak after the model, after the build and at
+  the end (serving). The phase builds the model from the IDs alone (no catalogue, no training windows).
 
 Writes ``experiments/results/scale.md`` and ``scale.json``.
 """
@@ -36,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +52,8 @@ RESULTS = Path(__file__).parent / "results"
 BEAUTY = Path("/work/shared/data/beauty")
 DIM, USERS, SEED = 64, 20_000, 0
 PHASES = ("codebooks", "train-full", "train-sampled", "train-sparse", "decode")
+DECODE_PARTS = ("beam", "exact", "dense", "faiss")
+CHUNK = 1 << 20  # rows of a synthetic catalogue drawn at a time
 FULL_SOFTMAX_MAX_BYTES = 4 * 2**30  # the full softmax's (positions x items) logits, its gradient and softmax: skip above
 
 
@@ -63,7 +71,9 @@ def catalogue(size: str) -> tuple[np.ndarray, list[np.ndarray]]:
     C = max(1, N // 50)
     cluster = np.arange(N) % C  # item i is the (i // C)-th most popular of cluster i % C
     centres = rng.standard_normal((C, DIM)).astype(np.float32) * 2
-    emb = centres[cluster] + rng.standard_normal((N, DIM)).astype(np.float32)
+    emb = np.empty((N, DIM), dtype=np.float32)
+    for a in range(0, N, CHUNK):  # in chunks, the same draws as one: no (N, D) float64 array at 10M items
+        emb[a : a + CHUNK] = centres[cluster[a : a + CHUNK]] + rng.standard_normal((min(CHUNK, N - a), DIM)).astype(np.float32)
     lengths = rng.integers(5, 51, USERS)
     user_cluster = np.repeat(rng.integers(0, C, USERS), lengths)
     size_of = np.bincount(cluster, minlength=C)
@@ -100,7 +110,7 @@ def phase_codebooks(size: str, work: Path) -> dict:
             "tree_s": tree_s, "tree_bytes": tree.nbytes, "tree_bytes_per_item": tree.nbytes / N, "peak_mb": peak_mb()}
 
 
-def _model(size: str, work: Path, dense_loss: str, sparse: bool = False):  # noqa: ANN202
+def _model(size: str, work: Path, dense_loss: str, sparse: bool = False, with_windows: bool = True):  # noqa: ANN202
     from generator.models.dense_loss import log_popularity
     from generator.runs.options import preset
     from generator.training.causal_data import training_windows
@@ -110,9 +120,8 @@ def _model(size: str, work: Path, dense_loss: str, sparse: bool = False):  # noq
 
     ids = SemanticIDs.load(work / f"ids_{size}.npz")
     layout = ids.layout(0)
-    _, seqs = catalogue(size)
     config = replace(preset("causal"), dense_loss=dense_loss, sparse_tables=sparse)
-    windows = training_windows(seqs, ids, config.max_history)
+    windows = training_windows(catalogue(size)[1], ids, config.max_history) if with_windows else None
     log_q = None
     if dense_loss == "sampled":
         log_q = log_popularity(windows.targets[windows.targets >= 0], len(ids.item_ids))
@@ -156,45 +165,77 @@ def phase_train(size: str, work: Path, head: str, steps: int) -> dict:
             "params_m": params / 1e6, "peak_mb": peak_mb()}
 
 
-def phase_decode(size: str, work: Path, users: int) -> dict:
+def rss_mb() -> float:
+    """The process's resident memory now (``peak_mb`` is its peak so far)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def tensor_mb(*objs: object) -> float:
+    """MB held by the tensors in ``objs`` (tensors, and lists / tuples / namedtuples / objects' attributes of them)."""
+    seen: set[int] = set()
+
+    def walk(x: object) -> int:
+        if isinstance(x, torch.Tensor):
+            key = x.untyped_storage().data_ptr()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return x.untyped_storage().nbytes()
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return sum(walk(v) for v in vars(x).values()) if hasattr(x, "__dict__") else 0
+
+    return sum(walk(o) for o in objs) / 2**20
+
+
+def phase_decode(size: str, work: Path, users: int, decoders: list[str]) -> dict:
     from generator.decoding.causal import CausalDecoders
     from generator.decoding.mips import dense_index
 
-    system, windows, ids, tree = _model(size, work, "full")
+    system, _, ids, tree = _model(size, work, "full", with_windows=False)
     model = system.model.eval()
     N = len(ids.item_ids)
     g = torch.Generator().manual_seed(SEED)
     h = torch.randn(users, model.config.d_model, generator=g)
-    out: dict = {"users": users}
-    start = time.perf_counter()
+    out: dict = {"users": users, "decoders": decoders, "tree_mb": tree.nbytes / 2**20,
+                 "model_mb": tensor_mb(list(model.parameters()), list(model.buffers())), "model_peak_mb": peak_mb()}
+    rss = rss_mb()
+    start, cpu = time.perf_counter(), time.process_time()
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=20, dense_index="exact").refresh()
-    out["build_s"] = time.perf_counter() - start
+    out["build_s"], out["build_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
     out["build_peak_mb"] = peak_mb()
+    out["build_rss_added_mb"] = rss_mb() - rss  # what the decoders keep: paths, edge tables, item vectors
+    out["paths_mb"], out["tables_mb"] = tensor_mb(dec.paths, dec.edge_slots), tensor_mb(dec.tables)
+    out["vectors_mb"] = tensor_mb(dec._vectors)
 
-    def rate(name: str) -> tuple[float, torch.Tensor]:
+    def rate(name: str) -> tuple[float, float, torch.Tensor]:
         dec.decode(name, h[:4], k=10)  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = dec.decode(name, h, k=10)
-        return users / (time.perf_counter() - t0), r.items
+        return users / (time.process_time() - c0), users / (time.perf_counter() - t0), r.items
 
-    out["beam_users_s"], _ = rate("beam")
-    out["exact_users_s"], _ = rate("exact")
-    out["dense_exact_users_s"], exact_items = rate("dense")
-    q = model.dense_queries(h).detach()
-    for key, kind, nprobe in (("flat", "faiss-flat", None), ("ivf", "faiss-ivf", 32), ("ivf128", "faiss-ivf", 128)):
-        t0 = time.perf_counter()  # the dense decoder's faiss path: the index's search, rows -> items
-        if nprobe != 128:
-            index = dense_index(dec._vectors, kind)
-            out[f"{key}_build_s"] = time.perf_counter() - t0
-        else:  # the same IVF index, 128 of its lists visited
-            index._backend.nprobe = min(128, index._backend.nlist)
-        index.search(q[:4], 10)
-        t0 = time.perf_counter()
-        rows = index.search(q, 10).item_ids
-        out[f"dense_{key}_users_s"] = users / (time.perf_counter() - t0)
-        items = torch.where(rows >= 0, dec.item_ids[rows.clamp_min(0)], -1)
-        hits = (items.unsqueeze(2) == exact_items.unsqueeze(1)).any(2).float().sum(1)  # (B,) of the exact top 10
-        out[f"{key}_recall@10"] = float((hits / 10).mean())
+    for name in ("beam", "exact", "dense"):  # users per CPU second (one thread), and per wall-clock second
+        if name in decoders:
+            key = "dense_exact" if name == "dense" else name
+            out[f"{key}_users_s"], out[f"{key}_users_wall_s"], items = rate(name)
+    if "faiss" in decoders:  # against the exact dense ranking
+        exact_items = items if "dense" in decoders else dec.decode("dense", h, k=10).items
+        q = model.dense_queries(h).detach()
+        for key, kind, nprobe in (("flat", "faiss-flat", None), ("ivf", "faiss-ivf", 32), ("ivf128", "faiss-ivf", 128)):
+            t0 = time.perf_counter()  # the dense decoder's faiss path: the index's search, rows -> items
+            if nprobe != 128:
+                index = dense_index(dec._vectors, kind)
+                out[f"{key}_build_s"] = time.perf_counter() - t0
+            else:  # the same IVF index, 128 of its lists visited
+                index._backend.nprobe = min(128, index._backend.nlist)
+            index.search(q[:4], 10)
+            t0 = time.perf_counter()
+            rows = index.search(q, 10).item_ids
+            out[f"dense_{key}_users_s"] = users / (time.perf_counter() - t0)
+            found = torch.where(rows >= 0, dec.item_ids[rows.clamp_min(0)], -1)
+            hits = (found.unsqueeze(2) == exact_items.unsqueeze(1)).any(2).float().sum(1)  # (B,) of the exact top 10
+            out[f"{key}_recall@10"] = float((hits / 10).mean())
     out["serve_peak_mb"] = peak_mb()
     out["items"] = N
     return out
@@ -203,7 +244,7 @@ def phase_decode(size: str, work: Path, users: int) -> dict:
 # ---- the driver ------------------------------------------------------------------------------------------------------
 def run_phase(size: str, phase: str, work: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "experiments.scale", "--phase", phase, "--size", size, "--work", str(work),
-           "--steps", str(args.steps), "--users", str(args.users)]
+           "--steps", str(args.steps), "--users", str(args.users), "--decoders", args.decoders]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -223,16 +264,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--others", default="two one-thread training jobs of the lead", help="what else ran on the machine")
     p.add_argument("--phases", default=",".join(PHASES), help="phases to run per size (the train phases need codebooks)")
     p.add_argument("--out", default="scale", help="report name under experiments/results/ (.md and .json)")
+    p.add_argument("--decoders", default=",".join(DECODE_PARTS),
+                   help="what the decode phase measures: beam, exact, dense (exact torch), faiss (flat and IVF indexes)")
+    p.add_argument("--jobs", type=int, default=1, help="sizes measured side by side (each phase is still one "
+                   "process on one thread; the decode phase's rates are per CPU second)")
+    p.add_argument("--ids", type=Path, help="keep the codebooks phase's semantic IDs in this folder and read them from "
+                   "there (a later run may then leave the codebooks phase out); default: a temporary folder")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    decoders = args.decoders.split(",")
+    if not decoders or not set(decoders) <= set(DECODE_PARTS):
+        p.error(f"--decoders must name some of {','.join(DECODE_PARTS)}, got {args.decoders!r}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be a positive int, got {args.jobs}")
     torch.set_num_threads(1)
     if args.phase:
         if args.phase == "codebooks":
             out = phase_codebooks(args.size, args.work)
         elif args.phase == "decode":
-            out = phase_decode(args.size, args.work, args.users)
+            out = phase_decode(args.size, args.work, args.users, decoders)
         else:
             out = phase_train(args.size, args.work, args.phase.split("-")[1], args.steps)
         print(json.dumps(out))
@@ -240,8 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     results: dict = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes.split(","):
-            results[size] = {ph: run_phase(size, ph, Path(tmp), args) for ph in args.phases.split(",")}
+        work = Path(tmp) if args.ids is None else args.ids
+        work.mkdir(parents=True, exist_ok=True)
+        sizes = args.sizes.split(",")
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # sizes side by side; a size's phases in order
+            rows = pool.map(lambda size: {ph: run_phase(size, ph, work, args) for ph in args.phases.split(",")}, sizes)
+            results = dict(zip(sizes, rows, strict=True))
     total = time.perf_counter() - start
     from experiments.scale_report import write_report
 

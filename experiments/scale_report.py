@@ -21,18 +21,24 @@ def _label(size: str) -> str:
 def write_report(results: dict, args: argparse.Namespace, total_s: float, out_dir: Path, command: str,
                  name: str = "scale") -> None:
     L = ["# Scale: from Beauty's 12k items to synthetic catalogues of millions, one CPU thread", "",
-         f"Run: `{command}` (OMP_NUM_THREADS=1, `torch.set_num_threads(1)`; every size and phase in its own process; "
+         f"Run: `{command}` (OMP_NUM_THREADS=1, `torch.set_num_threads(1)`; every size and phase in its own process, "
+         f"{getattr(args, 'jobs', 1)} size(s) at a time; "
          f"{total_s / 60:.1f} minutes in all). Machine: {platform.processor() or platform.machine()}, 2 shared cores, "
-         f"24 GiB. **Also running on the machine: {args.others}.** Times are wall clock on a shared machine: read "
-         "ratios within a row, and expect ±20% between runs.", "",
+         f"24 GiB. **Also running on the machine: {args.others}.** Codebook and training times are wall clock on a "
+         "shared machine: read ratios within a row, and expect ±20% between runs. Decoding rates and build times are "
+         "per CPU second of the phase's one thread (its process time), which a busy machine changes less.", "",
          "Catalogues other than Beauty are **synthetic** (clustered Gaussian 64-d item embeddings, Zipf popularity, "
          "20k users following the clusters; see the docstring of `experiments/scale.py`): they measure cost, never "
          "quality. Peak memory is the phase's process peak RSS (it includes Python, torch and the catalogue).", ""]
-    L += ["## Codebooks and the prefix tree", "",
-          "| items | fit-codebooks s | centres fitted on | colliding items | largest group | codes used per level | rel. error | tree MB | tree bytes/item | peak MB |",
-          "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    ran = {ph for r in results.values() for ph in r}
+    if "codebooks" in ran:
+        L += ["## Codebooks and the prefix tree", "",
+              "| items | fit-codebooks s | centres fitted on | colliding items | largest group | codes used per level | rel. error | tree MB | tree bytes/item | peak MB |",
+              "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
-        c = r.get("codebooks", {"error": "not run"})
+        if "codebooks" not in r:
+            continue
+        c = r["codebooks"]
         if "error" in c:
             L.append(f"| {_label(size)} | error: {c['error']} |")
             continue
@@ -40,9 +46,10 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
         L.append(f"| {_label(size)} | {c['fit_s']:.1f} | {fitted_on} | "
                  f"{100 * c['colliding']:.2f}% | {c['largest_group']} | {'/'.join(map(str, c['codes_used']))} | "
                  f"{c['rel_error']:.3f} | {c['tree_bytes'] / 2**20:.1f} | {c['tree_bytes_per_item']:.0f} | {c['peak_mb']:.0f} |")
-    L += ["", "## Training step (causal preset, 128 windows of <= 50 positions, joint loss, AdamW)", "",
-          "| items | dense head | positions/step | ms/step | ms per 1k positions | of which forward + backward | of which optimiser step | parameters (M) | peak MB |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if ran & {"train-full", "train-sampled", "train-sparse"}:
+        L += ["", "## Training step (causal preset, 128 windows of <= 50 positions, joint loss, AdamW)", "",
+              "| items | dense head | positions/step | ms/step | ms per 1k positions | of which forward + backward | of which optimiser step | parameters (M) | peak MB |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
         for head in ("full", "sampled", "sparse"):
             if f"train-{head}" not in r:
@@ -57,19 +64,26 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
             per_k = None if pos is None else 1000 * t["ms_step"] / pos
             L.append(f"| {_label(size)} | {label} | {_f(pos)} | {t['ms_step']:.0f} | {_f(per_k)} | {t['ms_fwd_bwd']:.0f} | {t['ms_opt']:.0f} | "
                      f"{t['params_m']:.1f} | {t['peak_mb']:.0f} |")
-    L += ["", f"## Decoding ({args.users} users, k = 10, one thread)", "",
-          "| items | build s (paths, tables) | beam users/s (20 beams) | exact users/s (chunked, 256 MiB) | dense exact users/s (torch) "
-          "| dense IndexFlatIP users/s | IVF build s | dense IVF users/s (32 / 128 lists probed) | IVF recall@10 vs exact (32 / 128) | serving peak MB |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    if "decode" in ran:
+        L += ["", f"## Decoding ({args.users} users, k = 10, one thread; users per CPU second)", "",
+              "| items | build CPU s (paths, tables) | beam users/s (20 beams) | exact users/s (chunked, 256 MiB) | dense exact users/s (torch) "
+              "| dense IndexFlatIP users/s | IVF build s | dense IVF users/s (32 / 128 lists probed) | IVF recall@10 vs exact (32 / 128) "
+              "| model MB | decoders MB (paths / edge tables / item vectors) | peak MB after model / build / serving |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
-        d = r.get("decode", {"error": "not run"})
+        if "decode" not in r:
+            continue
+        d = r["decode"]
         if "error" in d:
             L.append(f"| {_label(size)} | error: {d['error']} |")
             continue
-        L.append(f"| {_label(size)} | {d['build_s']:.1f} | {d['beam_users_s']:.0f} | {d['exact_users_s']:.1f} | "
-                 f"{d['dense_exact_users_s']:.0f} | {d['dense_flat_users_s']:.0f} | {d['ivf_build_s']:.1f} | "
-                 f"{d['dense_ivf_users_s']:.0f} / {d['dense_ivf128_users_s']:.0f} | "
-                 f"{d['ivf_recall@10']:.3f} / {d['ivf128_recall@10']:.3f} | {d['serve_peak_mb']:.0f} |")
+        g = d.get
+        L.append(f"| {_label(size)} | {_f(g('build_cpu_s', g('build_s')), '.1f')} | {_f(g('beam_users_s'))} | {_f(g('exact_users_s'), '.1f')} | "
+                 f"{_f(g('dense_exact_users_s'))} | {_f(g('dense_flat_users_s'))} | {_f(g('ivf_build_s'), '.1f')} | "
+                 f"{_f(g('dense_ivf_users_s'))} / {_f(g('dense_ivf128_users_s'))} | "
+                 f"{_f(g('ivf_recall@10'), '.3f')} / {_f(g('ivf128_recall@10'), '.3f')} | {_f(g('model_mb'))} | "
+                 f"{_f(g('paths_mb'))} / {_f(g('tables_mb'))} / {_f(g('vectors_mb'))} | "
+                 f"{_f(g('model_peak_mb'))} / {_f(g('build_peak_mb'))} / {_f(g('serve_peak_mb'))} |")
     text = "\n".join(L) + "\n"
     print(text)
     out_dir.mkdir(exist_ok=True)

@@ -13,8 +13,13 @@ too). Per depth d = 0..L (depth 0: the root; E_d nodes) and level l = 0..L-1 (th
     node            LongTensor (N, L + 1)  each item's path: its node at every depth
     first_item[d]   LongTensor (E_d,)      the smallest item row under each node
     parent[l]       LongTensor (E_{l+1},)  each depth-(l + 1) node's parent; code[l]: its last code
-    child_codes[l]  LongTensor (E_l, W_l)  each depth-l node's children's codes, ascending, -1 padded to the level's
-                                           largest degree W_l; child_index[l]: the same children's nodes
+    child_start[l]  LongTensor (E_l + 1,)  the children of depth-l node r are the depth-(l + 1) nodes
+                                           child_start[l][r] : child_start[l][r + 1] (CSR: nodes of one parent are
+                                           consecutive, their codes ``code[l]`` ascending)
+    child_codes[l]  LongTensor (E_l, W_l)  the same children padded: codes ascending, -1 padded to the level's largest
+                                           degree W_l; child_index[l]: their nodes. Built on first use (the model's
+                                           node-vector buffers); decoders read the CSR form, whose size does not
+                                           depend on the largest degree
     offsets         LongTensor (L + 2,)    node (d, r) is node offsets[d] + r of the tree, breadth first
 
 Built with vectorised numpy (loops over levels only); a lookup (:meth:`PrefixIndex.find`) is one ``searchsorted``.
@@ -109,20 +114,39 @@ class PrefixIndex:
         parent = [at[starts[lv + 1], lv - 1] if lv else np.zeros(starts[1].size, dtype=np.int64) for lv in range(L)]
         code = [s[starts[lv + 1], lv] for lv in range(L)]
         t = torch.from_numpy
-        self.child_codes, self.child_index = [], []
-        for lv in range(L):  # loop over levels: the children of each depth-l node, padded to the largest degree
-            deg = np.bincount(parent[lv], minlength=keys[lv].size)
-            slot = np.arange(code[lv].size) - (np.cumsum(deg) - deg)[parent[lv]]
-            cc, ci = (np.full((keys[lv].size, int(deg.max())), -1, dtype=np.int64) for _ in range(2))
-            cc[parent[lv], slot], ci[parent[lv], slot] = code[lv], np.arange(code[lv].size)
-            self.child_codes.append(t(cc))
-            self.child_index.append(t(ci))
+        self.child_start = [t(np.concatenate([[0], np.cumsum(np.bincount(parent[lv], minlength=keys[lv].size))]))
+                            for lv in range(L)]  # parent[l] ascends: a parent's children are one run
+        self._padded: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.order, self.node, self.keys = t(order), t(node), [t(k) for k in keys]
         self.parent, self.code = [t(p) for p in parent], [t(c) for c in code]
         self.first_item = [t(np.minimum.reduceat(order, st)) for st in starts]
         self.offsets = t(np.cumsum([0] + [k.size for k in keys]))
         self._start = t(np.concatenate(starts))  # per tree node: its items' span in `order`
         self._stop = t(np.concatenate([np.append(st[1:], N) for st in starts]))
+
+    @property
+    def child_codes(self) -> list[torch.Tensor]:
+        """Per level l, LongTensor (E_l, W_l): each depth-l node's children's codes, ascending, -1 padded."""
+        return self._padded_children()[0]
+
+    @property
+    def child_index(self) -> list[torch.Tensor]:
+        """Per level l, LongTensor (E_l, W_l): each depth-l node's children (depth-(l + 1) nodes), -1 padded."""
+        return self._padded_children()[1]
+
+    def _padded_children(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._padded is None:
+            codes, index = [], []
+            for lv, (start, parent) in enumerate(zip(self.child_start, self.parent, strict=True)):  # loop over levels
+                deg, C = start.diff(), parent.numel()
+                child = torch.arange(C, device=parent.device)
+                cc, ci = (torch.full((deg.numel(), int(deg.max())), -1, dtype=torch.long, device=parent.device) for _ in range(2))
+                slot = child - start[parent]
+                cc[parent, slot], ci[parent, slot] = self.code[lv], child
+                codes.append(cc)
+                index.append(ci)
+            self._padded = codes, index
+        return self._padded
 
     def find(self, codes: torch.Tensor) -> torch.Tensor:
         """Node of each prefix (..., d), d <= L, at depth d; -1 where no tuple has that prefix."""
@@ -142,4 +166,5 @@ class PrefixIndex:
         out = object.__new__(PrefixIndex)
         for name, v in vars(self).items():
             setattr(out, name, [x.to(device) for x in v] if isinstance(v, list) else v.to(device) if isinstance(v, torch.Tensor) else v)
+        out._padded = None  # built again there on first use
         return out

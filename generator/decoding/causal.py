@@ -27,7 +27,14 @@ from typing import NamedTuple
 import torch
 
 from generator.decoding.beam import TreeConstraint, leaf_search
-from generator.decoding.chunked import DEFAULT_MAX_SCORE_BYTES, check_budget, dense_topk, exact_topk, fits
+from generator.decoding.chunked import (
+    DEFAULT_MAX_SCORE_BYTES,
+    check_budget,
+    dense_topk,
+    exact_topk,
+    fits,
+    item_vectors,
+)
 from generator.decoding.fusion import Parts, fused_ranking
 from generator.decoding.mips import DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
 from generator.decoding.protocol import (
@@ -43,6 +50,9 @@ from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
+EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build
+DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is at most this many times its pairs
+DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
 
 
 class ItemPaths(NamedTuple):
@@ -104,18 +114,35 @@ class EdgeTables(NamedTuple):
 
 
 @torch.no_grad()
-def edge_tables(model: CausalGenerator, paths: ItemPaths) -> EdgeTables:
+def edge_tables(model: CausalGenerator, paths: ItemPaths, *, chunk: int = EDGE_CHUNK) -> EdgeTables:
+    """The edge tables, ``chunk`` edges at a time: besides the tables, the build holds (chunk, D) temporaries and
+    one int64 per edge (its node-vector row), never an (edges x children) table. The last chunk ends at the level's
+    last edge (it overlaps the one before), so every product of the prefix MLP has ``chunk`` rows (or the level's
+    all): the tables are bit-identical to one pass over the level (``tests/test_edge_tables.py``; BLAS takes
+    another path for products of a few rows)."""
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
     vectors, biases = [], []
+    weight, D = model.code_emb.weight, model.config.d_model
     for level in range(model.layout.num_levels):  # loop over levels
         act = paths.active[level]
-        p, code = paths.index.parent[level][act], paths.index.code[level][act]
-        s, u = model.prefix_film(level, paths.parent_tokens[level][p])  # (A_l, D) each
-        token = code + model.layout.level_range(level)[0]
-        out = model.code_emb.weight[token]  # (A_l, D)
-        if model.config.node_vectors:
-            out = out + model.edge_node_vectors(level, paths.parent_tokens[level][p], code)
-        vectors.append(s * out)
-        biases.append((u * out).sum(-1) + model.code_bias[token])
+        A, lo = int(act.numel()), model.layout.level_range(level)[0]
+        parent, code = paths.index.parent[level][act], paths.index.code[level][act]  # (A_l,) each
+        rows = model.edge_node_rows(level, paths.parent_tokens[level][parent], code) if model.config.node_vectors else None
+        vec, bias = weight.new_empty(A, D), weight.new_empty(A)
+        for a in range(0, A, chunk):  # loop over chunks of edges
+            b = min(A, a + chunk)
+            a = max(0, b - chunk)  # the last chunk: `chunk` edges ending at the level's last
+            s, u = model.prefix_film(level, paths.parent_tokens[level][parent[a:b]])  # (chunk, D) each
+            token = code[a:b] + lo
+            out = weight[token]  # (chunk, D)
+            if rows is not None:
+                table = getattr(model, f"node_vec_{level}")
+                out = out + table[rows[a:b].clamp_min(0)] * (rows[a:b] >= 0).unsqueeze(-1)
+            vec[a:b] = s * out
+            bias[a:b] = (u * out).sum(-1) + model.code_bias[token]
+        vectors.append(vec)
+        biases.append(bias)
     return EdgeTables(vectors, biases)
 
 
@@ -166,31 +193,46 @@ class EdgeLevels:
     beam's level-l logits are its level query times the vectors of its tree node's children plus their biases
     (:class:`EdgeTables`), the numbers ``code_logits`` gives up to float rounding, without running the prefix FiLM and
     the node-vector lookups for every beam. The beam's node is its ``constraint``'s (depth-l node r of the tree is
-    the items' prefix-index row r); an only child (no table row) has logit 0, its log-probability 0 either way."""
+    the items' prefix-index row r); a step reads one (beam, child) pair per child in the nodes' CSR runs
+    (``child_start``): beams x their children, not x the level's largest degree. A pair's logit is its gathered edge
+    vector times its history's query, or where the level's edges are few for its pairs (B x A_l <= ``dense_factor`` x
+    pairs) a read of one (B, D) x (D, A_l) product (exact scoring's numbers, the same up to float rounding). An only
+    child (no table row) has logit 0, its log-probability 0 either way."""
 
-    def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint) -> None:
+    def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint,
+                 dense_factor: int = DENSE_STEP_FACTOR) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
         self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
         self.hq = self.model.level_queries(h)  # (B, L, D)
+        self.dense_factor = dense_factor
 
     def window(self, level: int) -> tuple[int, int]:
         return self.model.layout.level_range(level)
 
     def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
         lo, hi = self.window(level)
-        node = (self.constraint.nodes - self.index.offsets[level]).clamp_min(0)  # (R,) a dead beam reads row 0: masked
-        child, codes = self.index.child_index[level][node], self.index.child_codes[level][node]  # (R, W), -1 padded
-        vectors, A = self.tables.vectors[level], self.tables.vectors[level].shape[0]
-        slot = torch.where(child >= 0, self.slots[level][child.clamp_min(0)], A)  # (R, W) table row, A: none
+        nodes = self.constraint.nodes  # (R,) depth-l tree nodes, -1: a dead beam (no children, masked)
+        node = (nodes - self.index.offsets[level]).clamp_min(0)
+        start = self.index.child_start[level][node]
+        degree = torch.where(nodes >= 0, self.index.child_start[level][node + 1] - start, 0)  # (R,)
+        pair_row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,) one per child
+        first = torch.cumsum(degree, 0) - degree  # each row's first pair
+        child = start[pair_row] + torch.arange(pair_row.numel(), device=node.device) - first[pair_row]  # (C,) depth-(l + 1) nodes
+        vectors, A, C = self.tables.vectors[level], self.tables.vectors[level].shape[0], pair_row.numel()
+        slot = self.slots[level][child]  # (C,) table row, A: an only child
+        edge = self.hq.new_zeros(child.shape)
         if A:
-            row = slot.clamp_max(A - 1)
-            q = self.hq[:, level].repeat_interleave(m, 0)  # (R, D)
-            edge = (vectors[row] @ q[:, :, None]).squeeze(-1) + self.tables.biases[level][row]
-            edge = torch.where(slot < A, edge, 0.0)
-        else:
-            edge = self.hq.new_zeros(child.shape)
-        out = self.hq.new_full((child.shape[0], hi - lo + 1), float("-inf"))  # the last column takes the padding
-        return out.scatter_(1, torch.where(codes >= 0, codes, hi - lo), edge)[:, : hi - lo]
+            has, row = slot < A, slot.clamp_max(A - 1)
+            if self.B * A <= min(self.dense_factor * C, DENSE_STEP_MAX):  # few edges, many pairs: one product
+                dense = self.hq[:, level] @ vectors.T + self.tables.biases[level]  # (B, A_l), as exact scoring's
+                edge = torch.where(has, dense[pair_row // m, row], 0.0)
+            else:  # a (C, D) gather: each pair's vector and its history's level query
+                q = self.hq[pair_row // m, level]
+                dot = torch.bmm(vectors[row].unsqueeze(1), q.unsqueeze(2)).view(-1)  # as the padded form's products
+                edge = torch.where(has, dot + self.tables.biases[level][row], 0.0)
+        out = self.hq.new_full((node.numel(), hi - lo), float("-inf"))
+        out[pair_row, self.index.code[level][child]] = edge
+        return out
 
     def reorder(self, level: int, rows: torch.Tensor) -> None:
         pass  # the node is the constraint's
@@ -265,7 +307,7 @@ class CausalDecoders:
         self.paths = item_paths(self.model, self.tree)
         self.tables = edge_tables(self.model, self.paths)
         self.edge_slots = edge_slots(self.paths)
-        self._vectors = self.model.item_vectors().detach() if self.model.has_dense else None
+        self._vectors = item_vectors(self.model) if self.model.has_dense else None
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         return self
 

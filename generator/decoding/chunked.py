@@ -135,3 +135,21 @@ def dense_topk(queries: torch.Tensor, vectors: torch.Tensor, k: int, *, max_scor
     b, c = block_sizes(queries.shape[0], vectors.shape[0], 0, max_score_bytes, item_chunk)
     res = mips_topk(queries, vectors, k, query_chunk=b, item_chunk=c)
     return res.scores, res.item_ids
+
+
+@torch.no_grad()
+def item_vectors(model: CausalGenerator, chunk: int = DEFAULT_ITEM_CHUNK) -> torch.Tensor:
+    """The model's item vectors (N, d), ``chunk`` items at a time: the build holds (chunk, L, D) code embeddings, not
+    (N, L, D) (1 GB at 1M items). The last chunk ends at the last item (overlapping the one before), so every
+    projection has ``chunk`` rows: bit-identical to one pass (``tests/test_edge_tables.py``)."""
+    N = model.num_items
+    if N <= chunk:
+        return model.item_vectors()
+    out = None
+    for a in range(0, N, chunk):  # loop over chunks of items
+        b = min(N, a + chunk)
+        a = max(0, b - chunk)  # the last chunk: `chunk` items ending at the last
+        part = model.item_vectors(torch.arange(a, b, device=model.item_tokens.device))
+        out = part.new_empty(N, part.shape[1]) if out is None else out
+        out[a:b] = part
+    return out

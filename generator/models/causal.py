@@ -277,13 +277,27 @@ class CausalGenerator(nn.Module):
         out = q.new_zeros(*q.shape[:-1], K + 1)  # column K collects the padding
         return out.scatter_add(-1, torch.where(codes >= 0, codes, K), node)[..., :K]
 
-    def edge_node_vectors(self, level: int, parent_tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """N of the nodes parent + (c,) for parents (E, level) and codes (E,) -> (E, D); zero where unknown."""
-        child_codes, index = self._children(level, parent_tokens)  # (E, W)
-        match = child_codes == codes.unsqueeze(-1)
-        row = torch.where(match.any(-1), index.gather(-1, match.float().argmax(-1, keepdim=True)).squeeze(-1), -1)
-        table = getattr(self, f"node_vec_{level}")
-        return table[row.clamp_min(0)] * (row >= 0).unsqueeze(-1)
+    def edge_node_rows(self, level: int, parent_tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Rows in ``node_vec_<level>`` of the nodes parent + (c,) for parents (E, level) and codes (E,) -> (E,); -1
+        where unknown. One search per edge among the level's (parent row, code) keys: no (E, W) children table."""
+        offsets = torch.tensor(self.layout.level_offsets[:level], device=parent_tokens.device)
+        parent = find(getattr(self, f"parent_keys_{level}"), prefix_key(parent_tokens - offsets, self.layout.codebook_sizes))
+        keys, rows = self._child_keys(level)
+        K = self.layout.codebook_sizes[level]
+        hit = find(keys, torch.where((parent >= 0) & (codes >= 0) & (codes < K), parent * K + codes, -1))
+        return torch.where(hit >= 0, rows[hit.clamp_min(0)], -1)
+
+    def _child_keys(self, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(parent row * K_l + code, ascending; the child's node-vector row) (C,) each, of every child in the level's
+        padded tables (rows ascend, codes ascend within a row, pads last: row-major order is key order)."""
+        codes, index = getattr(self, f"child_codes_{level}"), getattr(self, f"child_index_{level}")
+        real = codes >= 0  # (P, W) bool: the one table of the padded size this builds
+        parent = torch.repeat_interleave(torch.arange(codes.shape[0], device=codes.device), real.sum(1))
+        keys = parent * self.layout.codebook_sizes[level] + codes[real]
+        if keys.numel() > 1 and not bool((keys.diff() > 0).all()):
+            raise ValueError(f"`child_codes_{level}` is not the prefix-tree table (codes must ascend within a row, "
+                             "pads last): load the model from a checkpoint that passes its checks")
+        return keys, index[real]
 
     # ---- the dense head (generator.models.dense) ------------------------------------------------------------------
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:

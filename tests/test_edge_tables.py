@@ -1,0 +1,114 @@
+"""The decoders' edge tables at scale: built in chunks they equal the one-pass build bit for bit; each edge's
+node-vector row, found by key, is the one a loop over the model's padded children tables finds; the beam step reads
+each beam's children as a CSR run and gives the padded step's logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from generator.decoding.beam import TreeConstraint
+from generator.decoding.causal import CausalDecoders, EdgeLevels, edge_tables, item_paths
+from generator.decoding.chunked import item_vectors
+from generator.models.causal import CausalGenerator
+from semid.ids import SemanticIDs
+from semid.prefix_index import prefix_key
+from semid.tree import PrefixTree
+from tests.test_causal import make
+
+
+def grown(num_items: int, added: int, seed: int) -> tuple[CausalGenerator, SemanticIDs, PrefixTree, PrefixTree]:
+    """A model with node vectors over ``num_items`` items and ``added`` items added after training (prefixes it has
+    no node vectors for): (model, IDs, their tree, the trained items' tree)."""
+    model, ids, trained_tree = make(num_items=num_items, seed=seed, sizes=(4, 6))
+    rng = np.random.default_rng(seed)
+    new = ids.add_items(rng.integers(0, (4, 6), size=(added, 2)), np.arange(10_000, 10_000 + added))
+    model.add_items(torch.as_tensor(model.layout.codes_to_tokens(new.codes[-added:])))
+    return model, new, PrefixTree.from_semantic_ids(new, model.layout), trained_tree
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 64])
+def test_edge_tables_built_in_chunks_are_bit_identical_to_one_pass(chunk: int) -> None:
+    model, _, tree = make(num_items=150, seed=2, sizes=(4, 6))
+    paths = item_paths(model, tree)
+    assert max(int(a.numel()) for a in paths.active) > 2 * chunk  # several chunks, the last one overlapping
+    whole, parts = edge_tables(model, paths, chunk=10**9), edge_tables(model, paths, chunk=chunk)
+    for level in range(model.layout.num_levels):
+        assert torch.equal(parts.vectors[level], whole.vectors[level]), level
+        assert torch.equal(parts.biases[level], whole.biases[level]), level
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 64])
+def test_item_vectors_built_in_chunks_are_bit_identical_to_one_pass(chunk: int) -> None:
+    model, _, _ = make(num_items=150, seed=2, sizes=(4, 6))
+    with torch.no_grad():
+        whole = model.item_vectors()
+    assert torch.equal(item_vectors(model, chunk=chunk), whole)
+
+
+def test_edge_tables_refuse_a_bad_chunk() -> None:
+    model, _, tree = make(num_items=10)
+    with pytest.raises(ValueError, match="`chunk` must be a positive int, got 0"):
+        edge_tables(model, item_paths(model, tree), chunk=0)
+
+
+def test_each_edges_node_vector_row_is_the_padded_tables_match() -> None:
+    model, ids, _, _ = grown(num_items=40, added=6, seed=5)
+    layout, sizes = model.layout, model.layout.codebook_sizes
+    rng = np.random.default_rng(0)
+    codes = ids.codes  # every item's path, and probes: random prefixes and codes, some unknown, some out of range
+    probes = np.concatenate([codes, rng.integers(0, np.array(sizes) + 1, size=(200, len(sizes)))])
+    for level in range(layout.num_levels):
+        parents = [tuple(p) for p in probes[:, :level].tolist()]
+        keys = getattr(model, f"parent_keys_{level}").tolist()
+        table_codes, table_index = getattr(model, f"child_codes_{level}").tolist(), getattr(model, f"child_index_{level}").tolist()
+        want = []
+        for parent, code in zip(parents, probes[:, level].tolist(), strict=True):  # the padded tables, by a loop
+            key = int(prefix_key(np.array(parent, dtype=np.int64).reshape(1, level), sizes)[0])
+            r = keys.index(key) if key >= 0 and key in keys else -1
+            want.append(table_index[r][table_codes[r].index(code)] if r >= 0 and code in table_codes[r] else -1)
+        offsets = torch.tensor(layout.level_offsets[:level])
+        tokens = torch.as_tensor(probes[:, :level]) + offsets
+        got = model.edge_node_rows(level, tokens, torch.as_tensor(probes[:, level]))
+        assert got.tolist() == want, level
+        assert (got < 0).any() and (got >= 0).any()
+
+
+@pytest.mark.parametrize("dense_factor", [0, 10**9])
+def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int) -> None:
+    # the padded form (each node's children padded to the level's largest degree) written out here as the reference;
+    # dense_factor 0: every level gathers its pairs' vectors; 10**9: every level is one product over its edges
+    model, ids, tree, trained_tree = grown(num_items=60, added=4, seed=7)
+    dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), trained_tree=trained_tree).refresh()
+    h = torch.randn(3, model.config.d_model, generator=torch.Generator().manual_seed(1))
+    index, m = dec.paths.index, 4
+    for level in range(model.layout.num_levels):
+        depth_nodes = torch.arange(int(index.offsets[level]), int(index.offsets[level + 1]))
+        nodes = depth_nodes[torch.randint(0, depth_nodes.numel(), (3 * m,), generator=torch.Generator().manual_seed(level))]
+        nodes[1] = -1  # a dead beam
+        constraint = TreeConstraint(tree, 3 * m, h.device)
+        constraint.nodes = nodes
+        got = EdgeLevels(dec, h, constraint, dense_factor=dense_factor).logits(level, None, m, None)
+        lo, hi = model.layout.level_range(level)
+        want = torch.full((3 * m, hi - lo), float("-inf"))
+        node = (nodes - index.offsets[level]).clamp_min(0)
+        child, codes = index.child_index[level][node], index.child_codes[level][node]  # (R, W) padded
+        vectors, A = dec.tables.vectors[level], dec.tables.vectors[level].shape[0]
+        slot = torch.where(child >= 0, dec.edge_slots[level][child.clamp_min(0)], A)
+        hq = model.level_queries(h)[:, level]
+        edge = torch.zeros(child.shape)
+        if A:
+            row = slot.clamp_max(A - 1)
+            if dense_factor:  # exact scoring's product, read per (beam, child)
+                logit = (hq @ vectors.T + dec.tables.biases[level])[torch.arange(3 * m)[:, None] // m, row]
+            else:
+                logit = (vectors[row] @ hq.repeat_interleave(m, 0)[:, :, None]).squeeze(-1) + dec.tables.biases[level][row]
+            edge = torch.where(slot < A, logit, 0.0)
+        for r in range(3 * m):
+            for j in range(child.shape[1]):
+                if nodes[r] >= 0 and codes[r, j] >= 0:
+                    want[r, codes[r, j]] = edge[r, j]
+        assert torch.equal(got, want), level
+        other = EdgeLevels(dec, h, constraint, dense_factor=10**9 - dense_factor).logits(level, None, m, None)
+        torch.testing.assert_close(other, got, atol=1e-5, rtol=0)  # the two forms agree up to float rounding
