@@ -118,8 +118,8 @@ def edge_tables(model: CausalGenerator, paths: ItemPaths, *, chunk: int = EDGE_C
     """The edge tables, ``chunk`` edges at a time: besides the tables, the build holds (chunk, D) temporaries and
     one int64 per edge (its node-vector row), never an (edges x children) table. The last chunk ends at the level's
     last edge (it overlaps the one before), so every product of the prefix MLP has ``chunk`` rows (or the level's
-    all): the tables are bit-identical to one pass over the level (``tests/test_edge_tables.py``; BLAS takes
-    another path for products of a few rows)."""
+    all): on one thread the tables are bit-identical to one pass over the level (``tests/test_edge_tables.py``;
+    BLAS takes another path for products of a few rows; several threads may round differently)."""
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
     vectors, biases = [], []
