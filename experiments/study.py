@@ -175,6 +175,11 @@ WHY: dict[str, str] = {
     "in the middle of the noisy late-training weights instead of at one point among them; it does not lift the "
     "plateau: the beam's R@10 0.075 is still not reached. An update costs one fused lerp over the weights per step "
     "(17,459 steps in 60 CPU-minutes against 17,704).",
+    "default+ema-0.9995": "dropped (no better): the average's decay capped at 0.9995 instead of 0.999 (about 2,000 "
+    "steps against 1,000). The warm-up min(decay, (1 + n) / (10 + n)) reaches either cap only after ~9,000 steps, so "
+    "the 15-minute checkpoint is the same (beam R@10 / N@10 0.0725 / 0.0432); at 30 0.0723 / 0.0442 (the same), at 60 "
+    "0.0736 / 0.0452 against 0.999's 0.0733 / 0.0451, dense 0.0737 against 0.0742: level within noise, so the default "
+    "keeps 0.999.",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
