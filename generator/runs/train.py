@@ -299,7 +299,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     if options.optim().needs_budget:  # the schedule follows the share of the budget spent
         wall = parse_max_time(options.max_time)
         callbacks.append(BudgetProgress(None if wall is None else wall.total_seconds(), cpu_limit))
-    if options.ema:  # before the snapshots, which copy the checkpoint it writes the average into
+    if options.ema:  # every checkpoint then carries the average as its state_dict (the snapshots copy them as they are)
         callbacks.append(WeightEMA(options.ema))
     if snapshots:  # on the clock of the budget
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST, time.process_time if cpu_budget else time.perf_counter))
@@ -341,7 +341,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         return TrainResult(out, best, None, float(trainer.current_epoch), trainer.global_step, time.perf_counter() - start, padded, None)
     if trainer.global_step > 0:  # this process ran the loop: its counters are the truth
         # Lightning rewrites last.ckpt only when a checkpoint is saved (the best score improved): make it the end
-        trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)
+        trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)  # a save with the optimiser state; reads use safe_load
         (ckpt_dir / RESUME).unlink(missing_ok=True)  # last.ckpt is the newer point now
     # read from the last checkpoint: with ddp_spawn this process's trainer never ran the loop
     score, steps = _final_state(ckpt_dir / LAST)

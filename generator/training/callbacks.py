@@ -33,7 +33,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def ema_update(decay: float) -> Callable[..., None]:
-    """``AveragedModel``'s ``multi_avg_fn`` for an exponential moving average: each update moves the average towards
+    """``AveragedModel``'s ``multi_avg_fn`` for an exponential moving average (torch's ``get_ema_multi_avg_fn`` with a
+    warm-up): each update moves the average towards
     the weights by ``1 - d`` in one fused call per dtype, where ``d = min(decay, (1 + n) / (10 + n))`` after ``n``
     updates, so the random initial weights do not linger in the average of a short run (a 0.999 average is still 37%
     initialisation after 1,000 steps without it)."""
