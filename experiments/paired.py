@@ -45,7 +45,7 @@ def per_user(spec: str, decoder: str, max_users: int | None, seed: int, batch_si
     batches = split_batches(run, split, "test", sample_users(split.num_users, max_users, seed), batch_size)
     items = np.concatenate([dec(b.histories, 10).items.numpy() for b in batches])  # loop over batches of users
     targets = np.concatenate([b.targets.numpy() for b in batches])
-    return {"recall@10": recall_at_k(items, targets, 10), "ndcg@10": ndcg_at_k(items, targets, 10)}, run.checkpoint.name
+    return {"recall@10": recall_at_k(items, targets, 10), "ndcg@10": ndcg_at_k(items, targets, 10), "targets": targets}, run.checkpoint.name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     dec_b = args.decoder_b or args.decoder
     a, ckpt_a = per_user(args.a, args.decoder, args.max_users, args.seed, args.batch_size)
     b, ckpt_b = per_user(args.b, dec_b, args.max_users, args.seed, args.batch_size)
+    if not np.array_equal(a["targets"], b["targets"]):
+        raise SystemExit("A and B rank other test targets (another data folder or split): they cannot be paired")
     n = len(a["recall@10"])
     out: dict[str, Any] = {"a": f"{args.a} ({ckpt_a}, {args.decoder})", "b": f"{args.b} ({ckpt_b}, {dec_b})", "users": n,
                            "sample": bool(args.max_users), "command": "python -m experiments.paired " + shlex.join(sys.argv[1:])}
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         mean, lo, hi = paired_bootstrap(a[m], b[m], seed=args.seed)
         base = float(b[m].mean())
         out[m] = {"a": float(a[m].mean()), "b": base, "diff": mean, "ci": [lo, hi], "relative": mean / base if base else None}
-        lines.append(f"| {m} | {a[m].mean():.4f} | {base:.4f} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {mean / base:+.1%} |")
+        rel = f"{mean / base:+.1%}" if base else "n/a"
+        lines.append(f"| {m} | {a[m].mean():.4f} | {base:.4f} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {rel} |")
     lines += ["", "Command:", "", f"    {out['command']}", ""]
     text = "\n".join(lines)
     print(text)

@@ -101,3 +101,23 @@ def test_a_run_from_before_the_option_resumes_only_without_an_average(runs: dict
     more = replace(runs["options"], max_epochs=3)
     with pytest.raises(ValueError, match=r"changed ema: 0.8 -> 0.0"):  # and a run with one keeps it
         train_run(runs["data"], runs["ids"], runs["ref"], replace(more, ema=0.0), resume=True)
+
+
+def test_the_command_line_resumes_a_default_run_from_before_the_option(runs: dict[str, Any], tmp_path: Any) -> None:
+    """``semid train --resume`` rebuilds the options from config.yaml: a default-preset run without ``ema`` there
+    trained without an average and must resume without one (not be refused for today's default 0.999)."""
+    from generator.runs.folder import read_config, write_config
+    from generator.runs.train import train_run
+    from semid_cli import main
+
+    run = tmp_path / "run"
+    options = replace(runs["options"], preset="causal", ema=0.0, max_epochs=1, model_options=None)
+    train_run(runs["data"], runs["ids"], run, options)
+    config = read_config(run)
+    del config["train"]["ema"]
+    write_config(run, config)
+    argv = ["train", "--data", str(runs["data"]), "--ids", str(runs["ids"]), "--out", str(run), "--resume",
+            "--max-epochs", "2", "--final-val-users", "0"]
+    assert main(argv) == 0
+    assert read_config(run)["train"]["ema"] == 0.0 and safe_load(run / "checkpoints" / "last.ckpt")["epoch"] == 2
+    assert "current_model_state" not in safe_load(run / "checkpoints" / "last.ckpt")  # no average switched on

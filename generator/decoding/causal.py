@@ -217,7 +217,7 @@ class EdgeLevels:
         degree = torch.where(nodes >= 0, self.index.child_start[level][node + 1] - start, 0)  # (R,)
         pair_row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,) one per child
         first = torch.cumsum(degree, 0) - degree  # each row's first pair
-        child = start[pair_row] + torch.arange(pair_row.numel(), device=node.device) - first[pair_row]  # (C,) depth-(l + 1) nodes
+        child = torch.arange(pair_row.numel(), device=node.device) + torch.repeat_interleave(start - first, degree)  # (C,) depth-(l + 1) nodes
         vectors, A, C = self.tables.vectors[level], self.tables.vectors[level].shape[0], pair_row.numel()
         slot = self.slots[level][child]  # (C,) table row, A: an only child
         edge = self.hq.new_zeros(child.shape)

@@ -216,8 +216,14 @@ class TrainOptions:
 # options that change what is trained: a resumed run must keep them (val_users, num_beams and decoder define the
 # validation score that selects best.ckpt: changing them mid-run would compare checkpoints scored differently)
 FIXED_ON_RESUME = tuple(f.name for f in fields(TrainOptions) if f.metadata["fixed"])
-# what a run trained before one of them existed had (its config.yaml lacks the key): a resume compares with this
+# what a run trained before one of them existed had (its config.yaml lacks the key)
 BEFORE_OPTION = {"ema": 0.0}
+
+
+def stored_options(train: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored ``train`` options (config.yaml), with ``BEFORE_OPTION`` for the keys a run from before an
+    option lacks: a resume keeps what the run trained with, not today's default."""
+    return {**BEFORE_OPTION, **train}
 _HINTS = typing.get_type_hints(TrainOptions)
 _KIND_OF_TYPE = {str: "str", int: "int", float: "num", bool: "bool", dict: "dict"}
 
@@ -256,8 +262,12 @@ def default_text(name: str) -> str:
         return f"(default {own:g})" if isinstance(own, float) else f"(default {own})"
     values = list(per.values())
     text = str(values[0]) if all(v == values[0] for v in values) else ", ".join(f"{v} {'T5' if n == 't5' else n}" for n, v in per.items())
-    presets = [f"{v[name]} with the preset {p}" for d in ids_designs for p, v in d.preset_defaults.items() if name in v]
-    return f"(default {text}{'; ' if presets else ''}{'; '.join(presets)})"
+    first = TrainOptions.__dataclass_fields__["preset"].default  # the default preset's own value leads
+    over = {p: v[name] for d in ids_designs for p, v in d.preset_defaults.items() if name in v}
+    rest = "".join(f"; {v} with the preset {p}" for p, v in over.items() if p != first)
+    if first in over:
+        return f"(default {over[first]} with the default preset {first}, else {text}{rest})"
+    return f"(default {text}{rest})"
 
 
 def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None:

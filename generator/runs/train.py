@@ -51,7 +51,7 @@ from generator.runs.folder import (
     read_config,
     write_config,
 )
-from generator.runs.options import BEFORE_OPTION, FIXED_ON_RESUME, TrainOptions, parse_max_time
+from generator.runs.options import FIXED_ON_RESUME, TrainOptions, parse_max_time, stored_options
 from generator.runs.out_folder import check_train_out
 from generator.runs.recommender import on_device
 from generator.training.callbacks import (
@@ -118,8 +118,7 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
     stored = read_config(out)
     if stored.get("ids_digest") != ids_digest(ids):
         raise ValueError(f"{out}: this run was trained with other semantic IDs than the ones given; resume with its own {IDS_FILE}")
-    old = stored.get("train", {})
-    old = {**{k: v for k, v in BEFORE_OPTION.items() if k not in old}, **old}
+    old = stored_options(stored.get("train", {}))
     changed = [k for k in FIXED_ON_RESUME if k in old and old[k] != getattr(options, k)]
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(options, k)!r}" for k in changed)

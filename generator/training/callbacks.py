@@ -35,9 +35,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def ema_update(decay: float) -> Callable[..., None]:
     """``AveragedModel``'s ``multi_avg_fn`` for an exponential moving average (torch's ``get_ema_multi_avg_fn`` with a
     warm-up): each update moves the average towards
-    the weights by ``1 - d`` in one fused call per dtype, where ``d = min(decay, (1 + n) / (10 + n))`` after ``n``
-    updates, so the random initial weights do not linger in the average of a short run (a 0.999 average is still 37%
-    initialisation after 1,000 steps without it)."""
+    the weights by ``1 - d`` in one fused call per dtype, where ``d = min(decay, (1 + n) / (10 + n))`` and ``n`` counts
+    the updates before (``AveragedModel``'s first one copies the weights), so the random initial weights do not linger
+    in the average of a short run (a 0.999 average is still 37% initialisation after 1,000 steps without it). It
+    touches every weight at each step, the tables that ``sparse_tables`` updates row by row included."""
     if not 0 < decay < 1:
         raise ValueError(f"the EMA decay must be in (0, 1), got {decay!r}")
 
