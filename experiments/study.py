@@ -80,6 +80,13 @@ LEVERS: dict[str, dict[str, Any]] = {
     "default+ema-0.999": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999},
     # the average's horizon doubled (about 2,000 steps against 1,000)
     "default+ema-0.9995": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.9995},
+    # the plateau from ~epoch 25 while the training loss falls reads as the item-level parameters (the ID row, a node
+    # vector per tree node) learning the training targets: drop node vectors so the codes must score an item too, or
+    # decay every matrix (the tables included) four times as hard
+    "default+node-dropout-0.2": {"model_options": {**DEFAULT_128, "node_dropout": 0.2}, "label_smoothing": 0.1,
+                                 "ema": 0.999},
+    "default+weight-decay-0.2": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999,
+                                 "weight_decay": 0.2},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},
