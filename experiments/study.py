@@ -81,12 +81,13 @@ LEVERS: dict[str, dict[str, Any]] = {
     # the average's horizon doubled (about 2,000 steps against 1,000)
     "default+ema-0.9995": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.9995},
     # the plateau from ~epoch 25 while the training loss falls reads as the item-level parameters (the ID row, a node
-    # vector per tree node) learning the training targets: drop node vectors so the codes must score an item too, or
-    # decay every matrix (the tables included) four times as hard
+    # vector per tree node) learning the training targets: drop node vectors so the codes must score an item too
     "default+node-dropout-0.2": {"model_options": {**DEFAULT_128, "node_dropout": 0.2}, "label_smoothing": 0.1,
                                  "ema": 0.999},
-    "default+weight-decay-0.2": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999,
-                                 "weight_decay": 0.2},
+    # the item's text embedding (MiniLM, the one its IDs were fitted on) projected into its input vector and its dense
+    # vector (`--dense both`): what the text says about a tail item reaches the backbone and the dense head directly,
+    # not only through the four codes
+    "default+content": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999, "dense": "both"},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},
