@@ -11,6 +11,15 @@ from pathlib import Path
 EXPECT_SHA256_SOURCE = "(a file from `semid digest --run RUN`, or its --combined hex)"
 
 
+def positive_users(text: str) -> int | None:
+    """A sample of users: a positive int, or "all" (None). ``--max-users`` and ``--eval-users`` take it."""
+    if text == "all":
+        return None
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int (users sampled) or 'all', got {text!r}")
+    return int(text)
+
+
 def add_run(p: argparse.ArgumentParser) -> None:
     """``--run RUN``, required: the run folder the command reads."""
     p.add_argument("--run", required=True, type=Path, help="run folder (from `semid train`)")

@@ -25,23 +25,11 @@ from semid.codebooks import CODEBOOK_FILES
 from semid.data import format_summary, load_dataset, summary
 from semid.io import atomic_target_name, folder_lock, write_json
 from semid.split import leave_one_out
-from semid_cli.args import add_progress
+from semid_cli.args import add_progress, positive_users
 from semid_cli.console import epoch_lines, progress_default, quiet_lightning
 
 EMBEDDINGS = "minilm"
 DEMO_ENTRIES = ("data_summary.json", "ids", "run")  # all the demo writes into --out
-
-
-def _users(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}")
-    return value
 
 
 DESCRIPTION = __doc__
@@ -53,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for everything the demo writes (default runs/demo)")
     p.add_argument("--embeddings", default=EMBEDDINGS, help=f"use DATA/item_emb_<NAME>.npy (default {EMBEDDINGS})")
     p.add_argument("--max-time", default="00:08:00", help="training wall-clock budget HH:MM:SS (default 00:08:00)")
-    p.add_argument("--eval-users", type=_users, default=None,
+    p.add_argument("--eval-users", type=positive_users, default=None,
                    help="test (and final validation) users evaluated: a number for a seeded sample, or all (default all, about 20 s)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     add_progress(p, "show progress bars (default: on a terminal, else one line per epoch)")

@@ -10,18 +10,8 @@ import torch
 
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, positive_users
 from semid_cli.console import progress_default
-
-
-def _users(text: str) -> int | None:
-    """``--max-users``: a positive int, or "all" (argparse would say "invalid _users value" for anything else)."""
-    if text == "all":
-        return None
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int (users sampled) or 'all', got {text!r}")
-    return int(text)
-
 
 DESCRIPTION = (
     "Leave-one-out evaluation of a run's best checkpoint over the whole catalogue. Prints the "
@@ -34,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--k", default="5,10", help="cut-offs, comma-separated (default 5,10)")
     p.add_argument("--num-beams", type=int, default=20, help="beams (>= the largest k; default 20)")
-    p.add_argument("--max-users", type=_users, default=None, help="a seeded sample of this many users (default all)")
+    p.add_argument("--max-users", type=positive_users, default=None, help="a seeded sample of this many users (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
     add_decoder(p)

@@ -18,9 +18,10 @@ def test_demo_without_embeddings_names_the_file_and_the_fix(tiny_dataset_dir, tm
 def test_demo_eval_users_takes_a_count_or_all(tiny_dataset_dir, tmp_path, capsys):
     import pytest
 
-    with pytest.raises(SystemExit):
-        main(["demo", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "out"), "--eval-users", "0"])
-    assert "expected a positive int or 'all', got '0'" in capsys.readouterr().err
+    for bad in ("0", " 5", "\u0665"):  # the same rule as evaluate's --max-users: ASCII digits only (int() takes these two)
+        with pytest.raises(SystemExit):
+            main(["demo", "--data", str(tiny_dataset_dir), "--out", str(tmp_path / "out"), "--eval-users", bad])
+        assert f"argument --eval-users: must be a positive int (users sampled) or 'all', got {bad!r}" in capsys.readouterr().err
     from semid_cli import build_parser
 
     assert build_parser("demo").parse_args(["demo"]).eval_users is None  # all test users by default
