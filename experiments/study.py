@@ -88,6 +88,12 @@ LEVERS: dict[str, dict[str, Any]] = {
     # vector (`--dense both`): what the text says about a tail item reaches the backbone and the dense head directly,
     # not only through the four codes
     "default+content": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999, "dense": "both"},
+    # the test plateau from ~15 CPU-minutes leaves step time to spend: the dense head's full softmax (width 64 at 60
+    # minutes: beam 0.0694 with it against 0.0680 sampled), and on it the dense head's softmax as the code head's soft
+    # target level by level (lost at 15 minutes at width 64, when a step's extra cost still mattered)
+    "default+full-dense": {"model_options": {**DEFAULT_128, "dense_loss": "full"}, "label_smoothing": 0.1, "ema": 0.999},
+    "default+full-dense+distill-0.5": {"model_options": {**DEFAULT_128, "dense_loss": "full", "distill": 0.5},
+                                       "label_smoothing": 0.1, "ema": 0.999},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},
