@@ -194,6 +194,21 @@ WHY: dict[str, str] = {
     "the 15-minute checkpoint is the same (beam R@10 / N@10 0.0725 / 0.0432); at 30 0.0723 / 0.0442 (the same), at 60 "
     "0.0736 / 0.0452 against 0.999's 0.0733 / 0.0451, dense 0.0737 against 0.0742: level within noise, so the default "
     "keeps 0.999.",
+    "default+content": "dropped, stopped after ~35 CPU-minutes (10,031 steps) to give its core to the other levers: "
+                       "the default with each item's MiniLM text embedding projected into its input vector and its dense "
+                       "vector (`--dense both`). Test beam R@10 / N@10 0.0730 / 0.0429 at 15 and 0.0721 / 0.0444 at 30 "
+                       "CPU-minutes against the default's 0.0725 / 0.0432 and 0.0723 / 0.0442; dense 0.0741 and 0.0732 "
+                       "against 0.0735 and 0.0719: level. Validation (1,000 users) peaked early (beam N@10 0.0531, the "
+                       "default 0.0567) and fell while the training loss fell: the text adds capacity the training "
+                       "targets use, not knowledge the test targets need; the item's four codes already carry what the "
+                       "text says about it (they are fitted on the same embedding).",
+    "default+full-dense+distill-0.5": "dropped, stopped after ~32 CPU-minutes: the full-softmax dense head with its "
+                       "softmax as half the code head's target, level by level, on the EMA default. A step costs about "
+                       "twice the default's (2,240 steps at 15 CPU-minutes, 4,416 at 30, against 4,682 and 9,046). Test "
+                       "beam R@10 / N@10 0.0671 / 0.0370 at 15 and 0.0721 / 0.0415 at 30 against the default's 0.0725 / "
+                       "0.0432 and 0.0723 / 0.0442: the beam catches up only slowly, and its NDCG stays below. Its dense "
+                       "head is the best measured at 30 (0.0749 / 0.0453 against 0.0719 / 0.0438): the distillation "
+                       "teaches the tree less than the full softmax teaches the backbone.",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
