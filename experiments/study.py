@@ -194,6 +194,13 @@ WHY: dict[str, str] = {
     "the 15-minute checkpoint is the same (beam R@10 / N@10 0.0725 / 0.0432); at 30 0.0723 / 0.0442 (the same), at 60 "
     "0.0736 / 0.0452 against 0.999's 0.0733 / 0.0451, dense 0.0737 against 0.0742: level within noise, so the default "
     "keeps 0.999.",
+    "default+node-dropout-0.2": "dropped: the EMA default with each (position, child) node vector dropped with "
+                       "probability 0.2 in the code head's training, so an item's codes must score it without its "
+                       "item-level vectors too. Test beam R@10 / N@10 0.0725 / 0.0436 at 15, 0.0730 / 0.0440 at 30, "
+                       "0.0721 / 0.0444 at 60 CPU-minutes against the default's 0.0725 / 0.0432, 0.0723 / 0.0442, 0.0733 / "
+                       "0.0451; dense 0.0749, 0.0737, 0.0736 (default 0.0735, 0.0719, 0.0742); hybrid 0.0774 / 0.0466 at "
+                       "60 (0.0774 / 0.0469). Level at every budget: the node vectors are not what holds the beam at its "
+                       "plateau.",
     "default+content": "dropped, stopped after ~35 CPU-minutes (10,031 steps) to give its core to the other levers: "
                        "the default with each item's MiniLM text embedding projected into its input vector and its dense "
                        "vector (`--dense both`). Test beam R@10 / N@10 0.0730 / 0.0429 at 15 and 0.0721 / 0.0444 at 30 "
