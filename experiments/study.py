@@ -209,6 +209,14 @@ WHY: dict[str, str] = {
                        "default 0.0567) and fell while the training loss fell: the text adds capacity the training "
                        "targets use, not knowledge the test targets need; the item's four codes already carry what the "
                        "text says about it (they are fitted on the same embedding).",
+    "default+full-dense": "dropped: the EMA default with the dense head's full softmax over the catalogue instead of the "
+                       "sampled one (a step costs ~1.7x: 10,609 steps in 60 CPU-minutes against 17,459). Test beam R@10 / "
+                       "N@10 0.0709 / 0.0408 at 15, 0.0710 / 0.0434 at 30, 0.0721 / 0.0441 at 60 against the default's "
+                       "0.0725 / 0.0432, 0.0723 / 0.0442, 0.0733 / 0.0451: the beam is below at every budget. The dense "
+                       "head is above the default's at 15 and 30 (0.0756 / 0.0442 and 0.0754 / 0.0455 against 0.0735 / "
+                       "0.0446 and 0.0719 / 0.0438), level at 60 (0.0744 against 0.0742); hybrid 0.0769 / 0.0464 at 60 "
+                       "(0.0774 / 0.0469). What the full softmax gives the dense head it does not give the backbone "
+                       "states the code head reads, and it costs the code head steps.",
     "default+full-dense+distill-0.5": "dropped, stopped after ~32 CPU-minutes: the full-softmax dense head with its "
                        "softmax as half the code head's target, level by level, on the EMA default. A step costs about "
                        "twice the default's (2,240 steps at 15 CPU-minutes, 4,416 at 30, against 4,682 and 9,046). Test "
