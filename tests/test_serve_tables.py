@@ -136,14 +136,25 @@ def test_recommender_releases_only_a_model_it_owns(serve_world: dict[str, Path])
 
 
 def test_evaluate_cli_takes_the_table_dtype(serve_world: dict[str, Path], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+                                            capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     import json
     import shutil
 
+    import generator.runs.evaluate as evaluate_module
+
+    built, real = [], evaluate_module.decoders_for
+
+    def spy(run: object, names: list[str], **options: object) -> dict:
+        out = real(run, names, **options)
+        built.append((options["table_dtype"], options["release_tables"], out[names[0]].shared.tables.vectors[1].dtype))
+        return out
+
+    monkeypatch.setattr(evaluate_module, "decoders_for", spy)
     run = tmp_path / "run"
     shutil.copytree(serve_world["v1"], run)
     assert main(["evaluate", "--run", str(run), "--decoder", "beam", "--max-users", "20", "--table-dtype", "float16",
                  "--no-progress"]) == 0
+    assert built == [("float16", True, torch.float16)]  # the loaded run's decoders: 16-bit, its model released
     out = json.loads((run / "metrics_test_sample20.json").read_text())
     assert out["table_dtype"] == "float16" and out["users_evaluated"] == 20
     with pytest.raises(SystemExit):
