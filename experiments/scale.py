@@ -24,8 +24,11 @@ Each (size, phase) runs in its own process, so its peak memory (``ru_maxrss``) i
   per wall-clock second too, in the JSON) for ``beam`` (20 beams), ``exact`` (chunked under a 256 MiB budget),
   ``dense`` exact (torch, chunked), and with ``faiss`` in ``--decoders`` faiss ``IndexFlatIP`` and the approximate
   IVF (sqrt(N) lists, 32 probed and 128), whose recall@10 against exact is reported. Memory: the model's tensors,
-  the decoders' (paths, edge tables, item vectors), and the process's peak after the model, after the build and at
-  the end (serving). The phase builds the model from the IDs alone (no catalogue, no training windows).
+  the decoders' (paths, edge tables, item vectors), the process's peak after the model, after the build and at
+  the end (serving), what the model keeps after the build (its N-row tables released as a served run's are;
+  ``--keep-model-tables`` keeps them, and passes the old code nothing new) and the process's RSS at the end
+  (serving RSS). ``--table-dtype`` stores the serving tables in 16 bits. The phase builds the model from the IDs
+  alone (no catalogue, no training windows).
 
 Writes ``experiments/results/scale.md`` and ``scale.json``.
 """
