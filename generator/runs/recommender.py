@@ -123,7 +123,7 @@ class Recommender:
                  device: str | torch.device | None = None, data: str | os.PathLike[str] | None = None,
                  cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None, maps: bool = True,
                  table_dtype: str = "float32", release_tables: bool | None = None) -> None:
-        if release_tables not in (None, True, False):
+        if release_tables is not None and not isinstance(release_tables, bool):
             raise TypeError(f"`release_tables` must be a bool or None, got {release_tables!r}")
         given, run = run, on_device(run, device)
         release = run is not given if release_tables is None else release_tables
