@@ -21,7 +21,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from generator.decoding import registry
-from generator.decoding.causal import CausalDecoders
+from generator.decoding.causal import CausalDecoders, item_paths
 from generator.decoding.grounding import CODES_GROUNDED, GroundedCodeDecoders, free_code_beam
 from generator.decoding.protocol import Histories
 from generator.decoding.registry import CAUSAL, Ingredients
@@ -87,8 +87,7 @@ def causal_outputs(out: dict) -> None:
             out[f"causal/{seed}/registry/{name}"] = ranking(registry.build(ing, name)(hist, 5))
         # the code loss (without node vectors it runs the masked log-softmax)
         rows = torch.arange(min(n, 12))
-        paths = dec.paths
-        nodes = paths.nodes[rows]
+        nodes = item_paths(model, tree).nodes[rows]  # the decoders keep no `nodes` (serving_paths)
         allowed = [tree.allowed_mask(nodes[:, lv], token_range=model.layout.level_range(lv)) for lv in range(model.layout.num_levels)]
         hq = model.level_queries(torch.randn(rows.numel(), CFG.d_model, generator=torch.Generator().manual_seed(seed + 9)))
         with torch.no_grad():

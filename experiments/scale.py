@@ -24,8 +24,11 @@ Each (size, phase) runs in its own process, so its peak memory (``ru_maxrss``) i
   per wall-clock second too, in the JSON) for ``beam`` (20 beams), ``exact`` (chunked under a 256 MiB budget),
   ``dense`` exact (torch, chunked), and with ``faiss`` in ``--decoders`` faiss ``IndexFlatIP`` and the approximate
   IVF (sqrt(N) lists, 32 probed and 128), whose recall@10 against exact is reported. Memory: the model's tensors,
-  the decoders' (paths, edge tables, item vectors), and the process's peak after the model, after the build and at
-  the end (serving). The phase builds the model from the IDs alone (no catalogue, no training windows).
+  the decoders' (paths, edge tables, item vectors), the process's peak after the model, after the build and at
+  the end (serving), what the model keeps after the build (its N-row tables released as a served run's are;
+  ``--keep-model-tables`` keeps them, and passes the old code nothing new) and the process's RSS at the end
+  (serving RSS). ``--table-dtype`` stores the serving tables in 16 bits. The phase builds the model from the IDs
+  alone (no catalogue, no training windows).
 
 Writes ``experiments/results/scale.md`` and ``scale.json``.
 """
@@ -189,12 +192,14 @@ def tensor_mb(*objs: object) -> float:
     return sum(walk(o) for o in objs) / 2**20
 
 
-def phase_decode(size: str, work: Path, users: int, decoders: list[str]) -> dict:
+def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_dtype: str = "float32",
+                 keep_tables: bool = False) -> dict:
     from generator.decoding.causal import CausalDecoders
     from generator.decoding.mips import dense_index
 
     system, _, ids, tree = _model(size, work, "full", with_windows=False)
     model = system.model.eval()
+    del system  # the model is all the decoders read (the training system holds nothing else of size here)
     N = len(ids.item_ids)
     g = torch.Generator().manual_seed(SEED)
     h = torch.randn(users, model.config.d_model, generator=g)
@@ -202,10 +207,15 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str]) -> dict
                  "model_mb": tensor_mb(list(model.parameters()), list(model.buffers())), "model_peak_mb": peak_mb()}
     rss = rss_mb()
     start, cpu = time.perf_counter(), time.process_time()
-    dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=20, dense_index="exact").refresh()
+    # the options only where they are not the defaults, so that this harness also measures code from before them
+    options = {} if table_dtype == "float32" else {"table_dtype": table_dtype}
+    dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=20, dense_index="exact", **options)
+    dec = dec.refresh() if keep_tables else dec.refresh(release=True)
     out["build_s"], out["build_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
     out["build_peak_mb"] = peak_mb()
-    out["build_rss_added_mb"] = rss_mb() - rss  # what the decoders keep: paths, edge tables, item vectors
+    out["build_rss_added_mb"] = rss_mb() - rss  # what the decoders keep (paths, edge tables, item vectors), less what was freed
+    out["model_after_mb"] = tensor_mb(list(model.parameters()), list(model.buffers()))  # what serving keeps of the model
+    out["table_dtype"], out["kept_model_tables"] = table_dtype, keep_tables
     out["paths_mb"], out["tables_mb"] = tensor_mb(dec.paths, dec.edge_slots), tensor_mb(dec.tables)
     out["vectors_mb"] = tensor_mb(dec._vectors)
 
@@ -237,6 +247,7 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str]) -> dict
             hits = (found.unsqueeze(2) == exact_items.unsqueeze(1)).any(2).float().sum(1)  # (B,) of the exact top 10
             out[f"{key}_recall@10"] = float((hits / 10).mean())
     out["serve_peak_mb"] = peak_mb()
+    out["serve_rss_mb"] = rss_mb()  # the serving process now: the model's rest, tree, IDs, decoders, Python and torch
     out["items"] = N
     return out
 
@@ -244,7 +255,8 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str]) -> dict
 # ---- the driver ------------------------------------------------------------------------------------------------------
 def run_phase(size: str, phase: str, work: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "experiments.scale", "--phase", phase, "--size", size, "--work", str(work),
-           "--steps", str(args.steps), "--users", str(args.users), "--decoders", args.decoders]
+           "--steps", str(args.steps), "--users", str(args.users), "--decoders", args.decoders,
+           "--table-dtype", args.table_dtype, *(["--keep-model-tables"] if args.keep_model_tables else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -270,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
                    "process on one thread; the decode phase's rates are per CPU second)")
     p.add_argument("--ids", type=Path, help="keep the codebooks phase's semantic IDs in this folder and read them from "
                    "there (a later run may then leave the codebooks phase out); default: a temporary folder")
+    p.add_argument("--table-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="decode: the serving tables' storage (edge tables, item vectors)")
+    p.add_argument("--keep-model-tables", action="store_true", help="decode: keep the model's N-row tables after the "
+                   "build (the behaviour before they were released; default: released as a served run does)")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -284,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.phase == "codebooks":
             out = phase_codebooks(args.size, args.work)
         elif args.phase == "decode":
-            out = phase_decode(args.size, args.work, args.users, decoders)
+            out = phase_decode(args.size, args.work, args.users, decoders, args.table_dtype, args.keep_model_tables)
         else:
             out = phase_train(args.size, args.work, args.phase.split("-")[1], args.steps)
         print(json.dumps(out))

@@ -65,11 +65,14 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
             L.append(f"| {_label(size)} | {label} | {_f(pos)} | {t['ms_step']:.0f} | {_f(per_k)} | {t['ms_fwd_bwd']:.0f} | {t['ms_opt']:.0f} | "
                      f"{t['params_m']:.1f} | {t['peak_mb']:.0f} |")
     if "decode" in ran:
-        L += ["", f"## Decoding ({args.users} users, k = 10, one thread; users per CPU second)", "",
+        kept = "kept" if getattr(args, "keep_model_tables", False) else "released after the build"
+        L += ["", f"## Decoding ({args.users} users, k = 10, one thread; users per CPU second; serving tables "
+              f"{getattr(args, 'table_dtype', 'float32')}, the model's N-row tables {kept})", "",
               "| items | build CPU s (paths, tables) | beam users/s (20 beams) | exact users/s (chunked, 256 MiB) | dense exact users/s (torch) "
               "| dense IndexFlatIP users/s | IVF build s | dense IVF users/s (32 / 128 lists probed) | IVF recall@10 vs exact (32 / 128) "
-              "| model MB | decoders MB (paths / edge tables / item vectors) | peak MB after model / build / serving |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| model MB | decoders MB (paths / edge tables / item vectors) | peak MB after model / build / serving "
+              "| model MB kept after the build | serving RSS MB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
         if "decode" not in r:
             continue
@@ -83,7 +86,8 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
                  f"{_f(g('dense_ivf_users_s'))} / {_f(g('dense_ivf128_users_s'))} | "
                  f"{_f(g('ivf_recall@10'), '.3f')} / {_f(g('ivf128_recall@10'), '.3f')} | {_f(g('model_mb'))} | "
                  f"{_f(g('paths_mb'))} / {_f(g('tables_mb'))} / {_f(g('vectors_mb'))} | "
-                 f"{_f(g('model_peak_mb'))} / {_f(g('build_peak_mb'))} / {_f(g('serve_peak_mb'))} |")
+                 f"{_f(g('model_peak_mb'))} / {_f(g('build_peak_mb'))} / {_f(g('serve_peak_mb'))} | "
+                 f"{_f(g('model_after_mb'))} | {_f(g('serve_rss_mb'))} |")
     text = "\n".join(L) + "\n"
     print(text)
     out_dir.mkdir(exist_ok=True)

@@ -10,7 +10,14 @@ import torch
 
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, positive_users
+from semid_cli.args import (
+    add_decoder,
+    add_expect_sha256,
+    add_run,
+    add_run_data,
+    add_table_dtype,
+    positive_users,
+)
 from semid_cli.console import progress_default
 
 DESCRIPTION = (
@@ -29,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
     add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
+    add_table_dtype(p)
     add_run_data(p)
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")
     add_expect_sha256(p)
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         m = evaluate_run(
             args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
             batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
-            device=args.device, progress=progress_default(args.progress), alpha=args.alpha,
+            device=args.device, progress=progress_default(args.progress), alpha=args.alpha, table_dtype=args.table_dtype,
         )
     except DecoderError as e:  # a RuntimeError, which semid_cli.main does not catch
         if args.debug:

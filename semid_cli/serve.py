@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, add_table_dtype
 
 
 def _positive_int(text: str) -> int:
@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=_ms, default=5.0, help="longest a request waits for others to join its batch "
                    "(default 5; a lone client does not wait)")
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads of the decoding worker (default 1)")
+    add_table_dtype(p)
     add_run_data(p, " for titles and asins")
     add_expect_sha256(p, "(`semid digest --run RUN`); a reload must then send the new digest")
     p.add_argument("--admin-token", default=os.environ.get("SEMID_ADMIN_TOKEN"), help="let non-loopback clients that send "
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
 
     def load() -> Recommender:
-        return Recommender.from_run(args.run, decoder=args.decoder, data=args.data)
+        return Recommender.from_run(args.run, decoder=args.decoder, data=args.data, table_dtype=args.table_dtype)
 
     holder = Holder(load, args.run, served=Served.build(load()), pinned=args.expect_sha256 is not None)
     app = create_app(holder, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,

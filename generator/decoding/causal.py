@@ -1,7 +1,7 @@
 """Decoders of the causal generator: constrained beam search, exact ranking, dense MIPS, and their hybrid.
 
-:class:`CausalDecoders` holds what the decoders of one model share (item paths, edge tables, item vectors) and
-ranks from the model's states after each history, ``h`` (B, D); :class:`StateDecoder` is one of them by name as a
+:class:`CausalDecoders` holds what the decoders of one model share (item paths, edge tables, item vectors; built
+in :mod:`generator.decoding.paths`, optionally 16-bit, the model's N-row tables then freed for serving) and ranks from the model's states after each history, ``h`` (B, D); :class:`StateDecoder` is one of them by name as a
 :class:`~generator.decoding.protocol.Decoder` (histories in, :class:`Ranking` out):
 
 - ``beam``: the one beam search (:mod:`generator.decoding.beam`) over the prefix tree on :class:`CausalLevels`:
@@ -22,8 +22,6 @@ length l + 1), P_l parents (prefixes of length l).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from generator.decoding.beam import TreeConstraint, leaf_search
@@ -37,6 +35,18 @@ from generator.decoding.chunked import (
 )
 from generator.decoding.fusion import Parts, fused_ranking
 from generator.decoding.mips import DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
+from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES, edge_tables, item_paths: re-exported)
+    EDGE_CHUNK,
+    TABLE_DTYPES,
+    EdgeTables,
+    ItemPaths,
+    check_table_dtype,
+    edge_slots,
+    edge_tables,
+    item_paths,
+    serving_paths,
+    table_product,
+)
 from generator.decoding.protocol import (
     INNER_PRODUCT,
     LOG_LIKELIHOOD,
@@ -46,104 +56,11 @@ from generator.decoding.protocol import (
     check_k,
 )
 from generator.models.causal import CausalGenerator
-from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
-EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build
 DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is at most this many times its pairs
 DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
-
-
-class ItemPaths(NamedTuple):
-    """Each item's path through the prefix tree (rows follow the semantic IDs' rows), from the items' prefix index
-    (:class:`semid.prefix_index.PrefixIndex`; edges of level l are its depth-(l + 1) nodes).
-
-    tokens: LongTensor (N, L) code tokens; nodes: LongTensor (N, L + 1), the tree node after l code tokens (0 = root).
-    index:         the items' ``PrefixIndex``: level l's edges are its nodes of depth l + 1 (``index.parent[l]`` (E_l,)
-                   their parents in [0, P_l), ``index.code[l]`` their codes).
-    parent_tokens: per level l a LongTensor (P_l, l), the tokens of each parent prefix.
-    norm_edge:     per level l a BoolTensor (E_l,): the edge is in its parent's normaliser: it leads to an item the
-                   model was trained with, or its parent has no such edge (a node that only added items reach).
-    active:        per level l a LongTensor (A_l,): the edges whose parent has two or more (an only child has
-                   log-probability 0, so exact scoring skips it); active_parent: (A_l,) their parents renumbered
-                   0..; item_slot: (N,) the item's edge among the active ones, A_l for an only child.
-    """
-
-    tokens: torch.Tensor
-    nodes: torch.Tensor
-    index: PrefixIndex
-    parent_tokens: list[torch.Tensor]
-    norm_edge: list[torch.Tensor]
-    active: list[torch.Tensor]
-    active_parent: list[torch.Tensor]
-    item_slot: list[torch.Tensor]
-
-
-def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
-    """The model's items' paths from their prefix index; ``tree`` is their prefix tree (its node numbers are ``nodes``)."""
-    tokens = model.item_tokens[1:].to(tree.device)
-    N, L = tokens.shape
-    index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tree.device)
-    want, held = torch.cat([index.offsets.diff(), torch.tensor([N], device=tree.device)]), torch.bincount(tree.node_depth)
-    if not torch.equal(held, want):
-        raise ValueError(f"the prefix tree has {held.tolist()} nodes per depth, the model's items make {want.tolist()}: "
-                         "tree and model disagree")
-    parent_tokens, norm_edge, active, active_parent, item_slot = [], [], [], [], []
-    for level in range(L):  # loop over levels
-        parent = index.parent[level]
-        parent_tokens.append(tokens[index.first_item[level], :level])
-        trained = index.first_item[level + 1] < model.trained_items  # rows of added items come after the trained ones
-        norm_edge.append(trained | (index.first_item[level] >= model.trained_items)[parent])  # or a parent no trained item has
-        multi = torch.bincount(parent, minlength=index.keys[level].numel())[parent] > 1  # (E_l,) the edge has siblings
-        act = torch.nonzero(multi).squeeze(1)
-        _, act_parent = torch.unique(parent[act], return_inverse=True)
-        slot = torch.where(multi, torch.cumsum(multi, 0) - 1, act.numel())  # an edge's rank among the active ones
-        active.append(act)
-        active_parent.append(act_parent)
-        item_slot.append(slot[index.node[:, level + 1]])
-    return ItemPaths(tokens, index.tree_nodes(), index, parent_tokens, norm_edge, active, active_parent, item_slot)
-
-
-class EdgeTables(NamedTuple):
-    """Per level l, for the active edges (``ItemPaths.active``): vectors (A_l, D) and biases (A_l,) such that
-    edge logits = level query @ vectors.T + biases."""
-
-    vectors: list[torch.Tensor]
-    biases: list[torch.Tensor]
-
-
-@torch.no_grad()
-def edge_tables(model: CausalGenerator, paths: ItemPaths, *, chunk: int = EDGE_CHUNK) -> EdgeTables:
-    """The edge tables, ``chunk`` edges at a time: besides the tables, the build holds (chunk, D) temporaries and
-    one int64 per edge (its node-vector row), never an (edges x children) table. The last chunk ends at the level's
-    last edge (it overlaps the one before), so every product of the prefix MLP has ``chunk`` rows (or the level's
-    all): on one thread the tables are bit-identical to one pass over the level (``tests/test_edge_tables.py``;
-    BLAS takes another path for products of a few rows; several threads may round differently)."""
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
-    vectors, biases = [], []
-    weight, D = model.code_emb.weight, model.config.d_model
-    for level in range(model.layout.num_levels):  # loop over levels
-        act = paths.active[level]
-        A, lo = int(act.numel()), model.layout.level_range(level)[0]
-        parent, code = paths.index.parent[level][act], paths.index.code[level][act]  # (A_l,) each
-        rows = model.edge_node_rows(level, paths.parent_tokens[level][parent], code) if model.config.node_vectors else None
-        vec, bias = weight.new_empty(A, D), weight.new_empty(A)
-        for a in range(0, A, chunk):  # loop over chunks of edges
-            b = min(A, a + chunk)
-            a = max(0, b - chunk)  # the last chunk: `chunk` edges ending at the level's last
-            s, u = model.prefix_film(level, paths.parent_tokens[level][parent[a:b]])  # (chunk, D) each
-            token = code[a:b] + lo
-            out = weight[token]  # (chunk, D)
-            if rows is not None:
-                table = getattr(model, f"node_vec_{level}")
-                out = out + table[rows[a:b].clamp_min(0)] * (rows[a:b] >= 0).unsqueeze(-1)
-            vec[a:b] = s * out
-            bias[a:b] = (u * out).sum(-1) + model.code_bias[token]
-        vectors.append(vec)
-        biases.append(bias)
-    return EdgeTables(vectors, biases)
 
 
 def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables) -> torch.Tensor:
@@ -157,7 +74,7 @@ def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tabl
         A = int(paths.active[level].numel())
         if A == 0:
             continue  # every parent has one child here (e.g. an extra level without collisions): log-prob 0
-        logits = hq[:, level] @ tables.vectors[level].T + tables.biases[level]  # (B, A_l)
+        logits = table_product(hq[:, level], tables.vectors[level], tables.biases[level])  # (B, A_l)
         parent = paths.active_parent[level].expand(B, -1)
         P = int(paths.active_parent[level].max()) + 1
         in_norm = paths.norm_edge[level][paths.active[level]]
@@ -224,11 +141,11 @@ class EdgeLevels:
         if A:
             has, row = slot < A, slot.clamp_max(A - 1)
             if self.B * A <= min(self.dense_factor * C, DENSE_STEP_MAX):  # few edges, many pairs: one product
-                dense = self.hq[:, level] @ vectors.T + self.tables.biases[level]  # (B, A_l), as exact scoring's
+                dense = table_product(self.hq[:, level], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[pair_row // m, row], 0.0)
             else:  # a (C, D) gather: each pair's vector and its history's level query
                 q = self.hq[pair_row // m, level]
-                dot = torch.bmm(vectors[row].unsqueeze(1), q.unsqueeze(2)).view(-1)  # as the padded form's products
+                dot = torch.bmm(vectors[row].to(q.dtype).unsqueeze(1), q.unsqueeze(2)).view(-1)  # as the padded form's products
                 edge = torch.where(has, dot + self.tables.biases[level][row], 0.0)
         out = self.hq.new_full((node.numel(), hi - lo), float("-inf"))
         out[pair_row, self.index.code[level][child]] = edge
@@ -236,16 +153,6 @@ class EdgeLevels:
 
     def reorder(self, level: int, rows: torch.Tensor) -> None:
         pass  # the node is the constraint's
-
-
-def edge_slots(paths: ItemPaths) -> list[torch.Tensor]:
-    """Per level l (E_l,): each edge's row in the edge tables (its rank among the active edges), A_l for an only child."""
-    out = []
-    for level, act in enumerate(paths.active):  # loop over levels
-        slot = torch.full_like(paths.index.parent[level], act.numel())
-        slot[act] = torch.arange(act.numel(), device=act.device)
-        out.append(slot)
-    return out
 
 
 def beam_search(
@@ -268,13 +175,17 @@ class CausalDecoders:
     ``exact`` and ``dense`` hold at most ``max_score_bytes`` of (users x items) scores (:mod:`generator.decoding.chunked`).
     ``dense`` searches with ``dense_index`` (:func:`generator.decoding.mips.dense_index`: exact up to ``exact_max_items``
     items, an approximate faiss IVF visiting ``nprobe`` lists beyond, by default ``mips.default_nprobe``).
+    ``table_dtype`` stores the edge tables and item vectors in 16 bits ("float16", "bfloat16"; products in float32,
+    :mod:`generator.decoding.paths`); default "float32".
     """
 
     def __init__(self, model: CausalGenerator, tree: PrefixTree, item_ids: torch.Tensor, *, num_beams: int = 20,
                  alpha: float | None = None, num_candidates: int = 50, trained_tree: PrefixTree | None = None,
                  max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES, dense_index: str = "auto",
-                 exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int | None = None) -> None:
+                 exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int | None = None, table_dtype: str = "float32") -> None:
         self.model, self.tree, self.num_beams = model, tree, num_beams
+        self.table_dtype = table_dtype
+        check_table_dtype(table_dtype)  # a ValueError naming the choices
         self.max_score_bytes = check_budget(max_score_bytes)
         if dense_index not in DENSE_INDEXES:
             raise ValueError(f"`dense_index` must be one of {DENSE_INDEXES}, got {dense_index!r}")
@@ -299,15 +210,24 @@ class CausalDecoders:
         self.edge_slots: list[torch.Tensor] | None = None
         self._vectors: torch.Tensor | None = None
 
-    def refresh(self) -> CausalDecoders:
+    def refresh(self, *, release: bool = False) -> CausalDecoders:
+        """Build (again, after the weights changed) the paths, edge tables and item vectors. ``release`` (serving):
+        free the model's node vectors and (unless its input reads it) its dense item table as soon as the tables
+        hold what they give; the decoders here read neither, but the model can no longer build them again or score
+        codes itself (``codes-grounded``, training)."""
+        if self.model.released:
+            raise ValueError(f"the model's {', '.join(sorted(self.model.released))} were released for serving: the "
+                             "decoders cannot be built from it again; load the run again")
         device = next(self.model.parameters()).device
         self.tree = self.tree.to(device)
         self.trained_tree = None if self.trained_tree is None else self.trained_tree.to(device)
         self.item_ids = self.item_ids.to(device)
         self.paths = item_paths(self.model, self.tree)
-        self.tables = edge_tables(self.model, self.paths)
-        self.edge_slots = edge_slots(self.paths)
-        self._vectors = item_vectors(self.model) if self.model.has_dense else None
+        self.tables = edge_tables(self.model, self.paths, dtype=self.table_dtype, release=release)
+        self.paths, self.edge_slots = serving_paths(self.paths, edge_slots(self.paths))
+        self._vectors = item_vectors(self.model, dtype=self.table_dtype) if self.model.has_dense else None
+        if release and self.model.has_dense and not self.model.config.id_input:
+            self.model.release_tables([], item_table=True)
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         return self
 
@@ -353,7 +273,7 @@ class CausalDecoders:
                 items = torch.where(rows >= 0, self.item_ids[rows.clamp_min(0)], -1)
                 return Ranking(items, scores, self.codes_of_rows(rows), INNER_PRODUCT, False)
             if small:
-                scores, rows = (q @ self._vectors.T).topk(k, dim=1)
+                scores, rows = table_product(q, self._vectors).topk(k, dim=1)
             else:
                 scores, rows = dense_topk(q, self._vectors, k, max_score_bytes=self.max_score_bytes)
             return Ranking(self.item_ids[rows], scores, self.codes_of_rows(rows), INNER_PRODUCT, False)
@@ -368,7 +288,7 @@ class CausalDecoders:
         if self._vectors is None:
             raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
         exact = exact_scores(self.model, h, self.paths, self.tables)
-        dense = (self.model.dense_queries(h) @ self._vectors.T).log_softmax(1)
+        dense = table_product(self.model.dense_queries(h), self._vectors).log_softmax(1)
         return Parts(exact, dense, exact.topk(self.num_candidates, dim=1).indices, self.cold_rows.to(h.device))
 
     def history_parts(self, histories: Histories) -> Parts:

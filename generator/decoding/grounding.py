@@ -126,7 +126,9 @@ class GroundedCodeDecoders(CausalDecoders):
         self.stats = GroundingStats()
         self._grounder: CodeGrounder | None = None
 
-    def refresh(self) -> GroundedCodeDecoders:
+    def refresh(self, *, release: bool = False) -> GroundedCodeDecoders:
+        if release:  # the free code beam scores codes with the model's node vectors
+            raise ValueError("`codes-grounded` reads the model's node vectors: its decoders cannot release them")
         super().refresh()
         self._grounder = CodeGrounder(self.model, self.paths.index)  # the item paths' index: built once
         return self

@@ -118,6 +118,10 @@ class Ingredients:
     ``item_emb``).
     item_ids, codes: LongTensors (N,), (N, L) standing for ``ids`` where only they are at hand (training validation
     of the item-level models; ``ids`` may then be None).
+    table_dtype: a causal model's serving tables (edge tables, item vectors): "float32", or 16 bits ("float16",
+    "bfloat16"; ``generator.decoding.paths``). release_tables: free the causal model's N-row tables once the decoders
+    hold what they give (``CausalDecoders.refresh(release=True)``; not with ``codes-grounded``, which reads them): for
+    a model that nothing else will use.
     """
 
     backbone: str
@@ -135,6 +139,8 @@ class Ingredients:
     title: dict[str, Any] = field(default_factory=dict)
     item_ids: torch.Tensor | None = None
     codes: torch.Tensor | None = None
+    table_dtype: str = "float32"
+    release_tables: bool = False
 
     def item_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.item_ids is not None:
@@ -178,7 +184,8 @@ def _title(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
 def _causal(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
     kind = GroundedCodeDecoders if CODES_GROUNDED in wanted else CausalDecoders
     shared = kind(ing.model, ing.tree, ing.item_tensors()[0], num_beams=ing.num_beams, num_candidates=ing.num_candidates,
-                  trained_tree=ing.trained_tree).refresh()
+                  trained_tree=ing.trained_tree, table_dtype=ing.table_dtype
+                  ).refresh(release=ing.release_tables and CODES_GROUNDED not in wanted)
     shared.fusion = ing.fusion
     out: dict[str, Decoder] = {}
     for n in wanted:  # loop over names (a handful)

@@ -141,6 +141,7 @@ class CausalGenerator(nn.Module):
         pad = torch.full((1, L), layout.pad_token_id, dtype=torch.long)
         self.register_buffer("item_tokens", torch.cat([pad, item_tokens]), persistent=True)  # (N + 1, L)
         self.trained_items = int(item_tokens.shape[0])  # rows from here on were added after training (add_items)
+        self.released: set[str] = set()  # N-row tables freed for serving (release_tables)
         self.code_emb = nn.Embedding(layout.vocab_size, D, padding_idx=layout.pad_token_id)  # input and output side
         nn.init.normal_(self.code_emb.weight, std=D**-0.5)
         with torch.no_grad():
@@ -264,6 +265,7 @@ class CausalGenerator(nn.Module):
 
     def node_logits(self, level: int, q: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
         """q . N over level ``level``'s block (..., K): each known child's node vector, 0 for codes without one."""
+        self._check_held(f"node_vec_{level}")
         K = self.layout.codebook_sizes[level]
         table = getattr(self, f"node_vec_{level}")
         if getattr(self, f"parent_keys_{level}").numel() == 1:  # one parent (the root): a dense (K, D) table
@@ -280,6 +282,7 @@ class CausalGenerator(nn.Module):
     def edge_node_rows(self, level: int, parent_tokens: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Rows in ``node_vec_<level>`` of the nodes parent + (c,) for parents (E, level) and codes (E,) -> (E,); -1
         where unknown. One search per edge among the level's (parent row, code) keys: no (E, W) children table."""
+        self._check_held(f"node_vec_{level}")
         offsets = torch.tensor(self.layout.level_offsets[:level], device=parent_tokens.device)
         parent = find(getattr(self, f"parent_keys_{level}"), prefix_key(parent_tokens - offsets, self.layout.codebook_sizes))
         keys, rows = self._child_keys(level)
@@ -305,10 +308,36 @@ class CausalGenerator(nn.Module):
 
     def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(N or C rows, dense_dim): table + projected code embeddings (+ content); added items (table row 0) score too."""
+        self._check_held("item_table")
         rows1 = slice(1, None) if rows is None else rows + 1
         codes = self.code_emb(self.item_tokens[rows1]).sum(-2)  # (N, D)
         return self.dense_head.item_vectors(rows, codes=codes, content=self.content[rows1] if self.uses_content_vectors else None,
                                             sparse=self.config.sparse_tables and self.training)
+
+    # ---- serving: the N-row tables the decoders fold into their own ----------------------------------------------
+    def release_tables(self, levels: list[int] | range, *, item_table: bool = False) -> None:
+        """Free the node vectors of ``levels`` (with their child tables) and, with ``item_table``, the dense item table:
+        once the decoders' edge tables and item vectors are built from them, serving reads neither
+        (``generator.decoding.causal.CausalDecoders.refresh(release=True)``). What would read them afterwards
+        (``code_logits``, ``edge_node_rows``, ``item_vectors``) raises a ValueError; the input side must not read the
+        item table (``id_input`` False). A released model is for serving only: it cannot be trained or saved whole."""
+        if item_table and self.config.id_input:
+            raise ValueError("the model's input reads the dense item table (`id_input`): it cannot be released")
+        for level in levels if self.config.node_vectors else ():  # loop over levels
+            name = f"node_vec_{level}"
+            self._parameters[name] = nn.Parameter(getattr(self, name).new_empty(0, self.config.d_model), requires_grad=False)
+            for buf in (f"parent_keys_{level}", f"child_codes_{level}", f"child_index_{level}", f"item_node_{level}"):
+                setattr(self, buf, getattr(self, buf).new_empty(0))
+            self.released.add(name)
+        if item_table and self.has_dense:
+            head = self.dense_head
+            head.item_table = nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
+            self.released.add("item_table")
+
+    def _check_held(self, name: str) -> None:
+        if name in self.released:
+            raise ValueError(f"the model's {name} was released for serving (the decoders' edge tables and item vectors "
+                             "hold what it gave): load the run again to decode with the model itself")
 
     # ---- cold start ----------------------------------------------------------------------------------------------
     @torch.no_grad()

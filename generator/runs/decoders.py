@@ -37,7 +37,8 @@ def trained_tree(run: Any) -> PrefixTree | None:
 def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float | None = None, num_beams: int = 20,
                  num_candidates: int = 50, cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None,
                  length_penalty: float | None = None, fusion: tuple[str, dict] | float | None = None,
-                 key: dict[str, str] | None = None) -> dict[str, Decoder]:
+                 key: dict[str, str] | None = None, table_dtype: str = "float32", release_tables: bool = False
+                 ) -> dict[str, Decoder]:
     """The run's decoders by (resolved) name, on the model's device (the run's tree must be there too).
 
     Args:
@@ -48,6 +49,8 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
         key: ``fusion_store.choice_key(run)`` when the caller has it (it hashes the checkpoint file).
         cold_items, cold_options: ``cold-beam``'s cold item ids and ``ColdStartBeam`` options.
         length_penalty: title runs' length normalisation (default ``LENGTH_PENALTY``).
+        table_dtype, release_tables: a causal run's serving tables in 16 bits, and its model's N-row tables freed once
+            the decoders are built (``Ingredients``; release only a model nothing else will use).
     """
     backbone = run.design
     wanted = [registry.resolve(backbone, n) for n in names]
@@ -60,8 +63,11 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
     if run.tree.device != device:
         raise ValueError(f"the run's tree is on {run.tree.device} and its model on {device}: move both "
                          "(`generator.runs.recommender.on_device`)")
+    if backbone != CAUSAL and table_dtype != "float32":
+        raise ValueError(f"`table_dtype` {table_dtype!r} (16-bit serving tables) is for causal runs; this is a {backbone} run")
     ing = Ingredients(backbone, run.model, run.tree, run.layout, run.ids, num_beams=num_beams, num_candidates=num_candidates,
-                      cold_items=cold_items, cold_options=dict(cold_options or {}))
+                      cold_items=cold_items, cold_options=dict(cold_options or {}), table_dtype=table_dtype,
+                      release_tables=release_tables and backbone == CAUSAL)
     if "hybrid" in wanted:
         ing.fusion = (("blend", {"alpha": float(alpha)}) if alpha is not None else fusion if fusion is not None
                       else stored_fusion(run, num_candidates, key))

@@ -84,6 +84,8 @@ def evaluate(
     progress: bool = False,
     alpha: float | None = None,
     length_penalty: float | None = None,
+    table_dtype: str = "float32",
+    release_tables: bool = False,
 ) -> EvalResult:
     """Rank every (or a seeded sample of ``max_users``) user's held-out item over the whole catalogue.
 
@@ -94,6 +96,9 @@ def evaluate(
             hybrid's fusion is ``alpha``, or the one stored in RUN/hybrid.json (chosen on validation users, never
             test users, by ``semid choose-fusion``); without either, a ValueError says to choose it.
         length_penalty: title runs' length normalisation (default ``generator.decoding.titles.LENGTH_PENALTY``).
+        table_dtype: a causal run's serving tables, "float32" or 16 bits (``generator.runs.recommender.Recommender``).
+        release_tables: free the causal model's N-row tables once the decoder is built (the run given is then
+            changed: for a run loaded for this evaluation alone, as :func:`evaluate_run` does).
     """
     name = registry.resolve(run.design, decoder)
     if which == "valid" and name == "hybrid" and alpha is None:
@@ -108,7 +113,8 @@ def evaluate(
         device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device
     run = on_device(run, device)  # a copy where the model must move: the run given is left as it was
     device = next(run.model.parameters()).device
-    dec = decoders_for(run, [name], alpha=alpha, num_beams=num_beams, length_penalty=length_penalty)[name]
+    dec = decoders_for(run, [name], alpha=alpha, num_beams=num_beams, length_penalty=length_penalty, table_dtype=table_dtype,
+                       release_tables=release_tables)[name]
     rows = sample_users(split.num_users, max_users, seed)
     metrics = RankingMetrics(ks)
     known = torch.from_numpy(run.ids.item_ids)
@@ -152,6 +158,7 @@ def evaluate_run(
     device: str | torch.device | None = None,
     progress: bool = False,
     alpha: float | None = None,
+    table_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically; a sample of ``max_users`` users
     writes ``RUN/metrics_<which>_sample<N>.json`` instead); returns what was written, with ``file`` its path.
@@ -161,6 +168,8 @@ def evaluate_run(
 
     Args:
         data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
+        table_dtype: a causal run's serving tables, "float32" or 16 bits (the model's N-row tables are freed once the
+            decoder is built: the run is loaded for this evaluation alone).
     """
     if which not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
@@ -176,7 +185,7 @@ def evaluate_run(
         raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
     result = evaluate(
         run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
-        decoder=decoder, device=device, progress=progress, alpha=alpha,
+        decoder=decoder, device=device, progress=progress, alpha=alpha, table_dtype=table_dtype, release_tables=True,
     )
     # the run's best checkpoint was chosen on validation unless training ran none (then it is last.ckpt)
     selected = bool(run.config.get("selected_on_validation", True)) and (
@@ -191,6 +200,7 @@ def evaluate_run(
         "num_beams": num_beams,
         "max_users": max_users,
         "seed": seed,
+        **({"table_dtype": table_dtype} if table_dtype != "float32" else {}),
         "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
         "data": str(data),
     }

@@ -109,13 +109,24 @@ class Recommender:
         alpha: serve the hybrid as the pool blend with this weight instead of the stored fusion.
         data: the dataset folder for the id <-> asin and title maps (default: the run's; none where it is missing).
         maps: build those maps (False: none; a one-off call has no use for them).
+        table_dtype: a causal run's serving tables (edge tables, item vectors) in "float32" (default) or 16 bits
+            ("float16", "bfloat16": half their memory, scores still computed in float32 from the rounded vectors, so
+            near-tied items may swap; ``generator.decoding.paths``).
+        release_tables: free the causal model's N-row tables (node vectors; the dense item table unless the input
+            reads it) once the decoders hold what they give: serving reads them no more. Default (None): when this
+            Recommender owns the model (``from_run``, or a copy made to move it to ``device``); a run given in place is
+            left whole unless True.
     """
 
     def __init__(self, run: Run, *, decoder: str = "auto", decoders: Iterable[str] | None = None,
                  num_beams: int = DEFAULT_BEAMS, num_candidates: int = 50, alpha: float | None = None,
                  device: str | torch.device | None = None, data: str | os.PathLike[str] | None = None,
-                 cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None, maps: bool = True) -> None:
-        run = on_device(run, device)
+                 cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None, maps: bool = True,
+                 table_dtype: str = "float32", release_tables: bool | None = None) -> None:
+        if release_tables is not None and not isinstance(release_tables, bool):
+            raise TypeError(f"`release_tables` must be a bool or None, got {release_tables!r}")
+        given, run = run, on_device(run, device)
+        release = run is not given if release_tables is None else release_tables
         self.run, self.device = run, next(run.model.parameters()).device
         N = run.ids.num_items
         self.default = registry.resolve(run.design, decoder)
@@ -132,7 +143,7 @@ class Recommender:
         names = [n for n in wanted if n not in self.unavailable]
         self._decoders: dict[str, Decoder] = decoders_for(
             run, names, alpha=alpha, num_beams=self.num_beams, num_candidates=num_candidates, fusion=fusion, key=key,
-            cold_items=cold_items, cold_options=cold_options)
+            cold_items=cold_items, cold_options=cold_options, table_dtype=table_dtype, release_tables=bool(release))
         self._item_ids = run.ids.item_ids  # sorted int64 (N,)
         # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)
         self._batching = SimpleNamespace(design=run.design, ids=run.ids, layout=run.layout, max_history=run.max_history,
@@ -150,7 +161,7 @@ class Recommender:
         if device is not None:  # the run was loaded for this Recommender alone: move it in place
             run.model.to(device)
             run.tree = run.tree.to(device)
-        return cls(run, **options)
+        return cls(run, **{"release_tables": True, **options})  # its model: nothing else uses it
 
     @property
     def decoders(self) -> tuple[str, ...]:

@@ -1,0 +1,177 @@
+"""What the causal decoders of one model share, built once from the model and its prefix tree: each item's path
+through the tree (:class:`ItemPaths`), the edge tables (:class:`EdgeTables`: one vector and bias per tree edge, the
+code head's logits as one product) and each edge's table row (:func:`edge_slots`).
+
+Serving memory: the tables may be stored in 16 bits (``table_dtype`` "float16" or "bfloat16"; default "float32").
+Products with them are then taken in float32 on ``chunk`` rows upcast at a time (:func:`table_product`), so a ranking's
+arithmetic stays float32 and only the stored vectors are rounded. With ``release`` the build frees each level's node
+vectors from the model once its edge table holds them (``CausalGenerator.release_tables``).
+
+Shapes: N items, L levels, D d_model, E_l edges of level l (items' prefixes of length l + 1), P_l parents (prefixes
+of length l), A_l active edges (whose parent has two or more children).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+
+from generator.models.causal import CausalGenerator
+from semid.prefix_index import PrefixIndex
+from semid.tree import PrefixTree
+
+EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build, and rows upcast at a time from a 16-bit table
+TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_table_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``table_dtype`` name (one of :data:`TABLE_DTYPES`), or a ValueError naming them."""
+    if name not in TABLE_DTYPES:
+        raise ValueError(f"`table_dtype` must be one of {list(TABLE_DTYPES)}, got {name!r}")
+    return TABLE_DTYPES[name]
+
+
+def table_product(q: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None, *, chunk: int = EDGE_CHUNK) -> torch.Tensor:
+    """``q @ table.T (+ bias)`` in ``q``'s dtype: q (B, D), table (A, D), bias (A,) -> (B, A). A table of q's dtype is
+    one product (the float32 default: the same numbers as before 16-bit tables existed); a 16-bit one is upcast
+    ``chunk`` rows at a time, never as a whole."""
+    if table.dtype == q.dtype:
+        return q @ table.T if bias is None else q @ table.T + bias
+    out = q.new_empty(q.shape[0], table.shape[0])
+    for a in range(0, table.shape[0], chunk):  # loop over chunks of rows
+        out[:, a : a + chunk] = q @ table[a : a + chunk].to(q.dtype).T
+    return out if bias is None else out.add_(bias)
+
+
+class ItemPaths(NamedTuple):
+    """Each item's path through the prefix tree (rows follow the semantic IDs' rows), from the items' prefix index
+    (:class:`semid.prefix_index.PrefixIndex`; edges of level l are its depth-(l + 1) nodes).
+
+    tokens: LongTensor (N, L) code tokens; nodes: LongTensor (N, L + 1), the tree node after l code tokens (0 = root).
+    (The decoders keep a narrower copy once their tables are built: :func:`serving_paths`.)
+    index:         the items' ``PrefixIndex``: level l's edges are its nodes of depth l + 1 (``index.parent[l]`` (E_l,)
+                   their parents in [0, P_l), ``index.code[l]`` their codes).
+    parent_tokens: per level l a LongTensor (P_l, l), the tokens of each parent prefix.
+    norm_edge:     per level l a BoolTensor (E_l,): the edge is in its parent's normaliser: it leads to an item the
+                   model was trained with, or its parent has no such edge (a node that only added items reach).
+    active:        per level l a LongTensor (A_l,): the edges whose parent has two or more (an only child has
+                   log-probability 0, so exact scoring skips it); active_parent: (A_l,) their parents renumbered
+                   0..; item_slot: (N,) the item's edge among the active ones, A_l for an only child.
+    """
+
+    tokens: torch.Tensor
+    nodes: torch.Tensor
+    index: PrefixIndex
+    parent_tokens: list[torch.Tensor]
+    norm_edge: list[torch.Tensor]
+    active: list[torch.Tensor]
+    active_parent: list[torch.Tensor]
+    item_slot: list[torch.Tensor]
+
+
+def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
+    """The model's items' paths from their prefix index; ``tree`` is their prefix tree (its node numbers are ``nodes``)."""
+    tokens = model.item_tokens[1:].to(tree.device)
+    N, L = tokens.shape
+    index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tree.device)
+    want, held = torch.cat([index.offsets.diff(), torch.tensor([N], device=tree.device)]), torch.bincount(tree.node_depth)
+    if not torch.equal(held, want):
+        raise ValueError(f"the prefix tree has {held.tolist()} nodes per depth, the model's items make {want.tolist()}: "
+                         "tree and model disagree")
+    parent_tokens, norm_edge, active, active_parent, item_slot = [], [], [], [], []
+    for level in range(L):  # loop over levels
+        parent = index.parent[level]
+        parent_tokens.append(tokens[index.first_item[level], :level])
+        trained = index.first_item[level + 1] < model.trained_items  # rows of added items come after the trained ones
+        norm_edge.append(trained | (index.first_item[level] >= model.trained_items)[parent])  # or a parent no trained item has
+        multi = torch.bincount(parent, minlength=index.keys[level].numel())[parent] > 1  # (E_l,) the edge has siblings
+        act = torch.nonzero(multi).squeeze(1)
+        _, act_parent = torch.unique(parent[act], return_inverse=True)
+        slot = torch.where(multi, torch.cumsum(multi, 0) - 1, act.numel())  # an edge's rank among the active ones
+        active.append(act)
+        active_parent.append(act_parent)
+        item_slot.append(slot[index.node[:, level + 1]])
+    return ItemPaths(tokens, index.tree_nodes(), index, parent_tokens, norm_edge, active, active_parent, item_slot)
+
+
+class EdgeTables(NamedTuple):
+    """Per level l, for the active edges (``ItemPaths.active``): vectors (A_l, D) and biases (A_l,) such that
+    edge logits = level query @ vectors.T + biases."""
+
+    vectors: list[torch.Tensor]
+    biases: list[torch.Tensor]
+
+
+@torch.no_grad()
+def edge_tables(model: CausalGenerator, paths: ItemPaths, *, chunk: int = EDGE_CHUNK, dtype: str = "float32",
+                release: bool = False) -> EdgeTables:
+    """The edge tables, ``chunk`` edges at a time: besides the tables, the build holds (chunk, D) temporaries and
+    one int64 per edge (its node-vector row), never an (edges x children) table. The last chunk ends at the level's
+    last edge (it overlaps the one before), so every product of the prefix MLP has ``chunk`` rows (or the level's
+    all): on one thread the tables are bit-identical to one pass over the level (``tests/test_edge_tables.py``;
+    BLAS takes another path for products of a few rows; several threads may round differently).
+
+    dtype: the vectors' storage (:data:`TABLE_DTYPES`; computed in float32, rounded when stored; biases stay float32).
+    release: free level l's node vectors from the model once its table is built (serving; the model can then no
+    longer build tables or score codes itself)."""
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+        raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
+    store = check_table_dtype(dtype)
+    vectors, biases = [], []
+    weight, D = model.code_emb.weight, model.config.d_model
+    for level in range(model.layout.num_levels):  # loop over levels
+        act = paths.active[level]
+        A, lo = int(act.numel()), model.layout.level_range(level)[0]
+        parent, code = paths.index.parent[level][act], paths.index.code[level][act]  # (A_l,) each
+        rows = model.edge_node_rows(level, paths.parent_tokens[level][parent], code) if model.config.node_vectors else None
+        table = None if rows is None else getattr(model, f"node_vec_{level}")
+        vec, bias = weight.new_empty(A, D, dtype=store), weight.new_empty(A)
+        for a in range(0, A, chunk):  # loop over chunks of edges
+            b = min(A, a + chunk)
+            a = max(0, b - chunk)  # the last chunk: `chunk` edges ending at the level's last
+            s, u = model.prefix_film(level, paths.parent_tokens[level][parent[a:b]])  # (chunk, D) each
+            token = code[a:b] + lo
+            out = weight[token]  # (chunk, D)
+            if rows is not None:
+                out = out + table[rows[a:b].clamp_min(0)] * (rows[a:b] >= 0).unsqueeze(-1)
+            vec[a:b] = s * out
+            bias[a:b] = (u * out).sum(-1) + model.code_bias[token]
+        vectors.append(vec)
+        biases.append(bias)
+        if release:
+            del rows, table  # the level's node vectors: the model's reference is the last one
+            model.release_tables([level])
+    return EdgeTables(vectors, biases)
+
+
+def edge_slots(paths: ItemPaths) -> list[torch.Tensor]:
+    """Per level l (E_l,): each edge's row in the edge tables (its rank among the active edges), A_l for an only child."""
+    out = []
+    for level, act in enumerate(paths.active):  # loop over levels
+        slot = torch.full_like(paths.index.parent[level], act.numel())
+        slot[act] = torch.arange(act.numel(), device=act.device)
+        out.append(slot)
+    return out
+
+
+
+
+def narrow(rows: torch.Tensor, bound: int) -> torch.Tensor:
+    """``rows`` (int64 values in [0, bound]) as int32 where ``bound`` fits one, else as they are: tensors only ever
+    used to index (never as gather / scatter indices, which want int64)."""
+    return rows.to(torch.int32) if bound < 2**31 - 1 else rows
+
+
+def serving_paths(paths: ItemPaths, slots: list[torch.Tensor]) -> tuple[ItemPaths, list[torch.Tensor]]:
+    """What the decoders keep of ``paths`` and the edge slots once the edge tables are built: the build's
+    ``nodes`` and ``parent_tokens`` dropped (None: serving reads neither; ``item_paths`` gives them again), and the
+    per-item and per-edge rows that only index (``item_slot``, ``active``, the edge slots, the index's ``node``) as
+    int32 where the catalogue fits (below 2^31 items): about 110 of their 300 bytes per item at L = 4."""
+    N = int(paths.tokens.shape[0])
+    index = copy.copy(paths.index)  # the index itself stays as built (a PrefixIndex is never changed in place)
+    index.node = narrow(index.node, N)
+    out = paths._replace(nodes=None, parent_tokens=None, index=index, active=[narrow(a, N) for a in paths.active],
+                         item_slot=[narrow(s, N) for s in paths.item_slot])
+    return out, [narrow(s, N) for s in slots]

@@ -1,0 +1,162 @@
+"""Serving memory: the model's N-row tables freed once the decoders are built leave every ranking as it was, and
+16-bit serving tables (edge tables, item vectors) agree with float32 within a stated tolerance; float32 stays the
+default."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from generator.decoding.causal import CausalDecoders
+from generator.decoding.paths import table_product
+from generator.runs.folder import load_run
+from generator.runs.recommender import Recommender
+from semid_cli import main
+from tests.test_causal import CFG, make
+from tests.test_edge_tables import grown
+
+DECODERS = ("beam", "exact", "dense", "hybrid")
+# 16-bit tables: the largest difference of an exact log-likelihood or a dense inner product from float32's on the
+# tiny models below (|vector entries| up to ~2): float16 keeps 11 significant bits, bfloat16 8
+TOLERANCE = {"float16": 5e-3, "bfloat16": 4e-2}
+
+
+def _decoders(model: object, tree: object, ids: object, trained_tree: object = None, *, release: bool = False,
+              **options: object) -> CausalDecoders:
+    dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=6, alpha=0.4, trained_tree=trained_tree,
+                         **options)
+    return dec.refresh(release=release)
+
+
+def _worlds() -> list[tuple[str, tuple]]:
+    plain = make(num_items=60, seed=3, sizes=(4, 6))
+    tied = make(num_items=60, seed=4, sizes=(4, 6), cfg=replace(CFG, dense_dim=CFG.d_model, id_input=True))
+    model, new, tree, trained = grown(80, 12, seed=5)  # items added after training: a trained tree
+    return [("plain", (*plain, None)), ("id_input", (*tied, None)), ("added", (model, new, tree, trained))]
+
+
+@pytest.mark.parametrize("budget", [256 * 2**20, 64])  # whole score matrices, and chunked exact / dense top-k
+def test_released_tables_leave_every_ranking_identical(budget: int) -> None:
+    for label, (model, ids, tree, trained) in _worlds():
+        keep = _decoders(model, tree, ids, trained, max_score_bytes=budget)
+        lean_model = copy.deepcopy(model)
+        lean = _decoders(lean_model, tree, ids, trained, release=True, max_score_bytes=budget)
+        h = torch.randn(5, model.config.d_model, generator=torch.Generator().manual_seed(0))
+        for name in DECODERS:
+            a, b = keep.decode(name, h, k=6), lean.decode(name, h, k=6)
+            assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores), (label, name)
+            assert torch.equal(a.codes, b.codes), (label, name)
+        # what was freed: every level's node vectors; the item table unless the input reads it
+        L = model.layout.num_levels
+        assert all(getattr(lean_model, f"node_vec_{lv}").numel() == 0 for lv in range(L)), label
+        assert all(getattr(model, f"node_vec_{lv}").numel() > 0 for lv in range(L)), label  # the kept model is whole
+        tied = model.config.id_input
+        assert (lean_model.dense_head.item_table.numel() > 0) == tied, label
+        assert lean_model.released == {f"node_vec_{lv}" for lv in range(L)} | (set() if tied else {"item_table"})
+
+
+def test_a_released_model_refuses_what_would_read_its_tables() -> None:
+    model, ids, tree = make(num_items=60, seed=3, sizes=(4, 6))
+    dec = _decoders(model, tree, ids, release=True)
+    with pytest.raises(ValueError, match="released for serving.*load the run again"):
+        dec.refresh()
+    with pytest.raises(ValueError, match="node_vec_1 was released for serving"):
+        model.code_logits(1, torch.zeros(2, model.config.d_model), torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="item_table was released"):
+        model.item_vectors()
+    tied, tied_ids, tied_tree = make(num_items=30, seed=4, cfg=replace(CFG, dense_dim=CFG.d_model, id_input=True))
+    with pytest.raises(ValueError, match="input reads the dense item table"):
+        tied.release_tables([], item_table=True)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_tables_agree_with_float32_within_the_tolerance(dtype: str) -> None:
+    for label, (model, ids, tree, trained) in _worlds():
+        full = _decoders(model, tree, ids, trained)
+        half = _decoders(model, tree, ids, trained, table_dtype=dtype)
+        assert all(v.dtype == getattr(torch, dtype) for v in [*half.tables.vectors, half._vectors]), label
+        assert all(b.dtype == torch.float32 for b in half.tables.biases), label
+        h = torch.randn(16, model.config.d_model, generator=torch.Generator().manual_seed(1))
+        tol = TOLERANCE[dtype]
+        p32, p16 = full.parts(h), half.parts(h)  # every item's exact log-likelihood and dense log-softmax
+        assert p16.exact.dtype == torch.float32 and p16.dense.dtype == torch.float32
+        assert float((p16.exact - p32.exact).abs().max()) <= tol, label
+        assert float((p16.dense - p32.dense).abs().max()) <= tol, label
+        assert float((p16.exact - p32.exact).abs().max()) > 0, label  # the tables really were rounded
+        for name in ("beam", "exact", "dense"):  # a ranking's scores are what float32 gives for its items, within tol
+            r32, r16 = full.decode(name, h, k=5), half.decode(name, h, k=5)
+            ref = (p32.exact if name != "dense" else full.model.dense_queries(h) @ full._vectors.T)
+            rows = torch.searchsorted(full.item_ids, r16.items)
+            torch.testing.assert_close(r16.scores, ref.gather(1, rows), rtol=0, atol=tol)
+            assert float((r16.items == r32.items).float().mean()) >= 0.8, (label, name)  # near ties may swap
+        chunked = _decoders(model, tree, ids, trained, table_dtype=dtype, max_score_bytes=64)  # upcast chunk by chunk
+        for name in ("exact", "dense"):
+            a, b = half.decode(name, h, k=5), chunked.decode(name, h, k=5)
+            assert torch.equal(a.items, b.items), (label, name)
+            torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_is_the_default_and_a_bad_dtype_is_named() -> None:
+    model, ids, tree = make(num_items=60, seed=3, sizes=(4, 6))
+    dec = _decoders(model, tree, ids)
+    assert all(v.dtype == torch.float32 for v in [*dec.tables.vectors, dec._vectors])
+    with pytest.raises(ValueError, match=r"`table_dtype` must be one of \['float32', 'float16', 'bfloat16'\], got 'half'"):
+        CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), table_dtype="half")
+
+
+def test_table_product_upcasts_chunk_by_chunk() -> None:
+    g = torch.Generator().manual_seed(2)
+    q, table, bias = torch.randn(3, 8, generator=g), torch.randn(50, 8, generator=g).half(), torch.randn(50, generator=g)
+    got = table_product(q, table, bias, chunk=7)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, q @ table.float().T + bias, rtol=1e-6, atol=1e-6)
+    assert torch.equal(table_product(q, table.float(), bias), q @ table.float().T + bias)  # float32: the one product
+
+
+def test_recommender_releases_only_a_model_it_owns(serve_world: dict[str, Path]) -> None:
+    path = serve_world["v1"]
+    given = load_run(path)
+    whole = Recommender(given)  # a run given in place is left whole
+    assert not given.model.released and given.model.node_vec_1.numel() > 0
+    owned = Recommender.from_run(path)
+    assert {"node_vec_0", "node_vec_1"} <= owned.run.model.released
+    hist = [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    for name in DECODERS:
+        a, b = whole.recommend(hist, k=5, decoder=name), owned.recommend(hist, k=5, decoder=name)
+        assert all(np.array_equal(x.items, y.items) and np.array_equal(x.scores, y.scores) for x, y in zip(a, b, strict=True))
+    half = Recommender.from_run(path, table_dtype="bfloat16")
+    assert half._decoders["beam"].shared.tables.vectors[1].dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="`release_tables` must be a bool or None, got 'yes'"):
+        Recommender(given, release_tables="yes")
+
+
+def test_evaluate_cli_takes_the_table_dtype(serve_world: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import shutil
+
+    import generator.runs.evaluate as evaluate_module
+
+    built, real = [], evaluate_module.decoders_for
+
+    def spy(run: object, names: list[str], **options: object) -> dict:
+        out = real(run, names, **options)
+        built.append((options["table_dtype"], options["release_tables"], out[names[0]].shared.tables.vectors[1].dtype))
+        return out
+
+    monkeypatch.setattr(evaluate_module, "decoders_for", spy)
+    run = tmp_path / "run"
+    shutil.copytree(serve_world["v1"], run)
+    assert main(["evaluate", "--run", str(run), "--decoder", "beam", "--max-users", "20", "--table-dtype", "float16",
+                 "--no-progress"]) == 0
+    assert built == [("float16", True, torch.float16)]  # the loaded run's decoders: 16-bit, its model released
+    out = json.loads((run / "metrics_test_sample20.json").read_text())
+    assert out["table_dtype"] == "float16" and out["users_evaluated"] == 20
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--run", str(run), "--table-dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
