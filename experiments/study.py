@@ -343,7 +343,14 @@ def report(args: argparse.Namespace) -> None:
               "  0.0633 at 60 CPU-minutes.",
               "- RecBole's SASRec ran its own recipe (batch 2048, dropout 0.5, one target per prefix): 3 epochs in 15 CPU-minutes,",
               "  not converged. cornac's RPG and TIGER ran only as smoke runs (`experiments/results/peers.md`): a 15-minute",
-              "  RPG ends inside its first epoch on one thread, TIGER's per-user beam needs ~46 CPU-minutes to rank all users."]
+              "  RPG ends inside its first epoch on one thread, TIGER's per-user beam needs ~46 CPU-minutes to rank all users.",
+              "- Ensembles (`experiments/ensemble.py`: the sum of the members' exact log-likelihoods, what a beam over the",
+              "  summed per-level log-probabilities searches; not yet a decoder). Two 30-CPU-minute runs of the default with",
+              "  seeds 0 and 1 (60 CPU-minutes in all): R@10 0.0779 / N@10 0.0478 against 0.0722 / 0.0442 for the better",
+              "  member, +0.0057 [+0.0037, +0.0076] and +0.0035 [+0.0026, +0.0044] paired over all test users",
+              "  (`ensemble_seeds30.md`); two runs of the same seed (the default and node-dropout-0.2, 30 minutes each): only",
+              "  +0.0005 [-0.0008, +0.0018] (`ensemble_two30.md`). Every single-model lever lands within about 0.001 of",
+              "  0.073 on the beam; two independently seeded models combined pass 0.075 at the same total budget."]
     if WHY:
         lines += ["", "| lever | kept? | why |", "| --- | --- | --- |"] + [f"| {k} | {v} |" for k, v in WHY.items()]
     lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in runs]
