@@ -156,8 +156,6 @@ def edge_slots(paths: ItemPaths) -> list[torch.Tensor]:
     return out
 
 
-
-
 def narrow(rows: torch.Tensor, bound: int) -> torch.Tensor:
     """``rows`` (int64 values in [0, bound]) as int32 where ``bound`` fits one, else as they are: tensors only ever
     used to index (never as gather / scatter indices, which want int64)."""
