@@ -94,6 +94,10 @@ LEVERS: dict[str, dict[str, Any]] = {
     "default+full-dense": {"model_options": {**DEFAULT_128, "dense_loss": "full"}, "label_smoothing": 0.1, "ema": 0.999},
     "default+full-dense+distill-0.5": {"model_options": {**DEFAULT_128, "dense_loss": "full", "distill": 0.5},
                                        "label_smoothing": 0.1, "ema": 0.999},
+    # two seeded runs combined beat every lever at the same total budget (ensemble_seeds30.md): make it the design,
+    # two members of the default trained side by side in one model, each on its own loss, decoded as one model whose
+    # logits are the sum of theirs (generator/models/ensemble.py); each member gets half the steps
+    "default+members-2": {"model_options": {**DEFAULT_128, "members": 2}, "label_smoothing": 0.1, "ema": 0.999},
     # the default's recipe on IDs fitted on text + the dense item vectors of the default's 15-minute snapshot
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from generator.models.causal import CausalGenerator
+from generator.models.ensemble import EnsembleGenerator
 from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
@@ -105,7 +106,7 @@ class EdgeTables(NamedTuple):
 
 
 @torch.no_grad()
-def edge_tables(model: CausalGenerator, paths: ItemPaths, *, chunk: int = EDGE_CHUNK, dtype: str = "float32",
+def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *, chunk: int = EDGE_CHUNK, dtype: str = "float32",
                 release: bool = False) -> EdgeTables:
     """The edge tables, ``chunk`` edges at a time: besides the tables, the build holds (chunk, D) temporaries and
     one int64 per edge (its node-vector row), never an (edges x children) table. The last chunk ends at the level's
@@ -115,9 +116,16 @@ def edge_tables(model: CausalGenerator, paths: ItemPaths, *, chunk: int = EDGE_C
 
     dtype: the vectors' storage (:data:`TABLE_DTYPES`; computed in float32, rounded when stored; biases stay float32).
     release: free level l's node vectors from the model once its table is built (serving; the model can then no
-    longer build tables or score codes itself)."""
+    longer build tables or score codes itself).
+
+    An ensemble's tables are its members' side by side (``K * D`` wide) with their biases summed: the edge logits of
+    its concatenated level query are the sum of the members' (:mod:`generator.models.ensemble`)."""
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
+    if isinstance(model, EnsembleGenerator):  # the members' tables side by side, their biases summed: one product
+        parts = [edge_tables(m, paths, chunk=chunk, dtype=dtype, release=release) for m in model.members]  # loop over members
+        return EdgeTables([torch.cat(v, dim=1) for v in zip(*(p.vectors for p in parts), strict=True)],
+                          [torch.stack(b).sum(0) for b in zip(*(p.biases for p in parts), strict=True)])
     store = check_table_dtype(dtype)
     vectors, biases = [], []
     weight, D = model.code_emb.weight, model.config.d_model

@@ -16,6 +16,7 @@ from generator.decoding.protocol import Histories
 from generator.designs.base import Design, Labelled, Setup, TrainInputs, positions, refuse_title_fields
 from generator.models import checkpoint_checks as checks
 from generator.models.causal import DESIGN, CausalConfig, CausalGenerator
+from generator.models.ensemble import EnsembleGenerator
 from generator.training import causal_data
 from semid.split import Split
 
@@ -89,11 +90,24 @@ def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
     return replace(preset, **{**given, "max_history": options.max_history, "dense_dim": dense_dim, "content_dim": content_dim})
 
 
-def build(config: CausalConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> CausalGenerator:
-    checks.check_causal(config, layout, state, path, ids)
-    content = state["content"][1:] if config.content_dim else None
-    model = CausalGenerator(config, layout, state["item_tokens"][1:], content)
-    checks.check_tree_tables(model, state, path)
+def build(config: CausalConfig, layout: Any, state: dict[str, torch.Tensor], path: Any,
+          ids: Any) -> CausalGenerator | EnsembleGenerator:
+    """The model a checkpoint's config describes, every tensor checked against it first (an ensemble's members each
+    as a causal model of their own, under ``members.<k>.``)."""
+    if config.members == 1:
+        checks.check_causal(config, layout, state, path, ids)
+        content = state["content"][1:] if config.content_dim else None
+        model = CausalGenerator(config, layout, state["item_tokens"][1:], content)
+        checks.check_tree_tables(model, state, path)
+        return model
+    parts = checks.member_states(state, config.members, path)
+    one = replace(config, members=1)
+    for part in parts:  # loop over members: each a causal checkpoint of its own
+        checks.check_causal(one, layout, part, path, ids)
+    first = parts[0]
+    model = EnsembleGenerator(config, layout, first["item_tokens"][1:], first["content"][1:] if config.content_dim else None)
+    for member, part in zip(model.members, parts, strict=True):
+        checks.check_tree_tables(member, part, path)
     return model
 
 

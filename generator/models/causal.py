@@ -43,6 +43,7 @@ from semid.layout import TokenLayout
 from semid.prefix_index import PrefixIndex, find, prefix_key
 
 DESIGN = "causal"
+MAX_MEMBERS = 8
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,15 @@ class CausalConfig:
     sparse_tables: bool = False  # the N-row tables (dense item table, node vectors) get sparse gradients, and the
     # optimiser updates only the rows a step touches (generator.training.optim): a step's cost then does not grow
     # with the catalogue. Not with DDP (its reducer expects dense gradients for these tables)
+    members: int = 1  # > 1: an ensemble of this many generators trained side by side and decoded as one model whose
+    # logits are the sum of theirs (generator.models.ensemble)
 
     def __post_init__(self) -> None:
         check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)
         for name in ("node_vectors", "content_vectors", "id_input", "code_input", "sparse_tables"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
-        for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history"):
+        for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history", "members"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}")
@@ -89,6 +92,8 @@ class CausalConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
+        if self.members > MAX_MEMBERS:
+            raise ValueError(f"`members` must be at most {MAX_MEMBERS} (each member is a whole model), got {self.members}")
         if not (self.code_input or self.id_input):
             raise ValueError("`code_input` False needs `id_input` True: an item's input must come from somewhere")
         if self.id_input and self.dense_dim != self.d_model:
@@ -132,6 +137,9 @@ class CausalGenerator(nn.Module):
         self, config: CausalConfig, layout: TokenLayout, item_tokens: torch.Tensor, content: torch.Tensor | None = None
     ) -> None:
         super().__init__()
+        if config.members != 1:
+            raise ValueError(f"a config with `members` {config.members} is an ensemble: build it with "
+                             "generator.models.ensemble.build_causal")
         self.config, self.layout = config, layout
         L, D = layout.num_levels, config.d_model
         item_tokens = torch.as_tensor(item_tokens, dtype=torch.long)

@@ -28,6 +28,7 @@ from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 
 _TREE_TABLE = re.compile(r"(parent_keys|child_codes|child_index|node_vec)_\d+")
+_MEMBER = re.compile(r"members\.(0|[1-9]\d*)\.(.+)")
 _DAMAGED = "the checkpoint is damaged or was edited; use another checkpoint or train again"
 
 
@@ -93,6 +94,19 @@ def check_causal(meta_config: Any, layout: TokenLayout, state: dict[str, Any], p
         skeleton = CausalGenerator(replace(meta_config, node_vectors=False, distill=0.0), layout, rows.to("meta"),
                                    content[1:].to("meta") if meta_config.content_dim else None)
     check_shapes(skeleton.state_dict(), rename_dense_weights(dict(state)), path, _TREE_TABLE if meta_config.node_vectors else None)
+
+
+def member_states(state: dict[str, Any], members: int, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """An ensemble checkpoint's state split into its members' (``members.<k>.<name>`` -> ``<name>``), refusing a key
+    that belongs to none of the config's ``members``."""
+    parts: list[dict[str, Any]] = [{} for _ in range(members)]
+    for key, value in state.items():
+        m = _MEMBER.fullmatch(key)
+        if m is None or int(m.group(1)) >= members:
+            raise ValueError(f"{path}: tensor `{key}` belongs to none of the ensemble's {members} members "
+                             f"(`members.0.` .. `members.{members - 1}.`); {_DAMAGED}")
+        parts[int(m.group(1))][m.group(2)] = value
+    return parts
 
 
 def check_tree_tables(model: torch.nn.Module, state: dict[str, Any], path: str | os.PathLike[str]) -> None:

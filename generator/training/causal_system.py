@@ -21,6 +21,7 @@ import torch
 from generator.decoding.causal import item_paths
 from generator.decoding.registry import CAUSAL, Ingredients, build_many
 from generator.models.causal import CausalConfig, CausalGenerator
+from generator.models.ensemble import build_causal, member_models
 from generator.models.causal_loss import code_loss, dense_logits, dense_loss
 from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.dense_loss import check_log_q
@@ -92,7 +93,7 @@ class CausalSystem(L.LightningModule):
             raise ValueError(f"`objective` {objective!r} needs a dense head (dense_dim > 0)")
         self.config, self.layout, self.ids_digest, self.optim = config, layout, ids_digest, optim
         self.objective, self.serve, self.ks, self.dense_weight = objective, serve, tuple(sorted(ks)), dense_weight
-        self.model = CausalGenerator(config, layout, item_tokens, content)
+        self.model = build_causal(config, layout, item_tokens, content)  # an ensemble with `members` > 1
         self.tree, self.item_ids, self.num_beams = tree, torch.as_tensor(item_ids), num_beams
         self.val_decoders = (["dense"] if objective == "dense" else ["beam", "exact"] + (["dense"] if config.dense_dim else []))
         if serve not in self.val_decoders:
@@ -117,13 +118,32 @@ class CausalSystem(L.LightningModule):
         return self._nodes
 
     def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
-        h = self.model.hidden(batch.histories)  # (B, T, D): one pass, every position
         real = batch.targets >= 0
-        hs, rows = h[real], batch.targets[real]  # (P, D), (P,)
+        rows = batch.targets[real]  # (P,)
         P = rows.numel()
-        total = h.new_zeros(())
+        gen, dense = [], []
+        for model in member_models(self.model):  # loop over an ensemble's members (one unless `members` > 1)
+            g, d = self._losses(model, batch.histories, real, rows)
+            gen.append(g)
+            dense.append(d)
+        total = rows.new_zeros((), dtype=torch.float32)
+        if self.objective != "dense":  # an ensemble's members each train on their own loss: the sum's gradient
+            total = total + torch.stack(gen).sum()
+            self.log("train/gen_loss", torch.stack(gen).detach().mean(), batch_size=P)
+        if self.objective != "generative":
+            total = total + self.dense_weight * torch.stack(dense).sum()
+            self.log("train/dense_loss", torch.stack(dense).detach().mean(), batch_size=P)
+        self.log("train/loss", total, prog_bar=True, batch_size=P)
+        self.log("train/targets", float(P), reduce_fx="sum", batch_size=1)
+        return total
+
+    def _losses(self, model: CausalGenerator, histories: torch.Tensor, real: torch.Tensor,
+                rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One generator's code-head and dense-head losses on a batch (None for a head the objective leaves out)."""
+        hs = model.hidden(histories)[real]  # (P, D): one pass, every real position
         full = self.objective != "generative" and self.config.dense_loss == "full"
-        logits = dense_logits(self.model, hs) if full else None  # (P, N): the full softmax's, and distill's teacher
+        logits = dense_logits(model, hs) if full else None  # (P, N): the full softmax's, and distill's teacher
+        gen = dense = None
         if self.objective != "dense":
             allowed = None
             if not self.config.node_vectors:  # the block-wide path masks with the tree
@@ -131,18 +151,12 @@ class CausalSystem(L.LightningModule):
                 allowed = [self.tree.allowed_mask(nodes[:, lv], token_range=self.layout.level_range(lv)) for lv in range(self.layout.num_levels)]
             distill = self.config.distill
             teacher = logits.detach().softmax(-1) if distill and logits is not None else None
-            gen = code_loss(self.model, self.model.level_queries(hs), self.model.item_tokens[rows + 1], allowed,
+            gen = code_loss(model, model.level_queries(hs), model.item_tokens[rows + 1], allowed,
                             label_smoothing=self.optim.label_smoothing, teacher=teacher, distill=distill if teacher is not None else 0.0)
-            self.log("train/gen_loss", gen, batch_size=P)
-            total = total + gen
         if self.objective != "generative":
             dense = (torch.nn.functional.cross_entropy(logits, rows) if logits is not None
-                     else dense_loss(self.model, hs, rows, log_q=self.log_q))
-            self.log("train/dense_loss", dense, batch_size=P)
-            total = total + self.dense_weight * dense
-        self.log("train/loss", total, prog_bar=True, batch_size=P)
-        self.log("train/targets", float(P), reduce_fx="sum", batch_size=1)
-        return total
+                     else dense_loss(model, hs, rows, log_q=self.log_q))
+        return gen, dense
 
     def configure_optimizers(self) -> dict[str, Any]:
         return adamw_schedule(self, self.optim, lazy=self.config.sparse_tables)
