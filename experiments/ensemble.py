@@ -14,6 +14,7 @@ Writes ``experiments/results/ensemble[_TAG].{md,json}`` with the command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from typing import Any
@@ -23,7 +24,9 @@ import torch
 
 from experiments.paired import RESULTS, _side
 from generator.runs.batches import split_batches
+from generator.models.ensemble import EnsembleGenerator
 from generator.runs.decoders import decoders_for
+from generator.runs.evaluate import evaluate
 from generator.runs.folder import load_run
 from generator.training.sampling import sample_users
 from semid.data import load_dataset
@@ -49,6 +52,20 @@ def member_scores(spec: str, max_users: int | None, seed: int, batch_size: int) 
     return scores, np.concatenate([b.targets.numpy() for b in batches]), f"{spec} ({run.checkpoint.name})"
 
 
+def composed(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """The members as one :class:`~generator.models.ensemble.EnsembleGenerator`, evaluated with ``--compose``'s
+    decoders on the test split (the run folder of the first member lends its IDs, tree and data)."""
+    runs = [load_run(*_side(spec)) for spec in args.member]
+    run = dataclasses.replace(runs[0], model=EnsembleGenerator.of([r.model for r in runs]).eval())
+    split = leave_one_out(load_dataset(run.data_dir))
+    out = {}
+    for name in args.compose.split(","):  # loop over decoders
+        r = evaluate(run, split, "test", decoder=name, max_users=args.max_users, seed=args.seed, num_beams=20)
+        out[name] = {"recall@10": r.metrics["recall@10"], "ndcg@10": r.metrics["ndcg@10"]}
+        print(name, out[name], flush=True)
+    return out
+
+
 def metrics(scores: list[torch.Tensor], targets: np.ndarray) -> dict[str, np.ndarray]:
     items = np.concatenate([(s.topk(K, dim=1).indices + 1).numpy() for s in scores])  # rows -> item ids
     return {"recall@10": recall_at_k(items, targets, K), "ndcg@10": ndcg_at_k(items, targets, K)}
@@ -61,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--budget", default="", help="the members' training budgets, in words, for the report")
+    p.add_argument("--compose", default="", help="also make the members one model (generator.models.ensemble: the "
+                   "sum of their logits, level by level) and evaluate it with these decoders, e.g. beam,exact")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
     if len(args.member) < 2:
@@ -97,6 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         base = float(per[best][m].mean())
         out[m] = {"diff": mean, "ci": [lo, hi], "relative": mean / base if base else None}
         lines.append(f"| {m} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {mean / base:+.1%} |")
+    if args.compose:
+        lines += ["", "The members made one model (`EnsembleGenerator.of`: each level's logits summed, i.e. the product of "
+                  "their distributions renormalised at every level), decoded by semid's decoders:", "",
+                  "| decoder | R@10 | N@10 |", "| --- | ---: | ---: |"]
+        for name, m in composed(args).items():
+            out["rows"].append({"ranker": f"composed {name}", "recall@10": m["recall@10"], "ndcg@10": m["ndcg@10"]})
+            lines.append(f"| {name} | {m['recall@10']:.4f} | {m['ndcg@10']:.4f} |")
     lines += ["", "Command:", "", "    " + out["command"], ""]
     stem = "ensemble" + (f"_{args.tag}" if args.tag else "")
     write_json(RESULTS / f"{stem}.json", out)

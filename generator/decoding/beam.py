@@ -36,7 +36,8 @@ class Backbone(Protocol):
 
     def logits(self, step: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
         """FloatTensor (B*m, hi - lo): every beam's logits after ``prefix`` LongTensor (B*m, step), its tokens so far;
-        the rows of finished beams (``done`` (B*m,), with eos) are not read."""
+        the rows of finished beams (``done`` (B*m,), with eos) are not read. An ensemble gives its E members' logits,
+        (E, B*m, hi - lo), which :class:`TreeConstraint` normalises each on its own and adds."""
 
     def reorder(self, step: int, rows: torch.Tensor) -> None:
         """Keep the per-beam state of rows LongTensor (B*M,) (each surviving beam's parent) after step ``step``."""
@@ -53,11 +54,15 @@ class TreeConstraint:
         self.old_nodes = self.nodes.clone()  # the same prefixes in trained_tree (-1 where only added items lead)
 
     def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, K) log-probabilities from logits (R, K), or from the logits of E experts (E, R, K) (an ensemble's
+        members): the sum of each expert's log-probabilities, each normalised over the allowed codes on its own."""
         allowed = self.tree.allowed_mask(self.nodes if done is None else torch.where(done, -1, self.nodes), token_range=(lo, hi))
         if self.trained_tree is None:
-            return masked_log_softmax(logits, allowed)
-        norm = self.trained_tree.allowed_mask(self.old_nodes, token_range=(lo, hi))
-        return masked_log_softmax(logits, allowed, torch.where(norm.any(1, keepdim=True), norm, allowed))
+            out = masked_log_softmax(logits, allowed)
+        else:
+            norm = self.trained_tree.allowed_mask(self.old_nodes, token_range=(lo, hi))
+            out = masked_log_softmax(logits, allowed, torch.where(norm.any(1, keepdim=True), norm, allowed))
+        return out.sum(0) if out.ndim == 3 else out
 
     def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
         self.nodes = torch.where(alive, self.tree.next_nodes(self.nodes[rows], tokens), -1)

@@ -56,6 +56,7 @@ from generator.decoding.protocol import (
     check_k,
 )
 from generator.models.causal import CausalGenerator
+from generator.models.ensemble import EnsembleGenerator
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
@@ -63,27 +64,28 @@ DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is
 DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
 
 
-def exact_scores(model: CausalGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables) -> torch.Tensor:
+def exact_scores(model: CausalGenerator | EnsembleGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables) -> torch.Tensor:
     """Log-likelihood of every item for each state: (B, D) -> (B, N). Each row is a distribution (logsumexp 0) over
     the items the model was trained with; items added after training are scored against their trained siblings'
-    normaliser (``ItemPaths.norm_edge``), so old items keep their scores and a row's total mass can exceed 1."""
-    hq = model.level_queries(h)  # (B, L, D)
+    normaliser (``ItemPaths.norm_edge``), so old items keep their scores and a row's total mass can exceed 1. An
+    ensemble's (queries and tables members first) is the sum of its members' log-likelihoods."""
+    hq = model.level_queries(h)  # (B, L, D), or (K, B, L, D)
     B = h.shape[0]
-    total = h.new_zeros(B, paths.tokens.shape[0])
+    total = h.new_zeros(*hq.shape[:-3], B, paths.tokens.shape[0])
     for level in range(model.layout.num_levels):  # loop over levels
         A = int(paths.active[level].numel())
         if A == 0:
             continue  # every parent has one child here (e.g. an extra level without collisions): log-prob 0
-        logits = table_product(hq[:, level], tables.vectors[level], tables.biases[level])  # (B, A_l)
-        parent = paths.active_parent[level].expand(B, -1)
+        logits = table_product(hq[..., level, :], tables.vectors[level], tables.biases[level])  # (B, A_l) or (K, B, A_l)
+        parent = paths.active_parent[level].expand(logits.shape)
         P = int(paths.active_parent[level].max()) + 1
         in_norm = paths.norm_edge[level][paths.active[level]]
         norm = logits if bool(in_norm.all()) else logits.masked_fill(~in_norm, float("-inf"))
-        peak = logits.new_full((B, P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
-        sums = logits.new_zeros(B, P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
-        logp = logits - (peak + sums.log()).gather(1, parent)  # (B, A_l)
-        total = total + torch.nn.functional.pad(logp, (0, 1))[:, paths.item_slot[level]]  # an only child: 0
-    return total
+        peak = logits.new_full((*logits.shape[:-1], P), float("-inf")).scatter_reduce(-1, parent, norm, reduce="amax")
+        sums = logits.new_zeros(*logits.shape[:-1], P).scatter_add(-1, parent, (norm - peak.gather(-1, parent)).exp())
+        logp = logits - (peak + sums.log()).gather(-1, parent)  # (B, A_l) or (K, B, A_l)
+        total = total + torch.nn.functional.pad(logp, (0, 1))[..., paths.item_slot[level]]  # an only child: 0
+    return total.sum(0) if total.ndim == 3 else total
 
 
 class CausalLevels:
@@ -98,8 +100,9 @@ class CausalLevels:
         return self.model.layout.level_range(level)
 
     def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
-        q = self.hq[:, level, None, :].expand(self.B, m, -1).reshape(self.B * m, -1)  # (B*m, D)
-        return self.model.code_logits(level, q, prefix)  # (B*m, K_l)
+        q = self.hq[..., level, None, :]  # (B, 1, D), or an ensemble's (K, B, 1, D)
+        q = q.expand(*q.shape[:-3], self.B, m, q.shape[-1]).reshape(*q.shape[:-3], self.B * m, q.shape[-1])  # (B*m, D)
+        return self.model.code_logits(level, q, prefix)  # (B*m, K_l), or (K, B*m, K_l)
 
     def reorder(self, level: int, rows: torch.Tensor) -> None:
         pass  # the prefix is the whole per-beam state
@@ -120,7 +123,7 @@ class EdgeLevels:
                  dense_factor: int = DENSE_STEP_FACTOR) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
         self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
-        self.hq = self.model.level_queries(h)  # (B, L, D)
+        self.hq = self.model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D)
         self.dense_factor = dense_factor
 
     def window(self, level: int) -> tuple[int, int]:
@@ -135,20 +138,22 @@ class EdgeLevels:
         pair_row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,) one per child
         first = torch.cumsum(degree, 0) - degree  # each row's first pair
         child = torch.arange(pair_row.numel(), device=node.device) + torch.repeat_interleave(start - first, degree)  # (C,) depth-(l + 1) nodes
-        vectors, A, C = self.tables.vectors[level], self.tables.vectors[level].shape[0], pair_row.numel()
+        vectors, C = self.tables.vectors[level], pair_row.numel()
+        A, lead = vectors.shape[-2], vectors.shape[:-2]  # lead: (), or an ensemble's (K,): its members' logits apart
         slot = self.slots[level][child]  # (C,) table row, A: an only child
-        edge = self.hq.new_zeros(child.shape)
+        edge = self.hq.new_zeros(*lead, C)
         if A:
             has, row = slot < A, slot.clamp_max(A - 1)
             if self.B * A <= min(self.dense_factor * C, DENSE_STEP_MAX):  # few edges, many pairs: one product
-                dense = table_product(self.hq[:, level], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
-                edge = torch.where(has, dense[pair_row // m, row], 0.0)
+                dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
+                edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
             else:  # a (C, D) gather: each pair's vector and its history's level query
-                q = self.hq[pair_row // m, level]
-                dot = torch.bmm(vectors[row].to(q.dtype).unsqueeze(1), q.unsqueeze(2)).view(-1)  # as the padded form's products
-                edge = torch.where(has, dot + self.tables.biases[level][row], 0.0)
-        out = self.hq.new_full((node.numel(), hi - lo), float("-inf"))
-        out[pair_row, self.index.code[level][child]] = edge
+                q = self.hq[..., pair_row // m, level, :].reshape(-1, vectors.shape[-1])  # (C, D), or (K * C, D)
+                v = vectors[..., row, :].to(q.dtype).reshape(-1, 1, vectors.shape[-1])
+                dot = torch.bmm(v, q.unsqueeze(2)).view(*lead, C)  # as the padded form's products
+                edge = torch.where(has, dot + self.tables.biases[level][..., row], 0.0)
+        out = self.hq.new_full((*lead, node.numel(), hi - lo), float("-inf"))
+        out[..., pair_row, self.index.code[level][child]] = edge
         return out
 
     def reorder(self, level: int, rows: torch.Tensor) -> None:

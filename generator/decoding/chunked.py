@@ -104,23 +104,27 @@ def exact_topk(model: CausalGenerator, h: torch.Tensor, paths: Any, tables: Any,
         ap = paths.active_parent[lv]
         assert ap.numel() < 2 or bool((ap[1:] >= ap[:-1]).all()), "a level's active edges must be grouped by parent"
     b, c = block_sizes(h.shape[0], N, sum(parents), max_score_bytes, item_chunk)
-    hq_all = model.level_queries(h)  # (B, L, D)
+    hq_all = model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D): then the sum of its members' scores
+    experts = hq_all[None] if hq_all.ndim == 3 else hq_all  # (E, B, L, D)
+    vectors = [v[None] if v.ndim == 2 else v for v in tables.vectors]  # per level (E, A_l, D)
+    biases = [x[None] if x.ndim == 1 else x for x in tables.biases]  # per level (E, A_l)
     out_s, out_r = [], []
     for u0 in range(0, h.shape[0], b):  # loop over blocks of users
-        hq = hq_all[u0 : u0 + b]
-        norms = {lv: level_normalisers(hq[:, lv], tables.vectors[lv], tables.biases[lv], paths.active_parent[lv],
-                                       paths.norm_edge[lv][paths.active[lv]], c) for lv in levels}
-        best_s = hq.new_empty(hq.shape[0], 0)
-        best_r = torch.empty(hq.shape[0], 0, dtype=torch.long, device=h.device)
+        hqs = experts[:, u0 : u0 + b]  # (E, b, L, D)
+        norms = {lv: [level_normalisers(hq[:, lv], vectors[lv][x], biases[lv][x], paths.active_parent[lv],  # loop over members
+                                        paths.norm_edge[lv][paths.active[lv]], c) for x, hq in enumerate(hqs)] for lv in levels}
+        best_s = hqs.new_empty(hqs.shape[1], 0)
+        best_r = torch.empty(hqs.shape[1], 0, dtype=torch.long, device=h.device)
         for i0 in range(0, N, c):  # loop over chunks of items
             rows = torch.arange(i0, min(N, i0 + c), device=h.device)
-            s = hq.new_zeros(hq.shape[0], rows.numel())  # (b, n)
+            s = hqs.new_zeros(hqs.shape[1], rows.numel())  # (b, n)
             for lv in levels:  # loop over levels (L <= 4)
                 A = paths.active[lv].numel()
                 slot = paths.item_slot[lv][rows]  # (n,) the item's active edge; A for an only child
                 real, e = slot < A, slot.clamp_max(A - 1)
-                logp = hq[:, lv] @ tables.vectors[lv][e].to(hq.dtype).T + tables.biases[lv][e] - norms[lv][:, paths.active_parent[lv][e]]
-                s = s + torch.where(real, logp, 0.0)
+                for x, hq in enumerate(hqs):  # loop over an ensemble's members (one for a single model)
+                    logp = hq[:, lv] @ vectors[lv][x][e].to(hq.dtype).T + biases[lv][x][e] - norms[lv][x][:, paths.active_parent[lv][e]]
+                    s = s + torch.where(real, logp, 0.0)
             best_s, best_r = _merge(best_s, best_r, s, rows, k)
         out_s.append(best_s)
         out_r.append(best_r)

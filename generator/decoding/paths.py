@@ -35,14 +35,16 @@ def check_table_dtype(name: str) -> torch.dtype:
 
 
 def table_product(q: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None, *, chunk: int = EDGE_CHUNK) -> torch.Tensor:
-    """``q @ table.T (+ bias)`` in ``q``'s dtype: q (B, D), table (A, D), bias (A,) -> (B, A). A table of q's dtype is
-    one product (the float32 default: the same numbers as before 16-bit tables existed); a 16-bit one is upcast
-    ``chunk`` rows at a time, never as a whole."""
+    """``q @ table.T (+ bias)`` in ``q``'s dtype: q (B, D), table (A, D), bias (A,) -> (B, A); an ensemble's, members
+    first: q (K, B, D), table (K, A, D), bias (K, A) -> (K, B, A). A table of q's dtype is one product (the float32
+    default: the same numbers as before 16-bit tables existed); a 16-bit one is upcast ``chunk`` rows at a time, never
+    as a whole."""
+    bias = None if bias is None else bias.unsqueeze(-2)  # (1, A) or (K, 1, A)
     if table.dtype == q.dtype:
-        return q @ table.T if bias is None else q @ table.T + bias
-    out = q.new_empty(q.shape[0], table.shape[0])
-    for a in range(0, table.shape[0], chunk):  # loop over chunks of rows
-        out[:, a : a + chunk] = q @ table[a : a + chunk].to(q.dtype).T
+        return q @ table.mT if bias is None else q @ table.mT + bias
+    out = q.new_empty(*q.shape[:-1], table.shape[-2])
+    for a in range(0, table.shape[-2], chunk):  # loop over chunks of rows
+        out[..., a : a + chunk] = q @ table[..., a : a + chunk, :].to(q.dtype).mT
     return out if bias is None else out.add_(bias)
 
 
@@ -99,7 +101,7 @@ def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
 
 class EdgeTables(NamedTuple):
     """Per level l, for the active edges (``ItemPaths.active``): vectors (A_l, D) and biases (A_l,) such that
-    edge logits = level query @ vectors.T + biases."""
+    edge logits = level query @ vectors.T + biases; an ensemble's members first, (K, A_l, D) and (K, A_l)."""
 
     vectors: list[torch.Tensor]
     biases: list[torch.Tensor]
@@ -118,14 +120,14 @@ def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *,
     release: free level l's node vectors from the model once its table is built (serving; the model can then no
     longer build tables or score codes itself).
 
-    An ensemble's tables are its members' side by side (``K * D`` wide) with their biases summed: the edge logits of
-    its concatenated level query are the sum of the members' (:mod:`generator.models.ensemble`)."""
+    An ensemble's tables are its members', members first: vectors (K, A_l, D), biases (K, A_l)
+    (:mod:`generator.models.ensemble`)."""
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
-    if isinstance(model, EnsembleGenerator):  # the members' tables side by side, their biases summed: one product
+    if isinstance(model, EnsembleGenerator):  # the members' tables, members first: (K, A_l, D) and (K, A_l)
         parts = [edge_tables(m, paths, chunk=chunk, dtype=dtype, release=release) for m in model.members]  # loop over members
-        return EdgeTables([torch.cat(v, dim=1) for v in zip(*(p.vectors for p in parts), strict=True)],
-                          [torch.stack(b).sum(0) for b in zip(*(p.biases for p in parts), strict=True)])
+        return EdgeTables([torch.stack(v) for v in zip(*(p.vectors for p in parts), strict=True)],
+                          [torch.stack(b) for b in zip(*(p.biases for p in parts), strict=True)])
     store = check_table_dtype(dtype)
     vectors, biases = [], []
     weight, D = model.code_emb.weight, model.config.d_model

@@ -2,18 +2,23 @@
 
 K members of one config (each a :class:`~generator.models.causal.CausalGenerator`, each from its own random
 initialisation and dropout) are trained side by side on the same batches, each on its own loss, and served as one
-model whose code head's logit of each tree edge is the *sum* of the members' logits:
+model that scores an item by the *sum* of the members' log-likelihoods (the product of their distributions):
 
-    logit(c | h, p) = sum_k logit_k(c | h_k, p)   =>   p(c | h, p) ∝ prod_k p_k(c | h_k, p)
+    score(item | history) = sum_k log p_k(item | history) = sum_k sum_l log p_k(c_l | h_k, c_<l)
 
-a product of the members' distributions, renormalised over the allowed codes at every level (a product of experts).
-Because each member's logit is an inner product (``q_k . v_k(p, c) + b_k(p, c)``), the sum is one inner product of
-the concatenated queries ``[q_1; ...; q_K]`` (``K * d_model`` wide) with the concatenated edge vectors, plus the summed
-biases: every decoder of the causal model (the beam's edge tables, exact scoring, the dense head's MIPS over the
-concatenated item vectors, their hybrid) runs on the ensemble unchanged, at K times the width. The state ``h`` of a
+Each level's log-probabilities are normalised per member, then summed: the decoders take the members' logits with
+a leading member dimension (``level_queries`` (K, ..., L, D), ``code_logits`` (K, ..., K_l), the edge tables (K, A_l,
+D)) and add their log-softmaxes (``generator.decoding.beam.TreeConstraint``, ``exact_scores``). Summing the logits
+instead (one model K times as wide) would renormalise the product at every level, which sharpens each level's
+distribution and ranks worse (Beauty, two 30-minute seeds: R@10 0.0730 against 0.0779 for the sum of
+log-likelihoods, ``experiments/results/ensemble_seeds30_composed.md``).
+
+The dense head's scores are the sum of the members' logits: one inner product of the concatenated queries with the
+concatenated item vectors (``K * dense_dim`` wide), so the dense decoder stays one MIPS; over the whole catalogue the
+sum of the members' log-softmaxes differs from it by a constant per history, so both rank alike. The state ``h`` of a
 history is the members' states side by side, (..., K * d_model).
 
-Why: two runs of the default from two seeds (60 CPU-minutes in all) rank better than one run of 60 (beam R@10
+Why: two runs of the default from two seeds (60 CPU-minutes in all) rank better than one run of 60 (exact R@10
 0.0779 against 0.0733 on Beauty, ``experiments/results/ensemble_seeds30.md``); one model of K members makes that the
 design, with one checkpoint, one run folder and one beam.
 """
@@ -44,6 +49,27 @@ class EnsembleGenerator(nn.Module):
         self.config, self.layout = config, layout
         one = replace(config, members=1)
         self.members = nn.ModuleList(CausalGenerator(one, layout, item_tokens, content) for _ in range(config.members))
+
+    @classmethod
+    def of(cls, models: list[CausalGenerator]) -> EnsembleGenerator:
+        """An ensemble of generators trained apart (e.g. from other seeds): one config and one catalogue, weights copied."""
+        if len(models) < 2 or not all(isinstance(m, CausalGenerator) for m in models):
+            raise ValueError(f"an ensemble is made of two causal generators or more, got {[type(m).__name__ for m in models]}")
+        first = models[0]
+        for i, m in enumerate(models[1:], 1):  # loop over members
+            if m.config != first.config:
+                raise ValueError(f"member {i}'s config differs from member 0's: {m.config} != {first.config}")
+            if m.layout.to_dict() != first.layout.to_dict() or not torch.equal(m.item_tokens, first.item_tokens):
+                raise ValueError(f"member {i} has another token layout or catalogue than member 0")
+            if m.released:
+                raise ValueError(f"member {i}'s {sorted(m.released)} were released for serving: load it again")
+        if first.num_items != first.trained_items:
+            raise ValueError("members with items added after training: make the ensemble first, then add the items")
+        content = first.content[1:] if first.config.content_dim else None
+        out = cls(replace(first.config, members=len(models)), first.layout, first.item_tokens[1:], content)
+        for mine, theirs in zip(out.members, models, strict=True):
+            mine.load_state_dict(theirs.state_dict())
+        return out.train(first.training)
 
     # ---- what the decoders read of a causal model: the first member's item tables, the members' widths summed ------
     @property
@@ -81,13 +107,12 @@ class EnsembleGenerator(nn.Module):
         return torch.cat([m.last_hidden(histories, lengths) for m in self.members], dim=-1)
 
     def level_queries(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., K * D) -> (..., L, K * D): each member's level queries, side by side."""
-        return torch.cat([m.level_queries(x) for m, x in zip(self.members, self._split(h), strict=True)], dim=-1)
+        """(..., K * D) -> (K, ..., L, D): each member's level queries, members first."""
+        return torch.stack([m.level_queries(x) for m, x in zip(self.members, self._split(h), strict=True)])
 
     def code_logits(self, level: int, hq: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
-        """The sum of the members' raw logits over level ``level``'s block. hq: (..., K * D) the level's queries."""
-        parts = [m.code_logits(level, q, prefix_tokens) for m, q in zip(self.members, self._split(hq), strict=True)]
-        return torch.stack(parts).sum(0)
+        """Each member's raw logits over level ``level``'s block, (K, ..., K_l), from its queries hq (K, ..., D)."""
+        return torch.stack([m.code_logits(level, q, prefix_tokens) for m, q in zip(self.members, hq, strict=True)])
 
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.dense_queries(x) for m, x in zip(self.members, self._split(h), strict=True)], dim=-1)
