@@ -78,8 +78,9 @@ class Free:
 
     def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
         if self.pad is not None:
-            logits = logits.index_fill(1, torch.tensor([self.pad - lo], device=logits.device), float("-inf"))
-        return logits.log_softmax(-1)
+            logits = logits.index_fill(-1, torch.tensor([self.pad - lo], device=logits.device), float("-inf"))
+        out = logits.log_softmax(-1)
+        return out.sum(0) if out.ndim == 3 else out  # an ensemble's members (E, R, K): the sum of each's
 
     def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
         pass

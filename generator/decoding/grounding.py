@@ -28,6 +28,7 @@ from generator.decoding.beam import Free, search
 from generator.decoding.causal import CausalDecoders, CausalLevels
 from generator.decoding.protocol import GENERATION_LOG_PROB, Ranking, check_beams, check_k
 from generator.models.causal import CausalGenerator
+from generator.models.ensemble import member_models
 from semid.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,9 @@ class CodeGrounder:
             self.sorted_vec = self.vectors(tokens[self.order])  # (N, D)
 
     def vectors(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The model's vector of code tuples (G, L) -> (G, D): the sum of their code embeddings."""
-        return self.model.code_emb(tokens).sum(-2)
+        """The model's vector of code tuples (G, L) -> (G, D): the sum of their code embeddings (an ensemble's
+        members' side by side, (G, K * D))."""
+        return torch.cat([m.code_emb(tokens).sum(-2) for m in member_models(self.model)], -1)  # loop over members
 
     def ground(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(item rows (G,), was an item (G,) bool) for code-token tuples (G, L); ``last_depth`` keeps the matched depths

@@ -1,0 +1,193 @@
+"""The ensemble design (``CausalConfig.members``): an item's score is the sum of the members' log-likelihoods, each
+level normalised per member, in the beam, exact scoring (whole and chunked) and the beam over the model's own code
+head; the dense head is the sum of the members' logits; training adds the members' own losses; a run trains, saves,
+loads (every member checked) and serves end to end."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from generator.decoding.causal import CausalDecoders, beam_search, exact_scores
+from generator.decoding.chunked import exact_topk
+from generator.models.causal import CausalConfig, CausalGenerator
+from generator.models.checkpoint import INTEGRITY_KEY, with_integrity
+from generator.models.ensemble import EnsembleGenerator, build_causal, member_models
+from generator.runs.evaluate import evaluate_run
+from generator.runs.folder import load_run
+from generator.training.causal_system import CausalSystem
+from generator.training.causal_data import SeqBatch
+from semid.tree import PrefixTree
+from semid_cli import main
+from tests.test_causal import make, reference_logprob
+from tests.test_generator_helpers import write_ids, write_random_dataset
+
+
+def two_members(num_items: int = 40, added: int = 0):  # noqa: ANN201
+    """Two generators of one config and catalogue with other weights, their ensemble, the IDs, the tree (and, with
+    ``added`` items added after training, the trained items' tree)."""
+    first, ids, tree = make(num_items=num_items, seed=0, sizes=(4, 6))
+    second = copy.deepcopy(first)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    ens = EnsembleGenerator.of([first, second]).eval()
+    trained_tree = None
+    if added:
+        rng = np.random.default_rng(3)
+        ids = ids.add_items(rng.integers(0, (4, 6), size=(added, 2)), np.arange(10_000, 10_000 + added))
+        tokens = torch.as_tensor(ens.layout.codes_to_tokens(ids.codes[-added:]))
+        for m in (first, second, ens):
+            m.add_items(tokens)
+        trained_tree, tree = tree, PrefixTree.from_semantic_ids(ids, ens.layout)
+    return [first, second], ens, ids, tree, trained_tree
+
+
+def states(B: int = 5, D: int = 16, members: int = 2) -> torch.Tensor:
+    torch.manual_seed(7)
+    return torch.randn(B, members * D)
+
+
+def test_exact_scores_are_the_sum_of_each_members_own_log_likelihood() -> None:
+    (first, second), ens, ids, tree, _ = two_members()
+    h = states(D=first.config.d_model)
+    h1, h2 = h.chunk(2, dim=1)
+    want = reference_logprob(first, ids, h1) + reference_logprob(second, ids, h2)  # loops over items and levels
+    dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids)).refresh()
+    got = exact_scores(ens, h, dec.paths, dec.tables)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert ens.level_queries(h).shape == (2, 5, ens.layout.num_levels, first.config.d_model)  # members first
+
+
+@pytest.mark.parametrize("added", [0, 7])
+def test_a_beam_over_every_item_gives_the_exact_ranking_and_scores(added: int) -> None:
+    _, ens, ids, tree, trained_tree = two_members(added=added)
+    h = states(D=ens.config.d_model)
+    N = ids.num_items
+    dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids), num_beams=N, trained_tree=trained_tree).refresh()
+    beam = dec.decode("beam", h, k=10, num_beams=N)
+    exact = dec.decode("exact", h, k=10)
+    torch.testing.assert_close(beam.scores, exact.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(beam.items, exact.items)
+    # the beam over the model's own code head (prefix FiLM and node vectors per beam) gives the same
+    if not added:
+        items, scores, _ = beam_search(ens, h, tree, k=10, num_beams=N)
+        torch.testing.assert_close(scores, exact.scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(items, exact.items)
+
+
+def test_exact_in_chunks_under_a_memory_budget_gives_the_whole_matrix_top_k() -> None:
+    _, ens, ids, tree, _ = two_members(num_items=60)
+    h = states(B=7, D=ens.config.d_model)
+    dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids)).refresh()
+    whole_s, whole_r = exact_scores(ens, h, dec.paths, dec.tables).topk(10, dim=1)
+    s, r = exact_topk(ens, h, dec.paths, dec.tables, 10, max_score_bytes=2 * 4 * 13, item_chunk=13)
+    torch.testing.assert_close(s, whole_s, rtol=1e-5, atol=1e-5)
+    assert torch.equal(r, whole_r)
+
+
+def test_the_dense_head_scores_by_the_sum_of_the_members_logits_as_one_inner_product() -> None:
+    (first, second), ens, ids, tree, _ = two_members()
+    h = states(D=first.config.d_model)
+    h1, h2 = h.chunk(2, dim=1)
+    with torch.no_grad():
+        want = first.dense_queries(h1) @ first.item_vectors().T + second.dense_queries(h2) @ second.item_vectors().T
+        got = ens.dense_queries(h) @ ens.item_vectors().T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids)).refresh()
+    assert torch.equal(dec.decode("dense", h, k=5).items, torch.as_tensor(ids.item_ids)[want.topk(5, dim=1).indices])
+
+
+def test_training_adds_the_members_own_losses() -> None:
+    """The ensemble's training loss is the sum of each member's loss as a model of its own (dropout off, full
+    softmax: nothing random), so each member's gradient is its own loss's."""
+    cfg = replace(CausalConfig(d_model=16, num_heads=2, d_ff=32, dense_dim=16, dropout=0.0), members=2)
+    _, ids, tree = make(num_items=30, seed=0)
+    layout = ids.layout(0)
+    tokens = torch.as_tensor(layout.codes_to_tokens(ids.codes))
+    torch.manual_seed(0)
+    ens = CausalSystem(cfg, layout, tokens, torch.as_tensor(ids.item_ids), "digest", tree, objective="joint")
+    assert isinstance(ens.model, EnsembleGenerator)
+    m0, m1 = ens.model.members
+    assert not torch.equal(m0.code_emb.weight, m1.code_emb.weight)  # each member from its own initialisation
+    singles = []
+    for member in (m0, m1):
+        one = CausalSystem(replace(cfg, members=1), layout, tokens, torch.as_tensor(ids.item_ids), "digest", tree, objective="joint")
+        one.model.load_state_dict(member.state_dict())
+        singles.append(one)
+    histories = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    batch = SeqBatch(histories, torch.tensor([3, 4]), torch.tensor([[1, 2, -1, -1], [4, 5, 6, 7]]))
+    for s in (ens, *singles):
+        s.log = lambda *a, **k: None  # no trainer here
+    total = ens.training_step(batch, 0)
+    parts = [s.training_step(batch, 0) for s in singles]
+    torch.testing.assert_close(total, parts[0] + parts[1])
+    total.backward()
+    parts[0].backward()
+    torch.testing.assert_close(m0.code_emb.weight.grad, singles[0].model.code_emb.weight.grad)
+
+
+def test_member_counts_and_mixed_members_are_refused() -> None:
+    with pytest.raises(ValueError, match="`members` must be a positive int"):
+        CausalConfig(members=0)
+    with pytest.raises(ValueError, match="`members` must be at most 8"):
+        CausalConfig(members=9)
+    model, ids, _ = make()
+    with pytest.raises(ValueError, match="is an ensemble: build it with"):
+        CausalGenerator(replace(model.config, members=2), model.layout, model.item_tokens[1:])
+    assert isinstance(build_causal(replace(model.config, members=2), model.layout, model.item_tokens[1:]), EnsembleGenerator)
+    other = make(cfg=replace(model.config, d_ff=model.config.d_ff * 2))[0]
+    with pytest.raises(ValueError, match="member 1's config differs"):
+        EnsembleGenerator.of([model, other])
+    assert member_models(model) == [model]
+
+
+FLAGS = ["--max-epochs", "2", "--batch-size", "8", "--val-users", "all", "--num-beams", "10", "--no-progress", "--seed", "0",
+         "--model-option", "members=2"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ensemble")
+    data = write_random_dataset(root / "data")
+    (root / "ids").mkdir()
+    write_ids(root / "ids" / "semantic_ids.npz")
+    run = root / "run"
+    assert main(["train", "--data", str(data), "--ids", str(root / "ids"), "--out", str(run), *FLAGS]) == 0
+    return {"run": run, "root": root}
+
+
+def test_an_ensemble_run_trains_loads_and_decodes_with_every_decoder(ensemble_run: dict[str, Path]) -> None:
+    run = load_run(ensemble_run["run"])
+    assert isinstance(run.model, EnsembleGenerator) and run.model_config.members == 2
+    for name in ("beam", "exact", "dense", "hybrid"):
+        m = evaluate_run(ensemble_run["run"], "test", decoder=name, num_beams=10)
+        assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.__setitem__("model.members.2.code_bias", sd["model.members.0.code_bias"].clone()),
+     r"tensor `members.2.code_bias` belongs to none of the ensemble's 2 members"),
+    (lambda sd: sd.__setitem__("model.code_bias", sd["model.members.0.code_bias"].clone()),
+     r"tensor `code_bias` belongs to none of the ensemble's 2 members"),
+    (lambda sd: sd["model.members.1.child_index_1"].__setitem__((0, 0), 10**6),
+     r"tensor `child_index_1` is not the prefix-tree table"),
+    (lambda sd: sd.pop("model.members.1.item_tokens"), r"tensor `item_tokens` must be int64"),
+])
+def test_a_crafted_ensemble_checkpoint_is_refused_naming_the_tensor(ensemble_run: dict[str, Path], tmp_path: Path,
+                                                                    edit, message: str) -> None:  # noqa: ANN001
+    run = Path(shutil.copytree(ensemble_run["run"], tmp_path / "run"))
+    path = run / "checkpoints" / "best.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.pop(INTEGRITY_KEY)
+    edit(ckpt["state_dict"])
+    torch.save(with_integrity(ckpt), path)
+    with pytest.raises(ValueError, match=message):
+        load_run(run)
