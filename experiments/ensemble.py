@@ -8,6 +8,11 @@ members, i.e. the product of their distributions (a geometric mean, renormalised
 and, paired by user, against the best member (95% bootstrap interval, ``semid.metrics.paired_bootstrap``). The budget
 of an ensemble is the sum of its members' training budgets: say so where its figure is quoted.
 
+With ``--compose beam,exact,dense`` the members are also made one model (``EnsembleGenerator.of``, the design a run
+trains with ``--model-option members=K``) and evaluated with semid's own decoders on the same users: its beam and
+exact give the sum of the members' log-likelihoods (each level normalised per member), its dense head the sum of
+their dense logits.
+
 Writes ``experiments/results/ensemble[_TAG].{md,json}`` with the command.
 """
 
@@ -117,8 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         out[m] = {"diff": mean, "ci": [lo, hi], "relative": mean / base if base else None}
         lines.append(f"| {m} | {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {mean / base:+.1%} |")
     if args.compose:
-        lines += ["", "The members made one model (`EnsembleGenerator.of`: each level's logits summed, i.e. the product of "
-                  "their distributions renormalised at every level), decoded by semid's decoders:", "",
+        lines += ["", "The members made one model (`EnsembleGenerator.of`: the sum of the members' log-likelihoods, each "
+                  "level normalised per member; the dense head the sum of their logits), decoded by semid's decoders "
+                  "(20 beams):", "",
                   "| decoder | R@10 | N@10 |", "| --- | ---: | ---: |"]
         for name, m in composed(args).items():
             out["rows"].append({"ranker": f"composed {name}", "recall@10": m["recall@10"], "ndcg@10": m["ndcg@10"]})

@@ -5,6 +5,7 @@ refused. A decoder added to the registry is checked here without a new test (a b
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from generator.decoding import registry
 from generator.decoding.protocol import BLEND, FUSED, SCORES, Histories, Ranking
 from generator.decoding.registry import CAUSAL, SPECS, TITLE, Ingredients
 from generator.models.dense import DenseHead, DenseHeadConfig
+from generator.models.ensemble import EnsembleGenerator
 from generator.models.titles import TitleConfig, TitleGenerator
 from generator.t5.decoders import T5
 from semid.embed import embed_texts, load_encoder
@@ -56,8 +58,14 @@ def _t5_world() -> tuple[Ingredients, Histories]:
     return ing, Histories(tokens, mask)
 
 
-def _causal_world() -> tuple[Ingredients, Histories]:
+def _causal_world(ensemble: bool = False) -> tuple[Ingredients, Histories]:
     model, ids, tree = make(num_items=30)
+    if ensemble:
+        torch.manual_seed(1)
+        model = EnsembleGenerator.of([model, copy.deepcopy(model)]).eval()
+        with torch.no_grad():  # a second member with other weights
+            for p in model.members[1].parameters():
+                p.add_(torch.randn_like(p) * 0.3)
     ing = Ingredients(CAUSAL, model, tree, model.layout, ids, num_beams=8, num_candidates=10,
                       fusion=("blend", {"alpha": 0.5}), cold_items=ids.item_ids[-3:])
     return ing, _item_histories(ids)
@@ -90,7 +98,17 @@ def worlds(model_dir: Path) -> dict[str, tuple[Ingredients, Histories]]:  # noqa
 def test_every_registered_decoder_keeps_the_contract(worlds: dict[str, tuple[Ingredients, Histories]], backbone: str,
                                                      name: str) -> None:
     assert backbone in worlds, f"no world to check {backbone!r} decoders in: add one to this test"
-    ing, hist = worlds[backbone]
+    check_contract(*worlds[backbone], name)
+
+
+@pytest.mark.parametrize("name", [n for b, n in CASES if b == CAUSAL])
+def test_every_causal_decoder_keeps_the_contract_on_an_ensemble(name: str) -> None:
+    """The same checks on a causal ensemble (``CausalConfig.members``): its members on a leading dimension of the
+    queries and tables reach every causal decoder."""
+    check_contract(*_causal_world(ensemble=True), name)
+
+
+def check_contract(ing: Ingredients, hist: Histories, name: str) -> None:
     dec = registry.build(ing, name)
     spec = SPECS[name]
     before = (hist.tokens.clone(), hist.mask.clone())
