@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from experiments.paired import RESULTS, _side
-from generator.runs.batches import split_batches
 from generator.models.ensemble import EnsembleGenerator
+from generator.runs.batches import split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.evaluate import evaluate
 from generator.runs.folder import load_run

@@ -21,8 +21,8 @@ from generator.models.checkpoint import INTEGRITY_KEY, with_integrity
 from generator.models.ensemble import EnsembleGenerator, build_causal, member_models
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import load_run
-from generator.training.causal_system import CausalSystem
 from generator.training.causal_data import SeqBatch
+from generator.training.causal_system import CausalSystem
 from semid.tree import PrefixTree
 from semid_cli import main
 from tests.test_causal import make, reference_logprob

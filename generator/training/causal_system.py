@@ -21,10 +21,10 @@ import torch
 from generator.decoding.causal import item_paths
 from generator.decoding.registry import CAUSAL, Ingredients, build_many
 from generator.models.causal import CausalConfig, CausalGenerator
-from generator.models.ensemble import build_causal, member_models
 from generator.models.causal_loss import code_loss, dense_logits, dense_loss
 from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.dense_loss import check_log_q
+from generator.models.ensemble import build_causal, member_models
 from generator.training.causal_data import SeqBatch
 from generator.training.optim import OptimConfig, adamw_schedule
 from semid.layout import TokenLayout
