@@ -16,11 +16,13 @@ import torch
 
 from generator.decoding.causal import CausalDecoders, beam_search, exact_scores
 from generator.decoding.chunked import exact_topk
+from generator.designs.causal import causal_config
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.checkpoint import INTEGRITY_KEY, with_integrity
 from generator.models.ensemble import EnsembleGenerator, build_causal, member_models
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import load_run
+from generator.runs.options import TrainOptions
 from generator.training.causal_data import SeqBatch
 from generator.training.causal_system import CausalSystem
 from semid.tree import PrefixTree
@@ -191,3 +193,15 @@ def test_a_crafted_ensemble_checkpoint_is_refused_naming_the_tensor(ensemble_run
     torch.save(with_integrity(ckpt), path)
     with pytest.raises(ValueError, match=message):
         load_run(run)
+
+
+@pytest.mark.parametrize("budget, members", [(None, 1), ("00:08:00", 1), ("00:14:59", 1), ("00:15:00", 2),
+                                             ("00:22:30", 3), ("00:30:00", 4), ("01:00:00", 4), ("1:00:00:00", 4)])
+def test_the_defaults_members_follow_the_time_budget(budget: str | None, members: int) -> None:
+    """One member per 7.5 minutes of the CPU (else wall) budget, 1 to 4; what `--model-option members` or another
+    preset says wins."""
+    assert causal_config(TrainOptions(max_cpu_time=budget)).members == members
+    assert causal_config(TrainOptions(max_time=budget)).members == members
+    assert causal_config(TrainOptions(max_cpu_time=budget, max_time="00:01:00")).members == members  # CPU time first
+    assert causal_config(TrainOptions(max_cpu_time=budget, model_options={"members": 3})).members == 3
+    assert causal_config(TrainOptions(preset="causal-64", max_cpu_time=budget)).members == 1

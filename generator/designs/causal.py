@@ -18,6 +18,7 @@ from generator.models import checkpoint_checks as checks
 from generator.models.causal import DESIGN, CausalConfig, CausalGenerator
 from generator.models.ensemble import EnsembleGenerator
 from generator.training import causal_data
+from generator.training.optim import parse_max_time
 from semid.split import Split
 
 PRESETS: dict[str, CausalConfig] = {
@@ -25,6 +26,7 @@ PRESETS: dict[str, CausalConfig] = {
     # item's ID embedding (tied to the dense table) beside its codes at the input, dropout 0.3, and the dense head's
     # sampled softmax (1,024 uniform negatives + the batch's targets, log-Q corrected), whose cheaper step pays for
     # the width
+    # the width; its number of members follows the time budget (auto_members)
     "causal": CausalConfig(d_model=128, num_heads=4, d_ff=512, dense_dim=128, id_input=True, dropout=0.3,
                            dense_loss="sampled"),
     # the default before width 128 and the sampled head (width 64, full softmax)
@@ -38,6 +40,15 @@ DEFAULTS = {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing
 # the default serves a moving average of its weights (decay 0.999: about the last 1,000 steps), the study's winner at
 # 15, 30 and 60 CPU-minutes (beam R@10 0.0733 / N@10 0.0451 at 60 against 0.0720 / 0.0441 without it)
 PRESET_DEFAULTS = {"causal": {"ema": 0.999}}
+# The default's members (generator.models.ensemble: models trained side by side, an item scoring the sum of their
+# log-likelihoods) follow the run's time budget: one per MEMBER_MINUTES of it, 1 to MAX_AUTO_MEMBERS, and one without
+# a time budget. The default alone reaches its test plateau in ~15 CPU-minutes on Beauty; at every budget measured
+# the best member count was this rule's (study.md, beam R@10: 8 minutes 0.0698 with one against 0.0678 with two;
+# 15: 0.0767 with two against 0.0725 with one and 0.0670 with four; 30: 0.0799 with four against 0.0783 and 0.0723;
+# 60: 0.0820 with four against 0.0784 and 0.0733). `--model-option members=K` sets it.
+MEMBER_MINUTES = 7.5
+MAX_AUTO_MEMBERS = 4
+AUTO_MEMBERS = ("causal",)  # the presets whose members follow the budget
 # what --model-option may set (the rest come from the options and the data)
 OPTION_KEYS = tuple(sorted(set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}))
 
@@ -69,6 +80,15 @@ def check_options(options: Any) -> None:
                          f"strategy {options.strategy!r})")
 
 
+def auto_members(options: Any) -> int:
+    """The default's member count for a run's time budget (``max_cpu_time``, else ``max_time``): one per
+    :data:`MEMBER_MINUTES`, 1 to :data:`MAX_AUTO_MEMBERS`; 1 without a time budget."""
+    budget = parse_max_time(options.max_cpu_time, "max_cpu_time") or parse_max_time(options.max_time, "max_time")
+    if budget is None:
+        return 1
+    return max(1, min(MAX_AUTO_MEMBERS, int(budget.total_seconds() / 60 // MEMBER_MINUTES)))
+
+
 def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
     """The causal model config a run trains: the preset under ``model_options``, ``max_history`` from the options.
 
@@ -77,6 +97,8 @@ def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
     """
     given = options.model_options or {}
     preset = PRESETS[options.preset]
+    if options.preset in AUTO_MEMBERS and "members" not in given:
+        preset = replace(preset, members=auto_members(options))
     if not options.dense:
         asked = [k for k in ("id_input", "distill") if given.get(k)]
         if asked:

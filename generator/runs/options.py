@@ -13,13 +13,13 @@ import argparse
 import types
 import typing
 from dataclasses import dataclass, field, fields
-from datetime import timedelta
 from typing import Any
 
 from generator.decoding.registry import SPECS
 from generator.designs import registry as designs
 from generator.designs.base import Design
 from generator.models.dense import HOST_FIELDS, MODES, DenseHeadConfig
+from generator.training.optim import parse_max_time  # noqa: F401 (re-exported: the run layer's budgets)
 
 PRESETS = designs.PRESETS
 
@@ -100,7 +100,8 @@ class TrainOptions:
     """
 
     preset: str = option("causal", "design and size: causal (default: one position per item, every target in one pass; "
-                         "width 128, sampled dense softmax), causal-64 (the default before: width 64, full softmax), "
+                         "width 128, sampled dense softmax; one model per 7.5 minutes of a time budget, 1 to 4, "
+                         "trained side by side as one ensemble), causal-64 (the default before: width 64, full softmax), "
                          "causal-wide, tiger (TIGER's published T5), cpu (a small T5)", "", choices=PRESETS, fixed=True)
     max_epochs: int | None = option(50, "{default}", BUDGET, check=True, kind="int>0?")
     max_steps: int = option(-1, "optimiser steps (default: no limit)", BUDGET)
@@ -268,20 +269,3 @@ def default_text(name: str) -> str:
     if first in over:
         return f"(default {over[first]} with the default preset {first}, else {text}{rest})"
     return f"(default {text}{rest})"
-
-
-def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None:
-    """"HH:MM:SS" or "DD:HH:MM:SS" -> timedelta (``name``: the option, for the error)."""
-    if text is None:
-        return None
-    parts = str(text).split(":")
-    try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        nums = []
-    if len(nums) not in (3, 4) or any(n < 0 for n in nums):
-        raise ValueError(f"`{name}` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
-    d, h, m, s = ([0] * (4 - len(nums))) + nums
-    if m >= 60 or s >= 60:
-        raise ValueError(f"`{name}` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
-    return timedelta(days=d, hours=h, minutes=m, seconds=s)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -139,3 +140,20 @@ class LazyAdamW(torch.optim.Optimizer):
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
                     p.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
         return loss
+
+
+def parse_max_time(text: str | None, name: str = "max_time") -> timedelta | None:
+    """"HH:MM:SS" or "DD:HH:MM:SS" -> timedelta (``name``: the option, for the error)."""
+    if text is None:
+        return None
+    parts = str(text).split(":")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (3, 4) or any(n < 0 for n in nums):
+        raise ValueError(f"`{name}` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+    d, h, m, s = ([0] * (4 - len(nums))) + nums
+    if m >= 60 or s >= 60:
+        raise ValueError(f"`{name}` must be HH:MM:SS or DD:HH:MM:SS, got {text!r}")
+    return timedelta(days=d, hours=h, minutes=m, seconds=s)
