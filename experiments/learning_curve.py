@@ -47,8 +47,14 @@ DESIGNS: dict[str, dict[str, Any]] = {
                 "decoders": ["beam", "dense", "hybrid"]},
     "item-t5": {"options": {"preset": "item-t5", "dense": "both", "objective": "joint", "val_every": 0.5},
                 "decoders": ["beam", "dense", "hybrid"]},
+    # the default: its members follow the time budget (one per 7.5 CPU-minutes, 1 to 4), so its curve joins runs of
+    # two and four members (learning_curve_causal.json says which row is which)
     "causal": {"options": {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam"},
                "decoders": ["beam", "exact", "dense", "hybrid"]},
+    # the default's model alone (one member), the default before its members followed the budget: its curve is kept
+    "causal-single": {"options": {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam",
+                                  "model_options": {"members": 1}},
+                      "decoders": ["beam", "exact", "dense", "hybrid"]},
     # the width-128 default before it served its weights' moving average (--ema 0): its curve is kept
     "causal-before-ema": {"options": {"preset": "causal", "dense": "id", "objective": "joint", "decoder": "beam", "ema": 0.0},
                           "decoders": ["beam", "exact", "dense", "hybrid"]},
@@ -158,6 +164,7 @@ def report(args: argparse.Namespace) -> None:
         run["targets_per_s"] = round(run["targets_per_epoch"] * epochs / run["train_seconds"], 1)
         lines.append(f"| {run['design']} | {epochs:.1f} | {steps} | {run['train_seconds']} | {run['targets_per_epoch']:,} | "
                      f"{run['targets_per_s']:.0f} | {run['threads']} |")
+    lines += ["", "Notes:", ""] + [f"- {run['design']}: {run['note']}" for run in runs if run.get("note")]
     lines += ["", "Commands:", ""] + [f"    {run['command']}" for run in runs] + [
         f"    python -m experiments.learning_curve {shlex.join(sys.argv[1:])}"]
     text = "\n".join(lines) + "\n"
