@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     from generator.runs.batches import history_batches
+    from generator.runs.folder import load_run
     from generator.runs.recommend import recommend
     from generator.runs.recommender import Recommender
     from semid.data import load_dataset
@@ -80,17 +81,21 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     rec = Recommender.from_run(args.run)
     load_s = time.perf_counter() - t0
-    run = rec.run
+    run = rec.run  # released for serving (its N-row tables freed): the one-off calls take a run loaded whole
+    whole = load_run(args.run)
     split = leave_one_out(load_dataset(run.data_dir))
     users = np.random.default_rng(args.seed).choice(split.num_users, size=max(args.calls, args.old_calls) + args.warmup, replace=False)
     hists = [split.test_history(int(u)).tolist() for u in users]
     batches = [history_batches(run, [np.asarray(h)], None, 1)[0] for h in hists]
     rows = []
-    for name in DECODERS:
+    missing = [name for name in DECODERS if name not in rec._decoders]  # hybrid: no fusion stored for this checkpoint
+    if missing:
+        print(f"not measured (the run serves no such decoder; hybrid needs `semid choose-fusion --run RUN`): {missing}")
+    for name in (n for n in DECODERS if n not in missing):
         dec = rec._decoders[name]
         serve, decode = _ms([lambda i, n=name: rec.recommend([hists[i]], args.k, n),
                              lambda i, d=dec: d(batches[i], args.k)], args.calls, args.warmup)
-        (old,) = _ms([lambda i, n=name: recommend(run, [hists[i]], k=args.k, decoder=n)], args.old_calls, 1)
+        (old,) = _ms([lambda i, n=name: recommend(whole, [hists[i]], k=args.k, decoder=n)], args.old_calls, 1)
         rows.append((name, serve, decode, old))
         print(f"{name:>7}: serve {serve[0]:.2f} / {serve[1]:.2f} ms (CPU {serve[2]:.2f}), decode {decode[0]:.2f} / "
               f"{decode[1]:.2f} ms (CPU {decode[2]:.2f}), one-off {old[0]:.1f} / {old[1]:.1f} ms", flush=True)
