@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from generator.decoding.causal import CausalDecoders, beam_search, exact_scores
+from generator.decoding.beam import TreeConstraint, leaf_search
+from generator.decoding.causal import CausalDecoders, EdgeLevels, beam_search, exact_scores
 from generator.decoding.chunked import exact_topk
 from generator.designs.causal import causal_config
+from generator.designs.registry import load_checkpoint
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.checkpoint import INTEGRITY_KEY, with_integrity
 from generator.models.ensemble import EnsembleGenerator, build_causal, member_models
@@ -85,6 +87,22 @@ def test_a_beam_over_every_item_gives_the_exact_ranking_and_scores(added: int) -
         assert torch.equal(items, exact.items)
 
 
+@pytest.mark.parametrize("dense_factor, table_dtype", [(0, "float32"), (10**9, "float32"), (0, "bfloat16"), (10**9, "bfloat16")])
+def test_both_beam_steps_read_every_members_edges_with_any_table_dtype(dense_factor: int, table_dtype: str) -> None:
+    """The beam step's gathered pairs (dense_factor 0) and its one product per level (a large factor) both give the
+    exact ranking of an ensemble, with 32- and 16-bit tables."""
+    _, ens, ids, tree, _ = two_members()
+    h = states(D=ens.config.d_model)
+    N = ids.num_items
+    dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids), num_beams=N, table_dtype=table_dtype).refresh()
+    on_tree = TreeConstraint(tree, h.shape[0], h.device)
+    items, scores, _ = leaf_search(EdgeLevels(dec, h, on_tree, dense_factor=dense_factor), tree,
+                                   levels=ens.layout.num_levels, k=10, num_beams=N, constraint=on_tree)
+    exact = dec.decode("exact", h, k=10)
+    torch.testing.assert_close(scores, exact.scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(items, exact.items)
+
+
 def test_exact_in_chunks_under_a_memory_budget_gives_the_whole_matrix_top_k() -> None:
     _, ens, ids, tree, _ = two_members(num_items=60)
     h = states(B=7, D=ens.config.d_model)
@@ -133,7 +151,11 @@ def test_training_adds_the_members_own_losses() -> None:
     torch.testing.assert_close(total, parts[0] + parts[1])
     total.backward()
     parts[0].backward()
-    torch.testing.assert_close(m0.code_emb.weight.grad, singles[0].model.code_emb.weight.grad)
+    parts[1].backward()
+    for member, single in zip((m0, m1), singles, strict=True):  # each member's gradient is its own loss's
+        for (name, p), q in zip(member.named_parameters(), single.model.parameters(), strict=True):
+            if p.grad is not None or q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 def test_member_counts_and_mixed_members_are_refused() -> None:
@@ -193,6 +215,20 @@ def test_a_crafted_ensemble_checkpoint_is_refused_naming_the_tensor(ensemble_run
     torch.save(with_integrity(ckpt), path)
     with pytest.raises(ValueError, match=message):
         load_run(run)
+
+
+def test_members_with_another_catalogue_are_refused_before_the_ensemble_is_built(ensemble_run: dict[str, Path],
+                                                                                  tmp_path: Path) -> None:
+    """Without the IDs at hand (``load_checkpoint(path)``), member 1's item tokens must still be member 0's."""
+    ckpt = torch.load(ensemble_run["run"] / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt.pop(INTEGRITY_KEY)
+    tokens = ckpt["state_dict"]["model.members.1.item_tokens"]
+    assert not torch.equal(tokens[1], tokens[2])
+    tokens[[1, 2]] = tokens[[2, 1]]  # valid tokens, another catalogue order
+    path = tmp_path / "crafted.ckpt"
+    torch.save(with_integrity(ckpt), path)
+    with pytest.raises(ValueError, match=r"tensor `members.1.item_tokens` differs from member 0's"):
+        load_checkpoint(path)
 
 
 @pytest.mark.parametrize("budget, members", [(None, 1), ("00:08:00", 1), ("00:14:59", 1), ("00:15:00", 2),

@@ -69,23 +69,31 @@ def exact_scores(model: CausalGenerator | EnsembleGenerator, h: torch.Tensor, pa
     the items the model was trained with; items added after training are scored against their trained siblings'
     normaliser (``ItemPaths.norm_edge``), so old items keep their scores and a row's total mass can exceed 1. An
     ensemble's (queries and tables members first) is the sum of its members' log-likelihoods."""
-    hq = model.level_queries(h)  # (B, L, D), or (K, B, L, D)
-    B = h.shape[0]
-    total = h.new_zeros(*hq.shape[:-3], B, paths.tokens.shape[0])
-    for level in range(model.layout.num_levels):  # loop over levels
+    hq = model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D)
+    if hq.ndim == 4:  # one member at a time into one (B, N) total: no (K, B, N) tensor
+        return sum(_exact(q, paths, EdgeTables([v[k] for v in tables.vectors], [b[k] for b in tables.biases]), model.layout.num_levels)
+                   for k, q in enumerate(hq))  # loop over members
+    return _exact(hq, paths, tables, model.layout.num_levels)
+
+
+def _exact(hq: torch.Tensor, paths: ItemPaths, tables: EdgeTables, levels: int) -> torch.Tensor:
+    """:func:`exact_scores` of one model's level queries hq (B, L, D) -> (B, N)."""
+    B = hq.shape[0]
+    total = hq.new_zeros(B, paths.tokens.shape[0])
+    for level in range(levels):  # loop over levels
         A = int(paths.active[level].numel())
         if A == 0:
             continue  # every parent has one child here (e.g. an extra level without collisions): log-prob 0
-        logits = table_product(hq[..., level, :], tables.vectors[level], tables.biases[level])  # (B, A_l) or (K, B, A_l)
-        parent = paths.active_parent[level].expand(logits.shape)
+        logits = table_product(hq[:, level], tables.vectors[level], tables.biases[level])  # (B, A_l)
+        parent = paths.active_parent[level].expand(B, -1)
         P = int(paths.active_parent[level].max()) + 1
         in_norm = paths.norm_edge[level][paths.active[level]]
         norm = logits if bool(in_norm.all()) else logits.masked_fill(~in_norm, float("-inf"))
-        peak = logits.new_full((*logits.shape[:-1], P), float("-inf")).scatter_reduce(-1, parent, norm, reduce="amax")
-        sums = logits.new_zeros(*logits.shape[:-1], P).scatter_add(-1, parent, (norm - peak.gather(-1, parent)).exp())
-        logp = logits - (peak + sums.log()).gather(-1, parent)  # (B, A_l) or (K, B, A_l)
-        total = total + torch.nn.functional.pad(logp, (0, 1))[..., paths.item_slot[level]]  # an only child: 0
-    return total.sum(0) if total.ndim == 3 else total
+        peak = logits.new_full((B, P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
+        sums = logits.new_zeros(B, P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
+        logp = logits - (peak + sums.log()).gather(1, parent)  # (B, A_l)
+        total = total + torch.nn.functional.pad(logp, (0, 1))[:, paths.item_slot[level]]  # an only child: 0
+    return total
 
 
 class CausalLevels:
@@ -144,7 +152,8 @@ class EdgeLevels:
         edge = self.hq.new_zeros(*lead, C)
         if A:
             has, row = slot < A, slot.clamp_max(A - 1)
-            if self.B * A <= min(self.dense_factor * C, DENSE_STEP_MAX):  # few edges, many pairs: one product
+            members = vectors.shape[0] if lead else 1
+            if members * self.B * A <= min(self.dense_factor * C * members, DENSE_STEP_MAX):  # few edges, many pairs: one product
                 dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
             else:  # a (C, D) gather: each pair's vector and its history's level query

@@ -103,9 +103,9 @@ def exact_topk(model: CausalGenerator, h: torch.Tensor, paths: Any, tables: Any,
     for lv in levels:
         ap = paths.active_parent[lv]
         assert ap.numel() < 2 or bool((ap[1:] >= ap[:-1]).all()), "a level's active edges must be grouped by parent"
-    b, c = block_sizes(h.shape[0], N, sum(parents), max_score_bytes, item_chunk)
     hq_all = model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D): then the sum of its members' scores
     experts = hq_all[None] if hq_all.ndim == 3 else hq_all  # (E, B, L, D)
+    b, c = block_sizes(h.shape[0], N, experts.shape[0] * sum(parents), max_score_bytes, item_chunk)  # E normalisers each
     vectors = [v[None] if v.ndim == 2 else v for v in tables.vectors]  # per level (E, A_l, D)
     biases = [x[None] if x.ndim == 1 else x for x in tables.biases]  # per level (E, A_l)
     out_s, out_r = [], []

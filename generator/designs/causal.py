@@ -124,9 +124,13 @@ def build(config: CausalConfig, layout: Any, state: dict[str, torch.Tensor], pat
         return model
     parts = checks.member_states(state, config.members, path)
     one = replace(config, members=1)
-    for part in parts:  # loop over members: each a causal checkpoint of its own
-        checks.check_causal(one, layout, part, path, ids)
     first = parts[0]
+    for k, part in enumerate(parts):  # loop over members: each a causal checkpoint of its own, one catalogue for all
+        checks.check_causal(one, layout, part, path, ids)
+        for name in ("item_tokens", "content") if config.content_dim else ("item_tokens",):
+            if not torch.equal(part[name], first[name]):
+                raise ValueError(f"{path}: tensor `members.{k}.{name}` differs from member 0's (an ensemble's members "
+                                 f"share one catalogue); {checks.DAMAGED}")
     model = EnsembleGenerator(config, layout, first["item_tokens"][1:], first["content"][1:] if config.content_dim else None)
     for member, part in zip(model.members, parts, strict=True):
         checks.check_tree_tables(member, part, path)

@@ -29,7 +29,7 @@ from semid.layout import TokenLayout
 
 _TREE_TABLE = re.compile(r"(parent_keys|child_codes|child_index|node_vec)_\d+")
 _MEMBER = re.compile(r"members\.(0|[1-9]\d*)\.(.+)")
-_DAMAGED = "the checkpoint is damaged or was edited; use another checkpoint or train again"
+DAMAGED = _DAMAGED = "the checkpoint is damaged or was edited; use another checkpoint or train again"
 
 
 def _shape(t: Any) -> tuple[int, ...] | None:
