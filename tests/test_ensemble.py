@@ -25,6 +25,8 @@ from generator.models.ensemble import EnsembleGenerator, build_causal, member_mo
 from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
+from generator.runs.recommend import recommend
+from generator.runs.recommender import Recommender
 from generator.training.causal_data import SeqBatch
 from generator.training.causal_system import CausalSystem
 from semid.tree import PrefixTree
@@ -194,6 +196,20 @@ def test_an_ensemble_run_trains_loads_and_decodes_with_every_decoder(ensemble_ru
     for name in ("beam", "exact", "dense", "hybrid"):
         m = evaluate_run(ensemble_run["run"], "test", decoder=name, num_beams=10)
         assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
+
+
+def test_a_served_ensemble_frees_every_members_tables_and_ranks_as_the_whole_model(ensemble_run: dict[str, Path]) -> None:
+    """`Recommender.from_run` releases each member's node vectors once the tables hold them; its rankings are the
+    ones a run loaded whole gives."""
+    served = Recommender.from_run(ensemble_run["run"])
+    assert all({"node_vec_0", "node_vec_1"} <= m.released for m in served.run.model.members)
+    whole = load_run(ensemble_run["run"])
+    histories = [[1, 2, 3], [10, 12, 14, 16], [5]]
+    for name in ("beam", "exact", "dense", "hybrid"):
+        got, want = served.recommend(histories, 5, name), recommend(whole, histories, k=5, decoder=name)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a.items, b.items)
+            np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("edit, message", [
