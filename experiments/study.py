@@ -219,8 +219,8 @@ WHY: dict[str, str] = {
     "0.0670 / 0.0364 at 15 (below two members' 0.0767: 1,207 steps each is too few), 0.0799 / 0.0464 at 30, **0.0820 / "
     "0.0492 at 60** against one model's 0.0733 / 0.0451 (+12% / +9%) and two members' 0.0784 / 0.0477; above RPG's "
     "published 0.0809 / 0.0464. Exact 0.0821 (the beam loses nothing), dense 0.0855 / 0.0513, hybrid 0.0862 / 0.0514 "
-    "(+0.8% over dense only: the members' dense heads already average out what the hybrid used to add). Validation "
-    "was still creeping up at 60 (best at epoch 23 of 25): not converged. The members cap at 4 because no more were "
+    "(+0.8% over dense only: the members' dense heads already average out what the hybrid used to add). Resumed to "
+    "90 CPU-minutes it converges: validation peaks at ~70, test beam 0.0812 / 0.0491 (`members4_90.md`). The members cap at 4 because no more were "
     "measured. Serving costs a forward pass per member.",
     "default+node-dropout-0.2": "dropped: the EMA default with each (position, child) node vector dropped with "
                        "probability 0.2 in the code head's training, so an item's codes must score it without its "
