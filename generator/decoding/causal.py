@@ -152,8 +152,8 @@ class EdgeLevels:
         edge = self.hq.new_zeros(*lead, C)
         if A:
             has, row = slot < A, slot.clamp_max(A - 1)
-            members = vectors.shape[0] if lead else 1
-            if members * self.B * A <= min(self.dense_factor * C * members, DENSE_STEP_MAX):  # few edges, many pairs: one product
+            members = vectors.shape[0] if lead else 1  # the cap counts every member's logits
+            if self.B * A <= self.dense_factor * C and members * self.B * A <= DENSE_STEP_MAX:  # few edges, many pairs: one product
                 dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
             else:  # a (C, D) gather: each pair's vector and its history's level query
