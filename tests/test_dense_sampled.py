@@ -78,10 +78,10 @@ def test_popularity_negatives_log_q_by_hand() -> None:
 def test_in_batch_duplicate_targets_are_masked_by_hand() -> None:
     """Two rows with the same target: each row's other copy is an accidental hit; log Q is log(B q_j)."""
     targets = torch.tensor([1, 1, 0])
-    log_q = torch.tensor([0.25, 0.75]).log()
-    vecs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    log_q = torch.tensor([0.25, 0.75, 0.0, 0.0]).log()  # four items, two of them never a target
+    vecs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
     query = torch.tensor([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]])
-    loss = softmax_loss(query, lambda rows: vecs if rows is None else vecs[rows], targets, 2, loss="sampled",
+    loss = softmax_loss(query, lambda rows: vecs if rows is None else vecs[rows], targets, 4, loss="sampled",
                         negatives="in-batch", num_negatives=99, log_q=log_q)
     cols = vecs[targets]  # columns: items 1, 1, 0
     logits = query @ cols.T - torch.tensor([3 * 0.75, 3 * 0.75, 3 * 0.25]).log()
@@ -136,3 +136,28 @@ def test_semid_train_with_the_sampled_dense_head(tmp_path) -> None:
     assert loaded.model_config.dense_loss == "sampled" and loaded.model_config.num_negatives == 5
     metrics = evaluate_run(run, "test", decoder="dense")
     assert 0.0 <= metrics["recall@10"] <= 1.0
+
+
+def test_sampled_takes_the_full_softmax_once_columns_would_number_the_catalogue() -> None:
+    """B + R >= N: the sampled loss would cost more than the exact one, so the step is the full softmax (no draws);
+    one column fewer than the catalogue and it samples again."""
+    vecs = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    query = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 2, 2, 5])
+    asked: list[torch.Tensor | None] = []
+
+    def vectors_of(rows: torch.Tensor | None) -> torch.Tensor:
+        asked.append(rows)
+        return vecs if rows is None else vecs[rows]
+
+    gen = torch.Generator().manual_seed(3)
+    state = gen.get_state()
+    loss = softmax_loss(query, vectors_of, targets, 6, loss="sampled", negatives="uniform", num_negatives=2, generator=gen)
+    torch.testing.assert_close(loss, F.cross_entropy(query @ vecs.T, targets))
+    assert asked == [None] and torch.equal(gen.get_state(), state)  # all N vectors asked for, nothing drawn
+    asked.clear()
+    softmax_loss(query, vectors_of, targets, 6, loss="sampled", negatives="uniform", num_negatives=1, generator=gen)
+    assert asked[0] is not None and asked[0].shape == (5,)  # B + R = 5 < 6: the four targets and one draw
+    asked.clear()
+    softmax_loss(query, vectors_of, targets, 4, loss="sampled", negatives="in-batch", num_negatives=9, generator=gen)
+    assert asked == [None]  # in-batch: B = 4 columns against 4 items

@@ -167,7 +167,9 @@ def softmax_loss(
     row's positive, and the other rows' negatives), plus ``num_negatives`` rows drawn uniformly (``"uniform"``) or by
     popularity (``"popularity"``, from ``log_q``); ``"in-batch"`` draws none. Item vectors are computed for the
     C = B + R candidate rows only, so a step's cost does not grow with N. Negatives are drawn per process (not
-    gathered across DDP processes).
+    gathered across DDP processes). Where the columns would number the catalogue or more (B + R >= N: a small
+    catalogue, or a batch of long windows), the sampled loss, an estimate of the full one, would cost more than the
+    full one itself (B x C logits against B x N): that step takes the full softmax.
 
     Args:
         query: FloatTensor (B, d); targets: LongTensor (B,) rows in [0, N).
@@ -180,8 +182,11 @@ def softmax_loss(
         raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
     if negatives not in NEGATIVES:
         raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {negatives!r}")
+    num_random = 0 if negatives == "in-batch" else num_negatives
+    if targets.shape[0] + num_random >= num_items:  # no fewer columns than items: the exact loss is the cheaper one
+        return full_softmax_loss(query, vectors_of(None), targets)
     cand = sample_candidates(
-        targets, 0 if negatives == "in-batch" else num_negatives, num_items, log_q=log_q, generator=generator,
+        targets, num_random, num_items, log_q=log_q, generator=generator,
         proposal="popularity" if negatives == "popularity" else "uniform", correct=correct,
     )
     return candidate_softmax_loss(query, vectors_of(cand.rows), cand, targets)
