@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from generator.decoding.protocol import Histories, Ranking
+from generator.models.checkpoint import with_integrity
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend
 from semid.ids import SemanticIDs
@@ -156,20 +157,44 @@ def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], ca
     assert "not a run folder" in capsys.readouterr().err
 
 
-def test_resume_continues_the_same_run(trained: dict[str, Path], tmp_path: Path) -> None:
+def _copy_with_best_score(trained: dict[str, Path], run: Path, score: float) -> tuple[str, int]:
+    """A copy of the trained run in another folder, its recorded best score set to ``score``: (the callback's state
+    key, the global step of its last.ckpt)."""
     import shutil
 
-    run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
-    step_before = torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"]
+    last = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
+    (key,) = (k for k in last["callbacks"] if k.startswith("ModelCheckpoint"))
+    state = last["callbacks"][key]  # the score the next epoch must beat is kth_value (save_top_k 1: the best)
+    state["best_model_score"] = state["kth_value"] = torch.tensor(score)
+    state["best_k_models"] = dict.fromkeys(state["best_k_models"], torch.tensor(score))
+    torch.save(with_integrity(last), run / "checkpoints/last.ckpt")
     (run / "hybrid.json").write_text('{"alpha": 0.5}')
     assert (run / "metrics_valid.json").is_file()
+    return key, last["global_step"]
+
+
+@pytest.mark.parametrize("best", ["kept", "beaten"])
+def test_resume_continues_the_same_run(trained: dict[str, Path], tmp_path: Path, best: str) -> None:
+    """A copied folder resumes with its best score: an unbeatable one keeps best.ckpt and what describes it (Lightning
+    alone forgets the score once the folder moved, and takes the first epoch after the resume as the best); one that
+    every epoch beats gives a new best.ckpt, and the files that described the old one go."""
+    run = tmp_path / "run"
+    key, step_before = _copy_with_best_score(trained, run, 1.0 if best == "kept" else -1.0)
+    best_bytes = (run / "checkpoints/best.ckpt").read_bytes()
     argv = ["train", "--data", str(trained["data"]), "--ids", str(run), "--out", str(run), "--resume", "--max-epochs", "3", "--final-val-users", "0"]
     assert main(argv) == 0
-    # what described the old checkpoint is gone (no final validation ran to write a new one)
-    assert not list(run.glob("metrics_*.json")) and not (run / "hybrid.json").exists()
     last = torch.load(run / "checkpoints/last.ckpt", weights_only=False)
     assert last["epoch"] == 3 and last["global_step"] > step_before  # saved at the end: 3 epochs done
+    state = last["callbacks"][key]  # under the key Lightning's own callback uses
+    assert Path(state["best_model_path"]) == run / "checkpoints/best.ckpt" and state["dirpath"] == str(run / "checkpoints")
+    if best == "kept":
+        assert float(state["best_model_score"]) == 1.0 and (run / "checkpoints/best.ckpt").read_bytes() == best_bytes
+        assert (run / "metrics_valid.json").is_file() and (run / "hybrid.json").is_file()  # they still describe it
+        return
+    assert float(state["best_model_score"]) > -1.0 and (run / "checkpoints/best.ckpt").read_bytes() != best_bytes
+    # what described the old checkpoint is gone (no final validation ran to write a new one)
+    assert not list(run.glob("metrics_*.json")) and not (run / "hybrid.json").exists()
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16  # kept from the first run
     assert main([*argv[:-4], "--batch-size", "8"]) == 2  # what is trained cannot change on resume
     assert main([*argv[:-4], "--num-beams", "12"]) == 2  # nor how checkpoints are scored on validation

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -62,7 +62,7 @@ from generator.training.callbacks import (
     CpuTimeLimit,
     WeightEMA,
 )
-from generator.training.resume import RESUME, ResumePoints, SignalGuard, StepSeeds
+from generator.training.resume import RESUME, ResumePoints, RunCheckpoint, SignalGuard, StepSeeds
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
 from semid.io import folder_lock, remove_atomic_leftovers
@@ -292,7 +292,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
 
     # 2. trainer
     ckpt_dir = out / CHECKPOINT_DIR
-    checkpoint = ModelCheckpoint(
+    checkpoint = RunCheckpoint(  # keeps its best score when the folder was moved before a resume
         dirpath=ckpt_dir, filename=BEST[: -len(".ckpt")], monitor=monitor, mode="max", save_top_k=1, save_last=True,
         auto_insert_metric_name=False, enable_version_counter=False,  # always best.ckpt / last.ckpt, also on resume
     )

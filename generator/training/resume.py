@@ -34,7 +34,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler
 
 from generator.models.checkpoint import RESUME
@@ -267,3 +267,37 @@ class ResumePoints(Checkpoint):
             return
         self._save(trainer)
         self.guard.check()
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps its best score when the run folder was moved or copied before a resume.
+
+    Lightning restores the best score, its path and the last path only when the stored ``dirpath`` equals the new
+    one; otherwise it warns and starts the comparison afresh, so a copied folder's resumed run would pick its best
+    checkpoint among the epochs after the resume alone and could overwrite a better ``best.ckpt`` with a worse one.
+    A run's checkpoints always live in its own ``checkpoints/`` folder under fixed names, so the stored paths are
+    moved to this folder (their names kept) and restored as Lightning restores a folder that did not move.
+    """
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's own key, so checkpoints written before this class resume into it and readers find it."""
+        key = super().state_key
+        return ModelCheckpoint.__qualname__ + key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old is None or new is None or old == new:
+            return super().load_state_dict(state_dict)
+
+        def moved(path: Any) -> Any:
+            p = Path(path) if isinstance(path, str) and path else None
+            return str(Path(new) / p.name) if p is not None and str(p.parent) == str(old) else path
+
+        state = dict(state_dict, dirpath=new)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in state:
+                state[key] = moved(state[key])
+        if "best_k_models" in state:
+            state["best_k_models"] = {moved(k): v for k, v in state["best_k_models"].items()}
+        return super().load_state_dict(state)
