@@ -26,7 +26,8 @@ def _grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("correction", [True, False])
 def test_causal_sampled_gradient_equals_full_when_every_item_is_sampled(correction: bool) -> None:
     """P = N positions whose targets are every item once, in-batch negatives only: every item is a column exactly
-    once, so the sampled softmax is the full softmax (a uniform log Q shifts every logit alike)."""
+    once, so the sampled softmax is the full softmax (a uniform log Q shifts every logit alike), and such a step takes
+    the full softmax itself (C = N columns; the sampled arithmetic in that case: ``test_dense.py``)."""
     N = 12
     model, _, _ = make(N, cfg=replace(CFG, dense_loss="sampled", dense_negatives="in-batch", logq_correction=correction))
     full_model, _, _ = make(N)  # the same seed: the same weights, full softmax
@@ -116,9 +117,11 @@ def test_sampled_option_errors() -> None:
                      log_q=torch.zeros(10))
 
 
-def test_semid_train_with_the_sampled_dense_head(tmp_path) -> None:
+def test_semid_train_with_the_sampled_dense_head(tmp_path, monkeypatch) -> None:
     """`--model-option dense_loss=sampled` trains end to end (log Q from the training targets), is stored in the
-    checkpoint's config, and the run serves the dense decoder over the whole catalogue."""
+    checkpoint's config, and the run serves the dense decoder over the whole catalogue. Batches of two windows (at
+    most 2 x 11 targets + 5 draws, fewer than the 40 items) keep every step on the sampled loss."""
+    import generator.models.dense_loss as dense_loss_module
     from generator.runs.evaluate import evaluate_run
     from generator.runs.folder import load_run
     from semid_cli import main
@@ -130,8 +133,15 @@ def test_semid_train_with_the_sampled_dense_head(tmp_path) -> None:
     write_ids(tmp_path / "ids" / "semantic_ids.npz")
     run = tmp_path / "run"
     flags = [*FLAGS, "--model-option", "dense_loss=sampled", "--model-option", "dense_negatives=popularity",
-             "--model-option", "num_negatives=5", "--final-val-users", "0"]
+             "--model-option", "num_negatives=5", "--final-val-users", "0", "--batch-size", "2"]
+    steps = {"sampled": 0, "full": 0}
+    for name, real in (("sampled", dense_loss_module.candidate_softmax_loss), ("full", dense_loss_module.full_softmax_loss)):
+        def counted(*args, name=name, real=real):  # noqa: ANN002, ANN202
+            steps[name] += 1
+            return real(*args)
+        monkeypatch.setattr(dense_loss_module, f"{'candidate' if name == 'sampled' else 'full'}_softmax_loss", counted)
     assert main(["train", "--data", str(data), "--ids", str(tmp_path / "ids"), "--out", str(run), *flags]) == 0
+    assert steps["sampled"] > 0 and steps["full"] == 0  # every training step on the sampled loss
     loaded = load_run(run)
     assert loaded.model_config.dense_loss == "sampled" and loaded.model_config.num_negatives == 5
     metrics = evaluate_run(run, "test", decoder="dense")
