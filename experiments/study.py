@@ -221,7 +221,10 @@ WHY: dict[str, str] = {
     "published 0.0809 / 0.0464. Exact 0.0821 (the beam loses nothing), dense 0.0855 / 0.0513, hybrid 0.0862 / 0.0514 "
     "(+0.8% over dense only: the members' dense heads already average out what the hybrid used to add). Resumed to "
     "90 CPU-minutes it converges: validation peaks at ~70, test beam 0.0812 / 0.0491 (`members4_90.md`). The members cap at 4 because no more were "
-    "measured. Serving costs a forward pass per member.",
+    "measured. Serving costs a forward pass per member. How far more members go: the test beam R@10 at 60 of one, two "
+    "and four members (0.0733, 0.0784, 0.0820) fit a - b/K with a = 0.0846, b = 0.0114 (least squares; K = 2 predicted "
+    "0.0789), which puts eight members at ~0.083 and any number below 0.085: the converged target needs better "
+    "members, not more of them.",
     "default+node-dropout-0.2": "dropped: the EMA default with each (position, child) node vector dropped with "
                        "probability 0.2 in the code head's training, so an item's codes must score it without its "
                        "item-level vectors too. Test beam R@10 / N@10 0.0725 / 0.0436 at 15, 0.0730 / 0.0440 at 30, "
