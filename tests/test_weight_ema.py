@@ -121,3 +121,41 @@ def test_the_command_line_resumes_a_default_run_from_before_the_option(runs: dic
     assert main(argv) == 0
     assert read_config(run)["train"]["ema"] == 0.0 and safe_load(run / "checkpoints" / "last.ckpt")["epoch"] == 2
     assert "current_model_state" not in safe_load(run / "checkpoints" / "last.ckpt")  # no average switched on
+
+
+def test_the_average_updates_as_torchs_and_reads_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callback's average equals torch's ``AveragedModel`` with :func:`ema_update` update by update, and after the
+    first update (which reads the stored count once) an update turns no tensor into a Python value: on a GPU each
+    such read is a synchronisation per step (torch's own update makes three)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from generator.training.callbacks import HostCountedEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    ours = HostCountedEMA(model, "cpu", 0.9)
+    ref = AveragedModel(model, device="cpu", use_buffers=False, multi_avg_fn=ema_update(0.9))
+    reads: list[str] = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name):  # noqa: ANN001, ANN002, ANN202
+            reads.append(_name)
+            return _real(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for step in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        before = len(reads)
+        ours.update_parameters(model)
+        assert step == 0 or len(reads) == before, reads[before:]  # only the first update reads the count
+        ref.update_parameters(model)
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    monkeypatch.undo()
+    assert int(ours.n_averaged) == int(ref.n_averaged) == 6
+    ours.load_state_dict(ref.state_dict())  # a resume: the count is read again from what was loaded
+    ours.update_parameters(model)
+    assert int(ours.n_averaged) == 7 and ours._count == 7

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Timer, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.optim.swa_utils import AveragedModel
 
 from generator.models.checkpoint import safe_load, with_integrity
 from semid.io import atomic_path, write_json
@@ -49,6 +50,39 @@ def ema_update(decay: float) -> Callable[..., None]:
     return update
 
 
+class HostCountedEMA(AveragedModel):
+    """``AveragedModel`` for :class:`WeightEMA` whose update reads nothing back from the device.
+
+    torch's ``update_parameters`` tests its tensor count on the host twice per update (``n_averaged == 0``,
+    ``n_averaged > 0``), and :func:`ema_update` turns it into a Python number: on a GPU, three synchronisations per
+    optimiser step. Here the count is also kept on the host (read from the tensor once per process, at the first update
+    after a start or a load), the first update copies and the later ones lerp, over parameter lists gathered once; the
+    tensor count still advances (on the device) and is what checkpoints store. Same arithmetic as torch's path."""
+
+    def __init__(self, model: torch.nn.Module, device: Any, decay: float) -> None:
+        super().__init__(model, device=device, use_buffers=False)
+        self._ema = ema_update(decay)
+        self._count: int | None = None
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self._count = None  # a resume brings another count
+        return super().load_state_dict(*args, **kwargs)
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        if self._count is None:
+            self._count = int(self.n_averaged)
+        if self._pairs is None:  # in-place updates only (Lightning's swaps copy data), so the lists stay valid
+            self._pairs = ([p.detach() for p in self.parameters()], [p.detach() for p in model.parameters()])
+        mine, theirs = self._pairs
+        if self._count == 0:
+            torch._foreach_copy_(mine, [t.to(m.device) for m, t in zip(mine, theirs, strict=True)])
+        else:
+            self._ema(mine, [t.to(m.device) for m, t in zip(mine, theirs, strict=True)], self._count)
+        self.n_averaged.add_(1)
+        self._count += 1
+
+
 class WeightEMA(WeightAveraging):
     """An exponential moving average of the weights, updated after every optimiser step (``--ema DECAY``), on
     Lightning's ``WeightAveraging``: validation scores the average (so the best checkpoint is the best average), and
@@ -61,6 +95,11 @@ class WeightEMA(WeightAveraging):
 
     def __init__(self, decay: float) -> None:
         super().__init__(use_buffers=False, multi_avg_fn=ema_update(decay))
+        self.decay = decay
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # the base class's AveragedModel, with an update that does not synchronise (above)
+            self._average_model = HostCountedEMA(pl_module, self._device or pl_module.device, self.decay)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass
