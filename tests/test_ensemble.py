@@ -72,6 +72,34 @@ def test_exact_scores_are_the_sum_of_each_members_own_log_likelihood() -> None:
     assert ens.level_queries(h).shape == (2, 5, ens.layout.num_levels, first.config.d_model)  # members first
 
 
+def test_served_states_run_the_members_backbones_as_one_and_follow_every_weight_change() -> None:
+    """Outside training the members' states come from one stacked forward: the same states as each member's own
+    (up to float rounding), and after a weight changes in place (an optimiser step, the average's swap) the next call
+    reads the new weights, not the stack made before. In training the members run one by one (dropout and all)."""
+    _, ens, _, _, _ = two_members()
+    first, second = ens.members
+    hist = torch.tensor([[3, 7, 1, 9, 0], [4, 2, 0, 0, 0], [5, 6, 7, 8, 9]])
+    lengths = torch.tensor([4, 2, 5])
+
+    def own() -> torch.Tensor:
+        return torch.cat([first.eval().hidden(hist), second.eval().hidden(hist)], dim=-1)
+
+    with torch.no_grad():
+        torch.testing.assert_close(ens.hidden(hist), own(), rtol=1e-5, atol=1e-5)
+        stacked = ens._stacked
+        torch.testing.assert_close(ens.last_hidden(hist, lengths), own()[torch.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
+        assert ens._stacked is stacked  # nothing changed: the stack is reused
+        for weight in (second.backbone.h[1].mlp.c_fc.weight, first.backbone.wpe.weight, second.backbone.ln_f.bias):
+            weight.add_(0.5)
+            torch.testing.assert_close(ens.hidden(hist), own(), rtol=1e-5, atol=1e-5)
+    ens.train()
+    torch.manual_seed(0)
+    a = ens.hidden(hist)
+    torch.manual_seed(0)
+    b = torch.cat([first.hidden(hist), second.hidden(hist)], dim=-1)  # dropout drawn member by member
+    torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("added", [0, 7])
 def test_a_beam_over_every_item_gives_the_exact_ranking_and_scores(added: int) -> None:
     _, ens, ids, tree, trained_tree = two_members(added=added)

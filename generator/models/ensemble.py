@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from generator.models.causal import CausalConfig, CausalGenerator
+from generator.models.gpt2_states import stack_gpt2, stacked_states
 from semid.layout import TokenLayout
 
 
@@ -49,6 +50,7 @@ class EnsembleGenerator(nn.Module):
         self.config, self.layout = config, layout
         one = replace(config, members=1)
         self.members = nn.ModuleList(CausalGenerator(one, layout, item_tokens, content) for _ in range(config.members))
+        self._stacked: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None  # (weights' versions, stack)
 
     @classmethod
     def of(cls, models: list[CausalGenerator]) -> EnsembleGenerator:
@@ -100,11 +102,30 @@ class EnsembleGenerator(nn.Module):
         return x.split(D, dim=-1)
 
     def hidden(self, histories: torch.Tensor) -> torch.Tensor:
-        """(B, T) item rows + 1 -> (B, T, K * D): every member's states, side by side."""
-        return torch.cat([m.hidden(histories) for m in self.members], dim=-1)  # loop over members
+        """(B, T) item rows + 1 -> (B, T, K * D): every member's states, side by side. Outside training the members'
+        backbones run as one (``stacked_states``: one batched product per layer for all K), the per-call cost a
+        single history pays once instead of K times."""
+        if self.training or not all(m.lean_forward for m in self.members):
+            return torch.cat([m.hidden(histories) for m in self.members], dim=-1)  # loop over members
+        B, T = histories.shape
+        if T > self.config.max_history:
+            raise ValueError(f"histories of {T} positions exceed the model's max_history {self.config.max_history}")
+        x = torch.stack([m.item_inputs(histories) for m in self.members])  # (K, B, T, D); loop over members
+        h = stacked_states([m.backbone for m in self.members], self._stacked_weights(), x)
+        return h.permute(1, 2, 0, 3).reshape(B, T, -1)
+
+    def _stacked_weights(self) -> dict[str, torch.Tensor]:
+        """The members' backbone weights stacked, made again whenever one of them changed (an optimiser step, a load,
+        the weight average's swap: each bumps the tensor's version) or moved."""
+        params = [p for m in self.members for p in m.backbone.parameters()]
+        key = tuple((p._version, p.data_ptr()) for p in params)  # a move or a cast gives new storage
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, stack_gpt2([m.backbone for m in self.members]))
+        return self._stacked[1]
 
     def last_hidden(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.last_hidden(histories, lengths) for m in self.members], dim=-1)
+        h = self.hidden(histories)
+        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
 
     def level_queries(self, h: torch.Tensor) -> torch.Tensor:
         """(..., K * D) -> (K, ..., L, D): each member's level queries, members first."""

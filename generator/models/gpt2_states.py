@@ -38,3 +38,41 @@ def gpt2_states(gpt: GPT2Model, x: torch.Tensor) -> torch.Tensor:
         h = h + _conv1d(block.attn.c_proj, a.transpose(1, 2).reshape(B, T, D))
         h = h + _conv1d(block.mlp.c_proj, block.mlp.act(_conv1d(block.mlp.c_fc, block.ln_2(h))))
     return gpt.ln_f(h)
+
+
+def stack_gpt2(gpts: list[GPT2Model]) -> dict[str, torch.Tensor]:
+    """The weights of K GPT-2 models of one config stacked on a leading member dimension, for :func:`stacked_states`
+    (a copy: made again when a weight changes, see ``EnsembleGenerator``)."""
+    def st(get) -> torch.Tensor:  # noqa: ANN001
+        return torch.stack([get(g).detach() for g in gpts])
+
+    w = {"wpe": st(lambda g: g.wpe.weight), "ln_f.w": st(lambda g: g.ln_f.weight)[:, None], "ln_f.b": st(lambda g: g.ln_f.bias)[:, None]}
+    for i in range(len(gpts[0].h)):  # loop over layers (a few)
+        for name, get in (("ln_1", lambda g, i=i: g.h[i].ln_1), ("ln_2", lambda g, i=i: g.h[i].ln_2)):
+            w[f"{i}.{name}.w"], w[f"{i}.{name}.b"] = st(lambda g, get=get: get(g).weight)[:, None], st(lambda g, get=get: get(g).bias)[:, None]
+        for name, get in (("c_attn", lambda g, i=i: g.h[i].attn.c_attn), ("c_proj", lambda g, i=i: g.h[i].attn.c_proj),
+                          ("c_fc", lambda g, i=i: g.h[i].mlp.c_fc), ("mlp_proj", lambda g, i=i: g.h[i].mlp.c_proj)):
+            w[f"{i}.{name}.w"], w[f"{i}.{name}.b"] = st(lambda g, get=get: get(g).weight), st(lambda g, get=get: get(g).bias)[:, None]
+    return w
+
+
+def stacked_states(gpts: list[GPT2Model], w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """:func:`gpt2_states` of K models at once from their stacked weights ``w`` (:func:`stack_gpt2`): x (K, B, T, D)
+    member by member -> (K, B, T, D). One batched matrix product per layer and projection, whatever K: the members'
+    per-call overhead is paid once (equal to the members' own states up to float rounding)."""
+    K, B, T, D = x.shape
+    first = gpts[0]
+    heads, eps = first.h[0].attn.num_heads, first.ln_f.eps
+
+    def norm(h: torch.Tensor, key: str) -> torch.Tensor:
+        return torch.addcmul(w[f"{key}.b"], F.layer_norm(h, (D,), eps=eps), w[f"{key}.w"])
+
+    h = (x + w["wpe"][:, None, :T]).reshape(K, B * T, D)
+    for i, block in enumerate(first.h):  # loop over layers (a few)
+        q, k, v = torch.baddbmm(w[f"{i}.c_attn.b"], norm(h, f"{i}.ln_1"), w[f"{i}.c_attn.w"]).split(D, dim=2)
+        q, k, v = (t.reshape(K * B, T, heads, D // heads).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.attn.scaling)
+        h = h + torch.baddbmm(w[f"{i}.c_proj.b"], a.transpose(1, 2).reshape(K, B * T, D), w[f"{i}.c_proj.w"])
+        m = block.mlp.act(torch.baddbmm(w[f"{i}.c_fc.b"], norm(h, f"{i}.ln_2"), w[f"{i}.c_fc.w"]))
+        h = h + torch.baddbmm(w[f"{i}.mlp_proj.b"], m, w[f"{i}.mlp_proj.w"])
+    return norm(h, "ln_f").view(K, B, T, D)
