@@ -104,8 +104,8 @@ class EnsembleGenerator(nn.Module):
     def hidden(self, histories: torch.Tensor) -> torch.Tensor:
         """(B, T) item rows + 1 -> (B, T, K * D): every member's states, side by side. Outside training the members'
         backbones run as one (``stacked_states``: one batched product per layer for all K), the per-call cost a
-        single history pays once instead of K times."""
-        if self.training or not all(m.lean_forward for m in self.members):
+        single history pays once instead of K times; with gradients on (or in training) they run one by one."""
+        if self.training or torch.is_grad_enabled() or not all(m.lean_forward for m in self.members):  # the stack is detached
             return torch.cat([m.hidden(histories) for m in self.members], dim=-1)  # loop over members
         B, T = histories.shape
         if T > self.config.max_history:
