@@ -25,7 +25,6 @@ PRESETS: dict[str, CausalConfig] = {
     # the default, the quality study's winners (experiments/results/study.md): 2 causal layers of width 128, the
     # item's ID embedding (tied to the dense table) beside its codes at the input, dropout 0.3, and the dense head's
     # sampled softmax (1,024 uniform negatives + the batch's targets, log-Q corrected), whose cheaper step pays for
-    # the width
     # the width; its number of members follows the time budget (auto_members)
     "causal": CausalConfig(d_model=128, num_heads=4, d_ff=512, dense_dim=128, id_input=True, dropout=0.3,
                            dense_loss="sampled"),

@@ -76,8 +76,8 @@ class CausalConfig:
     sparse_tables: bool = False  # the N-row tables (dense item table, node vectors) get sparse gradients, and the
     # optimiser updates only the rows a step touches (generator.training.optim): a step's cost then does not grow
     # with the catalogue. Not with DDP (its reducer expects dense gradients for these tables)
-    members: int = 1  # > 1: an ensemble of this many generators trained side by side and decoded as one model whose
-    # logits are the sum of theirs (generator.models.ensemble)
+    members: int = 1  # > 1: an ensemble of this many generators trained side by side and decoded as one model that
+    # scores an item by the sum of their log-likelihoods, each level normalised per member (generator.models.ensemble)
 
     def __post_init__(self) -> None:
         check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)

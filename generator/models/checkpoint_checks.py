@@ -29,7 +29,7 @@ from semid.layout import TokenLayout
 
 _TREE_TABLE = re.compile(r"(parent_keys|child_codes|child_index|node_vec)_\d+")
 _MEMBER = re.compile(r"members\.(0|[1-9]\d*)\.(.+)")
-DAMAGED = _DAMAGED = "the checkpoint is damaged or was edited; use another checkpoint or train again"
+DAMAGED = "the checkpoint is damaged or was edited; use another checkpoint or train again"
 
 
 def _shape(t: Any) -> tuple[int, ...] | None:
@@ -42,15 +42,15 @@ def check_shapes(expected: dict[str, torch.Tensor], state: dict[str, Any], path:
     nothing else (keys matching ``skip`` aside)."""
     for key, t in expected.items():
         if key not in state:
-            raise ValueError(f"{path}: no tensor `{key}`, which the model its config describes has; {_DAMAGED}")
+            raise ValueError(f"{path}: no tensor `{key}`, which the model its config describes has; {DAMAGED}")
         if _shape(state[key]) != tuple(t.shape):
             raise ValueError(
                 f"{path}: tensor `{key}` has shape {_shape(state[key])}, but the model its config describes needs "
-                f"{tuple(t.shape)} (the config's sizes must be those of the weights in the file); {_DAMAGED}"
+                f"{tuple(t.shape)} (the config's sizes must be those of the weights in the file); {DAMAGED}"
             )
     extra = sorted(k for k in state if k not in expected and not (skip is not None and skip.fullmatch(k)))
     if extra:
-        raise ValueError(f"{path}: tensors {extra[:5]} are not part of the model its config describes; {_DAMAGED}")
+        raise ValueError(f"{path}: tensors {extra[:5]} are not part of the model its config describes; {DAMAGED}")
 
 
 def check_item_tokens(item_tokens: Any, layout: TokenLayout, path: str | os.PathLike[str], ids: SemanticIDs | None) -> torch.Tensor:
@@ -60,10 +60,10 @@ def check_item_tokens(item_tokens: Any, layout: TokenLayout, path: str | os.Path
     if not isinstance(item_tokens, torch.Tensor) or item_tokens.dtype != torch.long or item_tokens.ndim != 2 \
             or item_tokens.shape[1] != L or item_tokens.shape[0] < 2:
         raise ValueError(f"{path}: tensor `item_tokens` must be int64 (N + 1, {L}), got "
-                         f"{getattr(item_tokens, 'dtype', type(item_tokens).__name__)} {_shape(item_tokens)}; {_DAMAGED}")
+                         f"{getattr(item_tokens, 'dtype', type(item_tokens).__name__)} {_shape(item_tokens)}; {DAMAGED}")
     if not bool((item_tokens[0] == layout.pad_token_id).all()):
         raise ValueError(f"{path}: tensor `item_tokens` row 0 must be the padding item (all {layout.pad_token_id}), "
-                         f"got {item_tokens[0].tolist()}; {_DAMAGED}")
+                         f"got {item_tokens[0].tolist()}; {DAMAGED}")
     rows = item_tokens[1:]
     lo = torch.tensor([layout.level_range(level)[0] for level in range(L)])
     hi = torch.tensor([layout.level_range(level)[1] for level in range(L)])
@@ -71,12 +71,12 @@ def check_item_tokens(item_tokens: Any, layout: TokenLayout, path: str | os.Path
     if bool(bad.any()):
         r, level = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"{path}: tensor `item_tokens[{r + 1}, {level}]` is {int(rows[r, level])}, outside level "
-                         f"{level}'s tokens [{int(lo[level])}, {int(hi[level])}); {_DAMAGED}")
+                         f"{level}'s tokens [{int(lo[level])}, {int(hi[level])}); {DAMAGED}")
     if ids is not None:
         want = torch.from_numpy(layout.codes_to_tokens(ids.codes)).long()
         if want.shape != rows.shape or not torch.equal(want, rows):
             raise ValueError(f"{path}: tensor `item_tokens` is not the token table of the semantic IDs it was trained with "
-                             f"(the digest in the file matches them, the table does not); {_DAMAGED}")
+                             f"(the digest in the file matches them, the table does not); {DAMAGED}")
     return rows
 
 
@@ -89,7 +89,7 @@ def check_causal(meta_config: Any, layout: TokenLayout, state: dict[str, Any], p
     content = state.get("content")
     if meta_config.content_dim and _shape(content) != (rows.shape[0] + 1, meta_config.content_dim):
         raise ValueError(f"{path}: tensor `content` must be ({rows.shape[0] + 1}, {meta_config.content_dim}), got "
-                         f"{_shape(content)}; {_DAMAGED}")
+                         f"{_shape(content)}; {DAMAGED}")
     with torch.device("meta"):  # the config's model, without memory; the tree tables depend on data: checked after
         skeleton = CausalGenerator(replace(meta_config, node_vectors=False, distill=0.0), layout, rows.to("meta"),
                                    content[1:].to("meta") if meta_config.content_dim else None)
@@ -104,7 +104,7 @@ def member_states(state: dict[str, Any], members: int, path: str | os.PathLike[s
         m = _MEMBER.fullmatch(key)
         if m is None or int(m.group(1)) >= members:
             raise ValueError(f"{path}: tensor `{key}` belongs to none of the ensemble's {members} members "
-                             f"(`members.0.` .. `members.{members - 1}.`); {_DAMAGED}")
+                             f"(`members.0.` .. `members.{members - 1}.`); {DAMAGED}")
         parts[int(m.group(1))][m.group(2)] = value
     return parts
 
@@ -121,5 +121,5 @@ def check_tree_tables(model: torch.nn.Module, state: dict[str, Any], path: str |
                     or not torch.equal(theirs, ours):
                 raise ValueError(
                     f"{path}: tensor `{key}` is not the prefix-tree table the checkpoint's own `item_tokens` give (an "
-                    f"index out of range, a negative index other than the -1 padding, or an edge no item has); {_DAMAGED}"
+                    f"index out of range, a negative index other than the -1 padding, or an edge no item has); {DAMAGED}"
                 )
