@@ -1,5 +1,5 @@
-"""The causal backbone's lean inference forward (generator.models.gpt2_states) computes what transformers' GPT2Model
-computes, and the model uses it exactly when it is not training."""
+"""The causal backbone's lean forward (generator.models.gpt2_states) computes what transformers' GPT2Model computes,
+in eval mode and in training (the same dropout draws from the same seed), and the model uses it in both."""
 
 from __future__ import annotations
 
@@ -29,7 +29,33 @@ def test_lean_states_equal_gpt2_model_states(layers: int, heads: int, width: int
         assert not lean_forward_fits(GPT2Config(**{**config.to_dict(), **other}))
 
 
-def test_the_model_takes_the_lean_path_in_eval_and_the_library_path_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_in_training_the_lean_states_and_gradients_are_gpt2_models_draw_for_draw(dropout: float) -> None:
+    """Training mode: GPT-2's dropout in the same places and order (input, attention weights, both branches of each
+    block), so from one seed the states and the gradients are the library's bit for bit."""
+    config = GPT2Config(vocab_size=1, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=48, activation_function="gelu_new",
+                        use_cache=False, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None,
+                        eos_token_id=None)
+    torch.manual_seed(0)
+    gpt = GPT2Model(config).train()
+    x = torch.randn(3, 7, 16)
+    grads = []
+    for forward in (lambda: gpt(inputs_embeds=x).last_hidden_state, lambda: gpt2_states(gpt, x)):
+        torch.manual_seed(1)
+        out = forward()
+        gpt.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in gpt.parameters() if p.grad is not None]))
+    (library, lib_grads), (lean, lean_grads) = grads
+    assert torch.equal(lean, library)
+    assert len(lean_grads) == len(lib_grads) == len(list(gpt.parameters())) - 1  # all but the unused token table
+    for a, b in zip(lean_grads, lib_grads, strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # and with dropout, training did drop something
+        assert torch.allclose(lean, gpt2_states(gpt.eval(), x), atol=1e-6) == (dropout == 0.0)
+
+
+def test_the_model_takes_the_lean_path_in_eval_and_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
     model, _, _ = make(30, cfg=CFG)
     assert model.lean_forward
     hist = torch.tensor([[3, 7, 1, 9], [4, 2, 0, 0]])  # right padded
@@ -44,5 +70,9 @@ def test_the_model_takes_the_lean_path_in_eval_and_the_library_path_in_training(
     assert calls == [(2, 4, CFG.d_model)]
     torch.testing.assert_close(lean, library, atol=1e-5, rtol=1e-5)
     model.lean_forward = True
-    model.train().hidden(hist)  # dropout lives in the library's forward: training never takes the lean one
-    assert len(calls) == 1
+    torch.manual_seed(3)
+    lean = model.train().hidden(hist)
+    assert len(calls) == 2
+    model.lean_forward = False
+    torch.manual_seed(3)
+    assert torch.equal(lean, model.hidden(hist))  # the library's training forward, draw for draw

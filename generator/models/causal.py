@@ -170,7 +170,7 @@ class CausalGenerator(nn.Module):
             activation_function="gelu_new", use_cache=False, bos_token_id=None, eos_token_id=None,
         )
         self.backbone = GPT2Model(gpt)
-        self.lean_forward = lean_forward_fits(gpt)  # eval states without transformers' per-call bookkeeping
+        self.lean_forward = lean_forward_fits(gpt)  # states without transformers' per-call bookkeeping (gpt2_states)
         # code head: per level a projection of the state, and a prefix MLP giving (scale, shift)
         self.level_proj = nn.ModuleList(nn.Linear(D, D) for _ in range(L))
         self.head_norm = nn.LayerNorm(D)
@@ -227,7 +227,7 @@ class CausalGenerator(nn.Module):
         if T > self.config.max_history:
             raise ValueError(f"histories of {T} positions exceed the model's max_history {self.config.max_history}")
         x = self.item_inputs(histories)
-        if self.lean_forward and not self.training:  # the same arithmetic, a fraction of a one-user call's time
+        if self.lean_forward:  # the same arithmetic and dropout, without transformers' per-call bookkeeping and host reads
             return gpt2_states(self.backbone, x)
         return self.backbone(inputs_embeds=x).last_hidden_state
 
@@ -278,9 +278,9 @@ class CausalGenerator(nn.Module):
         table = getattr(self, f"node_vec_{level}")
         if getattr(self, f"parent_keys_{level}").numel() == 1:  # one parent (the root): a dense (K, D) table
             codes, index = getattr(self, f"child_codes_{level}")[0], getattr(self, f"child_index_{level}")[0]
-            keep = codes >= 0
-            dense = table.new_zeros(K, table.shape[1]).index_add(0, codes[keep], table[index[keep]])
-            return q @ dense.T
+            keep = codes >= 0  # padding goes to row K, dropped: no data-sized select (a host read on a GPU)
+            dense = table.new_zeros(K + 1, table.shape[1]).index_add(0, torch.where(keep, codes, K), table[index.clamp_min(0)])
+            return q @ dense[:K].T
         codes, index = self._children(level, prefix_tokens)  # (..., W)
         vecs = self.table_rows(table, index.clamp_min(0))  # (..., W, D)
         node = (vecs @ q.unsqueeze(-1)).squeeze(-1) * (index >= 0)  # (..., W)

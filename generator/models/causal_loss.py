@@ -6,6 +6,8 @@ Shapes: P trained positions, L levels, K_l level l's block, D d_model, N items, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from generator.models.causal import CausalGenerator
@@ -21,6 +23,7 @@ def code_loss(
     label_smoothing: float = 0.0,
     teacher: torch.Tensor | None = None,
     distill: float = 0.0,
+    pairs: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Mean over targets of the item's negative log-likelihood (sum over levels), normalised over the tree.
 
@@ -38,6 +41,10 @@ def code_loss(
             detached); with ``distill`` > 0 each level's target becomes ``(1 - distill)`` x the true code +
             ``distill`` x the teacher's mass on each child of the true parent, renormalised over those children.
             Needs node vectors.
+        pairs: per level the number of (position, child) pairs, known on the host (:func:`pair_counts` of the targets,
+            from :func:`child_counts`): the step then reads nothing back from the device. Without it each level counts
+            them on the device and checks that every target is among its parent's children (a read per level; the
+            training system checks the tables once instead, :func:`check_children`).
     """
     if distill and teacher is None:
         raise ValueError(f"`distill` {distill} needs a `teacher` distribution")
@@ -48,7 +55,8 @@ def code_loss(
         if model.config.node_vectors and getattr(model, f"parent_keys_{level}").numel() > 1:
             if getattr(model, f"child_codes_{level}").shape[1] == 1:
                 continue  # one child under every parent: log-probability 0
-            nll, smooth, soft = _pair_nll(model, level, hq[:, level], prefix, target, teacher if distill else None)
+            nll, smooth, soft = _pair_nll(model, level, hq[:, level], prefix, target, teacher if distill else None,
+                                          None if pairs is None else int(pairs[level]))
         else:
             mask = allowed[level] if allowed is not None else _root_mask(model, level, hq.shape[0])
             logp = masked_log_softmax(model.code_logits(level, hq[:, level], prefix), mask)
@@ -72,23 +80,25 @@ def _root_mask(model: CausalGenerator, level: int, P: int) -> torch.Tensor:
     if not model.config.node_vectors or getattr(model, f"parent_keys_{level}").numel() != 1:
         raise ValueError("`allowed` masks are required without node vectors")
     codes = getattr(model, f"child_codes_{level}")[0]
-    mask = torch.zeros(model.layout.codebook_sizes[level], dtype=torch.bool, device=codes.device)
-    mask[codes[codes >= 0]] = True
-    return mask.expand(P, -1)
+    K = model.layout.codebook_sizes[level]
+    mask = torch.zeros(K + 1, dtype=torch.bool, device=codes.device)  # slot K takes the padding: no data-sized select
+    return mask.index_fill_(0, torch.where(codes >= 0, codes, K), True)[:K].expand(P, -1)
 
 
 def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torch.Tensor, target: torch.Tensor,
-              teacher: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              teacher: torch.Tensor | None = None, pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(-log p(target), -mean log p over the children, and with a ``teacher`` (P, N) the cross-entropy against its
-    mass on each child renormalised over the children) per position, over (position, child) pairs."""
+    mass on each child renormalised over the children) per position, over (position, child) pairs; ``pairs``, their
+    number when the host knows it (no read back, no check)."""
     lo, hi = model.layout.level_range(level)
     s, u = model.prefix_film(level, prefix)
     q = model.head_drop(hq * s + u)  # (P, D)
     block = q @ model.code_emb.weight[lo:hi].T + model.code_bias[lo:hi]  # (P, K): the shared part, one matmul
     codes, index = model._children(level, prefix)  # (P, W)
     deg = (codes >= 0).sum(1)
-    pos = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), deg)  # (R,) pairs
-    slot = torch.arange(pos.numel(), device=q.device) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg)
+    pos = torch.repeat_interleave(torch.arange(q.shape[0], device=q.device), deg, output_size=pairs)  # (R,) pairs
+    slot = torch.arange(pos.numel(), device=q.device) - torch.repeat_interleave(torch.cumsum(deg, 0) - deg, deg,
+                                                                                output_size=pos.numel())
     code, row = codes[pos, slot], index[pos, slot]
     table = getattr(model, f"node_vec_{level}")
     node = (q[pos] * model.table_rows(table, row)).sum(-1)  # (R,); sparse gradient with sparse_tables
@@ -101,9 +111,8 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
     logp = logit - lse[pos]
     hit = code == target[pos]
     nll = -logp.new_zeros(P).scatter_add(0, pos, torch.where(hit, logp, 0.0))
-    if not bool((logp.new_zeros(P).scatter_add(0, pos, hit.to(logp.dtype)) == 1).all()):
-        raise ValueError(f"a target's level-{level} code is not among its parent's children: the model's tables and the "
-                         "training items disagree")
+    if pairs is None and not bool((logp.new_zeros(P).scatter_add(0, pos, hit.to(logp.dtype)) == 1).all()):
+        raise ValueError(DISAGREE.format(level=level))
     smooth = -logp.new_zeros(P).scatter_add(0, pos, logp) / deg.clamp_min(1)
     soft = None
     if teacher is not None:  # the teacher's mass under each tree node of this level, then on each pair's child
@@ -124,3 +133,44 @@ def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tenso
     """The dense head's loss (``DenseHead.loss``: full or sampled softmax). h: (P, D); target_rows: (P,); log_q: (N,)."""
     return model.dense_head.loss(model.dense_queries(h), target_rows, vectors_of=model.item_vectors, log_q=log_q,
                                  generator=generator)
+
+
+DISAGREE = "a target's level-{level} code is not among its parent's children: the model's tables and the training items disagree"
+
+
+def pair_levels(model: CausalGenerator) -> list[int]:
+    """The levels :func:`code_loss` computes over (position, child) pairs (node vectors, more than one parent, and
+    some parent with more than one child)."""
+    return [level for level in range(model.layout.num_levels)
+            if model.config.node_vectors and getattr(model, f"parent_keys_{level}").numel() > 1
+            and getattr(model, f"child_codes_{level}").shape[1] > 1]
+
+
+def child_counts(model: CausalGenerator) -> torch.Tensor:
+    """LongTensor (L, N) on the CPU: for each trained item row and level, how many children its parent has at that
+    level (0 on the levels that take no pairs), so a batch's pair counts are a host-side sum (:func:`pair_counts`).
+    Built once per model: the tables are fixed while it trains."""
+    tokens = model.item_tokens[1:].cpu()
+    counts = torch.zeros(model.layout.num_levels, tokens.shape[0], dtype=torch.long)
+    with torch.no_grad():
+        for level in pair_levels(model):  # loop over levels (L <= 4)
+            codes, _ = model._children(level, tokens[:, :level].to(model.item_tokens.device))
+            counts[level] = (codes >= 0).sum(1).cpu()
+    return counts
+
+
+def pair_counts(counts: torch.Tensor, rows: torch.Tensor) -> tuple[int, ...]:
+    """The number of (position, child) pairs per level for the target ``rows`` (host tensors), from :func:`child_counts`."""
+    return tuple(int(n) for n in counts[:, rows].sum(1))
+
+
+def check_children(model: CausalGenerator) -> None:
+    """Every trained item's code at every pair level is among its parent's children in the model's tables (what each
+    step would otherwise check on the device): once per model, before training."""
+    tokens = model.item_tokens[1:]
+    with torch.no_grad():
+        for level in pair_levels(model):
+            lo, _ = model.layout.level_range(level)
+            codes, _ = model._children(level, tokens[:, :level])
+            if not bool(((codes == (tokens[:, level] - lo)[:, None]).sum(1) == 1).all()):
+                raise ValueError(DISAGREE.format(level=level))

@@ -1,10 +1,12 @@
-"""The causal backbone's states at inference without transformers' per-call bookkeeping.
+"""The causal backbone's states without transformers' per-call bookkeeping, in training and at inference.
 
 ``GPT2Model.forward`` builds a causal mask, checks for packed sequences, wraps its output in a ``ModelOutput`` and
 goes through deprecation wrappers on every call: for one short history (Beauty's median is 6 items) that costs more
-than the arithmetic. :func:`gpt2_states` runs the same arithmetic on the same weights (positions, then per block
-``x + attn(ln_1(x))`` and ``x + mlp(ln_2(x))`` with causal scaled-dot-product attention, then ``ln_f``) and nothing
-else; :func:`lean_forward_fits` says whether a GPT-2 config is one it reproduces (the causal design's always is).
+than the arithmetic, and its packed-sequence check reads a tensor back to the host (on a GPU, a synchronisation in
+every training step). :func:`gpt2_states` runs the same arithmetic on the same weights (positions, then per block
+``x + attn(ln_1(x))`` and ``x + mlp(ln_2(x))`` with causal scaled-dot-product attention, then ``ln_f``), with GPT-2's
+dropout in the same places when training, and nothing else; :func:`lean_forward_fits` says whether a GPT-2 config is
+one it reproduces (the causal design's always is).
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ def _conv1d(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def gpt2_states(gpt: GPT2Model, x: torch.Tensor) -> torch.Tensor:
-    """``gpt(inputs_embeds=x).last_hidden_state`` in eval mode (no dropout, no cache, no padding mask: a causal
-    model's right padding never reaches a real position). x: (B, T, D) -> (B, T, D)."""
+    """``gpt(inputs_embeds=x).last_hidden_state`` (no cache, no padding mask: a causal model's right padding never
+    reaches a real position). x: (B, T, D) -> (B, T, D). In training mode (``gpt.training``) GPT-2's dropout applies
+    where ``GPT2Model`` applies it: on the input after the positions (``embd_pdrop``), on the attention weights
+    (``attn_pdrop``) and on each block's two branches (``resid_pdrop``); the same distribution, other random draws."""
     B, T, D = x.shape
-    h = x + gpt.wpe.weight[:T]
+    train, cfg = gpt.training, gpt.config
+    h = F.dropout(x + gpt.wpe.weight[:T], cfg.embd_pdrop, train)
+    p_attn, p_resid = (cfg.attn_pdrop, cfg.resid_pdrop) if train else (0.0, 0.0)
     for block in gpt.h:  # loop over layers (a few)
         heads = block.attn.num_heads
         q, k, v = _conv1d(block.attn.c_attn, block.ln_1(h)).split(D, dim=2)
         q, k, v = (t.view(B, T, heads, D // heads).transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.attn.scaling)
-        h = h + _conv1d(block.attn.c_proj, a.transpose(1, 2).reshape(B, T, D))
-        h = h + _conv1d(block.mlp.c_proj, block.mlp.act(_conv1d(block.mlp.c_fc, block.ln_2(h))))
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn, is_causal=True, scale=block.attn.scaling)
+        h = h + F.dropout(_conv1d(block.attn.c_proj, a.transpose(1, 2).reshape(B, T, D)), p_resid, train)
+        h = h + F.dropout(_conv1d(block.mlp.c_proj, block.mlp.act(_conv1d(block.mlp.c_fc, block.ln_2(h)))), p_resid, train)
     return gpt.ln_f(h)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -21,7 +21,14 @@ import torch
 from generator.decoding.causal import item_paths
 from generator.decoding.registry import CAUSAL, Ingredients, build_many
 from generator.models.causal import CausalConfig, CausalGenerator
-from generator.models.causal_loss import code_loss, dense_logits, dense_loss
+from generator.models.causal_loss import (
+    check_children,
+    child_counts,
+    code_loss,
+    dense_logits,
+    dense_loss,
+    pair_counts,
+)
 from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.dense_loss import check_log_q
 from generator.models.ensemble import build_causal, member_models
@@ -31,6 +38,16 @@ from semid.layout import TokenLayout
 from semid.tree import PrefixTree
 
 OBJECTIVES = ("joint", "generative", "dense")
+
+
+class StepBatch(NamedTuple):
+    """A training batch with what the step would otherwise read back from the device, worked out on the host before
+    the transfer (:meth:`CausalSystem.on_before_batch_transfer`): ``real`` LongTensor (P,) the flat indices of the
+    positions with a target, and ``pairs`` the code loss's (position, child) pairs per level."""
+
+    batch: SeqBatch
+    real: torch.Tensor
+    pairs: tuple[int, ...]
 
 
 def monitor_name(decoder: str) -> str:
@@ -106,6 +123,10 @@ class CausalSystem(L.LightningModule):
             raise ValueError("the sampled dense loss needs `log_q` (the training targets' log popularity) for its "
                              "log-Q correction or popularity negatives")
         self.register_buffer("log_q", log_q, persistent=False)
+        if objective != "dense":  # the tables' children checked once here, not in every step (a host read on a GPU)
+            for model in member_models(self.model):
+                check_children(model)
+        self._child_counts = child_counts(member_models(self.model)[0])  # (L, N) on the host; members share tables
         self._nodes: torch.Tensor | None = None
         self._decoders: dict[str, Any] = {}
         self._sums: RankSums | None = None
@@ -117,13 +138,28 @@ class CausalSystem(L.LightningModule):
             self._nodes = item_paths(self.model, self.tree).nodes  # (N, L + 1)
         return self._nodes
 
-    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
-        real = batch.targets >= 0
-        rows = batch.targets[real]  # (P,)
+    def plan(self, batch: SeqBatch) -> StepBatch:
+        """What a training step needs to know of its batch's shapes, from the host copy of its targets."""
+        targets = batch.targets.cpu()
+        real = torch.nonzero(targets.flatten() >= 0).squeeze(1)
+        return StepBatch(batch, real, pair_counts(self._child_counts, targets.flatten()[real]))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, SeqBatch) and batch.targets.dim() == 2:  # a training batch (evaluation targets are (B,))
+            return self.plan(batch)
+        return batch
+
+    def training_step(self, batch: SeqBatch | StepBatch, batch_idx: int) -> torch.Tensor:
+        """The members' joint losses. No value is read back from the device (no host synchronisation on a GPU) when
+        the batch comes planned (:class:`StepBatch`, as the trainer passes it); a bare :class:`SeqBatch` is planned
+        here from a host copy of its targets."""
+        step = batch if isinstance(batch, StepBatch) else self.plan(batch)
+        batch, real = step.batch, step.real.to(step.batch.targets.device)
+        rows = batch.targets.flatten()[real]  # (P,)
         P = rows.numel()
         gen, dense = [], []
         for model in member_models(self.model):  # loop over an ensemble's members (one unless `members` > 1)
-            g, d = self._losses(model, batch.histories, real, rows)
+            g, d = self._losses(model, batch.histories, real, rows, step.pairs)
             gen.append(g)
             dense.append(d)
         total = rows.new_zeros((), dtype=torch.float32)
@@ -137,10 +173,10 @@ class CausalSystem(L.LightningModule):
         self.log("train/targets", float(P), reduce_fx="sum", batch_size=1)
         return total
 
-    def _losses(self, model: CausalGenerator, histories: torch.Tensor, real: torch.Tensor,
-                rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _losses(self, model: CausalGenerator, histories: torch.Tensor, real: torch.Tensor, rows: torch.Tensor,
+                pairs: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One generator's code-head and dense-head losses on a batch (None for a head the objective leaves out)."""
-        hs = model.hidden(histories)[real]  # (P, D): one pass, every real position
+        hs = model.hidden(histories).flatten(0, 1)[real]  # (P, D): one pass, every real position
         full = self.objective != "generative" and self.config.dense_loss == "full"
         logits = dense_logits(model, hs) if full else None  # (P, N): the full softmax's, and distill's teacher
         gen = dense = None
@@ -152,7 +188,8 @@ class CausalSystem(L.LightningModule):
             distill = self.config.distill
             teacher = logits.detach().softmax(-1) if distill and logits is not None else None
             gen = code_loss(model, model.level_queries(hs), model.item_tokens[rows + 1], allowed,
-                            label_smoothing=self.optim.label_smoothing, teacher=teacher, distill=distill if teacher is not None else 0.0)
+                            label_smoothing=self.optim.label_smoothing, teacher=teacher, distill=distill if teacher is not None else 0.0,
+                     pairs=pairs)
         if self.objective != "generative":
             dense = (torch.nn.functional.cross_entropy(logits, rows) if logits is not None
                      else dense_loss(model, hs, rows, log_q=self.log_q))

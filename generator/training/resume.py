@@ -242,7 +242,7 @@ class ResumePoints(Checkpoint):
         self.guard.deferring = False
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # a write (with the optimiser); reads use safe_load
         self._last_step, self._last_time = trainer.global_step, time.monotonic()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
