@@ -9,6 +9,7 @@ its transfer, ``CausalSystem.on_before_batch_transfer``)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ from generator.models.dense_loss import log_popularity
 from generator.training import causal_system
 from generator.training.causal_data import SeqBatch
 from generator.training.causal_system import CausalSystem, StepBatch
+from semid_cli import main
 from tests.test_causal import make
+from tests.test_generator_helpers import write_ids, write_random_dataset
 
 
 def system(members: int = 1, dense_loss: str = "sampled", objective: str = "joint", **options: float) -> CausalSystem:
@@ -100,3 +103,16 @@ def test_tables_that_disagree_with_the_items_are_refused_once_when_the_system_is
     with pytest.raises(ValueError, match=r"level-\d code is not among its parent's children"):
         CausalSystem(CausalConfig(d_model=16, num_heads=2, d_ff=32, dense_dim=16), layout, tokens,
                      torch.as_tensor(ids.item_ids), "d", tree, objective="joint")
+
+
+def test_semid_train_hands_every_step_a_batch_planned_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer calls the planning hook: each step gets a StepBatch, not a bare batch it would plan itself."""
+    data = write_random_dataset(tmp_path / "data")
+    (tmp_path / "ids").mkdir()
+    write_ids(tmp_path / "ids" / "semantic_ids.npz")
+    seen = []
+    step = CausalSystem.training_step
+    monkeypatch.setattr(CausalSystem, "training_step", lambda self, batch, i: seen.append(type(batch)) or step(self, batch, i))
+    assert main(["train", "--data", str(data), "--ids", str(tmp_path / "ids"), "--out", str(tmp_path / "run"),
+                 "--max-steps", "3", "--batch-size", "8", "--val-users", "5", "--no-progress"]) == 0
+    assert seen == [StepBatch] * 3
