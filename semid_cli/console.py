@@ -44,6 +44,8 @@ def setup(verbose: bool) -> None:
     quiet_lightning()
     if not verbose:
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        # the causal system plans each training batch on the host in this hook, by design (CausalSystem.plan)
+        warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule` but.*")
     progress = logging.getLogger("semid.progress")
     if not progress.handlers:  # epoch lines, plain, whatever the level of the rest
         handler = logging.StreamHandler(sys.stderr)
