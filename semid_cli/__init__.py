@@ -31,6 +31,7 @@ COMMANDS = {
     "choose-fusion": ("semid_cli.choose_fusion", "choose the hybrid decoder's fusion on validation users (RUN/hybrid.json)"),
     "add-items": ("semid_cli.add_items", "add items that came after training to a run (codes from its quantizer, a "
                   "new version of its IDs)"),
+    "distill": ("semid_cli.distill", "a new run whose code heads learned from the run's dense head (the beam gains)"),
     "serve": ("semid_cli.serve", "serve a run over HTTP (JSON): recommend, items, health, metrics, reload"),
     "digest": ("semid_cli.digest", "print the digests that pin a run (config, semantic IDs, best checkpoint)"),
     "demo": ("semid_cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),

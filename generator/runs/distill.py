@@ -1,0 +1,87 @@
+"""``semid distill``: a new run folder whose code heads learned from the source run's dense head
+(:mod:`generator.training.distill`).
+
+The source run is only read. The new folder holds the source's config.yaml (its best checkpoint renamed), semantic
+IDs, a checkpoint with the distilled weights (loadable and servable like any run's, not resumable: train the source
+further instead), ``distill.json`` (the options, the validation history and the epoch kept) and, as after training,
+the hybrid's fusion chosen on validation users. It is written in a temporary folder beside ``out`` and renamed into
+place when complete, so ``out`` is either absent or whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, safe_load, with_integrity
+from generator.runs.decoders import choose_run_fusion
+from generator.runs.folder import (
+    BEST,
+    CHECKPOINT_DIR,
+    DISTILL_FILE,
+    IDS_FILE,
+    LOCK_FILE,
+    load_run,
+    read_config,
+    write_config,
+)
+from generator.training.distill import DistillOptions, distill_code_heads
+from semid.data import load_dataset
+from semid.io import atomic_path, folder_lock, fsync_path, make_temp_dir, write_json
+from semid.split import leave_one_out
+
+log = logging.getLogger(__name__)
+KEEP = (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")  # what serving reads
+
+
+def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: DistillOptions = DistillOptions(),  # noqa: B008 (frozen)
+                *, fusion: bool = True) -> dict[str, Any]:
+    """Distil ``run_dir``'s dense head into its code heads and write the result as the new run folder ``out_dir``
+    (which must not exist yet, or be an empty folder). Returns what ``distill.json`` holds."""
+    source, out = Path(run_dir), Path(out_dir)
+    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty folder; `semid distill` writes a new run folder: name a new one")
+    if out.resolve() == source.resolve():
+        raise ValueError(f"{out}: is the source run; `semid distill` writes a new run folder beside it")
+    config = read_config(source)
+    if config.get("design") != "causal":
+        raise ValueError(f"{source}: a run of the {config.get('design')!r} design; distillation is for runs of the causal "
+                         "design (the default of `semid train`) with a dense head")
+    with folder_lock(source, LOCK_FILE, what="a training, add-items or choose-fusion"):  # one version of the run read
+        run = load_run(source)
+        ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP}  # no optimiser or average: not resumable
+    split = leave_one_out(load_dataset(run.data_dir))
+    state, history = distill_code_heads(run.model, run.tree, run.ids, split, options, log=lambda row: log.info("distill %s", row))
+    kept = max(history, key=lambda row: row["ndcg@10"])["epoch"]
+    ckpt["state_dict"] = {STATE_PREFIX + k: v for k, v in state.items()}
+    record = {"source": str(source.resolve()), "source_checkpoint": str(run.checkpoint.resolve()), "epoch_kept": kept,
+              "history": history, "options": asdict(options)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, f".{out.name}.distill-")
+    try:
+        (tmp / CHECKPOINT_DIR).mkdir()
+        import torch
+
+        with atomic_path(tmp / CHECKPOINT_DIR / BEST) as f:
+            torch.save(with_integrity(ckpt), f)
+        shutil.copyfile(source / IDS_FILE, tmp / IDS_FILE)
+        write_config(tmp, {**config, "best_checkpoint": f"{CHECKPOINT_DIR}/{BEST}"})
+        write_json(tmp / DISTILL_FILE, record)
+        if fusion and run.model.has_dense:
+            record["fusion"] = choose_run_fusion(load_run(tmp))
+        for path in (tmp / IDS_FILE, tmp / CHECKPOINT_DIR, tmp):
+            fsync_path(path, folder=path.is_dir())
+        if out.exists():
+            out.rmdir()  # the empty folder named, replaced by the whole one
+        os.rename(tmp, out)
+        fsync_path(out.parent, folder=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("distilled %s into %s: epoch %d kept (validation NDCG@10 %.4f -> %.4f)", source, out, kept,
+             history[0]["ndcg@10"], history[kept]["ndcg@10"])
+    return record
