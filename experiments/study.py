@@ -104,6 +104,14 @@ LEVERS: dict[str, dict[str, Any]] = {
     # (experiments/cf_codes.py; run with --ids experiments/runs/beauty_ids_cf15): 15 more minutes in its budget
     "cf-codes": {"model_options": SASREC_RECIPE},
     "cf-codes+sibling-ls-0.1": {"model_options": SASREC_RECIPE, "label_smoothing": 0.1},
+    # the tokeniser's shape: Beauty's 256 x 3 codes leave a two-level tree in effect (256 clusters of ~47 items, then
+    # 6,484 nodes of ~1.9 items, then every item alone); 32 codes a level make a deeper one (32, 1,024, then items)
+    # whose siblings share more. The EMA default, one member, run with --ids experiments/runs/beauty_ids_k32
+    # (`semid fit-codebooks --embeddings .../item_emb_minilm.npy --codebook-size 32 --out experiments/runs/beauty_ids_k32`)
+    "default+codebooks-32": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999},
+    # the same between the two: 64 codes a level (64 clusters of ~190 items, 4,096 nodes of ~3, then items);
+    # --ids experiments/runs/beauty_ids_k64 (fit-codebooks --codebook-size 64)
+    "default+codebooks-64": {"model_options": DEFAULT_128, "label_smoothing": 0.1, "ema": 0.999},
 }
 # lever -> kept or dropped, and why (by hand, from the measured rows; report prints it)
 WHY: dict[str, str] = {
@@ -225,6 +233,29 @@ WHY: dict[str, str] = {
     "and four members (0.0733, 0.0784, 0.0820) fit a - b/K with a = 0.0846, b = 0.0114 (least squares; K = 2 predicted "
     "0.0789), which puts eight members at ~0.083 and any number below 0.085: the converged target needs better "
     "members, not more of them.",
+    "default+members-4+distill-ensemble": "kept as a command (`semid distill --run RUN --out NEW`), not in the "
+    "default: the four-member run at 60 CPU-minutes, then each member's code head fine-tuned on the ensemble's dense "
+    "softmax (level targets 0.5 x the true code + 0.5 x the teacher's mass on the true parent's children; backbones, "
+    "code embeddings and dense heads fixed), the epoch chosen on 5,000 validation users. Test beam R@10 / N@10 0.0835 "
+    "/ 0.0500 against 0.0820 / 0.0492 (+1.8% / +1.8%; paired over all test users +0.0015 [-0.0002, +0.0030] and "
+    "+0.0009 [+0.0002, +0.0016], `paired_distill_t3_vs_members4.md`); dense unchanged (0.0855 / 0.0513). About 2.3 "
+    "CPU-minutes an epoch, 2 epochs. Why it works softly: on training positions the dense head has nearly learned the "
+    "targets (its training loss falls to ~2 nats while validation stalls), so its softmax at temperature 1 adds little "
+    "to the one-hot target; at temperature 3 it passes on what it ranks beside the target. Chosen on validation "
+    "exact NDCG@10 (5,000 users; 0.0643 before): temperature 1 weight 0.5 best 0.0696 on 2,000 users (test 0.0832), "
+    "temperature 1 weight 1.0 0.0656, **temperature 3 weight 0.5 0.0662 at epoch 2**, temperature 5 weight 0.8 0.0655, "
+    "and the whole members fine-tuned (`--train all`, each member's dense loss too, lr 2e-4) 0.0657 at epoch 3. Not "
+    "in the default: at 60 CPU-minutes its minutes come out of the members' training, which was not measured, and the "
+    "converged target (0.085) is still not met.",
+    "default+codebooks-32": "dropped: 32 codes a level (a deeper tree: 32 clusters of ~380 items, 1,024 of ~12, then "
+    "items; 26% of items collide before the extra level) for the one-member EMA default. Test beam R@10 / N@10 0.0643 / "
+    "0.0373 at 15 CPU-minutes (its best checkpoint did not change by 30) against 256 codes' 0.0725 / 0.0432: -11%. "
+    "Validation did not see it (beam NDCG@10 0.0550 on 1,000 users against the default's ~0.053 at 15 minutes).",
+    "default+codebooks-64": "dropped: 64 codes a level (64 clusters of ~190 items, 4,096 nodes of ~3): test beam R@10 / "
+    "N@10 0.0683 / 0.0405 at 15 and 0.0686 / 0.0407 at 30 CPU-minutes against 256 codes' 0.0725 / 0.0432 and 0.0723 / "
+    "0.0442 (-5%); dense 0.0705 and 0.0715 against 0.0735 and 0.0719. Validation liked it (beam NDCG@10 0.0571-0.0582 "
+    "on 1,000 users against the default's ~0.053): the validation sample does not tell tokenisers apart. The shallow "
+    "256-code tree stays: its siblings are fewer and its item level is learned per item.",
     "default+node-dropout-0.2": "dropped: the EMA default with each (position, child) node vector dropped with "
                        "probability 0.2 in the code head's training, so an item's codes must score it without its "
                        "item-level vectors too. Test beam R@10 / N@10 0.0725 / 0.0436 at 15, 0.0730 / 0.0440 at 30, "
