@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=3.0, help="the teacher's softmax temperature (default 3)")
     p.add_argument("--weight", type=float, default=0.5, help="the teacher's share of each level's target (default 0.5)")
     p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the code heads (default 5e-4)")
+    p.add_argument("--batch-size", type=int, default=128, help="training windows a step (default 128; the teacher "
+                   "of a batch is positions x items floats: lower it for large catalogues)")
     p.add_argument("--val-users", type=int, default=5000, help="validation users that choose the epoch (default 5,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from generator.training.distill import DistillOptions
 
     options = DistillOptions(epochs=args.epochs, temperature=args.temperature, weight=args.weight, lr=args.lr,
-                             val_users=args.val_users, seed=args.seed)  # checked before anything is loaded
+                             batch_size=args.batch_size, val_users=args.val_users, seed=args.seed)  # checked before anything is loaded
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     record = distill_run(args.run, args.out, options)

@@ -129,6 +129,13 @@ def test_an_occupied_out_folder_and_the_source_itself_are_refused(run: Path, tmp
     assert "not an empty folder" in capsys.readouterr().err
 
 
+def test_a_teacher_too_large_for_memory_is_refused_with_what_to_do(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = load_run(run)
+    monkeypatch.setattr(distill, "MAX_TEACHER_BYTES", 1000)
+    with pytest.raises(ValueError, match="pass a smaller batch size"):
+        distill_code_heads(r.model, r.tree, r.ids, leave_one_out(load_dataset(r.data_dir)), DistillOptions(batch_size=4))
+
+
 def test_runs_without_a_dense_head_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = write_random_dataset(tmp_path / "data")
     (tmp_path / "ids").mkdir()

@@ -33,6 +33,7 @@ from semid.ids import SemanticIDs
 from semid.split import Split
 from semid.tree import PrefixTree
 
+MAX_TEACHER_BYTES = 4 << 30  # a batch's (positions x items) teacher, and the same again for its mass per tree node
 HEAD = ("level_proj", "head_norm", "prefix_mlp", "code_bias", "node_vec_")  # a member's code head, by parameter name
 
 
@@ -100,6 +101,11 @@ def distill_code_heads(model: Any, tree: PrefixTree, ids: SemanticIDs, split: Sp
     if model.trained_items != model.num_items:
         raise ValueError(f"the model holds {model.num_items - model.trained_items} items added after training: distil "
                          "before adding items (their codes have no training windows)")
+    worst = options.batch_size * model.config.max_history * model.num_items * 4 * 2  # the teacher and its mass per node
+    if worst > MAX_TEACHER_BYTES:
+        raise ValueError(f"a batch of {options.batch_size} windows of up to {model.config.max_history} positions would hold "
+                         f"teacher distributions over {model.num_items:,} items of up to {worst / 2**30:.1f} GiB (limit "
+                         f"{MAX_TEACHER_BYTES / 2**30:.0f} GiB): pass a smaller batch size")
     torch.manual_seed(options.seed)
     model.eval()
     dm = CausalDataModule(split, ids, max_history=model.config.max_history, batch_size=options.batch_size, val_users=1,
