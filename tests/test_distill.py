@@ -76,8 +76,7 @@ def test_the_trees_move_toward_the_teacher_and_nothing_else_changes(run: Path) -
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= names  # only code-head weights moved: backbone, inputs and dense head as trained
     kept = max(history, key=lambda row: row["ndcg@10"])["epoch"]
-    if kept == 0:
-        assert all(torch.equal(best[k], before[k]) for k in before)
+    assert all(torch.equal(best[k], before[k]) for k in before) == (kept == 0)  # the state returned is the kept epoch's
 
 
 def test_semid_distill_writes_a_new_servable_run_and_leaves_the_source_as_it_was(run: Path, tmp_path: Path) -> None:
@@ -125,8 +124,22 @@ def test_an_occupied_out_folder_and_the_source_itself_are_refused(run: Path, tmp
     assert main(["distill", "--run", str(run), "--out", str(tmp_path / "busy")]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
-    assert main(["distill", "--run", str(run), "--out", str(run)]) == 2
-    assert "not an empty folder" in capsys.readouterr().err
+    assert main(["distill", "--run", str(run), "--out", str(run / "inside")]) == 2
+    assert "is inside the source run" in capsys.readouterr().err
+    assert not (run / "inside").exists()
+
+
+def test_a_failure_half_way_leaves_no_out_folder_and_no_temporary_one(run: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import generator.runs.distill as runs_distill
+
+    def fail(*a: object, **k: object) -> None:
+        raise RuntimeError("the disk filled up")
+
+    monkeypatch.setattr(runs_distill, "choose_run_fusion", fail)  # after the checkpoint and config are written
+    with pytest.raises(RuntimeError, match="the disk filled up"):
+        runs_distill.distill_run(run, tmp_path / "half", DistillOptions(epochs=1, val_users=20))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_teacher_too_large_for_memory_is_refused_with_what_to_do(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:

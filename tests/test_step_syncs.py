@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from experiments.step_reads import DeviceReads
 from generator.models.causal import CausalConfig, CausalGenerator
-from generator.models.causal_loss import code_loss, pair_levels
+from generator.models.causal_loss import code_loss, dense_logits, dense_loss, pair_levels
 from generator.models.dense_loss import log_popularity
+from generator.models.ensemble import member_models
 from generator.training import causal_system
 from generator.training.causal_data import SeqBatch
 from generator.training.causal_system import CausalSystem, StepBatch
@@ -69,6 +71,52 @@ def test_a_planned_step_reads_nothing_back_and_trains_as_the_unplanned_one(membe
     again.backward()
     assert torch.equal(loss, again)
     for a, b in zip(grads, (p.grad for p in s.parameters() if p.grad is not None), strict=True):
+        assert torch.equal(a, b)
+
+
+def old_route(s: CausalSystem, batch: SeqBatch) -> torch.Tensor:
+    """The step as it was before the host plan: boolean-mask selects of the real positions, transformers' forward, and
+    the code loss counting its pairs (and checking its targets) on the device."""
+    real = batch.targets >= 0
+    rows = batch.targets[real]
+    gen, dense = [], []
+    for m in member_models(s.model):
+        m.lean_forward = False
+        hs = m.hidden(batch.histories)[real]
+        m.lean_forward = True
+        logits = dense_logits(m, hs) if s.objective != "generative" and s.config.dense_loss == "full" else None
+        if s.objective != "dense":
+            teacher = logits.detach().softmax(-1) if s.config.distill and logits is not None else None
+            gen.append(code_loss(m, m.level_queries(hs), m.item_tokens[rows + 1], None, label_smoothing=s.optim.label_smoothing,
+                                 teacher=teacher, distill=s.config.distill if teacher is not None else 0.0))
+        if s.objective != "generative":
+            dense.append(F.cross_entropy(logits, rows) if logits is not None else dense_loss(m, hs, rows, log_q=s.log_q))
+    total = rows.new_zeros((), dtype=torch.float32)
+    if gen:
+        total = total + torch.stack(gen).sum()
+    if dense:
+        total = total + s.dense_weight * torch.stack(dense).sum()
+    return total
+
+
+@pytest.mark.parametrize(("members", "dense_loss", "objective", "options"), [
+    (2, "sampled", "joint", {"node_dropout": 0.2, "item_dropout": 0.2}),
+    (1, "full", "joint", {"distill": 0.5}),
+])
+def test_the_planned_step_is_the_old_routes_loss_and_gradient_to_the_bit(members: int, dense_loss: str, objective: str,
+                                                                       options: dict[str, float]) -> None:
+    s = system(members, dense_loss, objective, **options)
+    results = []
+    for step in (lambda: s.training_step(s.on_before_batch_transfer(BATCH, 0), 0), lambda: old_route(s, BATCH)):
+        s.zero_grad()
+        torch.manual_seed(7)
+        loss = step()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in s.parameters() if p.grad is not None]))
+    (new, new_grads), (old, old_grads) = results
+    assert torch.equal(new, old)
+    assert len(new_grads) == len(old_grads) > 0
+    for a, b in zip(new_grads, old_grads, strict=True):
         assert torch.equal(a, b)
 
 

@@ -135,7 +135,10 @@ def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tenso
                                  generator=generator)
 
 
-DISAGREE = "a target's level-{level} code is not among its parent's children: the model's tables and the training items disagree"
+DISAGREE = ("a target's level-{level} code is not among its parent's children: the model's tables and the training items "
+            "disagree (a checkpoint loaded with other semantic IDs than it was built from?): build the model from the "
+            "run's own IDs")
+CHUNK_ITEMS = 65536  # items per table lookup in the one-off checks and counts
 
 
 def pair_levels(model: CausalGenerator) -> list[int]:
@@ -150,12 +153,13 @@ def child_counts(model: CausalGenerator) -> torch.Tensor:
     """LongTensor (L, N) on the CPU: for each trained item row and level, how many children its parent has at that
     level (0 on the levels that take no pairs), so a batch's pair counts are a host-side sum (:func:`pair_counts`).
     Built once per model: the tables are fixed while it trains."""
-    tokens = model.item_tokens[1:].cpu()
+    tokens = model.item_tokens[1:]
     counts = torch.zeros(model.layout.num_levels, tokens.shape[0], dtype=torch.long)
     with torch.no_grad():
-        for level in pair_levels(model):  # loop over levels (L <= 4)
-            codes, _ = model._children(level, tokens[:, :level].to(model.item_tokens.device))
-            counts[level] = (codes >= 0).sum(1).cpu()
+        for level in pair_levels(model):  # loop over levels (L <= 4), then chunks of items (an (n, W) table each)
+            for lo in range(0, tokens.shape[0], CHUNK_ITEMS):
+                codes, _ = model._children(level, tokens[lo: lo + CHUNK_ITEMS, :level])
+                counts[level, lo: lo + CHUNK_ITEMS] = (codes >= 0).sum(1).cpu()
     return counts
 
 
@@ -170,7 +174,9 @@ def check_children(model: CausalGenerator) -> None:
     tokens = model.item_tokens[1:]
     with torch.no_grad():
         for level in pair_levels(model):
-            lo, _ = model.layout.level_range(level)
-            codes, _ = model._children(level, tokens[:, :level])
-            if not bool(((codes == (tokens[:, level] - lo)[:, None]).sum(1) == 1).all()):
-                raise ValueError(DISAGREE.format(level=level))
+            first, _ = model.layout.level_range(level)
+            for lo in range(0, tokens.shape[0], CHUNK_ITEMS):  # chunks of items: an (n, W) table each
+                part = tokens[lo: lo + CHUNK_ITEMS]
+                codes, _ = model._children(level, part[:, :level])
+                if not bool(((codes == (part[:, level] - first)[:, None]).sum(1) == 1).all()):
+                    raise ValueError(DISAGREE.format(level=level))

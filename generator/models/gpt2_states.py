@@ -31,7 +31,8 @@ def gpt2_states(gpt: GPT2Model, x: torch.Tensor) -> torch.Tensor:
     """``gpt(inputs_embeds=x).last_hidden_state`` (no cache, no padding mask: a causal model's right padding never
     reaches a real position). x: (B, T, D) -> (B, T, D). In training mode (``gpt.training``) GPT-2's dropout applies
     where ``GPT2Model`` applies it: on the input after the positions (``embd_pdrop``), on the attention weights
-    (``attn_pdrop``) and on each block's two branches (``resid_pdrop``); the same distribution, other random draws."""
+    (``attn_pdrop``) and on each block's two branches (``resid_pdrop``), in the library's order: from one seed, the
+    library's draws (``tests/test_gpt2_states.py``)."""
     B, T, D = x.shape
     train, cfg = gpt.training, gpt.config
     h = F.dropout(x + gpt.wpe.weight[:T], cfg.embd_pdrop, train)

@@ -10,6 +10,7 @@ place when complete, so ``out`` is either absent or whole.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -41,43 +42,46 @@ KEEP = (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "epoch", "global_step"
 def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: DistillOptions = DistillOptions(),  # noqa: B008 (frozen)
                 *, fusion: bool = True) -> dict[str, Any]:
     """Distil ``run_dir``'s dense head into its code heads and write the result as the new run folder ``out_dir``
-    (which must not exist yet, or be an empty folder). Returns what ``distill.json`` holds."""
+    (which must not exist yet, or be an empty folder, outside the source). Returns what ``distill.json`` holds."""
     source, out = Path(run_dir), Path(out_dir)
     if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an empty folder; `semid distill` writes a new run folder: name a new one")
-    if out.resolve() == source.resolve():
-        raise ValueError(f"{out}: is the source run; `semid distill` writes a new run folder beside it")
-    config = read_config(source)
-    if config.get("design") != "causal":
-        raise ValueError(f"{source}: a run of the {config.get('design')!r} design; distillation is for runs of the causal "
-                         "design (the default of `semid train`) with a dense head")
-    with folder_lock(source, LOCK_FILE, what="a training, add-items or choose-fusion"):  # one version of the run read
-        run = load_run(source)
-        ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP}  # no optimiser or average: not resumable
-    split = leave_one_out(load_dataset(run.data_dir))
-    state, history = distill_code_heads(run.model, run.tree, run.ids, split, options, log=lambda row: log.info("distill %s", row))
-    kept = max(history, key=lambda row: row["ndcg@10"])["epoch"]
-    ckpt["state_dict"] = {STATE_PREFIX + k: v for k, v in state.items()}
-    record = {"source": str(source.resolve()), "source_checkpoint": str(run.checkpoint.resolve()), "epoch_kept": kept,
-              "history": history, "options": asdict(options)}
+    if out.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"{out}: is inside the source run {source}; `semid distill` writes a new run folder beside it")
+    if read_config(source).get("design") != "causal":
+        raise ValueError(f"{source}: a run of the {read_config(source).get('design')!r} design; distillation is for runs "
+                         "of the causal design (the default of `semid train`) with a dense head")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.distill-")
+    tmp = make_temp_dir(out.parent, f".{out.name}.distill-")  # before the work: a folder that cannot be written fails now
     try:
+        # one version of the run: its config, IDs and checkpoint read under its lock (a writer takes it), unless no
+        # one can write the folder (read-only: nothing to wait for, and no lock file can be made)
+        with folder_lock(source, LOCK_FILE, what="a training, add-items, choose-fusion or distill") if os.access(
+                source, os.W_OK) else contextlib.nullcontext():
+            run = load_run(source)
+            config = read_config(source)
+            ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP}  # no optimiser or average: not resumable
+            shutil.copyfile(source / IDS_FILE, tmp / IDS_FILE)
+        split = leave_one_out(load_dataset(run.data_dir))
+        state, history = distill_code_heads(run.model, run.tree, run.ids, split, options,
+                                            log=lambda row: log.info("distill %s", row))
+        kept = max(history, key=lambda row: row["ndcg@10"])["epoch"]
+        ckpt["state_dict"] = {STATE_PREFIX + k: v for k, v in state.items()}
         (tmp / CHECKPOINT_DIR).mkdir()
         import torch
 
         with atomic_path(tmp / CHECKPOINT_DIR / BEST) as f:
             torch.save(with_integrity(ckpt), f)
-        shutil.copyfile(source / IDS_FILE, tmp / IDS_FILE)
         write_config(tmp, {**config, "best_checkpoint": f"{CHECKPOINT_DIR}/{BEST}"})
-        write_json(tmp / DISTILL_FILE, record)
+        record = {"source": str(source.resolve()), "source_checkpoint": str(run.checkpoint.resolve()), "epoch_kept": kept,
+                  "history": history, "options": asdict(options),
+                  "note": "config.yaml is the source's: its training figures (steps, epochs, best score) are the source's"}
         if fusion and run.model.has_dense:
             record["fusion"] = choose_run_fusion(load_run(tmp))
+        write_json(tmp / DISTILL_FILE, record)
         for path in (tmp / IDS_FILE, tmp / CHECKPOINT_DIR, tmp):
             fsync_path(path, folder=path.is_dir())
-        if out.exists():
-            out.rmdir()  # the empty folder named, replaced by the whole one
-        os.rename(tmp, out)
+        os.rename(tmp, out)  # replaces an empty folder of that name, never a full one
         fsync_path(out.parent, folder=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

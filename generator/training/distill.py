@@ -99,8 +99,9 @@ def distill_code_heads(model: Any, tree: PrefixTree, ids: SemanticIDs, split: Sp
     if not members[0].has_dense or not members[0].config.node_vectors:
         raise ValueError("distillation needs a causal model with a dense head (dense_dim > 0) and node vectors")
     if model.trained_items != model.num_items:
-        raise ValueError(f"the model holds {model.num_items - model.trained_items} items added after training: distil "
-                         "before adding items (their codes have no training windows)")
+        raise ValueError(f"the model holds {model.num_items - model.trained_items} items added after training (their "
+                         "codes have no training windows): distil a copy of the run with the IDs it was trained with "
+                         "(RUN/semantic_ids.v1.npz as its semantic_ids.npz), then `semid add-items` to the distilled run")
     worst = options.batch_size * model.config.max_history * model.num_items * 4 * 2  # the teacher and its mass per node
     if worst > MAX_TEACHER_BYTES:
         raise ValueError(f"a batch of {options.batch_size} windows of up to {model.config.max_history} positions would hold "
