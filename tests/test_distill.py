@@ -79,7 +79,8 @@ def test_the_trees_move_toward_the_teacher_and_nothing_else_changes(run: Path) -
     assert all(torch.equal(best[k], before[k]) for k in before) == (kept == 0)  # the state returned is the kept epoch's
 
 
-def test_semid_distill_writes_a_new_servable_run_and_leaves_the_source_as_it_was(run: Path, tmp_path: Path) -> None:
+def test_semid_distill_writes_a_new_servable_run_and_leaves_the_source_as_it_was(run: Path, tmp_path: Path,
+                                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     source = digests(run)
     out = tmp_path / "distilled"
     assert main(["distill", "--run", str(run), "--out", str(out), "--epochs", "1", "--val-users", "20", "--lr", "5e-3"]) == 0
@@ -90,6 +91,11 @@ def test_semid_distill_writes_a_new_servable_run_and_leaves_the_source_as_it_was
     for decoder in ("beam", "exact", "dense", "hybrid"):  # hybrid straight away: the fusion was chosen on validation
         m = evaluate_run(out, "test", decoder=decoder, max_users=30)
         assert m["invalid_items"] == 0 and m["users_evaluated"] == 30
+    config = load_run(run).config
+    assert main(["train", "--resume", "--data", config["data"], "--ids", str(out), "--out", str(out), "--max-steps", "50",
+                 "--batch-size", "8", "--val-users", "20", "--no-progress", "--model-option", "d_model=16",
+                 "--model-option", "num_heads=2", "--model-option", "d_ff=32", "--model-option", "members=2"]) == 2
+    assert "a distilled run (distill.json), which serves but does not train: resume its source" in capsys.readouterr().err
     d = load_run(out)
     src = load_run(run)
     dense = [k for k in src.model.state_dict() if "dense" in k or ".backbone." in k]

@@ -41,6 +41,7 @@ from generator.runs.folder import (
     BEST,
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    DISTILL_FILE,
     HYBRID_FILE,
     IDS_FILE,
     LAST,
@@ -126,8 +127,10 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
         raise ValueError(f"{out}: a resumed run must keep {list(FIXED_ON_RESUME)}; changed {diffs}")
     point = resume_point(out / CHECKPOINT_DIR)
     if point is None:
-        unfinished = "; the run stopped before its first checkpoint: train again without `resume`"
-        raise FileNotFoundError(f"{last}: nothing to resume from{unfinished if _unfinished_first_run(out) else ''}")
+        why = ("; the run stopped before its first checkpoint: train again without `resume`" if _unfinished_first_run(out)
+               else f"; it is a distilled run ({DISTILL_FILE}), which serves but does not train: resume its source"
+               if (out / DISTILL_FILE).is_file() else "")
+        raise FileNotFoundError(f"{last}: nothing to resume from{why}")
     return point
 
 
