@@ -26,6 +26,7 @@ from generator.runs.folder import (
     DISTILL_FILE,
     IDS_FILE,
     LOCK_FILE,
+    check_same_data,
     load_run,
     read_config,
     write_config,
@@ -62,6 +63,7 @@ def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             config = read_config(source)
             ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP}  # no optimiser or average: not resumable
             shutil.copyfile(source / IDS_FILE, tmp / IDS_FILE)
+        check_same_data(run.config, source, run.data_dir)  # the data it was trained on, unchanged since
         split = leave_one_out(load_dataset(run.data_dir))
         state, history = distill_code_heads(run.model, run.tree, run.ids, split, options,
                                             log=lambda row: log.info("distill %s", row))

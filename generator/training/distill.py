@@ -33,7 +33,7 @@ from semid.ids import SemanticIDs
 from semid.split import Split
 from semid.tree import PrefixTree
 
-MAX_TEACHER_BYTES = 4 << 30  # a batch's (positions x items) teacher, and the same again for its mass per tree node
+MAX_TEACHER_BYTES = 4 << 30  # a batch's (positions x items) teacher: its logits, softmax and copy
 HEAD = ("level_proj", "head_norm", "prefix_mlp", "code_bias", "node_vec_")  # a member's code head, by parameter name
 
 
@@ -102,7 +102,7 @@ def distill_code_heads(model: Any, tree: PrefixTree, ids: SemanticIDs, split: Sp
         raise ValueError(f"the model holds {model.num_items - model.trained_items} items added after training (their "
                          "codes have no training windows): distil a copy of the run with the IDs it was trained with "
                          "(RUN/semantic_ids.v1.npz as its semantic_ids.npz), then `semid add-items` to the distilled run")
-    worst = options.batch_size * model.config.max_history * model.num_items * 4 * 2  # the teacher and its mass per node
+    worst = options.batch_size * model.config.max_history * model.num_items * 4 * 3  # logits, softmax, their copy
     if worst > MAX_TEACHER_BYTES:
         raise ValueError(f"a batch of {options.batch_size} windows of up to {model.config.max_history} positions would hold "
                          f"teacher distributions over {model.num_items:,} items of up to {worst / 2**30:.1f} GiB (limit "
