@@ -247,6 +247,13 @@ WHY: dict[str, str] = {
     "and the whole members fine-tuned (`--train all`, each member's dense loss too, lr 2e-4) 0.0657 at epoch 3. Not "
     "in the default: at 60 CPU-minutes its minutes come out of the members' training, which was not measured, and the "
     "converged target (0.085) is still not met.",
+    "default+members-4+codistill": "dropped: the four members distil the ensemble's dense softmax (temperature 3, "
+    "weight 0.5) into their trees while they train (`experiments/codistill.py`, not in the product). A step costs ~1.6x "
+    "(the teacher over every item for every position): 1,451 steps at 30 CPU-minutes. Test beam R@10 / N@10 0.0484 / "
+    "0.0244 at 15 and 0.0672 / 0.0360 at 30 against the four-member default's 0.0670 / 0.0364 and 0.0799 / 0.0464; "
+    "dense 0.0565 and 0.0764. Validation per epoch was below the default's too (beam NDCG@10 0.0397 against 0.0468 "
+    "at epoch 6, dense level): early on the teacher knows little and the soft targets slow the trees. Distilling after "
+    "training (`semid distill`, the row above) is the form that gains.",
     "default+codebooks-32": "dropped: 32 codes a level (a deeper tree: 32 clusters of ~380 items, 1,024 of ~12, then "
     "items; 26% of items collide before the extra level) for the one-member EMA default. Test beam R@10 / N@10 0.0643 / "
     "0.0373 at 15 CPU-minutes (its best checkpoint did not change by 30) against 256 codes' 0.0725 / 0.0432: -11%. "
