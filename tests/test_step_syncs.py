@@ -139,15 +139,15 @@ def test_tables_that_disagree_with_the_items_are_refused_once_when_the_system_is
     _, ids, tree = make(num_items=60, seed=0)
     layout = ids.layout(0)
     tokens = torch.as_tensor(layout.codes_to_tokens(ids.codes))
-    real_check = causal_system.check_children
+    real_counts = causal_system.child_counts
 
-    def corrupted(m: CausalGenerator) -> None:  # every child of the deepest branching level moved to another code
+    def corrupted(m: CausalGenerator) -> torch.Tensor:  # every child of the deepest branching level moved to another code
         level = pair_levels(m)[-1]
         codes = getattr(m, f"child_codes_{level}")
         codes[codes >= 0] = (codes[codes >= 0] + 1) % layout.codebook_sizes[level]
-        real_check(m)
+        return real_counts(m)
 
-    monkeypatch.setattr(causal_system, "check_children", corrupted)
+    monkeypatch.setattr(causal_system, "child_counts", corrupted)
     with pytest.raises(ValueError, match=r"level-\d code is not among its parent's children"):
         CausalSystem(CausalConfig(d_model=16, num_heads=2, d_ff=32, dense_dim=16), layout, tokens,
                      torch.as_tensor(ids.item_ids), "d", tree, objective="joint")

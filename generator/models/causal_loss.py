@@ -44,7 +44,7 @@ def code_loss(
         pairs: per level the number of (position, child) pairs, known on the host (:func:`pair_counts` of the targets,
             from :func:`child_counts`): the step then reads nothing back from the device. Without it each level counts
             them on the device and checks that every target is among its parent's children (a read per level; the
-            training system checks the tables once instead, :func:`check_children`).
+            training system checks the tables once instead, :func:`child_counts`).
     """
     if distill and teacher is None:
         raise ValueError(f"`distill` {distill} needs a `teacher` distribution")
@@ -152,13 +152,18 @@ def pair_levels(model: CausalGenerator) -> list[int]:
 def child_counts(model: CausalGenerator) -> torch.Tensor:
     """LongTensor (L, N) on the CPU: for each trained item row and level, how many children its parent has at that
     level (0 on the levels that take no pairs), so a batch's pair counts are a host-side sum (:func:`pair_counts`).
-    Built once per model: the tables are fixed while it trains."""
+    On the way it checks that every item's code at every pair level is among its parent's children in the model's
+    tables (what each step would otherwise check on the device). Once per model: the tables are fixed while it trains."""
     tokens = model.item_tokens[1:]
     counts = torch.zeros(model.layout.num_levels, tokens.shape[0], dtype=torch.long)
     with torch.no_grad():
         for level in pair_levels(model):  # loop over levels (L <= 4), then chunks of items (an (n, W) table each)
+            first, _ = model.layout.level_range(level)
             for lo in range(0, tokens.shape[0], CHUNK_ITEMS):
-                codes, _ = model._children(level, tokens[lo: lo + CHUNK_ITEMS, :level])
+                part = tokens[lo: lo + CHUNK_ITEMS]
+                codes, _ = model._children(level, part[:, :level])
+                if not bool(((codes == (part[:, level] - first)[:, None]).sum(1) == 1).all()):
+                    raise ValueError(DISAGREE.format(level=level))
                 counts[level, lo: lo + CHUNK_ITEMS] = (codes >= 0).sum(1).cpu()
     return counts
 
@@ -166,17 +171,3 @@ def child_counts(model: CausalGenerator) -> torch.Tensor:
 def pair_counts(counts: torch.Tensor, rows: torch.Tensor) -> tuple[int, ...]:
     """The number of (position, child) pairs per level for the target ``rows`` (host tensors), from :func:`child_counts`."""
     return tuple(int(n) for n in counts[:, rows].sum(1))
-
-
-def check_children(model: CausalGenerator) -> None:
-    """Every trained item's code at every pair level is among its parent's children in the model's tables (what each
-    step would otherwise check on the device): once per model, before training."""
-    tokens = model.item_tokens[1:]
-    with torch.no_grad():
-        for level in pair_levels(model):
-            first, _ = model.layout.level_range(level)
-            for lo in range(0, tokens.shape[0], CHUNK_ITEMS):  # chunks of items: an (n, W) table each
-                part = tokens[lo: lo + CHUNK_ITEMS]
-                codes, _ = model._children(level, part[:, :level])
-                if not bool(((codes == (part[:, level] - first)[:, None]).sum(1) == 1).all()):
-                    raise ValueError(DISAGREE.format(level=level))

@@ -22,7 +22,6 @@ from generator.decoding.causal import item_paths
 from generator.decoding.registry import CAUSAL, Ingredients, build_many
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.causal_loss import (
-    check_children,
     child_counts,
     code_loss,
     dense_logits,
@@ -123,10 +122,9 @@ class CausalSystem(L.LightningModule):
             raise ValueError("the sampled dense loss needs `log_q` (the training targets' log popularity) for its "
                              "log-Q correction or popularity negatives")
         self.register_buffer("log_q", log_q, persistent=False)
-        if objective != "dense":  # the tables' children checked once here, not in every step (a host read on a GPU)
-            for model in member_models(self.model):
-                check_children(model)
-        self._child_counts = child_counts(member_models(self.model)[0])  # (L, N) on the host; members share tables
+        # (L, N) on the host, each member's tables checked against the items once here, not in every step (a host
+        # read on a GPU); the members' tables are built from the same items, so member 0's counts are all of theirs
+        self._child_counts = [child_counts(model) for model in member_models(self.model)][0]
         self._nodes: torch.Tensor | None = None
         self._decoders: dict[str, Any] = {}
         self._sums: RankSums | None = None

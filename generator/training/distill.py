@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.decoding.causal import CausalDecoders, exact_scores
+from generator.decoding.causal import CausalDecoders
 from generator.models.causal_loss import child_counts, code_loss, pair_counts
 from generator.models.ensemble import EnsembleGenerator, member_models
 from generator.training.causal_data import collate_windows, eval_batches, split_histories
 from generator.training.datamodules import CausalDataModule
 from semid.ids import SemanticIDs
+from semid.metrics import ndcg_at_k, recall_at_k
 from semid.split import Split
 from semid.tree import PrefixTree
 
@@ -75,18 +76,14 @@ def teacher_softmax(model: Any, h: torch.Tensor, temperature: float) -> torch.Te
 
 
 def validation_ndcg(model: Any, tree: PrefixTree, ids: SemanticIDs, batches: list[Any], users: int) -> dict[str, float]:
-    """Recall@10 and NDCG@10 of the exact log-likelihood ranking over ``batches`` (targets: item ids)."""
+    """Recall@10 and NDCG@10 of the exact decoder's top 10 over ``batches`` (targets: item ids)."""
     dec = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids)).refresh()
-    row_of = torch.full((int(ids.item_ids.max()) + 1,), -1, dtype=torch.long)
-    row_of[torch.as_tensor(ids.item_ids)] = torch.arange(ids.num_items)
     recall = ndcg = 0.0
     with torch.inference_mode():
         for b in batches:  # loop over batches of users
-            top = exact_scores(model, model.last_hidden(b.histories, b.lengths), dec.paths, dec.tables).topk(10, 1).indices
-            hit = top == row_of[b.targets][:, None]
-            found = hit.any(1)
-            recall += float(found.sum())
-            ndcg += float((found / torch.log2(hit.float().argmax(1).double() + 2.0)).sum())
+            ranked = dec.decode("exact", model.last_hidden(b.histories, b.lengths), k=10).items
+            recall += float(recall_at_k(ranked, b.targets, 10).sum())
+            ndcg += float(ndcg_at_k(ranked, b.targets, 10).sum())
     return {"recall@10": recall / users, "ndcg@10": ndcg / users}
 
 
