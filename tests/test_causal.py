@@ -36,8 +36,10 @@ def make(num_items: int = 30, seed: int = 0, sizes: tuple[int, ...] = (3, 4), cf
     return model.eval(), ids, PrefixTree.from_semantic_ids(ids, layout)
 
 
-def reference_logprob(model: CausalGenerator, ids: SemanticIDs, h: torch.Tensor, trained: int | None = None) -> torch.Tensor:
-    """Every item's log-likelihood by a plain loop over items and levels, the allowed codes from a dict trie.
+def reference_logprob(model: CausalGenerator, ids: SemanticIDs, h: torch.Tensor, trained: int | None = None, *,
+                      per_level: bool = False) -> torch.Tensor:
+    """Every item's log-likelihood by a plain loop over items and levels, the allowed codes from a dict trie; with
+    ``per_level`` its terms level by level, (B, L, N).
 
     With ``trained`` (items added after training follow the first ``trained`` rows), each node's distribution is
     normalised over the children the trained items reach, where it has any."""
@@ -46,7 +48,7 @@ def reference_logprob(model: CausalGenerator, ids: SemanticIDs, h: torch.Tensor,
     trie = DictTrie(tokens.tolist(), ids.item_ids.tolist())
     old = DictTrie(tokens[:trained].tolist(), ids.item_ids[:trained].tolist()) if trained else None
     hq = model.level_queries(h)  # (B, L, D)
-    out = torch.zeros(h.shape[0], ids.num_items, dtype=torch.float64)
+    out = torch.zeros(h.shape[0], layout.num_levels, ids.num_items, dtype=torch.float64)
     for i, seq in enumerate(tokens.tolist()):
         for level in range(layout.num_levels):
             lo, hi = layout.level_range(level)
@@ -55,8 +57,8 @@ def reference_logprob(model: CausalGenerator, ids: SemanticIDs, h: torch.Tensor,
             norm = norm or allowed
             logits = model.code_logits(level, hq[:, level], torch.tensor(seq[:level], dtype=torch.long).expand(h.shape[0], -1))  # (B, K)
             lse = logits[:, [a - lo for a in norm]].double().logsumexp(1)
-            out[:, i] += logits[:, seq[level] - lo].double() - lse
-    return out
+            out[:, level, i] = logits[:, seq[level] - lo].double() - lse
+    return out if per_level else out.sum(1)
 
 
 def test_no_position_sees_its_target_or_anything_after_it() -> None:

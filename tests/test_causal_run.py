@@ -67,7 +67,7 @@ def test_evaluate_every_decoder_returns_real_distinct_items(causal_run: dict[str
         stored = json.loads((causal_run["run"] / "hybrid.json").read_text())
         # fitted on half the validation users, chosen on the other half; every fusion was tried
         assert stored["validation_users"] == {"fit": 12, "select": 12}
-        assert set(stored["table"]) == {"blend", "full", "liger", "rrf", "learned"} and stored["fusion"] in stored["table"]
+        assert set(stored["table"]) == {"blend", "full", "levels", "liger", "rrf", "learned"} and stored["fusion"] in stored["table"]
 
 
 def test_a_dense_only_run_serves_the_dense_decoder(causal_run: dict[str, Path]) -> None:

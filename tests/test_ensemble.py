@@ -69,6 +69,9 @@ def test_exact_scores_are_the_sum_of_each_members_own_log_likelihood() -> None:
     dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids)).refresh()
     got = exact_scores(ens, h, dec.paths, dec.tables)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # level by level too (what the hybrid's `levels` fusion reads): each member's terms, added
+    want_levels = reference_logprob(first, ids, h1, per_level=True) + reference_logprob(second, ids, h2, per_level=True)
+    torch.testing.assert_close(exact_scores(ens, h, dec.paths, dec.tables, per_level=True).double(), want_levels, rtol=1e-5, atol=1e-4)
     assert ens.level_queries(h).shape == (2, 5, ens.layout.num_levels, first.config.d_model)  # members first
 
 

@@ -12,23 +12,46 @@ import torch
 
 import generator.runs.fusion_store as fusion_store
 from generator.decoding.causal import CausalDecoders
-from generator.decoding.fusion import FEATURES, FUSIONS, Parts, check_fusion, choose_fusion, fit_params, fuse
-from semid.metrics import paired_bootstrap
+from generator.decoding.fusion import (
+    FEATURES,
+    FUSIONS,
+    LEVEL_GRID,
+    Parts,
+    check_fusion,
+    choose_fusion,
+    dense_levels,
+    fit_params,
+    fuse,
+)
+from semid.metrics import ndcg_at_k, paired_bootstrap
 from tests.test_causal import make, reference_logprob
 
 C, K = 6, 5
 
 
-def slow_hybrid(kind: str, params: dict, exact: np.ndarray, dense: np.ndarray, cold: list[int], k: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Per user, by plain Python: the two top-C lists, the pool, each candidate's score; (rows, scores) of the top k."""
+def slow_dense_levels(d: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """(L, N) one user's dense log-softmax d (N,) level by level: log of the mass of the items sharing the item's
+    first l + 1 codes over the mass of those sharing its first l, by plain Python."""
+    p = np.exp(d)
+    mass = lambda i, n: sum(p[j] for j in range(len(p)) if list(tokens[j, :n]) == list(tokens[i, :n]))  # noqa: E731
+    return np.array([[math.log(mass(i, lv + 1)) - math.log(mass(i, lv)) for i in range(len(p))] for lv in range(tokens.shape[1])])
+
+
+def slow_hybrid(kind: str, params: dict, exact: np.ndarray, dense: np.ndarray, cold: list[int], k: int,
+                code_levels: np.ndarray | None = None, tokens: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per user, by plain Python: the two top-C lists, the pool, each candidate's score; (rows, scores) of the top k.
+    ``levels`` reads each user's per-level code terms ``code_levels`` (B, L, N) and the items' tokens (N, L)."""
     out, out_scores = [], []
     slow_hybrid.scores = []  # per user, every pool candidate's score (for ties)
-    for e, d in zip(exact, dense, strict=True):  # loop over users
+    for u, (e, d) in enumerate(zip(exact, dense, strict=True)):  # loop over users
         gen = sorted(range(len(e)), key=lambda i: -e[i])[:C]
         den = sorted(range(len(d)), key=lambda i: -d[i])[:C]
         if kind == "full":
             scores = {i: params["alpha"] * e[i] + (1 - params["alpha"]) * d[i] for i in range(len(e))}
+        elif kind == "levels":
+            dl = slow_dense_levels(d, tokens)
+            scores = {i: sum(a * code_levels[u, lv, i] + (1 - a) * dl[lv, i] for lv, a in enumerate(params["weights"]))
+                      for i in range(len(e))}
         elif kind == "liger":
             scores = {i: d[i] for i in gen + cold}
         else:
@@ -61,15 +84,16 @@ def world():
     return model, ids, dec, h
 
 
-PARAMS = {"blend": {"alpha": 0.3}, "full": {"alpha": 0.7}, "liger": {}, "rrf": {"k0": 5.0},
+PARAMS = {"blend": {"alpha": 0.3}, "full": {"alpha": 0.7}, "levels": {"weights": [0.2, 0.9, 0.5]}, "liger": {}, "rrf": {"k0": 5.0},
           "learned": {"weights": [0.4, 0.9, 0.5, -0.3, -0.2, -0.1, 0.2, 0.3]}}
 
 
 @pytest.mark.parametrize("kind", FUSIONS)
 def test_the_batched_hybrid_equals_a_per_user_loop_over_the_reference_scores(world, kind: str) -> None:
     model, ids, dec, h = world
-    parts = dec.parts(h)
-    exact = reference_logprob(model, ids, h).detach().numpy()  # every item's log-likelihood from a dict trie, item by item
+    parts = dec.parts(h, levels=kind == "levels")
+    code_levels = reference_logprob(model, ids, h, per_level=True).detach().numpy()  # from a dict trie, item by item
+    exact = code_levels.sum(1)
     dense = torch.stack([torch.stack([model.dense_queries(h[b]) @ v for v in dec._vectors]) for b in range(h.shape[0])])
     dense = (dense - dense.logsumexp(1, keepdim=True)).detach().numpy()
     np.testing.assert_allclose(parts.exact.numpy(), exact, atol=1e-5)
@@ -77,14 +101,15 @@ def test_the_batched_hybrid_equals_a_per_user_loop_over_the_reference_scores(wor
     cold = [27, 28, 29] if kind == "liger" else []
     parts = parts._replace(cold_rows=torch.tensor(cold, dtype=torch.long))
     rows, scores = fuse(kind, PARAMS[kind], parts, K)
-    want, want_scores = slow_hybrid(kind, PARAMS[kind], exact, dense, cold, K)
+    want, want_scores = slow_hybrid(kind, PARAMS[kind], exact, dense, cold, K, code_levels,
+                                    np.asarray(model.layout.codes_to_tokens(ids.codes)))
     np.testing.assert_allclose(scores.numpy(), want_scores, atol=1e-5)
     # ties (reciprocal ranks tie often) keep the pool's order, generative list first, as Python's stable sort does
     assert rows.tolist() == want.tolist()
     assert (scores[:, :-1] >= scores[:, 1:]).all()
     dec.fusion = (kind, PARAMS[kind])
     res = dec.decode("hybrid", h, k=K)  # the decoder serves exactly what fuse ranks (its own cold rows: none)
-    assert res.items.tolist() == ids.item_ids[fuse(kind, PARAMS[kind], dec.parts(h), K)[0].numpy()].tolist()
+    assert res.items.tolist() == ids.item_ids[fuse(kind, PARAMS[kind], dec.parts(h, levels=True), K)[0].numpy()].tolist()
 
 
 def test_the_ends_of_the_full_blend_are_the_two_heads(world) -> None:
@@ -109,7 +134,7 @@ def test_liger_reaches_cold_items_the_generative_list_does_not_hold(world) -> No
 
 def _parts_with_targets(world, rows: slice) -> tuple[Parts, torch.Tensor]:
     _, _, dec, h = world
-    p = dec.parts(h[rows])
+    p = dec.parts(h[rows], levels=True)
     # targets: the dense head's favourite for even users, the generative head's for odd ones
     dense_top, gen_top = p.dense.argmax(1), p.exact.argmax(1)
     t = torch.where(torch.arange(p.exact.shape[0]) % 2 == 0, dense_top, gen_top)
@@ -167,6 +192,57 @@ def test_choose_causal_fusion_reads_validation_users_only(world, tmp_path, monke
     with pytest.raises(ValueError, match="has 1 validation user"):
         fusion_store.choose_fusion(Run(), dec.history_parts, type("One", (), {"num_users": 1})(), num_candidates=C,
                                    max_users=10, batch_size=8, seed=0)
+
+
+def test_the_per_level_terms_sum_to_each_heads_score_and_each_level_is_a_distribution(world) -> None:
+    model, ids, dec, h = world
+    p = dec.parts(h, levels=True)
+    torch.testing.assert_close(p.code_levels.sum(1), dec.parts(h).exact)  # the exact score, term by term
+    dl = dense_levels(p.dense, p.item_nodes)  # (B, L, N)
+    torch.testing.assert_close(dl.sum(1), p.dense, atol=1e-5, rtol=0)  # telescopes back to the dense log-softmax
+    tokens = np.asarray(model.layout.codes_to_tokens(ids.codes))
+    for b in range(3):  # loop over users: by plain Python
+        np.testing.assert_allclose(dl[b].numpy(), slow_dense_levels(p.dense[b].numpy(), tokens), atol=1e-5)
+    # each level's terms are a distribution over a node's children: siblings' probabilities sum to 1 per parent
+    nodes = p.item_nodes
+    for lv in range(dl.shape[1]):
+        child = {int(c): int(par) for c, par in zip(nodes[:, lv + 1], nodes[:, lv], strict=True)}
+        first = {int(c): i for i, c in enumerate(nodes[:, lv + 1].tolist())}  # one item per child node
+        for par in set(child.values()):
+            kids = [first[c] for c, q in child.items() if q == par]
+            assert dl[0, lv, kids].exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_levels_fusion_is_the_full_blend_at_equal_weights_and_its_fit_never_loses_to_it(world) -> None:
+    p, t = _parts_with_targets(world, slice(0, 40))
+    L = p.code_levels.shape[1]
+    for a in (0.0, 0.3, 1.0):
+        rows, scores = fuse("levels", {"weights": [a] * L}, p, K)
+        want_rows, want_scores = fuse("full", {"alpha": a}, p, K)
+        torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
+        assert rows.tolist() == want_rows.tolist()
+    full = fit_params("full", p, t)
+    w = fit_params("levels", p, t)["weights"]
+    assert len(w) == L and all(x in LEVEL_GRID for x in w)
+    ndcg = lambda kind, params, t=t: float(ndcg_at_k(fuse(kind, params, p, 10)[0], t, 10).mean())  # noqa: E731
+    assert ndcg("levels", {"weights": w}) >= ndcg("full", full)
+    # where the targets are what the coarse levels of one head and the last level of the other agree on, the level-wise
+    # fusion finds weights no single blend has
+    dl = dense_levels(p.dense, p.item_nodes)
+    mixed = (dl[:, :1].sum(1) + p.code_levels[:, 1:].sum(1)).argmax(1)  # dense for level 0, the code head after
+    w = fit_params("levels", p, mixed)["weights"]
+    assert ndcg("levels", {"weights": w}, mixed) == pytest.approx(1.0) and w[0] < w[1]
+    assert ndcg("full", fit_params("full", p, mixed), mixed) < 0.9
+
+
+def test_the_levels_fusion_refuses_parts_without_levels_and_weights_of_another_model(world) -> None:
+    _, _, dec, h = world
+    with pytest.raises(ValueError, match="fusion 'levels' needs each code level's log-probabilities"):
+        fuse("levels", {"weights": [0.5, 0.5, 0.5]}, dec.parts(h), K)
+    with pytest.raises(ValueError, match="has 2 weights for a model of 3 code levels: choose it again"):
+        fuse("levels", {"weights": [0.5, 0.5]}, dec.parts(h, levels=True), K)
+    with pytest.raises(ValueError, match=r"needs `weights`: one number in \[0, 1\] per code level, got \[1.5\]"):
+        check_fusion("levels", {"weights": [1.5]})
 
 
 def test_check_fusion_names_what_is_wrong() -> None:

@@ -64,22 +64,25 @@ DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is
 DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
 
 
-def exact_scores(model: CausalGenerator | EnsembleGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables) -> torch.Tensor:
-    """Log-likelihood of every item for each state: (B, D) -> (B, N). Each row is a distribution (logsumexp 0) over
+def exact_scores(model: CausalGenerator | EnsembleGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables, *,
+                 per_level: bool = False) -> torch.Tensor:
+    """Log-likelihood of every item for each state: (B, D) -> (B, N); with ``per_level`` its terms, (B, L, N): level
+    l's log-probability of the item's code l given its codes before (summing over levels gives the (B, N) form).
+    Each row is a distribution (logsumexp 0) over
     the items the model was trained with; items added after training are scored against their trained siblings'
     normaliser (``ItemPaths.norm_edge``), so old items keep their scores and a row's total mass can exceed 1. An
     ensemble's (queries and tables members first) is the sum of its members' log-likelihoods."""
     hq = model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D)
-    if hq.ndim == 4:  # one member at a time into one (B, N) total: no (K, B, N) tensor
-        return sum(_exact(q, paths, EdgeTables([v[k] for v in tables.vectors], [b[k] for b in tables.biases]), model.layout.num_levels)
-                   for k, q in enumerate(hq))  # loop over members
-    return _exact(hq, paths, tables, model.layout.num_levels)
+    if hq.ndim == 4:  # one member at a time into one total: no (K, B, N) tensor
+        return sum(_exact(q, paths, EdgeTables([v[k] for v in tables.vectors], [b[k] for b in tables.biases]),
+                          model.layout.num_levels, per_level) for k, q in enumerate(hq))  # loop over members
+    return _exact(hq, paths, tables, model.layout.num_levels, per_level)
 
 
-def _exact(hq: torch.Tensor, paths: ItemPaths, tables: EdgeTables, levels: int) -> torch.Tensor:
-    """:func:`exact_scores` of one model's level queries hq (B, L, D) -> (B, N)."""
+def _exact(hq: torch.Tensor, paths: ItemPaths, tables: EdgeTables, levels: int, per_level: bool = False) -> torch.Tensor:
+    """:func:`exact_scores` of one model's level queries hq (B, L, D) -> (B, N), or (B, L, N) ``per_level``."""
     B = hq.shape[0]
-    total = hq.new_zeros(B, paths.tokens.shape[0])
+    total = hq.new_zeros(B, levels, paths.tokens.shape[0]) if per_level else hq.new_zeros(B, paths.tokens.shape[0])
     for level in range(levels):  # loop over levels
         A = int(paths.active[level].numel())
         if A == 0:
@@ -92,7 +95,11 @@ def _exact(hq: torch.Tensor, paths: ItemPaths, tables: EdgeTables, levels: int) 
         peak = logits.new_full((B, P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
         sums = logits.new_zeros(B, P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
         logp = logits - (peak + sums.log()).gather(1, parent)  # (B, A_l)
-        total = total + torch.nn.functional.pad(logp, (0, 1))[:, paths.item_slot[level]]  # an only child: 0
+        term = torch.nn.functional.pad(logp, (0, 1))[:, paths.item_slot[level]]  # an only child: 0
+        if per_level:
+            total[:, level] = term
+        else:
+            total = total + term
     return total
 
 
@@ -294,21 +301,25 @@ class CausalDecoders:
         return self._hybrid(h, k)
 
     @torch.inference_mode()
-    def parts(self, h: torch.Tensor) -> Parts:
+    def parts(self, h: torch.Tensor, *, levels: bool = False) -> Parts:
         """Both heads' distributions over every item, the generative list (the exact top C, C = ``num_candidates``)
         and the cold rows: everything a fusion reads (:mod:`generator.decoding.fusion`). One encoder pass (``h``),
-        one matrix product per code level and one for the dense head; no beam, no per-candidate teacher forcing."""
+        one matrix product per code level and one for the dense head; no beam, no per-candidate teacher forcing.
+        ``levels``: also the exact score's per-level terms and each item's tree nodes (what the ``levels`` fusion
+        reads; (B, L, N) more)."""
         self._ready()
         if self._vectors is None:
             raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
-        exact = exact_scores(self.model, h, self.paths, self.tables)
+        code_levels = exact_scores(self.model, h, self.paths, self.tables, per_level=True) if levels else None
+        exact = exact_scores(self.model, h, self.paths, self.tables) if code_levels is None else code_levels.sum(1)
         dense = table_product(self.model.dense_queries(h), self._vectors).log_softmax(1)
-        return Parts(exact, dense, exact.topk(self.num_candidates, dim=1).indices, self.cold_rows.to(h.device))
+        return Parts(exact, dense, exact.topk(self.num_candidates, dim=1).indices, self.cold_rows.to(h.device),
+                     code_levels=code_levels, item_nodes=self.paths.index.node.long() if levels else None)
 
-    def history_parts(self, histories: Histories) -> Parts:
-        """:meth:`parts` of a batch of histories (what a fusion is chosen on)."""
+    def history_parts(self, histories: Histories, *, levels: bool = True) -> Parts:
+        """:meth:`parts` of a batch of histories (what a fusion is chosen on: with the per-level terms)."""
         with torch.inference_mode():
-            return self.parts(self.model.last_hidden(histories.tokens, histories.lengths))
+            return self.parts(self.model.last_hidden(histories.tokens, histories.lengths), levels=levels)
 
     @property
     def cold_rows(self) -> torch.Tensor:
@@ -316,7 +327,8 @@ class CausalDecoders:
         return torch.arange(self.model.trained_items, self.model.num_items, device=self.item_ids.device)
 
     def _hybrid(self, h: torch.Tensor, k: int) -> Ranking:
-        return fused_ranking(self.fusion, self.parts(h), k, self.item_ids, self.codes_of_rows)
+        levels = self.fusion is not None and self.fusion[0] == "levels"
+        return fused_ranking(self.fusion, self.parts(h, levels=levels), k, self.item_ids, self.codes_of_rows)
 
 
 class StateDecoder:

@@ -11,6 +11,11 @@ Items added after training are scored on the trained items' scale. A fusion rank
 - ``blend``   the pool of the generative top-C and the dense top-C, ranked by ``alpha * exact + (1 - alpha) * dense``.
 - ``full``    the same blend over *every* item (a weighted product of the two experts); no pool. Needs ``exact``
   for every item (not the T5 hybrid's: :data:`POOL_FUSIONS` are the others).
+- ``levels``  ``full`` level by level: the exact score is a sum over code levels of log p(code_l | codes before),
+  and the dense log-softmax is the same kind of sum along the prefix tree (the item's share of its depth-(l + 1)
+  node's mass, as a share of its depth-l node's: :func:`dense_levels`); level l's term is ``a_l * code_l + (1 - a_l)
+  * dense_l``. Equal weights are ``full``; weights 0 then 1 take the coarse levels from the dense head and the item
+  within its last prefix from the code head. Needs the per-level terms (the causal hybrid's ``parts(levels=True)``).
 - ``liger``   LIGER's scheme: the generative top-C plus every cold item (items added after training), ranked densely.
 - ``rrf``     reciprocal-rank fusion of the two top-C lists: ``1/(k0 + 1 + rank_gen) + 1/(k0 + 1 + rank_dense)``.
 - ``learned`` a linear score over what is known per pool candidate: both log-probabilities, whether it is in both
@@ -36,10 +41,13 @@ import torch
 from generator.decoding.protocol import BLEND, FUSED, Ranking, check_k
 from semid.metrics import ndcg_at_k
 
-FUSIONS = ("blend", "full", "liger", "rrf", "learned")
+FUSIONS = ("blend", "full", "levels", "liger", "rrf", "learned")
 POOL_FUSIONS = ("blend", "liger", "rrf", "learned")  # what a hybrid whose generative scores cover its pool only can use
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 RRF_GRID = (1.0, 5.0, 10.0, 20.0, 60.0)
+LEVEL_GRID = tuple(round(0.1 * i, 1) for i in range(11))  # each level's weight, searched one level at a time
+LEVEL_SWEEPS = 2  # passes over the levels
+USER_CHUNK = 1024  # histories scored at a time by the ``levels`` fusion (its per-level terms are (B, L, N))
 FEATURES = ("exact", "dense", "in_both", "gen_only", "log_gen_rank", "log_dense_rank", "exact_if_gen_only",
             "dense_if_dense_only")
 
@@ -51,6 +59,9 @@ class Parts(NamedTuple):
     gen_rows: (B, C) catalogue rows of the generative list (the generative top C), best first; -1 where it ran short.
     cold_rows: (Nc,) rows of the cold items (added after training); empty when there are none.
     dense_rows: (B, C) the dense top C, best first, where the design has it already (None: ``dense``'s top C).
+    code_levels: (B, L, N) the terms of ``exact`` level by level (summing over L gives it), and item_nodes (N, L + 1)
+    each item's node at every depth of the prefix tree (numbered per depth): what the ``levels`` fusion reads; None
+    where a hybrid does not give them.
     """
 
     exact: torch.Tensor
@@ -58,6 +69,8 @@ class Parts(NamedTuple):
     gen_rows: torch.Tensor
     cold_rows: torch.Tensor
     dense_rows: torch.Tensor | None = None
+    code_levels: torch.Tensor | None = None
+    item_nodes: torch.Tensor | None = None
 
     @property
     def num_candidates(self) -> int:
@@ -101,6 +114,10 @@ def check_fusion(kind: str, params: dict[str, Any]) -> None:
         a = params.get("alpha")
         if not number(a) or not 0.0 <= float(a) <= 1.0:
             raise ValueError(f"fusion {kind!r} needs `alpha` in [0, 1], got {a!r}")
+    elif kind == "levels":
+        w = params.get("weights")
+        if not isinstance(w, list) or not w or not all(number(x) and 0.0 <= float(x) <= 1.0 for x in w):
+            raise ValueError(f"fusion 'levels' needs `weights`: one number in [0, 1] per code level, got {w!r}")
     elif kind == "rrf":
         k0 = params.get("k0")
         if not number(k0) or not 0 < float(k0) <= MAX_WEIGHT:
@@ -159,6 +176,39 @@ def pool(parts: Parts) -> Pool:
     return Pool(rows, valid, f, gen_rank, dense_rank)
 
 
+# ---- the levels fusion -------------------------------------------------------------------------------------------------
+def dense_levels(dense: torch.Tensor, item_nodes: torch.Tensor) -> torch.Tensor:
+    """The dense log-softmax (B, N) as a sum along the prefix tree, (B, L, N): level l's term of an item is the log of
+    its depth-(l + 1) node's probability mass over its depth-l node's (a node's mass: the sum over the items below
+    it). Summing over levels gives ``dense`` back (the root's mass is 1)."""
+    B, L = dense.shape[0], item_nodes.shape[1] - 1
+    mass = []
+    for d in range(L + 1):  # loop over depths: the log mass of each item's depth-d node
+        node = item_nodes[:, d].to(dense.device).expand(B, -1)
+        width = int(item_nodes[:, d].max()) + 1
+        peak = dense.new_full((B, width), float("-inf")).scatter_reduce(1, node, dense, reduce="amax")
+        sums = dense.new_zeros(B, width).scatter_add(1, node, (dense - peak.gather(1, node)).exp())
+        mass.append((peak + sums.log()).gather(1, node))
+    return torch.stack([mass[d + 1] - mass[d] for d in range(L)], dim=1)
+
+
+def level_gaps(parts: Parts, rows: slice) -> torch.Tensor:
+    """(b, L, N) code_l - dense_l of the histories ``rows``: the ``levels`` score is ``dense + sum_l a_l * gap_l``."""
+    if parts.code_levels is None or parts.item_nodes is None:
+        raise ValueError("fusion 'levels' needs each code level's log-probabilities (a causal run's hybrid gives them): "
+                         "choose another fusion for this run")
+    return parts.code_levels[rows] - dense_levels(parts.dense[rows], parts.item_nodes)
+
+
+def _levels_scores(weights: list[float], parts: Parts, rows: slice) -> torch.Tensor:
+    L = parts.code_levels.shape[1] if parts.code_levels is not None else len(weights)
+    if len(weights) != L:
+        raise ValueError(f"fusion 'levels' has {len(weights)} weights for a model of {L} code levels: choose it again "
+                         "(`semid choose-fusion`)")
+    w = torch.tensor(weights, dtype=parts.dense.dtype, device=parts.dense.device)
+    return parts.dense[rows] + torch.einsum("bln,l->bn", level_gaps(parts, rows), w)
+
+
 # ---- scoring -----------------------------------------------------------------------------------------------------------
 def fuse(kind: str, params: dict[str, Any], parts: Parts, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k (rows (B, k), scores (B, k)) of fusion ``kind`` with ``params``; rows -1 where a pool ran short."""
@@ -167,6 +217,10 @@ def fuse(kind: str, params: dict[str, Any], parts: Parts, k: int) -> tuple[torch
         a = float(params["alpha"])
         scores, rows = (a * parts.exact + (1.0 - a) * parts.dense).topk(k, dim=1)
         return rows, scores
+    if kind == "levels":  # USER_CHUNK histories at a time: their per-level terms are (B, L, N)
+        top = [_levels_scores(params["weights"], parts, slice(i, i + USER_CHUNK)).topk(k, dim=1)
+               for i in range(0, parts.dense.shape[0], USER_CHUNK)]  # loop over chunks of histories
+        return torch.cat([t.indices for t in top]), torch.cat([t.values for t in top])
     if kind == "liger":
         cold = parts.cold_rows.to(parts.gen_rows.device)
         rows, valid = union_rows(parts.gen_rows, cold.expand(parts.gen_rows.shape[0], -1), pad=-1)
@@ -204,7 +258,7 @@ def fused_ranking(fusion: tuple[str, dict[str, Any]] | None, parts: Parts, k: in
     if fusion is None:
         raise ValueError("the hybrid decoder needs a fusion (chosen on validation users) or a blend weight `alpha`")
     kind, params = fusion
-    if kind != "full":
+    if kind not in ("full", "levels"):  # these rank every item
         check_k(k, parts.num_candidates, f"the hybrid's candidates per list for fusion {kind!r}: ask for fewer items, "
                 "or pass a larger `num_candidates`")
     rows, scores = fuse(kind, params, parts, k)
@@ -214,9 +268,11 @@ def fused_ranking(fusion: tuple[str, dict[str, Any]] | None, parts: Parts, k: in
 
 def cat_parts(parts: Sequence[Parts]) -> Parts:
     """Parts of several batches of histories as one (their cold rows are the same)."""
-    dense_rows = None if parts[0].dense_rows is None else torch.cat([p.dense_rows for p in parts])
-    return Parts(*(torch.cat([getattr(p, f) for p in parts]) for f in ("exact", "dense", "gen_rows")), parts[0].cold_rows,
-                 dense_rows)
+    def cat(field: str) -> torch.Tensor | None:
+        return None if getattr(parts[0], field) is None else torch.cat([getattr(p, field) for p in parts])
+
+    return Parts(cat("exact"), cat("dense"), cat("gen_rows"), parts[0].cold_rows, cat("dense_rows"), cat("code_levels"),
+                 parts[0].item_nodes)
 
 
 # ---- choosing on validation ------------------------------------------------------------------------------------------
@@ -251,11 +307,33 @@ def fit_learned(parts: Parts, target_rows: torch.Tensor, *, l2: float = 1e-2, in
     return [float(x) for x in w.detach()]
 
 
+def fit_levels(parts: Parts, target_rows: torch.Tensor, *, start: float) -> list[float]:
+    """Weights of the ``levels`` fusion: from ``start`` at every level (the ``full`` blend's alpha), each level's
+    weight in turn set to the :data:`LEVEL_GRID` value with the best NDCG@10 on these histories, the others held
+    (:data:`LEVEL_SWEEPS` passes). A level whose terms are 0 for every item (only children) keeps ``start``."""
+    gaps = torch.cat([level_gaps(parts, slice(i, i + USER_CHUNK)) for i in range(0, parts.dense.shape[0], USER_CHUNK)])
+    live = [lv for lv in range(gaps.shape[1]) if bool(gaps[:, lv].any())]
+    w = [float(start)] * gaps.shape[1]
+
+    def ndcg(weights: list[float]) -> float:
+        x = torch.tensor(weights, dtype=gaps.dtype)
+        rows = torch.cat([(parts.dense[i:i + USER_CHUNK] + torch.einsum("bln,l->bn", gaps[i:i + USER_CHUNK], x)).topk(10, dim=1).indices
+                          for i in range(0, gaps.shape[0], USER_CHUNK)])  # loop over chunks of histories
+        return float(ndcg_at_k(rows, target_rows, 10).mean())
+
+    for _ in range(LEVEL_SWEEPS):  # loop over passes
+        for lv in live:  # loop over levels
+            w[lv] = max(LEVEL_GRID, key=lambda a, lv=lv: (ndcg(w[:lv] + [a] + w[lv + 1:]), a == w[lv]))
+    return w
+
+
 def fit_params(kind: str, parts: Parts, target_rows: torch.Tensor, *, blend_alpha: float | None = None) -> dict[str, Any]:
     """The parameters of fusion ``kind`` that maximise NDCG@10 on these (validation) histories (``learned`` starts
     from the pool blend's fitted weight, ``blend_alpha`` when it is known already)."""
     if kind in ("blend", "full"):
         return {"alpha": max(ALPHA_GRID, key=lambda a: _ndcg(kind, {"alpha": a}, parts, target_rows))}
+    if kind == "levels":
+        return {"weights": fit_levels(parts, target_rows, start=fit_params("full", parts, target_rows)["alpha"])}
     if kind == "rrf":
         return {"k0": max(RRF_GRID, key=lambda k0: _ndcg(kind, {"k0": k0}, parts, target_rows))}
     if kind == "learned":
