@@ -4,6 +4,7 @@ history exclusion, the version, the catalogue maps and concurrent calls."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import generator.decoding.causal as causal_decoding
 import generator.runs.fusion_store as fusion_store
 import semid.data
+from generator.decoding.fusion import fuse
 from generator.decoding.protocol import Histories
 from generator.models.checkpoint import with_integrity
 from generator.runs.batches import history_batches
@@ -205,3 +207,19 @@ def test_histories_as_the_backbone_reads_them_are_unchanged(world: dict[str, Pat
     run = load_run(world["run"])
     (b,) = history_batches(run, [np.asarray([3, 4, 5])], None, 8)
     assert isinstance(b, Histories) and b.tokens.tolist() == [(run.ids.rows_of(np.array([3, 4, 5])) + 1).tolist()]
+
+
+def test_a_stored_levels_fusion_serves_from_the_run_folder(world: dict[str, Path], tmp_path: Path) -> None:
+    """The per-level fusion read from RUN/hybrid.json: the loaded run ranks as the fusion does on the run's parts."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(world["run"], run_dir)
+    stored = json.loads((run_dir / HYBRID_FILE).read_text())
+    L = load_run(run_dir).model.layout.num_levels
+    stored["fusion"], stored["params"] = "levels", {"weights": [0.2] + [0.8] * (L - 1)}
+    (run_dir / HYBRID_FILE).write_text(json.dumps(stored))
+    got = Recommender.from_run(run_dir, decoder="hybrid").recommend(HISTORIES, k=5)
+    run = load_run(run_dir)
+    shared = decoders_for(run, ["exact"])["exact"].shared
+    for batch, g in zip(history_batches(run, [np.asarray(h) for h in HISTORIES], None, 1), got, strict=True):
+        rows, _ = fuse("levels", stored["params"], shared.history_parts(batch), 5)
+        assert g.items.tolist() == shared.item_ids[rows[0]].tolist()
