@@ -10,6 +10,7 @@ catalogue (warm + cold) for the users whose test target is cold; their histories
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 from typing import Any
@@ -45,7 +46,7 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, split: ColdStartSplit) 
     warm_run = load_run(args.work / "run")
     warm_split = leave_one_out(load_dataset(args.work / "warm"))
     warm_dec = decoders_for(warm_run, ["beam"], num_beams=args.num_beams, num_candidates=args.num_candidates)["beam"].shared
-    choice = choose_fusion(warm_run, warm_dec.history_parts, warm_split, num_candidates=warm_dec.num_candidates,
+    choice = choose_fusion(warm_run, functools.partial(warm_dec.history_parts, levels=True), warm_split, num_candidates=warm_dec.num_candidates,
                            max_users=args.alpha_users, batch_size=args.batch_size, seed=args.seed)
     print(f"fusion chosen on warm validation users: {choice.kind} {choice.params}", file=sys.stderr, flush=True)
 

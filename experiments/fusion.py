@@ -2,9 +2,9 @@
 
     python -m experiments.fusion --run RUN [--checkpoint F] [--val-users 2000] [--max-users N] [--tag NAME]
 
-1. Every fusion of ``generator.decoding.fusion`` (pool blend, full-catalogue blend, LIGER, reciprocal-rank fusion,
-   learned per-candidate blend) is fitted on ``--val-users`` validation users and the hybrid's fusion is chosen on
-   as many other validation users (exactly what ``semid evaluate --decoder hybrid`` does; the choice is stored in
+1. Every fusion of ``generator.decoding.fusion`` (pool blend, full-catalogue blend whole or level by level, LIGER,
+   reciprocal-rank fusion, learned per-candidate blend) is fitted on ``--val-users`` validation users and the hybrid's fusion is chosen on
+   as many other validation users (exactly what ``semid choose-fusion`` does; the choice is stored in
    RUN/hybrid.json).
 2. On the test split (all users unless ``--max-users``): beam, exact, dense and each fusion, one timed pass each
    (the encoder pass included, in this process, one thread unless OMP_NUM_THREADS says otherwise), Recall/NDCG@5/10.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import shlex
 import sys
 import time
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     decoders = decoders_for(run, ["beam", "exact", "dense"], num_beams=args.num_beams, num_candidates=args.num_candidates)
     dec = decoders["beam"].shared  # the CausalDecoders the three share (item paths, edge tables, item vectors)
     t0 = time.perf_counter()
-    choice = choose_fusion(run, dec.history_parts, split, num_candidates=dec.num_candidates, max_users=args.val_users, batch_size=args.batch_size, seed=args.seed)
+    choice = choose_fusion(run, functools.partial(dec.history_parts, levels=True), split, num_candidates=dec.num_candidates, max_users=args.val_users, batch_size=args.batch_size, seed=args.seed)
     choose_s = time.perf_counter() - t0
     print(f"chosen on validation: {choice.kind} {choice.params} ({choose_s:.0f} s)", file=sys.stderr, flush=True)
     decoders |= fusion_decoders(run, choice, num_beams=args.num_beams, num_candidates=args.num_candidates)

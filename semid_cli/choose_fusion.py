@@ -9,7 +9,7 @@ from semid_cli.args import add_run, add_run_data
 DESCRIPTION = (
     "Choose how the hybrid decoder fuses the generative and dense heads (one of the fusions, fitted on "
     "validation users and chosen on others; T5 runs, whose generative scores cover the candidate pool only, "
-    "leave out `full`) and store it in "
+    "leave out `full` and `levels`) and store it in "
     "RUN/hybrid.json for the run's checkpoint and IDs. `semid train` does this at its end for a run with a dense "
     "head; run it for a run trained before, after `semid add-items`, or with other settings. Never reads test users."
 )

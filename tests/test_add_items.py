@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from generator.models.checkpoint import ids_digest
+from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
 from generator.runs.lineage import ADDED_CONTENT, lineage
@@ -72,7 +73,9 @@ def _scores(run, name: str) -> torch.Tensor:
     b = history_batch([np.array(h) for h in HISTORIES], np.full(len(HISTORIES), -1), run.ids, run.max_history)
     with torch.inference_mode():
         h = run.model.last_hidden(b.histories, b.lengths)
-        p = dec.parts(h)
+        p = dec.parts(h, levels=True)
+        # the per-level terms add up to the exact score, added items' (normalised over trained siblings) included
+        torch.testing.assert_close(p.code_levels.sum(1), p.exact, rtol=0, atol=1e-5)
         return p.exact if name == "exact" else run.model.dense_queries(h) @ dec._vectors.T
 
 
@@ -111,6 +114,12 @@ def test_added_items_are_served_by_every_decoder_and_old_scores_do_not_change(wo
         got = recommend(run, HISTORIES, k=NEW, decoder=decoder, **options)
         for row in got:  # every item, new ones included, exactly once
             assert sorted(row.items.tolist()) == list(range(1, NEW + 1)), decoder
+    # the level-by-level fusion ranks every item, the new ones too, exactly once
+    L = run.model.layout.num_levels
+    levels = decoders_for(run, ["hybrid"], fusion=("levels", {"weights": [0.3] * (L - 1) + [0.9]}))["hybrid"]
+    for b in history_batches(run, [np.asarray(h) for h in HISTORIES], None, 2):
+        for row in levels(b, NEW).items:
+            assert sorted(row.tolist()) == list(range(1, NEW + 1))
     # the beam's scores are the exact scores (the same normalisation over the trained children)
     beam = recommend(run, HISTORIES, k=NEW, decoder="beam", num_beams=NEW)
     for b, row in enumerate(beam):

@@ -3,6 +3,7 @@ made on validation users only, and the paired bootstrap."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import generator.decoding.fusion as fusion
 import generator.runs.fusion_store as fusion_store
 from generator.decoding.causal import CausalDecoders
 from generator.decoding.fusion import (
@@ -181,7 +183,7 @@ def test_choose_causal_fusion_reads_validation_users_only(world, tmp_path, monke
 
     Run.model, Run.ids = model, ids
     monkeypatch.setattr(fusion_store, "choice_key", lambda run: {"checkpoint": "c"})
-    choice = fusion_store.choose_fusion(Run(), dec.history_parts, ValidationOnlySplit(), num_candidates=dec.num_candidates,
+    choice = fusion_store.choose_fusion(Run(), functools.partial(dec.history_parts, levels=True), ValidationOnlySplit(), num_candidates=dec.num_candidates,
                                         max_users=10, batch_size=8, seed=0)
     stored = json.loads((tmp_path / "hybrid.json").read_text())
     assert stored["fusion"] == choice.kind and stored["validation_users"] == {"fit": 10, "select": 10}
@@ -233,6 +235,18 @@ def test_the_levels_fusion_is_the_full_blend_at_equal_weights_and_its_fit_never_
     w = fit_params("levels", p, mixed)["weights"]
     assert ndcg("levels", {"weights": w}, mixed) == pytest.approx(1.0) and w[0] < w[1]
     assert ndcg("full", fit_params("full", p, mixed), mixed) < 0.9
+
+
+def test_the_levels_fusion_scores_chunk_by_chunk_as_in_one_piece(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    p, t = _parts_with_targets(world, slice(0, 40))
+    weights = {"weights": [0.2, 0.9, 0.5]}
+    whole, whole_fit = fuse("levels", weights, p, K), fit_params("levels", p, t)
+    monkeypatch.setattr(fusion, "USER_CHUNK", 7)  # 40 histories: five full chunks and one of 5
+    rows, scores = fuse("levels", weights, p, K)
+    assert rows.tolist() == whole[0].tolist() and torch.equal(scores, whole[1])
+    assert fit_params("levels", p, t) == whole_fit
+    empty = fuse("levels", weights, Parts(*(x[:0] for x in p[:3]), p.cold_rows, None, p.code_levels[:0], p.item_nodes), K)
+    assert empty[0].shape == (0, K) and empty[1].shape == (0, K)
 
 
 def test_the_levels_fusion_refuses_parts_without_levels_and_weights_of_another_model(world) -> None:

@@ -221,5 +221,5 @@ def test_a_stored_levels_fusion_serves_from_the_run_folder(world: dict[str, Path
     run = load_run(run_dir)
     shared = decoders_for(run, ["exact"])["exact"].shared
     for batch, g in zip(history_batches(run, [np.asarray(h) for h in HISTORIES], None, 1), got, strict=True):
-        rows, _ = fuse("levels", stored["params"], shared.history_parts(batch), 5)
+        rows, _ = fuse("levels", stored["params"], shared.history_parts(batch, levels=True), 5)
         assert g.items.tolist() == shared.item_ids[rows[0]].tolist()

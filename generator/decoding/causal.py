@@ -13,7 +13,8 @@ in :mod:`generator.decoding.paths`, optionally 16-bit, the model's N-row tables 
   normalised per parent with a scatter log-sum-exp, and an item's score is the sum of its L edges' log-probs.
   It equals the beam's score on the beam's items and is the beam's upper bound (beam = exact when M = N).
 - ``dense``: top-k inner products of the dense query with the item vectors (softmax over all items = MIPS).
-- ``hybrid``: a fusion of the two heads (:mod:`generator.decoding.fusion`: pool blend, full-catalogue blend, LIGER,
+- ``hybrid``: a fusion of the two heads (:mod:`generator.decoding.fusion`: pool blend, full-catalogue blend (whole or
+  level by level), LIGER,
   reciprocal-rank fusion or a learned per-candidate blend), chosen with its parameters on validation users.
 
 Shapes: B histories, M beams, L levels, K_l level l's block, D d_model, N items, E_l edges (items' prefixes of
@@ -230,6 +231,7 @@ class CausalDecoders:
         self.tables: EdgeTables | None = None
         self.edge_slots: list[torch.Tensor] | None = None
         self._vectors: torch.Tensor | None = None
+        self._item_nodes: tuple[ItemPaths, torch.Tensor] | None = None  # (the paths they were made from, nodes)
 
     def refresh(self, *, release: bool = False) -> CausalDecoders:
         """Build (again, after the weights changed) the paths, edge tables and item vectors. ``release`` (serving):
@@ -314,10 +316,17 @@ class CausalDecoders:
         exact = exact_scores(self.model, h, self.paths, self.tables) if code_levels is None else code_levels.sum(1)
         dense = table_product(self.model.dense_queries(h), self._vectors).log_softmax(1)
         return Parts(exact, dense, exact.topk(self.num_candidates, dim=1).indices, self.cold_rows.to(h.device),
-                     code_levels=code_levels, item_nodes=self.paths.index.node.long() if levels else None)
+                     code_levels=code_levels, item_nodes=self.item_nodes() if levels else None)
 
-    def history_parts(self, histories: Histories, *, levels: bool = True) -> Parts:
-        """:meth:`parts` of a batch of histories (what a fusion is chosen on: with the per-level terms)."""
+    def item_nodes(self) -> torch.Tensor:
+        """(N, L + 1) int64: each item's node at every depth (the serving paths keep them narrower), made once."""
+        if self._item_nodes is None or self._item_nodes[0] is not self.paths:
+            self._item_nodes = (self.paths, self.paths.index.node.long())
+        return self._item_nodes[1]
+
+    def history_parts(self, histories: Histories, *, levels: bool = False) -> Parts:
+        """:meth:`parts` of a batch of histories (what a fusion is chosen on; ``levels``: with the per-level terms,
+        which the ``levels`` fusion reads)."""
         with torch.inference_mode():
             return self.parts(self.model.last_hidden(histories.tokens, histories.lengths), levels=levels)
 

@@ -180,14 +180,15 @@ def pool(parts: Parts) -> Pool:
 def dense_levels(dense: torch.Tensor, item_nodes: torch.Tensor) -> torch.Tensor:
     """The dense log-softmax (B, N) as a sum along the prefix tree, (B, L, N): level l's term of an item is the log of
     its depth-(l + 1) node's probability mass over its depth-l node's (a node's mass: the sum over the items below
-    it). Summing over levels gives ``dense`` back (the root's mass is 1)."""
+    it). Summing over levels gives ``dense`` back (the root's mass is 1). item_nodes: (N, L + 1) int64, on dense's
+    device."""
     B, L = dense.shape[0], item_nodes.shape[1] - 1
+    widths = (item_nodes.max(0).values + 1).tolist()  # nodes per depth: one read per call
     mass = []
     for d in range(L + 1):  # loop over depths: the log mass of each item's depth-d node
-        node = item_nodes[:, d].to(dense.device).expand(B, -1)
-        width = int(item_nodes[:, d].max()) + 1
-        peak = dense.new_full((B, width), float("-inf")).scatter_reduce(1, node, dense, reduce="amax")
-        sums = dense.new_zeros(B, width).scatter_add(1, node, (dense - peak.gather(1, node)).exp())
+        node = item_nodes[:, d].expand(B, -1)
+        peak = dense.new_full((B, widths[d]), float("-inf")).scatter_reduce(1, node, dense, reduce="amax")
+        sums = dense.new_zeros(B, widths[d]).scatter_add(1, node, (dense - peak.gather(1, node)).exp())
         mass.append((peak + sums.log()).gather(1, node))
     return torch.stack([mass[d + 1] - mass[d] for d in range(L)], dim=1)
 
@@ -218,8 +219,11 @@ def fuse(kind: str, params: dict[str, Any], parts: Parts, k: int) -> tuple[torch
         scores, rows = (a * parts.exact + (1.0 - a) * parts.dense).topk(k, dim=1)
         return rows, scores
     if kind == "levels":  # USER_CHUNK histories at a time: their per-level terms are (B, L, N)
+        B = parts.dense.shape[0]
+        if B == 0:
+            return parts.dense.new_zeros(0, k, dtype=torch.long), parts.dense.new_zeros(0, k)
         top = [_levels_scores(params["weights"], parts, slice(i, i + USER_CHUNK)).topk(k, dim=1)
-               for i in range(0, parts.dense.shape[0], USER_CHUNK)]  # loop over chunks of histories
+               for i in range(0, B, USER_CHUNK)]  # loop over chunks of histories
         return torch.cat([t.indices for t in top]), torch.cat([t.values for t in top])
     if kind == "liger":
         cold = parts.cold_rows.to(parts.gen_rows.device)
@@ -310,15 +314,19 @@ def fit_learned(parts: Parts, target_rows: torch.Tensor, *, l2: float = 1e-2, in
 def fit_levels(parts: Parts, target_rows: torch.Tensor, *, start: float) -> list[float]:
     """Weights of the ``levels`` fusion: from ``start`` at every level (the ``full`` blend's alpha), each level's
     weight in turn set to the :data:`LEVEL_GRID` value with the best NDCG@10 on these histories, the others held
-    (:data:`LEVEL_SWEEPS` passes). A level whose terms are 0 for every item (only children) keeps ``start``."""
-    gaps = torch.cat([level_gaps(parts, slice(i, i + USER_CHUNK)) for i in range(0, parts.dense.shape[0], USER_CHUNK)])
+    (:data:`LEVEL_SWEEPS` passes). A level whose terms are 0 for every item (only children) keeps ``start``. Holds
+    the histories' (B, L, N) gaps (code_l - dense_l), filled :data:`USER_CHUNK` histories at a time."""
+    B = parts.dense.shape[0]
+    gaps = parts.dense.new_empty(B, parts.code_levels.shape[1], parts.dense.shape[1])
+    for i in range(0, B, USER_CHUNK):  # loop over chunks of histories
+        gaps[i:i + USER_CHUNK] = level_gaps(parts, slice(i, i + USER_CHUNK))
     live = [lv for lv in range(gaps.shape[1]) if bool(gaps[:, lv].any())]
     w = [float(start)] * gaps.shape[1]
 
     def ndcg(weights: list[float]) -> float:
-        x = torch.tensor(weights, dtype=gaps.dtype)
+        x = torch.tensor(weights, dtype=gaps.dtype, device=gaps.device)
         rows = torch.cat([(parts.dense[i:i + USER_CHUNK] + torch.einsum("bln,l->bn", gaps[i:i + USER_CHUNK], x)).topk(10, dim=1).indices
-                          for i in range(0, gaps.shape[0], USER_CHUNK)])  # loop over chunks of histories
+                          for i in range(0, B, USER_CHUNK)])  # loop over chunks of histories
         return float(ndcg_at_k(rows, target_rows, 10).mean())
 
     for _ in range(LEVEL_SWEEPS):  # loop over passes
@@ -327,13 +335,16 @@ def fit_levels(parts: Parts, target_rows: torch.Tensor, *, start: float) -> list
     return w
 
 
-def fit_params(kind: str, parts: Parts, target_rows: torch.Tensor, *, blend_alpha: float | None = None) -> dict[str, Any]:
+def fit_params(kind: str, parts: Parts, target_rows: torch.Tensor, *, blend_alpha: float | None = None,
+               full_alpha: float | None = None) -> dict[str, Any]:
     """The parameters of fusion ``kind`` that maximise NDCG@10 on these (validation) histories (``learned`` starts
-    from the pool blend's fitted weight, ``blend_alpha`` when it is known already)."""
+    from the pool blend's fitted weight, ``blend_alpha`` when it is known already; ``levels`` from the full blend's,
+    ``full_alpha``)."""
     if kind in ("blend", "full"):
         return {"alpha": max(ALPHA_GRID, key=lambda a: _ndcg(kind, {"alpha": a}, parts, target_rows))}
     if kind == "levels":
-        return {"weights": fit_levels(parts, target_rows, start=fit_params("full", parts, target_rows)["alpha"])}
+        a = fit_params("full", parts, target_rows)["alpha"] if full_alpha is None else full_alpha
+        return {"weights": fit_levels(parts, target_rows, start=a)}
     if kind == "rrf":
         return {"k0": max(RRF_GRID, key=lambda k0: _ndcg(kind, {"k0": k0}, parts, target_rows))}
     if kind == "learned":
@@ -351,8 +362,9 @@ def choose_fusion(fit: Parts, fit_targets: torch.Tensor, select: Parts, select_t
     if not kinds or any(kind not in FUSIONS for kind in kinds):
         raise ValueError(f"`kinds` must name fusions among {list(FUSIONS)}, got {list(kinds)!r}")
     table: dict[str, dict[str, Any]] = {}
-    for kind in kinds:  # loop over the fusions (five)
-        params = fit_params(kind, fit, fit_targets, blend_alpha=table.get("blend", {}).get("params", {}).get("alpha"))
+    for kind in kinds:  # loop over the fusions (six)
+        params = fit_params(kind, fit, fit_targets, blend_alpha=table.get("blend", {}).get("params", {}).get("alpha"),
+                            full_alpha=table.get("full", {}).get("params", {}).get("alpha"))
         table[kind] = {"params": params, "fit_ndcg@10": _ndcg(kind, params, fit, fit_targets),
                        "select_ndcg@10": _ndcg(kind, params, select, select_targets)}
     best = max(table, key=lambda name: (table[name]["select_ndcg@10"], -list(table).index(name)))

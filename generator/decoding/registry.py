@@ -14,6 +14,7 @@ Imports go one way: ``protocol`` <- the decoder modules <- ``registry`` <- a plu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -204,7 +205,8 @@ def _causal(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
 
 
 def _causal_hybrid(ing: Ingredients) -> Callable[[Histories], Parts]:
-    return build_many(ing, ["exact"])["exact"].shared.history_parts  # the run's CausalDecoders (paths, tables, vectors)
+    shared = build_many(ing, ["exact"])["exact"].shared  # the run's CausalDecoders (paths, tables, vectors)
+    return functools.partial(shared.history_parts, levels=True)  # with the per-level terms the `levels` fusion reads
 
 
 def _device(model: torch.nn.Module) -> torch.device:
