@@ -293,6 +293,18 @@ WHY: dict[str, str] = {
                        "0.0432 and 0.0723 / 0.0442: the beam catches up only slowly, and its NDCG stays below. Its dense "
                        "head is the best measured at 30 (0.0749 / 0.0453 against 0.0719 / 0.0438): the distillation "
                        "teaches the tree less than the full softmax teaches the backbone.",
+    "test-time: code-level weights": "dropped: the beam's score as a weighted sum of its levels' log-probabilities "
+    "(weights on a grid, chosen on 5,000 validation users; `experiments/level_weights.py`). On a 10-CPU-minute one-member "
+    "run validation chose level 0 at 0.75 (R@10 0.0940 against 0.0928) and test fell (0.0688 / 0.0396 against 0.0697 / "
+    "0.0400, all users); on the four-member 60-minute run unit weights were chosen. The levels are not mis-scaled.",
+    "test-time: hybrid `levels` fusion": "kept as a fusion the hybrid chooses among (causal runs). Both heads' scores are "
+    "sums over code levels (the dense log-softmax along the prefix tree), mixed level by level with weights fitted on "
+    "validation. One member, 10 CPU-minutes (validation flat after epoch 12 of 17): weights 0.1 / 0.6 / 0.9 (the dense "
+    "head's coarse levels, the code head's last), test R@10 / N@10 0.0775 / 0.0445 against dense 0.0733 / 0.0423 "
+    "(+5.7% [+0.0022, +0.0062] / +5.1% [+0.0012, +0.0032]), beam 0.0698 / 0.0399 (+11%) and the best fusion before "
+    "it 0.0751 (`fusion_levels_screen10.md`). Four members at 60 CPU-minutes: nothing to gain, the fit keeps equal "
+    "weights (0.0853 / 0.0515 as the full blend; dense 0.0846 / 0.0510): the ensemble's dense head is ahead at every "
+    "level (`level_weights_default60.md`).",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
