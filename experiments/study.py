@@ -302,7 +302,9 @@ WHY: dict[str, str] = {
     "validation. One member, 10 CPU-minutes (validation flat after epoch 12 of 17): weights 0.1 / 0.6 / 0.9 (the dense "
     "head's coarse levels, the code head's last), test R@10 / N@10 0.0775 / 0.0445 against dense 0.0733 / 0.0423 "
     "(+5.7% [+0.0022, +0.0062] / +5.1% [+0.0012, +0.0032]), beam 0.0698 / 0.0399 (+11%) and the best fusion before "
-    "it 0.0751 (`fusion_levels_screen10.md`). Four members at 60 CPU-minutes: nothing to gain, the fit keeps equal "
+    "it 0.0751 (`fusion_levels_screen10.md`). Two members at 15 CPU-minutes: 0.0809 / 0.0474 against dense 0.0804 / "
+    "0.0470 (`fusion_levels_default15.md`; validation chose the learned fusion). Four members at 60 CPU-minutes: "
+    "nothing to gain, the fit keeps equal "
     "weights (0.0853 / 0.0515 as the full blend; dense 0.0846 / 0.0510): the ensemble's dense head is ahead at every "
     "level (`level_weights_default60.md`).",
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
