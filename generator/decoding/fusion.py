@@ -177,19 +177,23 @@ def pool(parts: Parts) -> Pool:
 
 
 # ---- the levels fusion -------------------------------------------------------------------------------------------------
+def _node_log_mass(dense: torch.Tensor, node: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, N): log of the probability mass of each item's node (node (N,) int64 in [0, width)), a scatter
+    log-sum-exp of the dense log-softmax (B, N) over the items of each node."""
+    node = node.expand(dense.shape[0], -1)
+    peak = dense.new_full((dense.shape[0], width), float("-inf")).scatter_reduce(1, node, dense, reduce="amax")
+    sums = dense.new_zeros(dense.shape[0], width).scatter_add(1, node, (dense - peak.gather(1, node)).exp())
+    return (peak + sums.log()).gather(1, node)
+
+
 def dense_levels(dense: torch.Tensor, item_nodes: torch.Tensor) -> torch.Tensor:
     """The dense log-softmax (B, N) as a sum along the prefix tree, (B, L, N): level l's term of an item is the log of
     its depth-(l + 1) node's probability mass over its depth-l node's (a node's mass: the sum over the items below
     it). Summing over levels gives ``dense`` back (the root's mass is 1). item_nodes: (N, L + 1) int64, on dense's
     device."""
-    B, L = dense.shape[0], item_nodes.shape[1] - 1
+    L = item_nodes.shape[1] - 1
     widths = (item_nodes.max(0).values + 1).tolist()  # nodes per depth: one read per call
-    mass = []
-    for d in range(L + 1):  # loop over depths: the log mass of each item's depth-d node
-        node = item_nodes[:, d].expand(B, -1)
-        peak = dense.new_full((B, widths[d]), float("-inf")).scatter_reduce(1, node, dense, reduce="amax")
-        sums = dense.new_zeros(B, widths[d]).scatter_add(1, node, (dense - peak.gather(1, node)).exp())
-        mass.append((peak + sums.log()).gather(1, node))
+    mass = [_node_log_mass(dense, item_nodes[:, d], widths[d]) for d in range(L + 1)]  # loop over depths
     return torch.stack([mass[d + 1] - mass[d] for d in range(L)], dim=1)
 
 
@@ -202,12 +206,24 @@ def level_gaps(parts: Parts, rows: slice) -> torch.Tensor:
 
 
 def _levels_scores(weights: list[float], parts: Parts, rows: slice) -> torch.Tensor:
-    L = parts.code_levels.shape[1] if parts.code_levels is not None else len(weights)
+    """The ``levels`` score of the histories ``rows``, (b, N), telescoped: with m_d the log mass of an item's depth-d
+    node (m_0 = 0, m_L = dense), ``sum_l a_l code_l + (1 - a_l)(m_{l+1} - m_l)`` is ``sum_l a_l code_l + (1 - a_{L-1})
+    dense + sum_{0<d<L} (a_d - a_{d-1}) m_d``: only the depths where the weight changes need their node masses."""
+    if parts.code_levels is None or parts.item_nodes is None:
+        raise ValueError("fusion 'levels' needs each code level's log-probabilities (a causal run's hybrid gives them): "
+                         "choose another fusion for this run")
+    L = parts.code_levels.shape[1]
     if len(weights) != L:
         raise ValueError(f"fusion 'levels' has {len(weights)} weights for a model of {L} code levels: choose it again "
                          "(`semid choose-fusion`)")
-    w = torch.tensor(weights, dtype=parts.dense.dtype, device=parts.dense.device)
-    return parts.dense[rows] + torch.einsum("bln,l->bn", level_gaps(parts, rows), w)
+    dense = parts.dense[rows]
+    w = torch.tensor(weights, dtype=dense.dtype, device=dense.device)
+    score = torch.einsum("bln,l->bn", parts.code_levels[rows], w) + (1.0 - weights[-1]) * dense
+    steps = [d for d in range(1, L) if weights[d] != weights[d - 1]]
+    widths = (parts.item_nodes.max(0).values + 1).tolist() if steps else []
+    for d in steps:  # loop over the depths where the weight changes
+        score += (weights[d] - weights[d - 1]) * _node_log_mass(dense, parts.item_nodes[:, d], widths[d])
+    return score
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------------------
@@ -314,7 +330,8 @@ def fit_learned(parts: Parts, target_rows: torch.Tensor, *, l2: float = 1e-2, in
 def fit_levels(parts: Parts, target_rows: torch.Tensor, *, start: float) -> list[float]:
     """Weights of the ``levels`` fusion: from ``start`` at every level (the ``full`` blend's alpha), each level's
     weight in turn set to the :data:`LEVEL_GRID` value with the best NDCG@10 on these histories, the others held
-    (:data:`LEVEL_SWEEPS` passes). A level whose terms are 0 for every item (only children) keeps ``start``. Holds
+    (:data:`LEVEL_SWEEPS` passes). A level whose terms are 0 for every item (only children) takes the weight of the
+    level before it (``start`` for level 0). Holds
     the histories' (B, L, N) gaps (code_l - dense_l), filled :data:`USER_CHUNK` histories at a time."""
     B = parts.dense.shape[0]
     gaps = parts.dense.new_empty(B, parts.code_levels.shape[1], parts.dense.shape[1])
@@ -332,6 +349,9 @@ def fit_levels(parts: Parts, target_rows: torch.Tensor, *, start: float) -> list
     for _ in range(LEVEL_SWEEPS):  # loop over passes
         for lv in live:  # loop over levels
             w[lv] = max(LEVEL_GRID, key=lambda a, lv=lv: (ndcg(w[:lv] + [a] + w[lv + 1:]), a == w[lv]))
+    for lv in range(1, len(w)):  # a level without siblings scores 0 either way: its neighbour's weight saves its
+        if lv not in live:  # node masses when serving (the telescoped score, _levels_scores)
+            w[lv] = w[lv - 1]
     return w
 
 
