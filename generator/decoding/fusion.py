@@ -197,11 +197,15 @@ def dense_levels(dense: torch.Tensor, item_nodes: torch.Tensor) -> torch.Tensor:
     return torch.stack([mass[d + 1] - mass[d] for d in range(L)], dim=1)
 
 
-def level_gaps(parts: Parts, rows: slice) -> torch.Tensor:
-    """(b, L, N) code_l - dense_l of the histories ``rows``: the ``levels`` score is ``dense + sum_l a_l * gap_l``."""
+def _check_levels(parts: Parts) -> None:
     if parts.code_levels is None or parts.item_nodes is None:
         raise ValueError("fusion 'levels' needs each code level's log-probabilities (a causal run's hybrid gives them): "
                          "choose another fusion for this run")
+
+
+def level_gaps(parts: Parts, rows: slice) -> torch.Tensor:
+    """(b, L, N) code_l - dense_l of the histories ``rows``: the ``levels`` score is ``dense + sum_l a_l * gap_l``."""
+    _check_levels(parts)
     return parts.code_levels[rows] - dense_levels(parts.dense[rows], parts.item_nodes)
 
 
@@ -209,9 +213,7 @@ def _levels_scores(weights: list[float], parts: Parts, rows: slice) -> torch.Ten
     """The ``levels`` score of the histories ``rows``, (b, N), telescoped: with m_d the log mass of an item's depth-d
     node (m_0 = 0, m_L = dense), ``sum_l a_l code_l + (1 - a_l)(m_{l+1} - m_l)`` is ``sum_l a_l code_l + (1 - a_{L-1})
     dense + sum_{0<d<L} (a_d - a_{d-1}) m_d``: only the depths where the weight changes need their node masses."""
-    if parts.code_levels is None or parts.item_nodes is None:
-        raise ValueError("fusion 'levels' needs each code level's log-probabilities (a causal run's hybrid gives them): "
-                         "choose another fusion for this run")
+    _check_levels(parts)
     L = parts.code_levels.shape[1]
     if len(weights) != L:
         raise ValueError(f"fusion 'levels' has {len(weights)} weights for a model of {L} code levels: choose it again "
