@@ -126,3 +126,33 @@ def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int) -> N
         assert torch.equal(got, want), level
         other = EdgeLevels(dec, h, constraint, dense_factor=10**9 - dense_factor).logits(level, None, m, None)
         torch.testing.assert_close(other, got, atol=1e-5, rtol=0)  # the two forms agree up to float rounding
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("members", [1, 2])
+def test_the_decoders_tables_are_stored_for_their_product(dtype: str, members: int) -> None:
+    """Every table a decoder multiplies by (edge tables, item vectors, one model's or an ensemble's) keeps its
+    storage (..., D, A) contiguous: ``q @ table.mT`` then reads a contiguous operand, the layout BLAS runs 2-4x faster
+    for a few queries (``experiments/results/latency_layout.md``). Rows still read as rows."""
+    from generator.decoding.paths import product_layout, table_product
+    from tests.test_ensemble import two_members
+
+    if members == 1:
+        model, ids, tree = make(num_items=150, seed=2, sizes=(4, 6))
+    else:
+        _, model, ids, tree, _ = two_members()
+    dec = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids), table_dtype=dtype).refresh()
+    tables = [v for v in dec.tables.vectors if v.shape[-2]] + [dec._vectors]
+    for table in tables:
+        assert table.mT.is_contiguous() and not table.is_contiguous(), table.shape
+        assert table.dtype == getattr(torch, dtype)
+    for chunk in (7, 10**6):  # built in chunks or in one pass
+        assert item_vectors(model if members == 1 else model.members[0], chunk, dtype=dtype).mT.is_contiguous()
+    q = torch.randn(*tables[0].shape[:-2], 3, tables[0].shape[-1])
+    for table in tables[:1]:
+        want = q @ table.float().contiguous().mT
+        torch.testing.assert_close(table_product(q, table), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(table_product(q, table, chunk=3), want, rtol=1e-5, atol=1e-5)
+    rowmajor = torch.randn(5, 4)
+    stored = product_layout(rowmajor)
+    assert torch.equal(stored, rowmajor) and stored.mT.is_contiguous() and product_layout(stored) is stored

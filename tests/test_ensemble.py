@@ -95,6 +95,7 @@ def test_served_states_run_the_members_backbones_as_one_and_follow_every_weight_
         for weight in (second.backbone.h[1].mlp.c_fc.weight, first.backbone.wpe.weight, second.backbone.ln_f.bias):
             weight.add_(0.5)
             torch.testing.assert_close(ens.hidden(hist), own(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ens.last_hidden(hist, lengths), own()[torch.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
     ens.hidden(hist).sum().backward()  # served states with gradients on: the members' own weights get them
     assert second.backbone.h[0].attn.c_attn.weight.grad is not None
     ens.train()

@@ -76,3 +76,52 @@ def test_the_model_takes_the_lean_path_in_eval_and_in_training(monkeypatch: pyte
     model.lean_forward = False
     torch.manual_seed(3)
     assert torch.equal(lean, model.hidden(hist))  # the library's training forward, draw for draw
+
+
+def test_states_at_one_position_per_history_are_the_full_passes_states_there() -> None:
+    """``at``: the last block runs for each history's position alone (its query, projection and MLP), one model or
+    K stacked; the states there are the full pass's up to float rounding. Refused in training (dropout)."""
+    from generator.models.gpt2_states import stack_gpt2, stacked_states
+
+    config = GPT2Config(vocab_size=1, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=48,
+                        activation_function="gelu_new", use_cache=False)
+    gpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        gpt = GPT2Model(config).eval()
+        with torch.no_grad():
+            for p in gpt.parameters():
+                p.add_(torch.randn_like(p) * 0.2)
+        gpts.append(gpt)
+    x = torch.randn(2, 4, 9, 16)
+    at = torch.tensor([0, 8, 3, 5])
+    rows = torch.arange(4)
+    with torch.inference_mode():
+        full = torch.stack([gpt2_states(g, x[k]) for k, g in enumerate(gpts)])[:, rows, at]  # (2, 4, 16)
+        library = gpts[0](inputs_embeds=x[0]).last_hidden_state[rows, at]
+        one = gpt2_states(gpts[0], x[0], at=at)
+        stacked = stacked_states(gpts, stack_gpt2(gpts), x, at=at)
+    assert one.shape == (4, 16) and stacked.shape == (2, 4, 16)
+    torch.testing.assert_close(one, full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, library, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="for inference"):
+        gpt2_states(gpts[0].train(), x[0], at=at)
+
+
+def test_last_hidden_runs_the_last_block_at_the_last_item_only_outside_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, _ = make(30, cfg=CFG)
+    hist = torch.tensor([[3, 7, 1, 9], [4, 2, 0, 0]])  # right padded
+    lengths = torch.tensor([4, 2])
+    seen = []
+    import generator.models.causal as causal
+
+    monkeypatch.setattr(causal, "gpt2_states", lambda gpt, x, at=None: seen.append(at) or gpt2_states(gpt, x, at))
+    with torch.inference_mode():
+        fast = model.eval().last_hidden(hist, lengths)
+        assert seen[-1] is not None and seen[-1].tolist() == [3, 1]
+        model.lean_forward = False
+        torch.testing.assert_close(fast, model.last_hidden(hist, lengths), rtol=1e-5, atol=1e-5)  # the library's
+    model.lean_forward = True
+    model.train().last_hidden(hist, lengths)
+    assert seen[-1] is None  # training: the whole pass, dropout and all

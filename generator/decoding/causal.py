@@ -73,29 +73,28 @@ def exact_scores(model: CausalGenerator | EnsembleGenerator, h: torch.Tensor, pa
     the items the model was trained with; items added after training are scored against their trained siblings'
     normaliser (``ItemPaths.norm_edge``), so old items keep their scores and a row's total mass can exceed 1. An
     ensemble's (queries and tables members first) is the sum of its members' log-likelihoods."""
-    hq = model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D)
-    if hq.ndim == 4:  # one member at a time into one total: no (K, B, N) tensor
-        return sum(_exact(q, paths, EdgeTables([v[k] for v in tables.vectors], [b[k] for b in tables.biases]),
-                          model.layout.num_levels, per_level) for k, q in enumerate(hq))  # loop over members
-    return _exact(hq, paths, tables, model.layout.num_levels, per_level)
+    return _exact(model.level_queries(h), paths, tables, model.layout.num_levels, per_level)
 
 
 def _exact(hq: torch.Tensor, paths: ItemPaths, tables: EdgeTables, levels: int, per_level: bool = False) -> torch.Tensor:
-    """:func:`exact_scores` of one model's level queries hq (B, L, D) -> (B, N), or (B, L, N) ``per_level``."""
-    B = hq.shape[0]
+    """:func:`exact_scores` of level queries hq (B, L, D), or an ensemble's (K, B, L, D) -> (B, N), or (B, L, N)
+    ``per_level``. An ensemble's members go through every step together (their edge logits (K, B, A_l) one batched
+    product, normalised as K x B rows) and are summed per edge before the items read them: no (K, B, N) tensor, and
+    one set of operations whatever K (a single user's call pays the per-operation cost once, not K times)."""
+    B = hq.shape[-3]
     total = hq.new_zeros(B, levels, paths.tokens.shape[0]) if per_level else hq.new_zeros(B, paths.tokens.shape[0])
     for level in range(levels):  # loop over levels
         A = int(paths.active[level].numel())
         if A == 0:
             continue  # every parent has one child here (e.g. an extra level without collisions): log-prob 0
-        logits = table_product(hq[:, level], tables.vectors[level], tables.biases[level])  # (B, A_l)
-        parent = paths.active_parent[level].expand(B, -1)
+        logits = table_product(hq[..., level, :], tables.vectors[level], tables.biases[level]).reshape(-1, A)  # (K * B, A_l)
+        parent = paths.active_parent[level].expand(logits.shape[0], -1)
         P = int(paths.active_parent[level].max()) + 1
         in_norm = paths.norm_edge[level][paths.active[level]]
         norm = logits if bool(in_norm.all()) else logits.masked_fill(~in_norm, float("-inf"))
-        peak = logits.new_full((B, P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
-        sums = logits.new_zeros(B, P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
-        logp = logits - (peak + sums.log()).gather(1, parent)  # (B, A_l)
+        peak = logits.new_full((logits.shape[0], P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
+        sums = logits.new_zeros(logits.shape[0], P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
+        logp = (logits - (peak + sums.log()).gather(1, parent)).view(-1, B, A).sum(0)  # (B, A_l): the members' sum
         term = torch.nn.functional.pad(logp, (0, 1))[:, paths.item_slot[level]]  # an only child: 0
         if per_level:
             total[:, level] = term

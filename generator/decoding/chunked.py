@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from generator.decoding.mips import exact_topk as mips_topk
-from generator.decoding.paths import check_table_dtype
+from generator.decoding.paths import check_table_dtype, product_layout
 from generator.models.causal import CausalGenerator
 
 DEFAULT_MAX_SCORE_BYTES = 256 * 2**20  # 256 MiB of scores at a time
@@ -68,7 +68,7 @@ def level_normalisers(hq: torch.Tensor, vectors: torch.Tensor, biases: torch.Ten
     all_norm = bool(in_norm.all())
     for e0 in range(0, A, chunk):  # loop over chunks of edges, not edges
         e1 = min(A, e0 + chunk)
-        logits = hq @ vectors[e0:e1].to(hq.dtype).T + biases[e0:e1]  # (b, n); a 16-bit table upcast chunk by chunk
+        logits = hq @ vectors.mT[:, e0:e1].to(hq.dtype) + biases[e0:e1]  # (b, n); a 16-bit table upcast chunk by chunk
         if not all_norm:
             logits = logits.masked_fill(~in_norm[e0:e1], float("-inf"))
         p0, p1 = int(parent[e0]), int(parent[e1 - 1]) + 1
@@ -123,7 +123,7 @@ def exact_topk(model: CausalGenerator, h: torch.Tensor, paths: Any, tables: Any,
                 slot = paths.item_slot[lv][rows]  # (n,) the item's active edge; A for an only child
                 real, e = slot < A, slot.clamp_max(A - 1)
                 for x, hq in enumerate(hqs):  # loop over an ensemble's members (one for a single model)
-                    logp = hq[:, lv] @ vectors[lv][x][e].to(hq.dtype).T + biases[lv][x][e] - norms[lv][x][:, paths.active_parent[lv][e]]
+                    logp = hq[:, lv] @ vectors[lv][x].mT[:, e].to(hq.dtype) + biases[lv][x][e] - norms[lv][x][:, paths.active_parent[lv][e]]
                     s = s + torch.where(real, logp, 0.0)
             best_s, best_r = _merge(best_s, best_r, s, rows, k)
         out_s.append(best_s)
@@ -150,12 +150,12 @@ def item_vectors(model: CausalGenerator, chunk: int = DEFAULT_ITEM_CHUNK, *, dty
     storage (``generator.decoding.paths.TABLE_DTYPES``; computed in float32, rounded when stored)."""
     store, N = check_table_dtype(dtype), model.num_items
     if N <= chunk:
-        return model.item_vectors().to(store)
+        return product_layout(model.item_vectors().to(store))
     out = None
     for a in range(0, N, chunk):  # loop over chunks of items
         b = min(N, a + chunk)
         a = max(0, b - chunk)  # the last chunk: `chunk` items ending at the last
         part = model.item_vectors(torch.arange(a, b, device=model.item_tokens.device))
-        out = part.new_empty(N, part.shape[1], dtype=store) if out is None else out
+        out = part.new_empty(part.shape[1], N, dtype=store).mT if out is None else out  # stored for the product
         out[a:b] = part
     return out

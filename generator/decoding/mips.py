@@ -87,7 +87,7 @@ def exact_topk(
         best_s = torch.full((q.shape[0], 0), float("-inf"), dtype=q.dtype, device=q.device)
         best_r = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
         for i0 in range(0, N, item_chunk):
-            scores = q @ item_vecs[i0 : i0 + item_chunk].to(q.dtype).T  # (b, n); 16-bit vectors upcast per chunk
+            scores = q @ item_vecs.mT[:, i0 : i0 + item_chunk].to(q.dtype)  # (b, n); 16-bit vectors upcast per chunk
             if excl is not None:
                 _mask_rows(scores, excl, i0)
             s, r = scores.topk(min(k, scores.shape[1]), dim=1)

@@ -34,17 +34,26 @@ def check_table_dtype(name: str) -> torch.dtype:
     return TABLE_DTYPES[name]
 
 
+def product_layout(table: torch.Tensor) -> torch.Tensor:
+    """``table`` (..., A, D) stored for :func:`table_product`: the same (..., A, D) tensor, its storage (..., D, A)
+    contiguous (a transposed view; already so: returned as it is). ``q @ table.mT`` is then a product with a contiguous
+    right operand, which BLAS runs 2-4x faster for a few queries over a table larger than the cache (one user's call
+    over Beauty's four-member item vectors: 2.4 -> 0.8 ms, ``experiments/results/latency_layout.md``); rows are still
+    rows (``table[rows]`` gathers them), only farther apart in memory."""
+    return table if table.mT.is_contiguous() else table.mT.contiguous().mT
+
+
 def table_product(q: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None, *, chunk: int = EDGE_CHUNK) -> torch.Tensor:
     """``q @ table.T (+ bias)`` in ``q``'s dtype: q (B, D), table (A, D), bias (A,) -> (B, A); an ensemble's, members
-    first: q (K, B, D), table (K, A, D), bias (K, A) -> (K, B, A). A table of q's dtype is one product (the float32
-    default: the same numbers as before 16-bit tables existed); a 16-bit one is upcast ``chunk`` rows at a time, never
-    as a whole."""
+    first: q (K, B, D), table (K, A, D), bias (K, A) -> (K, B, A). A table of q's dtype is one product; a 16-bit one
+    is upcast ``chunk`` rows at a time, never as a whole (each chunk taken as (D, chunk) columns, the product's
+    layout: :func:`product_layout`)."""
     bias = None if bias is None else bias.unsqueeze(-2)  # (1, A) or (K, 1, A)
     if table.dtype == q.dtype:
         return q @ table.mT if bias is None else q @ table.mT + bias
     out = q.new_empty(*q.shape[:-1], table.shape[-2])
     for a in range(0, table.shape[-2], chunk):  # loop over chunks of rows
-        out[..., a : a + chunk] = q @ table[..., a : a + chunk, :].to(q.dtype).mT
+        out[..., a : a + chunk] = q @ table.mT[..., :, a : a + chunk].to(q.dtype)
     return out if bias is None else out.add_(bias)
 
 
@@ -126,7 +135,7 @@ def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *,
         raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
     if isinstance(model, EnsembleGenerator):  # the members' tables, members first: (K, A_l, D) and (K, A_l)
         parts = [edge_tables(m, paths, chunk=chunk, dtype=dtype, release=release) for m in model.members]  # loop over members
-        return EdgeTables([torch.stack(v) for v in zip(*(p.vectors for p in parts), strict=True)],
+        return EdgeTables([torch.stack([x.mT for x in v]).mT for v in zip(*(p.vectors for p in parts), strict=True)],  # stored (K, D, A_l)
                           [torch.stack(b) for b in zip(*(p.biases for p in parts), strict=True)])
     store = check_table_dtype(dtype)
     vectors, biases = [], []
@@ -137,7 +146,7 @@ def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *,
         parent, code = paths.index.parent[level][act], paths.index.code[level][act]  # (A_l,) each
         rows = model.edge_node_rows(level, paths.parent_tokens[level][parent], code) if model.config.node_vectors else None
         table = None if rows is None else getattr(model, f"node_vec_{level}")
-        vec, bias = weight.new_empty(A, D, dtype=store), weight.new_empty(A)
+        vec, bias = weight.new_empty(D, A, dtype=store).mT, weight.new_empty(A)  # (A, D) stored for the product
         for a in range(0, A, chunk):  # loop over chunks of edges
             b = min(A, a + chunk)
             a = max(0, b - chunk)  # the last chunk: `chunk` edges ending at the level's last

@@ -51,6 +51,7 @@ class EnsembleGenerator(nn.Module):
         one = replace(config, members=1)
         self.members = nn.ModuleList(CausalGenerator(one, layout, item_tokens, content) for _ in range(config.members))
         self._stacked: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None  # (weights' versions, stack)
+        self._params: list[nn.Parameter] | None = None  # the members' backbone parameters, listed once
 
     @classmethod
     def of(cls, models: list[CausalGenerator]) -> EnsembleGenerator:
@@ -117,15 +118,25 @@ class EnsembleGenerator(nn.Module):
     def _stacked_weights(self) -> dict[str, torch.Tensor]:
         """The members' backbone weights stacked, made again whenever one of them changed (an optimiser step, a load,
         the weight average's swap: each bumps the tensor's version) or moved."""
-        params = [p for m in self.members for p in m.backbone.parameters()]
-        key = tuple((p._version, p.data_ptr()) for p in params)  # a move or a cast gives new storage
+        if self._params is None:  # walking the modules costs more than one user's states; the Parameters stay
+            self._params = [p for m in self.members for p in m.backbone.parameters()]  # (moves and loads change their data)
+        key = tuple((p._version, p.data_ptr()) for p in self._params)  # a move or a cast gives new storage
         if self._stacked is None or self._stacked[0] != key:
             self._stacked = (key, stack_gpt2([m.backbone for m in self.members]))
         return self._stacked[1]
 
     def last_hidden(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h = self.hidden(histories)
-        return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        """(B, K * D): each member's state after each history's last item. Outside training, with gradients off, the
+        members' backbones run as one and their last block for that position alone (``stacked_states(at=)``)."""
+        if self.training or torch.is_grad_enabled() or not all(m.lean_forward for m in self.members):
+            h = self.hidden(histories)
+            return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        B, T = histories.shape
+        if T > self.config.max_history:
+            raise ValueError(f"histories of {T} positions exceed the model's max_history {self.config.max_history}")
+        x = torch.stack([m.item_inputs(histories) for m in self.members])  # (K, B, T, D); loop over members
+        h = stacked_states([m.backbone for m in self.members], self._stacked_weights(), x, at=lengths - 1)  # (K, B, D)
+        return h.permute(1, 0, 2).reshape(B, -1)
 
     def level_queries(self, h: torch.Tensor) -> torch.Tensor:
         """(..., K * D) -> (K, ..., L, D): each member's level queries, members first."""

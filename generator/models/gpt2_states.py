@@ -27,24 +27,52 @@ def _conv1d(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight).view(*x.shape[:-1], -1)
 
 
-def gpt2_states(gpt: GPT2Model, x: torch.Tensor) -> torch.Tensor:
+def gpt2_states(gpt: GPT2Model, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
     """``gpt(inputs_embeds=x).last_hidden_state`` (no cache, no padding mask: a causal model's right padding never
     reaches a real position). x: (B, T, D) -> (B, T, D). In training mode (``gpt.training``) GPT-2's dropout applies
     where ``GPT2Model`` applies it: on the input after the positions (``embd_pdrop``), on the attention weights
     (``attn_pdrop``) and on each block's two branches (``resid_pdrop``), in the library's order: from one seed, the
-    library's draws (``tests/test_gpt2_states.py``)."""
+    library's draws (``tests/test_gpt2_states.py``).
+
+    ``at`` (B,) positions, outside training: only each history's state at its position, (B, D); the last block runs
+    its attention's query, its projection and its MLP for that position alone (:func:`_last_block`)."""
     B, T, D = x.shape
     train, cfg = gpt.training, gpt.config
+    if at is not None and train:
+        raise ValueError("`at` (states at given positions only) is for inference: the model is in training mode")
     h = F.dropout(x + gpt.wpe.weight[:T], cfg.embd_pdrop, train)
     p_attn, p_resid = (cfg.attn_pdrop, cfg.resid_pdrop) if train else (0.0, 0.0)
-    for block in gpt.h:  # loop over layers (a few)
+    for i, block in enumerate(gpt.h):  # loop over layers (a few)
         heads = block.attn.num_heads
         q, k, v = _conv1d(block.attn.c_attn, block.ln_1(h)).split(D, dim=2)
+        if at is not None and i == len(gpt.h) - 1:
+            def linear(name: str, y: torch.Tensor, block=block) -> torch.Tensor:  # noqa: ANN001
+                layer = {"c_proj": block.attn.c_proj, "c_fc": block.mlp.c_fc, "mlp_proj": block.mlp.c_proj}[name]
+                return _conv1d(layer, y)
+            out = _last_block(h[None], q[None], k[None], v[None], at, heads, block.attn.scaling, linear,
+                              lambda y, block=block: block.ln_2(y), block.mlp.act)
+            return gpt.ln_f(out[0])
         q, k, v = (t.view(B, T, heads, D // heads).transpose(1, 2) for t in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_attn, is_causal=True, scale=block.attn.scaling)
         h = h + F.dropout(_conv1d(block.attn.c_proj, a.transpose(1, 2).reshape(B, T, D)), p_resid, train)
         h = h + F.dropout(_conv1d(block.mlp.c_proj, block.mlp.act(_conv1d(block.mlp.c_fc, block.ln_2(h)))), p_resid, train)
     return gpt.ln_f(h)
+
+
+def _last_block(h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor, heads: int,
+                scale: float, linear, norm2, act) -> torch.Tensor:  # noqa: ANN001
+    """The last block of K stacks (K = 1 for one model) for one position per history: h, q, k, v (K, B, T, D), at (B,)
+    -> (K, B, D) the block's output there. Its attention reads every key up to the position (the causal mask's row)
+    with the position's query only; the projection and the MLP then run on B rows instead of B x T. ``linear(name,
+    y)`` applies the block's c_proj / c_fc / mlp_proj to y (K, B, ...); ``norm2`` its ln_2; ``act`` its activation."""
+    K, B, T, D = h.shape
+    rows = torch.arange(B, device=h.device)
+    q = q[:, rows, at].reshape(K * B, 1, heads, D // heads).transpose(1, 2)  # (K * B, heads, 1, d)
+    k, v = (t.reshape(K * B, T, heads, D // heads).transpose(1, 2) for t in (k, v))
+    seen = (torch.arange(T, device=h.device) <= at[:, None]).repeat(K, 1)[:, None, None]  # (K * B, 1, 1, T)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=scale).reshape(K, B, D)
+    out = h[:, rows, at] + linear("c_proj", a)
+    return out + linear("mlp_proj", act(linear("c_fc", norm2(out))))
 
 
 def stack_gpt2(gpts: list[GPT2Model]) -> dict[str, torch.Tensor]:
@@ -63,10 +91,12 @@ def stack_gpt2(gpts: list[GPT2Model]) -> dict[str, torch.Tensor]:
     return w
 
 
-def stacked_states(gpts: list[GPT2Model], w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def stacked_states(gpts: list[GPT2Model], w: dict[str, torch.Tensor], x: torch.Tensor,
+                   at: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gpt2_states` of K models at once from their stacked weights ``w`` (:func:`stack_gpt2`): x (K, B, T, D)
     member by member -> (K, B, T, D). One batched matrix product per layer and projection, whatever K: the members'
-    per-call overhead is paid once (equal to the members' own states up to float rounding)."""
+    per-call overhead is paid once (equal to the members' own states up to float rounding). ``at`` (B,): only the
+    states at those positions, (K, B, D), as :func:`gpt2_states`'s."""
     K, B, T, D = x.shape
     first = gpts[0]
     heads, eps = first.h[0].attn.num_heads, first.ln_f.eps
@@ -77,6 +107,12 @@ def stacked_states(gpts: list[GPT2Model], w: dict[str, torch.Tensor], x: torch.T
     h = (x + w["wpe"][:, None, :T]).reshape(K, B * T, D)
     for i, block in enumerate(first.h):  # loop over layers (a few)
         q, k, v = torch.baddbmm(w[f"{i}.c_attn.b"], norm(h, f"{i}.ln_1"), w[f"{i}.c_attn.w"]).split(D, dim=2)
+        if at is not None and i == len(first.h) - 1:
+            def linear(name: str, y: torch.Tensor, i=i) -> torch.Tensor:  # noqa: ANN001
+                return torch.baddbmm(w[f"{i}.{name}.b"], y, w[f"{i}.{name}.w"])
+            four = (t.reshape(K, B, T, -1) for t in (h, q, k, v))
+            out = _last_block(*four, at, heads, block.attn.scaling, linear, lambda y, i=i: norm(y, f"{i}.ln_2"), block.mlp.act)
+            return norm(out, "ln_f")
         q, k, v = (t.reshape(K * B, T, heads, D // heads).transpose(1, 2) for t in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=block.attn.scaling)
         h = h + torch.baddbmm(w[f"{i}.c_proj.b"], a.transpose(1, 2).reshape(K, B * T, D), w[f"{i}.c_proj.w"])
