@@ -32,6 +32,7 @@ COMMANDS = {
     "add-items": ("semid_cli.add_items", "add items that came after training to a run (codes from its quantizer, a "
                   "new version of its IDs)"),
     "distill": ("semid_cli.distill", "a new run whose code heads learned from the run's dense head (the beam gains)"),
+    "combine": ("semid_cli.combine", "one run whose model is the members of causal runs trained apart (an ensemble)"),
     "serve": ("semid_cli.serve", "serve a run over HTTP (JSON): recommend, items, health, metrics, reload"),
     "digest": ("semid_cli.digest", "print the digests that pin a run (config, semantic IDs, best checkpoint)"),
     "demo": ("semid_cli.demo", "fit codebooks, train, evaluate and recommend on a dataset folder (about 10 minutes)"),

@@ -55,6 +55,7 @@ RESUME = RESUME  # checkpoints/resume.ckpt, written while training (generator.tr
 LOCK_FILE = "train.lock"  # held while a training or add-items writes the folder
 HYBRID_FILE = "hybrid.json"  # the hybrid's fusion chosen on validation users (generator.runs.fusion_store)
 DISTILL_FILE = "distill.json"  # `semid distill`: where the run came from and the epochs it chose between
+COMBINE_FILE = "combine.json"  # `semid combine`: the runs whose members the run holds
 TOKENIZER_DIR = TOKENIZER_DIR  # a title run's tokenizer (generator.designs.title)
 TITLE_EMB_FILE = "title_grounding_emb.npy"  # a title run's catalogue titles embedded for title-grounded (+ .json)
 RUN_FORMAT = "semid.run"

@@ -18,6 +18,7 @@ from pathlib import Path
 from generator.runs.folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    COMBINE_FILE,
     DISTILL_FILE,
     HYBRID_FILE,
     IDS_FILE,
@@ -31,7 +32,7 @@ from semid.io import atomic_target_name
 
 # what a training writes before config.yaml (the lock, the IDs copy, a title run's tokenizer)
 EARLY_ENTRIES = (LOCK_FILE, IDS_FILE, TOKENIZER_DIR)
-RUN_ENTRIES = (*EARLY_ENTRIES, CONFIG_FILE, CHECKPOINT_DIR, LOG_DIR, HYBRID_FILE, DISTILL_FILE, TITLE_EMB_FILE, f"{TITLE_EMB_FILE}.json")
+RUN_ENTRIES = (*EARLY_ENTRIES, CONFIG_FILE, CHECKPOINT_DIR, LOG_DIR, HYBRID_FILE, DISTILL_FILE, COMBINE_FILE, TITLE_EMB_FILE, f"{TITLE_EMB_FILE}.json")
 _RUN_PATTERNS = (re.compile(r"^metrics_[A-Za-z0-9_.-]+\.json$"), re.compile(r"^semantic_ids\.v[0-9]+\.npz$"))
 
 

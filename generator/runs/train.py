@@ -41,6 +41,7 @@ from generator.runs.folder import (
     BEST,
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    COMBINE_FILE,
     DISTILL_FILE,
     HYBRID_FILE,
     IDS_FILE,
@@ -129,7 +130,9 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
     if point is None:
         why = ("; the run stopped before its first checkpoint: train again without `resume`" if _unfinished_first_run(out)
                else f"; it is a distilled run ({DISTILL_FILE}), which serves but does not train: resume its source"
-               if (out / DISTILL_FILE).is_file() else "")
+               if (out / DISTILL_FILE).is_file()
+               else f"; it is a combined run ({COMBINE_FILE}), which serves but does not train: resume its sources"
+               if (out / COMBINE_FILE).is_file() else "")
         raise FileNotFoundError(f"{last}: nothing to resume from{why}")
     return point
 

@@ -1,0 +1,150 @@
+"""``semid combine``: one run folder whose model is the members of several causal runs trained apart.
+
+An ensemble's members train one after another inside one run (``CausalConfig.members``); runs of the same design
+trained apart, at the same time on other cores or machines (other seeds), combine into the same ensemble: the new
+run's model is :class:`~generator.models.ensemble.EnsembleGenerator` of every source's members (a one-member run adds
+one, an ensemble all of its own), scoring an item by the sum of their log-likelihoods as a trained ensemble does.
+
+The sources must share their data (the fingerprint in config.yaml), semantic IDs (the digest), token layout and model
+config but for ``members``, have no items added after training, and are only read (each under its lock). The new
+folder holds the first source's config.yaml with the members summed (its ``train:`` section and training figures are
+the first source's, as ``combine.json`` says), the IDs, one checkpoint of every member's weights (loadable and
+servable like any run's, not resumable), ``combine.json`` (the sources and their checkpoints' digests) and, as after
+training, the hybrid's fusion chosen on validation users. Written in a temporary folder beside ``out`` and renamed
+into place when complete, so ``out`` is either absent or whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, safe_load, with_integrity
+from generator.models.ensemble import EnsembleGenerator, member_models
+from generator.runs.decoders import choose_run_fusion
+from generator.runs.folder import (
+    BEST,
+    CHECKPOINT_DIR,
+    COMBINE_FILE,
+    IDS_FILE,
+    LOCK_FILE,
+    check_same_data,
+    load_run,
+    read_config,
+    write_config,
+)
+from semid.io import atomic_path, folder_lock, fsync_path, make_temp_dir, write_json
+
+log = logging.getLogger(__name__)
+KEEP = (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")  # what serving reads
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # loop over 1 MiB blocks of the file
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_out(sources: list[Path], out: Path) -> None:
+    if len(sources) < 2:
+        raise ValueError(f"`semid combine` makes one run of two runs or more, got {len(sources)}: name each with --run")
+    seen: dict[Path, Path] = {}
+    for source in sources:  # loop over the sources (a few)
+        if source.resolve() in seen:
+            raise ValueError(f"{source}: named twice (as {seen[source.resolve()]}); name each run once")
+        seen[source.resolve()] = source
+        if out.resolve().is_relative_to(source.resolve()):
+            raise ValueError(f"{out}: is inside the source run {source}; `semid combine` writes a new run folder beside it")
+    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty folder; `semid combine` writes a new run folder: name a new one")
+    for source in sources:
+        design = read_config(source).get("design")
+        if design != "causal":
+            raise ValueError(f"{source}: a run of the {design!r} design; `semid combine` makes an ensemble of runs of "
+                             "the causal design (the default of `semid train`)")
+
+
+def _read(source: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """One version of a run: its config, IDs and checkpoint read under its lock (unless no one can write the folder)."""
+    with folder_lock(source, LOCK_FILE, what="a training, add-items, choose-fusion, distill or combine") if os.access(
+            source, os.W_OK) else contextlib.nullcontext():
+        run = load_run(source)
+        config = read_config(source)
+        ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP}  # no optimiser or average: not resumable
+    check_same_data(config, source, run.data_dir)  # the data it was trained on, unchanged since
+    return run, config, ckpt
+
+
+def _check_alike(sources: list[Path], runs: list[Any], configs: list[dict[str, Any]]) -> None:
+    """Refuse sources another ensemble member could not join: other data, IDs, layout or model config, added items."""
+    first, first_model = configs[0], {k: v for k, v in configs[0]["model"].items() if k != "members"}
+    for source, run, config in zip(sources, runs, configs, strict=True):  # loop over the sources (a few)
+        if run.model.num_items != run.model.trained_items:
+            raise ValueError(f"{source}: has {run.model.num_items - run.model.trained_items} items added after training; "
+                             "combine the runs first, then add the items to the combined run")
+        for key in ("data_fingerprint", "ids_digest"):
+            if config.get(key) != first.get(key):
+                raise ValueError(f"{source}: its {key} {str(config.get(key))[:40]} differs from {sources[0]}'s "
+                                 f"{str(first.get(key))[:40]}; combine runs trained on the same data and semantic IDs")
+        model = {k: v for k, v in config["model"].items() if k != "members"}
+        if model != first_model or run.layout.to_dict() != runs[0].layout.to_dict():
+            diff = sorted(k for k in set(model) | set(first_model) if model.get(k) != first_model.get(k)) or ["layout"]
+            raise ValueError(f"{source}: its model differs from {sources[0]}'s in {diff}; combine runs of one model "
+                             "config (members aside)")
+
+
+def combine_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *, fusion: bool = True) -> dict[str, Any]:
+    """Write the members of ``run_dirs`` as one ensemble run ``out_dir`` (module docstring). Returns what
+    ``combine.json`` holds."""
+    sources, out = [Path(r) for r in run_dirs], Path(out_dir)
+    _check_out(sources, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(out.parent, f".{out.name}.combine-")  # before the work: a folder that cannot be written fails now
+    try:
+        runs, configs, ckpts = zip(*(_read(s) for s in sources), strict=True)  # loop over the sources (a few)
+        _check_alike(sources, list(runs), list(configs))
+        members = [m for run in runs for m in member_models(run.model)]
+        model = EnsembleGenerator.of(members)
+        K = len(members)
+        ckpt = dict(ckpts[0])
+        ckpt[CHECKPOINT_KEY] = {**ckpt[CHECKPOINT_KEY], "config": {**ckpt[CHECKPOINT_KEY]["config"], "members": K}}
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        if isinstance(hparams.get("model"), dict):
+            hparams["model"] = {**hparams["model"], "members": K}
+        ckpt["hyper_parameters"] = hparams
+        ckpt["state_dict"] = {STATE_PREFIX + k: v for k, v in model.state_dict().items()}
+        shutil.copyfile(sources[0] / IDS_FILE, tmp / IDS_FILE)
+        (tmp / CHECKPOINT_DIR).mkdir()
+        import torch
+
+        with atomic_path(tmp / CHECKPOINT_DIR / BEST) as f:
+            torch.save(with_integrity(ckpt), f)
+        write_config(tmp, {**configs[0], "model": {**configs[0]["model"], "members": K},
+                           "best_checkpoint": f"{CHECKPOINT_DIR}/{BEST}"})
+        record: dict[str, Any] = {
+            "sources": [{"run": str(s.resolve()), "checkpoint": str(r.checkpoint.resolve()), "sha256": _sha256(r.checkpoint),
+                         "members": len(member_models(r.model)), "seed": c.get("train", {}).get("seed")}
+                        for s, r, c in zip(sources, runs, configs, strict=True)],
+            "members": K,
+            "note": "config.yaml is the first source's with the members summed: its training figures are that run's",
+        }
+        del runs, model, members
+        if fusion and configs[0]["model"].get("dense_dim", 0):
+            record["fusion"] = choose_run_fusion(load_run(tmp))
+        write_json(tmp / COMBINE_FILE, record)
+        for path in (tmp / IDS_FILE, tmp / CHECKPOINT_DIR, tmp):
+            fsync_path(path, folder=path.is_dir())
+        os.rename(tmp, out)  # replaces an empty folder of that name, never a full one
+        fsync_path(out.parent, folder=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("combined %d runs (%d members) into %s", len(sources), K, out)
+    return record
