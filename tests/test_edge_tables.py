@@ -156,3 +156,44 @@ def test_the_decoders_tables_are_stored_for_their_product(dtype: str, members: i
     rowmajor = torch.randn(5, 4)
     stored = product_layout(rowmajor)
     assert torch.equal(stored, rowmajor) and stored.mT.is_contiguous() and product_layout(stored) is stored
+
+
+def test_tables_over_the_row_limit_stay_row_major_and_rank_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table of more than ``PRODUCT_MAX_ROWS`` rows is read by rows (the beam's children, chunked exact's items):
+    it stays row-major, and every decoder ranks as with the product layout."""
+    import generator.decoding.paths as paths_mod
+    from tests.test_ensemble import two_members
+
+    _, model, ids, tree, _ = two_members()
+    h = torch.randn(3, model.members[0].config.d_model * 2)
+    want = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids)).refresh()
+    monkeypatch.setattr(paths_mod, "PRODUCT_MAX_ROWS", 5)
+    got = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids)).refresh()
+    for table in [v for v in got.tables.vectors if v.shape[-2] > 5] + [got._vectors]:
+        assert table.is_contiguous(), table.shape
+    small = [v for v in got.tables.vectors if 0 < v.shape[-2] <= 5]
+    assert small and all(v.mT.is_contiguous() for v in small)  # the root's few edges: still for the product
+    for name in ("beam", "exact", "dense"):
+        a, b = want.decode(name, h, k=10), got.decode(name, h, k=10)
+        assert torch.equal(a.items, b.items), name
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_an_ensembles_exact_counts_its_members_rows_against_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact scoring holds K x B x A_l floats for an ensemble of K: a batch whose (B, N) scores fit the budget but
+    whose K x B rows do not goes through the chunked path, with the same ranking."""
+    import generator.decoding.causal as causal
+    from generator.decoding.chunked import FLOAT_BYTES
+    from tests.test_ensemble import two_members
+
+    _, model, ids, tree, _ = two_members()
+    N, B = len(ids.item_ids), 4
+    h = torch.randn(B, model.members[0].config.d_model * 2)
+    whole = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids)).refresh().decode("exact", h, k=10)
+    chunked = []
+    real = causal.exact_topk
+    monkeypatch.setattr(causal, "exact_topk", lambda *a, **kw: chunked.append(1) or real(*a, **kw))
+    budget = 2 * B * N * FLOAT_BYTES  # B rows fit, 2 x B do not
+    got = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids), max_score_bytes=budget).refresh().decode("exact", h, k=10)
+    assert chunked == [1]
+    assert torch.equal(got.items, whole.items)

@@ -291,3 +291,15 @@ def test_the_defaults_members_follow_the_time_budget(budget: str | None, members
     assert causal_config(TrainOptions(max_cpu_time=budget, max_time="00:01:00")).members == members  # CPU time first
     assert causal_config(TrainOptions(max_cpu_time=budget, model_options={"members": 3})).members == 3
     assert causal_config(TrainOptions(preset="causal-64", max_cpu_time=budget)).members == 1
+
+
+def test_the_stacked_weights_follow_parameters_replaced_by_a_load() -> None:
+    """``load_state_dict(assign=True)`` replaces the Parameters themselves: the served states read the new ones."""
+    _, ens, _, _, _ = two_members()
+    hist, lengths = torch.tensor([[3, 7, 1, 9], [4, 2, 0, 0]]), torch.tensor([4, 2])
+    with torch.no_grad():
+        ens.last_hidden(hist, lengths)  # the stack made from the weights now
+        state = {k: v + 0.25 if ".backbone." in k else v for k, v in ens.state_dict().items()}
+        ens.load_state_dict(state, assign=True)
+        own = torch.cat([m.eval().hidden(hist) for m in ens.members], dim=-1)[torch.arange(2), lengths - 1]
+        torch.testing.assert_close(ens.last_hidden(hist, lengths), own, rtol=1e-5, atol=1e-5)

@@ -79,8 +79,9 @@ def exact_scores(model: CausalGenerator | EnsembleGenerator, h: torch.Tensor, pa
 def _exact(hq: torch.Tensor, paths: ItemPaths, tables: EdgeTables, levels: int, per_level: bool = False) -> torch.Tensor:
     """:func:`exact_scores` of level queries hq (B, L, D), or an ensemble's (K, B, L, D) -> (B, N), or (B, L, N)
     ``per_level``. An ensemble's members go through every step together (their edge logits (K, B, A_l) one batched
-    product, normalised as K x B rows) and are summed per edge before the items read them: no (K, B, N) tensor, and
-    one set of operations whatever K (a single user's call pays the per-operation cost once, not K times)."""
+    product, normalised as K x B rows) and are summed per edge before the items read them: one set of operations
+    whatever K (a single user's call pays the per-operation cost once, not K times), holding K x B x A_l floats a
+    level (``CausalDecoders.decode`` counts K x B rows against its budget)."""
     B = hq.shape[-3]
     total = hq.new_zeros(B, levels, paths.tokens.shape[0]) if per_level else hq.new_zeros(B, paths.tokens.shape[0])
     for level in range(levels):  # loop over levels
@@ -282,7 +283,8 @@ class CausalDecoders:
             raise ValueError("this run has no dense head (it was trained with dense_dim 0): use decoder 'beam' or 'exact'")
         small = fits(h.shape[0], N, self.max_score_bytes)  # the whole (B, N) matrix at once, or in chunks
         if name == "exact":
-            if small:
+            members = self.tables.vectors[0].shape[0] if self.tables.vectors[0].ndim == 3 else 1  # their rows go together
+            if fits(h.shape[0] * members, N, self.max_score_bytes):
                 scores, rows = exact_scores(self.model, h, self.paths, self.tables).topk(k, dim=1)
             else:
                 scores, rows = exact_topk(self.model, h, self.paths, self.tables, k, max_score_bytes=self.max_score_bytes)

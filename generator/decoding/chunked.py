@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from generator.decoding.mips import exact_topk as mips_topk
-from generator.decoding.paths import check_table_dtype, product_layout
+from generator.decoding.paths import check_table_dtype, new_table, product_layout
 from generator.models.causal import CausalGenerator
 
 DEFAULT_MAX_SCORE_BYTES = 256 * 2**20  # 256 MiB of scores at a time
@@ -123,7 +123,7 @@ def exact_topk(model: CausalGenerator, h: torch.Tensor, paths: Any, tables: Any,
                 slot = paths.item_slot[lv][rows]  # (n,) the item's active edge; A for an only child
                 real, e = slot < A, slot.clamp_max(A - 1)
                 for x, hq in enumerate(hqs):  # loop over an ensemble's members (one for a single model)
-                    logp = hq[:, lv] @ vectors[lv][x].mT[:, e].to(hq.dtype) + biases[lv][x][e] - norms[lv][x][:, paths.active_parent[lv][e]]
+                    logp = hq[:, lv] @ vectors[lv][x][e].to(hq.dtype).T + biases[lv][x][e] - norms[lv][x][:, paths.active_parent[lv][e]]
                     s = s + torch.where(real, logp, 0.0)
             best_s, best_r = _merge(best_s, best_r, s, rows, k)
         out_s.append(best_s)
@@ -156,6 +156,6 @@ def item_vectors(model: CausalGenerator, chunk: int = DEFAULT_ITEM_CHUNK, *, dty
         b = min(N, a + chunk)
         a = max(0, b - chunk)  # the last chunk: `chunk` items ending at the last
         part = model.item_vectors(torch.arange(a, b, device=model.item_tokens.device))
-        out = part.new_empty(part.shape[1], N, dtype=store).mT if out is None else out  # stored for the product
+        out = new_table(N, part.shape[1], like=part, dtype=store) if out is None else out  # (N, d), as decoders store it
         out[a:b] = part
     return out

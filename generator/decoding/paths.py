@@ -25,6 +25,7 @@ from semid.tree import PrefixTree
 
 EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build, and rows upcast at a time from a 16-bit table
 TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRODUCT_MAX_ROWS = 1 << 17  # decoder tables up to this many rows are stored for their product (product_layout)
 
 
 def check_table_dtype(name: str) -> torch.dtype:
@@ -34,13 +35,31 @@ def check_table_dtype(name: str) -> torch.dtype:
     return TABLE_DTYPES[name]
 
 
+def for_product(rows: int) -> bool:
+    """Whether a decoder table of ``rows`` rows is stored for its product (:func:`product_layout`): up to
+    :data:`PRODUCT_MAX_ROWS`. Larger ones (a level's edges or the item vectors of a catalogue of millions) are read
+    by rows (the beam's gathered children, chunked exact scoring's items) and multiplied in chunks, so they stay
+    row-major: a row gathered from the transposed storage touches D cache lines instead of D / 16, and faiss reads
+    row-major vectors without a copy."""
+    return rows <= PRODUCT_MAX_ROWS
+
+
 def product_layout(table: torch.Tensor) -> torch.Tensor:
-    """``table`` (..., A, D) stored for :func:`table_product`: the same (..., A, D) tensor, its storage (..., D, A)
-    contiguous (a transposed view; already so: returned as it is). ``q @ table.mT`` is then a product with a contiguous
-    right operand, which BLAS runs 2-4x faster for a few queries over a table larger than the cache (one user's call
-    over Beauty's four-member item vectors: 2.4 -> 0.8 ms, ``experiments/results/latency_layout.md``); rows are still
-    rows (``table[rows]`` gathers them), only farther apart in memory."""
+    """``table`` (..., A, D) as the decoders store it: up to :data:`PRODUCT_MAX_ROWS` rows the same (..., A, D)
+    tensor with its storage (..., D, A) contiguous (a transposed view; already so: returned as it is), else row-major.
+    ``q @ table.mT`` then has a contiguous right operand, which BLAS runs 2-4x faster for a few queries over a table
+    larger than the cache (one user over Beauty's four-member item vectors: 2.4 -> 0.8 ms,
+    ``experiments/results/latency_layout.md``); rows are still rows (``table[rows]`` gathers them)."""
+    if not for_product(table.shape[-2]):
+        return table.contiguous()
     return table if table.mT.is_contiguous() else table.mT.contiguous().mT
+
+
+def new_table(rows: int, width: int, *, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (rows, width) decoder table on ``like``'s device, laid out as :func:`product_layout` stores it."""
+    if for_product(rows):
+        return like.new_empty(width, rows, dtype=dtype).mT
+    return like.new_empty(rows, width, dtype=dtype)
 
 
 def table_product(q: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None, *, chunk: int = EDGE_CHUNK) -> torch.Tensor:
@@ -135,7 +154,8 @@ def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *,
         raise ValueError(f"`chunk` must be a positive int, got {chunk!r}")
     if isinstance(model, EnsembleGenerator):  # the members' tables, members first: (K, A_l, D) and (K, A_l)
         parts = [edge_tables(m, paths, chunk=chunk, dtype=dtype, release=release) for m in model.members]  # loop over members
-        return EdgeTables([torch.stack([x.mT for x in v]).mT for v in zip(*(p.vectors for p in parts), strict=True)],  # stored (K, D, A_l)
+        return EdgeTables([torch.stack([x.mT for x in v]).mT if for_product(v[0].shape[0]) else torch.stack(v)  # as each member's
+                           for v in zip(*(p.vectors for p in parts), strict=True)],
                           [torch.stack(b) for b in zip(*(p.biases for p in parts), strict=True)])
     store = check_table_dtype(dtype)
     vectors, biases = [], []
@@ -146,7 +166,7 @@ def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *,
         parent, code = paths.index.parent[level][act], paths.index.code[level][act]  # (A_l,) each
         rows = model.edge_node_rows(level, paths.parent_tokens[level][parent], code) if model.config.node_vectors else None
         table = None if rows is None else getattr(model, f"node_vec_{level}")
-        vec, bias = weight.new_empty(D, A, dtype=store).mT, weight.new_empty(A)  # (A, D) stored for the product
+        vec, bias = new_table(A, D, like=weight, dtype=store), weight.new_empty(A)  # (A, D), stored for the product
         for a in range(0, A, chunk):  # loop over chunks of edges
             b = min(A, a + chunk)
             a = max(0, b - chunk)  # the last chunk: `chunk` edges ending at the level's last

@@ -125,6 +125,14 @@ class EnsembleGenerator(nn.Module):
             self._stacked = (key, stack_gpt2([m.backbone for m in self.members]))
         return self._stacked[1]
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
+        self._params, self._stacked = None, None  # a conversion may replace Parameters rather than their data
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any):  # noqa: ANN201 (nn.Module's)
+        self._params, self._stacked = None, None  # assign=True replaces the Parameters
+        return super().load_state_dict(*args, **kwargs)
+
     def last_hidden(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, K * D): each member's state after each history's last item. Outside training, with gradients off, the
         members' backbones run as one and their last block for that position alone (``stacked_states(at=)``)."""

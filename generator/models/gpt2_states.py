@@ -34,8 +34,9 @@ def gpt2_states(gpt: GPT2Model, x: torch.Tensor, at: torch.Tensor | None = None)
     (``attn_pdrop``) and on each block's two branches (``resid_pdrop``), in the library's order: from one seed, the
     library's draws (``tests/test_gpt2_states.py``).
 
-    ``at`` (B,) positions, outside training: only each history's state at its position, (B, D); the last block runs
-    its attention's query, its projection and its MLP for that position alone (:func:`_last_block`)."""
+    ``at`` (B,) positions in [0, T) on x's device, outside training: only each history's state at its position,
+    (B, D); the last block runs its attention's query, its projection and its MLP for that position alone
+    (:func:`_last_block`). Not checked here (a check would read the device): the callers refuse empty histories."""
     B, T, D = x.shape
     train, cfg = gpt.training, gpt.config
     if at is not None and train:
