@@ -17,8 +17,8 @@ from pathlib import Path
 
 from generator.runs.folder import (
     CHECKPOINT_DIR,
-    CONFIG_FILE,
     COMBINE_FILE,
+    CONFIG_FILE,
     DISTILL_FILE,
     HYBRID_FILE,
     IDS_FILE,

@@ -40,8 +40,8 @@ from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import (
     BEST,
     CHECKPOINT_DIR,
-    CONFIG_FILE,
     COMBINE_FILE,
+    CONFIG_FILE,
     DISTILL_FILE,
     HYBRID_FILE,
     IDS_FILE,
