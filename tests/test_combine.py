@@ -93,3 +93,39 @@ def test_runs_that_cannot_be_one_ensemble_are_refused_naming_the_difference(worl
         combine_runs([world["one"], other_ids], out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # nothing left behind
     assert main(["combine", "--run", str(world["one"]), "--run", str(world["wide"]), "--out", str(out)]) == 2
+
+
+def _edited(world: dict[str, Path], tmp_path: Path, name: str, train: dict) -> Path:  # noqa: ANN001
+    """A copy of run "one" whose config.yaml's train section is changed (written with its checksum)."""
+    import yaml
+
+    from generator.runs.folder import write_config
+
+    out = tmp_path / name
+    shutil.copytree(world["one"], out)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    write_config(out, {**config, "train": {**config["train"], **train}})
+    return out
+
+
+def test_a_title_run_a_dense_only_run_and_added_items_are_refused_by_name(world: dict[str, Path], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="'title' design"):  # config.yaml says design: causal, target: title
+        combine_runs([world["one"], _edited(world, tmp_path, "titled", {"target": "title"})], out)
+    with pytest.raises(ValueError, match="trained with objective 'dense'"):  # its code head never trained
+        combine_runs([world["one"], _edited(world, tmp_path, "dense", {"objective": "dense"})], out)
+    import generator.runs.combine as combine
+
+    real = combine.load_run
+
+    def grown(path, *a, **k):  # noqa: ANN001, ANN202
+        run = real(path, *a, **k)
+        if Path(path) == world["two"]:
+            run.model.add_items(run.model.item_tokens[1:3].clone())  # two items after training
+        return run
+
+    monkeypatch.setattr(combine, "load_run", grown)
+    with pytest.raises(ValueError, match="2 items added after training; combine the runs first"):
+        combine_runs([world["one"], world["two"]], out)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from generator.designs import registry
 from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, safe_load, with_integrity
 from generator.models.ensemble import EnsembleGenerator, member_models
 from generator.runs.decoders import choose_run_fusion
@@ -65,30 +66,39 @@ def _check_out(sources: list[Path], out: Path) -> None:
     if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out}: exists and is not an empty folder; `semid combine` writes a new run folder: name a new one")
     for source in sources:
-        design = read_config(source).get("design")
+        design = registry.for_config(read_config(source)).name  # a title run records its backbone's design
         if design != "causal":
             raise ValueError(f"{source}: a run of the {design!r} design; `semid combine` makes an ensemble of runs of "
                              "the causal design (the default of `semid train`)")
 
 
-def _read(source: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """One version of a run: its config, IDs and checkpoint read under its lock (unless no one can write the folder)."""
+def _read(source: Path, ids_copy: Path | None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+    """One version of a run: its config, IDs and checkpoint read (and the IDs copied to ``ids_copy``, the checkpoint
+    hashed) under its lock, unless no one can write the folder; the checkpoint's record without its weights."""
     with folder_lock(source, LOCK_FILE, what="a training, add-items, choose-fusion, distill or combine") if os.access(
             source, os.W_OK) else contextlib.nullcontext():
         run = load_run(source)
         config = read_config(source)
-        ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP}  # no optimiser or average: not resumable
+        meta = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP and k != "state_dict"}  # not resumable
+        digest = _sha256(run.checkpoint)
+        if ids_copy is not None:
+            shutil.copyfile(source / IDS_FILE, ids_copy)
+    if run.model.num_items != run.model.trained_items:
+        raise ValueError(f"{source}: has {run.model.num_items - run.model.trained_items} items added after training; "
+                         "combine the runs first, then add the items to the combined run")
     check_same_data(config, source, run.data_dir)  # the data it was trained on, unchanged since
-    return run, config, ckpt
+    return run, config, meta, digest
 
 
 def _check_alike(sources: list[Path], runs: list[Any], configs: list[dict[str, Any]]) -> None:
     """Refuse sources another ensemble member could not join: other data, IDs, layout or model config, added items."""
     first, first_model = configs[0], {k: v for k, v in configs[0]["model"].items() if k != "members"}
     for source, run, config in zip(sources, runs, configs, strict=True):  # loop over the sources (a few)
-        if run.model.num_items != run.model.trained_items:
-            raise ValueError(f"{source}: has {run.model.num_items - run.model.trained_items} items added after training; "
-                             "combine the runs first, then add the items to the combined run")
+        for key in ("objective", "target"):  # a dense-only run's code head is untrained: it would join the beam's sum
+            mine, theirs = (c.get("train", {}).get(key) for c in (config, first))
+            if mine != theirs:
+                raise ValueError(f"{source}: trained with {key} {mine!r}, {sources[0]} with {theirs!r}; combine runs "
+                                 "trained alike")
         for key in ("data_fingerprint", "ids_digest"):
             if config.get(key) != first.get(key):
                 raise ValueError(f"{source}: its {key} {str(config.get(key))[:40]} differs from {sources[0]}'s "
@@ -108,40 +118,45 @@ def combine_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathL
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out.parent, f".{out.name}.combine-")  # before the work: a folder that cannot be written fails now
     try:
-        runs, configs, ckpts = zip(*(_read(s) for s in sources), strict=True)  # loop over the sources (a few)
+        runs, configs, metas, digests = zip(*(_read(s, tmp / IDS_FILE if i == 0 else None) for i, s in enumerate(sources)),
+                                            strict=True)  # loop over the sources (a few)
         _check_alike(sources, list(runs), list(configs))
         members = [m for run in runs for m in member_models(run.model)]
         model = EnsembleGenerator.of(members)
         K = len(members)
-        ckpt = dict(ckpts[0])
+        ckpt = dict(metas[0])
         ckpt[CHECKPOINT_KEY] = {**ckpt[CHECKPOINT_KEY], "config": {**ckpt[CHECKPOINT_KEY]["config"], "members": K}}
         hparams = dict(ckpt.get("hyper_parameters") or {})
         if isinstance(hparams.get("model"), dict):
             hparams["model"] = {**hparams["model"], "members": K}
         ckpt["hyper_parameters"] = hparams
         ckpt["state_dict"] = {STATE_PREFIX + k: v for k, v in model.state_dict().items()}
-        shutil.copyfile(sources[0] / IDS_FILE, tmp / IDS_FILE)
         (tmp / CHECKPOINT_DIR).mkdir()
         import torch
 
         with atomic_path(tmp / CHECKPOINT_DIR / BEST) as f:
             torch.save(with_integrity(ckpt), f)
+        del ckpt  # its state shares the members' weights: freed with the runs below
         write_config(tmp, {**configs[0], "model": {**configs[0]["model"], "members": K},
                            "best_checkpoint": f"{CHECKPOINT_DIR}/{BEST}"})
         record: dict[str, Any] = {
-            "sources": [{"run": str(s.resolve()), "checkpoint": str(r.checkpoint.resolve()), "sha256": _sha256(r.checkpoint),
+            "sources": [{"run": str(s.resolve()), "checkpoint": str(r.checkpoint.resolve()), "sha256": d,
                          "members": len(member_models(r.model)), "seed": c.get("train", {}).get("seed")}
-                        for s, r, c in zip(sources, runs, configs, strict=True)],
+                        for s, r, c, d in zip(sources, runs, configs, digests, strict=True)],
             "members": K,
             "note": "config.yaml is the first source's with the members summed: its training figures are that run's",
         }
         del runs, model, members
-        if fusion and configs[0]["model"].get("dense_dim", 0):
+        joint = configs[0].get("train", {}).get("objective", "joint") == "joint"  # as training: a dense-only run has no hybrid
+        if fusion and joint and configs[0]["model"].get("dense_dim", 0):
             record["fusion"] = choose_run_fusion(load_run(tmp))
         write_json(tmp / COMBINE_FILE, record)
         for path in (tmp / IDS_FILE, tmp / CHECKPOINT_DIR, tmp):
             fsync_path(path, folder=path.is_dir())
-        os.rename(tmp, out)  # replaces an empty folder of that name, never a full one
+        try:
+            os.rename(tmp, out)  # replaces an empty folder of that name, never a full one
+        except OSError as e:  # another writer filled it meanwhile
+            raise FileExistsError(f"{out}: was written by another process meanwhile ({e.strerror}); name a new folder") from e
         fsync_path(out.parent, folder=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
