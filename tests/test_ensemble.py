@@ -303,3 +303,21 @@ def test_the_stacked_weights_follow_parameters_replaced_by_a_load() -> None:
         ens.load_state_dict(state, assign=True)
         own = torch.cat([m.eval().hidden(hist) for m in ens.members], dim=-1)[torch.arange(2), lengths - 1]
         torch.testing.assert_close(ens.last_hidden(hist, lengths), own, rtol=1e-5, atol=1e-5)
+
+
+def test_served_level_queries_are_one_product_for_all_members_and_follow_their_weights() -> None:
+    """Outside training an ensemble's level queries come from its members' head weights stacked (one batched product
+    for all members and levels): each member's own queries, also after a head weight changes in place."""
+    _, ens, _, _, _ = two_members()
+    first, second = ens.members
+    h = torch.randn(3, 2, 2 * first.config.d_model)
+
+    def own() -> torch.Tensor:
+        return torch.stack([m.level_queries(x) for m, x in zip(ens.members, h.chunk(2, dim=-1), strict=True)])
+
+    with torch.no_grad():
+        torch.testing.assert_close(ens.level_queries(h), own(), rtol=1e-5, atol=1e-5)
+        for weight in (second.level_proj[1].weight, first.head_norm.bias, second.level_proj[0].bias):
+            weight.add_(0.5)
+            torch.testing.assert_close(ens.level_queries(h), own(), rtol=1e-5, atol=1e-5)
+    assert ens.level_queries(h).requires_grad  # with gradients on: the members' own heads, which get them

@@ -29,6 +29,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from generator.models.causal import CausalConfig, CausalGenerator
@@ -119,10 +120,17 @@ class EnsembleGenerator(nn.Module):
         """The members' backbone weights stacked, made again whenever one of them changed (an optimiser step, a load,
         the weight average's swap: each bumps the tensor's version) or moved."""
         if self._params is None:  # walking the modules costs more than one user's states; the Parameters stay
-            self._params = [p for m in self.members for p in m.backbone.parameters()]  # (moves and loads change their data)
+            self._params = [p for m in self.members for mod in (m.backbone, m.head_norm, m.level_proj)  # (moves and
+                            for p in mod.parameters()]  # loads change their data)
         key = tuple((p._version, p.data_ptr()) for p in self._params)  # a move or a cast gives new storage
         if self._stacked is None or self._stacked[0] != key:
-            self._stacked = (key, stack_gpt2([m.backbone for m in self.members]))
+            w = stack_gpt2([m.backbone for m in self.members])
+            with torch.no_grad():  # the code head's norm and level projections: (K, 1, D) and (K, D, L * D)
+                w["head.w"] = torch.stack([m.head_norm.weight for m in self.members])[:, None]
+                w["head.b"] = torch.stack([m.head_norm.bias for m in self.members])[:, None]
+                w["proj.w"] = torch.stack([torch.cat([p.weight for p in m.level_proj]).T for m in self.members])
+                w["proj.b"] = torch.stack([torch.cat([p.bias for p in m.level_proj]) for m in self.members])[:, None]
+            self._stacked = (key, w)
         return self._stacked[1]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
@@ -147,8 +155,16 @@ class EnsembleGenerator(nn.Module):
         return h.permute(1, 0, 2).reshape(B, -1)
 
     def level_queries(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., K * D) -> (K, ..., L, D): each member's level queries, members first."""
-        return torch.stack([m.level_queries(x) for m, x in zip(self.members, self._split(h), strict=True)])
+        """(..., K * D) -> (K, ..., L, D): each member's level queries, members first. Outside training, with
+        gradients off, one batched product for all members and levels (their weights stacked with the backbones')."""
+        parts = self._split(h)
+        if self.training or torch.is_grad_enabled():
+            return torch.stack([m.level_queries(x) for m, x in zip(self.members, parts, strict=True)])
+        K, D, L = len(self.members), self.config.d_model, self.layout.num_levels
+        w = self._stacked_weights()
+        x = torch.stack(parts).reshape(K, -1, D)  # (K, R, D)
+        z = torch.addcmul(w["head.b"], F.layer_norm(x, (D,), eps=self.members[0].head_norm.eps), w["head.w"])
+        return torch.baddbmm(w["proj.b"], z, w["proj.w"]).view(K, *h.shape[:-1], L, D)
 
     def code_logits(self, level: int, hq: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
         """Each member's raw logits over level ``level``'s block, (K, ..., K_l), from its queries hq (K, ..., D)."""
