@@ -310,6 +310,23 @@ WHY: dict[str, str] = {
     "sasrec-in-harness": "the reference: a plain SASRec inside the same harness (GPT-2 blocks, ID input only, full-softmax "
     "dense head, dropout 0.3, semid's schedule). The default's dense head is above it at 15 minutes (R@10 0.0663 vs "
     "0.0557).",
+    "default+members-8-combined": "kept as a command (`semid combine --run A --run B --out NEW`), not in the default: "
+    "two runs of the four-member default at 60 CPU-minutes, seeds 0 and 1 (120 CPU-minutes in all; validation R@10 of "
+    "all 22,363 users 0.1050 and 0.1055, a third seed 0.1057), their eight members made one run (2 minutes, the "
+    "fusion chosen). Test beam R@10 / N@10 0.0837 / 0.0503, exact 0.0840, dense 0.0872 / 0.0522, hybrid (liger, "
+    "chosen) 0.0862 (`fusion_members8.md`), against the four members' 0.0816 / 0.0491 measured by the same script "
+    "(+2.6%): the a - b/K fit's ~0.083. Each half had converged (the four-member run resumed to 90 CPU-minutes did "
+    "not gain on test). Not the default: one run training eight members for 120 CPU-minutes gives each member the "
+    "same steps but was not measured; runs trained apart can use two cores (or machines) at once, which one run "
+    "cannot.",
+    "default+members-8-combined+distill-ensemble": "kept as commands (the eight-member run, then `semid distill`: 2 "
+    "epochs, 11.5 CPU-minutes, validation exact NDCG@10 0.0660 -> 0.0672, epoch 1 kept). Test beam R@10 / N@10 "
+    "**0.0854 / 0.0514**, exact 0.0854, dense 0.0872 / 0.0522 (unchanged), hybrid (levels, chosen) 0.0886 / 0.0528 "
+    "(`fusion_members8_distilled.md`): the issue's converged beam target (0.085, above RPG's 0.0809) met. Paired "
+    "over all test users: against the four-member default +0.0038 [+0.0020, +0.0057] (+4.7%) and +0.0023 [+0.0015, "
+    "+0.0032] (+4.8%) (`paired_members8_distilled_vs_default60.md`); the distillation step alone +0.0017 [+0.0001, "
+    "+0.0034] (+2.0%) and +0.0011 [+0.0004, +0.0019] (+2.3%) (`paired_members8_distilled_vs_members8.md`). The "
+    "hybrid: +3.7% over the beam [+0.0016, +0.0049], +1.6% over dense [-0.0004, +0.0033]: 3% over both parts not met.",
 }
 
 
