@@ -197,8 +197,9 @@ def test_training_adds_the_members_own_losses() -> None:
 def test_member_counts_and_mixed_members_are_refused() -> None:
     with pytest.raises(ValueError, match="`members` must be a positive int"):
         CausalConfig(members=0)
-    with pytest.raises(ValueError, match="`members` must be at most 8"):
-        CausalConfig(members=9)
+    with pytest.raises(ValueError, match="`members` must be at most 16"):
+        CausalConfig(members=17)
+    assert CausalConfig(members=12).members == 12  # three four-member runs combined
     model, ids, _ = make()
     with pytest.raises(ValueError, match="is an ensemble: build it with"):
         CausalGenerator(replace(model.config, members=2), model.layout, model.item_tokens[1:])

@@ -43,7 +43,7 @@ from semid.layout import TokenLayout
 from semid.prefix_index import PrefixIndex, find, prefix_key
 
 DESIGN = "causal"
-MAX_MEMBERS = 8
+MAX_MEMBERS = 16  # a combined run of three four-member runs has 12
 
 
 @dataclass(frozen=True)
