@@ -20,6 +20,7 @@ from semid.layout import TokenLayout
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 CHECKPOINT_KEY = "semid"  # where a checkpoint keeps {config, layout, ids_digest}
 STATE_PREFIX = "model."  # the LightningModule keeps the T5 as `self.model`
+SERVING_KEYS = (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")  # what serving reads of a checkpoint
 RESUME = "resume.ckpt"  # the resume point a training writes (generator.training.resume), read without Lightning
 
 

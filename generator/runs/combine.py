@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from generator.designs import registry
-from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, safe_load, with_integrity
+from generator.models.checkpoint import CHECKPOINT_KEY, SERVING_KEYS, STATE_PREFIX, safe_load, with_integrity
 from generator.models.ensemble import EnsembleGenerator, member_models
 from generator.runs.decoders import choose_run_fusion
 from generator.runs.folder import (
@@ -42,7 +42,6 @@ from generator.runs.folder import (
 from semid.io import atomic_path, folder_lock, fsync_path, make_temp_dir, write_json
 
 log = logging.getLogger(__name__)
-KEEP = (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")  # what serving reads
 
 
 def _sha256(path: Path) -> str:
@@ -79,7 +78,7 @@ def _read(source: Path, ids_copy: Path | None) -> tuple[Any, dict[str, Any], dic
             source, os.W_OK) else contextlib.nullcontext():
         run = load_run(source)
         config = read_config(source)
-        meta = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP and k != "state_dict"}  # not resumable
+        meta = {k: v for k, v in safe_load(run.checkpoint).items() if k in SERVING_KEYS and k != "state_dict"}  # not resumable
         digest = _sha256(run.checkpoint)
         if ids_copy is not None:
             shutil.copyfile(source / IDS_FILE, ids_copy)

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, safe_load, with_integrity
+from generator.models.checkpoint import SERVING_KEYS, STATE_PREFIX, safe_load, with_integrity
 from generator.runs.decoders import choose_run_fusion
 from generator.runs.folder import (
     BEST,
@@ -37,7 +37,6 @@ from semid.io import atomic_path, folder_lock, fsync_path, make_temp_dir, write_
 from semid.split import leave_one_out
 
 log = logging.getLogger(__name__)
-KEEP = (CHECKPOINT_KEY, "state_dict", "hyper_parameters", "epoch", "global_step", "pytorch-lightning_version")  # what serving reads
 
 
 def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: DistillOptions = DistillOptions(),  # noqa: B008 (frozen)
@@ -61,7 +60,7 @@ def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
                 source, os.W_OK) else contextlib.nullcontext():
             run = load_run(source)
             config = read_config(source)
-            ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in KEEP}  # no optimiser or average: not resumable
+            ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in SERVING_KEYS}  # no optimiser or average: not resumable
             shutil.copyfile(source / IDS_FILE, tmp / IDS_FILE)
         check_same_data(run.config, source, run.data_dir)  # the data it was trained on, unchanged since
         split = leave_one_out(load_dataset(run.data_dir))
