@@ -228,6 +228,15 @@ def test_history_batches_keep_the_last_items_right_padded() -> None:
         cut = h[-4:]
         want[i, : len(cut)] = ids.rows_of(cut) + 1
     assert np.array_equal(b.histories.numpy(), want) and b.lengths.tolist() == [4, 1, 2]
+    for i, h in enumerate(hists):  # one history alone (a single user's call) is the batch's row, unpadded
+        one = history_batch([h], np.array([7]), ids, max_history=4)
+        n = min(len(h), 4)
+        assert np.array_equal(one.histories.numpy(), want[i : i + 1, :n]) and one.lengths.tolist() == [n]
+        assert one.histories.dtype == b.histories.dtype and one.targets.tolist() == [7]
+    with pytest.raises(ValueError, match="history 0 is empty"):
+        history_batch([np.array([], dtype=np.int64)], np.array([-1]), ids, max_history=4)
+    with pytest.raises(ValueError, match="unknown item id 999"):
+        history_batch([np.array([1, 999])], np.array([-1]), ids, max_history=4)
 
 
 def test_a_given_constraint_carries_the_trained_tree_and_one_beside_it_is_refused() -> None:

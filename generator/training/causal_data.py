@@ -86,6 +86,9 @@ def collate_windows(w: Windows, index: Sequence[int] | torch.Tensor) -> SeqBatch
 def history_batch(histories: Sequence[np.ndarray], targets: np.ndarray, ids: SemanticIDs, max_history: int) -> SeqBatch:
     """The last ``max_history`` items of each (non-empty) history, right-padded; targets are item ids (-1: none)."""
     cut = [np.asarray(h, dtype=np.int64)[-max_history:] for h in histories]
+    if len(cut) == 1 and len(cut[0]):  # one history (a single user's call): no padding to lay out
+        rows = torch.from_numpy(ids.rows_of(cut[0]) + 1)[None]
+        return SeqBatch(rows, torch.tensor([rows.shape[1]]), torch.as_tensor(np.asarray(targets, dtype=np.int64)))
     lengths = torch.tensor([len(h) for h in cut], dtype=torch.long)
     if (lengths == 0).any():
         raise ValueError(f"history {int(torch.nonzero(lengths == 0)[0])} is empty: a history needs at least one item")
