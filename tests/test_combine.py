@@ -129,3 +129,13 @@ def test_a_title_run_a_dense_only_run_and_added_items_are_refused_by_name(world:
     with pytest.raises(ValueError, match="2 items added after training; combine the runs first"):
         combine_runs([world["one"], world["two"]], out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_source_being_written_is_not_read_half_way(world: dict[str, Path], tmp_path: Path) -> None:
+    """Each source is read under its lock: while a training (or add-items, ...) holds it, combine refuses, naming it."""
+    from generator.runs.folder import LOCK_FILE
+    from semid.io import folder_lock
+
+    with folder_lock(world["two"], LOCK_FILE, what="a training"), pytest.raises(FileExistsError, match="is writing this folder now"):
+        combine_runs([world["one"], world["two"]], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -16,7 +16,6 @@ into place when complete, so ``out`` is either absent or whole.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -33,13 +32,13 @@ from generator.runs.folder import (
     CHECKPOINT_DIR,
     COMBINE_FILE,
     IDS_FILE,
-    LOCK_FILE,
     check_same_data,
     load_run,
     read_config,
+    reading_lock,
     write_config,
 )
-from semid.io import atomic_path, folder_lock, fsync_path, make_temp_dir, write_json
+from semid.io import atomic_path, fsync_path, make_temp_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +73,7 @@ def _check_out(sources: list[Path], out: Path) -> None:
 def _read(source: Path, ids_copy: Path | None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
     """One version of a run: its config, IDs and checkpoint read (and the IDs copied to ``ids_copy``, the checkpoint
     hashed) under its lock, unless no one can write the folder; the checkpoint's record without its weights."""
-    with folder_lock(source, LOCK_FILE, what="a training, add-items, choose-fusion, distill or combine") if os.access(
-            source, os.W_OK) else contextlib.nullcontext():
+    with reading_lock(source, "combine"):
         run = load_run(source)
         config = read_config(source)
         meta = {k: v for k, v in safe_load(run.checkpoint).items() if k in SERVING_KEYS and k != "state_dict"}  # not resumable

@@ -10,7 +10,6 @@ place when complete, so ``out`` is either absent or whole.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -25,15 +24,15 @@ from generator.runs.folder import (
     CHECKPOINT_DIR,
     DISTILL_FILE,
     IDS_FILE,
-    LOCK_FILE,
     check_same_data,
     load_run,
     read_config,
+    reading_lock,
     write_config,
 )
 from generator.training.distill import DistillOptions, distill_code_heads
 from semid.data import load_dataset
-from semid.io import atomic_path, folder_lock, fsync_path, make_temp_dir, write_json
+from semid.io import atomic_path, fsync_path, make_temp_dir, write_json
 from semid.split import leave_one_out
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,7 @@ def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     try:
         # one version of the run: its config, IDs and checkpoint read under its lock (a writer takes it), unless no
         # one can write the folder (read-only: nothing to wait for, and no lock file can be made)
-        with folder_lock(source, LOCK_FILE, what="a training, add-items, choose-fusion or distill") if os.access(
-                source, os.W_OK) else contextlib.nullcontext():
+        with reading_lock(source, "distill"):
             run = load_run(source)
             config = read_config(source)
             ckpt = {k: v for k, v in safe_load(run.checkpoint).items() if k in SERVING_KEYS}  # no optimiser or average: not resumable

@@ -22,6 +22,7 @@ name the file and the key), and a best checkpoint outside the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from generator.models.checkpoint import RESUME
 from generator.runs.lineage import load_model
 from generator.runs.options import KINDS, train_schema
 from semid.ids import SemanticIDs
-from semid.io import atomic_open, not_utf8
+from semid.io import atomic_open, folder_lock, not_utf8
 from semid.layout import TokenLayout
 from semid.safe_read import load_yaml
 
@@ -126,6 +127,15 @@ def _content_sha256(config: dict[str, Any]) -> str:
     """sha256 of a config's content as YAML parses it (key order and formatting aside), ``sha256`` left out."""
     body = {k: v for k, v in config.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def reading_lock(run_dir: str | os.PathLike[str], who: str) -> contextlib.AbstractContextManager[Any]:
+    """The run's lock for a command that only reads it as one version (config, IDs, checkpoint): held while it reads,
+    so a training, add-items or choose-fusion is not half-written then; none for a folder no one can write (nothing
+    to wait for, and no lock file can be made). ``who``: the command, for the message while another holds it."""
+    if not os.access(run_dir, os.W_OK):
+        return contextlib.nullcontext()
+    return folder_lock(run_dir, LOCK_FILE, what=f"a training, add-items, choose-fusion or {who}")
 
 
 def write_config(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
