@@ -283,10 +283,11 @@ def test_members_with_another_catalogue_are_refused_before_the_ensemble_is_built
 
 
 @pytest.mark.parametrize("budget, members", [(None, 1), ("00:08:00", 1), ("00:14:59", 1), ("00:15:00", 2),
-                                             ("00:22:30", 3), ("00:30:00", 4), ("01:00:00", 4), ("1:00:00:00", 4)])
+                                             ("00:22:30", 3), ("00:30:00", 4), ("01:00:00", 4), ("01:14:59", 4),
+                                             ("01:15:00", 5), ("01:30:00", 6), ("02:00:00", 8), ("1:00:00:00", 8)])
 def test_the_defaults_members_follow_the_time_budget(budget: str | None, members: int) -> None:
-    """One member per 7.5 minutes of the CPU (else wall) budget, 1 to 4; what `--model-option members` or another
-    preset says wins."""
+    """One member per 7.5 minutes of the CPU (else wall) budget, 1 to 4, then beyond an hour one per 15 minutes, at
+    most 8; what `--model-option members` or another preset says wins."""
     assert causal_config(TrainOptions(max_cpu_time=budget)).members == members
     assert causal_config(TrainOptions(max_time=budget)).members == members
     assert causal_config(TrainOptions(max_cpu_time=budget, max_time="00:01:00")).members == members  # CPU time first

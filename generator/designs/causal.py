@@ -40,13 +40,19 @@ DEFAULTS = {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "label_smoothing
 # 15, 30 and 60 CPU-minutes (beam R@10 0.0733 / N@10 0.0451 at 60 against 0.0720 / 0.0441 without it)
 PRESET_DEFAULTS = {"causal": {"ema": 0.999}}
 # The default's members (generator.models.ensemble: models trained side by side, an item scoring the sum of their
-# log-likelihoods) follow the run's time budget: one per MEMBER_MINUTES of it, 1 to MAX_AUTO_MEMBERS, and one without
-# a time budget. The default alone reaches its test plateau in ~15 CPU-minutes on Beauty; at every budget measured
-# the best member count was this rule's (study.md, beam R@10: 8 minutes 0.0698 with one against 0.0678 with two;
-# 15: 0.0767 with two against 0.0725 with one and 0.0670 with four; 30: 0.0799 with four against 0.0783 and 0.0723;
-# 60: 0.0820 with four against 0.0784 and 0.0733). `--model-option members=K` sets it.
+# log-likelihoods) follow the run's time budget: one per MEMBER_MINUTES of it up to MAX_AUTO_MEMBERS (reached at 30
+# minutes), then, from LONG_MINUTES on, one per LONG_MEMBER_MINUTES, at most MAX_LONG_MEMBERS; one without a time
+# budget. The default alone reaches its test plateau in ~15 CPU-minutes on Beauty, so a longer budget buys more
+# members rather than longer ones. At every budget measured the best member count was this rule's (study.md, beam
+# R@10: 8 minutes 0.0698 with one against 0.0678 with two; 15: 0.0767 with two against 0.0725 with one and 0.0670
+# with four; 30: 0.0799 with four against 0.0783 and 0.0723; 60: 0.0820 with four against 0.0784 and 0.0733; 120:
+# eight (two 60-minute runs combined, members8.md) 0.0837 against four resumed to 90 minutes 0.0812; twelve at 180
+# added nothing to the beam once distilled, 0.0850 against eight's 0.0854). `--model-option members=K` sets it.
 MEMBER_MINUTES = 7.5
 MAX_AUTO_MEMBERS = 4
+LONG_MINUTES = 60
+LONG_MEMBER_MINUTES = 15
+MAX_LONG_MEMBERS = 8
 AUTO_MEMBERS = ("causal",)  # the presets whose members follow the budget
 # what --model-option may set (the rest come from the options and the data)
 OPTION_KEYS = tuple(sorted(set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}))
@@ -81,11 +87,14 @@ def check_options(options: Any) -> None:
 
 def auto_members(options: Any) -> int:
     """The default's member count for a run's time budget (``max_cpu_time``, else ``max_time``): one per
-    :data:`MEMBER_MINUTES`, 1 to :data:`MAX_AUTO_MEMBERS`; 1 without a time budget."""
+    :data:`MEMBER_MINUTES`, 1 to :data:`MAX_AUTO_MEMBERS`; beyond :data:`LONG_MINUTES`, one per
+    :data:`LONG_MEMBER_MINUTES`, at most :data:`MAX_LONG_MEMBERS`; 1 without a time budget."""
     budget = parse_max_time(options.max_cpu_time, "max_cpu_time") or parse_max_time(options.max_time, "max_time")
     if budget is None:
         return 1
-    return max(1, min(MAX_AUTO_MEMBERS, int(budget.total_seconds() / 60 // MEMBER_MINUTES)))
+    minutes = budget.total_seconds() / 60
+    short = max(1, min(MAX_AUTO_MEMBERS, int(minutes // MEMBER_MINUTES)))
+    return max(short, min(MAX_LONG_MEMBERS, int(minutes // LONG_MEMBER_MINUTES))) if minutes > LONG_MINUTES else short
 
 
 def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
