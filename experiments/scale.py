@@ -218,9 +218,14 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
     out["table_dtype"], out["kept_model_tables"] = table_dtype, keep_tables
     out["paths_mb"], out["tables_mb"] = tensor_mb(dec.paths, dec.edge_slots), tensor_mb(dec.tables)
     out["vectors_mb"] = tensor_mb(dec._vectors)
+    # a served run drops its prefix tree where its beam walks the paths' index (CausalDecoders.tree None): so does this
+    out["tree_kept_mb"] = out["tree_mb"] if getattr(dec, "tree", tree) is not None else 0.0
+    out["input_from_vectors"] = getattr(model, "_input_vectors", None) is not None
+    if not out["tree_kept_mb"]:
+        del tree
 
     def rate(name: str) -> tuple[float, float, torch.Tensor]:
-        dec.decode(name, h[:4], k=10)  # warm-up
+        dec.decode(name, h, k=10)  # warm-up: the same batch (its temporaries allocated once, as in a running server)
         t0, c0 = time.perf_counter(), time.process_time()
         r = dec.decode(name, h, k=10)
         return users / (time.process_time() - c0), users / (time.perf_counter() - t0), r.items

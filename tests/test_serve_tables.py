@@ -28,9 +28,10 @@ TOLERANCE = {"float16": 5e-3, "bfloat16": 4e-2}
 
 def _decoders(model: object, tree: object, ids: object, trained_tree: object = None, *, release: bool = False,
               **options: object) -> CausalDecoders:
+    refresh = {"input_from_vectors": options.pop("input_from_vectors")} if "input_from_vectors" in options else {}
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=6, alpha=0.4, trained_tree=trained_tree,
                          **options)
-    return dec.refresh(release=release)
+    return dec.refresh(release=release, **refresh)
 
 
 def _worlds() -> list[tuple[str, tuple]]:
@@ -125,10 +126,21 @@ def test_recommender_releases_only_a_model_it_owns(serve_world: dict[str, Path])
     assert not given.model.released and given.model.node_vec_1.numel() > 0
     owned = Recommender.from_run(path)
     assert {"node_vec_0", "node_vec_1"} <= owned.run.model.released
+    assert owned.run.tree is not None  # a small catalogue keeps its tree (the faster step there)
     hist = [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
     for name in DECODERS:
         a, b = whole.recommend(hist, k=5, decoder=name), owned.recommend(hist, k=5, decoder=name)
         assert all(np.array_equal(x.items, y.items) and np.array_equal(x.scores, y.scores) for x, y in zip(a, b, strict=True))
+    import generator.decoding.causal as causal
+
+    with pytest.MonkeyPatch.context() as mp:  # a "large" catalogue: the owned run drops its tree, the beam walks the index
+        mp.setattr(causal, "LEAN_SERVING_ITEMS", 3)
+        lean = Recommender.from_run(path)
+        assert lean.run.tree is None and lean._decoders["beam"].shared.tree is None
+        assert Recommender(given).run.tree is not None and given.tree is not None  # a run given in place keeps its own
+        for name in DECODERS:  # the beam on the index gives the tree's items (the input read from the vectors: equal up to rounding)
+            a, b = whole.recommend(hist, k=5, decoder=name), lean.recommend(hist, k=5, decoder=name)
+            assert all(np.array_equal(x.items, y.items) and np.allclose(x.scores, y.scores, atol=1e-4) for x, y in zip(a, b, strict=True))
     half = Recommender.from_run(path, table_dtype="bfloat16")
     assert half._decoders["beam"].shared.tables.vectors[1].dtype == torch.bfloat16
     with pytest.raises(TypeError, match="`release_tables` must be a bool or None, got 'yes'"):
@@ -160,3 +172,108 @@ def test_evaluate_cli_takes_the_table_dtype(serve_world: dict[str, Path], tmp_pa
     with pytest.raises(SystemExit):
         main(["evaluate", "--run", str(run), "--table-dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def _tied(seed: int, members: int = 1):  # noqa: ANN202
+    """A model (or an ensemble of ``members``) whose input reads its dense item table (``id_input``), the table drawn
+    at random (a fresh one may start at zero, which would hide the input's table part)."""
+    from generator.models.ensemble import EnsembleGenerator
+
+    models, ids, tree = [], None, None
+    for k in range(members):  # loop over members
+        model, ids, tree = make(num_items=70, seed=seed, sizes=(4, 6), cfg=replace(CFG, dense_dim=CFG.d_model, id_input=True))
+        with torch.no_grad():
+            torch.manual_seed(seed + k)
+            model.dense_head.item_table.normal_(0, 1.0)
+            model.dense_head.code_proj.weight.normal_(0, 0.5)
+        models.append(model)
+    return (models[0] if members == 1 else EnsembleGenerator.of(models).eval()), ids, tree
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_served_input_read_from_the_item_vectors_equals_the_tables(members: int) -> None:
+    """``input_from_vectors``: the served model frees its item table and reads each history item's table row back as
+    its item vector minus the projected codes; its states (and so every decoder's ranking) are the table's up to
+    float rounding, and what is freed is freed."""
+    model, ids, tree = _tied(seed=6, members=members)
+    keep = copy.deepcopy(model)
+    dec = _decoders(model, tree, ids, release=True, input_from_vectors=True)
+    hist = torch.tensor([[3, 17, 70, 1, 0, 0], [5, 0, 0, 0, 0, 0], [44, 9, 12, 61, 2, 8]])  # rows + 1, 0 padded
+    lengths = torch.tensor([4, 1, 6])
+    for served, own in zip(dec.model.members if members > 1 else [dec.model], keep.members if members > 1 else [keep], strict=True):
+        assert served.dense_head.item_table.numel() == 0 and "item_table" in served.released
+        torch.testing.assert_close(served.item_inputs(hist), own.item_inputs(hist), rtol=0, atol=2e-6)
+    with torch.no_grad():
+        h, h_own = model.last_hidden(hist, lengths), keep.last_hidden(hist, lengths)
+    torch.testing.assert_close(h, h_own, rtol=0, atol=2e-5)
+    full = _decoders(keep, tree, ids)
+    for name in DECODERS:
+        a, b = full.decode(name, h_own, k=6), dec.decode(name, h, k=6)
+        assert torch.equal(a.items, b.items), name
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-4)
+
+
+def test_the_input_reads_the_vectors_only_where_asked_or_the_catalogue_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default: a small catalogue keeps its item table (rankings bit-identical to the model's own), a large one reads
+    its input from the vectors; asking for it where the vectors do not hold the table part is refused, and a model
+    so served refuses added items."""
+    import generator.decoding.causal as causal
+
+    model, ids, tree = _tied(seed=8)
+    small = _decoders(copy.deepcopy(model), tree, ids, release=True)
+    assert small.model.dense_head.item_table.numel() > 0 and small.model._input_vectors is None
+    assert _decoders(copy.deepcopy(model), tree, ids).model._input_vectors is None  # not released: nothing changes
+    monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 69)  # 70 items: "large"
+    large = _decoders(copy.deepcopy(model), tree, ids, release=True)
+    assert large.model.dense_head.item_table.numel() == 0 and large.model._input_vectors is not None
+    assert _decoders(copy.deepcopy(model), tree, ids, release=True, input_from_vectors=False).model._input_vectors is None
+    plain, plain_ids, plain_tree = make(num_items=60, seed=3, sizes=(4, 6))
+    with pytest.raises(ValueError, match="input_from_vectors.*cannot be read from its item vectors"):
+        _decoders(plain, plain_tree, plain_ids, release=True, input_from_vectors=True)
+    with pytest.raises(TypeError, match="input_from_vectors"):
+        _decoders(copy.deepcopy(model), tree, ids, release=True, input_from_vectors="yes")
+    with pytest.raises(ValueError, match="released for serving: add items to the run loaded again"):
+        large.model.add_items(torch.as_tensor(model.item_tokens[1:3]))
+
+
+@pytest.mark.parametrize("members, beams", [(1, 4), (1, 40), (2, 9)])  # 40 beams > a level's prefixes: dead beams
+def test_the_index_constraint_walks_the_trees_beams(members: int, beams: int) -> None:
+    """The beam on the paths' prefix index (``IndexConstraint``, what a served run walks once its tree is dropped)
+    keeps the tree's beams: the same tokens, nodes, scores and items, dead beams included."""
+    import generator.decoding.causal as causal
+    from generator.decoding.beam import IndexConstraint, TreeConstraint, leaf_items, search
+    from generator.decoding.causal import CausalLevels, EdgeLevels
+    from tests.test_ensemble import two_members
+
+    if members == 1:
+        model, ids, tree = make(num_items=30, seed=2, sizes=(3, 4))
+    else:
+        _, model, ids, tree, _ = two_members()
+    dec = _decoders(model, tree, ids)
+    h = torch.randn(4, members * model.config.d_model, generator=torch.Generator().manual_seed(2))
+    L = model.layout.num_levels
+    on_tree = TreeConstraint(tree, 4, h.device)
+    on_index = IndexConstraint(dec.paths.index, dec._lo, 4, h.device, dec.item_ids)
+    a = search(EdgeLevels(dec, h, on_tree), on_tree, num_beams=beams, steps=L)
+    b = search(EdgeLevels(dec, h, on_index), on_index, num_beams=beams, steps=L)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    # a backbone whose logits cover the whole window (the model's own code head): the constraint's mask decides
+    on_tree, on_index = TreeConstraint(tree, 4, h.device), IndexConstraint(dec.paths.index, dec._lo, 4, h.device, dec.item_ids)
+    with torch.no_grad():
+        full = [search(CausalLevels(model, h), c, num_beams=beams, steps=L) for c in (on_tree, on_index)]
+    for x, y in zip(*full, strict=True):
+        assert torch.equal(x, y)
+    assert bool((a.nodes < 0).any()) == (beams == 40)
+    k = int(a.finished.sum(1).min())
+    assert torch.equal(leaf_items(a, tree, k), leaf_items(b, on_index, k))
+    kept = _decoders(copy.deepcopy(model), tree, ids, release=True)
+    assert kept.tree is tree  # a small catalogue keeps its tree
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(causal, "LEAN_SERVING_ITEMS", 3)
+        served = _decoders(copy.deepcopy(model), tree, ids, release=True)
+    assert served.tree is None
+    if beams > model.num_items:  # more beams than items: a search's case, a decoder's refusal
+        return
+    torch.testing.assert_close(served.decode("beam", h, k=k, num_beams=beams).scores, a.logp[:, :k])
+    assert torch.equal(served.decode("beam", h, k=k, num_beams=beams).items, leaf_items(a, tree, k))

@@ -21,6 +21,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from semid.prefix_index import PrefixIndex
 from semid.processor import masked_log_softmax
 from semid.tree import PrefixTree
 
@@ -70,6 +71,61 @@ class TreeConstraint:
             self.old_nodes = self.trained_tree.next_nodes(self.old_nodes[rows], tokens)
 
 
+def csr_pairs(index: PrefixIndex, depth: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pair per child of each of ``nodes`` (R,) (tree node numbers at ``depth``, -1: none) in the index's CSR
+    runs: (row (C,), the pair's entry of ``nodes``; child (C,), the child's row at depth + 1). Beams x their
+    children, not x the level's largest degree; no loop."""
+    node = (nodes - index.offsets[depth]).clamp_min(0)
+    start = index.child_start[depth][node]
+    degree = torch.where(nodes >= 0, index.child_start[depth][node + 1] - start, 0)  # (R,)
+    row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,)
+    first = torch.cumsum(degree, 0) - degree  # each entry's first pair
+    child = torch.arange(row.numel(), device=node.device) + torch.repeat_interleave(start - first, degree)
+    return row, child
+
+
+class IndexConstraint:
+    """Beams on a :class:`~semid.prefix_index.PrefixIndex` rather than its :class:`PrefixTree`: the same constraint
+    and the same node numbers (node (d, r) is the tree's ``offsets[d] + r``, so a backbone that reads ``nodes``
+    reads these alike), without the tree (its tables hold the index's structure again: 257 MB per million items).
+    Items of L codes, one step per level, no eos; step l's token is level l's code + ``lo[l]`` (its window's start);
+    ``values`` (N,): what a leaf gives for each row of the index's tuples (default: the row).
+    A step's pairs (:func:`csr_pairs`) are computed once and shared with a backbone that asks (:meth:`pairs`)."""
+
+    def __init__(self, index: PrefixIndex, lo: list[int], rows: int, device: torch.device,
+                 values: torch.Tensor | None = None) -> None:
+        self.index, self.lo, self.values, self.depth = index, lo, values, 0
+        self.nodes = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) tree node of each beam, -1: dead
+        self._pairs: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._next: torch.Tensor | None = None  # (R, K) int32: the step's child row of each code, -1: none (logp)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`csr_pairs` of the beams' nodes now (made once per step)."""
+        if self._pairs is None or self._pairs[0] is not self.nodes:
+            self._pairs = (self.nodes, csr_pairs(self.index, self.depth, self.nodes))
+        return self._pairs[1]
+
+    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
+        row, child = self.pairs()
+        nxt = torch.full((self.nodes.numel(), hi - lo), -1, dtype=torch.int32, device=self.nodes.device)
+        nxt[row, self.index.code[self.depth][child]] = child.to(torch.int32)  # (R, K) each code's child row, -1: none
+        self._next = nxt
+        out = masked_log_softmax(logits, nxt >= 0)
+        return out.sum(0) if out.ndim == 3 else out  # an ensemble's members (E, R, K): the sum of each's
+
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
+        d = self.depth
+        child = self._next[rows, tokens - self.lo[d]].long()  # (the step's logp made the map)
+        self.nodes = torch.where(alive & (child >= 0), child + self.index.offsets[d + 1], -1)
+        self.depth += 1
+
+    def leaf_items(self, nodes: torch.Tensor) -> torch.Tensor:
+        """The items of leaves (tree node numbers at depth L; -1 where not one): their rows in the index's tuples, or
+        ``values`` at those rows (the item ids, as the tree's ``node_value`` holds them)."""
+        rows = self.index.order[self.index._start[nodes.clamp_min(0)]]
+        return torch.where(nodes >= 0, rows if self.values is None else self.values[rows], -1)
+
+
 class Free:
     """No tree: each step's log-softmax over its whole window, ``pad`` excluded when given (free generation)."""
 
@@ -103,7 +159,7 @@ class Beams(NamedTuple):
     nodes: torch.Tensor
 
 
-def search(backbone: Backbone, constraint: TreeConstraint | Free, *, num_beams: int, steps: int, eos: int | None = None,
+def search(backbone: Backbone, constraint: TreeConstraint | IndexConstraint | Free, *, num_beams: int, steps: int, eos: int | None = None,
            pad: int | None = None, length_penalty: float = 0.0) -> Beams:
     """Beam search of ``num_beams`` beams per history over at most ``steps`` steps (see the module docstring)."""
     assert steps >= 1 and (eos is None) == (pad is None), f"steps {steps}, eos {eos}, pad {pad}"
@@ -146,29 +202,32 @@ def search(backbone: Backbone, constraint: TreeConstraint | Free, *, num_beams: 
     # the last step's key is each beam's final score (its length then is its final length), so ``top`` is sorted
     alive = torch.isfinite(scores)
     finished = alive if eos is None else alive & (tokens == eos).any(1).view(B, M)
-    nodes = constraint.nodes.view(B, M) if isinstance(constraint, TreeConstraint) else torch.full_like(length, -1)
+    nodes = constraint.nodes.view(B, M) if isinstance(constraint, TreeConstraint | IndexConstraint) else torch.full_like(length, -1)
     return Beams(tokens.view(B, M, -1), length, torch.where(alive, top, float("-inf")), scores, finished, nodes)
 
 
-def leaf_items(beams: Beams, tree: PrefixTree, k: int) -> torch.Tensor:
-    """The items (B, k) of the best k beams of a tree constraint: an error if one of them is not a finished leaf."""
+def leaf_items(beams: Beams, tree: PrefixTree | IndexConstraint, k: int) -> torch.Tensor:
+    """The items (B, k) of the best k beams of a tree constraint (or of an :class:`IndexConstraint`'s): an error if
+    one of them is not a finished leaf."""
     top = beams.nodes[:, :k]
-    items = torch.where((top >= 0) & beams.finished[:, :k], tree.node_value[top.clamp_min(0)], -1)
+    value = tree.leaf_items(top) if isinstance(tree, IndexConstraint) else tree.node_value[top.clamp_min(0)]
+    items = torch.where((top >= 0) & beams.finished[:, :k], value, -1)
     if (items < 0).any():
         raise RuntimeError(f"beam search ended {int((items < 0).sum())} of its top {k} beams outside the tree's leaves "
                            "(fewer live beams than k, or a tree whose items are not all of one length?)")
     return items
 
 
-def leaf_search(backbone: Backbone, tree: PrefixTree, *, levels: int, k: int, num_beams: int,
-                trained_tree: PrefixTree | None = None, constraint: TreeConstraint | None = None,
+def leaf_search(backbone: Backbone, tree: PrefixTree | None, *, levels: int, k: int, num_beams: int,
+                trained_tree: PrefixTree | None = None, constraint: TreeConstraint | IndexConstraint | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The beam over a tree of L = ``levels`` tokens + eos per item (semantic IDs): (items (B, k), scores (B, k),
     tokens (B, k, L)) of the best k beams. The eos step is skipped: after level L the tree allows only eos (log 1).
     ``constraint``: the beams' :class:`TreeConstraint` on ``tree``, when the backbone reads its nodes (it carries
-    ``trained_tree`` then)."""
+    ``trained_tree`` then), or an :class:`IndexConstraint` (``tree`` None: its leaves give the items)."""
     if constraint is not None and trained_tree is not None:
         raise ValueError("pass `trained_tree` to the `constraint` it normalises, not beside it")
     on_tree = constraint or TreeConstraint(tree, backbone.B, backbone.device, trained_tree)
     beams = search(backbone, on_tree, num_beams=num_beams, steps=levels)
-    return leaf_items(beams, tree, k), beams.logp[:, :k].contiguous(), beams.tokens[:, :k].contiguous()
+    leaves = on_tree if isinstance(on_tree, IndexConstraint) else tree
+    return leaf_items(beams, leaves, k), beams.logp[:, :k].contiguous(), beams.tokens[:, :k].contiguous()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from generator.decoding.beam import TreeConstraint, leaf_search
+from generator.decoding.beam import IndexConstraint, TreeConstraint, csr_pairs, leaf_search
 from generator.decoding.chunked import (
     DEFAULT_MAX_SCORE_BYTES,
     check_budget,
@@ -38,6 +38,7 @@ from generator.decoding.fusion import Parts, fused_ranking
 from generator.decoding.mips import DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
 from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES, edge_tables, item_paths: re-exported)
     EDGE_CHUNK,
+    PRODUCT_MAX_ROWS,
     TABLE_DTYPES,
     EdgeTables,
     ItemPaths,
@@ -47,6 +48,7 @@ from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES,
     item_paths,
     serving_paths,
     table_product,
+    trim_heap,
 )
 from generator.decoding.protocol import (
     INNER_PRODUCT,
@@ -57,12 +59,24 @@ from generator.decoding.protocol import (
     check_k,
 )
 from generator.models.causal import CausalGenerator
-from generator.models.ensemble import EnsembleGenerator
+from generator.models.ensemble import EnsembleGenerator, member_models
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
 DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is at most this many times its pairs
 DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
+# Over this many items a served build (refresh(release=True)) is lean: the model's ID input reads the item vectors,
+# freeing its item table (488 MB per million items in float32), and the beam walks the paths' prefix index, freeing
+# the prefix tree (257 MB per million) -- where memory counts, not where rankings must stay bit-identical to the
+# model's own and the tree's byte masks are the faster step (Beauty's 12,101 items: 25 against 27.5 ms per 128
+# users; at 1M the index's step is the faster, 102 against 120, scale_serve_index.md); the layout's row limit
+LEAN_SERVING_ITEMS = PRODUCT_MAX_ROWS
+
+
+def drops_tree(model: CausalGenerator | EnsembleGenerator, release: bool) -> bool:
+    """Whether a build of ``model``'s decoders drops its prefix tree (the beam then walks the paths' prefix index):
+    a released build over :data:`LEAN_SERVING_ITEMS` items none of which were added since training."""
+    return release and model.trained_items == model.num_items and model.num_items > LEAN_SERVING_ITEMS
 
 
 def exact_scores(model: CausalGenerator | EnsembleGenerator, h: torch.Tensor, paths: ItemPaths, tables: EdgeTables, *,
@@ -135,7 +149,7 @@ class EdgeLevels:
     pairs) a read of one (B, D) x (D, A_l) product (exact scoring's numbers, the same up to float rounding). An only
     child (no table row) has logit 0, its log-probability 0 either way."""
 
-    def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint,
+    def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint | IndexConstraint,
                  dense_factor: int = DENSE_STEP_FACTOR) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
         self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
@@ -148,12 +162,10 @@ class EdgeLevels:
     def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
         lo, hi = self.window(level)
         nodes = self.constraint.nodes  # (R,) depth-l tree nodes, -1: a dead beam (no children, masked)
-        node = (nodes - self.index.offsets[level]).clamp_min(0)
-        start = self.index.child_start[level][node]
-        degree = torch.where(nodes >= 0, self.index.child_start[level][node + 1] - start, 0)  # (R,)
-        pair_row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,) one per child
-        first = torch.cumsum(degree, 0) - degree  # each row's first pair
-        child = torch.arange(pair_row.numel(), device=node.device) + torch.repeat_interleave(start - first, degree)  # (C,) depth-(l + 1) nodes
+        if isinstance(self.constraint, IndexConstraint):  # its pairs, made once for the step
+            pair_row, child = self.constraint.pairs()
+        else:
+            pair_row, child = csr_pairs(self.index, level, nodes)  # (C,) one per child; (C,) depth-(l + 1) nodes
         vectors, C = self.tables.vectors[level], pair_row.numel()
         A, lead = vectors.shape[-2], vectors.shape[:-2]  # lead: (), or an ensemble's (K,): its members' logits apart
         slot = self.slots[level][child]  # (C,) table row, A: an only child
@@ -169,7 +181,7 @@ class EdgeLevels:
                 v = vectors[..., row, :].to(q.dtype).reshape(-1, 1, vectors.shape[-1])
                 dot = torch.bmm(v, q.unsqueeze(2)).view(*lead, C)  # as the padded form's products
                 edge = torch.where(has, dot + self.tables.biases[level][..., row], 0.0)
-        out = self.hq.new_full((*lead, node.numel(), hi - lo), float("-inf"))
+        out = self.hq.new_full((*lead, nodes.numel(), hi - lo), float("-inf"))
         out[..., pair_row, self.index.code[level][child]] = edge
         return out
 
@@ -206,6 +218,7 @@ class CausalDecoders:
                  max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES, dense_index: str = "auto",
                  exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int | None = None, table_dtype: str = "float32") -> None:
         self.model, self.tree, self.num_beams = model, tree, num_beams
+        self._lo = [model.layout.level_range(level)[0] for level in range(model.layout.num_levels)]  # each level's first token
         self.table_dtype = table_dtype
         check_table_dtype(table_dtype)  # a ValueError naming the choices
         self.max_score_bytes = check_budget(max_score_bytes)
@@ -233,14 +246,19 @@ class CausalDecoders:
         self._vectors: torch.Tensor | None = None
         self._item_nodes: tuple[ItemPaths, torch.Tensor] | None = None  # (the paths they were made from, nodes)
 
-    def refresh(self, *, release: bool = False) -> CausalDecoders:
+    def refresh(self, *, release: bool = False, input_from_vectors: bool | None = None) -> CausalDecoders:
         """Build (again, after the weights changed) the paths, edge tables and item vectors. ``release`` (serving):
-        free the model's node vectors and (unless its input reads it) its dense item table as soon as the tables
-        hold what they give; the decoders here read neither, but the model can no longer build them again or score
-        codes itself (``codes-grounded``, training)."""
-        if self.model.released:
-            raise ValueError(f"the model's {', '.join(sorted(self.model.released))} were released for serving: the "
-                             "decoders cannot be built from it again; load the run again")
+        free the model's node vectors and its dense item table as soon as the tables hold what they give; the
+        decoders here read neither, but the model can no longer build them again or score codes itself
+        (``codes-grounded``, training). Where the model's input reads the item table (``id_input``), it is freed
+        only with ``input_from_vectors`` (default None: for catalogues over :data:`LEAN_SERVING_ITEMS` items):
+        the input then reads its rows back from the item vectors here (``CausalGenerator.read_inputs_from``: equal
+        up to float rounding, so near-tied items may swap)."""
+        if self.model.released or self.tree is None:
+            what = ", ".join(sorted(self.model.released)) or "prefix tree"
+            raise ValueError(f"the model's {what} were released for serving: the decoders cannot be built from it "
+                             "again; load the run again")
+        from_vectors = self._inputs_from_vectors(input_from_vectors)  # (checked before anything is built)
         device = next(self.model.parameters()).device
         self.tree = self.tree.to(device)
         self.trained_tree = None if self.trained_tree is None else self.trained_tree.to(device)
@@ -251,8 +269,25 @@ class CausalDecoders:
         self._vectors = item_vectors(self.model, dtype=self.table_dtype) if self.model.has_dense else None
         if release and self.model.has_dense and not self.model.config.id_input:
             self.model.release_tables([], item_table=True)
+        elif release and self._vectors is not None and from_vectors:
+            D = self.model.config.dense_dim  # an ensemble's vectors are its members' side by side
+            for k, m in enumerate(member_models(self.model)):  # loop over members
+                m.read_inputs_from(self._vectors[:, k * D:(k + 1) * D])
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
+        if drops_tree(self.model, release):  # the beam walks the paths' prefix index
+            self.tree = None
+        if release:
+            trim_heap()
         return self
+
+    def _inputs_from_vectors(self, asked: bool | None) -> bool:
+        if asked is not None and not isinstance(asked, bool):
+            raise TypeError(f"`input_from_vectors` must be a bool or None, got {asked!r}")
+        readable = all(m.inputs_readable_from_vectors() for m in member_models(self.model))
+        if asked and not readable:
+            raise ValueError("`input_from_vectors`: this model's ID input cannot be read from its item vectors (no "
+                             "ID input, or item vectors with a content part)")
+        return readable and (asked if asked is not None else self.model.num_items > LEAN_SERVING_ITEMS)
 
     def _ready(self) -> None:
         if self.paths is None:
@@ -275,7 +310,8 @@ class CausalDecoders:
         if name == "beam":
             M = self.num_beams if num_beams is None else num_beams
             check_beams(M, k, N)
-            on_tree = TreeConstraint(self.tree, h.shape[0], h.device, self.trained_tree)
+            on_tree = (TreeConstraint(self.tree, h.shape[0], h.device, self.trained_tree) if self.tree is not None
+                       else IndexConstraint(self.paths.index, self._lo, h.shape[0], h.device, self.item_ids))
             items, scores, tokens = leaf_search(EdgeLevels(self, h, on_tree), self.tree, levels=self.model.layout.num_levels,
                                                 k=k, num_beams=M, constraint=on_tree)
             return Ranking(items, scores, self.model.layout.tokens_to_codes(tokens), LOG_LIKELIHOOD, True)

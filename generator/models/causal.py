@@ -150,6 +150,7 @@ class CausalGenerator(nn.Module):
         self.register_buffer("item_tokens", torch.cat([pad, item_tokens]), persistent=True)  # (N + 1, L)
         self.trained_items = int(item_tokens.shape[0])  # rows from here on were added after training (add_items)
         self.released: set[str] = set()  # N-row tables freed for serving (release_tables)
+        self._input_vectors: torch.Tensor | None = None  # serving: the ID input read from item vectors (read_inputs_from)
         self.code_emb = nn.Embedding(layout.vocab_size, D, padding_idx=layout.pad_token_id)  # input and output side
         nn.init.normal_(self.code_emb.weight, std=D**-0.5)
         with torch.no_grad():
@@ -209,7 +210,11 @@ class CausalGenerator(nn.Module):
         """Input vectors of items given as rows + 1 (0 = padding): sum of code embeddings (+ content). (..., D)."""
         x = (self.code_emb(self.item_tokens[rows1]).sum(-2) if self.config.code_input
              else self.code_emb.weight.new_zeros(*rows1.shape, self.config.d_model))
-        if self.config.id_input:  # the tied ID embedding; row 0 (padding) adds nothing
+        if self.config.id_input and self._input_vectors is not None:  # serving: table row = item vector - its code part
+            codes = x if self.config.code_input else self.code_emb(self.item_tokens[rows1]).sum(-2)
+            ids = self._input_vectors[(rows1 - 1).clamp_min(0)].to(codes.dtype) - self.dense_head.code_proj(codes)
+            x = x + ids * (rows1 > 0).unsqueeze(-1)
+        elif self.config.id_input:  # the tied ID embedding; row 0 (padding) adds nothing
             ids = self.table_rows(self.dense_head.item_table, (rows1 - 1).clamp_min(0)) * (rows1 > 0).unsqueeze(-1)
             if self.training and self.config.item_dropout:  # per position: the codes alone must carry the item
                 ids = ids * (torch.rand(rows1.shape + (1,), device=ids.device) >= self.config.item_dropout)
@@ -347,6 +352,30 @@ class CausalGenerator(nn.Module):
             head.item_table = nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
             self.released.add("item_table")
 
+    def inputs_readable_from_vectors(self) -> bool:
+        """Whether the ID input's table rows follow from the item vectors: ``item_vectors`` is the table plus the
+        projected code embeddings, nothing else (no content part, no normalisation)."""
+        c = self.dense_head.config if self.has_dense else None
+        return bool(self.config.id_input and c is not None and c.mode == "id" and not c.normalize and c.code_dim)
+
+    @torch.no_grad()
+    def read_inputs_from(self, vectors: torch.Tensor) -> None:
+        """Serving: read the ID input from ``vectors`` (N, dense_dim), the decoders' copy of :meth:`item_vectors`,
+        as ``vectors[row] - code_proj(codes)`` for the history's items only, and free the item table (N x d: the
+        largest table a served run keeps besides the decoders' own, 4.9 GB at 10M items in float32). The inputs equal
+        the table's up to the rounding of that subtraction (float32: ~1e-7 of the vector; vectors stored in 16 bits:
+        their rounding). Only where :meth:`inputs_readable_from_vectors`; ``vectors`` must stay alive and unchanged
+        (the decoders hold them); a model that reads them is for serving only, like a released one."""
+        if not self.inputs_readable_from_vectors():
+            raise ValueError("the model's ID input cannot be read from its item vectors (no ID input, or item vectors "
+                             "with a content part or normalised)")
+        if tuple(vectors.shape) != (self.num_items, self.config.dense_dim):
+            raise ValueError(f"`vectors` must be ({self.num_items}, {self.config.dense_dim}), got {tuple(vectors.shape)}")
+        self._input_vectors = vectors
+        head = self.dense_head
+        head.item_table = nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
+        self.released.add("item_table")
+
     def _check_held(self, name: str) -> None:
         if name in self.released:
             raise ValueError(f"the model's {name} was released for serving (the decoders' edge tables and item vectors "
@@ -360,6 +389,9 @@ class CausalGenerator(nn.Module):
         Their input vectors and code-head scores come from their codes alone; their dense table rows start at zero
         (a dense score of 0 until trained).
         """
+        if self.released:
+            raise ValueError(f"the model's {', '.join(sorted(self.released))} were released for serving: add items to "
+                             "the run loaded again, then build its decoders")
         item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=self.item_tokens.device)
         if item_tokens.ndim != 2 or item_tokens.shape[1] != self.layout.num_levels:
             raise ValueError(f"`item_tokens` must be (M, {self.layout.num_levels}), got shape {tuple(item_tokens.shape)}")

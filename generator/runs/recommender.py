@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from generator.decoding import registry
+from generator.decoding.causal import drops_tree
 from generator.decoding.protocol import Decoder, check_beams, check_k
 from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
@@ -115,7 +116,10 @@ class Recommender:
         release_tables: free the causal model's N-row tables (node vectors; the dense item table unless the input
             reads it) once the decoders hold what they give: serving reads them no more. Default (None): when this
             Recommender owns the model (``from_run``, or a copy made to move it to ``device``); a run given in place is
-            left whole unless True.
+            left whole unless True. Over ``generator.decoding.causal.LEAN_SERVING_ITEMS`` items a released causal
+            run also drops its prefix tree where no items were added (``self.run.tree`` is None: the beam walks the
+            decoders' prefix index), and its input reads the item vectors instead of the item table
+            (``CausalDecoders.refresh``).
     """
 
     def __init__(self, run: Run, *, decoder: str = "auto", decoders: Iterable[str] | None = None,
@@ -144,6 +148,9 @@ class Recommender:
         self._decoders: dict[str, Decoder] = decoders_for(
             run, names, alpha=alpha, num_beams=self.num_beams, num_candidates=num_candidates, fusion=fusion, key=key,
             cold_items=cold_items, cold_options=cold_options, table_dtype=table_dtype, release_tables=bool(release))
+        if run.design == CAUSAL and drops_tree(run.model, release):
+            # its beam walks the decoders' prefix index: the run's tree (257 MB per million items) is read no more
+            self.run = run = dataclasses.replace(run, tree=None)
         self._item_ids = run.ids.item_ids  # sorted int64 (N,)
         # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)
         self._batching = SimpleNamespace(design=run.design, ids=run.ids, layout=run.layout, max_history=run.max_history,
