@@ -196,6 +196,11 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
                  keep_tables: bool = False) -> dict:
     from generator.decoding.causal import CausalDecoders
     from generator.decoding.mips import dense_index
+    try:
+        from generator.decoding.paths import trim_heap
+    except ImportError:  # code from before it (the harness measures older code too)
+        def trim_heap() -> bool:
+            return False
 
     system, _, ids, tree = _model(size, work, "full", with_windows=False)
     model = system.model.eval()
@@ -223,6 +228,8 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
     out["input_from_vectors"] = getattr(model, "_input_vectors", None) is not None
     if not out["tree_kept_mb"]:
         del tree
+    trim_heap()  # (the build trims; the tree's pages too)
+    out["build_rss_mb"] = rss_mb()  # what serving holds before its first request: model rest, IDs, decoders, Python, torch
 
     def rate(name: str) -> tuple[float, float, torch.Tensor]:
         dec.decode(name, h, k=10)  # warm-up: the same batch (its temporaries allocated once, as in a running server)

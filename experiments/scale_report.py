@@ -71,7 +71,7 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
               "| items | build CPU s (paths, tables) | beam users/s (20 beams) | exact users/s (chunked, 256 MiB) | dense exact users/s (torch) "
               "| dense IndexFlatIP users/s | IVF build s | dense IVF users/s (32 / 128 lists probed) | IVF recall@10 vs exact (32 / 128) "
               "| model MB | decoders MB (paths / edge tables / item vectors) | peak MB after model / build / serving "
-              "| model MB kept after the build | prefix tree MB built / kept | serving RSS MB |",
+              "| model MB kept after the build | prefix tree MB built / kept | serving RSS MB after the build / after decoding |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for size, r in results.items():
         if "decode" not in r:
@@ -87,7 +87,7 @@ def write_report(results: dict, args: argparse.Namespace, total_s: float, out_di
                  f"{_f(g('ivf_recall@10'), '.3f')} / {_f(g('ivf128_recall@10'), '.3f')} | {_f(g('model_mb'))} | "
                  f"{_f(g('paths_mb'))} / {_f(g('tables_mb'))} / {_f(g('vectors_mb'))} | "
                  f"{_f(g('model_peak_mb'))} / {_f(g('build_peak_mb'))} / {_f(g('serve_peak_mb'))} | "
-                 f"{_f(g('model_after_mb'))} | {_f(g('tree_mb'))} / {_f(g('tree_kept_mb', g('tree_mb')))} | {_f(g('serve_rss_mb'))} |")
+                 f"{_f(g('model_after_mb'))} | {_f(g('tree_mb'))} / {_f(g('tree_kept_mb', g('tree_mb')))} | {_f(g('build_rss_mb'))} / {_f(g('serve_rss_mb'))} |")
     text = "\n".join(L) + "\n"
     print(text)
     out_dir.mkdir(exist_ok=True)

@@ -142,7 +142,7 @@ class PrefixIndex:
                 child = torch.arange(C, device=parent.device)
                 cc, ci = (torch.full((deg.numel(), int(deg.max())), -1, dtype=torch.long, device=parent.device) for _ in range(2))
                 slot = child - start[parent]
-                cc[parent, slot], ci[parent, slot] = self.code[lv], child
+                cc[parent, slot], ci[parent, slot] = self.code[lv].long(), child  # (a serving copy keeps codes as int32)
                 codes.append(cc)
                 index.append(ci)
             self._padded = codes, index

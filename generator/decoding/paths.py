@@ -223,11 +223,16 @@ def trim_heap() -> bool:
 def serving_paths(paths: ItemPaths, slots: list[torch.Tensor]) -> tuple[ItemPaths, list[torch.Tensor]]:
     """What the decoders keep of ``paths`` and the edge slots once the edge tables are built: the build's
     ``nodes`` and ``parent_tokens`` dropped (None: serving reads neither; ``item_paths`` gives them again), and the
-    per-item and per-edge rows that only index (``item_slot``, ``active``, the edge slots, the index's ``node``) as
-    int32 where the catalogue fits (below 2^31 items): about 110 of their 300 bytes per item at L = 4."""
+    per-item and per-edge rows that only index (``item_slot``, ``active``, the edge slots, the index's ``node``,
+    ``order``, spans, parents, codes, first items and child runs; its keys stay int64) as int32 where the catalogue
+    fits (below 2^31 items): about 160 of their 300 bytes per item at L = 4."""
     N = int(paths.tokens.shape[0])
     index = copy.copy(paths.index)  # the index itself stays as built (a PrefixIndex is never changed in place)
     index.node = narrow(index.node, N)
+    for name in ("order", "_start", "_stop"):  # item positions and rows, in [0, N]
+        setattr(index, name, narrow(getattr(index, name), N))
+    for name in ("parent", "code", "first_item", "child_start"):  # per depth: node rows, codes, item rows, all <= N
+        setattr(index, name, [narrow(x, N) for x in getattr(index, name)])
     out = paths._replace(nodes=None, parent_tokens=None, index=index, active=[narrow(a, N) for a in paths.active],
                          item_slot=[narrow(s, N) for s in paths.item_slot])
     return out, [narrow(s, N) for s in slots]
