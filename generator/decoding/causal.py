@@ -45,7 +45,9 @@ from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES,
     check_table_dtype,
     edge_slots,
     edge_tables,
+    inputs_readable_from_vectors,
     item_paths,
+    read_inputs_from,
     serving_paths,
     table_product,
     trim_heap,
@@ -252,7 +254,7 @@ class CausalDecoders:
         decoders here read neither, but the model can no longer build them again or score codes itself
         (``codes-grounded``, training). Where the model's input reads the item table (``id_input``), it is freed
         only with ``input_from_vectors`` (default None: for catalogues over :data:`LEAN_SERVING_ITEMS` items):
-        the input then reads its rows back from the item vectors here (``CausalGenerator.read_inputs_from``: equal
+        the input then reads its rows back from the item vectors here (``paths.read_inputs_from``: equal
         up to float rounding, so near-tied items may swap)."""
         if self.model.released or self.tree is None:
             what = ", ".join(sorted(self.model.released)) or "prefix tree"
@@ -272,7 +274,7 @@ class CausalDecoders:
         elif release and self._vectors is not None and from_vectors:
             D = self.model.config.dense_dim  # an ensemble's vectors are its members' side by side
             for k, m in enumerate(member_models(self.model)):  # loop over members
-                m.read_inputs_from(self._vectors[:, k * D:(k + 1) * D])
+                read_inputs_from(m, self._vectors[:, k * D:(k + 1) * D])
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         if drops_tree(self.model, release):  # the beam walks the paths' prefix index
             self.tree = None
@@ -283,7 +285,7 @@ class CausalDecoders:
     def _inputs_from_vectors(self, asked: bool | None) -> bool:
         if asked is not None and not isinstance(asked, bool):
             raise TypeError(f"`input_from_vectors` must be a bool or None, got {asked!r}")
-        readable = all(m.inputs_readable_from_vectors() for m in member_models(self.model))
+        readable = all(inputs_readable_from_vectors(m) for m in member_models(self.model))
         if asked and not readable:
             raise ValueError("`input_from_vectors`: this model's ID input cannot be read from its item vectors (no "
                              "ID input, or item vectors with a content part)")

@@ -53,6 +53,8 @@ MAX_AUTO_MEMBERS = 4
 LONG_MINUTES = 60
 LONG_MEMBER_MINUTES = 15
 MAX_LONG_MEMBERS = 8
+MEMBERS_RULE = (f"one per {MEMBER_MINUTES} minutes, at most {MAX_AUTO_MEMBERS}; beyond {LONG_MINUTES} minutes one per "
+                f"{LONG_MEMBER_MINUTES}, at most {MAX_LONG_MEMBERS}")
 AUTO_MEMBERS = ("causal",)  # the presets whose members follow the budget
 # what --model-option may set (the rest come from the options and the data)
 OPTION_KEYS = tuple(sorted(set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}))

@@ -150,7 +150,7 @@ class CausalGenerator(nn.Module):
         self.register_buffer("item_tokens", torch.cat([pad, item_tokens]), persistent=True)  # (N + 1, L)
         self.trained_items = int(item_tokens.shape[0])  # rows from here on were added after training (add_items)
         self.released: set[str] = set()  # N-row tables freed for serving (release_tables)
-        self._input_vectors: torch.Tensor | None = None  # serving: the ID input read from item vectors (read_inputs_from)
+        self._input_vectors: torch.Tensor | None = None  # serving: the ID input read from item vectors (paths.read_inputs_from)
         self.code_emb = nn.Embedding(layout.vocab_size, D, padding_idx=layout.pad_token_id)  # input and output side
         nn.init.normal_(self.code_emb.weight, std=D**-0.5)
         with torch.no_grad():
@@ -351,30 +351,6 @@ class CausalGenerator(nn.Module):
             head = self.dense_head
             head.item_table = nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
             self.released.add("item_table")
-
-    def inputs_readable_from_vectors(self) -> bool:
-        """Whether the ID input's table rows follow from the item vectors: ``item_vectors`` is the table plus the
-        projected code embeddings, nothing else (no content part, no normalisation)."""
-        c = self.dense_head.config if self.has_dense else None
-        return bool(self.config.id_input and c is not None and c.mode == "id" and not c.normalize and c.code_dim)
-
-    @torch.no_grad()
-    def read_inputs_from(self, vectors: torch.Tensor) -> None:
-        """Serving: read the ID input from ``vectors`` (N, dense_dim), the decoders' copy of :meth:`item_vectors`,
-        as ``vectors[row] - code_proj(codes)`` for the history's items only, and free the item table (N x d: the
-        largest table a served run keeps besides the decoders' own, 4.9 GB at 10M items in float32). The inputs equal
-        the table's up to the rounding of that subtraction (float32: ~1e-7 of the vector; vectors stored in 16 bits:
-        their rounding). Only where :meth:`inputs_readable_from_vectors`; ``vectors`` must stay alive and unchanged
-        (the decoders hold them); a model that reads them is for serving only, like a released one."""
-        if not self.inputs_readable_from_vectors():
-            raise ValueError("the model's ID input cannot be read from its item vectors (no ID input, or item vectors "
-                             "with a content part or normalised)")
-        if tuple(vectors.shape) != (self.num_items, self.config.dense_dim):
-            raise ValueError(f"`vectors` must be ({self.num_items}, {self.config.dense_dim}), got {tuple(vectors.shape)}")
-        self._input_vectors = vectors
-        head = self.dense_head
-        head.item_table = nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
-        self.released.add("item_table")
 
     def _check_held(self, name: str) -> None:
         if name in self.released:

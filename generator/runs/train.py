@@ -33,13 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from generator.designs.base import TrainInputs
-from generator.designs.causal import (
-    LONG_MEMBER_MINUTES,
-    LONG_MINUTES,
-    MAX_AUTO_MEMBERS,
-    MAX_LONG_MEMBERS,
-    MEMBER_MINUTES,
-)
+from generator.designs.causal import MEMBERS_RULE
 from generator.models.checkpoint import ids_digest, safe_load
 from generator.runs.decoders import choose_run_fusion
 from generator.runs.evaluate import evaluate_run
@@ -158,8 +152,7 @@ def _check_same_model(out: Path, options: TrainOptions, config: Any) -> None:
         own = train.get("max_cpu_time") or train.get("max_time") or "none"
         raise ValueError(f"{out}: this run was trained with {was.get('members', 1)} member(s), but preset "
                          f"{options.preset!r} with this time budget builds {now.get('members')} (the default's members "
-                         f"follow the time budget: one per {MEMBER_MINUTES} minutes, at most {MAX_AUTO_MEMBERS}; beyond "
-                         f"{LONG_MINUTES} minutes one per {LONG_MEMBER_MINUTES}, at most {MAX_LONG_MEMBERS}): resume "
+                         f"follow the time budget: {MEMBERS_RULE}): resume "
                          f"with a budget that gives {was.get('members', 1)}, such as the run's own ({own})")
     if diffs:
         raise ValueError(f"{out}: this run was trained as another model than preset {options.preset!r} with its "
