@@ -3,6 +3,7 @@
     python -m experiments.rank_identity dump --run RUN --out A.npz [--users 3000]    # with the code before
     python -m experiments.rank_identity dump --run RUN --out B.npz                   # with the code after
     python -m experiments.rank_identity compare A.npz B.npz
+    python -m experiments.rank_identity dump --run RUN --out C.npz --lean            # served as a large catalogue is
 
 ``dump`` loads RUN as a service does (``Recommender.from_run``) and ranks a seeded sample of test users (the same
 users whatever the code) with beam, exact, dense and hybrid: one user per call (a tenth of the sample) and in
@@ -24,7 +25,7 @@ DECODERS = ("beam", "exact", "dense", "hybrid")
 TOP = 20
 
 
-def dump(run: str, out: str, users: int) -> None:
+def dump(run: str, out: str, users: int, lean: bool = False) -> None:
     from generator.runs.batches import split_batches
     from generator.runs.recommender import Recommender
     from generator.training.sampling import sample_users
@@ -32,7 +33,13 @@ def dump(run: str, out: str, users: int) -> None:
     from semid.split import leave_one_out
 
     torch.set_num_threads(1)
+    if lean:  # serve as a catalogue over 2^17 items is served: input read from the item vectors, beam on the index
+        import generator.decoding.causal as causal
+
+        causal.LEAN_SERVING_ITEMS = 0
     rec = Recommender.from_run(run)
+    if lean:
+        assert rec.run.tree is None and all(m._input_vectors is not None for m in getattr(rec.run.model, "members", [rec.run.model]))
     split = leave_one_out(load_dataset(rec.run.data_dir))
     res = {}
     for batch_size, n in ((1, users // 10), (64, users)):
@@ -66,12 +73,14 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--run", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--users", type=int, default=3000)
+    d.add_argument("--lean", action="store_true", help="serve the run lean whatever its size (LEAN_SERVING_ITEMS 0): "
+                   "the input read from the item vectors, the beam on the prefix index, the tree dropped")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
     args = p.parse_args(argv)
     if args.cmd == "dump":
-        dump(args.run, args.out, args.users)
+        dump(args.run, args.out, args.users, args.lean)
     else:
         print("| decoder_batch | users | same 20 items, same order | top-10 overlap | max abs score difference |")
         print("| --- | ---: | ---: | ---: | ---: |")
