@@ -25,7 +25,7 @@ DECODERS = ("beam", "exact", "dense", "hybrid")
 TOP = 20
 
 
-def dump(run: str, out: str, users: int, lean: bool = False) -> None:
+def dump(run: str, out: str, users: int, lean: bool = False, table_dtype: str = "float32") -> None:
     from generator.runs.batches import split_batches
     from generator.runs.recommender import Recommender
     from generator.training.sampling import sample_users
@@ -37,7 +37,7 @@ def dump(run: str, out: str, users: int, lean: bool = False) -> None:
         import generator.decoding.causal as causal
 
         causal.LEAN_SERVING_ITEMS = 0
-    rec = Recommender.from_run(run)
+    rec = Recommender.from_run(run, **({} if table_dtype == "float32" else {"table_dtype": table_dtype}))
     if lean:
         assert rec.run.tree is None and all(m._input_vectors is not None for m in getattr(rec.run.model, "members", [rec.run.model]))
     split = leave_one_out(load_dataset(rec.run.data_dir))
@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--users", type=int, default=3000)
     d.add_argument("--lean", action="store_true", help="serve the run lean whatever its size (LEAN_SERVING_ITEMS 0): "
                    "the input read from the item vectors, the beam on the prefix index, the tree dropped")
+    d.add_argument("--table-dtype", default="float32", help="the serving tables' storage (Recommender(table_dtype=))")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
     args = p.parse_args(argv)
     if args.cmd == "dump":
-        dump(args.run, args.out, args.users, args.lean)
+        dump(args.run, args.out, args.users, args.lean, args.table_dtype)
     else:
         print("| decoder_batch | users | same 20 items, same order | top-10 overlap | max abs score difference |")
         print("| --- | ---: | ---: | ---: | ---: |")

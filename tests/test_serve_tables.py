@@ -138,6 +138,8 @@ def test_recommender_releases_only_a_model_it_owns(serve_world: dict[str, Path])
         lean = Recommender.from_run(path)
         assert lean.run.tree is None and lean._decoders["beam"].shared.tree is None
         assert Recommender(given).run.tree is not None and given.tree is not None  # a run given in place keeps its own
+        grounded = Recommender.from_run(path, decoders=["codes-grounded", "beam"])  # its decoders keep the model whole
+        assert grounded.run.tree is not None and not grounded.run.model.released
         for name in DECODERS:  # the beam on the index gives the tree's items (the input read from the vectors: equal up to rounding)
             a, b = whole.recommend(hist, k=5, decoder=name), lean.recommend(hist, k=5, decoder=name)
             assert all(np.array_equal(x.items, y.items) and np.allclose(x.scores, y.scores, atol=1e-4) for x, y in zip(a, b, strict=True))
@@ -232,6 +234,8 @@ def test_the_input_reads_the_vectors_only_where_asked_or_the_catalogue_is_large(
         _decoders(plain, plain_tree, plain_ids, release=True, input_from_vectors=True)
     with pytest.raises(TypeError, match="input_from_vectors"):
         _decoders(copy.deepcopy(model), tree, ids, release=True, input_from_vectors="yes")
+    with pytest.raises(ValueError, match="`input_from_vectors` frees the model's item table: it needs `release`"):
+        _decoders(copy.deepcopy(model), tree, ids, input_from_vectors=True)
     with pytest.raises(ValueError, match="released for serving: add items to the run loaded again"):
         large.model.add_items(torch.as_tensor(model.item_tokens[1:3]))
 
@@ -273,6 +277,10 @@ def test_the_index_constraint_walks_the_trees_beams(members: int, beams: int) ->
         mp.setattr(causal, "LEAN_SERVING_ITEMS", 3)
         served = _decoders(copy.deepcopy(model), tree, ids, release=True)
     assert served.tree is None
+    index = served.paths.index  # the serving copy: rows, codes, spans and child runs as int32, keys int64
+    assert all(getattr(index, n).dtype == torch.int32 for n in ("order", "_start", "_stop", "node"))
+    assert all(x.dtype == torch.int32 for n in ("parent", "code", "first_item", "child_start") for x in getattr(index, n))
+    assert all(x.dtype == torch.int64 for x in index.keys)
     if beams > model.num_items:  # more beams than items: a search's case, a decoder's refusal
         return
     torch.testing.assert_close(served.decode("beam", h, k=k, num_beams=beams).scores, a.logp[:, :k])

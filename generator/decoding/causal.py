@@ -260,7 +260,7 @@ class CausalDecoders:
             what = ", ".join(sorted(self.model.released)) or "prefix tree"
             raise ValueError(f"the model's {what} were released for serving: the decoders cannot be built from it "
                              "again; load the run again")
-        from_vectors = self._inputs_from_vectors(input_from_vectors)  # (checked before anything is built)
+        from_vectors = self._inputs_from_vectors(input_from_vectors, release)  # (checked before anything is built)
         device = next(self.model.parameters()).device
         self.tree = self.tree.to(device)
         self.trained_tree = None if self.trained_tree is None else self.trained_tree.to(device)
@@ -282,9 +282,11 @@ class CausalDecoders:
             trim_heap()
         return self
 
-    def _inputs_from_vectors(self, asked: bool | None) -> bool:
+    def _inputs_from_vectors(self, asked: bool | None, release: bool) -> bool:
         if asked is not None and not isinstance(asked, bool):
             raise TypeError(f"`input_from_vectors` must be a bool or None, got {asked!r}")
+        if asked and not release:
+            raise ValueError("`input_from_vectors` frees the model's item table: it needs `release` (serving)")
         readable = all(inputs_readable_from_vectors(m) for m in member_models(self.model))
         if asked and not readable:
             raise ValueError("`input_from_vectors`: this model's ID input cannot be read from its item vectors (no "

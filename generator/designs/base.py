@@ -50,6 +50,7 @@ class TrainInputs(NamedTuple):
     digest: str  # the IDs' digest (generator.models.checkpoint.ids_digest)
     tree: PrefixTree
     out: Path  # the run folder
+    resumed_members: int | None = None  # a resumed run's member count (config.yaml's model): what its model keeps
 
 
 class Extras(NamedTuple):

@@ -47,14 +47,13 @@ PRESET_DEFAULTS = {"causal": {"ema": 0.999}}
 # R@10: 8 minutes 0.0698 with one against 0.0678 with two; 15: 0.0767 with two against 0.0725 with one and 0.0670
 # with four; 30: 0.0799 with four against 0.0783 and 0.0723; 60: 0.0820 with four against 0.0784 and 0.0733; 120:
 # eight (two 60-minute runs combined, members8.md) 0.0837 against four resumed to 90 minutes 0.0812; twelve at 180
-# added nothing to the beam once distilled, 0.0850 against eight's 0.0854). `--model-option members=K` sets it.
+# added nothing to the beam once distilled, 0.0850 against eight's 0.0854). `--model-option members=K` sets it; a
+# resumed run keeps the count it was trained with, whatever the budget it is resumed to.
 MEMBER_MINUTES = 7.5
 MAX_AUTO_MEMBERS = 4
 LONG_MINUTES = 60
 LONG_MEMBER_MINUTES = 15
 MAX_LONG_MEMBERS = 8
-MEMBERS_RULE = (f"one per {MEMBER_MINUTES} minutes, at most {MAX_AUTO_MEMBERS}; beyond {LONG_MINUTES} minutes one per "
-                f"{LONG_MEMBER_MINUTES}, at most {MAX_LONG_MEMBERS}")
 AUTO_MEMBERS = ("causal",)  # the presets whose members follow the budget
 # what --model-option may set (the rest come from the options and the data)
 OPTION_KEYS = tuple(sorted(set(CausalConfig.__dataclass_fields__) - {"max_history", "dense_dim", "content_dim"}))
@@ -99,7 +98,7 @@ def auto_members(options: Any) -> int:
     return max(short, min(MAX_LONG_MEMBERS, int(minutes // LONG_MEMBER_MINUTES))) if minutes > LONG_MINUTES else short
 
 
-def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
+def causal_config(options: Any, content_dim: int = 0, resumed_members: int | None = None) -> CausalConfig:
     """The causal model config a run trains: the preset under ``model_options``, ``max_history`` from the options.
 
     The ID input is tied to the dense head's table, so the table follows ``d_model`` when the input uses it; without
@@ -107,8 +106,8 @@ def causal_config(options: Any, content_dim: int = 0) -> CausalConfig:
     """
     given = options.model_options or {}
     preset = PRESETS[options.preset]
-    if options.preset in AUTO_MEMBERS and "members" not in given:
-        preset = replace(preset, members=auto_members(options))
+    if options.preset in AUTO_MEMBERS and "members" not in given:  # a resumed run keeps its own (a budget changes it not)
+        preset = replace(preset, members=resumed_members or auto_members(options))
     if not options.dense:
         asked = [k for k in ("id_input", "distill") if given.get(k)]
         if asked:
@@ -174,7 +173,7 @@ def setup(t: TrainInputs) -> Setup:
         if int(ids.item_ids.max()) > t.dataset.num_items:
             raise ValueError(f"the semantic IDs have items above {t.dataset.num_items}, the dataset's last: no content for them")
         content = torch.from_numpy(t.dataset.embeddings(options.dense_embeddings)[ids.item_ids - 1]).float()
-    config = causal_config(options, 0 if content is None else int(content.shape[1]))
+    config = causal_config(options, 0 if content is None else int(content.shape[1]), t.resumed_members)
     dm = CausalDataModule(t.split, ids, max_history=options.max_history, batch_size=options.batch_size,
                           eval_batch_size=options.eval_batch_size, val_users=options.val_users, seed=options.seed)
     item_tokens = torch.as_tensor(np.asarray(t.layout.codes_to_tokens(ids.codes)), dtype=torch.long)

@@ -100,8 +100,8 @@ class TrainOptions:
     """
 
     preset: str = option("causal", "design and size: causal (default: one position per item, every target in one pass; "
-                         "width 128, sampled dense softmax; one model per 7.5 minutes of a time budget, 1 to 4, "
-                         "trained side by side as one ensemble), causal-64 (the default before: width 64, full softmax), "
+                         "width 128, sampled dense softmax; one model per 7.5 minutes of a time budget, 1 to 4, beyond an "
+                         "hour one per 15, at most 8, trained side by side as one ensemble), causal-64 (the default before: width 64, full softmax), "
                          "causal-wide, tiger (TIGER's published T5), cpu (a small T5)", "", choices=PRESETS, fixed=True)
     max_epochs: int | None = option(50, "{default}", BUDGET, check=True, kind="int>0?")
     max_steps: int = option(-1, "optimiser steps (default: no limit)", BUDGET)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from generator.decoding import registry
-from generator.decoding.causal import drops_tree
+from generator.decoding.causal import CausalDecoders
 from generator.decoding.protocol import Decoder, check_beams, check_k
 from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
@@ -148,8 +148,9 @@ class Recommender:
         self._decoders: dict[str, Decoder] = decoders_for(
             run, names, alpha=alpha, num_beams=self.num_beams, num_candidates=num_candidates, fusion=fusion, key=key,
             cold_items=cold_items, cold_options=cold_options, table_dtype=table_dtype, release_tables=bool(release))
-        if run.design == CAUSAL and drops_tree(run.model, release):
-            # its beam walks the decoders' prefix index: the run's tree (257 MB per million items) is read no more
+        shared = [getattr(d, "shared", None) for d in self._decoders.values()]
+        if run.design == CAUSAL and all(isinstance(x, CausalDecoders) and x.tree is None for x in shared):
+            # its decoders dropped the tree (a lean build): the run's (257 MB per million items) is read no more either
             self.run = run = dataclasses.replace(run, tree=None)
         self._item_ids = run.ids.item_ids  # sorted int64 (N,)
         # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)

@@ -33,7 +33,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from generator.designs.base import TrainInputs
-from generator.designs.causal import MEMBERS_RULE
 from generator.models.checkpoint import ids_digest, safe_load
 from generator.runs.decoders import choose_run_fusion
 from generator.runs.evaluate import evaluate_run
@@ -147,13 +146,6 @@ def _check_same_model(out: Path, options: TrainOptions, config: Any) -> None:
     plain = lambda d: json.loads(json.dumps(d))  # noqa: E731 (tuples and lists alike)
     was, now = plain(type(config).from_dict(stored).to_dict()), plain(config.to_dict())
     diffs = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-    if diffs and all(d.startswith("members:") for d in diffs):  # the default's members follow the time budget
-        train = read_config(out).get("train") or {}
-        own = train.get("max_cpu_time") or train.get("max_time") or "none"
-        raise ValueError(f"{out}: this run was trained with {was.get('members', 1)} member(s), but preset "
-                         f"{options.preset!r} with this time budget builds {now.get('members')} (the default's members "
-                         f"follow the time budget: {MEMBERS_RULE}): resume "
-                         f"with a budget that gives {was.get('members', 1)}, such as the run's own ({own})")
     if diffs:
         raise ValueError(f"{out}: this run was trained as another model than preset {options.preset!r} with its "
                          f"model options builds today ({', '.join(diffs)}); the preset's sizes may have changed since "
@@ -276,7 +268,8 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     split = leave_one_out(dataset)
     digest = ids_digest(ids)
     tree = PrefixTree.from_semantic_ids(ids, layout)
-    config, dm, system, monitor = options.plugin.setup(TrainInputs(options, dataset, split, ids, layout, digest, tree, out))
+    members = (read_config(out).get("model") or {}).get("members", 1) if resume else None
+    config, dm, system, monitor = options.plugin.setup(TrainInputs(options, dataset, split, ids, layout, digest, tree, out, members))
     if resume:
         _check_same_model(out, options, config)
     run_config = {
