@@ -286,3 +286,25 @@ def test_a_resume_keeps_the_defaults_members_whatever_its_budget(tmp_path: Path)
     config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert config["model"]["members"] == 1 and config["train"]["max_cpu_time"] == "00:15:00"
     assert load_run(tmp_path / "run").model.config.members == 1  # one model, not an ensemble of two
+
+
+@pytest.mark.parametrize("budget, given, expected", [(None, None, 5), ({"max_cpu_time": "00:08:00"}, None, 0),
+                                                     ({"max_time": "00:08:00"}, None, 0), ({"max_time": "00:08:00"}, 3, 3),
+                                                     (None, 0, 0)])
+def test_early_stopping_is_off_under_a_time_budget_unless_asked(budget: dict | None, given: int | None, expected: int) -> None:
+    """A time budget is spent whole (its best checkpoint on validation is kept either way); without one, training stops
+    after 5 validations without improvement; ``--patience`` says otherwise."""
+    from generator.runs.options import effective_patience
+
+    assert effective_patience(TrainOptions(**(budget or {}), patience=given)) == expected
+
+
+def test_a_budgeted_run_trains_past_validations_that_do_not_improve(tmp_path: Path) -> None:
+    """Under a time budget no EarlyStopping stops the run: 3 epochs of a learning rate that cannot improve validation
+    are all trained (with patience 1 the run stops after the second validation)."""
+    data = write_random_dataset(tmp_path / "data", num_users=30)
+    ids = write_ids(tmp_path / "ids.npz")
+    flat = {**OPTIONS, "lr": 1e-12, "max_epochs": 3, "patience": None, "val_every": 1.0}
+    budgeted = train_run(data, ids, tmp_path / "a", TrainOptions(max_time="01:00:00", **flat))
+    stopped = train_run(data, ids, tmp_path / "b", TrainOptions(**{**flat, "patience": 1}))
+    assert budgeted.epochs == 3 and stopped.epochs < 3

@@ -136,7 +136,9 @@ class TrainOptions:
     decoder: str | None = option(None, "the decoder the run serves with; its validation score selects the checkpoint (causal: "
                                  "beam | exact | dense; T5: auto | beam | generate | dense; title: title-beam) {default}", VALID,
                                  choices=_DECODERS, fixed=True)
-    patience: int = option(5, "validations without improvement before stopping, 0 = never {default}", BUDGET, check=True, kind="int>=0")
+    patience: int | None = option(None, "validations without improvement before stopping, 0 = never (default: never with a "
+                                  "time budget, whose best checkpoint on validation is kept anyway; else 5)", BUDGET,
+                                  check=True, kind="int>=0?")
     eval_batch_size: int = option(128, "{default}", VALID, check=True, kind="int>0")
     num_workers: int = option(0, "DataLoader worker processes {default}", HARDWARE)
     progress: bool = option(True, "no progress bars (default: bars on a terminal, else one line per epoch)", HARDWARE, flag="--no-progress")
@@ -219,6 +221,15 @@ class TrainOptions:
 FIXED_ON_RESUME = tuple(f.name for f in fields(TrainOptions) if f.metadata["fixed"])
 # what a run trained before one of them existed had (its config.yaml lacks the key)
 BEFORE_OPTION = {"ema": 0.0}
+
+
+def effective_patience(options: TrainOptions) -> int:
+    """Early stopping's patience (0: none): the option, else none with a time budget (the budget is spent, and the
+    best checkpoint on validation is kept either way; on MovieLens-100K at 8 minutes, seed 2 stopped after 21 of 32
+    epochs at 2.19x popularity, 2.45x without, ``experiments/results/movielens_full_seed2_patience0.md``), else 5."""
+    if options.patience is not None:
+        return options.patience
+    return 0 if options.max_time or options.max_cpu_time else 5
 
 
 def stored_options(train: dict[str, Any]) -> dict[str, Any]:

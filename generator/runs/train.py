@@ -53,7 +53,13 @@ from generator.runs.folder import (
     read_config,
     write_config,
 )
-from generator.runs.options import FIXED_ON_RESUME, TrainOptions, parse_max_time, stored_options
+from generator.runs.options import (
+    FIXED_ON_RESUME,
+    TrainOptions,
+    effective_patience,
+    parse_max_time,
+    stored_options,
+)
 from generator.runs.out_folder import check_train_out
 from generator.runs.recommender import on_device
 from generator.training.callbacks import (
@@ -309,9 +315,9 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         callbacks.append(WeightEMA(options.ema))
     if snapshots:  # on the clock of the budget
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST, time.process_time if cpu_budget else time.perf_counter))
-    if options.patience:
+    if patience := effective_patience(options):
         # checked after each validation (not at epoch end, which a step limit can reach without one)
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=options.patience, check_on_train_epoch_end=False))
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience, check_on_train_epoch_end=False))
     every = options.val_every
     trainer = L.Trainer(
         default_root_dir=out,
