@@ -319,6 +319,16 @@ WHY: dict[str, str] = {
     "not gain on test). Not the default: one run training eight members for 120 CPU-minutes gives each member the "
     "same steps but was not measured; runs trained apart can use two cores (or machines) at once, which one run "
     "cannot.",
+    "default+members-8": "kept: the default at 120 CPU-minutes (`semid train --max-cpu-time 02:00:00` with no model "
+    "flags trains eight members side by side, `auto_members`). One run, 23.4 epochs (validation R@10 of all 22,363 "
+    "users 0.1083, against 0.1050-0.1057 for the four-member runs). Test beam R@10 / N@10 0.0838 / 0.0493, exact "
+    "0.0842, dense 0.0881 / 0.0523, hybrid (liger, chosen) 0.0874 / 0.0520: the two 60-minute runs combined as one "
+    "(paired beam R@10 +0.0000 [-0.0017, +0.0018], N@10 -0.0009 [-0.0017, -0.0001], "
+    "`paired_default120_vs_members8.md`); against the four-member default at 60 +0.0022 [+0.0004, +0.0040] (+2.7%) "
+    "R@10 (`paired_default120_vs_default60.md`).",
+    "default+members-8+distill-ensemble": "kept as a command after the default: `semid distill` of the one-run "
+    "eight-member default (validation exact NDCG@10 0.0658 -> 0.0670, epoch 1 kept). Test beam R@10 / N@10 "
+    "**0.0864 / 0.0507** (`paired_default120_distilled_vs_members8_distilled.md`).",
     "default+members-8-combined+distill-ensemble": "kept as commands (the eight-member run, then `semid distill`: 2 "
     "epochs, 11.5 CPU-minutes, validation exact NDCG@10 0.0660 -> 0.0672, epoch 1 kept). Test beam R@10 / N@10 "
     "**0.0854 / 0.0514**, exact 0.0854, dense 0.0872 / 0.0522 (unchanged), hybrid (levels, chosen) 0.0886 / 0.0528 "
