@@ -328,7 +328,9 @@ WHY: dict[str, str] = {
     "R@10 (`paired_default120_vs_default60.md`).",
     "default+members-8+distill-ensemble": "kept as a command after the default: `semid distill` of the one-run "
     "eight-member default (validation exact NDCG@10 0.0658 -> 0.0670, epoch 1 kept). Test beam R@10 / N@10 "
-    "**0.0864 / 0.0507** (`paired_default120_distilled_vs_members8_distilled.md`).",
+    "**0.0864 / 0.0507**, dense 0.0881 (unchanged), hybrid (liger) 0.0876 / 0.0522; against the two runs combined and "
+    "distilled R@10 +0.0010 [-0.0008, +0.0028], N@10 -0.0007 [-0.0015, +0.0001] "
+    "(`paired_default120_distilled_vs_members8_distilled.md`): level.",
     "default+members-8-combined+distill-ensemble": "kept as commands (the eight-member run, then `semid distill`: 2 "
     "epochs, 11.5 CPU-minutes, validation exact NDCG@10 0.0660 -> 0.0672, epoch 1 kept). Test beam R@10 / N@10 "
     "**0.0854 / 0.0514**, exact 0.0854, dense 0.0872 / 0.0522 (unchanged), hybrid (levels, chosen) 0.0886 / 0.0528 "
