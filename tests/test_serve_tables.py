@@ -281,6 +281,8 @@ def test_the_index_constraint_walks_the_trees_beams(members: int, beams: int) ->
     assert all(getattr(index, n).dtype == torch.int32 for n in ("order", "_start", "_stop", "node"))
     assert all(x.dtype == torch.int32 for n in ("parent", "code", "first_item", "child_start") for x in getattr(index, n))
     assert all(x.dtype == torch.int64 for x in index.keys)
+    rows = IndexConstraint(index, dec._lo, 4, h.device).leaf_items(b.nodes[:, :k])  # no values: item rows, int64
+    assert rows.dtype == torch.int64 and torch.equal(dec.item_ids[rows], leaf_items(a, tree, k))
     if beams > model.num_items:  # more beams than items: a search's case, a decoder's refusal
         return
     torch.testing.assert_close(served.decode("beam", h, k=k, num_beams=beams).scores, a.logp[:, :k])

@@ -122,7 +122,7 @@ class IndexConstraint:
     def leaf_items(self, nodes: torch.Tensor) -> torch.Tensor:
         """The items of leaves (tree node numbers at depth L; -1 where not one): their rows in the index's tuples, or
         ``values`` at those rows (the item ids, as the tree's ``node_value`` holds them)."""
-        rows = self.index.order[self.index._start[nodes.clamp_min(0)]]
+        rows = self.index.order[self.index._start[nodes.clamp_min(0)]].long()  # (a serving index keeps int32)
         return torch.where(nodes >= 0, rows if self.values is None else self.values[rows], -1)
 
 
