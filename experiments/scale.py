@@ -43,6 +43,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -54,7 +55,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 BEAUTY = Path("/work/shared/data/beauty")
 DIM, USERS, SEED = 64, 20_000, 0
-PHASES = ("codebooks", "train-full", "train-sampled", "train-sparse", "decode")
+PHASES = ("codebooks", "train-full", "train-sampled", "train-sparse", "checkpoint", "decode")
 DECODE_PARTS = ("beam", "exact", "dense", "faiss")
 CHUNK = 1 << 20  # rows of a synthetic catalogue drawn at a time
 FULL_SOFTMAX_MAX_BYTES = 4 * 2**30  # the full softmax's (positions x items) logits, its gradient and softmax: skip above
@@ -192,8 +193,55 @@ def tensor_mb(*objs: object) -> float:
     return sum(walk(o) for o in objs) / 2**20
 
 
+def rss_parts() -> tuple[float, float]:
+    """(anonymous, file-backed) resident MB now: a mapped checkpoint's pages are file-backed (the kernel can drop
+    them and read them again: page cache), what the process itself allocated is anonymous."""
+    with open("/proc/self/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
+    return kb["RssAnon"] / 1024, kb["RssFile"] / 1024
+
+
+class AnonPeak:
+    """The largest anonymous RSS seen, sampled every 10 ms by a thread (ru_maxrss counts a mapped file's pages)."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = rss_parts()[0], threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_parts()[0])
+
+    def read(self) -> float:
+        return max(self.peak, rss_parts()[0])
+
+
+def phase_checkpoint(size: str, work: Path) -> dict:
+    """The size's model (the causal preset, one member, random weights) written as a semid checkpoint, what the
+    decode phase serves from with ``--from-checkpoint``."""
+    from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, ids_digest, with_integrity
+    from generator.models.ensemble import build_causal
+    from generator.runs.options import preset
+    from semid.ids import SemanticIDs
+    from semid.io import atomic_open
+
+    ids = SemanticIDs.load(work / f"ids_{size}.npz")
+    layout, config = ids.layout(0), preset("causal")
+    torch.manual_seed(SEED)
+    model = build_causal(config, layout, torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes))))
+    start = time.perf_counter()
+    meta = {"config": config.to_dict(), "layout": layout.to_dict(), "ids_digest": ids_digest(ids)}
+    ckpt = with_integrity({CHECKPOINT_KEY: meta, "state_dict": {STATE_PREFIX + k: v for k, v in model.state_dict().items()}})
+    path = work / f"model_{size}.ckpt"
+    with atomic_open(path, "wb") as f:
+        torch.save(ckpt, f)
+    return {"items": len(ids.item_ids), "model_mb": tensor_mb(list(model.parameters()), list(model.buffers())),
+            "file_mb": path.stat().st_size / 2**20, "save_s": time.perf_counter() - start, "peak_mb": peak_mb()}
+
+
 def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_dtype: str = "float32",
-                 keep_tables: bool = False) -> dict:
+                 keep_tables: bool = False, from_checkpoint: bool = False) -> dict:
     from generator.decoding.causal import CausalDecoders
     from generator.decoding.mips import dense_index
     try:
@@ -202,9 +250,21 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
         def trim_heap() -> bool:
             return False
 
-    system, _, ids, tree = _model(size, work, "full", with_windows=False)
-    model = system.model.eval()
-    del system  # the model is all the decoders read (the training system holds nothing else of size here)
+    anon = AnonPeak()
+    start = time.perf_counter()
+    if from_checkpoint:  # what a server does (Recommender.from_run): the checkpoint mapped, the model built around it
+        from generator.designs.registry import load_checkpoint
+        from semid.ids import SemanticIDs
+        from semid.tree import PrefixTree
+
+        ids = SemanticIDs.load(work / f"ids_{size}.npz")
+        model = load_checkpoint(work / f"model_{size}.ckpt", ids, mmap=True).model
+        tree = PrefixTree.from_semantic_ids(ids, ids.layout(0))
+    else:
+        system, _, ids, tree = _model(size, work, "full", with_windows=False)
+        model = system.model.eval()
+        del system  # the model is all the decoders read (the training system holds nothing else of size here)
+    load_s = time.perf_counter() - start
     N = len(ids.item_ids)
     g = torch.Generator().manual_seed(SEED)
     h = torch.randn(users, model.config.d_model, generator=g)
@@ -228,8 +288,15 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
     out["input_from_vectors"] = getattr(model, "_input_vectors", None) is not None
     if not out["tree_kept_mb"]:
         del tree
+    if from_checkpoint:  # the model's rest copied: the file is unmapped (Recommender.from_run)
+        from generator.models.checkpoint import own_tensors
+
+        own_tensors(model)
     trim_heap()  # (the build trims; the tree's pages too)
     out["build_rss_mb"] = rss_mb()  # what serving holds before its first request: model rest, IDs, decoders, Python, torch
+    out["from_checkpoint"], out["load_s"] = from_checkpoint, load_s
+    out["build_anon_mb"], out["build_file_mb"] = rss_parts()
+    out["startup_anon_peak_mb"] = anon.read()  # load and build: the most anonymous memory start-up held
 
     def rate(name: str) -> tuple[float, float, torch.Tensor]:
         dec.decode(name, h, k=10)  # warm-up: the same batch (its temporaries allocated once, as in a running server)
@@ -260,6 +327,8 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
             out[f"{key}_recall@10"] = float((hits / 10).mean())
     out["serve_peak_mb"] = peak_mb()
     out["serve_rss_mb"] = rss_mb()  # the serving process now: the model's rest, tree, IDs, decoders, Python and torch
+    out["serve_anon_mb"], out["serve_file_mb"] = rss_parts()
+    out["anon_peak_mb"] = anon.read()
     out["items"] = N
     return out
 
@@ -268,7 +337,8 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
 def run_phase(size: str, phase: str, work: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "experiments.scale", "--phase", phase, "--size", size, "--work", str(work),
            "--steps", str(args.steps), "--users", str(args.users), "--decoders", args.decoders,
-           "--table-dtype", args.table_dtype, *(["--keep-model-tables"] if args.keep_model_tables else [])]
+           "--table-dtype", args.table_dtype, *(["--keep-model-tables"] if args.keep_model_tables else []),
+           *(["--from-checkpoint"] if args.from_checkpoint else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -298,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="decode: the serving tables' storage (edge tables, item vectors)")
     p.add_argument("--keep-model-tables", action="store_true", help="decode: keep the model's N-row tables after the "
                    "build (the behaviour before they were released; default: released as a served run does)")
+    p.add_argument("--from-checkpoint", action="store_true", help="decode: serve the model the checkpoint phase wrote, "
+                   "memory-mapped as a server loads it (Recommender.from_run); default: a model built in the process")
     p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -311,8 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase:
         if args.phase == "codebooks":
             out = phase_codebooks(args.size, args.work)
+        elif args.phase == "checkpoint":
+            out = phase_checkpoint(args.size, args.work)
         elif args.phase == "decode":
-            out = phase_decode(args.size, args.work, args.users, decoders, args.table_dtype, args.keep_model_tables)
+            out = phase_decode(args.size, args.work, args.users, decoders, args.table_dtype, args.keep_model_tables,
+                               args.from_checkpoint)
         else:
             out = phase_train(args.size, args.work, args.phase.split("-")[1], args.steps)
         print(json.dumps(out))

@@ -99,6 +99,8 @@ class Design:
     option_keys: tuple[str, ...] = ()  # what `--model-option KEY=VALUE` may set
     backbone: str | None = None  # what config.yaml's `design` records, where not ``name`` (a title run: causal)
     dense_head: Callable[[Any], Any] | None = None  # the dense head kept beside the model, loaded from a run
+    maps_weights: bool = False  # its models take a memory-mapped checkpoint's tensors as they are (no tied weights;
+    # N-row tables made on the meta device inside generator.models.dense.deferred_tables): load_checkpoint(mmap=True)
 
     def defaults_for(self, preset: str) -> dict[str, Any]:
         return {**self.defaults, **self.preset_defaults.get(preset, {})}

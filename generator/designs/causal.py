@@ -188,4 +188,5 @@ def setup(t: TrainInputs) -> Setup:
 
 
 CAUSAL = Design(DESIGN, CausalConfig, "ids", PRESETS, DEFAULTS, check_options, build, split_batches, history_batches, setup,
-                served=("beam", "exact", "dense", "hybrid", "cold-beam"), option_keys=OPTION_KEYS, preset_defaults=PRESET_DEFAULTS)
+                served=("beam", "exact", "dense", "hybrid", "cold-beam"), option_keys=OPTION_KEYS, preset_defaults=PRESET_DEFAULTS,
+                maps_weights=True)

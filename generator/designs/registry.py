@@ -11,6 +11,7 @@ plug-in's decoders too, so once this module is loaded the decoder registry is wh
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from generator.models.checkpoint import (
     LoadedModel,
     check_finite,
     check_vocabulary,
+    own_tensors,
     read_checkpoint,
 )
+from generator.models.dense import deferred_tables
 from generator.t5.design import T5
 from semid.ids import SemanticIDs
 
@@ -78,12 +81,18 @@ def decoder_help() -> str:
     return decoding.help_text()
 
 
-def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None) -> LoadedModel:
+def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None, *, mmap: bool = False) -> LoadedModel:
     """Rebuild the model of any design from a checkpoint file alone; with ``ids``, refuse one whose vocabulary does
     not match. Returns the model in eval mode on the CPU (errors name the file: a damaged record, NaN weights,
-    sizes the weights do not have, other semantic IDs)."""
+    sizes the weights do not have, other semantic IDs).
+
+    ``mmap``: the file is memory-mapped (copy-on-write) rather than read into memory, and a design that
+    ``maps_weights`` (causal) keeps its tensors as the model's: no second copy, and its N-row tables are never
+    allocated or initialised (a server's start-up then holds the model once, as file pages that the serving build
+    reads and releases: ``generator.runs.recommender.Recommender.from_run``). The model reads the file for as long as
+    it holds those tensors (:func:`generator.models.checkpoint.own_tensors` ends that); other designs copy them."""
     path = Path(path)
-    meta, layout, state = read_checkpoint(path)
+    meta, layout, state = read_checkpoint(path, mmap=mmap)
     try:
         design = DESIGNS[meta["config"].get("design", UNNAMED)]
         config = design.config.from_dict(meta["config"])
@@ -93,9 +102,13 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
     if ids is not None:
         check_vocabulary(layout, meta["ids_digest"], ids, source=str(path))
     check_finite(state, path)
-    model = design.build(config, layout, state, path, ids)  # every size checked against the file's tensors first
+    assign = mmap and design.maps_weights
+    with deferred_tables() if assign else nullcontext():
+        model = design.build(config, layout, state, path, ids)  # every size checked against the file's tensors first
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=assign)
+        if assign:
+            own_tensors(model, parameters=False)  # the N-row tables stay the file's pages until serving releases them
     except RuntimeError as e:
         raise ValueError(f"{path}: its weights do not fit the model its own config describes ({str(e).splitlines()[0]}); the file is damaged") from None
     model.eval()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
-from generator.models.dense import DenseHead, DenseHeadConfig
+from generator.models.dense import DenseHead, DenseHeadConfig, n_row_table
 from generator.models.dense_loss import check_sampled_options
 from generator.models.gpt2_states import gpt2_states, lean_forward_fits
 from semid.layout import TokenLayout
@@ -188,7 +188,7 @@ class CausalGenerator(nn.Module):
                 self.register_buffer(f"child_codes_{level}", index.child_codes[level], persistent=True)
                 self.register_buffer(f"child_index_{level}", index.child_index[level], persistent=True)
                 self.register_buffer(f"item_node_{level}", index.node[:, level + 1].contiguous(), persistent=False)  # distill
-                self.register_parameter(f"node_vec_{level}", nn.Parameter(torch.zeros(index.keys[level + 1].numel(), D)))
+                self.register_parameter(f"node_vec_{level}", nn.Parameter(n_row_table(index.keys[level + 1].numel(), D, torch.zeros)))
         if config.dense_dim:  # item vectors: a table + the item's code embeddings, projected (+ its content, projected)
             self.dense_head = DenseHead(dense_config(config), num_items=item_tokens.shape[0])
             self._register_load_state_dict_pre_hook(rename_dense_weights)

@@ -47,6 +47,7 @@ class LoadedModel(NamedTuple):
 INTEGRITY_KEY = "semid_integrity"  # {format, version, sha256}: what a checkpoint written by semid carries
 CHECKPOINT_FORMAT = "semid.checkpoint"
 CHECKPOINT_VERSION = 1
+FINITE_CHUNK = 1 << 24  # elements checked for NaN / inf at a time
 
 
 def content_digest(obj: Any) -> str:
@@ -59,7 +60,7 @@ def content_digest(obj: Any) -> str:
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes in place: no copy of a large table
         elif isinstance(x, dict):
             items = [(k, v) for k, v in x.items() if not (x is obj and k == INTEGRITY_KEY)]
             h.update(f"D{len(items)}".encode())
@@ -91,8 +92,10 @@ def with_integrity(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return {**body, INTEGRITY_KEY: {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "sha256": content_digest(body)}}
 
 
-def safe_load(path: str | os.PathLike[str]) -> Any:
-    """``torch.load`` that runs no code: tensors, containers and primitives only (``weights_only=True``).
+def safe_load(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
+    """``torch.load`` that runs no code: tensors, containers and primitives only (``weights_only=True``). With
+    ``mmap`` the tensors are the file's pages, mapped copy-on-write (writes never reach the file), read when touched
+    and never a second copy in memory (a file in torch's old, non-zip format is read whole).
 
     A file that needs anything else (a crafted pickle, an object with ``__reduce__``) is refused with a ValueError
     naming the file, before any of it is executed. An empty, truncated or garbled file, and a checkpoint whose
@@ -104,7 +107,12 @@ def safe_load(path: str | os.PathLike[str]) -> Any:
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint; {damaged}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "zipfile" in str(e)):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # the old format cannot be mapped
     except pickle.UnpicklingError as e:
         text = str(e)
         if "GLOBAL" not in text and "Unsupported class" not in text:  # garbage, not a forbidden object
@@ -149,7 +157,7 @@ def check_integrity(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> None:
 def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     """Raise ValueError naming ``path`` and the first tensor of ``state`` holding NaN or inf values."""
     for name, t in state.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(
                 f"{path}: tensor `{name}` holds {bad} NaN or inf value(s) of {t.numel()}: the weights are unusable "
@@ -157,13 +165,36 @@ def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -
             )
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], TokenLayout, dict[str, torch.Tensor]]:
-    """(meta, layout, model state) of a semid generator checkpoint, read safely (:func:`safe_load`) and checked to
-    hold them; the model is built by its design (``generator.designs.registry.load_checkpoint``)."""
+@torch.no_grad()
+def own_tensors(model: torch.nn.Module, *, parameters: bool = True) -> None:
+    """Give every parameter (unless not ``parameters``) and buffer of ``model`` memory of its own (a copy), so that
+    nothing of it reads a memory-mapped checkpoint any longer (``load_checkpoint(mmap=True)``): the file's pages are
+    then unmapped and the file may change. ``load_checkpoint`` copies the buffers at once (the decoders' builds take
+    views of some); a served run copies the parameters once its build released the N-row tables, so only the small
+    rest (``generator.runs.recommender.Recommender.from_run``)."""
+    for module in model.modules():
+        for p in module._parameters.values() if parameters else ():
+            if p is not None:
+                p.data = p.data.clone()
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.clone()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in ``t``: a large table in chunks of rows, never a mask of its size."""
+    rows = max(1, FINITE_CHUNK // max(1, t[0].numel())) if t.ndim > 1 and t.shape[0] else None
+    return all(bool(torch.isfinite(part).all()) for part in (t.split(rows) if rows else (t,)))
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, mmap: bool = False) -> tuple[dict[str, Any], TokenLayout, dict[str, torch.Tensor]]:
+    """(meta, layout, model state) of a semid generator checkpoint, read safely (:func:`safe_load`, memory-mapped
+    with ``mmap``) and checked to hold them; the model is built by its design
+    (``generator.designs.registry.load_checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here")
-    ckpt = safe_load(path)
+    ckpt = safe_load(path, mmap=mmap)
     meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     if meta is None:
         raise ValueError(f"{path}: not a semid generator checkpoint (no {CHECKPOINT_KEY!r} entry)")

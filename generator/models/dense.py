@@ -21,7 +21,9 @@ Losses:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -30,6 +32,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from generator.models.dense_loss import LOSSES, NEGATIVES, softmax_loss
+
+_DEFERRED = threading.local()  # .depth > 0 inside deferred_tables() (per thread: a reload beside a training)
+
+
+@contextmanager
+def deferred_tables() -> Iterator[None]:
+    """Inside, the models' N-row tables (the dense item table, the causal model's node vectors) are made on the meta
+    device: no memory and no initialisation, to be assigned a checkpoint's tensors (``load_state_dict(assign=True)``,
+    ``generator.designs.registry.load_checkpoint(mmap=True)``), so that a served run never holds a second copy."""
+    _DEFERRED.depth = getattr(_DEFERRED, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _DEFERRED.depth -= 1
+
+
+def n_row_table(rows: int, dim: int, init: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``init(rows, dim)``, or an empty meta tensor of that shape inside :func:`deferred_tables`."""
+    return torch.empty(rows, dim, device="meta") if getattr(_DEFERRED, "depth", 0) else init(rows, dim)
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +150,7 @@ class DenseHead(nn.Module):
         if item_ids is not None:
             self.register_buffer("item_ids", item_ids, persistent=True)
         if config.mode in ("id", "both"):
-            self.item_table = nn.Parameter(torch.randn(N, config.dim) * config.dim**-0.5)
+            self.item_table = nn.Parameter(n_row_table(N, config.dim, lambda n, d: torch.randn(n, d) * d**-0.5))
         if config.code_dim:
             self.code_proj = nn.Linear(config.code_dim, config.dim, bias=False)
         if config.mode in ("content", "both") and config.content_dim:  # content handed in by the host model

@@ -267,11 +267,14 @@ def best_checkpoint(run_dir: str | os.PathLike[str], config: dict[str, Any] | No
     return path
 
 
-def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> Run:
+def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None, *,
+             mmap: bool = False) -> Run:
     """Load a run folder of any design for evaluation or recommendation (CPU; move ``run.model`` yourself for a GPU).
 
     Args:
         checkpoint: a checkpoint file to use instead of the run's best one (it must match the run's semantic IDs).
+        mmap: map the checkpoint (``generator.designs.registry.load_checkpoint``): a causal model's tensors are then
+            the file's pages until ``generator.models.checkpoint.own_tensors`` (what a ``Recommender`` does).
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
@@ -279,7 +282,7 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     ids = stored.ids
     ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, config)
     # refuses IDs that are neither the checkpoint's own nor a version extending them (generator.runs.lineage)
-    loaded = load_model(ckpt, ids, run_dir / IDS_FILE, stored)
+    loaded = load_model(ckpt, ids, run_dir / IDS_FILE, stored, mmap=mmap)
     design, expected = designs.of_model_config(loaded.config), designs.for_config(config)
     if design is not expected:
         raise ValueError(f"{ckpt}: a checkpoint of the {design.name} design, but {run_dir / CONFIG_FILE} describes a run of the "

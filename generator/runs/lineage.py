@@ -32,18 +32,19 @@ def lineage(ids_path: str | os.PathLike[str], meta: dict[str, Any] | None = None
 
 
 def load_model(checkpoint: str | os.PathLike[str], ids: SemanticIDs, ids_path: str | os.PathLike[str],
-               stored: IDsFile | None = None) -> LoadedModel:
+               stored: IDsFile | None = None, *, mmap: bool = False) -> LoadedModel:
     """The checkpoint's model for ``ids``: the IDs it was trained with, or a version that extends them (the model
     grown by the added items). Any other IDs are refused, naming both files.
 
     Args:
         stored: ``ids_path`` as read already (``SemanticIDs.read``), so that the file is read once; default: read it.
+        mmap: map the checkpoint rather than read it (``generator.designs.registry.load_checkpoint``).
     """
     stored = SemanticIDs.read(ids_path) if stored is None else stored
     entries = lineage(ids_path, stored.meta)
     if not entries:
-        return load_checkpoint(checkpoint, ids)
-    loaded = load_checkpoint(checkpoint)
+        return load_checkpoint(checkpoint, ids, mmap=mmap)
+    loaded = load_checkpoint(checkpoint, mmap=mmap)
     model = loaded.model
     if not hasattr(model, "add_items"):
         raise ValueError(f"{ids_path}: holds items added after training, which only runs of the causal design serve; "

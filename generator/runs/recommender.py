@@ -41,6 +41,7 @@ from generator.decoding.causal import CausalDecoders
 from generator.decoding.protocol import Decoder, check_beams, check_k
 from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
+from generator.models.checkpoint import own_tensors
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
@@ -164,12 +165,17 @@ class Recommender:
     def from_run(cls, path: str | os.PathLike[str], *, checkpoint: str | os.PathLike[str] | None = None,
                  device: str | torch.device | None = None, **options: Any) -> Recommender:
         """Load the run folder ``path`` (its best checkpoint, or ``checkpoint``) onto ``device`` (default CPU) and
-        build everything a call needs; ``options`` as for the constructor (``decoder``, ``decoders``, ...)."""
-        run = load_run(path, checkpoint)
+        build everything a call needs; ``options`` as for the constructor (``decoder``, ``decoders``, ...). The
+        checkpoint is memory-mapped: a causal model's tensors are the file's pages while the build reads them and
+        releases its N-row tables, then what the model keeps is copied (``own_tensors``), so start-up never holds the
+        model twice nor its released tables at all (``experiments/results/scale_serve_mmap*.md``)."""
+        run = load_run(path, checkpoint, mmap=True)
         if device is not None:  # the run was loaded for this Recommender alone: move it in place
             run.model.to(device)
             run.tree = run.tree.to(device)
-        return cls(run, **{"release_tables": True, **options})  # its model: nothing else uses it
+        rec = cls(run, **{"release_tables": True, **options})  # its model: nothing else uses it
+        own_tensors(rec.run.model)  # the file is read no more (it may be replaced, even in place)
+        return rec
 
     @property
     def decoders(self) -> tuple[str, ...]:
