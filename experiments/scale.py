@@ -221,23 +221,39 @@ def phase_checkpoint(size: str, work: Path) -> dict:
     """The size's model (the causal preset, one member, random weights) written as a semid checkpoint, what the
     decode phase serves from with ``--from-checkpoint``."""
     from generator.models.checkpoint import CHECKPOINT_KEY, STATE_PREFIX, ids_digest, with_integrity
+    from generator.models.dense import deferred_tables
     from generator.models.ensemble import build_causal
     from generator.runs.options import preset
     from semid.ids import SemanticIDs
     from semid.io import atomic_open
 
+    anon = AnonPeak()
     ids = SemanticIDs.load(work / f"ids_{size}.npz")
     layout, config = ids.layout(0), preset("causal")
     torch.manual_seed(SEED)
-    model = build_causal(config, layout, torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes))))
+    with deferred_tables():  # the N-row tables made below, file-backed: 10M items' model whole is ~17 GB
+        model = build_causal(config, layout, torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes))))
+    state = model.state_dict()
     start = time.perf_counter()
+    g = torch.Generator().manual_seed(SEED)
+    for name, t in state.items():  # as the model initialises them: node vectors 0, the item table N(0, 1/d)
+        if t.is_meta:
+            file = work / f"table_{size}.{name}"
+            with open(file, "wb") as f:
+                f.truncate(t.numel() * 4)  # a sparse file of zeros
+            state[name] = torch.from_file(str(file), shared=True, size=t.numel(), dtype=torch.float32).view(t.shape)
+            file.unlink()  # (the mapping keeps it until the tensor goes)
+            if name.endswith("item_table"):
+                for part in state[name].split(CHUNK):  # loop over chunks of rows
+                    part.copy_(torch.randn(part.shape, generator=g) * t.shape[1] ** -0.5)
     meta = {"config": config.to_dict(), "layout": layout.to_dict(), "ids_digest": ids_digest(ids)}
-    ckpt = with_integrity({CHECKPOINT_KEY: meta, "state_dict": {STATE_PREFIX + k: v for k, v in model.state_dict().items()}})
+    ckpt = with_integrity({CHECKPOINT_KEY: meta, "state_dict": {STATE_PREFIX + k: v for k, v in state.items()}})
     path = work / f"model_{size}.ckpt"
     with atomic_open(path, "wb") as f:
         torch.save(ckpt, f)
-    return {"items": len(ids.item_ids), "model_mb": tensor_mb(list(model.parameters()), list(model.buffers())),
-            "file_mb": path.stat().st_size / 2**20, "save_s": time.perf_counter() - start, "peak_mb": peak_mb()}
+    return {"items": len(ids.item_ids), "model_mb": tensor_mb(list(state.values())),
+            "file_mb": path.stat().st_size / 2**20, "save_s": time.perf_counter() - start, "peak_mb": peak_mb(),
+            "anon_peak_mb": anon.read()}
 
 
 def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_dtype: str = "float32",
