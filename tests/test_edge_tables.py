@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import generator.decoding.causal as causal_decoding
 from generator.decoding.beam import TreeConstraint
 from generator.decoding.causal import CausalDecoders, EdgeLevels, edge_tables, item_paths
 from generator.decoding.chunked import item_vectors
@@ -89,10 +90,14 @@ def test_each_edges_node_vector_row_is_the_padded_tables_match() -> None:
         assert (got < 0).any() and (got >= 0).any()
 
 
-@pytest.mark.parametrize("dense_factor", [0, 10**9])
-def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int) -> None:
+@pytest.mark.parametrize("dense_factor, pair_chunk", [(0, None), (0, 5), (10**9, None)])
+def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair_chunk: int | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # the padded form (each node's children padded to the level's largest degree) written out here as the reference;
-    # dense_factor 0: every level gathers its pairs' vectors; 10**9: every level is one product over its edges
+    # dense_factor 0: every level gathers its pairs' vectors (pair_chunk: a few at a time); 10**9: every level is one
+    # product over its edges
+    if pair_chunk:
+        monkeypatch.setattr(causal_decoding, "PAIR_CHUNK", pair_chunk)
     model, ids, tree, trained_tree = grown(num_items=60, added=4, seed=7)
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), trained_tree=trained_tree).refresh()
     h = torch.randn(3, model.config.d_model, generator=torch.Generator().manual_seed(1))

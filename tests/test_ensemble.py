@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import generator.decoding.causal as causal_decoding
 from generator.decoding.beam import TreeConstraint, leaf_search
 from generator.decoding.causal import CausalDecoders, EdgeLevels, beam_search, exact_scores
 from generator.decoding.chunked import exact_topk
@@ -124,9 +125,13 @@ def test_a_beam_over_every_item_gives_the_exact_ranking_and_scores(added: int) -
 
 
 @pytest.mark.parametrize("dense_factor, table_dtype", [(0, "float32"), (10**9, "float32"), (0, "bfloat16"), (10**9, "bfloat16")])
-def test_both_beam_steps_read_every_members_edges_with_any_table_dtype(dense_factor: int, table_dtype: str) -> None:
-    """The beam step's gathered pairs (dense_factor 0) and its one product per level (a large factor) both give the
-    exact ranking of an ensemble, with 32- and 16-bit tables."""
+@pytest.mark.parametrize("pair_chunk", [None, 7])
+def test_both_beam_steps_read_every_members_edges_with_any_table_dtype(dense_factor: int, table_dtype: str,
+                                                                        pair_chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The beam step's gathered pairs (dense_factor 0; ``pair_chunk`` of them at a time) and its one product per level
+    (a large factor) both give the exact ranking of an ensemble, with 32- and 16-bit tables."""
+    if pair_chunk:
+        monkeypatch.setattr(causal_decoding, "PAIR_CHUNK", pair_chunk)
     _, ens, ids, tree, _ = two_members()
     h = states(D=ens.config.d_model)
     N = ids.num_items

@@ -67,6 +67,7 @@ from semid.tree import PrefixTree
 DECODERS = ("beam", "exact", "dense", "hybrid")
 DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is at most this many times its pairs
 DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
+PAIR_CHUNK = 1 << 12  # a step's (pair, D) gathers at a time: in cache (10M items: 5.7x faster than the step's all at once)
 # Over this many items a served build (refresh(release=True)) is lean: the model's ID input reads the item vectors,
 # freeing its item table (488 MB per million items in float32), and the beam walks the paths' prefix index, freeing
 # the prefix tree (257 MB per million) -- where memory counts, not where rankings must stay bit-identical to the
@@ -178,10 +179,13 @@ class EdgeLevels:
             if self.B * A <= self.dense_factor * C and members * self.B * A <= DENSE_STEP_MAX:  # few edges, many pairs: one product
                 dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
-            else:  # a (C, D) gather: each pair's vector and its history's level query
-                q = self.hq[..., pair_row // m, level, :].reshape(-1, vectors.shape[-1])  # (C, D), or (K * C, D)
-                v = vectors[..., row, :].to(q.dtype).reshape(-1, 1, vectors.shape[-1])
-                dot = torch.bmm(v, q.unsqueeze(2)).view(*lead, C)  # as the padded form's products
+            else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector and its history's level query
+                hq, hist, D = self.hq[..., level, :], pair_row // m, vectors.shape[-1]  # (B, D) or (K, B, D); (C,)
+                dot = hq.new_empty(*lead, C)
+                for a in range(0, C, PAIR_CHUNK):  # loop over chunks of pairs (their temporaries stay in cache)
+                    q = hq.index_select(-2, hist[a : a + PAIR_CHUNK]).reshape(-1, D, 1)  # (c, D, 1), or (K * c, ...)
+                    v = vectors.index_select(-2, row[a : a + PAIR_CHUNK]).to(hq.dtype).reshape(-1, 1, D)
+                    dot[..., a : a + PAIR_CHUNK] = torch.bmm(v, q).view(*lead, -1)  # as the padded form's products
                 edge = torch.where(has, dot + self.tables.biases[level][..., row], 0.0)
         out = self.hq.new_full((*lead, nodes.numel(), hi - lo), float("-inf"))
         out[..., pair_row, self.index.code[level][child]] = edge

@@ -25,7 +25,8 @@ from generator.models.ensemble import EnsembleGenerator
 from semid.prefix_index import PrefixIndex
 from semid.tree import PrefixTree
 
-EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build, and rows upcast at a time from a 16-bit table
+EDGE_CHUNK = 1 << 16  # edges per step of the edge tables' build
+UPCAST_CHUNK = 1 << 12  # rows of a 16-bit table upcast at a time for a product: in cache (1M items' level 1: 51 -> 31 ms)
 TABLE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRODUCT_MAX_ROWS = 1 << 17  # decoder tables up to this many rows are stored for their product (product_layout)
 
@@ -64,7 +65,7 @@ def new_table(rows: int, width: int, *, like: torch.Tensor, dtype: torch.dtype) 
     return like.new_empty(rows, width, dtype=dtype)
 
 
-def table_product(q: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None, *, chunk: int = EDGE_CHUNK) -> torch.Tensor:
+def table_product(q: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None, *, chunk: int = UPCAST_CHUNK) -> torch.Tensor:
     """``q @ table.T (+ bias)`` in ``q``'s dtype: q (B, D), table (A, D), bias (A,) -> (B, A); an ensemble's, members
     first: q (K, B, D), table (K, A, D), bias (K, A) -> (K, B, A). A table of q's dtype is one product; a 16-bit one
     is upcast ``chunk`` rows at a time, never as a whole (each chunk taken as (D, chunk) columns, the product's
