@@ -312,6 +312,23 @@ def test_the_stacked_weights_follow_parameters_replaced_by_a_load() -> None:
         torch.testing.assert_close(ens.last_hidden(hist, lengths), own, rtol=1e-5, atol=1e-5)
 
 
+def test_a_released_ensemble_keeps_its_stacked_weights_without_reading_versions() -> None:
+    """Serving (``release_tables``) never trains the model again: the stack made at the first call is kept, and the
+    states it gives are still each member's own."""
+    _, ens, ids, tree, _ = two_members()
+    hist, lengths = torch.tensor([[3, 7, 1, 9], [4, 2, 0, 0]]), torch.tensor([4, 2])
+    CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids)).refresh(release=True)
+    assert ens.released
+    with torch.no_grad():
+        first = ens.last_hidden(hist, lengths)
+        stack = ens._stacked
+        ens.members[0].backbone.h[0].ln_1.weight.add_(0.0)  # a version bump: an unreleased model would stack again
+        torch.testing.assert_close(ens.last_hidden(hist, lengths), first, rtol=0, atol=0)
+        assert ens._stacked is stack
+        own = torch.cat([m.eval().hidden(hist) for m in ens.members], dim=-1)[torch.arange(2), lengths - 1]
+        torch.testing.assert_close(first, own, rtol=1e-5, atol=1e-5)
+
+
 def test_served_level_queries_are_one_product_for_all_members_and_follow_their_weights() -> None:
     """Outside training an ensemble's level queries come from its members' head weights stacked (one batched product
     for all members and levels): each member's own queries, also after a head weight changes in place."""

@@ -65,14 +65,13 @@ from generator.models.ensemble import EnsembleGenerator, member_models
 from semid.tree import PrefixTree
 
 DECODERS = ("beam", "exact", "dense", "hybrid")
-DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when that is at most this many times its pairs
+DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when B x them is at most this many times its pairs
+# (and they are at most an eighth of it: the product reads the whole table, a few pairs gather less)
 DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
 PAIR_CHUNK = 1 << 12  # a step's (pair, D) gathers at a time: in cache (10M items: 5.7x faster than the step's all at once)
-# Over this many items a served build (refresh(release=True)) is lean: the model's ID input reads the item vectors,
-# freeing its item table (488 MB per million items in float32), and the beam walks the paths' prefix index, freeing
-# the prefix tree (257 MB per million) -- where memory counts, not where rankings must stay bit-identical to the
-# model's own and the tree's byte masks are the faster step (Beauty's 12,101 items: 25 against 27.5 ms per 128
-# users; at 1M the index's step is the faster, 102 against 120, scale_serve_index.md); the layout's row limit
+# Over this many items (the layout's row limit) a served build is lean: the ID input reads the item vectors, freeing
+# the item table (488 MB per million items), and the beam walks the paths' prefix index, freeing the prefix tree (257
+# MB per million); below, the tree's byte masks are the faster step (Beauty: 25 against 27.5 ms per 128 users).
 LEAN_SERVING_ITEMS = PRODUCT_MAX_ROWS
 
 
@@ -142,20 +141,21 @@ class CausalLevels:
 
 
 class EdgeLevels:
-    """The causal model as a :class:`~generator.decoding.beam.Backbone` read from the decoders' edge tables: a
-    beam's level-l logits are its level query times the vectors of its tree node's children plus their biases
-    (:class:`EdgeTables`), the numbers ``code_logits`` gives up to float rounding, without running the prefix FiLM and
-    the node-vector lookups for every beam. The beam's node is its ``constraint``'s (depth-l node r of the tree is
-    the items' prefix-index row r); a step reads one (beam, child) pair per child in the nodes' CSR runs
-    (``child_start``): beams x their children, not x the level's largest degree. A pair's logit is its gathered edge
-    vector times its history's query, or where the level's edges are few for its pairs (B x A_l <= ``dense_factor`` x
-    pairs) a read of one (B, D) x (D, A_l) product (exact scoring's numbers, the same up to float rounding). An only
-    child (no table row) has logit 0, its log-probability 0 either way."""
+    """The causal model as a :class:`~generator.decoding.beam.Backbone` read from the decoders' edge tables: a beam's
+    level-l logits are its level query times the vectors of its tree node's children plus their biases (the numbers
+    ``code_logits`` gives up to float rounding, without the prefix FiLM and node vectors per beam). The beam's node is
+    its ``constraint``'s; a step reads one (beam, child) pair per child in the nodes' CSR runs (``child_start``):
+    beams x their children, not x the level's largest degree. A pair's logit is its gathered edge vector (from a
+    product-layout table's row-major copy, ``edge_rows``) times its history's query, or where the level's edges are
+    few for its pairs (B x A_l <= ``dense_factor`` x pairs and A_l <= ``dense_factor`` / 8 x pairs: the product
+    streams the whole table, a single user's few pairs need not) a read of one (B, D) x (D, A_l) product (exact
+    scoring's numbers). An only child (no table row) has logit 0, its log-probability 0 either way."""
 
     def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint | IndexConstraint,
                  dense_factor: int = DENSE_STEP_FACTOR) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
         self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
+        self.rows = shared.edge_rows
         self.hq = self.model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D)
         self.dense_factor = dense_factor
 
@@ -176,11 +176,12 @@ class EdgeLevels:
         if A:
             has, row = slot < A, slot.clamp_max(A - 1)
             members = vectors.shape[0] if lead else 1  # the cap counts every member's logits
-            if self.B * A <= self.dense_factor * C and members * self.B * A <= DENSE_STEP_MAX:  # few edges, many pairs: one product
+            if self.B * A <= self.dense_factor * C and 8 * A <= self.dense_factor * C and members * self.B * A <= DENSE_STEP_MAX:
                 dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
             else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector and its history's level query
                 hq, hist, D = self.hq[..., level, :], pair_row // m, vectors.shape[-1]  # (B, D) or (K, B, D); (C,)
+                vectors = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
                 dot = hq.new_empty(*lead, C)
                 for a in range(0, C, PAIR_CHUNK):  # loop over chunks of pairs (their temporaries stay in cache)
                     q = hq.index_select(-2, hist[a : a + PAIR_CHUNK]).reshape(-1, D, 1)  # (c, D, 1), or (K * c, ...)
@@ -199,11 +200,8 @@ def beam_search(
     model: CausalGenerator, h: torch.Tensor, tree: PrefixTree, *, k: int, num_beams: int,
     trained_tree: PrefixTree | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Constrained beam search from states (B, D): (items (B, k), scores (B, k), code tokens (B, k, L)).
-
-    With ``trained_tree`` (the tree of the items the model was trained with, when items were added since), each
-    node's log-probabilities are normalised over its trained children where it has any, as :func:`exact_scores` does.
-    """
+    """Constrained beam search from states (B, D): (items (B, k), scores (B, k), code tokens (B, k, L)) with the code
+    head run per beam (the reference ``EdgeLevels`` is tested against). ``trained_tree``: as :func:`exact_scores`'s."""
     return leaf_search(CausalLevels(model, h), tree, levels=model.layout.num_levels, k=k, num_beams=num_beams,
                        trained_tree=trained_tree)
 
@@ -249,6 +247,7 @@ class CausalDecoders:
         self.paths: ItemPaths | None = None
         self.tables: EdgeTables | None = None
         self.edge_slots: list[torch.Tensor] | None = None
+        self.edge_rows: list[torch.Tensor | None] | None = None  # row-major copies of product-layout edge tables
         self._vectors: torch.Tensor | None = None
         self._item_nodes: tuple[ItemPaths, torch.Tensor] | None = None  # (the paths they were made from, nodes)
 
@@ -272,6 +271,7 @@ class CausalDecoders:
         self.paths = item_paths(self.model, self.tree)
         self.tables = edge_tables(self.model, self.paths, dtype=self.table_dtype, release=release)
         self.paths, self.edge_slots = serving_paths(self.paths, edge_slots(self.paths))
+        self.edge_rows = [None if v.is_contiguous() else v.contiguous() for v in self.tables.vectors]  # (the beam's gathers)
         self._vectors = item_vectors(self.model, dtype=self.table_dtype) if self.model.has_dense else None
         if release and self.model.has_dense and not self.model.config.id_input:
             self.model.release_tables([], item_table=True)

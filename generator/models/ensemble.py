@@ -118,7 +118,11 @@ class EnsembleGenerator(nn.Module):
 
     def _stacked_weights(self) -> dict[str, torch.Tensor]:
         """The members' backbone weights stacked, made again whenever one of them changed (an optimiser step, a load,
-        the weight average's swap: each bumps the tensor's version) or moved."""
+        the weight average's swap: each bumps the tensor's version) or moved. A model released for serving
+        (``release_tables``) is never trained again: its stack, once made, is kept without reading the versions
+        (0.2 ms of a single user's call)."""
+        if self._stacked is not None and self.released:
+            return self._stacked[1]
         if self._params is None:  # walking the modules costs more than one user's states; the Parameters stay
             self._params = [p for m in self.members for mod in (m.backbone, m.head_norm, m.level_proj)  # (moves and
                             for p in mod.parameters()]  # loads change their data)
