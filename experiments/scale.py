@@ -297,7 +297,7 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
     out["build_rss_added_mb"] = rss_mb() - rss  # what the decoders keep (paths, edge tables, item vectors), less what was freed
     out["model_after_mb"] = tensor_mb(list(model.parameters()), list(model.buffers()))  # what serving keeps of the model
     out["table_dtype"], out["kept_model_tables"] = table_dtype, keep_tables
-    out["paths_mb"], out["tables_mb"] = tensor_mb(dec.paths, dec.edge_slots), tensor_mb(dec.tables)
+    out["paths_mb"], out["tables_mb"] = tensor_mb(dec.paths, dec.edge_slots), tensor_mb(dec.tables, getattr(dec, "edge_rows", None))
     out["vectors_mb"] = tensor_mb(dec._vectors)
     # a served run drops its prefix tree where its beam walks the paths' index (CausalDecoders.tree None): so does this
     out["tree_kept_mb"] = out["tree_mb"] if getattr(dec, "tree", tree) is not None else 0.0
@@ -307,7 +307,7 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
     if from_checkpoint:  # the model's rest copied: the file is unmapped (Recommender.from_run)
         from generator.models.checkpoint import own_tensors
 
-        own_tensors(model)
+        own_tensors(model, buffers=False)
     trim_heap()  # (the build trims; the tree's pages too)
     out["build_rss_mb"] = rss_mb()  # what serving holds before its first request: model rest, IDs, decoders, Python, torch
     out["from_checkpoint"], out["load_s"] = from_checkpoint, load_s

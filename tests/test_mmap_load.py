@@ -5,6 +5,7 @@ run that reads the file no more once built."""
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import generator.models.checkpoint as checkpoint
+import generator.runs.recommender as recommender_module
 from generator.designs.registry import load_checkpoint
 from generator.models.causal import CausalConfig, CausalGenerator
 from generator.models.checkpoint import check_finite, content_digest, safe_load, with_integrity
@@ -117,3 +119,51 @@ def test_the_digest_hashes_a_tensors_bytes_in_place() -> None:
     h.update(f"D1s1:wT{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.contiguous().numpy().tobytes())
     assert content_digest({"w": t}) == h.hexdigest()
+
+
+def test_a_mapped_file_of_other_dtypes_loads_as_the_model_s(ckpt: Path, tmp_path: Path) -> None:
+    """Kept as they are, a file's float16 tensors would be float16 parameters: they are converted, as a read
+    whole converts them."""
+    raw = torch.load(ckpt, weights_only=True)
+    raw.pop(checkpoint.INTEGRITY_KEY)
+    names = [k for k, v in raw["state_dict"].items() if v.is_floating_point()][:3] + ["model.dense_head.item_table"]
+    for name in names:
+        raw["state_dict"][name] = raw["state_dict"][name].half()
+    path = tmp_path / "half.ckpt"
+    torch.save(with_integrity(raw), path)
+    read, mapped = load_checkpoint(path).model, load_checkpoint(path, mmap=True).model
+    for name, t in read.state_dict().items():
+        assert mapped.state_dict()[name].dtype == t.dtype and torch.equal(mapped.state_dict()[name], t), name
+    h = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(mapped.last_hidden(h, torch.tensor([3])), read.last_hidden(h, torch.tensor([3])))
+
+
+def test_a_file_that_cannot_be_mapped_is_read_whole(ckpt: Path, tmp_path: Path) -> None:
+    """A valid checkpoint whose records are compressed (a zip rewritten with deflate): torch reads it, but mapped it
+    would be its compressed bytes (wrong values, no error); asked to map, it is read whole."""
+    path = tmp_path / "deflated.ckpt"
+    with zipfile.ZipFile(ckpt) as src, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    a = safe_load(ckpt)["state_dict"]
+    raw = torch.load(path, weights_only=True, mmap=True)["state_dict"]  # torch's own mapping of it: wrong values
+    assert not all(torch.equal(a[k], raw[k]) for k in a)
+    b = safe_load(path, mmap=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_served_run_keeps_one_copy_of_the_item_tokens(serve_world: dict[str, Path]) -> None:
+    """The buffers are copied once, at the load: the decoders' paths and the model share the item tokens, as they do
+    for a run read whole."""
+    rec = Recommender.from_run(serve_world["v1"])
+    shared = next(d.shared for d in rec._decoders.values() if hasattr(d, "shared"))
+    model_tokens = rec.run.model.item_tokens
+    assert shared.paths.tokens.untyped_storage().data_ptr() == model_tokens.untyped_storage().data_ptr()
+
+
+def test_a_checkpoint_that_changed_while_it_was_loaded_is_refused(serve_world: dict[str, Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    states = iter([(1, 2, 3), (1, 2, 4)])  # the second look sees another mtime: a rewrite in place
+    monkeypatch.setattr(recommender_module, "_file_state", lambda path: next(states))
+    with pytest.raises(ValueError, match=r"best.*ckpt: the file changed while the run was loaded from it"):
+        Recommender.from_run(serve_world["v1"])

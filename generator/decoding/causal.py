@@ -252,13 +252,13 @@ class CausalDecoders:
         self._item_nodes: tuple[ItemPaths, torch.Tensor] | None = None  # (the paths they were made from, nodes)
 
     def refresh(self, *, release: bool = False, input_from_vectors: bool | None = None) -> CausalDecoders:
-        """Build (again, after the weights changed) the paths, edge tables and item vectors. ``release`` (serving):
-        free the model's node vectors and its dense item table as soon as the tables hold what they give; the
-        decoders here read neither, but the model can no longer build them again or score codes itself
-        (``codes-grounded``, training). Where the model's input reads the item table (``id_input``), it is freed
-        only with ``input_from_vectors`` (default None: for catalogues over :data:`LEAN_SERVING_ITEMS` items):
-        the input then reads its rows back from the item vectors here (``paths.read_inputs_from``: equal
-        up to float rounding, so near-tied items may swap)."""
+        """Build (again, after the weights changed) the paths, edge tables (``edge_rows``: row-major copies of those
+        stored for their product, which the beam gathers rows from) and item vectors. ``release`` (serving): free the
+        model's node vectors and its dense item table as soon as the tables hold what they give; the decoders read
+        neither, but the model can no longer build them again or score codes itself (``codes-grounded``, training).
+        Where the model's input reads the item table (``id_input``), it is freed only with ``input_from_vectors``
+        (default None: over :data:`LEAN_SERVING_ITEMS` items): the input then reads its rows back from the item
+        vectors here (``paths.read_inputs_from``: equal up to float rounding, so near-tied items may swap)."""
         if self.model.released or self.tree is None:
             what = ", ".join(sorted(self.model.released)) or "prefix tree"
             raise ValueError(f"the model's {what} were released for serving: the decoders cannot be built from it "

@@ -90,7 +90,11 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
     ``maps_weights`` (causal) keeps its tensors as the model's: no second copy, and its N-row tables are never
     allocated or initialised (a server's start-up then holds the model once, as file pages that the serving build
     reads and releases: ``generator.runs.recommender.Recommender.from_run``). The model reads the file for as long as
-    it holds those tensors (:func:`generator.models.checkpoint.own_tensors` ends that); other designs copy them."""
+    it holds those tensors (:func:`generator.models.checkpoint.own_tensors` ends that); other designs copy their
+    parameters, and every design's buffers are copied here. A file of other dtypes than the model's is converted
+    (as a read whole is). Writers must rename a new file into place (semid's do): one rewritten in place while a
+    model reads it may crash the process (SIGBUS) or mix two files' weights (``Recommender.from_run`` refuses a
+    checkpoint that changed while it was built)."""
     path = Path(path)
     meta, layout, state = read_checkpoint(path, mmap=mmap)
     try:
@@ -105,9 +109,12 @@ def load_checkpoint(path: str | os.PathLike[str], ids: SemanticIDs | None = None
     assign = mmap and design.maps_weights
     with deferred_tables() if assign else nullcontext():
         model = design.build(config, layout, state, path, ids)  # every size checked against the file's tensors first
+    if assign:  # a tensor kept as it is must have the model's dtype (a copy into the model converts it)
+        want = {k: v.dtype for k, v in model.state_dict(keep_vars=True).items()}
+        state = {k: v.to(want[k]) if k in want and v.dtype != want[k] else v for k, v in state.items()}
     try:
         model.load_state_dict(state, assign=assign)
-        if assign:
+        if mmap:
             own_tensors(model, parameters=False)  # the N-row tables stay the file's pages until serving releases them
     except RuntimeError as e:
         raise ValueError(f"{path}: its weights do not fit the model its own config describes ({str(e).splitlines()[0]}); the file is damaged") from None

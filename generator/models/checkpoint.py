@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -108,11 +109,13 @@ def safe_load(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
         raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint; {damaged}")
     try:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as e:
-            if not (mmap and "zipfile" in str(e)):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _mappable(path))
+        except RuntimeError:
+            if not mmap:
                 raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # the old format cannot be mapped
+            # a file that cannot be mapped (torch's old format, compressed records, a file system without mmap) is
+            # read whole; that read's own error, if any, is the one reported
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         if "GLOBAL" not in text and "Unsupported class" not in text:  # garbage, not a forbidden object
@@ -129,6 +132,17 @@ def safe_load(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     if isinstance(ckpt, dict) and INTEGRITY_KEY in ckpt:
         check_integrity(ckpt, path)
     return ckpt
+
+
+def _mappable(path: Path) -> bool:
+    """Whether torch can map ``path``'s tensors: it maps a zip's records as they lie, so only records stored
+    uncompressed (what ``torch.save`` writes); a compressed one would be mapped as its compressed bytes, wrong data
+    without an error. Anything else (the old format, garbage) is read whole, and that read reports its errors."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def _first_reason(text: str) -> str:
@@ -166,17 +180,17 @@ def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -
 
 
 @torch.no_grad()
-def own_tensors(model: torch.nn.Module, *, parameters: bool = True) -> None:
-    """Give every parameter (unless not ``parameters``) and buffer of ``model`` memory of its own (a copy), so that
-    nothing of it reads a memory-mapped checkpoint any longer (``load_checkpoint(mmap=True)``): the file's pages are
-    then unmapped and the file may change. ``load_checkpoint`` copies the buffers at once (the decoders' builds take
-    views of some); a served run copies the parameters once its build released the N-row tables, so only the small
-    rest (``generator.runs.recommender.Recommender.from_run``)."""
+def own_tensors(model: torch.nn.Module, *, parameters: bool = True, buffers: bool = True) -> None:
+    """Give the parameters and / or buffers of ``model`` memory of their own (a copy), so that nothing of it reads a
+    memory-mapped checkpoint any longer (``load_checkpoint(mmap=True)``): the file's pages are then unmapped and the
+    file may change. ``load_checkpoint`` copies the buffers at once (the decoders' builds take views of some, which
+    a second copy would leave behind); a served run copies the parameters once its build released the N-row
+    tables, so only the small rest (``generator.runs.recommender.Recommender.from_run``)."""
     for module in model.modules():
         for p in module._parameters.values() if parameters else ():
             if p is not None:
                 p.data = p.data.clone()
-        for name, b in module._buffers.items():
+        for name, b in module._buffers.items() if buffers else ():
             if b is not None:
                 module._buffers[name] = b.clone()
 

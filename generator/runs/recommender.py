@@ -170,11 +170,15 @@ class Recommender:
         releases its N-row tables, then what the model keeps is copied (``own_tensors``), so start-up never holds the
         model twice nor its released tables at all (``experiments/results/scale_serve_mmap*.md``)."""
         run = load_run(path, checkpoint, mmap=True)
+        seen = _file_state(run.checkpoint)
         if device is not None:  # the run was loaded for this Recommender alone: move it in place
             run.model.to(device)
             run.tree = run.tree.to(device)
         rec = cls(run, **{"release_tables": True, **options})  # its model: nothing else uses it
-        own_tensors(rec.run.model)  # the file is read no more (it may be replaced, even in place)
+        own_tensors(rec.run.model, buffers=False)  # the file is read no more (it may be replaced, even in place)
+        if _file_state(run.checkpoint) != seen:
+            raise ValueError(f"{run.checkpoint}: the file changed while the run was loaded from it (was it rewritten in "
+                             "place? write a new checkpoint beside it and rename it into place); load the run again")
         return rec
 
     @property
@@ -339,6 +343,12 @@ class Recommender:
         if bad.size:
             raise ValueError(f"unknown item id {int(bad[0])}: the dataset's items are 1..{self.catalogue.num_items}")
         return arr.tolist()
+
+
+def _file_state(path: Path) -> tuple[int, int, int]:
+    """(inode, size, mtime) of ``path``: what a rewrite in place changes."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _padded(hist: list[np.ndarray]) -> np.ndarray:
