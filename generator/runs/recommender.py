@@ -45,7 +45,7 @@ from generator.models.checkpoint import own_tensors
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
-from generator.runs.folder import Run, load_run
+from generator.runs.folder import Run, best_checkpoint, load_run, read_config
 from semid.data import Catalogue, load_catalogue
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,10 @@ class Recommender:
         build everything a call needs; ``options`` as for the constructor (``decoder``, ``decoders``, ...). The
         checkpoint is memory-mapped: a causal model's tensors are the file's pages while the build reads them and
         releases its N-row tables, then what the model keeps is copied (``own_tensors``), so start-up never holds the
-        model twice nor its released tables at all (``experiments/results/scale_serve_mmap*.md``)."""
-        run = load_run(path, checkpoint, mmap=True)
-        seen = _file_state(run.checkpoint)
+        model twice nor its released tables at all (``experiments/results/scale_serve_mmap.md``)."""
+        ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(path, read_config(path))
+        seen = _file_state(ckpt)  # before it is mapped: a rewrite any time until it is unmapped is seen
+        run = load_run(path, ckpt, mmap=True)
         if device is not None:  # the run was loaded for this Recommender alone: move it in place
             run.model.to(device)
             run.tree = run.tree.to(device)
