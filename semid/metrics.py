@@ -36,7 +36,8 @@ def ndcg_at_k(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Ten
 
 
 class RankingMetrics:
-    """Accumulates Recall@K and NDCG@K over batches; ``compute()`` gives the means keyed ``recall@K``, ``ndcg@K``."""
+    """Accumulates Recall@K and NDCG@K over batches; ``compute()`` gives the means keyed ``recall@K``, ``ndcg@K``;
+    ``ranks()`` each user's target rank (-1: not in the ranking), in the order of the updates (for paired tests)."""
 
     def __init__(self, ks: Iterable[int] = (5, 10)) -> None:
         self.ks = tuple(int(k) for k in ks)
@@ -46,6 +47,7 @@ class RankingMetrics:
 
     def reset(self) -> None:
         self._sums = {f"{m}@{k}": 0.0 for k in self.ks for m in ("recall", "ndcg")}
+        self._ranks: list[np.ndarray] = []
         self.count = 0
 
     def update(self, ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> None:
@@ -53,11 +55,16 @@ class RankingMetrics:
         if ranked.shape[1] < max(self.ks):
             raise ValueError(f"`ranked` has {ranked.shape[1]} columns, fewer than k={max(self.ks)}")
         ranks = _target_ranks(ranked, targets)
+        self._ranks.append(np.asarray(ranks, dtype=np.int64))
         for k in self.ks:
             hit = (ranks >= 0) & (ranks < k)
             self._sums[f"recall@{k}"] += float(hit.sum())
             self._sums[f"ndcg@{k}"] += float(np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0).sum())
         self.count += int(ranks.shape[0])
+
+    def ranks(self) -> np.ndarray:
+        """int64 (users,): each user's target rank in its ranking (0 = first; -1: not in it)."""
+        return np.concatenate(self._ranks) if self._ranks else np.empty(0, dtype=np.int64)
 
     def compute(self) -> dict[str, float]:
         if self.count == 0:

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
     add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
+    p.add_argument("--exclude-history", action="store_true",
+                   help="rank only items outside each user's history, as `semid serve` does by default (writes "
+                        "RUN/metrics_<split>_unseen.json; default: the benchmark protocol, every item ranked)")
     add_table_dtype(p)
     add_run_data(p)
     p.add_argument("--checkpoint", type=Path, help="a checkpoint file instead of the run's best")
@@ -80,16 +83,18 @@ def run(args: argparse.Namespace) -> int:
             args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
             batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
             device=args.device, progress=progress_default(args.progress), alpha=args.alpha, table_dtype=args.table_dtype,
+            exclude_history=args.exclude_history,
         )
     except DecoderError as e:  # a RuntimeError, which semid_cli.main does not catch
         if args.debug:
             raise
         print(f"semid evaluate: error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.split}: {m['users_evaluated']} users, checkpoint {m['checkpoint']}, {m['num_beams']} beams, decoder {m['decoder']}")
+    print(f"{args.split}: {m['users_evaluated']} users, checkpoint {m['checkpoint']}, {m['num_beams']} beams, decoder {m['decoder']}"
+          + (", histories excluded" if args.exclude_history else ""))
     for k in ks:
         print(f"  Recall@{k:<3} {m[f'recall@{k}']:.4f}   NDCG@{k:<3} {m[f'ndcg@{k}']:.4f}")
     print(f"  invalid items {m['invalid_items']}, duplicate items {m['duplicate_items']}, {m['seconds']:.1f} s")
     print(f"wrote {m['file']}" + ("  (a sample: the all-users file is left as it was)" if args.max_users is not None
-                                  and Path(m["file"]).name != metrics_file(args.run, args.split).name else ""))
+                                  and Path(m["file"]).name != metrics_file(args.run, args.split, unseen=args.exclude_history).name else ""))
     return 0

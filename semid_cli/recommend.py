@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k; default max(k, 20))")
     p.add_argument("--user", type=int, help="user id, hashed into the run's user tokens (default: none)")
+    p.add_argument("--exclude-history", action="store_true",
+                   help="leave the history's items out (as `semid serve` does by default; default: every item ranked)")
     add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: the one chosen on validation, RUN/hybrid.json)")
     add_run_data(p, " for titles")
@@ -49,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                                num_beams=DEFAULT_BEAMS, data=args.data)
     user_ids = [args.user] if args.user is not None else None
     try:
-        out = rec.recommend([args.history], k=args.k, user_ids=user_ids, num_beams=args.num_beams)[0]
+        out = rec.recommend([args.history], k=args.k, user_ids=user_ids, num_beams=args.num_beams,
+                            exclude_history=args.exclude_history)[0]
     except RuntimeError as e:  # a decoder returned items outside the catalogue; semid_cli.main does not catch these
         if args.debug:
             raise

@@ -94,6 +94,11 @@ def test_cli_recommend_prints_items(causal_run: dict[str, Path], capsys: pytest.
     want = recommend(run, [[1, 2, 3]], k=3)[0]
     assert [r["item_id"] for r in out["items"]] == want.items.tolist()
     assert [r["title"] for r in out["items"]] == [f"item {i}" for i in want.items]
+    history = [int(i) for i in want.items[:2]]  # the two best items, as a history: left out with --exclude-history
+    assert main(["recommend", "--run", str(causal_run["run"]), "--history", ",".join(map(str, history)), "-k", "3",
+                 "--json", "--exclude-history"]) == 0
+    got = [r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]]
+    assert got == recommend(run, [history], k=3, exclude_history=True)[0].items.tolist() and not set(got) & set(history)
 
 
 def test_causal_options_that_do_not_apply_are_errors() -> None:

@@ -240,7 +240,7 @@ def test_evaluate_fails_on_a_broken_decoder(
 
     monkeypatch.setattr(ev, "decoders_for", lambda run, names, **kw: {n: Duplicating() for n in names})
     out_file = trained["run"] / "metrics_broken.json"
-    monkeypatch.setattr(ev, "metrics_file", lambda run, which, sample=None: out_file)
+    monkeypatch.setattr(ev, "metrics_file", lambda run, which, sample=None, unseen=False: out_file)
     assert main(["evaluate", "--run", str(trained["run"]), "--split", "test", "--num-beams", "12", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "invalid" in err and "duplicate" in err and "broken" in err

@@ -24,7 +24,7 @@ from generator.runs.decoders import decoders_for
 from generator.runs.evaluate import evaluate
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommend import recommend
-from generator.runs.recommender import Recommender
+from generator.runs.recommender import Recommender, distinct_counts, drop_history
 from semid.data import load_dataset
 from semid.split import leave_one_out
 from semid_cli import main
@@ -107,6 +107,49 @@ def test_exclude_history_equals_the_longer_ranking_without_history_items(world: 
             assert not set(g.items.tolist()) & set(h)
     with pytest.raises(ValueError, match="distinct items of a history to exclude"):
         rec.recommend([list(range(1, 13))], k=NUM_ITEMS - 5, decoder="exact", exclude_history=True)
+
+
+def test_drop_history_keeps_the_order_of_the_rest_and_never_drops_an_empty_slot() -> None:
+    items = np.array([[5, 9, 2, 7, 6], [8, -1, 3, -1, 4]])
+    scores = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [9.0, 8.0, 7.0, 6.0, 5.0]])
+    # row 1's empty slots (-1) must not be taken for row 0's item 9 (row * span + item keys: 1 * 10 - 1 == 0 * 10 + 9)
+    got_items, got_scores = drop_history(items, scores, [np.array([9, 2]), np.array([8, 8])], 3)
+    np.testing.assert_array_equal(got_items, [[5, 7, 6], [-1, 3, -1]])
+    np.testing.assert_array_equal(got_scores, [[5.0, 2.0, 1.0], [8.0, 7.0, 6.0]])
+    np.testing.assert_array_equal(distinct_counts([np.array([8, 8, 1]), np.array([], dtype=np.int64)]), [2, 0])
+
+
+@pytest.mark.parametrize("decoder", SERVED)
+def test_evaluate_exclude_history_ranks_what_the_recommender_serves(world: dict[str, Path], decoder: str) -> None:
+    run = load_run(world["run"])
+    split = leave_one_out(load_dataset(world["data"]))
+    got = evaluate(run, split, "test", decoder=decoder, batch_size=3, exclude_history=True, num_beams=10)
+    protocol = evaluate(run, split, "test", decoder=decoder, batch_size=3, num_beams=10)
+    rec = Recommender.from_run(world["run"], num_beams=10)
+    served = [rec.recommend([split.test_history(int(r))], k=10, decoder=decoder, exclude_history=True)[0]
+              for r in got.user_rows]  # loop over users: each user's own call, as the service answers it
+    want = [_rank(s.items, split.test_targets[r]) for s, r in zip(served, got.user_rows, strict=True)]
+    np.testing.assert_array_equal(got.ranks, want)  # user by user: the served ranking's rank of the target
+    assert sorted(got.user_rows.tolist()) == list(range(split.num_users))  # every user once (taken in another order)
+    every = [rec.recommend([split.test_history(int(r))], k=10, decoder=decoder)[0] for r in protocol.user_rows]  # loop over users
+    np.testing.assert_array_equal(protocol.ranks, [_rank(s.items, split.test_targets[r]) for s, r in zip(every, protocol.user_rows, strict=True)])
+
+
+def _rank(items: np.ndarray, target: int) -> int:
+    return int(np.flatnonzero(items == target)[0]) if (items == target).any() else -1
+
+
+def test_cli_evaluate_exclude_history_writes_beside_the_protocol_file(world: dict[str, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    assert main(["evaluate", "--run", str(run), "--decoder", "dense", "--no-progress"]) == 0
+    assert main(["evaluate", "--run", str(run), "--decoder", "dense", "--exclude-history", "--no-progress"]) == 0
+    assert "histories excluded" in capsys.readouterr().out
+    protocol = json.loads((run / "metrics_test.json").read_text())
+    unseen = json.loads((run / "metrics_test_unseen.json").read_text())
+    assert protocol["exclude_history"] is False and unseen["exclude_history"] is True
+    assert protocol["users_evaluated"] == unseen["users_evaluated"] > 0
 
 
 def test_read_paths_write_nothing_and_leave_the_run_as_it_was(world: dict[str, Path]) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from generator.decoding.protocol import Histories
@@ -23,10 +24,12 @@ from semid.tree import PrefixTree
 
 
 class Labelled(NamedTuple):
-    """One batch of evaluation users: their histories and held-out items (LongTensor (B,) item ids)."""
+    """One batch of evaluation users: their histories and held-out items (LongTensor (B,) item ids); ``rows``:
+    where they are in the rows the batches were made from (int (B,); designs batch users in their own order)."""
 
     histories: Histories
     targets: torch.Tensor
+    rows: np.ndarray | None = None
 
 
 class Setup(NamedTuple):

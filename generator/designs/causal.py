@@ -149,8 +149,10 @@ def build(config: CausalConfig, layout: Any, state: dict[str, torch.Tensor], pat
 # ---- featurisation: one position per history item (item rows + 1) ----------------------------------------------
 def split_batches(run: Any, split: Split, which: str, rows: np.ndarray, batch_size: int) -> list[Labelled]:
     hist, targets = causal_data.split_histories(split, which, rows)
-    return [Labelled(Histories(b.histories, positions(b.lengths, b.histories.shape[1])), b.targets)
-            for b in causal_data.eval_batches(hist, targets, run.ids, run.max_history, batch_size)]
+    order = causal_data.eval_order(hist, run.max_history)
+    return [Labelled(Histories(b.histories, positions(b.lengths, b.histories.shape[1])), b.targets, order[lo : lo + batch_size])
+            for lo, b in zip(range(0, len(order), batch_size),
+                             causal_data.eval_batches(hist, targets, run.ids, run.max_history, batch_size), strict=True)]
 
 
 def history_batches(run: Any, histories: list[np.ndarray], user_ids: np.ndarray | None, batch_size: int) -> list[Histories]:

@@ -1,7 +1,11 @@
 """Leave-one-out evaluation of a run with any decoder of the registry: Recall@K / NDCG@K over the catalogue.
 
-Every user's held-out item (validation or test) is ranked among *all* items; no candidate sampling, no filtering
-of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
+Every user's held-out item (validation or test) is ranked among *all* items; no candidate sampling, and by default
+no filtering of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
+``exclude_history`` leaves the user's history out of each ranking, as ``semid serve`` does by default (its
+``exclude_history`` field) and ``Recommender.recommend(..., exclude_history=True)`` does: the first k items of the
+decoder's ranking that the user has not seen (the decoder asked for k more per distinct history item). On a catalogue
+whose users never take an item twice (Beauty's), a seen item in the top k is a slot wasted.
 
 :func:`evaluate` is a read path: it writes no file and leaves the loaded run as it was (a model to be moved to
 another device is copied); the hybrid reads the fusion stored by ``semid choose-fusion`` / ``semid train``.
@@ -22,11 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.decoding import registry
-from generator.decoding.protocol import check_decode_args
-from generator.runs.batches import split_batches
+from generator.decoding.protocol import check_decode_args, check_k
+from generator.runs.batches import history_batches, split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, check_same_data, check_writable, load_run, metrics_file
-from generator.runs.recommender import on_device
+from generator.runs.recommender import distinct_counts, drop_history, on_device, with_beams
 from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.io import write_json
@@ -51,6 +55,8 @@ class EvalResult(NamedTuple):
     duplicate_items: int  # items returned twice for one user (must be 0)
     seconds: float
     grounding: dict[str, Any] | None = None  # grounded decoders: generations that were not items, grounding time
+    user_rows: np.ndarray | None = None  # (users,) the split's rows evaluated, in the order of ``ranks``
+    ranks: np.ndarray | None = None  # (users,) each one's target rank in its top max(ks) (-1: not in it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"split": self.split, "decoder": self.decoder, **self.metrics, "users_evaluated": self.users,
@@ -86,6 +92,7 @@ def evaluate(
     length_penalty: float | None = None,
     table_dtype: str = "float32",
     release_tables: bool = False,
+    exclude_history: bool = False,
 ) -> EvalResult:
     """Rank every (or a seeded sample of ``max_users``) user's held-out item over the whole catalogue.
 
@@ -99,6 +106,10 @@ def evaluate(
         table_dtype: a causal run's serving tables, "float32" or 16 bits (``generator.runs.recommender.Recommender``).
         release_tables: free the causal model's N-row tables once the decoder is built (the run given is then
             changed: for a run loaded for this evaluation alone, as :func:`evaluate_run` does).
+        exclude_history: rank only items outside each user's history (see the module docstring): a user's ranking
+            is what ``Recommender.recommend([history], k, exclude_history=True)`` serves for it alone (beams, and a
+            hybrid's candidates, raised to k plus its distinct history items; users of one such count decoded
+            together).
     """
     name = registry.resolve(run.design, decoder)
     if which == "valid" and name == "hybrid" and alpha is None:
@@ -107,6 +118,8 @@ def evaluate(
             "would grade it on the users it was tuned on; evaluate `split='test'` (--split test), or pass an explicit "
             "`alpha` (--alpha A) to score a fixed blend weight on the validation split"
         )
+    if not isinstance(exclude_history, bool):
+        raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
     ks = tuple(sorted(ks))
     check_decode_args(ks[-1], num_beams, run.ids.num_items)
     if device is None:  # the accelerator where there is one, as training does
@@ -120,19 +133,54 @@ def evaluate(
     known = torch.from_numpy(run.ids.item_ids)
     invalid = duplicates = 0
     start = time.perf_counter()
-    batches = split_batches(run, split, which, rows, batch_size)
-    for b in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):  # loop over batches of users
-        items = dec(b.histories.to(device), ks[-1]).items.cpu()  # (B, k)
+    if exclude_history:
+        rows, batches = _unseen_batches(run, split, which, rows, ks[-1], batch_size)
+    else:
+        made = split_batches(run, split, which, rows, batch_size)
+        rows = rows[np.concatenate([b.rows for b in made])] if made else rows  # the designs' order (of the ranks)
+        batches = [(b.histories, b.targets, 0, None) for b in made]
+    decs = {0: dec}  # extra items -> the decoder with beams (and a hybrid's candidates) for k plus them
+    for histories, targets, more, seen in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):  # loop over batches of users
+        want = ks[-1] + more
+        if more not in decs:
+            decs[more] = with_beams(dec, max(num_beams, want), candidates=name == "hybrid")
+        ranked = decs[more](histories.to(device), want)
+        items = ranked.items.cpu()  # (B, want)
+        if seen is not None:
+            items = torch.from_numpy(drop_history(items.numpy(), ranked.scores.float().cpu().numpy(), seen, ks[-1])[0])
         invalid += int((~torch.isin(items, known)).sum())
         duplicates += int((items.sort(1).values.diff(dim=1) == 0).sum())
-        metrics.update(items, b.targets)
+        metrics.update(items, targets)
     seconds = time.perf_counter() - start
     stats = getattr(getattr(dec, "shared", None), "stats", None)  # the grounded decoders count their generations
     result = EvalResult(which, f"{run.design}.{name}", metrics.compute(), metrics.count, invalid, duplicates, seconds,
-                        None if stats is None else stats.as_dict())
+                        None if stats is None else stats.as_dict(), rows, metrics.ranks())
     _check_result(result)
     log.info("evaluated %d %s users in %.1f s: %s", result.users, which, seconds, result.metrics)
     return result
+
+
+def _unseen_batches(run: Run, split: Split, which: str, rows: np.ndarray, k: int, batch_size: int,
+                    ) -> tuple[np.ndarray, list[tuple[Any, torch.Tensor, int, list[np.ndarray]]]]:
+    """``rows`` grouped by their histories' distinct items (the extra items each user's own call asks for), and
+    batches of up to ``batch_size`` users of one count: (histories as the Recommender batches them, targets, the
+    count, the histories' item ids). Returns the rows in that order too (the order of the metrics' ranks)."""
+    history = split.valid_history if which == "valid" else split.test_history
+    targets = split.valid_targets if which == "valid" else split.test_targets
+    hists = [history(int(r)) for r in rows]
+    extra = distinct_counts(hists)
+    check_k(k + int(extra.max(initial=0)), run.ids.num_items, "the catalogue size (k plus a history's distinct items to exclude)")
+    order = np.argsort(extra, kind="stable")
+    rows, extra, hists = rows[order], extra[order], [hists[i] for i in order]
+    edges = np.flatnonzero(np.diff(extra, prepend=-1, append=-1))  # runs of one count
+    out = []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):  # loop over counts (at most the longest history's)
+        users = np.arange(a, b)
+        uids = split.user_ids[rows[users]] if getattr(run, "use_user_tokens", False) else None
+        for lo, h in zip(range(a, b, batch_size), history_batches(run, hists[a:b], uids, batch_size), strict=True):
+            part = slice(lo, min(lo + batch_size, b))
+            out.append((h, torch.from_numpy(targets[rows[part]]), int(extra[a]), hists[part]))
+    return rows, out
 
 
 def _check_result(result: EvalResult) -> None:
@@ -159,6 +207,7 @@ def evaluate_run(
     progress: bool = False,
     alpha: float | None = None,
     table_dtype: str = "float32",
+    exclude_history: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically; a sample of ``max_users`` users
     writes ``RUN/metrics_<which>_sample<N>.json`` instead); returns what was written, with ``file`` its path.
@@ -170,6 +219,8 @@ def evaluate_run(
         data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
         table_dtype: a causal run's serving tables, "float32" or 16 bits (the model's N-row tables are freed once the
             decoder is built: the run is loaded for this evaluation alone).
+        exclude_history: rankings without each user's history (:func:`evaluate`): written to
+            ``RUN/metrics_<which>_unseen.json``, beside the protocol's file.
     """
     if which not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
@@ -179,13 +230,14 @@ def evaluate_run(
     check_same_data(run.config, run.path, data)
     split = leave_one_out(dataset)
     sample = max_users if max_users is not None and max_users < split.num_users else None
-    target = metrics_file(run.path, which, sample)
+    target = metrics_file(run.path, which, sample, unseen=exclude_history)
     check_writable(target, f"the metrics ({target.name})")  # before the work, not after it
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
         raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
     result = evaluate(
         run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
         decoder=decoder, device=device, progress=progress, alpha=alpha, table_dtype=table_dtype, release_tables=True,
+        exclude_history=exclude_history,
     )
     # the run's best checkpoint was chosen on validation unless training ran none (then it is last.ckpt)
     selected = bool(run.config.get("selected_on_validation", True)) and (
@@ -200,6 +252,7 @@ def evaluate_run(
         "num_beams": num_beams,
         "max_users": max_users,
         "seed": seed,
+        "exclude_history": exclude_history,
         **({"table_dtype": table_dtype} if table_dtype != "float32" else {}),
         "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
         "data": str(data),

@@ -62,10 +62,12 @@ TITLE_EMB_FILE = "title_grounding_emb.npy"  # a title run's catalogue titles emb
 RUN_FORMAT = "semid.run"
 
 
-def metrics_file(run_dir: str | os.PathLike[str], split: str, sample: int | None = None) -> Path:
+def metrics_file(run_dir: str | os.PathLike[str], split: str, sample: int | None = None, *, unseen: bool = False) -> Path:
     """``RUN/metrics_<split>.json`` (all users), or ``RUN/metrics_<split>_sample<N>.json`` for a sample of N users,
-    which never replaces the all-users file."""
-    return Path(run_dir) / (f"metrics_{split}.json" if sample is None else f"metrics_{split}_sample{sample}.json")
+    which never replaces the all-users file; ``unseen`` (rankings without the users' histories): ``metrics_<split>_unseen``
+    before the sample's part, beside the protocol's file, never over it."""
+    name = f"metrics_{split}" + ("_unseen" if unseen else "") + ("" if sample is None else f"_sample{sample}")
+    return Path(run_dir) / f"{name}.json"
 
 
 def check_writable(target: str | os.PathLike[str], what: str) -> None:

@@ -221,28 +221,24 @@ class Recommender:
             raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
         hist = check_histories(histories, self._item_ids)
         user_ids = self._user_ids(user_ids, len(hist))
-        want, seen = k, None
+        want = k
         if exclude_history:
-            seen = _padded(hist)  # (B, H) item ids, -1 padded
-            srt = np.sort(seen, axis=1)
-            distinct = ((srt[:, 1:] != srt[:, :-1]) & (srt[:, 1:] >= 0)).sum(1) + (srt[:, 0] >= 0)
-            want = k + int(distinct.max())
+            most = int(distinct_counts(hist).max())
+            want = k + most
             if want > N:
-                raise ValueError(f"`k` ({k}) plus the {int(distinct.max())} distinct items of a history to exclude is "
+                raise ValueError(f"`k` ({k}) plus the {most} distinct items of a history to exclude is "
                                  f"{want}, more than the catalogue's {N} items: ask for fewer")
         M = max(self.num_beams, want) if num_beams is None else num_beams
         check_beams(M, want, N)
-        dec = _with_beams(self._decoders[name], M, candidates=name == "hybrid")
+        dec = with_beams(self._decoders[name], M, candidates=name == "hybrid")
         items, scores = [], []
         for b in history_batches(self._batching, hist, user_ids, batch_size):  # loop over batches of histories
             res = dec(b.to(self.device), want)
             items.append(res.items.cpu().numpy())
             scores.append(res.scores.float().cpu().numpy())
         items_a, scores_a = np.concatenate(items), np.concatenate(scores)
-        if seen is not None:  # drop history items, keep the order of the rest: the first k of each row
-            keep = ~(items_a[:, :, None] == seen[:, None, :]).any(-1)  # (B, want)
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-            items_a, scores_a = np.take_along_axis(items_a, order, 1), np.take_along_axis(scores_a, order, 1)
+        if exclude_history:  # drop history items, keep the order of the rest: the first k of each row
+            items_a, scores_a = drop_history(items_a, scores_a, hist, k)
         self._check_items(items_a, name)
         return [Recommendation(i, s) for i, s in zip(items_a, scores_a, strict=True)]
 
@@ -352,17 +348,27 @@ def _file_state(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _padded(hist: list[np.ndarray]) -> np.ndarray:
-    """(B, H) item ids of B histories, right-padded with -1 (one scatter)."""
-    lengths = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
-    out = np.full((len(hist), int(lengths.max())), -1, dtype=np.int64)
-    owner = np.repeat(np.arange(len(hist)), lengths)
-    pos = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[owner, pos] = np.concatenate(hist)
-    return out
+def distinct_counts(histories: Sequence[np.ndarray]) -> np.ndarray:
+    """int64 (B,): how many distinct items each history holds (what ``exclude_history`` may drop from a ranking)."""
+    return np.fromiter((np.unique(h).size for h in histories), dtype=np.int64, count=len(histories))
 
 
-def _with_beams(dec: Decoder, num_beams: int, *, candidates: bool = False) -> Decoder:
+def drop_history(items: np.ndarray, scores: np.ndarray, histories: Sequence[np.ndarray], k: int,
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The first k entries of each ranking (items, scores (B, n), best first) whose item is not in its history
+    (``histories[b]``, item ids; empty: nothing dropped), the rest keeping their order: ((B, k), (B, k)). One
+    membership test over all (row, item) pairs and one stable sort; ``n`` must leave k per row (a decoder asked for
+    k plus the history's distinct items, :func:`distinct_counts`). An empty slot (-1) is never in a history."""
+    flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if len(histories) else np.empty(0, np.int64)
+    lengths = np.fromiter(map(len, histories), np.int64, len(histories))
+    span = int(max(items.max(initial=0), flat.max(initial=0))) + 1  # (row, item) -> row * span + item, one key per pair
+    row = np.arange(len(histories), dtype=np.int64)
+    seen = np.isin(row[:, None] * span + items, np.repeat(row, lengths) * span + flat) & (items >= 0)  # (B, n)
+    order = np.argsort(seen, axis=1, kind="stable")[:, :k]  # the rest first, in their order
+    return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def with_beams(dec: Decoder, num_beams: int, *, candidates: bool = False) -> Decoder:
     """``dec`` with ``num_beams`` beams and, with ``candidates`` (the hybrids), at least ``num_beams`` candidates per
     list: itself where it has them, else a shallow copy (the built tables are shared)."""
     out = dec
@@ -370,7 +376,7 @@ def _with_beams(dec: Decoder, num_beams: int, *, candidates: bool = False) -> De
         out = copy.copy(dec)
         out.num_beams = num_beams
         if hasattr(out, "beam"):  # ColdStartBeam around a beam decoder
-            out.beam = _with_beams(out.beam, num_beams)
+            out.beam = with_beams(out.beam, num_beams)
     owner = getattr(out, "shared", out)  # a causal decoder keeps C in the CausalDecoders it shares
     if candidates and owner.num_candidates < num_beams:
         out = copy.copy(out) if out is dec else out

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.runs.recommender import Recommendation, Recommender
+from generator.runs.recommender import Recommendation, Recommender, distinct_counts, drop_history
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def plan(rec: Recommender, histories: list[np.ndarray], k: int, decoder: str, ex
          ) -> tuple[list[int], list[int | None], list[tuple]]:
     """Per history: the items its decoder is asked for (``want``), the beams it is decoded with (None: the decoder
     has none) and its group key (module doc)."""
-    wants = [k + len(np.unique(h)) for h in histories] if exclude_history else [k] * len(histories)
+    wants = (k + distinct_counts(histories)).tolist() if exclude_history else [k] * len(histories)
     N = rec.run.ids.num_items
     beams = [None if decoder in BEAMLESS else bucket(w, rec.num_beams, N) for w in wants]
     params = [max(b, rec.num_candidates) for b in beams] if decoder in WIDENING else beams
@@ -233,10 +233,5 @@ def _cut(out: list[Recommendation], members: list[tuple[Job, int]]) -> list[Reco
     items = np.stack([o.items for o in out])  # (G, n)
     scores = np.stack([o.scores for o in out])
     excluded = [job.histories[i] if job.exclude_history else np.empty(0, np.int64) for job, i in members]
-    flat, lengths = np.concatenate(excluded), np.fromiter(map(len, excluded), np.int64, len(excluded))
-    span = int(max(items.max(), flat.max(initial=0))) + 1  # (row, item) -> row * span + item, one key per pair
-    row = np.arange(len(members), dtype=np.int64)
-    in_history = np.isin(row[:, None] * span + items, np.repeat(row, lengths) * span + flat)  # (G, n)
-    order = np.argsort(in_history, axis=1, kind="stable")  # the rest first, in their order
-    items, scores = np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
+    items, scores = drop_history(items, scores, excluded, items.shape[1])
     return [Recommendation(items[j, :job.k], scores[j, :job.k]) for j, (job, _) in enumerate(members)]

@@ -54,7 +54,7 @@ def split_batches(run: Any, split: Split, which: str, rows: np.ndarray, batch_si
     out = []
     for index in eval_batches(ex.input_lengths, batch_size):  # loop over batches of users
         b = collate(ex, index, run.layout.pad_token_id)
-        out.append(Labelled(Histories(b.input_ids, b.attention_mask.bool()), b.target))
+        out.append(Labelled(Histories(b.input_ids, b.attention_mask.bool()), b.target, np.asarray(index)))
     return out
 
 

@@ -111,11 +111,16 @@ def split_histories(split: Split, which: str, rows: np.ndarray | None = None) ->
     return [history(int(i)) for i in rows], targets[rows]
 
 
+def eval_order(histories: Sequence[np.ndarray], max_history: int) -> np.ndarray:
+    """The order :func:`eval_batches` takes the histories in: by the length read (at most ``max_history``), stable."""
+    return np.argsort([min(len(h), max_history) for h in histories], kind="stable")
+
+
 def eval_batches(histories: Sequence[np.ndarray], targets: np.ndarray, ids: SemanticIDs, max_history: int, batch_size: int) -> list[SeqBatch]:
-    """Evaluation batches sorted by history length (little padding), in a deterministic order."""
+    """Evaluation batches sorted by history length (little padding), in a deterministic order (:func:`eval_order`)."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    order = np.argsort([min(len(h), max_history) for h in histories], kind="stable")
+    order = eval_order(histories, max_history)
     return [
         history_batch([histories[i] for i in order[lo : lo + batch_size]], np.asarray(targets)[order[lo : lo + batch_size]], ids, max_history)
         for lo in range(0, len(order), batch_size)
