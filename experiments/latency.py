@@ -1,6 +1,6 @@
 """Single-user latency of a loaded run: ``Recommender.recommend`` per decoder, against the one-off path.
 
-    python -m experiments.latency --run RUN [--calls 300] [--old-calls 10] [--threads 1] [-k 10]
+    python -m experiments.latency --run RUN [--calls 300] [--old-calls 10] [--threads 1] [-k 10] [--exclude-history]
 
 RUN is a causal run folder with a dense head and a stored fusion (``semid train`` chooses one; ``semid choose-fusion``
 for an older run). A Beauty run for it, quality aside (about 4 minutes on one thread):
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-history", action="store_true",
+                   help="serve calls leave the history out (what `semid serve` does by default)")
     p.add_argument("--out", type=Path, default=RESULTS / "latency.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"not measured (the run serves no such decoder; hybrid needs `semid choose-fusion --run RUN`): {missing}")
     for name in (n for n in DECODERS if n not in missing):
         dec = rec._decoders[name]
-        serve, decode = _ms([lambda i, n=name: rec.recommend([hists[i]], args.k, n),
+        serve, decode = _ms([lambda i, n=name: rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history),
                              lambda i, d=dec: d(batches[i], args.k)], args.calls, args.warmup)
         (old,) = _ms([lambda i, n=name: recommend(whole, [hists[i]], k=args.k, decoder=n)], args.old_calls, 1)
         rows.append((name, serve, decode, old))
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Run: `{args.run}` ({run.design}, {run.ids.num_items:,} items, fusion {run_fusion(rec)}), version "
         f"`{rec.version}`; loaded and built in {load_s:.2f} s. One call = one test user's history, top-{args.k}; "
         f"{args.calls} timed calls per decoder ({args.old_calls} for one-off) after {args.warmup} warm-up calls; "
+        f"serve calls {'leave the history out' if args.exclude_history else 'rank every item'}; "
         f"torch threads: {torch.get_num_threads()}; {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}; {os.cpu_count()} CPUs, load average {load_before:.1f} before and "
         f"{os.getloadavg()[0]:.1f} after (other jobs on the machine: the latencies carry their noise; serve and decode "
