@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
     p.add_argument("--exclude-history", action="store_true",
-                   help="rank only items outside each user's history, as `semid serve` does by default (writes "
+                   help="rank only items outside each user's history (as `semid serve` does by default; writes "
                         "RUN/metrics_<split>_unseen.json; default: the benchmark protocol, every item ranked)")
     add_table_dtype(p)
     add_run_data(p)

@@ -143,13 +143,16 @@ def test_cli_evaluate_exclude_history_writes_beside_the_protocol_file(world: dic
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     shutil.copytree(world["run"], run)
-    assert main(["evaluate", "--run", str(run), "--decoder", "dense", "--no-progress"]) == 0
-    assert main(["evaluate", "--run", str(run), "--decoder", "dense", "--exclude-history", "--no-progress"]) == 0
+    assert main(["evaluate", "--run", str(run), "--decoder", "exact", "--no-progress"]) == 0
+    assert main(["evaluate", "--run", str(run), "--decoder", "exact", "--exclude-history", "--no-progress"]) == 0
     assert "histories excluded" in capsys.readouterr().out
     protocol = json.loads((run / "metrics_test.json").read_text())
     unseen = json.loads((run / "metrics_test_unseen.json").read_text())
     assert protocol["exclude_history"] is False and unseen["exclude_history"] is True
     assert protocol["users_evaluated"] == unseen["users_evaluated"] > 0
+    split = leave_one_out(load_dataset(world["data"]))  # the flag reaches the evaluation: its metrics, not the protocol's
+    want = evaluate(load_run(run), split, "test", decoder="exact", exclude_history=True).metrics
+    assert unseen["ndcg@10"] == pytest.approx(want["ndcg@10"]) and unseen["ndcg@10"] > protocol["ndcg@10"]
 
 
 def test_read_paths_write_nothing_and_leave_the_run_as_it_was(world: dict[str, Path]) -> None:

@@ -112,3 +112,25 @@ def test_title_options_that_do_not_apply_are_errors(title_runs: dict[str, Path],
         evaluate_run(title_runs["causal"], "test", decoder="title-beam", num_beams=10)
     with pytest.raises(SystemExit):
         main(["train", "--data", "d", "--ids", "i", "--out", "o", "--target", "words"])
+
+
+def test_a_title_run_evaluates_without_the_history_as_its_recommender_serves(title_runs: dict[str, Path]) -> None:
+    """The title beam takes a call's own beam count (k plus the history's distinct items): it used to keep its
+    loaded count and refuse (issue 18's review)."""
+    import numpy as np
+
+    from generator.runs.evaluate import evaluate
+    from generator.runs.recommender import Recommender
+    from semid.data import load_dataset
+    from semid.split import leave_one_out
+
+    run = load_run(title_runs["bpe"])
+    split = leave_one_out(load_dataset(title_runs["data"]))
+    got = evaluate(run, split, "test", decoder="title-beam", num_beams=10, batch_size=4, exclude_history=True)
+    rec = Recommender.from_run(title_runs["bpe"], decoder="title-beam", num_beams=10)
+    for r, rank in zip(got.user_rows, got.ranks, strict=True):  # loop over users: each one's own call
+        items = rec.recommend([split.test_history(int(r))], k=10, exclude_history=True)[0].items
+        assert not set(items.tolist()) & set(split.test_history(int(r)).tolist())
+        hit = np.flatnonzero(items == split.test_targets[r])
+        assert rank == (int(hit[0]) if hit.size else -1)
+    assert len(rec.recommend([split.test_history(0)], k=15)[0].items) == 15  # more items than the loaded beams

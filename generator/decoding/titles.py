@@ -121,19 +121,20 @@ class TitleDecoders:
         if name not in TITLE_DECODERS:
             raise ValueError(f"`decoder` must be one of {list(TITLE_DECODERS)} for a title run, got {name!r}")
         check_k(k, self.model.num_items, "the catalogue size")
-        check_beams(self.num_beams, k, self.model.num_items)
+        M = self.num_beams if num_beams is None else num_beams  # a call's own (Recommender.recommend raises it to k)
+        check_beams(M, k, self.model.num_items)
         t0 = time.perf_counter()
         if name == TITLE_BEAM:
-            beams = title_beam_search(self.model, h, num_beams=self.num_beams, tree=self.tree, length_penalty=self.length_penalty)
+            beams = title_beam_search(self.model, h, num_beams=M, tree=self.tree, length_penalty=self.length_penalty)
             items, scores = leaf_items(beams, self.tree, k), beams.scores[:, :k]
-            self._count(h.shape[0], torch.zeros(h.shape[0], self.num_beams, dtype=torch.bool), 0.0, time.perf_counter() - t0)
+            self._count(h.shape[0], torch.zeros(h.shape[0], M, dtype=torch.bool), 0.0, time.perf_counter() - t0)
             return self._result(items, scores, TITLE_LOG_PROB, True)
         if self.encoder is None or self.item_emb is None or self.tokenizer is None:
             raise ValueError("decoder 'title-grounded' needs a sentence encoder: train the title run with `--encoder DIR` "
                              "(a local model folder, as for `semid embed`)")
         from semid.embed import embed_texts
 
-        beams = title_beam_search(self.model, h, num_beams=self.num_beams, tree=None, length_penalty=self.length_penalty)
+        beams = title_beam_search(self.model, h, num_beams=M, tree=None, length_penalty=self.length_penalty)
         named = lookup_generated(beams, self.tree)  # (B, M) item named by each beam, -1 if none
         t1 = time.perf_counter()
         best = beams.tokens[:, 0]  # (B, J): BIGRec grounds the best generation

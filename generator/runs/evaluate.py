@@ -2,10 +2,12 @@
 
 Every user's held-out item (validation or test) is ranked among *all* items; no candidate sampling, and by default
 no filtering of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
-``exclude_history`` leaves the user's history out of each ranking, as ``semid serve`` does by default (its
-``exclude_history`` field) and ``Recommender.recommend(..., exclude_history=True)`` does: the first k items of the
-decoder's ranking that the user has not seen (the decoder asked for k more per distinct history item). On a catalogue
-whose users never take an item twice (Beauty's), a seen item in the top k is a slot wasted.
+``exclude_history`` leaves the user's history out of each ranking: each user's is what
+``Recommender.recommend([history], k, exclude_history=True)`` returns for it alone, the first k items of the decoder's
+ranking that the user has not seen (the decoder asked for k more per distinct history item, beams raised to match).
+``semid serve`` leaves the history out by default too; its micro-batcher rounds a request's beams up to its buckets
+(``generator.serving.batcher.bucket``), so its beam lists can differ from these for a few users. On a catalogue whose
+users never take an item twice (Beauty's), a seen item in the top k is a slot wasted.
 
 :func:`evaluate` is a read path: it writes no file and leaves the loaded run as it was (a model to be moved to
 another device is copied); the hybrid reads the fusion stored by ``semid choose-fusion`` / ``semid train``.
@@ -55,7 +57,7 @@ class EvalResult(NamedTuple):
     duplicate_items: int  # items returned twice for one user (must be 0)
     seconds: float
     grounding: dict[str, Any] | None = None  # grounded decoders: generations that were not items, grounding time
-    user_rows: np.ndarray | None = None  # (users,) the split's rows evaluated, in the order of ``ranks``
+    user_rows: np.ndarray | None = None  # (users,) the split's rows evaluated, in the order of ``ranks`` (None: unknown)
     ranks: np.ndarray | None = None  # (users,) each one's target rank in its top max(ks) (-1: not in it)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,7 +139,8 @@ def evaluate(
         rows, batches = _unseen_batches(run, split, which, rows, ks[-1], batch_size)
     else:
         made = split_batches(run, split, which, rows, batch_size)
-        rows = rows[np.concatenate([b.rows for b in made])] if made else rows  # the designs' order (of the ranks)
+        order = [b.rows for b in made]  # where each batch's users are in `rows`: the designs batch in their own order
+        rows = rows if not made else rows[np.concatenate(order)] if all(o is not None for o in order) else None
         batches = [(b.histories, b.targets, 0, None) for b in made]
     decs = {0: dec}  # extra items -> the decoder with beams (and a hybrid's candidates) for k plus them
     for histories, targets, more, seen in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):  # loop over batches of users
