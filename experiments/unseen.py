@@ -1,6 +1,6 @@
 """Every decoder with and without the users' histories in its rankings, on every test user (paired).
 
-    python -m experiments.unseen --run RUN [--decoders beam,exact,dense,hybrid] [--popularity] [--out unseen_TAG]
+    python -m experiments.unseen --run RUN [--decoders beam,exact,dense,hybrid] [--popularity] [--checkpoint last.ckpt] [--out unseen_TAG]
 
 ``semid serve`` leaves a request's history out of its answer by default; ``semid evaluate`` ranks every item (the
 benchmark's protocol) unless asked ``--exclude-history`` (each user's ranking then as ``Recommender.recommend`` returns
@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default="unseen")
     p.add_argument("--popularity", action="store_true", help="also the popularity baseline both ways (a row)")
+    p.add_argument("--checkpoint", help="a checkpoint file name under RUN/checkpoints (default: the run's best)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    run = load_run(args.run)
+    run = load_run(args.run, None if args.checkpoint is None else args.run / "checkpoints" / args.checkpoint)
     split = leave_one_out(load_dataset(run.data_dir))
     U = split.num_users
     res: dict[tuple[str, bool], tuple[np.ndarray, np.ndarray, float]] = {}

@@ -171,3 +171,89 @@ def test_sampled_takes_the_full_softmax_once_columns_would_number_the_catalogue(
     asked.clear()
     softmax_loss(query, vectors_of, targets, 4, loss="sampled", negatives="in-batch", num_negatives=9, generator=gen)
     assert asked == [None]  # in-batch: B = 4 columns against 4 items
+
+
+def test_history_columns_are_each_positions_own_history_by_hand() -> None:
+    from generator.models.causal_loss import history_columns
+
+    histories = torch.tensor([[3, 1, 4, 0], [2, 2, 5, 1]])  # item rows + 1, 0: pad
+    real = torch.tensor([0, 1, 2, 4, 5, 6, 7])  # flat positions (b * T + t) trained
+    targets = torch.tensor([0, 3, 1, 1, 4, 0, 2])  # each position's next item row (position (1, 0)'s: a repeat)
+    masked = history_columns(histories, real, targets, num_items=6)
+    want = torch.zeros(7, 6, dtype=torch.bool)
+    for p, (b, t) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]):  # loop over positions (a test)
+        for item in histories[b, : t + 1].tolist():
+            if item and item - 1 != targets[p]:  # the history's items, never the target itself
+                want[p, item - 1] = True
+    assert torch.equal(masked(None), want)
+    cols = torch.tensor([2, 0, 5, 1])
+    assert torch.equal(masked(cols), want[:, cols])
+    assert not want[3, 1] and want[4, 1]  # row 1 is (1, 0)'s target though in its history: kept; (1, 1) leaves it out
+
+
+def test_masked_columns_leave_the_softmax_by_hand() -> None:
+    """Full and sampled: a masked column is no negative (its logit -inf), the rest as before."""
+    vecs = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    query = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 2])
+    keep_out = torch.zeros(2, 6, dtype=torch.bool)
+    keep_out[0, 4] = keep_out[1, 1] = keep_out[1, 3] = True
+
+    def masked(cols: torch.Tensor | None) -> torch.Tensor:
+        return keep_out if cols is None else keep_out[:, cols]
+
+    def vectors_of(rows: torch.Tensor | None) -> torch.Tensor:
+        return vecs if rows is None else vecs[rows]
+
+    full = softmax_loss(query, vectors_of, targets, 6, loss="full", masked=masked)
+    torch.testing.assert_close(full, F.cross_entropy((query @ vecs.T).masked_fill(keep_out, float("-inf")), targets))
+    negatives = torch.tensor([4, 1, 3])
+    cand = sample_candidates(targets, 3, 6, negatives=negatives)  # columns 0, 2, 4, 1, 3
+    got = candidate_softmax_loss(query, vecs[cand.rows], cand, targets, masked)
+    logits = query @ vecs[cand.rows].T
+    logits[0, 2] = logits[1, 3] = logits[1, 4] = float("-inf")  # row 0: item 4; row 1: items 1 and 3
+    torch.testing.assert_close(got, F.cross_entropy(logits, torch.arange(2)))
+    assert not torch.allclose(got, candidate_softmax_loss(query, vecs[cand.rows], cand, targets))
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_a_training_step_without_seen_negatives(loss: str) -> None:
+    """The dense loss of a training batch with each position's history left out of its softmax: full, the logits
+    masked by hand; sampled (in-batch columns), below the loss with every column a negative."""
+    from generator.models.causal_loss import history_columns
+
+    model, _, _ = make(12, cfg=replace(CFG, dense_loss=loss, dense_negatives="in-batch"))
+    histories = torch.tensor([[3, 7, 1, 9, 0], [5, 2, 8, 4, 6]])  # item rows + 1, 0: pad
+    targets = torch.tensor([[6, 0, 8, -1, -1], [1, 7, 3, 5, 10]])  # next rows, -1 after the last
+    real = torch.nonzero(targets.flatten() >= 0).squeeze(1)
+    rows = targets.flatten()[real]
+    h = model.hidden(histories).flatten(0, 1)[real]
+    masked = history_columns(histories, real, rows, model.num_items)
+    assert masked(None).any()
+    got = dense_loss(model, h, rows, masked=masked)
+    if loss == "full":
+        logits = (model.dense_queries(h) @ model.item_vectors().T).masked_fill(masked(None), float("-inf"))
+        torch.testing.assert_close(got, F.cross_entropy(logits, rows))
+    assert got < dense_loss(model, h, rows)  # fewer negatives, a smaller loss
+
+
+def test_semid_train_without_seen_negatives(tmp_path, monkeypatch) -> None:
+    """`--model-option seen_negatives=false` reaches every training step's dense loss and is stored in the run."""
+    import generator.training.causal_system as system_module
+    from generator.runs.folder import load_run
+    from semid_cli import main
+    from tests.test_causal_run import FLAGS
+    from tests.test_generator_helpers import write_ids, write_random_dataset
+
+    data = write_random_dataset(tmp_path / "data")
+    (tmp_path / "ids").mkdir()
+    write_ids(tmp_path / "ids" / "semantic_ids.npz")
+    calls = []
+    real = system_module.history_columns
+    monkeypatch.setattr(system_module, "history_columns", lambda *a: calls.append(1) or real(*a))
+    flags = [*FLAGS, "--final-val-users", "0"]
+    assert main(["train", "--data", str(data), "--ids", str(tmp_path / "ids"), "--out", str(tmp_path / "on"), *flags]) == 0
+    assert not calls  # the default: the history's items are negatives like any other
+    assert main(["train", "--data", str(data), "--ids", str(tmp_path / "ids"), "--out", str(tmp_path / "off"), *flags,
+                 "--model-option", "seen_negatives=false"]) == 0
+    assert calls and load_run(tmp_path / "off").model_config.seen_negatives is False

@@ -73,6 +73,8 @@ class CausalConfig:
     dense_negatives: str = "uniform"  # sampled: extra negatives "uniform", by "popularity", or none ("in-batch")
     num_negatives: int = 1024  # sampled: random negatives per step beyond the batch's targets (not with "in-batch")
     logq_correction: bool = True  # sampled: subtract log expected count of each column (Yi et al., RecSys 2019)
+    seen_negatives: bool = True  # the dense softmax of a position counts the items of its own history as negatives
+    # (False: they are left out of it, as a served answer leaves the history out: `exclude_history`)
     sparse_tables: bool = False  # the N-row tables (dense item table, node vectors) get sparse gradients, and the
     # optimiser updates only the rows a step touches (generator.training.optim): a step's cost then does not grow
     # with the catalogue. Not with DDP (its reducer expects dense gradients for these tables)
@@ -81,7 +83,7 @@ class CausalConfig:
 
     def __post_init__(self) -> None:
         check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)
-        for name in ("node_vectors", "content_vectors", "id_input", "code_input", "sparse_tables"):
+        for name in ("node_vectors", "content_vectors", "id_input", "code_input", "sparse_tables", "seen_negatives"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history", "members"):

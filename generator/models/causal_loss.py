@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from generator.models.causal import CausalGenerator
+from generator.models.dense_loss import ColumnMask
 from semid.processor import masked_log_softmax
 
 
@@ -129,10 +130,30 @@ def dense_logits(model: CausalGenerator, h: torch.Tensor) -> torch.Tensor:
 
 
 def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tensor, *, log_q: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """The dense head's loss (``DenseHead.loss``: full or sampled softmax). h: (P, D); target_rows: (P,); log_q: (N,)."""
+               generator: torch.Generator | None = None, masked: ColumnMask | None = None) -> torch.Tensor:
+    """The dense head's loss (``DenseHead.loss``: full or sampled softmax). h: (P, D); target_rows: (P,); log_q: (N,);
+    ``masked``: columns kept out of each position's softmax (:func:`history_columns`)."""
     return model.dense_head.loss(model.dense_queries(h), target_rows, vectors_of=model.item_vectors, log_q=log_q,
-                                 generator=generator)
+                                 generator=generator, masked=masked)
+
+
+def history_columns(histories: torch.Tensor, real: torch.Tensor, target_rows: torch.Tensor, num_items: int) -> ColumnMask:
+    """The columns each training position's softmax leaves out with ``seen_negatives`` False: the items of its own
+    history so far (its inputs up to and including the position), never its target. histories (B, T) item rows + 1
+    (0: pad); real (P,) the flat positions trained; target_rows (P,); num_items: N, the columns of the full softmax.
+    Each item's first position in each history is found once ((B, N + 1), int32; column 0 takes the pads); a column
+    set's mask is then one gather (P, C): no (P, T, C) comparison and no value read back to the host."""
+    B, T = histories.shape
+    first = torch.full((B, num_items + 1), T, dtype=torch.int32, device=histories.device)  # T: not in the history
+    pos = torch.arange(T, dtype=torch.int32, device=histories.device).expand(B, T)
+    first.scatter_reduce_(1, histories, pos, reduce="amin")
+    b, t = real // T, (real % T).to(torch.int32)  # each trained position's history and place in it
+
+    def masked(columns: torch.Tensor | None) -> torch.Tensor:
+        cols = torch.arange(num_items, device=histories.device) if columns is None else columns
+        return (first[b[:, None], cols[None, :] + 1] <= t[:, None]) & (cols[None, :] != target_rows[:, None])
+
+    return masked
 
 
 DISAGREE = ("a target's level-{level} code is not among its parent's children: the model's tables and the training items "

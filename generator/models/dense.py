@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from generator.models.dense_loss import LOSSES, NEGATIVES, softmax_loss
+from generator.models.dense_loss import LOSSES, NEGATIVES, ColumnMask, softmax_loss
 
 _DEFERRED = threading.local()  # .depth > 0 inside deferred_tables() (per thread: a reload beside a training)
 
@@ -261,16 +261,17 @@ class DenseHead(nn.Module):
     # ---- loss ----------------------------------------------------------------------------------------------------
     def loss(self, query: torch.Tensor, target_rows: torch.Tensor, *,
              vectors_of: Callable[[torch.Tensor | None], torch.Tensor] | None = None, log_q: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, masked: ColumnMask | None = None) -> torch.Tensor:
         """The configured loss for queries (B, d) and target rows (B,) in [0, N); scalar. ``vectors_of`` (rows or
-        None -> item vectors): a host model's (default :meth:`item_vectors`).
+        None -> item vectors): a host model's (default :meth:`item_vectors`); ``masked``: columns kept out of each
+        row's softmax (``generator.models.dense_loss.softmax_loss``).
 
         The sampled loss only computes the vectors of its candidates (C = B + num_random_negatives rows).
         """
         c = self.config
         return softmax_loss(query, self.item_vectors if vectors_of is None else vectors_of, target_rows, self.num_items,
                             loss=c.loss, negatives=c.negatives, num_negatives=c.num_random_negatives, log_q=log_q,
-                            correct=c.logq_correction, generator=generator)
+                            correct=c.logq_correction, generator=generator, masked=masked)
 
 
 # ---- with the T5 encoder --------------------------------------------------------------------------------------------

@@ -28,14 +28,20 @@ class Candidates(NamedTuple):
     log_correct: torch.Tensor
 
 
-def full_softmax_loss(query: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of softmax(query . item_vecs) over all items.
+ColumnMask = Callable[[torch.Tensor | None], torch.Tensor]  # column rows (C,) or None (all N) -> BoolTensor (B, C)
+
+
+def full_softmax_loss(query: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor,
+                      masked: ColumnMask | None = None) -> torch.Tensor:
+    """Mean cross-entropy of softmax(query . item_vecs) over all items (``masked(None)``: (B, N) columns left out of
+    each row's softmax, never its target).
 
     Args:
         query: FloatTensor (B, d); item_vecs: FloatTensor (N, d); targets: LongTensor (B,) rows in [0, N).
     """
     _check_loss_args(query, item_vecs, targets)
-    return F.cross_entropy(query @ item_vecs.T, targets)  # logits (B, N)
+    logits = query @ item_vecs.T  # (B, N)
+    return F.cross_entropy(logits if masked is None else logits.masked_fill(masked(None), float("-inf")), targets)
 
 
 def sample_candidates(
@@ -103,7 +109,8 @@ def check_log_q(log_q: torch.Tensor, num_items: int) -> torch.Tensor:
 
 
 def candidate_softmax_loss(
-    query: torch.Tensor, cand_vecs: torch.Tensor, candidates: Candidates, targets: torch.Tensor
+    query: torch.Tensor, cand_vecs: torch.Tensor, candidates: Candidates, targets: torch.Tensor,
+    masked: ColumnMask | None = None,
 ) -> torch.Tensor:
     """Sampled-softmax cross-entropy: row b's positive is column b; other columns holding its target are masked.
 
@@ -115,6 +122,8 @@ def candidate_softmax_loss(
     B = query.shape[0]
     logits = query @ cand_vecs.T - candidates.log_correct  # (B, C)
     hit = candidates.rows.unsqueeze(0) == targets.unsqueeze(1)  # (B, C) the target again, as a "negative"
+    if masked is not None:  # columns left out of a row's softmax (the row's own positive never is)
+        hit |= masked(candidates.rows)
     hit[:, :B].fill_diagonal_(False)
     logits = logits.masked_fill(hit, float("-inf"))
     return F.cross_entropy(logits, torch.arange(B, device=query.device))
@@ -160,6 +169,7 @@ def softmax_loss(
     log_q: torch.Tensor | None = None,
     correct: bool = True,
     generator: torch.Generator | None = None,
+    masked: ColumnMask | None = None,
 ) -> torch.Tensor:
     """The dense loss of either head (the T5 :class:`~generator.models.dense.DenseHead` and the causal design).
 
@@ -175,21 +185,23 @@ def softmax_loss(
         query: FloatTensor (B, d); targets: LongTensor (B,) rows in [0, N).
         vectors_of: rows (C,) -> their item vectors (C, d); ``None`` -> all N (N, d).
         log_q, correct, generator: see :func:`sample_candidates` (``log_q`` checked once by the caller).
+        masked: columns (C,) (None: all N) -> (B, C) True where that column is no negative of that row (the causal
+            design's ``seen_negatives`` False: items of the row's own history), never the row's target.
     """
     if loss == "full":
-        return full_softmax_loss(query, vectors_of(None), targets)
+        return full_softmax_loss(query, vectors_of(None), targets, masked)
     if loss != "sampled":
         raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}")
     if negatives not in NEGATIVES:
         raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {negatives!r}")
     num_random = 0 if negatives == "in-batch" else num_negatives
     if targets.shape[0] + num_random >= num_items:  # no fewer columns than items: the exact loss is the cheaper one
-        return full_softmax_loss(query, vectors_of(None), targets)
+        return full_softmax_loss(query, vectors_of(None), targets, masked)
     cand = sample_candidates(
         targets, num_random, num_items, log_q=log_q, generator=generator,
         proposal="popularity" if negatives == "popularity" else "uniform", correct=correct,
     )
-    return candidate_softmax_loss(query, vectors_of(cand.rows), cand, targets)
+    return candidate_softmax_loss(query, vectors_of(cand.rows), cand, targets, masked)
 
 
 def check_sampled_options(loss: str, negatives: str, num_negatives: int, correct: bool) -> None:

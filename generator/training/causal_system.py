@@ -26,6 +26,7 @@ from generator.models.causal_loss import (
     code_loss,
     dense_logits,
     dense_loss,
+    history_columns,
     pair_counts,
 )
 from generator.models.checkpoint import CHECKPOINT_KEY
@@ -189,8 +190,11 @@ class CausalSystem(L.LightningModule):
                             label_smoothing=self.optim.label_smoothing, teacher=teacher, distill=distill if teacher is not None else 0.0,
                      pairs=pairs)
         if self.objective != "generative":
+            masked = None if self.config.seen_negatives else history_columns(histories, real, rows, model.num_items)
+            if logits is not None and masked is not None:
+                logits = logits.masked_fill(masked(None), float("-inf"))  # (distill's teacher read them before)
             dense = (torch.nn.functional.cross_entropy(logits, rows) if logits is not None
-                     else dense_loss(model, hs, rows, log_q=self.log_q))
+                     else dense_loss(model, hs, rows, log_q=self.log_q, masked=masked))
         return gen, dense
 
     def configure_optimizers(self) -> dict[str, Any]:
