@@ -19,13 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from generator.runs.batches import split_batches
-from generator.runs.decoders import decoders_for
+from generator.runs.evaluate import evaluate
 from generator.runs.folder import load_run
-from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json
-from semid.metrics import ndcg_at_k, paired_bootstrap, recall_at_k
+from semid.metrics import paired_bootstrap
 from semid.split import leave_one_out
 
 RESULTS = Path("experiments/results")
@@ -36,16 +34,20 @@ def _side(text: str) -> tuple[Path, Path | None]:
     return Path(run), (Path(run) / "checkpoints" / ckpt if ckpt else None)
 
 
-def per_user(spec: str, decoder: str, max_users: int | None, seed: int, batch_size: int) -> tuple[dict[str, np.ndarray], str]:
-    """Per-user Recall@10 / NDCG@10 of one run's checkpoint on the test split (users in seeded-sample order)."""
+def per_user(spec: str, decoder: str, max_users: int | None, seed: int, batch_size: int, exclude_history: bool = False,
+             ) -> tuple[dict[str, np.ndarray], str]:
+    """Per-user Recall@10 / NDCG@10 of one run's checkpoint on the test split (users in split-row order), by
+    ``generator.runs.evaluate.evaluate`` (``exclude_history``: the history left out, as served)."""
     path, ckpt = _side(spec)
     run = load_run(path, ckpt)
     split = leave_one_out(load_dataset(run.data_dir))
-    dec = decoders_for(run, [decoder])[decoder]
-    batches = split_batches(run, split, "test", sample_users(split.num_users, max_users, seed), batch_size)
-    items = np.concatenate([dec(b.histories, 10).items.numpy() for b in batches])  # loop over batches of users
-    targets = np.concatenate([b.targets.numpy() for b in batches])
-    return {"recall@10": recall_at_k(items, targets, 10), "ndcg@10": ndcg_at_k(items, targets, 10), "targets": targets}, run.checkpoint.name
+    r = evaluate(run, split, "test", decoder=decoder, max_users=max_users, seed=seed, batch_size=batch_size,
+                 exclude_history=exclude_history)
+    order = np.argsort(r.user_rows)
+    ranks, rows = r.ranks[order], r.user_rows[order]
+    hit = (ranks >= 0) & (ranks < 10)
+    return {"recall@10": hit.astype(np.float64), "ndcg@10": np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0),
+            "targets": split.test_targets[rows]}, run.checkpoint.name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,18 +60,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="of the user sample and the bootstrap")
     p.add_argument("--batch-size", type=int, default=256, help="users decoded together")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--exclude-history", action="store_true", help="both sides leave each user's history out (as served)")
     p.add_argument("--tag", default="", help="results file suffix")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dec_b = args.decoder_b or args.decoder
-    a, ckpt_a = per_user(args.a, args.decoder, args.max_users, args.seed, args.batch_size)
-    b, ckpt_b = per_user(args.b, dec_b, args.max_users, args.seed, args.batch_size)
+    a, ckpt_a = per_user(args.a, args.decoder, args.max_users, args.seed, args.batch_size, args.exclude_history)
+    b, ckpt_b = per_user(args.b, dec_b, args.max_users, args.seed, args.batch_size, args.exclude_history)
     if not np.array_equal(a["targets"], b["targets"]):
         raise SystemExit("A and B rank other test targets (another data folder or split): they cannot be paired")
     n = len(a["recall@10"])
     out: dict[str, Any] = {"a": f"{args.a} ({ckpt_a}, {args.decoder})", "b": f"{args.b} ({ckpt_b}, {dec_b})", "users": n,
                            "sample": bool(args.max_users), "command": "python -m experiments.paired " + shlex.join(sys.argv[1:])}
-    lines = ["# Paired comparison on Beauty's test split", "", f"A: `{out['a']}`  ", f"B: `{out['b']}`  ",
+    lines = [f"# Paired comparison on the test split{' (histories left out, as served)' if args.exclude_history else ''}", "", f"A: `{out['a']}`  ", f"B: `{out['b']}`  ",
              f"{n} test users" + (" (a seeded sample)" if args.max_users else " (all)") + "; 95% bootstrap interval over users "
              "(2,000 resamples)", "", "| metric | A | B | A - B | 95% CI | relative |", "| --- | ---: | ---: | ---: | --- | ---: |"]
     for m in ("recall@10", "ndcg@10"):
