@@ -141,17 +141,28 @@ def history_columns(histories: torch.Tensor, real: torch.Tensor, target_rows: to
     """The columns each training position's softmax leaves out with ``seen_negatives`` False: the items of its own
     history so far (its inputs up to and including the position), never its target. histories (B, T) item rows + 1
     (0: pad); real (P,) the flat positions trained; target_rows (P,); num_items: N, the columns of the full softmax.
-    Each item's first position in each history is found once ((B, N + 1), int32; column 0 takes the pads); a column
-    set's mask is then one gather (P, C): no (P, T, C) comparison and no value read back to the host."""
+    Sparse: the (position, history item) pairs (at most P x T) are matched to the columns holding those items by
+    one sort and two binary searches (a column set may hold an item twice), then set in a (P, C) mask; no (P, C)
+    comparison or gather (on a GPU the pairs' count is read back: two host reads a step, with this option only)."""
     B, T = histories.shape
-    first = torch.full((B, num_items + 1), T, dtype=torch.int32, device=histories.device)  # T: not in the history
-    pos = torch.arange(T, dtype=torch.int32, device=histories.device).expand(B, T)
-    first.scatter_reduce_(1, histories, pos, reduce="amin")
-    b, t = real // T, (real % T).to(torch.int32)  # each trained position's history and place in it
+    b, t = real // T, real % T  # each trained position's history and place in it
+    earlier = torch.arange(T, device=histories.device)[None, :] <= t[:, None]  # (P, T) its inputs so far
+    item = histories[b] - 1  # (P, T) their rows, -1: pad
+    keep = earlier & (item >= 0) & (item != target_rows[:, None])
+    pos, item = keep.nonzero(as_tuple=True)[0], item[keep]  # the (position, history item) pairs
 
     def masked(columns: torch.Tensor | None) -> torch.Tensor:
-        cols = torch.arange(num_items, device=histories.device) if columns is None else columns
-        return (first[b[:, None], cols[None, :] + 1] <= t[:, None]) & (cols[None, :] != target_rows[:, None])
+        out = torch.zeros(real.numel(), num_items if columns is None else columns.numel(), dtype=torch.bool,
+                          device=histories.device)
+        if columns is None:  # the full softmax: column = item row
+            return out.index_put_((pos, item), torch.ones_like(pos, dtype=torch.bool))
+        srt, order = columns.sort()
+        lo, hi = torch.searchsorted(srt, item), torch.searchsorted(srt, item, right=True)  # each pair's columns
+        count = hi - lo
+        which = torch.repeat_interleave(torch.arange(pos.numel(), device=pos.device), count)
+        col = order[lo[which] + torch.arange(which.numel(), device=pos.device) - torch.repeat_interleave(
+            torch.cumsum(count, 0) - count, count)]
+        return out.index_put_((pos[which], col), torch.ones_like(col, dtype=torch.bool))
 
     return masked
 
