@@ -95,6 +95,20 @@ def test_runs_that_cannot_be_one_ensemble_are_refused_naming_the_difference(worl
     assert main(["combine", "--run", str(world["one"]), "--run", str(world["wide"]), "--out", str(out)]) == 2
 
 
+def test_a_run_from_before_a_model_field_was_added_combines_with_a_new_one(world: dict[str, Path], tmp_path: Path) -> None:
+    """A config.yaml written before `seen_negatives` existed lacks the key; its model is the default, alike."""
+    import yaml
+
+    from generator.runs.folder import write_config
+
+    old = tmp_path / "old"
+    shutil.copytree(world["one"], old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    assert config["model"].pop("seen_negatives") is True
+    write_config(old, config)
+    assert combine_runs([old, world["two"]], tmp_path / "out")["members"] == 3
+
+
 def _edited(world: dict[str, Path], tmp_path: Path, name: str, train: dict) -> Path:  # noqa: ANN001
     """A copy of run "one" whose config.yaml's train section is changed (written with its checksum)."""
     import yaml

@@ -231,9 +231,15 @@ def test_a_training_step_without_seen_negatives(loss: str) -> None:
     masked = history_columns(histories, real, rows, model.num_items)
     assert masked(None).any()
     got = dense_loss(model, h, rows, masked=masked)
+    q = model.dense_queries(h)
     if loss == "full":
-        logits = (model.dense_queries(h) @ model.item_vectors().T).masked_fill(masked(None), float("-inf"))
+        logits = (q @ model.item_vectors().T).masked_fill(masked(None), float("-inf"))
         torch.testing.assert_close(got, F.cross_entropy(logits, rows))
+    else:  # in-batch: the columns are the positions' targets; a target again elsewhere is an accidental hit
+        out = (rows[None, :] == rows[:, None]) | masked(rows)
+        out.fill_diagonal_(False)
+        logits = (q @ model.item_vectors(rows).T).masked_fill(out, float("-inf"))
+        torch.testing.assert_close(got, F.cross_entropy(logits, torch.arange(rows.numel())))
     assert got < dense_loss(model, h, rows)  # fewer negatives, a smaller loss
 
 
@@ -257,3 +263,36 @@ def test_semid_train_without_seen_negatives(tmp_path, monkeypatch) -> None:
     assert main(["train", "--data", str(data), "--ids", str(tmp_path / "ids"), "--out", str(tmp_path / "off"), *flags,
                  "--model-option", "seen_negatives=false"]) == 0
     assert calls and load_run(tmp_path / "off").model_config.seen_negatives is False
+
+
+def test_the_distillation_teacher_gives_no_mass_to_the_left_out_history(tmp_path, monkeypatch) -> None:
+    """With `distill` and the full softmax, the code head's teacher is the masked dense softmax: nothing the
+    position's dense loss leaves out gets mass in it."""
+    import generator.training.causal_system as system_module
+    from semid_cli import main
+    from tests.test_causal_run import FLAGS
+    from tests.test_generator_helpers import write_ids, write_random_dataset
+
+    data = write_random_dataset(tmp_path / "data")
+    (tmp_path / "ids").mkdir()
+    write_ids(tmp_path / "ids" / "semantic_ids.npz")
+    seen = {"masks": [], "teachers": []}
+    real_columns, real_code_loss = system_module.history_columns, system_module.code_loss
+
+    def columns(*a):  # noqa: ANN002, ANN202
+        seen["masks"].append(real_columns(*a))
+        return seen["masks"][-1]
+
+    def code_loss(*a, teacher=None, **kw):  # noqa: ANN002, ANN003, ANN202
+        seen["teachers"].append(teacher)
+        return real_code_loss(*a, teacher=teacher, **kw)
+
+    monkeypatch.setattr(system_module, "history_columns", columns)
+    monkeypatch.setattr(system_module, "code_loss", code_loss)
+    assert main(["train", "--data", str(data), "--ids", str(tmp_path / "ids"), "--out", str(tmp_path / "run"), *FLAGS,
+                 "--final-val-users", "0", "--model-option", "seen_negatives=false", "--model-option", "distill=0.5",
+                 "--model-option", "dense_loss=full"]) == 0
+    assert seen["masks"] and len(seen["teachers"]) == len(seen["masks"])
+    for masked, teacher in zip(seen["masks"], seen["teachers"], strict=True):  # loop over steps (a few)
+        out = masked(None)
+        assert out.any() and float(teacher[out].abs().max()) == 0.0 and torch.allclose(teacher.sum(1), torch.ones(1))

@@ -139,7 +139,8 @@ def dense_loss(model: CausalGenerator, h: torch.Tensor, target_rows: torch.Tenso
 
 def history_columns(histories: torch.Tensor, real: torch.Tensor, target_rows: torch.Tensor, num_items: int) -> ColumnMask:
     """The columns each training position's softmax leaves out with ``seen_negatives`` False: the items of its own
-    history so far (its inputs up to and including the position), never its target. histories (B, T) item rows + 1
+    history so far (its inputs up to and including the position, within the training window of ``max_history``
+    items, where serving leaves out the whole history given), never its target. histories (B, T) item rows + 1
     (0: pad); real (P,) the flat positions trained; target_rows (P,); num_items: N, the columns of the full softmax.
     Sparse: the (position, history item) pairs (at most P x T) are matched to the columns holding those items by
     one sort and two binary searches (a column set may hold an item twice), then set in a (P, C) mask; no (P, C)

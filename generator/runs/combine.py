@@ -89,7 +89,10 @@ def _read(source: Path, ids_copy: Path | None) -> tuple[Any, dict[str, Any], dic
 
 def _check_alike(sources: list[Path], runs: list[Any], configs: list[dict[str, Any]]) -> None:
     """Refuse sources another ensemble member could not join: other data, IDs, layout or model config, added items."""
-    first, first_model = configs[0], {k: v for k, v in configs[0]["model"].items() if k != "members"}
+    def model_of(run: Any) -> dict[str, Any]:  # the loaded config: a field added since reads as its default
+        return {k: v for k, v in run.model_config.to_dict().items() if k != "members"}
+
+    first, first_model = configs[0], model_of(runs[0])
     for source, run, config in zip(sources, runs, configs, strict=True):  # loop over the sources (a few)
         for key in ("objective", "target"):  # a dense-only run's code head is untrained: it would join the beam's sum
             mine, theirs = (c.get("train", {}).get(key) for c in (config, first))
@@ -100,7 +103,7 @@ def _check_alike(sources: list[Path], runs: list[Any], configs: list[dict[str, A
             if config.get(key) != first.get(key):
                 raise ValueError(f"{source}: its {key} {str(config.get(key))[:40]} differs from {sources[0]}'s "
                                  f"{str(first.get(key))[:40]}; combine runs trained on the same data and semantic IDs")
-        model = {k: v for k, v in config["model"].items() if k != "members"}
+        model = model_of(run)
         if model != first_model or run.layout.to_dict() != runs[0].layout.to_dict():
             diff = sorted(k for k in set(model) | set(first_model) if model.get(k) != first_model.get(k)) or ["layout"]
             raise ValueError(f"{source}: its model differs from {sources[0]}'s in {diff}; combine runs of one model "

@@ -30,7 +30,7 @@ from generator.models.causal_loss import (
     pair_counts,
 )
 from generator.models.checkpoint import CHECKPOINT_KEY
-from generator.models.dense_loss import check_log_q
+from generator.models.dense_loss import ColumnMask, check_log_q
 from generator.models.ensemble import build_causal, member_models
 from generator.training.causal_data import SeqBatch
 from generator.training.optim import OptimConfig, adamw_schedule
@@ -157,8 +157,12 @@ class CausalSystem(L.LightningModule):
         rows = batch.targets.flatten()[real]  # (P,)
         P = rows.numel()
         gen, dense = [], []
-        for model in member_models(self.model):  # loop over an ensemble's members (one unless `members` > 1)
-            g, d = self._losses(model, batch.histories, real, rows, step.pairs)
+        members = member_models(self.model)
+        masked = None  # the columns each position's dense softmax leaves out: its own history (seen_negatives False)
+        if self.objective != "generative" and not self.config.seen_negatives:
+            masked = history_columns(batch.histories, real, rows, members[0].num_items)  # once for every member
+        for model in members:  # loop over an ensemble's members (one unless `members` > 1)
+            g, d = self._losses(model, batch.histories, real, rows, step.pairs, masked)
             gen.append(g)
             dense.append(d)
         total = rows.new_zeros((), dtype=torch.float32)
@@ -173,11 +177,14 @@ class CausalSystem(L.LightningModule):
         return total
 
     def _losses(self, model: CausalGenerator, histories: torch.Tensor, real: torch.Tensor, rows: torch.Tensor,
-                pairs: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """One generator's code-head and dense-head losses on a batch (None for a head the objective leaves out)."""
+                pairs: tuple[int, ...], masked: ColumnMask | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One generator's code-head and dense-head losses on a batch (None for a head the objective leaves out);
+        ``masked``: the columns each position's dense softmax leaves out (``history_columns``)."""
         hs = model.hidden(histories).flatten(0, 1)[real]  # (P, D): one pass, every real position
         full = self.objective != "generative" and self.config.dense_loss == "full"
         logits = dense_logits(model, hs) if full else None  # (P, N): the full softmax's, and distill's teacher
+        if logits is not None and masked is not None:  # the teacher too gives no mass to what is never served
+            logits = logits.masked_fill(masked(None), float("-inf"))
         gen = dense = None
         if self.objective != "dense":
             allowed = None
@@ -190,9 +197,6 @@ class CausalSystem(L.LightningModule):
                             label_smoothing=self.optim.label_smoothing, teacher=teacher, distill=distill if teacher is not None else 0.0,
                      pairs=pairs)
         if self.objective != "generative":
-            masked = None if self.config.seen_negatives else history_columns(histories, real, rows, model.num_items)
-            if logits is not None and masked is not None:
-                logits = logits.masked_fill(masked(None), float("-inf"))  # (distill's teacher read them before)
             dense = (torch.nn.functional.cross_entropy(logits, rows) if logits is not None
                      else dense_loss(model, hs, rows, log_q=self.log_q, masked=masked))
         return gen, dense
