@@ -48,8 +48,8 @@ def popularity(split: Split, exclude: bool, k: int = 10) -> tuple[np.ndarray, np
     top = np.tile(order[:want], (split.num_users, 1))
     if exclude:
         top = drop_history(top, np.zeros(top.shape), hists, k)[0]
-    ranks = np.array([int(np.flatnonzero(row[:k] == t)[0]) if (row[:k] == t).any() else -1  # loop over users (offline)
-                      for row, t in zip(top, split.test_targets, strict=True)])
+    hit = top[:, :k] == split.test_targets[:, None]
+    ranks = np.where(hit.any(1), hit.argmax(1), -1)
     return per_user(ranks, np.arange(split.num_users), split.num_users, k)
 
 

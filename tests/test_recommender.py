@@ -117,6 +117,9 @@ def test_drop_history_keeps_the_order_of_the_rest_and_never_drops_an_empty_slot(
     np.testing.assert_array_equal(got_items, [[5, 7, 6], [-1, 3, -1]])
     np.testing.assert_array_equal(got_scores, [[5.0, 2.0, 1.0], [8.0, 7.0, 6.0]])
     np.testing.assert_array_equal(distinct_counts([np.array([8, 8, 1]), np.array([], dtype=np.int64)]), [2, 0])
+    rng = np.random.default_rng(0)
+    hists = [rng.integers(0, 30, size=n) for n in (5, 0, 12, 1, 40)]  # item 29 of one row, 0 of the next: other keys
+    np.testing.assert_array_equal(distinct_counts(hists), [np.unique(h).size for h in hists])  # loop over rows (a test)
 
 
 @pytest.mark.parametrize("decoder", SERVED)

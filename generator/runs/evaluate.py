@@ -178,8 +178,7 @@ def _unseen_batches(run: Run, split: Split, which: str, rows: np.ndarray, k: int
     edges = np.flatnonzero(np.diff(extra, prepend=-1, append=-1))  # runs of one count
     out = []
     for a, b in zip(edges[:-1], edges[1:], strict=True):  # loop over counts (at most the longest history's)
-        users = np.arange(a, b)
-        uids = split.user_ids[rows[users]] if getattr(run, "use_user_tokens", False) else None
+        uids = split.user_ids[rows[a:b]] if getattr(run, "use_user_tokens", False) else None
         for lo, h in zip(range(a, b, batch_size), history_batches(run, hists[a:b], uids, batch_size), strict=True):
             part = slice(lo, min(lo + batch_size, b))
             out.append((h, torch.from_numpy(targets[rows[part]]), int(extra[a]), hists[part]))

@@ -349,8 +349,19 @@ def _file_state(path: Path) -> tuple[int, int, int]:
 
 
 def distinct_counts(histories: Sequence[np.ndarray]) -> np.ndarray:
-    """int64 (B,): how many distinct items each history holds (what ``exclude_history`` may drop from a ranking)."""
-    return np.fromiter((np.unique(h).size for h in histories), dtype=np.int64, count=len(histories))
+    """int64 (B,): how many distinct items each history holds (what ``exclude_history`` may drop from a ranking):
+    the distinct (row, item) keys of all histories at once (one sort), counted per row."""
+    flat, row = _flat(histories)
+    span = int(flat.max(initial=0)) + 1
+    keys = np.unique(row * span + flat)
+    return np.bincount(keys // span, minlength=len(histories)).astype(np.int64)
+
+
+def _flat(histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All histories' items (int64) and the row each came from."""
+    lengths = np.fromiter(map(len, histories), np.int64, len(histories))
+    flat = np.concatenate(histories).astype(np.int64, copy=False) if lengths.sum() else np.empty(0, np.int64)
+    return flat, np.repeat(np.arange(len(histories), dtype=np.int64), lengths)
 
 
 def drop_history(items: np.ndarray, scores: np.ndarray, histories: Sequence[np.ndarray], k: int,
@@ -359,11 +370,10 @@ def drop_history(items: np.ndarray, scores: np.ndarray, histories: Sequence[np.n
     (``histories[b]``, item ids; empty: nothing dropped), the rest keeping their order: ((B, k), (B, k)). One
     membership test over all (row, item) pairs and one stable sort; ``n`` must leave k per row (a decoder asked for
     k plus the history's distinct items, :func:`distinct_counts`). An empty slot (-1) is never in a history."""
-    flat = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if len(histories) else np.empty(0, np.int64)
-    lengths = np.fromiter(map(len, histories), np.int64, len(histories))
+    flat, owner = _flat(histories)
     span = int(max(items.max(initial=0), flat.max(initial=0))) + 1  # (row, item) -> row * span + item, one key per pair
     row = np.arange(len(histories), dtype=np.int64)
-    seen = np.isin(row[:, None] * span + items, np.repeat(row, lengths) * span + flat) & (items >= 0)  # (B, n)
+    seen = np.isin(row[:, None] * span + items, owner * span + flat) & (items >= 0)  # (B, n)
     order = np.argsort(seen, axis=1, kind="stable")[:, :k]  # the rest first, in their order
     return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
 
