@@ -31,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k; default max(k, 20))")
     p.add_argument("--user", type=int, help="user id, hashed into the run's user tokens (default: none)")
-    p.add_argument("--exclude-history", action="store_true",
-                   help="leave the history's items out (as `semid serve` does by default; default: every item ranked)")
+    p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=True,
+                   help="leave the history's items out (default, as `semid serve` does); --no-exclude-history ranks "
+                   "every item, as the benchmark protocol does")
     add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: the one chosen on validation, RUN/hybrid.json)")
     add_run_data(p, " for titles")

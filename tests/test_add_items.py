@@ -111,7 +111,7 @@ def test_added_items_are_served_by_every_decoder_and_old_scores_do_not_change(wo
     torch.testing.assert_close(dense1[:, :OLD], dense0, rtol=0, atol=1e-5)
     assert torch.isfinite(exact1[:, OLD:]).all() and torch.isfinite(dense1[:, OLD:]).all()
     for decoder, options in {"beam": {"num_beams": NEW}, "exact": {}, "dense": {}, "hybrid": {"alpha": 0.5}}.items():
-        got = recommend(run, HISTORIES, k=NEW, decoder=decoder, **options)
+        got = recommend(run, HISTORIES, k=NEW, decoder=decoder, exclude_history=False, **options)
         for row in got:  # every item, new ones included, exactly once
             assert sorted(row.items.tolist()) == list(range(1, NEW + 1)), decoder
     # the level-by-level fusion ranks every item, the new ones too, exactly once
@@ -121,7 +121,7 @@ def test_added_items_are_served_by_every_decoder_and_old_scores_do_not_change(wo
         for row in levels(b, NEW).items:
             assert sorted(row.tolist()) == list(range(1, NEW + 1))
     # the beam's scores are the exact scores (the same normalisation over the trained children)
-    beam = recommend(run, HISTORIES, k=NEW, decoder="beam", num_beams=NEW)
+    beam = recommend(run, HISTORIES, k=NEW, decoder="beam", num_beams=NEW, exclude_history=False)
     for b, row in enumerate(beam):
         np.testing.assert_allclose(row.scores, exact1[b, row.items - 1].numpy(), atol=1e-4)
     # histories holding new items are read (their input vectors come from their codes and content)

@@ -16,6 +16,7 @@ from generator.runs.evaluate import evaluate_run
 from generator.runs.folder import load_run
 from generator.runs.options import TrainOptions
 from generator.runs.recommend import recommend
+from generator.runs.recommender import Recommender
 from semid_cli import main
 from tests.test_generator_helpers import NUM_ITEMS, write_ids, write_random_dataset
 
@@ -88,17 +89,25 @@ def test_recommend_agrees_with_exact_when_beams_cover_the_catalogue(causal_run: 
 
 
 def test_cli_recommend_prints_items(causal_run: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["recommend", "--run", str(causal_run["run"]), "--history", "1,2,3", "-k", "3", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
     run = load_run(causal_run["run"])
-    want = recommend(run, [[1, 2, 3]], k=3)[0]
-    assert [r["item_id"] for r in out["items"]] == want.items.tolist()
-    assert [r["title"] for r in out["items"]] == [f"item {i}" for i in want.items]
-    history = [int(i) for i in want.items[:2]]  # the two best items, as a history: left out with --exclude-history
-    assert main(["recommend", "--run", str(causal_run["run"]), "--history", ",".join(map(str, history)), "-k", "3",
-                 "--json", "--exclude-history"]) == 0
-    got = [r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]]
-    assert got == recommend(run, [history], k=3, exclude_history=True)[0].items.tolist() and not set(got) & set(history)
+    every = recommend(run, [[1, 2, 3]], k=3, exclude_history=False)[0]
+    assert main(["recommend", "--run", str(causal_run["run"]), "--history", "1,2,3", "-k", "3", "--json",
+                 "--no-exclude-history"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["item_id"] for r in out["items"]] == every.items.tolist()
+    assert [r["title"] for r in out["items"]] == [f"item {i}" for i in every.items]
+    # the two best items as a history: served without them by default (CLI, one-off function and Recommender alike,
+    # as `semid serve`), and ranked first again with --no-exclude-history
+    history = [int(i) for i in every.items[:2]]
+    ranked = recommend(run, [history], k=3, exclude_history=False)[0].items.tolist()
+    assert set(history) & set(ranked)  # (else leaving them out would change nothing here)
+    served = recommend(run, [history], k=3)[0].items.tolist()
+    assert not set(served) & set(history)
+    assert served == Recommender(run).recommend([history], k=3)[0].items.tolist()
+    for flags, want in (([], served), (["--no-exclude-history"], ranked), (["--exclude-history"], served)):
+        assert main(["recommend", "--run", str(causal_run["run"]), "--history", ",".join(map(str, history)), "-k", "3",
+                     "--json", *flags]) == 0
+        assert [r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]] == want, flags
 
 
 def test_causal_options_that_do_not_apply_are_errors() -> None:

@@ -112,8 +112,8 @@ def test_recommend_prints_titles_and_json(trained: dict[str, Path], capsys: pyte
 def test_recommend_library_agrees_across_decoders(trained: dict[str, Path]) -> None:
     r = load_run(trained["run"])
     histories = [[1, 2, 3], [40], list(range(1, 31))]
-    fast = recommend(r, histories, k=8, num_beams=12, decoder="beam")
-    ref = recommend(r, histories, k=8, num_beams=12, decoder="generate")
+    fast = recommend(r, histories, k=8, num_beams=12, decoder="beam", exclude_history=False)
+    ref = recommend(r, histories, k=8, num_beams=12, decoder="generate", exclude_history=False)
     for a, b in zip(fast, ref, strict=True):
         assert a.items.tolist() == b.items.tolist()
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
@@ -127,8 +127,10 @@ def test_recommend_library_agrees_across_decoders(trained: dict[str, Path]) -> N
         (["--history", ""], "is empty"),
         (["--history", "3", "-k", str(NUM_ITEMS + 1)],
          f"`k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got {NUM_ITEMS + 1}"),
-        (["--history", "3", "-k", "5", "--num-beams", "4"],
+        (["--history", "3", "-k", "5", "--num-beams", "4", "--no-exclude-history"],
          f"`num_beams` must be an int in [k=5, {NUM_ITEMS}] (k to the catalogue size), got 4"),
+        (["--history", "3", "-k", "5", "--num-beams", "5"],  # the history left out: k + 1 beams at least
+         f"`num_beams` must be an int in [k=6, {NUM_ITEMS}] (k to the catalogue size), got 5: k (5) plus the 1 distinct"),
         (["--history", "3", "-k", "0"], f"`k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got 0"),
     ],
 )

@@ -66,13 +66,13 @@ def test_the_same_rankings_as_decoders_built_per_call(world: dict[str, Path], de
     dec = decoders_for(run, [decoder], num_beams=20)[decoder]
     hist = [np.asarray(h) for h in HISTORIES]
     want = [dec(b, 5) for b in history_batches(run, hist, None, 2)]
-    got = rec.recommend(HISTORIES, k=5, decoder=decoder, batch_size=3)
+    got = rec.recommend(HISTORIES, k=5, decoder=decoder, batch_size=3, exclude_history=False)
     items = torch.cat([w.items for w in want]).numpy()
     scores = torch.cat([w.scores for w in want]).numpy()
     np.testing.assert_array_equal(np.stack([g.items for g in got]), items)
     np.testing.assert_allclose(np.stack([g.scores for g in got]), scores, rtol=1e-5, atol=1e-5)
     # the one-off function gives the same
-    once = recommend(run, HISTORIES, k=5, decoder=decoder, num_beams=20)
+    once = recommend(run, HISTORIES, k=5, decoder=decoder, num_beams=20, exclude_history=False)
     np.testing.assert_array_equal(np.stack([o.items for o in once]), items)
 
 
@@ -98,7 +98,7 @@ def test_exclude_history_equals_the_longer_ranking_without_history_items(world: 
     rec = Recommender.from_run(world["run"])
     for decoder in ("beam", "exact", "dense"):
         k = 6
-        full = rec.recommend(HISTORIES, k=k + 12, decoder=decoder)  # 12: the most distinct items of a history
+        full = rec.recommend(HISTORIES, k=k + 12, decoder=decoder, exclude_history=False)  # 12: a history's most distinct items
         got = rec.recommend(HISTORIES, k=k, decoder=decoder, exclude_history=True)
         for h, f, g in zip(HISTORIES, full, got, strict=True):
             keep = [i for i, item in enumerate(f.items.tolist()) if item not in set(h)][:k]  # the obvious reference
@@ -134,7 +134,8 @@ def test_evaluate_exclude_history_ranks_what_the_recommender_serves(world: dict[
     want = [_rank(s.items, split.test_targets[r]) for s, r in zip(served, got.user_rows, strict=True)]
     np.testing.assert_array_equal(got.ranks, want)  # user by user: the served ranking's rank of the target
     assert sorted(got.user_rows.tolist()) == list(range(split.num_users))  # every user once (taken in another order)
-    every = [rec.recommend([split.test_history(int(r))], k=10, decoder=decoder)[0] for r in protocol.user_rows]  # loop over users
+    every = [rec.recommend([split.test_history(int(r))], k=10, decoder=decoder, exclude_history=False)[0]
+             for r in protocol.user_rows]  # loop over users
     np.testing.assert_array_equal(protocol.ranks, [_rank(s.items, split.test_targets[r]) for s, r in zip(every, protocol.user_rows, strict=True)])
 
 
@@ -266,7 +267,7 @@ def test_a_stored_levels_fusion_serves_from_the_run_folder(world: dict[str, Path
     L = load_run(run_dir).model.layout.num_levels
     stored["fusion"], stored["params"] = "levels", {"weights": [0.2] + [0.8] * (L - 1)}
     (run_dir / HYBRID_FILE).write_text(json.dumps(stored))
-    got = Recommender.from_run(run_dir, decoder="hybrid").recommend(HISTORIES, k=5)
+    got = Recommender.from_run(run_dir, decoder="hybrid").recommend(HISTORIES, k=5, exclude_history=False)
     run = load_run(run_dir)
     shared = decoders_for(run, ["exact"])["exact"].shared
     for batch, g in zip(history_batches(run, [np.asarray(h) for h in HISTORIES], None, 1), got, strict=True):

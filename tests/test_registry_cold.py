@@ -61,7 +61,7 @@ def test_cold_beam_through_the_registry_serves_added_items_capped(world: dict[st
     for k, num_beams in ((3, None), (10, None), (15, None), (20, 40), (20, None), (25, None)):
         capped_k = True
         cap = math.ceil(0.1 * k)
-        got = recommend(run, CASES, k=k, num_beams=num_beams, decoder="cold-beam")
+        got = recommend(run, CASES, k=k, num_beams=num_beams, decoder="cold-beam", exclude_history=False)
         items = np.stack([r.items for r in got])
         scores = np.stack([r.scores for r in got])
         assert items.shape == (len(CASES), k)

@@ -80,14 +80,15 @@ def test_a_prefix_decoder_ranks_its_top_k_as_the_first_k_of_a_longer_ranking(ser
     # what lets k and the exclusion share a group (batcher.PREFIX) and the exact and dense ranking ignore beams
     rec = Recommender.from_run(serve_world["v1"])
     hs = [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8]]
+    every = {"exclude_history": False}  # the decoders' own rankings (the batcher leaves the history out itself)
     for beams in (20, 40):
-        longer = rec.recommend(hs, 20, decoder, num_beams=beams)
+        longer = rec.recommend(hs, 20, decoder, num_beams=beams, **every)
         for k in (1, 7):
-            for got, full in zip(rec.recommend(hs, k, decoder, num_beams=beams), longer, strict=True):
+            for got, full in zip(rec.recommend(hs, k, decoder, num_beams=beams, **every), longer, strict=True):
                 assert got.items.tolist() == full.items[:k].tolist()
     if decoder in ("exact", "dense"):
-        assert [r.items.tolist() for r in rec.recommend(hs, 10, decoder, num_beams=10)] == \
-            [r.items.tolist() for r in rec.recommend(hs, 10, decoder, num_beams=40)]
+        assert [r.items.tolist() for r in rec.recommend(hs, 10, decoder, num_beams=10, **every)] == \
+            [r.items.tolist() for r in rec.recommend(hs, 10, decoder, num_beams=40, **every)]
 
 
 def test_a_request_the_decoder_refuses_names_the_decoder(serve_world: dict[str, Path],

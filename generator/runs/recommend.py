@@ -36,7 +36,7 @@ def recommend(
     decoder: str = "auto",
     batch_size: int = 64,
     alpha: float | None = None,
-    exclude_history: bool = False,
+    exclude_history: bool = True,
 ) -> list[Recommendation]:
     """Top-k items for each history (item ids, oldest first).
 
@@ -51,7 +51,7 @@ def recommend(
             the decoder's ``score`` says: log-likelihoods for beam, generate and exact, inner products for dense, the
             fused score for hybrid (its fusion: ``alpha``, default the one stored in RUN/hybrid.json by
             ``semid choose-fusion`` or ``semid train``).
-        exclude_history: leave the history's items out of the k.
+        exclude_history: leave the history's items out of the k (default; False ranks every item).
     Returns:
         B :class:`Recommendation`, in the order of ``histories``.
     """

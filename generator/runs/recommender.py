@@ -2,7 +2,7 @@
 
     rec = Recommender.from_run("runs/demo/run")                      # loads and builds once
     recs = rec.recommend([[12, 45, 99]], k=10)                        # only decodes (default: beam search)
-    recs = rec.recommend([[12, 45, 99]], k=10, decoder="hybrid", exclude_history=True)
+    recs = rec.recommend([[12, 45, 99]], k=10, decoder="hybrid", exclude_history=False)  # the history ranked too
     recs[0].items, recs[0].scores, rec.titles(recs[0].items)          # best first
     rec.version                                                       # "ckpt-<sha256>.ids-<sha256>" (16 hex each)
 
@@ -198,15 +198,16 @@ class Recommender:
 
     # ---- serving -------------------------------------------------------------------------------------------------
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, decoder: str | None = None, *,
-                  exclude_history: bool = False, user_ids: Sequence[int] | None = None, num_beams: int | None = None,
+                  exclude_history: bool = True, user_ids: Sequence[int] | None = None, num_beams: int | None = None,
                   batch_size: int = 64) -> list[Recommendation]:
         """Top-k items for each history (item ids, oldest first), decoded in batches of ``batch_size``.
 
         Args:
             histories: B non-empty sequences of known item ids; only the last ``max_history`` items are read.
             decoder: a served name (default: the one given at load); scores are what its ``score`` says.
-            exclude_history: leave out items of the history (the decoder is asked for k more per distinct item
-                in it, so k plus those must not exceed the catalogue).
+            exclude_history: leave out items of the history (default, as ``semid serve`` and ``semid recommend``
+                do; the decoder is asked for k more per distinct item in it, so k plus those must not exceed the
+                catalogue). False ranks every item, as the benchmark protocol does (``evaluate``).
             user_ids: B user ids to hash into user tokens where the run was trained with them (T5 runs).
             num_beams: beams for this call, at least the items asked for (default: the loaded count, raised to them);
                 the hybrids rank max(``num_candidates``, beams) candidates per list, so a call asking for more items
@@ -229,7 +230,13 @@ class Recommender:
                 raise ValueError(f"`k` ({k}) plus the {most} distinct items of a history to exclude is "
                                  f"{want}, more than the catalogue's {N} items: ask for fewer")
         M = max(self.num_beams, want) if num_beams is None else num_beams
-        check_beams(M, want, N)
+        try:
+            check_beams(M, want, N)
+        except ValueError as e:
+            if want == k:
+                raise
+            raise ValueError(f"{e}: k ({k}) plus the {want - k} distinct items of the longest history left out "
+                             "(`exclude_history`); pass more beams, or exclude_history=False") from None
         dec = with_beams(self._decoders[name], M, candidates=name == "hybrid")
         items, scores = [], []
         for b in history_batches(self._batching, hist, user_ids, batch_size):  # loop over batches of histories

@@ -210,7 +210,7 @@ class MicroBatcher:
             try:
                 if decoder in PREFIX:  # one ranking as long as the longest ask, cut per history
                     out = rec.recommend(histories, max(job.wants[i] for job, i in members), decoder, num_beams=beams,
-                                        batch_size=self.max_batch)
+                                        exclude_history=False, batch_size=self.max_batch)  # (dropped per history below)
                     out = _cut(out, members)
                 else:
                     out = rec.recommend(histories, first.k, decoder, exclude_history=first.exclude_history,
