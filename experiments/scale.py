@@ -275,7 +275,12 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
 
         ids = SemanticIDs.load(work / f"ids_{size}.npz")
         model = load_checkpoint(work / f"model_{size}.ckpt", ids, mmap=True).model
-        tree = PrefixTree.from_semantic_ids(ids, ids.layout(0))
+        try:  # a lean build reads no prefix tree, and from_run builds none for it (older code: always built)
+            from generator.decoding.causal import drops_tree
+            lean = drops_tree(model, not keep_tables)
+        except ImportError:
+            lean = False
+        tree = None if lean else PrefixTree.from_semantic_ids(ids, ids.layout(0))
     else:
         system, _, ids, tree = _model(size, work, "full", with_windows=False)
         model = system.model.eval()
@@ -284,7 +289,7 @@ def phase_decode(size: str, work: Path, users: int, decoders: list[str], table_d
     N = len(ids.item_ids)
     g = torch.Generator().manual_seed(SEED)
     h = torch.randn(users, model.config.d_model, generator=g)
-    out: dict = {"users": users, "decoders": decoders, "tree_mb": tree.nbytes / 2**20,
+    out: dict = {"users": users, "decoders": decoders, "tree_mb": 0.0 if tree is None else tree.nbytes / 2**20,
                  "model_mb": tensor_mb(list(model.parameters()), list(model.buffers())), "model_peak_mb": peak_mb()}
     rss = rss_mb()
     start, cpu = time.perf_counter(), time.process_time()

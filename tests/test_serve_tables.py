@@ -240,6 +240,45 @@ def test_the_input_reads_the_vectors_only_where_asked_or_the_catalogue_is_large(
         large.model.add_items(torch.as_tensor(model.item_tokens[1:3]))
 
 
+def test_a_lean_build_needs_no_tree_and_equals_one_given_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A released build over LEAN_SERVING_ITEMS items never reads the prefix tree (``from_run`` builds none at 10M
+    items: 1.7 GB of start-up): given None it serves what it serves when given the tree; a build that reads the tree
+    refuses None; the paths made without a tree equal those checked against it."""
+    import generator.decoding.causal as causal
+    from generator.decoding.paths import item_paths
+
+    model, ids, tree = make(num_items=60, seed=3, sizes=(4, 6))
+    a, b = item_paths(model, tree), item_paths(model, None)
+    assert all(torch.equal(x, y) for x, y in zip(a.index.node, b.index.node, strict=True)) and torch.equal(a.nodes, b.nodes)
+    with pytest.raises(ValueError, match="no prefix tree was given to a build that needs one"):
+        _decoders(copy.deepcopy(model), None, ids, release=True)  # 60 items: not lean
+    monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 10)
+    with pytest.raises(ValueError, match="no prefix tree was given to a build that needs one"):
+        _decoders(copy.deepcopy(model), None, ids)  # not released: the model could build again, from the tree
+    given, without = _decoders(copy.deepcopy(model), tree, ids, release=True), _decoders(copy.deepcopy(model), None, ids, release=True)
+    assert given.tree is None and without.tree is None
+    h = torch.randn(5, model.config.d_model, generator=torch.Generator().manual_seed(1))
+    for name in DECODERS:
+        x, y = given.decode(name, h, k=6), without.decode(name, h, k=6)
+        assert torch.equal(x.items, y.items) and torch.equal(x.scores, y.scores), name
+
+
+def test_from_run_builds_the_tree_only_where_it_is_read(serve_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import generator.decoding.causal as causal
+    import semid.tree
+
+    built = []
+    real = semid.tree.PrefixTree.from_semantic_ids.__func__
+    monkeypatch.setattr(semid.tree.PrefixTree, "from_semantic_ids", classmethod(lambda cls, *a, **k: built.append(1) or real(cls, *a, **k)))
+    assert Recommender.from_run(serve_world["v1"]).run.tree is not None and len(built) == 1  # small: the tree's masks
+    monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 3)
+    lean = Recommender.from_run(serve_world["v1"])
+    assert lean.run.tree is None and len(built) == 1  # never built
+    assert len(lean.recommend([[3, 4, 5]], k=5)[0].items) == 5
+    grounded = Recommender.from_run(serve_world["v1"], decoders=["codes-grounded", "beam"])  # reads the model whole
+    assert grounded.run.tree is not None and len(built) == 2
+
+
 @pytest.mark.parametrize("members, beams", [(1, 4), (1, 40), (2, 9)])  # 40 beams > a level's prefixes: dead beams
 def test_the_index_constraint_walks_the_trees_beams(members: int, beams: int) -> None:
     """The beam on the paths' prefix index (``IndexConstraint``, what a served run walks once its tree is dropped)

@@ -214,10 +214,10 @@ class CausalDecoders:
     ``dense`` searches with ``dense_index`` (:func:`generator.decoding.mips.dense_index`: exact up to ``exact_max_items``
     items, an approximate faiss IVF visiting ``nprobe`` lists beyond, by default ``mips.default_nprobe``).
     ``table_dtype`` stores the edge tables and item vectors in 16 bits ("float16", "bfloat16"; products in float32,
-    :mod:`generator.decoding.paths`); default "float32".
+    :mod:`generator.decoding.paths`); default "float32". ``tree`` None: a lean build (:func:`drops_tree`) never reads it.
     """
 
-    def __init__(self, model: CausalGenerator, tree: PrefixTree, item_ids: torch.Tensor, *, num_beams: int = 20,
+    def __init__(self, model: CausalGenerator, tree: PrefixTree | None, item_ids: torch.Tensor, *, num_beams: int = 20,
                  alpha: float | None = None, num_candidates: int = 50, trained_tree: PrefixTree | None = None,
                  max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES, dense_index: str = "auto",
                  exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int | None = None, table_dtype: str = "float32") -> None:
@@ -259,16 +259,16 @@ class CausalDecoders:
         Where the model's input reads the item table (``id_input``), it is freed only with ``input_from_vectors``
         (default None: over :data:`LEAN_SERVING_ITEMS` items): the input then reads its rows back from the item
         vectors here (``paths.read_inputs_from``: equal up to float rounding, so near-tied items may swap)."""
-        if self.model.released or self.tree is None:
-            what = ", ".join(sorted(self.model.released)) or "prefix tree"
-            raise ValueError(f"the model's {what} were released for serving: the decoders cannot be built from it "
-                             "again; load the run again")
+        if self.model.released or (self.tree is None and (self.paths is not None or not drops_tree(self.model, release))):
+            what = ", ".join(sorted(self.model.released)) or "prefix tree"  # (only a lean build goes without a tree)
+            raise ValueError(f"the model's {what} were released for serving, or no prefix tree was given to a build that "
+                             "needs one (drops_tree): the decoders cannot be built; load the run again")
         from_vectors = self._inputs_from_vectors(input_from_vectors, release)  # (checked before anything is built)
         device = next(self.model.parameters()).device
-        self.tree = self.tree.to(device)
+        self.tree = None if self.tree is None else self.tree.to(device)
         self.trained_tree = None if self.trained_tree is None else self.trained_tree.to(device)
         self.item_ids = self.item_ids.to(device)
-        self.paths = item_paths(self.model, self.tree)
+        self.paths = item_paths(self.model, self.tree)._replace(nodes=None)  # (the build reads no nodes: freed now)
         self.tables = edge_tables(self.model, self.paths, dtype=self.table_dtype, release=release)
         self.paths, self.edge_slots = serving_paths(self.paths, edge_slots(self.paths))
         self.edge_rows = [None if v.is_contiguous() else v.contiguous() for v in self.tables.vectors]  # (the beam's gathers)

@@ -105,12 +105,16 @@ class ItemPaths(NamedTuple):
     item_slot: list[torch.Tensor]
 
 
-def item_paths(model: CausalGenerator, tree: PrefixTree) -> ItemPaths:
-    """The model's items' paths from their prefix index; ``tree`` is their prefix tree (its node numbers are ``nodes``)."""
-    tokens = model.item_tokens[1:].to(tree.device)
+def item_paths(model: CausalGenerator, tree: PrefixTree | None) -> ItemPaths:
+    """The model's items' paths from their prefix index; ``tree`` is their prefix tree (its node numbers are ``nodes``;
+    checked against the index), or None where the decoders will not walk one (a lean serving build: the paths are
+    made from the model's own item tokens, on the model's device)."""
+    device = tree.device if tree is not None else model.item_tokens.device
+    tokens = model.item_tokens[1:].to(device)
     N, L = tokens.shape
-    index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(tree.device)
-    want, held = torch.cat([index.offsets.diff(), torch.tensor([N], device=tree.device)]), torch.bincount(tree.node_depth)
+    index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(device)
+    want = torch.cat([index.offsets.diff(), torch.tensor([N], device=device)])
+    held = want if tree is None else torch.bincount(tree.node_depth)
     if not torch.equal(held, want):
         raise ValueError(f"the prefix tree has {held.tolist()} nodes per depth, the model's items make {want.tolist()}: "
                          "tree and model disagree")
@@ -161,9 +165,11 @@ def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *,
                            for v in zip(*(p.vectors for p in parts), strict=True)],
                           [torch.stack(b) for b in zip(*(p.biases for p in parts), strict=True)])
     store = check_table_dtype(dtype)
-    vectors, biases = [], []
+    L = model.layout.num_levels
+    vectors, biases = [None] * L, [None] * L
     weight, D = model.code_emb.weight, model.config.d_model
-    for level in range(model.layout.num_levels):  # loop over levels
+    for level in reversed(range(L)):  # loop over levels, deepest first: with `release` the deep levels' child tables
+        # (1.5 GB at 10M items) are freed before the widest level's table is made
         act = paths.active[level]
         A, lo = int(act.numel()), model.layout.level_range(level)[0]
         parent, code = paths.index.parent[level][act], paths.index.code[level][act]  # (A_l,) each
@@ -180,8 +186,7 @@ def edge_tables(model: CausalGenerator | EnsembleGenerator, paths: ItemPaths, *,
                 out = out + table[rows[a:b].clamp_min(0)] * (rows[a:b] >= 0).unsqueeze(-1)
             vec[a:b] = s * out
             bias[a:b] = (u * out).sum(-1) + model.code_bias[token]
-        vectors.append(vec)
-        biases.append(bias)
+        vectors[level], biases[level] = vec, bias
         if release:
             del rows, table  # the level's node vectors: the model's reference is the last one
             model.release_tables([level])

@@ -60,7 +60,7 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
             raise ValueError(f"`alpha` is the hybrid decoder's blend weight, and decoder {', '.join(wanted)} does not use "
                              f"it (got alpha = {alpha!r}); leave out --alpha, or pass --decoder hybrid")
     device = next(run.model.parameters()).device
-    if run.tree.device != device:
+    if run.tree is not None and run.tree.device != device:  # (None: a lean serving load, Recommender.from_run)
         raise ValueError(f"the run's tree is on {run.tree.device} and its model on {device}: move both "
                          "(`generator.runs.recommender.on_device`)")
     if backbone != CAUSAL and table_dtype != "float32":

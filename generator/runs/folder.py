@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from generator.designs import registry as designs
+from generator.designs.base import Extras, item_tree
 from generator.designs.title import TOKENIZER_DIR
 from generator.models.checkpoint import RESUME
 from generator.runs.lineage import load_model
@@ -270,13 +271,15 @@ def best_checkpoint(run_dir: str | os.PathLike[str], config: dict[str, Any] | No
 
 
 def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None, *,
-             mmap: bool = False) -> Run:
+             mmap: bool = False, tree: bool = True) -> Run:
     """Load a run folder of any design for evaluation or recommendation (CPU; move ``run.model`` yourself for a GPU).
 
     Args:
         checkpoint: a checkpoint file to use instead of the run's best one (it must match the run's semantic IDs).
         mmap: map the checkpoint (``generator.designs.registry.load_checkpoint``): a causal model's tensors are then
             the file's pages until ``generator.models.checkpoint.own_tensors`` (what a ``Recommender`` does).
+        tree: build a semantic-ID run's prefix tree (False: ``run.tree`` None, for a caller that builds it only where
+            it is read: ``Recommender.from_run``; a title run always gets its title tree).
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
@@ -293,7 +296,8 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str]
     if added:  # items were added from this dataset folder: its titles and users are the run's now
         config = {**config, "data": added, "data_fingerprint": stored.meta.get("data_fingerprint")}
     check_config_matches(config, run_dir / CONFIG_FILE, loaded.layout, loaded.config, ckpt)
-    extras = design.extras(run_dir, loaded.model, loaded.config, ids, loaded.layout, ckpt)
+    lean = not tree and design.extras is item_tree
+    extras = Extras(None) if lean else design.extras(run_dir, loaded.model, loaded.config, ids, loaded.layout, ckpt)
     log.info("loaded %s run %s (checkpoint %s, %d items)", design.name, run_dir, ckpt.name, ids.num_items)
     return Run(run_dir, config, ckpt, loaded.model, loaded.config, loaded.layout, ids, extras.tree, extras.tokenizer)
 

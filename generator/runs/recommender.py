@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from generator.decoding import registry
-from generator.decoding.causal import CausalDecoders
+from generator.decoding.causal import CausalDecoders, drops_tree
+from generator.decoding.grounding import CODES_GROUNDED
 from generator.decoding.protocol import Decoder, check_beams, check_k
 from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
@@ -47,6 +48,7 @@ from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
 from generator.runs.folder import Run, best_checkpoint, load_run, read_config
 from semid.data import Catalogue, load_catalogue
+from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +69,11 @@ def on_device(run: Run, device: str | torch.device | None) -> Run:
     device = here if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device == here and run.tree.device == device and not run.model.training:
+    tree_here = run.tree is None or run.tree.device == device  # (None: a lean load, Recommender.from_run)
+    if device == here and tree_here and not run.model.training:
         return run
     model = copy.deepcopy(run.model).to(device).eval()
-    return dataclasses.replace(run, model=model, tree=run.tree.to(device))
+    return dataclasses.replace(run, model=model, tree=None if run.tree is None else run.tree.to(device))
 
 
 def check_histories(histories: Sequence[Sequence[int]], item_ids: np.ndarray) -> list[np.ndarray]:
@@ -118,8 +121,8 @@ class Recommender:
             reads it) once the decoders hold what they give: serving reads them no more. Default (None): when this
             Recommender owns the model (``from_run``, or a copy made to move it to ``device``); a run given in place is
             left whole unless True. Over ``generator.decoding.causal.LEAN_SERVING_ITEMS`` items a released causal
-            run also drops its prefix tree where no items were added (``self.run.tree`` is None: the beam walks the
-            decoders' prefix index), and its input reads the item vectors instead of the item table
+            run goes without its prefix tree where no items were added (``from_run`` never builds it; ``self.run.tree``
+            is None: the beam walks the decoders' prefix index), and its input reads the item vectors, not the item table
             (``CausalDecoders.refresh``).
     """
 
@@ -146,13 +149,15 @@ class Recommender:
         wanted = list(asked) if decoders is not None else list(dict.fromkeys([*DESIGNS[run.design].served, *asked]))
         fusion = self._servable(wanted, asked, alpha, num_candidates, key, cold_items)
         names = [n for n in wanted if n not in self.unavailable]
+        if run.tree is None and not (run.design == CAUSAL and CODES_GROUNDED not in names and drops_tree(run.model, release)):
+            tree = PrefixTree.from_semantic_ids(run.ids, run.layout).to(self.device)  # (None: a lean build reads none)
+            self.run = run = dataclasses.replace(run, tree=tree)
         self._decoders: dict[str, Decoder] = decoders_for(
             run, names, alpha=alpha, num_beams=self.num_beams, num_candidates=num_candidates, fusion=fusion, key=key,
             cold_items=cold_items, cold_options=cold_options, table_dtype=table_dtype, release_tables=bool(release))
         shared = [getattr(d, "shared", None) for d in self._decoders.values()]
-        if run.design == CAUSAL and all(isinstance(x, CausalDecoders) and x.tree is None for x in shared):
-            # its decoders dropped the tree (a lean build): the run's (257 MB per million items) is read no more either
-            self.run = run = dataclasses.replace(run, tree=None)
+        if run.design == CAUSAL and all(isinstance(x, CausalDecoders) and x.tree is None for x in shared):  # a lean build:
+            self.run = run = dataclasses.replace(run, tree=None)  # the run's tree (257 MB per million items) is read no more
         self._item_ids = run.ids.item_ids  # sorted int64 (N,)
         # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)
         self._batching = SimpleNamespace(design=run.design, ids=run.ids, layout=run.layout, max_history=run.max_history,
@@ -171,10 +176,10 @@ class Recommender:
         model twice nor its released tables at all (``experiments/results/scale_serve_mmap.md``)."""
         ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(path, read_config(path))
         seen = _file_state(ckpt)  # before it is mapped: a rewrite any time until it is unmapped is seen
-        run = load_run(path, ckpt, mmap=True)
+        run = load_run(path, ckpt, mmap=True, tree=False)  # its prefix tree: built by the constructor where it is read
         if device is not None:  # the run was loaded for this Recommender alone: move it in place
             run.model.to(device)
-            run.tree = run.tree.to(device)
+            run.tree = None if run.tree is None else run.tree.to(device)
         rec = cls(run, **{"release_tables": True, **options})  # its model: nothing else uses it
         own_tensors(rec.run.model, buffers=False)  # the file is read no more (it may be replaced, even in place)
         if _file_state(run.checkpoint) != seen:
