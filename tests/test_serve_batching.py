@@ -48,6 +48,8 @@ def test_histories_that_rank_alike_share_one_call_and_get_their_own_answer(serve
         for h, beams, got in zip(job.histories, job.beams, job.results, strict=True):
             want = rec.recommend([h], job.k, job.decoder, exclude_history=job.exclude_history, num_beams=beams)[0]
             assert got.items.tolist() == want.items.tolist(), (job.decoder, job.k, job.exclude_history, h)
+            alone = rec.recommend([h], job.k, job.decoder, exclude_history=job.exclude_history)[0]  # its default beams
+            assert got.items.tolist() == alone.items.tolist(), (job.decoder, job.k, job.exclude_history, h)
             np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4, atol=1e-5)
             if job.exclude_history:
                 assert not set(got.items.tolist()) & set(h.tolist())

@@ -115,6 +115,16 @@ def check_beams(num_beams: object, k: int, num_items: int) -> None:
         raise ValueError(f"`num_beams` must be an int in [k={k}, {num_items}] (k to the catalogue size), got {num_beams!r}")
 
 
+def call_beams(want: int, loaded: int, num_items: int) -> int:
+    """The beams a call asking for ``want`` items gets by default (``Recommender.recommend``, the service's buckets,
+    ``evaluate`` with the history left out, alike): the smallest ``loaded * 2**i`` >= ``want``, capped at
+    ``num_items`` (``want`` <= ``num_items``); a few bucket sizes, so batches of different asks share a count."""
+    beams = loaded
+    while beams < want:  # a handful of doublings
+        beams *= 2
+    return min(beams, num_items)
+
+
 def check_alpha(alpha: object) -> None:
     """A blend weight: a finite number in [0, 1]."""
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:

@@ -4,10 +4,9 @@ Every user's held-out item (validation or test) is ranked among *all* items; no 
 no filtering of items the user has seen (the protocol of TIGER and the Beauty numbers in ../shared/data/README.md).
 ``exclude_history`` leaves the user's history out of each ranking: each user's is what
 ``Recommender.recommend([history], k, exclude_history=True)`` returns for it alone, the first k items of the decoder's
-ranking that the user has not seen (the decoder asked for k more per distinct history item, beams raised to match).
-``semid serve`` leaves the history out by default too; its micro-batcher rounds a request's beams up to its buckets
-(``generator.serving.batcher.bucket``), so its beam lists can differ from these for a few users. On a catalogue whose
-users never take an item twice (Beauty's), a seen item in the top k is a slot wasted.
+ranking that the user has not seen (the decoder asked for k more per distinct history item, with the beams such a
+call gets: ``protocol.call_beams``), which is what ``semid serve`` answers by default. On a catalogue whose users
+never take an item twice (Beauty's), a seen item in the top k is a slot wasted.
 
 :func:`evaluate` is a read path: it writes no file and leaves the loaded run as it was (a model to be moved to
 another device is copied); the hybrid reads the fusion stored by ``semid choose-fusion`` / ``semid train``.
@@ -28,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.decoding import registry
-from generator.decoding.protocol import check_decode_args, check_k
+from generator.decoding.protocol import call_beams, check_decode_args, check_k
 from generator.runs.batches import history_batches, split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, check_same_data, check_writable, load_run, metrics_file
@@ -146,7 +145,7 @@ def evaluate(
     for histories, targets, more, seen in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):  # loop over batches of users
         want = ks[-1] + more
         if more not in decs:
-            decs[more] = with_beams(dec, max(num_beams, want), candidates=name == "hybrid")
+            decs[more] = with_beams(dec, call_beams(want, num_beams, run.ids.num_items), candidates=name == "hybrid")
         ranked = decs[more](histories.to(device), want)
         items = ranked.items.cpu()  # (B, want)
         if seen is not None:

@@ -39,7 +39,7 @@ import torch
 from generator.decoding import registry
 from generator.decoding.causal import CausalDecoders, drops_tree
 from generator.decoding.grounding import CODES_GROUNDED
-from generator.decoding.protocol import Decoder, check_beams, check_k
+from generator.decoding.protocol import Decoder, call_beams, check_beams, check_k
 from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
 from generator.models.checkpoint import own_tensors
@@ -214,9 +214,9 @@ class Recommender:
                 do; the decoder is asked for k more per distinct item in it, so k plus those must not exceed the
                 catalogue). False ranks every item, as the benchmark protocol does (``evaluate``).
             user_ids: B user ids to hash into user tokens where the run was trained with them (T5 runs).
-            num_beams: beams for this call, at least the items asked for (default: the loaded count, raised to them);
-                the hybrids rank max(``num_candidates``, beams) candidates per list, so a call asking for more items
-                than C (k plus the history's distinct items, with ``exclude_history``) is served too.
+            num_beams: beams for this call, at least the items asked for (default: the loaded count, doubled until it
+                holds them, as ``semid serve`` decodes: ``protocol.call_beams``); the hybrids rank max(``num_candidates``,
+                beams) per list, so a call asking for more than C (k plus a history's distinct items) is served too.
         Returns:
             B :class:`Recommendation`, in the order of ``histories``; items distinct and in the catalogue.
         """
@@ -234,7 +234,7 @@ class Recommender:
             if want > N:
                 raise ValueError(f"`k` ({k}) plus the {most} distinct items of a history to exclude is "
                                  f"{want}, more than the catalogue's {N} items: ask for fewer")
-        M = max(self.num_beams, want) if num_beams is None else num_beams
+        M = call_beams(want, self.num_beams, N) if num_beams is None else num_beams  # (the service's buckets)
         try:
             check_beams(M, want, N)
         except ValueError as e:

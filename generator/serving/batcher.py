@@ -8,10 +8,10 @@ future; the worker thread takes the first waiting request, then gathers more for
 What decides a ranking (:func:`plan`), so that a batched answer is what the request would get alone:
 
 - **Beams, in buckets.** A history that asks for ``want`` items (k, plus its distinct items with ``exclude_history``)
-  is decoded with ``bucket(want)`` beams: the smallest of the loaded beams times 1, 2, 4, ... that holds ``want``
-  (capped at the catalogue). Its answer is what ``rec.recommend([history], k, decoder, exclude_history=...,
-  num_beams=bucket)`` returns alone; the service reports that count (``num_beams``). A few buckets instead of one
-  count per ``want`` let concurrent requests share a batch.
+  is decoded with ``bucket(want)`` beams (``protocol.call_beams``): the smallest of the loaded beams times 1, 2, 4, ...
+  that holds ``want`` (capped at the catalogue), what ``rec.recommend`` gives such a call by default too. Its answer is
+  what ``rec.recommend([history], k, decoder, exclude_history=...)`` returns alone; the service reports the count
+  (``num_beams``). A few buckets instead of one count per ``want`` let concurrent requests share a batch.
 - **Decoders without beams** (:data:`BEAMLESS`: exact, dense) rank the same whatever the beams: one group. The
   hybrid ranks max(beams, C) candidates per list (C its candidates per list): beams up to C are one group.
 - **k and the exclusion do not split a group** for the decoders whose top-k is the first k of their top-n
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from generator.decoding.protocol import call_beams as bucket
 from generator.runs.recommender import Recommendation, Recommender, distinct_counts, drop_history
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,6 @@ class Job:
     keys: list[tuple] = field(default_factory=list)
     results: list[Recommendation | None] = field(default_factory=list)
     error: BaseException | None = None
-
-
-def bucket(want: int, loaded: int, num_items: int) -> int:
-    """The beams a history asking for ``want`` items is decoded with: the smallest ``loaded * 2**i`` >= ``want``,
-    capped at ``num_items`` (``want`` <= ``num_items``)."""
-    beams = loaded
-    while beams < want:  # a handful of doublings
-        beams *= 2
-    return min(beams, num_items)
 
 
 def plan(rec: Recommender, histories: list[np.ndarray], k: int, decoder: str, exclude_history: bool
