@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         dec = rec._decoders[name]
         serve, decode = _ms([lambda i, n=name: rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history),
                              lambda i, d=dec: d(batches[i], args.k)], args.calls, args.warmup)
-        (old,) = _ms([lambda i, n=name: recommend(whole, [hists[i]], k=args.k, decoder=n)], args.old_calls, 1)
+        (old,) = _ms([lambda i, n=name: recommend(whole, [hists[i]], k=args.k, decoder=n, exclude_history=args.exclude_history)],
+                     args.old_calls, 1)
         rows.append((name, serve, decode, old))
         print(f"{name:>7}: serve {serve[0]:.2f} / {serve[1]:.2f} ms (CPU {serve[2]:.2f}), decode {decode[0]:.2f} / "
               f"{decode[1]:.2f} ms (CPU {decode[2]:.2f}), one-off {old[0]:.1f} / {old[1]:.1f} ms", flush=True)

@@ -4,7 +4,7 @@
 
 ``semid serve`` leaves a request's history out of its answer by default; ``semid evaluate`` ranks every item (the
 benchmark's protocol) unless asked ``--exclude-history`` (each user's ranking then as ``Recommender.recommend`` returns
-it for that user alone; the service rounds beams up to its buckets, which can change a few users' beam lists). This measures both on the same users with
+it for that user alone, with the beams the service decodes it with: ``protocol.call_beams``). This measures both on the same users with
 ``generator.runs.evaluate.evaluate``: R@10 / N@10 of each decoder both ways, the paired difference (95% bootstrap
 interval over users), and the hybrid against each of its parts under each protocol. Writes ``experiments/results/<out>.{md,json}`` with the command.
 """
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
          f"Command: `{command}`. Run `{args.run}` ({run.checkpoint.name}); test split, all {U:,} users, full catalogue, "
          "one torch thread. *Protocol*: every item ranked (the benchmark's protocol, `semid evaluate`); *unseen*: the "
          "user's history left out (`semid evaluate --exclude-history`: each user's ranking as `Recommender.recommend` "
-         "returns it for that user alone, the decoder asked for 10 more per distinct history item, beams raised to match). Paired 95% bootstrap intervals over users.", "",
+         "returns it for that user alone, the decoder asked for 10 more per distinct history item, with the beams the service "
+         "gives such a call: 20 doubled until they hold them). Paired 95% bootstrap intervals over users.", "",
          "| decoder | protocol R@10 | protocol N@10 | unseen R@10 | unseen N@10 | ΔR@10 [95% CI] | rel. | ΔN@10 [95% CI] | rel. |",
          "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |"]
     out: dict = {"command": command, "run": str(args.run), "users": U, "decoders": {}}

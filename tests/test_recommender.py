@@ -94,6 +94,20 @@ def test_a_call_builds_hashes_and_reads_nothing(world: dict[str, Path], monkeypa
     assert all(len(set(r.items.tolist())) == 25 for r in more)
 
 
+def test_default_beams_hold_a_long_history_alike_in_every_entry_point(world: dict[str, Path]) -> None:
+    """k = 10 and a history of 14 distinct items ask for 24 items, more than the 20 beams loaded: the one-off
+    function, the loaded Recommender and the service's buckets decode it with protocol.call_beams's 40 beams."""
+    run = load_run(world["run"])
+    history = [list(range(1, 15))]
+    rec = Recommender(run)
+    for decoder in ("beam", "hybrid"):
+        once = recommend(run, history, k=10, decoder=decoder)[0]  # (was: refused, 20 beams for 24 items)
+        served = rec.recommend(history, k=10, decoder=decoder)[0]
+        bucketed = rec.recommend(history, k=10, decoder=decoder, num_beams=40)[0]
+        assert once.items.tolist() == served.items.tolist() == bucketed.items.tolist(), decoder
+        assert len(once.items) == 10 and not set(once.items.tolist()) & set(history[0])
+
+
 def test_exclude_history_equals_the_longer_ranking_without_history_items(world: dict[str, Path]) -> None:
     rec = Recommender.from_run(world["run"])
     for decoder in ("beam", "exact", "dense"):

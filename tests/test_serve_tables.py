@@ -248,19 +248,26 @@ def test_a_lean_build_needs_no_tree_and_equals_one_given_it(monkeypatch: pytest.
     from generator.decoding.paths import item_paths
 
     model, ids, tree = make(num_items=60, seed=3, sizes=(4, 6))
-    a, b = item_paths(model, tree), item_paths(model, None)
-    assert all(torch.equal(x, y) for x, y in zip(a.index.node, b.index.node, strict=True)) and torch.equal(a.nodes, b.nodes)
+    nodes, tokens = item_paths(model, None).nodes, model.item_tokens[1:]  # made without the tree: its node numbers
+    walked = [torch.zeros(len(tokens), dtype=torch.long)]
+    for level in range(tokens.shape[1]):  # loop over levels: each item's path walked down the tree itself
+        walked.append(tree.next_nodes(walked[-1], tokens[:, level]))
+    assert torch.equal(nodes, torch.stack(walked, 1))
+    with pytest.raises(ValueError, match="tree and model disagree"):
+        item_paths(model, make(num_items=50, seed=3, sizes=(4, 6))[2])  # a tree of other items
     with pytest.raises(ValueError, match="no prefix tree was given to a build that needs one"):
         _decoders(copy.deepcopy(model), None, ids, release=True)  # 60 items: not lean
+    walks = _decoders(copy.deepcopy(model), tree, ids, release=True)  # 60 items: the beam walks the tree's masks
     monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 10)
     with pytest.raises(ValueError, match="no prefix tree was given to a build that needs one"):
         _decoders(copy.deepcopy(model), None, ids)  # not released: the model could build again, from the tree
-    given, without = _decoders(copy.deepcopy(model), tree, ids, release=True), _decoders(copy.deepcopy(model), None, ids, release=True)
-    assert given.tree is None and without.tree is None
+    without = _decoders(copy.deepcopy(model), None, ids, release=True)
+    assert walks.tree is not None and without.tree is None
     h = torch.randn(5, model.config.d_model, generator=torch.Generator().manual_seed(1))
     for name in DECODERS:
-        x, y = given.decode(name, h, k=6), without.decode(name, h, k=6)
-        assert torch.equal(x.items, y.items) and torch.equal(x.scores, y.scores), name
+        x, y = walks.decode(name, h, k=6), without.decode(name, h, k=6)
+        assert torch.equal(x.items, y.items), name
+        torch.testing.assert_close(x.scores, y.scores, rtol=0, atol=1e-5)
 
 
 def test_from_run_builds_the_tree_only_where_it_is_read(serve_world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,9 +281,15 @@ def test_from_run_builds_the_tree_only_where_it_is_read(serve_world: dict[str, P
     monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 3)
     lean = Recommender.from_run(serve_world["v1"])
     assert lean.run.tree is None and len(built) == 1  # never built
-    assert len(lean.recommend([[3, 4, 5]], k=5)[0].items) == 5
+    monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 10**6)
+    walks = Recommender.from_run(serve_world["v1"])  # the same run served on its tree
+    hist = [[3, 4, 5], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    for name in DECODERS:  # (the lean input reads the item vectors: equal up to rounding)
+        a, b = walks.recommend(hist, k=5, decoder=name), lean.recommend(hist, k=5, decoder=name)
+        assert all(np.array_equal(x.items, y.items) and np.allclose(x.scores, y.scores, atol=1e-4) for x, y in zip(a, b, strict=True))
+    monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 3)
     grounded = Recommender.from_run(serve_world["v1"], decoders=["codes-grounded", "beam"])  # reads the model whole
-    assert grounded.run.tree is not None and len(built) == 2
+    assert grounded.run.tree is not None and len(built) == 3  # (`walks` built the second)
 
 
 @pytest.mark.parametrize("members, beams", [(1, 4), (1, 40), (2, 9)])  # 40 beams > a level's prefixes: dead beams

@@ -100,13 +100,14 @@ def _text(run_dir: Path, trained: TrainResult, test: dict[str, Any], shown: list
     lines = [
         f"trained {trained.epochs} epochs ({trained.steps} steps) in {trained.seconds / 60:.1f} min -> {run_dir}",
         f"test, {test['users_evaluated']} users: Recall@5 {test['recall@5']:.4f}  NDCG@5 {test['ndcg@5']:.4f}  "
-        f"Recall@10 {test['recall@10']:.4f}  NDCG@10 {test['ndcg@10']:.4f}  (invalid items: {test['invalid_items']})",
+        f"Recall@10 {test['recall@10']:.4f}  NDCG@10 {test['ndcg@10']:.4f}  (invalid items: {test['invalid_items']}; every "
+        "item ranked, the benchmark's protocol)",
     ]
     for u in shown:
         lines += ["", f"user {u.user_id}: last items seen"]
         lines += [f"      {item:>6}  {t[:70] or '(no title)'}" for item, t in u.history[-5:]]
         lines.append(f"  held out: {u.target[0]:>6}  {u.target[1][:70] or '(no title)'}")
-        lines.append("  top-10:")
+        lines.append("  top-10 (as `semid serve` answers: the history left out):")
         for rank, (item, score, t) in enumerate(u.recommendations, start=1):
             mark = "  <- held-out item" if item == u.target[0] else ""
             lines.append(f"  {rank:>3}. {item:>6}  {score:7.2f}  {t[:70] or '(no title)'}{mark}")

@@ -109,8 +109,8 @@ def evaluate(
             changed: for a run loaded for this evaluation alone, as :func:`evaluate_run` does).
         exclude_history: rank only items outside each user's history (see the module docstring): a user's ranking
             is what ``Recommender.recommend([history], k, exclude_history=True)`` serves for it alone (beams, and a
-            hybrid's candidates, raised to k plus its distinct history items; users of one such count decoded
-            together).
+            hybrid's candidates, ``protocol.call_beams`` of k plus its distinct history items; users of one such
+            count decoded together).
     """
     name = registry.resolve(run.design, decoder)
     if which == "valid" and name == "hybrid" and alpha is None:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from generator.decoding import registry
-from generator.decoding.protocol import check_decode_args
+from generator.decoding.protocol import check_decode_args, check_k
 from generator.runs.folder import Run
 from generator.runs.recommender import DEFAULT_BEAMS, Recommendation, Recommender
 
@@ -44,7 +44,8 @@ def recommend(
         run: a loaded run (``generator.runs.folder.load_run``); left as it was.
         histories: B non-empty sequences of known item ids; only the last ``max_history`` items are used.
         k: items per history, at most the catalogue size.
-        num_beams: M >= k beams (default max(k, 20), capped at the catalogue size).
+        num_beams: beams, at least k (plus the history's distinct items with ``exclude_history``); default: 20 (capped at
+            the catalogue size) doubled until they hold what a history asks for (``protocol.call_beams``).
         user_ids: B user ids to hash into user tokens where the run was trained with them (T5 runs); None leaves the
             user token out (an anonymous history).
         decoder: a name of ``generator.decoding.registry`` for this run ("auto": its beam search). Scores are what
@@ -57,9 +58,11 @@ def recommend(
     """
     name = registry.resolve(run.design, decoder)
     N = run.ids.num_items
-    if num_beams is None:
-        num_beams = max(k, min(DEFAULT_BEAMS, N)) if isinstance(k, int) else DEFAULT_BEAMS
-    check_decode_args(k, num_beams, N)
-    rec = Recommender(run, decoder=name, decoders=[name], num_beams=num_beams, alpha=alpha, maps=False)
+    if num_beams is None:  # the call's beams: protocol.call_beams of what each history asks for (Recommender.recommend)
+        check_k(k, N, "the catalogue size")
+    else:
+        check_decode_args(k, num_beams, N)
+    loaded = min(DEFAULT_BEAMS, N) if num_beams is None else num_beams
+    rec = Recommender(run, decoder=name, decoders=[name], num_beams=loaded, alpha=alpha, maps=False)
     return rec.recommend(histories, k, exclude_history=exclude_history, num_beams=num_beams,
                          user_ids=None if user_ids is None else np.asarray(user_ids), batch_size=batch_size)
