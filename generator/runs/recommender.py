@@ -240,8 +240,8 @@ class Recommender:
         except ValueError as e:
             if want == k:
                 raise
-            raise ValueError(f"{e}: k ({k}) plus the {want - k} distinct items of the longest history left out "
-                             "(`exclude_history`); pass more beams, or exclude_history=False") from None
+            raise ValueError(f"{e}: k ({k}) plus the {want - k} distinct items of the longest history left out (`exclude_history`); "
+                             "pass more beams, or rank every item (exclude_history=False, --no-exclude-history)") from None
         dec = with_beams(self._decoders[name], M, candidates=name == "hybrid")
         items, scores = [], []
         for b in history_batches(self._batching, hist, user_ids, batch_size):  # loop over batches of histories
