@@ -128,7 +128,10 @@ def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair
             for j in range(child.shape[1]):
                 if nodes[r] >= 0 and codes[r, j] >= 0:
                     want[r, codes[r, j]] = edge[r, j]
-        assert torch.equal(got, want), level
+        if dense_factor:  # the product's numbers, read as they are
+            assert torch.equal(got, want), level
+        else:  # the gathers' products (pair_dots: one product per chunk where its histories have many pairs)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         other = EdgeLevels(dec, h, constraint, dense_factor=10**9 - dense_factor).logits(level, None, m, None)
         torch.testing.assert_close(other, got, atol=1e-5, rtol=0)  # the two forms agree up to float rounding
 
@@ -202,3 +205,24 @@ def test_an_ensembles_exact_counts_its_members_rows_against_the_budget(monkeypat
     got = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids), max_score_bytes=budget).refresh().decode("exact", h, k=10)
     assert chunked == [1]
     assert torch.equal(got.items, whole.items)
+
+
+@pytest.mark.parametrize("members", [0, 2])
+def test_pair_dots_is_each_pairs_own_product_in_either_form(members: int) -> None:
+    """``pair_dots``: each (beam, child) pair's table row times its history's query, against a float64 reference,
+    with chunks whose histories have many pairs each (one product per chunk) and few (a product per pair), from a
+    16-bit table too; an ensemble's members apart."""
+    from generator.decoding.paths import pair_dots
+
+    g = torch.Generator().manual_seed(3)
+    lead = (members,) if members else ()
+    hq, table = torch.randn(*lead, 14, 16, generator=g), torch.randn(*lead, 500, 16, generator=g)
+    per = torch.tensor([40, 1, 0, 3, 60, 2, 1, 1, 1, 1, 1, 1, 1, 2])  # pairs per history: wide and narrow runs, one none
+    hist = torch.repeat_interleave(torch.arange(14), per)
+    rows = torch.randint(0, 500, (hist.numel(),), generator=g)
+    for t in (table, table.to(torch.bfloat16)):
+        want = (t.double()[..., rows, :] * hq.double()[..., hist, :]).sum(-1)
+        for chunk in (7, 16, 41, 1000):  # 7: one to two histories a chunk; 1000: all 14 at once (a product per pair)
+            got = pair_dots(hq, t, rows, hist, chunk=chunk)
+            assert got.dtype == torch.float32 and got.shape == (*lead, hist.numel())
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)

@@ -47,6 +47,7 @@ from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES,
     edge_tables,
     inputs_readable_from_vectors,
     item_paths,
+    pair_dots,
     read_inputs_from,
     serving_paths,
     table_product,
@@ -179,14 +180,9 @@ class EdgeLevels:
             if self.B * A <= self.dense_factor * C and 8 * A <= self.dense_factor * C and members * self.B * A <= DENSE_STEP_MAX:
                 dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
-            else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector and its history's level query
-                hq, hist, D = self.hq[..., level, :], pair_row // m, vectors.shape[-1]  # (B, D) or (K, B, D); (C,)
-                vectors = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
-                dot = hq.new_empty(*lead, C)
-                for a in range(0, C, PAIR_CHUNK):  # loop over chunks of pairs (their temporaries stay in cache)
-                    q = hq.index_select(-2, hist[a : a + PAIR_CHUNK]).reshape(-1, D, 1)  # (c, D, 1), or (K * c, ...)
-                    v = vectors.index_select(-2, row[a : a + PAIR_CHUNK]).to(hq.dtype).reshape(-1, 1, D)
-                    dot[..., a : a + PAIR_CHUNK] = torch.bmm(v, q).view(*lead, -1)  # as the padded form's products
+            else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector times its history's level query
+                rows = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
+                dot = pair_dots(self.hq[..., level, :], rows, row, pair_row // m, chunk=PAIR_CHUNK)  # (C,) or (K, C)
                 edge = torch.where(has, dot + self.tables.biases[level][..., row], 0.0)
         out = self.hq.new_full((*lead, nodes.numel(), hi - lo), float("-inf"))
         out[..., pair_row, self.index.code[level][child]] = edge
