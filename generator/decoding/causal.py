@@ -180,7 +180,8 @@ class EdgeLevels:
             if self.B * A <= self.dense_factor * C and 8 * A <= self.dense_factor * C and members * self.B * A <= DENSE_STEP_MAX:
                 dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
-            else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector times its history's level query
+            else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector times its history's level query (pair_row
+                # ascends, csr_pairs: beams in history order, so pair_dots may take a chunk's histories as a run)
                 rows = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
                 dot = pair_dots(self.hq[..., level, :], rows, row, pair_row // m, chunk=PAIR_CHUNK)  # (C,) or (K, C)
                 edge = torch.where(has, dot + self.tables.biases[level][..., row], 0.0)
