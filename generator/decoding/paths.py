@@ -136,8 +136,7 @@ def item_paths(model: CausalGenerator, tree: PrefixTree | None) -> ItemPaths:
     N, L = tokens.shape
     index = PrefixIndex(model.layout.tokens_to_codes(tokens), model.layout.codebook_sizes).to(device)
     want = torch.cat([index.offsets.diff(), torch.tensor([N], device=device)])
-    held = want if tree is None else torch.bincount(tree.node_depth)
-    if not torch.equal(held, want):
+    if tree is not None and not torch.equal(held := torch.bincount(tree.node_depth), want):
         raise ValueError(f"the prefix tree has {held.tolist()} nodes per depth, the model's items make {want.tolist()}: "
                          "tree and model disagree")
     parent_tokens, norm_edge, active, active_parent, item_slot = [], [], [], [], []

@@ -182,11 +182,17 @@ def _title(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
     return {n: StateDecoder(shared, n, score=SPECS[n].score, leaves=SPECS[n].leaves) for n in wanted}
 
 
+def causal_release(wanted: list[str], release_tables: bool) -> bool:
+    """Whether a causal build of ``wanted`` releases the model's N-row tables: asked, and no decoder reads them
+    (``codes-grounded`` does). With ``causal.drops_tree`` it decides whether the build reads the prefix tree."""
+    return bool(release_tables) and CODES_GROUNDED not in wanted
+
+
 def _causal(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
     kind = GroundedCodeDecoders if CODES_GROUNDED in wanted else CausalDecoders
     shared = kind(ing.model, ing.tree, ing.item_tensors()[0], num_beams=ing.num_beams, num_candidates=ing.num_candidates,
                   trained_tree=ing.trained_tree, table_dtype=ing.table_dtype
-                  ).refresh(release=ing.release_tables and CODES_GROUNDED not in wanted)
+                  ).refresh(release=causal_release(wanted, ing.release_tables))
     shared.fusion = ing.fusion
     out: dict[str, Decoder] = {}
     for n in wanted:  # loop over names (a handful)

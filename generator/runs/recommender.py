@@ -38,7 +38,6 @@ import torch
 
 from generator.decoding import registry
 from generator.decoding.causal import CausalDecoders, drops_tree
-from generator.decoding.grounding import CODES_GROUNDED
 from generator.decoding.protocol import Decoder, call_beams, check_beams, check_k
 from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
@@ -149,7 +148,7 @@ class Recommender:
         wanted = list(asked) if decoders is not None else list(dict.fromkeys([*DESIGNS[run.design].served, *asked]))
         fusion = self._servable(wanted, asked, alpha, num_candidates, key, cold_items)
         names = [n for n in wanted if n not in self.unavailable]
-        if run.tree is None and not (run.design == CAUSAL and CODES_GROUNDED not in names and drops_tree(run.model, release)):
+        if run.tree is None and not (run.design == CAUSAL and drops_tree(run.model, registry.causal_release(names, release))):
             tree = PrefixTree.from_semantic_ids(run.ids, run.layout).to(self.device)  # (None: a lean build reads none)
             self.run = run = dataclasses.replace(run, tree=tree)
         self._decoders: dict[str, Decoder] = decoders_for(
