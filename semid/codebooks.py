@@ -22,7 +22,6 @@ format, not the fitting (``rqvae``), so the library below the command line holds
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from semid.io import make_temp_dir, write_json
+from semid.io import file_sha256, make_temp_dir, write_json
 
 T = TypeVar("T")
 
@@ -84,16 +83,8 @@ def _remove(path: Path, ignore_errors: bool = False) -> None:
         shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest(folder: Path, complete: bool = True) -> dict[str, Any]:
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in CODEBOOK_FILES} if complete else {}
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in CODEBOOK_FILES} if complete else {}
     return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": complete, "files": files}
 
 
@@ -183,7 +174,7 @@ def check_codebooks(folder: str | os.PathLike[str]) -> None:
             raise ValueError(f"{path}: a symbolic link; a codebooks folder holds its own files; {redo}")
         if not path.is_file():
             raise ValueError(f"{path}: missing from the codebooks folder its manifest describes; {redo}")
-        if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") or _sha256(path) != entry.get("sha256"):
+        if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
             raise ValueError(f"{path}: does not match {MANIFEST_FILE} (changed or damaged after fit-codebooks wrote it); {redo}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -126,6 +127,12 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" decodes a non-UTF-8 byte to
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in blocks (a checkpoint of many GB is never held whole), as hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def not_utf8(path: str | os.PathLike[str], newline: str | None = None) -> ValueError:

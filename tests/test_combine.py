@@ -129,9 +129,9 @@ def test_a_title_run_a_dense_only_run_and_added_items_are_refused_by_name(world:
         combine_runs([world["one"], _edited(world, tmp_path, "titled", {"target": "title"})], out)
     with pytest.raises(ValueError, match="trained with objective 'dense'"):  # its code head never trained
         combine_runs([world["one"], _edited(world, tmp_path, "dense", {"objective": "dense"})], out)
-    import generator.runs.combine as combine
+    import generator.runs.derive as derive
 
-    real = combine.load_run
+    real = derive.load_run
 
     def grown(path, *a, **k):  # noqa: ANN001, ANN202
         run = real(path, *a, **k)
@@ -139,7 +139,7 @@ def test_a_title_run_a_dense_only_run_and_added_items_are_refused_by_name(world:
             run.model.add_items(run.model.item_tokens[1:3].clone())  # two items after training
         return run
 
-    monkeypatch.setattr(combine, "load_run", grown)
+    monkeypatch.setattr(derive, "load_run", grown)
     with pytest.raises(ValueError, match="2 items added after training; combine the runs first"):
         combine_runs([world["one"], world["two"]], out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -137,12 +137,13 @@ def test_an_occupied_out_folder_and_the_source_itself_are_refused(run: Path, tmp
 
 def test_a_failure_half_way_leaves_no_out_folder_and_no_temporary_one(run: Path, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import generator.runs.derive as derive
     import generator.runs.distill as runs_distill
 
     def fail(*a: object, **k: object) -> None:
         raise RuntimeError("the disk filled up")
 
-    monkeypatch.setattr(runs_distill, "choose_run_fusion", fail)  # after the checkpoint and config are written
+    monkeypatch.setattr(derive, "choose_run_fusion", fail)  # after the checkpoint and config are written
     with pytest.raises(RuntimeError, match="the disk filled up"):
         runs_distill.distill_run(run, tmp_path / "half", DistillOptions(epochs=1, val_users=20))
     assert list(tmp_path.iterdir()) == []

@@ -16,39 +16,18 @@ into place when complete, so ``out`` is either absent or whole.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from generator.designs import registry
-from generator.models.checkpoint import CHECKPOINT_KEY, SERVING_KEYS, STATE_PREFIX, safe_load, with_integrity
+from generator.models.checkpoint import CHECKPOINT_KEY
 from generator.models.ensemble import EnsembleGenerator, member_models
-from generator.runs.decoders import choose_run_fusion
-from generator.runs.folder import (
-    BEST,
-    CHECKPOINT_DIR,
-    COMBINE_FILE,
-    IDS_FILE,
-    check_same_data,
-    load_run,
-    read_config,
-    reading_lock,
-    write_config,
-)
-from semid.io import atomic_path, fsync_path, make_temp_dir, write_json
+from generator.runs.derive import check_new_out, finish, new_run_folder, read_source, write_serving_checkpoint
+from generator.runs.folder import COMBINE_FILE, IDS_FILE, read_config
 
 log = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):  # loop over 1 MiB blocks of the file
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_out(sources: list[Path], out: Path) -> None:
@@ -59,10 +38,7 @@ def _check_out(sources: list[Path], out: Path) -> None:
         if source.resolve() in seen:
             raise ValueError(f"{source}: named twice (as {seen[source.resolve()]}); name each run once")
         seen[source.resolve()] = source
-        if out.resolve().is_relative_to(source.resolve()):
-            raise ValueError(f"{out}: is inside the source run {source}; `semid combine` writes a new run folder beside it")
-    if os.path.lexists(out) and (out.is_symlink() or not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: exists and is not an empty folder; `semid combine` writes a new run folder: name a new one")
+    check_new_out(out, sources, "combine")
     for source in sources:
         design = registry.for_config(read_config(source)).name  # a title run records its backbone's design
         if design != "causal":
@@ -71,19 +47,10 @@ def _check_out(sources: list[Path], out: Path) -> None:
 
 
 def _read(source: Path, ids_copy: Path | None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
-    """One version of a run: its config, IDs and checkpoint read (and the IDs copied to ``ids_copy``, the checkpoint
-    hashed) under its lock, unless no one can write the folder; the checkpoint's record without its weights."""
-    with reading_lock(source, "combine"):
-        run = load_run(source)
-        config = read_config(source)
-        meta = {k: v for k, v in safe_load(run.checkpoint).items() if k in SERVING_KEYS and k != "state_dict"}  # not resumable
-        digest = _sha256(run.checkpoint)
-        if ids_copy is not None:
-            shutil.copyfile(source / IDS_FILE, ids_copy)
+    run, config, meta, digest = read_source(source, "combine", ids_copy)
     if run.model.num_items != run.model.trained_items:
         raise ValueError(f"{source}: has {run.model.num_items - run.model.trained_items} items added after training; "
                          "combine the runs first, then add the items to the combined run")
-    check_same_data(config, source, run.data_dir)  # the data it was trained on, unchanged since
     return run, config, meta, digest
 
 
@@ -115,30 +82,20 @@ def combine_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathL
     ``combine.json`` holds."""
     sources, out = [Path(r) for r in run_dirs], Path(out_dir)
     _check_out(sources, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, f".{out.name}.combine-")  # before the work: a folder that cannot be written fails now
-    try:
+    with new_run_folder(out, "combine") as tmp:
         runs, configs, metas, digests = zip(*(_read(s, tmp / IDS_FILE if i == 0 else None) for i, s in enumerate(sources)),
                                             strict=True)  # loop over the sources (a few)
         _check_alike(sources, list(runs), list(configs))
         members = [m for run in runs for m in member_models(run.model)]
-        model = EnsembleGenerator.of(members)
         K = len(members)
-        ckpt = dict(metas[0])
-        ckpt[CHECKPOINT_KEY] = {**ckpt[CHECKPOINT_KEY], "config": {**ckpt[CHECKPOINT_KEY]["config"], "members": K}}
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+        meta = dict(metas[0])
+        meta[CHECKPOINT_KEY] = {**meta[CHECKPOINT_KEY], "config": {**meta[CHECKPOINT_KEY]["config"], "members": K}}
+        hparams = dict(meta.get("hyper_parameters") or {})
         if isinstance(hparams.get("model"), dict):
             hparams["model"] = {**hparams["model"], "members": K}
-        ckpt["hyper_parameters"] = hparams
-        ckpt["state_dict"] = {STATE_PREFIX + k: v for k, v in model.state_dict().items()}
-        (tmp / CHECKPOINT_DIR).mkdir()
-        import torch
-
-        with atomic_path(tmp / CHECKPOINT_DIR / BEST) as f:
-            torch.save(with_integrity(ckpt), f)
-        del ckpt  # its state shares the members' weights: freed with the runs below
-        write_config(tmp, {**configs[0], "model": {**configs[0]["model"], "members": K},
-                           "best_checkpoint": f"{CHECKPOINT_DIR}/{BEST}"})
+        meta["hyper_parameters"] = hparams
+        write_serving_checkpoint(tmp, meta, EnsembleGenerator.of(members).state_dict(),
+                                 {**configs[0], "model": {**configs[0]["model"], "members": K}})
         record: dict[str, Any] = {
             "sources": [{"run": str(s.resolve()), "checkpoint": str(r.checkpoint.resolve()), "sha256": d,
                          "members": len(member_models(r.model)), "seed": c.get("train", {}).get("seed")}
@@ -146,20 +103,8 @@ def combine_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathL
             "members": K,
             "note": "config.yaml is the first source's with the members summed: its training figures are that run's",
         }
-        del runs, model, members
+        del runs, members  # the weights, before the fusion loads the new run
         joint = configs[0].get("train", {}).get("objective", "joint") == "joint"  # as training: a dense-only run has no hybrid
-        if fusion and joint and configs[0]["model"].get("dense_dim", 0):
-            record["fusion"] = choose_run_fusion(load_run(tmp))
-        write_json(tmp / COMBINE_FILE, record)
-        for path in (tmp / IDS_FILE, tmp / CHECKPOINT_DIR, tmp):
-            fsync_path(path, folder=path.is_dir())
-        try:
-            os.rename(tmp, out)  # replaces an empty folder of that name, never a full one
-        except OSError as e:  # another writer filled it meanwhile
-            raise FileExistsError(f"{out}: was written by another process meanwhile ({e.strerror}); name a new folder") from e
-        fsync_path(out.parent, folder=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        finish(tmp, COMBINE_FILE, record, fusion=fusion and joint and bool(configs[0]["model"].get("dense_dim", 0)))
     log.info("combined %d runs (%d members) into %s", len(sources), K, out)
     return record

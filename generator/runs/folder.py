@@ -41,7 +41,7 @@ from generator.models.checkpoint import RESUME
 from generator.runs.lineage import load_model
 from generator.runs.options import KINDS, train_schema
 from semid.ids import SemanticIDs
-from semid.io import atomic_open, folder_lock, not_utf8
+from semid.io import atomic_open, file_sha256, folder_lock, not_utf8
 from semid.layout import TokenLayout
 from semid.safe_read import load_yaml
 
@@ -100,8 +100,7 @@ def data_fingerprint(path: str | os.PathLike[str]) -> dict[str, str]:
         file = Path(path) / name
         if not file.is_file():
             raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")
-        with open(file, "rb") as f:
-            out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+        out[name] = file_sha256(file)
     return out
 
 

@@ -16,7 +16,6 @@ and pool; anything else is chosen again. T5 runs of earlier versions stored the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -34,17 +33,12 @@ from generator.models.checkpoint import ids_digest
 from generator.runs.batches import split_batches
 from generator.runs.folder import HYBRID_FILE
 from generator.training.sampling import sample_users
-from semid.io import write_json
+from semid.io import file_sha256, write_json
 from semid.split import Split
 
 log = logging.getLogger(__name__)
 
 POOL = "union"  # the candidate pool a fusion was chosen for: generative top-C plus dense top-C
-
-
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def choice_key(run: Any) -> dict[str, str]:
@@ -53,7 +47,7 @@ def choice_key(run: Any) -> dict[str, str]:
     chosen for the beam-only pool of older versions, which has no "pool", is stale)."""
     ckpt, folder = Path(run.checkpoint).resolve(), Path(run.path).resolve()
     where = ckpt.relative_to(folder).as_posix() if ckpt.is_relative_to(folder) else str(ckpt)
-    return {"checkpoint": where, "checkpoint_sha256": _file_digest(Path(run.checkpoint)),
+    return {"checkpoint": where, "checkpoint_sha256": file_sha256(Path(run.checkpoint)),
             "ids_sha256": ids_digest(run.ids), "pool": POOL}
 
 

@@ -19,13 +19,9 @@ import re
 from pathlib import Path
 
 from generator.runs.folder import CONFIG_FILE, IDS_FILE, best_checkpoint, read_config
+from semid.io import file_sha256
 
 _HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def pinned_files(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> list[str]:
@@ -40,7 +36,7 @@ def pinned_files(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[
 def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """sha256 of each pinned file (relative path -> hex digest)."""
     run_dir = Path(run_dir)
-    return {name: _sha256(run_dir / name) for name in pinned_files(run_dir, checkpoint)}
+    return {name: file_sha256(run_dir / name) for name in pinned_files(run_dir, checkpoint)}
 
 
 def format_digests(digests: dict[str, str]) -> str:

@@ -14,7 +14,6 @@ checkpoint is evaluated on all validation users (``RUN/metrics_valid.json``). Te
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -72,7 +71,7 @@ from generator.training.callbacks import (
 from generator.training.resume import RESUME, ResumePoints, RunCheckpoint, SignalGuard, StepSeeds
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
-from semid.io import folder_lock, remove_atomic_leftovers
+from semid.io import file_sha256, folder_lock, remove_atomic_leftovers
 from semid.split import leave_one_out
 from semid.tree import PrefixTree
 
@@ -185,14 +184,8 @@ def _check_parameter_order(ckpt: Any, path: Path) -> None:
                          "start a new run (the run's best checkpoint still loads for evaluate, recommend and serve)")
 
 
-def _file_sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _sha256_if_file(path: Path) -> str | None:
+    return file_sha256(path) if path.is_file() else None
 
 
 def train_run(
@@ -266,7 +259,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
 def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticIDs, options: TrainOptions, resume: bool,
            snapshots: Sequence[float], extra_callbacks: Sequence[L.Callback], ckpt_path: Path | None, start: float,
            guard: SignalGuard, is_worker: bool) -> TrainResult:
-    best_before = _file_sha256(out / CHECKPOINT_DIR / BEST) if resume else None
+    best_before = _sha256_if_file(out / CHECKPOINT_DIR / BEST) if resume else None
     L.seed_everything(options.seed, workers=True, verbose=False)
 
     # 1. data, model, system
@@ -367,7 +360,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     run_config["targets_per_epoch"] = int(targets_per_epoch)
     run_config["threads"] = options.threads
     write_config(out, run_config)
-    if resume and _file_sha256(best) != best_before:
+    if resume and _sha256_if_file(best) != best_before:
         # they describe the checkpoint served before; metrics_valid.json is replaced by the evaluation below
         stale = [p for p in out.glob("metrics_*.json") if options.final_val_users == 0 or p.name != "metrics_valid.json"]
         stale += [out / HYBRID_FILE] if (out / HYBRID_FILE).exists() else []
