@@ -20,7 +20,8 @@ from generator.decoding.registry import TITLE, resolve
 from generator.decoding.titles import TITLE_BEAM, tree_from_targets
 from generator.designs import causal
 from generator.designs.base import Design, Extras, Setup, TrainInputs
-from generator.models.titles import BACKBONE_KEYS, DESIGN, TitleConfig, TitleGenerator
+from generator.models.config import BACKBONE_KEYS
+from generator.models.titles import DESIGN, TitleConfig, TitleGenerator
 from semid.titles import TitleIndex, TitleTokenizer
 
 TARGET = DESIGN  # `--target title`

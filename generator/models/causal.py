@@ -28,7 +28,7 @@ Shapes: B histories, T positions, D d_model, L levels, K_l level l's codebook, N
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2Model
 
+from generator.models.config import BackboneConfig, check_fields, from_known
 from generator.models.dense import DenseHead, DenseHeadConfig, n_row_table
 from generator.models.dense_loss import check_sampled_options
 from generator.models.gpt2_states import gpt2_states, lean_forward_fits
@@ -47,15 +48,10 @@ MAX_MEMBERS = 16  # a combined run of three four-member runs has 12
 
 
 @dataclass(frozen=True)
-class CausalConfig:
-    """The causal design's size. ``dense_dim`` 0 means no dense head; ``content_dim`` 0 no content input."""
+class CausalConfig(BackboneConfig):
+    """The causal design's size: the backbone's, and its heads'. ``dense_dim`` 0 means no dense head;
+    ``content_dim`` 0 no content input."""
 
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    d_ff: int = 256
-    dropout: float = 0.2
-    max_history: int = 50
     dense_dim: int = 64  # the dense head's query and item vectors (item table); 0 for no dense head
     content_dim: int = 0  # width of the item content embeddings added to the input (0: codes only)
     node_vectors: bool = True  # a learned output vector per ID prefix (tree node), added to its code's embedding
@@ -82,18 +78,11 @@ class CausalConfig:
     # scores an item by the sum of their log-likelihoods, each level normalised per member (generator.models.ensemble)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_sampled_options(self.dense_loss, self.dense_negatives, self.num_negatives, self.logq_correction)
-        for name in ("node_vectors", "content_vectors", "id_input", "code_input", "sparse_tables", "seen_negatives"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
-        for name in ("d_model", "num_layers", "num_heads", "d_ff", "max_history", "members"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        for name in ("dense_dim", "content_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
+        check_fields(self, positive=("members",), non_negative=("dense_dim", "content_dim"),
+                     unit=("head_dropout", "node_dropout", "item_dropout", "distill"),
+                     flags=("node_vectors", "content_vectors", "id_input", "code_input", "sparse_tables", "seen_negatives"))
         if self.members > MAX_MEMBERS:
             raise ValueError(f"`members` must be at most {MAX_MEMBERS} (each member is a whole model), got {self.members}")
         if not (self.code_input or self.id_input):
@@ -101,24 +90,14 @@ class CausalConfig:
         if self.id_input and self.dense_dim != self.d_model:
             raise ValueError(f"`id_input` ties the input ID embedding to the dense item table: `dense_dim` must equal "
                              f"`d_model` ({self.d_model}), got {self.dense_dim}")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"`d_model` ({self.d_model}) must be a multiple of `num_heads` ({self.num_heads})")
         if self.distill and not (self.dense_dim and self.node_vectors and self.dense_loss == "full"):
             raise ValueError(f"`distill` ({self.distill}) needs a dense head (dense_dim > 0) with the full softmax and node vectors")
-        for name in ("dropout", "head_dropout", "node_dropout", "item_dropout", "distill"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {v!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CausalConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"design"}
-        if unknown:
-            raise ValueError(f"unknown causal config keys {sorted(unknown)}; known: {sorted(known)}")
         # checkpoints written before node vectors / content item vectors existed had none
         d = {"node_vectors": False, "content_vectors": False, "id_input": False, "code_input": True, **d}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_known(cls, d, "causal config keys", ignore=("design",))
 
     def to_dict(self) -> dict[str, Any]:
         return {"design": DESIGN, **asdict(self)}

@@ -18,7 +18,7 @@ Shapes: B histories, T positions, P target positions, J title tokens, D d_model,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -26,23 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from generator.models.causal import CausalConfig, CausalGenerator
+from generator.models.config import BACKBONE_KEYS, BackboneConfig, check_fields, from_known
 from semid.layout import TokenLayout
 
 DESIGN = "title"
-BACKBONE_KEYS = ("d_model", "num_layers", "num_heads", "d_ff", "dropout", "max_history")
 
 
 @dataclass(frozen=True)
-class TitleConfig:
+class TitleConfig(BackboneConfig):
     """The backbone's size (as :class:`CausalConfig`) and the title head's. ``vocab_size`` and ``max_title_tokens``
     come from the tokenizer and the catalogue (set by the trainer)."""
 
-    d_model: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    d_ff: int = 256
-    dropout: float = 0.2
-    max_history: int = 50
     title_dim: int = 128  # the head's GRU width and token embedding size
     title_dropout: float = 0.1
     vocab_size: int = 0  # V: tokenizer + disambiguation tokens (0 until set)
@@ -52,15 +46,9 @@ class TitleConfig:
     max_title_tokens: int = 32  # titles are cut to this many tokens before the duplicate rule
 
     def __post_init__(self) -> None:
-        for name in ("title_dim", "max_title_tokens", "tokenizer_vocab"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
-            raise ValueError(f"`vocab_size` must be a non-negative int, got {self.vocab_size!r}")
-        if not 0.0 <= self.title_dropout < 1.0:
-            raise ValueError(f"`title_dropout` must be in [0, 1), got {self.title_dropout!r}")
-        self.backbone()  # validates the backbone's fields
+        super().__post_init__()
+        check_fields(self, positive=("title_dim", "max_title_tokens", "tokenizer_vocab"), non_negative=("vocab_size",),
+                     unit=("title_dropout",))
 
     def backbone(self) -> CausalConfig:
         """The causal backbone's config: no code-head extras, no dense head."""
@@ -68,11 +56,7 @@ class TitleConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TitleConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"design"}
-        if unknown:
-            raise ValueError(f"unknown title config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_known(cls, d, "title config keys", ignore=("design",))
 
     def to_dict(self) -> dict[str, Any]:
         return {"design": DESIGN, **asdict(self)}

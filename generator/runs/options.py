@@ -18,6 +18,7 @@ from typing import Any
 from generator.decoding.registry import SPECS
 from generator.designs import registry as designs
 from generator.designs.base import Design
+from generator.models.config import from_known
 from generator.models.dense import HOST_FIELDS, MODES, DenseHeadConfig
 from generator.training.optim import parse_max_time  # noqa: F401 (re-exported: the run layer's budgets)
 
@@ -209,11 +210,7 @@ class TrainOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:  # a typo or an option of another version would otherwise be dropped silently
-            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_known(cls, d, "training options")
 
 
 # options that change what is trained: a resumed run must keep them (val_users, num_beams and decoder define the

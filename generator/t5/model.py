@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import T5Config, T5ForConditionalGeneration
 
+from generator.models.config import check_fields, from_known
 from semid.layout import TokenLayout
 
 
@@ -35,20 +36,11 @@ class GeneratorConfig:
     item_level: bool = False  # one encoder position per history item (the sum of its code embeddings)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"`{f.name}` must be a positive int, got {value!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
+        check_fields(self, positive=tuple(f.name for f in fields(self) if f.type == "int"), unit=("dropout",))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown generator config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return from_known(cls, d, "generator config keys")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

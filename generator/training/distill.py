@@ -26,6 +26,7 @@ import torch
 
 from generator.decoding.causal import CausalDecoders
 from generator.models.causal_loss import child_counts, code_loss, pair_counts
+from generator.models.config import check_fields
 from generator.models.ensemble import EnsembleGenerator, member_models
 from generator.training.causal_data import collate_windows, eval_batches, split_histories
 from generator.training.datamodules import CausalDataModule
@@ -51,16 +52,11 @@ class DistillOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "val_users"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        check_fields(self, positive=("epochs", "batch_size", "val_users"), unit=("label_smoothing",))
         if not self.temperature > 0:
             raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
         if not 0.0 < self.weight <= 1.0:
             raise ValueError(f"`weight` (the teacher's share of each level's target) must be in (0, 1], got {self.weight!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"`label_smoothing` must be in [0, 1), got {self.label_smoothing!r}")
         if not self.lr > 0 or not self.weight_decay >= 0:
             raise ValueError(f"`lr` must be > 0 and `weight_decay` >= 0, got {self.lr!r} and {self.weight_decay!r}")
 
