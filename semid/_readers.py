@@ -8,7 +8,7 @@ import csv
 import gzip
 import math
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,3 +179,18 @@ def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> 
     raw.users.append(user)
     raw.items.append(item)
     raw.times.append(ts)
+
+
+def _csv_header(path: Path, first: tuple[str, list[str]] | None) -> list[str] | None:
+    return first[1] if first is not None else None
+
+
+def _read_table(path: Path, rows_of: Callable[[Path], Iterator[tuple[str, list[str]]]],
+                header_of: Callable[[Path, Any], Any], user: str, item: str, time: str) -> _Interactions:
+    """The interactions of a table with a header (RecBole's .inter, a CSV file), read by its named columns."""
+    raw = _Interactions(path)
+    rows = rows_of(path)
+    u, i, t = _columns(path, header_of(path, next(rows, None)), {"user": user, "item": item, "time": time})
+    for where, row in rows:
+        _append(raw, row[u], row[i], row[t], where)
+    return raw

@@ -40,12 +40,14 @@ import numpy as np
 from semid._readers import (
     _append,
     _columns,
+    _csv_header,
     _csv_rows,
     _get,
     _Interactions,
     _json_lines,
     _Metadata,
     _read_amazon_meta,
+    _read_table,
     _recbole_header,
     _tsv_rows,
 )
@@ -109,12 +111,7 @@ def prepare_recbole(
 ) -> PrepareReport:
     """RecBole atomic files: ``<name>.inter`` and optionally ``<name>.item`` -> ``out``."""
     _check_args(out, kcore, overwrite)
-    raw = _Interactions(Path(inter))
-    rows = _tsv_rows(raw.source)
-    names = _recbole_header(raw.source, next(rows, None))
-    u, i, t = _columns(raw.source, names, {"user": user_field, "item": item_field, "time": time_field})
-    for where, row in rows:
-        _append(raw, row[u], row[i], row[t], where)
+    raw = _read_table(Path(inter), _tsv_rows, _recbole_header, user_field, item_field, time_field)
     meta = _Metadata()
     if item is not None:
         path = Path(item)
@@ -144,17 +141,12 @@ def prepare_csv(
 ) -> PrepareReport:
     """CSV files: interactions (user, item, timestamp columns) and optionally items (item, title, text columns)."""
     _check_args(out, kcore, overwrite)
-    raw = _Interactions(Path(interactions))
-    rows = _csv_rows(raw.source)
-    header = next(rows, (None, None))[1]
-    u, i, t = _columns(raw.source, header, {"user": user_column, "item": item_column, "time": time_column})
-    for where, row in rows:
-        _append(raw, row[u], row[i], row[t], where)
+    raw = _read_table(Path(interactions), _csv_rows, _csv_header, user_column, item_column, time_column)
     meta = _Metadata()
     if items is not None:
         path = Path(items)
         rows = _csv_rows(path)
-        header = next(rows, (None, None))[1]
+        header = _csv_header(path, next(rows, None))
         key, title = _columns(path, header, {"item": item_column, "title": title_column})
         others = [c for c in range(len(header)) if c not in (key, title)]
         for _, row in rows:

@@ -71,6 +71,16 @@ def test_evaluate_every_decoder_returns_real_distinct_items(causal_run: dict[str
         assert set(stored["table"]) == {"blend", "full", "levels", "liger", "rrf", "learned"} and stored["fusion"] in stored["table"]
 
 
+def test_evaluate_run_passes_every_option_on_and_records_it(causal_run: dict[str, Path], tmp_path: Path) -> None:
+    m = evaluate_run(causal_run["run"], "test", decoder="beam", num_beams=7, max_users=9, seed=3, ks=(3,),
+                     exclude_history=True)
+    assert (m["num_beams"], m["max_users"], m["seed"], m["exclude_history"]) == (7, 9, 3, True)
+    assert m["users_evaluated"] == 9 and "recall@3" in m and "recall@10" not in m
+    assert Path(m["file"]).name == "metrics_test_unseen_sample9.json"
+    with pytest.raises(TypeError, match=r"unknown options \['num_beam'\]; known: \[.*'num_beams'"):
+        evaluate_run(tmp_path / "not-a-run", "test", num_beam=7)  # refused before anything is read
+
+
 def test_a_dense_only_run_serves_the_dense_decoder(causal_run: dict[str, Path]) -> None:
     m = evaluate_run(causal_run["dense_run"], "test", decoder="dense", num_beams=10)
     assert m["users_evaluated"] == 24 and m["decoder"] == "causal.dense" and m["invalid_items"] == 0

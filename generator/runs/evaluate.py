@@ -15,6 +15,7 @@ another device is copied); the hybrid reads the fusion stored by ``semid choose-
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -192,23 +193,18 @@ def _check_result(result: EvalResult) -> None:
         )
 
 
+# evaluate()'s keyword arguments and their defaults, which evaluate_run passes on (release_tables is its own choice)
+EVALUATE_DEFAULTS = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "release_tables"}
+
+
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     which: str = "test",
     *,
-    ks: Sequence[int] = (5, 10),
-    num_beams: int = 20,
-    max_users: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-    decoder: str = "auto",
     data_dir: str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-    alpha: float | None = None,
-    table_dtype: str = "float32",
-    exclude_history: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
     """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically; a sample of ``max_users`` users
     writes ``RUN/metrics_<which>_sample<N>.json`` instead); returns what was written, with ``file`` its path.
@@ -218,13 +214,20 @@ def evaluate_run(
 
     Args:
         data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
-        table_dtype: a causal run's serving tables, "float32" or 16 bits (the model's N-row tables are freed once the
-            decoder is built: the run is loaded for this evaluation alone).
-        exclude_history: rankings without each user's history (:func:`evaluate`): written to
-            ``RUN/metrics_<which>_unseen.json``, beside the protocol's file.
+        checkpoint: the checkpoint to evaluate (default: the run's best).
+        options: :func:`evaluate`'s keyword arguments (``ks``, ``num_beams``, ``max_users``, ``seed``, ``decoder``,
+            ``exclude_history``, ...). ``table_dtype``: a causal run's serving tables, "float32" or 16 bits (the
+            model's N-row tables are freed once the decoder is built: the run is loaded for this evaluation alone);
+            ``exclude_history``: rankings without each user's history, written to ``RUN/metrics_<which>_unseen.json``
+            beside the protocol's file.
     """
     if which not in ("valid", "test"):
         raise ValueError(f"`split` must be 'valid' or 'test', got {which!r}")
+    unknown = sorted(set(options) - set(EVALUATE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"evaluate_run() got unknown options {unknown}; known: {sorted(EVALUATE_DEFAULTS)}")
+    o = {**EVALUATE_DEFAULTS, **options, "release_tables": True}
+    max_users, exclude_history, table_dtype = o["max_users"], o["exclude_history"], o["table_dtype"]
     run = load_run(run_dir, checkpoint)  # any design
     data = Path(data_dir) if data_dir is not None else run.data_dir
     dataset = load_dataset(data)
@@ -235,11 +238,7 @@ def evaluate_run(
     check_writable(target, f"the metrics ({target.name})")  # before the work, not after it
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
         raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
-    result = evaluate(
-        run, split, which, ks=ks, num_beams=num_beams, max_users=max_users, seed=seed, batch_size=batch_size,
-        decoder=decoder, device=device, progress=progress, alpha=alpha, table_dtype=table_dtype, release_tables=True,
-        exclude_history=exclude_history,
-    )
+    result = evaluate(run, split, which, **o)
     # the run's best checkpoint was chosen on validation unless training ran none (then it is last.ckpt)
     selected = bool(run.config.get("selected_on_validation", True)) and (
         checkpoint is None or run.checkpoint.resolve() == (run.path / str(run.config.get("best_checkpoint"))).resolve()
@@ -250,9 +249,9 @@ def evaluate_run(
     out = {
         **result.to_dict(),
         "selected_on_validation": selected,
-        "num_beams": num_beams,
+        "num_beams": o["num_beams"],
         "max_users": max_users,
-        "seed": seed,
+        "seed": o["seed"],
         "exclude_history": exclude_history,
         **({"table_dtype": table_dtype} if table_dtype != "float32" else {}),
         "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
