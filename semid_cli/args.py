@@ -6,7 +6,9 @@ generator at import time: ``semid digest --help`` loads neither (tests/test_cli_
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 EXPECT_SHA256_SOURCE = "(a file from `semid digest --run RUN`, or its --combined hex)"
 
@@ -66,3 +68,21 @@ def add_table_dtype(p: argparse.ArgumentParser) -> None:
                    "float32, from vectors rounded to 11 / 8 significant bits, so near-tied items may swap places: on "
                    "Beauty float16 changed 2%% of the users' top-10 lists (R@10 equal), bfloat16 14-18%% "
                    "(experiments/results/serve_tables16.md)")
+
+
+def add_fields(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass ``cls`` (``--val-users`` for ``val_users``), typed as its default, its
+    help the field's ``metadata["help"]`` with the default; a flag not given is None (the dataclass's default)."""
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata['help']} (default {f.default:,})" if not isinstance(f.default, float) else \
+            f"{f.metadata['help']} (default {f.default:g})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=f.name, type=type(f.default), default=None, help=text)
+
+
+def fields_given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line (:func:`add_fields`)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from semid_cli.args import add_run
+from semid_cli.args import add_fields, add_run, fields_given
 
 DESCRIPTION = (
     "Fine-tune the code heads of a causal run with a dense head on the run's own dense softmax (an ensemble's: all "
@@ -20,14 +20,11 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     p.add_argument("--out", required=True, type=Path, help="the new run folder (must not exist, or be empty)")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the training windows (default 2)")
-    p.add_argument("--temperature", type=float, default=3.0, help="the teacher's softmax temperature (default 3)")
-    p.add_argument("--weight", type=float, default=0.5, help="the teacher's share of each level's target (default 0.5)")
-    p.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate of the code heads (default 5e-4)")
-    p.add_argument("--batch-size", type=int, default=128, help="training windows a step (default 128; the teacher "
-                   "of a batch is positions x items floats: lower it for large catalogues)")
-    p.add_argument("--val-users", type=int, default=5000, help="validation users that choose the epoch (default 5,000)")
-    p.add_argument("--seed", type=int, default=0)
+    from generator.training.distill import (
+        DistillOptions,  # no Lightning: the training layer's option types only
+    )
+
+    add_fields(p, DistillOptions)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
 
 
@@ -37,8 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from generator.runs.distill import distill_run
     from generator.training.distill import DistillOptions
 
-    options = DistillOptions(epochs=args.epochs, temperature=args.temperature, weight=args.weight, lr=args.lr,
-                             batch_size=args.batch_size, val_users=args.val_users, seed=args.seed)  # checked before anything is loaded
+    options = DistillOptions(**fields_given(DistillOptions, args))  # checked before anything is loaded
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     record = distill_run(args.run, args.out, options)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,17 +39,24 @@ MAX_TEACHER_BYTES = 4 << 30  # a batch's (positions x items) teacher: its logits
 HEAD = ("level_proj", "head_norm", "prefix_mlp", "code_bias", "node_vec_")  # a member's code head, by parameter name
 
 
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass(frozen=True)
 class DistillOptions:
-    epochs: int = 2
-    temperature: float = 3.0
-    weight: float = 0.5
-    label_smoothing: float = 0.1
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    batch_size: int = 128
-    val_users: int = 5000
-    seed: int = 0
+    """What `semid distill` does; each field's help is its flag's (``--val-users`` for ``val_users``)."""
+
+    epochs: int = _help(2, "passes over the training windows")
+    temperature: float = _help(3.0, "the teacher's softmax temperature")
+    weight: float = _help(0.5, "the teacher's share of each level's target")
+    label_smoothing: float = _help(0.1, "the true code's target spread over its siblings, as in training")
+    lr: float = _help(5e-4, "AdamW learning rate of the code heads")
+    weight_decay: float = _help(0.05, "AdamW weight decay")
+    batch_size: int = _help(128, "training windows a step (the teacher of a batch is positions x items floats: lower "
+                            "it for large catalogues)")
+    val_users: int = _help(5000, "validation users that choose the epoch")
+    seed: int = _help(0, "seeds the order of the windows and the validation users")
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("epochs", "batch_size", "val_users"), unit=("label_smoothing",))
