@@ -84,7 +84,7 @@ def test_a_call_builds_hashes_and_reads_nothing(world: dict[str, Path], monkeypa
         raise AssertionError("rebuilt, hashed or read during a call")
 
     for module, name in [(causal_decoding, "item_paths"), (causal_decoding, "edge_tables"), (fusion_store, "choice_key"),
-                         (fusion_store, "_file_digest"), (semid.data, "_read_items"), (fusion_store, "stored_fusion")]:
+                         (fusion_store, "file_sha256"), (semid.data, "_read_items"), (fusion_store, "stored_fusion")]:
         monkeypatch.setattr(module, name, forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
     for d in SERVED:
