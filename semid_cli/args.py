@@ -6,7 +6,7 @@ generator at import time: ``semid digest --help`` loads neither (tests/test_cli_
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +70,24 @@ def add_table_dtype(p: argparse.ArgumentParser) -> None:
                    "(experiments/results/serve_tables16.md)")
 
 
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
 def add_fields(p: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of the dataclass ``cls`` (``--val-users`` for ``val_users``), typed as its default, its
-    help the field's ``metadata["help"]`` with the default; a flag not given is None (the dataclass's default)."""
+    """One flag per field of the dataclass ``cls`` (``--val-users`` for ``val_users``), parsed as the field's type
+    (``int``, ``float``, ``str``, ``bool``, or one of them ``| None``), its help the field's ``metadata["help"]`` with
+    the default; a flag not given is None (the dataclass's default)."""
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata['help']} (default {f.default:,})" if not isinstance(f.default, float) else \
-            f"{f.metadata['help']} (default {f.default:g})"
-        if isinstance(f.default, bool):
+        name = str(f.type).removesuffix(" | None")
+        if name not in _TYPES or "help" not in f.metadata or f.default is MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: a flag needs a field of type {sorted(_TYPES)} (or None), a "
+                            f"default and metadata['help'], got {f.type} {f.metadata}")
+        shown = "none" if f.default is None else f"{f.default:,}" if _TYPES[name] is int else str(f.default)
+        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default {shown})"
+        if _TYPES[name] is bool:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, dest=f.name, type=type(f.default), default=None, help=text)
+            p.add_argument(flag, dest=f.name, type=_TYPES[name], default=None, help=text)
 
 
 def fields_given(cls: type, args: argparse.Namespace) -> dict[str, Any]:

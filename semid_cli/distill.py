@@ -20,9 +20,7 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     p.add_argument("--out", required=True, type=Path, help="the new run folder (must not exist, or be empty)")
-    from generator.training.distill import (
-        DistillOptions,  # no Lightning: the training layer's option types only
-    )
+    from generator.training.distill_options import DistillOptions  # light: torch only once the command runs
 
     add_fields(p, DistillOptions)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -32,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from generator.runs.distill import distill_run
-    from generator.training.distill import DistillOptions
+    from generator.training.distill_options import DistillOptions
 
     options = DistillOptions(**fields_given(DistillOptions, args))  # checked before anything is loaded
     if args.threads is not None:

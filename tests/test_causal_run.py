@@ -71,9 +71,17 @@ def test_evaluate_every_decoder_returns_real_distinct_items(causal_run: dict[str
         assert set(stored["table"]) == {"blend", "full", "levels", "liger", "rrf", "learned"} and stored["fusion"] in stored["table"]
 
 
-def test_evaluate_run_passes_every_option_on_and_records_it(causal_run: dict[str, Path], tmp_path: Path) -> None:
-    m = evaluate_run(causal_run["run"], "test", decoder="beam", num_beams=7, max_users=9, seed=3, ks=(3,),
-                     exclude_history=True)
+def test_evaluate_run_passes_every_option_on_and_records_it(causal_run: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import generator.runs.evaluate as ev
+
+    given = {"decoder": "hybrid", "num_beams": 7, "max_users": 9, "seed": 3, "ks": (3,), "exclude_history": True,
+             "batch_size": 5, "alpha": 0.25}
+    received, real = {}, ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: received.update(k) or real(*a, **k))
+    m = evaluate_run(causal_run["run"], "test", **given)
+    assert received == {**ev.EVALUATE_DEFAULTS, **given, "release_tables": True}  # all passed on, the rest defaults
+    assert m["decoder"] == "causal.hybrid" and m["alpha"] == 0.25 and "length_penalty" not in m  # default: not written
     assert (m["num_beams"], m["max_users"], m["seed"], m["exclude_history"]) == (7, 9, 3, True)
     assert m["users_evaluated"] == 9 and "recall@3" in m and "recall@10" not in m
     assert Path(m["file"]).name == "metrics_test_unseen_sample9.json"

@@ -35,6 +35,7 @@ def test_help_of_commands_that_load_the_run_later_imports_none_of_them() -> None
     # their shared flags (semid_cli.args) must not import generator (and with it torch) to add --decoder & co.
     assert _loaded(["digest", "--help"]) == "LOADED []"
     assert _loaded(["choose-fusion", "--help"]) == "LOADED []"
+    assert _loaded(["distill", "--help"]) == "LOADED []"  # its flags come from DistillOptions' fields
 
 
 def test_train_help_does_import_what_it_needs() -> None:

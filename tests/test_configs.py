@@ -3,7 +3,8 @@ causal and title designs share one backbone config."""
 
 from __future__ import annotations
 
-from dataclasses import fields
+import argparse
+from dataclasses import dataclass, field, fields
 
 import pytest
 
@@ -12,10 +13,8 @@ from generator.models.config import BACKBONE_KEYS, BackboneConfig
 from generator.models.titles import TitleConfig
 from generator.runs.options import TrainOptions
 from generator.t5.model import GeneratorConfig
-from generator.training.distill import DistillOptions
-
-CONFIGS = (CausalConfig, TitleConfig, GeneratorConfig, DistillOptions)
-
+from generator.training.distill_options import DistillOptions
+from semid_cli.args import add_fields, fields_given
 
 @pytest.mark.parametrize(("cls", "field", "value", "message"), [
     (CausalConfig, "dropout", 1.0, r"`dropout` must be in \[0, 1\), got 1.0"),
@@ -40,10 +39,11 @@ def test_a_bad_field_is_refused_by_name(cls: type, field: str, value: object, me
     cls()  # the defaults are valid
 
 
-@pytest.mark.parametrize(("cls", "what"), [(CausalConfig, "causal config keys"), (TitleConfig, "title config keys"),
-                                           (TrainOptions, "training options")])
-def test_an_unknown_key_is_refused_by_name_with_the_known_ones(cls: type, what: str) -> None:
-    with pytest.raises(ValueError, match=rf"unknown {what} \['d_modle'\]; known: \[.*'max_history'"):
+@pytest.mark.parametrize(("cls", "what", "known"), [
+    (CausalConfig, "causal config keys", "max_history"), (TitleConfig, "title config keys", "max_history"),
+    (GeneratorConfig, "generator config keys", "d_model"), (TrainOptions, "training options", "max_history")])
+def test_an_unknown_key_is_refused_by_name_with_the_known_ones(cls: type, what: str, known: str) -> None:
+    with pytest.raises(ValueError, match=rf"unknown {what} \['d_modle'\]; known: \[.*'{known}'"):
         cls.from_dict({"d_modle": 32})
 
 
@@ -63,3 +63,32 @@ def test_the_causal_and_title_designs_share_the_backbone_fields() -> None:
     backbone = title.backbone()
     assert {k: getattr(backbone, k) for k in BACKBONE_KEYS} == {k: getattr(title, k) for k in BACKBONE_KEYS}
     assert backbone.dense_dim == 0 and not backbone.node_vectors
+
+
+@dataclass(frozen=True)
+class _Flags:
+    count: int = field(default=1200, metadata={"help": "how many"})
+    rate: float = field(default=0, metadata={"help": "a float whose default is written as an int"})
+    name: str | None = field(default=None, metadata={"help": "optional"})
+    on: bool = field(default=True, metadata={"help": "a switch"})
+
+
+def test_flags_derived_from_fields_parse_as_the_field_types_and_show_the_defaults() -> None:
+    p = argparse.ArgumentParser()
+    add_fields(p, _Flags)
+    helps = {a.dest: a.help for a in p._actions}
+    assert helps["count"] == "how many (default 1,200)" and helps["name"] == "optional (default none)"
+    args = p.parse_args(["--rate", "0.25", "--no-on", "--name", "x"])
+    assert fields_given(_Flags, args) == {"rate": 0.25, "on": False, "name": "x"}  # count not given: the default's
+    assert _Flags(**fields_given(_Flags, p.parse_args([]))) == _Flags()
+    p = argparse.ArgumentParser()
+    add_fields(p, DistillOptions)
+    assert DistillOptions(**fields_given(DistillOptions, p.parse_args(["--val-users", "20", "--lr", "1e-3"]))) == \
+        DistillOptions(val_users=20, lr=1e-3)
+
+    @dataclass(frozen=True)
+    class NoHelp:
+        n: int = 1
+
+    with pytest.raises(TypeError, match=r"NoHelp.n: a flag needs .* metadata\['help'\]"):
+        add_fields(argparse.ArgumentParser(), NoHelp)

@@ -227,7 +227,7 @@ def evaluate_run(
     if unknown:
         raise TypeError(f"evaluate_run() got unknown options {unknown}; known: {sorted(EVALUATE_DEFAULTS)}")
     o = {**EVALUATE_DEFAULTS, **options, "release_tables": True}
-    max_users, exclude_history, table_dtype = o["max_users"], o["exclude_history"], o["table_dtype"]
+    max_users, exclude_history = o["max_users"], o["exclude_history"]
     run = load_run(run_dir, checkpoint)  # any design
     data = Path(data_dir) if data_dir is not None else run.data_dir
     dataset = load_dataset(data)
@@ -253,7 +253,9 @@ def evaluate_run(
         "max_users": max_users,
         "seed": o["seed"],
         "exclude_history": exclude_history,
-        **({"table_dtype": table_dtype} if table_dtype != "float32" else {}),
+        # what else changes the rankings, where it is not the default (alpha: the hybrid's blend; length_penalty: a
+        # title beam's)
+        **{k: o[k] for k in ("table_dtype", "alpha", "length_penalty") if o[k] != EVALUATE_DEFAULTS[k]},
         "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
         "data": str(data),
     }

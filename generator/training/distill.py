@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,10 +25,10 @@ import torch
 
 from generator.decoding.causal import CausalDecoders
 from generator.models.causal_loss import child_counts, code_loss, pair_counts
-from generator.models.config import check_fields
 from generator.models.ensemble import EnsembleGenerator, member_models
 from generator.training.causal_data import collate_windows, eval_batches, split_histories
 from generator.training.datamodules import CausalDataModule
+from generator.training.distill_options import DistillOptions
 from semid.ids import SemanticIDs
 from semid.metrics import ndcg_at_k, recall_at_k
 from semid.split import Split
@@ -37,35 +36,6 @@ from semid.tree import PrefixTree
 
 MAX_TEACHER_BYTES = 4 << 30  # a batch's (positions x items) teacher: its logits, softmax and copy
 HEAD = ("level_proj", "head_norm", "prefix_mlp", "code_bias", "node_vec_")  # a member's code head, by parameter name
-
-
-def _help(default: Any, text: str) -> Any:
-    return field(default=default, metadata={"help": text})
-
-
-@dataclass(frozen=True)
-class DistillOptions:
-    """What `semid distill` does; each field's help is its flag's (``--val-users`` for ``val_users``)."""
-
-    epochs: int = _help(2, "passes over the training windows")
-    temperature: float = _help(3.0, "the teacher's softmax temperature")
-    weight: float = _help(0.5, "the teacher's share of each level's target")
-    label_smoothing: float = _help(0.1, "the true code's target spread over its siblings, as in training")
-    lr: float = _help(5e-4, "AdamW learning rate of the code heads")
-    weight_decay: float = _help(0.05, "AdamW weight decay")
-    batch_size: int = _help(128, "training windows a step (the teacher of a batch is positions x items floats: lower "
-                            "it for large catalogues)")
-    val_users: int = _help(5000, "validation users that choose the epoch")
-    seed: int = _help(0, "seeds the order of the windows and the validation users")
-
-    def __post_init__(self) -> None:
-        check_fields(self, positive=("epochs", "batch_size", "val_users"), unit=("label_smoothing",))
-        if not self.temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
-        if not 0.0 < self.weight <= 1.0:
-            raise ValueError(f"`weight` (the teacher's share of each level's target) must be in (0, 1], got {self.weight!r}")
-        if not self.lr > 0 or not self.weight_decay >= 0:
-            raise ValueError(f"`lr` must be > 0 and `weight_decay` >= 0, got {self.lr!r} and {self.weight_decay!r}")
 
 
 def head_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
