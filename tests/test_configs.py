@@ -16,6 +16,7 @@ from generator.t5.model import GeneratorConfig
 from generator.training.distill_options import DistillOptions
 from semid_cli.args import add_fields, fields_given
 
+
 @pytest.mark.parametrize(("cls", "field", "value", "message"), [
     (CausalConfig, "dropout", 1.0, r"`dropout` must be in \[0, 1\), got 1.0"),
     (CausalConfig, "dropout", -0.1, r"`dropout` must be in \[0, 1\)"),
