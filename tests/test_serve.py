@@ -120,6 +120,9 @@ def _bad_inputs() -> list[tuple[object, int, str, str]]:
         (b'{"history": [1], "x": "\xc3\x28"}', 400, "body", "UTF-8"),
         (b"[1, 2]", 400, "body", "a JSON object"),
         (b"", 400, "body", "malformed JSON"),
+        (b'{"history": [1], "history": [2]}', 400, "history", "given twice"),
+        (b'{"history": [1], "k": 3, "k": 4}', 400, "k", "given twice"),
+        (b'{"history": [' + b"1" * 4050 + b"]}", 422, "history[0]", "not an item of the catalogue"),  # message cut
         ({"k": 3}, 422, "history", "missing field"),
         ({"history": [1], "user": 3}, 422, "user", "the fields are"),
         ({"history": []}, 422, "history", "at least one item"),
@@ -151,8 +154,16 @@ def test_bad_input_is_a_4xx_json_naming_the_field(serve_world: dict[str, Path], 
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert err["field"] == field and phrase in err["message"] + err["allowed"], err
-        assert err["value"] is not None and "Traceback" not in r.text
+        assert err["value"] is not None and "Traceback" not in r.text and len(r.content) < 1000  # nothing echoed whole
         assert c.post("/recommend", json={"history": [1, 2]}).status_code == 200  # still serving
+
+
+def test_a_number_too_long_to_read_is_a_400(serve_world: dict[str, Path]) -> None:
+    with TestClient(app_for(serve_world["v1"])) as c:  # Python reads at most 4,300 digits of an int
+        for body in (b'{"history": [' + b"7" * 5001 + b"]}", b'{"history": [1], "k": ' + b"9" * 5001 + b"}"):
+            r = c.post("/recommend", content=body)
+            assert r.status_code == 400 and "ordinary size" in r.json()["error"]["allowed"] and len(r.content) < 1000, r.text
+        assert c.post("/recommend", json={"history": [1, 2]}).status_code == 200
 
 
 def test_bad_batches_items_and_paths(serve_world: dict[str, Path]) -> None:
@@ -197,6 +208,33 @@ def test_an_internal_error_is_a_500_json_and_the_worker_goes_on(serve_world: dic
         assert "Traceback" not in r.text and "blew up" not in r.text
         monkeypatch.setattr(rec, "recommend", real)
         assert c.post("/recommend", json={"history": [1, 2]}).status_code == 200
+
+
+def test_a_client_gone_before_its_body_is_a_499_not_a_500(serve_world: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """A client that closes the connection half-way through its body is not the service's error: no 500, no
+    traceback logged, counted as 499 (nginx's "client closed request")."""
+    app = app_for(serve_world["v1"])
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/recommend", "raw_path": b"/recommend", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    messages = iter([{"type": "http.request", "body": b'{"history": [1, ', "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call() -> None:
+        async with serving(app):
+            await app(scope, receive, send)
+
+    asyncio.run(call())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert app.state.metrics.registry.get_sample_value("semid_requests_total", {"endpoint": "/recommend", "status": "499"}) == 1
 
 
 @pytest.mark.parametrize(("client", "token", "status"), [

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE
+from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, read_config, write_config
 from generator.runs.pinning import combined_digest, run_digests
 from generator.runs.recommender import Recommender
 from tests.serve_helpers import HISTORIES, app_for, serving
@@ -90,7 +90,12 @@ def test_a_version_that_fails_is_refused_and_the_old_one_serves(serve_world: dic
         assert c.get("/readyz").json()["version"] == v1
         assert c.post("/recommend", json={"history": [1, 2], "decoder": "hybrid"}).json()["version"] == v1
         assert c.post("/admin/reload", content=b'{"force": true}').status_code == 422
-        assert 'semid_reloads_total{outcome="refused"} 2.0' in c.get("/metrics").text
+        target["path"] = shutil.copytree(serve_world["v1"], tmp_path / "no_data")  # loads, but without its dataset
+        write_config(target["path"], {**read_config(target["path"]), "data": str(tmp_path / "moved")})
+        r = c.post("/admin/reload")
+        assert r.status_code == 409 and "without titles and asins" in r.json()["error"]["message"], r.text
+        assert c.get("/items/1").json()["title"] is not None and c.get("/readyz").json()["version"] == v1
+        assert 'semid_reloads_total{outcome="refused"} 3.0' in c.get("/metrics").text
 
 
 def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str, Path]) -> None:

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from generator.runs.recommender import Recommendation
 from generator.serving.batcher import MicroBatcher
@@ -30,6 +31,7 @@ from generator.serving.metrics import ROUTES, Metrics, MetricsMiddleware
 from generator.serving.requests import ApiError, Limits, parse_body, parse_query
 
 log = logging.getLogger(__name__)
+CLIENT_CLOSED = 499  # a client that closed the connection before its request was read (nginx's code)
 
 
 # ---- the API's documentation (OpenAPI) ---------------------------------------------------------------------------
@@ -104,11 +106,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body", f"{declared} bytes", f"at most {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():  # a body without a length is counted as it comes
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body", f"more than {limit} bytes", f"at most {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # a body without a length is counted as it comes
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body", f"more than {limit} bytes", f"at most {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away: not the service's error (counted as 499, nginx's "closed")
+        raise ApiError(CLIENT_CLOSED, "body", f"{size} bytes", "the whole body", "the client closed the connection "
+                       "before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -114,6 +114,11 @@ class Holder:
                     raise ApiError(409, "reload", new.version, f"a version that serves {list(old.rec.decoders)}",
                                    f"the new version {new.version} cannot serve {lost}, which the running one serves "
                                    f"({why}); the running version {old.version} keeps serving")
+                if old.rec.catalogue is not None and new.rec.catalogue is None:  # every answer would lose its titles
+                    raise ApiError(409, "reload", new.version, "a version with the dataset's titles and asins",
+                                   f"the new version {new.version} finds no dataset folder ({new.rec.run.data_dir}: "
+                                   f"config.yaml's `data`), so it would answer without titles and asins; the running "
+                                   f"version {old.version} keeps serving")
             self.current = new  # the swap: one reference
             log.warning("serving %s (was %s)", new.version, old.version if old else None)
             return new

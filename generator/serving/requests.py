@@ -50,16 +50,34 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):  # {"history": [1], "history": [2]}: which one was meant is not ours to guess
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return doc
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; a 400 for malformed JSON or anything else than an object."""
+    """The JSON object of a request body; a 400 for malformed JSON, a key given twice, or anything else than an
+    object."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ApiError(400, "body", body[:60], "a JSON object", f"malformed JSON at line {e.lineno} column {e.colno}: "
                        f"{e.msg}") from None
+    except _DuplicateKey as e:
+        raise ApiError(400, str(e), str(e), "each key once", f"the key `{e}` is given twice in one object") from None
     except (UnicodeDecodeError, RecursionError):
         raise ApiError(400, "body", body[:60], "a JSON object in UTF-8 text", "malformed JSON: not UTF-8 text, or nested "
                        "too deep") from None
+    except ValueError as e:  # a number too long to read (more than 4,300 digits)
+        raise ApiError(400, "body", body[:60], "a JSON object of ids and counts of ordinary size",
+                       f"malformed JSON: {e}") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "body", doc, "a JSON object such as {\"history\": [12, 45], \"k\": 10}")
     return doc
@@ -128,7 +146,7 @@ def check_history(value: Any, field: str, rec: Recommender, limits: Limits) -> n
     if unknown.size:
         i = int(unknown[0])
         raise ApiError(422, f"{field}[{i}]", value[i], f"an item id of the catalogue ({lo}..{hi}, {len(ids)} items)",
-                       f"`{field}[{i}]` is {value[i]}, not an item of the catalogue ({lo}..{hi}, {len(ids)} items)")
+                       f"`{field}[{i}]` is {_short(value[i])}, not an item of the catalogue ({lo}..{hi}, {len(ids)} items)")
     return arr
 
 
