@@ -13,6 +13,13 @@ from typing import Any
 EXPECT_SHA256_SOURCE = "(a file from `semid digest --run RUN`, or its --combined hex)"
 
 
+def positive_int(text: str) -> int:
+    """A count that must be at least 1 (``--num-beams``, ``--batch-size``, ...)."""
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return int(text)
+
+
 def positive_users(text: str) -> int | None:
     """A sample of users: a positive int, or "all" (None). ``--max-users`` and ``--eval-users`` take it."""
     if text == "all":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from semid_cli.args import add_run, add_run_data
+from semid_cli.args import add_run, add_run_data, positive_int
 
 DESCRIPTION = (
     "Choose how the hybrid decoder fuses the generative and dense heads (one of the fusions, fitted on "
@@ -18,10 +18,10 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     add_run_data(p)
-    p.add_argument("--users", type=int, help="validation users (default: 2,000 to fit and 2,000 to choose for T5 runs; 5,000 and 5,000 for causal runs)")
-    p.add_argument("--num-candidates", type=int, default=50, help="candidates per list, C (default 50)")
-    p.add_argument("--num-beams", type=int, default=20, help="beams of the T5 hybrid's beam search (default 20)")
-    p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
+    p.add_argument("--users", type=positive_int, help="validation users (default: 2,000 to fit and 2,000 to choose for T5 runs; 5,000 and 5,000 for causal runs)")
+    p.add_argument("--num-candidates", type=positive_int, default=50, help="candidates per list, C (default 50)")
+    p.add_argument("--num-beams", type=positive_int, default=20, help="beams of the T5 hybrid's beam search (default 20)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="users decoded together")
     p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
 
 
@@ -32,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from semid.io import folder_lock
     from semid.split import leave_one_out
 
-    if args.users is not None and args.users < 1:
-        raise ValueError(f"`--users` must be a positive int, got {args.users!r}")
     with folder_lock(args.run, LOCK_FILE, what="a training, add-items or choose-fusion"):
         r = load_run(args.run)
         split = leave_one_out(load_dataset(args.data if args.data is not None else r.data_dir))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
@@ -11,9 +12,9 @@ from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
 
 def _history(text: str) -> list[int]:
     try:
-        items = [int(t) for t in text.replace(" ", "").split(",") if t]
+        items = [int(t) for t in re.split(r"[,\s]+", text) if t]  # "12,45,99", "12, 45, 99" or "12 45 99"
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated item ids, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected item ids separated by commas or spaces, got {text!r}") from None
     return items
 
 

@@ -101,6 +101,9 @@ def test_recommend_prints_titles_and_json(trained: dict[str, Path], capsys: pyte
     assert main(["recommend", "--run", str(run), "--history", "3,4,5", "-k", "5"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 6 and "item" in lines[1]
+    for spaced in ("3 4 5", "3, 4, 5", " 3,4 5 "):  # spaces separate ids as commas do (they once joined "3 4 5" into 345)
+        assert main(["recommend", "--run", str(run), "--history", spaced, "-k", "5"]) == 0
+        assert capsys.readouterr().out.strip().splitlines() == lines
     assert main(["recommend", "--run", str(run), "--history", "3,4,5", "-k", "10", "--json", "--user", "7"]) == 0
     rows = json.loads(capsys.readouterr().out)["items"]
     items = [r["item_id"] for r in rows]

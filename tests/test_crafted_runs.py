@@ -99,6 +99,9 @@ def test_pinned_digests_catch_an_edit_the_in_file_digest_cannot(trained: dict[st
     pins.write_text("".join(ln + "\n" for ln in pins.read_text().splitlines() if "config.yaml" not in ln))
     assert main([*history, "--expect-sha256", str(pins)]) == 2
     assert "pins no digest for config.yaml" in capsys.readouterr().err
+    (run / "semantic_ids.npz").unlink()  # a damaged run is not pinned: the message names the file
+    assert main(["digest", "--run", str(run)]) == 2
+    assert "semantic_ids.npz: missing, so the run cannot be pinned" in capsys.readouterr().err
 
 
 # ---- item 6: silently wrong answers -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from generator.decoding.fusion import fuse
 from generator.decoding.protocol import Histories
 from generator.models.checkpoint import with_integrity
 from generator.runs.batches import history_batches
-from generator.runs.decoders import decoders_for
+from generator.runs.decoders import choose_run_fusion, decoders_for
 from generator.runs.evaluate import evaluate
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommend import recommend
@@ -201,6 +201,12 @@ def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_p
         rec.recommend(HISTORIES, k=3, decoder="hybrid")
     assert main(["recommend", "--run", str(old), "--history", "3,4,5", "--decoder", "hybrid"]) == 2
     assert "semid choose-fusion" in capsys.readouterr().err
+    for flag in ("--num-candidates", "--num-beams", "--batch-size", "--users"):  # refused before anything is read
+        with pytest.raises(SystemExit) as e:
+            main(["choose-fusion", "--run", str(old), flag, "0"])
+        assert e.value.code == 2 and "must be a positive int, got '0'" in capsys.readouterr().err and not (old / HYBRID_FILE).exists()
+    with pytest.raises(ValueError, match="`num_candidates` must be a positive int, got 0"):
+        choose_run_fusion(load_run(old), num_candidates=0)
     assert main(["choose-fusion", "--run", str(old)]) == 0
     assert (old / HYBRID_FILE).is_file()
     assert len(Recommender.from_run(old, decoder="hybrid").recommend(HISTORIES, k=3)) == len(HISTORIES)
@@ -287,3 +293,12 @@ def test_a_stored_levels_fusion_serves_from_the_run_folder(world: dict[str, Path
     for batch, g in zip(history_batches(run, [np.asarray(h) for h in HISTORIES], None, 1), got, strict=True):
         rows, _ = fuse("levels", stored["params"], shared.history_parts(batch, levels=True), 5)
         assert g.items.tolist() == shared.item_ids[rows[0]].tolist()
+
+
+def test_user_ids_a_run_cannot_read_are_said_not_dropped_in_silence(world: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recommender.from_run(world["run"])  # the causal design: histories only, no user tokens
+    plain = rec.recommend(HISTORIES, k=4, decoder="beam")
+    with caplog.at_level("WARNING", logger="generator.runs.recommender"):
+        given = rec.recommend(HISTORIES, k=4, decoder="beam", user_ids=list(range(len(HISTORIES))))
+    assert "trained without user tokens" in caplog.text and "are not used" in caplog.text
+    assert all(np.array_equal(a.items, b.items) for a, b in zip(given, plain, strict=True))

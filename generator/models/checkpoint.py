@@ -237,5 +237,5 @@ def check_vocabulary(layout: TokenLayout, digest: str, ids: SemanticIDs, *, sour
     if digest != ids_digest(ids):
         raise ValueError(
             f"{source}: the checkpoint was trained with other semantic IDs (same codebook sizes "
-            f"{list(ids.codebook_sizes)}, but items map to different code tuples); use the run's own semantic_ids.npz"
+            f"{list(ids.codebook_sizes)}, but other items, other item ids or other code tuples); use the run's own semantic_ids.npz"
         )

@@ -109,6 +109,10 @@ def choose_run_fusion(run: Any, split: Split | None = None, *, num_candidates: i
         users: validation users to fit on, and as many to choose on (default: 2,000 for T5 runs, whose hybrid
             teacher-forces its candidates; 5,000 for causal runs).
     """
+    for name, value in (("num_candidates", num_candidates), ("num_beams", num_beams), ("batch_size", batch_size),
+                        ("users", 1 if users is None else users)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     if run.design not in registry.with_hybrid():
         raise ValueError(f"{run.path}: a {run.design} run has no hybrid decoder (it is for {' and '.join(registry.with_hybrid())} runs)")
     if split is None:

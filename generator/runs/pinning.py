@@ -36,7 +36,12 @@ def pinned_files(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[
 def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """sha256 of each pinned file (relative path -> hex digest)."""
     run_dir = Path(run_dir)
-    return {name: file_sha256(run_dir / name) for name in pinned_files(run_dir, checkpoint)}
+    names = pinned_files(run_dir, checkpoint)
+    for name in names:
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{run_dir / name}: missing, so the run cannot be pinned (a run folder holds "
+                                    f"{', '.join(names)}); pin a complete run")
+    return {name: file_sha256(run_dir / name) for name in names}
 
 
 def format_digests(digests: dict[str, str]) -> str:

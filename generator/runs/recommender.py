@@ -314,7 +314,11 @@ class Recommender:
             user_ids = np.asarray(user_ids, dtype=np.int64)
             if user_ids.shape != (B,):
                 raise ValueError(f"`user_ids` must hold one id per history ({B}), got shape {user_ids.shape}")
-            return user_ids if self.run.use_user_tokens else None
+            if not self.run.use_user_tokens:  # said, not dropped in silence
+                log.warning("this run was trained without user tokens (the %s design reads histories only): `user_ids` "
+                            "(`semid recommend --user`) are not used", self.run.design)
+                return None
+            return user_ids
         if self.run.use_user_tokens:
             log.warning("this run was trained with user tokens (%d buckets) but no `user_ids` were given: the inputs differ "
                         "from training (no user token), which can lower quality; pass the users' ids (`semid recommend --user ID`)",
