@@ -5,22 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, add_table_dtype
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from semid_cli.args import (
+    add_decoder,
+    add_expect_sha256,
+    add_run,
+    add_run_data,
+    add_table_dtype,
+    positive_int,
+)
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
     return value
@@ -50,10 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     add_decoder(p, "the default decoder of a request that names none (default auto: the run's beam search); the "
                 "run's other decoders are served too")
-    p.add_argument("--max-batch", type=_positive_int, default=256, help="most histories decoded as one batch (default 256)")
+    p.add_argument("--max-batch", type=positive_int, default=256, help="most histories decoded as one batch (default 256)")
     p.add_argument("--max-wait-ms", type=_ms, default=5.0, help="longest a request waits for others to join its batch "
                    "(default 5; a lone client does not wait)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads of the decoding worker (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads of the decoding worker (default 1)")
     add_table_dtype(p)
     add_run_data(p, " for titles and asins")
     add_expect_sha256(p, "(`semid digest --run RUN`); a reload must then send the new digest")
@@ -61,7 +59,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "`Authorization: Bearer TOKEN` use /admin routes (default: $SEMID_ADMIN_TOKEN; none: loopback only)")
     p.add_argument("--watch-seconds", type=float, default=0.0, help="poll the run's files this often and reload when "
                    "they change (a new IDs version from add-items, a new best checkpoint); default 0: off")
-    p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="largest request body (default 1 MiB)")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Raise ValueError naming ``host:port`` unless a server can listen there now (a port in use, an address not this
+    machine's), as uvicorn would find only after the run has loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(f"{host}:{port}: cannot listen there ({e.strerror or e}): pick another --port, or a --host "
+                         "of this machine") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         from generator.runs.pinning import check_pinned
 
         check_pinned(args.run, args.expect_sha256)
+    _check_address(args.host, args.port)  # before the run loads (a large one takes a minute), not after
     import torch
     import uvicorn
 

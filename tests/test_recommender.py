@@ -293,6 +293,10 @@ def test_a_stored_levels_fusion_serves_from_the_run_folder(world: dict[str, Path
     for batch, g in zip(history_batches(run, [np.asarray(h) for h in HISTORIES], None, 1), got, strict=True):
         rows, _ = fuse("levels", stored["params"], shared.history_parts(batch, levels=True), 5)
         assert g.items.tolist() == shared.item_ids[rows[0]].tolist()
+    stored["params"] = {"weights": [0.5] * (L + 1)}  # a hand edit: the file is named when the run loads
+    (run_dir / HYBRID_FILE).write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=rf"{HYBRID_FILE}: corrupt hybrid fusion file .*{L + 1} weights for IDs of {L} code levels"):
+        Recommender.from_run(run_dir, decoder="hybrid")
 
 
 def test_user_ids_a_run_cannot_read_are_said_not_dropped_in_silence(world: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:

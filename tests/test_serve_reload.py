@@ -163,6 +163,25 @@ def test_semid_serve_starts_answers_and_stops_cleanly(serve_world: dict[str, Pat
     assert "Traceback" not in err and "weights_only" not in err, err
 
 
+def test_a_port_in_use_is_refused_by_name_before_the_run_loads(serve_world: dict[str, Path],
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from semid_cli import main
+
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("the run was loaded before the address was checked")
+
+    monkeypatch.setattr(Recommender, "from_run", no_load)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--run", str(serve_world["v1"]), "--port", str(port)]) == 2
+    assert f"127.0.0.1:{port}: cannot listen there (Address already in use): pick another --port" in capsys.readouterr().err
+    assert main(["serve", "--run", str(serve_world["v1"]), "--host", "203.0.113.7"]) == 2  # not this machine's
+    assert "203.0.113.7:8000: cannot listen there" in capsys.readouterr().err
+
+
 def test_the_loaded_version_is_kept_out_of_full_collections(serve_world: dict[str, Path],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     # a full gc pass over a loaded run's ~400k objects holds the GIL ~200 ms: the service's p99 under load. `semid
@@ -177,7 +196,7 @@ def test_the_loaded_version_is_kept_out_of_full_collections(serve_world: dict[st
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("frozen", gc.get_freeze_count()))
     gc.unfreeze()
     try:
-        assert main(["serve", "--run", str(serve_world["v1"]), "--port", "8765"]) == 0
+        assert main(["serve", "--run", str(serve_world["v1"]), "--port", str(_free_port())]) == 0
         assert seen["frozen"] > 10_000  # the model, its tables and the catalogue's lists, frozen before listening
         gc.unfreeze()
         target = {"path": serve_world["v1"]}

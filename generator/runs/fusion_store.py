@@ -91,6 +91,9 @@ def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = No
     try:
         kind, params = ("blend", {"alpha": float(stored["alpha"])}) if earlier_t5 else (stored["fusion"], stored["params"])
         check_fusion(kind, params)
+        if kind == "levels" and len(params["weights"]) != run.ids.num_levels:  # else found only when it scores
+            raise ValueError(f"fusion 'levels' has {len(params['weights'])} weights for IDs of {run.ids.num_levels} "
+                             "code levels")
     except (KeyError, TypeError, ValueError) as e:
         raise _corrupt(path, e) from e
     return kind, params
