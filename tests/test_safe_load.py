@@ -83,8 +83,10 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(b"")
     elif how == "truncated":
         path.write_bytes(data[: len(data) // 2])
-    elif how == "random":
-        path.write_bytes(os.urandom(len(data)))
+    elif how == "random":  # garbled after its zip header
+        path.write_bytes(data[:4] + os.urandom(len(data) - 4))
+    elif how == "another file":  # evaluate --checkpoint /etc/passwd
+        path.write_text("root:x:0:0:root:/root:/bin/bash\n")
     elif how == "flipped byte":  # in the middle of the largest tensor's bytes: the zip and pickle still read
         ckpt = torch.load(path, weights_only=True)
         name, t = max(ckpt["state_dict"].items(), key=lambda kv: kv[1].numel())
@@ -109,6 +111,7 @@ def _damage(path: Path, how: str) -> None:
         ("empty", "empty file (0 bytes), not a checkpoint"),
         ("truncated", "not a readable checkpoint (truncated or corrupted"),
         ("random", "not a readable checkpoint (truncated or corrupted"),
+        ("another file", "not a checkpoint (a torch checkpoint starts with a zip or pickle header, this file with b'root')"),
         ("flipped byte", "corrupted: its content no longer matches the sha256 semid recorded"),
         ("nan weights", "holds 1 NaN or inf value(s)"),
         ("other version", "checkpoint format version 99; this semid reads version 1"),

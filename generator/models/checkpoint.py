@@ -107,6 +107,12 @@ def safe_load(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
     damaged = "restore it from a copy, or train again (a file semid writes is renamed into place complete, so this one was damaged afterwards)"
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint; {damaged}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip format, or its older pickle
+            raise ValueError(f"{path}: not a checkpoint (a torch checkpoint starts with a zip or pickle header, this file "
+                             f"with {head!r}); name a checkpoint file such as RUN/checkpoints/best.ckpt")
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and _mappable(path))
