@@ -275,7 +275,6 @@ class Recommender:
             raise ValueError(f"unknown asin {asins[out.index(-1)]!r}: not in the catalogue of {self.run.path}")
         return np.asarray(out, dtype=np.int64)
 
-    # ---- helpers -------------------------------------------------------------------------------------------------
     def _servable(self, wanted: list[str], asked: set[str], alpha: float | None, num_candidates: int,
                   key: dict[str, str], cold_items: np.ndarray | None) -> Any:
         """Mark what the run cannot serve in ``self.unavailable`` (a ValueError if it was asked for); the stored fusion."""
@@ -315,10 +314,8 @@ class Recommender:
             if user_ids.shape != (B,):
                 raise ValueError(f"`user_ids` must hold one id per history ({B}), got shape {user_ids.shape}")
             if not self.run.use_user_tokens:  # said, not dropped in silence
-                log.warning("this run was trained without user tokens (the %s design reads histories only): `user_ids` "
-                            "(`semid recommend --user`) are not used", self.run.design)
-                return None
-            return user_ids
+                log.warning("this run was trained without user tokens: `user_ids` (`semid recommend --user`) are not used")
+            return user_ids if self.run.use_user_tokens else None
         if self.run.use_user_tokens:
             log.warning("this run was trained with user tokens (%d buckets) but no `user_ids` were given: the inputs differ "
                         "from training (no user token), which can lower quality; pass the users' ids (`semid recommend --user ID`)",
