@@ -189,7 +189,8 @@ def test_read_paths_write_nothing_and_leave_the_run_as_it_was(world: dict[str, P
     assert _files(world["run"]) == files  # nothing written: no metrics, no hybrid.json
 
 
-def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     old = tmp_path / "old"
     shutil.copytree(world["run"], old)
     (old / HYBRID_FILE).unlink()  # as a run trained before training chose the fusion
@@ -210,6 +211,10 @@ def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_p
     assert main(["choose-fusion", "--run", str(old)]) == 0
     assert (old / HYBRID_FILE).is_file()
     assert len(Recommender.from_run(old, decoder="hybrid").recommend(HISTORIES, k=3)) == len(HISTORIES)
+    fit = json.loads((old / HYBRID_FILE).read_text())["validation_users"]["fit"]
+    with caplog.at_level("WARNING", logger="generator.runs.fusion_store"):
+        assert main(["choose-fusion", "--run", str(old), "--users", "3"]) == 0  # a smaller sample replaces it: said
+    assert f"replacing a fusion chosen on {fit} + {fit} validation users with one chosen on 3 + 3" in caplog.text
 
 
 def test_version_names_the_checkpoint_and_the_ids(world: dict[str, Path], tmp_path: Path) -> None:

@@ -112,6 +112,17 @@ def validation_parts(run: Any, parts_of: Callable[[Histories], Parts], split: Sp
     return cat_parts(parts), torch.from_numpy(run.ids.rows_of(torch.cat(tgts).numpy()))
 
 
+def _warn_if_smaller(path: Path, fit_users: int) -> None:
+    """Say so when a fusion chosen on more validation users is replaced (the file is the run's one choice)."""
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))["validation_users"]["fit"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: nothing to compare
+        return
+    if isinstance(before, int) and before > fit_users:
+        log.warning("%s: replacing a fusion chosen on %d + %d validation users with one chosen on %d + %d",
+                    path, before, before, fit_users, fit_users)
+
+
 def choose_fusion(run: Any, parts_of: Callable[[Histories], Parts], split: Split, *, num_candidates: int,
                   kinds: Sequence[str] = FUSIONS, max_users: int | None, batch_size: int, seed: int) -> FusionChoice:
     """Fit every fusion of ``kinds`` on a seeded sample of validation users and choose one on as many other validation
@@ -131,6 +142,7 @@ def choose_fusion(run: Any, parts_of: Callable[[Histories], Parts], split: Split
     fit, fit_t = validation_parts(run, parts_of, split, fit_rows, batch_size=batch_size)
     sel, sel_t = validation_parts(run, parts_of, split, select_rows, batch_size=batch_size)
     choice = fit_and_choose(fit, fit_t, sel, sel_t, kinds)
+    _warn_if_smaller(Path(run.path) / HYBRID_FILE, int(fit_rows.size))
     write_json(Path(run.path) / HYBRID_FILE, {
         "fusion": choice.kind, "params": choice.params, "metric": "ndcg@10", "table": choice.table,
         "validation_users": {"fit": int(fit_rows.size), "select": int(select_rows.size)},
