@@ -65,14 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_address(host: str, port: int) -> None:
     """Raise ValueError naming ``host:port`` unless a server can listen there now (a port in use, an address not this
     machine's), as uvicorn would find only after the run has loaded."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            s.bind(infos[0][4])
-    except OSError as e:
-        raise ValueError(f"{host}:{port}: cannot listen there ({e.strerror or e}): pick another --port, or a --host "
-                         "of this machine") from None
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:  # every address the name has, bound as asyncio's create_server binds them (uvicorn's server)
+        for family, kind, proto, _, address in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind(address)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"{shown}: cannot listen there ({getattr(e, 'strerror', None) or e}): pick another --port, or "
+                         "a --host of this machine") from None
 
 
 def run(args: argparse.Namespace) -> int:

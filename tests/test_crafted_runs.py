@@ -101,7 +101,7 @@ def test_pinned_digests_catch_an_edit_the_in_file_digest_cannot(trained: dict[st
     assert "pins no digest for config.yaml" in capsys.readouterr().err
     (run / "semantic_ids.npz").unlink()  # a damaged run is not pinned: the message names the file
     assert main(["digest", "--run", str(run)]) == 2
-    assert "semantic_ids.npz: missing, so the run cannot be pinned" in capsys.readouterr().err
+    assert "semantic_ids.npz: missing from the run folder" in capsys.readouterr().err
 
 
 # ---- item 6: silently wrong answers -------------------------------------------------------------------------------

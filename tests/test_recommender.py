@@ -211,10 +211,18 @@ def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_p
     assert main(["choose-fusion", "--run", str(old)]) == 0
     assert (old / HYBRID_FILE).is_file()
     assert len(Recommender.from_run(old, decoder="hybrid").recommend(HISTORIES, k=3)) == len(HISTORIES)
-    fit = json.loads((old / HYBRID_FILE).read_text())["validation_users"]["fit"]
+    users = json.loads((old / HYBRID_FILE).read_text())["validation_users"]
     with caplog.at_level("WARNING", logger="generator.runs.fusion_store"):
         assert main(["choose-fusion", "--run", str(old), "--users", "3"]) == 0  # a smaller sample replaces it: said
-    assert f"replacing a fusion chosen on {fit} + {fit} validation users with one chosen on 3 + 3" in caplog.text
+    assert (f"replacing a fusion chosen on {users['fit']} + {users['select']} validation users with one chosen on 3 + 3"
+            in caplog.text)
+    caplog.clear()
+    stale = {**json.loads((old / HYBRID_FILE).read_text()), "checkpoint_sha256": "0" * 64,
+             "validation_users": {"fit": 100, "select": 100}}  # chosen for another checkpoint: replacing it is no loss
+    (old / HYBRID_FILE).write_text(json.dumps(stale))
+    with caplog.at_level("WARNING", logger="generator.runs.fusion_store"):
+        assert main(["choose-fusion", "--run", str(old), "--users", "3"]) == 0
+    assert "replacing a fusion" not in caplog.text
 
 
 def test_version_names_the_checkpoint_and_the_ids(world: dict[str, Path], tmp_path: Path) -> None:

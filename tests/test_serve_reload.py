@@ -180,6 +180,19 @@ def test_a_port_in_use_is_refused_by_name_before_the_run_loads(serve_world: dict
     assert f"127.0.0.1:{port}: cannot listen there (Address already in use): pick another --port" in capsys.readouterr().err
     assert main(["serve", "--run", str(serve_world["v1"]), "--host", "203.0.113.7"]) == 2  # not this machine's
     assert "203.0.113.7:8000: cannot listen there" in capsys.readouterr().err
+    from semid_cli.serve import _check_address
+
+    _check_address("", _free_port())  # every interface, as uvicorn takes an empty host
+    try:
+        socket.socket(socket.AF_INET6).close()
+        ipv6 = socket.has_ipv6
+    except OSError:
+        ipv6 = False
+    if ipv6:  # an IPv4 listener does not hold [::]:P: uvicorn binds IPv6 sockets v6-only
+        with socket.socket() as busy4:
+            busy4.bind(("0.0.0.0", 0))
+            busy4.listen()
+            _check_address("::", busy4.getsockname()[1])
 
 
 def test_the_loaded_version_is_kept_out_of_full_collections(serve_world: dict[str, Path],

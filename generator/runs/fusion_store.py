@@ -112,15 +112,18 @@ def validation_parts(run: Any, parts_of: Callable[[Histories], Parts], split: Sp
     return cat_parts(parts), torch.from_numpy(run.ids.rows_of(torch.cat(tgts).numpy()))
 
 
-def _warn_if_smaller(path: Path, fit_users: int) -> None:
-    """Say so when a fusion chosen on more validation users is replaced (the file is the run's one choice)."""
+def _warn_if_smaller(run: Any, num_candidates: int, fit: int, select: int) -> None:
+    """Say so when a fusion chosen for the same checkpoint and IDs on more validation users is replaced."""
+    path = Path(run.path) / HYBRID_FILE
     try:
-        before = json.loads(path.read_text(encoding="utf-8"))["validation_users"]["fit"]
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        before = (stored["validation_users"]["fit"], stored["validation_users"]["select"])
+        current = all(_same(k, stored.get(k), v) for k, v in choice_key(run).items())
     except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: nothing to compare
         return
-    if isinstance(before, int) and before > fit_users:
-        log.warning("%s: replacing a fusion chosen on %d + %d validation users with one chosen on %d + %d",
-                    path, before, before, fit_users, fit_users)
+    if current and stored.get("num_candidates") == num_candidates and isinstance(before[0], int) and before[0] > fit:
+        log.warning("%s: replacing a fusion chosen on %s + %s validation users with one chosen on %d + %d", path,
+                    *before, fit, select)
 
 
 def choose_fusion(run: Any, parts_of: Callable[[Histories], Parts], split: Split, *, num_candidates: int,
@@ -142,7 +145,7 @@ def choose_fusion(run: Any, parts_of: Callable[[Histories], Parts], split: Split
     fit, fit_t = validation_parts(run, parts_of, split, fit_rows, batch_size=batch_size)
     sel, sel_t = validation_parts(run, parts_of, split, select_rows, batch_size=batch_size)
     choice = fit_and_choose(fit, fit_t, sel, sel_t, kinds)
-    _warn_if_smaller(Path(run.path) / HYBRID_FILE, int(fit_rows.size))
+    _warn_if_smaller(run, num_candidates, int(fit_rows.size), int(select_rows.size))
     write_json(Path(run.path) / HYBRID_FILE, {
         "fusion": choice.kind, "params": choice.params, "metric": "ndcg@10", "table": choice.table,
         "validation_users": {"fit": int(fit_rows.size), "select": int(select_rows.size)},

@@ -39,8 +39,8 @@ def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[s
     names = pinned_files(run_dir, checkpoint)
     for name in names:
         if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name}: missing, so the run cannot be pinned (a run folder holds "
-                                    f"{', '.join(names)}); pin a complete run")
+            raise FileNotFoundError(f"{run_dir / name}: missing from the run folder (its digests cover "
+                                    f"{', '.join(names)}); the run is incomplete: restore the file or train again")
     return {name: file_sha256(run_dir / name) for name in names}
 
 

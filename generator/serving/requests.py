@@ -71,13 +71,14 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "body", body[:60], "a JSON object", f"malformed JSON at line {e.lineno} column {e.colno}: "
                        f"{e.msg}") from None
     except _DuplicateKey as e:
-        raise ApiError(400, str(e), str(e), "each key once", f"the key `{e}` is given twice in one object") from None
+        key = str(e) if len(str(e)) <= 60 else str(e)[:57] + "..."  # a refused body is never echoed whole
+        raise ApiError(400, key, key, "each key once", f"the key `{key}` is given twice in one object") from None
     except (UnicodeDecodeError, RecursionError):
         raise ApiError(400, "body", body[:60], "a JSON object in UTF-8 text", "malformed JSON: not UTF-8 text, or nested "
                        "too deep") from None
-    except ValueError as e:  # a number too long to read (more than 4,300 digits)
+    except ValueError:  # a number longer than Python reads (4,300 digits)
         raise ApiError(400, "body", body[:60], "a JSON object of ids and counts of ordinary size",
-                       f"malformed JSON: {e}") from None
+                       "a number of more than 4,300 digits: item ids and counts have at most 19") from None
     if not isinstance(doc, dict):
         raise ApiError(400, "body", doc, "a JSON object such as {\"history\": [12, 45], \"k\": 10}")
     return doc
