@@ -56,7 +56,7 @@ def _open_text(path: Path, newline: str | None = None) -> Iterator[IO[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     opener: Any = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline=newline) as f:
+    with opener(path, "rt", encoding="utf-8-sig", newline=newline) as f:  # a byte-order mark is not the first column's
         try:
             yield f
         except UnicodeDecodeError:  # raised while the caller reads f: name the file and line
@@ -118,7 +118,7 @@ def _tsv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
 def _csv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
     """CSV rows; every row must have as many fields as the first (the header)."""
     with _open_text(path, newline="") as f:
-        reader, width = csv.reader(f), None
+        reader, width = csv.reader(f, strict=True), None  # a stray quote is an error, not a silent merge
         try:
             for row in reader:
                 where = f"{path}:{reader.line_num}"
@@ -176,6 +176,9 @@ def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> 
         raise ValueError(f"{where}: timestamp {time!r} is not a finite number") from None
     if not isinstance(user, str) or not isinstance(item, str) or not user.strip() or not item.strip():
         raise ValueError(f"{where}: user and item ids must be non-empty strings, got {user!r} and {item!r}")
+    if any(c in user + item for c in "\n\r\t"):  # in a CSV: a quote opened and never closed swallows the next rows
+        raise ValueError(f"{where}: the user or item id holds a line break or tab ({user[:40]!r}, {item[:40]!r}): a "
+                         "quote opened on an earlier line and not closed? fix the file's quoting")
     raw.users.append(user)
     raw.items.append(item)
     raw.times.append(ts)

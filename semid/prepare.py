@@ -321,9 +321,14 @@ def _check_args(out: PathLike, kcore: int, overwrite: bool) -> None:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"{out}: a symbolic link to nothing ({os.readlink(out)}); name a folder")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
-    if (out / ITEMS_FILE).exists() and not overwrite:
+    ours = [n for n in (ITEMS_FILE, SEQUENCES_FILE, USERS_FILE) if os.path.lexists(out / n)]
+    ours += sorted(p.name for p in out.glob(f"{EMBEDDING_PREFIX}*.npy")) if out.is_dir() else []
+    if ours and not overwrite:  # any file a dataset folder holds: someone's sequences.txt is not ours to replace
         raise FileExistsError(
-            f"{out}: already holds a dataset ({ITEMS_FILE}); pass --overwrite to replace it"
+            f"{out}: already holds {', '.join(ours)}, which a dataset folder holds; pass --overwrite to replace "
+            "them, or name a new folder"
         )

@@ -93,8 +93,18 @@ def test_existing_dataset_is_refused_unless_overwrite(amazon, tmp_path: Path) ->
     prepare_amazon2014(*amazon, out)
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     np.save(out / "item_emb_old.npy", np.zeros((4, 2), dtype=np.float32))
-    with pytest.raises(FileExistsError, match="already holds a dataset .*--overwrite"):
+    with pytest.raises(FileExistsError, match="already holds items.jsonl, sequences.txt, users.tsv, item_emb_old.npy, "
+                       "which a dataset folder holds; pass --overwrite"):
         prepare_amazon2014(*amazon, out)
+    theirs = tmp_path / "theirs"  # no items.jsonl, but someone's own sequences.txt: not replaced without --overwrite
+    theirs.mkdir()
+    (theirs / "sequences.txt").write_text("mine\n")
+    with pytest.raises(FileExistsError, match=r"theirs: already holds sequences.txt, which a dataset folder holds"):
+        prepare_amazon2014(*amazon, theirs)
+    assert (theirs / "sequences.txt").read_text() == "mine\n"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="dangling: a symbolic link to nothing"):
+        prepare_amazon2014(*amazon, tmp_path / "dangling")
     report = prepare_amazon2014(*amazon, out, overwrite=True)
     assert report.stale_files_removed == ("item_emb_old.npy",)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first  # deterministic, stale embeddings gone
@@ -137,6 +147,21 @@ def test_csv_with_custom_columns(tmp_path: Path) -> None:
     assert ds.catalogue.titles == ["Shampoo, 2-pack", "Soap", "Comb"]
     assert ds.catalogue.attributes == [["Lush", "Hair"], ["Bath"], ["Lush"]]
     assert (report.rows_read, report.duplicates_dropped, report.interactions) == (5, 1, 4)
+
+
+def test_csv_quoting_mistakes_are_errors_and_a_byte_order_mark_is_not_a_column(tmp_path: Path) -> None:
+    inter = tmp_path / "inter.csv"
+    inter.write_text('user,item,timestamp\nu1,"x,1\nu2,y",5\nu3,z,6\n')  # a quote left open: rows would merge
+    with pytest.raises(ValueError, match=r"inter.csv:3: the user or item id holds a line break .*quote opened"):
+        prepare_csv(inter, None, tmp_path / "a")
+    items = tmp_path / "items.csv"
+    items.write_text('item,title\nx,"Best" Shampoo\n')  # a quote inside a field: was read as `Best Shampoo`
+    inter.write_text("user,item,timestamp\nu1,x,5\n")
+    with pytest.raises(ValueError, match=r"items.csv:2: malformed CSV"):
+        prepare_csv(inter, items, tmp_path / "b")
+    inter.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\nu1,x,5\nu1,y,6\n")  # saved by a spreadsheet
+    assert prepare_csv(inter, None, tmp_path / "c").interactions == 2
+    assert load_dataset(tmp_path / "c").catalogue.original_ids == ["x", "y"]
 
 
 def _reference(rows: list[tuple[int, int, int]], k: int) -> tuple[list[int], list[int], list[list[int]]]:
