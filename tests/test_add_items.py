@@ -17,7 +17,7 @@ import torch
 from generator.models.checkpoint import ids_digest
 from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for
-from generator.runs.folder import load_run
+from generator.runs.folder import load_run, read_config, write_config
 from generator.runs.lineage import ADDED_CONTENT, lineage
 from generator.runs.recommend import recommend
 from rqvae import load_quantizer
@@ -194,4 +194,12 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     before = (run_dir / "semantic_ids.npz").read_bytes()
     assert main(["add-items", "--run", str(run_dir), "--data", str(moved)]) == 2
     assert "item 3 is 'B0003', but the run's item 3 is 'A0003'" in capsys.readouterr().err
+    assert (run_dir / "semantic_ids.npz").read_bytes() == before
+    # the run's own data folder prepared again in place (items renumbered): what DATA is checked against has changed
+    inplace = Path(shutil.copytree(world["old"], tmp_path / "inplace"))
+    write_config(run_dir, {**read_config(run_dir), "data": str(inplace)})
+    lines = (inplace / "items.jsonl").read_text().splitlines()
+    (inplace / "items.jsonl").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 2
+    assert f"{inplace}: the run's data folder changed since the run's items were numbered" in capsys.readouterr().err
     assert (run_dir / "semantic_ids.npz").read_bytes() == before

@@ -141,10 +141,16 @@ def _fitted_on(quantizer: Path) -> str:
 
 def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dataset: Any, n: int) -> None:
     """DATA's first n items must be the run's items (same original ids, in order): the new ones come after."""
-    source = Path(SemanticIDs.load_metadata(ids_path).get("data") or config.get("data", ""))
+    meta = SemanticIDs.load_metadata(ids_path)
+    source = Path(meta.get("data") or config.get("data", ""))
     if not (source / "items.jsonl").is_file():
         raise FileNotFoundError(f"{source}: the run's data folder (named in {run_dir / 'config.yaml'}) is not here, so "
                                 f"{dataset.path} cannot be checked to hold the run's {n:,} items first; put it back")
+    expected = meta.get("data_fingerprint") if meta.get("data") else config.get("data_fingerprint")
+    if expected is not None and data_fingerprint(source) != expected:  # e.g. prepared again in place: renumbered
+        raise ValueError(f"{source}: the run's data folder changed since the run's items were numbered from it, so "
+                         f"{dataset.path} cannot be checked to hold the run's {n:,} items first, in order; restore the "
+                         "folder as it was (or train again on the new data)")
     theirs = load_dataset(source).catalogue.original_ids[:n]
     ours = dataset.catalogue.original_ids[:n]
     bad = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b), None)
