@@ -87,7 +87,9 @@ def _read_amazon_meta(path: Path) -> _Metadata:
         try:
             rec = ast.literal_eval(line.strip())
         except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-            raise ValueError(f"{where}: not a Python literal ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{where}: not a Python dict literal as Amazon's 2014 metadata files hold one per line "
+                             f"({type(e).__name__}{': ' + str(e)[:80] if not isinstance(e, ValueError) else ''}); a "
+                             "file of JSON objects (true/false/null) is another format") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{where}: expected a dict literal, got {type(rec).__name__}")
         asin, title, brand = _get(rec, "asin", where), rec.get("title", ""), rec.get("brand", "")
@@ -155,7 +157,11 @@ def _columns(path: Path, header: list[str] | None, wanted: dict[str, str]) -> li
     for role, name in wanted.items():
         if name not in header:
             raise ValueError(f"{path}:1: no {role} column {name!r} in the header; columns are {header}")
+        if header.count(name) > 1:
+            raise ValueError(f"{path}:1: the header names {name!r} {header.count(name)} times; name each column once")
         positions.append(header.index(name))
+    if len(set(positions)) < len(positions):
+        raise ValueError(f"{path}:1: one column serves two roles ({wanted}); name a column for each")
     return positions
 
 

@@ -312,6 +312,9 @@ def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         check_npy(path)  # the header's shape against the file's size, before numpy allocates it
     except ValueError as e:
+        if "Python objects" in str(e):  # not damage: an array semid refuses to read
+            raise ValueError(f"{e}; save the vectors as a float array (`semid embed`, or numpy.save of a float32 "
+                             "array)") from None
         detail = str(e).removeprefix(f"{path}: ").removeprefix("not a readable .npy array header ").strip("()")
         raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({detail.removesuffix('; write it again')}); "
                          f"{again}") from None

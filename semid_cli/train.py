@@ -13,7 +13,7 @@ from pathlib import Path
 
 from generator.runs.folder import IDS_FILE, read_config
 from generator.runs.options import GROUPS, TrainOptions, default_text, stored_options, value_types
-from generator.runs.train import train_run
+from generator.runs.train import check_resumable, train_run
 from generator.training.resume import TrainingInterrupted
 from semid.safe_read import yaml_value
 from semid_cli.args import add_dataset
@@ -88,6 +88,8 @@ def ids_file(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
     given["progress"] = progress_default(args.progress)  # a bar on a terminal, else one line per epoch
+    if args.resume:
+        check_resumable(args.out)
     base = stored_options(read_config(args.out).get("train", {})) if args.resume else {}
     options = TrainOptions.from_dict({**base, **given})
     quiet_lightning()  # Lightning is imported with the training code, after logging was set up: one handler

@@ -155,7 +155,15 @@ def test_recommend_library_errors(trained: dict[str, Path]) -> None:
 def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     base = ["train", "--data", str(trained["data"]), "--ids", str(trained["ids"])]
     assert main([*base, "--out", str(trained["run"]), *TRAIN_FLAGS]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
+    assert main([*base, "--out", str(trained["run"].parent / "no_run_here"), "--resume", *TRAIN_FLAGS]) == 2
+    assert "no_run_here: nothing to resume (no run here: no config.yaml); leave out --resume" in capsys.readouterr().err
+    from generator.runs.options import TrainOptions
+    from generator.runs.train import train_run
+
+    with pytest.raises(FileNotFoundError, match="no_run_here: nothing to resume"):  # the library says the same
+        train_run(trained["data"], trained["ids"] / "semantic_ids.npz", trained["run"].parent / "no_run_here",
+                  TrainOptions(), resume=True)
     assert main([*base, "--out", str(trained["run"].parent / "x"), "--max-time", "90min"]) == 2
     assert "`max_time` must be HH:MM:SS" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(trained["run"].parent / "nope")]) == 2

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semid.data import Catalogue, load_dataset
+from semid.data import Catalogue, load_dataset, read_npy
 from semid.prepare import prepare_amazon2014, prepare_csv, prepare_recbole, write_dataset
 from semid_cli import main
 
@@ -164,6 +164,23 @@ def test_csv_quoting_mistakes_are_errors_and_a_byte_order_mark_is_not_a_column(t
     assert load_dataset(tmp_path / "c").catalogue.original_ids == ["x", "y"]
 
 
+def test_a_column_named_twice_or_serving_two_roles_is_refused(tmp_path: Path) -> None:
+    inter = tmp_path / "inter.csv"
+    inter.write_text("user,item,timestamp,timestamp\nu1,x,5,6\n")
+    with pytest.raises(ValueError, match=r"inter.csv:1: the header names 'timestamp' 2 times"):
+        prepare_csv(inter, None, tmp_path / "a")
+    inter.write_text("user,item,timestamp\nu1,x,5\n")
+    with pytest.raises(ValueError, match=r"inter.csv:1: one column serves two roles"):
+        prepare_csv(inter, None, tmp_path / "b", item_column="user")
+
+
+def test_an_array_of_python_objects_is_refused_as_such_not_as_damage(tmp_path: Path) -> None:
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"obj.npy: holds Python objects \(dtype object\), which semid never reads "
+                       r"\(they would be unpickled\); save the vectors as a float array"):
+        read_npy(tmp_path / "obj.npy")
+
+
 def _reference(rows: list[tuple[int, int, int]], k: int) -> tuple[list[int], list[int], list[list[int]]]:
     """Obvious dict-and-loop version of prepare's rules: dedupe, k-core, sort by (time, row), number."""
     kept, seen = [], set()
@@ -222,7 +239,7 @@ BAD_AMAZON = [
     ({"reviews": _reviews([("A", "X", 1), ("A", "Y", "yesterday")])}, r"reviews.json.gz:2: timestamp 'yesterday' is not"),
     ({"reviews": _reviews(REVIEWS[:1]) + [""]}, r"reviews.json.gz:2: empty line"),
     ({"reviews": _reviews([("A", None, 1)])}, r"reviews.json.gz:1: user and item ids must be non-empty strings"),
-    ({"meta": ["{'asin': 'X'}", "{'asin': 'Y', 'title': oops}"]}, r"meta.json.gz:2: not a Python literal"),
+    ({"meta": ["{'asin': 'X'}", "{'asin': 'Y', 'title': oops}"]}, r"meta.json.gz:2: not a Python dict literal as Amazon's 2014 metadata files hold"),
     ({"meta": ["{'title': 'no asin'}"]}, r"meta.json.gz:1: missing field `asin`"),
     ({"meta": ["{'asin': 'X', 'categories': ['Beauty']}"]}, r"meta.json.gz:1: `categories` must be a list of lists"),
 ]  # fmt: skip

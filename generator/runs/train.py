@@ -117,7 +117,8 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
     if not resume:
         if (out / "config.yaml").exists() or (out / CHECKPOINT_DIR).exists():
             if not _unfinished_first_run(out):
-                raise FileExistsError(f"{out}: already holds a run; pass `resume` to continue it, or choose another folder")
+                raise FileExistsError(f"{out}: already holds a run; continue it with --resume (`resume=True`), or choose "
+                                      "another folder")
             log.warning("%s: reusing the folder of a run that stopped before its first checkpoint", out)
         out.mkdir(parents=True, exist_ok=True)
         ids.save(out / IDS_FILE)
@@ -223,6 +224,12 @@ def train_run(
         torch.set_num_threads(threads)
 
 
+def check_resumable(out: Path) -> None:
+    """Refuse to resume where no run is (a mistyped --out), saying so rather than that a file is missing."""
+    if not (out / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{out}: nothing to resume (no run here: no {CONFIG_FILE}); leave out --resume to start one")
+
+
 def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions, resume: bool, snapshots: Sequence[float],
                extra_callbacks: Sequence[L.Callback]) -> TrainResult:
     start = time.perf_counter()
@@ -243,6 +250,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         with SignalGuard(out) as guard:
             return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, True)
     if resume:  # a folder it cannot write would fail at the first checkpoint, after the work: check it first
+        check_resumable(out)
         check_writable(out / CONFIG_FILE, "the run's config")
         check_writable(out / CHECKPOINT_DIR / LAST, "checkpoints")
     else:
