@@ -350,6 +350,8 @@ def check_embedding_values(emb: np.ndarray, path: str | os.PathLike[str]) -> np.
     """``emb`` (N, D) as float32, refused naming ``path`` unless it is numeric and every value finite."""
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
         raise ValueError(f"{path}: embeddings must be numeric, got dtype {emb.dtype}")
+    if emb.ndim != 2:
+        raise ValueError(f"{path}: embeddings must be a 2-D array (items x dimensions), got shape {emb.shape}")
     emb = emb.astype(np.float32, copy=False)
     finite = np.isfinite(emb).all(axis=1) if emb.ndim == 2 else np.isfinite(emb).all(keepdims=True)
     if not finite.all():

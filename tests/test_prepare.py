@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from semid.data import Catalogue, load_dataset, read_npy
+from semid.data import Catalogue, check_embedding_values, load_dataset, read_npy
 from semid.prepare import prepare_amazon2014, prepare_csv, prepare_recbole, write_dataset
 from semid_cli import main
 
@@ -179,6 +179,9 @@ def test_an_array_of_python_objects_is_refused_as_such_not_as_damage(tmp_path: P
     with pytest.raises(ValueError, match=r"obj.npy: holds Python objects \(dtype object\), which semid never reads "
                        r"\(they would be unpickled\); save the vectors as a float array"):
         read_npy(tmp_path / "obj.npy")
+    for shape in ((5,), (2, 3, 4)):  # named with the file, not as an anonymous `embeddings`
+        with pytest.raises(ValueError, match=rf"bad.npy: embeddings must be a 2-D array .*got shape {re.escape(str(shape))}"):
+            check_embedding_values(np.zeros(shape, dtype=np.float32), tmp_path / "bad.npy")
 
 
 def _reference(rows: list[tuple[int, int, int]], k: int) -> tuple[list[int], list[int], list[list[int]]]:
