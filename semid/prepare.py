@@ -225,6 +225,12 @@ def _finish(
         raise ValueError(f"{raw.source}: no interactions")
     users, user_names = _encode(raw.users)
     items, item_names = _encode(raw.items)
+    names = np.concatenate([user_names, item_names]).astype(str)
+    spaced = names[np.char.strip(names) != names]
+    if spaced.size:  # "u1, x, 5": ' x' and 'x' are two items unless the file says otherwise: said, not guessed
+        log.warning("%s: %d user or item ids have spaces around them (e.g. %r), kept as they are, so %r and %r are two "
+                    "ids; remove the spaces in the file if they are one", raw.source, spaced.size, str(spaced[0]),
+                    str(spaced[0]), str(spaced[0]).strip())
     times = np.asarray(raw.times, dtype=np.float64)
     # 1. a row repeating an earlier (user, item, timestamp) is dropped; the first in file order stays
     order = np.lexsort((np.arange(n), times, items, users))

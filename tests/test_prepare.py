@@ -149,7 +149,7 @@ def test_csv_with_custom_columns(tmp_path: Path) -> None:
     assert (report.rows_read, report.duplicates_dropped, report.interactions) == (5, 1, 4)
 
 
-def test_csv_quoting_mistakes_are_errors_and_a_byte_order_mark_is_not_a_column(tmp_path: Path) -> None:
+def test_csv_quoting_mistakes_are_errors_and_a_byte_order_mark_is_not_a_column(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     inter = tmp_path / "inter.csv"
     inter.write_text('user,item,timestamp\nu1,"x,1\nu2,y",5\nu3,z,6\n')  # a quote left open: rows would merge
     with pytest.raises(ValueError, match=r"inter.csv:3: the user or item id holds a line break .*quote opened"):
@@ -159,6 +159,10 @@ def test_csv_quoting_mistakes_are_errors_and_a_byte_order_mark_is_not_a_column(t
     inter.write_text("user,item,timestamp\nu1,x,5\n")
     with pytest.raises(ValueError, match=r"items.csv:2: malformed CSV"):
         prepare_csv(inter, items, tmp_path / "b")
+    inter.write_text("user,item,timestamp\nu1, x,5\nu2,x,6\n")  # ", " separators: ' x' is not 'x'; said
+    with caplog.at_level("WARNING", logger="semid.prepare"):
+        assert prepare_csv(inter, None, tmp_path / "d").items == 2
+    assert "1 user or item ids have spaces around them (e.g. ' x')" in caplog.text
     inter.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\nu1,x,5\nu1,y,6\n")  # saved by a spreadsheet
     assert prepare_csv(inter, None, tmp_path / "c").interactions == 2
     assert load_dataset(tmp_path / "c").catalogue.original_ids == ["x", "y"]
