@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from semid.ids import SemanticIDs
 from semid.io import file_sha256, make_temp_dir, write_json
 
 T = TypeVar("T")
@@ -206,3 +207,25 @@ def _ours(path: Path) -> bool:
     name = path.name
     ours = (*CODEBOOK_FILES, MANIFEST_FILE)
     return name in ours or any(name.startswith(f".{f}.") and name.endswith(Path(f).suffix) for f in ours)
+
+
+def check_ids_for(ids: SemanticIDs, ids_path: str | os.PathLike[str], num_items: int, data_dir: str | os.PathLike[str]) -> None:
+    """Refuse semantic IDs that are not this dataset's: IDs for other than exactly its items 1..N, or IDs that record
+    the embeddings file they were fitted on (its name and sha256) where the dataset folder holds a file of that name
+    with other bytes (another catalogue of the same size, or embeddings made again since)."""
+    n = num_items
+    if ids.num_items != n or int(ids.item_ids[0]) != 1 or int(ids.item_ids[-1]) != n:
+        raise ValueError(
+            f"{ids_path}: semantic IDs for {ids.num_items:,} items (ids {int(ids.item_ids[0])}..{int(ids.item_ids[-1])}), "
+            f"but the dataset {data_dir} has {n:,} items (ids 1..{n}); the IDs must be for exactly its items: fit "
+            f"codebooks on this dataset's embeddings (`semid fit-codebooks --embeddings {Path(data_dir) / 'item_emb_<name>.npy'}`)"
+        )
+    meta = SemanticIDs.load_metadata(ids_path)
+    recorded, fitted = meta.get("embeddings_sha256"), Path(str(meta.get("embeddings") or ""))
+    here = Path(data_dir) / fitted.name
+    if recorded and fitted.name and here.is_file() and (seen := file_sha256(here)) != recorded:
+        raise ValueError(
+            f"{ids_path}: fitted on {fitted} (sha256 {recorded[:12]}), but this dataset's {here} has sha256 {seen[:12]}: "
+            "the IDs were fitted on other embeddings (another catalogue of the same size, or embeddings made again "
+            f"since); fit codebooks on this dataset's (`semid fit-codebooks --embeddings {here}`)"
+        )

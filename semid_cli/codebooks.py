@@ -39,7 +39,7 @@ from semid.codebooks import (
 from semid.collaborative import with_collaborative
 from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
-from semid.io import atomic_path, write_json
+from semid.io import atomic_path, file_sha256, write_json
 from semid_cli.args import add_progress
 from semid_cli.console import progress_default
 
@@ -204,6 +204,7 @@ def _write_files(
         out / IDS_FILE,
         method=method,
         embeddings=str(embeddings_path),
+        embeddings_sha256=file_sha256(embeddings_path),  # `semid train` checks a dataset's file of that name against it
         balanced=config.balanced,
         seed=config.seed,
     )

@@ -169,6 +169,15 @@ def test_evaluate_on_the_new_data_scores_every_decoder(world: dict[str, Path]) -
     assert stored["ids_sha256"] == ids_digest(SemanticIDs.load(run_dir / "semantic_ids.npz"))  # chosen for the new IDs
 
 
+def test_train_refuses_ids_fitted_on_another_catalogue_of_the_same_size(world: dict[str, Path], tmp_path: Path, capsys) -> None:
+    other = Path(shutil.copytree(world["old"], tmp_path / "other"))  # same item count, other embeddings
+    np.save(other / "item_emb_minilm.npy", _embeddings(OLD)[::-1].copy())
+    assert main(["train", "--data", str(other), "--ids", str(world["ids"]), "--out", str(tmp_path / "run"), *FLAGS]) == 2
+    err = capsys.readouterr().err
+    assert f"but this dataset's {other / 'item_emb_minilm.npy'} has sha256" in err and "fitted on other embeddings" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path, capsys) -> None:
     run_dir = _fresh(world, "run_errors")
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"]), "--quantizer", str(tmp_path / "q.pt")]) == 2

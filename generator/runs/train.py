@@ -69,6 +69,7 @@ from generator.training.callbacks import (
     WeightEMA,
 )
 from generator.training.resume import RESUME, ResumePoints, RunCheckpoint, SignalGuard, StepSeeds
+from semid.codebooks import check_ids_for
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
 from semid.io import file_sha256, folder_lock, remove_atomic_leftovers
@@ -236,13 +237,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
     out = Path(out_dir)
     dataset = load_dataset(data_dir)
     ids = SemanticIDs.load(ids_path)
-    n = dataset.num_items  # the IDs must be for exactly its items 1..N (ascending, unique): no more, no fewer
-    if ids.num_items != n or int(ids.item_ids[0]) != 1 or int(ids.item_ids[-1]) != n:
-        raise ValueError(
-            f"{ids_path}: semantic IDs for {ids.num_items:,} items (ids {int(ids.item_ids[0])}..{int(ids.item_ids[-1])}), "
-            f"but the dataset {data_dir} has {n:,} items (ids 1..{n}); the IDs must be for exactly its items: fit "
-            f"codebooks on this dataset's embeddings (`semid fit-codebooks --embeddings {Path(data_dir) / 'item_emb_<name>.npy'}`)"
-        )
+    check_ids_for(ids, ids_path, dataset.num_items, data_dir)  # exactly its items 1..N, fitted on its embeddings
     # DDP worker processes (re-launched scripts) find the folder made by rank 0 and write nothing
     is_worker = rank_zero_only.rank != 0
     if is_worker:  # no lock (rank 0 holds it); its signals are noted, and rank 0's decide when all stop
