@@ -182,6 +182,15 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     run_dir = _fresh(world, "run_errors")
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"]), "--quantizer", str(tmp_path / "q.pt")]) == 2
     assert "q.pt" in capsys.readouterr().err
+    other = tmp_path / "other_ids"  # a quantizer of another fit: it would give the new items another tokeniser's codes
+    assert main(["fit-codebooks", "--embeddings", str(world["mid"] / "item_emb_minilm.npy"), "--out", str(other),
+                 "--levels", "2", "--codebook-size", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"]), "--quantizer", str(other / "quantizer.pt")]) == 2
+    assert "quantizer.pt: fitted with other semantic IDs" in capsys.readouterr().err
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"]),  # the run's own, named: accepted
+                 "--quantizer", str(world["ids"] / "quantizer.pt")]) == 0
+    run_dir = _fresh(world, "run_errors")
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["old"])]) == 2
     assert "nothing to add" in capsys.readouterr().err
     # the quantizer's input and the model's content are separate embeddings: content of the wrong width is refused

@@ -84,6 +84,11 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         qpath = Path(quantizer) if quantizer is not None else _default_quantizer(run_dir, config)
         if not qpath.is_file():
             raise FileNotFoundError(f"{qpath}: no fitted quantizer here (`semid fit-codebooks` writes quantizer.pt)")
+        if quantizer is not None and (qpath.parent / IDS_FILE).is_file() and config.get("ids_digest") and \
+                ids_digest(SemanticIDs.load(qpath.parent / IDS_FILE)) != config["ids_digest"]:  # another fit's
+            raise ValueError(f"{qpath}: fitted with other semantic IDs ({qpath.parent / IDS_FILE}) than the run was "
+                             "trained with, so it would give the new items codes of another tokeniser; pass the quantizer "
+                             "fitted with the run's IDs (beside them, the default)")
         codes_name = embeddings or _fitted_on(qpath)
         new = np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)
         width = _collaborative_width(qpath)  # codebooks fitted beside a run's item vectors: new items have none
