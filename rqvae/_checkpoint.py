@@ -61,6 +61,11 @@ def read_checkpoint(path: str | os.PathLike[str], method: str | None = None) -> 
         raise FileNotFoundError(f"{path}: no quantizer file here (write one with `semid fit-codebooks`)")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file (0 bytes), not a quantizer; re-run `semid fit-codebooks`")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":  # every quantizer file is torch's zip format; a bare pickle is not read at all
+        raise ValueError(f"{path}: not a quantizer file (one is a zip that torch.save writes; this file starts with "
+                         f"{head!r}); name the quantizer.pt that `semid fit-codebooks` wrote")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

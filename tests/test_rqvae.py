@@ -3,8 +3,10 @@ balanced last level, determinism and the argument errors. Tiny data only (300 x 
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -105,6 +107,12 @@ def test_save_load_with_weights_only_gives_identical_encode(
     other = RQVAE if isinstance(loaded, ResidualKMeans) else ResidualKMeans
     with pytest.raises(ValueError, match="quantizer, not"):
         other.load(path)
+    bare = tmp_path / "bare.pt"  # a bare pickle (or any other file) is refused by its first bytes, never unpickled
+    bare.write_bytes(pickle.dumps({"format": "rqvae.quantizer"}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does torch get to warn about its pickle protocol
+        with pytest.raises(ValueError, match=r"bare.pt: not a quantizer file \(one is a zip that torch.save writes"):
+            load_quantizer(bare)
 
 
 # ---- determinism and balance ---------------------------------------------------------------------------------------
