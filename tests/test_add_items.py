@@ -191,6 +191,11 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"]),  # the run's own, named: accepted
                  "--quantizer", str(world["ids"] / "quantizer.pt")]) == 0
     run_dir = _fresh(world, "run_errors")
+    config = read_config(run_dir)  # its IDs' folder refitted since: the default quantizer there is another fit's too
+    write_config(run_dir, {**config, "ids_source": str(other / "semantic_ids.npz")})
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 2
+    assert "no longer the semantic IDs the run was trained with (refitted?)" in capsys.readouterr().err
+    write_config(run_dir, config)
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["old"])]) == 2
     assert "nothing to add" in capsys.readouterr().err
     # the quantizer's input and the model's content are separate embeddings: content of the wrong width is refused

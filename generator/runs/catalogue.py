@@ -84,8 +84,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         qpath = Path(quantizer) if quantizer is not None else _default_quantizer(run_dir, config)
         if not qpath.is_file():
             raise FileNotFoundError(f"{qpath}: no fitted quantizer here (`semid fit-codebooks` writes quantizer.pt)")
-        if quantizer is not None and (qpath.parent / IDS_FILE).is_file() and config.get("ids_digest") and \
-                ids_digest(SemanticIDs.load(qpath.parent / IDS_FILE)) != config["ids_digest"]:  # another fit's
+        if quantizer is not None and not _trained_with(qpath.parent / IDS_FILE, config):  # another fit's
             raise ValueError(f"{qpath}: fitted with other semantic IDs ({qpath.parent / IDS_FILE}) than the run was "
                              "trained with, so it would give the new items codes of another tokeniser; pass the quantizer "
                              "fitted with the run's IDs (beside them, the default)")
@@ -164,6 +163,11 @@ def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dat
                          f"({source}): DATA must hold the run's {n:,} items first, unchanged, then the new ones")
 
 
+def _trained_with(ids_file: Path, config: dict[str, Any]) -> bool:
+    """Whether ``ids_file`` is the semantic IDs the run was trained with (or cannot be told: no file, no digest)."""
+    return not (ids_file.is_file() and config.get("ids_digest")) or ids_digest(SemanticIDs.load(ids_file)) == config["ids_digest"]
+
+
 def _default_quantizer(run_dir: Path, config: dict[str, Any]) -> Path:
     source = config.get("ids_source")
     if not source:
@@ -173,7 +177,7 @@ def _default_quantizer(run_dir: Path, config: dict[str, Any]) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no fitted quantizer beside the run's semantic IDs ({source}); pass it with --quantizer")
     ids_file = Path(source)
-    if ids_file.is_file() and config.get("ids_digest") and ids_digest(SemanticIDs.load(ids_file)) != config["ids_digest"]:
+    if not _trained_with(ids_file, config):
         raise ValueError(f"{ids_file}: no longer the semantic IDs the run was trained with (refitted?), so {path} is not "
                          "their quantizer; pass the right one with --quantizer")
     return path
