@@ -1,12 +1,15 @@
-"""The beam's gathered (beam, child) pairs: ``paths.pair_dots`` (one product per chunk whose pairs belong to a few
-histories) against the one-row products it replaced, A/B in one process on the same decoders and users.
+"""The beam's gathered (beam, child) pairs in three forms, A/B in one process on the same decoders and users:
+each pair's own (1, D) x (D, 1) product (the first form); ``paths.pair_dots`` in chunks (one product per chunk whose
+pairs belong to a few histories); and the fused kernel (``paths.fused_pairs``, compiled: one pass, no temporaries;
+the step then also chooses gathers over the level's whole product sooner, ``FUSED_STEP_FACTOR``).
 
     python -m experiments.beam_pairs --run RUN                              # a real run (Recommender.from_run)
     python -m experiments.beam_pairs --ids /tmp/scale_ids --size 10000000   # the synthetic catalogue experiments.scale
                                                                             # kept (--ids), served from its checkpoint
 
 One torch thread; beam search (20 beams, k = 10) of 128 random level queries, then of one; each form timed three
-times, alternating, per CPU second of the process. Prints a row per batch size; ``--out`` appends them to a file.
+times, alternating, per CPU second of the process (the median). Prints a row per batch size; ``--out`` appends
+them to a file.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 
 import generator.decoding.causal as causal
-from generator.decoding.paths import pair_dots
+from generator.decoding.paths import pair_dots, warm_fused
 
 
 def one_row_products(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: torch.Tensor, *, chunk: int
@@ -65,14 +68,18 @@ def main(argv: list[str] | None = None) -> None:
     label = str(args.run) if args.run else f"{int(args.size):,} items (synthetic), bfloat16 tables"
     g = torch.Generator().manual_seed(0)
     rows = []
+    fused = dec.fused_pairs or warm_fused(dec.tables.vectors[1], dec.tables.biases[1])  # (Beauty's: compiled here)
+    forms = {"one-row products": (one_row_products, False), "pair_dots": (pair_dots, False)}
+    if fused:
+        forms["fused"] = (pair_dots, True)
     for B in (128, 1):
         width = dec.model.config.d_model * len(getattr(dec.model, "members", [None]))  # an ensemble's side by side
         h = torch.randn(B, width, generator=g)
         ms: dict[str, list[float]] = {}
         got = {}
-        for _ in range(3):  # loop over rounds, the two forms alternating
-            for name, form in (("one-row products", one_row_products), ("pair_dots", pair_dots)):
-                causal.pair_dots = form
+        for _ in range(3):  # loop over rounds, the forms alternating
+            for name, (form, on) in forms.items():
+                causal.pair_dots, dec.fused_pairs = form, on
                 got[name] = dec.decode("beam", h, k=10)  # (warm-up)
                 reps = 1 if B > 1 else 200
                 t = time.process_time()
@@ -80,11 +87,13 @@ def main(argv: list[str] | None = None) -> None:
                     dec.decode("beam", h, k=10)
                 ms.setdefault(name, []).append((time.process_time() - t) / reps * 1e3)
         causal.pair_dots = pair_dots
-        a, b = (sorted(ms[n])[1] for n in ("one-row products", "pair_dots"))
-        same = torch.equal(got["pair_dots"].items, got["one-row products"].items)
-        diff = float((got["pair_dots"].scores - got["one-row products"].scores).abs().max())
-        rows.append(f"| {label} | {B} | {a:.1f} | {b:.1f} | {B / a * 1e3:.0f} | {B / b * 1e3:.0f} | {a / b:.2f}x | "
-                    f"{'yes' if same else 'NO'} | {diff:.1e} |")
+        t = {name: sorted(v)[1] for name, v in ms.items()}
+        ref = got["one-row products"]
+        cells = " | ".join(f"{t[n]:.1f} ({B / t[n] * 1e3:.0f})" for n in forms)
+        same = all(torch.equal(r.items, ref.items) for r in got.values())
+        diff = max(float((r.scores - ref.scores).abs().max()) for r in got.values())
+        gains = " / ".join(f"{t['one-row products'] / t[n]:.2f}x" for n in forms if n != "one-row products")
+        rows.append(f"| {label} | {B} | {cells} | {gains} | {'yes' if same else 'NO'} | {diff:.1e} |")
         print(rows[-1], flush=True)
     if args.out:
         command = shlex.join(["python", "-m", "experiments.beam_pairs", *(sys.argv[1:] if argv is None else argv)])

@@ -90,16 +90,26 @@ def test_each_edges_node_vector_row_is_the_padded_tables_match() -> None:
         assert (got < 0).any() and (got >= 0).any()
 
 
-@pytest.mark.parametrize("dense_factor, pair_chunk", [(0, None), (0, 5), (10**9, None)])
-def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair_chunk: int | None,
+@pytest.mark.parametrize("dense_factor, pair_chunk, fused", [(0, None, False), (0, 5, False), (10**9, None, False),
+                                                            (0, None, True)])
+def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair_chunk: int | None, fused: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # the padded form (each node's children padded to the level's largest degree) written out here as the reference;
-    # dense_factor 0: every level gathers its pairs' vectors (pair_chunk: a few at a time); 10**9: every level is one
-    # product over its edges
+    # dense_factor 0: every level gathers its pairs' vectors (pair_chunk: a few at a time; fused: with the compiled
+    # kernel, as decoders over a large catalogue do); 10**9: every level is one product over its edges
     if pair_chunk:
         monkeypatch.setattr(causal_decoding, "PAIR_CHUNK", pair_chunk)
+    calls: list[bool] = []
+    if fused:
+        if causal_decoding.fused_pairs() is None:
+            pytest.skip("torch.compile cannot build the fused kernel on this machine")
+        monkeypatch.setattr(causal_decoding, "FUSED_MIN_ITEMS", 0)
+        monkeypatch.setattr(causal_decoding, "FUSED_MIN_PAIRS", 0)
+        real = causal_decoding.pair_dots
+        monkeypatch.setattr(causal_decoding, "pair_dots", lambda *a, **kw: calls.append(kw["fused"]) or real(*a, **kw))
     model, ids, tree, trained_tree = grown(num_items=60, added=4, seed=7)
     dec = CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), trained_tree=trained_tree).refresh()
+    assert dec.fused_pairs == fused
     h = torch.randn(3, model.config.d_model, generator=torch.Generator().manual_seed(1))
     index, m = dec.paths.index, 4
     for level in range(model.layout.num_levels):
@@ -134,6 +144,7 @@ def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         other = EdgeLevels(dec, h, constraint, dense_factor=10**9 - dense_factor).logits(level, None, m, None)
         torch.testing.assert_close(other, got, atol=1e-5, rtol=0)  # the two forms agree up to float rounding
+    assert (calls and all(calls)) if fused else not any(calls)  # the gathers went through the kernel
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -207,22 +218,58 @@ def test_an_ensembles_exact_counts_its_members_rows_against_the_budget(monkeypat
     assert torch.equal(got.items, whole.items)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("members", [0, 2])
-def test_pair_dots_is_each_pairs_own_product_in_either_form(members: int) -> None:
-    """``pair_dots``: each (beam, child) pair's table row times its history's query, against a float64 reference,
-    with chunks whose histories have many pairs each (one product per chunk) and few (a product per pair), from a
-    16-bit table too; an ensemble's members apart."""
-    from generator.decoding.paths import pair_dots
+def test_pair_dots_is_each_pairs_own_product_in_either_form(members: int, fused: bool) -> None:
+    """``pair_dots``: each (beam, child) pair's table row times its history's query (plus its row's bias), against a
+    float64 reference, with chunks whose histories have many pairs each (one product per chunk) and few (a product
+    per pair), or fused (the compiled kernel, every chunk size alike), from a 16-bit table too; an ensemble's members
+    apart."""
+    from generator.decoding.paths import fused_pairs, pair_dots
 
+    if fused and fused_pairs() is None:
+        pytest.skip("torch.compile cannot build the fused kernel on this machine (the chunked form is tested)")
     g = torch.Generator().manual_seed(3)
     lead = (members,) if members else ()
     hq, table = torch.randn(*lead, 14, 16, generator=g), torch.randn(*lead, 500, 16, generator=g)
+    bias = torch.randn(*lead, 500, generator=g)
     per = torch.tensor([40, 1, 0, 3, 60, 2, 1, 1, 1, 1, 1, 1, 1, 2])  # pairs per history: wide and narrow runs, one none
     hist = torch.repeat_interleave(torch.arange(14), per)
     rows = torch.randint(0, 500, (hist.numel(),), generator=g)
     for t in (table, table.to(torch.bfloat16)):
         want = (t.double()[..., rows, :] * hq.double()[..., hist, :]).sum(-1)
         for chunk in (7, 16, 41, 1000):  # 7: one to two histories a chunk; 1000: all 14 at once (a product per pair)
-            got = pair_dots(hq, t, rows, hist, chunk=chunk)
+            got = pair_dots(hq, t, rows, hist, chunk=chunk, fused=fused)
             assert got.dtype == torch.float32 and got.shape == (*lead, hist.numel())
             torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+        got = pair_dots(hq, t, rows, hist, chunk=16, fused=fused, bias=bias)
+        torch.testing.assert_close(got.double(), want + bias.double()[..., rows], atol=1e-5, rtol=0)
+        one = pair_dots(hq[..., 3:4, :], t, rows[:5], torch.zeros(5, dtype=torch.long), chunk=16, fused=fused)
+        torch.testing.assert_close(one.double(), (t.double()[..., rows[:5], :] * hq.double()[..., 3:4, :]).sum(-1),
+                                   atol=1e-5, rtol=0)  # a single user's call (the kernel's one-history form)
+
+
+def test_fused_pairs_is_off_by_the_environment_or_where_it_cannot_compile(monkeypatch, caplog) -> None:
+    """``SEMID_FUSED_GATHERS=0`` turns the kernel off without trying; a failing ``torch.compile`` (no compiler) gives
+    one warning and no kernel, and ``pair_dots(fused=True)`` then takes the chunks: the same numbers."""
+    import generator.decoding.paths as paths
+
+    g = torch.Generator().manual_seed(0)
+    hq, table = torch.randn(3, 8, generator=g), torch.randn(20, 8, generator=g)
+    rows, hist = torch.tensor([4, 0, 19, 7]), torch.tensor([0, 0, 1, 2])
+    want = paths.pair_dots(hq, table, rows, hist, chunk=2)
+    monkeypatch.setattr(paths, "_FUSED", [])
+    monkeypatch.setenv("SEMID_FUSED_GATHERS", "0")
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled although turned off"))
+    assert paths.fused_pairs() is None
+    monkeypatch.setattr(paths, "_FUSED", [])
+    monkeypatch.delenv("SEMID_FUSED_GATHERS")
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with caplog.at_level("WARNING", logger="generator.decoding.paths"):
+        assert paths.fused_pairs() is None and paths.fused_pairs() is None  # tried once
+        assert torch.equal(paths.pair_dots(hq, table, rows, hist, chunk=2, fused=True), want)
+    assert len(caplog.records) == 1 and "No working C++ compiler found" in caplog.text and "more" not in caplog.text

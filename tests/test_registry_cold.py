@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from generator.decoding.causal import CausalDecoders, StateDecoder
+from generator.decoding.causal import CausalDecoders
 from generator.decoding.cold import ColdStartBeam
-from generator.decoding.protocol import LOG_LIKELIHOOD, PREFIX_MATCHED, Decoder, Histories
+from generator.decoding.protocol import LOG_LIKELIHOOD, PREFIX_MATCHED, Decoder, Histories, StateDecoder
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import load_run
 from generator.runs.recommend import recommend

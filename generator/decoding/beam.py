@@ -99,16 +99,18 @@ class IndexConstraint:
         self._pairs: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._next: torch.Tensor | None = None  # (R, K) int32: the step's child row of each code, -1: none (logp)
 
-    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """:func:`csr_pairs` of the beams' nodes now (made once per step)."""
+    def pairs(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:func:`csr_pairs` of the beams' nodes now, and each pair's place in a (R, ``width``) step block (its row x
+        width + its child's code), made once per step for the backbone and the mask."""
         if self._pairs is None or self._pairs[0] is not self.nodes:
-            self._pairs = (self.nodes, csr_pairs(self.index, self.depth, self.nodes))
+            row, child = csr_pairs(self.index, self.depth, self.nodes)
+            self._pairs = (self.nodes, (row, child, row * width + self.index.code[self.depth].index_select(0, child)))
         return self._pairs[1]
 
     def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
-        row, child = self.pairs()
+        row, child, place = self.pairs(hi - lo)
         nxt = torch.full((self.nodes.numel(), hi - lo), -1, dtype=torch.int32, device=self.nodes.device)
-        nxt[row, self.index.code[self.depth][child]] = child.to(torch.int32)  # (R, K) each code's child row, -1: none
+        nxt.view(-1).index_copy_(0, place, child.to(torch.int32))  # (R, K) each code's child row, -1: none
         self._next = nxt
         out = masked_log_softmax(logits, nxt >= 0)
         return out.sum(0) if out.ndim == 3 else out  # an ensemble's members (E, R, K): the sum of each's

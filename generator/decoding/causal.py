@@ -1,8 +1,9 @@
 """Decoders of the causal generator: constrained beam search, exact ranking, dense MIPS, and their hybrid.
 
 :class:`CausalDecoders` holds what the decoders of one model share (item paths, edge tables, item vectors; built
-in :mod:`generator.decoding.paths`, optionally 16-bit, the model's N-row tables then freed for serving) and ranks from the model's states after each history, ``h`` (B, D); :class:`StateDecoder` is one of them by name as a
-:class:`~generator.decoding.protocol.Decoder` (histories in, :class:`Ranking` out):
+in :mod:`generator.decoding.paths`, optionally 16-bit, the model's N-row tables then freed for serving) and ranks
+from the model's states after each history, ``h`` (B, D); :class:`~generator.decoding.protocol.StateDecoder` is
+one of them by name as a :class:`~generator.decoding.protocol.Decoder` (histories in, :class:`Ranking` out):
 
 - ``beam``: the one beam search (:mod:`generator.decoding.beam`) over the prefix tree on :class:`CausalLevels`:
   one batched product per level, masked by the tree. Scores: the item's log-likelihood (sum over levels of
@@ -45,6 +46,7 @@ from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES,
     check_table_dtype,
     edge_slots,
     edge_tables,
+    fused_pairs,
     inputs_readable_from_vectors,
     item_paths,
     pair_dots,
@@ -52,6 +54,7 @@ from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES,
     serving_paths,
     table_product,
     trim_heap,
+    warm_fused,
 )
 from generator.decoding.protocol import (
     INNER_PRODUCT,
@@ -69,11 +72,15 @@ DECODERS = ("beam", "exact", "dense", "hybrid")
 DENSE_STEP_FACTOR = 32  # a beam step scores all of a level's edges when B x them is at most this many times its pairs
 # (and they are at most an eighth of it: the product reads the whole table, a few pairs gather less)
 DENSE_STEP_MAX = 1 << 24  # and at most this many (history, edge) logits
+FUSED_STEP_FACTOR = 8  # the same, where the pairs are gathered by the fused kernel (paths.fused_pairs): 3-6x cheaper
+FUSED_MIN_PAIRS = 1 << 12  # a step with this many pairs or more takes the fused kernel, in decoders that use it
 PAIR_CHUNK = 1 << 12  # a step's (pair, D) gathers at a time: in cache (10M items: 5.7x faster than the step's all at once)
 # Over this many items (the layout's row limit) a served build is lean: the ID input reads the item vectors, freeing
 # the item table (488 MB per million items), and the beam walks the paths' prefix index, freeing the prefix tree (257
 # MB per million); below, the tree's byte masks are the faster step (Beauty: 25 against 27.5 ms per 128 users).
 LEAN_SERVING_ITEMS = PRODUCT_MAX_ROWS
+FUSED_MIN_ITEMS = LEAN_SERVING_ITEMS  # decoders over more items take the fused kernel (compiled at their build): below,
+# a call's pairs are few and the kernel's ~5 s first compile in a process would not pay (Beauty: the same rate)
 
 
 def drops_tree(model: CausalGenerator | EnsembleGenerator, release: bool) -> bool:
@@ -150,15 +157,18 @@ class EdgeLevels:
     product-layout table's row-major copy, ``edge_rows``) times its history's query, or where the level's edges are
     few for its pairs (B x A_l <= ``dense_factor`` x pairs and A_l <= ``dense_factor`` / 8 x pairs: the product
     streams the whole table, a single user's few pairs need not) a read of one (B, D) x (D, A_l) product (exact
-    scoring's numbers). An only child (no table row) has logit 0, its log-probability 0 either way."""
+    scoring's numbers). Decoders over :data:`FUSED_MIN_ITEMS` items gather a step of :data:`FUSED_MIN_PAIRS` pairs
+    or more with the fused kernel (``paths.fused_pairs``; the factor is then :data:`FUSED_STEP_FACTOR`: its gathers
+    cost less against the product; 10M items: 154 -> 74 ms per 128 users). An only child (no table row) has logit
+    0, its log-probability 0 either way."""
 
     def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint | IndexConstraint,
-                 dense_factor: int = DENSE_STEP_FACTOR) -> None:
+                 dense_factor: int | None = None) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
         self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
         self.rows = shared.edge_rows
         self.hq = self.model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D)
-        self.dense_factor = dense_factor
+        self.dense_factor, self.fused = dense_factor, shared.fused_pairs
 
     def window(self, level: int) -> tuple[int, int]:
         return self.model.layout.level_range(level)
@@ -167,27 +177,30 @@ class EdgeLevels:
         lo, hi = self.window(level)
         nodes = self.constraint.nodes  # (R,) depth-l tree nodes, -1: a dead beam (no children, masked)
         if isinstance(self.constraint, IndexConstraint):  # its pairs, made once for the step
-            pair_row, child = self.constraint.pairs()
+            pair_row, child, place = self.constraint.pairs(hi - lo)
         else:
             pair_row, child = csr_pairs(self.index, level, nodes)  # (C,) one per child; (C,) depth-(l + 1) nodes
+            place = pair_row * (hi - lo) + self.index.code[level].index_select(0, child)  # (C,) in the (R, K_l) block
         vectors, C = self.tables.vectors[level], pair_row.numel()
         A, lead = vectors.shape[-2], vectors.shape[:-2]  # lead: (), or an ensemble's (K,): its members' logits apart
-        slot = self.slots[level][child]  # (C,) table row, A: an only child
+        slot = self.slots[level].index_select(0, child)  # (C,) table row, A: an only child
         edge = self.hq.new_zeros(*lead, C)
         if A:
             has, row = slot < A, slot.clamp_max(A - 1)
             members = vectors.shape[0] if lead else 1  # the cap counts every member's logits
-            if self.B * A <= self.dense_factor * C and 8 * A <= self.dense_factor * C and members * self.B * A <= DENSE_STEP_MAX:
+            fused = self.fused and C >= FUSED_MIN_PAIRS and fused_pairs() is not None
+            factor = self.dense_factor if self.dense_factor is not None else FUSED_STEP_FACTOR if fused else DENSE_STEP_FACTOR
+            if self.B * A <= factor * C and 8 * A <= factor * C and members * self.B * A <= DENSE_STEP_MAX:
                 dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
                 edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
             else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector times its history's level query (pair_row
                 # ascends, csr_pairs: beams in history order, so pair_dots may take a chunk's histories as a run)
                 rows = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
-                dot = pair_dots(self.hq[..., level, :], rows, row, pair_row // m, chunk=PAIR_CHUNK)  # (C,) or (K, C)
-                edge = torch.where(has, dot + self.tables.biases[level][..., row], 0.0)
-        out = self.hq.new_full((*lead, nodes.numel(), hi - lo), float("-inf"))
-        out[..., pair_row, self.index.code[level][child]] = edge
-        return out
+                dot = pair_dots(self.hq[..., level, :], rows, row, pair_row // m, chunk=PAIR_CHUNK,
+                                bias=self.tables.biases[level], fused=fused)  # (C,) or (K, C)
+                edge = torch.where(has, dot, 0.0)
+        out = self.hq.new_full((*lead, nodes.numel() * (hi - lo)), float("-inf"))
+        return out.index_copy_(-1, place, edge).view(*lead, nodes.numel(), hi - lo)
 
     def reorder(self, level: int, rows: torch.Tensor) -> None:
         pass  # the node is the constraint's
@@ -245,6 +258,7 @@ class CausalDecoders:
         self.tables: EdgeTables | None = None
         self.edge_slots: list[torch.Tensor] | None = None
         self.edge_rows: list[torch.Tensor | None] | None = None  # row-major copies of product-layout edge tables
+        self.fused_pairs = False  # whether the beam gathers its pairs with the fused kernel (set by refresh)
         self._vectors: torch.Tensor | None = None
         self._item_nodes: tuple[ItemPaths, torch.Tensor] | None = None  # (the paths they were made from, nodes)
 
@@ -269,6 +283,9 @@ class CausalDecoders:
         self.tables = edge_tables(self.model, self.paths, dtype=self.table_dtype, release=release)
         self.paths, self.edge_slots = serving_paths(self.paths, edge_slots(self.paths))
         self.edge_rows = [None if v.is_contiguous() else v.contiguous() for v in self.tables.vectors]  # (the beam's gathers)
+        widest = max(range(len(self.tables.vectors)), key=lambda level: self.tables.vectors[level].shape[-2])
+        self.fused_pairs = self.model.num_items > FUSED_MIN_ITEMS and warm_fused(self.tables.vectors[widest],
+                                                                               self.tables.biases[widest])
         self._vectors = item_vectors(self.model, dtype=self.table_dtype) if self.model.has_dense else None
         if release and self.model.has_dense and not self.model.config.id_input:
             self.model.release_tables([], item_table=True)
@@ -381,27 +398,3 @@ class CausalDecoders:
         levels = self.fusion is not None and self.fusion[0] == "levels"
         return fused_ranking(self.fusion, self.parts(h, levels=levels), k, self.item_ids, self.codes_of_rows)
 
-
-class StateDecoder:
-    """One decoder by name, ranking from backbone states, as a :class:`~generator.decoding.protocol.Decoder`.
-
-    ``shared`` is what the decoders of one item-level model share (:class:`CausalDecoders`, or the title decoders):
-    it has ``model.last_hidden(histories, lengths)`` and ``decode(name, h, k=, num_beams=)``. :meth:`rank_states`
-    ranks from states, so decoders of one model can share them (training validation runs the backbone once for all
-    of its decoders).
-    """
-
-    def __init__(self, shared: object, name: str, *, score: str, leaves: bool) -> None:
-        self.shared, self.name, self.score, self.leaves = shared, name, score, leaves
-        self.num_beams = shared.num_beams
-
-    def states(self, histories: Histories) -> torch.Tensor:
-        """Backbone states (B, D) after each history."""
-        with torch.inference_mode():
-            return self.shared.model.last_hidden(histories.tokens, histories.lengths)
-
-    def rank_states(self, h: torch.Tensor, k: int) -> Ranking:
-        return self.shared.decode(self.name, h, k=k, num_beams=self.num_beams)
-
-    def __call__(self, histories: Histories, k: int) -> Ranking:
-        return self.rank_states(self.states(histories), k)

@@ -135,3 +135,28 @@ def check_decode_args(k: object, num_beams: object, num_items: int) -> None:
     """The arguments every decoding entry point takes: ``k`` in [1, N], ``num_beams`` in [k, N]."""
     check_k(k, num_items, "the catalogue size")
     check_beams(num_beams, k, num_items)  # type: ignore[arg-type]
+
+
+class StateDecoder:
+    """One decoder by name, ranking from backbone states, as a :class:`~generator.decoding.protocol.Decoder`.
+
+    ``shared`` is what the decoders of one item-level model share (:class:`CausalDecoders`, or the title decoders):
+    it has ``model.last_hidden(histories, lengths)`` and ``decode(name, h, k=, num_beams=)``. :meth:`rank_states`
+    ranks from states, so decoders of one model can share them (training validation runs the backbone once for all
+    of its decoders).
+    """
+
+    def __init__(self, shared: object, name: str, *, score: str, leaves: bool) -> None:
+        self.shared, self.name, self.score, self.leaves = shared, name, score, leaves
+        self.num_beams = shared.num_beams
+
+    def states(self, histories: Histories) -> torch.Tensor:
+        """Backbone states (B, D) after each history."""
+        with torch.inference_mode():
+            return self.shared.model.last_hidden(histories.tokens, histories.lengths)
+
+    def rank_states(self, h: torch.Tensor, k: int) -> Ranking:
+        return self.shared.decode(self.name, h, k=k, num_beams=self.num_beams)
+
+    def __call__(self, histories: Histories, k: int) -> Ranking:
+        return self.rank_states(self.states(histories), k)

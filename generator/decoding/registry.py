@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from generator.decoding.causal import CausalDecoders, StateDecoder
+from generator.decoding.causal import CausalDecoders
 from generator.decoding.cold import ColdStartBeam
 from generator.decoding.fusion import FUSIONS, Parts
 from generator.decoding.grounding import CODES_GROUNDED, GroundedCodeDecoders
@@ -37,6 +37,7 @@ from generator.decoding.protocol import (
     TITLE_LOG_PROB,
     Decoder,
     Histories,
+    StateDecoder,
 )
 from generator.decoding.titles import TITLE_BEAM, TITLE_GROUNDED, TitleDecoders
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from generator.decoding.causal import StateDecoder
+from generator.decoding.protocol import StateDecoder
 from generator.decoding.registry import TITLE, Ingredients, build
 from generator.decoding.titles import LENGTH_PENALTY, TITLE_BEAM
 from generator.models.checkpoint import CHECKPOINT_KEY
