@@ -26,8 +26,8 @@ import generator.decoding.causal as causal
 from generator.decoding.paths import pair_dots, warm_fused
 
 
-def one_row_products(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: torch.Tensor, *, chunk: int
-                     ) -> torch.Tensor:
+def one_row_products(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: torch.Tensor, *, chunk: int,
+                     bias: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """The form before ``pair_dots`` (its reference): each pair's own (1, D) x (D, 1) product, chunk by chunk."""
     C, D, lead = rows.numel(), table.shape[-1], hq.shape[:-2]
     out = hq.new_empty(*lead, C)
@@ -35,7 +35,7 @@ def one_row_products(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, 
         q = hq.index_select(-2, hist[a : a + chunk]).reshape(-1, D, 1)
         v = table.index_select(-2, rows[a : a + chunk]).to(hq.dtype).reshape(-1, 1, D)
         out[..., a : a + chunk] = torch.bmm(v, q).view(*lead, -1)
-    return out
+    return out if bias is None else out + bias.index_select(-1, rows)
 
 
 def decoders(args: argparse.Namespace) -> causal.CausalDecoders:
