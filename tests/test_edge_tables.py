@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import generator.decoding.causal as causal_decoding
+import generator.decoding.paths as paths_module
 from generator.decoding.beam import TreeConstraint
 from generator.decoding.causal import CausalDecoders, EdgeLevels, edge_tables, item_paths
 from generator.decoding.chunked import item_vectors
@@ -103,6 +104,8 @@ def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair
     if fused:
         if causal_decoding.fused_pairs() is None:
             pytest.skip("torch.compile cannot build the fused kernel on this machine")
+        torch._dynamo.reset()  # (at most 8 compiled forms per function in a process: the tests compile more)
+        monkeypatch.setattr(paths_module, "FALLBACKS", [0])
         monkeypatch.setattr(causal_decoding, "FUSED_MIN_ITEMS", 0)
         monkeypatch.setattr(causal_decoding, "FUSED_MIN_PAIRS", 0)
         real = causal_decoding.pair_dots
@@ -118,7 +121,8 @@ def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair
         nodes[1] = -1  # a dead beam
         constraint = TreeConstraint(tree, 3 * m, h.device)
         constraint.nodes = nodes
-        got = EdgeLevels(dec, h, constraint, dense_factor=dense_factor).logits(level, None, m, None)
+        with torch.inference_mode():  # (as decoding runs)
+            got = EdgeLevels(dec, h, constraint, dense_factor=dense_factor).logits(level, None, m, None)
         lo, hi = model.layout.level_range(level)
         want = torch.full((3 * m, hi - lo), float("-inf"))
         node = (nodes - index.offsets[level]).clamp_min(0)
@@ -145,6 +149,14 @@ def test_the_csr_beam_step_gives_the_padded_steps_logits(dense_factor: int, pair
         other = EdgeLevels(dec, h, constraint, dense_factor=10**9 - dense_factor).logits(level, None, m, None)
         torch.testing.assert_close(other, got, atol=1e-5, rtol=0)  # the two forms agree up to float rounding
     assert (calls and all(calls)) if fused else not any(calls)  # the gathers went through the kernel
+    if fused:  # and through forms the build compiled: for several users and for one, nothing compiled again
+        monkeypatch.setattr(causal_decoding, "FUSED_STEP_FACTOR", 0)  # (every level gathers, none takes the product)
+        calls.clear()
+        with torch.compiler.set_stance("fail_on_recompile"):
+            many, one = dec.decode("beam", torch.randn(7, h.shape[1]), k=5), dec.decode("beam", h[:1], k=5)
+        assert calls and all(calls) and paths_module.FALLBACKS[0] == 0
+        monkeypatch.setattr(causal_decoding, "FUSED_MIN_PAIRS", 1 << 30)  # the chunks: the same items
+        assert torch.equal(dec.decode("beam", h[:1], k=5).items, one.items) and many.items.shape == (7, 5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -218,35 +230,74 @@ def test_an_ensembles_exact_counts_its_members_rows_against_the_budget(monkeypat
     assert torch.equal(got.items, whole.items)
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.fixture
+def fresh_kernel():
+    """The fused kernel with no compiled forms yet (torch keeps at most 8 per function in a process: the tests
+    here compile more), and the fallback count at 0."""
+    import generator.decoding.paths as paths
+
+    if paths.fused_pairs() is None:
+        pytest.skip("torch.compile cannot build the fused kernel on this machine (the chunked form is tested)")
+    torch._dynamo.reset()
+    paths.FALLBACKS[0] = 0
+    yield paths
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("members", [0, 2])
-def test_pair_dots_is_each_pairs_own_product_in_either_form(members: int, fused: bool) -> None:
+def test_pair_dots_is_each_pairs_own_product_in_either_form(members: int) -> None:
     """``pair_dots``: each (beam, child) pair's table row times its history's query (plus its row's bias), against a
     float64 reference, with chunks whose histories have many pairs each (one product per chunk) and few (a product
-    per pair), or fused (the compiled kernel, every chunk size alike), from a 16-bit table too; an ensemble's members
-    apart."""
-    from generator.decoding.paths import fused_pairs, pair_dots
+    per pair), from a 16-bit table too; an ensemble's members apart."""
+    from generator.decoding.paths import pair_dots
 
-    if fused and fused_pairs() is None:
-        pytest.skip("torch.compile cannot build the fused kernel on this machine (the chunked form is tested)")
+    hq, t32, bias, rows, hist = pairs_case(members)
+    for t in (t32, t32.to(torch.bfloat16)):
+        want = (t.double()[..., rows, :] * hq.double()[..., hist, :]).sum(-1)
+        for chunk in (7, 16, 41, 1000):  # 7: one to two histories a chunk; 1000: all 14 at once (a product per pair)
+            got = pair_dots(hq, t, rows, hist, chunk=chunk)
+            assert got.dtype == torch.float32 and got.shape == (*t.shape[:-2], hist.numel())
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+        got = pair_dots(hq, t, rows, hist, chunk=16, bias=bias)
+        torch.testing.assert_close(got.double(), want + bias.double()[..., rows], atol=1e-5, rtol=0)
+
+
+def pairs_case(members: int) -> tuple[torch.Tensor, ...]:
+    """hq (14, 16), a table (500, 16) and biases, an ensemble's with a leading (members,); rows and their histories:
+    wide and narrow runs of pairs per history, one history with none."""
     g = torch.Generator().manual_seed(3)
     lead = (members,) if members else ()
     hq, table = torch.randn(*lead, 14, 16, generator=g), torch.randn(*lead, 500, 16, generator=g)
     bias = torch.randn(*lead, 500, generator=g)
-    per = torch.tensor([40, 1, 0, 3, 60, 2, 1, 1, 1, 1, 1, 1, 1, 2])  # pairs per history: wide and narrow runs, one none
+    per = torch.tensor([40, 1, 0, 3, 60, 2, 1, 1, 1, 1, 1, 1, 1, 2])
     hist = torch.repeat_interleave(torch.arange(14), per)
-    rows = torch.randint(0, 500, (hist.numel(),), generator=g)
-    for t in (table, table.to(torch.bfloat16)):
-        want = (t.double()[..., rows, :] * hq.double()[..., hist, :]).sum(-1)
-        for chunk in (7, 16, 41, 1000):  # 7: one to two histories a chunk; 1000: all 14 at once (a product per pair)
-            got = pair_dots(hq, t, rows, hist, chunk=chunk, fused=fused)
-            assert got.dtype == torch.float32 and got.shape == (*lead, hist.numel())
-            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
-        got = pair_dots(hq, t, rows, hist, chunk=16, fused=fused, bias=bias)
-        torch.testing.assert_close(got.double(), want + bias.double()[..., rows], atol=1e-5, rtol=0)
-        one = pair_dots(hq[..., 3:4, :], t, rows[:5], torch.zeros(5, dtype=torch.long), chunk=16, fused=fused)
-        torch.testing.assert_close(one.double(), (t.double()[..., rows[:5], :] * hq.double()[..., 3:4, :]).sum(-1),
-                                   atol=1e-5, rtol=0)  # a single user's call (the kernel's one-history form)
+    return hq, table, bias, torch.randint(0, 500, (hist.numel(),), generator=g), hist
+
+
+@pytest.mark.parametrize("members", [0, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_kernel_runs_the_forms_warm_fused_compiled_and_no_other(members: int, dtype: torch.dtype,
+                                                                           fresh_kernel) -> None:
+    """After ``warm_fused`` on a table, ``pair_dots(fused=True)`` runs the compiled kernel (no fallback, nothing
+    compiled again) for many histories and for one, with the float64 reference's numbers; a form it did not compile
+    (another table dtype) takes the chunks, counted, with the same numbers."""
+    paths = fresh_kernel
+    hq, t, bias, rows, hist = pairs_case(members)
+    t = t.to(dtype)
+    assert paths.warm_fused(t, bias)
+    want = (t.double()[..., rows, :] * hq.double()[..., hist, :]).sum(-1) + bias.double()[..., rows]
+    with torch.inference_mode():  # as a beam step calls it: its queries (a strided view) and indices made in the mode
+        strided, rows, hist = torch.stack([hq, -hq], -2)[..., 0, :], rows.clone(), hist.clone()
+        got = paths.pair_dots(strided, t, rows, hist, chunk=16, bias=bias, fused=True)
+        one = paths.pair_dots(hq[..., 3:4, :].clone(), t, rows[:5], torch.zeros(5, dtype=torch.long), chunk=16,
+                              bias=bias, fused=True)
+        assert paths.FALLBACKS[0] == 0
+        other = paths.pair_dots(hq.clone(), t.to(torch.float16), rows, hist, chunk=16, bias=bias, fused=True)
+        assert paths.FALLBACKS[0] == 1  # a table dtype not warmed: the chunks
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.double(), (t.double()[..., rows[:5], :] * hq.double()[..., 3:4, :]).sum(-1)
+                               + bias.double()[..., rows[:5]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(other.double(), want, atol=2e-2, rtol=0)
 
 
 def test_fused_pairs_is_off_by_the_environment_or_where_it_cannot_compile(monkeypatch, caplog) -> None:
@@ -273,3 +324,22 @@ def test_fused_pairs_is_off_by_the_environment_or_where_it_cannot_compile(monkey
         assert paths.fused_pairs() is None and paths.fused_pairs() is None  # tried once
         assert torch.equal(paths.pair_dots(hq, table, rows, hist, chunk=2, fused=True), want)
     assert len(caplog.records) == 1 and "No working C++ compiler found" in caplog.text and "more" not in caplog.text
+
+
+def test_a_compile_failing_after_the_probe_leaves_the_decoders_on_the_chunks(monkeypatch, caplog) -> None:
+    """A kernel whose compile fails for the decoders' tables (after the probe passed: another dtype, a device without
+    a compiler) makes ``warm_fused`` warn and answer False (the build goes on without it), and a call that fails
+    inside the kernel takes the chunks: the same numbers, counted."""
+    import generator.decoding.paths as paths
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("BackendCompilerFailed: inductor cannot build this\ndetails")
+
+    monkeypatch.setattr(paths, "_FUSED", [failing])
+    monkeypatch.setattr(paths, "FALLBACKS", [0])
+    hq, table, bias, rows, hist = pairs_case(0)
+    with caplog.at_level("WARNING", logger="generator.decoding.paths"):
+        assert not paths.warm_fused(table, bias)
+        got = paths.pair_dots(hq, table, rows, hist, chunk=16, bias=bias, fused=True)
+    assert "inductor cannot build this" in caplog.text and "details" not in caplog.text and paths.FALLBACKS == [1]
+    torch.testing.assert_close(got, paths.pair_dots(hq, table, rows, hist, chunk=16, bias=bias))

@@ -96,16 +96,16 @@ class IndexConstraint:
                  values: torch.Tensor | None = None) -> None:
         self.index, self.lo, self.values, self.depth = index, lo, values, 0
         self.nodes = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) tree node of each beam, -1: dead
-        self._pairs: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._pairs: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._next: torch.Tensor | None = None  # (R, K) int32: the step's child row of each code, -1: none (logp)
 
     def pairs(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`csr_pairs` of the beams' nodes now, and each pair's place in a (R, ``width``) step block (its row x
         width + its child's code), made once per step for the backbone and the mask."""
-        if self._pairs is None or self._pairs[0] is not self.nodes:
+        if self._pairs is None or self._pairs[0] is not self.nodes or self._pairs[1] != width:
             row, child = csr_pairs(self.index, self.depth, self.nodes)
-            self._pairs = (self.nodes, (row, child, row * width + self.index.code[self.depth].index_select(0, child)))
-        return self._pairs[1]
+            self._pairs = (self.nodes, width, (row, child, row * width + self.index.code[self.depth].index_select(0, child)))
+        return self._pairs[2]
 
     def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
         row, child, place = self.pairs(hi - lo)

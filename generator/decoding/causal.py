@@ -284,8 +284,8 @@ class CausalDecoders:
         self.paths, self.edge_slots = serving_paths(self.paths, edge_slots(self.paths))
         self.edge_rows = [None if v.is_contiguous() else v.contiguous() for v in self.tables.vectors]  # (the beam's gathers)
         widest = max(range(len(self.tables.vectors)), key=lambda level: self.tables.vectors[level].shape[-2])
-        self.fused_pairs = self.model.num_items > FUSED_MIN_ITEMS and warm_fused(self.tables.vectors[widest],
-                                                                               self.tables.biases[widest])
+        rows = self.tables.vectors[widest] if self.edge_rows[widest] is None else self.edge_rows[widest]
+        self.fused_pairs = self.model.num_items > FUSED_MIN_ITEMS and warm_fused(rows, self.tables.biases[widest])
         self._vectors = item_vectors(self.model, dtype=self.table_dtype) if self.model.has_dense else None
         if release and self.model.has_dense and not self.model.config.id_input:
             self.model.release_tables([], item_table=True)

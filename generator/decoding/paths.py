@@ -69,17 +69,24 @@ def pair_dots(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: t
     members first: (K, B, D), (K, A, D), (K, A) -> (K, C).
 
     ``fused`` (where :func:`fused_pairs` has a kernel): one compiled pass that reads each pair's row and query and
-    writes its number, with no (C, D) temporaries (10M items' wide levels: 3-6x faster than the chunks). Else ``chunk``
+    writes its number, with no (C, D) temporaries (10M items' wide levels: 2x the chunks); only the forms
+    :func:`warm_fused` compiled run (a call needing another compile takes the chunks: ``FALLBACKS``). Else ``chunk``
     pairs at a time, their temporaries in cache. Pairs follow beams and beams their histories (``hist`` ascending), so
     a chunk's histories are a run of n: where n <= 8 (a wide level, ~3,000 pairs per history at 10M items, or a single
     user) they are one (c, D) x (D, n) product read at each pair's column (n times the multiplications, in one
     efficient product), else each pair's own product with its history's query."""
     kernel = fused_pairs() if fused else None
     if kernel is not None:
-        lead = hq.shape[:-2]
-        out = kernel(hq.reshape(-1, *hq.shape[-2:]), table.reshape(-1, *table.shape[-2:]),
-                     None if bias is None else bias.reshape(-1, bias.shape[-1]), rows.long(), hist.long())
-        return out.reshape(*lead, -1)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):  # never a compile inside a request
+                out = kernel(hq.reshape(-1, *hq.shape[-2:]).contiguous(), table.reshape(-1, *table.shape[-2:]),
+                             None if bias is None else bias.reshape(-1, bias.shape[-1]), rows.long(), hist.long())
+            return out.reshape(*hq.shape[:-2], -1)
+        except Exception as exc:  # noqa: BLE001 (a form not compiled, or the compiler failing: the chunks instead)
+            FALLBACKS[0] += 1
+            if FALLBACKS[0] == 1:
+                log.warning("the beam's fused pair kernel has no compiled form for this call (%s); it gathers in "
+                            "chunks (said once)", type(exc).__name__)
     C, D, lead = rows.numel(), table.shape[-1], hq.shape[:-2]
     starts = torch.arange(0, C, chunk, device=hist.device)
     spans = torch.stack([hist[starts], hist[(starts + chunk - 1).clamp_max(C - 1)]], 1).tolist()  # one read for all
@@ -104,6 +111,7 @@ def _pair_form(hq: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None,
 
 
 _FUSED: list[Callable | None] = []  # [the compiled kernel, or None where none can be compiled here], once tried
+FALLBACKS = [0]  # calls asked to fuse that took the chunks (a form warm_fused did not compile)
 
 
 def fused_pairs() -> Callable | None:
@@ -116,7 +124,8 @@ def fused_pairs() -> Callable | None:
         if os.environ.get("SEMID_FUSED_GATHERS", "1") != "0":
             try:
                 kernel = torch.compile(_pair_form, dynamic=True)
-                kernel(torch.ones(1, 2, 4), torch.ones(1, 3, 4), torch.ones(1, 3), torch.tensor([0, 2]), torch.tensor([0, 1]))
+                with torch.inference_mode():  # (as decoding runs)
+                    kernel(torch.ones(1, 5, 4), torch.ones(1, 7, 4), torch.ones(1, 7), torch.tensor([0, 6, 2]), torch.tensor([0, 1, 4]))
             except Exception as exc:  # noqa: BLE001 (a toolchain missing or failing: any of its errors; the probe's inputs are valid)
                 log.warning("the beam's fused pair kernel cannot be compiled here (%s: %s); it gathers in chunks "
                             "instead (slower on catalogues of millions). SEMID_FUSED_GATHERS=0 skips the attempt.",
@@ -127,13 +136,27 @@ def fused_pairs() -> Callable | None:
 
 
 def warm_fused(table: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Compile :func:`fused_pairs`' forms for this (A, D) or (K, A, D) table and its biases (many histories and one),
-    so that no served call pays for it; whether the kernel is there."""
+    """Compile :func:`fused_pairs`' forms for the beam's gathers from this row-major (A, D) or (K, A, D) table and
+    its biases (the decoders' own tensors: the compiled forms hold to their kind), for many histories and for one,
+    as decoding calls them (queries and indices made under inference mode, the queries contiguous), so that no
+    request compiles; whether both then run without compiling again (else, e.g. where torch's limit of compiled forms
+    is reached or the device has no compiler, a warning and False: the beam gathers in chunks)."""
     if fused_pairs() is None or table.shape[-2] < 2:
         return False
-    for B in (2, 1):  # loop over the kernel's two forms
-        hq = table.new_zeros(*table.shape[:-2], B, table.shape[-1], dtype=torch.float32)
-        pair_dots(hq, table[..., :2, :], torch.tensor([0, 1]), torch.tensor([0, B - 1]), chunk=2, bias=bias[..., :2], fused=True)
+    K, A, D = table.reshape(-1, *table.shape[-2:]).shape
+    B, C = [n for n in (13, 17, 23, 29, 31, 37) if n not in (K, A, D)][:2]  # distinct: no size tied to another's
+    try:
+        with torch.inference_mode():
+            rows = torch.arange(C, device=table.device) % min(A, 19)
+            for stance in ("default", "fail_on_recompile"):  # compile, then check that nothing compiles again
+                for n in (B, 1):  # loop over the kernel's two forms
+                    hq = torch.zeros(K, n, D, device=table.device)
+                    with torch.compiler.set_stance(stance):
+                        _FUSED[0](hq, table.reshape(K, A, D), bias.reshape(K, A), rows, torch.arange(C, device=table.device) * n // C)
+    except Exception as exc:  # noqa: BLE001 (any failure of the compiler: the chunks instead)
+        log.warning("the beam's fused pair kernel cannot be compiled for %s tables on %s (%s: %s); it gathers in "
+                    "chunks", table.dtype, table.device, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return False
     return True
 
 
