@@ -51,7 +51,7 @@ def decoders(args: argparse.Namespace) -> causal.CausalDecoders:
     model = load_checkpoint(args.ids / f"model_{args.size}.ckpt", ids, mmap=True).model
     tree = None if causal.drops_tree(model, True) else PrefixTree.from_semantic_ids(ids, ids.layout(0))
     return causal.CausalDecoders(model, tree, torch.from_numpy(ids.item_ids), num_beams=20, dense_index="exact",
-                                 table_dtype="bfloat16").refresh(release=True)
+                                 table_dtype=getattr(args, "table_dtype", "bfloat16")).refresh(release=True)
 
 
 def main(argv: list[str] | None = None) -> None:
