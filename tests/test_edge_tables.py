@@ -294,6 +294,10 @@ def test_the_fused_kernel_runs_the_forms_warm_fused_compiled_and_no_other(member
         assert paths.FALLBACKS[0] == 0
         other = paths.pair_dots(hq.clone(), t.to(torch.float16), rows, hist, chunk=16, bias=bias, fused=True)
         assert paths.FALLBACKS[0] == 1  # a table dtype not warmed: the chunks
+        with paths._KERNEL_LOCK:  # another thread in the kernel, or a build compiling it: the chunks, no waiting
+            busy = paths.pair_dots(strided, t, rows, hist, chunk=16, bias=bias, fused=True)
+        assert paths.FALLBACKS[0] == 2
+    torch.testing.assert_close(busy.double(), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(one.double(), (t.double()[..., rows[:5], :] * hq.double()[..., 3:4, :]).sum(-1)
                                + bias.double()[..., rows[:5]], atol=1e-5, rtol=0)

@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -77,16 +78,21 @@ def pair_dots(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: t
     efficient product), else each pair's own product with its history's query."""
     kernel = fused_pairs() if fused else None
     if kernel is not None:
-        try:
-            with torch.compiler.set_stance("fail_on_recompile"):  # never a compile inside a request
-                out = kernel(hq.reshape(-1, *hq.shape[-2:]).contiguous(), table.reshape(-1, *table.shape[-2:]),
-                             None if bias is None else bias.reshape(-1, bias.shape[-1]), rows.long(), hist.long())
-            return out.reshape(*hq.shape[:-2], -1)
-        except Exception as exc:  # noqa: BLE001 (a form not compiled, or the compiler failing: the chunks instead)
-            FALLBACKS[0] += 1
-            if FALLBACKS[0] == 1:
-                log.warning("the beam's fused pair kernel has no compiled form for this call (%s); it gathers in "
-                            "chunks (said once)", type(exc).__name__)
+        reason = "in use: another thread's call, or a build compiling it"  # (torch's stance is global, not per thread)
+        if _KERNEL_LOCK.acquire(blocking=False):
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):  # never a compile inside a request
+                    out = kernel(hq.reshape(-1, *hq.shape[-2:]).contiguous(), table.reshape(-1, *table.shape[-2:]),
+                                 None if bias is None else bias.reshape(-1, bias.shape[-1]), rows.long(), hist.long())
+                return out.reshape(*hq.shape[:-2], -1)
+            except Exception as exc:  # noqa: BLE001 (a form not compiled, or the compiler failing: the chunks instead)
+                reason = f"no compiled form for it: {type(exc).__name__}"
+            finally:
+                _KERNEL_LOCK.release()
+        FALLBACKS[0] += 1
+        if FALLBACKS[0] == 1:
+            log.warning("the beam's fused pair kernel was not used for a call (%s); it gathers in chunks (said "
+                        "once)", reason)
     C, D, lead = rows.numel(), table.shape[-1], hq.shape[:-2]
     starts = torch.arange(0, C, chunk, device=hist.device)
     spans = torch.stack([hist[starts], hist[(starts + chunk - 1).clamp_max(C - 1)]], 1).tolist()  # one read for all
@@ -111,7 +117,8 @@ def _pair_form(hq: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None,
 
 
 _FUSED: list[Callable | None] = []  # [the compiled kernel, or None where none can be compiled here], once tried
-FALLBACKS = [0]  # calls asked to fuse that took the chunks (a form warm_fused did not compile)
+FALLBACKS = [0]  # calls asked to fuse that took the chunks (a form warm_fused did not compile, or the kernel busy)
+_KERNEL_LOCK = threading.Lock()  # one user of the kernel (and of torch's compile stance) at a time: a call or a warm-up
 
 
 def fused_pairs() -> Callable | None:
@@ -146,7 +153,7 @@ def warm_fused(table: torch.Tensor, bias: torch.Tensor) -> bool:
     K, A, D = table.reshape(-1, *table.shape[-2:]).shape
     B, C = [n for n in (13, 17, 23, 29, 31, 37) if n not in (K, A, D)][:2]  # distinct: no size tied to another's
     try:
-        with torch.inference_mode():
+        with _KERNEL_LOCK, torch.inference_mode():  # (a decoding thread's calls take the chunks meanwhile)
             rows = torch.arange(C, device=table.device) % min(A, 19)
             for stance in ("default", "fail_on_recompile"):  # compile, then check that nothing compiles again
                 for n in (B, 1):  # loop over the kernel's two forms
