@@ -48,12 +48,19 @@ def main(argv: list[str] | None = None) -> None:
             t = time.process_time()
             dec.decode("beam", h[size], k=10)
             ms[size].append((time.process_time() - t) * 1e3)
+    big = built[args.size]  # the same items without the full levels' tables (each step's pairs listed instead)?
+    with_tables = big.decode("beam", h[args.size], k=10)
+    kept, big.dense = big.dense, ([None] * len(big.dense[0]), [None] * len(big.dense[1]))
+    without = big.decode("beam", h[args.size], k=10)
+    big.dense = kept
+    same = "yes" if torch.equal(with_tables.items, without.items) else "NO"
+    full = sum(t is not None for t in kept[0])
     med = {size: statistics.median(v) for size, v in ms.items()}
     rate = {size: args.users / m * 1e3 for size, m in med.items()}
     spread = {size: f"{min(v):.1f}-{max(v):.1f}" for size, v in ms.items()}
     row = (f"| {int(args.size):,} (synthetic) | {args.table_dtype} | {args.users} | {args.rounds} | "
            f"{med['beauty']:.1f} ({spread['beauty']}) | {med[args.size]:.1f} ({spread[args.size]}) | "
-           f"{rate['beauty']:.0f} | {rate[args.size]:.0f} | **{rate[args.size] / rate['beauty']:.0%}** |")
+           f"{rate['beauty']:.0f} | {rate[args.size]:.0f} | **{rate[args.size] / rate['beauty']:.0%}** | {full} | {same} |")
     print(row, flush=True)
     if args.out:
         command = shlex.join(["python", "-m", "experiments.beam_ratio", *(sys.argv[1:] if argv is None else argv)])

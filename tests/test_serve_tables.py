@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import generator.decoding.paths as paths_module
 from generator.decoding.causal import CausalDecoders
 from generator.decoding.paths import table_product
 from generator.runs.folder import load_run
@@ -314,6 +315,18 @@ def test_the_index_constraint_walks_the_trees_beams(members: int, beams: int) ->
     b = search(EdgeLevels(dec, h, on_index), on_index, num_beams=beams, steps=L)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+    with pytest.MonkeyPatch.context() as mp:  # every level read whole by (parent, code), as a full level of millions is
+        mp.setattr(paths_module, "DENSE_LEVEL_FILL", 0.0)
+        dec.dense = paths_module.dense_levels(dec.paths.index, dec.edge_slots, [hi - lo for lo, hi in map(
+            model.layout.level_range, range(L))])
+    assert all(t is not None for t in dec.dense[0]) and all(t is not None for t in dec.dense[1])
+    on_dense = IndexConstraint(dec.paths.index, dec._lo, 4, h.device, dec.item_ids, dec.dense[0])
+    c = search(EdgeLevels(dec, h, on_dense), on_dense, num_beams=beams, steps=L)
+    for x, y in zip(a, c, strict=True):
+        if x.is_floating_point():  # (the gathers' products in other chunks: float rounding)
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(x, y)
     # a backbone whose logits cover the whole window (the model's own code head): the constraint's mask decides
     on_tree, on_index = TreeConstraint(tree, 4, h.device), IndexConstraint(dec.paths.index, dec._lo, 4, h.device, dec.item_ids)
     with torch.no_grad():

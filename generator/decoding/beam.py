@@ -93,8 +93,9 @@ class IndexConstraint:
     A step's pairs (:func:`csr_pairs`) are computed once and shared with a backbone that asks (:meth:`pairs`)."""
 
     def __init__(self, index: PrefixIndex, lo: list[int], rows: int, device: torch.device,
-                 values: torch.Tensor | None = None) -> None:
+                 values: torch.Tensor | None = None, dense: list[torch.Tensor | None] | None = None) -> None:
         self.index, self.lo, self.values, self.depth = index, lo, values, 0
+        self.dense = dense or [None] * len(lo)  # per depth: (P, K) child rows by parent and code (paths.dense_levels)
         self.nodes = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) tree node of each beam, -1: dead
         self._pairs: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._next: torch.Tensor | None = None  # (R, K) int32: the step's child row of each code, -1: none (logp)
@@ -107,10 +108,18 @@ class IndexConstraint:
             self._pairs = (self.nodes, width, (row, child, row * width + self.index.code[self.depth].index_select(0, child)))
         return self._pairs[2]
 
+    def dense_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """The beams' rows of a (P, K) table of this depth (``dense``), -1 for a dead beam: (R, K)."""
+        node = (self.nodes - self.index.offsets[self.depth]).clamp_min(0)
+        return torch.where((self.nodes >= 0)[:, None], table[node], -1)
+
     def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
-        row, child, place = self.pairs(hi - lo)
-        nxt = torch.full((self.nodes.numel(), hi - lo), -1, dtype=torch.int32, device=self.nodes.device)
-        nxt.view(-1).index_copy_(0, place, child.to(torch.int32))  # (R, K) each code's child row, -1: none
+        if self.dense[self.depth] is not None:  # a nearly full level: its child rows by code, read whole
+            nxt = self.dense_rows(self.dense[self.depth])
+        else:
+            row, child, place = self.pairs(hi - lo)
+            nxt = torch.full((self.nodes.numel(), hi - lo), -1, dtype=torch.int32, device=self.nodes.device)
+            nxt.view(-1).index_copy_(0, place, child.to(torch.int32))  # (R, K) each code's child row, -1: none
         self._next = nxt
         out = masked_log_softmax(logits, nxt >= 0)
         return out.sum(0) if out.ndim == 3 else out  # an ensemble's members (E, R, K): the sum of each's

@@ -44,6 +44,7 @@ from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES,
     EdgeTables,
     ItemPaths,
     check_table_dtype,
+    dense_levels,
     edge_slots,
     edge_tables,
     fused_pairs,
@@ -168,7 +169,7 @@ class EdgeLevels:
         self.index, self.tables, self.slots, self.constraint = shared.paths.index, shared.tables, shared.edge_slots, constraint
         self.rows = shared.edge_rows
         self.hq = self.model.level_queries(h)  # (B, L, D), or an ensemble's (K, B, L, D)
-        self.dense_factor, self.fused = dense_factor, shared.fused_pairs
+        self.dense_factor, self.fused, self.dense_slots = dense_factor, shared.fused_pairs, shared.dense[1]
 
     def window(self, level: int) -> tuple[int, int]:
         return self.model.layout.level_range(level)
@@ -176,17 +177,21 @@ class EdgeLevels:
     def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
         lo, hi = self.window(level)
         nodes = self.constraint.nodes  # (R,) depth-l tree nodes, -1: a dead beam (no children, masked)
-        if isinstance(self.constraint, IndexConstraint):  # its pairs, made once for the step
+        full = isinstance(self.constraint, IndexConstraint) and self.constraint.dense[level] is not None
+        if full:  # a nearly full level: every (beam, code) cell is a pair, its slot read by parent and code
+            slot = self.constraint.dense_rows(self.dense_slots[level]).flatten().long()  # (R * K_l,), -1: no child
+            pair_row = torch.arange(slot.numel(), device=slot.device) // (hi - lo)
+        elif isinstance(self.constraint, IndexConstraint):  # its pairs, made once for the step
             pair_row, child, place = self.constraint.pairs(hi - lo)
         else:
             pair_row, child = csr_pairs(self.index, level, nodes)  # (C,) one per child; (C,) depth-(l + 1) nodes
             place = pair_row * (hi - lo) + self.index.code[level].index_select(0, child)  # (C,) in the (R, K_l) block
         vectors, C = self.tables.vectors[level], pair_row.numel()
         A, lead = vectors.shape[-2], vectors.shape[:-2]  # lead: (), or an ensemble's (K,): its members' logits apart
-        slot = self.slots[level].index_select(0, child)  # (C,) table row, A: an only child
+        slot = slot if full else self.slots[level].index_select(0, child)  # (C,) table row, A: an only child
         edge = self.hq.new_zeros(*lead, C)
         if A:
-            has, row = slot < A, slot.clamp_max(A - 1)
+            has, row = slot < A, slot.clamp(0, A - 1)
             members = vectors.shape[0] if lead else 1  # the cap counts every member's logits
             fused = self.fused and C >= FUSED_MIN_PAIRS and fused_pairs() is not None
             factor = self.dense_factor if self.dense_factor is not None else FUSED_STEP_FACTOR if fused else DENSE_STEP_FACTOR
@@ -199,6 +204,8 @@ class EdgeLevels:
                 dot = pair_dots(self.hq[..., level, :], rows, row, pair_row // m, chunk=PAIR_CHUNK,
                                 bias=self.tables.biases[level], fused=fused)  # (C,) or (K, C)
                 edge = torch.where(has, dot, 0.0)
+        if full:
+            return torch.where(slot >= 0, edge, float("-inf")).view(*lead, nodes.numel(), hi - lo)
         out = self.hq.new_full((*lead, nodes.numel() * (hi - lo)), float("-inf"))
         return out.index_copy_(-1, place, edge).view(*lead, nodes.numel(), hi - lo)
 
@@ -257,6 +264,7 @@ class CausalDecoders:
         self.paths: ItemPaths | None = None
         self.tables: EdgeTables | None = None
         self.edge_slots: list[torch.Tensor] | None = None
+        self.dense: tuple[list, list] = ([], [])  # nearly full levels' (P, K) child and slot tables (dense_levels)
         self.edge_rows: list[torch.Tensor | None] | None = None  # row-major copies of product-layout edge tables
         self.fused_pairs = False  # whether the beam gathers its pairs with the fused kernel (set by refresh)
         self._vectors: torch.Tensor | None = None
@@ -282,6 +290,7 @@ class CausalDecoders:
         self.paths = item_paths(self.model, self.tree)._replace(nodes=None)  # (the build reads no nodes: freed now)
         self.tables = edge_tables(self.model, self.paths, dtype=self.table_dtype, release=release)
         self.paths, self.edge_slots = serving_paths(self.paths, edge_slots(self.paths))
+        self.dense = dense_levels(self.paths.index, self.edge_slots, [hi - lo for lo, hi in map(self.model.layout.level_range, range(len(self._lo)))])
         self.edge_rows = [None if v.is_contiguous() else v.contiguous() for v in self.tables.vectors]  # (the beam's gathers)
         widest = max(range(len(self.tables.vectors)), key=lambda level: self.tables.vectors[level].shape[-2])
         rows = self.tables.vectors[widest] if self.edge_rows[widest] is None else self.edge_rows[widest]
@@ -333,7 +342,7 @@ class CausalDecoders:
             M = self.num_beams if num_beams is None else num_beams
             check_beams(M, k, N)
             on_tree = (TreeConstraint(self.tree, h.shape[0], h.device, self.trained_tree) if self.tree is not None
-                       else IndexConstraint(self.paths.index, self._lo, h.shape[0], h.device, self.item_ids))
+                       else IndexConstraint(self.paths.index, self._lo, h.shape[0], h.device, self.item_ids, self.dense[0]))
             items, scores, tokens = leaf_search(EdgeLevels(self, h, on_tree), self.tree, levels=self.model.layout.num_levels,
                                                 k=k, num_beams=M, constraint=on_tree)
             return Ranking(items, scores, self.model.layout.tokens_to_codes(tokens), LOG_LIKELIHOOD, True)
