@@ -342,6 +342,7 @@ def test_the_index_constraint_walks_the_trees_beams(members: int, beams: int) ->
         mp.setattr(causal, "LEAN_SERVING_ITEMS", 3)
         served = _decoders(copy.deepcopy(model), tree, ids, release=True)
     assert served.tree is None
+    assert len(served.dense[0]) == L and kept.dense == ([], [])  # full-level tables only where the beam walks the index
     index = served.paths.index  # the serving copy: rows, codes, spans and child runs as int32, keys int64
     assert all(getattr(index, n).dtype == torch.int32 for n in ("order", "_start", "_stop", "node"))
     assert all(x.dtype == torch.int32 for n in ("parent", "code", "first_item", "child_start") for x in getattr(index, n))

@@ -84,6 +84,14 @@ def csr_pairs(index: PrefixIndex, depth: int, nodes: torch.Tensor) -> tuple[torc
     return row, child
 
 
+def csr_places(index: PrefixIndex, depth: int, nodes: torch.Tensor, width: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`csr_pairs`, and each pair's place in the step's (R, ``width``) block: its row x width + its child's
+    code. (row, child, place), each (C,)."""
+    row, child = csr_pairs(index, depth, nodes)
+    return row, child, row * width + index.code[depth].index_select(0, child)
+
+
 class IndexConstraint:
     """Beams on a :class:`~semid.prefix_index.PrefixIndex` rather than its :class:`PrefixTree`: the same constraint
     and the same node numbers (node (d, r) is the tree's ``offsets[d] + r``, so a backbone that reads ``nodes``
@@ -104,8 +112,7 @@ class IndexConstraint:
         """:func:`csr_pairs` of the beams' nodes now, and each pair's place in a (R, ``width``) step block (its row x
         width + its child's code), made once per step for the backbone and the mask."""
         if self._pairs is None or self._pairs[0] is not self.nodes or self._pairs[1] != width:
-            row, child = csr_pairs(self.index, self.depth, self.nodes)
-            self._pairs = (self.nodes, width, (row, child, row * width + self.index.code[self.depth].index_select(0, child)))
+            self._pairs = (self.nodes, width, csr_places(self.index, self.depth, self.nodes, width))
         return self._pairs[2]
 
     def dense_rows(self, table: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from generator.decoding.beam import IndexConstraint, TreeConstraint, csr_pairs, leaf_search
+from generator.decoding.beam import IndexConstraint, TreeConstraint, csr_places, leaf_search
 from generator.decoding.chunked import (
     DEFAULT_MAX_SCORE_BYTES,
     check_budget,
@@ -183,9 +183,8 @@ class EdgeLevels:
             pair_row = torch.arange(slot.numel(), device=slot.device) // (hi - lo)
         elif isinstance(self.constraint, IndexConstraint):  # its pairs, made once for the step
             pair_row, child, place = self.constraint.pairs(hi - lo)
-        else:
-            pair_row, child = csr_pairs(self.index, level, nodes)  # (C,) one per child; (C,) depth-(l + 1) nodes
-            place = pair_row * (hi - lo) + self.index.code[level].index_select(0, child)  # (C,) in the (R, K_l) block
+        else:  # (C,) one per child: its beam, its depth-(l + 1) node, its place in the (R, K_l) block
+            pair_row, child, place = csr_places(self.index, level, nodes, hi - lo)
         vectors, C = self.tables.vectors[level], pair_row.numel()
         A, lead = vectors.shape[-2], vectors.shape[:-2]  # lead: (), or an ensemble's (K,): its members' logits apart
         slot = slot if full else self.slots[level].index_select(0, child)  # (C,) table row, A: an only child
@@ -290,7 +289,6 @@ class CausalDecoders:
         self.paths = item_paths(self.model, self.tree)._replace(nodes=None)  # (the build reads no nodes: freed now)
         self.tables = edge_tables(self.model, self.paths, dtype=self.table_dtype, release=release)
         self.paths, self.edge_slots = serving_paths(self.paths, edge_slots(self.paths))
-        self.dense = dense_levels(self.paths.index, self.edge_slots, [hi - lo for lo, hi in map(self.model.layout.level_range, range(len(self._lo)))])
         self.edge_rows = [None if v.is_contiguous() else v.contiguous() for v in self.tables.vectors]  # (the beam's gathers)
         widest = max(range(len(self.tables.vectors)), key=lambda level: self.tables.vectors[level].shape[-2])
         rows = self.tables.vectors[widest] if self.edge_rows[widest] is None else self.edge_rows[widest]
@@ -305,6 +303,8 @@ class CausalDecoders:
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         if drops_tree(self.model, release):  # the beam walks the paths' prefix index
             self.tree = None
+        widths = [hi - lo for lo, hi in map(self.model.layout.level_range, range(len(self._lo)))]
+        self.dense = ([], []) if self.tree is not None else dense_levels(self.paths.index, self.edge_slots, widths)
         if release:
             trim_heap()
         return self
