@@ -253,13 +253,22 @@ def test_pair_dots_is_each_pairs_own_product_in_either_form(members: int) -> Non
 
     hq, t32, bias, rows, hist = pairs_case(members)
     for t in (t32, t32.to(torch.bfloat16)):
-        want = (t.double()[..., rows, :] * hq.double()[..., hist, :]).sum(-1)
         for chunk in (7, 16, 41, 1000):  # 7: one to two histories a chunk; 1000: all 14 at once (a product per pair)
             got = pair_dots(hq, t, rows, hist, chunk=chunk)
             assert got.dtype == torch.float32 and got.shape == (*t.shape[:-2], hist.numel())
-            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.double(), pairs_reference(hq, t, None, rows, hist), atol=1e-5, rtol=0)
         got = pair_dots(hq, t, rows, hist, chunk=16, bias=bias)
-        torch.testing.assert_close(got.double(), want + bias.double()[..., rows], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.double(), pairs_reference(hq, t, bias, rows, hist), atol=1e-5, rtol=0)
+
+
+def pairs_reference(hq: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
+                    hist: torch.Tensor) -> torch.Tensor:
+    """The pairs' logits in float64, one by one in effect: -inf for a row < 0 (no child), 0 for a row past the table
+    (an only child), else the row's vector times its history's query, plus its bias."""
+    A, row = table.shape[-2], rows.clamp(0, table.shape[-2] - 1)
+    dot = (table.double()[..., row, :] * hq.double()[..., hist, :]).sum(-1)
+    dot = dot if bias is None else dot + bias.double()[..., row]
+    return torch.where(rows < 0, float("-inf"), torch.where(rows >= A, 0.0, dot))
 
 
 def pairs_case(members: int) -> tuple[torch.Tensor, ...]:
@@ -271,7 +280,9 @@ def pairs_case(members: int) -> tuple[torch.Tensor, ...]:
     bias = torch.randn(*lead, 500, generator=g)
     per = torch.tensor([40, 1, 0, 3, 60, 2, 1, 1, 1, 1, 1, 1, 1, 2])
     hist = torch.repeat_interleave(torch.arange(14), per)
-    return hq, table, bias, torch.randint(0, 500, (hist.numel(),), generator=g), hist
+    rows = torch.randint(0, 500, (hist.numel(),), generator=g)
+    rows[[5, 41, 50]], rows[[6, 60]] = -1, 500  # no child (-inf), an only child (no table row: 0)
+    return hq, table, bias, rows, hist
 
 
 @pytest.mark.parametrize("members", [0, 2])
@@ -285,7 +296,7 @@ def test_the_fused_kernel_runs_the_forms_warm_fused_compiled_and_no_other(member
     hq, t, bias, rows, hist = pairs_case(members)
     t = t.to(dtype)
     assert paths.warm_fused(t, bias)
-    want = (t.double()[..., rows, :] * hq.double()[..., hist, :]).sum(-1) + bias.double()[..., rows]
+    want = pairs_reference(hq, t, bias, rows, hist)
     with torch.inference_mode():  # as a beam step calls it: its queries (a strided view) and indices made in the mode
         strided, rows, hist = torch.stack([hq, -hq], -2)[..., 0, :], rows.clone(), hist.clone()
         got = paths.pair_dots(strided, t, rows, hist, chunk=16, bias=bias, fused=True)
@@ -299,8 +310,8 @@ def test_the_fused_kernel_runs_the_forms_warm_fused_compiled_and_no_other(member
         assert paths.FALLBACKS[0] == 2
     torch.testing.assert_close(busy.double(), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(one.double(), (t.double()[..., rows[:5], :] * hq.double()[..., 3:4, :]).sum(-1)
-                               + bias.double()[..., rows[:5]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.double(), pairs_reference(hq[..., 3:4, :], t, bias, rows[:5], torch.zeros(5, dtype=torch.long)),
+                               atol=1e-5, rtol=0)
     torch.testing.assert_close(other.double(), want, atol=2e-2, rtol=0)
 
 

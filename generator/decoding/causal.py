@@ -177,34 +177,33 @@ class EdgeLevels:
     def logits(self, level: int, prefix: torch.Tensor, m: int, done: torch.Tensor | None) -> torch.Tensor:
         lo, hi = self.window(level)
         nodes = self.constraint.nodes  # (R,) depth-l tree nodes, -1: a dead beam (no children, masked)
-        full = isinstance(self.constraint, IndexConstraint) and self.constraint.dense[level] is not None
-        if full:  # a nearly full level: every (beam, code) cell is a pair, its slot read by parent and code
-            slot = self.constraint.dense_rows(self.dense_slots[level]).flatten().long()  # (R * K_l,), -1: no child
-            pair_row = torch.arange(slot.numel(), device=slot.device) // (hi - lo)
-        elif isinstance(self.constraint, IndexConstraint):  # its pairs, made once for the step
-            pair_row, child, place = self.constraint.pairs(hi - lo)
-        else:  # (C,) one per child: its beam, its depth-(l + 1) node, its place in the (R, K_l) block
-            pair_row, child, place = csr_places(self.index, level, nodes, hi - lo)
-        vectors, C = self.tables.vectors[level], pair_row.numel()
+        beam_hist = torch.arange(nodes.numel(), device=nodes.device) // m  # (R,) each beam's history
+        if isinstance(self.constraint, IndexConstraint) and self.constraint.dense[level] is not None:
+            # a nearly full level: every (beam, code) cell is a pair, its table row read by parent and code
+            slot = self.constraint.dense_rows(self.dense_slots[level]).flatten()  # (R * K_l,), -1: no child
+            hist, place = beam_hist[:, None].expand(-1, hi - lo).flatten(), None
+        else:  # (C,) one per child: its beam, its depth-(l + 1) node, its place in the (R, K_l) block (an index
+            # constraint's made once for the step)
+            pair_row, child, place = (self.constraint.pairs(hi - lo) if isinstance(self.constraint, IndexConstraint)
+                                      else csr_places(self.index, level, nodes, hi - lo))
+            slot, hist = self.slots[level].index_select(0, child), beam_hist.index_select(0, pair_row)
+        vectors, C = self.tables.vectors[level], slot.numel()  # slot: each pair's table row, A: an only child
         A, lead = vectors.shape[-2], vectors.shape[:-2]  # lead: (), or an ensemble's (K,): its members' logits apart
-        slot = slot if full else self.slots[level].index_select(0, child)  # (C,) table row, A: an only child
-        edge = self.hq.new_zeros(*lead, C)
-        if A:
-            has, row = slot < A, slot.clamp(0, A - 1)
-            members = vectors.shape[0] if lead else 1  # the cap counts every member's logits
-            fused = self.fused and C >= FUSED_MIN_PAIRS and fused_pairs() is not None
-            factor = self.dense_factor if self.dense_factor is not None else FUSED_STEP_FACTOR if fused else DENSE_STEP_FACTOR
-            if self.B * A <= factor * C and 8 * A <= factor * C and members * self.B * A <= DENSE_STEP_MAX:
-                dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
-                edge = torch.where(has, dense[..., pair_row // m, row], 0.0)
-            else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector times its history's level query (pair_row
-                # ascends, csr_pairs: beams in history order, so pair_dots may take a chunk's histories as a run)
-                rows = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
-                dot = pair_dots(self.hq[..., level, :], rows, row, pair_row // m, chunk=PAIR_CHUNK,
-                                bias=self.tables.biases[level], fused=fused)  # (C,) or (K, C)
-                edge = torch.where(has, dot, 0.0)
-        if full:
-            return torch.where(slot >= 0, edge, float("-inf")).view(*lead, nodes.numel(), hi - lo)
+        fused = self.fused and C >= FUSED_MIN_PAIRS and fused_pairs() is not None
+        factor = self.dense_factor if self.dense_factor is not None else FUSED_STEP_FACTOR if fused else DENSE_STEP_FACTOR
+        members = vectors.shape[0] if lead else 1  # the cap counts every member's logits
+        if not A:  # only children: log-probability 0 either way
+            edge = torch.where(slot < 0, float("-inf"), 0.0).to(self.hq.dtype).expand(*lead, -1)
+        elif self.B * A <= factor * C and 8 * A <= factor * C and members * self.B * A <= DENSE_STEP_MAX:
+            dense = table_product(self.hq[..., level, :], vectors, self.tables.biases[level])  # (B, A_l), as exact scoring's
+            edge = torch.where(slot < 0, float("-inf"), torch.where(slot >= A, 0.0, dense[..., hist, slot.long().clamp(0, A - 1)]))
+        else:  # gathers, PAIR_CHUNK pairs at a time: each pair's vector times its history's level query (pairs
+            # follow beams in history order, so pair_dots may take a chunk's histories as a run)
+            rows = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
+            edge = pair_dots(self.hq[..., level, :], rows, slot, hist, chunk=PAIR_CHUNK, bias=self.tables.biases[level],
+                             fused=fused)  # (C,) or (K, C), -inf where no child, 0 for an only child
+        if place is None:
+            return edge.view(*lead, nodes.numel(), hi - lo)
         out = self.hq.new_full((*lead, nodes.numel() * (hi - lo)), float("-inf"))
         return out.index_copy_(-1, place, edge).view(*lead, nodes.numel(), hi - lo)
 

@@ -65,17 +65,15 @@ def product_layout(table: torch.Tensor) -> torch.Tensor:
 
 def pair_dots(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: torch.Tensor, *, chunk: int,
               bias: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
-    """The beam's (beam, child) pairs' products: ``table[rows[i]] . hq[hist[i]]`` (+ ``bias[rows[i]]``) for each pair
-    i, in ``hq``'s dtype: hq (B, D), table (A, D) row-major, bias (A,), rows and hist (C,) -> (C,); an ensemble's,
-    members first: (K, B, D), (K, A, D), (K, A) -> (K, C).
-
-    ``fused`` (where :func:`fused_pairs` has a kernel): one compiled pass that reads each pair's row and query and
-    writes its number, with no (C, D) temporaries (10M items' wide levels: 2x the chunks); only the forms
-    :func:`warm_fused` compiled run (a call needing another compile takes the chunks: ``FALLBACKS``). Else ``chunk``
-    pairs at a time, their temporaries in cache. Pairs follow beams and beams their histories (``hist`` ascending), so
-    a chunk's histories are a run of n: where n <= 8 (a wide level, ~3,000 pairs per history at 10M items, or a single
-    user) they are one (c, D) x (D, n) product read at each pair's column (n times the multiplications, in one
-    efficient product), else each pair's own product with its history's query."""
+    """The beam's (beam, child) pairs' logits: ``table[rows[i]] . hq[hist[i]]`` (+ ``bias[rows[i]]``) for each pair
+    i, in ``hq``'s dtype, -inf where ``rows[i] < 0`` (no child), 0 where ``rows[i] >= A`` (an only child: no table
+    row): hq (B, D), table (A, D) row-major, A >= 1, bias (A,), rows and hist (C,) -> (C,); an ensemble's, members
+    first: (K, B, D), (K, A, D), (K, A) -> (K, C). ``fused`` (where :func:`fused_pairs` has a kernel): one compiled
+    pass, no (C, D) temporaries (10M items' wide levels: 2x the chunks); only the forms :func:`warm_fused` compiled
+    run (a call needing another compile takes the chunks: ``FALLBACKS``). Else ``chunk`` pairs at a time, their
+    temporaries in cache. Pairs follow beams and beams their histories (``hist`` ascending), so a chunk's histories
+    are a run of n: where n <= 8 (a wide level, ~3,000 pairs per history at 10M items, or a single user) they are
+    one (c, D) x (D, n) product read at each pair's column, else each pair's own product with its history's query."""
     kernel = fused_pairs() if fused else None
     if kernel is not None:
         reason = "in use: another thread's call, or a build compiling it"  # (torch's stance is global, not per thread)
@@ -93,7 +91,8 @@ def pair_dots(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: t
         if FALLBACKS[0] == 1:
             log.warning("the beam's fused pair kernel was not used for a call (%s); it gathers in chunks (said "
                         "once)", reason)
-    C, D, lead = rows.numel(), table.shape[-1], hq.shape[:-2]
+    C, (A, D), lead = rows.numel(), table.shape[-2:], hq.shape[:-2]
+    slot, rows = rows, rows.clamp(0, A - 1)
     starts = torch.arange(0, C, chunk, device=hist.device)
     spans = torch.stack([hist[starts], hist[(starts + chunk - 1).clamp_max(C - 1)]], 1).tolist()  # one read for all
     out = hq.new_empty(*lead, C)
@@ -105,15 +104,19 @@ def pair_dots(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: t
         else:
             q = hq.index_select(-2, h + first).reshape(-1, D, 1)  # (c, D, 1), or (K * c, D, 1)
             out[..., a : a + chunk] = torch.bmm(v.reshape(-1, 1, D), q).view(*lead, -1)
-    return out if bias is None else out + bias.index_select(-1, rows).to(hq.dtype)
+    out = out if bias is None else out + bias.index_select(-1, rows).to(hq.dtype)
+    return torch.where(slot < 0, float("-inf"), torch.where(slot >= A, 0.0, out))
 
 
 def _pair_form(hq: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
                hist: torch.Tensor) -> torch.Tensor:
-    """What :func:`fused_pairs` compiles: (K, B, D), (K, A, D), (K, A) or None, (C,), (C,) -> (K, C). Run as it is, it
-    would hold two (K, C, D) temporaries; compiled, the gathers, upcast, products and sums are one loop."""
-    out = (table.index_select(1, rows).to(hq.dtype) * hq.index_select(1, hist)).sum(-1)
-    return out if bias is None else out + bias.index_select(1, rows).to(hq.dtype)
+    """What :func:`fused_pairs` compiles: (K, B, D), (K, A, D), (K, A) or None, (C,), (C,) -> (K, C), as
+    :func:`pair_dots` (-inf for a row < 0, 0 for a row >= A). Run as it is, it would hold two (K, C, D) temporaries;
+    compiled, the gathers, upcast, products, sums and masks are one loop."""
+    A, row = table.shape[1], rows.clamp(0, table.shape[1] - 1)
+    out = (table.index_select(1, row).to(hq.dtype) * hq.index_select(1, hist)).sum(-1)
+    out = out if bias is None else out + bias.index_select(1, row).to(hq.dtype)
+    return torch.where(rows < 0, float("-inf"), torch.where(rows >= A, 0.0, out))
 
 
 _FUSED: list[Callable | None] = []  # [the compiled kernel, or None where none can be compiled here], once tried
