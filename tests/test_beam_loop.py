@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from generator.decoding.beam import Free, TreeConstraint, leaf_items, search
+from generator.decoding.beam import Free, TreeConstraint, leaf_items, premasked_log_softmax, search
 from semid.processor import masked_log_softmax
 from semid.tree import PrefixTree
 from tests.reference import DictTrie
@@ -128,3 +128,21 @@ def test_masked_log_softmax_normalises_over_the_allowed_or_the_norm_set() -> Non
             torch.testing.assert_close(out[r, allowed[r]], logits[r, allowed[r]] - logits[r, norm[r]].logsumexp(0))
             assert math.isclose(float(out[r, norm[r]].logsumexp(0)), 0.0, abs_tol=1e-5)
     assert torch.isneginf(out[~allowed]).all()
+
+
+@pytest.mark.parametrize("experts", [0, 3])
+def test_a_masked_backbones_log_softmax_is_the_masked_one_bit_for_bit(experts: int) -> None:
+    """``premasked_log_softmax`` (a ``masked`` backbone's logits: -inf already wherever nothing is allowed) gives
+    ``masked_log_softmax``'s numbers exactly, a dead beam's row (node -1, nothing allowed) all -inf, not NaN; an
+    ensemble's experts each normalised, then summed."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*((experts,) if experts else ()), 9, 12, generator=g) * 3
+    allowed = torch.rand(9, 12, generator=g) < 0.4
+    allowed[2], allowed[5], allowed[7] = False, True, False  # dead beams (2, 7), a node allowing every code (5)
+    allowed[7, 3] = False
+    nodes = torch.arange(9)
+    nodes[[2, 7]] = -1
+    want = masked_log_softmax(logits, allowed)
+    got = premasked_log_softmax(logits.masked_fill(~allowed, float("-inf")), nodes)
+    assert torch.equal(got, want.sum(0) if experts else want)
+    assert bool(torch.isneginf(got[[2, 7]]).all()) and bool(torch.isfinite(got[5]).all())

@@ -31,6 +31,8 @@ class Backbone(Protocol):
 
     B: int
     device: torch.device
+    # masked (optional, default False): its logits are -inf wherever the tree has no child (EdgeLevels': it reads
+    # only the children), so a constraint need not mask them
 
     def window(self, step: int) -> tuple[int, int]:
         """The token window (lo, hi) of step ``step``."""
@@ -54,9 +56,13 @@ class TreeConstraint:
         self.nodes = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) tree node of each beam
         self.old_nodes = self.nodes.clone()  # the same prefixes in trained_tree (-1 where only added items lead)
 
-    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
+    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None, masked: bool = False
+             ) -> torch.Tensor:
         """(R, K) log-probabilities from logits (R, K), or from the logits of E experts (E, R, K) (an ensemble's
-        members): the sum of each expert's log-probabilities, each normalised over the allowed codes on its own."""
+        members): the sum of each expert's log-probabilities, each normalised over the allowed codes on its own.
+        ``masked``: the logits are -inf wherever the tree allows nothing (a ``masked`` backbone's), so no mask."""
+        if masked and done is None and self.trained_tree is None:
+            return premasked_log_softmax(logits, self.nodes)
         allowed = self.tree.allowed_mask(self.nodes if done is None else torch.where(done, -1, self.nodes), token_range=(lo, hi))
         if self.trained_tree is None:
             out = masked_log_softmax(logits, allowed)
@@ -92,6 +98,16 @@ def csr_places(index: PrefixIndex, depth: int, nodes: torch.Tensor, width: int
     return row, child, row * width + index.code[depth].index_select(0, child)
 
 
+def premasked_log_softmax(logits: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """``masked_log_softmax`` of logits (R, K) (or E experts' (E, R, K), summed) that are -inf already wherever the
+    constraint allows nothing: the same numbers without a mask's two passes; a dead beam's row (``nodes`` -1, all
+    -inf) is -inf."""
+    out = logits.log_softmax(-1)
+    out = out.sum(0) if out.ndim == 3 else out
+    dead = torch.nonzero(nodes < 0).squeeze(1)
+    return out.index_fill_(0, dead, float("-inf")) if dead.numel() else out
+
+
 class IndexConstraint:
     """Beams on a :class:`~semid.prefix_index.PrefixIndex` rather than its :class:`PrefixTree`: the same constraint
     and the same node numbers (node (d, r) is the tree's ``offsets[d] + r``, so a backbone that reads ``nodes``
@@ -103,37 +119,48 @@ class IndexConstraint:
     def __init__(self, index: PrefixIndex, lo: list[int], rows: int, device: torch.device,
                  values: torch.Tensor | None = None, dense: list[torch.Tensor | None] | None = None) -> None:
         self.index, self.lo, self.values, self.depth = index, lo, values, 0
-        self.dense = dense or [None] * len(lo)  # per depth: (P, K) child rows by parent and code (paths.dense_levels)
+        self.dense = dense or [None] * len(lo)  # per depth: (P + 1, K) child rows by parent and code (paths.dense_levels)
         self.nodes = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) tree node of each beam, -1: dead
         self._pairs: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-        self._next: torch.Tensor | None = None  # (R, K) int32: the step's child row of each code, -1: none (logp)
 
     def pairs(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`csr_pairs` of the beams' nodes now, and each pair's place in a (R, ``width``) step block (its row x
-        width + its child's code), made once per step for the backbone and the mask."""
+        width + its child's code, ascending), made once per step for the backbone, the mask and the step's advance."""
         if self._pairs is None or self._pairs[0] is not self.nodes or self._pairs[1] != width:
             self._pairs = (self.nodes, width, csr_places(self.index, self.depth, self.nodes, width))
         return self._pairs[2]
 
     def dense_rows(self, table: torch.Tensor) -> torch.Tensor:
-        """The beams' rows of a (P, K) table of this depth (``dense``), -1 for a dead beam: (R, K)."""
-        node = (self.nodes - self.index.offsets[self.depth]).clamp_min(0)
-        return torch.where((self.nodes >= 0)[:, None], table[node], -1)
+        """The beams' rows of a (P + 1, K) table of this depth (``dense``; its last row, all -1, a dead beam's): (R, K)."""
+        return table.index_select(0, self._parents(self.nodes, table.shape[0] - 1))
 
-    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
-        if self.dense[self.depth] is not None:  # a nearly full level: its child rows by code, read whole
-            nxt = self.dense_rows(self.dense[self.depth])
+    def _parents(self, nodes: torch.Tensor, dead: int) -> torch.Tensor:
+        return torch.where(nodes >= 0, nodes - self.index.offsets[self.depth], dead)
+
+    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None, masked: bool = False
+             ) -> torch.Tensor:
+        R, K = self.nodes.numel(), hi - lo
+        self._width = K
+        if masked and done is None:
+            return premasked_log_softmax(logits, self.nodes)
+        if self.dense[self.depth] is not None:  # a nearly full level: its children by code, read whole
+            allowed = self.dense_rows(self.dense[self.depth] >= 0)  # ((P + 1) x K: made per step, 65k cells at 10M)
         else:
-            row, child, place = self.pairs(hi - lo)
-            nxt = torch.full((self.nodes.numel(), hi - lo), -1, dtype=torch.int32, device=self.nodes.device)
-            nxt.view(-1).index_copy_(0, place, child.to(torch.int32))  # (R, K) each code's child row, -1: none
-        self._next = nxt
-        out = masked_log_softmax(logits, nxt >= 0)
+            allowed = torch.zeros(R * K, dtype=torch.bool, device=self.nodes.device).index_fill_(0, self.pairs(K)[2], True)
+        out = masked_log_softmax(logits, allowed.view(R, K))
         return out.sum(0) if out.ndim == 3 else out  # an ensemble's members (E, R, K): the sum of each's
 
     def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
-        d = self.depth
-        child = self._next[rows, tokens - self.lo[d]].long()  # (the step's logp made the map)
+        d, code = self.depth, tokens - self.lo[self.depth]
+        table = self.dense[d]
+        if table is not None:  # the chosen (beam, code)'s child, read by parent and code
+            child = table[self._parents(self.nodes[rows], table.shape[0] - 1), code].long()
+        else:  # found among the step's pairs by its place (ascending: one search per beam, no (R, K) map)
+            _, children, place = self.pairs(self._width)
+            key = rows * self._width + code
+            pos = torch.searchsorted(place, key).clamp_max(max(place.numel() - 1, 0))
+            child = (torch.where(place[pos] == key, children[pos], -1) if place.numel()
+                     else torch.full_like(key, -1))
         self.nodes = torch.where(alive & (child >= 0), child + self.index.offsets[d + 1], -1)
         self.depth += 1
 
@@ -150,7 +177,8 @@ class Free:
     def __init__(self, pad: int | None = None) -> None:
         self.pad = pad
 
-    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None) -> torch.Tensor:
+    def logp(self, logits: torch.Tensor, lo: int, hi: int, done: torch.Tensor | None = None, masked: bool = False
+             ) -> torch.Tensor:
         if self.pad is not None:
             logits = logits.index_fill(-1, torch.tensor([self.pad - lo], device=logits.device), float("-inf"))
         out = logits.log_softmax(-1)
@@ -192,7 +220,7 @@ def search(backbone: Backbone, constraint: TreeConstraint | IndexConstraint | Fr
         lo, hi = backbone.window(step)
         K = hi - lo
         done = None if eos is None else finished.view(-1)  # (B*m,)
-        logp = constraint.logp(backbone.logits(step, tokens, m, done), lo, hi, done)  # (B*m, K)
+        logp = constraint.logp(backbone.logits(step, tokens, m, done), lo, hi, done, masked=getattr(backbone, "masked", False))  # (B*m, K)
         if step == 0:
             scores = logp.new_zeros(B, 1)  # (B, m) the beams' sums of log-probabilities
             if pad is not None:

@@ -163,6 +163,8 @@ class EdgeLevels:
     cost less against the product; 10M items: 130 -> 66.5 ms per 128 users, ``beam_fused.md``). An only child (no
     table row) has logit 0, its log-probability 0 either way."""
 
+    masked = True  # its logits are -inf wherever the beam's node has no child (beam.premasked_log_softmax)
+
     def __init__(self, shared: CausalDecoders, h: torch.Tensor, constraint: TreeConstraint | IndexConstraint,
                  dense_factor: int | None = None) -> None:
         self.model, self.B, self.device = shared.model, h.shape[0], h.device
@@ -202,10 +204,9 @@ class EdgeLevels:
             rows = vectors if self.rows[level] is None else self.rows[level]  # rows: one read each, not D
             edge = pair_dots(self.hq[..., level, :], rows, slot, hist, chunk=PAIR_CHUNK, bias=self.tables.biases[level],
                              fused=fused)  # (C,) or (K, C), -inf where no child, 0 for an only child
-        if place is None:
-            return edge.view(*lead, nodes.numel(), hi - lo)
-        out = self.hq.new_full((*lead, nodes.numel() * (hi - lo)), float("-inf"))
-        return out.index_copy_(-1, place, edge).view(*lead, nodes.numel(), hi - lo)
+        if place is not None:  # (C,) pairs into the (R, K_l) block
+            edge = self.hq.new_full((*lead, nodes.numel() * (hi - lo)), float("-inf")).index_copy_(-1, place, edge)
+        return edge.view(*lead, nodes.numel(), hi - lo)
 
     def reorder(self, level: int, rows: torch.Tensor) -> None:
         pass  # the node is the constraint's

@@ -321,10 +321,10 @@ DENSE_LEVEL_FILL = 0.5  # and where at least this share of the cells has a child
 def dense_levels(index: PrefixIndex, slots: list[torch.Tensor], widths: list[int]) -> tuple[list, list]:
     """Per level l, for a level nearly full (at least half of its (P_l, K_l) cells have a child: the shallow levels
     of a catalogue of millions, where a beam's ~256 children make ~650k (beam, child) pairs per 128 users) of at most
-    :data:`DENSE_LEVEL_MAX` cells, two int32 (P_l, K_l) tables by parent and code: the child's row at depth l + 1
-    and its edge-table row (``slots``: A_l for an only child), -1 where the code has no child; else None. A beam
-    step then reads its beams' rows of them (``IndexConstraint``, ``EdgeLevels``) instead of listing pairs.
-    Returns (children, slots)."""
+    :data:`DENSE_LEVEL_MAX` cells, two int32 (P_l + 1, K_l) tables by parent and code: the child's row at depth
+    l + 1 and its edge-table row (``slots``: A_l for an only child), -1 where the code has no child and in the last
+    row (a dead beam's); else None. A beam step then reads its beams' rows of them (``IndexConstraint``,
+    ``EdgeLevels``) instead of listing pairs. Returns (children, slots)."""
     children, rows = [], []
     for level, (start, width) in enumerate(zip(index.child_start, widths, strict=True)):  # loop over levels
         start = start.long()
@@ -334,12 +334,10 @@ def dense_levels(index: PrefixIndex, slots: list[torch.Tensor], widths: list[int
             rows.append(None)
             continue
         place = torch.repeat_interleave(torch.arange(P, device=start.device), start.diff()) * width + index.code[level].long()
-        child = torch.full((P * width,), -1, dtype=torch.int32, device=start.device)
-        child[place] = torch.arange(E, dtype=torch.int32, device=start.device)
-        slot = torch.full((P * width,), -1, dtype=torch.int32, device=start.device)
-        slot[place] = slots[level].to(torch.int32)
-        children.append(child.view(P, width))
-        rows.append(slot.view(P, width))
+        child, slot = (torch.full(((P + 1) * width,), -1, dtype=torch.int32, device=start.device) for _ in range(2))
+        child[place], slot[place] = torch.arange(E, dtype=torch.int32, device=start.device), slots[level].to(torch.int32)
+        children.append(child.view(P + 1, width))
+        rows.append(slot.view(P + 1, width))
     return children, rows
 
 
