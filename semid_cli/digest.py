@@ -11,7 +11,8 @@ from semid_cli.args import add_run
 DESCRIPTION = (
     "Print the sha256 of the files a run serves with (config.yaml, semantic_ids.npz, the best "
     "checkpoint), in sha256sum's format. Keep them outside the run folder and pass them to "
-    "`semid evaluate|recommend --expect-sha256`: the digests semid writes inside the files find damage, not edits."
+    "`semid evaluate|recommend --expect-sha256`: the digests semid writes inside the files find damage, not edits. "
+    "A run that does not load (a damaged file) is refused, not pinned."
 )
 
 
@@ -22,8 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from generator.runs.folder import load_run
     from generator.runs.pinning import combined_digest, format_digests, run_digests
 
-    digests = run_digests(args.run, args.checkpoint)
+    digests = run_digests(args.run, args.checkpoint)  # (names a missing file first)
+    load_run(args.run, args.checkpoint, mmap=True, tree=False)  # a run that does not load is not pinned: its error
+    if run_digests(args.run, args.checkpoint) != digests:  # the files changed while they were checked
+        raise ValueError(f"{args.run}: its files changed while `semid digest` read them; run it again when the run is idle")
     print(combined_digest(digests) if args.combined else format_digests(digests), end="\n" if args.combined else "")
     return 0

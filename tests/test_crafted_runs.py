@@ -99,7 +99,13 @@ def test_pinned_digests_catch_an_edit_the_in_file_digest_cannot(trained: dict[st
     pins.write_text("".join(ln + "\n" for ln in pins.read_text().splitlines() if "config.yaml" not in ln))
     assert main([*history, "--expect-sha256", str(pins)]) == 2
     assert "pins no digest for config.yaml" in capsys.readouterr().err
-    (run / "semantic_ids.npz").unlink()  # a damaged run is not pinned: the message names the file
+    ckpt = run / "checkpoints" / "best.ckpt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x40  # a flipped bit: a run that no longer loads is not pinned, the message names the file
+    ckpt.write_bytes(bytes(data))
+    assert main(["digest", "--run", str(run)]) == 2
+    assert "best.ckpt: corrupted" in (err := capsys.readouterr().err), err
+    (run / "semantic_ids.npz").unlink()  # a missing file: named as such
     assert main(["digest", "--run", str(run)]) == 2
     assert "semantic_ids.npz: missing from the run folder" in capsys.readouterr().err
 
@@ -194,3 +200,22 @@ def test_load_run_reads_the_semantic_ids_once(trained: dict[str, Path], monkeypa
     monkeypatch.setattr(np, "load", counting)
     load_run(trained["run"])
     assert len(reads) == 1
+
+
+def test_digest_refuses_files_that_change_while_it_reads_them(trained: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`semid digest` hashes the files, loads the run, hashes again: a run written meanwhile (a training still
+    saving its best checkpoint) is refused, not pinned with digests of files that were not the ones checked."""
+    import generator.runs.pinning as pinning
+
+    run, real, calls = _copy(trained, tmp_path), pinning.run_digests, []
+
+    def changing(*args, **kwargs):  # the second read finds the checkpoint rewritten
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return out if len(calls) == 1 else {**out, "checkpoints/best.ckpt": "0" * 64}
+
+    monkeypatch.setattr(pinning, "run_digests", changing)
+    assert main(["digest", "--run", str(run)]) == 2
+    assert "its files changed while `semid digest` read them" in capsys.readouterr().err and len(calls) == 2
