@@ -123,6 +123,8 @@ def _bad_inputs() -> list[tuple[object, int, str, str]]:
         (b'{"history": [1], "history": [2]}', 400, "history", "given twice"),
         (b'{"history": [1], "k": 3, "k": 4}', 400, "k", "given twice"),
         (b'{"' + b"q" * 1500 + b'": 1, "' + b"q" * 1500 + b'": 2}', 400, "q" * 57 + "...", "given twice"),  # cut
+        (b'{"history": [1], "opts": [0, {"a": 1, "a": 2}]}', 400, "opts[1].a", "given twice"),  # named where it is
+        (b'[{"k": 1}, {"k": 1, "k": 2}]', 400, "[1].k", "given twice"),
         (b'{"history": [' + b"1" * 4050 + b"]}", 422, "history[0]", "not an item of the catalogue"),  # message cut
         ({"k": 3}, 422, "history", "missing field"),
         ({"history": [1], "user": 3}, 422, "user", "the fields are"),

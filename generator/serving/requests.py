@@ -50,35 +50,60 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _DuplicateKey(ValueError):
-    pass
+class _Twice(dict):
+    """An object of a request body that gives ``key`` twice ({"history": [1], "history": [2]}: which one was meant is
+    not ours to guess); found again after the parse, to name where it is."""
+
+    key = ""
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def _unique_keys(pairs: list[tuple[str, Any]], found: list[_Twice]) -> dict[str, Any]:
     doc = dict(pairs)
-    if len(doc) != len(pairs):  # {"history": [1], "history": [2]}: which one was meant is not ours to guess
-        seen: set[str] = set()
-        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return doc
+    if len(doc) == len(pairs):
+        return doc
+    seen: set[str] = set()
+    twice = _Twice(doc)
+    twice.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    found.append(twice)
+    return twice
+
+
+def _path_to(doc: Any, target: dict[str, Any]) -> str:
+    """Where ``target`` sits in ``doc``: "" (the body itself), or a path such as ``histories[2].a``."""
+    stack = [(doc, "")]
+    while stack:  # loop over the body's objects and lists, depth first
+        node, path = stack.pop()
+        if node is target:
+            return path
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend((v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else k)
+                     for k, v in items if isinstance(v, dict | list))
+    return ""
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."  # a refused body is never echoed whole
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
-    """The JSON object of a request body; a 400 for malformed JSON, a key given twice, or anything else than an
-    object."""
+    """The JSON object of a request body; a 400 for malformed JSON, a key given twice in any of its objects (named
+    with where it is), or anything else than an object."""
+    found: list[_Twice] = []
     try:
-        doc = json.loads(body, object_pairs_hook=_unique_keys)
+        doc = json.loads(body, object_pairs_hook=lambda pairs: _unique_keys(pairs, found))
     except json.JSONDecodeError as e:
         raise ApiError(400, "body", body[:60], "a JSON object", f"malformed JSON at line {e.lineno} column {e.colno}: "
                        f"{e.msg}") from None
-    except _DuplicateKey as e:
-        key = str(e) if len(str(e)) <= 60 else str(e)[:57] + "..."  # a refused body is never echoed whole
-        raise ApiError(400, key, key, "each key once", f"the key `{key}` is given twice in one object") from None
     except (UnicodeDecodeError, RecursionError):
         raise ApiError(400, "body", body[:60], "a JSON object in UTF-8 text", "malformed JSON: not UTF-8 text, or nested "
                        "too deep") from None
     except ValueError:  # a number longer than Python reads (4,300 digits)
         raise ApiError(400, "body", body[:60], "a JSON object of ids and counts of ordinary size",
                        "a number of more than 4,300 digits: item ids and counts have at most 19") from None
+    if found:
+        where = _path_to(doc, found[0])
+        key = _cut(f"{where}.{found[0].key}" if where else found[0].key)
+        raise ApiError(400, key, key, "each key once", f"the key `{key}` is given twice in one object")
     if not isinstance(doc, dict):
         raise ApiError(400, "body", doc, "a JSON object such as {\"history\": [12, 45], \"k\": 10}")
     return doc
