@@ -28,14 +28,17 @@ from generator.decoding.paths import pair_dots, warm_fused
 
 def one_row_products(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: torch.Tensor, *, chunk: int,
                      bias: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
-    """The form before ``pair_dots`` (its reference): each pair's own (1, D) x (D, 1) product, chunk by chunk."""
-    C, D, lead = rows.numel(), table.shape[-1], hq.shape[:-2]
+    """The form before ``pair_dots`` (its reference): each pair's own (1, D) x (D, 1) product, chunk by chunk; a row
+    of -1 (no child) gives -inf, of A (an only child, no table row) 0, as ``pair_dots``."""
+    C, (A, D), lead = rows.numel(), table.shape[-2:], hq.shape[:-2]
+    slot, rows = rows, rows.clamp(0, A - 1)
     out = hq.new_empty(*lead, C)
     for a in range(0, C, chunk):  # loop over chunks of pairs
         q = hq.index_select(-2, hist[a : a + chunk]).reshape(-1, D, 1)
         v = table.index_select(-2, rows[a : a + chunk]).to(hq.dtype).reshape(-1, 1, D)
         out[..., a : a + chunk] = torch.bmm(v, q).view(*lead, -1)
-    return out if bias is None else out + bias.index_select(-1, rows)
+    out = out if bias is None else out + bias.index_select(-1, rows)
+    return torch.where(slot < 0, float("-inf"), torch.where(slot >= A, 0.0, out))
 
 
 def decoders(args: argparse.Namespace) -> causal.CausalDecoders:

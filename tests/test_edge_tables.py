@@ -358,3 +358,30 @@ def test_a_compile_failing_after_the_probe_leaves_the_decoders_on_the_chunks(mon
         got = paths.pair_dots(hq, table, rows, hist, chunk=16, bias=bias, fused=True)
     assert "inductor cannot build this" in caplog.text and "details" not in caplog.text and paths.FALLBACKS == [1]
     torch.testing.assert_close(got, paths.pair_dots(hq, table, rows, hist, chunk=16, bias=bias))
+
+
+def test_a_lean_build_runs_every_step_through_the_kernel_for_one_user_and_many(fresh_kernel,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lean served build (prefix index, every level read whole by parent and code) over a catalogue that takes the
+    fused kernel: one user's beam (a single row at the first step: its histories a view of one value) and a batch's
+    run the compiled forms, none falls back to the chunks; the same items as the build without the kernel."""
+    paths = fresh_kernel
+    monkeypatch.setattr(causal_decoding, "LEAN_SERVING_ITEMS", 3)
+    monkeypatch.setattr(causal_decoding, "FUSED_MIN_ITEMS", 3)
+    monkeypatch.setattr(causal_decoding, "FUSED_MIN_PAIRS", 0)
+    monkeypatch.setattr(causal_decoding, "FUSED_STEP_FACTOR", 0)  # every step gathers (none takes the product)
+    monkeypatch.setattr(paths, "DENSE_LEVEL_FILL", 0.0)
+    model, ids, tree = make(num_items=60, seed=3, sizes=(4, 6))
+    import copy
+
+    built = {fused: CausalDecoders(copy.deepcopy(model), tree, torch.from_numpy(ids.item_ids), num_beams=6)
+             for fused in (True, False)}
+    for fused, dec in built.items():
+        dec.refresh(release=True)
+        dec.fused_pairs = dec.fused_pairs and fused
+    assert built[True].tree is None and built[True].fused_pairs and all(t is not None for t in built[True].dense[0])
+    for B in (1, 5):
+        h = torch.randn(B, model.config.d_model, generator=torch.Generator().manual_seed(B))
+        got, want = (built[f].decode("beam", h, k=4) for f in (True, False))
+        assert torch.equal(got.items, want.items)
+    assert paths.FALLBACKS[0] == 0

@@ -125,6 +125,7 @@ def _bad_inputs() -> list[tuple[object, int, str, str]]:
         (b'{"' + b"q" * 1500 + b'": 1, "' + b"q" * 1500 + b'": 2}', 400, "q" * 57 + "...", "given twice"),  # cut
         (b'{"history": [1], "opts": [0, {"a": 1, "a": 2}]}', 400, "opts[1].a", "given twice"),  # named where it is
         (b'[{"k": 1}, {"k": 1, "k": 2}]', 400, "[1].k", "given twice"),
+        (b'{"opts": {"a": 1, "a": 2}, "opts": {}}', 400, "opts", "given twice"),  # the inner one was replaced
         (b'{"history": [' + b"1" * 4050 + b"]}", 422, "history[0]", "not an item of the catalogue"),  # message cut
         ({"k": 3}, 422, "history", "missing field"),
         ({"history": [1], "user": 3}, 422, "user", "the fields are"),

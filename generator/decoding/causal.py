@@ -183,7 +183,7 @@ class EdgeLevels:
         if isinstance(self.constraint, IndexConstraint) and self.constraint.dense[level] is not None:
             # a nearly full level: every (beam, code) cell is a pair, its table row read by parent and code
             slot = self.constraint.dense_rows(self.dense_slots[level]).flatten()  # (R * K_l,), -1: no child
-            hist, place = beam_hist[:, None].expand(-1, hi - lo).flatten(), None
+            hist, place = beam_hist[:, None].expand(-1, hi - lo).flatten().contiguous(), None  # (one beam: a view)
         else:  # (C,) one per child: its beam, its depth-(l + 1) node, its place in the (R, K_l) block (an index
             # constraint's made once for the step)
             pair_row, child, place = (self.constraint.pairs(hi - lo) if isinstance(self.constraint, IndexConstraint)

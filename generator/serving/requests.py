@@ -68,8 +68,9 @@ def _unique_keys(pairs: list[tuple[str, Any]], found: list[_Twice]) -> dict[str,
     return twice
 
 
-def _path_to(doc: Any, target: dict[str, Any]) -> str:
-    """Where ``target`` sits in ``doc``: "" (the body itself), or a path such as ``histories[2].a``."""
+def _path_to(doc: Any, target: dict[str, Any]) -> str | None:
+    """Where ``target`` sits in ``doc``: "" (the body itself), a path such as ``histories[2].a``, or None where it is
+    no longer in it (a value that a key given twice further out replaced)."""
     stack = [(doc, "")]
     while stack:  # loop over the body's objects and lists, depth first
         node, path = stack.pop()
@@ -78,7 +79,7 @@ def _path_to(doc: Any, target: dict[str, Any]) -> str:
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         stack.extend((v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else k)
                      for k, v in items if isinstance(v, dict | list))
-    return ""
+    return None
 
 
 def _cut(text: str, limit: int = 60) -> str:
@@ -100,9 +101,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     except ValueError:  # a number longer than Python reads (4,300 digits)
         raise ApiError(400, "body", body[:60], "a JSON object of ids and counts of ordinary size",
                        "a number of more than 4,300 digits: item ids and counts have at most 19") from None
-    if found:
-        where = _path_to(doc, found[0])
-        key = _cut(f"{where}.{found[0].key}" if where else found[0].key)
+    if found:  # innermost first; the first still in the body (an outer key given twice may have replaced one)
+        where, twice = next((w, t) for t in found if (w := _path_to(doc, t)) is not None)
+        key = _cut(f"{where}.{twice.key}" if where else twice.key)
         raise ApiError(400, key, key, "each key once", f"the key `{key}` is given twice in one object")
     if not isinstance(doc, dict):
         raise ApiError(400, "body", doc, "a JSON object such as {\"history\": [12, 45], \"k\": 10}")
