@@ -122,6 +122,7 @@ class IndexConstraint:
         self.dense = dense or [None] * len(lo)  # per depth: (P + 1, K) child rows by parent and code (paths.dense_levels)
         self.nodes = torch.zeros(rows, dtype=torch.long, device=device)  # (R,) tree node of each beam, -1: dead
         self._pairs: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._width = 0  # the step's window (K), set by logp for advance
 
     def pairs(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`csr_pairs` of the beams' nodes now, and each pair's place in a (R, ``width``) step block (its row x
