@@ -24,11 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from generator.runs.folder import load_run
-    from generator.runs.pinning import combined_digest, format_digests, run_digests
+    from generator.runs.pinning import combined_digest, file_states, format_digests, run_digests
 
-    digests = run_digests(args.run, args.checkpoint)  # (names a missing file first)
+    states = file_states(args.run, args.checkpoint)  # before the hash: a rewrite while it reads is seen below
+    digests = run_digests(args.run, args.checkpoint)  # (names a missing file)
     load_run(args.run, args.checkpoint, mmap=True, tree=False)  # a run that does not load is not pinned: its error
-    if run_digests(args.run, args.checkpoint) != digests:  # the files changed while they were checked
+    if file_states(args.run, args.checkpoint) != states:  # rewritten while it was checked (not read a second time)
         raise ValueError(f"{args.run}: its files changed while `semid digest` read them; run it again when the run is idle")
     print(combined_digest(digests) if args.combined else format_digests(digests), end="\n" if args.combined else "")
     return 0

@@ -205,17 +205,26 @@ def test_load_run_reads_the_semantic_ids_once(trained: dict[str, Path], monkeypa
 def test_digest_refuses_files_that_change_while_it_reads_them(trained: dict[str, Path], tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """`semid digest` hashes the files, loads the run, hashes again: a run written meanwhile (a training still
-    saving its best checkpoint) is refused, not pinned with digests of files that were not the ones checked."""
-    import generator.runs.pinning as pinning
+    """`semid digest` notes the files' states, hashes them, loads the run and looks again (without reading them a
+    second time): a run rewritten meanwhile (a training still saving its best checkpoint) is refused, not pinned with
+    digests of files that were not the ones checked."""
+    import os
 
-    run, real, calls = _copy(trained, tmp_path), pinning.run_digests, []
+    import generator.runs.folder as folder
 
-    def changing(*args, **kwargs):  # the second read finds the checkpoint rewritten
+    run, real, calls = _copy(trained, tmp_path), folder.load_run, []
+
+    def rewriting(*args, **kwargs):  # the checkpoint replaced (same bytes, a new file) while the run loads
         calls.append(1)
         out = real(*args, **kwargs)
-        return out if len(calls) == 1 else {**out, "checkpoints/best.ckpt": "0" * 64}
+        ckpt = run / "checkpoints" / "best.ckpt"
+        (run / "new.ckpt").write_bytes(ckpt.read_bytes())
+        os.replace(run / "new.ckpt", ckpt)
+        return out
 
-    monkeypatch.setattr(pinning, "run_digests", changing)
+    monkeypatch.setattr(folder, "load_run", rewriting)
     assert main(["digest", "--run", str(run)]) == 2
-    assert "its files changed while `semid digest` read them" in capsys.readouterr().err and len(calls) == 2
+    assert "its files changed while `semid digest` read them" in capsys.readouterr().err and calls == [1]
+    monkeypatch.setattr(folder, "load_run", real)
+    assert main(["digest", "--run", str(run)]) == 0  # left alone: pinned
+    assert "checkpoints/best.ckpt" in capsys.readouterr().out

@@ -263,7 +263,7 @@ class CausalDecoders:
         self.paths: ItemPaths | None = None
         self.tables: EdgeTables | None = None
         self.edge_slots: list[torch.Tensor] | None = None
-        self.dense: tuple[list, list] = ([], [])  # nearly full levels' (P, K) child and slot tables (dense_levels)
+        self.dense: tuple[list, list] = ([], [])  # nearly full levels' (P + 1, K) child and slot tables (dense_levels)
         self.edge_rows: list[torch.Tensor | None] | None = None  # row-major copies of product-layout edge tables
         self.fused_pairs = False  # whether the beam gathers its pairs with the fused kernel (set by refresh)
         self._vectors: torch.Tensor | None = None

@@ -44,6 +44,20 @@ def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[s
     return {name: file_sha256(run_dir / name) for name in names}
 
 
+def file_states(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None
+                ) -> dict[str, tuple[int, int, int] | None]:
+    """(inode, size, mtime in ns) of each pinned file, None where it is missing: what a rewrite (semid replaces
+    files, it never edits them in place) or an edit changes, seen without reading the files again."""
+    run_dir, out = Path(run_dir), {}
+    for name in pinned_files(run_dir, checkpoint):  # loop over the three pinned files
+        try:
+            st = os.stat(run_dir / name)
+            out[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            out[name] = None  # (run_digests names it)
+    return out
+
+
 def format_digests(digests: dict[str, str]) -> str:
     """``sha256sum``'s format: one ``<hex>  <path>`` line per file."""
     return "".join(f"{hexdigest}  {name}\n" for name, hexdigest in digests.items())
