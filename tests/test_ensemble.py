@@ -161,6 +161,11 @@ def test_the_dense_head_scores_by_the_sum_of_the_members_logits_as_one_inner_pro
     with torch.no_grad():
         want = first.dense_queries(h1) @ first.item_vectors().T + second.dense_queries(h2) @ second.item_vectors().T
         got = ens.dense_queries(h) @ ens.item_vectors().T
+        one, two = ens.members  # (copies of first and second)
+        two.dense_head.query_proj.weight.mul_(-2.0)  # in place: the stacked projections follow (one product)
+        torch.testing.assert_close(ens.dense_queries(h), torch.cat([one.dense_queries(h1), two.dense_queries(h2)], -1),
+                                   rtol=1e-6, atol=1e-6)
+        two.dense_head.query_proj.weight.div_(-2.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids)).refresh()
     assert torch.equal(dec.decode("dense", h, k=5).items, torch.as_tensor(ids.item_ids)[want.topk(5, dim=1).indices])

@@ -216,6 +216,36 @@ def test_a_served_input_read_from_the_item_vectors_equals_the_tables(members: in
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("members", [1, 2])
+def test_a_served_small_catalogue_reads_its_inputs_from_one_frozen_table(members: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A released build within INPUT_TABLE_MAX_BYTES computes every item's input once (an ensemble's members' in one
+    (K, N + 1, D) table) and the backbone gathers from it: the states of the model's own inputs bit for bit, the table
+    read (a row changed changes the state); no table for a build that releases nothing, over the budget, or once the
+    model is moved (its inputs computed again)."""
+    import generator.decoding.inputs as inputs
+
+    model, ids, tree = _tied(seed=9, members=members)
+    keep = copy.deepcopy(model).eval()
+    served = _decoders(model.eval(), tree, ids, release=True).model  # (served models are in eval mode)
+    table = served._input_table
+    assert table is not None and table.shape == (*(() if members == 1 else (members,)), 71, CFG.d_model)
+    hist = torch.tensor([[3, 17, 70, 1, 0, 0], [5, 0, 0, 0, 0, 0], [44, 9, 12, 61, 2, 8]])  # rows + 1, 0 padded
+    lengths = torch.tensor([4, 1, 6])
+    with torch.no_grad():
+        want = keep.last_hidden(hist, lengths)
+        assert torch.equal(served.last_hidden(hist, lengths), want)
+        bump = torch.linspace(-1.0, 1.0, CFG.d_model)  # (not constant: layer norm ignores a constant shift)
+        table[..., 61, :] += bump  # an item of the third history only
+        moved = served.last_hidden(hist, lengths)
+        assert torch.equal(moved[:2], want[:2]) and not torch.allclose(moved[2], want[2])
+        table[..., 61, :] -= bump
+        served.to(torch.float32)  # a move or cast: the table is dropped, the inputs computed as before
+        assert served._input_table is None and torch.equal(served.last_hidden(hist, lengths), want)
+    assert _decoders(copy.deepcopy(keep), tree, ids).model._input_table is None  # not released
+    monkeypatch.setattr(inputs, "INPUT_TABLE_MAX_BYTES", members * 71 * CFG.d_model * 4 - 1)
+    assert _decoders(copy.deepcopy(keep), tree, ids, release=True).model._input_table is None
+
+
 def test_the_input_reads_the_vectors_only_where_asked_or_the_catalogue_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
     """Default: a small catalogue keeps its item table (rankings bit-identical to the model's own), a large one reads
     its input from the vectors; asking for it where the vectors do not hold the table part is refused, and a model

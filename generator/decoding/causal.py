@@ -36,6 +36,7 @@ from generator.decoding.chunked import (
     item_vectors,
 )
 from generator.decoding.fusion import Parts, fused_ranking
+from generator.decoding.inputs import inputs_readable_from_vectors, serving_inputs
 from generator.decoding.mips import DENSE_INDEXES, EXACT_MAX_ITEMS, dense_index
 from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES, edge_tables, item_paths: re-exported)
     EDGE_CHUNK,
@@ -48,10 +49,8 @@ from generator.decoding.paths import (  # noqa: F401  (EDGE_CHUNK, TABLE_DTYPES,
     edge_slots,
     edge_tables,
     fused_pairs,
-    inputs_readable_from_vectors,
     item_paths,
     pair_dots,
-    read_inputs_from,
     serving_paths,
     table_product,
     trim_heap,
@@ -276,7 +275,7 @@ class CausalDecoders:
         neither, but the model can no longer build them again or score codes itself (``codes-grounded``, training).
         Where the model's input reads the item table (``id_input``), it is freed only with ``input_from_vectors``
         (default None: over :data:`LEAN_SERVING_ITEMS` items): the input then reads its rows back from the item
-        vectors here (``paths.read_inputs_from``: equal up to float rounding, so near-tied items may swap)."""
+        vectors here (``inputs.read_inputs_from``: equal up to float rounding, so near-tied items may swap)."""
         if self.model.released or (self.tree is None and (self.paths is not None or not drops_tree(self.model, release))):
             what = ", ".join(sorted(self.model.released)) or "prefix tree"  # (only a lean build goes without a tree)
             raise ValueError(f"the model's {what} were released for serving, or no prefix tree was given to a build that "
@@ -294,12 +293,8 @@ class CausalDecoders:
         rows = self.tables.vectors[widest] if self.edge_rows[widest] is None else self.edge_rows[widest]
         self.fused_pairs = self.model.num_items > FUSED_MIN_ITEMS and warm_fused(rows, self.tables.biases[widest])
         self._vectors = item_vectors(self.model, dtype=self.table_dtype) if self.model.has_dense else None
-        if release and self.model.has_dense and not self.model.config.id_input:
-            self.model.release_tables([], item_table=True)
-        elif release and self._vectors is not None and from_vectors:
-            D = self.model.config.dense_dim  # an ensemble's vectors are its members' side by side
-            for k, m in enumerate(member_models(self.model)):  # loop over members
-                read_inputs_from(m, self._vectors[:, k * D:(k + 1) * D])
+        if release:  # the item table freed, or read from the vectors (large catalogues), or the inputs frozen (small)
+            serving_inputs(self.model, self._vectors, from_vectors)
         self.index = None if self._vectors is None else dense_index(self._vectors, **self.index_options)
         if drops_tree(self.model, release):  # the beam walks the paths' prefix index
             self.tree = None

@@ -347,32 +347,6 @@ def narrow(rows: torch.Tensor, bound: int) -> torch.Tensor:
     return rows.to(torch.int32) if bound < 2**31 - 1 else rows
 
 
-def inputs_readable_from_vectors(model: CausalGenerator) -> bool:
-    """Whether ``model``'s ID input's table rows follow from its item vectors: ``item_vectors`` is the table plus the
-    projected code embeddings, nothing else (no content part, no normalisation)."""
-    c = model.dense_head.config if model.has_dense else None
-    return bool(model.config.id_input and c is not None and c.mode == "id" and not c.normalize and c.code_dim)
-
-
-@torch.no_grad()
-def read_inputs_from(model: CausalGenerator, vectors: torch.Tensor) -> None:
-    """Serving: ``model``'s ID input reads each history item's table row as ``vectors[row] - code_proj(codes)``
-    from ``vectors`` (N, dense_dim), the decoders' copy of its item vectors, and its item table (N x d: the largest
-    table a served run keeps besides the decoders' own, 4.9 GB at 10M items in float32) is freed. The inputs equal
-    the table's up to the rounding of that subtraction (float32: ~1e-7 of the vector; 16-bit vectors: their
-    rounding). ``vectors`` must stay alive and unchanged (the decoders hold them); the model is then for serving only,
-    like a released one (``CausalGenerator.release_tables``)."""
-    if not inputs_readable_from_vectors(model):
-        raise ValueError("the model's ID input cannot be read from its item vectors (no ID input, or item vectors "
-                         "with a content part or normalised)")
-    if tuple(vectors.shape) != (model.num_items, model.config.dense_dim):
-        raise ValueError(f"`vectors` must be ({model.num_items}, {model.config.dense_dim}), got {tuple(vectors.shape)}")
-    model._input_vectors = vectors
-    head = model.dense_head
-    head.item_table = torch.nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
-    model.released.add("item_table")
-
-
 def trim_heap() -> bool:
     """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing): a serving build
     frees more than it keeps (the model's node vectors and item table, the build's temporaries), and glibc keeps what

@@ -131,7 +131,8 @@ class CausalGenerator(nn.Module):
         self.register_buffer("item_tokens", torch.cat([pad, item_tokens]), persistent=True)  # (N + 1, L)
         self.trained_items = int(item_tokens.shape[0])  # rows from here on were added after training (add_items)
         self.released: set[str] = set()  # N-row tables freed for serving (release_tables)
-        self._input_vectors: torch.Tensor | None = None  # serving: the ID input read from item vectors (paths.read_inputs_from)
+        self._input_vectors: torch.Tensor | None = None  # serving: the ID input read from item vectors (decoding.inputs.read_inputs_from)
+        self._input_table: torch.Tensor | None = None  # serving: every item's input, (N + 1, D) (decoding.inputs.freeze_inputs)
         self.code_emb = nn.Embedding(layout.vocab_size, D, padding_idx=layout.pad_token_id)  # input and output side
         nn.init.normal_(self.code_emb.weight, std=D**-0.5)
         with torch.no_grad():
@@ -189,6 +190,8 @@ class CausalGenerator(nn.Module):
     # ---- the backbone --------------------------------------------------------------------------------------------
     def item_inputs(self, rows1: torch.Tensor) -> torch.Tensor:
         """Input vectors of items given as rows + 1 (0 = padding): sum of code embeddings (+ content). (..., D)."""
+        if self._input_table is not None and not self.training:  # serving (a released model): rows of all items' inputs
+            return self._input_table[rows1]
         x = (self.code_emb(self.item_tokens[rows1]).sum(-2) if self.config.code_input
              else self.code_emb.weight.new_zeros(*rows1.shape, self.config.d_model))
         if self.config.id_input and self._input_vectors is not None:  # serving: table row = item vector - its code part
@@ -203,6 +206,14 @@ class CausalGenerator(nn.Module):
         if self.config.content_dim:
             x = x + self.content_proj(self.content[rows1]) * (rows1 > 0).unsqueeze(-1)
         return x
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
+        self._input_table = None  # (a serving table of the weights before: built again by the decoders' refresh)
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any):  # noqa: ANN201 (nn.Module's)
+        self._input_table = None
+        return super().load_state_dict(*args, **kwargs)
 
     def hidden(self, histories: torch.Tensor) -> torch.Tensor:
         """States at every position. histories: LongTensor (B, T) item rows + 1, right-padded with 0 -> (B, T, D).

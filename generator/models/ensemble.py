@@ -53,6 +53,7 @@ class EnsembleGenerator(nn.Module):
         self.members = nn.ModuleList(CausalGenerator(one, layout, item_tokens, content) for _ in range(config.members))
         self._stacked: tuple[tuple[Any, ...], dict[str, torch.Tensor]] | None = None  # (weights' versions, stack)
         self._params: list[nn.Parameter] | None = None  # the members' backbone parameters, listed once
+        self._input_table: torch.Tensor | None = None  # serving: the members' inputs of every item, (K, N + 1, D)
 
     @classmethod
     def of(cls, models: list[CausalGenerator]) -> EnsembleGenerator:
@@ -112,9 +113,14 @@ class EnsembleGenerator(nn.Module):
         B, T = histories.shape
         if T > self.config.max_history:
             raise ValueError(f"histories of {T} positions exceed the model's max_history {self.config.max_history}")
-        x = torch.stack([m.item_inputs(histories) for m in self.members])  # (K, B, T, D); loop over members
-        h = stacked_states([m.backbone for m in self.members], self._stacked_weights(), x)
+        h = stacked_states([m.backbone for m in self.members], self._stacked_weights(), self._inputs(histories))
         return h.permute(1, 2, 0, 3).reshape(B, T, -1)
+
+    def _inputs(self, histories: torch.Tensor) -> torch.Tensor:
+        """(B, T) item rows + 1 -> (K, B, T, D): each member's input vectors; a served ensemble's from one table."""
+        if self._input_table is not None:  # (set on a released model only: decoding.inputs.freeze_inputs)
+            return self._input_table[:, histories]
+        return torch.stack([m.item_inputs(histories) for m in self.members])  # loop over members
 
     def _stacked_weights(self) -> dict[str, torch.Tensor]:
         """The members' backbone weights stacked, made again whenever one of them changed (an optimiser step, a load,
@@ -124,8 +130,8 @@ class EnsembleGenerator(nn.Module):
         if self._stacked is not None and self.released:
             return self._stacked[1]
         if self._params is None:  # walking the modules costs more than one user's states; the Parameters stay
-            self._params = [p for m in self.members for mod in (m.backbone, m.head_norm, m.level_proj)  # (moves and
-                            for p in mod.parameters()]  # loads change their data)
+            self._params = [p for m in self.members for mod in (m.backbone, m.head_norm, m.level_proj, *self._query_projs(m))
+                            for p in mod.parameters()]  # (moves and loads change their data)
         key = tuple((p._version, p.data_ptr()) for p in self._params)  # a move or a cast gives new storage
         if self._stacked is None or self._stacked[0] != key:
             w = stack_gpt2([m.backbone for m in self.members])
@@ -134,15 +140,18 @@ class EnsembleGenerator(nn.Module):
                 w["head.b"] = torch.stack([m.head_norm.bias for m in self.members])[:, None]
                 w["proj.w"] = torch.stack([torch.cat([p.weight for p in m.level_proj]).T for m in self.members])
                 w["proj.b"] = torch.stack([torch.cat([p.bias for p in m.level_proj]) for m in self.members])[:, None]
+                if self.has_dense:  # the dense head's query projections: (K, D, d) and (K, 1, d)
+                    w["query.w"] = torch.stack([m.dense_head.query_proj.weight.T for m in self.members])
+                    w["query.b"] = torch.stack([m.dense_head.query_proj.bias for m in self.members])[:, None]
             self._stacked = (key, w)
         return self._stacked[1]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
-        self._params, self._stacked = None, None  # a conversion may replace Parameters rather than their data
+        self._params, self._stacked, self._input_table = None, None, None  # a conversion may replace Parameters
         return super()._apply(fn, recurse)
 
     def load_state_dict(self, *args: Any, **kwargs: Any):  # noqa: ANN201 (nn.Module's)
-        self._params, self._stacked = None, None  # assign=True replaces the Parameters
+        self._params, self._stacked, self._input_table = None, None, None  # assign=True replaces the Parameters
         return super().load_state_dict(*args, **kwargs)
 
     def last_hidden(self, histories: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -154,8 +163,8 @@ class EnsembleGenerator(nn.Module):
         B, T = histories.shape
         if T > self.config.max_history:
             raise ValueError(f"histories of {T} positions exceed the model's max_history {self.config.max_history}")
-        x = torch.stack([m.item_inputs(histories) for m in self.members])  # (K, B, T, D); loop over members
-        h = stacked_states([m.backbone for m in self.members], self._stacked_weights(), x, at=lengths - 1)  # (K, B, D)
+        h = stacked_states([m.backbone for m in self.members], self._stacked_weights(), self._inputs(histories),
+                           at=lengths - 1)  # (K, B, D)
         return h.permute(1, 0, 2).reshape(B, -1)
 
     def level_queries(self, h: torch.Tensor) -> torch.Tensor:
@@ -175,7 +184,19 @@ class EnsembleGenerator(nn.Module):
         return torch.stack([m.code_logits(level, q, prefix_tokens) for m, q in zip(self.members, hq, strict=True)])
 
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.dense_queries(x) for m, x in zip(self.members, self._split(h), strict=True)], dim=-1)
+        """(..., K * D) -> (..., K * d): the members' dense queries side by side. Outside training, with gradients
+        off, one batched product for all members."""
+        if self.training or torch.is_grad_enabled():
+            return torch.cat([m.dense_queries(x) for m, x in zip(self.members, self._split(h), strict=True)], dim=-1)
+        K, D, head = len(self.members), self.config.d_model, self.members[0].dense_head.config
+        w = self._stacked_weights()
+        q = torch.baddbmm(w["query.b"], torch.stack(self._split(h)).reshape(K, -1, D), w["query.w"])  # (K, R, d)
+        q = F.normalize(q, dim=-1) / head.temperature if head.normalize else q
+        return q.permute(1, 0, 2).reshape(*h.shape[:-1], -1)
+
+    @staticmethod
+    def _query_projs(member: CausalGenerator) -> tuple[nn.Module, ...]:
+        return (member.dense_head.query_proj,) if member.has_dense else ()
 
     def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(N or C rows, K * dense_dim): a query's inner product with them is the sum of the members' dense logits."""
