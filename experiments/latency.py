@@ -17,6 +17,9 @@ One call = one test user's history (a seeded sample of the run's dataset's test 
 - ``one-off``: ``generator.runs.recommend.recommend(run, [history], k)``, which builds a Recommender for the call
   (decoders, item paths, edge tables, item vectors, the checkpoint's hash, the fusion read): what every call cost
   before runs were loaded for serving.
+- ``--unfrozen``: also ``serve`` with the served model's frozen input table set aside for the call (each history
+  item's input summed from its code embeddings and ID row per call, as before ``decoding.inputs.freeze_inputs``),
+  taking turns with the other calls: what the table saves, in one process.
 
 Writes ``experiments/results/latency.md``.
 """
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exclude-history", action="store_true",
                    help="serve calls leave the history out (what `semid serve` does by default)")
+    p.add_argument("--unfrozen", action="store_true", help="also time serve calls without the frozen input table")
     p.add_argument("--out", type=Path, default=RESULTS / "latency.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,13 +99,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"not measured (the run serves no such decoder; hybrid needs `semid choose-fusion --run RUN`): {missing}")
     for name in (n for n in DECODERS if n not in missing):
         dec = rec._decoders[name]
-        serve, decode = _ms([lambda i, n=name: rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history),
-                             lambda i, d=dec: d(batches[i], args.k)], args.calls, args.warmup)
+        fns = [lambda i, n=name: rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history),
+               lambda i, d=dec: d(batches[i], args.k)]
+        if args.unfrozen:
+            fns.append(lambda i, n=name: unfrozen(rec, lambda: rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history)))
+        serve, decode, *plain = _ms(fns, args.calls, args.warmup)
         (old,) = _ms([lambda i, n=name: recommend(whole, [hists[i]], k=args.k, decoder=n, exclude_history=args.exclude_history)],
                      args.old_calls, 1)
-        rows.append((name, serve, decode, old))
+        rows.append((name, serve, decode, old, plain))
         print(f"{name:>7}: serve {serve[0]:.2f} / {serve[1]:.2f} ms (CPU {serve[2]:.2f}), decode {decode[0]:.2f} / "
-              f"{decode[1]:.2f} ms (CPU {decode[2]:.2f}), one-off {old[0]:.1f} / {old[1]:.1f} ms", flush=True)
+              f"{decode[1]:.2f} ms (CPU {decode[2]:.2f}), one-off {old[0]:.1f} / {old[1]:.1f} ms"
+              + (f", unfrozen serve {plain[0][0]:.2f} / {plain[0][1]:.2f} ms" if plain else ""), flush=True)
 
     cmd = "python -m experiments.latency " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = [
@@ -115,15 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}; {os.cpu_count()} CPUs, load average {load_before:.1f} before and "
         f"{os.getloadavg()[0]:.1f} after (other jobs on the machine: the latencies carry their noise; serve and decode "
         "take turns call by call, so they carry it alike).", "",
-        "| decoder | serve median ms | serve p90 ms | serve CPU median ms | target ms | decode median ms | decode CPU median ms | one-off median ms | one-off p90 ms | one-off / serve |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| decoder | serve median ms | serve p90 ms | serve CPU median ms | target ms | decode median ms | decode CPU median ms | one-off median ms | one-off p90 ms | one-off / serve |"
+        + (" unfrozen serve median ms | unfrozen CPU median ms |" if args.unfrozen else ""),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if args.unfrozen else ""),
     ]
-    for name, serve, decode, old in rows:
+    for name, serve, decode, old, plain in rows:
         ok = "yes" if serve[0] <= TARGETS_MS[name] else "NO"
         cpu_ok = "yes" if serve[2] <= TARGETS_MS[name] else "NO"
         lines.append(f"| {name} | {serve[0]:.2f} | {serve[1]:.2f} | {serve[2]:.2f} | <= {TARGETS_MS[name]:g} (wall {ok}, "
                      f"CPU {cpu_ok}) | {decode[0]:.2f} | {decode[2]:.2f} | {old[0]:.1f} | {old[1]:.1f} | "
-                     f"{old[0] / serve[0]:.0f}x |")
+                     f"{old[0] / serve[0]:.0f}x |" + (f" {plain[0][0]:.2f} | {plain[0][2]:.2f} |" if plain else ""))
     lines += ["", "serve: `Recommender.recommend` on a run loaded once; decode: the decoder alone on prepared `Histories`; "
               "one-off: `recommend(run, ...)`, which builds everything per call (the path every call took before). "
               "Wall: `time.perf_counter`; CPU: the calling thread's CPU time (`time.thread_time`; torch runs on this one "
@@ -131,6 +140,19 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
+
+
+def unfrozen(rec, call):  # noqa: ANN001, ANN201
+    """``call()`` with the served model's frozen input table set aside (its inputs computed per call), then restored."""
+    models = [rec.run.model, *getattr(rec.run.model, "members", [])]
+    held = [m._input_table for m in models]
+    for m in models:
+        m._input_table = None
+    try:
+        return call()
+    finally:
+        for m, t in zip(models, held, strict=True):
+            m._input_table = t
 
 
 def run_fusion(rec) -> str:  # noqa: ANN001
