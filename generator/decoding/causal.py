@@ -114,9 +114,8 @@ def _exact(hq: torch.Tensor, paths: ItemPaths, tables: EdgeTables, levels: int, 
             continue  # every parent has one child here (e.g. an extra level without collisions): log-prob 0
         logits = table_product(hq[..., level, :], tables.vectors[level], tables.biases[level]).reshape(-1, A)  # (K * B, A_l)
         parent = paths.active_parent[level].expand(logits.shape[0], -1)
-        P = int(paths.active_parent[level].max()) + 1
-        in_norm = paths.norm_edge[level][paths.active[level]]
-        norm = logits if bool(in_norm.all()) else logits.masked_fill(~in_norm, float("-inf"))
+        P, in_norm = int(paths.active_parent[level][-1]) + 1, paths.active_norm[level]  # (parents ascend)
+        norm = logits if in_norm is None else logits.masked_fill(~in_norm, float("-inf"))
         peak = logits.new_full((logits.shape[0], P), float("-inf")).scatter_reduce(1, parent, norm, reduce="amax")
         sums = logits.new_zeros(logits.shape[0], P).scatter_add(1, parent, (norm - peak.gather(1, parent)).exp())
         logp = (logits - (peak + sums.log()).gather(1, parent)).view(-1, B, A).sum(0)  # (B, A_l): the members' sum
@@ -238,6 +237,7 @@ class CausalDecoders:
                  exact_max_items: int = EXACT_MAX_ITEMS, nprobe: int | None = None, table_dtype: str = "float32") -> None:
         self.model, self.tree, self.num_beams = model, tree, num_beams
         self._lo = [model.layout.level_range(level)[0] for level in range(model.layout.num_levels)]  # each level's first token
+        self._lo_t: torch.Tensor | None = None  # the same as a tensor, made at the first call
         self.table_dtype = table_dtype
         check_table_dtype(table_dtype)  # a ValueError naming the choices
         self.max_score_bytes = check_budget(max_score_bytes)
@@ -320,8 +320,11 @@ class CausalDecoders:
             self.refresh()
 
     def codes_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        tokens = self.paths.tokens[rows.clamp_min(0)]
-        return torch.where(rows[..., None] >= 0, self.model.layout.tokens_to_codes(tokens), -1)
+        """The codes (..., L) of item rows (-1 where a row is -1): the paths' tokens less each level's first token
+        (the paths' own tokens, checked when the model was built: no range check per call)."""
+        if self._lo_t is None or self._lo_t.device != rows.device:
+            self._lo_t = torch.tensor(self._lo, device=rows.device)
+        return torch.where(rows[..., None] >= 0, self.paths.tokens[rows.clamp_min(0)] - self._lo_t, -1)
 
     # ---- decoders ------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -205,6 +205,8 @@ class ItemPaths(NamedTuple):
     active:        per level l a LongTensor (A_l,): the edges whose parent has two or more (an only child has
                    log-probability 0, so exact scoring skips it); active_parent: (A_l,) their parents renumbered
                    0..; item_slot: (N,) the item's edge among the active ones, A_l for an only child.
+    active_norm:   per level l ``norm_edge`` of the active edges (A_l,), or None where every one is in its parent's
+                   normaliser (no items added since training): what exact scoring masks, made once.
     """
 
     tokens: torch.Tensor
@@ -215,6 +217,7 @@ class ItemPaths(NamedTuple):
     active: list[torch.Tensor]
     active_parent: list[torch.Tensor]
     item_slot: list[torch.Tensor]
+    active_norm: list[torch.Tensor | None]
 
 
 def item_paths(model: CausalGenerator, tree: PrefixTree | None) -> ItemPaths:
@@ -242,7 +245,8 @@ def item_paths(model: CausalGenerator, tree: PrefixTree | None) -> ItemPaths:
         active.append(act)
         active_parent.append(act_parent)
         item_slot.append(slot[index.node[:, level + 1]])
-    return ItemPaths(tokens, index.tree_nodes(), index, parent_tokens, norm_edge, active, active_parent, item_slot)
+    active_norm = [None if bool(x.all()) else x for x in (n[a] for n, a in zip(norm_edge, active, strict=True))]
+    return ItemPaths(tokens, index.tree_nodes(), index, parent_tokens, norm_edge, active, active_parent, item_slot, active_norm)
 
 
 class EdgeTables(NamedTuple):
