@@ -146,3 +146,7 @@ def test_a_masked_backbones_log_softmax_is_the_masked_one_bit_for_bit(experts: i
     got = premasked_log_softmax(logits.masked_fill(~allowed, float("-inf")), nodes)
     assert torch.equal(got, want.sum(0) if experts else want)
     assert bool(torch.isneginf(got[[2, 7]]).all()) and bool(torch.isfinite(got[5]).all())
+    masked = premasked_log_softmax(logits.masked_fill(~allowed, float("-inf")), nodes, listed=False)  # a GPU's form
+    assert torch.equal(masked, got)
+    meta = premasked_log_softmax(logits.to("meta"), nodes.to("meta"))  # off the CPU: no value is read back
+    assert meta.shape == got.shape

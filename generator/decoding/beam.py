@@ -98,12 +98,16 @@ def csr_places(index: PrefixIndex, depth: int, nodes: torch.Tensor, width: int
     return row, child, row * width + index.code[depth].index_select(0, child)
 
 
-def premasked_log_softmax(logits: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+def premasked_log_softmax(logits: torch.Tensor, nodes: torch.Tensor, listed: bool | None = None) -> torch.Tensor:
     """``masked_log_softmax`` of logits (R, K) (or E experts' (E, R, K), summed) that are -inf already wherever the
     constraint allows nothing: the same numbers without a mask's two passes; a dead beam's row (``nodes`` -1, all
-    -inf) is -inf."""
+    -inf) is -inf. On the CPU the dead rows are listed (most steps have none: no pass over the block); elsewhere one
+    masked pass, never reading the device's values back (no host synchronisation per step on a GPU); ``listed``
+    chooses (default: by the device)."""
     out = logits.log_softmax(-1)
     out = out.sum(0) if out.ndim == 3 else out
+    if not (out.device.type == "cpu" if listed is None else listed):
+        return out.masked_fill_((nodes < 0).unsqueeze(-1), float("-inf"))
     dead = torch.nonzero(nodes < 0).squeeze(1)
     return out.index_fill_(0, dead, float("-inf")) if dead.numel() else out
 
