@@ -167,6 +167,14 @@ def test_the_dense_head_scores_by_the_sum_of_the_members_logits_as_one_inner_pro
                                    rtol=1e-6, atol=1e-6)
         two.dense_head.query_proj.weight.div_(-2.0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    served = copy.deepcopy(ens)
+    with torch.no_grad():
+        served.dense_queries(h)  # a stack made before the release ...
+        served.members[1].dense_head.query_proj.weight.mul_(-2.0)  # ... then a weight changed, then the release
+        CausalDecoders(served, tree, torch.as_tensor(ids.item_ids)).refresh(release=True)
+        one, two = served.members
+        torch.testing.assert_close(served.dense_queries(h), torch.cat([one.dense_queries(h1), two.dense_queries(h2)], -1),
+                                   rtol=1e-6, atol=1e-6)
     dec = CausalDecoders(ens, tree, torch.as_tensor(ids.item_ids)).refresh()
     assert torch.equal(dec.decode("dense", h, k=5).items, torch.as_tensor(ids.item_ids)[want.topk(5, dim=1).indices])
 

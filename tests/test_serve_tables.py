@@ -242,6 +242,10 @@ def test_a_served_small_catalogue_reads_its_inputs_from_one_frozen_table(members
         served.to(torch.float32)  # a move or cast: the table is dropped, the inputs computed as before
         assert served._input_table is None and torch.equal(served.last_hidden(hist, lengths), want)
     assert _decoders(copy.deepcopy(keep), tree, ids).model._input_table is None  # not released
+    assert _decoders(copy.deepcopy(keep).train(), tree, ids, release=True).model._input_table is None  # (item dropout)
+    again = _decoders(copy.deepcopy(keep), tree, ids, release=True).model
+    again.load_state_dict(copy.deepcopy(again.state_dict()))  # weights loaded: the table goes with the old ones
+    assert again._input_table is None
     monkeypatch.setattr(inputs, "INPUT_TABLE_MAX_BYTES", members * 71 * CFG.d_model * 4 - 1)
     assert _decoders(copy.deepcopy(keep), tree, ids, release=True).model._input_table is None
 

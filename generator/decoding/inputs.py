@@ -33,14 +33,16 @@ def serving_inputs(model: CausalGenerator | EnsembleGenerator, vectors: torch.Te
 def freeze_inputs(model: CausalGenerator | EnsembleGenerator, max_bytes: int | None = None) -> bool:
     """Every item's input vector (row 0: the padding's) computed once, as ``item_inputs`` computes it for a history,
     into one float table the model then gathers from: (N + 1, D), an ensemble's (K, N + 1, D) (its members' inputs in
-    one gather: ~0.3 ms of a single user's call over Beauty's four members). Only for a released model (serving only:
-    never trained again, no items added) whose table fits ``max_bytes`` (default :data:`INPUT_TABLE_MAX_BYTES`); whether
-    it was made. The same inputs bit for
+    one gather: ~0.3 ms of a single user's call over Beauty's four members). Only for a released model in eval mode
+    (serving only: never trained again, no items added; in training mode the inputs would carry item dropout) whose
+    table fits ``max_bytes`` (default :data:`INPUT_TABLE_MAX_BYTES`); whether it was made. The same inputs bit for
     bit where they are code embeddings and ID rows; a content part's projection may round differently."""
     members = member_models(model)
     N1, D = model.num_items + 1, model.config.d_model
     max_bytes = INPUT_TABLE_MAX_BYTES if max_bytes is None else max_bytes
-    if not model.released or len(members) * N1 * D * 4 > max_bytes or any(m._input_vectors is not None for m in members):
+    if not model.released or any(m.training or m._input_vectors is not None for m in members):
+        return False
+    if len(members) * N1 * D * 4 > max_bytes:
         return False
     rows = torch.arange(N1, device=model.item_tokens.device)
     table = torch.stack([torch.cat([m.item_inputs(rows[a:a + INPUT_CHUNK]) for a in range(0, N1, INPUT_CHUNK)])

@@ -125,9 +125,9 @@ class EnsembleGenerator(nn.Module):
     def _stacked_weights(self) -> dict[str, torch.Tensor]:
         """The members' backbone weights stacked, made again whenever one of them changed (an optimiser step, a load,
         the weight average's swap: each bumps the tensor's version) or moved. A model released for serving
-        (``release_tables``) is never trained again: its stack, once made, is kept without reading the versions
-        (0.2 ms of a single user's call)."""
-        if self._stacked is not None and self.released:
+        (``release_tables``) is never trained again: its stack, once checked against the versions after the release
+        (a stack made before it may be stale), is kept without reading them again (0.2 ms of a single user's call)."""
+        if self._stacked is not None and self._stacked[0] is None:  # (checked since the release)
             return self._stacked[1]
         if self._params is None:  # walking the modules costs more than one user's states; the Parameters stay
             self._params = [p for m in self.members for mod in (m.backbone, m.head_norm, m.level_proj, *self._query_projs(m))
@@ -144,6 +144,8 @@ class EnsembleGenerator(nn.Module):
                     w["query.w"] = torch.stack([m.dense_head.query_proj.weight.T for m in self.members])
                     w["query.b"] = torch.stack([m.dense_head.query_proj.bias for m in self.members])[:, None]
             self._stacked = (key, w)
+        if self.released:
+            self._stacked = (None, self._stacked[1])
         return self._stacked[1]
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's)
@@ -185,13 +187,13 @@ class EnsembleGenerator(nn.Module):
 
     def dense_queries(self, h: torch.Tensor) -> torch.Tensor:
         """(..., K * D) -> (..., K * d): the members' dense queries side by side. Outside training, with gradients
-        off, one batched product for all members."""
-        if self.training or torch.is_grad_enabled():
+        off, one batched product for all members (their projections stacked; normalised heads, never the causal
+        design's, go member by member)."""
+        if self.training or torch.is_grad_enabled() or self.members[0].dense_head.config.normalize:
             return torch.cat([m.dense_queries(x) for m, x in zip(self.members, self._split(h), strict=True)], dim=-1)
-        K, D, head = len(self.members), self.config.d_model, self.members[0].dense_head.config
-        w = self._stacked_weights()
-        q = torch.baddbmm(w["query.b"], torch.stack(self._split(h)).reshape(K, -1, D), w["query.w"])  # (K, R, d)
-        q = F.normalize(q, dim=-1) / head.temperature if head.normalize else q
+        K, D = len(self.members), self.config.d_model  # (equal to the members' own up to float rounding)
+        q = torch.baddbmm(self._stacked_weights()["query.b"], torch.stack(self._split(h)).reshape(K, -1, D),
+                          self._stacked_weights()["query.w"])  # (K, R, d)
         return q.permute(1, 0, 2).reshape(*h.shape[:-1], -1)
 
     @staticmethod
