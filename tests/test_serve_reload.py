@@ -108,6 +108,15 @@ def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str,
         target["path"] = app.state.holder.run_dir = serve_world["v2"]
         r = c.post("/admin/reload", json={"expect_sha256": "0" * 64})
         assert r.status_code == 422 and "do not serve this run" in r.json()["error"]["message"]
+        pins = Path(f"/tmp/semid-pins-{os.getpid()}-".ljust(64, "x"))  # 64 characters: was read as a file of pins,
+        pins.write_text("root:x:0:0:secret-line\n", encoding="utf-8")  # and its first line came back in the error
+        try:
+            for path in (str(pins), "/etc/" + "/" * 53 + "passwd"):
+                r = c.post("/admin/reload", json={"expect_sha256": path})
+                assert r.status_code == 422 and r.json()["error"]["field"] == "expect_sha256", r.text
+                assert "secret-line" not in r.text and "root:" not in r.text
+        finally:
+            pins.unlink()
         good = combined_digest(run_digests(serve_world["v2"]))
         r = c.post("/admin/reload", json={"expect_sha256": good})
         assert r.status_code == 200 and r.json()["version"] != r.json()["previous"]

@@ -270,11 +270,17 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
             raise ApiError(403, "client", host, "a loopback client, or `Authorization: Bearer TOKEN` with the token "
                            "given at start (--admin-token)", f"/admin routes answer loopback clients or the admin "
                            f"token only; {host} sent {'a wrong token' if given else 'no token'}")
+        token_ok = bool(admin_token) and hmac.compare_digest(given.encode(), admin_token.encode())
+        if "origin" in request.headers and not token_ok:  # a web page's request (a browser sends its Origin), not a tool's
+            raise ApiError(403, "origin", request.headers["origin"], "no Origin header (a command-line client), or the "
+                           "admin token", "/admin routes do not answer web pages: a page open in a browser on this "
+                           "machine could otherwise reload the service")
         body = await _read_body(request, limits.max_body_bytes)
         doc = parse_body(body) if body.strip() else {}
         extra = [name for name in doc if name != "expect_sha256"]
         if extra:
-            raise ApiError(422, extra[0], doc[extra[0]], "only `expect_sha256`")
+            raise ApiError(422, extra[0], doc[extra[0]], "only `expect_sha256`", f"unknown field `{extra[0][:57]}`: "
+                           "the body takes `expect_sha256` only")
         old = holder.current
         new = await reload_now(doc.get("expect_sha256"))
         return _json({"version": new.version, "previous": old.version if old else None})
@@ -286,8 +292,12 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
-        allowed = f"one of {[r for r in ROUTES]} or /items/{{id}}" if e.status_code == 404 else None
-        return _error(e.status_code, "path", request.url.path, allowed, f"{e.detail}: {request.method} {request.url.path}")
+        methods = (e.headers or {}).get("Allow") if e.status_code == 405 else None  # (HTTP: a 405 says what is allowed)
+        allowed = f"one of {[r for r in ROUTES]} or /items/{{id}}" if e.status_code == 404 else methods
+        out = _error(e.status_code, "path" if methods is None else "method", request.url.path if methods is None else
+                     request.method, allowed, f"{e.detail}: {request.method} {request.url.path}")
+        out.headers.update(e.headers or {})
+        return out
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> Response:

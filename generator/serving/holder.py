@@ -16,6 +16,7 @@ import asyncio
 import gc
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_check
 from generator.runs.pinning import check_pinned
 from generator.runs.recommender import Recommender
 from generator.serving.requests import ApiError
+
+_DIGEST = re.compile(r"[0-9a-fA-F]{64}")  # a reload's pin: a digest only (a pins file is the command line's, never a client's path)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class Holder:
         if self.pinned and expect_sha256 is None:
             raise ApiError(409, "expect_sha256", None, "the new version's combined digest (`semid digest --run RUN "
                            "--combined`)", "this service serves a pinned run: a reload must pin the new version too")
-        if expect_sha256 is not None and (not isinstance(expect_sha256, str) or len(expect_sha256.strip()) != 64):
+        if expect_sha256 is not None and (not isinstance(expect_sha256, str) or not _DIGEST.fullmatch(expect_sha256.strip())):
             raise ApiError(422, "expect_sha256", expect_sha256, "64 hex digits (`semid digest --run RUN --combined`)")
         if self._lock.locked():
             raise ApiError(409, "reload", "in progress", "one reload at a time", "a reload is already in progress")
