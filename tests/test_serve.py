@@ -199,11 +199,15 @@ def test_bad_batches_items_and_paths(serve_world: dict[str, Path]) -> None:
             (c.get("/nowhere"), 404, "path"),
             (c.get("/recommend"), 405, "method"),
             (c.put("/healthz"), 405, "method"),
+            (c.post("/recommend?k=50", json={"history": [1]}), 422, "query"),  # never ignored
         ]
         for r, status, field in cases:
             assert r.status_code == status and r.json()["error"]["field"] == field, (r.request.url, r.text)
             if status == 405:  # HTTP: a 405 names the methods the route takes, in its Allow header and the body
                 assert r.headers["allow"] and r.json()["error"]["allowed"] == r.headers["allow"], (r.headers, r.text)
+
+        err = c.post("/recommend", json={"history": [1], "decoder": "nope"}).json()["error"]
+        assert "title-beam" not in err["message"] + err["allowed"], err  # what this run serves, not every decoder
 
         def chunks():  # a body without a length, over the limit as it streams in
             for _ in range(10):

@@ -102,6 +102,8 @@ def _error(status: int, field: str | None, value: str | None, allowed: str | Non
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
+    if request.query_params:  # (``?k=50`` would be ignored: the body's fields are the request)
+        raise ApiError(422, "query", request.url.query, "no query parameters: every field goes in the JSON body")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body", f"{declared} bytes", f"at most {limit} bytes")

@@ -155,8 +155,9 @@ def check_decoder(doc: dict[str, Any], rec: Recommender) -> str:
         raise ApiError(422, "decoder", name, allowed)
     try:
         return rec.resolve(name)
-    except ValueError as e:
-        raise ApiError(422, "decoder", name, allowed, f"`decoder` {name!r} is not served: {e}") from None
+    except ValueError:  # (its message lists every decoder semid has, not what this run serves)
+        raise ApiError(422, "decoder", name, allowed, f"`decoder` {_cut(name)!r} is not served here: this service "
+                       f"serves {allowed}") from None
 
 
 def check_exclude(doc: dict[str, Any]) -> bool:
