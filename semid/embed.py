@@ -141,6 +141,7 @@ def embed_dataset(
     max_length: int = 256,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> EmbedResult:
     """Embed every item of a dataset folder and write ``DATA/item_emb_<name>.npy`` (atomically).
 
@@ -150,6 +151,8 @@ def embed_dataset(
         fields: which item fields make the text, in order ("title", "attributes"); joined as
             :meth:`semid.data.Catalogue.text` does (the recipe of the Beauty MiniLM embeddings).
         name: the file's ``<name>``; default from the model folder's name.
+        overwrite: replace an existing ``item_emb_<name>.npy`` (else a FileExistsError before any work: the codebooks
+            and runs made from it would no longer match it).
 
     Returns:
         EmbedResult(path, num_items, dim, seconds); the array is float32 (N, D), row i is item i + 1.
@@ -162,13 +165,16 @@ def embed_dataset(
         raise ValueError(
             f"`name` must be letters, digits, '_', '.' or '-' (starting with a letter or digit), got {name!r}"
         )
+    path = Path(data_dir) / f"{EMBEDDING_PREFIX}{name}.npy"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (codebooks and runs may have been made from it); give another "
+                              "--name, or --overwrite to replace it")
     encoder = load_encoder(model_dir, device)
     dataset = load_dataset(data_dir)
     texts = dataset.catalogue.texts(fields)
     start = time.perf_counter()
     emb = embed_texts(texts, encoder, batch_size=batch_size, max_length=max_length, progress=progress)
     seconds = time.perf_counter() - start
-    path = Path(data_dir) / f"{EMBEDDING_PREFIX}{name}.npy"
     with atomic_path(path) as tmp:
         np.save(tmp, emb)
     log.info("embedded %d items with %s in %.1f s -> %s", len(texts), encoder.path, seconds, path)

@@ -338,3 +338,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
             f"{out}: already holds {', '.join(ours)}, which a dataset folder holds; pass --overwrite to replace "
             "them, or name a new folder"
         )
+    others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    if others and not ours:  # a folder of something else (a run, codebooks, notes): a dataset is not written into it
+        raise FileExistsError(
+            f"{out}: holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''} and no dataset; name a new or "
+            "empty folder for the dataset"
+        )

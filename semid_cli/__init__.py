@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setup(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         if args.debug:
             raise
         print(f"semid {args.command}: error: {e}  (--debug shows the traceback)", file=sys.stderr)

@@ -20,6 +20,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def nonnegative_int(text: str) -> int:
+    """An int of at least 0 (``--seed``)."""
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a non-negative int, got {text!r}")
+    return int(text)
+
+
 def positive_users(text: str) -> int | None:
     """A sample of users: a positive int, or "all" (None). ``--max-users`` and ``--eval-users`` take it."""
     if text == "all":
@@ -100,3 +107,27 @@ def add_fields(p: argparse.ArgumentParser, cls: type) -> None:
 def fields_given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The fields of ``cls`` given on the command line (:func:`add_fields`)."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a ``--device`` this machine cannot use, before any work (torch says it with a bare AssertionError
+    from deep inside, after the run is loaded)."""
+    if device is None:
+        return
+    import torch  # (here: the parsers load no torch)
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"`--device` must be a torch device such as cpu, cuda or cuda:1, got {device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"`--device` is {device!r}, but CUDA is not available on this machine (torch.cuda.is_available() is "
+                "False); pass --device cpu, or leave --device out (cuda where available, else cpu)"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"`--device` is {device!r}, but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"`--device` is {device!r}, but MPS is not available on this machine; pass --device cpu")

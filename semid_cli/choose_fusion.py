@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from semid_cli.args import add_run, add_run_data, positive_int
+from semid_cli.args import add_run, add_run_data, nonnegative_int, positive_int
 
 DESCRIPTION = (
     "Choose how the hybrid decoder fuses the generative and dense heads (one of the fusions, fitted on "
@@ -22,19 +22,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-candidates", type=positive_int, default=50, help="candidates per list, C (default 50)")
     p.add_argument("--num-beams", type=positive_int, default=20, help="beams of the T5 hybrid's beam search (default 20)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="users decoded together")
-    p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the user sample")
 
 
 def run(args: argparse.Namespace) -> int:
     from generator.runs.decoders import choose_run_fusion
-    from generator.runs.folder import HYBRID_FILE, LOCK_FILE, load_run
+    from generator.runs.folder import HYBRID_FILE, LOCK_FILE, check_same_data, load_run, read_config
     from semid.data import load_dataset
     from semid.io import folder_lock
     from semid.split import leave_one_out
 
+    read_config(args.run)  # a run folder (a mistyped one is not made by the lock), before anything is written
     with folder_lock(args.run, LOCK_FILE, what="a training, add-items or choose-fusion"):
         r = load_run(args.run)
-        split = leave_one_out(load_dataset(args.data if args.data is not None else r.data_dir))
+        data = args.data if args.data is not None else r.data_dir
+        check_same_data(r.config, r.path, data)  # a fusion chosen on other users or items is not the run's
+        split = leave_one_out(load_dataset(data))
         chosen = choose_run_fusion(r, split, num_candidates=args.num_candidates, num_beams=args.num_beams,
                                    users=args.users, batch_size=args.batch_size, seed=args.seed)
     print(f"hybrid fusion {chosen} chosen on validation users -> {args.run / HYBRID_FILE}")

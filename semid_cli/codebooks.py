@@ -40,7 +40,7 @@ from semid.collaborative import with_collaborative
 from semid.data import check_embedding_values, read_npy
 from semid.ids import SemanticIDs
 from semid.io import atomic_path, file_sha256, write_json
-from semid_cli.args import add_progress
+from semid_cli.args import add_progress, nonnegative_int
 from semid_cli.console import progress_default
 
 # chosen from experiments/results/codebooks.md: both methods meet the targets with the balanced last level;
@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--levels", type=int, default=3, help="L, code levels before the extra level (default 3)")
     p.add_argument("--codebook-size", type=int, default=256, help="K, codes per level (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="(default 0)")
     p.add_argument(
         "--balanced",
         action=argparse.BooleanOptionalAction,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from semid_cli.args import positive_int
+
 DESCRIPTION = (
     "Write a new run folder OUT whose model is every member of the causal runs named with --run (trained apart: other "
     "seeds, at the same time on other cores or machines), scoring an item by the sum of the members' log-likelihoods "
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="the new run folder (must not exist, or be empty)")
     p.add_argument("--no-fusion", action="store_true", help="do not choose the hybrid's fusion (choose it later with "
                    "`semid choose-fusion`)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from semid.codebooks import CODEBOOK_FILES
 from semid.data import format_summary, load_dataset, summary
 from semid.io import atomic_target_name, folder_lock, write_json
 from semid.split import leave_one_out
-from semid_cli.args import add_progress, positive_users
+from semid_cli.args import add_progress, nonnegative_int, positive_users
 from semid_cli.console import epoch_lines, progress_default, quiet_lightning
 
 EMBEDDINGS = "minilm"
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-time", default="00:08:00", help="training wall-clock budget HH:MM:SS (default 00:08:00)")
     p.add_argument("--eval-users", type=positive_users, default=None,
                    help="test (and final validation) users evaluated: a number for a seeded sample, or all (default all, about 20 s)")
-    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="(default 0)")
     add_progress(p, "show progress bars (default: on a terminal, else one line per epoch)")
 
 

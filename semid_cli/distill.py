@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from semid_cli.args import add_fields, add_run, fields_given
+from semid_cli.args import add_fields, add_run, fields_given, positive_int
 
 DESCRIPTION = (
     "Fine-tune the code heads of a causal run with a dense head on the run's own dense softmax (an ensemble's: all "
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from generator.training.distill_options import DistillOptions  # light: torch only once the command runs
 
     add_fields(p, DistillOptions)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from semid.embed import FIELDS, embed_dataset
-from semid_cli.args import add_dataset, add_progress
+from semid_cli.args import add_dataset, add_progress, check_device
 from semid_cli.console import progress_default
 
 DESCRIPTION = (
@@ -32,10 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per text at most (default 256)")
     p.add_argument("--name", help="the file's <name> (default: from the model folder's name)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing item_emb_<name>.npy")
     add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device(args.device)
     result = embed_dataset(
         args.data,
         args.model,
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         device=args.device,
         progress=progress_default(args.progress),
+        overwrite=args.overwrite,
     )
     print(f"wrote {result.path}  ({result.num_items} items x {result.dim} dims, {result.seconds:.1f} s)")
     return 0

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from generator.runs.evaluate import DecoderError, evaluate_run, parse_ks
 from generator.runs.folder import metrics_file
 from semid_cli.args import (
@@ -16,6 +14,8 @@ from semid_cli.args import (
     add_run,
     add_run_data,
     add_table_dtype,
+    check_device,
+    nonnegative_int,
     positive_users,
 )
 from semid_cli.console import progress_default
@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", default="5,10", help="cut-offs, comma-separated (default 5,10)")
     p.add_argument("--num-beams", type=int, default=20, help="beams (>= the largest k; default 20)")
     p.add_argument("--max-users", type=positive_users, default=None, help="a seeded sample of this many users (default all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the user sample")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
     add_decoder(p)
     p.add_argument("--alpha", type=float, help="hybrid blend weight (default: chosen on validation users, RUN/hybrid.json)")
@@ -45,28 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_expect_sha256(p)
     p.add_argument("--device", help="cpu, cuda, ... (default cuda where available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar (default: one on a terminal)")
-
-
-def check_device(device: str | None) -> None:
-    """Refuse a ``--device`` this machine cannot use, before any work (torch says it with a bare AssertionError
-    from deep inside, after the run is loaded)."""
-    if device is None:
-        return
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"`--device` must be a torch device such as cpu, cuda or cuda:1, got {device!r} ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"`--device` is {device!r}, but CUDA is not available on this machine (torch.cuda.is_available() is "
-                "False); pass --device cpu, or leave --device out (cuda where available, else cpu)"
-            )
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"`--device` is {device!r}, but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"`--device` is {device!r}, but MPS is not available on this machine; pass --device cpu")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -166,6 +166,23 @@ def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], ca
                   TrainOptions(), resume=True)
     assert main([*base, "--out", str(trained["run"].parent / "x"), "--max-time", "90min"]) == 2
     assert "`max_time` must be HH:MM:SS" in capsys.readouterr().err
+    for flags, message in ((["--max-time", "00:00:00"], "`max_time` must be a positive duration"),  # (no checkpoint:
+                           (["--max-steps", "0"], "`max_steps` must be a positive int, or -1"),  # a folder no resume
+                           (["--max-steps", "-5"], "`max_steps` must be a positive int, or -1"),  # could continue)
+                           (["--seed", "-1"], "`seed` must be a non-negative int")):
+        assert main([*base, "--out", str(trained["run"].parent / "x"), *flags]) == 2
+        assert message in capsys.readouterr().err and not (trained["run"].parent / "x").exists()
+    a_file = trained["run"].parent / "a_file.txt"
+    a_file.write_text("not a folder")
+    assert main([*base, "--out", str(a_file / "x"), *TRAIN_FLAGS]) == 2  # an error naming it, not a traceback
+    assert "a_file.txt" in capsys.readouterr().err
+    for argv in (["distill", "--run", str(trained["run"]), "--out", str(a_file.parent / "d"), "--threads", "0"],
+                 ["combine", "--run", str(trained["run"]), "--run", str(trained["run"]), "--out", str(a_file.parent / "c"),
+                  "--threads", "0"],
+                 ["evaluate", "--run", str(trained["run"]), "--seed", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "must be a" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(trained["run"].parent / "nope")]) == 2
     assert "not a run folder" in capsys.readouterr().err
 

@@ -76,6 +76,13 @@ def test_fields_and_name(tiny_dataset_dir: Path, model_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"`name` must be letters"):
         embed_dataset(tiny_dataset_dir, model_dir, name="../x", progress=False)
     assert default_name("/m/all-MiniLM-L6-v2") == "all_minilm_l6_v2"
+    before = titles.path.read_bytes()  # an existing file (codebooks may come from it): replaced only when asked
+    with pytest.raises(FileExistsError, match="item_emb_titles.npy: already exists.*--overwrite"):
+        embed_dataset(tiny_dataset_dir, model_dir, fields=["title", "attributes"], name="titles", progress=False)
+    assert titles.path.read_bytes() == before
+    again = embed_dataset(tiny_dataset_dir, model_dir, fields=["title", "attributes"], name="titles", progress=False,
+                          overwrite=True)
+    assert again.path.read_bytes() != before
 
 
 def test_missing_or_invalid_model_folder(tmp_path: Path) -> None:
@@ -106,5 +113,9 @@ def test_cli(tiny_dataset_dir: Path, model_dir: Path, capsys) -> None:
     assert np.load(tiny_dataset_dir / "item_emb_cli.npy").shape == (len(TINY_ITEMS), HIDDEN)
     assert main(["embed", "--data", str(tiny_dataset_dir), "--model", str(tiny_dataset_dir / "nope")]) == 2
     assert "no model folder here" in capsys.readouterr().err
-    assert main([*argv, "--batch-size", "0"]) == 2
+    assert main([*argv, "--batch-size", "2"]) == 2  # the file exists now: not replaced without --overwrite
+    assert "item_emb_cli.npy: already exists" in capsys.readouterr().err
+    assert main([*argv, "--batch-size", "0", "--overwrite"]) == 2
     assert "`batch_size` must be a positive int, got 0" in capsys.readouterr().err
+    assert main([*argv, "--device", "foo", "--overwrite"]) == 2  # a clear error, not torch's traceback
+    assert "`--device` must be a torch device" in capsys.readouterr().err

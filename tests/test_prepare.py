@@ -102,6 +102,15 @@ def test_existing_dataset_is_refused_unless_overwrite(amazon, tmp_path: Path) ->
     with pytest.raises(FileExistsError, match=r"theirs: already holds sequences.txt, which a dataset folder holds"):
         prepare_amazon2014(*amazon, theirs)
     assert (theirs / "sequences.txt").read_text() == "mine\n"
+    run = tmp_path / "a_run"  # a folder of something else and no dataset: refused, with --overwrite too
+    run.mkdir()
+    (run / "config.yaml").write_text("format: semid.run\n")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"a_run: holds config.yaml and no dataset; name a new or empty folder"):
+            prepare_amazon2014(*amazon, run, overwrite=overwrite)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    (tmp_path / "empty").mkdir()
+    prepare_amazon2014(*amazon, tmp_path / "empty")  # an empty folder is fine
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(FileExistsError, match="dangling: a symbolic link to nothing"):
         prepare_amazon2014(*amazon, tmp_path / "dangling")

@@ -208,6 +208,13 @@ def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_p
         assert e.value.code == 2 and "must be a positive int, got '0'" in capsys.readouterr().err and not (old / HYBRID_FILE).exists()
     with pytest.raises(ValueError, match="`num_candidates` must be a positive int, got 0"):
         choose_run_fusion(load_run(old), num_candidates=0)
+    other = tmp_path / "other_data"  # the run's data with one user's history changed: refused, nothing written
+    shutil.copytree(load_run(old).data_dir, other)
+    lines = (other / "sequences.txt").read_text().splitlines()
+    (other / "sequences.txt").write_text("\n".join([" ".join(lines[0].split()[:-1]), *lines[1:]]) + "\n")
+    assert main(["choose-fusion", "--run", str(old), "--data", str(other)]) == 2
+    assert "not the data the run" in capsys.readouterr().err and not (old / HYBRID_FILE).exists()
+    assert main(["choose-fusion", "--run", str(tmp_path / "typo")]) == 2 and not (tmp_path / "typo").exists()
     assert main(["choose-fusion", "--run", str(old)]) == 0
     assert (old / HYBRID_FILE).is_file()
     assert len(Recommender.from_run(old, decoder="hybrid").recommend(HISTORIES, k=3)) == len(HISTORIES)

@@ -118,7 +118,8 @@ def check_same_data(config: dict[str, Any], run_dir: str | os.PathLike[str], dat
         diff = ", ".join(f"{k} {seen.get(k, '-')[:12]} (trained: {str(v)[:12]})" for k, v in expected.items() if seen.get(k) != v)
         raise ValueError(
             f"{data_dir}: not the data the run {run_dir} was trained on ({config.get('data')}): sha256 of {diff}; "
-            "metrics on other items or users mean nothing: evaluate on the run's own data (leave out --data)"
+            "metrics on other items or users mean nothing: give the data the run was trained on (--data; its files "
+            "unchanged since)"
         )
 
 

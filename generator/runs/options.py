@@ -108,7 +108,7 @@ class TrainOptions:
     max_steps: int = option(-1, "optimiser steps (default: no limit)", BUDGET)
     max_time: str | None = option(None, "wall-clock limit HH:MM:SS (or DD:HH:MM:SS)", BUDGET)
     max_cpu_time: str | None = option(None, "limit on this process's CPU time, HH:MM:SS: the same work however busy the machine is", BUDGET)
-    seed: int = option(0, "{default}", OPTIM, fixed=True)
+    seed: int = option(0, "{default}", OPTIM, fixed=True, check=True, kind="int>=0")
     devices: int = option(1, "processes/devices; > 1 trains with DDP {default}", HARDWARE, check=True, kind="int>0")
     accelerator: str = option("auto", "cpu | gpu | auto {default}", HARDWARE)
     strategy: str = option("auto", "Lightning strategy: auto | ddp | ddp_spawn | fsdp ... {default}", HARDWARE)
@@ -182,8 +182,11 @@ class TrainOptions:
                 raise ValueError(f"`{f.name}` must be {what.replace('null', 'None')}, got {getattr(self, f.name)!r}")
         if isinstance(self.val_every, float) and not 0 < self.val_every <= 1:
             raise ValueError(f"`val_every` must be an int number of epochs or a fraction in (0, 1], got {self.val_every!r}")
-        parse_max_time(self.max_time)
-        parse_max_time(self.max_cpu_time, "max_cpu_time")
+        for name in ("max_time", "max_cpu_time"):  # (a run trained for no time ends without a checkpoint)
+            if (t := parse_max_time(getattr(self, name), name)) is not None and t.total_seconds() <= 0:
+                raise ValueError(f"`{name}` must be a positive duration, got {getattr(self, name)!r}")
+        if not _is_int(self.max_steps) or not (self.max_steps == -1 or self.max_steps > 0):
+            raise ValueError(f"`max_steps` must be a positive int, or -1 (no limit), got {self.max_steps!r}")
         optim = self.optim()  # validates the schedule's fields
         budgets = (self.max_epochs, self.max_steps > 0 or None, self.max_time, self.max_cpu_time)
         if optim.needs_budget and all(b is None for b in budgets):
