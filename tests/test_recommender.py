@@ -232,6 +232,22 @@ def test_a_run_without_a_fusion_says_to_choose_one(world: dict[str, Path], tmp_p
     assert "replacing a fusion" not in caplog.text
 
 
+def test_titles_come_from_the_runs_own_items_only(world: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``data=`` (a moved copy of the run's dataset folder) serves titles and asins; a folder whose items.jsonl is
+    another's (here one title changed) is refused by name: its titles would name other items."""
+    moved = shutil.copytree(world["data"], tmp_path / "moved")
+    assert Recommender.from_run(world["run"], data=moved).titles([1]) == Recommender.from_run(world["run"]).titles([1])
+    other = shutil.copytree(world["data"], tmp_path / "retitled")
+    lines = (other / "items.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    (other / "items.jsonl").write_text("\n".join([json.dumps({**first, "title": "another item"}), *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match="retitled: its items.jsonl .* is not the run .*titles and asins would name other"):
+        Recommender.from_run(world["run"], data=other)
+    assert main(["recommend", "--run", str(world["run"]), "--history", "3,4", "--data", str(other)]) == 2
+    assert "would name other items" in capsys.readouterr().err
+
+
 def test_version_names_the_checkpoint_and_the_ids(world: dict[str, Path], tmp_path: Path) -> None:
     v = Recommender.from_run(world["run"]).version
     assert v == Recommender.from_run(world["run"]).version and v.startswith("ckpt-") and ".ids-" in v

@@ -123,6 +123,20 @@ def check_same_data(config: dict[str, Any], run_dir: str | os.PathLike[str], dat
         )
 
 
+def check_same_items(config: dict[str, Any], run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str]) -> Path:
+    """``data_dir`` where its items.jsonl is the one the run recorded (a moved copy of its dataset folder), else a
+    ValueError naming both digests: titles and asins read from it would name other items. A run that recorded no
+    fingerprint is not checked."""
+    from semid.data import ITEMS_FILE
+
+    expected = (config.get("data_fingerprint") or {}).get(ITEMS_FILE)
+    seen = file_sha256(Path(data_dir) / ITEMS_FILE) if expected and (Path(data_dir) / ITEMS_FILE).is_file() else expected
+    if seen != expected:
+        raise ValueError(f"{data_dir}: its {ITEMS_FILE} (sha256 {seen[:12]}) is not the run {run_dir}'s ({expected[:12]}, "
+                         f"from {config.get('data')}): its titles and asins would name other items; give the run's dataset folder")
+    return Path(data_dir)
+
+
 CONFIG_VERSION = 1
 
 

@@ -45,7 +45,7 @@ from generator.models.checkpoint import own_tensors
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches
 from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
-from generator.runs.folder import Run, best_checkpoint, load_run, read_config
+from generator.runs.folder import Run, best_checkpoint, check_same_items, load_run, read_config
 from semid.data import Catalogue, load_catalogue
 from semid.tree import PrefixTree
 
@@ -331,7 +331,7 @@ class Recommender:
     def _catalogue(self, data: str | os.PathLike[str] | None) -> Catalogue | None:
         folder = Path(data) if data is not None else self.run.data_dir
         try:
-            cat = load_catalogue(folder)
+            cat = load_catalogue(folder if data is None else check_same_items(self.run.config, self.run.path, folder))
         except FileNotFoundError as e:
             if data is not None:
                 raise
