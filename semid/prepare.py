@@ -338,9 +338,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
             f"{out}: already holds {', '.join(ours)}, which a dataset folder holds; pass --overwrite to replace "
             "them, or name a new folder"
         )
-    others = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
-    if others and not ours:  # a folder of something else (a run, codebooks, notes): a dataset is not written into it
-        raise FileExistsError(
-            f"{out}: holds {', '.join(others[:5])}{' ...' if len(others) > 5 else ''} and no dataset; name a new or "
-            "empty folder for the dataset"
-        )
+    semids = [n for n in ("config.yaml", "semantic_ids.npz") if os.path.lexists(out / n)]  # a run's, codebooks'
+    if semids:  # a dataset written into another semid folder mixes the two (and the folder's own commands refuse it)
+        raise FileExistsError(f"{out}: holds {', '.join(semids)}: a run or codebooks folder, not a dataset's; name a new "
+                              "or empty folder for the dataset")

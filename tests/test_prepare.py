@@ -102,15 +102,18 @@ def test_existing_dataset_is_refused_unless_overwrite(amazon, tmp_path: Path) ->
     with pytest.raises(FileExistsError, match=r"theirs: already holds sequences.txt, which a dataset folder holds"):
         prepare_amazon2014(*amazon, theirs)
     assert (theirs / "sequences.txt").read_text() == "mine\n"
-    run = tmp_path / "a_run"  # a folder of something else and no dataset: refused, with --overwrite too
-    run.mkdir()
-    (run / "config.yaml").write_text("format: semid.run\n")
-    for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match=r"a_run: holds config.yaml and no dataset; name a new or empty folder"):
-            prepare_amazon2014(*amazon, run, overwrite=overwrite)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
-    (tmp_path / "empty").mkdir()
-    prepare_amazon2014(*amazon, tmp_path / "empty")  # an empty folder is fine
+    for name, marker in (("a_run", "config.yaml"), ("codebooks", "semantic_ids.npz")):  # another semid folder:
+        folder = tmp_path / name  # refused, with --overwrite too (its own commands would refuse it afterwards)
+        folder.mkdir()
+        (folder / marker).write_text("x")
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match=rf"{name}: holds {marker}: a run or codebooks folder, not a dataset"):
+                prepare_amazon2014(*amazon, folder, overwrite=overwrite)
+        assert sorted(p.name for p in folder.iterdir()) == [marker]
+    raw = tmp_path / "raw"  # a folder of one's own files (a placeholder, the raw download): written into as before
+    raw.mkdir()
+    (raw / ".gitkeep").write_text("")
+    prepare_amazon2014(*amazon, raw)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(FileExistsError, match="dangling: a symbolic link to nothing"):
         prepare_amazon2014(*amazon, tmp_path / "dangling")

@@ -133,7 +133,8 @@ def check_same_items(config: dict[str, Any], run_dir: str | os.PathLike[str], da
     seen = file_sha256(Path(data_dir) / ITEMS_FILE) if expected and (Path(data_dir) / ITEMS_FILE).is_file() else expected
     if seen != expected:
         raise ValueError(f"{data_dir}: its {ITEMS_FILE} (sha256 {seen[:12]}) is not the run {run_dir}'s ({expected[:12]}, "
-                         f"from {config.get('data')}): its titles and asins would name other items; give the run's dataset folder")
+                         f"from {config.get('data')}): its titles and asins would name other items; give the run's dataset folder (after "
+                         "`semid add-items`: the folder the items were added from)")
     return Path(data_dir)
 
 

@@ -37,7 +37,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, field: str, value: Any, allowed: str, message: str | None = None) -> None:
         self.status, self.field, self.value, self.allowed = status, field and _cut(field, 80), _short(value), allowed
-        self.message = message or f"`{field}` must be {allowed}, got {self.value}"
+        self.message = message or f"`{self.field}` must be {allowed}, got {self.value}"
         super().__init__(self.message)
 
     def body(self) -> dict[str, Any]:
