@@ -21,9 +21,9 @@ def positive_int(text: str) -> int:
 
 
 def nonnegative_int(text: str) -> int:
-    """An int of at least 0 (``--seed``)."""
-    if not text.isascii() or not text.isdigit():
-        raise argparse.ArgumentTypeError(f"must be a non-negative int, got {text!r}")
+    """An int in [0, 2^32) (``--seed``: what numpy's generators take)."""
+    if not text.isascii() or not text.isdigit() or int(text) >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2^32), got {text!r}")
     return int(text)
 
 

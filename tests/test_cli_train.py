@@ -179,7 +179,8 @@ def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], ca
     for argv in (["distill", "--run", str(trained["run"]), "--out", str(a_file.parent / "d"), "--threads", "0"],
                  ["combine", "--run", str(trained["run"]), "--run", str(trained["run"]), "--out", str(a_file.parent / "c"),
                   "--threads", "0"],
-                 ["evaluate", "--run", str(trained["run"]), "--seed", "-1"]):
+                 ["evaluate", "--run", str(trained["run"]), "--seed", "-1"],
+                 ["evaluate", "--run", str(trained["run"]), "--seed", str(2**32)]):  # (numpy's generators refuse it)
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and "must be a" in capsys.readouterr().err

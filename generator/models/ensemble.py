@@ -191,9 +191,8 @@ class EnsembleGenerator(nn.Module):
         design's, go member by member)."""
         if self.training or torch.is_grad_enabled() or self.members[0].dense_head.config.normalize:
             return torch.cat([m.dense_queries(x) for m, x in zip(self.members, self._split(h), strict=True)], dim=-1)
-        K, D = len(self.members), self.config.d_model  # (equal to the members' own up to float rounding)
-        q = torch.baddbmm(self._stacked_weights()["query.b"], torch.stack(self._split(h)).reshape(K, -1, D),
-                          self._stacked_weights()["query.w"])  # (K, R, d)
+        K, D, w = len(self.members), self.config.d_model, self._stacked_weights()  # (equal to the members' own up to
+        q = torch.baddbmm(w["query.b"], torch.stack(self._split(h)).reshape(K, -1, D), w["query.w"])  # float rounding)
         return q.permute(1, 0, 2).reshape(*h.shape[:-1], -1)
 
     @staticmethod

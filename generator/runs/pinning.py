@@ -24,6 +24,11 @@ from semid.io import file_sha256
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
+def is_digest(text: str) -> bool:
+    """Whether ``text`` is a sha256 hex digest (64 hex digits, either case, spaces around allowed)."""
+    return bool(_HEX.fullmatch(text.strip().lower()))
+
+
 def pinned_files(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> list[str]:
     """The files a pin covers, relative to the run folder: config.yaml, semantic_ids.npz and the checkpoint served."""
     run_dir = Path(run_dir)
@@ -93,7 +98,7 @@ def check_pinned(run_dir: str | os.PathLike[str], expected: str, checkpoint: str
     """
     run_dir = Path(run_dir)
     digests = run_digests(run_dir, checkpoint)
-    if _HEX.fullmatch(expected.strip().lower()):
+    if is_digest(expected):
         seen = combined_digest(digests)
         if seen != expected.strip().lower():
             raise ValueError(

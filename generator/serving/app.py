@@ -268,11 +268,11 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
         Body (optional): {"expect_sha256": "<combined digest>"}, required when the service was started pinned."""
         host = request.client.host if request.client else None
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not _is_loopback(host) and not (admin_token and hmac.compare_digest(given.encode(), admin_token.encode())):
+        token_ok = bool(admin_token) and hmac.compare_digest(given.encode(), admin_token.encode())
+        if not _is_loopback(host) and not token_ok:
             raise ApiError(403, "client", host, "a loopback client, or `Authorization: Bearer TOKEN` with the token "
                            "given at start (--admin-token)", f"/admin routes answer loopback clients or the admin "
                            f"token only; {host} sent {'a wrong token' if given else 'no token'}")
-        token_ok = bool(admin_token) and hmac.compare_digest(given.encode(), admin_token.encode())
         if "origin" in request.headers and not token_ok:  # a web page's request (a browser sends its Origin), not a tool's
             raise ApiError(403, "origin", request.headers["origin"], "no Origin header (a command-line client), or the "
                            "admin token", "/admin routes do not answer web pages: a page open in a browser on this "

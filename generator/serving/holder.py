@@ -16,7 +16,6 @@ import asyncio
 import gc
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
-from generator.runs.pinning import check_pinned
+from generator.runs.pinning import check_pinned, is_digest
 from generator.runs.recommender import Recommender
 from generator.serving.requests import ApiError
-
-_DIGEST = re.compile(r"[0-9a-fA-F]{64}")  # a reload's pin: a digest only (a pins file is the command line's, never a client's path)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +96,8 @@ class Holder:
         if self.pinned and expect_sha256 is None:
             raise ApiError(409, "expect_sha256", None, "the new version's combined digest (`semid digest --run RUN "
                            "--combined`)", "this service serves a pinned run: a reload must pin the new version too")
-        if expect_sha256 is not None and (not isinstance(expect_sha256, str) or not _DIGEST.fullmatch(expect_sha256.strip())):
+        if expect_sha256 is not None and (not isinstance(expect_sha256, str) or not is_digest(expect_sha256)):
+            # (a digest only: a pins file is the command line's, never a path a client names)
             raise ApiError(422, "expect_sha256", expect_sha256, "64 hex digits (`semid digest --run RUN --combined`)")
         if self._lock.locked():
             raise ApiError(409, "reload", "in progress", "one reload at a time", "a reload is already in progress")
