@@ -112,6 +112,16 @@ def test_concurrent_requests_are_batched_and_get_what_one_by_one_calls_get(serve
     assert reg.get_sample_value("semid_batch_histories_sum") == 48 + 48
 
 
+def test_metrics_count_a_path_under_its_route_only_when_that_route_answers_it(serve_world: dict[str, Path]) -> None:
+    app = app_for(serve_world["v1"])
+    with TestClient(app) as c:
+        assert [c.get(p).status_code for p in ("/items/3", "/items/", "/items/3/x", "/nowhere")] == [200, 404, 404, 404]
+    value = app.state.metrics.registry.get_sample_value
+    assert value("semid_requests_total", {"endpoint": "/items/{id}", "status": "200"}) == 1
+    assert value("semid_requests_total", {"endpoint": "/items/{id}", "status": "404"}) is None  # (was 2)
+    assert value("semid_requests_total", {"endpoint": "other", "status": "404"}) == 3
+
+
 def _bad_inputs() -> list[tuple[object, int, str, str]]:
     """(body, status, field, a phrase of what is allowed)."""
     big = "x" * 5000
@@ -159,8 +169,18 @@ def test_bad_input_is_a_4xx_json_naming_the_field(serve_world: dict[str, Path], 
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert err["field"] == field and phrase in err["message"] + err["allowed"], err
-        assert err["value"] is not None and "Traceback" not in r.text and len(r.content) < 1000  # nothing echoed whole
+        assert (err["value"] is None) == ("missing field" in err["message"]) and "Traceback" not in r.text and len(r.content) < 1000  # nothing echoed whole
         assert c.post("/recommend", json={"history": [1, 2]}).status_code == 200  # still serving
+
+
+@pytest.mark.parametrize(("k", "text"), [("10", '"10"'), (10.5, "10.5"), (None, "null"), (True, "true"), (0, "0"),
+                                         ([1, "é"], '[1, "é"]')])
+def test_a_refused_value_is_named_as_the_json_the_client_sent(serve_world: dict[str, Path], k: object, text: str) -> None:
+    # (was Python's repr: '10' for the string, None for null, True for true)
+    with TestClient(app_for(serve_world["v1"])) as c:
+        r = c.post("/recommend", json={"history": [1, 2], "k": k})
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["field"] == "k" and err["value"] == text and err["message"].endswith(text)
 
 
 def test_large_bodies_are_refused_without_echoing_them(serve_world: dict[str, Path]) -> None:
@@ -293,7 +313,7 @@ def test_admin_answers_loopback_or_the_token_only(serve_world: dict[str, Path], 
     assert page == (status if token == "s3cret" else 403), answer
     assert page != 403 or answer["error"]["field"] in ("client", "origin")
     if status == 403:
-        assert body["error"]["field"] == "client" and body["error"]["value"] == repr(client[0])
+        assert body["error"]["field"] == "client" and body["error"]["value"] == json.dumps(client[0])
         assert app.state.holder.current.version == version
     else:
         assert body["version"] == version and body["previous"] == version  # reloaded the same run

@@ -4,6 +4,9 @@ with the beams it reports; the hybrid serves a history whose excluded items leav
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +42,9 @@ def test_histories_that_rank_alike_share_one_call_and_get_their_own_answer(serve
                 jobs.append(_job(rec, short, k, decoder, exclude))
         jobs.append(_job(rec, long, 10, decoder, True))
     batcher = MicroBatcher(max_batch=64)
-    histories, groups = batcher._decode(jobs)
+    groups = batcher._decode([(job, 0, len(job.histories)) for job in jobs])
     # one call per decoder, k and exclusion notwithstanding; beam alone splits on the long history's bucket
-    assert histories == sum(len(j.histories) for j in jobs) and groups == 5
+    assert groups == 5
     for job in jobs:
         assert job.error is None, job.error
         assert job.beams == [None if job.decoder in ("exact", "dense") else bucket(w, 20, 40) for w in job.wants]
@@ -106,4 +109,62 @@ def test_a_request_the_decoder_refuses_names_the_decoder(serve_world: dict[str, 
         r = c.post("/recommend", json={"history": [1, 2], "decoder": "hybrid"})
         assert r.status_code == 422, r.text
         err = r.json()["error"]
-        assert err["field"] == "decoder" and err["value"] == "'hybrid'" and "got 13" in err["message"], err
+        assert err["field"] == "decoder" and err["value"] == '"hybrid"' and "got 13" in err["message"], err
+
+
+def test_a_batch_takes_new_requests_first_and_leaves_a_quarter_to_a_large_one_under_way(serve_world: dict[str, Path]
+                                                                                        ) -> None:
+    rec = Recommender.from_run(serve_world["v1"])
+    batcher = MicroBatcher(max_batch=8)
+    big = _job(rec, [[1 + i % 30, 2 + i % 20] for i in range(20)], 5, "beam", True)
+    smalls = [_job(rec, [[3 + i, 4]], 5, "dense", False) for i in range(9)]
+    waiting = deque([big])
+    assert [(lo, hi) for _, lo, hi in batcher._fill(waiting)] == [(0, 8)] and list(waiting) == [big]
+    waiting.append(smalls[0])
+    pieces = batcher._fill(waiting)  # the new one first, then the large one fills the batch
+    assert [(job is big, lo, hi) for job, lo, hi in pieces] == [(False, 0, 1), (True, 8, 15)]
+    waiting.extend(smalls[1:])  # eight new requests: six go first, the large one keeps a quarter of the batch
+    pieces = batcher._fill(waiting)
+    assert [job for job, _, _ in pieces] == [*smalls[1:7], big] and pieces[-1][1:] == (15, 17)
+    assert list(waiting) == [big, *smalls[7:]]  # (handed out wholly: gone)
+    assert [(job is big, lo, hi) for job, lo, hi in batcher._fill(waiting)] == [(False, 0, 1), (False, 0, 1), (True, 17, 20)]
+    assert not waiting
+
+
+def test_a_small_request_is_answered_between_the_slices_of_a_large_one(serve_world: dict[str, Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # head-of-line blocking: a 1,024-history request held the worker for 6-12 s and a one-item request waited it out
+    rec = Recommender.from_run(serve_world["v1"])
+    large = [np.asarray([1 + i % 30, 2 + i % 20, 5], dtype=np.int64) for i in range(20)]
+    small = [np.asarray([3, 4], dtype=np.int64)]
+    alone = {id(h): rec.recommend([h], 5, "beam", exclude_history=True)[0].items.tolist() for h in large + small}
+    real, gate, calls, batches, done = rec.recommend, threading.Event(), [], [], []
+
+    def held(histories: list[np.ndarray], *args: object, **kwargs: object) -> object:
+        calls.append(len(histories))
+        gate.wait(30)  # the first slice is under way when the small request comes
+        return real(histories, *args, **kwargs)
+
+    monkeypatch.setattr(rec, "recommend", held)
+    batcher = MicroBatcher(max_batch=8, max_wait_ms=0, on_batch=lambda n, *_: batches.append(n))
+
+    async def main() -> tuple[list, list]:
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(rec, large, 5, "beam", True))
+            first.add_done_callback(lambda _: done.append("large"))
+            for _ in range(3000):  # (until the worker decodes the first slice)
+                if calls:
+                    break
+                await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(batcher.submit(rec, small, 5, "beam", True))
+            second.add_done_callback(lambda _: done.append("small"))
+            gate.set()
+            return await first, await second
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    (got_large, _), (got_small, _) = asyncio.run(main())
+    assert batches == [8, 8, 5] and done == ["small", "large"]  # 8 of the large; the small + 7; the last 5
+    for h, got in zip(large + small, got_large + got_small, strict=True):
+        assert got.items.tolist() == alone[id(h)]

@@ -5,6 +5,7 @@ keeps serving; the file watch swaps in a new version; `semid serve` itself start
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -104,10 +105,13 @@ def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str,
     app.state.holder.pinned = True
     with TestClient(app) as c, pytest.MonkeyPatch.context() as mp:
         mp.setattr("generator.serving.app._is_loopback", lambda host: True)
+        v1 = app.state.holder.current.version
         assert c.post("/admin/reload").status_code == 409  # a pinned service needs the new digest
         target["path"] = app.state.holder.run_dir = serve_world["v2"]
         r = c.post("/admin/reload", json={"expect_sha256": "0" * 64})
-        assert r.status_code == 422 and "do not serve this run" in r.json()["error"]["message"]
+        err = r.json()["error"]  # the client's pin is named, not the reload (was field `reload`, a 422)
+        assert r.status_code == 409 and err["field"] == "expect_sha256" and "do not serve this run" in err["message"]
+        assert err["value"] == json.dumps("0" * 64) and v1 in err["message"]
         pins = Path(f"/tmp/semid-pins-{os.getpid()}-".ljust(64, "x"))  # 64 characters: was read as a file of pins,
         pins.write_text("root:x:0:0:secret-line\n", encoding="utf-8")  # and its first line came back in the error
         try:

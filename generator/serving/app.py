@@ -28,7 +28,7 @@ from generator.runs.recommender import Recommendation
 from generator.serving.batcher import MicroBatcher
 from generator.serving.holder import Holder, Served, watch_signature
 from generator.serving.metrics import ROUTES, Metrics, MetricsMiddleware
-from generator.serving.requests import ApiError, Limits, parse_body, parse_query
+from generator.serving.requests import MISSING, ApiError, Limits, parse_body, parse_query, short_json
 
 log = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # a client that closed the connection before its request was read (nginx's code)
@@ -185,7 +185,7 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
     def ready() -> Served:
         served = holder.current
         if served is None or not batcher.alive:
-            raise ApiError(503, None, None, None, "no model is loaded yet (see /readyz)")
+            raise ApiError(503, None, MISSING, None, "no model is loaded yet (see /readyz)")
         return served
 
     async def decode(served: Served, doc: dict[str, Any], batch: bool) -> tuple[Any, list[Recommendation], list[int | None]]:
@@ -193,8 +193,8 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
         try:
             return q, *await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history)
         except (ValueError, TypeError) as e:  # the decoder refused what the checks let through: name it
-            raise ApiError(422, "decoder", q.decoder, f"a request that decoder {q.decoder!r} can serve",
-                           f"decoder {q.decoder!r} refused this request: {e}") from None
+            raise ApiError(422, "decoder", q.decoder, f"a request that decoder `{q.decoder}` can serve",
+                           f"decoder `{q.decoder}` refused this request: {e}") from None
 
     async def reload_now(expect: str | None) -> Served:
         old = holder.current
@@ -304,7 +304,7 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> Response:
         first = e.errors()[0] if e.errors() else {}
-        return _error(422, ".".join(map(str, first.get("loc", ()))), repr(first.get("input"))[:80], None, str(first.get("msg")))
+        return _error(422, ".".join(map(str, first.get("loc", ()))), short_json(first.get("input", MISSING)), None, str(first.get("msg")))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> Response:

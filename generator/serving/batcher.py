@@ -21,6 +21,11 @@ What decides a ranking (:func:`plan`), so that a batched answer is what the requ
 
 A lone client pays no wait: the worker waits for more requests only when requests queued up while it was decoding
 the previous batch, or more than one was already waiting (signs of concurrent clients); otherwise it decodes at once.
+
+No request waits behind a large one: a batch holds at most ``max_batch`` histories, and a request of more is
+decoded a slice per batch. Requests that have not started go first (up to three quarters of a batch while a large
+one is under way, so that it keeps moving), then the large ones fill the rest: a one-history request waits at most
+one batch, not the whole of a 1,024-history request before it (6-12 s with the four-member default).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,11 +54,11 @@ WIDENING = frozenset({"hybrid"})  # ranks max(beams, C) candidates per list: any
 PREFIX = frozenset({"beam", "exact", "dense", "hybrid", "title-beam"})  # top-k = the first k of top-n (n > k)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself only (compared and hashed by identity)
 class Job:
     """One request: B checked histories for one Recommender, decoded with the same k, decoder and exclusion.
 
-    wants, beams, keys: per history (:func:`plan`).
+    wants, beams, keys: per history (:func:`plan`); ``next``: its first history not yet handed to a batch.
     """
 
     rec: Recommender
@@ -67,6 +73,14 @@ class Job:
     keys: list[tuple] = field(default_factory=list)
     results: list[Recommendation | None] = field(default_factory=list)
     error: BaseException | None = None
+    next: int = 0
+
+    @property
+    def left(self) -> int:
+        return len(self.histories) - self.next
+
+
+Piece = tuple[Job, int, int]  # a job's histories [lo, hi) in one batch
 
 
 def plan(rec: Recommender, histories: list[np.ndarray], k: int, decoder: str, exclude_history: bool
@@ -98,7 +112,7 @@ class MicroBatcher:
     """One worker thread that decodes queued requests in batches.
 
     Args:
-        max_batch: the most histories decoded as one batch (a request with more is decoded alone, in chunks).
+        max_batch: the most histories decoded as one batch (a request with more is decoded a slice per batch).
         max_wait_ms: the longest a request waits for others to join its batch.
         threads: torch threads of the worker (``torch.set_num_threads``).
         on_batch: called on the worker after each batch with (histories, requests, groups decoded, seconds decoding).
@@ -151,50 +165,87 @@ class MicroBatcher:
     # ---- the worker ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_num_threads(self.threads)
+        waiting: deque[Job] = deque()  # taken from the queue, not yet wholly handed to a batch (arrival order)
         stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            jobs, stopping = self._gather(first)
+        while waiting or not stopping:
+            stopping = self._gather(waiting) or stopping
+            pieces = self._fill(waiting)
+            if not pieces:
+                continue
             t0 = time.perf_counter()
-            n, groups = self._decode(jobs)
+            groups = self._decode(pieces)
             seconds = time.perf_counter() - t0
             self._contended = not self._queue.empty()
-            for job in jobs:
-                job.loop.call_soon_threadsafe(_resolve, job)
+            jobs = [job for job, _, _ in pieces]  # (each request at most once in a batch)
+            for job in jobs:  # loop over this batch's requests: answer those done (or failed)
+                if job.left == 0 or job.error is not None:
+                    job.loop.call_soon_threadsafe(_resolve, job)
+            for job in [j for j in waiting if j.error is not None]:  # a failed request's slices left: dropped
+                waiting.remove(job)
             if self.on_batch is not None:
-                self.on_batch(n, len(jobs), groups, seconds)
+                self.on_batch(sum(hi - lo for _, lo, hi in pieces), len(jobs), groups, seconds)
 
-    def _gather(self, first: Job) -> tuple[list[Job], bool]:
-        """``first`` and the requests that join it (module doc); True as second value when a stop was queued."""
-        jobs, n = [first], len(first.histories)
+    def _gather(self, waiting: deque[Job]) -> bool:
+        """Move queued requests to ``waiting`` (module doc): when none waits, block for the first and gather those
+        that join it; while a large one is under way, take what is queued without waiting. True when a stop was
+        queued."""
+        if waiting:  # a large request under way: whatever queued up meanwhile joins the next batch's choice
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    return False
+                if job is _STOP:
+                    return True
+                waiting.append(job)
+        first = self._queue.get()
+        if first is _STOP:
+            return True
+        waiting.append(first)
+        n = len(first.histories)
         deadline = time.monotonic() + self.max_wait
         wait = self._contended
         while n < self.max_batch:
             try:
                 job = self._queue.get_nowait() if not wait else self._queue.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
-                if wait or len(jobs) == 1 or self.max_wait == 0:
+                if wait or len(waiting) == 1 or self.max_wait == 0:
                     break
                 wait = True  # more than one was waiting: others are likely on their way
                 continue
             if job is _STOP:
-                return jobs, True
-            jobs.append(job)
+                return True
+            waiting.append(job)
             n += len(job.histories)
             if wait and time.monotonic() >= deadline:
                 break
-        return jobs, False
+        return False
 
-    def _decode(self, jobs: list[Job]) -> tuple[int, int]:
-        """Decode every job's histories, grouped so that each gets what a call of its own would (module doc); returns
-        (histories, groups)."""
+    def _fill(self, waiting: deque[Job]) -> list[Piece]:
+        """One batch of at most ``max_batch`` histories from ``waiting`` (module doc): requests not yet started first,
+        in arrival order, leaving a quarter of the batch to those under way while any is; then those under way, oldest
+        first. Jobs wholly handed out leave ``waiting``."""
+        room, pieces = self.max_batch, []
+        keep = max(self.max_batch // 4, 1) if any(job.next for job in waiting) else 0
+        for job in sorted(waiting, key=lambda j: j.next > 0):  # (stable: arrival order within each kind)
+            take = min(job.left, room - (keep if job.next == 0 else 0))
+            if take > 0:
+                pieces.append((job, job.next, job.next + take))
+                job.next += take
+                room -= take
+        for job in [j for j in waiting if j.left == 0]:
+            waiting.remove(job)
+        return pieces
+
+    def _decode(self, pieces: list[Piece]) -> int:
+        """Decode each piece's histories, grouped so that each gets what a call of its own would (module doc); returns
+        the number of groups."""
         groups: dict[tuple, list[tuple[Job, int]]] = {}
-        for job in jobs:  # loop over requests (and a batch request's histories)
-            job.results = [None] * len(job.histories)
-            for i, key in enumerate(job.keys):
-                groups.setdefault(key, []).append((job, i))
+        for job, lo, hi in pieces:  # loop over requests (and a batch request's histories)
+            if not job.results:
+                job.results = [None] * len(job.histories)
+            for i in range(lo, hi):
+                groups.setdefault(job.keys[i], []).append((job, i))
         for key, members in groups.items():
             first = members[0][0]
             rec, decoder, beams = first.rec, first.decoder, key[2]
@@ -215,7 +266,7 @@ class MicroBatcher:
                 continue
             for (job, i), rec_out in zip(members, out, strict=True):
                 job.results[i] = rec_out
-        return sum(len(job.histories) for job in jobs), len(groups)
+        return len(groups)
 
 
 def _cut(out: list[Recommendation], members: list[tuple[Job, int]]) -> list[Recommendation]:

@@ -26,7 +26,7 @@ import numpy as np
 from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
 from generator.runs.pinning import check_pinned, is_digest
 from generator.runs.recommender import Recommender
-from generator.serving.requests import ApiError
+from generator.serving.requests import MISSING, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Holder:
     async def reload(self, expect_sha256: str | None = None) -> Served:
         """Load a new version beside the current one and swap (module doc); an ApiError says why one is refused."""
         if self.pinned and expect_sha256 is None:
-            raise ApiError(409, "expect_sha256", None, "the new version's combined digest (`semid digest --run RUN "
+            raise ApiError(409, "expect_sha256", MISSING, "the new version's combined digest (`semid digest --run RUN "
                            "--combined`)", "this service serves a pinned run: a reload must pin the new version too")
         if expect_sha256 is not None and (not isinstance(expect_sha256, str) or not is_digest(expect_sha256)):
             # (a digest only: a pins file is the command line's, never a path a client names)
@@ -125,14 +125,19 @@ class Holder:
             return new
 
     def _build(self, expect_sha256: str | None) -> Served:
-        try:
-            if expect_sha256 is not None:
+        running = self.current.version if self.current else "none"
+        if expect_sha256 is not None:
+            try:
                 check_pinned(self.run_dir, expect_sha256)
+            except (ValueError, OSError) as e:  # the client's pin: its field, not the reload's
+                raise ApiError(409, "expect_sha256", expect_sha256, "the combined digest of the run folder as it is now "
+                               "(`semid digest --run RUN --combined`)", f"the new version was refused: {e}; the running "
+                               f"version ({running}) keeps serving") from None
+        try:
             served = Served.build(self._load())
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the running one stays
             if not isinstance(e, (ValueError, TypeError, OSError)):
                 log.exception("loading the new version failed")
-            running = self.current.version if self.current else "none"
             raise ApiError(422, "reload", str(self.run_dir), "a run folder that loads", f"the new version was refused: "
                            f"{type(e).__name__}: {e}; the running version ({running}) keeps serving") from None
         settle_heap()  # the new version's objects out of the collector's way (and the last reload's garbage freed)

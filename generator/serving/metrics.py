@@ -29,10 +29,12 @@ ROUTES = ("/recommend", "/recommend/batch", "/healthz", "/readyz", "/metrics", "
 
 
 def endpoint_of(path: str) -> str:
-    """The route template of ``path`` (a bounded set of label values)."""
+    """The route template of ``path`` (a bounded set of label values): ``/items/{id}`` only for a path that route
+    answers (one segment after ``/items/``; ``/items/`` and ``/items/1/x`` are 404s of no route, "other")."""
     if path in ROUTES:
         return path
-    return "/items/{id}" if path.startswith("/items/") else "other"
+    head, _, rest = path.rpartition("/")
+    return "/items/{id}" if head == "/items" and rest else "other"
 
 
 class Metrics:

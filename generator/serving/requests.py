@@ -32,11 +32,18 @@ class Limits:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
 
 
-class ApiError(Exception):
-    """A request the service refuses: HTTP ``status`` and a JSON body naming ``field``, ``value`` and ``allowed``."""
+MISSING = object()  # an ApiError's value where the request gave none (a missing field): JSON null
 
-    def __init__(self, status: int, field: str, value: Any, allowed: str, message: str | None = None) -> None:
-        self.status, self.field, self.value, self.allowed = status, field and _cut(field, 80), _short(value), allowed
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP ``status`` and a JSON body naming ``field``, ``value`` and ``allowed``.
+
+    ``value`` is what the client sent as JSON text (``"10"`` for the string, ``10`` for the number, ``null``), cut to
+    80 characters (:func:`short_json`); null where it sent none (:data:`MISSING`)."""
+
+    def __init__(self, status: int, field: str | None, value: Any, allowed: str | None, message: str | None = None
+                 ) -> None:
+        self.status, self.field, self.value, self.allowed = status, field and _cut(field, 80), short_json(value), allowed
         self.message = message or f"`{self.field}` must be {allowed}, got {self.value}"
         super().__init__(self.message)
 
@@ -44,9 +51,14 @@ class ApiError(Exception):
         return {"error": {"field": self.field, "value": self.value, "allowed": self.allowed, "message": self.message}}
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters (a refused body is never echoed whole)."""
-    text = repr(value)
+def short_json(value: Any, limit: int = 80) -> str | None:
+    """``value`` as JSON text (bytes read as UTF-8, anything JSON has no form for as its ``str``), cut to ``limit``
+    characters: a refused body is never echoed whole."""
+    if value is MISSING:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -133,7 +145,7 @@ def check_fields(doc: dict[str, Any], allowed: tuple[str, ...], required: tuple[
                            f"the fields are {list(allowed)}")
     for name in required:
         if name not in doc:
-            raise ApiError(422, name, None, "present", f"missing field `{name}`")
+            raise ApiError(422, name, MISSING, "present", f"missing field `{name}`")
 
 
 def is_int(x: Any) -> bool:
@@ -156,7 +168,7 @@ def check_decoder(doc: dict[str, Any], rec: Recommender) -> str:
     try:
         return rec.resolve(name)
     except ValueError:  # (its message lists every decoder semid has, not what this run serves)
-        raise ApiError(422, "decoder", name, allowed, f"`decoder` {_cut(name)!r} is not served here: this service "
+        raise ApiError(422, "decoder", name, allowed, f"`decoder` {short_json(name)} is not served here: this service "
                        f"serves {allowed}") from None
 
 
@@ -190,7 +202,7 @@ def check_history(value: Any, field: str, rec: Recommender, limits: Limits) -> n
     if unknown.size:
         i = int(unknown[0])
         raise ApiError(422, f"{field}[{i}]", value[i], f"an item id of the catalogue ({lo}..{hi}, {len(ids)} items)",
-                       f"`{field}[{i}]` is {_short(value[i])}, not an item of the catalogue ({lo}..{hi}, {len(ids)} items)")
+                       f"`{field}[{i}]` is {short_json(value[i])}, not an item of the catalogue ({lo}..{hi}, {len(ids)} items)")
     return arr
 
 
