@@ -115,7 +115,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "study's best recipe (items added later get zeros there and their codes from the embeddings alone)",
     )
     p.add_argument(
-        "--collaborative-weight", type=float, default=1.0, help="weight of the collaborative half (default 1)"
+        "--collaborative-weight", type=float, help="weight of the collaborative half, with --collaborative (default 1)"
     )
     add_progress(p)
 
@@ -138,12 +138,15 @@ def build_config(args: argparse.Namespace) -> RQVAEConfig | RQKMeansConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.collaborative_weight is not None and args.collaborative is None:  # (it was accepted, and changed nothing)
+        raise ValueError("--collaborative-weight weighs the vectors of --collaborative RUN: give that run too, or drop it")
     config = build_config(args)
     check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
     embeddings = check_embedding_values(read_npy(args.embeddings), args.embeddings)  # errors name the file
     collaborative = None
     if args.collaborative is not None:
-        embeddings, collaborative = _with_run_vectors(embeddings, args.collaborative, args.collaborative_weight)
+        weight = 1.0 if args.collaborative_weight is None else args.collaborative_weight
+        embeddings, collaborative = _with_run_vectors(embeddings, args.collaborative, weight)
     result = fit_codebooks(embeddings, config, progress=progress_default(args.progress))
     stats = write_codebooks(
         args.out, result, config, embeddings_path=args.embeddings, extra_level_size=args.extra_level_size,

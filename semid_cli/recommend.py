@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     rec = Recommender.from_run(args.run, decoder=args.decoder, decoders=[args.decoder], alpha=args.alpha,
                                num_beams=DEFAULT_BEAMS, data=args.data)
+    if args.user is not None and not rec.run.use_user_tokens:  # (the library warns and goes on; here it was missed)
+        raise ValueError(f"--user {args.user}: {args.run} was trained without user tokens, so a user id changes nothing "
+                         "(only T5 runs trained with --user-tokens read one): drop --user")
     user_ids = [args.user] if args.user is not None else None
     try:
         out = rec.recommend([args.history], k=args.k, user_ids=user_ids, num_beams=args.num_beams,

@@ -7,6 +7,7 @@ With ``--resume`` the options stored in RUN/config.yaml are the defaults, and fl
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -53,6 +54,12 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=f.name, type=m["parse"] or _parser(f.name), choices=m["choices"], help=text)
 
 
+def as_flags(message: str) -> str:
+    """``message`` with each `field` of :class:`TrainOptions` named as its flag (`--max-steps`)."""
+    flags = {f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(TrainOptions)}
+    return re.sub(r"`([a-z_]+)`", lambda m: f"`{flags[m[1]]}`" if m[1] in flags else m[0], message)
+
+
 def _parser(name: str) -> type | None:
     kinds = value_types(name)
     return None if str in kinds else kinds[0]
@@ -91,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         check_resumable(args.out)
     base = stored_options(read_config(args.out).get("train", {})) if args.resume else {}
-    options = TrainOptions.from_dict({**base, **given})
+    try:
+        options = TrainOptions.from_dict({**base, **given})
+    except ValueError as e:  # the options' messages name fields (`max_steps`); the user typed flags
+        raise ValueError(as_flags(str(e))) from None
     quiet_lightning()  # Lightning is imported with the training code, after logging was set up: one handler
     try:
         result = train_run(args.data, ids_file(args.ids), args.out, options, resume=args.resume,
@@ -104,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"run folder      {result.run_dir}")
     monitor = read_config(result.run_dir).get("monitor", "val/ndcg@10")
     print(f"best checkpoint {result.best_checkpoint}  ({monitor} on the validation sample: {result.best_score})")
-    print(f"trained         {result.epochs} epochs, {result.steps} steps, {result.seconds:.0f} s; padded share {result.padded_share:.1%}")
+    print(f"trained         {result.epochs} epochs, {result.steps} steps, {result.train_seconds:.0f} s (config.yaml's "
+          f"train_seconds; {result.seconds:.0f} s with the validation and fusion below); padded share {result.padded_share:.1%}")
     if result.fusion is not None:
         print(f"hybrid fusion   {result.fusion} (chosen on validation users) -> {result.run_dir / 'hybrid.json'}")
     if result.metrics_valid:

@@ -126,6 +126,9 @@ def test_cli_recommend_prints_items(causal_run: dict[str, Path], capsys: pytest.
         assert main(["recommend", "--run", str(causal_run["run"]), "--history", ",".join(map(str, history)), "-k", "3",
                      "--json", *flags]) == 0
         assert [r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]] == want, flags
+    # a user id on a run without user tokens changes nothing: said, not taken (it was accepted and ignored)
+    assert main(["recommend", "--run", str(causal_run["run"]), "--history", "1,2,3", "--user", "7"]) == 2
+    assert "--user 7: " in capsys.readouterr().err
 
 
 def test_causal_options_that_do_not_apply_are_errors() -> None:

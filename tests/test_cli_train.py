@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +35,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ids_dir.mkdir()
     write_ids(ids_dir / "semantic_ids.npz")
     run = root / "run"
-    assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(run), *TRAIN_FLAGS]) == 0
-    return {"data": data, "ids": ids_dir, "run": run}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["train", "--data", str(data), "--ids", str(ids_dir), "--out", str(run), *TRAIN_FLAGS]) == 0
+    return {"data": data, "ids": ids_dir, "run": run, "printed": printed.getvalue()}
 
 
 def test_train_writes_the_run_folder(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,6 +53,11 @@ def test_train_writes_the_run_folder(trained: dict[str, Path], capsys: pytest.Ca
     assert valid["users_evaluated"] == 24 and valid["invalid_items"] == 0
     # the best checkpoint's score on the validation sample (here: all users) is what the final evaluation finds
     assert valid["ndcg@10"] == pytest.approx(config["best_score"]["val/ndcg@10"], abs=1e-6)
+    # the seconds printed are the training's, as config.yaml records them (it printed the whole command's: 157 s
+    # for a `--max-time 00:00:05` whose config said 8), then the whole with the validation and fusion after it
+    said = re.search(r"trained .* steps, (\d+) s \(config.yaml's train_seconds; (\d+) s with", trained["printed"])
+    assert said, trained["printed"]
+    assert int(said[1]) == round(config["train_seconds"]) and int(said[2]) >= int(said[1])
 
 
 class Recording:
@@ -165,11 +175,13 @@ def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], ca
         train_run(trained["data"], trained["ids"] / "semantic_ids.npz", trained["run"].parent / "no_run_here",
                   TrainOptions(), resume=True)
     assert main([*base, "--out", str(trained["run"].parent / "x"), "--max-time", "90min"]) == 2
-    assert "`max_time` must be HH:MM:SS" in capsys.readouterr().err
-    for flags, message in ((["--max-time", "00:00:00"], "`max_time` must be a positive duration"),  # (no checkpoint:
-                           (["--max-steps", "0"], "`max_steps` must be a positive int, or -1"),  # a folder no resume
-                           (["--max-steps", "-5"], "`max_steps` must be a positive int, or -1"),  # could continue)
-                           (["--seed", "-1"], "`seed` must be a non-negative int")):
+    assert "`--max-time` must be HH:MM:SS" in capsys.readouterr().err  # (the flag, not the option's field `max_time`)
+    for flags, message in ((["--max-time", "00:00:00"], "`--max-time` must be a positive duration"),  # (no checkpoint:
+                           (["--max-steps", "0"], "`--max-steps` must be a positive int, or -1"),  # a folder no resume
+                           (["--max-steps", "-5"], "`--max-steps` must be a positive int, or -1"),  # could continue)
+                           (["--seed", "-1"], "`--seed` must be a non-negative int"),
+                           (["--preset", "cpu", "--num-workers", "-1"], "`--num-workers` must be a non-negative int"),
+                           (["--num-workers", "2"], "`--num-workers` is for the T5 presets' data loader")):  # (ignored)
         assert main([*base, "--out", str(trained["run"].parent / "x"), *flags]) == 2
         assert message in capsys.readouterr().err and not (trained["run"].parent / "x").exists()
     a_file = trained["run"].parent / "a_file.txt"

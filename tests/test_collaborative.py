@@ -61,6 +61,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "old": old, "new": new, "emb": emb, "run": run, "cf": cf, "small": small}
 
 
+def test_a_collaborative_weight_without_its_run_is_refused(world: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from semid_cli import main  # (it was accepted and changed nothing)
+
+    assert main(["fit-codebooks", "--embeddings", str(world["old"] / "item_emb_minilm.npy"), "--out",
+                 str(world["root"] / "ids_w"), "--collaborative-weight", "2", *world["small"]]) == 2
+    assert "--collaborative-weight weighs the vectors of --collaborative RUN" in capsys.readouterr().err
+    assert not (world["root"] / "ids_w").exists()
+
+
 def test_codebooks_are_fitted_on_the_text_beside_the_runs_item_vectors(world: dict) -> None:
     import json
 

@@ -115,6 +115,14 @@ def refuse_title_fields(options: Any) -> None:
         raise ValueError("`tokenizer` and `encoder` are for `target` 'title'")
 
 
+def refuse_workers(options: Any) -> None:
+    """The causal backbone's designs assemble their batches in the training process: no DataLoader workers."""
+    if options.num_workers:
+        raise ValueError(f"`num_workers` is for the T5 presets' data loader (tiger, cpu, item-t5): preset "
+                         f"{options.preset!r} assembles its batches in the training process; leave it 0, got "
+                         f"{options.num_workers!r}")
+
+
 def positions(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return torch.arange(width)[None, :] < lengths[:, None]  # (B, S) True at real positions
 

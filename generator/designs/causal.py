@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from generator.decoding.protocol import Histories
-from generator.designs.base import Design, Labelled, Setup, TrainInputs, positions, refuse_title_fields
+from generator.designs.base import (
+    Design,
+    Labelled,
+    Setup,
+    TrainInputs,
+    positions,
+    refuse_title_fields,
+    refuse_workers,
+)
 from generator.models import checkpoint_checks as checks
 from generator.models.causal import DESIGN, CausalConfig, CausalGenerator
 from generator.models.ensemble import EnsembleGenerator
@@ -61,6 +69,7 @@ OPTION_KEYS = tuple(sorted(set(CausalConfig.__dataclass_fields__) - {"max_histor
 
 def check_options(options: Any) -> None:
     refuse_title_fields(options)
+    refuse_workers(options)
     set_ = lambda name, value: object.__setattr__(options, name, value)  # noqa: E731 (a frozen dataclass)
     if options.user_tokens:
         raise ValueError(f"`user_tokens` must be 0 with the causal preset {options.preset!r} (it has no user token), got {options.user_tokens}")

@@ -19,7 +19,7 @@ import torch
 from generator.decoding.registry import TITLE, resolve
 from generator.decoding.titles import TITLE_BEAM, tree_from_targets
 from generator.designs import causal
-from generator.designs.base import Design, Extras, Setup, TrainInputs
+from generator.designs.base import Design, Extras, Setup, TrainInputs, refuse_workers
 from generator.models.config import BACKBONE_KEYS
 from generator.models.titles import DESIGN, TitleConfig, TitleGenerator
 from semid.titles import TitleIndex, TitleTokenizer
@@ -36,6 +36,7 @@ def check_options(options: Any) -> None:
     if options.preset not in causal.PRESETS:
         raise ValueError(f"`target` 'title' runs on the causal backbone: `preset` must be one of {sorted(causal.PRESETS)}, "
                          f"got {options.preset!r}")
+    refuse_workers(options)
     if options.user_tokens:
         raise ValueError(f"`user_tokens` must be 0 with `target` 'title', got {options.user_tokens}")
     if options.dense not in (None, "id"):  # "id" is the causal default; a title run has no dense head

@@ -98,7 +98,7 @@ def train_evaluate_show(
 
 def _text(run_dir: Path, trained: TrainResult, test: dict[str, Any], shown: list[ShownUser]) -> str:
     lines = [
-        f"trained {trained.epochs} epochs ({trained.steps} steps) in {trained.seconds / 60:.1f} min -> {run_dir}",
+        f"trained {trained.epochs} epochs ({trained.steps} steps) in {trained.train_seconds / 60:.1f} min -> {run_dir}",
         f"test, {test['users_evaluated']} users: Recall@5 {test['recall@5']:.4f}  NDCG@5 {test['ndcg@5']:.4f}  "
         f"Recall@10 {test['recall@10']:.4f}  NDCG@10 {test['ndcg@10']:.4f}  (invalid items: {test['invalid_items']}; every "
         "item ranked, the benchmark's protocol)",

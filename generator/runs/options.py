@@ -141,7 +141,8 @@ class TrainOptions:
                                   "time budget, whose best checkpoint on validation is kept anyway; else 5)", BUDGET,
                                   check=True, kind="int>=0?")
     eval_batch_size: int = option(128, "{default}", VALID, check=True, kind="int>0")
-    num_workers: int = option(0, "DataLoader worker processes {default}", HARDWARE)
+    num_workers: int = option(0, "DataLoader worker processes of the T5 presets (tiger, cpu, item-t5) {default}", HARDWARE,
+                              kind="int>=0", check=True)
     progress: bool = option(True, "no progress bars (default: bars on a terminal, else one line per epoch)", HARDWARE, flag="--no-progress")
     dense: str | None = option(None, "the dense head's item vectors: a learned table, content embeddings, or both (causal: id | "
                                "both, where both also feeds content to the item inputs; none: no head) {default}", DENSE,

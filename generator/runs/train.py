@@ -89,6 +89,8 @@ class TrainResult(NamedTuple):
     padded_share: float
     metrics_valid: dict[str, Any] | None  # the final evaluation on all validation users (None if skipped)
     fusion: dict[str, Any] | None = None  # the hybrid's fusion chosen at the end (RUN/hybrid.json; None: no dense head)
+    train_seconds: float | None = None  # the training's own (config.yaml's ``train_seconds``); ``seconds``: with the
+    # final validation and the fusion's choice after it
 
 
 def _unfinished_first_run(out: Path) -> bool:
@@ -388,7 +390,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         fusion = choose_run_fusion(run, split, num_beams=options.num_beams, batch_size=options.eval_batch_size, seed=options.seed)
     seconds = time.perf_counter() - start
     log.info("trained %s in %.0f s: best %s = %s", out, seconds, monitor, score)
-    return TrainResult(out, best, score, epochs, steps, seconds, padded, metrics_valid, fusion)
+    return TrainResult(out, best, score, epochs, steps, seconds, padded, metrics_valid, fusion, run_config["train_seconds"])
 
 
 def _final_state(last: Path) -> tuple[float | None, int]:
