@@ -218,6 +218,20 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     assert main(["add-items", "--run", str(run_dir), "--data", str(moved)]) == 2
     assert "item 3 is 'B0003', but the run's item 3 is 'A0003'" in capsys.readouterr().err
     assert (run_dir / "semantic_ids.npz").read_bytes() == before
+    # the run's items with another title, or embeddings made again by another encoder: refused too (both passed)
+    retitled = Path(shutil.copytree(world["new"], tmp_path / "retitled"))
+    lines = (retitled / "items.jsonl").read_text().splitlines()
+    lines[4] = lines[4].replace('"item 5"', '"item five"')
+    (retitled / "items.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(retitled)]) == 2
+    assert "item 5's title is 'item five', but the run's item 5's title is 'item 5'" in capsys.readouterr().err
+    reembedded = Path(shutil.copytree(world["new"], tmp_path / "reembedded"))
+    emb = _embeddings(NEW)
+    emb[6] += 0.01
+    np.save(reembedded / "item_emb_minilm.npy", emb)
+    assert main(["add-items", "--run", str(run_dir), "--data", str(reembedded)]) == 2
+    assert "item_emb_minilm.npy: item 7's embedding differs from the run's" in capsys.readouterr().err
+    assert (run_dir / "semantic_ids.npz").read_bytes() == before
     # the run's own data folder prepared again in place (items renumbered): what DATA is checked against has changed
     inplace = Path(shutil.copytree(world["old"], tmp_path / "inplace"))
     write_config(run_dir, {**read_config(run_dir), "data": str(inplace)})

@@ -80,7 +80,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         if dataset.num_items <= n:
             raise ValueError(f"{data_dir}: {dataset.num_items:,} items, none above the run's {n:,}: nothing to add (the "
                              f"new items must be ids {n + 1}.. of the data folder, after the run's own)")
-        _check_same_items(run_dir, config, ids_path, dataset, n)
+        source = _check_same_items(run_dir, config, ids_path, dataset, n)
         qpath = Path(quantizer) if quantizer is not None else _default_quantizer(run_dir, config)
         if not qpath.is_file():
             raise FileNotFoundError(f"{qpath}: no fitted quantizer here (`semid fit-codebooks` writes quantizer.pt)")
@@ -89,6 +89,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
                              "trained with, so it would give the new items codes of another tokeniser; pass the quantizer "
                              "fitted with the run's IDs (beside them, the default)")
         codes_name = embeddings or _fitted_on(qpath)
+        _check_same_embeddings(source, dataset, codes_name, n)
         new = np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)
         width = _collaborative_width(qpath)  # codebooks fitted beside a run's item vectors: new items have none
         if width:  # the same transform as the fitted items', with no vectors: normalised text, then zeros
@@ -143,8 +144,9 @@ def _fitted_on(quantizer: Path) -> str:
                      f"on (got {source!r}); pass its name with --embeddings")
 
 
-def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dataset: Any, n: int) -> None:
-    """DATA's first n items must be the run's items (same original ids, in order): the new ones come after."""
+def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dataset: Any, n: int) -> Any:
+    """DATA's first n items must be the run's items (same original ids and titles, in order): the new ones come
+    after. Returns the run's own dataset (what DATA was checked against)."""
     meta = SemanticIDs.load_metadata(ids_path)
     source = Path(meta.get("data") or config.get("data", ""))
     if not (source / "items.jsonl").is_file():
@@ -155,12 +157,41 @@ def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dat
         raise ValueError(f"{source}: the run's data folder changed since the run's items were numbered from it, so "
                          f"{dataset.path} cannot be checked to hold the run's {n:,} items first, in order; restore the "
                          "folder as it was (or train again on the new data)")
-    theirs = load_dataset(source).catalogue.original_ids[:n]
-    ours = dataset.catalogue.original_ids[:n]
-    bad = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b), None)
-    if bad is not None:
-        raise ValueError(f"{dataset.path}: item {bad + 1} is {ours[bad]!r}, but the run's item {bad + 1} is {theirs[bad]!r} "
-                         f"({source}): DATA must hold the run's {n:,} items first, unchanged, then the new ones")
+    own = load_dataset(source)
+    for what, theirs, ours in (("", own.catalogue.original_ids[:n], dataset.catalogue.original_ids[:n]),
+                               ("'s title", own.catalogue.titles[:n], dataset.catalogue.titles[:n])):
+        bad = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b), None)
+        if bad is not None:  # (a changed title would change what the run answers for an item it was trained on)
+            raise ValueError(f"{dataset.path}: item {bad + 1}{what} is {_cut(ours[bad])!r}, but the run's item {bad + 1}{what} "
+                             f"is {_cut(theirs[bad])!r} ({source}): DATA must hold the run's {n:,} items first, "
+                             "unchanged, then the new ones")
+    return own
+
+
+def _check_same_embeddings(own: Any, dataset: Any, name: str, n: int) -> None:
+    """The run's items' rows of DATA's ``item_emb_<name>.npy`` (the quantizer's input) must be the run's own: the new
+    items' rows then come from the same encoder, so their codes live where the run's do (embeddings made again with
+    another model gave the new items codes of another space, with no error)."""
+    path = own.path / f"item_emb_{name}.npy"
+    if not path.is_file():  # (the run's folder never had this file: nothing to compare with)
+        log.warning("%s: not here, so the run's items' rows of %s are not checked against it", path,
+                    dataset.path / path.name)
+        return
+    theirs, ours = own.embeddings(name)[:n], dataset.embeddings(name)[:n]
+    if theirs.shape != ours.shape:
+        raise ValueError(f"{dataset.path / path.name}: width {ours.shape[1]}, but the run's items were coded from width "
+                         f"{theirs.shape[1]} ({path}): make it with the encoder that made the run's")
+    for lo in range(0, n, 65536):  # loop over chunks of rows (a large catalogue's file is read in parts)
+        a, b = np.asarray(theirs[lo:lo + 65536], np.float32), np.asarray(ours[lo:lo + 65536], np.float32)
+        rows = np.flatnonzero(~np.isclose(a, b, rtol=1e-4, atol=1e-6).all(axis=1))
+        if rows.size:
+            raise ValueError(f"{dataset.path / path.name}: item {lo + int(rows[0]) + 1}'s embedding differs from the run's "
+                             f"({path}): the new items' codes would come from another encoder's space than the run's "
+                             "items'; make the file with the encoder that made the run's (the run's items' rows unchanged)")
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _trained_with(ids_file: Path, config: dict[str, Any]) -> bool:
