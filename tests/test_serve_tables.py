@@ -53,13 +53,14 @@ def test_released_tables_leave_every_ranking_identical(budget: int) -> None:
             a, b = keep.decode(name, h, k=6), lean.decode(name, h, k=6)
             assert torch.equal(a.items, b.items) and torch.equal(a.scores, b.scores), (label, name)
             assert torch.equal(a.codes, b.codes), (label, name)
-        # what was freed: every level's node vectors; the item table unless the input reads it
+        # what was freed: every level's node vectors; the item table (where the input reads it, once the inputs are
+        # frozen in one table: a small catalogue's)
         L = model.layout.num_levels
         assert all(getattr(lean_model, f"node_vec_{lv}").numel() == 0 for lv in range(L)), label
         assert all(getattr(model, f"node_vec_{lv}").numel() > 0 for lv in range(L)), label  # the kept model is whole
-        tied = model.config.id_input
-        assert (lean_model.dense_head.item_table.numel() > 0) == tied, label
-        assert lean_model.released == {f"node_vec_{lv}" for lv in range(L)} | (set() if tied else {"item_table"})
+        assert lean_model.dense_head.item_table.numel() == 0 and model.dense_head.item_table.numel() > 0, label
+        assert lean_model.released == {f"node_vec_{lv}" for lv in range(L)} | {"item_table"}
+        assert lean_model._input_table is not None, label  # (the inputs: frozen)
 
 
 def test_a_released_model_refuses_what_would_read_its_tables() -> None:
@@ -220,8 +221,9 @@ def test_a_served_input_read_from_the_item_vectors_equals_the_tables(members: in
 def test_a_served_small_catalogue_reads_its_inputs_from_one_frozen_table(members: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A released build within INPUT_TABLE_MAX_BYTES computes every item's input once (an ensemble's members' in one
     (K, N + 1, D) table) and the backbone gathers from it: the states of the model's own inputs bit for bit, the table
-    read (a row changed changes the state); no table for a build that releases nothing, over the budget, or once the
-    model is moved (its inputs computed again)."""
+    read (a row changed changes the state), and the item table it replaces freed (the decoders hold the item vectors);
+    no table for a build that releases nothing, or over the budget; a model moved once served drops the table and
+    says it was released (its item table is gone)."""
     import generator.decoding.inputs as inputs
 
     model, ids, tree = _tied(seed=9, members=members)
@@ -229,6 +231,8 @@ def test_a_served_small_catalogue_reads_its_inputs_from_one_frozen_table(members
     served = _decoders(model.eval(), tree, ids, release=True).model  # (served models are in eval mode)
     table = served._input_table
     assert table is not None and table.shape == (*(() if members == 1 else (members,)), 71, CFG.d_model)
+    for m in served.members if members > 1 else [served]:  # (the item table: 24.8 MB at Beauty's four members)
+        assert m.dense_head.item_table.numel() == 0 and "item_table" in m.released
     hist = torch.tensor([[3, 17, 70, 1, 0, 0], [5, 0, 0, 0, 0, 0], [44, 9, 12, 61, 2, 8]])  # rows + 1, 0 padded
     lengths = torch.tensor([4, 1, 6])
     with torch.no_grad():
@@ -239,8 +243,10 @@ def test_a_served_small_catalogue_reads_its_inputs_from_one_frozen_table(members
         moved = served.last_hidden(hist, lengths)
         assert torch.equal(moved[:2], want[:2]) and not torch.allclose(moved[2], want[2])
         table[..., 61, :] -= bump
-        served.to(torch.float32)  # a move or cast: the table is dropped, the inputs computed as before
-        assert served._input_table is None and torch.equal(served.last_hidden(hist, lengths), want)
+        served.to(torch.float32)  # a move or cast drops the table; the item table it was made from is freed
+        assert served._input_table is None
+        with pytest.raises(ValueError, match="item_table was released for serving"):
+            served.last_hidden(hist, lengths)
     assert _decoders(copy.deepcopy(keep), tree, ids).model._input_table is None  # not released
     assert _decoders(copy.deepcopy(keep).train(), tree, ids, release=True).model._input_table is None  # (item dropout)
     again = _decoders(copy.deepcopy(keep), tree, ids, release=True).model
@@ -251,14 +257,14 @@ def test_a_served_small_catalogue_reads_its_inputs_from_one_frozen_table(members
 
 
 def test_the_input_reads_the_vectors_only_where_asked_or_the_catalogue_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Default: a small catalogue keeps its item table (rankings bit-identical to the model's own), a large one reads
-    its input from the vectors; asking for it where the vectors do not hold the table part is refused, and a model
+    """Default: a small catalogue freezes its inputs from its item table (rankings bit-identical to the model's own;
+    the table then freed), a large one reads its input from the vectors; asking for it where the vectors do not hold the table part is refused, and a model
     so served refuses added items."""
     import generator.decoding.causal as causal
 
     model, ids, tree = _tied(seed=8)
     small = _decoders(copy.deepcopy(model), tree, ids, release=True)
-    assert small.model.dense_head.item_table.numel() > 0 and small.model._input_vectors is None
+    assert small.model._input_table is not None and small.model._input_vectors is None
     assert _decoders(copy.deepcopy(model), tree, ids).model._input_vectors is None  # not released: nothing changes
     monkeypatch.setattr(causal, "LEAN_SERVING_ITEMS", 69)  # 70 items: "large"
     large = _decoders(copy.deepcopy(model), tree, ids, release=True)

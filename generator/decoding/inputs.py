@@ -25,8 +25,9 @@ def serving_inputs(model: CausalGenerator | EnsembleGenerator, vectors: torch.Te
         D = model.config.dense_dim
         for k, m in enumerate(member_models(model)):  # loop over members
             read_inputs_from(m, vectors[:, k * D:(k + 1) * D])
-    if not from_vectors:
-        freeze_inputs(model)
+    if not from_vectors and freeze_inputs(model) and vectors is not None:  # nothing reads the item table now: the
+        for m in member_models(model):  # inputs are frozen, the decoders hold the item vectors (24.8 MB at Beauty's
+            _release_item_table(m)  # four members); loop over members
 
 
 @torch.no_grad()
@@ -72,6 +73,13 @@ def read_inputs_from(model: CausalGenerator, vectors: torch.Tensor) -> None:
     if tuple(vectors.shape) != (model.num_items, model.config.dense_dim):
         raise ValueError(f"`vectors` must be ({model.num_items}, {model.config.dense_dim}), got {tuple(vectors.shape)}")
     model._input_vectors = vectors
-    head = model.dense_head
-    head.item_table = torch.nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
-    model.released.add("item_table")
+    _release_item_table(model)
+
+
+def _release_item_table(model: CausalGenerator) -> None:
+    """Free ``model``'s dense item table where its inputs no longer read it (what would read it then raises a
+    ValueError: ``CausalGenerator._check_held``)."""
+    if model.has_dense and "item_table" not in model.released:
+        head = model.dense_head
+        head.item_table = torch.nn.Parameter(head.item_table.new_empty(0, head.item_table.shape[1]), requires_grad=False)
+        model.released.add("item_table")

@@ -199,6 +199,7 @@ class CausalGenerator(nn.Module):
             ids = self._input_vectors[(rows1 - 1).clamp_min(0)].to(codes.dtype) - self.dense_head.code_proj(codes)
             x = x + ids * (rows1 > 0).unsqueeze(-1)
         elif self.config.id_input:  # the tied ID embedding; row 0 (padding) adds nothing
+            self._check_held("item_table")  # (freed for serving once the inputs were frozen: decoding.inputs)
             ids = self.table_rows(self.dense_head.item_table, (rows1 - 1).clamp_min(0)) * (rows1 > 0).unsqueeze(-1)
             if self.training and self.config.item_dropout:  # per position: the codes alone must carry the item
                 ids = ids * (torch.rand(rows1.shape + (1,), device=ids.device) >= self.config.item_dropout)
