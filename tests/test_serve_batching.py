@@ -112,23 +112,27 @@ def test_a_request_the_decoder_refuses_names_the_decoder(serve_world: dict[str, 
         assert err["field"] == "decoder" and err["value"] == '"hybrid"' and "got 13" in err["message"], err
 
 
-def test_a_batch_takes_new_requests_first_and_leaves_a_quarter_to_a_large_one_under_way(serve_world: dict[str, Path]
+def test_new_requests_are_a_batch_of_their_own_taking_turns_with_a_large_one_under_way(serve_world: dict[str, Path]
                                                                                         ) -> None:
     rec = Recommender.from_run(serve_world["v1"])
     batcher = MicroBatcher(max_batch=8)
     big = _job(rec, [[1 + i % 30, 2 + i % 20] for i in range(20)], 5, "beam", True)
-    smalls = [_job(rec, [[3 + i, 4]], 5, "dense", False) for i in range(9)]
-    waiting = deque([big])
-    assert [(lo, hi) for _, lo, hi in batcher._fill(waiting)] == [(0, 8)] and list(waiting) == [big]
-    waiting.append(smalls[0])
-    pieces = batcher._fill(waiting)  # the new one first, then the large one fills the batch
-    assert [(job is big, lo, hi) for job, lo, hi in pieces] == [(False, 0, 1), (True, 8, 15)]
-    waiting.extend(smalls[1:])  # eight new requests: six go first, the large one keeps a quarter of the batch
-    pieces = batcher._fill(waiting)
-    assert [job for job, _, _ in pieces] == [*smalls[1:7], big] and pieces[-1][1:] == (15, 17)
-    assert list(waiting) == [big, *smalls[7:]]  # (handed out wholly: gone)
-    assert [(job is big, lo, hi) for job, lo, hi in batcher._fill(waiting)] == [(False, 0, 1), (False, 0, 1), (True, 17, 20)]
-    assert not waiting
+    smalls = [_job(rec, [[3 + i, 4]], 5, "dense", False) for i in range(12)]
+    waiting = deque([big])  # (a slice: at most 8 // 4 = 2 histories of one request in a batch)
+    assert [(lo, hi) for _, lo, hi in batcher._fill(waiting)] == [(0, 2)] and list(waiting) == [big]
+    waiting.extend(smalls[:2])  # new requests' turn again (not beside the large one's slice): it just had its own
+    assert [job for job, _, _ in batcher._fill(waiting)] == smalls[:2]
+    waiting.extend(smalls[2:])  # the large one's turn, the room left to new ones
+    assert [(job is big, lo, hi) for job, lo, hi in batcher._fill(waiting)] == [(True, 2, 4)] + [(False, 0, 1)] * 6
+    assert [job for job, _, _ in batcher._fill(waiting)] == smalls[8:]  # new ones' turn
+    slices = []
+    while waiting:  # the large one alone: slice after slice (bounded: 8 more)
+        slices += [(lo, hi) for _, lo, hi in batcher._fill(waiting)]
+        assert len(slices) <= 8
+    assert slices == [(lo, lo + 2) for lo in range(4, 20, 2)]
+    for _ in range(2):  # nothing under way: new requests go at once, batch after batch
+        alone = _job(rec, [[3, 4]], 5, "dense", False)
+        assert [job for job, _, _ in batcher._fill(deque([alone]))] == [alone]
 
 
 def test_a_small_request_is_answered_between_the_slices_of_a_large_one(serve_world: dict[str, Path],
@@ -165,6 +169,6 @@ def test_a_small_request_is_answered_between_the_slices_of_a_large_one(serve_wor
             await asyncio.to_thread(batcher.stop)
 
     (got_large, _), (got_small, _) = asyncio.run(main())
-    assert batches == [8, 8, 5] and done == ["small", "large"]  # 8 of the large; the small + 7; the last 5
+    assert batches == [2, 1, *[2] * 9] and done == ["small", "large"]  # the small one right after the first slice
     for h, got in zip(large + small, got_large + got_small, strict=True):
         assert got.items.tolist() == alone[id(h)]
