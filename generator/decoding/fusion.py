@@ -278,7 +278,7 @@ def fused_ranking(fusion: tuple[str, dict[str, Any]] | None, parts: Parts, k: in
     """The hybrid's :class:`Ranking` (B, k): ``fusion`` (kind, params) of ``parts``, rows mapped to ``item_ids`` (N,)
     and to codes by ``codes_of_rows`` (rows (B, k), -1 where a pool ran short -> (B, k, L), -1 there)."""
     if fusion is None:
-        raise ValueError("the hybrid decoder needs a fusion (chosen on validation users) or a blend weight `alpha`")
+        raise ValueError("the hybrid decoder needs a fusion (chosen on validation users) or a blend weight (`--alpha A`; `alpha=` in Python)")
     kind, params = fusion
     if kind not in ("full", "levels"):  # these rank every item
         check_k(k, parts.num_candidates, f"the hybrid's candidates per list for fusion {kind!r}: ask for fewer items, "

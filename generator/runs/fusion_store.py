@@ -61,8 +61,8 @@ def _same(name: str, stored: Any, value: str) -> bool:
 
 
 def _corrupt(path: Path, e: Exception) -> ValueError:
-    return ValueError(f"{path}: corrupt hybrid fusion file ({type(e).__name__}: {e}); delete it to choose the fusion "
-                      "again, or pass `alpha`")
+    return ValueError(f"{path}: corrupt hybrid fusion file ({type(e).__name__}: {e}); delete it and choose the fusion "
+                      "again (`semid choose-fusion --run RUN`), or give a blend weight (`--alpha A`; `alpha=` in Python)")
 
 
 def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = None) -> tuple[str, dict] | None:
@@ -139,7 +139,7 @@ def choose_fusion(run: Any, parts_of: Callable[[Histories], Parts], split: Split
     n = split.num_users if max_users is None else min(2 * max_users, split.num_users)
     if n < 2:
         raise ValueError(f"the hybrid's fusion is fitted on validation users and chosen on others, but the split has "
-                         f"{split.num_users} validation user(s) (max_users {max_users}): pass `alpha` instead")
+                         f"{split.num_users} validation user(s) (max_users {max_users}): give a blend weight instead (`--alpha A`; `alpha=` in Python)")
     rows = np.random.default_rng(seed).permutation(sample_users(split.num_users, n, seed))  # user order is not random
     fit_rows, select_rows = np.sort(rows[: n // 2]), np.sort(rows[n // 2 :])
     fit, fit_t = validation_parts(run, parts_of, split, fit_rows, batch_size=batch_size)
