@@ -293,8 +293,9 @@ def _numbered_lines(file: Path, f: Iterable[str]) -> Iterator[tuple[int, str]]:
 NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
 
-def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
-    """The array in an ``.npy`` file of item embeddings (never pickled objects), unchecked otherwise.
+def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
+    """The array in an ``.npy`` file of item embeddings (never pickled objects), unchecked otherwise; ``mmap``: mapped
+    read-only, its rows read when used.
 
     A missing, empty, truncated or foreign file is a FileNotFoundError / ValueError naming it and saying what to do
     (numpy's own errors are an ``EOFError`` for an empty file, and advice to unpickle a foreign one).
@@ -319,7 +320,7 @@ def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
         raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({detail.removesuffix('; write it again')}); "
                          f"{again}") from None
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as e:
         raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({e}); {again}") from None
 

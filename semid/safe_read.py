@@ -149,3 +149,19 @@ def check_npz(path: str | os.PathLike[str]) -> dict[str, NpyHeader]:
                 raise _claims(where, h, info.file_size - h.offset)
             out[name] = h
     return out
+
+
+def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of the 2-D array in the ``.npy`` file ``path`` (checked by ``semid.data.read_npy`` first), read alone
+    into memory of their own: a large file compared a chunk at a time never holds more than the chunk (a mapped file's
+    pages stay resident once read)."""
+    h = check_npy(path)
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, fortran, _ = read(f)
+        if fortran or len(h.shape) != 2:  # (columns first: a row is not contiguous)
+            return np.array(np.load(path, mmap_mode="r", allow_pickle=False)[lo:hi])
+        width = h.shape[1]
+        f.seek(h.offset + lo * width * h.dtype.itemsize)
+        return np.fromfile(f, dtype=h.dtype, count=(hi - lo) * width).reshape(hi - lo, width)

@@ -231,6 +231,16 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     np.save(reembedded / "item_emb_minilm.npy", emb)
     assert main(["add-items", "--run", str(run_dir), "--data", str(reembedded)]) == 2
     assert "item_emb_minilm.npy: item 7's embedding differs from the run's" in capsys.readouterr().err
+    # codes from `--embeddings other` (the run's items' rows as the quantizer's input), content from the run's `minilm`
+    # with one of the run's items changed: the model's content is checked too
+    other = Path(shutil.copytree(reembedded, tmp_path / "other"))
+    np.save(other / "item_emb_other.npy", _embeddings(NEW))
+    np.save(world["old"] / "item_emb_other.npy", _embeddings(OLD))
+    try:
+        assert main(["add-items", "--run", str(run_dir), "--data", str(other), "--embeddings", "other"]) == 2
+        assert "item_emb_minilm.npy: item 7's embedding differs" in capsys.readouterr().err
+    finally:
+        (world["old"] / "item_emb_other.npy").unlink()
     assert (run_dir / "semantic_ids.npz").read_bytes() == before
     # the run's own data folder prepared again in place (items renumbered): what DATA is checked against has changed
     inplace = Path(shutil.copytree(world["old"], tmp_path / "inplace"))
@@ -240,3 +250,14 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 2
     assert f"{inplace}: the run's data folder changed since the run's items were numbered" in capsys.readouterr().err
     assert (run_dir / "semantic_ids.npz").read_bytes() == before
+
+
+def test_the_embeddings_check_reads_rows_of_either_order(tmp_path: Path) -> None:
+    from semid.safe_read import npy_rows
+
+    a = np.arange(60, dtype=np.float32).reshape(12, 5)
+    np.save(tmp_path / "c.npy", a)
+    np.save(tmp_path / "f.npy", np.asfortranarray(a))  # (columns first: read through a map)
+    for name in ("c.npy", "f.npy"):
+        for lo, hi in ((0, 12), (3, 7), (11, 12), (5, 5)):
+            assert np.array_equal(npy_rows(tmp_path / name, lo, hi), a[lo:hi]), (name, lo, hi)

@@ -146,6 +146,13 @@ def test_causal_options_that_do_not_apply_are_errors() -> None:
         TrainOptions(preset="cpu", model_options={"dropout": 0.1})
     o = TrainOptions(dense="none")
     assert o.dense is None and o.objective == "generative" and o.decoder == "beam"
+    with pytest.raises(ValueError, match="`num_workers` is for the T5 presets' data loader"):  # (it was ignored)
+        TrainOptions(num_workers=2)
+    from generator.runs.options import stored_options
+
+    # a causal run that stored the value it ignored resumes (its config.yaml's 2 read as 0); a T5 run keeps its own
+    assert TrainOptions.from_dict(stored_options({"preset": "causal", "num_workers": 2})).num_workers == 0
+    assert TrainOptions.from_dict(stored_options({"preset": "cpu", "num_workers": 2})).num_workers == 2
     t5 = TrainOptions(preset="tiger")
     assert (t5.batch_size, t5.max_history, t5.user_tokens, t5.warmup_steps) == (256, 20, 2000, 500)
 

@@ -169,7 +169,8 @@ def test_bad_input_is_a_4xx_json_naming_the_field(serve_world: dict[str, Path], 
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert err["field"] == field and phrase in err["message"] + err["allowed"], err
-        assert (err["value"] is None) == ("missing field" in err["message"]) and "Traceback" not in r.text and len(r.content) < 1000  # nothing echoed whole
+        sent = "missing field" not in err["message"] and status != 413  # (an oversized body is not echoed at all)
+        assert (err["value"] is not None) == sent and "Traceback" not in r.text and len(r.content) < 1000  # nothing echoed whole
         assert c.post("/recommend", json={"history": [1, 2]}).status_code == 200  # still serving
 
 
@@ -181,6 +182,26 @@ def test_a_refused_value_is_named_as_the_json_the_client_sent(serve_world: dict[
         r = c.post("/recommend", json={"history": [1, 2], "k": k})
         err = r.json()["error"]
         assert r.status_code == 422 and err["field"] == "k" and err["value"] == text and err["message"].endswith(text)
+
+
+def test_refused_values_are_cut_however_long_or_deep(serve_world: dict[str, Path]) -> None:
+    with TestClient(app_for(serve_world["v1"], limits=Limits(max_history=3))) as c:
+        r = c.post("/" + "x" * 5000)  # (a 404's path and a 405's method were echoed whole, not as JSON)
+        err = r.json()["error"]
+        assert r.status_code in (404, 405) and len(r.content) < 1000 and err["value"].startswith('"/xxx')
+        r = c.post("/recommend", json={"history": list(range(1, 40))})  # the list itself, cut (was a description)
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["value"].startswith("[1, 2, 3") and err["value"].endswith("...")
+        for depth in range(900, 1000, 3):  # json.loads took some that json.dumps could not show: a 500 (the band
+            deep = "[" * depth + "]" * depth  # depends on the stack: every depth around the parser's limit)
+            r = c.post("/recommend", content=f'{{"history": [1], "k": {deep}}}'.encode())
+            assert r.status_code in (400, 422), (depth, r.text)
+    from generator.serving.requests import short_json
+
+    nested: list = []
+    for _ in range(100_000):  # loop to build a value deeper than any stack
+        nested = [nested]
+    assert short_json(nested) == "(nested too deep to show)" and short_json({"a": "é"}) == '{"a": "é"}'
 
 
 def test_large_bodies_are_refused_without_echoing_them(serve_world: dict[str, Path]) -> None:

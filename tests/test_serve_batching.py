@@ -172,3 +172,38 @@ def test_a_small_request_is_answered_between_the_slices_of_a_large_one(serve_wor
     assert batches == [2, 1, *[2] * 9] and done == ["small", "large"]  # the small one right after the first slice
     for h, got in zip(large + small, got_large + got_small, strict=True):
         assert got.items.tolist() == alone[id(h)]
+
+
+def test_new_large_requests_arriving_every_batch_do_not_starve_one_under_way(serve_world: dict[str, Path]) -> None:
+    # new requests of more than a slice, one per batch, took every turn: the one under way never finished
+    rec = Recommender.from_run(serve_world["v1"])
+    batcher = MicroBatcher(max_batch=8)  # slices of 2
+    big = _job(rec, [[1 + i % 30, 2] for i in range(20)], 5, "beam", True)
+    waiting, turns = deque([big]), []
+    for i in range(30):  # loop over batches (bounded), a new 3-history request arriving before each
+        waiting.append(_job(rec, [[3, 4], [5], [6 + i % 9]], 5, "dense", False))
+        pieces = batcher._fill(waiting)
+        turns.append(any(job is big for job, _, _ in pieces))
+        if big.left == 0:
+            break
+    assert big.left == 0 and len(turns) <= 30 and max(map(len, "".join("x" if t else "." for t in turns).split("x"))) <= 2
+
+
+def test_an_empty_request_is_answered_and_a_gone_clients_rest_is_not_decoded(serve_world: dict[str, Path]) -> None:
+    rec = Recommender.from_run(serve_world["v1"])
+    batcher = MicroBatcher(max_batch=8)
+
+    async def empty() -> object:
+        batcher.start()
+        try:
+            return await asyncio.wait_for(batcher.submit(rec, [], 5, "beam", True), 10)  # (it hung: never answered)
+        finally:
+            await asyncio.to_thread(batcher.stop)
+
+    assert asyncio.run(empty()) == ([], [])
+    gone = _job(rec, [[1, 2]] * 12, 5, "beam", True)
+    gone.future = asyncio.new_event_loop().create_future()
+    waiting = deque([gone])
+    assert [(lo, hi) for _, lo, hi in batcher._fill(waiting)] == [(0, 2)]
+    gone.future.cancel()  # its client disconnected: the other 10 histories are not decoded
+    assert batcher._fill(waiting) == [] and not waiting

@@ -122,6 +122,16 @@ def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str,
         finally:
             pins.unlink()
         good = combined_digest(run_digests(serve_world["v2"]))
+        broken = Path(shutil.copytree(serve_world["v2"], Path(f"/tmp/semid-broken-{os.getpid()}")))
+        try:  # a folder missing a pinned file: the folder's fault, not the (right) pin's
+            (broken / "semantic_ids.npz").unlink()
+            target["path"] = app.state.holder.run_dir = broken
+            r = c.post("/admin/reload", json={"expect_sha256": good})
+            err = r.json()["error"]
+            assert r.status_code == 422 and err["field"] == "reload" and "semantic_ids.npz: missing" in err["message"], r.text
+        finally:
+            shutil.rmtree(broken)
+        target["path"] = app.state.holder.run_dir = serve_world["v2"]
         r = c.post("/admin/reload", json={"expect_sha256": good})
         assert r.status_code == 200 and r.json()["version"] != r.json()["previous"]
 

@@ -105,6 +105,8 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
             if content.shape[1] != content_dim:
                 raise ValueError(f"{data_dir}: item_emb_{content_name}.npy has width {content.shape[1]}, but the run was "
                                  f"trained with content of width {content_dim}: use the embeddings it was trained with")
+            if content_name != codes_name:  # the model's content: from the run's encoder too
+                _check_same_embeddings(source, dataset, content_name, n)
             old = SemanticIDs.load_arrays(ids_path).get(ADDED_CONTENT)
             arrays[ADDED_CONTENT] = content if old is None else np.concatenate([old.astype(np.float32), content])
         meta = {"lineage": [*before, {"digest": ids_digest(ids), "num_items": n}], "data": str(data_dir.resolve()),
@@ -169,24 +171,33 @@ def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dat
 
 
 def _check_same_embeddings(own: Any, dataset: Any, name: str, n: int) -> None:
-    """The run's items' rows of DATA's ``item_emb_<name>.npy`` (the quantizer's input) must be the run's own: the new
-    items' rows then come from the same encoder, so their codes live where the run's do (embeddings made again with
-    another model gave the new items codes of another space, with no error)."""
-    path = own.path / f"item_emb_{name}.npy"
+    """The run's items' rows of DATA's ``item_emb_<name>.npy`` (the quantizer's input, or the model's content) must be
+    the run's own: the new items' rows then come from the same encoder, so their codes live where the run's do
+    (embeddings made again with another model gave the new items codes of another space, with no error). Both files
+    are compared a chunk of rows at a time (never read whole here)."""
+    from semid.data import read_npy
+    from semid.safe_read import npy_rows
+
+    path, new_path = own.path / f"item_emb_{name}.npy", dataset.path / f"item_emb_{name}.npy"
     if not path.is_file():  # (the run's folder never had this file: nothing to compare with)
-        log.warning("%s: not here, so the run's items' rows of %s are not checked against it", path,
-                    dataset.path / path.name)
+        log.warning("%s: not here, so the run's items' rows of %s are not checked against it", path, new_path)
         return
-    theirs, ours = own.embeddings(name)[:n], dataset.embeddings(name)[:n]
-    if theirs.shape != ours.shape:
-        raise ValueError(f"{dataset.path / path.name}: width {ours.shape[1]}, but the run's items were coded from width "
+    theirs, ours = read_npy(path, mmap=True), read_npy(new_path, mmap=True)
+    for arr, where in ((theirs, path), (ours, new_path)):
+        if arr.ndim != 2 or arr.shape[0] < n or not np.issubdtype(arr.dtype, np.number):
+            raise ValueError(f"{where}: a numeric (items x dimensions) array with at least the run's {n:,} items' rows "
+                             f"is needed, got {arr.dtype} of shape {arr.shape}; make it with `semid embed`")
+    if theirs.shape[1] != ours.shape[1]:
+        raise ValueError(f"{new_path}: width {ours.shape[1]}, but the run's items were coded from width "
                          f"{theirs.shape[1]} ({path}): make it with the encoder that made the run's")
-    for lo in range(0, n, 65536):  # loop over chunks of rows (a large catalogue's file is read in parts)
-        a, b = np.asarray(theirs[lo:lo + 65536], np.float32), np.asarray(ours[lo:lo + 65536], np.float32)
+    step = max(1, (1 << 24) // (4 * theirs.shape[1]))  # rows of 16 MB in float32
+    for lo in range(0, n, step):  # loop over chunks of rows
+        hi = min(lo + step, n)
+        a, b = npy_rows(path, lo, hi).astype(np.float32), npy_rows(new_path, lo, hi).astype(np.float32)
         rows = np.flatnonzero(~np.isclose(a, b, rtol=1e-4, atol=1e-6).all(axis=1))
         if rows.size:
-            raise ValueError(f"{dataset.path / path.name}: item {lo + int(rows[0]) + 1}'s embedding differs from the run's "
-                             f"({path}): the new items' codes would come from another encoder's space than the run's "
+            raise ValueError(f"{new_path}: item {lo + int(rows[0]) + 1}'s embedding differs from the run's ({path}): "
+                             "the new items would get codes (or content) from another encoder's space than the run's "
                              "items'; make the file with the encoder that made the run's (the run's items' rows unchanged)")
 
 

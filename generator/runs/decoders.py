@@ -86,7 +86,7 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
 def no_fusion_error(run: Any) -> ValueError:
     return ValueError(f"{run.path}: no hybrid fusion is stored for this checkpoint ({fusion_store.HYBRID_FILE} is missing or "
                       f"was chosen for another checkpoint or IDs): run `semid choose-fusion --run {run.path}` once to "
-                      "choose it on validation users, or pass `alpha`")
+                      "choose it on validation users, or give a blend weight (`--alpha A`; `alpha=` in Python)")
 
 
 def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = None, *, required: bool = True

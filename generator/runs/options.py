@@ -236,7 +236,11 @@ def effective_patience(options: TrainOptions) -> int:
 def stored_options(train: dict[str, Any]) -> dict[str, Any]:
     """A run's stored ``train`` options (config.yaml), with ``BEFORE_OPTION`` for the keys a run from before an
     option lacks: a resume keeps what the run trained with, not today's default."""
-    return {**BEFORE_OPTION, **train}
+    out = {**BEFORE_OPTION, **train}
+    design = designs.for_options(out.get("preset", "causal"), out.get("target", "ids"))
+    if out.get("num_workers") and design is not designs.T5:
+        out["num_workers"] = 0  # (a causal run stored what it ignored before `num_workers` was refused for it)
+    return out
 _HINTS = typing.get_type_hints(TrainOptions)
 _KIND_OF_TYPE = {str: "str", int: "int", float: "num", bool: "bool", dict: "dict"}
 

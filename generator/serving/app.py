@@ -106,16 +106,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise ApiError(422, "query", request.url.query, "no query parameters: every field goes in the JSON body")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body", f"{declared} bytes", f"at most {limit} bytes")
+        raise ApiError(413, "body", MISSING, f"at most {limit} bytes", f"the body has {declared} bytes, more than the "
+                       f"limit of {limit}")
     chunks, size = [], 0
     try:
         async for chunk in request.stream():  # a body without a length is counted as it comes
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, "body", f"more than {limit} bytes", f"at most {limit} bytes")
+                raise ApiError(413, "body", MISSING, f"at most {limit} bytes", f"the body has more than the limit of "
+                               f"{limit} bytes")
             chunks.append(chunk)
     except ClientDisconnect:  # the client went away: not the service's error (counted as 499, nginx's "closed")
-        raise ApiError(CLIENT_CLOSED, "body", f"{size} bytes", "the whole body", "the client closed the connection "
+        raise ApiError(CLIENT_CLOSED, "body", MISSING, "the whole body", "the client closed the connection "
                        "before sending the whole body") from None
     return b"".join(chunks)
 
@@ -296,8 +298,9 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
         methods = (e.headers or {}).get("Allow") if e.status_code == 405 else None  # (HTTP: a 405 says what is allowed)
         allowed = f"one of {[r for r in ROUTES]} or /items/{{id}}" if e.status_code == 404 else methods
-        out = _error(e.status_code, "path" if methods is None else "method", request.url.path if methods is None else
-                     request.method, allowed, f"{e.detail}: {request.method} {request.url.path}")
+        what = request.url.path if methods is None else request.method  # (cut: a path of any length is not echoed)
+        out = _error(e.status_code, "path" if methods is None else "method", short_json(what), allowed,
+                     f"{e.detail}: {request.method[:20]} {short_json(request.url.path)}")
         out.headers.update(e.headers or {})
         return out
 

@@ -100,7 +100,7 @@ class Holder:
             # (a digest only: a pins file is the command line's, never a path a client names)
             raise ApiError(422, "expect_sha256", expect_sha256, "64 hex digits (`semid digest --run RUN --combined`)")
         if self._lock.locked():
-            raise ApiError(409, "reload", "in progress", "one reload at a time", "a reload is already in progress")
+            raise ApiError(409, "reload", MISSING, "one reload at a time", "a reload is already in progress")
         async with self._lock:
             self.reloading = True
             try:
@@ -112,11 +112,11 @@ class Holder:
                 lost = [n for n in old.rec.decoders if n not in new.rec.decoders]
                 if lost:
                     why = "; ".join(f"{n}: {new.rec.unavailable.get(n, 'not loaded')}" for n in lost)
-                    raise ApiError(409, "reload", new.version, f"a version that serves {list(old.rec.decoders)}",
+                    raise ApiError(409, "reload", MISSING, f"a version that serves {list(old.rec.decoders)}",
                                    f"the new version {new.version} cannot serve {lost}, which the running one serves "
                                    f"({why}); the running version {old.version} keeps serving")
                 if old.rec.catalogue is not None and new.rec.catalogue is None:  # every answer would lose its titles
-                    raise ApiError(409, "reload", new.version, "a version with the dataset's titles and asins",
+                    raise ApiError(409, "reload", MISSING, "a version with the dataset's titles and asins",
                                    f"the new version {new.version} finds no dataset folder ({new.rec.run.data_dir}: "
                                    f"config.yaml's `data`), so it would answer without titles and asins; the running "
                                    f"version {old.version} keeps serving")
@@ -126,19 +126,21 @@ class Holder:
 
     def _build(self, expect_sha256: str | None) -> Served:
         running = self.current.version if self.current else "none"
-        if expect_sha256 is not None:
-            try:
-                check_pinned(self.run_dir, expect_sha256)
-            except (ValueError, OSError) as e:  # the client's pin: its field, not the reload's
-                raise ApiError(409, "expect_sha256", expect_sha256, "the combined digest of the run folder as it is now "
-                               "(`semid digest --run RUN --combined`)", f"the new version was refused: {e}; the running "
-                               f"version ({running}) keeps serving") from None
         try:
+            if expect_sha256 is not None:
+                try:
+                    check_pinned(self.run_dir, expect_sha256)
+                except ValueError as e:  # the files' digests are not the client's pin: its field, not the reload's
+                    raise ApiError(409, "expect_sha256", expect_sha256, "the combined digest of the run folder as it "
+                                   "is now (`semid digest --run RUN --combined`)", f"the new version was refused: {e}; "
+                                   f"the running version ({running}) keeps serving") from None
             served = Served.build(self._load())
+        except ApiError:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the running one stays
             if not isinstance(e, (ValueError, TypeError, OSError)):
                 log.exception("loading the new version failed")
-            raise ApiError(422, "reload", str(self.run_dir), "a run folder that loads", f"the new version was refused: "
+            raise ApiError(422, "reload", MISSING, "a run folder that loads", f"the new version was refused: "
                            f"{type(e).__name__}: {e}; the running version ({running}) keeps serving") from None
         settle_heap()  # the new version's objects out of the collector's way (and the last reload's garbage freed)
         return served

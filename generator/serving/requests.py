@@ -58,7 +58,10 @@ def short_json(value: Any, limit: int = 80) -> str | None:
         return None
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
-    text = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):  # (a body nested deeper than the encoder goes: what json.loads took)
+        text = "(nested too deep to show)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -187,7 +190,7 @@ def check_history(value: Any, field: str, rec: Recommender, limits: Limits) -> n
     if not value:
         raise ApiError(422, field, value, "a non-empty list of item ids", f"`{field}` is empty: a history needs at least one item")
     if len(value) > limits.max_history:
-        raise ApiError(422, field, f"a list of {len(value)} items", f"at most {limits.max_history} item ids",
+        raise ApiError(422, field, value, f"at most {limits.max_history} item ids",
                        f"`{field}` has {len(value)} items, more than the limit of {limits.max_history}: send the latest ones")
     if not all(map(is_int, value)):
         i = next(i for i, x in enumerate(value) if not is_int(x))
@@ -239,7 +242,8 @@ def parse_query(doc: dict[str, Any], rec: Recommender, limits: Limits, *, batch:
         if not isinstance(many, list) or not many:
             raise ApiError(422, "histories", many, "a non-empty list of histories (lists of item ids)")
         if len(many) > limits.max_batch_histories:
-            raise ApiError(422, "histories", f"a list of {len(many)} histories", f"at most {limits.max_batch_histories} histories")
+            raise ApiError(422, "histories", many, f"at most {limits.max_batch_histories} histories", f"`histories` has "
+                           f"{len(many)} histories, more than the limit of {limits.max_batch_histories}: send them in parts")
         fields = [f"histories[{i}]" for i in range(len(many))]
         histories = [check_history(h, f, rec, limits) for h, f in zip(many, fields, strict=True)]
     else:
