@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from semid.io import not_utf8
-from semid.safe_read import check_npy, json_object
+from semid.safe_read import json_object, read_npy  # noqa: F401 (read_npy: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +178,22 @@ def _require_file(file: Path) -> None:
         raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")
 
 
+ITEM_FIELDS = frozenset({"item_id", "asin", "title", "attributes"})  # what items.jsonl's objects hold
+
+
 def _read_items(file: Path) -> Catalogue:
     _require_file(file)
     original_ids: list[str] = []
     titles: list[str] = []
     attributes: list[list[str]] = []
-    with open(file, encoding="utf-8") as f:
+    unread: dict[str, int] = {}  # fields semid does not read -> their first line
+    with open(file, encoding="utf-8-sig") as f:  # (a byte-order mark, as Windows editors write, is no error)
         for lineno, line in _numbered_lines(file, f):
             if not line.strip():
                 raise ValueError(f"{file}:{lineno}: empty line (one JSON object per item expected)")
-            rec = json_object(line, f"{file}:{lineno}")
+            rec = json_object(line, f"{file}:{lineno}", once=True)
+            for key in rec.keys() - ITEM_FIELDS:  # (said once below, not dropped in silence)
+                unread.setdefault(key, lineno)
             item_id = rec.get("item_id")
             if not isinstance(item_id, int) or isinstance(item_id, bool):
                 raise ValueError(f"{file}:{lineno}: `item_id` must be an int, got {item_id!r}")
@@ -207,6 +213,14 @@ def _read_items(file: Path) -> Catalogue:
             attributes.append(attrs)
     if not titles:
         raise ValueError(f"{file}: no items")
+    if unread:
+        log.warning("%s: fields %s are not read (first on line %d); an item's text is its `title` and `attributes` "
+                    "(put brand, categories, ... there to embed them)", file, sorted(unread)[:10], min(unread.values()))
+    first: dict[str, int] = {}
+    if len(set(original_ids)) < len(original_ids):  # (ask for an asin, which item is it?)
+        i = next(i for i, a in enumerate(original_ids, 1) if first.setdefault(a, i) != i)
+        raise ValueError(f"{file}:{i}: asin {original_ids[i - 1]!r} is item {first[original_ids[i - 1]]}'s too: each item "
+                         "needs an asin of its own")
     return Catalogue(np.arange(1, len(titles) + 1, dtype=np.int64), original_ids, titles, attributes)
 
 
@@ -230,7 +244,7 @@ def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.nda
     _require_file(file)
     users: list[int] = []
     sequences: list[np.ndarray] = []
-    with open(file, encoding="utf-8") as f:
+    with open(file, encoding="utf-8-sig") as f:
         for lineno, line in _numbered_lines(file, f):
             tokens = line.split()
             if not tokens:
@@ -239,8 +253,9 @@ def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.nda
                 bad = next(t for t in tokens if not _is_id(t))
                 raise ValueError(f"{file}:{lineno}: {bad!r} is not an integer id (write ids as plain digits 0-9)")
             ints = [int(t) for t in tokens]
-            if max(ints) > _INT64_MAX:  # numpy would raise OverflowError, naming neither file nor line
-                raise ValueError(f"{file}:{lineno}: id {max(ints)} is larger than the largest id semid holds ({_INT64_MAX}); "
+            if max(ints) > _INT64_MAX or min(ints) < -_INT64_MAX:  # numpy would raise OverflowError, naming neither
+                big = max(ints, key=abs)  # file nor line
+                raise ValueError(f"{file}:{lineno}: id {big} is beyond the ids semid holds (|id| <= {_INT64_MAX}); "
                                  "number users and items from 1")
             if len(ints) == 1:
                 raise ValueError(
@@ -288,41 +303,6 @@ def _numbered_lines(file: Path, f: Iterable[str]) -> Iterator[tuple[int, str]]:
         yield from enumerate(f, start=1)
     except UnicodeDecodeError:
         raise not_utf8(file) from None
-
-
-NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
-
-
-def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
-    """The array in an ``.npy`` file of item embeddings (never pickled objects), unchecked otherwise; ``mmap``: mapped
-    read-only, its rows read when used.
-
-    A missing, empty, truncated or foreign file is a FileNotFoundError / ValueError naming it and saying what to do
-    (numpy's own errors are an ``EOFError`` for an empty file, and advice to unpickle a foreign one).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no embeddings file here (write one with `semid embed`)")
-    again = "write it again (`semid embed`, or numpy.save)"
-    with open(path, "rb") as f:
-        head = f.read(len(NPY_MAGIC))
-    if not head:
-        raise ValueError(f"{path}: not a readable .npy array: the file is empty (0 bytes); {again}")
-    if head != NPY_MAGIC:
-        raise ValueError(f"{path}: not a readable .npy array: it starts with {head!r}, not {NPY_MAGIC!r}; {again}")
-    try:
-        check_npy(path)  # the header's shape against the file's size, before numpy allocates it
-    except ValueError as e:
-        if "Python objects" in str(e):  # not damage: an array semid refuses to read
-            raise ValueError(f"{e}; save the vectors as a float array (`semid embed`, or numpy.save of a float32 "
-                             "array)") from None
-        detail = str(e).removeprefix(f"{path}: ").removeprefix("not a readable .npy array header ").strip("()")
-        raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({detail.removesuffix('; write it again')}); "
-                         f"{again}") from None
-    try:
-        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({e}); {again}") from None
 
 
 def load_embeddings(path: str | os.PathLike[str], num_items: int) -> np.ndarray:

@@ -72,12 +72,32 @@ def yaml_value(text: str, where: str) -> Any:
 
 
 # ---- JSON lines --------------------------------------------------------------------------------------------------
-def json_object(line: str, where: str) -> dict[str, Any]:
-    """The JSON object on one line of a JSON-lines file; ``where`` (``"path:lineno"``) is named in the error."""
+class _Twice(Exception):
+    """A key given twice in one JSON object (which one was meant is not ours to guess)."""
+
+
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _Twice(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def json_object(line: str, where: str, *, once: bool = False) -> dict[str, Any]:
+    """The JSON object on one line of a JSON-lines file; ``where`` (``"path:lineno"``) is named in the error. ``once``:
+    each key given once (semid's own files; a raw download's repeats are its publisher's, read as ``json`` reads them)."""
     try:
-        rec = json.loads(line)
+        rec = json.loads(line, object_pairs_hook=_once if once else None)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except _Twice as e:
+        raise ValueError(f"{where}: the key `{str(e)[:60]}` is given twice in one object: keep one") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deep to read; write plain objects of strings, numbers and "
+                         "lists") from None
+    except ValueError:  # (an integer of more than 4,300 digits)
+        raise ValueError(f"{where}: a number of more than 4,300 digits; ids and counts have at most 19") from None
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     return rec
@@ -149,6 +169,41 @@ def check_npz(path: str | os.PathLike[str]) -> dict[str, NpyHeader]:
                 raise _claims(where, h, info.file_size - h.offset)
             out[name] = h
     return out
+
+
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
+
+
+def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
+    """The array in an ``.npy`` file of item embeddings (never pickled objects), unchecked otherwise; ``mmap``: mapped
+    read-only, its rows read when used.
+
+    A missing, empty, truncated or foreign file is a FileNotFoundError / ValueError naming it and saying what to do
+    (numpy's own errors are an ``EOFError`` for an empty file, and advice to unpickle a foreign one).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embeddings file here (write one with `semid embed`)")
+    again = "write it again (`semid embed`, or numpy.save)"
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if not head:
+        raise ValueError(f"{path}: not a readable .npy array: the file is empty (0 bytes); {again}")
+    if head != NPY_MAGIC:
+        raise ValueError(f"{path}: not a readable .npy array: it starts with {head!r}, not {NPY_MAGIC!r}; {again}")
+    try:
+        check_npy(path)  # the header's shape against the file's size, before numpy allocates it
+    except ValueError as e:
+        if "Python objects" in str(e):  # not damage: an array semid refuses to read
+            raise ValueError(f"{e}; save the vectors as a float array (`semid embed`, or numpy.save of a float32 "
+                             "array)") from None
+        detail = str(e).removeprefix(f"{path}: ").removeprefix("not a readable .npy array header ").strip("()")
+        raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({detail.removesuffix('; write it again')}); "
+                         f"{again}") from None
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy array: truncated or damaged ({e}); {again}") from None
 
 
 def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:

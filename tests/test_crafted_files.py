@@ -111,8 +111,29 @@ def test_prepare_refuses_a_gz_that_is_not_gzip_or_is_truncated(tmp_path: Path, c
 
 def test_a_user_id_above_int64_is_an_error_naming_the_line(tmp_path: Path) -> None:
     folder = write_canonical(tmp_path / "d", [("a", []), ("b", [])], {1: [1, 2], 2**64: [2, 1]})
-    with pytest.raises(ValueError, match=rf"sequences\.txt:2: id {2**64} is larger than the largest id semid holds"):
+    with pytest.raises(ValueError, match=rf"sequences\.txt:2: id {2**64} is beyond the ids semid holds"):
         load_dataset(folder)
+    (folder / "sequences.txt").write_text(f"1 1 2\n2 {-(10**23)} 1\n")  # (below: an OverflowError traceback)
+    with pytest.raises(ValueError, match=rf"sequences\.txt:2: id {-(10**23)} is beyond the ids semid holds"):
+        load_dataset(folder)
+
+
+def test_items_jsonl_says_what_it_does_not_read_and_refuses_what_is_ambiguous(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    folder = write_canonical(tmp_path / "d", [("a", []), ("b", [])], {1: [1, 2], 2: [2, 1]})
+    items = folder / "items.jsonl"
+    lines = items.read_text().splitlines()
+    items.write_text("\ufeff" + lines[0] + "\n" + lines[1][:-1] + ', "brand": "OPI"}\n')  # a BOM, an unread field
+    with caplog.at_level("WARNING"):
+        assert load_dataset(folder).catalogue.num_items == 2  # (the BOM: "invalid JSON ... utf-8-sig")
+    assert "fields ['brand'] are not read (first on line 2)" in caplog.text  # (it was dropped in silence)
+    for line, message in ((lines[1][:-1] + ', "title": "again"}', "items.jsonl:2: the key `title` is given twice"),
+                          (lines[1].replace('"A0002"', '"A0001"'), "items.jsonl:2: asin 'A0001' is item 1's too"),
+                          ('{"item_id": 2, "title": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),
+                          ('{"item_id": ' + "9" * 5000 + "}", "items.jsonl:2: a number of more than 4,300 digits")):
+        items.write_text(lines[0] + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_dataset(folder)
 
 
 def test_a_python_tag_in_a_model_option_is_a_usage_error_and_runs_nothing(tmp_path: Path,
