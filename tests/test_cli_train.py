@@ -160,6 +160,21 @@ def test_recommend_library_errors(trained: dict[str, Path]) -> None:
         recommend(r, [[1], []])
     with pytest.raises(ValueError, match="`user_ids` must hold one id per history"):
         recommend(r, [[1], [2]], user_ids=[1])
+    from generator.runs.recommender import Recommender
+
+    rec = Recommender(r)  # ids that numpy would coerce are refused by name (5.9 and "5" were user 5, True user 1)
+    for bad in ([5.9], ["5"], [True], ["alice"], [2**70], [None]):
+        with pytest.raises(ValueError, match="`user_ids` must be a list of int ids"):
+            rec.recommend([[1]], user_ids=bad)
+    assert rec.recommend([[1]], user_ids=np.array([5], dtype=np.int32))[0].items.size == 10
+    for bad in ("12", [1.7], [True], ["5"], [2**70], 5, [[1, 2]]):  # ("12" was items 1 and 2)
+        with pytest.raises(ValueError, match="`items` must be a list of int ids"):
+            rec.titles(bad)
+    assert rec.titles(iter([2, 1])) == rec.titles([2, 1]) and rec.item_ids(rec.asins([3]))[0] == 3
+    assert rec.item_ids(rec.asins([3])[0]).tolist() == [3]  # one asin, not its characters
+    for size in (0, -1, 1.5, None, True):
+        with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
+            rec.recommend([[1]], batch_size=size)
 
 
 def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -362,3 +377,12 @@ def test_evaluate_checks_batch_size_and_device_first(
     assert main(["evaluate", "--run", str(tmp_path / "no-run"), *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "not a run folder" not in err
+
+
+def test_train_on_users_too_short_to_split_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_random_dataset(tmp_path / "data")
+    (data / "sequences.txt").write_text("".join(f"{u} {u} {u + 1}\n" for u in range(1, 9)))  # two items each
+    write_ids(tmp_path / "ids.npz")
+    argv = ["train", "--data", str(data), "--ids", str(tmp_path / "ids.npz"), "--out", str(tmp_path / "run"), *TRAIN_FLAGS]
+    assert main(argv) == 2  # (it was "need at least one array to concatenate")
+    assert "sequences.txt: no user has 3 or more items" in capsys.readouterr().err

@@ -43,7 +43,7 @@ from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
 from generator.models.checkpoint import own_tensors
 from generator.runs import fusion_store
-from generator.runs.batches import history_batches
+from generator.runs.batches import history_batches, int_ids
 from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
 from generator.runs.folder import Run, best_checkpoint, check_same_items, load_run, read_config
 from semid.data import Catalogue, load_catalogue
@@ -269,7 +269,7 @@ class Recommender:
     def item_ids(self, asins: Iterable[str]) -> np.ndarray:
         """The item ids of original ids (``asin``); a ValueError names the first unknown one."""
         self._need_catalogue()
-        asins = list(asins)
+        asins = [asins] if isinstance(asins, str) else list(asins)  # (a string was read character by character)
         out = [self._by_asin.get(a, -1) for a in asins]
         if -1 in out:
             raise ValueError(f"unknown asin {asins[out.index(-1)]!r}: not in the catalogue of {self.run.path}")
@@ -310,7 +310,7 @@ class Recommender:
 
     def _user_ids(self, user_ids: Sequence[int] | None, B: int) -> np.ndarray | None:
         if user_ids is not None:
-            user_ids = np.asarray(user_ids, dtype=np.int64)
+            user_ids = int_ids(user_ids, "user_ids")  # (floats, strings and bools were coerced)
             if user_ids.shape != (B,):
                 raise ValueError(f"`user_ids` must hold one id per history ({B}), got shape {user_ids.shape}")
             if not self.run.use_user_tokens:  # said, not dropped in silence
@@ -347,7 +347,7 @@ class Recommender:
         return self.catalogue
 
     def _rows(self, items: Iterable[int]) -> list[int]:
-        arr = np.asarray(list(items), dtype=np.int64)
+        arr = int_ids(items, "items")  # (a string "12" was items 1 and 2; floats and bools were coerced)
         bad = arr[(arr < 1) | (arr > self.catalogue.num_items)]
         if bad.size:
             raise ValueError(f"unknown item id {int(bad[0])}: the dataset's items are 1..{self.catalogue.num_items}")

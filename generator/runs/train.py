@@ -270,6 +270,9 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     # 1. data, model, system
     layout = ids.layout(options.user_tokens)
     split = leave_one_out(dataset)
+    if split.num_users == 0:  # (it failed deep in the design's setup: "need at least one array to concatenate")
+        raise ValueError(f"{dataset.path / 'sequences.txt'}: no user has 3 or more items; leave-one-out holds out each "
+                         "user's last item for test and the one before for validation: give users longer sequences")
     digest = ids_digest(ids)
     tree = PrefixTree.from_semantic_ids(ids, layout)
     members = (read_config(out).get("model") or {}).get("members", 1) if resume else None
