@@ -101,6 +101,12 @@ def embed_texts(
         raise ValueError(f"`max_length` must be an int >= 2, got {max_length!r}")
     tokenizer, model, _ = encoder
     device = next(model.parameters()).device
+    limit = min(getattr(model.config, "max_position_embeddings", None) or max_length,
+                getattr(tokenizer, "model_max_length", None) or max_length)  # (a longer input failed in the model)
+    if max_length > limit:
+        log.warning("`max_length` %d is more than this model reads (%d positions): texts are cut at %d tokens",
+                    max_length, limit, limit)
+        max_length = limit
     order = np.argsort(
         [-len(t) for t in texts], kind="stable"
     )  # longest first: similar lengths share a batch

@@ -386,3 +386,18 @@ def test_train_on_users_too_short_to_split_says_so(tmp_path: Path, capsys: pytes
     argv = ["train", "--data", str(data), "--ids", str(tmp_path / "ids.npz"), "--out", str(tmp_path / "run"), *TRAIN_FLAGS]
     assert main(argv) == 2  # (it was "need at least one array to concatenate")
     assert "sequences.txt: no user has 3 or more items" in capsys.readouterr().err
+
+
+def test_evaluate_run_checks_its_options_by_name(trained: dict[str, Path]) -> None:
+    from generator.runs.evaluate import evaluate_run
+
+    # each was a bare IndexError / TypeError / numpy error, or (length_penalty) taken, ignored and recorded
+    for options, message in (({"ks": []}, "`ks` must be a non-empty list"), ({"ks": 5}, "`ks` must be a non-empty list"),
+                             ({"ks": (0, 10)}, "`ks` must be"), ({"max_users": True}, "`max_users` must be a positive int"),
+                             ({"seed": -1}, r"`seed` must be an int in \[0, 2\^32\)"), ({"seed": 1.5}, "`seed` must be"),
+                             ({"length_penalty": 2.0}, "`length_penalty` is for title runs")):
+        with pytest.raises(ValueError, match=message):
+            evaluate_run(trained["run"], "test", **options)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`device` is 'cuda', but CUDA is not available"):
+            evaluate_run(trained["run"], "test", device="cuda")

@@ -66,6 +66,16 @@ def test_mean_pooling_over_real_tokens_only(model_dir: Path) -> None:
     np.testing.assert_allclose(got[0], expected, atol=1e-5)
 
 
+def test_a_text_longer_than_the_model_reads_is_cut_at_its_positions(model_dir: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    encoder = load_encoder(model_dir, "cpu")  # 64 positions; the default max_length is 256
+    text = "red lipstick " * 100
+    with caplog.at_level("WARNING"):
+        got = embed_texts([text], encoder, progress=False)  # (the model failed: tensor sizes 202 and 64)
+    assert "`max_length` 256 is more than this model reads (64 positions)" in caplog.text
+    np.testing.assert_allclose(got, embed_texts([text], encoder, max_length=64, progress=False), atol=1e-6)
+
+
 def test_fields_and_name(tiny_dataset_dir: Path, model_dir: Path) -> None:
     titles = embed_dataset(tiny_dataset_dir, model_dir, fields=["title"], name="titles", progress=False)
     assert titles.path.name == "item_emb_titles.npy"

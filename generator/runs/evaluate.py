@@ -122,6 +122,13 @@ def evaluate(
         )
     if not isinstance(exclude_history, bool):
         raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ValueError(f"`ks` must be a non-empty list of positive int cut-offs such as (5, 10), got {ks!r}")
+    if length_penalty is not None and run.design != "title":  # (it was taken, ignored, and written in the metrics)
+        raise ValueError(f"`length_penalty` is for title runs' decoders; this is a {run.design} run: leave it out")
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`device` is {device!r}, but CUDA is not available here: pass 'cpu', or leave it out")
     ks = tuple(sorted(ks))
     check_decode_args(ks[-1], num_beams, run.ids.num_items)
     if device is None:  # the accelerator where there is one, as training does
