@@ -331,17 +331,17 @@ def check_embedding_values(emb: np.ndarray, path: str | os.PathLike[str]) -> np.
     """``emb`` (N, D) as float32, refused naming ``path`` unless it is numeric and every value finite."""
     if not (np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)):
         raise ValueError(f"{path}: embeddings must be numeric, got dtype {emb.dtype}")
-    if emb.ndim != 2:
-        raise ValueError(f"{path}: embeddings must be a 2-D array (items x dimensions), got shape {emb.shape}")
-    emb = emb.astype(np.float32, copy=False)
-    finite = np.isfinite(emb).all(axis=1) if emb.ndim == 2 else np.isfinite(emb).all(keepdims=True)
+    if emb.ndim != 2 or emb.shape[1] == 0:
+        raise ValueError(f"{path}: embeddings must be a 2-D array (items x dimensions, at least one), got shape {emb.shape}")
+    with np.errstate(over="ignore"):  # (float64 beyond float32's range: named below, not warned about)
+        emb32 = emb.astype(np.float32, copy=False)
+    finite = np.isfinite(emb32).all(axis=1)
     if not finite.all():
         row = int(np.argmin(finite))
-        raise ValueError(
-            f"{path}: row {row} (item {row + 1}) has NaN or inf values ({int((~finite).sum())} bad rows); embed the "
-            "items again, or fix those rows"
-        )
-    return emb
+        beyond = bool(np.isfinite(emb[row]).all())  # finite as stored: too large for float32
+        raise ValueError(f"{path}: row {row} (item {row + 1}) has {'values beyond float32 range' if beyond else 'NaN or inf values'} "
+                         f"({int((~finite).sum())} bad rows); embed the items again, or fix those rows")
+    return emb32
 
 
 # ---- leave-one-out split -----------------------------------------------------------------------------------------

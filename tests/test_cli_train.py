@@ -196,7 +196,8 @@ def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], ca
                            (["--max-steps", "-5"], "`--max-steps` must be a positive int, or -1"),  # could continue)
                            (["--seed", "-1"], "`--seed` must be a non-negative int"),
                            (["--preset", "cpu", "--num-workers", "-1"], "`--num-workers` must be a non-negative int"),
-                           (["--num-workers", "2"], "`--num-workers` is for the T5 presets' data loader")):  # (ignored)
+                           (["--num-workers", "2"], "`--num-workers` is for the T5 presets' data loader"),  # (ignored)
+                           (["--val-users", "0"], "`--val-users` must be a positive int")):  # (named `max_users`, late)
         assert main([*base, "--out", str(trained["run"].parent / "x"), *flags]) == 2
         assert message in capsys.readouterr().err and not (trained["run"].parent / "x").exists()
     a_file = trained["run"].parent / "a_file.txt"

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import tracemalloc
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -174,3 +175,16 @@ def test_a_bad_max_users_names_the_option_and_what_it_takes(value: str, capsys: 
         main(["evaluate", "--run", "r", "--max-users", value])
     err = capsys.readouterr().err
     assert "argument --max-users: must be a positive int (users sampled) or 'all'" in err and "_users" not in err
+
+
+def test_embedding_values_name_the_file_and_what_is_wrong() -> None:
+    from semid.data import check_embedding_values
+
+    with pytest.raises(ValueError, match=r"f\.npy: embeddings must be a 2-D array .* got shape \(3, 0\)"):  # (no file)
+        check_embedding_values(np.zeros((3, 0)), "f.npy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (numpy's overflow RuntimeWarning came first)
+        with pytest.raises(ValueError, match=r"f\.npy: row 1 \(item 2\) has values beyond float32 range"):  # ("NaN or
+            check_embedding_values(np.array([[1.0, 2.0], [1e300, 1.0]]), "f.npy")  # inf" for finite values)
+    with pytest.raises(ValueError, match=r"row 0 \(item 1\) has NaN or inf values"):
+        check_embedding_values(np.array([[np.nan, 1.0]]), "f.npy")

@@ -129,7 +129,7 @@ class TrainOptions:
     max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, check=True, kind="int>0", fixed=True)
     user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, check=True, kind="int>=0", fixed=True)
     val_users: int | None = option(1000, "validation users sampled during training, or 'all' {default}", VALID, kind="int>0?",
-                                   parse=parse_users, fixed=True)
+                                   parse=parse_users, fixed=True, check=True)
     val_every: int | float = option(1.0, "validate every N epochs (int) or fraction of an epoch (default 1)", VALID, parse=parse_every)
     final_val_users: int | None = option(None, "validation users for the final evaluation, 'all' (default) or 0 to skip", VALID,
                                          kind="int>=0?", parse=parse_users)
