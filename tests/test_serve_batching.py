@@ -207,3 +207,22 @@ def test_an_empty_request_is_answered_and_a_gone_clients_rest_is_not_decoded(ser
     assert [(lo, hi) for _, lo, hi in batcher._fill(waiting)] == [(0, 2)]
     gone.future.cancel()  # its client disconnected: the other 10 histories are not decoded
     assert batcher._fill(waiting) == [] and not waiting
+
+
+def test_a_history_the_decoder_refuses_fails_its_own_request_only(serve_world: dict[str, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recommender.from_run(serve_world["v1"])
+    large = _job(rec, [[1 + i % 30, 2] for i in range(6)], 5, "beam", True)
+    odd = _job(rec, [[7]], 5, "beam", True)  # one group with the large one's histories: the decoder refuses it
+    want = [rec.recommend([h], 5, "beam", exclude_history=True)[0].items.tolist() for h in large.histories]
+    real = rec.recommend
+
+    def refuses_seven(histories: list[np.ndarray], *args: object, **kwargs: object) -> object:
+        if any(h.tolist() == [7] for h in histories):
+            raise ValueError("history [7] refused")
+        return real(histories, *args, **kwargs)
+
+    monkeypatch.setattr(rec, "recommend", refuses_seven)
+    assert MicroBatcher(max_batch=64)._decode([(large, 0, 6), (odd, 0, 1)]) == 1
+    assert large.error is None and [r.items.tolist() for r in large.results] == want  # (it failed with [7])
+    assert isinstance(odd.error, ValueError) and "[7] refused" in str(odd.error)

@@ -261,26 +261,36 @@ class MicroBatcher:
             for i in range(lo, hi):
                 groups.setdefault(job.keys[i], []).append((job, i))
         for key, members in groups.items():
-            first = members[0][0]
-            rec, decoder, beams = first.rec, first.decoder, key[2]
-            histories = [job.histories[i] for job, i in members]
-            try:
-                if decoder in PREFIX:  # one ranking as long as the longest ask, cut per history
-                    out = rec.recommend(histories, max(job.wants[i] for job, i in members), decoder, num_beams=beams,
-                                        exclude_history=False, batch_size=self.max_batch)  # (dropped per history below)
-                    out = _cut(out, members)
-                else:
-                    out = rec.recommend(histories, first.k, decoder, exclude_history=first.exclude_history,
-                                        num_beams=beams, batch_size=self.max_batch)
-            except Exception as e:  # noqa: BLE001 - handed to each request of the group, the worker lives on
-                if not isinstance(e, (ValueError, TypeError)):
-                    log.exception("decoding a batch of %d histories failed", len(members))
-                for job, _ in members:
-                    job.error = e
-                continue
-            for (job, i), rec_out in zip(members, out, strict=True):
-                job.results[i] = rec_out
+            self._decode_group(key, members)
         return len(groups)
+
+    def _decode_group(self, key: tuple, members: list[tuple[Job, int]]) -> None:
+        """One ``Recommender.recommend`` call for histories that rank alike (module doc); where it fails and they are
+        of several requests, each request's are decoded again alone, so that one request's history cannot fail
+        another's (a 1,024-history request beside a one-item one that the decoder refuses)."""
+        first = members[0][0]
+        rec, decoder, beams = first.rec, first.decoder, key[2]
+        histories = [job.histories[i] for job, i in members]
+        try:
+            if decoder in PREFIX:  # one ranking as long as the longest ask, cut per history
+                out = rec.recommend(histories, max(job.wants[i] for job, i in members), decoder, num_beams=beams,
+                                    exclude_history=False, batch_size=self.max_batch)  # (dropped per history below)
+                out = _cut(out, members)
+            else:
+                out = rec.recommend(histories, first.k, decoder, exclude_history=first.exclude_history,
+                                    num_beams=beams, batch_size=self.max_batch)
+        except Exception as e:  # noqa: BLE001 - handed to the request(s) it came from, the worker lives on
+            jobs = list(dict.fromkeys(job for job, _ in members))
+            if len(jobs) > 1:
+                for job in jobs:  # loop over the group's requests, each alone
+                    self._decode_group(key, [m for m in members if m[0] is job])
+                return
+            if not isinstance(e, (ValueError, TypeError)):
+                log.exception("decoding a batch of %d histories failed", len(members))
+            first.error = e
+            return
+        for (job, i), rec_out in zip(members, out, strict=True):
+            job.results[i] = rec_out
 
 
 def _cut(out: list[Recommendation], members: list[tuple[Job, int]]) -> list[Recommendation]:
