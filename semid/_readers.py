@@ -54,7 +54,8 @@ def _dedupe(values: Iterable[str]) -> list[str]:
 @contextmanager
 def _open_text(path: Path, newline: str | None = None) -> Iterator[IO[str]]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: a folder, not a file: give the file itself" if path.is_dir() else
+                                f"{path}: no such file")
     opener: Any = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8-sig", newline=newline) as f:  # a byte-order mark is not the first column's
         try:

@@ -105,6 +105,8 @@ def test_pinned_digests_catch_an_edit_the_in_file_digest_cannot(trained: dict[st
     ckpt.write_bytes(bytes(data))
     assert main(["digest", "--run", str(run)]) == 2
     assert "best.ckpt: corrupted" in (err := capsys.readouterr().err), err
+    assert main(["digest", "--run", str(run), "--checkpoint", str(run / "checkpoints")]) == 2  # a folder: said so (it
+    assert "checkpoints: a folder, not a file: name the checkpoint file itself" in capsys.readouterr().err  # was "missing")
     (run / "semantic_ids.npz").unlink()  # a missing file: named as such
     assert main(["digest", "--run", str(run)]) == 2
     assert "semantic_ids.npz: missing from the run folder" in capsys.readouterr().err

@@ -348,6 +348,8 @@ def test_cli_prepare_names_the_line_that_is_not_utf8(tmp_path: Path, capsys) -> 
 def test_missing_input_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"absent.csv: no such file"):
         prepare_csv(tmp_path / "absent.csv", None, tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match=r"folder: a folder, not a file: give the file itself"):  # ("no such
+        prepare_csv(Path(tmp_path / "folder").mkdir() or tmp_path / "folder", None, tmp_path / "data")  # file")
 
 
 def test_write_dataset_validates_its_inputs(tmp_path: Path) -> None:

@@ -43,6 +43,9 @@ def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[s
     run_dir = Path(run_dir)
     names = pinned_files(run_dir, checkpoint)
     for name in names:
+        if (run_dir / name).is_dir():  # (e.g. --checkpoint RUN/checkpoints)
+            raise ValueError(f"{run_dir / name}: a folder, not a file: name the checkpoint file itself, such as "
+                             f"{run_dir / 'checkpoints' / 'best.ckpt'}")
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name}: missing from the run folder (its digests cover "
                                     f"{', '.join(names)}); the run is incomplete: restore the file or train again")
