@@ -72,16 +72,27 @@ def yaml_value(text: str, where: str) -> Any:
 
 
 # ---- JSON lines --------------------------------------------------------------------------------------------------
+def cut(text: str, limit: int = 60) -> str:
+    """``text`` cut to ``limit`` characters ("..." at the end): what an error shows of a value, never all of it."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def repeated_key(pairs: list[tuple[str, Any]]) -> str | None:
+    """The first key of a JSON object's (key, value) pairs given a second time; None where each is given once."""
+    if len({k for k, _ in pairs}) == len(pairs):
+        return None
+    seen: set[str] = set()
+    return next(k for k, _ in pairs if k in seen or seen.add(k))
+
+
 class _Twice(Exception):
     """A key given twice in one JSON object (which one was meant is not ours to guess)."""
 
 
 def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        raise _Twice(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return out
+    if (key := repeated_key(pairs)) is not None:
+        raise _Twice(key)
+    return dict(pairs)
 
 
 def json_object(line: str, where: str, *, once: bool = False) -> dict[str, Any]:
@@ -92,7 +103,7 @@ def json_object(line: str, where: str, *, once: bool = False) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     except _Twice as e:
-        raise ValueError(f"{where}: the key `{str(e)[:60]}` is given twice in one object: keep one") from None
+        raise ValueError(f"{where}: the key `{cut(str(e))}` is given twice in one object: keep one") from None
     except RecursionError:
         raise ValueError(f"{where}: JSON nested too deep to read; write plain objects of strings, numbers and "
                          "lists") from None

@@ -31,6 +31,7 @@ from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, data_fin
 from generator.runs.lineage import ADDED_CONTENT, lineage, load_model
 from semid.data import load_dataset
 from semid.ids import SemanticIDs
+from semid.safe_read import cut, npy_rows, read_npy
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,8 @@ def _check_same_items(run_dir: Path, config: dict[str, Any], ids_path: Path, dat
                                ("'s title", own.catalogue.titles[:n], dataset.catalogue.titles[:n])):
         bad = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b), None)
         if bad is not None:  # (a changed title would change what the run answers for an item it was trained on)
-            raise ValueError(f"{dataset.path}: item {bad + 1}{what} is {_cut(ours[bad])!r}, but the run's item {bad + 1}{what} "
-                             f"is {_cut(theirs[bad])!r} ({source}): DATA must hold the run's {n:,} items first, "
+            raise ValueError(f"{dataset.path}: item {bad + 1}{what} is {cut(ours[bad])!r}, but the run's item {bad + 1}{what} "
+                             f"is {cut(theirs[bad])!r} ({source}): DATA must hold the run's {n:,} items first, "
                              "unchanged, then the new ones")
     return own
 
@@ -175,9 +176,6 @@ def _check_same_embeddings(own: Any, dataset: Any, name: str, n: int) -> None:
     the run's own: the new items' rows then come from the same encoder, so their codes live where the run's do
     (embeddings made again with another model gave the new items codes of another space, with no error). Both files
     are compared a chunk of rows at a time (never read whole here)."""
-    from semid.data import read_npy
-    from semid.safe_read import npy_rows
-
     path, new_path = own.path / f"item_emb_{name}.npy", dataset.path / f"item_emb_{name}.npy"
     if not path.is_file():  # (the run's folder never had this file: nothing to compare with)
         log.warning("%s: not here, so the run's items' rows of %s are not checked against it", path, new_path)
@@ -200,9 +198,6 @@ def _check_same_embeddings(own: Any, dataset: Any, name: str, n: int) -> None:
                              "the new items would get codes (or content) from another encoder's space than the run's "
                              "items'; make the file with the encoder that made the run's (the run's items' rows unchanged)")
 
-
-def _cut(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _trained_with(ids_file: Path, config: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from generator.runs.recommender import Recommender
+from semid.safe_read import cut, repeated_key
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, field: str | None, value: Any, allowed: str | None, message: str | None = None
                  ) -> None:
-        self.status, self.field, self.value, self.allowed = status, field and _cut(field, 80), short_json(value), allowed
+        self.status, self.field, self.value, self.allowed = status, field and cut(field, 80), short_json(value), allowed
         self.message = message or f"`{self.field}` must be {allowed}, got {self.value}"
         super().__init__(self.message)
 
@@ -62,7 +63,7 @@ def short_json(value: Any, limit: int = 80) -> str | None:
         text = json.dumps(value, ensure_ascii=False, default=str)
     except (RecursionError, ValueError):  # (a body nested deeper than the encoder goes: what json.loads took)
         text = "(nested too deep to show)"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return cut(text, limit)
 
 
 class _Twice(dict):
@@ -73,12 +74,10 @@ class _Twice(dict):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]], found: list[_Twice]) -> dict[str, Any]:
-    doc = dict(pairs)
-    if len(doc) == len(pairs):
-        return doc
-    seen: set[str] = set()
-    twice = _Twice(doc)
-    twice.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+    if (key := repeated_key(pairs)) is None:
+        return dict(pairs)
+    twice = _Twice(pairs)
+    twice.key = key
     found.append(twice)
     return twice
 
@@ -113,10 +112,6 @@ def _first_in(doc: Any, targets: list[_Twice]) -> tuple[str, _Twice] | None:
     return path, targets[best[0]]
 
 
-def _cut(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."  # a refused body is never echoed whole
-
-
 def parse_body(body: bytes) -> dict[str, Any]:
     """The JSON object of a request body; a 400 for malformed JSON, a key given twice in any of its objects (named
     with where it is), or anything else than an object."""
@@ -134,7 +129,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
                        "a number of more than 4,300 digits: item ids and counts have at most 19") from None
     if found:  # innermost first; the first still in the body (an outer key given twice may have replaced one)
         where, twice = _first_in(doc, found)  # (the innermost is still in the body where no outer one replaced it)
-        key = _cut(f"{where}.{twice.key}" if where else twice.key)
+        key = cut(f"{where}.{twice.key}" if where else twice.key)
         raise ApiError(400, key, key, "each key once", f"the key `{key}` is given twice in one object")
     if not isinstance(doc, dict):
         raise ApiError(400, "body", doc, "a JSON object such as {\"history\": [12, 45], \"k\": 10}")
@@ -144,7 +139,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
 def check_fields(doc: dict[str, Any], allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
     for name in doc:
         if name not in allowed:
-            raise ApiError(422, name, doc[name], f"one of the fields {list(allowed)}", f"unknown field `{_cut(name)}`: "
+            raise ApiError(422, name, doc[name], f"one of the fields {list(allowed)}", f"unknown field `{cut(name)}`: "
                            f"the fields are {list(allowed)}")
     for name in required:
         if name not in doc:
