@@ -389,6 +389,24 @@ def test_train_on_users_too_short_to_split_says_so(tmp_path: Path, capsys: pytes
     assert "sequences.txt: no user has 3 or more items" in capsys.readouterr().err
 
 
+def test_numpy_integers_are_taken_where_ints_are(trained: dict[str, Path]) -> None:
+    from generator.runs.evaluate import evaluate_run
+    from generator.runs.recommender import Recommender
+
+    # a count read from an array (np.int64) was refused: "`k` must be an int in [1, N] ..., got np.int64(5)"
+    r = load_run(trained["run"])
+    want = recommend(r, [[3, 4], [5]], k=5, exclude_history=False)
+    got = recommend(r, [[3, 4], [5]], k=np.int64(5), num_beams=np.int32(20), exclude_history=False)
+    assert [list(x.items) for x in got] == [list(x.items) for x in want]
+    served = Recommender(r).recommend([[3, 4]], k=np.int64(3), batch_size=np.int64(8))
+    assert len(served[0].items) == 3
+    result = evaluate_run(trained["run"], "test", ks=np.array([5, 10]), max_users=np.int64(4), seed=np.uint8(1))
+    plain = evaluate_run(trained["run"], "test", ks=(5, 10), max_users=4, seed=1)
+    assert {**result, "seconds": 0} == {**plain, "seconds": 0}
+    with pytest.raises(ValueError, match="`k` must be an int"):
+        recommend(r, [[3, 4]], k=np.bool_(True))
+
+
 def test_evaluate_run_checks_its_options_by_name(trained: dict[str, Path]) -> None:
     from generator.runs.evaluate import evaluate_run
 

@@ -19,6 +19,7 @@ Shapes: B histories, S input positions, k items returned, L code levels, N items
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -96,6 +97,12 @@ class Decoder(Protocol):
 # ---- the one set of argument rules -----------------------------------------------------------------------------
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def as_int(value: object) -> object:
+    """A Python int for any integer (numpy's ``np.int64(10)``, from an array, included; never a bool), else ``value``
+    unchanged for the checks to name: what the API's entry points pass on, so a count read from an array works."""
+    return int(value) if isinstance(value, Integral) and not isinstance(value, bool) else value
 
 
 def check_int_in(name: str, value: object, lo: int, hi: int, what: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.decoding import registry
-from generator.decoding.protocol import call_beams, check_decode_args, check_k
+from generator.decoding.protocol import as_int, call_beams, check_decode_args, check_k
 from generator.runs.batches import history_batches, split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.folder import Run, check_same_data, check_writable, load_run, metrics_file
@@ -122,6 +122,11 @@ def evaluate(
         )
     if not isinstance(exclude_history, bool):
         raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
+    num_beams, max_users, seed, batch_size = (as_int(v) for v in (num_beams, max_users, seed, batch_size))
+    if isinstance(ks, np.ndarray):  # cut-offs read from an array
+        ks = ks.tolist()
+    if isinstance(ks, Sequence) and not isinstance(ks, (str, bytes)):
+        ks = [as_int(k) for k in ks]
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks or not all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
         raise ValueError(f"`ks` must be a non-empty list of positive int cut-offs such as (5, 10), got {ks!r}")
@@ -234,6 +239,7 @@ def evaluate_run(
     if unknown:
         raise TypeError(f"evaluate_run() got unknown options {unknown}; known: {sorted(EVALUATE_DEFAULTS)}")
     o = {**EVALUATE_DEFAULTS, **options, "release_tables": True}
+    o.update((key, as_int(o[key])) for key in ("num_beams", "max_users", "seed", "batch_size"))  # (written to JSON)
     max_users, exclude_history = o["max_users"], o["exclude_history"]
     run = load_run(run_dir, checkpoint)  # any design
     data = Path(data_dir) if data_dir is not None else run.data_dir

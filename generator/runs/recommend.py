@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from generator.decoding import registry
-from generator.decoding.protocol import check_decode_args, check_k
+from generator.decoding.protocol import as_int, check_decode_args, check_k
 from generator.runs.folder import Run
 from generator.runs.recommender import DEFAULT_BEAMS, Recommendation, Recommender
 
@@ -58,6 +58,7 @@ def recommend(
     """
     name = registry.resolve(run.design, decoder)
     N = run.ids.num_items
+    k, num_beams = as_int(k), as_int(num_beams)  # (numpy's ints too)
     if num_beams is None:  # the call's beams: protocol.call_beams of what each history asks for (Recommender.recommend)
         check_k(k, N, "the catalogue size")
     else:

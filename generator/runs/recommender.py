@@ -38,7 +38,7 @@ import torch
 
 from generator.decoding import registry
 from generator.decoding.causal import CausalDecoders, drops_tree
-from generator.decoding.protocol import Decoder, call_beams, check_beams, check_k
+from generator.decoding.protocol import Decoder, as_int, call_beams, check_beams, check_k
 from generator.decoding.registry import CAUSAL
 from generator.designs.registry import DESIGNS
 from generator.models.checkpoint import own_tensors
@@ -219,8 +219,8 @@ class Recommender:
         Returns:
             B :class:`Recommendation`, in the order of ``histories``; items distinct and in the catalogue.
         """
-        name = self._decoder(decoder)
-        N = self.run.ids.num_items
+        name, N = self._decoder(decoder), self.run.ids.num_items
+        k, num_beams, batch_size = as_int(k), as_int(num_beams), as_int(batch_size)  # (numpy's ints too)
         check_k(k, N, "the catalogue size")
         if not isinstance(exclude_history, bool):
             raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
