@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("A and B rank other test targets (another data folder or split): they cannot be paired")
     n = len(a["recall@10"])
     out: dict[str, Any] = {"a": f"{args.a} ({ckpt_a}, {args.decoder})", "b": f"{args.b} ({ckpt_b}, {dec_b})", "users": n,
-                           "sample": bool(args.max_users), "command": "python -m experiments.paired " + shlex.join(sys.argv[1:])}
+                           "sample": bool(args.max_users), "command": "python -m experiments.paired " + shlex.join(sys.argv[1:] if argv is None else argv)}
     lines = [f"# Paired comparison on the test split{' (histories left out, as served)' if args.exclude_history else ''}", "", f"A: `{out['a']}`  ", f"B: `{out['b']}`  ",
              f"{n} test users" + (" (a seeded sample)" if args.max_users else " (all)") + "; 95% bootstrap interval over users "
              "(2,000 resamples)", "", "| metric | A | B | A - B | 95% CI | relative |", "| --- | ---: | ---: | ---: | --- | ---: |"]

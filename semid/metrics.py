@@ -40,7 +40,7 @@ class RankingMetrics:
     ``ranks()`` each user's target rank (-1: not in the ranking), in the order of the updates (for paired tests)."""
 
     def __init__(self, ks: Iterable[int] = (5, 10)) -> None:
-        self.ks = tuple(int(k) for k in ks)
+        self.ks = tuple(sorted({int(k) for k in ks}))  # each cut-off once (a repeated one was counted twice)
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"`ks` must be positive ints, got {ks!r}")
         self.reset()

@@ -407,6 +407,18 @@ def test_numpy_integers_are_taken_where_ints_are(trained: dict[str, Path]) -> No
         recommend(r, [[3, 4]], k=np.bool_(True))
 
 
+def test_evaluate_names_its_split(trained: dict[str, Path]) -> None:
+    from generator.runs.evaluate import evaluate
+    from semid.data import load_dataset
+    from semid.split import leave_one_out
+
+    r = load_run(trained["run"])
+    split = leave_one_out(load_dataset(r.data_dir))
+    for exclude in (False, True):  # (with the history left out, "validation" scored the test split)
+        with pytest.raises(ValueError, match="`which` must be 'valid' or 'test', got 'validation'"):
+            evaluate(r, split, "validation", exclude_history=exclude)
+
+
 def test_evaluate_run_checks_its_options_by_name(trained: dict[str, Path]) -> None:
     from generator.runs.evaluate import evaluate_run
 

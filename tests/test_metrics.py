@@ -25,3 +25,10 @@ def test_metric_errors():
         RankingMetrics().compute()
     with pytest.raises(ValueError, match="fewer than k=10"):
         RankingMetrics(ks=(10,)).update(np.zeros((2, 5), dtype=int), np.zeros(2, dtype=int))
+
+
+def test_a_repeated_cut_off_counts_once():
+    ranked, targets = np.array([[3, 1, 2], [4, 5, 6]]), np.array([3, 9])
+    m = RankingMetrics(ks=(2, 1, 2))  # (each repeat added its hits again: recall@2 1.0 for one hit in two users)
+    m.update(ranked, targets)
+    assert m.ks == (1, 2) and m.compute() == {"recall@1": 0.5, "ndcg@1": 0.5, "recall@2": 0.5, "ndcg@2": 0.5}

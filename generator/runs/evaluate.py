@@ -113,6 +113,8 @@ def evaluate(
             hybrid's candidates, ``protocol.call_beams`` of k plus its distinct history items; users of one such
             count decoded together).
     """
+    if which not in ("valid", "test"):  # (with exclude_history, any other name scored the test split)
+        raise ValueError(f"`which` must be 'valid' or 'test', got {which!r}")
     name = registry.resolve(run.design, decoder)
     if which == "valid" and name == "hybrid" and alpha is None:
         raise ValueError(
