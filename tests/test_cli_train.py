@@ -390,6 +390,8 @@ def test_train_on_users_too_short_to_split_says_so(tmp_path: Path, capsys: pytes
 
 
 def test_numpy_integers_are_taken_where_ints_are(trained: dict[str, Path]) -> None:
+    from generator.runs.batches import history_batches
+    from generator.runs.decoders import choose_run_fusion, decoders_for
     from generator.runs.evaluate import evaluate_run
     from generator.runs.recommender import Recommender
 
@@ -398,11 +400,19 @@ def test_numpy_integers_are_taken_where_ints_are(trained: dict[str, Path]) -> No
     want = recommend(r, [[3, 4], [5]], k=5, exclude_history=False)
     got = recommend(r, [[3, 4], [5]], k=np.int64(5), num_beams=np.int32(20), exclude_history=False)
     assert [list(x.items) for x in got] == [list(x.items) for x in want]
-    served = Recommender(r).recommend([[3, 4]], k=np.int64(3), batch_size=np.int64(8))
-    assert len(served[0].items) == 3
-    result = evaluate_run(trained["run"], "test", ks=np.array([5, 10]), max_users=np.int64(4), seed=np.uint8(1))
-    plain = evaluate_run(trained["run"], "test", ks=(5, 10), max_users=4, seed=1)
+    served = Recommender(r, num_beams=np.int64(20), num_candidates=np.int32(40)).recommend([[3, 4]], k=np.int64(3), batch_size=np.int64(8))
+    assert list(served[0].items) == list(Recommender(r).recommend([[3, 4]], k=3)[0].items)
+    beam = decoders_for(r, ["beam"])["beam"]  # a decoder's own call
+    batch = history_batches(r, [np.array([3, 4])], None, np.int64(8))[0]
+    assert beam(batch, np.int64(4)).items.tolist() == beam(batch, 4).items.tolist()
+    result = evaluate_run(trained["run"], "test", ks=np.array([5, 10]), max_users=np.int64(4), seed=np.uint8(1),
+                          num_beams=np.int64(20), batch_size=np.int16(8))
+    plain = evaluate_run(trained["run"], "test", ks=(5, 10), max_users=4, seed=1, num_beams=20, batch_size=8)
     assert {**result, "seconds": 0} == {**plain, "seconds": 0}
+    written = json.loads((trained["run"] / "metrics_test_sample4.json").read_text())  # (np.int64 was not JSON)
+    assert written["num_beams"] == 20 and written["max_users"] == 4
+    with pytest.raises(ValueError, match="no dense head"):  # past the argument checks (they refused np.int64)
+        choose_run_fusion(r, num_candidates=np.int64(20), num_beams=np.int64(20), users=np.int64(8))
     with pytest.raises(ValueError, match="`k` must be an int"):
         recommend(r, [[3, 4]], k=np.bool_(True))
 

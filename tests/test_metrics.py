@@ -21,6 +21,9 @@ def test_metrics_against_hand_computed_values():
 def test_metric_errors():
     with pytest.raises(ValueError, match="ks"):
         RankingMetrics(ks=(0,))
+    for bad in ((2.5,), (True,), ()):  # (2.5 was taken as 2)
+        with pytest.raises(ValueError, match="`ks` must be positive ints"):
+            RankingMetrics(ks=bad)
     with pytest.raises(ValueError, match="no users"):
         RankingMetrics().compute()
     with pytest.raises(ValueError, match="fewer than k=10"):

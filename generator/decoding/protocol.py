@@ -96,7 +96,7 @@ class Decoder(Protocol):
 
 # ---- the one set of argument rules -----------------------------------------------------------------------------
 def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, Integral) and not isinstance(x, bool)  # numpy's ints too (an np.bool_ is not Integral)
 
 
 def as_int(value: object) -> object:

@@ -6,6 +6,7 @@ Both batch evaluation users by history length, in a deterministic order, so litt
 from __future__ import annotations
 
 from collections.abc import Iterable
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ def int_ids(values: Any, name: str) -> np.ndarray:
 
 
 def _check_batch_size(batch_size: Any) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:  # (numpy's ints too)
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from generator.decoding import registry
-from generator.decoding.protocol import Decoder, check_alpha
+from generator.decoding.protocol import Decoder, as_int, check_alpha
 from generator.decoding.registry import CAUSAL, TITLE, Ingredients
 from generator.decoding.titles import LENGTH_PENALTY, TITLE_GROUNDED
 from generator.designs.registry import DESIGNS
@@ -109,8 +109,9 @@ def choose_run_fusion(run: Any, split: Split | None = None, *, num_candidates: i
         users: validation users to fit on, and as many to choose on (default: 2,000 for T5 runs, whose hybrid
             teacher-forces its candidates; 5,000 for causal runs).
     """
+    num_candidates, num_beams, batch_size, users = (as_int(v) for v in (num_candidates, num_beams, batch_size, users))
     for name, value in (("num_candidates", num_candidates), ("num_beams", num_beams), ("batch_size", batch_size),
-                        ("users", 1 if users is None else users)):
+                        ("users", 1 if users is None else users)):  # (numpy's ints taken: as_int; written to JSON)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"`{name}` must be a positive int, got {value!r}")
     if run.design not in registry.with_hybrid():

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -242,6 +243,8 @@ def evaluate_run(
         raise TypeError(f"evaluate_run() got unknown options {unknown}; known: {sorted(EVALUATE_DEFAULTS)}")
     o = {**EVALUATE_DEFAULTS, **options, "release_tables": True}
     o.update((key, as_int(o[key])) for key in ("num_beams", "max_users", "seed", "batch_size"))  # (written to JSON)
+    o.update((key, float(o[key])) for key in ("alpha", "length_penalty")  # numpy's floats, as JSON numbers
+             if isinstance(o[key], Real) and not isinstance(o[key], bool))
     max_users, exclude_history = o["max_users"], o["exclude_history"]
     run = load_run(run_dir, checkpoint)  # any design
     data = Path(data_dir) if data_dir is not None else run.data_dir

@@ -135,9 +135,9 @@ class Recommender:
         given, run = run, on_device(run, device)
         release = run is not given if release_tables is None else release_tables
         self.run, self.device = run, next(run.model.parameters()).device
-        N = run.ids.num_items
         self.default = registry.resolve(run.design, decoder)
         asked = {self.default, *(registry.resolve(run.design, n) for n in (decoders or ()))}
+        N, num_beams, num_candidates = run.ids.num_items, as_int(num_beams), as_int(num_candidates)  # (numpy's ints too)
         check_beams(min(num_beams, N) if isinstance(num_beams, int) and not isinstance(num_beams, bool) else num_beams, 1, N)
         self.num_beams = min(num_beams, N)
         self.num_candidates = min(num_candidates, N)  # the hybrids' C per list; a call with more beams ranks more
