@@ -27,7 +27,10 @@ class _Interactions:
     source: Path
     users: list[str] = field(default_factory=list)
     items: list[str] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
+    times: list[float | int] = field(default_factory=list)  # ints kept exact (a float64 rounds them above 2^53)
+    fractional: str | None = None  # the first timestamp that is not an integer, where it is ("FILE:LINE")
+    beyond_float: str | None = None  # the first integer timestamp above 2^53 (a float64 cannot tell it from its
+    # neighbours), where it is: the two together cannot be ordered exactly
 
 
 @dataclass
@@ -101,7 +104,9 @@ def _read_amazon_meta(path: Path) -> _Metadata:
             isinstance(p, list) and all(isinstance(c, str) for c in p) for p in categories
         ):
             raise ValueError(f"{where}: `categories` must be a list of lists of strings, got {categories!r}")
-        meta.add(str(asin), title, [brand, *(c for p in categories for c in p[1:])])
+        if not isinstance(asin, str) or not asin.strip():  # (None and 5 were made the items "None" and "5")
+            raise ValueError(f"{where}: `asin` must be a non-empty string, got {asin!r}")
+        meta.add(asin, title, [brand, *(c for p in categories for c in p[1:])])
     return meta
 
 
@@ -176,16 +181,25 @@ def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> 
     try:
         if isinstance(time, bool):
             raise ValueError
-        ts = float(time)
-        if not math.isfinite(ts):
-            raise ValueError
+        if isinstance(time, int) or (isinstance(time, str) and time.strip().lstrip("+-").isdecimal()):
+            ts: float | int = int(time)  # exact: nanosecond clocks pass 2^53
+        else:
+            ts = float(time)
+            if not math.isfinite(ts):
+                raise ValueError
     except (TypeError, ValueError):
         raise ValueError(f"{where}: timestamp {time!r} is not a finite number") from None
+    if isinstance(ts, int) and not -(2**63) <= ts < 2**63:
+        raise ValueError(f"{where}: timestamp {time!r} is beyond a 64-bit integer: write it in coarser units")
+    if isinstance(ts, int) and abs(ts) > 2**53 and raw.beyond_float is None:
+        raw.beyond_float = f"{where}: timestamp {time!r}"
+    elif isinstance(ts, float) and not ts.is_integer() and raw.fractional is None:
+        raw.fractional = f"{where}: timestamp {time!r}"
     if not isinstance(user, str) or not isinstance(item, str) or not user.strip() or not item.strip():
         raise ValueError(f"{where}: user and item ids must be non-empty strings, got {user!r} and {item!r}")
     if any(c in user + item for c in "\n\r\t"):  # in a CSV: a quote opened and never closed swallows the next rows
-        raise ValueError(f"{where}: the user or item id holds a line break or tab ({user[:40]!r}, {item[:40]!r}): a "
-                         "quote opened on an earlier line and not closed? fix the file's quoting")
+        raise ValueError(f"{where}: the user or item id holds a line break or tab ({user[:40]!r}, {item[:40]!r}): remove "
+                         "it (in a CSV file: a quote opened on an earlier line and not closed? fix the file's quoting)")
     raw.users.append(user)
     raw.items.append(item)
     raw.times.append(ts)

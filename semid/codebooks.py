@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from semid.ids import SemanticIDs
-from semid.io import file_sha256, make_temp_dir, write_json
+from semid.io import check_can_write, file_sha256, make_temp_dir, write_json
 
 T = TypeVar("T")
 
@@ -189,6 +189,7 @@ def check_out(out: str | os.PathLike[str], *, overwrite: bool) -> None:
     out = real_out(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder; pass a folder to --out")
+    check_can_write(out, "--out", beside=True)  # (the folder is written beside it and swapped in: after the fit, too late)
     if overwrite or not out.is_dir():
         return
     foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not _ours(p))

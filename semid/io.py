@@ -119,6 +119,19 @@ def remove_atomic_leftovers(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+def check_can_write(folder: str | os.PathLike[str], flag: str, *, beside: bool = False) -> None:
+    """Refuse, before any work, a ``folder`` to write in (made where missing) that cannot be: a file where a folder of
+    its path should be, or a folder without write permission (``flag`` names the option that gave the path).
+    ``beside``: the folder is written next to it and swapped in, so its parent must take writes."""
+    path = Path(folder).absolute().parent if beside else Path(folder).absolute()
+    there = next(p for p in (path, *path.parents) if os.path.lexists(p))  # the nearest part that exists
+    if not there.is_dir():
+        raise NotADirectoryError(f"{folder}: {there} is a file, not a folder; choose another {flag}")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder}: cannot write in {there} (permission denied); choose another {flag}, or fix "
+                              "its permissions")
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_open(path, "w", encoding="utf-8") as f:
@@ -144,6 +157,11 @@ def not_utf8(path: str | os.PathLike[str], newline: str | None = None) -> ValueE
     """
     path = Path(path)
     opener: Any = gzip.open if path.suffix == ".gz" else open
+    if path.suffix != ".gz":
+        with open(path, "rb") as raw:
+            if raw.read(2) == b"\x1f\x8b":  # gzip's magic: compressed data in a file named as text
+                return ValueError(f"{path}: gzip-compressed, not text: name it {path.name}.gz (it is read through gzip "
+                                  "then), or decompress it")
     with opener(path, "rt", encoding="utf-8", errors="surrogateescape", newline=newline) as f:
         for lineno, line in enumerate(f, start=1):
             if (bad := _ESCAPED_BYTE.search(line)) is not None:

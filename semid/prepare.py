@@ -52,7 +52,7 @@ from semid._readers import (
     _tsv_rows,
 )
 from semid.data import EMBEDDING_PREFIX, ITEMS_FILE, SEQUENCES_FILE, USERS_FILE, Catalogue
-from semid.io import atomic_open
+from semid.io import atomic_open, check_can_write
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,8 @@ def _finish(
 ) -> PrepareReport:
     n = len(raw.users)
     if n == 0:
-        raise ValueError(f"{raw.source}: no interactions")
+        raise ValueError(f"{raw.source}: no interactions (an empty file, or a header alone): give the file with one "
+                         "interaction per row")
     users, user_names = _encode(raw.users)
     items, item_names = _encode(raw.items)
     names = np.concatenate([user_names, item_names]).astype(str)
@@ -231,7 +232,10 @@ def _finish(
         log.warning("%s: %d user or item ids have spaces around them (e.g. %r), kept as they are, so %r and %r are two "
                     "ids; remove the spaces in the file if they are one", raw.source, spaced.size, str(spaced[0]),
                     str(spaced[0]), str(spaced[0]).strip())
-    times = np.asarray(raw.times, dtype=np.float64)
+    if raw.beyond_float and raw.fractional:  # (a float64 would round the large ones: distinct rows made duplicates)
+        raise ValueError(f"{raw.beyond_float} is an integer above 2^53 and {raw.fractional} has a fraction: the two "
+                         "cannot be ordered exactly together; write every timestamp as an integer in one unit")
+    times = np.asarray(raw.times, dtype=np.int64 if raw.beyond_float else np.float64)  # exact either way
     # 1. a row repeating an earlier (user, item, timestamp) is dropped; the first in file order stays
     order = np.lexsort((np.arange(n), times, items, users))
     same = (np.diff(users[order]) == 0) & (np.diff(items[order]) == 0) & (np.diff(times[order]) == 0)
@@ -249,7 +253,8 @@ def _finish(
             break
         keep &= ~drop
     if not keep.any():
-        raise ValueError(f"{raw.source}: no interactions left after {kcore}-core filtering")
+        raise ValueError(f"{raw.source}: no interactions left after {kcore}-core filtering: lower --kcore (0 keeps "
+                         "every interaction)")
     # 3. sort by (timestamp, file order); number items and users by first appearance
     rows = np.flatnonzero(keep)
     rows = rows[np.argsort(times[rows], kind="stable")]
@@ -331,6 +336,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out}: a symbolic link to nothing ({os.readlink(out)}); name a folder")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
+    check_can_write(out, "--out")  # (before the input is read)
     ours = [n for n in (ITEMS_FILE, SEQUENCES_FILE, USERS_FILE) if os.path.lexists(out / n)]
     ours += sorted(p.name for p in out.glob(f"{EMBEDDING_PREFIX}*.npy")) if out.is_dir() else []
     if ours and not overwrite:  # any file a dataset folder holds: someone's sequences.txt is not ours to replace

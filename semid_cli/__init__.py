@@ -11,6 +11,7 @@ the command line prints that message and exits with status 2 (`--debug` shows th
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,23 @@ def _command(argv: Sequence[str]) -> str | None:
     return word if word in COMMANDS else None
 
 
+_OS_HINTS = {errno.EACCES: "check its permissions, or choose another path", errno.EPERM: "check its permissions, or "
+             "choose another path", errno.EROFS: "the file system is read-only: choose another path", errno.ENOTDIR:
+             "a part of that path is a file, not a folder: choose another path", errno.EEXIST: "something is already "
+             "there: choose another path", errno.ENOSPC: "the disk is full: free some space, or choose another folder",
+             errno.EISDIR: "that is a folder: give a file"}
+
+
+def os_message(e: BaseException) -> str:
+    """An error's message for the command line: semid's own as written; the operating system's (``errno`` set) as
+    "PATH: what failed; what to do" rather than "[Errno 13] Permission denied: 'PATH'"."""
+    if not isinstance(e, OSError) or e.errno is None or not e.strerror:
+        return str(e)
+    hint = _OS_HINTS.get(e.errno)
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{e.strerror.lower()}" + (f"; {hint}" if hint else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
@@ -70,10 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.setup(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a path unreadable, unwritable, in the way, a disk full
         if args.debug:
             raise
-        print(f"semid {args.command}: error: {e}  (--debug shows the traceback)", file=sys.stderr)
+        print(f"semid {args.command}: error: {os_message(e)}  (--debug shows the traceback)", file=sys.stderr)
         return 2
     except BaseException as e:  # generator.training.resume.TrainingInterrupted (SIGINT/SIGTERM), not imported here: exit 130/143
         if args.debug or not isinstance(getattr(e, "exit_code", None), int):

@@ -141,8 +141,16 @@ def run(args: argparse.Namespace) -> int:
     if args.collaborative_weight is not None and args.collaborative is None:  # (it was accepted, and changed nothing)
         raise ValueError("--collaborative-weight weighs the vectors of --collaborative RUN: give that run too, or drop it")
     config = build_config(args)
+    if args.extra_level_size < 1:  # (checked after the fit before)
+        raise ValueError(f"--extra-level-size must be a positive int (the values that separate colliding items), got {args.extra_level_size}")
+    if args.codebook_size > 0 and args.levels > 0 and args.codebook_size**args.levels * args.extra_level_size >= 2**62:
+        raise ValueError(f"--levels {args.levels} of --codebook-size {args.codebook_size} (and --extra-level-size "
+                         f"{args.extra_level_size}) make more ID prefixes than an int64 key holds: use fewer levels or smaller codebooks")
     check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
     embeddings = check_embedding_values(read_npy(args.embeddings), args.embeddings)  # errors name the file
+    if embeddings.shape[0] < args.codebook_size:
+        raise ValueError(f"{args.embeddings}: {embeddings.shape[0]} rows (items), fewer than --codebook-size "
+                         f"{args.codebook_size}: every code of a level needs an item; pass --codebook-size {embeddings.shape[0]} or less")
     collaborative = None
     if args.collaborative is not None:
         weight = 1.0 if args.collaborative_weight is None else args.collaborative_weight

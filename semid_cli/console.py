@@ -43,6 +43,7 @@ def setup(verbose: bool) -> None:
         handler.addFilter(_Quiet(verbose))
     quiet_lightning()
     if not verbose:
+        warnings.showwarning = _show_warning  # one line, without Python's source line (--verbose: Python's format)
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
         # the causal system plans each training batch on the host in this hook, by design (CausalSystem.plan)
         warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule` but.*")
@@ -53,6 +54,10 @@ def setup(verbose: bool) -> None:
         progress.addHandler(handler)
         progress.setLevel(logging.INFO)
         progress.propagate = False
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 def quiet_lightning() -> None:

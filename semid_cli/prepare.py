@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
     missing = [f"--{d}" for d in _REQUIRED[fmt] if getattr(args, d) is None]
     if missing:
         raise ValueError(f"--format {fmt} needs {' and '.join(missing)}")
+    empty = [f"--{k.replace('_', '-')}" for k in _DEFAULT_COLUMNS.get(fmt, {}) if getattr(args, k) is not None and not getattr(args, k).strip()]
+    if empty:  # (an empty name was replaced by the default without a word)
+        raise ValueError(f"{' and '.join(empty)} is empty: name a column, or leave the flag out for the default")
     columns = {k: getattr(args, k) or v for k, v in _DEFAULT_COLUMNS.get(fmt, {}).items()}
     common = {"kcore": args.kcore, "overwrite": args.overwrite}
     if fmt == "amazon2014":

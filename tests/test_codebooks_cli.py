@@ -80,7 +80,12 @@ def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp
     [
         (["--codebook-size", "1"], "`codebook_size` must be an int >= 2, got 1"),
         (["--levels", "0"], "`levels` must be an int >= 1, got 0"),
-        (["--codebook-size", "500"], "fewer than `codebook_size` = 500"),
+        (["--codebook-size", "500"], "item_emb_test.npy: 120 rows (items), fewer than --codebook-size 500: every code "
+         "of a level needs an item; pass --codebook-size 120 or less"),
+        # checked before the fit (they were reached after it: a 40-level fit, then "an int64 key can hold")
+        (["--levels", "40", "--codebook-size", "4"], "--levels 40 of --codebook-size 4 (and --extra-level-size 256) make "
+         "more ID prefixes than an int64 key holds"),
+        (["--extra-level-size", "0"], "--extra-level-size must be a positive int"),
         (["--method", "rqkmeans", "--max-epochs", "3"], "--max-epochs applies to --method rqvae only"),
         (["--no-balanced", "--extra-level-size", "1"], "raise `extra_level_size`"),
     ],
@@ -164,3 +169,42 @@ def test_empty_or_truncated_embeddings_file(embeddings: Path, tmp_path: Path, ca
         err = capsys.readouterr().err
         assert f"{embeddings}: not a readable .npy array: {message}" in err and "write it again" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_out_under_a_file_is_refused_before_the_fit(embeddings: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "afile").write_text("")
+    argv = ["fit-codebooks", "--embeddings", str(embeddings), "--out", str(tmp_path / "afile" / "ids"), "--levels", "2",
+            "--codebook-size", "8", "--no-progress"]
+    assert main(argv) == 2  # (after the fit: "[Errno 17] File exists: '.../afile'")
+    assert f"{tmp_path / 'afile'} is a file, not a folder; choose another --out" in capsys.readouterr().err
+
+
+def test_an_operating_system_error_is_a_line_naming_the_path_and_status_2(
+    embeddings: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import semid_cli.codebooks as cli
+
+    def denied(*args, **kwargs):  # what writing into a read-only folder raises (root is never refused: simulated)
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro" / ".ids.writing-1"))
+
+    monkeypatch.setattr(cli, "write_codebooks", denied)
+    argv = ["fit-codebooks", "--embeddings", str(embeddings), "--out", str(tmp_path / "ids"), "--levels", "2",
+            "--codebook-size", "8", "--no-progress"]
+    assert main(argv) == 2  # (a traceback and status 1 before)
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ro' / '.ids.writing-1'}: permission denied; check its permissions, or choose another path" in err
+    assert "Traceback" not in err
+
+
+def test_warnings_print_as_one_line(capsys) -> None:
+    import warnings
+
+    from semid_cli import console
+
+    with warnings.catch_warnings():  # (Python's format added the file, line and source line of the warn call)
+        warnings.simplefilter("always")
+        console.setup(False)
+        warnings.warn("level 0 uses 3 of its 8 codes", UserWarning, stacklevel=1)
+    assert capsys.readouterr().err == "warning: level 0 uses 3 of its 8 codes\n"

@@ -261,6 +261,10 @@ BAD_AMAZON = [
     ({"meta": ["{'asin': 'X'}", "{'asin': 'Y', 'title': oops}"]}, r"meta.json.gz:2: not a Python dict literal as Amazon's 2014 metadata files hold"),
     ({"meta": ["{'title': 'no asin'}"]}, r"meta.json.gz:1: missing field `asin`"),
     ({"meta": ["{'asin': 'X', 'categories': ['Beauty']}"]}, r"meta.json.gz:1: `categories` must be a list of lists"),
+    ({"meta": ["{'asin': None, 'title': 'x'}"]}, r"meta.json.gz:1: `asin` must be a non-empty string, got None"),  # (was item "None")
+    ({"meta": ["{'asin': 5}"]}, r"meta.json.gz:1: `asin` must be a non-empty string, got 5"),
+    ({"reviews": _reviews([("A", "X", 2**60 + 1), ("A", "Y", 1.5)])}, r"reviews.json.gz:1: timestamp 1152921504606846977 is an "
+     r"integer above 2\^53 and .*reviews.json.gz:2: timestamp 1.5 has a fraction"),
 ]  # fmt: skip
 
 
@@ -287,7 +291,8 @@ BAD_TABULAR = [
     ("csv", "user,item,timestamp\na,b,1\n\na,c,2\n", None, r"x.csv:3: empty line"),
     ("csv", "user,item,timestamp\na,b,nan\n", None, r"x.csv:2: timestamp 'nan' is not a finite number"),
     ("csv", "user,item,timestamp\na,b,1\n", "item,name\nb,x\n", r"items.csv:1: no title column 'title'"),
-    ("csv", "user,item,timestamp\n", None, r"x.csv: no interactions"),
+    ("csv", "user,item,timestamp\n", None, r"x.csv: no interactions \(an empty file, or a header alone\)"),
+    ("csv", "user,item,timestamp\na,b,1" + "0" * 25 + "\n", None, r"x.csv:2: timestamp '10*' is beyond a 64-bit integer"),
 ]  # fmt: skip
 
 
@@ -401,3 +406,28 @@ def test_beauty_round_trips_byte_for_byte(beauty_dir: Path, tmp_path: Path) -> N
     write_dataset(tmp_path / "copy", ds.catalogue, ds.sequences)
     for name in ("items.jsonl", "sequences.txt"):
         assert (tmp_path / "copy" / name).read_bytes() == (beauty_dir / name).read_bytes(), name
+
+
+def test_nanosecond_timestamps_stay_exact(tmp_path: Path) -> None:
+    # a float64 rounds integers above 2^53: these three distinct times were read as equal, one row dropped as a
+    # duplicate and the rest left in file order (b, a) instead of time order (a, b, a)
+    inter = tmp_path / "x.csv"
+    inter.write_text("user,item,timestamp\nu1,b,1700000000000000002\nu1,a,1700000000000000001\nu1,a,1700000000000000003\nu2,a,1\n")
+    report = prepare_csv(inter, None, tmp_path / "data")
+    ds = load_dataset(tmp_path / "data")
+    assert report.duplicates_dropped == 0 and [s.tolist() for s in ds.sequences] == [[1], [1, 2, 1]]
+    assert ds.catalogue.original_ids == ["a", "b"]
+
+
+def test_prepare_refuses_what_it_cannot_do_before_reading(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inter = tmp_path / "x.csv"
+    inter.write_text("user,item,timestamp\na,b,1\n")
+    (tmp_path / "afile").write_text("")
+    assert main(["prepare", "--format", "csv", "--interactions", str(inter), "--out", str(tmp_path / "afile" / "sub")]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a folder; choose another --out" in capsys.readouterr().err
+    assert main(["prepare", "--format", "csv", "--interactions", str(inter), "--time-column", " ", "--out", str(tmp_path / "d")]) == 2
+    assert "--time-column is empty: name a column" in capsys.readouterr().err  # (it was replaced by the default)
+    packed = tmp_path / "packed.csv"  # gzip data named as text: it was "not UTF-8 ... save the file as UTF-8"
+    packed.write_bytes(gzip.compress(inter.read_bytes()))
+    assert main(["prepare", "--format", "csv", "--interactions", str(packed), "--out", str(tmp_path / "d")]) == 2
+    assert "packed.csv: gzip-compressed, not text: name it packed.csv.gz" in capsys.readouterr().err
