@@ -25,6 +25,7 @@ import ctypes
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -111,6 +112,7 @@ def _publish(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
         return
     if all(_ours(p) for p in out.iterdir()):  # a codebooks folder (or an empty one): replace it whole
+        os.chmod(tmp, stat.S_IMODE(out.stat().st_mode))  # with the folder's own permissions (a 555 one became 755)
         if _exchange(tmp, out):
             return  # `tmp` now holds the old set; the caller removes it
         old = make_temp_dir(out.parent, f".{out.name}.old-{os.getpid()}-")

@@ -144,7 +144,9 @@ def test_out_that_is_not_a_codebooks_folder_is_refused_unless_overwrite(
     # a codebooks folder, complete or interrupted, is re-fitted in place without the flag
     ids = tmp_path / "ids"
     assert main([*argv, "--out", str(ids)]) == 0
+    ids.chmod(0o750)
     assert main([*argv, "--out", str(ids), "--seed", "1"]) == 0
+    assert ids.stat().st_mode & 0o777 == 0o750  # the folder replaced whole keeps its permissions (it became 0o755)
     (ids / "stats.json").unlink()
     (ids / ".quantizer.pt.x1y2.pt").write_bytes(b"")  # left by a killed atomic write
     assert main([*argv, "--out", str(ids)]) == 0
