@@ -95,10 +95,7 @@ def embed_texts(
     Returns:
         FloatArray (N, D), float32, rows of unit L2 norm; row i embeds texts[i].
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"`max_length` must be an int >= 2, got {max_length!r}")
+    _check_sizes(batch_size, max_length)
     tokenizer, model, _ = encoder
     device = next(model.parameters()).device
     limit = min(getattr(model.config, "max_position_embeddings", None) or max_length,
@@ -130,6 +127,13 @@ def embed_texts(
             out[rows] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
             bar.update(len(rows))
     return out
+
+
+def _check_sizes(batch_size: object, max_length: object) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+        raise ValueError(f"`max_length` must be an int >= 2, got {max_length!r}")
 
 
 def default_name(model_dir: str | os.PathLike[str]) -> str:
@@ -164,6 +168,7 @@ def embed_dataset(
         EmbedResult(path, num_items, dim, seconds); the array is float32 (N, D), row i is item i + 1.
     """
     fields = tuple(fields)
+    _check_sizes(batch_size, max_length)  # before the model and the dataset are read
     if not fields or any(f not in FIELDS for f in fields):
         raise ValueError(f"`fields` must be a non-empty list of {list(FIELDS)}, got {list(fields)!r}")
     name = default_name(model_dir) if name is None else name
