@@ -246,3 +246,28 @@ def test_a_given_constraint_carries_the_trained_tree_and_one_beside_it_is_refuse
     on_tree = TreeConstraint(tree, 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="pass `trained_tree` to the `constraint`"):
         leaf_search(None, tree, levels=2, k=1, num_beams=1, trained_tree=tree, constraint=on_tree)
+
+
+def test_the_fused_pair_product_trains_as_the_eager_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import generator.models.causal_loss as losses
+
+    if losses.pair_dot_kernel() is None:
+        pytest.skip("no compiler here for the fused pair product (the eager form is what trains)")
+    model, ids, tree = make(num_items=30, seed=3)
+    model.train()
+    h = torch.randn(9, CFG.d_model, generator=torch.Generator().manual_seed(4))
+    rows = torch.tensor([0, 3, 7, 7, 12, 19, 25, 29, 1])
+
+    def loss_and_grads() -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = code_loss(model, model.level_queries(h), model.item_tokens[rows + 1], label_smoothing=0.1)
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused, fused_grads = loss_and_grads()
+    monkeypatch.setattr(losses, "_FUSED", [None])  # the eager form
+    eager, eager_grads = loss_and_grads()
+    assert fused == pytest.approx(eager, abs=1e-6)
+    assert fused_grads.keys() == eager_grads.keys() and any(n.startswith("node_vec_") for n in fused_grads)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, atol=1e-6, rtol=1e-5, msg=name)

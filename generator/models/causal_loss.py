@@ -6,13 +6,17 @@ Shapes: P trained positions, L levels, K_l level l's block, D d_model, N items, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Callable, Sequence
 
 import torch
 
 from generator.models.causal import CausalGenerator
 from generator.models.dense_loss import ColumnMask
 from semid.processor import masked_log_softmax
+
+log = logging.getLogger(__name__)
 
 
 def code_loss(
@@ -102,7 +106,9 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
                                                                                 output_size=pos.numel())
     code, row = codes[pos, slot], index[pos, slot]
     table = getattr(model, f"node_vec_{level}")
-    node = (q[pos] * model.table_rows(table, row)).sum(-1)  # (R,); sparse gradient with sparse_tables
+    fused = (pair_dot_kernel() if q.device.type == "cpu" and q.dtype == table.dtype == torch.float32
+             and not (model.config.sparse_tables and model.training) else None)  # (sparse gradients: the gathers)
+    node = fused(q, table, pos, row) if fused is not None else (q[pos] * model.table_rows(table, row)).sum(-1)  # (R,)
     if model.training and model.config.node_dropout:  # the codes must score an item without its node vector too
         node = node * (torch.rand_like(node) >= model.config.node_dropout)
     logit = block[pos, code] + node
@@ -166,6 +172,37 @@ def history_columns(histories: torch.Tensor, real: torch.Tensor, target_rows: to
         return out.index_put_((pos[which], col), torch.ones_like(col, dtype=torch.bool))
 
     return masked
+
+
+def _pair_dot(q: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """Each pair's query row times its node-vector row: q (P, D), table (E, D), pos, row (R,) -> (R,). Eager, it
+    makes two (R, D) gathers and their product, and as many again backward (code_head_cost.md: ~56% of the loss);
+    compiled (:func:`pair_dot_kernel`), one loop each way (its gradients the same, its sums up to rounding)."""
+    return (q[pos] * table[row]).sum(-1)
+
+
+_FUSED: list[Callable | None] = []  # [the compiled _pair_dot, or None where none can be compiled here], once tried
+
+
+def pair_dot_kernel() -> Callable | None:
+    """The compiled :func:`_pair_dot` for float32 CPU tensors (``torch.compile``, sizes dynamic: ~9 s once per
+    process, then ~3.6x the eager form forward and backward at Beauty's level 1), or None: turned off by the
+    environment (``SEMID_FUSED_GATHERS=0``, as the beam's kernel) or not compilable here (a warning, once; the
+    eager form then, the same numbers up to rounding)."""
+    if not _FUSED:
+        kernel = None
+        if os.environ.get("SEMID_FUSED_GATHERS", "1") != "0":
+            try:
+                kernel = torch.compile(_pair_dot, dynamic=True)
+                q, table = torch.ones(3, 4, requires_grad=True), torch.ones(5, 4, requires_grad=True)
+                kernel(q, table, torch.tensor([0, 0, 2]), torch.tensor([1, 4, 0])).sum().backward()  # both ways
+            except Exception as exc:  # noqa: BLE001 (a toolchain missing or failing: any of its errors; the probe's inputs are valid)
+                log.warning("the code head's fused pair product cannot be compiled here (%s: %s); training takes the "
+                            "eager form (slower). SEMID_FUSED_GATHERS=0 skips the attempt.", type(exc).__name__,
+                            str(exc).splitlines()[0] if str(exc) else "")
+                kernel = None
+        _FUSED.append(kernel)
+    return _FUSED[0]
 
 
 DISAGREE = ("a target's level-{level} code is not among its parent's children: the model's tables and the training items "
