@@ -265,6 +265,10 @@ def test_the_fused_pair_product_trains_as_the_eager_one(monkeypatch: pytest.Monk
         return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     fused, fused_grads = loss_and_grads()
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    # compiled code ran: dynamo falls back to eager without a word once a function's forms reach its limit
+    assert 0 < len(_debug_get_cache_entry_list(losses._pair_dot.__code__)) < torch._dynamo.config.recompile_limit
     monkeypatch.setattr(losses, "_FUSED", [None])  # the eager form
     eager, eager_grads = loss_and_grads()
     assert fused == pytest.approx(eager, abs=1e-6)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from generator.models.causal import CausalGenerator
 from generator.models.dense_loss import ColumnMask
@@ -108,7 +109,8 @@ def _pair_nll(model: CausalGenerator, level: int, hq: torch.Tensor, prefix: torc
     table = getattr(model, f"node_vec_{level}")
     fused = (pair_dot_kernel() if q.device.type == "cpu" and q.dtype == table.dtype == torch.float32
              and not (model.config.sparse_tables and model.training) else None)  # (sparse gradients: the gathers)
-    node = fused(q, table, pos, row) if fused is not None else (q[pos] * model.table_rows(table, row)).sum(-1)  # (R,)
+    node = (fused(q, table.view_as(table), pos, row) if fused is not None  # (a view: one compiled form for every
+            else (q[pos] * model.table_rows(table, row)).sum(-1))  # level's table, a Parameter's size is fixed) (R,)
     if model.training and model.config.node_dropout:  # the codes must score an item without its node vector too
         node = node * (torch.rand_like(node) >= model.config.node_dropout)
     logit = block[pos, code] + node
@@ -185,8 +187,8 @@ _FUSED: list[Callable | None] = []  # [the compiled _pair_dot, or None where non
 
 
 def pair_dot_kernel() -> Callable | None:
-    """The compiled :func:`_pair_dot` for float32 CPU tensors (``torch.compile``, sizes dynamic: ~9 s once per
-    process, then ~3.6x the eager form forward and backward at Beauty's level 1), or None: turned off by the
+    """The compiled :func:`_pair_dot` for float32 CPU tensors (``torch.compile``, sizes dynamic: one form for every
+    level and model, the probe's; ~9 s once per process with a cold inductor cache, ~3 s warm; then ~3.6x the eager form forward and backward at Beauty's level 1), or None: turned off by the
     environment (``SEMID_FUSED_GATHERS=0``, as the beam's kernel) or not compilable here (a warning, once; the
     eager form then, the same numbers up to rounding)."""
     if not _FUSED:
@@ -194,8 +196,10 @@ def pair_dot_kernel() -> Callable | None:
         if os.environ.get("SEMID_FUSED_GATHERS", "1") != "0":
             try:
                 kernel = torch.compile(_pair_dot, dynamic=True)
-                q, table = torch.ones(3, 4, requires_grad=True), torch.ones(5, 4, requires_grad=True)
-                kernel(q, table, torch.tensor([0, 0, 2]), torch.tensor([1, 4, 0])).sum().backward()  # both ways
+                q, table = torch.ones(3, 4, requires_grad=True), nn.Parameter(torch.ones(5, 4))
+                with torch.enable_grad():  # both ways, as training calls it (a table's view: `_pair_nll`)
+                    pos, row = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 4, 0, 2, 3, 1])  # sizes apart: no
+                    kernel(q, table.view_as(table), pos, row).sum().backward()  # size tied to another in the form
             except Exception as exc:  # noqa: BLE001 (a toolchain missing or failing: any of its errors; the probe's inputs are valid)
                 log.warning("the code head's fused pair product cannot be compiled here (%s: %s); training takes the "
                             "eager form (slower). SEMID_FUSED_GATHERS=0 skips the attempt.", type(exc).__name__,
