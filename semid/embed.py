@@ -24,6 +24,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from semid.data import EMBEDDING_PREFIX, load_dataset
 from semid.io import atomic_path
 from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
+from semid.safe_read import is_int
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,9 @@ def embed_texts(
 
 
 def _check_sizes(batch_size: object, max_length: object) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+    if not is_int(max_length) or max_length < 2:
         raise ValueError(f"`max_length` must be an int >= 2, got {max_length!r}")
 
 

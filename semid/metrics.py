@@ -7,10 +7,11 @@ Recall@K is the hit rate and NDCG@K = 1 / log2(rank + 2) when the target is at 0
 from __future__ import annotations
 
 from collections.abc import Iterable
-from numbers import Integral
 
 import numpy as np
 import torch
+
+from semid.safe_read import is_int
 
 
 def _target_ranks(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -42,7 +43,7 @@ class RankingMetrics:
 
     def __init__(self, ks: Iterable[int] = (5, 10)) -> None:
         ks = tuple(ks)
-        if not ks or any(not isinstance(k, Integral) or isinstance(k, bool) or k < 1 for k in ks):  # (2.5 was 2)
+        if not ks or any(not is_int(k) or k < 1 for k in ks):  # (2.5 was 2)
             raise ValueError(f"`ks` must be positive ints, got {ks!r}")
         self.ks = tuple(sorted({int(k) for k in ks}))  # each cut-off once (a repeated one was counted twice)
         self.reset()
@@ -81,7 +82,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, see
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape or a.size == 0:
         raise ValueError(f"`a` and `b` must be non-empty per-user arrays of one shape, got {a.shape} and {b.shape}")
-    if not isinstance(resamples, Integral) or isinstance(resamples, bool) or resamples < 1:
+    if not is_int(resamples) or resamples < 1:
         raise ValueError(f"`resamples` must be a positive int, got {resamples!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"`level` must be in (0, 1), got {level!r}")

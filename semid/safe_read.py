@@ -17,6 +17,7 @@ import json
 import math
 import os
 import zipfile
+from numbers import Integral
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -69,6 +70,13 @@ def yaml_value(text: str, where: str) -> Any:
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"{where}: {text!r} is not a plain YAML value ({problem}); give a number, string, true/false or a list") from None
+
+
+# ---- values ------------------------------------------------------------------------------------------------------
+def is_int(value: object) -> bool:
+    """An integer given by a caller: Python's or numpy's (``np.int64`` from an array), never a bool (``np.bool_`` is no
+    ``Integral``): the one test behind the argument checks that take numpy's ints."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 # ---- JSON lines --------------------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ Shapes: B histories, S input positions, k items returned, L code levels, N items
 
 from __future__ import annotations
 
-from numbers import Integral
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+from semid.safe_read import is_int
 
 # what a ranking's scores are
 LOG_LIKELIHOOD = "log-likelihood"  # sum over levels of code log-probabilities renormalised over the tree (<= 0)
@@ -95,14 +96,13 @@ class Decoder(Protocol):
 
 
 # ---- the one set of argument rules -----------------------------------------------------------------------------
-def _is_int(x: object) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)  # numpy's ints too (an np.bool_ is not Integral)
+_is_int = is_int  # numpy's ints too
 
 
 def as_int(value: object) -> object:
     """A Python int for any integer (numpy's ``np.int64(10)``, from an array, included; never a bool), else ``value``
     unchanged for the checks to name: what the API's entry points pass on, so a count read from an array works."""
-    return int(value) if isinstance(value, Integral) and not isinstance(value, bool) else value
+    return int(value) if is_int(value) else value
 
 
 def check_int_in(name: str, value: object, lo: int, hi: int, what: str) -> None:

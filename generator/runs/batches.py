@@ -6,7 +6,6 @@ Both batch evaluation users by history length, in a deterministic order, so litt
 from __future__ import annotations
 
 from collections.abc import Iterable
-from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import numpy as np
 from generator.decoding.protocol import Histories
 from generator.designs.base import Labelled
 from generator.designs.registry import DESIGNS
+from semid.safe_read import is_int
 from semid.split import Split
 
 __all__ = ["Labelled", "history_batches", "int_ids", "split_batches"]
@@ -32,7 +32,7 @@ def int_ids(values: Any, name: str) -> np.ndarray:
 
 
 def _check_batch_size(batch_size: Any) -> None:
-    if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:  # (numpy's ints too)
+    if not is_int(batch_size) or batch_size < 1:  # (numpy's ints too)
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
 
 

@@ -38,6 +38,7 @@ from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.io import write_json
 from semid.metrics import RankingMetrics
+from semid.safe_read import is_int
 from semid.split import Split, leave_one_out
 
 log = logging.getLogger(__name__)
@@ -126,18 +127,14 @@ def evaluate(
     if not isinstance(exclude_history, bool):
         raise TypeError(f"`exclude_history` must be a bool, got {exclude_history!r}")
     num_beams, max_users, seed, batch_size = (as_int(v) for v in (num_beams, max_users, seed, batch_size))
-    if isinstance(ks, np.ndarray):  # cut-offs read from an array
-        ks = ks.tolist()
-    if isinstance(ks, Sequence) and not isinstance(ks, (str, bytes)):
-        ks = [as_int(k) for k in ks]
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks or not all(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+    ks = ks.tolist() if isinstance(ks, np.ndarray) else ks  # (cut-offs read from an array)
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence) or not ks or not all(is_int(k) and k >= 1 for k in ks):
         raise ValueError(f"`ks` must be a non-empty list of positive int cut-offs such as (5, 10), got {ks!r}")
     if length_penalty is not None and run.design != "title":  # (it was taken, ignored, and written in the metrics)
         raise ValueError(f"`length_penalty` is for title runs' decoders; this is a {run.design} run: leave it out")
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device!r}, but CUDA is not available here: pass 'cpu', or leave it out")
-    ks = tuple(sorted(ks))
+    ks = tuple(sorted(int(k) for k in ks))
     check_decode_args(ks[-1], num_beams, run.ids.num_items)
     if device is None:  # the accelerator where there is one, as training does
         device = "cuda" if torch.cuda.is_available() else next(run.model.parameters()).device

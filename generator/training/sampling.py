@@ -8,20 +8,21 @@ build their batches with it.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from numbers import Integral
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from semid.safe_read import is_int
+
 
 # ---- evaluation users, length-bucketed batches ------------------------------------------------------------------------------------
 def sample_users(num_users: int, max_users: int | None, seed: int) -> np.ndarray:
     """Sorted rows of a seeded random sample of ``max_users`` users (all of them when None or larger)."""
-    if max_users is not None and (not isinstance(max_users, Integral) or isinstance(max_users, bool) or max_users < 1):
+    if max_users is not None and (not is_int(max_users) or max_users < 1):
         raise ValueError(f"`max_users` must be a positive int or None, got {max_users!r}")
-    if not isinstance(seed, Integral) or isinstance(seed, bool) or not 0 <= seed < 2**32:  # (numpy's ints too)
+    if not is_int(seed) or not 0 <= seed < 2**32:  # (numpy's ints too)
         raise ValueError(f"`seed` must be an int in [0, 2^32), got {seed!r}")
     if max_users is None or max_users >= num_users:
         return np.arange(num_users)
