@@ -2,13 +2,27 @@
 # GPU check (issue 21): semid's default design and a plain SASRec of the same width, trained side by side on one
 # GPU on Beauty for the same wall-clock budget; prints steps/s, epochs and test Recall@10 / NDCG@10 of both.
 #
-#   bash experiments/gpu_check.sh [DATA] [BUDGET]      # defaults: /work/shared/data/beauty 00:04:00
+#   bash experiments/gpu_check.sh [DATA] [BUDGET]      # defaults: the first Beauty folder found, 00:04:00
+#
+# DATA defaults to the first of shared/data/beauty (inside the checkout), ../shared/data/beauty (beside it) and
+# /work/shared/data/beauty that holds sequences.txt. A lent device machine gets only the checkout: link the data in
+# under an ignored name and carry the files through the link (they are read there, never committed), e.g.
+#   ln -s ../shared/data/beauty gpu_data && echo gpu_data >> .git/info/exclude
+#   run: bash experiments/gpu_check.sh gpu_data   carry: gpu_data/sequences.txt gpu_data/items.jsonl
+#        gpu_data/item_emb_minilm.npy
 #
 # Needs a CUDA machine, one call, under 8 minutes (codebooks ~1 min on the CPU, 4 min of training, evaluation).
 # The plain SASRec is experiments/sasrec.py (wall-clock budget here: --clock wall), which writes OUT/result.json.
 # NOT RUN YET: no GPU was lent to the session that wrote it.
 set -euo pipefail
-DATA=${1:-/work/shared/data/beauty}
+if [ $# -ge 1 ]; then DATA=$1; else
+    DATA=""
+    for d in shared/data/beauty ../shared/data/beauty /work/shared/data/beauty; do  # loop over candidate folders
+        if [ -f "$d/sequences.txt" ]; then DATA=$d; break; fi
+    done
+    [ -n "$DATA" ] || { echo "no Beauty data found: pass its folder as the first argument" >&2; exit 2; }
+fi
+[ -f "$DATA/sequences.txt" ] || { echo "$DATA: no sequences.txt there (the Beauty folder?)" >&2; exit 2; }
 BUDGET=${2:-00:04:00}
 OUT=${OUT:-$(mktemp -d)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
