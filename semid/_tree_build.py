@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from semid.safe_read import is_int
+
 
 def dense_tables(
     parent: np.ndarray,
@@ -95,7 +97,7 @@ def check_tokens(seqs: np.ndarray, vocab_size: int) -> np.ndarray:
 def check_inputs(sequences: np.ndarray | Sequence[Sequence[int]], values: np.ndarray | Sequence[int], vocab_size: int,
                  end_token: int | None, pad_token: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``PrefixTree.from_sequences``'s preconditions; returns (sequences (N, T) padded with -1, values (N,), lengths (N,))."""
-    if not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+    if not is_int(vocab_size) or vocab_size < 1:
         raise ValueError(f"`vocab_size` must be a positive int, got {vocab_size!r}")
     seqs = as_padded(sequences)
     values = np.asarray(values)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from semid.io import not_utf8
-from semid.safe_read import json_object, read_npy  # noqa: F401 (read_npy: re-exported)
+from semid.safe_read import is_int, json_object, read_npy  # noqa: F401 (read_npy: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,7 @@ class Catalogue:
         return len(self.titles)
 
     def _row(self, item_id: int) -> int:
-        if (
-            not isinstance(item_id, (int, np.integer))
-            or isinstance(item_id, bool)
-            or not 1 <= item_id <= self.num_items
-        ):
+        if not is_int(item_id) or not 1 <= item_id <= self.num_items:
             raise ValueError(f"`item_id` must be an int in [1, {self.num_items}], got {item_id!r}")
         return int(item_id) - 1
 

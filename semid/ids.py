@@ -20,7 +20,7 @@ import numpy as np
 from semid.io import atomic_path
 from semid.layout import TokenLayout
 from semid.prefix_index import find, prefix_key, rank_within_groups
-from semid.safe_read import check_npz
+from semid.safe_read import check_npz, is_int
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class SemanticIDs:
             raise ValueError(f"`codebook_sizes` must have {codes.shape[1]} entries (one per level), got {list(sizes)}")
         if any(k < 1 for k in sizes):
             raise ValueError(f"`codebook_sizes` must be positive, got {list(sizes)}")
-        if not isinstance(extra_level_size, (int, np.integer)) or extra_level_size < 1:
+        if not is_int(extra_level_size) or extra_level_size < 1:
             raise ValueError(f"`extra_level_size` must be a positive int, got {extra_level_size!r}")
         _check_codes_in_range(codes, sizes)
         if item_ids is None:
@@ -203,7 +203,7 @@ class SemanticIDs:
     # ---- persistence -------------------------------------------------------------------------------------------
     def head(self, num_items: int) -> SemanticIDs:
         """The IDs of the first ``num_items`` items (those an extended version started from, see ``add_items``)."""
-        if not isinstance(num_items, (int, np.integer)) or isinstance(num_items, bool) or not 1 <= num_items <= self.num_items:
+        if not is_int(num_items) or not 1 <= num_items <= self.num_items:
             raise ValueError(f"`num_items` must be an int in [1, {self.num_items}], got {num_items!r}")
         return SemanticIDs(self.codes[:num_items], self.item_ids[:num_items], self.codebook_sizes)
 

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from semid.safe_read import is_int
+
 PAD, EOS, BOS = 0, 1, 2
 NUM_SPECIAL = 3
 
@@ -41,9 +43,9 @@ class TokenLayout:
         if len(sizes) == 0:
             raise ValueError("`codebook_sizes` must name at least one level, got ()")
         for level, k in enumerate(sizes):
-            if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            if not is_int(k) or k < 1:
                 raise ValueError(f"`codebook_sizes[{level}]` must be a positive int, got {k!r}")
-        if not isinstance(self.num_user_tokens, (int, np.integer)) or self.num_user_tokens < 0:
+        if not is_int(self.num_user_tokens) or self.num_user_tokens < 0:
             raise ValueError(f"`num_user_tokens` must be a non-negative int, got {self.num_user_tokens!r}")
         object.__setattr__(self, "codebook_sizes", tuple(int(k) for k in sizes))
         object.__setattr__(self, "num_user_tokens", int(self.num_user_tokens))

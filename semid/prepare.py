@@ -53,6 +53,7 @@ from semid._readers import (
 )
 from semid.data import EMBEDDING_PREFIX, ITEMS_FILE, SEQUENCES_FILE, USERS_FILE, Catalogue
 from semid.io import atomic_open, check_can_write
+from semid.safe_read import is_int
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _finish(
         out=out,
         rows_read=n,
         duplicates_dropped=duplicates,
-        kcore=kcore,
+        kcore=int(kcore),
         kcore_interactions_dropped=kept_before_kcore - rows.size,
         kcore_users_dropped=users_before - len(sequences),
         kcore_items_dropped=items_before - catalogue.num_items,
@@ -326,7 +327,7 @@ def _number_by_first_appearance(codes: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # ---- checks ----------------------------------------------------------------------------------------------------
 def _check_args(out: PathLike, kcore: int, overwrite: bool) -> None:
     """Checks made before reading any input, so a bad argument fails fast."""
-    if not isinstance(kcore, int) or isinstance(kcore, bool) or kcore < 0:
+    if not is_int(kcore) or kcore < 0:
         raise ValueError(f"`kcore` must be a non-negative int (0 = no filtering), got {kcore!r}")
     _check_out(Path(out), overwrite)
 

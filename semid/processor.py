@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
+from semid.safe_read import is_int
 from semid.tree import PrefixTree
 
 
@@ -31,10 +32,10 @@ class PrefixTreeLogitsProcessor(LogitsProcessor):
     def __init__(self, tree: PrefixTree, prefix_start: int = 1) -> None:
         if not isinstance(tree, PrefixTree):
             raise TypeError(f"`tree` must be a PrefixTree, got {type(tree).__name__}")
-        if not isinstance(prefix_start, int) or prefix_start < 0:
+        if not is_int(prefix_start) or prefix_start < 0:
             raise ValueError(f"`prefix_start` must be a non-negative int, got {prefix_start!r}")
         self.tree = tree
-        self.prefix_start = prefix_start
+        self.prefix_start = int(prefix_start)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """

@@ -33,6 +33,7 @@ from semid._tree_build import as_padded
 from semid.io import atomic_open
 from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
 from semid.prefix_index import rank_within_groups
+from semid.safe_read import is_int
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class TitleTokenizer:
         """A byte-level BPE trained on ``titles`` (pad id 0, eos id 1); nothing is downloaded."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 260:
+        if not is_int(vocab_size) or vocab_size < 260:
             raise ValueError(f"`vocab_size` must be an int >= 260 (256 bytes + specials), got {vocab_size!r}")
         texts = [t for t in titles if t]
         if not texts:
@@ -71,7 +72,7 @@ class TitleTokenizer:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS], show_progress=False,
+        trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=[PAD, EOS], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer)
         return cls(tok, "bpe", tok.token_to_id(PAD), tok.token_to_id(EOS), tok.get_vocab_size())
@@ -185,7 +186,7 @@ class TitleIndex(NamedTuple):
             num_dup: the disambiguation tokens the vocabulary has room for (a trained model's); default: as many as
                 the largest group needs. A catalogue that needs more is an error.
         """
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if not is_int(max_tokens) or max_tokens < 1:
             raise ValueError(f"`max_tokens` must be a positive int, got {max_tokens!r}")
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if len(titles) != item_ids.shape[0]:

@@ -22,6 +22,7 @@ import torch
 from generator.decoding.mips import exact_topk as mips_topk
 from generator.decoding.paths import check_table_dtype, new_table, product_layout
 from generator.models.causal import CausalGenerator
+from semid.safe_read import is_int
 
 DEFAULT_MAX_SCORE_BYTES = 256 * 2**20  # 256 MiB of scores at a time
 DEFAULT_ITEM_CHUNK = 65536
@@ -29,9 +30,9 @@ FLOAT_BYTES = 4
 
 
 def check_budget(max_score_bytes: int) -> int:
-    if not isinstance(max_score_bytes, int) or isinstance(max_score_bytes, bool) or max_score_bytes < FLOAT_BYTES:
+    if not is_int(max_score_bytes) or max_score_bytes < FLOAT_BYTES:
         raise ValueError(f"`max_score_bytes` must be an int >= {FLOAT_BYTES} (one float), got {max_score_bytes!r}")
-    return max_score_bytes
+    return int(max_score_bytes)
 
 
 def block_sizes(B: int, N: int, held_per_user: int, max_score_bytes: int, item_chunk: int | None = None) -> tuple[int, int]:

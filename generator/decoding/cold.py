@@ -23,6 +23,7 @@ import torch
 from generator.decoding.protocol import PREFIX_MATCHED, Decoder, Histories, Ranking, check_int_in, check_k
 from semid.ids import SemanticIDs
 from semid.prefix_index import PrefixIndex
+from semid.safe_read import is_int
 
 
 class ColdStartBeam:
@@ -65,9 +66,9 @@ class ColdStartBeam:
             raise ValueError(f"`epsilon` must be a number in [0, 1], got {epsilon!r}")
         base = ids.num_base_levels
         prefix_levels = base - 1 if prefix_levels is None else prefix_levels
-        if not isinstance(prefix_levels, int) or isinstance(prefix_levels, bool) or not 1 <= prefix_levels <= ids.num_levels:
+        if not is_int(prefix_levels) or not 1 <= prefix_levels <= ids.num_levels:
             raise ValueError(f"`prefix_levels` must be an int in [1, {ids.num_levels}], got {prefix_levels!r}")
-        if not isinstance(max_per_prefix, int) or isinstance(max_per_prefix, bool) or max_per_prefix < 1:
+        if not is_int(max_per_prefix) or max_per_prefix < 1:
             raise ValueError(f"`max_per_prefix` must be a positive int, got {max_per_prefix!r}")
         if num_candidates is not None:
             check_int_in("num_candidates", num_candidates, 1, ids.num_items, "the catalogue size")
@@ -76,8 +77,9 @@ class ColdStartBeam:
             raise ValueError("`cold_item_ids` must hold at least one item")
         if not np.isin(cold, ids.item_ids).all():
             raise ValueError(f"`cold_item_ids` must be items of `ids`; {int(cold[~np.isin(cold, ids.item_ids)][0])} is not")
-        self.ids, self.epsilon, self.prefix_levels = ids, float(epsilon), prefix_levels
-        self.beam, self.num_candidates, self.max_per_prefix = beam, num_candidates, max_per_prefix
+        self.ids, self.epsilon, self.prefix_levels = ids, float(epsilon), int(prefix_levels)
+        self.beam, self.max_per_prefix = beam, int(max_per_prefix)
+        self.num_candidates = None if num_candidates is None else int(num_candidates)
         codes = torch.from_numpy(ids.codes_of(cold))  # (Q, L)
         self.index = PrefixIndex(codes[:, :prefix_levels], ids.codebook_sizes)  # order: by prefix, then by item id
         self.cold_items, self.cold_codes = torch.from_numpy(cold)[self.index.order], codes[self.index.order]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from semid.prefix_index import find
+from semid.safe_read import is_int
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,9 @@ class MIPSIndex:
         if N == 0:
             raise ValueError("`item_vecs` must hold at least one vector, got none")
         for name, value in (("nprobe", nprobe), ("hnsw_m", hnsw_m), ("ef_search", ef_search)):
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        nprobe, hnsw_m, ef_search = int(nprobe), int(hnsw_m), int(ef_search)  # (faiss's SWIG takes no numpy ints)
         if kind == "exact":
             index = cls(kind, d, None, vecs[:0])
         else:
@@ -158,8 +160,9 @@ class MIPSIndex:
                 backend.hnsw.efSearch = ef_search
             else:
                 nlist = nlist if nlist is not None else max(1, min(N, int(4 * N**0.5)))
-                if not isinstance(nlist, int) or not 1 <= nlist <= N:
+                if not is_int(nlist) or not 1 <= nlist <= N:
                     raise ValueError(f"`nlist` must be an int in [1, {N}] (at most one list per item), got {nlist!r}")
+                nlist = int(nlist)
                 backend = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, metric)
                 backend.cp.seed = seed
                 backend.train(_np32(vecs))
@@ -205,8 +208,9 @@ class MIPSIndex:
         E = 0 if exclude is None else exclude.shape[1]
         if exclude is not None and (exclude.ndim != 2 or exclude.shape[0] != queries.shape[0]):
             raise ValueError(f"`exclude` must be (B={queries.shape[0]}, E), got shape {tuple(exclude.shape)}")
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.num_items - E:
+        if not is_int(k) or not 1 <= k <= self.num_items - E:
             raise ValueError(f"`k` must be an int in [1, {self.num_items - E}] ({self.num_items} items, {E} excluded per query), got {k!r}")
+        k = int(k)
         if self._backend is None:
             excl = None if exclude is None else self._rows_of(exclude)
             vecs = self._vecs.to(queries.device)
@@ -249,7 +253,7 @@ def dense_index(item_vecs: torch.Tensor, kind: str = "auto", *, exact_max_items:
     """
     if kind not in DENSE_INDEXES:
         raise ValueError(f"`dense_index` must be one of {DENSE_INDEXES}, got {kind!r}")
-    if not isinstance(exact_max_items, int) or isinstance(exact_max_items, bool) or exact_max_items < 1:
+    if not is_int(exact_max_items) or exact_max_items < 1:
         raise ValueError(f"`exact_max_items` must be a positive int, got {exact_max_items!r}")
     N = int(item_vecs.shape[0])
     if kind == "auto":

@@ -22,6 +22,7 @@ from generator.decoding.beam import Beams, Free, TreeConstraint, leaf_items, sea
 from generator.decoding.grounding import GROUND_MAX_LENGTH, GroundingStats
 from generator.decoding.protocol import COSINE, TITLE_LOG_PROB, Ranking, check_beams, check_k
 from generator.models.titles import TitleGenerator
+from semid.safe_read import is_int
 from semid.tree import PrefixTree
 
 TITLE_BEAM, TITLE_GROUNDED = "title-beam", "title-grounded"
@@ -61,7 +62,7 @@ def title_beam_search(model: TitleGenerator, h: torch.Tensor, *, num_beams: int,
         max_steps: title positions at most (eos included); default the tree's depth, or the longest training
             title + 1 when free. A free beam cut by it is returned unfinished.
     """
-    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
+    if not is_int(num_beams) or num_beams < 1:
         raise ValueError(f"`num_beams` must be a positive int, got {num_beams!r}")
     if length_penalty < 0:
         raise ValueError(f"`length_penalty` must be >= 0, got {length_penalty!r}")
@@ -71,10 +72,10 @@ def title_beam_search(model: TitleGenerator, h: torch.Tensor, *, num_beams: int,
         raise ValueError(f"the title tree has vocabulary {tree.vocab_size}, the model {V}: built for another tokenizer")
     if max_steps is None:
         max_steps = tree.max_depth if tree is not None else int(model.title_lengths.max())
-    if not isinstance(max_steps, int) or max_steps < 1:
+    if not is_int(max_steps) or max_steps < 1:
         raise ValueError(f"`max_steps` must be >= 1, got {max_steps}")
     on_tree = Free(pad) if tree is None else TreeConstraint(tree, h.shape[0], h.device)
-    return search(TitleSteps(model, h), on_tree, num_beams=num_beams, steps=max_steps, eos=eos, pad=pad,
+    return search(TitleSteps(model, h), on_tree, num_beams=int(num_beams), steps=int(max_steps), eos=eos, pad=pad,
                   length_penalty=length_penalty)
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semid.safe_read import is_int
+
 OBJECTIVES = ("generative", "joint", "dense")
 LOSSES = ("full", "sampled")
 NEGATIVES = ("in-batch", "uniform", "popularity")  # the sampled softmax's negatives beyond the batch's own targets
@@ -72,8 +74,9 @@ def sample_candidates(
         proposal: ``"uniform"`` or ``"popularity"`` (needs ``log_q``): the distribution of the random rows.
         correct: subtract the log expected counts (with ``log_q``).
     """
-    if not isinstance(num_random, int) or isinstance(num_random, bool) or num_random < 0:
+    if not is_int(num_random) or num_random < 0:
         raise ValueError(f"`num_random` must be a non-negative int, got {num_random!r}")
+    num_random = int(num_random)
     if proposal not in ("uniform", "popularity"):
         raise ValueError(f"`proposal` must be 'uniform' or 'popularity', got {proposal!r}")
     if proposal == "popularity" and log_q is None:

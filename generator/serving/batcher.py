@@ -48,6 +48,7 @@ import torch
 
 from generator.decoding.protocol import call_beams as bucket
 from generator.runs.recommender import Recommendation, Recommender, distinct_counts, drop_history
+from semid.safe_read import is_int
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +125,14 @@ class MicroBatcher:
 
     def __init__(self, *, max_batch: int = 256, max_wait_ms: float = 5.0, threads: int = 1,
                  on_batch: Callable[[int, int, int, float], None] | None = None) -> None:
-        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        if not is_int(max_batch) or max_batch < 1:
             raise ValueError(f"`max_batch` must be a positive int, got {max_batch!r}")
         if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or not 0 <= max_wait_ms <= 10_000:
             raise ValueError(f"`max_wait_ms` must be a number in [0, 10000], got {max_wait_ms!r}")
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        if not is_int(threads) or threads < 1:
             raise ValueError(f"`threads` must be a positive int, got {threads!r}")
-        self.max_batch, self.max_wait, self.threads = max_batch, max_wait_ms / 1000, threads
-        self.slice = max(1, max_batch // 4)  # the most histories of one request in a batch
+        self.max_batch, self.max_wait, self.threads = int(max_batch), max_wait_ms / 1000, int(threads)
+        self.slice = max(1, self.max_batch // 4)  # the most histories of one request in a batch
         self.on_batch = on_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None

@@ -22,6 +22,7 @@ from generator.decoding.beam import leaf_search
 from generator.decoding.protocol import LOG_LIKELIHOOD, Histories, Ranking, check_decode_args
 from generator.t5.step import T5Step, auto_batch_size
 from semid.layout import TokenLayout
+from semid.safe_read import is_int
 from semid.tree import PrefixTree
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def _check_inputs(model: T5ForConditionalGeneration, input_ids: torch.Tensor, at
         raise ValueError(f"`input_ids` must be a LongTensor (B, S), got {_describe(input_ids)}")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(input_ids.shape)}, got {_describe(attention_mask)}")
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
         raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}")
     V = model.get_output_embeddings().weight.shape[0]
     if layout.vocab_size > V or tree.vocab_size > V:

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
+from semid.safe_read import is_int
 from semid.split import Split
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _user_tokens(layout: TokenLayout, user_ids: np.ndarray, use_user_tokens: boo
 
 
 def _check_max_history(max_history: int) -> None:
-    if not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 1:
+    if not is_int(max_history) or max_history < 1:
         raise ValueError(f"`max_history` must be a positive int, got {max_history!r}")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from semid.ids import SemanticIDs
+from semid.safe_read import is_int
 from semid.split import Split
 
 
@@ -46,7 +47,7 @@ class SeqBatch(NamedTuple):
 
 def training_windows(sequences: Sequence[np.ndarray], ids: SemanticIDs, max_history: int) -> Windows:
     """All next-item targets of the training sequences, in windows of at most ``max_history`` positions."""
-    if not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 1:
+    if not is_int(max_history) or max_history < 1:
         raise ValueError(f"`max_history` must be a positive int, got {max_history!r}")
     seqs = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= 2]
     if not seqs:
@@ -118,7 +119,7 @@ def eval_order(histories: Sequence[np.ndarray], max_history: int) -> np.ndarray:
 
 def eval_batches(histories: Sequence[np.ndarray], targets: np.ndarray, ids: SemanticIDs, max_history: int, batch_size: int) -> list[SeqBatch]:
     """Evaluation batches sorted by history length (little padding), in a deterministic order (:func:`eval_order`)."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
     order = eval_order(histories, max_history)
     return [

@@ -26,6 +26,7 @@ from generator.training.causal_data import (
 from generator.training.resume import ResumableLoader
 from generator.training.sampling import BucketBatchSampler, sample_users
 from semid.ids import SemanticIDs
+from semid.safe_read import is_int
 from semid.split import Split
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,10 @@ class ShardedDataModule(L.LightningDataModule):
                  val_users: int | None, seed: int, bucket_batches: int) -> None:
         super().__init__()
         for name, v in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}")
         self.split, self.ids, self.max_history = split, ids, max_history
-        self.batch_size, self.eval_batch_size, self.val_users = batch_size, eval_batch_size, val_users
+        self.batch_size, self.eval_batch_size, self.val_users = int(batch_size), int(eval_batch_size), val_users
         self.seed, self.bucket_batches = seed, bucket_batches
 
     def _world(self) -> tuple[int, int]:

@@ -38,6 +38,7 @@ from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoi
 from torch.utils.data import DataLoader, Sampler
 
 from generator.models.checkpoint import RESUME
+from semid.safe_read import is_int
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,12 @@ class ResumePoints(Checkpoint):
     """
 
     def __init__(self, ckpt_dir: Path, guard: SignalGuard, *, every_steps: int = 0, every_seconds: float = 60.0) -> None:
-        if not isinstance(every_steps, int) or isinstance(every_steps, bool) or every_steps < 0:
+        if not is_int(every_steps) or every_steps < 0:
             raise ValueError(f"`resume_every_steps` must be a non-negative int, got {every_steps!r}")
         if not isinstance(every_seconds, (int, float)) or isinstance(every_seconds, bool) or not every_seconds >= 0:
             raise ValueError(f"`resume_every_seconds` must be a non-negative number, got {every_seconds!r}")
         self.path, self.guard = Path(ckpt_dir) / RESUME, guard
-        self.every_steps, self.every_seconds = every_steps, float(every_seconds)
+        self.every_steps, self.every_seconds = int(every_steps), float(every_seconds)
         self._last_step, self._last_time = -1, 0.0
         self._stop_on_start = False
 

@@ -72,16 +72,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}")
-        if not isinstance(bucket_batches, int) or bucket_batches < 1:
+        if not is_int(bucket_batches) or bucket_batches < 1:
             raise ValueError(f"`bucket_batches` must be a positive int, got {bucket_batches!r}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"`rank` must be in [0, {num_replicas}), got {rank!r}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.size == 0:
             raise ValueError("`lengths` must hold at least one example, got none")
-        self.batch_size, self.bucket_batches, self.drop_last = batch_size, bucket_batches, drop_last
+        self.batch_size, self.bucket_batches, self.drop_last = int(batch_size), int(bucket_batches), drop_last
         self.num_replicas, self.rank = num_replicas, rank
         self.sampler = EpochPermutation(self.lengths.size, seed)  # Lightning calls sampler.set_epoch
 
