@@ -249,15 +249,23 @@ class PrefixTree:
         return f"PrefixTree(num_nodes={self.num_nodes}, edges={self.child_token.numel()}, vocab_size={self.vocab_size}, num_dense={self.num_dense}, bytes={self.nbytes})"
 
     # ---- decoding steps (vectorised over the batch) -------------------------------------------------------------
-    def next_nodes(self, nodes: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def next_nodes(self, nodes: torch.Tensor, tokens: torch.Tensor, depth: int | None = None) -> torch.Tensor:
         """Follow one edge per row.
 
         Args:
             nodes: LongTensor (B,) in [-1, num_nodes).
             tokens: LongTensor (B,).
+            depth: where every node but -1 is known to be at this depth (a beam of fixed-length IDs at a step):
+                no search for the depths present (no read of the nodes' values on the host: no device sync).
         Returns:
             LongTensor (B,): the child reached, or -1 where that token is not allowed (or the node is -1).
         """
+        if depth is not None:
+            if not 0 <= depth < len(self._spec):
+                raise ValueError(f"`depth` must be in [0, {len(self._spec)}), got {depth!r}")
+            live = nodes >= 0
+            out = self._next_at_depth(depth, torch.where(live, nodes, self._first[depth]), tokens)
+            return torch.where(live, out, -1)
         out = None
         for d, rows in self._by_depth(nodes):  # loop over the depths present (one in a decoding step)
             if rows is None:

@@ -261,6 +261,20 @@ def test_pair_dots_is_each_pairs_own_product_in_either_form(members: int) -> Non
         torch.testing.assert_close(got.double(), pairs_reference(hq, t, bias, rows, hist), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("members", [0, 2])
+def test_pair_dots_of_one_history_is_each_pairs_own_product(members: int) -> None:
+    """A single user's call (one history: its pairs in one product, no pick per pair) gives what the chunks give."""
+    from generator.decoding.paths import pair_dots
+
+    hq, t32, bias, rows, _ = pairs_case(members)
+    one, hist = hq[..., 4:5, :], torch.zeros_like(rows)
+    for t in (t32, t32.to(torch.bfloat16)):
+        for chunk in (7, 1000):  # 7: chunked; 1000: all pairs at once (the single history's one product)
+            for b in (None, bias):
+                got = pair_dots(one, t, rows, hist, chunk=chunk, bias=b)
+                assert got.dtype == torch.float32 and got.shape == (*t.shape[:-2], hist.numel())
+                torch.testing.assert_close(got.double(), pairs_reference(one, t, b, rows, hist), atol=1e-5, rtol=0)
+
 def pairs_reference(hq: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
                     hist: torch.Tensor) -> torch.Tensor:
     """The pairs' logits in float64, one by one in effect: -inf for a row < 0 (no child), 0 for a row past the table

@@ -121,3 +121,21 @@ def test_to_its_own_device_is_the_tree_itself_and_another_device_a_copy():
     assert tree.to("cpu") is tree and tree.to(torch.device("cpu")) is tree  # no copy per decoding call
     moved = tree.to("meta")  # another device: a copy, every tensor moved, the original untouched
     assert moved is not tree and moved.row_ptr.device.type == "meta" and tree.row_ptr.device.type == "cpu"
+
+
+def test_next_nodes_with_a_known_depth_equals_the_search_over_depths() -> None:
+    """A fixed-length beam's step names its depth: the same children, dead rows (-1) and refused tokens as without."""
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.unique(torch.randint(0, 5, (60, 3), generator=g), dim=0) + torch.tensor([0, 5, 10])  # a block per level
+    tree = PrefixTree.from_sequences(seqs.tolist(), list(range(len(seqs))), 16, end_token=15)
+    for d in range(3):  # loop over depths
+        pick = torch.randint(0, len(seqs), (9,), generator=g)
+        nodes = tree.walk(seqs[pick, :d])  # nodes at depth d
+        nodes[2] = -1  # a dead beam
+        tokens = seqs[torch.randint(0, len(seqs), (9,), generator=g), d]  # allowed under some nodes, not under others
+        tokens[0], tokens[1], tokens[8] = 15, -3, seqs[0, (d + 1) % 3]  # never allowed here (another level's block)
+        want = tree.next_nodes(nodes, tokens)
+        assert (want[3:8] >= 0).any() and (want[[0, 1, 2, 8]] < 0).all()
+        assert torch.equal(tree.next_nodes(nodes, tokens, depth=d), want)
+    with pytest.raises(ValueError, match="depth"):
+        tree.next_nodes(nodes, tokens, depth=9)

@@ -71,10 +71,12 @@ class TreeConstraint:
             out = masked_log_softmax(logits, allowed, torch.where(norm.any(1, keepdim=True), norm, allowed))
         return out.sum(0) if out.ndim == 3 else out
 
-    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
-        self.nodes = torch.where(alive, self.tree.next_nodes(self.nodes[rows], tokens), -1)
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor, depth: int | None = None) -> None:
+        """Each beam of ``rows`` (its parent's row) takes its token; ``depth``: the depth every live parent is at
+        (fixed-length IDs; with eos a finished beam stays on its leaf, so none is given)."""
+        self.nodes = torch.where(alive, self.tree.next_nodes(self.nodes[rows], tokens, depth), -1)
         if self.trained_tree is not None:
-            self.old_nodes = self.trained_tree.next_nodes(self.old_nodes[rows], tokens)
+            self.old_nodes = self.trained_tree.next_nodes(self.old_nodes[rows], tokens, depth)
 
 
 def csr_pairs(index: PrefixIndex, depth: int, nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +88,7 @@ def csr_pairs(index: PrefixIndex, depth: int, nodes: torch.Tensor) -> tuple[torc
     degree = torch.where(nodes >= 0, index.child_start[depth][node + 1] - start, 0)  # (R,)
     row = torch.repeat_interleave(torch.arange(node.numel(), device=node.device), degree)  # (C,)
     first = torch.cumsum(degree, 0) - degree  # each entry's first pair
-    child = torch.arange(row.numel(), device=node.device) + torch.repeat_interleave(start - first, degree)
+    child = torch.arange(row.numel(), device=node.device) + (start - first).index_select(0, row)
     return row, child
 
 
@@ -155,8 +157,8 @@ class IndexConstraint:
         out = masked_log_softmax(logits, allowed.view(R, K))
         return out.sum(0) if out.ndim == 3 else out  # an ensemble's members (E, R, K): the sum of each's
 
-    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
-        d, code = self.depth, tokens - self.lo[self.depth]
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor, depth: int | None = None) -> None:
+        d, code = self.depth, tokens - self.lo[self.depth]  # (its own depth: every beam's, one step per level)
         table = self.dense[d]
         if table is not None:  # the chosen (beam, code)'s child, read by parent and code
             child = table[self._parents(self.nodes[rows], table.shape[0] - 1), code].long()
@@ -189,7 +191,7 @@ class Free:
         out = logits.log_softmax(-1)
         return out.sum(0) if out.ndim == 3 else out  # an ensemble's members (E, R, K): the sum of each's
 
-    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor) -> None:
+    def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor, depth: int | None = None) -> None:
         pass
 
 
@@ -219,6 +221,7 @@ def search(backbone: Backbone, constraint: TreeConstraint | IndexConstraint | Fr
     length = torch.zeros(B, 1, dtype=torch.long, device=device)  # (B, m)
     finished = torch.zeros(B, 1, dtype=torch.bool, device=device)  # (B, m) dead, or (with eos) eos emitted
     m = 1
+    counted = eos is not None or bool(length_penalty)  # else lengths and finished follow from the scores at the end
     for step in range(steps):  # the only loop: over steps
         if eos is not None and bool(finished.all()):
             break
@@ -243,16 +246,19 @@ def search(backbone: Backbone, constraint: TreeConstraint | IndexConstraint | Fr
         parent, tok = idx // K, (idx % K).view(-1) + lo
         alive = torch.isfinite(top)
         scores = torch.where(alive, cand.reshape(B, m * K).gather(1, idx), float("-inf"))
-        rows = (torch.arange(B, device=idx.device)[:, None] * m + parent).view(-1)  # (B*M,) each beam's parent row
-        length = length.gather(1, parent) + (~finished).gather(1, parent).long()
-        finished = (finished.view(-1)[rows] | ~alive.view(-1) | (tok == eos if eos is not None else False)).view(B, M)
-        constraint.advance(rows, tok, alive.view(-1))
+        rows = (torch.arange(B, device=idx.device)[:, None] * m + parent).view(-1) if B > 1 else parent.view(-1)  # (B*M,)
+        if counted:  # each beam's parent row above; lengths and finished beams (a fixed length: every live one is
+            length = length.gather(1, parent) + (~finished).gather(1, parent).long()  # at step + 1, none finished)
+            finished = (finished.view(-1)[rows] | ~alive.view(-1) | (tok == eos if eos is not None else False)).view(B, M)
+        constraint.advance(rows, tok, alive.view(-1), step if eos is None else None)
         backbone.reorder(step, rows)
         tokens = torch.cat([tokens[rows], tok[:, None]], dim=1)
         m = M
     # the last step's key is each beam's final score (its length then is its final length), so ``top`` is sorted
     alive = torch.isfinite(scores)
     finished = alive if eos is None else alive & (tokens == eos).any(1).view(B, M)
+    if not counted:  # fixed length, no penalty: a live beam took every step (a dead one's count is not read)
+        length = torch.where(alive, step + 1, 0)
     nodes = constraint.nodes.view(B, M) if isinstance(constraint, TreeConstraint | IndexConstraint) else torch.full_like(length, -1)
     return Beams(tokens.view(B, M, -1), length, torch.where(alive, top, float("-inf")), scores, finished, nodes)
 

@@ -93,6 +93,10 @@ def pair_dots(hq: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, hist: t
                         "once)", reason)
     C, (A, D), lead = rows.numel(), table.shape[-2:], hq.shape[:-2]
     slot, rows = rows, rows.clamp(0, A - 1)
+    if hq.shape[-2] == 1 and C <= chunk:  # one history's pairs (a single user's call): one product, nothing to pick
+        out = (table.index_select(-2, rows).to(hq.dtype) @ hq.mT).squeeze(-1)  # (C,), or (K, C)
+        out = out if bias is None else out.add_(bias.index_select(-1, rows).to(hq.dtype))
+        return torch.where(slot < 0, float("-inf"), torch.where(slot >= A, 0.0, out))
     starts = torch.arange(0, C, chunk, device=hist.device)
     spans = torch.stack([hist[starts], hist[(starts + chunk - 1).clamp_max(C - 1)]], 1).tolist()  # one read for all
     out = hq.new_empty(*lead, C)

@@ -206,5 +206,5 @@ def _score_chunk(step: T5Step, tree: PrefixTree, codes: torch.Tensor) -> torch.T
         safe = code.clamp(0, hi - lo - 1)
         total = total + torch.where(ok, logp.gather(1, safe[:, None]).squeeze(1), float("-inf"))
         prefix[:, level] = safe + lo
-        on_tree.advance(rows, prefix[:, level], ok)
+        on_tree.advance(rows, prefix[:, level], ok, level)
     return total.view(B, C)
