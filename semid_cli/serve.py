@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     from generator.runs.recommender import Recommender
     from generator.serving.app import create_app
+    from generator.serving.framing import json_protocol
     from generator.serving.holder import Holder, Served, settle_heap
     from generator.serving.requests import Limits
 
@@ -113,5 +114,5 @@ def run(args: argparse.Namespace) -> int:
     verbose = logging.getLogger().isEnabledFor(logging.INFO)
     settle_heap()  # everything loaded so far out of the collector's full passes (generator.serving.holder)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if verbose else "warning", access_log=verbose,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, http=json_protocol())  # (bad framing: a JSON 400 too)
     return 0

@@ -178,6 +178,10 @@ def test_semid_serve_starts_answers_and_stops_cleanly(serve_world: dict[str, Pat
         assert r.status_code == 200 and len(r.json()["items"]) == 3
         bad = httpx.post(f"http://127.0.0.1:{port}/recommend", content=b"{oops", timeout=30)
         assert bad.status_code == 400
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:  # not HTTP: uvicorn's parser refuses it
+            raw.sendall(b"NOT HTTP\r\n\r\n")
+            answer = b"".join(iter(lambda: raw.recv(4096), b""))  # until the service closes the connection
+        assert answer.startswith(b"HTTP/1.1 400 ") and json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["field"] == "request"
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
