@@ -27,6 +27,17 @@ def nonnegative_int(text: str) -> int:
     return int(text)
 
 
+def int_id(text: str, what: str = "id") -> int:
+    """An id as typed: ASCII digits with an optional leading minus (``int`` also takes "1_2" as 12 and other scripts'
+    digits; negative ids are left to the check of what they name). ``what`` names it in the error."""
+    digits = text.strip()
+    digits = digits[1:] if digits.startswith("-") else digits
+    if not digits.isascii() or not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not an int: use the digits 0-9 only, with an optional "
+                                         "leading minus")
+    return int(text)
+
+
 def positive_users(text: str) -> int | None:
     """A sample of users: a positive int, or "all" (None). ``--max-users`` and ``--eval-users`` take it."""
     if text == "all":

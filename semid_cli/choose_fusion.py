@@ -14,31 +14,40 @@ DESCRIPTION = (
     "head; run it for a run trained before, after `semid add-items`, or with other settings. Never reads test users."
 )
 
+NUM_BEAMS = 20  # the T5 hybrid's beams when --num-beams is not given
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     add_run_data(p)
     p.add_argument("--users", type=positive_int, help="validation users (default: 2,000 to fit and 2,000 to choose for T5 runs; 5,000 and 5,000 for causal runs)")
     p.add_argument("--num-candidates", type=positive_int, default=50, help="candidates per list, C (default 50)")
-    p.add_argument("--num-beams", type=positive_int, default=20, help="beams of the T5 hybrid's beam search (default 20)")
+    p.add_argument("--num-beams", type=positive_int, help=f"beams of the T5 hybrid's beam search (default {NUM_BEAMS}; "
+                   "refused for causal runs, whose hybrid searches no beams)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="users decoded together")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the user sample")
 
 
 def run(args: argparse.Namespace) -> int:
+    from generator.decoding.registry import CAUSAL
     from generator.runs.decoders import choose_run_fusion
     from generator.runs.folder import HYBRID_FILE, LOCK_FILE, check_same_data, load_run, read_config
     from semid.data import load_dataset
     from semid.io import folder_lock
     from semid.split import leave_one_out
 
-    read_config(args.run)  # a run folder (a mistyped one is not made by the lock), before anything is written
+    design = read_config(args.run).get("design")  # a run folder (a mistyped one is not made by the lock), before writing
+    if args.num_beams is not None and design == CAUSAL:  # (the causal hybrid scores every item: no beam reads it)
+        raise ValueError(f"--num-beams {args.num_beams}: the hybrid of a causal run searches no beams (it fuses the exact "
+                         "scores of every item with the dense head's), so it would change nothing; leave out --num-beams "
+                         "(it is for T5 runs, whose hybrid takes its candidates from a beam search)")
     with folder_lock(args.run, LOCK_FILE, what="a training, add-items or choose-fusion"):
         r = load_run(args.run)
         data = args.data if args.data is not None else r.data_dir
         check_same_data(r.config, r.path, data)  # a fusion chosen on other users or items is not the run's
         split = leave_one_out(load_dataset(data))
-        chosen = choose_run_fusion(r, split, num_candidates=args.num_candidates, num_beams=args.num_beams,
+        beams = NUM_BEAMS if args.num_beams is None else args.num_beams
+        chosen = choose_run_fusion(r, split, num_candidates=args.num_candidates, num_beams=beams,
                                    users=args.users, batch_size=args.batch_size, seed=args.seed)
     print(f"hybrid fusion {chosen} chosen on validation users -> {args.run / HYBRID_FILE}")
     return 0

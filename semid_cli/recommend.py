@@ -7,15 +7,20 @@ import json
 import re
 import sys
 
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, int_id
 
 
 def _history(text: str) -> list[int]:
+    """Item ids separated by commas or spaces ("12,45,99", "12, 45, 99" or "12 45 99"), each ASCII digits."""
     try:
-        items = [int(t) for t in re.split(r"[,\s]+", text) if t]  # "12,45,99", "12, 45, 99" or "12 45 99"
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected item ids separated by commas or spaces, got {text!r}") from None
+        items = [int_id(t, "item id") for t in re.split(r"[,\s]+", text) if t]
+    except argparse.ArgumentTypeError as e:  # (int_id's message names the token and what is allowed)
+        raise argparse.ArgumentTypeError(f"{e}; expected item ids separated by commas or spaces, got {text!r}") from None
     return items
+
+
+def _user_id(text: str) -> int:
+    return int_id(text, "user id")
 
 
 DESCRIPTION = (
@@ -32,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k, plus the history's distinct items unless "
                    "--no-exclude-history; default 20, doubled until they hold that, as `semid serve` decodes)")
-    p.add_argument("--user", type=int, help="user id, hashed into the run's user tokens (default: none)")
+    p.add_argument("--user", type=_user_id, help="user id, hashed into the run's user tokens (default: none)")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=True,
                    help="leave the history's items out (default, as `semid serve` does); --no-exclude-history ranks "
                    "every item, as the benchmark protocol does")
@@ -56,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--user {args.user}: {args.run} was trained without user tokens, so a user id changes nothing "
                          "(only T5 runs trained with --user-tokens read one): drop --user")
     user_ids = [args.user] if args.user is not None else None
+    from generator.decoding.registry import BEAMLESS
+
+    if args.num_beams is not None and rec.resolve(args.decoder) in BEAMLESS:  # (it would change nothing)
+        raise ValueError(f"--num-beams {args.num_beams}: decoder {rec.resolve(args.decoder)!r} searches no beams, so "
+                         "it would change nothing; leave out --num-beams, or pass a decoder with beams (beam, hybrid)")
     try:
         out = rec.recommend([args.history], k=args.k, user_ids=user_ids, num_beams=args.num_beams,
                             exclude_history=args.exclude_history)[0]

@@ -45,7 +45,7 @@ def build_world(root: Path) -> dict[str, Path]:
             ckpt["state_dict"][name] = w + 0.5 * torch.randn(w.shape, generator=gen)
     torch.save(with_integrity(ckpt), ckpt_path)
     shutil.copytree(v2, root / "v2")
-    assert main(["choose-fusion", "--run", str(root / "v2"), "--num-beams", "10"]) == 0
+    assert main(["choose-fusion", "--run", str(root / "v2")]) == 0
     return {"root": root, "data": data, "v1": v1, "v2": root / "v2", "v2_no_fusion": v2}
 
 

@@ -261,3 +261,46 @@ def test_the_embeddings_check_reads_rows_of_either_order(tmp_path: Path) -> None
     for name in ("c.npy", "f.npy"):
         for lo, hi in ((0, 12), (3, 7), (11, 12), (5, 5)):
             assert np.array_equal(npy_rows(tmp_path / name, lo, hi), a[lo:hi]), (name, lo, hi)
+
+
+def test_add_items_advises_choose_fusion_only_for_a_run_with_a_hybrid(world: dict[str, Path], capsys) -> None:
+    run = _fresh(world, "run_advice")  # a dense head: its fusion was chosen for the IDs before
+    assert main(["add-items", "--run", str(run), "--data", str(world["new"])]) == 0
+    assert f"semid choose-fusion --run {run}" in capsys.readouterr().out
+    bare = world["root"] / "run_no_dense"  # no dense head, no hybrid: that advice would fail
+    flags = [f for f in FLAGS if f not in ("--dense", "both")]
+    assert main(["train", "--data", str(world["old"]), "--ids", str(world["ids"]), "--out", str(bare), *flags,
+                 "--max-epochs", "1", "--dense", "none"]) == 0
+    capsys.readouterr()
+    assert main(["add-items", "--run", str(bare), "--data", str(world["new"])]) == 0
+    out = capsys.readouterr().out
+    assert "added 6 items" in out and "choose-fusion" not in out and "hybrid" not in out
+
+
+def test_add_items_names_the_real_problem_first(world: dict[str, Path], tmp_path: Path, capsys) -> None:
+    run = _fresh(world, "run_first")
+    before = (run / "semantic_ids.npz").read_bytes()
+    junk = tmp_path / "junk.pt"  # no stats.json beside it: the file itself is what is wrong, and said first
+    junk.write_bytes(b"junk\n")
+    assert main(["add-items", "--run", str(run), "--data", str(world["new"]), "--quantizer", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert "junk.pt: not a quantizer file" in err and "stats.json" not in err, err
+    for empty in ("", " "):  # an empty name was taken as the default
+        with pytest.raises(SystemExit) as exit_:
+            main(["add-items", "--run", str(run), "--data", str(world["new"]), "--embeddings", empty])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "argument --embeddings: must name the embeddings" in err, err
+    from generator.runs.catalogue import add_items
+
+    with pytest.raises(ValueError, match="`embeddings` .* got ''"):
+        add_items(run, world["new"], embeddings="")
+    assert (run / "semantic_ids.npz").read_bytes() == before
+
+
+def test_choose_fusion_refuses_num_beams_on_a_causal_run(world: dict[str, Path], capsys) -> None:
+    run = _fresh(world, "run_beams")  # the causal hybrid scores every item: no beam search reads --num-beams
+    before = (run / "hybrid.json").read_bytes()
+    assert main(["choose-fusion", "--run", str(run), "--num-beams", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-beams 40: the hybrid of a causal run searches no beams" in err and "leave out --num-beams" in err
+    assert (run / "hybrid.json").read_bytes() == before

@@ -442,3 +442,16 @@ def test_evaluate_run_checks_its_options_by_name(trained: dict[str, Path]) -> No
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="`device` is 'cuda', but CUDA is not available"):
             evaluate_run(trained["run"], "test", device="cuda")
+
+
+def test_recommend_reads_item_ids_of_ascii_digits_only(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    # int() read "1_2" as item 12 and other scripts' digits ("١,٢") as items 1, 2: refused, naming the token (exit 2)
+    for argv, token in ((["--history", "1_2"], "'1_2'"), (["--history", "3,\u0661,\u0662"], "'\u0661'"),
+                        (["--history", "3", "--user", "1_2"], "user id '1_2'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["recommend", "--run", str(trained["run"]), *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and token in err and "digits 0-9 only" in err, err
+    # a leading minus parses, and the id is then refused by the catalogue's check
+    assert main(["recommend", "--run", str(trained["run"]), "--history", "3,-4"]) == 2
+    assert "unknown item id -4" in capsys.readouterr().err

@@ -201,3 +201,22 @@ def test_a_hybrid_json_of_the_earlier_t5_schema_ranks_as_the_blend_it_stored(joi
         for a, b in zip(ranked["earlier"], ranked[name], strict=True):
             assert np.array_equal(a.items, b.items) and np.array_equal(a.scores, b.scores)
     assert not all(np.array_equal(a.scores, b.scores) for a, b in zip(ranked["earlier"], ranked["other"], strict=True))
+
+
+def test_choose_fusion_passes_num_beams_to_the_t5_hybrid(joint_run: Path, tmp_path: Path, monkeypatch) -> None:
+    # the T5 hybrid takes its candidates from a beam search: --num-beams is read there (a causal run refuses it)
+    import shutil
+
+    from generator.runs import decoders
+
+    run = Path(shutil.copytree(joint_run, tmp_path / "joint"))
+    beams = []
+
+    def spy(*args, **kwargs):
+        beams.append(kwargs["num_beams"])
+        return choose_run_fusion(*args, **kwargs)
+
+    monkeypatch.setattr(decoders, "choose_run_fusion", spy)
+    assert main(["choose-fusion", "--run", str(run), "--num-beams", "12"]) == 0
+    assert main(["choose-fusion", "--run", str(run)]) == 0
+    assert beams == [12, 20]

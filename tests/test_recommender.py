@@ -342,3 +342,30 @@ def test_user_ids_a_run_cannot_read_are_said_not_dropped_in_silence(world: dict[
         given = rec.recommend(HISTORIES, k=4, decoder="beam", user_ids=list(range(len(HISTORIES))))
     assert "trained without user tokens" in caplog.text and "are not used" in caplog.text
     assert all(np.array_equal(a.items, b.items) for a, b in zip(given, plain, strict=True))
+
+
+def test_a_fusion_chosen_for_another_candidate_count_is_served_with_that_count(world: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    """`semid choose-fusion --num-candidates 10` stores a fusion for C = 10: the Recommender, `semid recommend` and
+    `semid evaluate` then serve the hybrid with C = 10 (they were fixed at 50 and found no fusion)."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    assert main(["choose-fusion", "--run", str(run), "--num-candidates", "10"]) == 0
+    assert json.loads((run / HYBRID_FILE).read_text())["num_candidates"] == 10
+    rec = Recommender.from_run(run, decoder="hybrid")
+    assert rec.num_candidates == 10 and len(rec.recommend(HISTORIES, k=5)[0].items) == 5
+    assert main(["recommend", "--run", str(run), "--history", "1,2,3", "-k", "3", "--decoder", "hybrid"]) == 0
+    assert main(["evaluate", "--run", str(run), "--split", "test", "--decoder", "hybrid", "--no-progress"]) == 0
+    assert fusion_store.stored_candidates(load_run(world["run"])) == min(50, NUM_ITEMS)  # chosen by `semid train`
+
+
+
+@pytest.mark.parametrize("decoder", ["exact", "dense"])
+def test_semid_recommend_refuses_beams_for_a_decoder_that_has_none(world: dict[str, Path], decoder: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`--num-beams` with a decoder that searches no beams changed nothing: refused, naming the flag (the Python API
+    takes one beam count for every decoder, as evaluate does)."""
+    base = ["recommend", "--run", str(world["run"]), "--history", "1,2,3", "-k", "3", "--decoder", decoder]
+    assert main([*base, "--num-beams", "6"]) == 2
+    assert f"--num-beams 6: decoder '{decoder}' searches no beams" in capsys.readouterr().err
+    assert main(base) == 0

@@ -80,3 +80,21 @@ def test_cold_beam_through_the_registry_serves_added_items_capped(world: dict[st
         np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-6, err_msg=f"k={k}, num_beams={num_beams}")
     # the cold path is exercised: added items are served, and the cap is reached (so it is what holds them back)
     assert served > 0 and capped > 0, (served, capped)
+
+
+def test_cold_beam_keeps_the_cap_of_k_when_the_history_is_left_out(world: dict[str, Path]) -> None:  # noqa: F811
+    """A call that leaves the history out asks the decoder for k plus the history's distinct items and keeps the first
+    k of the rest: the cold cap is k's (ceil(0.1 k)), not that longer list's."""
+    run_dir = _fresh(world, "run_registry_cold_unseen")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 0
+    run, added = load_run(run_dir), set(range(OLD + 1, NEW + 1))
+    most = 0
+    for k in (3, 10):
+        got = recommend(run, CASES, k=k, decoder="cold-beam")  # exclude_history: the default
+        for hist, r in zip(CASES, got, strict=True):
+            row = r.items.tolist()
+            assert len(row) == k and not set(row) & set(hist)
+            n_added = sum(i in added for i in row)
+            assert n_added <= math.ceil(0.1 * k), (k, hist, row)
+            most = max(most, n_added)
+    assert most >= 1  # added items are served: the cap is what holds them back

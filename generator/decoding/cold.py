@@ -80,13 +80,15 @@ class ColdStartBeam:
         self.ids, self.epsilon, self.prefix_levels = ids, float(epsilon), int(prefix_levels)
         self.beam, self.max_per_prefix = beam, int(max_per_prefix)
         self.num_candidates = None if num_candidates is None else int(num_candidates)
+        self.cold_cap: int | None = None  # set on a copy for a call that keeps fewer items than it asks (exclusion.py)
         codes = torch.from_numpy(ids.codes_of(cold))  # (Q, L)
         self.index = PrefixIndex(codes[:, :prefix_levels], ids.codebook_sizes)  # order: by prefix, then by item id
         self.cold_items, self.cold_codes = torch.from_numpy(cold)[self.index.order], codes[self.index.order]
 
     def max_cold(self, k: int) -> int:
-        """Cold slots allowed in a top-k: ceil(epsilon * k) (with a guard against float noise such as 0.1 * 30)."""
-        return min(k, math.ceil(round(self.epsilon * k, 9)))
+        """Cold slots allowed in a top-k: ceil(epsilon * k) (with a guard against float noise such as 0.1 * 30), or
+        ``cold_cap`` where a call keeps only the first items of the k it asks for (its history's dropped after)."""
+        return min(k, math.ceil(round(self.epsilon * k, 9)) if self.cold_cap is None else self.cold_cap)
 
     @torch.no_grad()
     def __call__(self, histories: Histories, k: int) -> Ranking:

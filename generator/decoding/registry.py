@@ -72,6 +72,9 @@ SPECS: dict[str, DecoderSpec] = {s.name: s for s in (  # the built-in backbones'
 )}
 
 
+BEAMLESS = frozenset({"exact", "dense"})  # decoders with no beams: a beam count changes nothing they rank
+
+
 def names() -> tuple[str, ...]:
     """Every decoder name, "auto" first, in registry order (with those of the plug-ins registered so far)."""
     return ("auto", *SPECS)

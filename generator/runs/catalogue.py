@@ -68,6 +68,9 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     from semid.io import atomic_path, folder_lock
 
     run_dir, data_dir = Path(run_dir), Path(data_dir)
+    if embeddings is not None and (not isinstance(embeddings, str) or not embeddings.strip()):
+        raise ValueError(f"`embeddings` (--embeddings) must name item_emb_<NAME>.npy of DATA, got {embeddings!r}; leave "
+                         "it out for the embeddings the quantizer was fitted on")
     config = read_config(run_dir)
     if config.get("design") != "causal":
         raise ValueError(f"{run_dir}: a run of the {config.get('design')!r} design; items can be added to runs of the "
@@ -89,7 +92,8 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
             raise ValueError(f"{qpath}: fitted with other semantic IDs ({qpath.parent / IDS_FILE}) than the run was "
                              "trained with, so it would give the new items codes of another tokeniser; pass the quantizer "
                              "fitted with the run's IDs (beside them, the default)")
-        codes_name = embeddings or _fitted_on(qpath)
+        fitted = load_quantizer(qpath)  # read first: a file that is no quantizer says so before its stats.json is asked
+        codes_name = embeddings if embeddings is not None else _fitted_on(qpath)
         _check_same_embeddings(source, dataset, codes_name, n)
         new = np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)
         width = _collaborative_width(qpath)  # codebooks fitted beside a run's item vectors: new items have none
@@ -97,7 +101,7 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
             from semid.collaborative import with_collaborative
 
             new = with_collaborative(new, np.zeros((0, width), np.float32), np.zeros(0, np.int64))
-        extended = extend_ids(ids, new, np.arange(n + 1, dataset.num_items + 1), encode=load_quantizer(qpath).encode)
+        extended = extend_ids(ids, new, np.arange(n + 1, dataset.num_items + 1), encode=fitted.encode)
         arrays = {}
         content_dim = int((config.get("model") or {}).get("content_dim") or 0)
         content_name = (config.get("train") or {}).get("dense_embeddings") or "minilm"

@@ -35,7 +35,7 @@ def trained_tree(run: Any) -> PrefixTree | None:
 
 
 def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float | None = None, num_beams: int = 20,
-                 num_candidates: int = 50, cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None,
+                 num_candidates: int | None = None, cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None,
                  length_penalty: float | None = None, fusion: tuple[str, dict] | float | None = None,
                  key: dict[str, str] | None = None, table_dtype: str = "float32", release_tables: bool = False
                  ) -> dict[str, Decoder]:
@@ -47,6 +47,7 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
             for this checkpoint in RUN/hybrid.json (a ValueError saying to run `semid choose-fusion` if there is none).
         fusion: the stored fusion when the caller has read it already (a T5 alpha or a causal (kind, params)).
         key: ``fusion_store.choice_key(run)`` when the caller has it (it hashes the checkpoint file).
+        num_candidates: C per list for the hybrids (default: the C the stored fusion was chosen for, else 50).
         cold_items, cold_options: ``cold-beam``'s cold item ids and ``ColdStartBeam`` options.
         length_penalty: title runs' length normalisation (default ``LENGTH_PENALTY``).
         table_dtype, release_tables: a causal run's serving tables in 16 bits, and its model's N-row tables freed once
@@ -54,6 +55,7 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
     """
     backbone = run.design
     wanted = [registry.resolve(backbone, n) for n in names]
+    num_candidates = fusion_store.stored_candidates(run) if num_candidates is None else num_candidates
     if alpha is not None:
         check_alpha(alpha)
         if "hybrid" not in wanted:  # no decoder but the hybrid reads it: ignoring it would mislead
@@ -85,7 +87,7 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
 
 def no_fusion_error(run: Any) -> ValueError:
     return ValueError(f"{run.path}: no hybrid fusion is stored for this checkpoint ({fusion_store.HYBRID_FILE} is missing or "
-                      f"was chosen for another checkpoint or IDs): run `semid choose-fusion --run {run.path}` once to "
+                      f"was chosen for another checkpoint, IDs or candidate count): run `semid choose-fusion --run {run.path}` once to "
                       "choose it on validation users, or give a blend weight (`--alpha A`; `alpha=` in Python)")
 
 

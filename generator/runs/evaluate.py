@@ -32,8 +32,9 @@ from generator.decoding import registry
 from generator.decoding.protocol import as_int, call_beams, check_decode_args, check_k
 from generator.runs.batches import history_batches, split_batches
 from generator.runs.decoders import decoders_for
+from generator.runs.exclusion import distinct_counts, drop_history, with_beams, with_cold_cap
 from generator.runs.folder import Run, check_same_data, check_writable, load_run, metrics_file
-from generator.runs.recommender import distinct_counts, drop_history, on_device, with_beams
+from generator.runs.recommender import on_device
 from generator.training.sampling import sample_users
 from semid.data import load_dataset
 from semid.io import write_json
@@ -159,6 +160,7 @@ def evaluate(
         want = ks[-1] + more
         if more not in decs:
             decs[more] = with_beams(dec, call_beams(want, num_beams, run.ids.num_items), candidates=name == "hybrid")
+            decs[more] = with_cold_cap(decs[more], ks[-1]) if seen is not None else decs[more]  # (k's cold share)
         ranked = decs[more](histories.to(device), want)
         items = ranked.items.cpu()  # (B, want)
         if seen is not None:

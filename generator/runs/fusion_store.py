@@ -34,11 +34,13 @@ from generator.runs.batches import split_batches
 from generator.runs.folder import HYBRID_FILE
 from generator.training.sampling import sample_users
 from semid.io import file_sha256, write_json
+from semid.safe_read import is_int
 from semid.split import Split
 
 log = logging.getLogger(__name__)
 
 POOL = "union"  # the candidate pool a fusion was chosen for: generative top-C plus dense top-C
+DEFAULT_CANDIDATES = 50  # C per list where no stored fusion names another
 
 
 def choice_key(run: Any) -> dict[str, str]:
@@ -49,6 +51,17 @@ def choice_key(run: Any) -> dict[str, str]:
     where = ckpt.relative_to(folder).as_posix() if ckpt.is_relative_to(folder) else str(ckpt)
     return {"checkpoint": where, "checkpoint_sha256": file_sha256(Path(run.checkpoint)),
             "ids_sha256": ids_digest(run.ids), "pool": POOL}
+
+
+def stored_candidates(run: Any) -> int:
+    """C, the candidates per list a hybrid is served with: the count RUN/hybrid.json's fusion was chosen for
+    (``semid choose-fusion --num-candidates``), else :data:`DEFAULT_CANDIDATES` (no file, or none readable there: a
+    corrupt file is reported where its fusion is read)."""
+    try:
+        c = json.loads((Path(run.path) / HYBRID_FILE).read_text(encoding="utf-8")).get("num_candidates")
+    except (OSError, ValueError, AttributeError):  # (missing, unreadable, not JSON, not an object)
+        return DEFAULT_CANDIDATES
+    return int(c) if is_int(c) and c >= 1 else DEFAULT_CANDIDATES
 
 
 def _same(name: str, stored: Any, value: str) -> bool:

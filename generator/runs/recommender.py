@@ -45,6 +45,7 @@ from generator.models.checkpoint import own_tensors
 from generator.runs import fusion_store
 from generator.runs.batches import history_batches, int_ids
 from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
+from generator.runs.exclusion import distinct_counts, drop_history, with_beams, with_cold_cap
 from generator.runs.folder import Run, best_checkpoint, check_same_items, load_run, read_config
 from semid.data import Catalogue, load_catalogue
 from semid.tree import PrefixTree
@@ -109,7 +110,7 @@ class Recommender:
             cannot serve: dense and hybrid without a dense head, hybrid without a stored fusion, cold-beam without
             added items). ``decoder`` and every name given here must be servable, else a ValueError says why.
         num_beams: beams of the beam searches (capped at the catalogue size; a call asking for more items gets more).
-        num_candidates: C per list for the hybrids (the stored fusion was chosen for one C).
+        num_candidates: C per list for the hybrids (default: the C the stored fusion was chosen for, else 50).
         alpha: serve the hybrid as the pool blend with this weight instead of the stored fusion.
         data: the dataset folder for the id <-> asin and title maps (default: the run's; none where it is missing).
         maps: build those maps (False: none; a one-off call has no use for them).
@@ -126,7 +127,7 @@ class Recommender:
     """
 
     def __init__(self, run: Run, *, decoder: str = "auto", decoders: Iterable[str] | None = None,
-                 num_beams: int = DEFAULT_BEAMS, num_candidates: int = 50, alpha: float | None = None,
+                 num_beams: int = DEFAULT_BEAMS, num_candidates: int | None = None, alpha: float | None = None,
                  device: str | torch.device | None = None, data: str | os.PathLike[str] | None = None,
                  cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None, maps: bool = True,
                  table_dtype: str = "float32", release_tables: bool | None = None) -> None:
@@ -137,6 +138,7 @@ class Recommender:
         self.run, self.device = run, next(run.model.parameters()).device
         self.default = registry.resolve(run.design, decoder)
         asked = {self.default, *(registry.resolve(run.design, n) for n in (decoders or ()))}
+        num_candidates = fusion_store.stored_candidates(run) if num_candidates is None else num_candidates
         N, num_beams, num_candidates = run.ids.num_items, as_int(num_beams), as_int(num_candidates)  # (numpy's ints too)
         check_beams(min(num_beams, N) if isinstance(num_beams, int) and not isinstance(num_beams, bool) else num_beams, 1, N)
         self.num_beams = min(num_beams, N)
@@ -242,6 +244,7 @@ class Recommender:
             raise ValueError(f"{e}: k ({k}) plus the {want - k} distinct items of the longest history left out (`exclude_history`); "
                              "pass more beams, or rank every item (exclude_history=False, --no-exclude-history)") from None
         dec = with_beams(self._decoders[name], M, candidates=name == "hybrid")
+        dec = with_cold_cap(dec, k) if exclude_history else dec  # (k's share of cold items, not k plus the history's)
         items, scores = [], []
         for b in history_batches(self._batching, hist, user_ids, batch_size):  # loop over batches of histories
             res = dec(b.to(self.device), want)
@@ -359,52 +362,3 @@ def _file_state(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     return st.st_ino, st.st_size, st.st_mtime_ns
 
-
-def distinct_counts(histories: Sequence[np.ndarray]) -> np.ndarray:
-    """int64 (B,): how many distinct items each history holds (what ``exclude_history`` may drop from a ranking):
-    the distinct (row, item) keys of all histories at once (one sort), counted per row."""
-    flat, row = _flat(histories)
-    span = int(flat.max(initial=0)) + 1
-    keys = np.unique(row * span + flat)
-    return np.bincount(keys // span, minlength=len(histories)).astype(np.int64)
-
-
-def _flat(histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """All histories' items (int64) and the row each came from."""
-    lengths = np.fromiter(map(len, histories), np.int64, len(histories))
-    flat = np.concatenate(histories).astype(np.int64, copy=False) if lengths.sum() else np.empty(0, np.int64)
-    return flat, np.repeat(np.arange(len(histories), dtype=np.int64), lengths)
-
-
-def drop_history(items: np.ndarray, scores: np.ndarray, histories: Sequence[np.ndarray], k: int,
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The first k entries of each ranking (items, scores (B, n), best first) whose item is not in its history
-    (``histories[b]``, item ids; empty: nothing dropped), the rest keeping their order: ((B, k), (B, k)). One
-    membership test over all (row, item) pairs and one stable sort; ``n`` must leave k per row (a decoder asked for
-    k plus the history's distinct items, :func:`distinct_counts`). An empty slot (-1) is never in a history."""
-    flat, owner = _flat(histories)
-    span = int(max(items.max(initial=0), flat.max(initial=0))) + 1  # (row, item) -> row * span + item, one key per pair
-    row = np.arange(len(histories), dtype=np.int64)
-    seen = np.isin(row[:, None] * span + items, owner * span + flat) & (items >= 0)  # (B, n)
-    order = np.argsort(seen, axis=1, kind="stable")[:, :k]  # the rest first, in their order
-    return np.take_along_axis(items, order, 1), np.take_along_axis(scores, order, 1)
-
-
-def with_beams(dec: Decoder, num_beams: int, *, candidates: bool = False) -> Decoder:
-    """``dec`` with ``num_beams`` beams and, with ``candidates`` (the hybrids), at least ``num_beams`` candidates per
-    list: itself where it has them, else a shallow copy (the built tables are shared)."""
-    out = dec
-    if getattr(dec, "num_beams", num_beams) != num_beams:
-        out = copy.copy(dec)
-        out.num_beams = num_beams
-        if hasattr(out, "beam"):  # ColdStartBeam around a beam decoder
-            out.beam = with_beams(out.beam, num_beams)
-    owner = getattr(out, "shared", out)  # a causal decoder keeps C in the CausalDecoders it shares
-    if candidates and owner.num_candidates < num_beams:
-        out = copy.copy(out) if out is dec else out
-        if hasattr(out, "shared"):
-            out.shared = copy.copy(out.shared)
-            out.shared.num_candidates = num_beams
-        else:
-            out.num_candidates = num_beams
-    return out

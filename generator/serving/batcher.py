@@ -47,13 +47,14 @@ import numpy as np
 import torch
 
 from generator.decoding.protocol import call_beams as bucket
-from generator.runs.recommender import Recommendation, Recommender, distinct_counts, drop_history
+from generator.decoding.registry import BEAMLESS
+from generator.runs.exclusion import distinct_counts, drop_history
+from generator.runs.recommender import Recommendation, Recommender
 from semid.safe_read import is_int
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
-BEAMLESS = frozenset({"exact", "dense"})  # rankings that do not depend on the beam count
 WIDENING = frozenset({"hybrid"})  # ranks max(beams, C) candidates per list: any beams up to C rank the same
 PREFIX = frozenset({"beam", "exact", "dense", "hybrid", "title-beam"})  # top-k = the first k of top-n (n > k)
 
