@@ -9,13 +9,15 @@ The sources must share their data (the fingerprint in config.yaml), semantic IDs
 config but for ``members``, have no items added after training, and are only read (each under its lock). The new
 folder holds the first source's config.yaml with the members summed (its ``train:`` section and training figures are
 the first source's, as ``combine.json`` says), the IDs, one checkpoint of every member's weights (loadable and
-servable like any run's, not resumable), ``combine.json`` (the sources and their checkpoints' digests) and, as after
-training, the hybrid's fusion chosen on validation users. Written in a temporary folder beside ``out`` and renamed
-into place when complete, so ``out`` is either absent or whole.
+servable like any run's, not resumable), ``combine.json`` (the sources, their checkpoints' digests and every trained
+model's: no model is counted twice, also through a combined source) and, as after training, the hybrid's fusion
+chosen on validation users. Written in a temporary folder beside ``out`` and renamed into place when complete, so
+``out`` is either absent or whole.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -46,16 +48,37 @@ def _check_out(sources: list[Path], out: Path) -> None:
                              "the causal design (the default of `semid train`)")
 
 
-def _read(source: Path, ids_copy: Path | None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
-    run, config, meta, digest = read_source(source, "combine", ids_copy)
-    if run.model.num_items != run.model.trained_items:
-        raise ValueError(f"{source}: has {run.model.num_items - run.model.trained_items} items added after training; "
-                         "combine the runs first, then add the items to the combined run")
-    return run, config, meta, digest
+def _held(source: Path, digest: str) -> set[str]:
+    """The sha256 of every trained model's checkpoint ``source`` holds: its own and, for a combined run, its
+    sources' and theirs (``combine.json``)."""
+    path = source / COMBINE_FILE
+    if not path.is_file():
+        return {digest}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return {digest, *(s["sha256"] for s in record["sources"]), *record.get("contains", [])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not the record `semid combine` writes ({e!r}); its members cannot be told apart from "
+                         "the other runs': restore it") from e
+
+
+def _check_distinct(sources: list[Path], digests: list[str]) -> set[str]:
+    """Refuse a trained model counted twice: two sources holding the same checkpoint (a copied run folder), or a
+    source that is already a member of another (combined) source. Returns every model's digest."""
+    held = [_held(s, d) for s, d in zip(sources, digests, strict=True)]
+    for i, (source, digest) in enumerate(zip(sources, digests, strict=True)):  # loop over pairs of sources (a few)
+        for j, other in enumerate(sources):
+            if i != j and digest == digests[j]:
+                raise ValueError(f"{source} and {other}: hold the same checkpoint (sha256 {digest[:12]}), one trained model "
+                                 "(a copied run folder?); combine runs trained apart (other seeds), each once")
+            if i != j and digest in held[j]:
+                raise ValueError(f"{source}: its model (checkpoint sha256 {digest[:12]}) is already a member of the combined "
+                                 f"run {other} ({COMBINE_FILE}); combine {other} with the other runs only")
+    return set().union(*held)
 
 
 def _check_alike(sources: list[Path], runs: list[Any], configs: list[dict[str, Any]]) -> None:
-    """Refuse sources another ensemble member could not join: other data, IDs, layout or model config, added items."""
+    """Refuse sources another ensemble member could not join: other data, IDs, layout or model config."""
     def model_of(run: Any) -> dict[str, Any]:  # the loaded config: a field added since reads as its default
         return {k: v for k, v in run.model_config.to_dict().items() if k != "members"}
 
@@ -83,9 +106,10 @@ def combine_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathL
     sources, out = [Path(r) for r in run_dirs], Path(out_dir)
     _check_out(sources, out)
     with new_run_folder(out, "combine") as tmp:
-        runs, configs, metas, digests = zip(*(_read(s, tmp / IDS_FILE if i == 0 else None) for i, s in enumerate(sources)),
-                                            strict=True)  # loop over the sources (a few)
+        runs, configs, metas, digests = zip(*(read_source(s, "combine", tmp / IDS_FILE if i == 0 else None)
+                                              for i, s in enumerate(sources)), strict=True)  # loop over the sources (a few)
         _check_alike(sources, list(runs), list(configs))
+        held = _check_distinct(sources, list(digests))
         members = [m for run in runs for m in member_models(run.model)]
         K = len(members)
         meta = dict(metas[0])
@@ -101,6 +125,7 @@ def combine_runs(run_dirs: list[str | os.PathLike[str]], out_dir: str | os.PathL
                          "members": len(member_models(r.model)), "seed": c.get("train", {}).get("seed")}
                         for s, r, c, d in zip(sources, runs, configs, digests, strict=True)],
             "members": K,
+            "contains": sorted(held),  # every trained model's checkpoint sha256, the sources' members' included
             "note": "config.yaml is the first source's with the members summed: its training figures are that run's",
         }
         del runs, members  # the weights, before the fusion loads the new run

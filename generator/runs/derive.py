@@ -44,10 +44,21 @@ def check_new_out(out: Path, sources: list[Path], command: str) -> None:
         raise ValueError(f"{out}: exists and is not an empty folder; `semid {command}` writes a new run folder: name a new one")
 
 
+# what to do with a source holding items added after training (`semid add-items`), by command: their codes have no
+# training windows, and the run's data is the folder they were added from (not the one it was trained on)
+ADDED_ITEMS = {
+    "combine": "combine the runs first, then add the items to the combined run",
+    "distill": "runs with added items cannot be distilled: distil the run before adding items, then add them to the "
+               "distilled run (the run before: a copy of RUN with RUN/semantic_ids.v1.npz, the IDs it was trained with, "
+               "as its semantic_ids.npz)",
+}
+
+
 def read_source(source: Path, command: str, ids_copy: Path | None = None) -> tuple[Run, dict[str, Any], dict[str, Any], str]:
     """One version of a run, read under its lock (unless no one can write the folder): the loaded run, its config,
     its checkpoint's serving record without the weights, and the checkpoint's sha256; its IDs copied to ``ids_copy``.
-    Refuses a run whose data changed since it was trained."""
+    Refuses a run with items added after training (:data:`ADDED_ITEMS`: what to do), then a run whose data changed
+    since it was trained."""
     with reading_lock(source, command):
         run = load_run(source)
         config = read_config(source)
@@ -55,6 +66,9 @@ def read_source(source: Path, command: str, ids_copy: Path | None = None) -> tup
         digest = file_sha256(run.checkpoint)
         if ids_copy is not None:
             shutil.copyfile(source / IDS_FILE, ids_copy)
+    added = getattr(run.model, "num_items", 0) - getattr(run.model, "trained_items", getattr(run.model, "num_items", 0))
+    if added > 0:  # before the data: after `semid add-items` the run's data is the folder the items came from
+        raise ValueError(f"{source}: has {added} items added after training; {ADDED_ITEMS[command]}")
     check_same_data(config, source, run.data_dir)
     return run, config, meta, digest
 

@@ -25,6 +25,18 @@ from semid.split import leave_one_out
 log = logging.getLogger(__name__)
 
 
+def _check_teacher(source: Path, model: Any) -> None:
+    """Refuse a run with no dense head (the teacher) or no node vectors (what the trees learn), naming what to do."""
+    if not model.dense_dim:
+        raise ValueError(f"{source}: has no dense head (trained with `--dense none`), and distillation needs a causal model "
+                         "with a dense head: the code heads learn the run's own dense softmax; train the run with one (e.g. "
+                         "the default `--dense id`) and distil that")
+    if not model.node_vectors:
+        raise ValueError(f"{source}: has no node vectors (trained with `--model-option node_vectors=False`), which "
+                         "distillation needs (it trains them with the code heads); train the run with them (the default) "
+                         "and distil that")
+
+
 def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: DistillOptions = DistillOptions(),  # noqa: B008 (frozen)
                 *, fusion: bool = True) -> dict[str, Any]:
     """Distil ``run_dir``'s dense head into its code heads and write the result as the new run folder ``out_dir``
@@ -36,6 +48,7 @@ def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
                          "of the causal design (the default of `semid train`) with a dense head")
     with new_run_folder(out, "distill") as tmp:
         run, config, meta, digest = read_source(source, "distill", ids_copy=tmp / IDS_FILE)
+        _check_teacher(source, run.model_config)
         split = leave_one_out(load_dataset(run.data_dir))
         state, history = distill_code_heads(run.model, run.tree, run.ids, split, options,
                                             log=lambda row: log.info("distill %s", row))

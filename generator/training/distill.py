@@ -17,6 +17,7 @@ Shapes: P trained positions of a batch, N items, K members, D d_model.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,15 +49,35 @@ def teacher_softmax(model: Any, h: torch.Tensor, temperature: float) -> torch.Te
     return (model.dense_queries(h) @ model.item_vectors().T / temperature).softmax(-1)[:, : model.trained_items]
 
 
+def check_finite(model: Any, row: dict[str, Any], options: DistillOptions) -> None:
+    """Refuse an epoch (its ``history`` row) whose code-head weights, loss or validation scores are NaN or infinite
+    (the learning rate too high): such an epoch must not be kept, and no fusion can be fitted on it."""
+    what = ("weights" if not all(bool(torch.isfinite(p).all()) for p in head_parameters(model))
+            else "loss" if not math.isfinite(row["loss"])
+            else "validation scores" if not math.isfinite(row["ndcg@10"]) else None)
+    if what:
+        d = DistillOptions()
+        others = ((options.weight_decay > d.weight_decay) * f", lower --weight-decay (default {d.weight_decay:g})"
+                  + (options.temperature < d.temperature) * f", raise --temperature (default {d.temperature:g})")
+        raise ValueError(f"distillation diverged at epoch {row['epoch']}: the code heads' {what} became NaN or infinite "
+                         f"(--lr {options.lr:g}, --weight-decay {options.weight_decay:g}, --temperature "
+                         f"{options.temperature:g}); lower --lr (default {d.lr:g}){others}, then distil again")
+
+
 def validation_ndcg(model: Any, tree: PrefixTree, ids: SemanticIDs, batches: list[Any], users: int) -> dict[str, float]:
-    """Recall@10 and NDCG@10 of the exact decoder's top 10 over ``batches`` (targets: item ids)."""
+    """Recall@10 and NDCG@10 of the exact decoder's top 10 over ``batches`` (targets: item ids); both NaN where a
+    score is NaN or infinite (diverged weights: :func:`check_finite`)."""
     dec = CausalDecoders(model, tree, torch.as_tensor(ids.item_ids)).refresh()
     recall = ndcg = 0.0
+    finite = True
     with torch.inference_mode():
         for b in batches:  # loop over batches of users
-            ranked = dec.decode("exact", model.last_hidden(b.histories, b.lengths), k=10).items
+            top = dec.decode("exact", model.last_hidden(b.histories, b.lengths), k=10)
+            ranked, finite = top.items, finite and bool(torch.isfinite(top.scores).all())
             recall += float(recall_at_k(ranked, b.targets, 10).sum())
             ndcg += float(ndcg_at_k(ranked, b.targets, 10).sum())
+    if not finite:
+        return {"recall@10": math.nan, "ndcg@10": math.nan}
     return {"recall@10": recall / users, "ndcg@10": ndcg / users}
 
 
@@ -67,7 +88,8 @@ def distill_code_heads(model: Any, tree: PrefixTree, ids: SemanticIDs, split: Sp
     each also passed to ``log``. ``model`` is left holding the last epoch's weights."""
     members = member_models(model)
     if not members[0].has_dense or not members[0].config.node_vectors:
-        raise ValueError("distillation needs a causal model with a dense head (dense_dim > 0) and node vectors")
+        raise ValueError("distillation needs a causal model with a dense head (dense_dim > 0) and node vectors: train "
+                         "the run with a dense head (e.g. the default `--dense id`) and node vectors (the default)")
     if model.trained_items != model.num_items:
         raise ValueError(f"the model holds {model.num_items - model.trained_items} items added after training (their "
                          "codes have no training windows): distil a copy of the run with the IDs it was trained with "
@@ -111,6 +133,7 @@ def distill_code_heads(model: Any, tree: PrefixTree, ids: SemanticIDs, split: Sp
             opt.step()
             total, steps = total + float(loss.detach()), steps + 1
         history.append({"epoch": epoch, **validation_ndcg(model, tree, ids, val, users), "loss": total / steps})
+        check_finite(model, history[-1], options)
         log(history[-1])
         if history[-1]["ndcg@10"] > best[0]:
             best = (history[-1]["ndcg@10"], copy.deepcopy(model.state_dict()))

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from generator.models.config import check_fields
+
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: torch's tensors and AdamW's state hold larger numbers as inf
 
 
 def _help(default: Any, text: str) -> Any:
@@ -30,9 +33,14 @@ class DistillOptions:
 
     def __post_init__(self) -> None:
         check_fields(self, positive=("epochs", "batch_size", "val_users"), unit=("label_smoothing",))
-        if not self.temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
+        for name, strict in (("temperature", True), ("lr", True), ("weight_decay", False)):  # loop over 3 fields
+            v = getattr(self, name)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not number or not math.isfinite(v) or not (v > 0 if strict else v >= 0) or v > FLOAT32_MAX:
+                raise ValueError(f"`{name}` must be {'>' if strict else '>='} 0 and a finite float32 (at most "
+                                 f"{FLOAT32_MAX:.4g}), got {v!r}: give --{name.replace('_', '-')} such a number")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x weight_decay each step
+            raise ValueError(f"`lr` x `weight_decay` must be < 1 (AdamW multiplies the weights by 1 - lr x weight_decay "
+                             f"each step), got {self.lr:g} x {self.weight_decay:g}: lower --lr or --weight-decay")
         if not 0.0 < self.weight <= 1.0:
             raise ValueError(f"`weight` (the teacher's share of each level's target) must be in (0, 1], got {self.weight!r}")
-        if not self.lr > 0 or not self.weight_decay >= 0:
-            raise ValueError(f"`lr` must be > 0 and `weight_decay` >= 0, got {self.lr!r} and {self.weight_decay!r}")
