@@ -133,3 +133,23 @@ def test_bad_arguments(ids: SemanticIDs) -> None:
         cold_beam(ids, [7], prefix_levels=0)
     with pytest.raises(ValueError, match="cold_item_ids"):
         cold_beam(ids, [99])
+
+
+def test_a_call_leaving_the_history_out_keeps_ks_cold_share_among_the_items_it_keeps() -> None:
+    """Asked for k plus the history's items with the cap of k (``exclusion.with_cold_cap``), a cold item of the
+    history (dropped after) takes no cold slot: the user still gets k's share of other cold items."""
+    from generator.runs.exclusion import drop_history, with_cold_cap
+
+    n = 40  # items 1..30 warm, 31..40 cold; cold item c shares its first code with warm item c - 30
+    codes = np.stack([np.arange(n) % 10, np.arange(n) // 10, np.zeros(n, int)], 1)
+    ids = SemanticIDs(codes, np.arange(1, n + 1), (10, 4, 1))
+    items = torch.arange(1, 13)[None]  # the beam's warm items, best first
+    beam = FixedBeam(Ranking(items, -torch.arange(12.0)[None], torch.from_numpy(ids.codes_of(items.numpy())),
+                             LOG_LIKELIHOOD, True), num_beams=20)
+    dec = ColdStartBeam(beam, ids, np.arange(31, 41), epsilon=0.1, prefix_levels=1, max_per_prefix=1)
+    history = np.array([31, 25])  # cold item 31 (item 1's prefix) is in the history
+    tokens = torch.from_numpy(ids.rows_of(history) + 1)[None]
+    out = with_cold_cap(dec, 10)(Histories(tokens, torch.ones_like(tokens, dtype=torch.bool)), 12)
+    kept, _ = drop_history(out.items.numpy(), out.scores.numpy(), [history], 10)
+    assert kept.shape == (1, 10) and not set(kept[0].tolist()) & set(history.tolist())
+    assert int(np.isin(kept, np.arange(31, 41)).sum()) == 1  # ceil(0.1 x 10): one cold item, not the history's

@@ -96,7 +96,7 @@ def _other_model(run: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--lr", "1e300"], "`lr` must be > 0 and a finite float32"),
+    (["--lr", "1e300"], "`lr` must be > 0, finite and at most 3.403e+38"),
     (["--lr", "inf"], "got inf: give --lr"),
     (["--lr", "nan"], "got nan: give --lr"),
     (["--weight-decay", "inf"], "give --weight-decay"),
@@ -127,3 +127,12 @@ def test_a_run_without_a_dense_head_is_named_with_what_to_do(world: dict[str, Pa
     err = capsys.readouterr().err
     assert f"{world['nodense']}: has no dense head" in err and "the default `--dense id`" in err
     assert _nothing_written(tmp_path / "x")
+
+
+def test_distill_options_take_numpys_floats_as_floats() -> None:
+    import numpy as np
+
+    from generator.training.distill_options import DistillOptions
+
+    opts = DistillOptions(lr=np.float32(1e-3), weight_decay=np.float64(0.0), temperature=np.float32(2.0))
+    assert type(opts.lr) is float and opts.lr == pytest.approx(1e-3) and type(opts.temperature) is float

@@ -197,3 +197,10 @@ def test_a_saved_configs_counts_take_python_ints_only(config: str) -> None:
     for bad in (True, np.int64(3), 3.0):
         with pytest.raises(ValueError, match="warmup_steps|num_random_negatives"):
             make(bad)
+
+
+def test_an_unsigned_numpy_int_history_length_windows_as_the_python_int() -> None:
+    """np.uint64 passes the check; kept as a numpy int it would turn int64 arithmetic into float64."""
+    seqs = [np.array([1, 2, 3, 4, 5]), np.array([6, 7, 8])]
+    want, got = training_windows(seqs, _ids(), 3), training_windows(seqs, _ids(), np.uint64(3))
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))

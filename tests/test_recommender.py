@@ -357,6 +357,9 @@ def test_a_fusion_chosen_for_another_candidate_count_is_served_with_that_count(w
     assert main(["recommend", "--run", str(run), "--history", "1,2,3", "-k", "3", "--decoder", "hybrid"]) == 0
     assert main(["evaluate", "--run", str(run), "--split", "test", "--decoder", "hybrid", "--no-progress"]) == 0
     assert fusion_store.stored_candidates(load_run(world["run"])) == min(50, NUM_ITEMS)  # chosen by `semid train`
+    record = json.loads((run / HYBRID_FILE).read_text())
+    (run / HYBRID_FILE).write_text(json.dumps({**record, "checkpoint_sha256": "0" * 64}))  # chosen for another one
+    assert fusion_store.stored_candidates(load_run(run)) == 50  # a stale file's C is not served
 
 
 

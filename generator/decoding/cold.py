@@ -103,11 +103,18 @@ class ColdStartBeam:
             res = beam(histories, C)
             warm = (res.items >= 0) & torch.isfinite(res.scores) & ~torch.isin(res.items, self.cold_items.to(res.items.device))
             if C >= N or bool((warm.sum(1) >= need).all()):
-                return self.merge(res, k)
+                return self.merge(res, k, None if self.cold_cap is None else self._seen(histories))
             C = min(N, 2 * C)
 
-    def merge(self, res: Ranking, k: int) -> Ranking:
-        """The top-k (B, k) of beam candidates ``res`` (B, C) and the cold items sharing their prefixes."""
+    def _seen(self, histories: Histories) -> torch.Tensor:
+        """The item ids (B, S) of histories of item rows + 1 (the causal design's, the only one cold-beam serves), -1
+        at padding: what a call that leaves the history out drops after this decoder ranks."""
+        ids = torch.from_numpy(self.ids.item_ids).to(histories.tokens.device)
+        return torch.where(histories.tokens > 0, ids[(histories.tokens - 1).clamp_min(0)], -1)
+
+    def merge(self, res: Ranking, k: int, seen: torch.Tensor | None = None) -> Ranking:
+        """The top-k (B, k) of beam candidates ``res`` (B, C) and the cold items sharing their prefixes; ``seen``
+        (B, S) item ids to be dropped after (the history, -1: none): its cold items do not count against the cap."""
         B, C = res.items.shape
         check_k(k, C, "the beam's candidates per history")
         device, P = res.items.device, self.max_per_prefix
@@ -142,6 +149,8 @@ class ColdStartBeam:
         # at most max_cold(k) cold items, the best-scored; warm items fill the rest
         fresh = valid & ~dup
         is_cold = fresh & torch.isin(items, cold_items)
+        if seen is not None:  # (dropped after: a slot they took would leave the list short of its cold share)
+            is_cold &= ~(items.unsqueeze(-1) == seen.unsqueeze(1)).any(-1)
         over = is_cold & (torch.cumsum(is_cold.long(), 1) > self.max_cold(k))
         tier = torch.where(fresh & ~over, 0, torch.where(fresh, 1, 2))  # kept, over-cap fill, nothing
         pos = torch.arange(items.shape[1], device=device)

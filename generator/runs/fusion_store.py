@@ -53,15 +53,19 @@ def choice_key(run: Any) -> dict[str, str]:
             "ids_sha256": ids_digest(run.ids), "pool": POOL}
 
 
-def stored_candidates(run: Any) -> int:
+def stored_candidates(run: Any, key: dict[str, str] | None = None) -> int:
     """C, the candidates per list a hybrid is served with: the count RUN/hybrid.json's fusion was chosen for
-    (``semid choose-fusion --num-candidates``), else :data:`DEFAULT_CANDIDATES` (no file, or none readable there: a
-    corrupt file is reported where its fusion is read)."""
+    (``semid choose-fusion --num-candidates``) where it was chosen for this checkpoint and IDs (``key``:
+    :func:`choice_key`), else :data:`DEFAULT_CANDIDATES` (no file, a stale one, or none readable there: a corrupt
+    file is reported where its fusion is read)."""
     try:
-        c = json.loads((Path(run.path) / HYBRID_FILE).read_text(encoding="utf-8")).get("num_candidates")
+        stored = json.loads((Path(run.path) / HYBRID_FILE).read_text(encoding="utf-8"))
+        c = stored.get("num_candidates")
     except (OSError, ValueError, AttributeError):  # (missing, unreadable, not JSON, not an object)
         return DEFAULT_CANDIDATES
-    return int(c) if is_int(c) and c >= 1 else DEFAULT_CANDIDATES
+    key = choice_key(run) if key is None else key
+    current = all(_same(name, stored.get(name), value) for name, value in key.items())
+    return int(c) if current and is_int(c) and c >= 1 else DEFAULT_CANDIDATES
 
 
 def _same(name: str, stored: Any, value: str) -> bool:

@@ -138,12 +138,12 @@ class Recommender:
         self.run, self.device = run, next(run.model.parameters()).device
         self.default = registry.resolve(run.design, decoder)
         asked = {self.default, *(registry.resolve(run.design, n) for n in (decoders or ()))}
-        num_candidates = fusion_store.stored_candidates(run) if num_candidates is None else num_candidates
+        key = fusion_store.choice_key(run)  # hashes the checkpoint file: once, here
+        num_candidates = fusion_store.stored_candidates(run, key) if num_candidates is None else num_candidates
         N, num_beams, num_candidates = run.ids.num_items, as_int(num_beams), as_int(num_candidates)  # (numpy's ints too)
         check_beams(min(num_beams, N) if isinstance(num_beams, int) and not isinstance(num_beams, bool) else num_beams, 1, N)
         self.num_beams = min(num_beams, N)
         self.num_candidates = min(num_candidates, N)  # the hybrids' C per list; a call with more beams ranks more
-        key = fusion_store.choice_key(run)  # hashes the checkpoint file: once, here
         self.version = f"ckpt-{key['checkpoint_sha256'][:16]}.ids-{key['ids_sha256'][:16]}"
         # which decoders: what was asked for, plus the backbone's usual ones where the run can serve them
         self.unavailable: dict[str, str] = {}  # name -> why it is not served

@@ -9,7 +9,6 @@ connection is closed after it, as uvicorn closes it (the stream cannot be read o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -36,9 +35,11 @@ class JsonH11Protocol(H11Protocol):
 def json_protocol() -> type:
     """The protocol class ``semid serve`` passes to uvicorn (``http=``): over httptools where it is installed (what
     uvicorn's "auto" picks), else h11, each with the JSON 400."""
-    if importlib.util.find_spec("httptools") is None:
+    try:  # (as uvicorn's "auto" decides: an installed httptools that fails to import means h11)
+        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
         return JsonH11Protocol
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class JsonHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's httptools protocol; a request it cannot parse gets :data:`BODY` (400)."""

@@ -93,9 +93,11 @@ def _user_tokens(layout: TokenLayout, user_ids: np.ndarray, use_user_tokens: boo
     return torch.from_numpy(np.asarray(layout.user_tokens(np.asarray(user_ids, dtype=np.int64)), dtype=np.int64))
 
 
-def _check_max_history(max_history: int) -> None:
+def _check_max_history(max_history: int) -> int:
+    """``max_history`` as a Python int (a numpy uint64 would turn int64 arithmetic into float64), or a ValueError."""
     if not is_int(max_history) or max_history < 1:
         raise ValueError(f"`max_history` must be a positive int, got {max_history!r}")
+    return int(max_history)
 
 
 def training_examples(
@@ -113,7 +115,7 @@ def training_examples(
         sequences: U training sequences (``Split.train``), item ids oldest first; sequences of length 1 give none.
         user_ids: int (U,), the user of each sequence (hashed into user tokens when ``use_user_tokens``).
     """
-    _check_max_history(max_history)
+    max_history = _check_max_history(max_history)
     if len(sequences) != len(user_ids):
         raise ValueError(f"`user_ids` must have one entry per sequence ({len(sequences)}), got {len(user_ids)}")
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
@@ -154,7 +156,7 @@ def history_examples(
         targets: int (B,) target item ids (-1 where unknown, e.g. for recommendations).
         user_ids: int (B,) users to hash into user tokens, or None for no user token.
     """
-    _check_max_history(max_history)
+    max_history = _check_max_history(max_history)
     lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
     if (lengths == 0).any():
         raise ValueError(f"history {int(np.flatnonzero(lengths == 0)[0])} is empty: every history needs at least one item")

@@ -49,6 +49,7 @@ def training_windows(sequences: Sequence[np.ndarray], ids: SemanticIDs, max_hist
     """All next-item targets of the training sequences, in windows of at most ``max_history`` positions."""
     if not is_int(max_history) or max_history < 1:
         raise ValueError(f"`max_history` must be a positive int, got {max_history!r}")
+    max_history = int(max_history)  # (a numpy uint64 would turn int64 arithmetic into float64)
     seqs = [np.asarray(s, dtype=np.int64) for s in sequences if len(s) >= 2]
     if not seqs:
         return Windows(*(torch.zeros(0, dtype=torch.long) for _ in range(4)))

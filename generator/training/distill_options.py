@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 from generator.models.config import check_fields
@@ -35,10 +36,12 @@ class DistillOptions:
         check_fields(self, positive=("epochs", "batch_size", "val_users"), unit=("label_smoothing",))
         for name, strict in (("temperature", True), ("lr", True), ("weight_decay", False)):  # loop over 3 fields
             v = getattr(self, name)
-            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            number = isinstance(v, Real) and not isinstance(v, bool)  # (numpy's floats too)
             if not number or not math.isfinite(v) or not (v > 0 if strict else v >= 0) or v > FLOAT32_MAX:
-                raise ValueError(f"`{name}` must be {'>' if strict else '>='} 0 and a finite float32 (at most "
-                                 f"{FLOAT32_MAX:.4g}), got {v!r}: give --{name.replace('_', '-')} such a number")
+                raise ValueError(f"`{name}` must be {'>' if strict else '>='} 0, finite and at most "
+                                 f"{FLOAT32_MAX:.4g} (float32's largest), got {v!r}: give --{name.replace('_', '-')} "
+                                 "such a number")
+            object.__setattr__(self, name, float(v))  # (frozen: as a float, numpy's too)
         if self.lr * self.weight_decay >= 1:  # AdamW scales the weights by 1 - lr x weight_decay each step
             raise ValueError(f"`lr` x `weight_decay` must be < 1 (AdamW multiplies the weights by 1 - lr x weight_decay "
                              f"each step), got {self.lr:g} x {self.weight_decay:g}: lower --lr or --weight-decay")
