@@ -88,3 +88,10 @@ def test_the_service_picks_httptools_where_uvicorn_would() -> None:
 
     want = "HttpTools" if importlib.util.find_spec("httptools") else "H11"
     assert json_protocol().__name__ == f"Json{want}Protocol"
+
+
+def test_an_httptools_that_fails_to_import_means_h11(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "httptools", None)  # installed but broken: its import raises ImportError
+    assert json_protocol() is JsonH11Protocol
