@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", required=True, type=_history, help="item ids, oldest first: 12,45,99")
     p.add_argument("-k", type=int, default=10, help="items to return (default 10)")
     p.add_argument("--num-beams", type=int, help="beams (>= k, plus the history's distinct items unless "
-                   "--no-exclude-history; default 20, doubled until they hold that, as `semid serve` decodes)")
+                   "--no-exclude-history; default 20, doubled until they hold that, as `semid serve` decodes); "
+                   "not for exact and dense, which search no beams")
     p.add_argument("--user", type=_user_id, help="user id, hashed into the run's user tokens (default: none)")
     p.add_argument("--exclude-history", action=argparse.BooleanOptionalAction, default=True,
                    help="leave the history's items out (default, as `semid serve` does); --no-exclude-history ranks "
