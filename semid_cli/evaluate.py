@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--k", default="5,10", help="cut-offs, comma-separated (default 5,10)")
-    p.add_argument("--num-beams", type=int, default=20, help="beams (>= the largest k; default 20)")
+    p.add_argument("--num-beams", type=int, help="beams (>= the largest k; default 20); not for exact and dense, "
+                   "which search no beams")
     p.add_argument("--max-users", type=positive_users, default=None, help="a seeded sample of this many users (default all)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the user sample")
     p.add_argument("--batch-size", type=int, default=64, help="users decoded together")
@@ -56,9 +57,17 @@ def run(args: argparse.Namespace) -> int:
         from generator.runs.pinning import check_pinned
 
         check_pinned(args.run, args.expect_sha256, args.checkpoint)
+    from generator.decoding.registry import BEAMLESS, resolve
+    from generator.runs.folder import read_config
+
+    name = resolve(read_config(args.run).get("design"), args.decoder)
+    if args.num_beams is not None and name in BEAMLESS:  # (it would change nothing)
+        raise ValueError(f"--num-beams {args.num_beams}: decoder {name!r} searches no beams, so it would change "
+                         "nothing; leave out --num-beams, or pass a decoder with beams (beam, hybrid)")
+    num_beams = 20 if args.num_beams is None else args.num_beams
     try:
         m = evaluate_run(
-            args.run, args.split, ks=ks, num_beams=args.num_beams, max_users=args.max_users, seed=args.seed,
+            args.run, args.split, ks=ks, num_beams=num_beams, max_users=args.max_users, seed=args.seed,
             batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
             device=args.device, progress=progress_default(args.progress), alpha=args.alpha, table_dtype=args.table_dtype,
             exclude_history=args.exclude_history,
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"semid evaluate: error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.split}: {m['users_evaluated']} users, checkpoint {m['checkpoint']}, {m['num_beams']} beams, decoder {m['decoder']}"
+    beams = "" if name in BEAMLESS else f", {m['num_beams']} beams"
+    print(f"{args.split}: {m['users_evaluated']} users, checkpoint {m['checkpoint']}{beams}, decoder {m['decoder']}"
           + (", histories excluded" if args.exclude_history else ""))
     for k in ks:
         print(f"  Recall@{k:<3} {m[f'recall@{k}']:.4f}   NDCG@{k:<3} {m[f'ndcg@{k}']:.4f}")

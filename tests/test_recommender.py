@@ -372,3 +372,13 @@ def test_semid_recommend_refuses_beams_for_a_decoder_that_has_none(world: dict[s
     assert main([*base, "--num-beams", "6"]) == 2
     assert f"--num-beams 6: decoder '{decoder}' searches no beams" in capsys.readouterr().err
     assert main(base) == 0
+
+
+def test_semid_evaluate_refuses_beams_for_dense_and_names_none(world: dict[str, Path],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["evaluate", "--run", str(world["run"]), "--split", "test", "--decoder", "dense", "--no-progress"]
+    assert main([*base, "--num-beams", "6"]) == 2
+    assert "--num-beams 6: decoder 'dense' searches no beams" in capsys.readouterr().err
+    assert main(base) == 0 and " beams" not in capsys.readouterr().out.splitlines()[0]
+    assert main([*base[:-2], "beam", "--no-progress", "--num-beams", "12"]) == 0
+    assert "12 beams, decoder" in capsys.readouterr().out
