@@ -30,13 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from generator.decoding.registry import CAUSAL
+    from generator.designs.registry import for_config
     from generator.runs.decoders import choose_run_fusion
     from generator.runs.folder import HYBRID_FILE, LOCK_FILE, check_same_data, load_run, read_config
     from semid.data import load_dataset
     from semid.io import folder_lock
     from semid.split import leave_one_out
 
-    design = read_config(args.run).get("design")  # a run folder (a mistyped one is not made by the lock), before writing
+    design = for_config(read_config(args.run)).name  # a run folder (a mistyped one is not made by the lock), before writing
     if args.num_beams is not None and design == CAUSAL:  # (the causal hybrid scores every item: no beam reads it)
         raise ValueError(f"--num-beams {args.num_beams}: the hybrid of a causal run searches no beams (it fuses the exact "
                          "scores of every item with the dense head's), so it would change nothing; leave out --num-beams "

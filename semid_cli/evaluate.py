@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
         check_pinned(args.run, args.expect_sha256, args.checkpoint)
     from generator.decoding.registry import BEAMLESS, resolve
+    from generator.designs.registry import for_config
     from generator.runs.folder import read_config
 
-    name = resolve(read_config(args.run).get("design"), args.decoder)
+    name = resolve(for_config(read_config(args.run)).name, args.decoder)  # (a title run's config says "causal")
     if args.num_beams is not None and name in BEAMLESS:  # (it would change nothing)
         raise ValueError(f"--num-beams {args.num_beams}: decoder {name!r} searches no beams, so it would change "
                          "nothing; leave out --num-beams, or pass a decoder with beams (beam, hybrid)")

@@ -134,3 +134,16 @@ def test_a_title_run_evaluates_without_the_history_as_its_recommender_serves(tit
         hit = np.flatnonzero(items == split.test_targets[r])
         assert rank == (int(hit[0]) if hit.size else -1)
     assert len(rec.recommend([split.test_history(0)], k=15)[0].items) == 15  # more items than the loaded beams
+
+
+def test_commands_for_causal_runs_name_a_title_run_as_such(title_runs: dict[str, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A title run's config.yaml says design "causal" (its train.target says title): add-items and distill read the
+    design from both, as loading does, and refuse it by name before anything is written."""
+    run = title_runs["bpe"]
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["add-items", "--run", str(run), "--data", str(title_runs["data"])]) == 2
+    assert "a run of the 'title' design; items can be added to runs of the causal design" in capsys.readouterr().err
+    assert main(["distill", "--run", str(run), "--out", str(tmp_path / "d")]) == 2
+    assert "a run of the 'title' design; distillation is for runs of the causal design" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before and not (tmp_path / "d").exists()

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from generator.designs.registry import for_config
 from generator.models.checkpoint import ids_digest
 from generator.runs.cold_items import extend_ids
 from generator.runs.folder import IDS_FILE, LOCK_FILE, best_checkpoint, data_fingerprint, read_config
@@ -72,8 +73,9 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         raise ValueError(f"`embeddings` (--embeddings) must name item_emb_<NAME>.npy of DATA, got {embeddings!r}; leave "
                          "it out for the embeddings the quantizer was fitted on")
     config = read_config(run_dir)
-    if config.get("design") != "causal":
-        raise ValueError(f"{run_dir}: a run of the {config.get('design')!r} design; items can be added to runs of the "
+    design = for_config(config).name  # (a title run's config.yaml says "causal": its train.target tells)
+    if design != "causal":
+        raise ValueError(f"{run_dir}: a run of the {design!r} design; items can be added to runs of the "
                          "causal design (the default of `semid train`) only")
     with folder_lock(run_dir, LOCK_FILE, what="a training or add-items"):
         ids_path = run_dir / IDS_FILE

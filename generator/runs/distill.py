@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from generator.designs.registry import for_config
 from generator.runs.derive import check_new_out, finish, new_run_folder, read_source, write_serving_checkpoint
 from generator.runs.folder import DISTILL_FILE, IDS_FILE, read_config
 from generator.training.distill import DistillOptions, distill_code_heads
@@ -43,8 +44,9 @@ def distill_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
     (which must not exist yet, or be an empty folder, outside the source). Returns what ``distill.json`` holds."""
     source, out = Path(run_dir), Path(out_dir)
     check_new_out(out, [source], "distill")
-    if read_config(source).get("design") != "causal":
-        raise ValueError(f"{source}: a run of the {read_config(source).get('design')!r} design; distillation is for runs "
+    design = for_config(read_config(source)).name  # (a title run's config.yaml says "causal": its train.target tells)
+    if design != "causal":
+        raise ValueError(f"{source}: a run of the {design!r} design; distillation is for runs "
                          "of the causal design (the default of `semid train`) with a dense head")
     with new_run_folder(out, "distill") as tmp:
         run, config, meta, digest = read_source(source, "distill", ids_copy=tmp / IDS_FILE)
