@@ -199,7 +199,8 @@ class Beams(NamedTuple):
     """All M beams of each history, best first by ``scores``.
 
     tokens: LongTensor (B, M, T) chosen tokens (with eos: eos included, pad after); lengths: (B, M) tokens up to and
-    including eos (T without eos; a dead beam's 0 there when no length penalty is given: nothing reads it); scores: (B, M) ``logp / length ** length_penalty`` (-inf for a dead beam); logp:
+    including eos (T without eos; a dead beam's 0 there when no length penalty is given: nothing reads it);
+    scores: (B, M) ``logp / length ** length_penalty`` (-inf for a dead beam); logp:
     (B, M) the sum of log-probabilities; finished: (B, M) bool, alive (and with eos, eos emitted); nodes: (B, M) the
     tree node reached (-1: not in the tree, or no tree).
     """

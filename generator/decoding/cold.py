@@ -109,8 +109,8 @@ class ColdStartBeam:
     def _seen(self, histories: Histories) -> torch.Tensor:
         """The item ids (B, S) of histories of item rows + 1 (the causal design's, the only one cold-beam serves), -1
         at padding: what a call that leaves the history out drops after this decoder ranks."""
-        ids = torch.from_numpy(self.ids.item_ids).to(histories.tokens.device)
-        return torch.where(histories.tokens > 0, ids[(histories.tokens - 1).clamp_min(0)], -1)
+        rows = histories.tokens.cpu().numpy() - 1  # (B, S): a few ids looked up here, not the N ids moved per call
+        return torch.from_numpy(np.where(rows >= 0, self.ids.item_ids[rows.clip(0)], -1)).to(histories.tokens.device)
 
     def merge(self, res: Ranking, k: int, seen: torch.Tensor | None = None) -> Ranking:
         """The top-k (B, k) of beam candidates ``res`` (B, C) and the cold items sharing their prefixes; ``seen``

@@ -96,9 +96,6 @@ class Decoder(Protocol):
 
 
 # ---- the one set of argument rules -----------------------------------------------------------------------------
-_is_int = is_int  # numpy's ints too
-
-
 def as_int(value: object) -> object:
     """A Python int for any integer (numpy's ``np.int64(10)``, from an array, included; never a bool), else ``value``
     unchanged for the checks to name: what the API's entry points pass on, so a count read from an array works."""
@@ -107,7 +104,7 @@ def as_int(value: object) -> object:
 
 def check_int_in(name: str, value: object, lo: int, hi: int, what: str) -> None:
     """``value`` (the argument ``name``) must be an int in [lo, hi]; ``what`` says where the bounds come from."""
-    if not _is_int(value) or not lo <= value <= hi:
+    if not is_int(value) or not lo <= value <= hi:
         raise ValueError(f"`{name}` must be an int in [{lo}, {hi}] ({what}), got {value!r}")
 
 
@@ -118,7 +115,7 @@ def check_k(k: object, limit: int, what: str) -> None:
 
 def check_beams(num_beams: object, k: int, num_items: int) -> None:
     """``num_beams`` must be an int in [k, num_items] (a beam search returns at most its beams)."""
-    if not _is_int(num_beams) or not k <= num_beams <= num_items:
+    if not is_int(num_beams) or not k <= num_beams <= num_items:
         raise ValueError(f"`num_beams` must be an int in [k={k}, {num_items}] (k to the catalogue size), got {num_beams!r}")
 
 

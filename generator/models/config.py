@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 C = TypeVar("C")
 
 
-def _is_int(v: object) -> bool:
+def is_plain_int(v: object) -> bool:
+    """A Python int, never a bool (nor numpy's: what a saved config holds is plain YAML and JSON)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -18,10 +19,10 @@ def check_fields(config: object, *, positive: tuple[str, ...] = (), non_negative
     """Raise a ValueError naming the first field of ``config`` that is not: a positive int (``positive``), a
     non-negative int (``non_negative``), a number in [0, 1) (``unit``: rates and dropouts), a bool (``flags``)."""
     for name in positive:
-        if not _is_int(v := getattr(config, name)) or v < 1:
+        if not is_plain_int(v := getattr(config, name)) or v < 1:
             raise ValueError(f"`{name}` must be a positive int, got {v!r}")
     for name in non_negative:
-        if not _is_int(v := getattr(config, name)) or v < 0:
+        if not is_plain_int(v := getattr(config, name)) or v < 0:
             raise ValueError(f"`{name}` must be a non-negative int, got {v!r}")
     for name in unit:
         if not isinstance(v := getattr(config, name), (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:

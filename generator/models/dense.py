@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generator.models.config import is_plain_int
 from generator.models.dense_loss import LOSSES, NEGATIVES, ColumnMask, softmax_loss
 
 _DEFERRED = threading.local()  # .depth > 0 inside deferred_tables() (per thread: a reload beside a training)
@@ -115,7 +116,7 @@ class DenseHeadConfig:
         if self.id_dropout > 0 and self.mode != "both" and not (self.mode == "id" and self.code_dim):
             raise ValueError(f"`id_dropout` needs mode='both' or code vectors (it drops the table part only), got "
                              f"mode={self.mode!r}")
-        if type(self.num_random_negatives) is not int or self.num_random_negatives < 0:  # (saved: no numpy, no bool)
+        if not is_plain_int(self.num_random_negatives) or self.num_random_negatives < 0:  # (saved: no numpy, no bool)
             raise ValueError(f"`num_random_negatives` must be a non-negative int, got {self.num_random_negatives!r}")
         if not self.weight > 0:
             raise ValueError(f"`weight` must be > 0, got {self.weight!r}")

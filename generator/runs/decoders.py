@@ -55,9 +55,10 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
     """
     backbone = run.design
     wanted = [registry.resolve(backbone, n) for n in names]
-    if num_candidates is None:  # (only the hybrid reads C: the stored fusion's, where one is current)
-        key = (fusion_store.choice_key(run) if key is None else key) if "hybrid" in wanted else key
-        num_candidates = fusion_store.stored_candidates(run, key) if "hybrid" in wanted else fusion_store.DEFAULT_CANDIDATES
+    if num_candidates is None and "hybrid" in wanted:  # (only the hybrid reads C: its current fusion's)
+        key = fusion_store.choice_key(run) if key is None else key
+        num_candidates = fusion_store.stored_candidates(run, key)
+    num_candidates = fusion_store.DEFAULT_CANDIDATES if num_candidates is None else num_candidates
     if alpha is not None:
         check_alpha(alpha)
         if "hybrid" not in wanted:  # no decoder but the hybrid reads it: ignoring it would mislead

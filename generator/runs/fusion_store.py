@@ -53,21 +53,6 @@ def choice_key(run: Any) -> dict[str, str]:
             "ids_sha256": ids_digest(run.ids), "pool": POOL}
 
 
-def stored_candidates(run: Any, key: dict[str, str] | None = None) -> int:
-    """C, the candidates per list a hybrid is served with: the count RUN/hybrid.json's fusion was chosen for
-    (``semid choose-fusion --num-candidates``) where it was chosen for this checkpoint and IDs (``key``:
-    :func:`choice_key`), else :data:`DEFAULT_CANDIDATES` (no file, a stale one, or none readable there: a corrupt
-    file is reported where its fusion is read)."""
-    try:
-        stored = json.loads((Path(run.path) / HYBRID_FILE).read_text(encoding="utf-8"))
-        c = stored.get("num_candidates")
-    except (OSError, ValueError, AttributeError):  # (missing, unreadable, not JSON, not an object)
-        return DEFAULT_CANDIDATES
-    key = choice_key(run) if key is None else key
-    current = all(_same(name, stored.get(name), value) for name, value in key.items())
-    return int(c) if current and is_int(c) and c >= 1 else DEFAULT_CANDIDATES
-
-
 def _same(name: str, stored: Any, value: str) -> bool:
     """A stored key value matches; an absolute checkpoint path stored by earlier versions matches its place inside
     the folder (the content is checked by its sha256 beside it)."""
@@ -82,9 +67,8 @@ def _corrupt(path: Path, e: Exception) -> ValueError:
                       "again (`semid choose-fusion --run RUN`), or give a blend weight (`--alpha A`; `alpha=` in Python)")
 
 
-def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = None) -> tuple[str, dict] | None:
-    """The fusion (kind, params) in RUN/hybrid.json if it was chosen for this checkpoint (path and content), IDs and
-    candidate count (``key``: :func:`choice_key` of the run, when the caller has it); None if none was."""
+def _read(run: Any) -> dict[str, Any] | None:
+    """RUN/hybrid.json as a dict (None where there is none), or the ValueError of :func:`_corrupt`."""
     path = Path(run.path) / HYBRID_FILE
     if not path.is_file():
         return None
@@ -94,8 +78,36 @@ def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = No
             raise TypeError(f"a JSON object expected, got {type(stored).__name__}")
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise _corrupt(path, e) from e
-    key = choice_key(run) if key is None else key
-    stale = [name for name, value in key.items() if not _same(name, stored.get(name), value)]
+    return stored
+
+
+def _stale(stored: dict[str, Any], key: dict[str, str]) -> list[str]:
+    """What a stored choice was made for that this checkpoint, IDs and pool (``key``) are not."""
+    return [name for name, value in key.items() if not _same(name, stored.get(name), value)]
+
+
+def stored_candidates(run: Any, key: dict[str, str] | None = None) -> int:
+    """C, the candidates per list a hybrid is served with: the count RUN/hybrid.json's fusion was chosen for
+    (``semid choose-fusion --num-candidates``) where it was chosen for this checkpoint and IDs (``key``:
+    :func:`choice_key`), else :data:`DEFAULT_CANDIDATES` (no file or a stale one; a corrupt file is reported where
+    its fusion is read)."""
+    try:
+        stored = _read(run)
+    except ValueError:
+        return DEFAULT_CANDIDATES
+    if stored is None or _stale(stored, choice_key(run) if key is None else key):
+        return DEFAULT_CANDIDATES
+    c = stored.get("num_candidates")
+    return int(c) if is_int(c) and c >= 1 else DEFAULT_CANDIDATES
+
+
+def stored_fusion(run: Any, num_candidates: int, key: dict[str, str] | None = None) -> tuple[str, dict] | None:
+    """The fusion (kind, params) in RUN/hybrid.json if it was chosen for this checkpoint (path and content), IDs and
+    candidate count (``key``: :func:`choice_key` of the run, when the caller has it); None if none was."""
+    path, stored = Path(run.path) / HYBRID_FILE, _read(run)
+    if stored is None:
+        return None
+    stale = _stale(stored, choice_key(run) if key is None else key)
     if stored.get("num_candidates") != num_candidates:
         stale.append("num_candidates")
     # the blend weight alone, as a pool hybrid's (T5's) was stored by an earlier semid

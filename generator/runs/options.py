@@ -18,15 +18,11 @@ from typing import Any
 from generator.decoding.registry import SPECS
 from generator.designs import registry as designs
 from generator.designs.base import Design
-from generator.models.config import from_known
+from generator.models.config import from_known, is_plain_int
 from generator.models.dense import HOST_FIELDS, MODES, DenseHeadConfig
 from generator.training.optim import parse_max_time  # noqa: F401 (re-exported: the run layer's budgets)
 
 PRESETS = designs.PRESETS
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # what a value of each kind must be (config.yaml's schema, TrainOptions' checks): kind -> (what, test)
@@ -34,17 +30,17 @@ KINDS: dict[str, tuple[str, Any]] = {
     "str": ("a string", lambda v: isinstance(v, str)),
     "str?": ("a string or null", lambda v: v is None or isinstance(v, str)),
     "dict": ("a mapping", lambda v: isinstance(v, dict)),
-    "int>0": ("a positive int", lambda v: _is_int(v) and v > 0),
-    "int>0?": ("a positive int or null", lambda v: v is None or (_is_int(v) and v > 0)),
-    "int>=0": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
-    "int>=0?": ("a non-negative int or null", lambda v: v is None or (_is_int(v) and v >= 0)),
-    "int": ("an int", _is_int),
+    "int>0": ("a positive int", lambda v: is_plain_int(v) and v > 0),
+    "int>0?": ("a positive int or null", lambda v: v is None or (is_plain_int(v) and v > 0)),
+    "int>=0": ("a non-negative int", lambda v: is_plain_int(v) and v >= 0),
+    "int>=0?": ("a non-negative int or null", lambda v: v is None or (is_plain_int(v) and v >= 0)),
+    "int": ("an int", is_plain_int),
     "num": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     "num>=0": ("a non-negative number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
     "frac<1": ("a number in [0, 1)", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1),
     "num?": ("a number or null", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and x > 0 for x in v)),
+    "list[int>0]": ("a list of positive ints", lambda v: isinstance(v, list) and bool(v) and all(is_plain_int(x) and x > 0 for x in v)),
     "dict?": ("a mapping or null", lambda v: v is None or isinstance(v, dict)),
 }
 
@@ -186,7 +182,7 @@ class TrainOptions:
         for name in ("max_time", "max_cpu_time"):  # (a run trained for no time ends without a checkpoint)
             if (t := parse_max_time(getattr(self, name), name)) is not None and t.total_seconds() <= 0:
                 raise ValueError(f"`{name}` must be a positive duration, got {getattr(self, name)!r}")
-        if not _is_int(self.max_steps) or not (self.max_steps == -1 or self.max_steps > 0):
+        if not is_plain_int(self.max_steps) or not (self.max_steps == -1 or self.max_steps > 0):
             raise ValueError(f"`max_steps` must be a positive int, or -1 (no limit), got {self.max_steps!r}")
         optim = self.optim()  # validates the schedule's fields
         budgets = (self.max_epochs, self.max_steps > 0 or None, self.max_time, self.max_cpu_time)

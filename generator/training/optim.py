@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from generator.models.config import is_plain_int
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -46,7 +48,7 @@ class OptimConfig:
             raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if not self.lr > 0:
             raise ValueError(f"`lr` must be > 0, got {self.lr!r}")
-        if type(self.warmup_steps) is not int or self.warmup_steps < 0:  # (saved with the run: no numpy, no bool)
+        if not is_plain_int(self.warmup_steps) or self.warmup_steps < 0:  # (saved with the run: no numpy, no bool)
             raise ValueError(f"`warmup_steps` must be a non-negative int, got {self.warmup_steps!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
