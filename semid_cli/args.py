@@ -38,6 +38,15 @@ def int_id(text: str, what: str = "id") -> int:
     return int(text)
 
 
+def check_beams_used(num_beams: int | None, decoder: str) -> None:
+    """Refuse ``--num-beams`` for a decoder (a resolved name) that searches no beams: it would change nothing."""
+    from generator.decoding.registry import BEAMLESS
+
+    if num_beams is not None and decoder in BEAMLESS:
+        raise ValueError(f"--num-beams {num_beams}: decoder {decoder!r} searches no beams, so it would change nothing; "
+                         "leave out --num-beams, or pass a decoder with beams (beam, hybrid)")
+
+
 def positive_users(text: str) -> int | None:
     """A sample of users: a positive int, or "all" (None). ``--max-users`` and ``--eval-users`` take it."""
     if text == "all":

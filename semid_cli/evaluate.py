@@ -14,6 +14,7 @@ from semid_cli.args import (
     add_run,
     add_run_data,
     add_table_dtype,
+    check_beams_used,
     check_device,
     nonnegative_int,
     positive_users,
@@ -62,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from generator.runs.folder import read_config
 
     name = resolve(for_config(read_config(args.run)).name, args.decoder)  # (a title run's config says "causal")
-    if args.num_beams is not None and name in BEAMLESS:  # (it would change nothing)
-        raise ValueError(f"--num-beams {args.num_beams}: decoder {name!r} searches no beams, so it would change "
-                         "nothing; leave out --num-beams, or pass a decoder with beams (beam, hybrid)")
+    check_beams_used(args.num_beams, name)
     num_beams = 20 if args.num_beams is None else args.num_beams
     try:
         m = evaluate_run(

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, int_id
+from semid_cli.args import add_decoder, add_expect_sha256, add_run, add_run_data, check_beams_used, int_id
 
 
 def _history(text: str) -> list[int]:
@@ -62,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--user {args.user}: {args.run} was trained without user tokens, so a user id changes nothing "
                          "(only T5 runs trained with --user-tokens read one): drop --user")
     user_ids = [args.user] if args.user is not None else None
-    from generator.decoding.registry import BEAMLESS
-
-    if args.num_beams is not None and rec.resolve(args.decoder) in BEAMLESS:  # (it would change nothing)
-        raise ValueError(f"--num-beams {args.num_beams}: decoder {rec.resolve(args.decoder)!r} searches no beams, so "
-                         "it would change nothing; leave out --num-beams, or pass a decoder with beams (beam, hybrid)")
+    check_beams_used(args.num_beams, rec.resolve(args.decoder))
     try:
         out = rec.recommend([args.history], k=args.k, user_ids=user_ids, num_beams=args.num_beams,
                             exclude_history=args.exclude_history)[0]
