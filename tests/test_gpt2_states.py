@@ -1,13 +1,16 @@
 """The causal backbone's lean forward (generator.models.gpt2_states) computes what transformers' GPT2Model computes,
-in eval mode and in training (the same dropout draws from the same seed), and the model uses it in both."""
+in eval mode and in training (with F.dropout, the same draws from the same seed; its own dropout is the same
+distribution), and the model uses it in both."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2Config, GPT2Model
 
-from generator.models.gpt2_states import gpt2_states, lean_forward_fits
+import generator.models.gpt2_states as gpt2_states_module
+from generator.models.gpt2_states import dropout, gpt2_states, lean_forward_fits
 from tests.test_causal import CFG, make
 
 
@@ -30,9 +33,12 @@ def test_lean_states_equal_gpt2_model_states(layers: int, heads: int, width: int
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_in_training_the_lean_states_and_gradients_are_gpt2_models_draw_for_draw(dropout: float) -> None:
+def test_in_training_the_lean_states_and_gradients_are_gpt2_models_draw_for_draw(dropout: float,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Training mode: GPT-2's dropout in the same places and order (input, attention weights, both branches of each
-    block), so from one seed the states and the gradients are the library's bit for bit."""
+    block): with F.dropout as the lean path's dropout, from one seed the states and the gradients are the library's
+    (up to the float rounding of the fused activation)."""
+    monkeypatch.setattr(gpt2_states_module, "dropout", lambda x, p, train: F.dropout(x, p, train))
     config = GPT2Config(vocab_size=1, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=48, activation_function="gelu_new",
                         use_cache=False, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None,
                         eos_token_id=None)
@@ -47,12 +53,30 @@ def test_in_training_the_lean_states_and_gradients_are_gpt2_models_draw_for_draw
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append((out.detach(), [p.grad.clone() for p in gpt.parameters() if p.grad is not None]))
     (library, lib_grads), (lean, lean_grads) = grads
-    assert torch.equal(lean, library)
+    torch.testing.assert_close(lean, library, atol=1e-5, rtol=1e-5)
     assert len(lean_grads) == len(lib_grads) == len(list(gpt.parameters())) - 1  # all but the unused token table
     for a, b in zip(lean_grads, lib_grads, strict=True):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # and with dropout, training did drop something
         assert torch.allclose(lean, gpt2_states(gpt.eval(), x), atol=1e-6) == (dropout == 0.0)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_the_lean_dropout_zeroes_a_share_p_and_scales_the_rest_in_both_passes(p: float) -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(400, 2500) + 0.5).requires_grad_()
+    y = dropout(x, p, True)
+    kept = y != 0
+    assert abs(1 - kept.double().mean().item() - p) < 0.003  # 1M draws: the share dropped is p
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p), atol=0, rtol=1e-6)
+    g = torch.randn_like(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(kept, g / (1 - p), 0.0), atol=0, rtol=1e-6)  # the same mask
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert dropout(x, p, False) is x and dropout(x, 0.0, True) is x  # nothing outside training or at p = 0
+    assert not bool((dropout(x, 1.0, True) != 0).any())
+    half = dropout(x.detach().bfloat16(), p, True)  # other dtypes: F.dropout (the dtype kept)
+    assert half.dtype == torch.bfloat16 and 0 < (half == 0).double().mean().item() < 1
 
 
 def test_the_model_takes_the_lean_path_in_eval_and_in_training(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,12 +94,14 @@ def test_the_model_takes_the_lean_path_in_eval_and_in_training(monkeypatch: pyte
     assert calls == [(2, 4, CFG.d_model)]
     torch.testing.assert_close(lean, library, atol=1e-5, rtol=1e-5)
     model.lean_forward = True
+    monkeypatch.setattr(gpt2_states_module, "dropout", lambda x, p, train: F.dropout(x, p, train))
     torch.manual_seed(3)
     lean = model.train().hidden(hist)
     assert len(calls) == 2
     model.lean_forward = False
     torch.manual_seed(3)
-    assert torch.equal(lean, model.hidden(hist))  # the library's training forward, draw for draw
+    torch.testing.assert_close(lean, model.hidden(hist), atol=1e-5, rtol=1e-5)  # the library's training forward, draw
+    # for draw with F.dropout
 
 
 def test_states_at_one_position_per_history_are_the_full_passes_states_there() -> None:
