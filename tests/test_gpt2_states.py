@@ -8,10 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2Model
+from transformers.activations import NewGELUActivation
 
 import generator.models.gpt2_states as gpt2_states_module
 from generator.models.gpt2_states import dropout, gpt2_states, lean_forward_fits
 from tests.test_causal import CFG, make
+
+
+def library_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean forward with the library's dropout (F.dropout: its Bernoulli draws) and activation (transformers'
+    five-operation gelu_new): the same arithmetic as GPT2Model's, draw for draw and bit for bit."""
+    monkeypatch.setattr(gpt2_states_module, "dropout", lambda x, p, train: F.dropout(x, p, train))
+    monkeypatch.setattr(gpt2_states_module, "gelu_new", NewGELUActivation())
 
 
 @pytest.mark.parametrize(("layers", "heads", "width", "length"), [(1, 1, 8, 1), (2, 2, 16, 5), (3, 4, 32, 12)])
@@ -36,9 +44,9 @@ def test_lean_states_equal_gpt2_model_states(layers: int, heads: int, width: int
 def test_in_training_the_lean_states_and_gradients_are_gpt2_models_draw_for_draw(dropout: float,
                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Training mode: GPT-2's dropout in the same places and order (input, attention weights, both branches of each
-    block): with F.dropout as the lean path's dropout, from one seed the states and the gradients are the library's
-    (up to the float rounding of the fused activation)."""
-    monkeypatch.setattr(gpt2_states_module, "dropout", lambda x, p, train: F.dropout(x, p, train))
+    block): with the library's dropout and activation in the lean path, from one seed the states and the gradients
+    are the library's bit for bit."""
+    library_ops(monkeypatch)
     config = GPT2Config(vocab_size=1, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=48, activation_function="gelu_new",
                         use_cache=False, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=None,
                         eos_token_id=None)
@@ -53,10 +61,10 @@ def test_in_training_the_lean_states_and_gradients_are_gpt2_models_draw_for_draw
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append((out.detach(), [p.grad.clone() for p in gpt.parameters() if p.grad is not None]))
     (library, lib_grads), (lean, lean_grads) = grads
-    torch.testing.assert_close(lean, library, atol=1e-5, rtol=1e-5)
+    assert torch.equal(lean, library)
     assert len(lean_grads) == len(lib_grads) == len(list(gpt.parameters())) - 1  # all but the unused token table
     for a, b in zip(lean_grads, lib_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert torch.equal(a, b)
     with torch.no_grad():  # and with dropout, training did drop something
         assert torch.allclose(lean, gpt2_states(gpt.eval(), x), atol=1e-6) == (dropout == 0.0)
 
@@ -94,14 +102,13 @@ def test_the_model_takes_the_lean_path_in_eval_and_in_training(monkeypatch: pyte
     assert calls == [(2, 4, CFG.d_model)]
     torch.testing.assert_close(lean, library, atol=1e-5, rtol=1e-5)
     model.lean_forward = True
-    monkeypatch.setattr(gpt2_states_module, "dropout", lambda x, p, train: F.dropout(x, p, train))
+    library_ops(monkeypatch)
     torch.manual_seed(3)
     lean = model.train().hidden(hist)
     assert len(calls) == 2
     model.lean_forward = False
     torch.manual_seed(3)
-    torch.testing.assert_close(lean, model.hidden(hist), atol=1e-5, rtol=1e-5)  # the library's training forward, draw
-    # for draw with F.dropout
+    assert torch.equal(lean, model.hidden(hist))  # the library's training forward, draw for draw (its ops in the lean path)
 
 
 def test_states_at_one_position_per_history_are_the_full_passes_states_there() -> None:

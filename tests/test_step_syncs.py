@@ -26,6 +26,7 @@ from generator.training.causal_system import CausalSystem, StepBatch
 from semid_cli import main
 from tests.test_causal import make
 from tests.test_generator_helpers import write_ids, write_random_dataset
+from tests.test_gpt2_states import library_ops
 
 
 def system(members: int = 1, dense_loss: str = "sampled", objective: str = "joint", **options: float) -> CausalSystem:
@@ -104,7 +105,9 @@ def old_route(s: CausalSystem, batch: SeqBatch) -> torch.Tensor:
     (1, "full", "joint", {"distill": 0.5}),
 ])
 def test_the_planned_step_is_the_old_routes_loss_and_gradient_to_the_bit(members: int, dense_loss: str, objective: str,
-                                                                       options: dict[str, float]) -> None:
+                                                                       options: dict[str, float],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    library_ops(monkeypatch)  # the old route's transformers forward: the lean path with the library's ops is it, to the bit
     s = system(members, dense_loss, objective, **options)
     results = []
     for step in (lambda: s.training_step(s.on_before_batch_transfer(BATCH, 0), 0), lambda: old_route(s, BATCH)):
