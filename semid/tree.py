@@ -289,10 +289,10 @@ class PrefixTree:
             (tokens >= 0) & (tokens < V), nodes * V + tokens, -1
         )  # edge_key of the wanted edge
         if W <= ROW_SCAN_WIDTH:  # compare with the keys of a fixed-width window from the node's first edge
-            edge = (self.row_ptr[nodes][:, None] + self._scan[:W]).clamp_max_(
-                self.edge_key.numel() - 1
-            )  # (B, W)
-            hit = _take(self.edge_key, edge) == keys[:, None]  # at most one hit per row: keys are unique
+            window = self.row_ptr[nodes][:, None] + self._scan[:W]  # (B, W)
+            edge = window.clamp_max(self.edge_key.numel() - 1)
+            # at most one hit per row: keys are unique, and the positions past the last edge (clamped onto it) never hit
+            hit = (_take(self.edge_key, edge) == keys[:, None]) & (window < self.edge_key.numel())
             return torch.where(hit.any(dim=1), self.child_node[(edge * hit).sum(dim=1)], -1)
         pos = torch.searchsorted(self.edge_key, keys).clamp_max(
             self.edge_key.numel() - 1

@@ -64,6 +64,20 @@ def test_tree_matches_dict_trie(data, dense_budget):
         assert tree.lookup(torch.tensor([[missing[0], END]])).item() == -1
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=sequence_sets(fixed_length=True), dense_budget=st.sampled_from([0, 1 << 20]))
+def test_without_end_token_every_sequence_looks_up_its_value(data, dense_budget):
+    """Fixed-length sequences and no end token: the row scan's window past the last edge (clamped onto it) must not
+    count that edge again (it once summed to an edge that does not exist)."""
+    seqs, values = data
+    tree = PrefixTree.from_sequences(seqs, values, V, dense_budget=dense_budget)
+    assert tree.lookup(torch.tensor(seqs)).tolist() == values
+    known = {tuple(s) for s in seqs}
+    other = [[t] * len(seqs[0]) for t in range(2, V) if (t,) * len(seqs[0]) not in known]
+    if other:
+        assert tree.lookup(torch.tensor(other)).tolist() == [-1] * len(other)
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=sequence_sets(fixed_length=True))
 def test_token_range_slices_the_mask(data):
