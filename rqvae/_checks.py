@@ -6,6 +6,7 @@ import numbers
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,20 +31,29 @@ def check_codebook_size(codebook_size: object) -> int:
     return int(codebook_size)
 
 
-def check_positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> None:
-    """Raise a ValueError unless ``value`` is a (non-negative if ``allow_zero``) positive number."""
+def check_positive(name: str, value: object, *, integer: bool = False, allow_zero: bool = False) -> Any:
+    """``value`` as a plain int (``integer``) or float, or a ValueError unless it is a (non-negative if
+    ``allow_zero``) positive number. Plain: numpy's scalars are accepted but never kept, as a quantizer file loads
+    only Python's types (``weights_only``)."""
     kind = numbers.Integral if integer else numbers.Real
     ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         what = "an int" if integer else "a number"
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be {what} {bound}, got {value!r}")
+    return int(value) if integer else float(value)
 
 
-def check_num_threads(num_threads: object) -> None:
-    """`num_threads` must be None or an int >= 1."""
-    if num_threads is not None:
-        check_positive("num_threads", num_threads, integer=True)
+def check_bool(name: str, value: object) -> bool:
+    """``value`` as a plain bool (numpy's too), or a ValueError naming it (a string such as "no" is not one)."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"`{name}` must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_num_threads(num_threads: object) -> int | None:
+    """`num_threads` as None or a plain int >= 1."""
+    return None if num_threads is None else check_positive("num_threads", num_threads, integer=True)
 
 
 def check_embeddings(

@@ -24,6 +24,7 @@ from sklearn.exceptions import NotFittedError
 
 from rqvae._checkpoint import read_checkpoint, save_checkpoint
 from rqvae._checks import (
+    check_bool,
     check_codebook_size,
     check_codes,
     check_embeddings,
@@ -58,7 +59,10 @@ class RQKMeansConfig:
     minibatch: bool = False
 
     def __post_init__(self) -> None:
-        ResidualKMeans(**asdict(self))._check_params()
+        checked = ResidualKMeans(**asdict(self))
+        checked._check_params()
+        for f in fields(self):  # the checked values: plain Python types (numpy's scalars converted)
+            object.__setattr__(self, f.name, getattr(checked, f.name))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,19 +127,26 @@ class ResidualKMeans:
         return {f.name: getattr(self, f.name) for f in fields(RQKMeansConfig)}
 
     def _check_params(self) -> None:
+        """Check every parameter and keep it as a plain Python value (numpy's scalars converted: a quantizer file
+        holds its parameters and loads only Python's types)."""
         self.levels = check_levels(self.levels)
         self.codebook_size = check_codebook_size(self.codebook_size)
-        check_positive("max_iter", self.max_iter, integer=True)
-        check_positive("n_init", self.n_init, integer=True)
-        check_positive("tol", self.tol, allow_zero=True)
-        check_positive("seed", self.seed, integer=True, allow_zero=True)
-        check_num_threads(self.num_threads)
+        self.max_iter = check_positive("max_iter", self.max_iter, integer=True)
+        self.n_init = check_positive("n_init", self.n_init, integer=True)
+        self.tol = check_positive("tol", self.tol, allow_zero=True)
+        self.seed = check_positive("seed", self.seed, integer=True, allow_zero=True)
+        if self.seed + self.levels - 1 >= 2**32:  # level l's k-means is seeded with seed + l (scikit-learn: < 2^32)
+            raise ValueError(f"`seed` must be below 2^32 - levels ({2**32 - self.levels}): level l's k-means takes "
+                             f"seed + l; got {self.seed}")
+        self.num_threads = check_num_threads(self.num_threads)
         if self.fit_sample is not None:
             v = self.fit_sample
             if not isinstance(v, int | np.integer) or isinstance(v, bool) or v < self.codebook_size:
                 raise ValueError(f"`fit_sample` must be None or an int >= codebook_size ({self.codebook_size}), got {v!r}")
-        if not isinstance(self.minibatch, bool):
-            raise ValueError(f"`minibatch` must be a bool, got {self.minibatch!r}")
+            self.fit_sample = int(v)
+        self.balanced = check_bool("balanced", self.balanced)
+        self.standardize = check_bool("standardize", self.standardize)
+        self.minibatch = check_bool("minibatch", self.minibatch)
 
     # ---- fit ---------------------------------------------------------------------------------------------------
     def fit(self, embeddings: np.ndarray) -> ResidualKMeans:

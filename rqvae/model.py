@@ -21,6 +21,7 @@ from vector_quantize_pytorch import ResidualVQ
 
 from rqvae._checkpoint import read_checkpoint, save_checkpoint
 from rqvae._checks import (
+    check_bool,
     check_codebook_size,
     check_codes,
     check_embeddings,
@@ -89,20 +90,25 @@ class RQVAEConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", check_levels(self.levels))
         object.__setattr__(self, "codebook_size", check_codebook_size(self.codebook_size))
-        object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
-        for i, h in enumerate(self.hidden_dims):
-            check_positive(f"hidden_dims[{i}]", h, integer=True)
+        # every value kept as a plain Python one (numpy's scalars converted): a quantizer file holds the config and
+        # loads only Python's types
+        object.__setattr__(self, "hidden_dims", tuple(check_positive(f"hidden_dims[{i}]", h, integer=True)
+                                                      for i, h in enumerate(self.hidden_dims)))
         for name in ("latent_dim", "kmeans_iters", "batch_size", "max_epochs"):
-            check_positive(name, getattr(self, name), integer=True)
+            object.__setattr__(self, name, check_positive(name, getattr(self, name), integer=True))
         for name in ("patience", "seed"):
-            check_positive(name, getattr(self, name), integer=True, allow_zero=True)
-        for name in ("lr",):
-            check_positive(name, getattr(self, name))
-        for name in ("commitment_weight", "threshold_ema_dead_code", "weight_decay", "min_delta", "dropout"):
-            check_positive(name, getattr(self, name), allow_zero=True)
+            object.__setattr__(self, name, check_positive(name, getattr(self, name), integer=True, allow_zero=True))
+        object.__setattr__(self, "lr", check_positive("lr", self.lr))
+        for name in ("commitment_weight", "threshold_ema_dead_code", "weight_decay", "min_delta", "dropout", "decay"):
+            object.__setattr__(self, name, check_positive(name, getattr(self, name), allow_zero=True))
+        for name in ("balanced", "kmeans_init", "rotation_trick"):
+            object.__setattr__(self, name, check_bool(name, getattr(self, name)))
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"`decay` must be in [0, 1), got {self.decay!r}")
-        check_num_threads(self.num_threads)
+        object.__setattr__(self, "num_threads", check_num_threads(self.num_threads))
+        if not isinstance(self.accelerator, str):
+            raise ValueError(f"`accelerator` must be a string such as 'cpu', got {self.accelerator!r}")
+        object.__setattr__(self, "accelerator", str(self.accelerator))  # (numpy's str_ too)
         if not self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
 

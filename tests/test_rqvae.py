@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,32 @@ def test_stats_match_a_direct_count() -> None:
 def test_bad_config_is_a_clear_error(method: str, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         config(method, **kwargs)
+
+
+@pytest.mark.parametrize(("method", "kwargs", "match"), [
+    ("rqvae", {"balanced": "no"}, r"`balanced` must be a bool, got 'no'"),
+    ("rqkmeans", {"balanced": "no"}, r"`balanced` must be a bool, got 'no'"),
+    ("rqkmeans", {"seed": 2**32 - 1}, r"`seed` must be below 2\^32 - levels"),  # (level l's k-means: seed + l)
+])
+def test_bool_options_and_the_seed_range_are_checked(method: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        config(method, **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_numpy_scalar_options_are_kept_as_python_values_and_the_file_loads(method: str, data: np.ndarray,
+                                                                         tmp_path: Path) -> None:
+    """numpy's scalars (from an array or a sweep) are accepted and kept as Python's: a quantizer file that holds them
+    would not load (``weights_only``)."""
+    numpy_kw = {"seed": np.int64(3), "balanced": np.bool_(False), "codebook_size": np.int64(K)}
+    numpy_kw |= ({"lr": np.float64(1e-3), "latent_dim": np.int64(8), "hidden_dims": (np.int64(32),)} if method == "rqvae"
+                 else {"fit_sample": np.int64(200), "tol": np.float64(1e-4)})
+    cfg = config(method, **numpy_kw)
+    assert all(type(v) in (int, float, bool, str, type(None), tuple) for v in vars(cfg).values())
+    assert all(type(h) is int for h in getattr(cfg, "hidden_dims", ()))
+    res = fit_codebooks(data, cfg, progress=False)
+    res.quantizer.save(tmp_path / "q.pt")
+    np.testing.assert_array_equal(load_quantizer(tmp_path / "q.pt").encode(data), res.quantizer.encode(data))
 
 
 def _bad(kind: str) -> tuple[np.ndarray, str]:
