@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -245,8 +246,9 @@ class SemanticIDs:
                 meta = json.loads(str(z["meta"]))
                 codes, item_ids = z["codes"], z["item_ids"]
                 arrays = {name: z[name] for name in z.files if name not in ("codes", "item_ids", "meta")}
-        except (OSError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path}: not a readable semantic IDs file ({e}); {again}") from e
+        except (OSError, EOFError, json.JSONDecodeError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+                RuntimeError) as e:  # (damaged deflate data; a compression method or encryption zipfile cannot read)
+            raise ValueError(f"{path}: not a readable semantic IDs file ({type(e).__name__}: {e}); {again}") from e
         except ValueError as e:
             text = str(e).removeprefix(f"{path}: ")
             if text.startswith("not a"):
@@ -261,6 +263,8 @@ class SemanticIDs:
         sizes = meta.get("codebook_sizes")
         if not isinstance(sizes, list) or not sizes or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in sizes):
             raise ValueError(f"{path}: `meta.codebook_sizes` must be a list of positive ints, got {sizes!r}; {again}")
+        if len(item_ids) == 0:
+            raise ValueError(f"{path}: the semantic IDs file holds no items; {again}")
         try:
             ids = cls(codes, item_ids, sizes)
         except (ValueError, TypeError) as e:

@@ -1,3 +1,6 @@
+import json
+import zipfile
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -99,3 +102,58 @@ def test_corrupt_file_error_names_the_path(tmp_path):
     np.savez(bad, codes=np.zeros((2, 2), dtype=object), item_ids=np.arange(2), meta=np.array("{}"))
     with pytest.raises(ValueError, match=r"semantic_ids.npz: not a readable semantic IDs file"):
         SemanticIDs.load(bad)
+
+
+def _patched(src, dst, offset_of, value: bytes) -> None:  # noqa: ANN001
+    data = bytearray(src.read_bytes())
+    for at in offset_of(data):
+        data[at: at + len(value)] = value
+    dst.write_bytes(bytes(data))
+
+
+def test_damaged_zips_and_an_empty_file_are_errors_naming_it(tmp_path):
+    """zipfile's and zlib's own exceptions (a compression method it cannot read, an encrypted member, damaged deflate
+    data) and an IDs file of no items are ValueErrors naming the file, not tracebacks."""
+    ids = SemanticIDs.from_codes(np.array([[0], [1], [1]]), [2], extra_level_size=2)
+    plain = tmp_path / "plain.npz"
+    ids.save(plain)
+    data = plain.read_bytes()
+
+    def local_headers(d):  # (the offsets of each local file header, PK\x03\x04)
+        at, out = d.find(b"PK\x03\x04"), []
+        while at >= 0:
+            out.append(at)
+            at = d.find(b"PK\x03\x04", at + 4)
+        return out
+
+    def central_headers(d):
+        at, out = d.find(b"PK\x01\x02"), []
+        while at >= 0:
+            out.append(at)
+            at = d.find(b"PK\x01\x02", at + 4)
+        return out
+
+    method = tmp_path / "method.npz"  # compression method 99 in every header
+    _patched(plain, method, lambda d: [a + 8 for a in local_headers(d)] + [a + 10 for a in central_headers(d)], b"\x63\x00")
+    encrypted = tmp_path / "encrypted.npz"  # the encryption flag in every header
+    _patched(plain, encrypted, lambda d: [a + 6 for a in local_headers(d)] + [a + 8 for a in central_headers(d)], b"\x01\x00")
+    deflated = tmp_path / "deflated.npz"
+
+    with zipfile.ZipFile(plain) as z, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info))
+    raw = bytearray(deflated.read_bytes())
+    first = local_headers(bytes(raw))[0]
+    start = first + 30 + int.from_bytes(raw[first + 26: first + 28], "little") + int.from_bytes(raw[first + 28: first + 30], "little")
+    raw[start: start + 8] = b"\xff" * 8  # the first member's deflate stream damaged
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(bytes(raw))
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, codes=np.zeros((0, 2), dtype=np.int64), item_ids=np.zeros(0, dtype=np.int64),
+             meta=np.array(json.dumps({"format": "semid.semantic_ids", "version": 1, "codebook_sizes": [2, 2]})))
+    assert data != method.read_bytes() != encrypted.read_bytes()
+    for path in (method, encrypted, damaged):
+        with pytest.raises(ValueError, match=rf"{path.name}: not a readable semantic IDs file"):
+            SemanticIDs.load(path)
+    with pytest.raises(ValueError, match=r"empty.npz: the semantic IDs file holds no items"):
+        SemanticIDs.load(empty)
