@@ -24,16 +24,26 @@ def _target_ranks(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch
     return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
 
 
+def _hits(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, hit at k): k checked as :class:`RankingMetrics` checks its cut-offs (a positive int, at most the ranked
+    lists' length: a list shorter than k would count as a hit at k what was never ranked that deep)."""
+    if not is_int(k) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}")
+    ranks = _target_ranks(ranked, targets)
+    columns = np.shape(ranked)[1]
+    if k > columns:
+        raise ValueError(f"`ranked` has {columns} columns, fewer than k={k}")
+    return ranks, (ranks >= 0) & (ranks < k)
+
+
 def recall_at_k(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """Per-user Recall@k (0 or 1). ranked: (B, K>=k) item ids, best first; targets: (B,). Returns float (B,)."""
-    ranks = _target_ranks(ranked, targets)
-    return ((ranks >= 0) & (ranks < k)).astype(np.float64)
+    return _hits(ranked, targets, k)[1].astype(np.float64)
 
 
 def ndcg_at_k(ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """Per-user NDCG@k with one relevant item. Returns float (B,)."""
-    ranks = _target_ranks(ranked, targets)
-    hit = (ranks >= 0) & (ranks < k)
+    ranks, hit = _hits(ranked, targets, k)
     return np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
 
 

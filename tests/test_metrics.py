@@ -28,6 +28,14 @@ def test_metric_errors():
         RankingMetrics().compute()
     with pytest.raises(ValueError, match="fewer than k=10"):
         RankingMetrics(ks=(10,)).update(np.zeros((2, 5), dtype=int), np.zeros(2, dtype=int))
+    ranked, targets = [[1, 2, 3, 4, 5]], [5]  # (plain lists too)
+    for fn in (recall_at_k, ndcg_at_k):  # the per-user functions check k as RankingMetrics checks its cut-offs
+        for bad in (2.5, True, 0):
+            with pytest.raises(ValueError, match="`k` must be a positive int"):
+                fn(np.array(ranked), np.array(targets), bad)
+        with pytest.raises(ValueError, match="fewer than k=100"):  # (a 5-item list counted as a hit at 100)
+            fn(ranked, targets, 100)
+        assert fn(ranked, targets, np.int64(5)).tolist()[0] > 0
 
 
 def test_a_repeated_cut_off_counts_once():
