@@ -128,6 +128,8 @@ class TokenLayout:
             raise ValueError("this layout has no user tokens (`num_user_tokens=0`)")
         if (user_ids < 0).any():
             raise ValueError(f"`user_ids` must be non-negative, got {int(user_ids[user_ids < 0].reshape(-1)[0])}")
+        # hashed in 64 bits whatever the ids' dtype (in int32 the multiplier overflowed and 2^32 was 0)
+        user_ids = user_ids.long() if isinstance(user_ids, torch.Tensor) else np.asarray(user_ids).astype(np.int64)
         bucket = (user_ids * _HASH_MULT) % (2**32) % self.num_user_tokens
         return bucket + self.user_offset
 

@@ -46,6 +46,8 @@ def test_user_tokens_are_stable_and_in_range():
     buckets = big.user_tokens(np.array([1, 2, 3, 5_000_000_000, 2**62])) - big.user_offset
     assert buckets.tolist() == [1761, 226, 1987, 832, 0]
     assert layout.user_tokens(torch.tensor([12345])).item() == layout.user_tokens(np.array([12345]))[0]
+    for narrow in (np.array([1, 2, 3], dtype=np.int32), torch.tensor([1, 2, 3], dtype=torch.int32), np.array([1, 2, 3], dtype=np.uint16)):
+        assert (np.asarray(big.user_tokens(narrow)) - big.user_offset).tolist() == [1761, 226, 1987]  # (int32 overflowed)
 
 
 @pytest.mark.parametrize("bad", [(), (0, 4), (4, -1)])
