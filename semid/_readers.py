@@ -189,7 +189,7 @@ def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> 
                 raise ValueError
     except (TypeError, ValueError):
         raise ValueError(f"{where}: timestamp {time!r} is not a finite number") from None
-    if isinstance(ts, int) and not -(2**63) <= ts < 2**63:
+    if not -(2**63) <= ts < 2**63:  # (a float too: beside integers above 2^53 the times are int64)
         raise ValueError(f"{where}: timestamp {time!r} is beyond a 64-bit integer: write it in coarser units")
     if isinstance(ts, int) and abs(ts) > 2**53 and raw.beyond_float is None:
         raw.beyond_float = f"{where}: timestamp {time!r}"
@@ -200,6 +200,12 @@ def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> 
     if any(c in user + item for c in "\n\r\t"):  # in a CSV: a quote opened and never closed swallows the next rows
         raise ValueError(f"{where}: the user or item id holds a line break or tab ({user[:40]!r}, {item[:40]!r}): remove "
                          "it (in a CSV file: a quote opened on an earlier line and not closed? fix the file's quoting)")
+    for kind, name in (("user", user), ("item", item)):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (JSON's "\ud800"): users.tsv could not be written
+            raise ValueError(f"{where}: the {kind} id {name[:40]!r} holds {name[e.start:e.end]!r}, which is not a "
+                             "character (a lone surrogate escape): fix the id in the file") from None
     raw.users.append(user)
     raw.items.append(item)
     raw.times.append(ts)

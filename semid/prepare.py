@@ -163,7 +163,8 @@ def write_dataset(
     original_user_ids: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> list[str]:
-    """Write a canonical dataset folder, each file atomically; users are numbered 1..U in ``sequences`` order.
+    """Write a canonical dataset folder, its three files put in place together once all are whole (a failure leaves
+    the folder's files as they were); users are numbered 1..U in ``sequences`` order.
 
     Args:
         catalogue: the N items (item ids 1..N).
@@ -197,22 +198,30 @@ def write_dataset(
     bad = next((o for o in originals if any(c in o for c in "\t\r\n")), None)
     if bad is not None:
         raise ValueError(f"original user id {bad!r} contains a tab or newline; users.tsv cannot hold it")
+    for o in originals:
+        try:
+            o.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"original user id {o[:40]!r} holds a lone surrogate escape; users.tsv (UTF-8) cannot "
+                             "hold it") from None
     removed = []
     if overwrite:
         for stale in sorted(out.glob(f"{EMBEDDING_PREFIX}*.npy")):
             log.warning("%s: removing %s, made from the items being replaced", out, stale.name)
             stale.unlink()
             removed.append(stale.name)
-    with atomic_open(out / SEQUENCES_FILE, "w", encoding="utf-8") as f:
+    # the three files written to temporary files together and put in place only when all three are whole (a failure
+    # leaves the folder's files as they were, never the new sequences beside the old items); items.jsonl is renamed
+    # last (the first context is left last): its presence marks a dataset
+    with atomic_open(out / ITEMS_FILE, "w", encoding="utf-8") as fi, atomic_open(out / USERS_FILE, "w", encoding="utf-8") as fu, \
+            atomic_open(out / SEQUENCES_FILE, "w", encoding="utf-8") as fs:
         for u, seq in enumerate(sequences, start=1):
-            f.write(f"{u} {' '.join(map(str, np.asarray(seq).tolist()))}\n")
-    with atomic_open(out / USERS_FILE, "w", encoding="utf-8") as f:
-        f.write("user_id\toriginal_user_id\n")
-        f.writelines(f"{u}\t{o}\n" for u, o in enumerate(originals, start=1))
-    with atomic_open(out / ITEMS_FILE, "w", encoding="utf-8") as f:  # last: its presence marks a dataset
+            fs.write(f"{u} {' '.join(map(str, np.asarray(seq).tolist()))}\n")
+        fu.write("user_id\toriginal_user_id\n")
+        fu.writelines(f"{u}\t{o}\n" for u, o in enumerate(originals, start=1))
         for i in range(n):
             rec = {"item_id": i + 1, "asin": catalogue.original_ids[i], "title": catalogue.titles[i]}
-            f.write(json.dumps({**rec, "attributes": catalogue.attributes[i]}) + "\n")
+            fi.write(json.dumps({**rec, "attributes": catalogue.attributes[i]}) + "\n")
     log.info("wrote %s: %d users, %d items", out, num_users, n)
     return removed
 

@@ -88,6 +88,19 @@ def test_amazon2014_kcore_is_iterative(amazon, tmp_path: Path) -> None:
         prepare_amazon2014(*amazon, tmp_path / "other", kcore=-1)
 
 
+def test_an_id_that_is_not_a_character_is_refused_and_a_failed_overwrite_changes_no_file(amazon, tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    prepare_amazon2014(*amazon, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    surrogate = _write_gz(tmp_path / "reviews_s.json.gz", ['{"reviewerID": "U\\ud800", "asin": "A", "unixReviewTime": 1}'])
+    with pytest.raises(ValueError, match=r"reviews_s.json.gz:1: the user id 'U\\ud800' holds '\\ud800', which is not a character"):
+        prepare_amazon2014(surrogate, amazon[1], out, overwrite=True)
+    catalogue = Catalogue(np.arange(1, 3), ["A", "B"], ["a", "b"], [[], [{1, 2}]])  # (a set: JSON cannot write it, mid-file)
+    with pytest.raises(TypeError, match="set"):
+        write_dataset(out, catalogue, [np.array([1, 2])], overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old dataset whole: no new sequences beside it
+
+
 def test_existing_dataset_is_refused_unless_overwrite(amazon, tmp_path: Path) -> None:
     out = tmp_path / "data"
     prepare_amazon2014(*amazon, out)
@@ -293,6 +306,8 @@ BAD_TABULAR = [
     ("csv", "user,item,timestamp\na,b,1\n", "item,name\nb,x\n", r"items.csv:1: no title column 'title'"),
     ("csv", "user,item,timestamp\n", None, r"x.csv: no interactions \(an empty file, or a header alone\)"),
     ("csv", "user,item,timestamp\na,b,1" + "0" * 25 + "\n", None, r"x.csv:2: timestamp '10*' is beyond a 64-bit integer"),
+    ("csv", "user,item,timestamp\nu1,a,9007199254740993\nu1,b,1e300\n", None,  # (a float beside int64 times overflowed)
+     r"x.csv:3: timestamp '1e300' is beyond a 64-bit integer"),
 ]  # fmt: skip
 
 
