@@ -54,10 +54,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"`--batch-size` must be a positive int (users decoded together), got {args.batch_size!r}")
     check_device(args.device)
     ks = parse_ks(args.k)
-    if args.expect_sha256 is not None:  # before anything of the run is loaded
-        from generator.runs.pinning import check_pinned
-
-        check_pinned(args.run, args.expect_sha256, args.checkpoint)
     from generator.decoding.registry import BEAMLESS, resolve
     from generator.designs.registry import for_config
     from generator.runs.folder import read_config
@@ -65,13 +61,16 @@ def run(args: argparse.Namespace) -> int:
     name = resolve(for_config(read_config(args.run)).name, args.decoder)  # (a title run's config says "causal")
     check_beams_used(args.num_beams, name)
     num_beams = 20 if args.num_beams is None else args.num_beams
+    from generator.runs.pinning import pinned
+
     try:
-        m = evaluate_run(
-            args.run, args.split, ks=ks, num_beams=num_beams, max_users=args.max_users, seed=args.seed,
-            batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
-            device=args.device, progress=progress_default(args.progress), alpha=args.alpha, table_dtype=args.table_dtype,
-            exclude_history=args.exclude_history,
-        )
+        with pinned(args.run, args.expect_sha256, args.checkpoint):  # checked before the run is loaded, and again after
+            m = evaluate_run(
+                args.run, args.split, ks=ks, num_beams=num_beams, max_users=args.max_users, seed=args.seed,
+                batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
+                device=args.device, progress=progress_default(args.progress), alpha=args.alpha, table_dtype=args.table_dtype,
+                exclude_history=args.exclude_history,
+            )
     except DecoderError as e:  # a RuntimeError, which semid_cli.main does not catch
         if args.debug:
             raise

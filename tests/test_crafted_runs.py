@@ -80,7 +80,8 @@ def test_pinned_digests_catch_an_edit_the_in_file_digest_cannot(trained: dict[st
     assert main(["digest", "--run", str(run)]) == 0
     pins = tmp_path / "pins.sha256"
     pins.write_text(capsys.readouterr().out)
-    assert sorted(line.split()[1] for line in pins.read_text().splitlines()) == ["checkpoints/best.ckpt", "config.yaml", "semantic_ids.npz"]
+    assert sorted(line.split()[1] for line in pins.read_text().splitlines()) == ["checkpoints/best.ckpt", "config.yaml",
+                                                                                 "hybrid.json", "semantic_ids.npz"]
     assert main(["digest", "--run", str(run), "--combined"]) == 0
     combined = capsys.readouterr().out.strip()
     history = ["recommend", "--run", str(run), "--history", "1,2,3", "-k", "5"]
@@ -202,6 +203,43 @@ def test_load_run_reads_the_semantic_ids_once(trained: dict[str, Path], monkeypa
     monkeypatch.setattr(np, "load", counting)
     load_run(trained["run"])
     assert len(reads) == 1
+
+
+def test_a_pin_covers_the_fusion_and_refuses_a_checkpoint_swapped_while_the_run_loads(
+        trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """hybrid.json changes the hybrid's rankings, so the pin covers it; and a checkpoint renamed over the pinned one
+    after the pin was checked, while the run loads, is refused (the files' states before the check must be theirs
+    after the load), not served under the pin."""
+    import json
+    import os
+
+    import generator.runs.recommender as recommender
+
+    run = _copy(trained, tmp_path)
+    assert main(["digest", "--run", str(run), "--combined"]) == 0
+    combined = capsys.readouterr().out.strip()
+    history = ["recommend", "--run", str(run), "--history", "1,2,3", "-k", "5", "--expect-sha256", combined]
+    original = (run / "hybrid.json").read_bytes()
+    stored = json.loads(original)
+    (run / "hybrid.json").write_text(json.dumps({**stored, "fusion": "blend", "params": {"alpha": 0.0}}))
+    assert main([*history, "--decoder", "hybrid"]) == 2
+    assert "do not have the digest you pinned" in capsys.readouterr().err
+    (run / "hybrid.json").write_bytes(original)
+    assert main(history) == 0
+    capsys.readouterr()
+    real, calls = recommender.Recommender.from_run.__func__, []
+
+    def swapping(cls, *args, **kwargs):  # noqa: ANN001 (the checkpoint replaced by another file while the run loads)
+        calls.append(1)
+        out = real(cls, *args, **kwargs)
+        ckpt = run / "checkpoints" / "best.ckpt"
+        (run / "new.ckpt").write_bytes(ckpt.read_bytes())
+        os.replace(run / "new.ckpt", ckpt)
+        return out
+
+    monkeypatch.setattr(recommender.Recommender, "from_run", classmethod(swapping))
+    assert main(history) == 2
+    assert "pinned files changed while they were checked and loaded" in capsys.readouterr().err and calls == [1]
 
 
 def test_digest_refuses_files_that_change_while_it_reads_them(trained: dict[str, Path], tmp_path: Path,

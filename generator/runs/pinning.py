@@ -6,8 +6,9 @@ edits a file can recompute them. To serve exactly the run that was evaluated, ke
 (:func:`run_digests`, ``semid digest --run RUN``) and check them before loading (:func:`check_pinned`,
 ``semid evaluate|recommend --expect-sha256 FILE_OR_HEX``; a server calls :func:`check_pinned` the same way).
 
-What is pinned: config.yaml (which names the best checkpoint and holds the model's config), semantic_ids.npz and the
-checkpoint served (the best one, or the one given). The digests are of the files' bytes, as ``sha256sum`` prints
+What is pinned: config.yaml (which names the best checkpoint and holds the model's config), semantic_ids.npz, the
+checkpoint served (the best one, or the one given) and, where the run has one, hybrid.json (the hybrid's fusion: it
+changes the hybrid's rankings). The digests are of the files' bytes, as ``sha256sum`` prints
 them, so ``cd RUN && sha256sum -c FILE`` checks a pin file too.
 """
 
@@ -16,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from generator.runs.folder import CONFIG_FILE, IDS_FILE, best_checkpoint, read_config
+from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
 from semid.io import file_sha256
 
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -30,12 +33,14 @@ def is_digest(text: str) -> bool:
 
 
 def pinned_files(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> list[str]:
-    """The files a pin covers, relative to the run folder: config.yaml, semantic_ids.npz and the checkpoint served."""
+    """The files a pin covers, relative to the run folder: config.yaml, semantic_ids.npz, the checkpoint served and
+    hybrid.json where the run has one."""
     run_dir = Path(run_dir)
     ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, read_config(run_dir))
     if not ckpt.resolve().is_relative_to(run_dir.resolve()):
         raise ValueError(f"{ckpt}: a checkpoint outside the run folder {run_dir} cannot be pinned with the run")
-    return [CONFIG_FILE, IDS_FILE, str(ckpt.resolve().relative_to(run_dir.resolve()))]
+    names = [CONFIG_FILE, IDS_FILE, str(ckpt.resolve().relative_to(run_dir.resolve()))]
+    return names + [HYBRID_FILE] if (run_dir / HYBRID_FILE).exists() else names
 
 
 def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:
@@ -57,7 +62,7 @@ def file_states(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[s
     """(inode, size, mtime in ns) of each pinned file, None where it is missing: what a rewrite (semid replaces
     files, it never edits them in place) or an edit changes, seen without reading the files again."""
     run_dir, out = Path(run_dir), {}
-    for name in pinned_files(run_dir, checkpoint):  # loop over the three pinned files
+    for name in pinned_files(run_dir, checkpoint):  # loop over the pinned files (three or four)
         try:
             st = os.stat(run_dir / name)
             out[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -120,3 +125,28 @@ def check_pinned(run_dir: str | os.PathLike[str], expected: str, checkpoint: str
         if pins[name] != hexdigest:
             raise ValueError(f"{run_dir / name}: sha256 {hexdigest[:16]}..., but {path} pins {pins[name][:16]}...: the file was "
                              "changed since it was pinned; do not serve this run")
+
+
+@contextmanager
+def pinned(run_dir: str | os.PathLike[str], expected: str | None, checkpoint: str | os.PathLike[str] | None = None,
+           ) -> Iterator[None]:
+    """For a block that loads the run: :func:`check_pinned` before it, and after it that the pinned files are still
+    the ones checked (each file's inode, size and mtime as before the check): a file replaced between the check and
+    the load (renamed over, or edited) is refused, not served under the pin. Nothing is checked where ``expected`` is
+    None."""
+    if expected is None:
+        yield
+        return
+    before = file_states(run_dir, checkpoint)  # before the hash: a rewrite while it reads is seen below too
+    check_pinned(run_dir, expected, checkpoint)
+    yield
+    check_unchanged(run_dir, before, checkpoint)
+
+
+def check_unchanged(run_dir: str | os.PathLike[str], before: dict[str, tuple[int, int, int] | None],
+                    checkpoint: str | os.PathLike[str] | None = None) -> None:
+    """Raise ValueError unless the pinned files' states are ``before`` (:func:`file_states` taken before the pin was
+    checked): what was loaded since is what was checked."""
+    if file_states(run_dir, checkpoint) != before:
+        raise ValueError(f"{run_dir}: its pinned files changed while they were checked and loaded (what was loaded may "
+                         "not be what was pinned); load it again when the run is idle")

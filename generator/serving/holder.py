@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
-from generator.runs.pinning import check_pinned, is_digest
+from generator.runs.pinning import check_pinned, check_unchanged, file_states, is_digest
 from generator.runs.recommender import Recommender
 from generator.serving.requests import MISSING, ApiError
 
@@ -127,6 +127,7 @@ class Holder:
     def _build(self, expect_sha256: str | None) -> Served:
         running = self.current.version if self.current else "none"
         try:
+            states = file_states(self.run_dir) if expect_sha256 is not None else None
             if expect_sha256 is not None:
                 try:
                     check_pinned(self.run_dir, expect_sha256)
@@ -135,6 +136,8 @@ class Holder:
                                    "is now (`semid digest --run RUN --combined`)", f"the new version was refused: {e}; "
                                    f"the running version ({running}) keeps serving") from None
             served = Served.build(self._load())
+            if states is not None:  # the files loaded are the ones the pin checked
+                check_unchanged(self.run_dir, states)
         except ApiError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the running one stays
