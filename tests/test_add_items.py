@@ -304,3 +304,18 @@ def test_choose_fusion_refuses_num_beams_on_a_causal_run(world: dict[str, Path],
     err = capsys.readouterr().err
     assert "--num-beams 40: the hybrid of a causal run searches no beams" in err and "leave out --num-beams" in err
     assert (run / "hybrid.json").read_bytes() == before
+
+
+def test_a_damaged_stats_json_beside_the_quantizer_is_named(world: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """stats.json (written by fit-codebooks) that is not an object, or whose `collaborative` has no int width, was an
+    AttributeError / KeyError; now an error naming the file, and nothing is written."""
+    run = _fresh(world, "run_stats")
+    before = (run / "semantic_ids.npz").read_bytes()
+    ids = tmp_path / "ids"
+    shutil.copytree(world["ids"], ids)
+    for text in ("[1]", '{"collaborative": {"w": 3}}', "{not json"):
+        (ids / "stats.json").write_text(text)
+        assert main(["add-items", "--run", str(run), "--data", str(world["new"]), "--quantizer", str(ids / "quantizer.pt")]) == 2
+        err = capsys.readouterr().err
+        assert "stats.json: " in err and "fit the codebooks again" in err, err
+    assert (run / "semantic_ids.npz").read_bytes() == before

@@ -189,6 +189,9 @@ def test_extreme_stored_fusion_weights_are_refused_naming_hybrid_json(trained: d
     assert main(["recommend", "--run", str(run), "--history", "1,2", "--decoder", "hybrid"]) == 2
     err = capsys.readouterr().err
     assert "hybrid.json: corrupt hybrid fusion file" in err and "magnitude <= 1e+06" in err
+    (run / "hybrid.json").write_text(json.dumps({**stored, "params": [1, 2]}))  # not an object: it was an AttributeError
+    assert main(["recommend", "--run", str(run), "--history", "1,2", "--decoder", "hybrid"]) == 2
+    assert "hybrid.json: corrupt hybrid fusion file" in (err := capsys.readouterr().err) and "`params` must be an object" in err
 
 
 # ---- item 12: one read of the IDs -------------------------------------------------------------------------------

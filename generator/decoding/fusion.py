@@ -107,6 +107,9 @@ def check_fusion(kind: str, params: dict[str, Any]) -> None:
     """ValueError unless ``params`` are valid for fusion ``kind`` (the boundary check for stored and given fusions)."""
     if kind not in FUSIONS:
         raise ValueError(f"`fusion` must be one of {list(FUSIONS)}, got {kind!r}")
+    if not isinstance(params, dict):
+        raise ValueError(f"fusion {kind!r}: `params` must be an object, got {params!r}")
+
     def number(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
 

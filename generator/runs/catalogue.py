@@ -133,7 +133,20 @@ def _fit_stats(quantizer: Path) -> dict[str, Any]:
     import json
 
     stats = quantizer.parent / "stats.json"
-    return json.loads(stats.read_text(encoding="utf-8")) if stats.is_file() else {}
+    if not stats.is_file():
+        return {}
+    fix = "restore it, or fit the codebooks again (`semid fit-codebooks`)"
+    try:
+        out = json.loads(stats.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{stats}: not readable JSON ({e}); {fix}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{stats}: must hold a JSON object, got {type(out).__name__}; {fix}")
+    record = out.get("collaborative")
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("width"), int)
+                                   and not isinstance(record["width"], bool) and record["width"] >= 0):
+        raise ValueError(f"{stats}: `collaborative` must be an object with an int `width` >= 0, got {record!r}; {fix}")
+    return out
 
 
 def _collaborative_width(quantizer: Path) -> int:
