@@ -285,3 +285,31 @@ def test_free_codes_are_grounded_to_real_distinct_items() -> None:
     s = dec.stats.as_dict()
     assert s["users"] == 7 and 0 <= s["non_item_share_beams"] <= 1 and dec.stats.non_items > 0  # random: many misses
     assert dec.decode("beam", torch.randn(2, 16), k=3).items.shape == (2, 3)  # the other decoders still serve
+
+
+def test_the_grounding_cache_follows_the_encoders_files_not_its_folder_name(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """title-grounded's catalogue embeddings are cached in the run; another encoder put in the same folder (same name,
+    other weights) once reused the old encoder's cache: wrong scores, or a shape error for another width."""
+    import semid.embed
+    from generator.runs.titles import catalogue_title_embeddings
+
+    calls = []
+
+    def fake_embed(titles, encoder, **kwargs):  # noqa: ANN001, ANN003 (the encoder's output: its "width" times ones)
+        calls.append(encoder)
+        return np.full((len(titles), encoder), 1.0, dtype=np.float32)
+
+    monkeypatch.setattr(semid.embed, "embed_texts", fake_embed)
+    run, enc = tmp_path / "run", tmp_path / "Tiny-BERT"
+    run.mkdir()
+    enc.mkdir()
+    (enc / "config.json").write_text('{"hidden_size": 4}')
+    (enc / "model.safetensors").write_bytes(b"weights A")
+    titles = ["a lipstick", "a brush", "a cream"]
+    assert catalogue_title_embeddings(run, titles, 4, enc).shape == (3, 4)
+    assert catalogue_title_embeddings(run, titles, 4, enc).shape == (3, 4) and calls == [4]  # cached
+    (enc / "model.safetensors").write_bytes(b"weights B")  # another model, same folder name
+    (enc / "config.json").write_text('{"hidden_size": 6}')
+    assert catalogue_title_embeddings(run, titles, 6, enc).shape == (3, 6) and calls == [4, 6]
+    assert catalogue_title_embeddings(run, titles[:2], 6, enc).shape == (2, 6) and calls == [4, 6, 6]  # other titles

@@ -19,14 +19,19 @@ import numpy as np
 from generator.decoding.grounding import GROUND_MAX_LENGTH
 from generator.runs.folder import TITLE_EMB_FILE
 from semid.data import read_npy
-from semid.io import atomic_path, write_json
+from semid.io import atomic_path, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
 
 # ---- the catalogue's title embeddings for title-grounded (cached in the run folder) ------------------------------
 def titles_digest(titles: list[str], encoder_dir: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256(str(Path(encoder_dir).resolve().name).encode())
+    """What the cached embeddings depend on: the titles and the encoder's files (their names and contents: another
+    model copied into the same folder name must not reuse the cache)."""
+    folder = Path(encoder_dir).resolve()
+    h = hashlib.sha256(folder.name.encode())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):  # loop over the encoder's files (a few)
+        h.update(f"{f.relative_to(folder).as_posix()}\0{file_sha256(f)}\0".encode())
     for t in titles:
         h.update(t.encode("utf-8") + b"\0")
     return h.hexdigest()[:16]
@@ -40,7 +45,10 @@ def catalogue_title_embeddings(run_dir: Path, titles: list[str], encoder: object
     digest = titles_digest(titles, encoder_dir)
     path, meta = run_dir / TITLE_EMB_FILE, run_dir / (TITLE_EMB_FILE + ".json")
     if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("digest") == digest:
-        return read_npy(path)  # header checked against the file size first
+        cached = read_npy(path)  # header checked against the file size first
+        if cached.ndim == 2 and cached.shape[0] == len(titles):
+            return cached
+        log.warning("%s: holds %s embeddings for %d titles: embedding them again", path, cached.shape, len(titles))
     t0 = time.perf_counter()
     emb = embed_texts(titles, encoder, batch_size=batch_size, max_length=GROUND_MAX_LENGTH, progress=False)
     with atomic_path(path) as tmp:
