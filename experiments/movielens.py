@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generator.decoding import registry
+from generator.runs.evaluate import validated_decoder
+from generator.runs.folder import metrics_file
 from semid.data import load_dataset
 from semid.io import atomic_open, write_json
 from semid.metrics import RankingMetrics
@@ -88,7 +91,10 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for decoder in args.decoders.split(","):
         step(["evaluate", "--run", str(run_dir), "--split", "test", "--decoder", decoder, "--no-progress"])
-        m = json.loads((run_dir / "metrics_test.json").read_text())
+        name = registry.resolve(config["design"], decoder)  # (a decoder other than the served one: a file of its own)
+        t = config["train"]
+        served = registry.resolve(config["design"], validated_decoder(t["objective"], t["dense"], t["decoder"]))
+        m = json.loads(metrics_file(run_dir, "test", variant=None if name == served else name).read_text())
         rows.append({"decoder": decoder, **{k: m[k] for k in ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "users_evaluated")}})
     split = leave_one_out(load_dataset(data))
     pop = popularity(split, (5, 10))

@@ -88,8 +88,10 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def _last_json(run: Path, users: int) -> str:
-    name = f"metrics_test_sample{users}.json" if users else "metrics_test.json"
-    return (run / name).read_text(encoding="utf-8")
+    """The metrics file the evaluation just wrote (the code before wrote every decoder's to one name; later code
+    writes a decoder other than the default to its own file): the newest ``metrics_test*.json``."""
+    files = run.glob(f"metrics_test*_sample{users}.json" if users else "metrics_test*.json")
+    return max(files, key=lambda p: p.stat().st_mtime_ns).read_text(encoding="utf-8")
 
 
 def compare(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -299,7 +300,7 @@ def test_evaluate_fails_on_a_broken_decoder(
 
     monkeypatch.setattr(ev, "decoders_for", lambda run, names, **kw: {n: Duplicating() for n in names})
     out_file = trained["run"] / "metrics_broken.json"
-    monkeypatch.setattr(ev, "metrics_file", lambda run, which, sample=None, unseen=False: out_file)
+    monkeypatch.setattr(ev, "metrics_file", lambda run, which, sample=None, unseen=False, variant=None: out_file)
     assert main(["evaluate", "--run", str(trained["run"]), "--split", "test", "--num-beams", "12", "--no-progress"]) != 0
     err = capsys.readouterr().err
     assert "invalid" in err and "duplicate" in err and "broken" in err
@@ -455,3 +456,23 @@ def test_recommend_reads_item_ids_of_ascii_digits_only(trained: dict[str, Path],
     # a leading minus parses, and the id is then refused by the catalogue's check
     assert main(["recommend", "--run", str(trained["run"]), "--history", "3,-4"]) == 2
     assert "unknown item id -4" in capsys.readouterr().err
+
+
+def test_another_decoder_or_checkpoint_never_replaces_the_protocols_metrics(trained: dict[str, Path], tmp_path: Path) -> None:
+    """metrics_test.json is the run's validated decoder on its best checkpoint; `--decoder dense` or `--checkpoint
+    last.ckpt` once replaced it with their own figures (the best checkpoint's metrics lost)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    base = ["evaluate", "--run", str(run), "--num-beams", "12", "--no-progress"]
+    assert main(base) == 0
+    protocol = (run / "metrics_test.json").read_bytes()
+    assert json.loads(protocol)["decoder"] == "t5.beam"  # (this file's run: the T5 design)
+    assert main([*base, "--decoder", "generate"]) == 0
+    assert main([*base, "--checkpoint", str(run / "checkpoints" / "last.ckpt")]) == 0
+    assert (run / "metrics_test.json").read_bytes() == protocol
+    assert json.loads((run / "metrics_test_generate.json").read_text())["decoder"] == "t5.generate"
+    last = json.loads((run / "metrics_test_beam_last.json").read_text())
+    assert last["checkpoint"].endswith("last.ckpt") and last["selected_on_validation"] is False
+    assert main([*base, "--decoder", "beam"]) == 0  # the run's own decoder, named: the protocol's file again
+    assert sorted(p.name for p in run.glob("metrics_test*.json")) == ["metrics_test.json", "metrics_test_beam_last.json",
+                                                                      "metrics_test_generate.json"]

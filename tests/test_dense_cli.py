@@ -93,7 +93,7 @@ def test_evaluate_with_dense_and_hybrid_decoders(
         assert main(["choose-fusion", "--run", str(joint_run)]) == 0
         before = (joint_run / HYBRID_FILE).read_bytes()
     assert main(evaluate) == 0
-    m = json.loads((joint_run / "metrics_test.json").read_text())
+    m = json.loads((joint_run / f"metrics_test_{decoder}.json").read_text())  # (not the run's decoder: its own file)
     assert m["users_evaluated"] == 24 and m["invalid_items"] == 0 and m["duplicate_items"] == 0
     assert m["decoder"] == f"t5.{decoder}"
     if decoder == "hybrid":  # the blend weight was chosen on validation users and stored for the checkpoint

@@ -164,8 +164,8 @@ def test_cli_evaluate_exclude_history_writes_beside_the_protocol_file(world: dic
     assert main(["evaluate", "--run", str(run), "--decoder", "exact", "--no-progress"]) == 0
     assert main(["evaluate", "--run", str(run), "--decoder", "exact", "--exclude-history", "--no-progress"]) == 0
     assert "histories excluded" in capsys.readouterr().out
-    protocol = json.loads((run / "metrics_test.json").read_text())
-    unseen = json.loads((run / "metrics_test_unseen.json").read_text())
+    protocol = json.loads((run / "metrics_test_exact.json").read_text())  # (another decoder than the run's: its own
+    unseen = json.loads((run / "metrics_test_exact_unseen.json").read_text())  # file, beside the protocol's)
     assert protocol["exclude_history"] is False and unseen["exclude_history"] is True
     assert protocol["users_evaluated"] == unseen["users_evaluated"] > 0
     split = leave_one_out(load_dataset(world["data"]))  # the flag reaches the evaluation: its metrics, not the protocol's

@@ -207,6 +207,23 @@ def _check_result(result: EvalResult) -> None:
         )
 
 
+def validated_decoder(objective: Any, dense: Any, decoder: Any) -> str:
+    """The decoder training validates a run with (and evaluates all validation users with at its end), from its
+    train options: the dense one for a dense-only run, else the one it serves (``--decoder``)."""
+    return "dense" if objective == "dense" and dense else decoder if isinstance(decoder, str) else "auto"
+
+
+def _served_decoder(run: Run) -> str:
+    """The registry name of the decoder training validated the run with (config.yaml's train options,
+    :func:`validated_decoder`; the backbone's "auto" where they name none of its decoders): its metrics are the
+    protocol's file."""
+    train = run.config.get("train") or {}
+    try:
+        return registry.resolve(run.design, validated_decoder(train.get("objective"), train.get("dense"), train.get("decoder")))
+    except ValueError:
+        return registry.resolve(run.design, "auto")
+
+
 # evaluate()'s keyword arguments and their defaults, which evaluate_run passes on (release_tables is its own choice)
 EVALUATE_DEFAULTS = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()
                      if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "release_tables"}
@@ -221,7 +238,9 @@ def evaluate_run(
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically; a sample of ``max_users`` users
-    writes ``RUN/metrics_<which>_sample<N>.json`` instead); returns what was written, with ``file`` its path.
+    writes ``RUN/metrics_<which>_sample<N>.json`` instead, another decoder than the run's default or a checkpoint
+    other than its best ``RUN/metrics_<which>_<decoder>[_<checkpoint>].json``: :func:`~generator.runs.folder.metrics_file`);
+    returns what was written, with ``file`` its path.
 
     Before anything is computed, the folder must take the file, and a ``data_dir`` must be the data the run was
     trained on (its fingerprint in config.yaml; runs trained before semid recorded one get a warning).
@@ -251,14 +270,20 @@ def evaluate_run(
     check_same_data(run.config, run.path, data)
     split = leave_one_out(dataset)
     sample = max_users if max_users is not None and max_users < split.num_users else None
-    target = metrics_file(run.path, which, sample, unseen=exclude_history)
+    # the run's default decoder on its best checkpoint writes the protocol's file; any other decoder or checkpoint a
+    # file of its own (it once replaced the best checkpoint's metrics)
+    best = (run.path / str(run.config.get("best_checkpoint"))).resolve()
+    name, served = registry.resolve(run.design, o["decoder"]), _served_decoder(run)
+    other_checkpoint = checkpoint is not None and run.checkpoint.resolve() != best
+    variant = ([name] if other_checkpoint or name != served else []) + ([Path(run.checkpoint).stem] if other_checkpoint else [])
+    target = metrics_file(run.path, which, sample, unseen=exclude_history, variant="_".join(variant) or None)
     check_writable(target, f"the metrics ({target.name})")  # before the work, not after it
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
         raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
     result = evaluate(run, split, which, **o)
     # the run's best checkpoint was chosen on validation unless training ran none (then it is last.ckpt)
     selected = bool(run.config.get("selected_on_validation", True)) and (
-        checkpoint is None or run.checkpoint.resolve() == (run.path / str(run.config.get("best_checkpoint"))).resolve()
+        checkpoint is None or run.checkpoint.resolve() == best
     )
     if not selected:
         log.warning("%s: checkpoint %s was not selected on validation (no validation ran, or another checkpoint was "

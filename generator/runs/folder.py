@@ -63,11 +63,15 @@ TITLE_EMB_FILE = "title_grounding_emb.npy"  # a title run's catalogue titles emb
 RUN_FORMAT = "semid.run"
 
 
-def metrics_file(run_dir: str | os.PathLike[str], split: str, sample: int | None = None, *, unseen: bool = False) -> Path:
+def metrics_file(run_dir: str | os.PathLike[str], split: str, sample: int | None = None, *, unseen: bool = False,
+                 variant: str | None = None) -> Path:
     """``RUN/metrics_<split>.json`` (all users), or ``RUN/metrics_<split>_sample<N>.json`` for a sample of N users,
     which never replaces the all-users file; ``unseen`` (rankings without the users' histories): ``metrics_<split>_unseen``
-    before the sample's part, beside the protocol's file, never over it."""
-    name = f"metrics_{split}" + ("_unseen" if unseen else "") + ("" if sample is None else f"_sample{sample}")
+    before the sample's part, beside the protocol's file, never over it; ``variant``: another decoder than the run's
+    default, or another checkpoint than its best (``metrics_<split>_<variant>``, e.g. ``_dense``, ``_beam_last``),
+    whose metrics never replace the protocol's."""
+    name = (f"metrics_{split}" + ("" if not variant else f"_{variant}") + ("_unseen" if unseen else "")
+            + ("" if sample is None else f"_sample{sample}"))
     return Path(run_dir) / f"{name}.json"
 
 

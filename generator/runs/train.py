@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from generator.designs.base import TrainInputs
 from generator.models.checkpoint import ids_digest, safe_load
 from generator.runs.decoders import choose_run_fusion
-from generator.runs.evaluate import evaluate_run
+from generator.runs.evaluate import evaluate_run, validated_decoder
 from generator.runs.folder import (
     BEST,
     CHECKPOINT_DIR,
@@ -382,7 +382,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     if options.final_val_users != 0:
         metrics_valid = evaluate_run(
             out, "valid", num_beams=options.num_beams, max_users=options.final_val_users, seed=options.seed,
-            batch_size=options.eval_batch_size, decoder="dense" if options.objective == "dense" and options.dense else options.decoder,
+            batch_size=options.eval_batch_size, decoder=validated_decoder(options.objective, options.dense, options.decoder),
             progress=options.progress,
         )
     # 5. the hybrid's fusion, chosen on validation users (an explicit step of training, never of evaluation), so
