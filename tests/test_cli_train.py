@@ -476,3 +476,38 @@ def test_another_decoder_or_checkpoint_never_replaces_the_protocols_metrics(trai
     assert main([*base, "--decoder", "beam"]) == 0  # the run's own decoder, named: the protocol's file again
     assert sorted(p.name for p in run.glob("metrics_test*.json")) == ["metrics_test.json", "metrics_test_beam_last.json",
                                                                       "metrics_test_generate.json"]
+
+
+def test_the_service_takes_user_ids_for_a_run_trained_with_user_tokens(trained: dict[str, Path]) -> None:
+    """This module's run is a T5 run with 32 user buckets: /recommend takes `user_id` (/recommend/batch `user_ids`) and
+    answers what `Recommender.recommend(..., user_ids=...)` gives alone, batched with requests without one; it could
+    not take one before (422 unknown field), so such a run was always served without its users' tokens."""
+    import asyncio
+
+    from tests.serve_helpers import app_for, serving
+
+    app = app_for(trained["run"], max_wait_ms=30)
+    rec = app.state.holder.current.rec
+    calls = [([3, 4, 5], 7), ([3, 4, 5], 8), ([9, 1], 1), ([9, 1], None), ([2, 6, 7, 8], 30)]
+
+    async def drive() -> tuple[list, object, list]:
+        async with serving(app) as c:
+            one = [c.post("/recommend", json={"history": h, "k": 5, **({} if u is None else {"user_id": u})}) for h, u in calls]
+            batch = c.post("/recommend/batch", json={"histories": [h for h, _ in calls[:3]], "k": 5, "user_ids": [7, 8, 1]})
+            bad = [c.post("/recommend", json={"history": [3], "user_id": v}) for v in (-1, True, "7", 2.5)]
+            bad.append(c.post("/recommend/batch", json={"histories": [[3], [4]], "user_ids": [1]}))
+            return await asyncio.gather(*one), await batch, await asyncio.gather(*bad)
+
+    singles, batch, bad = asyncio.run(drive())
+    answers, scores = [], []
+    for (h, u), r in zip(calls, singles, strict=True):
+        assert r.status_code == 200, r.text
+        want = rec.recommend([h], 5, user_ids=None if u is None else [u], num_beams=r.json()["num_beams"])[0]
+        answers.append([i["item_id"] for i in r.json()["items"]])
+        scores.append([i["score"] for i in r.json()["items"]])
+        assert answers[-1] == want.items.tolist(), (h, u)
+        np.testing.assert_allclose(scores[-1], want.scores, rtol=1e-4, atol=1e-5)
+    assert scores[2] != scores[3]  # the user's token reaches the model (user 1 against none)
+    assert [[i["item_id"] for i in x] for x in batch.json()["results"]] == answers[:3]
+    assert [r.status_code for r in bad] == [422] * 5
+    assert [r.json()["error"]["field"] for r in bad] == ["user_id"] * 4 + ["user_ids"]

@@ -131,6 +131,7 @@ def _bad_inputs() -> list[tuple[object, int, str, str]]:
         (b"[1, 2]", 400, "body", "a JSON object"),
         (b"", 400, "body", "malformed JSON"),
         (b'{"history": [1], "history": [2]}', 400, "history", "given twice"),
+        (b'{"history": [1], "user_id": 3}', 422, "user_id", "trained without user tokens"),  # (a causal run)
         (b'{"history": [1], "k": 3, "k": 4}', 400, "k", "given twice"),
         (b'{"' + b"q" * 1500 + b'": 1, "' + b"q" * 1500 + b'": 2}', 400, "q" * 57 + "...", "given twice"),  # cut
         (b'{"history": [1], "opts": [0, {"a": 1, "a": 2}]}', 400, "opts[1].a", "given twice"),  # named where it is

@@ -46,6 +46,8 @@ class RecommendRequest(BaseModel):
     k: int = Field(10, description="items to return: 1 to min(100, catalogue size)")
     decoder: str = Field("auto", description="a decoder the service loaded (see /readyz); auto: the service's default")
     exclude_history: bool = Field(True, description="leave the history's items out of the ranking")
+    user_id: int | None = Field(None, description="the user's id, for a run trained with user tokens (T5 runs with "
+                                "--user-tokens; refused by others)")
 
 
 class BatchRequest(BaseModel):
@@ -53,6 +55,7 @@ class BatchRequest(BaseModel):
     k: int = 10
     decoder: str = "auto"
     exclude_history: bool = True
+    user_ids: list[int] | None = Field(None, description="one user id per history (a run trained with user tokens)")
 
 
 class RankedItem(BaseModel):
@@ -193,7 +196,7 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
     async def decode(served: Served, doc: dict[str, Any], batch: bool) -> tuple[Any, list[Recommendation], list[int | None]]:
         q = parse_query(doc, served.rec, limits, batch=batch)
         try:
-            return q, *await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history)
+            return q, *await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history, q.user_ids)
         except (ValueError, TypeError) as e:  # the decoder refused what the checks let through: name it
             raise ApiError(422, "decoder", q.decoder, f"a request that decoder `{q.decoder}` can serve",
                            f"decoder `{q.decoder}` refused this request: {e}") from None

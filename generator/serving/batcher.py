@@ -73,6 +73,7 @@ class Job:
     exclude_history: bool
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    user_ids: list[int] | None = None  # one per history, or None (none sent)
     wants: list[int] = field(default_factory=list)
     beams: list[int | None] = field(default_factory=list)
     keys: list[tuple] = field(default_factory=list)
@@ -158,17 +159,19 @@ class MicroBatcher:
         return self._thread is not None and self._thread.is_alive()
 
     async def submit(self, rec: Recommender, histories: list[np.ndarray], k: int, decoder: str,
-                     exclude_history: bool) -> tuple[list[Recommendation], list[int | None]]:
+                     exclude_history: bool, user_ids: list[int] | None = None) -> tuple[list[Recommendation], list[int | None]]:
         """Top-k of each history (checked already), decoded on the worker with whatever else is queued; and the beams
         each was decoded with (None: the decoder has none). Each answer is what ``rec.recommend([history], k, decoder,
-        exclude_history=exclude_history, num_beams=beams)`` returns alone (module doc)."""
+        exclude_history=exclude_history, num_beams=beams, user_ids=...)`` returns alone (module doc); ``user_ids``:
+        one per history (a run trained with user tokens), or None."""
         if not self.alive:
             raise RuntimeError("the decoding worker is not running")
         if not histories:  # (nothing to decode: answered here, never queued)
             return [], []
         loop = asyncio.get_running_loop()
-        job = Job(rec, histories, k, decoder, exclude_history, loop.create_future(), loop)
+        job = Job(rec, histories, k, decoder, exclude_history, loop.create_future(), loop, user_ids=user_ids)
         job.wants, job.beams, job.keys = plan(rec, histories, k, decoder, exclude_history)
+        job.keys = [(*key, user_ids is not None) for key in job.keys]  # (a group decodes with user ids or without)
         self._queue.put(job)
         return await job.future, job.beams
 
@@ -275,14 +278,15 @@ class MicroBatcher:
         first = members[0][0]
         rec, decoder, beams = first.rec, first.decoder, key[2]
         histories = [job.histories[i] for job, i in members]
+        users = None if first.user_ids is None else [job.user_ids[i] for job, i in members]  # (all or none: the key)
         try:
             if decoder in PREFIX:  # one ranking as long as the longest ask, cut per history
                 out = rec.recommend(histories, max(job.wants[i] for job, i in members), decoder, num_beams=beams,
-                                    exclude_history=False, batch_size=self.max_batch)  # (dropped per history below)
+                                    exclude_history=False, batch_size=self.max_batch, user_ids=users)  # (dropped below)
                 out = _cut(out, members)
             else:
                 out = rec.recommend(histories, first.k, decoder, exclude_history=first.exclude_history,
-                                    num_beams=beams, batch_size=self.max_batch)
+                                    num_beams=beams, batch_size=self.max_batch, user_ids=users)
         except Exception as e:  # noqa: BLE001 - handed to the request(s) it came from, the worker lives on
             jobs = list(dict.fromkeys(job for job, _ in members))
             if len(jobs) > 1:

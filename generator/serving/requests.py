@@ -177,6 +177,27 @@ def check_exclude(doc: dict[str, Any]) -> bool:
     return value
 
 
+def check_user_ids(doc: dict[str, Any], rec: Recommender, batch: bool, n: int) -> list[int] | None:
+    """``user_id`` (one history) or ``user_ids`` (one per history of a batch): ids >= 0 for a run trained with user
+    tokens (T5 runs: hashed into its user buckets, as ``semid recommend --user``); None where none was sent. A run
+    trained without user tokens refuses them (they would change nothing)."""
+    field = "user_ids" if batch else "user_id"
+    if field not in doc:
+        return None
+    value = doc[field]
+    if not rec.run.use_user_tokens:
+        raise ApiError(422, field, value, "no user id: this run was trained without user tokens, so a user id changes "
+                       "nothing (only T5 runs trained with --user-tokens read one); leave it out")
+    values = value if batch else [value]
+    if batch and (not isinstance(value, list) or len(value) != n):
+        raise ApiError(422, field, value, f"a list of {n} user ids (one per history, each an int >= 0)")
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+            where = f"{field}[{i}]" if batch else field
+            raise ApiError(422, where, v, "a user id: an int >= 0 (below 2^63)")
+    return [int(v) for v in values]
+
+
 def check_history(value: Any, field: str, rec: Recommender, limits: Limits) -> np.ndarray:
     """A non-empty list of at most ``max_history`` known item ids, as int64 (H,)."""
     lo, hi = int(rec.run.ids.item_ids[0]), int(rec.run.ids.item_ids[-1])
@@ -216,16 +237,18 @@ def check_exclusion_fits(histories: list[np.ndarray], fields: list[str], k: int,
 
 @dataclass(frozen=True)
 class Query:
-    """A checked request: histories (int64 arrays), k, the resolved decoder and the exclusion."""
+    """A checked request: histories (int64 arrays), k, the resolved decoder, the exclusion and the users' ids (None:
+    none sent)."""
 
     histories: list[np.ndarray]
     k: int
     decoder: str
     exclude_history: bool
+    user_ids: list[int] | None = None
 
 
-ONE_FIELDS = ("history", "k", "decoder", "exclude_history")
-BATCH_FIELDS = ("histories", "k", "decoder", "exclude_history")
+ONE_FIELDS = ("history", "k", "decoder", "exclude_history", "user_id")
+BATCH_FIELDS = ("histories", "k", "decoder", "exclude_history", "user_ids")
 
 
 def parse_query(doc: dict[str, Any], rec: Recommender, limits: Limits, *, batch: bool) -> Query:
@@ -246,4 +269,4 @@ def parse_query(doc: dict[str, Any], rec: Recommender, limits: Limits, *, batch:
         histories = [check_history(doc["history"], "history", rec, limits)]
     if exclude:
         check_exclusion_fits(histories, fields, k, rec)
-    return Query(histories, k, decoder, exclude)
+    return Query(histories, k, decoder, exclude, check_user_ids(doc, rec, batch, len(histories)))
