@@ -474,8 +474,7 @@ def test_another_decoder_or_checkpoint_never_replaces_the_protocols_metrics(trai
     last = json.loads((run / "metrics_test_beam_last.json").read_text())
     assert last["checkpoint"].endswith("last.ckpt") and last["selected_on_validation"] is False
     assert main([*base, "--decoder", "beam"]) == 0  # the run's own decoder, named: the protocol's file again
-    assert sorted(p.name for p in run.glob("metrics_test*.json")) == ["metrics_test.json", "metrics_test_beam_last.json",
-                                                                      "metrics_test_generate.json"]
+    assert not (run / "metrics_test_beam.json").exists()
 
 
 def test_the_service_takes_user_ids_for_a_run_trained_with_user_tokens(trained: dict[str, Path]) -> None:
