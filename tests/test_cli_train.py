@@ -510,3 +510,18 @@ def test_the_service_takes_user_ids_for_a_run_trained_with_user_tokens(trained: 
     assert [[i["item_id"] for i in x] for x in batch.json()["results"]] == answers[:3]
     assert [r.status_code for r in bad] == [422] * 5
     assert [r.json()["error"]["field"] for r in bad] == ["user_id"] * 4 + ["user_ids"]
+
+
+def test_the_missing_user_ids_warning_is_given_once_per_loaded_run(trained: dict[str, Path],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A service calls recommend for every request: the warning that a user-token run got no user ids was logged on
+    each (a log flood); now once per loaded run."""
+    import logging
+
+    from generator.runs.recommender import Recommender
+
+    rec = Recommender.from_run(trained["run"])
+    with caplog.at_level(logging.WARNING, logger="generator.runs.recommender"):
+        for _ in range(3):
+            rec.recommend([[3, 4, 5]], 5)
+    assert sum("no `user_ids` were given" in r.getMessage() for r in caplog.records) == 1

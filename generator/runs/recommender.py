@@ -160,6 +160,7 @@ class Recommender:
         if run.design == CAUSAL and all(isinstance(x, CausalDecoders) and x.tree is None for x in shared):  # a lean build:
             self.run = run = dataclasses.replace(run, tree=None)  # the run's tree (257 MB per million items) is read no more
         self._item_ids = run.ids.item_ids  # sorted int64 (N,)
+        self._said: set[str] = set()  # the user-id warnings given (once per loaded run, not per call of a service)
         # what batching reads of the run, read once (Run.design rebuilds the model config's dict on every read)
         self._batching = SimpleNamespace(design=run.design, ids=run.ids, layout=run.layout, max_history=run.max_history,
                                          use_user_tokens=run.use_user_tokens)
@@ -316,14 +317,21 @@ class Recommender:
             user_ids = int_ids(user_ids, "user_ids")  # (floats, strings and bools were coerced)
             if user_ids.shape != (B,):
                 raise ValueError(f"`user_ids` must hold one id per history ({B}), got shape {user_ids.shape}")
-            if not self.run.use_user_tokens:  # said, not dropped in silence
-                log.warning("this run was trained without user tokens: `user_ids` (`semid recommend --user`) are not used")
+            if not self.run.use_user_tokens:  # said (once), not dropped in silence
+                self._say_once("unused", "this run was trained without user tokens: `user_ids` (`semid recommend --user`) "
+                               "are not used")
             return user_ids if self.run.use_user_tokens else None
         if self.run.use_user_tokens:
-            log.warning("this run was trained with user tokens (%d buckets) but no `user_ids` were given: the inputs differ "
-                        "from training (no user token), which can lower quality; pass the users' ids (`semid recommend --user ID`)",
-                        self.run.layout.num_user_tokens)
+            self._say_once("missing", f"this run was trained with user tokens ({self.run.layout.num_user_tokens} buckets) "
+                           "but no `user_ids` were given: the inputs differ from training (no user token), which can lower "
+                           "quality; pass the users' ids (`semid recommend --user ID`; the service's `user_id`)")
         return None
+
+    def _say_once(self, key: str, message: str) -> None:
+        """A warning logged the first time it applies to this loaded run (a service's every request once logged it)."""
+        if key not in self._said:
+            self._said.add(key)
+            log.warning("%s", message)
 
     def _check_items(self, items: np.ndarray, decoder: str) -> None:
         pos = np.clip(np.searchsorted(self._item_ids, items), 0, len(self._item_ids) - 1)
