@@ -61,16 +61,20 @@ def run(args: argparse.Namespace) -> int:
     name = resolve(for_config(read_config(args.run)).name, args.decoder)  # (a title run's config says "causal")
     check_beams_used(args.num_beams, name)
     num_beams = 20 if args.num_beams is None else args.num_beams
-    from generator.runs.pinning import pinned
+    from generator.runs.pinning import check_pinned, check_unchanged, file_states
 
+    loaded = None
+    if args.expect_sha256 is not None:  # checked before the run is loaded; once loaded (before any work or write), the
+        states = file_states(args.run, args.checkpoint)  # files must be the ones checked
+        check_pinned(args.run, args.expect_sha256, args.checkpoint)
+        loaded = lambda: check_unchanged(args.run, states, args.checkpoint)  # noqa: E731
     try:
-        with pinned(args.run, args.expect_sha256, args.checkpoint):  # checked before the run is loaded, and again after
-            m = evaluate_run(
-                args.run, args.split, ks=ks, num_beams=num_beams, max_users=args.max_users, seed=args.seed,
-                batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
-                device=args.device, progress=progress_default(args.progress), alpha=args.alpha, table_dtype=args.table_dtype,
-                exclude_history=args.exclude_history,
-            )
+        m = evaluate_run(
+            args.run, args.split, ks=ks, num_beams=num_beams, max_users=args.max_users, seed=args.seed,
+            batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,
+            device=args.device, progress=progress_default(args.progress), alpha=args.alpha, table_dtype=args.table_dtype,
+            exclude_history=args.exclude_history, loaded=loaded,
+        )
     except DecoderError as e:  # a RuntimeError, which semid_cli.main does not catch
         if args.debug:
             raise

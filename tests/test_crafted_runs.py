@@ -243,6 +243,24 @@ def test_a_pin_covers_the_fusion_and_refuses_a_checkpoint_swapped_while_the_run_
     monkeypatch.setattr(recommender.Recommender, "from_run", classmethod(swapping))
     assert main(history) == 2
     assert "pinned files changed while they were checked and loaded" in capsys.readouterr().err and calls == [1]
+    import generator.runs.evaluate as evaluate_module
+
+    real_load = evaluate_module.load_run
+
+    def swapping_load(*args, **kwargs):  # noqa: ANN002, ANN003 (evaluate: swapped while it loads, refused before it
+        out = real_load(*args, **kwargs)  # evaluates or writes anything)
+        ckpt = run / "checkpoints" / "best.ckpt"
+        (run / "new.ckpt").write_bytes(ckpt.read_bytes())
+        os.replace(run / "new.ckpt", ckpt)
+        return out
+
+    assert main(["digest", "--run", str(run), "--combined"]) == 0
+    combined = capsys.readouterr().out.strip()
+    monkeypatch.setattr(evaluate_module, "load_run", swapping_load)
+    (run / "metrics_test.json").unlink(missing_ok=True)
+    assert main(["evaluate", "--run", str(run), "--no-progress", "--expect-sha256", combined]) == 2
+    assert "pinned files changed while they were checked and loaded" in capsys.readouterr().err
+    assert not (run / "metrics_test.json").exists()
 
 
 def test_digest_refuses_files_that_change_while_it_reads_them(trained: dict[str, Path], tmp_path: Path,

@@ -19,7 +19,7 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -235,6 +235,7 @@ def evaluate_run(
     *,
     data_dir: str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    loaded: Callable[[], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically; a sample of ``max_users`` users
@@ -248,6 +249,8 @@ def evaluate_run(
     Args:
         data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
         checkpoint: the checkpoint to evaluate (default: the run's best).
+        loaded: called once the run is loaded, before anything is evaluated or written (a pin's check that the files
+            loaded are the ones checked: ``generator.runs.pinning.check_unchanged``).
         options: :func:`evaluate`'s keyword arguments (``ks``, ``num_beams``, ``max_users``, ``seed``, ``decoder``,
             ``exclude_history``, ...). ``table_dtype``: a causal run's serving tables, "float32" or 16 bits (the
             model's N-row tables are freed once the decoder is built: the run is loaded for this evaluation alone);
@@ -265,6 +268,8 @@ def evaluate_run(
              if isinstance(o[key], Real) and not isinstance(o[key], bool))
     max_users, exclude_history = o["max_users"], o["exclude_history"]
     run = load_run(run_dir, checkpoint)  # any design
+    if loaded is not None:
+        loaded()
     data = Path(data_dir) if data_dir is not None else run.data_dir
     dataset = load_dataset(data)
     check_same_data(run.config, run.path, data)
