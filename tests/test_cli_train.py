@@ -198,7 +198,14 @@ def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], ca
                            (["--seed", "-1"], "`--seed` must be a non-negative int"),
                            (["--preset", "cpu", "--num-workers", "-1"], "`--num-workers` must be a non-negative int"),
                            (["--num-workers", "2"], "`--num-workers` is for the T5 presets' data loader"),  # (ignored)
-                           (["--val-users", "0"], "`--val-users` must be a positive int")):  # (named `max_users`, late)
+                           (["--val-users", "0"], "`--val-users` must be a positive int"),  # (named `max_users`, late)
+                           # T5 without a dense head: what needs one was ignored, or failed after the folder was made
+                           (["--preset", "cpu", "--objective", "dense"], "`--objective` 'dense' needs a dense head"),
+                           (["--preset", "cpu", "--dense-option", "dim=64"], "`--dense-option` configure the dense head"),
+                           (["--preset", "cpu", "--decoder", "dense"], "`--decoder` 'dense' validates the dense head"),
+                           (["--preset", "cpu", "--decoder", "exact"], "decoder 'exact' is for causal runs"),
+                           (["--target", "title", "--dense-option", "dim=64"], "a title run has none"),
+                           (["--lr", "inf"], "`--lr` must be a finite number > 0")):
         assert main([*base, "--out", str(trained["run"].parent / "x"), *flags]) == 2
         assert message in capsys.readouterr().err and not (trained["run"].parent / "x").exists()
     a_file = trained["run"].parent / "a_file.txt"

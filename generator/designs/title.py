@@ -45,6 +45,9 @@ def check_options(options: Any) -> None:
     if options.objective not in ("joint", "generative"):
         raise ValueError(f"`objective` must be 'generative' with `target` 'title', got {options.objective!r}")
     set_("objective", "generative")
+    if options.dense_options:
+        raise ValueError(f"`dense_options` configure a dense head, and a title run has none: leave them out, got "
+                         f"{options.dense_options!r}")
     set_("decoder", resolve(TITLE, options.decoder))  # "auto" and "beam" mean title-beam
     if options.decoder != TITLE_BEAM:
         raise ValueError(f"a title run selects checkpoints with decoder {TITLE_BEAM!r}, got {options.decoder!r}")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from generator.decoding.protocol import Histories
+from generator.decoding.registry import resolve
 from generator.designs.base import Design, Labelled, Setup, TrainInputs, refuse_title_fields
 from generator.models import checkpoint_checks as checks
 from generator.models.checkpoint import safe_load
@@ -30,6 +31,18 @@ def check_options(options: Any) -> None:
     refuse_title_fields(options)
     if options.model_options:
         raise ValueError(f"`model_options` are for the causal design; preset {options.preset!r} takes none, got {options.model_options!r}")
+    if options.dense is None:  # what needs a dense head, refused before the run folder is written (they were ignored)
+        if options.objective == "dense":
+            raise ValueError("`objective` 'dense' needs a dense head: pass `dense` ('content' or 'both')")
+        if options.dense_options:
+            raise ValueError(f"`dense_options` configure the dense head, and this run trains none: pass `dense` or "
+                             f"leave them out, got {options.dense_options!r}")
+    decoder = resolve(NAME, options.decoder)  # (a name T5 does not serve, such as 'exact': said before the folder)
+    if decoder not in ("beam", "generate", "dense"):  # (a hybrid's fusion is chosen after training; no cold items yet)
+        raise ValueError(f"a T5 run selects checkpoints with decoder 'beam', 'generate' or (with a dense head) 'dense', "
+                         f"got {options.decoder!r}")
+    if decoder == "dense" and options.dense is None:
+        raise ValueError("`decoder` 'dense' validates the dense head, and this run trains none: pass `dense`")
 
 
 def build(config: GeneratorConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> torch.nn.Module:

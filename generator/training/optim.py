@@ -46,8 +46,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if not self.lr > 0:
-            raise ValueError(f"`lr` must be > 0, got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"`lr` must be a finite number > 0, got {self.lr!r}")
         if not is_plain_int(self.warmup_steps) or self.warmup_steps < 0:  # (saved with the run: no numpy, no bool)
             raise ValueError(f"`warmup_steps` must be a non-negative int, got {self.warmup_steps!r}")
         if not self.weight_decay >= 0:
