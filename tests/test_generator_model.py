@@ -61,7 +61,7 @@ def test_lr_schedule_warms_up_then_decays_as_inverse_sqrt() -> None:
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[39] == pytest.approx(math.sqrt(10 / 40))
     assert all(a < b for a, b in zip(f[:9], f[1:10], strict=True)) and all(a > b for a, b in zip(f[10:-1], f[11:], strict=True))
-    with pytest.raises(ValueError, match="`lr` must be > 0"):
+    with pytest.raises(ValueError, match="`lr` must be a finite number > 0"):
         OptimConfig(lr=0)
 
 
