@@ -61,14 +61,10 @@ def run(args: argparse.Namespace) -> int:
     name = resolve(for_config(read_config(args.run)).name, args.decoder)  # (a title run's config says "causal")
     check_beams_used(args.num_beams, name)
     num_beams = 20 if args.num_beams is None else args.num_beams
-    from generator.runs.pinning import check_pinned, check_unchanged, file_states
+    from generator.runs.pinning import pin
 
-    loaded = None
-    if args.expect_sha256 is not None:  # checked before the run is loaded; once loaded (before any work or write), the
-        states = file_states(args.run, args.checkpoint)  # files must be the ones checked
-        check_pinned(args.run, args.expect_sha256, args.checkpoint)
-        loaded = lambda: check_unchanged(args.run, states, args.checkpoint)  # noqa: E731
-    try:
+    loaded = pin(args.run, args.expect_sha256, args.checkpoint)  # before the run is loaded; again once it is loaded,
+    try:  # before any work or write
         m = evaluate_run(
             args.run, args.split, ks=ks, num_beams=num_beams, max_users=args.max_users, seed=args.seed,
             batch_size=args.batch_size, decoder=args.decoder, data_dir=args.data, checkpoint=args.checkpoint,

@@ -50,12 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from generator.runs.pinning import pinned
+    from generator.runs.pinning import pin
     from generator.runs.recommender import DEFAULT_BEAMS, Recommender
 
-    with pinned(args.run, args.expect_sha256):  # checked before anything of the run is loaded, and again after
-        rec = Recommender.from_run(args.run, decoder=args.decoder, decoders=[args.decoder], alpha=args.alpha,
-                                   num_beams=DEFAULT_BEAMS, data=args.data)
+    loaded = pin(args.run, args.expect_sha256)  # checked before anything of the run is loaded, and again after
+    rec = Recommender.from_run(args.run, decoder=args.decoder, decoders=[args.decoder], alpha=args.alpha,
+                               num_beams=DEFAULT_BEAMS, data=args.data)
+    loaded()
     if args.user is not None and not rec.run.use_user_tokens:  # (the library warns and goes on; here it was missed)
         raise ValueError(f"--user {args.user}: {args.run} was trained without user tokens, so a user id changes nothing "
                          "(only T5 runs trained with --user-tokens read one): drop --user")

@@ -85,12 +85,13 @@ def run(args: argparse.Namespace) -> int:
     if args.watch_seconds and args.expect_sha256:
         raise ValueError("`--watch-seconds` cannot reload a pinned run (--expect-sha256): reload it with POST "
                          "/admin/reload and the new digest")
-    states = None
-    if args.expect_sha256 is not None:  # before anything of the run is loaded (the files' states compared after it)
-        from generator.runs.pinning import check_pinned, file_states
+    def loaded() -> None:  # (no pin: nothing to check after the load)
+        return None
 
-        states = file_states(args.run)
-        check_pinned(args.run, args.expect_sha256)
+    if args.expect_sha256 is not None:  # before anything of the run is loaded (and, returned, the check after it)
+        from generator.runs.pinning import pin
+
+        loaded = pin(args.run, args.expect_sha256)
     _check_address(args.host, args.port)  # before the run loads (a large one takes a minute), not after
     import torch
     import uvicorn
@@ -107,10 +108,7 @@ def run(args: argparse.Namespace) -> int:
         return Recommender.from_run(args.run, decoder=args.decoder, data=args.data, table_dtype=args.table_dtype)
 
     first = load()
-    if states is not None:  # the files loaded are the ones the pin checked
-        from generator.runs.pinning import check_unchanged
-
-        check_unchanged(args.run, states)
+    loaded()  # the files loaded are the ones the pin checked
     holder = Holder(load, args.run, served=Served.build(first), pinned=args.expect_sha256 is not None)
     app = create_app(holder, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, threads=args.threads,
                      limits=Limits(max_body_bytes=args.max_body_bytes), admin_token=args.admin_token,

@@ -250,7 +250,7 @@ def evaluate_run(
         data_dir: the dataset folder (default: the one the run was trained on, from config.yaml).
         checkpoint: the checkpoint to evaluate (default: the run's best).
         loaded: called once the run is loaded, before anything is evaluated or written (a pin's check that the files
-            loaded are the ones checked: ``generator.runs.pinning.check_unchanged``).
+            loaded are the ones checked: what ``generator.runs.pinning.pin`` returns).
         options: :func:`evaluate`'s keyword arguments (``ks``, ``num_beams``, ``max_users``, ``seed``, ``decoder``,
             ``exclude_history``, ...). ``table_dtype``: a causal run's serving tables, "float32" or 16 bits (the
             model's N-row tables are freed once the decoder is built: the run is loaded for this evaluation alone);

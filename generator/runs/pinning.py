@@ -3,8 +3,8 @@
 The digests semid writes into a run (config.yaml's ``sha256``, a checkpoint's ``semid_integrity``) live inside the
 files they protect: they find damage (a flipped byte, a truncated or half-written file), not an edit, since whoever
 edits a file can recompute them. To serve exactly the run that was evaluated, keep its digests elsewhere
-(:func:`run_digests`, ``semid digest --run RUN``) and check them before loading (:func:`check_pinned`,
-``semid evaluate|recommend --expect-sha256 FILE_OR_HEX``; a server calls :func:`check_pinned` the same way).
+(:func:`run_digests`, ``semid digest --run RUN``) and check them before loading, and the files loaded after
+(:func:`pin`; ``semid evaluate|recommend|serve --expect-sha256 FILE_OR_HEX``, a pinned reload the same way).
 
 What is pinned: config.yaml (which names the best checkpoint and holds the model's config), semantic_ids.npz, the
 checkpoint served (the best one, or the one given) and, where the run has one, hybrid.json (the hybrid's fusion: it
@@ -17,8 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
@@ -127,26 +126,20 @@ def check_pinned(run_dir: str | os.PathLike[str], expected: str, checkpoint: str
                              "changed since it was pinned; do not serve this run")
 
 
-@contextmanager
-def pinned(run_dir: str | os.PathLike[str], expected: str | None, checkpoint: str | os.PathLike[str] | None = None,
-           ) -> Iterator[None]:
-    """For a block that loads the run: :func:`check_pinned` before it, and after it that the pinned files are still
-    the ones checked (each file's inode, size and mtime as before the check): a file replaced between the check and
-    the load (renamed over, or edited) is refused, not served under the pin. Nothing is checked where ``expected`` is
-    None."""
+def pin(run_dir: str | os.PathLike[str], expected: str | None, checkpoint: str | os.PathLike[str] | None = None,
+        ) -> Callable[[], None]:
+    """:func:`check_pinned` now (before the run is loaded), and the check to call once it is loaded: that the pinned
+    files are still the ones checked (each file's inode, size and mtime as before the check), so a file replaced
+    between the check and the load (renamed over, or edited) is refused, not served under the pin. Where ``expected``
+    is None nothing is checked, then or later."""
     if expected is None:
-        yield
-        return
-    before = file_states(run_dir, checkpoint)  # before the hash: a rewrite while it reads is seen below too
+        return lambda: None
+    before = file_states(run_dir, checkpoint)  # before the hash: a rewrite while it reads is seen after too
+
+    def loaded() -> None:
+        if file_states(run_dir, checkpoint) != before:
+            raise ValueError(f"{run_dir}: its pinned files changed while they were checked and loaded (what was loaded "
+                             "may not be what was pinned); load it again when the run is idle")
+
     check_pinned(run_dir, expected, checkpoint)
-    yield
-    check_unchanged(run_dir, before, checkpoint)
-
-
-def check_unchanged(run_dir: str | os.PathLike[str], before: dict[str, tuple[int, int, int] | None],
-                    checkpoint: str | os.PathLike[str] | None = None) -> None:
-    """Raise ValueError unless the pinned files' states are ``before`` (:func:`file_states` taken before the pin was
-    checked): what was loaded since is what was checked."""
-    if file_states(run_dir, checkpoint) != before:
-        raise ValueError(f"{run_dir}: its pinned files changed while they were checked and loaded (what was loaded may "
-                         "not be what was pinned); load it again when the run is idle")
+    return loaded

@@ -89,18 +89,19 @@ class Job:
 Piece = tuple[Job, int, int]  # a job's histories [lo, hi) in one batch
 
 
-def plan(rec: Recommender, histories: list[np.ndarray], k: int, decoder: str, exclude_history: bool
-         ) -> tuple[list[int], list[int | None], list[tuple]]:
+def plan(rec: Recommender, histories: list[np.ndarray], k: int, decoder: str, exclude_history: bool, *,
+         users: bool = False) -> tuple[list[int], list[int | None], list[tuple]]:
     """Per history: the items its decoder is asked for (``want``), the beams it is decoded with (None: the decoder
-    has none) and its group key (module doc)."""
+    has none) and its group key (module doc; ``users``: the request sent user ids, and a group decodes with them or
+    without)."""
     wants = (k + distinct_counts(histories)).tolist() if exclude_history else [k] * len(histories)
     N = rec.run.ids.num_items
     beams = [None if decoder in BEAMLESS else bucket(w, rec.num_beams, N) for w in wants]
     params = [max(b, rec.num_candidates) for b in beams] if decoder in WIDENING else beams
     if decoder in PREFIX:
-        keys = [(id(rec), decoder, p) for p in params]
+        keys = [(id(rec), decoder, p, users) for p in params]
     else:
-        keys = [(id(rec), decoder, p, k, exclude_history, w) for p, w in zip(params, wants, strict=True)]
+        keys = [(id(rec), decoder, p, users, k, exclude_history, w) for p, w in zip(params, wants, strict=True)]
     return wants, beams, keys
 
 
@@ -170,8 +171,7 @@ class MicroBatcher:
             return [], []
         loop = asyncio.get_running_loop()
         job = Job(rec, histories, k, decoder, exclude_history, loop.create_future(), loop, user_ids=user_ids)
-        job.wants, job.beams, job.keys = plan(rec, histories, k, decoder, exclude_history)
-        job.keys = [(*key, user_ids is not None) for key in job.keys]  # (a group decodes with user ids or without)
+        job.wants, job.beams, job.keys = plan(rec, histories, k, decoder, exclude_history, users=user_ids is not None)
         self._queue.put(job)
         return await job.future, job.beams
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
-from generator.runs.pinning import check_pinned, check_unchanged, file_states, is_digest
+from generator.runs.pinning import is_digest, pin
 from generator.runs.recommender import Recommender
 from generator.serving.requests import MISSING, ApiError
 
@@ -127,17 +127,14 @@ class Holder:
     def _build(self, expect_sha256: str | None) -> Served:
         running = self.current.version if self.current else "none"
         try:
-            states = file_states(self.run_dir) if expect_sha256 is not None else None
-            if expect_sha256 is not None:
-                try:
-                    check_pinned(self.run_dir, expect_sha256)
-                except ValueError as e:  # the files' digests are not the client's pin: its field, not the reload's
-                    raise ApiError(409, "expect_sha256", expect_sha256, "the combined digest of the run folder as it "
-                                   "is now (`semid digest --run RUN --combined`)", f"the new version was refused: {e}; "
-                                   f"the running version ({running}) keeps serving") from None
+            try:
+                loaded = pin(self.run_dir, expect_sha256)  # (nothing checked without a pin)
+            except ValueError as e:  # the files' digests are not the client's pin: its field, not the reload's
+                raise ApiError(409, "expect_sha256", expect_sha256, "the combined digest of the run folder as it "
+                               "is now (`semid digest --run RUN --combined`)", f"the new version was refused: {e}; "
+                               f"the running version ({running}) keeps serving") from None
             served = Served.build(self._load())
-            if states is not None:  # the files loaded are the ones the pin checked
-                check_unchanged(self.run_dir, states)
+            loaded()  # the files loaded are the ones the pin checked
         except ApiError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the running one stays
