@@ -186,3 +186,14 @@ def test_config_counts_every_step_even_when_the_best_came_early(causal_run: dict
     assert config["epochs"] == 4 and config["steps"] == 4 * 3  # 24 users, windows of 8 per batch: 3 steps an epoch
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 12  # resume continues from the end, not from the best
+
+
+def test_a_diverging_training_stops_with_an_error_that_names_the_learning_rate(
+    causal_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (before: the first validation's beam search over NaN scores ended in a RuntimeError about the tree's leaves)
+    flags = ["--max-epochs", "1", "--batch-size", "8", "--val-users", "all", "--no-progress", "--seed", "0"]
+    assert main(["train", "--data", str(causal_run["data"]), "--ids", str(causal_run["ids"]), "--out",
+                 str(tmp_path / "run"), "--lr", "1e30", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged by step" in err and "NaN or infinite" in err and "lower --lr (this run's 1e+30" in err

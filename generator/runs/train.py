@@ -66,6 +66,7 @@ from generator.training.callbacks import (
     BudgetProgress,
     BudgetSnapshots,
     CpuTimeLimit,
+    DivergenceStop,
     WeightEMA,
 )
 from generator.training.resume import RESUME, ResumePoints, RunCheckpoint, SignalGuard, StepSeeds
@@ -302,13 +303,13 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         dirpath=ckpt_dir, filename=BEST[: -len(".ckpt")], monitor=monitor, mode="max", save_top_k=1, save_last=True,
         auto_insert_metric_name=False, enable_version_counter=False,  # always best.ckpt / last.ckpt, also on resume
     )
-    callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step"), StepSeeds(options.seed), *extra_callbacks]
+    diverged = DivergenceStop(f"lower --lr (this run's {options.lr:g}; --warmup-steps {options.warmup_steps}) and train again")
+    callbacks: list[Any] = [checkpoint, LearningRateMonitor(logging_interval="step"), StepSeeds(options.seed), diverged, *extra_callbacks]
     # after ModelCheckpoint (both are Checkpoint callbacks, which Lightning runs last, in their order)
     callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
     cpu_budget = parse_max_time(options.max_cpu_time, "max_cpu_time")
     cpu_limit = None if cpu_budget is None else CpuTimeLimit(cpu_budget.total_seconds())
-    if cpu_limit is not None:
-        callbacks.append(cpu_limit)
+    callbacks += [] if cpu_limit is None else [cpu_limit]
     if options.optim().needs_budget:  # the schedule follows the share of the budget spent
         wall = parse_max_time(options.max_time)
         callbacks.append(BudgetProgress(None if wall is None else wall.total_seconds(), cpu_limit))

@@ -105,6 +105,29 @@ class WeightEMA(WeightAveraging):
         pass
 
 
+class DivergenceStop(L.Callback):
+    """Stops a training whose weights became NaN or infinite (a learning rate too high), with an error that says so,
+    before a validation decodes with them (a beam search over NaN scores ends outside the tree) or the run's end
+    writes anything from them. Checked at each validation and at the end of training: one host synchronisation each,
+    none inside a step. ``advice``: what to change, in the command line's words."""
+
+    def __init__(self, advice: str) -> None:
+        self.advice = advice
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bad = [name for name, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise ValueError(f"training diverged by step {trainer.global_step} (epoch {trainer.current_epoch}): "
+                             f"{len(bad)} weight tensors became NaN or infinite (the first: {bad[0]}); {self.advice}")
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._check(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+
 class CpuTimeLimit(L.Callback):
     """Stops training once this process has used ``seconds`` of CPU time in training (``max_cpu_time``).
 
