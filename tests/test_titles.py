@@ -313,3 +313,30 @@ def test_the_grounding_cache_follows_the_encoders_files_not_its_folder_name(tmp_
     (enc / "config.json").write_text('{"hidden_size": 6}')
     assert catalogue_title_embeddings(run, titles, 6, enc).shape == (3, 6) and calls == [4, 6]
     assert catalogue_title_embeddings(run, titles[:2], 6, enc).shape == (2, 6) and calls == [4, 6, 6]  # other titles
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_the_title_loss_is_each_tokens_smoothed_cross_entropy_summed_over_the_title(eps: float) -> None:
+    model, index, _ = tiny_title_model()
+    h = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([1, 3, 5, 7])  # "2 3 4", "" (eos alone), "5 6 7", "2 8 9 10"
+    seqs = [list(r[r >= 0]) + [index.eos_id] for r in index.sequences]
+    want = torch.zeros(4)
+    for b, row in enumerate(rows.tolist()):  # loop over titles and tokens: the hand computation
+        state, cond = model.title_start(h[b : b + 1])
+        prev = None
+        for t in seqs[row]:
+            logits, state = model.step(prev, state, cond)
+            logp = logits[0].log_softmax(-1)
+            want[b] -= (1 - eps) * logp[t] + eps * logp.mean()
+            prev = torch.tensor([t])
+    got = model.title_nll(h, rows, label_smoothing=eps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_title_run_defaults_to_no_label_smoothing_and_applies_a_given_one() -> None:
+    from generator.runs.options import TrainOptions
+
+    assert TrainOptions(target="title").optim().label_smoothing == 0.0
+    assert TrainOptions(target="title", label_smoothing=0.1).optim().label_smoothing == 0.1
+    assert TrainOptions().optim().label_smoothing == 0.1  # the causal code head's sibling smoothing

@@ -131,8 +131,9 @@ class TitleGenerator(nn.Module):
         out, s = self.gru(x[:, None, :], state[None].contiguous())
         return self.token_logits(out[:, 0]), s[0]
 
-    def title_nll(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood of each target item's title (sum over its tokens and eos). h (P, D), rows (P,) -> (P,)."""
+    def title_nll(self, h: torch.Tensor, rows: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Negative log-likelihood of each target item's title (sum over its tokens and eos). h (P, D), rows (P,) -> (P,).
+        ``label_smoothing``: each token's target spreads that share uniformly over the title vocabulary (training)."""
         tgt = self.title_targets[rows]  # (P, J)
         lengths = self.title_lengths[rows]
         J = int(lengths.max())
@@ -141,6 +142,7 @@ class TitleGenerator(nn.Module):
         inputs = torch.cat([self.start.expand(tgt.shape[0], 1, -1), self.tok_emb(tgt[:, :-1])], dim=1) + cond[:, None]
         out, _ = self.gru(self.drop(inputs), state[None].contiguous())  # (P, J, E); causal, so padding never leaks back
         real = torch.arange(J, device=h.device)[None, :] < lengths[:, None]  # (P, J)
-        nll = F.cross_entropy(self.token_logits(self.drop(out[real])), tgt[real], reduction="none")  # (R,) real tokens only
+        nll = F.cross_entropy(self.token_logits(self.drop(out[real])), tgt[real], reduction="none",
+                              label_smoothing=label_smoothing)  # (R,) real tokens only
         owner = torch.arange(tgt.shape[0], device=h.device)[:, None].expand(-1, J)[real]
         return nll.new_zeros(tgt.shape[0]).index_add(0, owner, nll)

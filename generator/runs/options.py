@@ -121,7 +121,8 @@ class TrainOptions:
     ema: float | None = option(None, "validate, select and serve an exponential moving average of the weights with this decay "
                                "per optimiser step (the trained weights stay in the checkpoint for a resume); 0 = off {default}",
                                OPTIM, kind="frac<1", check=True, fixed=True)
-    label_smoothing: float | None = option(None, "{default}", OPTIM, kind="num")
+    label_smoothing: float | None = option(None, "the target's share spread over the other choices (causal: the code's "
+                                           "siblings; T5: its vocabulary; a title run: the title vocabulary) {default}", OPTIM, kind="num")
     max_history: int | None = option(None, "items of history per position {default}", EXAMPLES, check=True, kind="int>0", fixed=True)
     user_tokens: int | None = option(None, "hashed user-id tokens, 0 = none (T5 only) {default}", EXAMPLES, check=True, kind="int>=0", fixed=True)
     val_users: int | None = option(1000, "validation users sampled during training, or 'all' {default}", VALID, kind="int>0?",
@@ -278,6 +279,8 @@ def default_text(name: str) -> str:
     first = TrainOptions.__dataclass_fields__["preset"].default  # the default preset's own value leads
     over = {p: v[name] for d in ids_designs for p, v in d.preset_defaults.items() if name in v}
     rest = "".join(f"; {v} with the preset {p}" for p, v in over.items() if p != first)
+    rest += "".join(f"; {d.defaults[name]} with --target {d.target}" for d in designs.DESIGNS.values()
+                    if d.target != "ids" and d.defaults.get(name, values[0]) not in values)
     if first in over:
         return f"(default {over[first]} with the default preset {first}, else {text}{rest})"
     return f"(default {text}{rest})"

@@ -56,7 +56,7 @@ class TitleSystem(L.LightningModule):
     def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
         h = self.model.hidden(batch.histories)  # (B, T, D): one pass, every position
         real = batch.targets >= 0
-        loss = self.model.title_nll(h[real], batch.targets[real]).mean()
+        loss = self.model.title_nll(h[real], batch.targets[real], self.optim.label_smoothing).mean()
         P = int(real.sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=P)
         self.log("train/targets", float(P), reduce_fx="sum", batch_size=1)
