@@ -80,7 +80,7 @@ def test_evaluate_prints_and_writes_metrics(
     import generator.runs.evaluate as ev
 
     run = trained["run"]
-    assert main(["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--no-progress"]) == 0
+    assert main(["evaluate", "--run", str(run), "--split", "test", "--num-beams", "10", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "Recall@10" in out and "invalid items 0" in out
     m = json.loads((run / "metrics_test.json").read_text())
@@ -94,7 +94,7 @@ def test_evaluate_prints_and_writes_metrics(
         n: Recording(d, rankings.setdefault(n, [])) for n, d in decoders_for(*a, **kw).items()})
     metrics = {}
     for decoder in ("beam", "generate"):
-        argv = ["evaluate", "--run", str(run), "--split", "test", "--num-beams", "12", "--decoder", decoder, "--max-users", "10"]
+        argv = ["evaluate", "--run", str(run), "--split", "test", "--num-beams", "10", "--decoder", decoder, "--max-users", "10"]
         assert main([*argv, "--no-progress"]) == 0
         metrics[decoder] = json.loads((run / "metrics_test_sample10.json").read_text())  # a sample: not metrics_test.json
         assert metrics[decoder]["users_evaluated"] == 10
@@ -337,7 +337,7 @@ def test_a_run_without_validation_says_its_checkpoint_was_not_selected(
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["best_checkpoint"] == "checkpoints/last.ckpt" and config["selected_on_validation"] is False
     with caplog.at_level(logging.WARNING, logger="generator.runs.evaluate"):
-        assert main(["evaluate", "--run", str(run), "--num-beams", "12", "--no-progress"]) == 0
+        assert main(["evaluate", "--run", str(run), "--num-beams", "10", "--no-progress"]) == 0
     assert json.loads((run / "metrics_test.json").read_text())["selected_on_validation"] is False
     assert "not selected on validation" in caplog.text
 
@@ -470,7 +470,7 @@ def test_another_decoder_or_checkpoint_never_replaces_the_protocols_metrics(trai
     last.ckpt` once replaced it with their own figures (the best checkpoint's metrics lost)."""
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
-    base = ["evaluate", "--run", str(run), "--num-beams", "12", "--no-progress"]
+    base = ["evaluate", "--run", str(run), "--num-beams", "10", "--no-progress"]  # (the beams the run trained with)
     assert main(base) == 0
     protocol = (run / "metrics_test.json").read_bytes()
     assert json.loads(protocol)["decoder"] == "t5.beam"  # (this file's run: the T5 design)
@@ -482,6 +482,11 @@ def test_another_decoder_or_checkpoint_never_replaces_the_protocols_metrics(trai
     assert last["checkpoint"].endswith("last.ckpt") and last["selected_on_validation"] is False
     assert main([*base, "--decoder", "beam"]) == 0  # the run's own decoder, named: the protocol's file again
     assert not (run / "metrics_test_beam.json").exists()
+    # options other than the protocol's too (they once replaced it, recorded inside): other beams than evaluate's
+    # default (20) or the run's training's (10)
+    assert main([*base[:3], "--num-beams", "30", "--no-progress"]) == 0
+    assert (run / "metrics_test.json").read_bytes() == protocol
+    assert json.loads((run / "metrics_test_beam_beams30.json").read_text())["num_beams"] == 30
 
 
 def test_the_service_takes_user_ids_for_a_run_trained_with_user_tokens(trained: dict[str, Path]) -> None:

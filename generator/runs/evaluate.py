@@ -229,6 +229,17 @@ EVALUATE_DEFAULTS = {name: p.default for name, p in inspect.signature(evaluate).
                      if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "release_tables"}
 
 
+def _options_variant(run: Run, name: str, o: dict[str, Any]) -> list[str]:
+    """The parts of a metrics file's name for options other than the protocol's, so that their figures never replace
+    the protocol's file: beams other than evaluate's default or the run's training's (decoders with beams), a given
+    ``alpha``, 16-bit tables, a given length penalty."""
+    beams = {EVALUATE_DEFAULTS["num_beams"], (run.config.get("train") or {}).get("num_beams")}
+    return ([f"beams{o['num_beams']}"] if name not in registry.BEAMLESS and o["num_beams"] not in beams else []) + (
+        [f"alpha{o['alpha']:g}"] if o["alpha"] is not None else []) + (
+        [o["table_dtype"]] if o["table_dtype"] != EVALUATE_DEFAULTS["table_dtype"] else []) + (
+        [f"lp{o['length_penalty']:g}"] if o["length_penalty"] is not None else [])
+
+
 def evaluate_run(
     run_dir: str | os.PathLike[str],
     which: str = "test",
@@ -240,7 +251,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run folder and write ``RUN/metrics_<which>.json`` (atomically; a sample of ``max_users`` users
     writes ``RUN/metrics_<which>_sample<N>.json`` instead, another decoder than the run's default or a checkpoint
-    other than its best ``RUN/metrics_<which>_<decoder>[_<checkpoint>].json``: :func:`~generator.runs.folder.metrics_file`);
+    other than its best or other options (:func:`_options_variant`) ``RUN/metrics_<which>_<decoder>[_<options>][_<checkpoint>].json``:
+    :func:`~generator.runs.folder.metrics_file`);
     returns what was written, with ``file`` its path.
 
     Before anything is computed, the folder must take the file, and a ``data_dir`` must be the data the run was
@@ -280,7 +292,9 @@ def evaluate_run(
     best = (run.path / str(run.config.get("best_checkpoint"))).resolve()
     name, served = registry.resolve(run.design, o["decoder"]), _served_decoder(run)
     other_checkpoint = checkpoint is not None and run.checkpoint.resolve() != best
-    variant = ([name] if other_checkpoint or name != served else []) + ([Path(run.checkpoint).stem] if other_checkpoint else [])
+    options_part = _options_variant(run, name, o)
+    variant = ([name] if other_checkpoint or name != served or options_part else []) + options_part + (
+        [Path(run.checkpoint).stem] if other_checkpoint else [])
     target = metrics_file(run.path, which, sample, unseen=exclude_history, variant="_".join(variant) or None)
     check_writable(target, f"the metrics ({target.name})")  # before the work, not after it
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
