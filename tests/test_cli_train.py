@@ -203,7 +203,8 @@ def test_train_refuses_to_overwrite_and_bad_options(trained: dict[str, Path], ca
                            (["--preset", "cpu", "--objective", "dense"], "`--objective` 'dense' needs a dense head"),
                            (["--preset", "cpu", "--dense-option", "dim=64"], "`--dense-option` configure the dense head"),
                            (["--preset", "cpu", "--decoder", "dense"], "`--decoder` 'dense' validates the dense head"),
-                           (["--preset", "cpu", "--decoder", "exact"], "decoder 'exact' is for causal runs"),
+                           (["--preset", "cpu", "--decoder", "exact"], "a T5 run selects checkpoints with decoder 'beam', "
+                            "'generate' or (with a dense head) 'dense', got 'exact' (decoder 'exact' is for causal runs)"),
                            (["--target", "title", "--dense-option", "dim=64"], "a title run has none"),
                            (["--lr", "inf"], "`--lr` must be a finite number > 0")):
         assert main([*base, "--out", str(trained["run"].parent / "x"), *flags]) == 2

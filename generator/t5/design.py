@@ -37,10 +37,13 @@ def check_options(options: Any) -> None:
         if options.dense_options:
             raise ValueError(f"`dense_options` configure the dense head, and this run trains none: pass `dense` or "
                              f"leave them out, got {options.dense_options!r}")
-    decoder = resolve(NAME, options.decoder)  # (a name T5 does not serve, such as 'exact': said before the folder)
+    try:  # (a name T5 does not serve, such as 'exact': said before the folder, with the choices training has)
+        decoder, why = resolve(NAME, options.decoder), ""
+    except ValueError as e:
+        decoder, why = None, f" ({str(e).split(';')[0]})"
     if decoder not in ("beam", "generate", "dense"):  # (a hybrid's fusion is chosen after training; no cold items yet)
         raise ValueError(f"a T5 run selects checkpoints with decoder 'beam', 'generate' or (with a dense head) 'dense', "
-                         f"got {options.decoder!r}")
+                         f"got {options.decoder!r}{why}")
     if decoder == "dense" and options.dense is None:
         raise ValueError("`decoder` 'dense' validates the dense head, and this run trains none: pass `dense`")
 
