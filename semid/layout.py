@@ -133,10 +133,6 @@ class TokenLayout:
         bucket = (user_ids * _HASH_MULT) % (2**32) % self.num_user_tokens
         return bucket + self.user_offset
 
-    def is_code_token(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Bool mask: which tokens are code tokens of any level."""
-        return (tokens >= NUM_SPECIAL) & (tokens < self.user_offset)
-
     # ---- persistence ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"codebook_sizes": list(self.codebook_sizes), "num_user_tokens": self.num_user_tokens}

@@ -171,7 +171,7 @@ def test_evaluate_cli_takes_the_table_dtype(serve_world: dict[str, Path], tmp_pa
     assert main(["evaluate", "--run", str(run), "--decoder", "beam", "--max-users", "20", "--table-dtype", "float16",
                  "--no-progress"]) == 0
     assert built == [("float16", True, torch.float16)]  # the loaded run's decoders: 16-bit, its model released
-    out = json.loads((run / "metrics_test_sample20.json").read_text())
+    out = json.loads((run / "metrics_test_beam_float16_sample20.json").read_text())  # (not the protocol's tables)
     assert out["table_dtype"] == "float16" and out["users_evaluated"] == 20
     with pytest.raises(SystemExit):
         main(["evaluate", "--run", str(run), "--table-dtype", "int8"])

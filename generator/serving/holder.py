@@ -16,7 +16,6 @@ import asyncio
 import gc
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,6 @@ class Served:
     rec: Recommender
     asins: list[str | None]
     titles: list[str | None]
-    loaded_at: float
 
     @classmethod
     def build(cls, rec: Recommender) -> Served:
@@ -47,7 +45,7 @@ class Served:
         n = cat.num_items if cat is not None else 0
         asins = [cat.original_ids[i - 1] if 1 <= i <= n else None for i in ids]  # once per load
         titles = [cat.titles[i - 1] if 1 <= i <= n else None for i in ids]
-        return cls(rec, asins, titles, time.time())
+        return cls(rec, asins, titles)
 
     @property
     def version(self) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from generator.models.config import is_plain_int as is_int  # (JSON's ints: no numpy ones)
 from generator.runs.recommender import Recommender
 from semid.safe_read import cut, repeated_key
 
@@ -144,10 +145,6 @@ def check_fields(doc: dict[str, Any], allowed: tuple[str, ...], required: tuple[
     for name in required:
         if name not in doc:
             raise ApiError(422, name, MISSING, "present", f"missing field `{name}`")
-
-
-def is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def check_k(doc: dict[str, Any], rec: Recommender, limits: Limits) -> int:

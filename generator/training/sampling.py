@@ -57,7 +57,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Args:
         lengths: int (E,) encoder input length of every example.
-        batch_size: examples per batch (the last batch of a chunk may be smaller unless ``drop_last``).
+        batch_size: examples per batch (the last batch of a chunk may be smaller).
         bucket_batches: how many batches' worth of examples are sorted together (1 = no bucketing).
     """
 
@@ -68,7 +68,6 @@ class BucketBatchSampler(Sampler[list[int]]):
         *,
         seed: int = 0,
         bucket_batches: int = 50,
-        drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
@@ -81,7 +80,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if self.lengths.size == 0:
             raise ValueError("`lengths` must hold at least one example, got none")
-        self.batch_size, self.bucket_batches, self.drop_last = int(batch_size), int(bucket_batches), drop_last
+        self.batch_size, self.bucket_batches = int(batch_size), int(bucket_batches)
         self.num_replicas, self.rank = num_replicas, rank
         self.sampler = EpochPermutation(self.lengths.size, seed)  # Lightning calls sampler.set_epoch
 
@@ -94,8 +93,6 @@ class BucketBatchSampler(Sampler[list[int]]):
             part = perm[c : c + chunk]
             part = part[np.argsort(self.lengths[part], kind="stable")]
             out.extend(part[b : b + self.batch_size] for b in range(0, part.size, self.batch_size))
-        if self.drop_last:
-            out = [b for b in out if b.size == self.batch_size] or out[:1]
         order = torch.randperm(len(out), generator=self.sampler.generator()).tolist()
         return [out[i] for i in order]
 
@@ -103,8 +100,6 @@ class BucketBatchSampler(Sampler[list[int]]):
         """Batches per epoch over all replicas (does not depend on the permutation)."""
         chunk = self.batch_size * self.bucket_batches
         sizes = np.minimum(chunk, self.lengths.size - np.arange(0, self.lengths.size, chunk))
-        if self.drop_last:
-            return max(int((sizes // self.batch_size).sum()), 1)
         return int((-(-sizes // self.batch_size)).sum())
 
     def __iter__(self) -> Iterator[list[int]]:
