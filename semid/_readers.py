@@ -41,12 +41,22 @@ class _Metadata:
     duplicates: int = 0
     by_item: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
-    def add(self, item: str, title: str, attributes: Iterable[str]) -> None:
+    def add(self, item: str, title: str, attributes: Iterable[str], where: str) -> None:
+        """Keep ``item``'s title verbatim (as the benchmark folders hold them, trailing spaces too) and its attributes
+        deduplicated; a title or attribute with a lone surrogate (JSON's "\\ud800", not a character) is an error
+        naming ``where`` (items.jsonl would hold it, and every later reader fail on it)."""
         self.rows += 1
         if item in self.by_item:
             self.duplicates += 1
             return
-        self.by_item[item] = (title.strip(), _dedupe(attributes))
+        attrs = _dedupe(attributes)
+        for what, text in (("title", title), *(("attribute", a) for a in attrs)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where}: item {item[:40]!r}'s {what} {text[:40]!r} holds {text[e.start:e.end]!r}, "
+                                 "which is not a character (a lone surrogate escape): fix it in the file") from None
+        self.by_item[item] = (title, attrs)
 
 
 def _dedupe(values: Iterable[str]) -> list[str]:
@@ -70,10 +80,25 @@ def _open_text(path: Path, newline: str | None = None) -> Iterator[IO[str]]:
                              "the uncompressed file (a name not ending in .gz)") from None
 
 
+MAX_LINE = 1 << 24  # characters a line of raw data may hold (Amazon's metadata lines: under 1 MB)
+
+
+def _bounded(f: IO[str], path: Path) -> Iterator[str]:
+    """The lines of ``f``, each read at most :data:`MAX_LINE` + 1 characters at a time: a longer one is an error
+    naming the file and line, never read whole (a small .gz may hold one line of gigabytes)."""
+    lineno = 0
+    while line := f.readline(MAX_LINE + 1):
+        lineno += 1
+        if len(line) > MAX_LINE:
+            raise ValueError(f"{path}:{lineno}: a line longer than {MAX_LINE:,} characters: not a file of records "
+                             "this format holds (a damaged or wrong file?)")
+        yield line
+
+
 def _lines(path: Path) -> Iterator[tuple[str, str]]:
     """(``"path:lineno"``, line) for each line; an empty line is an error."""
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in enumerate(_bounded(f, path), start=1):
             where = f"{path}:{lineno}"
             if not line.strip():
                 raise ValueError(f"{where}: empty line")
@@ -106,7 +131,7 @@ def _read_amazon_meta(path: Path) -> _Metadata:
             raise ValueError(f"{where}: `categories` must be a list of lists of strings, got {categories!r}")
         if not isinstance(asin, str) or not asin.strip():  # (None and 5 were made the items "None" and "5")
             raise ValueError(f"{where}: `asin` must be a non-empty string, got {asin!r}")
-        meta.add(asin, title, [brand, *(c for p in categories for c in p[1:])])
+        meta.add(asin, title, [brand, *(c for p in categories for c in p[1:])], where)
     return meta
 
 
@@ -126,7 +151,7 @@ def _tsv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
 def _csv_rows(path: Path) -> Iterator[tuple[str, list[str]]]:
     """CSV rows; every row must have as many fields as the first (the header)."""
     with _open_text(path, newline="") as f:
-        reader, width = csv.reader(f, strict=True), None  # a stray quote is an error, not a silent merge
+        reader, width = csv.reader(_bounded(f, path), strict=True), None  # a stray quote is an error, not a silent merge
         try:
             for row in reader:
                 where = f"{path}:{reader.line_num}"

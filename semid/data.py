@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +171,9 @@ def load_catalogue(path: str | os.PathLike[str]) -> Catalogue:
 
 
 def _require_file(file: Path) -> None:
+    if file.exists() and not file.is_file():
+        raise ValueError(f"{file}: not a regular file (a folder, device or pipe): a dataset folder needs it as a file "
+                         "(`semid prepare` makes one)")
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (a dataset folder needs it; `semid prepare` makes one)")
 
@@ -230,10 +234,17 @@ def _field(
     value = rec[key]
     if not isinstance(value, kind):
         raise ValueError(f"{file}:{lineno}: `{key}` must be a {kind.__name__}, got {value!r}")
+    for text in [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)]:
+        try:  # JSON's "\ud800" escapes a lone surrogate, which is not a character: every writer of it fails later
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{file}:{lineno}: `{key}` holds {text[e.start:e.end]!r}, not a character (a lone "
+                             f"surrogate escape) in {text[:40]!r}: fix it in the file") from None
     return value
 
 
 _INT64_MAX = 2**63 - 1
+_ASCII_SPACE = re.compile("[ \t\r\n\x0b\x0c]+")  # what separates a line's ids; other characters are errors
 
 
 def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -242,12 +253,15 @@ def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.nda
     sequences: list[np.ndarray] = []
     with open(file, encoding="utf-8-sig") as f:
         for lineno, line in _numbered_lines(file, f):
-            tokens = line.split()
+            tokens = [t for t in _ASCII_SPACE.split(line) if t]  # (str.split() split at \x1e, U+2028: two users merged)
             if not tokens:
                 raise ValueError(f"{file}:{lineno}: empty line (expected `USER ITEM ITEM ...`)")
             if not all(map(_is_id, tokens)):  # int() alone would read "1_0" as 10, "+3" and " ٣" as 3
                 bad = next(t for t in tokens if not _is_id(t))
                 raise ValueError(f"{file}:{lineno}: {bad!r} is not an integer id (write ids as plain digits 0-9)")
+            if (long := next((t for t in tokens if len(t) > 20), None)) is not None:  # (int() refuses 4,300 digits)
+                raise ValueError(f"{file}:{lineno}: id {long[:24]}... ({len(long):,} digits) is beyond the ids semid "
+                                 f"holds (|id| <= {_INT64_MAX}); number users and items from 1")
             ints = [int(t) for t in tokens]
             if max(ints) > _INT64_MAX or min(ints) < -_INT64_MAX:  # numpy would raise OverflowError, naming neither
                 big = max(ints, key=abs)  # file nor line

@@ -122,9 +122,9 @@ def prepare_recbole(
         text = [c for c, ty in enumerate(types) if c != key and ty in ("token", "token_seq")]
         title = next((c for c in text if "title" in names[c].lower()), None)
         attrs = [(c, types[c] == "token_seq") for c in text if c != title]
-        for _, row in rows:
+        for where, row in rows:
             values = (row[c].split(" ") if seq else [row[c]] for c, seq in attrs)
-            meta.add(row[key], row[title] if title is not None else "", (a for vs in values for a in vs))
+            meta.add(row[key], row[title] if title is not None else "", (a for vs in values for a in vs), where)
     return _finish("recbole", raw, meta, out, kcore, overwrite)
 
 
@@ -150,8 +150,8 @@ def prepare_csv(
         header = _csv_header(path, next(rows, None))
         key, title = _columns(path, header, {"item": item_column, "title": title_column})
         others = [c for c in range(len(header)) if c not in (key, title)]
-        for _, row in rows:
-            meta.add(row[key], row[title], (row[c] for c in others))
+        for where, row in rows:
+            meta.add(row[key], row[title], (row[c] for c in others), where)
     return _finish("csv", raw, meta, out, kcore, overwrite)
 
 

@@ -110,6 +110,8 @@ def _items_lines(n: int) -> list[str]:
             r"items.jsonl:2: `attributes` must be a list",
         ),
         (_items_lines(1) + ["[1, 2]"], r"items.jsonl:2: expected a JSON object, got list"),
+        (_items_lines(1) + ['{"item_id": 2, "title": "t\\ud800"}'], r"items.jsonl:2: `title` holds '\\ud800', not a character"),
+        (_items_lines(1) + ['{"item_id": 2, "title": "t", "attributes": ["\\udfff"]}'], r"items.jsonl:2: `attributes` holds"),
     ],
 )
 def test_items_errors_name_file_and_line(tmp_path: Path, lines: list[str], message: str) -> None:
@@ -132,6 +134,10 @@ def test_items_errors_name_file_and_line(tmp_path: Path, lines: list[str], messa
         ("1 1 2\n2 0\n", r"sequences.txt:2: user 2 has unknown item id 0"),
         ("1 1 2\n2\n", r"sequences.txt:2: user 2 has no items"),
         ("0 1 2\n", r"sequences.txt:1: user id must be >= 1, got 0"),
+        # two users on one line, parted by a character str.split() parts at (they were merged into one user)
+        ("1 1 2\n2 2\x1e3 1\n", r"sequences.txt:2: '2\\x1e3' is not an integer id"),
+        ("1 1 2\n2 2\u20283 1\n", r"sequences.txt:2: '2\\u20283' is not an integer id"),
+        ("1 1 2\n2 " + "1" * 5000 + "\n", r"sequences.txt:2: id 1111.* \(5,000 digits\) is beyond the ids semid holds"),
     ],
 )
 def test_sequence_errors_name_file_line_and_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -166,6 +172,9 @@ def test_missing_files_say_which_and_how_to_make_one(tmp_path: Path, tiny_datase
         load_dataset(tmp_path / "nowhere")
     (tiny_dataset_dir / "sequences.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"sequences.txt: missing .*`semid prepare` makes one"):
+        load_dataset(tiny_dataset_dir)
+    (tiny_dataset_dir / "sequences.txt").mkdir()  # (it was said to be missing)
+    with pytest.raises(ValueError, match=r"sequences.txt: not a regular file \(a folder, device or pipe\)"):
         load_dataset(tiny_dataset_dir)
 
 

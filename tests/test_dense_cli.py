@@ -83,7 +83,7 @@ def test_evaluate_with_dense_and_hybrid_decoders(
 
     fit_and_choose = fusion_store.fit_and_choose
     monkeypatch.setattr(fusion_store, "fit_and_choose", spy)
-    beams = ["--num-beams", "12"] if decoder == "hybrid" else []  # (refused for dense, which searches none)
+    beams = ["--num-beams", "10"] if decoder == "hybrid" else []  # (the run's; refused for dense, which searches none)
     evaluate = ["evaluate", "--run", str(joint_run), "--split", "test", "--decoder", decoder, *beams, "--no-progress"]
     if decoder == "hybrid":  # evaluate never chooses a fusion: without one it says how to choose it
         (joint_run / HYBRID_FILE).unlink(missing_ok=True)

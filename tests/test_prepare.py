@@ -64,7 +64,8 @@ def test_amazon2014_orders_by_time_numbers_by_first_appearance_and_counts(amazon
     assert _users_tsv(out) == ["user_id\toriginal_user_id", "1\tC", "2\tB", "3\tA"]
     assert ds.user_ids.tolist() == [1, 2, 3]
     assert [s.tolist() for s in ds.sequences] == [[1, 4], [2, 3], [2, 4, 3]]
-    assert ds.catalogue.titles == ["Brush W", "Cream's Y", "", "Lipstick X"]
+    assert ds.catalogue.titles == [" Brush W ", "Cream's Y", "", "Lipstick X"]  # verbatim, as the Beauty folder's
+    # (four of its titles end in a space: stripped, a prepared Beauty's item text and embeddings differed)
     # brand first, then category names without each path's root ("Beauty"), deduplicated in order
     assert ds.catalogue.attributes == [[], ["Skin Care"], [], ["Acme", "Makeup", "Lips", "Lipstick"]]
     assert (report.rows_read, report.duplicates_dropped, report.interactions) == (8, 1, 7)
@@ -278,13 +279,18 @@ BAD_AMAZON = [
     ({"meta": ["{'asin': 5}"]}, r"meta.json.gz:1: `asin` must be a non-empty string, got 5"),
     ({"reviews": _reviews([("A", "X", 2**60 + 1), ("A", "Y", 1.5)])}, r"reviews.json.gz:1: timestamp 1152921504606846977 is an "
      r"integer above 2\^53 and .*reviews.json.gz:2: timestamp 1.5 has a fraction"),
+    # a title that is not text (items.jsonl held it, and a later command failed naming no file)
+    ({"meta": ["{'asin': 'X', 'title': 'Bad \\ud800 title'}"]}, r"meta.json.gz:1: item 'X'\'s title 'Bad \\ud800 title' holds "),
+    # one line of gigabytes from a small .gz was read whole (here: one line past the limit, the limit lowered)
+    ({"reviews": _reviews(REVIEWS[:1]) + ['{"reviewerID": "' + "A" * 300 + '"}']}, r"reviews.json.gz:2: a line longer than 256"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("files", "message"), BAD_AMAZON)
 def test_amazon2014_errors_name_file_and_line(
-    tmp_path: Path, files: dict[str, list[str]], message: str
+    tmp_path: Path, files: dict[str, list[str]], message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("semid._readers.MAX_LINE", 256)
     reviews = _write_gz(tmp_path / "reviews.json.gz", files.get("reviews", _reviews(REVIEWS)))
     meta = _write_gz(tmp_path / "meta.json.gz", files.get("meta", META))
     with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + ".*" + message):
