@@ -225,6 +225,9 @@ def check_ids_for(ids: SemanticIDs, ids_path: str | os.PathLike[str], num_items:
         )
     meta = SemanticIDs.load_metadata(ids_path)
     recorded, fitted = meta.get("embeddings_sha256"), Path(str(meta.get("embeddings") or ""))
+    if recorded is not None and not isinstance(recorded, str):
+        raise ValueError(f"{ids_path}: `meta.embeddings_sha256` must be a string, got {recorded!r}: a damaged or "
+                         "crafted file; fit codebooks again")
     here = Path(data_dir) / fitted.name
     if recorded and fitted.name and here.is_file() and (seen := file_sha256(here)) != recorded:
         raise ValueError(

@@ -61,6 +61,15 @@ class SemanticIDs:
             raise ValueError(f"`item_ids` must have shape ({codes.shape[0]},), got {item_ids.shape}")
         _check_int_array("codes", codes)
         _check_int_array("item_ids", item_ids)
+        if item_ids.dtype.kind == "u" and item_ids.size and int(item_ids.max()) > _INT64_MAX:  # (np.diff wraps in uint)
+            raise ValueError(f"`item_ids` holds {int(item_ids.max())}, beyond an int64 id")
+        item_ids = item_ids.astype(np.int64)
+        most = max(MAX_CODEBOOK, codes.shape[0])
+        if any(k > most for k in sizes):
+            level = next(i for i, k in enumerate(sizes) if k > most)
+            raise ValueError(f"codebook size {sizes[level]:,} at level {level} is more than max({MAX_CODEBOOK:,}, the "
+                             f"{codes.shape[0]:,} items): most of its codes could have no item, and the model would hold "
+                             "a row for each")
         if item_ids.size and (np.diff(item_ids) <= 0).any():
             i = int(np.flatnonzero(np.diff(item_ids) <= 0)[0])
             raise ValueError(f"`item_ids` must be strictly ascending (unique), got {int(item_ids[i])} then {int(item_ids[i + 1])} at rows {i}, {i + 1}")
@@ -313,6 +322,10 @@ def _check_headers(path: Path, headers: dict) -> None:
 
 
 # ---- private helpers (inputs already validated) --------------------------------------------------------------------
+_INT64_MAX = 2**63 - 1
+MAX_CODEBOOK = 1 << 16  # the largest codebook a level may have beyond the item count (an embedding row per code)
+
+
 def _check_int_array(name: str, a: np.ndarray) -> None:
     if not np.issubdtype(a.dtype, np.integer):
         raise TypeError(f"`{name}` must be an integer array, got dtype {a.dtype}")

@@ -148,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.extra_level_size}) make more ID prefixes than an int64 key holds: use fewer levels or smaller codebooks")
     check_out(args.out, overwrite=args.overwrite)  # before the fitting, so a wrong --out fails fast
     embeddings = check_embedding_values(read_npy(args.embeddings), args.embeddings)  # errors name the file
+    if embeddings.shape[0] < 2:
+        raise ValueError(f"{args.embeddings}: {embeddings.shape[0]} rows (items): codebooks need two items or more")
     if embeddings.shape[0] < args.codebook_size:
         raise ValueError(f"{args.embeddings}: {embeddings.shape[0]} rows (items), fewer than --codebook-size "
                          f"{args.codebook_size}: every code of a level needs an item; pass --codebook-size {embeddings.shape[0]} or less")

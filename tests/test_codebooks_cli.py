@@ -123,6 +123,9 @@ def test_missing_or_bad_embeddings_file(tmp_path: Path, capsys) -> None:
         == 2
     )
     assert "bad.npy: row 3 (item 4) has NaN or inf values" in capsys.readouterr().err  # the file named (issue 22)
+    np.save(bad, np.ones((0, 4), np.float32))  # no rows: it said "pass --codebook-size 0 or less"
+    assert main(["fit-codebooks", "--embeddings", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.npy: 0 rows (items): codebooks need two items or more" in capsys.readouterr().err
 
 
 def test_out_that_is_not_a_codebooks_folder_is_refused_unless_overwrite(

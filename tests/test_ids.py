@@ -157,3 +157,24 @@ def test_damaged_zips_and_an_empty_file_are_errors_naming_it(tmp_path):
             SemanticIDs.load(path)
     with pytest.raises(ValueError, match=r"empty.npz: the semantic IDs file holds no items"):
         SemanticIDs.load(empty)
+
+
+def test_crafted_ids_are_refused_naming_what_is_wrong(tmp_path):
+    codes = np.array([[0, 0], [1, 0], [2, 1]])
+    # uint64 ids out of order: np.diff wrapped around, so "strictly ascending" passed
+    with pytest.raises(ValueError, match="strictly ascending"):
+        SemanticIDs(codes, np.array([1, 3, 2], dtype=np.uint64), [3, 2])
+    with pytest.raises(ValueError, match="beyond an int64 id"):
+        SemanticIDs(codes, np.array([1, 2, 2**63], dtype=np.uint64), [3, 2])
+    # a codebook far larger than its codes and the catalogue: a 10 KB file made training allocate 256 GB
+    with pytest.raises(ValueError, match=r"codebook size 500,000,000 at level 0 is more than max\(65,536, the 3 items\)"):
+        SemanticIDs(codes, np.array([1, 2, 3]), [500_000_000, 2])
+    assert SemanticIDs(codes, np.array([1, 2, 3]), [65_536, 2]).codebook_sizes == (65_536, 2)  # (the limit itself)
+    # a recorded embeddings digest that is not a string failed with "'int' object is not subscriptable"
+    from semid.codebooks import check_ids_for
+
+    ids = SemanticIDs(codes, np.array([1, 2, 3]), [3, 2])
+    ids.save(tmp_path / "ids.npz", embeddings="item_emb.npy", embeddings_sha256=5)
+    (tmp_path / "item_emb.npy").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"ids.npz: `meta.embeddings_sha256` must be a string, got 5"):
+        check_ids_for(ids, tmp_path / "ids.npz", 3, tmp_path)
