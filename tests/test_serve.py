@@ -349,3 +349,47 @@ def test_admin_without_a_token_answers_loopback_only(serve_world: dict[str, Path
             return (await c.post("/admin/reload", headers={"Authorization": "Bearer "})).status_code
 
     assert asyncio.run(drive()) == 403
+
+
+def test_a_client_gone_while_its_request_is_decoded_cancels_it(serve_world: dict[str, Path]) -> None:
+    """A client that closes the connection after its body, while the request waits to be decoded, cancels it (the
+    worker drops its slices not decoded yet: tests/test_serve_batching.py) and is counted as 499; before, it was
+    decoded in full and counted as a 200 (a timed-out client's retries multiplied the load)."""
+    app = app_for(serve_world["v1"])
+    body = b'{"histories": [[1, 2], [3]], "k": 5}'
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/recommend/batch", "raw_path": b"/recommend/batch", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    sent: list[dict] = []
+    submitted: list[asyncio.Future] = []
+
+    async def submit(*args: object) -> object:  # a decode that has not finished when the client goes
+        submitted.append(asyncio.get_running_loop().create_future())
+        return await submitted[-1]
+
+    async def call() -> None:
+        decoding = asyncio.Event()
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive() -> dict:
+            if (message := next(messages, None)) is not None:
+                return message
+            await decoding.wait()  # the disconnect comes once the request is with the decoder
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async with serving(app):
+            app.state.batcher.submit = submit
+            task = asyncio.ensure_future(app(scope, receive, send))
+            while not submitted:
+                await asyncio.sleep(0.01)
+            decoding.set()
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(call())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert submitted[0].cancelled()  # the worker skips a cancelled request's slices
+    assert app.state.metrics.registry.get_sample_value("semid_requests_total", {"endpoint": "/recommend/batch", "status": "499"}) == 1

@@ -125,6 +125,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection (its body read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _ranked(served: Served, out: Recommendation) -> list[dict[str, Any]]:
     rows = served.rows(out.items).tolist()
     return [{"rank": r, "item_id": i, "asin": served.asins[row], "title": served.titles[row],
@@ -193,10 +199,21 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
             raise ApiError(503, None, MISSING, None, "no model is loaded yet (see /readyz)")
         return served
 
-    async def decode(served: Served, doc: dict[str, Any], batch: bool) -> tuple[Any, list[Recommendation], list[int | None]]:
-        q = parse_query(doc, served.rec, limits, batch=batch)
+    async def decode(served: Served, request: Request, batch: bool) -> tuple[Any, list[Recommendation], list[int | None]]:
+        q = parse_query(parse_body(await _read_body(request, limits.max_body_bytes)), served.rec, limits, batch=batch)
+        work = asyncio.ensure_future(batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history, q.user_ids))
+        gone = asyncio.ensure_future(_disconnected(request))  # a client that went away: its request is cancelled, the
+        try:  # slices not decoded yet are dropped by the worker (a timed-out client's retries once doubled the load)
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise ApiError(CLIENT_CLOSED, "connection", MISSING, "a client that waits for the answer", "the client "
+                           "closed the connection before the answer: its request was not decoded further")
         try:
-            return q, *await batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history, q.user_ids)
+            return q, *work.result()
         except (ValueError, TypeError) as e:  # the decoder refused what the checks let through: name it
             raise ApiError(422, "decoder", q.decoder, f"a request that decoder `{q.decoder}` can serve",
                            f"decoder `{q.decoder}` refused this request: {e}") from None
@@ -218,7 +235,7 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
     async def recommend(request: Request) -> Response:
         """Top-k items for one history."""
         served = ready()
-        q, out, beams = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=False)
+        q, out, beams = await decode(served, request, batch=False)
         return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
                       "k": q.k, "num_beams": beams[0], "items": _ranked(served, out[0])})
 
@@ -226,7 +243,7 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
     async def recommend_batch(request: Request) -> Response:
         """Top-k items for each of many histories (results in the order of `histories`)."""
         served = ready()
-        q, out, beams = await decode(served, parse_body(await _read_body(request, limits.max_body_bytes)), batch=True)
+        q, out, beams = await decode(served, request, batch=True)
         return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
                       "k": q.k, "num_beams": beams, "results": [_ranked(served, o) for o in out]})
 
