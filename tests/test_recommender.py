@@ -259,7 +259,21 @@ def test_version_names_the_checkpoint_and_the_ids(world: dict[str, Path], tmp_pa
     ckpt["global_step"] += 1
     torch.save(with_integrity(ckpt), ckpt_path)
     v2 = Recommender.from_run(other, decoders=["beam"]).version
-    assert v2.split(".ids-")[1] == v.split(".ids-")[1] and v2.split(".ids-")[0] != v.split(".ids-")[0]
+    assert v2.split(".ids-")[1] == v.split(".ids-")[1].split(".fusion-")[0] and v2.split(".ids-")[0] != v.split(".ids-")[0]
+    assert ".fusion-" not in v2  # (a Recommender without the hybrid: the fusion decides none of its answers)
+
+
+def test_version_names_the_hybrids_fusion(world: dict[str, Path], tmp_path: Path) -> None:
+    """Another fusion in hybrid.json changes the hybrid's answers, so the version too (a reload once answered the new
+    rankings under the old version)."""
+    other = Path(shutil.copytree(world["run"], tmp_path / "other"))
+    v = Recommender.from_run(other).version
+    stored = json.loads((other / HYBRID_FILE).read_text())
+    assert ".fusion-" in v and stored["fusion"] != "rrf"
+    (other / HYBRID_FILE).write_text(json.dumps({**stored, "fusion": "rrf", "params": {"k0": 60.0}}))
+    v2 = Recommender.from_run(other).version
+    assert v2.split(".fusion-")[0] == v.split(".fusion-")[0] and v2 != v
+    assert Recommender.from_run(other, alpha=0.3).version not in (v, v2)  # a blend weight given at load
 
 
 def test_catalogue_maps(world: dict[str, Path]) -> None:

@@ -153,7 +153,8 @@ def _bad_inputs() -> list[tuple[object, int, str, str]]:
         ({"history": [1], "k": 0}, 422, "k", f"[1, {NUM_ITEMS}]"),
         ({"history": [1], "k": NUM_ITEMS + 1}, 422, "k", f"[1, {NUM_ITEMS}]"),
         ({"history": [1], "k": "10"}, 422, "k", "an integer"),
-        ({"history": list(range(1, 11)), "k": NUM_ITEMS - 5}, 422, "k", "distinct items of `history` to exclude"),
+        ({"history": list(range(1, 11)), "k": NUM_ITEMS - 5}, 422, "k", "distinct items of `history` to exclude is more "
+         f"than the catalogue's {NUM_ITEMS} items: ask for `k` of at most {NUM_ITEMS - 10}, or rank the history's items too"),
         ({"history": [1], "decoder": "nope"}, 422, "decoder", "'auto', 'beam'"),
         ({"history": [1], "decoder": "title-beam"}, 422, "decoder", "not served"),
         ({"history": [1], "exclude_history": "yes"}, 422, "exclude_history", "true or false"),
@@ -393,3 +394,15 @@ def test_a_client_gone_while_its_request_is_decoded_cancels_it(serve_world: dict
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
     assert submitted[0].cancelled()  # the worker skips a cancelled request's slices
     assert app.state.metrics.registry.get_sample_value("semid_requests_total", {"endpoint": "/recommend/batch", "status": "499"}) == 1
+
+
+def test_what_clients_and_checkers_send_that_the_api_allows(serve_world: dict[str, Path]) -> None:
+    """A null user id (the API page's schema allows it; generated clients send it) is no user id; health checkers
+    that send HEAD get their answer; a path with a trailing slash is a JSON 404, not an empty redirect to a URL made
+    from the client's Host header."""
+    with TestClient(app_for(serve_world["v1"])) as c:
+        assert c.post("/recommend", json={"history": [1, 2], "user_id": None}).status_code == 200
+        assert c.post("/recommend/batch", json={"histories": [[1], [2]], "user_ids": None}).status_code == 200
+        assert c.head("/healthz").status_code == 200 and c.head("/readyz").status_code == 200
+        r = c.post("/recommend/", json={"history": [1]}, follow_redirects=False)
+        assert r.status_code == 404 and r.json()["error"]["field"] == "path"

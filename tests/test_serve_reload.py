@@ -83,7 +83,7 @@ def test_a_version_that_fails_is_refused_and_the_old_one_serves(serve_world: dic
         mp.setattr("generator.serving.app._is_loopback", lambda host: True)  # TestClient's client is "testclient"
         target["path"] = _broken_copy(serve_world["v1"], tmp_path / "broken")
         r = c.post("/admin/reload")
-        assert r.status_code == 422 and "refused" in r.json()["error"]["message"] and IDS_FILE in r.json()["error"]["message"]
+        assert r.status_code == 500 and "refused" in r.json()["error"]["message"] and IDS_FILE in r.json()["error"]["message"]
         assert v1 in r.json()["error"]["message"]
         target["path"] = serve_world["v2_no_fusion"]  # loads, but cannot serve the hybrid the running one serves
         r = c.post("/admin/reload")
@@ -96,7 +96,10 @@ def test_a_version_that_fails_is_refused_and_the_old_one_serves(serve_world: dic
         r = c.post("/admin/reload")
         assert r.status_code == 409 and "without titles and asins" in r.json()["error"]["message"], r.text
         assert c.get("/items/1").json()["title"] is not None and c.get("/readyz").json()["version"] == v1
-        assert 'semid_reloads_total{outcome="refused"} 3.0' in c.get("/metrics").text
+        assert 'semid_reloads_total{outcome="failed"} 1.0' in c.get("/metrics").text  # the run folder here did not load
+        assert 'semid_reloads_total{outcome="refused"} 3.0' in c.get("/metrics").text  # the requests' (the body too)
+        r = c.post("/admin/reload", content=b"[]")  # (its example was a recommendation's body)
+        assert r.status_code == 400 and r.json()["error"]["allowed"] == 'a JSON object such as {"expect_sha256": "<64 hex digits>"}'
 
 
 def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str, Path]) -> None:
@@ -128,7 +131,7 @@ def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str,
             target["path"] = app.state.holder.run_dir = broken
             r = c.post("/admin/reload", json={"expect_sha256": good})
             err = r.json()["error"]
-            assert r.status_code == 422 and err["field"] == "reload" and "semantic_ids.npz: missing" in err["message"], r.text
+            assert r.status_code == 500 and err["field"] == "reload" and "semantic_ids.npz: missing" in err["message"], r.text
         finally:
             shutil.rmtree(broken)
         target["path"] = app.state.holder.run_dir = serve_world["v2"]

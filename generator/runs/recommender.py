@@ -4,13 +4,14 @@
     recs = rec.recommend([[12, 45, 99]], k=10)                        # only decodes (default: beam search)
     recs = rec.recommend([[12, 45, 99]], k=10, decoder="hybrid", exclude_history=False)  # the history ranked too
     recs[0].items, recs[0].scores, rec.titles(recs[0].items)          # best first
-    rec.version                                                       # "ckpt-<sha256>.ids-<sha256>" (16 hex each)
+    rec.version                                     # "ckpt-<sha256>.ids-<sha256>[.fusion-<sha256>]" (16, 16, 8 hex)
 
 Everything derived from the weights and the catalogue is built when the run is loaded: the decoders of its backbone
 (causal: beam, exact, dense and hybrid sharing one set of item paths, edge tables and item vectors; T5: beam,
 generate, dense with its MIPS index, hybrid with its item vectors; title: title-beam), the hybrid's fusion read
 from ``RUN/hybrid.json`` (chosen by ``semid choose-fusion`` or at the end of ``semid train``; never chosen here), the
-checkpoint's and IDs' hashes (:attr:`Recommender.version`, computed once), and the catalogue's id <-> asin and title
+checkpoint's and IDs' hashes and the hybrid's fusion (:attr:`Recommender.version`, computed once: all that decides the
+answers), and the catalogue's id <-> asin and title
 maps. A call checks its arguments, batches the histories, decodes and checks the items: no file is read or written,
 nothing is hashed or rebuilt.
 
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -149,6 +152,9 @@ class Recommender:
         self.unavailable: dict[str, str] = {}  # name -> why it is not served
         wanted = list(asked) if decoders is not None else list(dict.fromkeys([*DESIGNS[run.design].served, *asked]))
         fusion = self._servable(wanted, asked, alpha, num_candidates, key, cold_items)
+        if fusion is not None or alpha is not None:  # (a new fusion changes the hybrid's answers: a new version)
+            blob = json.dumps([fusion, alpha], sort_keys=True, default=repr).encode()
+            self.version += f".fusion-{hashlib.sha256(blob).hexdigest()[:8]}"
         names = [n for n in wanted if n not in self.unavailable]
         if run.tree is None and not (run.design == CAUSAL and drops_tree(run.model, registry.causal_release(names, release))):
             tree = PrefixTree.from_semantic_ids(run.ids, run.layout).to(self.device)  # (None: a lean build reads none)

@@ -188,7 +188,7 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
                 task.cancel()
             await asyncio.to_thread(batcher.stop)
 
-    app = FastAPI(title="semid", version="1", lifespan=lifespan, description="Next-item recommendations from a semid run "
+    app = FastAPI(title="semid", version="1", lifespan=lifespan, redirect_slashes=False, description="Next-item recommendations from a semid run "
                   "(generative retrieval with semantic IDs). Errors are JSON: {error: {field, value, allowed, message}}.")
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.holder, app.state.batcher, app.state.metrics = holder, batcher, metrics
@@ -222,8 +222,8 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
         old = holder.current
         try:
             new = await holder.reload(expect)
-        except ApiError:
-            metrics.reloads.labels("refused").inc()
+        except ApiError as e:  # refused by a check of the request; failed: the run folder on this machine did not load
+            metrics.reloads.labels("failed" if e.status >= 500 else "refused").inc()
             raise
         metrics.reloads.labels("done").inc()
         metrics.model.info({"version": new.version})
@@ -261,12 +261,12 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
         return _json({"item_id": int(item_id), "asin": served.asins[row], "title": served.titles[row],
                       "semantic_id": served.rec.run.ids.codes[row].tolist(), "version": served.version})
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])  # (health checkers that send HEAD got a 405)
     async def healthz() -> Response:
         """The process is up."""
         return _json({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> Response:
         """A model is loaded and the decoding worker runs (503 otherwise)."""
         served = holder.current
@@ -300,11 +300,15 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
                            "admin token", "/admin routes do not answer web pages: a page open in a browser on this "
                            "machine could otherwise reload the service")
         body = await _read_body(request, limits.max_body_bytes)
-        doc = parse_body(body) if body.strip() else {}
-        extra = [name for name in doc if name != "expect_sha256"]
-        if extra:
-            raise ApiError(422, extra[0], doc[extra[0]], "only `expect_sha256`", f"unknown field `{extra[0][:57]}`: "
-                           "the body takes `expect_sha256` only")
+        try:
+            doc = parse_body(body, example='{"expect_sha256": "<64 hex digits>"}') if body.strip() else {}
+            extra = [name for name in doc if name != "expect_sha256"]
+            if extra:
+                raise ApiError(422, extra[0], doc[extra[0]], "only `expect_sha256`", f"unknown field `{extra[0][:57]}`: "
+                               "the body takes `expect_sha256` only")
+        except ApiError:
+            metrics.reloads.labels("refused").inc()
+            raise
         old = holder.current
         new = await reload_now(doc.get("expect_sha256"))
         return _json({"version": new.version, "previous": old.version if old else None})

@@ -138,7 +138,7 @@ class Holder:
         except Exception as e:  # noqa: BLE001 - any failure refuses the version; the running one stays
             if not isinstance(e, (ValueError, TypeError, OSError)):
                 log.exception("loading the new version failed")
-            raise ApiError(422, "reload", MISSING, "a run folder that loads", f"the new version was refused: "
+            raise ApiError(500, "reload", MISSING, "a run folder that loads", f"the new version was refused: "
                            f"{type(e).__name__}: {e}; the running version ({running}) keeps serving") from None
         settle_heap()  # the new version's objects out of the collector's way (and the last reload's garbage freed)
         return served

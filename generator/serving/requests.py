@@ -113,9 +113,9 @@ def _first_in(doc: Any, targets: list[_Twice]) -> tuple[str, _Twice] | None:
     return path, targets[best[0]]
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
+def parse_body(body: bytes, example: str = '{"history": [12, 45], "k": 10}') -> dict[str, Any]:
     """The JSON object of a request body; a 400 for malformed JSON, a key given twice in any of its objects (named
-    with where it is), or anything else than an object."""
+    with where it is), or anything else than an object (``example``: one the route takes)."""
     found: list[_Twice] = []
     try:
         doc = json.loads(body, object_pairs_hook=lambda pairs: _unique_keys(pairs, found))
@@ -133,7 +133,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
         key = cut(f"{where}.{twice.key}" if where else twice.key)
         raise ApiError(400, key, key, "each key once", f"the key `{key}` is given twice in one object")
     if not isinstance(doc, dict):
-        raise ApiError(400, "body", doc, "a JSON object such as {\"history\": [12, 45], \"k\": 10}")
+        raise ApiError(400, "body", doc, f"a JSON object such as {example}")
     return doc
 
 
@@ -176,10 +176,11 @@ def check_exclude(doc: dict[str, Any]) -> bool:
 
 def check_user_ids(doc: dict[str, Any], rec: Recommender, batch: bool, n: int) -> list[int] | None:
     """``user_id`` (one history) or ``user_ids`` (one per history of a batch): ids >= 0 for a run trained with user
-    tokens (T5 runs: hashed into its user buckets, as ``semid recommend --user``); None where none was sent. A run
-    trained without user tokens refuses them (they would change nothing)."""
+    tokens (T5 runs: hashed into its user buckets, as ``semid recommend --user``); None where none was sent, or sent
+    as null (the API page's schema allows it, and generated clients send one). A run trained without user tokens
+    refuses them (they would change nothing)."""
     field = "user_ids" if batch else "user_id"
-    if field not in doc:
+    if doc.get(field) is None:
         return None
     value = doc[field]
     if not rec.run.use_user_tokens:
@@ -228,8 +229,10 @@ def check_exclusion_fits(histories: list[np.ndarray], fields: list[str], k: int,
     for h, field in zip(histories, fields, strict=True):
         distinct = len(np.unique(h))
         if k + distinct > N:
-            raise ApiError(422, "k", k, f"at most {N - distinct} for this history", f"`k` ({k}) plus the {distinct} "
-                           f"distinct items of `{field}` to exclude is more than the catalogue's {N} items: ask for fewer")
+            fix = f"`k` of at most {N - distinct}" if N - distinct >= 1 else "a shorter history"
+            raise ApiError(422, "k", k, f"{fix}, or \"exclude_history\": false", f"`k` ({k}) plus the {distinct} "
+                           f"distinct items of `{field}` to exclude is more than the catalogue's {N} items: ask for "
+                           f"{fix}, or rank the history's items too (\"exclude_history\": false)")
 
 
 @dataclass(frozen=True)
