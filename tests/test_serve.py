@@ -406,3 +406,27 @@ def test_what_clients_and_checkers_send_that_the_api_allows(serve_world: dict[st
         assert c.head("/healthz").status_code == 200 and c.head("/readyz").status_code == 200
         r = c.post("/recommend/", json={"history": [1]}, follow_redirects=False)
         assert r.status_code == 404 and r.json()["error"]["field"] == "path"
+
+
+def test_a_request_cancelled_as_the_server_stops_is_a_json_503() -> None:
+    """uvicorn cancels the requests still open when its grace period at shutdown is over: each gets a JSON 503 (it
+    got a plain-text 500 and a logged traceback), counted as such."""
+    from generator.serving.metrics import Metrics, MetricsMiddleware
+
+    async def slow(scope: dict, receive: object, send: object) -> None:  # a request that never finishes
+        await asyncio.Event().wait()
+
+    metrics, sent = Metrics(), []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call() -> None:
+        task = asyncio.ensure_future(MetricsMiddleware(slow, metrics)({"type": "http", "path": "/recommend"}, None, send))
+        await asyncio.sleep(0.01)
+        task.cancel()  # what uvicorn does
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(call())
+    assert sent[0]["status"] == 503 and json.loads(sent[1]["body"])["error"]["message"].startswith("the service is shutting down")
+    assert metrics.registry.get_sample_value("semid_requests_total", {"endpoint": "/recommend", "status": "503"}) == 1

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from typing import Any
 
@@ -71,15 +73,23 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        t0, status = time.perf_counter(), [500]
+        t0, status, started = time.perf_counter(), [500], [False]
 
         async def sending(message: dict) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
+        except asyncio.CancelledError:  # the server stopping (its grace period over) cancels the requests still open:
+            if not started[0]:  # a JSON 503 for each, not a plain 500 and a logged traceback
+                status[0] = 503
+                body = json.dumps({"error": {"field": None, "value": None, "allowed": None, "message": "the service "
+                                             "is shutting down: send the request again (to another instance)"}})
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body.encode()})
         finally:
             endpoint = endpoint_of(scope["path"])
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
