@@ -108,7 +108,8 @@ def standardization(x: np.ndarray, rel_eps: float = 1e-4) -> tuple[np.ndarray, n
     """
     mean = x.mean(axis=0, dtype=np.float64)
     std = x.std(axis=0, dtype=np.float64)
-    scale = np.where(std > rel_eps * max(float(std.max()), 1e-12), std, 1.0)
+    scale = np.where((std > rel_eps * float(std.max())) & (std > 0), std, 1.0)  # (relative only: embeddings of any
+    # scale are standardised alike; an absolute floor made all of 1e-18-scaled ones "constant", one degenerate code)
     return mean.astype(np.float32), scale.astype(np.float32)
 
 

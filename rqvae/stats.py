@@ -73,7 +73,8 @@ def code_stats(
         x = np.asarray(embeddings, dtype=np.float64)
         err = ((x - np.asarray(reconstruction, dtype=np.float64)) ** 2).sum(axis=1)
         mse = float(err.mean())
-        rel = float(err.sum() / max(((x - x.mean(axis=0)) ** 2).sum(), 1e-12))
+        spread = float(((x - x.mean(axis=0)) ** 2).sum())  # (no absolute floor: tiny-scaled embeddings read 0.000)
+        rel = float(err.sum() / spread) if spread > 0 else (0.0 if float(err.sum()) == 0 else float("inf"))
     return CodeStats(
         num_items=n,
         levels=levels,

@@ -272,3 +272,17 @@ def test_rqvae_stops_early_on_reconstruction(data: np.ndarray, caplog: pytest.Lo
     with caplog.at_level("INFO", logger="rqvae.system"):
         fit_codebooks(data, cfg, progress=False)
     assert "rqvae: 2 epochs" in caplog.text
+
+
+def test_standardisation_and_the_relative_error_do_not_depend_on_the_embeddings_scale() -> None:
+    from rqvae._checks import standardization
+    from rqvae.stats import code_stats
+
+    x = clustered(seed=2)[:200].astype(np.float64)
+    for scale in (1.0, 1e-18):  # (an absolute 1e-12 floor called every 1e-18-scaled dimension constant)
+        mean, std = standardization((x * scale).astype(np.float32))
+        np.testing.assert_allclose(std / scale, standardization(x.astype(np.float32))[1], rtol=1e-4)
+    recon = x + 0.1 * np.random.default_rng(0).standard_normal(x.shape)
+    codes = np.zeros((len(x), 2), dtype=np.int64)
+    rel = code_stats(codes, 4, embeddings=x, reconstruction=recon).reconstruction_rel
+    assert 0 < rel < 1 and code_stats(codes, 4, embeddings=x * 1e-9, reconstruction=recon * 1e-9).reconstruction_rel == pytest.approx(rel)
