@@ -259,7 +259,7 @@ def _read_sequences(file: Path, num_items: int) -> tuple[np.ndarray, list[np.nda
             if not all(map(_is_id, tokens)):  # int() alone would read "1_0" as 10, "+3" and " ٣" as 3
                 bad = next(t for t in tokens if not _is_id(t))
                 raise ValueError(f"{file}:{lineno}: {bad!r} is not an integer id (write ids as plain digits 0-9)")
-            if (long := next((t for t in tokens if len(t) > 20), None)) is not None:  # (int() refuses 4,300 digits)
+            if (long := next((t for t in tokens if len(t) > 4000), None)) is not None:  # (int() refuses 4,300 digits)
                 raise ValueError(f"{file}:{lineno}: id {long[:24]}... ({len(long):,} digits) is beyond the ids semid "
                                  f"holds (|id| <= {_INT64_MAX}); number users and items from 1")
             ints = [int(t) for t in tokens]
