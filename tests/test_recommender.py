@@ -153,6 +153,20 @@ def test_evaluate_exclude_history_ranks_what_the_recommender_serves(world: dict[
     np.testing.assert_array_equal(protocol.ranks, [_rank(s.items, split.test_targets[r]) for s, r in zip(every, protocol.user_rows, strict=True)])
 
 
+def test_evaluate_ranks_what_the_recommender_serves_with_fewer_candidates_stored_than_beams(world: dict[str, Path],
+                                                                                             tmp_path: Path) -> None:
+    """A fusion chosen with C = 5 candidates per list, served with 10 beams: recommend ranks max(C, beams) per list;
+    evaluate ranked C (k = 10 > C failed: "pass a larger `num_candidates`", an option evaluate has not)."""
+    run_dir = Path(shutil.copytree(world["run"], tmp_path / "run"))
+    assert main(["choose-fusion", "--run", str(run_dir), "--num-candidates", "5"]) == 0
+    split = leave_one_out(load_dataset(world["data"]))
+    got = evaluate(load_run(run_dir), split, "test", decoder="hybrid", batch_size=3, num_beams=10)
+    rec = Recommender.from_run(run_dir, num_beams=10)
+    served = [rec.recommend([split.test_history(int(r))], k=10, decoder="hybrid", exclude_history=False)[0]
+              for r in got.user_rows]  # loop over users
+    np.testing.assert_array_equal(got.ranks, [_rank(s.items, split.test_targets[r]) for s, r in zip(served, got.user_rows, strict=True)])
+
+
 def _rank(items: np.ndarray, target: int) -> int:
     return int(np.flatnonzero(items == target)[0]) if (items == target).any() else -1
 

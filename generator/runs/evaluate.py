@@ -155,7 +155,9 @@ def evaluate(
         order = [b.rows for b in made]  # where each batch's users are in `rows`: the designs batch in their own order
         rows = rows if not made else rows[np.concatenate(order)] if all(o is not None for o in order) else None
         batches = [(b.histories, b.targets, 0, None) for b in made]
-    decs = {0: dec}  # extra items -> the decoder with beams (and a hybrid's candidates) for k plus them
+    # extra items -> the decoder with beams (and a hybrid's candidates) for k plus them; none: the loaded beams, and a
+    # hybrid's candidates at least as many, as `Recommender.recommend` ranks (a stored C below them failed, or differed)
+    decs = {0: with_beams(dec, num_beams, candidates=name == "hybrid")}
     for histories, targets, more, seen in tqdm(batches, desc=f"evaluate {which}", disable=not progress, unit="batch"):  # loop over batches of users
         want = ks[-1] + more
         if more not in decs:
