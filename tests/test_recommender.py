@@ -159,6 +159,8 @@ def test_evaluate_ranks_what_the_recommender_serves_with_fewer_candidates_stored
     evaluate ranked C (k = 10 > C failed: "pass a larger `num_candidates`", an option evaluate has not)."""
     run_dir = Path(shutil.copytree(world["run"], tmp_path / "run"))
     assert main(["choose-fusion", "--run", str(run_dir), "--num-candidates", "5"]) == 0
+    stored = json.loads((run_dir / HYBRID_FILE).read_text())  # the pool blend (what the fusion chose in the audit)
+    (run_dir / HYBRID_FILE).write_text(json.dumps({**stored, "fusion": "blend", "params": {"alpha": 0.5}}))
     split = leave_one_out(load_dataset(world["data"]))
     got = evaluate(load_run(run_dir), split, "test", decoder="hybrid", batch_size=3, num_beams=10)
     rec = Recommender.from_run(run_dir, num_beams=10)
