@@ -197,3 +197,15 @@ def test_a_diverging_training_stops_with_an_error_that_names_the_learning_rate(
                  str(tmp_path / "run"), "--lr", "1e30", *flags]) == 2
     err = capsys.readouterr().err
     assert "training diverged by step" in err and "NaN or infinite" in err and "lower --lr (this run's 1e+30" in err
+
+
+def test_a_dataset_with_one_validation_user_trains_without_a_fusion(causal_run: dict[str, Path], tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The hybrid's fusion is fitted on some validation users and chosen on others: with one, training finished and
+    then failed (and so did every resume), advising an `--alpha` neither train nor choose-fusion has."""
+    data = write_random_dataset(tmp_path / "data", num_users=1)
+    flags = ["--max-epochs", "1", "--batch-size", "8", "--val-users", "all", "--no-progress", "--seed", "0"]
+    assert main(["train", "--data", str(data), "--ids", str(causal_run["ids"]), "--out", str(tmp_path / "run"), *flags]) == 0
+    assert not (tmp_path / "run" / "hybrid.json").exists() and "no fusion chosen" in caplog.text
+    rec = Recommender.from_run(tmp_path / "run", alpha=0.5)  # the hybrid with a blend weight given
+    assert len(rec.recommend([[1, 2]], 3, "hybrid")[0].items) == 3

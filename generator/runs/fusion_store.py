@@ -168,7 +168,8 @@ def choose_fusion(run: Any, parts_of: Callable[[Histories], Parts], split: Split
     n = split.num_users if max_users is None else min(2 * max_users, split.num_users)
     if n < 2:
         raise ValueError(f"the hybrid's fusion is fitted on validation users and chosen on others, but the split has "
-                         f"{split.num_users} validation user(s) (max_users {max_users}): give a blend weight instead (`--alpha A`; `alpha=` in Python)")
+                         f"{split.num_users} validation user(s) (max_users {max_users}): give a blend weight instead (`semid evaluate` "
+                         "or `semid recommend --alpha A`; `Recommender.from_run(run, alpha=A)`)")
     rows = np.random.default_rng(seed).permutation(sample_users(split.num_users, n, seed))  # user order is not random
     fit_rows, select_rows = np.sort(rows[: n // 2]), np.sort(rows[n // 2 :])
     fit, fit_t = validation_parts(run, parts_of, split, fit_rows, batch_size=batch_size)

@@ -207,9 +207,8 @@ def train_run(
 
     Args:
         resume: continue the run in ``out_dir`` from its last checkpoint (same IDs and fixed options).
-        snapshots: wall-clock budgets in minutes: when training has run that long, the best checkpoint so far (chosen
-            on validation) is copied to ``RUN/checkpoints/best_<M>min.ckpt`` (learning curves from one run).
-        callbacks: more Lightning callbacks (logging, fault injection in tests).
+        snapshots: wall-clock budgets in minutes: the best checkpoint so far (chosen on validation) is then copied to
+            ``RUN/checkpoints/best_<M>min.ckpt`` (learning curves from one run). callbacks: more Lightning callbacks.
 
     Raises:
         generator.training.resume.TrainingInterrupted: a SIGINT or SIGTERM stopped the training; ``resume`` continues it
@@ -317,8 +316,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
         callbacks.append(WeightEMA(options.ema))
     if snapshots:  # on the clock of the budget
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST, time.process_time if cpu_budget else time.perf_counter))
-    if patience := effective_patience(options):
-        # checked after each validation (not at epoch end, which a step limit can reach without one)
+    if patience := effective_patience(options):  # checked after each validation (a step limit ends epochs without one)
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience, check_on_train_epoch_end=False))
     every = options.val_every
     trainer = L.Trainer(
@@ -389,7 +387,9 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     # 5. the hybrid's fusion, chosen on validation users (an explicit step of training, never of evaluation), so
     # `--decoder hybrid` serves straight after training
     fusion = None
-    if options.dense and options.target == "ids" and options.objective == "joint":  # a dense-only run has no hybrid
+    if split.num_users < 2:  # (fitted on some validation users, chosen on others: it failed the finished run)
+        log.warning("%s: no fusion chosen: the hybrid needs 2 validation users or more; serve it with --alpha A", out)
+    elif options.dense and options.target == "ids" and options.objective == "joint":  # a dense-only run has no hybrid
         run = on_device(load_run(out), "cuda" if torch.cuda.is_available() else None)
         fusion = choose_run_fusion(run, split, num_beams=options.num_beams, batch_size=options.eval_batch_size, seed=options.seed)
     seconds = time.perf_counter() - start
