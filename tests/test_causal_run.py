@@ -209,3 +209,11 @@ def test_a_dataset_with_one_validation_user_trains_without_a_fusion(causal_run: 
     assert not (tmp_path / "run" / "hybrid.json").exists() and "no fusion chosen" in caplog.text
     rec = Recommender.from_run(tmp_path / "run", alpha=0.5)  # the hybrid with a blend weight given
     assert len(rec.recommend([[1, 2]], 3, "hybrid")[0].items) == 3
+
+
+def test_a_hybrid_on_another_checkpoint_is_told_to_give_a_blend_weight(causal_run: dict[str, Path]) -> None:
+    # (it was told to run `semid choose-fusion`, which chooses for the best checkpoint only: the same error again)
+    last = causal_run["run"] / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"no hybrid fusion is stored for checkpoint last.ckpt \(`semid choose-fusion` "
+                                         r"chooses one for the run's best checkpoint only\): give a blend weight"):
+        evaluate_run(causal_run["run"], "test", checkpoint=last, decoder="hybrid", max_users=3)

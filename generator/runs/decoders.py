@@ -10,6 +10,7 @@ decoders reads the run and writes nothing: the fusion is chosen by an explicit s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,11 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
 
 
 def no_fusion_error(run: Any) -> ValueError:
+    best = run.config.get("best_checkpoint") if isinstance(getattr(run, "config", None), dict) else None
+    if best is not None and Path(run.checkpoint).resolve() != (Path(run.path) / best).resolve():
+        return ValueError(f"{run.path}: no hybrid fusion is stored for checkpoint {Path(run.checkpoint).name} (`semid "
+                          "choose-fusion` chooses one for the run's best checkpoint only): give a blend weight for this "
+                          "one (`--alpha A`; `alpha=` in Python)")
     return ValueError(f"{run.path}: no hybrid fusion is stored for this checkpoint ({fusion_store.HYBRID_FILE} is missing or "
                       f"was chosen for another checkpoint, IDs or candidate count): run `semid choose-fusion --run {run.path}` once to "
                       "choose it on validation users, or give a blend weight (`--alpha A`; `alpha=` in Python)")
