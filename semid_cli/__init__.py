@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from semid_cli import console
@@ -80,12 +82,27 @@ def os_message(e: BaseException) -> str:
     return f"{where}{e.strerror.lower()}" + (f"; {hint}" if hint else "")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is (a command's temporary files are then removed as on an error)."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __str__(self) -> str:
+        return "stopped by SIGTERM"
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command(argv)
     parser = build_parser(command) if command is not None else build_parser()
     args = parser.parse_args(argv)
     console.setup(args.verbose)
+    main_thread = threading.current_thread() is threading.main_thread()  # (train and serve install their own)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError) as e:  # OSError: a path unreadable, unwritable, in the way, a disk full
@@ -93,11 +110,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"semid {args.command}: error: {os_message(e)}  (--debug shows the traceback)", file=sys.stderr)
         return 2
-    except BaseException as e:  # generator.training.resume.TrainingInterrupted (SIGINT/SIGTERM), not imported here: exit 130/143
+    except KeyboardInterrupt:  # Ctrl-C outside training (a traceback of 20 lines before)
+        if args.debug:
+            raise
+        print(f"semid {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BaseException as e:  # TrainingInterrupted (SIGINT/SIGTERM in training), Terminated: exit 130/143
         if args.debug or not isinstance(getattr(e, "exit_code", None), int):
             raise
         print(f"semid {args.command}: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        if main_thread and previous is not None:  # (None: a handler not set from Python, which cannot be set back)
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -217,3 +217,26 @@ def test_a_hybrid_on_another_checkpoint_is_told_to_give_a_blend_weight(causal_ru
     with pytest.raises(ValueError, match=r"no hybrid fusion is stored for checkpoint last.ckpt \(`semid choose-fusion` "
                                          r"chooses one for the run's best checkpoint only\): give a blend weight"):
         evaluate_run(causal_run["run"], "test", checkpoint=last, decoder="hybrid", max_users=3)
+
+
+@pytest.mark.parametrize(("stop", "status", "said"), [("ctrl-c", 130, "interrupted (Ctrl-C)"), ("sigterm", 143, "stopped by SIGTERM")])
+def test_a_command_stopped_by_ctrl_c_or_sigterm_says_so_in_one_line(causal_run: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str], stop: str,
+                                                                     status: int, said: str) -> None:
+    # (outside training: a 20-line KeyboardInterrupt traceback; SIGTERM killed the process where it was, leaving e.g.
+    # distill's temporary folder behind: now raised where the command is, so its clean-up runs)
+    import os
+    import signal
+    import time
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # (the handler raises here)
+
+    monkeypatch.setattr("generator.runs.decoders.choose_run_fusion", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["choose-fusion", "--run", str(causal_run["run"])]) == status
+    assert capsys.readouterr().err.strip() == f"semid choose-fusion: {said}"
+    assert signal.getsignal(signal.SIGTERM) is before  # put back
