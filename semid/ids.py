@@ -151,7 +151,11 @@ class SemanticIDs:
         next_free = np.zeros(uniq.size + 1, dtype=np.int64)  # the last entry, 0, is a new group's (find: -1)
         np.maximum.at(next_free, inv, self.codes[:, L] + 1)
         extra = next_free[find(uniq, new_keys)] + rank_within_groups(new_keys[:, None])[0]
-        _check_extra_fits(extra, self.codebook_sizes[-1])
+        try:
+            _check_extra_fits(extra, self.codebook_sizes[-1])
+        except ValueError as e:  # (its size is the IDs' own here: "raise `extra_level_size`" named nothing to raise)
+            raise ValueError(f"{str(e).split(': raise')[0]}: the new items share a prefix with too many others for the "
+                             "IDs' extra level; fit codebooks again (more levels or larger codebooks)") from None
         new_full = np.concatenate([codes.astype(np.int64), extra[:, None]], axis=1)
         return SemanticIDs(
             np.concatenate([self.codes, new_full]), np.concatenate([self.item_ids, item_ids]), self.codebook_sizes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 from pathlib import Path
 
 from semid_cli.args import add_fields, add_run, fields_given, positive_int
@@ -32,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from generator.runs.distill import distill_run
     from generator.training.distill_options import DistillOptions
 
-    options = DistillOptions(**fields_given(DistillOptions, args))  # checked before anything is loaded
+    try:  # checked before anything is loaded; its fields named as their flags (`--val-users`, not `val_users`)
+        options = DistillOptions(**fields_given(DistillOptions, args))
+    except ValueError as e:
+        names = {f.name for f in dataclasses.fields(DistillOptions)}
+        raise ValueError(re.sub(r"`([a-z_]+)`", lambda m: f"`--{m[1].replace('_', '-')}`" if m[1] in names else m[0], str(e))) from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     record = distill_run(args.run, args.out, options)

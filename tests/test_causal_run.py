@@ -240,3 +240,9 @@ def test_a_command_stopped_by_ctrl_c_or_sigterm_says_so_in_one_line(causal_run: 
     assert main(["choose-fusion", "--run", str(causal_run["run"])]) == status
     assert capsys.readouterr().err.strip() == f"semid choose-fusion: {said}"
     assert signal.getsignal(signal.SIGTERM) is before  # put back
+
+
+def test_cold_beam_without_cold_items_names_what_gives_them(causal_run: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match=r"needs cold items: add items to the run \(`semid add-items`\), or give them "
+                                         r"in Python \(`cold_items=`\)"):  # ("or pass them": no option passes them)
+        evaluate_run(causal_run["run"], "test", decoder="cold-beam", max_users=3)

@@ -114,9 +114,9 @@ def test_an_epoch_that_beats_none_keeps_the_run_as_it_was(run: Path, tmp_path: P
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--weight", "0"], "`weight`"),
-    (["--temperature", "0"], "`temperature` must be > 0"),
-    (["--epochs", "0"], "`epochs` must be a positive int"),
+    (["--weight", "0"], "`--weight`"),  # named as the flags (they were named as DistillOptions' fields)
+    (["--temperature", "0"], "`--temperature` must be > 0"),
+    (["--epochs", "0"], "`--epochs` must be a positive int"),
 ])
 def test_bad_options_are_refused_before_any_work(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                  argv: list[str], message: str) -> None:

@@ -205,7 +205,8 @@ def _causal(ing: Ingredients, wanted: list[str]) -> dict[str, Decoder]:
             if cold is None:
                 cold = ing.ids.item_ids[ing.model.trained_items :]
             if len(cold) == 0:
-                raise ValueError("decoder 'cold-beam' needs cold items: add items to the run (`semid add-items`) or pass them")
+                raise ValueError("decoder 'cold-beam' needs cold items: add items to the run (`semid add-items`), or give "
+                                 "them in Python (`cold_items=`)")
             beam = StateDecoder(shared, "beam", score=LOG_LIKELIHOOD, leaves=True)
             out[n] = ColdStartBeam(beam, ing.ids, cold, **ing.cold_options)
         else:
