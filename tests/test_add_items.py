@@ -319,3 +319,16 @@ def test_a_damaged_stats_json_beside_the_quantizer_is_named(world: dict[str, Pat
         err = capsys.readouterr().err
         assert "stats.json: " in err and "fit the codebooks again" in err, err
     assert (run / "semantic_ids.npz").read_bytes() == before
+
+
+def test_embeddings_of_another_name_than_the_quantizers_are_refused(world: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """`--embeddings w16` where the run's data folder has no item_emb_w16.npy: the new items' codes came from whatever
+    encoder made it, with a warning only; the quantizer's stats.json names the file it was fitted on."""
+    run = _fresh(world, "run_w16")
+    new = Path(shutil.copytree(world["new"], tmp_path / "new"))
+    np.save(new / "item_emb_w16.npy", np.random.default_rng(0).normal(size=(NEW, 16)).astype(np.float32))
+    before = (run / "semantic_ids.npz").read_bytes()
+    assert main(["add-items", "--run", str(run), "--data", str(new), "--embeddings", "w16"]) == 2
+    err = capsys.readouterr().err
+    assert "--embeddings w16: the quantizer was fitted on item_emb_minilm.npy" in err and "pass --embeddings minilm" in err, err
+    assert (run / "semantic_ids.npz").read_bytes() == before

@@ -96,6 +96,16 @@ def add_items(run_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str],
                              "fitted with the run's IDs (beside them, the default)")
         fitted = load_quantizer(qpath)  # read first: a file that is no quantizer says so before its stats.json is asked
         codes_name = embeddings if embeddings is not None else _fitted_on(qpath)
+        if embeddings is not None and not (source.path / f"item_emb_{embeddings}.npy").is_file():
+            try:  # (nothing to compare the run's rows with: they were accepted from any encoder, with a warning)
+                fitted_name = _fitted_on(qpath)
+            except ValueError:
+                fitted_name = embeddings  # (stats.json names no file: the warning below, as before)
+            if fitted_name != embeddings:
+                raise ValueError(f"--embeddings {embeddings}: the quantizer was fitted on item_emb_{fitted_name}.npy "
+                                 f"({qpath.parent / 'stats.json'}), and the run's data folder {source.path} has no "
+                                 f"item_emb_{embeddings}.npy to check the new file against: the new items' codes must "
+                                 f"come from the same encoder; pass --embeddings {fitted_name}, or leave it out")
         _check_same_embeddings(source, dataset, codes_name, n)
         new = np.asarray(dataset.embeddings(codes_name)[n:], dtype=np.float32)
         width = _collaborative_width(qpath)  # codebooks fitted beside a run's item vectors: new items have none
