@@ -205,8 +205,12 @@ def test_add_items_errors_name_what_to_do(world: dict[str, Path], tmp_path: Path
     np.save(wide / "item_emb_other.npy", _embeddings(NEW))
     np.save(wide / "item_emb_minilm.npy", np.zeros((NEW, 8), dtype=np.float32))
     before = (run_dir / "semantic_ids.npz").read_bytes()
-    assert main(["add-items", "--run", str(run_dir), "--data", str(wide), "--embeddings", "other"]) == 2
-    assert "item_emb_minilm.npy has width 8, but the run was trained with content of width 16" in capsys.readouterr().err
+    np.save(world["old"] / "item_emb_other.npy", _embeddings(OLD))  # (the run's folder has the codes' file too)
+    try:
+        assert main(["add-items", "--run", str(run_dir), "--data", str(wide), "--embeddings", "other"]) == 2
+        assert "item_emb_minilm.npy has width 8, but the run was trained with content of width 16" in capsys.readouterr().err
+    finally:
+        (world["old"] / "item_emb_other.npy").unlink()
     assert (run_dir / "semantic_ids.npz").read_bytes() == before and not (run_dir / "semantic_ids.v1.npz").exists()
     # a data folder whose first items are not the run's (item 3 is another product): refused, the IDs untouched
     moved = tmp_path / "moved"
