@@ -96,13 +96,13 @@ def _other_model(run: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--lr", "1e300"], "`lr` must be > 0, finite and at most 3.403e+38"),
+    (["--lr", "1e300"], "`--lr` must be > 0, finite and at most 3.403e+38"),  # (named as the flags)
     (["--lr", "inf"], "got inf: give --lr"),
     (["--lr", "nan"], "got nan: give --lr"),
     (["--weight-decay", "inf"], "give --weight-decay"),
     (["--weight-decay", "1e39"], "give --weight-decay"),
     (["--temperature", "inf"], "give --temperature"),
-    (["--lr", "10", "--weight-decay", "0.5"], "`lr` x `weight_decay` must be < 1"),
+    (["--lr", "10", "--weight-decay", "0.5"], "`--lr` x `--weight-decay` must be < 1"),
 ])
 def test_non_finite_or_huge_distill_options_are_refused_naming_the_flag(world: dict[str, Path], tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str],
