@@ -308,3 +308,42 @@ def test_a_budgeted_run_trains_past_validations_that_do_not_improve(tmp_path: Pa
     budgeted = train_run(data, ids, tmp_path / "a", TrainOptions(max_time="01:00:00", **flat))
     stopped = train_run(data, ids, tmp_path / "b", TrainOptions(**{**flat, "patience": 1}))
     assert budgeted.epochs == 3 and stopped.epochs < 3
+
+
+def test_a_resume_refuses_what_it_would_not_continue_exactly(setup: dict[str, Any], tmp_path: Path) -> None:
+    """Each was accepted (a helper's audit): another run's last.ckpt (continued, or crashed mid-epoch), other data
+    (trained on, and its validation scores compared with the old data's), another --lr or --weight-decay (recorded
+    in config.yaml, while the optimiser restored the old ones), a checkpoints folder that links elsewhere (best.ckpt
+    and last.ckpt written outside the run, refused only at the end)."""
+    import shutil
+
+    import torch
+
+    from generator.models.checkpoint import with_integrity
+
+    def fresh(name: str) -> Path:
+        return Path(shutil.copytree(setup["root"] / "ref_causal", tmp_path / name))
+
+    options = setup["causal"]["options"]
+    longer = TrainOptions(**{**options.__dict__, "max_epochs": 4})
+    run = fresh("other_ckpt")
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)  # our own file
+    ckpt["semid"]["ids_digest"] = "0" * 64  # (another run's, of the same shapes)
+    torch.save(with_integrity(ckpt), last)
+    with pytest.raises(ValueError, match=r"last.ckpt: trained with other semantic IDs than this run's"):
+        train_run(setup["data"], setup["ids"], run, longer, resume=True)
+    run, other = fresh("other_data"), Path(shutil.copytree(setup["data"], tmp_path / "data2"))
+    (other / "sequences.txt").write_text("\n".join((other / "sequences.txt").read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(ValueError, match=r"data2: not the data the run .* was trained on"):
+        train_run(other, setup["ids"], run, longer, resume=True)
+    for name, value in (("lr", 0.05), ("weight_decay", 0.5)):
+        with pytest.raises(ValueError, match=rf"a resumed run must keep .*; changed {name}: "):
+            train_run(setup["data"], setup["ids"], run, TrainOptions(**{**longer.__dict__, name: value}), resume=True)
+    outside = tmp_path / "outside"
+    (run / "checkpoints").rename(outside)
+    (run / "checkpoints").symlink_to(outside)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+    with pytest.raises(ValueError, match=r"checkpoints: a symbolic link .* a resume would write through it"):
+        train_run(setup["data"], setup["ids"], run, longer, resume=True)
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before

@@ -110,9 +110,10 @@ class TrainOptions:
     strategy: str = option("auto", "Lightning strategy: auto | ddp | ddp_spawn | fsdp ... {default}", HARDWARE)
     precision: str = option("32-true", "32-true | bf16-mixed | 16-mixed {default}", HARDWARE)
     batch_size: int | None = option(None, "user windows (causal) or examples (T5) per device {default}", OPTIM, check=True, kind="int>0", fixed=True)
-    lr: float | None = option(None, "peak learning rate {default}", OPTIM, kind="num")
+    lr: float | None = option(None, "peak learning rate {default}", OPTIM, kind="num", fixed=True)  # (a resume restores the
+    # optimiser's and the schedule's learning rates and weight decay: other values were recorded and not applied)
     warmup_steps: int | None = option(None, "linear warmup, then inverse-sqrt decay {default}", OPTIM, kind="int>=0")
-    weight_decay: float = option(0.05, "AdamW {default}", OPTIM)
+    weight_decay: float = option(0.05, "AdamW {default}", OPTIM, fixed=True)
     schedule: str = option("inverse-sqrt", "the learning rate after the warmup; cosine falls to 0 over the budget (the first of "
                            "max-steps, max-epochs, max-time, max-cpu-time to end) {default}", OPTIM,
                            choices=("inverse-sqrt", "constant", "cosine"))

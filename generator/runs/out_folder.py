@@ -1,6 +1,8 @@
 """Which folders a run may be written into or replaced, so that a wrong ``--out`` never loses anyone's files.
 
     check_train_out(out)          # before `semid train` writes anything into `out`
+    check_resume_folder(out, data)       # before `semid train --resume` writes anything into `out`
+    point = resume_point(out / "checkpoints", ids_digest)   # the checkpoint a resume continues from
     refusal = replace_refusal(run_dir)   # None when `semid demo` may delete `run_dir`, else why not
 
 A run folder holds only the names in :data:`RUN_ENTRIES` (``generator.runs.folder``), the temporary files of their
@@ -15,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+from generator.models.checkpoint import CHECKPOINT_KEY, safe_load
 from generator.runs.folder import (
     CHECKPOINT_DIR,
     COMBINE_FILE,
@@ -22,10 +25,12 @@ from generator.runs.folder import (
     DISTILL_FILE,
     HYBRID_FILE,
     IDS_FILE,
+    LAST,
     LOCK_FILE,
     LOG_DIR,
     TITLE_EMB_FILE,
     TOKENIZER_DIR,
+    check_same_data,
     read_config,
 )
 from semid.io import atomic_target_name
@@ -87,3 +92,48 @@ def replace_refusal(run_dir: Path) -> str | None:
         except (ValueError, FileNotFoundError) as e:
             return f"its config.yaml is not one semid wrote ({e})"
     return None
+
+
+def check_resume_folder(out: Path, data_dir: str | os.PathLike[str]) -> None:
+    """Before a resume writes anything: its checkpoints and logs folders must be the run's own (a symbolic link there
+    had best.ckpt and last.ckpt written outside the run, refused only at the end), and ``data_dir`` the data it was
+    trained on (other users were trained on, and their validation scores compared with the old data's)."""
+    for name in (CHECKPOINT_DIR, LOG_DIR):
+        if (out / name).is_symlink():
+            raise ValueError(f"{out / name}: a symbolic link ({os.readlink(out / name)}); a run's {name} folder is "
+                             "its own: a resume would write through it, outside the run. Replace it with the folder")
+    check_same_data(read_config(out), out, data_dir)
+
+
+def resume_point(ckpt_dir: Path, digest: str | None = None) -> Path | None:
+    """The checkpoint a resume continues from: the newest (most optimiser steps, then the later written) of
+    ``resume.ckpt`` (written during training) and ``last.ckpt`` (written at validations and at the end); each must
+    have been trained with the IDs of ``digest`` (:func:`generator.models.checkpoint.ids_digest`; another run's
+    checkpoint of the same shapes was continued, or crashed mid-epoch)."""
+    from generator.training.resume import RESUME  # (Lightning: imported by the resume that needs it)
+
+    found = []
+    for name in (RESUME, LAST):
+        path = ckpt_dir / name
+        if path.is_file():
+            ckpt = safe_load(path)  # an error naming the file if it is damaged
+            _check_parameter_order(ckpt, path)
+            meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+            if digest is not None and (not isinstance(meta, dict) or meta.get("ids_digest") != digest):
+                raise ValueError(f"{path}: trained with other semantic IDs than this run's ({IDS_FILE}): a checkpoint "
+                                 "of another run; put this run's own checkpoint back, or start a new run")
+            step = ckpt.get("global_step", 0) if isinstance(ckpt, dict) else 0
+            found.append((int(step), path.stat().st_mtime_ns, path))
+    return max(found)[2] if found else None
+
+
+def _check_parameter_order(ckpt: object, path: Path) -> None:
+    """Refuse a resume point of a causal model written before its dense head was shared: its optimiser state lists
+    the parameters in the order of then, so restoring it would give each parameter another's moments."""
+    from generator.models.causal import OLD_DENSE_NAMES
+
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if isinstance(state, dict) and any(f"model.{name}" in state for name in OLD_DENSE_NAMES):
+        raise ValueError(f"{path}: a resume point written by an earlier semid (before the dense head was shared): its "
+                         "optimiser state does not map onto this version's parameters, so it cannot be resumed exactly; "
+                         "start a new run (the run's best checkpoint still loads for evaluate, recommend and serve)")

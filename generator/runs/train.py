@@ -59,7 +59,7 @@ from generator.runs.options import (
     parse_max_time,
     stored_options,
 )
-from generator.runs.out_folder import check_train_out
+from generator.runs.out_folder import check_resume_folder, check_train_out, resume_point
 from generator.runs.recommender import on_device
 from generator.training.callbacks import (
     AtomicCheckpointIO,
@@ -135,7 +135,7 @@ def _prepare_run_dir(out: Path, ids: SemanticIDs, options: TrainOptions, resume:
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(options, k)!r}" for k in changed)
         raise ValueError(f"{out}: a resumed run must keep {list(FIXED_ON_RESUME)}; changed {diffs}")
-    point = resume_point(out / CHECKPOINT_DIR)
+    point = resume_point(out / CHECKPOINT_DIR, ids_digest(ids))
     if point is None:
         why = ("; the run stopped before its first checkpoint: train again without `resume`" if _unfinished_first_run(out)
                else f"; it is a distilled run ({DISTILL_FILE}), which serves but does not train: resume its source"
@@ -161,32 +161,6 @@ def _check_same_model(out: Path, options: TrainOptions, config: Any) -> None:
                          f"model options builds today ({', '.join(diffs)}); the preset's sizes may have changed since "
                          "(the default `causal` became width 128 with the sampled dense head; the width-64 default is "
                          "`causal-64`): resume with the preset and `--model-option`s that build the run's model")
-
-
-def resume_point(ckpt_dir: Path) -> Path | None:
-    """The checkpoint a resume continues from: the newest (most optimiser steps, then the later written) of
-    ``resume.ckpt`` (written during training) and ``last.ckpt`` (written at validations and at the end)."""
-    found = []
-    for name in (RESUME, LAST):
-        path = ckpt_dir / name
-        if path.is_file():
-            ckpt = safe_load(path)  # an error naming the file if it is damaged
-            _check_parameter_order(ckpt, path)
-            step = ckpt.get("global_step", 0) if isinstance(ckpt, dict) else 0
-            found.append((int(step), path.stat().st_mtime_ns, path))
-    return max(found)[2] if found else None
-
-
-def _check_parameter_order(ckpt: Any, path: Path) -> None:
-    """Refuse a resume point of a causal model written before its dense head was shared: its optimiser state lists
-    the parameters in the order of then, so restoring it would give each parameter another's moments."""
-    from generator.models.causal import OLD_DENSE_NAMES
-
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if isinstance(state, dict) and any(f"model.{name}" in state for name in OLD_DENSE_NAMES):
-        raise ValueError(f"{path}: a resume point written by an earlier semid (before the dense head was shared): its "
-                         "optimiser state does not map onto this version's parameters, so it cannot be resumed exactly; "
-                         "start a new run (the run's best checkpoint still loads for evaluate, recommend and serve)")
 
 
 def _sha256_if_file(path: Path) -> str | None:
@@ -243,11 +217,12 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
     # DDP worker processes (re-launched scripts) find the folder made by rank 0 and write nothing
     is_worker = rank_zero_only.rank != 0
     if is_worker:  # no lock (rank 0 holds it); its signals are noted, and rank 0's decide when all stop
-        ckpt_path = resume_point(out / CHECKPOINT_DIR) if resume else None
+        ckpt_path = resume_point(out / CHECKPOINT_DIR, ids_digest(ids)) if resume else None
         with SignalGuard(out) as guard:
             return _train(data_dir, ids_path, out, dataset, ids, options, resume, snapshots, extra_callbacks, ckpt_path, start, guard, True)
     if resume:  # a folder it cannot write would fail at the first checkpoint, after the work: check it first
         check_resumable(out)
+        check_resume_folder(out, data_dir)  # its own checkpoints and logs folders, the data it was trained on
         check_writable(out / CONFIG_FILE, "the run's config")
         check_writable(out / CHECKPOINT_DIR / LAST, "checkpoints")
     else:
