@@ -347,3 +347,21 @@ def test_a_resume_refuses_what_it_would_not_continue_exactly(setup: dict[str, An
     with pytest.raises(ValueError, match=r"checkpoints: a symbolic link .* a resume would write through it"):
         train_run(setup["data"], setup["ids"], run, longer, resume=True)
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
+def test_checkpoints_are_written_in_the_run_folder_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's save wrote each checkpoint to $TMPDIR first, then moved it (a kill -9 left a copy there; a full
+    /tmp failed a run whose own disk had room): checkpoints go straight to a temporary file beside them."""
+    import lightning.fabric.utilities.cloud_io as cloud_io
+    import torch
+
+    from generator.models.checkpoint import safe_load
+    from generator.training.callbacks import AtomicCheckpointIO
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("written through Lightning's _atomic_save ($TMPDIR)")
+
+    monkeypatch.setattr(cloud_io, "_atomic_save", refused)
+    monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", refused)  # (where TorchCheckpointIO reads it)
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 1}, tmp_path / "c" / "x.ckpt")
+    assert safe_load(tmp_path / "c" / "x.ckpt")["epoch"] == 1 and sorted(p.name for p in (tmp_path / "c").iterdir()) == ["x.ckpt"]

@@ -26,8 +26,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ``safe_load`` (no code runs; a damaged file is an error naming it), also when Lightning resumes from it."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None) -> None:
-        with atomic_path(path) as tmp:
-            super().save_checkpoint(with_integrity(checkpoint), tmp, storage_options)
+        if storage_options is not None:  # (as Lightning's own)
+            raise TypeError(f"`storage_options` is not supported by {type(self).__name__}, got {storage_options!r}")
+        with atomic_path(path) as tmp:  # torch.save straight into the run's folder: Lightning's own save held the
+            torch.save(with_integrity(checkpoint), tmp)  # whole file in memory, then wrote it to $TMPDIR and moved it
+            # (a kill -9 left a copy there; a full /tmp failed a run whose own disk had room)
 
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return safe_load(path)
