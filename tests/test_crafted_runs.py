@@ -289,3 +289,16 @@ def test_digest_refuses_files_that_change_while_it_reads_them(trained: dict[str,
     monkeypatch.setattr(folder, "load_run", real)
     assert main(["digest", "--run", str(run)]) == 0  # left alone: pinned
     assert "checkpoints/best.ckpt" in capsys.readouterr().out
+
+
+def test_a_path_of_bytes_that_are_not_utf8_is_digested_and_a_huge_config_int_names_the_file(tmp_path: Path) -> None:
+    # (a run folder whose path held byte 0xff failed every checkpoint save at the digest: the training was lost;
+    # a config.yaml int of 5,000 digits failed with Python's "Exceeds the limit" naming no file)
+    from generator.models.checkpoint import content_digest
+    from generator.runs.folder import read_config
+
+    path = "/runs/caf\udcff"  # what os.fsdecode gives for b"/runs/caf\xff"
+    assert content_digest({"dirpath": path}) != content_digest({"dirpath": "/runs/caf"})
+    (tmp_path / "config.yaml").write_text("format: semid.run\nversion: " + "9" * 5000 + "\n")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.yaml'}: not a config.yaml semid reads \(Exceeds the limit"):
+        read_config(tmp_path)

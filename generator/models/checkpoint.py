@@ -79,7 +79,7 @@ def content_digest(obj: Any) -> str:
         elif isinstance(x, float):
             h.update(f"f{float(x)!r};".encode())
         elif isinstance(x, str):
-            h.update(f"s{len(x)}:{x}".encode())
+            h.update(f"s{len(x)}:{x}".encode("utf-8", "surrogatepass"))  # (a path of bytes not UTF-8: surrogates)
         else:
             h.update(f"{type(x).__name__}:{x!r};".encode())
 

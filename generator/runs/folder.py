@@ -186,6 +186,10 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ValueError(f"{where}: not valid YAML ({problem}); restore the config.yaml semid wrote (or fix that line)") from None
+    except ValueError as e:  # (the parser's own, e.g. an int of more than 4,300 digits)
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: not a config.yaml semid reads ({str(e)[:120]}); restore the one semid wrote") from None
     if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
         raise ValueError(f"{path}: not a semid run config (format {config.get('format') if isinstance(config, dict) else None!r})")
     version = config.get("version", 0)
