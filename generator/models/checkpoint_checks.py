@@ -29,6 +29,7 @@ from semid.layout import TokenLayout
 
 _TREE_TABLE = re.compile(r"(parent_keys|child_codes|child_index|node_vec)_\d+")
 _MEMBER = re.compile(r"members\.(0|[1-9]\d*)\.(.+)")
+_LAYER = re.compile(r"backbone\.h\.(0|[1-9]\d*)\.")  # a causal model's GPT-2 blocks
 DAMAGED = "the checkpoint is damaged or was edited; use another checkpoint or train again"
 
 
@@ -90,6 +91,10 @@ def check_causal(meta_config: Any, layout: TokenLayout, state: dict[str, Any], p
     if meta_config.content_dim and _shape(content) != (rows.shape[0] + 1, meta_config.content_dim):
         raise ValueError(f"{path}: tensor `content` must be ({rows.shape[0] + 1}, {meta_config.content_dim}), got "
                          f"{_shape(content)}; {DAMAGED}")
+    layers = {int(m.group(1)) for key in state if (m := _LAYER.match(key))}
+    if len(layers) != meta_config.num_layers:  # (before the skeleton: 100,000 layers took minutes and GBs to build)
+        raise ValueError(f"{path}: the config says {meta_config.num_layers} layers, the file holds tensors of "
+                         f"{len(layers)}; {DAMAGED}")
     with torch.device("meta"):  # the config's model, without memory; the tree tables depend on data: checked after
         skeleton = CausalGenerator(replace(meta_config, node_vectors=False, distill=0.0), layout, rows.to("meta"),
                                    content[1:].to("meta") if meta_config.content_dim else None)
