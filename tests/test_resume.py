@@ -365,3 +365,41 @@ def test_checkpoints_are_written_in_the_run_folder_only(tmp_path: Path, monkeypa
     monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save", refused)  # (where TorchCheckpointIO reads it)
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "epoch": 1}, tmp_path / "c" / "x.ckpt")
     assert safe_load(tmp_path / "c" / "x.ckpt")["epoch"] == 1 and sorted(p.name for p in (tmp_path / "c").iterdir()) == ["x.ckpt"]
+
+
+def test_metrics_never_describe_a_checkpoint_since_replaced(setup: dict[str, Any], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics record their checkpoint's digest. A resume removes those whose checkpoint was replaced since (a resume
+    killed after it wrote a new best.ckpt left the old metrics_test.json for good: the next resume compared best.ckpt
+    with itself); an evaluation during which best.ckpt is replaced writes nothing."""
+    import json
+    import os
+    import shutil
+
+    import generator.runs.evaluate as ev
+    from generator.runs.evaluate import evaluate_run
+
+    run = Path(shutil.copytree(setup["root"] / "ref_causal", tmp_path / "run"))
+    best, last = run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt"
+    m = evaluate_run(run, "test", max_users=5)
+    assert json.loads((run / "metrics_test_sample5.json").read_text())["checkpoint_sha256"] == m["checkpoint_sha256"]
+    real = ev.evaluate
+
+    def replacing(*args: object, **kwargs: object) -> object:  # a training renames a new best.ckpt in meanwhile
+        out = real(*args, **kwargs)
+        shutil.copy(last, run / "new.ckpt")
+        os.replace(run / "new.ckpt", best)
+        return out
+
+    monkeypatch.setattr(ev, "evaluate", replacing)
+    before = (run / "metrics_test_sample5.json").read_bytes()
+    with pytest.raises(ValueError, match=r"best.ckpt: replaced while it was evaluated .* left as it was"):
+        evaluate_run(run, "test", max_users=5)
+    assert (run / "metrics_test_sample5.json").read_bytes() == before
+    monkeypatch.setattr(ev, "evaluate", real)
+    # best.ckpt is now another file than the one metrics_test_sample5.json describes (as after a killed resume)
+    options = setup["causal"]["options"]
+    replaced = (run / "checkpoints" / "best.ckpt").read_bytes()
+    train_run(setup["data"], setup["ids"], run, options, resume=True)  # (done already: nothing trained, best kept)
+    assert (run / "checkpoints" / "best.ckpt").read_bytes() == replaced
+    assert not (run / "metrics_test_sample5.json").exists()

@@ -33,11 +33,18 @@ from generator.decoding.protocol import as_int, call_beams, check_decode_args, c
 from generator.runs.batches import history_batches, split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.exclusion import distinct_counts, drop_history, with_beams, with_cold_cap
-from generator.runs.folder import Run, check_same_data, check_writable, load_run, metrics_file
+from generator.runs.folder import (
+    Run,
+    best_checkpoint,
+    check_same_data,
+    check_writable,
+    load_run,
+    metrics_file,
+)
 from generator.runs.recommender import on_device
 from generator.training.sampling import sample_users
 from semid.data import load_dataset
-from semid.io import write_json
+from semid.io import file_sha256, write_json
 from semid.metrics import RankingMetrics
 from semid.safe_read import is_int
 from semid.split import Split, leave_one_out
@@ -281,9 +288,14 @@ def evaluate_run(
     o.update((key, float(o[key])) for key in ("alpha", "length_penalty")  # numpy's floats, as JSON numbers
              if isinstance(o[key], Real) and not isinstance(o[key], bool))
     max_users, exclude_history = o["max_users"], o["exclude_history"]
+    ckpt_path = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir)
+    seen = _file_state(ckpt_path)  # the checkpoint's digest is recorded: it must be the file that was loaded
     run = load_run(run_dir, checkpoint)  # any design
     if loaded is not None:
         loaded()
+    ckpt_sha256 = file_sha256(run.checkpoint)
+    if _file_state(run.checkpoint) != seen:
+        raise ValueError(f"{run.checkpoint}: replaced while it was loaded (a training writing it?); evaluate again")
     data = Path(data_dir) if data_dir is not None else run.data_dir
     dataset = load_dataset(data)
     check_same_data(run.config, run.path, data)
@@ -320,7 +332,16 @@ def evaluate_run(
         # title beam's)
         **{k: o[k] for k in ("table_dtype", "alpha", "length_penalty") if o[k] != EVALUATE_DEFAULTS[k]},
         "checkpoint": str(run.checkpoint.relative_to(run.path)) if run.checkpoint.is_relative_to(run.path) else str(run.checkpoint),
+        "checkpoint_sha256": ckpt_sha256,  # (a resume that replaces it removes these metrics: runs.train)
         "data": str(data),
     }
+    if _file_state(run.checkpoint) != seen:  # (a resume may replace best.ckpt while an evaluation runs)
+        raise ValueError(f"{run.checkpoint}: replaced while it was evaluated (a training writing it?): these metrics "
+                         f"would describe a checkpoint no longer there; {target.name} left as it was: evaluate again")
     write_json(target, out)
     return {**out, "file": str(target)}
+
+
+def _file_state(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)  # (inode, size, mtime): what a rename over it or a rewrite changes
+    return st.st_ino, st.st_size, st.st_mtime_ns

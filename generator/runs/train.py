@@ -167,6 +167,17 @@ def _sha256_if_file(path: Path) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
+def _replaced_since(metrics: Path, out: Path) -> bool:
+    """Whether the checkpoint a metrics file names is no longer the one whose digest it records (a file recording
+    none, or not JSON: no)."""
+    try:
+        record = json.loads(metrics.read_text(encoding="utf-8"))
+        ckpt, sha = record.get("checkpoint"), record.get("checkpoint_sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(ckpt, str) and isinstance(sha, str) and _sha256_if_file(out / ckpt) != sha
+
+
 def train_run(
     data_dir: str | os.PathLike[str],
     ids_path: str | os.PathLike[str],
@@ -342,10 +353,11 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     run_config["targets_per_epoch"] = int(targets_per_epoch)
     run_config["threads"] = options.threads
     write_config(out, run_config)
-    if resume and _sha256_if_file(best) != best_before:
-        # they describe the checkpoint served before; metrics_valid.json is replaced by the evaluation below
-        stale = [p for p in out.glob("metrics_*.json") if options.final_val_users == 0 or p.name != "metrics_valid.json"]
-        stale += [out / HYBRID_FILE] if (out / HYBRID_FILE).exists() else []
+    changed = resume and _sha256_if_file(best) != best_before
+    if resume:  # metrics of a checkpoint since replaced: the best changed, or the digest recorded is not its file's now
+        stale = [p for p in out.glob("metrics_*.json") if (options.final_val_users == 0 or p.name != "metrics_valid.json")
+                 and (changed or _replaced_since(p, out))]  # (the latter: a resume killed after a new best.ckpt)
+        stale += [out / HYBRID_FILE] if (out / HYBRID_FILE).exists() and changed else []
         for path in sorted(stale):
             path.unlink()
         if stale:
