@@ -340,6 +340,10 @@ def test_a_resume_refuses_what_it_would_not_continue_exactly(setup: dict[str, An
     for name, value in (("lr", 0.05), ("weight_decay", 0.5)):
         with pytest.raises(ValueError, match=rf"a resumed run must keep .*; changed {name}: "):
             train_run(setup["data"], setup["ids"], run, TrainOptions(**{**longer.__dict__, name: value}), resume=True)
+    swapped = fresh("swapped_ids")  # the run's own copy of its IDs replaced: it trained, refused at the final evaluation
+    write_ids(swapped / "semantic_ids.npz", seed=1)
+    with pytest.raises(ValueError, match=r"semantic_ids.npz: not the semantic IDs this run was trained with"):
+        train_run(setup["data"], setup["ids"], swapped, longer, resume=True)
     outside = tmp_path / "outside"
     (run / "checkpoints").rename(outside)
     (run / "checkpoints").symlink_to(outside)

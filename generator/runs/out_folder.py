@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from generator.models.checkpoint import CHECKPOINT_KEY, safe_load
+from generator.models.checkpoint import CHECKPOINT_KEY, ids_digest, safe_load
 from generator.runs.folder import (
     CHECKPOINT_DIR,
     COMBINE_FILE,
@@ -96,13 +96,22 @@ def replace_refusal(run_dir: Path) -> str | None:
 
 def check_resume_folder(out: Path, data_dir: str | os.PathLike[str]) -> None:
     """Before a resume writes anything: its checkpoints and logs folders must be the run's own (a symbolic link there
-    had best.ckpt and last.ckpt written outside the run, refused only at the end), and ``data_dir`` the data it was
-    trained on (other users were trained on, and their validation scores compared with the old data's)."""
+    had best.ckpt and last.ckpt written outside the run, refused only at the end), ``data_dir`` the data it was
+    trained on (other users were trained on, and their validation scores compared with the old data's), and its copy
+    of the semantic IDs the ones it was trained with."""
     for name in (CHECKPOINT_DIR, LOG_DIR):
         if (out / name).is_symlink():
             raise ValueError(f"{out / name}: a symbolic link ({os.readlink(out / name)}); a run's {name} folder is "
                              "its own: a resume would write through it, outside the run. Replace it with the folder")
-    check_same_data(read_config(out), out, data_dir)
+    config = read_config(out)
+    check_same_data(config, out, data_dir)
+    from semid.ids import (
+        SemanticIDs,  # (the run's copy of its IDs: swapped, it was refused only by the final evaluation)
+    )
+
+    if (out / IDS_FILE).is_file() and ids_digest(SemanticIDs.load(out / IDS_FILE)) != config.get("ids_digest"):
+        raise ValueError(f"{out / IDS_FILE}: not the semantic IDs this run was trained with (config.yaml's ids_digest); "
+                         "put the run's own copy back (the --ids it was trained with)")
 
 
 def resume_point(ckpt_dir: Path, digest: str | None = None) -> Path | None:
