@@ -336,3 +336,12 @@ def test_embeddings_of_another_name_than_the_quantizers_are_refused(world: dict[
     err = capsys.readouterr().err
     assert "--embeddings w16: the quantizer was fitted on item_emb_minilm.npy" in err and "pass --embeddings minilm" in err, err
     assert (run / "semantic_ids.npz").read_bytes() == before
+
+
+def test_a_run_with_added_items_resumes(world: dict[str, Path]) -> None:
+    """A resume checks the run's copy of its IDs against those it was trained with: after add-items that copy is
+    their extension, whose lineage names them (kept resumable)."""
+    run = _fresh(world, "run_resume")
+    assert main(["add-items", "--run", str(run), "--data", str(world["new"])]) == 0
+    flags = [f if f != "2" else "3" for f in FLAGS]  # one more epoch
+    assert main(["train", "--data", str(world["old"]), "--ids", str(world["ids"]), "--out", str(run), "--resume", *flags]) == 0

@@ -109,7 +109,9 @@ def check_resume_folder(out: Path, data_dir: str | os.PathLike[str]) -> None:
         SemanticIDs,  # (the run's copy of its IDs: swapped, it was refused only by the final evaluation)
     )
 
-    if (out / IDS_FILE).is_file() and ids_digest(SemanticIDs.load(out / IDS_FILE)) != config.get("ids_digest"):
+    lineage = SemanticIDs.load_metadata(out / IDS_FILE).get("lineage") if (out / IDS_FILE).is_file() else None
+    before = [e.get("digest") for e in lineage if isinstance(e, dict)] if isinstance(lineage, list) else []
+    if (out / IDS_FILE).is_file() and config.get("ids_digest") not in [ids_digest(SemanticIDs.load(out / IDS_FILE)), *before]:
         raise ValueError(f"{out / IDS_FILE}: not the semantic IDs this run was trained with (config.yaml's ids_digest); "
                          "put the run's own copy back (the --ids it was trained with)")
 
