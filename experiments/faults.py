@@ -140,7 +140,7 @@ def run_outcome(path: Path) -> dict[str, Any]:
         "best": safe_load(path / "checkpoints" / "best.ckpt")["state_dict"],
         "last": safe_load(path / "checkpoints" / "last.ckpt")["state_dict"],
         "fields": [config["best_score"], config["steps"], config["epochs"],
-                   {k: v for k, v in metrics.items() if k not in ("seconds", "users_per_s")}],
+                   {k: v for k, v in metrics.items() if k not in ("seconds", "users_per_s", "checkpoint_sha256")}],
     }
 
 
