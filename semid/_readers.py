@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from semid.io import not_utf8
-from semid.safe_read import json_object
+from semid.safe_read import json_object, lone_surrogate
 
 _RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
 
@@ -51,11 +51,9 @@ class _Metadata:
             return
         attrs = _dedupe(attributes)
         for what, text in (("title", title), *(("attribute", a) for a in attrs)):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"{where}: item {item[:40]!r}'s {what} {text[:40]!r} holds {text[e.start:e.end]!r}, "
-                                 "which is not a character (a lone surrogate escape): fix it in the file") from None
+            if (bad := lone_surrogate(text)) is not None:
+                raise ValueError(f"{where}: item {item[:40]!r}'s {what} {text[:40]!r} holds {bad!r}, which is not a "
+                                 "character (a lone surrogate escape): fix it in the file")
         self.by_item[item] = (title, attrs)
 
 
@@ -226,11 +224,9 @@ def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> 
         raise ValueError(f"{where}: the user or item id holds a line break or tab ({user[:40]!r}, {item[:40]!r}): remove "
                          "it (in a CSV file: a quote opened on an earlier line and not closed? fix the file's quoting)")
     for kind, name in (("user", user), ("item", item)):
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate (JSON's "\ud800"): users.tsv could not be written
-            raise ValueError(f"{where}: the {kind} id {name[:40]!r} holds {name[e.start:e.end]!r}, which is not a "
-                             "character (a lone surrogate escape): fix the id in the file") from None
+        if (bad := lone_surrogate(name)) is not None:  # (users.tsv could not be written)
+            raise ValueError(f"{where}: the {kind} id {name[:40]!r} holds {bad!r}, which is not a character (a lone "
+                             "surrogate escape): fix the id in the file")
     raw.users.append(user)
     raw.items.append(item)
     raw.times.append(ts)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from semid.io import not_utf8
-from semid.safe_read import is_int, json_object, read_npy  # noqa: F401 (read_npy: re-exported)
+from semid.safe_read import is_int, json_object, lone_surrogate, read_npy  # noqa: F401 (read_npy: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +235,9 @@ def _field(
     if not isinstance(value, kind):
         raise ValueError(f"{file}:{lineno}: `{key}` must be a {kind.__name__}, got {value!r}")
     for text in [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)]:
-        try:  # JSON's "\ud800" escapes a lone surrogate, which is not a character: every writer of it fails later
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{file}:{lineno}: `{key}` holds {text[e.start:e.end]!r}, not a character (a lone "
-                             f"surrogate escape) in {text[:40]!r}: fix it in the file") from None
+        if (bad := lone_surrogate(text)) is not None:
+            raise ValueError(f"{file}:{lineno}: `{key}` holds {bad!r}, not a character (a lone surrogate escape) in "
+                             f"{text[:40]!r}: fix it in the file")
     return value
 
 

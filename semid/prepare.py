@@ -53,7 +53,7 @@ from semid._readers import (
 )
 from semid.data import EMBEDDING_PREFIX, ITEMS_FILE, SEQUENCES_FILE, USERS_FILE, Catalogue
 from semid.io import atomic_open, check_can_write
-from semid.safe_read import is_int
+from semid.safe_read import is_int, lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +198,9 @@ def write_dataset(
     bad = next((o for o in originals if any(c in o for c in "\t\r\n")), None)
     if bad is not None:
         raise ValueError(f"original user id {bad!r} contains a tab or newline; users.tsv cannot hold it")
-    for o in originals:
-        try:
-            o.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"original user id {o[:40]!r} holds a lone surrogate escape; users.tsv (UTF-8) cannot "
-                             "hold it") from None
+    bad = next((o for o in originals if lone_surrogate(o) is not None), None)
+    if bad is not None:
+        raise ValueError(f"original user id {bad[:40]!r} holds a lone surrogate escape; users.tsv (UTF-8) cannot hold it")
     removed = []
     if overwrite:
         for stale in sorted(out.glob(f"{EMBEDDING_PREFIX}*.npy")):

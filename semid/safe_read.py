@@ -73,6 +73,16 @@ def yaml_value(text: str, where: str) -> Any:
 
 
 # ---- values ------------------------------------------------------------------------------------------------------
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (JSON's "\\ud800" or a Python literal's escape decode to one: not a
+    character, so no UTF-8 file can hold it and every later writer fails), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start : e.end]
+    return None
+
+
 def is_int(value: object) -> bool:
     """An integer given by a caller: Python's or numpy's (``np.int64`` from an array), never a bool (``np.bool_`` is no
     ``Integral``): the one test behind the argument checks that take numpy's ints."""

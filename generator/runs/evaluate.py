@@ -41,6 +41,7 @@ from generator.runs.folder import (
     load_run,
     metrics_file,
 )
+from generator.runs.pinning import file_state as _file_state
 from generator.runs.recommender import on_device
 from generator.training.sampling import sample_users
 from semid.data import load_dataset
@@ -340,8 +341,3 @@ def evaluate_run(
                          f"would describe a checkpoint no longer there; {target.name} left as it was: evaluate again")
     write_json(target, out)
     return {**out, "file": str(target)}
-
-
-def _file_state(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)  # (inode, size, mtime): what a rename over it or a rewrite changes
-    return st.st_ino, st.st_size, st.st_mtime_ns

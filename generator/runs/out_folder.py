@@ -33,6 +33,7 @@ from generator.runs.folder import (
     check_same_data,
     read_config,
 )
+from semid.ids import SemanticIDs
 from semid.io import atomic_target_name
 
 # what a training writes before config.yaml (the lock, the IDs copy, a title run's tokenizer)
@@ -105,15 +106,12 @@ def check_resume_folder(out: Path, data_dir: str | os.PathLike[str]) -> None:
                              "its own: a resume would write through it, outside the run. Replace it with the folder")
     config = read_config(out)
     check_same_data(config, out, data_dir)
-    from semid.ids import (
-        SemanticIDs,  # (the run's copy of its IDs: swapped, it was refused only by the final evaluation)
-    )
-
-    lineage = SemanticIDs.load_metadata(out / IDS_FILE).get("lineage") if (out / IDS_FILE).is_file() else None
-    before = [e.get("digest") for e in lineage if isinstance(e, dict)] if isinstance(lineage, list) else []
-    if (out / IDS_FILE).is_file() and config.get("ids_digest") not in [ids_digest(SemanticIDs.load(out / IDS_FILE)), *before]:
-        raise ValueError(f"{out / IDS_FILE}: not the semantic IDs this run was trained with (config.yaml's ids_digest); "
-                         "put the run's own copy back (the --ids it was trained with)")
+    if (out / IDS_FILE).is_file():  # the run's own copy (swapped, the run trained and was refused at the end only);
+        copy = SemanticIDs.read(out / IDS_FILE)  # after add-items its extension, whose lineage names the IDs trained with
+        lineage = copy.meta.get("lineage") if isinstance(copy.meta.get("lineage"), list) else []
+        if config.get("ids_digest") not in [ids_digest(copy.ids), *(e.get("digest") for e in lineage if isinstance(e, dict))]:
+            raise ValueError(f"{out / IDS_FILE}: not the semantic IDs this run was trained with (config.yaml's "
+                             "ids_digest); put the run's own copy back (the --ids it was trained with)")
 
 
 def resume_point(ckpt_dir: Path, digest: str | None = None) -> Path | None:

@@ -56,6 +56,12 @@ def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[s
     return {name: file_sha256(run_dir / name) for name in names}
 
 
+def file_state(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """(inode, size, mtime in ns) of ``path``: what a rename over it or a rewrite changes, seen without reading it."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def file_states(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None
                 ) -> dict[str, tuple[int, int, int] | None]:
     """(inode, size, mtime in ns) of each pinned file, None where it is missing: what a rewrite (semid replaces
@@ -63,8 +69,7 @@ def file_states(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[s
     run_dir, out = Path(run_dir), {}
     for name in pinned_files(run_dir, checkpoint):  # loop over the pinned files (three or four)
         try:
-            st = os.stat(run_dir / name)
-            out[name] = (st.st_ino, st.st_size, st.st_mtime_ns)
+            out[name] = file_state(run_dir / name)
         except FileNotFoundError:
             out[name] = None  # (run_digests names it)
     return out

@@ -50,6 +50,7 @@ from generator.runs.batches import history_batches, int_ids
 from generator.runs.decoders import decoders_for, no_fusion_error, stored_fusion
 from generator.runs.exclusion import distinct_counts, drop_history, with_beams, with_cold_cap
 from generator.runs.folder import Run, best_checkpoint, check_same_items, load_run, read_config
+from generator.runs.pinning import file_state as _file_state  # (one stat triple for pins, loads and evaluate)
 from semid.data import Catalogue, load_catalogue
 from semid.tree import PrefixTree
 
@@ -370,9 +371,4 @@ class Recommender:
             raise ValueError(f"unknown item id {int(bad[0])}: the dataset's items are 1..{self.catalogue.num_items}")
         return arr.tolist()
 
-
-def _file_state(path: Path) -> tuple[int, int, int]:
-    """(inode, size, mtime) of ``path``: what a rewrite in place changes."""
-    st = os.stat(path)
-    return st.st_ino, st.st_size, st.st_mtime_ns
 

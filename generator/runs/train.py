@@ -167,15 +167,19 @@ def _sha256_if_file(path: Path) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
-def _replaced_since(metrics: Path, out: Path) -> bool:
+def _replaced_since(metrics: Path, out: Path, digests: dict[str, str | None]) -> bool:
     """Whether the checkpoint a metrics file names is no longer the one whose digest it records (a file recording
-    none, or not JSON: no)."""
+    none, or not JSON: no). ``digests``: each checkpoint's, hashed once for all the files that name it."""
     try:
         record = json.loads(metrics.read_text(encoding="utf-8"))
         ckpt, sha = record.get("checkpoint"), record.get("checkpoint_sha256")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(ckpt, str) and isinstance(sha, str) and _sha256_if_file(out / ckpt) != sha
+    if not (isinstance(ckpt, str) and isinstance(sha, str)):
+        return False
+    if ckpt not in digests:
+        digests[ckpt] = _sha256_if_file(out / ckpt)
+    return digests[ckpt] != sha
 
 
 def train_run(
@@ -192,8 +196,9 @@ def train_run(
 
     Args:
         resume: continue the run in ``out_dir`` from its last checkpoint (same IDs and fixed options).
-        snapshots: wall-clock budgets in minutes: the best checkpoint so far (chosen on validation) is then copied to
-            ``RUN/checkpoints/best_<M>min.ckpt`` (learning curves from one run). callbacks: more Lightning callbacks.
+        snapshots: wall-clock budgets in minutes: when training has run that long, the best checkpoint so far (chosen
+            on validation) is copied to ``RUN/checkpoints/best_<M>min.ckpt`` (learning curves from one run).
+        callbacks: more Lightning callbacks (logging, fault injection in tests).
 
     Raises:
         generator.training.resume.TrainingInterrupted: a SIGINT or SIGTERM stopped the training; ``resume`` continues it
@@ -294,7 +299,8 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     callbacks.append(ResumePoints(ckpt_dir, guard, every_steps=options.resume_every_steps, every_seconds=options.resume_every_seconds))
     cpu_budget = parse_max_time(options.max_cpu_time, "max_cpu_time")
     cpu_limit = None if cpu_budget is None else CpuTimeLimit(cpu_budget.total_seconds())
-    callbacks += [] if cpu_limit is None else [cpu_limit]
+    if cpu_limit is not None:
+        callbacks.append(cpu_limit)
     if options.optim().needs_budget:  # the schedule follows the share of the budget spent
         wall = parse_max_time(options.max_time)
         callbacks.append(BudgetProgress(None if wall is None else wall.total_seconds(), cpu_limit))
@@ -353,10 +359,11 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     run_config["targets_per_epoch"] = int(targets_per_epoch)
     run_config["threads"] = options.threads
     write_config(out, run_config)
-    changed = resume and _sha256_if_file(best) != best_before
+    digests = {str(best.relative_to(out)): _sha256_if_file(best)} if resume else {}
+    changed = resume and digests[str(best.relative_to(out))] != best_before
     if resume:  # metrics of a checkpoint since replaced: the best changed, or the digest recorded is not its file's now
         stale = [p for p in out.glob("metrics_*.json") if (options.final_val_users == 0 or p.name != "metrics_valid.json")
-                 and (changed or _replaced_since(p, out))]  # (the latter: a resume killed after a new best.ckpt)
+                 and (changed or _replaced_since(p, out, digests))]  # (the latter: a resume killed after a new best)
         stale += [out / HYBRID_FILE] if (out / HYBRID_FILE).exists() and changed else []
         for path in sorted(stale):
             path.unlink()

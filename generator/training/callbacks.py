@@ -118,7 +118,9 @@ class DivergenceStop(L.Callback):
         self.advice = advice
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        bad = [name for name, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
+        named = list(pl_module.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()  # (one read back, not one a tensor)
+        bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
         if bad:
             raise ValueError(f"training diverged by step {trainer.global_step} (epoch {trainer.current_epoch}): "
                              f"{len(bad)} weight tensors became NaN or infinite (the first: {bad[0]}); {self.advice}")
