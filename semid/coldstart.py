@@ -101,6 +101,9 @@ class Relabel(NamedTuple):
 
 def relabel_warm_first(num_items: int, cold_items: np.ndarray) -> Relabel:
     """Warm items keep their relative order as 1..N_w; cold items follow, ascending by old id."""
+    cold_items = np.asarray(cold_items)
+    if cold_items.size and (not np.issubdtype(cold_items.dtype, np.integer) or cold_items.min() < 1 or cold_items.max() > num_items):
+        raise ValueError(f"`cold_items` must be item ids in 1..{num_items}, got {cold_items[:5].tolist()}...")  # (-1 marked item N)
     cold = np.zeros(num_items + 1, dtype=bool)
     cold[cold_items] = True
     ids = np.arange(1, num_items + 1)

@@ -24,7 +24,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from semid.data import EMBEDDING_PREFIX, load_dataset
 from semid.io import atomic_path
 from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
-from semid.safe_read import is_int
+from semid.safe_read import cut, is_int
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def embed_texts(
     Returns:
         FloatArray (N, D), float32, rows of unit L2 norm; row i embeds texts[i].
     """
+    if isinstance(texts, (str, bytes)):  # (a string was embedded character by character)
+        raise TypeError(f"`texts` must be a sequence of strings, got one {type(texts).__name__}: pass [{cut(repr(texts))}]")
     _check_sizes(batch_size, max_length)
     tokenizer, model, _ = encoder
     device = next(model.parameters()).device

@@ -54,7 +54,7 @@ class SemanticIDs:
     def __init__(self, codes: np.ndarray, item_ids: np.ndarray, codebook_sizes: Sequence[int]) -> None:
         codes = np.asarray(codes)
         item_ids = np.asarray(item_ids)
-        sizes = tuple(int(k) for k in codebook_sizes)
+        sizes = _sizes(codebook_sizes)
         if codes.ndim != 2 or codes.shape[1] != len(sizes) or codes.shape[1] < 2:
             raise ValueError(f"`codes` must be (N, {len(sizes)}) with at least 2 levels, got shape {codes.shape}")
         if item_ids.shape != (codes.shape[0],):
@@ -64,6 +64,8 @@ class SemanticIDs:
         if item_ids.dtype.kind == "u" and item_ids.size and int(item_ids.max()) > _INT64_MAX:  # (np.diff wraps in uint)
             raise ValueError(f"`item_ids` holds {int(item_ids.max())}, beyond an int64 id")
         item_ids = item_ids.astype(np.int64)
+        if item_ids.size and item_ids[0] < 0:  # (ascending: the first is the least; -1 is items_of's "no item")
+            raise ValueError(f"`item_ids` must be non-negative, got {int(item_ids[0])}")
         most = max(MAX_CODEBOOK, codes.shape[0])
         if any(k > most for k in sizes):
             level = next(i for i, k in enumerate(sizes) if k > most)
@@ -107,7 +109,7 @@ class SemanticIDs:
         if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
             raise ValueError(f"`codes` must be a non-empty (N, L) integer array, got shape {codes.shape}")
         _check_int_array("codes", codes)
-        sizes = tuple(int(k) for k in codebook_sizes)
+        sizes = _sizes(codebook_sizes)
         if len(sizes) != codes.shape[1]:
             raise ValueError(f"`codebook_sizes` must have {codes.shape[1]} entries (one per level), got {list(sizes)}")
         if any(k < 1 for k in sizes):
@@ -182,7 +184,7 @@ class SemanticIDs:
     # ---- lookups (vectorised) ----------------------------------------------------------------------------------
     def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Row index of each item id; raises on an unknown id."""
-        item_ids = np.asarray(item_ids, dtype=np.int64)
+        item_ids = _int64_array("item_ids", item_ids)
         pos = find(self.item_ids, item_ids)
         if (pos < 0).any():
             raise ValueError(f"unknown item id {int(item_ids[pos < 0][0])}: not among the {self.num_items} items of these semantic IDs")
@@ -194,7 +196,10 @@ class SemanticIDs:
 
     def items_of(self, codes: np.ndarray) -> np.ndarray:
         """Item id of each full code tuple (..., L + 1); -1 where no item has that tuple."""
-        codes = np.asarray(codes, dtype=np.int64)
+        codes = _int64_array("codes", codes)
+        if codes.ndim == 0 or codes.shape[-1] != self.num_levels:
+            raise ValueError(f"`codes` must be full tuples of {self.num_levels} codes (the extra level last) in its last "
+                             f"dimension, got shape {codes.shape}")
         flat = codes.reshape(-1, self.num_levels)
         row = find(self._keys[self._key_order], prefix_key(flat, self.codebook_sizes))  # -1: out of range or no item
         out = np.where(row >= 0, self.item_ids[self._key_order[row]], -1)
@@ -224,11 +229,14 @@ class SemanticIDs:
     def save(self, path: str | os.PathLike[str], *, arrays: dict[str, np.ndarray] | None = None, **metadata: object) -> None:
         """Write one versioned ``.npz`` file, atomically. ``metadata`` (JSON-serialisable) is kept alongside, and
         ``arrays`` (numeric, no objects) beside the codes (read them back with :func:`load_arrays`)."""
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "codebook_sizes": list(self.codebook_sizes), **metadata}
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "codebook_sizes": list(self.codebook_sizes)}
+        if set(metadata) & set(meta):  # (a `version=` or `codebook_sizes=` replaced the file's own: unloadable, or other IDs)
+            raise ValueError(f"`metadata` must not name {sorted(set(metadata) & set(meta))}: the file's own keys")
+        meta.update(metadata)
         extra = dict(arrays or {})
-        clash = set(extra) & {"codes", "item_ids", "meta"}
+        clash = set(extra) & {"codes", "item_ids", "meta", "file", "allow_pickle"}  # (the last two: np.savez's own)
         if clash or any(np.asarray(a).dtype == object for a in extra.values()):
-            raise ValueError(f"`arrays` must be numeric arrays named other than codes/item_ids/meta, got {sorted(extra)}")
+            raise ValueError(f"`arrays` must be numeric arrays named other than codes/item_ids/meta/file/allow_pickle, got {sorted(extra)}")
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, codes=self.codes, item_ids=self.item_ids, meta=np.array(json.dumps(meta)), **extra)
@@ -328,6 +336,21 @@ def _check_headers(path: Path, headers: dict) -> None:
 # ---- private helpers (inputs already validated) --------------------------------------------------------------------
 _INT64_MAX = 2**63 - 1
 MAX_CODEBOOK = 1 << 16  # the largest codebook a level may have beyond the item count (an embedding row per code)
+
+
+def _sizes(codebook_sizes: Sequence[int]) -> tuple[int, ...]:
+    """Codebook sizes as ints; a TypeError for anything else (2.9 was 2, True 1, "3" 3)."""
+    if isinstance(codebook_sizes, (str, bytes)) or not all(is_int(k) for k in codebook_sizes):
+        raise TypeError(f"`codebook_sizes` must be ints, got {codebook_sizes!r}")
+    return tuple(int(k) for k in codebook_sizes)
+
+
+def _int64_array(name: str, values: object) -> np.ndarray:
+    """``values`` as an int64 array; a TypeError for floats or bools (1.9 was item 1)."""
+    a = np.asarray(values)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"`{name}` must be integers, got {a.dtype} values")
+    return a.astype(np.int64)
 
 
 def _check_int_array(name: str, a: np.ndarray) -> None:

@@ -80,7 +80,7 @@ class TokenLayout:
 
     def level_range(self, level: int) -> tuple[int, int]:
         """[start, stop) token ids of level ``level``'s block."""
-        if not 0 <= level < self.num_levels:
+        if not is_int(level) or not 0 <= level < self.num_levels:
             raise ValueError(f"`level` must be in [0, {self.num_levels}), got {level!r}")
         start = self.level_offsets[level]
         return start, start + self.codebook_sizes[level]
@@ -94,6 +94,7 @@ class TokenLayout:
         Returns:
             tokens of the same shape and kind (numpy or torch), int64.
         """
+        codes = _int64("codes", codes)
         offsets, sizes = self._offsets_like(codes), self._sizes_like(codes)
         if codes.shape[-1] != self.num_levels:
             raise ValueError(f"`codes` must have {self.num_levels} levels in its last dimension, got shape {tuple(codes.shape)}")
@@ -112,6 +113,7 @@ class TokenLayout:
         Args:
             tokens: int array (..., L), tokens[..., l] in level l's block.
         """
+        tokens = _int64("tokens", tokens)
         if tokens.shape[-1] != self.num_levels:
             raise ValueError(f"`tokens` must have {self.num_levels} levels in its last dimension, got shape {tuple(tokens.shape)}")
         codes = tokens - self._offsets_like(tokens)
@@ -126,10 +128,10 @@ class TokenLayout:
         """Hash user ids (any non-negative ints) into the U user tokens; stable across processes and machines."""
         if self.num_user_tokens == 0:
             raise ValueError("this layout has no user tokens (`num_user_tokens=0`)")
+        user_ids = _int64("user_ids", user_ids)
         if (user_ids < 0).any():
             raise ValueError(f"`user_ids` must be non-negative, got {int(user_ids[user_ids < 0].reshape(-1)[0])}")
         # hashed in 64 bits whatever the ids' dtype (in int32 the multiplier overflowed and 2^32 was 0)
-        user_ids = user_ids.long() if isinstance(user_ids, torch.Tensor) else np.asarray(user_ids).astype(np.int64)
         bucket = (user_ids * _HASH_MULT) % (2**32) % self.num_user_tokens
         return bucket + self.user_offset
 
@@ -147,6 +149,22 @@ class TokenLayout:
 
     def _sizes_like(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         return _like(self.codebook_sizes, x)
+
+
+def _int64(name: str, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """``x`` (a numpy array or tensor of ints) as int64 of the same kind; a TypeError for floats, bools or other
+    objects (2.6 was code 2 and its token a float: numpy's uint64 minus int64 is float64), a ValueError for uint64
+    beyond int64."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"`{name}` must hold integers, got a tensor of {x.dtype}")
+        return x.long()
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"`{name}` must hold integers, got an array of {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"`{name}` holds {int(arr.max())}, beyond int64")
+    return arr.astype(np.int64, copy=False)
 
 
 def _like(values: Sequence[int], x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

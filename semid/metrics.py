@@ -64,7 +64,10 @@ class RankingMetrics:
         self.count = 0
 
     def update(self, ranked: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> None:
-        """ranked: (B, K) item ids, best first, K >= max(ks); targets: (B,)."""
+        """ranked: (B, K) item ids, best first, K >= max(ks); targets: (B,) (arrays, tensors or lists)."""
+        ranked = ranked.cpu().numpy() if isinstance(ranked, torch.Tensor) else np.asarray(ranked)
+        if ranked.ndim != 2:
+            raise ValueError(f"`ranked` must be (users, k) item ids, got shape {ranked.shape}")
         if ranked.shape[1] < max(self.ks):
             raise ValueError(f"`ranked` has {ranked.shape[1]} columns, fewer than k={max(self.ks)}")
         ranks = _target_ranks(ranked, targets)

@@ -61,8 +61,11 @@ def masked_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, norm: torch.
 
     The one masked log-softmax of the code loss, the beam searches and teacher forcing. logits: (..., K) float;
     allowed, norm: BoolTensor (..., K). A row that allows nothing is all -inf. With ``norm`` (a node's trained
-    children, where items were added since) an allowed entry outside it may score above 1 in total, as intended.
+    children, where items were added since) an allowed entry outside it may score above 1 in total, as intended; a
+    row whose ``norm`` is empty (every child added since) is normalised over ``allowed``.
     """
+    if norm is not None:  # (an empty normaliser gave +inf to every allowed entry)
+        norm = torch.where(norm.any(-1, keepdim=True), norm, allowed)
     if norm is None:
         out = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).log_softmax(-1)
     else:

@@ -12,7 +12,7 @@ folder holds, read with ``local_files_only=True``.
 **Titles that are not unique** (Beauty: 28 groups of identical titles, one of them the 7 empty titles). Rule: two
 items whose titles tokenise to the same (truncated) sequence form a group; every item of a group of two or more,
 and every item with an empty title, gets one *disambiguation token* after its title: ``dup_j`` where j is the
-item's rank in its group by item id (0, 1, ...). A unique title ends with eos directly. So every tree leaf is one
+item's rank in its group in the order the items are given (by item id where, as in semid's runs, they come ascending; 0, 1, ...). A unique title ends with eos directly. So every tree leaf is one
 item, the tree has no duplicate sequence, and the model learns which of the identical titles comes next, as the
 extra semantic-ID level does for colliding codes. Titles are cut to ``max_tokens`` tokens before grouping (a cut
 that makes two titles equal makes a group).

@@ -68,6 +68,7 @@ class PrefixTree:
         dense_spec: torch.Tensor,
         vocab_size: int,
         num_sequences: int,
+        end_token: int | None = None,
     ) -> None:
         self.row_ptr = row_ptr
         self.child_token = child_token
@@ -78,6 +79,7 @@ class PrefixTree:
         self.dense_spec = dense_spec
         self.vocab_size = int(vocab_size)
         self.num_sequences = int(num_sequences)  # N, the sequences (items) the tree was built from
+        self.end_token = end_token  # what closes every sequence (None: nothing), read by lookup
         parent = torch.repeat_interleave(torch.arange(self.num_nodes, device=row_ptr.device), row_ptr.diff())
         self.edge_key = parent * self.vocab_size + child_token
         self.dense_allowed = dense_next >= 0  # the dense tables as masks: a step gathers bytes, not int32s
@@ -179,6 +181,7 @@ class PrefixTree:
             dense_spec=t(dense_spec),
             vocab_size=int(vocab_size),
             num_sequences=N,
+            end_token=None if end_token is None else int(end_token),
         )
         log.debug("built %r", tree)
         return tree
@@ -313,19 +316,27 @@ class PrefixTree:
         depth = torch.where(nodes >= 0, torch.searchsorted(self._depth_start, nodes, right=True), -1)
         return [(d, (depth == d).nonzero().squeeze(1)) for d in torch.unique(depth).tolist() if d >= 0]
 
-    def walk(self, prefixes: torch.Tensor) -> torch.Tensor:
-        """Node reached by each prefix from the root. prefixes: LongTensor (B, T) -> LongTensor (B,), -1 if not in the tree."""
+    def walk(self, prefixes: torch.Tensor, *, stop_after_end: bool = False) -> torch.Tensor:
+        """Node reached by each prefix from the root. prefixes: LongTensor (B, T) -> LongTensor (B,), -1 if not in the tree.
+        ``stop_after_end``: tokens after a row's first end token are not read (what a finished beam is padded with)."""
+        prefixes = _tokens(prefixes, "prefixes")
         nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
+        ended = torch.zeros_like(nodes, dtype=torch.bool)
         for t in range(prefixes.shape[1]):  # loop over depth, not beams
-            nodes = self.next_nodes(nodes, prefixes[:, t])
+            step = self.next_nodes(nodes, prefixes[:, t])
+            if stop_after_end and self.end_token is not None:
+                step = torch.where(ended, nodes, step)
+                ended |= prefixes[:, t] == self.end_token
+            nodes = step
         return nodes
 
     def lookup(self, sequences: torch.Tensor) -> torch.Tensor:
-        """Value of each complete sequence (with or without its end token / trailing pads); -1 if none.
+        """Value of each complete sequence (with or without its end token / trailing pads or end tokens: transformers'
+        ``generate`` pads finished beams with eos where the pad id is 0); -1 if none.
 
         sequences: LongTensor (B, T) -> LongTensor (B,).
         """
-        nodes = self.walk(sequences)
+        nodes = self.walk(sequences, stop_after_end=True)
         return torch.where(nodes >= 0, self.node_value[nodes.clamp_min(0)], -1)
 
     def allowed_mask(self, nodes: torch.Tensor, token_range: tuple[int, int] | None = None) -> torch.Tensor:
@@ -404,3 +415,12 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for a 1-D x and an index of any shape; index_select is ~2x faster than advanced indexing here."""
     return torch.index_select(x, 0, index.reshape(-1)).view(index.shape)
 
+
+def _tokens(x: object, name: str) -> torch.Tensor:
+    """Token ids (B, T) as a LongTensor (numpy's too); a TypeError for floats or bools, a ValueError for another rank."""
+    t = torch.as_tensor(x)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be integer token ids, got {t.dtype}")
+    if t.ndim != 2:
+        raise ValueError(f"`{name}` must be (B, T) token ids, got shape {tuple(t.shape)}")
+    return t.long()
