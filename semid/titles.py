@@ -80,12 +80,19 @@ class TitleTokenizer:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike[str]) -> TitleTokenizer:
         """The tokenizer of a local transformers folder (``local_files_only=True``, no code of the folder's own run:
-        ``semid.local_models``); it must have pad and eos (or sep)."""
-        from transformers import AutoTokenizer
-
+        ``semid.local_models``); it must have pad and eos (or sep). A title run's own ``tokenizer/`` folder (written by
+        :meth:`save`, whose trained BPE has no transformers config) is read as :meth:`load` reads it."""
         path = Path(folder)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no tokenizer folder here (`--tokenizer` takes a local folder; nothing is downloaded)")
+        if (path / META_FILE).is_file():  # (it was refused: "needs a pad token and an eos", which its record names)
+            return cls.load(path)
+        return cls._from_transformers(path)
+
+    @classmethod
+    def _from_transformers(cls, path: Path) -> TitleTokenizer:
+        from transformers import AutoTokenizer
+
         refuse_remote_code(path, "this tokenizer folder")
         try:
             tok = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
@@ -135,7 +142,7 @@ class TitleTokenizer:
                 raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({str(e)[:200]}); {again}") from None
             out = cls(backend, "bpe", meta["pad_id"], meta["eos_id"], meta["vocab_size"])
         elif meta.get("kind") == "transformers":
-            out = cls.from_pretrained(path)
+            out = cls._from_transformers(path)
         else:
             raise ValueError(f"{meta_path}: unknown tokenizer kind {meta.get('kind')!r}; known: {list(KINDS)}")
         if (out.pad_id, out.eos_id, out.vocab_size) != (meta["pad_id"], meta["eos_id"], meta["vocab_size"]):

@@ -148,3 +148,91 @@ def test_commands_for_causal_runs_name_a_title_run_as_such(title_runs: dict[str,
     assert main(["distill", "--run", str(run), "--out", str(tmp_path / "d")]) == 2
     assert "a run of the 'title' design; distillation is for runs of the causal design" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before and not (tmp_path / "d").exists()
+
+
+# ---- a helper's audit of the title and grounded decoders (December 2026) -------------------------------------------
+def test_codes_grounded_takes_each_calls_beams(title_runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """It decoded with the beams it was loaded with: a history of more distinct items than beams less k (left out as
+    served) was refused, and `num_beams=` changed nothing."""
+    from generator.runs.recommender import Recommender
+
+    long_history = ",".join(str(i) for i in range(1, 13))  # 12 distinct items: k 10 + 12 > the 20 loaded beams
+    assert main(["recommend", "--run", str(title_runs["causal"]), "--history", long_history, "-k", "10",
+                 "--decoder", "codes-grounded", "--json"]) == 0
+    assert len([r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]]) == 10
+    run = load_run(title_runs["causal"])
+    few = Recommender(run, decoders=["codes-grounded"], num_beams=4, maps=False)
+    many = Recommender(run, decoders=["codes-grounded"], num_beams=30, maps=False)
+    got = few.recommend([[3, 5]], 4, "codes-grounded", num_beams=30, exclude_history=False)[0]
+    want = many.recommend([[3, 5]], 4, "codes-grounded", exclude_history=False)[0]
+    assert got.items.tolist() == want.items.tolist()
+
+
+def test_a_title_run_grounds_on_a_moved_dataset_and_its_encoder_path_is_absolute(
+        title_runs: dict[str, Path], model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    shutil.copytree(title_runs["data"], tmp_path / "data")
+    shutil.copytree(model_dir, tmp_path / "enc")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert main(["train", "--data", "data", "--ids", str(title_runs["ids"]), "--out", str(run), "--target", "title",
+                 *FLAGS, "--max-epochs", "1", "--model-option", "tokenizer_vocab=300", "--encoder", "enc"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["encoder"] == str((tmp_path / "enc").resolve())
+    (tmp_path / "data").rename(tmp_path / "moved")
+    monkeypatch.chdir(title_runs["data"].parent)  # another directory: the relative path named no folder there
+    capsys.readouterr()
+    assert main(["recommend", "--run", str(run), "--history", "1,2", "-k", "3", "--decoder", "title-grounded",
+                 "--data", str(tmp_path / "moved"), "--json"]) == 0  # (it read the recorded data folder: "no dataset folder")
+    assert len([r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]]) == 3
+    result = evaluate_run(run, "test", decoder="title-grounded", num_beams=10, data_dir=tmp_path / "moved", max_users=5)
+    assert result["users_evaluated"] == 5
+
+
+def test_a_damaged_or_changed_grounding_cache_is_made_again(title_runs: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import numpy as np
+
+    from generator.runs.folder import TITLE_EMB_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(title_runs["bpe"], run)
+    ask = ["recommend", "--run", str(run), "--history", "1,2", "-k", "5", "--decoder", "title-grounded", "--json"]
+    capsys.readouterr()
+    assert main(ask) == 0
+    first = [r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]]
+    emb = run / TITLE_EMB_FILE
+    np.save(emb, np.load(emb)[::-1].copy())  # another array under the same record: its answers changed in silence
+    assert main(ask) == 0 and [r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]] == first
+    for damage in ("[1]", '{"dig'):  # (a traceback; an error naming no file)
+        (run / (TITLE_EMB_FILE + ".json")).write_text(damage)
+        assert main(ask) == 0 and [r["item_id"] for r in json.loads(capsys.readouterr().out)["items"]] == first
+    assert json.loads((run / (TITLE_EMB_FILE + ".json")).read_text())["sha256"]
+
+
+def test_a_title_runs_tokenizer_is_pinned_and_reused_by_tokenizer(title_runs: dict[str, Path], tmp_path: Path) -> None:
+    from generator.runs.pinning import pinned_files
+
+    assert "tokenizer/tokenizer.json" in pinned_files(title_runs["bpe"])
+    assert not any(n.startswith("tokenizer/") for n in pinned_files(title_runs["causal"]))
+    own = TitleTokenizer.from_pretrained(title_runs["bpe"] / "tokenizer")  # (refused: "needs a pad token and an eos")
+    saved = TitleTokenizer.load(title_runs["bpe"] / "tokenizer")
+    assert (own.kind, own.pad_id, own.eos_id, own.vocab_size) == (saved.kind, saved.pad_id, saved.eos_id, saved.vocab_size)
+    assert own.encode(["item 7"]) == saved.encode(["item 7"])
+
+
+def test_title_options_refused_before_the_run_folder_is_made(title_runs: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["train", "--data", str(title_runs["data"]), "--ids", str(title_runs["ids"]), "--target", "title", *FLAGS]
+    assert main([*base, "--out", str(tmp_path / "a"), "--dense-embeddings", "nope"]) == 2  # (recorded, ignored)
+    assert "`--dense-embeddings` names a dense head" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--model-option", "tokenizer_vocab=100"]) == 2
+    assert "--model-option tokenizer_vocab" in capsys.readouterr().err
+    empty = tmp_path / "empty-encoder"
+    empty.mkdir()
+    assert main([*base, "--out", str(tmp_path / "c"), "--encoder", str(empty)]) == 2  # (failed only at evaluate)
+    assert "has no config.json" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abc")

@@ -143,9 +143,10 @@ class GroundedCodeDecoders(CausalDecoders):
         if self._grounder is None:
             self.refresh()
         check_k(k, self.model.num_items, "the catalogue size")
-        check_beams(self.num_beams, k, self.model.num_items)
+        M = self.num_beams if num_beams is None else num_beams  # the call's (a history left out asks for more)
+        check_beams(M, k, self.model.num_items)
         t0 = time.perf_counter()
-        tokens, scores = free_code_beam(self.model, h, num_beams=self.num_beams)  # (B, M, L), (B, M)
+        tokens, scores = free_code_beam(self.model, h, num_beams=M)  # (B, M, L), (B, M)
         t1 = time.perf_counter()
         B, M, L = tokens.shape
         rows, is_item = self._grounder.ground(tokens.reshape(B * M, L))

@@ -48,16 +48,24 @@ def check_options(options: Any) -> None:
     if options.dense_options:
         raise ValueError(f"`dense_options` configure a dense head, and a title run has none: leave them out, got "
                          f"{options.dense_options!r}")
+    if options.dense_embeddings != next(f.default for f in fields(options) if f.name == "dense_embeddings"):  # (it was recorded and ignored)
+        raise ValueError(f"`dense_embeddings` names a dense head's content vectors, and a title run has "
+                         f"none: leave it out, got {options.dense_embeddings!r}")
     set_("decoder", resolve(TITLE, options.decoder))  # "auto" and "beam" mean title-beam
     if options.decoder != TITLE_BEAM:
         raise ValueError(f"a title run selects checkpoints with decoder {TITLE_BEAM!r}, got {options.decoder!r}")
     unknown = sorted(set(options.model_options or {}) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(f"unknown `model_options` {unknown} for `target` 'title'; known: {list(OPTION_KEYS)}")
-    for name in ("tokenizer", "encoder"):
+    for name, needs in (("tokenizer", None), ("encoder", "config.json")):
         path = getattr(options, name)
-        if path is not None and not Path(path).is_dir():
+        if path is None:
+            continue
+        if not Path(path).is_dir():
             raise ValueError(f"`{name}` must be a local model folder, got {path!r} (not a folder)")
+        if needs is not None and not (Path(path) / needs).is_file():  # (an empty folder failed only at evaluate)
+            raise ValueError(f"`{name}` must be a local model folder, got {path!r}: it has no {needs}")
+        set_(name, str(Path(path).resolve()))  # (recorded as given, a relative path was read from any other directory)
     TitleConfig(**(options.model_options or {}))  # validates the values
 
 

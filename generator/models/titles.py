@@ -49,6 +49,9 @@ class TitleConfig(BackboneConfig):
         super().__post_init__()
         check_fields(self, positive=("title_dim", "max_title_tokens", "tokenizer_vocab"), non_negative=("vocab_size",),
                      unit=("title_dropout",))
+        if self.tokenizer_vocab < 260:  # (refused by the BPE's training only, after the run folder was made)
+            raise ValueError(f"`tokenizer_vocab` (--model-option tokenizer_vocab) must be at least 260 (256 bytes and the "
+                             f"specials), got {self.tokenizer_vocab}")
 
     def backbone(self) -> CausalConfig:
         """The causal backbone's config: no code-head extras, no dense head."""

@@ -10,6 +10,7 @@ decoders reads the run and writes nothing: the fusion is chosen by an explicit s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from generator.decoding.registry import CAUSAL, TITLE, Ingredients
 from generator.decoding.titles import LENGTH_PENALTY, TITLE_GROUNDED
 from generator.designs.registry import DESIGNS
 from generator.runs import fusion_store
-from semid.data import load_dataset
+from generator.runs.folder import check_same_items
+from semid.data import load_catalogue, load_dataset
 from semid.split import Split, leave_one_out
 from semid.tree import PrefixTree
 
@@ -38,8 +40,8 @@ def trained_tree(run: Any) -> PrefixTree | None:
 def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float | None = None, num_beams: int = 20,
                  num_candidates: int | None = None, cold_items: np.ndarray | None = None, cold_options: dict[str, Any] | None = None,
                  length_penalty: float | None = None, fusion: tuple[str, dict] | float | None = None,
-                 key: dict[str, str] | None = None, table_dtype: str = "float32", release_tables: bool = False
-                 ) -> dict[str, Decoder]:
+                 key: dict[str, str] | None = None, table_dtype: str = "float32", release_tables: bool = False,
+                 data: str | os.PathLike[str] | None = None) -> dict[str, Decoder]:
     """The run's decoders by (resolved) name, on the model's device (the run's tree must be there too).
 
     Args:
@@ -85,7 +87,7 @@ def decoders_for(run: Any, names: tuple[str, ...] | list[str], *, alpha: float |
     elif backbone == TITLE:
         ing.title = {"length_penalty": LENGTH_PENALTY if length_penalty is None else length_penalty, "tokenizer": run.tokenizer}
         if TITLE_GROUNDED in wanted:
-            ing.title.update(_grounding_encoder(run, device))
+            ing.title.update(_grounding_encoder(run, device, data))
     return registry.build_many(ing, wanted)
 
 
@@ -145,8 +147,9 @@ def choose_run_fusion(run: Any, split: Split | None = None, *, num_candidates: i
     return {"fusion": chosen.kind, "params": chosen.params}
 
 
-def _grounding_encoder(run: Any, device: torch.device) -> dict[str, Any]:
-    """``title-grounded``'s sentence encoder (named at training time) and the catalogue's title embeddings."""
+def _grounding_encoder(run: Any, device: torch.device, data: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``title-grounded``'s sentence encoder (named at training time) and the catalogue's title embeddings (the titles
+    of ``data``, a folder holding the run's items, default the run's own: a moved dataset is read where it is now)."""
     from generator.runs.titles import catalogue_title_embeddings
     from semid.embed import load_encoder
 
@@ -155,6 +158,7 @@ def _grounding_encoder(run: Any, device: torch.device) -> dict[str, Any]:
         raise ValueError(f"{run.path}: decoder {TITLE_GROUNDED!r} embeds generated titles with a sentence encoder, and this run "
                          "names none: train it with `--encoder DIR` (a local model folder, as for `semid embed`)")
     encoder = load_encoder(enc_dir, device)
-    catalogue = load_dataset(run.data_dir).catalogue  # once: it parses the dataset's files
+    folder = run.data_dir if data is None else check_same_items(run.config, run.path, data)
+    catalogue = load_catalogue(folder)  # once: it parses the items file
     titles = [catalogue.title_of(int(i)) for i in run.ids.item_ids]
     return {"encoder": encoder, "item_emb": torch.from_numpy(catalogue_title_embeddings(run.path, titles, encoder, enc_dir))}

@@ -15,6 +15,7 @@ another device is copied); the hybrid reads the fusion stored by ``semid choose-
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -300,6 +301,8 @@ def evaluate_run(
     data = Path(data_dir) if data_dir is not None else run.data_dir
     dataset = load_dataset(data)
     check_same_data(run.config, run.path, data)
+    if data_dir is not None:  # the run's data is read where it is now (title-grounded's titles: the recorded path was read)
+        run = dataclasses.replace(run, config={**run.config, "data": str(data.resolve())})
     split = leave_one_out(dataset)
     sample = max_users if max_users is not None and max_users < split.num_users else None
     # the run's default decoder on its best checkpoint writes the protocol's file; any other decoder or checkpoint a

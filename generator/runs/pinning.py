@@ -8,7 +8,9 @@ edits a file can recompute them. To serve exactly the run that was evaluated, ke
 
 What is pinned: config.yaml (which names the best checkpoint and holds the model's config), semantic_ids.npz, the
 checkpoint served (the best one, or the one given) and, where the run has one, hybrid.json (the hybrid's fusion: it
-changes the hybrid's rankings). The digests are of the files' bytes, as ``sha256sum`` prints
+changes the hybrid's rankings) and a title run's ``tokenizer/`` files. Not pinned: title-grounded's cache of the
+catalogue's title embeddings, derived data that is made again whenever it is not what its record says (the titles,
+the encoder's files, the array's sha256): it finds damage and staleness, not an edit of both. The digests are of the files' bytes, as ``sha256sum`` prints
 them, so ``cd RUN && sha256sum -c FILE`` checks a pin file too.
 """
 
@@ -20,7 +22,14 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from generator.runs.folder import CONFIG_FILE, HYBRID_FILE, IDS_FILE, best_checkpoint, read_config
+from generator.runs.folder import (
+    CONFIG_FILE,
+    HYBRID_FILE,
+    IDS_FILE,
+    TOKENIZER_DIR,
+    best_checkpoint,
+    read_config,
+)
 from semid.io import file_sha256
 
 _HEX = re.compile(r"[0-9a-f]{64}")
@@ -32,14 +41,16 @@ def is_digest(text: str) -> bool:
 
 
 def pinned_files(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> list[str]:
-    """The files a pin covers, relative to the run folder: config.yaml, semantic_ids.npz, the checkpoint served and
-    hybrid.json where the run has one."""
+    """The files a pin covers, relative to the run folder: config.yaml, semantic_ids.npz, the checkpoint served,
+    hybrid.json where the run has one and a title run's tokenizer files."""
     run_dir = Path(run_dir)
     ckpt = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir, read_config(run_dir))
     if not ckpt.resolve().is_relative_to(run_dir.resolve()):
         raise ValueError(f"{ckpt}: a checkpoint outside the run folder {run_dir} cannot be pinned with the run")
     names = [CONFIG_FILE, IDS_FILE, str(ckpt.resolve().relative_to(run_dir.resolve()))]
-    return names + [HYBRID_FILE] if (run_dir / HYBRID_FILE).exists() else names
+    names += [HYBRID_FILE] if (run_dir / HYBRID_FILE).exists() else []
+    tok = run_dir / TOKENIZER_DIR  # (a title run's: what its titles are read and written with)
+    return names + sorted(p.relative_to(run_dir).as_posix() for p in tok.rglob("*") if p.is_file()) if tok.is_dir() else names
 
 
 def run_digests(run_dir: str | os.PathLike[str], checkpoint: str | os.PathLike[str] | None = None) -> dict[str, str]:

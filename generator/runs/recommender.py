@@ -162,7 +162,7 @@ class Recommender:
             self.run = run = dataclasses.replace(run, tree=tree)
         self._decoders: dict[str, Decoder] = decoders_for(
             run, names, alpha=alpha, num_beams=self.num_beams, num_candidates=num_candidates, fusion=fusion, key=key,
-            cold_items=cold_items, cold_options=cold_options, table_dtype=table_dtype, release_tables=bool(release))
+            cold_items=cold_items, cold_options=cold_options, table_dtype=table_dtype, release_tables=bool(release), data=data)
         shared = [getattr(d, "shared", None) for d in self._decoders.values()]
         if run.design == CAUSAL and all(isinstance(x, CausalDecoders) and x.tree is None for x in shared):  # a lean build:
             self.run = run = dataclasses.replace(run, tree=None)  # the run's tree (257 MB per million items) is read no more

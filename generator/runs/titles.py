@@ -44,16 +44,37 @@ def catalogue_title_embeddings(run_dir: Path, titles: list[str], encoder: object
 
     digest = titles_digest(titles, encoder_dir)
     path, meta = run_dir / TITLE_EMB_FILE, run_dir / (TITLE_EMB_FILE + ".json")
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("digest") == digest:
-        cached = read_npy(path)  # header checked against the file size first
-        if cached.ndim == 2 and cached.shape[0] == len(titles):
-            return cached
-        log.warning("%s: holds %s embeddings for %d titles: embedding them again", path, cached.shape, len(titles))
+    cached = _cached(path, meta, digest, len(titles))
+    if cached is not None:
+        return cached
     t0 = time.perf_counter()
     emb = embed_texts(titles, encoder, batch_size=batch_size, max_length=GROUND_MAX_LENGTH, progress=False)
     with atomic_path(path) as tmp:
         np.save(tmp, emb)
-    write_json(meta, {"digest": digest, "encoder": str(Path(encoder_dir).resolve()), "items": len(titles),
-                      "seconds": round(time.perf_counter() - t0, 1)})
+    write_json(meta, {"digest": digest, "sha256": file_sha256(path), "encoder": str(Path(encoder_dir).resolve()),
+                      "items": len(titles), "seconds": round(time.perf_counter() - t0, 1)})
     log.info("embedded %d catalogue titles for grounding in %.0f s -> %s", len(titles), time.perf_counter() - t0, path)
     return emb
+
+
+def _cached(path: Path, meta_path: Path, digest: str, n: int) -> np.ndarray | None:
+    """The cache's embeddings where its record says they are of these titles and encoder and the array is the one it
+    wrote (its sha256: the answers come from it, and no run pin covers it), else None with a warning: a cache that is
+    stale, damaged or changed is made again, never read and never an error."""
+    if not (path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON object expected, got {type(meta).__name__}")
+        if meta.get("digest") != digest:
+            return None  # (other titles or another encoder: stale, as expected after a change)
+        if meta.get("sha256") != file_sha256(path):
+            raise ValueError("the array is not the one its record was written with")
+        cached = read_npy(path)  # header checked against the file size first
+        if cached.ndim != 2 or cached.shape[0] != n:
+            raise ValueError(f"holds {cached.shape} embeddings for {n} titles")
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # (json's errors are ValueErrors)
+        log.warning("%s: %s; embedding the titles again", path, e)
+        return None
+    return cached
