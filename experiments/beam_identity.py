@@ -136,7 +136,7 @@ def t5_outputs(out: dict) -> None:
         out[f"t5/{seed}/score_codes"] = [score_codes(model, tokens, mask, tree, layout, codes, batch_size=3)]
         head_ = DenseHead(DenseHeadConfig(input_dim=32, dim=8, mode="both", normalize=False), torch.from_numpy(ids.item_ids),
                           torch.randn(ids.num_items, 10, generator=torch.Generator().manual_seed(seed))).eval()
-        ing = Ingredients(T5, model, tree, layout, ids, num_beams=8, num_candidates=6, dense_head=head_, alpha=0.5,
+        ing = Ingredients(T5, model, tree, layout, ids, num_beams=8, num_candidates=6, dense_head=head_, fusion=("blend", {"alpha": 0.5}),
                           cold_items=ids.item_ids[-3:])
         hist = Histories(tokens, mask.bool())
         for name in ("auto", "hybrid", "cold-beam"):

@@ -40,7 +40,7 @@ from generator.decoding.protocol import Histories
 from generator.decoding.registry import Ingredients
 from generator.runs.batches import Labelled
 from generator.runs.cold_items import add_cold_items
-from generator.runs.decoders import choose_run_fusion, decoders_for, stored_fusion
+from generator.runs.decoders import choose_run_fusion, stored_fusion
 from generator.runs.folder import HYBRID_FILE, load_run
 from generator.runs.recommender import on_device
 from generator.t5.data import collate, eval_batches, history_examples
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if stored_fusion(run, args.num_candidates, required=False) is None:  # chosen once, then read from RUN/hybrid.json
         choose_run_fusion(run, warm_split, num_candidates=args.num_candidates, num_beams=args.num_beams,
                           users=args.alpha_users, batch_size=args.batch_size, seed=args.seed)
-    alpha = decoders_for(run, ["hybrid"], num_beams=args.num_beams, num_candidates=args.num_candidates)["hybrid"].alpha
+    fusion = stored_fusion(run, args.num_candidates)  # (kind, params): the T5 hybrid's blend weight, as chosen
     alpha_info = json.loads((args.work / "run" / HYBRID_FILE).read_text())
 
     # 4b. cold items join: quantizer codes -> SemanticIDs + tree, content -> dense vectors
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     # 4d. the decoders of the extended run (IDs, tree and head with the cold items), through the registry
     ing = Ingredients(
         T5, run.model, cat.tree.to(args.device), run.layout, cat.ids, num_beams=args.num_beams,
-        num_candidates=args.num_candidates, dense_head=head, alpha=alpha, cold_items=new_ids,
+        num_candidates=args.num_candidates, dense_head=head, fusion=fusion, cold_items=new_ids,
         cold_options={"epsilon": args.cold_epsilon},
     )
     built = registry.build_many(ing, ["beam", "dense", "hybrid", "cold-beam"])
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         table[name] = m
         print(f"{name}: {m}", file=sys.stderr, flush=True)
 
-    notes = [f"hybrid alpha {alpha} (chosen on {alpha_info['validation_users']} warm validation users by {alpha_info['metric']})",
+    notes = [f"hybrid fusion {fusion} (chosen on {alpha_info['validation_users']} warm validation users by {alpha_info['metric']})",
              f"semantic IDs after adding: {stats.num_items} items, {stats.items_colliding} sharing base codes, extra level "
              f"uses {stats.extra_level_used} values"]
     write(args, argv, dataset, split, table, notes, alpha_info)

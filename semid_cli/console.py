@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 import warnings
 from typing import Any
 
@@ -78,20 +77,7 @@ def progress_default(given: bool | None) -> bool:
 
 
 def epoch_lines() -> Any:
-    """A Lightning callback that logs one line per epoch to ``semid.progress`` (built here: lightning is imported late)."""
-    import lightning as L
-
-    class EpochLines(L.Callback):
-        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            if trainer.global_rank != 0:
-                return
-            shown = {k: v for k, v in trainer.callback_metrics.items() if k == "train/loss" or k.endswith("/ndcg@10")}
-            values = "  ".join(f"{k} {float(v):.4f}" for k, v in sorted(shown.items()))
-            total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
-            logging.getLogger("semid.progress").info("epoch %d%s  step %d  %s  (%.0f s)", trainer.current_epoch + 1, total,
-                                                     trainer.global_step, values, time.perf_counter() - self.start)
+    """A Lightning callback that logs one line per epoch to ``semid.progress`` (its module imports lightning: read late)."""
+    from semid_cli.epoch_lines import EpochLines
 
     return EpochLines()

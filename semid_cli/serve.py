@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-wait-ms", type=_ms, default=5.0, help="longest a request waits for others to join its batch "
                    "(default 5; a lone client does not wait)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads of the decoding worker (default 1)")
+    p.add_argument("--alpha", type=float, help="serve the hybrid as the pool blend with this weight (default: the fusion "
+                   "chosen on validation users, RUN/hybrid.json)")
     add_table_dtype(p)
     add_run_data(p, " for titles and asins")
     add_expect_sha256(p, "(`semid digest --run RUN`); a reload must then send the new digest")
@@ -105,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
 
     def load() -> Recommender:
-        return Recommender.from_run(args.run, decoder=args.decoder, data=args.data, table_dtype=args.table_dtype)
+        return Recommender.from_run(args.run, decoder=args.decoder, data=args.data, table_dtype=args.table_dtype,
+                                    alpha=args.alpha)
 
     first = load()
     loaded()  # the files loaded are the ones the pin checked

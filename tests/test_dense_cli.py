@@ -221,3 +221,14 @@ def test_choose_fusion_passes_num_beams_to_the_t5_hybrid(joint_run: Path, tmp_pa
     assert main(["choose-fusion", "--run", str(run), "--num-beams", "12"]) == 0
     assert main(["choose-fusion", "--run", str(run)]) == 0
     assert beams == [12, 20]
+
+
+def test_dense_embeddings_are_kept_on_resume_and_read_only_by_a_content_head() -> None:
+    """A resume with other content vectors kept the old ones (or failed with a traceback on another width), and with
+    `--dense id` the flag was recorded and never read (a helper's audit)."""
+    from generator.runs.options import FIXED_ON_RESUME, TrainOptions
+
+    assert "dense_embeddings" in FIXED_ON_RESUME
+    with pytest.raises(ValueError, match="read only with `dense` 'content' or 'both' \\(this run's: id\\)"):
+        TrainOptions(preset="cpu", dense="id", dense_embeddings="other")
+    assert TrainOptions(preset="cpu", dense="both", dense_embeddings="other").dense_embeddings == "other"

@@ -30,3 +30,12 @@ def test_paired_records_its_argv_and_pairs_a_run_with_itself_at_zero(serve_world
     paired.main(["--a", v1, "--b", v1, "--decoder", "exact", "--tag", "self"])
     same = json.loads((tmp_path / "paired_self.json").read_text())
     assert same["recall@10"]["diff"] == 0.0 and same["recall@10"]["ci"] == [0.0, 0.0]
+
+
+def test_the_beam_identity_script_builds_every_decoder_it_records() -> None:
+    """experiments/beam_identity.py (the refactors' bit-identity check) called the registry with an `alpha=` it no
+    longer takes: it failed before recording anything (a helper's audit)."""
+    from experiments import beam_identity
+
+    out = beam_identity.collect()
+    assert {"t5/0/registry/hybrid", "t5/0/registry/cold-beam"} <= set(out) and all(len(v) for v in out.values())

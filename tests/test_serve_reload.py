@@ -252,3 +252,24 @@ def test_the_loaded_version_is_kept_out_of_full_collections(serve_world: dict[st
             assert gc.get_freeze_count() > 10_000
     finally:
         gc.unfreeze()
+
+
+def test_serve_takes_the_alpha_its_hint_names(serve_world: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run without a stored fusion: `semid serve --decoder hybrid` said to give `--alpha A`, which serve did not take."""
+    import shutil
+
+    import uvicorn
+
+    from semid_cli import main
+
+    run = Path(shutil.copytree(serve_world["v1"], tmp_path / "run"))
+    (run / "hybrid.json").unlink(missing_ok=True)
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("app", app))
+    assert main(["serve", "--run", str(run), "--decoder", "hybrid", "--port", str(_free_port())]) == 2
+    assert "`--alpha A`" in capsys.readouterr().err
+    assert main(["serve", "--run", str(run), "--decoder", "hybrid", "--alpha", "0.5", "--port", str(_free_port())]) == 0
+    with TestClient(seen["app"], base_url="http://127.0.0.1") as c:
+        r = c.post("/recommend", json={"history": [1, 2, 3], "k": 5})
+        assert r.status_code == 200 and len(r.json()["items"]) == 5, r.text

@@ -228,7 +228,7 @@ def test_title_options_refused_before_the_run_folder_is_made(title_runs: dict[st
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     base = ["train", "--data", str(title_runs["data"]), "--ids", str(title_runs["ids"]), "--target", "title", *FLAGS]
     assert main([*base, "--out", str(tmp_path / "a"), "--dense-embeddings", "nope"]) == 2  # (recorded, ignored)
-    assert "`--dense-embeddings` names a dense head" in capsys.readouterr().err
+    assert "`--dense-embeddings` names the dense head" in capsys.readouterr().err
     assert main([*base, "--out", str(tmp_path / "b"), "--model-option", "tokenizer_vocab=100"]) == 2
     assert "--model-option tokenizer_vocab" in capsys.readouterr().err
     empty = tmp_path / "empty-encoder"

@@ -48,9 +48,6 @@ def check_options(options: Any) -> None:
     if options.dense_options:
         raise ValueError(f"`dense_options` configure a dense head, and a title run has none: leave them out, got "
                          f"{options.dense_options!r}")
-    if options.dense_embeddings != next(f.default for f in fields(options) if f.name == "dense_embeddings"):  # (it was recorded and ignored)
-        raise ValueError(f"`dense_embeddings` names a dense head's content vectors, and a title run has "
-                         f"none: leave it out, got {options.dense_embeddings!r}")
     set_("decoder", resolve(TITLE, options.decoder))  # "auto" and "beam" mean title-beam
     if options.decoder != TITLE_BEAM:
         raise ValueError(f"a title run selects checkpoints with decoder {TITLE_BEAM!r}, got {options.decoder!r}")

@@ -146,7 +146,7 @@ class TrainOptions:
                                "both, where both also feeds content to the item inputs; none: no head) {default}", DENSE,
                                choices=("none", *MODES), fixed=True)
     objective: str = option("joint", "train the head with the generative loss or alone {default}", DENSE, choices=("joint", "dense"), fixed=True)
-    dense_embeddings: str = option("minilm", "content embeddings DATA/item_emb_<NAME>.npy {default}", DENSE)
+    dense_embeddings: str = option("minilm", "content embeddings DATA/item_emb_<NAME>.npy {default}", DENSE, fixed=True)
     dense_options: dict[str, Any] | None = option(None, "a DenseHeadConfig field, repeatable: dim=128, pooling=last, loss=sampled, "
                                                   "temperature=0.05, id_dropout=0.2, ...", DENSE, fixed=True, flag="--dense-option",
                                                   keys=frozenset(DenseHeadConfig.__dataclass_fields__) - {"input_dim", "mode", *HOST_FIELDS})
@@ -175,6 +175,9 @@ class TrainOptions:
         if self.dense == "none":  # no dense head (None means the design's default)
             object.__setattr__(self, "dense", None)
         design.check_options(self)
+        if self.dense not in ("content", "both") and self.dense_embeddings != type(self).__dataclass_fields__["dense_embeddings"].default:
+            raise ValueError(f"`dense_embeddings` names the dense head's content vectors, read only with `dense` 'content' or "
+                             f"'both' (this run's: {self.dense or 'none'}): leave it out, got {self.dense_embeddings!r}")
         for f in fields(self):
             what, ok = KINDS[f.metadata["kind"] or "int"]
             if f.metadata["check"] and not ok(getattr(self, f.name)):

@@ -341,12 +341,14 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     if not selected_on_validation:
         best = ckpt_dir / LAST
         log.warning("no validation ran, so there is no best checkpoint; using %s (not selected on validation)", best.name)
+    if trainer.global_step > 0:  # this process ran the loop: its counters are the truth
+        # Lightning rewrites last.ckpt only when a checkpoint is saved (the best score improved): make it the end. Every
+        # DDP process calls it (a collective: rank 0 writes; a rank that returned first left rank 0 in its barrier)
+        trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)  # a save with the optimiser state; reads use safe_load
+        if trainer.global_rank == 0:
+            (ckpt_dir / RESUME).unlink(missing_ok=True)  # last.ckpt is the newer point now
     if trainer.global_rank != 0:  # DDP workers stop here; rank 0 writes the files
         return TrainResult(out, best, None, float(trainer.current_epoch), trainer.global_step, time.perf_counter() - start, padded, None)
-    if trainer.global_step > 0:  # this process ran the loop: its counters are the truth
-        # Lightning rewrites last.ckpt only when a checkpoint is saved (the best score improved): make it the end
-        trainer.save_checkpoint(ckpt_dir / LAST, weights_only=False)  # a save with the optimiser state; reads use safe_load
-        (ckpt_dir / RESUME).unlink(missing_ok=True)  # last.ckpt is the newer point now
     # read from the last checkpoint: with ddp_spawn this process's trainer never ran the loop
     score, steps = _final_state(ckpt_dir / LAST)
     epochs = round(steps / max(1, -(-dm.train_sampler().num_batches() // options.devices)), 2)  # steps per process
