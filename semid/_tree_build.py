@@ -118,3 +118,13 @@ def check_inputs(sequences: np.ndarray | Sequence[Sequence[int]], values: np.nda
                 f"sequence {row} (value {int(values[row])}) contains `{name}` {tok}; it may only be added by the tree"
             )
     return seqs, values, lengths
+
+
+def as_tokens(x: object, name: str) -> torch.Tensor:
+    """Token ids (B, T) as a LongTensor (numpy's too); a TypeError for floats or bools, a ValueError for another rank."""
+    t = torch.as_tensor(x)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"`{name}` must be integer token ids, got {t.dtype}")
+    if t.ndim != 2:
+        raise ValueError(f"`{name}` must be (B, T) token ids, got shape {tuple(t.shape)}")
+    return t.long()

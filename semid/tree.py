@@ -38,19 +38,15 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from semid._tree_build import check_inputs, dense_tables
+from semid._tree_build import as_tokens, check_inputs, dense_tables
 from semid.ids import SemanticIDs
 from semid.layout import TokenLayout
 from semid.prefix_index import number_rows
 
 log = logging.getLogger(__name__)
 
-DENSE_BUDGET = (
-    1 << 25
-)  # entries of the dense next-node tables (128 MiB of int32) before high-degree depths go sparse
-ROW_SCAN_WIDTH = (
-    32  # sparse depths whose nodes have at most this many children scan their row; wider ones search
-)
+DENSE_BUDGET = 1 << 25  # entries of the dense next-node tables (128 MiB of int32) before high-degree depths go sparse
+ROW_SCAN_WIDTH = 32  # sparse depths whose nodes have at most this many children scan their row; wider ones search
 
 
 class PrefixTree:
@@ -87,9 +83,7 @@ class PrefixTree:
         # first[d] : first[d + 1] (breadth-first numbering); max_degree[d] children at most
         counts = torch.bincount(node_depth.cpu(), minlength=dense_spec.shape[0])
         self._first = [0, *torch.cumsum(counts, 0).tolist()]
-        self._depth_start = torch.tensor(
-            self._first[1:-1], dtype=torch.long, device=row_ptr.device
-        )  # (depths - 1,)
+        self._depth_start = torch.tensor(self._first[1:-1], dtype=torch.long, device=row_ptr.device)  # (depths - 1,)
         self._scan = torch.arange(ROW_SCAN_WIDTH, device=row_ptr.device)
         degree = row_ptr.diff().cpu()
         self._max_degree = [int(degree[a:b].max()) if b > a else 0 for a, b in pairwise(self._first)]
@@ -297,9 +291,7 @@ class PrefixTree:
             # at most one hit per row: keys are unique, and the positions past the last edge (clamped onto it) never hit
             hit = (_take(self.edge_key, edge) == keys[:, None]) & (window < self.edge_key.numel())
             return torch.where(hit.any(dim=1), self.child_node[(edge * hit).sum(dim=1)], -1)
-        pos = torch.searchsorted(self.edge_key, keys).clamp_max(
-            self.edge_key.numel() - 1
-        )  # wide rows: search
+        pos = torch.searchsorted(self.edge_key, keys).clamp_max(self.edge_key.numel() - 1)  # wide rows: search
         return torch.where(self.edge_key[pos] == keys, self.child_node[pos], -1)
 
     def _by_depth(self, nodes: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
@@ -308,9 +300,7 @@ class PrefixTree:
             return []
         lo, hi = nodes.aminmax()
         lo, hi = int(lo), int(hi)  # one device sync
-        if lo >= 0 and bisect_right(self._first, lo) == bisect_right(
-            self._first, hi
-        ):  # one depth: the usual step
+        if lo >= 0 and bisect_right(self._first, lo) == bisect_right(self._first, hi):  # one depth: the usual step
             return [(bisect_right(self._first, lo) - 1, None)]
         # depth from the node id alone (nodes are numbered depth by depth): no gather from the node arrays
         depth = torch.where(nodes >= 0, torch.searchsorted(self._depth_start, nodes, right=True), -1)
@@ -319,7 +309,7 @@ class PrefixTree:
     def walk(self, prefixes: torch.Tensor, *, stop_after_end: bool = False) -> torch.Tensor:
         """Node reached by each prefix from the root. prefixes: LongTensor (B, T) -> LongTensor (B,), -1 if not in the tree.
         ``stop_after_end``: tokens after a row's first end token are not read (what a finished beam is padded with)."""
-        prefixes = _tokens(prefixes, "prefixes")
+        prefixes = as_tokens(prefixes, "prefixes")
         nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
         ended = torch.zeros_like(nodes, dtype=torch.bool)
         for t in range(prefixes.shape[1]):  # loop over depth, not beams
@@ -415,12 +405,3 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] for a 1-D x and an index of any shape; index_select is ~2x faster than advanced indexing here."""
     return torch.index_select(x, 0, index.reshape(-1)).view(index.shape)
 
-
-def _tokens(x: object, name: str) -> torch.Tensor:
-    """Token ids (B, T) as a LongTensor (numpy's too); a TypeError for floats or bools, a ValueError for another rank."""
-    t = torch.as_tensor(x)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"`{name}` must be integer token ids, got {t.dtype}")
-    if t.ndim != 2:
-        raise ValueError(f"`{name}` must be (B, T) token ids, got shape {tuple(t.shape)}")
-    return t.long()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import re
 import signal
 import sys
 import threading
@@ -42,21 +43,66 @@ COMMANDS = {
 }
 
 
+_GIVEN = "_semid_flags_given"  # the namespace's record of the single-valued flags given (removed after parsing)
+
+
+class _Once:
+    """A single-valued flag given twice is said on stderr (the last one won in silence: `--history 1,2 --history 3`
+    recommended for [3]); the last still wins, as with any argparse tool (an alias's default, then its override).
+    Flags meant to repeat (`--run`, `--model-option`) append and are left alone."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        seen = vars(namespace).setdefault(_GIVEN, {})
+        if option_string is not None and self.dest in seen:
+            first = "" if seen[self.dest] == option_string else f" (after {seen[self.dest]})"
+            print(f"{parser.prog}: note: {option_string} given twice{first}: the last one is used, "
+                  f"{values if values is not None else option_string}", file=sys.stderr)
+        seen[self.dest] = option_string
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
+
+
+_ONCE = {kind: type(f"Once{kind.__name__}", (_Once, kind), {}) for kind in (
+    argparse._StoreAction, argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+    argparse.BooleanOptionalAction)}
+
+
+def _common() -> argparse.ArgumentParser:
+    """--debug and -v, taken before the command and after it (every error's hint names --debug)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log at INFO level, with Lightning's detail")
+    return common
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; with ``command``, only that command's module is imported (the others get a stub)."""
+    """The parser; with ``command``, only that command's module is imported (the others get a stub). Its
+    ``flag_names`` maps each command's argument names to its flags (what an error naming `num_beams` means)."""
     parser = argparse.ArgumentParser(prog="semid", description="Generative retrieval with semantic IDs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, with Lightning's detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.flag_names = {}  # type: ignore[attr-defined]
     for name, (module, help_text) in COMMANDS.items():
         if command is None or name == command:
             cmd = importlib.import_module(module)
-            p = sub.add_parser(name, help=help_text, description=cmd.DESCRIPTION)
+            p = sub.add_parser(name, help=help_text, description=cmd.DESCRIPTION, parents=[_common()])
             cmd.add_arguments(p)
             p.set_defaults(func=cmd.run)
+            for action in p._actions:
+                if type(action) in _ONCE:
+                    action.__class__ = _ONCE[type(action)]
+            parser.flag_names[name] = {a.dest: max(a.option_strings, key=len) for a in p._actions  # type: ignore[attr-defined]
+                                       if a.option_strings and a.dest not in ("help", "debug", "verbose")}
         else:
             sub.add_parser(name, help=help_text)
     return parser
+
+
+def as_flags(message: str, flags: dict[str, str]) -> str:
+    """``message`` with each `name` of an argument named as its flag (`num_beams` -> `--num-beams`)."""
+    return re.sub(r"`([a-z_]+)`", lambda m: f"`{flags[m[1]]}`" if m[1] in flags else m[0], message)
 
 
 def _command(argv: Sequence[str]) -> str | None:
@@ -82,6 +128,10 @@ def os_message(e: BaseException) -> str:
     return f"{where}{e.strerror.lower()}" + (f"; {hint}" if hint else "")
 
 
+# library argument names whose flag is named otherwise (the rest are the flags' own `dest`)
+_ALIASES = {"recommend": {"user_ids": "--user", "ks": "-k"}, "evaluate": {"ks": "--k"}, "serve": {"user_ids": "user_id"}}
+
+
 class Terminated(BaseException):
     """SIGTERM, raised where the command is (a command's temporary files are then removed as on an error)."""
 
@@ -100,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _command(argv)
     parser = build_parser(command) if command is not None else build_parser()
     args = parser.parse_args(argv)
+    vars(args).pop(_GIVEN, None)
     console.setup(args.verbose)
     main_thread = threading.current_thread() is threading.main_thread()  # (train and serve install their own)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
@@ -108,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:  # OSError: a path unreadable, unwritable, in the way, a disk full
         if args.debug:
             raise
-        print(f"semid {args.command}: error: {os_message(e)}  (--debug shows the traceback)", file=sys.stderr)
+        flags = {**_ALIASES.get(args.command, {}), **parser.flag_names.get(args.command, {})}  # type: ignore[attr-defined]
+        print(f"semid {args.command}: error: {as_flags(os_message(e), flags)}  (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training (a traceback of 20 lines before)
         if args.debug:

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reusing the codebooks in {ids_dir} (delete that folder to fit them again)")
     else:
         argv = ["fit-codebooks", "--embeddings", str(emb), "--out", str(ids_dir), "--seed", str(args.seed)]
+        argv += ["--codebook-size", str(dataset.num_items)] if dataset.num_items < 256 else []  # (the default 256 failed)
         fit = build_parser("fit-codebooks").parse_args(argv + ([] if args.progress else ["--no-progress"]))
         fit.func(fit)
 

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run(p)
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--k", default="5,10", help="cut-offs, comma-separated (default 5,10)")
-    p.add_argument("--num-beams", type=int, help="beams (>= the largest k; default 20); not for exact and dense, "
+    p.add_argument("--num-beams", type=int, help="beams (>= the largest k; default: those the run was validated with, 20 unless trained "
+                   "otherwise); not for exact and dense, "
                    "which search no beams")
     p.add_argument("--max-users", type=positive_users, default=None, help="a seeded sample of this many users (default all)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the user sample")
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     name = resolve(for_config(read_config(args.run)).name, args.decoder)  # (a title run's config says "causal")
     check_beams_used(args.num_beams, name)
-    num_beams = 20 if args.num_beams is None else args.num_beams
+    beams = (read_config(args.run).get("train") or {}).get("num_beams")  # what the run was validated with: its protocol
+    num_beams = (beams if isinstance(beams, int) else 20) if args.num_beams is None else args.num_beams
     from generator.runs.pinning import pin
 
     loaded = pin(args.run, args.expect_sha256, args.checkpoint)  # before the run is loaded; again once it is loaded,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(serve_world: dict[str, Path], out: Path, *extra: str) -> str:
-    flags = [f for f in FLAGS if f != "--no-progress"]  # the default: decided by whether stderr is a terminal
+    flags = [f for f in FLAGS[2:] if f != "--no-progress"]  # the default: decided by whether stderr is a terminal; 2 epochs below
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "semid_cli", *extra, "train", "--data", str(serve_world["data"]), "--ids",
            str(serve_world["root"] / "ids"), "--out", str(out), *flags, "--max-epochs", "2"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -140,12 +141,12 @@ def test_recommend_library_agrees_across_decoders(trained: dict[str, Path]) -> N
         (["--history", "3,4,999"], "unknown item id 999"),
         (["--history", ""], "is empty"),
         (["--history", "3", "-k", str(NUM_ITEMS + 1)],
-         f"`k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got {NUM_ITEMS + 1}"),
+         f"`-k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got {NUM_ITEMS + 1}"),
         (["--history", "3", "-k", "5", "--num-beams", "4", "--no-exclude-history"],
-         f"`num_beams` must be an int in [k=5, {NUM_ITEMS}] (k to the catalogue size), got 4"),
+         f"`--num-beams` must be an int in [k=5, {NUM_ITEMS}] (k to the catalogue size), got 4"),
         (["--history", "3", "-k", "5", "--num-beams", "5"],  # the history left out: k + 1 beams at least
-         f"`num_beams` must be an int in [k=6, {NUM_ITEMS}] (k to the catalogue size), got 5: k (5) plus the 1 distinct"),
-        (["--history", "3", "-k", "0"], f"`k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got 0"),
+         f"`--num-beams` must be an int in [k=6, {NUM_ITEMS}] (k to the catalogue size), got 5: k (5) plus the 1 distinct"),
+        (["--history", "3", "-k", "0"], f"`-k` must be an int in [1, {NUM_ITEMS}] (the catalogue size), got 0"),
     ],
 )
 def test_recommend_errors(trained: dict[str, Path], capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -418,7 +419,8 @@ def test_numpy_integers_are_taken_where_ints_are(trained: dict[str, Path]) -> No
                           num_beams=np.int64(20), batch_size=np.int16(8))
     plain = evaluate_run(trained["run"], "test", ks=(5, 10), max_users=4, seed=1, num_beams=20, batch_size=8)
     assert {**result, "seconds": 0} == {**plain, "seconds": 0}
-    written = json.loads((trained["run"] / "metrics_test_sample4.json").read_text())  # (np.int64 was not JSON)
+    # (np.int64 was not JSON; 20 beams and seed 1 are not the protocol's: a file of their own)
+    written = json.loads((trained["run"] / "metrics_test_beam_beams20_seed1_sample4.json").read_text())
     assert written["num_beams"] == 20 and written["max_users"] == 4
     with pytest.raises(ValueError, match="no dense head"):  # past the argument checks (they refused np.int64)
         choose_run_fusion(r, num_candidates=np.int64(20), num_beams=np.int64(20), users=np.int64(8))
@@ -489,6 +491,22 @@ def test_another_decoder_or_checkpoint_never_replaces_the_protocols_metrics(trai
     assert main([*base[:3], "--num-beams", "30", "--no-progress"]) == 0
     assert (run / "metrics_test.json").read_bytes() == protocol
     assert json.loads((run / "metrics_test_beam_beams30.json").read_text())["num_beams"] == 30
+    # and never each other (a helper's audit): 20 beams and the run's 10 both wrote one file, so did other cut-offs
+    # (a --k 20 file held @20 alone), a sample's other seed, and another run's best.ckpt ("beam_best", as this one's)
+    assert main([*base[:3], "--no-progress"]) == 0  # the beams it was validated with (10), not 20: the protocol's file
+    assert json.loads((run / "metrics_test.json").read_text())["num_beams"] == 10
+    assert not (run / "metrics_test_beam_beams20.json").exists()
+    assert main([*base[:3], "--num-beams", "20", "--no-progress"]) == 0
+    assert json.loads((run / "metrics_test_beam_beams20.json").read_text())["num_beams"] == 20
+    assert main([*base[:3], "--num-beams", "20", "--k", "20", "--no-progress"]) == 0 and json.loads((run / "metrics_test_beam_beams20_k20.json").read_text())["recall@20"] >= 0
+    assert main([*base, "--max-users", "5"]) == 0 and main([*base, "--max-users", "5", "--seed", "7"]) == 0
+    assert json.loads((run / "metrics_test_sample5.json").read_text())["seed"] == 0
+    assert json.loads((run / "metrics_test_beam_seed7_sample5.json").read_text())["seed"] == 7
+    other = tmp_path / "other"
+    shutil.copytree(trained["run"], other)
+    assert main([*base, "--checkpoint", str(other / "checkpoints" / "best.ckpt")]) == 0
+    digest = hashlib.sha256((other / "checkpoints" / "best.ckpt").read_bytes()).hexdigest()[:8]
+    assert (run / f"metrics_test_beam_best-{digest}.json").is_file() and not (run / "metrics_test_beam_best.json").exists()
 
 
 def test_the_service_takes_user_ids_for_a_run_trained_with_user_tokens(trained: dict[str, Path]) -> None:

@@ -78,8 +78,8 @@ def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--codebook-size", "1"], "`codebook_size` must be an int >= 2, got 1"),
-        (["--levels", "0"], "`levels` must be an int >= 1, got 0"),
+        (["--codebook-size", "1"], "`--codebook-size` must be an int >= 2, got 1"),
+        (["--levels", "0"], "`--levels` must be an int >= 1, got 0"),
         (["--codebook-size", "500"], "item_emb_test.npy: 120 rows (items), fewer than --codebook-size 500: every code "
          "of a level needs an item; pass --codebook-size 120 or less"),
         # checked before the fit (they were reached after it: a 40-level fit, then "an int64 key can hold")
@@ -87,7 +87,7 @@ def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp
          "more ID prefixes than an int64 key holds"),
         (["--extra-level-size", "0"], "--extra-level-size must be a positive int"),
         (["--method", "rqkmeans", "--max-epochs", "3"], "--max-epochs applies to --method rqvae only"),
-        (["--no-balanced", "--extra-level-size", "1"], "raise `extra_level_size`"),
+        (["--no-balanced", "--extra-level-size", "1"], "raise `--extra-level-size`"),
     ],
 )
 def test_errors_are_one_line_and_status_2(

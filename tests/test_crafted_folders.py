@@ -118,7 +118,7 @@ def test_demo_keeps_its_run_when_a_later_argument_is_invalid(world, tmp_path: Pa
     out = _demo_folder(world, tmp_path / "demo")
     before = _files(out)
     assert _demo(world, out, "--max-time", "abc") == 2
-    assert "`max_time` must be HH:MM:SS or DD:HH:MM:SS, got 'abc'" in capsys.readouterr().err
+    assert "`--max-time` must be HH:MM:SS or DD:HH:MM:SS, got 'abc'" in capsys.readouterr().err
     assert _files(out) == before  # not even data_summary.json rewritten
 
 

@@ -178,7 +178,7 @@ def test_evaluate_refuses_a_folder_that_cannot_take_the_metrics_before_computing
 # ---- item 10: options and files named --------------------------------------------------------------------------
 def test_alpha_with_a_decoder_that_ignores_it_is_refused(trained: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["recommend", "--run", str(trained["run"]), "--history", "1,2", "--alpha", "0.3"]) == 2
-    assert "`alpha` is the hybrid decoder's blend weight, and decoder beam does not use it" in capsys.readouterr().err
+    assert "`--alpha` is the hybrid decoder's blend weight, and decoder beam does not use it" in capsys.readouterr().err
 
 
 def test_extreme_stored_fusion_weights_are_refused_naming_hybrid_json(trained: dict[str, Path], tmp_path: Path,

@@ -204,8 +204,9 @@ def test_a_hybrid_json_of_the_earlier_t5_schema_ranks_as_the_blend_it_stored(joi
     assert not all(np.array_equal(a.scores, b.scores) for a, b in zip(ranked["earlier"], ranked["other"], strict=True))
 
 
-def test_choose_fusion_passes_num_beams_to_the_t5_hybrid(joint_run: Path, tmp_path: Path, monkeypatch) -> None:
-    # the T5 hybrid takes its candidates from a beam search: --num-beams is read there (a causal run refuses it)
+def test_choose_fusion_passes_num_beams_to_the_t5_hybrid(joint_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    # the T5 hybrid takes its candidates from a beam search of max(beams, C) beams, and is served with max(20, C): other
+    # counts were taken and changed nothing (at most C), or chose a fusion for a pool never served (a helper's audit)
     import shutil
 
     from generator.runs import decoders
@@ -218,9 +219,11 @@ def test_choose_fusion_passes_num_beams_to_the_t5_hybrid(joint_run: Path, tmp_pa
         return choose_run_fusion(*args, **kwargs)
 
     monkeypatch.setattr(decoders, "choose_run_fusion", spy)
-    assert main(["choose-fusion", "--run", str(run), "--num-beams", "12"]) == 0
+    assert main(["choose-fusion", "--run", str(run), "--num-beams", "12"]) == 2
+    assert "a fusion chosen with other beams would not be the one served" in capsys.readouterr().err
+    assert main(["choose-fusion", "--run", str(run), "--num-beams", "40"]) == 0  # max(20, C = min(50, N = 40)): served
     assert main(["choose-fusion", "--run", str(run)]) == 0
-    assert beams == [12, 20]
+    assert beams == [40, 20]
 
 
 def test_dense_embeddings_are_kept_on_resume_and_read_only_by_a_content_head() -> None:

@@ -126,9 +126,9 @@ def test_cli(tiny_dataset_dir: Path, model_dir: Path, capsys) -> None:
     assert main([*argv, "--batch-size", "2"]) == 2  # the file exists now: not replaced without --overwrite
     assert "item_emb_cli.npy: already exists" in capsys.readouterr().err
     assert main([*argv, "--batch-size", "0", "--overwrite"]) == 2
-    assert "`batch_size` must be a positive int, got 0" in capsys.readouterr().err
+    assert "`--batch-size` must be a positive int, got 0" in capsys.readouterr().err
     # checked before the model is read (it was after loading the model and the dataset)
     assert main(["embed", "--data", str(tiny_dataset_dir), "--model", str(tiny_dataset_dir / "nope"), "--max-length", "1"]) == 2
-    assert "`max_length` must be an int >= 2, got 1" in capsys.readouterr().err
+    assert "`--max-length` must be an int >= 2, got 1" in capsys.readouterr().err
     assert main([*argv, "--device", "foo", "--overwrite"]) == 2  # a clear error, not torch's traceback
     assert "`--device` must be a torch device" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from semid_cli import main
 from tests.conftest import write_canonical
 from tests.test_generator_helpers import NUM_ITEMS, random_ids, write_ids, write_random_dataset
 
-FLAGS = ["--max-epochs", "1", "--final-val-users", "0", "--no-progress"]
+FLAGS = ["--max-epochs", "1", "--final-val-users", "0", "--no-progress", "--num-beams", "8"]  # (8 items)
 
 
 def _train(data: Path, ids: Path, out: Path, *extra: str) -> int:
@@ -43,7 +43,7 @@ def test_a_first_run_that_failed_in_setup_can_be_run_again(
     # --resume has nothing to continue, and says what to do instead
     assert _train(data, ids, run, "--resume") == 2
     err = capsys.readouterr().err
-    assert "nothing to resume from" in err and "train again without `resume`" in err
+    assert "nothing to resume from" in err and "train again without `--resume`" in err
     # a second try reuses the folder (it fails for the same reason, not because the folder "holds a run") and
     # replaces the IDs copy with the IDs given now
     other = random_ids(num_items=8, seed=1)

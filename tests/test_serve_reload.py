@@ -273,3 +273,22 @@ def test_serve_takes_the_alpha_its_hint_names(serve_world: dict[str, Path], tmp_
     with TestClient(seen["app"], base_url="http://127.0.0.1") as c:
         r = c.post("/recommend", json={"history": [1, 2, 3], "k": 5})
         assert r.status_code == 200 and len(r.json()["items"]) == 5, r.text
+
+
+def test_serve_starts_without_the_hybrid_when_its_fusion_file_is_damaged(
+        serve_world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged hybrid.json kept the whole service from starting; a missing one only the hybrid (a helper's audit)."""
+    import uvicorn
+
+    from semid_cli import main
+
+    run = Path(shutil.copytree(serve_world["v1"], tmp_path / "run"))
+    (run / "hybrid.json").write_text("{")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.setdefault("app", app))
+    assert main(["serve", "--run", str(run), "--port", str(_free_port())]) == 0
+    with TestClient(seen["app"], base_url="http://127.0.0.1") as c:
+        assert c.post("/recommend", json={"history": [1, 2, 3], "k": 5}).status_code == 200
+        r = c.post("/recommend", json={"history": [1, 2, 3], "k": 5, "decoder": "hybrid"})
+        assert r.status_code == 422 and "is not served here" in r.text, r.text  # (as without a hybrid.json)
+    assert main(["serve", "--run", str(run), "--decoder", "hybrid", "--port", str(_free_port())]) == 2  # asked for: refused

@@ -178,7 +178,7 @@ def test_a_title_run_grounds_on_a_moved_dataset_and_its_encoder_path_is_absolute
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     assert main(["train", "--data", "data", "--ids", str(title_runs["ids"]), "--out", str(run), "--target", "title",
-                 *FLAGS, "--max-epochs", "1", "--model-option", "tokenizer_vocab=300", "--encoder", "enc"]) == 0
+                 *FLAGS[2:], "--max-epochs", "1", "--model-option", "tokenizer_vocab=300", "--encoder", "enc"]) == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["encoder"] == str((tmp_path / "enc").resolve())
     (tmp_path / "data").rename(tmp_path / "moved")
     monkeypatch.chdir(title_runs["data"].parent)  # another directory: the relative path named no folder there

@@ -240,12 +240,24 @@ EVALUATE_DEFAULTS = {name: p.default for name, p in inspect.signature(evaluate).
                      if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "release_tables"}
 
 
-def _options_variant(run: Run, name: str, o: dict[str, Any]) -> list[str]:
+def protocol_beams(run: Run) -> int:
+    """The beams of a run's protocol figures: those it was validated with (evaluate's default where none is recorded)."""
+    beams = (run.config.get("train") or {}).get("num_beams")
+    return beams if isinstance(beams, int) and not isinstance(beams, bool) else EVALUATE_DEFAULTS["num_beams"]
+
+
+def _options_variant(run: Run, name: str, o: dict[str, Any], sampled: bool) -> list[str]:
     """The parts of a metrics file's name for options other than the protocol's, so that their figures never replace
-    the protocol's file: beams other than evaluate's default or the run's training's (decoders with beams), a given
-    ``alpha``, 16-bit tables, a given length penalty."""
-    beams = {EVALUATE_DEFAULTS["num_beams"], (run.config.get("train") or {}).get("num_beams")}
-    return ([f"beams{o['num_beams']}"] if name not in registry.BEAMLESS and o["num_beams"] not in beams else []) + (
+    the protocol's file nor each other: beams other than the run's validation's (:func:`protocol_beams`; decoders with
+    beams; 20 and the run's 30 both wrote one file), cut-offs other than (5, 10) (a --k 20 file held @20 alone), a
+    sample's seed other than 0, a given ``alpha``, 16-bit tables, a given length penalty."""
+    try:  # (bad cut-offs: evaluate refuses them, by name)
+        ks = tuple(sorted(int(k) for k in o["ks"])) if all(is_int(k) for k in o["ks"]) else tuple(EVALUATE_DEFAULTS["ks"])
+    except TypeError:
+        ks = tuple(EVALUATE_DEFAULTS["ks"])
+    return ([f"beams{o['num_beams']}"] if name not in registry.BEAMLESS and o["num_beams"] != protocol_beams(run) else []) + (
+        [f"k{'-'.join(str(k) for k in ks)}"] if ks != tuple(EVALUATE_DEFAULTS["ks"]) else []) + (
+        [f"seed{o['seed']}"] if sampled and o["seed"] != EVALUATE_DEFAULTS["seed"] else []) + (
         [f"alpha{o['alpha']:g}"] if o["alpha"] is not None else []) + (
         [o["table_dtype"]] if o["table_dtype"] != EVALUATE_DEFAULTS["table_dtype"] else []) + (
         [f"lp{o['length_penalty']:g}"] if o["length_penalty"] is not None else [])
@@ -310,9 +322,10 @@ def evaluate_run(
     best = (run.path / str(run.config.get("best_checkpoint"))).resolve()
     name, served = registry.resolve(run.design, o["decoder"]), _served_decoder(run)
     other_checkpoint = checkpoint is not None and run.checkpoint.resolve() != best
-    options_part = _options_variant(run, name, o)
+    options_part = _options_variant(run, name, o, sample is not None)
+    inside = run.checkpoint.resolve().is_relative_to(run.path.resolve())  # (another run's best.ckpt read as this one's)
     variant = ([name] if other_checkpoint or name != served or options_part else []) + options_part + (
-        [Path(run.checkpoint).stem] if other_checkpoint else [])
+        [Path(run.checkpoint).stem + ("" if inside else f"-{ckpt_sha256[:8]}")] if other_checkpoint else [])
     target = metrics_file(run.path, which, sample, unseen=exclude_history, variant="_".join(variant) or None)
     check_writable(target, f"the metrics ({target.name})")  # before the work, not after it
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):

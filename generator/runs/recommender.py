@@ -300,9 +300,13 @@ class Recommender:
                 except ValueError as e:
                     why["dense"] = why["hybrid"] = str(e)
         if "hybrid" in wanted and "hybrid" not in why and alpha is None:
-            fusion = stored_fusion(run, num_candidates, key, required=False)
-            if fusion is None:
-                why["hybrid"] = str(no_fusion_error(run))
+            try:
+                fusion = stored_fusion(run, num_candidates, key, required=False)
+            except ValueError as e:  # a damaged hybrid.json: the hybrid is not served, the rest is (it failed the load)
+                why["hybrid"] = str(e)
+            else:
+                if fusion is None:
+                    why["hybrid"] = str(no_fusion_error(run))
         if "cold-beam" in wanted and run.design == CAUSAL and cold_items is None and run.model.trained_items == run.ids.num_items:
             why["cold-beam"] = "decoder 'cold-beam' needs cold items: add items to the run (`semid add-items`)"
         for name in asked & set(why):

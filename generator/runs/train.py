@@ -61,6 +61,7 @@ from generator.runs.options import (
 )
 from generator.runs.out_folder import check_resume_folder, check_train_out, resume_point
 from generator.runs.recommender import on_device
+from generator.runs.train_checks import check_before_writing
 from generator.training.callbacks import (
     AtomicCheckpointIO,
     BudgetProgress,
@@ -243,6 +244,7 @@ def _train_run(data_dir: Any, ids_path: Any, out_dir: Any, options: TrainOptions
         check_writable(out / CHECKPOINT_DIR / LAST, "checkpoints")
     else:
         check_train_out(out)  # not a file, not someone's folder: before anything is written into it
+    check_before_writing(options, data_dir, ids.num_items)
     with folder_lock(out, LOCK_FILE, what="a training"), SignalGuard(out) as guard:
         ckpt_path = _prepare_run_dir(out, ids, options, resume)
         try:

@@ -46,6 +46,12 @@ def check_options(options: Any) -> None:
                          f"got {options.decoder!r}{why}")
     if decoder == "dense" and options.dense is None:
         raise ValueError("`decoder` 'dense' validates the dense head, and this run trains none: pass `dense`")
+    if options.objective == "dense" and decoder != "dense" and options.decoder != "auto":  # (recorded, not used)
+        raise ValueError(f"`objective` 'dense' trains the dense head alone, which validates with `decoder` 'dense' (or "
+                         f"'auto'), got {options.decoder!r}")
+    if PRESETS[options.preset].item_level and options.user_tokens:  # (refused by the model, after the folder was made)
+        raise ValueError(f"`user_tokens` must be 0 with preset {options.preset!r} (an item-level T5 has no user token), "
+                         f"got {options.user_tokens}")
 
 
 def build(config: GeneratorConfig, layout: Any, state: dict[str, torch.Tensor], path: Any, ids: Any) -> torch.nn.Module:
