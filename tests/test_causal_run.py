@@ -84,7 +84,7 @@ def test_evaluate_run_passes_every_option_on_and_records_it(causal_run: dict[str
     assert m["decoder"] == "causal.hybrid" and m["alpha"] == 0.25 and "length_penalty" not in m  # default: not written
     assert (m["num_beams"], m["max_users"], m["seed"], m["exclude_history"]) == (7, 9, 3, True)
     assert m["users_evaluated"] == 9 and "recall@3" in m and "recall@10" not in m
-    assert Path(m["file"]).name == "metrics_test_hybrid_beams7_alpha0.25_bfloat16_unseen_sample9.json"  # not the protocol's options
+    assert Path(m["file"]).name == "metrics_test_hybrid_beams7_k3_seed3_alpha0.25_bfloat16_unseen_sample9.json"  # not the protocol's options
     with pytest.raises(TypeError, match=r"unknown options \['num_beam'\]; known: \[.*'num_beams'"):
         evaluate_run(tmp_path / "not-a-run", "test", num_beam=7)  # refused before anything is read
 

@@ -287,7 +287,7 @@ def evaluate_run(
         loaded: called once the run is loaded, before anything is evaluated or written (a pin's check that the files
             loaded are the ones checked: what ``generator.runs.pinning.pin`` returns).
         options: :func:`evaluate`'s keyword arguments (``ks``, ``num_beams``, ``max_users``, ``seed``, ``decoder``,
-            ``exclude_history``, ...). ``table_dtype``: a causal run's serving tables, "float32" or 16 bits (the
+            ``exclude_history``, ...); ``num_beams`` by default those the run was validated with (:func:`protocol_beams`). ``table_dtype``: a causal run's serving tables, "float32" or 16 bits (the
             model's N-row tables are freed once the decoder is built: the run is loaded for this evaluation alone);
             ``exclude_history``: rankings without each user's history, written to ``RUN/metrics_<which>_unseen.json``
             beside the protocol's file.
@@ -305,6 +305,8 @@ def evaluate_run(
     ckpt_path = Path(checkpoint) if checkpoint is not None else best_checkpoint(run_dir)
     seen = _file_state(ckpt_path)  # the checkpoint's digest is recorded: it must be the file that was loaded
     run = load_run(run_dir, checkpoint)  # any design
+    if "num_beams" not in options:  # the beams the run was validated with: its protocol figures
+        o["num_beams"] = protocol_beams(run)
     if loaded is not None:
         loaded()
     ckpt_sha256 = file_sha256(run.checkpoint)
