@@ -14,7 +14,7 @@ import argparse
 import numpy as np
 import torch
 
-from generator.models.checkpoint import load_checkpoint
+from generator.designs.registry import load_checkpoint
 from semid.collaborative import with_collaborative
 from semid.ids import SemanticIDs
 

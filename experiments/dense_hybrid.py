@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (r5, n5, r10, n10) in PUBLISHED.items():
         say(f"| {name} | {r5:.4f} | {n5:.4f} | {r10:.4f} | {n10:.4f} | |")
     say("")
-    say(f"hybrid: alpha = {alpha_info['alpha']} chosen on {alpha_info['validation_users']} validation users by "
-        f"{alpha_info['metric']}; union of beam top-{args.num_candidates} and dense top-{args.num_candidates} (teacher-forced generative scores) re-ranked; table by alpha: {alpha_info['table']}")
+    say(f"hybrid: fusion {alpha_info['fusion']} {alpha_info['params']} chosen on {alpha_info['validation_users']} validation users by "
+        f"{alpha_info['metric']}; union of beam top-{args.num_candidates} and dense top-{args.num_candidates} (teacher-forced generative scores) re-ranked; table by fusion: {alpha_info['table']}")
     say(f"beam: {args.num_beams} beams; dense: exact MIPS (torch matmul + topk) over all {run.ids.num_items} items")
     budgets = {"beam/hybrid": budget(args.run), **({"dense": budget(dense_dir)} if dense_dir != args.run else {})}
     for name, b in budgets.items():

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     from semid.data import load_dataset
     from semid.split import leave_one_out
 
-    rec = Recommender.from_run(args.run)
+    rec = Recommender.from_run(args.run, release_tables=False)  # (the members' own passes read the item table)
     model = rec.run.model
     if not isinstance(model, EnsembleGenerator):
         raise SystemExit(f"{args.run}: not an ensemble run (one member): nothing to compare")

@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     hists = [split.test_history(int(u)).tolist() for u in users]
     batches = [history_batches(run, [np.asarray(h)], None, 1)[0] for h in hists]
     rows = []
+    # (--unfrozen: a second Recommender keeping the model's tables: the served one released the item table that
+    # inputs computed per call read)
+    whole_rec = Recommender.from_run(args.run, release_tables=False) if args.unfrozen else None
     missing = [name for name in DECODERS if name not in rec._decoders]  # hybrid: no fusion stored for this checkpoint
     if missing:
         print(f"not measured (the run serves no such decoder; hybrid needs `semid choose-fusion --run RUN`): {missing}")
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         fns = [lambda i, n=name: rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history),
                lambda i, d=dec: d(batches[i], args.k)]
         if args.unfrozen:
-            fns.append(lambda i, n=name: unfrozen(rec, lambda: rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history)))
+            fns.append(lambda i, n=name: unfrozen(whole_rec, lambda: whole_rec.recommend([hists[i]], args.k, n, exclude_history=args.exclude_history)))
         serve, decode, *plain = _ms(fns, args.calls, args.warmup)
         (old,) = _ms([lambda i, n=name: recommend(whole, [hists[i]], k=args.k, decoder=n, exclude_history=args.exclude_history)],
                      args.old_calls, 1)

@@ -88,7 +88,8 @@ def causal_world(out: dict, tag: str, *, n: int, sizes: tuple[int, ...], seed: i
         fields["edge_token"] = [c + layout.level_range(lv)[0] for lv, c in enumerate(index.code)]
     for field, value in fields.items():
         for i, t in enumerate(value if isinstance(value, list) else [value]):
-            out[f"{tag}.paths.{field}.{i}"] = t.clone()
+            if t is not None:  # (active_norm: None per level where no items were added)
+                out[f"{tag}.paths.{field}.{i}"] = t.clone()
     tables = edge_tables(model, paths)
     for i, (v, b) in enumerate(zip(tables.vectors, tables.biases, strict=True)):
         out[f"{tag}.tables.{i}"] = torch.cat([v, b[:, None]], 1)

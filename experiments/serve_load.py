@@ -236,7 +236,7 @@ def _grouping(args: argparse.Namespace) -> None:
                     job = Job(rec, [h], 10, decoder, True, future=None, loop=None)
                     job.wants, job.beams, job.keys = plan(rec, [h], 10, decoder, True)
                     jobs.append(job)
-                calls_new += batcher._decode(jobs)[1]
+                calls_new += batcher._decode([(j, 0, len(j.histories)) for j in jobs])  # (pieces; returns the groups)
             new = time.thread_time() - t0
             t0, calls_old = time.thread_time(), 0
             for batch in batches:  # before: one call per exact beam count

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         cdm.setup()
         from dataclasses import replace
 
-        ccfg = replace(preset("causal-64"), dense_dim=preset("causal-64").dense_dim if dense else 0)  # the width-64 full-softmax design measured here
+        ccfg = replace(preset("causal-64"), **({} if dense else {"dense_dim": 0, "id_input": False}))  # the width-64 full-softmax design measured here
         tokens = torch.as_tensor(np.asarray(layout.codes_to_tokens(ids.codes)))
         causal = CausalSystem(ccfg, layout, tokens, torch.from_numpy(ids.item_ids), "-", tree,
                               objective="joint" if dense else "generative")
