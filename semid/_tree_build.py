@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from semid.safe_read import is_int
+from semid.safe_read import int64_of, is_int
 
 
 def dense_tables(
@@ -122,9 +122,7 @@ def check_inputs(sequences: np.ndarray | Sequence[Sequence[int]], values: np.nda
 
 def as_tokens(x: object, name: str) -> torch.Tensor:
     """Token ids (B, T) as a LongTensor (numpy's too); a TypeError for floats or bools, a ValueError for another rank."""
-    t = torch.as_tensor(x)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"`{name}` must be integer token ids, got {t.dtype}")
+    t = torch.as_tensor(int64_of(name, x))  # (numpy's tokens too)
     if t.ndim != 2:
         raise ValueError(f"`{name}` must be (B, T) token ids, got shape {tuple(t.shape)}")
-    return t.long()
+    return t

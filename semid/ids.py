@@ -21,7 +21,7 @@ import numpy as np
 from semid.io import atomic_path
 from semid.layout import TokenLayout
 from semid.prefix_index import find, prefix_key, rank_within_groups
-from semid.safe_read import check_npz, is_int
+from semid.safe_read import check_npz, int64_of, is_int
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class SemanticIDs:
     # ---- lookups (vectorised) ----------------------------------------------------------------------------------
     def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Row index of each item id; raises on an unknown id."""
-        item_ids = _int64_array("item_ids", item_ids)
+        item_ids = int64_of("item_ids", item_ids)
         pos = find(self.item_ids, item_ids)
         if (pos < 0).any():
             raise ValueError(f"unknown item id {int(item_ids[pos < 0][0])}: not among the {self.num_items} items of these semantic IDs")
@@ -196,7 +196,7 @@ class SemanticIDs:
 
     def items_of(self, codes: np.ndarray) -> np.ndarray:
         """Item id of each full code tuple (..., L + 1); -1 where no item has that tuple."""
-        codes = _int64_array("codes", codes)
+        codes = int64_of("codes", codes)
         if codes.ndim == 0 or codes.shape[-1] != self.num_levels:
             raise ValueError(f"`codes` must be full tuples of {self.num_levels} codes (the extra level last) in its last "
                              f"dimension, got shape {codes.shape}")
@@ -343,14 +343,6 @@ def _sizes(codebook_sizes: Sequence[int]) -> tuple[int, ...]:
     if isinstance(codebook_sizes, (str, bytes)) or not all(is_int(k) for k in codebook_sizes):
         raise TypeError(f"`codebook_sizes` must be ints, got {codebook_sizes!r}")
     return tuple(int(k) for k in codebook_sizes)
-
-
-def _int64_array(name: str, values: object) -> np.ndarray:
-    """``values`` as an int64 array; a TypeError for floats or bools (1.9 was item 1)."""
-    a = np.asarray(values)
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"`{name}` must be integers, got {a.dtype} values")
-    return a.astype(np.int64)
 
 
 def _check_int_array(name: str, a: np.ndarray) -> None:

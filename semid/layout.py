@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from semid.safe_read import is_int
+from semid.safe_read import int64_of, is_int
 
 PAD, EOS, BOS = 0, 1, 2
 NUM_SPECIAL = 3
@@ -94,7 +94,7 @@ class TokenLayout:
         Returns:
             tokens of the same shape and kind (numpy or torch), int64.
         """
-        codes = _int64("codes", codes)
+        codes = int64_of("codes", codes)
         offsets, sizes = self._offsets_like(codes), self._sizes_like(codes)
         if codes.shape[-1] != self.num_levels:
             raise ValueError(f"`codes` must have {self.num_levels} levels in its last dimension, got shape {tuple(codes.shape)}")
@@ -113,7 +113,7 @@ class TokenLayout:
         Args:
             tokens: int array (..., L), tokens[..., l] in level l's block.
         """
-        tokens = _int64("tokens", tokens)
+        tokens = int64_of("tokens", tokens)
         if tokens.shape[-1] != self.num_levels:
             raise ValueError(f"`tokens` must have {self.num_levels} levels in its last dimension, got shape {tuple(tokens.shape)}")
         codes = tokens - self._offsets_like(tokens)
@@ -128,7 +128,7 @@ class TokenLayout:
         """Hash user ids (any non-negative ints) into the U user tokens; stable across processes and machines."""
         if self.num_user_tokens == 0:
             raise ValueError("this layout has no user tokens (`num_user_tokens=0`)")
-        user_ids = _int64("user_ids", user_ids)
+        user_ids = int64_of("user_ids", user_ids)
         if (user_ids < 0).any():
             raise ValueError(f"`user_ids` must be non-negative, got {int(user_ids[user_ids < 0].reshape(-1)[0])}")
         # hashed in 64 bits whatever the ids' dtype (in int32 the multiplier overflowed and 2^32 was 0)
@@ -149,22 +149,6 @@ class TokenLayout:
 
     def _sizes_like(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         return _like(self.codebook_sizes, x)
-
-
-def _int64(name: str, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-    """``x`` (a numpy array or tensor of ints) as int64 of the same kind; a TypeError for floats, bools or other
-    objects (2.6 was code 2 and its token a float: numpy's uint64 minus int64 is float64), a ValueError for uint64
-    beyond int64."""
-    if isinstance(x, torch.Tensor):
-        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-            raise TypeError(f"`{name}` must hold integers, got a tensor of {x.dtype}")
-        return x.long()
-    arr = np.asarray(x)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"`{name}` must hold integers, got an array of {arr.dtype}")
-    if arr.dtype == np.uint64 and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-        raise ValueError(f"`{name}` holds {int(arr.max())}, beyond int64")
-    return arr.astype(np.int64, copy=False)
 
 
 def _like(values: Sequence[int], x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:

@@ -89,6 +89,26 @@ def is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
+def int64_of(name: str, x: object) -> Any:
+    """``x`` (integers: a list, numpy array or tensor) as int64 of the same kind (a list becomes an array); a TypeError
+    naming ``name`` for floats, bools or complex values (1.9 was item 1; a float code made float tokens), a ValueError
+    for uint64 values beyond int64. The one integer-array check of the library's lookups and conversions."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise TypeError(f"`{name}` must hold integers, got a tensor of {x.dtype}")
+        return x.long()
+    arr = np.asarray(x)
+    if arr.size == 0:
+        return arr.astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"`{name}` must hold integers, got an array of {arr.dtype}")
+    if arr.dtype == np.uint64 and int(arr.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"`{name}` holds {int(arr.max())}, beyond int64")
+    return arr.astype(np.int64, copy=False)
+
+
 # ---- JSON lines --------------------------------------------------------------------------------------------------
 def cut(text: str, limit: int = 60) -> str:
     """``text`` cut to ``limit`` characters ("..." at the end): what an error shows of a value, never all of it."""

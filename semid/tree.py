@@ -311,10 +311,10 @@ class PrefixTree:
         ``stop_after_end``: tokens after a row's first end token are not read (what a finished beam is padded with)."""
         prefixes = as_tokens(prefixes, "prefixes")
         nodes = torch.zeros(prefixes.shape[0], dtype=torch.long, device=prefixes.device)
-        ended = torch.zeros_like(nodes, dtype=torch.bool)
+        ended = torch.zeros_like(nodes, dtype=torch.bool) if stop_after_end and self.end_token is not None else None
         for t in range(prefixes.shape[1]):  # loop over depth, not beams
             step = self.next_nodes(nodes, prefixes[:, t])
-            if stop_after_end and self.end_token is not None:
+            if ended is not None:
                 step = torch.where(ended, nodes, step)
                 ended |= prefixes[:, t] == self.end_token
             nodes = step

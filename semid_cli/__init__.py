@@ -129,7 +129,7 @@ def os_message(e: BaseException) -> str:
 
 
 # library argument names whose flag is named otherwise (the rest are the flags' own `dest`)
-_ALIASES = {"recommend": {"user_ids": "--user", "ks": "-k"}, "evaluate": {"ks": "--k"}, "serve": {"user_ids": "user_id"}}
+_ALIASES = {"recommend": {"user_ids": "--user"}, "evaluate": {"ks": "--k"}}
 
 
 class Terminated(BaseException):

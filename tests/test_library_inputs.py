@@ -29,9 +29,9 @@ def test_save_refuses_the_files_own_keys(ids: SemanticIDs, tmp_path) -> None:
 
 
 def test_lookups_refuse_floats_and_negative_ids(ids: SemanticIDs) -> None:
-    with pytest.raises(TypeError, match="`item_ids` must be integers"):
+    with pytest.raises(TypeError, match="`item_ids` must hold integers"):
         ids.rows_of([1.9, 2.6])  # (was rows [0, 1]: items 1 and 2)
-    with pytest.raises(TypeError, match="`codes` must be integers"):
+    with pytest.raises(TypeError, match="`codes` must hold integers"):
         ids.items_of(np.array([0.9, 1.9, 0.7]))
     with pytest.raises(ValueError, match="full tuples of 3 codes"):
         ids.items_of(ids.codes[:, :2])  # base codes without the extra level
@@ -64,7 +64,7 @@ def test_lookup_reads_a_generated_beam_padded_with_eos() -> None:
     assert tree.lookup(seqs).tolist() == [101, 100, 102, 100, -1, -1]
     assert tree.lookup(seqs.numpy()).tolist() == [101, 100, 102, 100, -1, -1]  # numpy tokens too
     assert tree.walk(seqs[:1]).tolist() == [-1]  # walk reads every token (eos after eos leads nowhere)
-    with pytest.raises(TypeError, match="`prefixes` must be integer token ids"):
+    with pytest.raises(TypeError, match="`prefixes` must hold integers"):
         tree.lookup(seqs.float())
 
 

@@ -68,7 +68,7 @@ class TreeConstraint:
             out = masked_log_softmax(logits, allowed)
         else:
             norm = self.trained_tree.allowed_mask(self.old_nodes, token_range=(lo, hi))
-            out = masked_log_softmax(logits, allowed, torch.where(norm.any(1, keepdim=True), norm, allowed))
+            out = masked_log_softmax(logits, allowed, norm)  # (a node with no trained child: normalised over allowed)
         return out.sum(0) if out.ndim == 3 else out
 
     def advance(self, rows: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor, depth: int | None = None) -> None:
