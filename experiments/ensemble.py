@@ -42,8 +42,10 @@ from semid.split import leave_one_out
 K = 10
 
 
-def member_scores(spec: str, max_users: int | None, seed: int, batch_size: int) -> tuple[list[torch.Tensor], np.ndarray, str]:
-    """One member's exact log-likelihoods (a (B, N) tensor per batch of test users) and the targets."""
+def member_scores(spec: str, max_users: int | None, seed: int, batch_size: int,
+                  ) -> tuple[list[torch.Tensor], np.ndarray, str, int]:
+    """One member's exact log-likelihoods (a (B, N) tensor per batch of test users), the targets, its name and the
+    split's count of test users."""
     path, ckpt = _side(spec)
     run = load_run(path, ckpt)
     if run.design != "causal":
@@ -54,7 +56,7 @@ def member_scores(spec: str, max_users: int | None, seed: int, batch_size: int) 
     scores = [shared.history_parts(b.histories).exact for b in batches]  # loop over batches of users
     if not torch.equal(shared.item_ids, torch.arange(1, shared.item_ids.numel() + 1)):
         raise SystemExit(f"{path}: the run's rows are not items 1..N in order; this script sums scores by row")
-    return scores, np.concatenate([b.targets.numpy() for b in batches]), f"{spec} ({run.checkpoint.name})"
+    return scores, np.concatenate([b.targets.numpy() for b in batches]), f"{spec} ({run.checkpoint.name})", split.num_users
 
 
 def composed(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     names, per, total, targets = [], [], None, None
     for spec in args.member:
-        scores, t, name = member_scores(spec, args.max_users, args.seed, args.batch_size)
+        scores, t, name, of = member_scores(spec, args.max_users, args.seed, args.batch_size)
         if targets is not None and not np.array_equal(t, targets):
             raise SystemExit(f"{spec}: ranks other test targets than the first member (another data folder or split)")
         targets = t
@@ -102,11 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     ens = metrics(total, targets)
     best = max(range(len(per)), key=lambda i: per[i]["recall@10"].mean())
     n = len(targets)
-    out: dict[str, Any] = {"members": names, "budget": args.budget, "users": n, "sample": bool(args.max_users),
+    sample = n < of  # (--max-users at or above the test users' count ranks them all)
+    out: dict[str, Any] = {"members": names, "budget": args.budget, "users": n, "sample": sample,
                            "command": "python -m experiments.ensemble " + shlex.join(sys.argv[1:]),
                            "threads": 1, "rows": []}
     lines = ["# An ensemble of causal runs (sum of exact log-likelihoods), Beauty test split", "",
-             f"{n} test users" + (" (a seeded sample)" if args.max_users else " (all)") + f"; top {K} of the catalogue; "
+             f"{n} test users" + (" (a seeded sample)" if sample else " (all)") + f"; top {K} of the catalogue; "
              "one torch thread." + (f" Budget: {args.budget}." if args.budget else ""), "",
              "| ranker | R@10 | N@10 |", "| --- | ---: | ---: |"]
     for name, m in zip(names, per, strict=True):

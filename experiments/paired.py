@@ -47,7 +47,7 @@ def per_user(spec: str, decoder: str, max_users: int | None, seed: int, batch_si
     ranks, rows = r.ranks[order], r.user_rows[order]
     hit = (ranks >= 0) & (ranks < 10)
     return {"recall@10": hit.astype(np.float64), "ndcg@10": np.where(hit, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0),
-            "targets": split.test_targets[rows]}, run.checkpoint.name
+            "targets": split.test_targets[rows], "of": np.asarray(split.num_users)}, run.checkpoint.name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,10 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     if not np.array_equal(a["targets"], b["targets"]):
         raise SystemExit("A and B rank other test targets (another data folder or split): they cannot be paired")
     n = len(a["recall@10"])
+    sample = n < int(a["of"])  # (--max-users at or above the test users' count ranks them all)
     out: dict[str, Any] = {"a": f"{args.a} ({ckpt_a}, {args.decoder})", "b": f"{args.b} ({ckpt_b}, {dec_b})", "users": n,
-                           "sample": bool(args.max_users), "command": "python -m experiments.paired " + shlex.join(sys.argv[1:] if argv is None else argv)}
+                           "sample": sample, "command": "python -m experiments.paired " + shlex.join(sys.argv[1:] if argv is None else argv)}
     lines = [f"# Paired comparison on the test split{' (histories left out, as served)' if args.exclude_history else ''}", "", f"A: `{out['a']}`  ", f"B: `{out['b']}`  ",
-             f"{n} test users" + (" (a seeded sample)" if args.max_users else " (all)") + "; 95% bootstrap interval over users "
+             f"{n} test users" + (" (a seeded sample)" if sample else " (all)") + "; 95% bootstrap interval over users "
              "(2,000 resamples)", "", "| metric | A | B | A - B | 95% CI | relative |", "| --- | ---: | ---: | ---: | --- | ---: |"]
     for m in ("recall@10", "ndcg@10"):
         mean, lo, hi = paired_bootstrap(a[m], b[m], seed=args.seed)

@@ -1,6 +1,7 @@
 """The real peers, run here beside semid: RecBole's SASRec and cornac's RPG and TIGER ports, on semid's split.
 
-    /work/peers/bin/python -m experiments.peers --model sasrec-recbole|rpg-cornac|tiger-cornac \
+    make peers-venv      # once: .venv-peers/ (torch CPU pinned first, recbole 1.2.1, cornac 3.0.1, ...)
+    OMP_NUM_THREADS=1 .venv-peers/bin/python -m experiments.peers --model sasrec-recbole|rpg-cornac|tiger-cornac \
         --data ../shared/data/beauty --max-cpu-time 900
 
 The peers live in their own venv (torch CPU, recbole 1.2.1, cornac 3.0.1 with transformers and faiss-cpu); this

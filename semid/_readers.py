@@ -202,8 +202,8 @@ def _get(rec: dict[str, Any], key: str, where: str) -> Any:
 
 def _append(raw: _Interactions, user: str, item: str, time: Any, where: str) -> None:
     try:
-        if isinstance(time, bool):
-            raise ValueError
+        if isinstance(time, bool) or (isinstance(time, str) and ("_" in time or not time.isascii())):
+            raise ValueError  # (int and float read "2020_01_15" as 20200115, and other scripts' digits as numbers)
         if isinstance(time, int) or (isinstance(time, str) and time.strip().lstrip("+-").isdecimal()):
             ts: float | int = int(time)  # exact: nanosecond clocks pass 2^53
         else:

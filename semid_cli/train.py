@@ -36,10 +36,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option_flags(p)
 
 
+def _valued(name: str) -> bool:
+    """Whether option ``name``'s flag takes a value (not a switch, not KEY=VALUE)."""
+    f = TrainOptions.__dataclass_fields__[name]
+    return not f.metadata["keys"] and bool not in value_types(name)
+
+
+_VALUED = frozenset(f.name for f in fields(TrainOptions) if _valued(f.name))
+
+
 def add_option_flags(p: argparse.ArgumentParser) -> None:
     """One flag per :class:`TrainOptions` field, from its metadata (``generator.runs.options.option``): the flag,
-    group, help (with the default), parser and choices. Every flag defaults to None: a flag not given leaves the
-    option to ``TrainOptions`` (or, with ``--resume``, to the run's config.yaml)."""
+    group, help (with the default), parser and choices. A flag not given leaves the option to ``TrainOptions`` (or,
+    with ``--resume``, to the run's config.yaml): a valued flag is then absent from the namespace (``--val-users all``
+    is None, given), a switch or KEY=VALUE flag None."""
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for f in fields(TrainOptions):
         m = f.metadata
@@ -48,10 +58,11 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
         text = m["help"].replace("{default}", default_text(f.name))
         if m["keys"]:  # KEY=VALUE, repeatable
             g.add_argument(flag, dest=f.name, action=MappingAction, metavar="KEY=VALUE", help=text)
-        elif bool in value_types(f.name):  # --no-progress
+        elif not _valued(f.name):  # --no-progress
             g.add_argument(flag, dest=f.name, action="store_false", default=None, help=text)
         else:
-            g.add_argument(flag, dest=f.name, type=m["parse"] or _parser(f.name), choices=m["choices"], help=text)
+            g.add_argument(flag, dest=f.name, type=m["parse"] or _parser(f.name), choices=m["choices"], help=text,
+                           default=argparse.SUPPRESS)  # (absent when not given: "all" parses to None, a value)
 
 
 def as_flags(message: str) -> str:
@@ -93,7 +104,8 @@ def ids_file(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions) if getattr(args, f.name, None) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(TrainOptions)  # (`--val-users all` was dropped as "not given")
+             if hasattr(args, f.name) and (getattr(args, f.name) is not None or f.name in _VALUED)}
     given["progress"] = progress_default(args.progress)  # a bar on a terminal, else one line per epoch
     if args.resume:
         check_resumable(args.out)
@@ -113,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"run folder      {result.run_dir}")
     monitor = read_config(result.run_dir).get("monitor", "val/ndcg@10")
-    print(f"best checkpoint {result.best_checkpoint}  ({monitor} on the validation sample: {result.best_score})")
+    chosen_on = "all validation users" if options.val_users is None else f"up to {options.val_users} validation users, seeded"
+    print(f"best checkpoint {result.best_checkpoint}  ({monitor} on {chosen_on}: {result.best_score})")
     print(f"trained         {result.epochs} epochs, {result.steps} steps, {result.train_seconds:.0f} s (config.yaml's "
           f"train_seconds; {result.seconds:.0f} s with the validation and fusion below); padded share {result.padded_share:.1%}")
     if result.fusion is not None:

@@ -55,6 +55,10 @@ def test_train_writes_the_run_folder(trained: dict[str, Path], capsys: pytest.Ca
     assert valid["users_evaluated"] == 24 and valid["invalid_items"] == 0
     # the best checkpoint's score on the validation sample (here: all users) is what the final evaluation finds
     assert valid["ndcg@10"] == pytest.approx(config["best_score"]["val/ndcg@10"], abs=1e-6)
+    # `--val-users all` is recorded as given: it parses to None, and was dropped as "not given" (1,000 users sampled)
+    assert config["train"]["val_users"] is None and config["train"]["final_val_users"] is None
+    # and is said as such: "on the validation sample" where every user was read (a helper's audit)
+    assert re.search(r"best checkpoint .*\(val/\w*ndcg@10 on all validation users: ", trained["printed"]), trained["printed"]
     # the seconds printed are the training's, as config.yaml records them (it printed the whole command's: 157 s
     # for a `--max-time 00:00:05` whose config said 8), then the whole with the validation and fusion after it
     said = re.search(r"trained .* steps, (\d+) s \(config.yaml's train_seconds; (\d+) s with", trained["printed"])

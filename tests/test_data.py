@@ -62,7 +62,7 @@ def test_catalogue_text_follows_the_beauty_recipe(tiny_dataset_dir: Path) -> Non
     cat = load_dataset(tiny_dataset_dir).catalogue
     assert cat.text(1) == "Red Lipstick. Acme, Makeup, Lips"
     assert cat.text(3) == "Face Cream. Skin Care, Face"  # "Unknown" brand left out
-    assert cat.text(5) == "Tools"  # empty title: no dangling ". "
+    assert cat.text(5) == ". Tools"  # empty title: the recipe to the letter, as Beauty's untitled items were embedded
     assert cat.text(2, fields=("title",)) == "Blue Eyeliner"
     assert cat.texts()[3] == cat.text(4) == "Hair Spray. Hairco, Hair Care"
     assert cat.title_of(np.int64(6)) == "Nail Polish"

@@ -30,6 +30,22 @@ def test_paired_records_its_argv_and_pairs_a_run_with_itself_at_zero(serve_world
     paired.main(["--a", v1, "--b", v1, "--decoder", "exact", "--tag", "self"])
     same = json.loads((tmp_path / "paired_self.json").read_text())
     assert same["recall@10"]["diff"] == 0.0 and same["recall@10"]["ci"] == [0.0, 0.0]
+    assert out["sample"] is False and "test users (all)" in (tmp_path / "paired_t.md").read_text()
+
+
+def test_a_user_cap_above_the_test_users_is_not_called_a_sample(serve_world: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--max-users`` at or above the count of test users ranks them all: the file said "a seeded sample" (a helper's
+    audit); a cap below it is one."""
+    monkeypatch.setattr(paired, "RESULTS", tmp_path)
+    v1 = str(serve_world["v1"])
+    paired.main(["--a", v1, "--b", v1, "--decoder", "exact", "--max-users", "100000", "--tag", "cap"])
+    out = json.loads((tmp_path / "paired_cap.json").read_text())
+    assert out["sample"] is False and "test users (all)" in (tmp_path / "paired_cap.md").read_text()
+    paired.main(["--a", v1, "--b", v1, "--decoder", "exact", "--max-users", str(out["users"] - 1), "--tag", "few"])
+    few = json.loads((tmp_path / "paired_few.json").read_text())
+    assert few["sample"] is True and few["users"] == out["users"] - 1
+    assert "(a seeded sample)" in (tmp_path / "paired_few.md").read_text()
 
 
 def test_the_beam_identity_script_builds_every_decoder_it_records() -> None:

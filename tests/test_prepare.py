@@ -309,6 +309,9 @@ BAD_TABULAR = [
     ("csv", "user,item,timestamp\na,b,1\na,b\n", None, r"x.csv:3: expected 3 columns .*got 2"),
     ("csv", "user,item,timestamp\na,b,1\n\na,c,2\n", None, r"x.csv:3: empty line"),
     ("csv", "user,item,timestamp\na,b,nan\n", None, r"x.csv:2: timestamp 'nan' is not a finite number"),
+    ("csv", "user,item,timestamp\na,b,2020_01_15\n", None,  # (Python's float read it as 20200115)
+     r"x.csv:2: timestamp '2020_01_15' is not a finite number"),
+    ("csv", "user,item,timestamp\na,b,\u0661\u0662\n", None, r"x.csv:2: timestamp '\u0661\u0662' is not a finite number"),
     ("csv", "user,item,timestamp\na,b,1\n", "item,name\nb,x\n", r"items.csv:1: no title column 'title'"),
     ("csv", "user,item,timestamp\n", None, r"x.csv: no interactions \(an empty file, or a header alone\)"),
     ("csv", "user,item,timestamp\na,b,1" + "0" * 25 + "\n", None, r"x.csv:2: timestamp '10*' is beyond a 64-bit integer"),
