@@ -29,7 +29,7 @@ from semid.safe_read import cut, is_int
 log = logging.getLogger(__name__)
 
 FIELDS = ("title", "attributes")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # (fullmatch: "$" took a trailing newline into a file name)
 
 
 class Encoder(NamedTuple):
@@ -69,12 +69,29 @@ def load_encoder(model_dir: str | os.PathLike[str], device: str | torch.device |
         model = AutoModel.from_pretrained(path, **NO_REMOTE_CODE)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot load a tokenizer and model from this folder ({e})") from e
+    _check_encoder(path, tokenizer, model)
     device = (
         torch.device(device)
         if device is not None
         else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     return Encoder(tokenizer, model.to(device).eval(), path)
+
+
+def _check_encoder(path: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    """Refuse, naming the folder, what fails only in the first forward pass (a raw IndexError or transformers' advice
+    to call ``add_special_tokens``): an encoder-decoder model, a tokenizer without a pad token (batches are padded),
+    token ids past the model's vocabulary (a tokenizer of another model)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{path}: an encoder-decoder model ({model.config.model_type}); texts are embedded by an "
+                         "encoder alone (a BERT-like or sentence-transformers folder)")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{path}: its tokenizer has no pad token, and texts are embedded in padded batches; use a "
+                         "BERT-like or sentence-transformers folder (or save the tokenizer with a pad token)")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ValueError(f"{path}: its tokenizer has {len(tokenizer):,} tokens but the model embeds {vocab:,}: the "
+                         "tokenizer is another model's")
 
 
 def embed_texts(
@@ -175,7 +192,7 @@ def embed_dataset(
     if not fields or any(f not in FIELDS for f in fields):
         raise ValueError(f"`fields` must be a non-empty list of {list(FIELDS)}, got {list(fields)!r}")
     name = default_name(model_dir) if name is None else name
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(
             f"`name` must be letters, digits, '_', '.' or '-' (starting with a letter or digit), got {name!r}"
         )

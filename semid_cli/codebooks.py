@@ -38,7 +38,7 @@ from semid.codebooks import (
 )
 from semid.collaborative import with_collaborative
 from semid.data import check_embedding_values, read_npy
-from semid.ids import SemanticIDs
+from semid.ids import MAX_CODEBOOK, SemanticIDs
 from semid.io import atomic_path, file_sha256, write_json
 from semid_cli.args import add_progress, nonnegative_int
 from semid_cli.console import progress_default
@@ -153,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     if embeddings.shape[0] < args.codebook_size:
         raise ValueError(f"{args.embeddings}: {embeddings.shape[0]} rows (items), fewer than --codebook-size "
                          f"{args.codebook_size}: every code of a level needs an item; pass --codebook-size {embeddings.shape[0]} or less")
+    if args.extra_level_size > max(MAX_CODEBOOK, embeddings.shape[0]):  # (refused after the whole fit, by another name)
+        raise ValueError(f"--extra-level-size {args.extra_level_size:,} is more than max({MAX_CODEBOOK:,}, the "
+                         f"{embeddings.shape[0]:,} items): the model would hold a row for each of its values; it needs "
+                         "only the largest group of items that share a code tuple")
     collaborative = None
     if args.collaborative is not None:
         weight = 1.0 if args.collaborative_weight is None else args.collaborative_weight
@@ -176,10 +180,16 @@ def _with_run_vectors(embeddings: np.ndarray, run_dir: Path, weight: float) -> t
     if run.design != "causal" or not getattr(run.model_config, "dense_dim", 0):
         raise ValueError(f"--collaborative {run_dir}: a {run.design} run without the causal design's dense head; give a "
                          "run of `semid train`'s default design")
+    trained, N = run.model.trained_items, run.ids.num_items
+    if embeddings.shape[0] != N:  # (another catalogue's rows were glued to the run's vectors, the rest zeros)
+        added = f", {N - trained} of them added by `semid add-items`" if N > trained else ""
+        raise ValueError(f"--collaborative {run_dir}: the run's catalogue holds {N} items{added}, but --embeddings has "
+                         f"{embeddings.shape[0]} rows: give the embeddings of the run's catalogue (items added to the "
+                         "dataset since: add them to the run first with `semid add-items`)")
     with torch.no_grad():
-        vectors = run.model.item_vectors()[: run.model.trained_items].float().numpy()
-    try:
-        combined = with_collaborative(embeddings, vectors, np.asarray(run.ids.item_ids, dtype=np.int64), weight)
+        vectors = run.model.item_vectors()[:trained].float().numpy()
+    try:  # (the first `trained` rows are the trained items; added items have no vector: zeros)
+        combined = with_collaborative(embeddings, vectors, np.asarray(run.ids.item_ids[:trained], dtype=np.int64), weight)
     except ValueError as e:
         raise ValueError(f"--collaborative {run_dir}: {e}") from None
     record = {"run": str(run_dir), "checkpoint": run.checkpoint.name, "width": int(vectors.shape[1]), "weight": weight,

@@ -86,6 +86,8 @@ def test_writes_all_four_files(method: str, balanced: str, embeddings: Path, tmp
         (["--levels", "40", "--codebook-size", "4"], "--levels 40 of --codebook-size 4 (and --extra-level-size 256) make "
          "more ID prefixes than an int64 key holds"),
         (["--extra-level-size", "0"], "--extra-level-size must be a positive int"),
+        (["--extra-level-size", "70000"], "--extra-level-size 70,000 is more than max(65,536, the 120 items)"),  # (it was
+        # refused after the whole fit, as "codebook size 70,000 at level 2", no flag named: a helper's audit)
         (["--method", "rqkmeans", "--max-epochs", "3"], "--max-epochs applies to --method rqvae only"),
         (["--no-balanced", "--extra-level-size", "1"], "raise `--extra-level-size`"),
     ],

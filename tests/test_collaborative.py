@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -121,3 +122,29 @@ def test_a_run_without_the_causal_dense_head_is_refused_by_name(world: dict, cap
     assert main(["fit-codebooks", "--embeddings", str(world["old"] / "item_emb_minilm.npy"), "--out",
                  str(world["root"] / "x"), "--collaborative", str(run), *world["small"]]) == 2
     assert f"--collaborative {run}: a causal run without the causal design's dense head" in capsys.readouterr().err
+
+
+def test_embeddings_of_another_catalogue_are_refused_and_a_run_with_added_items_is_taken(world: dict, capsys) -> None:
+    """``--collaborative RUN`` glued RUN's 34 vectors onto rows 1-34 of a 40-row file of another catalogue (zeros for
+    the rest) without a word; and on a run with items added (``semid add-items``) it failed with "34 item vectors for
+    40 item ids" (a helper's audit). Rows must be the run's catalogue; the added items get zeros."""
+    from rqvae import load_quantizer
+    from semid.ids import SemanticIDs
+    from semid_cli import main
+
+    new_emb = str(world["new"] / "item_emb_minilm.npy")  # 40 rows; the run knows 34 items
+    assert main(["fit-codebooks", "--embeddings", new_emb, "--out", str(world["root"] / "foreign"), "--collaborative",
+                 str(world["run"]), *world["small"]]) == 2
+    err = capsys.readouterr().err
+    assert f"--collaborative {world['run']}: the run's catalogue holds 34 items, but --embeddings has 40 rows" in err
+    assert not (world["root"] / "foreign").exists()
+    grown = world["root"] / "run_grown"
+    shutil.copytree(world["run"], grown)
+    assert main(["add-items", "--run", str(grown), "--data", str(world["new"])]) == 0
+    out = world["root"] / "ids_grown"
+    assert main(["fit-codebooks", "--embeddings", new_emb, "--out", str(out), "--collaborative", str(grown), *world["small"]]) == 0
+    width = json.loads((out / "stats.json").read_text())["collaborative"]["width"]
+    text = world["emb"][34:] / np.linalg.norm(world["emb"][34:], axis=1, keepdims=True)
+    padded = np.concatenate([text, np.zeros((6, width), np.float32)], axis=1)  # the added items: text and zeros
+    np.testing.assert_array_equal(SemanticIDs.load(out / "semantic_ids.npz").codes[34:, 0],
+                                  load_quantizer(out / "quantizer.pt").encode(padded)[:, 0])

@@ -83,8 +83,10 @@ def test_fields_and_name(tiny_dataset_dir: Path, model_dir: Path) -> None:
         ValueError, match=r"`fields` must be a non-empty list of \['title', 'attributes'\], got \['price'\]"
     ):
         embed_dataset(tiny_dataset_dir, model_dir, fields=["price"], progress=False)
-    with pytest.raises(ValueError, match=r"`name` must be letters"):
-        embed_dataset(tiny_dataset_dir, model_dir, name="../x", progress=False)
+    for bad in ("../x", "t7\n"):  # ("$" matched before a final newline: a file `item_emb_t7\n.npy` was written)
+        with pytest.raises(ValueError, match=r"`name` must be letters"):
+            embed_dataset(tiny_dataset_dir, model_dir, name=bad, progress=False)
+    assert not list(tiny_dataset_dir.glob("item_emb_t7*"))
     assert default_name("/m/all-MiniLM-L6-v2") == "all_minilm_l6_v2"
     before = titles.path.read_bytes()  # an existing file (codebooks may come from it): replaced only when asked
     with pytest.raises(FileExistsError, match="item_emb_titles.npy: already exists.*--overwrite"):
@@ -132,3 +134,34 @@ def test_cli(tiny_dataset_dir: Path, model_dir: Path, capsys) -> None:
     assert "`--max-length` must be an int >= 2, got 1" in capsys.readouterr().err
     assert main([*argv, "--device", "foo", "--overwrite"]) == 2  # a clear error, not torch's traceback
     assert "`--device` must be a torch device" in capsys.readouterr().err
+
+
+def test_models_that_cannot_embed_are_refused_at_load_naming_the_folder(model_dir: Path, tmp_path: Path) -> None:
+    """They failed in the first forward pass: a tokenizer of another model with a raw ``IndexError``, a GPT-2-like
+    folder with transformers' advice to call ``add_special_tokens``, a T5 folder with "You must specify exactly one
+    of input_ids or inputs_embeds" (a helper's audit)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast, T5Config, T5Model
+
+    small = BertTokenizer.from_pretrained(model_dir)
+    mismatched = tmp_path / "mismatched"  # the tokenizer's ids run past the model's 4 rows
+    small.save_pretrained(mismatched)
+    BertModel(BertConfig(vocab_size=4, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(mismatched)
+    with pytest.raises(ValueError, match=rf"{mismatched}: its tokenizer has \d+ tokens but the model embeds 4"):
+        load_encoder(mismatched, "cpu")
+    no_pad = tmp_path / "gpt2-like"
+    words = Tokenizer(WordLevel({w: i for i, w in enumerate(small.get_vocab())}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(no_pad)
+    GPT2Model(GPT2Config(vocab_size=len(small), n_embd=HIDDEN, n_layer=1, n_head=2)).save_pretrained(no_pad)
+    with pytest.raises(ValueError, match=rf"{no_pad}: its tokenizer has no pad token"):
+        load_encoder(no_pad, "cpu")
+    seq2seq = tmp_path / "t5-like"
+    small.save_pretrained(seq2seq)
+    T5Model(T5Config(vocab_size=len(small), d_model=HIDDEN, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(seq2seq)
+    with pytest.raises(ValueError, match=rf"{seq2seq}: an encoder-decoder model \(t5\)"):
+        load_encoder(seq2seq, "cpu")
+    assert load_encoder(model_dir, "cpu").path == model_dir  # the tiny BERT still loads
