@@ -287,3 +287,18 @@ def test_t5_hybrid_serves_the_pool_fusions_and_refuses_the_full_catalogue_blend(
         assert np.array_equal(res.codes.numpy(), ids.codes_of(res.items.numpy()))
     with pytest.raises(ValueError, match="fusion 'full' needs every item's generative score"):
         T5Hybrid(model, tree, layout, head, ids, fusion=("full", {"alpha": 0.5}), num_candidates=4, num_beams=4)
+
+
+def test_joint_loss_passes_log_q_to_the_sampled_head(world) -> None:  # (a mutation audit: dropping it went unseen)
+    from dataclasses import replace
+
+    from generator.models.dense_loss import joint_loss
+    model, ids, layout, head, x, mask = world
+    head.config = replace(head.config, loss="sampled", num_random_negatives=2)
+    labels = torch.cat([torch.from_numpy(np.asarray(layout.codes_to_tokens(ids.codes[[5, 6, 7]]))), torch.ones(3, 1, dtype=torch.long)], 1)
+    rows = torch.tensor([5, 6, 7])
+    log_q = torch.log_softmax(torch.randn(12, generator=torch.Generator().manual_seed(3)), 0)
+    out = joint_loss(model, head, x, mask, labels, rows, objective="dense", log_q=log_q, generator=torch.Generator().manual_seed(0))
+    enc = model.get_encoder()(input_ids=x, attention_mask=mask)
+    want = head.loss(head(enc.last_hidden_state, mask), rows, log_q=log_q, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.dense, want)

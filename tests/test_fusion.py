@@ -283,3 +283,10 @@ def test_paired_bootstrap() -> None:
     assert paired_bootstrap(a, b, seed=3) == (mean, lo, hi)  # seeded
     with pytest.raises(ValueError, match="non-empty per-user arrays of one shape"):
         paired_bootstrap(a, b[:10])
+
+
+def test_fit_levels_keeps_start_when_nothing_improves(world):  # (a mutation audit: the tie-break was dropped unseen)
+    from generator.decoding.fusion import fit_levels
+    p, _ = _parts_with_targets(world, slice(0, 20))
+    w = fit_levels(p, torch.full((20,), -1), start=0.5)  # no target is ever ranked: every weight ties at NDCG 0
+    assert w == [0.5] * len(w)

@@ -96,8 +96,13 @@ def test_a_version_that_fails_is_refused_and_the_old_one_serves(serve_world: dic
         r = c.post("/admin/reload")
         assert r.status_code == 409 and "without titles and asins" in r.json()["error"]["message"], r.text
         assert c.get("/items/1").json()["title"] is not None and c.get("/readyz").json()["version"] == v1
-        assert 'semid_reloads_total{outcome="failed"} 1.0' in c.get("/metrics").text  # the run folder here did not load
-        assert 'semid_reloads_total{outcome="refused"} 3.0' in c.get("/metrics").text  # the requests' (the body too)
+        # failed: the version did not load, or its files were refused (the lost hybrid, the lost dataset: they were
+        # counted as the request's fault); refused: the request's (the body here)
+        assert 'semid_reloads_total{outcome="failed"} 3.0' in c.get("/metrics").text
+        assert 'semid_reloads_total{outcome="refused"} 1.0' in c.get("/metrics").text
+        assert c.post("/admin/reload?force=1").status_code == 422  # a query, an origin: refused too (were not counted)
+        assert c.post("/admin/reload", headers={"Origin": "http://a.example"}).status_code == 403
+        assert 'semid_reloads_total{outcome="refused"} 3.0' in c.get("/metrics").text
         r = c.post("/admin/reload", content=b"[]")  # (its example was a recommendation's body)
         assert r.status_code == 400 and r.json()["error"]["allowed"] == 'a JSON object such as {"expect_sha256": "<64 hex digits>"}'
 
@@ -292,3 +297,72 @@ def test_serve_starts_without_the_hybrid_when_its_fusion_file_is_damaged(
         r = c.post("/recommend", json={"history": [1, 2, 3], "k": 5, "decoder": "hybrid"})
         assert r.status_code == 422 and "is not served here" in r.text, r.text  # (as without a hybrid.json)
     assert main(["serve", "--run", str(run), "--decoder", "hybrid", "--port", str(_free_port())]) == 2  # asked for: refused
+
+
+def test_a_reload_to_another_catalogue_is_refused(serve_world: dict[str, Path]) -> None:
+    """A run of another dataset was taken (200) and every item id then named another item (a helper's audit): a version
+    that drops a served item, or gives one another asin, is refused and counted as failed; the old one serves."""
+    import dataclasses
+
+    from tests.test_generator_helpers import random_ids
+
+    changes = {}
+
+    def load() -> Recommender:
+        rec = Recommender.from_run(serve_world["v1"])
+        if changes.get("asins"):
+            rec.catalogue = dataclasses.replace(rec.catalogue, original_ids=["X" + a for a in rec.catalogue.original_ids])
+        if changes.get("fewer"):
+            rec.run = dataclasses.replace(rec.run, ids=random_ids(rec.run.ids.num_items - 3))
+        return rec
+
+    from generator.serving.app import create_app
+    from generator.serving.holder import Holder, Served
+
+    holder = Holder(load, serve_world["v1"], served=Served.build(Recommender.from_run(serve_world["v1"])))
+    app = create_app(holder)
+    v1 = holder.current.version
+    with TestClient(app) as c, pytest.MonkeyPatch.context() as mp:
+        mp.setattr("generator.serving.app._is_loopback", lambda host: True)
+        asin = c.get("/items/1").json()["asin"]
+        changes["asins"] = True
+        r = c.post("/admin/reload")
+        err = r.json()["error"]["message"]
+        assert r.status_code == 409 and f"another asin (item 1: {asin!r}, now {'X' + asin!r})" in err, r.text
+        changes.update(asins=False, fewer=True)
+        r = c.post("/admin/reload")
+        assert r.status_code == 409 and "without 3 of the running version's" in r.json()["error"]["message"], r.text
+        assert c.get("/readyz").json()["version"] == v1 and c.get("/items/1").json()["asin"] == asin
+        assert 'semid_reloads_total{outcome="failed"} 2.0' in c.get("/metrics").text
+        changes["fewer"] = False
+        assert c.post("/admin/reload").status_code == 200  # the same catalogue reloads
+
+
+def test_the_file_watch_tries_again_after_a_reload_by_hand(serve_world: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch marked changed files as seen before it reloaded: when a reload by hand was running (409 "in
+    progress"), the new files were never loaded (a helper's audit). Busy, it looks again at the next poll."""
+    from generator.serving.holder import Holder, ReloadBusy
+
+    live = tmp_path / "live"
+    shutil.copytree(serve_world["v1"], live)
+    app = app_for(live, watch_seconds=0.05)
+    v1 = app.state.holder.current.version
+    busy = {"left": 3}
+    real = Holder.reload
+
+    async def sometimes_busy(self, expect_sha256=None):  # noqa: ANN001, ANN202
+        if busy["left"]:
+            busy["left"] -= 1
+            raise ReloadBusy(409, "reload", None, "one reload at a time", "a reload is already in progress")
+        return await real(self, expect_sha256)
+
+    monkeypatch.setattr(Holder, "reload", sometimes_busy)
+    with TestClient(app) as c:
+        for name in (CONFIG_FILE, IDS_FILE, HYBRID_FILE, "checkpoints/best.ckpt"):
+            shutil.copy2(serve_world["v2"] / name, live / name)
+            os.utime(live / name)
+        deadline = time.monotonic() + 60
+        while c.get("/readyz").json()["version"] == v1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert busy["left"] == 0 and c.get("/readyz").json()["version"] != v1

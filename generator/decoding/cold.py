@@ -85,6 +85,11 @@ class ColdStartBeam:
         self.index = PrefixIndex(codes[:, :prefix_levels], ids.codebook_sizes)  # order: by prefix, then by item id
         self.cold_items, self.cold_codes = torch.from_numpy(cold)[self.index.order], codes[self.index.order]
 
+    @property
+    def num_beams(self) -> int:
+        """The beams of the beam decoder it wraps (``with_beams`` sets them there)."""
+        return self.beam.num_beams
+
     def max_cold(self, k: int) -> int:
         """Cold slots allowed in a top-k: ceil(epsilon * k) (with a guard against float noise such as 0.1 * 30), or
         ``cold_cap`` where a call keeps only the first items of the k it asks for (its history's dropped after)."""

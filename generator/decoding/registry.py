@@ -73,6 +73,9 @@ SPECS: dict[str, DecoderSpec] = {s.name: s for s in (  # the built-in backbones'
 
 
 BEAMLESS = frozenset({"exact", "dense"})  # decoders with no beams: a beam count changes nothing they rank
+# decoders whose top-k is the first k of their top-n (n > k) at a given beam count: a call may ask one for more items
+# than a history needs (the batch's most) and cut, and gets what that history alone gets
+PREFIX_CONSISTENT = frozenset({"beam", "exact", "dense", "hybrid", "title-beam"})
 
 
 def names() -> tuple[str, ...]:

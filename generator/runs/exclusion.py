@@ -46,12 +46,16 @@ def drop_history(items: np.ndarray, scores: np.ndarray, histories: Sequence[np.n
 def with_beams(dec: Decoder, num_beams: int, *, candidates: bool = False) -> Decoder:
     """``dec`` with ``num_beams`` beams and, with ``candidates`` (the hybrids), at least ``num_beams`` candidates per
     list: itself where it has them, else a shallow copy (the built tables are shared)."""
+    if isinstance(dec, ColdStartBeam):  # around a beam decoder, whose beams are its (it kept its build's in silence)
+        if dec.beam.num_beams == num_beams:
+            return dec
+        out = copy.copy(dec)
+        out.beam = with_beams(dec.beam, num_beams)
+        return out
     out = dec
     if getattr(dec, "num_beams", num_beams) != num_beams:
         out = copy.copy(dec)
         out.num_beams = num_beams
-        if hasattr(out, "beam"):  # ColdStartBeam around a beam decoder
-            out.beam = with_beams(out.beam, num_beams)
     owner = getattr(out, "shared", out)  # a causal decoder keeps C in the CausalDecoders it shares
     if candidates and owner.num_candidates < num_beams:
         out = copy.copy(out) if out is dec else out

@@ -17,6 +17,7 @@ import logging
 import math
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -26,7 +27,7 @@ from starlette.requests import ClientDisconnect
 
 from generator.runs.recommender import Recommendation
 from generator.serving.batcher import MicroBatcher
-from generator.serving.holder import Holder, Served, watch_signature
+from generator.serving.holder import Holder, ReloadBusy, Served, VersionRefused, watch_signature
 from generator.serving.metrics import ROUTES, Metrics, MetricsMiddleware
 from generator.serving.requests import MISSING, ApiError, Limits, parse_body, parse_query, short_json
 
@@ -97,16 +98,35 @@ def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
 def _json(obj: Any, status: int = 200) -> Response:
-    return Response(json.dumps(obj, separators=(",", ":"), allow_nan=False).encode(), status, media_type="application/json")
+    try:  # orjson: a 1,024-history answer of k = 100 is 14 MB, 550 ms of the event loop with json.dumps
+        body = orjson.dumps(obj)
+    except TypeError:  # (what orjson refuses: a lone surrogate echoed in an error, an int beyond 64 bits)
+        body = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    return Response(body, status, media_type="application/json")
 
 
 def _error(status: int, field: str | None, value: str | None, allowed: str | None, message: str) -> Response:
     return _json({"error": {"field": field, "value": value, "allowed": allowed, "message": message}}, status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+def _no_query(request: Request) -> None:
     if request.query_params:  # (``?k=50`` would be ignored: the body's fields are the request)
-        raise ApiError(422, "query", request.url.query, "no query parameters: every field goes in the JSON body")
+        raise ApiError(422, "query", request.url.query, "no query parameters: every field goes in the JSON body"
+                       if request.method == "POST" else "no query parameters: this route takes none")
+
+
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The body, whole, within ``limits.max_body_bytes`` and ``limits.body_seconds`` (408 after: a client that stalls
+    mid-body no longer holds a connection, nor the version it found, for as long as it likes)."""
+    _no_query(request)
+    try:
+        return await asyncio.wait_for(_read_whole(request, limits.max_body_bytes), limits.body_seconds)
+    except TimeoutError:
+        raise ApiError(408, "body", MISSING, f"the whole body within {limits.body_seconds:g} s", "the body did not "
+                       f"arrive whole within {limits.body_seconds:g} s") from None
+
+
+async def _read_whole(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body", MISSING, f"at most {limit} bytes", f"the body has {declared} bytes, more than the "
@@ -129,6 +149,13 @@ async def _disconnected(request: Request) -> None:
     """Return once the client has closed the connection (its body read: the next ASGI message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _batch_answer(served: Served, q: Any, out: list[Recommendation], beams: list[int | None]) -> Response:
+    """A batch's answer, made on a worker thread (up to 1,024 x 100 ranked items: ~150 ms of Python objects that
+    stalled every other request on the event loop, /healthz too)."""
+    return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
+                  "k": q.k, "num_beams": beams, "results": [_ranked(served, o) for o in out]})
 
 
 def _ranked(served: Served, out: Recommendation) -> list[dict[str, Any]]:
@@ -171,11 +198,13 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
             if sig != pending:  # changed since the last poll: wait until the writer is done
                 pending = sig
                 continue
-            last = sig
             try:
                 await reload_now(None)
+            except ReloadBusy:  # a reload by hand runs (it may have read a half-moved folder): try again next poll
+                continue
             except ApiError as e:
                 log.warning("file watch: %s", e.message)
+            last = sig  # (these files were tried: a version they refused is not tried again until they change)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -199,8 +228,11 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
             raise ApiError(503, None, MISSING, None, "no model is loaded yet (see /readyz)")
         return served
 
-    async def decode(served: Served, request: Request, batch: bool) -> tuple[Any, list[Recommendation], list[int | None]]:
-        q = parse_query(parse_body(await _read_body(request, limits.max_body_bytes)), served.rec, limits, batch=batch)
+    async def decode(request: Request, batch: bool) -> tuple[Served, Any, list[Recommendation], list[int | None]]:
+        ready()  # (refused before the body is read)
+        body = await _read_body(request, limits)
+        served = ready()  # the version current once the body is in: a slow body never keeps an old version alive
+        q = parse_query(parse_body(body), served.rec, limits, batch=batch)
         work = asyncio.ensure_future(batcher.submit(served.rec, q.histories, q.k, q.decoder, q.exclude_history, q.user_ids))
         gone = asyncio.ensure_future(_disconnected(request))  # a client that went away: its request is cancelled, the
         try:  # slices not decoded yet are dropped by the worker (a timed-out client's retries once doubled the load)
@@ -213,7 +245,7 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
             raise ApiError(CLIENT_CLOSED, "connection", MISSING, "a client that waits for the answer", "the client "
                            "closed the connection before the answer: its request was not decoded further")
         try:
-            return q, *work.result()
+            return served, q, *work.result()
         except (ValueError, TypeError) as e:  # the decoder refused what the checks let through: name it
             raise ApiError(422, "decoder", q.decoder, f"a request that decoder `{q.decoder}` can serve",
                            f"decoder `{q.decoder}` refused this request: {e}") from None
@@ -222,34 +254,55 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
         old = holder.current
         try:
             new = await holder.reload(expect)
-        except ApiError as e:  # refused by a check of the request; failed: the run folder on this machine did not load
-            metrics.reloads.labels("failed" if e.status >= 500 else "refused").inc()
+        except ApiError as e:  # failed: the new version did not load, or its files were refused; refused: the request
+            failed = e.status >= 500 or isinstance(e, VersionRefused)
+            metrics.reloads.labels("failed" if failed else "refused").inc()
             raise
         metrics.reloads.labels("done").inc()
         metrics.model.info({"version": new.version})
         log.info("reloaded: %s -> %s", old.version if old else None, new.version)
         return new
 
+    async def admin_request(request: Request) -> dict[str, Any]:
+        """The body of an /admin request from a client these routes answer (a 403 otherwise)."""
+        host = request.client.host if request.client else None
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        given = given.strip() if scheme.lower() == "bearer" else ""  # (HTTP's schemes are case-insensitive)
+        token_ok = bool(admin_token) and hmac.compare_digest(given.encode(), admin_token.encode())
+        if not _is_loopback(host) and not token_ok:
+            raise ApiError(403, "client", host, "a loopback client, or `Authorization: Bearer TOKEN` with the token "
+                           "given at start (--admin-token)", f"/admin routes answer loopback clients or the admin "
+                           f"token only; {host} sent {'a wrong token' if given else 'no token'}")
+        if "origin" in request.headers and not token_ok:  # a web page's request (a browser sends its Origin), not a tool's
+            raise ApiError(403, "origin", request.headers["origin"], "no Origin header (a command-line client), or the "
+                           "admin token", "/admin routes do not answer web pages: a page open in a browser on this "
+                           "machine could otherwise reload the service")
+        body = await _read_body(request, limits)
+        doc = parse_body(body, example='{"expect_sha256": "<64 hex digits>"}') if body.strip() else {}
+        extra = [name for name in doc if name != "expect_sha256"]
+        if extra:
+            raise ApiError(422, extra[0], doc[extra[0]], "only `expect_sha256`", f"unknown field `{extra[0][:57]}`: "
+                           "the body takes `expect_sha256` only")
+        return doc
+
     # ---- routes --------------------------------------------------------------------------------------------------
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS, openapi_extra=_body_doc(RecommendRequest))
     async def recommend(request: Request) -> Response:
         """Top-k items for one history."""
-        served = ready()
-        q, out, beams = await decode(served, request, batch=False)
+        served, q, out, beams = await decode(request, batch=False)
         return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
                       "k": q.k, "num_beams": beams[0], "items": _ranked(served, out[0])})
 
     @app.post("/recommend/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=_body_doc(BatchRequest))
     async def recommend_batch(request: Request) -> Response:
         """Top-k items for each of many histories (results in the order of `histories`)."""
-        served = ready()
-        q, out, beams = await decode(served, request, batch=True)
-        return _json({"version": served.version, "decoder": q.decoder, "score_kind": served.rec.score_kind(q.decoder),
-                      "k": q.k, "num_beams": beams, "results": [_ranked(served, o) for o in out]})
+        served, q, out, beams = await decode(request, batch=True)
+        return await asyncio.to_thread(_batch_answer, served, q, out, beams)
 
     @app.get("/items/{item_id}", responses=ERRORS)
-    async def item(item_id: str) -> Response:
+    async def item(item_id: str, request: Request) -> Response:
         """An item: its asin, title and semantic ID (codes, one per level)."""
+        _no_query(request)  # (`?fields=...` was ignored in silence)
         served = ready()
         ids = served.rec.run.ids.item_ids
         allowed = f"an item id of the catalogue ({int(ids[0])}..{int(ids[-1])}, {len(ids)} items)"
@@ -288,24 +341,8 @@ def create_app(holder: Holder, *, max_batch: int = 256, max_wait_ms: float = 5.0
         """Load the run folder again (a new IDs version, a new best checkpoint) beside the served version and swap;
         a version that fails is refused and the running one keeps serving. Loopback clients, or the admin token.
         Body (optional): {"expect_sha256": "<combined digest>"}, required when the service was started pinned."""
-        host = request.client.host if request.client else None
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        token_ok = bool(admin_token) and hmac.compare_digest(given.encode(), admin_token.encode())
-        if not _is_loopback(host) and not token_ok:
-            raise ApiError(403, "client", host, "a loopback client, or `Authorization: Bearer TOKEN` with the token "
-                           "given at start (--admin-token)", f"/admin routes answer loopback clients or the admin "
-                           f"token only; {host} sent {'a wrong token' if given else 'no token'}")
-        if "origin" in request.headers and not token_ok:  # a web page's request (a browser sends its Origin), not a tool's
-            raise ApiError(403, "origin", request.headers["origin"], "no Origin header (a command-line client), or the "
-                           "admin token", "/admin routes do not answer web pages: a page open in a browser on this "
-                           "machine could otherwise reload the service")
-        body = await _read_body(request, limits.max_body_bytes)
-        try:
-            doc = parse_body(body, example='{"expect_sha256": "<64 hex digits>"}') if body.strip() else {}
-            extra = [name for name in doc if name != "expect_sha256"]
-            if extra:
-                raise ApiError(422, extra[0], doc[extra[0]], "only `expect_sha256`", f"unknown field `{extra[0][:57]}`: "
-                               "the body takes `expect_sha256` only")
+        try:  # every refusal of the request counts as `refused` (the client, its origin, its body too)
+            doc = await admin_request(request)
         except ApiError:
             metrics.reloads.labels("refused").inc()
             raise

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from generator.decoding.protocol import call_beams as bucket
-from generator.decoding.registry import BEAMLESS
+from generator.decoding.registry import BEAMLESS, PREFIX_CONSISTENT
 from generator.runs.exclusion import distinct_counts, drop_history
 from generator.runs.recommender import Recommendation, Recommender
 from semid.safe_read import is_int
@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 WIDENING = frozenset({"hybrid"})  # ranks max(beams, C) candidates per list: any beams up to C rank the same
-PREFIX = frozenset({"beam", "exact", "dense", "hybrid", "title-beam"})  # top-k = the first k of top-n (n > k)
+PREFIX = PREFIX_CONSISTENT  # top-k = the first k of top-n (n > k)
 
 
 @dataclass(eq=False)  # a request is itself only (compared and hashed by identity)

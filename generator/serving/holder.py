@@ -30,6 +30,15 @@ from generator.serving.requests import MISSING, ApiError
 log = logging.getLogger(__name__)
 
 
+class ReloadBusy(ApiError):
+    """A reload was asked for while another runs (409): nothing was read; ask again once it is done."""
+
+
+class VersionRefused(ApiError):
+    """The new version loaded but was refused for what its own files hold (409): it would serve fewer decoders,
+    lost its dataset folder or holds another catalogue. Counted as a failed reload, not as the request's fault."""
+
+
 @dataclass(frozen=True)
 class Served:
     """One loaded version. asins, titles: aligned with ``rec.run.ids.item_ids`` (None where the dataset has none)."""
@@ -98,7 +107,7 @@ class Holder:
             # (a digest only: a pins file is the command line's, never a path a client names)
             raise ApiError(422, "expect_sha256", expect_sha256, "64 hex digits (`semid digest --run RUN --combined`)")
         if self._lock.locked():
-            raise ApiError(409, "reload", MISSING, "one reload at a time", "a reload is already in progress")
+            raise ReloadBusy(409, "reload", MISSING, "one reload at a time", "a reload is already in progress")
         async with self._lock:
             self.reloading = True
             try:
@@ -110,14 +119,20 @@ class Holder:
                 lost = [n for n in old.rec.decoders if n not in new.rec.decoders]
                 if lost:
                     why = "; ".join(f"{n}: {new.rec.unavailable.get(n, 'not loaded')}" for n in lost)
-                    raise ApiError(409, "reload", MISSING, f"a version that serves {list(old.rec.decoders)}",
+                    raise VersionRefused(409, "reload", MISSING, f"a version that serves {list(old.rec.decoders)}",
                                    f"the new version {new.version} cannot serve {lost}, which the running one serves "
                                    f"({why}); the running version {old.version} keeps serving")
                 if old.rec.catalogue is not None and new.rec.catalogue is None:  # every answer would lose its titles
-                    raise ApiError(409, "reload", MISSING, "a version with the dataset's titles and asins",
-                                   f"the new version {new.version} finds no dataset folder ({new.rec.run.data_dir}: "
-                                   f"config.yaml's `data`), so it would answer without titles and asins; the running "
-                                   f"version {old.version} keeps serving")
+                    raise VersionRefused(409, "reload", MISSING, "a version with the dataset's titles and asins",
+                                         f"the new version {new.version} finds no dataset folder ({new.rec.run.data_dir}: "
+                                         f"config.yaml's `data`), so it would answer without titles and asins; the "
+                                         f"running version {old.version} keeps serving")
+                changed = catalogue_change(old, new)  # (a run of another dataset was taken: every item id changed meaning)
+                if changed:
+                    raise VersionRefused(409, "reload", MISSING, "a version that keeps the running version's items (`semid "
+                                         "add-items` adds to them)", f"the new version {new.version} {changed}; the running "
+                                         f"version {old.version} keeps serving (a run of another catalogue needs a "
+                                         "service of its own)")
             self.current = new  # the swap: one reference
             log.warning("serving %s (was %s)", new.version, old.version if old else None)
             return new
@@ -142,6 +157,25 @@ class Holder:
                            f"{type(e).__name__}: {e}; the running version ({running}) keeps serving") from None
         settle_heap()  # the new version's objects out of the collector's way (and the last reload's garbage freed)
         return served
+
+
+def catalogue_change(old: Served, new: Served) -> str | None:
+    """What ``new`` changes of the items ``old`` serves (None: it keeps every one of them, with its asin): a reload
+    that took another dataset's run would answer every item id with another item."""
+    old_ids, new_ids = old.rec.run.ids.item_ids, new.rec.run.ids.item_ids
+    rows = np.minimum(np.searchsorted(new_ids, old_ids), len(new_ids) - 1)
+    lost = new_ids[rows] != old_ids
+    if lost.any():
+        return (f"serves {len(new_ids):,} items without {int(lost.sum()):,} of the running version's {len(old_ids):,} "
+                f"(item {int(old_ids[lost][0])} first)")
+    if old.rec.catalogue is not None and new.rec.catalogue is not None:
+        was, now = np.asarray(old.asins, dtype=object), np.asarray(new.asins, dtype=object)[rows]
+        other = np.flatnonzero(was != now)
+        if other.size:
+            i = int(other[0])
+            return (f"gives {other.size:,} of the running version's items another asin (item {int(old_ids[i])}: "
+                    f"{was[i]!r}, now {now[i]!r})")
+    return None
 
 
 def settle_heap() -> None:

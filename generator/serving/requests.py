@@ -26,12 +26,15 @@ class Limits:
     max_history: int = 1000
     max_batch_histories: int = 1024
     max_k: int = 100
+    body_seconds: float = 30.0  # a body not read whole by then is a 408 (a stalled client held its version's model)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_history", "max_batch_histories", "max_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if not isinstance(self.body_seconds, (int, float)) or isinstance(self.body_seconds, bool) or not 0 < self.body_seconds < 1e6:
+            raise ValueError(f"`body_seconds` must be a positive number of seconds, got {self.body_seconds!r}")
 
 
 MISSING = object()  # an ApiError's value where the request gave none (a missing field): JSON null
