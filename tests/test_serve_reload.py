@@ -144,6 +144,16 @@ def test_a_pinned_service_reloads_only_the_pinned_version(serve_world: dict[str,
         assert r.status_code == 200 and r.json()["version"] != r.json()["previous"]
 
 
+def _move_in_and_wait(c: TestClient, source: Path, live: Path, v1: str) -> None:
+    """Copy ``source``'s version files over ``live`` and wait (up to 60 s) until the service no longer serves ``v1``."""
+    for name in (CONFIG_FILE, IDS_FILE, HYBRID_FILE, "checkpoints/best.ckpt"):
+        shutil.copy2(source / name, live / name)
+        os.utime(live / name)
+    deadline = time.monotonic() + 60
+    while c.get("/readyz").json()["version"] == v1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def test_the_file_watch_swaps_in_a_new_version(serve_world: dict[str, Path], tmp_path: Path) -> None:
     live = tmp_path / "live"
     shutil.copytree(serve_world["v1"], live)
@@ -152,12 +162,7 @@ def test_the_file_watch_swaps_in_a_new_version(serve_world: dict[str, Path], tmp
     with TestClient(app) as c:
         time.sleep(0.3)
         assert c.get("/readyz").json()["version"] == v1  # nothing changed: no reload
-        for name in (CONFIG_FILE, IDS_FILE, HYBRID_FILE, "checkpoints/best.ckpt"):
-            shutil.copy2(serve_world["v2"] / name, live / name)
-            os.utime(live / name)
-        deadline = time.monotonic() + 60
-        while c.get("/readyz").json()["version"] == v1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _move_in_and_wait(c, serve_world["v2"], live, v1)
         assert c.get("/readyz").json()["version"] == Recommender.from_run(serve_world["v2"]).version
         assert c.post("/recommend", json={"history": [3, 4]}).status_code == 200
 
@@ -359,10 +364,5 @@ def test_the_file_watch_tries_again_after_a_reload_by_hand(serve_world: dict[str
 
     monkeypatch.setattr(Holder, "reload", sometimes_busy)
     with TestClient(app) as c:
-        for name in (CONFIG_FILE, IDS_FILE, HYBRID_FILE, "checkpoints/best.ckpt"):
-            shutil.copy2(serve_world["v2"] / name, live / name)
-            os.utime(live / name)
-        deadline = time.monotonic() + 60
-        while c.get("/readyz").json()["version"] == v1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _move_in_and_wait(c, serve_world["v2"], live, v1)
         assert busy["left"] == 0 and c.get("/readyz").json()["version"] != v1
