@@ -98,3 +98,28 @@ def test_cold_beam_keeps_the_cap_of_k_when_the_history_is_left_out(world: dict[s
             assert n_added <= math.ceil(0.1 * k), (k, hist, row)
             most = max(most, n_added)
     assert most >= 1  # added items are served: the cap is what holds them back
+
+
+def test_the_service_groups_cold_beam_requests_by_k_and_exclusion(world: dict[str, Path]) -> None:  # noqa: F811
+    """cold-beam's top-k is not the first k of a longer list (its cold quota is k's): the batcher must not decode
+    requests of another k or exclusion in one group (a mutation that dropped k and the exclusion from its group key
+    went unseen: a helper's audit). Each answer is what the history gets alone."""
+    from generator.runs.recommender import Recommender
+    from generator.serving.batcher import Job, MicroBatcher, plan
+
+    run_dir = _fresh(world, "run_registry_cold_batched")
+    assert main(["add-items", "--run", str(run_dir), "--data", str(world["new"])]) == 0
+    rec = Recommender.from_run(run_dir, decoders=["cold-beam"])
+    jobs = []
+    for k in (1, 5, 10):
+        for exclude in (False, True):
+            hs = [np.asarray(h, dtype=np.int64) for h in CASES]
+            job = Job(rec, hs, k, "cold-beam", exclude, future=None, loop=None)
+            job.wants, job.beams, job.keys = plan(rec, hs, k, "cold-beam", exclude)
+            jobs.append(job)
+    MicroBatcher(max_batch=256)._decode([(job, 0, len(job.histories)) for job in jobs])
+    for job in jobs:
+        assert job.error is None, job.error
+        for h, beams, got in zip(job.histories, job.beams, job.results, strict=True):
+            alone = rec.recommend([h], job.k, "cold-beam", exclude_history=job.exclude_history, num_beams=beams)[0]
+            assert got.items.tolist() == alone.items.tolist(), (job.k, job.exclude_history, h.tolist())
