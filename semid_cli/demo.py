@@ -4,7 +4,8 @@
 2. fit codebooks (``semid fit-codebooks``: balanced residual k-means, 3 x 256 codes + the extra level);
 3. train the default generator (``semid train``'s defaults: the causal design) for 8 minutes, choosing the
    checkpoint on validation users;
-4. evaluate on a sample of test users by constrained beam search (invalid items returned must be 0);
+4. evaluate on the test users (all of them; ``--eval-users N`` for a seeded sample) by constrained beam search
+   (invalid items returned must be 0);
 5. show the top-10 with titles for three users, and where every file went.
 
 About 10 minutes on 2 CPU cores. Codebooks already in ``OUT/ids`` are reused; the run folder ``OUT/run`` is

@@ -1,5 +1,5 @@
-"""`semid digest --run RUN [--combined]`: the sha256 of a run's config.yaml, semantic IDs and best checkpoint, to keep
-outside the run and check with `semid evaluate|recommend --expect-sha256 FILE_OR_HEX` (generator.runs.pinning)."""
+"""`semid digest --run RUN [--combined]`: the sha256 of the files a run serves with (``pinning.pinned_files``), to keep
+outside the run and check with `semid evaluate|recommend|serve --expect-sha256 FILE_OR_HEX` (generator.runs.pinning)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from semid_cli.args import add_run
 
 DESCRIPTION = (
     "Print the sha256 of the files a run serves with (config.yaml, semantic_ids.npz, the best "
-    "checkpoint), in sha256sum's format. Keep them outside the run folder and pass them to "
-    "`semid evaluate|recommend --expect-sha256`: the digests semid writes inside the files find damage, not edits. "
+    "checkpoint, hybrid.json where there is one, a title run's tokenizer files), in sha256sum's format. Keep them "
+    "outside the run folder and pass them to `semid evaluate|recommend|serve --expect-sha256`: the digests semid "
+    "writes inside the files find damage, not edits. "
     "A run that does not load (a damaged file) is refused, not pinned."
 )
 
