@@ -188,6 +188,9 @@ def _open_lock_file(path: Path) -> int:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise FileExistsError(f"{path}: is a symbolic link (to {os.readlink(path)!r}), not followed. {refuse}") from None
+        if e.errno in (errno.EACCES, errno.EPERM) and (holder := _held_by(path)) is not None:  # (told to rm a live lock)
+            raise FileExistsError(f"{path.parent}: another user's command (pid {holder}) is using this folder now ({path} "
+                                  "is locked, and this user may not open it for writing); wait for it to end") from None
         if e.errno in (errno.EISDIR, errno.ENXIO, errno.EACCES, errno.EPERM):
             raise FileExistsError(f"{path}: cannot be opened as a lock file ({e.strerror}). {refuse}") from None
         raise
@@ -199,6 +202,26 @@ def _open_lock_file(path: Path) -> int:
     return fd
 
 
+def _held_by(path: Path) -> str | None:
+    """The pid (or "unknown") holding the lock file ``path``, which this user may read but not write; None when no
+    one holds it, or it cannot be read either (``flock`` needs no write permission)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None  # (not held: the file is someone's leftover)
+    except BlockingIOError:
+        return _pid_text(fd) or "unknown"
+    finally:
+        os.close(fd)
+
+
 def _pid_text(fd: int) -> str | None:
     """The pid a lock file holds, or None when it holds anything else (which is never shown)."""
     text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
@@ -206,7 +229,8 @@ def _pid_text(fd: int) -> str | None:
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: str = "another process") -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: str = "another process",
+                shared: bool = False) -> Iterator[Path]:
     """Hold an exclusive lock on ``folder`` (created if missing) for the block: ``folder/name`` holds the holder's
     pid, locked with ``flock`` so that the kernel releases it when the holder ends, ``kill -9`` included. A second
     holder gets a FileExistsError naming the folder and the pid holding it; a lock file left by a process that no
@@ -215,6 +239,10 @@ def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: st
     The lock file is opened with ``O_NOFOLLOW``: a symbolic link, a folder, a pipe, a device or a file with other
     hard links at ``folder/name`` is refused (FileExistsError naming it) and left as it is, so the lock never writes
     a file outside the folder. ``folder`` must be a folder (or not exist).
+
+    ``shared``: a reader's lock (``LOCK_SH``): readers hold it together (three `semid distill` of one source ran one at
+    a time, the others refused as if a writer held it), a writer excludes them all; the last reader out removes the
+    file, and a reader never writes its pid (the file names an exclusive holder only).
     """
     import fcntl  # POSIX only, like the rest of semid's tooling
 
@@ -226,13 +254,13 @@ def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: st
     while True:
         fd = _open_lock_file(path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _pid_text(fd) or "unknown"
+            holder = _pid_text(fd)
             os.close(fd)
+            doing = f"{what} (pid {holder}) is writing" if holder or shared else "a command is reading or writing"
             raise FileExistsError(
-                f"{folder}: {what} (pid {holder}) is writing this folder now ({path} is locked); wait for it to end "
-                "or stop it, then try again"
+                f"{folder}: {doing} this folder now ({path} is locked); wait for it to end or stop it, then try again"
             ) from None
         # the file may have been removed (and made again) by the holder we waited for: lock the file at `path`
         try:
@@ -244,13 +272,22 @@ def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: st
         os.close(fd)
     if os.fstat(fd).st_size:
         stale = _pid_text(fd)
-        log.warning("%s: took over a stale lock%s, which no longer runs", path,
-                    f" of pid {stale}" if stale else " (its content is not a pid)")
+        log.warning("%s: took over a lock%s that no process holds (its holder ended or was killed, or the folder is "
+                    "a copy of one in use)", path, f" left by pid {stale}" if stale else " (its content is not a pid)")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    if not shared:
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        if shared:  # the last reader out removes it: an exclusive lock got now means no one else holds the file
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino == os.lstat(path).st_ino:
+                    path.unlink()
+            except (BlockingIOError, FileNotFoundError):
+                pass
+        else:
+            path.unlink(missing_ok=True)
         os.close(fd)
 

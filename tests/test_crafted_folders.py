@@ -99,6 +99,63 @@ def test_a_stale_lock_holding_no_pid_is_taken_over_without_showing_its_content(t
     assert "not a pid" in caplog.text and "precious" not in caplog.text
 
 
+def test_a_lock_this_user_cannot_open_names_its_live_holder_and_is_never_called_removable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's live lock (not writable by this user) was reported as "cannot be opened as a lock file ...
+    remove it", and removing it let a second writer in beside the running training (a helper's audit). A held lock
+    names its holder; only one no one holds is called removable. (Simulated: root's opens never fail.)"""
+    import errno
+    import fcntl
+
+    import semid.io
+
+    lock = tmp_path / "train.lock"
+    lock.write_text("4242\n")
+    held = os.open(lock, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another open file: conflicts as another process's would
+    real = os.open
+
+    def no_write(path, flags, *args):  # noqa: ANN001, ANN002, ANN202
+        if Path(path) == lock and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(semid.io.os, "open", no_write)
+    try:
+        with pytest.raises(FileExistsError, match=r"another user's command \(pid 4242\) is using this folder now"), \
+                folder_lock(tmp_path, "train.lock"):
+            pass
+    finally:
+        fcntl.flock(held, fcntl.LOCK_UN)
+        os.close(held)
+    with pytest.raises(FileExistsError, match=r"cannot be opened as a lock file \(Permission denied\)\. .*remove it"), \
+            folder_lock(tmp_path, "train.lock"):
+        pass
+    assert lock.read_text() == "4242\n"
+
+
+def test_readers_share_the_lock_and_a_writer_excludes_them(tmp_path: Path) -> None:
+    """`semid distill` and `combine` only read their source, yet took the exclusive lock: of three distills of one
+    run, two were refused as if a writer held it (a helper's audit). Readers share it; a writer excludes readers and
+    readers a writer; the last reader out removes the file, and a reader never writes its pid."""
+    lock = tmp_path / "train.lock"
+    with folder_lock(tmp_path, "train.lock", shared=True), folder_lock(tmp_path, "train.lock", shared=True):
+        assert lock.read_text() == ""  # (the file names an exclusive holder only)
+        with pytest.raises(FileExistsError, match=r"a command is reading or writing this folder now"), \
+                folder_lock(tmp_path, "train.lock", what="a training"):
+            pass
+    assert not lock.exists()  # the last reader removed it
+    with folder_lock(tmp_path, "train.lock", what="a training"):
+        with pytest.raises(FileExistsError, match=rf"a training \(pid {os.getpid()}\) is writing this folder now"), \
+                folder_lock(tmp_path, "train.lock", shared=True, what="a training"):
+            pass
+    with folder_lock(tmp_path, "train.lock", shared=True):  # one reader still in: the first out leaves the file
+        with folder_lock(tmp_path, "train.lock", shared=True):
+            pass
+        assert lock.exists()
+    assert not lock.exists()
+
+
 # ---- item 3: the demo checks every argument and its folder before it deletes anything -----------------------------
 def _demo(world: dict[str, Path], out: Path, *extra: str) -> int:
     return main(["demo", "--data", str(world["data"]), "--out", str(out), "--max-time", "00:00:05", "--eval-users", "5",

@@ -434,3 +434,29 @@ def test_each_history_of_a_call_is_decoded_with_the_beams_it_gets_alone(world: d
             alone = rec.recommend([h], k=10, decoder=decoder)[0]
             assert got.items.tolist() == alone.items.tolist(), (decoder, h)
             np.testing.assert_allclose(got.scores, alone.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_metrics_record_their_fusion_and_a_new_choice_retires_those_of_another(world: dict[str, Path],
+                                                                                        tmp_path: Path) -> None:
+    """Hybrid metrics did not say which stored fusion they measured, so after `semid choose-fusion` picked another
+    they stayed under the same name, describing a fusion no longer served (a helper's audit). They record
+    hybrid.json's sha256, and a new choice removes those of another fusion (not the beam's, not an alpha's)."""
+    import hashlib
+
+    from generator.runs.evaluate import evaluate_run
+    from generator.runs.fusion_store import retire_hybrid_metrics
+
+    run_dir = Path(shutil.copytree(world["run"], tmp_path / "run"))
+
+    now = hashlib.sha256((run_dir / HYBRID_FILE).read_bytes()).hexdigest()
+    hybrid = evaluate_run(run_dir, "test", decoder="hybrid", max_users=4)
+    beam = evaluate_run(run_dir, "test", decoder="beam", max_users=4)
+    blend = evaluate_run(run_dir, "test", decoder="hybrid", alpha=0.5, max_users=4)
+    assert hybrid["hybrid_sha256"] == now and "hybrid_sha256" not in beam and "hybrid_sha256" not in blend
+    other = Path(hybrid["file"]).with_name("metrics_test_hybrid_other.json")
+    other.write_text(json.dumps({**{k: v for k, v in hybrid.items() if k != "file"}, "hybrid_sha256": "0" * 64}))
+    assert retire_hybrid_metrics(run_dir) == [other.name]  # another fusion's: gone; the rest kept
+    assert Path(hybrid["file"]).exists() and Path(beam["file"]).exists() and Path(blend["file"]).exists()
+    assert main(["choose-fusion", "--run", str(run_dir), "--seed", "5"]) == 0
+    again = hashlib.sha256((run_dir / HYBRID_FILE).read_bytes()).hexdigest()
+    assert Path(hybrid["file"]).exists() == (again == now) and Path(beam["file"]).exists()

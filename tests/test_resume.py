@@ -408,3 +408,31 @@ def test_metrics_never_describe_a_checkpoint_since_replaced(setup: dict[str, Any
     train_run(setup["data"], setup["ids"], run, options, resume=True)  # (done already: nothing trained, best kept)
     assert (run / "checkpoints" / "best.ckpt").read_bytes() == replaced
     assert not (run / "metrics_test_sample5.json").exists()
+
+
+def test_a_resume_keeps_metrics_that_still_describe_their_checkpoint_and_applies_a_new_patience(
+        setup: dict[str, Any], tmp_path: Path) -> None:
+    """A resume removed every metrics file once the best checkpoint changed, those of another, unchanged checkpoint
+    too (each records its checkpoint's digest); and ``--patience`` given on a resume was recorded in config.yaml while
+    Lightning restored the old one from the checkpoint (a helper's audit)."""
+    import json
+    import shutil
+
+    import yaml
+
+    from generator.runs.evaluate import evaluate_run
+
+    run = Path(shutil.copytree(setup["root"] / "ref_causal", tmp_path / "run"))
+    keep = tmp_path / "keep" / "epoch3.ckpt"
+    keep.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "best.ckpt", keep)
+    kept = evaluate_run(run, "test", max_users=5, checkpoint=keep)
+    evaluate_run(run, "test", max_users=5)  # of best.ckpt
+    before = (run / "checkpoints" / "best.ckpt").read_bytes()
+    longer = TrainOptions(**{**setup["causal"]["options"].__dict__, "max_epochs": 10, "patience": 1000})
+    result = train_run(setup["data"], setup["ids"], run, longer, resume=True)
+    assert (run / "checkpoints" / "best.ckpt").read_bytes() != before  # the best changed
+    assert not (run / "metrics_test_sample5.json").exists()  # best.ckpt's old figures: removed
+    assert Path(kept["file"]).exists() and json.loads(Path(kept["file"]).read_text())["checkpoint_sha256"] == kept["checkpoint_sha256"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["patience"] == 1000
+    assert result.steps == 10 * 7  # patience 1000 kept it training to its last epoch (patience 2 stopped it before)

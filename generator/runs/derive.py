@@ -59,7 +59,7 @@ def read_source(source: Path, command: str, ids_copy: Path | None = None) -> tup
     its checkpoint's serving record without the weights, and the checkpoint's sha256; its IDs copied to ``ids_copy``.
     Refuses a run with items added after training (:data:`ADDED_ITEMS`: what to do), then a run whose data changed
     since it was trained."""
-    with reading_lock(source, command):
+    with reading_lock(source):
         run = load_run(source)
         config = read_config(source)
         meta = {k: v for k, v in safe_load(run.checkpoint).items() if k in SERVING_KEYS and k != "state_dict"}

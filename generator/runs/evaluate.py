@@ -35,6 +35,7 @@ from generator.runs.batches import history_batches, split_batches
 from generator.runs.decoders import decoders_for
 from generator.runs.exclusion import distinct_counts, drop_history, with_beams, with_cold_cap
 from generator.runs.folder import (
+    HYBRID_FILE,
     Run,
     best_checkpoint,
     check_same_data,
@@ -332,6 +333,8 @@ def evaluate_run(
     check_writable(target, f"the metrics ({target.name})")  # before the work, not after it
     if split.num_users and int(np.max(np.concatenate([split.valid_targets, split.test_targets]))) > int(run.ids.item_ids.max()):
         raise ValueError(f"{data}: the dataset has items the run's semantic IDs do not cover")
+    fusion_file = run.path / HYBRID_FILE  # the stored fusion a hybrid ranks with: recorded, so it cannot outlive it
+    fusion_seen = _file_state(fusion_file) if name == "hybrid" and o["alpha"] is None and fusion_file.is_file() else None
     result = evaluate(run, split, which, **o)
     # the run's best checkpoint was chosen on validation unless training ran none (then it is last.ckpt)
     selected = bool(run.config.get("selected_on_validation", True)) and (
@@ -354,6 +357,11 @@ def evaluate_run(
         "checkpoint_sha256": ckpt_sha256,  # (a resume that replaces it removes these metrics: runs.train)
         "data": str(data),
     }
+    if fusion_seen is not None:
+        out["hybrid_sha256"] = file_sha256(fusion_file)  # (`semid choose-fusion` removes metrics of another fusion)
+        if _file_state(fusion_file) != fusion_seen:
+            raise ValueError(f"{fusion_file}: replaced while it was evaluated (`semid choose-fusion`?): these metrics "
+                             f"would describe a fusion no longer there; {target.name} left as it was: evaluate again")
     if _file_state(run.checkpoint) != seen:  # (a resume may replace best.ckpt while an evaluation runs)
         raise ValueError(f"{run.checkpoint}: replaced while it was evaluated (a training writing it?): these metrics "
                          f"would describe a checkpoint no longer there; {target.name} left as it was: evaluate again")

@@ -151,13 +151,14 @@ def _content_sha256(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
-def reading_lock(run_dir: str | os.PathLike[str], who: str) -> contextlib.AbstractContextManager[Any]:
+def reading_lock(run_dir: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Any]:
     """The run's lock for a command that only reads it as one version (config, IDs, checkpoint): held while it reads,
     so a training, add-items or choose-fusion is not half-written then; none for a folder no one can write (nothing
-    to wait for, and no lock file can be made). ``who``: the command, for the message while another holds it."""
+    to wait for, and no lock file can be made). Shared: readers of one source (`semid distill` sweeps, `combine`)
+    run together; a writer excludes them."""
     if not os.access(run_dir, os.W_OK):
         return contextlib.nullcontext()
-    return folder_lock(run_dir, LOCK_FILE, what=f"a training, add-items, choose-fusion or {who}")
+    return folder_lock(run_dir, LOCK_FILE, what="a training, add-items or choose-fusion", shared=True)
 
 
 def write_config(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:

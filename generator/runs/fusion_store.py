@@ -182,4 +182,25 @@ def choose_fusion(run: Any, parts_of: Callable[[Histories], Parts], split: Split
         "num_candidates": num_candidates, **choice_key(run)})
     log.info("hybrid: fusion %s %s chosen on %d + %d validation users (%s)", choice.kind, choice.params,
              fit_rows.size, select_rows.size, {k: round(v["select_ndcg@10"], 4) for k, v in choice.table.items()})
+    retire_hybrid_metrics(Path(run.path))
     return choice
+
+
+def retire_hybrid_metrics(run_dir: Path) -> list[str]:
+    """Remove the metrics files of the hybrid measured with another stored fusion than ``run_dir``'s hybrid.json now
+    (each records the file's sha256: ``evaluate_run``; one recording none was made before that was recorded, or with
+    an ``alpha`` given, which the file says): they stayed under the same name, describing a fusion no longer served."""
+    now = file_sha256(run_dir / HYBRID_FILE)
+    gone = []
+    for path in sorted(run_dir.glob("metrics_*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (isinstance(record, dict) and str(record.get("decoder", "")).endswith("hybrid") and "alpha" not in record
+                and record.get("hybrid_sha256") != now):
+            path.unlink()
+            gone.append(path.name)
+    if gone:
+        log.info("removed %s: measured with another fusion than the one chosen now", ", ".join(gone))
+    return gone

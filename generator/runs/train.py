@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -68,6 +68,7 @@ from generator.training.callbacks import (
     BudgetSnapshots,
     CpuTimeLimit,
     DivergenceStop,
+    KeptPatience,
     WeightEMA,
 )
 from generator.training.resume import RESUME, ResumePoints, RunCheckpoint, SignalGuard, StepSeeds
@@ -168,16 +169,17 @@ def _sha256_if_file(path: Path) -> str | None:
     return file_sha256(path) if path.is_file() else None
 
 
-def _replaced_since(metrics: Path, out: Path, digests: dict[str, str | None]) -> bool:
-    """Whether the checkpoint a metrics file names is no longer the one whose digest it records (a file recording
-    none, or not JSON: no). ``digests``: each checkpoint's, hashed once for all the files that name it."""
+def _stale(metrics: Path, out: Path, digests: dict[str, str | None], changed: bool) -> bool:
+    """Whether a metrics file no longer describes its checkpoint: the file it names is not the one whose digest it
+    records; a file recording none (an older semid's, or not JSON): when the best checkpoint ``changed`` (a file of
+    another checkpoint, unchanged, was removed with them). ``digests``: each checkpoint's, hashed once."""
     try:
         record = json.loads(metrics.read_text(encoding="utf-8"))
         ckpt, sha = record.get("checkpoint"), record.get("checkpoint_sha256")
     except (OSError, ValueError, AttributeError):
-        return False
+        return changed
     if not (isinstance(ckpt, str) and isinstance(sha, str)):
-        return False
+        return changed
     if ckpt not in digests:
         digests[ckpt] = _sha256_if_file(out / ckpt)
     return digests[ckpt] != sha
@@ -311,7 +313,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     if snapshots:  # on the clock of the budget
         callbacks.append(BudgetSnapshots(snapshots, ckpt_dir / BEST, time.process_time if cpu_budget else time.perf_counter))
     if patience := effective_patience(options):  # checked after each validation (a step limit ends epochs without one)
-        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=patience, check_on_train_epoch_end=False))
+        callbacks.append(KeptPatience(monitor=monitor, mode="max", patience=patience, check_on_train_epoch_end=False))
     every = options.val_every
     trainer = L.Trainer(
         default_root_dir=out,
@@ -367,7 +369,7 @@ def _train(data_dir: Any, ids_path: Any, out: Path, dataset: Any, ids: SemanticI
     changed = resume and digests[str(best.relative_to(out))] != best_before
     if resume:  # metrics of a checkpoint since replaced: the best changed, or the digest recorded is not its file's now
         stale = [p for p in out.glob("metrics_*.json") if (options.final_val_users == 0 or p.name != "metrics_valid.json")
-                 and (changed or _replaced_since(p, out, digests))]  # (the latter: a resume killed after a new best)
+                 and _stale(p, out, digests, changed)]  # (also: a resume killed after a new best)
         stale += [out / HYBRID_FILE] if (out / HYBRID_FILE).exists() and changed else []
         for path in sorted(stale):
             path.unlink()

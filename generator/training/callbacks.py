@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Timer, WeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, Timer, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.optim.swa_utils import AveragedModel
 
@@ -106,6 +106,16 @@ class WeightEMA(WeightAveraging):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass
+
+
+class KeptPatience(EarlyStopping):
+    """Early stopping whose ``patience`` is the run's option on a resume too: Lightning's restores the checkpoint's
+    (``--patience 1000`` on a resume was recorded in config.yaml and ignored: the run stopped at its old patience)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
 
 
 class DivergenceStop(L.Callback):
