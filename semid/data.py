@@ -92,9 +92,9 @@ class Catalogue:
         """The text of ``item_id`` (in [1, N]) that item embeddings are made from.
 
         With the default fields this is ``title + ". " + ", ".join(attributes)`` with "Unknown" left out: the recipe
-        of the Beauty embeddings (see ../shared/data/README.md), followed to the letter: an empty part keeps its
-        ". " (Beauty's 7 untitled items were embedded as ". " + attributes: re-embedded so, all-MiniLM-L6-v2 gives
-        their shipped vectors, cosine 1.0000; without it 0.957-0.983).
+        of the Beauty embeddings (see ../shared/data/README.md). An empty title keeps its ". " before the attributes
+        (Beauty's 7 untitled items were embedded so: all-MiniLM-L6-v2 then gives their shipped vectors, cosine 1.0000;
+        without it 0.957-0.983); other empty parts are left out, as before ("Title", not "Title. ").
         """
         row = self._row(item_id)
         parts = []
@@ -105,7 +105,8 @@ class Catalogue:
                 parts.append(", ".join(a for a in self.attributes[row] if a != UNKNOWN_ATTRIBUTE))
             else:
                 raise ValueError(f"`fields` entries must be 'title' or 'attributes', got {field!r}")
-        return ". ".join(parts)
+        text = ". ".join(p for p in parts if p)
+        return ". " + text if text and not parts[0] and len(parts) > 1 else text
 
     def texts(self, fields: Sequence[str] = ("title", "attributes")) -> list[str]:
         """:meth:`text` of every item, in item-id order (entry i is item i + 1)."""

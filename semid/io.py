@@ -214,7 +214,7 @@ def _held_by(path: Path) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (exclusive: a shared try succeeds beside readers)
         return None  # (not held: the file is someone's leftover)
     except BlockingIOError:
         return _pid_text(fd) or "unknown"
@@ -258,7 +258,7 @@ def folder_lock(folder: str | os.PathLike[str], name: str = ".lock", *, what: st
         except BlockingIOError:
             holder = _pid_text(fd)
             os.close(fd)
-            doing = f"{what} (pid {holder}) is writing" if holder or shared else "a command is reading or writing"
+            doing = f"{what} (pid {holder}) is writing" if holder else "a command is reading or writing"
             raise FileExistsError(
                 f"{folder}: {doing} this folder now ({path} is locked); wait for it to end or stop it, then try again"
             ) from None

@@ -125,6 +125,10 @@ def test_a_lock_this_user_cannot_open_names_its_live_holder_and_is_never_called_
         with pytest.raises(FileExistsError, match=r"another user's command \(pid 4242\) is using this folder now"), \
                 folder_lock(tmp_path, "train.lock"):
             pass
+        fcntl.flock(held, fcntl.LOCK_SH)  # a reader's lock (distill, combine): held too (a shared try succeeded)
+        with pytest.raises(FileExistsError, match=r"another user's command \(pid 4242\) is using this folder now"), \
+                folder_lock(tmp_path, "train.lock"):
+            pass
     finally:
         fcntl.flock(held, fcntl.LOCK_UN)
         os.close(held)
@@ -149,6 +153,18 @@ def test_readers_share_the_lock_and_a_writer_excludes_them(tmp_path: Path) -> No
         with pytest.raises(FileExistsError, match=rf"a training \(pid {os.getpid()}\) is writing this folder now"), \
                 folder_lock(tmp_path, "train.lock", shared=True, what="a training"):
             pass
+    import fcntl
+
+    lock.write_text("")
+    held = os.open(lock, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a writer that has not written its pid yet (or the last reader leaving)
+    try:
+        with pytest.raises(FileExistsError, match=r"a command is reading or writing this folder now"), \
+                folder_lock(tmp_path, "train.lock", shared=True, what="a training"):
+            pass  # (was: "a training (pid None) is writing")
+    finally:
+        os.close(held)
+    lock.unlink()
     with folder_lock(tmp_path, "train.lock", shared=True):  # one reader still in: the first out leaves the file
         with folder_lock(tmp_path, "train.lock", shared=True):
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -63,6 +64,8 @@ def test_catalogue_text_follows_the_beauty_recipe(tiny_dataset_dir: Path) -> Non
     assert cat.text(1) == "Red Lipstick. Acme, Makeup, Lips"
     assert cat.text(3) == "Face Cream. Skin Care, Face"  # "Unknown" brand left out
     assert cat.text(5) == ". Tools"  # empty title: the recipe to the letter, as Beauty's untitled items were embedded
+    bare = dataclasses.replace(cat, attributes=[["Unknown"]] * cat.num_items)  # no attributes: as before, no dangling ". "
+    assert bare.text(1) == "Red Lipstick" and bare.text(5) == ""
     assert cat.text(2, fields=("title",)) == "Blue Eyeliner"
     assert cat.texts()[3] == cat.text(4) == "Hair Spray. Hairco, Hair Care"
     assert cat.title_of(np.int64(6)) == "Nail Polish"

@@ -436,3 +436,14 @@ def test_a_resume_keeps_metrics_that_still_describe_their_checkpoint_and_applies
     assert Path(kept["file"]).exists() and json.loads(Path(kept["file"]).read_text())["checkpoint_sha256"] == kept["checkpoint_sha256"]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["patience"] == 1000
     assert result.steps == 10 * 7  # patience 1000 kept it training to its last epoch (patience 2 stopped it before)
+
+
+def test_kept_patience_keeps_early_stoppings_state_key() -> None:
+    """Lightning files a callback's state under a key made of its class name: KeptPatience's own would have left the
+    early-stopping state of every checkpoint written before it unread (its counter and best score reset on resume)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from generator.training.callbacks import KeptPatience
+
+    kept = KeptPatience(monitor="val/beam/ndcg@10", mode="max", patience=3)
+    assert kept.state_key == EarlyStopping(monitor="val/beam/ndcg@10", mode="max").state_key

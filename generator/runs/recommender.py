@@ -249,7 +249,7 @@ class Recommender:
         if name in registry.BEAMLESS:  # beams change nothing it ranks: one group
             keys = np.full(len(hist), beams[int(wants.max())])
         items_a, scores_a = np.full((len(hist), k), -1, dtype=np.int64), np.full((len(hist), k), -np.inf, dtype=np.float32)
-        for key in np.unique(keys).tolist():  # loop over beam buckets (a few)
+        for key in np.unique(keys)[::-1].tolist():  # loop over beam buckets (a few), the largest first: a refusal names it
             rows = np.flatnonzero(keys == key)
             want = int(wants[rows].max())
             M = beams[want] if not plain else key

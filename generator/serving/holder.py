@@ -127,7 +127,7 @@ class Holder:
                                          f"the new version {new.version} finds no dataset folder ({new.rec.run.data_dir}: "
                                          f"config.yaml's `data`), so it would answer without titles and asins; the "
                                          f"running version {old.version} keeps serving")
-                changed = catalogue_change(old, new)  # (a run of another dataset was taken: every item id changed meaning)
+                changed = await asyncio.to_thread(catalogue_change, old, new)  # (off the loop: N asins compared)
                 if changed:
                     raise VersionRefused(409, "reload", MISSING, "a version that keeps the running version's items (`semid "
                                          "add-items` adds to them)", f"the new version {new.version} {changed}; the running "

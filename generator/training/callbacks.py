@@ -112,6 +112,12 @@ class KeptPatience(EarlyStopping):
     """Early stopping whose ``patience`` is the run's option on a resume too: Lightning's restores the checkpoint's
     (``--patience 1000`` on a resume was recorded in config.yaml and ignored: the run stopped at its old patience)."""
 
+    @property
+    def state_key(self) -> str:
+        """EarlyStopping's own key: checkpoints written before this class keep their early-stopping state."""
+        key = super().state_key
+        return EarlyStopping.__qualname__ + key[len(type(self).__qualname__):]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         patience = self.patience
         super().load_state_dict(state_dict)
