@@ -223,9 +223,11 @@ class Recommender:
                 do; the decoder is asked for k more per distinct item in it, so k plus those must not exceed the
                 catalogue). False ranks every item, as the benchmark protocol does (``evaluate``).
             user_ids: B user ids to hash into user tokens where the run was trained with them (T5 runs).
-            num_beams: beams for this call, at least the items asked for (default: the loaded count, doubled until it
-                holds them, as ``semid serve`` decodes: ``protocol.call_beams``); the hybrids rank max(``num_candidates``,
-                beams) per list, so a call asking for more than C (k plus a history's distinct items) is served too.
+            num_beams: beams for this call, at least the items asked for (default: for each history, the loaded count
+                doubled until it holds that history's items, as ``semid serve`` decodes: ``protocol.call_beams``; the
+                histories of one bucket are decoded together, so a history gets what it gets alone); the hybrids rank
+                max(``num_candidates``, beams) per list, so a call asking for more than C (k plus a history's distinct
+                items) is served too.
         Returns:
             B :class:`Recommendation`, in the order of ``histories``; items distinct and in the catalogue.
         """
