@@ -246,10 +246,12 @@ class Recommender:
         # each history decoded with the beams it gets alone (the service's buckets): one long history gave every
         # history of the call its beams (3x the work on 64 Beauty users, and answers that hung on the batch-mates)
         plain = name in registry.PREFIX_CONSISTENT  # (else a history's `want` changes what it ranks: a key of its own)
-        beams = {w: call_beams(w, self.num_beams, N) if num_beams is None else num_beams for w in np.unique(wants).tolist()}
-        keys = np.array([beams[w] for w in wants.tolist()]) if plain else wants  # (a handful of distinct keys)
+        asked, at = np.unique(wants, return_inverse=True)  # (a handful of distinct asks: no loop over histories)
+        bucket = np.array([call_beams(w, self.num_beams, N) if num_beams is None else num_beams for w in asked.tolist()])
+        beams = dict(zip(asked.tolist(), bucket.tolist(), strict=True))
+        keys = bucket[at] if plain else wants
         if name in registry.BEAMLESS:  # beams change nothing it ranks: one group
-            keys = np.full(len(hist), beams[int(wants.max())])
+            keys = np.full(len(hist), bucket[-1])
         items_a, scores_a = np.full((len(hist), k), -1, dtype=np.int64), np.full((len(hist), k), -np.inf, dtype=np.float32)
         for key in np.unique(keys)[::-1].tolist():  # loop over beam buckets (a few), the largest first: a refusal names it
             rows = np.flatnonzero(keys == key)
@@ -265,7 +267,7 @@ class Recommender:
                                  "--no-exclude-history)") from None
             dec = with_beams(self._decoders[name], M, candidates=name == "hybrid")
             dec = with_cold_cap(dec, k) if exclude_history else dec  # (k's share of cold items, not k plus the history's)
-            part = [hist[r] for r in rows.tolist()]
+            part = hist if rows.size == len(hist) else [hist[r] for r in rows.tolist()]  # (one bucket: as given)
             got, got_s = [], []
             for b in history_batches(self._batching, part, None if user_ids is None else user_ids[rows], batch_size):
                 res = dec(b.to(self.device), want)  # loop over batches of histories
