@@ -153,3 +153,13 @@ def test_a_source_being_written_is_not_read_half_way(world: dict[str, Path], tmp
     with folder_lock(world["two"], LOCK_FILE, what="a training"), pytest.raises(FileExistsError, match="is writing this folder now"):
         combine_runs([world["one"], world["two"]], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_combine_counts_no_trained_model_twice(world, tmp_path):  # a mutation audit's M50: neither check was tested
+    combined = tmp_path / "combined"
+    combine_runs([world["one"], world["two"]], combined, fusion=False)
+    with pytest.raises(ValueError, match="already a member of the combined run"):
+        combine_runs([combined, world["one"]], tmp_path / "again", fusion=False)
+    shutil.copytree(world["one"], tmp_path / "copy")
+    with pytest.raises(ValueError, match="hold the same checkpoint"):
+        combine_runs([world["one"], tmp_path / "copy"], tmp_path / "again2", fusion=False)
