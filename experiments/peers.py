@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -274,6 +275,13 @@ def write_results(name: str, result: dict, out: Path) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def _python() -> str:
+    """The interpreter that ran, as the command line names it: relative where it is under this folder (the peers' venv
+    from ``make peers-venv``, ``.venv-peers/bin/python``), else its path."""
+    path = Path(sys.executable)
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, choices=MODELS)
@@ -303,8 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     budget = CpuBudget(args.max_cpu_time)
     result = _runner(args.model)(args.data, split, budget, args)
     result.update(budget_cpu_s=args.max_cpu_time, threads=1, note=args.note,
-                  command="OMP_NUM_THREADS=1 /work/peers/bin/python -m experiments.peers " + " ".join(
-                      sys.argv[1:] if argv is None else argv))
+                  command=f"OMP_NUM_THREADS=1 {_python()} -m experiments.peers " + " ".join(
+                      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)))
     print(json.dumps({k: v for k, v in result.items() if k != "log"}), flush=True)
     write_results(args.name or args.model, result, args.out)
 

@@ -1,6 +1,6 @@
 """cornac's RPG and TIGER ports run in the peers' harness (``experiments/peers.py``, which has the protocol).
 
-    /work/peers/bin/python -m experiments.peers --model rpg-cornac|tiger-cornac --data ../shared/data/beauty
+    OMP_NUM_THREADS=1 .venv-peers/bin/python -m experiments.peers --model rpg-cornac|tiger-cornac --data ../shared/data/beauty
 
 Both get semid's leave-one-out split as cornac ``NextItemEvaluation`` splits (one session per user) and the MiniLM
 item embeddings as item features; cornac is imported only inside the runners.

@@ -123,3 +123,13 @@ def test_write_results_keeps_every_peer(tmp_path):
     md = (tmp_path / "peers.md").read_text()
     assert "| a | lib 1 | 3 | 2 | 9.0 | 20.0 | 7 | 0.0100 | 0.0050 | 0.0300 | 0.0200 |" in md
     assert "| b |" in md and "0.0500" in md and "`python -m x`" in md
+
+
+def test_the_recorded_command_names_the_interpreter_that_ran(tmp_path, monkeypatch):
+    from experiments.peers import _python
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.executable", str(tmp_path / ".venv-peers" / "bin" / "python"))
+    assert _python() == ".venv-peers/bin/python"  # (the results once named /work/peers/bin/python whatever ran)
+    monkeypatch.setattr("sys.executable", "/usr/bin/python3")
+    assert _python() == "/usr/bin/python3"
