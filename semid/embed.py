@@ -23,7 +23,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from semid.data import EMBEDDING_PREFIX, load_dataset
 from semid.io import atomic_path
-from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
+from semid.local_models import refuse_remote_code
 from semid.safe_read import cut, is_int
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def load_encoder(model_dir: str | os.PathLike[str], device: str | torch.device |
         raise ValueError(f"{path}: not a transformers model folder (no config.json)")
     refuse_remote_code(path, "this model folder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
-        model = AutoModel.from_pretrained(path, **NO_REMOTE_CODE)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        model = AutoModel.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: cannot load a tokenizer and model from this folder ({e})") from e
     _check_encoder(path, tokenizer, model)

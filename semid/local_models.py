@@ -2,12 +2,12 @@
 
 A transformers folder can name Python classes of its own in an ``auto_map`` (``tokenizer_config.json`` or
 ``config.json``, with the ``.py`` files beside them); with ``trust_remote_code`` unset, transformers asks on the
-terminal whether to run them, and runs them on "y". semid never runs such code and never asks: every load passes
-:data:`NO_REMOTE_CODE` (``trust_remote_code=False``, ``local_files_only=True``), and :func:`refuse_remote_code`
-refuses a folder that names code of its own before transformers reads it, naming the file and the key.
+terminal whether to run them, and runs them on "y". semid never runs such code and never asks: every load says
+``trust_remote_code=False, local_files_only=True`` at its call, and :func:`refuse_remote_code` refuses a folder that
+names code of its own before transformers reads it, naming the file and the key.
 
     refuse_remote_code(folder, "--tokenizer")
-    tok = AutoTokenizer.from_pretrained(folder, **NO_REMOTE_CODE)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-NO_REMOTE_CODE: dict[str, Any] = {"trust_remote_code": False, "local_files_only": True}
 # the files transformers reads to find a tokenizer's or a model's class
 CLASS_FILES = ("tokenizer_config.json", "config.json")
 REMOTE_CODE_KEY = "auto_map"

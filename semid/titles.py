@@ -31,7 +31,7 @@ import numpy as np
 
 from semid._tree_build import as_padded
 from semid.io import atomic_open
-from semid.local_models import NO_REMOTE_CODE, refuse_remote_code
+from semid.local_models import refuse_remote_code
 from semid.prefix_index import rank_within_groups
 from semid.safe_read import is_int
 from semid.tree import PrefixTree
@@ -95,7 +95,7 @@ class TitleTokenizer:
 
         refuse_remote_code(path, "this tokenizer folder")
         try:
-            tok = AutoTokenizer.from_pretrained(path, **NO_REMOTE_CODE)
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"{path}: cannot load a tokenizer from this folder ({e})") from e
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id

@@ -125,3 +125,25 @@ def test_semid_embed_with_a_crafted_model_runs_no_code(evil_model, tiny_dataset_
     assert rc == 2, err
     assert f"{model / 'config.json'}: key `auto_map`" in err and "Traceback" not in err
     assert not list(tiny_dataset_dir.glob("item_emb_model*"))
+
+
+def test_without_the_pre_check_transformers_is_still_told_not_to_run_the_code(evil_tokenizer, evil_model,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two locks, not one: every load also says trust_remote_code=False (and local_files_only=True) at its call, so a
+    folder the pre-check missed is refused by transformers instead of asking, and its code never runs."""
+    import semid.embed
+    import semid.titles
+
+    for module in (semid.embed, semid.titles):
+        monkeypatch.setattr(module, "refuse_remote_code", lambda *a, **k: None)
+    monkeypatch.setattr("builtins.input", lambda *a: "y")  # transformers, left to ask, would be told "y"
+    tok, marker = evil_tokenizer
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):
+        TitleTokenizer.from_pretrained(tok)
+    model, marker2 = evil_model  # (its config keeps model_type "bert": transformers loads its own BertModel instead)
+    try:
+        load_encoder(model, "cpu")
+    except ValueError as e:
+        assert "cannot load a tokenizer and model" in str(e)
+    assert not marker.exists() and not marker2.exists()
+
